@@ -1,0 +1,23 @@
+"""hessrank: rank and effective rank of a network's Hessian and of its approximations.
+
+>>> res = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), method="fisher")
+>>> res.rank, res.ranks["numerical"], res.eigenvalues[:5]
+"""
+
+from hessrank.api import BACKENDS, METHODS, effective_rank, gradient_overlap, predict_exact_cost
+from hessrank.estimators import BudgetError
+from hessrank.ranks import RANK_NAMES, spectral_ranks
+from hessrank.results import RankResult
+
+__all__ = [
+    "BACKENDS",
+    "METHODS",
+    "RANK_NAMES",
+    "BudgetError",
+    "RankResult",
+    "effective_rank",
+    "gradient_overlap",
+    "predict_exact_cost",
+    "spectral_ranks",
+]
+__version__ = "0.1.0"

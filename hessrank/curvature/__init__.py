@@ -1,0 +1,1 @@
+"""Curvature sources: Hessian-vector products, output cotangents and factor Gram matrices."""

@@ -1,0 +1,106 @@
+"""Hessian-vector products by double backpropagation, and the dense Hessian built from them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from hessrank.problem import CurvatureProblem
+
+
+class HessianOperator:
+    """``V -> V H`` for the Hessian of the loss w.r.t. the analysed parameters (flattened, ``P``).
+
+    The gradient graph is built once (one forward and one ``create_graph`` backward); each product
+    is then one backward pass through it. :meth:`matmat` pushes a block of vectors through one
+    vectorised backward (``is_grads_batched``) and falls back to a loop where an operator of the
+    model does not support that. Works for any module autograd can differentiate twice.
+    """
+
+    def __init__(self, problem: CurvatureProblem) -> None:
+        self.params = problem.params
+        self.sizes = [p.numel() for p in self.params]
+        self.dim = sum(self.sizes)
+        self.dtype = problem.dtype
+        self.device = problem.device
+        self.num_products = 0
+        loss = problem.loss()
+        self.loss_value = float(loss.detach())
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        self.gradient = torch.cat([
+            (g if g is not None else torch.zeros_like(p)).detach().reshape(-1)
+            for g, p in zip(grads, self.params)
+        ])
+        # Gradient pieces that still depend on the parameters; the others have zero Hessian rows.
+        self._graph_index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self._graph_grads = [grads[i] for i in self._graph_index]
+        self._batched = True
+
+    def _flatten(self, pieces: tuple[Tensor | None, ...], leading: tuple[int, ...]) -> Tensor:
+        return torch.cat([
+            (piece if piece is not None
+             else torch.zeros(*leading, *p.shape, dtype=self.dtype, device=self.device))
+            .reshape(*leading, -1)
+            for piece, p in zip(pieces, self.params)
+        ], dim=-1)
+
+    def _pieces(self, vectors: Tensor) -> list[Tensor]:
+        """``[..., P]`` -> the per-parameter pieces matching the gradients with a graph."""
+        chunks = vectors.split(self.sizes, dim=-1)
+        return [chunks[i].reshape(*vectors.shape[:-1], *self.params[i].shape)
+                for i in self._graph_index]
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """Hessian times each row of ``vectors`` (``[k, P]``); result ``[k, P]`` in model dtype."""
+        vectors = vectors.to(dtype=self.dtype, device=self.device)
+        k = vectors.shape[0]
+        self.num_products += k
+        if not self._graph_grads:
+            return torch.zeros_like(vectors)
+        if self._batched and k > 1:
+            try:
+                products = torch.autograd.grad(
+                    self._graph_grads, self.params, grad_outputs=self._pieces(vectors),
+                    retain_graph=True, allow_unused=True, is_grads_batched=True,
+                )
+                return self._flatten(products, (k,))
+            except RuntimeError:
+                self._batched = False
+        rows = []
+        for row in vectors:
+            products = torch.autograd.grad(
+                self._graph_grads, self.params, grad_outputs=self._pieces(row),
+                retain_graph=True, allow_unused=True,
+            )
+            rows.append(self._flatten(products, ()))
+        return torch.stack(rows)
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        """``H v`` for a flat ``[P]`` vector."""
+        return self.matmat(vector.reshape(1, -1))[0]
+
+
+def dense_hessian(
+    operator: HessianOperator,
+    chunk_size: int,
+    advance: Callable[[int], None] | None = None,
+) -> Tensor:
+    """The full ``[P, P]`` Hessian in float64, ``chunk_size`` columns at a time, symmetrised.
+
+    Memory: the float64 result plus ``chunk_size`` products in flight. ``advance(k)`` is called
+    after each chunk of ``k`` columns (progress reporting).
+    """
+    dim = operator.dim
+    hessian = torch.empty(dim, dim, dtype=torch.float64, device=operator.device)
+    for start in range(0, dim, chunk_size):
+        stop = min(start + chunk_size, dim)
+        basis = torch.zeros(stop - start, dim, dtype=operator.dtype, device=operator.device)
+        basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        hessian[start:stop] = operator.matmat(basis).to(torch.float64)
+        if advance is not None:
+            advance(stop - start)
+    hessian += hessian.T.clone()
+    hessian /= 2
+    return hessian

@@ -1,0 +1,132 @@
+"""Rank definitions on a spectrum.
+
+Every function takes the spectrum as eigenvalues (any sign: singular values of a symmetric matrix
+are ``|lambda|``) and optional non-negative ``weights``: the multiplicity of each eigenvalue.
+Unit weights give the definitions on a plain spectrum; fractional weights let the same functions
+read a quadrature of a spectral density (stochastic Lanczos quadrature), where each node stands for
+``weight`` eigenvalues.
+
+Definitions, with singular values ``s_1 >= s_2 >= ...``:
+
+- ``srank`` (Kumar et al.): smallest ``k`` with ``(s_1 + ... + s_k) / sum(s) >= threshold``.
+- ``numerical``: number of ``s_i > rtol * s_1``.
+- ``entropy`` (Roy & Vetterli): ``exp(-sum p_i log p_i)`` with ``p = s / sum(s)``.
+- ``stable``: ``sum(s_i^2) / s_1^2``.
+- ``participation``: ``sum(s)^2 / sum(s^2)``.
+
+All of them are invariant to scaling the matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RANK_NAMES = ("srank", "numerical", "entropy", "stable", "participation")
+
+
+def _singular_values(
+    eigenvalues: np.ndarray, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """|eigenvalues| sorted decreasingly with their weights (ones when ``weights`` is None)."""
+    values = np.abs(np.asarray(eigenvalues, dtype=np.float64).ravel())
+    if weights is None:
+        weights = np.ones_like(values)
+    weights = np.asarray(weights, dtype=np.float64).ravel()
+    if weights.shape != values.shape:
+        raise ValueError(f"weights has shape {weights.shape}, eigenvalues {values.shape}")
+    order = np.argsort(-values, kind="stable")
+    return values[order], weights[order]
+
+
+def srank(
+    eigenvalues: np.ndarray, threshold: float = 0.99, weights: np.ndarray | None = None
+) -> float:
+    """Effective rank srank: how many of the largest ``|eigenvalues|`` hold ``threshold`` of the mass.
+
+    With unit weights this is an integer. With quadrature weights the boundary node is counted
+    fractionally (the share of its weight needed to reach the threshold).
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+    s, w = _singular_values(eigenvalues, weights)
+    mass = s * w
+    total = mass.sum()
+    if total <= 0.0:
+        return 0.0
+    cumulative = np.cumsum(mass)
+    target = threshold * total
+    # Tolerate rounding in the cumulative sum: a spectrum that reaches the target up to a few ulps
+    # of the total reaches it.
+    index = int(np.searchsorted(cumulative, target * (1.0 - 4 * np.finfo(float).eps), side="left"))
+    index = min(index, len(s) - 1)
+    before = cumulative[index - 1] if index > 0 else 0.0
+    weight_before = w[:index].sum()
+    if np.all(w == 1.0):
+        return float(index + 1)
+    fraction = min(1.0, max(0.0, (target - before) / mass[index])) if mass[index] > 0 else 1.0
+    return float(weight_before + fraction * w[index])
+
+
+def numerical_rank(
+    eigenvalues: np.ndarray, rtol: float, weights: np.ndarray | None = None
+) -> float:
+    """Number (total weight) of ``|eigenvalues|`` above ``rtol`` times the largest."""
+    s, w = _singular_values(eigenvalues, weights)
+    if s.size == 0 or s[0] == 0.0:
+        return 0.0
+    return float(w[s > rtol * s[0]].sum())
+
+
+def entropy_rank(eigenvalues: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Roy & Vetterli effective rank: exp of the Shannon entropy of ``s / sum(s)``."""
+    s, w = _singular_values(eigenvalues, weights)
+    total = (s * w).sum()
+    if total <= 0.0:
+        return 0.0
+    p = s / total
+    positive = p > 0
+    return float(np.exp(-(w[positive] * p[positive] * np.log(p[positive])).sum()))
+
+
+def stable_rank(eigenvalues: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Stable rank ``||A||_F^2 / ||A||_2^2 = sum(s^2) / s_1^2``."""
+    s, w = _singular_values(eigenvalues, weights)
+    if s.size == 0 or s[0] == 0.0:
+        return 0.0
+    return float((w * s**2).sum() / s[0] ** 2)
+
+
+def participation_ratio(eigenvalues: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Participation ratio ``sum(s)^2 / sum(s^2)``."""
+    s, w = _singular_values(eigenvalues, weights)
+    squares = (w * s**2).sum()
+    if squares <= 0.0:
+        return 0.0
+    return float((w * s).sum() ** 2 / squares)
+
+
+def default_rtol(size: int, dtype_eps: float) -> float:
+    """The ``numpy.linalg.matrix_rank`` rule: matrix size times the machine epsilon of the data."""
+    return float(max(size, 1) * dtype_eps)
+
+
+def spectral_ranks(
+    eigenvalues: np.ndarray,
+    threshold: float = 0.99,
+    rtol: float | None = None,
+    weights: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Every rank definition of this module on one spectrum.
+
+    ``rtol`` defaults to ``len(eigenvalues) * eps(float64)``; pass the model dtype's rule
+    (:func:`default_rtol`) when the spectrum comes from float32 arithmetic.
+    """
+    if rtol is None:
+        rtol = default_rtol(len(np.ravel(eigenvalues)), float(np.finfo(np.float64).eps))
+    return {
+        "srank": srank(eigenvalues, threshold, weights),
+        "numerical": numerical_rank(eigenvalues, rtol, weights),
+        "entropy": entropy_rank(eigenvalues, weights),
+        "stable": stable_rank(eigenvalues, weights),
+        "participation": participation_ratio(eigenvalues, weights),
+    }

@@ -1,0 +1,106 @@
+"""The result object every estimator returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """Spectrum and ranks of one curvature matrix.
+
+    Eigenvalues are those of the curvature of the loss exactly as ``loss_fn`` returns it: for a
+    mean-reduced loss, the Hessian of the mean, the GGN ``(1/n) sum_i J_i^T H_i J_i`` and the
+    empirical Fisher ``(1/n) sum_i g_i g_i^T`` (``g_i`` the gradient of sample ``i``'s loss); for
+    a sum-reduced loss the same without ``1/n``. Ranks do not depend on this scale.
+
+    Attributes:
+        rank: srank at ``threshold`` (for ``lanczos``, the SLQ estimate rounded to an integer).
+        eigenvalues: float64, sorted by decreasing magnitude, signed. ``fisher``/``ggn``: the
+            nonzero spectrum through the Gram matrix (length ``n`` / ``n C'``); ``exact``: all
+            ``P``; ``lanczos``: the Ritz values of the first probe.
+        ranks: the same spectrum under every definition of :mod:`hessrank.ranks`.
+        method, backend: estimator and the machinery that computed it.
+        num_params: ``P``, parameters analysed. num_samples: ``n``.
+        seconds: wall time of the call. peak_memory: bytes above the call's starting point.
+        threshold, rtol: the srank threshold and numerical-rank tolerance used.
+        trace: sum of the eigenvalues (``lanczos``: SLQ estimate).
+        max_rank: structural upper bound on the rank (``n``, ``n C'``, or ``P``).
+        rank_interval: ``lanczos`` only: interval for the rank (probe spread plus quadrature
+            resolution).
+        num_hvps: Hessian-vector products spent (``exact``, ``lanczos``).
+        excluded: names of frozen parameters left out.
+        layers: per parameterised module (``per_layer=True``): that module's diagonal block.
+        notes: caveats worth reading.
+        density: ``lanczos`` only: ``(nodes, weights)`` of the SLQ quadrature, weights summing
+            to ``num_params``.
+    """
+
+    rank: int
+    eigenvalues: np.ndarray
+    ranks: dict[str, float]
+    method: str
+    backend: str
+    num_params: int
+    num_samples: int
+    seconds: float
+    threshold: float
+    rtol: float
+    trace: float
+    max_rank: int
+    peak_memory: int | None = None
+    rank_interval: tuple[float, float] | None = None
+    num_hvps: int | None = None
+    excluded: tuple[str, ...] = ()
+    layers: dict[str, RankResult] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    density: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def top_eigenvalue(self) -> float:
+        """The eigenvalue of largest magnitude, with its sign (0.0 for an empty spectrum)."""
+        return float(self.eigenvalues[0]) if self.eigenvalues.size else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable view of every field."""
+        out: dict[str, Any] = {
+            "rank": self.rank,
+            "ranks": dict(self.ranks),
+            "method": self.method,
+            "backend": self.backend,
+            "num_params": self.num_params,
+            "num_samples": self.num_samples,
+            "seconds": self.seconds,
+            "peak_memory": self.peak_memory,
+            "threshold": self.threshold,
+            "rtol": self.rtol,
+            "trace": self.trace,
+            "top_eigenvalue": self.top_eigenvalue,
+            "max_rank": self.max_rank,
+            "rank_interval": list(self.rank_interval) if self.rank_interval else None,
+            "num_hvps": self.num_hvps,
+            "excluded": list(self.excluded),
+            "notes": list(self.notes),
+            "eigenvalues": self.eigenvalues.tolist(),
+            "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
+        }
+        if self.density is not None:
+            out["density"] = {
+                "nodes": self.density[0].tolist(),
+                "weights": self.density[1].tolist(),
+            }
+        return out
+
+    def __str__(self) -> str:
+        interval = ""
+        if self.rank_interval is not None:
+            interval = f" in [{self.rank_interval[0]:.0f}, {self.rank_interval[1]:.0f}]"
+        return (
+            f"RankResult(method={self.method!r}, backend={self.backend!r}, "
+            f"srank@{self.threshold}={self.rank}{interval}, "
+            f"numerical={self.ranks['numerical']:.0f}, top={self.top_eigenvalue:.4g}, "
+            f"P={self.num_params}, n={self.num_samples}, {self.seconds:.3f}s)"
+        )

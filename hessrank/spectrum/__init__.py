@@ -1,0 +1,1 @@
+"""Spectra: dense float64 eigen-solves, Lanczos and stochastic Lanczos quadrature."""
