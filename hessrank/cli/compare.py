@@ -1,0 +1,425 @@
+"""Measure every estimator against the exact Hessian, at one point or along a trajectory."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import Progress, TaskID
+from scipy.stats import spearmanr
+from torch import nn
+
+import hessrank
+from hessrank.cli import presets
+from hessrank.cli.errors import CliError
+from hessrank.cli.pyhessian_check import pyhessian_check
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Config:
+    """Everything a ``compare`` or ``rank`` run depends on (stored in the JSON report)."""
+
+    model: str = "mlp"
+    activation: str = "relu"
+    width: int | None = None
+    depth: int | None = None
+    weights: str | None = None
+    data: str = "auto"
+    data_dir: str | None = None
+    image_size: int | None = None
+    samples: int = 128
+    methods: tuple[str, ...] = tuple(hessrank.METHODS)
+    threshold: float = 0.99
+    rtol: float | None = None
+    seeds: tuple[int, ...] = (0,)
+    device: str = "cpu"
+    dtype: str = "float32"
+    backend: str = "auto"
+    lanczos_steps: int | None = None
+    lanczos_probes: int | None = None
+    max_memory_gib: float | None = None
+    max_seconds: float | None = None
+    checkpoints: int = 0
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    pyhessian: bool = True
+
+    def torch_device(self) -> torch.device:
+        """``auto`` picks CUDA when available."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as err:
+            raise CliError(f"unknown --device '{self.device}': {err}") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CliError("--device cuda: no CUDA device here; use --device cpu")
+        return device
+
+    def data_path(self) -> Path | None:
+        """``--data-dir``, else ``$HESSRANK_DATA_DIR``."""
+        return Path(self.data_dir) if self.data_dir else presets.default_data_dir()
+
+
+@dataclass
+class Problem:
+    """A model, its data and loss, as the library takes them."""
+
+    model: nn.Module
+    data: presets.Dataset
+    loss_fn: nn.Module
+    num_params: int
+
+
+def build_problem(cfg: Config, seed: int) -> Problem:
+    """The model and data set ``cfg`` names, both seeded by ``seed``."""
+    device, dtype = cfg.torch_device(), presets.DTYPES[cfg.dtype]
+    data = presets.load_data(
+        cfg.data,
+        samples=cfg.samples,
+        seed=seed,
+        data_dir=cfg.data_path(),
+        image_size=cfg.image_size,
+        dtype=dtype,
+        device=device,
+    )
+    model = presets.build_model(
+        cfg.model,
+        input_shape=tuple(data.inputs.shape[1:]),
+        num_classes=data.num_classes,
+        activation=cfg.activation,
+        width=cfg.width,
+        depth=cfg.depth,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        weights=Path(cfg.weights) if cfg.weights else None,
+    )
+    presets.check_model(model, data, cfg.model)
+    return Problem(model, data, nn.CrossEntropyLoss(), presets.num_params(model))
+
+
+def method_kwargs(cfg: Config, method: str) -> dict[str, Any]:
+    """Keyword arguments of ``hessrank.effective_rank`` for ``method``; unset options are left
+    to the library's defaults."""
+    kwargs: dict[str, Any] = {"threshold": cfg.threshold, "rtol": cfg.rtol}
+    if method in ("fisher", "ggn"):
+        kwargs["backend"] = cfg.backend
+    if method == "lanczos":
+        if cfg.lanczos_steps is not None:
+            kwargs["lanczos_steps"] = cfg.lanczos_steps
+        if cfg.lanczos_probes is not None:
+            kwargs["lanczos_probes"] = cfg.lanczos_probes
+    if method == "exact":
+        if cfg.max_memory_gib is not None:
+            kwargs["max_memory"] = int(cfg.max_memory_gib * 2**30)
+        if cfg.max_seconds is not None:
+            kwargs["max_seconds"] = cfg.max_seconds
+    return kwargs
+
+
+def budget_message(err: hessrank.BudgetError, problem: Problem, cfg: Config) -> str:
+    """One line: what exact would cost, and how to go on without it."""
+    gib = err.memory_bytes / 2**30
+    return (
+        f"exact Hessian of {cfg.model} ({problem.num_params:,} parameters, "
+        f"n = {problem.data.inputs.shape[0]}) is over budget: predicted {gib:.2f} GiB and "
+        f"{err.seconds:.0f} s ({err}); pass --skip-exact to run the approximations alone, "
+        "or raise --max-memory / --max-seconds"
+    )
+
+
+def measure(
+    problem: Problem,
+    cfg: Config,
+    method: str,
+    seed: int,
+    progress: Progress | bool,
+    targets: torch.Tensor | None = None,
+) -> Any:
+    """``hessrank.effective_rank`` on the problem; a BudgetError becomes a CliError."""
+    batch = (problem.data.inputs, problem.data.targets if targets is None else targets)
+    try:
+        return hessrank.effective_rank(
+            problem.model,
+            problem.loss_fn,
+            batch,
+            method=method,
+            seed=seed,
+            progress=progress,
+            **method_kwargs(cfg, method),
+        )
+    except hessrank.BudgetError as err:
+        raise CliError(budget_message(err, problem, cfg)) from err
+
+
+def rel_error(value: float | None, reference: float | None) -> float | None:
+    """``(value - reference) / |reference|``; None without a nonzero reference."""
+    if value is None or reference is None or reference == 0 or not math.isfinite(reference):
+        return None
+    return (value - reference) / abs(reference)
+
+
+def caveats(res: Any) -> list[str]:
+    """What to keep in mind reading this result: Lanczos interval, structural caps, notes."""
+    out = []
+    if res.rank_interval is not None:
+        lo, hi = res.rank_interval
+        out.append(f"srank in [{lo:.0f}, {hi:.0f}]")
+    numerical = res.ranks["numerical"]
+    if res.max_rank < res.num_params and numerical >= res.max_rank:
+        cap = "n" if res.method == "fisher" else "n(C-1)" if res.method == "ggn" else "max rank"
+        text = f"capped by {cap} = {res.max_rank}"
+        if not any(str(res.max_rank) in note for note in res.notes):
+            out.append(text)
+    out.extend(res.notes)
+    return out
+
+
+def record(res: Any, exact: dict[str, Any] | None) -> dict[str, Any]:
+    """The JSON record of one estimate, with its errors against the exact record."""
+    srank, numerical = float(res.rank), float(res.ranks["numerical"])
+    return {
+        "method": res.method,
+        "backend": res.backend,
+        "srank": srank,
+        "numerical_rank": numerical,
+        "srank_rel_error": rel_error(srank, exact["srank"]) if exact else None,
+        "numerical_rank_rel_error": rel_error(numerical, exact["numerical_rank"])
+        if exact
+        else None,
+        "top_eigenvalue": float(res.top_eigenvalue),
+        "trace": float(res.trace),
+        "seconds": float(res.seconds),
+        "peak_memory": res.peak_memory,
+        "max_rank": int(res.max_rank),
+        "rank_interval": list(res.rank_interval) if res.rank_interval is not None else None,
+        "num_params": int(res.num_params),
+        "num_samples": int(res.num_samples),
+        "num_hvps": res.num_hvps,
+        "ranks": {k: float(v) for k, v in res.ranks.items()},
+        "caveats": caveats(res),
+        "eigenvalues": np.asarray(res.eigenvalues, dtype=np.float64).tolist(),
+        "error": None,
+    }
+
+
+def reference(point: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's exact record, if exact was measured and succeeded."""
+    exact = point["methods"].get("exact")
+    return exact if exact is not None and exact.get("error") is None else None
+
+
+def failed_record(method: str, err: Exception) -> dict[str, Any]:
+    """The record of an estimator that raised: the message, no numbers."""
+    message = " ".join(f"{type(err).__name__}: {err}".split())
+    return {"method": method, "error": message}
+
+
+def spearman(exact: list[float], other: list[float]) -> float | None:
+    """Spearman correlation over checkpoints; None with fewer than 3 or a constant series."""
+    if len(exact) < 3 or len(set(exact)) < 2 or len(set(other)) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rho = spearmanr(exact, other).statistic
+    return float(rho) if math.isfinite(rho) else None
+
+
+def summarize(report: dict[str, Any]) -> None:
+    """Fill each run's ``spearman`` (rank of each estimator vs exact over its checkpoints)."""
+    for run in report["runs"]:
+        points = [c for c in run["checkpoints"] if "exact" in c["methods"]]
+        exact = [c["methods"]["exact"].get("srank") for c in points]
+        out: dict[str, float | None] = {}
+        for method in report["config"]["methods"]:
+            if method == "exact":
+                continue
+            pairs = [
+                (e, c["methods"][method].get("srank"))
+                for e, c in zip(exact, points, strict=True)
+                if method in c["methods"]
+            ]
+            pairs = [(e, o) for e, o in pairs if e is not None and o is not None]
+            out[method] = spearman([e for e, _ in pairs], [o for _, o in pairs])
+        run["spearman"] = out
+
+
+def new_report(cfg: Config, command: str = "compare") -> dict[str, Any]:
+    """An empty report; runs are appended as they are measured."""
+    config = asdict(cfg)
+    config["methods"] = list(cfg.methods)
+    config["seeds"] = list(cfg.seeds)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "hessrank_version": getattr(hessrank, "__version__", None),
+        "config": config,
+        "model": None,
+        "data": None,
+        "runs": [],
+        "interrupted": False,
+    }
+
+
+def random_labels(targets: torch.Tensor, num_classes: int, seed: int, task: int) -> torch.Tensor:
+    """Task ``task``'s labels: uniform over classes, fixed by (seed, task)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + task + 1)
+    labels = torch.randint(num_classes, targets.shape, generator=generator)
+    return labels.to(targets.device)
+
+
+def train_task(
+    problem: Problem,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    seed: int,
+    task: int,
+    advance: Callable[[], None],
+) -> float:
+    """``cfg.epochs`` epochs of minibatch training on one task; returns the final training error."""
+    model, x = problem.model, problem.data.inputs
+    generator = torch.Generator().manual_seed(seed * 100_003 + task + 50_000)
+    was_training = model.training
+    model.train()
+    try:
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(x), generator=generator).to(x.device)
+            for start in range(0, len(x), cfg.batch_size):
+                index = order[start : start + cfg.batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                problem.loss_fn(model(x[index]), targets[index]).backward()
+                optimizer.step()
+                advance()
+    finally:
+        model.train(was_training)
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        return float((model(x).argmax(dim=1) != targets).float().mean())
+
+
+class Phases:
+    """Progress bars: one overall task with ETA, plus one per phase, on a shared Progress."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.overall: TaskID | None = None
+        if progress is not None:
+            self.overall = progress.add_task("compare", total=total)
+
+    def step(self) -> None:
+        """One unit of the overall task done."""
+        if self.progress is not None and self.overall is not None:
+            self.progress.advance(self.overall)
+
+    def describe(self, text: str) -> None:
+        """Name what the overall task is doing now."""
+        if self.progress is not None and self.overall is not None:
+            self.progress.update(self.overall, description=text)
+
+    def add(self, text: str, total: float | None) -> TaskID | None:
+        """A phase task (``total`` None: a spinner without ETA)."""
+        return None if self.progress is None else self.progress.add_task(text, total=total)
+
+    def advance(self, task: TaskID | None) -> None:
+        """One step of a phase task."""
+        if self.progress is not None and task is not None:
+            self.progress.advance(task)
+
+    def done(self, task: TaskID | None) -> None:
+        """Remove a finished phase task."""
+        if self.progress is not None and task is not None:
+            self.progress.remove_task(task)
+
+
+def run_compare(
+    cfg: Config,
+    report: dict[str, Any],
+    progress: Progress | None,
+    on_update: Callable[[dict[str, Any]], None],
+) -> None:
+    """Fill ``report`` seed by seed and checkpoint by checkpoint, calling ``on_update`` after
+    every measurement; a KeyboardInterrupt leaves everything measured so far in ``report``."""
+    points = max(cfg.checkpoints, 1)
+    per_point = len(cfg.methods) + int(cfg.pyhessian)
+    phases = Phases(progress, len(cfg.seeds) * points * per_point)
+    for seed in cfg.seeds:
+        problem = build_problem(cfg, seed)
+        if report["model"] is None:
+            report["model"] = {"name": cfg.model, "num_params": problem.num_params}
+            data = problem.data
+            report["data"] = {
+                "name": data.name,
+                "source": data.source,
+                "num_samples": int(data.inputs.shape[0]),
+                "num_classes": data.num_classes,
+                "input_shape": list(data.inputs.shape[1:]),
+            }
+        run: dict[str, Any] = {"seed": seed, "checkpoints": [], "spearman": {}}
+        report["runs"].append(run)
+        optimizer = torch.optim.Adam(problem.model.parameters(), lr=cfg.lr)
+        train_error = None
+        for index in range(points):
+            targets = None
+            if cfg.checkpoints > 0:
+                targets = random_labels(problem.data.targets, problem.data.num_classes, seed, index)
+            point: dict[str, Any] = {
+                "index": index,
+                "task": index + 1 if cfg.checkpoints > 0 else None,
+                "labels": "random" if cfg.checkpoints > 0 else "true",
+                "previous_task_train_error": train_error,
+                "methods": {},
+                "pyhessian": None,
+            }
+            run["checkpoints"].append(point)
+            where = f"seed {seed}" + (f", task {index + 1}/{points}" if cfg.checkpoints else "")
+            for method in cfg.methods:
+                phases.describe(f"{method} ({where})")
+                try:
+                    res = measure(problem, cfg, method, seed, progress or False, targets)
+                except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
+                    point["methods"][method] = failed_record(method, err)
+                else:
+                    point["methods"][method] = record(res, reference(point))
+                phases.step()
+                on_update(report)
+            if cfg.pyhessian:
+                phases.describe(f"pyhessian ({where})")
+                spinner = phases.add("pyhessian power iteration + Hutchinson", None)
+                batch_targets = problem.data.targets if targets is None else targets
+                point["pyhessian"] = pyhessian_check(
+                    problem.model,
+                    problem.loss_fn,
+                    (problem.data.inputs, batch_targets),
+                    seed=seed,
+                    exact=reference(point),
+                )
+                phases.done(spinner)
+                phases.step()
+                on_update(report)
+            if index + 1 < points:
+                steps = cfg.epochs * math.ceil(len(problem.data.inputs) / cfg.batch_size)
+                task = phases.add(f"training task {index + 1} ({where})", steps)
+                assert targets is not None
+                train_error = train_task(
+                    problem,
+                    targets,
+                    optimizer,
+                    cfg,
+                    seed,
+                    index,
+                    lambda task=task: phases.advance(task),
+                )
+                phases.done(task)
+        summarize(report)
+        on_update(report)

@@ -1,0 +1,280 @@
+"""Preset models and data sets for the CLI; the tests build the same objects in-process."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hessrank.cli.errors import CliError
+
+PRESETS = ("mlp", "cnn", "resnet")
+DATASETS = ("auto", "digits", "mnist", "synthetic")
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+}
+DEFAULT_WIDTH = {"mlp": 16, "cnn": 8, "resnet": 8}
+DEFAULT_DEPTH = {"mlp": 2, "cnn": 2, "resnet": 2}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DATA_DIR_ENV = "HESSRANK_DATA_DIR"
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification batch: ``inputs`` (N, 1, H, W) standardised, ``targets`` (N,) int64."""
+
+    name: str
+    inputs: Tensor
+    targets: Tensor
+    num_classes: int
+    source: str
+
+
+def default_data_dir() -> Path | None:
+    """The data directory from ``$HESSRANK_DATA_DIR``, if set."""
+    value = os.environ.get(DATA_DIR_ENV)
+    return Path(value) if value else None
+
+
+def has_mnist(data_dir: Path | None) -> bool:
+    """Whether ``data_dir`` holds MNIST in the torchvision layout (``MNIST/raw/``)."""
+    if data_dir is None:
+        return False
+    raw = data_dir / "MNIST" / "raw"
+    return all((raw / f).is_file() or (raw / f"{f}.gz").is_file() for f in MNIST_FILES)
+
+
+def resolve_data_name(name: str, data_dir: Path | None) -> str:
+    """``auto`` is MNIST when the data directory has it, else the shipped digits."""
+    if name == "auto":
+        return "mnist" if has_mnist(data_dir) else "digits"
+    return name
+
+
+def _subset(num_available: int, samples: int, seed: int, what: str) -> Tensor:
+    if samples < 2:
+        raise CliError(f"--samples must be at least 2, got {samples}")
+    if samples > num_available:
+        raise CliError(f"--samples {samples} is more than the {num_available} images of {what}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_available, generator=generator)[:samples]
+
+
+def _digits() -> tuple[Tensor, Tensor]:
+    path = importlib.resources.files("hessrank") / "data" / "digits.npz"
+    with path.open("rb") as handle, np.load(handle) as archive:
+        images = torch.from_numpy(archive["images"].astype(np.float32) / 16.0)
+        labels = torch.from_numpy(archive["labels"].astype(np.int64))
+    return images, labels
+
+
+def _mnist(data_dir: Path | None) -> tuple[Tensor, Tensor]:
+    if data_dir is None:
+        raise CliError(
+            f"--data mnist needs a data directory: pass --data-dir DIR or set ${DATA_DIR_ENV} "
+            "(DIR/MNIST/raw/ in the torchvision layout)"
+        )
+    if not has_mnist(data_dir):
+        raise CliError(
+            f"no MNIST in {data_dir}: expected {data_dir / 'MNIST' / 'raw' / MNIST_FILES[0]} "
+            "(torchvision layout); point --data-dir at the folder that holds MNIST/, "
+            "or use --data digits"
+        )
+    try:
+        datasets = importlib.import_module("torchvision.datasets")
+    except ImportError as err:
+        raise CliError(
+            "--data mnist needs torchvision: pip install 'hessrank[examples]', or use --data digits"
+        ) from err
+    mnist = datasets.MNIST(root=str(data_dir), train=True, download=False)
+    return mnist.data.to(torch.float32) / 255.0, mnist.targets.to(torch.int64)
+
+
+def load_data(
+    name: str,
+    *,
+    samples: int,
+    seed: int,
+    data_dir: Path | None = None,
+    image_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Dataset:
+    """A seeded subset of ``samples`` images, resized to ``image_size`` and standardised.
+
+    ``digits`` ships with hessrank (8x8); ``mnist`` reads ``data_dir`` (28x28, resized to 8x8
+    unless ``image_size`` says otherwise); ``synthetic`` is Gaussian inputs labelled by a random
+    linear teacher.
+    """
+    name = resolve_data_name(name, data_dir)
+    if name == "digits":
+        images, labels = _digits()
+        source = "UCI ML Optical Recognition of Handwritten Digits (shipped, CC BY 4.0)"
+    elif name == "mnist":
+        images, labels = _mnist(data_dir)
+        source = f"MNIST train set from {data_dir}"
+        image_size = 8 if image_size is None else image_size
+    elif name == "synthetic":
+        size = 8 if image_size is None else image_size
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randn(samples, size, size, generator=generator)
+        teacher = torch.randn(size * size, NUM_CLASSES, generator=generator)
+        labels = (images.flatten(1) @ teacher).argmax(dim=1)
+        source = "Gaussian inputs, labels from a random linear teacher"
+    else:
+        raise CliError(f"unknown data set '{name}'; choose from {', '.join(DATASETS)}")
+    index = _subset(len(images), samples, seed, name)
+    x = images[index].unsqueeze(1)
+    if image_size is not None and x.shape[-1] != image_size:
+        if image_size < 1:
+            raise CliError(f"--image-size must be positive, got {image_size}")
+        x = nn.functional.adaptive_avg_pool2d(x, image_size)
+    x = (x - x.mean()) / x.std().clamp_min(1e-8)
+    return Dataset(
+        name=name,
+        inputs=x.to(device=device, dtype=dtype),
+        targets=labels[index].to(device),
+        num_classes=NUM_CLASSES,
+        source=source,
+    )
+
+
+class _Block(nn.Module):
+    """Residual block ``act(x + conv(act(conv(x))))`` without normalisation."""
+
+    def __init__(self, channels: int, activation: type[nn.Module]) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act1 = activation()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act2 = activation()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act2(x + self.conv2(self.act1(self.conv1(x))))
+
+
+def _preset(
+    name: str, input_shape: tuple[int, ...], num_classes: int, act: type[nn.Module], w: int, d: int
+) -> nn.Module:
+    channels = input_shape[0]
+    if name == "mlp":
+        layers: list[nn.Module] = [nn.Flatten()]
+        fan_in = int(np.prod(input_shape))
+        for _ in range(d):
+            layers += [nn.Linear(fan_in, w), act()]
+            fan_in = w
+        return nn.Sequential(*layers, nn.Linear(fan_in, num_classes))
+    if name == "cnn":
+        layers = []
+        for _ in range(d):
+            layers += [nn.Conv2d(channels, w, 3, padding=1), act()]
+            channels = w
+        pooled = [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(w * 16, num_classes)]
+        return nn.Sequential(*layers, *pooled)
+    blocks = [_Block(w, act) for _ in range(d)]
+    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w, num_classes)]
+    return nn.Sequential(nn.Conv2d(channels, w, 3, padding=1), act(), *blocks, *head)
+
+
+def _import_factory(spec: str) -> object:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CliError(
+            f"unknown model '{spec}'; use a preset ({', '.join(PRESETS)}) or package.module:factory"
+        )
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise CliError(f"--model {spec}: no file {path}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except CliError:
+        raise
+    except Exception as err:
+        raise CliError(f"--model {spec}: cannot import {module_name}: {err}") from err
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CliError(f"--model {spec}: {module_name} has no callable '{attr}'")
+    return factory
+
+
+def build_model(
+    name: str,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int = NUM_CLASSES,
+    activation: str = "relu",
+    width: int | None = None,
+    depth: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    weights: Path | None = None,
+) -> nn.Module:
+    """A preset (``mlp``, ``cnn``, ``resnet``) or ``package.module:factory`` (called with no
+    arguments), initialised under ``seed`` without touching the global RNG."""
+    if activation not in ACTIVATIONS:
+        raise CliError(f"unknown activation '{activation}'; choose from {', '.join(ACTIVATIONS)}")
+    factory = None if name in PRESETS else _import_factory(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if factory is None:
+            w = DEFAULT_WIDTH[name] if width is None else width
+            d = DEFAULT_DEPTH[name] if depth is None else depth
+            if w < 1 or d < 0 or (name != "mlp" and d < 1):
+                raise CliError(f"--width {w} / --depth {d} do not make a {name}")
+            model = _preset(name, input_shape, num_classes, ACTIVATIONS[activation], w, d)
+        else:
+            try:
+                model = factory()
+            except Exception as err:
+                raise CliError(f"--model {name}: the factory raised {err!r}") from err
+            if not isinstance(model, nn.Module):
+                raise CliError(f"--model {name} returned {type(model).__name__}, not an nn.Module")
+    if weights is not None:
+        try:
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except Exception as err:
+            raise CliError(f"--weights {weights}: {err}".splitlines()[0]) from err
+    return model.to(device=device, dtype=dtype)
+
+
+def check_model(model: nn.Module, data: Dataset, name: str) -> None:
+    """Fail with one line unless ``model`` maps the inputs to (N, num_classes) logits."""
+    try:
+        with torch.no_grad():
+            out = model(data.inputs[:2])
+    except Exception as err:
+        shape = tuple(data.inputs.shape[1:])
+        raise CliError(f"model {name} fails on inputs of shape (N, {shape}): {err}") from err
+    if not isinstance(out, Tensor) or tuple(out.shape) != (2, data.num_classes):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        expected = f"(N, {data.num_classes})"
+        raise CliError(f"model {name} returns {got}, expected logits of shape {expected}")
+
+
+def num_params(model: nn.Module) -> int:
+    """Trainable parameter count."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

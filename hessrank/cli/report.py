@@ -1,0 +1,485 @@
+"""Render a compare report: rich tables, JSON, CSV and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from hessrank.cli.errors import CliError
+
+METHOD_FIELDS = (
+    "srank",
+    "srank_rel_error",
+    "numerical_rank",
+    "numerical_rank_rel_error",
+    "top_eigenvalue",
+    "trace",
+    "seconds",
+    "peak_memory",
+)
+PYHESSIAN_FIELDS = (
+    "exact_top_eigenvalue",
+    "top_eigenvalue",
+    "top_rel_diff",
+    "exact_trace",
+    "trace",
+    "trace_rel_diff",
+    "trace_stderr",
+    "seconds",
+)
+MIN_TRUSTED_PROBES = 10
+CSV_COLUMNS = (
+    "seed",
+    "checkpoint",
+    "task",
+    "method",
+    "backend",
+    *METHOD_FIELDS,
+    "max_rank",
+    "rank_lo",
+    "rank_hi",
+    "spearman_vs_exact",
+    "exact_top_eigenvalue",
+    "exact_trace",
+    "top_rel_diff",
+    "trace_rel_diff",
+    "trace_stderr",
+    "previous_task_train_error",
+    "caveats",
+    "error",
+)
+
+
+def stats(values: list[float | None]) -> dict[str, float | int] | None:
+    """Mean, standard deviation (ddof 0) and count of the non-None values; None if none."""
+    clean = [float(v) for v in values if v is not None]
+    if not clean:
+        return None
+    return {"mean": float(np.mean(clean)), "std": float(np.std(clean)), "n": len(clean)}
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Every number of the tables, as mean/std/n over seeds, per checkpoint."""
+    runs = report["runs"]
+    methods = report["config"]["methods"]
+    points = max((len(r["checkpoints"]) for r in runs), default=0)
+    checkpoints = []
+    for index in range(points):
+        here = [r["checkpoints"][index] for r in runs if len(r["checkpoints"]) > index]
+        per_method = {}
+        for method in methods:
+            records = [c["methods"][method] for c in here if method in c["methods"]]
+            if records:
+                per_method[method] = {f: stats([r.get(f) for r in records]) for f in METHOD_FIELDS}
+        checks = [c["pyhessian"] for c in here if c.get("pyhessian")]
+        checkpoints.append(
+            {
+                "index": index,
+                "task": here[0]["task"],
+                "methods": per_method,
+                "pyhessian": {f: stats([c.get(f) for c in checks]) for f in PYHESSIAN_FIELDS}
+                if checks
+                else None,
+                "previous_task_train_error": stats([c["previous_task_train_error"] for c in here]),
+            }
+        )
+    spearman = {
+        m: stats([r.get("spearman", {}).get(m) for r in runs]) for m in methods if m != "exact"
+    }
+    return {"checkpoints": checkpoints, "spearman": spearman}
+
+
+def _sig(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _rank(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:+.0f}%" if abs(value) >= 0.1 else f"{100 * value:+.1f}%"
+
+
+def _secs(value: float) -> str:
+    return f"{value:.2f}s" if value < 10 else f"{value:.1f}s" if value < 100 else f"{value:.0f}s"
+
+
+def _bytes(value: float) -> str:
+    for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}B"
+
+
+FORMATS = {
+    "srank": _rank,
+    "numerical_rank": _rank,
+    "srank_rel_error": _pct,
+    "numerical_rank_rel_error": _pct,
+    "top_rel_diff": _pct,
+    "trace_rel_diff": _pct,
+    "previous_task_train_error": _pct,
+    "seconds": _secs,
+    "peak_memory": _bytes,
+}
+
+
+def cell(stat: dict[str, float | int] | None, field: str) -> str:
+    """``mean`` or ``mean±std`` (several seeds), formatted for ``field``; ``—`` if missing."""
+    if stat is None:
+        return "—"
+    fmt = FORMATS.get(field, _sig)
+    text = fmt(stat["mean"])
+    if stat["n"] == 1:
+        return text
+    std = fmt(stat["std"]).lstrip("+")
+    return f"{text}±{std}"
+
+
+def rank_cell(stat: dict[str, Any], field: str) -> str:
+    """A rank with its relative error against exact in brackets."""
+    text = cell(stat[field], field)
+    error = stat[f"{field}_rel_error"]
+    return text if error is None else f"{text} ({cell(error, f'{field}_rel_error')})"
+
+
+def _records(report: dict[str, Any], index: int, method: str) -> list[dict[str, Any]]:
+    return [
+        r["checkpoints"][index]["methods"][method]
+        for r in report["runs"]
+        if len(r["checkpoints"]) > index and method in r["checkpoints"][index]["methods"]
+    ]
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def title(report: dict[str, Any]) -> str:
+    """One line naming the model, data, threshold and seeds."""
+    cfg, model, data = report["config"], report["model"], report["data"]
+    seeds = cfg["seeds"]
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds (mean±std)"
+    if model is None or data is None:
+        return f"hessrank compare: {cfg['model']}, nothing measured"
+    return (
+        f"hessrank compare: {model['name']} ({model['num_params']:,} parameters, "
+        f"{cfg['activation']}) on {data['name']} (n = {data['num_samples']}, "
+        f"C = {data['num_classes']}), srank threshold {cfg['threshold']}, {seed_text}"
+    )
+
+
+def _table(title: str) -> Table:
+    return Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False
+    )
+
+
+def methods_table(
+    report: dict[str, Any], summ: dict[str, Any], index: int
+) -> tuple[Table, list[str]]:
+    """Per estimator at checkpoint ``index``: ranks with their errors against exact, spectrum,
+    cost; and the numbered caveats its last column refers to."""
+    point = summ["checkpoints"][index]
+    where = ""
+    if point["task"] is not None:
+        where = f" at the start of task {point['task']} (random labels)"
+    table = _table(f"Estimators vs exact{where}")
+    table.padding = (0, 0)
+    headers = (
+        "method",
+        "srank\n(err)",
+        "num. rank\n(err)",
+        "top\neig",
+        "trace",
+        "time",
+        "peak\nmemory",
+        "backend",
+        "notes",
+    )
+    for header in headers:
+        left = header in ("method", "backend", "notes")
+        table.add_column(header, justify="left" if left else "right", no_wrap=header != "notes")
+    footnotes: list[str] = []
+    for method in report["config"]["methods"]:
+        records = _records(report, index, method)
+        if not records:
+            continue
+        stat = point["methods"][method]
+        errors = _unique([r["error"] for r in records if r.get("error")])
+        backend = ", ".join(_unique([r["backend"] for r in records if r.get("backend")]))
+        notes = _unique([c for r in records for c in r.get("caveats", [])])
+        notes += [f"failed: {e}" for e in errors]
+        refs = []
+        for note in notes:
+            footnotes.append(f"[{len(footnotes) + 1}] {method}: {note}")
+            refs.append(str(len(footnotes)))
+        table.add_row(
+            method,
+            rank_cell(stat, "srank"),
+            rank_cell(stat, "numerical_rank"),
+            cell(stat["top_eigenvalue"], "top_eigenvalue"),
+            cell(stat["trace"], "trace"),
+            cell(stat["seconds"], "seconds"),
+            cell(stat["peak_memory"], "peak_memory"),
+            backend or "—",
+            ",".join(refs),
+        )
+    return table, footnotes
+
+
+def pyhessian_table(
+    summ: dict[str, Any], report: dict[str, Any], index: int
+) -> tuple[Table, list[str]] | None:
+    """PyHessian's top eigenvalue and trace next to hessrank's exact values, and caveats."""
+    checks = [
+        r["checkpoints"][index]["pyhessian"]
+        for r in report["runs"]
+        if len(r["checkpoints"]) > index and r["checkpoints"][index].get("pyhessian")
+    ]
+    if not checks:
+        return None
+    stat = summ["checkpoints"][index]["pyhessian"]
+    table = _table("Independent check: PyHessian (defaults) vs hessrank exact")
+    for header in ("quantity", "hessrank exact", "pyhessian", "diff", "how"):
+        left = header in ("quantity", "how")
+        table.add_column(header, justify="left" if left else "right")
+    probes = stats([c.get("trace_samples") for c in checks])
+    how = f"Hutchinson, {probes['mean']:.0f} probes" if probes else "Hutchinson"
+    trace = cell(stat["trace"], "trace")
+    if stat["trace_stderr"] is not None:
+        trace += f" ± {_sig(stat['trace_stderr']['mean'])}"
+    table.add_row(
+        "top eigenvalue",
+        cell(stat["exact_top_eigenvalue"], "top_eigenvalue"),
+        cell(stat["top_eigenvalue"], "top_eigenvalue"),
+        cell(stat["top_rel_diff"], "top_rel_diff"),
+        "power iteration",
+    )
+    table.add_row(
+        "trace",
+        cell(stat["exact_trace"], "trace"),
+        trace,
+        cell(stat["trace_rel_diff"], "trace_rel_diff"),
+        how,
+    )
+    table.add_row("time", "", cell(stat["seconds"], "seconds"), "", "")
+    notes = [f"pyhessian failed: {e}" for e in _unique([c["error"] for c in checks if c["error"]])]
+    if probes and probes["mean"] < MIN_TRUSTED_PROBES:
+        notes.append(
+            f"pyhessian's trace stopped after {probes['mean']:.0f} probes: its stopping test "
+            "divides by the signed running mean, so a negative first sample ends it"
+        )
+    return table, notes
+
+
+def trajectory_table(report: dict[str, Any], summ: dict[str, Any]) -> Table | None:
+    """srank and its error vs exact per checkpoint, and Spearman correlation with exact."""
+    points = summ["checkpoints"]
+    if report["config"]["checkpoints"] < 1 or not points:
+        return None
+    table = _table("srank at each task start (err vs exact); Spearman rho with exact over tasks")
+    table.add_column("method")
+    for point in points:
+        table.add_column(f"task {point['task']}", justify="right")
+    table.add_column("Spearman", justify="right")
+    for method in report["config"]["methods"]:
+        cells = []
+        for point in points:
+            stat = point["methods"].get(method)
+            cells.append("—" if stat is None or stat["srank"] is None else rank_cell(stat, "srank"))
+        rho = "" if method == "exact" else cell(summ["spearman"].get(method), "spearman")
+        table.add_row(method, *cells, rho)
+    errors = [cell(p["previous_task_train_error"], "previous_task_train_error") for p in points]
+    table.add_row("train error, task before", *[e.lstrip("+") for e in errors], "")
+    return table
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    """Print the tables of ``report`` (the last checkpoint in detail)."""
+    summ = summary(report)
+    console.print(title(report))
+    if report["interrupted"]:
+        console.print("[yellow]Interrupted: showing what was measured before Ctrl-C.[/yellow]")
+    if not summ["checkpoints"]:
+        return
+    last = len(summ["checkpoints"]) - 1
+    table, footnotes = methods_table(report, summ, last)
+    console.print(table)
+    for note in footnotes:
+        console.print(note, markup=False, highlight=False)
+    if "exact" not in report["config"]["methods"]:
+        console.print("No exact reference (skipped): errors against exact are not computed.")
+    check = pyhessian_table(summ, report, last)
+    if check is not None:
+        console.print()
+        console.print(check[0])
+        for note in check[1]:
+            console.print(note, markup=False, highlight=False)
+    trajectory = trajectory_table(report, summ)
+    if trajectory is not None:
+        console.print()
+        console.print(trajectory)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """The compare report plus its summary, atomically (safe to read while a run goes on)."""
+    dump_json(dict(report, summary=summary(report)), path)
+
+
+def dump_json(payload: dict[str, Any], path: Path) -> None:
+    """``payload`` as JSON (non-finite floats as null), written atomically."""
+    try:
+        _atomic_write(path, json.dumps(_clean(payload), indent=1) + "\n")
+    except OSError as err:
+        raise CliError(f"cannot write --json {path}: {err.strerror or err}") from err
+
+
+def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per seed, checkpoint and method (pyhessian included); mean/std rows for seeds."""
+    rows: list[dict[str, Any]] = []
+    for run in report["runs"]:
+        for point in run["checkpoints"]:
+            base = {
+                "seed": run["seed"],
+                "checkpoint": point["index"],
+                "task": point["task"],
+                "previous_task_train_error": point["previous_task_train_error"],
+            }
+            for method, rec in point["methods"].items():
+                lo, hi = rec.get("rank_interval") or (None, None)
+                row = dict(base, method=method, backend=rec.get("backend"))
+                row.update({f: rec.get(f) for f in METHOD_FIELDS})
+                row.update(
+                    max_rank=rec.get("max_rank"),
+                    rank_lo=lo,
+                    rank_hi=hi,
+                    spearman_vs_exact=run.get("spearman", {}).get(method),
+                    caveats="; ".join(rec.get("caveats", [])),
+                    error=rec.get("error"),
+                )
+                rows.append(row)
+            check = point.get("pyhessian")
+            if check:
+                row = dict(base, method="pyhessian", error=check["error"])
+                row.update({f: check[f] for f in PYHESSIAN_FIELDS})
+                rows.append(row)
+    if len(report["runs"]) > 1:
+        summ = summary(report)
+        for point in summ["checkpoints"]:
+            for which in ("mean", "std"):
+                base = {"seed": which, "checkpoint": point["index"], "task": point["task"]}
+                for method, stat in point["methods"].items():
+                    row = dict(base, method=method)
+                    row.update({f: s[which] if s else None for f, s in stat.items()})
+                    row["spearman_vs_exact"] = (summ["spearman"].get(method) or {}).get(which)
+                    rows.append(row)
+                if point["pyhessian"]:
+                    row = dict(base, method="pyhessian")
+                    row.update({f: s[which] if s else None for f, s in point["pyhessian"].items()})
+                    rows.append(row)
+    return rows
+
+
+def write_csv(report: dict[str, Any], path: Path) -> None:
+    """Every number of the tables, one row per seed/checkpoint/method."""
+    rows = csv_rows(report)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, restval="")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    except OSError as err:
+        raise CliError(f"cannot write --csv {path}: {err.strerror or err}") from err
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    """Spectra of every method overlaid (|eigenvalue| vs index, log y) at the last checkpoint of
+    the first seed, and srank over checkpoints (mean over seeds, min-max band)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise CliError("--plot needs matplotlib: pip install 'hessrank[plot]'") from err
+    methods = report["config"]["methods"]
+    runs = [r for r in report["runs"] if r["checkpoints"]]
+    if not runs:
+        return
+    trajectory = report["config"]["checkpoints"] > 1
+    fig, axes = plt.subplots(1, 2 if trajectory else 1, figsize=(12 if trajectory else 6.5, 4.5))
+    axes = np.atleast_1d(axes)
+    last = runs[0]["checkpoints"][-1]
+    for method in methods:
+        rec = last["methods"].get(method)
+        if not rec or not rec.get("eigenvalues"):
+            continue
+        values = np.abs(np.asarray(rec["eigenvalues"]))
+        values = values[values > 0]
+        label = f"{method} (srank {rec['srank']:.0f})"
+        axes[0].semilogy(np.arange(1, len(values) + 1), values, label=label)
+    axes[0].set_xlabel("index")
+    axes[0].set_ylabel("|eigenvalue|")
+    axes[0].set_title(f"spectra, seed {runs[0]['seed']}, checkpoint {last['index']}")
+    axes[0].legend()
+    if trajectory:
+        for method in methods:
+            series = [
+                [c["methods"].get(method, {}).get("srank") for c in r["checkpoints"]] for r in runs
+            ]
+            length = min(len(s) for s in series)
+            values = np.array([[np.nan if v is None else v for v in s[:length]] for s in series])
+            if np.isnan(values).all():
+                continue
+            x = np.arange(1, length + 1)
+            axes[1].plot(x, np.nanmean(values, axis=0), marker="o", label=method)
+            if len(runs) > 1:
+                axes[1].fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.2)
+        axes[1].set_xlabel("task (checkpoint at its start)")
+        axes[1].set_ylabel(f"srank at {report['config']['threshold']}")
+        axes[1].set_title("rank over checkpoints")
+        axes[1].legend()
+    fig.tight_layout()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    except OSError as err:
+        raise CliError(f"cannot write --plot {path}: {err.strerror or err}") from err
+    finally:
+        plt.close(fig)
