@@ -1,0 +1,227 @@
+"""Continual-learning problems: sequences of tasks over one fixed pool of images.
+
+A task holds the shared images ``x`` (N, D) plus, per seed, its labels ``y`` (S, N) and optionally
+an input permutation ``perm`` (S, D). Every random choice of task ``t`` for seed ``s`` comes from a
+generator seeded by ``(s, t)`` alone, so the seed fixes the task sequence and a resumed run sees
+exactly the tasks it would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROBLEMS = (
+    "random_label_mnist",
+    "permuted_mnist",
+    "label_shuffled_mnist",
+    "random_label_cifar10",
+    "label_shuffled_cifar10",
+    "continual_imagenet32",
+    "synthetic",
+)
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR_MEAN, CIFAR_STD = 0.4734, 0.2516
+
+
+def default_data_dir() -> str:
+    """``$HESSRANK_DATA`` if set, else ``~/.cache/hessrank/data``."""
+    return os.environ.get("HESSRANK_DATA", str(Path.home() / ".cache" / "hessrank" / "data"))
+
+
+def task_generator(seed: int, task: int, stream: int = 0) -> torch.Generator:
+    """A generator determined by (seed, task, stream) only."""
+    return torch.Generator().manual_seed(1_000_003 * seed + 7919 * task + stream)
+
+
+@dataclass
+class Task:
+    """One task for S seeds at once; inputs are shared, labels and permutations are per seed."""
+
+    x: torch.Tensor  # (N, D) float32
+    y: torch.Tensor  # (S, N) int64
+    num_classes: int
+    perm: torch.Tensor | None = None  # (S, D) int64 input permutation, or None
+
+    @property
+    def num_samples(self) -> int:
+        return self.x.shape[0]
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (S, B, D) and labels (S, B) for per-seed sample indices ``index`` (S, B)."""
+        xb = self.x[index]
+        if self.perm is not None:
+            xb = torch.gather(xb, 2, self.perm[:, None, :].expand_as(xb))
+        return xb, torch.gather(self.y, 1, index)
+
+    def first(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` samples of the task for every seed."""
+        n = min(n, self.num_samples)
+        index = torch.arange(n).expand(self.y.shape[0], n)
+        return self.batch(index)
+
+
+@dataclass
+class Pool:
+    """The images a problem draws its tasks from."""
+
+    x: torch.Tensor  # (N, D) float32, normalised
+    labels: torch.Tensor  # (N,) int64 true labels
+    num_classes: int
+
+
+class Problem:
+    """A task sequence: ``kind`` decides what changes from task to task."""
+
+    def __init__(self, pool: Pool, kind: str, sequence_seed: int = 0) -> None:
+        if kind not in ("random_label", "permuted", "label_shuffled", "class_pairs"):
+            raise ValueError(f"unknown task kind {kind!r}")
+        self.pool, self.kind, self.sequence_seed = pool, kind, sequence_seed
+
+    @property
+    def input_dim(self) -> int:
+        return self.pool.x.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return 2 if self.kind == "class_pairs" else self.pool.num_classes
+
+    def task(self, seeds: list[int], t: int) -> Task:
+        """Task ``t`` for each seed in ``seeds``."""
+        gens = [task_generator(s, t) for s in seeds]
+        n, c = self.pool.x.shape[0], self.pool.num_classes
+        if self.kind == "random_label":
+            y = torch.stack([torch.randint(c, (n,), generator=g) for g in gens])
+            return Task(self.pool.x, y, c)
+        if self.kind == "permuted":
+            perm = torch.stack([torch.randperm(self.input_dim, generator=g) for g in gens])
+            y = self.pool.labels.expand(len(seeds), n).contiguous()
+            return Task(self.pool.x, y, c, perm=perm)
+        if self.kind == "label_shuffled":
+            maps = torch.stack([torch.randperm(c, generator=g) for g in gens])
+            return Task(self.pool.x, maps[:, self.pool.labels], c)
+        return self._class_pair_task(len(seeds), t)
+
+    def _class_pair_task(self, num_seeds: int, t: int) -> Task:
+        """Continual ImageNet (Dohare et al.): each task tells two classes apart.
+
+        The seeds of a batch share their input images, so the pair sequence is fixed by
+        ``sequence_seed`` (like the image subset), not by the run seed.
+        """
+        c = self.pool.num_classes
+        pair = torch.randperm(c, generator=task_generator(self.sequence_seed, t))[:2]
+        keep = (self.pool.labels == pair[0]) | (self.pool.labels == pair[1])
+        x = self.pool.x[keep]
+        y = (self.pool.labels[keep] == pair[1]).long()
+        return Task(x, y.expand(num_seeds, -1).contiguous(), 2)
+
+
+def _subset(n_total: int, n: int | None, subset_seed: int) -> torch.Tensor:
+    if n is None or n >= n_total:
+        return torch.arange(n_total)
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(subset_seed))[:n]
+
+
+def _pool_from_uint8(
+    images: torch.Tensor, labels: torch.Tensor, mean: float, std: float, downsample: int
+) -> Pool:
+    """Normalise uint8 images (N, H, W[, C]), average-pool by ``downsample``, flatten."""
+    x = images.float().div(255.0)
+    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    if downsample > 1:
+        x = torch.nn.functional.avg_pool2d(x, downsample)
+    x = (x - mean) / std
+    return Pool(x.flatten(1).contiguous(), labels.long(), int(labels.max()) + 1)
+
+
+def load_mnist(
+    data_dir: str, n: int | None, subset_seed: int, downsample: int = 1, download: bool = True
+) -> Pool:
+    """MNIST training images through torchvision (downloads into ``data_dir`` when missing)."""
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(root=data_dir, train=True, download=download)
+    idx = _subset(len(ds.targets), n, subset_seed)
+    return _pool_from_uint8(ds.data[idx], ds.targets[idx], MNIST_MEAN, MNIST_STD, downsample)
+
+
+def load_cifar10(
+    data_dir: str, n: int | None, subset_seed: int, downsample: int = 1, download: bool = False
+) -> Pool:
+    """CIFAR-10 training images; a clear error when they are not under ``data_dir``."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(root=data_dir, train=True, download=download)
+    except RuntimeError as err:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found under {data_dir!r} (expected {data_dir}/cifar-10-batches-py). "
+            "Pass --download to fetch it with torchvision, or --data-dir pointing at a copy."
+        ) from err
+    images, labels = torch.from_numpy(ds.data), torch.tensor(ds.targets)
+    idx = _subset(len(labels), n, subset_seed)
+    return _pool_from_uint8(images[idx], labels[idx], CIFAR_MEAN, CIFAR_STD, downsample)
+
+
+def load_imagenet32(data_dir: str, n: int | None, subset_seed: int, downsample: int = 1) -> Pool:
+    """Downsampled ImageNet 32x32 (Chrabaszcz et al.) from ``Imagenet32_train_npz/*.npz``.
+
+    No loader downloads it (it needs an image-net.org account); put the official npz batches
+    (keys ``data`` (N, 3072) uint8 and ``labels`` 1-based) under ``data_dir/Imagenet32_train_npz``.
+    """
+    folder = Path(data_dir) / "Imagenet32_train_npz"
+    files = sorted(folder.glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(
+            f"downsampled ImageNet not found: no .npz batches in {folder}. Download "
+            "Imagenet32_train_npz from https://image-net.org/download-images (account needed) "
+            "and unpack it there, or pass --data-dir."
+        )
+    data, labels = [], []
+    for f in files:
+        with np.load(f) as z:
+            data.append(z["data"])
+            labels.append(z["labels"])
+    images = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32).permute(0, 2, 3, 1)
+    targets = torch.from_numpy(np.concatenate(labels)).long() - 1
+    idx = _subset(len(targets), n, subset_seed)
+    return _pool_from_uint8(images[idx], targets[idx], 0.48, 0.25, downsample)
+
+
+def synthetic_pool(n: int, dim: int, num_classes: int, subset_seed: int) -> Pool:
+    """Gaussian inputs with random labels: needs no data on disk (tests, dry runs)."""
+    g = torch.Generator().manual_seed(subset_seed)
+    return Pool(
+        torch.randn(n, dim, generator=g), torch.randint(num_classes, (n,), generator=g), num_classes
+    )
+
+
+def make_problem(
+    name: str,
+    data_dir: str,
+    num_samples: int | None,
+    subset_seed: int = 0,
+    downsample: int = 1,
+    download: bool = False,
+    synthetic_dim: int = 64,
+) -> Problem:
+    """Build a named problem (see ``PROBLEMS``)."""
+    if name == "synthetic":
+        pool = synthetic_pool(num_samples or 256, synthetic_dim, 10, subset_seed)
+        return Problem(pool, "random_label")
+    if name.endswith("_mnist"):
+        pool = load_mnist(data_dir, num_samples, subset_seed, downsample, download=True)
+    elif name.endswith("_cifar10"):
+        pool = load_cifar10(data_dir, num_samples, subset_seed, downsample, download=download)
+    elif name == "continual_imagenet32":
+        pool = load_imagenet32(data_dir, num_samples, subset_seed, downsample)
+        return Problem(pool, "class_pairs", sequence_seed=subset_seed)
+    else:
+        raise ValueError(f"unknown problem {name!r}; choose one of {PROBLEMS}")
+    kind = name.rsplit("_", 1)[0]
+    return Problem(pool, kind)

@@ -1,0 +1,184 @@
+"""Loss-of-plasticity experiments with hessrank: one entry point for every figure.
+
+    python examples/plasticity/run.py --preset smoke   --out results/smoke    # seconds
+    python examples/plasticity/run.py --preset default --out results/default  # figures, 5 seeds
+    python examples/plasticity/run.py --preset paper   --out results/paper    # 30 seeds
+    python examples/plasticity/run.py --activation tanh --reg l2 --reg-strength 1e-4 --out res/x
+
+A preset is a list of named runs (see ``preset_runs``); any flag given on the command line
+overrides that field in every run of the preset. Rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+from experiment import Config, finished_tasks, run_experiment
+from model import ACTIVATIONS
+from problems import PROBLEMS
+from regularizers import REGULARIZERS
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+PRESETS = ("single", "smoke", "default", "paper")
+ESTIMATORS = ["exact", "ggn", "fisher", "lanczos"]
+
+# Regularizer strengths of the default preset (ours; every one is a flag of a single run).
+REG_STRENGTHS = {"l2": 1e-4, "l2_init": 1e-3, "shrink_perturb": 1e-4, "wasserstein": 1e-3}
+FEATURE_RANK_STRENGTH = 0.1
+SMOKE_RUNS = ("act_relu", "featrank_leaky_relu", "reg_wasserstein_relu", "exact_relu")
+
+
+def main_setting(**changes: object) -> Config:
+    """Random-Label MNIST (subset): 600 images, MLP 2x128, Adam 1e-3 (Figures 1, 2, 4, 5 left)."""
+    return dataclasses.replace(Config(), **changes)
+
+
+def exact_setting(**changes: object) -> Config:
+    """A model small enough for the exact Hessian (Figures 3 and 5 right).
+
+    MNIST average-pooled 4x4 to 7x7 = 49 inputs, 128 images, MLP 2x16: 1,242 parameters.
+    All four estimators and the gradient overlap are measured on all 128 images.
+    """
+    base = Config(
+        num_samples=128, downsample=4, width=16, hess_methods=list(ESTIMATORS),
+        hess_samples=128, overlap=True,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def preset_runs(preset: str) -> list[Config]:
+    """The named runs of a preset (before command-line overrides)."""
+    if preset == "single":
+        return [Config()]
+    runs = [main_setting(name=f"act_{act}", activation=act) for act in ACTIVATIONS]
+    runs.append(
+        main_setting(
+            name="featrank_leaky_relu", activation="leaky_relu", reg="feature_rank",
+            reg_strength=FEATURE_RANK_STRENGTH,
+        )
+    )
+    runs += [
+        main_setting(name=f"reg_{reg}_relu", activation="relu", reg=reg, reg_strength=strength)
+        for reg, strength in REG_STRENGTHS.items()
+    ]
+    runs += [exact_setting(name=f"exact_{act}", activation=act) for act in ACTIVATIONS]
+    if preset == "paper":
+        runs = [dataclasses.replace(r, seeds=list(range(30))) for r in runs]
+    if preset == "smoke":  # a few of the default runs, shrunk until they take a second each
+        runs = [
+            dataclasses.replace(
+                r, num_samples=64, downsample=4, width=8, tasks=2, epochs=2, seeds=[0, 1],
+                hess_samples=32, eval_samples=64, lanczos_steps=20,
+            )
+            for r in runs
+            if r.name in SMOKE_RUNS
+        ]
+    return runs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    d = Config()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add = p.add_argument
+    add("--preset", choices=PRESETS, default="single", help="list of runs (default: single)")
+    add("--out", type=Path, default=None,
+        help="results directory (default: examples/plasticity/results/<preset>)")
+    add("--runs", default=None, help="comma-separated run names of the preset to run (default all)")
+    add("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    add("--no-progress", action="store_true", help="no progress bar")
+    # Overrides of Config fields; omitted flags keep the preset's value (shown: Config defaults).
+    s = argparse.SUPPRESS
+    add("--name", default=s, help=f"run name (single preset; default {d.name})")
+    add("--problem", choices=PROBLEMS, default=s, help=f"default {d.problem}")
+    add("--data-dir", dest="data_dir", default=s, help="data directory (default $HESSRANK_DATA "
+        "or ~/.cache/hessrank/data; MNIST is downloaded there when missing)")
+    add("--download", action="store_true", default=s, help="allow downloading CIFAR-10")
+    add("--num-samples", dest="num_samples", type=int, default=s,
+        help=f"images in the fixed subset (default {d.num_samples})")
+    add("--downsample", type=int, default=s, help=f"avg-pool factor (default {d.downsample})")
+    add("--subset-seed", dest="subset_seed", type=int, default=s, help="seed of the image subset")
+    add("--activation", choices=ACTIVATIONS, default=s, help=f"default {d.activation}")
+    add("--width", type=int, default=s, help=f"hidden units per layer (default {d.width})")
+    add("--depth", type=int, default=s, help=f"hidden layers (default {d.depth})")
+    add("--optimizer", choices=("adam", "sgd"), default=s, help=f"default {d.optimizer}")
+    add("--lr", type=float, default=s, help=f"learning rate (default {d.lr})")
+    add("--batch-size", dest="batch_size", type=int, default=s, help=f"default {d.batch_size}")
+    add("--epochs", type=int, default=s, help=f"passes over the data per task (default {d.epochs})")
+    add("--tasks", type=int, default=s, help=f"number of tasks (default {d.tasks})")
+    add("--seeds", type=int, default=s, help=f"number of seeds trained batched (default "
+        f"{len(d.seeds)})")
+    add("--first-seed", dest="first_seed", type=int, default=0, help="seeds are first..first+n-1")
+    add("--reg", choices=REGULARIZERS, default=s, help=f"regularizer (default {d.reg})")
+    add("--reg-strength", dest="reg_strength", type=float, default=s,
+        help="penalty lambda; per-step shrink for shrink_perturb")
+    add("--sp-noise", dest="sp_noise", type=float, default=s,
+        help=f"Shrink & Perturb noise std (default {d.sp_noise})")
+    add("--hess-methods", dest="hess_methods", default=s,
+        help="comma-separated hessrank methods (default fisher)")
+    add("--hess-samples", dest="hess_samples", type=int, default=s,
+        help=f"samples the Hessian is measured on (default {d.hess_samples})")
+    add("--hess-threshold", dest="hess_threshold", type=float, default=s, help="srank threshold")
+    add("--lanczos-steps", dest="lanczos_steps", type=int, default=s, help="Lanczos steps")
+    add("--overlap", action="store_true", default=s, help="measure gradient overlap (exact)")
+    add("--eval-samples", dest="eval_samples", type=int, default=s, help="evaluation samples")
+    add("--dormant-tau", dest="dormant_tau", type=float, default=s, help="dormant threshold tau")
+    return p.parse_args(argv)
+
+
+def configs_from_args(args: argparse.Namespace) -> list[Config]:
+    """The preset's runs with the command-line overrides applied."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields}
+    if "hess_methods" in overrides:
+        overrides["hess_methods"] = [m for m in overrides["hess_methods"].split(",") if m]
+    if "seeds" in overrides:
+        overrides["seeds"] = list(range(args.first_seed, args.first_seed + overrides["seeds"]))
+    runs = preset_runs(args.preset)
+    if args.runs:
+        wanted = args.runs.split(",")
+        unknown = set(wanted) - {r.name for r in runs}
+        if unknown:
+            raise SystemExit(f"unknown run names {sorted(unknown)} in preset {args.preset}")
+        runs = [r for r in runs if r.name in wanted]
+    return [dataclasses.replace(r, **overrides) for r in runs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    configs = configs_from_args(args)
+    out = args.out or Path(__file__).resolve().parent / "results" / args.preset
+    total = sum(c.tasks for c in configs)
+    already = sum(min(finished_tasks(out / c.name), c.tasks) for c in configs)
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=args.no_progress) as progress:
+        overall = progress.add_task("all tasks", total=total, completed=already)
+        for cfg in configs:
+            run = progress.add_task(f"{cfg.name}", total=cfg.tasks,
+                                    completed=min(finished_tasks(out / cfg.name), cfg.tasks))
+
+            def advance(_t: int, run: int = run) -> None:
+                progress.advance(run)
+                progress.advance(overall)
+
+            run_experiment(cfg, out / cfg.name, on_task_done=advance)
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
