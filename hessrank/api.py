@@ -1,4 +1,4 @@
-"""Public entry points: :func:`effective_rank`, :func:`predict_exact_cost`, :func:`gradient_overlap`."""
+"""Public entry points: effective_rank, predict_exact_cost and gradient_overlap."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def effective_rank(
     seed: int = 0,
     progress: object = False,
 ) -> RankResult:
-    """Rank and spectrum of the Hessian of ``loss_fn(model(*inputs), targets)`` or of an approximation.
+    """Rank and spectrum of the Hessian of ``loss_fn(model(*inputs), targets)`` or an approximation.
 
     Args:
         model: any ``nn.Module``; ``model(*inputs)`` gives outputs with the batch dimension first.

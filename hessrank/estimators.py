@@ -173,12 +173,14 @@ def _lanczos(problem: CurvatureProblem, options: Options) -> Spectrum:
     weights = np.concatenate([q.weights for q in quadratures]) * dim / probes
     order = np.lexsort((-nodes, -np.abs(nodes)))
     nodes, weights = nodes[order], weights[order]
-    per_probe = np.array([srank(q.nodes, options.threshold, q.weights * dim) for q in quadratures])
-    pooled = srank(nodes, options.threshold, weights)
-    spread = 1.96 * per_probe.std(ddof=1) / math.sqrt(probes) if probes > 1 else float(dim)
-    resolution = _boundary_weight(nodes, weights, options.threshold)
-    interval = (max(0.0, min(pooled - spread, pooled - resolution)),
-                min(float(dim), max(pooled + spread, pooled + resolution)))
+    # Each probe's estimate is uncertain by the weight of the node where the threshold is
+    # crossed (a node stands for that many eigenvalues); probes add sampling spread on top.
+    estimates = np.array([srank(q.nodes, options.threshold, q.weights * dim) for q in quadratures])
+    resolution = np.array([_boundary_weight(q.nodes, q.weights * dim, options.threshold)
+                           for q in quadratures])
+    spread = 1.96 * estimates.std(ddof=1) / math.sqrt(probes) if probes > 1 else 0.0
+    interval = (max(0.0, float(np.mean(estimates - resolution)) - spread),
+                min(float(dim), float(np.mean(estimates + resolution)) + spread))
     notes = [f"rank estimated by stochastic Lanczos quadrature ({probes} probes x {steps} "
              f"steps); eigenvalues are the first probe's {len(quadratures[0].nodes)} Ritz values"]
     return Spectrum(nodes, "autograd", max_rank=dim, weights=weights,
@@ -187,13 +189,26 @@ def _lanczos(problem: CurvatureProblem, options: Options) -> Spectrum:
 
 
 def _boundary_weight(nodes: np.ndarray, weights: np.ndarray, threshold: float) -> float:
-    """Weight of the quadrature node at which the srank threshold is crossed (its resolution)."""
-    mass = np.abs(nodes) * weights
+    """Resolution of a quadrature's srank: the weight of the nodes next to the cut ``+-t``.
+
+    By the Chebyshev-Markov-Stieltjes inequalities a Gauss quadrature's count of eigenvalues
+    beyond ``t`` is off by at most the weight of the node at ``t``; ``|lambda| > t`` has two
+    tails, so the nodes nearest ``+t`` and ``-t`` both count.
+    """
+    magnitude = np.abs(nodes)
+    order = np.argsort(-magnitude, kind="stable")
+    mass = magnitude[order] * weights[order]
     total = mass.sum()
     if total <= 0:
         return 0.0
     index = min(int(np.searchsorted(np.cumsum(mass), threshold * total)), len(nodes) - 1)
-    return float(weights[index])
+    cut = magnitude[order][index]
+    resolution = 0.0
+    for side in (nodes > 0, nodes < 0):
+        if side.any():
+            nearest = np.argmin(np.where(side, np.abs(magnitude - cut), np.inf))
+            resolution += float(weights[nearest])
+    return resolution
 
 
 # ----------------------------------------------------------------------------------------------

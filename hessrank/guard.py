@@ -1,4 +1,4 @@
-"""Leave a training loop exactly as it was: snapshot and restore of everything a call could touch."""
+"""Leave a training loop exactly as it was: snapshot and restore everything a call could touch."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ def _singular_values(
 def srank(
     eigenvalues: np.ndarray, threshold: float = 0.99, weights: np.ndarray | None = None
 ) -> float:
-    """Effective rank srank: how many of the largest ``|eigenvalues|`` hold ``threshold`` of the mass.
+    """srank: how many of the largest ``|eigenvalues|`` hold ``threshold`` of the total mass.
 
     With unit weights this is an integer. With quadrature weights the boundary node is counted
     fractionally (the share of its weight needed to reach the threshold).

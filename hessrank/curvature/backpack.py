@@ -9,6 +9,7 @@ the GGN needs an ``nn.Sequential`` model and a cross-entropy or MSE loss module.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -61,7 +62,9 @@ def gram_backpack(
     copies = dict(model.named_parameters())
     n = problem.num_samples
     loss = loss_fn(model(*problem.inputs), problem.targets)
-    with backpack(extension):
+    with backpack(extension), warnings.catch_warnings():
+        # The inputs need no gradient; torch warns that module hooks fire on outputs only.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         loss.backward()
     columns = 1
     accumulator: GramAccumulator | None = None

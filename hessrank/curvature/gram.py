@@ -254,10 +254,8 @@ def gram_kron(
     remaining = {g: names for g, names in groups.items() if g not in kron_modules}
     if remaining:
         _func_gram(problem, remaining, cotangents, accumulator)
-    if kron_modules and remaining:
-        backend = "kron+func"
-    else:
-        backend = "kron" if kron_modules else "func"
+    backend = "+".join(name for name, used in (("kron", kron_modules), ("func", remaining))
+                       if used)
     return accumulator, cotangents, backend
 
 

@@ -49,7 +49,7 @@ class HessianOperator:
     def _pieces(self, vectors: Tensor) -> list[Tensor]:
         """``[..., P]`` -> the per-parameter pieces matching the gradients with a graph."""
         chunks = vectors.split(self.sizes, dim=-1)
-        return [chunks[i].reshape(*vectors.shape[:-1], *self.params[i].shape)
+        return [chunks[i].reshape((*vectors.shape[:-1], *self.params[i].shape))
                 for i in self._graph_index]
 
     def matmat(self, vectors: Tensor) -> Tensor:

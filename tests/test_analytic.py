@@ -1,0 +1,110 @@
+"""Ranks against analytic cases, and the rank definitions on known spectra."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from reference import classification_batch, eigenvalues_by_magnitude, mlp, reference_hessian
+from torch import nn
+
+import hessrank
+from hessrank import ranks
+
+CE = nn.CrossEntropyLoss()
+
+
+@pytest.mark.parametrize("input_rank", [1, 3, 5])
+def test_linear_mse_hessian_rank_is_input_rank(input_rank):
+    # f = W x + b, L = mean ||f - y||^2: H = (2 / (nC)) (I_C kron X~^T X~), X~ = [x, 1].
+    generator = torch.Generator().manual_seed(input_rank)
+    d, outputs, n = 6, 2, 12
+    basis = torch.randn(input_rank, d, generator=generator, dtype=torch.float64)
+    x = torch.randn(n, input_rank, generator=generator, dtype=torch.float64) @ basis
+    x = x - x.mean(dim=0)  # centred: the bias column adds one independent direction
+    model = nn.Linear(d, outputs).double()
+    y = torch.randn(n, outputs, generator=generator, dtype=torch.float64)
+    result = hessrank.effective_rank(model, nn.MSELoss(), (x, y), method="exact")
+    assert result.ranks["numerical"] == outputs * (input_rank + 1)
+    ggn = hessrank.effective_rank(model, nn.MSELoss(), (x, y), method="ggn")
+    np.testing.assert_allclose(ggn.eigenvalues[: outputs * (input_rank + 1)],
+                               result.eigenvalues[: outputs * (input_rank + 1)], rtol=1e-10)
+
+
+def test_cross_entropy_ggn_and_fisher_ranks_on_generic_mlp():
+    model = mlp((8, 40, 30, 5), activation=nn.Tanh, seed=2)
+    n, classes = 12, 5
+    x, y = classification_batch(n, 8, classes)
+    ggn = hessrank.effective_rank(model, CE, (x, y), method="ggn")
+    fisher = hessrank.effective_rank(model, CE, (x, y), method="fisher")
+    assert ggn.ranks["numerical"] == n * (classes - 1) == ggn.max_rank
+    assert fisher.ranks["numerical"] == n == fisher.max_rank
+    assert any("capped by n = 12" in note for note in fisher.notes)
+
+
+def test_softmax_shift_makes_the_hessian_rank_deficient():
+    # Logits z = W h + b: adding c to every logit leaves the loss unchanged, so for each input
+    # coordinate u (W += 1 u^T) and for the bias (b += c 1) the Hessian has a null direction:
+    # d + 1 null directions for a linear softmax classifier with d inputs.
+    d, classes, n = 4, 3, 30
+    x, y = classification_batch(n, d, classes)
+    model = nn.Linear(d, classes).double()
+    result = hessrank.effective_rank(model, CE, (x, y), method="exact")
+    assert result.num_params == classes * (d + 1)
+    assert result.ranks["numerical"] == classes * (d + 1) - (d + 1)
+    # In an MLP the last layer alone contributes width + 1 such directions.
+    mlp_model = mlp((d, 6, classes), seed=1)
+    deep = hessrank.effective_rank(mlp_model, CE, (x, y), method="exact")
+    assert deep.ranks["numerical"] <= deep.num_params - (6 + 1)
+
+
+def test_gradient_overlap_against_reference():
+    model = mlp((4, 5, 3), seed=3)
+    x, y = classification_batch(10, 4, 3)
+    hessian = reference_hessian(model, CE, x, y)
+    values, vectors = np.linalg.eigh(hessian)
+    order = np.argsort(-np.abs(values), kind="stable")
+    vectors = vectors[:, order]
+    params = list(model.parameters())
+    gradient = torch.autograd.grad(CE(model(x), y), params)
+    g = torch.cat([t.reshape(-1) for t in gradient]).double().numpy()
+    for k in (1, 5, 20):
+        expected = float(np.sum((vectors[:, :k].T @ g) ** 2) / (g @ g))
+        assert hessrank.gradient_overlap(model, CE, (x, y), k=k) == pytest.approx(expected,
+                                                                                  rel=1e-6)
+    assert hessrank.gradient_overlap(model, CE, (x, y), k=len(g)) == pytest.approx(1.0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_rank_definitions_on_known_spectra():
+    flat = np.ones(10)
+    assert ranks.srank(flat, 0.99) == 10
+    assert ranks.srank(flat, 0.5) == 5
+    assert ranks.entropy_rank(flat) == pytest.approx(10)
+    assert ranks.stable_rank(flat) == pytest.approx(10)
+    assert ranks.participation_ratio(flat) == pytest.approx(10)
+    assert ranks.numerical_rank(np.array([1.0, 1e-3, 1e-9]), rtol=1e-6) == 2
+    spiky = np.array([-100.0, 1.0, 0.5, 0.0])
+    assert ranks.srank(spiky, 0.99) == 2  # |.| taken: 100 / 101.5 < 0.99 <= 101 / 101.5
+    assert ranks.stable_rank(spiky) == pytest.approx((100**2 + 1 + 0.25) / 100**2)
+    assert ranks.srank(np.zeros(3)) == 0
+
+
+def test_rank_definitions_are_scale_invariant_and_weights_mean_multiplicity():
+    rng = np.random.default_rng(0)
+    spectrum = rng.standard_normal(50) ** 3
+    base = hessrank.spectral_ranks(spectrum, rtol=1e-6)
+    assert hessrank.spectral_ranks(7.5 * spectrum, rtol=1e-6) == pytest.approx(base)
+    repeated = hessrank.spectral_ranks(np.repeat(spectrum, 3), rtol=1e-6)
+    weighted = hessrank.spectral_ranks(spectrum, rtol=1e-6, weights=np.full(50, 3.0))
+    assert weighted["srank"] == pytest.approx(repeated["srank"], abs=3)
+    for name in ("numerical", "entropy", "stable", "participation"):
+        assert weighted[name] == pytest.approx(repeated[name])
+
+
+def test_exact_trace_matches_reference():
+    model = mlp((3, 4, 2), seed=5)
+    x, y = classification_batch(6, 3, 2)
+    reference = eigenvalues_by_magnitude(reference_hessian(model, CE, x, y))
+    result = hessrank.effective_rank(model, CE, (x, y), method="exact")
+    assert result.trace == pytest.approx(reference.sum(), abs=1e-9)

@@ -1,0 +1,225 @@
+"""Each estimator's eigenvalues against an independent dense float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from reference import (
+    ConvNet,
+    ResidualNet,
+    assert_spectra_close,
+    classification_batch,
+    eigenvalues_by_magnitude,
+    mlp,
+    reference_fisher,
+    reference_ggn,
+    reference_hessian,
+)
+from torch import nn
+
+import hessrank
+
+CE = nn.CrossEntropyLoss()
+
+
+def _problem(kind: str):
+    if kind == "mlp":
+        model = mlp((5, 7, 3))
+        x, y = classification_batch(6, 5, 3)
+    elif kind == "residual":
+        torch.manual_seed(3)
+        model = ResidualNet().double()
+        x, y = classification_batch(5, 4, 3)
+    else:
+        torch.manual_seed(4)
+        model = ConvNet().double()
+        generator = torch.Generator().manual_seed(2)
+        x = torch.randn(4, 1, 6, 6, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 3, (4,), generator=generator)
+    return model, x, y
+
+
+MODELS = ["mlp", "residual", "conv"]
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_exact_matches_dense_hessian(kind):
+    model, x, y = _problem(kind)
+    reference = eigenvalues_by_magnitude(reference_hessian(model, CE, x, y))
+    result = hessrank.effective_rank(model, CE, (x, y), method="exact")
+    assert result.num_params == len(reference) == sum(p.numel() for p in model.parameters())
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-9)
+    assert result.rank == int(hessrank.spectral_ranks(reference)["srank"])
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("backend", ["auto", "func"])
+def test_fisher_matches_dense_reference(kind, backend):
+    model, x, y = _problem(kind)
+    n = len(y)
+    reference = eigenvalues_by_magnitude(reference_fisher(model, CE, x, y, scale=1 / n))
+    result = hessrank.effective_rank(model, CE, (x, y), method="fisher", backend=backend)
+    assert len(result.eigenvalues) == n
+    assert_spectra_close(result.eigenvalues, reference, count=n, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("backend", ["auto", "func"])
+def test_ggn_matches_dense_reference(kind, backend):
+    model, x, y = _problem(kind)
+    n = len(y)
+    reference = eigenvalues_by_magnitude(reference_ggn(model, CE, x, y, scale=1 / n))
+    result = hessrank.effective_rank(model, CE, (x, y), method="ggn", backend=backend)
+    assert len(result.eigenvalues) == n * 2  # C' = C - 1 for cross-entropy
+    assert_spectra_close(result.eigenvalues, reference, count=n * 2, rtol=1e-9)
+
+
+def test_backends_report_what_they_used():
+    model, x, y = _problem("residual")
+    assert hessrank.effective_rank(model, CE, (x, y)).backend == "kron+func"
+    assert hessrank.effective_rank(mlp(), CE, classification_batch(4, 5, 3)).backend == "kron"
+    assert hessrank.effective_rank(model, CE, (x, y), backend="func").backend == "func"
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_backpack_backend_matches_reference(method):
+    model = mlp((5, 6, 4), activation=nn.ReLU)
+    x, y = classification_batch(6, 5, 4)
+    make = reference_fisher if method == "fisher" else reference_ggn
+    reference = eigenvalues_by_magnitude(make(model, CE, x, y, scale=1 / 6))
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, backend="backpack")
+    assert result.backend == "backpack"
+    assert_spectra_close(result.eigenvalues, reference, count=6, rtol=1e-9)
+
+
+def test_backpack_refuses_unsupported_modules():
+    model, x, y = _problem("residual")
+    with pytest.raises(ValueError, match="BackPACK does not support.*backend='auto'"):
+        hessrank.effective_rank(model, CE, (x, y), backend="backpack")
+
+
+def test_mse_ggn_and_sum_reduction():
+    model = mlp((4, 5, 2))
+    x, _ = classification_batch(5, 4, 2)
+    targets = torch.randn(5, 2, dtype=torch.float64)
+    mse_sum = nn.MSELoss(reduction="sum")
+    reference = eigenvalues_by_magnitude(reference_ggn(model, mse_sum, x, targets, scale=1.0))
+    result = hessrank.effective_rank(model, mse_sum, (x, targets), method="ggn")
+    assert_spectra_close(result.eigenvalues, reference, count=10, rtol=1e-9)
+    mean = hessrank.effective_rank(model, nn.MSELoss(), (x, targets), method="ggn")
+    # mean over n * C elements: the curvature is the sum's divided by n * C; ranks unchanged
+    np.testing.assert_allclose(mean.eigenvalues * 10, result.eigenvalues, rtol=1e-9)
+    assert mean.ranks == pytest.approx(result.ranks, rel=1e-9)
+
+
+def test_custom_loss_through_torch_func():
+    model = mlp((4, 6, 3))
+    x, y = classification_batch(5, 4, 3)
+
+    def smoothed_ce(outputs, targets):  # a plain function: no .reduction attribute
+        return nn.functional.cross_entropy(outputs, targets, label_smoothing=0.1)
+
+    reference = eigenvalues_by_magnitude(reference_ggn(model, smoothed_ce, x, y, scale=1 / 5))
+    result = hessrank.effective_rank(model, smoothed_ce, (x, y), method="ggn")
+    assert_spectra_close(result.eigenvalues, reference, count=10, rtol=1e-9)
+    fisher_ref = eigenvalues_by_magnitude(reference_fisher(model, smoothed_ce, x, y, scale=1 / 5))
+    fisher = hessrank.effective_rank(model, smoothed_ce, (x, y), method="fisher")
+    assert_spectra_close(fisher.eigenvalues, fisher_ref, count=5, rtol=1e-9)
+
+
+def test_multiple_inputs_and_batchnorm_in_eval():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(2, 4)
+            self.bn = nn.BatchNorm1d(4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, u, v):
+            return self.head(torch.relu(self.bn(self.a(u) + self.b(v))))
+
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    u, y = classification_batch(6, 3, 3)
+    v = torch.randn(6, 2, dtype=torch.float64)
+    model.train()  # measured as evaluated all the same
+    evaluated = ResidualFree(model)
+    reference = eigenvalues_by_magnitude(reference_hessian(evaluated, CE, (u, v), y))
+    result = hessrank.effective_rank(model, CE, ((u, v), y), method="exact")
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-9)
+    assert model.training and model.bn.training
+    fisher = hessrank.effective_rank(model, CE, ((u, v), y), method="fisher")
+    fisher_ref = eigenvalues_by_magnitude(reference_fisher(evaluated, CE, (u, v), y, scale=1 / 6))
+    assert_spectra_close(fisher.eigenvalues, fisher_ref, count=6, rtol=1e-9)
+
+
+class ResidualFree(nn.Module):
+    """An eval-mode view of a model for references (its own flags, same parameters)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        import copy
+
+        self.model = copy.deepcopy(model).eval()
+
+    def forward(self, *inputs):
+        return self.model(*inputs)
+
+
+def test_float32_model_agrees_with_float64():
+    model64 = mlp((5, 8, 3))
+    x, y = classification_batch(7, 5, 3)
+    model32 = mlp((5, 8, 3), dtype=torch.float32)
+    for method in ("exact", "fisher", "ggn"):
+        r64 = hessrank.effective_rank(model64, CE, (x, y), method=method)
+        r32 = hessrank.effective_rank(model32, CE, (x.float(), y), method=method)
+        assert_spectra_close(r32.eigenvalues, r64.eigenvalues, count=5, rtol=1e-4)
+        assert r32.eigenvalues.dtype == np.float64
+
+
+def test_lanczos_matches_exact_and_covers_its_rank():
+    for seed in range(3):
+        model = mlp((6, 8, 4), seed=seed)
+        x, y = classification_batch(10, 6, 4, seed=seed)
+        exact = hessrank.effective_rank(model, CE, (x, y), method="exact")
+        lanczos = hessrank.effective_rank(model, CE, (x, y), method="lanczos",
+                                          lanczos_steps=40, lanczos_probes=10, seed=seed)
+        np.testing.assert_allclose(lanczos.eigenvalues[:3], exact.eigenvalues[:3], rtol=1e-6)
+        lo, hi = lanczos.rank_interval
+        assert lo <= exact.rank <= hi, (seed, exact.rank, lanczos.rank_interval)
+        assert abs(lanczos.rank - exact.rank) <= 0.2 * exact.rank
+        assert abs(lanczos.trace - exact.trace) <= 0.2 * np.abs(exact.eigenvalues).sum()
+        assert lanczos.num_hvps == 40 * 10
+        assert lanczos.density[1].sum() == pytest.approx(exact.num_params)
+
+
+def test_per_layer_results_are_diagonal_blocks():
+    model = mlp((4, 5, 3))
+    x, y = classification_batch(6, 4, 3)
+    names = ["0.weight", "0.bias"]
+    for method, make in (("fisher", reference_fisher), ("ggn", reference_ggn)):
+        result = hessrank.effective_rank(model, CE, (x, y), method=method, per_layer=True)
+        assert set(result.layers) == {"0", "2"}
+        block = eigenvalues_by_magnitude(make(model, CE, x, y, scale=1 / 6, names=names))
+        assert_spectra_close(result.layers["0"].eigenvalues, block, count=6, rtol=1e-9)
+        assert result.layers["0"].num_params == 25
+    exact = hessrank.effective_rank(model, CE, (x, y), method="exact", per_layer=True)
+    block = eigenvalues_by_magnitude(reference_hessian(model, CE, x, y, names=names))
+    assert_spectra_close(exact.layers["0"].eigenvalues, block, rtol=1e-9)
+
+
+def test_params_subset_and_frozen_parameters():
+    model = mlp((4, 5, 3))
+    x, y = classification_batch(6, 4, 3)
+    subset = hessrank.effective_rank(model, CE, (x, y), method="exact", params=["2.weight"])
+    block = eigenvalues_by_magnitude(reference_hessian(model, CE, x, y, names=["2.weight"]))
+    assert_spectra_close(subset.eigenvalues, block, rtol=1e-9)
+    model[0].weight.requires_grad_(False)
+    frozen = hessrank.effective_rank(model, CE, (x, y), method="fisher")
+    assert frozen.excluded == ("0.weight",)
+    assert frozen.num_params == 5 + 15 + 3
+    assert not model[0].weight.requires_grad
