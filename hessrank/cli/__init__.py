@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--samples", type=int, default=128, help="batch size n (default 128)")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
     group.add_argument("--dtype", default="float32", choices=tuple(presets.DTYPES))
+    group.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's)")
 
     est = parser.add_argument_group("estimators")
     est.add_argument(
@@ -192,9 +194,12 @@ def _config(args: argparse.Namespace, methods: tuple[str, ...], seeds: tuple[int
 
 
 def _progress(quiet: bool) -> Any:
-    if quiet:
-        return None
+    """Progress bars on stderr, when it is a terminal and not ``--quiet``."""
     from rich.console import Console
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        return None
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -213,7 +218,7 @@ def _progress(quiet: bool) -> Any:
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=console,
         transient=True,
     )
 
@@ -301,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    # torch's forward-mode AD loads decompositions through the deprecated torch.jit.script.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except CliError as err:

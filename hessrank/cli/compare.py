@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 from rich.progress import Progress, TaskID
-from scipy.stats import spearmanr
 from torch import nn
 
 import hessrank
 from hessrank.cli import presets
 from hessrank.cli.errors import CliError
 from hessrank.cli.pyhessian_check import pyhessian_check
+from hessrank.cli.report import human_bytes
 
 SCHEMA_VERSION = 1
 
@@ -129,12 +129,16 @@ def method_kwargs(cfg: Config, method: str) -> dict[str, Any]:
 
 def budget_message(err: hessrank.BudgetError, problem: Problem, cfg: Config) -> str:
     """One line: what exact would cost, and how to go on without it."""
-    gib = err.memory_bytes / 2**30
+    seconds = err.seconds
+    if seconds is None:
+        batch = (problem.data.inputs, problem.data.targets)
+        seconds = hessrank.predict_exact_cost(problem.model, problem.loss_fn, batch)[1]
+    time_text = "" if seconds is None else f" and ~{seconds:,.1f} s"
     return (
         f"exact Hessian of {cfg.model} ({problem.num_params:,} parameters, "
-        f"n = {problem.data.inputs.shape[0]}) is over budget: predicted {gib:.2f} GiB and "
-        f"{err.seconds:.0f} s ({err}); pass --skip-exact to run the approximations alone, "
-        "or raise --max-memory / --max-seconds"
+        f"n = {problem.data.inputs.shape[0]}) needs ~{human_bytes(err.memory_bytes)}"
+        f"{time_text}, over the budget of --max-memory / --max-seconds; pass --skip-exact to "
+        "run the approximations alone, or raise the budget"
     )
 
 
@@ -229,6 +233,8 @@ def spearman(exact: list[float], other: list[float]) -> float | None:
     """Spearman correlation over checkpoints; None with fewer than 3 or a constant series."""
     if len(exact) < 3 or len(set(exact)) < 2 or len(set(other)) < 2:
         return None
+    from scipy.stats import spearmanr  # imported here: scipy.stats takes a second to load
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rho = spearmanr(exact, other).statistic

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,12 @@ def pyhessian_check(
 
         twin = copy.deepcopy(model)
         dtype = next(twin.parameters()).dtype
-        with torch.random.fork_rng(devices=[inputs.device] if inputs.is_cuda else []):
+        with (
+            torch.random.fork_rng(devices=[inputs.device] if inputs.is_cuda else []),
+            warnings.catch_warnings(),
+        ):
+            # pyhessian calls backward(create_graph=True), which torch warns about.
+            warnings.simplefilter("ignore", UserWarning)
             torch.manual_seed(seed)
             # pyhessian draws its random vectors in the default dtype.
             torch.set_default_dtype(dtype)

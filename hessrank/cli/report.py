@@ -122,6 +122,12 @@ def _bytes(value: float) -> str:
     return f"{value:.0f}B"
 
 
+def human_bytes(value: float) -> str:
+    """``1.5 GiB``, ``12.0 MiB``, ``512 B``."""
+    text = _bytes(value)
+    return f"{text[:-1]} {text[-1]}iB" if text[-1] in "GMK" else f"{text[:-1]} B"
+
+
 FORMATS = {
     "srank": _rank,
     "numerical_rank": _rank,
@@ -136,15 +142,22 @@ FORMATS = {
 
 
 def cell(stat: dict[str, float | int] | None, field: str) -> str:
-    """``mean`` or ``mean±std`` (several seeds), formatted for ``field``; ``—`` if missing."""
+    """``mean`` or ``mean±std`` (several seeds; time and memory: mean), formatted for ``field``;
+    ``—`` if missing."""
     if stat is None:
         return "—"
     fmt = FORMATS.get(field, _sig)
-    text = fmt(stat["mean"])
+    mean, std = stat["mean"], stat["std"]
     if stat["n"] == 1:
-        return text
-    std = fmt(stat["std"]).lstrip("+")
-    return f"{text}±{std}"
+        return fmt(mean)
+    if fmt is _rank:
+        return f"{mean:.0f}±{std:.0f}"
+    if fmt is _pct:
+        digits = 0 if abs(mean) >= 0.1 else 1
+        return f"{100 * mean:+.{digits}f}±{100 * std:.{digits}f}%"
+    if fmt is _sig:
+        return f"{mean:.3g}±{std:.1g}"
+    return fmt(mean)
 
 
 def rank_cell(stat: dict[str, Any], field: str) -> str:
@@ -257,9 +270,8 @@ def pyhessian_table(
         table.add_column(header, justify="left" if left else "right")
     probes = stats([c.get("trace_samples") for c in checks])
     how = f"Hutchinson, {probes['mean']:.0f} probes" if probes else "Hutchinson"
-    trace = cell(stat["trace"], "trace")
     if stat["trace_stderr"] is not None:
-        trace += f" ± {_sig(stat['trace_stderr']['mean'])}"
+        how += f", s.e. {stat['trace_stderr']['mean']:.2g}"
     table.add_row(
         "top eigenvalue",
         cell(stat["exact_top_eigenvalue"], "top_eigenvalue"),
@@ -270,7 +282,7 @@ def pyhessian_table(
     table.add_row(
         "trace",
         cell(stat["exact_trace"], "trace"),
-        trace,
+        cell(stat["trace"], "trace"),
         cell(stat["trace_rel_diff"], "trace_rel_diff"),
         how,
     )
@@ -302,7 +314,7 @@ def trajectory_table(report: dict[str, Any], summ: dict[str, Any]) -> Table | No
         rho = "" if method == "exact" else cell(summ["spearman"].get(method), "spearman")
         table.add_row(method, *cells, rho)
     errors = [cell(p["previous_task_train_error"], "previous_task_train_error") for p in points]
-    table.add_row("train error, task before", *[e.lstrip("+") for e in errors], "")
+    table.add_row("train err (prev)", *[e.lstrip("+") for e in errors], "")
     return table
 
 

@@ -1,0 +1,290 @@
+"""The ``hessrank`` command line, run as a user runs it (a subprocess), on tiny presets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hessrank
+from hessrank.cli import compare, main, presets
+from hessrank.cli.report import CSV_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ("--samples", "16", "--width", "4", "--depth", "1")
+MNIST_DIR = Path("/work/shared/data")
+
+
+def cli(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """``python -m hessrank.cli ARGS`` with the checkout importable."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120", OMP_NUM_THREADS="1")
+    env.pop(presets.DATA_DIR_ENV, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hessrank.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny problems run fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_problem(seed: int = 0) -> tuple[torch.nn.Module, presets.Dataset]:
+    """The model and data of TINY, built in-process."""
+    data = presets.load_data("digits", samples=16, seed=seed)
+    model = presets.build_model("mlp", input_shape=(1, 8, 8), width=4, depth=1, seed=seed)
+    return model, data
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One ``compare`` run with every method, output, two seeds and three checkpoints."""
+    out = tmp_path_factory.mktemp("compare")
+    args = ("--lanczos-steps", "12", "--lanczos-probes", "2", "--seeds", "2")
+    trajectory = ("--checkpoints", "3", "--epochs", "2")
+    files = ("--json", "r.json", "--csv", "r.csv", "--plot", "r.png")
+    proc = cli("compare", *TINY, *args, *trajectory, *files, cwd=out, check=True)
+    return proc, out
+
+
+def test_compare_prints_every_method_and_the_pyhessian_check(compared) -> None:
+    proc, _ = compared
+    assert "Estimators vs exact at the start of task 3" in proc.stdout
+    for method in hessrank.METHODS:
+        assert f"\n{method} " in proc.stdout
+    assert "PyHessian" in proc.stdout and "Spearman" in proc.stdout
+    assert "capped by n = 16" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_compare_json_schema(compared) -> None:
+    _, out = compared
+    report = json.loads((out / "r.json").read_text())
+    assert report["schema_version"] == 1
+    assert report["interrupted"] is False
+    assert report["config"]["methods"] == list(hessrank.METHODS)
+    assert report["model"] == {"name": "mlp", "num_params": 64 * 4 + 4 + 4 * 10 + 10}
+    assert report["data"]["name"] == "digits" and report["data"]["num_samples"] == 16
+    assert [run["seed"] for run in report["runs"]] == [0, 1]
+    for run in report["runs"]:
+        points = run["checkpoints"]
+        assert [p["task"] for p in points] == [1, 2, 3]
+        assert all(p["labels"] == "random" for p in points)
+        assert points[0]["previous_task_train_error"] is None
+        assert 0.0 <= points[2]["previous_task_train_error"] <= 1.0
+        assert set(run["spearman"]) == {"lanczos", "ggn", "fisher"}
+        for point in points:
+            for method in hessrank.METHODS:
+                rec = point["methods"][method]
+                assert rec["error"] is None
+                for key in ("srank", "numerical_rank", "top_eigenvalue", "trace", "max_rank"):
+                    assert isinstance(rec[key], int | float), (method, key)
+                assert rec["backend"] and isinstance(rec["caveats"], list)
+            exact, fisher = point["methods"]["exact"], point["methods"]["fisher"]
+            assert exact["srank_rel_error"] is None
+            assert fisher["srank_rel_error"] == pytest.approx(
+                (fisher["srank"] - exact["srank"]) / exact["srank"]
+            )
+            assert point["methods"]["lanczos"]["rank_interval"] is not None
+            check = point["pyhessian"]
+            assert check["error"] is None
+            assert check["exact_top_eigenvalue"] == exact["top_eigenvalue"]
+            # Both differentiate the mean loss: power iteration lands on exact's top eigenvalue.
+            assert check["top_eigenvalue"] == pytest.approx(exact["top_eigenvalue"], rel=0.05)
+    summary = report["summary"]
+    assert len(summary["checkpoints"]) == 3
+    assert summary["checkpoints"][1]["methods"]["exact"]["srank"]["n"] == 2
+    # Training moved the weights: the exact spectrum differs between the first two tasks.
+    first, second = (p["methods"]["exact"] for p in report["runs"][0]["checkpoints"][:2])
+    assert first["eigenvalues"] != second["eigenvalues"]
+
+
+def test_compare_numbers_equal_the_library(compared) -> None:
+    _, out = compared
+    point = json.loads((out / "r.json").read_text())["runs"][1]["checkpoints"][0]
+    model, data = tiny_problem(seed=1)
+    labels = compare.random_labels(data.targets, data.num_classes, seed=1, task=0)
+    for method in ("exact", "ggn", "fisher"):
+        res = hessrank.effective_rank(
+            model, torch.nn.CrossEntropyLoss(), (data.inputs, labels), method=method, seed=1
+        )
+        rec = point["methods"][method]
+        assert rec["srank"] == res.rank
+        assert rec["numerical_rank"] == res.ranks["numerical"]
+        assert rec["max_rank"] == res.max_rank
+        np.testing.assert_allclose(rec["eigenvalues"], res.eigenvalues, rtol=1e-5, atol=1e-9)
+        assert rec["trace"] == pytest.approx(res.trace, rel=1e-5)
+
+
+def test_compare_csv_and_plot(compared) -> None:
+    _, out = compared
+    with (out / "r.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert tuple(reader.fieldnames or ()) == CSV_COLUMNS
+    first = [r["method"] for r in rows if r["seed"] == "0" and r["checkpoint"] == "0"]
+    assert first == [*hessrank.METHODS, "pyhessian"]
+    assert {r["seed"] for r in rows} == {"0", "1", "mean", "std"}
+    report = json.loads((out / "r.json").read_text())
+    fisher = report["runs"][0]["checkpoints"][0]["methods"]["fisher"]
+    assert float(rows[3]["srank_rel_error"]) == pytest.approx(fisher["srank_rel_error"])
+    rho = report["runs"][0]["spearman"]["fisher"]
+    assert rows[3]["spearman_vs_exact"] == ("" if rho is None else str(rho))
+    assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_default_point_uses_true_labels(tmp_path: Path, capsys) -> None:
+    status = main(["compare", *TINY, "--methods", "fisher", "--json", str(tmp_path / "r.json")])
+    assert status == 0
+    assert "Estimators vs exact" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    (point,) = report["runs"][0]["checkpoints"]
+    assert point["labels"] == "true" and point["task"] is None
+    model, data = tiny_problem()
+    res = hessrank.effective_rank(
+        model, torch.nn.CrossEntropyLoss(), (data.inputs, data.targets), method="fisher"
+    )
+    assert point["methods"]["fisher"]["srank"] == res.rank
+    assert point["pyhessian"]["exact_trace"] is None and point["pyhessian"]["trace"] is not None
+
+
+def test_rank_of_a_user_factory_equals_the_library(tmp_path: Path) -> None:
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))\n"
+    )
+    args = ("--model", "mymodel:make", "--samples", "16", "--seed", "2", "--quiet")
+    proc = cli("rank", *args, "--json", "r.json", cwd=tmp_path, check=True)
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["command"] == "rank"
+    assert payload["model"] == {"name": "mymodel:make", "num_params": 650}
+    assert payload["result"]["method"] == "fisher"
+    assert proc.stdout.strip() == str(payload["result"]["rank"])
+    sys.path.insert(0, str(tmp_path))
+    try:
+        model = presets.build_model("mymodel:make", input_shape=(1, 8, 8), seed=2)
+    finally:
+        sys.path.remove(str(tmp_path))
+    data = presets.load_data("digits", samples=16, seed=2)
+    res = hessrank.effective_rank(
+        model, torch.nn.CrossEntropyLoss(), (data.inputs, data.targets), method="fisher", seed=2
+    )
+    assert payload["result"]["rank"] == res.rank
+    np.testing.assert_allclose(payload["result"]["eigenvalues"], res.eigenvalues, rtol=1e-5)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("hessrank: error: ")
+    return lines[0]
+
+
+def test_unknown_method_is_one_line(tmp_path: Path) -> None:
+    line = one_line_error(cli("compare", "--methods", "exact,hutch", cwd=tmp_path))
+    assert "unknown method 'hutch'" in line and "fisher" in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["compare", "--model", "nosuchpackage.models:make"], "cannot import nosuchpackage"),
+        (["compare", "--model", "transformer"], "unknown model 'transformer'"),
+        (["rank", "--model", "json:nosuchfactory"], "json has no callable 'nosuchfactory'"),
+        (["rank", "--model", "torch.nn:Identity", "--samples", "4"], "expected logits"),
+        (["rank", "--data", "mnist", "--data-dir", "{tmp}"], "no MNIST in"),
+        (["rank", "--samples", "5000"], "more than the 1797 images"),
+        (["rank", "--method", "hutch"], "unknown method 'hutch'"),
+        (
+            ["compare", *TINY, "--max-memory", "1e-6"],
+            "(310 parameters, n = 16) needs ~2.7 MiB and ~",
+        ),
+        (["compare", *TINY, "--max-memory", "1e-6"], "pass --skip-exact"),
+    ],
+)
+def test_user_errors_in_process(argv, expected, tmp_path: Path, capsys) -> None:
+    status = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    assert err.startswith("hessrank: error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_ctrl_c_keeps_what_was_measured(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    args = [*TINY, "--methods", "fisher", "--checkpoints", "500", "--epochs", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hessrank.cli", "compare", *args, "--no-pyhessian", "--quiet"]
+        + ["--json", "r.json", "--csv", "r.csv"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "r.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["interrupted"] is True
+    measured = report["runs"][0]["checkpoints"]
+    assert 1 <= len(measured) < 500
+    assert (tmp_path / "r.csv").read_text().count("fisher") >= 1
+
+
+def test_auto_data_is_digits_without_mnist(tmp_path: Path) -> None:
+    assert presets.resolve_data_name("auto", None) == "digits"
+    assert presets.resolve_data_name("auto", tmp_path) == "digits"
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in presets.MNIST_FILES:
+        (raw / name).touch()
+    assert presets.resolve_data_name("auto", tmp_path) == "mnist"
+
+
+def test_presets_are_seeded_and_small() -> None:
+    for name in presets.PRESETS:
+        a = presets.build_model(name, input_shape=(1, 8, 8), seed=3)
+        b = presets.build_model(name, input_shape=(1, 8, 8), seed=3)
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+        assert presets.num_params(a) < 3000
+    data = presets.load_data("synthetic", samples=32, seed=1)
+    assert data.inputs.shape == (32, 1, 8, 8) and data.targets.max() < 10
+
+
+@pytest.mark.skipif(not presets.has_mnist(MNIST_DIR), reason="no MNIST here")
+def test_mnist_from_data_dir() -> None:
+    pytest.importorskip("torchvision")
+    data = presets.load_data("mnist", samples=32, seed=0, data_dir=MNIST_DIR)
+    assert data.inputs.shape == (32, 1, 8, 8)
+    assert data.name == "mnist"
+    full = presets.load_data("mnist", samples=8, seed=0, data_dir=MNIST_DIR, image_size=28)
+    assert full.inputs.shape == (8, 1, 28, 28)
