@@ -34,7 +34,10 @@ def reference_hessian(model, loss_fn, inputs, targets, names=None, step=1e-3) ->
     """
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     outputs, theta0 = flat_function(model, names)
-    gradient = grad(lambda t: loss_fn(outputs(t, inputs), targets))
+    def gradient(theta: Tensor) -> Tensor:
+        theta = theta.detach().requires_grad_(True)
+        return torch.autograd.grad(loss_fn(outputs(theta, inputs), targets), theta)[0]
+
     columns = []
     for j in range(theta0.numel()):
         e = torch.zeros_like(theta0)
@@ -56,7 +59,8 @@ def reference_fisher(model, loss_fn, inputs, targets, scale, names=None) -> np.n
     total = torch.zeros(theta0.numel(), theta0.numel(), dtype=torch.float64)
     for i in range(targets.shape[0]):
         x_i, y_i = _per_sample(inputs, targets, i)
-        g = grad(lambda t, x_i=x_i, y_i=y_i: loss_fn(outputs(t, x_i), y_i))(theta0).double()
+        g = grad(lambda t, x_i=x_i, y_i=y_i: loss_fn(outputs(t, x_i), y_i))(theta0)
+        g = g.detach().double()
         total += torch.outer(g, g)
     return (scale * total).numpy()
 
@@ -68,10 +72,10 @@ def reference_ggn(model, loss_fn, inputs, targets, scale, names=None) -> np.ndar
     for i in range(targets.shape[0]):
         x_i, y_i = _per_sample(inputs, targets, i)
         f_i = outputs(theta0, x_i).detach()
-        jac = jacrev(lambda t, x_i=x_i: outputs(t, x_i).reshape(-1))(theta0).double()
+        jac = jacrev(lambda t, x_i=x_i: outputs(t, x_i).reshape(-1))(theta0).detach().double()
         out_hessian = hessian(
             lambda f, f_i=f_i, y_i=y_i: loss_fn(f.view_as(f_i), y_i)
-        )(f_i.reshape(-1)).double()
+        )(f_i.reshape(-1)).detach().double()
         total += jac.T @ out_hessian @ jac
     return (scale * total).numpy()
 
