@@ -223,3 +223,32 @@ def test_params_subset_and_frozen_parameters():
     assert frozen.excluded == ("0.weight",)
     assert frozen.num_params == 5 + 15 + 3
     assert not model[0].weight.requires_grad
+
+
+class SequenceNet(nn.Module):
+    """Linear layers applied per position of a short sequence, then pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(30, 30)
+        self.head = nn.Linear(30, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)).mean(dim=1))
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_positions_summed_by_the_kronecker_identity(method):
+    # Few samples and positions, wide layers: the sum over position pairs is cheaper than forming
+    # per-sample gradients, so the Gram takes the (a_it . a_ju)(d_it . d_ju) route.
+    torch.manual_seed(0)
+    model = SequenceNet().double()
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 30, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (3,), generator=generator)
+    make = reference_fisher if method == "fisher" else reference_ggn
+    reference = eigenvalues_by_magnitude(make(model, CE, x, y, scale=1 / 3))
+    result = hessrank.effective_rank(model, CE, (x, y), method=method)
+    assert result.backend == "kron"
+    count = 3 if method == "fisher" else 6
+    assert_spectra_close(result.eigenvalues, reference, count=count, rtol=1e-9)
