@@ -18,6 +18,7 @@ sys.path.insert(0, str(PLASTICITY))
 import experiment  # noqa: E402
 import plot  # noqa: E402
 import run  # noqa: E402
+import summarize  # noqa: E402
 from experiment import Config, run_experiment  # noqa: E402
 from model import BatchedMLP  # noqa: E402
 from problems import make_problem  # noqa: E402
@@ -82,6 +83,13 @@ def test_plot_draws_pngs(smoke_results: Path, tmp_path: Path) -> None:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_summary_has_a_row_per_run_and_metric(smoke_results: Path) -> None:
+    lines = summarize.summary_lines(smoke_results, window=1)
+    rows = [line for line in lines[2:] if "| acc_end |" in line]
+    assert len(rows) == len(run.preset_runs("smoke"))
+    assert any("| hess_rank_exact_start |" in line for line in lines)
+
+
 def test_resume_finishes_without_redoing_tasks(tmp_path: Path) -> None:
     cfg = tiny_config()
     full = run_experiment(cfg, tmp_path / "full")
@@ -143,6 +151,22 @@ def test_wasserstein_zero_at_init_positive_after_perturbation_permutation_invari
     torch.testing.assert_close(wasserstein_penalty(shuffled, init_sorted), value)
     # it is not L2-Init: a permutation moves the weights far but costs nothing
     assert sum((p - q.flatten(1)).pow(2).sum() for p, q in zip(permuted, init, strict=True)) > 1
+
+
+def test_wasserstein_matches_differentiating_through_sort() -> None:
+    g = torch.Generator().manual_seed(1)
+    init = [torch.randn(2, 5, 4, generator=g), torch.randn(2, 1, 4, generator=g)]
+    init_sorted = [p.flatten(1).sort(dim=1).values for p in init]
+    params = [(p + torch.randn(p.shape, generator=g)).requires_grad_() for p in init]
+    value = wasserstein_penalty(params, init_sorted)
+    grads = torch.autograd.grad(value.sum(), params)
+    reference = sum(
+        (p.flatten(1).sort(dim=1).values - q).pow(2).sum(1)
+        for p, q in zip(params, init_sorted, strict=True)
+    )
+    torch.testing.assert_close(value, reference)
+    for grad, ref in zip(grads, torch.autograd.grad(reference.sum(), params), strict=True):
+        torch.testing.assert_close(grad, ref)
 
 
 def test_feature_rank_penalty_prefers_spread_features() -> None:

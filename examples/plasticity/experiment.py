@@ -61,7 +61,8 @@ class Config:
     hess_samples: int = 256  # samples of the task the Hessian is measured on
     hess_threshold: float = 0.99
     lanczos_steps: int = 80
-    overlap: bool = False  # gradient overlap with the top exact-Hessian subspace (small models)
+    lanczos_probes: int = 8
+    overlap: bool = False  # task-start gradient overlap with the top exact-Hessian subspace
     eval_samples: int = 1000  # samples for end-of-task accuracy and unit / feature statistics
     dormant_tau: float = 0.01
     download: bool = False  # let torchvision download CIFAR-10 when missing
@@ -150,10 +151,11 @@ class Trainer:
         }
         xh, yh = task.first(cfg.hess_samples)
         ranks = metrics.hessian_ranks(
-            model, xh, yh, cfg.hess_methods, cfg.hess_threshold, cfg.lanczos_steps
+            model, xh, yh, cfg.hess_methods, cfg.hess_threshold, cfg.lanczos_steps,
+            cfg.lanczos_probes,
         )
         out.update({f"{k}_{when}": v for k, v in ranks.items()})
-        if cfg.overlap:
+        if cfg.overlap and when == "start":
             out[f"overlap_{when}"] = metrics.gradient_overlap(model, xh, yh)
         if when == "end":
             out.update(metrics.unit_stats(model, x, cfg.dormant_tau))

@@ -64,6 +64,7 @@ def hessian_ranks(
     methods: list[str],
     threshold: float,
     lanczos_steps: int,
+    lanczos_probes: int,
 ) -> dict[str, list]:
     """For each method, srank and the top eigenvalue per seed, from ``hessrank.effective_rank``.
 
@@ -77,7 +78,7 @@ def hessian_ranks(
         for method in methods:
             res = hessrank.effective_rank(
                 net, loss_fn, (x[s], y[s]), method=method, threshold=threshold,
-                lanczos_steps=lanczos_steps, seed=model.seeds[s],
+                lanczos_steps=lanczos_steps, lanczos_probes=lanczos_probes, seed=model.seeds[s],
             )
             out.setdefault(f"hess_rank_{method}", []).append(int(res.rank))
             out.setdefault(f"hess_top_{method}", []).append(float(res.top_eigenvalue))

@@ -6,6 +6,7 @@ parameters after each optimizer step instead.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 REGULARIZERS = ("none", "l2", "l2_init", "shrink_perturb", "wasserstein", "feature_rank")
@@ -29,11 +30,23 @@ def wasserstein_penalty(
     ``init_sorted[l]`` holds each seed's initial entries of tensor ``l`` sorted, shape (S, d_l).
     This is the squared 2-Wasserstein distance between the empirical distributions of the current
     and initial entries (times d_l): it is blind to which entry holds which value.
+
+    Computed as ||theta - target||^2 where ``target`` gives each entry the initial value of the same
+    rank: the same value, and (the ranking being locally constant) the same gradient as
+    differentiating through a sort, without the sort's backward pass. On CPU the ranking uses
+    numpy's argsort, several times faster than torch's here.
     """
-    return sum(
-        (p.flatten(1).sort(dim=1).values - q).pow(2).sum(1)
-        for p, q in zip(params, init_sorted, strict=True)
-    )
+    total = torch.zeros(params[0].shape[0], device=params[0].device)
+    for p, q in zip(params, init_sorted, strict=True):
+        flat = p.flatten(1)
+        with torch.no_grad():
+            if flat.is_cpu:
+                order = torch.from_numpy(np.argsort(flat.detach().numpy(), axis=1))
+            else:
+                order = flat.argsort(dim=1)
+            target = torch.empty_like(flat).scatter_(1, order, q)
+        total = total + (flat - target).pow(2).sum(1)
+    return total
 
 
 def feature_rank_penalty(features: torch.Tensor) -> torch.Tensor:
