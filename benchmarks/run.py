@@ -43,6 +43,8 @@ GROUPS = ("fisher", "ggn", "cnn", "exact", "lanczos", "hvp", "scale", "sweep_n",
 MLP = (784, 512, 512, 10)
 SMALL_MLP = (32, 64, 40, 10)
 N = 512
+GGN_SMALL_N = 64
+EXACT_N = 256
 SWEEP_NS = (64, 128, 256, 512, 1024, 2048, 4096)
 SWEEP_PS = (10**4, 3 * 10**4, 10**5, 3 * 10**5, 10**6, 3 * 10**6, 10**7)
 SWEEP_P_N = 256
@@ -67,8 +69,17 @@ def mlp(widths: tuple[int, ...] | list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def cnn() -> nn.Sequential:
-    """The convolution stack of PyTorch's MNIST example with a single linear head (111k params)."""
+def cnn(variant: str = "mnist") -> nn.Sequential:
+    """Two conv layers and a linear head on 28x28 inputs.
+
+    ``mnist``: the convolution stack of PyTorch's MNIST example (111k parameters, convolution
+    compute dominates); ``lenet``: LeNet-style 5x5 convolutions with pooling (18k parameters).
+    """
+    if variant == "lenet":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 10),
+        )
     return nn.Sequential(
         nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(9216, 10),
@@ -88,7 +99,9 @@ def mlp_for_params(target: int) -> tuple[int, ...]:
 def build_model(spec: Spec) -> nn.Module:
     """The model of a case spec, seeded."""
     torch.manual_seed(spec.get("seed", 0))
-    return cnn() if spec["model"] == "cnn" else mlp(spec["widths"])
+    if spec["model"] == "cnn":
+        return cnn(spec.get("variant", "mnist"))
+    return mlp(spec["widths"])
 
 
 def build_batch(spec: Spec) -> tuple[Tensor, Tensor]:
@@ -138,6 +151,18 @@ def make_case(spec: Spec) -> Callable[[], dict[str, Any]]:
                     "peak_memory": res.peak_memory, "max_rank": res.max_rank,
                     "numerical_rank": res.ranks.get("numerical")}
         return run_hessrank
+    if tool == "eigvalsh":  # the eigen-solve alone, on a Gram-like matrix of the given size
+        size, dtype = opts["size"], getattr(torch, opts["dtype"])
+        f = torch.randn(size, size + 8, generator=torch.Generator().manual_seed(0))
+        gram = (f @ f.T).to(dtype)
+        return lambda: {"eigenvalues": peers.sort_desc(torch.linalg.eigvalsh(gram))}
+    if tool == "hessrank_hvp":  # private API, for the HVP-vs-gradient figure only
+        from hessrank.curvature.hessian import HessianOperator
+        from hessrank.problem import build_problem
+
+        op = HessianOperator(build_problem(model, loss, (x, y), None, "eval"))
+        v = torch.randn(op.dim)
+        return lambda: (op.matvec(v), {})[1]
     if tool in ("backpack_batchgrad", "backpack_sqrtggn", "vivit"):
         emodel, eloss = peers.extended(model)
         if tool == "backpack_batchgrad":
@@ -188,45 +213,43 @@ def predict(spec: Spec, gflops: float) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- measurement
 
 
-def fwd_bwd_time(spec: Spec, cache: dict[str, Callable[[], dict[str, Any]]]) -> float:
-    """Median of three plain forward+backward passes of the case's model and batch."""
-    key = json.dumps({k: spec[k] for k in ("model", "widths", "n", "seed") if k in spec})
-    if key not in cache:
-        cache[key] = make_case({**spec, "tool": "fwd_bwd", "opts": {}})
-        cache[key]()
-    run = cache[key]
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def time_case(spec: Spec, repeats: int, budget_s: float,
-              base_cache: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, Any]:
-    """Median time of a case and median ratio to forward+backward, in this process.
-
-    The first call is a warm-up; it counts as a repeat when it took over 2 s. Repeats stop
-    early once ``budget_s`` is spent.
-    """
-    run = make_case(spec)
-    base0 = fwd_bwd_time(spec, base_cache)
+def timed(run: Callable[[], dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+    """Seconds of one call, and what it returned."""
     t0 = time.perf_counter()
     out = run()
-    first = time.perf_counter() - t0
-    times, bases = ([first], [base0]) if first > 2.0 else ([], [])
-    spent = first
-    while len(times) < repeats and (not times or spent + statistics.median(times) < budget_s):
-        bases.append(fwd_bwd_time(spec, base_cache))
-        t0 = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t0)
-        spent += times[-1]
-    ratios = [t / b for t, b in zip(times, bases, strict=True)]
-    return {"seconds": statistics.median(times), "min_seconds": min(times),
-            "fwd_bwd_seconds": statistics.median(bases), "ratio": statistics.median(ratios),
-            "times": times, "fwd_bwd_times": bases, "repeats": len(times), "result": out}
+    return time.perf_counter() - t0, out
+
+
+def time_group(runs: dict[str, Callable[[], dict[str, Any]]], base: str, rounds: int,
+               budget_s: float) -> dict[str, dict[str, Any]]:
+    """Time the cases of a group round-robin, so every round sees the same machine load.
+
+    The cases are already warmed up (called once). Rounds continue while the group's
+    ``budget_s`` lasts, up to ``rounds``; each round's times of two cases give a paired ratio.
+    ``base`` (the group's plain forward+backward) runs three times per round, median kept.
+    """
+    names = list(runs)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    outs: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times = []
+            for _ in range(3 if name == base else 1):
+                t, outs[name] = timed(runs[name])
+                times.append(t)
+            samples[name].append(statistics.median(times))
+        if (time.perf_counter() - start) * (r + 2) / (r + 1) > budget_s:
+            break
+    out = {}
+    for name in names:
+        times = samples[name]
+        ratios = [t / b for t, b in zip(times, samples[base], strict=True)]
+        out[name] = {"seconds": statistics.median(times), "min_seconds": min(times),
+                     "ratio": statistics.median(ratios), "times": times,
+                     "fwd_bwd_times": samples[base], "repeats": len(times),
+                     "result": outs[name]}
+    return out
 
 
 def vm_kib(field: str) -> int:
@@ -237,18 +260,14 @@ def vm_kib(field: str) -> int:
 
 def memory_child(spec: Spec) -> None:
     """Subprocess entry: run the case once, print its peak RSS above the pre-call RSS as JSON."""
-    torch.set_num_threads(2)
-    run = make_case(spec)
-    fwd = make_case({**spec, "tool": "fwd_bwd", "opts": {}})
-    fwd()  # one-time library initialisation outside the measurement
     import gc
 
+    run = make_case(spec)
+    make_case({**spec, "tool": "fwd_bwd", "opts": {}})()  # one-time library initialisation
     gc.collect()
     before = vm_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    t0 = time.perf_counter()
-    out = run()
-    seconds = time.perf_counter() - t0
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM
+    seconds, out = timed(run)
     peak = vm_kib("VmHWM")
     print(json.dumps({"peak_bytes": max(peak - before, 0) * 1024, "seconds": seconds,
                       "hessrank_peak_memory": out.get("peak_memory")}))
@@ -263,17 +282,17 @@ def memory_case(spec: Spec, timeout_s: float) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout_s:.0f} s"}
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+        lines = proc.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class Bench:
-    """Runs cases, keeps every number for the JSON, and skips what would not fit."""
+    """Runs groups of cases, keeps every number for the JSON, skips what would not fit."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.repeats = 2 if args.quick else args.repeats
-        self.base_cache: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.rounds = 2 if args.quick else args.repeats
         self.results: dict[str, dict[str, Any]] = {}
         self.gflops = self.calibrate()
 
@@ -287,37 +306,64 @@ class Bench:
             a @ b
         return 3 * 2 * 1024 * 4096 * 1024 / (time.perf_counter() - t0) / 1e9
 
-    def run(self, name: str, spec: Spec, memory: bool = True) -> dict[str, Any]:
-        """Time a case (and measure its memory) unless predicted over the caps."""
-        model = build_model(spec)
-        entry: dict[str, Any] = {"spec": spec, "num_params": num_params(model)}
+    def skip_reason(self, spec: Spec, time_cap_s: float) -> tuple[str | None, dict[str, float]]:
+        """Why a peer case is not run (predicted over the caps), with the prediction."""
         mem, sec = predict(spec, self.gflops)
-        if mem or sec:
-            entry.update(predicted_bytes=mem, predicted_seconds=sec)
+        if not (mem or sec):
+            return None, {}
+        pred = {"predicted_bytes": mem, "predicted_seconds": sec}
         cap = min(self.args.mem_cap_gb * GIB, 0.7 * available_bytes())
-        if mem > cap or sec > self.args.time_cap_s:
-            why = (f"would need {mem / GIB:.1f} GB" if mem > cap
-                   else f"would take {sec:.0f} s per run")
-            entry["skipped"] = f"skipped, {why}"
-            print(f"  {name:<34} {entry['skipped']}", flush=True)
+        if mem > cap:
+            return f"skipped, would need {mem / GIB:.1f} GB", pred
+        if sec > time_cap_s:
+            return f"skipped, would take {sec:.0f} s per run", pred
+        return None, pred
+
+    def group(self, title: str, cases: dict[str, Spec], time_cap_s: float | None = None) -> None:
+        """Time ``cases`` (the first is the group's forward+backward) interleaved, then measure
+        each one's peak memory in a subprocess. Peers predicted to take over 5 s are not
+        warmed up (their first call is a sample)."""
+        print(f"[{title}]", flush=True)
+        cap = self.args.time_cap_s if time_cap_s is None else time_cap_s
+        runs: dict[str, Callable[[], dict[str, Any]]] = {}
+        for name, spec in cases.items():
+            entry: dict[str, Any] = {"spec": spec, "group": title,
+                                     "num_params": num_params(build_model(spec))}
+            why, pred = self.skip_reason(spec, cap)
+            entry.update(pred)
             self.results[name] = entry
-            return entry
+            if why:
+                entry["skipped"] = why
+                print(f"  {name:<36} {why}", flush=True)
+                continue
+            try:
+                runs[name] = make_case(spec)
+                if pred.get("predicted_seconds", 0.0) < 5.0:
+                    runs[name]()  # warm-up; a peer that breaks fails here, not mid-round
+            except Exception as exc:  # a peer that breaks is a result, not a crash of the suite
+                runs.pop(name, None)
+                entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                print(f"  {name:<36} ERROR {entry['error']}", flush=True)
+        base = next(iter(cases))
+        if base not in runs:
+            return
         try:
-            entry.update(time_case(spec, self.repeats, self.args.case_budget_s, self.base_cache))
-        except Exception as exc:  # a peer that breaks is a result, not a crash of the suite
-            entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            print(f"  {name:<34} ERROR {entry['error']}", flush=True)
-            self.results[name] = entry
-            return entry
-        if memory and not self.args.no_memory:
-            m = memory_case(spec, timeout_s=max(600.0, 20 * entry["seconds"]))
-            entry["memory"] = m
-        self.results[name] = entry
-        peak = entry.get("memory", {}).get("peak_bytes")
-        peak_s = f"{peak / 2**20:9.1f} MB" if peak is not None else "       -   "
-        print(f"  {name:<34} {entry['seconds']:9.4f} s  x{entry['ratio']:8.2f} fwd+bwd  {peak_s}",
-              flush=True)
-        return entry
+            timing = time_group(runs, base, self.rounds, self.args.group_budget_s)
+        except Exception as exc:
+            for name in runs:
+                self.results[name]["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            print(f"  ERROR {type(exc).__name__}: {exc}", flush=True)
+            return
+        del runs
+        for name, t in timing.items():
+            entry = self.results[name]
+            entry.update(t)
+            if not self.args.no_memory:
+                entry["memory"] = memory_case(entry["spec"], max(600.0, 20 * t["seconds"]))
+            peak = entry.get("memory", {}).get("peak_bytes")
+            peak_s = f"{peak / 2**20:9.1f} MB" if peak is not None else "        -   "
+            print(f"  {name:<36} {t['seconds']:9.4f} s  x{t['ratio']:9.2f} fwd+bwd  {peak_s}"
+                  f"  ({t['repeats']} rounds)", flush=True)
 
 
 def available_bytes() -> float:
@@ -345,76 +391,97 @@ def hr(method: str, **kwargs: Any) -> dict[str, Any]:
 
 def suite(b: Bench, groups: set[str], have_hessrank: bool) -> None:
     """Run the selected groups of cases."""
-    b.run("fwd_bwd", mlp_spec("fwd_bwd"))
-
-    def hess(name: str, spec: Spec) -> None:
-        if have_hessrank:
-            b.run(name, spec)
+    def with_hessrank(cases: dict[str, Spec]) -> dict[str, Spec]:
+        return {k: v for k, v in cases.items()
+                if have_hessrank or not v["tool"].startswith("hessrank")}
 
     if "fisher" in groups:
-        print("[fisher] MLP 784-512-512-10, n = 512", flush=True)
-        hess("hessrank_fisher", mlp_spec("hessrank", **hr("fisher")))
-        b.run("vivit_mc1", mlp_spec("vivit", mc_samples=1))
-        b.run("backpack_batchgrad", mlp_spec("backpack_batchgrad"))
-        b.run("vmap_grad", mlp_spec("vmap_grad"))
+        b.group("fisher: MLP 784-512-512-10, n = 512", with_hessrank({
+            "fwd_bwd": mlp_spec("fwd_bwd"),
+            "hessrank_fisher": mlp_spec("hessrank", **hr("fisher")),
+            "vivit_mc1": mlp_spec("vivit", mc_samples=1),
+            "backpack_batchgrad": mlp_spec("backpack_batchgrad"),
+            "vmap_grad": mlp_spec("vmap_grad"),
+            "eigvalsh_f64_512": mlp_spec("eigvalsh", size=N, dtype="float64"),
+        }))
     if "ggn" in groups:
-        print("[ggn] MLP 784-512-512-10, n = 512, C = 10", flush=True)
-        hess("hessrank_ggn", mlp_spec("hessrank", **hr("ggn")))
-        b.run("vivit_exact", mlp_spec("vivit", mc_samples=0))
-        b.run("backpack_sqrtggn", mlp_spec("backpack_sqrtggn"))
-        n_small = 64
-        b.run(f"fwd_bwd_n{n_small}", mlp_spec("fwd_bwd", n=n_small))
-        hess(f"hessrank_ggn_n{n_small}", mlp_spec("hessrank", n=n_small, **hr("ggn")))
-        b.run(f"backpack_sqrtggn_n{n_small}", mlp_spec("backpack_sqrtggn", n=n_small))
+        b.group("ggn: MLP 784-512-512-10, n = 512, C = 10", with_hessrank({
+            "ggn_fwd_bwd": mlp_spec("fwd_bwd"),
+            "hessrank_ggn": mlp_spec("hessrank", **hr("ggn")),
+            "vivit_exact": mlp_spec("vivit", mc_samples=0),
+            "backpack_sqrtggn": mlp_spec("backpack_sqrtggn"),
+            "eigvalsh_f64_5120": mlp_spec("eigvalsh", size=10 * N, dtype="float64"),
+            "eigvalsh_f32_5120": mlp_spec("eigvalsh", size=10 * N, dtype="float32"),
+            "eigvalsh_f64_4608": mlp_spec("eigvalsh", size=9 * N, dtype="float64"),
+        }))
+        b.group(f"ggn: MLP 784-512-512-10, n = {GGN_SMALL_N}", with_hessrank({
+            f"ggn_fwd_bwd_n{GGN_SMALL_N}": mlp_spec("fwd_bwd", n=GGN_SMALL_N),
+            f"hessrank_ggn_n{GGN_SMALL_N}": mlp_spec("hessrank", n=GGN_SMALL_N, **hr("ggn")),
+            f"vivit_exact_n{GGN_SMALL_N}": mlp_spec("vivit", n=GGN_SMALL_N, mc_samples=0),
+            f"backpack_sqrtggn_n{GGN_SMALL_N}": mlp_spec("backpack_sqrtggn", n=GGN_SMALL_N),
+        }))
     if "cnn" in groups:
-        print("[cnn] Conv(1,32,3)-Conv(32,64,3)-MaxPool-Linear(9216,10), n = 512", flush=True)
-        cnn_spec = {"model": "cnn", "n": N, "seed": 0, "opts": {}}
-        b.run("cnn_fwd_bwd", {**cnn_spec, "tool": "fwd_bwd"})
-        hess("cnn_hessrank_fisher", {**cnn_spec, "tool": "hessrank", "opts": hr("fisher")})
-        b.run("cnn_backpack_batchgrad", {**cnn_spec, "tool": "backpack_batchgrad"})
-        b.run("cnn_vmap_grad", {**cnn_spec, "tool": "vmap_grad"})
+        for variant, tag, title in (
+                ("mnist", "cnn", "Conv(1,32,3)-Conv(32,64,3)-MaxPool-Linear(9216,10)"),
+                ("lenet", "lenet", "Conv(1,16,5)-Pool-Conv(16,32,5)-Pool-Linear(512,10)")):
+            spec = {"model": "cnn", "variant": variant, "n": N, "seed": 0, "opts": {}}
+            b.group(f"cnn: {title}, n = 512", with_hessrank({
+                f"{tag}_fwd_bwd": {**spec, "tool": "fwd_bwd"},
+                f"{tag}_hessrank_fisher": {**spec, "tool": "hessrank", "opts": hr("fisher")},
+                f"{tag}_hessrank_fisher_func": {**spec, "tool": "hessrank",
+                                                 "opts": hr("fisher", backend="func")},
+                f"{tag}_backpack_batchgrad": {**spec, "tool": "backpack_batchgrad"},
+                f"{tag}_vmap_grad": {**spec, "tool": "vmap_grad"},
+            }))
     if "exact" in groups:
-        print(f"[exact] MLP {'-'.join(map(str, SMALL_MLP))}, n = 512", flush=True)
-        b.run("small_fwd_bwd", mlp_spec("fwd_bwd", widths=SMALL_MLP))
-        hess("small_hessrank_exact", mlp_spec("hessrank", widths=SMALL_MLP, **hr("exact")))
-        b.run("small_curvlinops_dense", mlp_spec("curvlinops_dense", widths=SMALL_MLP))
-    if "lanczos" in groups:
-        print("[lanczos] MLP 784-512-512-10, n = 512", flush=True)
-        hess("hessrank_lanczos", mlp_spec("hessrank", **hr("lanczos")))
-        b.run("curvlinops_eigsh_k20", mlp_spec("curvlinops_eigsh", k=20))
-    if "hvp" in groups:
-        print("[hvp] MLP 784-512-512-10, n = 512", flush=True)
-        b.run("pyhessian_setup", mlp_spec("pyhessian_setup"))
-        b.run("pyhessian_hvp", mlp_spec("pyhessian_hvp"))
-        b.run("pyhessian_top_eigenvalue", mlp_spec("pyhessian_top"))
+        b.group(f"exact: MLP {'-'.join(map(str, SMALL_MLP))}, n = {EXACT_N}", with_hessrank({
+            "small_fwd_bwd": mlp_spec("fwd_bwd", n=EXACT_N, widths=SMALL_MLP),
+            "small_hessrank_exact": mlp_spec("hessrank", n=EXACT_N, widths=SMALL_MLP,
+                                             **hr("exact")),
+            "small_curvlinops_dense": mlp_spec("curvlinops_dense", n=EXACT_N, widths=SMALL_MLP),
+        }))
+    if "lanczos" in groups or "hvp" in groups:
+        cases = {"hvp_fwd_bwd": mlp_spec("fwd_bwd")}
+        if "lanczos" in groups:
+            cases.update({"hessrank_lanczos": mlp_spec("hessrank", **hr("lanczos")),
+                          "hessrank_hvp_private": mlp_spec("hessrank_hvp"),
+                          "curvlinops_eigsh_k20": mlp_spec("curvlinops_eigsh", k=20)})
+        if "hvp" in groups:
+            cases.update({"pyhessian_setup": mlp_spec("pyhessian_setup"),
+                          "pyhessian_hvp": mlp_spec("pyhessian_hvp"),
+                          "pyhessian_top_eigenvalue": mlp_spec("pyhessian_top")})
+        b.group("lanczos / hvp: MLP 784-512-512-10, n = 512", with_hessrank(cases))
     if "scale" in groups and have_hessrank:
-        print("[scale] fisher at n = 4096 (670k MLP) and n = 256 (10^7-parameter MLP)", flush=True)
-        b.run("scale_fwd_bwd_n4096", mlp_spec("fwd_bwd", n=4096))
-        b.run("scale_hessrank_fisher_n4096", mlp_spec("hessrank", n=4096, **hr("fisher")))
+        b.group("scale: fisher, n = 4096, MLP 784-512-512-10", {
+            "scale_fwd_bwd_n4096": mlp_spec("fwd_bwd", n=4096),
+            "scale_hessrank_fisher_n4096": mlp_spec("hessrank", n=4096, **hr("fisher")),
+        })
         big = mlp_for_params(10**7)
-        b.run("scale_fwd_bwd_p1e7", mlp_spec("fwd_bwd", n=256, widths=big))
-        b.run("scale_hessrank_fisher_p1e7", mlp_spec("hessrank", n=256, widths=big,
-                                                     **hr("fisher")))
+        b.group(f"scale: fisher, n = 256, MLP {'-'.join(map(str, big))}", {
+            "scale_fwd_bwd_p1e7": mlp_spec("fwd_bwd", n=256, widths=big),
+            "scale_hessrank_fisher_p1e7": mlp_spec("hessrank", n=256, widths=big,
+                                                   **hr("fisher")),
+        })
     if "sweep_n" in groups:
-        ns = SWEEP_NS[:5] if b.args.quick else SWEEP_NS
-        print(f"[sweep_n] MLP 784-512-512-10, n in {ns}", flush=True)
-        for n in ns:
-            b.run(f"sweep_n{n}_fwd_bwd", mlp_spec("fwd_bwd", n=n))
-            hess(f"sweep_n{n}_hessrank_fisher", mlp_spec("hessrank", n=n, **hr("fisher")))
-            b.run(f"sweep_n{n}_backpack_batchgrad", mlp_spec("backpack_batchgrad", n=n))
-            b.run(f"sweep_n{n}_vmap_grad", mlp_spec("vmap_grad", n=n))
+        for n in SWEEP_NS[:5] if b.args.quick else SWEEP_NS:
+            b.group(f"sweep_n: MLP 784-512-512-10, n = {n}", with_hessrank({
+                f"sweep_n{n}_fwd_bwd": mlp_spec("fwd_bwd", n=n),
+                f"sweep_n{n}_hessrank_fisher": mlp_spec("hessrank", n=n, **hr("fisher")),
+                f"sweep_n{n}_backpack_batchgrad": mlp_spec("backpack_batchgrad", n=n),
+                f"sweep_n{n}_vmap_grad": mlp_spec("vmap_grad", n=n),
+            }), time_cap_s=b.args.sweep_time_cap_s)
     if "sweep_p" in groups:
-        ps = SWEEP_PS[:5] if b.args.quick else SWEEP_PS
-        print(f"[sweep_p] MLP 784-h-h-10, n = {SWEEP_P_N}, P in {ps}", flush=True)
-        for p in ps:
+        for p in SWEEP_PS[:5] if b.args.quick else SWEEP_PS:
             w = mlp_for_params(p)
             tag = f"sweep_p{p:.0e}".replace("+0", "")
-            b.run(f"{tag}_fwd_bwd", mlp_spec("fwd_bwd", n=SWEEP_P_N, widths=w))
-            hess(f"{tag}_hessrank_fisher", mlp_spec("hessrank", n=SWEEP_P_N, widths=w,
-                                                     **hr("fisher")))
-            b.run(f"{tag}_backpack_batchgrad", mlp_spec("backpack_batchgrad", n=SWEEP_P_N,
-                                                         widths=w))
-            b.run(f"{tag}_vmap_grad", mlp_spec("vmap_grad", n=SWEEP_P_N, widths=w))
+            b.group(f"sweep_p: MLP {'-'.join(map(str, w))}, n = {SWEEP_P_N}", with_hessrank({
+                f"{tag}_fwd_bwd": mlp_spec("fwd_bwd", n=SWEEP_P_N, widths=w),
+                f"{tag}_hessrank_fisher": mlp_spec("hessrank", n=SWEEP_P_N, widths=w,
+                                                    **hr("fisher")),
+                f"{tag}_backpack_batchgrad": mlp_spec("backpack_batchgrad", n=SWEEP_P_N,
+                                                       widths=w),
+                f"{tag}_vmap_grad": mlp_spec("vmap_grad", n=SWEEP_P_N, widths=w),
+            }), time_cap_s=b.args.sweep_time_cap_s)
 
 
 # ----------------------------------------------------------------------------- targets
@@ -447,8 +514,13 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                      "note": note})
 
     def ratio(a: str, b: str) -> float | None:
-        ta, tb = get(a), get(b)
-        return None if ta is None or tb is None else ta / tb
+        """Median over the rounds of a group of time(a) / time(b) (paired under equal load)."""
+        ta, tb = get(a, "times"), get(b, "times")
+        if not ta or not tb:
+            return None
+        if len(ta) == len(tb) and get(a, "group") == get(b, "group"):
+            return statistics.median(x / y for x, y in zip(ta, tb, strict=True))
+        return statistics.median(ta) / statistics.median(tb)
 
     fr = get("hessrank_fisher", "ratio")
     add("fisher time / fwd+bwd", fr, "<= 4", None if fr is None else fr <= 4)
@@ -466,31 +538,50 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     g = None if a is None or b is None else spectrum_gap(a, b, N)
     add("fisher eigenvalues vs BatchGrad Gram (max rel. gap)", g, "<= 1e-4",
         None if g is None else g <= 1e-4)
+    r = ratio(f"backpack_sqrtggn_n{GGN_SMALL_N}", f"hessrank_ggn_n{GGN_SMALL_N}")
+    add(f"n = {GGN_SMALL_N}: BackPACK SqrtGGNExact+Gram time / ggn time", r, "(info)", None)
+    r = ratio("eigvalsh_f64_5120", "vivit_exact")
+    add("float64 eigvalsh 5120 alone / ViViT exact time", r, "(info)", None,
+        "the issue asks for float64 eigen-solves; ViViT solves its Gram in float32")
+    r = ratio("eigvalsh_f64_4608", "vivit_exact")
+    add("float64 eigvalsh of n(C-1) = 4608 alone / ViViT exact time", r, "(info)", None,
+        "a (C-1)-column square root of the softmax Hessian would shrink the Gram to this")
+    r = ratio("eigvalsh_f64_512", "hessrank_fisher")
+    add("float64 eigvalsh 512 alone / fisher time", r, "(info)", None)
     r = ratio("hessrank_ggn", "vivit_exact")
     add("ggn time / ViViT exact GGN eigvals time", r, "<= 1", None if r is None else r <= 1)
     a, b = evals("hessrank_ggn"), evals("vivit_exact")
     g = None if a is None or b is None else spectrum_gap(a, b, N * 9)
     add("ggn eigenvalues vs ViViT exact (max rel. gap, top n(C-1))", g, "<= 1e-4",
         None if g is None else g <= 1e-4, "ViViT solves in float32")
-    r = ratio("cnn_backpack_batchgrad", "cnn_hessrank_fisher")
-    add("CNN: BackPACK BatchGrad+Gram time / fisher time", r, ">= 5",
-        None if r is None else r >= 5)
+    for tag in ("cnn", "lenet"):
+        r = ratio(f"{tag}_backpack_batchgrad", f"{tag}_hessrank_fisher")
+        add(f"CNN ({tag}): BackPACK BatchGrad+Gram time / fisher time", r, ">= 5",
+            None if r is None else r >= 5)
+        r = ratio(f"{tag}_backpack_batchgrad", f"{tag}_hessrank_fisher_func")
+        add(f"CNN ({tag}): BatchGrad+Gram time / fisher backend='func' time", r, "(info)", None)
+        r = get(f"{tag}_backpack_batchgrad", "ratio")
+        add(f"CNN ({tag}): BackPACK BatchGrad+Gram time / fwd+bwd", r, "(info)", None,
+            "fisher needs at least one forward+backward, so >= 5x needs this >= 5")
     r = ratio("small_hessrank_exact", "small_curvlinops_dense")
     add("exact time / curvlinops H@I+eigvalsh time (P~5k)", r, "<= 1",
         None if r is None else r <= 1)
     pa, pb = peak("small_hessrank_exact"), peak("small_curvlinops_dense")
     add("exact peak memory / curvlinops H@I peak memory", None if pa is None or not pb
         else pa / pb, "(info)", None)
-    lt, nh = get("hessrank_lanczos"), (get("hessrank_lanczos", "result") or {}).get("num_hvps")
-    gt = get("fwd_bwd")
-    h = None if lt is None or not nh or gt is None else lt / nh / gt
+    nh = (get("hessrank_lanczos", "result") or {}).get("num_hvps")
+    r = ratio("hessrank_lanczos", "hvp_fwd_bwd")
+    h = None if r is None or not nh else r / nh
     add("lanczos time per HVP / gradient time", h, "<= 2.5", None if h is None else h <= 2.5,
-        "hessrank exposes no public HVP: effective_rank(method='lanczos') seconds / num_hvps")
-    ct = get("curvlinops_eigsh_k20")
-    cn = (get("curvlinops_eigsh_k20", "result") or {}).get("num_hvps")
-    add("curvlinops eigsh time per HVP / gradient time",
-        None if ct is None or not cn or gt is None else ct / cn / gt, "(info)", None)
-    r = ratio("pyhessian_hvp", "fwd_bwd")
+        f"hessrank exposes no public HVP: effective_rank(method='lanczos') / num_hvps = {nh}")
+    nc = (get("curvlinops_eigsh_k20", "result") or {}).get("num_hvps")
+    r = ratio("curvlinops_eigsh_k20", "hvp_fwd_bwd")
+    add("curvlinops eigsh time per HVP / gradient time", None if r is None or not nc
+        else r / nc, "(info)", None, f"{nc} matrix-vector products")
+    r = ratio("hessrank_hvp_private", "hvp_fwd_bwd")
+    add("hessrank HessianOperator.matvec / gradient time", r, "(info)", None,
+        "private API hessrank.curvature.hessian, one product after the graph is built")
+    r = ratio("pyhessian_hvp", "hvp_fwd_bwd")
     add("pyhessian HVP (double backward) / gradient time", r, "(info)", None)
     for name, label in (("scale_hessrank_fisher_n4096", "fisher n = 4096, P = 670k completes"),
                         ("scale_hessrank_fisher_p1e7", "fisher n = 256, P = 10^7 completes")):
@@ -515,6 +606,19 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def summarised(results: dict[str, dict[str, Any]], top: int = 20) -> dict[str, dict[str, Any]]:
+    """The results with each spectrum cut to its ``top`` leading eigenvalues and its length."""
+    out = {}
+    for name, entry in results.items():
+        res = entry.get("result")
+        if res and res.get("eigenvalues") is not None:
+            evals = np.asarray(res["eigenvalues"])
+            res = {**res, "eigenvalues": evals[:top], "num_eigenvalues": len(evals)}
+            entry = {**entry, "result": res}
+        out[name] = entry
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -563,6 +667,33 @@ def print_tables(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]])
     print(f"\n{'target':<57} {'measured':>9}   {'limit':<10} status")
     for r in rows:
         print(f"{r['target']:<57} {fmt(r['measured']):>9}   {r['limit']:<10} {r['status']}")
+
+
+def markdown(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
+             info: dict[str, Any]) -> str:
+    """The machine, the case table and the targets as Markdown (pasted into the README)."""
+    v = info["versions"]
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, "
+             f"{(info['memory_bytes'] or 0) / GIB:.0f} GB; torch {v['torch']}, "
+             f"{info['threads']} threads; BackPACK {v['backpack-for-pytorch']}, "
+             f"ViViT {v['vivit-for-pytorch']}, curvlinops {v['curvlinops-for-pytorch']}, "
+             f"pyhessian {v['pyhessian']}.", "",
+             "| case | P | n | median s | min s | x fwd+bwd (median) | rounds | peak MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, e in results.items():
+        pk = e.get("memory", {}).get("peak_bytes")
+        note = e.get("skipped") or e.get("error") or e.get("memory", {}).get("error")
+        if note:
+            lines.append(f"| {name} | {e['num_params']} | {e['spec']['n']} | {note} ||||| ")
+            continue
+        lines.append(f"| {name} | {e['num_params']} | {e['spec']['n']} | {fmt(e['seconds'])} | "
+                     f"{fmt(e['min_seconds'])} | {fmt(e['ratio'])} | {e['repeats']} | "
+                     f"{fmt(None if pk is None else pk / 2**20)} |")
+    lines += ["", "| target | measured | limit | status | note |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {fmt(r['measured'])} | {r['limit']} | {r['status']} | "
+                     f"{r['note']} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict[str, dict[str, Any]], figdir: Path) -> list[str]:
@@ -627,13 +758,15 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated groups among {','.join(GROUPS)}")
     ap.add_argument("--out", default=str(HERE),
                     help="directory for results.json and figures/ (default: benchmarks/)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per case")
-    ap.add_argument("--case-budget-s", type=float, default=30.0,
-                    help="stop repeating a case after this many seconds")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds per group")
+    ap.add_argument("--group-budget-s", type=float, default=120.0,
+                    help="stop adding rounds to a group after this many seconds")
     ap.add_argument("--mem-cap-gb", type=float, default=12.0,
                     help="skip peer cases predicted to need more memory (also <= 70%% of free)")
     ap.add_argument("--time-cap-s", type=float, default=90.0,
                     help="skip peer cases predicted to take longer per run")
+    ap.add_argument("--sweep-time-cap-s", type=float, default=30.0,
+                    help="the same for the sweeps' peer cases")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -659,11 +792,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     figs = plot(bench.results, out / "figures")
-    payload = {"machine": machine(), "gemm_gflops": bench.gflops, "groups": sorted(groups),
+    info = machine()
+    (out / "results.md").write_text(markdown(bench.results, rows, info))
+    payload = {"machine": info, "gemm_gflops": bench.gflops, "groups": sorted(groups),
                "quick": args.quick, "wall_seconds": time.perf_counter() - t0,
-               "targets": rows, "cases": bench.results, "figures": figs}
+               "targets": rows, "cases": summarised(bench.results), "figures": figs}
     (out / "results.json").write_text(json.dumps(jsonable(payload), indent=1))
-    print(f"\nwrote {out / 'results.json'}" + "".join(f", {f}" for f in figs))
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + "".join(f", {f}" for f in figs))
     return 0
 
 
