@@ -158,17 +158,14 @@ def _lanczos(problem: CurvatureProblem, options: Options) -> Spectrum:
     if steps < 1 or probes < 1:
         raise ValueError("lanczos_steps and lanczos_probes must be at least 1")
     generator = torch.Generator().manual_seed(options.seed)
-    quadratures = []
-    with options.reporter.task(f"Lanczos ({probes} probes x {steps} steps)",
-                               probes * steps) as advance:
-        def matvec(vector: Tensor) -> Tensor:
+    starts = torch.stack([rademacher(dim, generator, operator.device) for _ in range(probes)])
+    with options.reporter.task(f"Lanczos ({probes} probes x {steps} steps)", steps) as advance:
+        def matmat(vectors: Tensor) -> Tensor:
             advance(1)
-            return operator.matvec(vector)
+            return operator.matmat(vectors)
 
-        for _ in range(probes):
-            alpha, beta = lanczos_tridiagonal(matvec, rademacher(dim, generator, operator.device),
-                                              steps)
-            quadratures.append(tridiagonal_quadrature(alpha, beta))
+        quadratures = [tridiagonal_quadrature(alpha, beta)
+                       for alpha, beta in lanczos_tridiagonal(matmat, starts, steps)]
     nodes = np.concatenate([q.nodes for q in quadratures])
     weights = np.concatenate([q.weights for q in quadratures]) * dim / probes
     order = np.lexsort((-nodes, -np.abs(nodes)))

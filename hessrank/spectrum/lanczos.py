@@ -27,38 +27,48 @@ class Quadrature:
 
 
 def lanczos_tridiagonal(
-    matvec: Callable[[Tensor], Tensor], start: Tensor, steps: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run up to ``steps`` Lanczos steps from ``start`` (float64, ``[P]``).
+    matmat: Callable[[Tensor], Tensor], starts: Tensor, steps: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Up to ``steps`` Lanczos steps from each row of ``starts`` (float64, ``[m, P]``) in lockstep.
 
-    Full reorthogonalisation (twice, classical Gram-Schmidt) against all previous vectors keeps
-    the Ritz values free of spurious copies. Stops early at an invariant subspace.
-    Returns the diagonal ``alpha`` and off-diagonal ``beta`` of ``T``.
+    All ``m`` runs advance together, so each step is one batched product ``matmat`` (``[m, P]``
+    -> ``[m, P]``). Full reorthogonalisation (twice, classical Gram-Schmidt) against each run's
+    previous vectors keeps the Ritz values free of spurious copies. A run that reaches an
+    invariant subspace stops there. Returns each run's diagonal ``alpha`` and off-diagonal
+    ``beta`` of ``T``.
     """
-    dim = start.numel()
+    runs, dim = starts.shape
     steps = min(steps, dim)
-    basis = torch.zeros(steps, dim, dtype=torch.float64, device=start.device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    vector = start / start.norm()
-    scale = 0.0
+    basis = torch.zeros(runs, steps, dim, dtype=torch.float64, device=starts.device)
+    alphas = torch.zeros(runs, steps, dtype=torch.float64)
+    betas = torch.zeros(runs, steps, dtype=torch.float64)
+    lengths = np.full(runs, steps)
+    active = torch.ones(runs, dtype=torch.bool)
+    vectors = starts / starts.norm(dim=1, keepdim=True)
+    scale = torch.zeros(runs, dtype=torch.float64)
     for j in range(steps):
-        basis[j] = vector
-        w = matvec(vector).to(torch.float64)
-        alpha = float(w @ vector)
-        alphas.append(alpha)
-        w -= alpha * vector
+        basis[:, j] = vectors
+        w = matmat(vectors).to(torch.float64)
+        alpha = (w * vectors).sum(dim=1)
+        w -= alpha[:, None] * vectors
         if j > 0:
-            w -= betas[-1] * basis[j - 1]
+            w -= betas[:, j - 1, None].to(w.device) * basis[:, j - 1]
         for _ in range(2):
-            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
-        beta = float(w.norm())
-        scale = max(scale, abs(alpha), beta)
-        if j == steps - 1 or beta <= 1e-10 * max(scale, 1e-300):
+            coefficients = torch.einsum("mkp,mp->mk", basis[:, : j + 1], w)
+            w -= torch.einsum("mk,mkp->mp", coefficients, basis[:, : j + 1])
+        beta = w.norm(dim=1).cpu()
+        alphas[:, j] = alpha.cpu()
+        scale = torch.maximum(scale, torch.maximum(alpha.abs().cpu(), beta))
+        finished = active & (beta <= 1e-10 * scale.clamp_min(1e-300))
+        lengths[finished.numpy()] = j + 1
+        active &= ~finished
+        if j == steps - 1 or not active.any():
             break
-        betas.append(beta)
-        vector = w / beta
-    return np.array(alphas), np.array(betas[: len(alphas) - 1])
+        betas[:, j] = beta
+        vectors = torch.where(active[:, None].to(w.device), w / beta.clamp_min(1e-300)[:, None]
+                              .to(w.device), torch.zeros_like(w))
+    return [(alphas[r, : lengths[r]].numpy(), betas[r, : lengths[r] - 1].numpy())
+            for r in range(runs)]
 
 
 def tridiagonal_quadrature(alpha: np.ndarray, beta: np.ndarray) -> Quadrature:
