@@ -139,8 +139,11 @@ def predict_exact_seconds(operator: HessianOperator, chunk: int) -> float:
     trial = min(chunk, dim)
     basis = torch.zeros(trial, dim, dtype=operator.dtype, device=operator.device)
     basis[torch.arange(trial), torch.arange(trial)] = 1.0
+    synchronize = torch.cuda.synchronize if operator.device.type == "cuda" else lambda: None
+    synchronize()
     start = time.perf_counter()
     operator.matmat(basis)
+    synchronize()
     elapsed = time.perf_counter() - start
     operator.num_products -= trial
     return elapsed * dim / trial + EIGEN_SECONDS_PER_CUBE * dim**3

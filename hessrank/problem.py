@@ -150,10 +150,11 @@ def build_problem(
     if len(dtypes) > 1:
         raise ValueError(f"parameters have mixed dtypes {dtypes}; cast the model to one dtype")
     device = next(iter(devices))
-    for i, x in enumerate(inputs):
-        if x.device != device:
+    for label, tensor in [*((f"inputs[{i}]", x) for i, x in enumerate(inputs)),
+                          ("targets", targets)]:
+        if tensor.device != device:
             raise ValueError(
-                f"inputs[{i}] is on {x.device} but the model is on {device}: move the batch "
+                f"{label} is on {tensor.device} but the model is on {device}: move the batch "
                 f"with .to({str(device)!r})"
             )
     if mode == "train":
