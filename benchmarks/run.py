@@ -321,8 +321,8 @@ class Bench:
 
     def group(self, title: str, cases: dict[str, Spec], time_cap_s: float | None = None) -> None:
         """Time ``cases`` (the first is the group's forward+backward) interleaved, then measure
-        each one's peak memory in a subprocess. Peers predicted to take over 5 s are not
-        warmed up (their first call is a sample)."""
+        each one's peak memory in a subprocess. Cases predicted to take over 5 s, or marked
+        ``warmup: False`` (slow ones), are not warmed up: their first call is a sample."""
         print(f"[{title}]", flush=True)
         cap = self.args.time_cap_s if time_cap_s is None else time_cap_s
         runs: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -338,7 +338,7 @@ class Bench:
                 continue
             try:
                 runs[name] = make_case(spec)
-                if pred.get("predicted_seconds", 0.0) < 5.0:
+                if spec.get("warmup", True) and pred.get("predicted_seconds", 0.0) < 5.0:
                     runs[name]()  # warm-up; a peer that breaks fails here, not mid-round
             except Exception as exc:  # a peer that breaks is a result, not a crash of the suite
                 runs.pop(name, None)
@@ -382,6 +382,11 @@ def mlp_spec(tool: str, n: int = N, widths: tuple[int, ...] = MLP, **opts: Any) 
     """Case spec on an MLP."""
     return {"model": "mlp", "widths": list(widths), "n": n, "seed": 0, "tool": tool,
             "opts": opts}
+
+
+def slow(spec: Spec) -> Spec:
+    """Mark a case as too slow for a warm-up call (its first timed call is a sample)."""
+    return {**spec, "warmup": False}
 
 
 def hr(method: str, **kwargs: Any) -> dict[str, Any]:
@@ -436,31 +441,32 @@ def suite(b: Bench, groups: set[str], have_hessrank: bool) -> None:
     if "exact" in groups:
         b.group(f"exact: MLP {'-'.join(map(str, SMALL_MLP))}, n = {EXACT_N}", with_hessrank({
             "small_fwd_bwd": mlp_spec("fwd_bwd", n=EXACT_N, widths=SMALL_MLP),
-            "small_hessrank_exact": mlp_spec("hessrank", n=EXACT_N, widths=SMALL_MLP,
-                                             **hr("exact")),
-            "small_curvlinops_dense": mlp_spec("curvlinops_dense", n=EXACT_N, widths=SMALL_MLP),
+            "small_hessrank_exact": slow(mlp_spec("hessrank", n=EXACT_N, widths=SMALL_MLP,
+                                                  **hr("exact"))),
+            "small_curvlinops_dense": slow(mlp_spec("curvlinops_dense", n=EXACT_N,
+                                                    widths=SMALL_MLP)),
         }))
     if "lanczos" in groups or "hvp" in groups:
         cases = {"hvp_fwd_bwd": mlp_spec("fwd_bwd")}
         if "lanczos" in groups:
-            cases.update({"hessrank_lanczos": mlp_spec("hessrank", **hr("lanczos")),
+            cases.update({"hessrank_lanczos": slow(mlp_spec("hessrank", **hr("lanczos"))),
                           "hessrank_hvp_private": mlp_spec("hessrank_hvp"),
-                          "curvlinops_eigsh_k20": mlp_spec("curvlinops_eigsh", k=20)})
+                          "curvlinops_eigsh_k20": slow(mlp_spec("curvlinops_eigsh", k=20))})
         if "hvp" in groups:
             cases.update({"pyhessian_setup": mlp_spec("pyhessian_setup"),
                           "pyhessian_hvp": mlp_spec("pyhessian_hvp"),
-                          "pyhessian_top_eigenvalue": mlp_spec("pyhessian_top")})
+                          "pyhessian_top_eigenvalue": slow(mlp_spec("pyhessian_top"))})
         b.group("lanczos / hvp: MLP 784-512-512-10, n = 512", with_hessrank(cases))
     if "scale" in groups and have_hessrank:
         b.group("scale: fisher, n = 4096, MLP 784-512-512-10", {
             "scale_fwd_bwd_n4096": mlp_spec("fwd_bwd", n=4096),
-            "scale_hessrank_fisher_n4096": mlp_spec("hessrank", n=4096, **hr("fisher")),
+            "scale_hessrank_fisher_n4096": slow(mlp_spec("hessrank", n=4096, **hr("fisher"))),
         })
         big = mlp_for_params(10**7)
         b.group(f"scale: fisher, n = 256, MLP {'-'.join(map(str, big))}", {
             "scale_fwd_bwd_p1e7": mlp_spec("fwd_bwd", n=256, widths=big),
-            "scale_hessrank_fisher_p1e7": mlp_spec("hessrank", n=256, widths=big,
-                                                   **hr("fisher")),
+            "scale_hessrank_fisher_p1e7": slow(mlp_spec("hessrank", n=256, widths=big,
+                                                        **hr("fisher"))),
         })
     if "sweep_n" in groups:
         for n in SWEEP_NS[:5] if b.args.quick else SWEEP_NS:
