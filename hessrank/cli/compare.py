@@ -18,7 +18,7 @@ import hessrank
 from hessrank.cli import presets
 from hessrank.cli.errors import CliError
 from hessrank.cli.pyhessian_check import pyhessian_check
-from hessrank.cli.report import human_bytes
+from hessrank.cli.report import human_bytes, human_seconds
 
 SCHEMA_VERSION = 1
 
@@ -133,7 +133,7 @@ def budget_message(err: hessrank.BudgetError, problem: Problem, cfg: Config) -> 
     if seconds is None:
         batch = (problem.data.inputs, problem.data.targets)
         seconds = hessrank.predict_exact_cost(problem.model, problem.loss_fn, batch)[1]
-    time_text = "" if seconds is None else f" and ~{seconds:,.1f} s"
+    time_text = "" if seconds is None else f" and ~{human_seconds(seconds)}"
     return (
         f"exact Hessian of {cfg.model} ({problem.num_params:,} parameters, "
         f"n = {problem.data.inputs.shape[0]}) needs ~{human_bytes(err.memory_bytes)}"
@@ -360,6 +360,7 @@ def run_compare(
     per_point = len(cfg.methods) + int(cfg.pyhessian)
     phases = Phases(progress, len(cfg.seeds) * points * per_point)
     for seed in cfg.seeds:
+        phases.describe(f"loading data and model (seed {seed})")
         problem = build_problem(cfg, seed)
         if report["model"] is None:
             report["model"] = {"name": cfg.model, "num_params": problem.num_params}

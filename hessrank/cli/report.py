@@ -6,7 +6,7 @@ import csv
 import json
 import math
 import os
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ PYHESSIAN_FIELDS = (
     "seconds",
 )
 MIN_TRUSTED_PROBES = 10
+MAX_TASK_COLUMNS = 6
 CSV_COLUMNS = (
     "seed",
     "checkpoint",
@@ -104,7 +105,7 @@ def _sig(value: float) -> str:
 
 
 def _rank(value: float) -> str:
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+    return f"{value:.0f}" if abs(value - round(value)) < 0.05 else f"{value:.1f}"
 
 
 def _pct(value: float) -> str:
@@ -120,6 +121,13 @@ def _bytes(value: float) -> str:
         if abs(value) >= size:
             return f"{value / size:.1f}{unit}"
     return f"{value:.0f}B"
+
+
+def human_seconds(value: float) -> str:
+    """``3.2 s``, ``12 min``, ``1.9 h``."""
+    if value < 120:
+        return f"{value:.1f} s"
+    return f"{value / 60:.0f} min" if value < 7200 else f"{value / 3600:.1f} h"
 
 
 def human_bytes(value: float) -> str:
@@ -301,6 +309,8 @@ def trajectory_table(report: dict[str, Any], summ: dict[str, Any]) -> Table | No
     points = summ["checkpoints"]
     if report["config"]["checkpoints"] < 1 or not points:
         return None
+    shown = np.unique(np.linspace(0, len(points) - 1, MAX_TASK_COLUMNS).round().astype(int))
+    points = [points[i] for i in shown]
     table = _table("srank at each task start (err vs exact); Spearman rho with exact over tasks")
     table.add_column("method")
     for point in points:
@@ -314,8 +324,21 @@ def trajectory_table(report: dict[str, Any], summ: dict[str, Any]) -> Table | No
         rho = "" if method == "exact" else cell(summ["spearman"].get(method), "spearman")
         table.add_row(method, *cells, rho)
     errors = [cell(p["previous_task_train_error"], "previous_task_train_error") for p in points]
+    if len(points) < len(summ["checkpoints"]):
+        table.caption = (
+            f"{len(points)} of {len(summ['checkpoints'])} tasks shown; all in --json/--csv"
+        )
     table.add_row("train err (prev)", *[e.lstrip("+") for e in errors], "")
     return table
+
+
+def last_complete(report: dict[str, Any]) -> int:
+    """Index of the last checkpoint the first seed measured with every method (Ctrl-C may cut
+    the latest short); the last one if none is complete."""
+    points = report["runs"][0]["checkpoints"] if report["runs"] else []
+    methods = set(report["config"]["methods"])
+    done = [p["index"] for p in points if methods <= set(p["methods"])]
+    return done[-1] if done else max(len(points) - 1, 0)
 
 
 def render(report: dict[str, Any], console: Console) -> None:
@@ -326,7 +349,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print("[yellow]Interrupted: showing what was measured before Ctrl-C.[/yellow]")
     if not summ["checkpoints"]:
         return
-    last = len(summ["checkpoints"]) - 1
+    last = last_complete(report)
     table, footnotes = methods_table(report, summ, last)
     console.print(table)
     for note in footnotes:
@@ -347,13 +370,12 @@ def render(report: dict[str, Any], console: Console) -> None:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -448,6 +470,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError as err:
         raise CliError("--plot needs matplotlib: pip install 'hessrank[plot]'") from err
     methods = report["config"]["methods"]
@@ -457,7 +480,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     trajectory = report["config"]["checkpoints"] > 1
     fig, axes = plt.subplots(1, 2 if trajectory else 1, figsize=(12 if trajectory else 6.5, 4.5))
     axes = np.atleast_1d(axes)
-    last = runs[0]["checkpoints"][-1]
+    last = runs[0]["checkpoints"][last_complete(report)]
     for method in methods:
         rec = last["methods"].get(method)
         if not rec or not rec.get("eigenvalues"):
@@ -466,6 +489,8 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         values = values[values > 0]
         label = f"{method} (srank {rec['srank']:.0f})"
         axes[0].semilogy(np.arange(1, len(values) + 1), values, label=label)
+    low, high = axes[0].get_ylim()
+    axes[0].set_ylim(max(low, high * 1e-16), high)
     axes[0].set_xlabel("index")
     axes[0].set_ylabel("|eigenvalue|")
     axes[0].set_title(f"spectra, seed {runs[0]['seed']}, checkpoint {last['index']}")
@@ -480,9 +505,13 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
             if np.isnan(values).all():
                 continue
             x = np.arange(1, length + 1)
-            axes[1].plot(x, np.nanmean(values, axis=0), marker="o", label=method)
+            with warnings.catch_warnings():  # a checkpoint no seed measured: a gap
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(values, axis=0)
+            axes[1].plot(x, mean, marker="o", label=method)
             if len(runs) > 1:
                 axes[1].fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.2)
+        axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[1].set_xlabel("task (checkpoint at its start)")
         axes[1].set_ylabel(f"srank at {report['config']['threshold']}")
         axes[1].set_title("rank over checkpoints")
