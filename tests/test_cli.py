@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -15,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 import hessrank
 from hessrank.cli import compare, main, presets
-from hessrank.cli.report import CSV_COLUMNS
+from hessrank.cli.pyhessian_check import pyhessian_check
+from hessrank.cli.report import CSV_COLUMNS, render
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--samples", "16", "--width", "4", "--depth", "1")
@@ -109,7 +112,7 @@ def test_compare_json_schema(compared) -> None:
             )
             assert point["methods"]["lanczos"]["rank_interval"] is not None
             check = point["pyhessian"]
-            assert check["error"] is None
+            assert check["error"] is None and isinstance(check["trace_stopped_by_sign"], bool)
             assert check["exact_top_eigenvalue"] == exact["top_eigenvalue"]
             # Both differentiate the mean loss: power iteration lands on exact's top eigenvalue.
             assert check["top_eigenvalue"] == pytest.approx(exact["top_eigenvalue"], rel=0.05)
@@ -289,3 +292,21 @@ def test_mnist_from_data_dir() -> None:
     assert data.name == "mnist"
     full = presets.load_data("mnist", samples=8, seed=0, data_dir=MNIST_DIR, image_size=28)
     assert full.inputs.shape == (8, 1, 28, 28)
+
+
+def test_pyhessian_failure_is_reported_not_raised() -> None:
+    model, data = tiny_problem()
+
+    def broken(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("torch.eig was removed")
+
+    check = pyhessian_check(model, broken, (data.inputs, data.targets), seed=0, exact=None)
+    assert check["error"] == "RuntimeError: torch.eig was removed"
+    assert check["top_eigenvalue"] is None and check["trace"] is None
+    result = compare.new_report(compare.Config(methods=("fisher",)))
+    point = {"index": 0, "task": None, "methods": {}, "pyhessian": check}
+    result["runs"].append({"seed": 0, "checkpoints": [point], "spearman": {}})
+    point["previous_task_train_error"] = None
+    console = Console(file=io.StringIO(), width=100)
+    render(result, console)
+    assert "pyhessian failed: RuntimeError: torch.eig was removed" in console.file.getvalue()

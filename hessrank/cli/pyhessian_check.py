@@ -40,6 +40,7 @@ def pyhessian_check(
         "trace": None,
         "trace_samples": None,
         "trace_stderr": None,
+        "trace_stopped_by_sign": None,
         "seconds": None,
         "error": None,
         "exact_top_eigenvalue": exact["top_eigenvalue"] if exact else None,
@@ -70,6 +71,11 @@ def pyhessian_check(
         out["top_eigenvalue"] = float(eigenvalues[0])
         out["trace"] = float(np.mean(samples))
         out["trace_samples"] = len(samples)
+        # pyhessian stops when |mean - previous mean| / (previous mean + 1e-6) < tol: any
+        # negative previous mean passes that test, whatever the estimate's spread.
+        out["trace_stopped_by_sign"] = bool(
+            1 < len(samples) < max_iter and np.mean(samples[:-1]) + 1e-6 < 0
+        )
         if len(samples) > 1:
             out["trace_stderr"] = float(np.std(samples, ddof=1) / np.sqrt(len(samples)))
     except Exception as err:

@@ -35,9 +35,9 @@ PYHESSIAN_FIELDS = (
     "trace",
     "trace_rel_diff",
     "trace_stderr",
+    "trace_samples",
     "seconds",
 )
-MIN_TRUSTED_PROBES = 10
 MAX_TASK_COLUMNS = 6
 CSV_COLUMNS = (
     "seed",
@@ -55,6 +55,8 @@ CSV_COLUMNS = (
     "top_rel_diff",
     "trace_rel_diff",
     "trace_stderr",
+    "trace_samples",
+    "trace_stopped_by_sign",
     "previous_task_train_error",
     "caveats",
     "error",
@@ -276,7 +278,7 @@ def pyhessian_table(
     for header in ("quantity", "hessrank exact", "pyhessian", "diff", "how"):
         left = header in ("quantity", "how")
         table.add_column(header, justify="left" if left else "right")
-    probes = stats([c.get("trace_samples") for c in checks])
+    probes = stat["trace_samples"]
     how = f"Hutchinson, {probes['mean']:.0f} probes" if probes else "Hutchinson"
     if stat["trace_stderr"] is not None:
         how += f", s.e. {stat['trace_stderr']['mean']:.2g}"
@@ -296,10 +298,11 @@ def pyhessian_table(
     )
     table.add_row("time", "", cell(stat["seconds"], "seconds"), "", "")
     notes = [f"pyhessian failed: {e}" for e in _unique([c["error"] for c in checks if c["error"]])]
-    if probes and probes["mean"] < MIN_TRUSTED_PROBES:
+    stopped = [c for c in checks if c.get("trace_stopped_by_sign")]
+    if stopped:
         notes.append(
-            f"pyhessian's trace stopped after {probes['mean']:.0f} probes: its stopping test "
-            "divides by the signed running mean, so a negative first sample ends it"
+            f"pyhessian's trace stopped early in {len(stopped)} of {len(checks)} run(s): its "
+            "stopping test divides by the signed running mean, so a negative mean ends it"
         )
     return table, notes
 
@@ -429,7 +432,8 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             check = point.get("pyhessian")
             if check:
                 row = dict(base, method="pyhessian", error=check["error"])
-                row.update({f: check[f] for f in PYHESSIAN_FIELDS})
+                row.update({f: check.get(f) for f in PYHESSIAN_FIELDS})
+                row["trace_stopped_by_sign"] = check.get("trace_stopped_by_sign")
                 rows.append(row)
     if len(report["runs"]) > 1:
         summ = summary(report)
