@@ -221,6 +221,7 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
         (["rank", "--model", "json:nosuchfactory"], "json has no callable 'nosuchfactory'"),
         (["rank", "--model", "torch.nn:Identity", "--samples", "4"], "expected logits"),
         (["rank", "--data", "mnist", "--data-dir", "{tmp}"], "no MNIST in"),
+        (["rank", "--data-dir", "{tmp}"], "no MNIST in"),
         (["rank", "--samples", "5000"], "more than the 1797 images"),
         (["rank", "--method", "hutch"], "unknown method 'hutch'"),
         (

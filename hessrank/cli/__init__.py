@@ -59,7 +59,8 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=presets.DATASETS,
         help="digits (shipped UCI 8x8 digits), mnist (from --data-dir, resized to --image-size, "
-        "default 8), synthetic; auto: mnist when the data directory has it, else digits",
+        "default 8), synthetic; auto (default): mnist with --data-dir or when "
+        f"${presets.DATA_DIR_ENV} has it, else digits",
     )
     group.add_argument(
         "--data-dir",
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--methods",
         nargs="+",
+        metavar="METHOD",
         help="estimators, comma- or space-separated (default: all of hessrank.METHODS)",
     )
     compare.add_argument(
@@ -175,7 +177,8 @@ def _config(args: argparse.Namespace, methods: tuple[str, ...], seeds: tuple[int
         width=args.width,
         depth=args.depth,
         weights=args.weights,
-        data=args.data,
+        # An explicit --data-dir with --data auto means MNIST: a wrong folder is an error.
+        data="mnist" if args.data == "auto" and args.data_dir else args.data,
         data_dir=args.data_dir,
         image_size=args.image_size,
         samples=args.samples,
