@@ -1,4 +1,17 @@
-"""Render a compare report: rich tables, JSON, CSV and a PNG plot."""
+"""Render a compare report: rich tables, JSON, CSV and a PNG plot.
+
+The JSON report (``schema_version`` 1) holds ``config`` (every option), ``model`` (name,
+``num_params``), ``data`` (name, source, ``num_samples``, ``num_classes``, ``input_shape``),
+``interrupted``, and ``runs``: one per seed, each with ``spearman`` (estimator -> rho of its srank
+with exact's over the checkpoints, or null) and ``checkpoints``. A checkpoint has ``index``,
+``task`` (null without ``--checkpoints``), ``labels`` (``true``/``random``),
+``previous_task_train_error``, ``pyhessian`` (top eigenvalue, Hutchinson trace, its standard
+error and probe count, relative differences to exact, ``error``) and ``methods``: estimator ->
+``srank``, ``numerical_rank``, their ``*_rel_error`` against exact, ``top_eigenvalue``, ``trace``,
+``seconds``, ``peak_memory``, ``backend``, ``max_rank``, ``rank_interval``, ``ranks`` (every
+definition), ``caveats``, ``eigenvalues`` and ``error`` (a message when the estimator failed).
+``summary`` repeats every number of the tables as mean/std/n over seeds per checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -485,19 +498,23 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if trajectory else 1, figsize=(12 if trajectory else 6.5, 4.5))
     axes = np.atleast_1d(axes)
     last = runs[0]["checkpoints"][last_complete(report)]
+    top, bottom = 0.0, np.inf
     for method in methods:
         rec = last["methods"].get(method)
         if not rec or not rec.get("eigenvalues"):
             continue
         values = np.abs(np.asarray(rec["eigenvalues"]))
         values = values[values > 0]
+        if values.size:
+            top, bottom = max(top, values.max()), min(bottom, values.min())
         label = f"{method} (srank {rec['srank']:.0f})"
         axes[0].semilogy(np.arange(1, len(values) + 1), values, label=label)
-    low, high = axes[0].get_ylim()
-    axes[0].set_ylim(max(low, high * 1e-16), high)
+    if top > 0:  # eigenvalues below 1e-16 of the top are round-off: cut them
+        axes[0].set_ylim(max(bottom, top * 1e-16) / 2, top * 2)
     axes[0].set_xlabel("index")
     axes[0].set_ylabel("|eigenvalue|")
-    axes[0].set_title(f"spectra, seed {runs[0]['seed']}, checkpoint {last['index']}")
+    where = f", start of task {last['task']}" if last["task"] is not None else ""
+    axes[0].set_title(f"spectra, seed {runs[0]['seed']}{where}")
     axes[0].legend()
     if trajectory:
         for method in methods:
