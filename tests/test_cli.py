@@ -281,6 +281,7 @@ def test_presets_are_seeded_and_small() -> None:
         b = presets.build_model(name, input_shape=(1, 8, 8), seed=3)
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
         assert presets.num_params(a) < 3000
+        assert not a.training
     data = presets.load_data("synthetic", samples=32, seed=1)
     assert data.inputs.shape == (32, 1, 8, 8) and data.targets.max() < 10
 

@@ -293,7 +293,8 @@ def train_task(
     task: int,
     advance: Callable[[], None],
 ) -> float:
-    """``cfg.epochs`` epochs of minibatch training on one task; returns the final training error."""
+    """``cfg.epochs`` epochs of minibatch training on one task (train mode, then the model's mode
+    again); returns the training error after it, evaluated in eval mode."""
     model, x = problem.model, problem.data.inputs
     generator = torch.Generator().manual_seed(seed * 100_003 + task + 50_000)
     was_training = model.training
@@ -307,11 +308,12 @@ def train_task(
                 problem.loss_fn(model(x[index]), targets[index]).backward()
                 optimizer.step()
                 advance()
+        model.eval()
+        with torch.no_grad():
+            return float((model(x).argmax(dim=1) != targets).float().mean())
     finally:
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        return float((model(x).argmax(dim=1) != targets).float().mean())
 
 
 class Phases:

@@ -234,7 +234,7 @@ def build_model(
     weights: Path | None = None,
 ) -> nn.Module:
     """A preset (``mlp``, ``cnn``, ``resnet``) or ``package.module:factory`` (called with no
-    arguments), initialised under ``seed`` without touching the global RNG."""
+    arguments), initialised under ``seed`` without touching the global RNG, in eval mode."""
     if activation not in ACTIVATIONS:
         raise CliError(f"unknown activation '{activation}'; choose from {', '.join(ACTIVATIONS)}")
     factory = None if name in PRESETS else _import_factory(name)
@@ -258,7 +258,7 @@ def build_model(
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except Exception as err:
             raise CliError(f"--weights {weights}: {err}".splitlines()[0]) from err
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def check_model(model: nn.Module, data: Dataset, name: str) -> None:
