@@ -20,6 +20,7 @@ from rich.console import Console
 
 import hessrank
 from hessrank.cli import compare, main, presets
+from hessrank.cli.errors import CliError
 from hessrank.cli.pyhessian_check import pyhessian_check
 from hessrank.cli.report import CSV_COLUMNS, render
 
@@ -312,3 +313,14 @@ def test_pyhessian_failure_is_reported_not_raised() -> None:
     console = Console(file=io.StringIO(), width=100)
     render(result, console)
     assert "pyhessian failed: RuntimeError: torch.eig was removed" in console.file.getvalue()
+
+
+def test_weights_are_loaded(tmp_path: Path) -> None:
+    trained = presets.build_model("cnn", input_shape=(1, 8, 8), seed=5)
+    torch.save(trained.state_dict(), tmp_path / "w.pt")
+    loaded = presets.build_model("cnn", input_shape=(1, 8, 8), seed=0, weights=tmp_path / "w.pt")
+    assert all(
+        torch.equal(p, q) for p, q in zip(trained.parameters(), loaded.parameters(), strict=True)
+    )
+    with pytest.raises(CliError, match="--weights"):
+        presets.build_model("mlp", input_shape=(1, 8, 8), weights=tmp_path / "w.pt")
