@@ -26,7 +26,7 @@ from hessrank.cli.report import CSV_COLUMNS, render
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--samples", "16", "--width", "4", "--depth", "1")
-MNIST_DIR = Path("/work/shared/data")
+MNIST_DIR = Path(os.environ.get(presets.DATA_DIR_ENV) or ROOT.parent / "shared" / "data")
 
 
 def cli(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess[str]:
