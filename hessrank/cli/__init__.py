@@ -12,9 +12,12 @@ import sys
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hessrank.cli.errors import CliError
+
+if TYPE_CHECKING:
+    from hessrank.cli.compare import Config
 
 __all__ = ["main"]
 
@@ -168,7 +171,10 @@ def _methods(requested: list[str] | None, skip_exact: bool) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def _config(args: argparse.Namespace, methods: tuple[str, ...], seeds: tuple[int, ...]) -> Any:
+def _config(
+    args: argparse.Namespace, methods: tuple[str, ...], seeds: tuple[int, ...], **extra: Any
+) -> Config:
+    """The run configuration from the options both subcommands share, plus ``extra``."""
     from hessrank.cli.compare import Config
 
     return Config(
@@ -193,6 +199,7 @@ def _config(args: argparse.Namespace, methods: tuple[str, ...], seeds: tuple[int
         lanczos_probes=args.lanczos_probes,
         max_memory_gib=args.max_memory,
         max_seconds=args.max_seconds,
+        **extra,
     )
 
 
@@ -234,14 +241,16 @@ def _compare(args: argparse.Namespace) -> int:
     if args.checkpoints < 0:
         raise CliError(f"--checkpoints must be 0 or more, got {args.checkpoints}")
     methods = _methods(args.methods, args.skip_exact)
-    cfg = _config(args, methods, tuple(range(args.seed, args.seed + args.seeds)))
-    cfg.checkpoints, cfg.epochs, cfg.batch_size, cfg.lr = (
-        args.checkpoints,
-        args.epochs,
-        args.batch_size,
-        args.lr,
+    cfg = _config(
+        args,
+        methods,
+        tuple(range(args.seed, args.seed + args.seeds)),
+        checkpoints=args.checkpoints,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        pyhessian=not args.no_pyhessian,
     )
-    cfg.pyhessian = not args.no_pyhessian
     result = compare.new_report(cfg)
 
     def save(current: dict[str, Any]) -> None:
@@ -278,9 +287,6 @@ def _rank(args: argparse.Namespace) -> int:
     try:
         with progress or nullcontext():
             res = compare.measure(problem, cfg, args.method, args.seed, progress or False)
-    except KeyboardInterrupt:
-        print("hessrank: interrupted", file=sys.stderr)
-        return 130
     except (ValueError, TypeError) as err:
         raise CliError(f"{args.method}: {err}") from err
     value = res.rank if args.definition == "srank" else res.ranks[args.definition]
@@ -320,3 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as err:
         print(f"hessrank: error: {' '.join(str(err).split())}", file=sys.stderr)
         return err.code
+    except KeyboardInterrupt:  # compare handles its own, to keep what it measured
+        print("hessrank: interrupted", file=sys.stderr)
+        return 130
