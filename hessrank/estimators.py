@@ -181,8 +181,11 @@ def _lanczos(problem: CurvatureProblem, options: Options) -> Spectrum:
     spread = 1.96 * estimates.std(ddof=1) / math.sqrt(probes) if probes > 1 else 0.0
     interval = (max(0.0, float(np.mean(estimates - resolution)) - spread),
                 min(float(dim), float(np.mean(estimates + resolution)) + spread))
+    traces = np.array([dim * float(q.nodes @ q.weights) for q in quadratures])
+    trace_spread = 1.96 * traces.std(ddof=1) / math.sqrt(probes) if probes > 1 else float("nan")
     notes = [f"rank estimated by stochastic Lanczos quadrature ({probes} probes x {steps} "
-             f"steps); eigenvalues are the first probe's {len(quadratures[0].nodes)} Ritz values"]
+             f"steps); eigenvalues are the first probe's {len(quadratures[0].nodes)} Ritz values",
+             f"trace {traces.mean():.4g} +- {trace_spread:.2g} (95% interval over probes)"]
     return Spectrum(nodes, "autograd", max_rank=dim, weights=weights,
                     ritz_values=by_magnitude(quadratures[0].nodes), rank_interval=interval,
                     num_hvps=operator.num_products, notes=notes)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -53,58 +51,59 @@ class Reporter:
                     progress.remove_task(task_id)
 
 
-def _resident_bytes() -> int | None:
-    """Current resident set size of this process (Linux ``/proc``), None elsewhere."""
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; None off Linux."""
     try:
-        with open("/proc/self/statm") as statm:
-            pages = int(statm.read().split()[1])
-    except (OSError, ValueError, IndexError):
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
         return None
-    import os
-    return pages * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset the kernel's resident-set high-water mark (``VmHWM``) of this process (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
 
 
 class PeakMemory:
     """Peak memory of a block, in bytes above its start.
 
-    CUDA: the caching allocator's peak (``max_memory_allocated``), reset at entry. CPU: the
-    resident set size sampled every millisecond in a thread (allocations shorter than a
-    millisecond may be missed). ``peak`` is None where neither is available.
+    CUDA: the caching allocator's peak (``max_memory_allocated``), reset at entry. CPU (Linux):
+    the kernel's resident-set high-water mark, reset at entry, minus the resident set at entry:
+    memory the process had to obtain for the block. Memory that earlier work freed and the
+    allocator reuses is not counted, so measure in a fresh process for a full figure (as
+    ``benchmarks/`` does). ``peak`` is None where neither measure is available.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak: int | None = None
-        self._stop = threading.Event()
-        self._max = 0
+        self._start: int | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        self._start = _resident_bytes()
-        if self._start is not None:
-            self._max = self._start
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        elif _reset_high_water_mark():
+            self._start = _status_bytes("VmRSS")
         return self
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            current = _resident_bytes() or 0
-            self._max = max(self._max, current)
-            time.sleep(0.001)
-
     def __exit__(self, *exc: object) -> None:
+        if self._start is None:
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
             return
-        if self._start is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._max = max(self._max, _resident_bytes() or 0)
-        self.peak = self._max - self._start
+        high_water = _status_bytes("VmHWM")
+        if high_water is not None:
+            self.peak = max(0, high_water - self._start)

@@ -16,6 +16,7 @@ where ``c`` is the reduction scale: the loss is ``c * sum_i l_i`` with ``c = 1/n
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -78,7 +79,11 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, scale: flo
         return loss_fn(f.reshape(1, *out_shape), y.unsqueeze(0))
 
     try:
-        loss_hessians = vmap(hessian(sample_loss))(flat, targets)
+        with warnings.catch_warnings():
+            # torch's forward-mode AD scripts a helper on first use and warns that
+            # torch.jit.script is deprecated: torch's own business, not the user's.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")
+            loss_hessians = vmap(hessian(sample_loss))(flat, targets)
     except Exception as error:  # torch.func raises many types for unsupported code
         raise ValueError(
             f"cannot take the per-sample Hessian of loss_fn with torch.func ({error}); the GGN "
