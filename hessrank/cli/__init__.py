@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hessrank.api import BACKENDS
 from hessrank.cli.errors import CliError
 
 if TYPE_CHECKING:
@@ -83,7 +84,10 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
         "--rtol", type=float, help="numerical-rank tolerance relative to the top |eigenvalue|"
     )
     est.add_argument(
-        "--backend", default="auto", help="fisher/ggn backend: auto, kron, func, backpack"
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="fisher/ggn backend (default auto: Kronecker identity plus torch.func)",
     )
     est.add_argument("--lanczos-steps", type=_positive, help="Lanczos steps per probe")
     est.add_argument("--lanczos-probes", type=_positive, help="Lanczos probe vectors")
