@@ -13,16 +13,13 @@ import pytest
 import torch
 
 PLASTICITY = Path(__file__).resolve().parents[1] / "examples" / "plasticity"
-sys.path.insert(0, str(PLASTICITY))
+sys.path.insert(0, str(PLASTICITY.parent))  # the harness is the package `plasticity`
 
-import experiment  # noqa: E402
-import plot  # noqa: E402
-import run  # noqa: E402
-import summarize  # noqa: E402
-from experiment import Config, run_experiment  # noqa: E402
-from model import BatchedMLP  # noqa: E402
-from problems import make_problem  # noqa: E402
-from regularizers import feature_rank_penalty, wasserstein_penalty  # noqa: E402
+from plasticity import experiment, plot, run, summarize  # noqa: E402
+from plasticity.experiment import Config, run_experiment  # noqa: E402
+from plasticity.model import BatchedMLP  # noqa: E402
+from plasticity.problems import make_problem  # noqa: E402
+from plasticity.regularizers import feature_rank_penalty, wasserstein_penalty  # noqa: E402
 
 
 def mnist_dir() -> Path | None:

@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
-from experiment import Config, Trainer
-from problems import Problem, synthetic_pool
+
+if __package__ in (None, ""):  # run as a file: make examples/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from plasticity.experiment import Config, Trainer
+from plasticity.problems import Problem, synthetic_pool
 
 
 def train_seconds(seeds: list[int], problem: Problem, epochs: int) -> float:

@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import metrics
 import torch
-from model import BatchedMLP, per_seed_cross_entropy, per_seed_norm
-from problems import Problem, Task, default_data_dir, make_problem, task_generator
-from regularizers import (
+
+from plasticity import metrics
+from plasticity.model import BatchedMLP, per_seed_cross_entropy, per_seed_norm
+from plasticity.problems import Problem, Task, default_data_dir, make_problem, task_generator
+from plasticity.regularizers import (
     feature_rank_penalty,
     l2_init_penalty,
     l2_penalty,

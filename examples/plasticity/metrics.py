@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import torch
-from model import BatchedMLP, per_seed_cross_entropy
 from torch import nn
 
 import hessrank
+from plasticity.model import BatchedMLP, per_seed_cross_entropy
 
 
 @torch.no_grad()

@@ -17,10 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-from experiment import Config, finished_tasks, run_experiment
-from model import ACTIVATIONS
-from problems import PROBLEMS
-from regularizers import REGULARIZERS
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,6 +25,14 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+if __package__ in (None, ""):  # run as a file: make examples/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from plasticity.experiment import Config, finished_tasks, run_experiment
+from plasticity.model import ACTIVATIONS
+from plasticity.problems import PROBLEMS
+from plasticity.regularizers import REGULARIZERS
 
 PRESETS = ("single", "smoke", "default", "paper")
 ESTIMATORS = ["exact", "ggn", "fisher", "lanczos"]

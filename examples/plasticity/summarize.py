@@ -14,8 +14,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from plot import load_runs
 from scipy import stats
+
+if __package__ in (None, ""):  # run as a file: make examples/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from plasticity.plot import load_runs
 
 METRICS = [
     "acc_end", "acc_online", "hess_rank_fisher_start", "hess_rank_fisher_end",

@@ -1,0 +1,1 @@
+"""Loss-of-plasticity experiments with hessrank (see examples/README.md)."""
