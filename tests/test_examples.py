@@ -180,14 +180,34 @@ def test_missing_cifar10_fails_with_a_clear_message(tmp_path: Path) -> None:
         make_problem("continual_imagenet32", str(tmp_path), 100)
 
 
+MNIST_PROBLEMS = ["random_label_mnist", "permuted_mnist", "label_shuffled_mnist"]
+
+
 @pytest.mark.skipif(mnist_dir() is None, reason="no MNIST copy found (set HESSRANK_TEST_DATA)")
-def test_mnist_smoke(tmp_path: Path) -> None:
+@pytest.mark.parametrize("problem", MNIST_PROBLEMS)
+def test_mnist_smoke(tmp_path: Path, problem: str) -> None:
     cfg = Config(
-        data_dir=str(mnist_dir()), num_samples=64, downsample=4, width=8, tasks=1, epochs=1,
-        seeds=[0], hess_samples=16, eval_samples=64,
+        problem=problem, data_dir=str(mnist_dir()), num_samples=64, downsample=4, width=8,
+        tasks=2, epochs=1, seeds=[0], hess_samples=16, eval_samples=64,
     )
     records = run_experiment(cfg, tmp_path)
-    m = records[0]["metrics"]
-    assert len(m["acc_end"]) == 1 and 0.0 <= m["acc_end"][0] <= 1.0
+    assert [r["task"] for r in records] == [0, 1]
+    assert all(0.0 <= r["metrics"]["acc_end"][0] <= 1.0 for r in records)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["num_samples"] == 64
+    assert saved["problem"] == problem and saved["num_samples"] == 64
+
+
+@pytest.mark.skipif(mnist_dir() is None, reason="no MNIST copy found (set HESSRANK_TEST_DATA)")
+def test_mnist_task_kinds_change_what_they_should() -> None:
+    data = str(mnist_dir())
+    shuffled = make_problem("label_shuffled_mnist", data, 200, downsample=4)
+    a, b = shuffled.task([0], 0), shuffled.task([0], 1)
+    assert torch.equal(a.x, b.x)
+    # a fixed relabelling of the classes: equal true labels keep equal task labels
+    same = shuffled.pool.labels[:, None] == shuffled.pool.labels[None, :]
+    assert torch.equal(same, a.y[0][:, None] == a.y[0][None, :])
+    permuted = make_problem("permuted_mnist", data, 200, downsample=4)
+    xa, ya = permuted.task([0], 0).first(200)
+    xb, yb = permuted.task([0], 1).first(200)
+    assert torch.equal(ya, yb) and not torch.equal(xa, xb)
+    torch.testing.assert_close(xa.sort(dim=2).values, xb.sort(dim=2).values)

@@ -51,7 +51,7 @@ def summary_lines(results: Path, window: int) -> list[str]:
         for metric in METRICS:
             if metric not in metrics:
                 continue
-            early, late, change, half = early_late(metrics[metric], window)
+            early, late, change, half = early_late(metrics[metric], min(window, tasks))
             mark = "*" if abs(change) > half else ""
             lines.append(
                 f"| {name} ({seeds} seeds, {tasks} tasks) | {metric} | {early:.3g} | {late:.3g} "
