@@ -71,11 +71,11 @@ def mean_ci(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, half
 
 
-def band(ax: plt.Axes, values: np.ndarray, label: str) -> None:
+def band(ax: plt.Axes, values: np.ndarray, label: str, color: str | None = None) -> None:
     """One mean curve with its confidence band, tasks numbered from 1."""
     mean, half = mean_ci(values)
     x = np.arange(1, len(mean) + 1)
-    (line,) = ax.plot(x, mean, label=label)
+    (line,) = ax.plot(x, mean, label=label, color=color)
     ax.fill_between(x, mean - half, mean + half, alpha=0.25, color=line.get_color())
 
 
@@ -89,10 +89,11 @@ def panel_figure(
     nrows = -(-len(metrics) // ncols)
     fig, axes = plt.subplots(nrows, min(ncols, len(metrics)), figsize=(4 * ncols, 3 * nrows),
                              squeeze=False)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(present)}  # one colour per run
     for ax, metric in zip(axes.flat, metrics, strict=False):
         for name in present:
             if metric in runs[name]:
-                band(ax, runs[name][metric], name)
+                band(ax, runs[name][metric], name, colors[name])
         ax.set_title(LABELS.get(metric, metric), fontsize=9)
         ax.set_xlabel("task")
     for ax in list(axes.flat)[len(metrics):]:
