@@ -59,7 +59,7 @@ class Config:
     reg_strength: float = 0.0  # lambda of the penalty; per-step shrink for shrink_perturb
     sp_noise: float = 1e-3  # Shrink & Perturb noise standard deviation
     hess_methods: list[str] = field(default_factory=lambda: ["fisher"])
-    hess_samples: int = 256  # samples of the task the Hessian is measured on
+    hess_samples: int = 600  # samples of the task the Hessian is measured on
     hess_threshold: float = 0.99
     lanczos_steps: int = 80
     lanczos_probes: int = 8

@@ -46,7 +46,7 @@ SMOKE_RUNS = ("act_relu", "featrank_leaky_relu", "reg_wasserstein_relu", "exact_
 def main_setting(**changes: object) -> Config:
     """Random-Label MNIST (subset): 600 images, MLP 2x128, Adam 1e-3, 20 epochs of batch 32 per
     task; EF rank on all 600 images (Figures 1, 2, 4, 5 left)."""
-    return dataclasses.replace(Config(hess_samples=600), **changes)
+    return dataclasses.replace(Config(), **changes)
 
 
 def exact_setting(**changes: object) -> Config:
@@ -151,6 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"samples the Hessian is measured on (default {d.hess_samples})")
     add("--hess-threshold", dest="hess_threshold", type=float, default=s, help="srank threshold")
     add("--lanczos-steps", dest="lanczos_steps", type=int, default=s, help="Lanczos steps")
+    add("--lanczos-probes", dest="lanczos_probes", type=int, default=s, help="Lanczos probes")
     add("--overlap", action="store_true", default=s, help="measure gradient overlap (exact)")
     add("--eval-samples", dest="eval_samples", type=int, default=s, help="evaluation samples")
     add("--dormant-tau", dest="dormant_tau", type=float, default=s, help="dormant threshold tau")
