@@ -15,7 +15,7 @@ import torch
 PLASTICITY = Path(__file__).resolve().parents[1] / "examples" / "plasticity"
 sys.path.insert(0, str(PLASTICITY.parent))  # the harness is the package `plasticity`
 
-from plasticity import experiment, plot, run, summarize  # noqa: E402
+from plasticity import experiment, metrics, plot, run, summarize  # noqa: E402
 from plasticity.experiment import Config, run_experiment  # noqa: E402
 from plasticity.model import BatchedMLP  # noqa: E402
 from plasticity.problems import make_problem  # noqa: E402
@@ -171,6 +171,17 @@ def test_feature_rank_penalty_prefers_spread_features() -> None:
     spread = torch.randn(1, 32, 8, generator=g)
     collapsed = torch.randn(1, 32, 1, generator=g) * torch.randn(1, 1, 8, generator=g)
     assert feature_rank_penalty(spread) < feature_rank_penalty(collapsed)
+
+
+def test_gradient_overlap_grows_with_the_subspace() -> None:
+    model = BatchedMLP([0, 1], 5, 4, 1, 3, "tanh")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 12, 5, generator=g), torch.randint(3, (2, 12), generator=g)
+    num_params = sum(p[0].numel() for p in model.parameters())
+    one = metrics.gradient_overlap(model, x, y, 1)
+    every = metrics.gradient_overlap(model, x, y, num_params)
+    assert all(0.0 <= a <= b + 1e-9 for a, b in zip(one, every, strict=True))
+    assert every == pytest.approx([1.0, 1.0], abs=1e-6)
 
 
 def test_missing_cifar10_fails_with_a_clear_message(tmp_path: Path) -> None:

@@ -64,6 +64,7 @@ class Config:
     lanczos_steps: int = 80
     lanczos_probes: int = 8
     overlap: bool = False  # task-start gradient overlap with the top exact-Hessian subspace
+    overlap_k: int | None = None  # dimension of that subspace (None: the Hessian's srank)
     eval_samples: int = 1000  # samples for end-of-task accuracy and unit / feature statistics
     dormant_tau: float = 0.01
     download: bool = False  # let torchvision download CIFAR-10 when missing
@@ -157,7 +158,7 @@ class Trainer:
         )
         out.update({f"{k}_{when}": v for k, v in ranks.items()})
         if cfg.overlap and when == "start":
-            out[f"overlap_{when}"] = metrics.gradient_overlap(model, xh, yh)
+            out[f"overlap_{when}"] = metrics.gradient_overlap(model, xh, yh, cfg.overlap_k)
         if when == "end":
             out.update(metrics.unit_stats(model, x, cfg.dormant_tau))
             out["feature_rank"] = metrics.feature_rank(model, x, cfg.hess_threshold)

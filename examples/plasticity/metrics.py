@@ -89,10 +89,12 @@ def hessian_ranks(
     return out
 
 
-def gradient_overlap(model: BatchedMLP, x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    """Fraction of ||grad||^2 in the top-srank exact-Hessian eigenspace, per seed."""
+def gradient_overlap(
+    model: BatchedMLP, x: torch.Tensor, y: torch.Tensor, k: int | None
+) -> list[float]:
+    """Fraction of ||grad||^2 in the top-k (default: srank) exact-Hessian eigenspace, per seed."""
     loss_fn = nn.CrossEntropyLoss()
     return [
-        float(hessrank.gradient_overlap(model.to_module(s), loss_fn, (x[s], y[s])))
+        float(hessrank.gradient_overlap(model.to_module(s), loss_fn, (x[s], y[s]), k=k))
         for s in range(model.num_seeds)
     ]

@@ -153,6 +153,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--lanczos-steps", dest="lanczos_steps", type=int, default=s, help="Lanczos steps")
     add("--lanczos-probes", dest="lanczos_probes", type=int, default=s, help="Lanczos probes")
     add("--overlap", action="store_true", default=s, help="measure gradient overlap (exact)")
+    add("--overlap-k", dest="overlap_k", type=int, default=s,
+        help="top-k Hessian subspace of the overlap (default: the Hessian's srank)")
     add("--eval-samples", dest="eval_samples", type=int, default=s, help="evaluation samples")
     add("--dormant-tau", dest="dormant_tau", type=float, default=s, help="dormant threshold tau")
     return p.parse_args(argv)
