@@ -107,6 +107,11 @@ def test_rerun_with_other_config_is_refused(tmp_path: Path) -> None:
     run_experiment(tiny_config(tasks=1), tmp_path)
     with pytest.raises(ValueError, match="different configuration"):
         run_experiment(tiny_config(tasks=1, lr=0.5), tmp_path)
+    # a field added to Config after the run was saved, at its default, is the same configuration
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["overlap_k"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert len(run_experiment(tiny_config(tasks=1), tmp_path)) == 1
 
 
 @pytest.mark.parametrize("reg", ["none", "shrink_perturb", "wasserstein"])

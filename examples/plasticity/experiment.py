@@ -215,8 +215,9 @@ def run_experiment(
     cfg_path = run_dir / "config.json"
     cfg_dict = dataclasses.asdict(cfg)
     if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
-        if saved != json.loads(json.dumps(cfg_dict)):
+        # fields added to Config after the run was saved count as having their default value
+        saved = {**dataclasses.asdict(Config()), **json.loads(cfg_path.read_text())}
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(cfg_dict)):
             raise ValueError(
                 f"{run_dir} holds results of a different configuration; "
                 "pass another --out directory or delete it"
