@@ -6,6 +6,7 @@
 
 from hessrank.api import BACKENDS, METHODS, effective_rank, gradient_overlap, predict_exact_cost
 from hessrank.estimators import BudgetError
+from hessrank.monitor import progress_bar
 from hessrank.ranks import RANK_NAMES, spectral_ranks
 from hessrank.results import RankResult
 
@@ -18,6 +19,7 @@ __all__ = [
     "effective_rank",
     "gradient_overlap",
     "predict_exact_cost",
+    "progress_bar",
     "spectral_ranks",
 ]
 __version__ = "0.1.0"

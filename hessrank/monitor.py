@@ -6,8 +6,31 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
+from rich.progress import Progress
 
 Advance = Callable[[int], None]
+
+
+def progress_bar(**options: object) -> Progress:
+    """The progress display used by the library, the CLI and the examples.
+
+    Description, bar, done/total, elapsed time and ETA, on stderr unless a ``console`` is given;
+    ``options`` go to ``rich.progress.Progress`` (e.g. ``transient=True``, ``disable=True``).
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    options.setdefault("console", Console(stderr=True))
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), **options)
 
 
 class Reporter:
@@ -27,21 +50,8 @@ class Reporter:
         if not self._enabled:
             yield lambda k: None
             return
-        if self._external is not None:
-            owner = nullcontext(self._external)
-        else:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            owner = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), TimeRemainingColumn(),
-                             console=Console(stderr=True), transient=True)
+        owner = (nullcontext(self._external) if self._external is not None
+                 else progress_bar(transient=True))
         with owner as progress:
             task_id = progress.add_task(description, total=total)
             try:

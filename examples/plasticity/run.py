@@ -17,14 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+
+from hessrank import progress_bar
 
 if __package__ in (None, ""):  # run as a file: make examples/ importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -185,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(__file__).resolve().parent / "results" / args.preset
     total = sum(c.tasks for c in configs)
     already = sum(min(finished_tasks(out / c.name), c.tasks) for c in configs)
-    columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=args.no_progress) as progress:
+    with progress_bar(disable=args.no_progress) as progress:
         overall = progress.add_task("all tasks", total=total, completed=already)
         for cfg in configs:
             run = progress.add_task(f"{cfg.name}", total=cfg.tasks,

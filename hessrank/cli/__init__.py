@@ -214,27 +214,9 @@ def _progress(quiet: bool) -> Any:
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
         return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from hessrank import progress_bar
 
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
+    return progress_bar(console=console, transient=True)
 
 
 def _compare(args: argparse.Namespace) -> int:
