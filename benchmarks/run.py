@@ -719,34 +719,43 @@ def plot(results: dict[str, dict[str, Any]], figdir: Path) -> list[str]:
         names = [k for k in results if k.startswith(sweep)]
         if not names:
             continue
-        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for tool, label in tools:
-            pts = []
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.4))
+        for i, (tool, label) in enumerate(tools):
+            color = f"C{i}"
+            runs, skips = [], []
             for k in names:
                 if not k.endswith("_" + tool):
                     continue
                 e = results[k]
                 xv = e["spec"]["n"] if sweep == "sweep_n" else e["num_params"]
-                pk = e.get("memory", {}).get("peak_bytes")
-                pts.append((xv, e.get("seconds"), None if pk is None else pk / GIB,
-                            e.get("skipped")))
-            pts.sort()
-            done = [p for p in pts if p[1] is not None]
-            if done:
-                ax_t.plot([p[0] for p in done], [p[1] for p in done], "o-", label=label)
-                mem = [p for p in done if p[2] is not None]
-                ax_m.plot([p[0] for p in mem], [p[2] for p in mem], "o-", label=label)
-            for p in pts:
-                if p[3]:
-                    ax_t.annotate("skipped", (p[0], ax_t.get_ylim()[1]), fontsize=7,
-                                  rotation=90, va="top")
-        for ax, ylabel in ((ax_t, "seconds (median)"), (ax_m, "peak RSS above start (GB)")):
+                if e.get("skipped"):
+                    skips.append((xv, e.get("predicted_seconds"),
+                                  (e.get("predicted_bytes") or 0) / GIB))
+                elif "seconds" in e:
+                    pk = e.get("memory", {}).get("peak_bytes")
+                    runs.append((xv, e["seconds"], e["min_seconds"],
+                                 None if pk is None else pk / GIB))
+            runs.sort()
+            if runs:
+                xs = [r[0] for r in runs]
+                ax_t.plot(xs, [r[1] for r in runs], "o-", color=color, label=label)
+                ax_t.plot(xs, [r[2] for r in runs], ":", color=color, alpha=0.7)
+                mem = [r for r in runs if r[3]]
+                ax_m.plot([r[0] for r in mem], [r[3] for r in mem], "o-", color=color,
+                          label=label)
+            if skips:
+                ax_t.plot([q[0] for q in skips], [q[1] for q in skips], "x", color=color,
+                          markersize=9)
+                ax_m.plot([q[0] for q in skips], [q[2] for q in skips], "x", color=color,
+                          markersize=9)
+        for ax, ylabel in ((ax_t, "seconds (o-: median, dotted: min of rounds)"),
+                           (ax_m, "peak RSS above start (GB)")):
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
-        ax_t.legend(fontsize=8)
+        ax_m.legend(fontsize=8, title="x: skipped, predicted", title_fontsize=8)
         fig.suptitle(f"Empirical-Fisher spectrum, 2 CPU threads ({sweep.replace('_', ' vs ')})")
         fig.tight_layout()
         path = figdir / f"{sweep}.png"
