@@ -103,8 +103,6 @@ def effective_rank(
     start = time.perf_counter()
     with preserved_state(model):
         problem = build_problem(model, loss_fn, batch, params, mode)
-        if method == "exact":
-            check_exact_memory(problem, options)
         with evaluation_mode(model, mode), PeakMemory(problem.device) as memory:
             spectrum = estimator(problem, options)
             if per_layer and method in ("exact", "lanczos"):

@@ -20,6 +20,7 @@ Cotangents carry the reduction scale, so the Gram is exactly that of the curvatu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -140,7 +141,7 @@ class _Capture:
         self.handles = [module.register_forward_hook(self._hook(name))
                         for name, module in modules.items()]
 
-    def _hook(self, name: str):
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple, Tensor], Tensor]:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             self.calls[name] += 1
             self.inputs[name] = args[0].detach()
@@ -177,8 +178,6 @@ def _func_gram(
     model, inputs = problem.model, problem.inputs
 
     for groups in bins:
-        if not groups:
-            continue
         subset = {name: named[name].detach() for _, names in groups for name in names}
         numel = sum(t.numel() for t in subset.values())
         sample_chunk = max(1, FUNC_CHUNK_BYTES // max(1, k * numel * element))
@@ -206,8 +205,8 @@ def _func_gram(
 
 def gram_kron(
     problem: CurvatureProblem,
-    cotangents_of: callable,
-    accumulator_of: callable,
+    cotangents_of: Callable[[Tensor], Tensor],
+    accumulator_of: Callable[[int], GramAccumulator],
     use_kron: bool = True,
 ) -> tuple[GramAccumulator, Tensor, str]:
     """Gram of the factors with hooks for Linear/Conv layers and ``torch.func`` for the rest.
