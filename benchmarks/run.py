@@ -651,7 +651,13 @@ def machine() -> dict[str, Any]:
         mem = psutil.virtual_memory().total
     except ImportError:
         pass
+    try:
+        commit = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        commit = None
     return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "git_commit": commit,
             "memory_bytes": mem, "python": platform.python_version(), "versions": versions}
 
 
