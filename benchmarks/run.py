@@ -17,6 +17,7 @@ prediction. Results go to ``OUT/results.json`` and plots to ``OUT/figures/``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -36,8 +37,22 @@ import torch
 from torch import Tensor, nn
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # peers.py, and the working tree's hessrank
-import peers  # noqa: E402
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))  # the working tree's hessrank
+
+
+def _load_peers() -> Any:
+    """Import ``peers.py`` next to this file under a name no other module can shadow."""
+    name = "hessrank_bench_peers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / "peers.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+peers = _load_peers()
 
 GROUPS = ("fisher", "ggn", "cnn", "exact", "lanczos", "hvp", "scale", "sweep_n", "sweep_p")
 MLP = (784, 512, 512, 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -14,9 +15,18 @@ pytest.importorskip("backpack")
 pytest.importorskip("vivit")
 pytest.importorskip("curvlinops")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import peers  # noqa: E402
-import run  # noqa: E402
+
+def _load(name: str, path: Path):
+    """Import a benchmarks/ file under a name no other test module can shadow."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load("hessrank_bench_run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
+peers = run.peers
 
 
 @pytest.fixture(scope="module")
