@@ -101,21 +101,25 @@ def _output_rows(module: nn.Module, grad: Tensor) -> Tensor:
 def _layer_gram(
     activations: Tensor, output_grads: Tensor, with_weight: bool, with_bias: bool
 ) -> Tensor:
-    """Gram ``[K n, K n]`` of one layer's per-sample (weight, bias) gradients.
+    """Gram ``[K n, K n]`` of one layer's per-sample (weight, bias) gradients, in the layer dtype.
 
     ``activations``: ``[n, T, d_in]``; ``output_grads``: ``[K, n, T, d_out]``; row order ``(k, i)``.
+    With one position the bias gradient is ``d_ik`` itself, so weight and bias share one
+    ``D D^T``: the Gram is ``(D D^T) * (A A^T + 1)``.
     """
     k, n, positions, d_out = output_grads.shape
     d_in = activations.shape[-1]
     rows = output_grads.reshape(k * n, positions, d_out)
-    gram = torch.zeros(k * n, k * n, dtype=torch.float64, device=rows.device)
-    if with_bias:
-        gram += factor_gram(rows.sum(dim=1))
-    if not with_weight:
-        return gram
     if positions == 1:
-        activation_gram = (activations[:, 0] @ activations[:, 0].T).to(torch.float64)
-        gram += factor_gram(rows[:, 0]) * activation_gram.repeat(k, k)
+        output_gram = rows[:, 0] @ rows[:, 0].T
+        if not with_weight:
+            return output_gram
+        activation_gram = activations[:, 0] @ activations[:, 0].T
+        if k > 1:
+            activation_gram = activation_gram.repeat(k, k)
+        return output_gram * (activation_gram + 1.0 if with_bias else activation_gram)
+    gram = rows.sum(dim=1) @ rows.sum(dim=1).T if with_bias else 0.0
+    if not with_weight:
         return gram
     kron_cost = (k * n) ** 2 * positions**2 * (d_in + d_out)
     dense_cost = k * n * positions * d_in * d_out + (k * n) ** 2 * d_in * d_out
@@ -123,11 +127,10 @@ def _layer_gram(
         inner_a = torch.einsum("ntd,msd->nmts", activations, activations)
         inner_a = inner_a.repeat(k, k, 1, 1)
         inner_d = torch.einsum("ptd,qsd->pqts", rows, rows)
-        gram += (inner_a * inner_d).sum(dim=(2, 3)).to(torch.float64)
-    else:
-        per_sample = torch.einsum("ptd,ptf->pdf", rows, activations.repeat(k, 1, 1))
-        gram += factor_gram(per_sample.reshape(k * n, -1))
-    return gram
+        return gram + (inner_a * inner_d).sum(dim=(2, 3))
+    per_sample = torch.einsum("ptd,ptf->pdf", rows, activations.repeat(k, 1, 1))
+    flat = per_sample.reshape(k * n, -1)
+    return gram + flat @ flat.T
 
 
 class _Capture:
