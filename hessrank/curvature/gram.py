@@ -115,9 +115,11 @@ def _layer_gram(
         if not with_weight:
             return output_gram
         activation_gram = activations[:, 0] @ activations[:, 0].T
-        if k > 1:
-            activation_gram = activation_gram.repeat(k, k)
-        return output_gram * (activation_gram + 1.0 if with_bias else activation_gram)
+        if with_bias:
+            activation_gram += 1.0
+        # Entry ((k, i), (l, j)) takes (a_i . a_j): broadcast over k and l, no K n x K n copy.
+        output_gram.view(k, n, k, n).mul_(activation_gram[None, :, None, :])
+        return output_gram
     gram = rows.sum(dim=1) @ rows.sum(dim=1).T if with_bias else 0.0
     if not with_weight:
         return gram
