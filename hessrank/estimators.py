@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from hessrank.curvature.cotangents import fisher_cotangents, ggn_cotangents, reduction_scale
-from hessrank.curvature.gram import GramAccumulator, gram_kron
+from hessrank.curvature.gram import gram_kron
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
 from hessrank.monitor import Reporter
 from hessrank.problem import CurvatureProblem, check_loss, has_active_batchnorm
@@ -244,11 +244,8 @@ def _gram(problem: CurvatureProblem, kind: str, options: Options) -> Spectrum:
                 make = fisher_cotangents if kind == "fisher" else ggn_cotangents
                 return make(problem.loss_fn, outputs, problem.targets, scale)
 
-            def accumulator_of(size: int) -> GramAccumulator:
-                return GramAccumulator(size, problem.device, options.per_layer)
-
             accumulator, cotangents, backend = gram_kron(
-                problem, cotangents_of, accumulator_of, use_kron=options.backend != "func"
+                problem, cotangents_of, options.per_layer, use_kron=options.backend != "func"
             )
             columns = cotangents.shape[0]
         advance(1)

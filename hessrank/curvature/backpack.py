@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from hessrank.curvature.gram import GramAccumulator, factor_gram
+from hessrank.curvature.gram import GramAccumulator
 from hessrank.problem import CurvatureProblem
 
 _GGN_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
@@ -67,7 +67,7 @@ def gram_backpack(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         loss.backward()
     columns = 1
-    accumulator: GramAccumulator | None = None
+    accumulator = GramAccumulator(keep_groups)
     for group, names in groups.items():
         blocks = []
         for name in names:
@@ -79,9 +79,6 @@ def gram_backpack(
                 factor = param.sqrt_ggn_exact  # [C, n, *shape], scale included
                 columns = factor.shape[0]
                 blocks.append(factor.reshape(columns * n, -1))
-        gram = factor_gram(torch.cat(blocks, dim=1))
-        if accumulator is None:
-            accumulator = GramAccumulator(gram.shape[0], gram.device, keep_groups)
-        accumulator.add(group, gram)
-    assert accumulator is not None
+        factors = torch.cat(blocks, dim=1)
+        accumulator.add(group, factors @ factors.T)
     return accumulator, columns

@@ -36,30 +36,24 @@ FUNC_CHUNK_BYTES = 512 * 2**20
 
 @dataclass
 class GramAccumulator:
-    """Sum of per-group Gram matrices, float64, ``[m, m]``; per-group copies when asked."""
+    """Sum of per-group Gram matrices ``[m, m]``; per-group copies when ``keep_groups``.
 
-    size: int
-    device: torch.device
+    The sum is kept in the dtype of the first group's Gram (the model's): its entries come from
+    products in that dtype, so summing in it adds no error of a larger order, and the eigen-solve
+    widens the total to float64 once.
+    """
+
     keep_groups: bool
-    total: Tensor = field(init=False)
+    total: Tensor | None = None
     groups: dict[str, Tensor] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.total = torch.zeros(self.size, self.size, dtype=torch.float64, device=self.device)
-
     def add(self, group: str, gram: Tensor) -> None:
-        gram = gram.to(torch.float64)
-        self.total += gram
+        if self.total is None:
+            self.total = gram.clone() if self.keep_groups else gram
+        else:
+            self.total += gram.to(self.total.dtype)
         if self.keep_groups:
-            if group in self.groups:
-                self.groups[group] = self.groups[group] + gram
-            else:
-                self.groups[group] = gram
-
-
-def factor_gram(factors: Tensor) -> Tensor:
-    """``factors`` ``[m, d]`` -> ``factors factors^T`` in float64."""
-    return (factors @ factors.T).to(torch.float64)
+            self.groups[group] = self.groups[group] + gram if group in self.groups else gram
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,19 +199,20 @@ def _func_gram(
                     pieces[name].append(value.transpose(0, 1).reshape(k, stop - start, -1))
         for group, names in groups:
             factors = torch.cat([torch.cat(pieces[name], dim=1) for name in names], dim=-1)
-            accumulator.add(group, factor_gram(factors.reshape(k * n, -1)))
+            flat = factors.reshape(k * n, -1)
+            accumulator.add(group, flat @ flat.T)
 
 
 def gram_kron(
     problem: CurvatureProblem,
     cotangents_of: Callable[[Tensor], Tensor],
-    accumulator_of: Callable[[int], GramAccumulator],
+    keep_groups: bool,
     use_kron: bool = True,
 ) -> tuple[GramAccumulator, Tensor, str]:
     """Gram of the factors with hooks for Linear/Conv layers and ``torch.func`` for the rest.
 
-    ``cotangents_of(outputs)`` returns the ``[K, n, *out]`` cotangents; ``accumulator_of(m)``
-    makes the accumulator. Returns the accumulator, the cotangents and the backend label.
+    ``cotangents_of(outputs)`` returns the ``[K, n, *out]`` cotangents; ``keep_groups`` keeps
+    per-group Grams. Returns the accumulator, the cotangents and the backend label.
     """
     groups = problem.modules_with_params()
     module_by_name = dict(problem.model.named_modules())
@@ -244,7 +239,7 @@ def gram_kron(
             kron_modules.pop(name)
     cotangents = cotangents_of(outputs)
     k, n = cotangents.shape[:2]
-    accumulator = accumulator_of(k * n)
+    accumulator = GramAccumulator(keep_groups)
     if kron_modules:
         layer_outputs = [capture.outputs[name] for name in kron_modules]
         output_grads = _backward_batched(outputs, layer_outputs, cotangents)
