@@ -135,15 +135,6 @@ def num_params(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- cases
 
 
-def hessrank_available() -> bool:
-    """Whether the core library's ``effective_rank`` can be imported."""
-    try:
-        import hessrank
-    except ImportError:
-        return False
-    return hasattr(hessrank, "effective_rank")
-
-
 def make_case(spec: Spec) -> Callable[[], dict[str, Any]]:
     """Set up a case outside the timed region; return the callable that is timed.
 
@@ -409,23 +400,19 @@ def hr(method: str, **kwargs: Any) -> dict[str, Any]:
     return {"method": method, "kwargs": kwargs}
 
 
-def suite(b: Bench, groups: set[str], have_hessrank: bool) -> None:
+def suite(b: Bench, groups: set[str]) -> None:
     """Run the selected groups of cases."""
-    def with_hessrank(cases: dict[str, Spec]) -> dict[str, Spec]:
-        return {k: v for k, v in cases.items()
-                if have_hessrank or not v["tool"].startswith("hessrank")}
-
     if "fisher" in groups:
-        b.group("fisher: MLP 784-512-512-10, n = 512", with_hessrank({
+        b.group("fisher: MLP 784-512-512-10, n = 512", {
             "fwd_bwd": mlp_spec("fwd_bwd"),
             "hessrank_fisher": mlp_spec("hessrank", **hr("fisher")),
             "vivit_mc1": mlp_spec("vivit", mc_samples=1),
             "backpack_batchgrad": mlp_spec("backpack_batchgrad"),
             "vmap_grad": mlp_spec("vmap_grad"),
             "eigvalsh_f64_512": mlp_spec("eigvalsh", size=N, dtype="float64"),
-        }))
+        })
     if "ggn" in groups:
-        b.group("ggn: MLP 784-512-512-10, n = 512, C = 10", with_hessrank({
+        b.group("ggn: MLP 784-512-512-10, n = 512, C = 10", {
             "ggn_fwd_bwd": mlp_spec("fwd_bwd"),
             "hessrank_ggn": mlp_spec("hessrank", **hr("ggn")),
             "vivit_exact": mlp_spec("vivit", mc_samples=0),
@@ -433,34 +420,34 @@ def suite(b: Bench, groups: set[str], have_hessrank: bool) -> None:
             "eigvalsh_f64_5120": mlp_spec("eigvalsh", size=10 * N, dtype="float64"),
             "eigvalsh_f32_5120": mlp_spec("eigvalsh", size=10 * N, dtype="float32"),
             "eigvalsh_f64_4608": mlp_spec("eigvalsh", size=9 * N, dtype="float64"),
-        }))
-        b.group(f"ggn: MLP 784-512-512-10, n = {GGN_SMALL_N}", with_hessrank({
+        })
+        b.group(f"ggn: MLP 784-512-512-10, n = {GGN_SMALL_N}", {
             f"ggn_fwd_bwd_n{GGN_SMALL_N}": mlp_spec("fwd_bwd", n=GGN_SMALL_N),
             f"hessrank_ggn_n{GGN_SMALL_N}": mlp_spec("hessrank", n=GGN_SMALL_N, **hr("ggn")),
             f"vivit_exact_n{GGN_SMALL_N}": mlp_spec("vivit", n=GGN_SMALL_N, mc_samples=0),
             f"backpack_sqrtggn_n{GGN_SMALL_N}": mlp_spec("backpack_sqrtggn", n=GGN_SMALL_N),
-        }))
+        })
     if "cnn" in groups:
         for variant, tag, title in (
                 ("mnist", "cnn", "Conv(1,32,3)-Conv(32,64,3)-MaxPool-Linear(9216,10)"),
                 ("lenet", "lenet", "Conv(1,16,5)-Pool-Conv(16,32,5)-Pool-Linear(512,10)")):
             spec = {"model": "cnn", "variant": variant, "n": N, "seed": 0, "opts": {}}
-            b.group(f"cnn: {title}, n = 512", with_hessrank({
+            b.group(f"cnn: {title}, n = 512", {
                 f"{tag}_fwd_bwd": {**spec, "tool": "fwd_bwd"},
                 f"{tag}_hessrank_fisher": {**spec, "tool": "hessrank", "opts": hr("fisher")},
                 f"{tag}_hessrank_fisher_func": {**spec, "tool": "hessrank",
                                                  "opts": hr("fisher", backend="func")},
                 f"{tag}_backpack_batchgrad": {**spec, "tool": "backpack_batchgrad"},
                 f"{tag}_vmap_grad": {**spec, "tool": "vmap_grad"},
-            }))
+            })
     if "exact" in groups:
-        b.group(f"exact: MLP {'-'.join(map(str, SMALL_MLP))}, n = {EXACT_N}", with_hessrank({
+        b.group(f"exact: MLP {'-'.join(map(str, SMALL_MLP))}, n = {EXACT_N}", {
             "small_fwd_bwd": mlp_spec("fwd_bwd", n=EXACT_N, widths=SMALL_MLP),
             "small_hessrank_exact": slow(mlp_spec("hessrank", n=EXACT_N, widths=SMALL_MLP,
                                                   **hr("exact"))),
             "small_curvlinops_dense": slow(mlp_spec("curvlinops_dense", n=EXACT_N,
                                                     widths=SMALL_MLP)),
-        }))
+        })
     if "lanczos" in groups or "hvp" in groups:
         cases = {"hvp_fwd_bwd": mlp_spec("fwd_bwd")}
         if "lanczos" in groups:
@@ -471,8 +458,8 @@ def suite(b: Bench, groups: set[str], have_hessrank: bool) -> None:
             cases.update({"pyhessian_setup": mlp_spec("pyhessian_setup"),
                           "pyhessian_hvp": mlp_spec("pyhessian_hvp"),
                           "pyhessian_top_eigenvalue": slow(mlp_spec("pyhessian_top"))})
-        b.group("lanczos / hvp: MLP 784-512-512-10, n = 512", with_hessrank(cases))
-    if "scale" in groups and have_hessrank:
+        b.group("lanczos / hvp: MLP 784-512-512-10, n = 512", cases)
+    if "scale" in groups:
         b.group("scale: fisher, n = 4096, MLP 784-512-512-10", {
             "scale_fwd_bwd_n4096": mlp_spec("fwd_bwd", n=4096),
             "scale_hessrank_fisher_n4096": slow(mlp_spec("hessrank", n=4096, **hr("fisher"))),
@@ -485,24 +472,24 @@ def suite(b: Bench, groups: set[str], have_hessrank: bool) -> None:
         })
     if "sweep_n" in groups:
         for n in SWEEP_NS[:5] if b.args.quick else SWEEP_NS:
-            b.group(f"sweep_n: MLP 784-512-512-10, n = {n}", with_hessrank({
+            b.group(f"sweep_n: MLP 784-512-512-10, n = {n}", {
                 f"sweep_n{n}_fwd_bwd": mlp_spec("fwd_bwd", n=n),
                 f"sweep_n{n}_hessrank_fisher": mlp_spec("hessrank", n=n, **hr("fisher")),
                 f"sweep_n{n}_backpack_batchgrad": mlp_spec("backpack_batchgrad", n=n),
                 f"sweep_n{n}_vmap_grad": mlp_spec("vmap_grad", n=n),
-            }), time_cap_s=b.args.sweep_time_cap_s)
+            }, time_cap_s=b.args.sweep_time_cap_s)
     if "sweep_p" in groups:
         for p in SWEEP_PS[:5] if b.args.quick else SWEEP_PS:
             w = mlp_for_params(p)
             tag = f"sweep_p{p:.0e}".replace("+0", "")
-            b.group(f"sweep_p: MLP {'-'.join(map(str, w))}, n = {SWEEP_P_N}", with_hessrank({
+            b.group(f"sweep_p: MLP {'-'.join(map(str, w))}, n = {SWEEP_P_N}", {
                 f"{tag}_fwd_bwd": mlp_spec("fwd_bwd", n=SWEEP_P_N, widths=w),
                 f"{tag}_hessrank_fisher": mlp_spec("hessrank", n=SWEEP_P_N, widths=w,
                                                     **hr("fisher")),
                 f"{tag}_backpack_batchgrad": mlp_spec("backpack_batchgrad", n=SWEEP_P_N,
                                                        widths=w),
                 f"{tag}_vmap_grad": mlp_spec("vmap_grad", n=SWEEP_P_N, widths=w),
-            }), time_cap_s=b.args.sweep_time_cap_s)
+            }, time_cap_s=b.args.sweep_time_cap_s)
 
 
 # ----------------------------------------------------------------------------- targets
@@ -815,14 +802,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = groups - set(GROUPS)
     if unknown:
         ap.error(f"unknown groups {sorted(unknown)}; choose among {', '.join(GROUPS)}")
-    have = hessrank_available()
-    if not have:
-        print("hessrank.effective_rank is not importable: measuring the peers only", flush=True)
     bench = Bench(args)
     print(f"float32 GEMM: {bench.gflops:.0f} GFLOP/s on {torch.get_num_threads()} threads",
           flush=True)
     t0 = time.perf_counter()
-    suite(bench, groups, have)
+    suite(bench, groups)
     rows = targets(bench.results)
     print_tables(bench.results, rows)
     out = Path(args.out)

@@ -145,8 +145,8 @@ def build_problem(
                 f"mismatched batch sizes: inputs[{i}] has shape {shape} but targets has {n} "
                 "samples; the batch dimension must come first in every tensor"
             )
-    for label, tensor in [*((f"inputs[{i}]", x) for i, x in enumerate(inputs)),
-                          ("targets", targets)]:
+    batch_tensors = [*((f"inputs[{i}]", x) for i, x in enumerate(inputs)), ("targets", targets)]
+    for label, tensor in batch_tensors:
         if tensor.is_floating_point() and not all_finite(tensor):
             raise ValueError(f"{label} contains NaN or Inf: clean the batch before analysing it")
 
@@ -161,8 +161,7 @@ def build_problem(
     if len(dtypes) > 1:
         raise ValueError(f"parameters have mixed dtypes {dtypes}; cast the model to one dtype")
     device = next(iter(devices))
-    for label, tensor in [*((f"inputs[{i}]", x) for i, x in enumerate(inputs)),
-                          ("targets", targets)]:
+    for label, tensor in batch_tensors:
         if tensor.device != device:
             raise ValueError(
                 f"{label} is on {tensor.device} but the model is on {device}: move the batch "

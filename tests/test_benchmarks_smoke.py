@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+import hessrank
+
 pytest.importorskip("backpack")
 pytest.importorskip("vivit")
 pytest.importorskip("curvlinops")
@@ -102,9 +104,6 @@ def test_pyhessian_leaves_the_model_alone(tiny) -> None:
 
 
 def test_hessrank_matches_dense_references(tiny) -> None:
-    hessrank = pytest.importorskip("hessrank")
-    if not hasattr(hessrank, "effective_rank"):
-        pytest.skip("hessrank.effective_rank not available yet")
     model, x, y = tiny
     loss = nn.CrossEntropyLoss()
     em, el = peers.extended(model)
