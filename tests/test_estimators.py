@@ -53,26 +53,21 @@ def test_exact_matches_dense_hessian(kind):
     assert result.rank == int(hessrank.spectral_ranks(reference)["srank"])
 
 
-@pytest.mark.parametrize("kind", MODELS)
-@pytest.mark.parametrize("backend", ["auto", "func"])
-def test_fisher_matches_dense_reference(kind, backend):
-    model, x, y = _problem(kind)
-    n = len(y)
-    reference = eigenvalues_by_magnitude(reference_fisher(model, CE, x, y, scale=1 / n))
-    result = hessrank.effective_rank(model, CE, (x, y), method="fisher", backend=backend)
-    assert len(result.eigenvalues) == n
-    assert_spectra_close(result.eigenvalues, reference, count=n, rtol=1e-9)
+# Factor columns per sample: 1 for the Fisher, C' = C - 1 = 2 for the cross-entropy GGN.
+GRAM_METHODS = {"fisher": (reference_fisher, 1), "ggn": (reference_ggn, 2)}
 
 
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("backend", ["auto", "func"])
-def test_ggn_matches_dense_reference(kind, backend):
+@pytest.mark.parametrize("method", list(GRAM_METHODS))
+def test_gram_methods_match_dense_reference(kind, backend, method):
     model, x, y = _problem(kind)
     n = len(y)
-    reference = eigenvalues_by_magnitude(reference_ggn(model, CE, x, y, scale=1 / n))
-    result = hessrank.effective_rank(model, CE, (x, y), method="ggn", backend=backend)
-    assert len(result.eigenvalues) == n * 2  # C' = C - 1 for cross-entropy
-    assert_spectra_close(result.eigenvalues, reference, count=n * 2, rtol=1e-9)
+    make_reference, columns = GRAM_METHODS[method]
+    reference = eigenvalues_by_magnitude(make_reference(model, CE, x, y, scale=1 / n))
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, backend=backend)
+    assert len(result.eigenvalues) == n * columns
+    assert_spectra_close(result.eigenvalues, reference, count=n * columns, rtol=1e-9)
 
 
 def test_backends_report_what_they_used():
