@@ -5,7 +5,7 @@
 """
 
 from hessrank.api import BACKENDS, METHODS, effective_rank, gradient_overlap, predict_exact_cost
-from hessrank.estimators import BudgetError
+from hessrank.estimators import ESTIMATORS, BudgetError
 from hessrank.monitor import progress_bar
 from hessrank.ranks import RANK_NAMES, spectral_ranks
 from hessrank.results import RankResult
@@ -14,6 +14,7 @@ __all__ = [
     "BACKENDS",
     "METHODS",
     "RANK_NAMES",
+    "ESTIMATORS",
     "BudgetError",
     "RankResult",
     "effective_rank",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from collections.abc import Iterable
 
@@ -10,25 +12,45 @@ import torch
 from torch import Tensor, nn
 
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
-from hessrank.estimators import (
-    ESTIMATORS,
-    Options,
-    Spectrum,
-    check_exact_memory,
-    exact_chunk_size,
-    exact_memory_bytes,
-    predict_exact_seconds,
-    restrict,
-)
-from hessrank.guard import evaluation_mode, preserved_state
+from hessrank.estimators import ESTIMATORS, METHODS, Estimator, Settings, Spectrum
+from hessrank.estimators.exact import exact_chunk_size
+from hessrank.estimators.gram import BACKENDS
+from hessrank.guard import differentiable, evaluation_mode, preserved_state
 from hessrank.monitor import PeakMemory, Reporter
-from hessrank.problem import Batch, CurvatureProblem, LossFn, build_problem
+from hessrank.problem import (
+    Batch,
+    CurvatureProblem,
+    LossFn,
+    build_problem,
+    check_number,
+    probe_outputs,
+)
 from hessrank.ranks import default_rtol, spectral_ranks, srank
 from hessrank.results import RankResult
 from hessrank.spectrum.dense import symmetric_eigenpairs
 
-METHODS = tuple(ESTIMATORS)
-BACKENDS = ("auto", "func", "backpack")
+__all__ = ["BACKENDS", "METHODS", "effective_rank", "gradient_overlap", "predict_exact_cost"]
+
+
+def _estimator(method: object) -> Estimator:
+    if not isinstance(method, str) or method not in ESTIMATORS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    return ESTIMATORS[method]
+
+
+def _settings(threshold: float, rtol: float | None, max_memory: float, max_seconds: float | None,
+              seed: int, per_layer: bool, progress: object) -> Settings:
+    """Validate the options every method shares (before any work) and bundle them."""
+    check_number("threshold", threshold, high=1.0)
+    check_number("rtol", rtol, allow_none=True, inclusive_low=True)
+    check_number("max_memory", max_memory)
+    check_number("max_seconds", max_seconds, allow_none=True)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not isinstance(per_layer, bool):
+        raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
+    return Settings(threshold=threshold, max_memory=max_memory, max_seconds=max_seconds,
+                    seed=seed, per_layer=per_layer, reporter=Reporter(progress))
 
 
 def effective_rank(
@@ -41,95 +63,106 @@ def effective_rank(
     rtol: float | None = None,
     params: Iterable[Tensor | str] | None = None,
     per_layer: bool = False,
-    backend: str = "auto",
     mode: str = "eval",
     max_memory: float = 4 * 2**30,
     max_seconds: float | None = None,
-    lanczos_steps: int = 80,
-    lanczos_probes: int = 8,
     seed: int = 0,
     progress: object = False,
+    backend: str = "auto",
+    lanczos_steps: int = 80,
+    lanczos_probes: int = 8,
 ) -> RankResult:
     """Rank and spectrum of the Hessian of ``loss_fn(model(*inputs), targets)`` or an approximation.
 
     Args:
-        model: any ``nn.Module``; ``model(*inputs)`` gives outputs with the batch dimension first.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``. Mean reduction (as in
-            ``nn.CrossEntropyLoss()``) gives the curvature of the mean loss, sum reduction that of
-            the sum; ``fisher``/``ggn`` need one of the two (checked).
-        batch: ``(inputs, targets)``; ``inputs`` a tensor or a tuple of tensors.
-        method: ``"fisher"`` (empirical Fisher, ``n x n`` Gram matrix; the default, the paper's
-            choice), ``"ggn"`` (Gauss-Newton, ``nC' x nC'`` Gram matrix), ``"exact"`` (dense
-            Hessian) or ``"lanczos"`` (stochastic Lanczos quadrature on Hessian-vector products).
-        threshold: srank threshold: smallest ``k`` whose top-``k`` ``|eigenvalue|`` mass reaches
-            this share of the total (0.99, Kumar et al.).
-        rtol: numerical-rank tolerance relative to the largest ``|eigenvalue|``; default: the
-            ``numpy.linalg.matrix_rank`` rule, matrix size times the model dtype's epsilon.
-        params: parameters (or names) to analyse; default all trainable ones. Frozen parameters
-            are excluded and listed in ``result.excluded``.
+        model: any ``nn.Module`` (a ``torch.compile`` or ``DistributedDataParallel`` wrapper is
+            analysed through the module it wraps). Its outputs have the batch dimension first.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``. The curvature is that of this loss as
+            it is: for a mean reduction, of the mean. ``fisher`` and ``ggn`` derive their
+            per-sample factors from the loss itself and verify them (class weights and
+            ``ignore_index`` included); see :class:`hessrank.RankResult` for the conventions.
+        batch: ``(inputs, targets)``; ``inputs`` a tensor, a tuple of tensors (``model(*inputs)``)
+            or a dict of tensors (``model(**inputs)``), every tensor with the batch dimension
+            first.
+        method: one of :data:`hessrank.METHODS`: ``"fisher"`` (empirical Fisher, ``n x n`` Gram
+            matrix; the default, the paper's choice), ``"ggn"`` (Gauss-Newton, ``nC' x nC'`` Gram
+            matrix), ``"exact"`` (dense Hessian) or ``"lanczos"`` (stochastic Lanczos quadrature
+            on Hessian-vector products).
+        threshold: srank threshold in (0, 1]: smallest ``k`` whose top-``k`` ``|eigenvalue|``
+            mass reaches this share of the total (0.99, Kumar et al.).
+        rtol: numerical-rank tolerance (>= 0) relative to the largest ``|eigenvalue|``; default:
+            the ``numpy.linalg.matrix_rank`` rule, matrix size times the model dtype's epsilon.
+        params: a list of parameters (or their names) to analyse; default all trainable ones.
+            Frozen parameters are excluded and listed in ``result.excluded``.
         per_layer: also analyse each parameterised module's diagonal block (``result.layers``).
-        backend: ``fisher``/``ggn`` only. ``"auto"``: Kronecker identity for Linear/Conv layers,
-            ``torch.func`` for every other parameter; ``"func"``: ``torch.func`` throughout;
-            ``"backpack"``: BackPACK on a deep copy (supported layers only).
         mode: ``"eval"`` (default): the model as evaluated, dropout off and BatchNorm on its
             running statistics, whatever its flags; ``"train"``: the flags as set, i.e. BatchNorm
             on batch statistics (``exact``/``lanczos`` only; dropout must be off).
-        max_memory, max_seconds: budget of ``exact``; over it, :class:`hessrank.BudgetError`
-            (a ``ValueError``) is raised before the Hessian is built.
-        lanczos_steps, lanczos_probes, seed: Lanczos steps per probe, probe count, probe seed
-            (a private generator: the global RNG is not used).
+        max_memory: budget in bytes (> 0) for every method, checked against a prediction before
+            the work; over it, :class:`hessrank.BudgetError` (a ``ValueError``).
+        max_seconds: time budget (> 0) for the methods that predict their time (``exact``,
+            ``lanczos``; predicting it costs a few Hessian-vector products).
+        seed: seed of the private generator for random probes and checks (the global RNG is not
+            used).
         progress: ``True`` for a progress bar with ETA, or a ``rich.progress.Progress``.
+        backend: ``fisher``/``ggn`` option. ``"auto"``: verified per-module rules (Linear,
+            Conv) and ``torch.func`` for every other parameter; ``"func"``: ``torch.func``
+            throughout; ``"backpack"``: BackPACK on a deep copy (supported layers only).
+        lanczos_steps, lanczos_probes: ``lanczos`` options: steps per probe, probe count.
+
+    Options that belong to another method are ignored, so one set of keywords serves a loop over
+    :data:`hessrank.METHODS`.
 
     Returns:
         A :class:`hessrank.RankResult`. The model, its gradients, buffers, modes, hooks,
-        ``requires_grad`` flags and the global RNG state are exactly as before the call.
+        ``requires_grad`` flags and the global RNG state are exactly as before the call, also
+        when it fails or is interrupted.
+
+    Raises:
+        TypeError, ValueError: bad input, named with its fix, before any expensive work.
+        hessrank.BudgetError: the predicted memory or time exceeds the budget.
     """
-    if method not in ESTIMATORS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
-    if mode == "train" and method in ("fisher", "ggn"):
-        raise ValueError(
-            f"mode='train' is defined for 'exact' and 'lanczos' only: per-sample {method} "
-            "factors assume samples that do not interact; use mode='eval'"
-        )
-    options = Options(threshold=threshold, backend=backend, max_memory=max_memory,
-                      max_seconds=max_seconds, lanczos_steps=lanczos_steps,
-                      lanczos_probes=lanczos_probes, seed=seed, per_layer=per_layer,
-                      reporter=Reporter(progress))
-    estimator = ESTIMATORS[method]
+    estimator = _estimator(method)
+    settings = _settings(threshold, rtol, max_memory, max_seconds, seed, per_layer, progress)
+    options = estimator.make_options({"backend": backend, "lanczos_steps": lanczos_steps,
+                                      "lanczos_probes": lanczos_probes})
+    estimator.check_mode(mode)
     start = time.perf_counter()
-    with preserved_state(model):
+    with preserved_state(model), differentiable():
         problem = build_problem(model, loss_fn, batch, params, mode)
-        with evaluation_mode(model, mode), PeakMemory(problem.device) as memory:
-            spectrum = estimator(problem, options)
-            if per_layer and method in ("exact", "lanczos"):
-                layer_options = Options(**{**vars(options), "per_layer": False})
-                spectrum.layers = {
-                    group: estimator(restrict(problem, names), layer_options)
-                    for group, names in problem.modules_with_params().items()
-                }
+        with evaluation_mode(problem.model, mode):
+            outputs = functools.cache(lambda: probe_outputs(problem))
+            estimator.check_budget(estimator.predict(problem, outputs, settings, options),
+                                   problem, settings)
+            outputs()  # the loss on the model's outputs, checked before the work
+            outputs.cache_clear()
+            with PeakMemory(problem.device) as memory:
+                spectrum = estimator.run(problem, settings, options)
+                if per_layer and estimator.layer_strategy == "restricted":
+                    layer_settings = dataclasses.replace(settings, per_layer=False)
+                    spectrum.layers = {
+                        group: estimator.run(problem.restricted(names), layer_settings, options)
+                        for group, names in problem.modules_with_params().items()
+                    }
     seconds = time.perf_counter() - start
     eps = float(torch.finfo(problem.dtype).eps)
     named = dict(zip(problem.names, problem.params))
-    sizes = {group: sum(named[name].numel() for name in names)
-             for group, names in problem.modules_with_params().items()}
+    groups = problem.modules_with_params()
     layers = {
-        group: _result(layer, problem, sizes[group], method, threshold, rtol, eps,
-                       seconds=0.0, memory=None)
-        for group, layer in spectrum.layers.items()
+        group: _result(spectrum.layers[group], problem,
+                       sum(named[name].numel() for name in groups[group]), estimator, threshold,
+                       rtol, eps, seconds=0.0, memory=None)
+        for group in groups if group in spectrum.layers
     }
-    return _result(spectrum, problem, problem.num_params, method, threshold, rtol, eps, seconds,
-                   memory.peak, layers)
+    return _result(spectrum, problem, problem.num_params, estimator, threshold, rtol, eps,
+                   seconds, memory.peak, layers)
 
 
 def _result(
     spectrum: Spectrum,
     problem: CurvatureProblem,
     num_params: int,
-    method: str,
+    estimator: Estimator,
     threshold: float,
     rtol: float | None,
     eps: float,
@@ -138,15 +171,18 @@ def _result(
     layers: dict[str, RankResult] | None = None,
 ) -> RankResult:
     """Ranks of a spectrum, packaged with everything the call knows."""
-    size = spectrum.max_rank if method in ("exact", "lanczos") else len(spectrum.eigenvalues)
+    size = spectrum.max_rank if spectrum.weights is not None or estimator.solver == "dense" \
+        else len(spectrum.eigenvalues)
     tolerance = default_rtol(size, eps) if rtol is None else rtol
     ranks = spectral_ranks(spectrum.eigenvalues, threshold, tolerance, spectrum.weights)
     shown = spectrum.eigenvalues if spectrum.ritz_values is None else spectrum.ritz_values
+    interval = None if spectrum.rank_interval is None else (
+        float(spectrum.rank_interval[0]), float(spectrum.rank_interval[1]))
     return RankResult(
         rank=int(round(ranks["srank"])),
         eigenvalues=shown,
         ranks=ranks,
-        method=method,
+        method=estimator.name,
         backend=spectrum.backend,
         num_params=num_params,
         num_samples=problem.num_samples,
@@ -156,11 +192,12 @@ def _result(
         trace=spectrum.trace,
         max_rank=spectrum.max_rank,
         peak_memory=memory,
-        rank_interval=spectrum.rank_interval,
+        rank_interval=interval,
         num_hvps=spectrum.num_hvps,
         excluded=problem.excluded,
         layers=layers or {},
-        notes=tuple(spectrum.notes),
+        paths=dict(spectrum.paths),
+        notes=tuple([*problem.notes, *spectrum.notes]),
         density=(spectrum.eigenvalues, spectrum.weights) if spectrum.weights is not None else None,
     )
 
@@ -175,17 +212,18 @@ def predict_exact_cost(
 
     Memory needs no computation. The time is extrapolated from one timed chunk of Hessian-vector
     products and is None when the memory alone rules the problem out (over 64 GiB).
+
+    Returns:
+        ``(memory_bytes, seconds)``.
     """
-    with preserved_state(model):
+    estimator = ESTIMATORS["exact"]
+    settings = Settings(max_memory=64 * 2**30, max_seconds=float("inf"))
+    with preserved_state(model), differentiable():
         problem = build_problem(model, loss_fn, batch, params, "eval")
-        element = problem.params[0].element_size()
-        memory = exact_memory_bytes(problem.num_params, element)
-        if memory > 64 * 2**30:
-            return memory, None
-        with evaluation_mode(model, "eval"):
-            operator = HessianOperator(problem)
-            seconds = predict_exact_seconds(operator, exact_chunk_size(operator.dim, element))
-    return memory, seconds
+        with evaluation_mode(problem.model, "eval"):
+            cost = estimator.predict(problem, lambda: probe_outputs(problem), settings,
+                                     estimator.make_options({}))
+    return cost.memory_bytes, cost.seconds
 
 
 def gradient_overlap(
@@ -203,13 +241,21 @@ def gradient_overlap(
     ``||V_k^T g||^2 / ||g||^2`` with ``V_k`` the eigenvectors of the ``k`` largest
     ``|eigenvalues|`` of the exact Hessian (dense, so within ``max_memory``); ``k`` defaults to
     the Hessian's srank at ``threshold``. 1 means the gradient lies in the curvature directions.
-    Returns 0.0 for a zero gradient.
+
+    Returns:
+        The share in [0, 1]; 0.0 for a zero gradient.
+
+    Raises:
+        hessrank.BudgetError: the dense Hessian would exceed ``max_memory``.
     """
-    options = Options(threshold=threshold, max_memory=max_memory)
-    with preserved_state(model):
+    estimator = ESTIMATORS["exact"]
+    settings = _settings(threshold, None, max_memory, None, 0, False, False)
+    with preserved_state(model), differentiable():
         problem = build_problem(model, loss_fn, batch, params, "eval")
-        check_exact_memory(problem, options)
-        with evaluation_mode(model, "eval"):
+        with evaluation_mode(problem.model, "eval"):
+            estimator.check_budget(
+                estimator.predict(problem, lambda: probe_outputs(problem), settings, None),
+                problem, settings)
             operator = HessianOperator(problem)
             hessian = dense_hessian(
                 operator, exact_chunk_size(operator.dim, problem.params[0].element_size())

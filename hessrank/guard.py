@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,45 +26,80 @@ _HOOK_DICTS = (
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore, on exit (normal or by exception), the model's observable state.
+def deferred_interrupts() -> Iterator[None]:
+    """Hold back SIGINT (Ctrl-C) inside the block and deliver it once the block has finished.
 
-    Covers: every module's ``training`` flag (restored as attributes, never through ``train()``),
-    parameters' ``requires_grad`` and ``.grad`` (the same tensor objects), buffers (values copied
-    back in place, so BatchNorm statistics and ``num_batches_tracked`` are untouched), the module
-    hook dictionaries, and the global CPU and CUDA random number generator states.
-    Parameters themselves are never written by hessrank; they are not copied.
+    Makes a restore atomic: a ``KeyboardInterrupt`` can land before or after it, never half-way.
+    Only the main thread receives signals; elsewhere the block runs as is.
     """
-    modules = list(model.modules())
-    training = [m.training for m in modules]
-    hooks = [{name: dict(getattr(m, name)) for name in _HOOK_DICTS if hasattr(m, name)}
-             for m in modules]
-    parameters = list(model.parameters())
-    requires_grad = [p.requires_grad for p in parameters]
-    grads = [p.grad for p in parameters]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        for module, flag, module_hooks in zip(modules, training, hooks):
-            module.training = flag
-            for name, saved in module_hooks.items():
-                current = getattr(module, name)
-                if current.keys() != saved.keys():
-                    current.clear()
-                    current.update(saved)
-        for param, flag, grad in zip(parameters, requires_grad, grads):
-            param.requires_grad_(flag)
-            param.grad = grad
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                if not torch.equal(buffer, saved):
-                    buffer.copy_(saved)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore, on exit (normal, by exception or by Ctrl-C), the model's observable state.
+
+    Covers, for every submodule: the ``training`` flag (restored as an attribute, never through
+    ``train()``), the hook dictionaries, the parameter and buffer *registrations* (so a buffer that
+    forward rebinds, ``self.steps = self.steps + 1``, and a parameter that a functional call left
+    swapped come back as the caller's objects), buffer values (copied back in place), and for
+    every parameter ``requires_grad`` and ``.grad`` (the same tensor objects); plus the global CPU
+    and CUDA random number generator states. The restore runs with Ctrl-C held back, so it is
+    atomic. Parameter values are never written by hessrank; they are not copied.
+    """
+    with deferred_interrupts():
+        modules = list(model.modules())
+        training = [m.training for m in modules]
+        hooks = [{name: dict(getattr(m, name)) for name in _HOOK_DICTS if hasattr(m, name)}
+                 for m in modules]
+        registered_params = [dict(m._parameters) for m in modules]
+        registered_buffers = [dict(m._buffers) for m in modules]
+        parameters = list(model.parameters())
+        requires_grad = [p.requires_grad for p in parameters]
+        grads = [p.grad for p in parameters]
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        with deferred_interrupts():
+            for module, flag, module_hooks, params, module_buffers in zip(
+                modules, training, hooks, registered_params, registered_buffers
+            ):
+                module.training = flag
+                for name, saved in module_hooks.items():
+                    current = getattr(module, name)
+                    if current.keys() != saved.keys():
+                        current.clear()
+                        current.update(saved)
+                for registry, saved_entries in ((module._parameters, params),
+                                                (module._buffers, module_buffers)):
+                    if registry.keys() != saved_entries.keys() or any(
+                        registry[k] is not v for k, v in saved_entries.items()
+                    ):
+                        registry.clear()
+                        registry.update(saved_entries)
+            for param, flag, grad in zip(parameters, requires_grad, grads):
+                param.requires_grad_(flag)
+                param.grad = grad
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    if not torch.equal(buffer, saved):
+                        buffer.copy_(saved)
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
 
 
 @contextmanager
@@ -76,3 +113,11 @@ def evaluation_mode(model: nn.Module, mode: str) -> Iterator[None]:
         for module in model.modules():
             module.training = False
     yield
+
+
+@contextmanager
+def differentiable() -> Iterator[None]:
+    """Gradients on, inference mode off: a call made under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` still differentiates (the caller's modes return on exit)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield

@@ -1,19 +1,30 @@
-"""The curvature problem: a model, a loss and a batch, validated before any expensive work."""
+"""The curvature problem: a model, a loss and a batch, validated before any expensive work.
+
+Every check here is cheap (no backward pass; at most one forward pass without a graph) and runs
+before an estimator starts, so bad input fails fast, with a message naming the problem and the fix,
+and changes nothing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-Batch = tuple[Tensor | Sequence[Tensor], Tensor]
+#: ``(inputs, targets)``. ``inputs``: a tensor (``model(x)``), a tuple of tensors
+#: (``model(*inputs)``) or a mapping of names to tensors (``model(**inputs)``, HuggingFace style).
+Batch = tuple[Tensor | Sequence[Tensor] | Mapping[str, Tensor], Tensor]
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
+#: Parameter dtypes the curvature is computed in; half precision loses too many digits for
+#: second derivatives, and complex parameters have no real Hessian.
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -21,24 +32,29 @@ class CurvatureProblem:
     """A validated ``(model, loss_fn, batch)`` with the parameters under analysis.
 
     Attributes:
-        model: the user's module (never modified).
+        model: the user's module (never modified; a ``torch.compile`` wrapper is unwrapped to the
+            module it compiles, which holds the same parameters).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
-        inputs: tuple of input tensors, ``model(*inputs)``, batch dimension first.
-        targets: target tensor, batch dimension first.
+        args: positional input tensors, batch dimension first (detached from any graph).
+        kwargs: keyword input tensors, batch dimension first (``model(*args, **kwargs)``).
+        targets: target tensor, batch dimension first (detached).
         names: names of the analysed parameters, in ``model.named_parameters()`` order.
         params: the analysed parameters themselves (same order).
         excluded: names of frozen (``requires_grad=False``) parameters left out.
         mode: ``"eval"`` or ``"train"`` (see :func:`hessrank.effective_rank`).
+        notes: facts about the problem worth reporting (e.g. an unwrapped compiled model).
     """
 
     model: nn.Module
     loss_fn: LossFn
-    inputs: tuple[Tensor, ...]
+    args: tuple[Tensor, ...]
+    kwargs: dict[str, Tensor]
     targets: Tensor
     names: list[str]
     params: list[Tensor]
     excluded: tuple[str, ...]
     mode: str
+    notes: list[str] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -58,7 +74,7 @@ class CurvatureProblem:
 
     def forward(self) -> Tensor:
         """Model outputs on the batch (graph kept for differentiation)."""
-        return self.model(*self.inputs)
+        return self.model(*self.args, **self.kwargs)
 
     def loss(self, outputs: Tensor | None = None) -> Tensor:
         """The scalar loss, checked to be a finite scalar."""
@@ -67,8 +83,22 @@ class CurvatureProblem:
         check_loss(value)
         return value
 
+    def sample_slice(self, start: int, stop: int) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+        """Inputs of samples ``start:stop`` as ``(args, kwargs)``."""
+        return (tuple(x[start:stop] for x in self.args),
+                {k: x[start:stop] for k, x in self.kwargs.items()})
+
+    def restricted(self, names: Sequence[str]) -> CurvatureProblem:
+        """The same problem on a subset of its parameters (``names`` in model order)."""
+        named = dict(zip(self.names, self.params))
+        return replace(self, names=list(names), params=[named[n] for n in names])
+
     def modules_with_params(self) -> dict[str, list[str]]:
-        """Parameterised modules -> names of the analysed parameters they hold directly."""
+        """Parameterised modules -> names of the analysed parameters they hold directly.
+
+        A parameter registered in several modules (weight tying) belongs to the first module that
+        registers it, as in ``model.named_parameters()``; modules come in ``named_modules()`` order.
+        """
         selected = set(self.names)
         groups: dict[str, list[str]] = {}
         seen: set[str] = set()
@@ -111,6 +141,84 @@ def check_loss(value: object) -> None:
         )
 
 
+def check_number(name: str, value: object, *, low: float = 0.0, high: float = math.inf,
+                 allow_none: bool = False, inclusive_low: bool = False) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a real number in range.
+
+    Args:
+        name: the argument's name, as the caller wrote it.
+        value: what was passed.
+        low, high: the open interval ``(low, high]`` (``[low, high]`` with ``inclusive_low``).
+        allow_none: whether ``None`` is accepted.
+
+    Raises:
+        ValueError: for NaN, a non-number, or a value out of range.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    below = value < low if inclusive_low else value <= low
+    if below or value > high:
+        bracket = "[" if inclusive_low else "("
+        raise ValueError(f"{name} must lie in {bracket}{low:g}, {high:g}], got {value!r}")
+
+
+def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The module whose parameters the analysis differentiates, and what was unwrapped.
+
+    ``torch.compile(model)`` returns a wrapper around ``model`` (same parameters): the curvature is
+    that of the original function, analysed eagerly (hooks and ``torch.func`` need the eager
+    module). ``DistributedDataParallel`` wraps its ``.module`` likewise; analysing it directly
+    keeps DDP's gradient all-reduce and its state out of the call.
+    """
+    notes = []
+    while True:
+        if hasattr(torch, "_dynamo") and isinstance(
+            model, torch._dynamo.eval_frame.OptimizedModule
+        ):
+            model = model._orig_mod
+            notes.append("torch.compile wrapper: the original module was analysed eagerly "
+                         "(same parameters, same function)")
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+            notes.append("DistributedDataParallel wrapper: its .module was analysed")
+        else:
+            return model, notes
+
+
+def _batch_tensors(
+    raw_inputs: object,
+) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """Split ``inputs`` into positional and keyword tensors, or raise naming the form expected."""
+    if isinstance(raw_inputs, Tensor):
+        return (raw_inputs,), {}
+    if isinstance(raw_inputs, Mapping):
+        bad = [k for k, v in raw_inputs.items() if not isinstance(k, str) or
+               not isinstance(v, Tensor)]
+        if bad or not raw_inputs:
+            raise TypeError("inputs given as a mapping must map argument names (str) to tensors, "
+                            f"for model(**inputs); offending keys: {bad or 'none (empty)'}")
+        return (), dict(raw_inputs)
+    if isinstance(raw_inputs, (tuple, list)) and raw_inputs and all(
+        isinstance(x, Tensor) for x in raw_inputs
+    ):
+        return tuple(raw_inputs), {}
+    raise TypeError(
+        f"inputs must be a tensor, a non-empty tuple of tensors (model(*inputs)) or a dict of "
+        f"tensors (model(**inputs)), got {type(raw_inputs).__name__}"
+    )
+
+
+def _usable(tensor: Tensor) -> Tensor:
+    """A caller's batch tensor as the analysis uses it: detached, and a normal (non-inference)
+    tensor, so that a call made under ``torch.inference_mode()`` can still differentiate."""
+    if tensor.is_inference():
+        with torch.inference_mode(False):
+            return tensor.clone()
+    return tensor.detach()
+
+
 def build_problem(
     model: nn.Module,
     loss_fn: LossFn,
@@ -118,55 +226,84 @@ def build_problem(
     params: Iterable[Tensor | str] | None,
     mode: str,
 ) -> CurvatureProblem:
-    """Validate every argument (types, shapes, finiteness, parameters) and build the problem."""
+    """Validate every argument (types, shapes, dtypes, finiteness, parameters); build the problem.
+
+    Raises:
+        TypeError, ValueError: naming the argument at fault and the fix.
+    """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        kind = "a function" if callable(model) else type(model).__name__
+        raise TypeError(
+            f"model must be a torch.nn.Module, got {kind}: wrap a function in a module whose "
+            "forward calls it and whose parameters are nn.Parameters"
+        )
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar tensor")
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    model, notes = unwrap_model(model)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError("batch must be a pair (inputs, targets); inputs may be a tuple of tensors")
+        raise TypeError(
+            "batch must be a pair (inputs, targets); inputs may be a tensor, a tuple of tensors "
+            f"or a dict of tensors, got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        )
     raw_inputs, targets = batch
-    inputs = (raw_inputs,) if isinstance(raw_inputs, Tensor) else tuple(raw_inputs)
-    if not inputs or not all(isinstance(x, Tensor) for x in inputs):
-        raise TypeError("inputs must be a tensor or a non-empty tuple of tensors")
+    args, kwargs = _batch_tensors(raw_inputs)
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
     if targets.dim() == 0:
-        raise ValueError("targets must have a batch dimension first")
+        raise ValueError("targets must have a batch dimension first (shape [n, ...]), got a "
+                         "scalar")
     n = targets.shape[0]
     if n == 0:
         raise ValueError("the batch is empty: pass at least one sample")
-    for i, x in enumerate(inputs):
-        if x.dim() == 0 or x.shape[0] != n:
-            shape = tuple(x.shape)
+    labelled = [*((f"inputs[{i}]", x) for i, x in enumerate(args)),
+                *((f"inputs[{k!r}]", x) for k, x in kwargs.items()), ("targets", targets)]
+    for label, tensor in labelled:
+        if tensor.dim() == 0 or tensor.shape[0] != n:
             raise ValueError(
-                f"mismatched batch sizes: inputs[{i}] has shape {shape} but targets has {n} "
-                "samples; the batch dimension must come first in every tensor"
+                f"mismatched batch sizes: {label} has shape {tuple(tensor.shape)} but targets has "
+                f"{n} samples; the batch dimension must come first in every tensor"
             )
-    batch_tensors = [*((f"inputs[{i}]", x) for i, x in enumerate(inputs)), ("targets", targets)]
-    for label, tensor in batch_tensors:
         if tensor.is_floating_point() and not all_finite(tensor):
             raise ValueError(f"{label} contains NaN or Inf: clean the batch before analysing it")
+        if tensor.is_complex():
+            raise ValueError(f"{label} is complex ({tensor.dtype}): the curvature of a loss is "
+                             "defined for real data; pass real tensors")
 
     names, selected, excluded = _select_parameters(model, params)
-    for name, p in zip(names, selected):
-        if not all_finite(p.detach()):
-            raise ValueError(f"parameter {name!r} contains NaN or Inf: the curvature is undefined")
+    dtypes = {p.dtype for p in selected}
+    if len(dtypes) > 1:
+        raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the "
+                         "model to one dtype (model.float() or model.double())")
+    dtype = next(iter(dtypes))
+    if dtype not in SUPPORTED_DTYPES:
+        advice = ("half precision loses too many digits for second derivatives"
+                  if dtype in (torch.float16, torch.bfloat16)
+                  else "the curvature of a real loss needs real parameters")
+        raise ValueError(
+            f"the model's parameters are {dtype}: {advice}. Analyse a float32 copy: "
+            "hessrank.effective_rank(copy.deepcopy(model).float(), ...) with float32 inputs"
+        )
     devices = {p.device for p in selected}
     if len(devices) > 1:
         raise ValueError(f"parameters live on several devices {devices}; move the model to one")
-    dtypes = {p.dtype for p in selected}
-    if len(dtypes) > 1:
-        raise ValueError(f"parameters have mixed dtypes {dtypes}; cast the model to one dtype")
     device = next(iter(devices))
-    for label, tensor in batch_tensors:
+    for label, tensor in labelled:
         if tensor.device != device:
             raise ValueError(
                 f"{label} is on {tensor.device} but the model is on {device}: move the batch "
                 f"with .to({str(device)!r})"
             )
+        if label != "targets" and tensor.is_floating_point() and tensor.dtype != dtype:
+            raise ValueError(
+                f"{label} is {tensor.dtype} but the model's parameters are {dtype}: cast the "
+                f"batch with .to({dtype}) (or the model with .to({tensor.dtype}))"
+            )
+    for name, p in zip(names, selected):
+        if not all_finite(p.detach()):
+            raise ValueError(f"parameter {name!r} contains NaN or Inf: the curvature is undefined")
     if mode == "train":
         active_dropout = [name for name, m in model.named_modules()
                           if isinstance(m, _DROPOUT) and m.training and m.p > 0]
@@ -175,7 +312,11 @@ def build_problem(
                 f"mode='train' with active dropout ({', '.join(active_dropout)}) makes the loss "
                 "random and its curvature undefined: use mode='eval' (the default)"
             )
-    return CurvatureProblem(model, loss_fn, inputs, targets, names, selected, excluded, mode)
+    return CurvatureProblem(
+        model, loss_fn, tuple(_usable(x) for x in args),
+        {k: _usable(x) for k, x in kwargs.items()}, _usable(targets), names, selected,
+        excluded, mode, notes,
+    )
 
 
 def _select_parameters(
@@ -183,26 +324,40 @@ def _select_parameters(
 ) -> tuple[list[str], list[Tensor], tuple[str, ...]]:
     """Names and tensors of the trainable parameters to analyse, and the frozen ones left out."""
     named = list(model.named_parameters())
-    if params is None:
-        wanted = None
-    else:
+    wanted: set[str] | None = None
+    if params is not None:
+        if isinstance(params, (Tensor, str)):
+            raise TypeError(
+                f"params must be a list of parameters or names, got a single "
+                f"{'name' if isinstance(params, str) else 'tensor'}: write params=[...] "
+                "around it"
+            )
+        if not isinstance(params, Iterable):
+            raise TypeError(f"params must be a list of parameters or names, got "
+                            f"{type(params).__name__}")
         by_name = dict(named)
         by_id = {id(p): name for name, p in named}
         wanted = set()
         for item in params:
             if isinstance(item, str):
                 if item not in by_name:
+                    close = [n for n in by_name if item in n or n in item][:3]
                     raise ValueError(
                         f"unknown parameter name {item!r}; valid names come from "
-                        "model.named_parameters()"
+                        "model.named_parameters()" + (f" (did you mean {close}?)" if close else "")
                     )
                 wanted.add(item)
             elif isinstance(item, Tensor):
                 if id(item) not in by_id:
-                    raise ValueError("params contains a tensor that is not a parameter of model")
+                    raise ValueError("params contains a tensor that is not a parameter of model "
+                                     "(pass the model's own nn.Parameter objects or their names)")
                 wanted.add(by_id[id(item)])
             else:
-                raise TypeError("params must contain parameters or their names")
+                raise TypeError(f"params must contain parameters or their names, got "
+                                f"{type(item).__name__}")
+        if not wanted:
+            raise ValueError("params is empty: pass at least one parameter, or params=None for "
+                             "all trainable ones")
     names, selected, excluded = [], [], []
     for name, p in named:
         if wanted is not None and name not in wanted:
@@ -224,3 +379,34 @@ def _select_parameters(
 def has_active_batchnorm(model: nn.Module) -> list[str]:
     """Names of BatchNorm modules that would use batch statistics (training flag set)."""
     return [name for name, m in model.named_modules() if isinstance(m, _BATCHNORM) and m.training]
+
+
+def probe_outputs(problem: CurvatureProblem) -> Tensor:
+    """One forward pass without a graph, and the loss on it: cheap checks before the real work.
+
+    Returns:
+        The model's outputs on the batch (no graph).
+
+    Raises:
+        TypeError, ValueError, RuntimeError, IndexError: the loss cannot be evaluated on the
+            model's outputs and the targets (the error's own type, its message extended with the
+            shapes and dtypes involved), or it is not a finite scalar.
+    """
+    with torch.no_grad():
+        outputs = problem.forward()
+        if not isinstance(outputs, Tensor):
+            raise TypeError(
+                f"the model returned {type(outputs).__name__}; hessrank needs a tensor of outputs "
+                "(wrap the model so that forward returns the tensor the loss takes, e.g. logits)"
+            )
+        try:
+            value = problem.loss_fn(outputs, problem.targets)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise type(error)(
+                f"loss_fn(outputs, targets) failed on outputs of shape {tuple(outputs.shape)} "
+                f"({outputs.dtype}) and targets of shape {tuple(problem.targets.shape)} "
+                f"({problem.targets.dtype}): {error}. Check the targets' shape and dtype (e.g. "
+                "class indices as int64 of shape [n] for nn.CrossEntropyLoss)"
+            ) from error
+    check_loss(value)
+    return outputs

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RankResult:
     """Spectrum and ranks of one curvature matrix.
 
@@ -33,7 +33,11 @@ class RankResult:
             resolution).
         num_hvps: Hessian-vector products spent (``exact``, ``lanczos``).
         excluded: names of frozen parameters left out.
-        layers: per parameterised module (``per_layer=True``): that module's diagonal block.
+        layers: per parameterised module (``per_layer=True``): that module's diagonal block, in
+            ``model.named_modules()`` order for every method.
+        paths: ``fisher``/``ggn``: parameter name -> the path that computed its part of the Gram
+            matrix (a verified per-module rule such as ``linear`` or ``conv``, ``torch.func``,
+            ``per-sample loop`` or ``backpack``).
         notes: caveats worth reading.
         density: ``lanczos`` only: ``(nodes, weights)`` of the SLQ quadrature, weights summing
             to ``num_params``.
@@ -56,6 +60,7 @@ class RankResult:
     num_hvps: int | None = None
     excluded: tuple[str, ...] = ()
     layers: dict[str, RankResult] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     density: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -86,6 +91,7 @@ class RankResult:
             "notes": list(self.notes),
             "eigenvalues": self.eigenvalues.tolist(),
             "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
+            "paths": dict(self.paths),
         }
         if self.density is not None:
             out["density"] = {
@@ -93,6 +99,9 @@ class RankResult:
                 "weights": self.density[1].tolist(),
             }
         return out
+
+    def __repr__(self) -> str:
+        return str(self)
 
     def __str__(self) -> str:
         interval = ""

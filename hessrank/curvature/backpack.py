@@ -3,18 +3,22 @@
 BackPACK works on a deep copy: an ``extend``ed module keeps BackPACK's hooks and breaks
 ``torch.func`` transforms, so the user's model is never extended. Only models whose every
 parameterised module BackPACK supports are accepted (it would otherwise skip them silently), and
-the GGN needs an ``nn.Sequential`` model and a cross-entropy or MSE loss module.
+the GGN needs an ``nn.Sequential`` model and an unweighted cross-entropy or MSE loss module. The
+factors are verified like every other path: the Fisher's against autograd's gradient of a randomly
+weighted loss, the GGN's by a random quadratic form ``v^T GGN v = ||S^T J v||^2``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from hessrank.curvature.gram import GramAccumulator
+from hessrank.curvature.gram import GramAccumulator, GramResult
+from hessrank.curvature.loss import agreement_tolerance
 from hessrank.problem import CurvatureProblem
 
 _GGN_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
@@ -24,17 +28,7 @@ def _supported(extension: object) -> set[type]:
     return set(extension._BackpropExtension__module_extensions)  # BackPACK's own module map
 
 
-def gram_backpack(
-    problem: CurvatureProblem, kind: str, scale: float, keep_groups: bool
-) -> tuple[GramAccumulator, int]:
-    """Gram of the factors of ``kind`` (``"fisher"`` or ``"ggn"``) computed by BackPACK.
-
-    Returns the accumulator and ``K`` (factor columns per sample).
-    """
-    from backpack import backpack, extend
-    from backpack.extensions import BatchGrad, SqrtGGNExact
-
-    extension = BatchGrad() if kind == "fisher" else SqrtGGNExact()
+def _check_supported(problem: CurvatureProblem, kind: str, extension: object) -> None:
     supported = _supported(extension)
     groups = problem.modules_with_params()
     modules = dict(problem.model.named_modules())
@@ -43,42 +37,111 @@ def gram_backpack(
     if unsupported:
         raise ValueError(
             f"BackPACK does not support {', '.join(unsupported)} for {kind}: use backend='auto' "
-            "(Kronecker identity plus torch.func) which handles any module"
+            "(per-module rules plus torch.func), which handles any module"
         )
     if kind == "ggn":
         if not isinstance(problem.model, nn.Sequential):
             raise ValueError("BackPACK's GGN needs an nn.Sequential model: use backend='auto'")
-        if not isinstance(problem.loss_fn, _GGN_LOSSES):
-            raise ValueError("BackPACK's GGN supports nn.CrossEntropyLoss and nn.MSELoss only: "
-                             "use backend='auto'")
+        loss = problem.loss_fn
+        if not isinstance(loss, _GGN_LOSSES) or getattr(loss, "weight", None) is not None or (
+            isinstance(loss, nn.CrossEntropyLoss) and loss.label_smoothing != 0
+        ):
+            raise ValueError("BackPACK's GGN supports unweighted nn.CrossEntropyLoss and "
+                             "nn.MSELoss only: use backend='auto'")
         leaves = [m for m in problem.model.modules() if not list(m.children())]
         missing = sorted({type(m).__name__ for m in leaves if type(m) not in supported})
         if missing:
             raise ValueError(f"BackPACK's GGN does not support {', '.join(missing)}: use "
                              "backend='auto'")
 
+
+def jacobian_vector_product(outputs: Tensor, params: list[Tensor], vector: list[Tensor]) -> Tensor:
+    """``J v`` (shape of ``outputs``) by the double-backward trick on the outputs' graph."""
+    dummy = torch.zeros_like(outputs, requires_grad=True)
+    pieces = torch.autograd.grad(outputs, params, grad_outputs=dummy, create_graph=True,
+                                 allow_unused=True)
+    used = [(g, v) for g, v in zip(pieces, vector) if g is not None]
+    (product,) = torch.autograd.grad([g for g, _ in used], dummy,
+                                     grad_outputs=[v for _, v in used], retain_graph=True)
+    return product
+
+
+def gram_backpack(
+    problem: CurvatureProblem, kind: str, cotangents: Tensor, sample_weights: Tensor | None,
+    keep_groups: bool, generator: torch.Generator,
+) -> GramResult:
+    """Gram of the factors of ``kind`` (``"fisher"`` or ``"ggn"``) computed by BackPACK, checked.
+
+    Args:
+        cotangents: hessrank's own ``[K, n, *out]`` output factors (for the check).
+        sample_weights: ``[n]`` loss weights ``a_i`` (fisher), None for the GGN.
+
+    Raises:
+        ValueError: an unsupported model or loss, or BackPACK's factors fail the check.
+    """
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad, SqrtGGNExact
+
+    extension = BatchGrad() if kind == "fisher" else SqrtGGNExact()
+    _check_supported(problem, kind, extension)
+    groups = problem.modules_with_params()
     model = extend(copy.deepcopy(problem.model))
     loss_fn = extend(copy.deepcopy(problem.loss_fn)) if kind == "ggn" else problem.loss_fn
     copies = dict(model.named_parameters())
     n = problem.num_samples
-    loss = loss_fn(model(*problem.inputs), problem.targets)
+    loss = loss_fn(model(*problem.args, **problem.kwargs), problem.targets)
     with backpack(extension), warnings.catch_warnings():
         # The inputs need no gradient; torch warns that module hooks fire on outputs only.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         loss.backward()
-    columns = 1
+    factors: dict[str, Tensor] = {}
+    for name in problem.names:
+        param = copies[name]
+        if kind == "fisher":
+            # grad_batch holds a_i g_i; the Fisher's factor is sqrt(a_i) g_i.
+            scale = torch.where(sample_weights > 0, sample_weights.clamp_min(
+                torch.finfo(sample_weights.dtype).tiny).rsqrt(), 0.0)
+            factors[name] = (param.grad_batch.reshape(n, -1) * scale[:, None]).unsqueeze(0)
+        else:
+            factor = param.sqrt_ggn_exact  # [C, n, *shape], the reduction's scale included
+            factors[name] = factor.reshape(factor.shape[0], n, -1)
+    _verify(problem, kind, factors, cotangents, generator)
     accumulator = GramAccumulator(keep_groups)
     for group, names in groups.items():
-        blocks = []
-        for name in names:
-            param = copies[name]
-            if kind == "fisher":
-                # grad_batch holds c * g_i; the Fisher is c * sum g_i g_i^T.
-                blocks.append((param.grad_batch / scale**0.5).reshape(n, -1))
-            else:
-                factor = param.sqrt_ggn_exact  # [C, n, *shape], scale included
-                columns = factor.shape[0]
-                blocks.append(factor.reshape(columns * n, -1))
-        factors = torch.cat(blocks, dim=1)
-        accumulator.add(group, factors @ factors.T)
-    return accumulator, columns
+        flat = torch.cat([factors[name] for name in names], dim=-1)
+        flat = flat.reshape(-1, flat.shape[-1])
+        accumulator.add(group, flat @ flat.T)
+    return GramResult(accumulator, dict.fromkeys(problem.names, "backpack"), [])
+
+
+def _verify(problem: CurvatureProblem, kind: str, factors: dict[str, Tensor],
+            cotangents: Tensor, generator: torch.Generator) -> None:
+    outputs = problem.forward()
+    tolerance = agreement_tolerance(problem.dtype)
+    if kind == "fisher":
+        weights = torch.randn(cotangents.shape[:2], generator=generator, dtype=torch.float64)
+        weights = weights.to(device=problem.device, dtype=problem.dtype)
+        combined = torch.einsum("kn,kn...->n...", weights, cotangents)
+        true = torch.autograd.grad(outputs, problem.params, grad_outputs=combined,
+                                   allow_unused=True)
+        error = math.sqrt(sum(
+            float(((torch.einsum("kn,knp->p", weights, factors[name])
+                    - (torch.zeros_like(p) if t is None else t).reshape(-1)) ** 2).sum())
+            for name, p, t in zip(problem.names, problem.params, true)))
+        scale = math.sqrt(sum(float((weights[..., None] ** 2 * factors[name] ** 2).sum())
+                              for name in problem.names))
+    else:
+        vector = [torch.randn(p.shape, generator=generator, dtype=torch.float64).to(
+            device=p.device, dtype=p.dtype) for p in problem.params]
+        projected = jacobian_vector_product(outputs, problem.params, vector)  # J v
+        ours = float((torch.einsum("kn...,n...->kn", cotangents, projected) ** 2).sum())
+        projection = sum(torch.einsum("knp,p->kn", factors[name], v.reshape(-1))
+                         for name, v in zip(problem.names, vector))  # F^T v
+        theirs = float((projection**2).sum())
+        error, scale = abs(ours - theirs), max(ours, theirs)
+    if error > tolerance * max(scale, torch.finfo(torch.float64).tiny):
+        raise ValueError(
+            f"BackPACK's {kind} factors disagree with autograd (relative error "
+            f"{error / scale:.1e}): a module BackPACK does not handle correctly; use "
+            "backend='auto'"
+        )

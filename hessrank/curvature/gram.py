@@ -1,46 +1,51 @@
-"""Gram matrices of curvature factors, accumulated parameter group by parameter group.
+"""Gram matrices of curvature factors, parameter group by parameter group, every path verified.
 
-The empirical Fisher and the GGN are ``F F^T`` with ``m`` factor columns ``J_i^T s_ik`` (see
-:mod:`hessrank.curvature.cotangents`); their nonzero eigenvalues are those of the ``m x m`` Gram
-matrix ``F^T F``, which is a sum over parameter groups of ``F_g^T F_g``. Three sources fill it:
+The empirical Fisher and the GGN are ``F F^T`` with ``m = K n`` factor columns ``J_i^T s_ik``
+(cotangents from :mod:`hessrank.curvature.loss`); their nonzero eigenvalues are those of the
+``m x m`` Gram matrix ``F^T F = sum_g F_g^T F_g`` over parameter groups (parameterised modules).
+Two paths fill a group's block:
 
-- ``kron``: ``nn.Linear`` and ``nn.Conv1d``/``nn.Conv2d`` layers, from the layer input ``a_i`` and
-  the backpropagated output gradient ``d_ik`` captured by hooks in one forward and ``K`` backward
-  passes. A weight's per-sample gradient is ``sum_t d_ikt a_it^T`` (``t`` over positions), so
-  ``<G_ik, G_jl> = sum_{t,u} (a_it . a_ju)(d_ikt . d_jlu)``; with one position (a plain linear
-  layer) that is ``(a_i . a_j)(d_ik . d_jl)`` and no ``n x P`` tensor is formed. With many
-  positions the layer's per-sample gradients are formed instead when that is cheaper.
-- ``func``: any other parameter (LayerNorm, custom ``nn.Parameter``, shared or reused weights), by
-  per-sample vector-Jacobian products with ``torch.func``, a bounded group of parameters at a time.
-- ``backpack``: BackPACK's ``BatchGrad`` / ``SqrtGGNExact`` on a deep copy of the model.
+- a **per-module rule** (:mod:`hessrank.curvature.rules`) from the layer's captured input and
+  output gradients, without per-sample gradients;
+- the **general path** for everything else: per-sample vector-Jacobian products with
+  ``torch.func`` (``vmap``), or a per-sample loop in bounded chunks where ``vmap`` cannot go
+  (LSTM/GRU, data-dependent control flow).
 
-Groups are parameterised modules; per-group Grams give the per-layer (diagonal-block) spectra.
-Cotangents carry the reduction scale, so the Gram is exactly that of the curvature of the loss.
+**Verification, on every call.** One extra backward pass with random weights ``w_ki`` gives
+autograd's gradient of ``sum_{k,i} w_ki <f_i, s_ki>``, which must equal ``sum_{k,i} w_ki G_ki``
+from each path's per-sample factors (a Freivalds-style check: with probability one a wrong factor
+fails it, and a pass proves each sample's factors up to rounding). A rule that fails goes to the
+general path; the general path failing means the samples interact (an error). The general path
+also checks that each sample's output, computed alone, equals its row of the batch output.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from hessrank.curvature.loss import agreement_tolerance
+from hessrank.curvature.rules import GramRule, LayerFactors, rule_for
 from hessrank.problem import CurvatureProblem
 
-#: Bytes of per-sample factors one ``func`` pass may hold at once.
-FUNC_CHUNK_BYTES = 512 * 2**20
+#: Bytes of per-sample factors the general path may hold at once.
+GENERAL_CHUNK_BYTES = 512 * 2**20
+
+#: Name of the general path in results, by how it ran.
+VMAP_PATH, LOOP_PATH = "torch.func", "per-sample loop"
 
 
 @dataclass
 class GramAccumulator:
     """Sum of per-group Gram matrices ``[m, m]``; per-group copies when ``keep_groups``.
 
-    The sum is kept in the dtype of the first group's Gram (the model's): its entries come from
-    products in that dtype, so summing in it adds no error of a larger order, and the eigen-solve
-    widens the total to float64 once.
+    The sum is kept in the model's dtype (its entries come from products in that dtype) and
+    widened to float64 once, by the eigen-solve.
     """
 
     keep_groups: bool
@@ -56,94 +61,37 @@ class GramAccumulator:
             self.groups[group] = self.groups[group] + gram if group in self.groups else gram
 
 
-# ----------------------------------------------------------------------------------------------
-# kron: Linear and Conv layers from hooks
-# ----------------------------------------------------------------------------------------------
+@dataclass
+class GramResult:
+    """The Gram matrix and how each parameter's block was computed.
 
-def _kron_eligible(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return (module.groups == 1 and module.padding_mode == "zeros"
-                and not isinstance(module.padding, str))
-    return False
-
-
-def _unfold_input(module: nn.Module, x: Tensor) -> Tensor:
-    """Layer input as ``[n, T, d_in]`` rows whose product with the weight gives the output."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(-2)
-        kernel, dilation = (1, module.kernel_size[0]), (1, module.dilation[0])
-        padding, stride = (0, module.padding[0]), (1, module.stride[0])
-    else:
-        kernel, dilation = module.kernel_size, module.dilation
-        padding, stride = module.padding, module.stride
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    return patches.transpose(1, 2)
-
-
-def _output_rows(module: nn.Module, grad: Tensor) -> Tensor:
-    """Output gradient ``[K, n, ...]`` as ``[K, n, T, d_out]`` matching :func:`_unfold_input`."""
-    k, n = grad.shape[:2]
-    if isinstance(module, nn.Linear):
-        return grad.reshape(k, n, -1, grad.shape[-1])
-    return grad.reshape(k, n, grad.shape[2], -1).transpose(2, 3)
-
-
-def _layer_gram(
-    activations: Tensor, output_grads: Tensor, with_weight: bool, with_bias: bool
-) -> Tensor:
-    """Gram ``[K n, K n]`` of one layer's per-sample (weight, bias) gradients, in the layer dtype.
-
-    ``activations``: ``[n, T, d_in]``; ``output_grads``: ``[K, n, T, d_out]``; row order ``(k, i)``.
-    With one position the bias gradient is ``d_ik`` itself, so weight and bias share one
-    ``D D^T``: the Gram is ``(D D^T) * (A A^T + 1)``.
+    Attributes:
+        accumulator: total and (optionally) per-group Grams.
+        paths: parameter name -> the path that computed its block (a rule's name, ``torch.func``
+            or ``per-sample loop``).
+        notes: rules that failed their check and were recomputed, and similar facts.
     """
-    k, n, positions, d_out = output_grads.shape
-    d_in = activations.shape[-1]
-    rows = output_grads.reshape(k * n, positions, d_out)
-    if positions == 1:
-        output_gram = rows[:, 0] @ rows[:, 0].T
-        if not with_weight:
-            return output_gram
-        activation_gram = activations[:, 0] @ activations[:, 0].T
-        if with_bias:
-            activation_gram += 1.0
-        # Entry ((k, i), (l, j)) takes (a_i . a_j): broadcast over k and l, no K n x K n copy.
-        output_gram.view(k, n, k, n).mul_(activation_gram[None, :, None, :])
-        return output_gram
-    gram = rows.sum(dim=1) @ rows.sum(dim=1).T if with_bias else 0.0
-    if not with_weight:
-        return gram
-    kron_cost = (k * n) ** 2 * positions**2 * (d_in + d_out)
-    dense_cost = k * n * positions * d_in * d_out + (k * n) ** 2 * d_in * d_out
-    if kron_cost < dense_cost:
-        inner_a = torch.einsum("ntd,msd->nmts", activations, activations)
-        inner_a = inner_a.repeat(k, k, 1, 1)
-        inner_d = torch.einsum("ptd,qsd->pqts", rows, rows)
-        return gram + (inner_a * inner_d).sum(dim=(2, 3))
-    per_sample = torch.einsum("ptd,ptf->pdf", rows, activations.repeat(k, 1, 1))
-    flat = per_sample.reshape(k * n, -1)
-    return gram + flat @ flat.T
+
+    accumulator: GramAccumulator
+    paths: dict[str, str]
+    notes: list[str]
 
 
 class _Capture:
-    """Forward hooks that record each eligible layer's input and keep its output differentiable."""
+    """Forward hooks recording each claimed layer's input; outputs stay differentiable."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
-        self.inputs: dict[str, Tensor] = {}
+        self.inputs: dict[str, Tensor | None] = {}
         self.outputs: dict[str, Tensor] = {}
         self.calls: dict[str, int] = dict.fromkeys(modules, 0)
-        self.handles = [module.register_forward_hook(self._hook(name))
+        self.handles = [module.register_forward_hook(self._hook(name), with_kwargs=True)
                         for name, module in modules.items()]
 
-    def _hook(self, name: str) -> Callable[[nn.Module, tuple, Tensor], Tensor]:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    def _hook(self, name: str) -> Callable[..., Tensor]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
             self.calls[name] += 1
-            self.inputs[name] = args[0].detach()
+            layer_input = args[0] if args else kwargs.get("input")
+            self.inputs[name] = layer_input.detach() if isinstance(layer_input, Tensor) else None
             self.outputs[name] = output
             # Downstream in-place operations (ReLU(inplace=True)) act on a copy, so the captured
             # output stays the tensor whose gradient is the layer's output gradient.
@@ -155,13 +103,142 @@ class _Capture:
             handle.remove()
 
 
-def _func_gram(
+def _relative_error(claimed: list[Tensor], true: list[Tensor], scale: float) -> float:
+    difference = math.sqrt(sum(float(((c - t) ** 2).sum()) for c, t in zip(claimed, true)))
+    return difference / max(scale, torch.finfo(torch.float64).tiny)
+
+
+def _weighted_scale(gram_diagonal: Tensor, weights: Tensor) -> float:
+    """Typical size of ``sum_r w_r G_r``: ``sqrt(sum_r w_r^2 ||G_r||^2)``."""
+    return math.sqrt(float((weights.reshape(-1).double() ** 2 * gram_diagonal.double()).sum()))
+
+
+def compute_gram(
+    problem: CurvatureProblem,
+    cotangents_of: Callable[[Tensor], Tensor],
+    keep_groups: bool,
+    use_rules: bool,
+    generator: torch.Generator,
+) -> GramResult:
+    """The Gram of the factors: rules where they apply and pass their check, the general path
+    elsewhere.
+
+    Args:
+        problem: the validated problem.
+        cotangents_of: ``outputs -> [K, n, *out]`` cotangents (the output-side factors).
+        keep_groups: keep per-group Grams (per-layer spectra).
+        use_rules: False forces the general path everywhere.
+        generator: private generator for the check's random weights.
+
+    Raises:
+        ValueError: the general path's check fails (the samples interact in the model).
+    """
+    groups = problem.modules_with_params()
+    modules = dict(problem.model.named_modules())
+    owners: dict[int, int] = {}
+    for module in problem.model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    named = dict(zip(problem.names, problem.params))
+    claimed: dict[str, tuple[nn.Module, GramRule]] = {}
+    if use_rules:
+        for group, names in groups.items():
+            module = modules.get(group)
+            rule = rule_for(module) if module is not None else None
+            if rule is not None and all(owners[id(named[name])] == 1 for name in names):
+                claimed[group] = (module, rule)
+    capture = _Capture({group: module for group, (module, _) in claimed.items()})
+    try:
+        outputs = problem.forward()
+    finally:
+        capture.remove()
+    cotangents = cotangents_of(outputs)
+    k, n = cotangents.shape[:2]
+    notes: list[str] = []
+    for group in list(claimed):
+        if capture.calls[group] != 1 or capture.inputs.get(group) is None:
+            claimed.pop(group)  # called twice (its gradient sums several calls), or not at all
+    layer_grads = _backward_batched(outputs, [capture.outputs[g] for g in claimed], cotangents)
+    factors: dict[str, LayerFactors] = {}
+    for (group, (module, rule)), grads in zip(claimed.items(), layer_grads):
+        analysed = frozenset(name.rsplit(".", 1)[-1] for name in groups[group])
+        layer = rule.factors(module, capture.inputs[group], grads, n, analysed)
+        if layer is not None:
+            factors[group] = layer
+    del layer_grads, capture
+
+    # The check: autograd's gradient of sum_{k,i} w_ki <f_i, s_ki> for every analysed parameter.
+    weights = torch.randn(k, n, generator=generator, dtype=torch.float64)
+    weights = weights.to(device=problem.device, dtype=problem.dtype)
+    combined = torch.einsum("kn,kn...->n...", weights, cotangents)
+    true_pieces = torch.autograd.grad(outputs, problem.params, grad_outputs=combined,
+                                      allow_unused=True)
+    true_grads = {name: torch.zeros_like(p) if g is None else g
+                  for name, p, g in zip(problem.names, problem.params, true_pieces)}
+    outputs = outputs.detach()
+
+    accumulator = GramAccumulator(keep_groups)
+    paths: dict[str, str] = {}
+    tolerance = agreement_tolerance(problem.dtype)
+    for group, layer in factors.items():
+        gram = layer.gram()
+        claims = layer.weighted_gradients(weights)
+        names = groups[group]
+        locals_ = [name.rsplit(".", 1)[-1] for name in names]
+        error = math.inf if sorted(claims) != sorted(locals_) else _relative_error(
+            [claims[local] for local in locals_], [true_grads[name] for name in names],
+            _weighted_scale(gram.diagonal(), weights))
+        rule = claimed[group][1]
+        if error <= tolerance:
+            accumulator.add(group, gram)
+            paths.update(dict.fromkeys(names, rule.name))
+        else:
+            notes.append(f"the {rule.name} rule's factors for {group!r} failed the gradient check "
+                         f"(relative error {error:.1e}): computed by the general path")
+    remaining = {g: names for g, names in groups.items() if g not in factors
+                 or names[0] not in paths}
+    if remaining:
+        general = _general_gram(problem, remaining, cotangents, outputs, weights, true_grads,
+                                accumulator)
+        for names in remaining.values():
+            paths.update(dict.fromkeys(names, general))
+    return GramResult(accumulator, paths, notes)
+
+
+def _sample_vjps(model: nn.Module) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
+    """``(params, cotangent [K, *out], args, kwargs) -> (VJPs {name: [K, *shape]}, outputs)``
+    for one sample (inputs without the batch dimension)."""
+    def sample_vjps(params: dict[str, Tensor], cotangent: Tensor, args: tuple[Tensor, ...],
+                    kwargs: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        def outputs_of(p: dict[str, Tensor]) -> Tensor:
+            batched_args = tuple(x.unsqueeze(0) for x in args)
+            batched_kwargs = {key: x.unsqueeze(0) for key, x in kwargs.items()}
+            return functional_call(model, p, batched_args, batched_kwargs)[0]
+
+        sample_outputs, pullback = vjp(outputs_of, params)
+        try:
+            return vmap(pullback)(cotangent)[0], sample_outputs
+        except Exception:  # noqa: BLE001 - an operator without a batching rule (LSTM)
+            rows = [pullback(c)[0] for c in cotangent]
+            return {name: torch.stack([r[name] for r in rows]) for name in params}, sample_outputs
+    return sample_vjps
+
+
+def _general_gram(
     problem: CurvatureProblem,
     names_by_group: dict[str, list[str]],
     cotangents: Tensor,
+    outputs: Tensor,
+    weights: Tensor,
+    true_grads: dict[str, Tensor],
     accumulator: GramAccumulator,
-) -> None:
-    """Per-sample VJPs with ``torch.func`` for the given parameter groups, in bounded passes."""
+) -> str:
+    """Per-sample VJPs for the given groups, in bounded passes, checked; returns the path used.
+
+    Raises:
+        ValueError: a sample's output computed alone differs from its row in the batch, or the
+            per-sample factors fail the gradient check: the samples interact in the model.
+    """
     k, n = cotangents.shape[:2]
     named = dict(zip(problem.names, problem.params))
     element = problem.params[0].element_size()
@@ -169,110 +246,91 @@ def _func_gram(
     bin_size = 0
     for group, names in names_by_group.items():
         size = sum(named[name].numel() for name in names)
-        if bins[-1] and (bin_size + size) * k * n * element > FUNC_CHUNK_BYTES:
+        if bins[-1] and (bin_size + size) * k * n * element > GENERAL_CHUNK_BYTES:
             bins.append([])
             bin_size = 0
         bins[-1].append((group, names))
         bin_size += size
-    model, inputs = problem.model, problem.inputs
-
+    sample_vjps = _sample_vjps(problem.model)
+    path = VMAP_PATH
+    tolerance = agreement_tolerance(problem.dtype)
     for groups in bins:
         subset = {name: named[name].detach() for _, names in groups for name in names}
         numel = sum(t.numel() for t in subset.values())
-        sample_chunk = max(1, FUNC_CHUNK_BYTES // max(1, k * numel * element))
-
-        def sample_vjps(params: dict[str, Tensor], cotangent: Tensor, *sample: Tensor):
-            def outputs_of(p: dict[str, Tensor]) -> Tensor:
-                return functional_call(model, p, tuple(x.unsqueeze(0) for x in sample))[0]
-
-            _, pullback = vjp(outputs_of, params)
-            return vmap(pullback)(cotangent)[0]
-
+        chunk = max(1, GENERAL_CHUNK_BYTES // max(1, k * numel * element))
         pieces: dict[str, list[Tensor]] = {name: [] for name in subset}
+        sample_outputs: list[Tensor] = []
         with torch.no_grad():
-            for start in range(0, n, sample_chunk):
-                stop = min(start + sample_chunk, n)
-                chunk = vmap(sample_vjps, in_dims=(None, 1, *[0] * len(inputs)))(
-                    subset, cotangents[:, start:stop], *(x[start:stop] for x in inputs)
-                )
-                for name, value in chunk.items():  # [n_chunk, K, *shape]
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                args, kwargs = problem.sample_slice(start, stop)
+                vjps, outs = None, None
+                if path == VMAP_PATH:
+                    try:
+                        vjps, outs = vmap(sample_vjps, in_dims=(None, 1, 0, 0))(
+                            subset, cotangents[:, start:stop], args, kwargs)
+                    except Exception:  # noqa: BLE001 - vmap raises many types it cannot batch
+                        path = LOOP_PATH
+                if vjps is None:
+                    rows = [sample_vjps(subset, cotangents[:, i], *_sample(args, kwargs, i - start))
+                            for i in range(start, stop)]
+                    vjps = {name: torch.stack([r[0][name] for r in rows]) for name in subset}
+                    outs = torch.stack([r[1] for r in rows])
+                sample_outputs.append(outs)
+                for name, value in vjps.items():  # [n_chunk, K, *shape]
                     pieces[name].append(value.transpose(0, 1).reshape(k, stop - start, -1))
+        _check_samples_independent(torch.cat(sample_outputs), outputs, tolerance)
         for group, names in groups:
             factors = torch.cat([torch.cat(pieces[name], dim=1) for name in names], dim=-1)
             flat = factors.reshape(k * n, -1)
-            accumulator.add(group, flat @ flat.T)
+            gram = flat @ flat.T
+            claimed = (weights.reshape(-1, 1) * flat).sum(dim=0)
+            true = torch.cat([true_grads[name].reshape(-1) for name in names])
+            error = _relative_error([claimed], [true], _weighted_scale(gram.diagonal(), weights))
+            if error > tolerance:
+                raise ValueError(
+                    f"per-sample gradients of {group!r} do not add up to the batch gradient "
+                    f"(relative error {error:.1e}): the model mixes the samples of a batch, so "
+                    "per-sample EF/GGN factors are undefined; use method='exact' or 'lanczos'"
+                )
+            accumulator.add(group, gram)
+    return path
 
 
-def gram_kron(
-    problem: CurvatureProblem,
-    cotangents_of: Callable[[Tensor], Tensor],
-    keep_groups: bool,
-    use_kron: bool = True,
-) -> tuple[GramAccumulator, Tensor, str]:
-    """Gram of the factors with hooks for Linear/Conv layers and ``torch.func`` for the rest.
+def _sample(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], i: int
+            ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    return tuple(x[i] for x in args), {key: x[i] for key, x in kwargs.items()}
 
-    ``cotangents_of(outputs)`` returns the ``[K, n, *out]`` cotangents; ``keep_groups`` keeps
-    per-group Grams. Returns the accumulator, the cotangents and the backend label.
-    """
-    groups = problem.modules_with_params()
-    module_by_name = dict(problem.model.named_modules())
-    module_by_name["(root)"] = problem.model
-    param_owners: dict[int, int] = {}
-    for module in problem.model.modules():
-        for p in module.parameters(recurse=False):
-            param_owners[id(p)] = param_owners.get(id(p), 0) + 1
-    named = dict(zip(problem.names, problem.params))
-    kron_modules = {}
-    if use_kron:
-        for group, names in groups.items():
-            module = module_by_name[group]
-            if _kron_eligible(module) and all(param_owners[id(named[nm])] == 1 for nm in names):
-                kron_modules[group] = module
 
-    capture = _Capture(kron_modules)
-    try:
-        outputs = problem.forward()
-    finally:
-        capture.remove()
-    for name, calls in capture.calls.items():
-        if calls != 1:  # reused layer: its gradient sums several calls, leave it to torch.func
-            kron_modules.pop(name)
-    cotangents = cotangents_of(outputs)
-    k, n = cotangents.shape[:2]
-    accumulator = GramAccumulator(keep_groups)
-    if kron_modules:
-        layer_outputs = [capture.outputs[name] for name in kron_modules]
-        output_grads = _backward_batched(outputs, layer_outputs, cotangents)
-        for (group, module), grads in zip(kron_modules.items(), output_grads):
-            local = {nm.rsplit(".", 1)[-1] for nm in groups[group]}
-            activations = _unfold_input(module, capture.inputs[group])
-            accumulator.add(group, _layer_gram(
-                activations, _output_rows(module, grads), "weight" in local, "bias" in local
-            ))
-    del outputs, capture
-    remaining = {g: names for g, names in groups.items() if g not in kron_modules}
-    if remaining:
-        _func_gram(problem, remaining, cotangents, accumulator)
-    backend = "+".join(name for name, used in (("kron", kron_modules), ("func", remaining))
-                       if used)
-    return accumulator, cotangents, backend
+def _check_samples_independent(sample_outputs: Tensor, outputs: Tensor, tolerance: float) -> None:
+    difference = (sample_outputs.reshape(outputs.shape) - outputs).norm()
+    scale = outputs.norm().clamp_min(torch.finfo(outputs.dtype).tiny)
+    if difference > tolerance * math.sqrt(outputs[0].numel()) * scale:
+        raise ValueError(
+            f"a sample's output computed alone differs from its row of the batch output "
+            f"(relative difference {float(difference / scale):.1e}): the model mixes the samples "
+            "of a batch (BatchNorm on batch statistics, attention over the batch dimension, e.g. "
+            "a batch_first=False transformer given [n, T, d]), so per-sample EF/GGN factors are "
+            "undefined; fix the layout or use method='exact' or 'lanczos'"
+        )
 
 
 def _backward_batched(outputs: Tensor, targets: list[Tensor], cotangents: Tensor) -> list[Tensor]:
     """Gradients ``[K, *target.shape]`` of ``<outputs, cotangent_k>`` w.r.t. each target tensor."""
+    if not targets:
+        return []
     k = cotangents.shape[0]
     if k > 1:
         try:
             grads = torch.autograd.grad(outputs, targets, grad_outputs=cotangents,
                                         retain_graph=True, is_grads_batched=True,
                                         allow_unused=True)
-            return [g if g is not None else torch.zeros(k, *t.shape, dtype=t.dtype,
-                                                        device=t.device)
+            return [torch.zeros(k, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
                     for g, t in zip(grads, targets)]
         except RuntimeError:
             pass
     per_k = [torch.autograd.grad(outputs, targets, grad_outputs=cotangents[i],
-                                 retain_graph=i < k - 1, allow_unused=True)
+                                 retain_graph=True, allow_unused=True)
              for i in range(k)]
     return [torch.stack([grads[j] if grads[j] is not None else torch.zeros_like(targets[j])
                          for grads in per_k]) for j in range(len(targets))]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessrank.problem import CurvatureProblem
 
@@ -26,9 +27,10 @@ class HessianOperator:
         self.dtype = problem.dtype
         self.device = problem.device
         self.num_products = 0
-        loss = problem.loss()
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = problem.loss()
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self.loss_value = float(loss.detach())
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self.gradient = torch.cat([
             (g if g is not None else torch.zeros_like(p)).detach().reshape(-1)
             for g, p in zip(grads, self.params)

@@ -1,0 +1,218 @@
+"""Output-side factors of the empirical Fisher and the GGN, derived from the loss and verified.
+
+Both matrices are ``F F^T`` with columns ``J_i^T s_ik``: the vector-Jacobian product of sample
+``i``'s outputs with a cotangent ``s_ik``. This module computes the cotangents, shape
+``[K, n, *output_shape]``, from the batch loss ``L(f_1, ..., f_n)`` itself; nothing about the
+loss's reduction is assumed:
+
+- **GGN** (``K = C'``): ``GGN = J^T (d^2 L / df^2) J``. The output Hessian is computed block by
+  block (``C`` Hessian-vector products of the loss, with the same unit vector in every sample's
+  block), then *verified* to be block-diagonal per sample with one random product; the blocks are
+  factored ``B_i = sum_k s_ik s_ik^T`` in float64. Mean, sum, class weights and ``ignore_index``
+  are all covered exactly, since the blocks come from ``L``. ``C' <= C``: columns that are zero for
+  every sample (the softmax shift of cross-entropy) are dropped.
+- **Empirical Fisher** (``K = 1``): the loss must be a weighted sum ``L = sum_i a_i l_i`` of
+  per-sample losses ``l_i = loss_fn(f_i[None], y_i[None])`` (the loss function applied to one
+  sample alone). The weights are read off the gradients, ``dL/df_i = a_i dl_i/df_i``, and that
+  identity is *verified* for every sample. The EF is ``sum_i a_i g_i g_i^T`` (``g_i`` the
+  gradient of ``l_i``), so ``s_i = sqrt(a_i) dl_i/df_i``. Mean reduction: ``a_i = 1/n``; sum:
+  ``a_i = 1``; class weights with mean reduction: ``a_i = w_{y_i} / sum_j w_{y_j}``; an ignored
+  sample: ``a_i = 0``.
+
+A loss that also depends on the parameters directly (an L2 term) has no such factors: refused,
+naming the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from hessrank.problem import LossFn
+
+
+def agreement_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance for two computations of the same quantity that differ only by rounding
+    (different summation orders): about ``10^3`` units of rounding of ``dtype``."""
+    return 1024 * float(torch.finfo(dtype).eps)
+
+
+def check_no_parameter_terms(
+    loss_fn: LossFn, outputs: Tensor, targets: Tensor, params: Sequence[Tensor],
+    names: Sequence[str], method: str,
+) -> None:
+    """Raise if the loss depends on the parameters other than through the model's outputs.
+
+    Raises:
+        ValueError: naming the parameters the loss uses directly.
+    """
+    leaf = outputs.detach().requires_grad_(True)
+    value = loss_fn(leaf, targets)
+    if not value.requires_grad:
+        return
+    pieces = torch.autograd.grad(value, list(params), allow_unused=True)
+    direct = [name for name, piece in zip(names, pieces) if piece is not None]
+    if direct:
+        shown = ", ".join(direct[:4]) + (f" and {len(direct) - 4} more" if len(direct) > 4 else "")
+        raise ValueError(
+            f"loss_fn uses the parameters directly ({shown}), e.g. an L2 / L2-Init term: the "
+            f"{method} is defined for a loss of the model's outputs and has no per-sample factors "
+            "for such a term. Pass the data term alone as loss_fn (the regulariser's own Hessian "
+            "is known in closed form, e.g. 2*lambda*I for lambda*||theta||^2), or use "
+            "method='exact' or 'lanczos', which include it"
+        )
+
+
+def _sample_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
+    """``[n, *out]``: gradients of ``l_i = loss_fn(f_i[None], y_i[None])`` w.r.t. ``f_i``."""
+    def sample_loss(f: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(f.unsqueeze(0), y.unsqueeze(0))
+
+    try:
+        return vmap(grad(sample_loss))(outputs, targets)
+    except Exception:  # noqa: BLE001 - vmap raises many types on code it cannot batch
+        pass
+    rows = []
+    for i in range(outputs.shape[0]):
+        f = outputs[i : i + 1].detach().requires_grad_(True)
+        try:
+            value = loss_fn(f, targets[i : i + 1])
+            (row,) = torch.autograd.grad(value, f, allow_unused=True)
+        except Exception as error:
+            raise ValueError(
+                f"loss_fn cannot be evaluated on one sample ({error}): the empirical Fisher needs "
+                "per-sample losses; use method='ggn', 'exact' or 'lanczos'"
+            ) from error
+        rows.append(torch.zeros_like(f) if row is None else row)
+    return torch.cat(rows)
+
+
+def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``s_i = sqrt(a_i) dl_i/df_i`` (see the module docstring), verified, and the weights.
+
+    Returns:
+        Cotangents ``[1, n, *out]`` and the per-sample weights ``a_i`` ``[n]`` (0 for samples
+        that do not contribute to the loss's gradient).
+
+    Raises:
+        ValueError: the loss is not a non-negatively weighted sum of per-sample losses.
+    """
+    leaf = outputs.detach().requires_grad_(True)
+    (batch_grad,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, allow_unused=True)
+    if batch_grad is None:
+        return (torch.zeros(1, *outputs.shape, dtype=outputs.dtype, device=outputs.device),
+                torch.zeros(outputs.shape[0], dtype=outputs.dtype, device=outputs.device))
+    n = outputs.shape[0]
+    sample_grads = _sample_gradients(loss_fn, outputs.detach(), targets)
+    flat_batch, flat_sample = batch_grad.reshape(n, -1), sample_grads.reshape(n, -1)
+    used = flat_batch.abs().amax(dim=1) > 0  # samples that contribute to the loss's gradient
+    sample_sq = (flat_sample * flat_sample).sum(dim=1)
+    weights = torch.where(used, (flat_batch * flat_sample).sum(dim=1)
+                          / sample_sq.clamp_min(torch.finfo(outputs.dtype).tiny), 0.0)
+    residual = (flat_batch - weights[:, None] * flat_sample).norm(dim=1)
+    tolerance = agreement_tolerance(outputs.dtype) * math.sqrt(flat_batch.shape[1])
+    bad = used & ~(torch.isfinite(weights) & (residual <= tolerance * flat_batch.norm(dim=1)))
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"loss_fn is not a weighted sum of per-sample losses: the batch loss's gradient for "
+            f"sample {i} is not a multiple of loss_fn applied to that sample alone (relative "
+            f"mismatch {float(residual[i] / flat_batch[i].norm()):.2e}), so the samples "
+            "interact in the loss and the empirical Fisher is undefined; use method='ggn' (if "
+            "the loss is convex in the outputs), 'exact' or 'lanczos'"
+        )
+    if (weights < 0).any():
+        i = int((weights < 0).nonzero()[0])
+        raise ValueError(
+            f"loss_fn weighs sample {i} negatively ({float(weights[i]):.3g}): the empirical "
+            "Fisher sum_i a_i g_i g_i^T needs a_i >= 0; use method='exact' or 'lanczos'"
+        )
+    weights = torch.where(used, weights, 0.0)
+    factors = torch.where(used[:, None], flat_sample * weights.sqrt()[:, None], 0.0)
+    return factors.reshape(1, *outputs.shape), weights
+
+
+def output_hessian_blocks(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                          generator: torch.Generator) -> Tensor:
+    """``[n, C, C]``: per-sample blocks of ``d^2 L / df^2`` (``C`` outputs per sample), verified
+    block-diagonal by one random Hessian-vector product.
+
+    Raises:
+        ValueError: the loss is not twice differentiable, or it couples samples.
+    """
+    n = outputs.shape[0]
+    size = outputs[0].numel()
+    leaf = outputs.detach().requires_grad_(True)
+    try:
+        (first,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, create_graph=True)
+    except RuntimeError as error:
+        raise ValueError(f"cannot differentiate loss_fn w.r.t. the outputs ({error})") from error
+    if not first.requires_grad:  # the loss is linear (or constant) in the outputs
+        return torch.zeros(n, size, size, dtype=outputs.dtype, device=outputs.device)
+    units = torch.eye(size, dtype=outputs.dtype, device=outputs.device)
+    combs = units[:, None, :].expand(size, n, size).reshape(size, *outputs.shape)
+    probe = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype).to(outputs.device)
+    vectors = torch.cat([combs, probe[None]])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")
+        try:
+            (products,) = torch.autograd.grad(first, leaf, grad_outputs=vectors,
+                                              is_grads_batched=True, allow_unused=True,
+                                              retain_graph=True)
+        except RuntimeError:
+            products = torch.stack([torch.autograd.grad(first, leaf, v, retain_graph=True,
+                                                        allow_unused=True)[0]
+                                    for v in vectors])
+    if products is None:
+        return torch.zeros(n, size, size, dtype=outputs.dtype, device=outputs.device)
+    columns = products[:size].reshape(size, n, size)  # [c, i, :] = B_i e_c
+    blocks = columns.permute(1, 2, 0)  # [i, :, c]
+    expected = torch.einsum("nij,nj->ni", blocks, probe.reshape(n, size))
+    actual = products[size].reshape(n, size)
+    scale = torch.sqrt(((blocks**2).sum(dim=(1, 2)) * (probe.reshape(n, size) ** 2).sum(1)).sum())
+    error = (actual - expected).norm()
+    if error > agreement_tolerance(outputs.dtype) * math.sqrt(size) * max(float(scale), 1e-300):
+        raise ValueError(
+            "the loss couples the samples: its Hessian w.r.t. the outputs is not block-diagonal "
+            f"per sample (relative mismatch {float(error / scale):.2e}), so the GGN has no "
+            "per-sample factors; use method='exact' or 'lanczos'"
+        )
+    return blocks
+
+
+def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                   generator: torch.Generator) -> Tensor:
+    """``[C', n, *out]``: square-root factors of the per-sample output-Hessian blocks of ``L``.
+
+    Raises:
+        ValueError: the loss is linear in the outputs (zero GGN), not convex in them (indefinite
+            GGN), couples samples, or cannot be differentiated twice.
+    """
+    n = outputs.shape[0]
+    blocks = output_hessian_blocks(loss_fn, outputs, targets, generator).to(torch.float64)
+    blocks = (blocks + blocks.transpose(1, 2)) / 2
+    if not bool((blocks != 0).any()):
+        raise ValueError(
+            "the loss is linear in the model's outputs (e.g. nn.NLLLoss after a LogSoftmax inside "
+            "the model), so its GGN is exactly zero: move the last nonlinearity into the loss "
+            "(nn.CrossEntropyLoss on logits), or use method='exact' or 'lanczos'"
+        )
+    eigenvalues, eigenvectors = torch.linalg.eigh(blocks)
+    largest = eigenvalues.abs().amax().clamp_min(torch.finfo(torch.float64).tiny)
+    zero = eigenvalues.shape[-1] * torch.finfo(outputs.dtype).eps * largest
+    if (eigenvalues < -zero).any():
+        raise ValueError(
+            "the loss Hessian w.r.t. the outputs has negative eigenvalues (the loss is not convex "
+            "in the outputs), so the GGN is indefinite and has no Gram-matrix form: use "
+            "method='exact' or 'lanczos'"
+        )
+    eigenvalues = torch.where(eigenvalues > zero, eigenvalues, torch.zeros_like(eigenvalues))
+    factors = eigenvectors * eigenvalues.sqrt().unsqueeze(1)  # [n, C, C], column k = s_ik
+    keep = (eigenvalues > 0).any(dim=0)
+    factors = factors[:, :, keep]
+    return factors.permute(2, 0, 1).reshape(-1, n, *outputs.shape[1:]).to(outputs.dtype)

@@ -1,0 +1,76 @@
+"""Per-module Gram rules: fast, exact per-sample factors for the layers that allow them.
+
+A rule claims a module type (:attr:`GramRule.module_types`), states its assumptions
+(:meth:`GramRule.factors` returns None where the captured shapes do not fit them) and turns the
+layer's captured input and backpropagated output gradients into :class:`LayerFactors`, from which
+the layer's block of the Gram matrix follows without per-sample gradients. Every claim is then
+*verified* on every call (:mod:`hessrank.curvature.gram`): the factors must reproduce autograd's
+gradient of a randomly weighted sum of the per-sample losses. A module no rule claims, or whose
+rule fails the check, goes through the general ``torch.func`` path.
+
+Adding a rule is one file in this package that defines a :class:`GramRule` subclass decorated with
+:func:`register_rule`; every module of the package is imported here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from hessrank.curvature.rules.factors import LayerFactors
+
+__all__ = ["RULES", "GramRule", "LayerFactors", "register_rule", "rule_for"]
+
+#: The registered rules, in registration order.
+RULES: list[GramRule] = []
+
+
+class GramRule(ABC):
+    """Per-sample factors of one kind of module's parameters."""
+
+    #: Short name reported in results (``RankResult.paths``).
+    name: ClassVar[str]
+    #: Module types the rule claims (exact types; subclasses may override ``forward``).
+    module_types: ClassVar[tuple[type[nn.Module], ...]]
+
+    def supports(self, module: nn.Module) -> bool:
+        """Whether the module's configuration fits the rule (checked before any work)."""
+        return type(module) in self.module_types
+
+    @abstractmethod
+    def factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
+                num_samples: int, analysed: frozenset[str]) -> LayerFactors | None:
+        """The layer's factors, or None when the captured shapes break the rule's assumptions.
+
+        Args:
+            module: the layer.
+            layer_input: its input in the one call of the forward pass, ``[n, ...]`` if the rule
+                applies.
+            output_grads: ``[K, *output.shape]``: gradients of the ``K`` cotangent products
+                w.r.t. the layer's output.
+            num_samples: ``n``.
+            analysed: local names of the module's parameters under analysis (``"weight"``...).
+        """
+
+
+def register_rule(cls: type[GramRule]) -> type[GramRule]:
+    """Class decorator: add an instance of the rule to :data:`RULES`."""
+    RULES.append(cls())
+    return cls
+
+
+def rule_for(module: nn.Module) -> GramRule | None:
+    """The first registered rule that supports ``module``, or None."""
+    for rule in RULES:
+        if rule.supports(module):
+            return rule
+    return None
+
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name != "factors":
+        importlib.import_module(f"{__name__}.{_info.name}")

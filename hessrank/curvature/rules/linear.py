@@ -1,0 +1,31 @@
+"""``nn.Linear``: ``y = x W^T + b`` on inputs ``[n, ..., d_in]``; every leading position of a
+sample shares its weight (tokens of a sequence), so ``G_i = sum_t d_it a_it^T``.
+
+Assumes: the input's first dimension is the sample (checked against ``n``; a token head applied to
+``x.reshape(n * T, d)`` or a sequence-first layout is caught by the gradient check and goes to the
+general path).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from hessrank.curvature.rules import GramRule, LayerFactors, register_rule
+
+
+@register_rule
+class LinearRule(GramRule):
+    name = "linear"
+    module_types = (nn.Linear,)
+
+    def factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
+                num_samples: int, analysed: frozenset[str]) -> LayerFactors | None:
+        if layer_input.dim() < 2 or layer_input.shape[0] != num_samples:
+            return None
+        k = output_grads.shape[0]
+        return LayerFactors(
+            activations=layer_input.reshape(num_samples, -1, layer_input.shape[-1]),
+            output_grads=output_grads.reshape(k, num_samples, -1, output_grads.shape[-1]),
+            weight_shape=module.weight.shape if "weight" in analysed else None,
+            with_bias="bias" in analysed,
+        )

@@ -1,0 +1,195 @@
+"""What an estimator is: a named (curvature source, solver) pair with its traits and options.
+
+An estimator class declares, in one place:
+
+- ``name``, ``source`` (``"hessian"``, ``"ggn"``, ``"fisher"``) and ``solver`` (``"dense"``,
+  ``"lanczos"``, ``"gram"``);
+- ``modes``: the ``mode=`` values it supports (``"eval"``, ``"train"``);
+- ``layer_strategy``: how ``per_layer=True`` is answered (``"gram-blocks"``: the diagonal blocks of
+  the Gram it already built; ``"restricted"``: the estimator rerun on each module's parameters);
+- ``Options``: a dataclass of its typed options (each field's ``metadata["help"]`` documents it;
+  the command line builds its flags from them);
+- :meth:`Estimator.predict`: its memory (and, when asked, time) before any work;
+- :meth:`Estimator.run`: the work, returning a :class:`Spectrum`.
+
+:func:`register` adds a class to :data:`ESTIMATORS`; a new estimator is one module in this package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import Tensor
+
+from hessrank.monitor import Reporter
+from hessrank.problem import CurvatureProblem
+
+#: Registered estimators by method name, in registration order.
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+class BudgetError(ValueError):
+    """A method would exceed the memory or time budget; nothing was computed.
+
+    Attributes:
+        memory_bytes: predicted peak memory of the method.
+        seconds: predicted time, None where it was not predicted.
+    """
+
+    def __init__(self, message: str, memory_bytes: int, seconds: float | None) -> None:
+        super().__init__(message)
+        self.memory_bytes = memory_bytes
+        self.seconds = seconds
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every estimator receives besides the problem and its own options."""
+
+    threshold: float = 0.99
+    max_memory: float = 4 * 2**30
+    max_seconds: float | None = None
+    seed: int = 0
+    per_layer: bool = False
+    reporter: Reporter = field(default_factory=Reporter)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """An estimator without options of its own."""
+
+
+@dataclass
+class Spectrum:
+    """What an estimator measured.
+
+    Attributes:
+        eigenvalues: by decreasing magnitude; with ``weights``, the nodes of a quadrature of the
+            spectral density, each standing for ``weight`` eigenvalues.
+        backend: the machinery that computed it.
+        max_rank: structural upper bound on the rank.
+        weights: quadrature weights (Lanczos), None for a plain spectrum.
+        ritz_values: values to show as "the eigenvalues" when ``weights`` is set.
+        rank_interval: interval for the srank (Lanczos).
+        num_hvps: Hessian-vector products spent.
+        paths: parameter name -> the path that computed its part (Gram estimators).
+        notes: caveats worth reading.
+        layers: per parameterised module, that module's diagonal block.
+    """
+
+    eigenvalues: np.ndarray
+    backend: str
+    max_rank: int
+    weights: np.ndarray | None = None
+    ritz_values: np.ndarray | None = None
+    rank_interval: tuple[float, float] | None = None
+    num_hvps: int | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    layers: dict[str, Spectrum] = field(default_factory=dict)
+
+    @property
+    def trace(self) -> float:
+        weights = 1.0 if self.weights is None else self.weights
+        return float(np.sum(self.eigenvalues * weights))
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted peak memory (bytes) and time (seconds, None when not predicted)."""
+
+    memory_bytes: int
+    seconds: float | None = None
+
+
+class Estimator(ABC):
+    """A named (curvature source, solver) pair; see the module docstring."""
+
+    name: ClassVar[str]
+    source: ClassVar[str]
+    solver: ClassVar[str]
+    summary: ClassVar[str]
+    #: Position in listings (``hessrank.METHODS``): ground truth first, then cheaper ones.
+    listing_order: ClassVar[int]
+    modes: ClassVar[tuple[str, ...]] = ("eval",)
+    layer_strategy: ClassVar[str] = "restricted"
+    Options: ClassVar[type] = NoOptions
+    #: What to try instead when the budget is exceeded.
+    budget_advice: ClassVar[str] = ""
+
+    def make_options(self, given: dict[str, Any]) -> Any:
+        """This estimator's options from keyword arguments; names it does not declare are
+        ignored (they belong to other estimators), declared ones are validated by the Options
+        class (``__post_init__``)."""
+        names = {f.name for f in dataclasses.fields(self.Options)}
+        return self.Options(**{key: value for key, value in given.items() if key in names})
+
+    def check_mode(self, mode: str) -> None:
+        """Raise if ``mode`` is not among :attr:`modes`."""
+        if mode not in self.modes:
+            raise ValueError(
+                f"mode={mode!r} is not defined for method={self.name!r} (it supports "
+                f"{', '.join(map(repr, self.modes))}): per-sample factors assume samples that do "
+                "not interact; use mode='eval' or method='exact'/'lanczos'"
+            )
+
+    @abstractmethod
+    def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
+                options: Any) -> Cost:
+        """Peak memory, and time when ``settings.max_seconds`` is set, before any work.
+
+        Args:
+            outputs: returns the model's outputs on the batch (no graph; one forward pass, run
+                only if called).
+        """
+
+    @abstractmethod
+    def run(self, problem: CurvatureProblem, settings: Settings, options: Any) -> Spectrum:
+        """Compute the spectrum (``settings.per_layer``: with ``layers`` when the strategy is
+        ``"gram-blocks"``)."""
+
+    def check_budget(self, cost: Cost, problem: CurvatureProblem, settings: Settings) -> None:
+        """Raise :class:`BudgetError` when the predicted cost exceeds the budget."""
+        if cost.memory_bytes > settings.max_memory:
+            raise BudgetError(
+                f"method={self.name!r} needs about {format_bytes(cost.memory_bytes)} for "
+                f"P = {problem.num_params:,} parameters and n = {problem.num_samples:,} "
+                f"samples, over max_memory = {format_bytes(settings.max_memory)}: "
+                f"{self.budget_advice}, restrict params=, or raise max_memory",
+                cost.memory_bytes, cost.seconds,
+            )
+        if settings.max_seconds is not None and cost.seconds is not None and (
+            cost.seconds > settings.max_seconds
+        ):
+            raise BudgetError(
+                f"method={self.name!r} would take about {cost.seconds:.3g} s, over max_seconds = "
+                f"{settings.max_seconds:g} s: {self.budget_advice}, or raise max_seconds",
+                cost.memory_bytes, cost.seconds,
+            )
+
+
+def format_bytes(count: float) -> str:
+    """``1536 -> '1.5 KiB'``: bytes in the largest binary unit that keeps a number >= 1."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.3g} {unit}"
+        value /= 1024
+    return f"{value:.3g} TiB"
+
+
+def register(cls: type[Estimator]) -> type[Estimator]:
+    """Class decorator: register an estimator under its ``name``."""
+    ESTIMATORS[cls.name] = cls()
+    return cls
+
+
+def positive_int(name: str, value: object) -> None:
+    """Raise a ValueError naming the option unless ``value`` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

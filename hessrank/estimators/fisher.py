@@ -1,0 +1,28 @@
+"""``fisher``: the empirical Fisher ``sum_i a_i g_i g_i^T`` through its ``n x n`` Gram matrix."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hessrank.curvature.loss import fisher_cotangents
+from hessrank.estimators.base import register
+from hessrank.estimators.gram import GramEstimator
+from hessrank.problem import LossFn
+
+
+@register
+class Fisher(GramEstimator):
+    name = "fisher"
+    source = "fisher"
+    listing_order = 3
+    summary = "empirical Fisher through the n x n Gram matrix of per-sample gradients"
+    columns_label = "1"
+    budget_advice = "use fewer samples"
+
+    def columns(self, outputs_per_sample: int) -> int:
+        return 1
+
+    def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        return fisher_cotangents(loss_fn, outputs, targets)

@@ -1,0 +1,137 @@
+"""The Gram solver shared by ``fisher`` and ``ggn``: the nonzero spectrum of ``F F^T`` from the
+``m x m`` Gram matrix ``F^T F`` of the factors (``m = K n``), per-layer spectra from its blocks."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from hessrank.curvature.gram import GENERAL_CHUNK_BYTES, GramResult, compute_gram
+from hessrank.curvature.loss import check_no_parameter_terms
+from hessrank.curvature.rules import rule_for
+from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum
+from hessrank.problem import CurvatureProblem, LossFn
+from hessrank.spectrum.dense import symmetric_eigenvalues
+
+BACKENDS = ("auto", "func", "backpack")
+
+
+@dataclass(frozen=True)
+class GramOptions:
+    """Options of the Gram estimators."""
+
+    backend: str = field(default="auto", metadata={
+        "help": "auto: verified per-module rules, torch.func for the rest; func: torch.func "
+                "throughout; backpack: BackPACK on a deep copy (supported layers only)",
+        "choices": BACKENDS})
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}: choose one of "
+                             f"{', '.join(BACKENDS)}")
+
+
+class GramEstimator(Estimator):
+    """Base of the estimators whose matrix is ``F F^T`` with per-sample factors."""
+
+    solver = "gram"
+    layer_strategy = "gram-blocks"
+    Options = GramOptions
+    #: Factor columns per sample before zero columns are dropped, as a function of ``C``.
+    columns_label: ClassVar[str]
+
+    @abstractmethod
+    def columns(self, outputs_per_sample: int) -> int:
+        """Upper bound on the factor columns ``K`` per sample."""
+
+    @abstractmethod
+    def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """``[K, n, *out]`` output factors and, for the Fisher, the loss weights ``[n]``."""
+
+    def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
+                options: GramOptions) -> Cost:
+        n, per_sample = problem.num_samples, outputs()[0].numel()
+        k = self.columns(per_sample)
+        element = problem.params[0].element_size()
+        size = k * n
+        groups = problem.modules_with_params()
+        # The Gram in the model dtype, its float64 copy and the eigen-solver's workspace.
+        memory = size**2 * (element + 16)
+        if settings.per_layer:
+            memory += len(groups) * size**2 * element
+        if k > 1:  # output-Hessian blocks: products, float64 blocks, eigenvectors
+            memory += n * per_sample**2 * (2 * element + 24)
+        modules = dict(problem.model.named_modules())
+        named = dict(zip(problem.names, problem.params))
+        general_sizes = [sum(named[name].numel() for name in names)
+                         for group, names in groups.items()
+                         if options.backend != "auto" or group not in modules
+                         or rule_for(modules[group]) is None]
+        if general_sizes:  # the general path holds one bin of per-sample factors at a time
+            per_bin = max(max(general_sizes),
+                          min(sum(general_sizes), GENERAL_CHUNK_BYTES // (size * element)))
+            memory += size * element * per_bin
+        memory += 2 * problem.num_params * element  # the check's gradient
+        return Cost(int(memory))
+
+    def run(self, problem: CurvatureProblem, settings: Settings,
+            options: GramOptions) -> Spectrum:
+        generator = torch.Generator().manual_seed(settings.seed)
+        loss_fn, targets = problem.loss_fn, problem.targets
+
+        def cotangents_of(outputs: Tensor) -> Tensor:
+            check_no_parameter_terms(loss_fn, outputs, targets, problem.params, problem.names,
+                                     self.name)
+            return self.cotangents(loss_fn, outputs.detach(), targets, generator)[0]
+
+        with settings.reporter.task(f"{self.name} Gram matrix", 1) as advance:
+            result = self._gram(problem, settings, options, cotangents_of, generator)
+            advance(1)
+        accumulator = result.accumulator
+        size = accumulator.total.shape[0]
+        n = problem.num_samples
+        per_sample = size // n
+        cap = min(size, problem.num_params)
+        notes = list(result.notes)
+        if cap < problem.num_params:
+            what = "n" if per_sample == 1 else f"n x {self.columns_label} = {n} x {per_sample}"
+            notes.append(f"rank capped by {what} = {cap} (Gram matrix size) below P = "
+                         f"{problem.num_params}")
+        named = dict(zip(problem.names, problem.params))
+        groups = problem.modules_with_params()
+        layers = {
+            group: Spectrum(symmetric_eigenvalues(gram), _backend(result, groups[group]),
+                            max_rank=min(size, sum(named[nm].numel() for nm in groups[group])))
+            for group, gram in accumulator.groups.items()
+        }
+        return Spectrum(symmetric_eigenvalues(accumulator.total), _backend(result, problem.names),
+                        max_rank=cap, paths=result.paths, notes=notes, layers=layers)
+
+    def _gram(self, problem: CurvatureProblem, settings: Settings, options: GramOptions,
+              cotangents_of: object, generator: torch.Generator) -> GramResult:
+        if options.backend == "backpack":
+            from hessrank.curvature.backpack import gram_backpack
+
+            with torch.no_grad():
+                outputs = problem.forward()
+            check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
+                                     problem.names, self.name)
+            cotangents, weights = self.cotangents(problem.loss_fn, outputs, problem.targets,
+                                                  generator)
+            return gram_backpack(problem, self.name, cotangents, weights, settings.per_layer,
+                                 generator)
+        return compute_gram(problem, cotangents_of, settings.per_layer,
+                            use_rules=options.backend == "auto", generator=generator)
+
+
+def _backend(result: GramResult, names: list[str]) -> str:
+    """The paths used for ``names``, in a stable order, joined by '+'."""
+    used = {result.paths[name] for name in names if name in result.paths}
+    order = ["backpack", "linear", "conv"]
+    return "+".join(sorted(used, key=lambda p: (order.index(p) if p in order else len(order), p)))
