@@ -22,12 +22,13 @@ also checks that each sample's output, computed alone, equals its row of the bat
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 
 from hessrank.curvature.loss import agreement_tolerance
 from hessrank.curvature.rules import GramRule, LayerFactors, rule_for
@@ -205,15 +206,39 @@ def compute_gram(
     return GramResult(accumulator, paths, notes)
 
 
-def _sample_vjps(model: nn.Module) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
+@contextmanager
+def substituted(model: nn.Module, replacements: dict[int, Tensor]) -> Iterator[None]:
+    """Every registration of a parameter (by object) replaced by a tensor inside the block.
+
+    Like ``torch.func.functional_call`` but keyed by the parameter object, so a module registered
+    under two names (``nn.Sequential(shared, act, shared)``) or a weight tied across modules is
+    substituted at every registration at once. The registrations are restored on exit.
+    """
+    swapped = []
+    for module in {id(m): m for m in model.modules()}.values():
+        for local, param in list(module._parameters.items()):
+            if param is not None and id(param) in replacements:
+                swapped.append((module, local, param))
+                module._parameters[local] = replacements[id(param)]
+    try:
+        yield
+    finally:
+        for module, local, param in swapped:
+            module._parameters[local] = param
+
+
+def _sample_vjps(problem: CurvatureProblem) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
     """``(params, cotangent [K, *out], args, kwargs) -> (VJPs {name: [K, *shape]}, outputs)``
     for one sample (inputs without the batch dimension)."""
+    ids = {name: id(p) for name, p in zip(problem.names, problem.params)}
+    model = problem.model
+
     def sample_vjps(params: dict[str, Tensor], cotangent: Tensor, args: tuple[Tensor, ...],
                     kwargs: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         def outputs_of(p: dict[str, Tensor]) -> Tensor:
-            batched_args = tuple(x.unsqueeze(0) for x in args)
-            batched_kwargs = {key: x.unsqueeze(0) for key, x in kwargs.items()}
-            return functional_call(model, p, batched_args, batched_kwargs)[0]
+            with substituted(model, {ids[name]: value for name, value in p.items()}):
+                return model(*(x.unsqueeze(0) for x in args),
+                             **{key: x.unsqueeze(0) for key, x in kwargs.items()})[0]
 
         sample_outputs, pullback = vjp(outputs_of, params)
         try:
@@ -251,7 +276,7 @@ def _general_gram(
             bin_size = 0
         bins[-1].append((group, names))
         bin_size += size
-    sample_vjps = _sample_vjps(problem.model)
+    sample_vjps = _sample_vjps(problem)
     path = VMAP_PATH
     tolerance = agreement_tolerance(problem.dtype)
     for groups in bins:

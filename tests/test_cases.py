@@ -1,0 +1,497 @@
+"""Declarative case list: model x loss x method x backend, each against an independent float64
+reference (finite-difference Hessian, explicit-Jacobian GGN of the batch loss, per-sample-loop
+Fisher with the loss's own weights). Every model here broke, or gave silently wrong spectra, in
+hessrank v1; each one exercises a class of module or loss that a fast path must not get wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import assert_spectra_close, eigenvalues_by_magnitude, flat_function
+from torch import Tensor, nn
+from torch.func import grad, jacrev
+
+import hessrank
+
+# ------------------------------------------------------------------------------------------------
+# references
+# ------------------------------------------------------------------------------------------------
+
+
+def _call(model: nn.Module, theta_fn, theta, inputs):
+    if isinstance(inputs, dict):
+        return theta_fn(theta, (), inputs)
+    return theta_fn(theta, inputs if isinstance(inputs, tuple) else (inputs,), {})
+
+
+def _flat(model: nn.Module):
+    outputs, theta0 = flat_function(model)
+    return (lambda theta, args, kwargs: outputs(theta, args) if not kwargs
+            else _kw(model, theta, kwargs)), theta0
+
+
+def _kw(model, theta, kwargs):
+    from torch.func import functional_call
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    sizes = [p.numel() for p in named.values()]
+    pieces = {n: c.view(p.shape) for (n, p), c in zip(named.items(), theta.split(sizes))}
+    return functional_call(model, pieces, (), kwargs)
+
+
+def reference_ggn_full(model, loss_fn, inputs, targets) -> np.ndarray:
+    """``J^T (d^2 L / df^2) J`` with the Jacobian of all outputs and the output Hessian of the
+    batch loss by double backpropagation: no per-sample structure assumed."""
+    fn, theta0 = _flat(model)
+    outputs = _call(model, fn, theta0, inputs).detach()
+    jac = jacrev(lambda t: _call(model, fn, t, inputs).reshape(-1))(theta0).detach()
+    f = outputs.reshape(-1).clone().requires_grad_(True)
+    (first,) = torch.autograd.grad(loss_fn(f.view_as(outputs), targets), f, create_graph=True)
+    rows = [torch.autograd.grad(first[j], f, retain_graph=True, allow_unused=True)[0]
+            for j in range(f.numel())]
+    out_hessian = torch.stack([torch.zeros_like(f) if r is None else r for r in rows])
+    return (jac.T @ out_hessian @ jac).numpy()
+
+
+def reference_fisher_weighted(model, sample_loss, sample_weights, inputs, targets) -> np.ndarray:
+    """``sum_i a_i g_i g_i^T``, ``g_i`` the gradient of ``sample_loss`` on sample i alone."""
+    fn, theta0 = _flat(model)
+    total = torch.zeros(theta0.numel(), theta0.numel(), dtype=torch.float64)
+    for i in range(targets.shape[0]):
+        if sample_weights[i] == 0:
+            continue
+        if isinstance(inputs, dict):
+            x_i = {k: v[i : i + 1] for k, v in inputs.items()}
+        else:
+            x_i = tuple(v[i : i + 1] for v in (inputs if isinstance(inputs, tuple) else (inputs,)))
+        y_i = targets[i : i + 1]
+        g = grad(lambda t, x_i=x_i, y_i=y_i: sample_loss(_call(model, fn, t, x_i), y_i))(theta0)
+        total += sample_weights[i] * torch.outer(g, g)
+    return total.numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------------
+
+def _seeded(seed: int = 0) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed + 100)
+
+
+class TokenHead(nn.Module):
+    """Embedding + a head applied to ``h.reshape(n * T, d)``: rows are tokens, not samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        n, t = tokens.shape
+        h = torch.tanh(self.mix(self.embed(tokens)))
+        return self.head(h.reshape(n * t, -1)).reshape(n, t, -1)
+
+
+class SequenceFirst(nn.Module):
+    """A Linear on ``[T, n, d]`` (sequence first) with ``T == n``: shapes fit the Linear rule, the
+    rows are not samples. Only the gradient check can tell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [n, T, 3]
+        h = torch.tanh(self.inner(x.transpose(0, 1)))  # [T, n, 4]
+        return self.head(h.transpose(0, 1).mean(dim=1))
+
+
+class TiedAutoencoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(5, 3)
+        self.dec_bias = nn.Parameter(torch.zeros(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+
+
+class KeywordCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(input=torch.tanh(self.fc(input=x)))
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 3, batch_first=True)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.gru(x)
+        return self.head(out.mean(dim=1))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a residual, LayerNorm and a pooled head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(self.norm(h).mean(dim=1))
+
+
+class SequenceFirstTransformer(nn.Module):
+    """A stock batch_first=False encoder layer, used correctly: inputs transposed to [T, n, d]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x.transpose(0, 1)).mean(dim=0))
+
+
+class ConvVariants(nn.Module):
+    """Grouped, depthwise, dilated, 'same'-padded and reflect-padded convolutions, GroupNorm and
+    eval-mode BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.grouped = nn.Conv2d(4, 4, 3, groups=2, padding="same")
+        self.depthwise = nn.Conv2d(4, 4, 3, groups=4, dilation=2, padding=2,
+                                   padding_mode="reflect")
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv1d = nn.Conv1d(4, 2, 2, stride=2)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.bn(self.conv(x)))
+        h = torch.tanh(self.norm(self.depthwise(torch.tanh(self.grouped(h)))))
+        h = torch.tanh(self.conv1d(h.flatten(2)))
+        return self.head(h.mean(dim=-1))
+
+
+class TwiceRegistered(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        shared = nn.Linear(4, 4)
+        self.body = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+class DictInputs(nn.Module):
+    """Called as ``model(**inputs)`` (HuggingFace style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 3)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        h = self.embed(input_ids) * attention_mask.unsqueeze(-1)
+        return self.fc(torch.tanh(h.sum(dim=1)))
+
+
+def _tokens(n, t, vocab, g):
+    return torch.randint(0, vocab, (n, t), generator=g)
+
+
+# ------------------------------------------------------------------------------------------------
+# losses: the batch loss and, for the Fisher reference, the per-sample loss and its weights
+# ------------------------------------------------------------------------------------------------
+
+CE = nn.CrossEntropyLoss()
+
+
+def token_ce(outputs: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+
+
+CLASS_WEIGHTS = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+WEIGHTED_CE = nn.CrossEntropyLoss(weight=CLASS_WEIGHTS)
+IGNORING_CE = nn.CrossEntropyLoss(ignore_index=2)
+MSE = nn.MSELoss()
+SUM_CE = nn.CrossEntropyLoss(reduction="sum")
+
+
+def _mean_weights(targets: Tensor) -> Tensor:
+    return torch.full((targets.shape[0],), 1.0 / targets.shape[0], dtype=torch.float64)
+
+
+def _class_weights(targets: Tensor) -> Tensor:
+    w = CLASS_WEIGHTS[targets]
+    return w / w.sum()
+
+
+def _ignore_weights(targets: Tensor) -> Tensor:
+    kept = (targets != 2).double()
+    return kept / kept.sum()
+
+
+def _ones(targets: Tensor) -> Tensor:
+    return torch.ones(targets.shape[0], dtype=torch.float64)
+
+
+@dataclass
+class Case:
+    """One model and loss, the methods and backends to check, and the paths to expect."""
+
+    name: str
+    build: Callable[[], tuple[nn.Module, object, Tensor]]
+    loss: Callable[[Tensor, Tensor], Tensor] = CE
+    #: per-sample loss and its weights in the batch loss, for the Fisher reference
+    sample_loss: Callable[[Tensor, Tensor], Tensor] = CE
+    sample_weights: Callable[[Tensor], Tensor] = _mean_weights
+    methods: tuple[str, ...] = ("exact", "fisher", "ggn")
+    backends: tuple[str, ...] = ("auto", "func")
+    #: expected path of some parameters under backend="auto"
+    paths: dict[str, str] = field(default_factory=dict)
+    #: a note expected under backend="auto" (e.g. a rule that failed its check)
+    note: str | None = None
+
+
+def _mlp_batch(n=6, d=4, classes=3, seed=0):
+    g = _seeded(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,),
+                                                                            generator=g)
+
+
+def _build(model_cls, inputs_fn):
+    def build():
+        g = _seeded(1)
+        model = model_cls().double().eval()  # as evaluated (hessrank's default mode)
+        inputs, targets = inputs_fn(g)
+        return model, inputs, targets
+    return build
+
+
+CASES = [
+    Case("token head on n*T rows", _build(TokenHead, lambda g: (
+        _tokens(3, 4, 7, g), torch.randint(0, 3, (3, 4), generator=g))),
+        loss=token_ce, sample_loss=token_ce,
+        paths={"embed.weight": "torch.func", "head.weight": "torch.func",
+               "mix.weight": "linear"}),
+    Case("sequence-first rows with T == n", _build(SequenceFirst, lambda g: (
+        torch.randn(4, 4, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))),
+        paths={"inner.weight": "torch.func", "head.weight": "linear"},
+        note="linear rule's factors for 'inner' failed the gradient check"),
+    Case("tied autoencoder (F.linear with enc.weight.t())", _build(TiedAutoencoder, lambda g: (
+        torch.randn(5, 5, generator=g, dtype=torch.float64),
+        torch.randn(5, 5, generator=g, dtype=torch.float64))),
+        loss=MSE, sample_loss=MSE, paths={"enc.weight": "torch.func"},
+        note="linear rule's factors for 'enc' failed the gradient check"),
+    Case("keyword-argument module calls", _build(KeywordCall, lambda g: _mlp_batch(5, 4)),
+         paths={"fc.weight": "linear", "out.bias": "linear"}),
+    Case("LSTM classifier", _build(LSTMClassifier, lambda g: (
+        torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))),
+        paths={"lstm.weight_ih_l0": "per-sample loop", "head.weight": "linear"}),
+    Case("GRU classifier", _build(GRUClassifier, lambda g: (
+        torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))), methods=("fisher",), backends=("auto",)),
+    Case("multi-head attention + LayerNorm", _build(Attention, lambda g: (
+        torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))),
+        paths={"attn.in_proj_weight": "torch.func", "attn.out_proj.weight": "torch.func",
+               "head.weight": "linear"}),
+    Case("stock TransformerEncoderLayer, sequence first", _build(SequenceFirstTransformer,
+         lambda g: (torch.randn(3, 3, 4, generator=g, dtype=torch.float64),
+                    torch.randint(0, 3, (3,), generator=g))), backends=("auto",)),
+    Case("conv variants, GroupNorm, eval BatchNorm", _build(ConvVariants, lambda g: (
+        torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (3,), generator=g))),
+        paths={"conv.weight": "conv", "grouped.weight": "torch.func",
+               "depthwise.weight": "torch.func", "conv1d.weight": "conv",
+               "bn.weight": "torch.func"}),
+    Case("Linear registered twice", _build(TwiceRegistered, lambda g: _mlp_batch(5, 4)),
+         paths={"body.0.weight": "torch.func", "head.weight": "linear"}),
+    Case("dict inputs, model(**inputs)", _build(DictInputs, lambda g: (
+        {"input_ids": _tokens(4, 3, 6, g),
+         "attention_mask": (torch.rand(4, 3, generator=g) > 0.3).double()},
+        torch.randint(0, 3, (4,), generator=g)))),
+    Case("class-weighted cross-entropy", _build(KeywordCall, lambda g: _mlp_batch(6, 4)),
+         loss=WEIGHTED_CE, sample_weights=_class_weights, methods=("fisher", "ggn")),
+    Case("ignore_index cross-entropy", _build(KeywordCall, lambda g: (
+        torch.randn(6, 4, generator=g, dtype=torch.float64),
+        torch.tensor([0, 2, 1, 2, 0, 1]))),
+        loss=IGNORING_CE, sample_loss=IGNORING_CE, sample_weights=_ignore_weights,
+        methods=("fisher", "ggn")),
+    Case("sum-reduced cross-entropy", _build(KeywordCall, lambda g: _mlp_batch(5, 4)),
+         loss=SUM_CE, sample_loss=SUM_CE, sample_weights=_ones, methods=("fisher", "ggn")),
+    Case("plain-function loss (mean of squares)", _build(KeywordCall, lambda g: (
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, 3, generator=g, dtype=torch.float64))),
+        loss=lambda f, y: ((f - y) ** 2).sum(dim=1).mean(),
+        sample_loss=lambda f, y: ((f - y) ** 2).sum(dim=1).mean(), methods=("fisher", "ggn")),
+]
+
+PARAMS = [pytest.param(case, method, backend, id=f"{case.name}-{method}-{backend}")
+          for case in CASES for method in case.methods
+          for backend in (case.backends if method in ("fisher", "ggn") else ("auto",))]
+
+
+def _reference(case: Case, method: str, model, inputs, targets) -> np.ndarray:
+    if method == "exact":
+        return double_backprop_hessian(model, case.loss, inputs, targets)
+    if method == "ggn":
+        return reference_ggn_full(model, case.loss, inputs, targets)
+    return reference_fisher_weighted(model, case.sample_loss, case.sample_weights(targets),
+                                     inputs, targets)
+
+
+def double_backprop_hessian(model, loss_fn, inputs, targets) -> np.ndarray:
+    """Row by row: the gradient of each gradient entry, by plain autograd on the model (math
+    attention kernel: the fused ones have no double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with sdpa_kernel(SDPBackend.MATH):
+        outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        grads = torch.autograd.grad(loss_fn(outputs, targets), params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    rows = []
+    for j in range(flat.numel()):
+        row = torch.autograd.grad(flat[j], params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([torch.zeros_like(p).reshape(-1) if r is None else r.reshape(-1)
+                               for r, p in zip(row, params)]))
+    matrix = torch.stack(rows).detach().numpy()
+    return (matrix + matrix.T) / 2
+
+
+@pytest.mark.parametrize(("case", "method", "backend"), PARAMS)
+def test_case_matches_reference(case: Case, method: str, backend: str):
+    model, inputs, targets = case.build()
+    result = hessrank.effective_rank(model, case.loss, (inputs, targets), method=method,
+                                     backend=backend)
+    # After hessrank: torch.func.functional_call, inside the references, leaves a module that is
+    # registered twice holding a plain tensor instead of its Parameter (torch 2.14.1).
+    reference = eigenvalues_by_magnitude(_reference(case, method, model, inputs, targets))
+    count = min(len(result.eigenvalues), len(reference))
+    assert_spectra_close(result.eigenvalues, reference, count=count, rtol=1e-9)
+    if method != "exact" and count < len(reference):
+        assert np.all(np.abs(reference[count:]) <= 1e-9 * abs(reference[0]))
+    if method in ("fisher", "ggn") and backend == "auto":
+        for name, path in case.paths.items():
+            assert result.paths[name] == path, (name, result.paths)
+        if case.note is not None:
+            assert any(case.note in note for note in result.notes), result.notes
+
+
+def test_compiled_model_is_analysed_eagerly():
+    model, x, y = _build(KeywordCall, lambda g: _mlp_batch(5, 4))()
+    compiled = torch.compile(model)
+    for method in ("fisher", "ggn", "exact"):
+        plain = hessrank.effective_rank(model, CE, (x, y), method=method)
+        wrapped = hessrank.effective_rank(compiled, CE, (x, y), method=method)
+        np.testing.assert_allclose(wrapped.eigenvalues, plain.eigenvalues, rtol=0,
+                                   atol=1e-12 * abs(plain.top_eigenvalue))
+        assert plain.top_eigenvalue > 0
+        assert any("torch.compile" in note for note in wrapped.notes)
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn", "exact", "lanczos"])
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_calls_under_no_grad_and_inference_mode(method, context):
+    model, x, y = _build(KeywordCall, lambda g: _mlp_batch(5, 4))()
+    expected = hessrank.effective_rank(model, CE, (x, y), method=method)
+    manager = torch.no_grad if context == "no_grad" else torch.inference_mode
+    with manager():
+        if context == "inference_mode":
+            x, y = x.clone(), y.clone()  # inference tensors, as a user's would be
+        result = hessrank.effective_rank(model, CE, (x, y), method=method)
+        assert not torch.is_grad_enabled()
+    np.testing.assert_allclose(result.eigenvalues, expected.eigenvalues, rtol=0,
+                               atol=1e-12 * abs(expected.top_eigenvalue))
+
+
+def test_lstm_excluded_by_params_still_works():
+    model, x, y = _build(LSTMClassifier, lambda g: (
+        torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g)))()
+    names = ["head.weight", "head.bias"]
+    result = hessrank.effective_rank(model, CE, (x, y), params=names)
+    reference = eigenvalues_by_magnitude(reference_fisher_weighted(
+        _Restricted(model, names), CE, _mean_weights(y), x, y))
+    assert_spectra_close(result.eigenvalues, reference, count=len(result.eigenvalues), rtol=1e-9)
+
+
+class _Restricted(nn.Module):
+    """The model with every parameter but ``names`` frozen (for the references)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in names)
+
+    def forward(self, *args):
+        return self.model(*args)
+
+
+def test_ggn_of_a_loss_linear_in_the_outputs_is_refused():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1)).double()
+    x, y = _mlp_batch(5, 4)
+    with pytest.raises(ValueError, match="linear in the model's outputs.*GGN is exactly zero"):
+        hessrank.effective_rank(model, nn.NLLLoss(), (x, y), method="ggn")
+    # the Fisher of the same loss is well defined
+    assert hessrank.effective_rank(model, nn.NLLLoss(), (x, y), method="fisher").rank > 0
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_parameter_terms_in_the_loss_are_refused(method):
+    model, x, y = _build(KeywordCall, lambda g: _mlp_batch(5, 4))()
+
+    def regularised(outputs, targets):
+        return CE(outputs, targets) + 0.1 * sum(p.pow(2).sum() for p in model.parameters())
+
+    with pytest.raises(ValueError, match=r"uses the parameters directly \(fc.weight, fc.bias"):
+        hessrank.effective_rank(model, regularised, (x, y), method=method)
+    # exact includes the regulariser's curvature: 0.2 * I shifts the spectrum
+    plain = hessrank.effective_rank(model, CE, (x, y), method="exact")
+    shifted = hessrank.effective_rank(model, regularised, (x, y), method="exact")
+    np.testing.assert_allclose(np.sort(shifted.eigenvalues), np.sort(plain.eigenvalues) + 0.2,
+                               atol=1e-10)
+
+
+def test_ggn_with_many_classes_is_refused_before_the_work():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1000)
+    x, y = torch.randn(64, 8), torch.randint(0, 1000, (64,))
+    with pytest.raises(hessrank.BudgetError, match="method='ggn' needs about .*GiB.*'fisher'"):
+        hessrank.effective_rank(model, CE, (x, y), method="ggn")
