@@ -22,6 +22,7 @@ from hessrank.problem import (
     CurvatureProblem,
     LossFn,
     build_problem,
+    check_call,
     check_number,
     probe_outputs,
 )
@@ -123,6 +124,7 @@ def effective_rank(
         hessrank.BudgetError: the predicted memory or time exceeds the budget.
     """
     estimator = _estimator(method)
+    check_call(model, loss_fn, mode)
     settings = _settings(threshold, rtol, max_memory, max_seconds, seed, per_layer, progress)
     options = estimator.make_options({"backend": backend, "lanczos_steps": lanczos_steps,
                                       "lanczos_probes": lanczos_probes})
@@ -217,6 +219,7 @@ def predict_exact_cost(
         ``(memory_bytes, seconds)``.
     """
     estimator = ESTIMATORS["exact"]
+    check_call(model, loss_fn, "eval")
     settings = Settings(max_memory=64 * 2**30, max_seconds=float("inf"))
     with preserved_state(model), differentiable():
         problem = build_problem(model, loss_fn, batch, params, "eval")
@@ -249,6 +252,7 @@ def gradient_overlap(
         hessrank.BudgetError: the dense Hessian would exceed ``max_memory``.
     """
     estimator = ESTIMATORS["exact"]
+    check_call(model, loss_fn, "eval")
     settings = _settings(threshold, None, max_memory, None, 0, False, False)
     with preserved_state(model), differentiable():
         problem = build_problem(model, loss_fn, batch, params, "eval")

@@ -219,6 +219,24 @@ def _usable(tensor: Tensor) -> Tensor:
     return tensor.detach()
 
 
+def check_call(model: object, loss_fn: object, mode: object) -> None:
+    """The checks that must pass before anything else runs: the model, the loss and the mode.
+
+    Raises:
+        TypeError, ValueError: naming the argument and the fix.
+    """
+    if not isinstance(model, nn.Module):
+        kind = "a function" if callable(model) else type(model).__name__
+        raise TypeError(
+            f"model must be a torch.nn.Module, got {kind}: wrap a function in a module whose "
+            "forward calls it and whose parameters are nn.Parameters"
+        )
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar tensor")
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+
+
 def build_problem(
     model: nn.Module,
     loss_fn: LossFn,
@@ -231,16 +249,7 @@ def build_problem(
     Raises:
         TypeError, ValueError: naming the argument at fault and the fix.
     """
-    if not isinstance(model, nn.Module):
-        kind = "a function" if callable(model) else type(model).__name__
-        raise TypeError(
-            f"model must be a torch.nn.Module, got {kind}: wrap a function in a module whose "
-            "forward calls it and whose parameters are nn.Parameters"
-        )
-    if not callable(loss_fn):
-        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar tensor")
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    check_call(model, loss_fn, mode)
     model, notes = unwrap_model(model)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(

@@ -160,3 +160,79 @@ def test_large_model_refused_before_any_work():
 
     with pytest.raises(hessrank.BudgetError, match="P = 1,011,010"):
         hessrank.effective_rank(model, loss_never_called, (x, y), method="exact")
+
+
+class _TupleOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return self.fc(x), x
+
+
+def _cast(dtype):
+    def make(model):
+        return copy.deepcopy(model).to(dtype)
+    return make
+
+
+# (what is wrong, keyword arguments or a model/batch transform, error type, message pattern)
+BAD_INPUTS = [
+    ("a function as model", {"model": lambda model: (lambda x: x)}, TypeError,
+     "model must be a torch.nn.Module, got a function: wrap"),
+    ("params a single Parameter", {"params": lambda model: model[0].weight}, TypeError,
+     r"single tensor: write params=\[...\]"),
+    ("params a single name", {"params": lambda model: "0.weight"}, TypeError,
+     r"single name: write params=\[...\]"),
+    ("params empty", {"params": lambda model: []}, ValueError, "params is empty"),
+    ("params of another type", {"params": lambda model: [3]}, TypeError,
+     "parameters or their names, got int"),
+    ("targets of the wrong shape", {"targets": lambda y: y[:, None].expand(-1, 2)}, RuntimeError,
+     r"loss_fn\(outputs, targets\) failed on outputs of shape \(8, 3\).*targets of shape \(8, 2\)"),
+    ("targets of the wrong dtype", {"targets": lambda y: y.double()}, RuntimeError,
+     r"targets of shape \(8,\) \(torch.float64\).*Check the targets' shape and dtype"),
+    ("inputs in another dtype than the model", {"inputs": lambda x: x.float()}, ValueError,
+     r"inputs\[0\] is torch.float32 but the model's parameters are torch.float64: cast"),
+    ("a float16 model", {"model": _cast(torch.float16), "inputs": lambda x: x.half()},
+     ValueError, "torch.float16: half precision.*float32 copy"),
+    ("a bfloat16 model", {"model": _cast(torch.bfloat16), "inputs": lambda x: x.bfloat16()},
+     ValueError, "torch.bfloat16: half precision"),
+    ("a complex model", {"model": _cast(torch.complex128)}, ValueError,
+     "torch.complex128: the curvature of a real loss needs real parameters"),
+    ("NaN rtol", {"rtol": float("nan")}, ValueError, "rtol must be a number, got nan"),
+    ("negative rtol", {"rtol": -1e-3}, ValueError, r"rtol must lie in \[0, inf\]"),
+    ("NaN threshold", {"threshold": float("nan")}, ValueError, "threshold must be a number"),
+    ("threshold above 1", {"threshold": 1.5}, ValueError, r"threshold must lie in \(0, 1\]"),
+    ("max_seconds=0", {"max_seconds": 0}, ValueError, r"max_seconds must lie in \(0, inf\]"),
+    ("negative max_memory", {"max_memory": -1}, ValueError, "max_memory must lie in"),
+    ("a string seed", {"seed": "7"}, ValueError, "seed must be an int"),
+    ("per_layer not a bool", {"per_layer": "yes"}, ValueError, "per_layer must be True or False"),
+    ("unknown mode", {"mode": "training"}, ValueError, "mode must be 'eval' or 'train'"),
+    ("unknown backend", {"backend": "jax"}, ValueError, "unknown backend 'jax'"),
+    ("zero Lanczos steps", {"method": "lanczos", "lanczos_steps": 0}, ValueError,
+     "lanczos_steps must be a positive integer"),
+    ("a model returning a tuple", {"model": lambda model: _TupleOutput()}, TypeError,
+     "the model returned tuple.*wrap the model"),
+    ("inputs a list with a non-tensor", {"inputs": lambda x: [x, 3]}, TypeError,
+     "inputs must be a tensor, a non-empty tuple of tensors"),
+    ("a dict batch with a non-tensor", {"inputs": lambda x: {"x": x, "n": 3}}, TypeError,
+     "map argument names \\(str\\) to tensors.*\\['n'\\]"),
+    ("a complex batch", {"inputs": lambda x: x.to(torch.complex128)}, ValueError,
+     r"inputs\[0\] is complex"),
+]
+
+
+@pytest.mark.parametrize(("what", "changes", "error", "match"), BAD_INPUTS,
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_named_with_its_fix(setup, what, changes, error, match):
+    model, x, y = setup
+    target_model = changes["model"](model) if "model" in changes else model
+    inputs = changes["inputs"](x) if "inputs" in changes else x
+    targets = changes["targets"](y) if "targets" in changes else y
+    options = {k: v for k, v in changes.items() if k not in ("model", "inputs", "targets")}
+    if "params" in options:
+        options["params"] = options["params"](model)
+    options.setdefault("method", "fisher")
+    _check(model, lambda: hessrank.effective_rank(target_model, CE, (inputs, targets), **options),
+           error, match)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -121,3 +122,87 @@ def test_train_mode_batchnorm_restores_statistics():
     _assert_same(before, model)
     evaluated = hessrank.effective_rank(model, CE, (x, y), method="exact")
     assert abs(train.top_eigenvalue - evaluated.top_eigenvalue) > 1e-6  # batch vs running stats
+
+
+class _Counting(nn.Module):
+    """Rebinds a buffer in forward (EMA/step-counter style) and holds a twice-registered layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("steps", torch.zeros(()))
+        shared = nn.Linear(4, 4)
+        self.body = nn.Sequential(shared, nn.Tanh(), shared)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.steps = self.steps + 1
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize(("method", "backend"), [("exact", "auto"), ("lanczos", "auto"),
+                                                 ("fisher", "auto"), ("fisher", "func"),
+                                                 ("ggn", "auto"), ("ggn", "func")])
+def test_rebound_buffers_and_twice_registered_parameters_come_back(method, backend):
+    torch.manual_seed(0)
+    model = _Counting()
+    steps, params = model.steps, [(m, dict(m._parameters)) for m in model.modules()]
+    x, y = classification_batch(6, 4, 3, dtype=torch.float32)
+    hessrank.effective_rank(model, CE, (x, y), method=method, backend=backend,
+                            lanczos_steps=4, lanczos_probes=2)
+    assert model.steps is steps and float(steps) == 0.0
+    for module, registered in params:
+        assert module._parameters.keys() == registered.keys()
+        assert all(module._parameters[k] is v for k, v in registered.items())
+    assert isinstance(model.body[2].weight, nn.Parameter)
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_backpack_leaves_the_callers_inputs_alone(method):
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = classification_batch(8, 6, 3, dtype=torch.float32)
+    x.requires_grad_(True)
+    hessrank.effective_rank(model, CE, (x, y), method=method, backend="backpack")
+    assert x.grad is None
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos", "fisher", "ggn"])
+@pytest.mark.parametrize("after_calls", [1, 2, 4])
+def test_keyboard_interrupt_inside_the_call_restores_everything(method, after_calls):
+    model = _net()
+    model.train()
+    x, y = classification_batch(10, 6, 3, dtype=torch.float32)
+    CE(model(x), y).backward()
+    before = _snapshot(model)
+    registered = [dict(m._parameters) for m in model.modules()]
+    calls = []
+
+    def interrupt(module, args, output):
+        calls.append(1)
+        if len(calls) == after_calls:
+            raise KeyboardInterrupt
+
+    handle = model[4].register_forward_hook(interrupt)
+    before["hooks"] = [(dict(m._forward_hooks), dict(m._forward_pre_hooks),
+                        dict(m._backward_hooks)) for m in model.modules()]
+    with contextlib.suppress(KeyboardInterrupt):
+        hessrank.effective_rank(model, CE, (x, y), method=method, lanczos_steps=3,
+                                lanczos_probes=2)
+    _assert_same(before, model)
+    assert all(m._parameters == r for m, r in zip(model.modules(), registered))
+    handle.remove()
+
+
+def test_ctrl_c_during_a_restore_is_delivered_after_it():
+    import signal
+
+    from hessrank.guard import deferred_interrupts
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt), deferred_interrupts():
+        signal.raise_signal(signal.SIGINT)
+        finished.append("restore ran to the end")
+    assert finished == ["restore ran to the end"]
