@@ -136,7 +136,6 @@ def effective_rank(
             outputs = functools.cache(lambda: probe_outputs(problem))
             estimator.check_budget(estimator.predict(problem, outputs, settings, options),
                                    problem, settings)
-            outputs()  # the loss on the model's outputs, checked before the work
             outputs.cache_clear()
             with PeakMemory(problem.device) as memory:
                 spectrum = estimator.run(problem, settings, options)

@@ -76,10 +76,30 @@ class CurvatureProblem:
         """Model outputs on the batch (graph kept for differentiation)."""
         return self.model(*self.args, **self.kwargs)
 
-    def loss(self, outputs: Tensor | None = None) -> Tensor:
-        """The scalar loss, checked to be a finite scalar."""
+    def loss(self, outputs: object = None) -> Tensor:
+        """The scalar loss on ``outputs`` (default: a forward pass), checked.
+
+        Raises:
+            TypeError: the model's outputs are not a tensor.
+            TypeError, ValueError, RuntimeError, IndexError: the loss cannot be evaluated on the
+                outputs and the targets (the error's own type, its message extended with the
+                shapes and dtypes involved), or it is not a finite scalar.
+        """
         outputs = self.forward() if outputs is None else outputs
-        value = self.loss_fn(outputs, self.targets)
+        if not isinstance(outputs, Tensor):
+            raise TypeError(
+                f"the model returned {type(outputs).__name__}; hessrank needs a tensor of outputs "
+                "(wrap the model so that forward returns the tensor the loss takes, e.g. logits)"
+            )
+        try:
+            value = self.loss_fn(outputs, self.targets)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise type(error)(
+                f"loss_fn(outputs, targets) failed on outputs of shape {tuple(outputs.shape)} "
+                f"({outputs.dtype}) and targets of shape {tuple(self.targets.shape)} "
+                f"({self.targets.dtype}): {error}. Check the targets' shape and dtype (e.g. "
+                "class indices as int64 of shape [n] for nn.CrossEntropyLoss)"
+            ) from error
         check_loss(value)
         return value
 
@@ -391,31 +411,9 @@ def has_active_batchnorm(model: nn.Module) -> list[str]:
 
 
 def probe_outputs(problem: CurvatureProblem) -> Tensor:
-    """One forward pass without a graph, and the loss on it: cheap checks before the real work.
-
-    Returns:
-        The model's outputs on the batch (no graph).
-
-    Raises:
-        TypeError, ValueError, RuntimeError, IndexError: the loss cannot be evaluated on the
-            model's outputs and the targets (the error's own type, its message extended with the
-            shapes and dtypes involved), or it is not a finite scalar.
-    """
+    """One forward pass without a graph, and the checked loss on it (see
+    :meth:`CurvatureProblem.loss`): the model's outputs, for predictions before the work."""
     with torch.no_grad():
         outputs = problem.forward()
-        if not isinstance(outputs, Tensor):
-            raise TypeError(
-                f"the model returned {type(outputs).__name__}; hessrank needs a tensor of outputs "
-                "(wrap the model so that forward returns the tensor the loss takes, e.g. logits)"
-            )
-        try:
-            value = problem.loss_fn(outputs, problem.targets)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise type(error)(
-                f"loss_fn(outputs, targets) failed on outputs of shape {tuple(outputs.shape)} "
-                f"({outputs.dtype}) and targets of shape {tuple(problem.targets.shape)} "
-                f"({problem.targets.dtype}): {error}. Check the targets' shape and dtype (e.g. "
-                "class indices as int64 of shape [n] for nn.CrossEntropyLoss)"
-            ) from error
-    check_loss(value)
+        problem.loss(outputs)
     return outputs

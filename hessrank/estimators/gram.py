@@ -15,7 +15,7 @@ from hessrank.curvature.gram import GENERAL_CHUNK_BYTES, GramResult, compute_gra
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.rules import rule_for
 from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum
-from hessrank.problem import CurvatureProblem, LossFn
+from hessrank.problem import CurvatureProblem, LossFn, probe_outputs
 from hessrank.spectrum.dense import symmetric_eigenvalues
 
 BACKENDS = ("auto", "func", "backpack")
@@ -86,6 +86,7 @@ class GramEstimator(Estimator):
         loss_fn, targets = problem.loss_fn, problem.targets
 
         def cotangents_of(outputs: Tensor) -> Tensor:
+            problem.loss(outputs.detach())
             check_no_parameter_terms(loss_fn, outputs, targets, problem.params, problem.names,
                                      self.name)
             return self.cotangents(loss_fn, outputs.detach(), targets, generator)[0]
@@ -118,8 +119,7 @@ class GramEstimator(Estimator):
         if options.backend == "backpack":
             from hessrank.curvature.backpack import gram_backpack
 
-            with torch.no_grad():
-                outputs = problem.forward()
+            outputs = probe_outputs(problem)
             check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                      problem.names, self.name)
             cotangents, weights = self.cotangents(problem.loss_fn, outputs, problem.targets,
