@@ -9,6 +9,7 @@ from hessrank.estimators import BudgetError
 from hessrank.monitor import progress_bar
 from hessrank.ranks import RANK_NAMES, spectral_ranks
 from hessrank.results import RankResult
+from hessrank.tracker import Tracker
 
 __all__ = [
     "BACKENDS",
@@ -16,6 +17,7 @@ __all__ = [
     "RANK_NAMES",
     "BudgetError",
     "RankResult",
+    "Tracker",
     "effective_rank",
     "gradient_overlap",
     "predict_exact_cost",
