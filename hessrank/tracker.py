@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["JsonLinesSink", "Measurement", "Sink", "TensorBoardSink", "Tracker", "record_scalars"]
 
-ON_ERROR = ("raise", "record")
+ON_ERROR = ("raise", "warn", "record")
 # effective_rank's own arguments that the tracker sets itself.
 _RESERVED = ("model", "loss_fn", "batch", "method", "per_layer")
 
@@ -62,7 +62,7 @@ class Measurement:
         step: the training step the measurement belongs to.
         method: the estimator (``"fisher"``, ``"ggn"``, ``"exact"``, ``"lanczos"``).
         result: the :class:`hessrank.RankResult`, None when the method failed.
-        error: the exception the method raised (``on_error="record"``), else None.
+        error: the exception the method raised (``on_error`` ``"warn"``/``"record"``), else None.
         record: the JSON line: ``step``, ``method``, ``rank``, every entry of ``result.ranks``
             (``srank``, ``numerical``, ...), ``top_eigenvalue``, ``trace``, ``seconds``,
             ``num_params``, ``num_samples``, ``threshold``, ``backend``, ``rank_interval``
@@ -226,8 +226,9 @@ class Tracker:
         tensorboard: a TensorBoard run folder to also write scalars to (needs ``tensorboard``).
         sinks: further destinations, objects with ``write(record)`` and ``close()``.
         per_layer: also record each parameterised module's ranks (``record["layers"]``).
-        on_error: ``"raise"`` (default) re-raises a method's error; ``"record"`` writes it as
-            the record's ``error`` and goes on with a warning.
+        on_error: ``"raise"`` (default) re-raises a method's error; ``"warn"`` writes it as the
+            record's ``error``, warns (``RuntimeWarning``) and goes on; ``"record"`` the same
+            without the warning, for callers that report ``Measurement.error`` themselves.
         method_options: per-method keyword arguments of :func:`hessrank.effective_rank`,
             e.g. ``{"lanczos": {"lanczos_steps": 40}}``.
         clock: the wall clock of the ``budget`` schedule (seconds); replace it to simulate time.
@@ -421,8 +422,9 @@ class Tracker:
             if self.on_error == "raise":
                 raise
             measurement = Measurement(step, method, error=err)
-            warnings.warn(f"hessrank.Tracker: {method} failed at step {step}: "
-                          f"{measurement.record['error']}", RuntimeWarning, stacklevel=3)
+            if self.on_error == "warn":
+                warnings.warn(f"hessrank.Tracker: {method} failed at step {step}: "
+                              f"{measurement.record['error']}", RuntimeWarning, stacklevel=3)
         else:
             measurement = Measurement(step, method, result=result)
         self.records.append(measurement.record)

@@ -186,10 +186,10 @@ def test_budget_keeps_the_share_of_wall_time(budget: float) -> None:
     assert len(measured) >= 4 and max(gaps) - min(gaps) <= 1
 
 
-def test_on_error_record_writes_the_error_and_goes_on(tmp_path: Path) -> None:
+def test_on_error_warn_writes_the_error_and_goes_on(tmp_path: Path) -> None:
     model = _net().eval()
     batch = classification_batch(8, 6, 3, dtype=torch.float32)
-    tracker = hessrank.Tracker(model, CE, ("exact", "fisher"), every=1, on_error="record",
+    tracker = hessrank.Tracker(model, CE, ("exact", "fisher"), every=1, on_error="warn",
                                log=tmp_path / "c.jsonl",
                                method_options={"exact": {"max_memory": 1}})
     with pytest.warns(RuntimeWarning, match="exact failed at step 0: BudgetError"):
@@ -231,7 +231,7 @@ def test_dataloader_list_batches_and_append(tmp_path: Path) -> None:
         ({"every": 0}, ValueError, "every must be a positive integer"),
         ({"steps": [3, -1]}, ValueError, "steps must be integers >= 0"),
         ({"budget": 5}, ValueError, r"budget is a share of wall time in \(0, 1\)"),
-        ({"on_error": "ignore"}, ValueError, "on_error must be one of raise, record"),
+        ({"on_error": "ignore"}, ValueError, "on_error must be one of raise, warn, record"),
         ({"treshold": 0.9}, TypeError, "treshold not an option of hessrank.effective_rank"),
         ({"method_options": {"ggn": {}}}, ValueError, "names 'ggn', not one of the methods"),
         ({"eval_batch": torch.zeros(3)}, TypeError, "eval_batch must be a pair"),

@@ -4,7 +4,8 @@ The JSON report (``schema_version`` 1) holds ``config`` (every option), ``model`
 ``num_params``), ``data`` (name, source, ``num_samples``, ``num_classes``, ``input_shape``),
 ``interrupted``, and ``runs``: one per seed, each with ``spearman`` (estimator -> rho of its srank
 with exact's over the checkpoints, or null) and ``checkpoints``. A checkpoint has ``index``,
-``task`` (null without ``--checkpoints``), ``labels`` (``true``/``random``),
+``step`` (optimizer steps taken before it), ``task`` (null without ``--checkpoints``), ``labels``
+(``true``/``random``),
 ``previous_task_train_error``, ``pyhessian`` (top eigenvalue, Hutchinson trace, its standard
 error and probe count, relative differences to exact, ``error``) and ``methods``: estimator ->
 ``srank``, ``numerical_rank``, their ``*_rel_error`` against exact, ``top_eigenvalue``, ``trace``,
@@ -479,17 +480,44 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
         raise CliError(f"cannot write --csv {path}: {err.strerror or err}") from err
 
 
-def write_plot(report: dict[str, Any], path: Path) -> None:
-    """Spectra of every method overlaid (|eigenvalue| vs index, log y) at the last checkpoint of
-    the first seed, and srank over checkpoints (mean over seeds, min-max band)."""
+def pyplot(what: str) -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend.
+
+    Raises:
+        CliError: matplotlib is not installed (``what`` names the option that needs it).
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
     except ImportError as err:
-        raise CliError("--plot needs matplotlib: pip install 'hessrank[plot]'") from err
+        raise CliError(f"{what} needs matplotlib: pip install 'hessrank[plot]'") from err
+    return plt
+
+
+def save_figure(fig: Any, path: Path, what: str) -> None:
+    """Write ``fig`` as a PNG at ``path`` (its folder created) and close it.
+
+    Raises:
+        CliError: the file cannot be written.
+    """
+    plt = pyplot(what)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    except OSError as err:
+        raise CliError(f"cannot write {what} {path}: {err.strerror or err}") from err
+    finally:
+        plt.close(fig)
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    """Spectra of every method overlaid (|eigenvalue| vs index, log y) at the last checkpoint of
+    the first seed, and srank over checkpoints (mean over seeds, min-max band)."""
+    plt = pyplot("--plot")
+    from matplotlib.ticker import MaxNLocator
+
     methods = report["config"]["methods"]
     runs = [r for r in report["runs"] if r["checkpoints"]]
     if not runs:
@@ -538,10 +566,4 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         axes[1].set_title("rank over checkpoints")
         axes[1].legend()
     fig.tight_layout()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    except OSError as err:
-        raise CliError(f"cannot write --plot {path}: {err.strerror or err}") from err
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, "--plot")
