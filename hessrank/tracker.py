@@ -470,7 +470,7 @@ def _lightning_callback_class() -> type:
             "Tracker.lightning_callback() needs Lightning: pip install 'hessrank[lightning]'"
         ) from err
 
-    class CurvatureCallback(Callback):  # type: ignore[misc]
+    class CurvatureCallback(Callback):
         """Measures the curvature of the module being fitted on the tracker's schedule."""
 
         def __init__(self, tracker: Tracker) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -427,7 +428,7 @@ def run_compare(
                     cfg,
                     seed,
                     index,
-                    lambda task=task: phases.advance(task),
+                    functools.partial(phases.advance, task),
                 )
                 phases.done(task)
         summarize(report)
