@@ -98,8 +98,16 @@ class Measurement:
 
 
 def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a record as flat ``method/name`` keys (``fisher/rank``,
-    ``fisher/layers/0/srank``), for scalar loggers (TensorBoard, Lightning); {} for a failure."""
+    """The numbers of a record as flat keys, for scalar loggers (TensorBoard, Lightning, W&B).
+
+    Args:
+        record: a :attr:`Measurement.record`.
+
+    Returns:
+        ``method/name`` -> value (``fisher/rank``, ``fisher/top_eigenvalue``, and
+        ``fisher/layers/0/srank`` for per-layer records); ``{}`` for a failure. Null (non-finite)
+        numbers are left out.
+    """
     method = record["method"]
     skip = ("step", "method", "backend", "error", "rank_interval", "layers")
     out = {
@@ -119,7 +127,11 @@ class Sink(Protocol):
     """Where records go: anything with ``write(record)`` and ``close()``."""
 
     def write(self, record: dict[str, Any]) -> None:
-        """Store one record (a :attr:`Measurement.record`)."""
+        """Store one record.
+
+        Args:
+            record: a :attr:`Measurement.record`.
+        """
 
     def close(self) -> None:
         """Flush and release the destination."""
@@ -142,7 +154,11 @@ class JsonLinesSink:
         self._file = self.path.open("a" if append else "w")
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` as one line."""
+        """Append ``record`` as one line.
+
+        Args:
+            record: a :attr:`Measurement.record` (JSON-serialisable, no NaN or infinity).
+        """
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
@@ -171,7 +187,11 @@ class TensorBoardSink:
         self._writer = SummaryWriter(log_dir=str(log_dir))
 
     def write(self, record: dict[str, Any]) -> None:
-        """Every number of ``record`` as a scalar at ``record['step']``; a failure as text."""
+        """Every number of ``record`` as a scalar at ``record['step']``; a failure as text.
+
+        Args:
+            record: a :attr:`Measurement.record`.
+        """
         step = record["step"]
         if "error" in record:
             self._writer.add_text(f"hessrank/{record['method']}/error", record["error"], step)
@@ -326,6 +346,13 @@ class Tracker:
     def due(self, step: int) -> bool:
         """Whether the schedule measures at ``step`` now.
 
+        Args:
+            step: the step number.
+
+        Returns:
+            True when ``step`` is on the schedule (``budget``: when measuring now keeps within
+            it).
+
         Raises:
             ValueError: the tracker has no schedule (``every``, ``steps`` or ``budget``).
         """
@@ -454,6 +481,9 @@ class Tracker:
         number of the optimizer step just taken), sends the numbers to the trainer's loggers,
         and closes the tracker at the end of ``fit``. Create the tracker on the
         ``LightningModule`` (its ``forward`` gives the outputs ``loss_fn`` takes).
+
+        Returns:
+            A ``lightning.pytorch.Callback`` for ``Trainer(callbacks=[...])``.
 
         Raises:
             ImportError: Lightning is not installed.

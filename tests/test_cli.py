@@ -77,6 +77,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
 def test_compare_prints_every_method_and_the_pyhessian_check(compared) -> None:
     proc, out = compared
     assert "Estimators vs exact at the start of task 3" in proc.stdout
+    assert "hessrank compare: mlp (310 parameters, relu) on digits" in proc.stdout
     for method in hessrank.METHODS:
         assert f"\n{method} " in proc.stdout
     assert "PyHessian" in proc.stdout and "Spearman" in proc.stdout
@@ -436,6 +437,8 @@ def test_a_user_model_error_of_any_type_is_one_line(tmp_path: Path, capsys) -> N
     status, out, err = run_main(argv, capsys)
     assert status == 1  # every estimator failed: not a success, and the table says why
     assert "fisher: failed: KeyError: 'my model broke'" in out
+    # No preset's activation in the title of a user's model (the console wraps long lines).
+    assert "broken.py:make (650 parameters) on digits" in " ".join(out.split())
     assert err == "hessrank: error: every estimator failed; the first: KeyError: 'my model broke'\n"
 
 

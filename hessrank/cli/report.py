@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hessrank.cli.errors import CliError
+from hessrank.cli.presets import PRESETS
 
 METHOD_FIELDS = (
     "srank",
@@ -210,9 +211,11 @@ def title(report: dict[str, Any]) -> str:
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds (mean±std)"
     if model is None or data is None:
         return f"hessrank compare: {cfg['model']}, nothing measured"
+    # --activation shapes the presets only: a user's model has its own.
+    activation = f", {cfg['activation']}" if model["name"] in PRESETS else ""
     return (
-        f"hessrank compare: {model['name']} ({model['num_params']:,} parameters, "
-        f"{cfg['activation']}) on {data['name']} (n = {data['num_samples']}, "
+        f"hessrank compare: {model['name']} ({model['num_params']:,} parameters"
+        f"{activation}) on {data['name']} (n = {data['num_samples']}, "
         f"C = {data['num_classes']}), srank threshold {cfg['threshold']}, {seed_text}"
     )
 
