@@ -237,7 +237,8 @@ class Tracker:
         budget: share of the loop's wall time (between 0 and 1) to spend measuring, as often as
             that allows: the first step is measured (to learn the cost), and later ones when the
             time spent so far plus the last measurement's cost stays within ``budget`` of the
-            elapsed time. ``overhead`` reports the share spent.
+            elapsed time. ``overhead`` reports the share spent; in a loop shorter than a few
+            measurements, the first one alone can exceed the budget.
         eval_batch: a fixed ``(inputs, targets)`` measured every time, so measurements are
             comparable across steps; without it each measurement uses the batch given to
             :meth:`step`.
