@@ -78,6 +78,7 @@ def test_compare_prints_every_method_and_the_pyhessian_check(compared) -> None:
     proc, out = compared
     assert "Estimators vs exact at the start of task 3" in proc.stdout
     assert "hessrank compare: mlp (310 parameters, relu) on digits" in proc.stdout
+    assert "peak memory (CPU): growth of the process's resident set" in proc.stdout
     for method in hessrank.METHODS:
         assert f"\n{method} " in proc.stdout
     assert "PyHessian" in proc.stdout and "Spearman" in proc.stdout

@@ -375,6 +375,7 @@ def run_compare(
                 "num_samples": int(data.inputs.shape[0]),
                 "num_classes": data.num_classes,
                 "input_shape": list(data.inputs.shape[1:]),
+                "device": data.inputs.device.type,
             }
         run: dict[str, Any] = {"seed": seed, "checkpoints": [], "spearman": {}}
         report["runs"].append(run)

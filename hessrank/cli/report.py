@@ -1,7 +1,8 @@
 """Render a compare report: rich tables, JSON, CSV and a PNG plot.
 
 The JSON report (``schema_version`` 1) holds ``config`` (every option), ``model`` (name,
-``num_params``), ``data`` (name, source, ``num_samples``, ``num_classes``, ``input_shape``),
+``num_params``), ``data`` (name, source, ``num_samples``, ``num_classes``, ``input_shape``,
+``device``),
 ``interrupted``, and ``runs``: one per seed, each with ``spearman`` (estimator -> rho of its srank
 with exact's over the checkpoints, or null) and ``checkpoints``. A checkpoint has ``index``,
 ``step`` (optimizer steps taken before it), ``task`` (null without ``--checkpoints``), ``labels``
@@ -54,6 +55,11 @@ PYHESSIAN_FIELDS = (
     "seconds",
 )
 MAX_TASK_COLUMNS = 6
+CPU_MEMORY_NOTE = (
+    "peak memory (CPU): growth of the process's resident set during each call; memory that an "
+    "earlier method freed and a later one reuses is not counted, so order matters: run one "
+    "--methods at a time for a full figure"
+)
 CSV_COLUMNS = (
     "seed",
     "checkpoint",
@@ -374,6 +380,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     for note in footnotes:
         console.print(note, markup=False, highlight=False)
+    if (report["data"] or {}).get("device") == "cpu" and len(report["config"]["methods"]) > 1:
+        console.print(CPU_MEMORY_NOTE, markup=False, highlight=False)
     if "exact" not in report["config"]["methods"]:
         console.print("No exact reference (skipped): errors against exact are not computed.")
     check = pyhessian_table(summ, report, last)
