@@ -516,3 +516,15 @@ def test_plot_errors_and_failed_measurements(tmp_path: Path, capsys) -> None:
     log.write_text(json.dumps(failure) + "\n")
     status, _, err = run_main(["plot", str(log)], capsys)
     assert status == 2 and err == f"hessrank: error: {log} holds no measurement (1 failed ones)\n"
+
+
+def test_ctrl_c_while_the_cli_loads_is_one_line(capsys, monkeypatch) -> None:
+    """The CLI imports its modules lazily inside main(): a Ctrl-C there is handled too."""
+    import hessrank.cli as cli_module
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "build_parser", interrupted)
+    status, out, err = run_main(["compare"], capsys)
+    assert (status, out, err) == (130, "", "hessrank: interrupted\n")
