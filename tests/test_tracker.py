@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,8 +300,9 @@ def test_lightning_callback_measures_on_the_trainers_steps(tmp_path: Path) -> No
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     module = Module()
     tracker = hessrank.Tracker(module, CE, every=5, log=tmp_path / "c.jsonl")
+    logger = lightning.pytorch.loggers.CSVLogger(tmp_path, name="csv")
     trainer = lightning.Trainer(
-        max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+        max_steps=6, accelerator="cpu", logger=logger, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
         callbacks=[tracker.lightning_callback()],
     )
@@ -314,3 +316,9 @@ def test_lightning_callback_measures_on_the_trainers_steps(tmp_path: Path) -> No
     final = hessrank.effective_rank(module, CE, (x[8:16], y[8:16]), method="fisher")
     assert records[-1]["rank"] == final.rank
     assert records[-1]["top_eigenvalue"] == pytest.approx(final.top_eigenvalue, rel=1e-12)
+    # The trainer's logger got the same numbers at the same steps.
+    with open(Path(logger.log_dir) / "metrics.csv") as handle:
+        logged = [row for row in csv.DictReader(handle) if row.get("hessrank/fisher/rank")]
+    assert [(int(r["step"]), float(r["hessrank/fisher/rank"])) for r in logged] == [
+        (r["step"], r["rank"]) for r in records
+    ]
