@@ -256,6 +256,10 @@ class Tracker:
         **options: keyword arguments of :func:`hessrank.effective_rank` for every method
             (``threshold``, ``rtol``, ``params``, ``max_memory``, ``seed``, ...).
 
+    Attributes:
+        records: every record written so far, in order (also kept in memory).
+        sinks: the destinations records go to (``log`` last).
+
     Raises:
         ValueError: an unknown method, a schedule that is not exactly one of ``every``,
             ``steps`` and ``budget`` (or none, for :meth:`measure` only), or values out of range.
