@@ -9,6 +9,7 @@ from hessrank.estimators import ESTIMATORS, BudgetError
 from hessrank.monitor import progress_bar
 from hessrank.ranks import RANK_NAMES, spectral_ranks
 from hessrank.results import RankResult
+from hessrank.tracker import Tracker
 
 __all__ = [
     "BACKENDS",
@@ -17,6 +18,7 @@ __all__ = [
     "ESTIMATORS",
     "BudgetError",
     "RankResult",
+    "Tracker",
     "effective_rank",
     "gradient_overlap",
     "predict_exact_cost",

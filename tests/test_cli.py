@@ -19,14 +19,15 @@ import torch
 from rich.console import Console
 
 import hessrank
-from hessrank.cli import compare, main, presets
+from hessrank.cli import available_cores, compare, default_threads, main, presets
+from hessrank.cli import build_parser as cli_parser
 from hessrank.cli.errors import CliError
 from hessrank.cli.pyhessian_check import pyhessian_check
 from hessrank.cli.report import CSV_COLUMNS, render
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--samples", "16", "--width", "4", "--depth", "1")
-MNIST_DIR = Path(os.environ.get(presets.DATA_DIR_ENV) or ROOT.parent / "shared" / "data")
+DATA_DIR = presets.default_data_dir()
 
 
 def cli(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -74,13 +75,17 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
 
 
 def test_compare_prints_every_method_and_the_pyhessian_check(compared) -> None:
-    proc, _ = compared
+    proc, out = compared
     assert "Estimators vs exact at the start of task 3" in proc.stdout
+    assert "hessrank compare: mlp (310 parameters, relu) on digits" in proc.stdout
+    assert "peak memory (CPU): growth of the process's resident set" in proc.stdout
     for method in hessrank.METHODS:
         assert f"\n{method} " in proc.stdout
     assert "PyHessian" in proc.stdout and "Spearman" in proc.stdout
     assert "capped by n = 16" in proc.stdout
     assert "Traceback" not in proc.stderr
+    wrote = [line for line in proc.stderr.splitlines() if line.startswith("hessrank: wrote ")]
+    assert wrote == [f"hessrank: wrote {out / name}" for name in ("r.json", "r.csv", "r.png")]
 
 
 def test_compare_json_schema(compared) -> None:
@@ -95,6 +100,8 @@ def test_compare_json_schema(compared) -> None:
     for run in report["runs"]:
         points = run["checkpoints"]
         assert [p["task"] for p in points] == [1, 2, 3]
+        # 16 samples in minibatches of 32, two epochs per task: two optimizer steps per task.
+        assert [p["step"] for p in points] == [0, 2, 4]
         assert all(p["labels"] == "random" for p in points)
         assert points[0]["previous_task_train_error"] is None
         assert 0.0 <= points[2]["previous_task_train_error"] <= 1.0
@@ -287,13 +294,17 @@ def test_presets_are_seeded_and_small() -> None:
     assert data.inputs.shape == (32, 1, 8, 8) and data.targets.max() < 10
 
 
-@pytest.mark.skipif(not presets.has_mnist(MNIST_DIR), reason="no MNIST here")
+@pytest.mark.skipif(
+    not presets.has_mnist(DATA_DIR),
+    reason=f"no MNIST: set ${presets.DATA_DIR_ENV} to a folder holding MNIST/raw/ "
+    f"(now {DATA_DIR or 'unset'})",
+)
 def test_mnist_from_data_dir() -> None:
-    pytest.importorskip("torchvision")
-    data = presets.load_data("mnist", samples=32, seed=0, data_dir=MNIST_DIR)
+    pytest.importorskip("torchvision", reason="--data mnist needs torchvision")
+    data = presets.load_data("mnist", samples=32, seed=0, data_dir=DATA_DIR)
     assert data.inputs.shape == (32, 1, 8, 8)
     assert data.name == "mnist"
-    full = presets.load_data("mnist", samples=8, seed=0, data_dir=MNIST_DIR, image_size=28)
+    full = presets.load_data("mnist", samples=8, seed=0, data_dir=DATA_DIR, image_size=28)
     assert full.inputs.shape == (8, 1, 28, 28)
 
 
@@ -324,3 +335,196 @@ def test_weights_are_loaded(tmp_path: Path) -> None:
     )
     with pytest.raises(CliError, match="--weights"):
         presets.build_model("mlp", input_shape=(1, 8, 8), weights=tmp_path / "w.pt")
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``main(argv)`` in-process: exit status (argparse's SystemExit included), stdout, stderr."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["compare", "--lr", "-1"], "argument --lr: must be positive, got -1"),
+        (["compare", "--max-memory", "inf"], "--max-memory: must be a finite number, got inf"),
+        (["compare", "--max-seconds", "nan"], "--max-seconds: must be a finite number, got nan"),
+        (["compare", "--rtol", "nan"], "--rtol: must be a finite number, got nan"),
+        (["rank", "--rtol", "1.5"], "--rtol: must lie in [0, 1), got 1.5"),
+        (["rank", "--threshold", "nan"], "--threshold: must be a finite number, got nan"),
+        (["rank", "--samples", "1"], "--samples: must be an integer >= 2, got 1"),
+        (["compare", "--checkpoints", "-1"], "--checkpoints: must be an integer >= 0, got -1"),
+        (["compare", "--epochs", "two"], "--epochs: not a number: 'two'"),
+        (["compare", "--methods", ","], "--methods ',' names no estimator; choose from exact"),
+        (["compare", "--device", "meta"], "--device meta: hessrank measures on cpu or cuda"),
+        (["rank", "--device", "meta"], "--device meta: hessrank measures on cpu or cuda"),
+        (["plot", "{tmp}/none.jsonl"], "cannot read"),
+    ],
+)
+def test_bad_options_are_one_line_before_any_work(argv, expected, tmp_path: Path, capsys) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] != "plot":
+        argv += ["--json", str(tmp_path / "r.json")]
+    status, out, err = run_main(argv, capsys)
+    assert status == 2 and out == ""
+    assert err.startswith("hessrank: error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "r.json").exists()  # nothing was measured
+
+
+def test_version_and_help_name_every_default(capsys) -> None:
+    status, out, _ = run_main(["--version"], capsys)
+    assert status == 0 and out.strip() == f"hessrank {hessrank.__version__}"
+    parser = cli_parser()
+    subparsers = next(a for a in parser._actions if a.choices and "rank" in a.choices).choices
+    assert set(subparsers) == {"compare", "rank", "plot"}
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if not action.option_strings or action.nargs == 0:
+                continue  # positionals, --help and on/off flags
+            assert "default" in (action.help or ""), (name, action.option_strings)
+    threads = subparsers["rank"].parse_args([]).threads
+    assert threads == default_threads() and 1 <= threads <= min(4, available_cores())
+    assert f"default {threads}: half of the" in subparsers["rank"].format_help()
+
+
+def test_plot_without_matplotlib_fails_before_measuring(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    argv = ["compare", *TINY, "--methods", "fisher", "--json", str(tmp_path / "r.json")]
+    status, out, err = run_main([*argv, "--plot", str(tmp_path / "r.png")], capsys)
+    assert status == 2 and out == ""
+    assert err == "hessrank: error: --plot needs matplotlib: pip install 'hessrank[plot]'\n"
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_tables_are_printed_when_writing_a_file_fails(tmp_path: Path, capsys) -> None:
+    (tmp_path / "file").write_text("")
+    argv = ["compare", *TINY, "--methods", "fisher", "--no-pyhessian"]
+    status, out, err = run_main([*argv, "--csv", str(tmp_path / "file" / "r.csv")], capsys)
+    assert status == 2
+    assert "Estimators vs exact" in out and "\nfisher " in out
+    assert err.startswith("hessrank: error: cannot write --csv") and err.count("\n") == 1
+
+
+BROKEN_MODEL = """
+import torch
+
+class Broken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():  # the shape check runs without gradients; hessrank with
+            raise KeyError("my model broke")
+        return self.linear(x.flatten(1))
+
+def make():
+    return Broken()
+"""
+
+
+def test_a_user_model_error_of_any_type_is_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "broken.py").write_text(BROKEN_MODEL)
+    model = ["--model", f"{tmp_path / 'broken.py'}:make", "--samples", "8"]
+    status, out, err = run_main(["rank", *model], capsys)
+    assert status == 2 and out == ""
+    assert err == (f"hessrank: error: fisher failed on --model {tmp_path / 'broken.py'}:make: "
+                   "KeyError: 'my model broke'\n")
+    argv = ["compare", *model, "--methods", "fisher,ggn", "--no-pyhessian"]
+    status, out, err = run_main(argv, capsys)
+    assert status == 1  # every estimator failed: not a success, and the table says why
+    assert "fisher: failed: KeyError: 'my model broke'" in out
+    # No preset's activation in the title of a user's model (the console wraps long lines).
+    assert "broken.py:make (650 parameters) on digits" in " ".join(out.split())
+    assert err == "hessrank: error: every estimator failed; the first: KeyError: 'my model broke'\n"
+
+
+def test_ctrl_c_during_the_final_report_keeps_the_table(tmp_path: Path, capsys, monkeypatch):
+    from hessrank.cli import report
+
+    original = report.render
+
+    def interrupted_render(result, console) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the tables are being printed
+        original(result, console)
+
+    monkeypatch.setattr(report, "render", interrupted_render)
+    argv = ["compare", *TINY, "--methods", "fisher", "--no-pyhessian"]
+    status, out, _ = run_main([*argv, "--json", str(tmp_path / "r.json")], capsys)
+    assert status == 130
+    assert "Estimators vs exact" in out and "\nfisher " in out
+    assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["checkpoints"]
+
+
+def tracker_log(path: Path, per_layer: bool = True) -> list[dict]:
+    """A tracker's log of the tiny model trained for 6 steps, fisher and ggn every 2 steps."""
+    model, data = tiny_problem()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with hessrank.Tracker(model, loss_fn, ("fisher", "ggn"), every=2, log=path,
+                          per_layer=per_layer) as tracker:
+        for _ in range(6):
+            optimizer.zero_grad()
+            loss_fn(model(data.inputs), data.targets).backward()
+            optimizer.step()
+            tracker.step((data.inputs, data.targets))
+    return tracker.records
+
+
+def test_plot_draws_each_method_against_step(tmp_path: Path, capsys) -> None:
+    from hessrank.cli.plot import build_figure, read_run
+
+    records = tracker_log(tmp_path / "curvature.jsonl")
+    status, out, err = run_main(["plot", str(tmp_path / "curvature.jsonl"), "--layers"], capsys)
+    assert status == 0 and err == f"hessrank: wrote {tmp_path / 'curvature.png'}\n"
+    assert (tmp_path / "curvature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = build_figure([read_run(tmp_path / "curvature.jsonl")], "numerical", layers=True)
+    rank_axes, top_axes, *layer_axes = fig.axes
+    assert [a.get_title() for a in layer_axes] == ["layer 1", "layer 3"]
+    for axes, key in ((rank_axes, "numerical"), (top_axes, "top_eigenvalue")):
+        lines = {line.get_label(): line for line in axes.get_lines()}
+        assert set(lines) == {"fisher", "ggn"}
+        for method, line in lines.items():
+            mine = [r for r in records if r["method"] == method]
+            assert list(line.get_xdata()) == [0, 2, 4]
+            assert list(line.get_ydata()) == [r[key] for r in mine]
+    (fisher, _) = layer_axes[1].get_lines()
+    assert list(fisher.get_ydata()) == [r["layers"]["3"]["numerical"] for r in records
+                                        if r["method"] == "fisher"]
+
+
+def test_plot_errors_and_failed_measurements(tmp_path: Path, capsys) -> None:
+    log = tmp_path / "c.jsonl"
+    tracker_log(log, per_layer=False)
+    status, _, err = run_main(["plot", str(log), "--layers"], capsys)
+    assert status == 2 and "--layers: the log has no per-layer ranks" in err
+    failure = {"step": 6, "method": "exact", "error": "BudgetError: too big"}
+    log.write_text(log.read_text() + json.dumps(failure) + "\n")
+    status, _, err = run_main(["plot", str(log), "-o", str(tmp_path / "p.png")], capsys)
+    assert status == 0 and err.splitlines() == [
+        "hessrank: left out 1 failed measurement(s), the first: c: exact at step 6: "
+        "BudgetError: too big",
+        f"hessrank: wrote {tmp_path / 'p.png'}",
+    ]
+    log.write_text(log.read_text() + "not json\n")
+    status, _, err = run_main(["plot", str(log)], capsys)
+    assert status == 2 and f"{log}:8 is not JSON" in err
+    log.write_text(json.dumps(failure) + "\n")
+    status, _, err = run_main(["plot", str(log)], capsys)
+    assert status == 2 and err == f"hessrank: error: {log} holds no measurement (1 failed ones)\n"
+
+
+def test_ctrl_c_while_the_cli_loads_is_one_line(capsys, monkeypatch) -> None:
+    """The CLI imports its modules lazily inside main(): a Ctrl-C there is handled too."""
+    import hessrank.cli as cli_module
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "build_parser", interrupted)
+    status, out, err = run_main(["compare"], capsys)
+    assert (status, out, err) == (130, "", "hessrank: interrupted\n")

@@ -1,20 +1,27 @@
-"""``hessrank compare`` and ``hessrank rank``: the command-line interface.
+"""``hessrank compare``, ``hessrank rank`` and ``hessrank plot``: the command-line interface.
 
 ``hessrank compare`` measures every estimator against the exact Hessian on a small model and real
-data that ship with the package; ``hessrank rank`` prints one rank of one model, for scripts.
+data that ship with the package; ``hessrank rank`` prints one rank of one model, for scripts;
+``hessrank plot`` draws a :class:`hessrank.Tracker` log (rank and top eigenvalue against step).
+
+Every failure the user can act on is one line on stderr and a non-zero exit status: 2 for bad
+input, 1 when every estimator failed, 130 for Ctrl-C (which keeps what was measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from hessrank.api import BACKENDS
 from hessrank.cli.errors import CliError
 
 if TYPE_CHECKING:
@@ -25,21 +32,82 @@ __all__ = ["main"]
 RANK_DEFINITIONS = ("srank", "numerical", "entropy", "stable", "participation")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other CLI error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"hessrank: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(text: str, kind: Callable[[str], Any] = float) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _threshold(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
-    return value
+    return float(value)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _rtol(text: str) -> float:
+    value = _number(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return float(value)
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return float(value)
+
+
+def _integer(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return int(value)
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+_positive = _integer(1)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Half the available cores, at least 1 and at most 4: torch's own default (every core)
+    made dense eigen-solves several times slower on a machine shared with other jobs."""
+    return max(1, min(4, available_cores() // 2))
+
+
+def _library_default(name: str) -> Any:
+    """The default of ``hessrank.effective_rank``'s argument ``name``."""
+    import inspect
+
+    import hessrank
+
+    return inspect.signature(hessrank.effective_rank).parameters[name].default
 
 
 def _add_problem_options(parser: argparse.ArgumentParser) -> None:
+    from hessrank import BACKENDS
     from hessrank.cli import presets
 
     group = parser.add_argument_group("model and data")
@@ -50,14 +118,25 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
         "a function returning an nn.Module that maps (N, 1, H, W) images to logits "
         "(default: mlp)",
     )
-    group.add_argument("--activation", default="relu", choices=tuple(presets.ACTIVATIONS))
     group.add_argument(
-        "--width", type=_positive, help="hidden units (mlp) or channels (cnn, resnet)"
+        "--activation",
+        default="relu",
+        choices=tuple(presets.ACTIVATIONS),
+        help="activation of the presets (default relu)",
     )
     group.add_argument(
-        "--depth", type=int, help="hidden layers (mlp), conv layers (cnn), residual blocks (resnet)"
+        "--width",
+        type=_positive,
+        help="hidden units (mlp) or channels (cnn, resnet) (default: "
+        + ", ".join(f"{k} {v}" for k, v in presets.DEFAULT_WIDTH.items())
+        + ")",
     )
-    group.add_argument("--weights", help="state_dict (.pt) to load into the model")
+    group.add_argument(
+        "--depth",
+        type=_integer(0),
+        help="hidden layers (mlp), conv layers (cnn), residual blocks (resnet) (default 2)",
+    )
+    group.add_argument("--weights", help="state_dict (.pt) to load into the model (default: none)")
     group.add_argument(
         "--data",
         default="auto",
@@ -68,20 +147,39 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--data-dir",
-        help=f"folder holding MNIST/raw/ (torchvision layout); default ${presets.DATA_DIR_ENV}",
+        help=f"folder holding MNIST/raw/ (torchvision layout) (default ${presets.DATA_DIR_ENV})",
     )
-    group.add_argument("--image-size", type=_positive, help="resize images to this side length")
-    group.add_argument("--samples", type=int, default=128, help="batch size n (default 128)")
+    group.add_argument(
+        "--image-size",
+        type=_positive,
+        help="resize images to this side length (default: 8, the digits' size)",
+    )
+    group.add_argument(
+        "--samples", type=_integer(2), default=128, help="batch size n (default 128)"
+    )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
-    group.add_argument("--dtype", default="float32", choices=tuple(presets.DTYPES))
-    group.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's)")
+    group.add_argument(
+        "--dtype", default="float32", choices=tuple(presets.DTYPES), help="(default float32)"
+    )
+    threads = default_threads()
+    group.add_argument(
+        "--threads",
+        type=_positive,
+        default=threads,
+        help=f"CPU threads for torch (default {threads}: half of the {available_cores()} cores "
+        "here, at most 4; torch's own default, every core, ran exact several times slower on a "
+        "machine shared with other jobs)",
+    )
 
     est = parser.add_argument_group("estimators")
     est.add_argument(
         "--threshold", type=_threshold, default=0.99, help="srank threshold (default 0.99)"
     )
     est.add_argument(
-        "--rtol", type=float, help="numerical-rank tolerance relative to the top |eigenvalue|"
+        "--rtol",
+        type=_rtol,
+        help="numerical-rank tolerance relative to the top |eigenvalue|, in [0, 1) (default: "
+        "matrix size times the dtype's epsilon)",
     )
     est.add_argument(
         "--backend",
@@ -89,23 +187,40 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         help="fisher/ggn backend (default auto: Kronecker identity plus torch.func)",
     )
-    est.add_argument("--lanczos-steps", type=_positive, help="Lanczos steps per probe")
-    est.add_argument("--lanczos-probes", type=_positive, help="Lanczos probe vectors")
     est.add_argument(
-        "--max-memory", type=float, help="exact: refuse above this predicted memory, in GiB"
+        "--lanczos-steps",
+        type=_positive,
+        help=f"Lanczos steps per probe (default {_library_default('lanczos_steps')})",
     )
     est.add_argument(
-        "--max-seconds", type=float, help="exact: refuse above this predicted time, in seconds"
+        "--lanczos-probes",
+        type=_positive,
+        help=f"Lanczos probe vectors (default {_library_default('lanczos_probes')})",
+    )
+    est.add_argument(
+        "--max-memory",
+        type=_positive_float,
+        help="exact: refuse above this predicted memory, in GiB "
+        f"(default {_library_default('max_memory') / 2**30:g})",
+    )
+    est.add_argument(
+        "--max-seconds",
+        type=_positive_float,
+        help="exact: refuse above this predicted time, in seconds (default: no limit)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``hessrank`` argument parser with its ``compare`` and ``rank`` subcommands."""
-    parser = argparse.ArgumentParser(
+    """The ``hessrank`` argument parser with its ``compare``, ``rank`` and ``plot`` subcommands."""
+    import hessrank
+    from hessrank.cli.plot import RANK_KEYS
+
+    parser = _Parser(
         prog="hessrank",
         description="Rank and effective rank of a network's Hessian and its approximations.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{compare,rank}")
+    parser.add_argument("--version", action="version", version=f"hessrank {hessrank.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,rank,plot}")
 
     compare = sub.add_parser(
         "compare",
@@ -125,26 +240,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-exact", action="store_true", help="leave out exact (no errors against it)"
     )
     compare.add_argument("--no-pyhessian", action="store_true", help="skip the PyHessian check")
-    compare.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    compare.add_argument("--seed", type=_integer(0), default=0, help="first seed (default 0)")
     compare.add_argument(
         "--seeds", type=_positive, default=1, help="number of seeds, from --seed on (default 1)"
     )
     traj = compare.add_argument_group("trajectory (random-label tasks, Adam)")
     traj.add_argument(
         "--checkpoints",
-        type=int,
+        type=_integer(0),
         default=0,
         help="K: evaluate at the start of each of K random-label tasks (default 0: once, at "
         "initialisation, on the true labels)",
     )
     traj.add_argument("--epochs", type=_positive, default=20, help="epochs per task (default 20)")
     traj.add_argument("--batch-size", type=_positive, default=32, help="minibatch (default 32)")
-    traj.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    traj.add_argument(
+        "--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)"
+    )
     out = compare.add_argument_group("output")
-    out.add_argument("--json", type=Path, help="write every number (and the spectra) as JSON")
-    out.add_argument("--csv", type=Path, help="write every number of the tables as CSV")
-    out.add_argument("--plot", type=Path, help="PNG: spectra overlaid, rank over checkpoints")
-    out.add_argument("--quiet", action="store_true", help="no progress bars and no tables")
+    out.add_argument(
+        "--json", type=Path, help="write every number (and the spectra) as JSON (default: none)"
+    )
+    out.add_argument(
+        "--csv", type=Path, help="write every number of the tables as CSV (default: none)"
+    )
+    out.add_argument(
+        "--plot",
+        type=Path,
+        help="PNG: spectra overlaid, rank over checkpoints (needs matplotlib) (default: none)",
+    )
+    out.add_argument(
+        "--quiet", action="store_true", help="no progress bars, no tables, no 'wrote' lines"
+    )
     compare.set_defaults(func=_compare)
 
     rank = sub.add_parser(
@@ -153,19 +280,61 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print one rank (srank by default) of the model's curvature to stdout.",
     )
     _add_problem_options(rank)
-    rank.add_argument("--method", default="fisher", help="exact, lanczos, ggn or fisher")
-    rank.add_argument("--definition", default="srank", choices=RANK_DEFINITIONS)
-    rank.add_argument("--seed", type=int, default=0)
-    rank.add_argument("--json", help="write the full result as JSON to this path ('-': stdout)")
-    rank.add_argument("--quiet", action="store_true", help="no progress bar")
+    rank.add_argument(
+        "--method",
+        default="fisher",
+        help=f"estimator: {', '.join(hessrank.METHODS)} (default fisher)",
+    )
+    rank.add_argument(
+        "--definition",
+        default="srank",
+        choices=RANK_DEFINITIONS,
+        help="rank definition printed (default srank)",
+    )
+    rank.add_argument("--seed", type=_integer(0), default=0, help="seed (default 0)")
+    rank.add_argument(
+        "--json", help="write the full result as JSON to this path ('-': stdout) (default: none)"
+    )
+    rank.add_argument("--quiet", action="store_true", help="no progress bar, no 'wrote' line")
     rank.set_defaults(func=_rank)
+
+    plot = sub.add_parser(
+        "plot",
+        help="rank and top eigenvalue against step, from hessrank.Tracker logs",
+        description="Draw the JSON lines written by hessrank.Tracker: rank and top eigenvalue "
+        "against step, one line per method (and per file), per-layer panels with --layers.",
+    )
+    plot.add_argument(
+        "logs", nargs="+", type=Path, metavar="LOG", help="JSON-lines file(s) of hessrank.Tracker"
+    )
+    plot.add_argument(
+        "-o", "--output", type=Path, help="PNG to write (default: the first LOG with .png)"
+    )
+    plot.add_argument(
+        "--rank",
+        default="rank",
+        choices=RANK_KEYS,
+        help="rank to draw (default rank: srank at the tracker's threshold)",
+    )
+    plot.add_argument(
+        "--layers",
+        action="store_true",
+        help="one panel per layer (a log of Tracker(..., per_layer=True))",
+    )
+    plot.set_defaults(func=_plot)
     return parser
 
 
 def _methods(requested: list[str] | None, skip_exact: bool) -> tuple[str, ...]:
     import hessrank
 
-    names = [m for item in requested or hessrank.METHODS for m in item.split(",") if m]
+    names = [m.strip() for item in requested or hessrank.METHODS for m in item.split(",")]
+    names = [m for m in names if m]
+    if not names:
+        raise CliError(
+            f"--methods {' '.join(requested or [])!r} names no estimator; choose from "
+            f"{', '.join(hessrank.METHODS)}"
+        )
     for name in names:
         if name not in hessrank.METHODS:
             raise CliError(f"unknown method '{name}'; choose from {', '.join(hessrank.METHODS)}")
@@ -203,6 +372,7 @@ def _config(
         lanczos_probes=args.lanczos_probes,
         max_memory_gib=args.max_memory,
         max_seconds=args.max_seconds,
+        threads=args.threads,
         **extra,
     )
 
@@ -219,13 +389,50 @@ def _progress(quiet: bool) -> Any:
     return progress_bar(console=console, transient=True)
 
 
+@contextmanager
+def _held_interrupt() -> Iterator[list[int]]:
+    """Hold Ctrl-C until the block ends (so the final report is printed and written whole);
+    yields the list of signals received meanwhile."""
+    received: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _wrote(paths: list[Path | None], quiet: bool) -> None:
+    """Say where files were written."""
+    if not quiet:
+        for path in paths:
+            if path is not None:
+                print(f"hessrank: wrote {path.resolve()}", file=sys.stderr)
+
+
+def _all_failed(result: dict[str, Any]) -> str | None:
+    """The first error when every measurement of ``result`` failed, else None."""
+    records = [
+        record
+        for run in result["runs"]
+        for point in run["checkpoints"]
+        for record in point["methods"].values()
+    ]
+    if records and all(record.get("error") for record in records):
+        return str(records[0]["error"])
+    return None
+
+
 def _compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from hessrank.cli import compare, report
 
-    if args.checkpoints < 0:
-        raise CliError(f"--checkpoints must be 0 or more, got {args.checkpoints}")
+    if args.plot:
+        report.pyplot("--plot")  # before any work, not after it
     methods = _methods(args.methods, args.skip_exact)
     cfg = _config(
         args,
@@ -237,6 +444,7 @@ def _compare(args: argparse.Namespace) -> int:
         lr=args.lr,
         pyhessian=not args.no_pyhessian,
     )
+    cfg.torch_device()
     result = compare.new_report(cfg)
 
     def save(current: dict[str, Any]) -> None:
@@ -251,16 +459,23 @@ def _compare(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         result["interrupted"] = True
         status = 130
-    compare.summarize(result)
-    save(result)
-    if args.csv:
-        report.write_csv(result, args.csv)
-    if args.plot:
-        report.write_plot(result, args.plot)
-    if not args.quiet:
-        report.render(result, Console())
-    elif status:
-        print("hessrank: interrupted; kept what was measured", file=sys.stderr)
+    with _held_interrupt() as received:
+        compare.summarize(result)
+        if not args.quiet:
+            report.render(result, Console())
+        elif status:
+            print("hessrank: interrupted; kept what was measured", file=sys.stderr)
+        save(result)
+        if args.csv:
+            report.write_csv(result, args.csv)
+        if args.plot:
+            report.write_plot(result, args.plot)
+        _wrote([args.json, args.csv, args.plot], args.quiet)
+    if received:
+        return 130
+    failure = _all_failed(result)
+    if failure is not None and not status:
+        raise CliError(f"every estimator failed; the first: {failure}", code=1)
     return status
 
 
@@ -270,11 +485,14 @@ def _rank(args: argparse.Namespace) -> int:
     cfg = _config(args, _methods([args.method], False), (args.seed,))
     problem = compare.build_problem(cfg, args.seed)
     progress = _progress(args.quiet)
-    try:
-        with progress or nullcontext():
-            res = compare.measure(problem, cfg, args.method, args.seed, progress or False)
-    except (ValueError, TypeError) as err:
-        raise CliError(f"{args.method}: {err}") from err
+    tracker = compare.tracker(problem, cfg, args.seed, progress or False, on_error="record")
+    with progress or nullcontext():
+        (measurement,) = tracker.measure((problem.data.inputs, problem.data.targets))
+    compare.check_budget(measurement, problem, cfg)
+    res = measurement.result
+    if res is None:
+        error = measurement.record["error"]
+        raise CliError(f"{args.method} failed on --model {cfg.model}: {error}")
     value = res.rank if args.definition == "srank" else res.ranks[args.definition]
     if args.json:
         payload = compare.new_report(cfg, command="rank")
@@ -290,25 +508,40 @@ def _rank(args: argparse.Namespace) -> int:
             print(json.dumps(payload))
             return 0
         report.dump_json(payload, Path(args.json))
+        _wrote([Path(args.json)], args.quiet)
     print(f"{value:.0f}" if float(value).is_integer() else f"{value:.3f}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from hessrank.cli.plot import plot
+
+    output = args.output or args.logs[0].with_suffix(".png")
+    left_out = plot(args.logs, output, args.rank, args.layers)
+    if left_out:
+        print(
+            f"hessrank: left out {len(left_out)} failed measurement(s), the first: {left_out[0]}",
+            file=sys.stderr,
+        )
+    _wrote([output], quiet=False)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessrank`` console script; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    # torch's forward-mode AD loads decompositions through the deprecated torch.jit.script.
-    warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        # torch's forward-mode AD loads decompositions through the deprecated torch.jit.script.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
+        if getattr(args, "threads", None) is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return int(args.func(args))
     except CliError as err:
         print(f"hessrank: error: {' '.join(str(err).split())}", file=sys.stderr)
         return err.code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -47,6 +48,7 @@ class Config:
     lanczos_probes: int | None = None
     max_memory_gib: float | None = None
     max_seconds: float | None = None
+    threads: int | None = None
     checkpoints: int = 0
     epochs: int = 20
     batch_size: int = 32
@@ -61,6 +63,8 @@ class Config:
             device = torch.device(self.device)
         except RuntimeError as err:
             raise CliError(f"unknown --device '{self.device}': {err}") from err
+        if device.type not in ("cpu", "cuda"):
+            raise CliError(f"--device {self.device}: hessrank measures on cpu or cuda")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise CliError("--device cuda: no CUDA device here; use --device cpu")
         return device
@@ -142,28 +146,27 @@ def budget_message(err: hessrank.BudgetError, problem: Problem, cfg: Config) -> 
     )
 
 
-def measure(
-    problem: Problem,
-    cfg: Config,
-    method: str,
-    seed: int,
-    progress: Progress | bool,
-    targets: torch.Tensor | None = None,
-) -> Any:
-    """``hessrank.effective_rank`` on the problem; a BudgetError becomes a CliError."""
-    batch = (problem.data.inputs, problem.data.targets if targets is None else targets)
-    try:
-        return hessrank.effective_rank(
-            problem.model,
-            problem.loss_fn,
-            batch,
-            method=method,
-            seed=seed,
-            progress=progress,
-            **method_kwargs(cfg, method),
-        )
-    except hessrank.BudgetError as err:
-        raise CliError(budget_message(err, problem, cfg)) from err
+def tracker(
+    problem: Problem, cfg: Config, seed: int, progress: Progress | bool, on_error: str
+) -> hessrank.Tracker:
+    """The :class:`hessrank.Tracker` that measures ``cfg.methods`` on the problem (no log file):
+    the one way the CLI, like any training loop, records curvature."""
+    return hessrank.Tracker(
+        problem.model,
+        problem.loss_fn,
+        cfg.methods,
+        log=None,
+        on_error=on_error,
+        method_options={method: method_kwargs(cfg, method) for method in cfg.methods},
+        seed=seed,
+        progress=progress,
+    )
+
+
+def check_budget(measurement: hessrank.tracker.Measurement, problem: Problem, cfg: Config) -> None:
+    """A BudgetError of ``exact`` stops the run with what it would cost and how to go on."""
+    if isinstance(measurement.error, hessrank.BudgetError):
+        raise CliError(budget_message(measurement.error, problem, cfg)) from measurement.error
 
 
 def rel_error(value: float | None, reference: float | None) -> float | None:
@@ -223,10 +226,9 @@ def reference(point: dict[str, Any]) -> dict[str, Any] | None:
     return exact if exact is not None and exact.get("error") is None else None
 
 
-def failed_record(method: str, err: Exception) -> dict[str, Any]:
+def failed_record(measurement: hessrank.tracker.Measurement) -> dict[str, Any]:
     """The record of an estimator that raised: the message, no numbers."""
-    message = " ".join(f"{type(err).__name__}: {err}".split())
-    return {"method": method, "error": message}
+    return {"method": measurement.method, "error": measurement.record["error"]}
 
 
 def spearman(exact: list[float], other: list[float]) -> float | None:
@@ -373,10 +375,13 @@ def run_compare(
                 "num_samples": int(data.inputs.shape[0]),
                 "num_classes": data.num_classes,
                 "input_shape": list(data.inputs.shape[1:]),
+                "device": data.inputs.device.type,
             }
         run: dict[str, Any] = {"seed": seed, "checkpoints": [], "spearman": {}}
         report["runs"].append(run)
         optimizer = torch.optim.Adam(problem.model.parameters(), lr=cfg.lr)
+        steps_per_task = cfg.epochs * math.ceil(len(problem.data.inputs) / cfg.batch_size)
+        curvature = tracker(problem, cfg, seed, progress or False, on_error="record")
         train_error = None
         for index in range(points):
             targets = None
@@ -384,6 +389,7 @@ def run_compare(
                 targets = random_labels(problem.data.targets, problem.data.num_classes, seed, index)
             point: dict[str, Any] = {
                 "index": index,
+                "step": index * steps_per_task,
                 "task": index + 1 if cfg.checkpoints > 0 else None,
                 "labels": "random" if cfg.checkpoints > 0 else "true",
                 "previous_task_train_error": train_error,
@@ -392,33 +398,29 @@ def run_compare(
             }
             run["checkpoints"].append(point)
             where = f"seed {seed}" + (f", task {index + 1}/{points}" if cfg.checkpoints else "")
+            batch = (problem.data.inputs, problem.data.targets if targets is None else targets)
             for method in cfg.methods:
                 phases.describe(f"{method} ({where})")
-                try:
-                    res = measure(problem, cfg, method, seed, progress or False, targets)
-                except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
-                    point["methods"][method] = failed_record(method, err)
-                else:
-                    point["methods"][method] = record(res, reference(point))
+                (measurement,) = curvature.measure(batch, step=point["step"], methods=(method,))
+                check_budget(measurement, problem, cfg)
+                point["methods"][method] = (
+                    failed_record(measurement)
+                    if measurement.result is None
+                    else record(measurement.result, reference(point))
+                )
                 phases.step()
                 on_update(report)
             if cfg.pyhessian:
                 phases.describe(f"pyhessian ({where})")
                 spinner = phases.add("pyhessian power iteration + Hutchinson", None)
-                batch_targets = problem.data.targets if targets is None else targets
                 point["pyhessian"] = pyhessian_check(
-                    problem.model,
-                    problem.loss_fn,
-                    (problem.data.inputs, batch_targets),
-                    seed=seed,
-                    exact=reference(point),
+                    problem.model, problem.loss_fn, batch, seed=seed, exact=reference(point)
                 )
                 phases.done(spinner)
                 phases.step()
                 on_update(report)
             if index + 1 < points:
-                steps = cfg.epochs * math.ceil(len(problem.data.inputs) / cfg.batch_size)
-                task = phases.add(f"training task {index + 1} ({where})", steps)
+                task = phases.add(f"training task {index + 1} ({where})", steps_per_task)
                 assert targets is not None
                 train_error = train_task(
                     problem,
@@ -427,7 +429,7 @@ def run_compare(
                     cfg,
                     seed,
                     index,
-                    lambda task=task: phases.advance(task),
+                    functools.partial(phases.advance, task),
                 )
                 phases.done(task)
         summarize(report)

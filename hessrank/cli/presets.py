@@ -7,6 +7,7 @@ import importlib.resources
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def _preset(
     return nn.Sequential(nn.Conv2d(channels, w, 3, padding=1), act(), *blocks, *head)
 
 
-def _import_factory(spec: str) -> object:
+def _import_factory(spec: str) -> Callable[[], object]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise CliError(
@@ -248,11 +249,12 @@ def build_model(
             model = _preset(name, input_shape, num_classes, ACTIVATIONS[activation], w, d)
         else:
             try:
-                model = factory()
+                built = factory()
             except Exception as err:
                 raise CliError(f"--model {name}: the factory raised {err!r}") from err
-            if not isinstance(model, nn.Module):
-                raise CliError(f"--model {name} returned {type(model).__name__}, not an nn.Module")
+            if not isinstance(built, nn.Module):
+                raise CliError(f"--model {name} returned {type(built).__name__}, not an nn.Module")
+            model = built
     if weights is not None:
         try:
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

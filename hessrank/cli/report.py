@@ -1,10 +1,12 @@
 """Render a compare report: rich tables, JSON, CSV and a PNG plot.
 
 The JSON report (``schema_version`` 1) holds ``config`` (every option), ``model`` (name,
-``num_params``), ``data`` (name, source, ``num_samples``, ``num_classes``, ``input_shape``),
+``num_params``), ``data`` (name, source, ``num_samples``, ``num_classes``, ``input_shape``,
+``device``),
 ``interrupted``, and ``runs``: one per seed, each with ``spearman`` (estimator -> rho of its srank
 with exact's over the checkpoints, or null) and ``checkpoints``. A checkpoint has ``index``,
-``task`` (null without ``--checkpoints``), ``labels`` (``true``/``random``),
+``step`` (optimizer steps taken before it), ``task`` (null without ``--checkpoints``), ``labels``
+(``true``/``random``),
 ``previous_task_train_error``, ``pyhessian`` (top eigenvalue, Hutchinson trace, its standard
 error and probe count, relative differences to exact, ``error``) and ``methods``: estimator ->
 ``srank``, ``numerical_rank``, their ``*_rel_error`` against exact, ``top_eigenvalue``, ``trace``,
@@ -29,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hessrank.cli.errors import CliError
+from hessrank.cli.presets import PRESETS
 
 METHOD_FIELDS = (
     "srank",
@@ -52,6 +55,11 @@ PYHESSIAN_FIELDS = (
     "seconds",
 )
 MAX_TASK_COLUMNS = 6
+CPU_MEMORY_NOTE = (
+    "peak memory (CPU): growth of the process's resident set during each call; memory that an "
+    "earlier method freed and a later one reuses is not counted, so order matters: run one "
+    "--methods at a time for a full figure"
+)
 CSV_COLUMNS = (
     "seed",
     "checkpoint",
@@ -209,9 +217,11 @@ def title(report: dict[str, Any]) -> str:
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds (mean±std)"
     if model is None or data is None:
         return f"hessrank compare: {cfg['model']}, nothing measured"
+    # --activation shapes the presets only: a user's model has its own.
+    activation = f", {cfg['activation']}" if model["name"] in PRESETS else ""
     return (
-        f"hessrank compare: {model['name']} ({model['num_params']:,} parameters, "
-        f"{cfg['activation']}) on {data['name']} (n = {data['num_samples']}, "
+        f"hessrank compare: {model['name']} ({model['num_params']:,} parameters"
+        f"{activation}) on {data['name']} (n = {data['num_samples']}, "
         f"C = {data['num_classes']}), srank threshold {cfg['threshold']}, {seed_text}"
     )
 
@@ -370,6 +380,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     for note in footnotes:
         console.print(note, markup=False, highlight=False)
+    if (report["data"] or {}).get("device") == "cpu" and len(report["config"]["methods"]) > 1:
+        console.print(CPU_MEMORY_NOTE, markup=False, highlight=False)
     if "exact" not in report["config"]["methods"]:
         console.print("No exact reference (skipped): errors against exact are not computed.")
     check = pyhessian_table(summ, report, last)
@@ -479,17 +491,44 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
         raise CliError(f"cannot write --csv {path}: {err.strerror or err}") from err
 
 
-def write_plot(report: dict[str, Any], path: Path) -> None:
-    """Spectra of every method overlaid (|eigenvalue| vs index, log y) at the last checkpoint of
-    the first seed, and srank over checkpoints (mean over seeds, min-max band)."""
+def pyplot(what: str) -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend.
+
+    Raises:
+        CliError: matplotlib is not installed (``what`` names the option that needs it).
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
     except ImportError as err:
-        raise CliError("--plot needs matplotlib: pip install 'hessrank[plot]'") from err
+        raise CliError(f"{what} needs matplotlib: pip install 'hessrank[plot]'") from err
+    return plt
+
+
+def save_figure(fig: Any, path: Path, what: str) -> None:
+    """Write ``fig`` as a PNG at ``path`` (its folder created) and close it.
+
+    Raises:
+        CliError: the file cannot be written.
+    """
+    plt = pyplot(what)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    except OSError as err:
+        raise CliError(f"cannot write {what} {path}: {err.strerror or err}") from err
+    finally:
+        plt.close(fig)
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    """Spectra of every method overlaid (|eigenvalue| vs index, log y) at the last checkpoint of
+    the first seed, and srank over checkpoints (mean over seeds, min-max band)."""
+    plt = pyplot("--plot")
+    from matplotlib.ticker import MaxNLocator
+
     methods = report["config"]["methods"]
     runs = [r for r in report["runs"] if r["checkpoints"]]
     if not runs:
@@ -538,10 +577,4 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         axes[1].set_title("rank over checkpoints")
         axes[1].legend()
     fig.tight_layout()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    except OSError as err:
-        raise CliError(f"cannot write --plot {path}: {err.strerror or err}") from err
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, "--plot")

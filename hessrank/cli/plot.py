@@ -1,0 +1,174 @@
+"""``hessrank plot``: rank and top eigenvalue against step, from the tracker's JSON lines."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hessrank.cli.errors import CliError
+from hessrank.cli.report import pyplot, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+RANK_KEYS = ("rank", "srank", "numerical", "entropy", "stable", "participation")
+LAYER_COLUMNS = 3
+MARKERS = ("o", "s", "^", "D", "v", "P")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+@dataclass
+class Run:
+    """The records of one JSON-lines file: measurements, and failures kept apart."""
+
+    name: str
+    records: list[dict[str, Any]]
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def methods(self) -> list[str]:
+        """Methods in order of first appearance."""
+        return list(dict.fromkeys(r["method"] for r in self.records))
+
+    def series(self, method: str, key: str, layer: str | None = None) -> tuple[list, list]:
+        """Steps and values of ``key`` (a layer's, if given) for ``method``, in step order;
+        missing or null values are left out."""
+        points = []
+        for record in self.records:
+            source = record if layer is None else record.get("layers", {}).get(layer, {})
+            value = source.get(key)
+            if record["method"] == method and value is not None:
+                points.append((record["step"], float(value)))
+        points.sort()
+        return [s for s, _ in points], [v for _, v in points]
+
+
+def read_run(path: Path) -> Run:
+    """The records of ``path``; a line that is not a record is an error naming the line."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise CliError(f"cannot read {path}: {err.strerror or err}") from err
+    run = Run(path.stem, [])
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CliError(f"{path}:{number} is not JSON ({err.msg}): not a tracker log") from err
+        if not isinstance(record, dict) or "step" not in record or "method" not in record:
+            raise CliError(f"{path}:{number} has no step and method: not a tracker log")
+        (run.failures if "error" in record else run.records).append(record)
+    if not run.records:
+        raise CliError(f"{path} holds no measurement" + (
+            f" ({len(run.failures)} failed ones)" if run.failures else ""))
+    return run
+
+
+def layer_names(runs: list[Run]) -> list[str]:
+    """Layers recorded in any run, in order of first appearance."""
+    names: dict[str, None] = {}
+    for run in runs:
+        for record in run.records:
+            names.update(dict.fromkeys(record.get("layers", {})))
+    return list(names)
+
+
+def _styles(runs: list[Run]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The same colour and marker for a method in every panel (a line style per file), and
+    lines that thin out in drawing order, so that coinciding series stay visible."""
+    methods = list(dict.fromkeys(m for run in runs for m in run.methods()))
+    styles = {}
+    for run_index, run in enumerate(runs):
+        for method in run.methods():
+            index = methods.index(method)
+            styles[run.name, method] = {
+                "color": f"C{index % 10}",
+                "marker": MARKERS[index % len(MARKERS)],
+                "markersize": 4.5 - 2.5 * index / max(len(methods) - 1, 1),
+                "linewidth": 3.0 - 2.0 * index / max(len(methods) - 1, 1),
+                "linestyle": LINESTYLES[run_index % len(LINESTYLES)],
+            }
+    return styles
+
+
+def _draw(axes: Axes, runs: list[Run], key: str, layer: str | None = None) -> None:
+    """One line per (run, method) of ``key`` against step."""
+    styles = _styles(runs)
+    for run in runs:
+        for method in run.methods():
+            steps, values = run.series(method, key, layer)
+            if not steps:
+                continue
+            label = method if len(runs) == 1 else f"{run.name}: {method}"
+            (line,) = axes.plot(steps, values, label=label, **styles[run.name, method])
+            if layer is None and key in ("rank", "srank"):
+                bands = [(r["step"], *r["rank_interval"]) for r in run.records
+                         if r["method"] == method and r.get("rank_interval")]
+                if bands:
+                    bands.sort()
+                    axes.fill_between([b[0] for b in bands], [b[1] for b in bands],
+                                      [b[2] for b in bands], color=line.get_color(), alpha=0.15,
+                                      label=f"{label} interval")
+    axes.set_xlabel("step")
+    axes.grid(alpha=0.3)
+
+
+def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Figure:
+    """Rank ``key`` and top eigenvalue against step (one line per method), then, with
+    ``layers``, one panel per layer with its rank.
+
+    Raises:
+        CliError: ``layers`` is asked for and no record has per-layer ranks.
+    """
+    plt = pyplot("hessrank plot")
+    names = layer_names(runs) if layers else []
+    if layers and not names:
+        raise CliError("--layers: the log has no per-layer ranks; record them with "
+                       "Tracker(..., per_layer=True)")
+    layer_rows = math.ceil(len(names) / LAYER_COLUMNS)
+    columns = max(2, min(LAYER_COLUMNS, len(names)))
+    fig = plt.figure(figsize=(4.2 * columns, 3.4 * (1 + layer_rows)))
+    grid = fig.add_gridspec(1 + layer_rows, 2 * columns)
+    half = columns  # the two top panels share the first row equally
+    rank_axes = fig.add_subplot(grid[0, :half])
+    _draw(rank_axes, runs, key)
+    label = "srank" if key == "rank" else key
+    threshold = runs[0].records[0].get("threshold")
+    if label == "srank" and threshold is not None:
+        label += f" at {threshold}"
+    rank_axes.set_ylabel(label)
+    rank_axes.set_title(f"{label} of the curvature")
+    rank_axes.legend(fontsize="small")
+    top_axes = fig.add_subplot(grid[0, half:])
+    _draw(top_axes, runs, "top_eigenvalue")
+    tops = [r["top_eigenvalue"] for run in runs for r in run.records
+            if r.get("top_eigenvalue") is not None]
+    if tops and min(tops) > 0:
+        top_axes.set_yscale("log")
+    top_axes.set_ylabel("top eigenvalue")
+    top_axes.set_title("top eigenvalue")
+    for index, name in enumerate(names):
+        row, column = divmod(index, LAYER_COLUMNS)
+        axes = fig.add_subplot(grid[1 + row, 2 * column : 2 * column + 2])
+        _draw(axes, runs, key, layer=name)
+        axes.set_title(f"layer {name}")
+        axes.set_ylabel(label)
+        if index == 0:
+            axes.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot(paths: list[Path], output: Path, key: str, layers: bool) -> list[str]:
+    """Read the logs, draw and write ``output``; returns one line per failed measurement
+    left out of the plot."""
+    runs = [read_run(path) for path in paths]
+    fig = build_figure(runs, key, layers)
+    save_figure(fig, output, "--output")
+    return [f"{run.name}: {r['method']} at step {r['step']}: {r['error']}"
+            for run in runs for r in run.failures]

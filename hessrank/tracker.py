@@ -1,0 +1,534 @@
+"""Curvature over training: :class:`Tracker` measures ranks on a schedule from any training loop.
+
+>>> tracker = hessrank.Tracker(model, loss_fn, methods=("fisher",), every=100,
+...                            log="runs/curvature.jsonl")
+>>> for step, (x, y) in enumerate(loader):
+...     ...                      # your forward, backward, optimizer step
+...     tracker.step((x, y))     # measures when due; one JSON line per method and measurement
+>>> tracker.close()
+
+Every measurement goes through :func:`hessrank.effective_rank`, which leaves the model, its
+gradients, buffers, modes, hooks and the global RNG exactly as they were, so a training run is
+bitwise identical with and without the tracker. The same :meth:`Tracker.measure` records the
+checkpoints of ``hessrank compare --checkpoints``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from torch import nn
+
+import hessrank
+
+if TYPE_CHECKING:
+    from hessrank.results import RankResult
+
+__all__ = ["JsonLinesSink", "Measurement", "Sink", "TensorBoardSink", "Tracker", "record_scalars"]
+
+ON_ERROR = ("raise", "warn", "record")
+# effective_rank's own arguments that the tracker sets itself.
+_RESERVED = ("model", "loss_fn", "batch", "method", "per_layer")
+
+
+def _finite(value: float) -> float | None:
+    """``value`` as a float, or None when it is NaN or infinite (JSON has no such numbers)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _summary(result: RankResult) -> dict[str, Any]:
+    """The scalars of one result: srank, every entry of ``result.ranks``, top eigenvalue, trace."""
+    out: dict[str, Any] = {"rank": int(result.rank)}
+    out.update({name: _finite(value) for name, value in result.ranks.items()})
+    out["top_eigenvalue"] = _finite(result.top_eigenvalue)
+    out["trace"] = _finite(result.trace)
+    return out
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One method measured at one step: its result, or the error it raised.
+
+    Attributes:
+        step: the training step the measurement belongs to.
+        method: the estimator (``"fisher"``, ``"ggn"``, ``"exact"``, ``"lanczos"``).
+        result: the :class:`hessrank.RankResult`, None when the method failed.
+        error: the exception the method raised (``on_error`` ``"warn"``/``"record"``), else None.
+        record: the JSON line: ``step``, ``method``, ``rank``, every entry of ``result.ranks``
+            (``srank``, ``numerical``, ...), ``top_eigenvalue``, ``trace``, ``seconds``,
+            ``num_params``, ``num_samples``, ``threshold``, ``backend``, ``rank_interval``
+            (``lanczos``), ``layers`` (per-layer scalars, with ``per_layer=True``); for a failure
+            ``step``, ``method`` and ``error`` (the message). Non-finite numbers are None.
+    """
+
+    step: int
+    method: str
+    result: RankResult | None = None
+    error: Exception | None = None
+    record: dict[str, Any] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        record: dict[str, Any] = {"step": self.step, "method": self.method}
+        if self.result is None:
+            record["error"] = " ".join(f"{type(self.error).__name__}: {self.error}".split())
+        else:
+            res = self.result
+            record.update(_summary(res))
+            record.update(
+                seconds=float(res.seconds),
+                num_params=int(res.num_params),
+                num_samples=int(res.num_samples),
+                threshold=float(res.threshold),
+                backend=res.backend,
+            )
+            if res.rank_interval is not None:
+                record["rank_interval"] = [_finite(bound) for bound in res.rank_interval]
+            if res.layers:
+                record["layers"] = {name: _summary(layer) for name, layer in res.layers.items()}
+        object.__setattr__(self, "record", record)
+
+
+def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a record as flat keys, for scalar loggers (TensorBoard, Lightning, W&B).
+
+    Args:
+        record: a :attr:`Measurement.record`.
+
+    Returns:
+        ``method/name`` -> value (``fisher/rank``, ``fisher/top_eigenvalue``, and
+        ``fisher/layers/0/srank`` for per-layer records); ``{}`` for a failure. Null (non-finite)
+        numbers are left out.
+    """
+    method = record["method"]
+    skip = ("step", "method", "backend", "error", "rank_interval", "layers")
+    out = {
+        f"{method}/{key}": float(value)
+        for key, value in record.items()
+        if key not in skip and isinstance(value, int | float)
+    }
+    for layer, values in record.get("layers", {}).items():
+        out.update(
+            {f"{method}/layers/{layer}/{key}": float(v) for key, v in values.items()
+             if isinstance(v, int | float)}
+        )
+    return out
+
+
+class Sink(Protocol):
+    """Where records go: anything with ``write(record)`` and ``close()``."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Store one record.
+
+        Args:
+            record: a :attr:`Measurement.record`.
+        """
+
+    def close(self) -> None:
+        """Flush and release the destination."""
+
+
+class JsonLinesSink:
+    """One JSON object per line, flushed after each, so a crash keeps what was measured.
+
+    Args:
+        path: the file; its folder is created. Overwritten unless ``append``.
+        append: add to an existing file (a resumed run) instead of replacing it.
+
+    Raises:
+        OSError: the file cannot be opened for writing.
+    """
+
+    def __init__(self, path: str | Path, append: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a" if append else "w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one line.
+
+        Args:
+            record: a :attr:`Measurement.record` (JSON-serialisable, no NaN or infinity).
+        """
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+class TensorBoardSink:
+    """Scalars ``hessrank/<method>/<name>`` at each step, through ``torch.utils.tensorboard``.
+
+    Args:
+        log_dir: the TensorBoard run folder (``tensorboard --logdir`` its parent).
+
+    Raises:
+        ImportError: the ``tensorboard`` package is not installed (``pip install tensorboard``).
+    """
+
+    def __init__(self, log_dir: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError(
+                "Tracker(tensorboard=...) needs the tensorboard package: pip install tensorboard"
+            ) from err
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Every number of ``record`` as a scalar at ``record['step']``; a failure as text.
+
+        Args:
+            record: a :attr:`Measurement.record`.
+        """
+        step = record["step"]
+        if "error" in record:
+            self._writer.add_text(f"hessrank/{record['method']}/error", record["error"], step)
+        for key, value in record_scalars(record).items():
+            self._writer.add_scalar(f"hessrank/{key}", value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self._writer.close()
+
+
+def _check_options(options: Mapping[str, Any], where: str) -> None:
+    """Every key of ``options`` must be a keyword of ``hessrank.effective_rank``."""
+    accepted = set(inspect.signature(hessrank.effective_rank).parameters) - set(_RESERVED)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise TypeError(
+            f"{where}: {', '.join(unknown)} not an option of hessrank.effective_rank; "
+            f"choose from {', '.join(sorted(accepted))}"
+        )
+
+
+def _check_batch(batch: object, name: str) -> None:
+    if not isinstance(batch, tuple | list) or len(batch) != 2:
+        raise TypeError(f"{name} must be a pair (inputs, targets), got {type(batch).__name__}")
+
+
+class Tracker:
+    """Rank of the curvature on a schedule, from any training loop, to JSON lines and loggers.
+
+    Call :meth:`step` once per training step (after your optimizer step); it measures each
+    method through :func:`hessrank.effective_rank` when the schedule says so and writes one
+    record per method. The run is bitwise identical with and without the tracker: a
+    measurement changes no parameter, gradient, buffer, mode, hook or RNG state.
+
+    Args:
+        model: the module being trained (``model(*inputs)`` gives outputs, batch first).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, as for :func:`hessrank.effective_rank`.
+        methods: estimators to measure, in order (a single name is accepted).
+        every: measure at steps ``0, every, 2 * every, ...``.
+        steps: measure at exactly these steps.
+        budget: share of the loop's wall time (between 0 and 1) to spend measuring, as often as
+            that allows: the first step is measured (to learn the cost), and later ones when the
+            time spent so far plus the last measurement's cost stays within ``budget`` of the
+            elapsed time. ``overhead`` reports the share spent; in a loop shorter than a few
+            measurements, the first one alone can exceed the budget.
+        eval_batch: a fixed ``(inputs, targets)`` measured every time, so measurements are
+            comparable across steps; without it each measurement uses the batch given to
+            :meth:`step`.
+        log: JSON-lines file (default ``curvature.jsonl``; None for none).
+        append: add to an existing ``log`` (a resumed run) instead of replacing it.
+        tensorboard: a TensorBoard run folder to also write scalars to (needs ``tensorboard``).
+        sinks: further destinations, objects with ``write(record)`` and ``close()``.
+        per_layer: also record each parameterised module's ranks (``record["layers"]``).
+        on_error: ``"raise"`` (default) re-raises a method's error; ``"warn"`` writes it as the
+            record's ``error``, warns (``RuntimeWarning``) and goes on; ``"record"`` the same
+            without the warning, for callers that report ``Measurement.error`` themselves.
+        method_options: per-method keyword arguments of :func:`hessrank.effective_rank`,
+            e.g. ``{"lanczos": {"lanczos_steps": 40}}``.
+        clock: the wall clock of the ``budget`` schedule (seconds); replace it to simulate time.
+        **options: keyword arguments of :func:`hessrank.effective_rank` for every method
+            (``threshold``, ``rtol``, ``params``, ``max_memory``, ``seed``, ...).
+
+    Attributes:
+        records: every record written so far, in order (also kept in memory).
+        sinks: the destinations records go to (``log`` last).
+
+    Raises:
+        ValueError: an unknown method, a schedule that is not exactly one of ``every``,
+            ``steps`` and ``budget`` (or none, for :meth:`measure` only), or values out of range.
+        TypeError: an option :func:`hessrank.effective_rank` does not take, or an
+            ``eval_batch`` that is not a pair.
+        ImportError: ``tensorboard`` is given and the tensorboard package is not installed.
+        OSError: the ``log`` file cannot be written.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Any],
+        methods: Sequence[str] | str = ("fisher",),
+        *,
+        every: int | None = None,
+        steps: Iterable[int] | None = None,
+        budget: float | None = None,
+        eval_batch: Any = None,
+        log: str | Path | None = "curvature.jsonl",
+        append: bool = False,
+        tensorboard: str | Path | None = None,
+        sinks: Sequence[Sink] = (),
+        per_layer: bool = False,
+        on_error: str = "raise",
+        method_options: Mapping[str, Mapping[str, Any]] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        **options: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.methods = (methods,) if isinstance(methods, str) else tuple(methods)
+        if not self.methods:
+            raise ValueError(f"methods is empty: name one or more of {', '.join(hessrank.METHODS)}")
+        for method in self.methods:
+            if method not in hessrank.METHODS:
+                raise ValueError(
+                    f"unknown method {method!r}: choose from {', '.join(hessrank.METHODS)}"
+                )
+        given = [name for name, value in (("every", every), ("steps", steps), ("budget", budget))
+                 if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one schedule, not {' and '.join(given)}")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int)
+                                  or every < 1):
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self._steps = None if steps is None else frozenset(steps)
+        if self._steps is not None and any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self._steps
+        ):
+            raise ValueError("steps must be integers >= 0")
+        if budget is not None and not 0.0 < budget < 1.0:
+            raise ValueError(f"budget is a share of wall time in (0, 1), got {budget!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+        if eval_batch is not None:
+            _check_batch(eval_batch, "eval_batch")
+        _check_options(options, "Tracker options")
+        self._method_options = {m: dict(o) for m, o in (method_options or {}).items()}
+        for method, extra in self._method_options.items():
+            if method not in self.methods:
+                raise ValueError(f"method_options names {method!r}, not one of the methods")
+            _check_options(extra, f"method_options[{method!r}]")
+        self.model, self.loss_fn = model, loss_fn
+        self.every, self.budget, self.per_layer, self.on_error = every, budget, per_layer, on_error
+        self.eval_batch = eval_batch
+        self.options = options
+        self.records: list[dict[str, Any]] = []
+        self._clock = clock
+        self._next_step = 0
+        self._start: float | None = None
+        self._spent = 0.0
+        self._last_cost: float | None = None
+        self._closed = False
+        self.sinks: list[Sink] = list(sinks)
+        if tensorboard is not None:
+            self.sinks.append(TensorBoardSink(tensorboard))
+        if log is not None:
+            self.sinks.append(JsonLinesSink(log, append=append))
+
+    @property
+    def overhead(self) -> float:
+        """Share of the wall time since the first :meth:`step` spent measuring (0 before)."""
+        if self._start is None:
+            return 0.0
+        elapsed = self._clock() - self._start
+        return self._spent / elapsed if elapsed > 0 else 0.0
+
+    def due(self, step: int) -> bool:
+        """Whether the schedule measures at ``step`` now.
+
+        Args:
+            step: the step number.
+
+        Returns:
+            True when ``step`` is on the schedule (``budget``: when measuring now keeps within
+            it).
+
+        Raises:
+            ValueError: the tracker has no schedule (``every``, ``steps`` or ``budget``).
+        """
+        if self.every is not None:
+            return step % self.every == 0
+        if self._steps is not None:
+            return step in self._steps
+        if self.budget is not None:
+            if self._last_cost is None or self._start is None:
+                return True
+            elapsed = self._clock() - self._start
+            return self._spent + self._last_cost <= self.budget * (elapsed + self._last_cost)
+        raise ValueError("this tracker has no schedule: pass every=, steps= or budget=, "
+                         "or call measure() yourself")
+
+    def step(self, batch: Any = None, *, step: int | None = None) -> list[Measurement]:
+        """Count one training step and measure if it is due.
+
+        Args:
+            batch: this step's ``(inputs, targets)``, measured when due; not needed with an
+                ``eval_batch`` (which is measured instead).
+            step: the step's number (e.g. a global step); default: one more than the last.
+
+        Returns:
+            The measurements taken (one per method), or ``[]`` when not due.
+
+        Raises:
+            ValueError: the tracker is closed or has no schedule, or ``step`` is negative.
+            TypeError: no batch is given and there is no ``eval_batch``.
+            Exception: whatever a method raised, with ``on_error="raise"``.
+        """
+        if self._closed:
+            raise ValueError("this tracker is closed")
+        if self.eval_batch is None:
+            if batch is None:
+                raise TypeError("step() needs the batch, or create the Tracker with eval_batch=")
+            _check_batch(batch, "batch")
+        index = self._next_step if step is None else step
+        if index < 0:
+            raise ValueError(f"step must be >= 0, got {index}")
+        self._next_step = index + 1
+        if self._start is None:
+            self._start = self._clock()
+        if not self.due(index):
+            return []
+        return self.measure(None if self.eval_batch is not None else batch, step=index)
+
+    def measure(
+        self, batch: Any = None, *, step: int | None = None, methods: Sequence[str] | None = None
+    ) -> list[Measurement]:
+        """Measure now, whatever the schedule, and write the records to every sink.
+
+        Args:
+            batch: ``(inputs, targets)`` to measure; default the ``eval_batch``.
+            step: the step to record; default the last step counted by :meth:`step` (0 before).
+            methods: a subset of the tracker's methods; default all of them.
+
+        Returns:
+            One :class:`Measurement` per method, in order.
+
+        Raises:
+            ValueError: the tracker is closed, or a method is not one of the tracker's.
+            TypeError: no batch and no ``eval_batch``.
+            Exception: whatever a method raised, with ``on_error="raise"``.
+        """
+        if self._closed:
+            raise ValueError("this tracker is closed")
+        if self.eval_batch is not None and batch is None:
+            batch = self.eval_batch
+        if batch is None:
+            raise TypeError("measure() needs a batch, or create the Tracker with eval_batch=")
+        _check_batch(batch, "batch")
+        chosen = self.methods if methods is None else tuple(methods)
+        for method in chosen:
+            if method not in self.methods:
+                raise ValueError(f"{method!r} is not one of this tracker's methods {self.methods}")
+        index = max(self._next_step - 1, 0) if step is None else step
+        batch = tuple(batch)  # a DataLoader's [inputs, targets] list
+        start = self._clock()
+        try:
+            return [self._measure_one(method, batch, index) for method in chosen]
+        finally:
+            self._last_cost = self._clock() - start
+            self._spent += self._last_cost
+
+    def _measure_one(self, method: str, batch: tuple[Any, Any], step: int) -> Measurement:
+        options = {**self.options, **self._method_options.get(method, {})}
+        try:
+            result = hessrank.effective_rank(
+                self.model, self.loss_fn, batch, method=method, per_layer=self.per_layer,
+                **options,
+            )
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            measurement = Measurement(step, method, error=err)
+            if self.on_error == "warn":
+                warnings.warn(f"hessrank.Tracker: {method} failed at step {step}: "
+                              f"{measurement.record['error']}", RuntimeWarning, stacklevel=3)
+        else:
+            measurement = Measurement(step, method, result=result)
+        self.records.append(measurement.record)
+        for sink in self.sinks:
+            sink.write(measurement.record)
+        return measurement
+
+    def close(self) -> None:
+        """Close every sink (idempotent); the tracker measures no more."""
+        if self._closed:
+            return
+        self._closed = True
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def lightning_callback(self) -> Any:
+        """A PyTorch Lightning ``Callback`` driving this tracker (``pip install
+        'hessrank[lightning]'``).
+
+        After each training batch it calls ``step(batch, step=trainer.global_step - 1)`` (the
+        number of the optimizer step just taken), sends the numbers to the trainer's loggers,
+        and closes the tracker at the end of ``fit``. Create the tracker on the
+        ``LightningModule`` (its ``forward`` gives the outputs ``loss_fn`` takes).
+
+        Returns:
+            A ``lightning.pytorch.Callback`` for ``Trainer(callbacks=[...])``.
+
+        Raises:
+            ImportError: Lightning is not installed.
+        """
+        return _lightning_callback_class()(self)
+
+
+def _lightning_callback_class() -> type:
+    """``CurvatureCallback``, defined on first use so that hessrank does not import Lightning."""
+    try:
+        from lightning.pytorch import Callback
+    except ImportError as err:
+        raise ImportError(
+            "Tracker.lightning_callback() needs Lightning: pip install 'hessrank[lightning]'"
+        ) from err
+
+    class CurvatureCallback(Callback):
+        """Measures the curvature of the module being fitted on the tracker's schedule."""
+
+        def __init__(self, tracker: Tracker) -> None:
+            super().__init__()
+            self.tracker = tracker
+            self._last_step = -1
+
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            step = trainer.global_step - 1
+            if step < 0 or step == self._last_step:  # no optimizer step (gradient accumulation)
+                return
+            self._last_step = step
+            measured = self.tracker.step(batch, step=step)
+            scalars: dict[str, float] = {}
+            for measurement in measured:
+                scalars.update(record_scalars(measurement.record))
+            if scalars:
+                for logger in trainer.loggers:
+                    logger.log_metrics({f"hessrank/{k}": v for k, v in scalars.items()}, step)
+
+        def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+            self.tracker.close()
+
+    return CurvatureCallback

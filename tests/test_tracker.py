@@ -1,0 +1,324 @@
+"""hessrank.Tracker: schedules, records equal to the library's results, sinks, no side effects."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from reference import classification_batch
+from torch import nn
+
+import hessrank
+
+CE = nn.CrossEntropyLoss()
+FAST = {"lanczos_steps": 10, "lanczos_probes": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.3),
+        nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3),
+    )
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _train(tracker_kwargs: dict | None, log: Path | None, steps: int = 10):
+    """Adam with dropout and BatchNorm; a tracker (if any) steps after every optimizer step."""
+    model = _net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = classification_batch(32, 6, 3, dtype=torch.float32)
+    tracker = None
+    if tracker_kwargs is not None:
+        tracker = hessrank.Tracker(model, CE, log=log, **tracker_kwargs)
+    losses = []
+    torch.manual_seed(123)
+    for step in range(steps):
+        model.train()
+        optimizer.zero_grad()
+        index = torch.arange(step % 4 * 8, step % 4 * 8 + 8)
+        loss = CE(model(x[index]), y[index])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if tracker is not None:
+            tracker.step((x[index], y[index]))
+    if tracker is not None:
+        tracker.close()
+    return model, optimizer, losses
+
+
+def test_training_run_is_bitwise_identical_with_the_tracker(tmp_path: Path) -> None:
+    model_ref, opt_ref, losses_ref = _train(None, None)
+    kwargs = {"methods": hessrank.METHODS, "every": 3, "per_layer": True, **FAST}
+    model, opt, losses = _train(kwargs, tmp_path / "c.jsonl")
+    assert losses == losses_ref
+    for key, value in model_ref.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    state, state_ref = opt.state_dict()["state"], opt_ref.state_dict()["state"]
+    for index in state_ref:
+        for key in state_ref[index]:
+            assert torch.equal(state[index][key], state_ref[index][key]), (index, key)
+    records = _read(tmp_path / "c.jsonl")
+    assert [(r["step"], r["method"]) for r in records] == [
+        (step, method) for step in (0, 3, 6, 9) for method in hessrank.METHODS
+    ]
+
+
+def test_records_equal_the_library_at_each_measured_step(tmp_path: Path) -> None:
+    model = _net().eval()
+    x, y = classification_batch(16, 6, 3, dtype=torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    tracker = hessrank.Tracker(model, CE, ("exact", "fisher"), every=2, per_layer=True,
+                               log=tmp_path / "c.jsonl", threshold=0.9)
+    expected = []
+    for step in range(5):
+        optimizer.zero_grad()
+        CE(model(x), y).backward()
+        optimizer.step()
+        if step % 2 == 0:
+            for method in ("exact", "fisher"):
+                expected.append((step, hessrank.effective_rank(
+                    model, CE, (x, y), method=method, per_layer=True, threshold=0.9)))
+        tracker.step((x, y))
+    tracker.close()
+    records = _read(tmp_path / "c.jsonl")
+    assert records == tracker.records
+    assert len(records) == len(expected) == 6
+    for record, (step, res) in zip(records, expected, strict=True):
+        assert record["step"] == step and record["method"] == res.method
+        assert record["rank"] == res.rank
+        assert {k: record[k] for k in res.ranks} == pytest.approx(res.ranks, rel=1e-9)
+        assert record["top_eigenvalue"] == pytest.approx(res.top_eigenvalue, rel=1e-9)
+        assert record["trace"] == pytest.approx(res.trace, rel=1e-9)
+        assert record["threshold"] == 0.9 and record["num_samples"] == 16
+        assert set(record["layers"]) == set(res.layers) == {"0", "1", "4", "6"}
+        for name, layer in res.layers.items():
+            assert record["layers"][name]["rank"] == layer.rank
+            assert record["layers"][name]["top_eigenvalue"] == pytest.approx(
+                layer.top_eigenvalue, rel=1e-9)
+    # Training moved the weights between the measurements.
+    assert records[0]["top_eigenvalue"] != records[2]["top_eigenvalue"]
+
+
+def test_explicit_steps_and_step_numbers(tmp_path: Path) -> None:
+    model = _net().eval()
+    batch = classification_batch(8, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(model, CE, steps=[1, 4, 100], log=None)
+    measured = [bool(tracker.step(batch)) for _ in range(6)]
+    assert measured == [False, True, False, False, True, False]
+    assert tracker.step(batch, step=100)[0].step == 100
+    assert [r["step"] for r in tracker.records] == [1, 4, 100]
+    # measure() ignores the schedule and records the last counted step.
+    (measurement,) = tracker.measure(batch)
+    assert measurement.step == 100 and measurement.result is not None
+
+
+def test_fixed_evaluation_batch_is_measured_every_time(tmp_path: Path) -> None:
+    model = _net().eval()
+    x, y = classification_batch(24, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(model, CE, every=1, eval_batch=(x[:12], y[:12]), log=None)
+    (from_step,) = tracker.step((x[12:], y[12:]))  # the training batch is not measured
+    (without_batch,) = tracker.step()
+    reference = hessrank.effective_rank(model, CE, (x[:12], y[:12]), method="fisher")
+    for measurement in (from_step, without_batch):
+        assert measurement.record["num_samples"] == 12
+        assert measurement.result is not None
+        assert measurement.result.eigenvalues.tolist() == reference.eigenvalues.tolist()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CostlySink:
+    """A sink that makes each record cost ``seconds`` of the fake clock."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        self.clock, self.seconds = clock, seconds
+
+    def write(self, record: dict) -> None:
+        self.clock.now += self.seconds
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.2])
+def test_budget_keeps_the_share_of_wall_time(budget: float) -> None:
+    """Training steps cost 1 s, a measurement 3 s: measure as often as the budget allows."""
+    clock = FakeClock()
+    model = _net().eval()
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(model, CE, budget=budget, log=None, clock=clock,
+                               sinks=[CostlySink(clock, 3.0)])
+    steps = 400
+    for _ in range(steps):
+        clock.now += 1.0
+        tracker.step(batch)
+    measured = [r["step"] for r in tracker.records]
+    assert measured[0] == 0
+    elapsed = clock.now - 1.0  # time counts from the first step() call
+    assert tracker.overhead == pytest.approx(3.0 * len(measured) / elapsed)
+    assert tracker.overhead <= budget
+    # As often as allowed: one more measurement would have broken the budget.
+    assert 3.0 * (len(measured) + 1) / (elapsed + 3.0) > budget
+    # After the first (which pays its cost back first), evenly spread: not bunched at the start.
+    gaps = {b - a for a, b in zip(measured[1:], measured[2:])}
+    assert len(measured) >= 4 and max(gaps) - min(gaps) <= 1
+
+
+def test_on_error_warn_writes_the_error_and_goes_on(tmp_path: Path) -> None:
+    model = _net().eval()
+    batch = classification_batch(8, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(model, CE, ("exact", "fisher"), every=1, on_error="warn",
+                               log=tmp_path / "c.jsonl",
+                               method_options={"exact": {"max_memory": 1}})
+    with pytest.warns(RuntimeWarning, match="exact failed at step 0: BudgetError"):
+        exact, fisher = tracker.step(batch)
+    tracker.close()
+    assert exact.result is None and isinstance(exact.error, hessrank.BudgetError)
+    assert fisher.result is not None
+    first, second = _read(tmp_path / "c.jsonl")
+    assert first == {"step": 0, "method": "exact", "error": first["error"]}
+    assert first["error"].startswith("BudgetError: ")
+    assert second["rank"] == fisher.result.rank
+    raising = hessrank.Tracker(model, CE, "exact", every=1, log=None, max_memory=1)
+    with pytest.raises(hessrank.BudgetError):
+        raising.step(batch)
+
+
+def test_dataloader_list_batches_and_append(tmp_path: Path) -> None:
+    x, y = classification_batch(16, 6, 3, dtype=torch.float32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    model = _net().eval()
+    log = tmp_path / "c.jsonl"
+    with hessrank.Tracker(model, CE, every=1, log=log) as tracker:
+        for batch in loader:  # default collate gives a list [inputs, targets]
+            tracker.step(batch)
+    with hessrank.Tracker(model, CE, every=1, log=log, append=True) as tracker:
+        tracker.step(next(iter(loader)), step=7)
+    assert [r["step"] for r in _read(log)] == [0, 1, 7]
+    with hessrank.Tracker(model, CE, every=1, log=log) as tracker:
+        pass
+    assert log.read_text() == ""
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"methods": ("fisher", "hutch")}, ValueError, "unknown method 'hutch'"),
+        ({"methods": ()}, ValueError, "methods is empty"),
+        ({"every": 10, "budget": 0.1}, ValueError, "one schedule, not every and budget"),
+        ({"every": 0}, ValueError, "every must be a positive integer"),
+        ({"steps": [3, -1]}, ValueError, "steps must be integers >= 0"),
+        ({"budget": 5}, ValueError, r"budget is a share of wall time in \(0, 1\)"),
+        ({"on_error": "ignore"}, ValueError, "on_error must be one of raise, warn, record"),
+        ({"treshold": 0.9}, TypeError, "treshold not an option of hessrank.effective_rank"),
+        ({"method_options": {"ggn": {}}}, ValueError, "names 'ggn', not one of the methods"),
+        ({"eval_batch": torch.zeros(3)}, TypeError, "eval_batch must be a pair"),
+    ],
+)
+def test_bad_arguments_fail_before_any_file_is_written(kwargs, error, match, tmp_path) -> None:
+    log = tmp_path / "c.jsonl"
+    with pytest.raises(error, match=match):
+        hessrank.Tracker(_net(), CE, log=log, **kwargs)
+    assert not log.exists()
+
+
+def test_misuse_of_step() -> None:
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(_net(), CE, log=None)
+    with pytest.raises(ValueError, match="no schedule"):
+        tracker.step(batch)
+    assert tracker.measure(batch)[0].result is not None  # measure() needs no schedule
+    scheduled = hessrank.Tracker(_net(), CE, every=1, log=None)
+    with pytest.raises(TypeError, match="needs the batch"):
+        scheduled.step()
+    scheduled.close()
+    with pytest.raises(ValueError, match="closed"):
+        scheduled.step(batch)
+
+
+def test_tensorboard_sink_holds_the_records(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="TensorBoard sink: pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = _net().eval()
+    batch = classification_batch(8, 6, 3, dtype=torch.float32)
+    with hessrank.Tracker(model, CE, ("fisher", "ggn"), every=2, log=None, per_layer=True,
+                          tensorboard=tmp_path / "tb") as tracker:
+        for _ in range(3):
+            tracker.step(batch)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    for record in tracker.records:
+        for key, value in hessrank.tracker.record_scalars(record).items():
+            points = {e.step: e.value for e in events.Scalars(f"hessrank/{key}")}
+            assert points[record["step"]] == pytest.approx(value, rel=1e-6), key
+    assert "hessrank/ggn/layers/4/rank" in events.Tags()["scalars"]
+
+
+def test_lightning_callback_measures_on_the_trainers_steps(tmp_path: Path) -> None:
+    lightning = pytest.importorskip("lightning", reason="the optional extra hessrank[lightning]")
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.net(inputs)
+
+        def training_step(self, batch, batch_idx):
+            inputs, targets = batch
+            return CE(self(inputs), targets)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    x, y = classification_batch(32, 6, 3, dtype=torch.float32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    module = Module()
+    tracker = hessrank.Tracker(module, CE, every=5, log=tmp_path / "c.jsonl")
+    logger = lightning.pytorch.loggers.CSVLogger(tmp_path, name="csv")
+    trainer = lightning.Trainer(
+        max_steps=6, accelerator="cpu", logger=logger, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[tracker.lightning_callback()],
+    )
+    trainer.fit(module, loader)
+    records = _read(tmp_path / "c.jsonl")
+    assert [r["step"] for r in records] == [0, 5]
+    with pytest.raises(ValueError, match="closed"):  # closed at the end of fit
+        tracker.step((x, y))
+    # Step 5, the last, trained on the sixth batch (the second of epoch 2): the record is the
+    # trained module's curvature on that batch.
+    final = hessrank.effective_rank(module, CE, (x[8:16], y[8:16]), method="fisher")
+    assert records[-1]["rank"] == final.rank
+    assert records[-1]["top_eigenvalue"] == pytest.approx(final.top_eigenvalue, rel=1e-12)
+    # The trainer's logger got the same numbers at the same steps.
+    with open(Path(logger.log_dir) / "metrics.csv") as handle:
+        logged = [row for row in csv.DictReader(handle) if row.get("hessrank/fisher/rank")]
+    assert [(int(r["step"]), float(r["hessrank/fisher/rank"])) for r in logged] == [
+        (r["step"], r["rank"]) for r in records
+    ]
