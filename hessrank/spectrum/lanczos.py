@@ -1,22 +1,365 @@
-"""Lanczos with full reorthogonalisation, and stochastic Lanczos quadrature (SLQ).
+"""Spectrum of a symmetric operator from matrix-vector products: deflated Lanczos quadrature.
 
-``k`` Lanczos steps from a unit vector ``v`` give a tridiagonal ``T``; its eigenvalues (Ritz values)
-approximate the extremes of the spectrum, and with ``T = U diag(theta) U^T`` the pairs
-``(theta_j, U_0j^2)`` are the Gauss quadrature of the spectral measure ``sum_i (q_i . v)^2
-delta_{lambda_i}``. Averaged over random probes and multiplied by ``P`` this estimates the spectral
-density, so counts like "eigenvalues carrying 99% of the mass" can be estimated beyond the ``k``
-values Lanczos itself resolves.
+One long Lanczos run from a random start ``v`` (``m`` products) gives a tridiagonal ``T``; with
+``T = U diag(theta) U^T`` the pairs ``(theta_j, P U_0j^2)`` are the Gauss quadrature of the
+spectral measure ``P sum_i (q_i . v)^2 delta_{lambda_i}`` (``|v| = 1``), an unbiased estimate of
+the eigenvalue counting measure (stochastic Lanczos quadrature). Measured on MLP Hessians
+(``benchmarks/lanczos_scale.py``), spending the whole budget on one run resolves the spectrum far
+better than several shorter runs: the polynomial degree, not the number of probes, limits how well
+the small eigenvalues that decide the srank and the numerical rank are separated.
+
+Two refinements:
+
+- **Deflation.** A Ritz value whose residual ``|beta_m U_mj|`` is tiny is an eigenvalue; when its
+  probe weight is small it is one eigenvalue and gets weight exactly 1 (instead of the random
+  ``P (q_i . v)^2``), and the other nodes share the remaining ``P - #deflated`` in proportion to
+  their Gauss weights (a ratio estimator). The large eigenvalues that carry most of the mass are
+  then exact, and only the unresolved middle of the spectrum is sampled.
+- **An interval.** Two errors separate the quadrature from the true spectrum. Resolution: by the
+  Chebyshev-Markov-Stieltjes inequalities the mass of a node may lie anywhere up to its
+  neighbouring nodes, so the srank is recomputed with every unresolved node moved to its
+  neighbour towards zero and away from zero. Sampling: the weights of a Gaussian probe on ``n``
+  eigenvalues are ``P`` times a Dirichlet(1/2, ..., 1/2) draw, so the unresolved weights are
+  redrawn from the matching Dirichlet law (a parametric bootstrap; a Rademacher probe samples with
+  at most this spread). The interval spans the bootstrap's 2.5 % and 97.5 % quantiles of both moved
+  quadratures.
+
+Memory: the Lanczos basis is kept in ``basis_dtype`` (float32 by default), ``steps x P`` of it;
+when that would exceed ``max_basis_bytes`` the budget is split into several runs that fit.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
+from hessrank.ranks import srank
+from hessrank.spectrum.dense import by_magnitude
+from hessrank.spectrum.operator import SymmetricOperator
+
+#: A Ritz pair is an eigenpair when its residual is below this times the largest ``|Ritz value|``.
+CONVERGED_RESIDUAL = 1e-5
+#: A converged Ritz value with probe weight ``P U_0j^2`` below this is one eigenvalue: for a
+#: simple eigenvalue that weight is a chi-square(1) draw, above 15 with probability 1e-4.
+SINGLE_WEIGHT = 15.0
+#: Parametric bootstrap draws for the interval.
+BOOTSTRAP_DRAWS = 200
+#: Default cap on the memory of the Lanczos basis.
+MAX_BASIS_BYTES = 4 * 2**30
+
+
+@dataclass
+class LanczosSpectrum:
+    """What :func:`lanczos_spectrum` measured.
+
+    Attributes:
+        eigenvalues: quadrature nodes (float64) by decreasing ``|value|``.
+        weights: how many eigenvalues each node stands for (sums to ``dim``); None when the
+            nodes are exact eigenvalues (never, today: kept for exact solvers of the same shape).
+        ritz_values: the converged Ritz values (eigenvalues to show), by decreasing ``|value|``.
+        rank_interval: interval for the srank at ``threshold`` (resolution and sampling, 95 %).
+        trace: estimated signed trace ``sum(lambda)``.
+        trace_interval: its 95 % sampling interval.
+        num_products: matrix-vector products spent.
+        notes: how the estimate was made, for the user.
+    """
+
+    eigenvalues: np.ndarray
+    weights: np.ndarray | None
+    ritz_values: np.ndarray
+    rank_interval: tuple[float, float]
+    trace: float
+    trace_interval: tuple[float, float]
+    num_products: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Quadrature:
+    """One run's quadrature: signed ``nodes`` ascending, ``weights`` summing to ``dim``,
+    ``fixed`` marks deflated nodes (exact eigenvalues, weight 1), ``gauss`` the Gauss weights
+    (sum to 1)."""
+
+    nodes: np.ndarray
+    weights: np.ndarray
+    fixed: np.ndarray
+    gauss: np.ndarray
+
+
+def rademacher(dim: int, generator: torch.Generator, device: torch.device,
+               dtype: torch.dtype = torch.float64) -> Tensor:
+    """A random ``+-1`` vector ``[dim]`` from a private CPU generator (global RNG untouched)."""
+    signs = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8)
+    return (signs.to(dtype) * 2 - 1).to(device)
+
+
+def lanczos_run(
+    operator: SymmetricOperator,
+    start: Tensor,
+    steps: int,
+    basis_dtype: torch.dtype = torch.float32,
+    advance: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Up to ``steps`` Lanczos steps from ``start`` (``[dim]``), fully reorthogonalised.
+
+    The basis (``steps x dim`` in ``basis_dtype``) is the only large allocation; the current
+    vector is kept in float64. Each new vector is orthogonalised against the whole basis once
+    (classical Gram-Schmidt) and a second time only when the first pass removed a large part of
+    it (Daniel-Gragg-Kaufman-Stewart criterion). The run stops early when the Krylov space becomes
+    invariant (``beta`` below ``1e-10`` of the largest ``|alpha|, beta``).
+
+    Args:
+        operator: the symmetric operator.
+        start: ``[dim]`` start vector, any scale.
+        steps: the most products to spend.
+        basis_dtype: dtype of the stored basis.
+        advance: called with 1 after each product.
+
+    Returns:
+        ``alpha`` ``[m]`` and ``beta`` ``[m - 1]`` of the tridiagonal matrix (float64), and the
+        final ``beta_m`` (0 when the run ended on an invariant subspace).
+    """
+    dim = operator.dim
+    steps = min(steps, dim)
+    basis = torch.empty(steps, dim, dtype=basis_dtype, device=operator.device)
+    vector = start.to(device=operator.device, dtype=torch.float64)
+    vector = vector / vector.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    scale = 0.0
+    for j in range(steps):
+        basis[j] = vector
+        product = operator.matmat(vector.to(operator.dtype)[None])[0].to(torch.float64)
+        if advance is not None:
+            advance(1)
+        alpha = float(product @ vector)
+        product -= alpha * vector
+        if j > 0:
+            product -= betas[-1] * basis[j - 1].to(torch.float64)
+        for _ in range(2):
+            before = float(product.norm())
+            coefficients = basis[: j + 1] @ product.to(basis_dtype)
+            product -= (coefficients @ basis[: j + 1]).to(torch.float64)
+            if float(product.norm()) > before / math.sqrt(2):
+                break
+        beta = float(product.norm())
+        alphas.append(alpha)
+        scale = max(scale, abs(alpha), beta)
+        if beta <= 1e-10 * scale:
+            return np.array(alphas), np.array(betas), 0.0
+        if j < steps - 1:
+            betas.append(beta)
+            vector = product / beta
+    return np.array(alphas), np.array(betas), beta
+
+
+def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int,
+                deflate: bool) -> tuple[_Quadrature, bool]:
+    """The deflated quadrature of one run (see the module docstring).
+
+    Returns the quadrature and whether the converged Ritz values looked repeated (their probe
+    weights too large for simple eigenvalues), in which case nothing was deflated.
+    """
+    nodes, vectors = eigh_tridiagonal(alpha, beta) if len(alpha) > 1 else (alpha, np.ones((1, 1)))
+    gauss = vectors[0] ** 2
+    gauss = gauss / gauss.sum()
+    residual = np.abs(last_beta * vectors[-1])
+    converged = residual <= CONVERGED_RESIDUAL * max(np.abs(nodes).max(), 1e-300)
+    fixed = converged & (dim * gauss < SINGLE_WEIGHT)
+    # Simple eigenvalues have chi-square(1) probe weights: their sum is n +- sqrt(2 n). A sum far
+    # above it means repeated eigenvalues, which one probe cannot count: do not deflate then.
+    count = int(fixed.sum())
+    repeated = count > 0 and dim * gauss[fixed].sum() > count + 4 * math.sqrt(2 * count) + 4
+    if not deflate or repeated or count >= dim or fixed.all():
+        fixed = np.zeros_like(fixed)
+    weights = np.where(fixed, 1.0, 0.0)
+    free = ~fixed
+    weights[free] = (dim - fixed.sum()) * gauss[free] / gauss[free].sum()
+    return _Quadrature(nodes, weights, fixed, gauss), repeated
+
+
+def _count_bounds(quadrature: _Quadrature, weights: np.ndarray, threshold: float
+                  ) -> tuple[float, float]:
+    """What the quadrature proves about the srank's count: ``#{|lambda| >= c}`` at its cut ``c``.
+
+    By the Chebyshev-Markov-Stieltjes inequalities the measure beyond ``x`` lies between the
+    weight of the nodes beyond the two nodes bracketing ``x`` and the weight that includes them
+    (at a node, only that node is uncertain). The cut has two sides, ``+c`` and ``-c``; deflated
+    nodes are exact eigenvalues and add no uncertainty.
+
+    Returns:
+        The lower and upper bound of the count beyond the cut.
+    """
+    nodes = quadrature.nodes
+    magnitude = np.abs(nodes)
+    order = np.argsort(-magnitude, kind="stable")
+    mass = magnitude[order] * weights[order]
+    index = min(int(np.searchsorted(np.cumsum(mass), threshold * mass.sum())), len(nodes) - 1)
+    cut_node = order[index]
+    cut = magnitude[cut_node]
+    uncertain = np.zeros(len(nodes), dtype=bool)
+    uncertain[cut_node] = True
+    for side in (nodes >= 0, nodes < 0):
+        above = np.flatnonzero(side & (magnitude >= cut))
+        below = np.flatnonzero(side & (magnitude < cut))
+        if side[cut_node]:
+            continue
+        if above.size:
+            uncertain[above[np.argmin(magnitude[above])]] = True
+        if below.size:
+            uncertain[below[np.argmax(magnitude[below])]] = True
+    uncertain &= ~quadrature.fixed
+    beyond = magnitude >= cut
+    lower = float(weights[beyond & ~uncertain].sum())
+    upper = float(weights[beyond | uncertain].sum())
+    return lower, upper
+
+
+def _bootstrap_weights(quadrature: _Quadrature, draws: int, rng: np.random.Generator
+                       ) -> np.ndarray:
+    """``[draws, m]`` weights with the free part redrawn as a Gaussian probe would sample it."""
+    free = ~quadrature.fixed
+    total = quadrature.weights[free].sum()
+    # A node of weight w stands for w eigenvalues; a Gaussian probe's share of them is a
+    # chi-square(w) / chi-square(total) draw, i.e. Dirichlet(w / 2).
+    shapes = np.maximum(quadrature.weights[free] / 2, 1e-3)
+    shares = rng.gamma(shapes, size=(draws, len(shapes)))
+    weights = np.tile(quadrature.weights, (draws, 1))
+    weights[:, free] = total * shares / shares.sum(axis=1, keepdims=True)
+    return weights
+
+
+def lanczos_spectrum(
+    operator: SymmetricOperator,
+    *,
+    max_products: int,
+    threshold: float = 0.99,
+    seed: int = 0,
+    advance: Callable[[int], None] | None = None,
+    basis_dtype: torch.dtype = torch.float32,
+    max_basis_bytes: int = MAX_BASIS_BYTES,
+    deflate: bool = True,
+) -> LanczosSpectrum:
+    """The spectrum of a symmetric operator as a deflated Lanczos quadrature, with an interval.
+
+    Spends ``max_products`` products on one Lanczos run (or, when its basis would exceed
+    ``max_basis_bytes``, on several equal runs that fit). Pass the result's ``eigenvalues`` and
+    ``weights`` to :func:`hessrank.ranks.spectral_ranks` for every rank.
+
+    Args:
+        operator: ``dim``, ``dtype``, ``device`` and ``matmat([k, dim]) -> [k, dim]``.
+        max_products: matrix-vector products to spend (at most ``dim`` are useful per run).
+        threshold: srank threshold of ``rank_interval``.
+        seed: seed of the private generator of the start vectors.
+        advance: progress callback, called with ``k`` after every ``k`` products.
+        basis_dtype: dtype of the stored Lanczos basis (float32 halves float64's memory).
+        max_basis_bytes: memory cap of the basis.
+        deflate: give converged simple Ritz values weight exactly 1 (off: plain quadrature).
+
+    Returns:
+        A :class:`LanczosSpectrum`.
+
+    Raises:
+        ValueError: ``max_products`` below 1, ``threshold`` outside ``(0, 1]``, an empty
+            operator, or a basis of even one vector above ``max_basis_bytes``.
+    """
+    dim = int(operator.dim)
+    if dim < 1:
+        raise ValueError("the operator is empty (dim = 0): there is no spectrum to estimate")
+    if not isinstance(max_products, int) or max_products < 1:
+        raise ValueError(f"max_products must be a positive integer, got {max_products!r}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+    vector_bytes = dim * torch.empty((), dtype=basis_dtype).element_size()
+    max_steps = max_basis_bytes // vector_bytes
+    if max_steps < 2:
+        raise ValueError(
+            f"max_basis_bytes = {max_basis_bytes} holds fewer than 2 Lanczos vectors of "
+            f"{vector_bytes} bytes: raise max_basis_bytes or use a smaller basis_dtype"
+        )
+    steps = int(min(max_products, dim, max_steps))
+    generator = torch.Generator().manual_seed(seed)
+    quadratures: list[_Quadrature] = []
+    spent = 0
+    notes: list[str] = []
+    repeated_any = False
+    while max_products - spent >= max(steps, 1) or not quadratures:
+        start = rademacher(dim, generator, operator.device, basis_dtype)
+        alpha, beta, last_beta = lanczos_run(operator, start, steps, basis_dtype, advance)
+        spent += len(alpha)
+        quadrature, repeated = _quadrature(alpha, beta, last_beta, dim, deflate)
+        repeated_any |= repeated
+        quadratures.append(quadrature)
+        if last_beta == 0.0 and len(alpha) < steps:
+            # The Krylov space became invariant: further runs of the same length would only
+            # reduce the sampling error, and need the budget for it.
+            steps = max(len(alpha), 1)
+    runs = len(quadratures)
+    nodes = np.concatenate([q.nodes for q in quadratures])
+    weights = np.concatenate([q.weights for q in quadratures]) / runs
+    order = np.lexsort((-nodes, -np.abs(nodes)))
+    fixed = np.concatenate([q.nodes[q.fixed] for q in quadratures])
+    ritz = by_magnitude(fixed if runs == 1 else quadratures[0].nodes[quadratures[0].fixed])
+
+    interval, trace_interval = _intervals(quadratures, threshold, seed)
+    trace = float(nodes @ weights)
+    mass = float(np.abs(nodes) @ weights)
+    deflated = int(quadratures[0].fixed.sum())
+    notes.append(
+        f"Lanczos quadrature: {runs} run(s) of {len(quadratures[0].nodes)} steps, "
+        f"{spent} products; {deflated} converged eigenvalues deflated (weight 1)"
+    )
+    notes.append(
+        f"trace {trace:.4g} in [{trace_interval[0]:.4g}, {trace_interval[1]:.4g}] (95 %); "
+        f"sum |lambda| {mass:.4g}"
+    )
+    if repeated_any:
+        notes.append("converged Ritz values carry more probe weight than simple eigenvalues "
+                     "would (repeated eigenvalues?): not deflated, counts are sampled")
+    return LanczosSpectrum(
+        eigenvalues=nodes[order], weights=weights[order], ritz_values=ritz,
+        rank_interval=interval, trace=trace, trace_interval=trace_interval,
+        num_products=spent, notes=notes,
+    )
+
+
+def _intervals(quadratures: list[_Quadrature], threshold: float, seed: int
+               ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """95 % intervals of the srank (resolution and sampling) and of the trace (sampling).
+
+    Each run's free weights are redrawn (:func:`_bootstrap_weights`); each draw's srank is widened
+    to what its quadrature proves (:func:`_count_bounds`), and runs are averaged draw by draw.
+    """
+    rng = np.random.default_rng(seed)
+    low = np.zeros(BOOTSTRAP_DRAWS)
+    high = np.zeros(BOOTSTRAP_DRAWS)
+    traces = np.zeros(BOOTSTRAP_DRAWS)
+    for quadrature in quadratures:
+        draws = _bootstrap_weights(quadrature, BOOTSTRAP_DRAWS, rng)
+        for b, weights in enumerate(draws):
+            estimate = srank(quadrature.nodes, threshold, weights)
+            lower, upper = _count_bounds(quadrature, weights, threshold)
+            low[b] += min(estimate, lower)
+            high[b] += max(estimate, upper)
+            traces[b] += quadrature.nodes @ weights
+    runs = len(quadratures)
+    rank_interval = (max(0.0, float(np.quantile(low, 0.025)) / runs),
+                     float(np.quantile(high, 0.975)) / runs)
+    trace_interval = (float(np.quantile(traces, 0.025)) / runs,
+                      float(np.quantile(traces, 0.975)) / runs)
+    return rank_interval, trace_interval
+
+
+# ----------------------------------------------------------------------------------------------
+# Interface of the previous estimator (hessrank.estimators._lanczos); delete once it calls
+# lanczos_spectrum.
+# ----------------------------------------------------------------------------------------------
 
 @dataclass
 class Quadrature:
@@ -26,60 +369,26 @@ class Quadrature:
     weights: np.ndarray
 
 
+class _CallableOperator:
+    """A ``matmat`` callable on ``[1, dim]`` float64 rows as a :class:`SymmetricOperator`."""
+
+    def __init__(self, matmat: Callable[[Tensor], Tensor], dim: int, device: torch.device):
+        self.matmat = matmat
+        self.dim = dim
+        self.dtype = torch.float64
+        self.device = device
+
+
 def lanczos_tridiagonal(
     matmat: Callable[[Tensor], Tensor], starts: Tensor, steps: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Up to ``steps`` Lanczos steps from each row of ``starts`` (float64, ``[m, P]``) in lockstep.
-
-    All ``m`` runs advance together, so each step is one batched product ``matmat`` (``[m, P]``
-    -> ``[m, P]``). Full reorthogonalisation (twice, classical Gram-Schmidt) against each run's
-    previous vectors keeps the Ritz values free of spurious copies. A run that reaches an
-    invariant subspace stops there. Returns each run's diagonal ``alpha`` and off-diagonal
-    ``beta`` of ``T``.
-    """
-    runs, dim = starts.shape
-    steps = min(steps, dim)
-    basis = torch.zeros(runs, steps, dim, dtype=torch.float64, device=starts.device)
-    alphas = torch.zeros(runs, steps, dtype=torch.float64)
-    betas = torch.zeros(runs, steps, dtype=torch.float64)
-    lengths = np.full(runs, steps)
-    active = torch.ones(runs, dtype=torch.bool)
-    vectors = starts / starts.norm(dim=1, keepdim=True)
-    scale = torch.zeros(runs, dtype=torch.float64)
-    for j in range(steps):
-        basis[:, j] = vectors
-        w = matmat(vectors).to(torch.float64)
-        alpha = (w * vectors).sum(dim=1)
-        w -= alpha[:, None] * vectors
-        if j > 0:
-            w -= betas[:, j - 1, None].to(w.device) * basis[:, j - 1]
-        for _ in range(2):
-            coefficients = torch.einsum("mkp,mp->mk", basis[:, : j + 1], w)
-            w -= torch.einsum("mk,mkp->mp", coefficients, basis[:, : j + 1])
-        beta = w.norm(dim=1).cpu()
-        alphas[:, j] = alpha.cpu()
-        scale = torch.maximum(scale, torch.maximum(alpha.abs().cpu(), beta))
-        finished = active & (beta <= 1e-10 * scale.clamp_min(1e-300))
-        lengths[finished.numpy()] = j + 1
-        active &= ~finished
-        if j == steps - 1 or not active.any():
-            break
-        betas[:, j] = beta
-        vectors = torch.where(active[:, None].to(w.device), w / beta.clamp_min(1e-300)[:, None]
-                              .to(w.device), torch.zeros_like(w))
-    return [(alphas[r, : lengths[r]].numpy(), betas[r, : lengths[r] - 1].numpy())
-            for r in range(runs)]
+    """``(alpha, beta)`` of up to ``steps`` Lanczos steps from each row of ``starts`` (float64
+    basis, one run after the other)."""
+    operator = _CallableOperator(matmat, starts.shape[1], starts.device)
+    return [lanczos_run(operator, start, steps, torch.float64)[:2] for start in starts]
 
 
 def tridiagonal_quadrature(alpha: np.ndarray, beta: np.ndarray) -> Quadrature:
     """Ritz values and Gauss weights of the tridiagonal matrix ``(alpha, beta)``."""
-    from scipy.linalg import eigh_tridiagonal
-
     nodes, vectors = eigh_tridiagonal(alpha, beta)
     return Quadrature(nodes=nodes, weights=vectors[0] ** 2)
-
-
-def rademacher(dim: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    """A random ``+-1`` vector in float64 from a private generator (global RNG untouched)."""
-    signs = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int64)
-    return (signs.to(torch.float64) * 2 - 1).to(device)
