@@ -36,15 +36,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from hessrank.ranks import srank
+from hessrank.ranks import default_rtol, srank
 from hessrank.spectrum.dense import by_magnitude
 from hessrank.spectrum.operator import SymmetricOperator
 
 #: A Ritz pair is an eigenpair when its residual is below this times the largest ``|Ritz value|``.
 CONVERGED_RESIDUAL = 1e-5
+#: ... and below this times the distance to the nearest other Ritz value.
+GAP_FRACTION = 1e-2
 #: A converged Ritz value with probe weight ``P U_0j^2`` below this is one eigenvalue: for a
 #: simple eigenvalue that weight is a chi-square(1) draw, above 15 with probability 1e-4.
 SINGLE_WEIGHT = 15.0
@@ -68,6 +69,9 @@ class LanczosSpectrum:
         trace_interval: its 95 % sampling interval.
         num_products: matrix-vector products spent.
         notes: how the estimate was made, for the user.
+        numerical_interval: interval for the numerical rank at ``rtol`` (same construction as
+            ``rank_interval``): wide when the quadrature cannot resolve the eigenvalues near
+            ``rtol * max |lambda|``, as happens for Hessians with many tiny eigenvalues.
     """
 
     eigenvalues: np.ndarray
@@ -78,18 +82,19 @@ class LanczosSpectrum:
     trace_interval: tuple[float, float]
     num_products: int
     notes: list[str] = field(default_factory=list)
+    numerical_interval: tuple[float, float] = (0.0, float("inf"))
 
 
 @dataclass
 class _Quadrature:
     """One run's quadrature: signed ``nodes`` ascending, ``weights`` summing to ``dim``,
-    ``fixed`` marks deflated nodes (exact eigenvalues, weight 1), ``gauss`` the Gauss weights
-    (sum to 1)."""
+    ``fixed`` marks deflated nodes (exact eigenvalues, weight 1), ``residuals`` the Ritz
+    residual norms ``|beta_m U_mj|``."""
 
     nodes: np.ndarray
     weights: np.ndarray
     fixed: np.ndarray
-    gauss: np.ndarray
+    residuals: np.ndarray
 
 
 def rademacher(dim: int, generator: torch.Generator, device: torch.device,
@@ -108,11 +113,13 @@ def lanczos_run(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Up to ``steps`` Lanczos steps from ``start`` (``[dim]``), fully reorthogonalised.
 
-    The basis (``steps x dim`` in ``basis_dtype``) is the only large allocation; the current
-    vector is kept in float64. Each new vector is orthogonalised against the whole basis once
-    (classical Gram-Schmidt) and a second time only when the first pass removed a large part of
-    it (Daniel-Gragg-Kaufman-Stewart criterion). The run stops early when the Krylov space becomes
-    invariant (``beta`` below ``1e-10`` of the largest ``|alpha|, beta``).
+    The basis (``steps x dim`` in ``basis_dtype``) is the only large allocation, and all vector
+    arithmetic is in ``basis_dtype`` (the scalars ``alpha``, ``beta`` in float64). Each new
+    vector is orthogonalised against the whole basis once (classical Gram-Schmidt) and a second
+    time only when the first pass removed a large part of it (Daniel-Gragg-Kaufman-Stewart
+    criterion). The run stops early when the Krylov space becomes
+    invariant (``beta`` below ``100 eps`` of the largest ``|alpha|, beta``, ``eps`` of
+    ``basis_dtype``).
 
     Args:
         operator: the symmetric operator.
@@ -128,30 +135,32 @@ def lanczos_run(
     dim = operator.dim
     steps = min(steps, dim)
     basis = torch.empty(steps, dim, dtype=basis_dtype, device=operator.device)
-    vector = start.to(device=operator.device, dtype=torch.float64)
+    vector = start.to(device=operator.device, dtype=basis_dtype)
     vector = vector / vector.norm()
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0
+    beta = 0.0
+    invariant = 100 * torch.finfo(basis_dtype).eps
     for j in range(steps):
         basis[j] = vector
-        product = operator.matmat(vector.to(operator.dtype)[None])[0].to(torch.float64)
+        product = operator.matmat(vector.to(operator.dtype)[None])[0].to(basis_dtype)
         if advance is not None:
             advance(1)
         alpha = float(product @ vector)
-        product -= alpha * vector
+        product.sub_(vector, alpha=alpha)
         if j > 0:
-            product -= betas[-1] * basis[j - 1].to(torch.float64)
+            product.sub_(basis[j - 1], alpha=betas[-1])
+        previous = basis[: j + 1]
         for _ in range(2):
             before = float(product.norm())
-            coefficients = basis[: j + 1] @ product.to(basis_dtype)
-            product -= (coefficients @ basis[: j + 1]).to(torch.float64)
-            if float(product.norm()) > before / math.sqrt(2):
+            product.addmv_(previous.T, previous @ product, alpha=-1.0)
+            beta = float(product.norm())
+            if beta > before / math.sqrt(2):
                 break
-        beta = float(product.norm())
         alphas.append(alpha)
         scale = max(scale, abs(alpha), beta)
-        if beta <= 1e-10 * scale:
+        if beta <= invariant * scale:
             return np.array(alphas), np.array(betas), 0.0
         if j < steps - 1:
             betas.append(beta)
@@ -166,11 +175,20 @@ def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int,
     Returns the quadrature and whether the converged Ritz values looked repeated (their probe
     weights too large for simple eigenvalues), in which case nothing was deflated.
     """
+    from scipy.linalg import eigh_tridiagonal  # here: scipy.linalg slows `import hessrank`
+
     nodes, vectors = eigh_tridiagonal(alpha, beta) if len(alpha) > 1 else (alpha, np.ones((1, 1)))
     gauss = vectors[0] ** 2
     gauss = gauss / gauss.sum()
     residual = np.abs(last_beta * vectors[-1])
-    converged = residual <= CONVERGED_RESIDUAL * max(np.abs(nodes).max(), 1e-300)
+    gaps = np.full(len(nodes), np.inf)
+    if len(nodes) > 1:
+        spacing = np.diff(nodes)
+        gaps = np.minimum(np.concatenate([[np.inf], spacing]), np.concatenate([spacing, [np.inf]]))
+    # An eigenpair: small residual against the operator's scale and against the distance to the
+    # next Ritz value (else the node may stand for a cluster of eigenvalues within the residual).
+    converged = ((residual <= CONVERGED_RESIDUAL * max(np.abs(nodes).max(), 1e-300))
+                 & (residual <= GAP_FRACTION * gaps))
     fixed = converged & (dim * gauss < SINGLE_WEIGHT)
     # Simple eigenvalues have chi-square(1) probe weights: their sum is n +- sqrt(2 n). A sum far
     # above it means repeated eigenvalues, which one probe cannot count: do not deflate then.
@@ -181,44 +199,50 @@ def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int,
     weights = np.where(fixed, 1.0, 0.0)
     free = ~fixed
     weights[free] = (dim - fixed.sum()) * gauss[free] / gauss[free].sum()
-    return _Quadrature(nodes, weights, fixed, gauss), repeated
+    return _Quadrature(nodes, weights, fixed, residual), repeated
 
 
-def _count_bounds(quadrature: _Quadrature, weights: np.ndarray, threshold: float
-                  ) -> tuple[float, float]:
-    """What the quadrature proves about the srank's count: ``#{|lambda| >= c}`` at its cut ``c``.
-
-    By the Chebyshev-Markov-Stieltjes inequalities the measure beyond ``x`` lies between the
-    weight of the nodes beyond the two nodes bracketing ``x`` and the weight that includes them
-    (at a node, only that node is uncertain). The cut has two sides, ``+c`` and ``-c``; deflated
-    nodes are exact eigenvalues and add no uncertainty.
-
-    Returns:
-        The lower and upper bound of the count beyond the cut.
-    """
-    nodes = quadrature.nodes
+def _srank_cut(nodes: np.ndarray, weights: np.ndarray, threshold: float) -> float:
+    """``|lambda|`` of the node where the quadrature's cumulative mass reaches ``threshold``."""
     magnitude = np.abs(nodes)
     order = np.argsort(-magnitude, kind="stable")
     mass = magnitude[order] * weights[order]
     index = min(int(np.searchsorted(np.cumsum(mass), threshold * mass.sum())), len(nodes) - 1)
-    cut_node = order[index]
-    cut = magnitude[cut_node]
+    return float(magnitude[order][index])
+
+
+def _count_bounds(quadrature: _Quadrature, weights: np.ndarray, cut: float
+                  ) -> tuple[float, float]:
+    """What the quadrature proves about the count ``#{|lambda| >= cut}``.
+
+    By the Chebyshev-Markov-Stieltjes inequalities the measure beyond ``x`` lies between the
+    weight of the nodes beyond the two nodes bracketing ``x`` and the weight that includes them
+    (at a node, only that node is uncertain). The cut has two sides, ``+cut`` and ``-cut``.
+    Deflated nodes (exact eigenvalues) add no uncertainty, nor does a node whose Ritz residual
+    ``r`` is small against its distance ``d`` to the cut: at most ``(r / d)^2`` of its weight can
+    lie beyond ``d`` (we ignore ``r < d / 30``, under 0.1 %).
+
+    Returns:
+        The lower and upper bound of the count.
+    """
+    nodes = quadrature.nodes
+    magnitude = np.abs(nodes)
     uncertain = np.zeros(len(nodes), dtype=bool)
-    uncertain[cut_node] = True
     for side in (nodes >= 0, nodes < 0):
-        above = np.flatnonzero(side & (magnitude >= cut))
-        below = np.flatnonzero(side & (magnitude < cut))
-        if side[cut_node]:
+        at_cut = np.flatnonzero(side & (magnitude == cut))
+        if at_cut.size:
+            uncertain[at_cut] = True
             continue
+        above = np.flatnonzero(side & (magnitude > cut))
+        below = np.flatnonzero(side & (magnitude < cut))
         if above.size:
             uncertain[above[np.argmin(magnitude[above])]] = True
         if below.size:
             uncertain[below[np.argmax(magnitude[below])]] = True
-    uncertain &= ~quadrature.fixed
+    resolved = quadrature.residuals < np.abs(magnitude - cut) / 30
+    uncertain &= ~(quadrature.fixed | resolved)
     beyond = magnitude >= cut
-    lower = float(weights[beyond & ~uncertain].sum())
-    upper = float(weights[beyond | uncertain].sum())
-    return lower, upper
+    return float(weights[beyond & ~uncertain].sum()), float(weights[beyond | uncertain].sum())
 
 
 def _bootstrap_weights(quadrature: _Quadrature, draws: int, rng: np.random.Generator
@@ -243,6 +267,7 @@ def lanczos_spectrum(
     seed: int = 0,
     advance: Callable[[int], None] | None = None,
     basis_dtype: torch.dtype = torch.float32,
+    rtol: float | None = None,
     max_basis_bytes: int = MAX_BASIS_BYTES,
     deflate: bool = True,
 ) -> LanczosSpectrum:
@@ -259,6 +284,8 @@ def lanczos_spectrum(
         seed: seed of the private generator of the start vectors.
         advance: progress callback, called with ``k`` after every ``k`` products.
         basis_dtype: dtype of the stored Lanczos basis (float32 halves float64's memory).
+        rtol: numerical-rank tolerance of ``numerical_interval``, relative to the largest
+            ``|eigenvalue|``; default ``dim`` times the epsilon of ``operator.dtype``.
         max_basis_bytes: memory cap of the basis.
         deflate: give converged simple Ritz values weight exactly 1 (off: plain quadrature).
 
@@ -307,7 +334,9 @@ def lanczos_spectrum(
     fixed = np.concatenate([q.nodes[q.fixed] for q in quadratures])
     ritz = by_magnitude(fixed if runs == 1 else quadratures[0].nodes[quadratures[0].fixed])
 
-    interval, trace_interval = _intervals(quadratures, threshold, seed)
+    if rtol is None:
+        rtol = default_rtol(dim, float(torch.finfo(operator.dtype).eps))
+    intervals = _intervals(quadratures, threshold, rtol, seed)
     trace = float(nodes @ weights)
     mass = float(np.abs(nodes) @ weights)
     deflated = int(quadratures[0].fixed.sum())
@@ -316,7 +345,7 @@ def lanczos_spectrum(
         f"{spent} products; {deflated} converged eigenvalues deflated (weight 1)"
     )
     notes.append(
-        f"trace {trace:.4g} in [{trace_interval[0]:.4g}, {trace_interval[1]:.4g}] (95 %); "
+        f"trace {trace:.4g} in [{intervals.trace[0]:.4g}, {intervals.trace[1]:.4g}] (95 %); "
         f"sum |lambda| {mass:.4g}"
     )
     if repeated_any:
@@ -324,36 +353,52 @@ def lanczos_spectrum(
                      "would (repeated eigenvalues?): not deflated, counts are sampled")
     return LanczosSpectrum(
         eigenvalues=nodes[order], weights=weights[order], ritz_values=ritz,
-        rank_interval=interval, trace=trace, trace_interval=trace_interval,
+        rank_interval=intervals.srank, trace=trace, trace_interval=intervals.trace,
+        numerical_interval=intervals.numerical,
         num_products=spent, notes=notes,
     )
 
 
-def _intervals(quadratures: list[_Quadrature], threshold: float, seed: int
-               ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """95 % intervals of the srank (resolution and sampling) and of the trace (sampling).
+@dataclass
+class _Intervals:
+    """95 % intervals of the srank, the numerical rank and the trace."""
 
-    Each run's free weights are redrawn (:func:`_bootstrap_weights`); each draw's srank is widened
-    to what its quadrature proves (:func:`_count_bounds`), and runs are averaged draw by draw.
+    srank: tuple[float, float]
+    numerical: tuple[float, float]
+    trace: tuple[float, float]
+
+
+def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, seed: int
+               ) -> _Intervals:
+    """Intervals from sampling (bootstrap) and resolution (Chebyshev-Markov-Stieltjes).
+
+    Each run's free weights are redrawn (:func:`_bootstrap_weights`); each draw's counts are
+    widened to what its quadrature proves (:func:`_count_bounds`) at the srank's cut and at the
+    numerical rank's ``rtol * max |lambda|``; runs are averaged draw by draw.
     """
     rng = np.random.default_rng(seed)
-    low = np.zeros(BOOTSTRAP_DRAWS)
-    high = np.zeros(BOOTSTRAP_DRAWS)
+    bounds = np.zeros((4, BOOTSTRAP_DRAWS))  # srank low, high; numerical low, high
     traces = np.zeros(BOOTSTRAP_DRAWS)
     for quadrature in quadratures:
         draws = _bootstrap_weights(quadrature, BOOTSTRAP_DRAWS, rng)
+        tolerance = rtol * float(np.abs(quadrature.nodes).max())
+        above = np.abs(quadrature.nodes) > tolerance
         for b, weights in enumerate(draws):
             estimate = srank(quadrature.nodes, threshold, weights)
-            lower, upper = _count_bounds(quadrature, weights, threshold)
-            low[b] += min(estimate, lower)
-            high[b] += max(estimate, upper)
+            lower, upper = _count_bounds(
+                quadrature, weights, _srank_cut(quadrature.nodes, weights, threshold))
+            bounds[:2, b] += min(estimate, lower), max(estimate, upper)
+            count = float(weights[above].sum())
+            lower, upper = _count_bounds(quadrature, weights, np.nextafter(tolerance, np.inf))
+            bounds[2:, b] += min(count, lower), max(count, upper)
             traces[b] += quadrature.nodes @ weights
-    runs = len(quadratures)
-    rank_interval = (max(0.0, float(np.quantile(low, 0.025)) / runs),
-                     float(np.quantile(high, 0.975)) / runs)
-    trace_interval = (float(np.quantile(traces, 0.025)) / runs,
-                      float(np.quantile(traces, 0.975)) / runs)
-    return rank_interval, trace_interval
+    bounds /= len(quadratures)
+    traces /= len(quadratures)
+
+    def interval(low: np.ndarray, high: np.ndarray) -> tuple[float, float]:
+        return float(np.quantile(low, 0.025)), float(np.quantile(high, 0.975))
+
+    return _Intervals(interval(*bounds[:2]), interval(*bounds[2:]), interval(traces, traces))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,5 +435,7 @@ def lanczos_tridiagonal(
 
 def tridiagonal_quadrature(alpha: np.ndarray, beta: np.ndarray) -> Quadrature:
     """Ritz values and Gauss weights of the tridiagonal matrix ``(alpha, beta)``."""
+    from scipy.linalg import eigh_tridiagonal
+
     nodes, vectors = eigh_tridiagonal(alpha, beta)
     return Quadrature(nodes=nodes, weights=vectors[0] ** 2)
