@@ -36,6 +36,7 @@ def _decaying(count: int, zeros: int) -> np.ndarray:
 
 
 def _low_rank_plus_noise() -> np.ndarray:
+    """20 eigenvalues from 10 down to 1 over 280 of noise with standard deviation 1e-3."""
     rng = np.random.default_rng(1)
     return np.concatenate([np.linspace(10.0, 1.0, 20), 1e-3 * rng.standard_normal(280)])
 
@@ -129,6 +130,14 @@ def test_float32_basis_matches_float64_basis() -> None:
     double = lanczos_spectrum(operator, max_products=60, basis_dtype=torch.float64)
     np.testing.assert_allclose(single.ritz_values[:20], double.ritz_values[:20], rtol=1e-5)
     assert single.trace == pytest.approx(double.trace, rel=1e-3)
+
+
+def test_partial_reorthogonalisation_matches_full() -> None:
+    operator = rotated(_low_rank_plus_noise())
+    runs = [lanczos_run(operator, torch.ones(operator.dim), 100, partial=partial)
+            for partial in (True, False)]
+    ritz = [np.linalg.eigvalsh(np.diag(a) + np.diag(b, 1) + np.diag(b, -1)) for a, b, _ in runs]
+    np.testing.assert_allclose(ritz[0], ritz[1], atol=1e-5 * 10.0)
 
 
 def test_lanczos_run_stops_on_an_invariant_subspace() -> None:
