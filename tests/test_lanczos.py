@@ -190,6 +190,7 @@ def test_generator_is_private_and_seeded() -> None:
     ({"max_products": 0}, "max_products"),
     ({"max_products": 10, "threshold": 0.0}, "threshold"),
     ({"max_products": 10, "max_basis_bytes": 100}, "max_basis_bytes"),
+    ({"max_products": 10, "rtol": 1.5}, "rtol"),
 ])
 def test_bad_arguments_fail_before_any_product(kwargs: dict, message: str) -> None:
     operator = rotated(_indefinite())
