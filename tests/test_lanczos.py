@@ -148,6 +148,17 @@ def test_repeated_eigenvalues_spend_the_budget_on_more_runs() -> None:
     assert ranks["numerical"] == pytest.approx(180, rel=0.10)
 
 
+@pytest.mark.parametrize("eigenvalues", [np.zeros(50), np.array([2.5])], ids=["zero", "1x1"])
+def test_degenerate_operators(eigenvalues: np.ndarray) -> None:
+    result = lanczos_spectrum(rotated(eigenvalues), max_products=10)
+    truth = spectral_ranks(eigenvalues, 0.99, 1e-3)
+    ranks = spectral_ranks(result.eigenvalues, 0.99, 1e-3, result.weights)
+    assert ranks["srank"] == truth["srank"] and ranks["numerical"] == truth["numerical"]
+    assert result.trace == pytest.approx(eigenvalues.sum(), abs=1e-6)
+    assert result.rank_interval[0] <= truth["srank"] <= result.rank_interval[1]
+    assert result.num_products <= 10
+
+
 def test_memory_cap_splits_the_budget_into_runs() -> None:
     operator = rotated(_indefinite())
     cap = 25 * operator.dim * 4

@@ -68,18 +68,18 @@ class LanczosSpectrum:
 
     Attributes:
         eigenvalues: quadrature nodes (float64) by decreasing ``|value|``.
-        weights: how many eigenvalues each node stands for (sums to ``dim``); None when the
-            nodes are exact eigenvalues (never, today: kept for exact solvers of the same shape).
+        weights: how many eigenvalues each node stands for (sums to ``dim``); always set by
+            this solver (None is for exact spectra in the same shape).
         ritz_values: the converged Ritz values of the first run (eigenvalues to show), by
             decreasing ``|value|``; empty when none converged.
         rank_interval: interval for the srank at ``threshold`` (resolution and sampling, 95 %).
         trace: estimated signed trace ``sum(lambda)``.
         trace_interval: its 95 % sampling interval.
         num_products: matrix-vector products spent.
-        notes: how the estimate was made, for the user.
         numerical_interval: interval for the numerical rank at ``rtol`` (same construction as
             ``rank_interval``): wide when the quadrature cannot resolve the eigenvalues near
             ``rtol * max |lambda|``, as happens for Hessians with many tiny eigenvalues.
+        notes: how the estimate was made, for the user.
     """
 
     eigenvalues: np.ndarray
@@ -89,8 +89,8 @@ class LanczosSpectrum:
     trace: float
     trace_interval: tuple[float, float]
     num_products: int
+    numerical_interval: tuple[float, float]
     notes: list[str] = field(default_factory=list)
-    numerical_interval: tuple[float, float] = (0.0, float("inf"))
 
 
 @dataclass
@@ -337,8 +337,9 @@ def lanczos_spectrum(
             # reduce the sampling error, and need the budget for it.
             steps = max(len(alpha), 1)
     runs = len(quadratures)
-    nodes = np.concatenate([q.nodes for q in quadratures])
-    weights = np.concatenate([q.weights for q in quadratures]) / runs
+    nodes, weights = _merge_close(np.concatenate([q.nodes for q in quadratures]),
+                                  np.concatenate([q.weights for q in quadratures]) / runs,
+                                  float(torch.finfo(basis_dtype).eps))
     order = np.lexsort((-nodes, -np.abs(nodes)))
     ritz = by_magnitude(quadratures[0].nodes[quadratures[0].fixed])
 
@@ -365,6 +366,23 @@ def lanczos_spectrum(
         numerical_interval=intervals.numerical,
         num_products=spent, notes=notes,
     )
+
+
+def _merge_close(nodes: np.ndarray, weights: np.ndarray, eps: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes within ``10 eps`` of the largest ``|node|`` of each other merged into one
+    (weighted mean value, summed weight), so that an eigenvalue found by several runs is one node
+    of the combined quadrature; a merged weight within ``1e-9`` of an integer is that integer
+    (a count of eigenvalues, not a rounding residue)."""
+    order = np.argsort(nodes, kind="stable")
+    nodes, weights = nodes[order], weights[order]
+    tolerance = 10 * eps * max(float(np.abs(nodes).max()), 1e-300)
+    group = np.concatenate([[0], np.cumsum(np.diff(nodes) > tolerance)])
+    merged_weights = np.bincount(group, weights=weights)
+    merged_nodes = np.bincount(group, weights=nodes * weights) / np.maximum(merged_weights, 1e-300)
+    integers = np.round(merged_weights)
+    snap = np.abs(merged_weights - integers) <= 1e-9 * np.maximum(merged_weights, 1.0)
+    return merged_nodes, np.where(snap, integers, merged_weights)
 
 
 @dataclass
