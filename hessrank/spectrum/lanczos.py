@@ -1,22 +1,436 @@
-"""Lanczos with full reorthogonalisation, and stochastic Lanczos quadrature (SLQ).
+"""Spectrum of a symmetric operator from matrix-vector products: deflated Lanczos quadrature.
 
-``k`` Lanczos steps from a unit vector ``v`` give a tridiagonal ``T``; its eigenvalues (Ritz values)
-approximate the extremes of the spectrum, and with ``T = U diag(theta) U^T`` the pairs
-``(theta_j, U_0j^2)`` are the Gauss quadrature of the spectral measure ``sum_i (q_i . v)^2
-delta_{lambda_i}``. Averaged over random probes and multiplied by ``P`` this estimates the spectral
-density, so counts like "eigenvalues carrying 99% of the mass" can be estimated beyond the ``k``
-values Lanczos itself resolves.
+One long Lanczos run from a random start ``v`` (``m`` products) gives a tridiagonal ``T``; with
+``T = U diag(theta) U^T`` the pairs ``(theta_j, P U_0j^2)`` are the Gauss quadrature of the
+spectral measure ``P sum_i (q_i . v)^2 delta_{lambda_i}`` (``|v| = 1``), an unbiased estimate of
+the eigenvalue counting measure (stochastic Lanczos quadrature). Measured on MLP Hessians
+(``benchmarks/lanczos_scale.py``), spending the whole budget on one run resolves the spectrum far
+better than several shorter runs: the polynomial degree, not the number of probes, limits how well
+the small eigenvalues that decide the srank and the numerical rank are separated.
+
+Two refinements:
+
+- **Deflation.** A Ritz value whose residual ``|beta_m U_mj|`` is tiny (against the operator's
+  scale and against the distance to the next Ritz value) is an eigenvalue; when its probe weight
+  is small it is one eigenvalue and gets weight exactly 1 (instead of the random
+  ``P (q_i . v)^2``), and the other nodes share the remaining ``P - #deflated`` in proportion to
+  their Gauss weights (a ratio estimator). The large eigenvalues that carry most of the mass are
+  then exact, and only the unresolved middle of the spectrum is sampled.
+- **Intervals.** Two errors separate the quadrature from the true spectrum. Resolution: by the
+  Chebyshev-Markov-Stieltjes inequalities the count of eigenvalues beyond a cut ``c`` is only
+  known up to the weights of the nodes that bracket ``+-c``, so each count is widened to what the
+  quadrature proves at the srank's cut (and at the numerical rank's ``rtol * max |lambda|``).
+  Sampling: the weights of a Gaussian probe on ``n`` eigenvalues are ``P`` times a
+  Dirichlet(1/2, ..., 1/2) draw, so the unresolved weights are redrawn from the matching
+  Dirichlet law (a parametric bootstrap; a Rademacher probe samples with at most this spread).
+  The intervals span the bootstrap's 2.5 % to 97.5 % quantiles of the widened counts. The
+  numerical rank's interval is wide when many eigenvalues sit near ``rtol * max |lambda|``,
+  which one quadrature cannot resolve (small Hessians with a large near-null cluster).
+
+Cost: the Lanczos basis is kept in ``basis_dtype`` (float32 by default), ``steps x P`` of it;
+when that would exceed ``max_basis_bytes`` the budget is split into several runs that fit.
+Every step is reorthogonalised against the whole basis: partial reorthogonalisation (Simon's
+recurrence for the loss of orthogonality) was tried and measured, and with float32
+Hessian-vector products, whose rounding is far above ``eps |A|``, it had to reorthogonalise about
+three steps in four to keep the basis semi-orthogonal, saving little for its complexity.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from hessrank.ranks import default_rtol, srank
+from hessrank.spectrum.dense import by_magnitude
+from hessrank.spectrum.operator import SymmetricOperator
+
+#: A Ritz pair is an eigenpair when its residual is below this times the largest ``|Ritz value|``.
+CONVERGED_RESIDUAL = 1e-5
+#: ... and below this times the distance to the nearest other Ritz value.
+GAP_FRACTION = 1e-2
+#: A converged Ritz value with probe weight ``P U_0j^2`` below this is one eigenvalue: for a
+#: simple eigenvalue that weight is a chi-square(1) draw, above 15 with probability 1e-4.
+SINGLE_WEIGHT = 15.0
+#: Parametric bootstrap draws for the interval.
+BOOTSTRAP_DRAWS = 200
+#: Default cap on the memory of the Lanczos basis.
+MAX_BASIS_BYTES = 4 * 2**30
+
+
+@dataclass
+class LanczosSpectrum:
+    """What :func:`lanczos_spectrum` measured.
+
+    Attributes:
+        eigenvalues: quadrature nodes (float64) by decreasing ``|value|``.
+        weights: how many eigenvalues each node stands for (sums to ``dim``); always set by
+            this solver (None is for exact spectra in the same shape).
+        ritz_values: the converged Ritz values of the first run (eigenvalues to show), by
+            decreasing ``|value|``; empty when none converged.
+        rank_interval: interval for the srank at ``threshold`` (resolution and sampling, 95 %).
+        trace: estimated signed trace ``sum(lambda)``.
+        trace_interval: its 95 % sampling interval.
+        num_products: matrix-vector products spent.
+        numerical_interval: interval for the numerical rank at ``rtol`` (same construction as
+            ``rank_interval``): wide when the quadrature cannot resolve the eigenvalues near
+            ``rtol * max |lambda|``, as happens for Hessians with many tiny eigenvalues.
+        notes: how the estimate was made, for the user.
+    """
+
+    eigenvalues: np.ndarray
+    weights: np.ndarray | None
+    ritz_values: np.ndarray
+    rank_interval: tuple[float, float]
+    trace: float
+    trace_interval: tuple[float, float]
+    num_products: int
+    numerical_interval: tuple[float, float]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Quadrature:
+    """One run's quadrature: signed ``nodes`` ascending, ``weights`` summing to ``dim``,
+    ``fixed`` marks deflated nodes (exact eigenvalues, weight 1), ``residuals`` the Ritz
+    residual norms ``|beta_m U_mj|``."""
+
+    nodes: np.ndarray
+    weights: np.ndarray
+    fixed: np.ndarray
+    residuals: np.ndarray
+
+
+def rademacher(dim: int, generator: torch.Generator, device: torch.device,
+               dtype: torch.dtype = torch.float64) -> Tensor:
+    """A random ``+-1`` vector ``[dim]`` from a private CPU generator (global RNG untouched)."""
+    signs = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8)
+    return (signs.to(dtype) * 2 - 1).to(device)
+
+
+def lanczos_run(
+    operator: SymmetricOperator,
+    start: Tensor,
+    steps: int,
+    basis_dtype: torch.dtype = torch.float32,
+    advance: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Up to ``steps`` Lanczos steps from ``start`` (``[dim]``), fully reorthogonalised.
+
+    The basis (``steps x dim`` in ``basis_dtype``) is the only large allocation, and all vector
+    arithmetic is in ``basis_dtype`` (the scalars ``alpha``, ``beta`` in float64). Each new
+    vector is orthogonalised against the whole basis once (classical Gram-Schmidt) and a second
+    time only when the first pass removed a large part of it (Daniel-Gragg-Kaufman-Stewart
+    criterion). The run stops early when the Krylov space becomes
+    invariant (``beta`` below ``100 eps`` of the largest ``|alpha|, beta``, ``eps`` of
+    ``basis_dtype``).
+
+    Args:
+        operator: the symmetric operator.
+        start: ``[dim]`` start vector, any scale.
+        steps: the most products to spend.
+        basis_dtype: dtype of the stored basis.
+        advance: called with 1 after each product.
+
+    Returns:
+        ``alpha`` ``[m]`` and ``beta`` ``[m - 1]`` of the tridiagonal matrix (float64), and the
+        final ``beta_m`` (0 when the run ended on an invariant subspace).
+    """
+    dim = operator.dim
+    steps = min(steps, dim)
+    basis = torch.empty(steps, dim, dtype=basis_dtype, device=operator.device)
+    vector = start.to(device=operator.device, dtype=basis_dtype)
+    vector = vector / vector.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    scale = 0.0
+    beta = 0.0
+    invariant = 100 * torch.finfo(basis_dtype).eps
+    for j in range(steps):
+        basis[j] = vector
+        product = operator.matmat(vector.to(operator.dtype)[None])[0].to(basis_dtype)
+        if advance is not None:
+            advance(1)
+        alpha = float(product @ vector)
+        product.sub_(vector, alpha=alpha)
+        if j > 0:
+            product.sub_(basis[j - 1], alpha=betas[-1])
+        previous = basis[: j + 1]
+        for _ in range(2):
+            before = float(product.norm())
+            product.addmv_(previous.T, previous @ product, alpha=-1.0)
+            beta = float(product.norm())
+            if beta > before / math.sqrt(2):
+                break
+        alphas.append(alpha)
+        scale = max(scale, abs(alpha), beta)
+        if beta <= invariant * scale:
+            return np.array(alphas), np.array(betas), 0.0
+        if j < steps - 1:
+            betas.append(beta)
+            vector = product / beta
+    return np.array(alphas), np.array(betas), beta
+
+
+def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
+                ) -> tuple[_Quadrature, bool]:
+    """The deflated quadrature of one run (see the module docstring).
+
+    Returns the quadrature and whether the converged Ritz values looked repeated (their probe
+    weights too large for simple eigenvalues), in which case nothing was deflated.
+    """
+    from scipy.linalg import eigh_tridiagonal  # here: scipy.linalg slows `import hessrank`
+
+    nodes, vectors = eigh_tridiagonal(alpha, beta) if len(alpha) > 1 else (alpha, np.ones((1, 1)))
+    gauss = vectors[0] ** 2
+    gauss = gauss / gauss.sum()
+    residual = np.abs(last_beta * vectors[-1])
+    gaps = np.full(len(nodes), np.inf)
+    if len(nodes) > 1:
+        spacing = np.diff(nodes)
+        gaps = np.minimum(np.concatenate([[np.inf], spacing]), np.concatenate([spacing, [np.inf]]))
+    # An eigenpair: small residual against the operator's scale and against the distance to the
+    # next Ritz value (else the node may stand for a cluster of eigenvalues within the residual).
+    converged = ((residual <= CONVERGED_RESIDUAL * max(np.abs(nodes).max(), 1e-300))
+                 & (residual <= GAP_FRACTION * gaps))
+    fixed = converged & (dim * gauss < SINGLE_WEIGHT)
+    # Simple eigenvalues have chi-square(1) probe weights: their sum is n +- sqrt(2 n). A sum far
+    # above it means repeated eigenvalues, which one probe cannot count: do not deflate then.
+    count = int(fixed.sum())
+    repeated = count > 0 and dim * gauss[fixed].sum() > count + 4 * math.sqrt(2 * count) + 4
+    if repeated or count >= dim or fixed.all():
+        fixed = np.zeros_like(fixed)
+    weights = np.where(fixed, 1.0, 0.0)
+    free = ~fixed
+    weights[free] = (dim - fixed.sum()) * gauss[free] / gauss[free].sum()
+    return _Quadrature(nodes, weights, fixed, residual), repeated
+
+
+def _srank_cut(nodes: np.ndarray, weights: np.ndarray, threshold: float) -> float:
+    """``|lambda|`` of the node where the quadrature's cumulative mass reaches ``threshold``."""
+    magnitude = np.abs(nodes)
+    order = np.argsort(-magnitude, kind="stable")
+    mass = magnitude[order] * weights[order]
+    index = min(int(np.searchsorted(np.cumsum(mass), threshold * mass.sum())), len(nodes) - 1)
+    return float(magnitude[order][index])
+
+
+def _count_bounds(quadrature: _Quadrature, weights: np.ndarray, cut: float
+                  ) -> tuple[float, float]:
+    """What the quadrature proves about the count ``#{|lambda| >= cut}``.
+
+    By the Chebyshev-Markov-Stieltjes inequalities the measure beyond ``x`` lies between the
+    weight of the nodes beyond the two nodes bracketing ``x`` and the weight that includes them
+    (at a node, only that node is uncertain). The cut has two sides, ``+cut`` and ``-cut``.
+    Deflated nodes (exact eigenvalues) add no uncertainty, nor does a node whose Ritz residual
+    ``r`` is small against its distance ``d`` to the cut: at most ``(r / d)^2`` of its weight can
+    lie beyond ``d`` (we ignore ``r < d / 30``, under 0.1 %).
+
+    Returns:
+        The lower and upper bound of the count.
+    """
+    nodes = quadrature.nodes
+    magnitude = np.abs(nodes)
+    uncertain = np.zeros(len(nodes), dtype=bool)
+    for side in (nodes >= 0, nodes < 0):
+        at_cut = np.flatnonzero(side & (magnitude == cut))
+        if at_cut.size:
+            uncertain[at_cut] = True
+            continue
+        above = np.flatnonzero(side & (magnitude > cut))
+        below = np.flatnonzero(side & (magnitude < cut))
+        if above.size:
+            uncertain[above[np.argmin(magnitude[above])]] = True
+        if below.size:
+            uncertain[below[np.argmax(magnitude[below])]] = True
+    resolved = quadrature.residuals < np.abs(magnitude - cut) / 30
+    uncertain &= ~(quadrature.fixed | resolved)
+    beyond = magnitude >= cut
+    return float(weights[beyond & ~uncertain].sum()), float(weights[beyond | uncertain].sum())
+
+
+def _bootstrap_weights(quadrature: _Quadrature, draws: int, rng: np.random.Generator
+                       ) -> np.ndarray:
+    """``[draws, m]`` weights with the free part redrawn as a Gaussian probe would sample it."""
+    free = ~quadrature.fixed
+    total = quadrature.weights[free].sum()
+    # A node of weight w stands for w eigenvalues; a Gaussian probe's share of them is a
+    # chi-square(w) / chi-square(total) draw, i.e. Dirichlet(w / 2).
+    shapes = np.maximum(quadrature.weights[free] / 2, 1e-3)
+    shares = rng.gamma(shapes, size=(draws, len(shapes)))
+    weights = np.tile(quadrature.weights, (draws, 1))
+    weights[:, free] = total * shares / shares.sum(axis=1, keepdims=True)
+    return weights
+
+
+def lanczos_spectrum(
+    operator: SymmetricOperator,
+    *,
+    max_products: int,
+    threshold: float = 0.99,
+    seed: int = 0,
+    advance: Callable[[int], None] | None = None,
+    basis_dtype: torch.dtype = torch.float32,
+    rtol: float | None = None,
+    max_basis_bytes: int = MAX_BASIS_BYTES,
+) -> LanczosSpectrum:
+    """The spectrum of a symmetric operator as a deflated Lanczos quadrature, with an interval.
+
+    Spends ``max_products`` products on one Lanczos run (or, when its basis would exceed
+    ``max_basis_bytes``, on several equal runs that fit). Pass the result's ``eigenvalues`` and
+    ``weights`` to :func:`hessrank.ranks.spectral_ranks` for every rank.
+
+    Args:
+        operator: ``dim``, ``dtype``, ``device`` and ``matmat([k, dim]) -> [k, dim]``.
+        max_products: matrix-vector products to spend (at most ``dim`` are useful per run).
+        threshold: srank threshold of ``rank_interval``.
+        seed: seed of the private generator of the start vectors.
+        advance: progress callback, called with ``k`` after every ``k`` products.
+        basis_dtype: dtype of the stored Lanczos basis (float32 halves float64's memory).
+        rtol: numerical-rank tolerance of ``numerical_interval``, relative to the largest
+            ``|eigenvalue|``; default ``dim`` times the epsilon of ``operator.dtype``.
+        max_basis_bytes: memory cap of the basis.
+
+    Returns:
+        A :class:`LanczosSpectrum`.
+
+    Raises:
+        ValueError: ``max_products`` below 1, ``threshold`` outside ``(0, 1]``, ``rtol``
+            outside ``[0, 1)``, an empty operator, or fewer than two basis vectors within
+            ``max_basis_bytes``; all before any product.
+    """
+    dim = int(operator.dim)
+    if dim < 1:
+        raise ValueError("the operator is empty (dim = 0): there is no spectrum to estimate")
+    if not isinstance(max_products, int) or max_products < 1:
+        raise ValueError(f"max_products must be a positive integer, got {max_products!r}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+    if rtol is not None and not 0.0 <= rtol < 1.0:
+        raise ValueError(f"rtol must lie in [0, 1), got {rtol}")
+    vector_bytes = dim * torch.empty((), dtype=basis_dtype).element_size()
+    max_steps = max_basis_bytes // vector_bytes
+    if max_steps < 2:
+        raise ValueError(
+            f"max_basis_bytes = {max_basis_bytes} holds fewer than 2 Lanczos vectors of "
+            f"{vector_bytes} bytes: raise max_basis_bytes or use a smaller basis_dtype"
+        )
+    steps = int(min(max_products, dim, max_steps))
+    generator = torch.Generator().manual_seed(seed)
+    quadratures: list[_Quadrature] = []
+    spent = 0
+    notes: list[str] = []
+    repeated_any = False
+    while max_products - spent >= max(steps, 1) or not quadratures:
+        start = rademacher(dim, generator, operator.device, basis_dtype)
+        alpha, beta, last_beta = lanczos_run(operator, start, steps, basis_dtype, advance)
+        spent += len(alpha)
+        quadrature, repeated = _quadrature(alpha, beta, last_beta, dim)
+        repeated_any |= repeated
+        quadratures.append(quadrature)
+        if last_beta == 0.0 and len(alpha) < steps:
+            # The Krylov space became invariant: further runs of the same length would only
+            # reduce the sampling error, and need the budget for it.
+            steps = max(len(alpha), 1)
+    runs = len(quadratures)
+    nodes, weights = _merge_close(np.concatenate([q.nodes for q in quadratures]),
+                                  np.concatenate([q.weights for q in quadratures]) / runs,
+                                  float(torch.finfo(basis_dtype).eps))
+    order = np.lexsort((-nodes, -np.abs(nodes)))
+    ritz = by_magnitude(quadratures[0].nodes[quadratures[0].fixed])
+
+    if rtol is None:
+        rtol = default_rtol(dim, float(torch.finfo(operator.dtype).eps))
+    intervals = _intervals(quadratures, threshold, rtol, seed)
+    trace = float(nodes @ weights)
+    mass = float(np.abs(nodes) @ weights)
+    deflated = int(quadratures[0].fixed.sum())
+    notes.append(
+        f"Lanczos quadrature: {runs} run(s) of {len(quadratures[0].nodes)} steps, "
+        f"{spent} products; {deflated} converged eigenvalues deflated (weight 1)"
+    )
+    notes.append(
+        f"trace {trace:.4g} in [{intervals.trace[0]:.4g}, {intervals.trace[1]:.4g}] (95 %); "
+        f"sum |lambda| {mass:.4g}"
+    )
+    if repeated_any:
+        notes.append("converged Ritz values carry more probe weight than simple eigenvalues "
+                     "would (repeated eigenvalues?): not deflated, counts are sampled")
+    return LanczosSpectrum(
+        eigenvalues=nodes[order], weights=weights[order], ritz_values=ritz,
+        rank_interval=intervals.srank, trace=trace, trace_interval=intervals.trace,
+        numerical_interval=intervals.numerical,
+        num_products=spent, notes=notes,
+    )
+
+
+def _merge_close(nodes: np.ndarray, weights: np.ndarray, eps: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes within ``10 eps`` of the largest ``|node|`` of each other merged into one
+    (weighted mean value, summed weight), so that an eigenvalue found by several runs is one node
+    of the combined quadrature; a merged weight within ``1e-9`` of an integer is that integer
+    (a count of eigenvalues, not a rounding residue)."""
+    order = np.argsort(nodes, kind="stable")
+    nodes, weights = nodes[order], weights[order]
+    tolerance = 10 * eps * max(float(np.abs(nodes).max()), 1e-300)
+    group = np.concatenate([[0], np.cumsum(np.diff(nodes) > tolerance)])
+    merged_weights = np.bincount(group, weights=weights)
+    merged_nodes = np.bincount(group, weights=nodes * weights) / np.maximum(merged_weights, 1e-300)
+    integers = np.round(merged_weights)
+    snap = np.abs(merged_weights - integers) <= 1e-9 * np.maximum(merged_weights, 1.0)
+    return merged_nodes, np.where(snap, integers, merged_weights)
+
+
+@dataclass
+class _Intervals:
+    """95 % intervals of the srank, the numerical rank and the trace."""
+
+    srank: tuple[float, float]
+    numerical: tuple[float, float]
+    trace: tuple[float, float]
+
+
+def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, seed: int
+               ) -> _Intervals:
+    """Intervals from sampling (bootstrap) and resolution (Chebyshev-Markov-Stieltjes).
+
+    Each run's free weights are redrawn (:func:`_bootstrap_weights`); each draw's counts are
+    widened to what its quadrature proves (:func:`_count_bounds`) at the srank's cut and at the
+    numerical rank's ``rtol * max |lambda|``; runs are averaged draw by draw.
+    """
+    rng = np.random.default_rng(seed)
+    bounds = np.zeros((4, BOOTSTRAP_DRAWS))  # srank low, high; numerical low, high
+    traces = np.zeros(BOOTSTRAP_DRAWS)
+    for quadrature in quadratures:
+        draws = _bootstrap_weights(quadrature, BOOTSTRAP_DRAWS, rng)
+        tolerance = rtol * float(np.abs(quadrature.nodes).max())
+        above = np.abs(quadrature.nodes) > tolerance
+        for b, weights in enumerate(draws):
+            estimate = srank(quadrature.nodes, threshold, weights)
+            lower, upper = _count_bounds(
+                quadrature, weights, _srank_cut(quadrature.nodes, weights, threshold))
+            bounds[:2, b] += min(estimate, lower), max(estimate, upper)
+            count = float(weights[above].sum())
+            lower, upper = _count_bounds(quadrature, weights, np.nextafter(tolerance, np.inf))
+            bounds[2:, b] += min(count, lower), max(count, upper)
+            traces[b] += quadrature.nodes @ weights
+    bounds /= len(quadratures)
+    traces /= len(quadratures)
+
+    def interval(low: np.ndarray, high: np.ndarray) -> tuple[float, float]:
+        return float(np.quantile(low, 0.025)), float(np.quantile(high, 0.975))
+
+    return _Intervals(interval(*bounds[:2]), interval(*bounds[2:]), interval(traces, traces))
+
+
+# ----------------------------------------------------------------------------------------------
+# Interface of the previous estimator (hessrank.estimators._lanczos); delete once it calls
+# lanczos_spectrum.
+# ----------------------------------------------------------------------------------------------
 
 @dataclass
 class Quadrature:
@@ -26,49 +440,23 @@ class Quadrature:
     weights: np.ndarray
 
 
+class _CallableOperator:
+    """A ``matmat`` callable on ``[1, dim]`` float64 rows as a :class:`SymmetricOperator`."""
+
+    def __init__(self, matmat: Callable[[Tensor], Tensor], dim: int, device: torch.device):
+        self.matmat = matmat
+        self.dim = dim
+        self.dtype = torch.float64
+        self.device = device
+
+
 def lanczos_tridiagonal(
     matmat: Callable[[Tensor], Tensor], starts: Tensor, steps: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Up to ``steps`` Lanczos steps from each row of ``starts`` (float64, ``[m, P]``) in lockstep.
-
-    All ``m`` runs advance together, so each step is one batched product ``matmat`` (``[m, P]``
-    -> ``[m, P]``). Full reorthogonalisation (twice, classical Gram-Schmidt) against each run's
-    previous vectors keeps the Ritz values free of spurious copies. A run that reaches an
-    invariant subspace stops there. Returns each run's diagonal ``alpha`` and off-diagonal
-    ``beta`` of ``T``.
-    """
-    runs, dim = starts.shape
-    steps = min(steps, dim)
-    basis = torch.zeros(runs, steps, dim, dtype=torch.float64, device=starts.device)
-    alphas = torch.zeros(runs, steps, dtype=torch.float64)
-    betas = torch.zeros(runs, steps, dtype=torch.float64)
-    lengths = np.full(runs, steps)
-    active = torch.ones(runs, dtype=torch.bool)
-    vectors = starts / starts.norm(dim=1, keepdim=True)
-    scale = torch.zeros(runs, dtype=torch.float64)
-    for j in range(steps):
-        basis[:, j] = vectors
-        w = matmat(vectors).to(torch.float64)
-        alpha = (w * vectors).sum(dim=1)
-        w -= alpha[:, None] * vectors
-        if j > 0:
-            w -= betas[:, j - 1, None].to(w.device) * basis[:, j - 1]
-        for _ in range(2):
-            coefficients = torch.einsum("mkp,mp->mk", basis[:, : j + 1], w)
-            w -= torch.einsum("mk,mkp->mp", coefficients, basis[:, : j + 1])
-        beta = w.norm(dim=1).cpu()
-        alphas[:, j] = alpha.cpu()
-        scale = torch.maximum(scale, torch.maximum(alpha.abs().cpu(), beta))
-        finished = active & (beta <= 1e-10 * scale.clamp_min(1e-300))
-        lengths[finished.numpy()] = j + 1
-        active &= ~finished
-        if j == steps - 1 or not active.any():
-            break
-        betas[:, j] = beta
-        vectors = torch.where(active[:, None].to(w.device), w / beta.clamp_min(1e-300)[:, None]
-                              .to(w.device), torch.zeros_like(w))
-    return [(alphas[r, : lengths[r]].numpy(), betas[r, : lengths[r] - 1].numpy())
-            for r in range(runs)]
+    """``(alpha, beta)`` of up to ``steps`` Lanczos steps from each row of ``starts`` (float64
+    basis, one run after the other)."""
+    operator = _CallableOperator(matmat, starts.shape[1], starts.device)
+    return [lanczos_run(operator, start, steps, torch.float64)[:2] for start in starts]
 
 
 def tridiagonal_quadrature(alpha: np.ndarray, beta: np.ndarray) -> Quadrature:
@@ -77,9 +465,3 @@ def tridiagonal_quadrature(alpha: np.ndarray, beta: np.ndarray) -> Quadrature:
 
     nodes, vectors = eigh_tridiagonal(alpha, beta)
     return Quadrature(nodes=nodes, weights=vectors[0] ** 2)
-
-
-def rademacher(dim: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    """A random ``+-1`` vector in float64 from a private generator (global RNG untouched)."""
-    signs = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int64)
-    return (signs.to(torch.float64) * 2 - 1).to(device)

@@ -1,0 +1,183 @@
+"""Lanczos solver benchmark: accuracy against the exact Hessian spectrum, and cost at P = 10^7.
+
+``accuracy``: MLPs small enough for a dense float64 Hessian (shipped digits and synthetic data;
+ReLU, tanh, GELU; at initialisation and trained), :func:`hessrank.spectrum.lanczos.lanczos_spectrum`
+on the Hessian operator with a budget of ``P / 3`` products, against the exact eigenvalues; prints
+a markdown table.
+
+``scale``: the MLP 784-2789-2789-10 (P = 10^7) of ``run.py`` on 256 synthetic 28 x 28 inputs;
+times a gradient, one Hessian-vector product and the whole solver (per product), and reports the
+peak resident memory of the process. Run it alone, on one thread::
+
+    OMP_NUM_THREADS=1 python benchmarks/lanczos_scale.py accuracy
+    OMP_NUM_THREADS=1 python benchmarks/lanczos_scale.py scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from hessrank.cli import presets
+from hessrank.curvature.hessian import HessianOperator, dense_hessian
+from hessrank.problem import build_problem
+from hessrank.ranks import default_rtol, spectral_ranks
+from hessrank.spectrum.dense import symmetric_eigenvalues
+from hessrank.spectrum.lanczos import lanczos_spectrum
+
+
+@dataclass(frozen=True)
+class AccuracyCase:
+    """A preset MLP (depth 2) on a seeded batch, optionally trained first (full-batch Adam)."""
+
+    data: str
+    activation: str
+    width: int = 16
+    samples: int = 128
+    train_steps: int = 0
+
+    def label(self) -> str:
+        trained = f", trained {self.train_steps} steps" if self.train_steps else ""
+        return f"{self.data} {self.activation} w{self.width} n{self.samples}{trained}"
+
+
+ACCURACY_CASES = [
+    *(AccuracyCase(data, activation) for data in ("digits", "synthetic")
+      for activation in ("relu", "tanh", "gelu")),
+    *(AccuracyCase("digits", activation, train_steps=300) for activation in ("relu", "tanh")),
+    *(AccuracyCase("digits", activation, width=8, samples=64) for activation in ("tanh", "gelu")),
+]
+
+
+def hessian_operator(case: AccuracyCase, seed: int = 0) -> HessianOperator:
+    """The Hessian operator of ``case``'s model with cross-entropy on its batch."""
+    dataset = presets.load_data(case.data, samples=case.samples, seed=seed)
+    model = presets.build_model(
+        "mlp", input_shape=tuple(dataset.inputs.shape[1:]), num_classes=dataset.num_classes,
+        activation=case.activation, width=case.width, depth=2, seed=seed, dtype=torch.float32,
+        device="cpu", weights=None,
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(case.train_steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(dataset.inputs), dataset.targets).backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    problem = build_problem(model, nn.CrossEntropyLoss(), (dataset.inputs, dataset.targets),
+                            None, "eval")
+    return HessianOperator(problem)
+
+
+def accuracy(seeds: int, threshold: float, runs: int) -> None:
+    """Print the accuracy table (errors relative to the exact values).
+
+    ``runs`` splits the ``P / 3`` products into that many independent Lanczos runs (through the
+    solver's basis-memory cap), to compare one long run with several short ones.
+    """
+    print("| model | P | exact srank | srank err | srank interval (width / srank) | "
+          "exact numerical | numerical err | numerical interval | trace err / sum abs | "
+          "sum abs err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for case in ACCURACY_CASES:
+        operator = hessian_operator(case)
+        dim = operator.dim
+        exact = symmetric_eigenvalues(dense_hessian(operator, 256))
+        rtol = default_rtol(dim, float(torch.finfo(torch.float32).eps))
+        truth = spectral_ranks(exact, threshold, rtol)
+        mass = float(np.abs(exact).sum())
+        for seed in range(seeds):
+            result = lanczos_spectrum(operator, max_products=dim // 3, threshold=threshold,
+                                      seed=seed, max_basis_bytes=dim // 3 // runs * dim * 4)
+            ranks = spectral_ranks(result.eigenvalues, threshold, rtol, result.weights)
+            low, high = result.rank_interval
+            numerical_low, numerical_high = result.numerical_interval
+            print(
+                f"| {case.label()}, seed {seed} | {dim} | {truth['srank']:.0f} | "
+                f"{ranks['srank'] / truth['srank'] - 1:+.1%} | [{low:.0f}, {high:.0f}] "
+                f"({(high - low) / truth['srank']:.0%}, {_contains(low, truth['srank'], high)}) | "
+                f"{truth['numerical']:.0f} | {ranks['numerical'] / truth['numerical'] - 1:+.1%} | "
+                f"[{numerical_low:.0f}, {numerical_high:.0f}] "
+                f"({_contains(numerical_low, truth['numerical'], numerical_high)}) | "
+                f"{(result.trace - exact.sum()) / mass:+.1%} | "
+                f"{float(np.abs(result.eigenvalues) @ result.weights) / mass - 1:+.1%} |"
+            )
+    print(f"\nbudget: P // 3 products in {runs} run(s); threshold {threshold}; "
+          "numerical rtol = P eps32")
+
+
+def _contains(low: float, value: float, high: float) -> str:
+    return "contains" if low <= value <= high else "**misses**"
+
+
+def median_seconds(work, repeats: int) -> float:
+    """Median wall time of ``work()`` over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def scale(width: int, products: int, samples: int) -> None:
+    """Time and memory of the solver on an MLP 784 -> width -> width -> 10."""
+    dataset = presets.load_data("synthetic", samples=samples, seed=0, image_size=28)
+    model = presets.build_model(
+        "mlp", input_shape=(1, 28, 28), num_classes=10, activation="relu", width=width, depth=2,
+        seed=0, dtype=torch.float32, device="cpu", weights=None,
+    )
+    problem = build_problem(model, nn.CrossEntropyLoss(), (dataset.inputs, dataset.targets),
+                            None, "eval")
+    params = list(model.parameters())
+
+    def gradient() -> None:
+        torch.autograd.grad(problem.loss(), params)
+
+    gradient_seconds = median_seconds(gradient, 3)
+    operator = HessianOperator(problem)
+    probe = torch.ones(1, operator.dim)
+    product_seconds = median_seconds(lambda: operator.matmat(probe), 3)
+    start = time.perf_counter()
+    result = lanczos_spectrum(operator, max_products=products)
+    solver_seconds = time.perf_counter() - start
+    per_product = solver_seconds / result.num_products
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"P = {operator.dim:,}, {samples} samples, torch threads = {torch.get_num_threads()}")
+    print(f"gradient                 {gradient_seconds:.3f} s")
+    print(f"Hessian-vector product   {product_seconds:.3f} s  "
+          f"({product_seconds / gradient_seconds:.2f}x gradient)")
+    print(f"solver, per product      {per_product:.3f} s  "
+          f"({per_product / gradient_seconds:.2f}x gradient; {result.num_products} products, "
+          f"{solver_seconds:.1f} s)")
+    print(f"peak resident memory     {peak / 2**30:.2f} GiB")
+    print(f"top Ritz values          {np.array2string(result.ritz_values[:5], precision=4)}")
+    print("notes: " + "; ".join(result.notes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    acc = sub.add_parser("accuracy", help="errors against the exact spectrum at P/3 products")
+    acc.add_argument("--seeds", type=int, default=2)
+    acc.add_argument("--threshold", type=float, default=0.99)
+    acc.add_argument("--runs", type=int, default=1, help="split the budget into this many runs")
+    big = sub.add_parser("scale", help="time and peak memory at P = 10^7")
+    big.add_argument("--width", type=int, default=2789)  # run.py's P = 10^7 MLP
+    big.add_argument("--products", type=int, default=100)
+    big.add_argument("--samples", type=int, default=256)
+    args = parser.parse_args()
+    if args.mode == "accuracy":
+        accuracy(args.seeds, args.threshold, args.runs)
+    else:
+        scale(args.width, args.products, args.samples)
+
+
+if __name__ == "__main__":
+    main()

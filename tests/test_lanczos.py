@@ -1,0 +1,207 @@
+"""The Lanczos solver against dense float64 references and analytic spectra."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hessrank.cli import presets
+from hessrank.curvature.hessian import HessianOperator, dense_hessian
+from hessrank.problem import build_problem
+from hessrank.ranks import default_rtol, spectral_ranks
+from hessrank.spectrum.dense import symmetric_eigenvalues
+from hessrank.spectrum.lanczos import lanczos_run, lanczos_spectrum
+from hessrank.spectrum.operator import DenseOperator
+
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def rotated(eigenvalues: np.ndarray, seed: int = 0, dtype: torch.dtype = torch.float32
+            ) -> DenseOperator:
+    """``Q diag(eigenvalues) Q^T`` with a random orthogonal ``Q`` (dense eigenvectors)."""
+    generator = torch.Generator().manual_seed(seed)
+    dim = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    matrix = (q * torch.from_numpy(np.asarray(eigenvalues, dtype=np.float64))) @ q.T
+    return DenseOperator(((matrix + matrix.T) / 2).to(dtype))
+
+
+def _decaying(count: int, zeros: int) -> np.ndarray:
+    """``count`` positive eigenvalues from 1 down to 1e-3 (geometric), then ``zeros`` zeros."""
+    return np.concatenate([np.geomspace(1.0, 1e-3, count), np.zeros(zeros)])
+
+
+def _low_rank_plus_noise() -> np.ndarray:
+    """20 eigenvalues from 10 down to 1 over 280 of noise with standard deviation 1e-3."""
+    rng = np.random.default_rng(1)
+    return np.concatenate([np.linspace(10.0, 1.0, 20), 1e-3 * rng.standard_normal(280)])
+
+
+def _indefinite() -> np.ndarray:
+    """Signed power law: +-i^(-2), so both ends and the middle of the spectrum matter."""
+    magnitudes = np.arange(1, 301, dtype=np.float64) ** -2.0
+    signs = np.where(np.arange(300) % 3 == 0, -1.0, 1.0)
+    return signs * magnitudes
+
+
+@dataclass(frozen=True)
+class Case:
+    """An analytic spectrum and how close the solver must get at ``P / 3`` products."""
+
+    name: str
+    eigenvalues: np.ndarray
+    srank_tolerance: float  # relative
+    numerical_tolerance: float  # relative
+    max_interval_width: float  # relative to the exact srank
+
+
+CASES = [
+    Case("rank 40 of 300 (exact)", _decaying(40, 260), 0.0, 0.0, 0.05),
+    # The noise straddles the numerical rank's cut: one probe samples it with ~5 % spread.
+    Case("low rank + noise", _low_rank_plus_noise(), 0.10, 0.20, 0.25),
+    Case("indefinite power law", _indefinite(), 0.10, 0.10, 0.25),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_analytic_spectra(case: Case) -> None:
+    operator = rotated(case.eigenvalues)
+    dim = operator.dim
+    rtol = default_rtol(dim, FLOAT32_EPS)
+    truth = spectral_ranks(case.eigenvalues, 0.99, rtol)
+    result = lanczos_spectrum(operator, max_products=dim // 3, seed=0)
+    ranks = spectral_ranks(result.eigenvalues, 0.99, rtol, result.weights)
+    assert abs(ranks["srank"] - truth["srank"]) <= case.srank_tolerance * truth["srank"] + 1.0
+    assert (abs(ranks["numerical"] - truth["numerical"])
+            <= case.numerical_tolerance * truth["numerical"] + 1.0)
+    assert result.numerical_interval[0] <= truth["numerical"] <= result.numerical_interval[1]
+    low, high = result.rank_interval
+    assert low <= truth["srank"] <= high
+    assert high - low <= case.max_interval_width * truth["srank"] + 2.0
+    mass = np.abs(case.eigenvalues).sum()
+    assert abs(result.trace - case.eigenvalues.sum()) <= 0.05 * mass
+    assert result.trace_interval[0] <= case.eigenvalues.sum() <= result.trace_interval[1]
+
+
+def test_mlp_hessian_against_dense_reference() -> None:
+    data = presets.load_data("digits", samples=128, seed=0)
+    model = presets.build_model(
+        "mlp", input_shape=(1, 8, 8), num_classes=10, activation="relu", width=16, depth=2,
+        seed=0, dtype=torch.float32, device="cpu", weights=None,
+    )
+    problem = build_problem(model, nn.CrossEntropyLoss(), (data.inputs, data.targets), None,
+                            "eval")
+    operator = HessianOperator(problem)
+    exact = symmetric_eigenvalues(dense_hessian(operator, 256))
+    rtol = default_rtol(operator.dim, FLOAT32_EPS)
+    truth = spectral_ranks(exact, 0.99, rtol)
+    before = operator.num_products
+    result = lanczos_spectrum(operator, max_products=operator.dim // 3, seed=3)
+    assert operator.num_products - before == result.num_products <= operator.dim // 3
+    ranks = spectral_ranks(result.eigenvalues, 0.99, rtol, result.weights)
+    assert ranks["srank"] == pytest.approx(truth["srank"], rel=0.10)
+    assert ranks["numerical"] == pytest.approx(truth["numerical"], rel=0.10)
+    low, high = result.rank_interval
+    assert low <= truth["srank"] <= high and high - low <= 0.25 * truth["srank"]
+    assert result.numerical_interval[0] <= truth["numerical"] <= result.numerical_interval[1]
+    assert abs(result.trace - exact.sum()) <= 0.05 * np.abs(exact).sum()
+    # The largest Ritz values are eigenvalues.
+    np.testing.assert_allclose(result.ritz_values[:3], exact[:3], rtol=1e-3)
+
+
+def test_quadrature_shape_and_ritz_values() -> None:
+    eigenvalues = _indefinite()
+    result = lanczos_spectrum(rotated(eigenvalues, dtype=torch.float64), max_products=100,
+                              basis_dtype=torch.float64)
+    assert result.weights is not None and result.weights.sum() == pytest.approx(300)
+    assert np.all(result.weights > 0)
+    assert np.all(np.diff(np.abs(result.eigenvalues)) <= 0)
+    magnitude_order = eigenvalues[np.argsort(-np.abs(eigenvalues))]
+    np.testing.assert_allclose(result.ritz_values[:5], magnitude_order[:5], rtol=1e-8)
+
+
+def test_float32_basis_matches_float64_basis() -> None:
+    operator = rotated(_low_rank_plus_noise(), dtype=torch.float64)
+    single = lanczos_spectrum(operator, max_products=60, basis_dtype=torch.float32)
+    double = lanczos_spectrum(operator, max_products=60, basis_dtype=torch.float64)
+    np.testing.assert_allclose(single.ritz_values[:20], double.ritz_values[:20], rtol=1e-5)
+    assert single.trace == pytest.approx(double.trace, rel=1e-3)
+
+
+def test_lanczos_run_stops_on_an_invariant_subspace() -> None:
+    operator = rotated(np.repeat([3.0, -1.0, 0.5], 50))
+    start = torch.ones(operator.dim)
+    alpha, beta, last_beta = lanczos_run(operator, start, 40)
+    assert len(alpha) == 3 and len(beta) == 2 and last_beta == 0.0
+    assert operator.num_products == 3
+
+
+def test_repeated_eigenvalues_spend_the_budget_on_more_runs() -> None:
+    eigenvalues = np.repeat([3.0, -1.0, 0.5, 0.0], [30, 60, 90, 120])
+    result = lanczos_spectrum(rotated(eigenvalues), max_products=40, seed=0)
+    assert result.num_products <= 40 and "10 run(s)" in result.notes[0]
+    ranks = spectral_ranks(result.eigenvalues, 0.99, 1e-3, result.weights)
+    assert ranks["numerical"] == pytest.approx(180, rel=0.10)
+
+
+@pytest.mark.parametrize("eigenvalues", [np.zeros(50), np.array([2.5])], ids=["zero", "1x1"])
+def test_degenerate_operators(eigenvalues: np.ndarray) -> None:
+    result = lanczos_spectrum(rotated(eigenvalues), max_products=10)
+    truth = spectral_ranks(eigenvalues, 0.99, 1e-3)
+    ranks = spectral_ranks(result.eigenvalues, 0.99, 1e-3, result.weights)
+    assert ranks["srank"] == truth["srank"] and ranks["numerical"] == truth["numerical"]
+    assert result.trace == pytest.approx(eigenvalues.sum(), abs=1e-6)
+    assert result.rank_interval[0] <= truth["srank"] <= result.rank_interval[1]
+    assert result.num_products <= 10
+
+
+def test_memory_cap_splits_the_budget_into_runs() -> None:
+    operator = rotated(_indefinite())
+    cap = 25 * operator.dim * 4
+    result = lanczos_spectrum(operator, max_products=100, max_basis_bytes=cap)
+    assert result.num_products == 100 and "4 run(s) of 25 steps" in result.notes[0]
+
+
+def test_progress_reports_every_product() -> None:
+    calls: list[int] = []
+    result = lanczos_spectrum(rotated(_indefinite()), max_products=30, advance=calls.append)
+    assert sum(calls) == result.num_products == 30
+
+
+def test_generator_is_private_and_seeded() -> None:
+    operator = rotated(_indefinite())
+    torch.manual_seed(123)
+    torch_state = torch.get_rng_state()
+    np.random.seed(7)
+    first = lanczos_spectrum(operator, max_products=30, seed=5)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after_call = np.random.random()
+    np.random.seed(7)
+    assert np.random.random() == after_call
+    again = lanczos_spectrum(operator, max_products=30, seed=5)
+    other = lanczos_spectrum(operator, max_products=30, seed=6)
+    np.testing.assert_array_equal(first.eigenvalues, again.eigenvalues)
+    assert first.rank_interval == again.rank_interval
+    assert not np.array_equal(first.eigenvalues, other.eigenvalues)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_products": 0}, "max_products"),
+    ({"max_products": 10, "threshold": 0.0}, "threshold"),
+    ({"max_products": 10, "max_basis_bytes": 100}, "max_basis_bytes"),
+    ({"max_products": 10, "rtol": 1.5}, "rtol"),
+])
+def test_bad_arguments_fail_before_any_product(kwargs: dict, message: str) -> None:
+    operator = rotated(_indefinite())
+    with pytest.raises(ValueError, match=message):
+        lanczos_spectrum(operator, **kwargs)
+    assert operator.num_products == 0
+
+
+def test_dense_operator_rejects_a_non_symmetric_matrix() -> None:
+    with pytest.raises(ValueError, match="not symmetric"):
+        DenseOperator(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
