@@ -2,27 +2,72 @@
 
 >>> res = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), method="fisher")
 >>> res.rank, res.ranks["numerical"], res.eigenvalues[:5]
+
+The names below load on first use (PEP 562), so ``import hessrank`` is instant and a command
+line built on it can handle Ctrl-C while torch loads.
 """
 
-from hessrank.api import BACKENDS, METHODS, effective_rank, gradient_overlap, predict_exact_cost
-from hessrank.estimators import ESTIMATORS, BudgetError
-from hessrank.monitor import progress_bar
-from hessrank.ranks import RANK_NAMES, spectral_ranks
-from hessrank.results import RankResult
-from hessrank.tracker import Tracker
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hessrank.api import (
+        BACKENDS,
+        METHODS,
+        effective_rank,
+        estimator_options,
+        gradient_overlap,
+        predict_exact_cost,
+    )
+    from hessrank.estimators import ESTIMATORS, BudgetError
+    from hessrank.monitor import progress_bar
+    from hessrank.ranks import RANK_NAMES, spectral_ranks
+    from hessrank.results import RankResult
+    from hessrank.tracker import Tracker
+
+_HOMES = {
+    "BACKENDS": "hessrank.api",
+    "METHODS": "hessrank.api",
+    "effective_rank": "hessrank.api",
+    "estimator_options": "hessrank.api",
+    "gradient_overlap": "hessrank.api",
+    "predict_exact_cost": "hessrank.api",
+    "ESTIMATORS": "hessrank.estimators",
+    "BudgetError": "hessrank.estimators",
+    "progress_bar": "hessrank.monitor",
+    "RANK_NAMES": "hessrank.ranks",
+    "spectral_ranks": "hessrank.ranks",
+    "RankResult": "hessrank.results",
+    "Tracker": "hessrank.tracker",
+}
 
 __all__ = [
     "BACKENDS",
+    "ESTIMATORS",
     "METHODS",
     "RANK_NAMES",
-    "ESTIMATORS",
     "BudgetError",
     "RankResult",
     "Tracker",
     "effective_rank",
+    "estimator_options",
     "gradient_overlap",
     "predict_exact_cost",
     "progress_bar",
     "spectral_ranks",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hessrank' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -6,13 +6,21 @@ import dataclasses
 import functools
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
-from hessrank.estimators import ESTIMATORS, METHODS, Estimator, Settings, Spectrum
+from hessrank.estimators import (
+    ESTIMATORS,
+    METHODS,
+    Estimator,
+    Settings,
+    Spectrum,
+    option_fields,
+)
 from hessrank.estimators.exact import exact_chunk_size
 from hessrank.estimators.gram import BACKENDS
 from hessrank.guard import differentiable, evaluation_mode, preserved_state
@@ -30,13 +38,27 @@ from hessrank.ranks import default_rtol, spectral_ranks, srank
 from hessrank.results import RankResult
 from hessrank.spectrum.dense import symmetric_eigenpairs
 
-__all__ = ["BACKENDS", "METHODS", "effective_rank", "gradient_overlap", "predict_exact_cost"]
+__all__ = ["BACKENDS", "METHODS", "effective_rank", "estimator_options", "gradient_overlap",
+           "predict_exact_cost"]
 
 
 def _estimator(method: object) -> Estimator:
     if not isinstance(method, str) or method not in ESTIMATORS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        others = [name for name in ESTIMATORS if name not in METHODS]
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}"
+                         + (f" (or {', '.join(others)})" if others else ""))
     return ESTIMATORS[method]
+
+
+def estimator_options() -> dict[str, dict[str, Any]]:
+    """The estimators' own options, for ``effective_rank(..., **options)``.
+
+    Returns:
+        Option name -> ``{"default", "help", "choices", "methods"}``.
+    """
+    return {name: {"default": option.default, "help": option.metadata.get("help", ""),
+                   "choices": option.metadata.get("choices"), "methods": methods}
+            for name, (option, methods) in option_fields().items()}
 
 
 def _settings(threshold: float, rtol: float | None, max_memory: float, max_seconds: float | None,
@@ -69,9 +91,7 @@ def effective_rank(
     max_seconds: float | None = None,
     seed: int = 0,
     progress: object = False,
-    backend: str = "auto",
-    lanczos_steps: int = 80,
-    lanczos_probes: int = 8,
+    **options: Any,
 ) -> RankResult:
     """Rank and spectrum of the Hessian of ``loss_fn(model(*inputs), targets)`` or an approximation.
 
@@ -106,13 +126,18 @@ def effective_rank(
         seed: seed of the private generator for random probes and checks (the global RNG is not
             used).
         progress: ``True`` for a progress bar with ETA, or a ``rich.progress.Progress``.
-        backend: ``fisher``/``ggn`` option. ``"auto"``: verified per-module rules (Linear,
-            Conv) and ``torch.func`` for every other parameter; ``"func"``: ``torch.func``
-            throughout; ``"backpack"``: BackPACK on a deep copy (supported layers only).
-        lanczos_steps, lanczos_probes: ``lanczos`` options: steps per probe, probe count.
+        **options: the estimators' own options (:func:`hessrank.estimator_options` lists them):
+            ``backend`` (``fisher``/``ggn``): ``"auto"`` (verified per-module rules for Linear
+            and Conv, ``torch.func`` for every other parameter), ``"func"`` (``torch.func``
+            throughout) or ``"backpack"`` (BackPACK on a deep copy, supported layers only);
+            ``lanczos_steps`` (``lanczos`` and the other Lanczos pairs): matrix-vector products,
+            default ``min(640, ceil(P/3))``. An option that belongs to another method is
+            ignored, so one set of keywords serves a loop over :data:`hessrank.METHODS`; a name
+            that no method takes is an error.
 
-    Options that belong to another method are ignored, so one set of keywords serves a loop over
-    :data:`hessrank.METHODS`.
+    Methods beyond the four of :data:`hessrank.METHODS` (:data:`hessrank.ESTIMATORS`):
+    ``ggn_lanczos`` and ``fisher_lanczos``, Lanczos quadrature on GGN / EF-vector products, for
+    when ``n C'`` or ``n`` is too large for a Gram matrix.
 
     Returns:
         A :class:`hessrank.RankResult`. The model, its gradients, buffers, modes, hooks,
@@ -126,23 +151,30 @@ def effective_rank(
     estimator = _estimator(method)
     check_call(model, loss_fn, mode)
     settings = _settings(threshold, rtol, max_memory, max_seconds, seed, per_layer, progress)
-    options = estimator.make_options({"backend": backend, "lanczos_steps": lanczos_steps,
-                                      "lanczos_probes": lanczos_probes})
+    known = option_fields()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        offered = ", ".join(f"{name} ({', '.join(methods)})"
+                            for name, (_, methods) in known.items())
+        raise TypeError(f"effective_rank() got unknown option(s) {', '.join(unknown)}; the "
+                        f"estimators' options are: {offered}")
+    method_options = estimator.make_options(options)
     estimator.check_mode(mode)
     start = time.perf_counter()
     with preserved_state(model), differentiable():
         problem = build_problem(model, loss_fn, batch, params, mode)
         with evaluation_mode(problem.model, mode):
             outputs = functools.cache(lambda: probe_outputs(problem))
-            estimator.check_budget(estimator.predict(problem, outputs, settings, options),
+            estimator.check_budget(estimator.predict(problem, outputs, settings, method_options),
                                    problem, settings)
             outputs.cache_clear()
             with PeakMemory(problem.device) as memory:
-                spectrum = estimator.run(problem, settings, options)
+                spectrum = estimator.run(problem, settings, method_options)
                 if per_layer and estimator.layer_strategy == "restricted":
                     layer_settings = dataclasses.replace(settings, per_layer=False)
                     spectrum.layers = {
-                        group: estimator.run(problem.restricted(names), layer_settings, options)
+                        group: estimator.run(problem.restricted(names), layer_settings,
+                                             method_options)
                         for group, names in problem.modules_with_params().items()
                     }
     seconds = time.perf_counter() - start

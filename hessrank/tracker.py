@@ -205,8 +205,12 @@ class TensorBoardSink:
 
 
 def _check_options(options: Mapping[str, Any], where: str) -> None:
-    """Every key of ``options`` must be a keyword of ``hessrank.effective_rank``."""
-    accepted = set(inspect.signature(hessrank.effective_rank).parameters) - set(_RESERVED)
+    """Every key of ``options`` must be a keyword of ``hessrank.effective_rank`` or an
+    estimator option (``hessrank.estimator_options()``)."""
+    keywords = {name for name, parameter in
+                inspect.signature(hessrank.effective_rank).parameters.items()
+                if parameter.kind is not inspect.Parameter.VAR_KEYWORD}
+    accepted = (keywords | set(hessrank.estimator_options())) - set(_RESERVED)
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise TypeError(

@@ -67,7 +67,7 @@ def tiny_problem(seed: int = 0) -> tuple[torch.nn.Module, presets.Dataset]:
 def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     """One ``compare`` run with every method, output, two seeds and three checkpoints."""
     out = tmp_path_factory.mktemp("compare")
-    args = ("--lanczos-steps", "12", "--lanczos-probes", "2", "--seeds", "2")
+    args = ("--lanczos-steps", "12", "--seeds", "2")
     trajectory = ("--checkpoints", "3", "--epochs", "2")
     files = ("--json", "r.json", "--csv", "r.csv", "--plot", "r.png")
     proc = cli("compare", *TINY, *args, *trajectory, *files, cwd=out, check=True)

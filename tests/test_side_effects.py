@@ -38,7 +38,7 @@ def _train(calls: list[str], steps: int = 12) -> tuple[dict, list]:
         if step % 3 == 1:
             for method in calls:  # between backward and step: .grad must survive
                 hessrank.effective_rank(model, CE, (x[:8], y[:8]), method=method,
-                                        lanczos_steps=10, lanczos_probes=2)
+                                        lanczos_steps=10)
         optimizer.step()
         losses.append(loss.item())
     return model.state_dict(), losses
@@ -94,7 +94,7 @@ def test_state_untouched_after_success(method, backend):
     model[0].register_forward_hook(lambda *args: seen.append(1))
     before = _snapshot(model)
     hessrank.effective_rank(model, CE, (x, y), method=method, backend=backend,
-                            lanczos_steps=5, lanczos_probes=2)
+                            lanczos_steps=5)
     _assert_same(before, model)
     assert seen  # the user's hook is part of the model and ran
 
@@ -148,7 +148,7 @@ def test_rebound_buffers_and_twice_registered_parameters_come_back(method, backe
     steps, params = model.steps, [(m, dict(m._parameters)) for m in model.modules()]
     x, y = classification_batch(6, 4, 3, dtype=torch.float32)
     hessrank.effective_rank(model, CE, (x, y), method=method, backend=backend,
-                            lanczos_steps=4, lanczos_probes=2)
+                            lanczos_steps=4)
     assert model.steps is steps and float(steps) == 0.0
     for module, registered in params:
         assert module._parameters.keys() == registered.keys()
@@ -189,8 +189,7 @@ def test_keyboard_interrupt_inside_the_call_restores_everything(method, after_ca
     before["hooks"] = [(dict(m._forward_hooks), dict(m._forward_pre_hooks),
                         dict(m._backward_hooks)) for m in model.modules()]
     with contextlib.suppress(KeyboardInterrupt):
-        hessrank.effective_rank(model, CE, (x, y), method=method, lanczos_steps=3,
-                                lanczos_probes=2)
+        hessrank.effective_rank(model, CE, (x, y), method=method, lanczos_steps=3,)
     _assert_same(before, model)
     assert all(m._parameters == r for m, r in zip(model.modules(), registered))
     handle.remove()

@@ -15,7 +15,7 @@ from torch import nn
 import hessrank
 
 CE = nn.CrossEntropyLoss()
-FAST = {"lanczos_steps": 10, "lanczos_probes": 2}
+FAST = {"lanczos_steps": 10}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -97,6 +97,30 @@ def default_threads() -> int:
     return max(1, min(4, available_cores() // 2))
 
 
+def _add_estimator_options(group: argparse._ArgumentGroup) -> None:
+    """One flag per estimator option (``hessrank.estimator_options()``): ``--backend``,
+    ``--lanczos-steps``...; unset flags leave the library's defaults."""
+    import hessrank
+
+    for name, option in hessrank.estimator_options().items():
+        default = option["default"]
+        kind = _positive if isinstance(default, int) or default is None else str
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=kind,
+            choices=option["choices"],
+            help=f"{'/'.join(option['methods'])}: {option['help']}"
+            + ("" if default is None else f" (default {default})"),
+        )
+
+
+def _estimator_option_names() -> list[str]:
+    import hessrank
+
+    return list(hessrank.estimator_options())
+
+
 def _library_default(name: str) -> Any:
     """The default of ``hessrank.effective_rank``'s argument ``name``."""
     import inspect
@@ -107,7 +131,6 @@ def _library_default(name: str) -> Any:
 
 
 def _add_problem_options(parser: argparse.ArgumentParser) -> None:
-    from hessrank import BACKENDS
     from hessrank.cli import presets
 
     group = parser.add_argument_group("model and data")
@@ -181,32 +204,17 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
         help="numerical-rank tolerance relative to the top |eigenvalue|, in [0, 1) (default: "
         "matrix size times the dtype's epsilon)",
     )
-    est.add_argument(
-        "--backend",
-        default="auto",
-        choices=BACKENDS,
-        help="fisher/ggn backend (default auto: Kronecker identity plus torch.func)",
-    )
-    est.add_argument(
-        "--lanczos-steps",
-        type=_positive,
-        help=f"Lanczos steps per probe (default {_library_default('lanczos_steps')})",
-    )
-    est.add_argument(
-        "--lanczos-probes",
-        type=_positive,
-        help=f"Lanczos probe vectors (default {_library_default('lanczos_probes')})",
-    )
+    _add_estimator_options(est)
     est.add_argument(
         "--max-memory",
         type=_positive_float,
-        help="exact: refuse above this predicted memory, in GiB "
+        help="every method: refuse above this predicted memory, in GiB "
         f"(default {_library_default('max_memory') / 2**30:g})",
     )
     est.add_argument(
         "--max-seconds",
         type=_positive_float,
-        help="exact: refuse above this predicted time, in seconds (default: no limit)",
+        help="exact/lanczos: refuse above this predicted time, in seconds (default: no limit)",
     )
 
 
@@ -367,9 +375,8 @@ def _config(
         seeds=seeds,
         device=args.device,
         dtype=args.dtype,
-        backend=args.backend,
-        lanczos_steps=args.lanczos_steps,
-        lanczos_probes=args.lanczos_probes,
+        estimator_options={name: getattr(args, name) for name in _estimator_option_names()
+                           if getattr(args, name) is not None},
         max_memory_gib=args.max_memory,
         max_seconds=args.max_seconds,
         threads=args.threads,

@@ -6,7 +6,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,8 @@ class Config:
     seeds: tuple[int, ...] = (0,)
     device: str = "cpu"
     dtype: str = "float32"
-    backend: str = "auto"
-    lanczos_steps: int | None = None
-    lanczos_probes: int | None = None
+    #: the estimators' own options that were set (``hessrank.estimator_options()``)
+    estimator_options: dict[str, Any] = field(default_factory=dict)
     max_memory_gib: float | None = None
     max_seconds: float | None = None
     threads: int | None = None
@@ -112,22 +111,15 @@ def build_problem(cfg: Config, seed: int) -> Problem:
     return Problem(model, data, nn.CrossEntropyLoss(), presets.num_params(model))
 
 
-def method_kwargs(cfg: Config, method: str) -> dict[str, Any]:
-    """Keyword arguments of ``hessrank.effective_rank`` for ``method``; unset options are left
-    to the library's defaults."""
-    kwargs: dict[str, Any] = {"threshold": cfg.threshold, "rtol": cfg.rtol}
-    if method in ("fisher", "ggn"):
-        kwargs["backend"] = cfg.backend
-    if method == "lanczos":
-        if cfg.lanczos_steps is not None:
-            kwargs["lanczos_steps"] = cfg.lanczos_steps
-        if cfg.lanczos_probes is not None:
-            kwargs["lanczos_probes"] = cfg.lanczos_probes
-    if method == "exact":
-        if cfg.max_memory_gib is not None:
-            kwargs["max_memory"] = int(cfg.max_memory_gib * 2**30)
-        if cfg.max_seconds is not None:
-            kwargs["max_seconds"] = cfg.max_seconds
+def method_kwargs(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of ``hessrank.effective_rank`` (each method takes its own options and
+    ignores the others'); unset options are left to the library's defaults."""
+    kwargs: dict[str, Any] = {"threshold": cfg.threshold, "rtol": cfg.rtol,
+                              **cfg.estimator_options}
+    if cfg.max_memory_gib is not None:
+        kwargs["max_memory"] = int(cfg.max_memory_gib * 2**30)
+    if cfg.max_seconds is not None:
+        kwargs["max_seconds"] = cfg.max_seconds
     return kwargs
 
 
@@ -157,7 +149,7 @@ def tracker(
         cfg.methods,
         log=None,
         on_error=on_error,
-        method_options={method: method_kwargs(cfg, method) for method in cfg.methods},
+        **method_kwargs(cfg),
         seed=seed,
         progress=progress,
     )

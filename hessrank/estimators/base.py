@@ -116,6 +116,8 @@ class Estimator(ABC):
     summary: ClassVar[str]
     #: Position in listings (``hessrank.METHODS``): ground truth first, then cheaper ones.
     listing_order: ClassVar[int]
+    #: Whether the method is in ``hessrank.METHODS`` (the set the CLI compares by default).
+    listed: ClassVar[bool] = True
     modes: ClassVar[tuple[str, ...]] = ("eval",)
     layer_strategy: ClassVar[str] = "restricted"
     Options: ClassVar[type] = NoOptions

@@ -1,129 +1,97 @@
-"""``lanczos``: stochastic Lanczos quadrature on Hessian-vector products."""
+"""``lanczos``: Lanczos quadrature on Hessian-vector products (deflated, with honest intervals).
+
+The solver (:func:`hessrank.spectrum.lanczos.lanczos_spectrum`) runs on any symmetric operator;
+:class:`LanczosEstimator` is the shared (source, Lanczos) pair, and this module's ``Lanczos`` is
+the one on the Hessian. ``ggn_lanczos`` and ``fisher_lanczos`` pair it with the factor operators.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from hessrank.curvature.hessian import HessianOperator
-from hessrank.estimators.base import (
-    Cost,
-    Estimator,
-    Settings,
-    Spectrum,
-    positive_int,
-    register,
-)
+from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum, positive_int, register
 from hessrank.problem import CurvatureProblem
-from hessrank.ranks import srank
-from hessrank.spectrum.dense import by_magnitude
-from hessrank.spectrum.lanczos import lanczos_tridiagonal, rademacher, tridiagonal_quadrature
+from hessrank.spectrum.lanczos import lanczos_spectrum
+from hessrank.spectrum.operator import SymmetricOperator
+
+#: Default products: a third of ``P`` (where the rank targets were met, ``benchmarks/``), at most
+#: this many.
+DEFAULT_MAX_STEPS = 640
 
 
 @dataclass(frozen=True)
 class LanczosOptions:
-    """Options of ``lanczos``."""
+    """Options of the Lanczos estimators."""
 
-    lanczos_steps: int = field(default=80, metadata={"help": "Lanczos steps per probe"})
-    lanczos_probes: int = field(default=8, metadata={"help": "random probe vectors"})
+    lanczos_steps: int | None = field(default=None, metadata={
+        "help": "matrix-vector products (Lanczos steps); default min(640, ceil(P/3))"})
 
     def __post_init__(self) -> None:
-        positive_int("lanczos_steps", self.lanczos_steps)
-        positive_int("lanczos_probes", self.lanczos_probes)
+        if self.lanczos_steps is not None:
+            positive_int("lanczos_steps", self.lanczos_steps)
+
+    def steps(self, num_params: int) -> int:
+        """The products to spend on ``num_params`` parameters."""
+        if self.lanczos_steps is not None:
+            return min(self.lanczos_steps, num_params)
+        return min(DEFAULT_MAX_STEPS, math.ceil(num_params / 3))
 
 
-def _boundary_weight(nodes: np.ndarray, weights: np.ndarray, threshold: float) -> float:
-    """Resolution of a quadrature's srank: the weight of the nodes next to the cut ``+-t``.
+class LanczosEstimator(Estimator):
+    """A curvature operator solved by Lanczos quadrature."""
 
-    By the Chebyshev-Markov-Stieltjes inequalities a Gauss quadrature's count of eigenvalues
-    beyond ``t`` is off by at most the weight of the node at ``t``; ``|lambda| > t`` has two
-    tails, so the nodes nearest ``+t`` and ``-t`` both count.
-    """
-    magnitude = np.abs(nodes)
-    order = np.argsort(-magnitude, kind="stable")
-    mass = magnitude[order] * weights[order]
-    total = mass.sum()
-    if total <= 0:
-        return 0.0
-    index = min(int(np.searchsorted(np.cumsum(mass), threshold * total)), len(nodes) - 1)
-    cut = magnitude[order][index]
-    resolution = 0.0
-    for side in (nodes > 0, nodes < 0):
-        if side.any():
-            nearest = np.argmin(np.where(side, np.abs(magnitude - cut), np.inf))
-            resolution += float(weights[nearest])
-    return resolution
-
-
-@register
-class Lanczos(Estimator):
-    name = "lanczos"
-    source = "hessian"
     solver = "lanczos"
-    listing_order = 1
-    summary = "stochastic Lanczos quadrature on Hessian-vector products"
-    modes = ("eval", "train")
     Options = LanczosOptions
-    budget_advice = "use fewer lanczos_steps or lanczos_probes, or method='fisher'/'ggn'"
+    budget_advice = "use fewer lanczos_steps, or method='fisher'/'ggn'"
+
+    @abstractmethod
+    def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
+        """The matrix-free operator of this estimator's curvature source."""
 
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: LanczosOptions) -> Cost:
-        steps = min(options.lanczos_steps, problem.num_params)
-        # float64 basis and two work vectors per probe.
-        memory = 8 * options.lanczos_probes * (steps + 2) * problem.num_params
+        steps = options.steps(problem.num_params)
+        # The float32 basis and a few work vectors in float64.
+        memory = 4 * (steps + 1) * problem.num_params + 8 * 6 * problem.num_params
         seconds = None
         if settings.max_seconds is not None and memory <= settings.max_memory:
-            operator = HessianOperator(problem)
-            probe = torch.ones(options.lanczos_probes, operator.dim, dtype=operator.dtype,
-                               device=operator.device)
+            operator = self.operator(problem, settings)
+            probe = torch.ones(1, operator.dim, dtype=operator.dtype, device=operator.device)
             start = time.perf_counter()
             operator.matmat(probe)
             seconds = (time.perf_counter() - start) * steps
         return Cost(memory, seconds)
 
-    def run(self, problem: CurvatureProblem, settings: Settings, options: Any) -> Spectrum:
-        operator = HessianOperator(problem)
-        dim = operator.dim
-        steps = min(options.lanczos_steps, dim)
-        probes = options.lanczos_probes
-        generator = torch.Generator().manual_seed(settings.seed)
-        starts = torch.stack([rademacher(dim, generator, operator.device)
-                              for _ in range(probes)])
-        with settings.reporter.task(f"Lanczos ({probes} probes x {steps} steps)",
-                                    steps) as advance:
-            def matmat(vectors: Tensor) -> Tensor:
-                advance(1)
-                return operator.matmat(vectors)
+    def run(self, problem: CurvatureProblem, settings: Settings,
+            options: LanczosOptions) -> Spectrum:
+        operator = self.operator(problem, settings)
+        steps = options.steps(operator.dim)
+        with settings.reporter.task(f"{self.name} ({steps} products)", steps) as advance:
+            result = lanczos_spectrum(operator, max_products=steps, threshold=settings.threshold,
+                                      seed=settings.seed, advance=advance)
+        return Spectrum(result.eigenvalues, self.backend, max_rank=operator.dim,
+                        weights=result.weights, ritz_values=result.ritz_values,
+                        rank_interval=result.rank_interval, num_hvps=result.num_products,
+                        notes=result.notes)
 
-            quadratures = [tridiagonal_quadrature(alpha, beta)
-                           for alpha, beta in lanczos_tridiagonal(matmat, starts, steps)]
-        nodes = np.concatenate([q.nodes for q in quadratures])
-        weights = np.concatenate([q.weights for q in quadratures]) * dim / probes
-        order = np.lexsort((-nodes, -np.abs(nodes)))
-        nodes, weights = nodes[order], weights[order]
-        # Each probe's estimate is uncertain by the weight of the node where the threshold is
-        # crossed (a node stands for that many eigenvalues); probes add sampling spread on top.
-        threshold = settings.threshold
-        estimates = np.array([srank(q.nodes, threshold, q.weights * dim) for q in quadratures])
-        resolution = np.array([_boundary_weight(q.nodes, q.weights * dim, threshold)
-                               for q in quadratures])
-        spread = 1.96 * estimates.std(ddof=1) / math.sqrt(probes) if probes > 1 else 0.0
-        interval = (max(0.0, float(np.mean(estimates - resolution)) - spread),
-                    min(float(dim), float(np.mean(estimates + resolution)) + spread))
-        traces = np.array([dim * float(q.nodes @ q.weights) for q in quadratures])
-        trace_spread = (1.96 * traces.std(ddof=1) / math.sqrt(probes) if probes > 1
-                        else float("nan"))
-        notes = [f"rank estimated by stochastic Lanczos quadrature ({probes} probes x {steps} "
-                 f"steps); eigenvalues are the first probe's {len(quadratures[0].nodes)} Ritz "
-                 "values",
-                 f"trace {traces.mean():.4g} +- {trace_spread:.2g} (95% interval over probes)"]
-        return Spectrum(nodes, "autograd", max_rank=dim, weights=weights,
-                        ritz_values=by_magnitude(quadratures[0].nodes), rank_interval=interval,
-                        num_hvps=operator.num_products, notes=notes)
+    backend = "autograd"
+
+
+@register
+class Lanczos(LanczosEstimator):
+    name = "lanczos"
+    source = "hessian"
+    listing_order = 1
+    summary = "Lanczos quadrature on Hessian-vector products"
+    modes = ("eval", "train")
+
+    def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
+        return HessianOperator(problem)

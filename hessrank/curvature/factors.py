@@ -1,0 +1,69 @@
+"""The empirical Fisher and the GGN as matrix-free operators: ``v -> F F^T v``.
+
+``F`` has the columns ``J_i^T s_ik`` (cotangents from :mod:`hessrank.curvature.loss`), so
+``F^T v`` is ``<s_ik, J_i v>`` and ``F u`` one vector-Jacobian product. ``J v`` comes from the
+double-backward trick on the forward graph: ``g(u) = J^T u`` is linear in ``u``, and the gradient
+of ``<g(u), v>`` w.r.t. ``u`` is ``J v``. A product costs two backward passes through the graph
+built once; no Gram matrix is formed, so this serves where ``nC`` or ``n`` is too large for one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from hessrank.curvature.loss import check_no_parameter_terms
+from hessrank.problem import CurvatureProblem
+
+
+class FactorOperator:
+    """``V -> V F F^T`` (rows times the EF or GGN) on the analysed parameters, flattened (``P``).
+
+    Args:
+        problem: the validated problem.
+        cotangents_of: ``outputs -> [K, n, *out]`` output-side factors.
+        method: the method's name, for messages.
+    """
+
+    def __init__(self, problem: CurvatureProblem, cotangents_of: Callable[[Tensor], Tensor],
+                 method: str) -> None:
+        self.params = problem.params
+        self.sizes = [p.numel() for p in self.params]
+        self.dim = sum(self.sizes)
+        self.dtype = problem.dtype
+        self.device = problem.device
+        self.num_products = 0
+        outputs = problem.forward()
+        problem.loss(outputs.detach())
+        check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
+                                 problem.names, method)
+        self.cotangents = cotangents_of(outputs.detach())
+        self._outputs = outputs
+        self._dummy = torch.zeros_like(outputs, requires_grad=True)
+        pieces = torch.autograd.grad(outputs, self.params, grad_outputs=self._dummy,
+                                     create_graph=True, allow_unused=True)
+        self._used = [i for i, g in enumerate(pieces) if g is not None]
+        self._transposed = [pieces[i] for i in self._used]  # J^T u, linear in the dummy u
+
+    def _row(self, vector: Tensor) -> Tensor:
+        chunks = vector.split(self.sizes)
+        (jv,) = torch.autograd.grad(self._transposed, self._dummy,
+                                    grad_outputs=[chunks[i].view_as(self.params[i])
+                                                  for i in self._used],
+                                    retain_graph=True, allow_unused=True)
+        if jv is None:
+            return torch.zeros_like(vector)
+        coefficients = torch.einsum("kn...,n...->kn", self.cotangents, jv)
+        combined = torch.einsum("kn,kn...->n...", coefficients, self.cotangents)
+        products = torch.autograd.grad(self._outputs, self.params, grad_outputs=combined,
+                                       retain_graph=True, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                          for g, p in zip(products, self.params)])
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """``F F^T`` times each row of ``vectors`` (``[k, P]``); result ``[k, P]``."""
+        vectors = vectors.to(dtype=self.dtype, device=self.device)
+        self.num_products += vectors.shape[0]
+        return torch.stack([self._row(row) for row in vectors])

@@ -1,0 +1,49 @@
+"""``ggn_lanczos`` and ``fisher_lanczos``: Lanczos quadrature on the GGN / EF operators, for when
+the Gram matrix (``nC' x nC'`` or ``n x n``) is too large to form."""
+
+from __future__ import annotations
+
+import torch
+
+from hessrank.curvature.factors import FactorOperator
+from hessrank.estimators.base import Settings, register
+from hessrank.estimators.fisher import Fisher
+from hessrank.estimators.ggn import GGN
+from hessrank.estimators.gram import GramEstimator
+from hessrank.estimators.lanczos import LanczosEstimator
+from hessrank.problem import CurvatureProblem
+from hessrank.spectrum.operator import SymmetricOperator
+
+
+class FactorLanczos(LanczosEstimator):
+    """Lanczos on ``F F^T`` with the factors of a Gram estimator."""
+
+    factors_of: GramEstimator
+    backend = "autograd (factor products)"
+    listed = False
+
+    def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
+        generator = torch.Generator().manual_seed(settings.seed)
+        return FactorOperator(
+            problem,
+            lambda outputs: self.factors_of.cotangents(problem.loss_fn, outputs,
+                                                       problem.targets, generator)[0],
+            self.name)
+
+
+@register
+class GGNLanczos(FactorLanczos):
+    name = "ggn_lanczos"
+    source = "ggn"
+    listing_order = 4
+    summary = "Lanczos quadrature on GGN-vector products (no Gram matrix)"
+    factors_of = GGN()
+
+
+@register
+class FisherLanczos(FactorLanczos):
+    name = "fisher_lanczos"
+    source = "fisher"
+    listing_order = 5
+    summary = "Lanczos quadrature on empirical-Fisher-vector products (no Gram matrix)"
+    factors_of = Fisher()
