@@ -72,7 +72,7 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
         raise ValueError(f"seed must be an int, got {seed!r}")
     if not isinstance(per_layer, bool):
         raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
-    return Settings(threshold=threshold, max_memory=max_memory, max_seconds=max_seconds,
+    return Settings(threshold=threshold, rtol=rtol, max_memory=max_memory, max_seconds=max_seconds,
                     seed=seed, per_layer=per_layer, reporter=Reporter(progress))
 
 
@@ -206,7 +206,7 @@ def _result(
     """Ranks of a spectrum, packaged with everything the call knows."""
     size = spectrum.max_rank if spectrum.weights is not None or estimator.solver == "dense" \
         else len(spectrum.eigenvalues)
-    tolerance = default_rtol(size, eps) if rtol is None else rtol
+    tolerance = default_rtol(size, spectrum.eps or eps) if rtol is None else rtol
     ranks = spectral_ranks(spectrum.eigenvalues, threshold, tolerance, spectrum.weights)
     shown = spectrum.eigenvalues if spectrum.ritz_values is None else spectrum.ritz_values
     interval = None if spectrum.rank_interval is None else (

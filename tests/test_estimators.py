@@ -247,3 +247,26 @@ def test_positions_summed_by_the_kronecker_identity(method):
     assert result.backend == "linear"
     count = 3 if method == "fisher" else 6
     assert_spectra_close(result.eigenvalues, reference, count=count, rtol=1e-9)
+
+
+@pytest.mark.parametrize(("method", "make"), [("ggn", reference_ggn), ("fisher", reference_fisher)])
+def test_factor_operators_are_the_dense_matrices(method, make):
+    """``ggn_lanczos``/``fisher_lanczos`` products: ``F F^T`` applied to the identity equals the
+    dense reference, and their Lanczos ranks agree with the Gram estimators'."""
+    from hessrank.curvature.factors import FactorOperator
+    from hessrank.estimators import ESTIMATORS
+    from hessrank.problem import build_problem
+
+    model = mlp((5, 7, 3))
+    x, y = classification_batch(6, 5, 3)
+    problem = build_problem(model, CE, (x, y), None, "eval")
+    gram_estimator = ESTIMATORS[method]
+    generator = torch.Generator().manual_seed(0)
+    operator = FactorOperator(problem, lambda outputs: gram_estimator.cotangents(
+        CE, outputs, y, generator)[0], method)
+    dense = operator.matmat(torch.eye(operator.dim, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(dense, make(model, CE, x, y, scale=1 / 6), atol=1e-12)
+    gram = hessrank.effective_rank(model, CE, (x, y), method=method)
+    lanczos = hessrank.effective_rank(model, CE, (x, y), method=f"{method}_lanczos")
+    assert lanczos.ranks["numerical"] == pytest.approx(gram.ranks["numerical"], abs=1)
+    np.testing.assert_allclose(lanczos.eigenvalues[0], gram.eigenvalues[0], rtol=1e-6)  # float32 basis

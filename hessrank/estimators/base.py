@@ -52,6 +52,7 @@ class Settings:
     """What every estimator receives besides the problem and its own options."""
 
     threshold: float = 0.99
+    rtol: float | None = None
     max_memory: float = 4 * 2**30
     max_seconds: float | None = None
     seed: int = 0
@@ -78,6 +79,8 @@ class Spectrum:
         rank_interval: interval for the srank (Lanczos).
         num_hvps: Hessian-vector products spent.
         paths: parameter name -> the path that computed its part (Gram estimators).
+        eps: machine epsilon of the arithmetic behind the spectrum, for the default numerical-rank
+            tolerance (None: the model dtype's).
         notes: caveats worth reading.
         layers: per parameterised module, that module's diagonal block.
     """
@@ -90,6 +93,7 @@ class Spectrum:
     rank_interval: tuple[float, float] | None = None
     num_hvps: int | None = None
     paths: dict[str, str] = field(default_factory=dict)
+    eps: float | None = None
     notes: list[str] = field(default_factory=list)
     layers: dict[str, Spectrum] = field(default_factory=dict)
 

@@ -19,9 +19,12 @@ from torch import Tensor
 from hessrank.curvature.hessian import HessianOperator
 from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum, positive_int, register
 from hessrank.problem import CurvatureProblem
+from hessrank.ranks import default_rtol
 from hessrank.spectrum.lanczos import lanczos_spectrum
 from hessrank.spectrum.operator import SymmetricOperator
 
+#: dtype of the stored Lanczos basis.
+BASIS_DTYPE = torch.float32
 #: Default products: a third of ``P`` (where the rank targets were met, ``benchmarks/``), at most
 #: this many.
 DEFAULT_MAX_STEPS = 640
@@ -74,13 +77,17 @@ class LanczosEstimator(Estimator):
             options: LanczosOptions) -> Spectrum:
         operator = self.operator(problem, settings)
         steps = options.steps(operator.dim)
+        # The basis is float32: products are no more precise than that.
+        eps = max(float(torch.finfo(operator.dtype).eps), float(torch.finfo(BASIS_DTYPE).eps))
+        rtol = default_rtol(operator.dim, eps) if settings.rtol is None else settings.rtol
         with settings.reporter.task(f"{self.name} ({steps} products)", steps) as advance:
             result = lanczos_spectrum(operator, max_products=steps, threshold=settings.threshold,
-                                      seed=settings.seed, advance=advance)
+                                      seed=settings.seed, advance=advance,
+                                      basis_dtype=BASIS_DTYPE, rtol=rtol)
         return Spectrum(result.eigenvalues, self.backend, max_rank=operator.dim,
                         weights=result.weights, ritz_values=result.ritz_values,
                         rank_interval=result.rank_interval, num_hvps=result.num_products,
-                        notes=result.notes)
+                        eps=eps, notes=result.notes)
 
     backend = "autograd"
 
