@@ -269,4 +269,5 @@ def test_factor_operators_are_the_dense_matrices(method, make):
     gram = hessrank.effective_rank(model, CE, (x, y), method=method)
     lanczos = hessrank.effective_rank(model, CE, (x, y), method=f"{method}_lanczos")
     assert lanczos.ranks["numerical"] == pytest.approx(gram.ranks["numerical"], abs=1)
-    np.testing.assert_allclose(lanczos.eigenvalues[0], gram.eigenvalues[0], rtol=1e-6)  # float32 basis
+    # the Lanczos basis is float32
+    np.testing.assert_allclose(lanczos.eigenvalues[0], gram.eigenvalues[0], rtol=1e-6)
