@@ -110,8 +110,8 @@ def test_reproduction_table_has_a_row_per_target(tmp_path: Path) -> None:
     assert run.main(argv) == 0
     runs = analysis.load_runs(out)
     rows = [line.split(" | ")[0] for line in summarize.reproduction_table(runs)[2:]]
-    assert rows == ["| 1", "| 2 (v3/v4 reading)", "| 2 (v1 reading)", "| 3", "| 4", "| 5",
-                    "| 6", "| 7"]
+    assert rows == ["| 1 (v4 reading)", "| 1 (v1 reading)", "| 2 (v3/v4 reading)",
+                    "| 2 (v1 reading)", "| 3", "| 4", "| 5", "| 6", "| 7"]
     lines = summarize.metric_lines(runs)
     assert sum("| acc_end |" in line for line in lines) == len(runs)
 

@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 if __package__ in (None, ""):  # run as a file: make examples/ importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,7 +72,7 @@ METRICS = {
     "hess_rank_exact_start": Metric("exact Hessian rank at task start, whole network", SRANK),
     "hess_rank_exact_last2_start": Metric("exact Hessian rank at task start, last two layers",
                                           SRANK),
-    "overlap_start": Metric("gradient share in top-srank exact-Hessian subspace, task start",
+    "overlap_start": Metric("gradient share in top-srank Hessian eigenspace (start)",
                             "share of ||g||^2"),
 }
 
@@ -81,6 +82,7 @@ def band(ax: plt.Axes, values: np.ndarray, label: str, color: str, style: str = 
     mean, half = mean_ci(values)
     x = np.arange(1, len(mean) + 1)
     ax.plot(x, mean, style, label=label, color=color, lw=1.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if not np.isnan(half).all():
         ax.fill_between(x, mean - half, mean + half, alpha=0.18, color=color, lw=0)
 
@@ -167,8 +169,8 @@ def estimator_figure(runs: dict[str, RunData], path: Path) -> bool:
             ax.set_xlabel(TASK_AXIS, fontsize=8)
             ax.tick_params(labelsize=7)
             legend(ax, 6)
-    _save(fig, path, "Figure 3: Hessian rank estimators at task start, exact-size setting "
-                     "(64 images, MLP 49-16-16-10), normalised by cap and by task 1")
+    _save(fig, path, "Figure 3: Hessian rank estimators at task start, exact-size setting\n"
+                     "(64 images, MLP 49-16-16-10; rows: block x normalisation)")
     return True
 
 
@@ -259,6 +261,28 @@ def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
     return [curves, summary]
 
 
+def overview_figure(runs: dict[str, RunData], path: Path) -> bool:
+    """Accuracy and Hessian rank of the four activations, one column per setting."""
+    settings = [("act_", "Random-Label MNIST (main)", "hess_rank_fisher_start"),
+                ("permuted_", "Permuted MNIST", "hess_rank_fisher_start"),
+                ("exact_", "exact-size setting", "hess_rank_exact_start")]
+    settings = [s for s in settings if any(f"{s[0]}{a}" in runs for a in ACTIVATIONS)]
+    if not settings:
+        return False
+    fig, axes = plt.subplots(2, len(settings), figsize=(4.4 * len(settings), 6.6), squeeze=False)
+    for col, (prefix, setting, rank_key) in enumerate(settings):
+        for row, metric in enumerate(("acc_end", rank_key)):
+            ax = axes[row, col]
+            for a in ACTIVATIONS:
+                if f"{prefix}{a}" in runs:
+                    band(ax, runs[f"{prefix}{a}"][metric], a, ACT_COLORS[a])
+            label_axes(ax, metric)
+            ax.set_title(f"{setting}:\n{ax.get_title()}", fontsize=8)
+            legend(ax, 7)
+    _save(fig, path, "Overview: plasticity and Hessian rank by activation, per setting")
+    return True
+
+
 def draw_all(results: Path, out: Path) -> list[Path]:
     """Every figure the runs in ``results`` allow; returns the PNG paths written."""
     runs = load_runs(results)
@@ -298,6 +322,8 @@ def draw_all(results: Path, out: Path) -> list[Path]:
             sub = runs
         if activation_figure(sub, prefix, metrics, out / filename, title, extra):
             written.append(out / filename)
+    if overview_figure(runs, out / "overview.png"):
+        written.append(out / "overview.png")
     if estimator_figure(runs, out / "fig3_estimators.png"):
         written.append(out / "fig3_estimators.png")
     if update_norm_figure(runs, out / "fig5_update_norm.png"):

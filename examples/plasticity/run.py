@@ -42,8 +42,8 @@ REG_SWEEP = {
 }
 REG_SWEEP_ACTIVATIONS = ("relu", "leaky_relu")
 FEATURE_RANK_STRENGTH = 0.1
-SMOKE_RUNS = ("act_relu", "act_leaky_relu", "featrank_leaky_relu", "reg_wasserstein_0.001_relu",
-              "exact_relu", "exact_leaky_relu", "permuted_relu")
+SMOKE_RUNS = ("act_relu", "act_leaky_relu", "act_tanh", "featrank_leaky_relu",
+              "reg_wasserstein_0.001_relu", "exact_relu", "exact_leaky_relu", "permuted_relu")
 
 
 def main_setting(**changes: object) -> Config:

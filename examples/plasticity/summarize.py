@@ -99,10 +99,25 @@ def target_1(runs: dict[str, RunData]) -> list[str]:
     wrong = [a for a in verdicts if verdicts[a] != expected[a]]
     verdict = "held" if held else "not as claimed for " + ", ".join(
         f"{a} ({'loses' if verdicts[a] else 'does not lose'})" for a in wrong)
-    return [f"| 1 | ReLU and leaky-ReLU lose plasticity; tanh and identity do not | {verdict} "
-            f"(rule: accuracy change < 0 with CI excluding 0; main setting: "
+    rows = [f"| 1 (v4 reading) | ReLU and leaky-ReLU lose plasticity; tanh and identity do not "
+            f"| {verdict} (rule: accuracy change < 0 with CI excluding 0; main setting: "
             f"{setting(acts[0][1], '300 images, 30 epochs/task')}) | end-of-task accuracy, "
             f"{nums}{note} |"]
+    runs_by_act = dict(acts)
+    if "tanh" in runs_by_act and "leaky_relu" in runs_by_act:
+        tanh = runs_by_act["tanh"]
+        acc, fr = early_late(tanh["acc_end"]), early_late(tanh["feature_rank"])
+        leaky = early_late(runs_by_act["leaky_relu"]["acc_end"])
+        small = loses(tanh) and abs(acc.change) < abs(leaky.change) / 2
+        fr_falls = falls(tanh, "feature_rank")
+        rows.append(
+            f"| 1 (v1 reading) | ... but tanh shows a small rise in error and a small fall in "
+            f"feature rank (v1's plots, per its reviews) | {'held' if small and fr_falls else 'no'}"
+            f" (rule: tanh loses plasticity significantly but by less than half of leaky-ReLU's "
+            f"loss, and its feature rank falls with a CI excluding 0; main setting) | tanh "
+            f"accuracy {acc} vs leaky-ReLU {leaky}; tanh feature rank {fr} |"
+        )
+    return rows
 
 
 def falls(run: RunData, key: str) -> bool:
@@ -272,6 +287,13 @@ def target_6(runs: dict[str, RunData]) -> list[str]:
             + "; ".join(parts) + overlap + " |"]
 
 
+def _sweep_order(run: RunData) -> tuple[bool, str, float]:
+    """Sort key of a sweep run ``reg_<reg>_<strength>_<activation>``: activation, reg, strength."""
+    act = "leaky_relu" if run.name.endswith("leaky_relu") else "relu"
+    reg, strength = run.name[4: -len(act) - 1].rsplit("_", 1)
+    return act != "relu", reg, float(strength)
+
+
 def target_7(runs: dict[str, RunData]) -> list[str]:
     sweep = [r for name, r in runs.items() if name.startswith("reg_")]
     if not sweep:
@@ -279,7 +301,7 @@ def target_7(runs: dict[str, RunData]) -> list[str]:
     helped: dict[str, list[bool]] = {}
     parts = []
     late_acc, late_rank = [], []
-    for r in sweep:
+    for r in sorted(sweep, key=_sweep_order):
         _, rest = r.name.split("_", 1)
         act = "leaky_relu" if rest.endswith("leaky_relu") else "relu"
         reg, strength = rest[: -len(act) - 1].rsplit("_", 1)
@@ -296,7 +318,7 @@ def target_7(runs: dict[str, RunData]) -> list[str]:
         parts.append(f"{reg} {strength} {act}: accuracy {r['acc_end'][-WINDOW:].mean():.2f} "
                      f"({acc[0]:+.2f} ± {acc[1]:.2f}), EF rank {r[key][-WINDOW:].mean():.0f} "
                      f"({rank[0]:+.0f} ± {rank[1]:.0f})")
-    counts = {reg: f"{sum(v)}/{len(v)}" for reg, v in helped.items()}
+    counts = ", ".join(f"{reg} {sum(v)}/{len(v)}" for reg, v in helped.items())
     best = max(helped, key=lambda k: sum(helped[k]) / len(helped[k]))
     rho = spearman(np.array(late_acc), np.array(late_rank))
     r0 = sweep[0]
