@@ -95,6 +95,8 @@ def legend(ax: plt.Axes, size: int) -> None:
 
 def label_axes(ax: plt.Axes, metric: str) -> None:
     spec = METRICS.get(metric, Metric(metric, metric))
+    if metric.startswith("acc"):  # a confidence band may pass 1; accuracy cannot
+        ax.set_ylim(top=min(ax.get_ylim()[1], 1.02))
     ax.set_title(spec.title, fontsize=9)
     ax.set_ylabel(spec.ylabel, fontsize=8)
     ax.set_xlabel(TASK_AXIS, fontsize=8)
@@ -237,7 +239,7 @@ def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
     curves = out / "regularizers.png"
     _save(fig, curves, "Regularizer sweep (main setting): strengths by line style, "
                        "none in grey on the same seeds")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     for ax, (act, metric) in zip(axes.flat, panels, strict=True):
         for reg in regs:
             sweep = reg_runs(runs, reg, act)
@@ -251,6 +253,8 @@ def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
                 base = runs[f"act_{act}"].restricted(sweep[0][1].num_tasks, sweep[0][1].seeds)
                 ax.axhline(base[metric][-3:].mean(), color=REG_COLORS["none"], ls="--", lw=1)
         ax.set_xscale("log")
+        if metric.startswith("acc"):
+            ax.set_ylim(top=min(ax.get_ylim()[1], 1.02))
         ax.set_xlabel("strength (lambda; shrink p per step for shrink_perturb)", fontsize=8)
         ax.set_ylabel(METRICS[metric].ylabel, fontsize=8)
         ax.set_title(f"{act}: {METRICS[metric].title}, last 3 tasks\n(dashed: none)", fontsize=8)

@@ -319,7 +319,10 @@ def target_7(runs: dict[str, RunData]) -> list[str]:
                      f"({acc[0]:+.2f} ± {acc[1]:.2f}), EF rank {r[key][-WINDOW:].mean():.0f} "
                      f"({rank[0]:+.0f} ± {rank[1]:.0f})")
     counts = ", ".join(f"{reg} {sum(v)}/{len(v)}" for reg, v in helped.items())
-    best = max(helped, key=lambda k: sum(helped[k]) / len(helped[k]))
+    share = {reg: sum(v) / len(v) for reg, v in helped.items()}
+    best = ", ".join(reg for reg, v in share.items() if v == max(share.values()))
+    if sum(v == max(share.values()) for v in share.values()) > 1:
+        best += " (tied)"
     rho = spearman(np.array(late_acc), np.array(late_rank))
     r0 = sweep[0]
     return [f"| 7 | L2, L2-Init and Wasserstein keep rank and plasticity; Wasserstein the most "
