@@ -1,5 +1,6 @@
-"""Tests of the loss-of-plasticity harness in examples/plasticity (no data needed, except one
-smoke test on MNIST that runs only when a copy is found)."""
+"""Tests of the loss-of-plasticity harness in examples/plasticity (no data needed, except the
+MNIST tests, which run when ``$HESSRANK_DATA_DIR`` holds MNIST/raw and are skipped, saying so,
+otherwise)."""
 
 from __future__ import annotations
 
@@ -15,20 +16,28 @@ import torch
 PLASTICITY = Path(__file__).resolve().parents[1] / "examples" / "plasticity"
 sys.path.insert(0, str(PLASTICITY.parent))  # the harness is the package `plasticity`
 
-from plasticity import experiment, metrics, plot, run, summarize  # noqa: E402
+from plasticity import analysis, experiment, metrics, plot, run, summarize  # noqa: E402
 from plasticity.experiment import Config, run_experiment  # noqa: E402
 from plasticity.model import BatchedMLP  # noqa: E402
-from plasticity.problems import make_problem  # noqa: E402
+from plasticity.problems import (  # noqa: E402
+    DATA_DIR_ENV,
+    MNIST_TRAIN_IMAGES,
+    SetupError,
+    make_problem,
+)
 from plasticity.regularizers import feature_rank_penalty, wasserstein_penalty  # noqa: E402
 
 
 def mnist_dir() -> Path | None:
-    """``$HESSRANK_TEST_DATA`` or the shared copy next to the checkout, if it holds MNIST."""
-    candidates = [os.environ.get("HESSRANK_TEST_DATA"), PLASTICITY.parents[2] / "shared" / "data"]
-    for c in candidates:
-        if c and (Path(c) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
-            return Path(c)
-    return None
+    """``$HESSRANK_DATA_DIR`` if it holds MNIST/raw, else None."""
+    folder = os.environ.get(DATA_DIR_ENV)
+    return Path(folder) if folder and (Path(folder) / MNIST_TRAIN_IMAGES).exists() else None
+
+
+NEEDS_MNIST = pytest.mark.skipif(
+    mnist_dir() is None,
+    reason=f"MNIST not found: set {DATA_DIR_ENV} to a folder holding MNIST/raw to run this test",
+)
 
 
 def tiny_config(**changes: object) -> Config:
@@ -48,9 +57,11 @@ def strip_times(records: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smoke")
-    argv = ["--preset", "smoke", "--problem", "synthetic", "--out", str(out), "--no-progress",
-            "--threads", "1"]
-    assert run.main(argv) == 0
+    # the README's smoke command as written: no --problem, no data, no network
+    argv = ["--preset", "smoke", "--out", str(out), "--no-progress", "--threads", "1"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(DATA_DIR_ENV, str(out / "no-data-here"))
+        assert run.main(argv) == 0
     return out
 
 
@@ -70,55 +81,209 @@ def test_smoke_preset_writes_every_task_of_every_run(smoke_results: Path) -> Non
     for method in ("exact", "ggn", "fisher", "lanczos"):
         assert len(exact[f"hess_rank_{method}_start"]) == 2
     assert all(0.0 <= o <= 1.0 + 1e-9 for o in exact["overlap_start"])
+    for method in ("exact", "ggn", "fisher", "lanczos"):  # both parameter blocks, within caps
+        for block in ("", "_last2"):
+            ranks = exact[f"hess_rank_{method}{block}_start"]
+            caps = exact[f"hess_cap_{method}{block}_start"]
+            assert all(1 <= r <= c for r, c in zip(ranks, caps, strict=True)), (method, block)
+
+
+def test_results_record_no_path_of_the_machine(smoke_results: Path) -> None:
+    for path in smoke_results.rglob("*.json"):
+        text = path.read_text()
+        assert str(smoke_results) not in text and "no-data-here" not in text, path
 
 
 def test_plot_draws_pngs(smoke_results: Path, tmp_path: Path) -> None:
     written = plot.draw_all(smoke_results, tmp_path)
     names = {p.name for p in written}
-    assert {"all_runs.png", "fig1_explanations.png", "fig3_estimators.png"} <= names
+    assert {"fig1_explanations.png", "fig3_estimators.png", "fig4_curvature.png",
+            "fig5_update_norm.png", "permuted_mnist.png", "regularizers.png"} <= names
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_summary_has_a_row_per_run_and_metric(smoke_results: Path) -> None:
-    lines = summarize.summary_lines(smoke_results, window=1)
-    rows = [line for line in lines[2:] if "| acc_end |" in line]
-    assert len(rows) == len(run.preset_runs("smoke"))
-    assert any("| hess_rank_exact_start |" in line for line in lines)
+def test_reproduction_table_has_a_row_per_target(tmp_path: Path) -> None:
+    # 5 tasks: enough for the windows (tasks 2-4 and the last 3)
+    out = tmp_path / "res"
+    argv = ["--preset", "smoke", "--out", str(out), "--no-progress", "--tasks", "5"]
+    assert run.main(argv) == 0
+    runs = analysis.load_runs(out)
+    rows = [line.split(" | ")[0] for line in summarize.reproduction_table(runs)[2:]]
+    assert rows == ["| 1 (v4 reading)", "| 1 (v1 reading)", "| 2 (v3/v4 reading)",
+                    "| 2 (v1 reading)", "| 3", "| 4", "| 5", "| 6", "| 7"]
+    lines = summarize.metric_lines(runs)
+    assert sum("| acc_end |" in line for line in lines) == len(runs)
 
 
 def test_resume_finishes_without_redoing_tasks(tmp_path: Path) -> None:
     cfg = tiny_config()
-    full = run_experiment(cfg, tmp_path / "full")
+    full = run_experiment(cfg, tmp_path / "full", "")
     part_dir = tmp_path / "part"
-    run_experiment(cfg, part_dir, stop_after=1)
+    run_experiment(cfg, part_dir, "", stop_after=1)
     assert experiment.finished_tasks(part_dir) == 1
     first = part_dir / "tasks" / "0000.json"
     first_bytes, first_mtime = first.read_bytes(), first.stat().st_mtime_ns
     # a kill in the middle of a write leaves only a temporary file behind
     (part_dir / "tasks" / "0001.json.tmp").write_text("{trunc")
-    resumed = run_experiment(cfg, part_dir)
+    resumed = run_experiment(cfg, part_dir, "")
     assert first.read_bytes() == first_bytes and first.stat().st_mtime_ns == first_mtime
     assert strip_times(resumed) == strip_times(full)
     assert experiment.finished_tasks(part_dir) == cfg.tasks
 
 
-def test_rerun_with_other_config_is_refused(tmp_path: Path) -> None:
-    run_experiment(tiny_config(tasks=1), tmp_path)
-    with pytest.raises(ValueError, match="different configuration"):
-        run_experiment(tiny_config(tasks=1, lr=0.5), tmp_path)
+def test_rerun_with_other_config_is_refused_naming_the_field(tmp_path: Path) -> None:
+    run_experiment(tiny_config(tasks=1), tmp_path, "")
+    with pytest.raises(SetupError, match=r"another configuration: lr \(saved 0.001, now 0.5\)"):
+        run_experiment(tiny_config(tasks=1, lr=0.5), tmp_path, "")
     # a field added to Config after the run was saved, at its default, is the same configuration
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["overlap_k"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert len(run_experiment(tiny_config(tasks=1), tmp_path)) == 1
+    assert len(run_experiment(tiny_config(tasks=1), tmp_path, "")) == 1
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "deleted":
+        path.unlink()
+    else:  # truncated, as a full disk or a copy interrupted half-way would leave it
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# (file, damage): every way a finished run's folder was found broken; each is detected before
+# any work, in one line naming the file, and nothing in the folder changes.
+DAMAGE_CASES = [
+    ("tasks/0000.json", "deleted"),
+    ("tasks/0001.json", "truncated"),
+    ("config.json", "truncated"),
+    ("config.json", "deleted"),
+    ("checkpoint.pt", "truncated"),
+]
+
+
+@pytest.mark.parametrize(("name", "how"), DAMAGE_CASES)
+def test_damaged_run_folder_is_reported_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, how: str
+) -> None:
+    cfg = tiny_config(tasks=3)
+    run_dir = tmp_path / cfg.name
+    run_experiment(cfg, run_dir, "", stop_after=2)
+    _damage(run_dir / name, how)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(SetupError, match=str(run_dir / name).replace(".", r"\.")):
+        run_experiment(cfg, run_dir, "")
+    with pytest.raises(SetupError):  # plotting and summarizing refuse a gap too
+        analysis.load_runs(tmp_path) if name.startswith("tasks") else experiment.resume_state(
+            cfg, run_dir)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    # the command line says it in one line and exits 2
+    argv = ["--problem", "synthetic", "--name", cfg.name, "--out", str(tmp_path), "--no-progress",
+            "--num-samples", "48", "--width", "12", "--epochs", "2", "--batch-size", "16",
+            "--tasks", "3", "--seeds", "3", "--hess-samples", "24", "--eval-samples", "48"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and name.split("/")[-1] in err
+
+
+def test_deleted_checkpoint_redoes_the_run_to_the_same_numbers(tmp_path: Path) -> None:
+    cfg = tiny_config(tasks=2)
+    first = run_experiment(cfg, tmp_path, "")
+    (tmp_path / "checkpoint.pt").unlink()
+    assert strip_times(run_experiment(cfg, tmp_path, "")) == strip_times(first)
+
+
+def test_exact_over_budget_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    cfg = tiny_config(hess_methods=["fisher", "exact"], hess_max_memory=1e3)
+    with pytest.raises(SetupError, match="exact Hessian of block 'all' needs about"):
+        run_experiment(cfg, tmp_path / "run", "")
+    assert not (tmp_path / "run").exists()
+    # the last-two-layers block is smaller: a budget between the two sizes admits only it
+    ok = tiny_config(hess_methods=["exact"], hess_blocks=["last2"], hess_max_memory=5e6, tasks=1)
+    assert len(run_experiment(ok, tmp_path / "last2", "")) == 1
+
+
+def test_last2_block_is_the_last_two_linear_layers() -> None:
+    model = BatchedMLP([3], 5, 4, 2, 3, "tanh")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 10, 5, generator=g), torch.randint(3, (1, 10), generator=g)
+    measured = metrics.hessian_ranks(model, x, y, ["exact"], ["last2"], 0.99, 20, 2, 2**30)
+    assert measured["hess_cap_exact_last2"] == [4 * 4 + 4 + 4 * 3 + 3]
+    # reference: the same network with its first layer frozen, analysed on all trainable params
+    net = model.to_module(0)
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    import hessrank
+
+    ref = hessrank.effective_rank(net, torch.nn.CrossEntropyLoss(), (x[0], y[0]), method="exact")
+    assert measured["hess_rank_exact_last2"] == [ref.rank]
+    assert measured["hess_top_exact_last2"] == [pytest.approx(ref.top_eigenvalue, rel=1e-6)]
+
+
+def test_missing_mnist_gives_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SetupError, match="MNIST not found"):
+        make_problem("random_label_mnist", str(tmp_path), 100)
+    argv = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress",
+            "--tasks", "1"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: MNIST not found") and "\n" not in err
+    assert not (tmp_path / "out" / "run").exists()
+
+
+def test_presets_cover_the_paper_settings() -> None:
+    default = {r.name: r for r in run.preset_runs("default")}
+    for act in ("relu", "leaky_relu", "tanh", "identity"):
+        assert default[f"act_{act}"].tasks == 30
+        assert default[f"act_{act}"].hess_blocks == ["all", "last2"]
+        assert default[f"permuted_{act}"].problem == "permuted_mnist"
+        assert "exact" in default[f"exact_{act}"].hess_methods
+    for act in run.REG_SWEEP_ACTIVATIONS:
+        for reg in ("l2", "l2_init", "shrink_perturb", "wasserstein"):
+            swept = {r.reg_strength for r in default.values()
+                     if r.reg == reg and r.activation == act}
+            assert len(swept) >= 3, (reg, act)
+    paper = run.preset_runs("paper")
+    assert len(paper) == len(default)
+    assert all(len(r.seeds) == 30 and r.tasks == 30 for r in paper)
+
+
+@pytest.mark.parametrize(
+    ("series", "expected"),
+    [
+        # falls from 10 (task 2) to 0 (last 3): half the fall is reached at task 4
+        ([12.0, 10, 8, 5, 2, 0, 0, 0], 4.0),
+        ([12.0, 10, 10, 10, 10, 1, 0, 0], 6.0),
+        ([1.0, 2, 3, 4, 5, 6, 7, 8], float("nan")),  # rises: no fall
+    ],
+)
+def test_half_fall_task(series: list[float], expected: float) -> None:
+    got = analysis.half_fall_task(torch.tensor(series).numpy())
+    assert got == pytest.approx(expected, nan_ok=True)
+
+
+def test_lead_is_positive_when_the_rank_falls_first() -> None:
+    tasks = torch.arange(10.0).numpy()
+    accuracy = 1.0 / (1.0 + (tasks / 6.0) ** 6)  # falls around task 7
+    rank = 1.0 / (1.0 + (tasks / 3.0) ** 6)  # falls around task 4
+    both = lambda c: torch.tensor(c).repeat(3, 1).T.numpy()  # noqa: E731 (3 identical seeds)
+    mean, _, seeds = analysis.lead(both(rank), both(accuracy))
+    assert mean > 0 and seeds == 3
+    assert analysis.lead(both(accuracy), both(rank))[0] == -mean
+
+
+def test_windows_leave_out_task_1() -> None:
+    values = torch.tensor([[100.0], [1.0], [1.0], [1.0], [5.0], [2.0], [2.0], [2.0]]).numpy()
+    change = analysis.early_late(values)
+    assert (change.early, change.late) == (1.0, 2.0)
 
 
 @pytest.mark.parametrize("reg", ["none", "shrink_perturb", "wasserstein"])
 def test_batched_seeds_equal_sequential(tmp_path: Path, reg: str) -> None:
     cfg = tiny_config(tasks=2, reg=reg, reg_strength=1e-2, hess_methods=[])
-    batched = run_experiment(cfg, tmp_path / "batched")
-    alone = run_experiment(dataclasses.replace(cfg, seeds=[1]), tmp_path / "alone")
+    batched = run_experiment(cfg, tmp_path / "batched", "")
+    alone = run_experiment(dataclasses.replace(cfg, seeds=[1]), tmp_path / "alone", "")
     for rb, ra in zip(batched, alone, strict=True):
         for key, values in ra["metrics"].items():
             assert rb["metrics"][key][1] == pytest.approx(values[0], rel=1e-4, abs=1e-5), key
@@ -183,37 +348,40 @@ def test_gradient_overlap_grows_with_the_subspace() -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 12, 5, generator=g), torch.randint(3, (2, 12), generator=g)
     num_params = sum(p[0].numel() for p in model.parameters())
-    one = metrics.gradient_overlap(model, x, y, 1)
-    every = metrics.gradient_overlap(model, x, y, num_params)
+    one = metrics.gradient_overlap(model, x, y, 1, 2**30)
+    every = metrics.gradient_overlap(model, x, y, num_params, 2**30)
     assert all(0.0 <= a <= b + 1e-9 for a, b in zip(one, every, strict=True))
     assert every == pytest.approx([1.0, 1.0], abs=1e-6)
 
 
 def test_missing_cifar10_fails_with_a_clear_message(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="CIFAR-10 not found"):
+    with pytest.raises(SetupError, match="CIFAR-10 not found"):
         make_problem("random_label_cifar10", str(tmp_path), 100)
-    with pytest.raises(FileNotFoundError, match="ImageNet not found"):
+    with pytest.raises(SetupError, match="ImageNet not found"):
         make_problem("continual_imagenet32", str(tmp_path), 100)
 
 
 MNIST_PROBLEMS = ["random_label_mnist", "permuted_mnist", "label_shuffled_mnist"]
 
 
-@pytest.mark.skipif(mnist_dir() is None, reason="no MNIST copy found (set HESSRANK_TEST_DATA)")
+@NEEDS_MNIST
 @pytest.mark.parametrize("problem", MNIST_PROBLEMS)
 def test_mnist_smoke(tmp_path: Path, problem: str) -> None:
     cfg = Config(
-        problem=problem, data_dir=str(mnist_dir()), num_samples=64, downsample=4, width=8,
+        problem=problem, num_samples=64, downsample=4, width=8,
         tasks=2, epochs=1, seeds=[0], hess_samples=16, eval_samples=64,
     )
-    records = run_experiment(cfg, tmp_path)
+    records = run_experiment(cfg, tmp_path, str(mnist_dir()), stop_after=1)
+    # the same data folder spelled with a trailing slash is the same configuration: resumes
+    records = run_experiment(cfg, tmp_path, str(mnist_dir()) + "/")
     assert [r["task"] for r in records] == [0, 1]
     assert all(0.0 <= r["metrics"]["acc_end"][0] <= 1.0 for r in records)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["problem"] == problem and saved["num_samples"] == 64
+    assert str(mnist_dir()) not in (tmp_path / "config.json").read_text()
 
 
-@pytest.mark.skipif(mnist_dir() is None, reason="no MNIST copy found (set HESSRANK_TEST_DATA)")
+@NEEDS_MNIST
 def test_mnist_task_kinds_change_what_they_should() -> None:
     data = str(mnist_dir())
     shuffled = make_problem("label_shuffled_mnist", data, 200, downsample=4)

@@ -7,7 +7,10 @@ Layout of a run directory::
     checkpoint.pt        model, optimizer and initial weights after the last finished task
 
 A run killed at any point resumes from ``checkpoint.pt``: finished tasks are not redone and a task
-file is only ever replaced whole (temporary file + ``os.replace``).
+file is only ever replaced whole (temporary file + ``os.replace``). A missing or damaged file
+(deleted, truncated) is detected on resume and reported in one line naming it; no task is ever
+silently skipped. The data folder is not part of the configuration: results do not depend on
+where the images are stored, and no path of the machine is written into a run directory.
 """
 
 from __future__ import annotations
@@ -15,16 +18,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
+import hessrank
 from plasticity import metrics
 from plasticity.model import BatchedMLP, per_seed_cross_entropy, per_seed_norm
-from plasticity.problems import Problem, Task, default_data_dir, make_problem, task_generator
+from plasticity.problems import Problem, SetupError, Task, make_problem, task_generator
 from plasticity.regularizers import (
     feature_rank_penalty,
     l2_init_penalty,
@@ -34,16 +41,24 @@ from plasticity.regularizers import (
 )
 
 BATCH_ORDER_STREAM, NOISE_STREAM = 1, 2
+# Keys an older config.json may hold that no longer describe the run (where the data was).
+NOT_CONFIGURATION = ("data_dir", "download")
 
 
 @dataclass
 class Config:
-    """Everything a run depends on. Defaults are ours where paper.md says (ours)."""
+    """Everything a run's results depend on. Defaults are ours where paper.md says (ours).
+
+    The default is the main setting: Random-Label MNIST on 300 images, an MLP 784-128-128-10,
+    Adam 1e-3, 30 epochs of batch 32 per task. 300 images have a pixel matrix of full rank 300
+    (smallest singular value 0.79), so a linear network can memorise any labelling; 600 images
+    have rank 562 and cannot be memorised by a linear map (v1 had 600 here and its linear network
+    stayed at 0.70-0.82 accuracy).
+    """
 
     name: str = "run"
     problem: str = "random_label_mnist"
-    data_dir: str = field(default_factory=default_data_dir)
-    num_samples: int = 600  # images in the fixed subset (Random-Label MNIST: below 784)
+    num_samples: int = 300  # images in the fixed subset (Random-Label MNIST: below 784)
     downsample: int = 1  # average-pool images by this factor (4: 7x7 MNIST)
     subset_seed: int = 0  # picks the fixed image subset, shared by all seeds
     activation: str = "relu"
@@ -52,22 +67,23 @@ class Config:
     optimizer: str = "adam"
     lr: float = 1e-3
     batch_size: int = 32
-    epochs: int = 20  # passes over the task's data per task
+    epochs: int = 30  # passes over the task's data per task
     tasks: int = 30
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     reg: str = "none"
     reg_strength: float = 0.0  # lambda of the penalty; per-step shrink for shrink_perturb
     sp_noise: float = 1e-3  # Shrink & Perturb noise standard deviation
     hess_methods: list[str] = field(default_factory=lambda: ["fisher"])
-    hess_samples: int = 600  # samples of the task the Hessian is measured on
+    hess_blocks: list[str] = field(default_factory=lambda: ["all"])  # see metrics.BLOCKS
+    hess_samples: int = 300  # samples of the task the Hessian is measured on
     hess_threshold: float = 0.99
+    hess_max_memory: float = 4 * 2**30  # budget of method exact (bytes), checked before a run
     lanczos_steps: int = 80
     lanczos_probes: int = 8
     overlap: bool = False  # task-start gradient overlap with the top exact-Hessian subspace
     overlap_k: int | None = None  # dimension of that subspace (None: the Hessian's srank)
     eval_samples: int = 1000  # samples for end-of-task accuracy and unit / feature statistics
     dormant_tau: float = 0.01
-    download: bool = False  # let torchvision download CIFAR-10 when missing
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -82,15 +98,133 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a damaged file is a :class:`SetupError` naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SetupError(f"{path} is damaged (not valid JSON: {err}); {_REDO_HINT}") from None
+
+
+_REDO_HINT = "delete the run's folder to redo it from task 1 (the seed fixes every number)"
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    """The checkpoint of ``run_dir`` (None when there is none).
+
+    Raises:
+        SetupError: the checkpoint is truncated or otherwise unreadable.
+    """
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=False)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise SetupError(f"{path} is damaged ({type(err).__name__}); {_REDO_HINT}") from None
+
+
 def finished_tasks(run_dir: Path) -> int:
     """How many tasks the checkpoint in ``run_dir`` covers (0 when none)."""
-    ckpt = run_dir / "checkpoint.pt"
-    return torch.load(ckpt, weights_only=False)["tasks_done"] if ckpt.exists() else 0
+    state = load_checkpoint(run_dir)
+    return 0 if state is None else int(state["tasks_done"])
 
 
-def load_task_results(run_dir: Path) -> list[dict]:
-    """The per-task records of a run, in task order."""
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "tasks").glob("*.json"))]
+def load_task_results(run_dir: Path, expected: int | None = None) -> list[dict]:
+    """The per-task records of a run, in task order, checked to be tasks 0, 1, 2, ... .
+
+    Args:
+        run_dir: a run directory.
+        expected: the number of tasks that must be present (default: as many as there are files).
+
+    Raises:
+        SetupError: a task file is missing (a gap, or fewer than ``expected``) or damaged.
+    """
+    files = sorted((run_dir / "tasks").glob("[0-9][0-9][0-9][0-9].json"))
+    count = len(files) if expected is None else expected
+    records = []
+    for t in range(max(count, len(files))):
+        path = run_dir / "tasks" / f"{t:04d}.json"
+        if not path.exists():
+            raise SetupError(f"{path} is missing although the run has finished task "
+                             f"{max(count, len(files))}; {_REDO_HINT}")
+        record = _read_json(path)
+        if record.get("task") != t:
+            raise SetupError(f"{path} holds task {record.get('task')}, not task {t}; {_REDO_HINT}")
+        records.append(record)
+    return records
+
+
+def config_differences(saved: dict, cfg: Config) -> list[str]:
+    """``field (saved X, now Y)`` for each field where ``saved`` (a config.json) differs."""
+    defaults = dataclasses.asdict(Config())
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    # fields added to Config after the run was saved count as having their default value
+    before = json.loads(json.dumps({**defaults, **saved}))
+    for key in NOT_CONFIGURATION:
+        before.pop(key, None)
+    return [
+        f"{key} (saved {before.get(key)!r}, now {now.get(key)!r})"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key)
+    ]
+
+
+def resume_state(cfg: Config, run_dir: Path) -> dict | None:
+    """Check that ``run_dir`` can hold ``cfg``'s run and return its checkpoint (None: fresh run).
+
+    Reads only: the saved configuration must equal ``cfg``, and every task the checkpoint covers
+    must have its intact task file.
+
+    Raises:
+        SetupError: another configuration (naming each differing field), or a missing or
+            damaged config, checkpoint or task file (naming it).
+    """
+    cfg_path = run_dir / "config.json"
+    if cfg_path.exists():
+        differences = config_differences(_read_json(cfg_path), cfg)
+        if differences:
+            raise SetupError(
+                f"{run_dir} holds results of another configuration: {'; '.join(differences)}; "
+                "pass another --out directory or delete that folder"
+            )
+    elif (run_dir / "checkpoint.pt").exists() or any((run_dir / "tasks").glob("*.json")):
+        raise SetupError(f"{cfg_path} is missing but the folder holds results; {_REDO_HINT}")
+    state = load_checkpoint(run_dir)
+    load_task_results(run_dir, expected=0 if state is None else int(state["tasks_done"]))
+    return state
+
+
+def _megabytes(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:.3g} MiB"
+
+
+def check_exact_budget(cfg: Config, problem: Problem) -> None:
+    """Refuse, before anything is written, a run whose exact Hessian exceeds its memory budget.
+
+    Raises:
+        SetupError: ``method="exact"`` (or the gradient overlap, which needs it) on some block
+            would need more than ``cfg.hess_max_memory`` bytes.
+    """
+    if "exact" not in cfg.hess_methods and not cfg.overlap:
+        return
+    model = BatchedMLP(cfg.seeds[:1], problem.input_dim, cfg.width, cfg.depth,
+                       problem.num_classes, cfg.activation)
+    x, y = problem.task(cfg.seeds[:1], 0).first(cfg.hess_samples)
+    net = model.to_module(0)
+    blocks = cfg.hess_blocks if "exact" in cfg.hess_methods else ["all"]
+    for block in blocks:
+        memory, _ = hessrank.predict_exact_cost(
+            net, nn.CrossEntropyLoss(), (x[0], y[0]), params=metrics.block_params(net, block)
+        )
+        if memory > cfg.hess_max_memory:
+            raise SetupError(
+                f"run {cfg.name}: the exact Hessian of block {block!r} needs about "
+                f"{_megabytes(memory)}, over hess_max_memory = "
+                f"{_megabytes(cfg.hess_max_memory)}; drop exact from --hess-methods (fisher, "
+                "ggn and lanczos have no such cost), use --hess-blocks last2, or raise "
+                "--hess-max-memory"
+            )
 
 
 class Trainer:
@@ -152,13 +286,17 @@ class Trainer:
             f"grad_norm_{when}": metrics.full_batch_gradient_norm(model, x, y),
         }
         xh, yh = task.first(cfg.hess_samples)
-        ranks = metrics.hessian_ranks(
-            model, xh, yh, cfg.hess_methods, cfg.hess_threshold, cfg.lanczos_steps,
-            cfg.lanczos_probes,
-        )
-        out.update({f"{k}_{when}": v for k, v in ranks.items()})
+        out.update({
+            f"{k}_{when}": v
+            for k, v in metrics.hessian_ranks(
+                model, xh, yh, cfg.hess_methods, cfg.hess_blocks, cfg.hess_threshold,
+                cfg.lanczos_steps, cfg.lanczos_probes, cfg.hess_max_memory,
+            ).items()
+        })
         if cfg.overlap and when == "start":
-            out[f"overlap_{when}"] = metrics.gradient_overlap(model, xh, yh, cfg.overlap_k)
+            out[f"overlap_{when}"] = metrics.gradient_overlap(
+                model, xh, yh, cfg.overlap_k, cfg.hess_max_memory
+            )
         if when == "end":
             out.update(metrics.unit_stats(model, x, cfg.dormant_tau))
             out["feature_rank"] = metrics.feature_rank(model, x, cfg.hess_threshold)
@@ -199,42 +337,60 @@ class Trainer:
         return {f"{k}_online": (v / max(steps, 1)).tolist() for k, v in sums.items()}
 
 
+def prepare_run(
+    cfg: Config, run_dir: Path, data_dir: str, download: bool = False
+) -> tuple[dict | None, Problem]:
+    """Every check that can refuse ``cfg`` in ``run_dir``, writing nothing.
+
+    Returns:
+        The checkpoint to resume from (None for a fresh run) and the loaded problem.
+
+    Raises:
+        SetupError: see :func:`resume_state`, :func:`check_exact_budget` and the data loaders.
+    """
+    state = resume_state(cfg, run_dir)
+    problem = make_problem(
+        cfg.problem, data_dir, cfg.num_samples, cfg.subset_seed, cfg.downsample, download
+    )
+    check_exact_budget(cfg, problem)
+    return state, problem
+
+
 def run_experiment(
     cfg: Config,
     run_dir: Path,
+    data_dir: str,
+    download: bool = False,
     on_task_done: Callable[[int], None] | None = None,
     stop_after: int | None = None,
 ) -> list[dict]:
     """Run (or resume) ``cfg`` in ``run_dir``; return all task records.
 
-    ``on_task_done(t)`` is called after each task is saved; ``stop_after`` ends the call after that
-    many newly finished tasks (as an interruption would), leaving a resumable run.
+    Everything that can refuse the run (another configuration in ``run_dir``, damaged files,
+    missing data, the exact Hessian over budget) is checked before anything is written.
+
+    Args:
+        cfg: the configuration.
+        run_dir: the run's directory (created).
+        data_dir: the folder holding the data sets (not recorded: results do not depend on it).
+        download: let torchvision download MNIST / CIFAR-10 into ``data_dir`` when missing.
+        on_task_done: called with the task index after each task is saved.
+        stop_after: end the call after that many newly finished tasks (as an interruption
+            would), leaving a resumable run.
+
+    Raises:
+        SetupError: one of the checks above failed; the message names the file or setting.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "tasks").mkdir(exist_ok=True)
-    cfg_path = run_dir / "config.json"
-    cfg_dict = dataclasses.asdict(cfg)
-    if cfg_path.exists():
-        # fields added to Config after the run was saved count as having their default value
-        saved = {**dataclasses.asdict(Config()), **json.loads(cfg_path.read_text())}
-        if json.loads(json.dumps(saved)) != json.loads(json.dumps(cfg_dict)):
-            raise ValueError(
-                f"{run_dir} holds results of a different configuration; "
-                "pass another --out directory or delete it"
-            )
-    else:
-        _atomic_write_text(cfg_path, json.dumps(cfg_dict, indent=1))
     torch.manual_seed(0)  # nothing should draw from the global RNG; this makes sure of it anyway
-    problem = make_problem(
-        cfg.problem, cfg.data_dir, cfg.num_samples, cfg.subset_seed, cfg.downsample, cfg.download
-    )
+    state, problem = prepare_run(cfg, run_dir, data_dir, download)
+    done = 0 if state is None else int(state["tasks_done"])
+    (run_dir / "tasks").mkdir(parents=True, exist_ok=True)
+    cfg_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
+    if not cfg_path.exists():
+        _atomic_write_text(cfg_path, json.dumps(dataclasses.asdict(cfg), indent=1))
     trainer = Trainer(cfg, problem)
-    ckpt_path = run_dir / "checkpoint.pt"
-    done = 0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+    if state is not None:
         trainer.load_state_dict(state)
-        done = state["tasks_done"]
     last = cfg.tasks if stop_after is None else min(cfg.tasks, done + stop_after)
     for t in range(done, last):
         began = time.perf_counter()

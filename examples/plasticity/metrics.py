@@ -57,44 +57,84 @@ def full_batch_gradient_norm(model: BatchedMLP, x: torch.Tensor, y: torch.Tensor
     return sum(g.pow(2).flatten(1).sum(1) for g in grads).sqrt().tolist()
 
 
+BLOCKS = ("all", "last2")
+
+
+def block_params(net: nn.Sequential, block: str) -> list[torch.Tensor] | None:
+    """The parameters of ``block`` in ``net``: ``all`` (None: every parameter) or ``last2``.
+
+    ``last2`` is the weights and biases of the last two ``nn.Linear`` layers, the block the
+    reviews of v1 describe the paper's Hessian rank as being computed on.
+    """
+    if block == "all":
+        return None
+    if block == "last2":
+        linears = [m for m in net if isinstance(m, nn.Linear)]
+        return [p for lin in linears[-2:] for p in lin.parameters()]
+    raise ValueError(f"unknown parameter block {block!r}; choose one of {BLOCKS}")
+
+
+def hess_key(quantity: str, method: str, block: str) -> str:
+    """Metric name of a curvature ``quantity`` (rank, top, cap, ...) of ``method`` on ``block``.
+
+    ``hess_rank_fisher`` for the whole network, ``hess_rank_fisher_last2`` for the last two
+    layers (the task-start / task-end suffix is added by the caller).
+    """
+    return f"hess_{quantity}_{method}" + ("" if block == "all" else f"_{block}")
+
+
 def hessian_ranks(
     model: BatchedMLP,
     x: torch.Tensor,
     y: torch.Tensor,
     methods: list[str],
+    blocks: list[str],
     threshold: float,
     lanczos_steps: int,
     lanczos_probes: int,
+    max_memory: float,
 ) -> dict[str, list]:
-    """For each method, srank and the top eigenvalue per seed, from ``hessrank.effective_rank``.
+    """For each method and parameter block, srank, top eigenvalue and rank cap per seed.
 
-    Each seed's weights become an ordinary ``nn.Sequential`` evaluated on its own batch.
-    Keys: ``hess_rank_<method>``, ``hess_top_<method>``, plus ``hess_rank_lanczos_lo``/``_hi``.
+    Each seed's weights become an ordinary ``nn.Sequential`` evaluated on its own batch
+    (``x`` (S, n, D), ``y`` (S, n)) and passed to ``hessrank.effective_rank``. Keys (see
+    ``hess_key``): ``hess_rank_*``, ``hess_top_*``, ``hess_cap_*`` (the structural maximum rank:
+    ``min(P, n)`` for EF, ``min(P, n(C-1))`` for GGN, ``P`` for exact and Lanczos) and, for
+    Lanczos, ``hess_rank_lanczos*_lo`` / ``_hi`` (its rank interval).
     """
     loss_fn = nn.CrossEntropyLoss()
     out: dict[str, list] = {}
     for s in range(model.num_seeds):
         net = model.to_module(s)
-        for method in methods:
-            res = hessrank.effective_rank(
-                net, loss_fn, (x[s], y[s]), method=method, threshold=threshold,
-                lanczos_steps=lanczos_steps, lanczos_probes=lanczos_probes, seed=model.seeds[s],
-            )
-            out.setdefault(f"hess_rank_{method}", []).append(int(res.rank))
-            out.setdefault(f"hess_top_{method}", []).append(float(res.top_eigenvalue))
-            if res.rank_interval is not None:
-                lo, hi = res.rank_interval
-                out.setdefault(f"hess_rank_{method}_lo", []).append(int(lo))
-                out.setdefault(f"hess_rank_{method}_hi", []).append(int(hi))
+        for block in blocks:
+            params = block_params(net, block)
+            for method in methods:
+                res = hessrank.effective_rank(
+                    net, loss_fn, (x[s], y[s]), method=method, threshold=threshold,
+                    params=params, max_memory=max_memory, lanczos_steps=lanczos_steps,
+                    lanczos_probes=lanczos_probes, seed=model.seeds[s],
+                )
+                rank_key = hess_key("rank", method, block)
+                values = {
+                    rank_key: int(res.rank),
+                    hess_key("top", method, block): float(res.top_eigenvalue),
+                    hess_key("cap", method, block): int(min(res.max_rank, res.num_params)),
+                }
+                if res.rank_interval is not None:
+                    lo, hi = res.rank_interval
+                    values[f"{rank_key}_lo"], values[f"{rank_key}_hi"] = int(lo), int(hi)
+                for key, value in values.items():
+                    out.setdefault(key, []).append(value)
     return out
 
 
 def gradient_overlap(
-    model: BatchedMLP, x: torch.Tensor, y: torch.Tensor, k: int | None
+    model: BatchedMLP, x: torch.Tensor, y: torch.Tensor, k: int | None, max_memory: float
 ) -> list[float]:
     """Fraction of ||grad||^2 in the top-k (default: srank) exact-Hessian eigenspace, per seed."""
     loss_fn = nn.CrossEntropyLoss()
     return [
-        float(hessrank.gradient_overlap(model.to_module(s), loss_fn, (x[s], y[s]), k=k))
+        float(hessrank.gradient_overlap(model.to_module(s), loss_fn, (x[s], y[s]), k=k,
+                                        max_memory=max_memory))
         for s in range(model.num_seeds)
     ]

@@ -1,17 +1,19 @@
-"""Draw Figures 1-5 and the regularizer comparison from a results directory.
+"""Draw Figures 1-5, Permuted MNIST and the regularizer sweep from a results directory.
 
     python examples/plasticity/plot.py RESULTS_DIR [--out FIG_DIR]
 
 Each curve is the mean over seeds with the 95% confidence interval of the mean (Student t) as a
-band. A figure whose runs are missing from RESULTS_DIR is skipped; ``all_runs.png`` (accuracy and
-Hessian rank of every run) is always drawn.
+band. Colours mean the same thing in every figure: one per activation, one per regularizer, one
+per Hessian estimator; a regularizer's strengths are told apart by line style. A panel holds one
+setting only (the main and the exact-size settings are never drawn on one axis). A figure whose
+runs are missing from RESULTS_DIR is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -19,113 +21,269 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-ACTS = ["act_relu", "act_leaky_relu", "act_tanh", "act_identity"]
-REGS = [
-    "act_relu", "reg_l2_relu", "reg_l2_init_relu", "reg_shrink_perturb_relu",
-    "reg_wasserstein_relu",
-]
-LABELS = {
-    "acc_end": "end-of-task train accuracy",
-    "acc_online": "online train accuracy",
-    "loss_end": "end-of-task train loss",
-    "dead_frac": "dead units (fraction)",
-    "dormant_frac": "dormant units (fraction)",
-    "active_frac": "active fraction",
-    "feature_rank": "feature rank (srank)",
-    "weight_norm": "weight norm",
-    "grad_norm_start": "gradient norm at task start",
-    "grad_norm_online": "avg. gradient norm",
-    "update_norm_online": "avg. update norm",
-    "dist_init": "distance from init",
-    "hess_rank_fisher_start": "Hessian rank (EF) at task start",
-    "hess_rank_fisher_end": "Hessian rank (EF) at task end",
-    "overlap_start": "grad. overlap with top Hessian at task start",
+if __package__ in (None, ""):  # run as a file: make examples/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from plasticity.analysis import RunData, load_runs, mean_ci  # noqa: E402
+from plasticity.model import ACTIVATIONS  # noqa: E402
+from plasticity.problems import SetupError  # noqa: E402
+from plasticity.regularizers import REGULARIZERS  # noqa: E402
+
+ACT_COLORS = {"relu": "#1f77b4", "leaky_relu": "#ff7f0e", "tanh": "#2ca02c",
+              "identity": "#9467bd"}
+REG_COLORS = {"none": "#555555", "l2": "#d62728", "l2_init": "#8c564b",
+              "shrink_perturb": "#e377c2", "wasserstein": "#17becf", "feature_rank": "#bcbd22"}
+METHOD_STYLES = {"exact": ("black", "-"), "lanczos": ("black", ":"), "ggn": ("#a6761d", "--"),
+                 "fisher": ("#e6ab02", "-")}
+METHOD_NAMES = {"exact": "exact", "lanczos": "Lanczos (SLQ)", "ggn": "GGN",
+                "fisher": "empirical Fisher"}
+STRENGTH_STYLES = (":", "--", "-")  # weakest to strongest
+TASK_AXIS = "task (task 1 starts untrained)"
+SRANK = "srank (eigen-directions)"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a metric is titled and what its y axis shows (with units)."""
+
+    title: str
+    ylabel: str
+
+
+METRICS = {
+    "acc_end": Metric("end-of-task train accuracy", "accuracy (fraction of the task's images)"),
+    "acc_online": Metric("online train accuracy (task average)", "accuracy (fraction)"),
+    "dead_frac": Metric("dead units", "fraction of hidden units"),
+    "dormant_frac": Metric("dormant units (tau 0.01)", "fraction of hidden units"),
+    "active_frac": Metric("active (unit, input) pairs", "fraction of pairs"),
+    "feature_rank": Metric("feature rank (penultimate layer)", "srank (of width 128)"),
+    "weight_norm": Metric("weight norm ||theta||", "L2 norm (parameter units)"),
+    "dist_init": Metric("distance from init ||theta - theta_0||", "L2 norm (parameter units)"),
+    "grad_norm_start": Metric("full-batch gradient norm at task start", "L2 norm of gradient"),
+    "update_norm_online": Metric("average update norm ||theta_t+1 - theta_t||",
+                                 "L2 norm per step"),
+    "hess_rank_fisher_start": Metric("EF Hessian rank at task start, whole network", SRANK),
+    "hess_rank_fisher_last2_start": Metric("EF Hessian rank at task start, last two layers",
+                                           SRANK),
+    "hess_rank_fisher_end": Metric("EF Hessian rank at task end, whole network", SRANK),
+    "hess_rank_fisher_last2_end": Metric("EF Hessian rank at task end, last two layers", SRANK),
+    "hess_rank_exact_start": Metric("exact Hessian rank at task start, whole network", SRANK),
+    "hess_rank_exact_last2_start": Metric("exact Hessian rank at task start, last two layers",
+                                          SRANK),
+    "overlap_start": Metric("gradient share in top-srank Hessian eigenspace (start)",
+                            "share of ||g||^2"),
 }
 
-Runs = dict[str, dict[str, np.ndarray]]
 
-
-def load_runs(results: Path) -> Runs:
-    """run name -> metric -> array (tasks, seeds)."""
-    runs: Runs = {}
-    for run_dir in sorted(p for p in results.iterdir() if (p / "tasks").is_dir()):
-        records = [json.loads(f.read_text()) for f in sorted((run_dir / "tasks").glob("*.json"))]
-        if not records:
-            continue
-        keys = set.intersection(*(set(r["metrics"]) for r in records))
-        runs[run_dir.name] = {
-            k: np.array([r["metrics"][k] for r in records], dtype=float) for k in sorted(keys)
-        }
-    return runs
-
-
-def mean_ci(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over seeds (axis 1) and the half-width of its 95% confidence interval."""
-    n = values.shape[1]
-    mean = values.mean(1)
-    if n < 2:
-        return mean, np.zeros_like(mean)
-    half = stats.t.ppf(0.975, n - 1) * values.std(1, ddof=1) / np.sqrt(n)
-    return mean, half
-
-
-def band(ax: plt.Axes, values: np.ndarray, label: str, color: str | None = None) -> None:
-    """One mean curve with its confidence band, tasks numbered from 1."""
+def band(ax: plt.Axes, values: np.ndarray, label: str, color: str, style: str = "-") -> None:
+    """One mean curve over seeds with its 95% confidence band, tasks numbered from 1."""
     mean, half = mean_ci(values)
     x = np.arange(1, len(mean) + 1)
-    (line,) = ax.plot(x, mean, label=label, color=color)
-    ax.fill_between(x, mean - half, mean + half, alpha=0.25, color=line.get_color())
+    ax.plot(x, mean, style, label=label, color=color, lw=1.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if not np.isnan(half).all():
+        ax.fill_between(x, mean - half, mean + half, alpha=0.18, color=color, lw=0)
 
 
-def panel_figure(
-    runs: Runs, names: list[str], metrics: list[str], path: Path, title: str, ncols: int = 4
-) -> bool:
-    """One panel per metric, one curve per run; False (nothing drawn) when no run is present."""
-    present = [n for n in names if n in runs]
-    if not present:
-        return False
-    nrows = -(-len(metrics) // ncols)
-    fig, axes = plt.subplots(nrows, min(ncols, len(metrics)), figsize=(4 * ncols, 3 * nrows),
-                             squeeze=False)
-    colors = {name: f"C{i % 10}" for i, name in enumerate(present)}  # one colour per run
-    for ax, metric in zip(axes.flat, metrics, strict=False):
-        for name in present:
-            if metric in runs[name]:
-                band(ax, runs[name][metric], name, colors[name])
-        ax.set_title(LABELS.get(metric, metric), fontsize=9)
-        ax.set_xlabel("task")
-    for ax in list(axes.flat)[len(metrics):]:
+def legend(ax: plt.Axes, size: int) -> None:
+    """A legend on ``ax`` when it has labelled curves."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=size)
+
+
+def label_axes(ax: plt.Axes, metric: str) -> None:
+    spec = METRICS.get(metric, Metric(metric, metric))
+    if metric.startswith("acc"):  # a confidence band may pass 1; accuracy cannot
+        ax.set_ylim(top=min(ax.get_ylim()[1], 1.02))
+    ax.set_title(spec.title, fontsize=9)
+    ax.set_ylabel(spec.ylabel, fontsize=8)
+    ax.set_xlabel(TASK_AXIS, fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def _grid(panels: int, ncols: int) -> tuple[plt.Figure, np.ndarray]:
+    nrows = -(-panels // ncols)
+    cols = min(ncols, panels)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    for ax in list(axes.flat)[panels:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(title)
+    return fig, axes
+
+
+def _save(fig: plt.Figure, path: Path, title: str) -> None:
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def activation_figure(
+    runs: dict[str, RunData], prefix: str, metrics: list[str], path: Path, title: str,
+    extra: dict[str, tuple[str, str]] | None = None, ncols: int = 4,
+) -> bool:
+    """One panel per metric, one curve per activation (``prefix + activation`` runs), plus
+    ``extra`` runs drawn as ``name -> (label, colour)``. False when no run is present."""
+    curves = [(f"{prefix}{a}", a, ACT_COLORS[a]) for a in ACTIVATIONS if f"{prefix}{a}" in runs]
+    curves += [(n, label, c) for n, (label, c) in (extra or {}).items() if n in runs]
+    if not curves:
+        return False
+    fig, axes = _grid(len(metrics), ncols)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        for name, label, color in curves:
+            if metric in runs[name]:
+                band(ax, runs[name][metric], label, color)
+        label_axes(ax, metric)
+        legend(ax, 7)
+    _save(fig, path, title)
     return True
 
 
-def estimator_figure(runs: Runs, path: Path) -> bool:
-    """Figure 3: exact, GGN, EF and Lanczos srank at task start, one panel per activation."""
-    names = [n for n in runs if n.startswith("exact_")]
-    if not names:
+def estimator_figure(runs: dict[str, RunData], path: Path) -> bool:
+    """Figure 3 on equal footing: each estimator's srank at task start as a share of its cap
+    (rows 1 and 3) and relative to its own task-1 value (rows 2 and 4), per parameter block."""
+    acts = [a for a in ACTIVATIONS if f"exact_{a}" in runs]
+    if not acts:
         return False
-    fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 6), squeeze=False)
-    for col, name in enumerate(names):
-        for row, when in enumerate(("start", "end")):
+    rows = [("", "cap"), ("", "task1"), ("_last2", "cap"), ("_last2", "task1")]
+    fig, axes = plt.subplots(len(rows), len(acts), figsize=(4.2 * len(acts), 3.2 * len(rows)),
+                             squeeze=False)
+    for col, act in enumerate(acts):
+        run = runs[f"exact_{act}"]
+        for row, (suffix, scale) in enumerate(rows):
             ax = axes[row, col]
-            for method in ("exact", "ggn", "fisher", "lanczos"):
-                key = f"hess_rank_{method}_{when}"
-                if key in runs[name]:
-                    band(ax, runs[name][key], method)
-            ax.set_title(f"{name}: Hessian srank at task {when}", fontsize=9)
-            ax.set_xlabel("task")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Figure 3: estimators of the Hessian rank (exact-size model)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            block = "whole network" if not suffix else "last two layers"
+            for method, (color, style) in METHOD_STYLES.items():
+                key = f"hess_rank_{method}{suffix}_start"
+                if key not in run:
+                    continue
+                values = run[key]
+                if scale == "cap":
+                    cap = int(run[f"hess_cap_{method}{suffix}_start"][0, 0])
+                    values, label = values / cap, f"{METHOD_NAMES[method]} (cap {cap})"
+                else:
+                    values, label = values / values[0].mean(), METHOD_NAMES[method]
+                band(ax, values, label, color, style)
+            ax.set_title(f"{act}, {block}", fontsize=9)
+            ax.set_ylabel("srank / cap (P, n or n(C-1))" if scale == "cap"
+                          else "srank / its task-1 mean", fontsize=8)
+            ax.set_xlabel(TASK_AXIS, fontsize=8)
+            ax.tick_params(labelsize=7)
+            legend(ax, 6)
+    _save(fig, path, "Figure 3: Hessian rank estimators at task start, exact-size setting\n"
+                     "(64 images, MLP 49-16-16-10; rows: block x normalisation)")
+    return True
+
+
+def update_norm_figure(runs: dict[str, RunData], path: Path) -> bool:
+    """Figure 5: update and gradient norms (main setting, row 1) and the gradient-Hessian
+    overlap (exact-size setting, row 2); ReLU and leaky-ReLU."""
+    pair = ("relu", "leaky_relu")
+    rows = [("act_", "main setting", ["update_norm_online", "grad_norm_start", "acc_end"]),
+            ("exact_", "exact-size setting", ["overlap_start", "acc_end"])]
+    if not any(f"{p}{a}" in runs for p, _, _ in rows for a in pair):
+        return False
+    fig, axes = plt.subplots(2, 3, figsize=(12.6, 6.8), squeeze=False)
+    for row, (prefix, setting, metrics) in enumerate(rows):
+        for col in range(3):
+            ax = axes[row, col]
+            if col >= len(metrics):
+                ax.axis("off")
+                continue
+            for a in pair:
+                if f"{prefix}{a}" in runs and metrics[col] in runs[f"{prefix}{a}"]:
+                    band(ax, runs[f"{prefix}{a}"][metrics[col]], a, ACT_COLORS[a])
+            label_axes(ax, metrics[col])
+            ax.set_title(f"{setting}: {ax.get_title()}", fontsize=8)
+            legend(ax, 7)
+    _save(fig, path, "Figure 5: update norm, gradient norm and gradient-Hessian overlap")
+    return True
+
+
+def reg_runs(runs: dict[str, RunData], reg: str, act: str) -> list[tuple[float, RunData]]:
+    """The sweep's runs of ``reg`` on ``act``, by increasing strength."""
+    found = []
+    for name, run in runs.items():
+        head = f"reg_{reg}_"
+        if name.startswith(head) and name.endswith(f"_{act}"):
+            strength = name[len(head): -len(act) - 1]
+            try:
+                found.append((float(strength), run))
+            except ValueError:  # l2 would also match l2_init's names
+                continue
+    return sorted(found, key=lambda item: item[0])
+
+
+def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
+    """The sweep: curves per regularizer (rows) and a late-accuracy-vs-strength summary."""
+    regs = [r for r in REGULARIZERS if r not in ("none", "feature_rank")]
+    acts = [a for a in ("relu", "leaky_relu") if any(reg_runs(runs, r, a) for r in regs)]
+    if not acts:
+        return []
+    panels = [(a, m) for a in acts for m in ("acc_end", "hess_rank_fisher_start")]
+    fig, axes = plt.subplots(len(regs), len(panels), figsize=(4.2 * len(panels), 3 * len(regs)),
+                             squeeze=False)
+    for row, reg in enumerate(regs):
+        for col, (act, metric) in enumerate(panels):
+            ax = axes[row, col]
+            sweep = reg_runs(runs, reg, act)
+            if sweep and f"act_{act}" in runs:
+                base = runs[f"act_{act}"].restricted(sweep[0][1].num_tasks, sweep[0][1].seeds)
+                band(ax, base[metric], "none", REG_COLORS["none"])
+            for style, (strength, run) in zip(STRENGTH_STYLES, sweep, strict=False):
+                band(ax, run[metric], f"{reg} {strength:g}", REG_COLORS[reg], style)
+            label_axes(ax, metric)
+            ax.set_title(f"{act}, {reg}: {ax.get_title()}", fontsize=8)
+            legend(ax, 6)
+    curves = out / "regularizers.png"
+    _save(fig, curves, "Regularizer sweep (main setting): strengths by line style, "
+                       "none in grey on the same seeds")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (act, metric) in zip(axes.flat, panels, strict=True):
+        for reg in regs:
+            sweep = reg_runs(runs, reg, act)
+            if not sweep:
+                continue
+            late = np.array([run[metric][-3:].mean(0) for _, run in sweep])  # (strengths, seeds)
+            mean, half = mean_ci(late)
+            ax.errorbar([s for s, _ in sweep], mean, yerr=half, color=REG_COLORS[reg],
+                        marker="o", capsize=3, label=reg)
+            if f"act_{act}" in runs:
+                base = runs[f"act_{act}"].restricted(sweep[0][1].num_tasks, sweep[0][1].seeds)
+                ax.axhline(base[metric][-3:].mean(), color=REG_COLORS["none"], ls="--", lw=1)
+        ax.set_xscale("log")
+        if metric.startswith("acc"):
+            ax.set_ylim(top=min(ax.get_ylim()[1], 1.02))
+        ax.set_xlabel("strength (lambda; shrink p per step for shrink_perturb)", fontsize=8)
+        ax.set_ylabel(METRICS[metric].ylabel, fontsize=8)
+        ax.set_title(f"{act}: {METRICS[metric].title}, last 3 tasks\n(dashed: none)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        legend(ax, 6)
+    summary = out / "regularizers_by_strength.png"
+    _save(fig, summary, "Regularizer sweep: last-3-task mean ± 95% CI against strength")
+    return [curves, summary]
+
+
+def overview_figure(runs: dict[str, RunData], path: Path) -> bool:
+    """Accuracy and Hessian rank of the four activations, one column per setting."""
+    settings = [("act_", "Random-Label MNIST (main)", "hess_rank_fisher_start"),
+                ("permuted_", "Permuted MNIST", "hess_rank_fisher_start"),
+                ("exact_", "exact-size setting", "hess_rank_exact_start")]
+    settings = [s for s in settings if any(f"{s[0]}{a}" in runs for a in ACTIVATIONS)]
+    if not settings:
+        return False
+    fig, axes = plt.subplots(2, len(settings), figsize=(4.4 * len(settings), 6.6), squeeze=False)
+    for col, (prefix, setting, rank_key) in enumerate(settings):
+        for row, metric in enumerate(("acc_end", rank_key)):
+            ax = axes[row, col]
+            for a in ACTIVATIONS:
+                if f"{prefix}{a}" in runs:
+                    band(ax, runs[f"{prefix}{a}"][metric], a, ACT_COLORS[a])
+            label_axes(ax, metric)
+            ax.set_title(f"{setting}:\n{ax.get_title()}", fontsize=8)
+            legend(ax, 7)
+    _save(fig, path, "Overview: plasticity and Hessian rank by activation, per setting")
     return True
 
 
@@ -133,57 +291,62 @@ def draw_all(results: Path, out: Path) -> list[Path]:
     """Every figure the runs in ``results`` allow; returns the PNG paths written."""
     runs = load_runs(results)
     if not runs:
-        raise SystemExit(f"no runs with task results under {results}")
+        raise SetupError(f"no runs with task results under {results}")
     out.mkdir(parents=True, exist_ok=True)
-    fig1 = [
-        "acc_end", "acc_online", "dead_frac", "dormant_frac", "active_frac", "feature_rank",
-        "weight_norm", "grad_norm_start", "update_norm_online", "dist_init",
-    ]
-    figures = {
-        "fig1_explanations.png": (ACTS, fig1, "Figure 1: earlier explanations"),
+    hess = ["hess_rank_fisher_start", "hess_rank_fisher_last2_start", "hess_rank_fisher_end",
+            "hess_rank_fisher_last2_end"]
+    fig1 = ["acc_end", "acc_online", "dead_frac", "dormant_frac", "active_frac", "feature_rank",
+            "weight_norm", "dist_init", "grad_norm_start", "update_norm_online"]
+    by_activation = {
+        "fig1_explanations.png": ("act_", fig1, "Figure 1: earlier explanations (main setting: "
+                                  "Random-Label MNIST, 300 images)", None),
         "fig2_feature_rank_reg.png": (
-            ["act_leaky_relu", "featrank_leaky_relu", "act_relu"],
-            ["acc_end", "acc_online", "feature_rank", "hess_rank_fisher_start"],
-            "Figure 2: feature-rank regularization",
+            "act_", ["acc_end", "acc_online", "feature_rank", "hess_rank_fisher_start"],
+            "Figure 2: feature-rank regularization on leaky-ReLU (main setting)",
+            {"featrank_leaky_relu": ("leaky_relu + feature-rank reg.",
+                                     REG_COLORS["feature_rank"])},
         ),
-        "fig4_curvature.png": (
-            ACTS,
-            ["acc_end", "acc_online", "hess_rank_fisher_start", "hess_rank_fisher_end"],
-            "Figure 4: Hessian rank (empirical Fisher) and plasticity",
-        ),
-        "fig5_update_norm.png": (
-            ["act_relu", "act_leaky_relu", "exact_relu", "exact_leaky_relu"],
-            ["update_norm_online", "grad_norm_start", "acc_end", "overlap_start"],
-            "Figure 5: update norm, gradient norm and gradient-Hessian overlap",
-        ),
-        "regularizers.png": (
-            REGS,
-            ["acc_end", "acc_online", "hess_rank_fisher_start", "weight_norm"],
-            "Regularizers (ReLU)",
-        ),
-        "all_runs.png": (
-            sorted(runs),
-            ["acc_end", "acc_online", "hess_rank_fisher_start", "hess_rank_fisher_end"],
-            "All runs",
-        ),
+        "fig4_curvature.png": ("act_", ["acc_end", "acc_online"] + hess,
+                               "Figure 4: empirical-Fisher Hessian rank and plasticity, both "
+                               "parameter blocks (main setting)", None),
+        "fig4_exact_size.png": ("exact_", ["acc_end", "hess_rank_exact_start",
+                                           "hess_rank_exact_last2_start"],
+                                "Figure 4, exact Hessian: exact-size setting (64 images, "
+                                "MLP 49-16-16-10)", None),
+        "permuted_mnist.png": ("permuted_", ["acc_end", "acc_online"] + hess[:2] +
+                               ["dead_frac", "feature_rank"],
+                               "Permuted MNIST (10,000 images, one pass per task)", None),
     }
     written = []
-    for filename, (names, metrics, title) in figures.items():
-        if panel_figure(runs, names, metrics, out / filename, title):
+    for filename, (prefix, metrics, title, extra) in by_activation.items():
+        if filename == "fig2_feature_rank_reg.png":  # leaky-ReLU and ReLU only
+            sub = {k: v for k, v in runs.items()
+                   if k in ("act_relu", "act_leaky_relu", "featrank_leaky_relu")}
+        else:
+            sub = runs
+        if activation_figure(sub, prefix, metrics, out / filename, title, extra):
             written.append(out / filename)
+    if overview_figure(runs, out / "overview.png"):
+        written.append(out / "overview.png")
     if estimator_figure(runs, out / "fig3_estimators.png"):
         written.append(out / "fig3_estimators.png")
+    if update_norm_figure(runs, out / "fig5_update_norm.png"):
+        written.append(out / "fig5_update_norm.png")
+    written += regularizer_figures(runs, out)
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("results", type=Path, help="directory written by run.py")
     p.add_argument("--out", type=Path, default=None, help="default RESULTS/figures")
     args = p.parse_args(argv)
-    for path in draw_all(args.results, args.out or args.results / "figures"):
+    try:
+        written = draw_all(args.results, args.out or args.results / "figures")
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
         print(path)
     return 0
 

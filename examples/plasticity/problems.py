@@ -29,9 +29,19 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN, CIFAR_STD = 0.4734, 0.2516
 
 
+DATA_DIR_ENV = "HESSRANK_DATA_DIR"
+
+
+class SetupError(Exception):
+    """A run cannot start or resume: missing data, a damaged results file, a budget exceeded.
+
+    The message is one line naming the file or setting at fault and what to do about it.
+    """
+
+
 def default_data_dir() -> str:
-    """``$HESSRANK_DATA`` if set, else ``~/.cache/hessrank/data``."""
-    return os.environ.get("HESSRANK_DATA", str(Path.home() / ".cache" / "hessrank" / "data"))
+    """``$HESSRANK_DATA_DIR`` if set, else ``~/.cache/hessrank/data``."""
+    return os.environ.get(DATA_DIR_ENV) or str(Path.home() / ".cache" / "hessrank" / "data")
 
 
 def task_generator(seed: int, task: int, stream: int = 0) -> torch.Generator:
@@ -139,13 +149,31 @@ def _pool_from_uint8(
     return Pool(x.flatten(1).contiguous(), labels.long(), int(labels.max()) + 1)
 
 
+MNIST_TRAIN_IMAGES = Path("MNIST") / "raw" / "train-images-idx3-ubyte"
+
+
 def load_mnist(
-    data_dir: str, n: int | None, subset_seed: int, downsample: int = 1, download: bool = True
+    data_dir: str, n: int | None, subset_seed: int, downsample: int = 1, download: bool = False
 ) -> Pool:
-    """MNIST training images through torchvision (downloads into ``data_dir`` when missing)."""
+    """MNIST training images through torchvision.
+
+    Raises:
+        SetupError: MNIST is not under ``data_dir`` and ``download`` is off, or the download
+            failed (offline).
+    """
     from torchvision.datasets import MNIST
 
-    ds = MNIST(root=data_dir, train=True, download=download)
+    expected = Path(data_dir) / MNIST_TRAIN_IMAGES
+    if not download and not expected.exists():
+        raise SetupError(
+            f"MNIST not found: no {expected}; pass --data-dir (or set {DATA_DIR_ENV}) to a folder "
+            "holding MNIST/raw, or add --download to fetch it with torchvision"
+        )
+    try:
+        ds = MNIST(root=data_dir, train=True, download=download)
+    except (RuntimeError, OSError) as err:  # torchvision's download failures (offline, HTTP)
+        raise SetupError(f"MNIST download into {data_dir} failed ({err}); "
+                         "copy MNIST/raw there by hand and pass --data-dir") from None
     idx = _subset(len(ds.targets), n, subset_seed)
     return _pool_from_uint8(ds.data[idx], ds.targets[idx], MNIST_MEAN, MNIST_STD, downsample)
 
@@ -158,11 +186,11 @@ def load_cifar10(
 
     try:
         ds = CIFAR10(root=data_dir, train=True, download=download)
-    except RuntimeError as err:
-        raise FileNotFoundError(
+    except (RuntimeError, OSError):
+        raise SetupError(
             f"CIFAR-10 not found under {data_dir!r} (expected {data_dir}/cifar-10-batches-py). "
             "Pass --download to fetch it with torchvision, or --data-dir pointing at a copy."
-        ) from err
+        ) from None
     images, labels = torch.from_numpy(ds.data), torch.tensor(ds.targets)
     idx = _subset(len(labels), n, subset_seed)
     return _pool_from_uint8(images[idx], labels[idx], CIFAR_MEAN, CIFAR_STD, downsample)
@@ -177,7 +205,7 @@ def load_imagenet32(data_dir: str, n: int | None, subset_seed: int, downsample: 
     folder = Path(data_dir) / "Imagenet32_train_npz"
     files = sorted(folder.glob("*.npz"))
     if not files:
-        raise FileNotFoundError(
+        raise SetupError(
             f"downsampled ImageNet not found: no .npz batches in {folder}. Download "
             "Imagenet32_train_npz from https://image-net.org/download-images (account needed) "
             "and unpack it there, or pass --data-dir."
@@ -215,7 +243,7 @@ def make_problem(
         pool = synthetic_pool(num_samples or 256, synthetic_dim, 10, subset_seed)
         return Problem(pool, "random_label")
     if name.endswith("_mnist"):
-        pool = load_mnist(data_dir, num_samples, subset_seed, downsample, download=True)
+        pool = load_mnist(data_dir, num_samples, subset_seed, downsample, download=download)
     elif name.endswith("_cifar10"):
         pool = load_cifar10(data_dir, num_samples, subset_seed, downsample, download=download)
     elif name == "continual_imagenet32":

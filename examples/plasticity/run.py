@@ -23,77 +23,99 @@ from hessrank import progress_bar
 if __package__ in (None, ""):  # run as a file: make examples/ importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plasticity.experiment import Config, finished_tasks, run_experiment
+from plasticity.experiment import Config, prepare_run, run_experiment
+from plasticity.metrics import BLOCKS
 from plasticity.model import ACTIVATIONS
-from plasticity.problems import PROBLEMS
+from plasticity.problems import DATA_DIR_ENV, PROBLEMS, SetupError, default_data_dir
 from plasticity.regularizers import REGULARIZERS
 
 PRESETS = ("single", "smoke", "default", "paper")
 ESTIMATORS = ["exact", "ggn", "fisher", "lanczos"]
 
-# Regularizer strengths of the default preset (ours; every one is a flag of a single run).
-REG_STRENGTHS = {"l2": 1e-4, "l2_init": 1e-3, "shrink_perturb": 1e-4, "wasserstein": 1e-3}
+# Regularizer strengths swept by the presets (ours, none tuned: one decade apart around the
+# value v1 of this harness used; shrink_perturb: the per-step shrink p, noise sigma = 1e-3).
+REG_SWEEP = {
+    "l2": (1e-5, 1e-4, 1e-3),
+    "l2_init": (1e-4, 1e-3, 1e-2),
+    "shrink_perturb": (1e-5, 1e-4, 1e-3),
+    "wasserstein": (1e-4, 1e-3, 1e-2),
+}
+REG_SWEEP_ACTIVATIONS = ("relu", "leaky_relu")
 FEATURE_RANK_STRENGTH = 0.1
-SMOKE_RUNS = ("act_relu", "featrank_leaky_relu", "reg_wasserstein_relu", "exact_relu")
+SMOKE_RUNS = ("act_relu", "act_leaky_relu", "act_tanh", "featrank_leaky_relu",
+              "reg_wasserstein_0.001_relu", "exact_relu", "exact_leaky_relu", "permuted_relu")
 
 
 def main_setting(**changes: object) -> Config:
-    """Random-Label MNIST (subset): 600 images, MLP 2x128, Adam 1e-3, 20 epochs of batch 32 per
-    task; EF rank on all 600 images (Figures 1, 2, 4, 5 left)."""
-    return dataclasses.replace(Config(), **changes)
+    """Random-Label MNIST (subset): 300 images, MLP 2x128, Adam 1e-3, 30 epochs of batch 32 per
+    task; EF rank on all 300 images, of the whole network and of the last two layers."""
+    return dataclasses.replace(Config(hess_blocks=list(BLOCKS)), **changes)
 
 
 def exact_setting(**changes: object) -> Config:
     """A model small enough for the exact Hessian (Figures 3 and 5 right).
 
-    MNIST average-pooled 4x4 to 7x7 = 49 inputs, 64 images, MLP 2x16: 1,242 parameters. Adam at
-    lr 1e-2, 50 epochs of batch 16 per task, so that a task can be fitted (at lr 1e-3 or 128
-    images this model stays near 20-40% accuracy). All four estimators (Lanczos: 80 steps x 4
-    probes) and the task-start gradient overlap are measured on all 64 images.
+    MNIST average-pooled 4x4 to 7x7 = 49 inputs, 64 images, MLP 2x16: 1,242 parameters (442 in
+    the last two layers). Adam at lr 1e-2, 50 epochs of batch 16 per task, so that a task can be
+    fitted (at lr 1e-3 or 128 images this model stays near 20-40% accuracy). All four
+    estimators (Lanczos: 80 steps x 4 probes) on both parameter blocks, and the task-start
+    gradient overlap, are measured on all 64 images.
     """
     base = Config(
         num_samples=64, downsample=4, width=16, lr=1e-2, batch_size=16, epochs=50,
-        hess_methods=list(ESTIMATORS), hess_samples=64, overlap=True, lanczos_probes=4,
+        hess_methods=list(ESTIMATORS), hess_blocks=list(BLOCKS), hess_samples=64, overlap=True,
+        lanczos_probes=4,
     )
     return dataclasses.replace(base, **changes)
 
 
-def preset_runs(preset: str) -> list[Config]:
-    """The named runs of a preset (before command-line overrides).
+def permuted_setting(**changes: object) -> Config:
+    """Permuted MNIST: 10,000 images with their true labels, a new pixel permutation per task,
+    one pass per task (313 steps of batch 32); EF rank on 300 of the images."""
+    base = Config(problem="permuted_mnist", num_samples=10_000, epochs=1, hess_blocks=list(BLOCKS))
+    return dataclasses.replace(base, **changes)
 
-    ``default`` shortens the sequences to fit 30 minutes on 2 shared CPU cores: 12 tasks in the
-    main setting, 8 in the exact setting. ``paper`` has 30 seeds and 30 tasks.
+
+def reg_run_name(reg: str, strength: float, activation: str) -> str:
+    """``reg_l2_0.0001_relu``: the name of one run of the regularizer sweep."""
+    return f"reg_{reg}_{strength:g}_{activation}"
+
+
+def preset_runs(preset: str) -> list[Config]:
+    """The named runs of a preset (before command-line overrides), most important first.
+
+    ``default`` (5 seeds) fits 45 minutes on 2 CPU cores: the four activations over 30 tasks in
+    the main setting, feature-rank regularization over 30 tasks, the exact-size setting over 10
+    tasks, Permuted MNIST over 10 tasks, and the regularizer sweep (3 strengths x 4 regularizers
+    x ReLU / leaky-ReLU) over 12 tasks at 3 seeds. ``paper``: every run 30 seeds and 30 tasks.
     """
     if preset == "single":
         return [Config()]
-    long = preset == "paper"
-    main_tasks, exact_tasks = (30, 30) if long else (12, 8)
-    runs = [
-        main_setting(name=f"act_{act}", activation=act, tasks=main_tasks) for act in ACTIVATIONS
+    runs = [main_setting(name=f"act_{act}", activation=act) for act in ACTIVATIONS]
+    runs.append(main_setting(
+        name="featrank_leaky_relu", activation="leaky_relu", reg="feature_rank",
+        reg_strength=FEATURE_RANK_STRENGTH,
+    ))
+    runs += [exact_setting(name=f"exact_{act}", activation=act, tasks=10) for act in ACTIVATIONS]
+    runs += [
+        permuted_setting(name=f"permuted_{act}", activation=act, tasks=10) for act in ACTIVATIONS
     ]
-    runs.append(
-        main_setting(
-            name="featrank_leaky_relu", activation="leaky_relu", reg="feature_rank",
-            reg_strength=FEATURE_RANK_STRENGTH, tasks=main_tasks,
-        )
-    )
     runs += [
         main_setting(
-            name=f"reg_{reg}_relu", activation="relu", reg=reg, reg_strength=strength,
-            tasks=main_tasks,
+            name=reg_run_name(reg, strength, act), activation=act, reg=reg,
+            reg_strength=strength, tasks=12, seeds=[0, 1, 2],
         )
-        for reg, strength in REG_STRENGTHS.items()
+        for act in REG_SWEEP_ACTIVATIONS
+        for reg, strengths in REG_SWEEP.items()
+        for strength in strengths
     ]
-    runs += [
-        exact_setting(name=f"exact_{act}", activation=act, tasks=exact_tasks) for act in ACTIVATIONS
-    ]
-    if long:
-        runs = [dataclasses.replace(r, seeds=list(range(30))) for r in runs]
+    if preset == "paper":
+        runs = [dataclasses.replace(r, seeds=list(range(30)), tasks=30) for r in runs]
     if preset == "smoke":  # a few of the default runs, shrunk until they take a second each
         runs = [
             dataclasses.replace(
-                r, num_samples=64, downsample=4, width=8, tasks=2, epochs=2, seeds=[0, 1],
-                hess_samples=32, eval_samples=64, lanczos_steps=20,
+                r, problem="synthetic", num_samples=64, downsample=1, width=8, tasks=2,
+                epochs=2, seeds=[0, 1], hess_samples=32, eval_samples=64, lanczos_steps=20,
             )
             for r in runs
             if r.name in SMOKE_RUNS
@@ -116,9 +138,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s = argparse.SUPPRESS
     add("--name", default=s, help=f"run name (single preset; default {d.name})")
     add("--problem", choices=PROBLEMS, default=s, help=f"default {d.problem}")
-    add("--data-dir", dest="data_dir", default=s, help="data directory (default $HESSRANK_DATA "
-        "or ~/.cache/hessrank/data; MNIST is downloaded there when missing)")
-    add("--download", action="store_true", default=s, help="allow downloading CIFAR-10")
+    add("--data-dir", dest="data_dir", type=Path, default=None,
+        help=f"folder holding MNIST/raw (and CIFAR-10, ImageNet-32) (default ${DATA_DIR_ENV} or "
+        "~/.cache/hessrank/data); not part of a run's configuration")
+    add("--download", action="store_true",
+        help="let torchvision download MNIST / CIFAR-10 into the data folder when missing")
     add("--num-samples", dest="num_samples", type=int, default=s,
         help=f"images in the fixed subset (default {d.num_samples})")
     add("--downsample", type=int, default=s, help=f"avg-pool factor (default {d.downsample})")
@@ -141,6 +165,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"Shrink & Perturb noise std (default {d.sp_noise})")
     add("--hess-methods", dest="hess_methods", default=s,
         help="comma-separated hessrank methods (default fisher)")
+    add("--hess-blocks", dest="hess_blocks", default=s,
+        help=f"comma-separated parameter blocks of the Hessian, of {BLOCKS} (default all)")
+    add("--hess-max-memory", dest="hess_max_memory", type=float, default=s,
+        help=f"memory budget of the exact Hessian in bytes (default {d.hess_max_memory:.3g})")
     add("--hess-samples", dest="hess_samples", type=int, default=s,
         help=f"samples the Hessian is measured on (default {d.hess_samples})")
     add("--hess-threshold", dest="hess_threshold", type=float, default=s, help="srank threshold")
@@ -158,8 +186,9 @@ def configs_from_args(args: argparse.Namespace) -> list[Config]:
     """The preset's runs with the command-line overrides applied."""
     fields = {f.name for f in dataclasses.fields(Config)}
     overrides = {k: v for k, v in vars(args).items() if k in fields}
-    if "hess_methods" in overrides:
-        overrides["hess_methods"] = [m for m in overrides["hess_methods"].split(",") if m]
+    for listed in ("hess_methods", "hess_blocks"):
+        if listed in overrides:
+            overrides[listed] = [m for m in overrides[listed].split(",") if m]
     if "seeds" in overrides:
         overrides["seeds"] = list(range(args.first_seed, args.first_seed + overrides["seeds"]))
     runs = preset_runs(args.preset)
@@ -177,19 +206,27 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     configs = configs_from_args(args)
     out = args.out or Path(__file__).resolve().parent / "results" / args.preset
-    total = sum(c.tasks for c in configs)
-    already = sum(min(finished_tasks(out / c.name), c.tasks) for c in configs)
-    with progress_bar(disable=args.no_progress) as progress:
-        overall = progress.add_task("all tasks", total=total, completed=already)
-        for cfg in configs:
-            run = progress.add_task(f"{cfg.name}", total=cfg.tasks,
-                                    completed=min(finished_tasks(out / cfg.name), cfg.tasks))
+    data_dir = str(args.data_dir or default_data_dir())
+    try:  # every run directory is checked before the first task is trained
+        states = {c.name: prepare_run(c, out / c.name, data_dir, args.download)[0]
+                  for c in configs}
+        done = {c.name: min(int((states[c.name] or {}).get("tasks_done", 0)), c.tasks)
+                for c in configs}
+        del states  # the checkpoints are loaded again by each run
+        with progress_bar(disable=args.no_progress) as progress:
+            overall = progress.add_task("all tasks", total=sum(c.tasks for c in configs),
+                                        completed=sum(done.values()))
+            for cfg in configs:
+                run = progress.add_task(cfg.name, total=cfg.tasks, completed=done[cfg.name])
 
-            def advance(_t: int, run: int = run) -> None:
-                progress.advance(run)
-                progress.advance(overall)
+                def advance(_t: int, run: int = run) -> None:
+                    progress.advance(run)
+                    progress.advance(overall)
 
-            run_experiment(cfg, out / cfg.name, on_task_done=advance)
+                run_experiment(cfg, out / cfg.name, data_dir, args.download, on_task_done=advance)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"results in {out}")
     return 0
 

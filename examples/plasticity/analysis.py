@@ -1,0 +1,146 @@
+"""Reading a results directory and the statistics every figure and table shares.
+
+Windows: "early" is tasks 2-4 and "late" the last 3 tasks. Task 1 is excluded everywhere because
+its task-start measurements are of the untrained network, which no later task resembles.
+Confidence intervals are 95% intervals of a mean over seeds (Student t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from plasticity.experiment import load_task_results
+
+FIRST_TASK = 1  # index of task 2: the first task measured on a trained network
+WINDOW = 3
+
+
+@dataclass
+class RunData:
+    """One run's results: ``metrics[name]`` is an array (tasks, seeds)."""
+
+    name: str
+    seeds: list[int]
+    metrics: dict[str, np.ndarray]
+
+    @property
+    def num_tasks(self) -> int:
+        return next(iter(self.metrics.values())).shape[0]
+
+    def __getitem__(self, metric: str) -> np.ndarray:
+        return self.metrics[metric]
+
+    def __contains__(self, metric: str) -> bool:
+        return metric in self.metrics
+
+    def restricted(self, tasks: int, seeds: list[int]) -> RunData:
+        """The first ``tasks`` tasks of the given ``seeds`` (for paired comparisons)."""
+        columns = [self.seeds.index(s) for s in seeds]
+        return RunData(self.name, list(seeds),
+                       {k: v[:tasks, columns] for k, v in self.metrics.items()})
+
+
+def load_runs(results: Path) -> dict[str, RunData]:
+    """Every run under ``results`` with at least one finished task, by name.
+
+    Raises:
+        SetupError: a task file is missing (a gap in the sequence) or damaged.
+    """
+    runs = {}
+    for run_dir in sorted(p for p in results.iterdir() if (p / "tasks").is_dir()):
+        records = load_task_results(run_dir)
+        if not records:
+            continue
+        keys = set.intersection(*(set(r["metrics"]) for r in records))
+        runs[run_dir.name] = RunData(
+            run_dir.name, list(records[0]["seeds"]),
+            {k: np.array([r["metrics"][k] for r in records], dtype=float) for k in sorted(keys)},
+        )
+    return runs
+
+
+def ci_half_width(samples: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Half-width of the 95% confidence interval of the mean of ``samples`` along ``axis``."""
+    n = samples.shape[axis]
+    if n < 2:
+        return np.full(np.delete(samples.shape, axis), np.nan)
+    return stats.t.ppf(0.975, n - 1) * samples.std(axis=axis, ddof=1) / np.sqrt(n)
+
+
+def mean_ci(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over seeds (axis 1) of (tasks, seeds) values and its CI half-width per task."""
+    return values.mean(1), ci_half_width(values, axis=1)
+
+
+@dataclass
+class Change:
+    """Early-window mean, late-window mean, and the late-minus-early change with its CI."""
+
+    early: float
+    late: float
+    change: float
+    half_width: float
+
+    @property
+    def significant(self) -> bool:
+        return bool(abs(self.change) > self.half_width)
+
+    def __str__(self) -> str:
+        mark = "" if self.significant else ", n.s."
+        return (f"{self.early:.3g} -> {self.late:.3g} ({self.change:+.3g} ± "
+                f"{self.half_width:.2g}{mark})")
+
+
+def early_late(values: np.ndarray, window: int = WINDOW) -> Change:
+    """The change of (tasks, seeds) ``values`` from tasks 2..window+1 to the last ``window``."""
+    early = values[FIRST_TASK : FIRST_TASK + window].mean(0)
+    late = values[-window:].mean(0)
+    diff = late - early
+    return Change(float(early.mean()), float(late.mean()), float(diff.mean()),
+                  float(ci_half_width(diff)))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean and CI half-width over seeds of ``a - b`` (both (seeds,), same seeds in order)."""
+    diff = a - b
+    return float(diff.mean()), float(ci_half_width(diff))
+
+
+def half_fall_task(series: np.ndarray, window: int = WINDOW) -> float:
+    """The task number (1-based) at which a falling ``series`` (tasks,) first completes half of
+    its fall, counted from task 2 to the mean of the last ``window`` tasks; NaN if it does not
+    fall. Comparing it between two quantities says which one falls first."""
+    start, end = series[FIRST_TASK], series[-window:].mean()
+    fall = start - end
+    if fall <= 0:
+        return float("nan")
+    below = np.nonzero(series[FIRST_TASK:] <= start - fall / 2)[0]
+    return float(below[0] + FIRST_TASK + 1)
+
+
+def lead(rank: np.ndarray, accuracy: np.ndarray) -> tuple[float, float, int]:
+    """How many tasks earlier the rank completes half its fall than the accuracy does.
+
+    Args:
+        rank, accuracy: (tasks, seeds).
+
+    Returns:
+        Mean over seeds of (accuracy's half-fall task - rank's half-fall task), its CI
+        half-width, and the number of seeds where both fall. Positive: the rank falls first.
+    """
+    diffs = np.array([
+        half_fall_task(accuracy[:, s]) - half_fall_task(rank[:, s]) for s in range(rank.shape[1])
+    ])
+    diffs = diffs[~np.isnan(diffs)]
+    if len(diffs) == 0:
+        return float("nan"), float("nan"), 0
+    return float(diffs.mean()), float(ci_half_width(diffs)), len(diffs)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of two curves (tasks,), e.g. mean rank and mean accuracy."""
+    return float(stats.spearmanr(a, b).statistic)
