@@ -78,8 +78,8 @@ class Config:
     hess_samples: int = 300  # samples of the task the Hessian is measured on
     hess_threshold: float = 0.99
     hess_max_memory: float = 4 * 2**30  # budget of method exact (bytes), checked before a run
-    lanczos_steps: int = 80
-    lanczos_probes: int = 8
+    #: Lanczos products; None: the library's default, min(640, ceil(P/3))
+    lanczos_steps: int | None = None
     overlap: bool = False  # task-start gradient overlap with the top exact-Hessian subspace
     overlap_k: int | None = None  # dimension of that subspace (None: the Hessian's srank)
     eval_samples: int = 1000  # samples for end-of-task accuracy and unit / feature statistics
@@ -290,7 +290,7 @@ class Trainer:
             f"{k}_{when}": v
             for k, v in metrics.hessian_ranks(
                 model, xh, yh, cfg.hess_methods, cfg.hess_blocks, cfg.hess_threshold,
-                cfg.lanczos_steps, cfg.lanczos_probes, cfg.hess_max_memory,
+                cfg.lanczos_steps, cfg.hess_max_memory,
             ).items()
         })
         if cfg.overlap and when == "start":

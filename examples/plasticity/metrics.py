@@ -90,8 +90,7 @@ def hessian_ranks(
     methods: list[str],
     blocks: list[str],
     threshold: float,
-    lanczos_steps: int,
-    lanczos_probes: int,
+    lanczos_steps: int | None,
     max_memory: float,
 ) -> dict[str, list]:
     """For each method and parameter block, srank, top eigenvalue and rank cap per seed.
@@ -112,7 +111,7 @@ def hessian_ranks(
                 res = hessrank.effective_rank(
                     net, loss_fn, (x[s], y[s]), method=method, threshold=threshold,
                     params=params, max_memory=max_memory, lanczos_steps=lanczos_steps,
-                    lanczos_probes=lanczos_probes, seed=model.seeds[s],
+                    seed=model.seeds[s],
                 )
                 rank_key = hess_key("rank", method, block)
                 values = {

@@ -58,13 +58,12 @@ def exact_setting(**changes: object) -> Config:
     MNIST average-pooled 4x4 to 7x7 = 49 inputs, 64 images, MLP 2x16: 1,242 parameters (442 in
     the last two layers). Adam at lr 1e-2, 50 epochs of batch 16 per task, so that a task can be
     fitted (at lr 1e-3 or 128 images this model stays near 20-40% accuracy). All four
-    estimators (Lanczos: 80 steps x 4 probes) on both parameter blocks, and the task-start
+    estimators (Lanczos: the library's default budget) on both parameter blocks, and the task-start
     gradient overlap, are measured on all 64 images.
     """
     base = Config(
         num_samples=64, downsample=4, width=16, lr=1e-2, batch_size=16, epochs=50,
         hess_methods=list(ESTIMATORS), hess_blocks=list(BLOCKS), hess_samples=64, overlap=True,
-        lanczos_probes=4,
     )
     return dataclasses.replace(base, **changes)
 
@@ -172,8 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--hess-samples", dest="hess_samples", type=int, default=s,
         help=f"samples the Hessian is measured on (default {d.hess_samples})")
     add("--hess-threshold", dest="hess_threshold", type=float, default=s, help="srank threshold")
-    add("--lanczos-steps", dest="lanczos_steps", type=int, default=s, help="Lanczos steps")
-    add("--lanczos-probes", dest="lanczos_probes", type=int, default=s, help="Lanczos probes")
+    add("--lanczos-steps", dest="lanczos_steps", type=int, default=s,
+        help="Lanczos products (default: the library's, min(640, ceil(P/3)))")
     add("--overlap", action="store_true", default=s, help="measure gradient overlap (exact)")
     add("--overlap-k", dest="overlap_k", type=int, default=s,
         help="top-k Hessian subspace of the overlap (default: the Hessian's srank)")
