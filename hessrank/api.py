@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from hessrank.ranks import default_rtol, spectral_ranks, srank
 from hessrank.results import RankResult
 from hessrank.spectrum.dense import symmetric_eigenpairs
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 __all__ = ["BACKENDS", "METHODS", "effective_rank", "estimator_options", "gradient_overlap",
            "predict_exact_cost"]
 
@@ -62,7 +65,7 @@ def estimator_options() -> dict[str, dict[str, Any]]:
 
 
 def _settings(threshold: float, rtol: float | None, max_memory: float, max_seconds: float | None,
-              seed: int, per_layer: bool, progress: object) -> Settings:
+              seed: int, per_layer: bool, progress: bool | Progress) -> Settings:
     """Validate the options every method shares (before any work) and bundle them."""
     check_number("threshold", threshold, high=1.0)
     check_number("rtol", rtol, allow_none=True, inclusive_low=True)
@@ -90,7 +93,7 @@ def effective_rank(
     max_memory: float = 4 * 2**30,
     max_seconds: float | None = None,
     seed: int = 0,
-    progress: object = False,
+    progress: bool | Progress = False,
     **options: Any,
 ) -> RankResult:
     """Rank and spectrum of the Hessian of ``loss_fn(model(*inputs), targets)`` or an approximation.
@@ -246,8 +249,17 @@ def predict_exact_cost(
     Memory needs no computation. The time is extrapolated from one timed chunk of Hessian-vector
     products and is None when the memory alone rules the problem out (over 64 GiB).
 
+    Args:
+        model: as for :func:`effective_rank`.
+        loss_fn: as for :func:`effective_rank`.
+        batch: as for :func:`effective_rank`.
+        params: as for :func:`effective_rank`.
+
     Returns:
         ``(memory_bytes, seconds)``.
+
+    Raises:
+        TypeError, ValueError: bad input, as for :func:`effective_rank`.
     """
     estimator = ESTIMATORS["exact"]
     check_call(model, loss_fn, "eval")
@@ -276,10 +288,20 @@ def gradient_overlap(
     ``|eigenvalues|`` of the exact Hessian (dense, so within ``max_memory``); ``k`` defaults to
     the Hessian's srank at ``threshold``. 1 means the gradient lies in the curvature directions.
 
+    Args:
+        model: as for :func:`effective_rank`.
+        loss_fn: as for :func:`effective_rank`.
+        batch: as for :func:`effective_rank`.
+        k: how many top eigenvectors; default the srank at ``threshold``.
+        threshold: srank threshold for the default ``k``.
+        params: as for :func:`effective_rank`.
+        max_memory: memory budget of the dense Hessian, in bytes.
+
     Returns:
         The share in [0, 1]; 0.0 for a zero gradient.
 
     Raises:
+        TypeError, ValueError: bad input, as for :func:`effective_rank`.
         hessrank.BudgetError: the dense Hessian would exceed ``max_memory``.
     """
     estimator = ESTIMATORS["exact"]

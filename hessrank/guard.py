@@ -6,6 +6,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,23 +84,25 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                     if current.keys() != saved.keys():
                         current.clear()
                         current.update(saved)
-                for registry, saved_entries in ((module._parameters, params),
-                                                (module._buffers, module_buffers)):
-                    if registry.keys() != saved_entries.keys() or any(
-                        registry[k] is not v for k, v in saved_entries.items()
-                    ):
-                        registry.clear()
-                        registry.update(saved_entries)
+                _restore_registry(module._parameters, params)
+                _restore_registry(module._buffers, module_buffers)
             for param, flag, grad in zip(parameters, requires_grad, grads):
                 param.requires_grad_(flag)
                 param.grad = grad
             with torch.no_grad():
-                for buffer, saved in buffers:
-                    if not torch.equal(buffer, saved):
-                        buffer.copy_(saved)
+                for buffer, value in buffers:
+                    if not torch.equal(buffer, value):
+                        buffer.copy_(value)
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _restore_registry(registry: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Put back a module's ``_parameters`` or ``_buffers`` entries (the same objects)."""
+    if registry.keys() != saved.keys() or any(registry[k] is not v for k, v in saved.items()):
+        registry.clear()
+        registry.update(saved)
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -20,11 +21,17 @@ from rich.progress import (
 Advance = Callable[[int], None]
 
 
-def progress_bar(**options: object) -> Progress:
+def progress_bar(**options: Any) -> Progress:
     """The progress display used by the library, the CLI and the examples.
 
-    Description, bar, done/total, elapsed time and ETA, on stderr unless a ``console`` is given;
-    ``options`` go to ``rich.progress.Progress`` (e.g. ``transient=True``, ``disable=True``).
+    Description, bar, done/total, elapsed time and ETA, on stderr unless a ``console`` is given.
+
+    Args:
+        **options: keyword arguments of ``rich.progress.Progress`` (e.g. ``transient=True``,
+            ``disable=True``, ``console=...``).
+
+    Returns:
+        A ``rich.progress.Progress``, to use as a context manager.
     """
     options.setdefault("console", Console(stderr=True))
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -39,7 +46,7 @@ class Reporter:
     ``rich.progress.Progress`` that tasks are added to (so a CLI can show them in its own display).
     """
 
-    def __init__(self, progress: object = False) -> None:
+    def __init__(self, progress: bool | Progress = False) -> None:
         self._external = None if isinstance(progress, bool) else progress
         self._enabled = bool(progress)
 
@@ -49,8 +56,8 @@ class Reporter:
         if not self._enabled:
             yield lambda k: None
             return
-        owner = (nullcontext(self._external) if self._external is not None
-                 else progress_bar(transient=True))
+        owner: Any = (nullcontext(self._external) if self._external is not None
+                      else progress_bar(transient=True))
         with owner as progress:
             task_id = progress.add_task(description, total=total)
             try:

@@ -387,7 +387,9 @@ def _select_parameters(
         if not wanted:
             raise ValueError("params is empty: pass at least one parameter, or params=None for "
                              "all trainable ones")
-    names, selected, excluded = [], [], []
+    names: list[str] = []
+    selected: list[Tensor] = []
+    excluded: list[str] = []
     for name, p in named:
         if wanted is not None and name not in wanted:
             continue

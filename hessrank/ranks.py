@@ -118,8 +118,21 @@ def spectral_ranks(
 ) -> dict[str, float]:
     """Every rank definition of this module on one spectrum.
 
-    ``rtol`` defaults to ``len(eigenvalues) * eps(float64)``; pass the model dtype's rule
-    (:func:`default_rtol`) when the spectrum comes from float32 arithmetic.
+    Args:
+        eigenvalues: the spectrum (any sign; singular values of a symmetric matrix are
+            ``|lambda|``), or the nodes of a quadrature with ``weights``.
+        threshold: srank threshold in (0, 1].
+        rtol: numerical-rank tolerance relative to the largest ``|eigenvalue|``; default
+            ``len(eigenvalues) * eps(float64)``; pass the model dtype's rule
+            (:func:`default_rtol`) when the spectrum comes from float32 arithmetic.
+        weights: multiplicity of each eigenvalue (a quadrature of a spectral density), None
+            for a plain spectrum.
+
+    Returns:
+        ``{"srank", "numerical", "entropy", "stable", "participation"}`` -> value.
+
+    Raises:
+        ValueError: ``threshold`` outside (0, 1], or ``weights`` of another shape.
     """
     if rtol is None:
         rtol = default_rtol(len(np.ravel(eigenvalues)), float(np.finfo(np.float64).eps))

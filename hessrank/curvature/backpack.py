@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,11 +25,11 @@ from hessrank.problem import CurvatureProblem
 _GGN_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
 
 
-def _supported(extension: object) -> set[type]:
+def _supported(extension: Any) -> set[type]:
     return set(extension._BackpropExtension__module_extensions)  # BackPACK's own module map
 
 
-def _check_supported(problem: CurvatureProblem, kind: str, extension: object) -> None:
+def _check_supported(problem: CurvatureProblem, kind: str, extension: Any) -> None:
     supported = _supported(extension)
     groups = problem.modules_with_params()
     modules = dict(problem.model.named_modules())
@@ -97,7 +98,7 @@ def gram_backpack(
     factors: dict[str, Tensor] = {}
     for name in problem.names:
         param = copies[name]
-        if kind == "fisher":
+        if sample_weights is not None:  # fisher
             # grad_batch holds a_i g_i; the Fisher's factor is sqrt(a_i) g_i.
             scale = torch.where(sample_weights > 0, sample_weights.clamp_min(
                 torch.finfo(sample_weights.dtype).tiny).rsqrt(), 0.0)
@@ -135,8 +136,8 @@ def _verify(problem: CurvatureProblem, kind: str, factors: dict[str, Tensor],
             device=p.device, dtype=p.dtype) for p in problem.params]
         projected = jacobian_vector_product(outputs, problem.params, vector)  # J v
         ours = float((torch.einsum("kn...,n...->kn", cotangents, projected) ** 2).sum())
-        projection = sum(torch.einsum("knp,p->kn", factors[name], v.reshape(-1))
-                         for name, v in zip(problem.names, vector))  # F^T v
+        projection = torch.stack([torch.einsum("knp,p->kn", factors[name], v.reshape(-1))
+                                  for name, v in zip(problem.names, vector)]).sum(0)  # F^T v
         theirs = float((projection**2).sum())
         error, scale = abs(ours - theirs), max(ours, theirs)
     if error > tolerance * max(scale, torch.finfo(torch.float64).tiny):

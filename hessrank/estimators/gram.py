@@ -95,7 +95,10 @@ class GramEstimator(Estimator):
             result = self._gram(problem, settings, options, cotangents_of, generator)
             advance(1)
         accumulator = result.accumulator
-        size = accumulator.total.shape[0]
+        total = accumulator.total
+        if total is None:  # every problem has at least one parameter group
+            raise RuntimeError("no parameter group reached the Gram matrix")
+        size = total.shape[0]
         n = problem.num_samples
         per_sample = size // n
         cap = min(size, problem.num_params)
@@ -109,13 +112,15 @@ class GramEstimator(Estimator):
         layers = {
             group: Spectrum(symmetric_eigenvalues(gram), _backend(result, groups[group]),
                             max_rank=min(size, sum(named[nm].numel() for nm in groups[group])))
-            for group, gram in accumulator.groups.items()
+            for group, gram in ((g, accumulator.groups[g]) for g in groups
+                                if g in accumulator.groups)
         }
-        return Spectrum(symmetric_eigenvalues(accumulator.total), _backend(result, problem.names),
+        return Spectrum(symmetric_eigenvalues(total), _backend(result, problem.names),
                         max_rank=cap, paths=result.paths, notes=notes, layers=layers)
 
     def _gram(self, problem: CurvatureProblem, settings: Settings, options: GramOptions,
-              cotangents_of: object, generator: torch.Generator) -> GramResult:
+              cotangents_of: Callable[[Tensor], Tensor], generator: torch.Generator
+              ) -> GramResult:
         if options.backend == "backpack":
             from hessrank.curvature.backpack import gram_backpack
 

@@ -8,6 +8,7 @@ general path).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from hessrank.curvature.rules import GramRule, LayerFactors, register_rule
@@ -26,6 +27,7 @@ class LinearRule(GramRule):
         return LayerFactors(
             activations=layer_input.reshape(num_samples, -1, layer_input.shape[-1]),
             output_grads=output_grads.reshape(k, num_samples, -1, output_grads.shape[-1]),
-            weight_shape=module.weight.shape if "weight" in analysed else None,
+            weight_shape=torch.Size((output_grads.shape[-1], layer_input.shape[-1]))
+            if "weight" in analysed else None,
             with_bias="bias" in analysed,
         )
