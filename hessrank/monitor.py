@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from typing import Any
 
 import torch
@@ -79,6 +80,13 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
+def _release_free_memory() -> None:
+    """Return the C allocator's free memory to the system (glibc ``malloc_trim``), so that memory
+    an earlier call freed is not silently reused and missed by the next measurement."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _reset_high_water_mark() -> bool:
     """Reset the kernel's resident-set high-water mark (``VmHWM``) of this process (Linux)."""
     try:
@@ -94,9 +102,11 @@ class PeakMemory:
 
     CUDA: the caching allocator's peak (``max_memory_allocated``), reset at entry. CPU (Linux):
     the kernel's resident-set high-water mark, reset at entry, minus the resident set at entry:
-    memory the process had to obtain for the block. Memory that earlier work freed and the
-    allocator reuses is not counted, so measure in a fresh process for a full figure (as
-    ``benchmarks/`` does). ``peak`` is None where neither measure is available.
+    memory the process had to obtain for the block. The C allocator's free memory is returned to
+    the system at entry (``malloc_trim``), so memory an earlier call freed is counted again
+    rather than silently reused; fragmentation can still hide a little, so a fresh process gives
+    the most exact figure (as ``benchmarks/`` uses). ``peak`` is None where neither measure is
+    available.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -109,7 +119,9 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif _reset_high_water_mark():
+            return self
+        _release_free_memory()
+        if _reset_high_water_mark():
             self._start = _status_bytes("VmRSS")
         return self
 
