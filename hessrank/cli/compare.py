@@ -176,8 +176,7 @@ def caveats(res: Any) -> list[str]:
         out.append(f"srank in [{lo:.0f}, {hi:.0f}]")
     numerical = res.ranks["numerical"]
     if res.max_rank < res.num_params and numerical >= res.max_rank:
-        cap = "n" if res.method == "fisher" else "n(C-1)" if res.method == "ggn" else "max rank"
-        text = f"capped by {cap} = {res.max_rank}"
+        text = f"capped by the structural maximum rank {res.max_rank}"
         if not any(str(res.max_rank) in note for note in res.notes):
             out.append(text)
     out.extend(res.notes)
