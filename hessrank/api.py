@@ -65,7 +65,8 @@ def estimator_options() -> dict[str, dict[str, Any]]:
 
 
 def _settings(threshold: float, rtol: float | None, max_memory: float, max_seconds: float | None,
-              seed: int, per_layer: bool, progress: bool | Progress) -> Settings:
+              seed: int, per_layer: bool, progress: bool | Progress,
+              eigenvectors: int = 0) -> Settings:
     """Validate the options every method shares (before any work) and bundle them."""
     check_number("threshold", threshold, high=1.0)
     check_number("rtol", rtol, allow_none=True, inclusive_low=True)
@@ -75,8 +76,11 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
         raise ValueError(f"seed must be an int, got {seed!r}")
     if not isinstance(per_layer, bool):
         raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
+    if isinstance(eigenvectors, bool) or not isinstance(eigenvectors, int) or eigenvectors < 0:
+        raise ValueError(f"eigenvectors must be a count >= 0, got {eigenvectors!r}")
     return Settings(threshold=threshold, rtol=rtol, max_memory=max_memory, max_seconds=max_seconds,
-                    seed=seed, per_layer=per_layer, reporter=Reporter(progress))
+                    seed=seed, per_layer=per_layer, eigenvectors=eigenvectors,
+                    reporter=Reporter(progress))
 
 
 def effective_rank(
@@ -89,6 +93,7 @@ def effective_rank(
     rtol: float | None = None,
     params: Iterable[Tensor | str] | None = None,
     per_layer: bool = False,
+    eigenvectors: int = 0,
     mode: str = "eval",
     max_memory: float = 4 * 2**30,
     max_seconds: float | None = None,
@@ -119,6 +124,10 @@ def effective_rank(
         params: a list of parameters (or their names) to analyse; default all trainable ones.
             Frozen parameters are excluded and listed in ``result.excluded``.
         per_layer: also analyse each parameterised module's diagonal block (``result.layers``).
+        eigenvectors: also return the unit eigenvectors of the ``k`` largest ``|eigenvalues|``
+            (``result.eigenvectors``, ``[k, P]``; ``result.unflatten`` maps one back to the
+            parameters): ``exact`` from the dense solve, ``fisher``/``ggn`` as ``F u / sqrt(
+            lambda)`` from the Gram eigenvectors ``u`` (one batched backward pass).
         mode: ``"eval"`` (default): the model as evaluated, dropout off and BatchNorm on its
             running statistics, whatever its flags; ``"train"``: the flags as set, i.e. BatchNorm
             on batch statistics (``exact``/``lanczos`` only; dropout must be off).
@@ -153,7 +162,8 @@ def effective_rank(
     """
     estimator = _estimator(method)
     check_call(model, loss_fn, mode)
-    settings = _settings(threshold, rtol, max_memory, max_seconds, seed, per_layer, progress)
+    settings = _settings(threshold, rtol, max_memory, max_seconds, seed, per_layer, progress,
+                         eigenvectors)
     known = option_fields()
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -163,6 +173,7 @@ def effective_rank(
                         f"estimators' options are: {offered}")
     method_options = estimator.make_options(options)
     estimator.check_mode(mode)
+    estimator.check_request(settings, method_options)
     start = time.perf_counter()
     with preserved_state(model), differentiable():
         problem = build_problem(model, loss_fn, batch, params, mode)
@@ -233,6 +244,9 @@ def _result(
         excluded=problem.excluded,
         layers=layers or {},
         paths=dict(spectrum.paths),
+        eigenvectors=None if spectrum.eigenvectors is None else
+        spectrum.eigenvectors.detach().cpu().numpy(),
+        parameters=tuple((name, tuple(p.shape)) for name, p in zip(problem.names, problem.params)),
         notes=tuple([*problem.notes, *spectrum.notes]),
         density=(spectrum.eigenvalues, spectrum.weights) if spectrum.weights is not None else None,
     )

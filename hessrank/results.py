@@ -38,6 +38,10 @@ class RankResult:
         paths: ``fisher``/``ggn``: parameter name -> the path that computed its part of the Gram
             matrix (a verified per-module rule such as ``linear`` or ``conv``, ``torch.func``,
             ``per-sample loop`` or ``backpack``).
+        eigenvectors: with ``eigenvectors=k``: ``[k, P]`` float64 unit eigenvectors of the ``k``
+            largest ``|eigenvalues|`` (rows match ``eigenvalues[:k]``), in the flattened order of
+            ``parameters``; :meth:`unflatten` maps one back to the parameters' shapes.
+        parameters: the analysed parameters' names and shapes, in the flattening order.
         notes: caveats worth reading.
         density: ``lanczos`` only: ``(nodes, weights)`` of the SLQ quadrature, weights summing
             to ``num_params``.
@@ -61,6 +65,8 @@ class RankResult:
     excluded: tuple[str, ...] = ()
     layers: dict[str, RankResult] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
+    eigenvectors: np.ndarray | None = None
+    parameters: tuple[tuple[str, tuple[int, ...]], ...] = ()
     notes: tuple[str, ...] = ()
     density: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -68,6 +74,26 @@ class RankResult:
     def top_eigenvalue(self) -> float:
         """The eigenvalue of largest magnitude, with its sign (0.0 for an empty spectrum)."""
         return float(self.eigenvalues[0]) if self.eigenvalues.size else 0.0
+
+    def unflatten(self, vector: np.ndarray) -> dict[str, np.ndarray]:
+        """A flat ``[P]`` vector (e.g. ``eigenvectors[0]``) as ``{parameter name: array}``.
+
+        Args:
+            vector: ``P`` entries in the order of :attr:`parameters`.
+
+        Returns:
+            Each parameter's piece, in its shape.
+
+        Raises:
+            ValueError: ``vector`` does not have ``P`` entries.
+        """
+        vector = np.asarray(vector).ravel()
+        sizes = [int(np.prod(shape)) for _, shape in self.parameters]
+        if vector.size != sum(sizes):
+            raise ValueError(f"vector has {vector.size} entries, the parameters {sum(sizes)}")
+        pieces = np.split(vector, np.cumsum(sizes)[:-1])
+        return {name: piece.reshape(shape)
+                for (name, shape), piece in zip(self.parameters, pieces)}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable view of every field."""
@@ -92,7 +118,10 @@ class RankResult:
             "eigenvalues": self.eigenvalues.tolist(),
             "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
             "paths": dict(self.paths),
+            "parameters": [[name, list(shape)] for name, shape in self.parameters],
         }
+        if self.eigenvectors is not None:
+            out["eigenvectors"] = self.eigenvectors.tolist()
         if self.density is not None:
             out["density"] = {
                 "nodes": self.density[0].tolist(),

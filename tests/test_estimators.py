@@ -271,3 +271,32 @@ def test_factor_operators_are_the_dense_matrices(method, make):
     assert lanczos.ranks["numerical"] == pytest.approx(gram.ranks["numerical"], abs=1)
     # the Lanczos basis is float32
     np.testing.assert_allclose(lanczos.eigenvalues[0], gram.eigenvalues[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "make"), [("exact", None), ("fisher", reference_fisher),
+                                              ("ggn", reference_ggn)])
+@pytest.mark.parametrize("kind", ["mlp", "residual"])
+def test_eigenvectors_are_eigenvectors_of_the_reference(kind, method, make):
+    model, x, y = _problem(kind)
+    n = len(y)
+    matrix = (reference_hessian(model, CE, x, y) if make is None
+              else make(model, CE, x, y, scale=1 / n))
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, eigenvectors=4)
+    vectors = result.eigenvectors
+    assert vectors.shape == (4, result.num_params)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-10)
+    for value, vector in zip(result.eigenvalues[:4], vectors):
+        residual = matrix @ vector - value * vector
+        assert np.linalg.norm(residual) <= 1e-6 * abs(result.eigenvalues[0])
+    pieces = result.unflatten(vectors[0])
+    assert list(pieces) == [name for name, _ in result.parameters]
+    assert all(piece.shape == dict(model.named_parameters())[name].shape
+               for name, piece in pieces.items())
+
+
+def test_eigenvectors_refused_where_not_available():
+    model, x, y = _problem("mlp")
+    with pytest.raises(ValueError, match="does not return eigenvectors: use one of exact, fisher"):
+        hessrank.effective_rank(model, CE, (x, y), method="lanczos", eigenvectors=2)
+    with pytest.raises(ValueError, match="eigenvectors must be a count >= 0"):
+        hessrank.effective_rank(model, CE, (x, y), eigenvectors=-1)

@@ -57,6 +57,7 @@ class Settings:
     max_seconds: float | None = None
     seed: int = 0
     per_layer: bool = False
+    eigenvectors: int = 0
     reporter: Reporter = field(default_factory=Reporter)
 
 
@@ -81,6 +82,8 @@ class Spectrum:
         paths: parameter name -> the path that computed its part (Gram estimators).
         eps: machine epsilon of the arithmetic behind the spectrum, for the default numerical-rank
             tolerance (None: the model dtype's).
+        eigenvectors: ``[k, P]`` float64 unit eigenvectors of the ``k`` largest ``|eigenvalues|``
+            (in the flattened order of the analysed parameters), when asked for.
         notes: caveats worth reading.
         layers: per parameterised module, that module's diagonal block.
     """
@@ -94,6 +97,7 @@ class Spectrum:
     num_hvps: int | None = None
     paths: dict[str, str] = field(default_factory=dict)
     eps: float | None = None
+    eigenvectors: Tensor | None = None
     notes: list[str] = field(default_factory=list)
     layers: dict[str, Spectrum] = field(default_factory=dict)
 
@@ -125,6 +129,8 @@ class Estimator(ABC):
     modes: ClassVar[tuple[str, ...]] = ("eval",)
     layer_strategy: ClassVar[str] = "restricted"
     Options: ClassVar[type] = NoOptions
+    #: Whether the estimator can return eigenvectors (``effective_rank(..., eigenvectors=k)``).
+    provides_eigenvectors: ClassVar[bool] = False
     #: What to try instead when the budget is exceeded.
     budget_advice: ClassVar[str] = ""
 
@@ -134,6 +140,14 @@ class Estimator(ABC):
         class (``__post_init__``)."""
         names = {f.name for f in dataclasses.fields(self.Options)}
         return self.Options(**{key: value for key, value in given.items() if key in names})
+
+    def check_request(self, settings: Settings, options: Any) -> None:
+        """Raise, before any work, for a request this estimator cannot serve."""
+        if settings.eigenvectors and not self.provides_eigenvectors:
+            capable = ", ".join(name for name, e in ESTIMATORS.items()
+                                if e.provides_eigenvectors)
+            raise ValueError(f"method={self.name!r} does not return eigenvectors: use one of "
+                             f"{capable}")
 
     def check_mode(self, mode: str) -> None:
         """Raise if ``mode`` is not among :attr:`modes`."""

@@ -6,13 +6,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
 from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum, register
 from hessrank.problem import CurvatureProblem
-from hessrank.spectrum.dense import symmetric_eigenvalues
+from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 
 #: Seconds per ``P^3`` of a float64 symmetric eigen-solve on a 2-core CPU (measured: 5120^3 in
 #: about 4.9 s); used only to predict the cost of ``exact``.
@@ -56,6 +57,7 @@ class Exact(Estimator):
     listing_order = 0
     summary = "dense Hessian (P Hessian-vector products) and a float64 eigen-solve"
     modes = ("eval", "train")
+    provides_eigenvectors = True
     budget_advice = ("use method='lanczos' (Hessian-vector products) or 'fisher'/'ggn' (Gram "
                      "matrices)")
 
@@ -75,5 +77,10 @@ class Exact(Estimator):
         chunk = exact_chunk_size(dim, problem.params[0].element_size())
         with settings.reporter.task(f"exact Hessian ({dim} columns)", dim) as advance:
             hessian = dense_hessian(operator, chunk, advance)
-        return Spectrum(symmetric_eigenvalues(hessian), "autograd", max_rank=dim,
-                        num_hvps=operator.num_products)
+        spectrum = Spectrum(np.empty(0), "autograd", max_rank=dim, num_hvps=operator.num_products)
+        if settings.eigenvectors:
+            spectrum.eigenvalues, vectors = symmetric_eigenpairs(hessian)
+            spectrum.eigenvectors = vectors[:, : settings.eigenvectors].T.contiguous()
+        else:
+            spectrum.eigenvalues = symmetric_eigenvalues(hessian)
+        return spectrum

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -16,7 +17,7 @@ from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.rules import rule_for
 from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum
 from hessrank.problem import CurvatureProblem, LossFn, probe_outputs
-from hessrank.spectrum.dense import symmetric_eigenvalues
+from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 
 BACKENDS = ("auto", "func", "backpack")
 
@@ -41,6 +42,7 @@ class GramEstimator(Estimator):
 
     solver = "gram"
     layer_strategy = "gram-blocks"
+    provides_eigenvectors = True
     Options = GramOptions
     #: Factor columns per sample before zero columns are dropped, as a function of ``C``.
     columns_label: ClassVar[str]
@@ -115,8 +117,43 @@ class GramEstimator(Estimator):
             for group, gram in ((g, accumulator.groups[g]) for g in groups
                                 if g in accumulator.groups)
         }
-        return Spectrum(symmetric_eigenvalues(total), _backend(result, problem.names),
-                        max_rank=cap, paths=result.paths, notes=notes, layers=layers)
+        spectrum = Spectrum(symmetric_eigenvalues(total), _backend(result, problem.names),
+                            max_rank=cap, paths=result.paths, notes=notes, layers=layers)
+        if settings.eigenvectors:
+            spectrum.eigenvalues, spectrum.eigenvectors = self._eigenpairs(
+                problem, total, settings.eigenvectors, cotangents_of)
+        return spectrum
+
+    def check_request(self, settings: Settings, options: GramOptions) -> None:
+        super().check_request(settings, options)
+        if settings.eigenvectors and options.backend == "backpack":
+            raise ValueError("eigenvectors come from hessrank's own factors: use backend='auto' "
+                             "or 'func' with eigenvectors=")
+
+    def _eigenpairs(self, problem: CurvatureProblem, gram: Tensor, count: int,
+                    cotangents_of: Callable[[Tensor], Tensor]) -> tuple[np.ndarray, Tensor]:
+        """Eigenvalues, and the top ``count`` eigenvectors in parameter space ``[count, P]``.
+
+        With ``G = F^T F = U diag(lambda) U^T``, ``F u_j / sqrt(lambda_j)`` is a unit eigenvector
+        of ``F F^T``; ``F u`` is one vector-Jacobian product with the cotangents combined by
+        ``u``, so ``count`` products in one batched backward pass. Zero eigenvalues have no
+        eigenvector in the range of ``F``: rows for them are zero.
+        """
+        values, vectors = symmetric_eigenpairs(gram)
+        count = min(count, len(values))
+        outputs = problem.forward()
+        cotangents = cotangents_of(outputs)  # [K, n, *out]
+        k, n = cotangents.shape[:2]
+        coefficients = vectors[:, :count].T.reshape(count, k, n).to(cotangents.dtype)
+        combined = torch.einsum("jkn,kn...->jn...", coefficients, cotangents)
+        pieces = torch.autograd.grad(outputs, problem.params, grad_outputs=combined,
+                                     is_grads_batched=True, allow_unused=True)
+        flat = torch.cat([(torch.zeros(count, *p.shape, dtype=p.dtype, device=p.device)
+                           if g is None else g).reshape(count, -1)
+                          for g, p in zip(pieces, problem.params)], dim=1).to(torch.float64)
+        scale = torch.from_numpy(values[:count]).to(flat.device).abs().sqrt()
+        flat = torch.where(scale[:, None] > 0, flat / scale.clamp_min(1e-300)[:, None], 0.0)
+        return values, flat
 
     def _gram(self, problem: CurvatureProblem, settings: Settings, options: GramOptions,
               cotangents_of: Callable[[Tensor], Tensor], generator: torch.Generator
