@@ -206,7 +206,7 @@ def test_last2_block_is_the_last_two_linear_layers() -> None:
     model = BatchedMLP([3], 5, 4, 2, 3, "tanh")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(1, 10, 5, generator=g), torch.randint(3, (1, 10), generator=g)
-    measured = metrics.hessian_ranks(model, x, y, ["exact"], ["last2"], 0.99, 20, 2, 2**30)
+    measured = metrics.hessian_ranks(model, x, y, ["exact"], ["last2"], 0.99, 20, 2**30)
     assert measured["hess_cap_exact_last2"] == [4 * 4 + 4 + 4 * 3 + 3]
     # reference: the same network with its first layer frozen, analysed on all trainable params
     net = model.to_module(0)

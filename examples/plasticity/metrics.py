@@ -103,16 +103,20 @@ def hessian_ranks(
     """
     loss_fn = nn.CrossEntropyLoss()
     out: dict[str, list] = {}
+    if not methods:
+        return out
     for s in range(model.num_seeds):
         net = model.to_module(s)
         for block in blocks:
-            params = block_params(net, block)
-            for method in methods:
-                res = hessrank.effective_rank(
-                    net, loss_fn, (x[s], y[s]), method=method, threshold=threshold,
-                    params=params, max_memory=max_memory, lanczos_steps=lanczos_steps,
-                    seed=model.seeds[s],
-                )
+            # The library's one way of recording curvature over time (as the CLI's checkpoints).
+            tracker = hessrank.Tracker(
+                net, loss_fn, methods, log=None, threshold=threshold,
+                params=block_params(net, block), max_memory=max_memory,
+                lanczos_steps=lanczos_steps, seed=model.seeds[s],
+            )
+            for measurement in tracker.measure((x[s], y[s])):
+                method, res = measurement.method, measurement.result
+                assert res is not None  # on_error="raise": a failure has raised
                 rank_key = hess_key("rank", method, block)
                 values = {
                     rank_key: int(res.rank),
