@@ -37,7 +37,7 @@ REG_COLORS = {"none": "#555555", "l2": "#d62728", "l2_init": "#8c564b",
               "shrink_perturb": "#e377c2", "wasserstein": "#17becf", "feature_rank": "#bcbd22"}
 METHOD_STYLES = {"exact": ("black", "-"), "lanczos": ("black", ":"), "ggn": ("#a6761d", "--"),
                  "fisher": ("#e6ab02", "-")}
-METHOD_NAMES = {"exact": "exact", "lanczos": "Lanczos (SLQ)", "ggn": "GGN",
+METHOD_NAMES = {"exact": "exact", "lanczos": "Lanczos", "ggn": "GGN",
                 "fisher": "empirical Fisher"}
 STRENGTH_STYLES = (":", "--", "-")  # weakest to strongest
 TASK_AXIS = "task (task 1 starts untrained)"
