@@ -56,9 +56,9 @@ PYHESSIAN_FIELDS = (
 )
 MAX_TASK_COLUMNS = 6
 CPU_MEMORY_NOTE = (
-    "peak memory (CPU): growth of the process's resident set during each call; memory that an "
-    "earlier method freed and a later one reuses is not counted, so order matters: run one "
-    "--methods at a time for a full figure"
+    "peak memory (CPU): growth of the process's resident set during each call, after the "
+    "allocator's free memory is returned to the system; fragmentation can still hide a little, "
+    "so run one --methods at a time for the most exact figure"
 )
 CSV_COLUMNS = (
     "seed",
