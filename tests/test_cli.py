@@ -528,3 +528,14 @@ def test_ctrl_c_while_the_cli_loads_is_one_line(capsys, monkeypatch) -> None:
     monkeypatch.setattr(cli_module, "build_parser", interrupted)
     status, out, err = run_main(["compare"], capsys)
     assert (status, out, err) == (130, "", "hessrank: interrupted\n")
+
+
+def test_the_console_script_loads_torch_inside_main() -> None:
+    """``import hessrank`` (what the console script does before main) does not load torch, so a
+    Ctrl-C while torch loads lands inside main's handler."""
+    import subprocess
+    import sys
+
+    code = "import sys, hessrank, hessrank.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
