@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -20,7 +22,7 @@ class Fisher(GramEstimator):
     columns_label = "1"
     budget_advice = "use fewer samples"
 
-    def columns(self, outputs_per_sample: int) -> int:
+    def columns(self, outputs: Callable[[], Tensor]) -> int:
         return 1
 
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,

@@ -3,6 +3,8 @@ matrix (``C'`` nonzero square-root columns of each sample's output Hessian)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -21,8 +23,8 @@ class GGN(GramEstimator):
     columns_label = "C'"
     budget_advice = "use method='fisher' (n x n Gram), fewer samples, or method='lanczos'"
 
-    def columns(self, outputs_per_sample: int) -> int:
-        return outputs_per_sample
+    def columns(self, outputs: Callable[[], Tensor]) -> int:
+        return outputs()[0].numel()
 
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                    generator: torch.Generator) -> tuple[Tensor, Tensor | None]:

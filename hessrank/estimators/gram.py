@@ -48,8 +48,9 @@ class GramEstimator(Estimator):
     columns_label: ClassVar[str]
 
     @abstractmethod
-    def columns(self, outputs_per_sample: int) -> int:
-        """Upper bound on the factor columns ``K`` per sample."""
+    def columns(self, outputs: Callable[[], Tensor]) -> int:
+        """Upper bound on the factor columns ``K`` per sample (``outputs`` runs a forward pass
+        without a graph, only if called)."""
 
     @abstractmethod
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
@@ -58,8 +59,8 @@ class GramEstimator(Estimator):
 
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: GramOptions) -> Cost:
-        n, per_sample = problem.num_samples, outputs()[0].numel()
-        k = self.columns(per_sample)
+        n = problem.num_samples
+        k = self.columns(outputs)
         element = problem.params[0].element_size()
         size = k * n
         groups = problem.modules_with_params()
@@ -67,8 +68,8 @@ class GramEstimator(Estimator):
         memory = size**2 * (element + 16)
         if settings.per_layer:
             memory += len(groups) * size**2 * element
-        if k > 1:  # output-Hessian blocks: products, float64 blocks, eigenvectors
-            memory += n * per_sample**2 * (2 * element + 24)
+        if k > 1:  # output-Hessian blocks (k x k each): products, float64 blocks, eigenvectors
+            memory += n * k**2 * (2 * element + 24)
         modules = dict(problem.model.named_modules())
         named = dict(zip(problem.names, problem.params))
         general_sizes = [sum(named[name].numel() for name in names)

@@ -36,14 +36,15 @@ class LayerFactors:
 
         This is what the factors claim the gradient of ``sum_{k,i} w_ki <f_i, s_ki>`` to be.
         """
-        weighted = torch.einsum("kn,kntd->ntd", weights.to(self.output_grads.dtype),
-                                self.output_grads)
+        k, n, positions, d_out = self.output_grads.shape
+        weighted = (weights.to(self.output_grads.dtype).reshape(k, n, 1, 1)
+                    * self.output_grads).sum(dim=0).reshape(n * positions, d_out)
         out = {}
-        if self.weight_shape is not None:
-            out["weight"] = torch.einsum("ntd,nte->de", weighted,
-                                         self.activations).reshape(self.weight_shape)
+        if self.weight_shape is not None:  # one GEMM over all (sample, position) rows
+            rows = self.activations.reshape(n * positions, -1)
+            out["weight"] = (weighted.T @ rows).reshape(self.weight_shape)
         if self.with_bias:
-            out["bias"] = weighted.sum(dim=(0, 1))
+            out["bias"] = weighted.sum(dim=0)
         return out
 
     def gram(self) -> Tensor:
