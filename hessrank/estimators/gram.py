@@ -83,13 +83,12 @@ class GramEstimator(Estimator):
     def run(self, problem: CurvatureProblem, settings: Settings,
             options: GramOptions) -> Spectrum:
         generator = torch.Generator().manual_seed(settings.seed)
-        loss_fn, targets = problem.loss_fn, problem.targets
+        loss_fn = problem.loss_fn
 
-        def cotangents_of(outputs: Tensor) -> Tensor:
-            problem.loss(outputs.detach())
+        def cotangents_of(outputs: Tensor, targets: Tensor) -> Tensor:
             check_no_parameter_terms(loss_fn, outputs, targets, problem.params, problem.names,
                                      self.name)
-            return self.cotangents(loss_fn, outputs.detach(), targets, generator)[0]
+            return self.cotangents(loss_fn, outputs, targets, generator)[0]
 
         with settings.reporter.task(f"{self.name} Gram matrix", 1) as advance:
             result = self._gram(problem, settings, options, cotangents_of, generator)
@@ -115,7 +114,8 @@ class GramEstimator(Estimator):
                         max_rank=cap, paths=result.paths, notes=notes, layers=layers)
 
     def _gram(self, problem: CurvatureProblem, settings: Settings, options: GramOptions,
-              cotangents_of: object, generator: torch.Generator) -> GramResult:
+              cotangents_of: Callable[[Tensor, Tensor], Tensor],
+              generator: torch.Generator) -> GramResult:
         if options.backend == "backpack":
             from hessrank.curvature.backpack import gram_backpack
 
