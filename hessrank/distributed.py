@@ -55,8 +55,9 @@ class DataParallel:
     Attributes:
         rank, world_size: this process's rank in ``group`` and the group's size.
         sizes: samples per process, in rank order (set by :func:`shard_problem`).
-        exchanged_bytes: payload of the tensor collectives so far, the same in every process:
-            an all-gather counts the other processes' (padded) parts, an all-reduce the tensor.
+        exchanged_bytes: bytes this process receives in the tensor collectives so far, the same
+            in every process: an all-gather brings the other processes' (padded) parts, a
+            bandwidth-optimal (ring) all-reduce ``2 (R - 1) / R`` of the tensor.
 
     Raises:
         ValueError: ``torch.distributed`` is not initialised or this process is not in the group.
@@ -164,7 +165,9 @@ class DataParallel:
         """The sum of ``tensor`` over the processes (a new tensor on ``tensor``'s device)."""
         buffer = tensor.to(self.device, copy=True)
         dist.all_reduce(buffer, group=self.group)
-        self.exchanged_bytes += buffer.numel() * buffer.element_size()
+        # A bandwidth-optimal (ring) all-reduce receives 2 (R - 1) / R of the tensor.
+        self.exchanged_bytes += (2 * (self.world_size - 1) * buffer.numel()
+                                 * buffer.element_size() // self.world_size)
         return buffer.to(tensor.device)
 
     def describe(self) -> str:
