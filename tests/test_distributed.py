@@ -34,24 +34,30 @@ LOSSES = {
                                                                 dtype=torch.float64)),
 }
 
-#: (case name, method, loss, options, effective_rank keywords): compared with one process.
+#: (case name, model, method, loss, options, effective_rank keywords): compared with one process.
 CASES = [
-    ("fisher", "fisher", "mean", {}, {}),
-    ("fisher-sum", "fisher", "sum", {}, {}),
-    ("fisher-weighted", "fisher", "weighted", {}, {}),
-    ("fisher-func", "fisher", "mean", {"backend": "func"}, {}),
-    ("ggn", "ggn", "mean", {}, {"per_layer": True}),
-    ("ggn-weighted", "ggn", "weighted", {}, {}),
-    ("exact", "exact", "mean", {}, {}),
-    ("exact-sum", "exact", "sum", {}, {"per_layer": True}),
-    ("lanczos", "lanczos", "mean", {"lanczos_steps": 40}, {}),
-    ("ggn_lanczos", "ggn_lanczos", "mean", {"lanczos_steps": 30}, {}),
-    ("fisher_lanczos", "fisher_lanczos", "weighted", {"lanczos_steps": 12}, {}),
+    ("fisher", "mlp", "fisher", "mean", {}, {}),
+    ("fisher-sum", "mlp", "fisher", "sum", {}, {}),
+    ("fisher-weighted", "mlp", "fisher", "weighted", {}, {}),
+    ("fisher-func", "mlp", "fisher", "mean", {"backend": "func"}, {}),
+    ("ggn", "mlp", "ggn", "mean", {}, {"per_layer": True}),
+    ("ggn-weighted", "mlp", "ggn", "weighted", {}, {}),
+    ("exact", "mlp", "exact", "mean", {}, {}),
+    ("exact-sum", "mlp", "exact", "sum", {}, {"per_layer": True}),
+    ("lanczos", "mlp", "lanczos", "mean", {"lanczos_steps": 40}, {}),
+    ("ggn_lanczos", "mlp", "ggn_lanczos", "mean", {"lanczos_steps": 30}, {}),
+    ("fisher_lanczos", "mlp", "fisher_lanczos", "weighted", {"lanczos_steps": 12}, {}),
+    # conv and linear rules (factors over positions) beside the general path (LayerNorm)
+    ("fisher-cnn", "cnn", "fisher", "mean", {}, {"per_layer": True}),
+    ("ggn-cnn", "cnn", "ggn", "mean", {}, {}),
 ]
 
 
-def make_model() -> nn.Module:
+def make_model(kind: str = "mlp") -> nn.Module:
     torch.manual_seed(0)
+    if kind == "cnn":
+        return nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2, padding=1), nn.ReLU(),
+                             nn.Flatten(), nn.LayerNorm(18), nn.Linear(18, 3)).double()
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
@@ -69,6 +75,7 @@ def shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
 def summary(result: hessrank.RankResult) -> dict[str, Any]:
     return {"eigenvalues": result.eigenvalues, "ranks": result.ranks, "n": result.num_samples,
             "trace": result.trace, "notes": result.notes, "rank": result.rank,
+            "paths": result.paths,
             "layers": {name: layer.eigenvalues for name, layer in result.layers.items()}}
 
 
@@ -90,10 +97,10 @@ def worker(rank: int, port: int, out: str) -> None:
     x, y = shard(inputs, rank), shard(targets, rank)
     results: dict[str, Any] = {}
     model = make_model()
-    for name, method, loss, options, keywords in CASES:
+    for name, kind, method, loss, options, keywords in CASES:
         results[name] = summary(hessrank.effective_rank(
-            model, LOSSES[loss](), (x, y), method=method, process_group=group, **options,
-            **keywords))
+            make_model(kind), LOSSES[loss](), (x, y), method=method, process_group=group,
+            **options, **keywords))
 
     # DDP: its .module analysed; no gradient, no reducer state touched; training still works.
     ddp = nn.parallel.DistributedDataParallel(make_model())
@@ -139,8 +146,8 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 def single(name: str) -> dict[str, Any]:
-    _, method, loss, options, keywords = next(case for case in CASES if case[0] == name)
-    return summary(hessrank.effective_rank(make_model(), LOSSES[loss](), make_batch(),
+    _, kind, method, loss, options, keywords = next(case for case in CASES if case[0] == name)
+    return summary(hessrank.effective_rank(make_model(kind), LOSSES[loss](), make_batch(),
                                            method=method, **options, **keywords))
 
 
@@ -164,7 +171,12 @@ def test_equals_one_process_on_the_whole_batch(spawned: list[dict[str, Any]], na
     for layer, values in reference["layers"].items():
         np.testing.assert_allclose(first["layers"][layer], values, rtol=1e-9,
                                    atol=1e-9 * abs(values[0]))
+    assert first["paths"] == reference["paths"]
     assert any("data-parallel over 2 processes (gloo)" in note for note in first["notes"])
+
+
+def test_cnn_cases_mix_rules_and_the_general_path(spawned: list[dict[str, Any]]) -> None:
+    assert set(spawned[0]["fisher-cnn"]["paths"].values()) == {"conv", "linear", "torch.func"}
 
 
 def test_ddp_model_analysed_without_touching_ddp(spawned: list[dict[str, Any]]) -> None:
