@@ -325,7 +325,9 @@ def _general_gram(
         with agreement(parallel_of(problem)):
             _check_samples_independent(torch.cat(sample_outputs), outputs, tolerance)
             for group, names in groups:
-                factors = torch.cat([torch.cat(pieces[name], dim=1) for name in names], dim=-1)
+                # pop: the bin's pieces become its groups' factors without a second copy
+                factors = torch.cat([torch.cat(pieces.pop(name), dim=1) for name in names],
+                                    dim=-1)
                 flat = factors.reshape(k * n, -1)
                 claimed = (weights.reshape(-1, 1) * flat).sum(dim=0)
                 true = torch.cat([true_grads[name].reshape(-1) for name in names])
