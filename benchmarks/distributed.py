@@ -14,16 +14,19 @@ that hold ``threshold`` of the trace), which decides whether a partial eigen-sol
 
     python benchmarks/distributed.py scaling --processes 1 2 4
     python benchmarks/distributed.py large --n 16384
+    HESSRANK_DATA_DIR=~/data python benchmarks/distributed.py large --n 4096 --data mnist
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import socket
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,6 +66,16 @@ def batch(n: int, features: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return torch.randn(n, features, generator=generator), torch.randint(0, 10, (n,),
                                                                          generator=generator)
+
+
+def mnist(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` MNIST training images (normalised) and labels, read from the raw IDX files
+    under ``$HESSRANK_DATA_DIR/MNIST/raw``."""
+    raw = Path(os.environ.get("HESSRANK_DATA_DIR", "data")) / "MNIST" / "raw"
+    images = np.frombuffer((raw / "train-images-idx3-ubyte").read_bytes()[16:], np.uint8)
+    labels = np.frombuffer((raw / "train-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
+    inputs = torch.tensor(images[: n * 784].reshape(n, 784), dtype=torch.float32) / 255
+    return (inputs - 0.1307) / 0.3081, torch.tensor(labels[:n], dtype=torch.int64)
 
 
 def worker(rank: int, world: int, port: int, threads: int, repeats: int,
@@ -128,7 +141,7 @@ def large(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = mlp((784, 512, 512, 10))
     results = []
     for n in args.n:
-        x, y = batch(n, 784)
+        x, y = mnist(n) if args.data == "mnist" else batch(n, 784)
         start = time.perf_counter()
         result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), method="fisher",
                                          max_memory=args.max_memory_gib * 2**30)
@@ -136,7 +149,8 @@ def large(args: argparse.Namespace) -> list[dict[str, Any]]:
         values = np.sort(np.abs(result.eigenvalues))[::-1]
         share = {str(q): int(np.searchsorted(np.cumsum(values) / values.sum(), q)) + 1
                  for q in (0.5, 0.9, 0.99)}
-        row = {"n": n, "seconds": seconds, "peak_memory_gib": (result.peak_memory or 0) / 2**30,
+        row = {"n": n, "data": args.data, "seconds": seconds,
+               "peak_memory_gib": (result.peak_memory or 0) / 2**30,
                "srank": result.rank, "eigenvalues_for_share_of_trace": share,
                "notes": list(result.notes)}
         results.append(row)
@@ -155,6 +169,8 @@ def main() -> None:
     big.add_argument("--n", type=int, nargs="+", default=[16384])
     big.add_argument("--threads", type=int, default=2)
     big.add_argument("--max-memory-gib", type=float, default=8.0)
+    big.add_argument("--data", choices=("synthetic", "mnist"), default="synthetic",
+                     help="mnist: from $HESSRANK_DATA_DIR/MNIST/raw")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args()
     rows = scaling(args) if args.command == "scaling" else large(args)
