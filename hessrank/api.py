@@ -13,9 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
+from hessrank.distributed import DataParallel, agreement, is_ddp_without_group, shard_problem
 from hessrank.estimators import (
     ESTIMATORS,
     METHODS,
+    Cost,
     Estimator,
     Settings,
     Spectrum,
@@ -99,6 +101,7 @@ def effective_rank(
     max_seconds: float | None = None,
     seed: int = 0,
     progress: bool | Progress = False,
+    process_group: Any = None,
     **options: Any,
 ) -> RankResult:
     """Rank and spectrum of the Hessian of ``loss_fn(model(*inputs), targets)`` or an approximation.
@@ -138,6 +141,16 @@ def effective_rank(
         seed: seed of the private generator for random probes and checks (the global RNG is not
             used).
         progress: ``True`` for a progress bar with ETA, or a ``rich.progress.Progress``.
+        process_group: a ``torch.distributed`` process group (``dist.group.WORLD``) for
+            data-parallel analysis: every process of the group calls with the same model and
+            options and its own shard of the batch (shards concatenated in rank order form the
+            global batch; sizes may differ), and every process gets the result of the global
+            batch, as one process would compute it on the concatenated batch (``num_samples`` is
+            the global ``n``, a mean loss is the mean over the global batch). ``exact`` and the
+            Lanczos methods all-reduce their products; ``fisher``/``ggn`` all-gather per-layer
+            factors (see ``docs/data-parallel.md`` for the communication volume). A
+            ``DistributedDataParallel`` model is analysed through its ``.module``. None (the
+            default): this process's batch alone.
         **options: the estimators' own options (:func:`hessrank.estimator_options` lists them):
             ``backend`` (``fisher``/``ggn``): ``"auto"`` (verified per-module rules for Linear
             and Conv, ``torch.func`` for every other parameter), ``"func"`` (``torch.func``
@@ -160,27 +173,47 @@ def effective_rank(
         TypeError, ValueError: bad input, named with its fix, before any expensive work.
         hessrank.BudgetError: the predicted memory or time exceeds the budget.
     """
-    estimator = _estimator(method)
-    check_call(model, loss_fn, mode)
-    settings = _settings(threshold, rtol, max_memory, max_seconds, seed, per_layer, progress,
-                         eigenvectors)
-    known = option_fields()
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        offered = ", ".join(f"{name} ({', '.join(methods)})"
-                            for name, (_, methods) in known.items())
-        raise TypeError(f"effective_rank() got unknown option(s) {', '.join(unknown)}; the "
-                        f"estimators' options are: {offered}")
-    method_options = estimator.make_options(options)
-    estimator.check_mode(mode)
-    estimator.check_request(settings, method_options)
+    parallel = None if process_group is None else DataParallel(process_group, _device_of(model))
+    with agreement(parallel):  # a check failing in one process fails in all
+        estimator = _estimator(method)
+        check_call(model, loss_fn, mode)
+        settings = _settings(threshold, rtol, max_memory, max_seconds, seed, per_layer,
+                             progress, eigenvectors)
+        known = option_fields()
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            offered = ", ".join(f"{name} ({', '.join(methods)})"
+                                for name, (_, methods) in known.items())
+            raise TypeError(f"effective_rank() got unknown option(s) {', '.join(unknown)}; the "
+                            f"estimators' options are: {offered}")
+        method_options = estimator.make_options(options)
+        estimator.check_mode(mode)
+        estimator.check_request(settings, method_options)
+        if parallel is not None and options.get("backend") == "backpack":
+            raise ValueError("backend='backpack' runs in one process: with process_group, use "
+                             "backend='auto' or 'func'")
+        if parallel is not None and eigenvectors:
+            raise ValueError("eigenvectors= is not available with process_group yet: compute "
+                             "them in one process on the gathered batch")
     start = time.perf_counter()
     with preserved_state(model), differentiable():
-        problem = build_problem(model, loss_fn, batch, params, mode)
+        with agreement(parallel):
+            problem = build_problem(model, loss_fn, batch, params, mode)
+        if parallel is not None:
+            problem = shard_problem(problem, parallel, {
+                "method": method, "mode": mode, "threshold": threshold, "rtol": rtol,
+                "max_memory": max_memory, "max_seconds": max_seconds, "seed": seed,
+                "per_layer": per_layer, "options": sorted(options.items())})
+        elif is_ddp_without_group(model):
+            problem.notes.append(
+                "the model is wrapped in DistributedDataParallel but process_group=None: this "
+                "is the curvature of this process's batch alone; pass "
+                "process_group=torch.distributed.group.WORLD for the global batch")
         with evaluation_mode(problem.model, mode):
             outputs = functools.cache(lambda: probe_outputs(problem))
-            estimator.check_budget(estimator.predict(problem, outputs, settings, method_options),
-                                   problem, settings)
+            cost = _agreed_cost(parallel, estimator.predict(problem, outputs, settings,
+                                                            method_options))
+            estimator.check_budget(cost, problem, settings)
             outputs.cache_clear()
             with PeakMemory(problem.device) as memory:
                 spectrum = estimator.run(problem, settings, method_options)
@@ -192,6 +225,8 @@ def effective_rank(
                         for group, names in problem.modules_with_params().items()
                     }
     seconds = time.perf_counter() - start
+    if parallel is not None:
+        problem.notes.append(parallel.describe())
     eps = float(torch.finfo(problem.dtype).eps)
     named = dict(zip(problem.names, problem.params))
     groups = problem.modules_with_params()
@@ -203,6 +238,22 @@ def effective_rank(
     }
     return _result(spectrum, problem, problem.num_params, estimator, threshold, rtol, eps,
                    seconds, memory.peak, layers)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a model without any)."""
+    first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    return torch.device("cpu") if first is None else first.device
+
+
+def _agreed_cost(parallel: DataParallel | None, cost: Cost) -> Cost:
+    """The largest prediction over the processes, so that every process decides the same."""
+    if parallel is None:
+        return cost
+    costs = parallel.gather_objects((cost.memory_bytes, cost.seconds))
+    times = [seconds for _, seconds in costs if seconds is not None]
+    return Cost(max(memory for memory, _ in costs),
+                max(times) if times else None)
 
 
 def _result(

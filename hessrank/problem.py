@@ -86,22 +86,7 @@ class CurvatureProblem:
                 shapes and dtypes involved), or it is not a finite scalar.
         """
         outputs = self.forward() if outputs is None else outputs
-        if not isinstance(outputs, Tensor):
-            raise TypeError(
-                f"the model returned {type(outputs).__name__}; hessrank needs a tensor of outputs "
-                "(wrap the model so that forward returns the tensor the loss takes, e.g. logits)"
-            )
-        try:
-            value = self.loss_fn(outputs, self.targets)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise type(error)(
-                f"loss_fn(outputs, targets) failed on outputs of shape {tuple(outputs.shape)} "
-                f"({outputs.dtype}) and targets of shape {tuple(self.targets.shape)} "
-                f"({self.targets.dtype}): {error}. Check the targets' shape and dtype (e.g. "
-                "class indices as int64 of shape [n] for nn.CrossEntropyLoss)"
-            ) from error
-        check_loss(value)
-        return value
+        return evaluate_loss(self.loss_fn, outputs, self.targets)
 
     def sample_slice(self, start: int, stop: int) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
         """Inputs of samples ``start:stop`` as ``(args, kwargs)``."""
@@ -129,6 +114,33 @@ class CurvatureProblem:
                     groups.setdefault(module_name or "(root)", []).append(full)
                     seen.add(full)
         return groups
+
+
+def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor) -> Tensor:
+    """``loss_fn(outputs, targets)``, checked to be a finite scalar, with errors that help.
+
+    Raises:
+        TypeError: the model's outputs are not a tensor.
+        TypeError, ValueError, RuntimeError, IndexError: the loss cannot be evaluated on the
+            outputs and the targets (the error's own type, its message extended with the shapes
+            and dtypes involved), or it is not a finite scalar.
+    """
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            f"the model returned {type(outputs).__name__}; hessrank needs a tensor of outputs "
+            "(wrap the model so that forward returns the tensor the loss takes, e.g. logits)"
+        )
+    try:
+        value = loss_fn(outputs, targets)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise type(error)(
+            f"loss_fn(outputs, targets) failed on outputs of shape {tuple(outputs.shape)} "
+            f"({outputs.dtype}) and targets of shape {tuple(targets.shape)} "
+            f"({targets.dtype}): {error}. Check the targets' shape and dtype (e.g. class "
+            "indices as int64 of shape [n] for nn.CrossEntropyLoss)"
+        ) from error
+    check_loss(value)
+    return value
 
 
 def all_finite(tensor: Tensor) -> bool:

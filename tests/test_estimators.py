@@ -262,8 +262,8 @@ def test_factor_operators_are_the_dense_matrices(method, make):
     problem = build_problem(model, CE, (x, y), None, "eval")
     gram_estimator = ESTIMATORS[method]
     generator = torch.Generator().manual_seed(0)
-    operator = FactorOperator(problem, lambda outputs: gram_estimator.cotangents(
-        CE, outputs, y, generator)[0], method)
+    operator = FactorOperator(problem, lambda outputs, targets: gram_estimator.cotangents(
+        CE, outputs, targets, generator)[0], method)
     dense = operator.matmat(torch.eye(operator.dim, dtype=torch.float64)).numpy()
     np.testing.assert_allclose(dense, make(model, CE, x, y, scale=1 / 6), atol=1e-12)
     gram = hessrank.effective_rank(model, CE, (x, y), method=method)

@@ -5,6 +5,10 @@
 double-backward trick on the forward graph: ``g(u) = J^T u`` is linear in ``u``, and the gradient
 of ``<g(u), v>`` w.r.t. ``u`` is ``J v``. A product costs two backward passes through the graph
 built once; no Gram matrix is formed, so this serves where ``nC`` or ``n`` is too large for one.
+
+Data-parallel (a :class:`~hessrank.distributed.ShardedProblem`): the cotangents are those of the
+global loss (derived from the gathered outputs), each process applies its samples' part of
+``F F^T`` and the products are summed over the processes by one all-reduce.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import Tensor
 
 from hessrank.curvature.loss import check_no_parameter_terms
+from hessrank.distributed import parallel_of, shard_cotangents
 from hessrank.problem import CurvatureProblem
 
 
@@ -23,23 +28,24 @@ class FactorOperator:
 
     Args:
         problem: the validated problem.
-        cotangents_of: ``outputs -> [K, n, *out]`` output-side factors.
+        cotangents_of: ``(outputs, targets) -> [K, n, *out]`` output-side factors of a batch.
         method: the method's name, for messages.
     """
 
-    def __init__(self, problem: CurvatureProblem, cotangents_of: Callable[[Tensor], Tensor],
-                 method: str) -> None:
+    def __init__(self, problem: CurvatureProblem,
+                 cotangents_of: Callable[[Tensor, Tensor], Tensor], method: str) -> None:
         self.params = problem.params
         self.sizes = [p.numel() for p in self.params]
         self.dim = sum(self.sizes)
         self.dtype = problem.dtype
         self.device = problem.device
         self.num_products = 0
+        self.parallel = parallel_of(problem)
         outputs = problem.forward()
         problem.loss(outputs.detach())
         check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                  problem.names, method)
-        self.cotangents = cotangents_of(outputs.detach())
+        self.cotangents = shard_cotangents(problem, cotangents_of, outputs)
         self._outputs = outputs
         self._dummy = torch.zeros_like(outputs, requires_grad=True)
         pieces = torch.autograd.grad(outputs, self.params, grad_outputs=self._dummy,
@@ -66,4 +72,5 @@ class FactorOperator:
         """``F F^T`` times each row of ``vectors`` (``[k, P]``); result ``[k, P]``."""
         vectors = vectors.to(dtype=self.dtype, device=self.device)
         self.num_products += vectors.shape[0]
-        return torch.stack([self._row(row) for row in vectors])
+        products = torch.stack([self._row(row) for row in vectors])
+        return products if self.parallel is None else self.parallel.all_reduce(products)

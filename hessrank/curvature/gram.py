@@ -17,10 +17,17 @@ from each path's per-sample factors (a Freivalds-style check: with probability o
 fails it, and a pass proves each sample's factors up to rounding). A rule that fails goes to the
 general path; the general path failing means the samples interact (an error). The general path
 also checks that each sample's output, computed alone, equals its row of the batch output.
+
+**Data-parallel** (a :class:`~hessrank.distributed.ShardedProblem`): each process computes and
+verifies the factors of its own samples; the processes agree on which rules passed everywhere,
+then all-gather the rule layers' activations and output gradients (``n (d_in + K d_out) T``
+numbers per layer) or the general path's per-sample factors (``K n P_group``), and every process
+forms the global Gram from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +39,7 @@ from torch.func import vjp, vmap
 
 from hessrank.curvature.loss import agreement_tolerance
 from hessrank.curvature.rules import GramRule, LayerFactors, rule_for
+from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
 from hessrank.problem import CurvatureProblem
 
 #: Bytes of per-sample factors the general path may hold at once.
@@ -116,7 +124,7 @@ def _weighted_scale(gram_diagonal: Tensor, weights: Tensor) -> float:
 
 def compute_gram(
     problem: CurvatureProblem,
-    cotangents_of: Callable[[Tensor], Tensor],
+    cotangents_of: Callable[[Tensor, Tensor], Tensor],
     keep_groups: bool,
     use_rules: bool,
     generator: torch.Generator,
@@ -126,7 +134,8 @@ def compute_gram(
 
     Args:
         problem: the validated problem.
-        cotangents_of: ``outputs -> [K, n, *out]`` cotangents (the output-side factors).
+        cotangents_of: ``(outputs, targets) -> [K, n, *out]`` cotangents (the output-side
+            factors) of a batch.
         keep_groups: keep per-group Grams (per-layer spectra).
         use_rules: False forces the general path everywhere.
         generator: private generator for the check's random weights.
@@ -153,7 +162,7 @@ def compute_gram(
         outputs = problem.forward()
     finally:
         capture.remove()
-    cotangents = cotangents_of(outputs)
+    cotangents = shard_cotangents(problem, cotangents_of, outputs)
     k, n = cotangents.shape[:2]
     notes: list[str] = []
     for group in list(claimed):
@@ -169,7 +178,8 @@ def compute_gram(
     del layer_grads, capture
 
     # The check: autograd's gradient of sum_{k,i} w_ki <f_i, s_ki> for every analysed parameter.
-    weights = torch.randn(k, n, generator=generator, dtype=torch.float64)
+    start, stop, total = sample_range(problem)
+    weights = torch.randn(k, total, generator=generator, dtype=torch.float64)[:, start:stop]
     weights = weights.to(device=problem.device, dtype=problem.dtype)
     combined = torch.einsum("kn,kn...->n...", weights, cotangents)
     true_pieces = torch.autograd.grad(outputs, problem.params, grad_outputs=combined,
@@ -181,6 +191,8 @@ def compute_gram(
     accumulator = GramAccumulator(keep_groups)
     paths: dict[str, str] = {}
     tolerance = agreement_tolerance(problem.dtype)
+    passed: dict[str, Tensor] = {}
+    failures: dict[str, str] = {}
     for group, layer in factors.items():
         gram = layer.gram()
         claims = layer.weighted_gradients(weights)
@@ -191,11 +203,15 @@ def compute_gram(
             _weighted_scale(gram.diagonal(), weights))
         rule = claimed[group][1]
         if error <= tolerance:
-            accumulator.add(group, gram)
-            paths.update(dict.fromkeys(names, rule.name))
+            passed[group] = gram
         else:
-            notes.append(f"the {rule.name} rule's factors for {group!r} failed the gradient check "
-                         f"(relative error {error:.1e}): computed by the general path")
+            failures[group] = (f"the {rule.name} rule's factors for {group!r} failed the gradient "
+                               f"check (relative error {error:.1e}): computed by the general path")
+    passed = _agreed_rules(problem, passed, failures)
+    notes.extend(failures.values())
+    for group, gram in passed.items():
+        accumulator.add(group, _global_rule_gram(problem, factors[group], gram))
+        paths.update(dict.fromkeys(groups[group], claimed[group][1].name))
     remaining = {g: names for g, names in groups.items() if g not in factors
                  or names[0] not in paths}
     if remaining:
@@ -269,9 +285,10 @@ def _general_gram(
     element = problem.params[0].element_size()
     bins: list[list[tuple[str, list[str]]]] = [[]]
     bin_size = 0
+    total = sample_range(problem)[2]  # every process bins alike: the gathered factors hold all n
     for group, names in names_by_group.items():
         size = sum(named[name].numel() for name in names)
-        if bins[-1] and (bin_size + size) * k * n * element > GENERAL_CHUNK_BYTES:
+        if bins[-1] and (bin_size + size) * k * total * element > GENERAL_CHUNK_BYTES:
             bins.append([])
             bin_size = 0
         bins[-1].append((group, names))
@@ -304,22 +321,67 @@ def _general_gram(
                 sample_outputs.append(outs)
                 for name, value in vjps.items():  # [n_chunk, K, *shape]
                     pieces[name].append(value.transpose(0, 1).reshape(k, stop - start, -1))
-        _check_samples_independent(torch.cat(sample_outputs), outputs, tolerance)
-        for group, names in groups:
-            factors = torch.cat([torch.cat(pieces[name], dim=1) for name in names], dim=-1)
-            flat = factors.reshape(k * n, -1)
-            gram = flat @ flat.T
-            claimed = (weights.reshape(-1, 1) * flat).sum(dim=0)
-            true = torch.cat([true_grads[name].reshape(-1) for name in names])
-            error = _relative_error([claimed], [true], _weighted_scale(gram.diagonal(), weights))
-            if error > tolerance:
-                raise ValueError(
-                    f"per-sample gradients of {group!r} do not add up to the batch gradient "
-                    f"(relative error {error:.1e}): the model mixes the samples of a batch, so "
-                    "per-sample EF/GGN factors are undefined; use method='exact' or 'lanczos'"
-                )
-            accumulator.add(group, gram)
+        checked: dict[str, Tensor] = {}
+        with agreement(parallel_of(problem)):
+            _check_samples_independent(torch.cat(sample_outputs), outputs, tolerance)
+            for group, names in groups:
+                # pop: the bin's pieces become its groups' factors without a second copy
+                factors = torch.cat([torch.cat(pieces.pop(name), dim=1) for name in names],
+                                    dim=-1)
+                flat = factors.reshape(k * n, -1)
+                claimed = (weights.reshape(-1, 1) * flat).sum(dim=0)
+                true = torch.cat([true_grads[name].reshape(-1) for name in names])
+                error = _relative_error([claimed], [true],
+                                        _weighted_scale((flat * flat).sum(dim=1), weights))
+                if error > tolerance:
+                    raise ValueError(
+                        f"per-sample gradients of {group!r} do not add up to the batch gradient "
+                        f"(relative error {error:.1e}): the model mixes the samples of a batch, "
+                        "so per-sample EF/GGN factors are undefined; use method='exact' or "
+                        "'lanczos'"
+                    )
+                checked[group] = flat
+        for group, flat in checked.items():
+            rows = _all_rows(problem, flat, k)
+            accumulator.add(group, rows @ rows.T)
     return path
+
+
+def _agreed_rules(problem: CurvatureProblem, passed: dict[str, Tensor],
+                  failures: dict[str, str]) -> dict[str, Tensor]:
+    """The rule groups that passed their check in every process (all of ``passed`` for one
+    process); a group that failed elsewhere joins ``failures`` with that process's note, so that
+    every process takes the same path for it and reports the same notes."""
+    parallel = parallel_of(problem)
+    if parallel is None:
+        return passed
+    reports = parallel.gather_objects(failures)
+    failures.clear()
+    for rank, report in enumerate(reports):
+        for group, note in report.items():
+            failures.setdefault(group, f"{note} (process {rank})")
+    return {group: gram for group, gram in passed.items() if group not in failures}
+
+
+def _global_rule_gram(problem: CurvatureProblem, layer: LayerFactors, gram: Tensor) -> Tensor:
+    """The global batch's Gram block of a rule layer: ``gram`` itself for one process, else
+    from the all-gathered activations ``[n, T, d_in]`` and output gradients ``[K, n, T, d_out]``."""
+    parallel = parallel_of(problem)
+    if parallel is None:
+        return gram
+    return dataclasses.replace(
+        layer, activations=parallel.gather_samples(layer.activations),
+        output_grads=parallel.gather_samples(layer.output_grads, dim=1)).gram()
+
+
+def _all_rows(problem: CurvatureProblem, flat: Tensor, k: int) -> Tensor:
+    """``[K n, P_group]`` per-sample factors of the global batch, rows ``(k, i)``, from this
+    process's ``[K n_r, P_group]`` (all-gathered when the problem is sharded)."""
+    parallel = parallel_of(problem)
+    if parallel is None:
+        return flat
+    everything = parallel.gather_samples(flat.reshape(k, -1, flat.shape[-1]), dim=1)
+    return everything.reshape(-1, flat.shape[-1])
 
 
 def _sample(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], i: int

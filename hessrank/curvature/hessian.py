@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hessrank.distributed import ShardedProblem, check_shards_uncoupled, parallel_of
 from hessrank.problem import CurvatureProblem
 
 
@@ -18,6 +19,11 @@ class HessianOperator:
     is then one backward pass through it. :meth:`matmat` pushes a block of vectors through one
     vectorised backward (``is_grads_batched``) and falls back to a loop where an operator of the
     model does not support that. Works for any module autograd can differentiate twice.
+
+    On a :class:`~hessrank.distributed.ShardedProblem` each process differentiates the global
+    loss through its own shard's outputs and the gradient and every product are summed over the
+    processes (one all-reduce), which gives the global batch's Hessian once the loss is checked
+    not to couple samples of different shards.
     """
 
     def __init__(self, problem: CurvatureProblem) -> None:
@@ -27,14 +33,17 @@ class HessianOperator:
         self.dtype = problem.dtype
         self.device = problem.device
         self.num_products = 0
+        self.parallel = parallel_of(problem)
+        if isinstance(problem, ShardedProblem):
+            check_shards_uncoupled(problem)
         with sdpa_kernel(SDPBackend.MATH):
             loss = problem.loss()
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self.loss_value = float(loss.detach())
-        self.gradient = torch.cat([
+        self.gradient = self._summed(torch.cat([
             (g if g is not None else torch.zeros_like(p)).detach().reshape(-1)
             for g, p in zip(grads, self.params)
-        ])
+        ]))
         # Gradient pieces that still depend on the parameters; the others have zero Hessian rows.
         self._graph_index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self._graph_grads = [grads[i] for i in self._graph_index]
@@ -54,11 +63,19 @@ class HessianOperator:
         return [chunks[i].reshape((*vectors.shape[:-1], *self.params[i].shape))
                 for i in self._graph_index]
 
+    def _summed(self, local: Tensor) -> Tensor:
+        """The sum over the processes of a sharded problem (the tensor itself otherwise)."""
+        return local if self.parallel is None else self.parallel.all_reduce(local)
+
     def matmat(self, vectors: Tensor) -> Tensor:
         """Hessian times each row of ``vectors`` (``[k, P]``); result ``[k, P]`` in model dtype."""
         vectors = vectors.to(dtype=self.dtype, device=self.device)
+        self.num_products += vectors.shape[0]
+        return self._summed(self._local_matmat(vectors))
+
+    def _local_matmat(self, vectors: Tensor) -> Tensor:
+        """This process's products (the whole Hessian's for a single-process problem)."""
         k = vectors.shape[0]
-        self.num_products += k
         if not self._graph_grads:
             return torch.zeros_like(vectors)
         if self._batched and k > 1:

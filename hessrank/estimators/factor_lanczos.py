@@ -26,8 +26,8 @@ class FactorLanczos(LanczosEstimator):
         generator = torch.Generator().manual_seed(settings.seed)
         return FactorOperator(
             problem,
-            lambda outputs: self.factors_of.cotangents(problem.loss_fn, outputs,
-                                                       problem.targets, generator)[0],
+            lambda outputs, targets: self.factors_of.cotangents(problem.loss_fn, outputs,
+                                                                targets, generator)[0],
             self.name)
 
 

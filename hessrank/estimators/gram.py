@@ -16,7 +16,7 @@ from hessrank.curvature.gram import GENERAL_CHUNK_BYTES, GramResult, compute_gra
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.rules import rule_for
 from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum
-from hessrank.problem import CurvatureProblem, LossFn, probe_outputs
+from hessrank.problem import CurvatureProblem, LossFn, evaluate_loss, probe_outputs
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 
 BACKENDS = ("auto", "func", "backpack")
@@ -86,13 +86,13 @@ class GramEstimator(Estimator):
     def run(self, problem: CurvatureProblem, settings: Settings,
             options: GramOptions) -> Spectrum:
         generator = torch.Generator().manual_seed(settings.seed)
-        loss_fn, targets = problem.loss_fn, problem.targets
+        loss_fn = problem.loss_fn
 
-        def cotangents_of(outputs: Tensor) -> Tensor:
-            problem.loss(outputs.detach())
+        def cotangents_of(outputs: Tensor, targets: Tensor) -> Tensor:
+            evaluate_loss(loss_fn, outputs, targets)  # the loss, checked, with helpful errors
             check_no_parameter_terms(loss_fn, outputs, targets, problem.params, problem.names,
                                      self.name)
-            return self.cotangents(loss_fn, outputs.detach(), targets, generator)[0]
+            return self.cotangents(loss_fn, outputs, targets, generator)[0]
 
         with settings.reporter.task(f"{self.name} Gram matrix", 1) as advance:
             result = self._gram(problem, settings, options, cotangents_of, generator)
@@ -132,7 +132,8 @@ class GramEstimator(Estimator):
                              "or 'func' with eigenvectors=")
 
     def _eigenpairs(self, problem: CurvatureProblem, gram: Tensor, count: int,
-                    cotangents_of: Callable[[Tensor], Tensor]) -> tuple[np.ndarray, Tensor]:
+                    cotangents_of: Callable[[Tensor, Tensor], Tensor]
+                    ) -> tuple[np.ndarray, Tensor]:
         """Eigenvalues, and the top ``count`` eigenvectors in parameter space ``[count, P]``.
 
         With ``G = F^T F = U diag(lambda) U^T``, ``F u_j / sqrt(lambda_j)`` is a unit eigenvector
@@ -143,7 +144,7 @@ class GramEstimator(Estimator):
         values, vectors = symmetric_eigenpairs(gram)
         count = min(count, len(values))
         outputs = problem.forward()
-        cotangents = cotangents_of(outputs)  # [K, n, *out]
+        cotangents = cotangents_of(outputs.detach(), problem.targets)  # [K, n, *out]
         k, n = cotangents.shape[:2]
         coefficients = vectors[:, :count].T.reshape(count, k, n).to(cotangents.dtype)
         combined = torch.einsum("jkn,kn...->jn...", coefficients, cotangents)
@@ -157,8 +158,8 @@ class GramEstimator(Estimator):
         return values, flat
 
     def _gram(self, problem: CurvatureProblem, settings: Settings, options: GramOptions,
-              cotangents_of: Callable[[Tensor], Tensor], generator: torch.Generator
-              ) -> GramResult:
+              cotangents_of: Callable[[Tensor, Tensor], Tensor],
+              generator: torch.Generator) -> GramResult:
         if options.backend == "backpack":
             from hessrank.curvature.backpack import gram_backpack
 

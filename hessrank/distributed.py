@@ -1,0 +1,381 @@
+"""Data-parallel curvature: one batch sharded over the processes of a ``torch.distributed`` group.
+
+Every process holds the same model and its own shard of the batch (shards concatenated in rank
+order form the global batch of ``n = sum_r n_r`` samples). The curvature is that of the loss of
+the **global** batch, exactly as one process would compute it on the concatenated batch:
+
+- **The loss.** ``loss_fn`` is evaluated on the all-gathered outputs and targets (``n x C`` numbers
+  and ``n`` targets), so the global loss is whatever ``loss_fn`` gives on the whole batch. For a
+  mean reduction that is ``sum_r (n_r / n) L_r`` (``L_r`` the shard's own mean), for a sum
+  ``sum_r L_r``, for class weights ``sum_r (W_r / W) L_r``: shards may differ in size and nothing
+  about the reduction is assumed. Inside a process the other shards' outputs are constants, so the
+  gradient and the Hessian-vector products of this "global loss of my shard" add up over the
+  processes to the global ones, provided the loss does not couple samples of different shards
+  (checked: :func:`check_shards_uncoupled`).
+- **Products** (``exact``, ``lanczos``, ``ggn_lanczos``, ``fisher_lanczos``): each process applies
+  its shard's part of the operator; the products are summed by one all-reduce of ``k x P``
+  numbers.
+- **Gram matrices** (``fisher``, ``ggn``): cotangents come from the loss on the gathered outputs
+  (every process derives the same ones, then keeps its rows); the per-layer factors (rule layers:
+  activations and output gradients) or per-sample factors (general path) are verified in their
+  own process, then all-gathered, and every process forms the global Gram from them.
+
+Every process returns the same result. Errors stay collective: a check that fails in one process
+(bad input, a budget, a rule's or the general path's verification) is agreed on before the next
+exchange and raised in every process, so no process is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from hessrank.curvature.loss import agreement_tolerance
+from hessrank.problem import CurvatureProblem, evaluate_loss, has_active_batchnorm
+
+#: Most dimensions a gathered tensor may have (its shape travels in a fixed-size header).
+MAX_DIMS = 8
+
+
+class DataParallel:
+    """This process's view of a process group: rank, shard sizes and the collectives hessrank uses.
+
+    Args:
+        group: an initialised ``torch.distributed`` process group this process belongs to.
+        device: the model's device (NCCL communicates CUDA tensors; other backends go via CPU).
+
+    Attributes:
+        rank, world_size: this process's rank in ``group`` and the group's size.
+        sizes: samples per process, in rank order (set by :func:`shard_problem`).
+        exchanged_bytes: bytes this process receives in the tensor collectives so far, the same
+            in every process: an all-gather brings the other processes' (padded) parts, a
+            bandwidth-optimal (ring) all-reduce ``2 (R - 1) / R`` of the tensor.
+
+    Raises:
+        ValueError: ``torch.distributed`` is not initialised or this process is not in the group.
+    """
+
+    def __init__(self, group: Any, device: torch.device) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(
+                "process_group was given but torch.distributed is not initialised: call "
+                "torch.distributed.init_process_group(...) in every process first (torchrun sets "
+                "the environment), or pass process_group=None for one process"
+            )
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. "
+                            f"dist.group.WORLD), got {type(group).__name__}")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of process_group: call "
+                             "effective_rank with a group that contains it")
+        self.world_size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
+        self.device = device if device.type == "cuda" and "nccl" in self.backend \
+            else torch.device("cpu")
+        self.sizes: tuple[int, ...] = ()
+        self.exchanged_bytes = 0
+
+    @property
+    def start(self) -> int:
+        """Index of this process's first sample in the global batch."""
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def stop(self) -> int:
+        """One past this process's last sample in the global batch."""
+        return self.start + self.sizes[self.rank]
+
+    def gather_objects(self, item: object) -> list[Any]:
+        """``item`` from every process, in rank order (metadata; not counted as payload)."""
+        items: list[Any] = [None] * self.world_size
+        dist.all_gather_object(items, item, group=self.group)
+        return items
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise in every process if ``error`` is set in any: the local error where there is one,
+        elsewhere a ``RuntimeError`` naming the first failing process and its message."""
+        reports = self.gather_objects(
+            None if error is None else (type(error).__name__, str(error)))
+        if error is not None:
+            raise error
+        for rank, report in enumerate(reports):
+            if report is not None:
+                kind, message = report
+                raise RuntimeError(f"process {rank} of the group failed ({kind}): {message}")
+
+    @contextmanager
+    def agreement(self) -> Iterator[None]:
+        """Run a block that contains no collective; if it raises in any process, raise in all."""
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as caught:  # noqa: BLE001 - every error is reported to the others
+            error = caught
+        self.agree(error)
+
+    def gather_samples(self, tensor: Tensor, dim: int = 0) -> Tensor:
+        """All-gather along the sample dimension ``dim``: the shards concatenated in rank order.
+
+        Shards may differ in size along ``dim`` (padded for the exchange); every other dimension
+        must agree across the processes.
+
+        Raises:
+            ValueError: the shards' other dimensions or their number differ.
+        """
+        if tensor.dim() > MAX_DIMS:
+            raise ValueError(f"cannot exchange a tensor of {tensor.dim()} dimensions "
+                             f"(at most {MAX_DIMS})")
+        header = torch.full((MAX_DIMS + 1,), -1, dtype=torch.int64, device=self.device)
+        header[0] = tensor.dim()
+        header[1 : tensor.dim() + 1] = torch.tensor(tensor.shape, dtype=torch.int64)
+        headers = [torch.empty_like(header) for _ in range(self.world_size)]
+        dist.all_gather(headers, header, group=self.group)
+        shapes = [h[1 : int(h[0]) + 1].tolist() for h in (x.cpu() for x in headers)]
+        mine = list(tensor.shape)
+        for rank, shape in enumerate(shapes):
+            if len(shape) != len(mine) or any(a != b for axis, (a, b) in
+                                              enumerate(zip(shape, mine)) if axis != dim):
+                raise ValueError(
+                    f"process {rank} holds a tensor of shape {tuple(shape)} where this process "
+                    f"(rank {self.rank}) holds {tuple(mine)}: every dimension but the samples "
+                    "must agree across the processes (same model, same input shapes)"
+                )
+        longest = max(shape[dim] for shape in shapes)
+        padded_shape = list(mine)
+        padded_shape[dim] = longest
+        padded = torch.zeros(padded_shape, dtype=tensor.dtype, device=self.device)
+        padded.narrow(dim, 0, mine[dim]).copy_(tensor)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=self.group)
+        self.exchanged_bytes += (self.world_size - 1) * padded.numel() * padded.element_size()
+        return torch.cat([part.narrow(dim, 0, shape[dim]) for part, shape in zip(parts, shapes)],
+                         dim=dim).to(tensor.device)
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over the processes (a new tensor on ``tensor``'s device)."""
+        buffer = tensor.to(self.device, copy=True)
+        dist.all_reduce(buffer, group=self.group)
+        # A bandwidth-optimal (ring) all-reduce receives 2 (R - 1) / R of the tensor.
+        self.exchanged_bytes += (2 * (self.world_size - 1) * buffer.numel()
+                                 * buffer.element_size() // self.world_size)
+        return buffer.to(tensor.device)
+
+    def describe(self) -> str:
+        """One line for ``RankResult.notes``."""
+        shards = ", ".join(map(str, self.sizes))
+        return (f"data-parallel over {self.world_size} processes ({self.backend}): n = "
+                f"{sum(self.sizes)} from shards of {shards} samples; tensor collectives moved "
+                f"{self.exchanged_bytes / 2**20:.3g} MiB per process")
+
+
+@dataclass
+class ShardedProblem(CurvatureProblem):
+    """A problem whose batch is sharded over a process group.
+
+    ``args``, ``kwargs`` and ``targets`` are this process's shard; :attr:`num_samples` is the
+    global ``n`` and :meth:`loss` the loss of the global batch (see the module docstring).
+
+    Attributes:
+        parallel: the group and the shard layout.
+        all_targets: the targets of the global batch.
+    """
+
+    parallel: DataParallel = field(kw_only=True)
+    all_targets: Tensor = field(kw_only=True)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.parallel.sizes)
+
+    def gather_outputs(self, outputs: Tensor) -> Tensor:
+        """The global batch's outputs (detached) from this shard's."""
+        return self.parallel.gather_samples(outputs.detach())
+
+    def loss(self, outputs: object = None) -> Tensor:
+        """The loss of the global batch, differentiable through this shard's outputs only.
+
+        A collective: every process calls it together. Checked like
+        :meth:`CurvatureProblem.loss` (same errors).
+        """
+        outputs = self.forward() if outputs is None else outputs
+        if not isinstance(outputs, Tensor):
+            return CurvatureProblem.loss(self, outputs)  # raises the TypeError
+        everything = self.gather_outputs(outputs)
+        start, stop = self.parallel.start, self.parallel.stop
+        combined = torch.cat([everything[:start], outputs, everything[stop:]])
+        return CurvatureProblem.loss(dataclasses.replace(self.local(), targets=self.all_targets),
+                                     combined)
+
+    def local(self) -> CurvatureProblem:
+        """This shard as a single-process problem."""
+        names = [f.name for f in dataclasses.fields(CurvatureProblem)]
+        return CurvatureProblem(**{name: getattr(self, name) for name in names})
+
+
+def parallel_of(problem: CurvatureProblem) -> DataParallel | None:
+    """The problem's process group view, None for a single-process problem."""
+    return problem.parallel if isinstance(problem, ShardedProblem) else None
+
+
+def sample_range(problem: CurvatureProblem) -> tuple[int, int, int]:
+    """``(start, stop, n)``: this process's samples in the global batch of ``n``."""
+    parallel = parallel_of(problem)
+    if parallel is None:
+        return 0, problem.num_samples, problem.num_samples
+    return parallel.start, parallel.stop, problem.num_samples
+
+
+@contextmanager
+def agreement(parallel: DataParallel | None) -> Iterator[None]:
+    """:meth:`DataParallel.agreement` in a group; a plain block for one process (None)."""
+    if parallel is None:
+        yield
+    else:
+        with parallel.agreement():
+            yield
+
+
+def _fingerprint(params: list[Tensor]) -> list[tuple[float, float]]:
+    """Per parameter: float64 sum and sum of squares (equal models give equal fingerprints)."""
+    with torch.no_grad():
+        return [(float(p.double().sum()), float(p.double().square().sum())) for p in params]
+
+
+def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
+                  signature: dict[str, object]) -> ShardedProblem:
+    """Check that every process analyses the same thing and build the sharded problem.
+
+    One exchange of metadata (the call's signature, the shard size, a fingerprint of the
+    parameters), then one all-gather of the targets.
+
+    Args:
+        problem: this process's validated shard.
+        parallel: the group (its ``sizes`` are set here).
+        signature: the call's options, which must agree across the processes.
+
+    Raises:
+        ValueError: the processes disagree on the options, the parameters or the batch's shapes,
+            or ``mode='train'`` would use each shard's BatchNorm statistics (in every process).
+    """
+    described = {
+        **signature,
+        "parameters": [(name, tuple(p.shape)) for name, p in zip(problem.names, problem.params)],
+        "dtype": str(problem.dtype),
+        "inputs": [tuple(x.shape[1:]) for x in problem.args]
+        + [(key, tuple(x.shape[1:])) for key, x in sorted(problem.kwargs.items())],
+        "targets": (tuple(problem.targets.shape[1:]), str(problem.targets.dtype)),
+    }
+    reports = parallel.gather_objects((described, problem.num_samples,
+                                       _fingerprint(problem.params)))
+    first, _, first_print = reports[0]
+    for rank, (other, _, other_print) in enumerate(reports):
+        differing = sorted(key for key in first if first[key] != other.get(key))
+        if differing:
+            raise ValueError(
+                f"processes 0 and {rank} call effective_rank differently ({', '.join(differing)}:"
+                f" {[first[key] for key in differing]} against {[other[key] for key in differing]}"
+                "): every process of the group must pass the same model, options and input "
+                "shapes, with its own shard of the batch"
+            )
+        for name, mine, theirs in zip(problem.names, first_print, other_print):
+            scale = max(abs(mine[1]), math.sqrt(abs(mine[1])), 1e-300)
+            if any(abs(a - b) > 1e-9 * scale for a, b in zip(mine, theirs)):
+                raise ValueError(
+                    f"parameter {name!r} differs between processes 0 and {rank}: every process "
+                    "must hold the same model (DistributedDataParallel keeps them equal; or "
+                    "broadcast the parameters from one process before the call)"
+                )
+    if problem.mode == "train" and has_active_batchnorm(problem.model):
+        raise ValueError(
+            f"mode='train' with BatchNorm on batch statistics "
+            f"({', '.join(has_active_batchnorm(problem.model))}): each process would normalise "
+            "with its own shard's statistics, not the global batch's, so the result would not be "
+            "that of the whole batch; use mode='eval' (running statistics)"
+        )
+    parallel.sizes = tuple(int(size) for _, size, _ in reports)
+    all_targets = parallel.gather_samples(problem.targets)
+    names = [f.name for f in dataclasses.fields(CurvatureProblem)]
+    return ShardedProblem(**{name: getattr(problem, name) for name in names},
+                          parallel=parallel, all_targets=all_targets)
+
+
+def shard_cotangents(problem: CurvatureProblem,
+                     cotangents_of: Callable[[Tensor, Tensor], Tensor],
+                     outputs: Tensor) -> Tensor:
+    """``[K, n_r, *out]`` output-side factors of this process's samples.
+
+    Args:
+        problem: the problem (sharded or not).
+        cotangents_of: ``(outputs, targets) -> [K, n, *out]`` for a whole batch.
+        outputs: this process's outputs.
+
+    Single process: ``cotangents_of(outputs, targets)``. Sharded: every process derives the
+    cotangents of the global loss from the gathered outputs and targets (the same computation as
+    one process on the whole batch, so a mean reduction weighs each sample ``1/n``), and keeps its
+    own rows.
+    """
+    if not isinstance(outputs, Tensor):
+        evaluate_loss(problem.loss_fn, outputs, problem.targets)  # raises, naming the fix
+    if not isinstance(problem, ShardedProblem):
+        return cotangents_of(outputs.detach(), problem.targets)
+    everything = problem.gather_outputs(outputs)
+    cotangents = cotangents_of(everything, problem.all_targets)
+    return cotangents[:, problem.parallel.start : problem.parallel.stop]
+
+
+def check_shards_uncoupled(problem: ShardedProblem) -> None:
+    """Raise unless the loss's Hessian w.r.t. the outputs has no blocks between shards.
+
+    Then the global Hessian is the sum of the processes' Hessians of the global loss of their own
+    shard. Checked on the gathered outputs with one random probe per shard (a batched
+    Hessian-vector product of the loss alone: every process computes the same thing).
+
+    Raises:
+        ValueError: the loss couples samples of different processes.
+    """
+    parallel = problem.parallel
+    with torch.no_grad():
+        outputs = problem.gather_outputs(problem.forward())
+    leaf = outputs.requires_grad_(True)
+    (first,) = torch.autograd.grad(problem.loss_fn(leaf, problem.all_targets), leaf,
+                                   create_graph=True, allow_unused=True)
+    if first is None or not first.requires_grad:
+        return  # linear in the outputs: no second-order coupling
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype)
+    probe = probe.to(outputs.device)
+    masks = torch.zeros(parallel.world_size, outputs.shape[0], dtype=outputs.dtype,
+                        device=outputs.device)
+    bounds = [0, *torch.tensor(parallel.sizes).cumsum(0).tolist()]
+    for rank in range(parallel.world_size):
+        masks[rank, bounds[rank] : bounds[rank + 1]] = 1.0
+    shape = (parallel.world_size, outputs.shape[0], *([1] * (outputs.dim() - 1)))
+    vectors = probe[None] * masks.reshape(shape)
+    products = torch.stack([torch.autograd.grad(first, leaf, vector, retain_graph=True)[0]
+                            for vector in vectors])
+    inside = (products * masks.reshape(shape)).norm()
+    outside = (products * (1 - masks.reshape(shape))).norm()
+    if outside > agreement_tolerance(outputs.dtype) * max(float(inside), 1e-300):
+        raise ValueError(
+            "the loss couples samples of different processes (its Hessian w.r.t. the outputs has "
+            f"blocks between shards, relative size {float(outside / max(inside, 1e-300)):.2e}), "
+            "so the global Hessian is not a sum over the processes: data-parallel 'exact' and "
+            "'lanczos' need a loss that adds up over samples (mean, sum, weighted mean); gather "
+            "the batch in one process instead"
+        )
+
+
+def is_ddp_without_group(model: nn.Module) -> bool:
+    """Whether ``model`` is a DistributedDataParallel wrapper in a group of several processes."""
+    return (isinstance(model, nn.parallel.DistributedDataParallel) and dist.is_initialized()
+            and dist.get_world_size() > 1)

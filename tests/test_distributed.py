@@ -1,0 +1,223 @@
+"""Data-parallel ranks: 2 gloo processes on CPU against one process on the concatenated batch.
+
+One spawn of two processes runs every case of :data:`CASES` (each process with its own, unequal,
+shard); the test process computes the same cases on the whole batch and compares. Also: a
+``DistributedDataParallel`` model (analysed without touching DDP's state), errors that reach
+every process, and the checks that refuse what cannot be computed from shards.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import hessrank
+
+WORLD = 2
+#: Samples of each process, in rank order: unequal on purpose.
+SHARDS = (7, 5)
+N = sum(SHARDS)
+
+LOSSES = {
+    "mean": lambda: nn.CrossEntropyLoss(),
+    "sum": lambda: nn.CrossEntropyLoss(reduction="sum"),
+    "weighted": lambda: nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0],
+                                                                dtype=torch.float64)),
+}
+
+#: (case name, model, method, loss, options, effective_rank keywords): compared with one process.
+CASES = [
+    ("fisher", "mlp", "fisher", "mean", {}, {}),
+    ("fisher-sum", "mlp", "fisher", "sum", {}, {}),
+    ("fisher-weighted", "mlp", "fisher", "weighted", {}, {}),
+    ("fisher-func", "mlp", "fisher", "mean", {"backend": "func"}, {}),
+    ("ggn", "mlp", "ggn", "mean", {}, {"per_layer": True}),
+    ("ggn-weighted", "mlp", "ggn", "weighted", {}, {}),
+    ("exact", "mlp", "exact", "mean", {}, {}),
+    ("exact-sum", "mlp", "exact", "sum", {}, {"per_layer": True}),
+    ("lanczos", "mlp", "lanczos", "mean", {"lanczos_steps": 40}, {}),
+    ("ggn_lanczos", "mlp", "ggn_lanczos", "mean", {"lanczos_steps": 30}, {}),
+    ("fisher_lanczos", "mlp", "fisher_lanczos", "weighted", {"lanczos_steps": 12}, {}),
+    # conv and linear rules (factors over positions) beside the general path (LayerNorm)
+    ("fisher-cnn", "cnn", "fisher", "mean", {}, {"per_layer": True}),
+    ("ggn-cnn", "cnn", "ggn", "mean", {}, {}),
+]
+
+
+def make_model(kind: str = "mlp") -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "cnn":
+        return nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2, padding=1), nn.ReLU(),
+                             nn.Flatten(), nn.LayerNorm(18), nn.Linear(18, 3)).double()
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(N, 4, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (N,), generator=generator))
+
+
+def shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    start = sum(SHARDS[:rank])
+    return tensor[start : start + SHARDS[rank]]
+
+
+def summary(result: hessrank.RankResult) -> dict[str, Any]:
+    return {"eigenvalues": result.eigenvalues, "ranks": result.ranks, "n": result.num_samples,
+            "trace": result.trace, "notes": result.notes, "rank": result.rank,
+            "paths": result.paths,
+            "layers": {name: layer.eigenvalues for name, layer in result.layers.items()}}
+
+
+def outcome(call: Any) -> tuple[str, str]:
+    """``(exception type, message)`` of a call that must fail."""
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the test compares the type and message
+        return type(error).__name__, str(error)
+    return "none", ""
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                           world_size=WORLD)
+    group = dist.group.WORLD
+    inputs, targets = make_batch()
+    x, y = shard(inputs, rank), shard(targets, rank)
+    results: dict[str, Any] = {}
+    model = make_model()
+    for name, kind, method, loss, options, keywords in CASES:
+        results[name] = summary(hessrank.effective_rank(
+            make_model(kind), LOSSES[loss](), (x, y), method=method, process_group=group,
+            **options, **keywords))
+
+    # DDP: its .module analysed; no gradient, no reducer state touched; training still works.
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    results["ddp"] = summary(hessrank.effective_rank(ddp, nn.CrossEntropyLoss(), (x, y),
+                                                     method="fisher", process_group=group))
+    results["ddp-grads"] = [p.grad for p in ddp.parameters()]
+    nn.CrossEntropyLoss()(ddp(x), y).backward()  # DDP averages the shards' gradients
+    results["ddp-step"] = [p.grad.clone() for p in ddp.parameters()]
+
+    # Errors reach every process: bad input in process 1 only.
+    bad = x.clone()
+    if rank == 1:
+        bad[0, 0] = float("nan")
+    results["nan"] = outcome(lambda: hessrank.effective_rank(
+        model, nn.CrossEntropyLoss(), (bad, y), process_group=group))
+    other = make_model()
+    if rank == 1:
+        with torch.no_grad():
+            other[0].weight[0, 0] += 1.0
+    results["params"] = outcome(lambda: hessrank.effective_rank(
+        other, nn.CrossEntropyLoss(), (x, y), process_group=group))
+    results["coupled"] = outcome(lambda: hessrank.effective_rank(
+        model, lambda f, t: f.sum() ** 2, (x, y), method="exact", process_group=group))
+    results["options"] = outcome(lambda: hessrank.effective_rank(
+        model, nn.CrossEntropyLoss(), (x, y), method="fisher",
+        threshold=0.9 if rank == 0 else 0.95, process_group=group))
+    with open(Path(out) / f"rank{rank}.pkl", "wb") as file:
+        pickle.dump(results, file)
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("distributed")
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return [pickle.loads((out / f"rank{rank}.pkl").read_bytes()) for rank in range(WORLD)]
+
+
+def single(name: str) -> dict[str, Any]:
+    _, kind, method, loss, options, keywords = next(case for case in CASES if case[0] == name)
+    return summary(hessrank.effective_rank(make_model(kind), LOSSES[loss](), make_batch(),
+                                           method=method, **options, **keywords))
+
+
+@pytest.mark.parametrize("name", [case[0] for case in CASES])
+def test_equals_one_process_on_the_whole_batch(spawned: list[dict[str, Any]], name: str) -> None:
+    reference = single(name)
+    first = spawned[0][name]
+    for rank in range(WORLD):
+        got = spawned[rank][name]
+        assert got["n"] == N
+        # Every process returns the same numbers.
+        np.testing.assert_array_equal(got["eigenvalues"], first["eigenvalues"])
+        assert got["ranks"] == first["ranks"]
+    assert first["rank"] == reference["rank"]
+    assert first["ranks"]["numerical"] == reference["ranks"]["numerical"]
+    # Lanczos runs from the same probe on products equal to rounding.
+    rtol = 1e-6 if "lanczos" in name else 1e-9
+    np.testing.assert_allclose(first["eigenvalues"], reference["eigenvalues"], rtol=rtol,
+                               atol=rtol * abs(reference["eigenvalues"][0]))
+    np.testing.assert_allclose(first["trace"], reference["trace"], rtol=rtol)
+    for layer, values in reference["layers"].items():
+        np.testing.assert_allclose(first["layers"][layer], values, rtol=1e-9,
+                                   atol=1e-9 * abs(values[0]))
+    assert first["paths"] == reference["paths"]
+    assert any("data-parallel over 2 processes (gloo)" in note for note in first["notes"])
+
+
+def test_cnn_cases_mix_rules_and_the_general_path(spawned: list[dict[str, Any]]) -> None:
+    assert set(spawned[0]["fisher-cnn"]["paths"].values()) == {"conv", "linear", "torch.func"}
+
+
+def test_ddp_model_analysed_without_touching_ddp(spawned: list[dict[str, Any]]) -> None:
+    reference = single("fisher")
+    for rank in range(WORLD):
+        got = spawned[rank]
+        np.testing.assert_allclose(got["ddp"]["eigenvalues"], reference["eigenvalues"],
+                                   rtol=1e-9)
+        assert any("DistributedDataParallel" in note for note in got["ddp"]["notes"])
+        assert all(grad is None for grad in got["ddp-grads"])
+    # DDP's own all-reduce still works after the call: equal gradients in both processes, the
+    # average of the shards' mean-loss gradients.
+    for mine, theirs in zip(spawned[0]["ddp-step"], spawned[1]["ddp-step"]):
+        torch.testing.assert_close(mine, theirs)
+    model = make_model()
+    inputs, targets = make_batch()
+    for rank in range(WORLD):
+        nn.CrossEntropyLoss()(model(shard(inputs, rank)), shard(targets, rank)).backward()
+    for mine, param in zip(spawned[0]["ddp-step"], model.parameters()):
+        torch.testing.assert_close(mine, param.grad / WORLD)
+
+
+@pytest.mark.parametrize(("case", "kind", "fragment"), [
+    ("nan", "ValueError", "contains NaN"),
+    ("params", "ValueError", "differs between processes 0 and 1"),
+    ("coupled", "ValueError", "couples samples of different processes"),
+    ("options", "ValueError", "call effective_rank differently (threshold"),
+])
+def test_errors_reach_every_process(spawned: list[dict[str, Any]], case: str, kind: str,
+                                    fragment: str) -> None:
+    for rank in range(WORLD):
+        got_kind, message = spawned[rank][case]
+        assert fragment in message, (rank, message)
+        # The failing process raises its own error; the others name it.
+        assert got_kind in (kind, "RuntimeError"), (rank, got_kind)
+    assert {spawned[rank][case][0] for rank in range(WORLD)} & {kind}
+
+
+def test_process_group_needs_initialised_distributed() -> None:
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    model, batch = make_model(), make_batch()
+    with pytest.raises(ValueError, match="not initialised"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, process_group=object())
