@@ -32,6 +32,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -153,10 +154,12 @@ def compute_gram(
     claimed: dict[str, tuple[nn.Module, GramRule]] = {}
     if use_rules:
         for group, names in groups.items():
-            module = modules.get(group)
-            rule = rule_for(module) if module is not None else None
-            if rule is not None and all(owners[id(named[name])] == 1 for name in names):
-                claimed[group] = (module, rule)
+            found = modules.get(group)
+            rule = rule_for(found) if found is not None else None
+            if found is not None and rule is not None and all(
+                owners[id(named[name])] == 1 for name in names
+            ):
+                claimed[group] = (found, rule)
     capture = _Capture({group: module for group, (module, _) in claimed.items()})
     try:
         outputs = problem.forward()
@@ -172,7 +175,9 @@ def compute_gram(
     factors: dict[str, LayerFactors] = {}
     for (group, (module, rule)), grads in zip(claimed.items(), layer_grads):
         analysed = frozenset(name.rsplit(".", 1)[-1] for name in groups[group])
-        layer = rule.factors(module, capture.inputs[group], grads, n, analysed)
+        layer_input = capture.inputs[group]
+        layer = None if layer_input is None else rule.factors(module, layer_input, grads, n,
+                                                              analysed)
         if layer is not None:
             factors[group] = layer
     del layer_grads, capture
@@ -230,17 +235,18 @@ def substituted(model: nn.Module, replacements: dict[int, Tensor]) -> Iterator[N
     under two names (``nn.Sequential(shared, act, shared)``) or a weight tied across modules is
     substituted at every registration at once. The registrations are restored on exit.
     """
-    swapped = []
+    swapped: list[tuple[dict[str, Any], str, Tensor]] = []
     for module in {id(m): m for m in model.modules()}.values():
-        for local, param in list(module._parameters.items()):
+        registry: dict[str, Any] = module._parameters  # holds plain tensors while substituted
+        for local, param in list(registry.items()):
             if param is not None and id(param) in replacements:
-                swapped.append((module, local, param))
-                module._parameters[local] = replacements[id(param)]
+                swapped.append((registry, local, param))
+                registry[local] = replacements[id(param)]
     try:
         yield
     finally:
-        for module, local, param in swapped:
-            module._parameters[local] = param
+        for registry, local, param in swapped:
+            registry[local] = param
 
 
 def _sample_vjps(problem: CurvatureProblem) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
@@ -256,7 +262,7 @@ def _sample_vjps(problem: CurvatureProblem) -> Callable[..., tuple[dict[str, Ten
                 return model(*(x.unsqueeze(0) for x in args),
                              **{key: x.unsqueeze(0) for key, x in kwargs.items()})[0]
 
-        sample_outputs, pullback = vjp(outputs_of, params)
+        sample_outputs, pullback = vjp(outputs_of, params)[:2]
         try:
             return vmap(pullback)(cotangent)[0], sample_outputs
         except Exception:  # noqa: BLE001 - an operator without a batching rule (LSTM)
@@ -306,18 +312,20 @@ def _general_gram(
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
                 args, kwargs = problem.sample_slice(start, stop)
-                vjps, outs = None, None
+                vjps: dict[str, Tensor] | None = None
+                outs: Tensor | None = None
                 if path == VMAP_PATH:
                     try:
                         vjps, outs = vmap(sample_vjps, in_dims=(None, 1, 0, 0))(
                             subset, cotangents[:, start:stop], args, kwargs)
                     except Exception:  # noqa: BLE001 - vmap raises many types it cannot batch
                         path = LOOP_PATH
-                if vjps is None:
-                    rows = [sample_vjps(subset, cotangents[:, i], *_sample(args, kwargs, i - start))
-                            for i in range(start, stop)]
-                    vjps = {name: torch.stack([r[0][name] for r in rows]) for name in subset}
-                    outs = torch.stack([r[1] for r in rows])
+                if vjps is None or outs is None:
+                    samples = [sample_vjps(subset, cotangents[:, i],
+                                           *_sample(args, kwargs, i - start))
+                               for i in range(start, stop)]
+                    vjps = {name: torch.stack([s[0][name] for s in samples]) for name in subset}
+                    outs = torch.stack([s[1] for s in samples])
                 sample_outputs.append(outs)
                 for name, value in vjps.items():  # [n_chunk, K, *shape]
                     pieces[name].append(value.transpose(0, 1).reshape(k, stop - start, -1))
@@ -342,8 +350,8 @@ def _general_gram(
                     )
                 checked[group] = flat
         for group, flat in checked.items():
-            rows = _all_rows(problem, flat, k)
-            accumulator.add(group, rows @ rows.T)
+            gathered = _all_rows(problem, flat, k)
+            accumulator.add(group, gathered @ gathered.T)
     return path
 
 

@@ -175,11 +175,11 @@ def output_hessian_blocks(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     expected = torch.einsum("nij,nj->ni", blocks, probe.reshape(n, size))
     actual = products[size].reshape(n, size)
     scale = torch.sqrt(((blocks**2).sum(dim=(1, 2)) * (probe.reshape(n, size) ** 2).sum(1)).sum())
-    error = (actual - expected).norm()
-    if error > agreement_tolerance(outputs.dtype) * math.sqrt(size) * max(float(scale), 1e-300):
+    mismatch = (actual - expected).norm()
+    if mismatch > agreement_tolerance(outputs.dtype) * math.sqrt(size) * max(float(scale), 1e-300):
         raise ValueError(
             "the loss couples the samples: its Hessian w.r.t. the outputs is not block-diagonal "
-            f"per sample (relative mismatch {float(error / scale):.2e}), so the GGN has no "
+            f"per sample (relative mismatch {float(mismatch / scale):.2e}), so the GGN has no "
             "per-sample factors; use method='exact' or 'lanczos'"
         )
     return blocks
