@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from hessrank.curvature.loss import agreement_tolerance
-from hessrank.curvature.rules import GramRule, LayerFactors, rule_for
+from hessrank.curvature.rules import Factors, GramRule, rule_for
 from hessrank.problem import CurvatureProblem
 
 #: Bytes of per-sample factors the general path may hold at once.
@@ -160,7 +160,7 @@ def compute_gram(
         if capture.calls[group] != 1 or capture.inputs.get(group) is None:
             claimed.pop(group)  # called twice (its gradient sums several calls), or not at all
     layer_grads = _backward_batched(outputs, [capture.outputs[g] for g in claimed], cotangents)
-    factors: dict[str, LayerFactors] = {}
+    factors: dict[str, Factors] = {}
     for (group, (module, rule)), grads in zip(claimed.items(), layer_grads):
         analysed = frozenset(name.rsplit(".", 1)[-1] for name in groups[group])
         layer = rule.factors(module, capture.inputs[group], grads, n, analysed)

@@ -21,9 +21,10 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from hessrank.curvature.rules.factors import LayerFactors
+from hessrank.curvature.rules.factors import Factors, LayerFactors, SampleGradients
 
-__all__ = ["RULES", "GramRule", "LayerFactors", "register_rule", "rule_for"]
+__all__ = ["RULES", "Factors", "GramRule", "LayerFactors", "SampleGradients", "register_rule",
+           "rule_for"]
 
 #: The registered rules, in registration order.
 RULES: list[GramRule] = []
@@ -43,7 +44,7 @@ class GramRule(ABC):
 
     @abstractmethod
     def factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
-                num_samples: int, analysed: frozenset[str]) -> LayerFactors | None:
+                num_samples: int, analysed: frozenset[str]) -> Factors | None:
         """The layer's factors, or None when the captured shapes break the rule's assumptions.
 
         Args:
