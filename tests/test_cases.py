@@ -304,7 +304,7 @@ CASES = [
     Case("token head on n*T rows", _build(TokenHead, lambda g: (
         _tokens(3, 4, 7, g), torch.randint(0, 3, (3, 4), generator=g))),
         loss=token_ce, sample_loss=token_ce,
-        paths={"embed.weight": "torch.func", "head.weight": "torch.func",
+        paths={"embed.weight": "embedding", "head.weight": "torch.func",
                "mix.weight": "linear"}),
     Case("sequence-first rows with T == n", _build(SequenceFirst, lambda g: (
         torch.randn(4, 4, 3, generator=g, dtype=torch.float64),
@@ -329,22 +329,22 @@ CASES = [
         torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (4,), generator=g))),
         paths={"attn.in_proj_weight": "torch.func", "attn.out_proj.weight": "torch.func",
-               "head.weight": "linear"}),
+               "norm.weight": "norm", "head.weight": "linear"}),
     Case("stock TransformerEncoderLayer, sequence first", _build(SequenceFirstTransformer,
          lambda g: (torch.randn(3, 3, 4, generator=g, dtype=torch.float64),
                     torch.randint(0, 3, (3,), generator=g))), backends=("auto",)),
     Case("conv variants, GroupNorm, eval BatchNorm", _build(ConvVariants, lambda g: (
         torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (3,), generator=g))),
-        paths={"conv.weight": "conv", "grouped.weight": "torch.func",
-               "depthwise.weight": "torch.func", "conv1d.weight": "conv",
-               "bn.weight": "torch.func"}),
+        paths={"conv.weight": "conv", "grouped.weight": "conv", "depthwise.weight": "conv",
+               "conv1d.weight": "conv", "bn.weight": "norm", "bn.bias": "norm",
+               "norm.weight": "norm"}),
     Case("Linear registered twice", _build(TwiceRegistered, lambda g: _mlp_batch(5, 4)),
          paths={"body.0.weight": "torch.func", "head.weight": "linear"}),
     Case("dict inputs, model(**inputs)", _build(DictInputs, lambda g: (
         {"input_ids": _tokens(4, 3, 6, g),
          "attention_mask": (torch.rand(4, 3, generator=g) > 0.3).double()},
-        torch.randint(0, 3, (4,), generator=g)))),
+        torch.randint(0, 3, (4,), generator=g))), paths={"embed.weight": "embedding"}),
     Case("class-weighted cross-entropy", _build(KeywordCall, lambda g: _mlp_batch(6, 4)),
          loss=WEIGHTED_CE, sample_weights=_class_weights, methods=("fisher", "ggn")),
     Case("ignore_index cross-entropy", _build(KeywordCall, lambda g: (
