@@ -227,6 +227,61 @@ class DictInputs(nn.Module):
         return self.fc(torch.tanh(h.sum(dim=1)))
 
 
+class TinyGPT(nn.Module):
+    """Embedding (with a padding row) + positional embedding, pre-norm causal attention block,
+    MLP block, final LayerNorm, per-token logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(6, 4, padding_idx=0)
+        self.pos = nn.Embedding(3, 4)
+        self.norm1 = nn.LayerNorm(4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(4)
+        self.mlp = nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 4))
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        t = tokens.shape[1]
+        h = self.tok(tokens) + self.pos(torch.arange(t).expand_as(tokens))
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+        a = self.norm1(h)
+        h = h + self.attn(a, a, a, attn_mask=mask, need_weights=False)[0]
+        h = h + self.mlp(self.norm2(h))
+        return self.head(self.norm(h))
+
+
+class ResidualConvNet(nn.Module):
+    """ResNet-style block (conv-BN-ReLU-conv-BN + shortcut), a strided conv to 1x1 positions
+    (the position-pair route) and a 1x1 convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 6, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(6)
+        self.conv1 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.down = nn.Conv2d(6, 8, 4, stride=4)
+        self.point = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(h + self.bn1(self.conv1(h)))
+        return self.point(torch.tanh(self.down(h))).flatten(1)
+
+
+def _running_stats(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model
+
+
 def _tokens(n, t, vocab, g):
     return torch.randint(0, vocab, (n, t), generator=g)
 
@@ -359,6 +414,18 @@ CASES = [
         torch.randn(5, 3, generator=g, dtype=torch.float64))),
         loss=lambda f, y: ((f - y) ** 2).sum(dim=1).mean(),
         sample_loss=lambda f, y: ((f - y) ** 2).sum(dim=1).mean(), methods=("fisher", "ggn")),
+    Case("GPT-style: embeddings, causal attention, LayerNorm, per-token loss",
+         _build(TinyGPT, lambda g: (_tokens(3, 3, 6, g), torch.randint(0, 3, (3, 3), generator=g))),
+         loss=token_ce, sample_loss=token_ce,
+         paths={"tok.weight": "embedding", "pos.weight": "embedding", "norm1.weight": "norm",
+                "norm.bias": "norm", "mlp.0.weight": "linear", "head.weight": "linear",
+                "attn.in_proj_weight": "torch.func"}),
+    Case("ResNet-style block, eval BatchNorm, strided and 1x1 convolutions",
+         _build(lambda: _running_stats(ResidualConvNet()), lambda g: (
+             torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (3,), generator=g))),
+         paths={"stem.weight": "conv", "bn0.weight": "norm", "bn1.bias": "norm",
+                "down.weight": "conv", "point.weight": "conv"}),
 ]
 
 PARAMS = [pytest.param(case, method, backend, id=f"{case.name}-{method}-{backend}")
