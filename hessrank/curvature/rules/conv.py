@@ -137,18 +137,18 @@ class ConvRule(GramRule):
 
     def factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
                 num_samples: int, analysed: frozenset[str]) -> Factors | None:
+        if not isinstance(module, nn.Conv1d | nn.Conv2d):
+            return None
         spatial = 1 if isinstance(module, nn.Conv1d) else 2
         if layer_input.dim() != spatial + 2 or layer_input.shape[0] != num_samples:
             return None
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(layer_input, module._reversed_padding_repeated_twice, mode=mode)
         k = output_grads.shape[0]
+        kernel, stride, dilation = (_pair(module.kernel_size), _pair(module.stride),
+                                    _pair(module.dilation))
         if spatial == 1:
             x, output_grads = x.unsqueeze(-2), output_grads.unsqueeze(-2)
-            kernel, stride = (1, module.kernel_size[0]), (1, module.stride[0])
-            dilation = (1, module.dilation[0])
-        else:
-            kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
         weight_shape = module.weight.shape if "weight" in analysed else None
         positions = output_grads.shape[-2] * output_grads.shape[-1]
         pair, offsets = route_costs(k * num_samples, positions, x.shape[1], output_grads.shape[2],
@@ -160,5 +160,10 @@ class ConvRule(GramRule):
                 output_grads=output_grads.reshape(k, num_samples, output_grads.shape[2],
                                                   -1).transpose(2, 3),
                 weight_shape=weight_shape, with_bias="bias" in analysed)
-        return ConvFactors(x, output_grads, tuple(kernel), tuple(stride), tuple(dilation),
-                           module.groups, weight_shape, "bias" in analysed)
+        return ConvFactors(x, output_grads, kernel, stride, dilation, module.groups, weight_shape,
+                           "bias" in analysed)
+
+
+def _pair(sizes: tuple[int, ...]) -> tuple[int, int]:
+    """A convolution's per-dimension sizes as ``(h, w)``; a 1-d one has ``h = 1``."""
+    return (1, sizes[0]) if len(sizes) == 1 else (sizes[0], sizes[1])

@@ -119,7 +119,8 @@ class EmbeddingRule(GramRule):
 
     def factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
                 num_samples: int, analysed: frozenset[str]) -> Factors | None:
-        if (layer_input.dim() < 1 or layer_input.shape[0] != num_samples
+        if (not isinstance(module, nn.Embedding) or layer_input.dim() < 1
+                or layer_input.shape[0] != num_samples
                 or "weight" not in analysed or layer_input.is_floating_point()):
             return None
         k = output_grads.shape[0]

@@ -36,11 +36,13 @@ def _normalised(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]] 
             return None
         return (F.group_norm(x, module.num_groups, None, None, module.eps),
                 tuple(range(2, x.dim())))
-    if module.training or module.running_mean is None or x.dim() < 2:
+    if not isinstance(module, BATCH_NORMS):
+        return None
+    mean, var = module.running_mean, module.running_var
+    if module.training or mean is None or var is None or x.dim() < 2:
         return None
     view = (1, -1) + (1,) * (x.dim() - 2)
-    x_hat = ((x - module.running_mean.view(view))
-             * (module.running_var.view(view) + module.eps).rsqrt())
+    x_hat = (x - mean.view(view)) * (var.view(view) + module.eps).rsqrt()
     return x_hat, tuple(range(2, x.dim()))
 
 
