@@ -7,7 +7,7 @@ from torch import Tensor
 
 from hessrank.curvature.loss import fisher_cotangents
 from hessrank.estimators.base import register
-from hessrank.estimators.gram import GramEstimator
+from hessrank.estimators.gram import GramEstimator, GramOptions
 from hessrank.problem import LossFn
 
 
@@ -20,9 +20,10 @@ class Fisher(GramEstimator):
     columns_label = "1"
     budget_advice = "use fewer samples"
 
-    def columns(self, outputs_per_sample: int) -> int:
+    def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
         return 1
 
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+                   generator: torch.Generator, options: GramOptions | None = None
+                   ) -> tuple[Tensor, Tensor | None]:
         return fisher_cotangents(loss_fn, outputs, targets)

@@ -46,18 +46,24 @@ class GramEstimator(Estimator):
     columns_label: ClassVar[str]
 
     @abstractmethod
-    def columns(self, outputs_per_sample: int) -> int:
+    def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
         """Upper bound on the factor columns ``K`` per sample."""
 
     @abstractmethod
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+                   generator: torch.Generator, options: GramOptions | None = None
+                   ) -> tuple[Tensor, Tensor | None]:
         """``[K, n, *out]`` output factors and, for the Fisher, the loss weights ``[n]``."""
+
+    def output_side_bytes(self, num_samples: int, outputs_per_sample: int, element: int,
+                          options: GramOptions) -> int:
+        """Peak bytes of computing the output-side factors (beyond the factors themselves)."""
+        return 0
 
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: GramOptions) -> Cost:
         n, per_sample = problem.num_samples, outputs()[0].numel()
-        k = self.columns(per_sample)
+        k = self.columns(per_sample, options)
         element = problem.params[0].element_size()
         size = k * n
         groups = problem.modules_with_params()
@@ -65,8 +71,7 @@ class GramEstimator(Estimator):
         memory = size**2 * (element + 16)
         if settings.per_layer:
             memory += len(groups) * size**2 * element
-        if k > 1:  # output-Hessian blocks: products, float64 blocks, eigenvectors
-            memory += n * per_sample**2 * (2 * element + 24)
+        memory += self.output_side_bytes(n, per_sample, element, options)
         modules = dict(problem.model.named_modules())
         named = dict(zip(problem.names, problem.params))
         general_sizes = [sum(named[name].numel() for name in names)
@@ -89,7 +94,7 @@ class GramEstimator(Estimator):
             problem.loss(outputs.detach())
             check_no_parameter_terms(loss_fn, outputs, targets, problem.params, problem.names,
                                      self.name)
-            return self.cotangents(loss_fn, outputs.detach(), targets, generator)[0]
+            return self.cotangents(loss_fn, outputs.detach(), targets, generator, options)[0]
 
         with settings.reporter.task(f"{self.name} Gram matrix", 1) as advance:
             result = self._gram(problem, settings, options, cotangents_of, generator)
@@ -123,7 +128,7 @@ class GramEstimator(Estimator):
             check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                      problem.names, self.name)
             cotangents, weights = self.cotangents(problem.loss_fn, outputs, problem.targets,
-                                                  generator)
+                                                  generator, options)
             return gram_backpack(problem, self.name, cotangents, weights, settings.per_layer,
                                  generator)
         return compute_gram(problem, cotangents_of, settings.per_layer,
