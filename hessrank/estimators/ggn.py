@@ -23,7 +23,7 @@ class GGNOptions(GramOptions):
     mc_samples: int | None = field(default=None, metadata={
         "help": "Monte-Carlo GGN: M labels drawn from the model's softmax per position give M "
                 "factor columns per sample (Gram M n x M n, independent of the classes C); "
-                "softmax cross-entropy only. Unset: the exact GGN"})
+                "softmax cross-entropy only (default unset: the exact GGN)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
