@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from hessrank.curvature.loss import agreement_tolerance
 from hessrank.curvature.rules import Factors, GramRule, rule_for
@@ -83,7 +84,7 @@ class _Capture:
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.inputs: dict[str, Tensor | None] = {}
-        self.outputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor | tuple[Tensor, ...]] = {}
         self.calls: dict[str, int] = dict.fromkeys(modules, 0)
         self.handles = [module.register_forward_hook(self._hook(name), with_kwargs=True)
                         for name, module in modules.items()]
@@ -93,9 +94,15 @@ class _Capture:
             self.calls[name] += 1
             layer_input = args[0] if args else kwargs.get("input")
             self.inputs[name] = layer_input.detach() if isinstance(layer_input, Tensor) else None
-            self.outputs[name] = output
             # Downstream in-place operations (ReLU(inplace=True)) act on a copy, so the captured
-            # output stays the tensor whose gradient is the layer's output gradient.
+            # output stays the tensor whose gradient is the layer's output gradient. A tuple of
+            # tensors (an RNN's output and final states) is captured whole.
+            if isinstance(output, tuple):
+                leaves, spec = tree_flatten(output)
+                if all(isinstance(leaf, Tensor) for leaf in leaves):
+                    self.outputs[name] = tuple(leaves)
+                    return tree_unflatten([leaf.clone() for leaf in leaves], spec)
+            self.outputs[name] = output
             return output.clone()
         return hook
 
@@ -159,14 +166,19 @@ def compute_gram(
     for group in list(claimed):
         if capture.calls[group] != 1 or capture.inputs.get(group) is None:
             claimed.pop(group)  # called twice (its gradient sums several calls), or not at all
-    layer_grads = _backward_batched(outputs, [capture.outputs[g] for g in claimed], cotangents)
+    captured = [capture.outputs[g] for g in claimed]
+    flat_grads = iter(_backward_batched(
+        outputs, [t for c in captured for t in (c if isinstance(c, tuple) else (c,))],
+        cotangents))
+    layer_grads = [tuple(next(flat_grads) for _ in c) if isinstance(c, tuple) else next(flat_grads)
+                   for c in captured]
     factors: dict[str, Factors] = {}
     for (group, (module, rule)), grads in zip(claimed.items(), layer_grads):
         analysed = frozenset(name.rsplit(".", 1)[-1] for name in groups[group])
         layer = rule.factors(module, capture.inputs[group], grads, n, analysed)
         if layer is not None:
             factors[group] = layer
-    del layer_grads, capture
+    del layer_grads, flat_grads, captured, capture
 
     # The check: autograd's gradient of sum_{k,i} w_ki <f_i, s_ki> for every analysed parameter.
     weights = torch.randn(k, n, generator=generator, dtype=torch.float64)
