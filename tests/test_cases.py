@@ -144,6 +144,34 @@ class LSTMClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+class LSTMWithState(nn.Module):
+    """A sequence-first LSTM started from a fixed nonzero state: the LSTM rule's recomputation
+    assumes a zero state, so its factors must fail the gradient check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = torch.full((1, x.shape[0], 4), 0.5, dtype=x.dtype)
+        out, (h, _) = self.lstm(x.transpose(0, 1), (state, state))
+        return self.head(out.mean(dim=0) + h[0])
+
+
+class SequenceFirstLSTM(nn.Module):
+    """batch_first=False, the final hidden and cell states used besides the outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, (h, c) = self.lstm(x.transpose(0, 1))
+        return self.head(out[1] + h[0] * c[0])
+
+
 class GRUClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -376,7 +404,16 @@ CASES = [
     Case("LSTM classifier", _build(LSTMClassifier, lambda g: (
         torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (4,), generator=g))),
-        paths={"lstm.weight_ih_l0": "per-sample loop", "head.weight": "linear"}),
+        paths={"lstm.weight_ih_l0": "lstm", "lstm.bias_hh_l0": "lstm", "head.weight": "linear"}),
+    Case("LSTM, sequence first, final states used", _build(SequenceFirstLSTM, lambda g: (
+        torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))),
+        paths={"lstm.weight_ih_l0": "lstm", "lstm.weight_hh_l0": "lstm"}),
+    Case("LSTM from a nonzero initial state", _build(LSTMWithState, lambda g: (
+        torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))), methods=("fisher", "ggn"),
+        paths={"lstm.weight_ih_l0": "per-sample loop"},
+        note="lstm rule's factors for 'lstm' failed the gradient check"),
     Case("GRU classifier", _build(GRUClassifier, lambda g: (
         torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (4,), generator=g))), methods=("fisher",), backends=("auto",)),
@@ -651,3 +688,16 @@ def test_mc_ggn_gram_size_is_in_the_memory_prediction():
     with pytest.raises(hessrank.BudgetError, match="method='ggn' needs about"):
         hessrank.effective_rank(model, CE, (x, y), method="ggn", mc_samples=2000,
                                 max_memory=2**28)
+
+
+def test_float32_lstm_fisher_matches_float64():
+    """A float32 LSTM (CPU's fused kernel, which torch.func's per-sample VJPs cannot
+    differentiate) goes through the LSTM rule and matches the float64 spectrum."""
+    model, x, y = _build(LSTMClassifier, lambda g: (
+        torch.randn(6, 5, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (6,), generator=g)))()
+    expected = hessrank.effective_rank(model, CE, (x, y), method="fisher")
+    single = hessrank.effective_rank(model.float(), CE, (x.float(), y), method="fisher")
+    assert single.paths["lstm.weight_hh_l0"] == "lstm"
+    np.testing.assert_allclose(single.eigenvalues, expected.eigenvalues, rtol=0,
+                               atol=1e-5 * expected.top_eigenvalue)

@@ -135,8 +135,11 @@ class ConvRule(GramRule):
     name = "conv"
     module_types = (nn.Conv1d, nn.Conv2d)
 
-    def factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
-                num_samples: int, analysed: frozenset[str]) -> Factors | None:
+    def factors(self, module: nn.Module, layer_input: Tensor,
+                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
+                analysed: frozenset[str]) -> Factors | None:
+        if not isinstance(output_grads, Tensor):
+            return None
         if not isinstance(module, nn.Conv1d | nn.Conv2d):
             return None
         spatial = 1 if isinstance(module, nn.Conv1d) else 2

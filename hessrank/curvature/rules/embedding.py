@@ -117,8 +117,11 @@ class EmbeddingRule(GramRule):
         return (super().supports(module) and module.max_norm is None
                 and not module.scale_grad_by_freq and not module.sparse)
 
-    def factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
-                num_samples: int, analysed: frozenset[str]) -> Factors | None:
+    def factors(self, module: nn.Module, layer_input: Tensor,
+                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
+                analysed: frozenset[str]) -> Factors | None:
+        if not isinstance(output_grads, Tensor):
+            return None
         if (not isinstance(module, nn.Embedding) or layer_input.dim() < 1
                 or layer_input.shape[0] != num_samples
                 or "weight" not in analysed or layer_input.is_floating_point()):

@@ -137,3 +137,23 @@ def kronecker_costs(rows: int, positions: int, d_in: int, d_out: int) -> tuple[f
     pair = float(rows) ** 2 * positions**2 * (d_in + d_out)
     dense = float(rows) * positions * d_in * d_out + float(rows) ** 2 * d_in * d_out
     return pair, dense
+
+
+@dataclass
+class CombinedFactors(Factors):
+    """Several factor sets of one module, each naming its parameters: the module's Gram is the
+    sum of theirs (the per-sample gradient is their concatenation).
+
+    Attributes:
+        parts: ``(factors, {the factors' local name: the module's parameter name})``.
+    """
+
+    parts: list[tuple[Factors, dict[str, str]]]
+
+    def weighted_gradients(self, weights: Tensor) -> dict[str, Tensor]:
+        return {names[local]: value for part, names in self.parts
+                for local, value in part.weighted_gradients(weights).items()}
+
+    def gram(self) -> Tensor:
+        grams = [part.gram() for part, _ in self.parts]
+        return torch.stack(grams).sum(dim=0) if len(grams) > 1 else grams[0]

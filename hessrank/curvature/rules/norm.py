@@ -51,8 +51,11 @@ class NormRule(GramRule):
     name = "norm"
     module_types = (nn.LayerNorm, nn.GroupNorm, *BATCH_NORMS)
 
-    def factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
-                num_samples: int, analysed: frozenset[str]) -> Factors | None:
+    def factors(self, module: nn.Module, layer_input: Tensor,
+                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
+                analysed: frozenset[str]) -> Factors | None:
+        if not isinstance(output_grads, Tensor):
+            return None
         if layer_input.dim() < 2 or layer_input.shape[0] != num_samples:
             return None
         normalised = _normalised(module, layer_input)
