@@ -18,6 +18,7 @@ class Fisher(GramEstimator):
     listing_order = 3
     summary = "empirical Fisher through the n x n Gram matrix of per-sample gradients"
     columns_label = "1"
+    needs_output_size = False
     budget_advice = "use fewer samples"
 
     def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:

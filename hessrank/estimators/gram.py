@@ -44,6 +44,8 @@ class GramEstimator(Estimator):
     Options = GramOptions
     #: Factor columns per sample before zero columns are dropped, as a function of ``C``.
     columns_label: ClassVar[str]
+    #: Whether the prediction needs the outputs per sample (a forward pass): not for the Fisher.
+    needs_output_size: ClassVar[bool] = True
 
     @abstractmethod
     def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
@@ -62,7 +64,8 @@ class GramEstimator(Estimator):
 
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: GramOptions) -> Cost:
-        n, per_sample = problem.num_samples, outputs()[0].numel()
+        n = problem.num_samples
+        per_sample = outputs()[0].numel() if self.needs_output_size else 1
         k = self.columns(per_sample, options)
         element = problem.params[0].element_size()
         size = k * n

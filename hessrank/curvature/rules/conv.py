@@ -76,10 +76,15 @@ class ConvFactors(Factors):
                                 self.output_grads)
         out = {}
         if self.weight_shape is not None:
+            # One product per offset, contracting samples and positions together.
+            n, g = weighted.shape[0], self.groups
             grads = self._grads(weighted[None])  # [n g, C_out / g, T]
-            n = weighted.shape[0]
-            pieces = [(grads @ self._slice(a, b)).reshape(n, -1).sum(dim=0)
-                      for a, b in self._offsets()]
+            grads = grads.view(n, g, grads.shape[1], -1).permute(1, 2, 0, 3).flatten(2)
+            pieces = []
+            for a, b in self._offsets():
+                pixels = self._slice(a, b)  # [n g, T, C_in / g]
+                pixels = pixels.reshape(n, g, *pixels.shape[1:]).transpose(0, 1).flatten(1, 2)
+                pieces.append((grads @ pixels).reshape(-1))
             out["weight"] = torch.stack(pieces, dim=-1).reshape(self.weight_shape)
         if self.with_bias:
             out["bias"] = weighted.sum(dim=(0, 2, 3))
