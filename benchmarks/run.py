@@ -527,7 +527,9 @@ def suite(b: Bench, groups: set[str]) -> None:
         for arch in archs:
             for n in ARCH_SWEEP_NS:
                 if n != ARCH_N or "arch" not in groups:
-                    b.group(f"sweep_arch: {arch}, n = {n}", arch_cases(arch, n, full=False),
+                    cases = {name: spec for name, spec in arch_cases(arch, n, full=False).items()
+                             if spec["tool"] in ("fwd_bwd", *b.args.sweep_tools.split(","))}
+                    b.group(f"sweep_arch: {arch}, n = {n}", cases,
                             time_cap_s=b.args.sweep_time_cap_s)
     if "fisher" in groups:
         b.group("fisher: MLP 784-512-512-10, n = 512", {
@@ -970,6 +972,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated groups among {','.join(GROUPS)}")
     ap.add_argument("--archs", default=",".join(ARCHS),
                     help=f"architectures of the arch groups, among {','.join(ARCHS)}")
+    ap.add_argument("--sweep-tools", default="hessrank,vmap_grad,backpack_batchgrad",
+                    help="tools of the sweep_arch groups (the forward+backward always runs)")
     ap.add_argument("--out", default=str(HERE),
                     help="directory for results.json and figures/ (default: benchmarks/)")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds per group")
