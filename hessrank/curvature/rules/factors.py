@@ -116,7 +116,7 @@ class LayerFactors(Factors):
             inner_a = torch.einsum("ntd,msd->nmts", activations, activations).repeat(k, k, 1, 1)
             inner_d = torch.einsum("ptd,qsd->pqts", rows, rows)
             return gram + (inner_a * inner_d).sum(dim=(2, 3))
-        per_sample = torch.einsum("ptd,ptf->pdf", rows, activations.repeat(k, 1, 1))
+        per_sample = torch.einsum("kntd,ntf->kndf", output_grads, activations)
         flat = per_sample.reshape(k * n, -1)
         return gram + flat @ flat.T
 
