@@ -2,15 +2,13 @@
 mode), stride, dilation and groups (grouped and depthwise included).
 
 The input is padded as the module pads it (``F.pad`` with the module's padding and mode, then a
-convolution without padding), so sample ``i``'s weight gradient for cotangent ``k`` is, at kernel
-offset ``o`` and group ``g``, ``G_ik[g, o] = sum_t d_ikt x_i(t, o)^T``: output positions ``t``,
-``x_i(t, o)`` the input pixels the offset reads for output ``t``. Two exact routes, the cheaper
-one picked per layer and batch by :func:`route_costs`:
+convolution without padding). Two exact routes, the cheaper one picked per layer and batch by
+:func:`route_costs`:
 
-- **offsets** (:class:`ConvFactors`): for each kernel offset, one batched matrix product of the
-  output gradients with the strided input slice the offset reads gives every sample's gradient
-  slice; its Gram is added and it is freed. No ``im2col`` is formed; memory is one input slice and
-  one offset's gradients (in channel chunks above :data:`CHUNK_BYTES`).
+- **samples as groups** (:class:`ConvFactors`): the batch viewed as one input whose ``n g``
+  channel groups are the samples' groups, so torch's own convolution weight gradient returns the
+  ``n`` per-sample gradients side by side, in output-channel chunks whose Gram is added and
+  freed. No ``im2col`` is formed. The check's gradient is the same operation on the whole batch.
 - **position pairs** (one group): the input unfolded into patches (``F.unfold``) as a
   :class:`LayerFactors`, whose Gram sums ``(a_it . a_ju)(d_it . d_ju)`` over pairs of output
   positions: cheaper for few output positions and wide layers (a ResNet's last stage).
@@ -32,7 +30,7 @@ from hessrank.curvature.rules.factors import CHUNK_BYTES, Factors, LayerFactors,
 
 @dataclass
 class ConvFactors(Factors):
-    """A convolution's per-sample factors, read offset by offset.
+    """A convolution's per-sample factors: the padded input and the output gradients.
 
     Attributes:
         inputs: ``[n, C_in, H, W]``: the padded input (a 1-d convolution has ``H = 1``).
@@ -52,45 +50,31 @@ class ConvFactors(Factors):
     weight_shape: torch.Size | None
     with_bias: bool
 
-    def _slice(self, a: int, b: int) -> Tensor:
-        """``[n g, T, C_in / g]``: the input pixels kernel offset ``(a, b)`` reads."""
-        n, channels = self.inputs.shape[:2]
-        h_out, w_out = self.output_grads.shape[-2:]
-        (sh, sw), (dh, dw) = self.stride, self.dilation
-        pixels = self.inputs[:, :, a * dh: a * dh + (h_out - 1) * sh + 1: sh,
-                             b * dw: b * dw + (w_out - 1) * sw + 1: sw]
-        return pixels.reshape(n * self.groups, channels // self.groups, -1).transpose(1, 2)
-
-    def _grads(self, output_grads: Tensor) -> Tensor:
-        """``[K, n, C_out, H_out, W_out] -> [n g, K C_out / g, T]``."""
-        k, n, c_out = output_grads.shape[:3]
-        g = self.groups
-        grouped = output_grads.reshape(k, n, g, c_out // g, -1).permute(1, 2, 0, 3, 4)
-        return grouped.reshape(n * g, k * (c_out // g), -1)
-
-    def _offsets(self) -> list[tuple[int, int]]:
-        return [(a, b) for a in range(self.kernel[0]) for b in range(self.kernel[1])]
+    def _weight_gradient(self, inputs: Tensor, output_grads: Tensor, groups: int) -> Tensor:
+        """``[C_out', C_in / g', k_h, k_w]``: the convolution's weight gradient for an input
+        ``[1 or n, C_in', H, W]`` and output gradients with ``C_out'`` channels, ``g'`` groups
+        (torch's own convolution backward, weight part only)."""
+        shape = (output_grads.shape[1], inputs.shape[1] // groups, *self.kernel)
+        return torch.ops.aten.convolution_backward(
+            output_grads, inputs, inputs.new_empty(shape), None, list(self.stride), [0, 0],
+            list(self.dilation), False, [0, 0], groups, [False, True, False])[1]
 
     def weighted_gradients(self, weights: Tensor) -> dict[str, Tensor]:
         weighted = torch.einsum("kn,kn...->n...", weights.to(self.output_grads.dtype),
                                 self.output_grads)
         out = {}
         if self.weight_shape is not None:
-            # One product per offset, contracting samples and positions together.
-            n, g = weighted.shape[0], self.groups
-            grads = self._grads(weighted[None])  # [n g, C_out / g, T]
-            grads = grads.view(n, g, grads.shape[1], -1).permute(1, 2, 0, 3).flatten(2)
-            pieces = []
-            for a, b in self._offsets():
-                pixels = self._slice(a, b)  # [n g, T, C_in / g]
-                pixels = pixels.reshape(n, g, *pixels.shape[1:]).transpose(0, 1).flatten(1, 2)
-                pieces.append((grads @ pixels).reshape(-1))
-            out["weight"] = torch.stack(pieces, dim=-1).reshape(self.weight_shape)
+            out["weight"] = self._weight_gradient(self.inputs, weighted,
+                                                  self.groups).reshape(self.weight_shape)
         if self.with_bias:
             out["bias"] = weighted.sum(dim=(0, 2, 3))
         return out
 
     def gram(self) -> Tensor:
+        """Every sample's weight gradient at once: the batch as one sample whose ``n g`` groups
+        are the samples' groups, so the convolution's weight gradient is the ``n`` per-sample
+        gradients side by side; in output-channel chunks (one group) of at most
+        :data:`CHUNK_BYTES`, each chunk's Gram added and freed."""
         k, n, c_out = self.output_grads.shape[:3]
         rows = k * n
         dtype, device = self.output_grads.dtype, self.output_grads.device
@@ -100,25 +84,23 @@ class ConvFactors(Factors):
             gram.addmm_(summed, summed.T)
         if self.weight_shape is None:
             return gram
-        g = self.groups
-        per_group_out, per_group_in = c_out // g, self.inputs.shape[1] // g
-        grads = self._grads(self.output_grads).view(n * g, k, per_group_out, -1)
-        element = self.output_grads.element_size()
-        chunk = max(1, CHUNK_BYTES // max(1, rows * g * per_group_in * element))
-        for a, b in self._offsets():
-            pixels = self._slice(a, b).contiguous()  # [n g, T, C_in / g]
-            for start in range(0, per_group_out, chunk):
-                part = grads[:, :, start:start + chunk].reshape(n * g, -1, grads.shape[-1])
-                slices = part @ pixels  # [n g, K c, C_in / g]
-                flat = (slices.view(n, g, k, -1, per_group_in).permute(2, 0, 1, 3, 4)
-                        .reshape(rows, -1))
-                gram.addmm_(flat, flat.T)
+        stacked = self.inputs.reshape(1, -1, *self.inputs.shape[2:])
+        per_channel = rows * (self.inputs.shape[1] // self.groups) * self.kernel[0] \
+            * self.kernel[1] * self.output_grads.element_size()
+        chunk = c_out if self.groups > 1 else max(1, CHUNK_BYTES // max(1, per_channel))
+        for start in range(0, c_out, chunk):
+            part = self.output_grads[:, :, start:start + chunk]
+            flat = torch.stack([
+                self._weight_gradient(stacked, part[i].reshape(1, -1, *part.shape[-2:]),
+                                      n * self.groups).reshape(n, -1)
+                for i in range(k)]).reshape(rows, -1)
+            gram.addmm_(flat, flat.T)
         return gram
 
 
 def route_costs(rows: int, positions: int, channels_in: int, channels_out: int,
                 kernel_size: int, groups: int) -> tuple[float, float]:
-    """Multiply-adds of ``(position pairs, offsets)`` for a convolution's weight Gram.
+    """Multiply-adds of ``(position pairs, samples as groups)`` for a convolution's weight Gram.
 
     Args:
         rows: ``K n`` Gram rows.
