@@ -9,7 +9,7 @@ convolution without padding). Two exact routes, the cheaper one picked per layer
   channel groups are the samples' groups, so torch's own convolution weight gradient returns the
   ``n`` per-sample gradients side by side, in output-channel chunks whose Gram is added and
   freed. No ``im2col`` is formed. The check's gradient is the same operation on the whole batch.
-- **position pairs** (one group): the input unfolded into patches (``F.unfold``) as a
+- **position pairs** (one group): the input's patches (``F.unfold``'s layout) as a
   :class:`LayerFactors`, whose Gram sums ``(a_it . a_ju)(d_it . d_ju)`` over pairs of output
   positions: cheaper for few output positions and wide layers (a ResNet's last stage).
 
@@ -144,14 +144,33 @@ class ConvRule(GramRule):
         pair, offsets = route_costs(k * num_samples, positions, x.shape[1], output_grads.shape[2],
                                     kernel[0] * kernel[1], module.groups)
         if pair < offsets:
-            patches = F.unfold(x, kernel, dilation=dilation, stride=stride)
             return LayerFactors(
-                activations=patches.transpose(1, 2),
+                activations=patches(x, kernel, stride, dilation, output_grads.shape[-2:]),
                 output_grads=output_grads.reshape(k, num_samples, output_grads.shape[2],
                                                   -1).transpose(2, 3),
                 weight_shape=weight_shape, with_bias="bias" in analysed)
         return ConvFactors(x, output_grads, kernel, stride, dilation, module.groups, weight_shape,
                            "bias" in analysed)
+
+
+def patches(inputs: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+            dilation: tuple[int, int], output_size: tuple[int, ...]) -> Tensor:
+    """``[n, T, C_in k_h k_w]``: the input patch each output position reads, features ordered
+    as the weight's ``(C_in, k_h, k_w)`` (``F.unfold``'s layout, built from one strided slice
+    per kernel offset, several times faster than ``F.unfold`` on CPU).
+
+    Args:
+        inputs: ``[n, C_in, H, W]``, padded.
+        output_size: ``(H_out, W_out)``.
+    """
+    n, channels = inputs.shape[:2]
+    h_out, w_out = output_size
+    (sh, sw), (dh, dw) = stride, dilation
+    slices = [inputs[:, :, a * dh: a * dh + (h_out - 1) * sh + 1: sh,
+                     b * dw: b * dw + (w_out - 1) * sw + 1: sw]
+              for a in range(kernel[0]) for b in range(kernel[1])]
+    stacked = torch.stack(slices, dim=2)  # [n, C_in, k_h k_w, H_out, W_out]
+    return stacked.reshape(n, channels * kernel[0] * kernel[1], -1).transpose(1, 2)
 
 
 def _pair(sizes: tuple[int, ...]) -> tuple[int, int]:
