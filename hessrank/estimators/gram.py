@@ -94,7 +94,7 @@ class GramEstimator(Estimator):
         loss_fn, targets = problem.loss_fn, problem.targets
 
         def cotangents_of(outputs: Tensor) -> Tensor:
-            problem.loss(outputs.detach())
+            problem.loss(outputs.detach() if isinstance(outputs, Tensor) else outputs)
             check_no_parameter_terms(loss_fn, outputs, targets, problem.params, problem.names,
                                      self.name)
             return self.cotangents(loss_fn, outputs.detach(), targets, generator, options)[0]
