@@ -82,7 +82,7 @@ def backpack_batchgrad_gram(model: nn.Module, loss: nn.Module, x: Tensor, y: Ten
     model.zero_grad(set_to_none=True)
     with backpack(BatchGrad()):
         loss(model(x), y).backward()
-    gram = torch.zeros(n, n, dtype=x.dtype)
+    gram = torch.zeros(n, n, dtype=next(model.parameters()).dtype)
     for p in model.parameters():
         gb = p.grad_batch.flatten(1)
         gram.addmm_(gb, gb.T)
@@ -133,7 +133,7 @@ def vmap_grad_gram(model: nn.Module, x: Tensor, y: Tensor) -> np.ndarray:
 
     grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
     n = x.shape[0]
-    gram = torch.zeros(n, n, dtype=x.dtype)
+    gram = torch.zeros(n, n, dtype=next(iter(params.values())).dtype)
     for g in grads.values():
         g = g.flatten(1)
         gram.addmm_(g, g.T)
@@ -193,6 +193,16 @@ def curvlinops_eigsh(model: nn.Module, x: Tensor, y: Tensor, k: int,
     v0 = np.random.default_rng(seed).standard_normal(op.shape[0]).astype(np.float32)
     evals = eigsh(counted, k=k, which="LM", v0=v0, return_eigenvectors=False)
     return sort_desc(evals), count[0]
+
+
+def curvlinops_operator(kind: str, model: nn.Module, x: Tensor, y: Tensor) -> Callable:
+    """curvlinops' empirical-Fisher (``kind="ef"``) or GGN (``"ggn"``) operator of the mean
+    cross-entropy on the batch ``(x, y)``; ``op @ v`` is one matrix-vector product."""
+    from curvlinops import EFLinearOperator, GGNLinearOperator
+
+    cls = {"ef": EFLinearOperator, "ggn": GGNLinearOperator}[kind]
+    params = [p for p in model.parameters() if p.requires_grad]
+    return cls(model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
 
 
 class PyHessianHVP:

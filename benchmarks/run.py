@@ -54,7 +54,12 @@ def _load_peers() -> Any:
 
 peers = _load_peers()
 
-GROUPS = ("fisher", "ggn", "cnn", "exact", "lanczos", "hvp", "scale", "sweep_n", "sweep_p")
+GROUPS = ("fisher", "ggn", "cnn", "exact", "lanczos", "hvp", "scale", "sweep_n", "sweep_p",
+          "arch", "sweep_arch")
+#: Issue 9's architectures (see ``build_model``) and their batch sizes.
+ARCHS = ("resnet18", "gpt", "lstm")
+ARCH_N = 128
+ARCH_SWEEP_NS = (64, 128, 256, 512)
 MLP = (784, 512, 512, 10)
 SMALL_MLP = (32, 64, 40, 10)
 N = 512
@@ -101,6 +106,63 @@ def cnn(variant: str = "mnist") -> nn.Sequential:
     )
 
 
+class GPTBlock(nn.Module):
+    """Pre-norm transformer block: causal multi-head self-attention (one ``nn.Linear`` for the
+    query/key/value projections, ``scaled_dot_product_attention``) and a GELU MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, h: Tensor) -> Tensor:
+        n, t, d = h.shape
+        q, k, v = (z.view(n, t, self.heads, d // self.heads).transpose(1, 2)
+                   for z in self.qkv(self.norm1(h)).split(d, dim=-1))
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(attended.transpose(1, 2).reshape(n, t, d))
+        return h + self.out(nn.functional.gelu(self.fc(self.norm2(h))))
+
+
+class GPT(nn.Module):
+    """GPT-style language model (nanoGPT layout): token and position embeddings, pre-norm causal
+    blocks, final LayerNorm, per-token logits as ``[n, vocab, T]`` (the class dimension second,
+    so ``nn.CrossEntropyLoss`` is the per-token loss for every tool).
+
+    ``positions="per-sample"`` looks the positions up as an ``[n, T]`` index (as for the
+    tokens); ``"shared"`` as one ``[T]`` index broadcast over the batch (nanoGPT's own code).
+    """
+
+    def __init__(self, vocab: int = 512, context: int = 64, width: int = 128, heads: int = 4,
+                 layers: int = 2, positions: str = "per-sample") -> None:
+        super().__init__()
+        self.positions = positions
+        self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*[GPTBlock(width, heads) for _ in range(layers)])
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        index = torch.arange(tokens.shape[1], device=tokens.device)
+        if self.positions == "per-sample":
+            index = index.expand_as(tokens)
+        h = self.tok(tokens) + self.pos(index)
+        return self.head(self.norm(self.blocks(h))).transpose(1, 2)
+
+
+class LSTMClassifier(nn.Module):
+    """One-layer LSTM over ``[n, T, 32]`` sequences, a linear head on the last hidden state."""
+
+    def __init__(self, features: int = 32, hidden: int = 128, classes: int = 10) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
 def mlp_for_params(target: int) -> tuple[int, ...]:
     """Widths 784-h-h-10 whose parameter count is closest to ``target``."""
     def count(h: int) -> int:
@@ -116,6 +178,14 @@ def build_model(spec: Spec) -> nn.Module:
     torch.manual_seed(spec.get("seed", 0))
     if spec["model"] == "cnn":
         return cnn(spec.get("variant", "mnist"))
+    if spec["model"] == "resnet18":  # CIFAR-sized inputs; BatchNorm on running statistics
+        import torchvision
+
+        return torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    if spec["model"] == "gpt":
+        return GPT(positions=spec.get("variant", "per-sample"))
+    if spec["model"] == "lstm":
+        return LSTMClassifier()
     return mlp(spec["widths"])
 
 
@@ -123,7 +193,11 @@ def build_batch(spec: Spec) -> tuple[Tensor, Tensor]:
     """A seeded random batch (inputs, labels) for the case's model."""
     g = torch.Generator().manual_seed(spec.get("seed", 0) + 1)
     n = spec["n"]
-    shape = (n, 1, 28, 28) if spec["model"] == "cnn" else (n, spec["widths"][0])
+    if spec["model"] == "gpt":
+        return (torch.randint(0, 512, (n, 64), generator=g),
+                torch.randint(0, 512, (n, 64), generator=g))
+    shape = {"cnn": (n, 1, 28, 28), "resnet18": (n, 3, 32, 32),
+             "lstm": (n, 32, 32)}.get(spec["model"]) or (n, spec["widths"][0])
     return torch.randn(shape, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
@@ -179,6 +253,10 @@ def make_case(spec: Spec) -> Callable[[], dict[str, Any]]:
         return lambda: {"eigenvalues": peers.vivit_ggn_eigvals(emodel, eloss, x, y, mc)}
     if tool == "vmap_grad":
         return lambda: {"eigenvalues": peers.vmap_grad_gram(model, x, y)}
+    if tool in ("curvlinops_ef", "curvlinops_ggn"):  # one matrix-vector product
+        operator = peers.curvlinops_operator(tool.split("_")[1], model, x, y)
+        vector = torch.randn(num_params(model))
+        return lambda: (operator @ vector, {})[1]
     if tool == "curvlinops_dense":
         return lambda: {"eigenvalues": peers.curvlinops_dense_eigvalsh(model, x, y)}
     if tool == "curvlinops_eigsh":
@@ -201,7 +279,8 @@ def make_case(spec: Spec) -> Callable[[], dict[str, Any]]:
 def predict(spec: Spec, gflops: float) -> tuple[float, float]:
     """Predicted (peak bytes, seconds) of a peer case, from the sizes it must materialise."""
     model = build_model(spec)
-    p, n, c = num_params(model), spec["n"], 10
+    p, n = num_params(model), spec["n"]
+    c = 512 * 64 if spec["model"] == "gpt" else 10  # outputs per sample
     big = max(q.numel() for q in model.parameters())
     flop_s = gflops * 1e9
     eig64 = 7e-11  # seconds per n^3 of float64 eigvalsh on this machine (2 threads)
@@ -237,20 +316,31 @@ def time_group(runs: dict[str, Callable[[], dict[str, Any]]], base: str, rounds:
     names = list(runs)
     samples: dict[str, list[float]] = {name: [] for name in names}
     outs: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
     start = time.perf_counter()
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            if name in failed:
+                continue
             times = []
-            for _ in range(3 if name == base else 1):
-                t, outs[name] = timed(runs[name])
-                times.append(t)
+            try:
+                for _ in range(3 if name == base else 1):
+                    t, outs[name] = timed(runs[name])
+                    times.append(t)
+            except Exception as exc:  # a peer that breaks on its first call is a result
+                if name == base:
+                    raise
+                failed[name] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
             samples[name].append(statistics.median(times))
         if (time.perf_counter() - start) * (r + 2) / (r + 1) > budget_s:
             break
-    out = {}
+    out: dict[str, dict[str, Any]] = {name: {"error": why} for name, why in failed.items()}
     for name in names:
+        if name in failed:
+            continue
         times = samples[name]
-        ratios = [t / b for t, b in zip(times, samples[base], strict=True)]
+        ratios = [t / b for t, b in zip(times, samples[base], strict=False)]
         out[name] = {"seconds": statistics.median(times), "min_seconds": min(times),
                      "ratio": statistics.median(ratios), "times": times,
                      "fwd_bwd_times": samples[base], "repeats": len(times),
@@ -364,6 +454,9 @@ class Bench:
         for name, t in timing.items():
             entry = self.results[name]
             entry.update(t)
+            if "error" in t:
+                print(f"  {name:<36} ERROR {t['error']}", flush=True)
+                continue
             if not self.args.no_memory:
                 entry["memory"] = memory_case(entry["spec"], max(600.0, 20 * t["seconds"]))
             peak = entry.get("memory", {}).get("peak_bytes")
@@ -400,8 +493,44 @@ def hr(method: str, **kwargs: Any) -> dict[str, Any]:
     return {"method": method, "kwargs": kwargs}
 
 
+def arch_cases(arch: str, n: int, full: bool) -> dict[str, Spec]:
+    """Cases of one issue-9 architecture at batch size ``n``, the forward+backward first.
+    ``full``: also curvlinops' operators and the extra hessrank variants."""
+    spec: Spec = {"model": arch, "n": n, "seed": 0, "opts": {}}
+    tag = f"{arch}_n{n}"
+    cases = {
+        f"{tag}_fwd_bwd": {**spec, "tool": "fwd_bwd"},
+        f"{tag}_hessrank_fisher": {**spec, "tool": "hessrank", "opts": hr("fisher")},
+        f"{tag}_vmap_grad": {**spec, "tool": "vmap_grad"},
+        f"{tag}_backpack_batchgrad": {**spec, "tool": "backpack_batchgrad"},
+    }
+    if full:
+        cases.update({
+            f"{tag}_curvlinops_ef": {**spec, "tool": "curvlinops_ef"},
+            f"{tag}_curvlinops_ggn": {**spec, "tool": "curvlinops_ggn"},
+            f"{tag}_hessrank_ggn_mc1": {**spec, "tool": "hessrank",
+                                        "opts": hr("ggn", mc_samples=1)},
+        })
+        if arch == "gpt":
+            cases[f"{tag}_hessrank_fisher_shared_positions"] = {
+                **spec, "variant": "shared", "tool": "hessrank", "opts": hr("fisher")}
+    return cases
+
+
 def suite(b: Bench, groups: set[str]) -> None:
     """Run the selected groups of cases."""
+    archs = [a for a in ARCHS if a in b.args.archs.split(",")]
+    if "arch" in groups:
+        for arch in archs:
+            b.group(f"arch: {arch}, n = {ARCH_N}", arch_cases(arch, ARCH_N, full=True))
+    if "sweep_arch" in groups:
+        for arch in archs:
+            for n in ARCH_SWEEP_NS:
+                if n != ARCH_N or "arch" not in groups:
+                    cases = {name: spec for name, spec in arch_cases(arch, n, full=False).items()
+                             if spec["tool"] in ("fwd_bwd", *b.args.sweep_tools.split(","))}
+                    b.group(f"sweep_arch: {arch}, n = {n}", cases,
+                            time_cap_s=b.args.sweep_time_cap_s)
     if "fisher" in groups:
         b.group("fisher: MLP 784-512-512-10, n = 512", {
             "fwd_bwd": mlp_spec("fwd_bwd"),
@@ -562,6 +691,29 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     g = None if a is None or b is None else spectrum_gap(a, b, N * 9)
     add("ggn eigenvalues vs ViViT exact (max rel. gap, top n(C-1))", g, "<= 1e-4",
         None if g is None else g <= 1e-4, "ViViT solves in float32")
+    for arch in ARCHS:
+        tag = f"{arch}_n{ARCH_N}"
+        r = get(f"{tag}_hessrank_fisher", "ratio")
+        add(f"{arch}: fisher time / fwd+bwd", r, "<= 3.5", None if r is None else r <= 3.5)
+        r = ratio(f"{tag}_vmap_grad", f"{tag}_hessrank_fisher")
+        add(f"{arch}: vmap(grad)+Gram time / fisher time", r, ">= 1.5",
+            None if r is None else r >= 1.5)
+        r = ratio(f"{tag}_backpack_batchgrad", f"{tag}_hessrank_fisher")
+        add(f"{arch}: BackPACK BatchGrad+Gram time / fisher time", r, "(info)", None)
+        pk = peak(f"{tag}_hessrank_fisher")
+        nxp = ARCH_N * results.get(f"{tag}_fwd_bwd", {}).get("num_params", 0) * 4
+        add(f"{arch}: fisher peak memory / (n x P float32)", None if pk is None else pk / nxp,
+            "< 1", None if pk is None else pk < nxp, f"n x P float32 = {nxp / 2**20:.0f} MB")
+        a, b = evals(f"{tag}_hessrank_fisher"), evals(f"{tag}_vmap_grad")
+        g = None if a is None or b is None else spectrum_gap(a, b, ARCH_N)
+        add(f"{arch}: fisher eigenvalues vs vmap(grad) Gram (max rel. gap)", g, "<= 1e-4",
+            None if g is None else g <= 1e-4)
+        for peer in ("curvlinops_ef", "curvlinops_ggn", "hessrank_ggn_mc1",
+                     "hessrank_fisher_shared_positions"):
+            r = get(f"{tag}_{peer}", "ratio")
+            if r is not None:
+                add(f"{arch}: {peer} / fwd+bwd", r, "(info)", None,
+                    "one matrix-vector product" if peer.startswith("curvlinops") else "")
     for tag in ("cnn", "lenet"):
         r = ratio(f"{tag}_backpack_batchgrad", f"{tag}_hessrank_fisher")
         add(f"CNN ({tag}): BackPACK BatchGrad+Gram time / fisher time", r, ">= 5",
@@ -770,6 +922,45 @@ def plot(results: dict[str, dict[str, Any]], figdir: Path) -> list[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(str(path))
+    for arch in ARCHS:
+        names = [k for k in results if k.startswith(f"{arch}_n")]
+        if not names:
+            continue
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.4))
+        for i, (tool, label) in enumerate(tools):
+            runs = sorted((results[k]["spec"]["n"], results[k]["seconds"],
+                           results[k].get("memory", {}).get("peak_bytes"))
+                          for k in names if k == f"{arch}_n{results[k]['spec']['n']}_{tool}"
+                          and "seconds" in results[k])
+            skips = sorted((results[k]["spec"]["n"], results[k].get("predicted_seconds"),
+                            (results[k].get("predicted_bytes") or 0) / GIB)
+                           for k in names if k == f"{arch}_n{results[k]['spec']['n']}_{tool}"
+                           and results[k].get("skipped"))
+            if runs:
+                ax_t.plot([r[0] for r in runs], [r[1] for r in runs], "o-", color=f"C{i}",
+                          label=label)
+                mem = [r for r in runs if r[2]]
+                ax_m.plot([r[0] for r in mem], [r[2] / GIB for r in mem], "o-", color=f"C{i}",
+                          label=label)
+            if skips:
+                ax_t.plot([q[0] for q in skips], [q[1] for q in skips], "x", color=f"C{i}",
+                          markersize=9)
+                ax_m.plot([q[0] for q in skips], [q[2] for q in skips], "x", color=f"C{i}",
+                          markersize=9)
+        for ax, ylabel in ((ax_t, "seconds (median of rounds)"),
+                           (ax_m, "peak RSS above start (GB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(f"batch size n ({arch})")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_m.legend(fontsize=8, title="x: skipped, predicted", title_fontsize=8)
+        fig.suptitle(f"Empirical-Fisher spectrum vs n, {arch}, 2 CPU threads")
+        fig.tight_layout()
+        path = figdir / f"arch_{arch}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
     return written
 
 
@@ -779,6 +970,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 repeats, sweeps up to n=1024/P=1e6")
     ap.add_argument("--only", default=",".join(GROUPS),
                     help=f"comma-separated groups among {','.join(GROUPS)}")
+    ap.add_argument("--archs", default=",".join(ARCHS),
+                    help=f"architectures of the arch groups, among {','.join(ARCHS)}")
+    ap.add_argument("--sweep-tools", default="hessrank,vmap_grad,backpack_batchgrad",
+                    help="tools of the sweep_arch groups (the forward+backward always runs)")
     ap.add_argument("--out", default=str(HERE),
                     help="directory for results.json and figures/ (default: benchmarks/)")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds per group")

@@ -144,6 +144,34 @@ class LSTMClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+class LSTMWithState(nn.Module):
+    """A sequence-first LSTM started from a fixed nonzero state: the LSTM rule's recomputation
+    assumes a zero state, so its factors must fail the gradient check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = torch.full((1, x.shape[0], 4), 0.5, dtype=x.dtype)
+        out, (h, _) = self.lstm(x.transpose(0, 1), (state, state))
+        return self.head(out.mean(dim=0) + h[0])
+
+
+class SequenceFirstLSTM(nn.Module):
+    """batch_first=False, the final hidden and cell states used besides the outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, (h, c) = self.lstm(x.transpose(0, 1))
+        return self.head(out[1] + h[0] * c[0])
+
+
 class GRUClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -227,6 +255,61 @@ class DictInputs(nn.Module):
         return self.fc(torch.tanh(h.sum(dim=1)))
 
 
+class TinyGPT(nn.Module):
+    """Embedding (with a padding row) + positional embedding, pre-norm causal attention block,
+    MLP block, final LayerNorm, per-token logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(6, 4, padding_idx=0)
+        self.pos = nn.Embedding(3, 4)
+        self.norm1 = nn.LayerNorm(4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(4)
+        self.mlp = nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 4))
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        t = tokens.shape[1]
+        h = self.tok(tokens) + self.pos(torch.arange(t).expand_as(tokens))
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+        a = self.norm1(h)
+        h = h + self.attn(a, a, a, attn_mask=mask, need_weights=False)[0]
+        h = h + self.mlp(self.norm2(h))
+        return self.head(self.norm(h))
+
+
+class ResidualConvNet(nn.Module):
+    """ResNet-style block (conv-BN-ReLU-conv-BN + shortcut), a strided conv to 1x1 positions
+    (the position-pair route) and a 1x1 convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 6, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(6)
+        self.conv1 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.down = nn.Conv2d(6, 8, 4, stride=4)
+        self.point = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(h + self.bn1(self.conv1(h)))
+        return self.point(torch.tanh(self.down(h))).flatten(1)
+
+
+def _running_stats(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model
+
+
 def _tokens(n, t, vocab, g):
     return torch.randint(0, vocab, (n, t), generator=g)
 
@@ -304,7 +387,7 @@ CASES = [
     Case("token head on n*T rows", _build(TokenHead, lambda g: (
         _tokens(3, 4, 7, g), torch.randint(0, 3, (3, 4), generator=g))),
         loss=token_ce, sample_loss=token_ce,
-        paths={"embed.weight": "torch.func", "head.weight": "torch.func",
+        paths={"embed.weight": "embedding", "head.weight": "torch.func",
                "mix.weight": "linear"}),
     Case("sequence-first rows with T == n", _build(SequenceFirst, lambda g: (
         torch.randn(4, 4, 3, generator=g, dtype=torch.float64),
@@ -321,7 +404,16 @@ CASES = [
     Case("LSTM classifier", _build(LSTMClassifier, lambda g: (
         torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (4,), generator=g))),
-        paths={"lstm.weight_ih_l0": "per-sample loop", "head.weight": "linear"}),
+        paths={"lstm.weight_ih_l0": "lstm", "lstm.bias_hh_l0": "lstm", "head.weight": "linear"}),
+    Case("LSTM, sequence first, final states used", _build(SequenceFirstLSTM, lambda g: (
+        torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))),
+        paths={"lstm.weight_ih_l0": "lstm", "lstm.weight_hh_l0": "lstm"}),
+    Case("LSTM from a nonzero initial state", _build(LSTMWithState, lambda g: (
+        torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))), methods=("fisher", "ggn"),
+        paths={"lstm.weight_ih_l0": "per-sample loop"},
+        note="lstm rule's factors for 'lstm' failed the gradient check"),
     Case("GRU classifier", _build(GRUClassifier, lambda g: (
         torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (4,), generator=g))), methods=("fisher",), backends=("auto",)),
@@ -329,22 +421,22 @@ CASES = [
         torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (4,), generator=g))),
         paths={"attn.in_proj_weight": "torch.func", "attn.out_proj.weight": "torch.func",
-               "head.weight": "linear"}),
+               "norm.weight": "norm", "head.weight": "linear"}),
     Case("stock TransformerEncoderLayer, sequence first", _build(SequenceFirstTransformer,
          lambda g: (torch.randn(3, 3, 4, generator=g, dtype=torch.float64),
                     torch.randint(0, 3, (3,), generator=g))), backends=("auto",)),
     Case("conv variants, GroupNorm, eval BatchNorm", _build(ConvVariants, lambda g: (
         torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (3,), generator=g))),
-        paths={"conv.weight": "conv", "grouped.weight": "torch.func",
-               "depthwise.weight": "torch.func", "conv1d.weight": "conv",
-               "bn.weight": "torch.func"}),
+        paths={"conv.weight": "conv", "grouped.weight": "conv", "depthwise.weight": "conv",
+               "conv1d.weight": "conv", "bn.weight": "norm", "bn.bias": "norm",
+               "norm.weight": "norm"}),
     Case("Linear registered twice", _build(TwiceRegistered, lambda g: _mlp_batch(5, 4)),
          paths={"body.0.weight": "torch.func", "head.weight": "linear"}),
     Case("dict inputs, model(**inputs)", _build(DictInputs, lambda g: (
         {"input_ids": _tokens(4, 3, 6, g),
          "attention_mask": (torch.rand(4, 3, generator=g) > 0.3).double()},
-        torch.randint(0, 3, (4,), generator=g)))),
+        torch.randint(0, 3, (4,), generator=g))), paths={"embed.weight": "embedding"}),
     Case("class-weighted cross-entropy", _build(KeywordCall, lambda g: _mlp_batch(6, 4)),
          loss=WEIGHTED_CE, sample_weights=_class_weights, methods=("fisher", "ggn")),
     Case("ignore_index cross-entropy", _build(KeywordCall, lambda g: (
@@ -359,6 +451,18 @@ CASES = [
         torch.randn(5, 3, generator=g, dtype=torch.float64))),
         loss=lambda f, y: ((f - y) ** 2).sum(dim=1).mean(),
         sample_loss=lambda f, y: ((f - y) ** 2).sum(dim=1).mean(), methods=("fisher", "ggn")),
+    Case("GPT-style: embeddings, causal attention, LayerNorm, per-token loss",
+         _build(TinyGPT, lambda g: (_tokens(3, 3, 6, g), torch.randint(0, 3, (3, 3), generator=g))),
+         loss=token_ce, sample_loss=token_ce,
+         paths={"tok.weight": "embedding", "pos.weight": "embedding", "norm1.weight": "norm",
+                "norm.bias": "norm", "mlp.0.weight": "linear", "head.weight": "linear",
+                "attn.in_proj_weight": "torch.func"}),
+    Case("ResNet-style block, eval BatchNorm, strided and 1x1 convolutions",
+         _build(lambda: _running_stats(ResidualConvNet()), lambda g: (
+             torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (3,), generator=g))),
+         paths={"stem.weight": "conv", "bn0.weight": "norm", "bn1.bias": "norm",
+                "down.weight": "conv", "point.weight": "conv"}),
 ]
 
 PARAMS = [pytest.param(case, method, backend, id=f"{case.name}-{method}-{backend}")
@@ -495,3 +599,105 @@ def test_ggn_with_many_classes_is_refused_before_the_work():
     x, y = torch.randn(64, 8), torch.randint(0, 1000, (64,))
     with pytest.raises(hessrank.BudgetError, match="method='ggn' needs about .*GiB.*'fisher'"):
         hessrank.effective_rank(model, CE, (x, y), method="ggn")
+
+
+# ------------------------------------------------------------------------------------------------
+# Monte-Carlo GGN (mc_samples)
+# ------------------------------------------------------------------------------------------------
+
+MC_CASES = [
+    pytest.param(_build(TinyGPT, lambda g: (_tokens(3, 3, 6, g),
+                                            torch.randint(0, 3, (3, 3), generator=g))),
+                 token_ce, id="per-token cross-entropy, GPT-style"),
+    pytest.param(_build(KeywordCall, lambda g: _mlp_batch(6, 4)), WEIGHTED_CE,
+                 id="class-weighted cross-entropy"),
+    pytest.param(_build(KeywordCall, lambda g: (torch.randn(6, 4, generator=g,
+                                                            dtype=torch.float64),
+                                                torch.tensor([0, 2, 1, 2, 0, 1]))),
+                 nn.CrossEntropyLoss(ignore_index=2, label_smoothing=0.2),
+                 id="ignore_index and label smoothing"),
+]
+
+
+@pytest.mark.parametrize(("build", "loss"), MC_CASES)
+def test_mc_ggn_converges_to_the_exact_ggn(build, loss):
+    """The Monte-Carlo Gram's spectrum is near the exact GGN's (explicit-Jacobian reference) with
+    many draws (the Gram is M n x M n, so M stays moderate: 10 % of the top eigenvalue)."""
+    model, inputs, targets = build()
+    reference = eigenvalues_by_magnitude(reference_ggn_full(model, loss, inputs, targets))
+    result = hessrank.effective_rank(model, loss, (inputs, targets), method="ggn",
+                                     mc_samples=400)
+    assert any("Monte-Carlo GGN" in note for note in result.notes)
+    top = abs(reference[0])
+    np.testing.assert_allclose(result.eigenvalues[:3], reference[:3], rtol=0, atol=0.1 * top)
+    assert abs(result.eigenvalues.sum() - reference.sum()) <= 0.1 * abs(reference.sum())
+    few = hessrank.effective_rank(model, loss, (inputs, targets), method="ggn", mc_samples=1)
+    assert len(few.eigenvalues) <= targets.shape[0]  # one column per sample
+
+
+def test_mc_ggn_factors_are_unbiased_for_the_output_hessian():
+    """``sum_m s_m s_m^T`` at each position against the loss's own output Hessian (autograd), and
+    no cross-position terms beyond sampling noise (1e5 draws: noise about 0.3 %)."""
+    from hessrank.curvature.loss import ggn_mc_cotangents
+
+    g = torch.Generator().manual_seed(4)
+    outputs = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)  # [n, T, C]
+    targets = torch.randint(0, 4, (2, 3), generator=g)
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def per_token(f):
+        return loss(f.reshape(-1, 4), targets.reshape(-1))
+
+    hessian = torch.autograd.functional.hessian(per_token, outputs).reshape(6, 4, 2, 3, 4)
+    factors = ggn_mc_cotangents(lambda f, y: per_token(f), outputs, targets, 100000, g)
+    estimate = torch.einsum("mic,mjd->icjd", factors.reshape(-1, 6, 4), factors.reshape(-1, 6, 4))
+    torch.testing.assert_close(estimate, hessian.reshape(6, 4, 6, 4), rtol=0,
+                               atol=0.02 * float(hessian.abs().max()))
+
+
+def test_mc_ggn_factors_are_sampled_softmax_gradients():
+    """Each column is sqrt(a / M) (p - e_y) at every position, for a label y."""
+    from hessrank.curvature.loss import ggn_mc_cotangents
+
+    g = torch.Generator().manual_seed(3)
+    outputs = torch.randn(4, 5, 7, generator=g, dtype=torch.float64)  # [n, T, C]
+    targets = torch.randint(0, 7, (4, 5), generator=g)
+    factors = ggn_mc_cotangents(token_ce, outputs, targets, 3, g)
+    assert factors.shape == (3, 4, 5, 7)
+    probs = torch.softmax(outputs, dim=-1)
+    onehot = probs - factors * (3 * 20) ** 0.5  # a = 1 / (n T) = 1 / 20
+    torch.testing.assert_close(onehot.sum(-1), torch.ones(3, 4, 5, dtype=torch.float64))
+    assert torch.allclose(onehot, onehot.round(), atol=1e-12) and onehot.round().max() == 1
+
+
+def test_mc_ggn_refuses_a_loss_that_is_not_a_softmax_cross_entropy():
+    model, x, _ = _build(KeywordCall, lambda g: _mlp_batch(5, 4))()
+    y = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mc_samples needs the curvature of a softmax cross-ent"):
+        hessrank.effective_rank(model, MSE, (x, y), method="ggn", mc_samples=4)
+
+
+def test_mc_ggn_gram_size_is_in_the_memory_prediction():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1000)
+    x, y = torch.randn(64, 8), torch.randint(0, 1000, (64,))
+    with pytest.raises(hessrank.BudgetError, match="mc_samples="):
+        hessrank.effective_rank(model, CE, (x, y), method="ggn")
+    result = hessrank.effective_rank(model, CE, (x, y), method="ggn", mc_samples=2)
+    assert result.max_rank <= 128
+    with pytest.raises(hessrank.BudgetError, match="method='ggn' needs about"):
+        hessrank.effective_rank(model, CE, (x, y), method="ggn", mc_samples=2000,
+                                max_memory=2**28)
+
+
+def test_float32_lstm_fisher_matches_float64():
+    """A float32 LSTM (CPU's fused kernel, which torch.func's per-sample VJPs cannot
+    differentiate) goes through the LSTM rule and matches the float64 spectrum."""
+    model, x, y = _build(LSTMClassifier, lambda g: (
+        torch.randn(6, 5, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (6,), generator=g)))()
+    expected = hessrank.effective_rank(model, CE, (x, y), method="fisher")
+    single = hessrank.effective_rank(model.float(), CE, (x.float(), y), method="fisher")
+    assert single.paths["lstm.weight_hh_l0"] == "lstm"
+    np.testing.assert_allclose(single.eigenvalues, expected.eigenvalues, rtol=0,
+                               atol=1e-5 * expected.top_eigenvalue)

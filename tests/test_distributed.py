@@ -175,8 +175,9 @@ def test_equals_one_process_on_the_whole_batch(spawned: list[dict[str, Any]], na
     assert any("data-parallel over 2 processes (gloo)" in note for note in first["notes"])
 
 
-def test_cnn_cases_mix_rules_and_the_general_path(spawned: list[dict[str, Any]]) -> None:
-    assert set(spawned[0]["fisher-cnn"]["paths"].values()) == {"conv", "linear", "torch.func"}
+def test_cnn_cases_gather_every_kind_of_rule_factors(spawned: list[dict[str, Any]]) -> None:
+    """Kronecker (linear), convolution and explicit per-sample (norm) factors all gathered."""
+    assert set(spawned[0]["fisher-cnn"]["paths"].values()) == {"conv", "linear", "norm"}
 
 
 def test_ddp_model_analysed_without_touching_ddp(spawned: list[dict[str, Any]]) -> None:

@@ -72,7 +72,7 @@ def test_gram_methods_match_dense_reference(kind, backend, method):
 
 def test_backends_report_what_they_used():
     model, x, y = _problem("residual")
-    assert hessrank.effective_rank(model, CE, (x, y)).backend == "linear+torch.func"
+    assert hessrank.effective_rank(model, CE, (x, y)).backend == "linear+norm+torch.func"
     assert hessrank.effective_rank(mlp(), CE, classification_batch(4, 5, 3)).backend == "linear"
     assert hessrank.effective_rank(model, CE, (x, y), backend="func").backend == "torch.func"
 

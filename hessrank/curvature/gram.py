@@ -27,7 +27,6 @@ forms the global Gram from them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,9 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from hessrank.curvature.loss import agreement_tolerance
-from hessrank.curvature.rules import GramRule, LayerFactors, rule_for
+from hessrank.curvature.rules import Factors, GramRule, rule_for
 from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
 from hessrank.problem import CurvatureProblem
 
@@ -92,7 +92,7 @@ class _Capture:
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.inputs: dict[str, Tensor | None] = {}
-        self.outputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor | tuple[Tensor, ...]] = {}
         self.calls: dict[str, int] = dict.fromkeys(modules, 0)
         self.handles = [module.register_forward_hook(self._hook(name), with_kwargs=True)
                         for name, module in modules.items()]
@@ -102,9 +102,15 @@ class _Capture:
             self.calls[name] += 1
             layer_input = args[0] if args else kwargs.get("input")
             self.inputs[name] = layer_input.detach() if isinstance(layer_input, Tensor) else None
-            self.outputs[name] = output
             # Downstream in-place operations (ReLU(inplace=True)) act on a copy, so the captured
-            # output stays the tensor whose gradient is the layer's output gradient.
+            # output stays the tensor whose gradient is the layer's output gradient. A tuple of
+            # tensors (an RNN's output and final states) is captured whole.
+            if isinstance(output, tuple):
+                leaves, spec = tree_flatten(output)
+                if all(isinstance(leaf, Tensor) for leaf in leaves):
+                    self.outputs[name] = tuple(leaves)
+                    return tree_unflatten([leaf.clone() for leaf in leaves], spec)
+            self.outputs[name] = output
             return output.clone()
         return hook
 
@@ -171,16 +177,23 @@ def compute_gram(
     for group in list(claimed):
         if capture.calls[group] != 1 or capture.inputs.get(group) is None:
             claimed.pop(group)  # called twice (its gradient sums several calls), or not at all
-    layer_grads = _backward_batched(outputs, [capture.outputs[g] for g in claimed], cotangents)
-    factors: dict[str, LayerFactors] = {}
+    captured = [capture.outputs[g] for g in claimed]
+    flat_grads = iter(_backward_batched(
+        outputs, [t for c in captured for t in (c if isinstance(c, tuple) else (c,))],
+        cotangents))
+    layer_grads = [tuple(next(flat_grads) for _ in c) if isinstance(c, tuple) else next(flat_grads)
+                   for c in captured]
+    factors: dict[str, Factors] = {}
     for (group, (module, rule)), grads in zip(claimed.items(), layer_grads):
         analysed = frozenset(name.rsplit(".", 1)[-1] for name in groups[group])
         layer_input = capture.inputs[group]
         layer = None if layer_input is None else rule.factors(module, layer_input, grads, n,
                                                               analysed)
-        if layer is not None:
+        # Across processes a layer's factors must be gatherable; others take the general path
+        # there (the same decision in every process: it depends on the factors' type alone).
+        if layer is not None and (parallel_of(problem) is None or layer.gatherable):
             factors[group] = layer
-    del layer_grads, capture
+    del layer_grads, flat_grads, captured, capture
 
     # The check: autograd's gradient of sum_{k,i} w_ki <f_i, s_ki> for every analysed parameter.
     start, stop, total = sample_range(problem)
@@ -371,15 +384,14 @@ def _agreed_rules(problem: CurvatureProblem, passed: dict[str, Tensor],
     return {group: gram for group, gram in passed.items() if group not in failures}
 
 
-def _global_rule_gram(problem: CurvatureProblem, layer: LayerFactors, gram: Tensor) -> Tensor:
+def _global_rule_gram(problem: CurvatureProblem, layer: Factors, gram: Tensor) -> Tensor:
     """The global batch's Gram block of a rule layer: ``gram`` itself for one process, else
-    from the all-gathered activations ``[n, T, d_in]`` and output gradients ``[K, n, T, d_out]``."""
+    from the all-gathered activations ``[n, T, d_in]`` and output gradients ``[K, n, T, d_out]``
+    (sharded problems keep gatherable factors only)."""
     parallel = parallel_of(problem)
     if parallel is None:
         return gram
-    return dataclasses.replace(
-        layer, activations=parallel.gather_samples(layer.activations),
-        output_grads=parallel.gather_samples(layer.output_grads, dim=1)).gram()
+    return layer.gathered(lambda tensor, dim: parallel.gather_samples(tensor, dim=dim)).gram()
 
 
 def _all_rows(problem: CurvatureProblem, flat: Tensor, k: int) -> Tensor:

@@ -216,3 +216,91 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     keep = (eigenvalues > 0).any(dim=0)
     factors = factors[:, :, keep]
     return factors.permute(2, 0, 1).reshape(-1, n, *outputs.shape[1:]).to(outputs.dtype)
+
+
+def _softmax_curvature(first: Tensor, leaf: Tensor, class_dim: int, generator: torch.Generator
+                       ) -> tuple[Tensor, Tensor, float]:
+    """Test whether ``d^2 L / df^2`` is ``a_r (diag(p_r) - p_r p_r^T)`` at every position ``r``
+    (``p_r`` the softmax of the outputs over ``class_dim``): the curvature of a softmax
+    cross-entropy, whatever its labels, smoothing, class weights or reduction.
+
+    Two Hessian-vector products of the loss: a unit vector at each position's class ``c`` of
+    largest ``p_c (1 - p_c)`` reads ``a_r`` off the block's diagonal; a Gaussian probe then checks
+    the whole block-diagonal structure (a different Hessian fails it with probability one).
+
+    Returns:
+        ``p`` and ``a`` with the class dimension last (``[n, ..., C]``, ``[n, ...]``), and the
+        probe's relative mismatch.
+    """
+    probs = torch.softmax(leaf.detach().to(torch.float64), dim=class_dim).movedim(class_dim, -1)
+    spread = probs * (1 - probs)
+    chosen = spread.argmax(dim=-1, keepdim=True)
+    unit = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
+    probe = torch.randn(probs.shape, generator=generator, dtype=torch.float64).to(probs.device)
+    vectors = torch.stack([unit, probe]).movedim(-1, class_dim + 1).to(leaf.dtype)
+    (products,) = torch.autograd.grad(first, leaf, grad_outputs=vectors, is_grads_batched=True,
+                                      retain_graph=True, allow_unused=True)
+    if products is None:
+        products = torch.zeros_like(vectors)
+    products = products.to(torch.float64).movedim(class_dim + 1, -1)
+    curvature = spread.gather(-1, chosen).squeeze(-1)
+    weights = torch.where(curvature > 0, products[0].gather(-1, chosen).squeeze(-1)
+                          / curvature.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    expected = weights[..., None] * (probs * probe - probs * (probs * probe).sum(-1, True))
+    scale = float(products[1].norm()) + float(expected.norm())
+    mismatch = float((products[1] - expected).norm()) / max(scale, 1e-300)
+    return probs, weights, mismatch
+
+
+def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samples: int,
+                      generator: torch.Generator) -> Tensor:
+    """``[M, n, *out]``: Monte-Carlo square-root factors of the GGN of a softmax cross-entropy.
+
+    For a loss whose output Hessian is ``a_r (diag(p_r) - p_r p_r^T)`` at each position ``r``
+    (verified by :func:`_softmax_curvature`, over the last output dimension or else the second),
+    that block is ``a_r E_{y ~ p_r}[(p_r - e_y)(p_r - e_y)^T]``: the gradient of ``-log p_y`` for
+    a label drawn from the model's own prediction (the "true Fisher" of K-FAC, ViViT's MC mode).
+    Column ``m`` holds, at every position, ``sqrt(a_r / M) (p_r - e_{y_rm})`` with independent
+    draws, so ``sum_m s_m s_m^T`` has expectation the per-sample output-Hessian block (cross-
+    position terms vanish in expectation) and the Gram has ``M n`` rows whatever ``C`` is.
+
+    Raises:
+        ValueError: the loss is linear in the outputs, or its curvature is not a softmax
+            cross-entropy's (use the exact GGN).
+    """
+    leaf = outputs.detach().requires_grad_(True)
+    (first,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, create_graph=True,
+                                   allow_unused=True)
+    if first is None or not first.requires_grad:
+        raise ValueError(
+            "the loss is linear in the model's outputs, so its GGN is exactly zero: move the last "
+            "nonlinearity into the loss (nn.CrossEntropyLoss on logits), or use method='exact' or "
+            "'lanczos'"
+        )
+    tolerance = agreement_tolerance(outputs.dtype) * math.sqrt(outputs[0].numel())
+    mismatches = []
+    for class_dim in dict.fromkeys([outputs.dim() - 1, 1]):
+        if class_dim < 1:
+            continue
+        probs, weights, mismatch = _softmax_curvature(first, leaf, class_dim, generator)
+        mismatches.append(f"{mismatch:.1e} over dimension {class_dim}")
+        if mismatch <= tolerance and bool((weights >= 0).all()):
+            break
+    else:
+        raise ValueError(
+            "mc_samples needs the curvature of a softmax cross-entropy over the class dimension "
+            f"(last or second) of the outputs; this loss's output Hessian differs (relative "
+            f"mismatch {', '.join(mismatches)}): use the exact GGN (mc_samples=None), "
+            "method='fisher' or 'lanczos'"
+        )
+    classes = probs.shape[-1]
+    flat = probs.reshape(-1, classes)
+    uniform = torch.rand(flat.shape[0], mc_samples, generator=generator, dtype=torch.float64)
+    cumulative = flat.cumsum(dim=-1)
+    labels = torch.searchsorted(cumulative, uniform.to(flat.device) * cumulative[:, -1:])
+    labels = labels.clamp_max(classes - 1).T.reshape(mc_samples, *probs.shape[:-1], 1)
+    factors = probs.unsqueeze(0).expand(mc_samples, *probs.shape).clone()
+    factors.scatter_add_(-1, labels, torch.full(labels.shape, -1.0, dtype=torch.float64,
+                                                device=labels.device))
+    factors *= (weights / mc_samples).sqrt().unsqueeze(-1)
+    return factors.movedim(-1, class_dim + 1).to(outputs.dtype).contiguous()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from hessrank.curvature.loss import fisher_cotangents
 from hessrank.estimators.base import register
-from hessrank.estimators.gram import GramEstimator
+from hessrank.estimators.gram import GramEstimator, GramOptions
 from hessrank.problem import LossFn
 
 
@@ -20,11 +18,13 @@ class Fisher(GramEstimator):
     listing_order = 3
     summary = "empirical Fisher through the n x n Gram matrix of per-sample gradients"
     columns_label = "1"
+    needs_output_size = False
     budget_advice = "use fewer samples"
 
-    def columns(self, outputs: Callable[[], Tensor]) -> int:
+    def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
         return 1
 
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+                   generator: torch.Generator, options: GramOptions | None = None
+                   ) -> tuple[Tensor, Tensor | None]:
         return fisher_cotangents(loss_fn, outputs, targets)

@@ -1,17 +1,37 @@
 """``ggn``: the generalised Gauss-Newton ``J^T (d^2 L/df^2) J`` through its ``n C' x n C'`` Gram
-matrix (``C'`` nonzero square-root columns of each sample's output Hessian)."""
+matrix (``C'`` nonzero square-root columns of each sample's output Hessian), or, with
+``mc_samples=M``, through the ``M n x M n`` Gram of Monte-Carlo square-root factors (softmax
+cross-entropy; for large ``C``, e.g. token vocabularies)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from hessrank.curvature.loss import ggn_cotangents
-from hessrank.estimators.base import register
-from hessrank.estimators.gram import GramEstimator
-from hessrank.problem import LossFn
+from hessrank.curvature.loss import ggn_cotangents, ggn_mc_cotangents
+from hessrank.estimators.base import Settings, Spectrum, positive_int, register
+from hessrank.estimators.gram import GramEstimator, GramOptions
+from hessrank.problem import CurvatureProblem, LossFn
+
+
+@dataclass(frozen=True)
+class GGNOptions(GramOptions):
+    """Options of ``ggn``."""
+
+    mc_samples: int | None = field(default=None, metadata={
+        "help": "Monte-Carlo GGN: M labels drawn from the model's softmax per position give M "
+                "factor columns per sample (Gram M n x M n, independent of the classes C); "
+                "softmax cross-entropy only (default unset: the exact GGN)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mc_samples is not None:
+            positive_int("mc_samples", self.mc_samples)
+            if self.backend == "backpack":
+                raise ValueError("mc_samples is not available with backend='backpack': use "
+                                 "backend='auto' or 'func'")
 
 
 @register
@@ -21,11 +41,37 @@ class GGN(GramEstimator):
     listing_order = 2
     summary = "generalised Gauss-Newton through the nC' x nC' Gram matrix of its factors"
     columns_label = "C'"
-    budget_advice = "use method='fisher' (n x n Gram), fewer samples, or method='lanczos'"
+    budget_advice = ("use mc_samples= (Monte-Carlo GGN, Gram M n x M n), method='fisher' (n x n "
+                     "Gram), fewer samples, or method='lanczos'")
+    Options = GGNOptions
 
-    def columns(self, outputs: Callable[[], Tensor]) -> int:
-        return outputs()[0].numel()
+    def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
+        mc_samples = getattr(options, "mc_samples", None)
+        return outputs_per_sample if mc_samples is None else mc_samples
+
+    def output_side_bytes(self, num_samples: int, outputs_per_sample: int, element: int,
+                          options: GramOptions) -> int:
+        mc_samples = getattr(options, "mc_samples", None)
+        if mc_samples is None:  # output-Hessian blocks: products, float64 blocks, eigenvectors
+            return num_samples * outputs_per_sample**2 * (2 * element + 24)
+        # float64 probabilities, two probes and their products, cumulative sums, the draws
+        return num_samples * outputs_per_sample * (8 * 6 + (mc_samples * (8 + element)))
 
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
-        return ggn_cotangents(loss_fn, outputs, targets, generator), None
+                   generator: torch.Generator, options: GramOptions | None = None
+                   ) -> tuple[Tensor, Tensor | None]:
+        mc_samples = getattr(options, "mc_samples", None)
+        if mc_samples is None:
+            return ggn_cotangents(loss_fn, outputs, targets, generator), None
+        return ggn_mc_cotangents(loss_fn, outputs, targets, mc_samples, generator), None
+
+    def run(self, problem: CurvatureProblem, settings: Settings,
+            options: GramOptions) -> Spectrum:
+        spectrum = super().run(problem, settings, options)
+        mc_samples = getattr(options, "mc_samples", None)
+        if mc_samples is not None:
+            spectrum.notes.append(
+                f"Monte-Carlo GGN: {mc_samples} label draw(s) per position from the model's "
+                f"softmax (seed {settings.seed}): a random approximation whose expectation is "
+                "the GGN; its rank is capped by mc_samples x n")
+        return spectrum

@@ -46,21 +46,29 @@ class GramEstimator(Estimator):
     Options = GramOptions
     #: Factor columns per sample before zero columns are dropped, as a function of ``C``.
     columns_label: ClassVar[str]
+    #: Whether the prediction needs the outputs per sample (a forward pass): not for the Fisher.
+    needs_output_size: ClassVar[bool] = True
 
     @abstractmethod
-    def columns(self, outputs: Callable[[], Tensor]) -> int:
-        """Upper bound on the factor columns ``K`` per sample (``outputs`` runs a forward pass
-        without a graph, only if called)."""
+    def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
+        """Upper bound on the factor columns ``K`` per sample."""
 
     @abstractmethod
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+                   generator: torch.Generator, options: GramOptions | None = None
+                   ) -> tuple[Tensor, Tensor | None]:
         """``[K, n, *out]`` output factors and, for the Fisher, the loss weights ``[n]``."""
+
+    def output_side_bytes(self, num_samples: int, outputs_per_sample: int, element: int,
+                          options: GramOptions) -> int:
+        """Peak bytes of computing the output-side factors (beyond the factors themselves)."""
+        return 0
 
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: GramOptions) -> Cost:
         n = problem.num_samples
-        k = self.columns(outputs)
+        per_sample = outputs()[0].numel() if self.needs_output_size else 1
+        k = self.columns(per_sample, options)
         element = problem.params[0].element_size()
         size = k * n
         groups = problem.modules_with_params()
@@ -68,8 +76,7 @@ class GramEstimator(Estimator):
         memory = size**2 * (element + 16)
         if settings.per_layer:
             memory += len(groups) * size**2 * element
-        if k > 1:  # output-Hessian blocks (k x k each): products, float64 blocks, eigenvectors
-            memory += n * k**2 * (2 * element + 24)
+        memory += self.output_side_bytes(n, per_sample, element, options)
         modules = dict(problem.model.named_modules())
         named = dict(zip(problem.names, problem.params))
         general_sizes = [sum(named[name].numel() for name in names)
@@ -92,7 +99,7 @@ class GramEstimator(Estimator):
             evaluate_loss(loss_fn, outputs, targets)  # the loss, checked, with helpful errors
             check_no_parameter_terms(loss_fn, outputs, targets, problem.params, problem.names,
                                      self.name)
-            return self.cotangents(loss_fn, outputs, targets, generator)[0]
+            return self.cotangents(loss_fn, outputs, targets, generator, options)[0]
 
         with settings.reporter.task(f"{self.name} Gram matrix", 1) as advance:
             result = self._gram(problem, settings, options, cotangents_of, generator)
@@ -167,7 +174,7 @@ class GramEstimator(Estimator):
             check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                      problem.names, self.name)
             cotangents, weights = self.cotangents(problem.loss_fn, outputs, problem.targets,
-                                                  generator)
+                                                  generator, options)
             return gram_backpack(problem, self.name, cotangents, weights, settings.per_layer,
                                  generator)
         return compute_gram(problem, cotangents_of, settings.per_layer,

@@ -21,9 +21,10 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from hessrank.curvature.rules.factors import LayerFactors
+from hessrank.curvature.rules.factors import Factors, LayerFactors, SampleGradients
 
-__all__ = ["RULES", "GramRule", "LayerFactors", "register_rule", "rule_for"]
+__all__ = ["RULES", "Factors", "GramRule", "LayerFactors", "SampleGradients", "register_rule",
+           "rule_for"]
 
 #: The registered rules, in registration order.
 RULES: list[GramRule] = []
@@ -42,8 +43,9 @@ class GramRule(ABC):
         return type(module) in self.module_types
 
     @abstractmethod
-    def factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
-                num_samples: int, analysed: frozenset[str]) -> LayerFactors | None:
+    def factors(self, module: nn.Module, layer_input: Tensor,
+                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
+                analysed: frozenset[str]) -> Factors | None:
         """The layer's factors, or None when the captured shapes break the rule's assumptions.
 
         Args:
@@ -51,7 +53,8 @@ class GramRule(ABC):
             layer_input: its input in the one call of the forward pass, ``[n, ...]`` if the rule
                 applies.
             output_grads: ``[K, *output.shape]``: gradients of the ``K`` cotangent products
-                w.r.t. the layer's output.
+                w.r.t. the layer's output (a tuple of them, one per tensor, for a module that
+                returns a tuple, e.g. an RNN's output and final states).
             num_samples: ``n``.
             analysed: local names of the module's parameters under analysis (``"weight"``...).
         """

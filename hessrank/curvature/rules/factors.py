@@ -1,23 +1,93 @@
-"""Kronecker-structured per-sample factors of a layer whose gradient is a sum of outer products.
+"""Per-sample factors a rule hands back: the Gram block and the check's weighted gradient.
 
-For a weight used as ``out_t = W a_t (+ b)`` at positions ``t`` (one position for a plain linear
-layer, the output pixels of a convolution, the tokens of a sequence), sample ``i``'s gradient for
-cotangent ``k`` is ``G_ik = sum_t d_ikt a_it^T`` and its bias gradient ``sum_t d_ikt``. The Gram
-entries follow from the factors alone:
+Every kind of factors answers two questions from the same data (so that the gradient check, which
+verifies :meth:`Factors.weighted_gradients`, also vouches for :meth:`Factors.gram`):
+
+- ``gram()``: the ``[K n, K n]`` Gram matrix of the layer's per-sample gradients, row order
+  ``(k, i)``;
+- ``weighted_gradients(w)``: ``sum_{k,i} w_ki G_ki`` for each analysed parameter.
+
+:class:`LayerFactors` is the Kronecker structure of a layer whose gradient is a sum of outer
+products: for a weight used as ``out_t = W a_t (+ b)`` at positions ``t`` (one position for a
+plain linear layer, the output pixels of a convolution, the tokens of a sequence), sample ``i``'s
+gradient for cotangent ``k`` is ``G_ik = sum_t d_ikt a_it^T`` and its bias gradient ``sum_t d_ikt``.
+The Gram entries follow from the factors alone:
 ``<G_ik, G_jl> = sum_{t,u} (a_it . a_ju)(d_ikt . d_jlu)``.
+:class:`SampleGradients` holds explicit per-sample gradients of small parameters (norm layers'
+affine parameters), for which the Gram is one product.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+#: Bytes of intermediate tensors a rule's Gram may hold at once (it works in chunks above).
+CHUNK_BYTES = 256 * 2**20
+
+
+class Factors(ABC):
+    """What a rule computes for one layer (see the module docstring)."""
+
+    #: Tensor fields with a sample dimension: name -> that dimension. With them the factors of
+    #: every process of a data-parallel group can be gathered (:meth:`gathered`); without, a
+    #: sharded problem takes the general path for the layer.
+    sample_dims: ClassVar[dict[str, int]] = {}
+
+    @property
+    def gatherable(self) -> bool:
+        """Whether :meth:`gathered` can build the factors of the global batch."""
+        return bool(self.sample_dims)
+
+    def gathered(self, gather: Callable[[Tensor, int], Tensor]) -> Factors:
+        """The factors of the global batch from ``gather(tensor, sample_dim)`` (an all-gather
+        along the sample dimension)."""
+        return dataclasses.replace(self, **{  # type: ignore[type-var]
+            name: gather(getattr(self, name), dim) for name, dim in self.sample_dims.items()})
+
+    @abstractmethod
+    def weighted_gradients(self, weights: Tensor) -> dict[str, Tensor]:
+        """``sum_{k,i} w_ki G_ki`` for each analysed parameter (``weights``: ``[K, n]``), keyed
+        by the parameter's local name: what the factors claim the gradient of
+        ``sum_{k,i} w_ki <f_i, s_ki>`` to be."""
+
+    @abstractmethod
+    def gram(self) -> Tensor:
+        """``[K n, K n]`` Gram of the per-sample gradients, row order ``(k, i)``."""
+
 
 @dataclass
-class LayerFactors:
-    """Per-sample factors of one layer.
+class SampleGradients(Factors):
+    """Explicit per-sample gradients ``{local name: [K, n, *shape]}`` of small parameters."""
+
+    gradients: dict[str, Tensor]
+
+    @property
+    def gatherable(self) -> bool:
+        return True
+
+    def gathered(self, gather: Callable[[Tensor, int], Tensor]) -> Factors:
+        return SampleGradients({name: gather(g, 1) for name, g in self.gradients.items()})
+
+    def weighted_gradients(self, weights: Tensor) -> dict[str, Tensor]:
+        return {name: torch.einsum("kn,kn...->...", weights.to(g.dtype), g)
+                for name, g in self.gradients.items()}
+
+    def gram(self) -> Tensor:
+        flat = torch.cat([g.reshape(g.shape[0] * g.shape[1], -1)
+                          for g in self.gradients.values()], dim=1)
+        return flat @ flat.T
+
+
+@dataclass
+class LayerFactors(Factors):
+    """Kronecker-structured per-sample factors of one layer.
 
     Attributes:
         activations: ``[n, T, d_in]``: the layer input at each of ``T`` positions.
@@ -25,6 +95,8 @@ class LayerFactors:
         weight_shape: shape of the weight parameter (``None`` if it is not analysed).
         with_bias: whether the bias is analysed.
     """
+
+    sample_dims = {"activations": 0, "output_grads": 1}
 
     activations: Tensor
     output_grads: Tensor
@@ -48,10 +120,9 @@ class LayerFactors:
         return out
 
     def gram(self) -> Tensor:
-        """``[K n, K n]`` Gram of the per-sample (weight, bias) gradients, row order ``(k, i)``.
-
-        With one position, the weight and bias share one ``D D^T``: ``(D D^T) * (A A^T + 1)``.
-        With many, the cheaper of the position-pair identity and explicit per-sample gradients.
+        """With one position, the weight and bias share one ``D D^T``: ``(D D^T) * (A A^T + 1)``.
+        With many, the cheaper of the position-pair identity and explicit per-sample gradients
+        (:func:`kronecker_costs`).
         """
         activations, output_grads = self.activations, self.output_grads
         k, n, positions, d_out = output_grads.shape
@@ -73,12 +144,56 @@ class LayerFactors:
             k * n, k * n, dtype=rows.dtype, device=rows.device)
         if not with_weight:
             return gram
-        kron_cost = (k * n) ** 2 * positions**2 * (d_in + d_out)
-        dense_cost = k * n * positions * d_in * d_out + (k * n) ** 2 * d_in * d_out
-        if kron_cost < dense_cost:
+        pair_cost, dense_cost = kronecker_costs(k * n, positions, d_in, d_out)
+        if pair_cost < dense_cost:
             inner_a = torch.einsum("ntd,msd->nmts", activations, activations).repeat(k, k, 1, 1)
             inner_d = torch.einsum("ptd,qsd->pqts", rows, rows)
             return gram + (inner_a * inner_d).sum(dim=(2, 3))
-        per_sample = torch.einsum("ptd,ptf->pdf", rows, activations.repeat(k, 1, 1))
+        per_sample = torch.einsum("kntd,ntf->kndf", output_grads, activations)
         flat = per_sample.reshape(k * n, -1)
         return gram + flat @ flat.T
+
+
+def kronecker_costs(rows: int, positions: int, d_in: int, d_out: int) -> tuple[float, float]:
+    """Multiply-adds of a Kronecker layer's weight Gram by the two exact routes.
+
+    Args:
+        rows: ``K n`` Gram rows.
+        positions: ``T`` positions per sample.
+        d_in, d_out: the weight's input and output sizes.
+
+    Returns:
+        ``(position-pair identity, explicit per-sample gradients)``: the pair route forms the
+        ``(K n)^2 T^2`` inner products of inputs and of output gradients; the explicit route
+        forms the ``K n`` gradients (``T d_in d_out`` each) and their Gram.
+    """
+    pair = float(rows) ** 2 * positions**2 * (d_in + d_out)
+    dense = float(rows) * positions * d_in * d_out + float(rows) ** 2 * d_in * d_out
+    return pair, dense
+
+
+@dataclass
+class CombinedFactors(Factors):
+    """Several factor sets of one module, each naming its parameters: the module's Gram is the
+    sum of theirs (the per-sample gradient is their concatenation).
+
+    Attributes:
+        parts: ``(factors, {the factors' local name: the module's parameter name})``.
+    """
+
+    parts: list[tuple[Factors, dict[str, str]]]
+
+    @property
+    def gatherable(self) -> bool:
+        return all(part.gatherable for part, _ in self.parts)
+
+    def gathered(self, gather: Callable[[Tensor, int], Tensor]) -> Factors:
+        return CombinedFactors([(part.gathered(gather), names) for part, names in self.parts])
+
+    def weighted_gradients(self, weights: Tensor) -> dict[str, Tensor]:
+        return {names[local]: value for part, names in self.parts
+                for local, value in part.weighted_gradients(weights).items()}
+
+    def gram(self) -> Tensor:
+        grams = [part.gram() for part, _ in self.parts]
+        return torch.stack(grams).sum(dim=0) if len(grams) > 1 else grams[0]

@@ -19,8 +19,11 @@ class LinearRule(GramRule):
     name = "linear"
     module_types = (nn.Linear,)
 
-    def factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
-                num_samples: int, analysed: frozenset[str]) -> LayerFactors | None:
+    def factors(self, module: nn.Module, layer_input: Tensor,
+                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
+                analysed: frozenset[str]) -> LayerFactors | None:
+        if not isinstance(output_grads, Tensor):
+            return None
         if layer_input.dim() < 2 or layer_input.shape[0] != num_samples:
             return None
         k = output_grads.shape[0]

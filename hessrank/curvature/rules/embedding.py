@@ -1,0 +1,134 @@
+"""``nn.Embedding``: the input is a one-hot choice of rows, so no dense per-sample gradient is
+needed.
+
+With tokens ``v_it`` at positions ``t`` and output gradients ``d_ikt``, sample ``i``'s weight
+gradient is ``G_ik = sum_t e_{v_it} d_ikt^T`` (rows ``v_it`` only; a ``padding_idx`` row gets none)
+and ``<G_ik, G_jl> = sum_{t,u} [v_it = v_ju] (d_ikt . d_jlu)``. Two exact routes, the cheaper one
+picked by :func:`route_costs`:
+
+- **token pairs**: the equality mask times the output-gradient dot products, in row chunks;
+- **rows**: each sample's gradient restricted to the ``U`` distinct tokens of the batch
+  (``[K n, U, d]``, formed by one ``index_add``), and its Gram, in chunks of the embedding
+  dimension.
+
+Assumes: the input is a batch of indices (``[n, ...]``, first dimension the sample). Refuses
+``max_norm`` (the forward pass rewrites the weight), ``scale_grad_by_freq`` (the gradient depends
+on token counts over the whole batch) and ``sparse`` gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hessrank.curvature.rules import GramRule, register_rule
+from hessrank.curvature.rules.factors import CHUNK_BYTES, Factors
+
+
+@dataclass
+class EmbeddingFactors(Factors):
+    """Per-sample factors of an embedding.
+
+    Attributes:
+        tokens: ``[n, T]`` indices (positions of a ``padding_idx`` already dropped: their output
+            gradients are zero).
+        output_grads: ``[K, n, T, d]``.
+        num_embeddings: rows of the weight ``V``.
+    """
+
+    tokens: Tensor
+    output_grads: Tensor
+    num_embeddings: int
+
+    def weighted_gradients(self, weights: Tensor) -> dict[str, Tensor]:
+        weighted = torch.einsum("kn,kntd->ntd", weights.to(self.output_grads.dtype),
+                                self.output_grads)
+        dim = weighted.shape[-1]
+        weight = torch.zeros(self.num_embeddings, dim, dtype=weighted.dtype,
+                             device=weighted.device)
+        return {"weight": weight.index_add_(0, self.tokens.reshape(-1),
+                                            weighted.reshape(-1, dim))}
+
+    def gram(self) -> Tensor:
+        k, n, positions, dim = self.output_grads.shape
+        distinct, inverse = torch.unique(self.tokens, return_inverse=True)
+        pairs, rows = route_costs(k * n, positions, distinct.numel(), dim)
+        if pairs < rows:
+            return self._pair_gram()
+        return self._row_gram(inverse, distinct.numel())
+
+    def _pair_gram(self) -> Tensor:
+        k, n, positions, dim = self.output_grads.shape
+        flat = self.output_grads.reshape(k * n * positions, dim)
+        tokens = self.tokens.reshape(-1).repeat(k)  # token of each row (k, i, t)
+        gram = torch.empty(k * n, k * n, dtype=flat.dtype, device=flat.device)
+        per_sample = k * n * positions * positions * flat.element_size()
+        chunk = max(1, CHUNK_BYTES // max(1, per_sample))
+        for start in range(0, k * n, chunk):
+            stop = min(start + chunk, k * n)
+            rows = slice(start * positions, stop * positions)
+            products = flat[rows] @ flat.T  # [c T, K n T]
+            products *= tokens[rows, None] == tokens[None, :]
+            gram[start:stop] = products.view(stop - start, positions, k * n,
+                                             positions).sum(dim=(1, 3))
+        return gram
+
+    def _row_gram(self, inverse: Tensor, distinct: int) -> Tensor:
+        k, n, positions, dim = self.output_grads.shape
+        # row (k, i, u) of the compact gradients: sample i's gradient at the u-th distinct token
+        sample = torch.arange(n, device=inverse.device).repeat_interleave(positions)
+        target = (torch.arange(k, device=inverse.device)[:, None] * n + sample[None, :]) \
+            * distinct + inverse.reshape(-1)[None, :]
+        gram = torch.zeros(k * n, k * n, dtype=self.output_grads.dtype,
+                           device=self.output_grads.device)
+        width = max(1, CHUNK_BYTES // max(1, k * n * distinct * self.output_grads.element_size()))
+        for start in range(0, dim, width):
+            part = self.output_grads[..., start:start + width]
+            compact = torch.zeros(k * n * distinct, part.shape[-1], dtype=part.dtype,
+                                  device=part.device)
+            compact.index_add_(0, target.reshape(-1), part.reshape(-1, part.shape[-1]))
+            compact = compact.view(k * n, -1)
+            gram.addmm_(compact, compact.T)
+        return gram
+
+
+def route_costs(rows: int, positions: int, distinct: int, dim: int) -> tuple[float, float]:
+    """Multiply-adds of ``(token pairs, rows)`` for an embedding's Gram.
+
+    Args:
+        rows: ``K n`` Gram rows.
+        positions: tokens per sample ``T``.
+        distinct: distinct tokens in the batch ``U``.
+        dim: embedding dimension ``d``.
+    """
+    pairs = float(rows * positions) ** 2 * dim
+    compact = float(rows) * positions * dim + float(rows) ** 2 * distinct * dim
+    return pairs, compact
+
+
+@register_rule
+class EmbeddingRule(GramRule):
+    name = "embedding"
+    module_types = (nn.Embedding,)
+
+    def supports(self, module: nn.Module) -> bool:
+        return (super().supports(module) and module.max_norm is None
+                and not module.scale_grad_by_freq and not module.sparse)
+
+    def factors(self, module: nn.Module, layer_input: Tensor,
+                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
+                analysed: frozenset[str]) -> Factors | None:
+        if not isinstance(output_grads, Tensor):
+            return None
+        if (not isinstance(module, nn.Embedding) or layer_input.dim() < 1
+                or layer_input.shape[0] != num_samples
+                or "weight" not in analysed or layer_input.is_floating_point()):
+            return None
+        k = output_grads.shape[0]
+        tokens = layer_input.reshape(num_samples, -1)
+        grads = output_grads.reshape(k, num_samples, tokens.shape[1], -1)
+        if module.padding_idx is not None:  # no gradient reaches the padding row
+            grads = grads * (tokens != module.padding_idx)[None, :, :, None]
+        return EmbeddingFactors(tokens, grads, module.num_embeddings)

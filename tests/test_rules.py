@@ -1,0 +1,150 @@
+"""Each Gram rule, on every route its cost model can pick, against explicit per-sample gradients
+computed by plain autograd, one sample and one cotangent at a time (float64).
+
+A rule's ``gram()`` must equal ``Z Z^T`` and its ``weighted_gradients(w)`` must equal
+``sum_{k,i} w_ki Z_ki`` for ``Z_ki`` the gradient of ``<layer(x_i), d_ki>``; routes are forced by
+replacing the module's cost function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from hessrank.curvature.rules import conv, embedding, factors, rule_for
+
+CHEAP_FIRST, CHEAP_SECOND = (lambda *a: (0.0, 1.0)), (lambda *a: (1.0, 0.0))
+
+
+@dataclass
+class RuleCase:
+    name: str
+    layer: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator], Tensor]
+    #: (module, name of its cost function, replacement) forcing one route; None: the default
+    force: tuple[object, str, Callable[..., tuple[float, float]]] | None = None
+    rule: str = ""
+
+
+def _x(*shape):
+    return lambda g: torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def _tokens(*shape, vocab=5):
+    return lambda g: torch.randint(0, vocab, shape, generator=g)
+
+
+def _bn(cls, channels):
+    def build():
+        layer = cls(channels)
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        return layer.eval()
+    return build
+
+
+def _affine(layer: nn.Module) -> nn.Module:
+    with torch.no_grad():  # away from the initial ones and zeros
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+    return layer
+
+
+CASES = [
+    RuleCase("conv2d offsets", lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), _x(3, 3, 7, 6),
+             (conv, "route_costs", CHEAP_SECOND), "conv"),
+    RuleCase("conv2d position pairs", lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1),
+             _x(3, 3, 7, 6), (conv, "route_costs", CHEAP_FIRST), "conv"),
+    RuleCase("conv2d grouped, dilated, circular", lambda: nn.Conv2d(
+        4, 6, (2, 3), groups=2, dilation=(2, 1), padding=(1, 2), padding_mode="circular"),
+        _x(2, 4, 6, 5), rule="conv"),
+    RuleCase("conv2d depthwise 'same'", lambda: nn.Conv2d(3, 3, 4, groups=3, padding="same"),
+             _x(3, 3, 5, 5), rule="conv"),
+    RuleCase("conv1d offsets, no bias", lambda: nn.Conv1d(2, 3, 3, stride=2, bias=False),
+             _x(3, 2, 9), (conv, "route_costs", CHEAP_SECOND), "conv"),
+    RuleCase("conv1d pairs, reflect", lambda: nn.Conv1d(2, 3, 3, padding=2,
+                                                        padding_mode="reflect"),
+             _x(3, 2, 6), (conv, "route_costs", CHEAP_FIRST), "conv"),
+    RuleCase("linear tokens, pairs", lambda: nn.Linear(3, 2), _x(3, 4, 3),
+             (factors, "kronecker_costs", CHEAP_FIRST), "linear"),
+    RuleCase("linear tokens, per-sample", lambda: nn.Linear(3, 2), _x(3, 4, 3),
+             (factors, "kronecker_costs", CHEAP_SECOND), "linear"),
+    RuleCase("embedding token pairs", lambda: nn.Embedding(5, 3), _tokens(4, 6),
+             (embedding, "route_costs", CHEAP_FIRST), "embedding"),
+    RuleCase("embedding distinct rows", lambda: nn.Embedding(5, 3), _tokens(4, 6),
+             (embedding, "route_costs", CHEAP_SECOND), "embedding"),
+    RuleCase("embedding padding_idx, [n, T1, T2]", lambda: nn.Embedding(5, 3, padding_idx=1),
+             _tokens(3, 2, 3), rule="embedding"),
+    RuleCase("LayerNorm over the last two dims", lambda: _affine(nn.LayerNorm((3, 4))),
+             _x(3, 2, 3, 4), rule="norm"),
+    RuleCase("LayerNorm without bias", lambda: _affine(nn.LayerNorm(4, bias=False)),
+             _x(3, 5, 4), rule="norm"),
+    RuleCase("GroupNorm", lambda: _affine(nn.GroupNorm(2, 4)), _x(3, 4, 3, 2), rule="norm"),
+    RuleCase("BatchNorm1d eval on [n, C]", _bn(nn.BatchNorm1d, 4), _x(3, 4), rule="norm"),
+    RuleCase("BatchNorm2d eval", _bn(nn.BatchNorm2d, 3), _x(3, 3, 2, 4), rule="norm"),
+]
+
+
+def _explicit(layer: nn.Module, x: Tensor, grads: Tensor) -> dict[str, Tensor]:
+    """``{name: [K, n, *shape]}``: gradient of ``<layer(x_i), d_ki>``, one (k, i) at a time."""
+    params = dict(layer.named_parameters())
+    rows: dict[str, list[Tensor]] = {name: [] for name in params}
+    for k in range(grads.shape[0]):
+        for i in range(x.shape[0]):
+            value = (layer(x[i : i + 1]) * grads[k, i : i + 1]).sum()
+            pieces = torch.autograd.grad(value, list(params.values()))
+            for name, piece in zip(params, pieces):
+                rows[name].append(piece)
+    return {name: torch.stack(r).view(grads.shape[0], x.shape[0], *params[name].shape)
+            for name, r in rows.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("num_cotangents", [1, 3])
+def test_rule_matches_explicit_per_sample_gradients(case: RuleCase, num_cotangents: int,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    layer = case.layer().double()
+    x = case.inputs(g)
+    output = layer(x)
+    grads = torch.randn(num_cotangents, *output.shape, generator=g, dtype=torch.float64)
+    if case.force is not None:
+        monkeypatch.setattr(*case.force)
+    rule = rule_for(layer)
+    assert rule is not None and rule.name == case.rule
+    analysed = frozenset(name for name, _ in layer.named_parameters())
+    layer_factors = rule.factors(layer, x, grads, x.shape[0], analysed)
+    assert layer_factors is not None
+    explicit = _explicit(layer, x, grads)
+    flat = torch.cat([z.reshape(num_cotangents * x.shape[0], -1) for z in explicit.values()], 1)
+    torch.testing.assert_close(layer_factors.gram(), flat @ flat.T, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(num_cotangents, x.shape[0], generator=g, dtype=torch.float64)
+    claimed = layer_factors.weighted_gradients(weights)
+    assert sorted(claimed) == sorted(explicit)
+    for name, z in explicit.items():
+        torch.testing.assert_close(claimed[name], torch.einsum("kn,kn...->...", weights, z),
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("layer", "reason"), [
+    (nn.Embedding(5, 3, max_norm=1.0), "max_norm rewrites the weight in the forward pass"),
+    (nn.Embedding(5, 3, scale_grad_by_freq=True), "gradient depends on batch token counts"),
+    (nn.Embedding(5, 3, sparse=True), "sparse gradients"),
+])
+def test_rules_do_not_claim_what_they_cannot_compute(layer: nn.Module, reason: str):
+    assert rule_for(layer) is None, reason
+
+
+def test_norm_rule_declines_batch_statistics():
+    layer = nn.BatchNorm1d(3).double()  # training: batch statistics couple the samples
+    x = torch.randn(4, 3, dtype=torch.float64)
+    grads = torch.randn(1, 4, 3, dtype=torch.float64)
+    assert rule_for(layer).factors(layer, x, grads, 4, frozenset({"weight", "bias"})) is None
+    untracked = nn.BatchNorm1d(3, track_running_stats=False).double().eval()
+    assert rule_for(untracked).factors(untracked, x, grads, 4,
+                                       frozenset({"weight", "bias"})) is None
