@@ -19,11 +19,12 @@ import torch
 from torch import Tensor
 
 from hessrank.curvature.loss import check_no_parameter_terms
-from hessrank.distributed import parallel_of, shard_cotangents
+from hessrank.curvature.operator import ParameterOperator
+from hessrank.distributed import shard_cotangents
 from hessrank.problem import CurvatureProblem
 
 
-class FactorOperator:
+class FactorOperator(ParameterOperator):
     """``V -> V F F^T`` (rows times the EF or GGN) on the analysed parameters, flattened (``P``).
 
     Args:
@@ -34,13 +35,7 @@ class FactorOperator:
 
     def __init__(self, problem: CurvatureProblem,
                  cotangents_of: Callable[[Tensor, Tensor], Tensor], method: str) -> None:
-        self.params = problem.params
-        self.sizes = [p.numel() for p in self.params]
-        self.dim = sum(self.sizes)
-        self.dtype = problem.dtype
-        self.device = problem.device
-        self.num_products = 0
-        self.parallel = parallel_of(problem)
+        super().__init__(problem)
         outputs = problem.forward()
         problem.loss(outputs.detach())
         check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,

@@ -8,11 +8,12 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hessrank.distributed import ShardedProblem, check_shards_uncoupled, parallel_of
+from hessrank.curvature.operator import ParameterOperator
+from hessrank.distributed import ShardedProblem, check_shards_uncoupled
 from hessrank.problem import CurvatureProblem
 
 
-class HessianOperator:
+class HessianOperator(ParameterOperator):
     """``V -> V H`` for the Hessian of the loss w.r.t. the analysed parameters (flattened, ``P``).
 
     The gradient graph is built once (one forward and one ``create_graph`` backward); each product
@@ -27,13 +28,7 @@ class HessianOperator:
     """
 
     def __init__(self, problem: CurvatureProblem) -> None:
-        self.params = problem.params
-        self.sizes = [p.numel() for p in self.params]
-        self.dim = sum(self.sizes)
-        self.dtype = problem.dtype
-        self.device = problem.device
-        self.num_products = 0
-        self.parallel = parallel_of(problem)
+        super().__init__(problem)
         if isinstance(problem, ShardedProblem):
             check_shards_uncoupled(problem)
         with sdpa_kernel(SDPBackend.MATH):

@@ -1,0 +1,28 @@
+"""What every matrix-free curvature operator over the analysed parameters shares."""
+
+from __future__ import annotations
+
+from hessrank.distributed import parallel_of
+from hessrank.problem import CurvatureProblem
+
+
+class ParameterOperator:
+    """A symmetric ``P x P`` operator on the analysed parameters, flattened in their order.
+
+    Attributes:
+        params: the analysed parameters.
+        sizes: their numbers of entries.
+        dim: ``P``.
+        dtype, device: the parameters' (products are computed in them).
+        num_products: matrix-vector products spent so far.
+        parallel: the data-parallel group of a sharded problem, else None.
+    """
+
+    def __init__(self, problem: CurvatureProblem) -> None:
+        self.params = problem.params
+        self.sizes = [p.numel() for p in self.params]
+        self.dim = sum(self.sizes)
+        self.dtype = problem.dtype
+        self.device = problem.device
+        self.num_products = 0
+        self.parallel = parallel_of(problem)
