@@ -129,6 +129,11 @@ def worker(rank: int, port: int, out: str) -> None:
         threshold=0.9 if rank == 0 else 0.95, process_group=group))
     with open(Path(out) / f"rank{rank}.pkl", "wb") as file:
         pickle.dump(results, file)
+    # Both processes done with every collective, DDP's reducer gone, then the group: a process
+    # that exits with gloo or reducer threads still alive aborts ("terminate called without an
+    # active exception"), which once failed this fixture under load.
+    dist.barrier()
+    del ddp
     dist.destroy_process_group()
 
 
