@@ -1011,7 +1011,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(markdown(bench.results, rows, info))
     payload = {"machine": info, "gemm_gflops": bench.gflops, "groups": sorted(groups),
                "quick": args.quick, "wall_seconds": time.perf_counter() - t0,
-               "targets": rows, "cases": summarised(bench.results), "figures": figs}
+               "targets": rows, "cases": summarised(bench.results),
+               # relative to the results folder: no path of the machine it ran on
+               "figures": [str(Path(f).relative_to(out)) for f in figs]}
     (out / "results.json").write_text(json.dumps(jsonable(payload), indent=1))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + "".join(f", {f}" for f in figs))
     return 0
