@@ -862,6 +862,30 @@ def markdown(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
     return "\n".join(lines) + "\n"
 
 
+def _plot_skips(ax_t: Any, ax_m: Any, skips: list[tuple], color: str) -> None:
+    """Skipped cases as crosses at their predicted time and memory."""
+    if skips:
+        ax_t.plot([q[0] for q in skips], [q[1] for q in skips], "x", color=color, markersize=9)
+        ax_m.plot([q[0] for q in skips], [q[2] for q in skips], "x", color=color, markersize=9)
+
+
+def _finish_sweep_figure(plt: Any, fig: Any, ax_t: Any, ax_m: Any, xlabel: str,
+                         time_label: str, title: str, path: Path, base: float = 10) -> str:
+    """Log-log axes, labels, legend and title of a time/memory sweep figure; saved, closed."""
+    for ax, ylabel in ((ax_t, time_label), (ax_m, "peak RSS above start (GB)")):
+        ax.set_xscale("log", base=base)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_m.legend(fontsize=8, title="x: skipped, predicted", title_fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def plot(results: dict[str, dict[str, Any]], figdir: Path) -> list[str]:
     """Time and peak memory against n and against P, one PNG per sweep."""
     import matplotlib
@@ -903,25 +927,11 @@ def plot(results: dict[str, dict[str, Any]], figdir: Path) -> list[str]:
                 mem = [r for r in runs if r[3]]
                 ax_m.plot([r[0] for r in mem], [r[3] for r in mem], "o-", color=color,
                           label=label)
-            if skips:
-                ax_t.plot([q[0] for q in skips], [q[1] for q in skips], "x", color=color,
-                          markersize=9)
-                ax_m.plot([q[0] for q in skips], [q[2] for q in skips], "x", color=color,
-                          markersize=9)
-        for ax, ylabel in ((ax_t, "seconds (o-: median, dotted: min of rounds)"),
-                           (ax_m, "peak RSS above start (GB)")):
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
-            ax.grid(True, which="both", alpha=0.3)
-        ax_m.legend(fontsize=8, title="x: skipped, predicted", title_fontsize=8)
-        fig.suptitle(f"Empirical-Fisher spectrum, 2 CPU threads ({sweep.replace('_', ' vs ')})")
-        fig.tight_layout()
-        path = figdir / f"{sweep}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+            _plot_skips(ax_t, ax_m, skips, color)
+        written.append(_finish_sweep_figure(
+            plt, fig, ax_t, ax_m, xlabel, "seconds (o-: median, dotted: min of rounds)",
+            f"Empirical-Fisher spectrum, 2 CPU threads ({sweep.replace('_', ' vs ')})",
+            figdir / f"{sweep}.png"))
     for arch in ARCHS:
         names = [k for k in results if k.startswith(f"{arch}_n")]
         if not names:
@@ -942,25 +952,11 @@ def plot(results: dict[str, dict[str, Any]], figdir: Path) -> list[str]:
                 mem = [r for r in runs if r[2]]
                 ax_m.plot([r[0] for r in mem], [r[2] / GIB for r in mem], "o-", color=f"C{i}",
                           label=label)
-            if skips:
-                ax_t.plot([q[0] for q in skips], [q[1] for q in skips], "x", color=f"C{i}",
-                          markersize=9)
-                ax_m.plot([q[0] for q in skips], [q[2] for q in skips], "x", color=f"C{i}",
-                          markersize=9)
-        for ax, ylabel in ((ax_t, "seconds (median of rounds)"),
-                           (ax_m, "peak RSS above start (GB)")):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel(f"batch size n ({arch})")
-            ax.set_ylabel(ylabel)
-            ax.grid(True, which="both", alpha=0.3)
-        ax_m.legend(fontsize=8, title="x: skipped, predicted", title_fontsize=8)
-        fig.suptitle(f"Empirical-Fisher spectrum vs n, {arch}, 2 CPU threads")
-        fig.tight_layout()
-        path = figdir / f"arch_{arch}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+            _plot_skips(ax_t, ax_m, skips, f"C{i}")
+        written.append(_finish_sweep_figure(
+            plt, fig, ax_t, ax_m, f"batch size n ({arch})", "seconds (median of rounds)",
+            f"Empirical-Fisher spectrum vs n, {arch}, 2 CPU threads",
+            figdir / f"arch_{arch}.png", base=2))
     return written
 
 
