@@ -39,6 +39,13 @@ from hessrank.problem import (
 from hessrank.ranks import default_rtol, spectral_ranks, srank
 from hessrank.results import RankResult
 from hessrank.spectrum.dense import symmetric_eigenpairs
+from hessrank.streaming import (
+    StreamedProblem,
+    first_batch,
+    is_batch_stream,
+    per_batch,
+    streamed_problem,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -88,7 +95,7 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
 def effective_rank(
     model: nn.Module,
     loss_fn: LossFn,
-    batch: Batch,
+    batch: Batch | Iterable[Batch],
     method: str = "fisher",
     *,
     threshold: float = 0.99,
@@ -115,7 +122,13 @@ def effective_rank(
             ``ignore_index`` included); see :class:`hessrank.RankResult` for the conventions.
         batch: ``(inputs, targets)``; ``inputs`` a tensor, a tuple of tensors (``model(*inputs)``)
             or a dict of tensors (``model(**inputs)``), every tensor with the batch dimension
-            first.
+            first. Or a whole data set: a ``DataLoader`` or any re-iterable of such batches
+            (a list), for the curvature of the loss of all its samples at once, one batch in
+            memory at a time for ``exact`` and the Lanczos methods (``fisher``/``ggn`` form
+            one Gram matrix over every sample: use ``fisher_lanczos``/``ggn_lanczos`` for
+            large data sets). Batches are moved to the model's device; how the batches' losses
+            add up (sum or mean) is read off the loss and verified, and every pass must see the
+            same data (the random generators are reset for each; see ``docs/data-sets.md``).
         method: one of :data:`hessrank.METHODS`: ``"fisher"`` (empirical Fisher, ``n x n`` Gram
             matrix; the default, the paper's choice), ``"ggn"`` (Gauss-Newton, ``nC' x nC'`` Gram
             matrix), ``"exact"`` (dense Hessian) or ``"lanczos"`` (stochastic Lanczos quadrature
@@ -192,13 +205,23 @@ def effective_rank(
         if parallel is not None and options.get("backend") == "backpack":
             raise ValueError("backend='backpack' runs in one process: with process_group, use "
                              "backend='auto' or 'func'")
+        streaming = is_batch_stream(batch)
+        if parallel is not None and streaming:
+            raise ValueError("a DataLoader (or list of batches) with process_group is not "
+                             "supported: give each process its shard as one batch, or analyse "
+                             "the data set in one process")
         if parallel is not None and eigenvectors:
             raise ValueError("eigenvectors= is not available with process_group yet: compute "
                              "them in one process on the gathered batch")
     start = time.perf_counter()
     with preserved_state(model), differentiable():
         with agreement(parallel):
-            problem = build_problem(model, loss_fn, batch, params, mode)
+            problem = build_problem(
+                model, loss_fn,
+                first_batch(batch, _device_of(model)) if streaming else batch,  # type: ignore[arg-type]
+                params, mode)
+        if streaming:
+            problem = streamed_problem(problem, batch)
         if parallel is not None:
             problem = shard_problem(problem, parallel, {
                 "method": method, "mode": mode, "threshold": threshold, "rtol": rtol,
@@ -210,11 +233,19 @@ def effective_rank(
                 "is the curvature of this process's batch alone; pass "
                 "process_group=torch.distributed.group.WORLD for the global batch")
         with evaluation_mode(problem.model, mode):
-            outputs = functools.cache(lambda: probe_outputs(problem))
+            concatenate = isinstance(problem, StreamedProblem) and not estimator.streams
+            if isinstance(problem, StreamedProblem):
+                problem.survey()
+            outputs = functools.cache(lambda: probe_outputs(per_batch(problem)[0]))
             cost = _agreed_cost(parallel, estimator.predict(problem, outputs, settings,
                                                             method_options))
+            if isinstance(problem, StreamedProblem) and concatenate:
+                cost = dataclasses.replace(cost, memory_bytes=cost.memory_bytes
+                                           + problem.data_bytes)
             estimator.check_budget(cost, problem, settings)
             outputs.cache_clear()
+            if isinstance(problem, StreamedProblem) and concatenate:
+                problem = problem.concatenated()
             with PeakMemory(problem.device) as memory:
                 spectrum = estimator.run(problem, settings, method_options)
                 if per_layer and estimator.layer_strategy == "restricted":

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from torch import nn
 
 import hessrank
@@ -220,8 +221,16 @@ def _check_options(options: Mapping[str, Any], where: str) -> None:
 
 
 def _check_batch(batch: object, name: str) -> None:
-    if not isinstance(batch, tuple | list) or len(batch) != 2:
-        raise TypeError(f"{name} must be a pair (inputs, targets), got {type(batch).__name__}")
+    """Accept what :func:`hessrank.effective_rank` takes: a pair, a list of pairs, a loader."""
+    if isinstance(batch, tuple | list):
+        if len(batch) == 2 and isinstance(batch[1], torch.Tensor):
+            return
+        if batch and all(isinstance(item, tuple | list) and len(item) == 2 for item in batch):
+            return
+    elif isinstance(batch, Iterable) and not isinstance(batch, torch.Tensor | str | Mapping):
+        return  # a DataLoader: effective_rank validates each batch
+    raise TypeError(f"{name} must be a pair (inputs, targets), a list of such pairs or a "
+                    f"DataLoader yielding them, got {type(batch).__name__}")
 
 
 class Tracker:
@@ -244,8 +253,9 @@ class Tracker:
             elapsed time. ``overhead`` reports the share spent; in a loop shorter than a few
             measurements, the first one alone can exceed the budget.
         eval_batch: a fixed ``(inputs, targets)`` measured every time, so measurements are
-            comparable across steps; without it each measurement uses the batch given to
-            :meth:`step`.
+            comparable across steps, or a fixed data set (a ``DataLoader`` or list of batches,
+            see :func:`hessrank.effective_rank`); without it each measurement uses the batch
+            given to :meth:`step`.
         log: JSON-lines file (default ``curvature.jsonl``; None for none).
         append: add to an existing ``log`` (a resumed run) instead of replacing it.
         tensorboard: a TensorBoard run folder to also write scalars to (needs ``tensorboard``).

@@ -37,7 +37,7 @@ class FactorOperator(ParameterOperator):
                  cotangents_of: Callable[[Tensor, Tensor], Tensor], method: str) -> None:
         super().__init__(problem)
         outputs = problem.forward()
-        problem.loss(outputs.detach())
+        self.loss_value = float(problem.loss(outputs.detach()))
         check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                  problem.names, method)
         self.cotangents = shard_cotangents(problem, cotangents_of, outputs)

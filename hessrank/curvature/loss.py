@@ -42,6 +42,20 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
     return 1024 * float(torch.finfo(dtype).eps)
 
 
+def direct_parameter_names(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                           params: Sequence[Tensor], names: Sequence[str]) -> list[str]:
+    """Names of the parameters the loss uses other than through the model's outputs (an L2 term).
+
+    One backward pass of the loss alone, on detached outputs.
+    """
+    leaf = outputs.detach().requires_grad_(True)
+    value = loss_fn(leaf, targets)
+    if not value.requires_grad:
+        return []
+    pieces = torch.autograd.grad(value, list(params), allow_unused=True)
+    return [name for name, piece in zip(names, pieces) if piece is not None]
+
+
 def check_no_parameter_terms(
     loss_fn: LossFn, outputs: Tensor, targets: Tensor, params: Sequence[Tensor],
     names: Sequence[str], method: str,
@@ -51,12 +65,7 @@ def check_no_parameter_terms(
     Raises:
         ValueError: naming the parameters the loss uses directly.
     """
-    leaf = outputs.detach().requires_grad_(True)
-    value = loss_fn(leaf, targets)
-    if not value.requires_grad:
-        return
-    pieces = torch.autograd.grad(value, list(params), allow_unused=True)
-    direct = [name for name, piece in zip(names, pieces) if piece is not None]
+    direct = direct_parameter_names(loss_fn, outputs, targets, params, names)
     if direct:
         shown = ", ".join(direct[:4]) + (f" and {len(direct) - 4} more" if len(direct) > 4 else "")
         raise ValueError(

@@ -5,6 +5,7 @@ An estimator class declares, in one place:
 - ``name``, ``source`` (``"hessian"``, ``"ggn"``, ``"fisher"``) and ``solver`` (``"dense"``,
   ``"lanczos"``, ``"gram"``);
 - ``modes``: the ``mode=`` values it supports (``"eval"``, ``"train"``);
+- ``streams``: whether it passes over a data set (a ``DataLoader``) batch by batch;
 - ``layer_strategy``: how ``per_layer=True`` is answered (``"gram-blocks"``: the diagonal blocks of
   the Gram it already built; ``"restricted"``: the estimator rerun on each module's parameters);
 - ``Options``: a dataclass of its typed options (each field's ``metadata["help"]`` documents it;
@@ -133,6 +134,10 @@ class Estimator(ABC):
     provides_eigenvectors: ClassVar[bool] = False
     #: What to try instead when the budget is exceeded.
     budget_advice: ClassVar[str] = ""
+    #: Whether :meth:`run` passes over a data set batch by batch (a
+    #: :class:`~hessrank.streaming.StreamedProblem`); otherwise it is given the batches
+    #: concatenated into one.
+    streams: ClassVar[bool] = False
 
     def make_options(self, given: dict[str, Any]) -> Any:
         """This estimator's options from keyword arguments; names it does not declare are

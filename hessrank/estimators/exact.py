@@ -14,6 +14,7 @@ from hessrank.curvature.hessian import HessianOperator, dense_hessian
 from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum, register
 from hessrank.problem import CurvatureProblem
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
+from hessrank.streaming import StreamedProblem, per_batch
 
 #: Seconds per ``P^3`` of a float64 symmetric eigen-solve on a 2-core CPU (measured: 5120^3 in
 #: about 4.9 s); used only to predict the cost of ``exact``.
@@ -58,6 +59,7 @@ class Exact(Estimator):
     summary = "dense Hessian (P Hessian-vector products) and a float64 eigen-solve"
     modes = ("eval", "train")
     provides_eigenvectors = True
+    streams = True
     budget_advice = ("use method='lanczos' (Hessian-vector products) or 'fisher'/'ggn' (Gram "
                      "matrices)")
 
@@ -67,17 +69,27 @@ class Exact(Estimator):
         memory = exact_memory_bytes(problem.num_params, element)
         seconds = None
         if settings.max_seconds is not None and memory <= settings.max_memory:
-            operator = HessianOperator(problem)
-            seconds = predict_exact_seconds(operator, exact_chunk_size(operator.dim, element))
+            batch, batches = per_batch(problem)
+            operator = HessianOperator(batch)
+            seconds = batches * predict_exact_seconds(operator,
+                                                      exact_chunk_size(operator.dim, element))
         return Cost(memory, seconds)
 
     def run(self, problem: CurvatureProblem, settings: Settings, options: Any) -> Spectrum:
-        operator = HessianOperator(problem)
-        dim = operator.dim
+        dim = problem.num_params
         chunk = exact_chunk_size(dim, problem.params[0].element_size())
-        with settings.reporter.task(f"exact Hessian ({dim} columns)", dim) as advance:
-            hessian = dense_hessian(operator, chunk, advance)
-        spectrum = Spectrum(np.empty(0), "autograd", max_rank=dim, num_hvps=operator.num_products)
+        batches = per_batch(problem)[1]
+        with settings.reporter.task(f"exact Hessian ({dim} columns)", dim * batches) as advance:
+
+            def batch_hessian(batch: CurvatureProblem) -> tuple[Tensor, float]:
+                operator = HessianOperator(batch)
+                return dense_hessian(operator, chunk, advance), operator.loss_value
+
+            if isinstance(problem, StreamedProblem):  # the batches' Hessians, weighted, summed
+                hessian = problem.summed(batch_hessian)
+            else:
+                hessian = batch_hessian(problem)[0]
+        spectrum = Spectrum(np.empty(0), "autograd", max_rank=dim, num_hvps=dim * batches)
         if settings.eigenvectors:
             spectrum.eigenvalues, vectors = symmetric_eigenpairs(hessian)
             spectrum.eigenvectors = vectors[:, : settings.eigenvectors].T.contiguous()

@@ -19,7 +19,8 @@ class Fisher(GramEstimator):
     summary = "empirical Fisher through the n x n Gram matrix of per-sample gradients"
     columns_label = "1"
     needs_output_size = False
-    budget_advice = "use fewer samples"
+    budget_advice = ("use fewer samples, or method='fisher_lanczos' (EF-vector products, no Gram "
+                     "matrix; streams a DataLoader one batch at a time)")
 
     def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
         return 1

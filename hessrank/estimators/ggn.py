@@ -42,7 +42,8 @@ class GGN(GramEstimator):
     summary = "generalised Gauss-Newton through the nC' x nC' Gram matrix of its factors"
     columns_label = "C'"
     budget_advice = ("use mc_samples= (Monte-Carlo GGN, Gram M n x M n), method='fisher' (n x n "
-                     "Gram), fewer samples, or method='lanczos'")
+                     "Gram), fewer samples, or method='ggn_lanczos' (GGN-vector products, no "
+                     "Gram matrix; streams a DataLoader one batch at a time)")
     Options = GGNOptions
 
     def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:

@@ -22,6 +22,7 @@ from hessrank.problem import CurvatureProblem
 from hessrank.ranks import default_rtol
 from hessrank.spectrum.lanczos import lanczos_spectrum
 from hessrank.spectrum.operator import SymmetricOperator
+from hessrank.streaming import operator_over
 
 #: dtype of the stored Lanczos basis.
 BASIS_DTYPE = torch.float32
@@ -53,11 +54,16 @@ class LanczosEstimator(Estimator):
 
     solver = "lanczos"
     Options = LanczosOptions
+    streams = True
     budget_advice = "use fewer lanczos_steps, or method='fisher'/'ggn'"
 
     @abstractmethod
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
-        """The matrix-free operator of this estimator's curvature source."""
+        """The matrix-free operator of this estimator's curvature source on one batch."""
+
+    def data_operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
+        """The operator on the problem's batch, or summed over a data set's batches."""
+        return operator_over(problem, lambda batch: self.operator(batch, settings))
 
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: LanczosOptions) -> Cost:
@@ -66,7 +72,7 @@ class LanczosEstimator(Estimator):
         memory = 4 * (steps + 1) * problem.num_params + 8 * 6 * problem.num_params
         seconds = None
         if settings.max_seconds is not None and memory <= settings.max_memory:
-            operator = self.operator(problem, settings)
+            operator = self.data_operator(problem, settings)
             probe = torch.ones(1, operator.dim, dtype=operator.dtype, device=operator.device)
             start = time.perf_counter()
             operator.matmat(probe)
@@ -75,7 +81,7 @@ class LanczosEstimator(Estimator):
 
     def run(self, problem: CurvatureProblem, settings: Settings,
             options: LanczosOptions) -> Spectrum:
-        operator = self.operator(problem, settings)
+        operator = self.data_operator(problem, settings)
         steps = options.steps(operator.dim)
         # The basis is float32: products are no more precise than that.
         eps = max(float(torch.finfo(operator.dtype).eps), float(torch.finfo(BASIS_DTYPE).eps))

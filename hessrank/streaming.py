@@ -1,0 +1,484 @@
+"""Curvature of a whole data set: a ``DataLoader`` (or any re-iterable of batches), batch by batch.
+
+**What is computed.** The curvature of the data set's loss: ``loss_fn`` on all samples at once,
+``L = loss_fn(concatenated outputs, concatenated targets)``, the same number one call on the
+concatenated batch gives. It is never formed that way. Instead, every batch ``b`` adds its own
+loss ``L_b`` with a weight ``c_b``:
+
+- **sum** reductions: ``L = sum_b L_b`` (``c_b = 1``);
+- **(weighted) means**: ``L = sum_b (Z_b / Z) L_b``, where ``Z_b`` is the batch's normaliser
+  (its sample count, its non-ignored targets, its class weights' total) and ``Z = sum_b Z_b``.
+
+Nothing about the loss is assumed; both forms are read off the loss itself and verified on every
+batch. The loss is evaluated on the outputs of a reference batch ``r`` (the first) next to batch
+``b``'s, and the gradient w.r.t. those outputs must split as ``alpha dL_r/df_r + beta
+dL_b/df_b``. For a sum, ``alpha = beta = 1``. For a mean, ``alpha + beta = 1`` and ``Z_b / Z_r =
+beta / alpha``. A loss of any other shape is refused, naming the batch: one that couples samples
+(a contrastive or batch-normalised loss), or that changes its form between batches. The same
+weights make the Hessian, the GGN and the empirical Fisher of ``L`` the ``c_b``-weighted sums of
+the batches' own, because each is linear in the loss.
+
+**How.** Methods built on matrix-vector products (``exact``, ``lanczos``, ``ggn_lanczos``,
+``fisher_lanczos``) stream. Every product is one pass over the data holding a single batch's
+graph, and ``exact`` sums the batches' dense Hessians in one pass. The Gram methods (``fisher``,
+``ggn``) need every sample's factors at once (an ``m x m`` Gram over all ``m = K n`` columns), so
+they run on the concatenated batch. Their memory, data included, is predicted before the work,
+and over budget the error names the streaming alternative.
+
+**Every pass sees the same data.** Each pass starts from the same random state: the global torch,
+NumPy and Python generators and the loader's own ``generator``, restored after the pass. A
+shuffling loader or a random transform therefore yields one fixed draw of the data set, and the
+caller's generators end exactly as they were. Each pass checks its sample count, its batches'
+weights and its total loss against the first pass. A loader whose data still changes (a source
+outside these generators) is refused instead of being averaged silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hessrank.curvature.loss import agreement_tolerance, direct_parameter_names
+from hessrank.curvature.operator import ParameterOperator
+from hessrank.problem import Batch, CurvatureProblem, build_problem, has_active_batchnorm
+
+#: ``(samples, float64 sum of the targets, float64 sum of every input)``: tells batches apart.
+Fingerprint = tuple[int, float, float]
+
+
+def is_batch_stream(batch: object) -> bool:
+    """Whether ``batch`` is a collection of batches rather than one ``(inputs, targets)`` pair.
+
+    A tuple or list holding a tensor is one batch (possibly malformed: its own checks name the
+    problem); any other iterable that is not a tensor, a mapping or a string is a stream.
+    """
+    if isinstance(batch, (Tensor, Mapping, str, bytes)):
+        return False
+    if isinstance(batch, (tuple, list)):
+        return not any(isinstance(item, Tensor) for item in batch)
+    return isinstance(batch, Iterable)
+
+
+def _to_device(item: object, device: torch.device) -> object:
+    """A batch's tensors moved to ``device`` (new tensors; the loader's are not modified)."""
+    if isinstance(item, Tensor):
+        return item.to(device)
+    if isinstance(item, Mapping):
+        return {key: _to_device(value, device) for key, value in item.items()}
+    if isinstance(item, (tuple, list)):
+        return type(item)(_to_device(value, device) for value in item)
+    return item
+
+
+def _generators(data: object) -> list[torch.Generator]:
+    """The loader's own random generators (``DataLoader.generator``, its sampler's)."""
+    found: list[torch.Generator] = []
+    for owner in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None),
+                  getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+@contextmanager
+def same_draw(data: object) -> Iterator[None]:
+    """Run one pass over ``data`` from the current random state and restore it afterwards.
+
+    Restores the global torch CPU generator, NumPy's and Python's global generators and the
+    loader's own generators, so that every pass draws the same shuffle and the same random
+    transforms, and the caller's generators end as they began.
+    """
+    torch_state = torch.get_rng_state()
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    own = [(generator, generator.get_state()) for generator in _generators(data)]
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+        for generator, state in own:
+            generator.set_state(state)
+
+
+def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
+    with torch.no_grad():
+        inputs = sum(float(x.double().sum()) for x in (*problem.args, *problem.kwargs.values()))
+        return (problem.num_samples, float(problem.targets.double().sum()), inputs)
+
+
+def _output_gradient(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor,
+                     targets: Tensor) -> tuple[Tensor, float]:
+    """``dL/df`` on detached outputs (zeros where the loss does not use them) and ``L``."""
+    leaf = outputs.detach().requires_grad_(True)
+    value = loss_fn(leaf, targets)
+    (gradient,) = torch.autograd.grad(value, leaf, allow_unused=True)
+    return (torch.zeros_like(leaf) if gradient is None else gradient), float(value.detach())
+
+
+def _coefficient(pair_part: Tensor, alone: Tensor, what: str) -> float:
+    """``c`` with ``pair_part = c * alone`` (both ``[n, *out]``), or raise naming ``what``."""
+    alone_sq = float((alone * alone).sum())
+    if alone_sq == 0.0:
+        if float(pair_part.abs().max()) == 0.0:
+            return math.nan  # the batch's loss does not depend on its outputs: weight immaterial
+        raise ValueError(
+            f"loss_fn does not add up over batches: {what} has no gradient on its own but one "
+            "next to another batch, so the samples of different batches interact in the loss; "
+            "pass the data as one batch"
+        )
+    coefficient = float((pair_part * alone).sum()) / alone_sq
+    residual = float((pair_part - coefficient * alone).norm())
+    tolerance = agreement_tolerance(alone.dtype) * math.sqrt(alone[0].numel())
+    if residual > tolerance * max(float(pair_part.norm()), math.sqrt(alone_sq) * abs(coefficient)):
+        raise ValueError(
+            f"loss_fn does not add up over batches: next to another batch, the gradient of "
+            f"{what}'s outputs is not a multiple of its gradient alone (relative mismatch "
+            f"{residual / max(float(pair_part.norm()), 1e-300):.2e}), so the loss couples samples "
+            "(e.g. a contrastive or batch-normalised loss) and the data set's loss is not a sum "
+            "over batches; pass the data as one batch"
+        )
+    return coefficient
+
+
+@dataclass
+class StreamedProblem(CurvatureProblem):
+    """A problem whose batch is a whole data set, iterated batch by batch (module docstring).
+
+    ``args``, ``kwargs`` and ``targets`` hold the **first** batch, for shapes and cost
+    predictions only. :meth:`forward` and :meth:`loss` refuse to run, so no code can take the
+    first batch for the data set; the curvature comes from :meth:`summed`.
+
+    Attributes:
+        data: the re-iterable of ``(inputs, targets)`` batches.
+        kind: ``"sum"`` or ``"mean"`` (how the batches' losses add up), set by :meth:`survey`.
+        total_samples: ``n``, samples in the data set.
+        num_batches: batches per pass.
+        data_loss: the data set's loss ``sum_b c_b L_b`` from the first pass.
+        data_bytes: bytes of one copy of every batch's tensors.
+    """
+
+    data: Iterable[Any] = field(kw_only=True)
+    kind: str = field(default="", kw_only=True)
+    total_samples: int = field(default=0, kw_only=True)
+    num_batches: int = field(default=0, kw_only=True)
+    data_loss: float = field(default=math.nan, kw_only=True)
+    data_bytes: int = field(default=0, kw_only=True)
+    _reference: tuple[Tensor, Tensor, Tensor] | None = field(default=None, kw_only=True,
+                                                             repr=False)
+    _normalisers: list[tuple[Fingerprint, float]] = field(default_factory=list, kw_only=True,
+                                                          repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        return self.total_samples or super().num_samples
+
+    def forward(self) -> Tensor:
+        raise RuntimeError("internal error: a data set is evaluated batch by batch "
+                           "(StreamedProblem.summed), never through one forward pass")
+
+    def loss(self, outputs: object = None) -> Tensor:
+        raise RuntimeError("internal error: a data set's loss is a sum over batches "
+                           "(StreamedProblem.summed)")
+
+    def first(self) -> CurvatureProblem:
+        """The first batch alone (for predictions of a single batch's cost)."""
+        names = [f.name for f in dataclasses.fields(CurvatureProblem)]
+        return CurvatureProblem(**{name: getattr(self, name) for name in names})
+
+    def _batches(self) -> Iterator[CurvatureProblem]:
+        """One pass: each batch validated as :func:`hessrank.effective_rank` validates one."""
+        for index, item in enumerate(self.data):
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise TypeError(
+                    f"batch {index} of the data is {type(item).__name__}"
+                    + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+                    + ": each batch must be a pair (inputs, targets); for batches that are "
+                    "dicts holding the labels, map them first, e.g. [(b, b.pop('labels')) for "
+                    "b in loader]"
+                )
+            try:
+                batch = build_problem(self.model, self.loss_fn,
+                                      _to_device(item, self.device),  # type: ignore[arg-type]
+                                      self.names, self.mode)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"batch {index} of the data: {error}") from error
+            yield batch
+
+    def _pair(self, outputs: Tensor, targets: Tensor, gradient: Tensor,
+              what: str) -> tuple[float, float]:
+        """``(alpha, beta)`` of the loss on the reference batch next to this one (docstring)."""
+        assert self._reference is not None
+        reference_outputs, reference_targets, reference_gradient = self._reference
+        try:
+            both_outputs = torch.cat([reference_outputs, outputs.detach()])
+            both_targets = torch.cat([reference_targets, targets])
+        except RuntimeError as error:
+            raise ValueError(
+                f"{what} cannot be concatenated with the first batch ({error}): the loss of a "
+                "data set is that of all its samples at once, so every batch needs the same "
+                "output and target shapes past the batch dimension (pad sequences to one length)"
+            ) from error
+        pair_gradient, _ = _output_gradient(self.loss_fn, both_outputs, both_targets)
+        split = reference_outputs.shape[0]
+        alpha = _coefficient(pair_gradient[:split], reference_gradient, "the first batch")
+        beta = _coefficient(pair_gradient[split:], gradient, what)
+        return alpha, beta
+
+    def _normaliser(self, batch: CurvatureProblem, what: str) -> float:
+        """``Z_b`` relative to the reference batch's (1 for a sum); one forward pass."""
+        with torch.no_grad():
+            outputs = batch.model(*batch.args, **batch.kwargs)
+        CurvatureProblem.loss(batch, outputs)  # checked: a finite scalar
+        gradient, _ = _output_gradient(batch.loss_fn, outputs, batch.targets)
+        alpha, beta = self._pair(outputs, batch.targets, gradient, what)
+        if math.isnan(beta):
+            return 0.0
+        tolerance = 100 * agreement_tolerance(outputs.dtype)
+        if self.kind == "sum":
+            if abs(alpha - 1) > tolerance or abs(beta - 1) > tolerance:
+                raise ValueError(
+                    f"loss_fn adds the first batch's losses but weighs {what} by {beta:.4g} "
+                    f"next to it (the first batch by {alpha:.4g}): it is neither a sum nor a "
+                    "mean over samples; pass the data as one batch"
+                )
+            return 1.0
+        if abs(alpha + beta - 1) > tolerance or alpha <= 0 or beta < 0:
+            raise ValueError(
+                f"loss_fn averages the first batch's losses but weighs it by {alpha:.4g} and "
+                f"{what} by {beta:.4g} together (a mean would give weights summing to 1): it is "
+                "neither a sum nor a mean over samples; pass the data as one batch"
+            )
+        return beta / alpha
+
+    def survey(self) -> None:
+        """The first pass: count the samples, read off and verify the batches' weights.
+
+        One forward pass per batch without a graph, plus a few loss gradients w.r.t. outputs.
+
+        Raises:
+            TypeError, ValueError: a bad batch (named by its index), an empty data set, a loss
+                that does not add up over batches, a sum with a parameter term, or BatchNorm
+                on batch statistics.
+        """
+        if self.mode == "train" and has_active_batchnorm(self.model):
+            raise ValueError(
+                f"mode='train' with BatchNorm on batch statistics "
+                f"({', '.join(has_active_batchnorm(self.model))}): each batch would be "
+                "normalised with its own statistics, so a data set's curvature is not that of "
+                "its batches; use mode='eval' (running statistics)"
+            )
+        losses: list[tuple[float, float]] = []
+        total_bytes = 0
+        with same_draw(self.data):
+            for index, batch in enumerate(self._batches()):
+                what = f"batch {index}"
+                if self._reference is None:
+                    self._begin(batch)
+                normaliser = self._normaliser(batch, what)
+                self._normalisers.append((_fingerprint(batch), normaliser))
+                with torch.no_grad():
+                    value = float(CurvatureProblem.loss(batch))
+                losses.append((normaliser, value))
+                self.total_samples += batch.num_samples
+                total_bytes += sum(x.numel() * x.element_size() for x in
+                                   (*batch.args, *batch.kwargs.values(), batch.targets))
+        if not losses:
+            raise ValueError("the data yielded no batch: pass a loader over a non-empty data set")
+        self.num_batches = len(losses)
+        self.data_bytes = total_bytes
+        total = self._total_normaliser()
+        self.data_loss = sum(self._weight(z, total) * value for z, value in losses)
+        self.notes.append(
+            f"data set of {self.total_samples:,} samples in {self.num_batches} batches, "
+            + ("its loss the sum of the batches' losses" if self.kind == "sum" else
+               "its loss the batches' losses weighted by their share of the normaliser "
+               "(a mean over the data set)")
+            + " (verified on every batch)")
+
+    def _begin(self, batch: CurvatureProblem) -> None:
+        """Take ``batch`` as the reference and read the reduction's kind off a pair of it."""
+        with torch.no_grad():
+            outputs = batch.model(*batch.args, **batch.kwargs)
+        gradient, _ = _output_gradient(batch.loss_fn, outputs, batch.targets)
+        if float(gradient.abs().max()) == 0.0:
+            raise ValueError(
+                "the first batch's loss has a zero gradient w.r.t. the model's outputs, so how "
+                "the data set's loss weighs its batches cannot be read off; put a batch with a "
+                "nonzero loss gradient first"
+            )
+        self._reference = (outputs.detach(), batch.targets, gradient)
+        alpha, beta = self._pair(outputs, batch.targets, gradient, "the first batch")
+        tolerance = 100 * agreement_tolerance(outputs.dtype)
+        if abs(alpha - 1) <= tolerance and abs(beta - 1) <= tolerance:
+            self.kind = "sum"
+        elif abs(alpha - 0.5) <= tolerance and abs(beta - 0.5) <= tolerance:
+            self.kind = "mean"
+        else:
+            raise ValueError(
+                f"loss_fn weighs the first batch by {alpha:.4g} and {beta:.4g} when it is "
+                "repeated (a sum gives 1 and 1, a mean 0.5 and 0.5): the data set's loss is not "
+                "a sum of its batches' losses; pass the data as one batch"
+            )
+        terms = direct_parameter_names(batch.loss_fn, outputs, batch.targets, batch.params,
+                                       batch.names)
+        if terms and self.kind == "sum":
+            raise ValueError(
+                f"loss_fn sums over samples and uses the parameters directly ({', '.join(terms)})"
+                ": over a data set that term would count once per batch, but once in the loss "
+                "of the concatenated data; use a mean reduction, or pass the data as one batch"
+            )
+
+    def _weight(self, normaliser: float, total: float) -> float:
+        """``c_b`` from the batch's normaliser and the data set's."""
+        return 1.0 if self.kind == "sum" else normaliser / total
+
+    def _total_normaliser(self) -> float:
+        return sum(z for _, z in self._normalisers)
+
+    def summed(self, compute: Callable[[CurvatureProblem], tuple[Tensor, float]]) -> Tensor:
+        """``sum_b c_b compute(b)`` over one pass, checked against the first pass.
+
+        Args:
+            compute: ``batch -> (tensor, the batch's loss L_b)``; the tensor is linear in the
+                batch's loss (a product with its Hessian, GGN or EF, its dense Hessian).
+
+        Raises:
+            ValueError: the pass saw a different data set (count, weights or loss).
+        """
+        total = self._total_normaliser()
+        result: Tensor | None = None
+        loss = 0.0
+        count = 0
+        seen = 0.0
+        with same_draw(self.data):
+            for index, batch in enumerate(self._batches()):
+                known = (self._normalisers[index] if index < len(self._normalisers)
+                         else (None, math.nan))
+                normaliser = (known[1] if known[0] == _fingerprint(batch)
+                              else self._normaliser(batch, f"batch {index}"))
+                seen += normaliser
+                count += batch.num_samples
+                weight = self._weight(normaliser, total)
+                if weight == 0.0:
+                    continue
+                value, batch_loss = compute(batch)
+                loss += weight * batch_loss
+                result = value * weight if result is None else result.add_(value, alpha=weight)
+        tolerance = agreement_tolerance(self.dtype)
+        changed = [what for what, same in (
+            ("sample count", count == self.total_samples),
+            ("batch weights", abs(seen - total) <= tolerance * total),
+            ("loss", abs(loss - self.data_loss) <= tolerance * max(abs(self.data_loss), 1e-30)),
+        ) if not same]
+        if changed or result is None:
+            raise ValueError(
+                f"the data changed between passes over it ({', '.join(changed) or 'no batch'}: "
+                f"{count} samples, loss {loss:.8g}, against {self.total_samples} and "
+                f"{self.data_loss:.8g} in the first pass). Every product is one pass, so the "
+                "data must be the same in each: random transforms drawn from a generator "
+                "hessrank does not restore (torch, NumPy, Python and the loader's are) or data "
+                "read from a changing source make the curvature undefined"
+            )
+        return result
+
+    def concatenated(self) -> CurvatureProblem:
+        """Every batch in one problem (for the Gram methods; memory predicted by the caller)."""
+        batches = list(self._pass_of_batches())
+        first = batches[0]
+        return dataclasses.replace(
+            self.first(),
+            args=tuple(torch.cat([b.args[i] for b in batches]) for i in range(len(first.args))),
+            kwargs={key: torch.cat([b.kwargs[key] for b in batches]) for key in first.kwargs},
+            targets=torch.cat([b.targets for b in batches]),
+            notes=list(self.notes))
+
+    def _pass_of_batches(self) -> Iterator[CurvatureProblem]:
+        with same_draw(self.data):
+            yield from self._batches()
+
+
+def streamed_problem(problem: CurvatureProblem, data: Iterable[Any]) -> StreamedProblem:
+    """A :class:`StreamedProblem` over ``data`` whose first batch ``problem`` is (not surveyed)."""
+    names = [f.name for f in dataclasses.fields(CurvatureProblem)]
+    return StreamedProblem(**{name: getattr(problem, name) for name in names}, data=data)
+
+
+def first_batch(data: Iterable[Any], device: torch.device) -> Batch:
+    """The first batch of a re-iterable ``data``, moved to ``device``, for validation.
+
+    Raises:
+        TypeError: ``data`` is a one-shot iterator (a generator), which a pass per product would
+            exhaust.
+        ValueError: ``data`` yields nothing.
+    """
+    with same_draw(data):  # creating an iterator may draw a seed
+        one_shot = iter(data) is data
+    if one_shot:
+        raise TypeError(
+            f"the batches come from a one-shot iterator ({type(data).__name__}): hessrank passes "
+            "over the data more than once (once per product for the Lanczos methods), so pass "
+            "a re-iterable: a DataLoader, or a list of (inputs, targets) batches"
+        )
+    with same_draw(data):
+        for item in data:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise TypeError(
+                    f"batch 0 of the data is {type(item).__name__}: each batch must be a pair "
+                    "(inputs, targets); for batches that are dicts holding the labels, map them "
+                    "first, e.g. [(b, b.pop('labels')) for b in loader]"
+                )
+            return _to_device(item, device)  # type: ignore[return-value]
+    raise ValueError("the data yielded no batch: pass a loader over a non-empty data set")
+
+
+class StreamedOperator(ParameterOperator):
+    """``V -> V A`` for a data set's curvature ``A = sum_b c_b A_b``: one pass per product.
+
+    Args:
+        problem: the surveyed data set.
+        make: ``batch -> operator of that batch's A_b`` (with its ``loss_value``); built and
+            dropped batch by batch, so one batch's graph is held at a time.
+    """
+
+    def __init__(self, problem: StreamedProblem,
+                 make: Callable[[CurvatureProblem], Any]) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.make = make
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """The data set's curvature times each row of ``vectors`` (``[k, P]``)."""
+        self.num_products += vectors.shape[0]
+
+        def batch_product(batch: CurvatureProblem) -> tuple[Tensor, float]:
+            operator = self.make(batch)
+            return operator.matmat(vectors), operator.loss_value
+
+        return self.problem.summed(batch_product)
+
+
+def per_batch(problem: CurvatureProblem) -> tuple[CurvatureProblem, int]:
+    """``(one batch, batches per pass)``: ``(problem, 1)`` unless ``problem`` is a data set."""
+    if isinstance(problem, StreamedProblem):
+        return problem.first(), problem.num_batches
+    return problem, 1
+
+
+def operator_over(problem: CurvatureProblem,
+                  make: Callable[[CurvatureProblem], Any]) -> Any:
+    """``make(problem)`` for one batch; for a data set, its batches' operators summed."""
+    if isinstance(problem, StreamedProblem):
+        return StreamedOperator(problem, make)
+    return make(problem)

@@ -1,0 +1,183 @@
+"""A data set as the batch: a DataLoader or a list of batches gives the curvature of the loss of
+all its samples at once (the concatenated batch), for every method and reduction."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from reference import (
+    assert_spectra_close,
+    classification_batch,
+    eigenvalues_by_magnitude,
+    mlp,
+    reference_hessian,
+)
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import hessrank
+
+SIZES = (5, 7, 4)  # unequal batches: a mean must weigh them by their share
+WEIGHTS = torch.tensor([1.0, 2.5, 0.5], dtype=torch.float64)
+
+
+def _l2_mean(outputs, targets, model):
+    return nn.functional.cross_entropy(outputs, targets) + 0.05 * sum(
+        p.pow(2).sum() for p in model.parameters())
+
+
+#: name -> (loss_fn(model), targets transform): the reductions a loss can have.
+LOSSES = {
+    "mean": (lambda model: nn.CrossEntropyLoss(), None),
+    "sum": (lambda model: nn.CrossEntropyLoss(reduction="sum"), None),
+    "class weights": (lambda model: nn.CrossEntropyLoss(weight=WEIGHTS), None),
+    "ignore_index": (lambda model: nn.CrossEntropyLoss(ignore_index=2), None),
+    "mse": (lambda model: nn.MSELoss(), "one-hot"),
+    "mean + L2": (lambda model: lambda f, y: _l2_mean(f, y, model), None),
+}
+ALL_METHODS = ("exact", "lanczos", "fisher", "ggn", "fisher_lanczos", "ggn_lanczos")
+#: Every method on the two weightings that differ most (sum: c_b = 1; class weights: c_b from
+#: each batch's weight total); the other reductions on one method per route (summed dense
+#: Hessians, the concatenated Gram).
+CASES = [(loss, method) for loss in ("sum", "class weights") for method in ALL_METHODS] + [
+    (loss, method) for loss in ("mean", "ignore_index", "mse") for method in ("exact", "ggn")
+] + [("mean + L2", "exact"), ("mean + L2", "lanczos")]
+
+
+def _data(loss: str) -> tuple[nn.Module, object, torch.Tensor, torch.Tensor]:
+    model = mlp((4, 6, 3))
+    x, y = classification_batch(sum(SIZES), 4, 3)
+    make, targets = LOSSES[loss]
+    if targets == "one-hot":
+        y = nn.functional.one_hot(y, 3).double()
+    return model, make(model), x, y
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(zip(x.split(SIZES), y.split(SIZES)))
+
+
+@pytest.mark.parametrize(("loss", "method"), CASES)
+def test_data_set_equals_concatenated_batch(loss, method):
+    """Streamed over unequal batches == one call on the concatenated batch (which
+    tests/test_cases.py checks against dense float64 references)."""
+    model, loss_fn, x, y = _data(loss)
+    streamed = hessrank.effective_rank(model, loss_fn, _batches(x, y), method)
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), method)
+    assert streamed.num_samples == whole.num_samples == sum(SIZES)
+    assert any("data set of 16 samples in 3 batches" in note for note in streamed.notes)
+    assert streamed.trace == pytest.approx(whole.trace, rel=1e-9)
+    for name, value in whole.ranks.items():
+        assert streamed.ranks[name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
+    ours, theirs = (result.eigenvalues if result.density is None else result.density[0]
+                    for result in (streamed, whole))  # Lanczos: the quadrature's nodes
+    assert_spectra_close(ours, theirs, min(len(ours), len(theirs), 12), rtol=1e-9)
+
+
+def test_exact_on_a_data_set_matches_finite_differences():
+    """Independent ground truth: the Hessian of the concatenated loss by finite differences of
+    gradients, plus its L2 term's, counted once."""
+    model, loss_fn, x, y = _data("mean + L2")
+    result = hessrank.effective_rank(model, loss_fn, _batches(x, y), "exact")
+    data_term = reference_hessian(model, nn.CrossEntropyLoss(), x, y)
+    l2_term = 2 * 0.05 * np.eye(len(data_term))  # the Hessian of 0.05 ||theta||^2
+    reference = eigenvalues_by_magnitude(data_term + l2_term)
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-7)
+
+
+def test_shuffled_loader_is_one_fixed_draw_and_leaves_generators_alone():
+    model, loss_fn, x, y = _data("class weights")
+    generator = torch.Generator().manual_seed(3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=5, shuffle=True, generator=generator)
+    states = (generator.get_state(), torch.get_rng_state(), np.random.get_state()[1].copy(),
+              random.getstate())
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), "lanczos")
+    streamed = hessrank.effective_rank(model, loss_fn, loader, "lanczos")
+    assert streamed.ranks["srank"] == pytest.approx(whole.ranks["srank"], rel=1e-6)
+    assert streamed.trace == pytest.approx(whole.trace, rel=1e-8)
+    assert torch.equal(generator.get_state(), states[0])
+    assert torch.equal(torch.get_rng_state(), states[1])
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    assert random.getstate() == states[3]
+
+
+class _Drifting(Dataset):
+    """A data set whose samples change every time they are read (a source hessrank cannot
+    reset), so no two passes agree."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.reads = x, y, 0
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        return self.x[index] * (1 + 0.01 * (self.reads // len(self.y))), self.y[index]
+
+
+def test_data_that_changes_between_passes_is_refused():
+    model, loss_fn, x, y = _data("mean")
+    loader = DataLoader(_Drifting(x, y), batch_size=6)
+    with pytest.raises(ValueError, match="data changed between passes"):
+        hessrank.effective_rank(model, loss_fn, loader, "lanczos")
+
+
+def _coupled(outputs, targets):
+    """Cross-entropy minus the batch's mean logit squared: samples interact."""
+    return nn.functional.cross_entropy(outputs, targets) + outputs.mean().pow(2)
+
+
+def _as_generator(x, y):
+    return ((xb, yb) for xb, yb in _batches(x, y))
+
+
+#: (what, loss, data(x, y), method, error, message)
+BAD_DATA = [
+    ("one-shot generator", "mean", _as_generator, "exact", TypeError, "one-shot iterator"),
+    ("batch not a pair", "mean", lambda x, y: [(x[:5], y[:5]), (x[5:],)], "exact", TypeError,
+     "batch 1 of the data.*pair"),
+    ("bad batch", "mean", lambda x, y: [(x[:5], y[:5]), (x[5:9], y[5:8])], "exact", ValueError,
+     "batch 1 of the data: mismatched batch sizes"),
+    ("empty", "mean", lambda x, y: [], "exact", ValueError, "no batch"),
+    ("coupled loss", "coupled", _batches, "exact", ValueError, "does not add up over batches"),
+    ("sum with an L2 term", "sum + L2", _batches, "lanczos", ValueError,
+     "once per batch.*mean reduction"),
+    ("Gram over budget", "mean", _batches, "fisher", hessrank.BudgetError,
+     "fisher_lanczos.*streams"),
+]
+
+
+@pytest.mark.parametrize(("what", "loss", "data", "method", "error", "message"), BAD_DATA,
+                         ids=[case[0] for case in BAD_DATA])
+def test_bad_data_is_refused_with_the_fix(what, loss, data, method, error, message):
+    model, _, x, y = _data("mean")
+    loss_fn = {"mean": nn.CrossEntropyLoss(), "coupled": _coupled,
+               "sum + L2": lambda f, t: nn.functional.cross_entropy(f, t, reduction="sum")
+               + sum(p.pow(2).sum() for p in model.parameters())}[loss]
+    before = [p.detach().clone() for p in model.parameters()]
+    budget = {"max_memory": 1000} if error is hessrank.BudgetError else {}
+    with pytest.raises(error, match=message):
+        hessrank.effective_rank(model, loss_fn, data(x, y), method, **budget)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_train_mode_batchnorm_is_refused_on_a_data_set():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
+    x, y = classification_batch(16, 4, 3)
+    with pytest.raises(ValueError, match="own statistics.*mode='eval'"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), _batches(x, y), "exact",
+                                mode="train")
+
+
+def test_tracker_measures_a_fixed_data_set(tmp_path):
+    model, loss_fn, x, y = _data("mean")
+    tracker = hessrank.Tracker(model, loss_fn, methods=["exact"], every=1,
+                               eval_batch=_batches(x, y), log=tmp_path / "log.jsonl")
+    (measurement,) = tracker.step(step=0)
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), "exact")
+    assert measurement.result.ranks["srank"] == whole.ranks["srank"]
