@@ -128,7 +128,7 @@ def effective_rank(
             one Gram matrix over every sample: use ``fisher_lanczos``/``ggn_lanczos`` for
             large data sets). Batches are moved to the model's device; how the batches' losses
             add up (sum or mean) is read off the loss and verified, and every pass must see the
-            same data (the random generators are reset for each; see ``docs/data-sets.md``).
+            same data (the random generators are reset for each; README, "A whole data set").
         method: one of :data:`hessrank.METHODS`: ``"fisher"`` (empirical Fisher, ``n x n`` Gram
             matrix; the default, the paper's choice), ``"ggn"`` (Gauss-Newton, ``nC' x nC'`` Gram
             matrix), ``"exact"`` (dense Hessian) or ``"lanczos"`` (stochastic Lanczos quadrature
@@ -161,7 +161,7 @@ def effective_rank(
             batch, as one process would compute it on the concatenated batch (``num_samples`` is
             the global ``n``, a mean loss is the mean over the global batch). ``exact`` and the
             Lanczos methods all-reduce their products; ``fisher``/``ggn`` all-gather per-layer
-            factors (see ``docs/data-parallel.md`` for the communication volume). A
+            factors (README, "Data-parallel", gives the communication volume). A
             ``DistributedDataParallel`` model is analysed through its ``.module``. None (the
             default): this process's batch alone.
         **options: the estimators' own options (:func:`hessrank.estimator_options` lists them):
@@ -244,9 +244,9 @@ def effective_rank(
                                            + problem.data_bytes)
             estimator.check_budget(cost, problem, settings)
             outputs.cache_clear()
-            if isinstance(problem, StreamedProblem) and concatenate:
-                problem = problem.concatenated()
             with PeakMemory(problem.device) as memory:
+                if isinstance(problem, StreamedProblem) and concatenate:
+                    problem = problem.concatenated()
                 spectrum = estimator.run(problem, settings, method_options)
                 if per_layer and estimator.layer_strategy == "restricted":
                     layer_settings = dataclasses.replace(settings, per_layer=False)
