@@ -99,6 +99,36 @@ def test_state_untouched_after_success(method, backend):
     assert seen  # the user's hook is part of the model and ran
 
 
+@pytest.mark.parametrize("method", ["exact", "lanczos", "fisher", "ggn_lanczos"])
+@pytest.mark.parametrize("interrupt_after", [None, 3])
+def test_state_untouched_by_a_data_loader(method, interrupt_after):
+    """A shuffling DataLoader as the batch: model, global RNG and the loader's own generator as
+    before, after success and after Ctrl-C in the middle of a pass."""
+    model = _net()
+    model.train()
+    x, y = classification_batch(20, 6, 3, dtype=torch.float32)
+    CE(model(x), y).backward()
+    generator = torch.Generator().manual_seed(5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6,
+                                         shuffle=True, generator=generator)
+    calls = []
+
+    def interrupt(module, args, output):
+        calls.append(1)
+        if len(calls) == interrupt_after:
+            raise KeyboardInterrupt
+
+    handle = model[4].register_forward_hook(interrupt)
+    before = _snapshot(model)
+    loader_state = generator.get_state()
+    with contextlib.suppress(KeyboardInterrupt):
+        hessrank.effective_rank(model, CE, loader, method=method, lanczos_steps=3)
+    assert interrupt_after is None or len(calls) >= interrupt_after
+    _assert_same(before, model)
+    assert torch.equal(generator.get_state(), loader_state)
+    handle.remove()
+
+
 def test_state_untouched_after_failure():
     model = _net()
     x, y = classification_batch(10, 6, 3, dtype=torch.float32)
