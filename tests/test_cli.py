@@ -539,3 +539,12 @@ def test_the_console_script_loads_torch_inside_main() -> None:
     code = "import sys, hessrank, hessrank.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_rank_in_batches_equals_one_batch(method, capsys) -> None:
+    argv = ["rank", *TINY, "--method", method, "--definition", "numerical", "--quiet"]
+    status, whole, _ = run_main(argv, capsys)
+    status_batched, batched, _ = run_main([*argv, "--batch-size", "5"], capsys)
+    assert status == status_batched == 0
+    assert float(batched) == pytest.approx(float(whole), rel=1e-6)

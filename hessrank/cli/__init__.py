@@ -294,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"estimator: {', '.join(hessrank.METHODS)} (default fisher)",
     )
     rank.add_argument(
+        "--batch-size",
+        type=_integer(1),
+        default=None,
+        help="pass the --samples as a data set in batches of this size (exact and the Lanczos "
+        "methods then hold one batch's graph at a time; default: one batch)",
+    )
+    rank.add_argument(
         "--definition",
         default="srank",
         choices=RANK_DEFINITIONS,
@@ -493,8 +500,11 @@ def _rank(args: argparse.Namespace) -> int:
     problem = compare.build_problem(cfg, args.seed)
     progress = _progress(args.quiet)
     tracker = compare.tracker(problem, cfg, args.seed, progress or False, on_error="record")
+    inputs, targets = problem.data.inputs, problem.data.targets
+    data = (inputs, targets) if args.batch_size is None else list(
+        zip(inputs.split(args.batch_size), targets.split(args.batch_size)))
     with progress or nullcontext():
-        (measurement,) = tracker.measure((problem.data.inputs, problem.data.targets))
+        (measurement,) = tracker.measure(data)
     compare.check_budget(measurement, problem, cfg)
     res = measurement.result
     if res is None:
