@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from hessrank.curvature.loss import agreement_tolerance
-from hessrank.problem import CurvatureProblem, evaluate_loss, has_active_batchnorm
+from hessrank.problem import CurvatureProblem, evaluate_loss, refuse_split_batch_statistics
 
 #: Most dimensions a gathered tensor may have (its shape travels in a fixed-size header).
 MAX_DIMS = 8
@@ -295,13 +295,7 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
                     "must hold the same model (DistributedDataParallel keeps them equal; or "
                     "broadcast the parameters from one process before the call)"
                 )
-    if problem.mode == "train" and has_active_batchnorm(problem.model):
-        raise ValueError(
-            f"mode='train' with BatchNorm on batch statistics "
-            f"({', '.join(has_active_batchnorm(problem.model))}): each process would normalise "
-            "with its own shard's statistics, not the global batch's, so the result would not be "
-            "that of the whole batch; use mode='eval' (running statistics)"
-        )
+    refuse_split_batch_statistics(problem, "process's shard")
     parallel.sizes = tuple(int(size) for _, size, _ in reports)
     all_targets = parallel.gather_samples(problem.targets)
     names = [f.name for f in dataclasses.fields(CurvatureProblem)]

@@ -424,6 +424,23 @@ def has_active_batchnorm(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, _BATCHNORM) and m.training]
 
 
+def refuse_split_batch_statistics(problem: CurvatureProblem, part: str) -> None:
+    """Raise if ``mode='train'`` would normalise each ``part`` (a process's shard, a batch of a
+    data set) with its own BatchNorm statistics instead of those of all the samples at once.
+
+    Raises:
+        ValueError: naming the BatchNorm modules and the fix.
+    """
+    active = has_active_batchnorm(problem.model) if problem.mode == "train" else []
+    if active:
+        raise ValueError(
+            f"mode='train' with BatchNorm on batch statistics ({', '.join(active)}): each {part} "
+            "would be normalised with its own statistics, not those of all the samples at once, "
+            "so the result would not be that of the whole data; use mode='eval' (running "
+            "statistics)"
+        )
+
+
 def probe_outputs(problem: CurvatureProblem) -> Tensor:
     """One forward pass without a graph, and the checked loss on it (see
     :meth:`CurvatureProblem.loss`): the model's outputs, for predictions before the work."""

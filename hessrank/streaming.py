@@ -49,7 +49,7 @@ from torch import Tensor
 
 from hessrank.curvature.loss import agreement_tolerance, direct_parameter_names
 from hessrank.curvature.operator import ParameterOperator
-from hessrank.problem import Batch, CurvatureProblem, build_problem, has_active_batchnorm
+from hessrank.problem import Batch, CurvatureProblem, build_problem, refuse_split_batch_statistics
 
 #: ``(samples, float64 sum of the targets, float64 sum of every input)``: tells batches apart.
 Fingerprint = tuple[int, float, float]
@@ -272,13 +272,7 @@ class StreamedProblem(CurvatureProblem):
                 that does not add up over batches, a sum with a parameter term, or BatchNorm
                 on batch statistics.
         """
-        if self.mode == "train" and has_active_batchnorm(self.model):
-            raise ValueError(
-                f"mode='train' with BatchNorm on batch statistics "
-                f"({', '.join(has_active_batchnorm(self.model))}): each batch would be "
-                "normalised with its own statistics, so a data set's curvature is not that of "
-                "its batches; use mode='eval' (running statistics)"
-            )
+        refuse_split_batch_statistics(self, "batch")
         losses: list[tuple[float, float]] = []
         total_bytes = 0
         with same_draw(self.data):

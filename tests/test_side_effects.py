@@ -99,6 +99,15 @@ def test_state_untouched_after_success(method, backend):
     assert seen  # the user's hook is part of the model and ran
 
 
+def _interrupting(calls: list[int], after: int | None):
+    """A forward hook that counts its calls and raises KeyboardInterrupt at call ``after``."""
+    def interrupt(module, args, output):
+        calls.append(1)
+        if len(calls) == after:
+            raise KeyboardInterrupt
+    return interrupt
+
+
 @pytest.mark.parametrize("method", ["exact", "lanczos", "fisher", "ggn_lanczos"])
 @pytest.mark.parametrize("interrupt_after", [None, 3])
 def test_state_untouched_by_a_data_loader(method, interrupt_after):
@@ -111,14 +120,8 @@ def test_state_untouched_by_a_data_loader(method, interrupt_after):
     generator = torch.Generator().manual_seed(5)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6,
                                          shuffle=True, generator=generator)
-    calls = []
-
-    def interrupt(module, args, output):
-        calls.append(1)
-        if len(calls) == interrupt_after:
-            raise KeyboardInterrupt
-
-    handle = model[4].register_forward_hook(interrupt)
+    calls: list[int] = []
+    handle = model[4].register_forward_hook(_interrupting(calls, interrupt_after))
     before = _snapshot(model)
     loader_state = generator.get_state()
     with contextlib.suppress(KeyboardInterrupt):
@@ -208,14 +211,8 @@ def test_keyboard_interrupt_inside_the_call_restores_everything(method, after_ca
     CE(model(x), y).backward()
     before = _snapshot(model)
     registered = [dict(m._parameters) for m in model.modules()]
-    calls = []
-
-    def interrupt(module, args, output):
-        calls.append(1)
-        if len(calls) == after_calls:
-            raise KeyboardInterrupt
-
-    handle = model[4].register_forward_hook(interrupt)
+    calls: list[int] = []
+    handle = model[4].register_forward_hook(_interrupting(calls, after_calls))
     before["hooks"] = [(dict(m._forward_hooks), dict(m._forward_pre_hooks),
                         dict(m._backward_hooks)) for m in model.modules()]
     with contextlib.suppress(KeyboardInterrupt):
