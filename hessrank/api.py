@@ -304,7 +304,13 @@ def _result(
         else len(spectrum.eigenvalues)
     tolerance = default_rtol(size, spectrum.eps or eps) if rtol is None else rtol
     ranks = spectral_ranks(spectrum.eigenvalues, threshold, tolerance, spectrum.weights)
-    shown = spectrum.eigenvalues if spectrum.ritz_values is None else spectrum.ritz_values
+    shown = spectrum.eigenvalues
+    notes = [*problem.notes, *spectrum.notes]
+    if spectrum.ritz_values is not None and len(spectrum.ritz_values):
+        shown = spectrum.ritz_values
+    elif spectrum.ritz_values is not None:  # nothing converged: show the quadrature's nodes
+        notes.append("no Ritz value converged: the eigenvalues shown (and the top one) are the "
+                     "quadrature's nodes, unconverged Ritz values; raise lanczos_steps")
     interval = None if spectrum.rank_interval is None else (
         float(spectrum.rank_interval[0]), float(spectrum.rank_interval[1]))
     return RankResult(
@@ -329,7 +335,7 @@ def _result(
         eigenvectors=None if spectrum.eigenvectors is None else
         spectrum.eigenvectors.detach().cpu().numpy(),
         parameters=tuple((name, tuple(p.shape)) for name, p in zip(problem.names, problem.params)),
-        notes=tuple([*problem.notes, *spectrum.notes]),
+        notes=tuple(notes),
         density=(spectrum.eigenvalues, spectrum.weights) if spectrum.weights is not None else None,
     )
 

@@ -192,6 +192,18 @@ def test_lanczos_matches_exact_and_covers_its_rank():
         assert lanczos.density[1].sum() == pytest.approx(exact.num_params)
 
 
+def test_lanczos_top_eigenvalue_before_anything_converges():
+    """With too few steps for a converged Ritz value the top eigenvalue shown is the largest Ritz
+    value (a Ritz value lies inside the spectrum's range), not 0, and a note says so."""
+    model = mlp((6, 8, 4), seed=0)
+    x, y = classification_batch(10, 6, 4)
+    exact = hessrank.effective_rank(model, CE, (x, y), method="exact")
+    lanczos = hessrank.effective_rank(model, CE, (x, y), method="lanczos", lanczos_steps=2)
+    assert lanczos.top_eigenvalue == np.abs(lanczos.density[0]).max() > 0
+    assert abs(lanczos.top_eigenvalue) <= abs(exact.top_eigenvalue) * (1 + 1e-9)
+    assert any("no Ritz value converged" in note for note in lanczos.notes)
+
+
 def test_per_layer_results_are_diagonal_blocks():
     model = mlp((4, 5, 3))
     x, y = classification_batch(6, 4, 3)
