@@ -29,6 +29,7 @@ from hessrank.cli import presets
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
 from hessrank.problem import build_problem
 from hessrank.ranks import default_rtol, spectral_ranks
+from hessrank.spectrum import lanczos
 from hessrank.spectrum.dense import symmetric_eigenvalues
 from hessrank.spectrum.lanczos import lanczos_spectrum
 
@@ -126,8 +127,9 @@ def median_seconds(work, repeats: int) -> float:
     return statistics.median(times)
 
 
-def scale(width: int, products: int, samples: int) -> None:
-    """Time and memory of the solver on an MLP 784 -> width -> width -> 10."""
+def scale(width: int, products: int, samples: int, paired: bool) -> None:
+    """Time and memory of the solver on an MLP 784 -> width -> width -> 10; with ``paired``, also
+    the solver with full reorthogonalisation at every step (same process)."""
     dataset = presets.load_data("synthetic", samples=samples, seed=0, image_size=28)
     model = presets.build_model(
         "mlp", input_shape=(1, 28, 28), num_classes=10, activation="relu", width=width, depth=2,
@@ -148,6 +150,25 @@ def scale(width: int, products: int, samples: int) -> None:
     result = lanczos_spectrum(operator, max_products=products)
     solver_seconds = time.perf_counter() - start
     per_product = solver_seconds / result.num_products
+    full_per_product = None
+    if paired:
+        # Alternate with runs that remove every overlap (threshold 0: the previous full
+        # reorthogonalisation), in this process, so that load drift hits both alike.
+        semi_times, full_times = [per_product], []
+        default_fraction = lanczos.ORTHOGONALITY_FRACTION
+        for fraction, times in [(0.0, full_times), (default_fraction, semi_times),
+                                (0.0, full_times)]:
+            lanczos.ORTHOGONALITY_FRACTION = fraction
+            try:
+                start = time.perf_counter()
+                run = lanczos_spectrum(operator, max_products=products)
+                times.append((time.perf_counter() - start) / run.num_products)
+            finally:
+                lanczos.ORTHOGONALITY_FRACTION = default_fraction
+        print(f"per product, semi-orthogonal runs {np.round(semi_times, 3)} s, full "
+              f"{np.round(full_times, 3)} s")
+        per_product = statistics.median(semi_times)
+        full_per_product = statistics.median(full_times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"P = {operator.dim:,}, {samples} samples, torch threads = {torch.get_num_threads()}")
     print(f"gradient                 {gradient_seconds:.3f} s")
@@ -155,7 +176,11 @@ def scale(width: int, products: int, samples: int) -> None:
           f"({product_seconds / gradient_seconds:.2f}x gradient)")
     print(f"solver, per product      {per_product:.3f} s  "
           f"({per_product / gradient_seconds:.2f}x gradient; {result.num_products} products, "
-          f"{solver_seconds:.1f} s)")
+          f"first run {solver_seconds:.1f} s)")
+    if full_per_product is not None:
+        print(f"full reorthogonalisation {full_per_product:.3f} s  "
+              f"({full_per_product / gradient_seconds:.2f}x gradient; semi-orthogonal / full = "
+              f"{per_product / full_per_product:.2f})")
     print(f"peak resident memory     {peak / 2**30:.2f} GiB")
     print(f"top Ritz values          {np.array2string(result.ritz_values[:5], precision=4)}")
     print("notes: " + "; ".join(result.notes))
@@ -172,11 +197,14 @@ def main() -> None:
     big.add_argument("--width", type=int, default=2789)  # run.py's P = 10^7 MLP
     big.add_argument("--products", type=int, default=100)
     big.add_argument("--samples", type=int, default=256)
+    big.add_argument("--paired", action="store_true",
+                     help="alternate with full reorthogonalisation at every step (2 runs each); "
+                          "per product = median")
     args = parser.parse_args()
     if args.mode == "accuracy":
         accuracy(args.seeds, args.threshold, args.runs)
     else:
-        scale(args.width, args.products, args.samples)
+        scale(args.width, args.products, args.samples, args.paired)
 
 
 if __name__ == "__main__":

@@ -135,9 +135,31 @@ def test_float32_basis_matches_float64_basis() -> None:
 def test_lanczos_run_stops_on_an_invariant_subspace() -> None:
     operator = rotated(np.repeat([3.0, -1.0, 0.5], 50))
     start = torch.ones(operator.dim)
-    alpha, beta, last_beta = lanczos_run(operator, start, 40)
+    alpha, beta, last_beta, _ = lanczos_run(operator, start, 40)
     assert len(alpha) == 3 and len(beta) == 2 and last_beta == 0.0
     assert operator.num_products == 3
+
+
+def test_semi_orthogonal_run_keeps_moments_and_has_no_ghosts() -> None:
+    eigenvalues = _indefinite()
+    operator = rotated(eigenvalues)
+    start = torch.ones(operator.dim)
+    alpha, beta, _, removals = lanczos_run(operator, start, 150)
+    # Overlaps below sqrt(eps) are left in place: fewer removals than steps.
+    assert len(alpha) == 150 and removals < len(alpha)
+    tridiagonal = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+    # The Gauss quadrature reproduces the moments v^T A^k v / |v|^2 (float64 dense reference).
+    matrix = operator.matrix.double().numpy()
+    vector = start.double().numpy() / np.linalg.norm(start.double().numpy())
+    power, moment = vector.copy(), np.eye(len(alpha))[0]
+    for k in range(1, 9):
+        power, moment = matrix @ power, tridiagonal @ moment
+        assert moment[0] == pytest.approx(vector @ power, abs=1e-5 * np.abs(eigenvalues).max() ** k)
+    # A basis that lost orthogonality would repeat converged eigenvalues (ghost copies).
+    ritz = np.linalg.eigvalsh(tridiagonal)
+    assert np.sum(np.abs(ritz + 1.0) < 1e-3) == 1  # -1 is the largest |eigenvalue|
+    np.testing.assert_allclose(np.sort(ritz)[[0, -1]], [eigenvalues.min(), eigenvalues.max()],
+                               rtol=1e-5)
 
 
 def test_repeated_eigenvalues_spend_the_budget_on_more_runs() -> None:
