@@ -2,8 +2,9 @@
 computed by plain autograd, one sample and one cotangent at a time (float64).
 
 A rule's ``gram()`` must equal ``Z Z^T`` and its ``weighted_gradients(w)`` must equal
-``sum_{k,i} w_ki Z_ki`` for ``Z_ki`` the gradient of ``<layer(x_i), d_ki>``; routes are forced by
-replacing the module's cost function.
+``sum_{k,i} w_ki Z_ki`` for ``Z_ki`` the gradient of ``<layer(x_i), d_ki>``, and so must the pair
+``gram_and_claims(w)`` (which the gradient check uses); routes are forced by replacing the
+module's cost function.
 """
 
 from __future__ import annotations
@@ -126,9 +127,13 @@ def test_rule_matches_explicit_per_sample_gradients(case: RuleCase, num_cotangen
     weights = torch.randn(num_cotangents, x.shape[0], generator=g, dtype=torch.float64)
     claimed = layer_factors.weighted_gradients(weights)
     assert sorted(claimed) == sorted(explicit)
+    gram, claimed_together = layer_factors.gram_and_claims(weights)
+    torch.testing.assert_close(gram, flat @ flat.T, rtol=1e-12, atol=1e-12)
+    assert sorted(claimed_together) == sorted(explicit)
     for name, z in explicit.items():
-        torch.testing.assert_close(claimed[name], torch.einsum("kn,kn...->...", weights, z),
-                                   rtol=1e-12, atol=1e-12)
+        expected = torch.einsum("kn,kn...->...", weights, z)
+        torch.testing.assert_close(claimed[name], expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(claimed_together[name], expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("layer", "reason"), [

@@ -218,8 +218,7 @@ def compute_gram(
     passed: dict[str, Tensor] = {}
     failures: dict[str, str] = {}
     for group, layer in factors.items():
-        gram = layer.gram()
-        claims = layer.weighted_gradients(weights)
+        gram, claims = layer.gram_and_claims(weights)
         names = groups[group]
         locals_ = [name.rsplit(".", 1)[-1] for name in names]
         error = math.inf if sorted(claims) != sorted(locals_) else _relative_error(

@@ -5,7 +5,11 @@ verifies :meth:`Factors.weighted_gradients`, also vouches for :meth:`Factors.gra
 
 - ``gram()``: the ``[K n, K n]`` Gram matrix of the layer's per-sample gradients, row order
   ``(k, i)``;
-- ``weighted_gradients(w)``: ``sum_{k,i} w_ki G_ki`` for each analysed parameter.
+- ``weighted_gradients(w)``: ``sum_{k,i} w_ki G_ki`` for each analysed parameter;
+- ``gram_and_claims(w)``: both at once, which :mod:`hessrank.curvature.gram` calls: a route that
+  forms explicit per-sample gradients takes the weighted sum from those very rows, so the check
+  verifies the matrix whose Gram is taken, at ``K n P`` multiply-adds instead of another pass
+  over the factors.
 
 :class:`LayerFactors` is the Kronecker structure of a layer whose gradient is a sum of outer
 products: for a weight used as ``out_t = W a_t (+ b)`` at positions ``t`` (one position for a
@@ -60,6 +64,10 @@ class Factors(ABC):
     @abstractmethod
     def gram(self) -> Tensor:
         """``[K n, K n]`` Gram of the per-sample gradients, row order ``(k, i)``."""
+
+    def gram_and_claims(self, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(gram(), weighted_gradients(weights))``, sharing whatever the two have in common."""
+        return self.gram(), self.weighted_gradients(weights)
 
 
 @dataclass
@@ -124,14 +132,15 @@ class LayerFactors(Factors):
         With many, the cheaper of the position-pair identity and explicit per-sample gradients
         (:func:`kronecker_costs`).
         """
+        explicit = self._explicit()
+        if explicit is not None:
+            return explicit @ explicit.T
         activations, output_grads = self.activations, self.output_grads
         k, n, positions, d_out = output_grads.shape
-        d_in = activations.shape[-1]
-        with_weight = self.weight_shape is not None
         rows = output_grads.reshape(k * n, positions, d_out)
         if positions == 1:
             output_gram = rows[:, 0] @ rows[:, 0].T
-            if not with_weight:
+            if self.weight_shape is None:
                 return output_gram
             activation_gram = activations[:, 0] @ activations[:, 0].T
             if self.with_bias:
@@ -142,16 +151,37 @@ class LayerFactors(Factors):
         summed = rows.sum(dim=1)
         gram = summed @ summed.T if self.with_bias else torch.zeros(
             k * n, k * n, dtype=rows.dtype, device=rows.device)
-        if not with_weight:
+        if self.weight_shape is None:
             return gram
-        pair_cost, dense_cost = kronecker_costs(k * n, positions, d_in, d_out)
+        inner_a = torch.einsum("ntd,msd->nmts", activations, activations).repeat(k, k, 1, 1)
+        inner_d = torch.einsum("ptd,qsd->pqts", rows, rows)
+        return gram + (inner_a * inner_d).sum(dim=(2, 3))
+
+    def gram_and_claims(self, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        explicit = self._explicit()
+        if explicit is None or self.weight_shape is None:
+            return super().gram_and_claims(weights)
+        claimed = (weights.reshape(1, -1).to(explicit.dtype) @ explicit).reshape(
+            self.weight_shape[0], -1)
+        claims = {"weight": claimed[:, :self.activations.shape[-1]].reshape(self.weight_shape)}
+        if self.with_bias:
+            claims["bias"] = claimed[:, -1]
+        return explicit @ explicit.T, claims
+
+    def _explicit(self) -> Tensor | None:
+        """``[K n, d_out (d_in + bias)]``: explicit per-sample gradients of the weight (the bias
+        as one more input column of ones) where :func:`kronecker_costs` picks them over the
+        position-pair identity; None on the other routes (and with one position)."""
+        activations, output_grads = self.activations, self.output_grads
+        k, n, positions, d_out = output_grads.shape
+        if self.weight_shape is None or positions == 1:
+            return None
+        pair_cost, dense_cost = kronecker_costs(k * n, positions, activations.shape[-1], d_out)
         if pair_cost < dense_cost:
-            inner_a = torch.einsum("ntd,msd->nmts", activations, activations).repeat(k, k, 1, 1)
-            inner_d = torch.einsum("ptd,qsd->pqts", rows, rows)
-            return gram + (inner_a * inner_d).sum(dim=(2, 3))
-        per_sample = torch.einsum("kntd,ntf->kndf", output_grads, activations)
-        flat = per_sample.reshape(k * n, -1)
-        return gram + flat @ flat.T
+            return None
+        if self.with_bias:
+            activations = torch.cat([activations, activations.new_ones(n, positions, 1)], dim=-1)
+        return torch.einsum("kntd,ntf->kndf", output_grads, activations).reshape(k * n, -1)
 
 
 def kronecker_costs(rows: int, positions: int, d_in: int, d_out: int) -> tuple[float, float]:
