@@ -193,8 +193,8 @@ def compute_gram(
     for (group, (module, rule)), grads in zip(claimed.items(), layer_grads):
         analysed = frozenset(name.rsplit(".", 1)[-1] for name in groups[group])
         layer_input = capture.inputs[group]
-        layer = None if layer_input is None else rule.factors(module, layer_input, grads, n,
-                                                              analysed)
+        layer = None if layer_input is None else rule.factors(
+            module, layer_input, capture.outputs[group], grads, n, analysed)
         # Across processes a layer's factors must be gatherable; others take the general path
         # there (the same decision in every process: it depends on the factors' type alone).
         if layer is not None and (parallel_of(problem) is None or layer.gatherable):

@@ -118,6 +118,7 @@ class EmbeddingRule(GramRule):
                 and not module.scale_grad_by_freq and not module.sparse)
 
     def factors(self, module: nn.Module, layer_input: Tensor,
+                layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
                 analysed: frozenset[str]) -> Factors | None:
         if not isinstance(output_grads, Tensor):

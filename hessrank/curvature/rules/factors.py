@@ -18,7 +18,8 @@ gradient for cotangent ``k`` is ``G_ik = sum_t d_ikt a_it^T`` and its bias gradi
 The Gram entries follow from the factors alone:
 ``<G_ik, G_jl> = sum_{t,u} (a_it . a_ju)(d_ikt . d_jlu)``.
 :class:`SampleGradients` holds explicit per-sample gradients of small parameters (norm layers'
-affine parameters), for which the Gram is one product.
+affine parameters), for which the Gram is one product. :class:`ColumnFactors` splits one
+Kronecker layer's weight into several parameters (an LSTM's weights and biases).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -203,27 +204,42 @@ def kronecker_costs(rows: int, positions: int, d_in: int, d_out: int) -> tuple[f
 
 
 @dataclass
-class CombinedFactors(Factors):
-    """Several factor sets of one module, each naming its parameters: the module's Gram is the
-    sum of theirs (the per-sample gradient is their concatenation).
+class ColumnFactors(Factors):
+    """Several parameters of one module whose per-sample gradients are column blocks of one
+    Kronecker layer's weight gradient ``[d_out, sum of widths]`` (an LSTM's input and recurrent
+    weights and its biases, all multiplying the gates' gradients): one Gram, the claims split.
 
     Attributes:
-        parts: ``(factors, {the factors' local name: the module's parameter name})``.
+        layer: the stacked factors (a weight, no bias).
+        shapes: ``{parameter's local name: its shape}`` in column order; a parameter of shape
+            ``[d_out, *rest]`` takes ``prod(rest)`` columns (a bias one).
     """
 
-    parts: list[tuple[Factors, dict[str, str]]]
+    layer: LayerFactors
+    shapes: dict[str, torch.Size]
 
     @property
     def gatherable(self) -> bool:
-        return all(part.gatherable for part, _ in self.parts)
+        return self.layer.gatherable
 
     def gathered(self, gather: Callable[[Tensor, int], Tensor]) -> Factors:
-        return CombinedFactors([(part.gathered(gather), names) for part, names in self.parts])
+        return ColumnFactors(cast(LayerFactors, self.layer.gathered(gather)), self.shapes)
 
     def weighted_gradients(self, weights: Tensor) -> dict[str, Tensor]:
-        return {names[local]: value for part, names in self.parts
-                for local, value in part.weighted_gradients(weights).items()}
+        return self._split(self.layer.weighted_gradients(weights)["weight"])
 
     def gram(self) -> Tensor:
-        grams = [part.gram() for part, _ in self.parts]
-        return torch.stack(grams).sum(dim=0) if len(grams) > 1 else grams[0]
+        return self.layer.gram()
+
+    def gram_and_claims(self, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        gram, claims = self.layer.gram_and_claims(weights)
+        return gram, self._split(claims["weight"])
+
+    def _split(self, stacked: Tensor) -> dict[str, Tensor]:
+        """The stacked weight's column blocks, one per parameter, in their shapes."""
+        out, start = {}, 0
+        for name, shape in self.shapes.items():
+            width = shape.numel() // shape[0]
+            out[name] = stacked[:, start:start + width].reshape(shape)
+            start += width
+        return out
