@@ -182,7 +182,9 @@ def compute_gram(
     for group in list(claimed):
         if capture.calls[group] != 1 or capture.inputs.get(group) is None or (
                 group not in capture.edges):
-            claimed.pop(group)  # called twice (its gradient sums several calls), or not at all
+            # called twice (its gradient sums several calls), not at all, or an output that
+            # is not differentiable tensors
+            claimed.pop(group)
     values = [capture.outputs[g] for g in claimed]
     flat_grads = iter(_backward_batched(
         outputs, [edge for g in claimed for edge in capture.edges[g]],

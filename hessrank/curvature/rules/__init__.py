@@ -54,7 +54,9 @@ class GramRule(ABC):
             layer_input: its input in the one call of the forward pass, ``[n, ...]`` if the rule
                 applies.
             layer_output: its output in that call (detached; a tuple of tensors for a module
-                that returns several, e.g. an RNN's output and final states).
+                that returns several, e.g. an RNN's output and final states). It shares storage
+                with the forward pass's tensor, so a downstream in-place operation shows in it:
+                a rule that uses it relies on the gradient check.
             output_grads: ``[K, *output.shape]``: gradients of the ``K`` cotangent products
                 w.r.t. the layer's output (a tuple of them, one per tensor, for a module that
                 returns a tuple, e.g. an RNN's output and final states).
