@@ -125,7 +125,8 @@ class _Capture:
 
 
 def _relative_error(claimed: list[Tensor], true: list[Tensor], scale: float) -> float:
-    difference = math.sqrt(sum(float(((c - t) ** 2).sum()) for c, t in zip(claimed, true)))
+    difference = math.sqrt(sum(float(torch.linalg.vector_norm(c - t)) ** 2
+                               for c, t in zip(claimed, true)))
     return difference / max(scale, torch.finfo(torch.float64).tiny)
 
 
