@@ -282,7 +282,8 @@ class TinyGPT(nn.Module):
 
 class ResidualConvNet(nn.Module):
     """ResNet-style block (conv-BN-ReLU-conv-BN + shortcut), a strided conv to 1x1 positions
-    (the position-pair route) and a 1x1 convolution."""
+    (the position-pair route) and a 1x1 convolution. The first ReLU acts in place on the
+    BatchNorm's output, as torchvision's ``ReLU(inplace=True)`` does."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -294,7 +295,7 @@ class ResidualConvNet(nn.Module):
         self.point = nn.Conv2d(8, 3, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.bn0(self.stem(x)))
+        h = self.bn0(self.stem(x)).relu_()
         h = torch.relu(h + self.bn1(self.conv1(h)))
         return self.point(torch.tanh(self.down(h))).flatten(1)
 

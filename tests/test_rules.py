@@ -2,8 +2,9 @@
 computed by plain autograd, one sample and one cotangent at a time (float64).
 
 A rule's ``gram()`` must equal ``Z Z^T`` and its ``weighted_gradients(w)`` must equal
-``sum_{k,i} w_ki Z_ki`` for ``Z_ki`` the gradient of ``<layer(x_i), d_ki>``; routes are forced by
-replacing the module's cost function.
+``sum_{k,i} w_ki Z_ki`` for ``Z_ki`` the gradient of ``<layer(x_i), d_ki>``, and so must the pair
+``gram_and_claims(w)`` (which the gradient check uses); routes are forced by replacing the
+module's cost function.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from hessrank.curvature.rules import conv, embedding, factors, rule_for
 
@@ -28,6 +30,9 @@ class RuleCase:
     #: (module, name of its cost function, replacement) forcing one route; None: the default
     force: tuple[object, str, Callable[..., tuple[float, float]]] | None = None
     rule: str = ""
+    #: the sample dimension of the input, and of each output tensor (an LSTM returns three)
+    input_dim: int = 0
+    output_dims: tuple[int, ...] = (0,)
 
 
 def _x(*shape):
@@ -86,21 +91,29 @@ CASES = [
     RuleCase("GroupNorm", lambda: _affine(nn.GroupNorm(2, 4)), _x(3, 4, 3, 2), rule="norm"),
     RuleCase("BatchNorm1d eval on [n, C]", _bn(nn.BatchNorm1d, 4), _x(3, 4), rule="norm"),
     RuleCase("BatchNorm2d eval", _bn(nn.BatchNorm2d, 3), _x(3, 3, 2, 4), rule="norm"),
+    RuleCase("LSTM, batch first", lambda: nn.LSTM(3, 4, batch_first=True), _x(3, 5, 3),
+             rule="lstm", output_dims=(0, 1, 1)),
+    RuleCase("LSTM, sequence first, no bias", lambda: nn.LSTM(3, 4, bias=False), _x(5, 3, 3),
+             rule="lstm", input_dim=1, output_dims=(1, 1, 1)),
 ]
 
 
-def _explicit(layer: nn.Module, x: Tensor, grads: Tensor) -> dict[str, Tensor]:
-    """``{name: [K, n, *shape]}``: gradient of ``<layer(x_i), d_ki>``, one (k, i) at a time."""
+def _explicit(layer: nn.Module, x: Tensor, grads: tuple[Tensor, ...], case: RuleCase
+              ) -> dict[str, Tensor]:
+    """``{name: [K, n, *shape]}``: gradient of ``<layer(x_i), d_ki>`` (summed over the output
+    tensors), one (k, i) at a time."""
     params = dict(layer.named_parameters())
     rows: dict[str, list[Tensor]] = {name: [] for name in params}
-    for k in range(grads.shape[0]):
-        for i in range(x.shape[0]):
-            value = (layer(x[i : i + 1]) * grads[k, i : i + 1]).sum()
+    k, n = grads[0].shape[0], x.shape[case.input_dim]
+    for kk in range(k):
+        for i in range(n):
+            outputs = tree_flatten(layer(x.narrow(case.input_dim, i, 1)))[0]
+            value = sum((out * grad[kk].narrow(dim, i, 1)).sum()
+                        for out, grad, dim in zip(outputs, grads, case.output_dims))
             pieces = torch.autograd.grad(value, list(params.values()))
             for name, piece in zip(params, pieces):
                 rows[name].append(piece)
-    return {name: torch.stack(r).view(grads.shape[0], x.shape[0], *params[name].shape)
-            for name, r in rows.items()}
+    return {name: torch.stack(r).view(k, n, *params[name].shape) for name, r in rows.items()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -111,24 +124,32 @@ def test_rule_matches_explicit_per_sample_gradients(case: RuleCase, num_cotangen
     torch.manual_seed(0)
     layer = case.layer().double()
     x = case.inputs(g)
-    output = layer(x)
-    grads = torch.randn(num_cotangents, *output.shape, generator=g, dtype=torch.float64)
+    outputs = tuple(out.detach() for out in tree_flatten(layer(x))[0])
+    grads = tuple(torch.randn(num_cotangents, *out.shape, generator=g, dtype=torch.float64)
+                  for out in outputs)
     if case.force is not None:
         monkeypatch.setattr(*case.force)
     rule = rule_for(layer)
     assert rule is not None and rule.name == case.rule
     analysed = frozenset(name for name, _ in layer.named_parameters())
-    layer_factors = rule.factors(layer, x, grads, x.shape[0], analysed)
+    n = x.shape[case.input_dim]
+    single = len(outputs) == 1
+    layer_factors = rule.factors(layer, x, outputs[0] if single else outputs,
+                                 grads[0] if single else grads, n, analysed)
     assert layer_factors is not None
-    explicit = _explicit(layer, x, grads)
-    flat = torch.cat([z.reshape(num_cotangents * x.shape[0], -1) for z in explicit.values()], 1)
+    explicit = _explicit(layer, x, grads, case)
+    flat = torch.cat([z.reshape(num_cotangents * n, -1) for z in explicit.values()], 1)
     torch.testing.assert_close(layer_factors.gram(), flat @ flat.T, rtol=1e-12, atol=1e-12)
-    weights = torch.randn(num_cotangents, x.shape[0], generator=g, dtype=torch.float64)
+    weights = torch.randn(num_cotangents, n, generator=g, dtype=torch.float64)
     claimed = layer_factors.weighted_gradients(weights)
     assert sorted(claimed) == sorted(explicit)
+    gram, claimed_together = layer_factors.gram_and_claims(weights)
+    torch.testing.assert_close(gram, flat @ flat.T, rtol=1e-12, atol=1e-12)
+    assert sorted(claimed_together) == sorted(explicit)
     for name, z in explicit.items():
-        torch.testing.assert_close(claimed[name], torch.einsum("kn,kn...->...", weights, z),
-                                   rtol=1e-12, atol=1e-12)
+        expected = torch.einsum("kn,kn...->...", weights, z)
+        torch.testing.assert_close(claimed[name], expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(claimed_together[name], expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("layer", "reason"), [
@@ -144,7 +165,8 @@ def test_norm_rule_declines_batch_statistics():
     layer = nn.BatchNorm1d(3).double()  # training: batch statistics couple the samples
     x = torch.randn(4, 3, dtype=torch.float64)
     grads = torch.randn(1, 4, 3, dtype=torch.float64)
-    assert rule_for(layer).factors(layer, x, grads, 4, frozenset({"weight", "bias"})) is None
+    analysed = frozenset({"weight", "bias"})
+    assert rule_for(layer).factors(layer, x, layer(x).detach(), grads, 4, analysed) is None
     untracked = nn.BatchNorm1d(3, track_running_stats=False).double().eval()
-    assert rule_for(untracked).factors(untracked, x, grads, 4,
-                                       frozenset({"weight", "bias"})) is None
+    assert rule_for(untracked).factors(untracked, x, untracked(x).detach(), grads, 4,
+                                       analysed) is None

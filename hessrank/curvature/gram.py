@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from hessrank.curvature.loss import agreement_tolerance
 from hessrank.curvature.rules import Factors, GramRule, rule_for
@@ -88,30 +89,34 @@ class GramResult:
 
 
 class _Capture:
-    """Forward hooks recording each claimed layer's input; outputs stay differentiable."""
+    """Forward hooks recording each claimed layer's input, its output's value and the output's
+    place in the autograd graph (a gradient edge, through which the capturing backward pass takes
+    the layer's output gradient).
+
+    The edge stays the layer's own output even when a downstream operation modifies that tensor
+    in place (``ReLU(inplace=True)``), so the forward pass runs unchanged, without copies. A layer
+    whose output is not a tensor (or a tuple of them, an RNN's output and final states) that
+    requires grad gets no entry in ``edges``.
+    """
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.inputs: dict[str, Tensor | None] = {}
         self.outputs: dict[str, Tensor | tuple[Tensor, ...]] = {}
+        self.edges: dict[str, list[GradientEdge]] = {}
         self.calls: dict[str, int] = dict.fromkeys(modules, 0)
         self.handles = [module.register_forward_hook(self._hook(name), with_kwargs=True)
                         for name, module in modules.items()]
 
-    def _hook(self, name: str) -> Callable[..., Tensor]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             self.calls[name] += 1
             layer_input = args[0] if args else kwargs.get("input")
             self.inputs[name] = layer_input.detach() if isinstance(layer_input, Tensor) else None
-            # Downstream in-place operations (ReLU(inplace=True)) act on a copy, so the captured
-            # output stays the tensor whose gradient is the layer's output gradient. A tuple of
-            # tensors (an RNN's output and final states) is captured whole.
-            if isinstance(output, tuple):
-                leaves, spec = tree_flatten(output)
-                if all(isinstance(leaf, Tensor) for leaf in leaves):
-                    self.outputs[name] = tuple(leaves)
-                    return tree_unflatten([leaf.clone() for leaf in leaves], spec)
-            self.outputs[name] = output
-            return output.clone()
+            leaves = tree_flatten(output)[0]
+            if leaves and all(isinstance(leaf, Tensor) and leaf.requires_grad for leaf in leaves):
+                self.edges[name] = [get_gradient_edge(leaf) for leaf in leaves]
+                values = tuple(leaf.detach() for leaf in leaves)
+                self.outputs[name] = values if isinstance(output, tuple) else values[0]
         return hook
 
     def remove(self) -> None:
@@ -120,7 +125,8 @@ class _Capture:
 
 
 def _relative_error(claimed: list[Tensor], true: list[Tensor], scale: float) -> float:
-    difference = math.sqrt(sum(float(((c - t) ** 2).sum()) for c, t in zip(claimed, true)))
+    difference = math.sqrt(sum(float(torch.linalg.vector_norm(c - t)) ** 2
+                               for c, t in zip(claimed, true)))
     return difference / max(scale, torch.finfo(torch.float64).tiny)
 
 
@@ -175,25 +181,28 @@ def compute_gram(
     k, n = cotangents.shape[:2]
     notes: list[str] = []
     for group in list(claimed):
-        if capture.calls[group] != 1 or capture.inputs.get(group) is None:
-            claimed.pop(group)  # called twice (its gradient sums several calls), or not at all
-    captured = [capture.outputs[g] for g in claimed]
+        if capture.calls[group] != 1 or capture.inputs.get(group) is None or (
+                group not in capture.edges):
+            # called twice (its gradient sums several calls), not at all, or an output that
+            # is not differentiable tensors
+            claimed.pop(group)
+    values = [capture.outputs[g] for g in claimed]
     flat_grads = iter(_backward_batched(
-        outputs, [t for c in captured for t in (c if isinstance(c, tuple) else (c,))],
-        cotangents))
-    layer_grads = [tuple(next(flat_grads) for _ in c) if isinstance(c, tuple) else next(flat_grads)
-                   for c in captured]
+        outputs, [edge for g in claimed for edge in capture.edges[g]],
+        [t for v in values for t in (v if isinstance(v, tuple) else (v,))], cotangents))
+    layer_grads = [tuple(next(flat_grads) for _ in v) if isinstance(v, tuple) else next(flat_grads)
+                   for v in values]
     factors: dict[str, Factors] = {}
     for (group, (module, rule)), grads in zip(claimed.items(), layer_grads):
         analysed = frozenset(name.rsplit(".", 1)[-1] for name in groups[group])
         layer_input = capture.inputs[group]
-        layer = None if layer_input is None else rule.factors(module, layer_input, grads, n,
-                                                              analysed)
+        layer = None if layer_input is None else rule.factors(
+            module, layer_input, capture.outputs[group], grads, n, analysed)
         # Across processes a layer's factors must be gatherable; others take the general path
         # there (the same decision in every process: it depends on the factors' type alone).
         if layer is not None and (parallel_of(problem) is None or layer.gatherable):
             factors[group] = layer
-    del layer_grads, flat_grads, captured, capture
+    del layer_grads, flat_grads, values, capture
 
     # The check: autograd's gradient of sum_{k,i} w_ki <f_i, s_ki> for every analysed parameter.
     start, stop, total = sample_range(problem)
@@ -212,8 +221,7 @@ def compute_gram(
     passed: dict[str, Tensor] = {}
     failures: dict[str, str] = {}
     for group, layer in factors.items():
-        gram = layer.gram()
-        claims = layer.weighted_gradients(weights)
+        gram, claims = layer.gram_and_claims(weights)
         names = groups[group]
         locals_ = [name.rsplit(".", 1)[-1] for name in names]
         error = math.inf if sorted(claims) != sorted(locals_) else _relative_error(
@@ -422,22 +430,27 @@ def _check_samples_independent(sample_outputs: Tensor, outputs: Tensor, toleranc
         )
 
 
-def _backward_batched(outputs: Tensor, targets: list[Tensor], cotangents: Tensor) -> list[Tensor]:
-    """Gradients ``[K, *target.shape]`` of ``<outputs, cotangent_k>`` w.r.t. each target tensor."""
-    if not targets:
+def _backward_batched(outputs: Tensor, edges: list[GradientEdge], values: list[Tensor],
+                      cotangents: Tensor) -> list[Tensor]:
+    """Gradients ``[K, *value.shape]`` of ``<outputs, cotangent_k>`` w.r.t. each captured tensor
+    (its gradient edge and its value; zeros where the outputs do not depend on it)."""
+    if not edges:
         return []
-    k = cotangents.shape[0]
-    if k > 1:
-        try:
-            grads = torch.autograd.grad(outputs, targets, grad_outputs=cotangents,
-                                        retain_graph=True, is_grads_batched=True,
-                                        allow_unused=True)
-            return [torch.zeros(k, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
-                    for g, t in zip(grads, targets)]
-        except RuntimeError:
-            pass
-    per_k = [torch.autograd.grad(outputs, targets, grad_outputs=cotangents[i],
-                                 retain_graph=True, allow_unused=True)
-             for i in range(k)]
-    return [torch.stack([grads[j] if grads[j] is not None else torch.zeros_like(targets[j])
-                         for grads in per_k]) for j in range(len(targets))]
+
+    def filled(grads: tuple[Tensor | None, ...], count: int) -> list[Tensor]:
+        return [torch.zeros(count, *v.shape, dtype=v.dtype, device=v.device) if g is None else g
+                for g, v in zip(grads, values)]
+
+    def one(cotangent: Tensor) -> list[Tensor]:
+        grads = torch.autograd.grad(outputs, edges, grad_outputs=cotangent, retain_graph=True,
+                                    allow_unused=True)
+        return filled(tuple(None if g is None else g.unsqueeze(0) for g in grads), 1)
+
+    if cotangents.shape[0] == 1:
+        return one(cotangents[0])
+    try:
+        return filled(torch.autograd.grad(outputs, edges, grad_outputs=cotangents,
+                                          retain_graph=True, is_grads_batched=True,
+                                          allow_unused=True), cotangents.shape[0])
+    except RuntimeError:
+        return [torch.cat(pieces) for pieces in zip(*(one(c) for c in cotangents))]

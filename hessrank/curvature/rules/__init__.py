@@ -2,11 +2,11 @@
 
 A rule claims a module type (:attr:`GramRule.module_types`), states its assumptions
 (:meth:`GramRule.factors` returns None where the captured shapes do not fit them) and turns the
-layer's captured input and backpropagated output gradients into :class:`LayerFactors`, from which
-the layer's block of the Gram matrix follows without per-sample gradients. Every claim is then
-*verified* on every call (:mod:`hessrank.curvature.gram`): the factors must reproduce autograd's
-gradient of a randomly weighted sum of the per-sample losses. A module no rule claims, or whose
-rule fails the check, goes through the general ``torch.func`` path.
+layer's captured input, output and backpropagated output gradients into :class:`LayerFactors`,
+from which the layer's block of the Gram matrix follows without per-sample gradients. Every claim
+is then *verified* on every call (:mod:`hessrank.curvature.gram`): the factors must reproduce
+autograd's gradient of a randomly weighted sum of the per-sample losses. A module no rule claims,
+or whose rule fails the check, goes through the general ``torch.func`` path.
 
 Adding a rule is one file in this package that defines a :class:`GramRule` subclass decorated with
 :func:`register_rule`; every module of the package is imported here.
@@ -44,6 +44,7 @@ class GramRule(ABC):
 
     @abstractmethod
     def factors(self, module: nn.Module, layer_input: Tensor,
+                layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
                 analysed: frozenset[str]) -> Factors | None:
         """The layer's factors, or None when the captured shapes break the rule's assumptions.
@@ -52,6 +53,10 @@ class GramRule(ABC):
             module: the layer.
             layer_input: its input in the one call of the forward pass, ``[n, ...]`` if the rule
                 applies.
+            layer_output: its output in that call (detached; a tuple of tensors for a module
+                that returns several, e.g. an RNN's output and final states). It shares storage
+                with the forward pass's tensor, so a downstream in-place operation shows in it:
+                a rule that uses it relies on the gradient check.
             output_grads: ``[K, *output.shape]``: gradients of the ``K`` cotangent products
                 w.r.t. the layer's output (a tuple of them, one per tensor, for a module that
                 returns a tuple, e.g. an RNN's output and final states).

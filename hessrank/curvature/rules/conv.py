@@ -125,6 +125,7 @@ class ConvRule(GramRule):
     module_types = (nn.Conv1d, nn.Conv2d)
 
     def factors(self, module: nn.Module, layer_input: Tensor,
+                layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
                 analysed: frozenset[str]) -> Factors | None:
         if not isinstance(output_grads, Tensor):

@@ -9,7 +9,7 @@ picked by :func:`route_costs`:
 - **token pairs**: the equality mask times the output-gradient dot products, in row chunks;
 - **rows**: each sample's gradient restricted to the ``U`` distinct tokens of the batch
   (``[K n, U, d]``, formed by one ``index_add``), and its Gram, in chunks of the embedding
-  dimension.
+  dimension; the gradient check's claim comes from the same compact rows.
 
 Assumes: the input is a batch of indices (``[n, ...]``, first dimension the sample). Refuses
 ``max_norm`` (the forward pass rewrites the weight), ``scale_grad_by_freq`` (the gradient depends
@@ -52,12 +52,26 @@ class EmbeddingFactors(Factors):
                                             weighted.reshape(-1, dim))}
 
     def gram(self) -> Tensor:
+        distinct, inverse = self._distinct()
+        return self._pair_gram() if inverse is None else self._row_gram(distinct, inverse)
+
+    def gram_and_claims(self, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """On the rows route the claim is taken from the compact per-sample gradients whose Gram
+        is formed (``w^T Z``, scattered to the distinct tokens' rows)."""
+        distinct, inverse = self._distinct()
+        if inverse is None:
+            return self._pair_gram(), self.weighted_gradients(weights)
+        claimed = torch.zeros(self.num_embeddings, self.output_grads.shape[-1],
+                              dtype=self.output_grads.dtype, device=self.output_grads.device)
+        return self._row_gram(distinct, inverse, (weights, claimed)), {"weight": claimed}
+
+    def _distinct(self) -> tuple[Tensor, Tensor | None]:
+        """The batch's distinct tokens, and each token's index among them where
+        :func:`route_costs` picks the rows route (None: the token-pairs route)."""
         k, n, positions, dim = self.output_grads.shape
         distinct, inverse = torch.unique(self.tokens, return_inverse=True)
         pairs, rows = route_costs(k * n, positions, distinct.numel(), dim)
-        if pairs < rows:
-            return self._pair_gram()
-        return self._row_gram(inverse, distinct.numel())
+        return distinct, None if pairs < rows else inverse
 
     def _pair_gram(self) -> Tensor:
         k, n, positions, dim = self.output_grads.shape
@@ -75,22 +89,31 @@ class EmbeddingFactors(Factors):
                                              positions).sum(dim=(1, 3))
         return gram
 
-    def _row_gram(self, inverse: Tensor, distinct: int) -> Tensor:
+    def _row_gram(self, distinct: Tensor, inverse: Tensor,
+                  claim: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The Gram from the compact gradients ``[K n, U, d]``, in chunks of ``d``; with
+        ``claim = (weights [K, n], out [V, d])`` also ``w^T Z`` into the distinct tokens' rows
+        of ``out``."""
         k, n, positions, dim = self.output_grads.shape
+        count = distinct.numel()
         # row (k, i, u) of the compact gradients: sample i's gradient at the u-th distinct token
         sample = torch.arange(n, device=inverse.device).repeat_interleave(positions)
         target = (torch.arange(k, device=inverse.device)[:, None] * n + sample[None, :]) \
-            * distinct + inverse.reshape(-1)[None, :]
+            * count + inverse.reshape(-1)[None, :]
         gram = torch.zeros(k * n, k * n, dtype=self.output_grads.dtype,
                            device=self.output_grads.device)
-        width = max(1, CHUNK_BYTES // max(1, k * n * distinct * self.output_grads.element_size()))
+        width = max(1, CHUNK_BYTES // max(1, k * n * count * self.output_grads.element_size()))
         for start in range(0, dim, width):
             part = self.output_grads[..., start:start + width]
-            compact = torch.zeros(k * n * distinct, part.shape[-1], dtype=part.dtype,
+            compact = torch.zeros(k * n * count, part.shape[-1], dtype=part.dtype,
                                   device=part.device)
             compact.index_add_(0, target.reshape(-1), part.reshape(-1, part.shape[-1]))
             compact = compact.view(k * n, -1)
             gram.addmm_(compact, compact.T)
+            if claim is not None:
+                weights, out = claim
+                out[distinct, start:start + width] = (
+                    weights.reshape(1, -1).to(compact.dtype) @ compact).view(count, -1)
         return gram
 
 
@@ -118,6 +141,7 @@ class EmbeddingRule(GramRule):
                 and not module.scale_grad_by_freq and not module.sparse)
 
     def factors(self, module: nn.Module, layer_input: Tensor,
+                layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
                 analysed: frozenset[str]) -> Factors | None:
         if not isinstance(output_grads, Tensor):

@@ -5,7 +5,11 @@ verifies :meth:`Factors.weighted_gradients`, also vouches for :meth:`Factors.gra
 
 - ``gram()``: the ``[K n, K n]`` Gram matrix of the layer's per-sample gradients, row order
   ``(k, i)``;
-- ``weighted_gradients(w)``: ``sum_{k,i} w_ki G_ki`` for each analysed parameter.
+- ``weighted_gradients(w)``: ``sum_{k,i} w_ki G_ki`` for each analysed parameter;
+- ``gram_and_claims(w)``: both at once, which :mod:`hessrank.curvature.gram` calls: a route that
+  forms explicit per-sample gradients takes the weighted sum from those very rows, so the check
+  verifies the matrix whose Gram is taken, at ``K n P`` multiply-adds instead of another pass
+  over the factors.
 
 :class:`LayerFactors` is the Kronecker structure of a layer whose gradient is a sum of outer
 products: for a weight used as ``out_t = W a_t (+ b)`` at positions ``t`` (one position for a
@@ -14,7 +18,8 @@ gradient for cotangent ``k`` is ``G_ik = sum_t d_ikt a_it^T`` and its bias gradi
 The Gram entries follow from the factors alone:
 ``<G_ik, G_jl> = sum_{t,u} (a_it . a_ju)(d_ikt . d_jlu)``.
 :class:`SampleGradients` holds explicit per-sample gradients of small parameters (norm layers'
-affine parameters), for which the Gram is one product.
+affine parameters), for which the Gram is one product. :class:`ColumnFactors` splits one
+Kronecker layer's weight into several parameters (an LSTM's weights and biases).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -60,6 +65,10 @@ class Factors(ABC):
     @abstractmethod
     def gram(self) -> Tensor:
         """``[K n, K n]`` Gram of the per-sample gradients, row order ``(k, i)``."""
+
+    def gram_and_claims(self, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(gram(), weighted_gradients(weights))``, sharing whatever the two have in common."""
+        return self.gram(), self.weighted_gradients(weights)
 
 
 @dataclass
@@ -124,14 +133,15 @@ class LayerFactors(Factors):
         With many, the cheaper of the position-pair identity and explicit per-sample gradients
         (:func:`kronecker_costs`).
         """
+        explicit = self._explicit()
+        if explicit is not None:
+            return explicit @ explicit.T
         activations, output_grads = self.activations, self.output_grads
         k, n, positions, d_out = output_grads.shape
-        d_in = activations.shape[-1]
-        with_weight = self.weight_shape is not None
         rows = output_grads.reshape(k * n, positions, d_out)
         if positions == 1:
             output_gram = rows[:, 0] @ rows[:, 0].T
-            if not with_weight:
+            if self.weight_shape is None:
                 return output_gram
             activation_gram = activations[:, 0] @ activations[:, 0].T
             if self.with_bias:
@@ -142,16 +152,37 @@ class LayerFactors(Factors):
         summed = rows.sum(dim=1)
         gram = summed @ summed.T if self.with_bias else torch.zeros(
             k * n, k * n, dtype=rows.dtype, device=rows.device)
-        if not with_weight:
+        if self.weight_shape is None:
             return gram
-        pair_cost, dense_cost = kronecker_costs(k * n, positions, d_in, d_out)
+        inner_a = torch.einsum("ntd,msd->nmts", activations, activations).repeat(k, k, 1, 1)
+        inner_d = torch.einsum("ptd,qsd->pqts", rows, rows)
+        return gram + (inner_a * inner_d).sum(dim=(2, 3))
+
+    def gram_and_claims(self, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        explicit = self._explicit()
+        if explicit is None or self.weight_shape is None:
+            return super().gram_and_claims(weights)
+        claimed = (weights.reshape(1, -1).to(explicit.dtype) @ explicit).reshape(
+            self.weight_shape[0], -1)
+        claims = {"weight": claimed[:, :self.activations.shape[-1]].reshape(self.weight_shape)}
+        if self.with_bias:
+            claims["bias"] = claimed[:, -1]
+        return explicit @ explicit.T, claims
+
+    def _explicit(self) -> Tensor | None:
+        """``[K n, d_out (d_in + bias)]``: explicit per-sample gradients of the weight (the bias
+        as one more input column of ones) where :func:`kronecker_costs` picks them over the
+        position-pair identity; None on the other routes (and with one position)."""
+        activations, output_grads = self.activations, self.output_grads
+        k, n, positions, d_out = output_grads.shape
+        if self.weight_shape is None or positions == 1:
+            return None
+        pair_cost, dense_cost = kronecker_costs(k * n, positions, activations.shape[-1], d_out)
         if pair_cost < dense_cost:
-            inner_a = torch.einsum("ntd,msd->nmts", activations, activations).repeat(k, k, 1, 1)
-            inner_d = torch.einsum("ptd,qsd->pqts", rows, rows)
-            return gram + (inner_a * inner_d).sum(dim=(2, 3))
-        per_sample = torch.einsum("kntd,ntf->kndf", output_grads, activations)
-        flat = per_sample.reshape(k * n, -1)
-        return gram + flat @ flat.T
+            return None
+        if self.with_bias:
+            activations = torch.cat([activations, activations.new_ones(n, positions, 1)], dim=-1)
+        return torch.einsum("kntd,ntf->kndf", output_grads, activations).reshape(k * n, -1)
 
 
 def kronecker_costs(rows: int, positions: int, d_in: int, d_out: int) -> tuple[float, float]:
@@ -173,27 +204,42 @@ def kronecker_costs(rows: int, positions: int, d_in: int, d_out: int) -> tuple[f
 
 
 @dataclass
-class CombinedFactors(Factors):
-    """Several factor sets of one module, each naming its parameters: the module's Gram is the
-    sum of theirs (the per-sample gradient is their concatenation).
+class ColumnFactors(Factors):
+    """Several parameters of one module whose per-sample gradients are column blocks of one
+    Kronecker layer's weight gradient ``[d_out, sum of widths]`` (an LSTM's input and recurrent
+    weights and its biases, all multiplying the gates' gradients): one Gram, the claims split.
 
     Attributes:
-        parts: ``(factors, {the factors' local name: the module's parameter name})``.
+        layer: the stacked factors (a weight, no bias).
+        shapes: ``{parameter's local name: its shape}`` in column order; a parameter of shape
+            ``[d_out, *rest]`` takes ``prod(rest)`` columns (a bias one).
     """
 
-    parts: list[tuple[Factors, dict[str, str]]]
+    layer: LayerFactors
+    shapes: dict[str, torch.Size]
 
     @property
     def gatherable(self) -> bool:
-        return all(part.gatherable for part, _ in self.parts)
+        return self.layer.gatherable
 
     def gathered(self, gather: Callable[[Tensor, int], Tensor]) -> Factors:
-        return CombinedFactors([(part.gathered(gather), names) for part, names in self.parts])
+        return ColumnFactors(cast(LayerFactors, self.layer.gathered(gather)), self.shapes)
 
     def weighted_gradients(self, weights: Tensor) -> dict[str, Tensor]:
-        return {names[local]: value for part, names in self.parts
-                for local, value in part.weighted_gradients(weights).items()}
+        return self._split(self.layer.weighted_gradients(weights)["weight"])
 
     def gram(self) -> Tensor:
-        grams = [part.gram() for part, _ in self.parts]
-        return torch.stack(grams).sum(dim=0) if len(grams) > 1 else grams[0]
+        return self.layer.gram()
+
+    def gram_and_claims(self, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        gram, claims = self.layer.gram_and_claims(weights)
+        return gram, self._split(claims["weight"])
+
+    def _split(self, stacked: Tensor) -> dict[str, Tensor]:
+        """The stacked weight's column blocks, one per parameter, in their shapes."""
+        out, start = {}, 0
+        for name, shape in self.shapes.items():
+            width = shape.numel() // shape[0]
+            out[name] = stacked[:, start:start + width].reshape(shape)
+            start += width
+        return out

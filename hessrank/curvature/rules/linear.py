@@ -20,6 +20,7 @@ class LinearRule(GramRule):
     module_types = (nn.Linear,)
 
     def factors(self, module: nn.Module, layer_input: Tensor,
+                layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
                 analysed: frozenset[str]) -> LayerFactors | None:
         if not isinstance(output_grads, Tensor):

@@ -2,14 +2,17 @@
 gradients from the gates' pre-activation gradients, without per-sample backward passes.
 
 With gate pre-activations ``z_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh`` (``h_{-1} = 0``), sample
-``i``'s gradients are Kronecker sums over the time steps: ``G(W_ih) = sum_t dz_it x_it^T``,
-``G(W_hh) = sum_t dz_it h_i,t-1^T`` and ``G(b_ih) = G(b_hh) = sum_t dz_it``
-(:class:`LayerFactors` for each). ``dz`` comes from recomputing the recurrence from the captured
-input with the module's weights and backpropagating the captured gradients of the output and of
-the final states through it (one batched backward pass, all samples at once).
+``i``'s gradient of every parameter is one Kronecker sum over the time steps,
+``sum_t dz_it [x_it, h_i,t-1, 1, 1]^T``: the columns of ``W_ih``, ``W_hh``, ``b_ih`` and ``b_hh``
+side by side (:class:`ColumnFactors` over one :class:`LayerFactors`). The gates follow from the
+captured input and hidden states (the module's own output) in one product for all steps, the cell
+states from their elementwise recurrence; ``dz`` from a hand-written backward recurrence that
+takes the captured gradients of the output and of the final states (all samples and cotangents
+at once, one ``[K n, 4H] x [4H, H]`` product per step).
 
 Assumes: the module is called on a batched input and no initial state (an initial state, or a
-recurrence that differs from the recomputation, fails the gradient check).
+recurrence that differs from this one, fails the gradient check, which compares with autograd's
+gradient through the module's own kernel).
 """
 
 from __future__ import annotations
@@ -18,46 +21,54 @@ import torch
 from torch import Tensor, nn
 
 from hessrank.curvature.rules import GramRule, register_rule
-from hessrank.curvature.rules.factors import CombinedFactors, Factors, LayerFactors
+from hessrank.curvature.rules.factors import ColumnFactors, LayerFactors
 
 
-def gate_gradients(module: nn.LSTM, inputs: Tensor, output_grads: tuple[Tensor, Tensor, Tensor]
-                   ) -> tuple[Tensor, Tensor]:
-    """``dz [K, n, T, 4H]`` and the previous hidden states ``[n, T, H]`` of the recurrence.
+def gate_gradients(module: nn.LSTM, inputs: Tensor, hidden: Tensor,
+                   output_grads: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """``dz [K, n, T, 4H]``: gradients of the gate pre-activations (gate order ``i, f, g, o``).
 
     Args:
         module: the LSTM.
         inputs: ``[n, T, F]``.
+        hidden: ``[n, T, H]``: the hidden states ``h_t`` (the module's output).
         output_grads: gradients of the output ``[K, n, T, H]`` and of the final hidden and cell
-            states ``[K, 1, n, H]``.
+            states ``[K, n, H]``.
     """
-    n, steps, _ = inputs.shape
-    hidden = module.hidden_size
+    d_out, d_h, d_c = output_grads
+    k, n, steps, size = d_out.shape
     params = {name: p.detach() for name, p in module.named_parameters()}
     w_ih, w_hh = params["weight_ih_l0"], params["weight_hh_l0"]
-    with torch.enable_grad():
-        projected = inputs @ w_ih.T
+    with torch.no_grad():
+        previous = torch.cat([hidden.new_zeros(n, 1, size), hidden[:, :-1]], dim=1)
+        gates = inputs @ w_ih.T + previous @ w_hh.T
         if module.bias:
-            projected = projected + params["bias_ih_l0"] + params["bias_hh_l0"]
-        projected.requires_grad_(True)
-        h = torch.zeros(n, hidden, dtype=inputs.dtype, device=inputs.device)
-        c = torch.zeros_like(h)
-        pre, previous, outputs = [], [], []
+            gates += params["bias_ih_l0"] + params["bias_hh_l0"]
+        i, f, g, o = gates.chunk(4, dim=-1)
+        i, f, o = i.sigmoid(), f.sigmoid(), o.sigmoid()
+        g = g.tanh()
+        update = i * g
+        cells = update.new_zeros(n, steps + 1, size)  # cells[:, t + 1] = c_t, c_{-1} = 0
         for t in range(steps):
-            previous.append(h.detach())
-            z = projected[:, t] + h @ w_hh.T
-            pre.append(z)
-            i, f, g, o = z.chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outputs.append(h)
-        d_out, d_h, d_c = output_grads
-        grads = torch.autograd.grad([torch.stack(outputs, dim=1), h, c], pre,
-                                    grad_outputs=[d_out, d_h[:, 0], d_c[:, 0]],
-                                    is_grads_batched=True, allow_unused=True)
-    dz = torch.stack([torch.zeros(d_out.shape[0], n, 4 * hidden, dtype=inputs.dtype,
-                                  device=inputs.device) if g is None else g for g in grads], dim=2)
-    return dz, torch.stack(previous, dim=1)
+            torch.addcmul(update[:, t], f[:, t], cells[:, t], out=cells[:, t + 1])
+        tanh_c = cells[:, 1:].tanh()
+        # dc_t += dh_t * to_cell; dz_o = dh_t * to_o; (dz_i, dz_f, dz_g) = dc_t * to_ifg
+        to_cell = o * (1 - tanh_c * tanh_c)
+        to_o = tanh_c * o * (1 - o)
+        to_ifg = torch.stack([g * i * (1 - i), cells[:, :-1] * f * (1 - f), i * (1 - g * g)],
+                             dim=2)  # [n, T, 3, H]
+        dz = d_out.new_empty(k, n, steps, 4 * size)
+        d_hidden, d_cell = d_h + d_out[:, :, -1], d_c.clone()
+        for t in reversed(range(steps)):
+            if t < steps - 1:
+                d_hidden = torch.addmm(d_out[:, :, t].reshape(k * n, size),
+                                       dz[:, :, t + 1].reshape(k * n, 4 * size),
+                                       w_hh).view(k, n, size)
+            d_cell.addcmul_(d_hidden, to_cell[:, t])
+            torch.mul(d_hidden, to_o[:, t], out=dz[:, :, t, 3 * size:])
+            dz[:, :, t, :3 * size] = (d_cell.unsqueeze(2) * to_ifg[:, t]).view(k, n, 3 * size)
+            d_cell.mul_(f[:, t])
+    return dz
 
 
 @register_rule
@@ -70,22 +81,29 @@ class LSTMRule(GramRule):
                     and not module.bidirectional and module.proj_size == 0)
 
     def factors(self, module: nn.Module, layer_input: Tensor,
+                layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
-                analysed: frozenset[str]) -> Factors | None:
+                analysed: frozenset[str]) -> ColumnFactors | None:
         if (not isinstance(module, nn.LSTM) or not isinstance(output_grads, tuple)
-                or len(output_grads) != 3 or layer_input.dim() != 3):
+                or not isinstance(layer_output, tuple) or len(output_grads) != 3
+                or layer_input.dim() != 3):
             return None
-        d_out, d_h, d_c = output_grads
+        hidden, d_out, d_h, d_c = layer_output[0], *output_grads
         if not module.batch_first:  # [T, n, F]: the samples are the second dimension
-            layer_input, d_out = layer_input.transpose(0, 1), d_out.transpose(1, 2)
-        if layer_input.shape[0] != num_samples:
+            layer_input, hidden, d_out = (layer_input.transpose(0, 1), hidden.transpose(0, 1),
+                                          d_out.transpose(1, 2))
+        if layer_input.shape[0] != num_samples or hidden.shape[:2] != layer_input.shape[:2]:
             return None
-        dz, previous = gate_gradients(module, layer_input, (d_out, d_h, d_c))
-        parts: list[tuple[Factors, dict[str, str]]] = []
-        for source, kind in ((layer_input, "ih"), (previous, "hh")):
-            weight, bias = f"weight_{kind}_l0", f"bias_{kind}_l0"
-            if weight in analysed or bias in analysed:
-                shape = module.get_parameter(weight).shape if weight in analysed else None
-                parts.append((LayerFactors(source, dz, shape, bias in analysed),
-                              {"weight": weight, "bias": bias}))
-        return CombinedFactors(parts) if parts else None
+        dz = gate_gradients(module, layer_input, hidden, (d_out, d_h[:, 0], d_c[:, 0]))
+        n, steps = layer_input.shape[:2]
+        ones = layer_input.new_ones(n, steps, 1)
+        previous = torch.cat([hidden.new_zeros(n, 1, hidden.shape[2]), hidden[:, :-1]], dim=1)
+        sources = {"weight_ih_l0": layer_input, "weight_hh_l0": previous,
+                   "bias_ih_l0": ones, "bias_hh_l0": ones}
+        names = [name for name in sources if name in analysed]
+        if not names:
+            return None
+        activations = torch.cat([sources[name] for name in names], dim=-1)
+        shapes = {name: module.get_parameter(name).shape for name in names}
+        return ColumnFactors(LayerFactors(activations, dz, torch.Size(
+            (dz.shape[-1], activations.shape[-1])), with_bias=False), shapes)

@@ -52,6 +52,7 @@ class NormRule(GramRule):
     module_types = (nn.LayerNorm, nn.GroupNorm, *BATCH_NORMS)
 
     def factors(self, module: nn.Module, layer_input: Tensor,
+                layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
                 analysed: frozenset[str]) -> Factors | None:
         if not isinstance(output_grads, Tensor):
