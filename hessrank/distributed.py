@@ -218,8 +218,7 @@ class ShardedProblem(CurvatureProblem):
 
     def local(self) -> CurvatureProblem:
         """This shard as a single-process problem."""
-        names = [f.name for f in dataclasses.fields(CurvatureProblem)]
-        return CurvatureProblem(**{name: getattr(self, name) for name in names})
+        return CurvatureProblem(**self.core_fields())  # type: ignore[arg-type]
 
 
 def parallel_of(problem: CurvatureProblem) -> DataParallel | None:
@@ -298,8 +297,7 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
     refuse_split_batch_statistics(problem, "process's shard")
     parallel.sizes = tuple(int(size) for _, size, _ in reports)
     all_targets = parallel.gather_samples(problem.targets)
-    names = [f.name for f in dataclasses.fields(CurvatureProblem)]
-    return ShardedProblem(**{name: getattr(problem, name) for name in names},
+    return ShardedProblem(**problem.core_fields(),  # type: ignore[arg-type]
                           parallel=parallel, all_targets=all_targets)
 
 

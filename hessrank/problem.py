@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +87,11 @@ class CurvatureProblem:
         """
         outputs = self.forward() if outputs is None else outputs
         return evaluate_loss(self.loss_fn, outputs, self.targets)
+
+    def core_fields(self) -> dict[str, object]:
+        """The fields a plain :class:`CurvatureProblem` has, by name: builds a specialised problem
+        from a plain one, or strips a specialised one (a shard, a data set) to its batch."""
+        return {f.name: getattr(self, f.name) for f in fields(CurvatureProblem)}
 
     def sample_slice(self, start: int, stop: int) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
         """Inputs of samples ``start:stop`` as ``(args, kwargs)``."""

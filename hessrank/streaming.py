@@ -68,6 +68,17 @@ def is_batch_stream(batch: object) -> bool:
     return isinstance(batch, Iterable)
 
 
+def _check_pair(index: int, item: object) -> None:
+    """Raise unless the data's batch number ``index`` is an ``(inputs, targets)`` pair."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise TypeError(
+            f"batch {index} of the data is {type(item).__name__}"
+            + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+            + ": each batch must be a pair (inputs, targets); for batches that are dicts "
+            "holding the labels, map them first, e.g. [(b, b.pop('labels')) for b in loader]"
+        )
+
+
 def _to_device(item: object, device: torch.device) -> object:
     """A batch's tensors moved to ``device`` (new tensors; the loader's are not modified)."""
     if isinstance(item, Tensor):
@@ -194,20 +205,12 @@ class StreamedProblem(CurvatureProblem):
 
     def first(self) -> CurvatureProblem:
         """The first batch alone (for predictions of a single batch's cost)."""
-        names = [f.name for f in dataclasses.fields(CurvatureProblem)]
-        return CurvatureProblem(**{name: getattr(self, name) for name in names})
+        return CurvatureProblem(**self.core_fields())  # type: ignore[arg-type]
 
     def _batches(self) -> Iterator[CurvatureProblem]:
         """One pass: each batch validated as :func:`hessrank.effective_rank` validates one."""
         for index, item in enumerate(self.data):
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise TypeError(
-                    f"batch {index} of the data is {type(item).__name__}"
-                    + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
-                    + ": each batch must be a pair (inputs, targets); for batches that are "
-                    "dicts holding the labels, map them first, e.g. [(b, b.pop('labels')) for "
-                    "b in loader]"
-                )
+            _check_pair(index, item)
             try:
                 batch = build_problem(self.model, self.loss_fn,
                                       _to_device(item, self.device),  # type: ignore[arg-type]
@@ -405,8 +408,7 @@ class StreamedProblem(CurvatureProblem):
 
 def streamed_problem(problem: CurvatureProblem, data: Iterable[Any]) -> StreamedProblem:
     """A :class:`StreamedProblem` over ``data`` whose first batch ``problem`` is (not surveyed)."""
-    names = [f.name for f in dataclasses.fields(CurvatureProblem)]
-    return StreamedProblem(**{name: getattr(problem, name) for name in names}, data=data)
+    return StreamedProblem(**problem.core_fields(), data=data)  # type: ignore[arg-type]
 
 
 def first_batch(data: Iterable[Any], device: torch.device) -> Batch:
@@ -427,12 +429,7 @@ def first_batch(data: Iterable[Any], device: torch.device) -> Batch:
         )
     with same_draw(data):
         for item in data:
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise TypeError(
-                    f"batch 0 of the data is {type(item).__name__}: each batch must be a pair "
-                    "(inputs, targets); for batches that are dicts holding the labels, map them "
-                    "first, e.g. [(b, b.pop('labels')) for b in loader]"
-                )
+            _check_pair(0, item)
             return _to_device(item, device)  # type: ignore[return-value]
     raise ValueError("the data yielded no batch: pass a loader over a non-empty data set")
 
