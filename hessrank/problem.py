@@ -288,6 +288,64 @@ def build_problem(
     """
     check_call(model, loss_fn, mode)
     model, notes = unwrap_model(model)
+    args, kwargs, targets, labelled = _read_batch(batch)
+    names, selected, excluded = _select_parameters(model, params)
+    dtypes = {p.dtype for p in selected}
+    if len(dtypes) > 1:
+        raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the "
+                         "model to one dtype (model.float() or model.double())")
+    dtype = next(iter(dtypes))
+    if dtype not in SUPPORTED_DTYPES:
+        advice = ("half precision loses too many digits for second derivatives"
+                  if dtype in (torch.float16, torch.bfloat16)
+                  else "the curvature of a real loss needs real parameters")
+        raise ValueError(
+            f"the model's parameters are {dtype}: {advice}. Analyse a float32 copy: "
+            "hessrank.effective_rank(copy.deepcopy(model).float(), ...) with float32 inputs"
+        )
+    devices = {p.device for p in selected}
+    if len(devices) > 1:
+        raise ValueError(f"parameters live on several devices {devices}; move the model to one")
+    device = next(iter(devices))
+    _check_placement(labelled, dtype, device)
+    for name, p in zip(names, selected):
+        if not all_finite(p.detach()):
+            raise ValueError(f"parameter {name!r} contains NaN or Inf: the curvature is undefined")
+    if mode == "train":
+        active_dropout = [name for name, m in model.named_modules()
+                          if isinstance(m, _DROPOUT) and m.training and m.p > 0]
+        if active_dropout:
+            raise ValueError(
+                f"mode='train' with active dropout ({', '.join(active_dropout)}) makes the loss "
+                "random and its curvature undefined: use mode='eval' (the default)"
+            )
+    return CurvatureProblem(model, loss_fn, *_usable_batch(args, kwargs, targets), names,
+                            selected, excluded, mode, notes)
+
+
+def read_batch(batch: object, dtype: torch.dtype, device: torch.device
+               ) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Tensor]:
+    """A batch checked as :func:`build_problem` checks one, for a model of ``dtype`` on
+    ``device``: ``(args, kwargs, targets)``, detached.
+
+    Raises:
+        TypeError, ValueError: naming the tensor at fault and the fix.
+    """
+    args, kwargs, targets, labelled = _read_batch(batch)
+    _check_placement(labelled, dtype, device)
+    return _usable_batch(args, kwargs, targets)
+
+
+def _usable_batch(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], targets: Tensor
+                  ) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Tensor]:
+    """Every tensor of a batch as the analysis uses it (:func:`_usable`)."""
+    return (tuple(_usable(x) for x in args), {k: _usable(x) for k, x in kwargs.items()},
+            _usable(targets))
+
+
+def _read_batch(batch: object) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Tensor,
+                                        list[tuple[str, Tensor]]]:
+    """The batch's form, sizes and values: ``(args, kwargs, targets, labelled tensors)``."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
             "batch must be a pair (inputs, targets); inputs may be a tensor, a tuple of tensors "
@@ -317,25 +375,12 @@ def build_problem(
         if tensor.is_complex():
             raise ValueError(f"{label} is complex ({tensor.dtype}): the curvature of a loss is "
                              "defined for real data; pass real tensors")
+    return args, kwargs, targets, labelled
 
-    names, selected, excluded = _select_parameters(model, params)
-    dtypes = {p.dtype for p in selected}
-    if len(dtypes) > 1:
-        raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the "
-                         "model to one dtype (model.float() or model.double())")
-    dtype = next(iter(dtypes))
-    if dtype not in SUPPORTED_DTYPES:
-        advice = ("half precision loses too many digits for second derivatives"
-                  if dtype in (torch.float16, torch.bfloat16)
-                  else "the curvature of a real loss needs real parameters")
-        raise ValueError(
-            f"the model's parameters are {dtype}: {advice}. Analyse a float32 copy: "
-            "hessrank.effective_rank(copy.deepcopy(model).float(), ...) with float32 inputs"
-        )
-    devices = {p.device for p in selected}
-    if len(devices) > 1:
-        raise ValueError(f"parameters live on several devices {devices}; move the model to one")
-    device = next(iter(devices))
+
+def _check_placement(labelled: list[tuple[str, Tensor]], dtype: torch.dtype,
+                     device: torch.device) -> None:
+    """Every batch tensor on the model's device, and floating inputs in its dtype."""
     for label, tensor in labelled:
         if tensor.device != device:
             raise ValueError(
@@ -347,22 +392,6 @@ def build_problem(
                 f"{label} is {tensor.dtype} but the model's parameters are {dtype}: cast the "
                 f"batch with .to({dtype}) (or the model with .to({tensor.dtype}))"
             )
-    for name, p in zip(names, selected):
-        if not all_finite(p.detach()):
-            raise ValueError(f"parameter {name!r} contains NaN or Inf: the curvature is undefined")
-    if mode == "train":
-        active_dropout = [name for name, m in model.named_modules()
-                          if isinstance(m, _DROPOUT) and m.training and m.p > 0]
-        if active_dropout:
-            raise ValueError(
-                f"mode='train' with active dropout ({', '.join(active_dropout)}) makes the loss "
-                "random and its curvature undefined: use mode='eval' (the default)"
-            )
-    return CurvatureProblem(
-        model, loss_fn, tuple(_usable(x) for x in args),
-        {k: _usable(x) for k, x in kwargs.items()}, _usable(targets), names, selected,
-        excluded, mode, notes,
-    )
 
 
 def _select_parameters(

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from hessrank.curvature.loss import agreement_tolerance, direct_parameter_names
 from hessrank.curvature.operator import ParameterOperator
-from hessrank.problem import Batch, CurvatureProblem, build_problem, refuse_split_batch_statistics
+from hessrank.problem import Batch, CurvatureProblem, read_batch, refuse_split_batch_statistics
 
 #: ``(samples, float64 sum of the targets, float64 sum of every input)``: tells batches apart.
 Fingerprint = tuple[int, float, float]
@@ -130,12 +130,17 @@ def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
 
 
 def _output_gradient(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor,
-                     targets: Tensor) -> tuple[Tensor, float]:
-    """``dL/df`` on detached outputs (zeros where the loss does not use them) and ``L``."""
+                     targets: Tensor) -> Tensor:
+    """``dL/df`` on detached outputs (zeros where the loss does not use them)."""
     leaf = outputs.detach().requires_grad_(True)
-    value = loss_fn(leaf, targets)
-    (gradient,) = torch.autograd.grad(value, leaf, allow_unused=True)
-    return (torch.zeros_like(leaf) if gradient is None else gradient), float(value.detach())
+    (gradient,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, allow_unused=True)
+    return torch.zeros_like(leaf) if gradient is None else gradient
+
+
+def _outputs(batch: CurvatureProblem) -> Tensor:
+    """The model's outputs on one batch, without a graph."""
+    with torch.no_grad():
+        return batch.model(*batch.args, **batch.kwargs)
 
 
 def _coefficient(pair_part: Tensor, alone: Tensor, what: str) -> float:
@@ -212,12 +217,11 @@ class StreamedProblem(CurvatureProblem):
         for index, item in enumerate(self.data):
             _check_pair(index, item)
             try:
-                batch = build_problem(self.model, self.loss_fn,
-                                      _to_device(item, self.device),  # type: ignore[arg-type]
-                                      self.names, self.mode)
+                args, kwargs, targets = read_batch(_to_device(item, self.device), self.dtype,
+                                                   self.device)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"batch {index} of the data: {error}") from error
-            yield batch
+            yield dataclasses.replace(self.first(), args=args, kwargs=kwargs, targets=targets)
 
     def _pair(self, outputs: Tensor, targets: Tensor, gradient: Tensor,
               what: str) -> tuple[float, float]:
@@ -233,18 +237,15 @@ class StreamedProblem(CurvatureProblem):
                 "data set is that of all its samples at once, so every batch needs the same "
                 "output and target shapes past the batch dimension (pad sequences to one length)"
             ) from error
-        pair_gradient, _ = _output_gradient(self.loss_fn, both_outputs, both_targets)
+        pair_gradient = _output_gradient(self.loss_fn, both_outputs, both_targets)
         split = reference_outputs.shape[0]
         alpha = _coefficient(pair_gradient[:split], reference_gradient, "the first batch")
         beta = _coefficient(pair_gradient[split:], gradient, what)
         return alpha, beta
 
-    def _normaliser(self, batch: CurvatureProblem, what: str) -> float:
-        """``Z_b`` relative to the reference batch's (1 for a sum); one forward pass."""
-        with torch.no_grad():
-            outputs = batch.model(*batch.args, **batch.kwargs)
-        CurvatureProblem.loss(batch, outputs)  # checked: a finite scalar
-        gradient, _ = _output_gradient(batch.loss_fn, outputs, batch.targets)
+    def _normaliser(self, batch: CurvatureProblem, outputs: Tensor, what: str) -> float:
+        """``Z_b`` relative to the reference batch's (1 for a sum), from the batch's outputs."""
+        gradient = _output_gradient(batch.loss_fn, outputs, batch.targets)
         alpha, beta = self._pair(outputs, batch.targets, gradient, what)
         if math.isnan(beta):
             return 0.0
@@ -280,13 +281,12 @@ class StreamedProblem(CurvatureProblem):
         total_bytes = 0
         with same_draw(self.data):
             for index, batch in enumerate(self._batches()):
-                what = f"batch {index}"
+                outputs = _outputs(batch)
+                value = float(CurvatureProblem.loss(batch, outputs))  # checked: finite scalar
                 if self._reference is None:
-                    self._begin(batch)
-                normaliser = self._normaliser(batch, what)
+                    self._begin(batch, outputs)
+                normaliser = self._normaliser(batch, outputs, f"batch {index}")
                 self._normalisers.append((_fingerprint(batch), normaliser))
-                with torch.no_grad():
-                    value = float(CurvatureProblem.loss(batch))
                 losses.append((normaliser, value))
                 self.total_samples += batch.num_samples
                 total_bytes += sum(x.numel() * x.element_size() for x in
@@ -304,11 +304,10 @@ class StreamedProblem(CurvatureProblem):
                "(a mean over the data set)")
             + " (verified on every batch)")
 
-    def _begin(self, batch: CurvatureProblem) -> None:
-        """Take ``batch`` as the reference and read the reduction's kind off a pair of it."""
-        with torch.no_grad():
-            outputs = batch.model(*batch.args, **batch.kwargs)
-        gradient, _ = _output_gradient(batch.loss_fn, outputs, batch.targets)
+    def _begin(self, batch: CurvatureProblem, outputs: Tensor) -> None:
+        """Take ``batch`` (with its ``outputs``) as the reference and read the reduction's kind
+        off a pair of it."""
+        gradient = _output_gradient(batch.loss_fn, outputs, batch.targets)
         if float(gradient.abs().max()) == 0.0:
             raise ValueError(
                 "the first batch's loss has a zero gradient w.r.t. the model's outputs, so how "
@@ -363,8 +362,12 @@ class StreamedProblem(CurvatureProblem):
             for index, batch in enumerate(self._batches()):
                 known = (self._normalisers[index] if index < len(self._normalisers)
                          else (None, math.nan))
-                normaliser = (known[1] if known[0] == _fingerprint(batch)
-                              else self._normaliser(batch, f"batch {index}"))
+                if known[0] == _fingerprint(batch):
+                    normaliser = known[1]
+                else:  # a batch the first pass did not see in this place
+                    outputs = _outputs(batch)
+                    CurvatureProblem.loss(batch, outputs)  # checked: a finite scalar
+                    normaliser = self._normaliser(batch, outputs, f"batch {index}")
                 seen += normaliser
                 count += batch.num_samples
                 weight = self._weight(normaliser, total)
