@@ -282,7 +282,8 @@ class StreamedProblem(CurvatureProblem):
         with same_draw(self.data):
             for index, batch in enumerate(self._batches()):
                 outputs = _outputs(batch)
-                value = float(CurvatureProblem.loss(batch, outputs))  # checked: finite scalar
+                with torch.no_grad():  # a parameter term would otherwise build a graph
+                    value = float(CurvatureProblem.loss(batch, outputs))  # checked: finite
                 if self._reference is None:
                     self._begin(batch, outputs)
                 normaliser = self._normaliser(batch, outputs, f"batch {index}")
