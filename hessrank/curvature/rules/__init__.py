@@ -8,8 +8,9 @@ is then *verified* on every call (:mod:`hessrank.curvature.gram`): the factors m
 autograd's gradient of a randomly weighted sum of the per-sample losses. A module no rule claims,
 or whose rule fails the check, goes through the general ``torch.func`` path.
 
-Adding a rule is one file in this package that defines a :class:`GramRule` subclass decorated with
-:func:`register_rule`; every module of the package is imported here.
+Adding a rule is one file in this package that defines a :class:`GramRule` subclass (a
+:class:`TensorRule` for a module that returns one tensor) decorated with :func:`register_rule`;
+every module of the package is imported here.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from torch import Tensor, nn
 
 from hessrank.curvature.rules.factors import Factors, LayerFactors, SampleGradients
 
-__all__ = ["RULES", "Factors", "GramRule", "LayerFactors", "SampleGradients", "register_rule",
-           "rule_for"]
+__all__ = ["RULES", "Factors", "GramRule", "LayerFactors", "SampleGradients", "TensorRule",
+           "register_rule", "rule_for"]
 
 #: The registered rules, in registration order.
 RULES: list[GramRule] = []
@@ -63,6 +64,24 @@ class GramRule(ABC):
             num_samples: ``n``.
             analysed: local names of the module's parameters under analysis (``"weight"``...).
         """
+
+
+class TensorRule(GramRule):
+    """A rule for a module that returns one tensor: its output gradients are one tensor; a
+    module of a claimed type that returns a tuple is left to the general path."""
+
+    def factors(self, module: nn.Module, layer_input: Tensor,
+                layer_output: Tensor | tuple[Tensor, ...],
+                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
+                analysed: frozenset[str]) -> Factors | None:
+        if not isinstance(output_grads, Tensor):
+            return None
+        return self.tensor_factors(module, layer_input, output_grads, num_samples, analysed)
+
+    @abstractmethod
+    def tensor_factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
+                       num_samples: int, analysed: frozenset[str]) -> Factors | None:
+        """:meth:`GramRule.factors` with the output gradients ``[K, *output.shape]``."""
 
 
 def register_rule(cls: type[GramRule]) -> type[GramRule]:

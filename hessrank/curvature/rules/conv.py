@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessrank.curvature.rules import GramRule, register_rule
+from hessrank.curvature.rules import TensorRule, register_rule
 from hessrank.curvature.rules.factors import CHUNK_BYTES, Factors, LayerFactors, kronecker_costs
 
 
@@ -120,16 +120,12 @@ def route_costs(rows: int, positions: int, channels_in: int, channels_out: int,
 
 
 @register_rule
-class ConvRule(GramRule):
+class ConvRule(TensorRule):
     name = "conv"
     module_types = (nn.Conv1d, nn.Conv2d)
 
-    def factors(self, module: nn.Module, layer_input: Tensor,
-                layer_output: Tensor | tuple[Tensor, ...],
-                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
-                analysed: frozenset[str]) -> Factors | None:
-        if not isinstance(output_grads, Tensor):
-            return None
+    def tensor_factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
+                       num_samples: int, analysed: frozenset[str]) -> Factors | None:
         if not isinstance(module, nn.Conv1d | nn.Conv2d):
             return None
         spatial = 1 if isinstance(module, nn.Conv1d) else 2

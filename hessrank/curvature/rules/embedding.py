@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hessrank.curvature.rules import GramRule, register_rule
+from hessrank.curvature.rules import TensorRule, register_rule
 from hessrank.curvature.rules.factors import CHUNK_BYTES, Factors
 
 
@@ -132,7 +132,7 @@ def route_costs(rows: int, positions: int, distinct: int, dim: int) -> tuple[flo
 
 
 @register_rule
-class EmbeddingRule(GramRule):
+class EmbeddingRule(TensorRule):
     name = "embedding"
     module_types = (nn.Embedding,)
 
@@ -140,12 +140,8 @@ class EmbeddingRule(GramRule):
         return (super().supports(module) and module.max_norm is None
                 and not module.scale_grad_by_freq and not module.sparse)
 
-    def factors(self, module: nn.Module, layer_input: Tensor,
-                layer_output: Tensor | tuple[Tensor, ...],
-                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
-                analysed: frozenset[str]) -> Factors | None:
-        if not isinstance(output_grads, Tensor):
-            return None
+    def tensor_factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
+                       num_samples: int, analysed: frozenset[str]) -> Factors | None:
         if (not isinstance(module, nn.Embedding) or layer_input.dim() < 1
                 or layer_input.shape[0] != num_samples
                 or "weight" not in analysed or layer_input.is_floating_point()):

@@ -11,20 +11,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hessrank.curvature.rules import GramRule, LayerFactors, register_rule
+from hessrank.curvature.rules import LayerFactors, TensorRule, register_rule
 
 
 @register_rule
-class LinearRule(GramRule):
+class LinearRule(TensorRule):
     name = "linear"
     module_types = (nn.Linear,)
 
-    def factors(self, module: nn.Module, layer_input: Tensor,
-                layer_output: Tensor | tuple[Tensor, ...],
-                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
-                analysed: frozenset[str]) -> LayerFactors | None:
-        if not isinstance(output_grads, Tensor):
-            return None
+    def tensor_factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
+                       num_samples: int, analysed: frozenset[str]) -> LayerFactors | None:
         if layer_input.dim() < 2 or layer_input.shape[0] != num_samples:
             return None
         k = output_grads.shape[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessrank.curvature.rules import GramRule, register_rule
+from hessrank.curvature.rules import TensorRule, register_rule
 from hessrank.curvature.rules.factors import Factors, SampleGradients
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -47,16 +47,12 @@ def _normalised(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]] 
 
 
 @register_rule
-class NormRule(GramRule):
+class NormRule(TensorRule):
     name = "norm"
     module_types = (nn.LayerNorm, nn.GroupNorm, *BATCH_NORMS)
 
-    def factors(self, module: nn.Module, layer_input: Tensor,
-                layer_output: Tensor | tuple[Tensor, ...],
-                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
-                analysed: frozenset[str]) -> Factors | None:
-        if not isinstance(output_grads, Tensor):
-            return None
+    def tensor_factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
+                       num_samples: int, analysed: frozenset[str]) -> Factors | None:
         if layer_input.dim() < 2 or layer_input.shape[0] != num_samples:
             return None
         normalised = _normalised(module, layer_input)
