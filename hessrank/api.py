@@ -233,7 +233,7 @@ def effective_rank(
                 "is the curvature of this process's batch alone; pass "
                 "process_group=torch.distributed.group.WORLD for the global batch")
         with evaluation_mode(problem.model, mode):
-            concatenate = isinstance(problem, StreamedProblem) and not estimator.streams
+            concatenate = not estimator.streams  # a data set runs on its batches joined
             if isinstance(problem, StreamedProblem):
                 problem.survey()
             outputs = functools.cache(lambda: probe_outputs(per_batch(problem)[0]))
