@@ -117,23 +117,31 @@ def _contains(low: float, value: float, high: float) -> str:
     return "contains" if low <= value <= high else "**misses**"
 
 
+def seconds(work) -> float:
+    """Wall time of ``work()``, queued GPU work included."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    work()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def median_seconds(work, repeats: int) -> float:
     """Median wall time of ``work()`` over ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(work) for _ in range(repeats))
 
 
-def scale(width: int, products: int, samples: int, paired: bool) -> None:
+def scale(width: int, products: int, samples: int, paired: bool, device: str) -> None:
     """Time and memory of the solver on an MLP 784 -> width -> width -> 10; with ``paired``, also
-    the solver with full reorthogonalisation at every step (same process)."""
-    dataset = presets.load_data("synthetic", samples=samples, seed=0, image_size=28)
+    the solver with full reorthogonalisation at every step (same process). On a GPU the memory
+    is the peak of allocated device memory, on the CPU the process's peak resident memory."""
+    dataset = presets.load_data("synthetic", samples=samples, seed=0, image_size=28,
+                                device=device)
     model = presets.build_model(
         "mlp", input_shape=(1, 28, 28), num_classes=10, activation="relu", width=width, depth=2,
-        seed=0, dtype=torch.float32, device="cpu", weights=None,
+        seed=0, dtype=torch.float32, device=device, weights=None,
     )
     problem = build_problem(model, nn.CrossEntropyLoss(), (dataset.inputs, dataset.targets),
                             None, "eval")
@@ -144,11 +152,14 @@ def scale(width: int, products: int, samples: int, paired: bool) -> None:
 
     gradient_seconds = median_seconds(gradient, 3)
     operator = HessianOperator(problem)
-    probe = torch.ones(1, operator.dim)
+    probe = torch.ones(1, operator.dim, device=device)
     product_seconds = median_seconds(lambda: operator.matmat(probe), 3)
-    start = time.perf_counter()
-    result = lanczos_spectrum(operator, max_products=products)
-    solver_seconds = time.perf_counter() - start
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    runs = []
+    solver_seconds = seconds(lambda: runs.append(lanczos_spectrum(operator, max_products=products)))
+    result = runs[0]
     per_product = solver_seconds / result.num_products
     full_per_product = None
     if paired:
@@ -160,17 +171,20 @@ def scale(width: int, products: int, samples: int, paired: bool) -> None:
                                 (0.0, full_times)]:
             lanczos.ORTHOGONALITY_FRACTION = fraction
             try:
-                start = time.perf_counter()
-                run = lanczos_spectrum(operator, max_products=products)
-                times.append((time.perf_counter() - start) / run.num_products)
+                times.append(seconds(lambda: lanczos_spectrum(operator, max_products=products))
+                             / result.num_products)
             finally:
                 lanczos.ORTHOGONALITY_FRACTION = default_fraction
         print(f"per product, semi-orthogonal runs {np.round(semi_times, 3)} s, full "
               f"{np.round(full_times, 3)} s")
         per_product = statistics.median(semi_times)
         full_per_product = statistics.median(full_times)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"P = {operator.dim:,}, {samples} samples, torch threads = {torch.get_num_threads()}")
+    if cuda:
+        peak, where = torch.cuda.max_memory_allocated(), f"{torch.cuda.get_device_name()} memory"
+    else:
+        peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "resident memory"
+    print(f"P = {operator.dim:,}, {samples} samples, device {device}, "
+          f"torch threads = {torch.get_num_threads()}")
     print(f"gradient                 {gradient_seconds:.3f} s")
     print(f"Hessian-vector product   {product_seconds:.3f} s  "
           f"({product_seconds / gradient_seconds:.2f}x gradient)")
@@ -181,7 +195,7 @@ def scale(width: int, products: int, samples: int, paired: bool) -> None:
         print(f"full reorthogonalisation {full_per_product:.3f} s  "
               f"({full_per_product / gradient_seconds:.2f}x gradient; semi-orthogonal / full = "
               f"{per_product / full_per_product:.2f})")
-    print(f"peak resident memory     {peak / 2**30:.2f} GiB")
+    print(f"peak {where:<20}{peak / 2**30:.2f} GiB")
     print(f"top Ritz values          {np.array2string(result.ritz_values[:5], precision=4)}")
     print("notes: " + "; ".join(result.notes))
 
@@ -200,11 +214,12 @@ def main() -> None:
     big.add_argument("--paired", action="store_true",
                      help="alternate with full reorthogonalisation at every step (2 runs each); "
                           "per product = median")
+    big.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args()
     if args.mode == "accuracy":
         accuracy(args.seeds, args.threshold, args.runs)
     else:
-        scale(args.width, args.products, args.samples, args.paired)
+        scale(args.width, args.products, args.samples, args.paired, args.device)
 
 
 if __name__ == "__main__":

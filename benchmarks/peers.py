@@ -82,7 +82,7 @@ def backpack_batchgrad_gram(model: nn.Module, loss: nn.Module, x: Tensor, y: Ten
     model.zero_grad(set_to_none=True)
     with backpack(BatchGrad()):
         loss(model(x), y).backward()
-    gram = torch.zeros(n, n, dtype=next(model.parameters()).dtype)
+    gram = torch.zeros(n, n, dtype=next(model.parameters()).dtype, device=x.device)
     for p in model.parameters():
         gb = p.grad_batch.flatten(1)
         gram.addmm_(gb, gb.T)
@@ -133,7 +133,7 @@ def vmap_grad_gram(model: nn.Module, x: Tensor, y: Tensor) -> np.ndarray:
 
     grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
     n = x.shape[0]
-    gram = torch.zeros(n, n, dtype=next(iter(params.values())).dtype)
+    gram = torch.zeros(n, n, dtype=next(iter(params.values())).dtype, device=x.device)
     for g in grads.values():
         g = g.flatten(1)
         gram.addmm_(g, g.T)
@@ -171,7 +171,7 @@ def curvlinops_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Callable:
 def curvlinops_dense_eigvalsh(model: nn.Module, x: Tensor, y: Tensor) -> np.ndarray:
     """curvlinops dense Hessian ``H @ I`` (all P columns in one call) + float64 eigvalsh."""
     op = curvlinops_hessian(model, x, y)
-    dense = op @ torch.eye(op.shape[1], dtype=x.dtype)
+    dense = op @ torch.eye(op.shape[1], dtype=x.dtype, device=x.device)
     dense = (dense + dense.T) / 2
     return sort_desc(torch.linalg.eigvalsh(dense.double()))
 

@@ -174,31 +174,36 @@ def mlp_for_params(target: int) -> tuple[int, ...]:
 
 
 def build_model(spec: Spec) -> nn.Module:
-    """The model of a case spec, seeded."""
+    """The model of a case spec, seeded, on the spec's device (default cpu)."""
     torch.manual_seed(spec.get("seed", 0))
     if spec["model"] == "cnn":
-        return cnn(spec.get("variant", "mnist"))
-    if spec["model"] == "resnet18":  # CIFAR-sized inputs; BatchNorm on running statistics
+        model = cnn(spec.get("variant", "mnist"))
+    elif spec["model"] == "resnet18":  # CIFAR-sized inputs; BatchNorm on running statistics
         import torchvision
 
-        return torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    if spec["model"] == "gpt":
-        return GPT(positions=spec.get("variant", "per-sample"))
-    if spec["model"] == "lstm":
-        return LSTMClassifier()
-    return mlp(spec["widths"])
+        model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    elif spec["model"] == "gpt":
+        model = GPT(positions=spec.get("variant", "per-sample"))
+    elif spec["model"] == "lstm":
+        model = LSTMClassifier()
+    else:
+        model = mlp(spec["widths"])
+    return model.to(spec.get("device", "cpu"))
 
 
 def build_batch(spec: Spec) -> tuple[Tensor, Tensor]:
-    """A seeded random batch (inputs, labels) for the case's model."""
+    """A seeded random batch (inputs, labels) for the case's model, on the spec's device (the
+    same numbers on every device: drawn on the CPU)."""
     g = torch.Generator().manual_seed(spec.get("seed", 0) + 1)
-    n = spec["n"]
+    n, device = spec["n"], spec.get("device", "cpu")
     if spec["model"] == "gpt":
-        return (torch.randint(0, 512, (n, 64), generator=g),
-                torch.randint(0, 512, (n, 64), generator=g))
-    shape = {"cnn": (n, 1, 28, 28), "resnet18": (n, 3, 32, 32),
-             "lstm": (n, 32, 32)}.get(spec["model"]) or (n, spec["widths"][0])
-    return torch.randn(shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+        inputs = torch.randint(0, 512, (n, 64), generator=g)
+        labels = torch.randint(0, 512, (n, 64), generator=g)
+    else:
+        shape = {"cnn": (n, 1, 28, 28), "resnet18": (n, 3, 32, 32),
+                 "lstm": (n, 32, 32)}.get(spec["model"]) or (n, spec["widths"][0])
+        inputs, labels = torch.randn(shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return inputs.to(device), labels.to(device)
 
 
 def num_params(model: nn.Module) -> int:
@@ -241,7 +246,7 @@ def make_case(spec: Spec) -> Callable[[], dict[str, Any]]:
         from hessrank.problem import build_problem
 
         op = HessianOperator(build_problem(model, loss, (x, y), None, "eval"))
-        v = torch.randn(op.dim)
+        v = torch.randn(op.dim, device=x.device)
         return lambda: (op.matvec(v), {})[1]
     if tool in ("backpack_batchgrad", "backpack_sqrtggn", "vivit"):
         emodel, eloss = peers.extended(model)
@@ -255,7 +260,7 @@ def make_case(spec: Spec) -> Callable[[], dict[str, Any]]:
         return lambda: {"eigenvalues": peers.vmap_grad_gram(model, x, y)}
     if tool in ("curvlinops_ef", "curvlinops_ggn"):  # one matrix-vector product
         operator = peers.curvlinops_operator(tool.split("_")[1], model, x, y)
-        vector = torch.randn(num_params(model))
+        vector = torch.randn(num_params(model), device=x.device)
         return lambda: (operator @ vector, {})[1]
     if tool == "curvlinops_dense":
         return lambda: {"eigenvalues": peers.curvlinops_dense_eigvalsh(model, x, y)}
@@ -298,10 +303,18 @@ def predict(spec: Spec, gflops: float) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- measurement
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work (a no-op without CUDA), so a wall-clock interval covers it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(run: Callable[[], dict[str, Any]]) -> tuple[float, dict[str, Any]]:
-    """Seconds of one call, and what it returned."""
+    """Seconds of one call, and what it returned (queued GPU work included)."""
+    synchronize()
     t0 = time.perf_counter()
     out = run()
+    synchronize()
     return time.perf_counter() - t0, out
 
 
@@ -355,17 +368,24 @@ def vm_kib(field: str) -> int:
 
 
 def memory_child(spec: Spec) -> None:
-    """Subprocess entry: run the case once, print its peak RSS above the pre-call RSS as JSON."""
+    """Subprocess entry: run the case once, print its peak memory above the pre-call level as
+    JSON: resident memory on the CPU, allocated device memory on a GPU."""
     import gc
 
     run = make_case(spec)
     make_case({**spec, "tool": "fwd_bwd", "opts": {}})()  # one-time library initialisation
     gc.collect()
-    before = vm_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM
+    cuda = spec.get("device", "cpu").startswith("cuda")
+    if cuda:
+        synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = vm_kib("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM
     seconds, out = timed(run)
-    peak = vm_kib("VmHWM")
-    print(json.dumps({"peak_bytes": max(peak - before, 0) * 1024, "seconds": seconds,
+    peak = torch.cuda.max_memory_allocated() if cuda else vm_kib("VmHWM") * 1024
+    print(json.dumps({"peak_bytes": max(peak - before, 0), "seconds": seconds,
                       "hessrank_peak_memory": out.get("peak_memory")}))
 
 
@@ -392,14 +412,17 @@ class Bench:
         self.results: dict[str, dict[str, Any]] = {}
         self.gflops = self.calibrate()
 
-    @staticmethod
-    def calibrate() -> float:
-        """Measured float32 GEMM rate (GFLOP/s) used to predict peer run times."""
-        a, b = torch.randn(1024, 4096), torch.randn(4096, 1024)
+    def calibrate(self) -> float:
+        """Measured float32 GEMM rate (GFLOP/s) on the benchmark's device, used to predict
+        peer run times."""
+        a = torch.randn(1024, 4096, device=self.args.device)
+        b = torch.randn(4096, 1024, device=self.args.device)
         a @ b
+        synchronize()
         t0 = time.perf_counter()
         for _ in range(3):
             a @ b
+        synchronize()
         return 3 * 2 * 1024 * 4096 * 1024 / (time.perf_counter() - t0) / 1e9
 
     def skip_reason(self, spec: Spec, time_cap_s: float) -> tuple[str | None, dict[str, float]]:
@@ -408,7 +431,7 @@ class Bench:
         if not (mem or sec):
             return None, {}
         pred = {"predicted_bytes": mem, "predicted_seconds": sec}
-        cap = min(self.args.mem_cap_gb * GIB, 0.7 * available_bytes())
+        cap = min(self.args.mem_cap_gb * GIB, 0.7 * available_bytes(self.args.device))
         if mem > cap:
             return f"skipped, would need {mem / GIB:.1f} GB", pred
         if sec > time_cap_s:
@@ -423,6 +446,7 @@ class Bench:
         cap = self.args.time_cap_s if time_cap_s is None else time_cap_s
         runs: dict[str, Callable[[], dict[str, Any]]] = {}
         for name, spec in cases.items():
+            spec = {**spec, "device": self.args.device}
             entry: dict[str, Any] = {"spec": spec, "group": title,
                                      "num_params": num_params(build_model(spec))}
             why, pred = self.skip_reason(spec, cap)
@@ -465,8 +489,11 @@ class Bench:
                   f"  ({t['repeats']} rounds)", flush=True)
 
 
-def available_bytes() -> float:
-    """Memory the system can still give (psutil), or +inf without psutil."""
+def available_bytes(device: str = "cpu") -> float:
+    """Memory the device can still give: free GPU memory, or the system's (psutil; +inf
+    without psutil)."""
+    if device.startswith("cuda"):
+        return float(torch.cuda.mem_get_info(torch.device(device))[0])
     try:
         import psutil
     except ImportError:
@@ -782,7 +809,7 @@ def summarised(results: dict[str, dict[str, Any]], top: int = 20) -> dict[str, d
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, cores, memory, versions."""
+    """CPU model, GPU (where one was used), cores, memory, versions."""
     model = "unknown"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -810,7 +837,8 @@ def machine() -> dict[str, Any]:
                                 capture_output=True, text=True).stdout.strip() or None
     except OSError:
         commit = None
-    return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_initialized() else None
+    return {"cpu": model, "gpu": gpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "git_commit": commit,
             "memory_bytes": mem, "python": platform.python_version(), "versions": versions}
 
@@ -839,7 +867,8 @@ def markdown(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
              info: dict[str, Any]) -> str:
     """The machine, the case table and the targets as Markdown (pasted into the README)."""
     v = info["versions"]
-    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, "
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    lines = [f"Machine: {info['cpu']}{gpu}, {info['cores']} cores, "
              f"{(info['memory_bytes'] or 0) / GIB:.0f} GB; torch {v['torch']}, "
              f"{info['threads']} threads; BackPACK {v['backpack-for-pytorch']}, "
              f"ViViT {v['vivit-for-pytorch']}, curvlinops {v['curvlinops-for-pytorch']}, "
@@ -982,6 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-time-cap-s", type=float, default=30.0,
                     help="the same for the sweeps' peer cases")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda: where models, batches and every tool run (default cpu)")
     ap.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 

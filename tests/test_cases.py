@@ -702,3 +702,45 @@ def test_float32_lstm_fisher_matches_float64():
     assert single.paths["lstm.weight_hh_l0"] == "lstm"
     np.testing.assert_allclose(single.eigenvalues, expected.eigenvalues, rtol=0,
                                atol=1e-5 * expected.top_eigenvalue)
+
+
+# ------------------------------------------------------------------------------------------------
+# the same cases on a GPU (skipped without CUDA): the CPU reference, the computation on the device
+# ------------------------------------------------------------------------------------------------
+
+
+def _on(value, device: torch.device):
+    """``value`` (a tensor, tuple or dict of tensors) on ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _on(item, device) for key, item in value.items()}
+    return tuple(_on(item, device) for item in value)
+
+
+CUDA_PARAMS = [pytest.param(case, method, id=f"{case.name}-{method}") for case in CASES
+               for method in (*case.methods, "lanczos") if case.loss is not WEIGHTED_CE]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize(("case", "method"), CUDA_PARAMS)
+def test_case_on_cuda_matches_cpu_reference(case: Case, method: str):
+    """Every case computed on the GPU (float64) against the CPU reference; the rules take the
+    same paths there. ``lanczos`` is checked on its converged top eigenvalue against the
+    exact Hessian's, with as many steps as parameters."""
+    kind = "exact" if method == "lanczos" else method
+    reference = eigenvalues_by_magnitude(_reference(case, kind, *case.build()))
+    model, inputs, targets = case.build()  # the same seeded model (a reference may alter one)
+    device = torch.device("cuda")
+    options = {"lanczos_steps": len(reference)} if method == "lanczos" else {}
+    result = hessrank.effective_rank(model.to(device), case.loss,
+                                     (_on(inputs, device), targets.to(device)), method=method,
+                                     **options)
+    if method == "lanczos":
+        assert result.eigenvalues[0] == pytest.approx(reference[0], rel=1e-6)
+        return
+    count = min(len(result.eigenvalues), len(reference))
+    assert_spectra_close(result.eigenvalues, reference, count=count, rtol=1e-9)
+    if method in ("fisher", "ggn"):
+        for name, path in case.paths.items():
+            assert result.paths[name] == path, (name, result.paths)
