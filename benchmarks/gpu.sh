@@ -11,7 +11,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 { nvidia-smi -L; python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__)"; } \
     > "$out/tests.log" 2>&1
-timeout 170 python3 -m pytest tests/test_cases.py -k cuda -n 8 -p no:cacheprovider -rf \
+timeout 300 python3 -m pytest tests/test_cases.py -k cuda -n 14 -p no:cacheprovider -rf --tb=line \
     >> "$out/tests.log" 2>&1; echo "exit $?" >> "$out/tests.log"
 timeout 100 python3 benchmarks/lanczos_scale.py scale --device cuda --products 100 --paired \
     > "$out/lanczos.log" 2>&1; echo "exit $?" >> "$out/lanczos.log"

@@ -157,6 +157,7 @@ def scale(width: int, products: int, samples: int, paired: bool, device: str) ->
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    lanczos_spectrum(operator, max_products=5)  # warm-up: first-call costs (GPU libraries)
     runs = []
     solver_seconds = seconds(lambda: runs.append(lanczos_spectrum(operator, max_products=products)))
     result = runs[0]
@@ -190,7 +191,7 @@ def scale(width: int, products: int, samples: int, paired: bool, device: str) ->
           f"({product_seconds / gradient_seconds:.2f}x gradient)")
     print(f"solver, per product      {per_product:.3f} s  "
           f"({per_product / gradient_seconds:.2f}x gradient; {result.num_products} products, "
-          f"first run {solver_seconds:.1f} s)")
+          f"first timed run {solver_seconds:.1f} s)")
     if full_per_product is not None:
         print(f"full reorthogonalisation {full_per_product:.3f} s  "
               f"({full_per_product / gradient_seconds:.2f}x gradient; semi-orthogonal / full = "

@@ -214,7 +214,7 @@ def effective_rank(
             raise ValueError("eigenvectors= is not available with process_group yet: compute "
                              "them in one process on the gathered batch")
     start = time.perf_counter()
-    with preserved_state(model), differentiable():
+    with preserved_state(model), differentiable(model):
         with agreement(parallel):
             problem = build_problem(
                 model, loss_fn,
@@ -366,7 +366,7 @@ def predict_exact_cost(
     estimator = ESTIMATORS["exact"]
     check_call(model, loss_fn, "eval")
     settings = Settings(max_memory=64 * 2**30, max_seconds=float("inf"))
-    with preserved_state(model), differentiable():
+    with preserved_state(model), differentiable(model):
         problem = build_problem(model, loss_fn, batch, params, "eval")
         with evaluation_mode(problem.model, "eval"):
             cost = estimator.predict(problem, lambda: probe_outputs(problem), settings,
@@ -409,7 +409,7 @@ def gradient_overlap(
     estimator = ESTIMATORS["exact"]
     check_call(model, loss_fn, "eval")
     settings = _settings(threshold, None, max_memory, None, 0, False, False)
-    with preserved_state(model), differentiable():
+    with preserved_state(model), differentiable(model):
         problem = build_problem(model, loss_fn, batch, params, "eval")
         with evaluation_mode(problem.model, "eval"):
             estimator.check_budget(

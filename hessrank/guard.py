@@ -119,8 +119,30 @@ def evaluation_mode(model: nn.Module, mode: str) -> Iterator[None]:
 
 
 @contextmanager
-def differentiable() -> Iterator[None]:
-    """Gradients on, inference mode off: a call made under ``torch.no_grad()`` or
-    ``torch.inference_mode()`` still differentiates (the caller's modes return on exit)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
+def differentiable(model: nn.Module) -> Iterator[None]:
+    """Kernels that differentiate ``model`` exactly, whatever the caller had set.
+
+    - Gradients on, inference mode off: a call made under ``torch.no_grad()`` or
+      ``torch.inference_mode()`` still differentiates.
+    - Full float32 matrix products and convolutions (no TF32, no bfloat16 passes): on a GPU,
+      cuDNN convolutions default to TF32, whose 10-bit mantissa is about 1e-3 off; the per-sample
+      gradient check would refuse that, and it would blur every eigenvalue below 1e-3 of the top.
+    - cuDNN off for a model with recurrent layers: cuDNN's RNN kernels have no backward in
+      evaluation mode, torch's own CUDA kernels are twice differentiable.
+
+    The caller's settings return on exit.
+    """
+    cudnn = torch.backends.cudnn
+    recurrent = any(isinstance(module, nn.RNNBase) for module in model.modules())
+    matmul_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            cudnn.flags(enabled=cudnn.enabled and not recurrent, benchmark=cudnn.benchmark,
+                        deterministic=cudnn.deterministic, allow_tf32=False),
+        ):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)

@@ -232,3 +232,39 @@ def test_ctrl_c_during_a_restore_is_delivered_after_it():
         signal.raise_signal(signal.SIGINT)
         finished.append("restore ran to the end")
     assert finished == ["restore ran to the end"]
+
+
+class _RecurrentClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("method", ["fisher", "exact"])
+def test_full_precision_kernels_inside_a_call_and_the_callers_settings_after(method):
+    """Inside a call: float32 products at full precision, no TF32 in cuDNN, cuDNN off for a
+    recurrent model (its RNN kernels have no backward in evaluation mode). After it: the
+    caller's settings, even ones that trade precision for speed."""
+    model = _RecurrentClassifier().double()
+    seen = []
+    model.head.register_forward_hook(lambda *args: seen.append((
+        torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.enabled)))
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(5, 3, 3, generator=g, dtype=torch.float64),
+             torch.randint(0, 2, (5,), generator=g))
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+              torch.backends.cudnn.enabled)
+    torch.set_float32_matmul_precision("medium")
+    try:
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method=method)
+        after = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+                 torch.backends.cudnn.enabled)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+    assert seen and set(seen) == {("highest", False, False)}
+    assert after == ("medium", *before[1:])
