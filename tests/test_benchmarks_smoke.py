@@ -141,3 +141,16 @@ def test_targets_table_flags_pass_and_fail() -> None:
     assert rows["fisher time / ViViT 1-MC GGN eigvals time"] == "FAIL"
     assert rows["BackPACK BatchGrad+Gram time / fisher time"] == "FAIL"
     assert rows["ggn time / ViViT exact GGN eigvals time"] == "n/a"
+
+
+def test_eigensolve_script_and_its_certificate() -> None:
+    """``benchmarks/eigensolve.py`` times both float64 routes, and its float32 certificate (a
+    theorem's bound) is no smaller than the float32 error it bounds."""
+    pytest.importorskip("threadpoolctl")
+    eigensolve = _load("hessrank_bench_eigensolve",
+                       Path(__file__).resolve().parents[1] / "benchmarks" / "eigensolve.py")
+    sizes = eigensolve.solver_sizes([8], rounds=1)
+    assert set(sizes[8]) == {"torch_1t", "scipy_evd_1t"}
+    factor = torch.randn(40, 20, generator=torch.Generator().manual_seed(0))
+    study = eigensolve.float32_study(factor @ factor.T, rounds=1)
+    assert 0 < study["f32_eigh_error"] <= study["certificate"] < 1e-3

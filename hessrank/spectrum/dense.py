@@ -1,4 +1,24 @@
-"""Eigenvalues of dense symmetric matrices, in float64, ordered by decreasing magnitude."""
+"""Eigenvalues of dense symmetric matrices, in float64, ordered by decreasing magnitude.
+
+Every eigenvalue here comes from torch's float64 solve (LAPACK ``dsyevd``, backward stable).
+Measured and not adopted (``benchmarks/eigensolve.py``, ``benchmarks/README.md``, "The dense
+eigen-solve"):
+
+- **A float32 solve** of the ``ggn`` Gram (4608 x 4608, the benchmark MLP's float32 Gram). Its
+  eigenvalues alone took about 0.45x the float64 solve, but nothing proves them to the accuracy
+  issue 9 asks (every eigenvalue within 1e-6 of the largest): ``eigvalsh`` was off by 6.2e-7 and
+  ``eigh`` by 1.2e-6 of the largest. A proof needs eigenvectors ``V``: with
+  ``R = K V - V diag(lambda)``, ``E = V^T V - I`` and ``||E|| < 1``, the polar factor ``Q`` of
+  ``V`` makes ``Q^T K Q - diag(lambda)`` symmetric with norm at most
+  ``(||R|| + 2 (1 - sqrt(1 - ||E||)) max|lambda|) / sqrt(1 - ||E||)``, and Weyl's inequality
+  bounds every eigenvalue's error by that. Float32 vectors leave ``||E||_2 = 8e-6`` (``3e-6`` at
+  512), so the bound is 1.05e-5 of the largest (3.9e-6 at 512) and proves nothing at 1e-6; and
+  ``eigh`` with vectors took 2.5x the float64 ``eigvalsh`` before the check's two float64 ``m^3``
+  products.
+- **scipy's ``dsyevd`` on one thread** for small matrices: 0.80x torch's time at 512, 0.66x at
+  1024, none at 2048. It needs ``threadpoolctl`` to hold scipy's BLAS to one thread (a runtime
+  dependency beyond the declared ones), and no gain of a whole ``fisher`` call was established.
+"""
 
 from __future__ import annotations
 
