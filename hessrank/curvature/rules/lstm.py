@@ -52,23 +52,27 @@ def gate_gradients(module: nn.LSTM, inputs: Tensor, hidden: Tensor,
         for t in range(steps):
             torch.addcmul(update[:, t], f[:, t], cells[:, t], out=cells[:, t + 1])
         tanh_c = cells[:, 1:].tanh()
-        # dc_t += dh_t * to_cell; dz_o = dh_t * to_o; (dz_i, dz_f, dz_g) = dc_t * to_ifg
-        to_cell = o * (1 - tanh_c * tanh_c)
-        to_o = tanh_c * o * (1 - o)
-        to_ifg = torch.stack([g * i * (1 - i), cells[:, :-1] * f * (1 - f), i * (1 - g * g)],
-                             dim=2)  # [n, T, 3, H]
-        dz = d_out.new_empty(k, n, steps, 4 * size)
-        d_hidden, d_cell = d_h + d_out[:, :, -1], d_c.clone()
+        # dc_t += dh_t * to_cell; dz_o = dh_t * to_o; (dz_i, dz_f, dz_g) = dc_t * to_ifg.
+        # Time-major copies ([T, ...]): every step below reads and writes contiguous blocks.
+        to_cell = (o * (1 - tanh_c * tanh_c)).transpose(0, 1).contiguous()
+        to_o = (tanh_c * o * (1 - o)).transpose(0, 1).contiguous()
+        to_ifg = torch.cat([g * i * (1 - i), cells[:, :-1] * f * (1 - f), i * (1 - g * g)],
+                           dim=-1).transpose(0, 1).contiguous()  # [T, n, 3H]
+        forget = f.transpose(0, 1).contiguous()
+        d_steps = d_out.permute(2, 0, 1, 3).reshape(steps, k * n, size)
+        dz = d_out.new_empty(steps, k * n, 4 * size)
+        d_hidden = (d_h + d_out[:, :, -1]).reshape(k * n, size)
+        d_cell = d_c.reshape(k * n, size).clone()
         for t in reversed(range(steps)):
             if t < steps - 1:
-                d_hidden = torch.addmm(d_out[:, :, t].reshape(k * n, size),
-                                       dz[:, :, t + 1].reshape(k * n, 4 * size),
-                                       w_hh).view(k, n, size)
-            d_cell.addcmul_(d_hidden, to_cell[:, t])
-            torch.mul(d_hidden, to_o[:, t], out=dz[:, :, t, 3 * size:])
-            dz[:, :, t, :3 * size] = (d_cell.unsqueeze(2) * to_ifg[:, t]).view(k, n, 3 * size)
-            d_cell.mul_(f[:, t])
-    return dz
+                d_hidden = torch.addmm(d_steps[t], dz[t + 1], w_hh)
+            d_cell.view(k, n, size).addcmul_(d_hidden.view(k, n, size), to_cell[t])
+            torch.mul(d_hidden.view(k, n, size), to_o[t],
+                      out=dz[t, :, 3 * size:].view(k, n, size))
+            torch.mul(d_cell.view(k, n, 1, size), to_ifg[t].view(n, 3, size),
+                      out=dz[t, :, :3 * size].view(k, n, 3, size))
+            d_cell.view(k, n, size).mul_(forget[t])
+    return dz.view(steps, k, n, 4 * size).permute(1, 2, 0, 3)
 
 
 @register_rule
