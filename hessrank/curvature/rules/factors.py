@@ -216,16 +216,21 @@ class LayerFactors(Factors):
         that is cheaper (``n T r (d_in + d_out) + r d_in d_out`` multiply-adds with the probe's
         product of the true gradient, instead of ``n T d_in d_out``), the bias's exact."""
         explicit = self._explicit()
-        _, n, positions, d_out = self.output_grads.shape
+        k, n, positions, d_out = self.output_grads.shape
+        d_in = self.activations.shape[-1]
         if self.weight_shape is not None and explicit is None and probes is not None and (
-                _projection_pays(n * positions, self.activations.shape[-1], d_out)):
-            weighted, rows = self._weighted_rows(weights)
-            probe = torch.randn(rows.shape[1], PROBE_COLUMNS, generator=probes,
-                                dtype=torch.float64).to(device=rows.device, dtype=rows.dtype)
-            projected: dict[str, Claim] = {
-                "weight": Projected(weighted.T @ (rows @ probe), probe)}
+                _projection_pays(n * positions, d_in, d_out)):
+            grads = self.output_grads.reshape(k * n * positions, d_out)
+            rows = self.activations.reshape(n * positions, d_in)
+            probe = torch.randn(d_in, PROBE_COLUMNS, generator=probes,
+                                dtype=rows.dtype).to(rows.device)
+            # sum_{k,i,t} w_ki d_ikt (a_it . R): the weights scale the narrow [n T, r] side.
+            scale = weights.to(grads.dtype).reshape(k, n, 1, 1)
+            probed = (scale * (rows @ probe).reshape(1, n, positions, -1)).reshape(
+                k * n * positions, -1)
+            projected: dict[str, Claim] = {"weight": Projected(grads.T @ probed, probe)}
             if self.with_bias:
-                projected["bias"] = weighted.sum(dim=0)
+                projected["bias"] = scale.expand(k, n, positions, 1).reshape(-1) @ grads
             return self.gram(), projected
         if explicit is None or self.weight_shape is None:
             return super().gram_and_claims(weights)
