@@ -261,6 +261,51 @@ def test_positions_summed_by_the_kronecker_identity(method):
     assert_spectra_close(result.eigenvalues, reference, count=count, rtol=1e-9)
 
 
+class WideTiedAutoencoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(192, 160)
+        self.dec_bias = nn.Parameter(torch.zeros(192))
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wide_weights_are_checked_through_a_probe(dtype, monkeypatch):
+    """Weights wide enough for the gradient check's probe (``factors.Projected``; too many
+    parameters for the dense references): an MLP passes it and agrees with the general path;
+    a tied autoencoder whose decoder reuses the encoder's weight fails it, as the comparison of
+    whole gradients does, and goes to the general path."""
+    from hessrank.curvature.rules import factors
+
+    compared = []
+    excess = factors.Projected.excess
+    monkeypatch.setattr(factors.Projected, "excess",
+                        lambda self, true: compared.append(true.shape) or excess(self, true))
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 192, generator=generator, dtype=dtype)
+    y = torch.randint(0, 3, (64,), generator=generator)
+    model = mlp((192, 160, 3), dtype=dtype)
+    rtol = 1e-9 if dtype == torch.float64 else 1e-4
+    for method in ("fisher", "ggn"):
+        fast = hessrank.effective_rank(model, CE, (x, y), method=method)
+        general = hessrank.effective_rank(model, CE, (x, y), method=method, backend="func")
+        assert set(fast.paths.values()) == {"linear"}, fast.paths
+        assert not fast.notes or not any("gradient check" in note for note in fast.notes)
+        assert_spectra_close(fast.eigenvalues, general.eigenvalues, count=20, rtol=rtol)
+    assert compared == [(160, 192), (160, 192)]  # the first layer's, once per method
+    tied = WideTiedAutoencoder().to(dtype)
+    target = torch.randn(64, 192, generator=generator, dtype=dtype)
+    fast = hessrank.effective_rank(tied, nn.MSELoss(), (x, target), method="fisher")
+    general = hessrank.effective_rank(tied, nn.MSELoss(), (x, target), method="fisher",
+                                      backend="func")
+    assert fast.paths["enc.weight"] == "torch.func" and len(compared) == 3
+    assert any("'enc' failed the gradient check" in note for note in fast.notes), fast.notes
+    assert_spectra_close(fast.eigenvalues, general.eigenvalues, count=20, rtol=rtol)
+
+
 @pytest.mark.parametrize(("method", "make"), [("ggn", reference_ggn), ("fisher", reference_fisher)])
 def test_factor_operators_are_the_dense_matrices(method, make):
     """``ggn_lanczos``/``fisher_lanczos`` products: ``F F^T`` applied to the identity equals the

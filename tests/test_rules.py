@@ -170,3 +170,64 @@ def test_norm_rule_declines_batch_statistics():
     untracked = nn.BatchNorm1d(3, track_running_stats=False).double().eval()
     assert rule_for(untracked).factors(untracked, x, untracked(x).detach(), grads, 4,
                                        analysed) is None
+
+
+@pytest.mark.parametrize(("positions", "route"), [(1, None), (3, CHEAP_FIRST)],
+                         ids=["one position", "position pairs"])
+@pytest.mark.parametrize("num_cotangents", [1, 2])
+def test_wide_kronecker_claims_come_through_a_probe(positions: int, route, num_cotangents: int,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    """With a probe generator, a weight wide enough for it to pay is claimed as ``C R``
+    (:class:`factors.Projected`): equal to the whole claim times the probe; the bias, the Gram
+    and the claims without a generator are as before."""
+    if route is not None:
+        monkeypatch.setattr(factors, "kronecker_costs", route)
+    g = torch.Generator().manual_seed(0)
+    n, d_in, d_out = 64, 192, 160
+    layer = factors.LayerFactors(
+        torch.randn(n, positions, d_in, generator=g, dtype=torch.float64),
+        torch.randn(num_cotangents, n, positions, d_out, generator=g, dtype=torch.float64),
+        torch.Size((d_out, d_in)), with_bias=True)
+    assert factors._projection_pays(n * positions, d_in, d_out)
+    weights = torch.randn(num_cotangents, n, generator=g, dtype=torch.float64)
+    exact = layer.weighted_gradients(weights)
+    gram, claims = layer.gram_and_claims(weights, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(gram, layer.gram(), rtol=1e-12, atol=1e-12)
+    projected = claims["weight"]
+    assert isinstance(projected, factors.Projected)
+    assert projected.probe.shape == (d_in, factors.PROBE_COLUMNS)
+    torch.testing.assert_close(projected.product, exact["weight"] @ projected.probe,
+                               rtol=1e-12, atol=1e-12)
+    assert projected.excess(exact["weight"]) <= 1e-20 * float(exact["weight"].norm()) ** 2
+    torch.testing.assert_close(claims["bias"], exact["bias"], rtol=1e-12, atol=1e-12)
+    assert all(isinstance(c, Tensor) for c in layer.gram_and_claims(weights)[1].values())
+
+
+def test_narrow_weight_claims_are_formed():
+    """A weight too narrow for the probe to pay (a 10-class head) is claimed whole."""
+    g = torch.Generator().manual_seed(0)
+    layer = factors.LayerFactors(torch.randn(64, 1, 192, generator=g),
+                                 torch.randn(1, 64, 1, 10, generator=g),
+                                 torch.Size((10, 192)), with_bias=True)
+    _, claims = layer.gram_and_claims(torch.randn(1, 64, generator=g),
+                                      torch.Generator().manual_seed(1))
+    assert isinstance(claims["weight"], Tensor)
+
+
+def test_projected_check_is_at_least_as_strict_as_the_whole_comparison():
+    """A difference of rank one is the worst case for a probe (chi-square with r degrees of
+    freedom): over many probes it still counts at least its whole size, so a claim the
+    comparison of whole matrices fails also fails projected (the chance of the opposite is
+    below 2e-14 per layer)."""
+    g = torch.Generator().manual_seed(0)
+    counted = []
+    for _ in range(500):
+        difference = torch.outer(torch.randn(160, generator=g, dtype=torch.float64),
+                                 torch.randn(192, generator=g, dtype=torch.float64))
+        probe = torch.randn(192, factors.PROBE_COLUMNS, generator=g, dtype=torch.float64)
+        projected = factors.Projected(difference @ probe, probe)
+        counted.append(projected.excess(torch.zeros_like(difference))
+                       / float(difference.norm()) ** 2)
+    assert min(counted) >= 1.0
+    # and it is an estimate of the size, not a bound far above it (16x in expectation)
+    assert 12 < sum(counted) / len(counted) < 20

@@ -14,9 +14,12 @@ Two paths fill a group's block:
 **Verification, on every call.** One extra backward pass with random weights ``w_ki`` gives
 autograd's gradient of ``sum_{k,i} w_ki <f_i, s_ki>``, which must equal ``sum_{k,i} w_ki G_ki``
 from each path's per-sample factors (a Freivalds-style check: with probability one a wrong factor
-fails it, and a pass proves each sample's factors up to rounding). A rule that fails goes to the
-general path; the general path failing means the samples interact (an error). The general path
-also checks that each sample's output, computed alone, equals its row of the batch output.
+fails it, and a pass proves each sample's factors up to rounding). A wide weight of a Kronecker
+rule is compared through a random probe on the parameter side as well (Freivalds' own check,
+:class:`~hessrank.curvature.rules.factors.Projected`, with a tolerance that keeps it at least as
+strict). A rule that fails goes to the general path; the general path failing means the samples
+interact (an error). The general path also checks that each sample's output, computed alone,
+equals its row of the batch output.
 
 **Data-parallel** (a :class:`~hessrank.distributed.ShardedProblem`): each process computes and
 verifies the factors of its own samples; the processes agree on which rules passed everywhere,
@@ -28,7 +31,7 @@ forms the global Gram from them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +44,7 @@ from torch.utils._pytree import tree_flatten
 
 from hessrank.curvature.loss import agreement_tolerance
 from hessrank.curvature.rules import Factors, GramRule, rule_for
+from hessrank.curvature.rules.factors import Claim, Projected
 from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
 from hessrank.problem import CurvatureProblem
 
@@ -124,8 +128,11 @@ class _Capture:
             handle.remove()
 
 
-def _relative_error(claimed: list[Tensor], true: list[Tensor], scale: float) -> float:
-    difference = math.sqrt(sum(float(torch.linalg.vector_norm(c - t)) ** 2
+def _relative_error(claimed: Sequence[Claim], true: list[Tensor], scale: float) -> float:
+    """The claims' distance from autograd's gradients relative to ``scale`` (a projected claim
+    counts as :meth:`~hessrank.curvature.rules.factors.Projected.excess` says)."""
+    difference = math.sqrt(sum(c.excess(t) if isinstance(c, Projected)
+                               else float(torch.linalg.vector_norm(c - t)) ** 2
                                for c, t in zip(claimed, true)))
     return difference / max(scale, torch.finfo(torch.float64).tiny)
 
@@ -220,8 +227,10 @@ def compute_gram(
     tolerance = agreement_tolerance(problem.dtype)
     passed: dict[str, Tensor] = {}
     failures: dict[str, str] = {}
+    # The probes of projected claims: their own stream (the weights' generator is left as it was).
+    probes = torch.Generator().manual_seed(generator.initial_seed() ^ 0x5DEECE66D)
     for group, layer in factors.items():
-        gram, claims = layer.gram_and_claims(weights)
+        gram, claims = layer.gram_and_claims(weights, probes)
         names = groups[group]
         locals_ = [name.rsplit(".", 1)[-1] for name in names]
         error = math.inf if sorted(claims) != sorted(locals_) else _relative_error(

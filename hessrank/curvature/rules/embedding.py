@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from hessrank.curvature.rules import TensorRule, register_rule
-from hessrank.curvature.rules.factors import CHUNK_BYTES, Factors
+from hessrank.curvature.rules.factors import CHUNK_BYTES, Claim, Factors
 
 
 @dataclass
@@ -55,12 +55,13 @@ class EmbeddingFactors(Factors):
         distinct, inverse = self._distinct()
         return self._pair_gram() if inverse is None else self._row_gram(distinct, inverse)
 
-    def gram_and_claims(self, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def gram_and_claims(self, weights: Tensor, probes: torch.Generator | None = None
+                        ) -> tuple[Tensor, dict[str, Claim]]:
         """On the rows route the claim is taken from the compact per-sample gradients whose Gram
         is formed (``w^T Z``, scattered to the distinct tokens' rows)."""
         distinct, inverse = self._distinct()
         if inverse is None:
-            return self._pair_gram(), self.weighted_gradients(weights)
+            return self._pair_gram(), dict(self.weighted_gradients(weights))
         claimed = torch.zeros(self.num_embeddings, self.output_grads.shape[-1],
                               dtype=self.output_grads.dtype, device=self.output_grads.device)
         return self._row_gram(distinct, inverse, (weights, claimed)), {"weight": claimed}

@@ -6,10 +6,12 @@ verifies :meth:`Factors.weighted_gradients`, also vouches for :meth:`Factors.gra
 - ``gram()``: the ``[K n, K n]`` Gram matrix of the layer's per-sample gradients, row order
   ``(k, i)``;
 - ``weighted_gradients(w)``: ``sum_{k,i} w_ki G_ki`` for each analysed parameter;
-- ``gram_and_claims(w)``: both at once, which :mod:`hessrank.curvature.gram` calls: a route that
-  forms explicit per-sample gradients takes the weighted sum from those very rows, so the check
-  verifies the matrix whose Gram is taken, at ``K n P`` multiply-adds instead of another pass
-  over the factors.
+- ``gram_and_claims(w, probes)``: both at once, which :mod:`hessrank.curvature.gram` calls: a
+  route that forms explicit per-sample gradients takes the weighted sum from those very rows, so
+  the check verifies the matrix whose Gram is taken, at ``K n P`` multiply-adds instead of another
+  pass over the factors; the Kronecker routes without them claim a wide weight's gradient
+  through a random probe (:class:`Projected`), ``n T r (d_in + d_out)`` multiply-adds instead of
+  the ``n T d_in d_out`` of forming it.
 
 :class:`LayerFactors` is the Kronecker structure of a layer whose gradient is a sum of outer
 products: for a weight used as ``out_t = W a_t (+ b)`` at positions ``t`` (one position for a
@@ -35,6 +37,45 @@ from torch import Tensor
 
 #: Bytes of intermediate tensors a rule's Gram may hold at once (it works in chunks above).
 CHUNK_BYTES = 256 * 2**20
+
+#: Probe columns ``r`` of a :class:`Projected` claim.
+PROBE_COLUMNS = 32
+#: A projected difference's norm counts this many times its expected size (see :class:`Projected`).
+PROBE_STRICTNESS = 4.0
+
+
+@dataclass
+class Projected:
+    """A claimed gradient ``C`` (``[d_out, ...]``, flattened to ``[d_out, m]``) given through its
+    product ``C R`` with a Gaussian probe ``R`` ``[m, r]``: Freivalds' check of a matrix product,
+    without forming ``C`` (which costs as much as the weight gradient of a backward pass).
+
+    For autograd's gradient ``T``, ``||(C - T) R||^2 / r`` estimates ``||C - T||^2`` without
+    bias; :meth:`excess` counts it ``PROBE_STRICTNESS^2 = 16`` times, so the check fails every
+    claim that the comparison of the whole matrices fails unless ``||(C - T) R||^2 <
+    ||C - T||^2 r / 16``, a chi-square tail: at worst (``C - T`` of rank one)
+    ``P(chi2_32 < 2) < 2e-14`` per layer, and less the higher the rank. The price is a tolerance
+    4x tighter for rounding differences, far from binding (they sit 10^2-10^3 below it), and a
+    failed check only sends the layer to the general path.
+
+    Attributes:
+        product: ``C R``, ``[d_out, r]``.
+        probe: ``R``, ``[m, r]``.
+    """
+
+    product: Tensor
+    probe: Tensor
+
+    def excess(self, true: Tensor) -> float:
+        """``16 ||(C - T) R||^2 / r``: the squared difference from autograd's gradient ``true``
+        as the check counts it."""
+        difference = self.product - true.reshape(self.product.shape[0], -1) @ self.probe
+        return (PROBE_STRICTNESS**2 * float(torch.linalg.vector_norm(difference)) ** 2
+                / self.probe.shape[1])
+
+
+#: A claimed gradient: the tensor itself, or its product with a probe.
+Claim = Tensor | Projected
 
 
 class Factors(ABC):
@@ -66,9 +107,13 @@ class Factors(ABC):
     def gram(self) -> Tensor:
         """``[K n, K n]`` Gram of the per-sample gradients, row order ``(k, i)``."""
 
-    def gram_and_claims(self, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(gram(), weighted_gradients(weights))``, sharing whatever the two have in common."""
-        return self.gram(), self.weighted_gradients(weights)
+    def gram_and_claims(self, weights: Tensor, probes: torch.Generator | None = None
+                        ) -> tuple[Tensor, dict[str, Claim]]:
+        """``(gram(), weighted_gradients(weights))``, sharing whatever the two have in common.
+
+        With ``probes`` (a CPU generator) a claim may come as a :class:`Projected` product where
+        forming it would cost a pass over the factors; without, every claim is the tensor."""
+        return self.gram(), dict(self.weighted_gradients(weights))
 
 
 @dataclass
@@ -117,16 +162,22 @@ class LayerFactors(Factors):
 
         This is what the factors claim the gradient of ``sum_{k,i} w_ki <f_i, s_ki>`` to be.
         """
-        k, n, positions, d_out = self.output_grads.shape
-        weighted = (weights.to(self.output_grads.dtype).reshape(k, n, 1, 1)
-                    * self.output_grads).sum(dim=0).reshape(n * positions, d_out)
+        weighted, rows = self._weighted_rows(weights)
         out = {}
         if self.weight_shape is not None:  # one GEMM over all (sample, position) rows
-            rows = self.activations.reshape(n * positions, -1)
             out["weight"] = (weighted.T @ rows).reshape(self.weight_shape)
         if self.with_bias:
             out["bias"] = weighted.sum(dim=0)
         return out
+
+    def _weighted_rows(self, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """``sum_k w_ki d_ikt`` and ``a_it`` as ``[n T, d_out]`` and ``[n T, d_in]`` rows."""
+        k, n, positions, d_out = self.output_grads.shape
+        scale = weights.to(self.output_grads.dtype).reshape(k, n, 1, 1)
+        weighted = (self.output_grads[0] * scale[0] if k == 1
+                    else (scale * self.output_grads).sum(dim=0))
+        return (weighted.reshape(n * positions, d_out),
+                self.activations.reshape(n * positions, -1))
 
     def gram(self) -> Tensor:
         """With one position, the weight and bias share one ``D D^T``: ``(D D^T) * (A A^T + 1)``.
@@ -158,13 +209,35 @@ class LayerFactors(Factors):
         inner_d = torch.einsum("ptd,qsd->pqts", rows, rows)
         return gram + (inner_a * inner_d).sum(dim=(2, 3))
 
-    def gram_and_claims(self, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def gram_and_claims(self, weights: Tensor, probes: torch.Generator | None = None
+                        ) -> tuple[Tensor, dict[str, Claim]]:
+        """On the explicit route the claims come from the per-sample gradients whose Gram is
+        taken; on the others, with ``probes``, the weight's claim is :class:`Projected` where
+        that is cheaper (``n T r (d_in + d_out) + r d_in d_out`` multiply-adds with the probe's
+        product of the true gradient, instead of ``n T d_in d_out``), the bias's exact."""
         explicit = self._explicit()
+        k, n, positions, d_out = self.output_grads.shape
+        d_in = self.activations.shape[-1]
+        if self.weight_shape is not None and explicit is None and probes is not None and (
+                _projection_pays(n * positions, d_in, d_out)):
+            grads = self.output_grads.reshape(k * n * positions, d_out)
+            rows = self.activations.reshape(n * positions, d_in)
+            probe = torch.randn(d_in, PROBE_COLUMNS, generator=probes,
+                                dtype=rows.dtype).to(rows.device)
+            # sum_{k,i,t} w_ki d_ikt (a_it . R): the weights scale the narrow [n T, r] side.
+            scale = weights.to(grads.dtype).reshape(k, n, 1, 1)
+            probed = (scale * (rows @ probe).reshape(1, n, positions, -1)).reshape(
+                k * n * positions, -1)
+            projected: dict[str, Claim] = {"weight": Projected(grads.T @ probed, probe)}
+            if self.with_bias:
+                projected["bias"] = scale.expand(k, n, positions, 1).reshape(-1) @ grads
+            return self.gram(), projected
         if explicit is None or self.weight_shape is None:
             return super().gram_and_claims(weights)
         claimed = (weights.reshape(1, -1).to(explicit.dtype) @ explicit).reshape(
             self.weight_shape[0], -1)
-        claims = {"weight": claimed[:, :self.activations.shape[-1]].reshape(self.weight_shape)}
+        claims: dict[str, Claim] = {
+            "weight": claimed[:, :self.activations.shape[-1]].reshape(self.weight_shape)}
         if self.with_bias:
             claims["bias"] = claimed[:, -1]
         return explicit @ explicit.T, claims
@@ -183,6 +256,13 @@ class LayerFactors(Factors):
         if self.with_bias:
             activations = torch.cat([activations, activations.new_ones(n, positions, 1)], dim=-1)
         return torch.einsum("kntd,ntf->kndf", output_grads, activations).reshape(k * n, -1)
+
+
+def _projection_pays(rows: int, d_in: int, d_out: int) -> bool:
+    """Whether a :class:`Projected` weight claim over ``rows`` (sample, position) rows costs less
+    than forming the claim."""
+    return (PROBE_COLUMNS * (rows * (d_in + d_out) + d_in * d_out)
+            < rows * d_in * d_out)
 
 
 def kronecker_costs(rows: int, positions: int, d_in: int, d_out: int) -> tuple[float, float]:
@@ -231,9 +311,10 @@ class ColumnFactors(Factors):
     def gram(self) -> Tensor:
         return self.layer.gram()
 
-    def gram_and_claims(self, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        gram, claims = self.layer.gram_and_claims(weights)
-        return gram, self._split(claims["weight"])
+    def gram_and_claims(self, weights: Tensor, probes: torch.Generator | None = None
+                        ) -> tuple[Tensor, dict[str, Claim]]:
+        gram, claims = self.layer.gram_and_claims(weights)  # whole claims: they are split
+        return gram, dict(self._split(cast(Tensor, claims["weight"])))
 
     def _split(self, stacked: Tensor) -> dict[str, Tensor]:
         """The stacked weight's column blocks, one per parameter, in their shapes."""
