@@ -99,7 +99,11 @@ class GramEstimator(Estimator):
             evaluate_loss(loss_fn, outputs, targets)  # the loss, checked, with helpful errors
             check_no_parameter_terms(loss_fn, outputs, targets, problem.params, problem.names,
                                      self.name)
-            return self.cotangents(loss_fn, outputs, targets, generator, options)[0]
+            # Sampled factors (mc_samples) from a stream of their own, restarted at every call:
+            # the same outputs give the same labels, so the eigenvectors (_eigenpairs) come from
+            # the very matrix whose Gram was solved.
+            labels = torch.Generator().manual_seed(settings.seed + 1)
+            return self.cotangents(loss_fn, outputs, targets, labels, options)[0]
 
         with settings.reporter.task(f"{self.name} Gram matrix", 1) as advance:
             result = self._gram(problem, settings, options, cotangents_of, generator)
