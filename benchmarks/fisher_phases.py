@@ -27,9 +27,10 @@ import importlib
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
+
+from paired_trees import mlp_fisher_case  # this folder: the same MLP, batch and warm-up
 
 
 def main() -> int:
@@ -38,35 +39,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ab", choices=("trim", "solver-threads"))
     args = parser.parse_args()
-    import torch
-    from torch import nn
-
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    import hessrank
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                          nn.Linear(512, 10))
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(512, 784, generator=generator)
-    y = torch.randint(0, 10, (512,), generator=generator)
-    loss = nn.CrossEntropyLoss()
-
-    def fwd_bwd() -> None:
-        model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-
-    def fisher() -> None:
-        hessrank.effective_rank(model, loss, (x, y), "fisher")
+    fwd_bwd, fisher, _ = mlp_fisher_case(args.threads)
 
     def timed(run: Callable[[], None]) -> float:
         start = time.perf_counter()
         run()
         return time.perf_counter() - start
 
-    fwd_bwd()
-    fisher()
     if args.ab:
         return compare(args, fisher)
     spent: dict[str, float] = collections.defaultdict(float)

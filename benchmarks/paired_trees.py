@@ -23,11 +23,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
-def worker(threads: int) -> None:
-    """Answer each line on stdin with one round's timings (a JSON line)."""
+def mlp_fisher_case(threads: int) -> tuple[Callable[[], None], Callable[[], None], str]:
+    """The MLP and batch of ``run.py --only fisher`` with torch on ``threads`` threads: its plain
+    forward+backward, hessrank's ``fisher`` call (each warmed up once), and the path of the
+    hessrank that runs (imported here, so a worker's ``PYTHONPATH`` picks the tree)."""
     import warnings
 
     import torch
@@ -54,7 +57,13 @@ def worker(threads: int) -> None:
 
     fwd_bwd()
     fisher()
-    print(json.dumps({"ready": hessrank.__file__}), flush=True)
+    return fwd_bwd, fisher, hessrank.__file__
+
+
+def worker(threads: int) -> None:
+    """Answer each line on stdin with one round's timings (a JSON line)."""
+    fwd_bwd, fisher, source = mlp_fisher_case(threads)
+    print(json.dumps({"ready": source}), flush=True)
     for _ in sys.stdin:
         times = []
         for _ in range(3):
