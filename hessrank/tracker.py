@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import hessrank
+from hessrank.streaming import is_batch_stream
 
 if TYPE_CHECKING:
     from hessrank.results import RankResult
@@ -222,13 +223,14 @@ def _check_options(options: Mapping[str, Any], where: str) -> None:
 
 def _check_batch(batch: object, name: str) -> None:
     """Accept what :func:`hessrank.effective_rank` takes: a pair, a list of pairs, a loader."""
-    if isinstance(batch, tuple | list):
-        if len(batch) == 2 and isinstance(batch[1], torch.Tensor):
+    if not is_batch_stream(batch):
+        if isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[1],
+                                                                               torch.Tensor):
             return
-        if batch and all(isinstance(item, tuple | list) and len(item) == 2 for item in batch):
-            return
-    elif isinstance(batch, Iterable) and not isinstance(batch, torch.Tensor | str | Mapping):
+    elif not isinstance(batch, tuple | list):
         return  # a DataLoader: effective_rank validates each batch
+    elif batch and all(isinstance(item, tuple | list) and len(item) == 2 for item in batch):
+        return
     raise TypeError(f"{name} must be a pair (inputs, targets), a list of such pairs or a "
                     f"DataLoader yielding them, got {type(batch).__name__}")
 

@@ -216,9 +216,18 @@ class LayerFactors(Factors):
         that is cheaper (``n T r (d_in + d_out) + r d_in d_out`` multiply-adds with the probe's
         product of the true gradient, instead of ``n T d_in d_out``), the bias's exact."""
         explicit = self._explicit()
+        if explicit is not None:  # a weight with many positions, per-sample gradients formed
+            assert self.weight_shape is not None
+            claimed = (weights.reshape(1, -1).to(explicit.dtype) @ explicit).reshape(
+                self.weight_shape[0], -1)
+            claims: dict[str, Claim] = {
+                "weight": claimed[:, :self.activations.shape[-1]].reshape(self.weight_shape)}
+            if self.with_bias:
+                claims["bias"] = claimed[:, -1]
+            return explicit @ explicit.T, claims
         k, n, positions, d_out = self.output_grads.shape
         d_in = self.activations.shape[-1]
-        if self.weight_shape is not None and explicit is None and probes is not None and (
+        if self.weight_shape is not None and probes is not None and (
                 _projection_pays(n * positions, d_in, d_out)):
             grads = self.output_grads.reshape(k * n * positions, d_out)
             rows = self.activations.reshape(n * positions, d_in)
@@ -232,15 +241,7 @@ class LayerFactors(Factors):
             if self.with_bias:
                 projected["bias"] = scale.expand(k, n, positions, 1).reshape(-1) @ grads
             return self.gram(), projected
-        if explicit is None or self.weight_shape is None:
-            return super().gram_and_claims(weights)
-        claimed = (weights.reshape(1, -1).to(explicit.dtype) @ explicit).reshape(
-            self.weight_shape[0], -1)
-        claims: dict[str, Claim] = {
-            "weight": claimed[:, :self.activations.shape[-1]].reshape(self.weight_shape)}
-        if self.with_bias:
-            claims["bias"] = claimed[:, -1]
-        return explicit @ explicit.T, claims
+        return super().gram_and_claims(weights)
 
     def _explicit(self) -> Tensor | None:
         """``[K n, d_out (d_in + bias)]``: explicit per-sample gradients of the weight (the bias
