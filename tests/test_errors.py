@@ -139,6 +139,38 @@ def test_dropout_with_train_mode():
            ValueError, "active dropout.*mode='eval'")
 
 
+def _twice_differentiable(function) -> bool:
+    """Whether torch differentiates ``function`` twice (a few of its operations it cannot)."""
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    (first,) = torch.autograd.grad(function(x).pow(2).sum(), x, create_graph=True)
+    try:
+        torch.autograd.grad(first.sum(), x)
+    except RuntimeError:
+        return False
+    return True
+
+
+class _HardsigmoidByReLU6(nn.Module):
+    def forward(self, x):
+        return nn.functional.relu6(x + 3) / 6
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_operation_without_second_derivative(method):
+    """MobileNetV3's Hardsigmoid has no second derivative in torch: named, with what to use."""
+    if _twice_differentiable(nn.functional.hardsigmoid):
+        pytest.skip("this torch differentiates hardsigmoid twice")
+    model = nn.Sequential(nn.Linear(5, 6), nn.Hardsigmoid(), nn.Linear(6, 3)).double()
+    x, y = classification_batch(8, 5, 3)
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method),
+           ValueError, r"second derivatives.*aten::hardsigmoid_backward: use method='fisher' or "
+                       r"'ggn'.*F.relu6\(x \+ 3\) / 6")
+    swap = nn.Sequential(model[0], _HardsigmoidByReLU6(), model[2])  # the advised replacement
+    assert torch.equal(swap(x), model(x))
+    assert hessrank.effective_rank(swap, CE, (x, y), method=method).rank > 0
+    hessrank.effective_rank(model, CE, (x, y), method="fisher")  # first derivatives suffice
+
+
 def test_exact_over_budget_predicts_and_suggests(setup):
     model, x, y = setup
     with pytest.raises(hessrank.BudgetError, match="KiB.*method='lanczos'") as info:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -66,7 +67,11 @@ class HessianOperator(ParameterOperator):
         """Hessian times each row of ``vectors`` (``[k, P]``); result ``[k, P]`` in model dtype."""
         vectors = vectors.to(dtype=self.dtype, device=self.device)
         self.num_products += vectors.shape[0]
-        return self._summed(self._local_matmat(vectors))
+        try:
+            local = self._local_matmat(vectors)
+        except RuntimeError as error:
+            raise _without_second_derivative(error) from error
+        return self._summed(local)
 
     def _local_matmat(self, vectors: Tensor) -> Tensor:
         """This process's products (the whole Hessian's for a single-process problem)."""
@@ -94,6 +99,34 @@ class HessianOperator(ParameterOperator):
     def matvec(self, vector: Tensor) -> Tensor:
         """``H v`` for a flat ``[P]`` vector."""
         return self.matmat(vector.reshape(1, -1))[0]
+
+
+#: How to avoid an operation that torch cannot differentiate twice (torch 2.14.1), by the name
+#: torch gives in its error.
+_TWICE_DIFFERENTIABLE_SWAPS = {
+    "aten::hardsigmoid_backward": "replace nn.Hardsigmoid / F.hardsigmoid (as in MobileNetV3's "
+                                  "squeeze-excitation blocks) by F.relu6(x + 3) / 6, the same "
+                                  "function, which torch differentiates twice",
+}
+
+
+def _without_second_derivative(error: RuntimeError) -> Exception:
+    """A clear error for an operation without a second derivative; other errors unchanged.
+
+    A Hessian-vector product differentiates the model's backward pass, so every operation needs
+    a derivative of its own backward; torch lacks a few (its message: "derivative for
+    aten::<op> is not implemented").
+    """
+    found = re.search(r"derivative for (\S+) is not implemented", str(error))
+    if found is None:
+        return error
+    operation = found.group(1)
+    swap = _TWICE_DIFFERENTIABLE_SWAPS.get(
+        operation, "replace that operation by one that torch can differentiate twice")
+    return ValueError(
+        f"the Hessian needs second derivatives of every operation of the model, and torch "
+        f"{torch.__version__.split('+')[0]} has none for {operation}: use method='fisher' or "
+        f"'ggn' (or their Lanczos variants), which need first derivatives only, or {swap}")
 
 
 def dense_hessian(
