@@ -691,15 +691,35 @@ def test_mc_ggn_gram_size_is_in_the_memory_prediction():
                                 max_memory=2**28)
 
 
-def test_float32_lstm_fisher_matches_float64():
-    """A float32 LSTM (CPU's fused kernel, which torch.func's per-sample VJPs cannot
-    differentiate) goes through the LSTM rule and matches the float64 spectrum."""
-    model, x, y = _build(LSTMClassifier, lambda g: (
+class StackedLSTM(nn.Module):
+    """Two layers, both directions: no rule claims it, the general path computes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+# (model, path of its recurrent weights): float32 LSTMs on the CPU run fused kernels (oneDNN's
+# for several layers or directions) whose own rules torch.func cannot always follow
+FLOAT32_LSTMS = [(LSTMClassifier, "lstm"), (StackedLSTM, "torch.func")]
+
+
+@pytest.mark.parametrize(("model_cls", "path"), FLOAT32_LSTMS,
+                         ids=[cls.__name__ for cls, _ in FLOAT32_LSTMS])
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_float32_lstm_matches_float64(model_cls, path, method):
+    """A float32 LSTM gives the float64 spectrum, through the rule or the general path."""
+    model, x, y = _build(model_cls, lambda g: (
         torch.randn(6, 5, 3, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (6,), generator=g)))()
-    expected = hessrank.effective_rank(model, CE, (x, y), method="fisher")
-    single = hessrank.effective_rank(model.float(), CE, (x.float(), y), method="fisher")
-    assert single.paths["lstm.weight_hh_l0"] == "lstm"
+    expected = hessrank.effective_rank(model, CE, (x, y), method=method)
+    single = hessrank.effective_rank(model.float(), CE, (x.float(), y), method=method)
+    assert single.paths["lstm.weight_hh_l0"] == path
     np.testing.assert_allclose(single.eigenvalues, expected.eigenvalues, rtol=0,
                                atol=1e-5 * expected.top_eigenvalue)
 

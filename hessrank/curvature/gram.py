@@ -284,20 +284,28 @@ def _sample_vjps(problem: CurvatureProblem) -> Callable[..., tuple[dict[str, Ten
     for one sample (inputs without the batch dimension)."""
     ids = {name: id(p) for name, p in zip(problem.names, problem.params)}
     model = problem.model
+    # Every other parameter is substituted by a detached view, so that the forward pass, which
+    # runs with grad mode on, records no graph beyond torch.func's own.
+    frozen = {id(p): p.detach() for p in model.parameters()}
 
     def sample_vjps(params: dict[str, Tensor], cotangent: Tensor, args: tuple[Tensor, ...],
                     kwargs: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         def outputs_of(p: dict[str, Tensor]) -> Tensor:
-            with substituted(model, {ids[name]: value for name, value in p.items()}):
+            with substituted(model, {**frozen, **{ids[name]: value for name, value in p.items()}}):
                 return model(*(x.unsqueeze(0) for x in args),
                              **{key: x.unsqueeze(0) for key, x in kwargs.items()})[0]
 
-        sample_outputs, pullback = vjp(outputs_of, params)[:2]
-        try:
-            return vmap(pullback)(cotangent)[0], sample_outputs
-        except Exception:  # noqa: BLE001 - an operator without a batching rule (LSTM)
-            rows = [pullback(c)[0] for c in cotangent]
-            return {name: torch.stack([r[name] for r in rows]) for name in params}, sample_outputs
+        # Grad mode on: on the CPU a float32 nn.LSTM of several layers or directions runs
+        # oneDNN's kernel, which keeps what its backward needs only when grad mode is on.
+        with torch.enable_grad():
+            sample_outputs, pullback = vjp(outputs_of, params)[:2]
+            try:
+                return vmap(pullback)(cotangent)[0], sample_outputs
+            except Exception:  # noqa: BLE001 - an operator without a batching rule
+                rows = [pullback(c)[0] for c in cotangent]
+                return ({name: torch.stack([r[name] for r in rows]) for name in params},
+                        sample_outputs)
+
     return sample_vjps
 
 
