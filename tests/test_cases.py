@@ -183,6 +183,38 @@ class GRUClassifier(nn.Module):
         return self.head(out.mean(dim=1))
 
 
+class StackedLSTM(nn.Module):
+    """Two layers, both directions, from a zero state (``start``: from a nonzero one, which the
+    rule's recomputation does not assume: its check fails and the general path takes over)."""
+
+    start = 0.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = torch.full((4, x.shape[0], 4), self.start, dtype=x.dtype)
+        out, _ = self.lstm(x, (state, state))
+        return self.head(out[:, -1])
+
+
+class StackedLSTMWithState(StackedLSTM):
+    start = 0.5
+
+
+class StackedRNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(3, 4, num_layers=2, nonlinearity="relu")
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, h = self.rnn(x.transpose(0, 1))
+        return self.head(out.mean(dim=0) + h[0])
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a residual, LayerNorm and a pooled head."""
 
@@ -417,7 +449,16 @@ CASES = [
         note="lstm rule's factors for 'lstm' failed the gradient check"),
     Case("GRU classifier", _build(GRUClassifier, lambda g: (
         torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
-        torch.randint(0, 3, (4,), generator=g))), methods=("fisher",), backends=("auto",)),
+        torch.randint(0, 3, (4,), generator=g))),
+        paths={"gru.weight_ih_l0": "gru", "gru.bias_hh_l0": "gru"}),
+    Case("LSTM, two layers, both directions", _build(StackedLSTM, lambda g: (
+        torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))),
+        paths={"lstm.weight_ih_l1_reverse": "lstm", "lstm.weight_hh_l0": "lstm"}),
+    Case("ReLU RNN, two layers, sequence first", _build(StackedRNN, lambda g: (
+        torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))),
+        paths={"rnn.weight_hh_l1": "rnn", "rnn.bias_ih_l0": "rnn"}),
     Case("multi-head attention + LayerNorm", _build(Attention, lambda g: (
         torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (4,), generator=g))),
@@ -691,22 +732,10 @@ def test_mc_ggn_gram_size_is_in_the_memory_prediction():
                                 max_memory=2**28)
 
 
-class StackedLSTM(nn.Module):
-    """Two layers, both directions: no rule claims it, the general path computes it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out, _ = self.lstm(x)
-        return self.head(out[:, -1])
-
-
 # (model, path of its recurrent weights): float32 LSTMs on the CPU run fused kernels (oneDNN's
-# for several layers or directions) whose own rules torch.func cannot always follow
-FLOAT32_LSTMS = [(LSTMClassifier, "lstm"), (StackedLSTM, "torch.func")]
+# for several layers or directions) that torch.func must differentiate under grad mode
+FLOAT32_LSTMS = [(LSTMClassifier, "lstm"), (StackedLSTM, "lstm"),
+                 (StackedLSTMWithState, "torch.func")]
 
 
 @pytest.mark.parametrize(("model_cls", "path"), FLOAT32_LSTMS,

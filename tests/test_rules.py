@@ -95,6 +95,21 @@ CASES = [
              rule="lstm", output_dims=(0, 1, 1)),
     RuleCase("LSTM, sequence first, no bias", lambda: nn.LSTM(3, 4, bias=False), _x(5, 3, 3),
              rule="lstm", input_dim=1, output_dims=(1, 1, 1)),
+    RuleCase("LSTM, 3 layers", lambda: nn.LSTM(3, 4, num_layers=3, batch_first=True),
+             _x(3, 5, 3), rule="lstm", output_dims=(0, 1, 1)),
+    RuleCase("LSTM, 2 layers, both directions, sequence first",
+             lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True), _x(5, 3, 3), rule="lstm",
+             input_dim=1, output_dims=(1, 1, 1)),
+    RuleCase("GRU, batch first", lambda: nn.GRU(3, 4, batch_first=True), _x(3, 5, 3),
+             rule="gru", output_dims=(0, 1)),
+    RuleCase("GRU, 2 layers, both directions, no bias",
+             lambda: nn.GRU(3, 4, num_layers=2, bidirectional=True, bias=False,
+                            batch_first=True), _x(3, 5, 3), rule="gru", output_dims=(0, 1)),
+    RuleCase("RNN tanh, 2 layers, sequence first", lambda: nn.RNN(3, 4, num_layers=2),
+             _x(5, 3, 3), rule="rnn", input_dim=1, output_dims=(1, 1)),
+    RuleCase("RNN relu, both directions", lambda: nn.RNN(3, 4, nonlinearity="relu",
+                                                         bidirectional=True, batch_first=True),
+             _x(3, 5, 3), rule="rnn", output_dims=(0, 1)),
 ]
 
 

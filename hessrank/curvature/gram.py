@@ -9,7 +9,7 @@ Two paths fill a group's block:
   output gradients, without per-sample gradients;
 - the **general path** for everything else: per-sample vector-Jacobian products with
   ``torch.func`` (``vmap``), or a per-sample loop in bounded chunks where ``vmap`` cannot go
-  (LSTM/GRU, data-dependent control flow).
+  (some fused recurrent kernels, data-dependent control flow).
 
 **Verification, on every call.** One extra backward pass with random weights ``w_ki`` gives
 autograd's gradient of ``sum_{k,i} w_ki <f_i, s_ki>``, which must equal ``sum_{k,i} w_ki G_ki``

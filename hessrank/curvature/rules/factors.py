@@ -325,3 +325,35 @@ class ColumnFactors(Factors):
             out[name] = stacked[:, start:start + width].reshape(shape)
             start += width
         return out
+
+
+@dataclass
+class SummedFactors(Factors):
+    """Factors of disjoint parameter sets of one module (the layers and directions of an RNN, a
+    GRU's input and recurrent weights): the module's Gram is the sum of theirs, its claims their
+    union."""
+
+    parts: list[Factors]
+
+    @property
+    def gatherable(self) -> bool:
+        return all(part.gatherable for part in self.parts)
+
+    def gathered(self, gather: Callable[[Tensor, int], Tensor]) -> Factors:
+        return SummedFactors([part.gathered(gather) for part in self.parts])
+
+    def weighted_gradients(self, weights: Tensor) -> dict[str, Tensor]:
+        return {name: claim for part in self.parts
+                for name, claim in part.weighted_gradients(weights).items()}
+
+    def gram(self) -> Tensor:
+        return cast(Tensor, sum(part.gram() for part in self.parts))
+
+    def gram_and_claims(self, weights: Tensor, probes: torch.Generator | None = None
+                        ) -> tuple[Tensor, dict[str, Claim]]:
+        grams, claims = [], {}
+        for part in self.parts:
+            gram, part_claims = part.gram_and_claims(weights, probes)
+            grams.append(gram)
+            claims.update(part_claims)
+        return cast(Tensor, sum(grams)), claims

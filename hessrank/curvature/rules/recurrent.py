@@ -1,0 +1,372 @@
+"""``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (any number of layers, one or both directions, zero
+initial state, no LSTM projection): per-sample gradients from the gates' pre-activation
+gradients, without per-sample backward passes.
+
+For one layer and direction, with the input's pre-activations ``a_t = W_ih x_t + b_ih`` and the
+state's ``b_t = W_hh h_{t-1} + b_hh`` (``h_{-1} = 0``), sample ``i``'s gradients are Kronecker
+sums over the time steps: ``W_ih``: ``sum_t da_it x_it^T``, ``b_ih``: ``sum_t da_it``, ``W_hh``:
+``sum_t db_it h_i,t-1^T``, ``b_hh``: ``sum_t db_it``. An LSTM's and a plain RNN's gates take
+``a_t + b_t``, so ``da = db`` and the four parameters are column blocks of one Kronecker layer
+``[x_t, h_t-1, 1, 1]`` (:class:`ColumnFactors`); a GRU's new gate multiplies the state's part by
+the reset gate, so ``da`` and ``db`` differ there and its input and state sides are two Kronecker
+layers. The layers and directions hold disjoint parameters: their Grams add up
+(:class:`SummedFactors`).
+
+The top layer's hidden states are the module's output (captured); a lower layer's are recomputed
+by the cell's recurrence, a loop over the time steps like the module's own forward. The
+gradients run the other way: the top layer's from the captured gradient of the output, a lower
+layer's from the layer above (the gradient of that layer's input, ``da W_ih``), each direction's
+with the captured gradient of its final state(s), through a hand-written backward recurrence (all
+samples and cotangents at once, one ``[K n, G H] x [G H, H]`` product per step). The reverse
+direction is the forward recurrence on the time-reversed sequence.
+
+Assumes: the module is called on a batched input with no initial state and runs as in
+evaluation (no dropout between layers). Anything else (an initial state, a recurrence that
+differs from these) fails the gradient check, which compares with autograd's gradient through
+the module's own kernel, and the general path takes the module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hessrank.curvature.rules import GramRule, register_rule
+from hessrank.curvature.rules.factors import ColumnFactors, Factors, LayerFactors, SummedFactors
+
+
+@dataclass
+class CellWeights:
+    """One layer and direction's parameters (detached) and their local names."""
+
+    w_ih: Tensor  # [G H, F]
+    w_hh: Tensor  # [G H, H]
+    b_ih: Tensor | None  # [G H]
+    b_hh: Tensor | None
+    names: dict[str, str]  # "w_ih", "w_hh", "b_ih", "b_hh" -> the module's parameter name
+
+    def input_side(self, inputs: Tensor) -> Tensor:
+        """``W_ih x_t + b_ih`` for every step: ``[n, T, G H]``."""
+        out = inputs @ self.w_ih.T
+        return out if self.b_ih is None else out + self.b_ih
+
+    def state_side(self, hidden: Tensor) -> Tensor:
+        """``W_hh h + b_hh``: ``[..., G H]``."""
+        out = hidden @ self.w_hh.T
+        return out if self.b_hh is None else out + self.b_hh
+
+
+def _previous(hidden: Tensor) -> Tensor:
+    """``h_{t-1}`` for every step ``t`` (``h_{-1} = 0``): ``[n, T, H]``."""
+    return torch.cat([hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2]), hidden[:, :-1]],
+                     dim=1)
+
+
+def _time_major(*tensors: Tensor) -> list[Tensor]:
+    """``[n, T, ...]`` -> contiguous ``[T, n, ...]``: every step of a loop reads one block."""
+    return [t.transpose(0, 1).contiguous() for t in tensors]
+
+
+class Cell(ABC):
+    """A recurrence: its forward (for lower layers) and its backward to the pre-activations."""
+
+    #: the gates' count ``G`` (weights are ``[G H, .]``)
+    gates: int
+    #: how many final states the module returns (LSTM: ``h_n`` and ``c_n``)
+    states: int = 1
+
+    @abstractmethod
+    def run(self, weights: CellWeights, inputs: Tensor, size: int) -> Tensor:
+        """Hidden states ``[n, T, H]`` from inputs ``[n, T, F]`` and a zero initial state."""
+
+    @abstractmethod
+    def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
+                 d_final: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """``(da, db)``, each ``[K, n, T, G H]``: gradients of the input's and the state's
+        pre-activations, from the gradients of the hidden states ``d_out [K, n, T, H]`` and of
+        the final state(s) ``[K, n, H]``."""
+
+    def factors(self, weights: CellWeights, inputs: Tensor, previous: Tensor, da: Tensor,
+                db: Tensor, analysed: frozenset[str]) -> list[Factors]:
+        """The Kronecker layers of one layer and direction (only the analysed parameters)."""
+        ones = inputs.new_ones(*inputs.shape[:2], 1)
+        sides = [("w_ih", inputs, da), ("w_hh", previous, db), ("b_ih", ones, da),
+                 ("b_hh", ones, db)]
+        present = [(weights.names[key], source, grads) for key, source, grads in sides
+                   if key in weights.names and weights.names[key] in analysed]
+        if da is db:  # one Kronecker layer: the four parameters side by side
+            groups = [present] if present else []
+        else:
+            groups = [[side for side in present if side[2] is grads] for grads in (da, db)]
+        parts: list[Factors] = []
+        for group in groups:
+            if not group:
+                continue
+            activations = torch.cat([source for _, source, _ in group], dim=-1)
+            grads = group[0][2]
+            shapes = {name: torch.Size((grads.shape[-1], source.shape[-1]))
+                      if source is not ones else torch.Size((grads.shape[-1],))
+                      for name, source, _ in group}
+            parts.append(ColumnFactors(LayerFactors(activations, grads, torch.Size(
+                (grads.shape[-1], activations.shape[-1])), with_bias=False), shapes))
+        return parts
+
+
+class LSTMCell(Cell):
+    """Gates ``i, f, g, o`` of ``a_t + b_t``; ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(c_t)``."""
+
+    gates = 4
+    states = 2
+
+    def run(self, weights: CellWeights, inputs: Tensor, size: int) -> Tensor:
+        (driven,) = _time_major(weights.input_side(inputs))
+        n = inputs.shape[0]
+        hidden, cell = inputs.new_zeros(n, size), inputs.new_zeros(n, size)
+        out = inputs.new_empty(len(driven), n, size)
+        for t in range(len(driven)):
+            i, f, g, o = (driven[t] + weights.state_side(hidden)).chunk(4, dim=-1)
+            cell = f.sigmoid() * cell + i.sigmoid() * g.tanh()
+            hidden = o.sigmoid() * cell.tanh()
+            out[t] = hidden
+        return out.transpose(0, 1)
+
+    def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
+                 d_final: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        d_h, d_c = d_final
+        k, n, steps, size = d_out.shape
+        gates = weights.input_side(inputs) + weights.state_side(_previous(hidden))
+        i, f, g, o = gates.chunk(4, dim=-1)
+        i, f, o = i.sigmoid(), f.sigmoid(), o.sigmoid()
+        g = g.tanh()
+        update = i * g
+        cells = update.new_zeros(n, steps + 1, size)  # cells[:, t + 1] = c_t, c_{-1} = 0
+        for t in range(steps):
+            torch.addcmul(update[:, t], f[:, t], cells[:, t], out=cells[:, t + 1])
+        tanh_c = cells[:, 1:].tanh()
+        # dc_t += dh_t * to_cell; dz_o = dh_t * to_o; (dz_i, dz_f, dz_g) = dc_t * to_ifg.
+        to_cell, to_o, to_ifg, forget = _time_major(
+            o * (1 - tanh_c * tanh_c), tanh_c * o * (1 - o),
+            torch.cat([g * i * (1 - i), cells[:, :-1] * f * (1 - f), i * (1 - g * g)], dim=-1),
+            f)
+        d_steps = d_out.permute(2, 0, 1, 3).reshape(steps, k * n, size)
+        dz = d_out.new_empty(steps, k * n, 4 * size)
+        d_hidden = (d_h + d_out[:, :, -1]).reshape(k * n, size)
+        d_cell = d_c.reshape(k * n, size).clone()
+        for t in reversed(range(steps)):
+            if t < steps - 1:
+                d_hidden = torch.addmm(d_steps[t], dz[t + 1], weights.w_hh)
+            d_cell.view(k, n, size).addcmul_(d_hidden.view(k, n, size), to_cell[t])
+            torch.mul(d_hidden.view(k, n, size), to_o[t],
+                      out=dz[t, :, 3 * size:].view(k, n, size))
+            torch.mul(d_cell.view(k, n, 1, size), to_ifg[t].view(n, 3, size),
+                      out=dz[t, :, :3 * size].view(k, n, 3, size))
+            d_cell.view(k, n, size).mul_(forget[t])
+        dz_batch = dz.view(steps, k, n, 4 * size).permute(1, 2, 0, 3)
+        return dz_batch, dz_batch
+
+
+class GRUCell(Cell):
+    """``r, z = sigmoid(a + b)`` (their blocks), ``m = tanh(a_n + r b_n)``,
+    ``h_t = (1 - z) m + z h_{t-1}``."""
+
+    gates = 3
+
+    def run(self, weights: CellWeights, inputs: Tensor, size: int) -> Tensor:
+        (driven,) = _time_major(weights.input_side(inputs))
+        n = inputs.shape[0]
+        hidden = inputs.new_zeros(n, size)
+        out = inputs.new_empty(len(driven), n, size)
+        for t in range(len(driven)):
+            a_r, a_z, a_n = driven[t].chunk(3, dim=-1)
+            b_r, b_z, b_n = weights.state_side(hidden).chunk(3, dim=-1)
+            z = (a_z + b_z).sigmoid()
+            new = (a_n + (a_r + b_r).sigmoid() * b_n).tanh()
+            hidden = new + z * (hidden - new)
+            out[t] = hidden
+        return out.transpose(0, 1)
+
+    def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
+                 d_final: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        (d_h,) = d_final
+        k, n, steps, size = d_out.shape
+        previous = _previous(hidden)
+        a_r, a_z, a_n = weights.input_side(inputs).chunk(3, dim=-1)
+        b_r, b_z, b_n = weights.state_side(previous).chunk(3, dim=-1)
+        r, z = (a_r + b_r).sigmoid(), (a_z + b_z).sigmoid()
+        new = (a_n + r * b_n).tanh()
+        # da_n = dh (1 - z)(1 - m^2); da_z = dh (h_{t-1} - m) z (1 - z); da_r = da_n b_n r (1-r);
+        # db_n = da_n r; the other blocks of db equal da's; dh_{t-1} = dh z + db W_hh.
+        to_n, to_z, to_r, reset, keep = _time_major(
+            (1 - z) * (1 - new * new), (previous - new) * z * (1 - z), b_n * r * (1 - r), r, z)
+        d_steps = d_out.permute(2, 0, 1, 3).reshape(steps, k * n, size)
+        da = d_out.new_empty(steps, k * n, 3 * size)
+        db = d_out.new_empty(steps, k * n, 3 * size)
+        d_hidden = (d_h + d_out[:, :, -1]).reshape(k * n, size)
+        for t in reversed(range(steps)):
+            if t < steps - 1:
+                carried = (d_hidden.view(k, n, size) * keep[t + 1]).view(k * n, size)
+                d_hidden = torch.addmm(d_steps[t], db[t + 1], weights.w_hh).add_(carried)
+            blocks = d_hidden.view(k, n, size)
+            a_view, b_view = da[t].view(k, n, 3, size), db[t].view(k, n, 3, size)
+            torch.mul(blocks, to_n[t], out=a_view[:, :, 2])
+            torch.mul(blocks, to_z[t], out=a_view[:, :, 1])
+            torch.mul(a_view[:, :, 2], to_r[t], out=a_view[:, :, 0])
+            b_view[:, :, :2] = a_view[:, :, :2]
+            torch.mul(a_view[:, :, 2], reset[t], out=b_view[:, :, 2])
+        return (da.view(steps, k, n, 3 * size).permute(1, 2, 0, 3),
+                db.view(steps, k, n, 3 * size).permute(1, 2, 0, 3))
+
+
+class PlainCell(Cell):
+    """``h_t = tanh(a_t + b_t)`` or ``relu(a_t + b_t)``."""
+
+    gates = 1
+
+    def __init__(self, nonlinearity: str) -> None:
+        self.tanh = nonlinearity == "tanh"
+
+    def run(self, weights: CellWeights, inputs: Tensor, size: int) -> Tensor:
+        (driven,) = _time_major(weights.input_side(inputs))
+        hidden = inputs.new_zeros(inputs.shape[0], size)
+        out = inputs.new_empty(len(driven), inputs.shape[0], size)
+        for t in range(len(driven)):
+            pre = driven[t] + weights.state_side(hidden)
+            hidden = pre.tanh() if self.tanh else pre.relu()
+            out[t] = hidden
+        return out.transpose(0, 1)
+
+    def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
+                 d_final: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        (d_h,) = d_final
+        k, n, steps, size = d_out.shape
+        (slopes,) = _time_major(1 - hidden * hidden if self.tanh
+                                else (hidden > 0).to(hidden.dtype))  # relu's, as autograd's
+        d_steps = d_out.permute(2, 0, 1, 3).reshape(steps, k * n, size)
+        dz = d_out.new_empty(steps, k * n, size)
+        d_hidden = (d_h + d_out[:, :, -1]).reshape(k * n, size)
+        for t in reversed(range(steps)):
+            if t < steps - 1:
+                d_hidden = torch.addmm(d_steps[t], dz[t + 1], weights.w_hh)
+            torch.mul(d_hidden.view(k, n, size), slopes[t], out=dz[t].view(k, n, size))
+        dz_batch = dz.view(steps, k, n, size).permute(1, 2, 0, 3)
+        return dz_batch, dz_batch
+
+
+def _weights(module: nn.RNNBase, layer: int, direction: int) -> CellWeights:
+    suffix = f"_l{layer}" + ("_reverse" if direction else "")
+    names = {key: f"{kind}_{side}{suffix}" for key, kind, side in (
+        ("w_ih", "weight", "ih"), ("w_hh", "weight", "hh"), ("b_ih", "bias", "ih"),
+        ("b_hh", "bias", "hh")) if module.bias or kind == "weight"}
+    values = {key: module.get_parameter(name).detach() for key, name in names.items()}
+    return CellWeights(values["w_ih"], values["w_hh"], values.get("b_ih"), values.get("b_hh"),
+                       names)
+
+
+def recurrent_factors(module: nn.RNNBase, cell: Cell, inputs: Tensor, output: Tensor,
+                      d_out: Tensor, d_finals: tuple[Tensor, ...], analysed: frozenset[str]
+                      ) -> list[Factors]:
+    """The factors of every layer and direction.
+
+    Args:
+        module: the recurrent module.
+        cell: its recurrence.
+        inputs: ``[n, T, F]``.
+        output: ``[n, T, D H]``: the top layer's hidden states (both directions side by side).
+        d_out: ``[K, n, T, D H]``: the gradients of ``output``.
+        d_finals: gradients of the final states, each ``[K, L D, n, H]``.
+        analysed: the module's parameters under analysis (local names).
+    """
+    directions = 2 if module.bidirectional else 1
+    size = module.hidden_size
+    layer_inputs, hiddens = [inputs], []
+    with torch.no_grad():
+        for layer in range(module.num_layers):
+            top = layer == module.num_layers - 1
+            states = [output[..., d * size:(d + 1) * size] if top else
+                      _flipped(cell.run(_weights(module, layer, d),
+                                        _flipped(layer_inputs[-1], d), size), d)
+                      for d in range(directions)]
+            hiddens.append(states)
+            layer_inputs.append(torch.cat(states, dim=-1))
+        parts: list[Factors] = []
+        d_above = d_out
+        for layer in reversed(range(module.num_layers)):
+            d_below = None
+            for d in range(directions):
+                weights = _weights(module, layer, d)
+                x, hidden = (_flipped(t, d) for t in (layer_inputs[layer], hiddens[layer][d]))
+                d_hidden = _flipped(d_above[..., d * size:(d + 1) * size], d, dim=2)
+                finals = tuple(g[:, layer * directions + d] for g in d_finals)
+                da, db = cell.backward(weights, x, hidden, d_hidden, finals)
+                parts += cell.factors(weights, x, _previous(hidden), da, db, analysed)
+                if layer > 0:
+                    d_input = _flipped(da @ weights.w_ih, d, dim=2)
+                    d_below = d_input if d_below is None else d_below + d_input
+            if d_below is not None:
+                d_above = d_below
+    return parts
+
+
+def _flipped(tensor: Tensor, direction: int, dim: int = 1) -> Tensor:
+    """The time axis reversed for the reverse direction (``direction`` 1), else unchanged."""
+    return tensor.flip(dim) if direction else tensor
+
+
+class RecurrentRule(GramRule):
+    """A recurrent module whose output and final states are captured (a tuple)."""
+
+    @abstractmethod
+    def cell(self, module: nn.Module) -> Cell:
+        """The module's recurrence."""
+
+    def factors(self, module: nn.Module, layer_input: Tensor,
+                layer_output: Tensor | tuple[Tensor, ...],
+                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
+                analysed: frozenset[str]) -> Factors | None:
+        cell = self.cell(module)
+        if (not isinstance(module, nn.RNNBase) or not isinstance(output_grads, tuple)
+                or not isinstance(layer_output, tuple) or len(output_grads) != 1 + cell.states
+                or layer_input.dim() != 3):
+            return None
+        output, d_out, d_finals = layer_output[0], output_grads[0], output_grads[1:]
+        if not module.batch_first:  # [T, n, F]: the samples are the second dimension
+            layer_input, output, d_out = (layer_input.transpose(0, 1), output.transpose(0, 1),
+                                          d_out.transpose(1, 2))
+        if layer_input.shape[0] != num_samples or output.shape[:2] != layer_input.shape[:2]:
+            return None
+        parts = recurrent_factors(module, cell, layer_input, output, d_out,
+                                  tuple(d_finals), analysed)
+        return SummedFactors(parts) if parts else None
+
+
+@register_rule
+class LSTMRule(RecurrentRule):
+    name = "lstm"
+    module_types = (nn.LSTM,)
+
+    def supports(self, module: nn.Module) -> bool:
+        return bool(super().supports(module) and module.proj_size == 0)
+
+    def cell(self, module: nn.Module) -> Cell:
+        return LSTMCell()
+
+
+@register_rule
+class GRURule(RecurrentRule):
+    name = "gru"
+    module_types = (nn.GRU,)
+
+    def cell(self, module: nn.Module) -> Cell:
+        return GRUCell()
+
+
+@register_rule
+class RNNRule(RecurrentRule):
+    name = "rnn"
+    module_types = (nn.RNN,)
+
+    def cell(self, module: nn.Module) -> Cell:
+        return PlainCell(str(module.nonlinearity))
