@@ -299,14 +299,30 @@ def _sample_vjps(problem: CurvatureProblem) -> Callable[..., tuple[dict[str, Ten
         # oneDNN's kernel, which keeps what its backward needs only when grad mode is on.
         with torch.enable_grad():
             sample_outputs, pullback = vjp(outputs_of, params)[:2]
-            try:
-                return vmap(pullback)(cotangent)[0], sample_outputs
-            except Exception:  # noqa: BLE001 - an operator without a batching rule
-                rows = [pullback(c)[0] for c in cotangent]
-                return ({name: torch.stack([r[name] for r in rows]) for name in params},
-                        sample_outputs)
+            return vmap(pullback)(cotangent)[0], sample_outputs
 
     return sample_vjps
+
+
+def _sample_gradients(problem: CurvatureProblem, names: list[str], cotangent: Tensor,
+                      args: tuple[Tensor, ...], kwargs: dict[str, Tensor]
+                      ) -> tuple[dict[str, Tensor], Tensor]:
+    """``({name: [K, *shape]}, output)``: one sample's gradients for the cotangents ``[K, *out]``
+    by plain autograd (the model on the sample alone, one backward pass per cotangent).
+
+    The path for what ``torch.func`` cannot transform: packed sequences, ``autograd.Function``
+    without ``setup_context``, operators without a batching rule.
+    """
+    named = dict(zip(problem.names, problem.params))
+    params = [named[name] for name in names]
+    with torch.enable_grad():
+        output = problem.model(*(x.unsqueeze(0) for x in args),
+                               **{key: x.unsqueeze(0) for key, x in kwargs.items()})[0]
+        rows = [torch.autograd.grad(output, params, grad_outputs=c, retain_graph=True,
+                                    allow_unused=True) for c in cotangent]
+    return ({name: torch.stack([torch.zeros_like(p) if row[j] is None else row[j]
+                                for row in rows])
+             for j, (name, p) in enumerate(zip(names, params))}, output.detach())
 
 
 def _general_gram(
@@ -359,8 +375,8 @@ def _general_gram(
                     except Exception:  # noqa: BLE001 - vmap raises many types it cannot batch
                         path = LOOP_PATH
                 if vjps is None or outs is None:
-                    samples = [sample_vjps(subset, cotangents[:, i],
-                                           *_sample(args, kwargs, i - start))
+                    samples = [_sample_gradients(problem, list(subset), cotangents[:, i],
+                                                 *_sample(args, kwargs, i - start))
                                for i in range(start, stop)]
                     vjps = {name: torch.stack([s[0][name] for s in samples]) for name in subset}
                     outs = torch.stack([s[1] for s in samples])

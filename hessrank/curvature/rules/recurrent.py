@@ -40,7 +40,8 @@ from hessrank.curvature.rules.factors import ColumnFactors, Factors, LayerFactor
 
 @dataclass
 class CellWeights:
-    """One layer and direction's parameters (detached) and their local names."""
+    """One layer and direction's parameters (detached) and their local names; ``G`` is the
+    number of gates (LSTM 4, GRU 3, RNN 1)."""
 
     w_ih: Tensor  # [G H, F]
     w_hh: Tensor  # [G H, H]
@@ -73,8 +74,6 @@ def _time_major(*tensors: Tensor) -> list[Tensor]:
 class Cell(ABC):
     """A recurrence: its forward (for lower layers) and its backward to the pre-activations."""
 
-    #: the gates' count ``G`` (weights are ``[G H, .]``)
-    gates: int
     #: how many final states the module returns (LSTM: ``h_n`` and ``c_n``)
     states: int = 1
 
@@ -118,7 +117,6 @@ class Cell(ABC):
 class LSTMCell(Cell):
     """Gates ``i, f, g, o`` of ``a_t + b_t``; ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(c_t)``."""
 
-    gates = 4
     states = 2
 
     def run(self, weights: CellWeights, inputs: Tensor, size: int) -> Tensor:
@@ -172,8 +170,6 @@ class GRUCell(Cell):
     """``r, z = sigmoid(a + b)`` (their blocks), ``m = tanh(a_n + r b_n)``,
     ``h_t = (1 - z) m + z h_{t-1}``."""
 
-    gates = 3
-
     def run(self, weights: CellWeights, inputs: Tensor, size: int) -> Tensor:
         (driven,) = _time_major(weights.input_side(inputs))
         n = inputs.shape[0]
@@ -222,8 +218,6 @@ class GRUCell(Cell):
 
 class PlainCell(Cell):
     """``h_t = tanh(a_t + b_t)`` or ``relu(a_t + b_t)``."""
-
-    gates = 1
 
     def __init__(self, nonlinearity: str) -> None:
         self.tanh = nonlinearity == "tanh"
