@@ -214,7 +214,8 @@ class StackedRNN(nn.Module):
 
 class PackedGRU(nn.Module):
     """Variable-length sequences packed inside ``forward`` (the usual recipe): the GRU's input is
-    a ``PackedSequence``, which no rule takes and ``torch.func`` cannot transform."""
+    a ``PackedSequence``, which ``torch.func`` cannot transform (``backend="func"`` goes through
+    the per-sample loop)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -225,6 +226,23 @@ class PackedGRU(nn.Module):
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
                                                    enforce_sorted=False)
         return self.head(self.gru(packed)[1][-1])
+
+
+class PackedBidirectionalLSTM(nn.Module):
+    """Packed sequences through two bidirectional LSTM layers; the padded output (its padding
+    zeros) and the final states both reach the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x.transpose(0, 1), lengths,
+                                                   enforce_sorted=False)
+        out, (h, c) = self.lstm(packed)
+        padded = nn.utils.rnn.pad_packed_sequence(out, total_length=x.shape[1])[0]
+        return self.head(padded.sum(dim=0) + torch.cat([h[-2], c[-1]], dim=-1))
 
 
 class _ClampFunction(torch.autograd.Function):
@@ -496,7 +514,13 @@ CASES = [
         {"x": torch.randn(4, 5, 3, generator=g, dtype=torch.float64),
          "lengths": torch.tensor([5, 2, 4, 1])},
         torch.randint(0, 3, (4,), generator=g))),
-        paths={"gru.weight_ih_l1": "per-sample loop", "head.weight": "linear"}),
+        paths={"gru.weight_ih_l1": "gru", "head.weight": "linear"}),
+    Case("packed sequences, two bidirectional LSTM layers", _build(
+        PackedBidirectionalLSTM, lambda g: (
+            {"x": torch.randn(4, 5, 3, generator=g, dtype=torch.float64),
+             "lengths": torch.tensor([2, 5, 1, 4])},
+            torch.randint(0, 3, (4,), generator=g))),
+        paths={"lstm.weight_hh_l1_reverse": "lstm", "lstm.bias_ih_l0": "lstm"}),
     Case("old-style autograd.Function around a parameter", _build(ScaledClamp, lambda g: (
         2 * torch.randn(5, 4, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (5,), generator=g))),

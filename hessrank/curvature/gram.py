@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import vjp, vmap
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
 from hessrank.curvature.loss import agreement_tolerance
@@ -104,7 +105,7 @@ class _Capture:
     """
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.inputs: dict[str, Tensor | None] = {}
+        self.inputs: dict[str, Tensor | PackedSequence | None] = {}
         self.outputs: dict[str, Tensor | tuple[Tensor, ...]] = {}
         self.edges: dict[str, list[GradientEdge]] = {}
         self.calls: dict[str, int] = dict.fromkeys(modules, 0)
@@ -115,8 +116,15 @@ class _Capture:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             self.calls[name] += 1
             layer_input = args[0] if args else kwargs.get("input")
-            self.inputs[name] = layer_input.detach() if isinstance(layer_input, Tensor) else None
-            leaves = tree_flatten(output)[0]
+            if isinstance(layer_input, PackedSequence):
+                self.inputs[name] = PackedSequence(layer_input.data.detach(), *layer_input[1:])
+            else:
+                self.inputs[name] = (layer_input.detach() if isinstance(layer_input, Tensor)
+                                     else None)
+            # A packed sequence's bookkeeping (integer batch sizes and orders, or None) has no
+            # gradient: its data tensor stands for it.
+            leaves = [leaf for leaf in tree_flatten(output)[0] if leaf is not None and not (
+                isinstance(leaf, Tensor) and not leaf.is_floating_point())]
             if leaves and all(isinstance(leaf, Tensor) and leaf.requires_grad for leaf in leaves):
                 self.edges[name] = [get_gradient_edge(leaf) for leaf in leaves]
                 values = tuple(leaf.detach() for leaf in leaves)

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from hessrank.curvature.rules.factors import Factors, LayerFactors, SampleGradients
 
@@ -44,7 +45,7 @@ class GramRule(ABC):
         return type(module) in self.module_types
 
     @abstractmethod
-    def factors(self, module: nn.Module, layer_input: Tensor,
+    def factors(self, module: nn.Module, layer_input: Tensor | PackedSequence,
                 layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
                 analysed: frozenset[str]) -> Factors | None:
@@ -53,9 +54,10 @@ class GramRule(ABC):
         Args:
             module: the layer.
             layer_input: its input in the one call of the forward pass, ``[n, ...]`` if the rule
-                applies.
+                applies (a ``PackedSequence`` for a recurrent module given one).
             layer_output: its output in that call (detached; a tuple of tensors for a module
-                that returns several, e.g. an RNN's output and final states). It shares storage
+                that returns several, e.g. an RNN's output and final states; a packed
+                sequence's data tensor stands for it). It shares storage
                 with the forward pass's tensor, so a downstream in-place operation shows in it:
                 a rule that uses it relies on the gradient check.
             output_grads: ``[K, *output.shape]``: gradients of the ``K`` cotangent products
@@ -70,11 +72,11 @@ class TensorRule(GramRule):
     """A rule for a module that returns one tensor: its output gradients are one tensor; a
     module of a claimed type that returns a tuple is left to the general path."""
 
-    def factors(self, module: nn.Module, layer_input: Tensor,
+    def factors(self, module: nn.Module, layer_input: Tensor | PackedSequence,
                 layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
                 analysed: frozenset[str]) -> Factors | None:
-        if not isinstance(output_grads, Tensor):
+        if not isinstance(output_grads, Tensor) or not isinstance(layer_input, Tensor):
             return None
         return self.tensor_factors(module, layer_input, output_grads, num_samples, analysed)
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from hessrank.curvature.rules import GramRule, register_rule
 from hessrank.curvature.rules.factors import ColumnFactors, Factors, LayerFactors, SummedFactors
@@ -71,6 +72,23 @@ def _time_major(*tensors: Tensor) -> list[Tensor]:
     return [t.transpose(0, 1).contiguous() for t in tensors]
 
 
+def _kept(valid: Tensor | None, t: int, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where step ``t`` of a sample is valid, ``old`` (the state kept) where not."""
+    return new if valid is None else torch.where(valid[t], new, old)
+
+
+def _passed(valid: Tensor | None, t: int, through_step: Tensor, d_step: Tensor,
+            d_later: Tensor, k: int) -> Tensor:
+    """The gradient of ``h_t`` (``[K n, H]``): ``through_step`` (the output's gradient plus what
+    flows back through step ``t + 1``) where that step is valid; where it is not, the state was
+    passed on unchanged, and so is its gradient ``d_later`` (plus the output's, ``d_step``)."""
+    if valid is None:
+        return through_step
+    n, size = valid.shape[1], through_step.shape[-1]
+    return torch.where(valid[t + 1], through_step.view(k, n, size),
+                       (d_step + d_later).view(k, n, size)).view(k * n, size)
+
+
 class Cell(ABC):
     """A recurrence: its forward (for lower layers) and its backward to the pre-activations."""
 
@@ -78,15 +96,18 @@ class Cell(ABC):
     states: int = 1
 
     @abstractmethod
-    def run(self, weights: CellWeights, inputs: Tensor, size: int) -> Tensor:
-        """Hidden states ``[n, T, H]`` from inputs ``[n, T, F]`` and a zero initial state."""
+    def run(self, weights: CellWeights, inputs: Tensor, size: int, valid: Tensor | None
+            ) -> Tensor:
+        """Hidden states ``[n, T, H]`` from inputs ``[n, T, F]`` and a zero initial state; a
+        sample's state stays as it is at the steps ``valid [T, n, 1]`` marks False."""
 
     @abstractmethod
     def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
-                 d_final: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+                 d_final: tuple[Tensor, ...], valid: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(da, db)``, each ``[K, n, T, G H]``: gradients of the input's and the state's
         pre-activations, from the gradients of the hidden states ``d_out [K, n, T, H]`` and of
-        the final state(s) ``[K, n, H]``."""
+        the final state(s) ``[K, n, H]``; zero at the steps ``valid`` marks False, through which
+        the state's gradient passes unchanged."""
 
     def factors(self, weights: CellWeights, inputs: Tensor, previous: Tensor, da: Tensor,
                 db: Tensor, analysed: frozenset[str]) -> list[Factors]:
@@ -119,20 +140,22 @@ class LSTMCell(Cell):
 
     states = 2
 
-    def run(self, weights: CellWeights, inputs: Tensor, size: int) -> Tensor:
+    def run(self, weights: CellWeights, inputs: Tensor, size: int, valid: Tensor | None
+            ) -> Tensor:
         (driven,) = _time_major(weights.input_side(inputs))
         n = inputs.shape[0]
         hidden, cell = inputs.new_zeros(n, size), inputs.new_zeros(n, size)
         out = inputs.new_empty(len(driven), n, size)
         for t in range(len(driven)):
             i, f, g, o = (driven[t] + weights.state_side(hidden)).chunk(4, dim=-1)
-            cell = f.sigmoid() * cell + i.sigmoid() * g.tanh()
-            hidden = o.sigmoid() * cell.tanh()
+            new_cell = f.sigmoid() * cell + i.sigmoid() * g.tanh()
+            new_hidden = o.sigmoid() * new_cell.tanh()
+            hidden, cell = _kept(valid, t, new_hidden, hidden), _kept(valid, t, new_cell, cell)
             out[t] = hidden
         return out.transpose(0, 1)
 
     def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
-                 d_final: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+                 d_final: tuple[Tensor, ...], valid: Tensor | None) -> tuple[Tensor, Tensor]:
         d_h, d_c = d_final
         k, n, steps, size = d_out.shape
         gates = weights.input_side(inputs) + weights.state_side(_previous(hidden))
@@ -155,13 +178,19 @@ class LSTMCell(Cell):
         d_cell = d_c.reshape(k * n, size).clone()
         for t in reversed(range(steps)):
             if t < steps - 1:
-                d_hidden = torch.addmm(d_steps[t], dz[t + 1], weights.w_hh)
+                d_hidden = _passed(valid, t, torch.addmm(d_steps[t], dz[t + 1], weights.w_hh),
+                                   d_steps[t], d_hidden, k)
+            kept_cell = None if valid is None else d_cell.clone()
             d_cell.view(k, n, size).addcmul_(d_hidden.view(k, n, size), to_cell[t])
             torch.mul(d_hidden.view(k, n, size), to_o[t],
                       out=dz[t, :, 3 * size:].view(k, n, size))
             torch.mul(d_cell.view(k, n, 1, size), to_ifg[t].view(n, 3, size),
                       out=dz[t, :, :3 * size].view(k, n, 3, size))
             d_cell.view(k, n, size).mul_(forget[t])
+            if valid is not None and kept_cell is not None:
+                dz[t].view(k, n, -1).mul_(valid[t])
+                d_cell = _kept(valid, t, d_cell.view(k, n, size),
+                               kept_cell.view(k, n, size)).reshape(k * n, size)
         dz_batch = dz.view(steps, k, n, 4 * size).permute(1, 2, 0, 3)
         return dz_batch, dz_batch
 
@@ -170,7 +199,8 @@ class GRUCell(Cell):
     """``r, z = sigmoid(a + b)`` (their blocks), ``m = tanh(a_n + r b_n)``,
     ``h_t = (1 - z) m + z h_{t-1}``."""
 
-    def run(self, weights: CellWeights, inputs: Tensor, size: int) -> Tensor:
+    def run(self, weights: CellWeights, inputs: Tensor, size: int, valid: Tensor | None
+            ) -> Tensor:
         (driven,) = _time_major(weights.input_side(inputs))
         n = inputs.shape[0]
         hidden = inputs.new_zeros(n, size)
@@ -180,12 +210,12 @@ class GRUCell(Cell):
             b_r, b_z, b_n = weights.state_side(hidden).chunk(3, dim=-1)
             z = (a_z + b_z).sigmoid()
             new = (a_n + (a_r + b_r).sigmoid() * b_n).tanh()
-            hidden = new + z * (hidden - new)
+            hidden = _kept(valid, t, new + z * (hidden - new), hidden)
             out[t] = hidden
         return out.transpose(0, 1)
 
     def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
-                 d_final: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+                 d_final: tuple[Tensor, ...], valid: Tensor | None) -> tuple[Tensor, Tensor]:
         (d_h,) = d_final
         k, n, steps, size = d_out.shape
         previous = _previous(hidden)
@@ -204,7 +234,8 @@ class GRUCell(Cell):
         for t in reversed(range(steps)):
             if t < steps - 1:
                 carried = (d_hidden.view(k, n, size) * keep[t + 1]).view(k * n, size)
-                d_hidden = torch.addmm(d_steps[t], db[t + 1], weights.w_hh).add_(carried)
+                d_hidden = _passed(valid, t, torch.addmm(d_steps[t], db[t + 1], weights.w_hh)
+                                   .add_(carried), d_steps[t], d_hidden, k)
             blocks = d_hidden.view(k, n, size)
             a_view, b_view = da[t].view(k, n, 3, size), db[t].view(k, n, 3, size)
             torch.mul(blocks, to_n[t], out=a_view[:, :, 2])
@@ -212,6 +243,9 @@ class GRUCell(Cell):
             torch.mul(a_view[:, :, 2], to_r[t], out=a_view[:, :, 0])
             b_view[:, :, :2] = a_view[:, :, :2]
             torch.mul(a_view[:, :, 2], reset[t], out=b_view[:, :, 2])
+            if valid is not None:
+                a_view.mul_(valid[t].unsqueeze(-1))
+                b_view.mul_(valid[t].unsqueeze(-1))
         return (da.view(steps, k, n, 3 * size).permute(1, 2, 0, 3),
                 db.view(steps, k, n, 3 * size).permute(1, 2, 0, 3))
 
@@ -222,18 +256,19 @@ class PlainCell(Cell):
     def __init__(self, nonlinearity: str) -> None:
         self.tanh = nonlinearity == "tanh"
 
-    def run(self, weights: CellWeights, inputs: Tensor, size: int) -> Tensor:
+    def run(self, weights: CellWeights, inputs: Tensor, size: int, valid: Tensor | None
+            ) -> Tensor:
         (driven,) = _time_major(weights.input_side(inputs))
         hidden = inputs.new_zeros(inputs.shape[0], size)
         out = inputs.new_empty(len(driven), inputs.shape[0], size)
         for t in range(len(driven)):
             pre = driven[t] + weights.state_side(hidden)
-            hidden = pre.tanh() if self.tanh else pre.relu()
+            hidden = _kept(valid, t, pre.tanh() if self.tanh else pre.relu(), hidden)
             out[t] = hidden
         return out.transpose(0, 1)
 
     def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
-                 d_final: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+                 d_final: tuple[Tensor, ...], valid: Tensor | None) -> tuple[Tensor, Tensor]:
         (d_h,) = d_final
         k, n, steps, size = d_out.shape
         (slopes,) = _time_major(1 - hidden * hidden if self.tanh
@@ -243,8 +278,11 @@ class PlainCell(Cell):
         d_hidden = (d_h + d_out[:, :, -1]).reshape(k * n, size)
         for t in reversed(range(steps)):
             if t < steps - 1:
-                d_hidden = torch.addmm(d_steps[t], dz[t + 1], weights.w_hh)
+                d_hidden = _passed(valid, t, torch.addmm(d_steps[t], dz[t + 1], weights.w_hh),
+                                   d_steps[t], d_hidden, k)
             torch.mul(d_hidden.view(k, n, size), slopes[t], out=dz[t].view(k, n, size))
+            if valid is not None:
+                dz[t].view(k, n, size).mul_(valid[t])
         dz_batch = dz.view(steps, k, n, size).permute(1, 2, 0, 3)
         return dz_batch, dz_batch
 
@@ -260,8 +298,8 @@ def _weights(module: nn.RNNBase, layer: int, direction: int) -> CellWeights:
 
 
 def recurrent_factors(module: nn.RNNBase, cell: Cell, inputs: Tensor, output: Tensor,
-                      d_out: Tensor, d_finals: tuple[Tensor, ...], analysed: frozenset[str]
-                      ) -> list[Factors]:
+                      d_out: Tensor, d_finals: tuple[Tensor, ...], lengths: Tensor | None,
+                      analysed: frozenset[str]) -> list[Factors]:
     """The factors of every layer and direction.
 
     Args:
@@ -271,17 +309,21 @@ def recurrent_factors(module: nn.RNNBase, cell: Cell, inputs: Tensor, output: Te
         output: ``[n, T, D H]``: the top layer's hidden states (both directions side by side).
         d_out: ``[K, n, T, D H]``: the gradients of ``output``.
         d_finals: gradients of the final states, each ``[K, L D, n, H]``.
+        lengths: ``[n]`` steps of each sample (a packed sequence's), None: all ``T``.
         analysed: the module's parameters under analysis (local names).
     """
     directions = 2 if module.bidirectional else 1
     size = module.hidden_size
+    steps = torch.arange(inputs.shape[1], device=inputs.device)
+    valid = None if lengths is None else (steps[:, None] < lengths[None, :])[..., None]
+    reverse = _Reversal(steps, lengths)
     layer_inputs, hiddens = [inputs], []
     with torch.no_grad():
         for layer in range(module.num_layers):
             top = layer == module.num_layers - 1
             states = [output[..., d * size:(d + 1) * size] if top else
-                      _flipped(cell.run(_weights(module, layer, d),
-                                        _flipped(layer_inputs[-1], d), size), d)
+                      reverse(cell.run(_weights(module, layer, d),
+                                       reverse(layer_inputs[-1], d), size, valid), d)
                       for d in range(directions)]
             hiddens.append(states)
             layer_inputs.append(torch.cat(states, dim=-1))
@@ -291,22 +333,36 @@ def recurrent_factors(module: nn.RNNBase, cell: Cell, inputs: Tensor, output: Te
             d_below = None
             for d in range(directions):
                 weights = _weights(module, layer, d)
-                x, hidden = (_flipped(t, d) for t in (layer_inputs[layer], hiddens[layer][d]))
-                d_hidden = _flipped(d_above[..., d * size:(d + 1) * size], d, dim=2)
+                x, hidden = (reverse(t, d) for t in (layer_inputs[layer], hiddens[layer][d]))
+                d_hidden = reverse(d_above[..., d * size:(d + 1) * size], d, dim=2)
                 finals = tuple(g[:, layer * directions + d] for g in d_finals)
-                da, db = cell.backward(weights, x, hidden, d_hidden, finals)
+                da, db = cell.backward(weights, x, hidden, d_hidden, finals, valid)
                 parts += cell.factors(weights, x, _previous(hidden), da, db, analysed)
                 if layer > 0:
-                    d_input = _flipped(da @ weights.w_ih, d, dim=2)
+                    d_input = reverse(da @ weights.w_ih, d, dim=2)
                     d_below = d_input if d_below is None else d_below + d_input
             if d_below is not None:
                 d_above = d_below
     return parts
 
 
-def _flipped(tensor: Tensor, direction: int, dim: int = 1) -> Tensor:
-    """The time axis reversed for the reverse direction (``direction`` 1), else unchanged."""
-    return tensor.flip(dim) if direction else tensor
+class _Reversal:
+    """Each sample's steps in reverse order for the reverse direction (``direction`` 1), its
+    padding (steps past its length) left in place; unchanged for the forward direction."""
+
+    def __init__(self, steps: Tensor, lengths: Tensor | None) -> None:
+        self.order = None if lengths is None else torch.where(  # [n, T]
+            steps[None, :] < lengths[:, None], lengths[:, None] - 1 - steps[None, :],
+            steps[None, :])
+
+    def __call__(self, tensor: Tensor, direction: int, dim: int = 1) -> Tensor:
+        """``tensor`` with time along ``dim`` and the samples along ``dim - 1``."""
+        if not direction:
+            return tensor
+        if self.order is None:
+            return tensor.flip(dim)
+        shape = [1] * (dim - 1) + list(self.order.shape) + [1] * (tensor.dim() - dim - 1)
+        return tensor.gather(dim, self.order.view(shape).expand_as(tensor))
 
 
 class RecurrentRule(GramRule):
@@ -316,24 +372,36 @@ class RecurrentRule(GramRule):
     def cell(self, module: nn.Module) -> Cell:
         """The module's recurrence."""
 
-    def factors(self, module: nn.Module, layer_input: Tensor,
+    def factors(self, module: nn.Module, layer_input: Tensor | PackedSequence,
                 layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
                 analysed: frozenset[str]) -> Factors | None:
         cell = self.cell(module)
         if (not isinstance(module, nn.RNNBase) or not isinstance(output_grads, tuple)
-                or not isinstance(layer_output, tuple) or len(output_grads) != 1 + cell.states
-                or layer_input.dim() != 3):
+                or not isinstance(layer_output, tuple) or len(output_grads) != 1 + cell.states):
             return None
         output, d_out, d_finals = layer_output[0], output_grads[0], output_grads[1:]
-        if not module.batch_first:  # [T, n, F]: the samples are the second dimension
+        lengths = None
+        if isinstance(layer_input, PackedSequence):  # padded, batch first, in the batch's order
+            packed = layer_input
+
+            def padded(data: Tensor) -> Tensor:
+                return pad_packed_sequence(PackedSequence(data, *packed[1:]), batch_first=True)[0]
+
+            layer_input, lengths = pad_packed_sequence(packed, batch_first=True)
+            lengths = lengths.to(layer_input.device)
+            output, d_out = padded(output), torch.stack([padded(d) for d in d_out])
+        elif layer_input.dim() != 3:
+            return None
+        elif not module.batch_first:  # [T, n, F]: the samples are the second dimension
             layer_input, output, d_out = (layer_input.transpose(0, 1), output.transpose(0, 1),
                                           d_out.transpose(1, 2))
         if layer_input.shape[0] != num_samples or output.shape[:2] != layer_input.shape[:2]:
             return None
-        parts = recurrent_factors(module, cell, layer_input, output, d_out,
-                                  tuple(d_finals), analysed)
+        parts = recurrent_factors(module, cell, layer_input, output, d_out, tuple(d_finals),
+                                  lengths, analysed)
         return SummedFactors(parts) if parts else None
+
 
 
 @register_rule
