@@ -57,7 +57,7 @@ peers = _load_peers()
 GROUPS = ("fisher", "ggn", "cnn", "exact", "lanczos", "hvp", "scale", "sweep_n", "sweep_p",
           "arch", "sweep_arch")
 #: Issue 9's architectures (see ``build_model``) and their batch sizes.
-ARCHS = ("resnet18", "gpt", "lstm")
+ARCHS = ("resnet18", "gpt", "lstm", "gru", "lstm2", "lstm_packed")
 ARCH_N = 128
 ARCH_SWEEP_NS = (64, 128, 256, 512)
 MLP = (784, 512, 512, 10)
@@ -151,16 +151,28 @@ class GPT(nn.Module):
         return self.head(self.norm(self.blocks(h))).transpose(1, 2)
 
 
-class LSTMClassifier(nn.Module):
-    """One-layer LSTM over ``[n, T, 32]`` sequences, a linear head on the last hidden state."""
+class RecurrentClassifier(nn.Module):
+    """A recurrent module over ``[n, T, 32]`` sequences, a linear head on the last step's output:
+    ``lstm`` one LSTM layer, ``gru`` one GRU layer, ``lstm2`` two bidirectional LSTM layers;
+    ``lstm_packed`` one LSTM layer over variable-length sequences (zero steps at the end are
+    padding), packed, the head on the final hidden state."""
 
-    def __init__(self, features: int = 32, hidden: int = 128, classes: int = 10) -> None:
+    def __init__(self, kind: str = "lstm", features: int = 32, hidden: int = 128,
+                 classes: int = 10) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(features, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
+        cell, options = {"lstm": (nn.LSTM, {}), "gru": (nn.GRU, {}), "lstm_packed": (nn.LSTM, {}),
+                         "lstm2": (nn.LSTM, {"num_layers": 2, "bidirectional": True})}[kind]
+        self.packed = kind == "lstm_packed"
+        self.rnn = cell(features, hidden, batch_first=True, **options)
+        self.head = nn.Linear(hidden * (2 if options.get("bidirectional") else 1), classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.lstm(x)[0][:, -1])
+        if self.packed:
+            lengths = (x != 0).any(dim=-1).sum(dim=1).cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                       enforce_sorted=False)
+            return self.head(self.rnn(packed)[1][0][-1])
+        return self.head(self.rnn(x)[0][:, -1])
 
 
 def mlp_for_params(target: int) -> tuple[int, ...]:
@@ -184,8 +196,8 @@ def build_model(spec: Spec) -> nn.Module:
         model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     elif spec["model"] == "gpt":
         model = GPT(positions=spec.get("variant", "per-sample"))
-    elif spec["model"] == "lstm":
-        model = LSTMClassifier()
+    elif spec["model"] in ("lstm", "gru", "lstm2", "lstm_packed"):
+        model = RecurrentClassifier(spec["model"])
     else:
         model = mlp(spec["widths"])
     return model.to(spec.get("device", "cpu"))
@@ -200,9 +212,14 @@ def build_batch(spec: Spec) -> tuple[Tensor, Tensor]:
         inputs = torch.randint(0, 512, (n, 64), generator=g)
         labels = torch.randint(0, 512, (n, 64), generator=g)
     else:
-        shape = {"cnn": (n, 1, 28, 28), "resnet18": (n, 3, 32, 32),
-                 "lstm": (n, 32, 32)}.get(spec["model"]) or (n, spec["widths"][0])
+        sequences = ("lstm", "gru", "lstm2", "lstm_packed")
+        shape = ((n, 32, 32) if spec["model"] in sequences else
+                 {"cnn": (n, 1, 28, 28), "resnet18": (n, 3, 32, 32)}.get(spec["model"])
+                 or (n, spec["widths"][0]))
         inputs, labels = torch.randn(shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+        if spec["model"] == "lstm_packed":  # lengths 8 to 32: zero steps past each
+            lengths = torch.randint(8, 33, (n, 1), generator=g)
+            inputs *= (torch.arange(32) < lengths)[..., None]
     return inputs.to(device), labels.to(device)
 
 
@@ -538,6 +555,9 @@ def arch_cases(arch: str, n: int, full: bool) -> dict[str, Spec]:
             f"{tag}_hessrank_ggn_mc1": {**spec, "tool": "hessrank",
                                         "opts": hr("ggn", mc_samples=1)},
         })
+        if arch in ("gru", "lstm2", "lstm_packed"):  # the general path these took before
+            cases[f"{tag}_hessrank_fisher_func"] = {**spec, "tool": "hessrank",
+                                                    "opts": hr("fisher", backend="func")}
         if arch == "gpt":
             cases[f"{tag}_hessrank_fisher_shared_positions"] = {
                 **spec, "variant": "shared", "tool": "hessrank", "opts": hr("fisher")}
