@@ -50,11 +50,28 @@ CASES = [
     # conv and linear rules (factors over positions) beside the general path (LayerNorm)
     ("fisher-cnn", "cnn", "fisher", "mean", {}, {"per_layer": True}),
     ("ggn-cnn", "cnn", "ggn", "mean", {}, {}),
+    # the recurrent rule (factors summed over layers and directions)
+    ("fisher-gru", "rnn", "fisher", "mean", {}, {"per_layer": True}),
+    ("ggn-gru", "rnn", "ggn", "weighted", {}, {}),
 ]
+
+
+class GRUHead(nn.Module):
+    """Each 4-feature row as 2 steps of 2 features, a 2-layer bidirectional GRU, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(2, 3, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x.view(-1, 2, 2))[0][:, -1])
 
 
 def make_model(kind: str = "mlp") -> nn.Module:
     torch.manual_seed(0)
+    if kind == "rnn":
+        return GRUHead().double()
     if kind == "cnn":
         return nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2, padding=1), nn.ReLU(),
                              nn.Flatten(), nn.LayerNorm(18), nn.Linear(18, 3)).double()
@@ -183,6 +200,7 @@ def test_equals_one_process_on_the_whole_batch(spawned: list[dict[str, Any]], na
 def test_cnn_cases_gather_every_kind_of_rule_factors(spawned: list[dict[str, Any]]) -> None:
     """Kronecker (linear), convolution and explicit per-sample (norm) factors all gathered."""
     assert set(spawned[0]["fisher-cnn"]["paths"].values()) == {"conv", "linear", "norm"}
+    assert set(spawned[0]["fisher-gru"]["paths"].values()) == {"gru", "linear"}  # summed
 
 
 def test_ddp_model_analysed_without_touching_ddp(spawned: list[dict[str, Any]]) -> None:
