@@ -200,7 +200,7 @@ def effective_rank(
             raise TypeError(f"effective_rank() got unknown option(s) {', '.join(unknown)}; the "
                             f"estimators' options are: {offered}")
         method_options = estimator.make_options(options)
-        estimator.check_mode(mode)
+        estimator.check_mode(mode, model)
         estimator.check_request(settings, method_options)
         if parallel is not None and options.get("backend") == "backpack":
             raise ValueError("backend='backpack' runs in one process: with process_group, use "

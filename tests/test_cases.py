@@ -270,6 +270,20 @@ class ScaledClamp(nn.Module):
         return self.head(_ClampFunction.apply(self.fc(x)) * self.scale)
 
 
+class ConvPReLU(nn.Module):
+    """A per-channel PReLU after a convolution: torch.func's vmap returns its per-sample
+    gradients batched twice (torch 2.14.1), so they must come from plain autograd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.act = nn.PReLU(3)
+        self.head = nn.Linear(27, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.act(self.conv(x)).flatten(1))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a residual, LayerNorm and a pooled head."""
 
@@ -525,6 +539,9 @@ CASES = [
         2 * torch.randn(5, 4, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (5,), generator=g))),
         paths={"scale": "per-sample loop", "fc.weight": "linear"}),
+    Case("per-channel PReLU after a convolution", _build(ConvPReLU, lambda g: (
+        torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))), paths={"conv.weight": "conv"}),
     Case("ReLU RNN, two layers, sequence first", _build(StackedRNN, lambda g: (
         torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (4,), generator=g))),

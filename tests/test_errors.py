@@ -131,6 +131,18 @@ def test_batchnorm_train_mode_for_fisher():
            ValueError, "mode='train' is not defined for method='fisher'.*use mode='eval'")
 
 
+@pytest.mark.parametrize("method", ["fisher", "ggn", "fisher_lanczos"])
+def test_batchnorm_without_running_statistics_for_per_sample_factors(method):
+    """track_running_stats=False: batch statistics in evaluation mode too, samples coupled."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, track_running_stats=False),
+                          nn.Linear(6, 3)).double()
+    x, y = classification_batch(8, 5, 3)
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method),
+           ValueError, r"'1' \(BatchNorm1d, track_running_stats=False\) normalises with the "
+                       r"batch's statistics.*use method='exact' or 'lanczos'")
+    assert hessrank.effective_rank(model, CE, (x, y), method="exact").rank > 0
+
+
 def test_dropout_with_train_mode():
     model = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.5), nn.Linear(6, 3)).double()
     x, y = classification_batch(8, 5, 3)

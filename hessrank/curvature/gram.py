@@ -366,55 +366,79 @@ def _general_gram(
     tolerance = agreement_tolerance(problem.dtype)
     for groups in bins:
         subset = {name: named[name].detach() for _, names in groups for name in names}
-        numel = sum(t.numel() for t in subset.values())
-        chunk = max(1, GENERAL_CHUNK_BYTES // max(1, k * numel * element))
-        pieces: dict[str, list[Tensor]] = {name: [] for name in subset}
-        sample_outputs: list[Tensor] = []
-        with torch.no_grad():
-            for start in range(0, n, chunk):
-                stop = min(start + chunk, n)
-                args, kwargs = problem.sample_slice(start, stop)
-                vjps: dict[str, Tensor] | None = None
-                outs: Tensor | None = None
-                if path == VMAP_PATH:
-                    try:
-                        vjps, outs = vmap(sample_vjps, in_dims=(None, 1, 0, 0))(
-                            subset, cotangents[:, start:stop], args, kwargs)
-                    except Exception:  # noqa: BLE001 - vmap raises many types it cannot batch
-                        path = LOOP_PATH
-                if vjps is None or outs is None:
-                    samples = [_sample_gradients(problem, list(subset), cotangents[:, i],
-                                                 *_sample(args, kwargs, i - start))
-                               for i in range(start, stop)]
-                    vjps = {name: torch.stack([s[0][name] for s in samples]) for name in subset}
-                    outs = torch.stack([s[1] for s in samples])
-                sample_outputs.append(outs)
-                for name, value in vjps.items():  # [n_chunk, K, *shape]
-                    pieces[name].append(value.transpose(0, 1).reshape(k, stop - start, -1))
-        checked: dict[str, Tensor] = {}
+        flats, failure, path = _checked_bin(problem, groups, subset, path, sample_vjps,
+                                            cotangents, outputs, weights, true_grads, tolerance)
+        if failure is not None and path == VMAP_PATH:
+            # torch.func's batching rules are not all right (vmap through PReLU after a
+            # convolution returns gradients batched twice, torch 2.14.1): plain autograd decides.
+            path = LOOP_PATH
+            flats, failure, path = _checked_bin(problem, groups, subset, path, sample_vjps,
+                                                cotangents, outputs, weights, true_grads,
+                                                tolerance)
         with agreement(parallel_of(problem)):
-            _check_samples_independent(torch.cat(sample_outputs), outputs, tolerance)
-            for group, names in groups:
-                # pop: the bin's pieces become its groups' factors without a second copy
-                factors = torch.cat([torch.cat(pieces.pop(name), dim=1) for name in names],
-                                    dim=-1)
-                flat = factors.reshape(k * n, -1)
-                claimed = (weights.reshape(-1, 1) * flat).sum(dim=0)
-                true = torch.cat([true_grads[name].reshape(-1) for name in names])
-                error = _relative_error([claimed], [true],
-                                        _weighted_scale((flat * flat).sum(dim=1), weights))
-                if error > tolerance:
-                    raise ValueError(
-                        f"per-sample gradients of {group!r} do not add up to the batch gradient "
-                        f"(relative error {error:.1e}): the model mixes the samples of a batch, "
-                        "so per-sample EF/GGN factors are undefined; use method='exact' or "
-                        "'lanczos'"
-                    )
-                checked[group] = flat
-        for group, flat in checked.items():
+            if failure is not None:
+                raise ValueError(failure)
+        for group, flat in flats.items():
             gathered = _all_rows(problem, flat, k)
             accumulator.add(group, gathered @ gathered.T)
     return path
+
+
+def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
+                 subset: dict[str, Tensor], path: str,
+                 sample_vjps: Callable[..., tuple[dict[str, Tensor], Tensor]],
+                 cotangents: Tensor, outputs: Tensor, weights: Tensor,
+                 true_grads: dict[str, Tensor], tolerance: float
+                 ) -> tuple[dict[str, Tensor], str | None, str]:
+    """One bin's per-sample factors ``{group: [K n, P_group]}`` on ``path`` (``torch.func``'s
+    vmap, in chunks, or, where vmap fails, plain autograd per sample), what fails their check
+    (None: they pass) and the path taken."""
+    k, n = cotangents.shape[:2]
+    numel = sum(t.numel() for t in subset.values())
+    chunk = max(1, GENERAL_CHUNK_BYTES // max(1, k * numel * problem.params[0].element_size()))
+    pieces: dict[str, list[Tensor]] = {name: [] for name in subset}
+    sample_outputs: list[Tensor] = []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            args, kwargs = problem.sample_slice(start, stop)
+            vjps: dict[str, Tensor] | None = None
+            outs: Tensor | None = None
+            if path == VMAP_PATH:
+                try:
+                    vjps, outs = vmap(sample_vjps, in_dims=(None, 1, 0, 0))(
+                        subset, cotangents[:, start:stop], args, kwargs)
+                except Exception:  # noqa: BLE001 - vmap raises many types it cannot batch
+                    path = LOOP_PATH
+            if vjps is None or outs is None or any(  # a batching rule that got shapes wrong
+                    value.shape != (stop - start, k, *subset[name].shape)
+                    for name, value in vjps.items()):
+                path = LOOP_PATH
+                samples = [_sample_gradients(problem, list(subset), cotangents[:, i],
+                                             *_sample(args, kwargs, i - start))
+                           for i in range(start, stop)]
+                vjps = {name: torch.stack([s[0][name] for s in samples]) for name in subset}
+                outs = torch.stack([s[1] for s in samples])
+            sample_outputs.append(outs)
+            for name, value in vjps.items():  # [n_chunk, K, *shape]
+                pieces[name].append(value.transpose(0, 1).reshape(k, stop - start, -1))
+    failure = _samples_differ(torch.cat(sample_outputs), outputs, tolerance)
+    flats: dict[str, Tensor] = {}
+    for group, names in groups:
+        # pop: the bin's pieces become its groups' factors without a second copy
+        flat = torch.cat([torch.cat(pieces.pop(name), dim=1) for name in names],
+                         dim=-1).reshape(k * n, -1)
+        claimed = (weights.reshape(-1, 1) * flat).sum(dim=0)
+        true = torch.cat([true_grads[name].reshape(-1) for name in names])
+        error = _relative_error([claimed], [true],
+                                _weighted_scale((flat * flat).sum(dim=1), weights))
+        if failure is None and error > tolerance:
+            failure = (f"per-sample gradients of {group!r} do not add up to the batch gradient "
+                       f"(relative error {error:.1e}): the model mixes the samples of a batch, "
+                       "so per-sample EF/GGN factors are undefined; use method='exact' or "
+                       "'lanczos'")
+        flats[group] = flat
+    return flats, failure, path
 
 
 def _agreed_rules(problem: CurvatureProblem, passed: dict[str, Tensor],
@@ -458,17 +482,17 @@ def _sample(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], i: int
     return tuple(x[i] for x in args), {key: x[i] for key, x in kwargs.items()}
 
 
-def _check_samples_independent(sample_outputs: Tensor, outputs: Tensor, tolerance: float) -> None:
+def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float) -> str | None:
+    """What is wrong where the outputs of the samples computed alone differ from the batch's."""
     difference = (sample_outputs.reshape(outputs.shape) - outputs).norm()
     scale = outputs.norm().clamp_min(torch.finfo(outputs.dtype).tiny)
-    if difference > tolerance * math.sqrt(outputs[0].numel()) * scale:
-        raise ValueError(
-            f"a sample's output computed alone differs from its row of the batch output "
+    if difference <= tolerance * math.sqrt(outputs[0].numel()) * scale:
+        return None
+    return (f"a sample's output computed alone differs from its row of the batch output "
             f"(relative difference {float(difference / scale):.1e}): the model mixes the samples "
             "of a batch (BatchNorm on batch statistics, attention over the batch dimension, e.g. "
             "a batch_first=False transformer given [n, T, d]), so per-sample EF/GGN factors are "
-            "undefined; fix the layout or use method='exact' or 'lanczos'"
-        )
+            "undefined; fix the layout or use method='exact' or 'lanczos'")
 
 
 def _backward_batched(outputs: Tensor, edges: list[GradientEdge], values: list[Tensor],

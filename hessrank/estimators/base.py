@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from torch import Tensor
+from torch import Tensor, nn
 
 from hessrank.monitor import Reporter
 from hessrank.problem import CurvatureProblem
@@ -154,14 +154,27 @@ class Estimator(ABC):
             raise ValueError(f"method={self.name!r} does not return eigenvectors: use one of "
                              f"{capable}")
 
-    def check_mode(self, mode: str) -> None:
-        """Raise if ``mode`` is not among :attr:`modes`."""
+    def check_mode(self, mode: str, model: nn.Module) -> None:
+        """Raise if ``mode`` is not among :attr:`modes`, or if a method without a training mode
+        (per-sample factors) meets a BatchNorm that normalises with the batch's statistics in
+        evaluation mode too (no running statistics): its samples interact."""
         if mode not in self.modes:
             raise ValueError(
                 f"mode={mode!r} is not defined for method={self.name!r} (it supports "
                 f"{', '.join(map(repr, self.modes))}): per-sample factors assume samples that do "
                 "not interact; use mode='eval' or method='exact'/'lanczos'"
             )
+        if "train" in self.modes:
+            return
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                    module.running_mean is None and module.running_var is None):
+                raise ValueError(
+                    f"{name!r} ({type(module).__name__}, track_running_stats=False) normalises "
+                    "with the batch's statistics even in evaluation mode, so the samples of a "
+                    f"batch interact and method={self.name!r}'s per-sample factors are "
+                    "undefined: use method='exact' or 'lanczos', or give the layer running "
+                    "statistics")
 
     @abstractmethod
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
