@@ -1,6 +1,6 @@
-"""``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (any number of layers, one or both directions, zero
-initial state, no LSTM projection): per-sample gradients from the gates' pre-activation
-gradients, without per-sample backward passes.
+"""``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (any number of layers, one or both directions, padded
+or packed sequences, zero initial state, no LSTM projection): per-sample gradients from the
+gates' pre-activation gradients, without per-sample backward passes.
 
 For one layer and direction, with the input's pre-activations ``a_t = W_ih x_t + b_ih`` and the
 state's ``b_t = W_hh h_{t-1} + b_hh`` (``h_{-1} = 0``), sample ``i``'s gradients are Kronecker
@@ -19,6 +19,10 @@ layer's from the layer above (the gradient of that layer's input, ``da W_ih``), 
 with the captured gradient of its final state(s), through a hand-written backward recurrence (all
 samples and cotangents at once, one ``[K n, G H] x [G H, H]`` product per step). The reverse
 direction is the forward recurrence on the time-reversed sequence.
+
+A packed sequence (``pack_padded_sequence``) is padded first. A sample's steps past its length
+keep its state unchanged, so there its pre-activation gradients are zero and its state's
+gradient passes through; the reverse direction reverses each sample's own steps.
 
 Assumes: the module is called on a batched input with no initial state and runs as in
 evaluation (no dropout between layers). Anything else (an initial state, a recurrence that
