@@ -272,7 +272,8 @@ class ScaledClamp(nn.Module):
 
 class ConvPReLU(nn.Module):
     """A per-channel PReLU after a convolution: torch.func's vmap returns its per-sample
-    gradients batched twice (torch 2.14.1), so they must come from plain autograd."""
+    gradients batched twice (torch 2.14.1); the PReLU rule, or plain autograd on the general
+    path (``backend="func"``), computes them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -541,7 +542,8 @@ CASES = [
         paths={"scale": "per-sample loop", "fc.weight": "linear"}),
     Case("per-channel PReLU after a convolution", _build(ConvPReLU, lambda g: (
         torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64),
-        torch.randint(0, 3, (4,), generator=g))), paths={"conv.weight": "conv"}),
+        torch.randint(0, 3, (4,), generator=g))),
+        paths={"conv.weight": "conv", "act.weight": "prelu"}),
     Case("ReLU RNN, two layers, sequence first", _build(StackedRNN, lambda g: (
         torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (4,), generator=g))),
