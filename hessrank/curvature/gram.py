@@ -307,9 +307,6 @@ def _sample_vjps(problem: CurvatureProblem) -> Callable[..., tuple[dict[str, Ten
         # oneDNN's kernel, which keeps what its backward needs only when grad mode is on.
         with torch.enable_grad():
             sample_outputs, pullback = vjp(outputs_of, params)[:2]
-            if cotangent.shape[0] == 1:  # one cotangent (the Fisher): no second vmap level
-                return ({name: g.unsqueeze(0) for name, g in pullback(cotangent[0])[0].items()},
-                        sample_outputs)
             return vmap(pullback)(cotangent)[0], sample_outputs
 
     return sample_vjps
