@@ -57,7 +57,7 @@ peers = _load_peers()
 GROUPS = ("fisher", "ggn", "cnn", "exact", "lanczos", "hvp", "scale", "sweep_n", "sweep_p",
           "arch", "sweep_arch")
 #: Issue 9's architectures (see ``build_model``) and their batch sizes.
-ARCHS = ("resnet18", "gpt", "lstm", "gru", "lstm2", "lstm_packed")
+ARCHS = ("resnet18", "gpt", "encoder", "lstm", "gru", "lstm2", "lstm_packed")
 ARCH_N = 128
 ARCH_SWEEP_NS = (64, 128, 256, 512)
 MLP = (784, 512, 512, 10)
@@ -151,6 +151,23 @@ class GPT(nn.Module):
         return self.head(self.norm(self.blocks(h))).transpose(1, 2)
 
 
+class EncoderClassifier(nn.Module):
+    """Stock ``nn.TransformerEncoder`` (2 pre-norm layers, d = 128, 4 heads, GELU feed-forward
+    256, no dropout) over 64 tokens of a 512-word vocabulary, mean-pooled, a linear head: its
+    attention is ``nn.MultiheadAttention``."""
+
+    def __init__(self, vocabulary: int = 512, width: int = 128, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
 class RecurrentClassifier(nn.Module):
     """A recurrent module over ``[n, T, 32]`` sequences, a linear head on the last step's output:
     ``lstm`` one LSTM layer, ``gru`` one GRU layer, ``lstm2`` two bidirectional LSTM layers;
@@ -196,6 +213,8 @@ def build_model(spec: Spec) -> nn.Module:
         model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     elif spec["model"] == "gpt":
         model = GPT(positions=spec.get("variant", "per-sample"))
+    elif spec["model"] == "encoder":
+        model = EncoderClassifier()
     elif spec["model"] in ("lstm", "gru", "lstm2", "lstm_packed"):
         model = RecurrentClassifier(spec["model"])
     else:
@@ -211,6 +230,9 @@ def build_batch(spec: Spec) -> tuple[Tensor, Tensor]:
     if spec["model"] == "gpt":
         inputs = torch.randint(0, 512, (n, 64), generator=g)
         labels = torch.randint(0, 512, (n, 64), generator=g)
+    elif spec["model"] == "encoder":
+        inputs = torch.randint(0, 512, (n, 64), generator=g)
+        labels = torch.randint(0, 10, (n,), generator=g)
     else:
         sequences = ("lstm", "gru", "lstm2", "lstm_packed")
         shape = ((n, 32, 32) if spec["model"] in sequences else
