@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from paired_trees import mlp_fisher_case  # this folder: the same MLP, batch and warm-up
+from paired_trees import fisher_case  # this folder: the same MLP, batch and warm-up
 
 
 def main() -> int:
@@ -39,7 +39,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ab", choices=("trim", "solver-threads"))
     args = parser.parse_args()
-    fwd_bwd, fisher, _ = mlp_fisher_case(args.threads)
+    fwd_bwd, fisher, _ = fisher_case(args.threads)
 
     def timed(run: Callable[[], None]) -> float:
         start = time.perf_counter()

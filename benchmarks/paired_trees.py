@@ -1,17 +1,19 @@
-"""``fisher`` / forward+backward on the 670k MLP for several source trees, paired round by round.
+"""``fisher`` / forward+backward for several source trees, paired round by round.
 
 One worker process per tree (``PYTHONPATH`` set to the tree, so each imports its own hessrank),
 all started at once and asked in turn for one round each: three plain forward+backward passes
 (median kept) and one ``hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), "fisher")``
 call, the same seeded MLP 784-512-512-10 and batch (n = 512, float32, 2 threads) as
-``run.py --only fisher``. The trees of one round run within a second of each other, so they see
-the same machine load; each tree's figure is the median over rounds of its per-round ratio, and
-the rounds are also split by the machine's regime (a forward+backward below ``--fast-ms`` is the
-shared machine's fast state, where ratios differ from the throttled one: ``README.md``, run C).
+``run.py --only fisher``, or with ``--arch`` one of ``run.py``'s architectures at n = 128. The
+trees of one round run within a second of each other, so they see the same machine load; each
+tree's figure is the median over rounds of its per-round ratio, and the rounds are also split by
+the machine's regime (a forward+backward below ``--fast-ms`` is the shared machine's fast state,
+where ratios differ from the throttled one: ``README.md``, run C).
 
 Usage (a tree is a checkout, e.g. ``git worktree add /tmp/base <commit>``)::
 
     python benchmarks/paired_trees.py /tmp/base . --rounds 30
+    python benchmarks/paired_trees.py /tmp/base . --arch encoder --rounds 10
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def mlp_fisher_case(threads: int) -> tuple[Callable[[], None], Callable[[], None], str]:
-    """The MLP and batch of ``run.py --only fisher`` with torch on ``threads`` threads: its plain
-    forward+backward, hessrank's ``fisher`` call (each warmed up once), and the path of the
-    hessrank that runs (imported here, so a worker's ``PYTHONPATH`` picks the tree)."""
+def fisher_case(threads: int, arch: str = "mlp"
+                ) -> tuple[Callable[[], None], Callable[[], None], str]:
+    """The MLP and batch of ``run.py --only fisher`` (or ``run.py``'s ``arch`` at n = 128) with
+    torch on ``threads`` threads: its plain forward+backward, hessrank's ``fisher`` call (each
+    warmed up once), and the path of the hessrank that runs (imported here, so a worker's
+    ``PYTHONPATH`` picks the tree)."""
     import warnings
 
     import torch
@@ -40,12 +44,18 @@ def mlp_fisher_case(threads: int) -> tuple[Callable[[], None], Callable[[], None
     torch.set_num_threads(threads)
     import hessrank
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                          nn.Linear(512, 10))
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(512, 784, generator=generator)
-    y = torch.randint(0, 10, (512,), generator=generator)
+    if arch == "mlp":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                              nn.Linear(512, 10))
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(512, 784, generator=generator)
+        y = torch.randint(0, 10, (512,), generator=generator)
+    else:
+        from run import build_batch, build_model  # this folder
+
+        spec = {"model": arch, "n": 128, "seed": 0}
+        model, (x, y) = build_model(spec), build_batch(spec)
     loss = nn.CrossEntropyLoss()
 
     def fwd_bwd() -> None:
@@ -60,9 +70,9 @@ def mlp_fisher_case(threads: int) -> tuple[Callable[[], None], Callable[[], None
     return fwd_bwd, fisher, hessrank.__file__
 
 
-def worker(threads: int) -> None:
+def worker(threads: int, arch: str) -> None:
     """Answer each line on stdin with one round's timings (a JSON line)."""
-    fwd_bwd, fisher, source = mlp_fisher_case(threads)
+    fwd_bwd, fisher, source = fisher_case(threads, arch)
     print(json.dumps({"ready": source}), flush=True)
     for _ in sys.stdin:
         times = []
@@ -81,12 +91,14 @@ def main() -> int:
     parser.add_argument("trees", nargs="*", help="source trees (checkouts) to compare")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arch", default="mlp",
+                        help="mlp (the 670k MLP, n = 512) or an architecture of run.py (n = 128)")
     parser.add_argument("--fast-ms", type=float, default=25.0,
                         help="a round whose forward+backward is faster is in the fast regime")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.threads)
+        worker(args.threads, args.arch)
         return 0
     if not args.trees:
         parser.error("give at least one source tree")
@@ -94,7 +106,8 @@ def main() -> int:
     for tree in args.trees:
         env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
         procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--threads", str(args.threads)], env=env,
+            [sys.executable, __file__, "--worker", "--threads", str(args.threads), "--arch",
+             args.arch], env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     for tree, proc in zip(args.trees, procs):
         assert proc.stdout is not None
