@@ -1,0 +1,68 @@
+"""Where a ``fisher`` call spends its time: ``cProfile`` over a few calls on a ``run.py``
+architecture (n = 128, float32, 2 threads), after the forward+backward it is measured against.
+
+Usage::
+
+    python benchmarks/profile_fisher.py lstm --calls 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+from run import build_batch, build_model  # this folder
+from torch import nn
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("arch", help="an architecture of run.py (lstm, gru, encoder, gpt, ...)")
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--lines", type=int, default=30, help="profile lines to print")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    import hessrank
+
+    spec = {"model": args.arch, "n": 128, "seed": 0}
+    model, (x, y) = build_model(spec), build_batch(spec)
+    loss = nn.CrossEntropyLoss()
+
+    def fwd_bwd() -> None:
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    def fisher() -> None:
+        hessrank.effective_rank(model, loss, (x, y), "fisher")
+
+    def seconds(call: object) -> float:
+        times = []
+        for _ in range(args.calls):
+            start = time.perf_counter()
+            call()  # type: ignore[operator]
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    fwd_bwd()
+    fisher()
+    base, call = seconds(fwd_bwd), seconds(fisher)
+    print(f"{args.arch}: forward+backward {base * 1e3:.1f} ms, fisher {call * 1e3:.1f} ms "
+          f"({call / base:.2f}x), medians of {args.calls}")
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(args.calls):
+        fisher()
+    profile.disable()
+    pstats.Stats(profile, stream=sys.stdout).sort_stats("cumulative").print_stats(args.lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
