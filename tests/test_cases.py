@@ -299,6 +299,25 @@ class Attention(nn.Module):
         return self.head(self.norm(h).mean(dim=1))
 
 
+class AttentionVariants(nn.Module):
+    """Self-attention returning its per-head weights, used downstream; attention under a causal
+    mask, which the attention rule does not assume (its check fails: the general path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.masked = nn.MultiheadAttention(4, 2, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, weights = self.attn(x, x, x, average_attn_weights=False)
+        h = out + weights.mean(dim=(1, 3)).unsqueeze(-1)  # [n, L, E] + [n, L, 1]
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        y = self.masked(h.transpose(0, 1), h.transpose(0, 1), h.transpose(0, 1),
+                        attn_mask=causal, need_weights=False)[0]
+        return self.head(torch.tanh(y).mean(dim=0))
+
+
 class SequenceFirstTransformer(nn.Module):
     """A stock batch_first=False encoder layer, used correctly: inputs transposed to [T, n, d]."""
 
@@ -551,11 +570,20 @@ CASES = [
     Case("multi-head attention + LayerNorm", _build(Attention, lambda g: (
         torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (4,), generator=g))),
-        paths={"attn.in_proj_weight": "torch.func", "attn.out_proj.weight": "torch.func",
-               "norm.weight": "norm", "head.weight": "linear"}),
+        paths={"attn.in_proj_weight": "attention", "attn.out_proj.weight": "attention",
+               "attn.out_proj.bias": "attention", "norm.weight": "norm",
+               "head.weight": "linear"}),
+    Case("attention weights used, and attention under a causal mask", _build(
+        AttentionVariants, lambda g: (torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
+                                      torch.randint(0, 3, (4,), generator=g))),
+        paths={"attn.in_proj_bias": "attention", "attn.out_proj.weight": "attention",
+               "masked.in_proj_weight": "torch.func", "masked.out_proj.weight": "torch.func"},
+        note="attention rule's factors for 'masked' failed the gradient check"),
     Case("stock TransformerEncoderLayer, sequence first", _build(SequenceFirstTransformer,
          lambda g: (torch.randn(3, 3, 4, generator=g, dtype=torch.float64),
-                    torch.randint(0, 3, (3,), generator=g))), backends=("auto",)),
+                    torch.randint(0, 3, (3,), generator=g))), backends=("auto",),
+         paths={"layer.self_attn.in_proj_weight": "attention",
+                "layer.self_attn.out_proj.bias": "attention"}),
     Case("conv variants, GroupNorm, eval BatchNorm", _build(ConvVariants, lambda g: (
         torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (3,), generator=g))),

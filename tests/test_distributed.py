@@ -53,7 +53,22 @@ CASES = [
     # the recurrent rule (factors summed over layers and directions)
     ("fisher-gru", "rnn", "fisher", "mean", {}, {"per_layer": True}),
     ("ggn-gru", "rnn", "ggn", "weighted", {}, {}),
+    # the attention rule (its own and its out-projection's factors)
+    ("fisher-attention", "attention", "fisher", "mean", {}, {"per_layer": True}),
 ]
+
+
+class AttentionHead(nn.Module):
+    """Each 4-feature row as 2 tokens of 2 features, 2-head self-attention, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(2, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.view(-1, 2, 2)
+        return self.head(self.attn(tokens, tokens, tokens, need_weights=False)[0].flatten(1))
 
 
 class GRUHead(nn.Module):
@@ -72,6 +87,8 @@ def make_model(kind: str = "mlp") -> nn.Module:
     torch.manual_seed(0)
     if kind == "rnn":
         return GRUHead().double()
+    if kind == "attention":
+        return AttentionHead().double()
     if kind == "cnn":
         return nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2, padding=1), nn.ReLU(),
                              nn.Flatten(), nn.LayerNorm(18), nn.Linear(18, 3)).double()
@@ -201,6 +218,7 @@ def test_cnn_cases_gather_every_kind_of_rule_factors(spawned: list[dict[str, Any
     """Kronecker (linear), convolution and explicit per-sample (norm) factors all gathered."""
     assert set(spawned[0]["fisher-cnn"]["paths"].values()) == {"conv", "linear", "norm"}
     assert set(spawned[0]["fisher-gru"]["paths"].values()) == {"gru", "linear"}  # summed
+    assert set(spawned[0]["fisher-attention"]["paths"].values()) == {"attention", "linear"}
 
 
 def test_ddp_model_analysed_without_touching_ddp(spawned: list[dict[str, Any]]) -> None:

@@ -179,6 +179,8 @@ def compute_gram(
             owners[id(p)] = owners.get(id(p), 0) + 1
     named = dict(zip(problem.names, problem.params))
     claimed: dict[str, tuple[nn.Module, GramRule]] = {}
+    # A claimed module's children whose factors its rule computes: group -> {child: group}.
+    covered: dict[str, dict[str, str]] = {}
     if use_rules:
         for group, names in groups.items():
             found = modules.get(group)
@@ -187,6 +189,10 @@ def compute_gram(
                 owners[id(named[name])] == 1 for name in names
             ):
                 claimed[group] = (found, rule)
+                covered[group] = {child: f"{group}.{child}" for child in rule.children
+                                  if f"{group}.{child}" in groups and all(
+                                      owners[id(named[name])] == 1
+                                      for name in groups[f"{group}.{child}"])}
     capture = _Capture({group: module for group, (module, _) in claimed.items()})
     try:
         outputs = problem.forward()
@@ -208,15 +214,24 @@ def compute_gram(
     layer_grads = [tuple(next(flat_grads) for _ in v) if isinstance(v, tuple) else next(flat_grads)
                    for v in values]
     factors: dict[str, Factors] = {}
+    rule_of: dict[str, GramRule] = {}
     for (group, (module, rule)), grads in zip(claimed.items(), layer_grads):
-        analysed = frozenset(name.rsplit(".", 1)[-1] for name in groups[group])
+        children = covered[group]
+        analysed = frozenset([name.rsplit(".", 1)[-1] for name in groups[group]] + [
+            f"{child}.{name.rsplit('.', 1)[-1]}"
+            for child, child_group in children.items() for name in groups[child_group]])
         layer_input = capture.inputs[group]
         layer = None if layer_input is None else rule.factors(
             module, layer_input, capture.outputs[group], grads, n, analysed)
-        # Across processes a layer's factors must be gatherable; others take the general path
-        # there (the same decision in every process: it depends on the factors' type alone).
-        if layer is not None and (parallel_of(problem) is None or layer.gatherable):
-            factors[group] = layer
+        parts = layer if isinstance(layer, dict) else {"": layer}
+        for child, part in parts.items():
+            target = group if not child else children.get(child)
+            # Across processes a layer's factors must be gatherable; others take the general
+            # path there (the same decision in every process: it depends on the factors' type).
+            if target is not None and part is not None and (
+                    parallel_of(problem) is None or part.gatherable):
+                factors[target] = part
+                rule_of[target] = rule
     del layer_grads, flat_grads, values, capture
 
     # The check: autograd's gradient of sum_{k,i} w_ki <f_i, s_ki> for every analysed parameter.
@@ -244,7 +259,7 @@ def compute_gram(
         error = math.inf if sorted(claims) != sorted(locals_) else _relative_error(
             [claims[local] for local in locals_], [true_grads[name] for name in names],
             _weighted_scale(gram.diagonal(), weights))
-        rule = claimed[group][1]
+        rule = rule_of[group]
         if error <= tolerance:
             passed[group] = gram
         else:
@@ -254,7 +269,7 @@ def compute_gram(
     notes.extend(failures.values())
     for group, gram in passed.items():
         accumulator.add(group, _global_rule_gram(problem, factors[group], gram))
-        paths.update(dict.fromkeys(groups[group], claimed[group][1].name))
+        paths.update(dict.fromkeys(groups[group], rule_of[group].name))
     remaining = {g: names for g, names in groups.items() if g not in factors
                  or names[0] not in paths}
     if remaining:

@@ -39,6 +39,9 @@ class GramRule(ABC):
     name: ClassVar[str]
     #: Module types the rule claims (exact types; subclasses may override ``forward``).
     module_types: ClassVar[tuple[type[nn.Module], ...]]
+    #: Child modules (local names) whose parameters the module uses without calling them, and
+    #: whose factors the rule therefore computes too (``nn.MultiheadAttention``'s ``out_proj``).
+    children: ClassVar[tuple[str, ...]] = ()
 
     def supports(self, module: nn.Module) -> bool:
         """Whether the module's configuration fits the rule (checked before any work)."""
@@ -48,8 +51,9 @@ class GramRule(ABC):
     def factors(self, module: nn.Module, layer_input: Tensor | PackedSequence,
                 layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
-                analysed: frozenset[str]) -> Factors | None:
-        """The layer's factors, or None when the captured shapes break the rule's assumptions.
+                analysed: frozenset[str]) -> Factors | dict[str, Factors] | None:
+        """The layer's factors, or None when the captured shapes break the rule's assumptions;
+        with :attr:`children`, ``{"": the module's own, child: the child's}``.
 
         Args:
             module: the layer.
@@ -64,7 +68,8 @@ class GramRule(ABC):
                 w.r.t. the layer's output (a tuple of them, one per tensor, for a module that
                 returns a tuple, e.g. an RNN's output and final states).
             num_samples: ``n``.
-            analysed: local names of the module's parameters under analysis (``"weight"``...).
+            analysed: local names of the module's parameters under analysis (``"weight"``...;
+                a child's as ``"out_proj.weight"``).
         """
 
 

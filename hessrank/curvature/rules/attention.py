@@ -1,0 +1,90 @@
+"""``nn.MultiheadAttention`` used as self-attention: its in-projection and its out-projection.
+
+With ``x [n, L, E]`` the layer's input, ``[q, k, v] = x W_in^T + b_in`` split into ``h`` heads of
+``d = E / h``, ``P = softmax(q k^T / sqrt(d))`` per head, ``A = P v`` (heads merged) and
+``y = A W_out^T + b_out``: the out-projection is a linear layer on ``A`` (Kronecker factors
+``A`` and ``dy`` over the ``L`` positions), the in-projection one on ``x`` whose output
+gradients ``[dq, dk, dv]`` follow from ``dy`` by attention's backward, written out here for all
+samples and cotangents at once: ``dA = dy W_out``, ``dv = P^T dA``, ``dP = dA v^T``,
+``dS = P * (dP - rowsum(dP * P))``, ``dq = dS k / sqrt(d)``, ``dk = dS^T q / sqrt(d)``. The
+attention weights the module may also return (averaged over heads or not) add their gradient to
+``dP``. ``F.multi_head_attention_forward`` uses ``out_proj``'s parameters without calling that
+submodule, so no hook sees it: this rule covers it (:attr:`GramRule.children`).
+
+Assumes: key and value are the query (self-attention), no attention mask, key padding mask or
+causal mask, one embedding size, no ``bias_k``/``bias_v`` or zero attention, evaluation (no
+dropout). A call outside these fails the gradient check, which compares with autograd's gradient
+through the module's own kernels, and the general path takes the module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from hessrank.curvature.rules import GramRule, register_rule
+from hessrank.curvature.rules.factors import CHUNK_BYTES, ColumnFactors, Factors, LayerFactors
+
+
+@register_rule
+class AttentionRule(GramRule):
+    name = "attention"
+    module_types = (nn.MultiheadAttention,)
+    children = ("out_proj",)
+
+    def supports(self, module: nn.Module) -> bool:
+        return bool(super().supports(module) and isinstance(module, nn.MultiheadAttention)
+                    and module._qkv_same_embed_dim and module.bias_k is None
+                    and module.bias_v is None and not module.add_zero_attn)
+
+    def factors(self, module: nn.Module, layer_input: Tensor | PackedSequence,
+                layer_output: Tensor | tuple[Tensor, ...],
+                output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
+                analysed: frozenset[str]) -> dict[str, Factors] | None:
+        if (not isinstance(module, nn.MultiheadAttention) or not isinstance(layer_input, Tensor)
+                or not isinstance(output_grads, tuple) or layer_input.dim() != 3):
+            return None
+        x, d_out = layer_input, output_grads[0]
+        if not module.batch_first:  # [L, n, E]: the samples are the second dimension
+            x, d_out = x.transpose(0, 1), d_out.transpose(1, 2)
+        k, (n, length, width) = d_out.shape[0], x.shape
+        heads = module.num_heads
+        if n != num_samples or k * n * heads * length * length * x.element_size() > CHUNK_BYTES:
+            return None
+        with torch.no_grad():
+            in_bias = module.in_proj_bias
+            qkv = x @ module.in_proj_weight.T + (0 if in_bias is None else in_bias)
+            q, key, v = (t.reshape(n, length, heads, -1).transpose(1, 2)  # [n, h, L, d]
+                         for t in qkv.chunk(3, dim=-1))
+            scale = 1 / math.sqrt(q.shape[-1])
+            probs = torch.softmax(q @ key.transpose(-1, -2) * scale, dim=-1)  # [n, h, L, L]
+            mixed = (probs @ v).transpose(1, 2).reshape(n, length, width)  # A
+            d_mixed = (d_out @ module.out_proj.weight).reshape(k, n, length, heads, -1)
+            d_mixed = d_mixed.transpose(2, 3)  # [K, n, h, L, d]
+            d_probs = d_mixed @ v.transpose(-1, -2)
+            if len(output_grads) == 2:  # the returned attention weights, used downstream
+                d_weights = output_grads[1]
+                d_probs += (d_weights.unsqueeze(2) / heads if d_weights.dim() == 4
+                            else d_weights)
+            d_scores = probs * (d_probs - (d_probs * probs).sum(dim=-1, keepdim=True)) * scale
+            d_q, d_k = d_scores @ key, d_scores.transpose(-1, -2) @ q
+            d_v = probs.transpose(-1, -2) @ d_mixed
+            d_qkv = torch.cat([t.transpose(2, 3).reshape(k, n, length, width)
+                               for t in (d_q, d_k, d_v)], dim=-1)  # [K, n, L, 3E]
+        parts: dict[str, Factors] = {}
+        names: list[str] = [name for name in ("in_proj_weight", "in_proj_bias")
+                            if name in analysed]
+        if names:
+            sources = {"in_proj_weight": x, "in_proj_bias": x.new_ones(n, length, 1)}
+            activations = torch.cat([sources[name] for name in names], dim=-1)
+            shapes = {name: module.get_parameter(name).shape for name in names}
+            parts[""] = ColumnFactors(LayerFactors(activations, d_qkv, torch.Size(
+                (3 * width, activations.shape[-1])), with_bias=False), shapes)
+        if {"out_proj.weight", "out_proj.bias"} & analysed:
+            parts["out_proj"] = LayerFactors(
+                mixed, d_out, module.out_proj.weight.shape if "out_proj.weight" in analysed
+                else None, with_bias="out_proj.bias" in analysed)
+        return parts or None
