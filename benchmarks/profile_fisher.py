@@ -14,11 +14,9 @@ import pstats
 import statistics
 import sys
 import time
-import warnings
+from collections.abc import Callable
 
-import torch
-from run import build_batch, build_model  # this folder
-from torch import nn
+from paired_trees import fisher_case  # this folder: the same model, batch and warm-up
 
 
 def main() -> int:
@@ -27,31 +25,16 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--lines", type=int, default=30, help="profile lines to print")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
-    import hessrank
+    fwd_bwd, fisher, _ = fisher_case(2, args.arch)  # warmed up
 
-    spec = {"model": args.arch, "n": 128, "seed": 0}
-    model, (x, y) = build_model(spec), build_batch(spec)
-    loss = nn.CrossEntropyLoss()
-
-    def fwd_bwd() -> None:
-        model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-
-    def fisher() -> None:
-        hessrank.effective_rank(model, loss, (x, y), "fisher")
-
-    def seconds(call: object) -> float:
+    def seconds(call: Callable[[], None]) -> float:
         times = []
         for _ in range(args.calls):
             start = time.perf_counter()
-            call()  # type: ignore[operator]
+            call()
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    fwd_bwd()
-    fisher()
     base, call = seconds(fwd_bwd), seconds(fisher)
     print(f"{args.arch}: forward+backward {base * 1e3:.1f} ms, fisher {call * 1e3:.1f} ms "
           f"({call / base:.2f}x), medians of {args.calls}")

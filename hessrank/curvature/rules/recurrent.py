@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -99,11 +100,28 @@ class Cell(ABC):
     #: how many final states the module returns (LSTM: ``h_n`` and ``c_n``)
     states: int = 1
 
-    @abstractmethod
-    def run(self, weights: CellWeights, inputs: Tensor, size: int, valid: Tensor | None
-            ) -> Tensor:
+    def __init__(self, module: nn.RNNBase) -> None:
+        """The recurrence of ``module`` (its configuration, not its weights)."""
+        self.size = module.hidden_size
+
+    def run(self, weights: CellWeights, inputs: Tensor, valid: Tensor | None) -> Tensor:
         """Hidden states ``[n, T, H]`` from inputs ``[n, T, F]`` and a zero initial state; a
         sample's state stays as it is at the steps ``valid [T, n, 1]`` marks False."""
+        (driven,) = _time_major(weights.input_side(inputs))
+        n = inputs.shape[0]
+        state = tuple(inputs.new_zeros(n, self.size) for _ in range(self.states))
+        out = inputs.new_empty(len(driven), n, self.size)
+        for t in range(len(driven)):
+            state = tuple(_kept(valid, t, new, old)
+                          for new, old in zip(self.step(weights, driven[t], state), state))
+            out[t] = state[0]
+        return out.transpose(0, 1)
+
+    @abstractmethod
+    def step(self, weights: CellWeights, driven: Tensor, state: tuple[Tensor, ...]
+             ) -> tuple[Tensor, ...]:
+        """The state after one step (``(h,)``, an LSTM's ``(h, c)``, each ``[n, H]``) from the
+        input's pre-activations ``driven [n, G H]`` and the state before it."""
 
     @abstractmethod
     def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
@@ -144,19 +162,12 @@ class LSTMCell(Cell):
 
     states = 2
 
-    def run(self, weights: CellWeights, inputs: Tensor, size: int, valid: Tensor | None
-            ) -> Tensor:
-        (driven,) = _time_major(weights.input_side(inputs))
-        n = inputs.shape[0]
-        hidden, cell = inputs.new_zeros(n, size), inputs.new_zeros(n, size)
-        out = inputs.new_empty(len(driven), n, size)
-        for t in range(len(driven)):
-            i, f, g, o = (driven[t] + weights.state_side(hidden)).chunk(4, dim=-1)
-            new_cell = f.sigmoid() * cell + i.sigmoid() * g.tanh()
-            new_hidden = o.sigmoid() * new_cell.tanh()
-            hidden, cell = _kept(valid, t, new_hidden, hidden), _kept(valid, t, new_cell, cell)
-            out[t] = hidden
-        return out.transpose(0, 1)
+    def step(self, weights: CellWeights, driven: Tensor, state: tuple[Tensor, ...]
+             ) -> tuple[Tensor, ...]:
+        hidden, cell = state
+        i, f, g, o = (driven + weights.state_side(hidden)).chunk(4, dim=-1)
+        cell = f.sigmoid() * cell + i.sigmoid() * g.tanh()
+        return o.sigmoid() * cell.tanh(), cell
 
     def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
                  d_final: tuple[Tensor, ...], valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -203,20 +214,14 @@ class GRUCell(Cell):
     """``r, z = sigmoid(a + b)`` (their blocks), ``m = tanh(a_n + r b_n)``,
     ``h_t = (1 - z) m + z h_{t-1}``."""
 
-    def run(self, weights: CellWeights, inputs: Tensor, size: int, valid: Tensor | None
-            ) -> Tensor:
-        (driven,) = _time_major(weights.input_side(inputs))
-        n = inputs.shape[0]
-        hidden = inputs.new_zeros(n, size)
-        out = inputs.new_empty(len(driven), n, size)
-        for t in range(len(driven)):
-            a_r, a_z, a_n = driven[t].chunk(3, dim=-1)
-            b_r, b_z, b_n = weights.state_side(hidden).chunk(3, dim=-1)
-            z = (a_z + b_z).sigmoid()
-            new = (a_n + (a_r + b_r).sigmoid() * b_n).tanh()
-            hidden = _kept(valid, t, new + z * (hidden - new), hidden)
-            out[t] = hidden
-        return out.transpose(0, 1)
+    def step(self, weights: CellWeights, driven: Tensor, state: tuple[Tensor, ...]
+             ) -> tuple[Tensor, ...]:
+        (hidden,) = state
+        a_r, a_z, a_n = driven.chunk(3, dim=-1)
+        b_r, b_z, b_n = weights.state_side(hidden).chunk(3, dim=-1)
+        z = (a_z + b_z).sigmoid()
+        new = (a_n + (a_r + b_r).sigmoid() * b_n).tanh()
+        return (new + z * (hidden - new),)
 
     def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
                  d_final: tuple[Tensor, ...], valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -257,19 +262,14 @@ class GRUCell(Cell):
 class PlainCell(Cell):
     """``h_t = tanh(a_t + b_t)`` or ``relu(a_t + b_t)``."""
 
-    def __init__(self, nonlinearity: str) -> None:
-        self.tanh = nonlinearity == "tanh"
+    def __init__(self, module: nn.RNNBase) -> None:
+        super().__init__(module)
+        self.tanh = module.nonlinearity == "tanh"
 
-    def run(self, weights: CellWeights, inputs: Tensor, size: int, valid: Tensor | None
-            ) -> Tensor:
-        (driven,) = _time_major(weights.input_side(inputs))
-        hidden = inputs.new_zeros(inputs.shape[0], size)
-        out = inputs.new_empty(len(driven), inputs.shape[0], size)
-        for t in range(len(driven)):
-            pre = driven[t] + weights.state_side(hidden)
-            hidden = _kept(valid, t, pre.tanh() if self.tanh else pre.relu(), hidden)
-            out[t] = hidden
-        return out.transpose(0, 1)
+    def step(self, weights: CellWeights, driven: Tensor, state: tuple[Tensor, ...]
+             ) -> tuple[Tensor, ...]:
+        pre = driven + weights.state_side(state[0])
+        return (pre.tanh() if self.tanh else pre.relu(),)
 
     def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
                  d_final: tuple[Tensor, ...], valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -327,7 +327,7 @@ def recurrent_factors(module: nn.RNNBase, cell: Cell, inputs: Tensor, output: Te
             top = layer == module.num_layers - 1
             states = [output[..., d * size:(d + 1) * size] if top else
                       reverse(cell.run(_weights(module, layer, d),
-                                       reverse(layer_inputs[-1], d), size, valid), d)
+                                       reverse(layer_inputs[-1], d), valid), d)
                       for d in range(directions)]
             hiddens.append(states)
             layer_inputs.append(torch.cat(states, dim=-1))
@@ -372,17 +372,18 @@ class _Reversal:
 class RecurrentRule(GramRule):
     """A recurrent module whose output and final states are captured (a tuple)."""
 
-    @abstractmethod
-    def cell(self, module: nn.Module) -> Cell:
-        """The module's recurrence."""
+    #: the module's recurrence
+    cell_type: ClassVar[type[Cell]]
 
     def factors(self, module: nn.Module, layer_input: Tensor | PackedSequence,
                 layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
                 analysed: frozenset[str]) -> Factors | None:
-        cell = self.cell(module)
-        if (not isinstance(module, nn.RNNBase) or not isinstance(output_grads, tuple)
-                or not isinstance(layer_output, tuple) or len(output_grads) != 1 + cell.states):
+        if not isinstance(module, nn.RNNBase):
+            return None
+        cell = self.cell_type(module)
+        if (not isinstance(output_grads, tuple) or not isinstance(layer_output, tuple)
+                or len(output_grads) != 1 + cell.states):
             return None
         output, d_out, d_finals = layer_output[0], output_grads[0], output_grads[1:]
         lengths = None
@@ -412,27 +413,17 @@ class RecurrentRule(GramRule):
 class LSTMRule(RecurrentRule):
     name = "lstm"
     module_types = (nn.LSTM,)
+    cell_type = LSTMCell
 
     def supports(self, module: nn.Module) -> bool:
         return bool(super().supports(module) and module.proj_size == 0)
 
-    def cell(self, module: nn.Module) -> Cell:
-        return LSTMCell()
-
 
 @register_rule
 class GRURule(RecurrentRule):
-    name = "gru"
-    module_types = (nn.GRU,)
-
-    def cell(self, module: nn.Module) -> Cell:
-        return GRUCell()
+    name, module_types, cell_type = "gru", (nn.GRU,), GRUCell
 
 
 @register_rule
 class RNNRule(RecurrentRule):
-    name = "rnn"
-    module_types = (nn.RNN,)
-
-    def cell(self, module: nn.Module) -> Cell:
-        return PlainCell(str(module.nonlinearity))
+    name, module_types, cell_type = "rnn", (nn.RNN,), PlainCell
