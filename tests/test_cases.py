@@ -300,22 +300,43 @@ class Attention(nn.Module):
 
 
 class AttentionVariants(nn.Module):
-    """Self-attention returning its per-head weights, used downstream; attention under a causal
-    mask, which the attention rule does not assume (its check fails: the general path)."""
+    """Self-attention returning its per-head weights, used downstream; sequence-first attention
+    under a causal mask and a key padding mask; cross-attention, which the attention rule does
+    not assume (its check fails: the general path)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
         self.masked = nn.MultiheadAttention(4, 2, bias=False)
+        self.cross = nn.MultiheadAttention(4, 2, batch_first=True)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         out, weights = self.attn(x, x, x, average_attn_weights=False)
         h = out + weights.mean(dim=(1, 3)).unsqueeze(-1)  # [n, L, E] + [n, L, 1]
         causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
-        y = self.masked(h.transpose(0, 1), h.transpose(0, 1), h.transpose(0, 1),
-                        attn_mask=causal, need_weights=False)[0]
-        return self.head(torch.tanh(y).mean(dim=0))
+        # a sample's keys after its first whose first feature exceeds 0.5 are padding
+        padding = (x[..., 0] > 0.5) & (torch.arange(x.shape[1]) > 0)
+        seq = h.transpose(0, 1)
+        y = self.masked(seq, seq, seq, attn_mask=causal, key_padding_mask=padding,
+                        need_weights=False)[0].transpose(0, 1)
+        z = self.cross(y, x, x, need_weights=False)[0]
+        return self.head(torch.tanh(y + z).mean(dim=1))
+
+
+class CausalEncoder(nn.Module):
+    """A decoder-only stack the usual way: a stock encoder layer with a causal mask and
+    ``is_causal=True``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0,
+                                                batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        return self.head(self.layer(x, src_mask=causal, is_causal=True)[:, -1])
 
 
 class SequenceFirstTransformer(nn.Module):
@@ -573,12 +594,18 @@ CASES = [
         paths={"attn.in_proj_weight": "attention", "attn.out_proj.weight": "attention",
                "attn.out_proj.bias": "attention", "norm.weight": "norm",
                "head.weight": "linear"}),
-    Case("attention weights used, and attention under a causal mask", _build(
+    Case("attention weights used, masked and cross-attention", _build(
         AttentionVariants, lambda g: (torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
                                       torch.randint(0, 3, (4,), generator=g))),
         paths={"attn.in_proj_bias": "attention", "attn.out_proj.weight": "attention",
-               "masked.in_proj_weight": "torch.func", "masked.out_proj.weight": "torch.func"},
-        note="attention rule's factors for 'masked' failed the gradient check"),
+               "masked.in_proj_weight": "attention", "masked.out_proj.weight": "attention",
+               "cross.in_proj_weight": "torch.func", "cross.out_proj.bias": "torch.func"},
+        note="attention rule's factors for 'cross' failed the gradient check"),
+    Case("causal self-attention (stock encoder layer, is_causal=True)", _build(
+        CausalEncoder, lambda g: (torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
+                                  torch.randint(0, 3, (4,), generator=g))),
+        paths={"layer.self_attn.in_proj_weight": "attention",
+               "layer.self_attn.out_proj.weight": "attention"}),
     Case("stock TransformerEncoderLayer, sequence first", _build(SequenceFirstTransformer,
          lambda g: (torch.randn(3, 3, 4, generator=g, dtype=torch.float64),
                     torch.randint(0, 3, (3,), generator=g))), backends=("auto",),
@@ -615,7 +642,7 @@ CASES = [
          loss=token_ce, sample_loss=token_ce,
          paths={"tok.weight": "embedding", "pos.weight": "embedding", "norm1.weight": "norm",
                 "norm.bias": "norm", "mlp.0.weight": "linear", "head.weight": "linear",
-                "attn.in_proj_weight": "torch.func"}),
+                "attn.in_proj_weight": "attention", "attn.out_proj.weight": "attention"}),
     Case("ResNet-style block, eval BatchNorm, strided and 1x1 convolutions",
          _build(lambda: _running_stats(ResidualConvNet()), lambda g: (
              torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64),

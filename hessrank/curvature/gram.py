@@ -44,7 +44,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
 from hessrank.curvature.loss import agreement_tolerance
-from hessrank.curvature.rules import Factors, GramRule, rule_for
+from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
 from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
 from hessrank.problem import CurvatureProblem
@@ -109,12 +109,14 @@ class _Capture:
         self.outputs: dict[str, Tensor | tuple[Tensor, ...]] = {}
         self.edges: dict[str, list[GradientEdge]] = {}
         self.calls: dict[str, int] = dict.fromkeys(modules, 0)
+        self.arguments: dict[str, Call] = {}
         self.handles = [module.register_forward_hook(self._hook(name), with_kwargs=True)
                         for name, module in modules.items()]
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             self.calls[name] += 1
+            self.arguments[name] = (args, kwargs)
             layer_input = args[0] if args else kwargs.get("input")
             if isinstance(layer_input, PackedSequence):
                 self.inputs[name] = PackedSequence(layer_input.data.detach(), *layer_input[1:])
@@ -222,7 +224,8 @@ def compute_gram(
             for child, child_group in children.items() for name in groups[child_group]])
         layer_input = capture.inputs[group]
         layer = None if layer_input is None else rule.factors(
-            module, layer_input, capture.outputs[group], grads, n, analysed)
+            module, layer_input, capture.outputs[group], grads, n, analysed,
+            capture.arguments[group])
         parts = layer if isinstance(layer, dict) else {"": layer}
         for child, part in parts.items():
             target = group if not child else children.get(child)

@@ -18,15 +18,18 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from hessrank.curvature.rules.factors import Factors, LayerFactors, SampleGradients
 
-__all__ = ["RULES", "Factors", "GramRule", "LayerFactors", "SampleGradients", "TensorRule",
+__all__ = ["RULES", "Call", "Factors", "GramRule", "LayerFactors", "SampleGradients", "TensorRule",
            "register_rule", "rule_for"]
+
+#: A module call's positional and keyword arguments.
+Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 #: The registered rules, in registration order.
 RULES: list[GramRule] = []
@@ -51,7 +54,8 @@ class GramRule(ABC):
     def factors(self, module: nn.Module, layer_input: Tensor | PackedSequence,
                 layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
-                analysed: frozenset[str]) -> Factors | dict[str, Factors] | None:
+                analysed: frozenset[str], call: Call = ((), {})
+                ) -> Factors | dict[str, Factors] | None:
         """The layer's factors, or None when the captured shapes break the rule's assumptions;
         with :attr:`children`, ``{"": the module's own, child: the child's}``.
 
@@ -70,6 +74,7 @@ class GramRule(ABC):
             num_samples: ``n``.
             analysed: local names of the module's parameters under analysis (``"weight"``...;
                 a child's as ``"out_proj.weight"``).
+            call: the positional and keyword arguments of that call (masks, flags), as given.
         """
 
 
@@ -80,7 +85,7 @@ class TensorRule(GramRule):
     def factors(self, module: nn.Module, layer_input: Tensor | PackedSequence,
                 layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
-                analysed: frozenset[str]) -> Factors | None:
+                analysed: frozenset[str], call: Call = ((), {})) -> Factors | None:
         if not isinstance(output_grads, Tensor) or not isinstance(layer_input, Tensor):
             return None
         return self.tensor_factors(module, layer_input, output_grads, num_samples, analysed)

@@ -11,21 +11,26 @@ attention weights the module may also return (averaged over heads or not) add th
 ``dP``. ``F.multi_head_attention_forward`` uses ``out_proj``'s parameters without calling that
 submodule, so no hook sees it: this rule covers it (:attr:`GramRule.children`).
 
-Assumes: key and value are the query (self-attention), no attention mask, key padding mask or
-causal mask, one embedding size, no ``bias_k``/``bias_v`` or zero attention, evaluation (no
-dropout). A call outside these fails the gradient check, which compares with autograd's gradient
-through the module's own kernels, and the general path takes the module.
+The call's attention mask, key padding mask and causal flag are applied as
+``F.multi_head_attention_forward`` applies them.
+
+Assumes: key and value are the query (self-attention), one embedding size, no
+``bias_k``/``bias_v`` or zero attention, evaluation (no dropout). A call outside these fails the
+gradient check, which compares with autograd's gradient through the module's own kernels, and
+the general path takes the module.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from hessrank.curvature.rules import GramRule, register_rule
+from hessrank.curvature.rules import Call, GramRule, register_rule
 from hessrank.curvature.rules.factors import CHUNK_BYTES, ColumnFactors, Factors, LayerFactors
 
 
@@ -43,9 +48,13 @@ class AttentionRule(GramRule):
     def factors(self, module: nn.Module, layer_input: Tensor | PackedSequence,
                 layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
-                analysed: frozenset[str]) -> dict[str, Factors] | None:
+                analysed: frozenset[str], call: Call = ((), {})) -> dict[str, Factors] | None:
         if (not isinstance(module, nn.MultiheadAttention) or not isinstance(layer_input, Tensor)
                 or not isinstance(output_grads, tuple) or layer_input.dim() != 3):
+            return None
+        try:
+            options = inspect.signature(module.forward).bind(*call[0], **call[1]).arguments
+        except TypeError:
             return None
         x, d_out = layer_input, output_grads[0]
         if not module.batch_first:  # [L, n, E]: the samples are the second dimension
@@ -60,7 +69,9 @@ class AttentionRule(GramRule):
             q, key, v = (t.reshape(n, length, heads, -1).transpose(1, 2)  # [n, h, L, d]
                          for t in qkv.chunk(3, dim=-1))
             scale = 1 / math.sqrt(q.shape[-1])
-            probs = torch.softmax(q @ key.transpose(-1, -2) * scale, dim=-1)  # [n, h, L, L]
+            scores = q @ key.transpose(-1, -2) * scale  # [n, h, L, L]
+            mask = _mask(options, n, heads, length, scores)
+            probs = torch.softmax(scores if mask is None else scores + mask, dim=-1)
             mixed = (probs @ v).transpose(1, 2).reshape(n, length, width)  # A
             d_mixed = (d_out @ module.out_proj.weight).reshape(k, n, length, heads, -1)
             d_mixed = d_mixed.transpose(2, 3)  # [K, n, h, L, d]
@@ -88,3 +99,29 @@ class AttentionRule(GramRule):
                 mixed, d_out, module.out_proj.weight.shape if "out_proj.weight" in analysed
                 else None, with_bias="out_proj.bias" in analysed)
         return parts or None
+
+
+def _mask(options: dict[str, Any], n: int, heads: int, length: int, scores: Tensor
+          ) -> Tensor | None:
+    """The additive mask ``[n or 1, h or 1, L, L]`` the module's call adds to ``scores``, as
+    ``F.multi_head_attention_forward`` forms it: a boolean mask's True entries are ``-inf``,
+    ``key_padding_mask`` masks keys per sample, and ``is_causal`` without a key padding mask or
+    returned weights is the causal mask itself (the given ``attn_mask`` only hints at it)."""
+    attn_mask, padding = options.get("attn_mask"), options.get("key_padding_mask")
+    if options.get("is_causal") and padding is None and not options.get("need_weights", True):
+        attn_mask = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
+
+    def additive(mask: Tensor) -> Tensor:
+        return (torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+                .masked_fill(mask, float("-inf")) if mask.dtype == torch.bool
+                else mask.to(scores.dtype))
+
+    total = None
+    if attn_mask is not None:
+        total = additive(attn_mask)
+        total = (total.reshape(n, heads, length, length) if total.dim() == 3
+                 else total.reshape(1, 1, length, length))
+    if padding is not None:
+        keys = additive(padding).reshape(n, 1, 1, length)
+        total = keys if total is None else total + keys
+    return total

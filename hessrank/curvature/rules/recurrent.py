@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from hessrank.curvature.rules import GramRule, register_rule
+from hessrank.curvature.rules import Call, GramRule, register_rule
 from hessrank.curvature.rules.factors import ColumnFactors, Factors, LayerFactors, SummedFactors
 
 
@@ -378,7 +378,7 @@ class RecurrentRule(GramRule):
     def factors(self, module: nn.Module, layer_input: Tensor | PackedSequence,
                 layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
-                analysed: frozenset[str]) -> Factors | None:
+                analysed: frozenset[str], call: Call = ((), {})) -> Factors | None:
         if not isinstance(module, nn.RNNBase):
             return None
         cell = self.cell_type(module)
