@@ -151,7 +151,7 @@ class LSTMWithState(nn.Module):
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        state = torch.full((1, x.shape[0], 4), 0.5, dtype=x.dtype)
+        state = torch.full((1, x.shape[0], 4), 0.5, dtype=x.dtype, device=x.device)
         out, (h, _) = self.lstm(x.transpose(0, 1), (state, state))
         return self.head(out.mean(dim=0) + h[0])
 
@@ -192,7 +192,7 @@ class StackedLSTM(nn.Module):
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        state = torch.full((4, x.shape[0], 4), self.start, dtype=x.dtype)
+        state = torch.full((4, x.shape[0], 4), self.start, dtype=x.dtype, device=x.device)
         out, _ = self.lstm(x, (state, state))
         return self.head(out[:, -1])
 
@@ -223,7 +223,7 @@ class PackedGRU(nn.Module):
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True,
                                                    enforce_sorted=False)
         return self.head(self.gru(packed)[1][-1])
 
@@ -238,7 +238,7 @@ class PackedBidirectionalLSTM(nn.Module):
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        packed = nn.utils.rnn.pack_padded_sequence(x.transpose(0, 1), lengths,
+        packed = nn.utils.rnn.pack_padded_sequence(x.transpose(0, 1), lengths.cpu(),
                                                    enforce_sorted=False)
         out, (h, c) = self.lstm(packed)
         padded = nn.utils.rnn.pad_packed_sequence(out, total_length=x.shape[1])[0]
@@ -314,9 +314,9 @@ class AttentionVariants(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out, weights = self.attn(x, x, x, average_attn_weights=False)
         h = out + weights.mean(dim=(1, 3)).unsqueeze(-1)  # [n, L, E] + [n, L, 1]
-        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], x.device, x.dtype)
         # a sample's keys after its first whose first feature exceeds 0.5 are padding
-        padding = (x[..., 0] > 0.5) & (torch.arange(x.shape[1]) > 0)
+        padding = (x[..., 0] > 0.5) & (torch.arange(x.shape[1], device=x.device) > 0)
         seq = h.transpose(0, 1)
         y = self.masked(seq, seq, seq, attn_mask=causal, key_padding_mask=padding,
                         need_weights=False)[0].transpose(0, 1)
@@ -335,7 +335,7 @@ class CausalEncoder(nn.Module):
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], x.device, x.dtype)
         return self.head(self.layer(x, src_mask=causal, is_causal=True)[:, -1])
 
 
@@ -414,8 +414,8 @@ class TinyGPT(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         t = tokens.shape[1]
-        h = self.tok(tokens) + self.pos(torch.arange(t).expand_as(tokens))
-        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+        h = self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device).expand_as(tokens))
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tokens.device), diagonal=1)
         a = self.norm1(h)
         h = h + self.attn(a, a, a, attn_mask=mask, need_weights=False)[0]
         h = h + self.mlp(self.norm2(h))
