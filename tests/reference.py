@@ -26,6 +26,14 @@ def flat_function(model: nn.Module, names: list[str] | None = None):
     return outputs, theta0
 
 
+def flat_gradient(scalar: Tensor, params: list[Tensor], **options) -> Tensor:
+    """The gradient of ``scalar`` w.r.t. ``params`` by plain autograd, flattened (zeros where
+    unused); ``options`` go to ``torch.autograd.grad`` (``retain_graph=True``)."""
+    pieces = torch.autograd.grad(scalar, params, allow_unused=True, **options)
+    return torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+                      for g, p in zip(pieces, params)])
+
+
 def reference_hessian(model, loss_fn, inputs, targets, names=None, step=1e-3) -> np.ndarray:
     """Dense Hessian by fourth-order central differences of first-order gradients (float64).
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import assert_spectra_close, eigenvalues_by_magnitude
+from reference import assert_spectra_close, eigenvalues_by_magnitude, flat_gradient
 from torch import Tensor, nn
 
 import hessrank
@@ -30,13 +30,6 @@ def _forward(model: nn.Module, inputs) -> Tensor:
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
-def _flat_gradient(scalar: Tensor, params: list[Tensor], **options) -> Tensor:
-    """The gradient of ``scalar`` w.r.t. ``params``, flattened (zeros where unused)."""
-    pieces = torch.autograd.grad(scalar, params, allow_unused=True, **options)
-    return torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
-                      for g, p in zip(pieces, params)])
-
-
 def reference_ggn_full(model, loss_fn, inputs, targets) -> np.ndarray:
     """``J^T (d^2 L / df^2) J`` with the Jacobian of all outputs (row by row, plain autograd)
     and the output Hessian of the batch loss by double backpropagation: no per-sample structure
@@ -44,7 +37,7 @@ def reference_ggn_full(model, loss_fn, inputs, targets) -> np.ndarray:
     params = [p for p in model.parameters() if p.requires_grad]
     outputs = _forward(model, inputs)
     flat = outputs.reshape(-1)
-    jac = torch.stack([_flat_gradient(flat[j], params, retain_graph=True)
+    jac = torch.stack([flat_gradient(flat[j], params, retain_graph=True)
                        for j in range(flat.numel())])
     f = outputs.detach().reshape(-1).clone().requires_grad_(True)
     (first,) = torch.autograd.grad(loss_fn(f.view_as(outputs), targets), f, create_graph=True)
@@ -67,7 +60,7 @@ def reference_fisher_weighted(model, sample_loss, sample_weights, inputs, target
             x_i = {k: v[i : i + 1] for k, v in inputs.items()}
         else:
             x_i = tuple(v[i : i + 1] for v in (inputs if isinstance(inputs, tuple) else (inputs,)))
-        g = _flat_gradient(sample_loss(_forward(model, x_i), targets[i : i + 1]), params)
+        g = flat_gradient(sample_loss(_forward(model, x_i), targets[i : i + 1]), params)
         total += sample_weights[i] * torch.outer(g, g)
     return total.numpy()
 

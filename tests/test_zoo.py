@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from reference import assert_spectra_close
+from reference import assert_spectra_close, flat_gradient
 from torch import Tensor, nn
 
 import hessrank
@@ -28,11 +28,7 @@ def _jacobian_rows(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """Outputs ``[n, C]`` and the Jacobian ``[n, C, P]`` (float64, plain autograd)."""
     params = [p for p in model.parameters() if p.requires_grad]
     out = model(x)
-    rows = []
-    for value in out.reshape(-1):
-        pieces = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
-                               for g, p in zip(pieces, params)]))
+    rows = [flat_gradient(value, params, retain_graph=True) for value in out.reshape(-1)]
     return out.detach(), torch.stack(rows).reshape(*out.shape, -1)
 
 

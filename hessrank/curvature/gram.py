@@ -330,25 +330,24 @@ def _sample_vjps(problem: CurvatureProblem) -> Callable[..., tuple[dict[str, Ten
     return sample_vjps
 
 
-def _sample_gradients(problem: CurvatureProblem, names: list[str], cotangent: Tensor,
+def _sample_gradients(model: nn.Module, params: dict[str, Tensor], cotangent: Tensor,
                       args: tuple[Tensor, ...], kwargs: dict[str, Tensor]
                       ) -> tuple[dict[str, Tensor], Tensor]:
     """``({name: [K, *shape]}, output)``: one sample's gradients for the cotangents ``[K, *out]``
     by plain autograd (the model on the sample alone, one backward pass per cotangent).
 
     The path for what ``torch.func`` cannot transform: packed sequences, ``autograd.Function``
-    without ``setup_context``, operators without a batching rule.
+    without ``setup_context``, operators without a batching rule. ``params``: the model's own
+    parameters by name.
     """
-    named = dict(zip(problem.names, problem.params))
-    params = [named[name] for name in names]
     with torch.enable_grad():
-        output = problem.model(*(x.unsqueeze(0) for x in args),
-                               **{key: x.unsqueeze(0) for key, x in kwargs.items()})[0]
-        rows = [torch.autograd.grad(output, params, grad_outputs=c, retain_graph=True,
-                                    allow_unused=True) for c in cotangent]
+        output = model(*(x.unsqueeze(0) for x in args),
+                       **{key: x.unsqueeze(0) for key, x in kwargs.items()})[0]
+        rows = [torch.autograd.grad(output, list(params.values()), grad_outputs=c,
+                                    retain_graph=True, allow_unused=True) for c in cotangent]
     return ({name: torch.stack([torch.zeros_like(p) if row[j] is None else row[j]
                                 for row in rows])
-             for j, (name, p) in enumerate(zip(names, params))}, output.detach())
+             for j, (name, p) in enumerate(params.items())}, output.detach())
 
 
 def _general_gram(
@@ -416,6 +415,8 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
     chunk = max(1, GENERAL_CHUNK_BYTES // max(1, k * numel * problem.params[0].element_size()))
     pieces: dict[str, list[Tensor]] = {name: [] for name in subset}
     sample_outputs: list[Tensor] = []
+    named = dict(zip(problem.names, problem.params))
+    params = {name: named[name] for name in subset}  # the model's own, for plain autograd
     with torch.no_grad():
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
@@ -432,7 +433,7 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
                     value.shape != (stop - start, k, *subset[name].shape)
                     for name, value in vjps.items()):
                 path = LOOP_PATH
-                samples = [_sample_gradients(problem, list(subset), cotangents[:, i],
+                samples = [_sample_gradients(problem.model, params, cotangents[:, i],
                                              *_sample(args, kwargs, i - start))
                            for i in range(start, stop)]
                 vjps = {name: torch.stack([s[0][name] for s in samples]) for name in subset}

@@ -321,13 +321,15 @@ def recurrent_factors(module: nn.RNNBase, cell: Cell, inputs: Tensor, output: Te
     steps = torch.arange(inputs.shape[1], device=inputs.device)
     valid = None if lengths is None else (steps[:, None] < lengths[None, :])[..., None]
     reverse = _Reversal(steps, lengths)
+    weights_of = [[_weights(module, layer, d) for d in range(directions)]
+                  for layer in range(module.num_layers)]
     layer_inputs, hiddens = [inputs], []
     with torch.no_grad():
         for layer in range(module.num_layers):
             top = layer == module.num_layers - 1
             states = [output[..., d * size:(d + 1) * size] if top else
-                      reverse(cell.run(_weights(module, layer, d),
-                                       reverse(layer_inputs[-1], d), valid), d)
+                      reverse(cell.run(weights_of[layer][d], reverse(layer_inputs[-1], d),
+                                       valid), d)
                       for d in range(directions)]
             hiddens.append(states)
             layer_inputs.append(torch.cat(states, dim=-1))
@@ -336,7 +338,7 @@ def recurrent_factors(module: nn.RNNBase, cell: Cell, inputs: Tensor, output: Te
         for layer in reversed(range(module.num_layers)):
             d_below = None
             for d in range(directions):
-                weights = _weights(module, layer, d)
+                weights = weights_of[layer][d]
                 x, hidden = (reverse(t, d) for t in (layer_inputs[layer], hiddens[layer][d]))
                 d_hidden = reverse(d_above[..., d * size:(d + 1) * size], d, dim=2)
                 finals = tuple(g[:, layer * directions + d] for g in d_finals)
@@ -406,7 +408,6 @@ class RecurrentRule(GramRule):
         parts = recurrent_factors(module, cell, layer_input, output, d_out, tuple(d_finals),
                                   lengths, analysed)
         return SummedFactors(parts) if parts else None
-
 
 
 @register_rule
