@@ -214,12 +214,13 @@ def effective_rank(
             raise ValueError("eigenvectors= is not available with process_group yet: compute "
                              "them in one process on the gathered batch")
     start = time.perf_counter()
-    with preserved_state(model), differentiable(model):
+    with preserved_state(model), differentiable(model) as guard_notes:
         with agreement(parallel):
             problem = build_problem(
                 model, loss_fn,
                 first_batch(batch, _device_of(model)) if streaming else batch,  # type: ignore[arg-type]
                 params, mode)
+        problem.notes.extend(guard_notes)
         if streaming:
             problem = streamed_problem(problem, batch)
         if parallel is not None:

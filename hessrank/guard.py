@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -56,7 +56,8 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     swapped come back as the caller's objects), buffer values (copied back in place), and for
     every parameter ``requires_grad`` and ``.grad`` (the same tensor objects); plus the global CPU
     and CUDA random number generator states. The restore runs with Ctrl-C held back, so it is
-    atomic. Parameter values are never written by hessrank; they are not copied.
+    atomic. Parameter values are not copied: hessrank writes them only through
+    :func:`renormalised_embeddings`, which restores what it wrote itself.
     """
     with deferred_interrupts():
         modules = list(model.modules())
@@ -119,7 +120,51 @@ def evaluation_mode(model: nn.Module, mode: str) -> Iterator[None]:
 
 
 @contextmanager
-def differentiable(model: nn.Module) -> Iterator[None]:
+def renormalised_embeddings(model: nn.Module) -> Iterator[list[str]]:
+    """Embedding lookups with ``max_norm`` as pure functions of the parameters, for the block.
+
+    ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``max_norm`` rescale, in place and without
+    gradient, every row they look up whose norm exceeds ``max_norm``
+    (``torch.embedding_renorm_``), on every forward: a forward would change the caller's
+    parameters, and a functional or per-sample forward cannot write to them at all. Inside the
+    block every such weight holds its rows rescaled as a forward would rescale them (each by
+    ``torch.embedding_renorm_`` itself, after which a lookup leaves it as it is), and
+    ``max_norm`` is off: the curvature is the model's at the weights its forward uses, and autograd
+    differentiates them as it does in training (the rescaling has no gradient). The rescaled rows
+    are saved and written back on exit, and ``max_norm`` restored, with Ctrl-C held back; the
+    writes go through ``.data``, so a graph the caller holds sees no version change.
+
+    Yields:
+        One note per module whose rows were rescaled.
+    """
+    saved: list[tuple[nn.Embedding | nn.EmbeddingBag, float, Tensor, Tensor]] = []
+    notes: list[str] = []
+    with deferred_interrupts():
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Embedding | nn.EmbeddingBag) or module.max_norm is None:
+                continue
+            weight = module.weight.data
+            norms = torch.linalg.vector_norm(weight, ord=module.norm_type, dim=1)
+            rows = torch.nonzero(norms > module.max_norm).flatten()
+            saved.append((module, module.max_norm, rows, weight[rows].clone()))
+            torch.embedding_renorm_(weight, rows, module.max_norm, module.norm_type)
+            module.max_norm = None
+            if len(rows):
+                notes.append(f"{name or type(module).__name__} (max_norm={saved[-1][1]}): "
+                             f"analysed with its {len(rows)} row(s) above max_norm rescaled, as "
+                             "its forward rescales the rows it looks up; your parameters are "
+                             "unchanged")
+    try:
+        yield notes
+    finally:
+        with deferred_interrupts():
+            for module, max_norm, rows, values in saved:
+                module.weight.data[rows] = values
+                module.max_norm = max_norm
+
+
+@contextmanager
+def differentiable(model: nn.Module) -> Iterator[list[str]]:
     """Kernels that differentiate ``model`` exactly, whatever the caller had set.
 
     - Gradients on, inference mode off: a call made under ``torch.no_grad()`` or
@@ -129,8 +174,12 @@ def differentiable(model: nn.Module) -> Iterator[None]:
       gradient check would refuse that, and it would blur every eigenvalue below 1e-3 of the top.
     - cuDNN off for a model with recurrent layers: cuDNN's RNN kernels have no backward in
       evaluation mode, torch's own CUDA kernels are twice differentiable.
+    - Embeddings with ``max_norm`` as pure lookups (:func:`renormalised_embeddings`).
 
-    The caller's settings return on exit.
+    The caller's settings and parameter values return on exit.
+
+    Yields:
+        Notes for the result (embedding rows that a forward would rescale).
     """
     cudnn = torch.backends.cudnn
     recurrent = any(isinstance(module, nn.RNNBase) for module in model.modules())
@@ -142,7 +191,8 @@ def differentiable(model: nn.Module) -> Iterator[None]:
             torch.enable_grad(),
             cudnn.flags(enabled=cudnn.enabled and not recurrent, benchmark=cudnn.benchmark,
                         deterministic=cudnn.deterministic, allow_tf32=False),
+            renormalised_embeddings(model) as notes,
         ):
-            yield
+            yield notes
     finally:
         torch.set_float32_matmul_precision(matmul_precision)

@@ -7,7 +7,13 @@ import copy
 
 import pytest
 import torch
-from reference import classification_batch
+from reference import (
+    classification_batch,
+    eigenvalues_by_magnitude,
+    reference_fisher,
+    reference_ggn,
+    reference_hessian,
+)
 from torch import nn
 
 import hessrank
@@ -268,3 +274,65 @@ def test_full_precision_kernels_inside_a_call_and_the_callers_settings_after(met
         torch.set_float32_matmul_precision(before[0])
     assert seen and set(seen) == {("highest", False, False)}
     assert after == ("medium", *before[1:])
+
+
+class _Bag(nn.Module):
+    """Tokens through an ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``max_norm``, then a head."""
+
+    def __init__(self, bag: bool) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.bag = bag
+        table = nn.EmbeddingBag if bag else nn.Embedding
+        self.emb = table(11, 4, max_norm=0.7, dtype=torch.float64)
+        with torch.no_grad():
+            self.emb.weight.mul_(2.0)  # most rows above max_norm
+        self.head = nn.Linear(4, 3, dtype=torch.float64)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        looked_up = self.emb(tokens) if self.bag else self.emb(tokens).mean(1)
+        return self.head(torch.tanh(looked_up))
+
+
+_REFERENCES = {"fisher": reference_fisher, "ggn": reference_ggn,
+               "exact": lambda *args: reference_hessian(*args[:4], step=1e-4)}
+
+
+# EmbeddingBag has no second derivative in torch 2.14.1 (``exact``/``lanczos`` say so).
+_MAX_NORM_CASES = [*((method, False) for method in [*_REFERENCES, "lanczos"]),
+                   ("fisher", True), ("ggn", True)]
+
+
+@pytest.mark.parametrize(("method", "bag"), _MAX_NORM_CASES)
+def test_max_norm_embedding_is_analysed_at_the_rows_its_forward_uses_and_left_as_it_was(
+        method, bag):
+    """A forward rescales looked-up rows above ``max_norm`` in place: a call analyses the model at
+    those rescaled rows (reference: a renormalised copy without ``max_norm``), and leaves the
+    caller's weight, its version counter and ``max_norm`` as they were, also when interrupted."""
+    model = _Bag(bag)
+    g = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
+    weight, values, version = model.emb.weight, model.emb.weight.detach().clone(), \
+        model.emb.weight._version
+    result = hessrank.effective_rank(model, CE, (tokens, y), method, lanczos_steps=20)
+    assert model.emb.weight is weight and torch.equal(weight, values)
+    assert weight._version == version and model.emb.max_norm == 0.7
+    assert any("rescaled" in note for note in result.notes)
+    if method in _REFERENCES:
+        renormalised = copy.deepcopy(model)
+        renormalised.emb.max_norm = None
+        with torch.no_grad():
+            torch.embedding_renorm_(renormalised.emb.weight, torch.arange(11), 0.7, 2.0)
+        assert not torch.equal(renormalised.emb.weight, values)
+        reference = eigenvalues_by_magnitude(
+            _REFERENCES[method](renormalised, CE, tokens, y, 1 / 6))
+        count = min(8, len(result.eigenvalues))
+        torch.testing.assert_close(torch.as_tensor(result.eigenvalues[:count]),
+                                   torch.as_tensor(reference[:count]),
+                                   atol=1e-8 * abs(reference[0]), rtol=0)
+    calls: list[int] = []
+    handle = model.head.register_forward_hook(_interrupting(calls, 2))
+    with contextlib.suppress(KeyboardInterrupt):
+        hessrank.effective_rank(model, CE, (tokens, y), method, lanczos_steps=20)
+    handle.remove()
+    assert calls and torch.equal(weight, values) and model.emb.max_norm == 0.7

@@ -12,8 +12,10 @@ picked by :func:`route_costs`:
   dimension; the gradient check's claim comes from the same compact rows.
 
 Assumes: the input is a batch of indices (``[n, ...]``, first dimension the sample). Refuses
-``max_norm`` (the forward pass rewrites the weight), ``scale_grad_by_freq`` (the gradient depends
-on token counts over the whole batch) and ``sparse`` gradients.
+``max_norm`` (the forward pass rewrites the weight; inside a call
+:func:`hessrank.guard.renormalised_embeddings` has rescaled the rows and turned it off),
+``scale_grad_by_freq`` (the gradient depends on token counts over the whole batch) and ``sparse``
+gradients.
 """
 
 from __future__ import annotations
