@@ -8,6 +8,7 @@ and changes nothing.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -268,6 +269,13 @@ def check_call(model: object, loss_fn: object, mode: object) -> None:
             f"model must be a torch.nn.Module, got {kind}: wrap a function in a module whose "
             "forward calls it and whose parameters are nn.Parameters"
         )
+    lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"the model has uninitialised lazy parameters ({', '.join(lazy[:4])}"
+            f"{', ...' if len(lazy) > 4 else ''}): run one forward pass on a batch first "
+            "(model(inputs)), which gives them their shapes"
+        )
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar tensor")
     if mode not in ("eval", "train"):
@@ -482,3 +490,38 @@ def probe_outputs(problem: CurvatureProblem) -> Tensor:
         outputs = problem.forward()
         problem.loss(outputs)
     return outputs
+
+
+#: How to avoid an operation that torch cannot differentiate twice (torch 2.14.1), by the name
+#: torch gives in its error.
+_TWICE_DIFFERENTIABLE_SWAPS = {
+    "aten::hardsigmoid_backward": "replace nn.Hardsigmoid / F.hardsigmoid (as in MobileNetV3's "
+                                  "squeeze-excitation blocks) by F.relu6(x + 3) / 6, the same "
+                                  "function, which torch differentiates twice",
+}
+
+
+def without_second_derivative(error: RuntimeError, needs: str, instead: str) -> Exception:
+    """A clear error for an operation without a second derivative; other errors unchanged.
+
+    A Hessian-vector product differentiates the backward pass (of the model and the loss; a GGN's
+    output Hessian, of the loss), so each operation there needs a derivative of its own backward;
+    torch lacks a few (its message: "derivative for aten::<op> is not implemented").
+
+    Args:
+        error: the error torch raised.
+        needs: what needs the second derivatives (the start of the message).
+        instead: the methods that would work instead.
+
+    Returns:
+        A ``ValueError`` naming the operation, what to use instead and how to replace the
+        operation; ``error`` itself when it is about something else.
+    """
+    found = re.search(r"derivative for (\S+) is not implemented", str(error))
+    if found is None:
+        return error
+    operation = found.group(1)
+    swap = _TWICE_DIFFERENTIABLE_SWAPS.get(
+        operation, "replace that operation by one that torch can differentiate twice")
+    return ValueError(f"{needs}, and torch {torch.__version__.split('+')[0]} has none for "
+                      f"{operation}: {instead}, or {swap}")

@@ -175,12 +175,44 @@ def test_operation_without_second_derivative(method):
     model = nn.Sequential(nn.Linear(5, 6), nn.Hardsigmoid(), nn.Linear(6, 3)).double()
     x, y = classification_batch(8, 5, 3)
     _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method),
-           ValueError, r"second derivatives.*aten::hardsigmoid_backward: use method='fisher' or "
-                       r"'ggn'.*F.relu6\(x \+ 3\) / 6")
+           ValueError, r"second derivatives.*aten::hardsigmoid_backward: use method='fisher' "
+                       r"\(first derivatives only\) or 'ggn'.*F.relu6\(x \+ 3\) / 6")
     swap = nn.Sequential(model[0], _HardsigmoidByReLU6(), model[2])  # the advised replacement
     assert torch.equal(swap(x), model(x))
     assert hessrank.effective_rank(swap, CE, (x, y), method=method).rank > 0
     hessrank.effective_rank(model, CE, (x, y), method="fisher")  # first derivatives suffice
+
+
+@pytest.mark.parametrize(("method", "options", "match"), [
+    ("exact", {}, r"model and the loss.*aten::multi_margin_loss_backward: use method='fisher'"),
+    ("lanczos", {}, r"model and the loss.*aten::multi_margin_loss_backward: use method='fisher'"),
+    ("ggn", {}, r"GGN needs the loss's second.*multi_margin_loss_backward: use method='fisher'"),
+    ("ggn", {"mc_samples": 1}, r"GGN needs the loss's second.*use method='fisher'"),
+    ("ggn_lanczos", {}, r"GGN needs the loss's second.*use method='fisher'"),
+])
+def test_loss_without_second_derivative(method, options, match):
+    """A loss torch differentiates once only (the multi-class hinge): named, with the method
+    that needs first derivatives only, which runs."""
+    if _twice_differentiable(lambda x: nn.functional.multi_margin_loss(
+            x.reshape(2, 2), torch.tensor([0, 1]))):
+        pytest.skip("this torch differentiates multi_margin_loss twice")
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = classification_batch(8, 5, 3)
+    hinge = nn.MultiMarginLoss()
+    _check(model, lambda: hessrank.effective_rank(model, hinge, (x, y), method=method, **options),
+           ValueError, match)
+    assert hessrank.effective_rank(model, hinge, (x, y), method="fisher").rank > 0
+
+
+@pytest.mark.parametrize("method", ["fisher", "exact"])
+def test_uninitialised_lazy_parameters_named_before_anything(method):
+    model = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = classification_batch(6, 5, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"lazy parameters \(0.weight, 0.bias\).*model\(inputs\)"):
+        hessrank.effective_rank(model, CE, (x, y), method=method)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    model(x)  # the advised fix
+    assert hessrank.effective_rank(model, CE, (x, y), method=method).rank > 0
 
 
 def test_exact_over_budget_predicts_and_suggests(setup):

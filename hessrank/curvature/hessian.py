@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import torch
@@ -11,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
-from hessrank.problem import CurvatureProblem
+from hessrank.problem import CurvatureProblem, without_second_derivative
 
 
 class HessianOperator(ParameterOperator):
@@ -70,7 +69,11 @@ class HessianOperator(ParameterOperator):
         try:
             local = self._local_matmat(vectors)
         except RuntimeError as error:
-            raise _without_second_derivative(error) from error
+            raise without_second_derivative(
+                error, "the Hessian needs second derivatives of every operation of the model "
+                "and the loss", "use method='fisher' (first derivatives only) or 'ggn' (first "
+                "derivatives of the model, second of the loss), or their Lanczos variants"
+            ) from error
         return self._summed(local)
 
     def _local_matmat(self, vectors: Tensor) -> Tensor:
@@ -99,34 +102,6 @@ class HessianOperator(ParameterOperator):
     def matvec(self, vector: Tensor) -> Tensor:
         """``H v`` for a flat ``[P]`` vector."""
         return self.matmat(vector.reshape(1, -1))[0]
-
-
-#: How to avoid an operation that torch cannot differentiate twice (torch 2.14.1), by the name
-#: torch gives in its error.
-_TWICE_DIFFERENTIABLE_SWAPS = {
-    "aten::hardsigmoid_backward": "replace nn.Hardsigmoid / F.hardsigmoid (as in MobileNetV3's "
-                                  "squeeze-excitation blocks) by F.relu6(x + 3) / 6, the same "
-                                  "function, which torch differentiates twice",
-}
-
-
-def _without_second_derivative(error: RuntimeError) -> Exception:
-    """A clear error for an operation without a second derivative; other errors unchanged.
-
-    A Hessian-vector product differentiates the model's backward pass, so every operation needs
-    a derivative of its own backward; torch lacks a few (its message: "derivative for
-    aten::<op> is not implemented").
-    """
-    found = re.search(r"derivative for (\S+) is not implemented", str(error))
-    if found is None:
-        return error
-    operation = found.group(1)
-    swap = _TWICE_DIFFERENTIABLE_SWAPS.get(
-        operation, "replace that operation by one that torch can differentiate twice")
-    return ValueError(
-        f"the Hessian needs second derivatives of every operation of the model, and torch "
-        f"{torch.__version__.split('+')[0]} has none for {operation}: use method='fisher' or "
-        f"'ggn' (or their Lanczos variants), which need first derivatives only, or {swap}")
 
 
 def dense_hessian(

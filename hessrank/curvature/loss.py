@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from hessrank.problem import LossFn
+from hessrank.problem import LossFn, without_second_derivative
 
 
 def agreement_tolerance(dtype: torch.dtype) -> float:
@@ -146,6 +146,34 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tupl
     return factors.reshape(1, *outputs.shape), weights
 
 
+def _loss_hessian_products(first: Tensor, leaf: Tensor, vectors: Tensor) -> Tensor | None:
+    """``[k, *out]``: the loss's Hessian w.r.t. the outputs times each of ``vectors``, from its
+    gradient ``first`` (built with ``create_graph``); None where the gradient does not depend on
+    ``leaf``. Batched, or one product at a time where the loss's backward has no batching rule.
+
+    Raises:
+        ValueError: an operation of the loss has no second derivative in torch (named, with the
+            method that needs none).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")
+        try:
+            (products,) = torch.autograd.grad(first, leaf, grad_outputs=vectors,
+                                              is_grads_batched=True, allow_unused=True,
+                                              retain_graph=True)
+            return products
+        except RuntimeError:
+            pass
+        try:
+            pieces = [torch.autograd.grad(first, leaf, v, retain_graph=True, allow_unused=True)[0]
+                      for v in vectors]
+        except RuntimeError as error:
+            raise without_second_derivative(
+                error, "the GGN needs the loss's second derivatives w.r.t. the outputs",
+                "use method='fisher' (first derivatives only)") from error
+    return None if pieces[0] is None else torch.stack(pieces)
+
+
 def output_hessian_blocks(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                           generator: torch.Generator) -> Tensor:
     """``[n, C, C]``: per-sample blocks of ``d^2 L / df^2`` (``C`` outputs per sample), verified
@@ -167,16 +195,7 @@ def output_hessian_blocks(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     combs = units[:, None, :].expand(size, n, size).reshape(size, *outputs.shape)
     probe = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype).to(outputs.device)
     vectors = torch.cat([combs, probe[None]])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")
-        try:
-            (products,) = torch.autograd.grad(first, leaf, grad_outputs=vectors,
-                                              is_grads_batched=True, allow_unused=True,
-                                              retain_graph=True)
-        except RuntimeError:
-            products = torch.stack([torch.autograd.grad(first, leaf, v, retain_graph=True,
-                                                        allow_unused=True)[0]
-                                    for v in vectors])
+    products = _loss_hessian_products(first, leaf, vectors)
     if products is None:
         return torch.zeros(n, size, size, dtype=outputs.dtype, device=outputs.device)
     columns = products[:size].reshape(size, n, size)  # [c, i, :] = B_i e_c
@@ -247,8 +266,7 @@ def _softmax_curvature(first: Tensor, leaf: Tensor, class_dim: int, generator: t
     unit = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
     probe = torch.randn(probs.shape, generator=generator, dtype=torch.float64).to(probs.device)
     vectors = torch.stack([unit, probe]).movedim(-1, class_dim + 1).to(leaf.dtype)
-    (products,) = torch.autograd.grad(first, leaf, grad_outputs=vectors, is_grads_batched=True,
-                                      retain_graph=True, allow_unused=True)
+    products = _loss_hessian_products(first, leaf, vectors)
     if products is None:
         products = torch.zeros_like(vectors)
     products = products.to(torch.float64).movedim(class_dim + 1, -1)
