@@ -36,7 +36,7 @@ from hessrank.problem import (
     check_number,
     probe_outputs,
 )
-from hessrank.ranks import default_rtol, spectral_ranks, srank
+from hessrank.ranks import MAX_DEFAULT_RTOL, default_rtol, spectral_ranks, srank
 from hessrank.results import RankResult
 from hessrank.spectrum.dense import symmetric_eigenpairs
 from hessrank.streaming import (
@@ -136,7 +136,8 @@ def effective_rank(
         threshold: srank threshold in (0, 1]: smallest ``k`` whose top-``k`` ``|eigenvalue|``
             mass reaches this share of the total (0.99, Kumar et al.).
         rtol: numerical-rank tolerance (>= 0) relative to the largest ``|eigenvalue|``; default:
-            the ``numpy.linalg.matrix_rank`` rule, matrix size times the model dtype's epsilon.
+            the ``numpy.linalg.matrix_rank`` rule, matrix size times the model dtype's epsilon,
+            at most 0.1 (:data:`hessrank.ranks.MAX_DEFAULT_RTOL`; a note says when).
         params: a list of parameters (or their names) to analyse; default all trainable ones.
             Frozen parameters are excluded and listed in ``result.excluded``.
         per_layer: also analyse each parameterised module's diagonal block (``result.layers``).
@@ -307,6 +308,10 @@ def _result(
     ranks = spectral_ranks(spectrum.eigenvalues, threshold, tolerance, spectrum.weights)
     shown = spectrum.eigenvalues
     notes = [*problem.notes, *spectrum.notes]
+    if rtol is None and size * (spectrum.eps or eps) > MAX_DEFAULT_RTOL:
+        notes.append(f"numerical rank at rtol = {MAX_DEFAULT_RTOL:g}: the default rule, matrix "
+                     f"size x epsilon = {size * (spectrum.eps or eps):.3g}, is capped there (it "
+                     "reaches 1 at 1 / epsilon); pass rtol= for another tolerance")
     if spectrum.ritz_values is not None and len(spectrum.ritz_values):
         shown = spectrum.ritz_values
     elif spectrum.ritz_values is not None:  # nothing converged: show the quadrature's nodes

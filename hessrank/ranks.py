@@ -105,9 +105,15 @@ def participation_ratio(eigenvalues: np.ndarray, weights: np.ndarray | None = No
     return float((w * s).sum() ** 2 / squares)
 
 
+#: The largest default numerical-rank tolerance: the ``numpy.linalg.matrix_rank`` rule reaches 1
+#: (every eigenvalue below it) at a size of ``1 / eps``, 8.4 million in float32.
+MAX_DEFAULT_RTOL = 0.1
+
+
 def default_rtol(size: int, dtype_eps: float) -> float:
-    """The ``numpy.linalg.matrix_rank`` rule: matrix size times the machine epsilon of the data."""
-    return float(max(size, 1) * dtype_eps)
+    """The ``numpy.linalg.matrix_rank`` rule, matrix size times the machine epsilon of the data,
+    at most :data:`MAX_DEFAULT_RTOL` (a float32 operator with ``P >= 840,000`` parameters)."""
+    return float(min(max(size, 1) * dtype_eps, MAX_DEFAULT_RTOL))
 
 
 def spectral_ranks(

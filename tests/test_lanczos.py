@@ -227,3 +227,24 @@ def test_bad_arguments_fail_before_any_product(kwargs: dict, message: str) -> No
 def test_dense_operator_rejects_a_non_symmetric_matrix() -> None:
     with pytest.raises(ValueError, match="not symmetric"):
         DenseOperator(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+
+
+def test_default_numerical_tolerance_is_capped_beyond_one_over_eps() -> None:
+    """A float32 model with ``P > 1 / eps`` (8.4 million): the ``matrix_rank`` rule would give
+    ``rtol = P eps > 1``, which the solver refuses; the default is capped at 0.1, with a note,
+    and a tolerance the caller passes is used as given."""
+    import hessrank
+    from hessrank.ranks import MAX_DEFAULT_RTOL
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4100, 2048), nn.Tanh(), nn.Linear(2048, 3))
+    eps = float(torch.finfo(torch.float32).eps)
+    assert sum(p.numel() for p in model.parameters()) * eps > 1
+    x, y = torch.randn(4, 4100), torch.randint(0, 3, (4,))
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), "lanczos",
+                                     lanczos_steps=4)
+    assert result.rtol == MAX_DEFAULT_RTOL
+    assert any("capped" in note for note in result.notes)
+    given = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), "lanczos",
+                                    lanczos_steps=4, rtol=1e-3)
+    assert given.rtol == 1e-3 and not any("capped" in note for note in given.notes)
