@@ -33,6 +33,8 @@ class RuleCase:
     #: the sample dimension of the input, and of each output tensor (an LSTM returns three)
     input_dim: int = 0
     output_dims: tuple[int, ...] = (0,)
+    #: a :data:`~hessrank.curvature.rules.factors.CHUNK_BYTES` small enough to split the work
+    chunk_bytes: int | None = None
 
 
 def _x(*shape):
@@ -78,6 +80,9 @@ CASES = [
              (factors, "kronecker_costs", CHEAP_FIRST), "linear"),
     RuleCase("linear tokens, per-sample", lambda: nn.Linear(3, 2), _x(3, 4, 3),
              (factors, "kronecker_costs", CHEAP_SECOND), "linear"),
+    RuleCase("linear tokens, per-sample, a row block at a time", lambda: nn.Linear(3, 5),
+             _x(3, 4, 3), (factors, "kronecker_costs", CHEAP_SECOND), "linear",
+             chunk_bytes=2 * 3 * 4 * 8),
     RuleCase("embedding token pairs", lambda: nn.Embedding(5, 3), _tokens(4, 6),
              (embedding, "route_costs", CHEAP_FIRST), "embedding"),
     RuleCase("embedding distinct rows", lambda: nn.Embedding(5, 3), _tokens(4, 6),
@@ -102,6 +107,10 @@ CASES = [
              rule="lstm", input_dim=1, output_dims=(1, 1, 1)),
     RuleCase("LSTM, 3 layers", lambda: nn.LSTM(3, 4, num_layers=3, batch_first=True),
              _x(3, 5, 3), rule="lstm", output_dims=(0, 1, 1)),
+    RuleCase("LSTM, per-sample rows a gate block at a time",
+             lambda: nn.LSTM(3, 4, batch_first=True), _x(3, 5, 3),
+             (factors, "kronecker_costs", CHEAP_SECOND), "lstm", output_dims=(0, 1, 1),
+             chunk_bytes=3 * 3 * 9 * 8 * 5),
     RuleCase("LSTM, 2 layers, both directions, sequence first",
              lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True), _x(5, 3, 3), rule="lstm",
              input_dim=1, output_dims=(1, 1, 1)),
@@ -149,6 +158,8 @@ def test_rule_matches_explicit_per_sample_gradients(case: RuleCase, num_cotangen
                   for out in outputs)
     if case.force is not None:
         monkeypatch.setattr(*case.force)
+    if case.chunk_bytes is not None:
+        monkeypatch.setattr(factors, "CHUNK_BYTES", case.chunk_bytes)
     rule = rule_for(layer)
     assert rule is not None and rule.name == case.rule
     analysed = frozenset(name for name, _ in layer.named_parameters())

@@ -184,9 +184,8 @@ class LayerFactors(Factors):
         With many, the cheaper of the position-pair identity and explicit per-sample gradients
         (:func:`kronecker_costs`).
         """
-        explicit = self._explicit()
-        if explicit is not None:
-            return explicit @ explicit.T
+        if self._explicit_pays():
+            return self._explicit_gram_and_claims(None)[0]
         activations, output_grads = self.activations, self.output_grads
         k, n, positions, d_out = output_grads.shape
         rows = output_grads.reshape(k * n, positions, d_out)
@@ -215,16 +214,8 @@ class LayerFactors(Factors):
         taken; on the others, with ``probes``, the weight's claim is :class:`Projected` where
         that is cheaper (``n T r (d_in + d_out) + r d_in d_out`` multiply-adds with the probe's
         product of the true gradient, instead of ``n T d_in d_out``), the bias's exact."""
-        explicit = self._explicit()
-        if explicit is not None:  # a weight with many positions, per-sample gradients formed
-            assert self.weight_shape is not None
-            claimed = (weights.reshape(1, -1).to(explicit.dtype) @ explicit).reshape(
-                self.weight_shape[0], -1)
-            claims: dict[str, Claim] = {
-                "weight": claimed[:, :self.activations.shape[-1]].reshape(self.weight_shape)}
-            if self.with_bias:
-                claims["bias"] = claimed[:, -1]
-            return explicit @ explicit.T, claims
+        if self._explicit_pays():  # a weight with many positions, per-sample gradients formed
+            return self._explicit_gram_and_claims(weights)
         k, n, positions, d_out = self.output_grads.shape
         d_in = self.activations.shape[-1]
         if self.weight_shape is not None and probes is not None and (
@@ -243,20 +234,45 @@ class LayerFactors(Factors):
             return self.gram(), projected
         return super().gram_and_claims(weights)
 
-    def _explicit(self) -> Tensor | None:
-        """``[K n, d_out (d_in + bias)]``: explicit per-sample gradients of the weight (the bias
-        as one more input column of ones) where :func:`kronecker_costs` picks them over the
-        position-pair identity; None on the other routes (and with one position)."""
+    def _explicit_pays(self) -> bool:
+        """Whether :func:`kronecker_costs` picks explicit per-sample gradients of the weight over
+        the position-pair identity (never with one position or without the weight)."""
+        k, n, positions, d_out = self.output_grads.shape
+        if self.weight_shape is None or positions == 1:
+            return False
+        pair_cost, dense_cost = kronecker_costs(k * n, positions, self.activations.shape[-1],
+                                                d_out)
+        return pair_cost >= dense_cost
+
+    def _explicit_gram_and_claims(self, weights: Tensor | None
+                                  ) -> tuple[Tensor, dict[str, Claim]]:
+        """The Gram of the explicit per-sample gradients ``[K n, d_out (d_in + bias)]`` (the bias
+        as one more input column of ones) and, with ``weights``, the claims ``w^T Z`` from the
+        same rows. The rows are formed a block of output units at a time, at most
+        :data:`CHUNK_BYTES` each, and their Gram accumulated."""
+        assert self.weight_shape is not None
         activations, output_grads = self.activations, self.output_grads
         k, n, positions, d_out = output_grads.shape
-        if self.weight_shape is None or positions == 1:
-            return None
-        pair_cost, dense_cost = kronecker_costs(k * n, positions, activations.shape[-1], d_out)
-        if pair_cost < dense_cost:
-            return None
         if self.with_bias:
             activations = torch.cat([activations, activations.new_ones(n, positions, 1)], dim=-1)
-        return torch.einsum("kntd,ntf->kndf", output_grads, activations).reshape(k * n, -1)
+        width = activations.shape[-1]
+        block = max(1, CHUNK_BYTES // max(1, k * n * width * activations.element_size()))
+        gram = torch.zeros(k * n, k * n, dtype=activations.dtype, device=activations.device)
+        claimed = []
+        for start in range(0, d_out, block):
+            rows = torch.einsum("kntd,ntf->kndf", output_grads[..., start:start + block],
+                                activations).reshape(k * n, -1)
+            gram.addmm_(rows, rows.T)
+            if weights is not None:
+                claimed.append((weights.reshape(1, -1).to(rows.dtype) @ rows).reshape(-1, width))
+        if weights is None:
+            return gram, {}
+        together = torch.cat(claimed)
+        claims: dict[str, Claim] = {
+            "weight": together[:, :self.activations.shape[-1]].reshape(self.weight_shape)}
+        if self.with_bias:
+            claims["bias"] = together[:, -1]
+        return gram, claims
 
 
 def _projection_pays(rows: int, d_in: int, d_out: int) -> bool:
