@@ -245,6 +245,7 @@ def effective_rank(
                 cost = dataclasses.replace(cost, memory_bytes=cost.memory_bytes
                                            + problem.data_bytes)
             estimator.check_budget(cost, problem, settings)
+            settings = dataclasses.replace(settings, predicted_memory=cost.memory_bytes)
             outputs.cache_clear()
             with PeakMemory(problem.device) as memory:
                 if isinstance(problem, StreamedProblem) and concatenate:

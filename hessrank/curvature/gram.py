@@ -138,6 +138,67 @@ class _Capture:
             handle.remove()
 
 
+class _GraphBytes:
+    """Bytes of the tensors autograd saves for the backward passes of a block, each storage
+    counted once, leaving out the parameters', buffers' and the batch's own (they exist before
+    the call). The saved tensors themselves are kept as they are."""
+
+    def __init__(self, problem: CurvatureProblem) -> None:
+        owned = [*problem.params, *problem.model.buffers(), *problem.args,
+                 *problem.kwargs.values(), problem.targets]
+        self._known = {_storage(tensor)[0] for tensor in owned if isinstance(tensor, Tensor)}
+        self._found: dict[int, int] = {}
+
+    def _pack(self, tensor: Tensor) -> Tensor:
+        pointer, size = _storage(tensor)
+        if pointer not in self._known:
+            self._found[pointer] = size
+        return tensor
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
+            yield
+
+    @property
+    def total(self) -> int:
+        return sum(self._found.values())
+
+
+def _storage(tensor: Tensor) -> tuple[int, int]:
+    """``(data pointer, bytes)`` of a tensor's storage; ``(0, 0)`` for one without storage."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return 0, 0
+    return storage.data_ptr(), storage.nbytes()
+
+
+def working_bytes(graph: int, captured_outputs: Sequence[Tensor | tuple[Tensor, ...]],
+                  rule_work: int, cotangents: Tensor) -> int:
+    """What a Gram call holds beyond its Gram matrices and the general path's factors, predicted
+    from its capturing forward pass: the forward's graph (``graph`` bytes, kept for the capturing
+    and the check's backward passes) and as much again for the gradients a backward pass holds
+    while it runs, one output gradient per cotangent column for every layer a rule claims
+    (``K`` times its output, all held at once), the cotangents themselves, and the largest
+    rule's working tensors (:meth:`~hessrank.curvature.rules.GramRule.working_bytes`).
+
+    Args:
+        graph: bytes of the forward pass's saved tensors.
+        captured_outputs: the claimed layers' outputs.
+        rule_work: the largest claimed layer's working bytes.
+        cotangents: ``[K, n, *out]``.
+
+    Returns:
+        Bytes.
+    """
+    k = cotangents.shape[0]
+    element = cotangents.element_size()
+    outputs = sum(t.numel() * t.element_size() for value in captured_outputs
+                  for t in (value if isinstance(value, tuple) else (value,)))
+    return 2 * graph + k * outputs + cotangents.numel() * element + rule_work
+
+
 def _relative_error(claimed: Sequence[Claim], true: list[Tensor], scale: float) -> float:
     """The claims' distance from autograd's gradients relative to ``scale`` (a projected claim
     counts as :meth:`~hessrank.curvature.rules.factors.Projected.excess` says)."""
@@ -158,6 +219,7 @@ def compute_gram(
     keep_groups: bool,
     use_rules: bool,
     generator: torch.Generator,
+    check_working_memory: Callable[[int], None] | None = None,
 ) -> GramResult:
     """The Gram of the factors: rules where they apply and pass their check, the general path
     elsewhere.
@@ -169,6 +231,10 @@ def compute_gram(
         keep_groups: keep per-group Grams (per-layer spectra).
         use_rules: False forces the general path everywhere.
         generator: private generator for the check's random weights.
+        check_working_memory: called once the capturing forward pass has run, before anything
+            else, with the bytes the rest of the call holds beyond the Gram matrices and the
+            general path's factors (:func:`working_bytes`); it raises over the budget. Not
+            called for a data-parallel problem (its processes would have to agree first).
 
     Raises:
         ValueError: the general path's check fails (the samples interact in the model).
@@ -196,8 +262,10 @@ def compute_gram(
                                       owners[id(named[name])] == 1
                                       for name in groups[f"{group}.{child}"])}
     capture = _Capture({group: module for group, (module, _) in claimed.items()})
+    graph = _GraphBytes(problem)
     try:
-        outputs = problem.forward()
+        with graph.counting():
+            outputs = problem.forward()
     finally:
         capture.remove()
     cotangents = shard_cotangents(problem, cotangents_of, outputs)
@@ -209,6 +277,12 @@ def compute_gram(
             # called twice (its gradient sums several calls), not at all, or an output that
             # is not differentiable tensors
             claimed.pop(group)
+    if check_working_memory is not None and parallel_of(problem) is None:
+        rule_work = max((rule.working_bytes(module, capture.outputs[group], k, n,
+                                            sum(named[name].numel() for name in groups[group]))
+                         for group, (module, rule) in claimed.items()), default=0)
+        check_working_memory(working_bytes(
+            graph.total, [capture.outputs[g] for g in claimed], rule_work, cotangents))
     values = [capture.outputs[g] for g in claimed]
     flat_grads = iter(_backward_batched(
         outputs, [edge for g in claimed for edge in capture.edges[g]],

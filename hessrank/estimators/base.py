@@ -60,6 +60,9 @@ class Settings:
     per_layer: bool = False
     eigenvectors: int = 0
     reporter: Reporter = field(default_factory=Reporter)
+    #: the estimator's memory prediction before the work (bytes), which a method refines once
+    #: its first forward pass shows what the model holds
+    predicted_memory: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,12 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from hessrank.curvature.rules.factors import Factors, LayerFactors, SampleGradients
+from hessrank.curvature.rules.factors import (
+    CHUNK_BYTES,
+    Factors,
+    LayerFactors,
+    SampleGradients,
+)
 
 __all__ = ["RULES", "Call", "Factors", "GramRule", "LayerFactors", "SampleGradients", "TensorRule",
            "register_rule", "rule_for"]
@@ -76,6 +81,17 @@ class GramRule(ABC):
                 a child's as ``"out_proj.weight"``).
             call: the positional and keyword arguments of that call (masks, flags), as given.
         """
+
+
+    def working_bytes(self, module: nn.Module, layer_output: Tensor | tuple[Tensor, ...],
+                      num_cotangents: int, num_samples: int, num_params: int) -> int:
+        """Bytes of the rule's largest working tensors for one layer, predicted from its output
+        before its factors are formed (for the memory budget). Default: ``K n`` per-sample
+        gradients of its parameters, at most :data:`~hessrank.curvature.rules.factors.CHUNK_BYTES`
+        (the block size the rules work in)."""
+        element = (layer_output if isinstance(layer_output, Tensor)
+                   else layer_output[0]).element_size()
+        return min(num_cotangents * num_samples * num_params * element, CHUNK_BYTES)
 
 
 class TensorRule(GramRule):

@@ -18,6 +18,7 @@ Assumes: the input is batched (``[n, C_in, ...]``, first dimension the sample).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,21 @@ class ConvRule(TensorRule):
                 weight_shape=weight_shape, with_bias="bias" in analysed)
         return ConvFactors(x, output_grads, kernel, stride, dilation, module.groups, weight_shape,
                            "bias" in analysed)
+
+    def working_bytes(self, module: nn.Module, layer_output: Tensor | tuple[Tensor, ...],
+                      num_cotangents: int, num_samples: int, num_params: int) -> int:
+        """The default (per-sample gradients in blocks), or the input's patches at every output
+        position (``n C_in prod(kernel) positions``: what the position-pair route forms, and
+        what torch's convolution backward may unfold for the samples-as-groups gradient),
+        whichever is larger."""
+        default = super().working_bytes(module, layer_output, num_cotangents, num_samples,
+                                        num_params)
+        if not isinstance(module, nn.Conv1d | nn.Conv2d) or not isinstance(layer_output, Tensor):
+            return default
+        positions = layer_output[0, 0].numel()
+        patches = (num_samples * module.in_channels * math.prod(module.kernel_size) * positions
+                   * layer_output.element_size())
+        return max(default, patches)
 
 
 def patches(inputs: Tensor, kernel: tuple[int, int], stride: tuple[int, int],

@@ -31,3 +31,12 @@ class LinearRule(TensorRule):
             if "weight" in analysed else None,
             with_bias="bias" in analysed,
         )
+
+    def working_bytes(self, module: nn.Module, layer_output: Tensor | tuple[Tensor, ...],
+                      num_cotangents: int, num_samples: int, num_params: int) -> int:
+        """One position per sample (an MLP's layer): the Kronecker identity holds ``K n x K n``
+        matrices only; several (tokens): the default, per-sample gradients in blocks."""
+        if isinstance(layer_output, Tensor) and layer_output.dim() == 2:
+            return 3 * (num_cotangents * num_samples) ** 2 * layer_output.element_size()
+        return super().working_bytes(module, layer_output, num_cotangents, num_samples,
+                                     num_params)
