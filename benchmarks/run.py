@@ -10,6 +10,10 @@ median over repeats of case time / that forward+backward time, so load from othe
 the machine shows up in both. Peak memory is measured separately: each case runs once more in a
 fresh subprocess, which resets the kernel's resident-set high-water mark (``/proc/self/clear_refs``)
 after building the model and batch and reports ``VmHWM`` minus the resident set before the call.
+A case the timing warmed up (under 5 s) is warmed up there too, and the C allocator's free memory
+returned to the system (``malloc_trim``) before the reset, so the figure is a call's own working
+memory: not the first call's one-time costs (lazy imports, kernels built for new shapes), and
+memory the warm-up freed counts again when the call reuses it.
 A peer case whose predicted memory or time exceeds the caps is skipped and marked with the
 prediction. Results go to ``OUT/results.json`` and plots to ``OUT/figures/``.
 """
@@ -17,6 +21,7 @@ prediction. Results go to ``OUT/results.json`` and plots to ``OUT/figures/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -407,13 +412,19 @@ def vm_kib(field: str) -> int:
 
 
 def memory_child(spec: Spec) -> None:
-    """Subprocess entry: run the case once, print its peak memory above the pre-call level as
-    JSON: resident memory on the CPU, allocated device memory on a GPU."""
+    """Subprocess entry: run the case once (after a warm-up call where ``spec["warm"]``), print
+    its peak memory above the pre-call level as JSON: resident memory on the CPU, allocated device
+    memory on a GPU."""
+    import ctypes
     import gc
 
     run = make_case(spec)
     make_case({**spec, "tool": "fwd_bwd", "opts": {}})()  # one-time library initialisation
+    if spec.get("warm"):
+        run()  # the case's own one-time costs (lazy imports, kernels for new shapes)
     gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory counts again when reused
     cuda = spec.get("device", "cpu").startswith("cuda")
     if cuda:
         synchronize()
@@ -521,7 +532,9 @@ class Bench:
                 print(f"  {name:<36} ERROR {t['error']}", flush=True)
                 continue
             if not self.args.no_memory:
-                entry["memory"] = memory_case(entry["spec"], max(600.0, 20 * t["seconds"]))
+                warm = entry["spec"].get("warmup", True) and t["seconds"] < 5.0
+                entry["memory"] = memory_case({**entry["spec"], "warm": warm},
+                                              max(600.0, 40 * t["seconds"]))
             peak = entry.get("memory", {}).get("peak_bytes")
             peak_s = f"{peak / 2**20:9.1f} MB" if peak is not None else "        -   "
             print(f"  {name:<36} {t['seconds']:9.4f} s  x{t['ratio']:9.2f} fwd+bwd  {peak_s}"
