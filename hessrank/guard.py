@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -172,6 +172,8 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
     - Full float32 matrix products and convolutions (no TF32, no bfloat16 passes): on a GPU,
       cuDNN convolutions default to TF32, whose 10-bit mantissa is about 1e-3 off; the per-sample
       gradient check would refuse that, and it would blur every eigenvalue below 1e-3 of the top.
+    - Autocast off: a call from inside a mixed-precision training step (``torch.autocast``)
+      would otherwise run the model in bfloat16 or float16.
     - cuDNN off for a model with recurrent layers: cuDNN's RNN kernels have no backward in
       evaluation mode, torch's own CUDA kernels are twice differentiable.
     - Embeddings with ``max_norm`` as pure lookups (:func:`renormalised_embeddings`).
@@ -183,6 +185,7 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
     """
     cudnn = torch.backends.cudnn
     recurrent = any(isinstance(module, nn.RNNBase) for module in model.modules())
+    devices = {"cpu", "cuda", *(p.device.type for p in model.parameters())}
     matmul_precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -191,8 +194,12 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
             torch.enable_grad(),
             cudnn.flags(enabled=cudnn.enabled and not recurrent, benchmark=cudnn.benchmark,
                         deterministic=cudnn.deterministic, allow_tf32=False),
+            ExitStack() as autocast_off,
             renormalised_embeddings(model) as notes,
         ):
+            for device in sorted(devices):
+                if torch.is_autocast_enabled(device):
+                    autocast_off.enter_context(torch.autocast(device, enabled=False))
             yield notes
     finally:
         torch.set_float32_matmul_precision(matmul_precision)
