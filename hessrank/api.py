@@ -114,8 +114,9 @@ def effective_rank(
     """Rank and spectrum of the Hessian of ``loss_fn(model(*inputs), targets)`` or an approximation.
 
     Args:
-        model: any ``nn.Module`` (a ``torch.compile`` or ``DistributedDataParallel`` wrapper is
-            analysed through the module it wraps). Its outputs have the batch dimension first.
+        model: any ``nn.Module`` (a ``torch.compile``, ``DistributedDataParallel`` or
+            ``nn.DataParallel`` wrapper is analysed through the module it wraps). Its outputs
+            have the batch dimension first.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``. The curvature is that of this loss as
             it is: for a mean reduction, of the mean. ``fisher`` and ``ggn`` derive their
             per-sample factors from the loss itself and verify them (class weights and

@@ -208,7 +208,8 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
     ``torch.compile(model)`` returns a wrapper around ``model`` (same parameters): the curvature is
     that of the original function, analysed eagerly (hooks and ``torch.func`` need the eager
     module). ``DistributedDataParallel`` wraps its ``.module`` likewise; analysing it directly
-    keeps DDP's gradient all-reduce and its state out of the call.
+    keeps DDP's gradient all-reduce and its state out of the call. ``nn.DataParallel`` too: the
+    function of the whole batch is the same, without the per-call replicas.
     """
     notes = []
     while True:
@@ -221,6 +222,12 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
         elif isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
             notes.append("DistributedDataParallel wrapper: its .module was analysed")
+        elif isinstance(model, nn.DataParallel):
+            # Its forward replicates the module on every GPU and splits the batch: each replica
+            # would run the capture hooks, and torch.func cannot follow the scatter.
+            model = model.module
+            notes.append("nn.DataParallel wrapper: its .module was analysed on one device (the "
+                         "curvature of the whole batch, as the wrapper computes it)")
         else:
             return model, notes
 
