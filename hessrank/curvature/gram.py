@@ -195,8 +195,13 @@ def working_bytes(graph: int, captured_outputs: Sequence[Tensor | tuple[Tensor, 
     k = cotangents.shape[0]
     element = cotangents.element_size()
     outputs = sum(t.numel() * t.element_size() for value in captured_outputs
-                  for t in (value if isinstance(value, tuple) else (value,)))
+                  for t in _leaves(value))
     return 2 * graph + k * outputs + cotangents.numel() * element + rule_work
+
+
+def _leaves(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """A captured output's tensors: itself, or the tuple's."""
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _relative_error(claimed: Sequence[Claim], true: list[Tensor], scale: float) -> float:
@@ -283,38 +288,52 @@ def compute_gram(
                          for group, (module, rule) in claimed.items()), default=0)
         check_working_memory(working_bytes(
             graph.total, [capture.outputs[g] for g in claimed], rule_work, cotangents))
-    values = [capture.outputs[g] for g in claimed]
-    flat_grads = iter(_backward_batched(
+    start, stop, total = sample_range(problem)
+    weights = torch.randn(k, total, generator=generator, dtype=torch.float64)[:, start:stop]
+    weights = weights.to(device=problem.device, dtype=problem.dtype)
+    # The probes of projected claims: their own stream (the weights' generator is left as it was).
+    probes = torch.Generator().manual_seed(generator.initial_seed() ^ 0x5DEECE66D)
+    layer_grads: list[Tensor | None] = list(_backward_batched(
         outputs, [edge for g in claimed for edge in capture.edges[g]],
-        [t for v in values for t in (v if isinstance(v, tuple) else (v,))], cotangents))
-    layer_grads = [tuple(next(flat_grads) for _ in v) if isinstance(v, tuple) else next(flat_grads)
-                   for v in values]
+        [t for g in claimed for t in _leaves(capture.outputs[g])], cotangents))
+    # Each layer's Gram block and claims are formed as soon as its factors are, and (in one
+    # process) its captured tensors and factors are dropped then: the check's backward pass below
+    # runs without them. Across processes the factors stay, to be gathered.
+    keep_factors = parallel_of(problem) is not None
     factors: dict[str, Factors] = {}
+    formed: dict[str, tuple[Tensor, dict[str, Claim]]] = {}
     rule_of: dict[str, GramRule] = {}
-    for (group, (module, rule)), grads in zip(claimed.items(), layer_grads):
+    position = 0
+    for group, (module, rule) in claimed.items():
+        value = capture.outputs.pop(group)
+        width = len(_leaves(value))
+        pieces, layer_grads[position:position + width] = (
+            layer_grads[position:position + width], [None] * width)
+        position += width
+        grads = tuple(pieces) if isinstance(value, tuple) else pieces[0]
         children = covered[group]
         analysed = frozenset([name.rsplit(".", 1)[-1] for name in groups[group]] + [
             f"{child}.{name.rsplit('.', 1)[-1]}"
             for child, child_group in children.items() for name in groups[child_group]])
-        layer_input = capture.inputs[group]
+        layer_input = capture.inputs.pop(group)
         layer = None if layer_input is None else rule.factors(
-            module, layer_input, capture.outputs[group], grads, n, analysed,
+            module, layer_input, value, grads, n, analysed,  # type: ignore[arg-type]
             capture.arguments[group])
+        del layer_input, value, grads, pieces
         parts = layer if isinstance(layer, dict) else {"": layer}
         for child, part in parts.items():
             target = group if not child else children.get(child)
             # Across processes a layer's factors must be gatherable; others take the general
             # path there (the same decision in every process: it depends on the factors' type).
-            if target is not None and part is not None and (
-                    parallel_of(problem) is None or part.gatherable):
-                factors[target] = part
+            if target is not None and part is not None and (not keep_factors or part.gatherable):
+                formed[target] = part.gram_and_claims(weights, probes)
                 rule_of[target] = rule
-    del layer_grads, flat_grads, values, capture
+                if keep_factors:
+                    factors[target] = part
+        del layer, parts
+    del layer_grads, capture
 
     # The check: autograd's gradient of sum_{k,i} w_ki <f_i, s_ki> for every analysed parameter.
-    start, stop, total = sample_range(problem)
-    weights = torch.randn(k, total, generator=generator, dtype=torch.float64)[:, start:stop]
-    weights = weights.to(device=problem.device, dtype=problem.dtype)
     combined = torch.einsum("kn,kn...->n...", weights, cotangents)
     true_pieces = torch.autograd.grad(outputs, problem.params, grad_outputs=combined,
                                       allow_unused=True)
@@ -327,10 +346,7 @@ def compute_gram(
     tolerance = agreement_tolerance(problem.dtype)
     passed: dict[str, Tensor] = {}
     failures: dict[str, str] = {}
-    # The probes of projected claims: their own stream (the weights' generator is left as it was).
-    probes = torch.Generator().manual_seed(generator.initial_seed() ^ 0x5DEECE66D)
-    for group, layer in factors.items():
-        gram, claims = layer.gram_and_claims(weights, probes)
+    for group, (gram, claims) in formed.items():
         names = groups[group]
         locals_ = [name.rsplit(".", 1)[-1] for name in names]
         error = math.inf if sorted(claims) != sorted(locals_) else _relative_error(
@@ -345,9 +361,9 @@ def compute_gram(
     passed = _agreed_rules(problem, passed, failures)
     notes.extend(failures.values())
     for group, gram in passed.items():
-        accumulator.add(group, _global_rule_gram(problem, factors[group], gram))
+        accumulator.add(group, _global_rule_gram(problem, factors.get(group), gram))
         paths.update(dict.fromkeys(groups[group], rule_of[group].name))
-    remaining = {g: names for g, names in groups.items() if g not in factors
+    remaining = {g: names for g, names in groups.items() if g not in formed
                  or names[0] not in paths}
     if remaining:
         general = _general_gram(problem, remaining, cotangents, outputs, weights, true_grads,
@@ -550,13 +566,14 @@ def _agreed_rules(problem: CurvatureProblem, passed: dict[str, Tensor],
     return {group: gram for group, gram in passed.items() if group not in failures}
 
 
-def _global_rule_gram(problem: CurvatureProblem, layer: Factors, gram: Tensor) -> Tensor:
+def _global_rule_gram(problem: CurvatureProblem, layer: Factors | None, gram: Tensor) -> Tensor:
     """The global batch's Gram block of a rule layer: ``gram`` itself for one process, else
     from the all-gathered activations ``[n, T, d_in]`` and output gradients ``[K, n, T, d_out]``
     (sharded problems keep gatherable factors only)."""
     parallel = parallel_of(problem)
     if parallel is None:
         return gram
+    assert layer is not None, "a sharded problem keeps its rule layers' factors"
     return layer.gathered(lambda tensor, dim: parallel.gather_samples(tensor, dim=dim)).gram()
 
 
