@@ -425,7 +425,8 @@ def gradient_overlap(
                 problem, settings)
             operator = HessianOperator(problem)
             hessian = dense_hessian(
-                operator, exact_chunk_size(operator.dim, problem.params[0].element_size())
+                operator, exact_chunk_size(operator.dim, problem.params[0].element_size(),
+                                           operator.graph_bytes)
             )
     eigenvalues, eigenvectors = symmetric_eigenpairs(hessian)
     if k is None:

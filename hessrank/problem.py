@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -497,6 +498,43 @@ def probe_outputs(problem: CurvatureProblem) -> Tensor:
         outputs = problem.forward()
         problem.loss(outputs)
     return outputs
+
+
+class GraphBytes:
+    """Bytes of the tensors autograd saves for the backward passes of a block (``counting()``),
+    each storage counted once, leaving out the parameters', buffers' and the batch's own (they
+    exist before the call): what the block's graph holds, for the memory budget. The saved tensors
+    themselves are kept as they are."""
+
+    def __init__(self, problem: CurvatureProblem) -> None:
+        owned = [*problem.params, *problem.model.buffers(), *problem.args,
+                 *problem.kwargs.values(), problem.targets]
+        self._known = {_storage(tensor)[0] for tensor in owned if isinstance(tensor, Tensor)}
+        self._found: dict[int, int] = {}
+
+    def _pack(self, tensor: Tensor) -> Tensor:
+        pointer, size = _storage(tensor)
+        if pointer not in self._known:
+            self._found[pointer] = size
+        return tensor
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
+            yield
+
+    @property
+    def total(self) -> int:
+        return sum(self._found.values())
+
+
+def _storage(tensor: Tensor) -> tuple[int, int]:
+    """``(data pointer, bytes)`` of a tensor's storage; ``(0, 0)`` for one without storage."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return 0, 0
+    return storage.data_ptr(), storage.nbytes()
 
 
 #: How to avoid an operation that torch cannot differentiate twice (torch 2.14.1), by the name

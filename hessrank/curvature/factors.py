@@ -21,7 +21,7 @@ from torch import Tensor
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.distributed import shard_cotangents
-from hessrank.problem import CurvatureProblem
+from hessrank.problem import CurvatureProblem, GraphBytes
 
 
 class FactorOperator(ParameterOperator):
@@ -36,15 +36,19 @@ class FactorOperator(ParameterOperator):
     def __init__(self, problem: CurvatureProblem,
                  cotangents_of: Callable[[Tensor, Tensor], Tensor], method: str) -> None:
         super().__init__(problem)
-        outputs = problem.forward()
+        graph = GraphBytes(problem)
+        with graph.counting():
+            outputs = problem.forward()
         self.loss_value = float(problem.loss(outputs.detach()))
         check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                  problem.names, method)
         self.cotangents = shard_cotangents(problem, cotangents_of, outputs)
         self._outputs = outputs
         self._dummy = torch.zeros_like(outputs, requires_grad=True)
-        pieces = torch.autograd.grad(outputs, self.params, grad_outputs=self._dummy,
-                                     create_graph=True, allow_unused=True)
+        with graph.counting():
+            pieces = torch.autograd.grad(outputs, self.params, grad_outputs=self._dummy,
+                                         create_graph=True, allow_unused=True)
+        self.graph_bytes = graph.total
         self._used = [i for i, g in enumerate(pieces) if g is not None]
         self._transposed = [pieces[i] for i in self._used]  # J^T u, linear in the dummy u
 

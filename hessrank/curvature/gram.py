@@ -47,7 +47,7 @@ from hessrank.curvature.loss import agreement_tolerance
 from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
 from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
-from hessrank.problem import CurvatureProblem
+from hessrank.problem import CurvatureProblem, GraphBytes
 
 #: Bytes of per-sample factors the general path may hold at once.
 GENERAL_CHUNK_BYTES = 512 * 2**20
@@ -136,42 +136,6 @@ class _Capture:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-class _GraphBytes:
-    """Bytes of the tensors autograd saves for the backward passes of a block, each storage
-    counted once, leaving out the parameters', buffers' and the batch's own (they exist before
-    the call). The saved tensors themselves are kept as they are."""
-
-    def __init__(self, problem: CurvatureProblem) -> None:
-        owned = [*problem.params, *problem.model.buffers(), *problem.args,
-                 *problem.kwargs.values(), problem.targets]
-        self._known = {_storage(tensor)[0] for tensor in owned if isinstance(tensor, Tensor)}
-        self._found: dict[int, int] = {}
-
-    def _pack(self, tensor: Tensor) -> Tensor:
-        pointer, size = _storage(tensor)
-        if pointer not in self._known:
-            self._found[pointer] = size
-        return tensor
-
-    @contextmanager
-    def counting(self) -> Iterator[None]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
-            yield
-
-    @property
-    def total(self) -> int:
-        return sum(self._found.values())
-
-
-def _storage(tensor: Tensor) -> tuple[int, int]:
-    """``(data pointer, bytes)`` of a tensor's storage; ``(0, 0)`` for one without storage."""
-    try:
-        storage = tensor.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return 0, 0
-    return storage.data_ptr(), storage.nbytes()
 
 
 def working_bytes(graph: int, captured_outputs: Sequence[Tensor | tuple[Tensor, ...]],
@@ -267,7 +231,7 @@ def compute_gram(
                                       owners[id(named[name])] == 1
                                       for name in groups[f"{group}.{child}"])}
     capture = _Capture({group: module for group, (module, _) in claimed.items()})
-    graph = _GraphBytes(problem)
+    graph = GraphBytes(problem)
     try:
         with graph.counting():
             outputs = problem.forward()

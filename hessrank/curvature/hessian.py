@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
-from hessrank.problem import CurvatureProblem, without_second_derivative
+from hessrank.problem import CurvatureProblem, GraphBytes, without_second_derivative
 
 
 class HessianOperator(ParameterOperator):
@@ -31,9 +31,11 @@ class HessianOperator(ParameterOperator):
         super().__init__(problem)
         if isinstance(problem, ShardedProblem):
             check_shards_uncoupled(problem)
-        with sdpa_kernel(SDPBackend.MATH):
+        graph = GraphBytes(problem)
+        with sdpa_kernel(SDPBackend.MATH), graph.counting():
             loss = problem.loss()
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        self.graph_bytes = graph.total
         self.loss_value = float(loss.detach())
         self.gradient = self._summed(torch.cat([
             (g if g is not None else torch.zeros_like(p)).detach().reshape(-1)

@@ -16,6 +16,8 @@ class ParameterOperator:
         dtype, device: the parameters' (products are computed in them).
         num_products: matrix-vector products spent so far.
         parallel: the data-parallel group of a sharded problem, else None.
+        graph_bytes: bytes of the autograd graph the operator keeps for its products (the
+            tensors it saves, :class:`~hessrank.problem.GraphBytes`); 0 where not measured.
     """
 
     def __init__(self, problem: CurvatureProblem) -> None:
@@ -26,3 +28,4 @@ class ParameterOperator:
         self.device = problem.device
         self.num_products = 0
         self.parallel = parallel_of(problem)
+        self.graph_bytes = 0

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 from torch import Tensor, nn
 
+from hessrank.distributed import parallel_of
 from hessrank.monitor import Reporter
 from hessrank.problem import CurvatureProblem
 
@@ -193,6 +194,15 @@ class Estimator(ABC):
     def run(self, problem: CurvatureProblem, settings: Settings, options: Any) -> Spectrum:
         """Compute the spectrum (``settings.per_layer``: with ``layers`` when the strategy is
         ``"gram-blocks"``)."""
+
+    def check_refined(self, extra_bytes: int, problem: CurvatureProblem,
+                      settings: Settings) -> None:
+        """Once the first pass over the model shows what it holds: the prediction made before
+        the work plus ``extra_bytes`` against the budget (:class:`BudgetError` over it). One
+        process only: the processes of a data-parallel problem agree on their budget before the
+        work, and a refusal in one would leave the others waiting."""
+        if parallel_of(problem) is None:
+            self.check_budget(Cost(settings.predicted_memory + extra_bytes), problem, settings)
 
     def check_budget(self, cost: Cost, problem: CurvatureProblem, settings: Settings) -> None:
         """Raise :class:`BudgetError` when the predicted cost exceeds the budget."""

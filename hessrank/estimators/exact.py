@@ -21,11 +21,18 @@ from hessrank.streaming import StreamedProblem, per_batch
 EIGEN_SECONDS_PER_CUBE = 4e-11
 #: Bytes of Hessian columns computed at once.
 EXACT_CHUNK_BYTES = 64 * 2**20
+#: Bytes a batched product's backward pass may hold for its columns.
+EXACT_WORK_BYTES = 512 * 2**20
 
 
-def exact_chunk_size(num_params: int, element_size: int) -> int:
-    """Hessian columns per batched product, bounded by :data:`EXACT_CHUNK_BYTES`."""
-    return int(max(1, min(num_params, 256, EXACT_CHUNK_BYTES // (num_params * element_size))))
+def exact_chunk_size(num_params: int, element_size: int, graph_bytes: int = 0) -> int:
+    """Hessian columns per batched product: at most 256, their results within
+    :data:`EXACT_CHUNK_BYTES`, and their backward passes within :data:`EXACT_WORK_BYTES`, each
+    column's taking about twice the model's graph (``graph_bytes``, the Hessian operator's;
+    0 before it is built)."""
+    by_graph = EXACT_WORK_BYTES // max(1, 2 * graph_bytes)
+    return int(max(1, min(num_params, 256, EXACT_CHUNK_BYTES // (num_params * element_size),
+                          by_graph)))
 
 
 def exact_memory_bytes(num_params: int, element_size: int) -> int:
@@ -71,18 +78,21 @@ class Exact(Estimator):
         if settings.max_seconds is not None and memory <= settings.max_memory:
             batch, batches = per_batch(problem)
             operator = HessianOperator(batch)
-            seconds = batches * predict_exact_seconds(operator,
-                                                      exact_chunk_size(operator.dim, element))
+            seconds = batches * predict_exact_seconds(operator, exact_chunk_size(
+                operator.dim, element, operator.graph_bytes))
         return Cost(memory, seconds)
 
     def run(self, problem: CurvatureProblem, settings: Settings, options: Any) -> Spectrum:
         dim = problem.num_params
-        chunk = exact_chunk_size(dim, problem.params[0].element_size())
+        element = problem.params[0].element_size()
         batches = per_batch(problem)[1]
         with settings.reporter.task(f"exact Hessian ({dim} columns)", dim * batches) as advance:
 
             def batch_hessian(batch: CurvatureProblem) -> tuple[Tensor, float]:
                 operator = HessianOperator(batch)
+                chunk = exact_chunk_size(dim, element, operator.graph_bytes)
+                # its graph, and about twice as much for each column of a batched product
+                self.check_refined((1 + 2 * chunk) * operator.graph_bytes, problem, settings)
                 return dense_hessian(operator, chunk, advance), operator.loss_value
 
             if isinstance(problem, StreamedProblem):  # the batches' Hessians, weighted, summed

@@ -181,13 +181,10 @@ class GramEstimator(Estimator):
                                                   generator, options)
             return gram_backpack(problem, self.name, cotangents, weights, settings.per_layer,
                                  generator)
-
-        def check_working_memory(extra: int) -> None:
-            self.check_budget(Cost(settings.predicted_memory + extra), problem, settings)
-
         return compute_gram(problem, cotangents_of, settings.per_layer,
                             use_rules=options.backend == "auto", generator=generator,
-                            check_working_memory=check_working_memory)
+                            check_working_memory=lambda extra: self.check_refined(
+                                extra, problem, settings))
 
 
 def _backend(result: GramResult, names: list[str]) -> str:

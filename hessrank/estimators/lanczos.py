@@ -82,6 +82,9 @@ class LanczosEstimator(Estimator):
     def run(self, problem: CurvatureProblem, settings: Settings,
             options: LanczosOptions) -> Spectrum:
         operator = self.data_operator(problem, settings)
+        # its graph (a data set's operators build theirs batch by batch: not measured here), and
+        # as much again for a product's backward pass through it
+        self.check_refined(2 * getattr(operator, "graph_bytes", 0), problem, settings)
         steps = options.steps(operator.dim)
         # The basis is float32: products are no more precise than that.
         eps = max(float(torch.finfo(operator.dtype).eps), float(torch.finfo(BASIS_DTYPE).eps))
