@@ -356,8 +356,10 @@ def predict_exact_cost(
 ) -> tuple[int, float | None]:
     """Predicted peak memory (bytes) and seconds of ``method="exact"``.
 
-    Memory needs no computation. The time is extrapolated from one timed chunk of Hessian-vector
-    products and is None when the memory alone rules the problem out (over 64 GiB).
+    One pass over the model builds its Hessian operator (its graph shows what the model holds,
+    which the memory counts with the Hessian and its solve), and one timed chunk of
+    Hessian-vector products gives the time; both are None-free unless the Hessian alone rules
+    the problem out (over 64 GiB), where the time is None and the memory is the Hessian's.
 
     Args:
         model: as for :func:`effective_rank`.

@@ -35,6 +35,12 @@ def exact_chunk_size(num_params: int, element_size: int, graph_bytes: int = 0) -
                           by_graph)))
 
 
+def products_bytes(chunk: int, graph_bytes: int) -> int:
+    """What the Hessian operator holds beyond the Hessian: its graph (``graph_bytes``), and about
+    twice that for each of the ``chunk`` columns of a batched product's backward pass."""
+    return (1 + 2 * chunk) * graph_bytes
+
+
 def exact_memory_bytes(num_params: int, element_size: int) -> int:
     """Predicted peak: the float64 Hessian, the eigen-solver's copy, one chunk of products."""
     chunk = exact_chunk_size(num_params, element_size)
@@ -76,10 +82,12 @@ class Exact(Estimator):
         memory = exact_memory_bytes(problem.num_params, element)
         seconds = None
         if settings.max_seconds is not None and memory <= settings.max_memory:
+            # timing builds the operator, which shows what the model's graph holds
             batch, batches = per_batch(problem)
             operator = HessianOperator(batch)
-            seconds = batches * predict_exact_seconds(operator, exact_chunk_size(
-                operator.dim, element, operator.graph_bytes))
+            chunk = exact_chunk_size(operator.dim, element, operator.graph_bytes)
+            memory += products_bytes(chunk, operator.graph_bytes)
+            seconds = batches * predict_exact_seconds(operator, chunk)
         return Cost(memory, seconds)
 
     def run(self, problem: CurvatureProblem, settings: Settings, options: Any) -> Spectrum:
@@ -91,8 +99,8 @@ class Exact(Estimator):
             def batch_hessian(batch: CurvatureProblem) -> tuple[Tensor, float]:
                 operator = HessianOperator(batch)
                 chunk = exact_chunk_size(dim, element, operator.graph_bytes)
-                # its graph, and about twice as much for each column of a batched product
-                self.check_refined((1 + 2 * chunk) * operator.graph_bytes, problem, settings)
+                self.check_refined(products_bytes(chunk, operator.graph_bytes), problem,
+                                   settings)
                 return dense_hessian(operator, chunk, advance), operator.loss_value
 
             if isinstance(problem, StreamedProblem):  # the batches' Hessians, weighted, summed
