@@ -356,10 +356,10 @@ def predict_exact_cost(
 ) -> tuple[int, float | None]:
     """Predicted peak memory (bytes) and seconds of ``method="exact"``.
 
-    One pass over the model builds its Hessian operator (its graph shows what the model holds,
-    which the memory counts with the Hessian and its solve), and one timed chunk of
-    Hessian-vector products gives the time; both are None-free unless the Hessian alone rules
-    the problem out (over 64 GiB), where the time is None and the memory is the Hessian's.
+    Memory: the Hessian, its solve, and what the model's graph holds through the batched
+    products (measured by building the Hessian operator, one pass over the model). Time: one
+    timed chunk of Hessian-vector products, extrapolated. Where the Hessian alone rules the
+    problem out (over 64 GiB), nothing is built: the memory is the Hessian's and the time None.
 
     Args:
         model: as for :func:`effective_rank`.

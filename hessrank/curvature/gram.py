@@ -202,8 +202,7 @@ def compute_gram(
         generator: private generator for the check's random weights.
         check_working_memory: called once the capturing forward pass has run, before anything
             else, with the bytes the rest of the call holds beyond the Gram matrices and the
-            general path's factors (:func:`working_bytes`); it raises over the budget. Not
-            called for a data-parallel problem (its processes would have to agree first).
+            general path's factors (:func:`working_bytes`); it raises over the budget.
 
     Raises:
         ValueError: the general path's check fails (the samples interact in the model).
@@ -246,7 +245,7 @@ def compute_gram(
             # called twice (its gradient sums several calls), not at all, or an output that
             # is not differentiable tensors
             claimed.pop(group)
-    if check_working_memory is not None and parallel_of(problem) is None:
+    if check_working_memory is not None:
         rule_work = max((rule.working_bytes(module, capture.outputs[group], k, n,
                                             sum(named[name].numel() for name in groups[group]))
                          for group, (module, rule) in claimed.items()), default=0)

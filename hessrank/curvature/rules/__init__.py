@@ -82,7 +82,6 @@ class GramRule(ABC):
             call: the positional and keyword arguments of that call (masks, flags), as given.
         """
 
-
     def working_bytes(self, module: nn.Module, layer_output: Tensor | tuple[Tensor, ...],
                       num_cotangents: int, num_samples: int, num_params: int) -> int:
         """Bytes of the rule's largest working tensors for one layer, predicted from its output
