@@ -284,6 +284,17 @@ def check_call(model: object, loss_fn: object, mode: object) -> None:
             f"{', ...' if len(lazy) > 4 else ''}): run one forward pass on a batch first "
             "(model(inputs)), which gives them their shapes"
         )
+    frozen = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+              if tensor.is_inference()]
+    if frozen:
+        raise ValueError(
+            f"the model holds inference tensors ({', '.join(frozen[:3])}"
+            f"{', ...' if len(frozen) > 3 else ''}): it was built or loaded under "
+            "torch.inference_mode(), and autograd cannot differentiate through such tensors. "
+            "Build it outside inference_mode, or replace them by clones (outside it): for each "
+            "module, setattr(module, name, nn.Parameter(p.clone())) for its parameters and "
+            "setattr(module, name, b.clone()) for its buffers"
+        )
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar tensor")
     if mode not in ("eval", "train"):

@@ -217,6 +217,38 @@ def test_uninitialised_lazy_parameters_named_before_anything(method):
     assert hessrank.effective_rank(model, CE, (x, y), method=method).rank > 0
 
 
+def _clone_inference_tensors(model: nn.Module, buffers: bool) -> None:
+    """The fix the error advises: clones, made outside ``torch.inference_mode()``."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            setattr(module, name, nn.Parameter(param.clone()))
+        for name, value in module.named_buffers(recurse=False) if buffers else ():
+            setattr(module, name, value.clone())
+
+
+@pytest.mark.parametrize("method", ["fisher", "exact", "lanczos"])
+@pytest.mark.parametrize(("parameters_cloned", "match"), [
+    (False, r"inference tensors \(0.weight, 0.bias, 2.weight, \.\.\.\).*inference_mode.*clone"),
+    (True, r"inference tensors \(2.running_mean, 2.running_var, 2.num_batches_tracked\)"),
+])
+def test_inference_tensors_named_before_anything(method, parameters_cloned, match):
+    """A model built inside ``torch.inference_mode()`` holds inference tensors (parameters,
+    buffers), which autograd cannot save for a backward pass: named with the fix before any
+    work (autograd raised mid-call before, and restoring ``requires_grad`` then raised
+    again), and the advised fix runs."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    if parameters_cloned:
+        _clone_inference_tensors(model, buffers=False)
+    x, y = classification_batch(6, 5, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match=match):
+        hessrank.effective_rank(model, CE, (x, y), method=method)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    _clone_inference_tensors(model, buffers=True)
+    assert hessrank.effective_rank(model, CE, (x, y), method=method).rank > 0
+
+
 def test_exact_over_budget_predicts_and_suggests(setup):
     model, x, y = setup
     with pytest.raises(hessrank.BudgetError, match="KiB.*method='lanczos'") as info:
