@@ -164,6 +164,56 @@ def renormalised_embeddings(model: nn.Module) -> Iterator[list[str]]:
 
 
 @contextmanager
+def backward_hooks_off(model: nn.Module) -> Iterator[list[str]]:
+    """The caller's backward hooks do not run inside the block.
+
+    A backward hook can change the gradients autograd returns (gradient scaling, clipping or
+    masking hooks, ``register_hook`` on a parameter) and can have side effects (gradient logging):
+    the curvature would then silently not be the loss's, and every one of hessrank's backward
+    passes would run the caller's logging. Off inside the block: every submodule's full backward
+    hooks and backward pre-hooks (and the deprecated ``register_backward_hook`` ones), the global
+    module backward hooks (``register_module_full_backward_hook``, for all threads while the block
+    runs), and the hooks on parameters (``param.register_hook``). The hook dictionaries
+    themselves are put back on exit (Ctrl-C held back), so the caller's handles still remove
+    them. Forward hooks stay: they are part of the function the model computes. Hooks that the
+    model's own ``forward`` registers on intermediate tensors, and custom ``autograd.Function``
+    backward passes, are part of its code and run.
+
+    Yields:
+        One note naming the hooks that did not run, if there were any.
+    """
+    module_globals = torch.nn.modules.module
+    swapped: list[tuple[Any, str, Any]] = []
+    names: list[str] = []
+    with deferred_interrupts():
+        for name, module in model.named_modules():
+            for attribute in ("_backward_hooks", "_backward_pre_hooks"):
+                if getattr(module, attribute, None):
+                    swapped.append((module, attribute, getattr(module, attribute)))
+                    setattr(module, attribute, type(swapped[-1][2])())
+                    names.append(f"{name or type(module).__name__} ({attribute[1:-1]})")
+        for name, param in model.named_parameters():
+            if param._backward_hooks:
+                swapped.append((param, "_backward_hooks", param._backward_hooks))
+                param._backward_hooks = None
+                names.append(f"{name} (tensor hooks)")
+        for attribute in ("_global_backward_hooks", "_global_backward_pre_hooks"):
+            if getattr(module_globals, attribute):
+                swapped.append((module_globals, attribute, getattr(module_globals, attribute)))
+                setattr(module_globals, attribute, type(swapped[-1][2])())
+                names.append(f"global module {attribute[8:-1].replace('_', ' ')}")
+    notes = ([f"your backward hooks did not run during the call, so that the curvature is the "
+              f"loss's and your hooks see none of hessrank's backward passes: "
+              f"{', '.join(names)}"] if names else [])
+    try:
+        yield notes
+    finally:
+        with deferred_interrupts():
+            for owner, attribute, value in reversed(swapped):
+                setattr(owner, attribute, value)
+
+
+@contextmanager
 def differentiable(model: nn.Module) -> Iterator[list[str]]:
     """Kernels that differentiate ``model`` exactly, whatever the caller had set.
 
@@ -177,11 +227,12 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
     - cuDNN off for a model with recurrent layers: cuDNN's RNN kernels have no backward in
       evaluation mode, torch's own CUDA kernels are twice differentiable.
     - Embeddings with ``max_norm`` as pure lookups (:func:`renormalised_embeddings`).
+    - The caller's backward hooks off (:func:`backward_hooks_off`).
 
-    The caller's settings and parameter values return on exit.
+    The caller's settings, hooks and parameter values return on exit.
 
     Yields:
-        Notes for the result (embedding rows that a forward would rescale).
+        Notes for the result (embedding rows that a forward would rescale, hooks not run).
     """
     cudnn = torch.backends.cudnn
     recurrent = any(isinstance(module, nn.RNNBase) for module in model.modules())
@@ -196,10 +247,11 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
                         deterministic=cudnn.deterministic, allow_tf32=False),
             ExitStack() as autocast_off,
             renormalised_embeddings(model) as notes,
+            backward_hooks_off(model) as hook_notes,
         ):
             for device in sorted(devices):
                 if torch.is_autocast_enabled(device):
                     autocast_off.enter_context(torch.autocast(device, enabled=False))
-            yield notes
+            yield notes + hook_notes
     finally:
         torch.set_float32_matmul_precision(matmul_precision)

@@ -357,3 +357,60 @@ def test_a_call_inside_autocast_runs_at_full_precision(method):
     assert seen and not any(seen)
     torch.testing.assert_close(torch.as_tensor(inside), torch.as_tensor(outside), rtol=0,
                                atol=1e-12 * abs(outside[0]))
+
+
+def _scaling(factor: float, calls: list[str], label: str):
+    """A backward hook that counts its calls and scales what it may replace by ``factor``: a
+    tensor hook ``(grad)``, a module pre-hook ``(module, grad_output)`` or a module hook
+    ``(module, grad_input, grad_output)``."""
+    def hook(*args):
+        calls.append(label)
+        grads = args[1] if len(args) > 1 else args[0]
+        if isinstance(grads, torch.Tensor):
+            return grads * factor
+        return tuple(None if g is None else g * factor for g in grads)
+    return hook
+
+
+# backward hooks users put on models: (name, install(model, calls) -> handles)
+_BACKWARD_HOOKS = [
+    ("parameter tensor hook", lambda m, c: [m[0].weight.register_hook(_scaling(2, c, "p"))]),
+    ("module full backward hook", lambda m, c: [
+        m[1].register_full_backward_hook(_scaling(3, c, "full"))]),
+    ("module backward pre-hook", lambda m, c: [
+        m[2].register_full_backward_pre_hook(_scaling(0.5, c, "pre"))]),
+    ("deprecated module backward hook", lambda m, c: [
+        m[2].register_backward_hook(_scaling(2, c, "old"))]),
+    ("global module backward hook", lambda m, c: [
+        nn.modules.module.register_module_full_backward_hook(_scaling(2, c, "global"))]),
+]
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos", "fisher", "ggn"])
+@pytest.mark.parametrize("install", [case[1] for case in _BACKWARD_HOOKS],
+                         ids=[case[0] for case in _BACKWARD_HOOKS])
+def test_backward_hooks_do_not_run_inside_a_call(method, install):
+    """A backward hook that scales gradients silently changed every method's eigenvalues (by
+    up to 4x); now the caller's backward hooks do not run inside a call (none of hessrank's
+    passes reaches them), the result says so, and they run again after it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = classification_batch(8, 5, 3)
+    plain = hessrank.effective_rank(copy.deepcopy(model), CE, (x, y), method, lanczos_steps=20)
+    calls: list[str] = []
+    handles = install(model, calls)
+    try:
+        result = hessrank.effective_rank(model, CE, (x, y), method, lanczos_steps=20)
+        assert calls == []
+        torch.testing.assert_close(torch.as_tensor(result.eigenvalues),
+                                   torch.as_tensor(plain.eigenvalues), rtol=0,
+                                   atol=1e-12 * abs(plain.eigenvalues[0]))
+        assert any("backward hooks did not run" in note for note in result.notes)
+        CE(model(x), y).backward()
+        assert calls  # the caller's hooks are back
+    finally:
+        for handle in handles:
+            handle.remove()
+    calls.clear()
+    CE(model(x), y).backward()
+    assert calls == []  # and their handles still remove them
