@@ -244,16 +244,28 @@ def _batch_tensors(
                not isinstance(v, Tensor)]
         if bad or not raw_inputs:
             raise TypeError("inputs given as a mapping must map argument names (str) to tensors, "
-                            f"for model(**inputs); offending keys: {bad or 'none (empty)'}")
+                            f"for model(**inputs); offending keys: {bad or 'none (empty)'}"
+                            + (_CONSTANTS_ADVICE if bad else ""))
         return (), dict(raw_inputs)
     if isinstance(raw_inputs, (tuple, list)) and raw_inputs and all(
         isinstance(x, Tensor) for x in raw_inputs
     ):
         return tuple(raw_inputs), {}
+    positions = ([i for i, x in enumerate(raw_inputs) if not isinstance(x, Tensor)]
+                 if isinstance(raw_inputs, (tuple, list)) else [])
     raise TypeError(
         f"inputs must be a tensor, a non-empty tuple of tensors (model(*inputs)) or a dict of "
         f"tensors (model(**inputs)), got {type(raw_inputs).__name__}"
+        + (f" with non-tensors at positions {positions}{_CONSTANTS_ADVICE}" if positions else "")
     )
+
+
+#: The fix for arguments that are not batch data (flags, scales, ``None``).
+_CONSTANTS_ADVICE = (
+    ". Every input is batch data, sliced per sample; pass constant arguments (flags, scales, "
+    "None) from a wrapper module instead, e.g. one holding self.inner = model whose "
+    "forward(self, x) returns self.inner(x, scale=2.0)"
+)
 
 
 def _usable(tensor: Tensor) -> Tensor:

@@ -392,9 +392,9 @@ BAD_INPUTS = [
     ("a model returning a tuple", {"model": lambda model: _TupleOutput()}, TypeError,
      "the model returned tuple.*wrap the model"),
     ("inputs a list with a non-tensor", {"inputs": lambda x: [x, 3]}, TypeError,
-     "inputs must be a tensor, a non-empty tuple of tensors"),
+     "inputs must be a tensor, a non-empty tuple of tensors.*positions \\[1\\].*wrapper module"),
     ("a dict batch with a non-tensor", {"inputs": lambda x: {"x": x, "n": 3}}, TypeError,
-     "map argument names \\(str\\) to tensors.*\\['n'\\]"),
+     "map argument names \\(str\\) to tensors.*\\['n'\\].*constant arguments.*wrapper module"),
     ("a complex batch", {"inputs": lambda x: x.to(torch.complex128)}, ValueError,
      r"inputs\[0\] is complex"),
 ]
