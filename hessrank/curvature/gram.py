@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import vjp, vmap
 from torch.nn.utils.rnn import PackedSequence
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from hessrank.curvature.loss import agreement_tolerance
@@ -447,7 +448,8 @@ def _general_gram(
                                                 tolerance)
         with agreement(parallel_of(problem)):
             if failure is not None:
-                raise ValueError(failure)
+                observation, cause = failure
+                raise ValueError(f"{observation}: {_lower_precision_cause(problem) or cause}")
         for group, flat in flats.items():
             gathered = _all_rows(problem, flat, k)
             accumulator.add(group, gathered @ gathered.T)
@@ -459,10 +461,10 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
                  sample_vjps: Callable[..., tuple[dict[str, Tensor], Tensor]],
                  cotangents: Tensor, outputs: Tensor, weights: Tensor,
                  true_grads: dict[str, Tensor], tolerance: float
-                 ) -> tuple[dict[str, Tensor], str | None, str]:
+                 ) -> tuple[dict[str, Tensor], tuple[str, str] | None, str]:
     """One bin's per-sample factors ``{group: [K n, P_group]}`` on ``path`` (``torch.func``'s
     vmap, in chunks, or, where vmap fails, plain autograd per sample), what fails their check
-    (None: they pass) and the path taken."""
+    as ``(what differs, its likely cause)`` (None: they pass) and the path taken."""
     k, n = cotangents.shape[:2]
     numel = sum(t.numel() for t in subset.values())
     chunk = max(1, GENERAL_CHUNK_BYTES // max(1, k * numel * problem.params[0].element_size()))
@@ -506,9 +508,9 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
                                 _weighted_scale((flat * flat).sum(dim=1), weights))
         if failure is None and error > tolerance:
             failure = (f"per-sample gradients of {group!r} do not add up to the batch gradient "
-                       f"(relative error {error:.1e}): the model mixes the samples of a batch, "
-                       "so per-sample EF/GGN factors are undefined; use method='exact' or "
-                       "'lanczos'")
+                       f"(relative error {error:.1e})",
+                       "the model mixes the samples of a batch, so per-sample EF/GGN factors "
+                       "are undefined; use method='exact' or 'lanczos'")
         flats[group] = flat
     return flats, failure, path
 
@@ -555,17 +557,82 @@ def _sample(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], i: int
     return tuple(x[i] for x in args), {key: x[i] for key, x in kwargs.items()}
 
 
-def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float) -> str | None:
-    """What is wrong where the outputs of the samples computed alone differ from the batch's."""
+def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float
+                    ) -> tuple[str, str] | None:
+    """What is wrong where the outputs of the samples computed alone differ from the batch's:
+    ``(what differs, its likely cause)``."""
     difference = (sample_outputs.reshape(outputs.shape) - outputs).norm()
     scale = outputs.norm().clamp_min(torch.finfo(outputs.dtype).tiny)
     if difference <= tolerance * math.sqrt(outputs[0].numel()) * scale:
         return None
     return (f"a sample's output computed alone differs from its row of the batch output "
-            f"(relative difference {float(difference / scale):.1e}): the model mixes the samples "
-            "of a batch (BatchNorm on batch statistics, attention over the batch dimension, e.g. "
-            "a batch_first=False transformer given [n, T, d]), so per-sample EF/GGN factors are "
-            "undefined; fix the layout or use method='exact' or 'lanczos'")
+            f"(relative difference {float(difference / scale):.1e})",
+            "the model mixes the samples of a batch (BatchNorm on batch statistics, attention "
+            "over the batch dimension, e.g. a batch_first=False transformer given [n, T, d]), so "
+            "per-sample EF/GGN factors are undefined; fix the layout or use method='exact' or "
+            "'lanczos'")
+
+
+class _LowerPrecision(TorchFunctionMode):
+    """Records the first operation whose floating result has fewer digits than ``dtype``, and the
+    module it ran in (``stack``: the names of the modules whose forward is running)."""
+
+    def __init__(self, dtype: torch.dtype, stack: list[str]) -> None:
+        super().__init__()
+        self.eps = torch.finfo(dtype).eps
+        self.stack = stack
+        self.found: str | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        result = func(*args, **(kwargs or {}))
+        if self.found is None:
+            values = result if isinstance(result, (tuple, list)) else (result,)
+            for value in values:
+                if (isinstance(value, Tensor) and value.is_floating_point()
+                        and torch.finfo(value.dtype).eps > self.eps):
+                    where = self.stack[-1] if self.stack else "the model's forward"
+                    name = getattr(func, "__name__", str(func))
+                    self.found = f"{value.dtype} from {name} in {where}"
+                    break
+        return result
+
+
+def _lower_precision_cause(problem: CurvatureProblem) -> str:
+    """Why per-sample and batch computations of a float64 model can disagree beyond the check's
+    float64 tolerance without mixing samples: part of its forward runs at a lower precision (a
+    norm layer that computes in float32, as HuggingFace's ``LlamaRMSNorm`` does). One forward
+    pass, watched operation by operation; an empty string when nothing runs at a lower
+    precision."""
+    if problem.dtype != torch.float64:
+        return ""
+    stack: list[str] = []
+
+    def entered(label: str) -> Callable[..., None]:
+        return lambda *args: stack.append(label)
+
+    def left(*args: object) -> None:
+        stack.pop()
+
+    handles = []
+    for name, module in problem.model.named_modules():
+        handles.append(module.register_forward_pre_hook(
+            entered(f"{name} ({type(module).__name__})" if name else "the model's forward")))
+        handles.append(module.register_forward_hook(left, always_call=True))
+    watcher = _LowerPrecision(problem.dtype, stack)
+    try:
+        with torch.no_grad(), watcher:
+            problem.forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if watcher.found is None:
+        return ""
+    return (f"the model computes at a lower precision than its float64 parameters (first: "
+            f"{watcher.found}), so its per-sample and batch computations agree only to that "
+            "precision's rounding, beyond the float64 check's tolerance. Analyse a float32 copy "
+            "(copy.deepcopy(model).float() with float32 inputs), whose check allows float32 "
+            "rounding, or use method='exact' or 'lanczos'")
 
 
 def _backward_batched(outputs: Tensor, edges: list[GradientEdge], values: list[Tensor],
