@@ -1,9 +1,10 @@
 """Lanczos solver benchmark: accuracy against the exact Hessian spectrum, and cost at P = 10^7.
 
 ``accuracy``: MLPs small enough for a dense float64 Hessian (shipped digits and synthetic data;
-ReLU, tanh, GELU; at initialisation and trained), :func:`hessrank.spectrum.lanczos.lanczos_spectrum`
-on the Hessian operator with a budget of ``P / 3`` products, against the exact eigenvalues; prints
-a markdown table.
+ReLU, tanh, GELU; at initialisation and trained), or with ``--cases architectures`` a CNN, a
+ResNet, a GRU and a transformer layer on the digits;
+:func:`hessrank.spectrum.lanczos.lanczos_spectrum` on the Hessian operator with a budget of
+``P / 3`` products, against the exact eigenvalues; prints a markdown table.
 
 ``scale``: the MLP 784-2789-2789-10 (P = 10^7) of ``run.py`` on 256 synthetic 28 x 28 inputs;
 times a gradient, one Hessian-vector product and the whole solver (per product), and reports the
@@ -36,17 +37,22 @@ from hessrank.spectrum.lanczos import lanczos_spectrum
 
 @dataclass(frozen=True)
 class AccuracyCase:
-    """A preset MLP (depth 2) on a seeded batch, optionally trained first (full-batch Adam)."""
+    """A model on a seeded batch, optionally trained first (full-batch Adam): a CLI preset
+    (``mlp``, ``cnn``, ``resnet``; depth 2) or, on the digits' 8 rows of 8 pixels as a sequence,
+    ``gru`` (one ``nn.GRU`` layer, the last state to a linear head) or ``transformer`` (a linear
+    embedding, one ``nn.TransformerEncoderLayer`` with 2 heads, mean pooling, a linear head)."""
 
     data: str
     activation: str
     width: int = 16
     samples: int = 128
     train_steps: int = 0
+    model: str = "mlp"
 
     def label(self) -> str:
         trained = f", trained {self.train_steps} steps" if self.train_steps else ""
-        return f"{self.data} {self.activation} w{self.width} n{self.samples}{trained}"
+        kind = "" if self.model == "mlp" else f"{self.model} "
+        return f"{kind}{self.data} {self.activation} w{self.width} n{self.samples}{trained}"
 
 
 ACCURACY_CASES = [
@@ -56,15 +62,64 @@ ACCURACY_CASES = [
     *(AccuracyCase("digits", activation, width=8, samples=64) for activation in ("tanh", "gelu")),
 ]
 
+#: Architectures other than MLPs (``--cases architectures``), P = 1,158 to 1,954.
+ARCHITECTURE_CASES = [
+    AccuracyCase("digits", "relu", width=8, samples=96, model="cnn"),
+    AccuracyCase("digits", "relu", width=6, samples=96, model="resnet"),
+    AccuracyCase("digits", "tanh", width=14, samples=96, model="gru"),
+    AccuracyCase("digits", "relu", width=12, samples=96, model="transformer"),
+]
+
+
+class _Rows(nn.Module):
+    """A sequence model over the rows of ``[n, 1, H, W]`` images: ``[n, H, W]`` in."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images.flatten(0, 1).reshape(images.shape[0], *images.shape[2:]))
+
+
+class _GRU(nn.Module):
+    def __init__(self, features: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(features, width, batch_first=True)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(rows)[0][:, -1])
+
+
+class _Transformer(nn.Module):
+    def __init__(self, features: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        self.layer = nn.TransformerEncoderLayer(width, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(rows)).mean(dim=1))
+
+
+def _case_model(case: AccuracyCase, input_shape: tuple[int, ...], classes: int,
+                seed: int) -> nn.Module:
+    if case.model in presets.PRESETS:
+        return presets.build_model(
+            case.model, input_shape=input_shape, num_classes=classes,
+            activation=case.activation, width=case.width, depth=2, seed=seed,
+            dtype=torch.float32, device="cpu", weights=None)
+    sequence = {"gru": _GRU, "transformer": _Transformer}[case.model]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _Rows(sequence(input_shape[-1], case.width, classes)).eval()
+
 
 def hessian_operator(case: AccuracyCase, seed: int = 0) -> HessianOperator:
     """The Hessian operator of ``case``'s model with cross-entropy on its batch."""
     dataset = presets.load_data(case.data, samples=case.samples, seed=seed)
-    model = presets.build_model(
-        "mlp", input_shape=tuple(dataset.inputs.shape[1:]), num_classes=dataset.num_classes,
-        activation=case.activation, width=case.width, depth=2, seed=seed, dtype=torch.float32,
-        device="cpu", weights=None,
-    )
+    model = _case_model(case, tuple(dataset.inputs.shape[1:]), dataset.num_classes, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(case.train_steps):
         optimizer.zero_grad()
@@ -76,39 +131,67 @@ def hessian_operator(case: AccuracyCase, seed: int = 0) -> HessianOperator:
     return HessianOperator(problem)
 
 
-def accuracy(seeds: int, threshold: float, runs: int) -> None:
-    """Print the accuracy table (errors relative to the exact values).
+def accuracy(seeds: int, threshold: float, runs: int, cases: list[AccuracyCase],
+             summary: bool = False) -> None:
+    """Print the accuracy table (errors relative to the exact values): a row per case and seed,
+    or with ``summary`` a row per case over its seeds (worst errors, intervals that contain the
+    exact value, the trace's included).
 
     ``runs`` splits the ``P / 3`` products into that many independent Lanczos runs (through the
     solver's basis-memory cap), to compare one long run with several short ones.
     """
-    print("| model | P | exact srank | srank err | srank interval (width / srank) | "
-          "exact numerical | numerical err | numerical interval | trace err / sum abs | "
-          "sum abs err |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for case in ACCURACY_CASES:
+    if summary:
+        print("| model | P | seeds | max srank err | max numerical err | max trace err / sum abs "
+              "| max srank interval width / srank | intervals containing the exact srank, "
+              "numerical rank, trace |")
+        print("|---|---|---|---|---|---|---|---|")
+    else:
+        print("| model | P | exact srank | srank err | srank interval (width / srank) | "
+              "exact numerical | numerical err | numerical interval | trace err / sum abs | "
+              "sum abs err |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    for case in cases:
         operator = hessian_operator(case)
         dim = operator.dim
         exact = symmetric_eigenvalues(dense_hessian(operator, 256))
         rtol = default_rtol(dim, float(torch.finfo(torch.float32).eps))
         truth = spectral_ranks(exact, threshold, rtol)
         mass = float(np.abs(exact).sum())
+        worst = {"srank": 0.0, "numerical": 0.0, "trace": 0.0, "width": 0.0}
+        contained = {"srank": 0, "numerical": 0, "trace": 0}
         for seed in range(seeds):
             result = lanczos_spectrum(operator, max_products=dim // 3, threshold=threshold,
                                       seed=seed, max_basis_bytes=dim // 3 // runs * dim * 4)
             ranks = spectral_ranks(result.eigenvalues, threshold, rtol, result.weights)
             low, high = result.rank_interval
             numerical_low, numerical_high = result.numerical_interval
+            errors = {"srank": ranks["srank"] / truth["srank"] - 1,
+                      "numerical": ranks["numerical"] / truth["numerical"] - 1,
+                      "trace": (result.trace - exact.sum()) / mass,
+                      "width": (high - low) / truth["srank"]}
+            for name, error in errors.items():
+                worst[name] = max(worst[name], abs(error))
+            for name, (value, (bottom, top)) in {
+                    "srank": (truth["srank"], result.rank_interval),
+                    "numerical": (truth["numerical"], result.numerical_interval),
+                    "trace": (exact.sum(), result.trace_interval)}.items():
+                contained[name] += bottom <= value <= top
+            if summary:
+                continue
             print(
                 f"| {case.label()}, seed {seed} | {dim} | {truth['srank']:.0f} | "
-                f"{ranks['srank'] / truth['srank'] - 1:+.1%} | [{low:.0f}, {high:.0f}] "
-                f"({(high - low) / truth['srank']:.0%}, {_contains(low, truth['srank'], high)}) | "
-                f"{truth['numerical']:.0f} | {ranks['numerical'] / truth['numerical'] - 1:+.1%} | "
+                f"{errors['srank']:+.1%} | [{low:.0f}, {high:.0f}] "
+                f"({errors['width']:.0%}, {_contains(low, truth['srank'], high)}) | "
+                f"{truth['numerical']:.0f} | {errors['numerical']:+.1%} | "
                 f"[{numerical_low:.0f}, {numerical_high:.0f}] "
                 f"({_contains(numerical_low, truth['numerical'], numerical_high)}) | "
-                f"{(result.trace - exact.sum()) / mass:+.1%} | "
+                f"{errors['trace']:+.1%} | "
                 f"{float(np.abs(result.eigenvalues) @ result.weights) / mass - 1:+.1%} |"
             )
+        if summary:
+            print(f"| {case.label()} | {dim} | {seeds} | {worst['srank']:.1%} | "
+                  f"{worst['numerical']:.1%} | {worst['trace']:.1%} | {worst['width']:.0%} | "
+                  f"{contained['srank']}, {contained['numerical']}, {contained['trace']} |")
     print(f"\nbudget: P // 3 products in {runs} run(s); threshold {threshold}; "
           "numerical rtol = P eps32")
 
@@ -208,6 +291,10 @@ def main() -> None:
     acc.add_argument("--seeds", type=int, default=2)
     acc.add_argument("--threshold", type=float, default=0.99)
     acc.add_argument("--runs", type=int, default=1, help="split the budget into this many runs")
+    acc.add_argument("--cases", choices=("mlp", "architectures"), default="mlp",
+                     help="the MLPs (default) or a CNN, a ResNet, a GRU and a transformer")
+    acc.add_argument("--summary", action="store_true",
+                     help="one row per case over its seeds instead of a row per seed")
     big = sub.add_parser("scale", help="time and peak memory at P = 10^7")
     big.add_argument("--width", type=int, default=2789)  # run.py's P = 10^7 MLP
     big.add_argument("--products", type=int, default=100)
@@ -218,7 +305,8 @@ def main() -> None:
     big.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args()
     if args.mode == "accuracy":
-        accuracy(args.seeds, args.threshold, args.runs)
+        accuracy(args.seeds, args.threshold, args.runs,
+                 ACCURACY_CASES if args.cases == "mlp" else ARCHITECTURE_CASES, args.summary)
     else:
         scale(args.width, args.products, args.samples, args.paired, args.device)
 
