@@ -12,10 +12,11 @@ Two refinements:
 
 - **Deflation.** A Ritz value whose residual ``|beta_m U_mj|`` is tiny (against the operator's
   scale and against the distance to the next Ritz value) is an eigenvalue; when its probe weight
-  is small it is one eigenvalue and gets weight exactly 1 (instead of the random
-  ``P (q_i . v)^2``), and the other nodes share the remaining ``P - #deflated`` in proportion to
-  their Gauss weights (a ratio estimator). The large eigenvalues that carry most of the mass are
-  then exact, and only the unresolved middle of the spectrum is sampled.
+  is one a simple eigenvalue can have (:func:`single_weight_limit`, which allows for the number
+  of converged values tested) it is one eigenvalue and gets weight exactly 1 (instead of the
+  random ``P (q_i . v)^2``), and the other nodes share the remaining ``P - #deflated`` in
+  proportion to their Gauss weights (a ratio estimator). The large eigenvalues that carry most
+  of the mass are then exact, and only the unresolved middle of the spectrum is sampled.
 - **Intervals.** Two errors separate the quadrature from the true spectrum. Resolution: by the
   Chebyshev-Markov-Stieltjes inequalities the count of eigenvalues beyond a cut ``c`` is only
   known up to the weights of the nodes that bracket ``+-c``, so each count is widened to what the
@@ -56,9 +57,9 @@ from hessrank.spectrum.operator import SymmetricOperator
 CONVERGED_RESIDUAL = 1e-5
 #: ... and below this times the distance to the nearest other Ritz value.
 GAP_FRACTION = 1e-2
-#: A converged Ritz value with probe weight ``P U_0j^2`` below this is one eigenvalue: for a
-#: simple eigenvalue that weight is a chi-square(1) draw, above 15 with probability 1e-4.
-SINGLE_WEIGHT = 15.0
+#: The chance, over all the converged Ritz values of a run, that a simple eigenvalue's probe
+#: weight is taken for a repeated eigenvalue's (:func:`single_weight_limit`).
+FALSE_REPEAT_RATE = 1e-4
 #: A new Lanczos vector is orthogonalised against the basis when one of its overlaps exceeds this
 #: times ``sqrt(eps)`` (of the basis dtype); below ``sqrt(eps)`` the basis is semi-orthogonal.
 ORTHOGONALITY_FRACTION = 0.25
@@ -193,6 +194,21 @@ def lanczos_run(
     return np.array(alphas), np.array(betas), beta, removals
 
 
+def single_weight_limit(candidates: int) -> float:
+    """The largest probe weight ``P (q . v)^2`` that a converged Ritz value may carry and still
+    count as one (simple) eigenvalue, among ``candidates`` converged ones.
+
+    For a unit eigenvector ``q`` and the start ``v = z / sqrt(P)`` of a Rademacher (or Gaussian)
+    ``z``, the weight is ``(q . z)^2``, above ``s`` with probability at most ``2 exp(-s / 2)``
+    (Hoeffding; the chi-square(1) tail is below it). Over ``m`` candidates a union bound keeps the
+    chance of taking any simple eigenvalue for a repeated one below :data:`FALSE_REPEAT_RATE` at
+    ``s = 2 ln(2 m / rate)``: 19.8 for one candidate, 31 for 300. A fixed limit (15 before) is
+    passed by one of hundreds of simple eigenvalues now and then (a GRU's Hessian: 15.7), and the
+    node then stood for 15.7 eigenvalues, which moved the trace outside its interval.
+    """
+    return 2.0 * math.log(2.0 * max(candidates, 1) / FALSE_REPEAT_RATE)
+
+
 def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
                 ) -> tuple[_Quadrature, bool]:
     """The deflated quadrature of one run (see the module docstring).
@@ -214,7 +230,7 @@ def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
     # next Ritz value (else the node may stand for a cluster of eigenvalues within the residual).
     converged = ((residual <= CONVERGED_RESIDUAL * max(np.abs(nodes).max(), 1e-300))
                  & (residual <= GAP_FRACTION * gaps))
-    fixed = converged & (dim * gauss < SINGLE_WEIGHT)
+    fixed = converged & (dim * gauss < single_weight_limit(int(converged.sum())))
     # Simple eigenvalues have chi-square(1) probe weights: their sum is n +- sqrt(2 n). A sum far
     # above it means repeated eigenvalues, which one probe cannot count: do not deflate then.
     count = int(fixed.sum())
