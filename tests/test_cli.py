@@ -326,6 +326,22 @@ def test_pyhessian_failure_is_reported_not_raised() -> None:
     assert "pyhessian failed: RuntimeError: torch.eig was removed" in console.file.getvalue()
 
 
+def test_pyhessian_check_runs_through_attention() -> None:
+    """A transformer layer (``scaled_dot_product_attention``): PyHessian's double backward failed
+    on CPU flash attention's backward ("derivative ... not implemented"); the check now runs
+    attention through the math kernel, as hessrank's own Hessian does, and agrees with exact."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(6, 2, 8, dropout=0.0, batch_first=True)
+    model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(18, 3)).eval()
+    x, y = torch.randn(8, 3, 6), torch.randint(0, 3, (8,))
+    exact = hessrank.effective_rank(model, torch.nn.CrossEntropyLoss(), (x, y), method="exact")
+    top = float(np.max(np.abs(exact.eigenvalues)))
+    check = pyhessian_check(model, torch.nn.CrossEntropyLoss(), (x, y), seed=0,
+                            exact={"top_eigenvalue": top, "trace": exact.trace})
+    assert check["error"] is None
+    assert check["top_eigenvalue"] == pytest.approx(top, rel=1e-2)
+
+
 def test_weights_are_loaded(tmp_path: Path) -> None:
     trained = presets.build_model("cnn", input_shape=(1, 8, 8), seed=5)
     torch.save(trained.state_dict(), tmp_path / "w.pt")
