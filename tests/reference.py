@@ -115,6 +115,27 @@ def mlp(sizes=(5, 7, 3), activation=nn.Tanh, dtype=torch.float64, seed=0) -> nn.
     return nn.Sequential(*layers).to(dtype)
 
 
+class Conv1D(nn.Module):
+    """HuggingFace ``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layers, weight stored
+    ``[nx, nf]``), copied so that the tests need no ``transformers``; it claims that module, as
+    hessrank's rule recognises it."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.5)
+        nn.init.normal_(self.bias, std=0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
 class Scale(nn.Module):
     """A custom module holding its own parameter."""
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import assert_spectra_close, eigenvalues_by_magnitude, flat_gradient
+from reference import Conv1D, assert_spectra_close, eigenvalues_by_magnitude, flat_gradient
 from torch import Tensor, nn
 
 import hessrank
@@ -415,6 +415,33 @@ class TinyGPT(nn.Module):
         return self.head(self.norm(h))
 
 
+class GPT2Block(nn.Module):
+    """GPT-2's block as HuggingFace writes it: ``Conv1D`` layers (weights ``[in, out]``) for the
+    fused query/key/value projection, the attention output and the MLP, causal attention through
+    ``scaled_dot_product_attention``, a token embedding, per-token logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(6, 4)
+        self.ln_1 = nn.LayerNorm(4)
+        self.c_attn = Conv1D(12, 4)
+        self.c_proj = Conv1D(4, 4)
+        self.ln_2 = nn.LayerNorm(4)
+        self.c_fc = Conv1D(5, 4)
+        self.mlp_proj = Conv1D(4, 5)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.tok(tokens)
+        n, t, d = h.shape
+        q, k, v = (x.reshape(n, t, 2, d // 2).transpose(1, 2)
+                   for x in self.c_attn(self.ln_1(h)).split(d, dim=-1))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.c_proj(attended.transpose(1, 2).reshape(n, t, d))
+        h = h + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(h))))
+        return self.head(h)
+
+
 class ResidualConvNet(nn.Module):
     """ResNet-style block (conv-BN-ReLU-conv-BN + shortcut), a strided conv to 1x1 positions
     (the position-pair route) and a 1x1 convolution. The first ReLU acts in place on the
@@ -636,6 +663,12 @@ CASES = [
          paths={"tok.weight": "embedding", "pos.weight": "embedding", "norm1.weight": "norm",
                 "norm.bias": "norm", "mlp.0.weight": "linear", "head.weight": "linear",
                 "attn.in_proj_weight": "attention", "attn.out_proj.weight": "attention"}),
+    Case("GPT-2 block (HuggingFace Conv1D layers, SDPA), per-token loss",
+         _build(GPT2Block, lambda g: (_tokens(3, 3, 6, g),
+                                      torch.randint(0, 3, (3, 3), generator=g))),
+         loss=token_ce, sample_loss=token_ce,
+         paths={"c_attn.weight": "hf-conv1d", "c_proj.bias": "hf-conv1d",
+                "mlp_proj.weight": "hf-conv1d", "head.weight": "linear"}),
     Case("ResNet-style block, eval BatchNorm, strided and 1x1 convolutions",
          _build(lambda: _running_stats(ResidualConvNet()), lambda g: (
              torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64),

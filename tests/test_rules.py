@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from reference import Conv1D
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
@@ -83,6 +84,12 @@ CASES = [
     RuleCase("linear tokens, per-sample, a row block at a time", lambda: nn.Linear(3, 5),
              _x(3, 4, 3), (factors, "kronecker_costs", CHEAP_SECOND), "linear",
              chunk_bytes=2 * 3 * 4 * 8),
+    RuleCase("HuggingFace Conv1D tokens, pairs", lambda: Conv1D(2, 3), _x(3, 4, 3),
+             (factors, "kronecker_costs", CHEAP_FIRST), "hf-conv1d"),
+    RuleCase("HuggingFace Conv1D tokens, per-sample", lambda: Conv1D(5, 3), _x(3, 4, 3),
+             (factors, "kronecker_costs", CHEAP_SECOND), "hf-conv1d", chunk_bytes=2 * 3 * 4 * 8),
+    RuleCase("HuggingFace Conv1D, one position", lambda: Conv1D(4, 3), _x(3, 3),
+             rule="hf-conv1d"),
     RuleCase("embedding token pairs", lambda: nn.Embedding(5, 3), _tokens(4, 6),
              (embedding, "route_costs", CHEAP_FIRST), "embedding"),
     RuleCase("embedding distinct rows", lambda: nn.Embedding(5, 3), _tokens(4, 6),
@@ -192,6 +199,13 @@ def test_rules_do_not_claim_what_they_cannot_compute(layer: nn.Module, reason: s
     assert rule_for(layer) is None, reason
 
 
+def test_a_conv1d_outside_transformers_is_not_claimed():
+    """The rule claims HuggingFace's class, not any module of that name."""
+    mine = type("Conv1D", (Conv1D,), {"__module__": "my_models"})(4, 3)
+    assert rule_for(mine) is None
+    assert rule_for(Conv1D(4, 3)).name == "hf-conv1d"
+
+
 def test_norm_rule_declines_batch_statistics():
     layer = nn.BatchNorm1d(3).double()  # training: batch statistics couple the samples
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -206,11 +220,13 @@ def test_norm_rule_declines_batch_statistics():
 @pytest.mark.parametrize(("positions", "route"), [(1, None), (3, CHEAP_FIRST)],
                          ids=["one position", "position pairs"])
 @pytest.mark.parametrize("num_cotangents", [1, 2])
+@pytest.mark.parametrize("transposed", [False, True], ids=["[out, in]", "[in, out]"])
 def test_wide_kronecker_claims_come_through_a_probe(positions: int, route, num_cotangents: int,
+                                                    transposed: bool,
                                                     monkeypatch: pytest.MonkeyPatch):
     """With a probe generator, a weight wide enough for it to pay is claimed as ``C R``
-    (:class:`factors.Projected`): equal to the whole claim times the probe; the bias, the Gram
-    and the claims without a generator are as before."""
+    (:class:`factors.Projected`): equal to the whole claim times the probe, also for a weight
+    stored ``[in, out]``; the bias, the Gram and the claims without a generator are as before."""
     if route is not None:
         monkeypatch.setattr(factors, "kronecker_costs", route)
     g = torch.Generator().manual_seed(0)
@@ -218,7 +234,8 @@ def test_wide_kronecker_claims_come_through_a_probe(positions: int, route, num_c
     layer = factors.LayerFactors(
         torch.randn(n, positions, d_in, generator=g, dtype=torch.float64),
         torch.randn(num_cotangents, n, positions, d_out, generator=g, dtype=torch.float64),
-        torch.Size((d_out, d_in)), with_bias=True)
+        torch.Size((d_in, d_out) if transposed else (d_out, d_in)), with_bias=True,
+        weight_transposed=transposed)
     assert factors._projection_pays(n * positions, d_in, d_out)
     weights = torch.randn(num_cotangents, n, generator=g, dtype=torch.float64)
     exact = layer.weighted_gradients(weights)
@@ -227,7 +244,8 @@ def test_wide_kronecker_claims_come_through_a_probe(positions: int, route, num_c
     projected = claims["weight"]
     assert isinstance(projected, factors.Projected)
     assert projected.probe.shape == (d_in, factors.PROBE_COLUMNS)
-    torch.testing.assert_close(projected.product, exact["weight"] @ projected.probe,
+    as_out_in = exact["weight"].T if transposed else exact["weight"]
+    torch.testing.assert_close(projected.product, as_out_in @ projected.probe,
                                rtol=1e-12, atol=1e-12)
     assert projected.excess(exact["weight"]) <= 1e-20 * float(exact["weight"].norm()) ** 2
     torch.testing.assert_close(claims["bias"], exact["bias"], rtol=1e-12, atol=1e-12)

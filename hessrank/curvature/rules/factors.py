@@ -61,14 +61,18 @@ class Projected:
     Attributes:
         product: ``C R``, ``[d_out, r]``.
         probe: ``R``, ``[m, r]``.
+        transposed: the parameter holds ``C^T`` (``[m, d_out]``, a weight stored input-major):
+            autograd's gradient is transposed before the comparison.
     """
 
     product: Tensor
     probe: Tensor
+    transposed: bool = False
 
     def excess(self, true: Tensor) -> float:
         """``16 ||(C - T) R||^2 / r``: the squared difference from autograd's gradient ``true``
         as the check counts it."""
+        true = true.T if self.transposed else true
         difference = self.product - true.reshape(self.product.shape[0], -1) @ self.probe
         return (PROBE_STRICTNESS**2 * float(torch.linalg.vector_norm(difference)) ** 2
                 / self.probe.shape[1])
@@ -148,6 +152,8 @@ class LayerFactors(Factors):
         output_grads: ``[K, n, T, d_out]``: the backpropagated output gradient at each position.
         weight_shape: shape of the weight parameter (``None`` if it is not analysed).
         with_bias: whether the bias is analysed.
+        weight_transposed: the weight is stored ``[d_in, d_out]`` (``y = x W + b``, as
+            HuggingFace's ``Conv1D``) instead of ``nn.Linear``'s ``[d_out, d_in]``.
     """
 
     sample_dims = {"activations": 0, "output_grads": 1}
@@ -156,6 +162,12 @@ class LayerFactors(Factors):
     output_grads: Tensor
     weight_shape: torch.Size | None
     with_bias: bool
+    weight_transposed: bool = False
+
+    def _as_weight(self, claim: Tensor) -> Tensor:
+        """A ``[d_out, d_in]`` claim in the weight parameter's layout."""
+        assert self.weight_shape is not None
+        return (claim.T if self.weight_transposed else claim).reshape(self.weight_shape)
 
     def weighted_gradients(self, weights: Tensor) -> dict[str, Tensor]:
         """``sum_{k,i} w_ki G_ki`` for each analysed parameter (``weights``: ``[K, n]``).
@@ -165,7 +177,7 @@ class LayerFactors(Factors):
         weighted, rows = self._weighted_rows(weights)
         out = {}
         if self.weight_shape is not None:  # one GEMM over all (sample, position) rows
-            out["weight"] = (weighted.T @ rows).reshape(self.weight_shape)
+            out["weight"] = self._as_weight(weighted.T @ rows)
         if self.with_bias:
             out["bias"] = weighted.sum(dim=0)
         return out
@@ -228,7 +240,8 @@ class LayerFactors(Factors):
             scale = weights.to(grads.dtype).reshape(k, n, 1, 1)
             probed = (scale * (rows @ probe).reshape(1, n, positions, -1)).reshape(
                 k * n * positions, -1)
-            projected: dict[str, Claim] = {"weight": Projected(grads.T @ probed, probe)}
+            projected: dict[str, Claim] = {
+                "weight": Projected(grads.T @ probed, probe, self.weight_transposed)}
             if self.with_bias:
                 projected["bias"] = scale.expand(k, n, positions, 1).reshape(-1) @ grads
             return self.gram(), projected
@@ -269,7 +282,7 @@ class LayerFactors(Factors):
             return gram, {}
         together = torch.cat(claimed)
         claims: dict[str, Claim] = {
-            "weight": together[:, :self.activations.shape[-1]].reshape(self.weight_shape)}
+            "weight": self._as_weight(together[:, :self.activations.shape[-1]])}
         if self.with_bias:
             claims["bias"] = together[:, -1]
         return gram, claims

@@ -8,6 +8,8 @@ general path).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -17,7 +19,7 @@ from hessrank.curvature.rules import LayerFactors, TensorRule, register_rule
 @register_rule
 class LinearRule(TensorRule):
     name = "linear"
-    module_types = (nn.Linear,)
+    module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
 
     def tensor_factors(self, module: nn.Module, layer_input: Tensor, output_grads: Tensor,
                        num_samples: int, analysed: frozenset[str]) -> LayerFactors | None:
