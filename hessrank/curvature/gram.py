@@ -623,6 +623,8 @@ def _lower_precision_cause(problem: CurvatureProblem) -> str:
     try:
         with torch.no_grad(), watcher:
             problem.forward()
+    except Exception:  # noqa: BLE001 - a diagnosis must not replace the error it explains
+        return ""
     finally:
         for handle in handles:
             handle.remove()
