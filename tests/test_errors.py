@@ -280,6 +280,30 @@ def test_lower_precision_inside_a_float64_model_is_named_not_blamed_on_mixing(me
     assert hessrank.effective_rank(copy32, CE, (x.float(), y), method=method).rank > 0
 
 
+class _MixingWithFloat32Norm(nn.Module):
+    """Mixes the samples (centres over the batch) and also computes in float32 (a norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(5, 6), _Float32Norm(6), nn.Tanh())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(x)
+        return self.head(h - h.mean(dim=0, keepdim=True))
+
+
+def test_mixing_is_still_named_when_the_model_also_computes_in_float32():
+    """The lower-precision explanation is offered only for a mismatch that precision's rounding
+    can explain: a model that mixes its samples is still told so."""
+    torch.manual_seed(0)
+    model = _MixingWithFloat32Norm().double()
+    x, y = classification_batch(8, 5, 3)
+    error = _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method="fisher"),
+                   ValueError, "mixes the samples")
+    assert "lower precision" not in str(error)
+
+
 def test_exact_over_budget_predicts_and_suggests(setup):
     model, x, y = setup
     with pytest.raises(hessrank.BudgetError, match="KiB.*method='lanczos'") as info:

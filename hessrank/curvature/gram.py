@@ -448,8 +448,9 @@ def _general_gram(
                                                 tolerance)
         with agreement(parallel_of(problem)):
             if failure is not None:
-                observation, cause = failure
-                raise ValueError(f"{observation}: {_lower_precision_cause(problem) or cause}")
+                observation, cause, error = failure
+                raise ValueError(
+                    f"{observation}: {_lower_precision_cause(problem, error) or cause}")
         for group, flat in flats.items():
             gathered = _all_rows(problem, flat, k)
             accumulator.add(group, gathered @ gathered.T)
@@ -461,10 +462,11 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
                  sample_vjps: Callable[..., tuple[dict[str, Tensor], Tensor]],
                  cotangents: Tensor, outputs: Tensor, weights: Tensor,
                  true_grads: dict[str, Tensor], tolerance: float
-                 ) -> tuple[dict[str, Tensor], tuple[str, str] | None, str]:
+                 ) -> tuple[dict[str, Tensor], tuple[str, str, float] | None, str]:
     """One bin's per-sample factors ``{group: [K n, P_group]}`` on ``path`` (``torch.func``'s
     vmap, in chunks, or, where vmap fails, plain autograd per sample), what fails their check
-    as ``(what differs, its likely cause)`` (None: they pass) and the path taken."""
+    as ``(what differs, its likely cause, the relative difference)`` (None: they pass) and the
+    path taken."""
     k, n = cotangents.shape[:2]
     numel = sum(t.numel() for t in subset.values())
     chunk = max(1, GENERAL_CHUNK_BYTES // max(1, k * numel * problem.params[0].element_size()))
@@ -510,7 +512,7 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
             failure = (f"per-sample gradients of {group!r} do not add up to the batch gradient "
                        f"(relative error {error:.1e})",
                        "the model mixes the samples of a batch, so per-sample EF/GGN factors "
-                       "are undefined; use method='exact' or 'lanczos'")
+                       "are undefined; use method='exact' or 'lanczos'", error)
         flats[group] = flat
     return flats, failure, path
 
@@ -558,30 +560,33 @@ def _sample(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], i: int
 
 
 def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float
-                    ) -> tuple[str, str] | None:
+                    ) -> tuple[str, str, float] | None:
     """What is wrong where the outputs of the samples computed alone differ from the batch's:
-    ``(what differs, its likely cause)``."""
+    ``(what differs, its likely cause, the relative difference)``."""
     difference = (sample_outputs.reshape(outputs.shape) - outputs).norm()
     scale = outputs.norm().clamp_min(torch.finfo(outputs.dtype).tiny)
     if difference <= tolerance * math.sqrt(outputs[0].numel()) * scale:
         return None
+    relative = float(difference / scale)
     return (f"a sample's output computed alone differs from its row of the batch output "
-            f"(relative difference {float(difference / scale):.1e})",
+            f"(relative difference {relative:.1e})",
             "the model mixes the samples of a batch (BatchNorm on batch statistics, attention "
             "over the batch dimension, e.g. a batch_first=False transformer given [n, T, d]), so "
             "per-sample EF/GGN factors are undefined; fix the layout or use method='exact' or "
-            "'lanczos'")
+            "'lanczos'", relative)
 
 
 class _LowerPrecision(TorchFunctionMode):
-    """Records the first operation whose floating result has fewer digits than ``dtype``, and the
-    module it ran in (``stack``: the names of the modules whose forward is running)."""
+    """Records the first operation whose floating result has fewer digits than ``dtype``, the
+    module it ran in (``stack``: the names of the modules whose forward is running) and that
+    result's dtype."""
 
     def __init__(self, dtype: torch.dtype, stack: list[str]) -> None:
         super().__init__()
         self.eps = torch.finfo(dtype).eps
         self.stack = stack
         self.found: str | None = None
+        self.dtype: torch.dtype | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
@@ -594,16 +599,18 @@ class _LowerPrecision(TorchFunctionMode):
                     where = self.stack[-1] if self.stack else "the model's forward"
                     name = getattr(func, "__name__", str(func))
                     self.found = f"{value.dtype} from {name} in {where}"
+                    self.dtype = value.dtype
                     break
         return result
 
 
-def _lower_precision_cause(problem: CurvatureProblem) -> str:
-    """Why per-sample and batch computations of a float64 model can disagree beyond the check's
-    float64 tolerance without mixing samples: part of its forward runs at a lower precision (a
-    norm layer that computes in float32, as HuggingFace's ``LlamaRMSNorm`` does). One forward
-    pass, watched operation by operation; an empty string when nothing runs at a lower
-    precision."""
+def _lower_precision_cause(problem: CurvatureProblem, error: float) -> str:
+    """Why per-sample and batch computations of a float64 model can disagree by ``error``
+    (relative) beyond the check's float64 tolerance without mixing samples: part of its forward
+    runs at a lower precision (a norm layer that computes in float32, as HuggingFace's
+    ``LlamaRMSNorm`` does). One forward pass, watched operation by operation; an empty string
+    when nothing runs at a lower precision, or when ``error`` is beyond what that precision's
+    rounding explains (the check's tolerance for it)."""
     if problem.dtype != torch.float64:
         return ""
     stack: list[str] = []
@@ -628,7 +635,8 @@ def _lower_precision_cause(problem: CurvatureProblem) -> str:
     finally:
         for handle in handles:
             handle.remove()
-    if watcher.found is None:
+    if watcher.found is None or watcher.dtype is None or (
+            error > agreement_tolerance(watcher.dtype)):
         return ""
     return (f"the model computes at a lower precision than its float64 parameters (first: "
             f"{watcher.found}), so its per-sample and batch computations agree only to that "
