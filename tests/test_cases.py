@@ -790,6 +790,68 @@ def test_ggn_of_a_loss_linear_in_the_outputs_is_refused():
     assert hessrank.effective_rank(model, nn.NLLLoss(), (x, y), method="fisher").rank > 0
 
 
+def _confident(scale: float) -> nn.Module:
+    """A float64 tanh MLP whose logits are scaled by ``scale``: confident predictions, as a
+    network trained to a small loss makes (most probabilities within 1e-8 of 0 or 1 at 100)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+        model[2].bias.mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize("method", ["ggn", "ggn_lanczos"])
+def test_ggn_of_a_confident_softmax_matches_the_reference(method):
+    """Near a saturated softmax the diagonal p (1 - p) of the output Hessian rounds to more than
+    its value, so its computed blocks had negative eigenvalues and ggn refused the model as 'not
+    convex in the outputs' (so did a float32 MLP trained on 128 digits to a loss of 1.2e-3).
+    A softmax cross-entropy's blocks now come from its formula; against the double-backprop
+    reference."""
+    model, (x, y) = _confident(100.0), _mlp_batch(12, 5)
+    reference = eigenvalues_by_magnitude(reference_ggn_full(model, CE, x, y))
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, lanczos_steps=40)
+    if method == "ggn":
+        assert_spectra_close(result.eigenvalues, reference, count=6, rtol=1e-9)
+    else:  # the top Ritz value, through a float32 basis
+        assert result.eigenvalues[0] == pytest.approx(reference[0], rel=1e-6)
+
+
+def test_softmax_curvature_is_recognised_near_saturation():
+    """The softmax cross-entropy's weight ``a_r`` (here the mean's 1/n) is read off an entry free
+    of cancellation; reading it off the diagonal made the Monte-Carlo GGN refuse confident
+    models ("needs the curvature of a softmax cross-entropy"), which now run."""
+    from hessrank.curvature.loss import _loss_gradient, _softmax_structure
+
+    model, (x, y) = _confident(100.0), _mlp_batch(12, 5)
+    leaf = model(x).detach().requires_grad_(True)
+    class_dim, _, weights, _ = _softmax_structure(_loss_gradient(CE, leaf, y), leaf,
+                                                  torch.Generator().manual_seed(0))
+    assert class_dim == 1
+    torch.testing.assert_close(weights, torch.full((12,), 1 / 12, dtype=torch.float64))
+    result = hessrank.effective_rank(model, CE, (x, y), method="ggn", mc_samples=4)
+    assert any("Monte-Carlo GGN" in note for note in result.notes)
+
+
+def test_ggn_of_a_trained_float32_network():
+    """A float32 MLP trained to a small loss (probabilities above 0.99): ggn runs and agrees with
+    the float64 reference of the same weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = _mlp_batch(16, 4)
+    x32 = x.float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(400):
+        optimizer.zero_grad()
+        CE(model(x32), y).backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    assert float(CE(model(x32), y)) < 1e-2
+    result = hessrank.effective_rank(model, CE, (x32, y), method="ggn")
+    reference = eigenvalues_by_magnitude(reference_ggn_full(model.double(), CE, x, y))
+    assert_spectra_close(result.eigenvalues, reference, count=4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["fisher", "ggn"])
 def test_parameter_terms_in_the_loss_are_refused(method):
     model, x, y = _build(KeywordCall, lambda g: _mlp_batch(5, 4))()

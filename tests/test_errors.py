@@ -304,6 +304,19 @@ def test_mixing_is_still_named_when_the_model_also_computes_in_float32():
     assert "lower precision" not in str(error)
 
 
+def test_a_softmax_saturated_at_every_sample_is_named_not_called_linear():
+    """Logits so large that every probability is exactly 0 or 1 in float32: the output Hessian is
+    zero at these outputs, and ggn says so (it said the loss was linear in the outputs, as for
+    nn.NLLLoss after a LogSoftmax), with a float64 copy among the fixes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(1e4)
+    x, y = classification_batch(8, 5, 3, dtype=torch.float32)
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method="ggn"), ValueError,
+           r"zero at these outputs.*saturated.*torch.float32.*float64 copy")
+
+
 def test_exact_over_budget_predicts_and_suggests(setup):
     model, x, y = setup
     with pytest.raises(hessrank.BudgetError, match="KiB.*method='lanczos'") as info:

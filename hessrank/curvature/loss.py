@@ -5,12 +5,16 @@ Both matrices are ``F F^T`` with columns ``J_i^T s_ik``: the vector-Jacobian pro
 ``[K, n, *output_shape]``, from the batch loss ``L(f_1, ..., f_n)`` itself; nothing about the
 loss's reduction is assumed:
 
-- **GGN** (``K = C'``): ``GGN = J^T (d^2 L / df^2) J``. The output Hessian is computed block by
-  block (``C`` Hessian-vector products of the loss, with the same unit vector in every sample's
-  block), then *verified* to be block-diagonal per sample with one random product; the blocks are
-  factored ``B_i = sum_k s_ik s_ik^T`` in float64. Mean, sum, class weights and ``ignore_index``
-  are all covered exactly, since the blocks come from ``L``. ``C' <= C``: columns that are zero for
-  every sample (the softmax shift of cross-entropy) are dropped.
+- **GGN** (``K = C'``): ``GGN = J^T (d^2 L / df^2) J``. Where two Hessian-vector products of
+  the loss *verify* that its curvature is a softmax cross-entropy's, ``a_r (diag(p_r) -
+  p_r p_r^T)`` at every position (labels, smoothing, class weights, ``ignore_index`` and the
+  reduction only set ``a_r``, which is read off the loss), the blocks are formed from that formula
+  in float64: near a saturated softmax, blocks computed by differentiation round to negative
+  eigenvalues. Otherwise the output Hessian is computed block by block (``C`` Hessian-vector
+  products, with the same unit vector in every sample's block), then verified to be
+  block-diagonal per sample with one random product. The blocks are factored
+  ``B_i = sum_k s_ik s_ik^T`` in float64. ``C' <= C``: columns that are zero for every sample
+  (the softmax shift of cross-entropy) are dropped.
 - **Empirical Fisher** (``K = 1``): the loss must be a weighted sum ``L = sum_i a_i l_i`` of
   per-sample losses ``l_i = loss_fn(f_i[None], y_i[None])`` (the loss function applied to one
   sample alone). The weights are read off the gradients, ``dL/df_i = a_i dl_i/df_i``, and that
@@ -174,37 +178,53 @@ def _loss_hessian_products(first: Tensor, leaf: Tensor, vectors: Tensor) -> Tens
     return None if pieces[0] is None else torch.stack(pieces)
 
 
-def output_hessian_blocks(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                          generator: torch.Generator) -> Tensor:
-    """``[n, C, C]``: per-sample blocks of ``d^2 L / df^2`` (``C`` outputs per sample), verified
-    block-diagonal by one random Hessian-vector product.
+def _loss_gradient(loss_fn: LossFn, leaf: Tensor, targets: Tensor) -> Tensor | None:
+    """``dL/df`` at ``leaf`` with its graph (for Hessian-vector products); None where the loss is
+    linear (or constant) in the outputs, so that its second derivative is zero by construction.
+
+    Raises:
+        ValueError: the loss cannot be differentiated w.r.t. the outputs.
+    """
+    try:
+        (first,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, create_graph=True,
+                                       allow_unused=True)
+    except RuntimeError as error:
+        raise ValueError(f"cannot differentiate loss_fn w.r.t. the outputs ({error})") from error
+    return first if first is not None and first.requires_grad else None
+
+
+def _linear_loss_error() -> ValueError:
+    return ValueError(
+        "the loss is linear in the model's outputs (e.g. nn.NLLLoss after a LogSoftmax inside "
+        "the model), so its GGN is exactly zero: move the last nonlinearity into the loss "
+        "(nn.CrossEntropyLoss on logits), or use method='exact' or 'lanczos'")
+
+
+def output_hessian_blocks(first: Tensor, leaf: Tensor, generator: torch.Generator
+                          ) -> Tensor | None:
+    """``[n, C, C]``: per-sample blocks of ``d^2 L / df^2`` (``C`` outputs per sample) from the
+    loss's gradient ``first`` at ``leaf``, verified block-diagonal by one random Hessian-vector
+    product; None where the gradient does not depend on the outputs.
 
     Raises:
         ValueError: the loss is not twice differentiable, or it couples samples.
     """
-    n = outputs.shape[0]
-    size = outputs[0].numel()
-    leaf = outputs.detach().requires_grad_(True)
-    try:
-        (first,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, create_graph=True)
-    except RuntimeError as error:
-        raise ValueError(f"cannot differentiate loss_fn w.r.t. the outputs ({error})") from error
-    if not first.requires_grad:  # the loss is linear (or constant) in the outputs
-        return torch.zeros(n, size, size, dtype=outputs.dtype, device=outputs.device)
-    units = torch.eye(size, dtype=outputs.dtype, device=outputs.device)
-    combs = units[:, None, :].expand(size, n, size).reshape(size, *outputs.shape)
-    probe = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype).to(outputs.device)
+    n = leaf.shape[0]
+    size = leaf[0].numel()
+    units = torch.eye(size, dtype=leaf.dtype, device=leaf.device)
+    combs = units[:, None, :].expand(size, n, size).reshape(size, *leaf.shape)
+    probe = torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
     vectors = torch.cat([combs, probe[None]])
     products = _loss_hessian_products(first, leaf, vectors)
     if products is None:
-        return torch.zeros(n, size, size, dtype=outputs.dtype, device=outputs.device)
+        return None
     columns = products[:size].reshape(size, n, size)  # [c, i, :] = B_i e_c
     blocks = columns.permute(1, 2, 0)  # [i, :, c]
     expected = torch.einsum("nij,nj->ni", blocks, probe.reshape(n, size))
     actual = products[size].reshape(n, size)
     scale = torch.sqrt(((blocks**2).sum(dim=(1, 2)) * (probe.reshape(n, size) ** 2).sum(1)).sum())
     mismatch = (actual - expected).norm()
-    if mismatch > agreement_tolerance(outputs.dtype) * math.sqrt(size) * max(float(scale), 1e-300):
+    if mismatch > agreement_tolerance(leaf.dtype) * math.sqrt(size) * max(float(scale), 1e-300):
         raise ValueError(
             "the loss couples the samples: its Hessian w.r.t. the outputs is not block-diagonal "
             f"per sample (relative mismatch {float(mismatch / scale):.2e}), so the GGN has no "
@@ -217,19 +237,33 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                    generator: torch.Generator) -> Tensor:
     """``[C', n, *out]``: square-root factors of the per-sample output-Hessian blocks of ``L``.
 
+    A softmax cross-entropy's curvature (verified, :func:`_softmax_structure`) is factored from
+    its formula, ``a_r (diag(p_r) - p_r p_r^T)`` per position, formed in float64; any other
+    loss's blocks come from Hessian-vector products (:func:`output_hessian_blocks`). Eigenvalues
+    of a block below the rounding of its entries are zero; more negative ones are refused.
+
     Raises:
-        ValueError: the loss is linear in the outputs (zero GGN), not convex in them (indefinite
-            GGN), couples samples, or cannot be differentiated twice.
+        ValueError: the loss is linear in the outputs (zero GGN), its curvature vanishes at these
+            outputs, it is not convex in them (indefinite GGN), couples samples, or cannot be
+            differentiated twice.
     """
     n = outputs.shape[0]
-    blocks = output_hessian_blocks(loss_fn, outputs, targets, generator).to(torch.float64)
+    leaf = outputs.detach().requires_grad_(True)
+    first = _loss_gradient(loss_fn, leaf, targets)
+    if first is None:
+        raise _linear_loss_error()
+    class_dim, probs, weights, _ = _softmax_structure(first, leaf, generator)
+    if class_dim is not None:
+        return _softmax_factors(probs, weights, class_dim, outputs)
+    found = output_hessian_blocks(first, leaf, generator)
+    if found is None:
+        raise _linear_loss_error()
+    blocks = found.to(torch.float64)
     blocks = (blocks + blocks.transpose(1, 2)) / 2
     if not bool((blocks != 0).any()):
-        raise ValueError(
-            "the loss is linear in the model's outputs (e.g. nn.NLLLoss after a LogSoftmax inside "
-            "the model), so its GGN is exactly zero: move the last nonlinearity into the loss "
-            "(nn.CrossEntropyLoss on logits), or use method='exact' or 'lanczos'"
-        )
+        if _curved_elsewhere(loss_fn, leaf, targets, generator):
+            raise _vanishing_curvature_error(outputs.dtype)
+        raise _linear_loss_error()
     eigenvalues, eigenvectors = torch.linalg.eigh(blocks)
     largest = eigenvalues.abs().amax().clamp_min(torch.finfo(torch.float64).tiny)
     zero = eigenvalues.shape[-1] * torch.finfo(outputs.dtype).eps * largest
@@ -246,37 +280,121 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     return factors.permute(2, 0, 1).reshape(-1, n, *outputs.shape[1:]).to(outputs.dtype)
 
 
+def _curved_elsewhere(loss_fn: LossFn, leaf: Tensor, targets: Tensor,
+                      generator: torch.Generator) -> bool:
+    """Whether a loss whose output Hessian is zero at ``leaf`` has curvature at a random point
+    (standard normal outputs): a saturated softmax has, a loss linear in the outputs
+    (``nn.NLLLoss``, whose backward autograd still records) has not. One Hessian-vector product;
+    a point where the loss is not finite counts as curved (linearity is not shown)."""
+    point = torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
+    first = _loss_gradient(loss_fn, point.requires_grad_(True), targets)
+    if first is None:
+        return False
+    probe = torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
+    products = _loss_hessian_products(first, point, probe[None])
+    return products is not None and bool((products != 0).any())
+
+
+def _vanishing_curvature_error(dtype: torch.dtype) -> ValueError:
+    return ValueError(
+        "the loss's second derivative w.r.t. the outputs is zero at these outputs for every "
+        "sample, though the loss is not linear in them (e.g. a softmax saturated to "
+        f"probabilities 0 and 1 in {dtype}): the GGN vanishes here. Use method='exact' or "
+        "'lanczos'" + ("" if dtype == torch.float64 else ", or a float64 copy of the model"))
+
+
+def _softmax_factors(probs: Tensor, weights: Tensor, class_dim: int, outputs: Tensor
+                     ) -> Tensor:
+    """``[C', n, *out]``: square-root factors of ``a_r (diag(p_r) - p_r p_r^T)`` at every
+    position ``r`` (``probs`` ``[n, ..., C]`` and ``weights`` ``[n, ...]`` with the class
+    dimension last), formed and factored in float64 position by position.
+
+    The diagonal ``p_c - p_c^2`` of a block near a saturated softmax rounds to about ``eps p_c``
+    while its value may be far smaller, so a block's eigenvalues within ``C eps a_r max_c p_rc``
+    of zero are rounding, not curvature, and are set to zero (the formula is positive
+    semi-definite). Columns zero for every sample (the softmax's shift direction) are dropped.
+
+    Raises:
+        ValueError: the curvature is zero at every position of every sample.
+    """
+    n, classes = probs.shape[0], probs.shape[-1]
+    blocks = weights[..., None, None] * (torch.diag_embed(probs)
+                                         - probs[..., :, None] * probs[..., None, :])
+    eigenvalues, eigenvectors = torch.linalg.eigh(blocks)  # [n, ..., C], [n, ..., C, C]
+    rounding = classes * torch.finfo(torch.float64).eps * weights * probs.amax(dim=-1)
+    eigenvalues = torch.where(eigenvalues > rounding[..., None], eigenvalues, 0.0)
+    if not bool((eigenvalues > 0).any()):
+        raise _vanishing_curvature_error(outputs.dtype)
+    factors = (eigenvectors * eigenvalues.sqrt().unsqueeze(-2)).reshape(
+        n, -1, classes, classes)  # [n, R, entries, k]
+    positions = factors.shape[1]
+    # column (r, k) holds factor k of position r at position r and zeros elsewhere
+    columns = torch.zeros(positions, classes, n, positions, classes, dtype=torch.float64,
+                          device=probs.device)
+    index = torch.arange(positions, device=probs.device)
+    columns[index, :, :, index, :] = factors.permute(1, 3, 0, 2)
+    columns = columns.reshape(positions * classes, n, positions, classes)
+    keep = columns.flatten(1).abs().amax(dim=1) > 0
+    columns = columns[keep].reshape(-1, n, *probs.shape[1:])
+    return columns.movedim(-1, class_dim + 1).to(outputs.dtype).contiguous()
+
+
 def _softmax_curvature(first: Tensor, leaf: Tensor, class_dim: int, generator: torch.Generator
                        ) -> tuple[Tensor, Tensor, float]:
     """Test whether ``d^2 L / df^2`` is ``a_r (diag(p_r) - p_r p_r^T)`` at every position ``r``
     (``p_r`` the softmax of the outputs over ``class_dim``): the curvature of a softmax
     cross-entropy, whatever its labels, smoothing, class weights or reduction.
 
-    Two Hessian-vector products of the loss: a unit vector at each position's class ``c`` of
-    largest ``p_c (1 - p_c)`` reads ``a_r`` off the block's diagonal; a Gaussian probe then checks
-    the whole block-diagonal structure (a different Hessian fails it with probability one).
+    Two Hessian-vector products of the loss. A unit vector at each position's most probable
+    class ``m`` reads ``a_r`` off the entry of its next most probable class ``j``,
+    ``(H e_m)_j = -a_r p_m p_j``: a product, free of the cancellation in the diagonal
+    ``p_m (1 - p_m)``, which near a saturated softmax rounds to more than its value. A Gaussian
+    probe ``v`` then checks the whole block-diagonal structure, against the rounding of the two
+    terms ``a_r p_r * v_r`` and ``a_r p_r (p_r . v_r)`` whose difference ``H v`` is (a different
+    Hessian fails it with probability one).
 
     Returns:
         ``p`` and ``a`` with the class dimension last (``[n, ..., C]``, ``[n, ...]``), and the
-        probe's relative mismatch.
+        probe's mismatch relative to those terms.
     """
     probs = torch.softmax(leaf.detach().to(torch.float64), dim=class_dim).movedim(class_dim, -1)
-    spread = probs * (1 - probs)
-    chosen = spread.argmax(dim=-1, keepdim=True)
-    unit = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
+    if probs.shape[-1] < 2:
+        return probs, torch.zeros(probs.shape[:-1], dtype=torch.float64), math.inf
+    top = probs.topk(2, dim=-1)
+    unit = torch.zeros_like(probs).scatter_(-1, top.indices[..., :1], 1.0)
     probe = torch.randn(probs.shape, generator=generator, dtype=torch.float64).to(probs.device)
     vectors = torch.stack([unit, probe]).movedim(-1, class_dim + 1).to(leaf.dtype)
     products = _loss_hessian_products(first, leaf, vectors)
     if products is None:
         products = torch.zeros_like(vectors)
     products = products.to(torch.float64).movedim(class_dim + 1, -1)
-    curvature = spread.gather(-1, chosen).squeeze(-1)
-    weights = torch.where(curvature > 0, products[0].gather(-1, chosen).squeeze(-1)
-                          / curvature.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    expected = weights[..., None] * (probs * probe - probs * (probs * probe).sum(-1, True))
-    scale = float(products[1].norm()) + float(expected.norm())
-    mismatch = float((products[1] - expected).norm()) / max(scale, 1e-300)
+    pair = top.values[..., 0] * top.values[..., 1]
+    read = products[0].gather(-1, top.indices[..., 1:]).squeeze(-1)
+    weights = torch.where(pair > 0, -read / pair.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    scaled = weights[..., None] * probs * probe
+    shifted = weights[..., None] * probs * (probs * probe).sum(-1, keepdim=True)
+    terms = float(scaled.norm()) + float(shifted.norm())
+    mismatch = float((products[1] - (scaled - shifted)).norm()) / max(terms, 1e-300)
     return probs, weights, mismatch
+
+
+def _softmax_structure(first: Tensor, leaf: Tensor, generator: torch.Generator
+                       ) -> tuple[int | None, Tensor, Tensor, list[str]]:
+    """The class dimension (the last, else the second) over which the loss's curvature is a
+    softmax cross-entropy's with non-negative weights, not all zero (:func:`_softmax_curvature`),
+    with ``p`` and ``a``; ``None`` and the mismatches measured where it is not (a loss linear in
+    the outputs, or a softmax saturated at every position, has no weight to read)."""
+    tolerance = agreement_tolerance(leaf.dtype) * math.sqrt(leaf[0].numel())
+    mismatches = []
+    probs = weights = torch.empty(0)
+    for class_dim in dict.fromkeys([leaf.dim() - 1, 1]):
+        if class_dim < 1:
+            continue
+        probs, weights, mismatch = _softmax_curvature(first, leaf, class_dim, generator)
+        mismatches.append(f"{mismatch:.1e} over dimension {class_dim}")
+        if mismatch <= tolerance and bool((weights >= 0).all()) and bool((weights > 0).any()):
+            return class_dim, probs, weights, mismatches
+    return None, probs, weights, mismatches
 
 
 def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samples: int,
@@ -296,24 +414,11 @@ def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samp
             cross-entropy's (use the exact GGN).
     """
     leaf = outputs.detach().requires_grad_(True)
-    (first,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, create_graph=True,
-                                   allow_unused=True)
-    if first is None or not first.requires_grad:
-        raise ValueError(
-            "the loss is linear in the model's outputs, so its GGN is exactly zero: move the last "
-            "nonlinearity into the loss (nn.CrossEntropyLoss on logits), or use method='exact' or "
-            "'lanczos'"
-        )
-    tolerance = agreement_tolerance(outputs.dtype) * math.sqrt(outputs[0].numel())
-    mismatches = []
-    for class_dim in dict.fromkeys([outputs.dim() - 1, 1]):
-        if class_dim < 1:
-            continue
-        probs, weights, mismatch = _softmax_curvature(first, leaf, class_dim, generator)
-        mismatches.append(f"{mismatch:.1e} over dimension {class_dim}")
-        if mismatch <= tolerance and bool((weights >= 0).all()):
-            break
-    else:
+    first = _loss_gradient(loss_fn, leaf, targets)
+    if first is None:
+        raise _linear_loss_error()
+    class_dim, probs, weights, mismatches = _softmax_structure(first, leaf, generator)
+    if class_dim is None:
         raise ValueError(
             "mc_samples needs the curvature of a softmax cross-entropy over the class dimension "
             f"(last or second) of the outputs; this loss's output Hessian differs (relative "
