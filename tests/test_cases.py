@@ -817,6 +817,32 @@ def test_ggn_of_a_confident_softmax_matches_the_reference(method):
         assert result.eigenvalues[0] == pytest.approx(reference[0], rel=1e-6)
 
 
+class _ConfidentTokens(nn.Module):
+    """Per-token logits ``[n, C = 3, T = 4]`` scaled by 100 (confident at most positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(5, 12)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 100 * self.layer(x).view(-1, 3, 4)
+
+
+def test_ggn_of_confident_per_token_logits_matches_the_reference():
+    """With ``[n, C, T]`` logits near saturation the positions' dimension could also pass the
+    softmax check, with weights read off products of vanishing probabilities (up to 1.9e17):
+    taken as the class dimension it gave a top eigenvalue of 2.8e-8 against 544. Two passing
+    dimensions are ambiguous now, and the blocks are differentiated instead."""
+    torch.manual_seed(0)
+    model = _ConfidentTokens().double()
+    g = _seeded(0)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12, 4), generator=g)
+    reference = eigenvalues_by_magnitude(reference_ggn_full(model, CE, x, y))
+    result = hessrank.effective_rank(model, CE, (x, y), method="ggn")
+    assert_spectra_close(result.eigenvalues, reference, count=6, rtol=1e-9)
+
+
 def test_softmax_curvature_is_recognised_near_saturation():
     """The softmax cross-entropy's weight ``a_r`` (here the mean's 1/n) is read off an entry free
     of cancellation; reading it off the diagonal made the Monte-Carlo GGN refuse confident

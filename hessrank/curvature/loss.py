@@ -380,21 +380,29 @@ def _softmax_curvature(first: Tensor, leaf: Tensor, class_dim: int, generator: t
 
 def _softmax_structure(first: Tensor, leaf: Tensor, generator: torch.Generator
                        ) -> tuple[int | None, Tensor, Tensor, list[str]]:
-    """The class dimension (the last, else the second) over which the loss's curvature is a
+    """The class dimension (the last or the second) over which the loss's curvature is a
     softmax cross-entropy's with non-negative weights, not all zero (:func:`_softmax_curvature`),
-    with ``p`` and ``a``; ``None`` and the mismatches measured where it is not (a loss linear in
-    the outputs, or a softmax saturated at every position, has no weight to read)."""
+    with ``p`` and ``a``; ``None`` and the mismatches measured where no dimension, or where both,
+    pass. A loss linear in the outputs, or a softmax saturated at every position, has no weight
+    to read. Near saturation a dimension that is not the class dimension can pass the check with
+    weights read off products of vanishing probabilities (``[n, C, T]`` logits): both passing is
+    ambiguous, and the caller differentiates the blocks instead."""
     tolerance = agreement_tolerance(leaf.dtype) * math.sqrt(leaf[0].numel())
     mismatches = []
-    probs = weights = torch.empty(0)
+    passing = []
     for class_dim in dict.fromkeys([leaf.dim() - 1, 1]):
         if class_dim < 1:
             continue
         probs, weights, mismatch = _softmax_curvature(first, leaf, class_dim, generator)
         mismatches.append(f"{mismatch:.1e} over dimension {class_dim}")
         if mismatch <= tolerance and bool((weights >= 0).all()) and bool((weights > 0).any()):
-            return class_dim, probs, weights, mismatches
-    return None, probs, weights, mismatches
+            passing.append((class_dim, probs, weights))
+    if len(passing) == 1:
+        return (*passing[0], mismatches)
+    if passing:
+        mismatches.append("both pass: ambiguous")
+    empty = torch.empty(0)
+    return None, empty, empty, mismatches
 
 
 def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samples: int,
