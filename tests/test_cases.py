@@ -841,6 +841,13 @@ def test_ggn_of_confident_per_token_logits_matches_the_reference():
     reference = eigenvalues_by_magnitude(reference_ggn_full(model, CE, x, y))
     result = hessrank.effective_rank(model, CE, (x, y), method="ggn")
     assert_spectra_close(result.eigenvalues, reference, count=6, rtol=1e-9)
+    # and the positions' dimension fails on its own: its other entries disagree with the weight
+    from hessrank.curvature.loss import _loss_gradient, _softmax_curvature
+
+    leaf = model(x).detach().requires_grad_(True)
+    first = _loss_gradient(CE, leaf, y)
+    assert _softmax_curvature(first, leaf, 2, torch.Generator().manual_seed(0))[2] > 1.0
+    assert _softmax_curvature(first, leaf, 1, torch.Generator().manual_seed(0))[2] < 1e-10
 
 
 def test_softmax_curvature_is_recognised_near_saturation():

@@ -346,19 +346,24 @@ def _softmax_curvature(first: Tensor, leaf: Tensor, class_dim: int, generator: t
     cross-entropy, whatever its labels, smoothing, class weights or reduction.
 
     Two Hessian-vector products of the loss. A unit vector at each position's most probable
-    class ``m`` reads ``a_r`` off the entry of its next most probable class ``j``,
-    ``(H e_m)_j = -a_r p_m p_j``: a product, free of the cancellation in the diagonal
-    ``p_m (1 - p_m)``, which near a saturated softmax rounds to more than its value. A Gaussian
-    probe ``v`` then checks the whole block-diagonal structure, against the rounding of the two
-    terms ``a_r p_r * v_r`` and ``a_r p_r (p_r . v_r)`` whose difference ``H v`` is (a different
-    Hessian fails it with probability one).
+    class ``m`` gives ``H e_m``, whose entries off ``m`` are the products ``-a_r p_m p_c``, free
+    of the cancellation in the diagonal ``p_m (1 - p_m)``, which near a saturated softmax rounds
+    to more than its value: ``a_r`` is read off the next most probable class's entry, and every
+    other entry whose ``p_c`` is representable must agree with it to rounding, relative to its
+    own size (a weight read off a product of vanishing probabilities, where the Hessian is not of
+    this form, fails there). Where a saturated position has no second entry to agree (two
+    classes) the structure is not established. A Gaussian probe ``v`` then checks the whole
+    block-diagonal structure, against the rounding of the two terms ``a_r p_r * v_r`` and
+    ``a_r p_r (p_r . v_r)`` whose difference ``H v`` is, since near saturation ``H v`` itself is
+    smaller than that rounding (a different Hessian fails it with probability one).
 
     Returns:
         ``p`` and ``a`` with the class dimension last (``[n, ..., C]``, ``[n, ...]``), and the
-        probe's mismatch relative to those terms.
+        larger of the relative mismatches (infinite where the structure is not established).
     """
     probs = torch.softmax(leaf.detach().to(torch.float64), dim=class_dim).movedim(class_dim, -1)
-    if probs.shape[-1] < 2:
+    classes = probs.shape[-1]
+    if classes < 2:
         return probs, torch.zeros(probs.shape[:-1], dtype=torch.float64), math.inf
     top = probs.topk(2, dim=-1)
     unit = torch.zeros_like(probs).scatter_(-1, top.indices[..., :1], 1.0)
@@ -368,14 +373,25 @@ def _softmax_curvature(first: Tensor, leaf: Tensor, class_dim: int, generator: t
     if products is None:
         products = torch.zeros_like(vectors)
     products = products.to(torch.float64).movedim(class_dim + 1, -1)
-    pair = top.values[..., 0] * top.values[..., 1]
+    largest = top.values[..., :1]
+    pair = largest[..., 0] * top.values[..., 1]
     read = products[0].gather(-1, top.indices[..., 1:]).squeeze(-1)
     weights = torch.where(pair > 0, -read / pair.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    # Every off-m entry whose probability the outputs' dtype represents well: -a p_m p_c.
+    predicted = -weights[..., None] * largest * probs
+    usable = (probs >= math.sqrt(torch.finfo(leaf.dtype).tiny)) & (unit == 0)
+    usable &= predicted != 0
+    entry_error = torch.where(usable, (products[0] - predicted).abs()
+                              / predicted.abs().clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    resolved = largest[..., 0] * (1 - largest[..., 0]) >= math.sqrt(torch.finfo(leaf.dtype).eps)
+    unchecked = (weights > 0) & (usable.sum(-1) < 2) & ~resolved
+    if bool(unchecked.any()):
+        return probs, weights, math.inf
     scaled = weights[..., None] * probs * probe
     shifted = weights[..., None] * probs * (probs * probe).sum(-1, keepdim=True)
     terms = float(scaled.norm()) + float(shifted.norm())
     mismatch = float((products[1] - (scaled - shifted)).norm()) / max(terms, 1e-300)
-    return probs, weights, mismatch
+    return probs, weights, max(mismatch, float(entry_error.amax()) if entry_error.numel() else 0.0)
 
 
 def _softmax_structure(first: Tensor, leaf: Tensor, generator: torch.Generator
