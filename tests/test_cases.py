@@ -850,6 +850,24 @@ def test_ggn_of_confident_per_token_logits_matches_the_reference():
     assert _softmax_curvature(first, leaf, 1, torch.Generator().manual_seed(0))[2] < 1e-10
 
 
+def test_softmax_ggn_has_c_minus_one_columns_per_position():
+    """The softmax's shift direction carries no curvature: its column is left out by
+    construction (the blocks are factored orthogonally to it), not by a rounding threshold that
+    every one of the samples' computed null eigenvalues must stay under; one more column per
+    position would make the benchmark MLP's Gram 5120 instead of 4608 (1.4x the eigen-solve)."""
+    from hessrank.curvature.loss import ggn_cotangents
+
+    g = _seeded(3)
+    logits = torch.randn(512, 10, generator=g)
+    labels = torch.randint(0, 10, (512,), generator=g)
+    columns = ggn_cotangents(CE, logits, labels, torch.Generator().manual_seed(0))
+    assert columns.shape == (9, 512, 10)
+    tokens = ggn_cotangents(CE, torch.randn(8, 10, 3, generator=g),
+                            torch.randint(0, 10, (8, 3), generator=g),
+                            torch.Generator().manual_seed(0))
+    assert tokens.shape == (27, 8, 10, 3)
+
+
 def test_softmax_curvature_is_recognised_near_saturation():
     """The softmax cross-entropy's weight ``a_r`` (here the mean's 1/n) is read off an entry free
     of cancellation; reading it off the diagonal made the Monte-Carlo GGN refuse confident

@@ -309,10 +309,12 @@ def _softmax_factors(probs: Tensor, weights: Tensor, class_dim: int, outputs: Te
     position ``r`` (``probs`` ``[n, ..., C]`` and ``weights`` ``[n, ...]`` with the class
     dimension last), formed and factored in float64 position by position.
 
-    The diagonal ``p_c - p_c^2`` of a block near a saturated softmax rounds to about ``eps p_c``
-    while its value may be far smaller, so a block's eigenvalues within ``C eps a_r max_c p_rc``
-    of zero are rounding, not curvature, and are set to zero (the formula is positive
-    semi-definite). Columns zero for every sample (the softmax's shift direction) are dropped.
+    Each block is factored on the ``C - 1`` directions orthogonal to the softmax's shift
+    direction ``1``, its exact null vector, so that ``C' <= (C - 1)`` per position whatever the
+    rounding. The diagonal ``p_c - p_c^2`` of a block near a saturated softmax rounds to about
+    ``eps p_c`` while its value may be far smaller, so a block's eigenvalues within
+    ``C eps a_r max_c p_rc`` of zero are rounding, not curvature, and are set to zero (the formula
+    is positive semi-definite). Columns zero for every sample are dropped.
 
     Raises:
         ValueError: the curvature is zero at every position of every sample.
@@ -320,20 +322,24 @@ def _softmax_factors(probs: Tensor, weights: Tensor, class_dim: int, outputs: Te
     n, classes = probs.shape[0], probs.shape[-1]
     blocks = weights[..., None, None] * (torch.diag_embed(probs)
                                          - probs[..., :, None] * probs[..., None, :])
-    eigenvalues, eigenvectors = torch.linalg.eigh(blocks)  # [n, ..., C], [n, ..., C, C]
+    ones = torch.full((classes, 1), classes ** -0.5, dtype=torch.float64, device=probs.device)
+    completed = torch.cat([ones, torch.eye(classes, dtype=torch.float64, device=probs.device)], 1)
+    shift_free = torch.linalg.qr(completed).Q[:, 1:]  # [C, C - 1], orthonormal, orthogonal to 1
+    eigenvalues, eigenvectors = torch.linalg.eigh(shift_free.T @ blocks @ shift_free)
     rounding = classes * torch.finfo(torch.float64).eps * weights * probs.amax(dim=-1)
     eigenvalues = torch.where(eigenvalues > rounding[..., None], eigenvalues, 0.0)
     if not bool((eigenvalues > 0).any()):
         raise _vanishing_curvature_error(outputs.dtype)
-    factors = (eigenvectors * eigenvalues.sqrt().unsqueeze(-2)).reshape(
-        n, -1, classes, classes)  # [n, R, entries, k]
+    width = classes - 1
+    factors = (shift_free @ eigenvectors * eigenvalues.sqrt().unsqueeze(-2)).reshape(
+        n, -1, classes, width)  # [n, R, entries, k]
     positions = factors.shape[1]
     # column (r, k) holds factor k of position r at position r and zeros elsewhere
-    columns = torch.zeros(positions, classes, n, positions, classes, dtype=torch.float64,
+    columns = torch.zeros(positions, width, n, positions, classes, dtype=torch.float64,
                           device=probs.device)
     index = torch.arange(positions, device=probs.device)
     columns[index, :, :, index, :] = factors.permute(1, 3, 0, 2)
-    columns = columns.reshape(positions * classes, n, positions, classes)
+    columns = columns.reshape(positions * width, n, positions, classes)
     keep = columns.flatten(1).abs().amax(dim=1) > 0
     columns = columns[keep].reshape(-1, n, *probs.shape[1:])
     return columns.movedim(-1, class_dim + 1).to(outputs.dtype).contiguous()
