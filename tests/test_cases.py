@@ -884,12 +884,14 @@ def test_softmax_curvature_is_recognised_near_saturation():
     assert any("Monte-Carlo GGN" in note for note in result.notes)
 
 
-def test_ggn_of_a_trained_float32_network():
+@pytest.mark.parametrize("classes", [3, 2])
+def test_ggn_of_a_trained_float32_network(classes: int):
     """A float32 MLP trained to a small loss (probabilities above 0.99): ggn runs and agrees with
-    the float64 reference of the same weights."""
+    the float64 reference of the same weights. With two classes the weight's confirmation comes
+    from the second class's own products (its diagonal ``p_j (1 - p_j)`` does not cancel)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    x, y = _mlp_batch(16, 4)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, classes))
+    x, y = _mlp_batch(16, 4, classes)
     x32 = x.float()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(400):

@@ -351,53 +351,49 @@ def _softmax_curvature(first: Tensor, leaf: Tensor, class_dim: int, generator: t
     (``p_r`` the softmax of the outputs over ``class_dim``): the curvature of a softmax
     cross-entropy, whatever its labels, smoothing, class weights or reduction.
 
-    Two Hessian-vector products of the loss. A unit vector at each position's most probable
-    class ``m`` gives ``H e_m``, whose entries off ``m`` are the products ``-a_r p_m p_c``, free
-    of the cancellation in the diagonal ``p_m (1 - p_m)``, which near a saturated softmax rounds
-    to more than its value: ``a_r`` is read off the next most probable class's entry, and every
-    other entry whose ``p_c`` is representable must agree with it to rounding, relative to its
-    own size (a weight read off a product of vanishing probabilities, where the Hessian is not of
-    this form, fails there). Where a saturated position has no second entry to agree (two
-    classes) the structure is not established. A Gaussian probe ``v`` then checks the whole
-    block-diagonal structure, against the rounding of the two terms ``a_r p_r * v_r`` and
-    ``a_r p_r (p_r . v_r)`` whose difference ``H v`` is, since near saturation ``H v`` itself is
-    smaller than that rounding (a different Hessian fails it with probability one).
+    Three Hessian-vector products of the loss, none read where it cancels: near a saturated
+    softmax the diagonal entry ``p_m (1 - p_m)`` of the most probable class ``m`` rounds to more
+    than its value. A unit vector at ``m`` reads ``a_r`` off the entry of the next most probable
+    class ``j``, the product ``(H e_m)_j = -a_r p_m p_j``. A unit vector at ``j`` must then give
+    ``a_r p_j (e_j - p_r)`` in every entry whose ``p_c`` the outputs' dtype represents, each to
+    rounding relative to its own size (``p_j <= 1/2``, so ``1 - p_j`` does not cancel either): a
+    weight read off a product of vanishing probabilities where the Hessian is not of this form
+    fails there. A Gaussian probe ``v`` then checks the whole block-diagonal structure, against
+    the rounding of the two terms ``a_r p_r * v_r`` and ``a_r p_r (p_r . v_r)`` whose difference
+    ``H v`` is, since near saturation ``H v`` itself is smaller than that rounding (a different
+    Hessian fails it with probability one). Positions whose ``p_j`` the dtype does not represent
+    carry no curvature it can resolve: their weight is 0.
 
     Returns:
         ``p`` and ``a`` with the class dimension last (``[n, ..., C]``, ``[n, ...]``), and the
-        larger of the relative mismatches (infinite where the structure is not established).
+        larger of the relative mismatches.
     """
     probs = torch.softmax(leaf.detach().to(torch.float64), dim=class_dim).movedim(class_dim, -1)
-    classes = probs.shape[-1]
-    if classes < 2:
+    if probs.shape[-1] < 2:
         return probs, torch.zeros(probs.shape[:-1], dtype=torch.float64), math.inf
     top = probs.topk(2, dim=-1)
-    unit = torch.zeros_like(probs).scatter_(-1, top.indices[..., :1], 1.0)
+    first_class = torch.zeros_like(probs).scatter_(-1, top.indices[..., :1], 1.0)
+    second_class = torch.zeros_like(probs).scatter_(-1, top.indices[..., 1:], 1.0)
     probe = torch.randn(probs.shape, generator=generator, dtype=torch.float64).to(probs.device)
-    vectors = torch.stack([unit, probe]).movedim(-1, class_dim + 1).to(leaf.dtype)
-    products = _loss_hessian_products(first, leaf, vectors)
+    vectors = torch.stack([first_class, second_class, probe]).movedim(-1, class_dim + 1)
+    products = _loss_hessian_products(first, leaf, vectors.to(leaf.dtype))
     if products is None:
         products = torch.zeros_like(vectors)
     products = products.to(torch.float64).movedim(class_dim + 1, -1)
-    largest = top.values[..., :1]
-    pair = largest[..., 0] * top.values[..., 1]
+    representable = math.sqrt(torch.finfo(leaf.dtype).tiny)
+    p_m, p_j = top.values[..., 0], top.values[..., 1]
     read = products[0].gather(-1, top.indices[..., 1:]).squeeze(-1)
-    weights = torch.where(pair > 0, -read / pair.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    # Every off-m entry whose probability the outputs' dtype represents well: -a p_m p_c.
-    predicted = -weights[..., None] * largest * probs
-    usable = (probs >= math.sqrt(torch.finfo(leaf.dtype).tiny)) & (unit == 0)
-    usable &= predicted != 0
-    entry_error = torch.where(usable, (products[0] - predicted).abs()
+    weights = torch.where(p_j >= representable, -read / (p_m * p_j).clamp_min(
+        torch.finfo(torch.float64).tiny), 0.0)
+    predicted = weights[..., None] * p_j[..., None] * (second_class - probs)
+    usable = (probs >= representable) & (predicted != 0)
+    entry_error = torch.where(usable, (products[1] - predicted).abs()
                               / predicted.abs().clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    resolved = largest[..., 0] * (1 - largest[..., 0]) >= math.sqrt(torch.finfo(leaf.dtype).eps)
-    unchecked = (weights > 0) & (usable.sum(-1) < 2) & ~resolved
-    if bool(unchecked.any()):
-        return probs, weights, math.inf
     scaled = weights[..., None] * probs * probe
     shifted = weights[..., None] * probs * (probs * probe).sum(-1, keepdim=True)
     terms = float(scaled.norm()) + float(shifted.norm())
-    mismatch = float((products[1] - (scaled - shifted)).norm()) / max(terms, 1e-300)
-    return probs, weights, max(mismatch, float(entry_error.amax()) if entry_error.numel() else 0.0)
+    mismatch = float((products[2] - (scaled - shifted)).norm()) / max(terms, 1e-300)
+    return probs, weights, max(mismatch, float(entry_error.amax()))
 
 
 def _softmax_structure(first: Tensor, leaf: Tensor, generator: torch.Generator
