@@ -5,7 +5,7 @@ Both matrices are ``F F^T`` with columns ``J_i^T s_ik``: the vector-Jacobian pro
 ``[K, n, *output_shape]``, from the batch loss ``L(f_1, ..., f_n)`` itself; nothing about the
 loss's reduction is assumed:
 
-- **GGN** (``K = C'``): ``GGN = J^T (d^2 L / df^2) J``. Where two Hessian-vector products of
+- **GGN** (``K = C'``): ``GGN = J^T (d^2 L / df^2) J``. Where three Hessian-vector products of
   the loss *verify* that its curvature is a softmax cross-entropy's, ``a_r (diag(p_r) -
   p_r p_r^T)`` at every position (labels, smoothing, class weights, ``ignore_index`` and the
   reduction only set ``a_r``, which is read off the loss), the blocks are formed from that formula
