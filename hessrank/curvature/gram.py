@@ -577,21 +577,21 @@ def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float
 
 
 class _LowerPrecision(TorchFunctionMode):
-    """Records the first operation whose floating result has fewer digits than ``dtype``, the
-    module it ran in (``stack``: the names of the modules whose forward is running) and that
-    result's dtype."""
+    """Records the first operation whose floating result has fewer digits than ``dtype``: where
+    it ran (``found``; ``stack`` holds the names of the modules whose forward is running) and that
+    result's dtype (``dtype``; None while nothing was found)."""
 
     def __init__(self, dtype: torch.dtype, stack: list[str]) -> None:
         super().__init__()
         self.eps = torch.finfo(dtype).eps
         self.stack = stack
-        self.found: str | None = None
+        self.found = ""
         self.dtype: torch.dtype | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         result = func(*args, **(kwargs or {}))
-        if self.found is None:
+        if self.dtype is None:
             values = result if isinstance(result, (tuple, list)) else (result,)
             for value in values:
                 if (isinstance(value, Tensor) and value.is_floating_point()
@@ -635,8 +635,7 @@ def _lower_precision_cause(problem: CurvatureProblem, error: float) -> str:
     finally:
         for handle in handles:
             handle.remove()
-    if watcher.found is None or watcher.dtype is None or (
-            error > agreement_tolerance(watcher.dtype)):
+    if watcher.dtype is None or error > agreement_tolerance(watcher.dtype):
         return ""
     return (f"the model computes at a lower precision than its float64 parameters (first: "
             f"{watcher.found}), so its per-sample and batch computations agree only to that "

@@ -193,6 +193,22 @@ def _loss_gradient(loss_fn: LossFn, leaf: Tensor, targets: Tensor) -> Tensor | N
     return first if first is not None and first.requires_grad else None
 
 
+def _curvature_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+    """The outputs as a leaf and the loss's gradient there, with its graph (for the GGN's
+    Hessian-vector products of the loss).
+
+    Raises:
+        ValueError: the loss is linear in the outputs (its GGN is zero), or cannot be
+            differentiated w.r.t. them.
+    """
+    leaf = outputs.detach().requires_grad_(True)
+    first = _loss_gradient(loss_fn, leaf, targets)
+    if first is None:
+        raise _linear_loss_error()
+    return leaf, first
+
+
 def _linear_loss_error() -> ValueError:
     return ValueError(
         "the loss is linear in the model's outputs (e.g. nn.NLLLoss after a LogSoftmax inside "
@@ -248,13 +264,10 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             differentiated twice.
     """
     n = outputs.shape[0]
-    leaf = outputs.detach().requires_grad_(True)
-    first = _loss_gradient(loss_fn, leaf, targets)
-    if first is None:
-        raise _linear_loss_error()
+    leaf, first = _curvature_gradient(loss_fn, outputs, targets)
     class_dim, probs, weights, _ = _softmax_structure(first, leaf, generator)
     if class_dim is not None:
-        return _softmax_factors(probs, weights, class_dim, outputs)
+        return _softmax_factors(probs, weights, class_dim, outputs.dtype)
     found = output_hessian_blocks(first, leaf, generator)
     if found is None:
         raise _linear_loss_error()
@@ -303,11 +316,12 @@ def _vanishing_curvature_error(dtype: torch.dtype) -> ValueError:
         "'lanczos'" + ("" if dtype == torch.float64 else ", or a float64 copy of the model"))
 
 
-def _softmax_factors(probs: Tensor, weights: Tensor, class_dim: int, outputs: Tensor
+def _softmax_factors(probs: Tensor, weights: Tensor, class_dim: int, dtype: torch.dtype
                      ) -> Tensor:
     """``[C', n, *out]``: square-root factors of ``a_r (diag(p_r) - p_r p_r^T)`` at every
     position ``r`` (``probs`` ``[n, ..., C]`` and ``weights`` ``[n, ...]`` with the class
-    dimension last), formed and factored in float64 position by position.
+    dimension last), formed and factored in float64 position by position, returned in
+    ``dtype`` (the outputs').
 
     Each block is factored on the ``C - 1`` directions orthogonal to the softmax's shift
     direction ``1``, its exact null vector, so that ``C' <= (C - 1)`` per position whatever the
@@ -329,7 +343,7 @@ def _softmax_factors(probs: Tensor, weights: Tensor, class_dim: int, outputs: Te
     rounding = classes * torch.finfo(torch.float64).eps * weights * probs.amax(dim=-1)
     eigenvalues = torch.where(eigenvalues > rounding[..., None], eigenvalues, 0.0)
     if not bool((eigenvalues > 0).any()):
-        raise _vanishing_curvature_error(outputs.dtype)
+        raise _vanishing_curvature_error(dtype)
     width = classes - 1
     factors = (shift_free @ eigenvectors * eigenvalues.sqrt().unsqueeze(-2)).reshape(
         n, -1, classes, width)  # [n, R, entries, k]
@@ -342,7 +356,7 @@ def _softmax_factors(probs: Tensor, weights: Tensor, class_dim: int, outputs: Te
     columns = columns.reshape(positions * width, n, positions, classes)
     keep = columns.flatten(1).abs().amax(dim=1) > 0
     columns = columns[keep].reshape(-1, n, *probs.shape[1:])
-    return columns.movedim(-1, class_dim + 1).to(outputs.dtype).contiguous()
+    return columns.movedim(-1, class_dim + 1).to(dtype).contiguous()
 
 
 def _softmax_curvature(first: Tensor, leaf: Tensor, class_dim: int, generator: torch.Generator
@@ -402,9 +416,9 @@ def _softmax_structure(first: Tensor, leaf: Tensor, generator: torch.Generator
     softmax cross-entropy's with non-negative weights, not all zero (:func:`_softmax_curvature`),
     with ``p`` and ``a``; ``None`` and the mismatches measured where no dimension, or where both,
     pass. A loss linear in the outputs, or a softmax saturated at every position, has no weight
-    to read. Near saturation a dimension that is not the class dimension can pass the check with
-    weights read off products of vanishing probabilities (``[n, C, T]`` logits): both passing is
-    ambiguous, and the caller differentiates the blocks instead."""
+    to read. Both passing is ambiguous (the check's confirmation of the weight rejects a
+    dimension that is not the class dimension; this is the safeguard behind it), and the caller
+    differentiates the blocks instead."""
     tolerance = agreement_tolerance(leaf.dtype) * math.sqrt(leaf[0].numel())
     mismatches = []
     passing = []
@@ -439,10 +453,7 @@ def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samp
         ValueError: the loss is linear in the outputs, or its curvature is not a softmax
             cross-entropy's (use the exact GGN).
     """
-    leaf = outputs.detach().requires_grad_(True)
-    first = _loss_gradient(loss_fn, leaf, targets)
-    if first is None:
-        raise _linear_loss_error()
+    leaf, first = _curvature_gradient(loss_fn, outputs, targets)
     class_dim, probs, weights, mismatches = _softmax_structure(first, leaf, generator)
     if class_dim is None:
         raise ValueError(
