@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hessrank.curvature.hessian import HessianOperator
+from hessrank.curvature.hessian import HessianOperator, check_symmetric
 from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum, positive_int, register
 from hessrank.problem import CurvatureProblem
 from hessrank.ranks import default_rtol
@@ -61,6 +61,11 @@ class LanczosEstimator(Estimator):
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         """The matrix-free operator of this estimator's curvature source on one batch."""
 
+    def verify(self, operator: SymmetricOperator, settings: Settings) -> int:
+        """Check what the source's operator cannot guarantee by construction, before the run;
+        returns the products spent (none here: factor operators are symmetric by form)."""
+        return 0
+
     def data_operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         """The operator on the problem's batch, or summed over a data set's batches."""
         return operator_over(problem, lambda batch: self.operator(batch, settings))
@@ -85,6 +90,7 @@ class LanczosEstimator(Estimator):
         # its graph (a data set's operators build theirs batch by batch: not measured here), and
         # as much again for a product's backward pass through it
         self.check_refined(2 * getattr(operator, "graph_bytes", 0), problem, settings)
+        checks = self.verify(operator, settings)
         steps = options.steps(operator.dim)
         # The basis is float32: products are no more precise than that.
         eps = max(float(torch.finfo(operator.dtype).eps), float(torch.finfo(BASIS_DTYPE).eps))
@@ -95,7 +101,8 @@ class LanczosEstimator(Estimator):
                                       basis_dtype=BASIS_DTYPE, rtol=rtol)
         return Spectrum(result.eigenvalues, self.backend, max_rank=operator.dim,
                         weights=result.weights, ritz_values=result.ritz_values,
-                        rank_interval=result.rank_interval, num_hvps=result.num_products,
+                        rank_interval=result.rank_interval,
+                        num_hvps=result.num_products + checks,
                         eps=eps, notes=result.notes)
 
     backend = "autograd"
@@ -111,3 +118,9 @@ class Lanczos(LanczosEstimator):
 
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         return HessianOperator(problem)
+
+    def verify(self, operator: SymmetricOperator, settings: Settings) -> int:
+        """Two products verify the Hessian-vector products symmetric (:func:`check_symmetric`):
+        a wrong second derivative in the model would otherwise pass through the run unseen."""
+        check_symmetric(operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77))
+        return 2
