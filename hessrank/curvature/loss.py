@@ -255,8 +255,9 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
 
     A softmax cross-entropy's curvature (verified, :func:`_softmax_structure`) is factored from
     its formula, ``a_r (diag(p_r) - p_r p_r^T)`` per position, formed in float64; any other
-    loss's blocks come from Hessian-vector products (:func:`output_hessian_blocks`). Eigenvalues
-    of a block below the rounding of its entries are zero; more negative ones are refused.
+    loss's blocks come from Hessian-vector products (:func:`output_hessian_blocks`), each
+    factored with its diagonal scaled to one: eigenvalues of that scaled block below the
+    rounding of its entries are zero, more negative ones are refused.
 
     Raises:
         ValueError: the loss is linear in the outputs (zero GGN), its curvature vanishes at these
@@ -277,8 +278,18 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         if _curved_elsewhere(loss_fn, leaf, targets, generator):
             raise _vanishing_curvature_error(outputs.dtype)
         raise _linear_loss_error()
-    eigenvalues, eigenvectors = torch.linalg.eigh(blocks)
-    largest = eigenvalues.abs().amax().clamp_min(torch.finfo(torch.float64).tiny)
+    # Each block is solved with its diagonal scaled to one, B = S M S (S = diag(sqrt|B_cc|)):
+    # entries of one block, like blocks of different samples, differ in size by any factor (a
+    # confidently wrong output's curvature may be 1e20 times its neighbours', with a Jacobian
+    # that much smaller), and rounding of the large ones must not set the small ones' zero. M's
+    # entries are exact to rounding of themselves, so its eigenvalues within C eps of its largest
+    # are rounding; B = (S V sqrt(Lambda)) (S V sqrt(Lambda))^T.
+    diagonal = blocks.diagonal(dim1=-2, dim2=-1).abs()
+    scale = torch.where(diagonal > 0, diagonal.sqrt(), 1.0)
+    scaled = blocks / (scale[:, :, None] * scale[:, None, :])
+    eigenvalues, eigenvectors = torch.linalg.eigh(scaled)
+    largest = eigenvalues.abs().amax(dim=-1, keepdim=True).clamp_min(
+        torch.finfo(torch.float64).tiny)
     zero = eigenvalues.shape[-1] * torch.finfo(outputs.dtype).eps * largest
     if (eigenvalues < -zero).any():
         raise ValueError(
@@ -287,7 +298,8 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             "method='exact' or 'lanczos'"
         )
     eigenvalues = torch.where(eigenvalues > zero, eigenvalues, torch.zeros_like(eigenvalues))
-    factors = eigenvectors * eigenvalues.sqrt().unsqueeze(1)  # [n, C, C], column k = s_ik
+    # [n, C, C], column k = s_ik
+    factors = scale[:, :, None] * eigenvectors * eigenvalues.sqrt().unsqueeze(1)
     keep = (eigenvalues > 0).any(dim=0)
     factors = factors[:, :, keep]
     return factors.permute(2, 0, 1).reshape(-1, n, *outputs.shape[1:]).to(outputs.dtype)
@@ -325,23 +337,31 @@ def _softmax_factors(probs: Tensor, weights: Tensor, class_dim: int, dtype: torc
 
     Each block is factored on the ``C - 1`` directions orthogonal to the softmax's shift
     direction ``1``, its exact null vector, so that ``C' <= (C - 1)`` per position whatever the
-    rounding. The diagonal ``p_c - p_c^2`` of a block near a saturated softmax rounds to about
-    ``eps p_c`` while its value may be far smaller, so a block's eigenvalues within
-    ``C eps a_r max_c p_rc`` of zero are rounding, not curvature, and are set to zero (the formula
-    is positive semi-definite). Columns zero for every sample are dropped.
+    rounding. Every entry is formed without cancellation: the diagonal ``p_c (1 - p_c)`` as
+    ``p_c`` times the sum of the other classes' probabilities (prefix and suffix sums, no
+    subtraction), since near a saturated softmax ``p_m - p_m^2`` rounds to about ``eps p_m``
+    while its value ``p_m sum_{c != m} p_c`` may be far smaller (and ``a_r`` then far larger:
+    two outputs scored by any convex function of their difference have this curvature with
+    ``a_r = h'' / (p_1 p_2)``). Each entry is thus exact to a few roundings of itself, and a
+    block's eigenvalues within ``C eps`` of its largest are rounding, set to zero (the formula is
+    positive semi-definite). Columns zero for every sample are dropped.
 
     Raises:
         ValueError: the curvature is zero at every position of every sample.
     """
     n, classes = probs.shape[0], probs.shape[-1]
-    blocks = weights[..., None, None] * (torch.diag_embed(probs)
-                                         - probs[..., :, None] * probs[..., None, :])
+    zero = probs.new_zeros(probs.shape[:-1] + (1,))
+    before = torch.cat([zero, probs.cumsum(-1)[..., :-1]], -1)
+    after = torch.cat([probs.flip(-1).cumsum(-1).flip(-1)[..., 1:], zero], -1)
+    blocks = -weights[..., None, None] * probs[..., :, None] * probs[..., None, :]
+    blocks.diagonal(dim1=-2, dim2=-1).copy_(weights[..., None] * probs * (before + after))
     ones = torch.full((classes, 1), classes ** -0.5, dtype=torch.float64, device=probs.device)
     completed = torch.cat([ones, torch.eye(classes, dtype=torch.float64, device=probs.device)], 1)
     shift_free = torch.linalg.qr(completed).Q[:, 1:]  # [C, C - 1], orthonormal, orthogonal to 1
     eigenvalues, eigenvectors = torch.linalg.eigh(shift_free.T @ blocks @ shift_free)
-    rounding = classes * torch.finfo(torch.float64).eps * weights * probs.amax(dim=-1)
-    eigenvalues = torch.where(eigenvalues > rounding[..., None], eigenvalues, 0.0)
+    rounding = classes * torch.finfo(torch.float64).eps * eigenvalues.abs().amax(
+        dim=-1, keepdim=True)
+    eigenvalues = torch.where(eigenvalues > rounding, eigenvalues, 0.0)
     if not bool((eigenvalues > 0).any()):
         raise _vanishing_curvature_error(dtype)
     width = classes - 1
@@ -423,7 +443,7 @@ def _softmax_structure(first: Tensor, leaf: Tensor, generator: torch.Generator
     mismatches = []
     passing = []
     for class_dim in dict.fromkeys([leaf.dim() - 1, 1]):
-        if class_dim < 1:
+        if not 1 <= class_dim < leaf.dim():  # outputs [n] have no class dimension
             continue
         probs, weights, mismatch = _softmax_curvature(first, leaf, class_dim, generator)
         mismatches.append(f"{mismatch:.1e} over dimension {class_dim}")
