@@ -10,6 +10,7 @@ line built on it can handle Ctrl-C while torch loads.
 from __future__ import annotations
 
 import importlib
+import random
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -63,7 +64,14 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name in _HOMES:
-        value = getattr(importlib.import_module(_HOMES[name]), name)
+        # The first use loads torch, rich and the rest, typically after the caller has seeded
+        # its generators: rich draws from Python's global one when imported, so its state is
+        # put back (a training loop must not change with hessrank in it).
+        state = random.getstate()
+        try:
+            value = getattr(importlib.import_module(_HOMES[name]), name)
+        finally:
+            random.setstate(state)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'hessrank' has no attribute {name!r}")

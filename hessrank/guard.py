@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import operator
+import random
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -53,9 +57,11 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     Covers, for every submodule: the ``training`` flag (restored as an attribute, never through
     ``train()``), the hook dictionaries, the parameter and buffer *registrations* (so a buffer that
     forward rebinds, ``self.steps = self.steps + 1``, and a parameter that a functional call left
-    swapped come back as the caller's objects), buffer values (copied back in place), and for
-    every parameter ``requires_grad`` and ``.grad`` (the same tensor objects); plus the global CPU
-    and CUDA random number generator states. The restore runs with Ctrl-C held back, so it is
+    swapped come back as the caller's objects), buffers (the call runs on copies; values written
+    through another reference are copied back in place), and for
+    every parameter ``requires_grad`` and ``.grad`` (the same tensor objects); plus the global
+    random number generators: torch's CPU and CUDA ones, Python's and NumPy's (a forward may
+    draw from any of them). The restore runs with Ctrl-C held back, so it is
     atomic. Parameter values are not copied: hessrank writes them only through
     :func:`renormalised_embeddings`, which restores what it wrote itself.
     """
@@ -70,8 +76,18 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
         requires_grad = [p.requires_grad for p in parameters]
         grads = [p.grad for p in parameters]
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        # The call's forward passes see copies of the buffers: a training-mode BatchNorm's
+        # running statistics or a counter updated in place then leave the caller's tensors
+        # untouched, version counters included (a graph the caller still holds, which saved a
+        # buffer, must stay differentiable).
+        copies: dict[int, Tensor] = {}
+        for module in modules:
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = copies.setdefault(id(buffer), buffer.detach().clone())
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        python_rng, numpy_rng = random.getstate(), np.random.get_state()
     try:
         yield
     finally:
@@ -90,13 +106,15 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             for param, flag, grad in zip(parameters, requires_grad, grads):
                 param.requires_grad_(flag)
                 param.grad = grad
-            with torch.no_grad():
+            with torch.no_grad():  # a buffer written through another reference than its module
                 for buffer, value in buffers:
                     if not torch.equal(buffer, value):
                         buffer.copy_(value)
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
+            random.setstate(python_rng)
+            np.random.set_state(numpy_rng)
 
 
 def _restore_registry(registry: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -213,6 +231,93 @@ def backward_hooks_off(model: nn.Module) -> Iterator[list[str]]:
                 setattr(owner, attribute, value)
 
 
+#: The kernels whose float32 precision torch lets a caller lower (TF32 on a GPU, bfloat16 passes
+#: in oneDNN on a CPU): ``torch.backends.<path>.fp32_precision``.
+_PRECISION_KERNELS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv",
+                      "mkldnn.rnn")
+
+
+def _precision_settings() -> tuple[Any, ...]:
+    return tuple(operator.attrgetter(path)(torch.backends) for path in _PRECISION_KERNELS)
+
+
+@contextmanager
+def full_float32_precision() -> Iterator[None]:
+    """IEEE float32 in every matrix product, convolution and recurrent kernel inside the block;
+    the caller's settings back, exactly, on exit.
+
+    Through torch's per-kernel settings only (``torch.backends.<backend>.<op>.fp32_precision``):
+    each overrides its parents' (``torch.backends.fp32_precision``, ``cudnn.fp32_precision``),
+    and the older switches (``allow_tf32``, ``set_float32_matmul_precision``) write these same
+    settings, so a caller may have used either interface. The older ones are never called: once
+    a process has used both, torch raises on their getters ("a mix of the legacy and new APIs"),
+    and inside the block they may raise for the same reason; the per-kernel settings say what
+    the kernels do.
+    """
+    settings = _precision_settings()
+    saved = [setting.fp32_precision for setting in settings]
+    try:
+        for setting in settings:
+            setting.fp32_precision = "ieee"
+        yield
+    finally:
+        for setting, value in zip(settings, saved):
+            setting.fp32_precision = value
+
+
+@contextmanager
+def attention_fastpath_off() -> Iterator[None]:
+    """Torch's native attention inference kernels off inside the block; the setting back on
+    exit."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+@contextmanager
+def cudnn_off(off: bool) -> Iterator[None]:
+    """cuDNN off inside the block when ``off`` (its RNN kernels have no backward in evaluation
+    mode); its setting back on exit."""
+    enabled = torch._C._get_cudnn_enabled()
+    if off:
+        torch._C._set_cudnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_cudnn_enabled(enabled)
+
+
+@contextmanager
+def parametrization_cache_off() -> Iterator[list[str]]:
+    """``torch.nn.utils.parametrize.cached()`` off inside the block, its cache back on exit.
+
+    Inside ``cached()`` a parametrized weight is computed once, at its first use, and reused:
+    the graph of one forward pass then serves every later one, so the weights' gradients are
+    those of a pass made under whatever grad mode it ran in (none, after a pass without
+    gradients: a silently wrong GGN) or a graph already freed ("backward through the graph a
+    second time"). Off, every forward pass computes its weights, as outside ``cached()``.
+
+    Yields:
+        A note when the cache was on.
+    """
+    enabled = parametrize._cache_enabled
+    cache = parametrize._cache
+    if not enabled:
+        yield []
+        return
+    parametrize._cache_enabled = 0
+    parametrize._cache = {}
+    try:
+        yield ["torch.nn.utils.parametrize.cached() was turned off for the call (every forward "
+               "pass computes the parametrized weights); it is back on after"]
+    finally:
+        parametrize._cache_enabled = enabled
+        parametrize._cache = cache
+
+
 @contextmanager
 def differentiable(model: nn.Module) -> Iterator[list[str]]:
     """Kernels that differentiate ``model`` exactly, whatever the caller had set.
@@ -226,32 +331,33 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
       would otherwise run the model in bfloat16 or float16.
     - cuDNN off for a model with recurrent layers: cuDNN's RNN kernels have no backward in
       evaluation mode, torch's own CUDA kernels are twice differentiable.
+    - Torch's attention fast path off: in a forward without gradients (the predictions'
+      probing pass) ``nn.MultiheadAttention`` and the transformer layers would run native
+      inference kernels that compute differently, NaN where a query row has every key masked
+      (left padding under a causal mask) instead of the differentiable path's zeros.
     - Embeddings with ``max_norm`` as pure lookups (:func:`renormalised_embeddings`).
     - The caller's backward hooks off (:func:`backward_hooks_off`).
+    - ``torch.nn.utils.parametrize.cached()`` off (:func:`parametrization_cache_off`).
 
     The caller's settings, hooks and parameter values return on exit.
 
     Yields:
         Notes for the result (embedding rows that a forward would rescale, hooks not run).
     """
-    cudnn = torch.backends.cudnn
     recurrent = any(isinstance(module, nn.RNNBase) for module in model.modules())
     devices = {"cpu", "cuda", *(p.device.type for p in model.parameters())}
-    matmul_precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with (
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            cudnn.flags(enabled=cudnn.enabled and not recurrent, benchmark=cudnn.benchmark,
-                        deterministic=cudnn.deterministic, allow_tf32=False),
-            ExitStack() as autocast_off,
-            renormalised_embeddings(model) as notes,
-            backward_hooks_off(model) as hook_notes,
-        ):
-            for device in sorted(devices):
-                if torch.is_autocast_enabled(device):
-                    autocast_off.enter_context(torch.autocast(device, enabled=False))
-            yield notes + hook_notes
-    finally:
-        torch.set_float32_matmul_precision(matmul_precision)
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        attention_fastpath_off(),
+        full_float32_precision(),
+        cudnn_off(recurrent),
+        ExitStack() as autocast_off,
+        renormalised_embeddings(model) as notes,
+        backward_hooks_off(model) as hook_notes,
+        parametrization_cache_off() as cache_notes,
+    ):
+        for device in sorted(devices):
+            if torch.is_autocast_enabled(device):
+                autocast_off.enter_context(torch.autocast(device, enabled=False))
+        yield notes + hook_notes + cache_notes

@@ -451,7 +451,8 @@ class Tracker:
             if method not in self.methods:
                 raise ValueError(f"{method!r} is not one of this tracker's methods {self.methods}")
         index = max(self._next_step - 1, 0) if step is None else step
-        batch = tuple(batch)  # a DataLoader's [inputs, targets] list
+        if isinstance(batch, list):  # a DataLoader's batch, [inputs, targets]
+            batch = tuple(batch)
         start = self._clock()
         try:
             return [self._measure_one(method, batch, index) for method in chosen]

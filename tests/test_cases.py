@@ -6,6 +6,7 @@ hessrank v1; each one exercises a class of module or loss that a fast path must 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,7 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import Conv1D, assert_spectra_close, eigenvalues_by_magnitude, flat_gradient
+from reference import (
+    Conv1D,
+    assert_spectra_close,
+    eigenvalues_by_magnitude,
+    flat_gradient,
+    reference_hessian,
+)
 from torch import Tensor, nn
 
 import hessrank
@@ -1079,3 +1086,173 @@ def test_case_on_cuda_matches_cpu_reference(case: Case, method: str):
     if method in ("fisher", "ggn"):
         for name, path in case.paths.items():
             assert result.paths[name] == path, (name, result.paths)
+
+
+# ------------------------------------------------------------------------------------------------
+# second derivatives torch gets wrong, parametrizations, graded output curvature
+# ------------------------------------------------------------------------------------------------
+
+def _weight_normed(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    if kind == "parametrizations.weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(model[0])
+    else:
+        with warnings.catch_warnings():  # deprecated, still in use
+            warnings.simplefilter("ignore")
+            torch.nn.utils.weight_norm(model[0])
+    return model
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+@pytest.mark.parametrize("kind", ["parametrizations.weight_norm", "nn.utils.weight_norm"])
+def test_weight_norm_hessian_matches_finite_differences(kind, method):
+    """torch 2.14.1's double backward of its fused weight-norm kernel is wrong (its Hessian is
+    not even symmetric); hessrank differentiates the same function written out. The reference is
+    finite differences of first derivatives, which that kernel gets right (a double-backprop
+    reference would share the bug)."""
+    model = _weight_normed(kind)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    reference = eigenvalues_by_magnitude(reference_hessian(model, CE, x, y, names, step=1e-4))
+    steps = {"lanczos_steps": len(reference)} if method == "lanczos" else {}
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, **steps)
+    assert_spectra_close(result.eigenvalues, reference, count=10, rtol=1e-7)
+
+
+class _DetachedProduct(torch.autograd.Function):
+    """``a * b`` whose backward uses ``b`` detached: first derivatives right, the second
+    derivative d(grad_a)/db lost while d(grad_b)/da is kept: an asymmetric 'Hessian'."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return grad * b.detach(), grad * a
+
+
+class _AsymmetricSecondDerivative(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right, self.head = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(_DetachedProduct.apply(self.left(x), self.right(x))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_a_wrong_second_derivative_is_refused(method, dtype):
+    """Hessian-vector products that are not symmetric are no Hessian's: refused, not solved."""
+    torch.manual_seed(0)
+    model = _AsymmetricSecondDerivative().to(dtype)
+    x, y = torch.randn(16, 4, dtype=dtype), torch.randint(0, 3, (16,))
+    with pytest.raises(ValueError, match="not symmetric.*method='fisher'"):
+        hessrank.effective_rank(model, CE, (x, y), method=method)
+    # the same products, written with differentiable operations, pass
+    model.forward = lambda x: model.head(torch.tanh(model.left(x) * model.right(x)))
+    hessrank.effective_rank(model, CE, (x, y), method=method)
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher", "ggn"])
+def test_calls_inside_parametrize_cached(method):
+    """Inside ``parametrize.cached()`` a parametrized weight would be computed once and its graph
+    reused by every pass (``ggn`` silently lost the weights' curvature, ``fisher`` crashed): the
+    cache is off for the call and back on after."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import orthogonal
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    orthogonal(model[0])
+    x, y = _mlp_batch(8, 4)
+    outside = hessrank.effective_rank(model, CE, (x, y), method=method)
+    with parametrize.cached():
+        inside = hessrank.effective_rank(model, CE, (x, y), method=method)
+        assert parametrize._cache_enabled == 1
+    assert any("parametrize.cached()" in note for note in inside.notes)
+    assert_spectra_close(inside.eigenvalues, outside.eigenvalues, rtol=1e-12)
+
+
+class _Squeezed(nn.Module):
+    """One output per sample, returned as ``[n]`` (binary classification, regression)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x).squeeze(-1)
+
+
+class _SigmoidOutputs(nn.Module):
+    """Three probabilities through a sigmoid inside the model; sample 0's first logit pushed to
+    ``shift`` (a confidently wrong output: huge loss curvature, tiny Jacobian)."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        self.shift = shift
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.body(x)
+        offset = torch.zeros_like(logits)
+        offset[0, 0] = self.shift - logits[0, 0].detach()
+        return torch.sigmoid(logits + offset)
+
+
+def _difference_loss(beta: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """A Bradley-Terry / DPO-style loss of two scores: convex in their difference only, so its
+    curvature has the softmax cross-entropy's form with ``a = h'' / (p_0 p_1)``."""
+    return lambda f, y: -F.logsigmoid(beta * (f[:, 0] - f[:, 1]) * (2 * y - 1)).mean()
+
+
+def _wide_gaps(scale: float) -> Callable[[], tuple[nn.Module, Tensor, Tensor]]:
+    def build():
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+        with torch.no_grad():
+            model[2].weight.mul_(scale)
+            model[2].bias.mul_(scale)
+        x, _ = _mlp_batch(8, 4)
+        return model, x, (torch.arange(8) % 2).double()
+    return build
+
+
+GRADED = [
+    pytest.param(_build(_Squeezed, lambda g: (
+        torch.randn(6, 4, generator=g, dtype=torch.float64),
+        (torch.rand(6, generator=g) > 0.5).double())), nn.BCEWithLogitsLoss(),
+        id="outputs [n], BCEWithLogitsLoss"),
+    pytest.param(_build(_Squeezed, lambda g: (
+        torch.randn(6, 4, generator=g, dtype=torch.float64),
+        torch.randn(6, generator=g, dtype=torch.float64))), nn.MSELoss(),
+        id="outputs [n], MSELoss"),
+    *[pytest.param(_build(lambda shift=shift: _SigmoidOutputs(shift), lambda g: (
+        torch.randn(8, 4, generator=g, dtype=torch.float64),
+        torch.ones(8, 3, dtype=torch.float64))), nn.BCELoss(),
+        id=f"BCELoss after sigmoid, one output at logit {shift:g}") for shift in (-17, -36)],
+    *[pytest.param(_wide_gaps(scale), _difference_loss(beta),
+                   id=f"two scores, gaps x{scale:g}, beta {beta:g}")
+      for scale in (40, 60) for beta in (1.0, 0.1)],
+    pytest.param(_wide_gaps(60), lambda f, y: ((f[:, 0] - f[:, 1] - y) ** 2).mean(),
+                 id="two scores, gaps x60, squared error of the difference"),
+]
+
+
+@pytest.mark.parametrize(("build", "loss"), GRADED)
+def test_ggn_of_graded_output_curvature_matches_the_reference(build, loss):
+    """Output curvatures that differ by up to 1e30 between samples and within a sample, and two
+    scores far apart (whose softmax form has a diagonal that cancels): no block's rounding may
+    zero another's curvature."""
+    model, x, y = build()
+    result = hessrank.effective_rank(model, loss, (x, y), method="ggn")
+    reference = eigenvalues_by_magnitude(reference_ggn_full(model, loss, x, y))
+    assert_spectra_close(result.eigenvalues, reference, count=len(result.eigenvalues), rtol=1e-9)
+    assert np.all(np.abs(reference[len(result.eigenvalues):]) <= 1e-9 * abs(reference[0]))

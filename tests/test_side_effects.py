@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
+import random
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from reference import (
@@ -163,6 +168,56 @@ def test_train_mode_batchnorm_restores_statistics():
     assert abs(train.top_eigenvalue - evaluated.top_eigenvalue) > 1e-6  # batch vs running stats
 
 
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_a_graph_the_caller_holds_survives_a_training_mode_call(method):
+    """A training-mode BatchNorm updates its running statistics in place: the call runs on
+    copies, so the caller's buffers keep their version counters and a loss computed before the
+    call still backpropagates (it saved them)."""
+    model = _net()
+    model[3].p = 0.0
+    model.train()
+    x, y = classification_batch(10, 6, 3, dtype=torch.float32)
+    loss = CE(model(x), y)
+    versions = [b._version for b in model.buffers()]
+    hessrank.effective_rank(model, CE, (x, y), method=method, mode="train")
+    assert [b._version for b in model.buffers()] == versions
+    loss.backward()
+
+
+class _NumpyNoise(nn.Module):
+    """Draws from NumPy's and Python's global generators in forward (an augmentation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 3)
+
+    def forward(self, x):
+        noise = np.random.normal(size=x.shape[1:]) * 1e-3 + random.random() * 1e-3
+        return self.body(x + torch.as_tensor(noise, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_python_and_numpy_generators_are_left_as_they_were(method):
+    model = _NumpyNoise()
+    x, y = classification_batch(10, 6, 3, dtype=torch.float32)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    hessrank.effective_rank(model, CE, (x, y), method=method)
+    assert random.getstate() == python_state
+    after = np.random.get_state()
+    assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1])
+    assert after[2:] == numpy_state[2:]
+
+
+def test_first_use_of_hessrank_leaves_pythons_generator_alone():
+    """The first ``hessrank.<name>`` loads the library (rich draws from Python's generator when
+    imported): a loop seeded before it must draw the same numbers."""
+    script = ("import random, hessrank\n"
+              "random.seed(0); expected = random.random(); random.seed(0)\n"
+              "hessrank.effective_rank, hessrank.Tracker\n"
+              "assert random.random() == expected\n")
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
 class _Counting(nn.Module):
     """Rebinds a buffer in forward (EMA/step-counter style) and holds a twice-registered layer."""
 
@@ -250,30 +305,76 @@ class _RecurrentClassifier(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
+_PRECISION_PATHS = ("fp32_precision", "cuda.matmul.fp32_precision", "cudnn.fp32_precision",
+                    "cudnn.conv.fp32_precision", "cudnn.rnn.fp32_precision",
+                    "mkldnn.fp32_precision", "mkldnn.matmul.fp32_precision",
+                    "mkldnn.conv.fp32_precision", "mkldnn.rnn.fp32_precision")
+
+
+def _precision_state() -> tuple[object, ...]:
+    """Every float32 precision setting, through both of torch's interfaces (the older getters
+    raise once a process has mixed the two: that is recorded as it is)."""
+    def read(getter):
+        try:
+            return getter()
+        except RuntimeError:
+            return "raises"
+
+    kernels = [read(lambda path=path: operator.attrgetter(path)(torch.backends))
+               for path in _PRECISION_PATHS]
+    return (*kernels, read(torch.get_float32_matmul_precision),
+            read(lambda: torch.backends.cuda.matmul.allow_tf32),
+            read(lambda: torch.backends.cudnn.allow_tf32), torch.backends.cudnn.enabled)
+
+
+#: How a caller lowers float32 precision: the older switches, the per-kernel settings, both.
+_PRECISION_CHOICES = {
+    "defaults": (),
+    "older: matmul precision medium": (lambda: torch.set_float32_matmul_precision("medium"),),
+    "older: cuBLAS TF32": (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),),
+    "newer: TF32 everywhere": (lambda: setattr(torch.backends, "fp32_precision", "tf32"),),
+    "newer: cuBLAS TF32": (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision",
+                                           "tf32"),),
+    "newer: oneDNN bfloat16 products": (lambda: setattr(torch.backends.mkldnn.matmul,
+                                                        "fp32_precision", "bf16"),),
+    "older then newer": (lambda: torch.set_float32_matmul_precision("medium"),
+                         lambda: setattr(torch.backends, "fp32_precision", "tf32")),
+}
+
+
+@pytest.mark.parametrize("choice", list(_PRECISION_CHOICES))
 @pytest.mark.parametrize("method", ["fisher", "exact"])
-def test_full_precision_kernels_inside_a_call_and_the_callers_settings_after(method):
-    """Inside a call: float32 products at full precision, no TF32 in cuDNN, cuDNN off for a
-    recurrent model (its RNN kernels have no backward in evaluation mode). After it: the
-    caller's settings, even ones that trade precision for speed."""
+def test_full_precision_kernels_inside_a_call_and_the_callers_settings_after(method, choice):
+    """Inside a call: IEEE float32 in every product, convolution and recurrent kernel, cuDNN off
+    for a recurrent model (its RNN kernels have no backward in evaluation mode). After it: the
+    caller's settings exactly, whichever of torch's two interfaces set them (mixing them made
+    every call fail, and a call used to rewrite the newer settings)."""
     model = _RecurrentClassifier().double()
     seen = []
     model.head.register_forward_hook(lambda *args: seen.append((
-        torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-        torch.backends.cudnn.enabled)))
+        *(operator.attrgetter(path)(torch.backends) for path in _PRECISION_PATHS[1:]
+          if path.count(".") == 2), torch.backends.cudnn.enabled)))
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(5, 3, 3, generator=g, dtype=torch.float64),
              torch.randint(0, 2, (5,), generator=g))
-    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-              torch.backends.cudnn.enabled)
-    torch.set_float32_matmul_precision("medium")
+    kernels = [operator.attrgetter(path.rsplit(".", 1)[0])(torch.backends)
+               for path in _PRECISION_PATHS if path.count(".") == 2]
+    defaults = [kernel.fp32_precision for kernel in kernels]
+    overall = (torch.backends.fp32_precision, torch.backends.cudnn.fp32_precision,
+               torch.backends.mkldnn.fp32_precision)
     try:
+        for setting in _PRECISION_CHOICES[choice]:
+            setting()
+        before = _precision_state()
         hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method=method)
-        after = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-                 torch.backends.cudnn.enabled)
+        after = _precision_state()
     finally:
-        torch.set_float32_matmul_precision(before[0])
-    assert seen and set(seen) == {("highest", False, False)}
-    assert after == ("medium", *before[1:])
+        for kernel, value in zip(kernels, defaults):
+            kernel.fp32_precision = value
+        (torch.backends.fp32_precision, torch.backends.cudnn.fp32_precision,
+         torch.backends.mkldnn.fp32_precision) = overall
+    assert seen and set(seen) == {("ieee",) * 6 + (False,)}
+    assert after == before
 
 
 class _Bag(nn.Module):

@@ -322,3 +322,18 @@ def test_lightning_callback_measures_on_the_trainers_steps(tmp_path: Path) -> No
     assert [(int(r["step"]), float(r["hessrank/fisher/rank"])) for r in logged] == [
         (r["step"], r["rank"]) for r in records
     ]
+
+
+def test_a_shuffling_loader_as_eval_batch_is_one_data_set_and_leaves_the_generator_alone():
+    """A ``DataLoader`` as ``eval_batch`` is measured as one data set, batch by batch, inside the
+    call's guard: its shuffling draws no number the training loop would see."""
+    x, y = classification_batch(48, 6, 3, dtype=torch.float32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16,
+                                         shuffle=True)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    tracker = hessrank.Tracker(model, nn.CrossEntropyLoss(), methods=["fisher"], every=1,
+                               eval_batch=loader, log=None)
+    state = torch.get_rng_state()
+    (measured,) = tracker.measure()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert measured.result.num_samples == 48
