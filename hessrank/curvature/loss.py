@@ -17,11 +17,14 @@ loss's reduction is assumed:
   (the softmax shift of cross-entropy) are dropped.
 - **Empirical Fisher** (``K = 1``): the loss must be a weighted sum ``L = sum_i a_i l_i`` of
   per-sample losses ``l_i = loss_fn(f_i[None], y_i[None])`` (the loss function applied to one
-  sample alone). The weights are read off the gradients, ``dL/df_i = a_i dl_i/df_i``, and that
-  identity is *verified* for every sample. The EF is ``sum_i a_i g_i g_i^T`` (``g_i`` the
-  gradient of ``l_i``), so ``s_i = sqrt(a_i) dl_i/df_i``. Mean reduction: ``a_i = 1/n``; sum:
-  ``a_i = 1``; class weights with mean reduction: ``a_i = w_{y_i} / sum_j w_{y_j}``; an ignored
-  sample: ``a_i = 0``.
+  sample alone) with constant weights ``a_i >= 0``. The weights are read off the gradients,
+  ``dL/df_i = a_i dl_i/df_i``; that identity is *verified* for every sample to the rounding of
+  the batch's gradient, and the weights to be the same with the outputs' rows moved one sample
+  on (a function of a sum, RMSE or ``log`` of a mean, has weights that vary with the outputs).
+  The EF is ``sum_i a_i g_i g_i^T`` (``g_i`` the gradient of ``l_i``), so ``s_i = sqrt(a_i)
+  dl_i/df_i``. Mean reduction: ``a_i = 1/n``; sum: ``a_i = 1``; class weights with mean
+  reduction: ``a_i = w_{y_i} / sum_j w_{y_j}``; an ignored sample, or one whose gradient is
+  within the batch gradient's rounding: ``a_i = 0``.
 
 A loss that also depends on the parameters directly (an L2 term) has no such factors: refused,
 naming the parameters.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -105,49 +109,153 @@ def _sample_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
     return torch.cat(rows)
 
 
-def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """``s_i = sqrt(a_i) dl_i/df_i`` (see the module docstring), verified, and the weights.
+class _Reading(NamedTuple):
+    """Per-sample weights read off the loss's gradients (:func:`_read_weights`), each ``[n]``
+    but ``sample_grads`` ``[n, size]``."""
+
+    weights: Tensor  # a_i, 0 where not read
+    uncertainty: Tensor  # of a_i, inf where not read
+    sample_grads: Tensor  # dl_i/df_i, flattened
+    mismatch: Tensor  # ||dL/df_i - a_i dl_i/df_i|| / R, passing <= 1
+    finite: Tensor  # whether dL/df_i is finite (a row that is not is not read)
+
+
+def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> _Reading | None:
+    """The weights ``a_i`` read off ``dL/df_i = a_i dl_i/df_i`` at ``outputs``, verified to the
+    rounding of the batch's gradient, and their uncertainty; None where the loss does not
+    depend on the outputs.
+
+    Rounding: where the batch and the single-sample gradients are computed by different kernels
+    (``nn.BCEWithLogitsLoss``'s fused backward against its batched decomposition), every entry
+    of each differs from the other by the rounding of the terms it is computed from
+    (``sigmoid(z)`` and ``y``, of order one, times the weight) rather than of its own value, which
+    near saturation is far smaller. So the mismatch ``||dL/df_i - a_i dl_i/df_i||`` is measured
+    against ``R = tol * M``: ``M`` the largest entry of the batch's gradient (over all samples),
+    ``tol`` the agreement tolerance times ``sqrt(size of f_i)`` (an error of that rounding in
+    every entry of ``f_i``). A sample with ``||dL/df_i|| <= R`` passes by construction (the
+    residual of a projection is at most the vector) and its weight cannot be read: it gets
+    ``a_i = 0``, as does a sample without gradient, and its term ``a_i g_i g_i^T``, at the
+    computation's rounding floor either way, is left out. A coupled loss fails on the samples
+    that carry its gradient.
 
     Returns:
-        Cotangents ``[1, n, *out]`` and the per-sample weights ``a_i`` ``[n]`` (0 for samples
-        that do not contribute to the loss's gradient).
-
-    Raises:
-        ValueError: the loss is not a non-negatively weighted sum of per-sample losses.
+        The reading, or None where ``dL/df`` is None (the loss does not use the outputs).
     """
     leaf = outputs.detach().requires_grad_(True)
     (batch_grad,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, allow_unused=True)
     if batch_grad is None:
-        return (torch.zeros(1, *outputs.shape, dtype=outputs.dtype, device=outputs.device),
-                torch.zeros(outputs.shape[0], dtype=outputs.dtype, device=outputs.device))
+        return None
     n = outputs.shape[0]
     sample_grads = _sample_gradients(loss_fn, outputs.detach(), targets)
     flat_batch, flat_sample = batch_grad.reshape(n, -1), sample_grads.reshape(n, -1)
-    used = flat_batch.abs().amax(dim=1) > 0  # samples that contribute to the loss's gradient
-    sample_sq = (flat_sample * flat_sample).sum(dim=1)
-    weights = torch.where(used, (flat_batch * flat_sample).sum(dim=1)
-                          / sample_sq.clamp_min(torch.finfo(outputs.dtype).tiny), 0.0)
-    residual = (flat_batch - weights[:, None] * flat_sample).norm(dim=1)
     tolerance = agreement_tolerance(outputs.dtype) * math.sqrt(flat_batch.shape[1])
-    bad = used & ~(torch.isfinite(weights) & (residual <= tolerance * flat_batch.norm(dim=1)))
-    if bad.any():
-        i = int(bad.nonzero()[0])
+    tiny = torch.finfo(outputs.dtype).tiny
+    finite = torch.isfinite(flat_batch).all(dim=1)
+    flat_batch = torch.where(finite[:, None], flat_batch, 0.0)
+    rounding = (tolerance * flat_batch.abs().amax()).clamp_min(tiny)  # R
+    batch_norm, sample_norm = flat_batch.norm(dim=1), flat_sample.norm(dim=1)
+    read = batch_norm > rounding  # none where the batch's gradient is zero
+    weights = (flat_batch * flat_sample).sum(dim=1) / (sample_norm * sample_norm).clamp_min(tiny)
+    residual = (flat_batch - weights[:, None] * flat_sample).norm(dim=1)
+    # a sample alone may have no defined loss (all its targets ignored): only read ones count
+    mismatch = torch.where(read, torch.where(torch.isfinite(weights), residual, math.inf), 0.0)
+    weights = torch.where(read, weights, 0.0)
+    # errors of R in dL/df_i and of tol * (largest entry of a read dl_j/df_j) in dl_i/df_i
+    sample_rounding = tolerance * torch.where(read[:, None], flat_sample.abs(), 0.0).amax()
+    spread = (rounding + weights * sample_rounding) / sample_norm.clamp_min(tiny)
+    uncertainty = torch.where(read, spread, math.inf)
+    return _Reading(weights, uncertainty, flat_sample, mismatch / rounding, finite)
+
+
+def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``s_i = sqrt(a_i) dl_i/df_i`` (see the module docstring), verified, and the weights.
+
+    Two checks, both on the loss alone (no model pass): the gradient identity
+    ``dL/df_i = a_i dl_i/df_i`` for every sample, to the rounding of the batch's gradient
+    (:func:`_read_weights`); and weights that do not depend on the outputs. The second catches
+    a nonlinear function of a sum of per-sample losses (RMSE ``sqrt(mean)``, ``log`` or a power
+    of the mean), whose gradient passes the first with ``a_i`` varying with the outputs, and,
+    with one output per sample (where the first is vacuous), a loss that uses a per-sample
+    tensor captured from outside: the weights are read again with the outputs' rows moved one
+    sample on (``f_{i+1}`` with ``y_i``: each row stays a valid output, so the loss's domain
+    is kept) and must agree within their uncertainty wherever both are read. Mean, sum, class
+    weights and ``ignore_index`` set ``a_i`` from the targets and the batch only.
+
+    Returns:
+        Cotangents ``[1, n, *out]`` and the per-sample weights ``a_i`` ``[n]`` (0 for samples
+        whose gradient is zero or within the batch's rounding, see :func:`_read_weights`).
+
+    Raises:
+        ValueError: the loss is not a non-negatively weighted sum of per-sample losses with
+            weights independent of the outputs.
+    """
+    read = _read_weights(loss_fn, outputs, targets)
+    if read is None:
+        return (torch.zeros(1, *outputs.shape, dtype=outputs.dtype, device=outputs.device),
+                torch.zeros(outputs.shape[0], dtype=outputs.dtype, device=outputs.device))
+    weights, mismatch = read.weights, read.mismatch
+    if not bool(read.finite.all()):
         raise ValueError(
-            f"loss_fn is not a weighted sum of per-sample losses: the batch loss's gradient for "
-            f"sample {i} is not a multiple of loss_fn applied to that sample alone (relative "
-            f"mismatch {float(residual[i] / flat_batch[i].norm()):.2e}), so the samples "
-            "interact in the loss and the empirical Fisher is undefined; use method='ggn' (if "
-            "the loss is convex in the outputs), 'exact' or 'lanczos'"
-        )
+            f"the loss's gradient w.r.t. the outputs is not finite for sample "
+            f"{int((~read.finite).nonzero()[0])}: the empirical Fisher of these outputs is "
+            "undefined; check loss_fn at them (a log of zero, a division by zero)")
+    if bool((mismatch > 1).any()):
+        raise _interacting_samples_error(int((mismatch > 1).nonzero()[0]), mismatch, "")
     if (weights < 0).any():
         i = int((weights < 0).nonzero()[0])
         raise ValueError(
             f"loss_fn weighs sample {i} negatively ({float(weights[i]):.3g}): the empirical "
             "Fisher sum_i a_i g_i g_i^T needs a_i >= 0; use method='exact' or 'lanczos'"
         )
-    weights = torch.where(used, weights, 0.0)
-    factors = torch.where(used[:, None], flat_sample * weights.sqrt()[:, None], 0.0)
+    _check_constant_weights(loss_fn, outputs, targets, read)
+    factors = torch.where(weights[:, None] > 0, read.sample_grads * weights.sqrt()[:, None], 0.0)
     return factors.reshape(1, *outputs.shape), weights
+
+
+def _check_constant_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                            reading: _Reading) -> None:
+    """Raise unless the weights read with the outputs' rows moved one sample on (``f_{i+1}``
+    with ``y_i``) equal those of ``reading`` within the two readings' uncertainties, wherever
+    both are read (see :func:`fisher_cotangents`); a moved row where the loss's gradient is not
+    finite (a valid output paired with another target) is not read.
+
+    Raises:
+        ValueError: a weight depends on the outputs (naming the sample and the two readings).
+    """
+    if outputs.shape[0] < 2:
+        return  # one sample: L = l_1, a_1 = 1 whatever the outputs
+    read = _read_weights(loss_fn, outputs.roll(-1, dims=0), targets)
+    if read is None:
+        raise _varying_weights_error(0, float(reading.weights[0]), 0.0)
+    if bool((read.mismatch > 1).any()):
+        raise _interacting_samples_error(int((read.mismatch > 1).nonzero()[0]), read.mismatch,
+                                         " with the outputs' rows moved one sample on")
+    # the uncertainty is inf where either reading is not read: never bad there
+    bad = ~((reading.weights - read.weights).abs() <= reading.uncertainty + read.uncertainty)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise _varying_weights_error(i, float(reading.weights[i]), float(read.weights[i]))
+
+
+def _interacting_samples_error(i: int, mismatch: Tensor, where: str) -> ValueError:
+    return ValueError(
+        f"loss_fn is not a weighted sum of per-sample losses: the batch loss's gradient for "
+        f"sample {i}{where} is not a multiple of loss_fn applied to that sample alone (mismatch "
+        f"{float(mismatch[i]):.2e} times the batch gradient's rounding), so the samples interact "
+        "in the loss and the empirical Fisher is undefined; use method='ggn' (if the loss is "
+        "convex in the outputs), 'exact' or 'lanczos'"
+    )
+
+
+def _varying_weights_error(i: int, before: float, after: float) -> ValueError:
+    return ValueError(
+        f"loss_fn's weights depend on the model's outputs: sample {i}'s weight a_i (read off "
+        f"dL/df_i = a_i dl_i/df_i) is {before:.6g}, and {after:.6g} with the outputs' rows "
+        "moved one sample on (targets unchanged), so the loss is not a sum of per-sample losses "
+        "with constant weights (e.g. sqrt, log or a power of a mean, or a per-sample tensor "
+        "captured from outside loss_fn) and the empirical Fisher is undefined; use method='ggn' "
+        "(if the loss is convex in the outputs), 'exact' or 'lanczos'"
+    )
 
 
 def _loss_hessian_products(first: Tensor, leaf: Tensor, vectors: Tensor) -> Tensor | None:
