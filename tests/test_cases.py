@@ -808,6 +808,32 @@ def _confident(scale: float) -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-9), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+def test_fisher_of_confident_bce_with_logits_matches_the_reference(dtype, rtol):
+    """Logits up to |z| = 23 (a multi-label head scaled by 30): the fused backward of
+    ``nn.BCEWithLogitsLoss`` and its single-sample (vmap) decomposition differ by the rounding of
+    ``sigmoid(z) - y``, far more than the saturated sample's own gradient (relative 1.9e-10 in
+    float64, 1.3e-2 in float32), and fisher refused the loss as 'the samples interact'. Against
+    the per-sample-loop reference of the float64 model, with the mean's weights 1/n."""
+    torch.manual_seed(10)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = (torch.rand(8, 3) > 0.5).double()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[2].weight.mul_(30)
+        model[2].bias.mul_(30)
+    bce = nn.BCEWithLogitsLoss()
+    assert float(model(x).abs().max()) > 20
+    reference = eigenvalues_by_magnitude(reference_fisher_weighted(
+        model, bce, _mean_weights(y), x, y))
+    result = hessrank.effective_rank(model.to(dtype), bce, (x.to(dtype), y.to(dtype)),
+                                     method="fisher")
+    assert_spectra_close(result.eigenvalues, reference, count=len(result.eigenvalues), rtol=rtol)
+    assert len(result.eigenvalues) == 8
+
+
 @pytest.mark.parametrize("method", ["ggn", "ggn_lanczos"])
 def test_ggn_of_a_confident_softmax_matches_the_reference(method):
     """Near a saturated softmax the diagonal p (1 - p) of the output Hessian rounds to more than

@@ -126,6 +126,38 @@ def test_loss_without_per_sample_decomposition(setup):
            ValueError, "couples the samples.*method='exact'")
 
 
+_TEMPERATURE = torch.linspace(0.5, 1.5, 8, dtype=torch.float64)  # one per sample, captured
+
+# (name, outputs per sample, loss): a nonlinear function of a mean of per-sample losses, whose
+# gradient is a multiple a_i of each sample's own with a_i varying with the outputs, and a loss
+# that uses a per-sample tensor from outside loss_fn (on one sample alone it broadcasts against
+# all of them), where one output per sample makes the multiple's check vacuous
+OUTPUT_DEPENDENT_WEIGHTS = [
+    ("RMSE", 3, lambda f, y: torch.sqrt(nn.functional.mse_loss(f, y))),
+    ("log of the MSE", 3, lambda f, y: torch.log(nn.functional.mse_loss(f, y))),
+    ("squared MSE", 3, lambda f, y: nn.functional.mse_loss(f, y) ** 2),
+    ("captured per-sample temperature, one output", 1,
+     lambda f, y: ((f.squeeze(-1) * _TEMPERATURE.to(f.dtype) - y.squeeze(-1)) ** 2).mean()),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("name", "outputs", "loss"), OUTPUT_DEPENDENT_WEIGHTS,
+                         ids=[case[0] for case in OUTPUT_DEPENDENT_WEIGHTS])
+def test_fisher_refuses_weights_that_depend_on_the_outputs(name, outputs, loss, dtype):
+    """These passed the per-sample gradient check and returned an 'EF' of output-dependent
+    weights (RMSE: a_i = sqrt(mse_i) / (n RMSE)); the weights read with the outputs' rows moved
+    one sample on differ. exact takes them."""
+    model = mlp((5, 6, outputs), dtype=dtype)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 5, generator=generator, dtype=torch.float64).to(dtype)
+    y = torch.randn(8, outputs, generator=generator, dtype=torch.float64).to(dtype)
+    _check(model, lambda: hessrank.effective_rank(model, loss, (x, y), method="fisher"),
+           ValueError, r"weights depend on the model's outputs: sample \d+'s weight a_i .* with "
+           r"the outputs' rows moved one sample on .*use method='ggn' .*'exact' or 'lanczos'")
+    assert hessrank.effective_rank(model, loss, (x, y), method="exact").rank > 0
+
+
 def test_batchnorm_train_mode_for_fisher():
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
     x, y = classification_batch(8, 5, 3)
