@@ -301,8 +301,8 @@ class Attention(nn.Module):
 
 class AttentionVariants(nn.Module):
     """Self-attention returning its per-head weights, used downstream; sequence-first attention
-    under a causal mask and a key padding mask; cross-attention, which the attention rule does
-    not assume (its check fails: the general path)."""
+    under a causal mask and a key padding mask; cross-attention of the same length, which the
+    attention rule declines (the general path)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -337,6 +337,29 @@ class CausalEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], x.device, x.dtype)
         return self.head(self.layer(x, src_mask=causal, is_causal=True)[:, -1])
+
+
+class CrossAttentionDecoder(nn.Module):
+    """A stock decoder layer over a memory longer than its target (S = 5, L = 3) under a causal
+    target mask, a memory mask ``[L, S]`` and a memory key padding mask ``[n, S]``: the
+    self-attention is the rule's, the cross-attention the general path's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerDecoderLayer(4, 2, dim_feedforward=6, dropout=0.0,
+                                                batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tgt: Tensor, memory: Tensor) -> Tensor:
+        length, keys = tgt.shape[1], memory.shape[1]
+        causal = nn.Transformer.generate_square_subsequent_mask(length, tgt.device, tgt.dtype)
+        memory_mask = torch.zeros(length, keys, dtype=torch.bool, device=tgt.device)
+        memory_mask[0, -1] = True
+        # a sample's memory positions after its first whose first feature exceeds 0.5 are padding
+        padding = (memory[..., 0] > 0.5) & (torch.arange(keys, device=memory.device) > 0)
+        out = self.layer(tgt, memory, tgt_mask=causal, memory_mask=memory_mask,
+                         memory_key_padding_mask=padding)
+        return self.head(out.mean(dim=1))
 
 
 class SequenceFirstTransformer(nn.Module):
@@ -626,8 +649,17 @@ CASES = [
                                       torch.randint(0, 3, (4,), generator=g))),
         paths={"attn.in_proj_bias": "attention", "attn.out_proj.weight": "attention",
                "masked.in_proj_weight": "attention", "masked.out_proj.weight": "attention",
-               "cross.in_proj_weight": "torch.func", "cross.out_proj.bias": "torch.func"},
-        note="attention rule's factors for 'cross' failed the gradient check"),
+               "cross.in_proj_weight": "torch.func", "cross.out_proj.bias": "torch.func"}),
+    Case("cross-attention to a longer, masked and padded memory (stock decoder layer)", _build(
+        CrossAttentionDecoder, lambda g: (
+            {"tgt": torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
+             "memory": torch.randn(4, 5, 4, generator=g, dtype=torch.float64)},
+            torch.randint(0, 3, (4,), generator=g))),
+        paths={"layer.self_attn.in_proj_weight": "attention",
+               "layer.self_attn.out_proj.bias": "attention",
+               "layer.multihead_attn.in_proj_weight": "torch.func",
+               "layer.multihead_attn.out_proj.weight": "torch.func",
+               "layer.linear1.weight": "linear", "layer.norm3.weight": "norm"}),
     Case("causal self-attention (stock encoder layer, is_causal=True)", _build(
         CausalEncoder, lambda g: (torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
                                   torch.randint(0, 3, (4,), generator=g))),

@@ -206,6 +206,39 @@ def test_a_conv1d_outside_transformers_is_not_claimed():
     assert rule_for(Conv1D(4, 3)).name == "hf-conv1d"
 
 
+def _attention_factors(layer: nn.MultiheadAttention, args: tuple[Tensor, ...],
+                       kwargs: dict[str, object]):
+    """The attention rule's factors for the call ``layer(*args, **kwargs)``, as a Gram call
+    captures it (its output without the weights it does not return)."""
+    kwargs = {"need_weights": False, **kwargs}
+    out = layer(*args, **kwargs)[0].detach()
+    grads = torch.randn(2, *out.shape, dtype=torch.float64)
+    return rule_for(layer).factors(
+        layer, args[0].detach(), (out,), (grads,), out.shape[0],
+        frozenset(name for name, _ in layer.named_parameters()), (args, kwargs))
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, memory: ((x, memory, memory), {}),
+    lambda x, memory: ((x, memory, memory),
+                       {"key_padding_mask": torch.arange(5).expand(3, 5) > 3}),
+    lambda x, memory: ((x, memory, memory), {"attn_mask": torch.eye(4, 5, dtype=torch.bool)}),
+    lambda x, memory: ((x, x.clone(), x.clone()), {}),
+    lambda x, memory: ((x, x, memory[:, :4]), {}),
+    lambda x, memory: ((x,), {"key": memory, "value": memory}),
+], ids=["longer memory", "longer memory, key padding mask [n, S]", "longer memory, mask [L, S]",
+        "same length, other tensors", "value not the query", "keys by keyword"])
+def test_attention_rule_declines_cross_attention(call):
+    """The rule assumes self-attention (key and value are the query itself) and declines every
+    other call up front, masks of the key length included: the general path takes them."""
+    layer = nn.MultiheadAttention(4, 2, batch_first=True).double()
+    g = torch.Generator().manual_seed(0)
+    x, memory = (torch.randn(3, length, 4, generator=g, dtype=torch.float64)
+                 for length in (4, 5))
+    assert _attention_factors(layer, (x, x, x), {}) is not None  # self-attention is claimed
+    assert _attention_factors(layer, *call(x, memory)) is None
+
+
 def test_norm_rule_declines_batch_statistics():
     layer = nn.BatchNorm1d(3).double()  # training: batch statistics couple the samples
     x = torch.randn(4, 3, dtype=torch.float64)

@@ -14,10 +14,11 @@ submodule, so no hook sees it: this rule covers it (:attr:`GramRule.children`).
 The call's attention mask, key padding mask and causal flag are applied as
 ``F.multi_head_attention_forward`` applies them.
 
-Assumes: key and value are the query (self-attention), one embedding size, no
-``bias_k``/``bias_v`` or zero attention, evaluation (no dropout). A call outside these fails the
-gradient check, which compares with autograd's gradient through the module's own kernels, and
-the general path takes the module.
+Assumes: key and value are the query tensor itself (self-attention, as the module recognises it;
+a call with any other key or value, cross-attention, is declined), one embedding size, no
+``bias_k``/``bias_v`` or zero attention, evaluation (no dropout). A call outside the last fails
+the gradient check, which compares with autograd's gradient through the module's own kernels,
+and the general path takes the module.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class AttentionRule(GramRule):
             options = inspect.signature(module.forward).bind(*call[0], **call[1]).arguments
         except TypeError:
             return None
+        query = options["query"]
+        if options["key"] is not query or options["value"] is not query:
+            return None  # cross-attention: keys and values of their own (and length)
         x, d_out = layer_input, output_grads[0]
         if not module.batch_first:  # [L, n, E]: the samples are the second dimension
             x, d_out = x.transpose(0, 1), d_out.transpose(1, 2)
