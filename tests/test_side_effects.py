@@ -324,7 +324,8 @@ def _precision_state() -> tuple[object, ...]:
                for path in _PRECISION_PATHS]
     return (*kernels, read(torch.get_float32_matmul_precision),
             read(lambda: torch.backends.cuda.matmul.allow_tf32),
-            read(lambda: torch.backends.cudnn.allow_tf32), torch.backends.cudnn.enabled)
+            read(lambda: torch.backends.cudnn.allow_tf32), torch.backends.cudnn.enabled,
+            torch.backends.mha.get_fastpath_enabled())
 
 
 #: How a caller lowers float32 precision: the older switches, the per-kernel settings, both.
@@ -346,14 +347,16 @@ _PRECISION_CHOICES = {
 @pytest.mark.parametrize("method", ["fisher", "exact"])
 def test_full_precision_kernels_inside_a_call_and_the_callers_settings_after(method, choice):
     """Inside a call: IEEE float32 in every product, convolution and recurrent kernel, cuDNN off
-    for a recurrent model (its RNN kernels have no backward in evaluation mode). After it: the
+    for a recurrent model (its RNN kernels have no backward in evaluation mode), torch's
+    attention fast path off. After it: the
     caller's settings exactly, whichever of torch's two interfaces set them (mixing them made
     every call fail, and a call used to rewrite the newer settings)."""
     model = _RecurrentClassifier().double()
     seen = []
     model.head.register_forward_hook(lambda *args: seen.append((
         *(operator.attrgetter(path)(torch.backends) for path in _PRECISION_PATHS[1:]
-          if path.count(".") == 2), torch.backends.cudnn.enabled)))
+          if path.count(".") == 2), torch.backends.cudnn.enabled,
+        torch.backends.mha.get_fastpath_enabled())))
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(5, 3, 3, generator=g, dtype=torch.float64),
              torch.randint(0, 2, (5,), generator=g))
@@ -373,8 +376,8 @@ def test_full_precision_kernels_inside_a_call_and_the_callers_settings_after(met
             kernel.fp32_precision = value
         (torch.backends.fp32_precision, torch.backends.cudnn.fp32_precision,
          torch.backends.mkldnn.fp32_precision) = overall
-    assert seen and set(seen) == {("ieee",) * 6 + (False,)}
-    assert after == before
+    assert seen and set(seen) == {("ieee",) * 6 + (False, False)}
+    assert after == before and before[-1], "torch's default: the attention fast path on"
 
 
 class _Bag(nn.Module):
