@@ -362,6 +362,30 @@ class CrossAttentionDecoder(nn.Module):
         return self.head(out.mean(dim=1))
 
 
+class LeftPaddedCausal(nn.Module):
+    """Decoder-only attention over left-padded sequences: a causal mask and a key padding mask
+    leave a padded sample's first query rows no key at all (the attention kernel gives them zero
+    weights); every position is pooled, those rows included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0,
+                                                batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, padding: Tensor) -> Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], x.device, x.dtype)
+        return self.head(self.layer(x, src_mask=causal, src_key_padding_mask=padding).mean(1))
+
+
+def _left_padded(g: torch.Generator) -> tuple[dict[str, Tensor], Tensor]:
+    padding = torch.zeros(4, 4, dtype=torch.bool)
+    padding[0, :2] = True  # two pads: query rows 0 and 1 see no key
+    padding[2, :1] = True
+    return ({"x": torch.randn(4, 4, 4, generator=g, dtype=torch.float64), "padding": padding},
+            torch.randint(0, 3, (4,), generator=g))
+
+
 class SequenceFirstTransformer(nn.Module):
     """A stock batch_first=False encoder layer, used correctly: inputs transposed to [T, n, d]."""
 
@@ -660,6 +684,12 @@ CASES = [
                "layer.multihead_attn.in_proj_weight": "torch.func",
                "layer.multihead_attn.out_proj.weight": "torch.func",
                "layer.linear1.weight": "linear", "layer.norm3.weight": "norm"}),
+    Case("left-padded causal attention: query rows with no key", _build(
+        LeftPaddedCausal, _left_padded),
+        paths={"layer.self_attn.in_proj_weight": "attention",
+               "layer.self_attn.in_proj_bias": "attention",
+               "layer.self_attn.out_proj.weight": "attention",
+               "layer.self_attn.out_proj.bias": "attention"}),
     Case("causal self-attention (stock encoder layer, is_causal=True)", _build(
         CausalEncoder, lambda g: (torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
                                   torch.randint(0, 3, (4,), generator=g))),

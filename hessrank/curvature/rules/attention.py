@@ -12,7 +12,10 @@ attention weights the module may also return (averaged over heads or not) add th
 submodule, so no hook sees it: this rule covers it (:attr:`GramRule.children`).
 
 The call's attention mask, key padding mask and causal flag are applied as
-``F.multi_head_attention_forward`` applies them.
+``F.multi_head_attention_forward`` applies them, down to a query row whose every key is masked
+(left padding under a causal mask): without returned weights the call runs
+``scaled_dot_product_attention``, whose softmax gives such a row zero weights (its output is
+``b_out``), and so does the rule; with them the call's plain softmax gives NaN, as the rule's does.
 
 Assumes: key and value are the query tensor itself (self-attention, as the module recognises it;
 a call with any other key or value, cross-attention, is declined), one embedding size, no
@@ -75,7 +78,12 @@ class AttentionRule(GramRule):
             scale = 1 / math.sqrt(q.shape[-1])
             scores = q @ key.transpose(-1, -2) * scale  # [n, h, L, L]
             mask = _mask(options, n, heads, length, scores)
-            probs = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            if mask is not None:
+                scores = scores + mask
+            probs = torch.softmax(scores, dim=-1)
+            if mask is not None and not options.get("need_weights", True):
+                # scaled_dot_product_attention's softmax: a fully masked row has zero weights
+                probs = probs.masked_fill((scores == -math.inf).all(dim=-1, keepdim=True), 0)
             mixed = (probs @ v).transpose(1, 2).reshape(n, length, width)  # A
             d_mixed = (d_out @ module.out_proj.weight).reshape(k, n, length, heads, -1)
             d_mixed = d_mixed.transpose(2, 3)  # [K, n, h, L, d]
