@@ -386,6 +386,21 @@ def _left_padded(g: torch.Generator) -> tuple[dict[str, Tensor], Tensor]:
             torch.randint(0, 3, (4,), generator=g))
 
 
+class KeywordAttention(nn.Module):
+    """Rule layers called by keyword, each by its own ``forward``'s name for its input:
+    ``attn(query=, key=, value=)`` and a HuggingFace ``Conv1D(x=)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.proj = Conv1D(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x + self.attn(query=x, key=x, value=x, need_weights=False)[0]
+        return self.head(torch.tanh(self.proj(x=h)).mean(dim=1))
+
+
 class SequenceFirstTransformer(nn.Module):
     """A stock batch_first=False encoder layer, used correctly: inputs transposed to [T, n, d]."""
 
@@ -690,6 +705,11 @@ CASES = [
                "layer.self_attn.in_proj_bias": "attention",
                "layer.self_attn.out_proj.weight": "attention",
                "layer.self_attn.out_proj.bias": "attention"}),
+    Case("attention and Conv1D called by keyword", _build(KeywordAttention, lambda g: (
+        torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))),
+        paths={"attn.in_proj_weight": "attention", "attn.out_proj.bias": "attention",
+               "proj.weight": "hf-conv1d", "head.weight": "linear"}),
     Case("causal self-attention (stock encoder layer, is_causal=True)", _build(
         CausalEncoder, lambda g: (torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
                                   torch.randint(0, 3, (4,), generator=g))),
