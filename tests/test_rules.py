@@ -14,11 +14,19 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from reference import Conv1D
+from reference import (
+    Conv1D,
+    assert_spectra_close,
+    classification_batch,
+    eigenvalues_by_magnitude,
+    mlp,
+    reference_fisher,
+)
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from hessrank.curvature.rules import conv, embedding, factors, rule_for
+import hessrank
+from hessrank.curvature.rules import conv, embedding, factors, linear, rule_for
 
 CHEAP_FIRST, CHEAP_SECOND = (lambda *a: (0.0, 1.0)), (lambda *a: (1.0, 0.0))
 
@@ -237,6 +245,34 @@ def test_attention_rule_declines_cross_attention(call):
                  for length in (4, 5))
     assert _attention_factors(layer, (x, x, x), {}) is not None  # self-attention is claimed
     assert _attention_factors(layer, *call(x, memory)) is None
+
+
+def _broken_linear_rule(monkeypatch: pytest.MonkeyPatch, raised: Exception) -> None:
+    def broken(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(linear.LinearRule, "tensor_factors", broken)
+
+
+def test_a_rule_that_raises_leaves_its_layers_to_the_general_path(monkeypatch):
+    """A rule is a verified shortcut: an error in it sends its layers to the general path with
+    the error in a note, and the numbers are the reference's."""
+    _broken_linear_rule(monkeypatch, RuntimeError("shape '[4, 1, 1, 3]' is invalid"))
+    model, (x, y), loss = mlp(), classification_batch(6, 5, 3), nn.CrossEntropyLoss()
+    result = hessrank.effective_rank(model, loss, (x, y), method="fisher")
+    assert set(result.paths.values()) == {"torch.func"}
+    assert any("linear rule raised RuntimeError on '0' (shape '[4, 1, 1, 3]' is invalid)" in note
+               for note in result.notes), result.notes
+    reference = eigenvalues_by_magnitude(reference_fisher(model, loss, x, y, 1 / 6))
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-9)
+
+
+def test_a_rule_out_of_memory_is_raised(monkeypatch):
+    """Running out of memory is not the rule's fault (the general path needs memory too)."""
+    _broken_linear_rule(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(torch.OutOfMemoryError):
+        hessrank.effective_rank(mlp(), nn.CrossEntropyLoss(), classification_batch(6, 5, 3),
+                                method="fisher")
 
 
 def test_norm_rule_declines_batch_statistics():

@@ -17,8 +17,9 @@ from each path's per-sample factors (a Freivalds-style check: with probability o
 fails it, and a pass proves each sample's factors up to rounding). A wide weight of a Kronecker
 rule is compared through a random probe on the parameter side as well (Freivalds' own check,
 :class:`~hessrank.curvature.rules.factors.Projected`, with a tolerance that keeps it at least as
-strict). A rule that fails goes to the general path; the general path failing means the samples
-interact (an error). The general path also checks that each sample's output, computed alone,
+strict). A rule that fails goes to the general path, and so does one that raises (a bug in the
+rule, named in a note; running out of memory is raised); the general path failing means the
+samples interact (an error). The general path also checks that each sample's output, computed alone,
 equals its row of the batch output.
 
 **Data-parallel** (a :class:`~hessrank.distributed.ShardedProblem`): each process computes and
@@ -87,7 +88,7 @@ class GramResult:
         accumulator: total and (optionally) per-group Grams.
         paths: parameter name -> the path that computed its block (a rule's name, ``torch.func``
             or ``per-sample loop``).
-        notes: rules that failed their check and were recomputed, and similar facts.
+        notes: rules that failed their check or raised and were recomputed, and similar facts.
     """
 
     accumulator: GramAccumulator
@@ -278,6 +279,8 @@ def compute_gram(
     factors: dict[str, Factors] = {}
     formed: dict[str, tuple[Tensor, dict[str, Claim]]] = {}
     rule_of: dict[str, GramRule] = {}
+    # group -> why its rule's factors were not used (a failed check, an error in the rule)
+    failures: dict[str, str] = {}
     position = 0
     for group, (module, rule) in claimed.items():
         value = capture.outputs.pop(group)
@@ -291,9 +294,20 @@ def compute_gram(
             f"{child}.{name.rsplit('.', 1)[-1]}"
             for child, child_group in children.items() for name in groups[child_group]])
         layer_input = capture.inputs.pop(group)
-        layer = None if layer_input is None else rule.factors(
-            module, layer_input, value, grads, n, analysed,  # type: ignore[arg-type]
-            capture.arguments[group])
+        try:
+            layer = None if layer_input is None else rule.factors(
+                module, layer_input, value, grads, n, analysed,  # type: ignore[arg-type]
+                capture.arguments[group])
+        except torch.OutOfMemoryError:
+            raise  # not the rule's fault: the general path needs memory too
+        except Exception as raised:  # noqa: BLE001 - the general path, itself verified, takes over
+            # A rule is a shortcut whose every result is checked: one that raises on a call it
+            # did not foresee is a bug in the rule, named here, not a reason to fail the call.
+            layer = None
+            for failed in (group, *children.values()):
+                failures[failed] = (f"the {rule.name} rule raised {type(raised).__name__} on "
+                                    f"{group!r} ({raised}): computed by the general path; please "
+                                    "report this bug in the rule")
         del layer_input, value, grads, pieces
         parts = layer if isinstance(layer, dict) else {"": layer}
         for child, part in parts.items():
@@ -320,7 +334,6 @@ def compute_gram(
     paths: dict[str, str] = {}
     tolerance = agreement_tolerance(problem.dtype)
     passed: dict[str, Tensor] = {}
-    failures: dict[str, str] = {}
     for group, (gram, claims) in formed.items():
         names = groups[group]
         locals_ = [name.rsplit(".", 1)[-1] for name in names]
