@@ -6,8 +6,8 @@ import operator
 import random
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -231,14 +231,29 @@ def backward_hooks_off(model: nn.Module) -> Iterator[list[str]]:
                 setattr(owner, attribute, value)
 
 
+@contextmanager
+def _set_for_the_call(read: Callable[[], Any], write: Callable[[Any], None],
+                      value: Any) -> Iterator[None]:
+    """A global setting at ``value`` inside the block (``write``), the caller's (``read``
+    before) back on exit."""
+    saved = read()
+    write(value)
+    try:
+        yield
+    finally:
+        write(saved)
+
+
+def _attribute_for_the_call(owner: Any, name: str, value: Any) -> AbstractContextManager[None]:
+    """``owner.<name> = value`` inside the block, the caller's value back on exit."""
+    return _set_for_the_call(lambda: getattr(owner, name),
+                             lambda saved: setattr(owner, name, saved), value)
+
+
 #: The kernels whose float32 precision torch lets a caller lower (TF32 on a GPU, bfloat16 passes
 #: in oneDNN on a CPU): ``torch.backends.<path>.fp32_precision``.
 _PRECISION_KERNELS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv",
                       "mkldnn.rnn")
-
-
-def _precision_settings() -> tuple[Any, ...]:
-    return tuple(operator.attrgetter(path)(torch.backends) for path in _PRECISION_KERNELS)
 
 
 @contextmanager
@@ -254,40 +269,11 @@ def full_float32_precision() -> Iterator[None]:
     and inside the block they may raise for the same reason; the per-kernel settings say what
     the kernels do.
     """
-    settings = _precision_settings()
-    saved = [setting.fp32_precision for setting in settings]
-    try:
-        for setting in settings:
-            setting.fp32_precision = "ieee"
+    with ExitStack() as settings:
+        for path in _PRECISION_KERNELS:
+            settings.enter_context(_attribute_for_the_call(
+                operator.attrgetter(path)(torch.backends), "fp32_precision", "ieee"))
         yield
-    finally:
-        for setting, value in zip(settings, saved):
-            setting.fp32_precision = value
-
-
-@contextmanager
-def attention_fastpath_off() -> Iterator[None]:
-    """Torch's native attention inference kernels off inside the block; the setting back on
-    exit."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
-
-
-@contextmanager
-def cudnn_off(off: bool) -> Iterator[None]:
-    """cuDNN off inside the block when ``off`` (its RNN kernels have no backward in evaluation
-    mode); its setting back on exit."""
-    enabled = torch._C._get_cudnn_enabled()
-    if off:
-        torch._C._set_cudnn_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._set_cudnn_enabled(enabled)
 
 
 @contextmanager
@@ -303,19 +289,13 @@ def parametrization_cache_off() -> Iterator[list[str]]:
     Yields:
         A note when the cache was on.
     """
-    enabled = parametrize._cache_enabled
-    cache = parametrize._cache
-    if not enabled:
+    if not parametrize._cache_enabled:
         yield []
         return
-    parametrize._cache_enabled = 0
-    parametrize._cache = {}
-    try:
+    with (_attribute_for_the_call(parametrize, "_cache_enabled", 0),
+          _attribute_for_the_call(parametrize, "_cache", {})):
         yield ["torch.nn.utils.parametrize.cached() was turned off for the call (every forward "
                "pass computes the parametrized weights); it is back on after"]
-    finally:
-        parametrize._cache_enabled = enabled
-        parametrize._cache = cache
 
 
 @contextmanager
@@ -349,9 +329,11 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
     with (
         torch.inference_mode(False),
         torch.enable_grad(),
-        attention_fastpath_off(),
+        _set_for_the_call(torch.backends.mha.get_fastpath_enabled,
+                          torch.backends.mha.set_fastpath_enabled, False),
         full_float32_precision(),
-        cudnn_off(recurrent),
+        _attribute_for_the_call(torch.backends.cudnn, "enabled",
+                                torch.backends.cudnn.enabled and not recurrent),
         ExitStack() as autocast_off,
         renormalised_embeddings(model) as notes,
         backward_hooks_off(model) as hook_notes,

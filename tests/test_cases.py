@@ -879,11 +879,11 @@ def test_ggn_of_a_loss_linear_in_the_outputs_is_refused():
     assert hessrank.effective_rank(model, nn.NLLLoss(), (x, y), method="fisher").rank > 0
 
 
-def _confident(scale: float) -> nn.Module:
+def _confident(scale: float, inputs: int = 5, outputs: int = 3, seed: int = 0) -> nn.Module:
     """A float64 tanh MLP whose logits are scaled by ``scale``: confident predictions, as a
     network trained to a small loss makes (most probabilities within 1e-8 of 0 or 1 at 100)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(inputs, 6), nn.Tanh(), nn.Linear(6, outputs)).double()
     with torch.no_grad():
         model[2].weight.mul_(scale)
         model[2].bias.mul_(scale)
@@ -901,11 +901,7 @@ def test_fisher_of_confident_bce_with_logits_matches_the_reference(dtype, rtol):
     torch.manual_seed(10)
     x = torch.randn(8, 4, dtype=torch.float64)
     y = (torch.rand(8, 3) > 0.5).double()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    with torch.no_grad():
-        model[2].weight.mul_(30)
-        model[2].bias.mul_(30)
+    model = _confident(30.0, inputs=4)
     bce = nn.BCEWithLogitsLoss()
     assert float(model(x).detach().abs().max()) > 20
     reference = eigenvalues_by_magnitude(reference_fisher_weighted(
@@ -1323,11 +1319,7 @@ def _difference_loss(beta: float) -> Callable[[Tensor, Tensor], Tensor]:
 
 def _wide_gaps(scale: float) -> Callable[[], tuple[nn.Module, Tensor, Tensor]]:
     def build():
-        torch.manual_seed(4)
-        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
-        with torch.no_grad():
-            model[2].weight.mul_(scale)
-            model[2].bias.mul_(scale)
+        model = _confident(scale, inputs=4, outputs=2, seed=4)
         x, _ = _mlp_batch(8, 4)
         return model, x, (torch.arange(8) % 2).double()
     return build

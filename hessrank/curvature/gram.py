@@ -113,16 +113,14 @@ class _Capture:
         self.edges: dict[str, list[GradientEdge]] = {}
         self.calls: dict[str, int] = dict.fromkeys(modules, 0)
         self.arguments: dict[str, Call] = {}
-        self.handles = [module.register_forward_hook(
-            self._hook(name, _first_parameter(module)), with_kwargs=True)
-            for name, module in modules.items()]
+        self.handles = [module.register_forward_hook(self._hook(name), with_kwargs=True)
+                        for name, module in modules.items()]
 
-    def _hook(self, name: str, first: str | None) -> Callable[..., None]:
-        """The hook of the layer ``name``, whose ``forward`` names its input ``first``."""
+    def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             self.calls[name] += 1
             self.arguments[name] = (args, kwargs)
-            layer_input = args[0] if args else kwargs.get(first)
+            layer_input = args[0] if args else kwargs.get(_first_parameter(module))
             if isinstance(layer_input, PackedSequence):
                 self.inputs[name] = PackedSequence(layer_input.data.detach(), *layer_input[1:])
             else:
@@ -145,7 +143,8 @@ class _Capture:
 
 def _first_parameter(module: nn.Module) -> str | None:
     """The name of the first parameter of the module's ``forward`` (``input``, ``query``, ``x``...),
-    by which a keyword call passes the layer's input; None where it cannot be passed by name."""
+    by which a keyword call passes the layer's input; None where it cannot be passed by name.
+    Read only for a call without positional arguments."""
     first = next(iter(inspect.signature(module.forward).parameters.values()), None)
     return first.name if first is not None and first.kind in (
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) else None
