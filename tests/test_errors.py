@@ -158,6 +158,32 @@ def test_fisher_refuses_weights_that_depend_on_the_outputs(name, outputs, loss, 
     assert hessrank.effective_rank(model, loss, (x, y), method="exact").rank > 0
 
 
+# On a batch larger than CONSTANCY_SAMPLES the weights are read a second time on its first 8
+# samples alone; a loss that cannot be evaluated on them (a tensor of the batch's size captured
+# in it) is checked on the whole batch. Residuals kept positive (targets shifted by 5): on 20
+# samples the captured temperature otherwise weighs some sample negatively, refused before.
+LARGE_BATCH_DEPENDENT_WEIGHTS = [
+    *[(name, outputs, loss) for name, outputs, loss in OUTPUT_DEPENDENT_WEIGHTS[:3]],
+    ("captured per-sample temperature, one output, 20 samples", 1, lambda f, y: (
+        (f.squeeze(-1) * torch.linspace(0.5, 1.5, 20, dtype=f.dtype) - y.squeeze(-1) + 5) ** 2
+    ).mean()),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("name", "outputs", "loss"), LARGE_BATCH_DEPENDENT_WEIGHTS,
+                         ids=[case[0] for case in LARGE_BATCH_DEPENDENT_WEIGHTS])
+def test_fisher_refuses_weights_that_depend_on_the_outputs_of_a_large_batch(
+        name, outputs, loss, dtype):
+    model = mlp((5, 6, outputs), dtype=dtype)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 5, generator=generator, dtype=torch.float64).to(dtype)
+    y = torch.randn(20, outputs, generator=generator, dtype=torch.float64).to(dtype)
+    _check(model, lambda: hessrank.effective_rank(model, loss, (x, y), method="fisher"),
+           ValueError, r"weights depend on the model's outputs: .* with the outputs' rows moved "
+           r"one sample on .*use method='ggn' .*'exact' or 'lanczos'")
+
+
 def test_batchnorm_train_mode_for_fisher():
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
     x, y = classification_batch(8, 5, 3)
