@@ -128,60 +128,46 @@ def test_loss_without_per_sample_decomposition(setup):
 
 _TEMPERATURE = torch.linspace(0.5, 1.5, 8, dtype=torch.float64)  # one per sample, captured
 
-# (name, outputs per sample, loss): a nonlinear function of a mean of per-sample losses, whose
-# gradient is a multiple a_i of each sample's own with a_i varying with the outputs, and a loss
-# that uses a per-sample tensor from outside loss_fn (on one sample alone it broadcasts against
-# all of them), where one output per sample makes the multiple's check vacuous
-OUTPUT_DEPENDENT_WEIGHTS = [
+_MEAN_FUNCTIONS = [
     ("RMSE", 3, lambda f, y: torch.sqrt(nn.functional.mse_loss(f, y))),
     ("log of the MSE", 3, lambda f, y: torch.log(nn.functional.mse_loss(f, y))),
     ("squared MSE", 3, lambda f, y: nn.functional.mse_loss(f, y) ** 2),
+]
+
+# (name, outputs per sample, loss, samples): a nonlinear function of a mean of per-sample
+# losses, whose gradient is a multiple a_i of each sample's own with a_i varying with the
+# outputs, and a loss that uses a per-sample tensor from outside loss_fn (on one sample alone it
+# broadcasts against all of them), where one output per sample makes the multiple's check
+# vacuous. On 8 samples the weights are read a second time on the whole batch; on 20, on its
+# first 8 (CONSTANCY_SAMPLES), or on the whole batch where the loss cannot be evaluated on them
+# alone (the captured tensor; its residuals kept positive, targets shifted by 5: on 20 samples
+# it otherwise weighs some sample negatively, refused before).
+OUTPUT_DEPENDENT_WEIGHTS = [
+    *[(name, outputs, loss, 8) for name, outputs, loss in _MEAN_FUNCTIONS],
     ("captured per-sample temperature, one output", 1,
-     lambda f, y: ((f.squeeze(-1) * _TEMPERATURE.to(f.dtype) - y.squeeze(-1)) ** 2).mean()),
+     lambda f, y: ((f.squeeze(-1) * _TEMPERATURE.to(f.dtype) - y.squeeze(-1)) ** 2).mean(), 8),
+    *[(f"{name}, 20 samples", outputs, loss, 20) for name, outputs, loss in _MEAN_FUNCTIONS],
+    ("captured per-sample temperature, one output, 20 samples", 1, lambda f, y: (
+        (f.squeeze(-1) * torch.linspace(0.5, 1.5, 20, dtype=f.dtype) - y.squeeze(-1) + 5) ** 2
+    ).mean(), 20),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize(("name", "outputs", "loss"), OUTPUT_DEPENDENT_WEIGHTS,
+@pytest.mark.parametrize(("name", "outputs", "loss", "samples"), OUTPUT_DEPENDENT_WEIGHTS,
                          ids=[case[0] for case in OUTPUT_DEPENDENT_WEIGHTS])
-def test_fisher_refuses_weights_that_depend_on_the_outputs(name, outputs, loss, dtype):
+def test_fisher_refuses_weights_that_depend_on_the_outputs(name, outputs, loss, samples, dtype):
     """These passed the per-sample gradient check and returned an 'EF' of output-dependent
     weights (RMSE: a_i = sqrt(mse_i) / (n RMSE)); the weights read with the outputs' rows moved
     one sample on differ. exact takes them."""
     model = mlp((5, 6, outputs), dtype=dtype)
     generator = torch.Generator().manual_seed(2)
-    x = torch.randn(8, 5, generator=generator, dtype=torch.float64).to(dtype)
-    y = torch.randn(8, outputs, generator=generator, dtype=torch.float64).to(dtype)
+    x = torch.randn(samples, 5, generator=generator, dtype=torch.float64).to(dtype)
+    y = torch.randn(samples, outputs, generator=generator, dtype=torch.float64).to(dtype)
     _check(model, lambda: hessrank.effective_rank(model, loss, (x, y), method="fisher"),
            ValueError, r"weights depend on the model's outputs: sample \d+'s weight a_i .* with "
            r"the outputs' rows moved one sample on .*use method='ggn' .*'exact' or 'lanczos'")
     assert hessrank.effective_rank(model, loss, (x, y), method="exact").rank > 0
-
-
-# On a batch larger than CONSTANCY_SAMPLES the weights are read a second time on its first 8
-# samples alone; a loss that cannot be evaluated on them (a tensor of the batch's size captured
-# in it) is checked on the whole batch. Residuals kept positive (targets shifted by 5): on 20
-# samples the captured temperature otherwise weighs some sample negatively, refused before.
-LARGE_BATCH_DEPENDENT_WEIGHTS = [
-    *[(name, outputs, loss) for name, outputs, loss in OUTPUT_DEPENDENT_WEIGHTS[:3]],
-    ("captured per-sample temperature, one output, 20 samples", 1, lambda f, y: (
-        (f.squeeze(-1) * torch.linspace(0.5, 1.5, 20, dtype=f.dtype) - y.squeeze(-1) + 5) ** 2
-    ).mean()),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize(("name", "outputs", "loss"), LARGE_BATCH_DEPENDENT_WEIGHTS,
-                         ids=[case[0] for case in LARGE_BATCH_DEPENDENT_WEIGHTS])
-def test_fisher_refuses_weights_that_depend_on_the_outputs_of_a_large_batch(
-        name, outputs, loss, dtype):
-    model = mlp((5, 6, outputs), dtype=dtype)
-    generator = torch.Generator().manual_seed(2)
-    x = torch.randn(20, 5, generator=generator, dtype=torch.float64).to(dtype)
-    y = torch.randn(20, outputs, generator=generator, dtype=torch.float64).to(dtype)
-    _check(model, lambda: hessrank.effective_rank(model, loss, (x, y), method="fisher"),
-           ValueError, r"weights depend on the model's outputs: .* with the outputs' rows moved "
-           r"one sample on .*use method='ggn' .*'exact' or 'lanczos'")
 
 
 def test_batchnorm_train_mode_for_fisher():
