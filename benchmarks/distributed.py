@@ -144,7 +144,8 @@ def large(args: argparse.Namespace) -> list[dict[str, Any]]:
         x, y = mnist(n) if args.data == "mnist" else batch(n, 784)
         start = time.perf_counter()
         result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), method="fisher",
-                                         max_memory=args.max_memory_gib * 2**30)
+                                         max_memory=args.max_memory_gib * 2**30,
+                                         measure_memory=True)
         seconds = time.perf_counter() - start
         values = np.sort(np.abs(result.eigenvalues))[::-1]
         share = {str(q): int(np.searchsorted(np.cumsum(values) / values.sum(), q)) + 1

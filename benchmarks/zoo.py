@@ -150,7 +150,8 @@ def main() -> None:
             torch.autograd.grad(loss_fn(model(x), y), params)
 
         forward_backward()
-        result = hessrank.effective_rank(model, loss_fn, (x, y), method="fisher")
+        result = hessrank.effective_rank(model, loss_fn, (x, y), method="fisher",
+                                         measure_memory=True)
         ratios, units = [], []
         for _ in range(args.rounds):
             units.append(statistics.median(timed(forward_backward) for _ in range(3)))

@@ -75,7 +75,7 @@ def estimator_options() -> dict[str, dict[str, Any]]:
 
 def _settings(threshold: float, rtol: float | None, max_memory: float, max_seconds: float | None,
               seed: int, per_layer: bool, progress: bool | Progress,
-              eigenvectors: int = 0) -> Settings:
+              eigenvectors: int = 0, measure_memory: bool = False) -> Settings:
     """Validate the options every method shares (before any work) and bundle them."""
     check_number("threshold", threshold, high=1.0)
     check_number("rtol", rtol, allow_none=True, inclusive_low=True)
@@ -83,8 +83,9 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
     check_number("max_seconds", max_seconds, allow_none=True)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    if not isinstance(per_layer, bool):
-        raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
+    for name, flag in (("per_layer", per_layer), ("measure_memory", measure_memory)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if isinstance(eigenvectors, bool) or not isinstance(eigenvectors, int) or eigenvectors < 0:
         raise ValueError(f"eigenvectors must be a count >= 0, got {eigenvectors!r}")
     return Settings(threshold=threshold, rtol=rtol, max_memory=max_memory, max_seconds=max_seconds,
@@ -108,6 +109,7 @@ def effective_rank(
     max_seconds: float | None = None,
     seed: int = 0,
     progress: bool | Progress = False,
+    measure_memory: bool = False,
     process_group: Any = None,
     **options: Any,
 ) -> RankResult:
@@ -156,6 +158,13 @@ def effective_rank(
         seed: seed of the private generator for random probes and checks (the global RNG is not
             used).
         progress: ``True`` for a progress bar with ETA, or a ``rich.progress.Progress``.
+        measure_memory: also measure the call's peak memory (``result.peak_memory``, bytes
+            above its start). Off by default because measuring resets process-wide state a
+            training loop may read: on CUDA the device's peak statistics
+            (``torch.cuda.reset_peak_memory_stats``), on Linux CPUs the process's resident-set
+            high-water mark (``VmHWM``), after returning the C allocator's free memory to the
+            system (``malloc_trim``, whose page faults cost about 10 % of a fast ``fisher``
+            call). The prediction every method checks against ``max_memory`` is made either way.
         process_group: a ``torch.distributed`` process group (``dist.group.WORLD``) for
             data-parallel analysis: every process of the group calls with the same model and
             options and its own shard of the batch (shards concatenated in rank order form the
@@ -182,7 +191,8 @@ def effective_rank(
     Returns:
         A :class:`hessrank.RankResult`. The model, its gradients, buffers, modes, hooks,
         ``requires_grad`` flags and the global RNG state are exactly as before the call, also
-        when it fails or is interrupted.
+        when it fails or is interrupted; so are the peak-memory statistics, unless
+        ``measure_memory``.
 
     Raises:
         TypeError, ValueError: bad input, named with its fix, before any expensive work.
@@ -193,7 +203,7 @@ def effective_rank(
         estimator = _estimator(method)
         check_call(model, loss_fn, mode)
         settings = _settings(threshold, rtol, max_memory, max_seconds, seed, per_layer,
-                             progress, eigenvectors)
+                             progress, eigenvectors, measure_memory)
         known = option_fields()
         unknown = sorted(set(options) - set(known))
         if unknown:
@@ -248,7 +258,7 @@ def effective_rank(
             estimator.check_budget(cost, problem, settings)
             settings = dataclasses.replace(settings, predicted_memory=cost.memory_bytes)
             outputs.cache_clear()
-            with PeakMemory(problem.device) as memory:
+            with PeakMemory(problem.device, enabled=measure_memory) as memory:
                 if isinstance(problem, StreamedProblem) and concatenate:
                     problem = problem.concatenated()
                 spectrum = estimator.run(problem, settings, method_options)

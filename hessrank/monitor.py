@@ -98,7 +98,7 @@ def _reset_high_water_mark() -> bool:
 
 
 class PeakMemory:
-    """Peak memory of a block, in bytes above its start.
+    """Peak memory of a block, in bytes above its start, when ``enabled``.
 
     CUDA: the caching allocator's peak (``max_memory_allocated``), reset at entry. CPU (Linux):
     the kernel's resident-set high-water mark, reset at entry, minus the resident set at entry:
@@ -106,15 +106,20 @@ class PeakMemory:
     the system at entry (``malloc_trim``), so memory an earlier call freed is counted again
     rather than silently reused; fragmentation can still hide a little, so a fresh process gives
     the most exact figure (as ``benchmarks/`` uses). ``peak`` is None where neither measure is
-    available.
+    available, or when not ``enabled``. Measuring resets process-wide state (the peak statistic
+    a training loop may read afterwards), which is why a library call measures only when asked
+    (``effective_rank(..., measure_memory=True)``).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
         self.device = device
+        self.enabled = enabled
         self.peak: int | None = None
         self._start: int | None = None
 
     def __enter__(self) -> PeakMemory:
+        if not self.enabled:
+            return self
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self._start = torch.cuda.memory_allocated(self.device)

@@ -25,7 +25,8 @@ class RankResult:
         ranks: the same spectrum under every definition of :mod:`hessrank.ranks`.
         method, backend: estimator and the machinery that computed it.
         num_params: ``P``, parameters analysed. num_samples: ``n``.
-        seconds: wall time of the call. peak_memory: bytes above the call's starting point.
+        seconds: wall time of the call. peak_memory: bytes above the call's starting point,
+            with ``measure_memory=True`` (None otherwise, or where it cannot be measured).
         threshold, rtol: the srank threshold and numerical-rank tolerance used.
         trace: sum of the eigenvalues (``lanczos``: SLQ estimate).
         max_rank: structural upper bound on the rank (``n``, ``n C'``, or ``P``).

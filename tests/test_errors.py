@@ -432,7 +432,8 @@ def test_budget_counts_what_the_model_holds(name, make, method):
     refined = _check(model, lambda: hessrank.effective_rank(
         model, CE, (x, y), method=method, max_memory=before.value.memory_bytes + 1, **options),
         hessrank.BudgetError, f"method='{method}' needs about")
-    measured = hessrank.effective_rank(model, CE, (x, y), method=method, **options).peak_memory
+    measured = hessrank.effective_rank(model, CE, (x, y), method=method, measure_memory=True,
+                                       **options).peak_memory
     assert refined.memory_bytes > 2 * before.value.memory_bytes
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.4 * measured <= refined.memory_bytes <= 3 * measured, (
@@ -497,6 +498,8 @@ BAD_INPUTS = [
     ("negative max_memory", {"max_memory": -1}, ValueError, "max_memory must lie in"),
     ("a string seed", {"seed": "7"}, ValueError, "seed must be an int"),
     ("per_layer not a bool", {"per_layer": "yes"}, ValueError, "per_layer must be True or False"),
+    ("measure_memory not a bool", {"measure_memory": 1}, ValueError,
+     "measure_memory must be True or False"),
     ("unknown mode", {"mode": "training"}, ValueError, "mode must be 'eval' or 'train'"),
     ("unknown backend", {"backend": "jax"}, ValueError, "unknown backend 'jax'"),
     ("zero Lanczos steps", {"method": "lanczos", "lanczos_steps": 0}, ValueError,

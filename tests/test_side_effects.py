@@ -208,6 +208,29 @@ def test_python_and_numpy_generators_are_left_as_they_were(method):
     assert after[2:] == numpy_state[2:]
 
 
+def _high_water_mark() -> int:
+    """The process's resident-set high-water mark ``VmHWM`` in kB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_peak_memory_statistics_are_left_alone_unless_measured():
+    """A training loop that logs its peak memory sees its own peak after a call; measuring
+    (``measure_memory=True``) resets it, as documented, and reports the call's peak."""
+    model, (x, y) = _net(), classification_batch(16, 6, 3, dtype=torch.float32)
+    hessrank.effective_rank(model, CE, (x, y), "fisher")  # one-time costs out of the way
+    block = torch.ones(96 * 2**18)  # 96 MiB touched and freed: the high-water mark stays up
+    del block
+    before = _high_water_mark()
+    for method in ("fisher", "exact"):
+        assert hessrank.effective_rank(model, CE, (x, y), method).peak_memory is None
+        assert _high_water_mark() >= before
+    measured = hessrank.effective_rank(model, CE, (x, y), "fisher", measure_memory=True)
+    assert measured.peak_memory is not None and measured.peak_memory < 64 * 2**20
+    assert _high_water_mark() < before - 32 * 2**10
+
+
 def test_first_use_of_hessrank_leaves_pythons_generator_alone():
     """The first ``hessrank.<name>`` loads the library (rich draws from Python's generator when
     imported): a loop seeded before it must draw the same numbers."""

@@ -115,7 +115,7 @@ def method_kwargs(cfg: Config) -> dict[str, Any]:
     """Keyword arguments of ``hessrank.effective_rank`` (each method takes its own options and
     ignores the others'); unset options are left to the library's defaults."""
     kwargs: dict[str, Any] = {"threshold": cfg.threshold, "rtol": cfg.rtol,
-                              **cfg.estimator_options}
+                              "measure_memory": True, **cfg.estimator_options}
     if cfg.max_memory_gib is not None:
         kwargs["max_memory"] = int(cfg.max_memory_gib * 2**30)
     if cfg.max_seconds is not None:
