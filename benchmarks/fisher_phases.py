@@ -6,16 +6,16 @@ follows this tree's code, not older ones), against a plain forward+backward meas
 rounds. ``--ab``: the whole call with and without one fixed cost, alternated in one process,
 with the median paired ratio:
 
-- ``trim``: the peak-memory monitor's ``malloc_trim`` at the start of a call
-  (``hessrank/monitor.py``), whose cost is mostly the page faults of reallocating the memory it
-  returned;
+- ``memory``: the call with ``measure_memory=True`` against the default (no measurement):
+  the peak-memory monitor's ``malloc_trim`` at the start of a call (``hessrank/monitor.py``),
+  whose cost is mostly the page faults of reallocating the memory it returned;
 - ``solver-threads``: the 512 x 512 eigen-solve on one thread (the default,
   ``hessrank/spectrum/dense.py``) against torch's thread count.
 
 Usage::
 
     python benchmarks/fisher_phases.py --calls 12
-    python benchmarks/fisher_phases.py --ab trim --calls 16
+    python benchmarks/fisher_phases.py --ab memory --calls 16
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--ab", choices=("trim", "solver-threads"))
+    parser.add_argument("--ab", choices=("memory", "solver-threads"))
     args = parser.parse_args()
     fwd_bwd, fisher, _ = fisher_case(args.threads)
 
@@ -86,7 +86,6 @@ def wrap_phases(spent: dict[str, float]) -> None:
     estimators = importlib.import_module("hessrank.estimators.gram")
     factors = importlib.import_module("hessrank.curvature.rules.factors")
     problem = importlib.import_module("hessrank.problem")
-    monitor = importlib.import_module("hessrank.monitor")
     wrap(estimators, "compute_gram", "compute_gram (all below but the solve)")
     wrap(estimators, "symmetric_eigenvalues", "eigen-solve")
     wrap(problem.CurvatureProblem, "forward", "forward (capturing)")
@@ -95,26 +94,24 @@ def wrap_phases(spent: dict[str, float]) -> None:
     wrap(torch.autograd, "grad", "every autograd.grad (backward passes)")
     wrap(factors.LayerFactors, "gram_and_claims", "rule Grams and the check's claims")
     wrap(gram, "_relative_error", "the check's error norms")
-    wrap(monitor, "_release_free_memory", "malloc_trim (without the page faults after)")
 
 
-def compare(args: argparse.Namespace, fisher: Callable[[], None]) -> int:
+def compare(args: argparse.Namespace, fisher: Callable[..., None]) -> int:
     """The call with and without one fixed cost, alternated; the median paired ratio."""
-    monitor = importlib.import_module("hessrank.monitor")
     dense = importlib.import_module("hessrank.spectrum.dense")
-    trim, single = monitor._release_free_memory, dense.SINGLE_THREAD_SIZE
-    variants: dict[str, Callable[[], None]] = (
-        {"with malloc_trim": lambda: setattr(monitor, "_release_free_memory", trim),
-         "without": lambda: setattr(monitor, "_release_free_memory", lambda: None)}
-        if args.ab == "trim" else
-        {"solve on one thread": lambda: setattr(dense, "SINGLE_THREAD_SIZE", single),
-         f"on {args.threads}": lambda: setattr(dense, "SINGLE_THREAD_SIZE", 0)})
+    single = dense.SINGLE_THREAD_SIZE
+    variants: dict[str, tuple[Callable[[], None], dict[str, Any]]] = (
+        {"measure_memory=True": (lambda: None, {"measure_memory": True}),
+         "default": (lambda: None, {})}
+        if args.ab == "memory" else
+        {"solve on one thread": (lambda: setattr(dense, "SINGLE_THREAD_SIZE", single), {}),
+         f"on {args.threads}": (lambda: setattr(dense, "SINGLE_THREAD_SIZE", 0), {})})
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.calls):
-        for name, apply in variants.items():
+        for name, (apply, options) in variants.items():
             apply()
             start = time.perf_counter()
-            fisher()
+            fisher(**options)
             times[name].append(time.perf_counter() - start)
     first, second = times.values()
     print(", ".join(f"{name} {statistics.median(t) * 1e3:.1f} ms" for name, t in times.items())

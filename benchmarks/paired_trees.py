@@ -27,10 +27,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def fisher_case(threads: int, arch: str = "mlp"
-                ) -> tuple[Callable[[], None], Callable[[], None], str]:
+                ) -> tuple[Callable[[], None], Callable[..., None], str]:
     """The MLP and batch of ``run.py --only fisher`` (or ``run.py``'s ``arch`` at n = 128) with
     torch on ``threads`` threads: its plain forward+backward, hessrank's ``fisher`` call (each
     warmed up once), and the path of the hessrank that runs (imported here, so a worker's
@@ -62,8 +63,8 @@ def fisher_case(threads: int, arch: str = "mlp"
         model.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
 
-    def fisher() -> None:
-        hessrank.effective_rank(model, loss, (x, y), "fisher")
+    def fisher(**options: Any) -> None:
+        hessrank.effective_rank(model, loss, (x, y), "fisher", **options)
 
     fwd_bwd()
     fisher()
