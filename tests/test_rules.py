@@ -42,8 +42,9 @@ class RuleCase:
     #: the sample dimension of the input, and of each output tensor (an LSTM returns three)
     input_dim: int = 0
     output_dims: tuple[int, ...] = (0,)
-    #: a :data:`~hessrank.curvature.rules.factors.CHUNK_BYTES` small enough to split the work
-    chunk_bytes: int | None = None
+    #: an :data:`~hessrank.curvature.rules.factors.EXPLICIT_BLOCK_BYTES` small enough to form
+    #: the explicit per-sample gradients in several blocks
+    block_bytes: int | None = None
 
 
 def _x(*shape):
@@ -91,11 +92,11 @@ CASES = [
              (factors, "kronecker_costs", CHEAP_SECOND), "linear"),
     RuleCase("linear tokens, per-sample, a row block at a time", lambda: nn.Linear(3, 5),
              _x(3, 4, 3), (factors, "kronecker_costs", CHEAP_SECOND), "linear",
-             chunk_bytes=2 * 3 * 4 * 8),
+             block_bytes=2 * 3 * 4 * 8),
     RuleCase("HuggingFace Conv1D tokens, pairs", lambda: Conv1D(2, 3), _x(3, 4, 3),
              (factors, "kronecker_costs", CHEAP_FIRST), "hf-conv1d"),
     RuleCase("HuggingFace Conv1D tokens, per-sample", lambda: Conv1D(5, 3), _x(3, 4, 3),
-             (factors, "kronecker_costs", CHEAP_SECOND), "hf-conv1d", chunk_bytes=2 * 3 * 4 * 8),
+             (factors, "kronecker_costs", CHEAP_SECOND), "hf-conv1d", block_bytes=2 * 3 * 4 * 8),
     RuleCase("HuggingFace Conv1D, one position", lambda: Conv1D(4, 3), _x(3, 3),
              rule="hf-conv1d"),
     RuleCase("embedding token pairs", lambda: nn.Embedding(5, 3), _tokens(4, 6),
@@ -125,7 +126,7 @@ CASES = [
     RuleCase("LSTM, per-sample rows a gate block at a time",
              lambda: nn.LSTM(3, 4, batch_first=True), _x(3, 5, 3),
              (factors, "kronecker_costs", CHEAP_SECOND), "lstm", output_dims=(0, 1, 1),
-             chunk_bytes=3 * 3 * 9 * 8 * 5),
+             block_bytes=3 * 3 * 9 * 8 * 5),
     RuleCase("LSTM, 2 layers, both directions, sequence first",
              lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True), _x(5, 3, 3), rule="lstm",
              input_dim=1, output_dims=(1, 1, 1)),
@@ -173,8 +174,8 @@ def test_rule_matches_explicit_per_sample_gradients(case: RuleCase, num_cotangen
                   for out in outputs)
     if case.force is not None:
         monkeypatch.setattr(*case.force)
-    if case.chunk_bytes is not None:
-        monkeypatch.setattr(factors, "CHUNK_BYTES", case.chunk_bytes)
+    if case.block_bytes is not None:
+        monkeypatch.setattr(factors, "EXPLICIT_BLOCK_BYTES", case.block_bytes)
     rule = rule_for(layer)
     assert rule is not None and rule.name == case.rule
     analysed = frozenset(name for name, _ in layer.named_parameters())
