@@ -1,10 +1,10 @@
 """Where a ``fisher`` call on the 670k MLP spends its time, and what two fixed costs weigh.
 
 The MLP, batch and threads of ``run.py --only fisher`` (784-512-512-10, n = 512, float32, 2
-threads). Default: the call's phases, timed by wrapping this tree's internal functions (so it
-follows this tree's code, not older ones), against a plain forward+backward measured in the same
-rounds. ``--ab``: the whole call with and without one fixed cost, alternated in one process,
-with the median paired ratio:
+threads), or with ``--arch`` one of ``run.py``'s architectures at n = 128. Default: the call's
+phases, timed by wrapping this tree's internal functions (so it follows this tree's code, not
+older ones), against a plain forward+backward measured in the same rounds. ``--ab``: the whole
+call with and without one fixed cost, alternated in one process, with the median paired ratio:
 
 - ``memory``: the call with ``measure_memory=True`` against the default (no measurement):
   the peak-memory monitor's ``malloc_trim`` at the start of a call (``hessrank/monitor.py``),
@@ -15,6 +15,7 @@ with the median paired ratio:
 Usage::
 
     python benchmarks/fisher_phases.py --calls 12
+    python benchmarks/fisher_phases.py --arch lstm --calls 12
     python benchmarks/fisher_phases.py --ab memory --calls 16
 """
 
@@ -38,8 +39,10 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ab", choices=("memory", "solver-threads"))
+    parser.add_argument("--arch", default="mlp",
+                        help="mlp (n = 512) or an architecture of run.py (n = 128)")
     args = parser.parse_args()
-    fwd_bwd, fisher, _ = fisher_case(args.threads)
+    fwd_bwd, fisher, _ = fisher_case(args.threads, args.arch)
 
     def timed(run: Callable[[], None]) -> float:
         start = time.perf_counter()
@@ -93,6 +96,9 @@ def wrap_phases(spent: dict[str, float]) -> None:
     wrap(gram, "_backward_batched", "capturing backward")
     wrap(torch.autograd, "grad", "every autograd.grad (backward passes)")
     wrap(factors.LayerFactors, "gram_and_claims", "rule Grams and the check's claims")
+    recurrent = importlib.import_module("hessrank.curvature.rules.recurrent")
+    for cell in (recurrent.LSTMCell, recurrent.GRUCell, recurrent.PlainCell):
+        wrap(cell, "backward", "recurrent rule's backward recurrence")
     wrap(gram, "_relative_error", "the check's error norms")
 
 

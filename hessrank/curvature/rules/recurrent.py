@@ -65,6 +65,18 @@ class CellWeights:
         out = hidden @ self.w_hh.T
         return out if self.b_hh is None else out + self.b_hh
 
+    def pre_activations(self, inputs: Tensor, previous: Tensor) -> Tensor:
+        """``W_ih x + b_ih + W_hh h + b_hh`` (``[..., F]`` and ``[..., H]`` in, ``[..., G H]``
+        out) as two accumulating GEMMs, the biases added once: no pass over the result beyond
+        the GEMMs' own."""
+        lead = inputs.shape[:-1]
+        flat_in, flat_prev = inputs.reshape(-1, inputs.shape[-1]), previous.reshape(
+            -1, previous.shape[-1])
+        biases = [b for b in (self.b_ih, self.b_hh) if b is not None]
+        out = (torch.addmm(sum(biases[1:], biases[0]), flat_in, self.w_ih.T) if biases
+               else flat_in @ self.w_ih.T)
+        return out.addmm_(flat_prev, self.w_hh.T).view(*lead, -1)
+
 
 def _previous(hidden: Tensor) -> Tensor:
     """``h_{t-1}`` for every step ``t`` (``h_{-1} = 0``): ``[n, T, H]``."""
@@ -173,20 +185,28 @@ class LSTMCell(Cell):
                  d_final: tuple[Tensor, ...], valid: Tensor | None) -> tuple[Tensor, Tensor]:
         d_h, d_c = d_final
         k, n, steps, size = d_out.shape
-        gates = weights.input_side(inputs) + weights.state_side(_previous(hidden))
-        i, f, g, o = gates.chunk(4, dim=-1)
-        i, f, o = i.sigmoid(), f.sigmoid(), o.sigmoid()
-        g = g.tanh()
+        # Time-major [T, n, ...] throughout, each factor written in place: the step loops read
+        # contiguous blocks, and the elementwise passes over [T, n, H] are few (they, not the
+        # GEMMs, dominated this function).
+        inputs_t, hidden_t = _time_major(inputs, hidden)
+        gates = weights.pre_activations(inputs_t, torch.cat(
+            [hidden_t.new_zeros(1, n, size), hidden_t[:-1]]))  # [T, n, 4 H]
+        g = gates[..., 2 * size:3 * size].contiguous().tanh_()
+        gates.sigmoid_()  # i, f, o (g's block unused)
+        i, f, o = gates[..., :size], gates[..., size:2 * size], gates[..., 3 * size:]
         update = i * g
-        cells = update.new_zeros(n, steps + 1, size)  # cells[:, t + 1] = c_t, c_{-1} = 0
+        cells = update.new_zeros(steps + 1, n, size)  # cells[t + 1] = c_t, c_{-1} = 0
         for t in range(steps):
-            torch.addcmul(update[:, t], f[:, t], cells[:, t], out=cells[:, t + 1])
-        tanh_c = cells[:, 1:].tanh()
+            torch.addcmul(update[t], f[t], cells[t], out=cells[t + 1])
+        tanh_c = cells[1:].tanh()
+        one = tanh_c.new_ones(())
         # dc_t += dh_t * to_cell; dz_o = dh_t * to_o; (dz_i, dz_f, dz_g) = dc_t * to_ifg.
-        to_cell, to_o, to_ifg, forget = _time_major(
-            o * (1 - tanh_c * tanh_c), tanh_c * o * (1 - o),
-            torch.cat([g * i * (1 - i), cells[:, :-1] * f * (1 - f), i * (1 - g * g)], dim=-1),
-            f)
+        to_cell = torch.addcmul(one, tanh_c, tanh_c, value=-1).mul_(o)  # o (1 - tanh^2 c)
+        to_o = torch.addcmul(o, o, o, value=-1).mul_(tanh_c)  # o (1 - o) tanh c
+        to_ifg = update.new_empty(steps, n, 3, size)
+        torch.addcmul(i, i, i, value=-1, out=to_ifg[:, :, 0]).mul_(g)  # g i (1 - i)
+        torch.addcmul(f, f, f, value=-1, out=to_ifg[:, :, 1]).mul_(cells[:-1])  # c f (1 - f)
+        torch.addcmul(one, g, g, value=-1, out=to_ifg[:, :, 2]).mul_(i)  # i (1 - g^2)
         d_steps = d_out.permute(2, 0, 1, 3).reshape(steps, k * n, size)
         dz = d_out.new_empty(steps, k * n, 4 * size)
         d_hidden = (d_h + d_out[:, :, -1]).reshape(k * n, size)
@@ -201,7 +221,7 @@ class LSTMCell(Cell):
                       out=dz[t, :, 3 * size:].view(k, n, size))
             torch.mul(d_cell.view(k, n, 1, size), to_ifg[t].view(n, 3, size),
                       out=dz[t, :, :3 * size].view(k, n, 3, size))
-            d_cell.view(k, n, size).mul_(forget[t])
+            d_cell.view(k, n, size).mul_(f[t])
             if valid is not None and kept_cell is not None:
                 dz[t].view(k, n, -1).mul_(valid[t])
                 d_cell = _kept(valid, t, d_cell.view(k, n, size),
