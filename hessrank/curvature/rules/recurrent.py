@@ -55,27 +55,31 @@ class CellWeights:
     b_hh: Tensor | None
     names: dict[str, str]  # "w_ih", "w_hh", "b_ih", "b_hh" -> the module's parameter name
 
-    def input_side(self, inputs: Tensor) -> Tensor:
-        """``W_ih x_t + b_ih`` for every step: ``[n, T, G H]``."""
-        out = inputs @ self.w_ih.T
-        return out if self.b_ih is None else out + self.b_ih
+    def input_side(self, inputs: Tensor, with_state_bias: bool = False) -> Tensor:
+        """``W_ih x + b_ih`` (``+ b_hh`` too, ``with_state_bias``) at every position:
+        ``[..., F]`` in, ``[..., G H]`` out, the biases added inside the GEMM."""
+        return _affine(inputs, self.w_ih, self.b_ih, self.b_hh if with_state_bias else None)
 
     def state_side(self, hidden: Tensor) -> Tensor:
         """``W_hh h + b_hh``: ``[..., G H]``."""
-        out = hidden @ self.w_hh.T
-        return out if self.b_hh is None else out + self.b_hh
+        return _affine(hidden, self.w_hh, self.b_hh)
 
     def pre_activations(self, inputs: Tensor, previous: Tensor) -> Tensor:
         """``W_ih x + b_ih + W_hh h + b_hh`` (``[..., F]`` and ``[..., H]`` in, ``[..., G H]``
-        out) as two accumulating GEMMs, the biases added once: no pass over the result beyond
-        the GEMMs' own."""
-        lead = inputs.shape[:-1]
-        flat_in, flat_prev = inputs.reshape(-1, inputs.shape[-1]), previous.reshape(
-            -1, previous.shape[-1])
-        biases = [b for b in (self.b_ih, self.b_hh) if b is not None]
-        out = (torch.addmm(sum(biases[1:], biases[0]), flat_in, self.w_ih.T) if biases
-               else flat_in @ self.w_ih.T)
-        return out.addmm_(flat_prev, self.w_hh.T).view(*lead, -1)
+        out) as two accumulating GEMMs: no pass over the result beyond the GEMMs' own."""
+        out = self.input_side(inputs, with_state_bias=True)
+        out.view(-1, out.shape[-1]).addmm_(previous.reshape(-1, previous.shape[-1]), self.w_hh.T)
+        return out
+
+
+def _affine(inputs: Tensor, weight: Tensor, *biases: Tensor | None) -> Tensor:
+    """``inputs W^T`` plus the biases given (not None), as one GEMM: ``[..., d_in]`` in,
+    ``[..., d_out]`` out (contiguous)."""
+    present = [b for b in biases if b is not None]
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    out = (torch.addmm(sum(present[1:], present[0]), flat, weight.T) if present
+           else flat @ weight.T)
+    return out.view(*inputs.shape[:-1], -1)
 
 
 def _previous(hidden: Tensor) -> Tensor:
@@ -111,6 +115,9 @@ class Cell(ABC):
 
     #: how many final states the module returns (LSTM: ``h_n`` and ``c_n``)
     states: int = 1
+    #: whether the state side's bias simply adds to the input side's (not a GRU's: its reset
+    #: gate scales part of it), so that :meth:`step` gets both in ``driven``
+    folds_state_bias: bool = True
 
     def __init__(self, module: nn.RNNBase) -> None:
         """The recurrence of ``module`` (its configuration, not its weights)."""
@@ -119,7 +126,7 @@ class Cell(ABC):
     def run(self, weights: CellWeights, inputs: Tensor, valid: Tensor | None) -> Tensor:
         """Hidden states ``[n, T, H]`` from inputs ``[n, T, F]`` and a zero initial state; a
         sample's state stays as it is at the steps ``valid [T, n, 1]`` marks False."""
-        (driven,) = _time_major(weights.input_side(inputs))
+        (driven,) = _time_major(weights.input_side(inputs, self.folds_state_bias))
         n = inputs.shape[0]
         state = tuple(inputs.new_zeros(n, self.size) for _ in range(self.states))
         out = inputs.new_empty(len(driven), n, self.size)
@@ -133,7 +140,8 @@ class Cell(ABC):
     def step(self, weights: CellWeights, driven: Tensor, state: tuple[Tensor, ...]
              ) -> tuple[Tensor, ...]:
         """The state after one step (``(h,)``, an LSTM's ``(h, c)``, each ``[n, H]``) from the
-        input's pre-activations ``driven [n, G H]`` and the state before it."""
+        input's pre-activations ``driven [n, G H]`` (with the state side's bias where
+        :attr:`folds_state_bias`) and the state before it."""
 
     @abstractmethod
     def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
@@ -177,7 +185,7 @@ class LSTMCell(Cell):
     def step(self, weights: CellWeights, driven: Tensor, state: tuple[Tensor, ...]
              ) -> tuple[Tensor, ...]:
         hidden, cell = state
-        i, f, g, o = (driven + weights.state_side(hidden)).chunk(4, dim=-1)
+        i, f, g, o = torch.addmm(driven, hidden, weights.w_hh.T).chunk(4, dim=-1)
         cell = f.sigmoid() * cell + i.sigmoid() * g.tanh()
         return o.sigmoid() * cell.tanh(), cell
 
@@ -234,6 +242,8 @@ class GRUCell(Cell):
     """``r, z = sigmoid(a + b)`` (their blocks), ``m = tanh(a_n + r b_n)``,
     ``h_t = (1 - z) m + z h_{t-1}``."""
 
+    folds_state_bias = False
+
     def step(self, weights: CellWeights, driven: Tensor, state: tuple[Tensor, ...]
              ) -> tuple[Tensor, ...]:
         (hidden,) = state
@@ -247,15 +257,21 @@ class GRUCell(Cell):
                  d_final: tuple[Tensor, ...], valid: Tensor | None) -> tuple[Tensor, Tensor]:
         (d_h,) = d_final
         k, n, steps, size = d_out.shape
-        previous = _previous(hidden)
-        a_r, a_z, a_n = weights.input_side(inputs).chunk(3, dim=-1)
+        # time-major [T, n, ...] from the start, as the LSTM's
+        inputs_t, hidden_t = _time_major(inputs, hidden)
+        previous = torch.cat([hidden_t.new_zeros(1, n, size), hidden_t[:-1]])
+        a_r, a_z, a_n = weights.input_side(inputs_t).chunk(3, dim=-1)
         b_r, b_z, b_n = weights.state_side(previous).chunk(3, dim=-1)
-        r, z = (a_r + b_r).sigmoid(), (a_z + b_z).sigmoid()
-        new = (a_n + r * b_n).tanh()
+        r, z = (a_r + b_r).sigmoid_(), (a_z + b_z).sigmoid_()
+        new = torch.addcmul(a_n, r, b_n).tanh_()
+        one = new.new_ones(())
         # da_n = dh (1 - z)(1 - m^2); da_z = dh (h_{t-1} - m) z (1 - z); da_r = da_n b_n r (1-r);
         # db_n = da_n r; the other blocks of db equal da's; dh_{t-1} = dh z + db W_hh.
-        to_n, to_z, to_r, reset, keep = _time_major(
-            (1 - z) * (1 - new * new), (previous - new) * z * (1 - z), b_n * r * (1 - r), r, z)
+        slope = torch.addcmul(one, new, new, value=-1)
+        to_n = torch.addcmul(slope, z, slope, value=-1)
+        to_z = (previous - new).mul_(torch.addcmul(z, z, z, value=-1))
+        to_r = torch.addcmul(r, r, r, value=-1).mul_(b_n)
+        reset, keep = r, z
         d_steps = d_out.permute(2, 0, 1, 3).reshape(steps, k * n, size)
         da = d_out.new_empty(steps, k * n, 3 * size)
         db = d_out.new_empty(steps, k * n, 3 * size)
@@ -288,15 +304,16 @@ class PlainCell(Cell):
 
     def step(self, weights: CellWeights, driven: Tensor, state: tuple[Tensor, ...]
              ) -> tuple[Tensor, ...]:
-        pre = driven + weights.state_side(state[0])
-        return (pre.tanh() if self.tanh else pre.relu(),)
+        pre = torch.addmm(driven, state[0], weights.w_hh.T)
+        return (pre.tanh_() if self.tanh else pre.relu_(),)
 
     def backward(self, weights: CellWeights, inputs: Tensor, hidden: Tensor, d_out: Tensor,
                  d_final: tuple[Tensor, ...], valid: Tensor | None) -> tuple[Tensor, Tensor]:
         (d_h,) = d_final
         k, n, steps, size = d_out.shape
-        (slopes,) = _time_major(1 - hidden * hidden if self.tanh
-                                else (hidden > 0).to(hidden.dtype))  # relu's, as autograd's
+        (hidden_t,) = _time_major(hidden)
+        slopes = (torch.addcmul(hidden_t.new_ones(()), hidden_t, hidden_t, value=-1) if self.tanh
+                  else (hidden_t > 0).to(hidden.dtype))  # relu's, as autograd's
         d_steps = d_out.permute(2, 0, 1, 3).reshape(steps, k * n, size)
         dz = d_out.new_empty(steps, k * n, size)
         d_hidden = (d_h + d_out[:, :, -1]).reshape(k * n, size)
