@@ -11,6 +11,7 @@ times a gradient, one Hessian-vector product and the whole solver (per product),
 peak resident memory of the process. Run it alone, on one thread::
 
     OMP_NUM_THREADS=1 python benchmarks/lanczos_scale.py accuracy
+    OMP_NUM_THREADS=1 python benchmarks/lanczos_scale.py null-space
     OMP_NUM_THREADS=1 python benchmarks/lanczos_scale.py scale
 """
 
@@ -284,6 +285,71 @@ def scale(width: int, products: int, samples: int, paired: bool, device: str) ->
     print("notes: " + "; ".join(result.notes))
 
 
+class _Complement:
+    """The operator restricted to the orthogonal complement of ``null`` (``[k, P]``
+    orthonormal rows): ``[P - k]`` coordinates in an orthonormal basis of it (float64)."""
+
+    def __init__(self, operator: HessianOperator, null: torch.Tensor) -> None:
+        dim = operator.dim
+        generator = torch.Generator().manual_seed(0)
+        spanning = torch.cat([null.T, torch.randn(dim, dim, generator=generator,
+                                                  dtype=torch.float64)], dim=1)
+        self.basis = torch.linalg.qr(spanning)[0][:, len(null):dim]  # [P, P - k]
+        self.operator, self.dim = operator, dim - len(null)
+        self.dtype, self.device = operator.dtype, operator.device
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        full = (vectors.double() @ self.basis.T).to(self.operator.dtype)
+        return (self.operator.matmat(full).double() @ self.basis).to(vectors.dtype)
+
+
+def input_null_space(case: AccuracyCase, operator: HessianOperator, seed: int) -> torch.Tensor:
+    """``[k, P]`` orthonormal directions ``e_a u^T`` of the first Linear weight (``[width, d]``,
+    the first parameter) with ``u`` in the null space of the batch's flattened inputs: the
+    loss is constant along them for every value of the other parameters, so they are exact null
+    directions of the Hessian (``width x (d - rank)`` of them)."""
+    inputs = presets.load_data(case.data, samples=case.samples, seed=seed).inputs
+    flat = inputs.reshape(len(inputs), -1).double()
+    _, values, right = torch.linalg.svd(flat)
+    null = right[int((values > 1e-10 * values[0]).sum()):]  # [d - rank, d]
+    width, d = operator.params[0].shape
+    directions = torch.zeros(width * len(null), operator.dim, dtype=torch.float64)
+    for a in range(width):
+        directions[a * len(null):(a + 1) * len(null), a * d:(a + 1) * d] = null
+    return directions
+
+
+def null_space(seeds: int, threshold: float) -> None:
+    """The P = 682 rows of the accuracy table, and the same with the Lanczos run restricted to
+    the complement of the first layer's input null space (its eigenvalues then added back as
+    exact zeros): does deflating that structural null space help the numerical rank?"""
+    print("| model, seed | P | exact null directions (Hessian on them / max) | numerical err, "
+          "plain | deflated | srank err, plain | deflated |")
+    print("|---|---|---|---|---|---|---|")
+    for case in ACCURACY_CASES:
+        if case.width != 8:
+            continue
+        operator = hessian_operator(case)
+        hessian = dense_hessian(operator, 256).double()
+        exact = symmetric_eigenvalues(hessian)
+        rtol = default_rtol(operator.dim, float(torch.finfo(torch.float32).eps))
+        truth = spectral_ranks(exact, threshold, rtol)
+        null = input_null_space(case, operator, seed=0)
+        residual = float((null @ hessian).abs().max() / hessian.abs().max())
+        restricted = _Complement(operator, null)
+        for seed in range(seeds):
+            errors = []
+            for target in (operator, restricted):
+                result = lanczos_spectrum(target, max_products=operator.dim // 3,
+                                          threshold=threshold, seed=seed, rtol=rtol)
+                ranks = spectral_ranks(result.eigenvalues, threshold, rtol, result.weights)
+                errors.append((ranks["numerical"] / truth["numerical"] - 1,
+                               ranks["srank"] / truth["srank"] - 1))
+            print(f"| {case.label()}, seed {seed} | {operator.dim} | {len(null)} ({residual:.0e}) "
+                  f"| {errors[0][0]:+.1%} | {errors[1][0]:+.1%} | {errors[0][1]:+.1%} "
+                  f"| {errors[1][1]:+.1%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -295,6 +361,10 @@ def main() -> None:
                      help="the MLPs (default) or a CNN, a ResNet, a GRU and a transformer")
     acc.add_argument("--summary", action="store_true",
                      help="one row per case over its seeds instead of a row per seed")
+    deflate = sub.add_parser("null-space", help="the P = 682 rows with the first layer's input "
+                             "null space deflated")
+    deflate.add_argument("--seeds", type=int, default=2)
+    deflate.add_argument("--threshold", type=float, default=0.99)
     big = sub.add_parser("scale", help="time and peak memory at P = 10^7")
     big.add_argument("--width", type=int, default=2789)  # run.py's P = 10^7 MLP
     big.add_argument("--products", type=int, default=100)
@@ -307,6 +377,8 @@ def main() -> None:
     if args.mode == "accuracy":
         accuracy(args.seeds, args.threshold, args.runs,
                  ACCURACY_CASES if args.cases == "mlp" else ARCHITECTURE_CASES, args.summary)
+    elif args.mode == "null-space":
+        null_space(args.seeds, args.threshold)
     else:
         scale(args.width, args.products, args.samples, args.paired, args.device)
 
