@@ -434,7 +434,8 @@ def gradient_overlap(
         with evaluation_mode(problem.model, "eval"):
             estimator.check_budget(
                 estimator.predict(problem, lambda: probe_outputs(problem), settings, None),
-                problem, settings)
+                problem, settings, caller="gradient_overlap (a dense Hessian's eigenvectors)",
+                advice="k does not lower it (the whole dense Hessian is solved)")
             operator = HessianOperator(problem)
             hessian = dense_hessian(
                 operator, exact_chunk_size(operator.dim, problem.params[0].element_size(),

@@ -361,6 +361,15 @@ def test_a_softmax_saturated_at_every_sample_is_named_not_called_linear():
            r"zero at these outputs.*saturated.*torch.float32.*float64 copy")
 
 
+def test_gradient_overlap_over_budget_names_itself_not_a_method(setup):
+    """gradient_overlap takes no method=: its budget error names it and what it can do."""
+    model, x, y = setup
+    error = _check(model, lambda: hessrank.gradient_overlap(model, CE, (x, y), max_memory=1000),
+                   hessrank.BudgetError, r"^gradient_overlap \(a dense Hessian's eigenvectors\) "
+                   r"needs about .*k does not lower it.*restrict params=")
+    assert "method=" not in str(error)
+
+
 def test_exact_over_budget_predicts_and_suggests(setup):
     model, x, y = setup
     with pytest.raises(hessrank.BudgetError, match="KiB.*method='lanczos'") as info:

@@ -105,8 +105,8 @@ def _sample_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
     if isinstance(losses, Tensor) and losses.shape == outputs.shape[:1]:
         if not losses.requires_grad:
             return torch.zeros_like(outputs)
-        (rows,) = torch.autograd.grad(losses.sum(), leaf, allow_unused=True)
-        return torch.zeros_like(outputs) if rows is None else rows
+        (gradient,) = torch.autograd.grad(losses.sum(), leaf, allow_unused=True)
+        return torch.zeros_like(outputs) if gradient is None else gradient
     rows = []
     for i in range(outputs.shape[0]):
         f = outputs[i : i + 1].detach().requires_grad_(True)

@@ -204,22 +204,30 @@ class Estimator(ABC):
         if parallel_of(problem) is None:
             self.check_budget(Cost(settings.predicted_memory + extra_bytes), problem, settings)
 
-    def check_budget(self, cost: Cost, problem: CurvatureProblem, settings: Settings) -> None:
-        """Raise :class:`BudgetError` when the predicted cost exceeds the budget."""
+    def check_budget(self, cost: Cost, problem: CurvatureProblem, settings: Settings,
+                     caller: str | None = None, advice: str | None = None) -> None:
+        """Raise :class:`BudgetError` when the predicted cost exceeds the budget.
+
+        Args:
+            caller: who needs the cost, named in the message (default ``method=<name>``).
+            advice: what to do instead (default :attr:`budget_advice`).
+        """
+        who = caller or f"method={self.name!r}"
+        instead = advice or self.budget_advice
         if cost.memory_bytes > settings.max_memory:
             raise BudgetError(
-                f"method={self.name!r} needs about {format_bytes(cost.memory_bytes)} for "
+                f"{who} needs about {format_bytes(cost.memory_bytes)} for "
                 f"P = {problem.num_params:,} parameters and n = {problem.num_samples:,} "
                 f"samples, over max_memory = {format_bytes(settings.max_memory)}: "
-                f"{self.budget_advice}, restrict params=, or raise max_memory",
+                f"{instead}, restrict params=, or raise max_memory",
                 cost.memory_bytes, cost.seconds,
             )
         if settings.max_seconds is not None and cost.seconds is not None and (
             cost.seconds > settings.max_seconds
         ):
             raise BudgetError(
-                f"method={self.name!r} would take about {cost.seconds:.3g} s, over max_seconds = "
-                f"{settings.max_seconds:g} s: {self.budget_advice}, or raise max_seconds",
+                f"{who} would take about {cost.seconds:.3g} s, over max_seconds = "
+                f"{settings.max_seconds:g} s: {instead}, or raise max_seconds",
                 cost.memory_bytes, cost.seconds,
             )
 
