@@ -514,6 +514,32 @@ def refuse_split_batch_statistics(problem: CurvatureProblem, part: str) -> None:
         )
 
 
+def unused_parameters_note(problem: CurvatureProblem, pieces: Sequence[Tensor | None]
+                           ) -> str | None:
+    """The note for analysed parameters that the loss does not depend on, or None.
+
+    Args:
+        problem: the problem whose parameters ``pieces`` follow.
+        pieces: autograd's gradient of a loss of the batch for each analysed parameter, None
+            where no gradient reaches it (``allow_unused=True``).
+
+    Returns:
+        A note naming them, what it means for the result and what to check; None when every
+        parameter is used.
+    """
+    unused = [(name, param.numel()) for name, param, piece
+              in zip(problem.names, problem.params, pieces) if piece is None]
+    if not unused:
+        return None
+    shown = ", ".join(name for name, _ in unused[:4])
+    more = f" and {len(unused) - 4} more" if len(unused) > 4 else ""
+    return (f"{sum(size for _, size in unused):,} of the {problem.num_params:,} parameters "
+            f"({shown}{more}) do not affect the loss on this batch (no gradient reaches them): "
+            "their rows and columns of the curvature are zero and they count in P; check the "
+            "forward (an unused layer; torch.utils.checkpoint(use_reentrant=True) on inputs "
+            "that do not require grad cuts its parameters off), or leave them out with params=")
+
+
 def probe_outputs(problem: CurvatureProblem) -> Tensor:
     """One forward pass without a graph, and the checked loss on it (see
     :meth:`CurvatureProblem.loss`): the model's outputs, for predictions before the work."""

@@ -372,3 +372,44 @@ def test_eigenvectors_refused_where_not_available():
         hessrank.effective_rank(model, CE, (x, y), method="lanczos", eigenvectors=2)
     with pytest.raises(ValueError, match="eigenvectors must be a count >= 0"):
         hessrank.effective_rank(model, CE, (x, y), eigenvectors=-1)
+
+
+class _WithUnused(nn.Module):
+    """An MLP with a layer its forward never calls, or (``checkpointed``) whose first layer
+    runs under a reentrant checkpoint on an input that does not require grad, which cuts that
+    layer's parameters off the graph."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.head = nn.Linear(5, 7), nn.Linear(7, 3)
+        self.spare = None if checkpointed else nn.Linear(7, 3)
+        self.checkpointed = checkpointed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            hidden = checkpoint(lambda h: torch.tanh(self.first(h)), x, use_reentrant=True)
+        else:
+            hidden = torch.tanh(self.first(x))
+        return self.head(hidden)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("method", ["fisher", "ggn", "exact", "lanczos"])
+@pytest.mark.parametrize(("checkpointed", "named", "count"),
+                         [(False, "spare.weight, spare.bias", 24),
+                          (True, "first.weight, first.bias", 42)])
+def test_parameters_the_loss_does_not_use_are_named(method, checkpointed, named, count):
+    """Parameters no gradient reaches have zero curvature rows: the result says which, and
+    a model whose parameters are all used gets no such note."""
+    x, y = classification_batch(12, 5, 3, dtype=torch.float32)
+    model = _WithUnused(checkpointed)
+    notes = hessrank.effective_rank(model, CE, (x, y), method, lanczos_steps=20).notes
+    unused = [note for note in notes if "do not affect the loss" in note]
+    assert len(unused) == 1 and unused[0].startswith(
+        f"{count} of the {sum(p.numel() for p in model.parameters())} parameters ({named})")
+    used = hessrank.effective_rank(model, CE, (x, y), method, lanczos_steps=20,
+                                   params=[model.head.weight, model.head.bias]).notes
+    assert not any("do not affect the loss" in note for note in used)

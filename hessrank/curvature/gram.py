@@ -50,7 +50,7 @@ from hessrank.curvature.loss import agreement_tolerance
 from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
 from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
-from hessrank.problem import CurvatureProblem, GraphBytes
+from hessrank.problem import CurvatureProblem, GraphBytes, unused_parameters_note
 
 #: Bytes of per-sample factors the general path may hold at once.
 GENERAL_CHUNK_BYTES = 512 * 2**20
@@ -327,6 +327,9 @@ def compute_gram(
                                       allow_unused=True)
     true_grads = {name: torch.zeros_like(p) if g is None else g
                   for name, p, g in zip(problem.names, problem.params, true_pieces)}
+    unused = unused_parameters_note(problem, true_pieces)
+    if unused is not None:
+        notes.append(unused)
     outputs = outputs.detach()
 
     accumulator = GramAccumulator(keep_groups)

@@ -14,7 +14,12 @@ from torch.overrides import TorchFunctionMode
 from hessrank.curvature.loss import agreement_tolerance
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
-from hessrank.problem import CurvatureProblem, GraphBytes, without_second_derivative
+from hessrank.problem import (
+    CurvatureProblem,
+    GraphBytes,
+    unused_parameters_note,
+    without_second_derivative,
+)
 from hessrank.spectrum.operator import SymmetricOperator
 
 
@@ -65,6 +70,8 @@ class HessianOperator(ParameterOperator):
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self.graph_bytes = graph.total
         self.loss_value = float(loss.detach())
+        #: a note naming the parameters the loss does not depend on (None: all are used)
+        self.unused_note = unused_parameters_note(problem, grads)
         self.gradient = self._summed(torch.cat([
             (g if g is not None else torch.zeros_like(p)).detach().reshape(-1)
             for g, p in zip(grads, self.params)

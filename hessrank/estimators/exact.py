@@ -94,6 +94,7 @@ class Exact(Estimator):
         dim = problem.num_params
         element = problem.params[0].element_size()
         batches = per_batch(problem)[1]
+        notes: list[str] = []
         with settings.reporter.task(f"exact Hessian ({dim} columns)", dim * batches) as advance:
 
             def batch_hessian(batch: CurvatureProblem) -> tuple[Tensor, float]:
@@ -101,13 +102,16 @@ class Exact(Estimator):
                 chunk = exact_chunk_size(dim, element, operator.graph_bytes)
                 self.check_refined(products_bytes(chunk, operator.graph_bytes), problem,
                                    settings)
+                if operator.unused_note is not None and batch is problem:  # not one of a stream
+                    notes.append(operator.unused_note)
                 return dense_hessian(operator, chunk, advance), operator.loss_value
 
             if isinstance(problem, StreamedProblem):  # the batches' Hessians, weighted, summed
                 hessian = problem.summed(batch_hessian)
             else:
                 hessian = batch_hessian(problem)[0]
-        spectrum = Spectrum(np.empty(0), "autograd", max_rank=dim, num_hvps=dim * batches)
+        spectrum = Spectrum(np.empty(0), "autograd", max_rank=dim, num_hvps=dim * batches,
+                            notes=notes)
         if settings.eigenvectors:
             spectrum.eigenvalues, vectors = symmetric_eigenpairs(hessian)
             spectrum.eigenvectors = vectors[:, : settings.eigenvectors].T.contiguous()

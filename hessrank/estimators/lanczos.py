@@ -66,6 +66,10 @@ class LanczosEstimator(Estimator):
         returns the products spent (none here: factor operators are symmetric by form)."""
         return 0
 
+    def source_notes(self, operator: SymmetricOperator) -> list[str]:
+        """What the source's operator found worth reporting (none here)."""
+        return []
+
     def data_operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         """The operator on the problem's batch, or summed over a data set's batches."""
         return operator_over(problem, lambda batch: self.operator(batch, settings))
@@ -103,7 +107,7 @@ class LanczosEstimator(Estimator):
                         weights=result.weights, ritz_values=result.ritz_values,
                         rank_interval=result.rank_interval,
                         num_hvps=result.num_products + checks,
-                        eps=eps, notes=result.notes)
+                        eps=eps, notes=[*self.source_notes(operator), *result.notes])
 
     backend = "autograd"
 
@@ -124,3 +128,10 @@ class Lanczos(LanczosEstimator):
         a wrong second derivative in the model would otherwise pass through the run unseen."""
         check_symmetric(operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77))
         return 2
+
+    def source_notes(self, operator: SymmetricOperator) -> list[str]:
+        """The parameters the loss does not depend on (one batch's operator; a data set's
+        batches each have their own)."""
+        if isinstance(operator, HessianOperator) and operator.unused_note is not None:
+            return [operator.unused_note]
+        return []
