@@ -8,6 +8,7 @@ every process, and the checks that refuse what cannot be computed from shards.
 
 from __future__ import annotations
 
+import datetime
 import pickle
 import socket
 from pathlib import Path
@@ -124,8 +125,9 @@ def outcome(call: Any) -> tuple[str, str]:
 
 def worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
+    # a collective that one process never joins fails the test in minutes, not gloo's 30
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                           world_size=WORLD)
+                           world_size=WORLD, timeout=datetime.timedelta(seconds=180))
     group = dist.group.WORLD
     inputs, targets = make_batch()
     x, y = shard(inputs, rank), shard(targets, rank)
@@ -135,6 +137,19 @@ def worker(rank: int, port: int, out: str) -> None:
         results[name] = summary(hessrank.effective_rank(
             make_model(kind), LOSSES[loss](), (x, y), method=method, process_group=group,
             **options, **keywords))
+
+    # A rule that claims a layer in one process only: the attention rule declines a layer whose
+    # score tensors exceed its limit, 64 n bytes here, so process 0 (7 samples) declines it and
+    # process 1 (5) does not; every process must take the general path for it.
+    from hessrank.curvature.rules import attention
+
+    limit, attention.CHUNK_BYTES = attention.CHUNK_BYTES, 64 * 6
+    try:
+        results["attention-declined-once"] = summary(hessrank.effective_rank(
+            make_model("attention"), nn.CrossEntropyLoss(), (x, y), method="fisher",
+            process_group=group))
+    finally:
+        attention.CHUNK_BYTES = limit
 
     # DDP: its .module analysed; no gradient, no reducer state touched; training still works.
     ddp = nn.parallel.DistributedDataParallel(make_model())
@@ -219,6 +234,23 @@ def test_cnn_cases_gather_every_kind_of_rule_factors(spawned: list[dict[str, Any
     assert set(spawned[0]["fisher-cnn"]["paths"].values()) == {"conv", "linear", "norm"}
     assert set(spawned[0]["fisher-gru"]["paths"].values()) == {"gru", "linear"}  # summed
     assert set(spawned[0]["fisher-attention"]["paths"].values()) == {"attention", "linear"}
+
+
+def test_a_rule_declined_in_one_process_is_declined_in_all(
+        spawned: list[dict[str, Any]]) -> None:
+    """Process 0's share is too large for the attention rule, process 1's is not: both take the
+    general path for the attention layer, say why, and agree with one process."""
+    reference = single("fisher-attention")
+    first = spawned[0]["attention-declined-once"]
+    for rank in range(WORLD):
+        got = spawned[rank]["attention-declined-once"]
+        np.testing.assert_array_equal(got["eigenvalues"], first["eigenvalues"])
+        assert got["paths"] == first["paths"] and got["notes"] == first["notes"]
+    np.testing.assert_allclose(first["eigenvalues"], reference["eigenvalues"], rtol=1e-9,
+                               atol=1e-9 * abs(reference["eigenvalues"][0]))
+    assert {first["paths"][name] for name in first["paths"] if name.startswith("attn.")} == {
+        "torch.func"}
+    assert any("'attn'" in note and "but not in process 0" in note for note in first["notes"])
 
 
 def test_ddp_model_analysed_without_touching_ddp(spawned: list[dict[str, Any]]) -> None:

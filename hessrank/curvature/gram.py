@@ -546,17 +546,27 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
 def _agreed_rules(problem: CurvatureProblem, passed: dict[str, Tensor],
                   failures: dict[str, str]) -> dict[str, Tensor]:
     """The rule groups that passed their check in every process (all of ``passed`` for one
-    process); a group that failed elsewhere joins ``failures`` with that process's note, so that
-    every process takes the same path for it and reports the same notes."""
+    process); a group that failed elsewhere joins ``failures`` with that process's note, and so
+    does one that a rule claimed in some processes only (a rule may decline a layer for its size,
+    which depends on each process's share of the batch), so that every process takes the same
+    path for it, with the same collectives, and reports the same notes."""
     parallel = parallel_of(problem)
     if parallel is None:
         return passed
-    reports = parallel.gather_objects(failures)
+    reports = parallel.gather_objects((failures, sorted(passed)))
     failures.clear()
-    for rank, report in enumerate(reports):
+    for rank, (report, _) in enumerate(reports):
         for group, note in report.items():
             failures.setdefault(group, f"{note} (process {rank})")
-    return {group: gram for group, gram in passed.items() if group not in failures}
+    claimed = [set(groups) for _, groups in reports]
+    everywhere = set.intersection(*claimed)
+    for group in sorted(set.union(*claimed) - everywhere - set(failures)):
+        rank = next(r for r, groups in enumerate(claimed) if group not in groups)
+        failures[group] = (f"a rule computed {group!r} in some processes but not in process "
+                           f"{rank} (its share of the batch): computed by the general path in "
+                           "every process")
+    return {group: gram for group, gram in passed.items()
+            if group in everywhere and group not in failures}
 
 
 def _global_rule_gram(problem: CurvatureProblem, layer: Factors | None, gram: Tensor) -> Tensor:
