@@ -82,10 +82,12 @@ def _affine(inputs: Tensor, weight: Tensor, *biases: Tensor | None) -> Tensor:
     return out.view(*inputs.shape[:-1], -1)
 
 
-def _previous(hidden: Tensor) -> Tensor:
-    """``h_{t-1}`` for every step ``t`` (``h_{-1} = 0``): ``[n, T, H]``."""
-    return torch.cat([hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2]), hidden[:, :-1]],
-                     dim=1)
+def _previous(hidden: Tensor, time_dim: int = 1) -> Tensor:
+    """``h_{t-1}`` for every step ``t`` (``h_{-1} = 0``), time along ``time_dim`` of
+    ``hidden`` (``[n, T, H]`` by default, ``[T, n, H]`` with ``time_dim=0``)."""
+    steps = hidden.shape[time_dim]
+    return torch.cat([torch.zeros_like(hidden.narrow(time_dim, 0, 1)),
+                      hidden.narrow(time_dim, 0, steps - 1)], dim=time_dim)
 
 
 def _time_major(*tensors: Tensor) -> list[Tensor]:
@@ -197,8 +199,7 @@ class LSTMCell(Cell):
         # contiguous blocks, and the elementwise passes over [T, n, H] are few (they, not the
         # GEMMs, dominated this function).
         inputs_t, hidden_t = _time_major(inputs, hidden)
-        gates = weights.pre_activations(inputs_t, torch.cat(
-            [hidden_t.new_zeros(1, n, size), hidden_t[:-1]]))  # [T, n, 4 H]
+        gates = weights.pre_activations(inputs_t, _previous(hidden_t, 0))  # [T, n, 4 H]
         g = gates[..., 2 * size:3 * size].contiguous().tanh_()
         gates.sigmoid_()  # i, f, o (g's block unused)
         i, f, o = gates[..., :size], gates[..., size:2 * size], gates[..., 3 * size:]
@@ -259,7 +260,7 @@ class GRUCell(Cell):
         k, n, steps, size = d_out.shape
         # time-major [T, n, ...] from the start, as the LSTM's
         inputs_t, hidden_t = _time_major(inputs, hidden)
-        previous = torch.cat([hidden_t.new_zeros(1, n, size), hidden_t[:-1]])
+        previous = _previous(hidden_t, 0)
         a_r, a_z, a_n = weights.input_side(inputs_t).chunk(3, dim=-1)
         b_r, b_z, b_n = weights.state_side(previous).chunk(3, dim=-1)
         r, z = (a_r + b_r).sigmoid_(), (a_z + b_z).sigmoid_()
