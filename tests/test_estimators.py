@@ -413,3 +413,28 @@ def test_parameters_the_loss_does_not_use_are_named(method, checkpointed, named,
     used = hessrank.effective_rank(model, CE, (x, y), method, lanczos_steps=20,
                                    params=[model.head.weight, model.head.bias]).notes
     assert not any("do not affect the loss" in note for note in used)
+
+
+def test_fisher_keeps_confident_samples_of_a_large_vocabulary():
+    """With 8000 classes the float32 batch gradient's rounding bound (sqrt(C) entries) exceeds
+    the gradient of a sample predicted at p = 0.995, whose weight then cannot be read in
+    float32; its term is 1e-4 of the top, far above the numerical rank's tolerance, so the
+    weights are read again in float64 (it was left out: numerical rank 7 against 12)."""
+    import math
+
+    classes, n, width = 8000, 12, 32
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Linear(width, classes, bias=False)
+    x = torch.randn(n, width, generator=generator)
+    y = torch.randperm(classes, generator=generator)[:n]
+    with torch.no_grad():  # every other sample predicted at p = 0.995
+        model.weight.copy_(0.1 * torch.randn(classes, width, generator=generator))
+        for i in range(0, n, 2):
+            model.weight[y[i]] = math.log(0.995 / 0.005 * classes) * x[i] / x[i].norm() ** 2
+    result = hessrank.effective_rank(model, CE, (x, y), "fisher")
+    weight = model.weight.detach().double().requires_grad_(True)
+    rows = torch.stack([torch.autograd.grad(CE(x[i:i + 1].double() @ weight.T, y[i:i + 1]),
+                                            weight)[0].reshape(-1) for i in range(n)])
+    reference = torch.linalg.eigvalsh(rows @ rows.T / n).flip(0).numpy()
+    assert result.ranks["numerical"] == int((reference > result.rtol * reference[0]).sum()) == n
+    np.testing.assert_allclose(result.eigenvalues, reference, rtol=0, atol=2e-5 * reference[0])
