@@ -418,6 +418,9 @@ _WORKING_MEMORY_CASES = [
     ("conv activations", lambda: (_ConvActivations(), torch.randn(96, 3, 32, 32),
                                   torch.randint(0, 3, (96,))), "fisher"),
     *(("LSTM", _lstm_batch, method) for method in ("fisher", "ggn", "lanczos")),
+    # fisher's loss side: gradients of a loss over 20000 classes, many times the model's
+    ("20000 classes", lambda: (nn.Linear(8, 20000), torch.randn(128, 8),
+                               torch.randint(0, 20000, (128,))), "fisher"),
     # exact: each column of a batched product holds about twice the graph (256 columns at once
     # took 8.4 GB on the 16-channel model at n = 96, 32 x 32, predicted at 69 MB)
     ("conv activations", lambda: (_ConvActivations(channels=6), torch.randn(48, 3, 24, 24),

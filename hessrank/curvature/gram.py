@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,8 +150,9 @@ def _first_parameter(module: nn.Module) -> str | None:
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) else None
 
 
-def working_bytes(graph: int, captured_outputs: Sequence[Tensor | tuple[Tensor, ...]],
-                  rule_work: int, cotangents: Tensor) -> int:
+def working_bytes(graph: int, claimed: Mapping[str, tuple[nn.Module, GramRule]],
+                  captured: Mapping[str, Tensor | tuple[Tensor, ...]],
+                  sizes: Mapping[str, int], k: int, n: int, cotangent_bytes: int) -> int:
     """What a Gram call holds beyond its Gram matrices and the general path's factors, predicted
     from its capturing forward pass: the forward's graph (``graph`` bytes, kept for the capturing
     and the check's backward passes) and as much again for the gradients a backward pass holds
@@ -161,18 +162,20 @@ def working_bytes(graph: int, captured_outputs: Sequence[Tensor | tuple[Tensor, 
 
     Args:
         graph: bytes of the forward pass's saved tensors.
-        captured_outputs: the claimed layers' outputs.
-        rule_work: the largest claimed layer's working bytes.
-        cotangents: ``[K, n, *out]``.
+        claimed: the layers rules claim, ``group -> (module, rule)``.
+        captured: their outputs, by group.
+        sizes: their analysed parameters' sizes, by group.
+        k, n: ``K`` cotangent columns per sample, ``n`` samples.
+        cotangent_bytes: bytes of the cotangents ``[K, n, *out]``.
 
     Returns:
         Bytes.
     """
-    k = cotangents.shape[0]
-    element = cotangents.element_size()
-    outputs = sum(t.numel() * t.element_size() for value in captured_outputs
-                  for t in _leaves(value))
-    return 2 * graph + k * outputs + cotangents.numel() * element + rule_work
+    rule_work = max((rule.working_bytes(module, captured[group], k, n, sizes[group])
+                     for group, (module, rule) in claimed.items()), default=0)
+    outputs = sum(t.numel() * t.element_size() for group in claimed
+                  for t in _leaves(captured[group]))
+    return 2 * graph + k * outputs + cotangent_bytes + rule_work
 
 
 def _leaves(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -201,6 +204,7 @@ def compute_gram(
     use_rules: bool,
     generator: torch.Generator,
     check_working_memory: Callable[[int], None] | None = None,
+    loss_side_bytes: Callable[[Tensor], int] | None = None,
 ) -> GramResult:
     """The Gram of the factors: rules where they apply and pass their check, the general path
     elsewhere.
@@ -215,6 +219,11 @@ def compute_gram(
         check_working_memory: called once the capturing forward pass has run, before anything
             else, with the bytes the rest of the call holds beyond the Gram matrices and the
             general path's factors (:func:`working_bytes`); it raises over the budget.
+        loss_side_bytes: the peak bytes of ``cotangents_of`` on these outputs, for a source with
+            one cotangent column per sample whose prediction before the work could not count
+            them (they need the outputs' size; 0: nothing to add); checked with the forward's
+            graph, and against what the rest of the call holds, before the cotangents are
+            formed.
 
     Raises:
         ValueError: the general path's check fails (the samples interact in the model).
@@ -248,21 +257,26 @@ def compute_gram(
             outputs = problem.forward()
     finally:
         capture.remove()
-    cotangents = shard_cotangents(problem, cotangents_of, outputs)
-    k, n = cotangents.shape[:2]
-    notes: list[str] = []
     for group in list(claimed):
         if capture.calls[group] != 1 or capture.inputs.get(group) is None or (
                 group not in capture.edges):
             # called twice (its gradient sums several calls), not at all, or an output that
             # is not differentiable tensors
             claimed.pop(group)
+    sizes = {group: sum(named[name].numel() for name in groups[group]) for group in claimed}
+    loss_side = (loss_side_bytes(outputs) if loss_side_bytes is not None
+                 and isinstance(outputs, Tensor) else 0)
+    if check_working_memory is not None and loss_side:
+        # before the loss side runs: its peak, or what the rest holds with its one column
+        check_working_memory(max(graph.total + loss_side, working_bytes(
+            graph.total, claimed, capture.outputs, sizes, 1, outputs.shape[0],
+            outputs.numel() * outputs.element_size())))
+    cotangents = shard_cotangents(problem, cotangents_of, outputs)
+    k, n = cotangents.shape[:2]
+    notes: list[str] = []
     if check_working_memory is not None:
-        rule_work = max((rule.working_bytes(module, capture.outputs[group], k, n,
-                                            sum(named[name].numel() for name in groups[group]))
-                         for group, (module, rule) in claimed.items()), default=0)
-        check_working_memory(working_bytes(
-            graph.total, [capture.outputs[g] for g in claimed], rule_work, cotangents))
+        check_working_memory(working_bytes(graph.total, claimed, capture.outputs, sizes, k, n,
+                                           cotangents.numel() * cotangents.element_size()))
     start, stop, total = sample_range(problem)
     weights = torch.randn(k, total, generator=generator, dtype=torch.float64)[:, start:stop]
     weights = weights.to(device=problem.device, dtype=problem.dtype)

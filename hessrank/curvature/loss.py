@@ -183,6 +183,12 @@ def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     return _Reading(weights, uncertainty, flat_sample, mismatch / rounding, finite)
 
 
+#: Peak bytes of :func:`fisher_cotangents`, in copies of the outputs: the batch's and the samples'
+#: loss gradients, their graphs and the cotangents. Measured 7-10 (cross-entropy over 10 to
+#: 20000 classes, GPT's per-token logits), 15 when the weights are read again in float64.
+FISHER_LOSS_SIDE_COPIES = 16
+
+
 def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """``s_i = sqrt(a_i) dl_i/df_i`` (see the module docstring), verified, and the weights.
 

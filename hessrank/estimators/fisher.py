@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hessrank.curvature.loss import fisher_cotangents
+from hessrank.curvature.loss import FISHER_LOSS_SIDE_COPIES, fisher_cotangents
 from hessrank.estimators.base import register
 from hessrank.estimators.gram import GramEstimator, GramOptions
 from hessrank.problem import LossFn
@@ -24,6 +24,12 @@ class Fisher(GramEstimator):
 
     def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
         return 1
+
+    def loss_side_bytes(self, outputs: Tensor) -> int:
+        """The loss's and the samples' gradients w.r.t. the outputs (:func:`fisher_cotangents`):
+        known once the first forward pass gives the outputs' size (``fisher`` runs no forward
+        pass to predict)."""
+        return FISHER_LOSS_SIDE_COPIES * outputs.numel() * outputs.element_size()
 
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                    generator: torch.Generator, options: GramOptions | None = None

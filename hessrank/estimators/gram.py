@@ -64,6 +64,11 @@ class GramEstimator(Estimator):
         """Peak bytes of computing the output-side factors (beyond the factors themselves)."""
         return 0
 
+    def loss_side_bytes(self, outputs: Tensor) -> int:
+        """Peak bytes of the output-side factors that :meth:`output_side_bytes` could not
+        predict before the work, from the outputs of the first forward pass (none here)."""
+        return 0
+
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: GramOptions) -> Cost:
         n = problem.num_samples
@@ -184,7 +189,8 @@ class GramEstimator(Estimator):
         return compute_gram(problem, cotangents_of, settings.per_layer,
                             use_rules=options.backend == "auto", generator=generator,
                             check_working_memory=lambda extra: self.check_refined(
-                                extra, problem, settings))
+                                extra, problem, settings),
+                            loss_side_bytes=self.loss_side_bytes)
 
 
 def _backend(result: GramResult, names: list[str]) -> str:
