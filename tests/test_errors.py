@@ -540,3 +540,23 @@ def test_bad_input_is_named_with_its_fix(setup, what, changes, error, match):
     options.setdefault("method", "fisher")
     _check(model, lambda: hessrank.effective_rank(target_model, CE, (inputs, targets), **options),
            error, match)
+
+
+@pytest.mark.parametrize("method", ["fisher_lanczos", "ggn_lanczos"])
+def test_factor_lanczos_budget_counts_the_output_side_before_forming_it(method):
+    """The Lanczos methods on EF/GGN products predict their basis before the work; the factors'
+    output side (the loss's gradients, or the GGN's output-Hessian blocks) needs the outputs'
+    size, and is checked once the first forward pass gives it, before it is formed: over a
+    budget that holds the basis but not it, a BudgetError with the model left as it was."""
+    torch.manual_seed(0)
+    classes = 2000 if method == "ggn_lanczos" else 20000
+    model = nn.Linear(8, classes)
+    x, y = torch.randn(64, 8), torch.randint(0, classes, (64,))
+    with pytest.raises(hessrank.BudgetError) as before:
+        hessrank.effective_rank(model, CE, (x, y), method=method, lanczos_steps=10, max_memory=1)
+    output_bytes = 64 * classes * 4  # one copy of the outputs
+    refined = _check(model, lambda: hessrank.effective_rank(
+        model, CE, (x, y), method=method, lanczos_steps=10,
+        max_memory=before.value.memory_bytes + output_bytes), hessrank.BudgetError,
+        f"method='{method}' needs about")
+    assert refined.memory_bytes > before.value.memory_bytes + 2 * output_bytes

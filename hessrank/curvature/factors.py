@@ -31,14 +31,23 @@ class FactorOperator(ParameterOperator):
         problem: the validated problem.
         cotangents_of: ``(outputs, targets) -> [K, n, *out]`` output-side factors of a batch.
         method: the method's name, for messages.
+        check_working_memory: called once the forward pass has run, before the output-side
+            factors are formed, with the bytes the forward's graph and ``output_side_bytes`` of
+            its outputs hold; it raises over the budget.
+        output_side_bytes: the peak bytes of ``cotangents_of`` on given outputs.
     """
 
     def __init__(self, problem: CurvatureProblem,
-                 cotangents_of: Callable[[Tensor, Tensor], Tensor], method: str) -> None:
+                 cotangents_of: Callable[[Tensor, Tensor], Tensor], method: str,
+                 check_working_memory: Callable[[int], None] | None = None,
+                 output_side_bytes: Callable[[Tensor], int] | None = None) -> None:
         super().__init__(problem)
         graph = GraphBytes(problem)
         with graph.counting():
             outputs = problem.forward()
+        if (check_working_memory is not None and output_side_bytes is not None
+                and isinstance(outputs, Tensor)):  # else shard_cotangents names the problem
+            check_working_memory(graph.total + output_side_bytes(outputs))
         self.loss_value = float(problem.loss(outputs.detach()))
         check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                  problem.names, method)

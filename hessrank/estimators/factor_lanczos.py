@@ -4,12 +4,13 @@ the Gram matrix (``nC' x nC'`` or ``n x n``) is too large to form."""
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from hessrank.curvature.factors import FactorOperator
 from hessrank.estimators.base import Settings, register
 from hessrank.estimators.fisher import Fisher
 from hessrank.estimators.ggn import GGN
-from hessrank.estimators.gram import GramEstimator
+from hessrank.estimators.gram import GramEstimator, GramOptions
 from hessrank.estimators.lanczos import LanczosEstimator
 from hessrank.problem import CurvatureProblem
 from hessrank.spectrum.operator import SymmetricOperator
@@ -28,7 +29,17 @@ class FactorLanczos(LanczosEstimator):
             problem,
             lambda outputs, targets: self.factors_of.cotangents(problem.loss_fn, outputs,
                                                                 targets, generator)[0],
-            self.name)
+            self.name,
+            check_working_memory=lambda extra: self.check_refined(extra, problem, settings),
+            output_side_bytes=self.output_side_bytes)
+
+    def output_side_bytes(self, outputs: Tensor) -> int:
+        """Peak bytes of the factors' output side (the loss's gradients or Hessian blocks) on
+        ``outputs``, which the prediction before the work (the Lanczos basis) cannot count."""
+        element = outputs.element_size()
+        return (self.factors_of.output_side_bytes(outputs.shape[0], outputs[0].numel(),
+                                                  element, GramOptions())
+                + self.factors_of.loss_side_bytes(outputs))
 
 
 @register
