@@ -514,6 +514,12 @@ def refuse_split_batch_statistics(problem: CurvatureProblem, part: str) -> None:
         )
 
 
+def listed_names(names: Sequence[str], shown: int = 4) -> str:
+    """``"a, b, c, d and 2 more"``: the first ``shown`` names, for a message."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def unused_parameters_note(problem: CurvatureProblem, pieces: Sequence[Tensor | None]
                            ) -> str | None:
     """The note for analysed parameters that the loss does not depend on, or None.
@@ -531,13 +537,12 @@ def unused_parameters_note(problem: CurvatureProblem, pieces: Sequence[Tensor | 
               in zip(problem.names, problem.params, pieces) if piece is None]
     if not unused:
         return None
-    shown = ", ".join(name for name, _ in unused[:4])
-    more = f" and {len(unused) - 4} more" if len(unused) > 4 else ""
     return (f"{sum(size for _, size in unused):,} of the {problem.num_params:,} parameters "
-            f"({shown}{more}) do not affect the loss on this batch (no gradient reaches them): "
-            "their rows and columns of the curvature are zero and they count in P; check the "
-            "forward (an unused layer; torch.utils.checkpoint(use_reentrant=True) on inputs "
-            "that do not require grad cuts its parameters off), or leave them out with params=")
+            f"({listed_names([name for name, _ in unused])}) do not affect the loss on this "
+            "batch (no gradient reaches them): their rows and columns of the curvature are zero "
+            "and they count in P; check the forward (an unused layer; "
+            "torch.utils.checkpoint(use_reentrant=True) on inputs that do not require grad cuts "
+            "its parameters off), or leave them out with params=")
 
 
 def probe_outputs(problem: CurvatureProblem) -> Tensor:

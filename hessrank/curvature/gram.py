@@ -204,7 +204,7 @@ def compute_gram(
     use_rules: bool,
     generator: torch.Generator,
     check_working_memory: Callable[[int], None] | None = None,
-    loss_side_bytes: Callable[[Tensor], int] | None = None,
+    output_side_bytes: Callable[[Tensor], int] | None = None,
 ) -> GramResult:
     """The Gram of the factors: rules where they apply and pass their check, the general path
     elsewhere.
@@ -219,11 +219,11 @@ def compute_gram(
         check_working_memory: called once the capturing forward pass has run, before anything
             else, with the bytes the rest of the call holds beyond the Gram matrices and the
             general path's factors (:func:`working_bytes`); it raises over the budget.
-        loss_side_bytes: the peak bytes of ``cotangents_of`` on these outputs, for a source with
-            one cotangent column per sample whose prediction before the work could not count
-            them (they need the outputs' size; 0: nothing to add); checked with the forward's
-            graph, and against what the rest of the call holds, before the cotangents are
-            formed.
+        output_side_bytes: the peak bytes of ``cotangents_of`` on these outputs that the
+            prediction before the work could not count (it needs the outputs' size; 0: nothing
+            to add), for a source with one cotangent column per sample; checked with the
+            forward's graph, and against what the rest of the call holds, before the cotangents
+            are formed.
 
     Raises:
         ValueError: the general path's check fails (the samples interact in the model).
@@ -264,11 +264,11 @@ def compute_gram(
             # is not differentiable tensors
             claimed.pop(group)
     sizes = {group: sum(named[name].numel() for name in groups[group]) for group in claimed}
-    loss_side = (loss_side_bytes(outputs) if loss_side_bytes is not None
-                 and isinstance(outputs, Tensor) else 0)
-    if check_working_memory is not None and loss_side:
-        # before the loss side runs: its peak, or what the rest holds with its one column
-        check_working_memory(max(graph.total + loss_side, working_bytes(
+    output_side = (output_side_bytes(outputs) if output_side_bytes is not None
+                   and isinstance(outputs, Tensor) else 0)
+    if check_working_memory is not None and output_side:
+        # before the output side runs: its peak, or what the rest holds with its one column
+        check_working_memory(max(graph.total + output_side, working_bytes(
             graph.total, claimed, capture.outputs, sizes, 1, outputs.shape[0],
             outputs.numel() * outputs.element_size())))
     cotangents = shard_cotangents(problem, cotangents_of, outputs)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from hessrank.problem import LossFn, without_second_derivative
+from hessrank.problem import LossFn, listed_names, without_second_derivative
 
 
 def agreement_tolerance(dtype: torch.dtype) -> float:
@@ -75,12 +75,12 @@ def check_no_parameter_terms(
     """
     direct = direct_parameter_names(loss_fn, outputs, targets, params, names)
     if direct:
-        shown = ", ".join(direct[:4]) + (f" and {len(direct) - 4} more" if len(direct) > 4 else "")
         raise ValueError(
-            f"loss_fn uses the parameters directly ({shown}), e.g. an L2 / L2-Init term: the "
-            f"{method} is defined for a loss of the model's outputs and has no per-sample factors "
-            "for such a term. Pass the data term alone as loss_fn (the regulariser's own Hessian "
-            "is known in closed form, e.g. 2*lambda*I for lambda*||theta||^2), or use "
+            f"loss_fn uses the parameters directly ({listed_names(direct)}), e.g. an L2 / "
+            f"L2-Init term: the {method} is defined for a loss of the model's outputs and has no "
+            "per-sample factors for such a term. Pass the data term alone as loss_fn (the "
+            "regulariser's own Hessian is known in closed form, e.g. 2*lambda*I for "
+            "lambda*||theta||^2), or use "
             "method='exact' or 'lanczos', which include it"
         )
 

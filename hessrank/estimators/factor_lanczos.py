@@ -36,10 +36,8 @@ class FactorLanczos(LanczosEstimator):
     def output_side_bytes(self, outputs: Tensor) -> int:
         """Peak bytes of the factors' output side (the loss's gradients or Hessian blocks) on
         ``outputs``, which the prediction before the work (the Lanczos basis) cannot count."""
-        element = outputs.element_size()
-        return (self.factors_of.output_side_bytes(outputs.shape[0], outputs[0].numel(),
-                                                  element, GramOptions())
-                + self.factors_of.loss_side_bytes(outputs))
+        return self.factors_of.output_side_bytes(outputs.shape[0], outputs[0].numel(),
+                                                 outputs.element_size(), GramOptions())
 
 
 @register

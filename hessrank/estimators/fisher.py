@@ -25,11 +25,12 @@ class Fisher(GramEstimator):
     def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
         return 1
 
-    def loss_side_bytes(self, outputs: Tensor) -> int:
-        """The loss's and the samples' gradients w.r.t. the outputs (:func:`fisher_cotangents`):
-        known once the first forward pass gives the outputs' size (``fisher`` runs no forward
+    def output_side_bytes(self, num_samples: int, outputs_per_sample: int, element: int,
+                          options: GramOptions) -> int:
+        """The loss's and the samples' gradients w.r.t. the outputs (:func:`fisher_cotangents`),
+        counted once the first forward pass gives the outputs' size (``fisher`` runs no forward
         pass to predict)."""
-        return FISHER_LOSS_SIDE_COPIES * outputs.numel() * outputs.element_size()
+        return FISHER_LOSS_SIDE_COPIES * num_samples * outputs_per_sample * element
 
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                    generator: torch.Generator, options: GramOptions | None = None

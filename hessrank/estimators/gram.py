@@ -64,10 +64,14 @@ class GramEstimator(Estimator):
         """Peak bytes of computing the output-side factors (beyond the factors themselves)."""
         return 0
 
-    def loss_side_bytes(self, outputs: Tensor) -> int:
-        """Peak bytes of the output-side factors that :meth:`output_side_bytes` could not
-        predict before the work, from the outputs of the first forward pass (none here)."""
-        return 0
+    def unpredicted_output_bytes(self, outputs: Tensor, options: GramOptions) -> int:
+        """:meth:`output_side_bytes` at the outputs of the first forward pass where the
+        prediction before the work could not count it (without :attr:`needs_output_size` it
+        has no outputs' size); 0 where it did."""
+        if self.needs_output_size:
+            return 0
+        return self.output_side_bytes(outputs.shape[0], outputs[0].numel(),
+                                      outputs.element_size(), options)
 
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: GramOptions) -> Cost:
@@ -81,7 +85,8 @@ class GramEstimator(Estimator):
         memory = size**2 * (element + 16)
         if settings.per_layer:
             memory += len(groups) * size**2 * element
-        memory += self.output_side_bytes(n, per_sample, element, options)
+        if self.needs_output_size:  # else once the first forward pass gives the outputs' size
+            memory += self.output_side_bytes(n, per_sample, element, options)
         modules = dict(problem.model.named_modules())
         named = dict(zip(problem.names, problem.params))
         general_sizes = [sum(named[name].numel() for name in names)
@@ -190,7 +195,8 @@ class GramEstimator(Estimator):
                             use_rules=options.backend == "auto", generator=generator,
                             check_working_memory=lambda extra: self.check_refined(
                                 extra, problem, settings),
-                            loss_side_bytes=self.loss_side_bytes)
+                            output_side_bytes=lambda outputs: self.unpredicted_output_bytes(
+                                outputs, options))
 
 
 def _backend(result: GramResult, names: list[str]) -> str:
