@@ -31,9 +31,9 @@ class FactorLanczos(LanczosEstimator):
                                                                 targets, generator)[0],
             self.name,
             check_working_memory=lambda extra: self.check_refined(extra, problem, settings),
-            output_side_bytes=self.output_side_bytes)
+            output_side_bytes=self.output_side_at)
 
-    def output_side_bytes(self, outputs: Tensor) -> int:
+    def output_side_at(self, outputs: Tensor) -> int:
         """Peak bytes of the factors' output side (the loss's gradients or Hessian blocks) on
         ``outputs``, which the prediction before the work (the Lanczos basis) cannot count."""
         return self.factors_of.output_side_bytes(outputs.shape[0], outputs[0].numel(),
