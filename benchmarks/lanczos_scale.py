@@ -6,12 +6,19 @@ ResNet, a GRU and a transformer layer on the digits;
 :func:`hessrank.spectrum.lanczos.lanczos_spectrum` on the Hessian operator with a budget of
 ``P / 3`` products, against the exact eigenvalues; prints a markdown table.
 
+``interval-parts``: what makes up the srank interval's width (the P = 682 rows of ``accuracy``
+and one P = 1482 row): the resolution part alone (Chebyshev-Markov-Stieltjes at the estimate's
+cut), the sampling part alone (the parametric bootstrap without it), and the sampling spread a
+perfectly resolved quadrature with the same deflation would still have (exact eigenpairs, 200
+Rademacher probes).
+
 ``scale``: the MLP 784-2789-2789-10 (P = 10^7) of ``run.py`` on 256 synthetic 28 x 28 inputs;
 times a gradient, one Hessian-vector product and the whole solver (per product), and reports the
 peak resident memory of the process. Run it alone, on one thread::
 
     OMP_NUM_THREADS=1 python benchmarks/lanczos_scale.py accuracy
     OMP_NUM_THREADS=1 python benchmarks/lanczos_scale.py null-space
+    OMP_NUM_THREADS=1 python benchmarks/lanczos_scale.py interval-parts
     OMP_NUM_THREADS=1 python benchmarks/lanczos_scale.py scale
 """
 
@@ -30,7 +37,7 @@ from torch import nn
 from hessrank.cli import presets
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
 from hessrank.problem import build_problem
-from hessrank.ranks import default_rtol, spectral_ranks
+from hessrank.ranks import default_rtol, spectral_ranks, srank
 from hessrank.spectrum import lanczos
 from hessrank.spectrum.dense import symmetric_eigenvalues
 from hessrank.spectrum.lanczos import lanczos_spectrum
@@ -350,6 +357,64 @@ def null_space(seeds: int, threshold: float) -> None:
                   f"| {errors[1][1]:+.1%} |")
 
 
+#: The rows of ``interval-parts``: the two P = 682 cases of ``accuracy`` and one P = 1482 case.
+INTERVAL_CASES = [ACCURACY_CASES[-2], ACCURACY_CASES[-1], ACCURACY_CASES[0]]
+
+
+def interval_parts(seeds: int, threshold: float, probes: int = 200) -> None:
+    """Print the srank interval's width and its two parts at ``P // 3`` products, relative to
+    the exact srank, for :data:`INTERVAL_CASES` (one Lanczos run each, as ``accuracy`` makes)."""
+    print("| model | P | exact srank | srank err | interval width | resolution part alone | "
+          "sampling part alone | sampling at perfect resolution |")
+    print("|---|---|---|---|---|---|---|---|")
+    for case in INTERVAL_CASES:
+        operator = hessian_operator(case)
+        dim = operator.dim
+        exact, vectors = np.linalg.eigh(dense_hessian(operator, 256).double().cpu().numpy())
+        truth = srank(exact, threshold)
+        rtol = default_rtol(dim, float(torch.finfo(torch.float32).eps))
+        for seed in range(seeds):
+            start = lanczos.rademacher(dim, torch.Generator().manual_seed(seed), operator.device,
+                                       torch.float32)
+            alpha, beta, last_beta, _ = lanczos.lanczos_run(operator, start, dim // 3)
+            quadrature, _ = lanczos._quadrature(alpha, beta, last_beta, dim)
+            nodes, weights = quadrature.nodes, quadrature.weights
+            estimate = srank(nodes, threshold, weights)
+            low, high = lanczos._intervals([quadrature], threshold, rtol, seed).srank
+            bottom, top = lanczos._count_bounds(quadrature, weights,
+                                                lanczos._srank_cut(nodes, weights, threshold))
+            resolution = max(estimate, top) - min(estimate, bottom)
+            draws = lanczos._bootstrap_weights(quadrature, lanczos.BOOTSTRAP_DRAWS,
+                                               np.random.default_rng(seed))
+            sampled = [srank(nodes, threshold, w) for w in draws]
+            sampling = float(np.quantile(sampled, 0.975) - np.quantile(sampled, 0.025))
+            perfect = _perfect_resolution_spread(exact, vectors, nodes[quadrature.fixed],
+                                                 threshold, probes, seed)
+            print(f"| {case.label()}, seed {seed} | {dim} | {truth:.0f} | "
+                  f"{estimate / truth - 1:+.1%} | {(high - low) / truth:.0%} | "
+                  f"{resolution / truth:.0%} | {sampling / truth:.0%} | {perfect / truth:.0%} |")
+    print(f"\nbudget: P // 3 products in one run; threshold {threshold}; widths relative to "
+          "the exact srank; the sampling columns span 2.5 % to 97.5 %")
+
+
+def _perfect_resolution_spread(exact: np.ndarray, vectors: np.ndarray, deflated: np.ndarray,
+                               threshold: float, probes: int, seed: int) -> float:
+    """The 95 % spread of a one-probe srank whose quadrature resolves every eigenvalue: the
+    exact eigenvalues nearest the run's deflated Ritz values weigh 1, the others
+    ``(q_i . z)^2`` for a Rademacher ``z``, rescaled to the free total (as the solver's ratio
+    estimator does)."""
+    fixed = np.zeros(len(exact), dtype=bool)
+    fixed[[int(np.argmin(np.abs(exact - value))) for value in deflated]] = True
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(probes):
+        free = (vectors[:, ~fixed].T @ rng.choice([-1.0, 1.0], len(exact))) ** 2
+        weights = np.ones(len(exact))
+        weights[~fixed] = (~fixed).sum() * free / free.sum()
+        values.append(srank(exact, threshold, weights))
+    return float(np.quantile(values, 0.975) - np.quantile(values, 0.025))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -365,6 +430,10 @@ def main() -> None:
                              "null space deflated")
     deflate.add_argument("--seeds", type=int, default=2)
     deflate.add_argument("--threshold", type=float, default=0.99)
+    parts = sub.add_parser("interval-parts", help="the srank interval's width and its parts "
+                           "(P = 682 and one P = 1482 case)")
+    parts.add_argument("--seeds", type=int, default=2)
+    parts.add_argument("--threshold", type=float, default=0.99)
     big = sub.add_parser("scale", help="time and peak memory at P = 10^7")
     big.add_argument("--width", type=int, default=2789)  # run.py's P = 10^7 MLP
     big.add_argument("--products", type=int, default=100)
@@ -379,6 +448,8 @@ def main() -> None:
                  ACCURACY_CASES if args.cases == "mlp" else ARCHITECTURE_CASES, args.summary)
     elif args.mode == "null-space":
         null_space(args.seeds, args.threshold)
+    elif args.mode == "interval-parts":
+        interval_parts(args.seeds, args.threshold)
     else:
         scale(args.width, args.products, args.samples, args.paired, args.device)
 
