@@ -150,7 +150,8 @@ def effective_rank(
             lambda)`` from the Gram eigenvectors ``u`` (one batched backward pass).
         mode: ``"eval"`` (default): the model as evaluated, dropout off and BatchNorm on its
             running statistics, whatever its flags; ``"train"``: the flags as set, i.e. BatchNorm
-            on batch statistics (``exact``/``lanczos`` only; dropout must be off).
+            in training mode on batch statistics, and one in eval mode (frozen) on its running
+            statistics, named in a note (``exact``/``lanczos`` only; dropout must be off).
         max_memory: budget in bytes (> 0) for every method, checked against a prediction before
             the work; over it, :class:`hessrank.BudgetError` (a ``ValueError``).
         max_seconds: time budget (> 0) for the methods that predict their time (``exact``,

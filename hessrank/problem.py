@@ -24,6 +24,8 @@ Batch = tuple[Tensor | Sequence[Tensor] | Mapping[str, Tensor], Tensor]
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
+#: Normalisation layers that may hold running statistics (BatchNorm, InstanceNorm).
+_NORM_WITH_STATISTICS = nn.modules.batchnorm._NormBase
 #: Parameter dtypes the curvature is computed in; half precision loses too many digits for
 #: second derivatives, and complex parameters have no real Hessian.
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -357,6 +359,15 @@ def build_problem(
             raise ValueError(
                 f"mode='train' with active dropout ({', '.join(active_dropout)}) makes the loss "
                 "random and its curvature undefined: use mode='eval' (the default)"
+            )
+        frozen_statistics = [f"{type(m).__name__} {name!r}" for name, m in model.named_modules()
+                             if isinstance(m, _NORM_WITH_STATISTICS) and not m.training
+                             and m.track_running_stats]
+        if frozen_statistics:
+            notes.append(
+                f"mode='train' keeps the training flags as set: {listed_names(frozen_statistics)} "
+                "in eval mode normalise with their running statistics, not the batch's; call "
+                "model.train() first for batch statistics"
             )
     return CurvatureProblem(model, loss_fn, *_usable_batch(args, kwargs, targets), names,
                             selected, excluded, mode, notes)

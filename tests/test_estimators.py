@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -438,3 +440,25 @@ def test_fisher_keeps_confident_samples_of_a_large_vocabulary():
     reference = torch.linalg.eigvalsh(rows @ rows.T / n).flip(0).numpy()
     assert result.ranks["numerical"] == int((reference > result.rtol * reference[0]).sum()) == n
     np.testing.assert_allclose(result.eigenvalues, reference, rtol=0, atol=2e-5 * reference[0])
+
+
+@pytest.mark.parametrize("flags", ["all eval", "all train", "batchnorm frozen"])
+def test_train_mode_follows_each_batchnorm_flag(flags):
+    """``mode='train'`` keeps the flags as set: a BatchNorm in training mode normalises with the
+    batch's statistics, one left in eval mode with its running statistics, and a note names it
+    (a model left in eval mode after an evaluation loop is not measured silently as evaluated).
+    Against a finite-difference Hessian of a copy with the same flags."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2.0)
+    model.train(flags != "all eval")
+    model[1].train(flags == "all train")
+    x, y = classification_batch(8, 4, 3)
+    reference_model = copy.deepcopy(model)
+    reference = eigenvalues_by_magnitude(reference_hessian(reference_model, CE, x, y))
+    res = hessrank.effective_rank(model, CE, (x, y), method="exact", mode="train")
+    assert_spectra_close(res.eigenvalues, reference)
+    frozen = [note for note in res.notes if "running statistics" in note]
+    assert bool(frozen) == (flags != "all train")
+    assert all("BatchNorm1d '1'" in note and "model.train()" in note for note in frozen)
