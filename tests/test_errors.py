@@ -189,6 +189,52 @@ def test_batchnorm_without_running_statistics_for_per_sample_factors(method):
     assert hessrank.effective_rank(model, CE, (x, y), method="exact").rank > 0
 
 
+class _BatchSizedMixer(nn.Module):
+    """Mixes the samples through a Linear over the batch dimension: it runs on 8 samples only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(8, 8, bias=False)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(x.T).T))
+
+
+class _SequenceFirstOutput(nn.Module):
+    """Token logits ``[T, n, C]``: sequence first, ``T = 6`` rows for ``n = 8`` samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # x: [n, T, 5]
+        return self.head(x.transpose(0, 1))
+
+
+def _sequence_first_loss(outputs, targets):
+    return nn.functional.cross_entropy(outputs.permute(1, 2, 0), targets)
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: (_BatchSizedMixer().double(), CE, classification_batch(8, 5, 3)),
+     r"the model's forward failed on one sample alone \(RuntimeError: .*\).*needs the "
+           r"whole batch.*use method='exact' or 'lanczos'"),
+    (lambda: (_SequenceFirstOutput().double(), _sequence_first_loss,
+              (torch.randn(8, 6, 5, dtype=torch.float64), torch.randint(0, 3, (8, 6)))),
+     r"output has shape \(6, 8, 3\) for a batch of 8 samples.*samples along the output's "
+           r"first dimension.*transpose\(0, 1\)"),
+], ids=["forward needs the whole batch", "sequence-first output"])
+def test_outputs_without_per_sample_rows_are_named(make, match, method):
+    """Per-sample factors need a model that runs on one sample and puts the samples first in its
+    output; without, an error says so (not a shape error from deep inside, as before)."""
+    model, loss_fn, (x, y) = make()
+    _check(model, lambda: hessrank.effective_rank(model, loss_fn, (x, y), method=method),
+           ValueError, match)
+    assert hessrank.effective_rank(model, loss_fn, (x, y), method="exact").rank > 0
+
+
 def test_dropout_with_train_mode():
     model = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.5), nn.Linear(6, 3)).double()
     x, y = classification_batch(8, 5, 3)

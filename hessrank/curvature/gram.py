@@ -57,6 +57,10 @@ GENERAL_CHUNK_BYTES = 512 * 2**20
 
 #: Name of the general path in results, by how it ran.
 VMAP_PATH, LOOP_PATH = "torch.func", "per-sample loop"
+#: Why a forward that fails on one sample alone has no per-sample factors.
+SAMPLE_ALONE = ("per-sample EF/GGN factors run the model on each sample by itself (a batch of "
+                "1), and a forward that needs the whole batch (it mixes the samples, or fixes the "
+                "batch size) has none; use method='exact' or 'lanczos'")
 
 
 @dataclass
@@ -263,6 +267,13 @@ def compute_gram(
             # called twice (its gradient sums several calls), not at all, or an output that
             # is not differentiable tensors
             claimed.pop(group)
+    start, stop, total = sample_range(problem)
+    if isinstance(outputs, Tensor) and (outputs.dim() == 0 or outputs.shape[0] != stop - start):
+        raise ValueError(
+            f"the model's output has shape {tuple(outputs.shape)} for a batch of {stop - start} "
+            "samples: per-sample EF/GGN factors need the samples along the output's first "
+            "dimension ([n, ...]); return a sample-first output (a sequence-first model's "
+            "output.transpose(0, 1), with the loss to match) or use method='exact' or 'lanczos'")
     sizes = {group: sum(named[name].numel() for name in groups[group]) for group in claimed}
     output_side = (output_side_bytes(outputs) if output_side_bytes is not None
                    and isinstance(outputs, Tensor) else 0)
@@ -277,7 +288,6 @@ def compute_gram(
     if check_working_memory is not None:
         check_working_memory(working_bytes(graph.total, claimed, capture.outputs, sizes, k, n,
                                            cotangents.numel() * cotangents.element_size()))
-    start, stop, total = sample_range(problem)
     weights = torch.randn(k, total, generator=generator, dtype=torch.float64)[:, start:stop]
     weights = weights.to(device=problem.device, dtype=problem.dtype)
     # The probes of projected claims: their own stream (the weights' generator is left as it was).
@@ -530,9 +540,16 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
                     value.shape != (stop - start, k, *subset[name].shape)
                     for name, value in vjps.items()):
                 path = LOOP_PATH
-                samples = [_sample_gradients(problem.model, params, cotangents[:, i],
-                                             *_sample(args, kwargs, i - start))
-                           for i in range(start, stop)]
+                try:
+                    samples = [_sample_gradients(problem.model, params, cotangents[:, i],
+                                                 *_sample(args, kwargs, i - start))
+                               for i in range(start, stop)]
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as raised:  # noqa: BLE001 - the model's own error, explained
+                    return {}, (f"the model's forward failed on one sample alone "
+                                f"({type(raised).__name__}: {raised})", SAMPLE_ALONE,
+                                math.inf), path
                 vjps = {name: torch.stack([s[0][name] for s in samples]) for name in subset}
                 outs = torch.stack([s[1] for s in samples])
             sample_outputs.append(outs)
