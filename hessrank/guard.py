@@ -316,6 +316,8 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
       inference kernels that compute differently, NaN where a query row has every key masked
       (left padding under a causal mask) instead of the differentiable path's zeros.
     - Embeddings with ``max_norm`` as pure lookups (:func:`renormalised_embeddings`).
+    - Embeddings with ``sparse=True`` give dense gradients: sparsity is how a gradient is stored,
+      not what it is, and second derivatives and per-sample factors need them dense.
     - The caller's backward hooks off (:func:`backward_hooks_off`).
     - ``torch.nn.utils.parametrize.cached()`` off (:func:`parametrization_cache_off`).
 
@@ -335,6 +337,7 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
         _attribute_for_the_call(torch.backends.cudnn, "enabled",
                                 torch.backends.cudnn.enabled and not recurrent),
         ExitStack() as autocast_off,
+        ExitStack() as dense_gradients,
         renormalised_embeddings(model) as notes,
         backward_hooks_off(model) as hook_notes,
         parametrization_cache_off() as cache_notes,
@@ -342,4 +345,7 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
         for device in sorted(devices):
             if torch.is_autocast_enabled(device):
                 autocast_off.enter_context(torch.autocast(device, enabled=False))
+        for module in model.modules():
+            if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse:
+                dense_gradients.enter_context(_attribute_for_the_call(module, "sparse", False))
         yield notes + hook_notes + cache_notes

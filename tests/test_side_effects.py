@@ -465,6 +465,48 @@ def test_max_norm_embedding_is_analysed_at_the_rows_its_forward_uses_and_left_as
     assert calls and torch.equal(weight, values) and model.emb.max_norm == 0.7
 
 
+class _SparseTable(nn.Module):
+    """Tokens through an ``nn.Embedding`` or ``nn.EmbeddingBag`` with sparse gradients."""
+
+    def __init__(self, bag: bool) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.bag = bag
+        table = nn.EmbeddingBag if bag else nn.Embedding
+        self.emb = table(11, 4, sparse=True, dtype=torch.float64)
+        self.head = nn.Linear(4, 3, dtype=torch.float64)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        looked_up = self.emb(tokens) if self.bag else self.emb(tokens).mean(1)
+        return self.head(torch.tanh(looked_up))
+
+
+@pytest.mark.parametrize(("method", "bag"), [(method, False) for method in _REFERENCES]
+                         + [("fisher", True), ("ggn", True)])
+def test_sparse_embedding_gradients_are_analysed_and_left_sparse(method, bag):
+    """``sparse=True`` stores an embedding's gradient sparsely; its curvature is the dense
+    table's (reference: a copy with ``sparse=False``), and the module stays sparse after the call,
+    also when interrupted. Before, every method failed on a sparse gradient's reshape."""
+    model = _SparseTable(bag)
+    g = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
+    result = hessrank.effective_rank(model, CE, (tokens, y), method)
+    assert model.emb.sparse
+    dense = copy.deepcopy(model)
+    dense.emb.sparse = False
+    reference = eigenvalues_by_magnitude(_REFERENCES[method](dense, CE, tokens, y, 1 / 6))
+    count = min(8, len(result.eigenvalues))
+    torch.testing.assert_close(torch.as_tensor(result.eigenvalues[:count]),
+                               torch.as_tensor(reference[:count]),
+                               atol=1e-8 * abs(reference[0]), rtol=0)
+    calls: list[int] = []
+    handle = model.head.register_forward_hook(_interrupting(calls, 2))
+    with contextlib.suppress(KeyboardInterrupt):
+        hessrank.effective_rank(model, CE, (tokens, y), method)
+    handle.remove()
+    assert calls and model.emb.sparse
+
+
 @pytest.mark.parametrize("method", ["fisher", "exact"])
 def test_a_call_inside_autocast_runs_at_full_precision(method):
     """From inside a mixed-precision step (``torch.autocast``, bfloat16): the same eigenvalues as

@@ -15,7 +15,7 @@ Assumes: the input is a batch of indices (``[n, ...]``, first dimension the samp
 ``max_norm`` (the forward pass rewrites the weight; inside a call
 :func:`hessrank.guard.renormalised_embeddings` has rescaled the rows and turned it off),
 ``scale_grad_by_freq`` (the gradient depends on token counts over the whole batch) and ``sparse``
-gradients.
+gradients (inside a call :func:`hessrank.guard.differentiable` has turned them off).
 """
 
 from __future__ import annotations
