@@ -125,8 +125,10 @@ class CurvatureProblem:
         return groups
 
 
-def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor) -> Tensor:
-    """``loss_fn(outputs, targets)``, checked to be a finite scalar, with errors that help.
+def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: bool = True
+                  ) -> Tensor:
+    """``loss_fn(outputs, targets)``, checked to be a scalar (and finite, unless ``finite`` is
+    False), with errors that help.
 
     Raises:
         TypeError: the model's outputs are not a tensor.
@@ -148,7 +150,7 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor) -> Tensor:
             f"({targets.dtype}): {error}. Check the targets' shape and dtype (e.g. class "
             "indices as int64 of shape [n] for nn.CrossEntropyLoss)"
         ) from error
-    check_loss(value)
+    check_loss(value, finite)
     return value
 
 
@@ -163,8 +165,8 @@ def all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def check_loss(value: object) -> None:
-    """Raise if the loss is not a finite scalar tensor."""
+def check_loss(value: object, finite: bool = True) -> None:
+    """Raise if the loss is not a scalar tensor, or (``finite``) not a finite one."""
     if not isinstance(value, Tensor):
         raise TypeError(
             f"loss_fn returned {type(value).__name__}, expected a scalar tensor: return "
@@ -175,7 +177,7 @@ def check_loss(value: object) -> None:
             f"loss_fn returned a tensor of shape {tuple(value.shape)}, expected a scalar: use "
             "reduction='mean' (or 'sum'), not 'none'."
         )
-    if not torch.isfinite(value.detach()).all():
+    if finite and not torch.isfinite(value.detach()).all():
         raise ValueError(
             f"the loss is {value.item()}: the curvature of a non-finite loss is undefined; check "
             "the model's outputs and the targets."

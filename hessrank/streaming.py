@@ -49,7 +49,14 @@ from torch import Tensor
 
 from hessrank.curvature.loss import agreement_tolerance, direct_parameter_names
 from hessrank.curvature.operator import ParameterOperator
-from hessrank.problem import Batch, CurvatureProblem, read_batch, refuse_split_batch_statistics
+from hessrank.problem import (
+    Batch,
+    CurvatureProblem,
+    check_loss,
+    evaluate_loss,
+    read_batch,
+    refuse_split_batch_statistics,
+)
 
 #: ``(samples, float64 sum of the targets, float64 sum of every input)``: tells batches apart.
 Fingerprint = tuple[int, float, float]
@@ -135,6 +142,22 @@ def _output_gradient(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tenso
     leaf = outputs.detach().requires_grad_(True)
     (gradient,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, allow_unused=True)
     return torch.zeros_like(leaf) if gradient is None else gradient
+
+
+def _curved(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor
+            ) -> bool:
+    """Whether the loss's Hessian w.r.t. the outputs is nonzero (or not finite) along a random
+    direction: a batch whose loss gradient vanishes may still add curvature."""
+    leaf = outputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (gradient,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, create_graph=True,
+                                          allow_unused=True)
+    if gradient is None or not gradient.requires_grad:
+        return False
+    direction = torch.randn(leaf.shape, generator=torch.Generator().manual_seed(0),
+                            dtype=leaf.dtype).to(leaf.device)
+    (product,) = torch.autograd.grad(gradient, leaf, grad_outputs=direction, allow_unused=True)
+    return product is not None and not bool((product == 0).all())
 
 
 def _outputs(batch: CurvatureProblem) -> Tensor:
@@ -243,6 +266,24 @@ class StreamedProblem(CurvatureProblem):
         beta = _coefficient(pair_gradient[split:], gradient, what)
         return alpha, beta
 
+    def _weighed(self, batch: CurvatureProblem, outputs: Tensor, index: int
+                 ) -> tuple[float, float]:
+        """``(Z_b, L_b)``: batch ``index``'s normaliser (:meth:`_normaliser`) and its loss, which
+        must be finite where the data set's loss weighs the batch (``Z_b > 0``); a batch whose
+        outputs have no gradient next to another (every target ignored) may have a NaN loss of
+        its own."""
+        with torch.no_grad():  # a parameter term would otherwise build a graph
+            loss = evaluate_loss(batch.loss_fn, outputs, batch.targets, finite=False)
+        normaliser = self._normaliser(batch, outputs, f"batch {index}")
+        if normaliser != 0.0:
+            check_loss(loss)
+        elif _curved(batch.loss_fn, outputs, batch.targets):
+            raise ValueError(
+                f"batch {index}'s outputs have a zero loss gradient but a curved loss (e.g. exact "
+                "predictions under a squared error), so its weight in the data set's loss "
+                "cannot be read off its gradient; pass the data as one batch")
+        return normaliser, float(loss)
+
     def _normaliser(self, batch: CurvatureProblem, outputs: Tensor, what: str) -> float:
         """``Z_b`` relative to the reference batch's (1 for a sum), from the batch's outputs."""
         gradient = _output_gradient(batch.loss_fn, outputs, batch.targets)
@@ -282,11 +323,17 @@ class StreamedProblem(CurvatureProblem):
         with same_draw(self.data):
             for index, batch in enumerate(self._batches()):
                 outputs = _outputs(batch)
-                with torch.no_grad():  # a parameter term would otherwise build a graph
-                    value = float(CurvatureProblem.loss(batch, outputs))  # checked: finite
                 if self._reference is None:
+                    with torch.no_grad():  # a parameter term would otherwise build a graph
+                        CurvatureProblem.loss(batch, outputs)  # checked: a finite scalar
                     self._begin(batch, outputs)
-                normaliser = self._normaliser(batch, outputs, f"batch {index}")
+                normaliser, value = self._weighed(batch, outputs, index)
+                if normaliser == 0.0 and not math.isfinite(value):
+                    self.notes.append(
+                        f"batch {index} adds nothing to the data set's loss (its own loss is "
+                        f"{value}, e.g. every target ignored, and its outputs have no gradient "
+                        "next to another batch): left out")
+                    value = 0.0
                 self._normalisers.append((_fingerprint(batch), normaliser))
                 losses.append((normaliser, value))
                 self.total_samples += batch.num_samples
@@ -338,7 +385,10 @@ class StreamedProblem(CurvatureProblem):
             )
 
     def _weight(self, normaliser: float, total: float) -> float:
-        """``c_b`` from the batch's normaliser and the data set's."""
+        """``c_b`` from the batch's normaliser and the data set's (0 for a batch whose outputs
+        have no gradient: nothing to add)."""
+        if normaliser == 0.0:
+            return 0.0
         return 1.0 if self.kind == "sum" else normaliser / total
 
     def _total_normaliser(self) -> float:
@@ -366,9 +416,7 @@ class StreamedProblem(CurvatureProblem):
                 if known[0] == _fingerprint(batch):
                     normaliser = known[1]
                 else:  # a batch the first pass did not see in this place
-                    outputs = _outputs(batch)
-                    CurvatureProblem.loss(batch, outputs)  # checked: a finite scalar
-                    normaliser = self._normaliser(batch, outputs, f"batch {index}")
+                    normaliser = self._weighed(batch, _outputs(batch), index)[0]
                 seen += normaliser
                 count += batch.num_samples
                 weight = self._weight(normaliser, total)

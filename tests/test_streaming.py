@@ -165,6 +165,37 @@ def test_bad_data_is_refused_with_the_fix(what, loss, data, method, error, messa
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+@pytest.mark.parametrize("method", ["exact", "ggn", "fisher"])
+def test_a_batch_whose_targets_are_all_ignored_adds_nothing(method):
+    """A batch with every target ignored has a NaN mean loss of its own, and no gradient or
+    curvature; the data set's loss (the mean over the targets not ignored) is finite. Streamed ==
+    the concatenated batch, and a note names the batch left out (before: refused as a NaN
+    loss)."""
+    model, loss_fn, x, y = _data("ignore_index")
+    y = y.clone()
+    y[5:12] = 2  # batch 1 (samples 5-11): every target is ignore_index
+    streamed = hessrank.effective_rank(model, loss_fn, _batches(x, y), method)
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), method)
+    assert any("batch 1 adds nothing" in note for note in streamed.notes)
+    assert streamed.trace == pytest.approx(whole.trace, rel=1e-9)
+    assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
+
+
+def test_a_batch_without_gradient_but_with_curvature_is_refused():
+    """Exact predictions under a mean squared error: batch 1's outputs have no loss gradient, so
+    its share of the mean cannot be read off it, but its curvature counts; refused, where it was
+    left out without a word before."""
+    model, _, x, y = _data("mean")
+    with torch.no_grad():
+        targets = model(x) + torch.randn(len(x), 3, dtype=torch.float64)
+        targets[5:12] = model(x[5:12])
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="batch 1's outputs have a zero loss gradient but a "
+                                         "curved loss.*pass the data as one batch"):
+        hessrank.effective_rank(model, nn.MSELoss(), _batches(x, targets), "exact")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_train_mode_batchnorm_is_refused_on_a_data_set():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
