@@ -36,7 +36,13 @@ from hessrank.problem import (
     check_number,
     probe_outputs,
 )
-from hessrank.ranks import MAX_DEFAULT_RTOL, default_rtol, spectral_ranks, srank
+from hessrank.ranks import (
+    MAX_DEFAULT_RTOL,
+    default_rtol,
+    spectral_ranks,
+    srank,
+    within_rank_bounds,
+)
 from hessrank.results import RankResult
 from hessrank.spectrum.dense import symmetric_eigenpairs
 from hessrank.streaming import (
@@ -318,7 +324,8 @@ def _result(
     size = spectrum.max_rank if spectrum.weights is not None or estimator.solver == "dense" \
         else len(spectrum.eigenvalues)
     tolerance = default_rtol(size, spectrum.eps or eps) if rtol is None else rtol
-    ranks = spectral_ranks(spectrum.eigenvalues, threshold, tolerance, spectrum.weights)
+    ranks = spectral_ranks(spectrum.eigenvalues, threshold, tolerance, spectrum.weights,
+                           spectrum.max_rank)
     shown = spectrum.eigenvalues
     notes = [*problem.notes, *spectrum.notes]
     if rtol is None and size * (spectrum.eps or eps) > MAX_DEFAULT_RTOL:
@@ -331,7 +338,8 @@ def _result(
         notes.append("no Ritz value converged: the eigenvalues shown (and the top one) are the "
                      "quadrature's nodes, unconverged Ritz values; raise lanczos_steps")
     interval = None if spectrum.rank_interval is None else (
-        float(spectrum.rank_interval[0]), float(spectrum.rank_interval[1]))
+        within_rank_bounds(spectrum.rank_interval[0], spectrum.max_rank),
+        within_rank_bounds(spectrum.rank_interval[1], spectrum.max_rank))
     return RankResult(
         rank=int(round(ranks["srank"])),
         eigenvalues=shown,

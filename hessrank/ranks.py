@@ -19,6 +19,8 @@ All of them are invariant to scaling the matrix.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 RANK_NAMES = ("srank", "numerical", "entropy", "stable", "participation")
@@ -43,8 +45,11 @@ def srank(
 ) -> float:
     """srank: how many of the largest ``|eigenvalues|`` hold ``threshold`` of the total mass.
 
-    With unit weights this is an integer. With quadrature weights the boundary node is counted
-    fractionally (the share of its weight needed to reach the threshold).
+    Always a whole number, as the definition's smallest ``k`` is. With quadrature weights the
+    eigenvalues a node stands for are taken as equal: the count is the weight of the nodes before
+    the boundary node plus the share of its weight needed to reach the threshold, rounded up
+    (a deflated node of weight one, an eigenvalue found, counts whole, as it does in the exact
+    spectrum).
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
@@ -64,7 +69,9 @@ def srank(
     if np.all(w == 1.0):
         return float(index + 1)
     fraction = min(1.0, max(0.0, (target - before) / mass[index])) if mass[index] > 0 else 1.0
-    return float(weight_before + fraction * w[index])
+    count = weight_before + fraction * w[index]
+    # Rounded up, past the rounding of the weights' sum (a count of 12 summed as 12.000000001).
+    return float(math.ceil(count - 1e-9 * max(count, 1.0)))
 
 
 def numerical_rank(
@@ -121,6 +128,7 @@ def spectral_ranks(
     threshold: float = 0.99,
     rtol: float | None = None,
     weights: np.ndarray | None = None,
+    max_rank: int | None = None,
 ) -> dict[str, float]:
     """Every rank definition of this module on one spectrum.
 
@@ -133,6 +141,10 @@ def spectral_ranks(
             (:func:`default_rtol`) when the spectrum comes from float32 arithmetic.
         weights: multiplicity of each eigenvalue (a quadrature of a spectral density), None
             for a plain spectrum.
+        max_rank: the matrix's largest possible rank (its size, or a factorisation's width),
+            for a quadrature: its ranks are estimates, and where one falls outside the bounds
+            every rank of a nonzero matrix obeys, ``[1, max_rank]``, it is the bound (a
+            quadrature whose top node weighs less than one gives a stable rank below 1).
 
     Returns:
         ``{"srank", "numerical", "entropy", "stable", "participation"}`` -> value.
@@ -142,10 +154,18 @@ def spectral_ranks(
     """
     if rtol is None:
         rtol = default_rtol(len(np.ravel(eigenvalues)), float(np.finfo(np.float64).eps))
-    return {
+    ranks = {
         "srank": srank(eigenvalues, threshold, weights),
         "numerical": numerical_rank(eigenvalues, rtol, weights),
         "entropy": entropy_rank(eigenvalues, weights),
         "stable": stable_rank(eigenvalues, weights),
         "participation": participation_ratio(eigenvalues, weights),
     }
+    if weights is not None and max_rank is not None and np.abs(eigenvalues).max(initial=0) > 0:
+        ranks = {name: within_rank_bounds(value, max_rank) for name, value in ranks.items()}
+    return ranks
+
+
+def within_rank_bounds(value: float, max_rank: int) -> float:
+    """``value`` moved into ``[1, max_rank]``, the range of every rank of a nonzero matrix."""
+    return float(min(max(value, 1.0), max(max_rank, 1)))

@@ -504,12 +504,16 @@ class StreamedOperator(ParameterOperator):
     def matmat(self, vectors: Tensor) -> Tensor:
         """The data set's curvature times each row of ``vectors`` (``[k, P]``)."""
         self.num_products += vectors.shape[0]
+        bounds: list[int] = []
 
         def batch_product(batch: CurvatureProblem) -> tuple[Tensor, float]:
             operator = self.make(batch)
+            bounds.append(operator.rank_bound)
             return operator.matmat(vectors), operator.loss_value
 
-        return self.problem.summed(batch_product)
+        product = self.problem.summed(batch_product)
+        self.rank_bound = min(self.dim, sum(bounds))  # a sum's rank is at most its terms' sum
+        return product
 
 
 def per_batch(problem: CurvatureProblem) -> tuple[CurvatureProblem, int]:

@@ -192,6 +192,51 @@ def test_a_simple_eigenvalue_with_a_large_probe_weight_is_still_one_eigenvalue()
     assert result.weights[top_node] == 1.0  # 23.3 before: the trace 89 too large
 
 
+def test_an_exhausted_krylov_space_gives_the_exact_spectrum() -> None:
+    """40 simple eigenvalues and a 9-fold zero: the Krylov space is invariant after 41 steps,
+    every Ritz value converges and is an eigenvalue. The 40 count once each and the zero node
+    carries the other 9, whatever the budget beyond 41; before, a run whose every Ritz value
+    converged deflated none (stable rank 2.45 against 5.25 on an MLP's Hessian once
+    ``lanczos_steps`` passed its distinct eigenvalues)."""
+    eigenvalues = np.concatenate([np.linspace(4.0, 0.1, 40) * (-1.0) ** np.arange(40),
+                                  np.zeros(9)])
+    truth = spectral_ranks(eigenvalues, 0.99, 1e-6)
+    for products in (41, 49, 80):
+        result = lanczos_spectrum(rotated(eigenvalues, dtype=torch.float64),
+                                  max_products=products, seed=0, rtol=1e-6)
+        assert "40 converged eigenvalues deflated" in result.notes[0]
+        assert any("the 8 eigenvalues it lacks are taken as repeats" in note
+                   for note in result.notes)
+        zero = np.argmin(np.abs(result.eigenvalues))
+        assert result.weights[zero] == pytest.approx(9.0)
+        ranks = spectral_ranks(result.eigenvalues, 0.99, 1e-6, result.weights, len(eigenvalues))
+        for name, value in truth.items():  # the float32 basis: Ritz values to about 1e-7
+            assert ranks[name] == pytest.approx(value, rel=1e-6), name
+
+
+def test_srank_counts_whole_eigenvalues() -> None:
+    """The srank is the smallest whole count: a node of weight 4 at 1 beside one eigenvalue 4
+    is the spectrum 4, 1, 1, 1, 1, whose 90 % take 5 eigenvalues (not 4.2, the boundary node's
+    share); a deflated boundary eigenvalue counts whole (fisher_lanczos gave 12.11 for 13)."""
+    assert spectral_ranks(np.array([4.0, 1.0]), 0.9, 1e-6, np.array([1.0, 4.0]))["srank"] == 5.0
+    assert spectral_ranks(np.array([4.0, 1.0, 1.0, 1.0, 1.0]), 0.9, 1e-6)["srank"] == 5.0
+    values = np.geomspace(1.0, 1e-3, 20)
+    assert (spectral_ranks(values, 0.99, 1e-6, np.ones(20) + 1e-12)["srank"]
+            == spectral_ranks(values, 0.99, 1e-6)["srank"])
+
+
+def test_quadrature_ranks_stay_within_what_a_rank_can_be() -> None:
+    """A quadrature's top node may weigh less than one eigenvalue (a stable rank of 0.4), and its
+    nodes more than the matrix's rank (the EF's ``n`` of ``P``): with ``max_rank`` every rank is
+    moved into ``[1, max_rank]``."""
+    nodes, weights = np.array([2.0, 0.5, 1e-9]), np.array([0.2, 2.0, 8.0])
+    loose = spectral_ranks(nodes, 0.99, 1e-12, weights)
+    assert loose["stable"] < 1.0 and loose["numerical"] > 8.0
+    bounded = spectral_ranks(nodes, 0.99, 1e-12, weights, max_rank=8)
+    assert bounded["stable"] == 1.0 and bounded["numerical"] == 8.0
+    assert all(1.0 <= value <= 8.0 for value in bounded.values())
+
+
 @pytest.mark.parametrize("eigenvalues", [np.zeros(50), np.array([2.5])], ids=["zero", "1x1"])
 def test_degenerate_operators(eigenvalues: np.ndarray) -> None:
     result = lanczos_spectrum(rotated(eigenvalues), max_products=10)

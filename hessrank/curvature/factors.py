@@ -52,6 +52,8 @@ class FactorOperator(ParameterOperator):
         check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                  problem.names, method)
         self.cotangents = shard_cotangents(problem, cotangents_of, outputs)
+        if self.parallel is None:  # F has K n columns (a process's K may differ from another's)
+            self.rank_bound = min(self.dim, self.cotangents.shape[0] * problem.num_samples)
         self._outputs = outputs
         self._dummy = torch.zeros_like(outputs, requires_grad=True)
         with graph.counting():

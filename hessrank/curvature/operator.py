@@ -18,6 +18,7 @@ class ParameterOperator:
         parallel: the data-parallel group of a sharded problem, else None.
         graph_bytes: bytes of the autograd graph the operator keeps for its products (the
             tensors it saves, :class:`~hessrank.problem.GraphBytes`); 0 where not measured.
+        rank_bound: the largest rank the operator can have (``P``, or a factorisation's width).
     """
 
     def __init__(self, problem: CurvatureProblem) -> None:
@@ -29,3 +30,4 @@ class ParameterOperator:
         self.num_products = 0
         self.parallel = parallel_of(problem)
         self.graph_bytes = 0
+        self.rank_bound = self.dim

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from hessrank.curvature.hessian import HessianOperator, check_symmetric
+from hessrank.curvature.operator import ParameterOperator
 from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum, positive_int, register
 from hessrank.problem import CurvatureProblem
 from hessrank.ranks import default_rtol
@@ -103,7 +104,9 @@ class LanczosEstimator(Estimator):
             result = lanczos_spectrum(operator, max_products=steps, threshold=settings.threshold,
                                       seed=settings.seed, advance=advance,
                                       basis_dtype=BASIS_DTYPE, rtol=rtol)
-        return Spectrum(result.eigenvalues, self.backend, max_rank=operator.dim,
+        bound = (operator.rank_bound if isinstance(operator, ParameterOperator)
+                 else operator.dim)
+        return Spectrum(result.eigenvalues, self.backend, max_rank=bound,
                         weights=result.weights, ritz_values=result.ritz_values,
                         rank_interval=result.rank_interval,
                         num_hvps=result.num_products + checks,

@@ -210,11 +210,12 @@ def single_weight_limit(candidates: int) -> float:
 
 
 def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
-                ) -> tuple[_Quadrature, bool]:
+                ) -> tuple[_Quadrature, str | None]:
     """The deflated quadrature of one run (see the module docstring).
 
-    Returns the quadrature and whether the converged Ritz values looked repeated (their probe
-    weights too large for simple eigenvalues), in which case nothing was deflated.
+    Returns the quadrature and a note where deflation had to guess: the converged Ritz values
+    looked repeated (their probe weights too large for simple eigenvalues) and nothing was
+    deflated, or the Krylov space was invariant and one node took the eigenvalues it lacks.
     """
     from scipy.linalg import eigh_tridiagonal  # here: scipy.linalg slows `import hessrank`
 
@@ -234,13 +235,28 @@ def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
     # Simple eigenvalues have chi-square(1) probe weights: their sum is n +- sqrt(2 n). A sum far
     # above it means repeated eigenvalues, which one probe cannot count: do not deflate then.
     count = int(fixed.sum())
-    repeated = count > 0 and dim * gauss[fixed].sum() > count + 4 * math.sqrt(2 * count) + 4
-    if repeated or count >= dim or fixed.all():
+    note = None
+    if count > 0 and dim * gauss[fixed].sum() > count + 4 * math.sqrt(2 * count) + 4:
         fixed = np.zeros_like(fixed)
+        note = ("converged Ritz values carry more probe weight than simple eigenvalues would "
+                "(repeated eigenvalues?): not deflated, counts are sampled")
+    elif fixed.all() and count < dim:
+        # Every Ritz value converged, fewer than dim of them: the Krylov space is invariant, and
+        # the eigenvalues it lacks repeat some it has. One probe cannot say which: they go to
+        # a node at zero (a null space, where a network's curvature repeats an eigenvalue),
+        # else to the node of largest probe weight.
+        scale = float(np.abs(nodes).max())
+        zero = np.flatnonzero(np.abs(nodes) <= CONVERGED_RESIDUAL * scale)
+        repeated = int(zero[0]) if zero.size else int(np.argmax(gauss))
+        fixed[repeated] = False
+        note = (f"the Krylov space was invariant after {len(nodes)} steps: the {dim - count} "
+                f"eigenvalues it lacks are taken as repeats of {nodes[repeated]:.4g} "
+                f"({'zero: a null space' if zero.size else 'the largest probe weight'})")
     weights = np.where(fixed, 1.0, 0.0)
     free = ~fixed
-    weights[free] = (dim - fixed.sum()) * gauss[free] / gauss[free].sum()
-    return _Quadrature(nodes, weights, fixed, residual), repeated
+    if free.any():
+        weights[free] = (dim - fixed.sum()) * gauss[free] / gauss[free].sum()
+    return _Quadrature(nodes, weights, fixed, residual), note
 
 
 def _srank_cut(nodes: np.ndarray, weights: np.ndarray, threshold: float) -> float:
@@ -357,7 +373,7 @@ def lanczos_spectrum(
     quadratures: list[_Quadrature] = []
     spent = 0
     notes: list[str] = []
-    repeated_any = False
+    guesses: list[str] = []
     removals = 0
     while max_products - spent >= max(steps, 1) or not quadratures:
         start = rademacher(dim, generator, operator.device, basis_dtype)
@@ -365,8 +381,9 @@ def lanczos_spectrum(
                                                             advance)
         removals += run_removals
         spent += len(alpha)
-        quadrature, repeated = _quadrature(alpha, beta, last_beta, dim)
-        repeated_any |= repeated
+        quadrature, guess = _quadrature(alpha, beta, last_beta, dim)
+        if guess is not None and guess not in guesses:
+            guesses.append(guess)
         quadratures.append(quadrature)
         if last_beta == 0.0 and len(alpha) < steps:
             # The Krylov space became invariant: further runs of the same length would only
@@ -394,9 +411,7 @@ def lanczos_spectrum(
         f"trace {trace:.4g} in [{intervals.trace[0]:.4g}, {intervals.trace[1]:.4g}] (95 %); "
         f"sum |lambda| {mass:.4g}"
     )
-    if repeated_any:
-        notes.append("converged Ritz values carry more probe weight than simple eigenvalues "
-                     "would (repeated eigenvalues?): not deflated, counts are sampled")
+    notes.extend(guesses)
     return LanczosSpectrum(
         eigenvalues=nodes[order], weights=weights[order], ritz_values=ritz,
         rank_interval=intervals.srank, trace=trace, trace_interval=intervals.trace,
