@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -285,7 +285,7 @@ def effective_rank(
     layers = {
         group: _result(spectrum.layers[group], problem,
                        sum(named[name].numel() for name in groups[group]), estimator, threshold,
-                       rtol, eps, seconds=0.0, memory=None)
+                       rtol, eps, seconds=0.0, memory=None, names=groups[group])
         for group in groups if group in spectrum.layers
     }
     return _result(spectrum, problem, problem.num_params, estimator, threshold, rtol, eps,
@@ -319,8 +319,10 @@ def _result(
     seconds: float,
     memory: int | None,
     layers: dict[str, RankResult] | None = None,
+    names: Sequence[str] | None = None,
 ) -> RankResult:
-    """Ranks of a spectrum, packaged with everything the call knows."""
+    """Ranks of a spectrum, packaged with everything the call knows; ``names``: the parameters
+    the spectrum is of (default: all the problem's; a layer's block: the layer's)."""
     size = spectrum.max_rank if spectrum.weights is not None or estimator.solver == "dense" \
         else len(spectrum.eigenvalues)
     tolerance = default_rtol(size, spectrum.eps or eps) if rtol is None else rtol
@@ -361,7 +363,8 @@ def _result(
         paths=dict(spectrum.paths),
         eigenvectors=None if spectrum.eigenvectors is None else
         spectrum.eigenvectors.detach().cpu().numpy(),
-        parameters=tuple((name, tuple(p.shape)) for name, p in zip(problem.names, problem.params)),
+        parameters=tuple((name, tuple(p.shape)) for name, p in zip(problem.names, problem.params)
+                         if names is None or name in names),
         notes=tuple(notes),
         density=(spectrum.eigenvalues, spectrum.weights) if spectrum.weights is not None else None,
     )

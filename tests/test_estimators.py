@@ -462,3 +462,24 @@ def test_train_mode_follows_each_batchnorm_flag(flags):
     frozen = [note for note in res.notes if "running statistics" in note]
     assert bool(frozen) == (flags != "all train")
     assert all("BatchNorm1d '1'" in note and "model.train()" in note for note in frozen)
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher", "ggn"])
+def test_a_layer_result_describes_its_own_block(method):
+    """A layer's result lists its own parameters (its eigenvectors unflatten onto them), and a
+    Gram larger than the block gives no more eigenvalues than the block has parameters (the
+    rest are zeros of the factorisation: 48 GGN rows for an 18-parameter head)."""
+    model = mlp((4, 5, 3))
+    x, y = classification_batch(16, 4, 3)
+    res = hessrank.effective_rank(model, CE, (x, y), method=method, per_layer=True,
+                                  eigenvectors=2 if method == "exact" else 0)
+    named = dict(model.named_parameters())
+    for group, layer in res.layers.items():
+        assert [name for name, _ in layer.parameters] == [
+            name for name in named if name.rsplit(".", 1)[0] == group]
+        assert sum(named[name].numel() for name, _ in layer.parameters) == layer.num_params
+        assert len(layer.eigenvalues) <= layer.max_rank <= layer.num_params
+        if layer.eigenvectors is not None:
+            pieces = layer.unflatten(layer.eigenvectors[0])
+            assert {name: tuple(t.shape) for name, t in pieces.items()} == dict(layer.parameters)
+    assert len(res.eigenvalues) <= res.num_params

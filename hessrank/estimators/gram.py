@@ -133,18 +133,23 @@ class GramEstimator(Estimator):
                          f"{problem.num_params}")
         named = dict(zip(problem.names, problem.params))
         groups = problem.modules_with_params()
+        # A Gram matrix larger than its block's P has P eigenvalues at most: the rest are zeros
+        # of the factorisation (rounding), not eigenvalues of the P x P matrix.
+        layer_caps = {group: min(size, sum(named[nm].numel() for nm in groups[group]))
+                      for group in groups if group in accumulator.groups}
         layers = {
-            group: Spectrum(symmetric_eigenvalues(gram), _backend(result, groups[group]),
-                            max_rank=min(size, sum(named[nm].numel() for nm in groups[group])))
-            for group, gram in ((g, accumulator.groups[g]) for g in groups
-                                if g in accumulator.groups)
+            group: Spectrum(symmetric_eigenvalues(accumulator.groups[group])[:layer_cap],
+                            _backend(result, groups[group]), max_rank=layer_cap)
+            for group, layer_cap in layer_caps.items()
         }
-        spectrum = Spectrum(symmetric_eigenvalues(total), _backend(result, problem.names),
-                            max_rank=cap, paths=result.paths, notes=notes, layers=layers)
+        eigenvectors = None
         if settings.eigenvectors:
-            spectrum.eigenvalues, spectrum.eigenvectors = self._eigenpairs(
-                problem, total, settings.eigenvectors, cotangents_of)
-        return spectrum
+            eigenvalues, eigenvectors = self._eigenpairs(problem, total, settings.eigenvectors,
+                                                         cotangents_of)
+        else:
+            eigenvalues = symmetric_eigenvalues(total)
+        return Spectrum(eigenvalues[:cap], _backend(result, problem.names), max_rank=cap,
+                        paths=result.paths, notes=notes, layers=layers, eigenvectors=eigenvectors)
 
     def check_request(self, settings: Settings, options: GramOptions) -> None:
         super().check_request(settings, options)
