@@ -142,9 +142,17 @@ class Sink(Protocol):
 class JsonLinesSink:
     """One JSON object per line, flushed after each, so a crash keeps what was measured.
 
+    The file is checked writable when the sink is made, and opened at the first record: making
+    a sink (a tracker built and never run) leaves an existing file as it is.
+
     Args:
-        path: the file; its folder is created. Overwritten unless ``append``.
+        path: the file; its folder is created. Replaced at the first record unless ``append``,
+            with a ``RuntimeWarning`` that names what an earlier run left there.
         append: add to an existing file (a resumed run) instead of replacing it.
+
+    Attributes:
+        next_step: one past the largest ``step`` of the records already in the file when
+            ``append`` (0 for a new or empty file, or without ``append``).
 
     Raises:
         OSError: the file cannot be opened for writing.
@@ -153,7 +161,11 @@ class JsonLinesSink:
     def __init__(self, path: str | Path, append: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a" if append else "w")
+        with self.path.open("a"):  # writable? (creates it, changes nothing that is there)
+            pass
+        self.append = append
+        self.next_step = _next_logged_step(self.path) if append else 0
+        self._file: Any = None
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line.
@@ -161,12 +173,47 @@ class JsonLinesSink:
         Args:
             record: a :attr:`Measurement.record` (JSON-serialisable, no NaN or infinity).
         """
+        if self._file is None:
+            if not self.append and self.path.stat().st_size > 0:
+                warnings.warn(f"replacing {self.path}, which holds an earlier run's records: "
+                              "pass append=True to add to it, or another log path",
+                              RuntimeWarning, stacklevel=3)
+            self._file = self.path.open("a" if self.append else "w")
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         """Close the file."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def _next_logged_step(path: Path) -> int:
+    """One past the largest ``step`` among the JSON lines of ``path`` (0: none)."""
+    steps = [-1]
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut by a crash, or not a record
+        if isinstance(step, int):
+            steps.append(step)
+    return max(steps) + 1
+
+
+#: The ``log`` a :class:`Tracker` writes when none is given. It never replaces an earlier run's
+#: file: the next free ``curvature-<k>.jsonl`` is taken instead.
+DEFAULT_LOG = Path("curvature.jsonl")
+
+
+def _free_default_log() -> Path:
+    """``curvature.jsonl`` in the working folder, or the first ``curvature-<k>.jsonl`` that does
+    not exist or is empty."""
+    candidate, k = DEFAULT_LOG, 1
+    while candidate.exists() and candidate.stat().st_size > 0:
+        candidate = DEFAULT_LOG.with_name(f"{DEFAULT_LOG.stem}-{k}{DEFAULT_LOG.suffix}")
+        k += 1
+    return candidate
 
 
 class TensorBoardSink:
@@ -258,8 +305,12 @@ class Tracker:
             comparable across steps, or a fixed data set (a ``DataLoader`` or list of batches,
             see :func:`hessrank.effective_rank`); without it each measurement uses the batch
             given to :meth:`step`.
-        log: JSON-lines file (default ``curvature.jsonl``; None for none).
-        append: add to an existing ``log`` (a resumed run) instead of replacing it.
+        log: JSON-lines file (None for none); by default ``curvature.jsonl`` in the working
+            folder, or the first free ``curvature-<k>.jsonl`` where an earlier run left one
+            (:attr:`log_path` says which). A file given here is replaced at the first record,
+            with a warning where it holds records.
+        append: add to an existing ``log`` (a resumed run) instead of replacing it; step
+            numbers go on from the largest it holds.
         tensorboard: a TensorBoard run folder to also write scalars to (needs ``tensorboard``).
         sinks: further destinations, objects with ``write(record)`` and ``close()``.
         per_layer: also record each parameterised module's ranks (``record["layers"]``).
@@ -275,6 +326,7 @@ class Tracker:
     Attributes:
         records: every record written so far, in order (also kept in memory).
         sinks: the destinations records go to (``log`` last).
+        log_path: the JSON-lines file written, or None.
 
     Raises:
         ValueError: an unknown method, a schedule that is not exactly one of ``every``,
@@ -295,7 +347,7 @@ class Tracker:
         steps: Iterable[int] | None = None,
         budget: float | None = None,
         eval_batch: Any = None,
-        log: str | Path | None = "curvature.jsonl",
+        log: str | Path | None = DEFAULT_LOG,
         append: bool = False,
         tensorboard: str | Path | None = None,
         sinks: Sequence[Sink] = (),
@@ -353,8 +405,13 @@ class Tracker:
         self.sinks: list[Sink] = list(sinks)
         if tensorboard is not None:
             self.sinks.append(TensorBoardSink(tensorboard))
+        self.log_path: Path | None = None
         if log is not None:
-            self.sinks.append(JsonLinesSink(log, append=append))
+            sink = JsonLinesSink(_free_default_log() if log is DEFAULT_LOG and not append
+                                 else log, append=append)
+            self.sinks.append(sink)
+            self.log_path = sink.path
+            self._next_step = sink.next_step
 
     @property
     def overhead(self) -> float:

@@ -217,10 +217,35 @@ def test_dataloader_list_batches_and_append(tmp_path: Path) -> None:
             tracker.step(batch)
     with hessrank.Tracker(model, CE, every=1, log=log, append=True) as tracker:
         tracker.step(next(iter(loader)), step=7)
-    assert [r["step"] for r in _read(log)] == [0, 1, 7]
+        tracker.step(next(iter(loader)))  # numbering goes on from the log's last step
+    assert [r["step"] for r in _read(log)] == [0, 1, 7, 8]
+    with hessrank.Tracker(model, CE, every=1, log=log, append=True) as tracker:
+        tracker.step(next(iter(loader)))  # a resumed run: from the largest step logged
+    assert [r["step"] for r in _read(log)] == [0, 1, 7, 8, 9]
+    before = log.read_text()
     with hessrank.Tracker(model, CE, every=1, log=log) as tracker:
-        pass
-    assert log.read_text() == ""
+        pass  # built, never run: the earlier run's records stay
+    assert log.read_text() == before
+    with pytest.warns(RuntimeWarning, match="replacing .*c.jsonl.*append=True"), \
+            hessrank.Tracker(model, CE, every=1, log=log) as tracker:
+        tracker.step(next(iter(loader)))  # a log given by name is replaced, with a warning
+    assert [r["step"] for r in _read(log)] == [0]
+
+
+def test_the_default_log_never_replaces_an_earlier_run(tmp_path: Path, monkeypatch) -> None:
+    """Without ``log=`` the records go to ``curvature.jsonl`` in the working folder; a second
+    run there takes ``curvature-1.jsonl`` (before, building a second tracker emptied the first
+    run's log)."""
+    monkeypatch.chdir(tmp_path)
+    batch = classification_batch(8, 6, 3, dtype=torch.float32)
+    paths = []
+    for _ in range(3):
+        with hessrank.Tracker(_net(), CE, every=1) as tracker:
+            tracker.step(batch)
+        paths.append(tracker.log_path)
+    assert paths == [Path("curvature.jsonl"), Path("curvature-1.jsonl"),
+                     Path("curvature-2.jsonl")]
+    assert all(len(_read(tmp_path / path)) == 1 for path in paths)
 
 
 @pytest.mark.parametrize(
