@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 import hessrank
-from hessrank.cli import available_cores, compare, default_threads, main, presets
+from hessrank.cli import available_cores, compare, default_threads, main, presets, report
 from hessrank.cli import build_parser as cli_parser
 from hessrank.cli.errors import CliError
 from hessrank.cli.pyhessian_check import pyhessian_check
@@ -237,6 +237,19 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
             "(310 parameters, n = 16) needs ~2.7 MiB and ~",
         ),
         (["compare", *TINY, "--max-memory", "1e-6"], "pass --skip-exact"),
+        # another method's budget is its own, not exact's (before: "exact Hessian ... needs")
+        (["compare", *TINY, "--methods", "fisher", "--max-memory", "1e-7"],
+         "leave the method out of --methods"),
+        (["compare", *TINY, "--methods", "fisher", "--max-memory", "1e-7"],
+         "error: fisher on mlp ("),
+        (["rank", "--method", "lanczos", "--max-memory", "1e-7"],
+         "choose another --method"),
+        # outputs are checked before the work, not after it
+        (["compare", *TINY, "--json", "{tmp}/out", "--csv", "{tmp}/out"],
+         "--json and --csv name the same file"),
+        (["compare", *TINY, "--plot", "{tmp}/figure.txt"], "matplotlib writes no '.txt' figure"),
+        (["compare", *TINY, "--plot", "{tmp}/figure"], "writes no 'extensionless' figure"),
+        (["compare", *TINY, "--csv", "{tmp}"], "it is a folder: name a file in it"),
     ],
 )
 def test_user_errors_in_process(argv, expected, tmp_path: Path, capsys) -> None:
@@ -349,7 +362,8 @@ def test_weights_are_loaded(tmp_path: Path) -> None:
     assert all(
         torch.equal(p, q) for p, q in zip(trained.parameters(), loaded.parameters(), strict=True)
     )
-    with pytest.raises(CliError, match="--weights"):
+    with pytest.raises(CliError, match="(?s)--weights .*Missing key.*Unexpected key.*the same "
+                                       "parameter names and shapes"):
         presets.build_model("mlp", input_shape=(1, 8, 8), weights=tmp_path / "w.pt")
 
 
@@ -416,10 +430,18 @@ def test_plot_without_matplotlib_fails_before_measuring(tmp_path: Path, capsys, 
     assert not (tmp_path / "r.json").exists()
 
 
-def test_tables_are_printed_when_writing_a_file_fails(tmp_path: Path, capsys) -> None:
+def test_tables_are_printed_when_writing_a_file_fails(tmp_path: Path, capsys,
+                                                       monkeypatch) -> None:
+    """An output that cannot be written is refused before the work; one that fails after it
+    (the folder gone meanwhile: here the check is skipped) still leaves the tables printed."""
     (tmp_path / "file").write_text("")
-    argv = ["compare", *TINY, "--methods", "fisher", "--no-pyhessian"]
-    status, out, err = run_main([*argv, "--csv", str(tmp_path / "file" / "r.csv")], capsys)
+    argv = ["compare", *TINY, "--methods", "fisher", "--no-pyhessian", "--csv",
+            str(tmp_path / "file" / "r.csv")]
+    status, out, err = run_main(argv, capsys)
+    assert status == 2 and out == ""
+    assert err.startswith("hessrank: error: cannot write --csv") and err.count("\n") == 1
+    monkeypatch.setattr(report, "check_outputs", lambda outputs: None)
+    status, out, err = run_main(argv, capsys)
     assert status == 2
     assert "Estimators vs exact" in out and "\nfisher " in out
     assert err.startswith("hessrank: error: cannot write --csv") and err.count("\n") == 1

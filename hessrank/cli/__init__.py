@@ -419,6 +419,10 @@ def _held_interrupt() -> Iterator[list[int]]:
         signal.signal(signal.SIGINT, previous)
 
 
+#: Columns of the tables when the output is not a terminal (rich would clip them at 80).
+PIPED_WIDTH = 200
+
+
 def _wrote(paths: list[Path | None], quiet: bool) -> None:
     """Say where files were written."""
     if not quiet:
@@ -445,8 +449,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     from hessrank.cli import compare, report
 
-    if args.plot:
-        report.pyplot("--plot")  # before any work, not after it
+    report.check_outputs({"--json": args.json, "--csv": args.csv,  # before any work
+                          "--plot": args.plot})
     methods = _methods(args.methods, args.skip_exact)
     cfg = _config(
         args,
@@ -476,7 +480,10 @@ def _compare(args: argparse.Namespace) -> int:
     with _held_interrupt() as received:
         compare.summarize(result)
         if not args.quiet:
-            report.render(result, Console())
+            console = Console()
+            if not console.is_terminal:  # piped or to a file: no terminal width to clip to
+                console = Console(width=PIPED_WIDTH)
+            report.render(result, console)
         elif status:
             print("hessrank: interrupted; kept what was measured", file=sys.stderr)
         save(result)
@@ -496,6 +503,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _rank(args: argparse.Namespace) -> int:
     from hessrank.cli import compare, report
 
+    report.check_outputs({"--json": None if args.json is None else Path(args.json)})
     cfg = _config(args, _methods([args.method], False), (args.seed,))
     problem = compare.build_problem(cfg, args.seed)
     progress = _progress(args.quiet)
@@ -505,7 +513,7 @@ def _rank(args: argparse.Namespace) -> int:
         zip(inputs.split(args.batch_size), targets.split(args.batch_size)))
     with progress or nullcontext():
         (measurement,) = tracker.measure(data)
-    compare.check_budget(measurement, problem, cfg)
+    compare.check_budget(measurement, problem, cfg, command="rank")
     res = measurement.result
     if res is None:
         error = measurement.record["error"]
@@ -531,9 +539,11 @@ def _rank(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from hessrank.cli import report
     from hessrank.cli.plot import plot
 
     output = args.output or args.logs[0].with_suffix(".png")
+    report.check_outputs({"-o": output})
     left_out = plot(args.logs, output, args.rank, args.layers)
     if left_out:
         print(

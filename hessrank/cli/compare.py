@@ -123,18 +123,22 @@ def method_kwargs(cfg: Config) -> dict[str, Any]:
     return kwargs
 
 
-def budget_message(err: hessrank.BudgetError, problem: Problem, cfg: Config) -> str:
-    """One line: what exact would cost, and how to go on without it."""
+def budget_message(method: str, err: hessrank.BudgetError, problem: Problem, cfg: Config,
+                   command: str = "compare") -> str:
+    """One line: what ``method`` would cost, and how to go on (``compare`` can skip ``exact``)."""
     seconds = err.seconds
-    if seconds is None:
+    if seconds is None and method == "exact":  # what it would take, too: a few products
         batch = (problem.data.inputs, problem.data.targets)
         seconds = hessrank.predict_exact_cost(problem.model, problem.loss_fn, batch)[1]
     time_text = "" if seconds is None else f" and ~{human_seconds(seconds)}"
+    advice = ("pass --skip-exact to run the approximations alone, or raise the budget"
+              if method == "exact" and command == "compare"
+              else "raise the budget, or choose another --method" if command == "rank"
+              else "raise the budget, or leave the method out of --methods")
     return (
-        f"exact Hessian of {cfg.model} ({problem.num_params:,} parameters, "
+        f"{method} on {cfg.model} ({problem.num_params:,} parameters, "
         f"n = {problem.data.inputs.shape[0]}) needs ~{human_bytes(err.memory_bytes)}"
-        f"{time_text}, over the budget of --max-memory / --max-seconds; pass --skip-exact to "
-        "run the approximations alone, or raise the budget"
+        f"{time_text}, over the budget of --max-memory / --max-seconds; {advice}"
     )
 
 
@@ -155,10 +159,12 @@ def tracker(
     )
 
 
-def check_budget(measurement: hessrank.tracker.Measurement, problem: Problem, cfg: Config) -> None:
-    """A BudgetError of ``exact`` stops the run with what it would cost and how to go on."""
+def check_budget(measurement: hessrank.tracker.Measurement, problem: Problem, cfg: Config,
+                 command: str = "compare") -> None:
+    """A method's BudgetError stops the run with what it would cost and how to go on."""
     if isinstance(measurement.error, hessrank.BudgetError):
-        raise CliError(budget_message(measurement.error, problem, cfg)) from measurement.error
+        raise CliError(budget_message(measurement.method, measurement.error, problem, cfg,
+                                      command)) from measurement.error
 
 
 def rel_error(value: float | None, reference: float | None) -> float | None:

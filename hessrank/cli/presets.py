@@ -259,7 +259,8 @@ def build_model(
         try:
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except Exception as err:
-            raise CliError(f"--weights {weights}: {err}".splitlines()[0]) from err
+            raise CliError(f"--weights {weights}: {err} (the file must hold a state_dict of the "
+                           "--model given: the same parameter names and shapes)") from err
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -491,6 +491,50 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
         raise CliError(f"cannot write --csv {path}: {err.strerror or err}") from err
 
 
+#: The output options whose file is a figure (its extension must be one matplotlib writes).
+PLOT_OPTIONS = ("--plot", "-o")
+
+
+def check_outputs(outputs: dict[str, Path | None]) -> None:
+    """Before any work: the output files (option -> path; None or ``-``: none) are distinct, each
+    can be written (its folder is made), and a figure's extension is one matplotlib writes.
+
+    Raises:
+        CliError: naming the option, the problem and the fix.
+    """
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None or str(path) == "-":
+            continue
+        resolved = path.resolve()
+        if resolved in seen:
+            raise CliError(f"{seen[resolved]} and {option} name the same file {path}: the second "
+                           "would replace the first; give each its own")
+        seen[resolved] = option
+        if option in PLOT_OPTIONS:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+            pyplot(option)
+            formats = FigureCanvasAgg.get_supported_filetypes()
+            if path.suffix.lstrip(".").lower() not in formats:
+                raise CliError(f"{option} {path}: matplotlib writes no "
+                               f"'{path.suffix or 'extensionless'}' figure; end the name in "
+                               ".png, .pdf or .svg (or one of "
+                               f"{', '.join('.' + f for f in sorted(formats))})")
+        existed = path.exists()
+        try:
+            if path.is_dir():
+                raise IsADirectoryError(21, "it is a folder: name a file in it")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a"):  # writable? (an existing file is left as it is)
+                pass
+        except OSError as err:
+            raise CliError(f"cannot write {option} {path}: {err.strerror or err}") from err
+        finally:
+            if not existed and path.is_file() and path.stat().st_size == 0:
+                path.unlink()
+
+
 def pyplot(what: str) -> Any:
     """``matplotlib.pyplot`` on the non-interactive Agg backend.
 
