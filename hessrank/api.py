@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -87,8 +88,11 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
     check_number("rtol", rtol, allow_none=True, inclusive_low=True)
     check_number("max_memory", max_memory)
     check_number("max_seconds", max_seconds, allow_none=True)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (
+            -2**63 < int(seed) < 2**63 - 1):
+        raise ValueError(f"seed must be an integer of 64 bits (|seed| < 2**63 - 1), "
+                         f"got {seed!r}")
+    seed = int(seed)  # a NumPy integer works too
     for name, flag in (("per_layer", per_layer), ("measure_memory", measure_memory)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")

@@ -343,7 +343,11 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
         parametrization_cache_off() as cache_notes,
     ):
         for device in sorted(devices):
-            if torch.is_autocast_enabled(device):
+            try:
+                enabled = torch.is_autocast_enabled(device)
+            except RuntimeError:  # a device type without autocast (meta): nothing to turn off
+                continue
+            if enabled:
                 autocast_off.enter_context(torch.autocast(device, enabled=False))
         for module in model.modules():
             if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse:

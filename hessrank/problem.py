@@ -350,6 +350,11 @@ def build_problem(
     if len(devices) > 1:
         raise ValueError(f"parameters live on several devices {devices}; move the model to one")
     device = next(iter(devices))
+    if device.type == "meta":
+        raise ValueError(
+            "the model's parameters are on the meta device: they have shapes but no values, "
+            "so there is no curvature to measure. Materialise the model first "
+            "(model.to_empty(device='cpu'), then load its weights)")
     _check_placement(labelled, dtype, device)
     for name, p in zip(names, selected):
         if not all_finite(p.detach()):
@@ -500,7 +505,8 @@ def _select_parameters(
         raise ValueError(
             "no trainable parameters to analyse"
             + (f" (frozen and excluded: {', '.join(excluded)})" if excluded else "")
-            + ": set requires_grad=True on the parameters of interest or pass params="
+            + ": set requires_grad=True on the parameters of interest"
+            + ("" if wanted is None else ", or name trainable ones in params=")
         )
     return names, selected, tuple(excluded)
 

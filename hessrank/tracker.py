@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import hessrank
+from hessrank.estimators import ALL_METHODS
 from hessrank.streaming import is_batch_stream
 
 if TYPE_CHECKING:
@@ -361,12 +362,10 @@ class Tracker:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.methods = (methods,) if isinstance(methods, str) else tuple(methods)
         if not self.methods:
-            raise ValueError(f"methods is empty: name one or more of {', '.join(hessrank.METHODS)}")
+            raise ValueError(f"methods is empty: name one or more of {', '.join(ALL_METHODS)}")
         for method in self.methods:
-            if method not in hessrank.METHODS:
-                raise ValueError(
-                    f"unknown method {method!r}: choose from {', '.join(hessrank.METHODS)}"
-                )
+            if method not in ALL_METHODS:
+                raise ValueError(f"unknown method {method!r}: choose from {', '.join(ALL_METHODS)}")
         given = [name for name, value in (("every", every), ("steps", steps), ("budget", budget))
                  if value is not None]
         if len(given) > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from reference import classification_batch, mlp
@@ -75,9 +76,15 @@ def test_nan_inputs_and_parameters(setup):
 
 def test_no_trainable_parameters(setup):
     model, x, y = setup
+    model[0].weight.requires_grad_(False)
+    error = _check(model, lambda: hessrank.effective_rank(model, CE, (x, y),
+                                                          params=["0.weight"]),
+                   ValueError, r"no trainable parameters to analyse \(frozen and excluded: "
+                               r"0.weight\).*requires_grad=True.*or name trainable ones in params=")
     model.requires_grad_(False)
-    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y)),
-           ValueError, "no trainable parameters.*requires_grad=True")
+    error = _check(model, lambda: hessrank.effective_rank(model, CE, (x, y)),
+                   ValueError, "no trainable parameters.*requires_grad=True")
+    assert "params=" not in str(error)  # none given: naming some would not help
 
 
 def test_unknown_parameter_name(setup):
@@ -554,7 +561,10 @@ BAD_INPUTS = [
     ("threshold above 1", {"threshold": 1.5}, ValueError, r"threshold must lie in \(0, 1\]"),
     ("max_seconds=0", {"max_seconds": 0}, ValueError, r"max_seconds must lie in \(0, inf\]"),
     ("negative max_memory", {"max_memory": -1}, ValueError, "max_memory must lie in"),
-    ("a string seed", {"seed": "7"}, ValueError, "seed must be an int"),
+    ("a string seed", {"seed": "7"}, ValueError, "seed must be an integer of 64 bits"),
+    ("a seed beyond 64 bits", {"seed": 2**70}, ValueError, r"seed must be an integer of 64 bits"),
+    ("a model on the meta device", {"model": lambda model: copy.deepcopy(model).to("meta")},
+     ValueError, r"on the meta device: they have shapes but no values.*model.to_empty"),
     ("per_layer not a bool", {"per_layer": "yes"}, ValueError, "per_layer must be True or False"),
     ("measure_memory not a bool", {"measure_memory": 1}, ValueError,
      "measure_memory must be True or False"),
@@ -606,3 +616,11 @@ def test_factor_lanczos_budget_counts_the_output_side_before_forming_it(method):
         max_memory=before.value.memory_bytes + output_bytes), hessrank.BudgetError,
         f"method='{method}' needs about")
     assert refined.memory_bytes > before.value.memory_bytes + 2 * output_bytes
+
+
+def test_a_numpy_integer_seed_is_the_same_seed(setup):
+    """``seed=np.int64(3)`` (from a config or a sweep) was refused as not an int."""
+    model, x, y = setup
+    ours, theirs = (hessrank.effective_rank(model, CE, (x, y), "lanczos", seed=seed,
+                                            lanczos_steps=20) for seed in (np.int64(3), 3))
+    assert np.array_equal(ours.eigenvalues, theirs.eigenvalues)

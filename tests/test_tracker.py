@@ -362,3 +362,13 @@ def test_a_shuffling_loader_as_eval_batch_is_one_data_set_and_leaves_the_generat
     (measured,) = tracker.measure()
     assert torch.equal(torch.get_rng_state(), state)
     assert measured.result.num_samples == 48
+
+
+def test_every_registered_method_can_be_tracked() -> None:
+    """The Lanczos methods on the GGN/EF operators, which effective_rank takes, were refused."""
+    batch = classification_batch(8, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(_net(), CE, ("fisher_lanczos", "ggn_lanczos"), every=1, log=None)
+    fisher = hessrank.effective_rank(_net(), CE, batch, "fisher")
+    records = [measurement.record for measurement in tracker.step(batch)]
+    assert [record["method"] for record in records] == ["fisher_lanczos", "ggn_lanczos"]
+    assert records[0]["rank"] == fisher.rank

@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``hessrank`` argument parser with its ``compare``, ``rank`` and ``plot`` subcommands."""
     import hessrank
     from hessrank.cli.plot import RANK_KEYS
+    from hessrank.estimators import ALL_METHODS
 
     parser = _Parser(
         prog="hessrank",
@@ -242,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         metavar="METHOD",
-        help="estimators, comma- or space-separated (default: all of hessrank.METHODS)",
+        help="estimators, comma- or space-separated (default: all of hessrank.METHODS; also "
+        "ggn_lanczos, fisher_lanczos)",
     )
     compare.add_argument(
         "--skip-exact", action="store_true", help="leave out exact (no errors against it)"
@@ -291,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument(
         "--method",
         default="fisher",
-        help=f"estimator: {', '.join(hessrank.METHODS)} (default fisher)",
+        help=f"estimator: {', '.join(ALL_METHODS)} (default fisher)",
     )
     rank.add_argument(
         "--batch-size",
@@ -342,18 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _methods(requested: list[str] | None, skip_exact: bool) -> tuple[str, ...]:
     import hessrank
+    from hessrank.estimators import ALL_METHODS
 
     names = [m.strip() for item in requested or hessrank.METHODS for m in item.split(",")]
     names = [m for m in names if m]
     if not names:
         raise CliError(
             f"--methods {' '.join(requested or [])!r} names no estimator; choose from "
-            f"{', '.join(hessrank.METHODS)}"
+            f"{', '.join(ALL_METHODS)}"
         )
     for name in names:
-        if name not in hessrank.METHODS:
-            raise CliError(f"unknown method '{name}'; choose from {', '.join(hessrank.METHODS)}")
-    chosen = [m for m in hessrank.METHODS if m in names and not (skip_exact and m == "exact")]
+        if name not in ALL_METHODS:
+            raise CliError(f"unknown method '{name}'; choose from {', '.join(ALL_METHODS)}")
+    chosen = [m for m in ALL_METHODS if m in names and not (skip_exact and m == "exact")]
     if not chosen:
         raise CliError("no estimator left to run: --skip-exact removed the only one")
     return tuple(chosen)

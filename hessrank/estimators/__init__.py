@@ -25,6 +25,9 @@ from hessrank.estimators.lanczos import Lanczos
 #: The four methods of the paper, in listing order (``ESTIMATORS`` also holds further pairs).
 METHODS: tuple[str, ...] = tuple(sorted((n for n, e in ESTIMATORS.items() if e.listed),
                                         key=lambda n: ESTIMATORS[n].listing_order))
+#: Every registered method, in listing order: :data:`METHODS` and the further pairs.
+ALL_METHODS: tuple[str, ...] = tuple(sorted(ESTIMATORS,
+                                            key=lambda n: ESTIMATORS[n].listing_order))
 
 
 def option_fields() -> dict[str, tuple[dataclasses.Field, tuple[str, ...]]]:
@@ -36,6 +39,6 @@ def option_fields() -> dict[str, tuple[dataclasses.Field, tuple[str, ...]]]:
     return {key: (option, tuple(methods)) for key, (option, methods) in fields.items()}
 
 
-__all__ = ["ESTIMATORS", "GGN", "METHODS", "BudgetError", "Cost", "Estimator", "Exact", "Fisher",
-           "FisherLanczos", "GGNLanczos", "Lanczos", "Settings", "Spectrum", "option_fields",
-           "register"]
+__all__ = ["ALL_METHODS", "ESTIMATORS", "GGN", "METHODS", "BudgetError", "Cost", "Estimator",
+           "Exact", "Fisher", "FisherLanczos", "GGNLanczos", "Lanczos", "Settings", "Spectrum",
+           "option_fields", "register"]
