@@ -11,7 +11,10 @@ the **global** batch, exactly as one process would compute it on the concatenate
   about the reduction is assumed. Inside a process the other shards' outputs are constants, so the
   gradient and the Hessian-vector products of this "global loss of my shard" add up over the
   processes to the global ones, provided the loss does not couple samples of different shards
-  (checked: :func:`check_shards_uncoupled`).
+  (checked: :func:`check_shards_uncoupled`). A term of the parameters themselves (an L2
+  penalty) is in every process's loss; only process 0 keeps its derivatives, so it counts once.
+  Every process must evaluate the same loss: checked on the gathered batch
+  (:func:`check_same_loss`).
 - **Products** (``exact``, ``lanczos``, ``ggn_lanczos``, ``fisher_lanczos``): each process applies
   its shard's part of the operator; the products are summed by one all-reduce of ``k x P``
   numbers.
@@ -173,7 +176,8 @@ class DataParallel:
     def describe(self) -> str:
         """One line for ``RankResult.notes``."""
         shards = ", ".join(map(str, self.sizes))
-        return (f"data-parallel over {self.world_size} processes ({self.backend}): n = "
+        processes = "1 process" if self.world_size == 1 else f"{self.world_size} processes"
+        return (f"data-parallel over {processes} ({self.backend}): n = "
                 f"{sum(self.sizes)} from shards of {shards} samples; tensor collectives moved "
                 f"{self.exchanged_bytes / 2**20:.3g} MiB per process")
 
@@ -213,8 +217,15 @@ class ShardedProblem(CurvatureProblem):
         everything = self.gather_outputs(outputs)
         start, stop = self.parallel.start, self.parallel.stop
         combined = torch.cat([everything[:start], outputs, everything[stop:]])
-        return CurvatureProblem.loss(dataclasses.replace(self.local(), targets=self.all_targets),
-                                     combined)
+        whole = dataclasses.replace(self.local(), targets=self.all_targets)
+        value = CurvatureProblem.loss(whole, combined)
+        if self.parallel.rank == 0:
+            return value
+        # A term of the parameters themselves (an L2 penalty) is in every process's loss, and
+        # the processes' derivatives are summed: only process 0 keeps its derivatives. Its
+        # derivatives are those of the loss at constant outputs; the value stays the loss's.
+        direct = whole.loss_fn(everything, self.all_targets)
+        return value - direct + direct.detach()
 
     def local(self) -> CurvatureProblem:
         """This shard as a single-process problem."""
@@ -321,8 +332,26 @@ def shard_cotangents(problem: CurvatureProblem,
     if not isinstance(problem, ShardedProblem):
         return cotangents_of(outputs.detach(), problem.targets)
     everything = problem.gather_outputs(outputs)
+    with torch.no_grad():
+        check_same_loss(problem, problem.loss_fn(everything, problem.all_targets))
     cotangents = cotangents_of(everything, problem.all_targets)
     return cotangents[:, problem.parallel.start : problem.parallel.stop]
+
+
+def check_same_loss(problem: ShardedProblem, value: Tensor) -> None:
+    """Raise in every process unless each evaluated ``loss_fn`` on the gathered batch to the
+    same ``value`` (a collective): a process passing another loss would make the result a mix.
+
+    Raises:
+        ValueError: naming the processes and their values.
+    """
+    values = problem.parallel.gather_objects(float(value))
+    tolerance = agreement_tolerance(value.dtype) * max(abs(values[0]), 1e-30)
+    for rank, other in enumerate(values):
+        if not abs(other - values[0]) <= tolerance:
+            raise ValueError(
+                f"processes 0 and {rank} evaluate loss_fn to {values[0]:.8g} and {other:.8g} on "
+                "the same gathered batch: every process of the group must pass the same loss_fn")
 
 
 def check_shards_uncoupled(problem: ShardedProblem) -> None:
@@ -339,8 +368,9 @@ def check_shards_uncoupled(problem: ShardedProblem) -> None:
     with torch.no_grad():
         outputs = problem.gather_outputs(problem.forward())
     leaf = outputs.requires_grad_(True)
-    (first,) = torch.autograd.grad(problem.loss_fn(leaf, problem.all_targets), leaf,
-                                   create_graph=True, allow_unused=True)
+    value = problem.loss_fn(leaf, problem.all_targets)
+    check_same_loss(problem, value.detach())
+    (first,) = torch.autograd.grad(value, leaf, create_graph=True, allow_unused=True)
     if first is None or not first.requires_grad:
         return  # linear in the outputs: no second-order coupling
     generator = torch.Generator().manual_seed(0)

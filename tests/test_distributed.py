@@ -28,11 +28,19 @@ WORLD = 2
 SHARDS = (7, 5)
 N = sum(SHARDS)
 
+def _with_l2(model: nn.Module) -> Any:
+    """Mean cross-entropy plus an L2 term of the parameters: its Hessian 0.1 I counts once."""
+    mean = nn.CrossEntropyLoss()
+    return lambda f, t: mean(f, t) + 0.05 * sum(p.pow(2).sum() for p in model.parameters())
+
+
+#: name -> loss of a model
 LOSSES = {
-    "mean": lambda: nn.CrossEntropyLoss(),
-    "sum": lambda: nn.CrossEntropyLoss(reduction="sum"),
-    "weighted": lambda: nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0],
-                                                                dtype=torch.float64)),
+    "mean": lambda model: nn.CrossEntropyLoss(),
+    "sum": lambda model: nn.CrossEntropyLoss(reduction="sum"),
+    "weighted": lambda model: nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0],
+                                                                      dtype=torch.float64)),
+    "mean+l2": _with_l2,
 }
 
 #: (case name, model, method, loss, options, effective_rank keywords): compared with one process.
@@ -46,6 +54,9 @@ CASES = [
     ("exact", "mlp", "exact", "mean", {}, {}),
     ("exact-sum", "mlp", "exact", "sum", {}, {"per_layer": True}),
     ("lanczos", "mlp", "lanczos", "mean", {"lanczos_steps": 40}, {}),
+    # a parameter term in the loss: in every process's loss, its curvature counted once
+    ("exact-l2", "mlp", "exact", "mean+l2", {}, {}),
+    ("lanczos-l2", "mlp", "lanczos", "mean+l2", {"lanczos_steps": 40}, {}),
     ("ggn_lanczos", "mlp", "ggn_lanczos", "mean", {"lanczos_steps": 30}, {}),
     ("fisher_lanczos", "mlp", "fisher_lanczos", "weighted", {"lanczos_steps": 12}, {}),
     # conv and linear rules (factors over positions) beside the general path (LayerNorm)
@@ -134,8 +145,9 @@ def worker(rank: int, port: int, out: str) -> None:
     results: dict[str, Any] = {}
     model = make_model()
     for name, kind, method, loss, options, keywords in CASES:
+        case_model = make_model(kind)
         results[name] = summary(hessrank.effective_rank(
-            make_model(kind), LOSSES[loss](), (x, y), method=method, process_group=group,
+            case_model, LOSSES[loss](case_model), (x, y), method=method, process_group=group,
             **options, **keywords))
 
     # A rule that claims a layer in one process only: the attention rule declines a layer whose
@@ -173,6 +185,11 @@ def worker(rank: int, port: int, out: str) -> None:
         other, nn.CrossEntropyLoss(), (x, y), process_group=group))
     results["coupled"] = outcome(lambda: hessrank.effective_rank(
         model, lambda f, t: f.sum() ** 2, (x, y), method="exact", process_group=group))
+    # Another loss in one process: the global loss would be a mix of the two.
+    other_loss = nn.CrossEntropyLoss(reduction="sum" if rank == 1 else "mean")
+    for method in ("fisher", "exact"):
+        results[f"loss-{method}"] = outcome(lambda method=method: hessrank.effective_rank(
+            model, other_loss, (x, y), method=method, process_group=group))
     results["options"] = outcome(lambda: hessrank.effective_rank(
         model, nn.CrossEntropyLoss(), (x, y), method="fisher",
         threshold=0.9 if rank == 0 else 0.95, process_group=group))
@@ -201,7 +218,8 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 def single(name: str) -> dict[str, Any]:
     _, kind, method, loss, options, keywords = next(case for case in CASES if case[0] == name)
-    return summary(hessrank.effective_rank(make_model(kind), LOSSES[loss](), make_batch(),
+    model = make_model(kind)
+    return summary(hessrank.effective_rank(model, LOSSES[loss](model), make_batch(),
                                            method=method, **options, **keywords))
 
 
@@ -278,6 +296,8 @@ def test_ddp_model_analysed_without_touching_ddp(spawned: list[dict[str, Any]]) 
     ("params", "ValueError", "differs between processes 0 and 1"),
     ("coupled", "ValueError", "couples samples of different processes"),
     ("options", "ValueError", "call effective_rank differently (threshold"),
+    ("loss-fisher", "ValueError", "every process of the group must pass the same loss_fn"),
+    ("loss-exact", "ValueError", "every process of the group must pass the same loss_fn"),
 ])
 def test_errors_reach_every_process(spawned: list[dict[str, Any]], case: str, kind: str,
                                     fragment: str) -> None:
