@@ -402,49 +402,51 @@ class StreamedProblem(CurvatureProblem):
                 batch's loss (a product with its Hessian, GGN or EF, its dense Hessian).
 
         Raises:
-            ValueError: the pass saw a different data set (count, weights or loss).
+            ValueError: the pass saw a different data set (batches or loss).
         """
         total = self._total_normaliser()
         result: Tensor | None = None
         loss = 0.0
+
+        def add(batch: CurvatureProblem, normaliser: float) -> None:
+            nonlocal result, loss
+            weight = self._weight(normaliser, total)
+            if weight == 0.0:
+                return
+            value, batch_loss = compute(batch)
+            loss += weight * batch_loss
+            result = value * weight if result is None else result.add_(value, alpha=weight)
+
+        self._checked_pass(add)
+        tolerance = agreement_tolerance(self.dtype)
+        if result is None or abs(loss - self.data_loss) > tolerance * max(abs(self.data_loss),
+                                                                          1e-30):
+            raise _data_changed(f"loss {loss:.8g} against {self.data_loss:.8g} in the first pass")
+        return result
+
+    def _checked_pass(self, visit: Callable[[CurvatureProblem, float], None]) -> None:
+        """One more pass over the data: ``visit(batch, its normaliser)`` for each batch that is
+        the first pass's batch in its place (count, inputs and targets, by their sums).
+
+        Raises:
+            ValueError: a batch differs, or the number of batches does.
+        """
         count = 0
-        seen = 0.0
         with same_draw(self.data):
             for index, batch in enumerate(self._batches()):
-                known = (self._normalisers[index] if index < len(self._normalisers)
-                         else (None, math.nan))
-                if known[0] == _fingerprint(batch):
-                    normaliser = known[1]
-                else:  # a batch the first pass did not see in this place
-                    normaliser = self._weighed(batch, _outputs(batch), index)[0]
-                seen += normaliser
-                count += batch.num_samples
-                weight = self._weight(normaliser, total)
-                if weight == 0.0:
-                    continue
-                value, batch_loss = compute(batch)
-                loss += weight * batch_loss
-                result = value * weight if result is None else result.add_(value, alpha=weight)
-        tolerance = agreement_tolerance(self.dtype)
-        changed = [what for what, same in (
-            ("sample count", count == self.total_samples),
-            ("batch weights", abs(seen - total) <= tolerance * total),
-            ("loss", abs(loss - self.data_loss) <= tolerance * max(abs(self.data_loss), 1e-30)),
-        ) if not same]
-        if changed or result is None:
-            raise ValueError(
-                f"the data changed between passes over it ({', '.join(changed) or 'no batch'}: "
-                f"{count} samples, loss {loss:.8g}, against {self.total_samples} and "
-                f"{self.data_loss:.8g} in the first pass). Every product is one pass, so the "
-                "data must be the same in each: random transforms drawn from a generator "
-                "hessrank does not restore (torch, NumPy, Python and the loader's are) or data "
-                "read from a changing source make the curvature undefined"
-            )
-        return result
+                if (index >= len(self._normalisers)
+                        or self._normalisers[index][0] != _fingerprint(batch)):
+                    raise _data_changed(f"batch {index} differs from the first pass's")
+                count += 1
+                visit(batch, self._normalisers[index][1])
+        if count != len(self._normalisers):
+            raise _data_changed(f"{count} batches against {len(self._normalisers)} in the first "
+                                "pass")
 
     def concatenated(self) -> CurvatureProblem:
         """Every batch in one problem (for the Gram methods; memory predicted by the caller)."""
-        batches = list(self._pass_of_batches())
+        batches: list[CurvatureProblem] = []
+        self._checked_pass(lambda batch, _: batches.append(batch))
         first = batches[0]
         return dataclasses.replace(
             self.first(),
@@ -453,9 +455,14 @@ class StreamedProblem(CurvatureProblem):
             targets=torch.cat([b.targets for b in batches]),
             notes=list(self.notes))
 
-    def _pass_of_batches(self) -> Iterator[CurvatureProblem]:
-        with same_draw(self.data):
-            yield from self._batches()
+
+def _data_changed(detail: str) -> ValueError:
+    """The error for data that differ between passes over them (``detail``: how)."""
+    return ValueError(
+        f"the data changed between passes over it ({detail}). Every product is one pass, so the "
+        "data must be the same in each: random transforms drawn from a generator hessrank does "
+        "not restore (torch, NumPy, Python and the loader's are) or data read from a changing "
+        "source make the curvature undefined")
 
 
 def streamed_problem(problem: CurvatureProblem, data: Iterable[Any]) -> StreamedProblem:

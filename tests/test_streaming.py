@@ -108,22 +108,27 @@ class _Drifting(Dataset):
     """A data set whose samples change every time they are read (a source hessrank cannot
     reset), so no two passes agree."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y, self.reads = x, y, 0
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, drift: float) -> None:
+        self.x, self.y, self.drift, self.reads = x, y, drift, 0
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, index: int):
         self.reads += 1
-        return self.x[index] * (1 + 0.01 * (self.reads // len(self.y))), self.y[index]
+        return self.x[index] * (1 + self.drift * (self.reads // len(self.y))), self.y[index]
 
 
-def test_data_that_changes_between_passes_is_refused():
+@pytest.mark.parametrize("method", ["lanczos", "exact", "fisher", "ggn", "fisher_lanczos"])
+@pytest.mark.parametrize("drift", [0.01, 1e-6], ids=["1 %", "1e-6"])
+def test_data_that_changes_between_passes_is_refused(method, drift):
+    """Every pass is checked batch by batch against the first: before, fisher and ggn (which
+    concatenate the batches in a second pass) took changed data, and exact a drift within its
+    loss tolerance."""
     model, loss_fn, x, y = _data("mean")
-    loader = DataLoader(_Drifting(x, y), batch_size=6)
-    with pytest.raises(ValueError, match="data changed between passes"):
-        hessrank.effective_rank(model, loss_fn, loader, "lanczos")
+    loader = DataLoader(_Drifting(x, y, drift), batch_size=6)
+    with pytest.raises(ValueError, match="data changed between passes.*batch 0 differs"):
+        hessrank.effective_rank(model, loss_fn, loader, method, lanczos_steps=10)
 
 
 def _coupled(outputs, targets):
