@@ -7,7 +7,8 @@ Confidence intervals are 95% intervals of a mean over seeds (Student t).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,13 @@ WINDOW = 3
 
 @dataclass
 class RunData:
-    """One run's results: ``metrics[name]`` is an array (tasks, seeds)."""
+    """One run's results: ``metrics[name]`` is an array (tasks, seeds); ``config`` its
+    ``config.json`` (empty where there is none)."""
 
     name: str
     seeds: list[int]
     metrics: dict[str, np.ndarray]
+    config: dict = field(default_factory=dict)
 
     @property
     def num_tasks(self) -> int:
@@ -41,7 +44,7 @@ class RunData:
         """The first ``tasks`` tasks of the given ``seeds`` (for paired comparisons)."""
         columns = [self.seeds.index(s) for s in seeds]
         return RunData(self.name, list(seeds),
-                       {k: v[:tasks, columns] for k, v in self.metrics.items()})
+                       {k: v[:tasks, columns] for k, v in self.metrics.items()}, self.config)
 
 
 def load_runs(results: Path) -> dict[str, RunData]:
@@ -56,9 +59,11 @@ def load_runs(results: Path) -> dict[str, RunData]:
         if not records:
             continue
         keys = set.intersection(*(set(r["metrics"]) for r in records))
+        config = run_dir / "config.json"
         runs[run_dir.name] = RunData(
             run_dir.name, list(records[0]["seeds"]),
             {k: np.array([r["metrics"][k] for r in records], dtype=float) for k in sorted(keys)},
+            json.loads(config.read_text()) if config.is_file() else {},
         )
     return runs
 

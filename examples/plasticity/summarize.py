@@ -77,8 +77,16 @@ def _present(runs: dict[str, RunData], prefix: str) -> list[tuple[str, RunData]]
     return [(a, runs[f"{prefix}{a}"]) for a in ACTIVATIONS if f"{prefix}{a}" in runs]
 
 
-def setting(run: RunData, what: str) -> str:
-    return f"{what}, {len(run.seeds)} seeds, {run.num_tasks} tasks"
+def setting(run: RunData) -> str:
+    """The run's setting as its config.json records it (not the main setting's description,
+    which a smoke or a custom run does not have), with its seeds and tasks."""
+    config = run.config
+    described = "" if not config else (
+        f"{config['problem']}, {config['num_samples']:,} images"
+        + (f" pooled {config['downsample']}x" if config.get("downsample", 1) > 1 else "")
+        + f", MLP width {config['width']} x depth {config['depth']}, "
+        f"{config['epochs']} epoch(s)/task, ")
+    return f"{described}{len(run.seeds)} seeds, {run.num_tasks} tasks"
 
 
 def target_1(runs: dict[str, RunData]) -> list[str]:
@@ -94,14 +102,14 @@ def target_1(runs: dict[str, RunData]) -> list[str]:
             + ", ".join(f"{a} {v:.3f}" for a, v in fit.items()))
     perm = _present(runs, "permuted_")
     if perm:
-        note += "; Permuted MNIST (" + setting(perm[0][1], "10,000 images, 1 pass") + "): " + \
+        note += "; Permuted MNIST (" + setting(perm[0][1]) + "): " + \
             "; ".join(f"{a} {early_late(r['acc_end'])}" for a, r in perm)
     wrong = [a for a in verdicts if verdicts[a] != expected[a]]
     verdict = "held" if held else "not as claimed for " + ", ".join(
         f"{a} ({'loses' if verdicts[a] else 'does not lose'})" for a in wrong)
     rows = [f"| 1 (v4 reading) | ReLU and leaky-ReLU lose plasticity; tanh and identity do not "
             f"| {verdict} (rule: accuracy change < 0 with CI excluding 0; main setting: "
-            f"{setting(acts[0][1], '300 images, 30 epochs/task')}) | end-of-task accuracy, "
+            f"{setting(acts[0][1])}) | end-of-task accuracy, "
             f"{nums}{note} |"]
     runs_by_act = dict(acts)
     if "tanh" in runs_by_act and "leaky_relu" in runs_by_act:
@@ -198,7 +206,7 @@ def target_3(runs: dict[str, RunData]) -> list[str]:
             "(rule: relative to its task-1 value, the EF srank is within 0.10 of the exact srank "
             "over tasks 1-4 and their Spearman correlation over tasks is >= 0.8; in absolute "
             "value they cannot agree, EF being capped by n = 64 samples; exact-size setting: "
-            f"{setting(exact[0][1], '64 images, MLP 49-16-16-10')}) | {'; '.join(parts)} |"]
+            f"{setting(exact[0][1])}) | {'; '.join(parts)} |"]
 
 
 def target_4(runs: dict[str, RunData]) -> list[str]:
@@ -329,7 +337,7 @@ def target_7(runs: dict[str, RunData]) -> list[str]:
             f"consistently | settings (strength x activation) where the regularizer raises "
             f"late accuracy over none with a CI excluding 0: {counts}; most consistent: {best}; "
             f"Spearman of late accuracy vs late EF rank across the sweep {rho:+.2f} (paired with "
-            f"the unregularized run on the same seeds; sweep: {setting(r0, 'main setting')}) | "
+            f"the unregularized run on the same seeds; sweep: {setting(r0)}) | "
             "last 3 tasks, value (regularized minus none ± 95% CI): " + "; ".join(parts) + " |"]
 
 
