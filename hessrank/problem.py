@@ -147,8 +147,9 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
         raise type(error)(
             f"loss_fn(outputs, targets) failed on outputs of shape {tuple(outputs.shape)} "
             f"({outputs.dtype}) and targets of shape {tuple(targets.shape)} "
-            f"({targets.dtype}): {error}. Check the targets' shape and dtype (e.g. class "
-            "indices as int64 of shape [n] for nn.CrossEntropyLoss)"
+            f"({targets.dtype}): {str(error).rstrip('. ')}. Check the targets' shape, dtype and "
+            "values (e.g. class indices in [0, C) as int64 of shape [n] for "
+            "nn.CrossEntropyLoss)"
         ) from error
     check_loss(value, finite)
     return value

@@ -546,7 +546,10 @@ BAD_INPUTS = [
     ("targets of the wrong shape", {"targets": lambda y: y[:, None].expand(-1, 2)}, RuntimeError,
      r"loss_fn\(outputs, targets\) failed on outputs of shape \(8, 3\).*targets of shape \(8, 2\)"),
     ("targets of the wrong dtype", {"targets": lambda y: y.double()}, RuntimeError,
-     r"targets of shape \(8,\) \(torch.float64\).*Check the targets' shape and dtype"),
+     r"targets of shape \(8,\) \(torch.float64\).*Check the targets' shape, dtype and values"),
+    ("a class index out of range", {"targets": lambda y: torch.where(y == 0, 7, y)}, IndexError,
+     r"Target 7 is out of bounds\. Check the targets' shape, dtype and values \(e.g. class "
+     r"indices in \[0, C\)"),
     ("inputs in another dtype than the model", {"inputs": lambda x: x.float()}, ValueError,
      r"inputs\[0\] is torch.float32 but the model's parameters are torch.float64: cast"),
     ("a float16 model", {"model": _cast(torch.float16), "inputs": lambda x: x.half()},
