@@ -288,8 +288,8 @@ class StreamedProblem(CurvatureProblem):
         """``Z_b`` relative to the reference batch's (1 for a sum), from the batch's outputs."""
         gradient = _output_gradient(batch.loss_fn, outputs, batch.targets)
         alpha, beta = self._pair(outputs, batch.targets, gradient, what)
-        if math.isnan(beta):
-            return 0.0
+        if math.isnan(beta):  # no gradient on the batch's outputs: a sum still weighs it 1
+            return 1.0 if self.kind == "sum" else 0.0
         tolerance = 100 * agreement_tolerance(outputs.dtype)
         if self.kind == "sum":
             if abs(alpha - 1) > tolerance or abs(beta - 1) > tolerance:

@@ -186,18 +186,25 @@ def test_a_batch_whose_targets_are_all_ignored_adds_nothing(method):
     assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
 
 
-def test_a_batch_without_gradient_but_with_curvature_is_refused():
-    """Exact predictions under a mean squared error: batch 1's outputs have no loss gradient, so
-    its share of the mean cannot be read off it, but its curvature counts; refused, where it was
-    left out without a word before."""
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_batch_without_gradient_but_with_curvature(reduction):
+    """Exact predictions under a squared error: batch 1's outputs have no loss gradient, but its
+    curvature counts. A sum weighs it 1 (streamed == the concatenated batch); its share of a
+    mean cannot be read off a zero gradient: refused, where it was left out without a word."""
     model, _, x, y = _data("mean")
     with torch.no_grad():
         targets = model(x) + torch.randn(len(x), 3, dtype=torch.float64)
         targets[5:12] = model(x[5:12])
+    loss_fn = nn.MSELoss(reduction=reduction)
     before = [p.detach().clone() for p in model.parameters()]
+    if reduction == "sum":
+        streamed = hessrank.effective_rank(model, loss_fn, _batches(x, targets), "exact")
+        whole = hessrank.effective_rank(model, loss_fn, (x, targets), "exact")
+        assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
+        return
     with pytest.raises(ValueError, match="batch 1's outputs have a zero loss gradient but a "
                                          "curved loss.*pass the data as one batch"):
-        hessrank.effective_rank(model, nn.MSELoss(), _batches(x, targets), "exact")
+        hessrank.effective_rank(model, loss_fn, _batches(x, targets), "exact")
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
