@@ -483,3 +483,21 @@ def test_a_layer_result_describes_its_own_block(method):
             pieces = layer.unflatten(layer.eigenvectors[0])
             assert {name: tuple(t.shape) for name, t in pieces.items()} == dict(layer.parameters)
     assert len(res.eigenvalues) <= res.num_params
+
+
+def test_eigenvectors_of_zero_gram_eigenvalues_are_zero_rows_with_a_note():
+    """Duplicated samples: the EF has 4 nonzero eigenvalues and its Gram 4 more at rounding
+    level, where ``F u / sqrt(lambda)`` is noise (rows of norm 2.5-4.4 before). Unit rows for
+    the 4, zero rows for the others, and a note."""
+    model = mlp((4, 5, 3))
+    x, y = classification_batch(4, 4, 3)
+    x, y = torch.cat([x, x]), torch.cat([y, y])
+    res = hessrank.effective_rank(model, CE, (x, y), method="fisher", eigenvectors=8)
+    reference = eigenvalues_by_magnitude(reference_fisher(model, CE, x, y, 1 / 8))
+    fisher = reference_fisher(model, CE, x, y, 1 / 8)
+    norms = np.linalg.norm(res.eigenvectors, axis=1)
+    np.testing.assert_allclose(norms[:4], 1.0, atol=1e-9)
+    assert not norms[4:].any()
+    for value, vector in zip(res.eigenvalues[:4], res.eigenvectors[:4]):
+        assert np.linalg.norm(fisher @ vector - value * vector) <= 1e-9 * abs(reference[0])
+    assert any("4 of the 8 asked exist" in note for note in res.notes)

@@ -115,6 +115,9 @@ class Exact(Estimator):
         if settings.eigenvectors:
             spectrum.eigenvalues, vectors = symmetric_eigenpairs(hessian)
             spectrum.eigenvectors = vectors[:, : settings.eigenvectors].T.contiguous()
+            if settings.eigenvectors > dim:
+                notes.append(f"eigenvectors: {dim} of the {settings.eigenvectors} asked exist "
+                             f"(P = {dim})")
         else:
             spectrum.eigenvalues = symmetric_eigenvalues(hessian)
         return spectrum

@@ -146,6 +146,12 @@ class GramEstimator(Estimator):
         if settings.eigenvectors:
             eigenvalues, eigenvectors = self._eigenpairs(problem, total, settings.eigenvectors,
                                                          cotangents_of)
+            found = int((eigenvectors.abs().amax(dim=1) > 0).sum())
+            if found < settings.eigenvectors:
+                notes.append(f"eigenvectors: {found} of the {settings.eigenvectors} asked exist; "
+                             "the other eigenvalues are zero to rounding or beyond the spectrum "
+                             f"({min(len(eigenvalues), cap)} eigenvalues), and their rows are "
+                             "zero or absent")
         else:
             eigenvalues = symmetric_eigenvalues(total)
         return Spectrum(eigenvalues[:cap], _backend(result, problem.names), max_rank=cap,
@@ -164,8 +170,10 @@ class GramEstimator(Estimator):
 
         With ``G = F^T F = U diag(lambda) U^T``, ``F u_j / sqrt(lambda_j)`` is a unit eigenvector
         of ``F F^T``; ``F u`` is one vector-Jacobian product with the cotangents combined by
-        ``u``, so ``count`` products in one batched backward pass. Zero eigenvalues have no
-        eigenvector in the range of ``F``: rows for them are zero.
+        ``u``, so ``count`` products in one batched backward pass. Eigenvalues that are zero to
+        rounding (at most the Gram's size times the dtype's epsilon times the largest) have no
+        eigenvector in the range of ``F`` (``F u`` is rounding noise there): rows for them are
+        zero.
         """
         values, vectors = symmetric_eigenpairs(gram)
         count = min(count, len(values))
@@ -179,8 +187,12 @@ class GramEstimator(Estimator):
         flat = torch.cat([(torch.zeros(count, *p.shape, dtype=p.dtype, device=p.device)
                            if g is None else g).reshape(count, -1)
                           for g, p in zip(pieces, problem.params)], dim=1).to(torch.float64)
-        scale = torch.from_numpy(values[:count]).to(flat.device).abs().sqrt()
-        flat = torch.where(scale[:, None] > 0, flat / scale.clamp_min(1e-300)[:, None], 0.0)
+        magnitudes = np.abs(values[:count])
+        noise = len(values) * float(torch.finfo(problem.dtype).eps) * float(np.abs(values).max(
+            initial=0.0))
+        scale = torch.from_numpy(np.sqrt(magnitudes)).to(flat.device)
+        kept = torch.from_numpy(magnitudes > noise).to(flat.device)
+        flat = torch.where(kept[:, None], flat / scale.clamp_min(1e-300)[:, None], 0.0)
         return values, flat
 
     def _gram(self, problem: CurvatureProblem, settings: Settings, options: GramOptions,
