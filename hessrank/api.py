@@ -444,6 +444,9 @@ def gradient_overlap(
     """
     estimator = ESTIMATORS["exact"]
     check_call(model, loss_fn, "eval")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0):
+        raise ValueError(f"k must be a count of eigenvectors >= 0 (or None for the srank), "
+                         f"got {k!r}")
     settings = _settings(threshold, None, max_memory, None, 0, False, False)
     with preserved_state(model), differentiable(model):
         problem = build_problem(model, loss_fn, batch, params, "eval")
@@ -464,5 +467,5 @@ def gradient_overlap(
     norm = float(gradient @ gradient)
     if norm == 0.0:
         return 0.0
-    projection = eigenvectors[:, :k].T @ gradient
+    projection = eigenvectors[:, :int(k)].T @ gradient
     return float(np.clip(float(projection @ projection) / norm, 0.0, 1.0))

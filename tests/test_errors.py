@@ -627,3 +627,11 @@ def test_a_numpy_integer_seed_is_the_same_seed(setup):
     ours, theirs = (hessrank.effective_rank(model, CE, (x, y), "lanczos", seed=seed,
                                             lanczos_steps=20) for seed in (np.int64(3), 3))
     assert np.array_equal(ours.eigenvalues, theirs.eigenvalues)
+
+
+@pytest.mark.parametrize("k", [-1, -90, 2.5, True, "3"])
+def test_gradient_overlap_names_a_bad_k(setup, k):
+    """A negative k was a slice end (k=-1 gave 1.0), 2.5 a slicing TypeError, True one."""
+    model, x, y = setup
+    _check(model, lambda: hessrank.gradient_overlap(model, CE, (x, y), k=k), ValueError,
+           "k must be a count of eigenvectors >= 0")
