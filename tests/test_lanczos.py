@@ -108,6 +108,9 @@ def test_mlp_hessian_against_dense_reference() -> None:
     low, high = result.rank_interval
     assert low <= truth["srank"] <= high and high - low <= 0.25 * truth["srank"]
     assert result.numerical_interval[0] <= truth["numerical"] <= result.numerical_interval[1]
+    # ... and the result says it (the interval was computed and not shown before)
+    low, high = result.numerical_interval
+    assert f"numerical rank in [{low:.0f}, {high:.0f}] (95 %) at rtol = {rtol:.3g}" in result.notes
     assert abs(result.trace - exact.sum()) <= 0.05 * np.abs(exact).sum()
     # The largest Ritz values are eigenvalues.
     np.testing.assert_allclose(result.ritz_values[:3], exact[:3], rtol=1e-3)

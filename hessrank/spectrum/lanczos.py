@@ -411,6 +411,8 @@ def lanczos_spectrum(
         f"trace {trace:.4g} in [{intervals.trace[0]:.4g}, {intervals.trace[1]:.4g}] (95 %); "
         f"sum |lambda| {mass:.4g}"
     )
+    notes.append(f"numerical rank in [{intervals.numerical[0]:.0f}, "
+                 f"{intervals.numerical[1]:.0f}] (95 %) at rtol = {rtol:.3g}")
     notes.extend(guesses)
     return LanczosSpectrum(
         eigenvalues=nodes[order], weights=weights[order], ritz_values=ritz,
