@@ -343,9 +343,12 @@ def _result(
     elif spectrum.ritz_values is not None:  # nothing converged: show the quadrature's nodes
         notes.append("no Ritz value converged: the eigenvalues shown (and the top one) are the "
                      "quadrature's nodes, unconverged Ritz values; raise lanczos_steps")
-    interval = None if spectrum.rank_interval is None else (
-        within_rank_bounds(spectrum.rank_interval[0], spectrum.max_rank),
-        within_rank_bounds(spectrum.rank_interval[1], spectrum.max_rank))
+    interval: tuple[float, float] | None = None
+    if spectrum.rank_interval is not None:  # a zero matrix's interval is (0, 0), not in [1, P]
+        low, high = (float(end) for end in spectrum.rank_interval)
+        if np.abs(spectrum.eigenvalues).max(initial=0.0) > 0:
+            low, high = (within_rank_bounds(end, spectrum.max_rank) for end in (low, high))
+        interval = (low, high)
     return RankResult(
         rank=int(round(ranks["srank"])),
         eigenvalues=shown,

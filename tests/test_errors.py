@@ -575,6 +575,8 @@ BAD_INPUTS = [
     ("unknown backend", {"backend": "jax"}, ValueError, "unknown backend 'jax'"),
     ("zero Lanczos steps", {"method": "lanczos", "lanczos_steps": 0}, ValueError,
      "lanczos_steps must be a positive integer"),
+    ("one Lanczos step", {"method": "lanczos", "lanczos_steps": 1}, ValueError,
+     "lanczos_steps=1 gives a quadrature of one node.*use at least 2"),
     ("a model returning a tuple", {"model": lambda model: _TupleOutput()}, TypeError,
      "the model returned tuple.*wrap the model"),
     ("inputs a list with a non-tensor", {"inputs": lambda x: [x, 3]}, TypeError,

@@ -217,6 +217,39 @@ def test_an_exhausted_krylov_space_gives_the_exact_spectrum() -> None:
             assert ranks[name] == pytest.approx(value, rel=1e-6), name
 
 
+def test_runs_of_an_invariant_space_count_each_eigenvalue_once() -> None:
+    """One sample's GGN has rank 2: its Krylov space is invariant after 3 steps and the budget
+    goes to 8 runs, one of whose probes is nearly orthogonal to an eigenvector (weight 1e-4)
+    and misses it. Averaging counted it 0.875 times, with an interval of no width around the
+    wrong count (numerical rank 1.875, trace 2.33 in [2.33, 2.33] for 2.47). Each run now
+    counts once what any run deflated."""
+    import hessrank
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    batch = (torch.randn(1, 5), torch.randint(0, 3, (1,)))
+    dense = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method="ggn")
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method="ggn_lanczos")
+    assert "8 run(s)" in result.notes[0]
+    assert result.ranks["numerical"] == dense.ranks["numerical"] == 2
+    assert result.trace == pytest.approx(dense.trace, rel=1e-5)
+    assert result.rank_interval[0] <= dense.rank <= result.rank_interval[1]
+
+
+def test_a_repeated_eigenvalue_shows_in_the_runs_probe_weights() -> None:
+    """A 3-fold eigenvalue over a null space (a zero-initialised network's GGN): each run of the
+    invariant space deflates it as one eigenvalue, which counted it once with an interval of no
+    width (srank 1 in [1, 1], trace 0.25 for 0.75). Over the runs its probe weights average
+    about 3: it is weighed by them, the interval holds the truth, and a note says so."""
+    eigenvalues = np.concatenate([np.full(3, 0.25), np.zeros(47)])
+    result = lanczos_spectrum(rotated(eigenvalues, dtype=torch.float64), max_products=30,
+                              seed=0, rtol=1e-6)
+    assert any("repeated eigenvalues over the runs" in note for note in result.notes)
+    low, high = result.rank_interval
+    assert low <= 3 <= high
+    assert result.trace_interval[0] <= 0.75 <= result.trace_interval[1]
+
+
 def test_srank_counts_whole_eigenvalues() -> None:
     """The srank is the smallest whole count: a node of weight 4 at 1 beside one eigenvalue 4
     is the spectrum 4, 1, 1, 1, 1, whose 90 % take 5 eigenvalues (not 4.2, the boundary node's

@@ -42,6 +42,10 @@ class LanczosOptions:
     def __post_init__(self) -> None:
         if self.lanczos_steps is not None:
             positive_int("lanczos_steps", self.lanczos_steps)
+            if self.lanczos_steps < 2:
+                raise ValueError(
+                    "lanczos_steps=1 gives a quadrature of one node, which shows nothing of its "
+                    "own sampling error (its intervals would have no width): use at least 2")
 
     def steps(self, num_params: int) -> int:
         """The products to spend on ``num_params`` parameters."""
