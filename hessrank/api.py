@@ -86,6 +86,9 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
     """Validate the options every method shares (before any work) and bundle them."""
     check_number("threshold", threshold, high=1.0)
     check_number("rtol", rtol, allow_none=True, inclusive_low=True)
+    if rtol is not None and rtol >= 1.0:
+        raise ValueError(f"rtol must lie in [0, 1), got {rtol!r}: no eigenvalue exceeds rtol "
+                         "times the largest at rtol >= 1, so every numerical rank would be 0")
     check_number("max_memory", max_memory)
     check_number("max_seconds", max_seconds, allow_none=True)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (
@@ -148,8 +151,9 @@ def effective_rank(
             on Hessian-vector products).
         threshold: srank threshold in (0, 1]: smallest ``k`` whose top-``k`` ``|eigenvalue|``
             mass reaches this share of the total (0.99, Kumar et al.).
-        rtol: numerical-rank tolerance (>= 0) relative to the largest ``|eigenvalue|``; default:
-            the ``numpy.linalg.matrix_rank`` rule, matrix size times the model dtype's epsilon,
+        rtol: numerical-rank tolerance in [0, 1), relative to the largest ``|eigenvalue|``;
+            default: the ``numpy.linalg.matrix_rank`` rule, matrix size times the epsilon of the
+            model's dtype (of float32 at least for the Lanczos methods, whose basis is float32),
             at most 0.1 (:data:`hessrank.ranks.MAX_DEFAULT_RTOL`; a note says when).
         params: a list of parameters (or their names) to analyse; default all trainable ones.
             Frozen parameters are excluded and listed in ``result.excluded``.

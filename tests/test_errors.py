@@ -560,6 +560,7 @@ BAD_INPUTS = [
      "torch.complex128: the curvature of a real loss needs real parameters"),
     ("NaN rtol", {"rtol": float("nan")}, ValueError, "rtol must be a number, got nan"),
     ("negative rtol", {"rtol": -1e-3}, ValueError, r"rtol must lie in \[0, inf\]"),
+    ("rtol of 1", {"rtol": 1.0}, ValueError, r"rtol must lie in \[0, 1\).*would be 0"),
     ("NaN threshold", {"threshold": float("nan")}, ValueError, "threshold must be a number"),
     ("threshold above 1", {"threshold": 1.5}, ValueError, r"threshold must lie in \(0, 1\]"),
     ("max_seconds=0", {"max_seconds": 0}, ValueError, r"max_seconds must lie in \(0, inf\]"),
