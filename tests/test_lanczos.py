@@ -250,6 +250,28 @@ def test_a_repeated_eigenvalue_shows_in_the_runs_probe_weights() -> None:
     assert result.trace_interval[0] <= 0.75 <= result.trace_interval[1]
 
 
+def test_a_heavy_null_space_node_is_freed_not_every_deflation() -> None:
+    """The same EF up to a factor (a sum loss against its mean): with the sum, the null space's
+    node drew a probe weight (24.2) under the single-eigenvalue limit (25.1), so it was deflated
+    as one eigenvalue, the deflated weights then looked repeated, and all 12 deflations were
+    undone: trace +91 %. Only the heaviest is freed now; both reductions match fisher."""
+    import hessrank
+
+    torch.manual_seed(0)
+    nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4))  # the probe's draws, kept
+    x = torch.randn(12, 5)
+    torch.randint(0, 4, (12,))
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Unflatten(1, (2, 3)))
+    targets = torch.randn(12, 2, 3)
+    for reduction in ("mean", "sum"):
+        loss = nn.MSELoss(reduction=reduction)
+        dense = hessrank.effective_rank(model, loss, (x, targets), method="fisher")
+        result = hessrank.effective_rank(model, loss, (x, targets), method="fisher_lanczos")
+        assert result.trace == pytest.approx(dense.trace, rel=1e-4)
+        assert result.rank == dense.rank
+        assert "12 converged eigenvalues deflated" in result.notes[0]
+
+
 def test_srank_counts_whole_eigenvalues() -> None:
     """The srank is the smallest whole count: a node of weight 4 at 1 beside one eigenvalue 4
     is the spectrum 4, 1, 1, 1, 1, whose 90 % take 5 eigenvalues (not 4.2, the boundary node's
