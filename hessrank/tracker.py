@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import torch
 from torch import nn
@@ -166,7 +166,7 @@ class JsonLinesSink:
             pass
         self.append = append
         self.next_step = _next_logged_step(self.path) if append else 0
-        self._file: Any = None
+        self._file: TextIO | None = None
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line.
