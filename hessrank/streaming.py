@@ -136,6 +136,12 @@ def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
         return (problem.num_samples, float(problem.targets.double().sum()), inputs)
 
 
+def _same(first: Fingerprint, second: Fingerprint) -> bool:
+    """Whether two fingerprints are equal, a NaN equal to a NaN (finite inputs near the float64
+    limit can sum to one; fixed data give it on every pass)."""
+    return all(a == b or (a != a and b != b) for a, b in zip(first, second))
+
+
 def _output_gradient(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor,
                      targets: Tensor) -> Tensor:
     """``dL/df`` on detached outputs (zeros where the loss does not use them)."""
@@ -435,7 +441,7 @@ class StreamedProblem(CurvatureProblem):
         with same_draw(self.data):
             for index, batch in enumerate(self._batches()):
                 if (index >= len(self._normalisers)
-                        or self._normalisers[index][0] != _fingerprint(batch)):
+                        or not _same(self._normalisers[index][0], _fingerprint(batch))):
                     raise _data_changed(f"batch {index} differs from the first pass's")
                 count += 1
                 visit(batch, self._normalisers[index][1])
@@ -461,8 +467,9 @@ def _data_changed(detail: str) -> ValueError:
     return ValueError(
         f"the data changed between passes over it ({detail}). Every product is one pass, so the "
         "data must be the same in each: random transforms drawn from a generator hessrank does "
-        "not restore (torch, NumPy, Python and the loader's are) or data read from a changing "
-        "source make the curvature undefined")
+        "not restore (torch, NumPy, Python and the loader's are, in this process; workers kept "
+        "alive between passes, persistent_workers=True, keep theirs) or data read from a "
+        "changing source make the curvature undefined")
 
 
 def streamed_problem(problem: CurvatureProblem, data: Iterable[Any]) -> StreamedProblem:

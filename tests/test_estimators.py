@@ -501,3 +501,27 @@ def test_eigenvectors_of_zero_gram_eigenvalues_are_zero_rows_with_a_note():
     for value, vector in zip(res.eigenvalues[:4], res.eigenvectors[:4]):
         assert np.linalg.norm(fisher @ vector - value * vector) <= 1e-9 * abs(reference[0])
     assert any("4 of the 8 asked exist" in note for note in res.notes)
+
+
+class _EncoderHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(dim=1))
+
+
+@pytest.mark.parametrize(("factor", "gram"), [("fisher_lanczos", "fisher"),
+                                                ("ggn_lanczos", "ggn")])
+def test_factor_lanczos_through_attention(factor, gram):
+    """The factor operators differentiate J^T u again: through the CPU flash attention kernel,
+    which has no double backward, they raised a raw RuntimeError on any transformer layer."""
+    x, y = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(1)), torch.arange(6) % 3
+    model = _EncoderHead().eval()
+    dense = hessrank.effective_rank(model, CE, (x, y), method=gram)
+    result = hessrank.effective_rank(model, CE, (x, y), method=factor)
+    assert result.trace == pytest.approx(dense.trace, rel=1e-4)
+    assert result.ranks["numerical"] == pytest.approx(dense.ranks["numerical"], abs=0.5)

@@ -224,3 +224,27 @@ def test_tracker_measures_a_fixed_data_set(tmp_path):
     (measurement,) = tracker.step(step=0)
     whole = hessrank.effective_rank(model, loss_fn, (x, y), "exact")
     assert measurement.result.ranks["srank"] == whole.ranks["srank"]
+
+
+class _Rescaled(nn.Module):
+    """A linear head on inputs scaled down by 1e-308 (inputs near the float64 limit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.linear(x * 1e-308)
+
+
+def test_fixed_data_whose_sum_overflows_is_not_refused():
+    """Finite inputs of +-1.5e308 sum to NaN in float64: a fixed list of batches was refused as
+    changed data, NaN being unequal to itself."""
+    x = torch.randn(8, 4, dtype=torch.float64)
+    x[:, 0], x[:, 1] = 1.5e308, -1.5e308
+    y = torch.arange(8) % 3
+    streamed = hessrank.effective_rank(_Rescaled(), nn.CrossEntropyLoss(),
+                                       [(x[:4], y[:4]), (x[4:], y[4:])], "exact")
+    whole = hessrank.effective_rank(_Rescaled(), nn.CrossEntropyLoss(), (x, y), "exact")
+    assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, rtol=1e-9)

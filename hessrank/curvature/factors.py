@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hessrank.curvature.hessian import second_order
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.distributed import shard_cotangents
@@ -43,7 +44,7 @@ class FactorOperator(ParameterOperator):
                  output_side_bytes: Callable[[Tensor], int] | None = None) -> None:
         super().__init__(problem)
         graph = GraphBytes(problem)
-        with graph.counting():
+        with second_order(), graph.counting():  # J^T u is differentiated w.r.t. u below
             outputs = problem.forward()
         if (check_working_memory is not None and output_side_bytes is not None
                 and isinstance(outputs, Tensor)):  # else shard_cotangents names the problem

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -46,6 +47,14 @@ def _weight_norm_arguments(v: Tensor, g: Tensor, dim: int = 0) -> tuple[Tensor, 
     return v, g, dim
 
 
+@contextmanager
+def second_order() -> Iterator[None]:
+    """A forward whose graph is differentiated twice: attention through the math kernel (the
+    CPU flash kernel has no double backward) and :class:`TwiceDifferentiable`."""
+    with sdpa_kernel(SDPBackend.MATH), TwiceDifferentiable():
+        yield
+
+
 class HessianOperator(ParameterOperator):
     """``V -> V H`` for the Hessian of the loss w.r.t. the analysed parameters (flattened, ``P``).
 
@@ -65,7 +74,7 @@ class HessianOperator(ParameterOperator):
         if isinstance(problem, ShardedProblem):
             check_shards_uncoupled(problem)
         graph = GraphBytes(problem)
-        with sdpa_kernel(SDPBackend.MATH), graph.counting(), TwiceDifferentiable():
+        with second_order(), graph.counting():
             loss = problem.loss()
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self.graph_bytes = graph.total

@@ -211,6 +211,22 @@ def single_weight_limit(candidates: int) -> float:
     return 2.0 * math.log(2.0 * max(candidates, 1) / FALSE_REPEAT_RATE)
 
 
+def repeat_limit(runs: int, candidates: int) -> float:
+    """The largest mean probe weight over ``runs`` runs that a simple eigenvalue may have, among
+    ``candidates`` eigenvalues tested (:func:`single_weight_limit` for several runs).
+
+    A simple eigenvalue's probe weights are independent chi-square(1) draws (a Rademacher
+    probe's are sub-Gaussian squares with at most that tail), so their sum over ``R`` runs is at
+    most a chi-square(R): the limit is its quantile at ``FALSE_REPEAT_RATE / candidates``, a
+    union bound over the candidates, divided by ``R``. Without the bound, hundreds of simple
+    eigenvalues tested over 2 runs at 1 + 4 sqrt(2 / R) = 5 had one or more pass it on most
+    calls, each then counted about 5 times.
+    """
+    from scipy.stats import chi2  # here: scipy.stats slows `import hessrank`
+
+    return float(chi2.isf(FALSE_REPEAT_RATE / max(candidates, 1), runs)) / runs
+
+
 def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
                 ) -> tuple[_Quadrature, str | None]:
     """The deflated quadrature of one run (see the module docstring).
@@ -450,7 +466,7 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float
     fraction of once (0.875 for one miss in 8 runs) with no spread left to show it: each run
     gets the eigenvalues other runs deflated as nodes of weight 1, its free weights scaled down
     to make room. Over several runs an eigenvalue's probe weights show its multiplicity: their
-    mean over ``R`` runs is 1 +- sqrt(2 / R) for a simple one; one above 1 + 4 sqrt(2 / R) is
+    mean over ``R`` runs is 1 on average for a simple one; one above :func:`repeat_limit` is
     repeated (a symmetry of the model), and every run weighs it by its probe instead of once.
 
     Two deflated nodes are one eigenvalue when they lie within their Ritz residuals of each other
@@ -472,11 +488,12 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float
             if not any(abs(value - v) <= r + radius + 2 * slack for v, r in found):
                 found.append((float(value), float(radius)))
     everywhere = [np.ones(len(q.nodes), dtype=bool) for q in quadratures]
+    limit = repeat_limit(runs, len(found))
     repeated = []
     for value, radius in found:
         share = np.mean([q.probe[matching(q, value, radius, everywhere[r])].sum()
                          for r, q in enumerate(quadratures)])
-        if share > 1 + 4 * math.sqrt(2 / runs):
+        if share > limit:
             repeated.append((value, radius, share))
     completed = []
     for q in quadratures:
