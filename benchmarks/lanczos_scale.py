@@ -380,7 +380,8 @@ def interval_parts(seeds: int, threshold: float, probes: int = 200) -> None:
             quadrature, _ = lanczos._quadrature(alpha, beta, last_beta, dim)
             nodes, weights = quadrature.nodes, quadrature.weights
             estimate = srank(nodes, threshold, weights)
-            low, high = lanczos._intervals([quadrature], threshold, rtol, seed).srank
+            low, high = lanczos._intervals([quadrature], threshold, rtol, seed,
+                                           float(torch.finfo(torch.float32).eps)).srank
             bottom, top = lanczos._count_bounds(quadrature, weights,
                                                 lanczos._srank_cut(nodes, weights, threshold))
             resolution = max(estimate, top) - min(estimate, bottom)

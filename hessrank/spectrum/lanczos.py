@@ -420,6 +420,7 @@ def lanczos_spectrum(
             # The Krylov space became invariant: further runs of the same length would only
             # reduce the sampling error, and need the budget for it.
             steps = max(len(alpha), 1)
+    run_steps = len(quadratures[0].nodes)
     quadratures, repeats = _completed(quadratures, dim, float(torch.finfo(basis_dtype).eps))
     if repeats is not None:
         guesses.append(repeats)
@@ -432,12 +433,13 @@ def lanczos_spectrum(
 
     if rtol is None:
         rtol = default_rtol(dim, float(torch.finfo(operator.dtype).eps))
-    intervals = _intervals(quadratures, threshold, rtol, seed)
+    intervals = _intervals(quadratures, threshold, rtol, seed,
+                           float(torch.finfo(basis_dtype).eps))
     trace = float(nodes @ weights)
     mass = float(np.abs(nodes) @ weights)
     deflated = int(quadratures[0].fixed.sum())
     notes.append(
-        f"Lanczos quadrature: {runs} run(s) of {len(quadratures[0].nodes)} steps, "
+        f"Lanczos quadrature: {runs} run(s) of {run_steps} steps, "
         f"{spent} products; {deflated} converged eigenvalues deflated (weight 1); "
         f"{removals} Gram-Schmidt removals kept the basis semi-orthogonal"
     )
@@ -547,8 +549,8 @@ class _Intervals:
     trace: tuple[float, float]
 
 
-def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, seed: int
-               ) -> _Intervals:
+def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, seed: int,
+               eps: float) -> _Intervals:
     """Intervals from sampling (bootstrap) and resolution (Chebyshev-Markov-Stieltjes).
 
     Each run's free weights are redrawn (:func:`_bootstrap_weights`); each draw's counts are
@@ -557,24 +559,36 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
     """
     rng = np.random.default_rng(seed)
     bounds = np.zeros((4, BOOTSTRAP_DRAWS))  # srank low, high; numerical low, high
-    traces = np.zeros(BOOTSTRAP_DRAWS)
+    traces = np.zeros((2, BOOTSTRAP_DRAWS))  # low, high
     for quadrature in quadratures:
         draws = _bootstrap_weights(quadrature, BOOTSTRAP_DRAWS, rng)
-        tolerance = rtol * float(np.abs(quadrature.nodes).max())
-        above = np.abs(quadrature.nodes) > tolerance
+        magnitude = np.abs(quadrature.nodes)
+        tolerance = rtol * float(magnitude.max())
+        above = magnitude > tolerance
+        # Each node's value is known to within its Ritz residual where it is deflated (an
+        # eigenvalue lies that close) and to the basis's rounding, 4 eps of the largest: the
+        # masses and the trace move by as much (a fully deflated run's interval had no width,
+        # and missed an srank whose mass share cleared the threshold by 2.5e-5).
+        error = 4 * eps * float(magnitude.max()) + np.where(quadrature.fixed,
+                                                            quadrature.residuals, 0.0)
         for b, weights in enumerate(draws):
+            shift = float(error @ weights) / max(float(magnitude @ weights), 1e-300)
             estimate = srank(quadrature.nodes, threshold, weights)
             lower, upper = _count_bounds(
                 quadrature, weights, _srank_cut(quadrature.nodes, weights, threshold))
-            bounds[:2, b] += min(estimate, lower), max(estimate, upper)
+            bounds[0, b] += min(estimate, lower,
+                                srank(quadrature.nodes, max(threshold - 2 * shift, 1e-12), weights))
+            bounds[1, b] += max(estimate, upper,
+                                srank(quadrature.nodes, min(threshold + 2 * shift, 1.0), weights))
             count = float(weights[above].sum())
             lower, upper = _count_bounds(quadrature, weights, np.nextafter(tolerance, np.inf))
             bounds[2:, b] += min(count, lower), max(count, upper)
-            traces[b] += quadrature.nodes @ weights
+            trace = float(quadrature.nodes @ weights)
+            traces[:, b] += trace - float(error @ weights), trace + float(error @ weights)
     bounds /= len(quadratures)
     traces /= len(quadratures)
 
     def interval(low: np.ndarray, high: np.ndarray) -> tuple[float, float]:
         return float(np.quantile(low, 0.025)), float(np.quantile(high, 0.975))
 
-    return _Intervals(interval(*bounds[:2]), interval(*bounds[2:]), interval(traces, traces))
+    return _Intervals(interval(*bounds[:2]), interval(*bounds[2:]), interval(*traces))
