@@ -8,6 +8,7 @@ import operator
 import random
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -403,22 +404,57 @@ def test_full_precision_kernels_inside_a_call_and_the_callers_settings_after(met
     assert after == before and before[-1], "torch's default: the attention fast path on"
 
 
-class _Bag(nn.Module):
-    """Tokens through an ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``max_norm``, then a head."""
+class _Table(nn.Module):
+    """Tokens through an ``nn.Embedding`` or ``nn.EmbeddingBag`` built with ``options``
+    (``max_norm=``, ``sparse=``), then a head."""
 
-    def __init__(self, bag: bool) -> None:
+    def __init__(self, bag: bool, seed: int, **options: Any) -> None:
         super().__init__()
-        torch.manual_seed(3)
+        torch.manual_seed(seed)
         self.bag = bag
         table = nn.EmbeddingBag if bag else nn.Embedding
-        self.emb = table(11, 4, max_norm=0.7, dtype=torch.float64)
-        with torch.no_grad():
-            self.emb.weight.mul_(2.0)  # most rows above max_norm
+        self.emb = table(11, 4, dtype=torch.float64, **options)
         self.head = nn.Linear(4, 3, dtype=torch.float64)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         looked_up = self.emb(tokens) if self.bag else self.emb(tokens).mean(1)
         return self.head(torch.tanh(looked_up))
+
+
+def _table_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Six sequences of 5 tokens of 11 and their 3-class labels."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
+
+
+def _assert_matches(result: hessrank.RankResult, reference_model: nn.Module, method: str,
+                    tokens: torch.Tensor, y: torch.Tensor) -> None:
+    """The top eigenvalues of ``result`` are those of ``method``'s reference on the model."""
+    reference = eigenvalues_by_magnitude(
+        _REFERENCES[method](reference_model, CE, tokens, y, 1 / 6))
+    count = min(8, len(result.eigenvalues))
+    torch.testing.assert_close(torch.as_tensor(result.eigenvalues[:count]),
+                               torch.as_tensor(reference[:count]),
+                               atol=1e-8 * abs(reference[0]), rtol=0)
+
+
+def _interrupted_call(model: nn.Module, method: str, tokens: torch.Tensor, y: torch.Tensor,
+                      **options: Any) -> list[int]:
+    """A call interrupted (Ctrl-C) in its second forward pass; the forward calls seen."""
+    calls: list[int] = []
+    handle = model.head.register_forward_hook(_interrupting(calls, 2))
+    with contextlib.suppress(KeyboardInterrupt):
+        hessrank.effective_rank(model, CE, (tokens, y), method, **options)
+    handle.remove()
+    return calls
+
+
+def _bag(bag: bool) -> _Table:
+    """A table with ``max_norm=0.7`` most of whose rows are above it."""
+    model = _Table(bag, 3, max_norm=0.7)
+    with torch.no_grad():
+        model.emb.weight.mul_(2.0)
+    return model
 
 
 _REFERENCES = {"fisher": reference_fisher, "ggn": reference_ggn,
@@ -436,9 +472,8 @@ def test_max_norm_embedding_is_analysed_at_the_rows_its_forward_uses_and_left_as
     """A forward rescales looked-up rows above ``max_norm`` in place: a call analyses the model at
     those rescaled rows (reference: a renormalised copy without ``max_norm``), and leaves the
     caller's weight, its version counter and ``max_norm`` as they were, also when interrupted."""
-    model = _Bag(bag)
-    g = torch.Generator().manual_seed(0)
-    tokens, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
+    model = _bag(bag)
+    tokens, y = _table_batch()
     weight, values, version = model.emb.weight, model.emb.weight.detach().clone(), \
         model.emb.weight._version
     result = hessrank.effective_rank(model, CE, (tokens, y), method, lanczos_steps=20)
@@ -451,34 +486,9 @@ def test_max_norm_embedding_is_analysed_at_the_rows_its_forward_uses_and_left_as
         with torch.no_grad():
             torch.embedding_renorm_(renormalised.emb.weight, torch.arange(11), 0.7, 2.0)
         assert not torch.equal(renormalised.emb.weight, values)
-        reference = eigenvalues_by_magnitude(
-            _REFERENCES[method](renormalised, CE, tokens, y, 1 / 6))
-        count = min(8, len(result.eigenvalues))
-        torch.testing.assert_close(torch.as_tensor(result.eigenvalues[:count]),
-                                   torch.as_tensor(reference[:count]),
-                                   atol=1e-8 * abs(reference[0]), rtol=0)
-    calls: list[int] = []
-    handle = model.head.register_forward_hook(_interrupting(calls, 2))
-    with contextlib.suppress(KeyboardInterrupt):
-        hessrank.effective_rank(model, CE, (tokens, y), method, lanczos_steps=20)
-    handle.remove()
-    assert calls and torch.equal(weight, values) and model.emb.max_norm == 0.7
-
-
-class _SparseTable(nn.Module):
-    """Tokens through an ``nn.Embedding`` or ``nn.EmbeddingBag`` with sparse gradients."""
-
-    def __init__(self, bag: bool) -> None:
-        super().__init__()
-        torch.manual_seed(4)
-        self.bag = bag
-        table = nn.EmbeddingBag if bag else nn.Embedding
-        self.emb = table(11, 4, sparse=True, dtype=torch.float64)
-        self.head = nn.Linear(4, 3, dtype=torch.float64)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        looked_up = self.emb(tokens) if self.bag else self.emb(tokens).mean(1)
-        return self.head(torch.tanh(looked_up))
+        _assert_matches(result, renormalised, method, tokens, y)
+    assert _interrupted_call(model, method, tokens, y, lanczos_steps=20)
+    assert torch.equal(weight, values) and model.emb.max_norm == 0.7
 
 
 @pytest.mark.parametrize(("method", "bag"), [(method, False) for method in _REFERENCES]
@@ -487,24 +497,14 @@ def test_sparse_embedding_gradients_are_analysed_and_left_sparse(method, bag):
     """``sparse=True`` stores an embedding's gradient sparsely; its curvature is the dense
     table's (reference: a copy with ``sparse=False``), and the module stays sparse after the call,
     also when interrupted. Before, every method failed on a sparse gradient's reshape."""
-    model = _SparseTable(bag)
-    g = torch.Generator().manual_seed(0)
-    tokens, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
+    model = _Table(bag, 4, sparse=True)
+    tokens, y = _table_batch()
     result = hessrank.effective_rank(model, CE, (tokens, y), method)
     assert model.emb.sparse
     dense = copy.deepcopy(model)
     dense.emb.sparse = False
-    reference = eigenvalues_by_magnitude(_REFERENCES[method](dense, CE, tokens, y, 1 / 6))
-    count = min(8, len(result.eigenvalues))
-    torch.testing.assert_close(torch.as_tensor(result.eigenvalues[:count]),
-                               torch.as_tensor(reference[:count]),
-                               atol=1e-8 * abs(reference[0]), rtol=0)
-    calls: list[int] = []
-    handle = model.head.register_forward_hook(_interrupting(calls, 2))
-    with contextlib.suppress(KeyboardInterrupt):
-        hessrank.effective_rank(model, CE, (tokens, y), method)
-    handle.remove()
-    assert calls and model.emb.sparse
+    _assert_matches(result, dense, method, tokens, y)
+    assert _interrupted_call(model, method, tokens, y) and model.emb.sparse
 
 
 @pytest.mark.parametrize("method", ["fisher", "exact"])
