@@ -232,8 +232,8 @@ def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
     """The deflated quadrature of one run (see the module docstring).
 
     Returns the quadrature and a note where deflation had to guess: the converged Ritz values
-    looked repeated (their probe weights too large for simple eigenvalues) and nothing was
-    deflated, or the Krylov space was invariant and one node took the eigenvalues it lacks.
+    looked repeated (their probe weights too large for simple eigenvalues) and the heaviest were
+    not deflated, or the Krylov space was invariant and one node took the eigenvalues it lacks.
     """
     from scipy.linalg import eigh_tridiagonal  # here: scipy.linalg slows `import hessrank`
 
@@ -251,7 +251,7 @@ def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
                  & (residual <= GAP_FRACTION * gaps))
     fixed = converged & (dim * gauss < single_weight_limit(int(converged.sum())))
     # Simple eigenvalues have chi-square(1) probe weights: their sum is n +- sqrt(2 n). A sum far
-    # above it means repeated eigenvalues, which one probe cannot count: do not deflate then.
+    # above it means repeated eigenvalues among them, which one probe cannot count.
     def too_heavy(mask: np.ndarray) -> bool:
         count = int(mask.sum())
         return count > 0 and dim * gauss[mask].sum() > count + 4 * math.sqrt(2 * count) + 4
@@ -473,7 +473,7 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float
 
     Two deflated nodes are one eigenvalue when they lie within their Ritz residuals of each other
     (distinct eigenvalues are further apart: deflation asks for a gap of ``1 / GAP_FRACTION``
-    residuals), plus ``50 eps`` of the largest ``|node|`` for the rounding of the runs' bases
+    residuals), plus ``100 eps`` of the largest ``|node|`` for the rounding of the runs' bases
     (``eps`` of the basis dtype; an invariant space has residuals of exactly 0).
     """
     runs = len(quadratures)
@@ -481,30 +481,29 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float
         return quadratures, None
     slack = 50 * eps * max(float(np.abs(q.nodes).max(initial=0.0)) for q in quadratures)
 
-    def matching(q: _Quadrature, value: float, radius: float, among: np.ndarray) -> np.ndarray:
-        return among & (np.abs(q.nodes - value) <= q.residuals + slack + radius)
+    def near(values: np.ndarray, radii: np.ndarray, value: float, radius: float) -> np.ndarray:
+        """Which of ``values`` (with their residuals ``radii``) are the eigenvalue ``value``."""
+        return np.abs(values - value) <= radii + radius + 2 * slack
 
     found: list[tuple[float, float]] = []  # one (value, residual) per eigenvalue deflated
     for q in quadratures:
         for value, radius in zip(q.nodes[q.fixed], q.residuals[q.fixed]):
-            if not any(abs(value - v) <= r + radius + 2 * slack for v, r in found):
+            known = np.array(found).reshape(-1, 2)
+            if not near(known[:, 0], known[:, 1], value, radius).any():
                 found.append((float(value), float(radius)))
-    everywhere = [np.ones(len(q.nodes), dtype=bool) for q in quadratures]
     limit = repeat_limit(runs, len(found))
-    repeated = []
-    for value, radius in found:
-        share = np.mean([q.probe[matching(q, value, radius, everywhere[r])].sum()
-                         for r, q in enumerate(quadratures)])
-        if share > limit:
-            repeated.append((value, radius, share))
+    shares = [float(np.mean([q.probe[near(q.nodes, q.residuals, value, radius)].sum()
+                             for q in quadratures])) for value, radius in found]
+    repeated = [share > limit for share in shares]
     completed = []
     for q in quadratures:
         fixed = q.fixed.copy()
-        for value, radius, _ in repeated:
-            fixed &= ~matching(q, value, radius, fixed)
-        missing = [(v, r) for v, r in found
-                   if not any(abs(v - u) <= r + s + 2 * slack for u, s, _ in repeated)
-                   and not matching(q, v, r, fixed).any()]
+        for (value, radius), is_repeated in zip(found, repeated):
+            if is_repeated:
+                fixed &= ~near(q.nodes, q.residuals, value, radius)
+        missing = [(value, radius) for (value, radius), is_repeated in zip(found, repeated)
+                   if not is_repeated and not (fixed & near(q.nodes, q.residuals, value,
+                                                            radius)).any()]
         nodes = np.concatenate([q.nodes, [v for v, _ in missing]])
         probe = np.concatenate([q.probe, np.zeros(len(missing))])
         fixed = np.concatenate([fixed, np.ones(len(missing), dtype=bool)])
@@ -516,10 +515,11 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float
         completed.append(_Quadrature(
             nodes[order], weights[order], fixed[order],
             np.concatenate([q.residuals, [r for _, r in missing]])[order], probe[order]))
-    note = None if not repeated else (
+    note = None if not any(repeated) else (
         "repeated eigenvalues over the runs, weighed by their probes instead of once: "
         + ", ".join(f"{value:.4g} (mean probe weight {share:.1f} over {runs} runs)"
-                    for value, _, share in repeated))
+                    for (value, _), share, is_repeated in zip(found, shares, repeated)
+                    if is_repeated))
     return completed, note
 
 
