@@ -34,6 +34,7 @@ from hessrank.problem import (
     LossFn,
     build_problem,
     check_call,
+    check_count,
     check_number,
     probe_outputs,
 )
@@ -99,10 +100,9 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
     for name, flag in (("per_layer", per_layer), ("measure_memory", measure_memory)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
-    if isinstance(eigenvectors, bool) or not isinstance(eigenvectors, int) or eigenvectors < 0:
-        raise ValueError(f"eigenvectors must be a count >= 0, got {eigenvectors!r}")
+    check_count("eigenvectors", eigenvectors)
     return Settings(threshold=threshold, rtol=rtol, max_memory=max_memory, max_seconds=max_seconds,
-                    seed=seed, per_layer=per_layer, eigenvectors=eigenvectors,
+                    seed=seed, per_layer=per_layer, eigenvectors=int(eigenvectors),
                     reporter=Reporter(progress))
 
 
@@ -451,9 +451,8 @@ def gradient_overlap(
     """
     estimator = ESTIMATORS["exact"]
     check_call(model, loss_fn, "eval")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0):
-        raise ValueError(f"k must be a count of eigenvectors >= 0 (or None for the srank), "
-                         f"got {k!r}")
+    if k is not None:
+        check_count("k", k, "a count of eigenvectors", " (or None for the srank)")
     settings = _settings(threshold, None, max_memory, None, 0, False, False)
     with preserved_state(model), differentiable(model):
         problem = build_problem(model, loss_fn, batch, params, "eval")

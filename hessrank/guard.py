@@ -336,8 +336,7 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
         full_float32_precision(),
         _attribute_for_the_call(torch.backends.cudnn, "enabled",
                                 torch.backends.cudnn.enabled and not recurrent),
-        ExitStack() as autocast_off,
-        ExitStack() as dense_gradients,
+        ExitStack() as for_the_call,
         renormalised_embeddings(model) as notes,
         backward_hooks_off(model) as hook_notes,
         parametrization_cache_off() as cache_notes,
@@ -348,8 +347,8 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
             except RuntimeError:  # a device type without autocast (meta): nothing to turn off
                 continue
             if enabled:
-                autocast_off.enter_context(torch.autocast(device, enabled=False))
+                for_the_call.enter_context(torch.autocast(device, enabled=False))
         for module in model.modules():
             if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse:
-                dense_gradients.enter_context(_attribute_for_the_call(module, "sparse", False))
+                for_the_call.enter_context(_attribute_for_the_call(module, "sparse", False))
         yield notes + hook_notes + cache_notes

@@ -8,6 +8,7 @@ and changes nothing.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -206,6 +207,13 @@ def check_number(name: str, value: object, *, low: float = 0.0, high: float = ma
     if below or value > high:
         bracket = "[" if inclusive_low else "("
         raise ValueError(f"{name} must lie in {bracket}{low:g}, {high:g}], got {value!r}")
+
+
+def check_count(name: str, value: object, what: str = "a count", hint: str = "") -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an integer >= 0 (a Python or NumPy
+    integer, not a bool); ``what`` and ``hint`` complete the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be {what} >= 0{hint}, got {value!r}")
 
 
 def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:

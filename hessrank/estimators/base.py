@@ -248,6 +248,11 @@ def register(cls: type[Estimator]) -> type[Estimator]:
     return cls
 
 
+def eigenvector_note(found: int, asked: int, why: str) -> str:
+    """The note for ``eigenvectors=asked`` where only ``found`` exist, and ``why``."""
+    return f"eigenvectors: {found} of the {asked} asked exist; {why}"
+
+
 def positive_int(name: str, value: object) -> None:
     """Raise a ValueError naming the option unless ``value`` is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

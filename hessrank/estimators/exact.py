@@ -11,7 +11,14 @@ import torch
 from torch import Tensor
 
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
-from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum, register
+from hessrank.estimators.base import (
+    Cost,
+    Estimator,
+    Settings,
+    Spectrum,
+    eigenvector_note,
+    register,
+)
 from hessrank.problem import CurvatureProblem
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 from hessrank.streaming import StreamedProblem, per_batch
@@ -116,8 +123,8 @@ class Exact(Estimator):
             spectrum.eigenvalues, vectors = symmetric_eigenpairs(hessian)
             spectrum.eigenvectors = vectors[:, : settings.eigenvectors].T.contiguous()
             if settings.eigenvectors > dim:
-                notes.append(f"eigenvectors: {dim} of the {settings.eigenvectors} asked exist "
-                             f"(P = {dim})")
+                notes.append(eigenvector_note(dim, settings.eigenvectors,
+                                              f"the Hessian has P = {dim} eigenvalues"))
         else:
             spectrum.eigenvalues = symmetric_eigenvalues(hessian)
         return spectrum

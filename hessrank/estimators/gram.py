@@ -15,7 +15,7 @@ from torch import Tensor
 from hessrank.curvature.gram import GENERAL_CHUNK_BYTES, GramResult, compute_gram
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.rules import rule_for
-from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum
+from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum, eigenvector_note
 from hessrank.problem import CurvatureProblem, LossFn, evaluate_loss, probe_outputs
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 
@@ -148,10 +148,10 @@ class GramEstimator(Estimator):
                                                          cotangents_of)
             found = int((eigenvectors.abs().amax(dim=1) > 0).sum())
             if found < settings.eigenvectors:
-                notes.append(f"eigenvectors: {found} of the {settings.eigenvectors} asked exist; "
-                             "the other eigenvalues are zero to rounding or beyond the spectrum "
-                             f"({min(len(eigenvalues), cap)} eigenvalues), and their rows are "
-                             "zero or absent")
+                notes.append(eigenvector_note(
+                    found, settings.eigenvectors, "the other eigenvalues are zero to rounding or "
+                    f"beyond the spectrum ({min(len(eigenvalues), cap)} eigenvalues), and their "
+                    "rows are zero or absent"))
         else:
             eigenvalues = symmetric_eigenvalues(total)
         return Spectrum(eigenvalues[:cap], _backend(result, problem.names), max_rank=cap,
