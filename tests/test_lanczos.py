@@ -236,18 +236,66 @@ def test_runs_of_an_invariant_space_count_each_eigenvalue_once() -> None:
     assert result.rank_interval[0] <= dense.rank <= result.rank_interval[1]
 
 
-def test_a_repeated_eigenvalue_shows_in_the_runs_probe_weights() -> None:
-    """A 3-fold eigenvalue over a null space (a zero-initialised network's GGN): each run of the
-    invariant space deflates it as one eigenvalue, which counted it once with an interval of no
-    width (srank 1 in [1, 1], trace 0.25 for 0.75). Over the runs its probe weights average
-    about 3: it is weighed by them, the interval holds the truth, and a note says so."""
+def test_the_repeat_check_counts_a_repeated_eigenvalue() -> None:
+    """A 3-fold eigenvalue over a null space (a zero-initialised network's GGN): the Krylov space
+    is invariant after 2 steps, and its one converged nonzero Ritz value was deflated as one
+    eigenvalue (srank 1 in [1, 1], trace 0.25 for 0.75). Runs from starts orthogonal to its Ritz
+    vectors find it twice more and then no more: it counts 3, exactly."""
     eigenvalues = np.concatenate([np.full(3, 0.25), np.zeros(47)])
+    truth = spectral_ranks(eigenvalues, 0.99, 1e-6)
     result = lanczos_spectrum(rotated(eigenvalues, dtype=torch.float64), max_products=30,
                               seed=0, rtol=1e-6)
-    assert any("repeated eigenvalues over the runs" in note for note in result.notes)
-    low, high = result.rank_interval
-    assert low <= 3 <= high
-    assert result.trace_interval[0] <= 0.75 <= result.trace_interval[1]
+    assert any("found copies of 0.25 (3-fold)" in note for note in result.notes)
+    ranks = spectral_ranks(result.eigenvalues, 0.99, 1e-6, result.weights, len(eigenvalues))
+    assert ranks["srank"] == truth["srank"] == 3 and ranks["numerical"] == 3
+    assert result.rank_interval == (3.0, 3.0)
+    assert result.trace == pytest.approx(0.75, rel=1e-6)
+    np.testing.assert_allclose(result.ritz_values, [0.25] * 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("classes", [3, 4])
+def test_zero_initialised_networks_count_their_repeated_eigenvalues(classes: int) -> None:
+    """A zero-initialised MLP: its GGN has one nonzero eigenvalue, ``C - 1``-fold (the last bias
+    under the softmax), its EF simple ones, its Hessian 8-fold eigenvalues (the 8 identical
+    hidden units), all in small Krylov spaces. Before: ``ggn_lanczos`` gave srank 19 in [1, 19]
+    for 2 (``C = 3``; its invariant runs were cut to one step once a probe missed the
+    eigenvalue, a node at the probe's mean with weight P) and 1 in [1, 1] for 3 (``C = 4``: the
+    3-fold eigenvalue counted once); ``lanczos`` 27 in [15, 33] for 34 and 35 in [27, 44] for 50.
+    Now the GGN and EF counts are exact, and the Hessian's, which the products left cannot
+    complete, are sampled, with intervals holding the truth."""
+    import hessrank
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, classes))
+    for parameter in model.parameters():
+        nn.init.zeros_(parameter)
+    batch = (torch.randn(16, 6), torch.randint(0, classes, (16,)))
+    loss = nn.CrossEntropyLoss()
+    for method, reference in (("ggn_lanczos", "ggn"), ("fisher_lanczos", "fisher"),
+                              ("lanczos", "exact")):
+        truth = hessrank.effective_rank(model, loss, batch, method=reference)
+        result = hessrank.effective_rank(model, loss, batch, method=method)
+        assert result.rank_interval[0] <= truth.rank <= result.rank_interval[1], method
+        if method != "lanczos":
+            assert result.ranks == pytest.approx(truth.ranks, rel=1e-5), method
+            assert result.rank_interval == (truth.rank, truth.rank), method
+    assert any("the deflated eigenvalues' counts are sampled" in note for note in result.notes)
+
+
+def test_a_repeated_eigenvalue_shows_in_the_runs_probe_weights() -> None:
+    """Runs split by the memory cap spend their whole budget: no products are left for the
+    repeat check. A 6-fold eigenvalue converges in each and is deflated as one (its probe
+    weight, about 6, is one a simple eigenvalue can have among dozens); over the 8 runs its
+    weights average about 6, above what a simple one reaches: it is weighed by them."""
+    eigenvalues = np.concatenate([np.full(6, 4.0), np.geomspace(0.5, 1e-3, 294)])
+    operator = rotated(eigenvalues, dtype=torch.float64)
+    result = lanczos_spectrum(operator, max_products=320, seed=0, rtol=1e-6,
+                              max_basis_bytes=40 * operator.dim * 4)
+    assert "8 run(s) of 40 steps" in result.notes[0]
+    assert any("instead of once: 4 (mean probe weight" in note for note in result.notes)
+    top = np.argmax(result.eigenvalues)
+    assert result.weights[top] == pytest.approx(6.0, rel=0.5)
+    assert result.trace_interval[0] <= eigenvalues.sum() <= result.trace_interval[1]
 
 
 def test_a_heavy_null_space_node_is_freed_not_every_deflation() -> None:

@@ -8,7 +8,7 @@ the eigenvalue counting measure (stochastic Lanczos quadrature). Measured on MLP
 better than several shorter runs: the polynomial degree, not the number of probes, limits how well
 the small eigenvalues that decide the srank and the numerical rank are separated.
 
-Two refinements:
+Three refinements:
 
 - **Deflation.** A Ritz value whose residual ``|beta_m U_mj|`` is tiny (against the operator's
   scale and against the distance to the next Ritz value) is an eigenvalue; when its probe weight
@@ -17,6 +17,13 @@ Two refinements:
   random ``P (q_i . v)^2``), and the other nodes share the remaining ``P - #deflated`` in
   proportion to their Gauss weights (a ratio estimator). The large eigenvalues that carry most
   of the mass are then exact, and only the unresolved middle of the spectrum is sampled.
+- **Repeat check.** One probe's Krylov space holds one direction of each eigenspace, so it
+  cannot tell a simple eigenvalue from a repeated one whose probe weight happens to be small.
+  When the Krylov space turns invariant before the budget is spent (few distinct eigenvalues:
+  a symmetric initialisation, identical units), the products left run Lanczos from Gaussian
+  starts kept orthogonal to the deflated eigenvectors; each eigenvalue found again there is
+  another copy, until none is (:func:`_repeat_check`). A run that spends the whole budget is
+  not checked: over several runs the probe weights show repeats (:func:`repeat_limit`).
 - **Intervals.** Two errors separate the quadrature from the true spectrum. Resolution: by the
   Chebyshev-Markov-Stieltjes inequalities the count of eigenvalues beyond a cut ``c`` is only
   known up to the weights of the nodes that bracket ``+-c``, so each count is widened to what the
@@ -121,6 +128,111 @@ def rademacher(dim: int, generator: torch.Generator, device: torch.device,
     return (signs.to(dtype) * 2 - 1).to(device)
 
 
+class LanczosRun:
+    """A Lanczos run whose basis lives in rows of a preallocated ``storage``; it can be extended.
+
+    All vector arithmetic is in the storage's dtype (the scalars ``alpha``, ``beta`` in float64).
+    Each new vector's overlaps with the whole basis are measured (one pass over it); they are
+    removed (classical Gram-Schmidt, a second pass) only when the largest exceeds
+    :data:`ORTHOGONALITY_FRACTION` of ``sqrt(eps)`` (relative to the vector's norm), and removed
+    again when the first removal took a large part of the vector (Daniel-Gragg-Kaufman-Stewart
+    criterion). The basis thus stays semi-orthogonal (overlaps below ``sqrt(eps)``, which keeps
+    the tridiagonal matrix exact to working precision, Simon 1984), measured rather than
+    estimated. The run stops for good when the Krylov space becomes invariant (``beta`` below
+    ``100 eps`` of the largest ``|alpha|, beta``).
+
+    Args:
+        operator: the symmetric operator.
+        start: ``[dim]`` start vector, any scale.
+        storage: ``[capacity, dim]`` rows for the basis (their dtype is the basis dtype).
+        deflate: ``[k, dim]`` nearly orthonormal vectors (approximate eigenvectors) the run is
+            kept orthogonal to: it then sees the operator on their complement.
+        advance: called with 1 after each product.
+        scale: the operator's scale as known from an earlier run (its largest ``|alpha|,
+            beta``), for the invariance test: on the complement of the deflated eigenvectors
+            the products can be all rounding, which is invariant against the operator's scale
+            but not against their own.
+    """
+
+    def __init__(self, operator: SymmetricOperator, start: Tensor, storage: Tensor,
+                 deflate: Tensor | None = None,
+                 advance: Callable[[int], None] | None = None, scale: float = 0.0) -> None:
+        self.operator = operator
+        self.storage = storage
+        self.deflate = deflate if deflate is not None and len(deflate) else None
+        self.advance = advance
+        self.removals = 0
+        self.invariant = False
+        self._alphas: list[float] = []
+        self._betas: list[float] = []
+        self.scale = scale
+        vector = self._deflated(start.to(device=storage.device, dtype=storage.dtype))
+        norm = float(vector.norm())
+        self.invariant = norm == 0.0
+        self._vector = vector / max(norm, 1e-300)
+
+    @property
+    def alpha(self) -> np.ndarray:
+        """The diagonal of the tridiagonal matrix, ``[m]`` (float64)."""
+        return np.array(self._alphas)
+
+    @property
+    def beta(self) -> np.ndarray:
+        """Its off-diagonal, ``[m - 1]``."""
+        return np.array(self._betas[: max(len(self._alphas) - 1, 0)])
+
+    @property
+    def last_beta(self) -> float:
+        """``beta_m``, the residual scale of the Ritz pairs; 0 once the space is invariant."""
+        return 0.0 if self.invariant or not self._betas else self._betas[-1]
+
+    def _deflated(self, vector: Tensor) -> Tensor:
+        """``vector`` with its components along ``deflate`` removed (twice, for rounding)."""
+        if self.deflate is not None:
+            for _ in range(2):
+                vector = vector.addmv(self.deflate.T, self.deflate @ vector, alpha=-1.0)
+        return vector
+
+    def extend(self, steps: int) -> None:
+        """Up to ``steps`` more products (fewer when the space turns invariant or the storage
+        is full)."""
+        eps = torch.finfo(self.storage.dtype).eps
+        semi_orthogonal = ORTHOGONALITY_FRACTION * math.sqrt(eps)
+        for _ in range(steps):
+            j = len(self._alphas)
+            if self.invariant or j == len(self.storage):
+                return
+            vector = self._vector
+            self.storage[j] = vector
+            operator = self.operator
+            product = operator.matmat(vector.to(operator.dtype)[None])[0].to(vector.dtype)
+            if self.advance is not None:
+                self.advance(1)
+            alpha = float(product @ vector)
+            product.sub_(vector, alpha=alpha)
+            if j > 0:
+                product.sub_(self.storage[j - 1], alpha=self._betas[-1])
+            product = self._deflated(product)
+            previous = self.storage[: j + 1]
+            beta = float(product.norm())
+            for _ in range(2):
+                overlaps = previous @ product
+                if float(overlaps.abs().max()) <= semi_orthogonal * beta:
+                    break
+                product.addmv_(previous.T, overlaps, alpha=-1.0)
+                self.removals += 1
+                before, beta = beta, float(product.norm())
+                if beta > before / math.sqrt(2):
+                    break
+            self._alphas.append(alpha)
+            self._betas.append(beta)
+            self.scale = max(self.scale, abs(alpha), beta)
+            if beta <= 100 * eps * self.scale:
+                self.invariant = True
+                return
+            self._vector = product / beta
+
+
 def lanczos_run(
     operator: SymmetricOperator,
     start: Tensor,
@@ -128,72 +240,40 @@ def lanczos_run(
     basis_dtype: torch.dtype = torch.float32,
     advance: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """Up to ``steps`` Lanczos steps from ``start`` (``[dim]``), kept orthogonal to the basis.
-
-    The basis (``steps x dim`` in ``basis_dtype``) is the only large allocation, and all vector
-    arithmetic is in ``basis_dtype`` (the scalars ``alpha``, ``beta`` in float64). Each new
-    vector's overlaps with the whole basis are measured (one pass over it); they are removed
-    (classical Gram-Schmidt, a second pass) only when the largest exceeds
-    :data:`ORTHOGONALITY_FRACTION` of ``sqrt(eps)`` (relative to the vector's norm), and removed
-    again when the first removal took a large part of the vector (Daniel-Gragg-Kaufman-Stewart
-    criterion). The basis thus stays semi-orthogonal (overlaps below ``sqrt(eps)``, which keeps
-    the tridiagonal matrix exact to working precision, Simon 1984), measured rather than
-    estimated. The run stops early when the Krylov space becomes invariant (``beta`` below
-    ``100 eps`` of the largest ``|alpha|, beta``, ``eps`` of ``basis_dtype``).
-
-    Args:
-        operator: the symmetric operator.
-        start: ``[dim]`` start vector, any scale.
-        steps: the most products to spend.
-        basis_dtype: dtype of the stored basis.
-        advance: called with 1 after each product.
+    """Up to ``steps`` Lanczos steps from ``start`` (``[dim]``): a :class:`LanczosRun` in a basis
+    of ``steps x dim`` in ``basis_dtype``, the only large allocation.
 
     Returns:
         ``alpha`` ``[m]`` and ``beta`` ``[m - 1]`` of the tridiagonal matrix (float64), the
         final ``beta_m`` (0 when the run ended on an invariant subspace), and how many
         Gram-Schmidt removals were applied.
     """
-    dim = operator.dim
-    steps = min(steps, dim)
-    basis = torch.empty(steps, dim, dtype=basis_dtype, device=operator.device)
-    vector = start.to(device=operator.device, dtype=basis_dtype)
-    vector = vector / vector.norm()
-    alphas: list[float] = []
-    betas: list[float] = []
-    scale = 0.0
-    beta = 0.0
-    removals = 0
-    eps = torch.finfo(basis_dtype).eps
-    invariant = 100 * eps
-    semi_orthogonal = ORTHOGONALITY_FRACTION * math.sqrt(eps)
-    for j in range(steps):
-        basis[j] = vector
-        product = operator.matmat(vector.to(operator.dtype)[None])[0].to(basis_dtype)
-        if advance is not None:
-            advance(1)
-        alpha = float(product @ vector)
-        product.sub_(vector, alpha=alpha)
-        if j > 0:
-            product.sub_(basis[j - 1], alpha=betas[-1])
-        previous = basis[: j + 1]
-        beta = float(product.norm())
-        for _ in range(2):
-            overlaps = previous @ product
-            if float(overlaps.abs().max()) <= semi_orthogonal * beta:
-                break
-            product.addmv_(previous.T, overlaps, alpha=-1.0)
-            removals += 1
-            before, beta = beta, float(product.norm())
-            if beta > before / math.sqrt(2):
-                break
-        alphas.append(alpha)
-        scale = max(scale, abs(alpha), beta)
-        if beta <= invariant * scale:
-            return np.array(alphas), np.array(betas), 0.0, removals
-        if j < steps - 1:
-            betas.append(beta)
-            vector = product / beta
-    return np.array(alphas), np.array(betas), beta, removals
+    storage = torch.empty(min(steps, operator.dim), operator.dim, dtype=basis_dtype,
+                          device=operator.device)
+    run = LanczosRun(operator, start, storage, advance=advance)
+    run.extend(len(storage))
+    return run.alpha, run.beta, run.last_beta, run.removals
+
+
+def ritz_vectors(rows: Tensor, coefficients: np.ndarray) -> Tensor:
+    """The Ritz vectors ``coefficients^T rows`` written over the first ``k`` of ``rows``.
+
+    Args:
+        rows: ``[m, dim]`` Lanczos basis; overwritten, column block by column block (each block
+            of the result needs only the same block of the basis), so no second ``k x dim``
+            buffer is needed.
+        coefficients: ``[m, k]`` eigenvectors of the tridiagonal matrix, ``k <= m``.
+
+    Returns:
+        ``rows[:k]``, the ``[k, dim]`` Ritz vectors.
+    """
+    count = coefficients.shape[1]
+    mixing = torch.from_numpy(np.ascontiguousarray(coefficients.T)).to(rows)
+    block = max(1, 2**22 // max(len(rows), 1))
+    for begin in range(0, rows.shape[1], block):
+        columns = rows[:, begin:begin + block]
+        columns[:count] = mixing @ columns
+    return rows[:count]
 
 
 def single_weight_limit(candidates: int) -> float:
@@ -211,44 +291,85 @@ def single_weight_limit(candidates: int) -> float:
     return 2.0 * math.log(2.0 * max(candidates, 1) / FALSE_REPEAT_RATE)
 
 
-def repeat_limit(runs: int, candidates: int) -> float:
-    """The largest mean probe weight over ``runs`` runs that a simple eigenvalue may have, among
-    ``candidates`` eigenvalues tested (:func:`single_weight_limit` for several runs).
+def repeat_limit(runs: int, candidates: int, count: int = 1) -> float:
+    """The largest mean probe weight over ``runs`` runs that an eigenvalue of multiplicity
+    ``count`` may have, among ``candidates`` eigenvalues tested (:func:`single_weight_limit` for
+    several runs).
 
     A simple eigenvalue's probe weights are independent chi-square(1) draws (a Rademacher
-    probe's are sub-Gaussian squares with at most that tail), so their sum over ``R`` runs is at
-    most a chi-square(R): the limit is its quantile at ``FALSE_REPEAT_RATE / candidates``, a
-    union bound over the candidates, divided by ``R``. Without the bound, hundreds of simple
-    eigenvalues tested over 2 runs at 1 + 4 sqrt(2 / R) = 5 had one or more pass it on most
-    calls, each then counted about 5 times.
+    probe's are sub-Gaussian squares with at most that tail), so a ``count``-fold one's sum over
+    ``R`` runs is at most a chi-square(count R): the limit is its quantile at
+    ``FALSE_REPEAT_RATE / candidates``, a union bound over the candidates, divided by ``R``.
+    Without the bound, hundreds of simple eigenvalues tested over 2 runs at 1 + 4 sqrt(2 / R) = 5
+    had one or more pass it on most calls, each then counted about 5 times.
     """
     from scipy.stats import chi2  # here: scipy.stats slows `import hessrank`
 
-    return float(chi2.isf(FALSE_REPEAT_RATE / max(candidates, 1), runs)) / runs
+    return float(chi2.isf(FALSE_REPEAT_RATE / max(candidates, 1), count * runs)) / runs
+
+
+@dataclass
+class _RitzPairs:
+    """The Ritz pairs of one run: ``nodes`` ascending, ``vectors`` ``[m, m]`` (columns: the
+    tridiagonal matrix's eigenvectors), ``residuals`` ``|beta_m U_mj|``, ``converged`` the
+    pairs that are eigenpairs (small residual against ``scale``, the operator's largest
+    ``|Ritz value|``, and against the distance to the next Ritz value)."""
+
+    nodes: np.ndarray
+    vectors: np.ndarray
+    residuals: np.ndarray
+    converged: np.ndarray
+
+
+def _ritz_pairs(alpha: np.ndarray, beta: np.ndarray, last_beta: float,
+                scale: float | None = None) -> _RitzPairs:
+    """The Ritz pairs of a run's tridiagonal matrix (``alpha`` ``[m]``, ``beta`` ``[m - 1]``,
+    ``last_beta``: see :class:`LanczosRun`); ``scale`` is the operator's, default the run's."""
+    from scipy.linalg import eigh_tridiagonal  # here: scipy.linalg slows `import hessrank`
+
+    nodes, vectors = eigh_tridiagonal(alpha, beta) if len(alpha) > 1 else (alpha, np.ones((1, 1)))
+    residuals = np.abs(last_beta * vectors[-1])
+    gaps = np.full(len(nodes), np.inf)
+    if len(nodes) > 1:
+        spacing = np.diff(nodes)
+        gaps = np.minimum(np.concatenate([[np.inf], spacing]), np.concatenate([spacing, [np.inf]]))
+    if scale is None:
+        scale = float(np.abs(nodes).max())
+    # An eigenpair: small residual against the operator's scale and against the distance to the
+    # next Ritz value (else the node may stand for a cluster of eigenvalues within the residual).
+    converged = ((residuals <= CONVERGED_RESIDUAL * max(scale, 1e-300))
+                 & (residuals <= GAP_FRACTION * gaps))
+    return _RitzPairs(nodes, vectors, residuals, converged)
+
+
+def _weighed(probe: np.ndarray, fixed: np.ndarray, counts: np.ndarray, dim: int) -> np.ndarray:
+    """Node weights: a deflated node counts its eigenvalues (``counts``), the free nodes share
+    the rest of ``dim`` in proportion to their probe weights (a ratio estimator)."""
+    weights = np.where(fixed, counts, 0.0)
+    free = ~fixed
+    if free.any() and probe[free].sum() > 0:
+        weights[free] = max(dim - float(weights.sum()), 0.0) * probe[free] / probe[free].sum()
+    return weights
 
 
 def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
                 ) -> tuple[_Quadrature, str | None]:
+    """The deflated quadrature of one run from its tridiagonal matrix (see
+    :func:`_deflated_quadrature`)."""
+    return _deflated_quadrature(_ritz_pairs(alpha, beta, last_beta), dim)
+
+
+def _deflated_quadrature(pairs: _RitzPairs, dim: int) -> tuple[_Quadrature, str | None]:
     """The deflated quadrature of one run (see the module docstring).
 
     Returns the quadrature and a note where deflation had to guess: the converged Ritz values
     looked repeated (their probe weights too large for simple eigenvalues) and the heaviest were
     not deflated, or the Krylov space was invariant and one node took the eigenvalues it lacks.
     """
-    from scipy.linalg import eigh_tridiagonal  # here: scipy.linalg slows `import hessrank`
-
-    nodes, vectors = eigh_tridiagonal(alpha, beta) if len(alpha) > 1 else (alpha, np.ones((1, 1)))
-    gauss = vectors[0] ** 2
+    nodes = pairs.nodes
+    gauss = pairs.vectors[0] ** 2
     gauss = gauss / gauss.sum()
-    residual = np.abs(last_beta * vectors[-1])
-    gaps = np.full(len(nodes), np.inf)
-    if len(nodes) > 1:
-        spacing = np.diff(nodes)
-        gaps = np.minimum(np.concatenate([[np.inf], spacing]), np.concatenate([spacing, [np.inf]]))
-    # An eigenpair: small residual against the operator's scale and against the distance to the
-    # next Ritz value (else the node may stand for a cluster of eigenvalues within the residual).
-    converged = ((residual <= CONVERGED_RESIDUAL * max(np.abs(nodes).max(), 1e-300))
-                 & (residual <= GAP_FRACTION * gaps))
+    converged = pairs.converged
     fixed = converged & (dim * gauss < single_weight_limit(int(converged.sum())))
     # Simple eigenvalues have chi-square(1) probe weights: their sum is n +- sqrt(2 n). A sum far
     # above it means repeated eigenvalues among them, which one probe cannot count.
@@ -283,11 +404,8 @@ def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
         note = (f"the Krylov space was invariant after {len(nodes)} steps: the {dim - count} "
                 f"eigenvalues it lacks are taken as repeats of {nodes[repeated]:.4g} "
                 f"({'zero: a null space' if zero.size else 'the largest probe weight'})")
-    weights = np.where(fixed, 1.0, 0.0)
-    free = ~fixed
-    if free.any():
-        weights[free] = (dim - fixed.sum()) * gauss[free] / gauss[free].sum()
-    return _Quadrature(nodes, weights, fixed, residual, dim * gauss), note
+    weights = _weighed(gauss, fixed, np.ones(len(nodes)), dim)
+    return _Quadrature(nodes, weights, fixed, pairs.residuals, dim * gauss), note
 
 
 def _srank_cut(nodes: np.ndarray, weights: np.ndarray, threshold: float) -> float:
@@ -347,6 +465,120 @@ def _bootstrap_weights(quadrature: _Quadrature, draws: int, rng: np.random.Gener
     return weights
 
 
+def _near(values: np.ndarray, radii: np.ndarray, value: float, radius: float, slack: float
+          ) -> np.ndarray:
+    """Which of ``values`` (known to within ``radii``: Ritz residuals) may be the eigenvalue
+    ``value`` (within ``radius``): distinct eigenvalues are further apart, since deflation asks
+    for a gap of ``1 / GAP_FRACTION`` residuals. ``slack`` allows for the rounding of the bases
+    (an invariant space has residuals of exactly 0)."""
+    return np.abs(values - value) <= radii + radius + slack
+
+
+def _rounding_slack(eps: float, scale: float) -> float:
+    """What two runs' Ritz values of one eigenvalue can differ by from rounding alone: ``100
+    eps`` of the operator's largest ``|eigenvalue|`` (``eps`` of the basis dtype)."""
+    return 100 * eps * scale
+
+
+@dataclass
+class _Checked:
+    """What :func:`_repeat_check` found: the run's quadrature with the counts of its deflated
+    eigenvalues, the eigenvalues whose counts it could not complete (``(value, residual)``, to
+    be sampled in every run), the products spent, and a note."""
+
+    quadrature: _Quadrature
+    sampled: list[tuple[float, float]]
+    products: int
+    note: str
+
+
+def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPairs,
+                  quadrature: _Quadrature, budget: int, generator: torch.Generator,
+                  advance: Callable[[int], None] | None) -> _Checked:
+    """Counts the copies of the run's deflated eigenvalues with further runs orthogonal to them.
+
+    Deflation takes a converged Ritz value for a simple eigenvalue, and one probe cannot tell
+    (its Krylov space holds one direction of each eigenspace; a repeated eigenvalue's probe
+    weight is often small enough for a simple one's: a zero-initialised network's 3-fold
+    eigenvalue was counted once). A run from a Gaussian start kept orthogonal to the deflated
+    Ritz vectors sees the operator on their complement, where a simple eigenvalue no longer
+    is: a Ritz value that converges there within the residuals of a deflated one is another
+    eigenvector of it. Each copy found is deflated too and the check runs again, until a run
+    whose Krylov space turns invariant finds none: the counts are then exact. When the budget
+    cuts a run first, copies may be left, and every deflated eigenvalue's count is left to the
+    probe (sampled): the counts found are lower bounds only.
+
+    The run's storage is reused: its basis is replaced by the Ritz vectors (``k`` rows), and
+    each check run takes the rows after them, so the memory stays that of one basis.
+
+    Args:
+        operator: the symmetric operator.
+        run: the finished first run; its basis is overwritten.
+        pairs: its Ritz pairs; ``quadrature``: its deflated quadrature.
+        budget: the products the check may spend.
+        generator: the private generator of the start vectors.
+        advance: progress callback.
+    """
+    fixed = np.flatnonzero(quadrature.fixed)
+    values, radii = quadrature.nodes[fixed], quadrature.residuals[fixed]
+    counts = np.ones(len(fixed))
+    scale = float(np.abs(pairs.nodes).max())
+    slack = _rounding_slack(torch.finfo(run.storage.dtype).eps, scale)
+    storage = run.storage
+    kept = len(fixed)
+    ritz_vectors(storage[: len(run.alpha)], pairs.vectors[:, fixed])
+    # Copies of zero are the null space, which the free nodes count (a null space's node, or the
+    # eigenvalues an invariant space lacks): only nonzero eigenvalues are counted here.
+    nonzero = ~_near(values, radii, 0.0, 0.0, slack)
+    spent, runs, complete = 0, 0, False
+    while budget - spent >= 1 and len(storage) > kept:
+        steps = min(budget - spent, len(storage) - kept)
+        start = torch.randn(operator.dim, generator=generator, dtype=torch.float64)
+        check = LanczosRun(operator, start, storage[kept: kept + steps], storage[:kept], advance,
+                           run.scale)
+        check.extend(steps)
+        spent += len(check.alpha)
+        runs += 1
+        if not len(check.alpha):  # the deflated vectors span the space
+            complete = True
+            break
+        found = _ritz_pairs(check.alpha, check.beta, check.last_beta, scale)
+        copies = []
+        for index in np.flatnonzero(found.converged):
+            match = np.flatnonzero(nonzero & _near(values, radii, found.nodes[index],
+                                                   found.residuals[index], slack))
+            if match.size:
+                copies.append(index)
+                counts[match[0]] += 1
+        if not copies:
+            # An invariant space holds every eigenspace its start touches (a Gaussian start:
+            # all of them): no copy is left. A run the budget cut may have missed some.
+            complete = check.invariant
+            break
+        ritz_vectors(storage[kept: kept + len(check.alpha)], found.vectors[:, copies])
+        kept += len(copies)
+    repeated = counts > 1
+    note = (f"repeat check: {spent} products in {runs} run(s) orthogonal to the {len(fixed)} "
+            "deflated eigenvectors found ")
+    note += ("none of them again" if not repeated.any() else "copies of " + ", ".join(
+        f"{value:.4g} ({count:.0f}-fold)" for value, count in zip(values[repeated],
+                                                                  counts[repeated])))
+    is_fixed = quadrature.fixed.copy()
+    sampled: list[tuple[float, float]] = []
+    if not complete:
+        # Copies may be left: the counts are lower bounds only, and are left to the probe.
+        is_fixed[fixed] = False
+        sampled = [(float(v), float(r)) for v, r in zip(values, radii)]
+        note += ("; its products ran out before its Krylov space was exhausted, so copies may "
+                 "be left: the deflated eigenvalues' counts are sampled")
+    node_counts = np.ones(len(quadrature.nodes))
+    node_counts[fixed] = counts
+    checked = _Quadrature(quadrature.nodes,
+                          _weighed(quadrature.probe, is_fixed, node_counts, operator.dim),
+                          is_fixed, quadrature.residuals, quadrature.probe)
+    return _Checked(checked, sampled, spent, note)
+
+
 def lanczos_spectrum(
     operator: SymmetricOperator,
     *,
@@ -401,27 +633,50 @@ def lanczos_spectrum(
         )
     steps = int(min(max_products, dim, max_steps))
     generator = torch.Generator().manual_seed(seed)
-    quadratures: list[_Quadrature] = []
-    spent = 0
+    storage = torch.empty(steps, dim, dtype=basis_dtype, device=operator.device)
     notes: list[str] = []
     guesses: list[str] = []
-    removals = 0
-    while max_products - spent >= max(steps, 1) or not quadratures:
-        start = rademacher(dim, generator, operator.device, basis_dtype)
-        alpha, beta, last_beta, run_removals = lanczos_run(operator, start, steps, basis_dtype,
-                                                            advance)
-        removals += run_removals
-        spent += len(alpha)
-        quadrature, guess = _quadrature(alpha, beta, last_beta, dim)
+    first = LanczosRun(operator, rademacher(dim, generator, operator.device, basis_dtype),
+                       storage, advance=advance)
+    first.extend(steps)
+    pairs = _ritz_pairs(first.alpha, first.beta, first.last_beta)
+    quadrature, guess = _deflated_quadrature(pairs, dim)
+    spent, removals = len(first.alpha), first.removals
+    sampled: list[tuple[float, float]] = []
+    checked = False
+    if guess is not None:
+        guesses.append(guess)
+    # The products an invariant Krylov space leaves count the copies of what it deflated (taken
+    # from a run that spends them all, they would cost it resolution: such runs are unchecked).
+    if quadrature.fixed.any() and steps > spent:
+        check = _repeat_check(operator, first, pairs, quadrature, steps - spent, generator,
+                              advance)
+        quadrature, sampled, checked = check.quadrature, check.sampled, True
+        spent += check.products
+        guesses.append(check.note)
+    quadratures = [quadrature]
+    # A further run needs all the steps, or once a Krylov space turned invariant the products of
+    # the longest invariant run so far: only the sampling error is left to reduce, and a probe
+    # that missed an eigenspace ends sooner (runs cut to its length were 1-step quadratures, a
+    # node of weight P at the probe's mean: srank 19 for a GGN of rank 2).
+    invariant = [len(first.alpha)] if first.invariant else []
+    need = max(invariant, default=steps)
+    while max_products - spent >= max(need, 1):
+        run = LanczosRun(operator, rademacher(dim, generator, operator.device, basis_dtype),
+                         storage[: min(steps, max_products - spent)], advance=advance)
+        run.extend(len(run.storage))
+        removals += run.removals
+        spent += len(run.alpha)
+        quadrature, guess = _quadrature(run.alpha, run.beta, run.last_beta, dim)
         if guess is not None and guess not in guesses:
             guesses.append(guess)
         quadratures.append(quadrature)
-        if last_beta == 0.0 and len(alpha) < steps:
-            # The Krylov space became invariant: further runs of the same length would only
-            # reduce the sampling error, and need the budget for it.
-            steps = max(len(alpha), 1)
+        if run.invariant:
+            invariant.append(len(run.alpha))
+            need = max(invariant)
     run_steps = len(quadratures[0].nodes)
-    quadratures, repeats = _completed(quadratures, dim, float(torch.finfo(basis_dtype).eps))
+    quadratures, repeats = _completed(quadratures, dim, float(torch.finfo(basis_dtype).eps),
+                                      sampled)
     if repeats is not None:
         guesses.append(repeats)
     runs = len(quadratures)
@@ -429,7 +684,9 @@ def lanczos_spectrum(
                                   np.concatenate([q.weights for q in quadratures]) / runs,
                                   float(torch.finfo(basis_dtype).eps))
     order = np.lexsort((-nodes, -np.abs(nodes)))
-    ritz = by_magnitude(quadratures[0].nodes[quadratures[0].fixed])
+    first_fixed = quadratures[0].fixed
+    ritz = by_magnitude(np.repeat(quadratures[0].nodes[first_fixed],
+                                  np.round(quadratures[0].weights[first_fixed]).astype(int)))
 
     if rtol is None:
         rtol = default_rtol(dim, float(torch.finfo(operator.dtype).eps))
@@ -440,7 +697,8 @@ def lanczos_spectrum(
     deflated = int(quadratures[0].fixed.sum())
     notes.append(
         f"Lanczos quadrature: {runs} run(s) of {run_steps} steps, "
-        f"{spent} products; {deflated} converged eigenvalues deflated (weight 1); "
+        f"{spent} products; {deflated} converged eigenvalues deflated "
+        f"({'each its count from the repeat check' if checked else 'weight 1'}); "
         f"{removals} Gram-Schmidt removals kept the basis semi-orthogonal"
     )
     notes.append(
@@ -458,67 +716,68 @@ def lanczos_spectrum(
     )
 
 
-def _completed(quadratures: list[_Quadrature], dim: int, eps: float
-               ) -> tuple[list[_Quadrature], str | None]:
+def _completed(quadratures: list[_Quadrature], dim: int, eps: float,
+               sampled: list[tuple[float, float]]) -> tuple[list[_Quadrature], str | None]:
     """The runs' quadratures made consistent over their deflated eigenvalues, and a note where
     some look repeated.
 
     A deflated node is an eigenvalue whatever the probe; a run whose probe was nearly orthogonal
     to it missed it and put its little weight elsewhere, and averaging the runs would count it a
     fraction of once (0.875 for one miss in 8 runs) with no spread left to show it: each run
-    gets the eigenvalues other runs deflated as nodes of weight 1, its free weights scaled down
-    to make room. Over several runs an eigenvalue's probe weights show its multiplicity: their
-    mean over ``R`` runs is 1 on average for a simple one; one above :func:`repeat_limit` is
-    repeated (a symmetry of the model), and every run weighs it by its probe instead of once.
+    gets the eigenvalues other runs deflated as nodes of their count (1, or what the first run's
+    repeat check found), its free weights scaled down to make room. Over several runs an
+    eigenvalue's probe weights show its multiplicity: their mean over ``R`` runs is its count on
+    average; one above :func:`repeat_limit` is repeated more (a symmetry of the model), and
+    every run weighs it by its probe instead, as it does the eigenvalues in ``sampled`` (those
+    whose counts the repeat check could not complete).
 
-    Two deflated nodes are one eigenvalue when they lie within their Ritz residuals of each other
-    (distinct eigenvalues are further apart: deflation asks for a gap of ``1 / GAP_FRACTION``
-    residuals), plus ``100 eps`` of the largest ``|node|`` for the rounding of the runs' bases
-    (``eps`` of the basis dtype; an invariant space has residuals of exactly 0).
+    Two deflated nodes are one eigenvalue when :func:`_near` says so.
     """
-    runs = len(quadratures)
-    if runs < 2:
-        return quadratures, None
-    slack = 50 * eps * max(float(np.abs(q.nodes).max(initial=0.0)) for q in quadratures)
-
-    def near(values: np.ndarray, radii: np.ndarray, value: float, radius: float) -> np.ndarray:
-        """Which of ``values`` (with their residuals ``radii``) are the eigenvalue ``value``."""
-        return np.abs(values - value) <= radii + radius + 2 * slack
-
-    found: list[tuple[float, float]] = []  # one (value, residual) per eigenvalue deflated
+    slack = _rounding_slack(eps, max(float(np.abs(q.nodes).max(initial=0.0))
+                                     for q in quadratures))
+    found: list[tuple[float, float, float]] = []  # (value, residual, count) per eigenvalue
     for q in quadratures:
-        for value, radius in zip(q.nodes[q.fixed], q.residuals[q.fixed]):
-            known = np.array(found).reshape(-1, 2)
-            if not near(known[:, 0], known[:, 1], value, radius).any():
-                found.append((float(value), float(radius)))
-    limit = repeat_limit(runs, len(found))
-    shares = [float(np.mean([q.probe[near(q.nodes, q.residuals, value, radius)].sum()
-                             for q in quadratures])) for value, radius in found]
-    repeated = [share > limit for share in shares]
+        for value, radius, count in zip(q.nodes[q.fixed], q.residuals[q.fixed],
+                                        q.weights[q.fixed]):
+            known = np.array(found).reshape(-1, 3)
+            if not _near(known[:, 0], known[:, 1], value, radius, slack).any():
+                found.append((float(value), float(radius), float(count)))
+    runs = len(quadratures)
+    if runs < 2 and not sampled:
+        return quadratures, None
+    shares = [float(np.mean([q.probe[_near(q.nodes, q.residuals, value, radius, slack)].sum()
+                             for q in quadratures])) for value, radius, _ in found]
+    repeated = [runs > 1 and share > repeat_limit(runs, len(found), round(count))
+                for share, (_, _, count) in zip(shares, found)]
+    known_sampled = np.array(sampled).reshape(-1, 2)
+    is_sampled = [bool(_near(known_sampled[:, 0], known_sampled[:, 1], value, radius,
+                             slack).any()) for value, radius, _ in found]
     completed = []
     for q in quadratures:
         fixed = q.fixed.copy()
-        for (value, radius), is_repeated in zip(found, repeated):
-            if is_repeated:
-                fixed &= ~near(q.nodes, q.residuals, value, radius)
-        missing = [(value, radius) for (value, radius), is_repeated in zip(found, repeated)
-                   if not is_repeated and not (fixed & near(q.nodes, q.residuals, value,
-                                                            radius)).any()]
-        nodes = np.concatenate([q.nodes, [v for v, _ in missing]])
+        counts = np.ones(len(q.nodes))
+        missing = []
+        for (value, radius, count), free in zip(found, np.logical_or(repeated, is_sampled)):
+            here = _near(q.nodes, q.residuals, value, radius, slack)
+            if free:
+                fixed &= ~here
+            elif (fixed & here).any():
+                counts[np.flatnonzero(fixed & here)[0]] = count
+            else:
+                missing.append((value, radius, count))
+        nodes = np.concatenate([q.nodes, [v for v, _, _ in missing]])
         probe = np.concatenate([q.probe, np.zeros(len(missing))])
         fixed = np.concatenate([fixed, np.ones(len(missing), dtype=bool)])
-        weights = np.where(fixed, 1.0, 0.0)
-        free = ~fixed
-        if probe[free].sum() > 0:
-            weights[free] = max(dim - int(fixed.sum()), 0) * probe[free] / probe[free].sum()
+        counts = np.concatenate([counts, [c for _, _, c in missing]])
+        weights = _weighed(probe, fixed, counts, dim)
         order = np.argsort(nodes, kind="stable")
         completed.append(_Quadrature(
             nodes[order], weights[order], fixed[order],
-            np.concatenate([q.residuals, [r for _, r in missing]])[order], probe[order]))
+            np.concatenate([q.residuals, [r for _, r, _ in missing]])[order], probe[order]))
     note = None if not any(repeated) else (
         "repeated eigenvalues over the runs, weighed by their probes instead of once: "
         + ", ".join(f"{value:.4g} (mean probe weight {share:.1f} over {runs} runs)"
-                    for (value, _), share, is_repeated in zip(found, shares, repeated)
+                    for (value, _, _), share, is_repeated in zip(found, shares, repeated)
                     if is_repeated))
     return completed, note
 
