@@ -162,13 +162,14 @@ class LanczosRun:
         self.deflate = deflate if deflate is not None and len(deflate) else None
         self.advance = advance
         self.removals = 0
-        self.invariant = False
         self._alphas: list[float] = []
         self._betas: list[float] = []
         self.scale = scale
-        vector = self._deflated(start.to(device=storage.device, dtype=storage.dtype))
+        start = start.to(device=storage.device, dtype=storage.dtype)
+        vector = self._deflated(start)
         norm = float(vector.norm())
-        self.invariant = norm == 0.0
+        # A start in the span of ``deflate`` (to rounding) leaves nothing to explore.
+        self.invariant = norm <= 100 * torch.finfo(storage.dtype).eps * float(start.norm())
         self._vector = vector / max(norm, 1e-300)
 
     @property
