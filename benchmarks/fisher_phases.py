@@ -99,7 +99,7 @@ def wrap_phases(spent: dict[str, float]) -> None:
     recurrent = importlib.import_module("hessrank.curvature.rules.recurrent")
     for cell in (recurrent.LSTMCell, recurrent.GRUCell, recurrent.PlainCell):
         wrap(cell, "backward", "recurrent rule's backward recurrence")
-    wrap(gram, "_relative_error", "the check's error norms")
+    wrap(gram, "_difference", "the check's error norms")
 
 
 def compare(args: argparse.Namespace, fisher: Callable[..., None]) -> int:

@@ -378,7 +378,8 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int) -> tuple[_Quadrature, str 
         count = int(mask.sum())
         return count > 0 and dim * gauss[mask].sum() > count + 4 * math.sqrt(2 * count) + 4
 
-    note = None
+    notes = []
+    scale = float(np.abs(nodes).max())
     if too_heavy(fixed):
         # The heaviest of them are repeated: freed one at a time, heaviest first, until the rest
         # weigh what simple eigenvalues would (a null space's node just under the single limit
@@ -389,22 +390,27 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int) -> tuple[_Quadrature, str 
                 break
             fixed[index] = False
             freed += 1
-        note = (f"converged Ritz values carry more probe weight than simple eigenvalues would "
-                f"(repeated eigenvalues?): the {freed} heaviest not deflated, their counts "
-                "are sampled")
-    count = int(fixed.sum())
-    if fixed.all() and count < dim:
+        notes.append(f"converged Ritz values carry more probe weight than simple eigenvalues "
+                     f"would (repeated eigenvalues?): the {freed} heaviest not deflated, their "
+                     "counts are sampled")
+    if converged.all() and len(nodes) < dim:
         # Every Ritz value converged, fewer than dim of them: the Krylov space is invariant, and
-        # the eigenvalues it lacks repeat some it has. One probe cannot say which: they go to
-        # a node at zero (a null space, where a network's curvature repeats an eigenvalue),
-        # else to the node of largest probe weight.
-        scale = float(np.abs(nodes).max())
+        # the eigenvalues it lacks repeat some it has. One probe cannot say which: a node at
+        # zero (a null space, where a network's curvature repeats an eigenvalue) takes them,
+        # with any node freed above, else the node of largest probe weight. (A deflated zero
+        # beside a freed node gave that node the null space's copies: trace +12 of 123.)
         zero = np.flatnonzero(np.abs(nodes) <= CONVERGED_RESIDUAL * scale)
-        repeated = int(zero[0]) if zero.size else int(np.argmax(gauss))
-        fixed[repeated] = False
-        note = (f"the Krylov space was invariant after {len(nodes)} steps: the {dim - count} "
-                f"eigenvalues it lacks are taken as repeats of {nodes[repeated]:.4g} "
-                f"({'zero: a null space' if zero.size else 'the largest probe weight'})")
+        if zero.size:  # (rounding can leave two nodes there)
+            takers, named = zero, "zero: a null space"
+        elif (~fixed).any():
+            takers, named = np.flatnonzero(~fixed), "the nodes not deflated"
+        else:
+            takers, named = np.array([int(np.argmax(gauss))]), "the largest probe weight"
+        fixed[takers] = False
+        notes.append(f"the Krylov space was invariant after {len(nodes)} steps: the "
+                     f"{dim - len(nodes)} eigenvalues it lacks are taken as repeats of "
+                     f"{', '.join(f'{nodes[i]:.4g}' for i in takers)} ({named})")
+    note = "; ".join(notes) if notes else None
     weights = _weighed(gauss, fixed, np.ones(len(nodes)), dim)
     return _Quadrature(nodes, weights, fixed, pairs.residuals, dim * gauss), note
 
@@ -418,16 +424,19 @@ def _srank_cut(nodes: np.ndarray, weights: np.ndarray, threshold: float) -> floa
     return float(magnitude[order][index])
 
 
-def _count_bounds(quadrature: _Quadrature, weights: np.ndarray, cut: float
-                  ) -> tuple[float, float]:
+def _count_bounds(quadrature: _Quadrature, weights: np.ndarray, cut: float,
+                  rounding: float | None = None) -> tuple[float, float]:
     """What the quadrature proves about the count ``#{|lambda| >= cut}``.
 
     By the Chebyshev-Markov-Stieltjes inequalities the measure beyond ``x`` lies between the
     weight of the nodes beyond the two nodes bracketing ``x`` and the weight that includes them
     (at a node, only that node is uncertain). The cut has two sides, ``+cut`` and ``-cut``.
-    Deflated nodes (exact eigenvalues) add no uncertainty, nor does a node whose Ritz residual
-    ``r`` is small against its distance ``d`` to the cut: at most ``(r / d)^2`` of its weight can
-    lie beyond ``d`` (we ignore ``r < d / 30``, under 0.1 %).
+    Deflated nodes (exact eigenvalues) add no uncertainty unless ``rounding`` is given and they
+    lie within twice their residual plus ``rounding`` of the cut (the products' rounding, or
+    copies the repeat check matched to them within it; the srank's cut is a node's value, whose
+    rounding :func:`_intervals` allows for by moving the threshold), nor does a node whose Ritz
+    residual ``r`` is small against its distance ``d`` to the cut: at most ``(r / d)^2`` of its
+    weight can lie beyond ``d`` (we ignore ``r < d / 30``, under 0.1 %).
 
     Returns:
         The lower and upper bound of the count.
@@ -448,6 +457,11 @@ def _count_bounds(quadrature: _Quadrature, weights: np.ndarray, cut: float
             uncertain[below[np.argmax(magnitude[below])]] = True
     resolved = quadrature.residuals < np.abs(magnitude - cut) / 30
     uncertain &= ~(quadrature.fixed | resolved)
+    # (a trained MLP's near-null eigenvalues, within rounding of the numerical rank's cut,
+    # counted 423 in [423, 423] for 421)
+    if rounding is not None:
+        uncertain |= quadrature.fixed & (np.abs(magnitude - cut)
+                                         <= 2 * quadrature.residuals + rounding)
     beyond = magnitude >= cut
     return float(weights[beyond & ~uncertain].sum()), float(weights[beyond | uncertain].sum())
 
@@ -521,16 +535,15 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
         advance: progress callback.
     """
     fixed = np.flatnonzero(quadrature.fixed)
-    values, radii = quadrature.nodes[fixed], quadrature.residuals[fixed]
-    counts = np.ones(len(fixed))
+    values, radii = list(quadrature.nodes[fixed]), list(quadrature.residuals[fixed])
+    counts = [1.0] * len(fixed)
+    free_values, free_radii = quadrature.nodes[~quadrature.fixed], quadrature.residuals[
+        ~quadrature.fixed]
     scale = float(np.abs(pairs.nodes).max())
     slack = _rounding_slack(torch.finfo(run.storage.dtype).eps, scale)
     storage = run.storage
     kept = len(fixed)
     ritz_vectors(storage[: len(run.alpha)], pairs.vectors[:, fixed])
-    # Copies of zero are the null space, which the free nodes count (a null space's node, or the
-    # eigenvalues an invariant space lacks): only nonzero eigenvalues are counted here.
-    nonzero = ~_near(values, radii, 0.0, 0.0, slack)
     spent, runs, complete = 0, 0, False
     while budget - spent >= 1 and len(storage) > kept:
         steps = min(budget - spent, len(storage) - kept)
@@ -544,39 +557,62 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
             complete = True
             break
         found = _ritz_pairs(check.alpha, check.beta, check.last_beta, scale)
-        copies = []
+        deflated = []
         for index in np.flatnonzero(found.converged):
-            match = np.flatnonzero(nonzero & _near(values, radii, found.nodes[index],
-                                                   found.residuals[index], slack))
-            if match.size:
-                copies.append(index)
-                counts[match[0]] += 1
-        if not copies:
+            value, radius = found.nodes[index], found.residuals[index]
+            if _near(np.array(0.0), np.array(0.0), value, radius, slack):
+                continue  # the null space: the free nodes count its copies
+            match = np.flatnonzero(_near(np.array(values), np.array(radii), value, radius,
+                                         slack))
+            if match.size:  # a copy of a deflated eigenvalue
+                counts[int(match[0])] += 1
+            elif _near(free_values, free_radii, value, radius, slack).any():
+                continue  # a free node's eigenvalue: its probe weight counts the copies
+            else:  # an eigenvalue the first probe missed (orthogonal to its eigenspace)
+                values.append(float(value))
+                radii.append(float(radius))
+                counts.append(1.0)
+            deflated.append(index)
+        if not deflated:
             # An invariant space holds every eigenspace its start touches (a Gaussian start:
             # all of them): no copy is left. A run the budget cut may have missed some.
             complete = check.invariant
             break
-        ritz_vectors(storage[kept: kept + len(check.alpha)], found.vectors[:, copies])
-        kept += len(copies)
-    repeated = counts > 1
+        ritz_vectors(storage[kept: kept + len(check.alpha)], found.vectors[:, deflated])
+        kept += len(deflated)
+    added = len(values) - len(fixed)
+    found_values, found_counts = np.array(values), np.array(counts)
+    repeated = found_counts > 1
     note = (f"repeat check: {spent} products in {runs} run(s) orthogonal to the {len(fixed)} "
             "deflated eigenvectors found ")
-    note += ("none of them again" if not repeated.any() else "copies of " + ", ".join(
-        f"{value:.4g} ({count:.0f}-fold)" for value, count in zip(values[repeated],
-                                                                  counts[repeated])))
-    is_fixed = quadrature.fixed.copy()
+    note += ("none of them again" if not repeated[: len(fixed)].any() else "copies of " + ", ".join(
+        f"{value:.4g} ({count:.0f}-fold)" for value, count in zip(
+            found_values[: len(fixed)][repeated[: len(fixed)]],
+            found_counts[: len(fixed)][repeated[: len(fixed)]])))
+    if added:
+        note += ("; eigenvalues the first probe missed: " + ", ".join(
+            f"{value:.4g} ({count:.0f}-fold)" for value, count in zip(
+                found_values[len(fixed):], found_counts[len(fixed):])))
+    nodes = np.concatenate([quadrature.nodes, found_values[len(fixed):]])
+    is_fixed = np.concatenate([quadrature.fixed, np.ones(added, dtype=bool)])
     sampled: list[tuple[float, float]] = []
     if not complete:
-        # Copies may be left: the counts are lower bounds only, and are left to the probe.
+        # Copies may be left: the counts found are lower bounds only. Those of the first run's
+        # eigenvalues are left to its probe; those it missed (probe weight 0) keep them.
         is_fixed[fixed] = False
-        sampled = [(float(v), float(r)) for v, r in zip(values, radii)]
+        sampled = [(float(v), float(r)) for v, r in zip(values[: len(fixed)],
+                                                       radii[: len(fixed)])]
         note += ("; its products ran out before its Krylov space was exhausted, so copies may "
                  "be left: the deflated eigenvalues' counts are sampled")
-    node_counts = np.ones(len(quadrature.nodes))
-    node_counts[fixed] = counts
-    checked = _Quadrature(quadrature.nodes,
-                          _weighed(quadrature.probe, is_fixed, node_counts, operator.dim),
-                          is_fixed, quadrature.residuals, quadrature.probe)
+    node_counts = np.ones(len(nodes))
+    node_counts[fixed] = found_counts[: len(fixed)]
+    node_counts[len(quadrature.nodes):] = found_counts[len(fixed):]
+    probe = np.concatenate([quadrature.probe, np.zeros(added)])
+    order = np.argsort(nodes, kind="stable")
+    residuals = np.concatenate([quadrature.residuals, radii[len(fixed):]])
+    checked = _Quadrature(nodes[order],
+                          _weighed(probe, is_fixed, node_counts, operator.dim)[order],
+                          is_fixed[order], residuals[order], probe[order])
     return _Checked(checked, sampled, spent, note)
 
 
@@ -605,7 +641,8 @@ def lanczos_spectrum(
         advance: progress callback, called with ``k`` after every ``k`` products.
         basis_dtype: dtype of the stored Lanczos basis (float32 halves float64's memory).
         rtol: numerical-rank tolerance of ``numerical_interval``, relative to the largest
-            ``|eigenvalue|``; default ``dim`` times the epsilon of ``operator.dtype``.
+            ``|eigenvalue|``; default ``dim`` times the larger epsilon of ``operator.dtype``
+            and ``basis_dtype``.
         max_basis_bytes: memory cap of the basis.
 
     Returns:
@@ -635,6 +672,7 @@ def lanczos_spectrum(
     steps = int(min(max_products, dim, max_steps))
     generator = torch.Generator().manual_seed(seed)
     storage = torch.empty(steps, dim, dtype=basis_dtype, device=operator.device)
+    eps = float(torch.finfo(basis_dtype).eps)
     notes: list[str] = []
     guesses: list[str] = []
     first = LanczosRun(operator, rademacher(dim, generator, operator.device, basis_dtype),
@@ -676,23 +714,23 @@ def lanczos_spectrum(
             invariant.append(len(run.alpha))
             need = max(invariant)
     run_steps = len(quadratures[0].nodes)
-    quadratures, repeats = _completed(quadratures, dim, float(torch.finfo(basis_dtype).eps),
-                                      sampled)
+    quadratures, repeats = _completed(quadratures, dim, eps, sampled)
     if repeats is not None:
         guesses.append(repeats)
     runs = len(quadratures)
     nodes, weights = _merge_close(np.concatenate([q.nodes for q in quadratures]),
                                   np.concatenate([q.weights for q in quadratures]) / runs,
-                                  float(torch.finfo(basis_dtype).eps))
+                                  eps)
     order = np.lexsort((-nodes, -np.abs(nodes)))
     first_fixed = quadratures[0].fixed
     ritz = by_magnitude(np.repeat(quadratures[0].nodes[first_fixed],
                                   np.round(quadratures[0].weights[first_fixed]).astype(int)))
 
     if rtol is None:
-        rtol = default_rtol(dim, float(torch.finfo(operator.dtype).eps))
-    intervals = _intervals(quadratures, threshold, rtol, seed,
-                           float(torch.finfo(basis_dtype).eps))
+        # the basis rounds as much as the products do (a float64 operator's null space sat at
+        # 4e-7 of the top in a float32 basis, above a float64 default, and counted whole)
+        rtol = default_rtol(dim, max(float(torch.finfo(operator.dtype).eps), eps))
+    intervals = _intervals(quadratures, threshold, rtol, seed, eps)
     trace = float(nodes @ weights)
     mass = float(np.abs(nodes) @ weights)
     deflated = int(quadratures[0].fixed.sum())
@@ -741,7 +779,10 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float,
         for value, radius, count in zip(q.nodes[q.fixed], q.residuals[q.fixed],
                                         q.weights[q.fixed]):
             known = np.array(found).reshape(-1, 3)
-            if not _near(known[:, 0], known[:, 1], value, radius, slack).any():
+            # (zero is the null space, which each run's free nodes count: a rounding copy of
+            # zero deflated in one run counted the null space once in every run)
+            if (not _near(np.array(0.0), np.array(0.0), value, radius, slack)
+                    and not _near(known[:, 0], known[:, 1], value, radius, slack).any()):
                 found.append((float(value), float(radius), float(count)))
     runs = len(quadratures)
     if runs < 2 and not sampled:
@@ -763,7 +804,14 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float,
             if free:
                 fixed &= ~here
             elif (fixed & here).any():
+                # Its nodes in this run count it: a deflated one its count, any other none.
+                fixed |= here
+                counts[here] = 0.0
                 counts[np.flatnonzero(fixed & here)[0]] = count
+            elif here.any():
+                # A node the run left free (too heavy) counts it by its probe. (A missing node
+                # beside it counted it twice: a checked 8-fold eigenvalue weighed 10.3.)
+                continue
             else:
                 missing.append((value, radius, count))
         nodes = np.concatenate([q.nodes, [v for v, _, _ in missing]])
@@ -841,7 +889,8 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
             bounds[1, b] += max(estimate, upper,
                                 srank(quadrature.nodes, min(threshold + 2 * shift, 1.0), weights))
             count = float(weights[above].sum())
-            lower, upper = _count_bounds(quadrature, weights, np.nextafter(tolerance, np.inf))
+            lower, upper = _count_bounds(quadrature, weights, np.nextafter(tolerance, np.inf),
+                                         _rounding_slack(eps, float(magnitude.max())))
             bounds[2:, b] += min(count, lower), max(count, upper)
             trace = float(quadrature.nodes @ weights)
             traces[:, b] += trace - float(error @ weights), trace + float(error @ weights)
