@@ -519,9 +519,12 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
     Ritz vectors sees the operator on their complement, where a simple eigenvalue no longer
     is: a Ritz value that converges there within the residuals of a deflated one is another
     eigenvector of it. Each copy found is deflated too and the check runs again, until a run
-    whose Krylov space turns invariant finds none: the counts are then exact. When the budget
-    cuts a run first, copies may be left, and every deflated eigenvalue's count is left to the
-    probe (sampled): the counts found are lower bounds only.
+    whose Krylov space turns invariant finds none: the counts are then exact, down to the
+    products' rounding (a copy of an eigenvalue within about ``sqrt(P) 100 eps`` of the scale
+    can hide under the invariance test). When the budget cuts a run first, copies may be left,
+    and every deflated eigenvalue's count is left to the probe (sampled): the counts found are
+    lower bounds only. A converged Ritz value that matches no node of the first run is an
+    eigenvalue its probe missed (orthogonal to its eigenspace): it is counted the same way.
 
     The run's storage is reused: its basis is replaced by the Ritz vectors (``k`` rows), and
     each check run takes the rows after them, so the memory stays that of one basis.
