@@ -371,7 +371,13 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int) -> tuple[_Quadrature, str 
     gauss = pairs.vectors[0] ** 2
     gauss = gauss / gauss.sum()
     converged = pairs.converged
-    fixed = converged & (dim * gauss < single_weight_limit(int(converged.sum())))
+    scale = float(np.abs(nodes).max())
+    # A converged zero is a null space, whatever its probe weight: a network's null spaces are
+    # large, and deflated as one eigenvalue a 20-fold zero gave its weight to the nodes above
+    # the numerical rank's cut (115 in [115, 115] for 96). It is sampled, as it was counted.
+    zero = np.abs(nodes) <= CONVERGED_RESIDUAL * scale
+    fixed = (converged & ~zero
+             & (dim * gauss < single_weight_limit(int((converged & ~zero).sum()))))
     # Simple eigenvalues have chi-square(1) probe weights: their sum is n +- sqrt(2 n). A sum far
     # above it means repeated eigenvalues among them, which one probe cannot count.
     def too_heavy(mask: np.ndarray) -> bool:
@@ -379,7 +385,6 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int) -> tuple[_Quadrature, str 
         return count > 0 and dim * gauss[mask].sum() > count + 4 * math.sqrt(2 * count) + 4
 
     notes = []
-    scale = float(np.abs(nodes).max())
     if too_heavy(fixed):
         # The heaviest of them are repeated: freed one at a time, heaviest first, until the rest
         # weigh what simple eigenvalues would (a null space's node just under the single limit
@@ -399,9 +404,8 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int) -> tuple[_Quadrature, str 
         # zero (a null space, where a network's curvature repeats an eigenvalue) takes them,
         # with any node freed above, else the node of largest probe weight. (A deflated zero
         # beside a freed node gave that node the null space's copies: trace +12 of 123.)
-        zero = np.flatnonzero(np.abs(nodes) <= CONVERGED_RESIDUAL * scale)
-        if zero.size:  # (rounding can leave two nodes there)
-            takers, named = zero, "zero: a null space"
+        if zero.any():  # (rounding can leave two nodes there)
+            takers, named = np.flatnonzero(zero), "zero: a null space"
         elif (~fixed).any():
             takers, named = np.flatnonzero(~fixed), "the nodes not deflated"
         else:
@@ -717,7 +721,7 @@ def lanczos_spectrum(
             invariant.append(len(run.alpha))
             need = max(invariant)
     run_steps = len(quadratures[0].nodes)
-    quadratures, repeats = _completed(quadratures, dim, eps, sampled)
+    quadratures, repeats = _completed(quadratures, dim, eps, sampled, checked and not sampled)
     if repeats is not None:
         guesses.append(repeats)
     runs = len(quadratures)
@@ -759,7 +763,8 @@ def lanczos_spectrum(
 
 
 def _completed(quadratures: list[_Quadrature], dim: int, eps: float,
-               sampled: list[tuple[float, float]]) -> tuple[list[_Quadrature], str | None]:
+               sampled: list[tuple[float, float]], checked: bool
+               ) -> tuple[list[_Quadrature], str | None]:
     """The runs' quadratures made consistent over their deflated eigenvalues, and a note where
     some look repeated.
 
@@ -771,29 +776,44 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float,
     eigenvalue's probe weights show its multiplicity: their mean over ``R`` runs is its count on
     average; one above :func:`repeat_limit` is repeated more (a symmetry of the model), and
     every run weighs it by its probe instead, as it does the eigenvalues in ``sampled`` (those
-    whose counts the repeat check could not complete).
+    whose counts the repeat check could not complete). With ``checked``, the first run's counts
+    are the repeat check's, exact: every run takes them, whatever its probe weights (a run that
+    left the eigenvalue free as too heavy weighed it by its probe, only when heavy: a checked
+    6-fold eigenvalue averaged 6.68).
 
     Two deflated nodes are one eigenvalue when :func:`_near` says so.
     """
     slack = _rounding_slack(eps, max(float(np.abs(q.nodes).max(initial=0.0))
                                      for q in quadratures))
     found: list[tuple[float, float, float]] = []  # (value, residual, count) per eigenvalue
+    exact = 0  # how many of them have the repeat check's counts
     for q in quadratures:
+        earlier = len(found)
         for value, radius, count in zip(q.nodes[q.fixed], q.residuals[q.fixed],
                                         q.weights[q.fixed]):
             known = np.array(found).reshape(-1, 3)
+            match = np.flatnonzero(_near(known[:, 0], known[:, 1], value, radius, slack))
             # (zero is the null space, which each run's free nodes count: a rounding copy of
             # zero deflated in one run counted the null space once in every run)
-            if (not _near(np.array(0.0), np.array(0.0), value, radius, slack)
-                    and not _near(known[:, 0], known[:, 1], value, radius, slack).any()):
+            if _near(np.array(0.0), np.array(0.0), value, radius, slack):
+                continue
+            if not match.size:
                 found.append((float(value), float(radius), float(count)))
+            elif match[0] >= earlier and checked and q is quadratures[0]:
+                # two deflated copies in the checked run: both count (a rounding restart's copy
+                # beside the repeat check's count: 5 counted for 6)
+                first = found[int(match[0])]
+                found[int(match[0])] = (first[0], first[1], first[2] + float(count))
+        if checked and q is quadratures[0]:
+            exact = len(found)
     runs = len(quadratures)
     if runs < 2 and not sampled:
         return quadratures, None
     shares = [float(np.mean([q.probe[_near(q.nodes, q.residuals, value, radius, slack)].sum()
                              for q in quadratures])) for value, radius, _ in found]
-    repeated = [runs > 1 and share > repeat_limit(runs, len(found), round(count))
-                for share, (_, _, count) in zip(shares, found)]
+    repeated = [runs > 1 and index >= exact
+                and share > repeat_limit(runs, len(found), round(count))
+                for index, (share, (_, _, count)) in enumerate(zip(shares, found))]
     known_sampled = np.array(sampled).reshape(-1, 2)
     is_sampled = [bool(_near(known_sampled[:, 0], known_sampled[:, 1], value, radius,
                              slack).any()) for value, radius, _ in found]
@@ -802,15 +822,19 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float,
         fixed = q.fixed.copy()
         counts = np.ones(len(q.nodes))
         missing = []
-        for (value, radius, count), free in zip(found, np.logical_or(repeated, is_sampled)):
+        for index, ((value, radius, count), free) in enumerate(
+                zip(found, np.logical_or(repeated, is_sampled))):
             here = _near(q.nodes, q.residuals, value, radius, slack)
             if free:
                 fixed &= ~here
-            elif (fixed & here).any():
-                # Its nodes in this run count it: a deflated one its count, any other none.
+            elif index < exact and here.any():
+                # The check's count is all its copies': its nodes in this run take it, the first
+                # all of it.
                 fixed |= here
                 counts[here] = 0.0
-                counts[np.flatnonzero(fixed & here)[0]] = count
+                counts[np.flatnonzero(here)[0]] = count
+            elif (fixed & here).any():
+                continue  # each deflated node one eigenvalue (close ones are distinct pairs)
             elif here.any():
                 # A node the run left free (too heavy) counts it by its probe. (A missing node
                 # beside it counted it twice: a checked 8-fold eigenvalue weighed 10.3.)
