@@ -467,14 +467,27 @@ def _heavy_beside_a_null_space(seed: int) -> np.ndarray:
     return (basis * eigenvalues) @ basis.T
 
 
+def _six_fold_over_a_null_space(seed: int) -> np.ndarray:
+    """One eigenvalue 6 times over a null space of 114: the runs after the checked one
+    weighed it by their probes only where it was heavy (6.68 in [6.36, 7.01] for 6)."""
+    generator = np.random.default_rng(seed)
+    eigenvalues = np.concatenate([np.full(6, generator.uniform(1.0, 4.0)), np.zeros(114)])
+    basis, _ = np.linalg.qr(generator.standard_normal((120, 120)))
+    return (basis * eigenvalues) @ basis.T
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("build", [_block_missed_by_rademacher, _heavy_beside_a_null_space])
-def test_small_krylov_spaces_keep_their_counts(build, dtype: torch.dtype) -> None:
-    """Invariant runs on structured spectra (an adversarial probe's cases). Before: the repeat
-    check ignored an eigenvalue the first probe missed (trace 8 low in [-4.13, -4.13], all 20
-    seeds); a deflated rounding copy of zero beside a node freed as too heavy gave that node the
-    null space (trace 135 in [135, 135] for 123); a later run's free node at an eigenvalue kept
-    its share beside the count. Now the trace and every rank lie in their intervals."""
+@pytest.mark.parametrize(("build", "share"), [
+    (_block_missed_by_rademacher, 1), (_heavy_beside_a_null_space, 1),
+    (_six_fold_over_a_null_space, 1),
+], ids=["missed block", "heavy beside null", "six-fold"])
+def test_structured_spectra_keep_their_counts(build, share: int, dtype: torch.dtype) -> None:
+    """Structured spectra at ``P / share`` products (an adversarial probe's cases). Before: the
+    repeat check ignored an eigenvalue the first probe missed (trace 8 low in [-4.13, -4.13],
+    all 20 seeds); a deflated rounding copy of zero beside a node freed as too heavy gave that
+    node the null space (trace 135 in [135, 135] for 123); a later run's free node at an
+    eigenvalue kept its share beside the count; and the two cases of the builders above. Now
+    the trace and every rank lie in their intervals."""
     misses = 0
     for seed in range(10):
         matrix = torch.from_numpy(build(seed)).to(dtype)
@@ -482,8 +495,8 @@ def test_small_krylov_spaces_keep_their_counts(build, dtype: torch.dtype) -> Non
         dim = len(eigenvalues)
         rtol = default_rtol(dim, FLOAT32_EPS)
         truth = spectral_ranks(eigenvalues, 0.99, rtol)
-        result = lanczos_spectrum(DenseOperator((matrix + matrix.T) / 2), max_products=dim,
-                                  seed=seed, rtol=rtol)
+        result = lanczos_spectrum(DenseOperator((matrix + matrix.T) / 2),
+                                  max_products=dim // share, seed=seed, rtol=rtol)
         low, high = result.rank_interval
         slack = 1e-6 * np.abs(eigenvalues).sum()
         misses += not (low <= truth["srank"] <= high
@@ -492,3 +505,21 @@ def test_small_krylov_spaces_keep_their_counts(build, dtype: torch.dtype) -> Non
                        and result.numerical_interval[0] <= truth["numerical"]
                        <= result.numerical_interval[1])
     assert misses <= 1  # 95 % intervals
+
+
+def test_a_converged_zero_is_a_null_space_not_one_eigenvalue() -> None:
+    """A run that spends its budget converges a node at zero whose probe weight (5 of P = 50)
+    a simple eigenvalue could have: it was deflated as one eigenvalue, and the rest of a 20-fold
+    null space went to the nodes above the numerical rank's cut (a synthetic spectrum: 115 in
+    [115, 115] for 96). It is a free node now, weighed by its probe like the rest."""
+    from hessrank.spectrum.lanczos import _deflated_quadrature, _RitzPairs
+
+    nodes = np.array([-1.0, 0.0, 0.5, 2.0])
+    first_row = np.sqrt([0.1, 0.1, 0.1, 0.7])  # probe weights 5, 5, 5, 35 of P = 50
+    vectors = np.linalg.qr(np.column_stack([first_row, np.eye(4)[:, 1:]]))[0].T
+    vectors[0] = first_row
+    pairs = _RitzPairs(nodes, vectors, residuals=np.full(4, 1e-12),
+                       converged=np.array([True, True, True, False]))
+    quadrature, _ = _deflated_quadrature(pairs, 50)
+    assert list(quadrature.fixed) == [True, False, True, False]
+    assert quadrature.weights[1] == pytest.approx((50 - 2) * 5 / 40)
