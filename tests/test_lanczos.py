@@ -250,7 +250,8 @@ def test_the_repeat_check_counts_a_repeated_eigenvalue() -> None:
     assert ranks["srank"] == truth["srank"] == 3 and ranks["numerical"] == 3
     assert result.rank_interval == (3.0, 3.0)
     assert result.trace == pytest.approx(0.75, rel=1e-6)
-    np.testing.assert_allclose(result.ritz_values, [0.25] * 3, rtol=1e-6)
+    np.testing.assert_allclose(result.ritz_values[:3], [0.25] * 3, rtol=1e-6)
+    assert np.abs(result.ritz_values[3:]).max() < 1e-8  # the null space's converged node, once
 
 
 @pytest.mark.parametrize("classes", [3, 4])
@@ -279,7 +280,8 @@ def test_zero_initialised_networks_count_their_repeated_eigenvalues(classes: int
         if method != "lanczos":
             assert result.ranks == pytest.approx(truth.ranks, rel=1e-5), method
             assert result.rank_interval == (truth.rank, truth.rank), method
-    assert any("the deflated eigenvalues' counts are sampled" in note for note in result.notes)
+    assert any("counts are sampled" in note or "every count is sampled" in note
+               for note in result.notes)
 
 
 def test_a_repeated_eigenvalue_shows_in_the_runs_probe_weights() -> None:

@@ -84,8 +84,9 @@ class LanczosSpectrum:
         eigenvalues: quadrature nodes (float64) by decreasing ``|value|``.
         weights: how many eigenvalues each node stands for (sums to ``dim``); always set by
             this solver (None is for exact spectra in the same shape).
-        ritz_values: the converged Ritz values of the first run (eigenvalues to show), by
-            decreasing ``|value|``; empty when none converged.
+        ritz_values: the converged Ritz values of the first run (eigenvalues to show), each as
+            often as it counts (once where its count is sampled), by decreasing ``|value|``;
+            empty when none converged.
         rank_interval: interval for the srank at ``threshold`` (resolution and sampling, 95 %).
         trace: estimated signed trace ``sum(lambda)``.
         trace_interval: its 95 % sampling interval.
@@ -162,6 +163,7 @@ class LanczosRun:
         self.deflate = deflate if deflate is not None and len(deflate) else None
         self.advance = advance
         self.removals = 0
+        self.restarted = False
         self._alphas: list[float] = []
         self._betas: list[float] = []
         self.scale = scale
@@ -225,6 +227,13 @@ class LanczosRun:
                 before, beta = beta, float(product.norm())
                 if beta > before / math.sqrt(2):
                     break
+            # A restart on rounding: beta at the products' rounding (below sqrt(eps) of the
+            # scale), then a next beta of the operator's spread (100 times or more; a dense
+            # spectrum's tail shrinks by at most 2.2 a step): the space was invariant, and the
+            # run went on from noise, where it can find copies of its eigenvalues.
+            previous_beta = self._betas[-1] if self._betas else math.inf
+            self.restarted |= (previous_beta < math.sqrt(eps) * self.scale
+                               and beta > 100 * previous_beta)
             self._alphas.append(alpha)
             self._betas.append(beta)
             self.scale = max(self.scale, abs(alpha), beta)
@@ -360,12 +369,17 @@ def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
     return _deflated_quadrature(_ritz_pairs(alpha, beta, last_beta), dim)
 
 
-def _deflated_quadrature(pairs: _RitzPairs, dim: int) -> tuple[_Quadrature, str | None]:
-    """The deflated quadrature of one run (see the module docstring).
+def _deflated_quadrature(pairs: _RitzPairs, dim: int, restarted: bool = False
+                         ) -> tuple[_Quadrature, str | None]:
+    """The deflated quadrature of one run (see the module docstring); ``restarted``: the run
+    went on from rounding noise (:attr:`LanczosRun.restarted`), so its converged Ritz values
+    can be copies of each other, and none is deflated (a zero-initialised network's 6-fold
+    eigenvalues were found 2 or 3 times each and counted so: srank 15 in [15, 15] for 39).
 
     Returns the quadrature and a note where deflation had to guess: the converged Ritz values
     looked repeated (their probe weights too large for simple eigenvalues) and the heaviest were
-    not deflated, or the Krylov space was invariant and one node took the eigenvalues it lacks.
+    not deflated, the Krylov space was invariant and one node took the eigenvalues it lacks, or
+    the run restarted.
     """
     nodes = pairs.nodes
     gauss = pairs.vectors[0] ** 2
@@ -385,6 +399,11 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int) -> tuple[_Quadrature, str 
         return count > 0 and dim * gauss[mask].sum() > count + 4 * math.sqrt(2 * count) + 4
 
     notes = []
+    if restarted and fixed.any():
+        fixed[:] = False
+        notes.append("the run went on from rounding after its Krylov space turned invariant, "
+                     "where it can find copies of its eigenvalues: none is deflated, every "
+                     "count is sampled")
     if too_heavy(fixed):
         # The heaviest of them are repeated: freed one at a time, heaviest first, until the rest
         # weigh what simple eigenvalues would (a null space's node just under the single limit
@@ -398,7 +417,7 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int) -> tuple[_Quadrature, str 
         notes.append(f"converged Ritz values carry more probe weight than simple eigenvalues "
                      f"would (repeated eigenvalues?): the {freed} heaviest not deflated, their "
                      "counts are sampled")
-    if converged.all() and len(nodes) < dim:
+    if converged.all() and len(nodes) < dim and not restarted:
         # Every Ritz value converged, fewer than dim of them: the Krylov space is invariant, and
         # the eigenvalues it lacks repeat some it has. One probe cannot say which: a node at
         # zero (a null space, where a network's curvature repeats an eigenvalue) takes them,
@@ -686,7 +705,7 @@ def lanczos_spectrum(
                        storage, advance=advance)
     first.extend(steps)
     pairs = _ritz_pairs(first.alpha, first.beta, first.last_beta)
-    quadrature, guess = _deflated_quadrature(pairs, dim)
+    quadrature, guess = _deflated_quadrature(pairs, dim, first.restarted)
     spent, removals = len(first.alpha), first.removals
     sampled: list[tuple[float, float]] = []
     checked = False
@@ -700,6 +719,10 @@ def lanczos_spectrum(
         quadrature, sampled, checked = check.quadrature, check.sampled, True
         spent += check.products
         guesses.append(check.note)
+    elif first.invariant and quadrature.fixed.any():
+        guesses.append(f"the Krylov space turned invariant with no products left for the repeat "
+                       f"check: its {int(quadrature.fixed.sum())} deflated eigenvalues count "
+                       "once each, as simple ones would (raise lanczos_steps to count repeats)")
     quadratures = [quadrature]
     # A further run needs all the steps, or once a Krylov space turned invariant the products of
     # the longest invariant run so far: only the sampling error is left to reduce, and a probe
@@ -713,7 +736,8 @@ def lanczos_spectrum(
         run.extend(len(run.storage))
         removals += run.removals
         spent += len(run.alpha)
-        quadrature, guess = _quadrature(run.alpha, run.beta, run.last_beta, dim)
+        quadrature, guess = _deflated_quadrature(
+            _ritz_pairs(run.alpha, run.beta, run.last_beta), dim, run.restarted)
         if guess is not None and guess not in guesses:
             guesses.append(guess)
         quadratures.append(quadrature)
@@ -729,9 +753,12 @@ def lanczos_spectrum(
                                   np.concatenate([q.weights for q in quadratures]) / runs,
                                   eps)
     order = np.lexsort((-nodes, -np.abs(nodes)))
+    # The first run's converged Ritz values, each as often as it counts (a sampled one once).
     first_fixed = quadratures[0].fixed
-    ritz = by_magnitude(np.repeat(quadratures[0].nodes[first_fixed],
-                                  np.round(quadratures[0].weights[first_fixed]).astype(int)))
+    counted = quadratures[0].nodes[first_fixed]
+    ritz = by_magnitude(np.concatenate([
+        np.repeat(counted, np.round(quadratures[0].weights[first_fixed]).astype(int)),
+        pairs.nodes[pairs.converged & ~np.isin(pairs.nodes, counted)]]))
 
     if rtol is None:
         # the basis rounds as much as the products do (a float64 operator's null space sat at
