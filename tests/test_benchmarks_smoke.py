@@ -154,3 +154,19 @@ def test_eigensolve_script_and_its_certificate() -> None:
     factor = torch.randn(40, 20, generator=torch.Generator().manual_seed(0))
     study = eigensolve.float32_study(factor @ factor.T, rounds=1)
     assert 0 < study["f32_eigh_error"] <= study["certificate"] < 1e-3
+
+
+def test_lanczos_limits_reads_the_intervals_the_notes_state() -> None:
+    """``benchmarks/lanczos_limits.py`` reads the trace and numerical-rank intervals from the
+    notes: a change of their wording must fail here, not in the README's figures."""
+    limits = _load("hessrank_bench_limits",
+                   Path(__file__).resolve().parents[1] / "benchmarks" / "lanczos_limits.py")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    batch = (torch.randn(16, 5), torch.randint(0, 3, (16,)))
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method="lanczos")
+    low, high = limits._trace_interval(result.notes)
+    assert low <= result.trace <= high and low < high
+    low, high = limits._numerical_interval(result.notes)
+    assert low <= result.ranks["numerical"] <= high
+    assert limits.zero_init_ggn() == "srank 3 in [3, 3] for 3"

@@ -1,0 +1,156 @@
+"""The Lanczos estimators' known limitations, measured on the structured models that show them.
+
+Each case is a small model with exactly repeated (or near-repeated) eigenvalues, compared with
+its dense reference (``exact``, ``ggn``) through the public API. The README's "Known
+limitations" quotes this script's output::
+
+    OMP_NUM_THREADS=1 python benchmarks/lanczos_limits.py
+
+Cases:
+
+- ``zero-init GGN``: a zero-initialised MLP's GGN, one 3-fold eigenvalue; the repeat check
+  counts it (an invariant Krylov space leaves products for it).
+- ``constant-init Hessian at P``: a constant-initialised tanh MLP, ``lanczos_steps = P``; a
+  7-fold eigenvalue near the float32 products' rounding, where a copy can hide from the check.
+- ``four copies of a unit``: an MLP whose hidden units 0-3 are copies, one or two samples, the
+  default budget; the Krylov space turns invariant when the budget ends, leaving the check no
+  products.
+- ``three identical heads``: a GGN whose eigenvalues come in near-equal pairs, closer than a
+  Ritz value's residual; the trace interval over 16 seeds.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+import hessrank
+
+
+def _trace_interval(notes: list[str]) -> tuple[float, float]:
+    """The trace's 95 % interval, from the Lanczos notes (``trace X in [a, b] (95 %)``)."""
+    for note in notes:
+        found = re.search(r"trace \S+ in \[(\S+), (\S+)\]", note)
+        if found:
+            return float(found.group(1)), float(found.group(2))
+    raise ValueError("no trace interval in the notes")
+
+
+def _numerical_interval(notes: list[str]) -> tuple[float, float]:
+    """The numerical rank's 95 % interval, from the Lanczos notes."""
+    for note in notes:
+        found = re.search(r"numerical rank in \[(\S+), (\S+)\]", note)
+        if found:
+            return float(found.group(1)), float(found.group(2))
+    raise ValueError("no numerical-rank interval in the notes")
+
+
+def zero_init_ggn() -> str:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    for parameter in model.parameters():
+        nn.init.zeros_(parameter)
+    batch = (torch.randn(16, 6), torch.randint(0, 4, (16,)))
+    loss = nn.CrossEntropyLoss()
+    exact = hessrank.effective_rank(model, loss, batch, method="ggn")
+    result = hessrank.effective_rank(model, loss, batch, method="ggn_lanczos")
+    low, high = result.rank_interval
+    return f"srank {result.rank} in [{low:.0f}, {high:.0f}] for {exact.rank}"
+
+
+def constant_init_hessian() -> str:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 2))
+    for parameter in model.parameters():
+        nn.init.constant_(parameter, 0.3)
+    batch = (torch.randn(4, 3), torch.randn(4, 2))
+    loss = nn.MSELoss()
+    size = sum(p.numel() for p in model.parameters())
+    rows = []
+    for seed in (0, 1):
+        result = hessrank.effective_rank(model, loss, batch, method="lanczos",
+                                         lanczos_steps=size, seed=seed)
+        exact = hessrank.effective_rank(model, loss, batch, method="exact", rtol=result.rtol)
+        low, high = _numerical_interval(result.notes)
+        rows.append(f"seed {seed}: numerical rank {result.ranks['numerical']:.0f} in "
+                    f"[{low:.0f}, {high:.0f}] for {exact.ranks['numerical']:.0f}")
+    return "; ".join(rows)
+
+
+def copies_of_a_unit() -> str:
+    rows = []
+    for samples in (1, 2):
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+        with torch.no_grad():
+            for copy in range(1, 4):
+                model[0].weight[copy] = model[0].weight[0]
+                model[0].bias[copy] = model[0].bias[0]
+                model[2].weight[:, copy] = model[2].weight[:, 0]
+        batch = (torch.randn(samples, 6), torch.randint(0, 3, (samples,)))
+        loss = nn.CrossEntropyLoss()
+        exact = hessrank.effective_rank(model, loss, batch, method="exact")
+        misses, zero_width = 0, 0
+        for seed in range(4):
+            result = hessrank.effective_rank(model, loss, batch, method="lanczos", seed=seed)
+            low, high = result.rank_interval
+            misses += not low <= exact.rank <= high
+            zero_width += high - low < 1e-6
+        rows.append(f"n = {samples}: srank interval missed {exact.rank} in {misses} of 4 seeds "
+                    f"({zero_width} of no width)")
+    return "; ".join(rows)
+
+
+class _Heads(nn.Module):
+    """A 6-8 tanh body with three identical 8 -> 3 heads, their outputs concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        head = nn.Linear(8, 3)
+        self.heads = nn.ModuleList([nn.Linear(8, 3) for _ in range(3)])
+        with torch.no_grad():
+            for copy in self.heads:
+                copy.weight.copy_(head.weight)
+                copy.bias.copy_(head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.body(x)
+        return torch.cat([head(z) for head in self.heads], dim=1)
+
+
+def identical_heads() -> str:
+    torch.manual_seed(8)
+    model = _Heads()
+    batch = (torch.randn(8, 6), torch.randint(0, 9, (8,)))
+    loss = nn.CrossEntropyLoss()
+    exact = hessrank.effective_rank(model, loss, batch, method="ggn")
+    misses, low_estimates = 0, 0
+    for seed in range(16):
+        result = hessrank.effective_rank(model, loss, batch, method="ggn_lanczos", seed=seed)
+        low, high = _trace_interval(result.notes)
+        misses += not low <= exact.trace <= high
+        low_estimates += result.trace < exact.trace
+    return (f"ggn_lanczos trace interval missed {exact.trace:.4f} in {misses} of 16 seeds, "
+            f"estimate low in {low_estimates}")
+
+
+CASES = {
+    "zero-init GGN": zero_init_ggn,
+    "constant-init Hessian at P": constant_init_hessian,
+    "four copies of a unit": copies_of_a_unit,
+    "three identical heads": identical_heads,
+}
+
+
+def main() -> None:
+    print("| case | measured |\n|---|---|")
+    for name, case in CASES.items():
+        print(f"| {name} | {case()} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
