@@ -29,22 +29,16 @@ from torch import nn
 import hessrank
 
 
-def _trace_interval(notes: list[str]) -> tuple[float, float]:
-    """The trace's 95 % interval, from the Lanczos notes (``trace X in [a, b] (95 %)``)."""
+def _interval(notes: list[str], quantity: str) -> tuple[float, float]:
+    """A 95 % interval the Lanczos notes state, ``quantity`` being ``"trace"`` (``trace X in
+    [a, b] (95 %)``) or ``"numerical rank"`` (``numerical rank in [a, b] (95 %)``)."""
+    pattern = r"trace \S+ in \[(\S+), (\S+)\]" if quantity == "trace" else (
+        r"numerical rank in \[(\S+), (\S+)\]")
     for note in notes:
-        found = re.search(r"trace \S+ in \[(\S+), (\S+)\]", note)
+        found = re.search(pattern, note)
         if found:
             return float(found.group(1)), float(found.group(2))
-    raise ValueError("no trace interval in the notes")
-
-
-def _numerical_interval(notes: list[str]) -> tuple[float, float]:
-    """The numerical rank's 95 % interval, from the Lanczos notes."""
-    for note in notes:
-        found = re.search(r"numerical rank in \[(\S+), (\S+)\]", note)
-        if found:
-            return float(found.group(1)), float(found.group(2))
-    raise ValueError("no numerical-rank interval in the notes")
+    raise ValueError(f"no {quantity} interval in the notes")
 
 
 def zero_init_ggn() -> str:
@@ -74,7 +68,7 @@ def constant_init_hessian() -> str:
         result = hessrank.effective_rank(model, loss, batch, method="lanczos",
                                          lanczos_steps=size, seed=seed)
         exact = hessrank.effective_rank(model, loss, batch, method="exact", rtol=result.rtol)
-        low, high = _numerical_interval(result.notes)
+        low, high = _interval(result.notes, "numerical rank")
         rows.append(f"seed {seed}: numerical rank {result.ranks['numerical']:.0f} in "
                     f"[{low:.0f}, {high:.0f}] for {exact.ranks['numerical']:.0f}")
     return "; ".join(rows)
@@ -131,7 +125,7 @@ def identical_heads() -> str:
     misses, low_estimates = 0, 0
     for seed in range(16):
         result = hessrank.effective_rank(model, loss, batch, method="ggn_lanczos", seed=seed)
-        low, high = _trace_interval(result.notes)
+        low, high = _interval(result.notes, "trace")
         misses += not low <= exact.trace <= high
         low_estimates += result.trace < exact.trace
     return (f"ggn_lanczos trace interval missed {exact.trace:.4f} in {misses} of 16 seeds, "

@@ -165,8 +165,8 @@ def test_lanczos_limits_reads_the_intervals_the_notes_state() -> None:
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
     batch = (torch.randn(16, 5), torch.randint(0, 3, (16,)))
     result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method="lanczos")
-    low, high = limits._trace_interval(result.notes)
+    low, high = limits._interval(result.notes, "trace")
     assert low <= result.trace <= high and low < high
-    low, high = limits._numerical_interval(result.notes)
+    low, high = limits._interval(result.notes, "numerical rank")
     assert low <= result.ranks["numerical"] <= high
     assert limits.zero_init_ggn() == "srank 3 in [3, 3] for 3"
