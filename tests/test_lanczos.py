@@ -525,3 +525,27 @@ def test_a_converged_zero_is_a_null_space_not_one_eigenvalue() -> None:
     quadrature, _ = _deflated_quadrature(pairs, 50)
     assert list(quadrature.fixed) == [True, False, True, False]
     assert quadrature.weights[1] == pytest.approx((50 - 2) * 5 / 40)
+
+
+def test_the_numerical_interval_is_at_the_rank_s_tolerance() -> None:
+    """``ggn_lanczos`` on a constant-initialised sigmoid MLP: its numerical-rank interval was
+    computed at ``rtol = P eps`` and its numerical rank at ``K n eps`` (the rule's size is the
+    rank bound), so the rank, 6.16, lay outside its own interval, [5, 5], and the exact 6 too.
+    Both use the rank's tolerance now."""
+    import hessrank
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Sigmoid(),
+                          nn.Linear(8, 2))
+    for parameter in model.parameters():
+        nn.init.constant_(parameter, 0.3)
+    batch = (torch.randn(4, 3), torch.randn(4, 2))
+    loss = nn.MSELoss(reduction="sum")
+    result = hessrank.effective_rank(model, loss, batch, method="ggn_lanczos",
+                                     lanczos_steps=40)
+    exact = hessrank.effective_rank(model, loss, batch, method="ggn", rtol=result.rtol)
+    note = next(note for note in result.notes if note.startswith("numerical rank in"))
+    low, high = (float(value) for value in note.split("[")[1].split("]")[0].split(", "))
+    assert f"at rtol = {result.rtol:.3g}" in note
+    assert low <= result.ranks["numerical"] <= high
+    assert low <= exact.ranks["numerical"] <= high

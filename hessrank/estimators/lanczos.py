@@ -20,7 +20,6 @@ from hessrank.curvature.hessian import HessianOperator, check_symmetric
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum, positive_int, register
 from hessrank.problem import CurvatureProblem
-from hessrank.ranks import default_rtol
 from hessrank.spectrum.lanczos import lanczos_spectrum
 from hessrank.spectrum.operator import SymmetricOperator
 from hessrank.streaming import operator_over
@@ -103,11 +102,12 @@ class LanczosEstimator(Estimator):
         steps = options.steps(operator.dim)
         # The basis is float32: products are no more precise than that.
         eps = max(float(torch.finfo(operator.dtype).eps), float(torch.finfo(BASIS_DTYPE).eps))
-        rtol = default_rtol(operator.dim, eps) if settings.rtol is None else settings.rtol
         with settings.reporter.task(f"{self.name} ({steps} products)", steps) as advance:
+            # rtol None: the solver applies the rule the result's ranks apply, at the operator's
+            # rank bound as the run found it (a data set's is known after a pass)
             result = lanczos_spectrum(operator, max_products=steps, threshold=settings.threshold,
                                       seed=settings.seed, advance=advance,
-                                      basis_dtype=BASIS_DTYPE, rtol=rtol)
+                                      basis_dtype=BASIS_DTYPE, rtol=settings.rtol)
         bound = (operator.rank_bound if isinstance(operator, ParameterOperator)
                  else operator.dim)
         return Spectrum(result.eigenvalues, self.backend, max_rank=bound,

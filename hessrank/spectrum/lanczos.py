@@ -667,8 +667,8 @@ def lanczos_spectrum(
         advance: progress callback, called with ``k`` after every ``k`` products.
         basis_dtype: dtype of the stored Lanczos basis (float32 halves float64's memory).
         rtol: numerical-rank tolerance of ``numerical_interval``, relative to the largest
-            ``|eigenvalue|``; default ``dim`` times the larger epsilon of ``operator.dtype``
-            and ``basis_dtype``.
+            ``|eigenvalue|``; default the operator's ``rank_bound`` (``dim`` where it has none)
+            times the larger epsilon of ``operator.dtype`` and ``basis_dtype``.
         max_basis_bytes: memory cap of the basis.
 
     Returns:
@@ -761,9 +761,12 @@ def lanczos_spectrum(
         pairs.nodes[pairs.converged & ~np.isin(pairs.nodes, counted)]]))
 
     if rtol is None:
-        # the basis rounds as much as the products do (a float64 operator's null space sat at
-        # 4e-7 of the top in a float32 basis, above a float64 default, and counted whole)
-        rtol = default_rtol(dim, max(float(torch.finfo(operator.dtype).eps), eps))
+        # The rule the ranks apply (:func:`hessrank.api` sizes it by the rank bound: a GGN's
+        # K n; at P its interval, [5, 5], missed its own rank, 6.16), with the larger epsilon of
+        # the products and the basis (a float64 operator's null space sat at 4e-7 of the top in
+        # a float32 basis, above a float64 default, and counted whole).
+        size = int(getattr(operator, "rank_bound", dim))  # a parameter operator's, after the run
+        rtol = default_rtol(size, max(float(torch.finfo(operator.dtype).eps), eps))
     intervals = _intervals(quadratures, threshold, rtol, seed, eps)
     trace = float(nodes @ weights)
     mass = float(np.abs(nodes) @ weights)
