@@ -377,7 +377,8 @@ def interval_parts(seeds: int, threshold: float, probes: int = 200) -> None:
             start = lanczos.rademacher(dim, torch.Generator().manual_seed(seed), operator.device,
                                        torch.float32)
             alpha, beta, last_beta, _ = lanczos.lanczos_run(operator, start, dim // 3)
-            quadrature, _ = lanczos._quadrature(alpha, beta, last_beta, dim)
+            quadrature, _ = lanczos._deflated_quadrature(
+                lanczos._ritz_pairs(alpha, beta, last_beta), dim)
             nodes, weights = quadrature.nodes, quadrature.weights
             estimate = srank(nodes, threshold, weights)
             low, high = lanczos._intervals([quadrature], threshold, rtol, seed,

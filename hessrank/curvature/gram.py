@@ -226,13 +226,15 @@ def _judged(group: str, claimed: Sequence[Claim], true: list[Tensor], scale: flo
     difference = _difference(claimed, true)
     tiny = torch.finfo(torch.float64).tiny
     error = difference / max(scale, floor, tiny)
-    note = (f"the per-sample gradients of {group!r} are small beside the model's (below "
-            f"{floor:.2g}, 1 % of its scale) and pass the gradient check only against that "
-            f"(their own relative error {difference / max(scale, tiny):.1e}: the model's "
-            "rounding, or a mixing of samples that small): the full spectrum is verified, "
-            "their own per-layer spectrum is not")
-    if error <= tolerance < difference / max(scale, tiny) and note not in notes:
-        notes.append(note)
+    own = difference / max(scale, tiny)
+    if error <= tolerance < own:
+        note = (f"the per-sample gradients of {group!r} are small beside the model's (below "
+                f"{floor:.2g}, 1 % of its scale) and pass the gradient check only against that "
+                f"(their own relative error {own:.1e}: the model's rounding, or a mixing of "
+                "samples that small): the full spectrum is verified, their own per-layer "
+                "spectrum is not")
+        if note not in notes:
+            notes.append(note)
     return error
 
 
@@ -422,7 +424,7 @@ def compute_gram(
                  or names[0] not in paths}
     if remaining:
         general = _general_gram(problem, remaining, cotangents, outputs, weights, true_grads,
-                                accumulator, notes)
+                                floor, accumulator, notes)
         for names in remaining.values():
             paths.update(dict.fromkeys(names, general))
     return GramResult(accumulator, paths, notes)
@@ -502,11 +504,12 @@ def _general_gram(
     outputs: Tensor,
     weights: Tensor,
     true_grads: dict[str, Tensor],
+    floor: float,
     accumulator: GramAccumulator,
     notes: list[str],
 ) -> str:
-    """Per-sample VJPs for the given groups, in bounded passes, checked (notes go to ``notes``);
-    returns the path used.
+    """Per-sample VJPs for the given groups, in bounded passes, checked against the model's
+    ``floor`` at least (:func:`_rounding_floor`; notes go to ``notes``); returns the path used.
 
     Raises:
         ValueError: a sample's output computed alone differs from its row in the batch, or the
@@ -531,15 +534,15 @@ def _general_gram(
     for groups in bins:
         subset = {name: named[name].detach() for _, names in groups for name in names}
         flats, failure, path = _checked_bin(problem, groups, subset, path, sample_vjps,
-                                            cotangents, outputs, weights, true_grads, tolerance,
-                                            notes)
+                                            cotangents, outputs, weights, true_grads, floor,
+                                            tolerance, notes)
         if failure is not None and path == VMAP_PATH:
             # torch.func's batching rules are not all right (vmap through PReLU after a
             # convolution returns gradients batched twice, torch 2.14.1): plain autograd decides.
             path = LOOP_PATH
             flats, failure, path = _checked_bin(problem, groups, subset, path, sample_vjps,
                                                 cotangents, outputs, weights, true_grads,
-                                                tolerance, notes)
+                                                floor, tolerance, notes)
         with agreement(parallel_of(problem)):
             if failure is not None:
                 observation, cause, error = failure
@@ -555,7 +558,8 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
                  subset: dict[str, Tensor], path: str,
                  sample_vjps: Callable[..., tuple[dict[str, Tensor], Tensor]],
                  cotangents: Tensor, outputs: Tensor, weights: Tensor,
-                 true_grads: dict[str, Tensor], tolerance: float, notes: list[str]
+                 true_grads: dict[str, Tensor], floor: float, tolerance: float,
+                 notes: list[str]
                  ) -> tuple[dict[str, Tensor], tuple[str, str, float] | None, str]:
     """One bin's per-sample factors ``{group: [K n, P_group]}`` on ``path`` (``torch.func``'s
     vmap, in chunks, or, where vmap fails, plain autograd per sample), what fails their check
@@ -609,7 +613,7 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
         true = torch.cat([true_grads[name].reshape(-1) for name in names])
         error = _judged(group, [claimed], [true],
                         _weighted_scale((flat * flat).sum(dim=1), weights),
-                        _rounding_floor(true_grads), tolerance, notes)
+                        floor, tolerance, notes)
         if failure is None and error > tolerance:
             failure = (f"per-sample gradients of {group!r} do not add up to the batch gradient "
                        f"(relative error {error:.1e})",

@@ -362,13 +362,6 @@ def _weighed(probe: np.ndarray, fixed: np.ndarray, counts: np.ndarray, dim: int)
     return weights
 
 
-def _quadrature(alpha: np.ndarray, beta: np.ndarray, last_beta: float, dim: int
-                ) -> tuple[_Quadrature, str | None]:
-    """The deflated quadrature of one run from its tridiagonal matrix (see
-    :func:`_deflated_quadrature`)."""
-    return _deflated_quadrature(_ritz_pairs(alpha, beta, last_beta), dim)
-
-
 def _deflated_quadrature(pairs: _RitzPairs, dim: int, restarted: bool = False
                          ) -> tuple[_Quadrature, str | None]:
     """The deflated quadrature of one run (see the module docstring); ``restarted``: the run
@@ -512,6 +505,13 @@ def _near(values: np.ndarray, radii: np.ndarray, value: float, radius: float, sl
     return np.abs(values - value) <= radii + radius + slack
 
 
+def _null(value: float, radius: float, slack: float) -> bool:
+    """Whether an eigenvalue known to within ``radius`` may be zero (:func:`_near`): a null
+    space's, whose copies the free nodes count (the repeat check and the runs' completion
+    leave it to them)."""
+    return bool(abs(value) <= radius + slack)
+
+
 def _rounding_slack(eps: float, scale: float) -> float:
     """What two runs' Ritz values of one eigenvalue can differ by from rounding alone: ``100
     eps`` of the operator's largest ``|eigenvalue|`` (``eps`` of the basis dtype)."""
@@ -586,7 +586,7 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
         deflated = []
         for index in np.flatnonzero(found.converged):
             value, radius = found.nodes[index], found.residuals[index]
-            if _near(np.array(0.0), np.array(0.0), value, radius, slack):
+            if _null(value, radius, slack):
                 continue  # the null space: the free nodes count its copies
             match = np.flatnonzero(_near(np.array(values), np.array(radii), value, radius,
                                          slack))
@@ -832,7 +832,7 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float,
             match = np.flatnonzero(_near(known[:, 0], known[:, 1], value, radius, slack))
             # (zero is the null space, which each run's free nodes count: a rounding copy of
             # zero deflated in one run counted the null space once in every run)
-            if _near(np.array(0.0), np.array(0.0), value, radius, slack):
+            if _null(value, radius, slack):
                 continue
             if not match.size:
                 found.append((float(value), float(radius), float(count)))
