@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -78,8 +80,12 @@ class CurvatureProblem:
         return self.params[0].device
 
     def forward(self) -> Tensor:
-        """Model outputs on the batch (graph kept for differentiation)."""
-        return self.model(*self.args, **self.kwargs)
+        """Model outputs on the batch (graph kept for differentiation).
+
+        Raises:
+            ValueError: the forward pass drew random numbers (:func:`run_model`).
+        """
+        return run_model(self.model, self.args, self.kwargs, self.mode)
 
     def loss(self, outputs: object = None) -> Tensor:
         """The scalar loss on ``outputs`` (default: a forward pass), checked.
@@ -124,6 +130,53 @@ class CurvatureProblem:
                     groups.setdefault(module_name or "(root)", []).append(full)
                     seen.add(full)
         return groups
+
+
+def _generator_states() -> tuple[list[Tensor], object]:
+    """The global random generators' states a forward pass can draw from: torch's CPU and
+    (once initialised) CUDA generators, and Python's and NumPy's. Costs microseconds."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    numpy_state = np.random.get_state(legacy=False)
+    return ([torch.get_rng_state(), *cuda],
+            (random.getstate(), numpy_state["state"]["key"].tobytes(), numpy_state["state"]["pos"],
+             numpy_state["has_gauss"], numpy_state["gauss"]))
+
+
+def _same_states(before: tuple[list[Tensor], object], after: tuple[list[Tensor], object]) -> bool:
+    return (len(before[0]) == len(after[0])
+            and all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+            and before[1] == after[1])
+
+
+def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor], mode: str
+              ) -> Tensor:
+    """``model(*args, **kwargs)``, refused if the forward pass drew from a global random
+    generator: the loss is then a random function (dropout inside a layer, MC dropout, noise
+    injection), every pass of the call would see other draws, and its curvature is undefined.
+    Comparing the generators' states before and after each pass costs microseconds; draws from
+    a private ``torch.Generator`` are not seen.
+
+    Raises:
+        ValueError: the pass drew random numbers, with the likely causes and the fix.
+    """
+    before = _generator_states()
+    outputs = model(*args, **kwargs)
+    if not _same_states(before, _generator_states()):
+        if mode == "train":
+            cause = ("in mode='train' that is usually dropout inside a layer "
+                     "(nn.MultiheadAttention(dropout=...), nn.LSTM/nn.GRU(dropout=...), "
+                     "F.dropout(..., training=self.training), scaled_dot_product_attention("
+                     "dropout_p=...)) or stochastic depth: use mode='eval' (the default), or set "
+                     "those probabilities to 0 for the call")
+        else:
+            cause = ("even in evaluation mode (F.dropout(..., training=True) as in MC dropout, "
+                     "noise added to activations, a random initial state): make the forward "
+                     "deterministic for the call (a fixed mask or noise tensor); draws that do "
+                     "not change the outputs can use a private torch.Generator")
+        raise ValueError(
+            "the model's forward pass draws random numbers from a global generator (torch's, "
+            "Python's or NumPy's), so the loss is random and its curvature undefined; " + cause)
+    return outputs
 
 
 def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: bool = True

@@ -169,7 +169,7 @@ def _curved(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, target
 def _outputs(batch: CurvatureProblem) -> Tensor:
     """The model's outputs on one batch, without a graph."""
     with torch.no_grad():
-        return batch.model(*batch.args, **batch.kwargs)
+        return batch.forward()
 
 
 def _coefficient(pair_part: Tensor, alone: Tensor, what: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import numpy as np
 import pytest
@@ -248,6 +249,86 @@ def test_dropout_with_train_mode():
     _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method="exact",
                                                   mode="train"),
            ValueError, "active dropout.*mode='eval'")
+
+
+class _RandomForward(nn.Module):
+    """A tanh MLP whose forward draws random numbers in one of several ways."""
+
+    def __init__(self, draw: str) -> None:
+        super().__init__()
+        self.first, self.second, self.draw = nn.Linear(5, 6), nn.Linear(6, 3), draw
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        if self.draw == "mc_dropout":
+            h = nn.functional.dropout(h, 0.5, training=True)
+        elif self.draw == "noise":
+            h = h + 0.1 * torch.randn_like(h)
+        elif self.draw == "python":
+            h = h * (1.0 if random.random() < 0.9 else 0.0)
+        elif self.draw == "numpy":
+            h = h * float(np.random.rand() < 0.9)
+        return self.second(h)
+
+
+class _AttentionClassifier(nn.Module):
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attention = nn.MultiheadAttention(8, 2, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.attention(h, h, h)[0].mean(dim=1))
+
+
+class _StackedLSTMClassifier(nn.Module):
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 5, num_layers=2, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+@pytest.mark.parametrize("draw", ["mc_dropout", "noise", "python", "numpy"])
+def test_random_forward_refused_and_generators_kept(draw, method):
+    model = _RandomForward(draw).double()
+    x, y = classification_batch(8, 5, 3)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method),
+           ValueError, "draws random numbers.*even in evaluation mode")
+    assert torch.equal(before[0], torch.get_rng_state())
+    assert before[1] == random.getstate()
+    assert np.array_equal(before[2], np.random.get_state()[1])
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+@pytest.mark.parametrize("make", [_AttentionClassifier, _StackedLSTMClassifier],
+                         ids=["attention", "lstm"])
+def test_dropout_inside_a_layer_with_train_mode(make, method):
+    """Dropout that a layer applies itself (no nn.Dropout module) is refused in mode='train';
+    with probability 0 the same model in training mode draws nothing and runs."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    model = make(0.5).double().train()
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method,
+                                                  mode="train"),
+           ValueError, "draws random numbers.*mode='eval'")
+    assert hessrank.effective_rank(make(0.0).double().train(), CE, (x, y), method=method,
+                                   mode="train").rank > 0
+
+
+def test_random_forward_refused_over_a_data_set():
+    model = _RandomForward("noise").double()
+    x, y = classification_batch(8, 5, 3)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    _check(model, lambda: hessrank.effective_rank(model, CE, batches, method="fisher"),
+           ValueError, "draws random numbers")
 
 
 def _twice_differentiable(function) -> bool:

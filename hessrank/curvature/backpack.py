@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from hessrank.curvature.gram import GramAccumulator, GramResult
 from hessrank.curvature.loss import agreement_tolerance
-from hessrank.problem import CurvatureProblem
+from hessrank.problem import CurvatureProblem, run_model
 
 _GGN_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
 
@@ -90,7 +90,7 @@ def gram_backpack(
     loss_fn = extend(copy.deepcopy(problem.loss_fn)) if kind == "ggn" else problem.loss_fn
     copies = dict(model.named_parameters())
     n = problem.num_samples
-    loss = loss_fn(model(*problem.args, **problem.kwargs), problem.targets)
+    loss = loss_fn(run_model(model, problem.args, problem.kwargs, problem.mode), problem.targets)
     with backpack(extension), warnings.catch_warnings():
         # The inputs need no gradient; torch warns that module hooks fire on outputs only.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
