@@ -65,56 +65,63 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     atomic. Parameter values are not copied: hessrank writes them only through
     :func:`renormalised_embeddings`, which restores what it wrote itself.
     """
-    with deferred_interrupts():
-        modules = list(model.modules())
-        training = [m.training for m in modules]
-        hooks = [{name: dict(getattr(m, name)) for name in _HOOK_DICTS if hasattr(m, name)}
-                 for m in modules]
-        registered_params = [dict(m._parameters) for m in modules]
-        registered_buffers = [dict(m._buffers) for m in modules]
-        parameters = list(model.parameters())
-        requires_grad = [p.requires_grad for p in parameters]
-        grads = [p.grad for p in parameters]
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        # The call's forward passes see copies of the buffers: a training-mode BatchNorm's
-        # running statistics or a counter updated in place then leave the caller's tensors
-        # untouched, version counters included (a graph the caller still holds, which saved a
-        # buffer, must stay differentiable).
-        copies: dict[int, Tensor] = {}
-        for module in modules:
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[name] = copies.setdefault(id(buffer), buffer.detach().clone())
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    armed = False  # whether the snapshot is complete, so that the restore may run
     try:
+        with deferred_interrupts():  # a Ctrl-C held here lands after ``armed``, in the try
+            modules = list(model.modules())
+            training = [m.training for m in modules]
+            hooks = [{name: dict(getattr(m, name)) for name in _HOOK_DICTS if hasattr(m, name)}
+                     for m in modules]
+            registered_params = [dict(m._parameters) for m in modules]
+            registered_buffers = [dict(m._buffers) for m in modules]
+            parameters = list(model.parameters())
+            requires_grad = [p.requires_grad for p in parameters]
+            grads = [p.grad for p in parameters]
+            cpu_rng = torch.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+            python_rng, numpy_rng = random.getstate(), np.random.get_state()
+            # Clones made under the caller's inference_mode would be inference tensors, which
+            # autograd cannot differentiate through: the copies are ordinary tensors.
+            with torch.inference_mode(False):
+                buffers = [(b, b.detach().clone()) for b in model.buffers()]
+                armed = True
+                # The call's forward passes see copies of the buffers: a training-mode
+                # BatchNorm's running statistics or a counter updated in place then leave the
+                # caller's tensors untouched, version counters included (a graph the caller
+                # still holds, which saved a buffer, must stay differentiable).
+                copies: dict[int, Tensor] = {}
+                for module in modules:
+                    for name, buffer in module._buffers.items():
+                        if buffer is not None:
+                            module._buffers[name] = copies.setdefault(
+                                id(buffer), buffer.detach().clone())
         yield
     finally:
-        with deferred_interrupts():
-            for module, flag, module_hooks, params, module_buffers in zip(
-                modules, training, hooks, registered_params, registered_buffers
-            ):
-                module.training = flag
-                for name, saved in module_hooks.items():
-                    current = getattr(module, name)
-                    if current.keys() != saved.keys():
-                        current.clear()
-                        current.update(saved)
-                _restore_registry(module._parameters, params)
-                _restore_registry(module._buffers, module_buffers)
-            for param, flag, grad in zip(parameters, requires_grad, grads):
-                param.requires_grad_(flag)
-                param.grad = grad
-            with torch.no_grad():  # a buffer written through another reference than its module
-                for buffer, value in buffers:
-                    if not torch.equal(buffer, value):
-                        buffer.copy_(value)
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
-            random.setstate(python_rng)
-            np.random.set_state(numpy_rng)
+        if armed:
+            with deferred_interrupts():
+                for module, flag, module_hooks, params, module_buffers in zip(
+                    modules, training, hooks, registered_params, registered_buffers
+                ):
+                    module.training = flag
+                    for name, saved in module_hooks.items():
+                        current = getattr(module, name)
+                        if current.keys() != saved.keys():
+                            current.clear()
+                            current.update(saved)
+                    _restore_registry(module._parameters, params)
+                    _restore_registry(module._buffers, module_buffers)
+                for param, flag, grad in zip(parameters, requires_grad, grads):
+                    param.requires_grad_(flag)
+                    param.grad = grad
+                with torch.no_grad():  # a buffer written through another reference
+                    for buffer, value in buffers:
+                        if not torch.equal(buffer, value):
+                            buffer.copy_(value)
+                torch.set_rng_state(cpu_rng)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state_all(cuda_rng)
+                random.setstate(python_rng)
+                np.random.set_state(numpy_rng)
 
 
 def _restore_registry(registry: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -157,22 +164,23 @@ def renormalised_embeddings(model: nn.Module) -> Iterator[list[str]]:
     """
     saved: list[tuple[nn.Embedding | nn.EmbeddingBag, float, Tensor, Tensor]] = []
     notes: list[str] = []
-    with deferred_interrupts():
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.Embedding | nn.EmbeddingBag) or module.max_norm is None:
-                continue
-            weight = module.weight.data
-            norms = torch.linalg.vector_norm(weight, ord=module.norm_type, dim=1)
-            rows = torch.nonzero(norms > module.max_norm).flatten()
-            saved.append((module, module.max_norm, rows, weight[rows].clone()))
-            torch.embedding_renorm_(weight, rows, module.max_norm, module.norm_type)
-            module.max_norm = None
-            if len(rows):
-                notes.append(f"{name or type(module).__name__} (max_norm={saved[-1][1]}): "
-                             f"analysed with its {len(rows)} row(s) above max_norm rescaled, as "
-                             "its forward rescales the rows it looks up; your parameters are "
-                             "unchanged")
-    try:
+    try:  # a Ctrl-C held back below lands inside the try: what was saved is written back
+        with deferred_interrupts():
+            for name, module in model.named_modules():
+                if (not isinstance(module, nn.Embedding | nn.EmbeddingBag)
+                        or module.max_norm is None):
+                    continue
+                weight = module.weight.data
+                norms = torch.linalg.vector_norm(weight, ord=module.norm_type, dim=1)
+                rows = torch.nonzero(norms > module.max_norm).flatten()
+                saved.append((module, module.max_norm, rows, weight[rows].clone()))
+                torch.embedding_renorm_(weight, rows, module.max_norm, module.norm_type)
+                module.max_norm = None
+                if len(rows):
+                    notes.append(f"{name or type(module).__name__} (max_norm={saved[-1][1]}): "
+                                 f"analysed with its {len(rows)} row(s) above max_norm rescaled, "
+                                 "as its forward rescales the rows it looks up; your parameters "
+                                 "are unchanged")
         yield notes
     finally:
         with deferred_interrupts():
@@ -203,28 +211,28 @@ def backward_hooks_off(model: nn.Module) -> Iterator[list[str]]:
     module_globals = torch.nn.modules.module
     swapped: list[tuple[Any, str, Any]] = []
     names: list[str] = []
-    with deferred_interrupts():
-        for name, module in model.named_modules():
-            for attribute in ("_backward_hooks", "_backward_pre_hooks"):
-                if getattr(module, attribute, None):
-                    swapped.append((module, attribute, getattr(module, attribute)))
-                    setattr(module, attribute, type(swapped[-1][2])())
-                    names.append(f"{name or type(module).__name__} ({attribute[1:-1]})")
-        for name, param in model.named_parameters():
-            if param._backward_hooks:
-                swapped.append((param, "_backward_hooks", param._backward_hooks))
-                param._backward_hooks = None
-                names.append(f"{name} (tensor hooks)")
-        for attribute in ("_global_backward_hooks", "_global_backward_pre_hooks"):
-            if getattr(module_globals, attribute):
-                swapped.append((module_globals, attribute, getattr(module_globals, attribute)))
-                setattr(module_globals, attribute, type(swapped[-1][2])())
-                names.append(f"global module {attribute[8:-1].replace('_', ' ')}")
-    notes = ([f"your backward hooks did not run during the call, so that the curvature is the "
-              f"loss's and your hooks see none of hessrank's backward passes: "
-              f"{', '.join(names)}"] if names else [])
-    try:
-        yield notes
+    try:  # a Ctrl-C held back below lands inside the try: what was swapped is put back
+        with deferred_interrupts():
+            for name, module in model.named_modules():
+                for attribute in ("_backward_hooks", "_backward_pre_hooks"):
+                    if getattr(module, attribute, None):
+                        swapped.append((module, attribute, getattr(module, attribute)))
+                        setattr(module, attribute, type(swapped[-1][2])())
+                        names.append(f"{name or type(module).__name__} ({attribute[1:-1]})")
+            for name, param in model.named_parameters():
+                if param._backward_hooks:
+                    swapped.append((param, "_backward_hooks", param._backward_hooks))
+                    param._backward_hooks = None
+                    names.append(f"{name} (tensor hooks)")
+            for attribute in ("_global_backward_hooks", "_global_backward_pre_hooks"):
+                if getattr(module_globals, attribute):
+                    swapped.append((module_globals, attribute,
+                                    getattr(module_globals, attribute)))
+                    setattr(module_globals, attribute, type(swapped[-1][2])())
+                    names.append(f"global module {attribute[8:-1].replace('_', ' ')}")
+        yield ([f"your backward hooks did not run during the call, so that the curvature is the "
+                f"loss's and your hooks see none of hessrank's backward passes: "
+                f"{', '.join(names)}"] if names else [])
     finally:
         with deferred_interrupts():
             for owner, attribute, value in reversed(swapped):

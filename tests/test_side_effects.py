@@ -319,6 +319,74 @@ def test_ctrl_c_during_a_restore_is_delivered_after_it():
     assert finished == ["restore ran to the end"]
 
 
+class _TokensWithStatistics(nn.Module):
+    """Every guarded kind of state at once: an embedding whose rows exceed ``max_norm``, a
+    BatchNorm buffer, and (added by the test) a hook on a parameter's gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4, max_norm=1.0)
+        with torch.no_grad():
+            self.embedding.weight.mul_(5.0)
+        self.hidden = nn.Linear(4, 6)
+        self.norm = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.hidden(self.embedding(tokens).mean(dim=1))))
+
+
+@pytest.mark.parametrize(("guard", "owner", "attribute"), [
+    ("preserved_state", torch, "get_rng_state"),
+    ("backward_hooks_off", nn.Module, "named_parameters"),
+    ("renormalised_embeddings", torch, "embedding_renorm_"),
+])
+def test_ctrl_c_while_a_guard_sets_up_is_delivered_after_its_restore_is_armed(
+        guard, owner, attribute, monkeypatch):
+    """A Ctrl-C held back while a guard takes its snapshot lands after the snapshot, and the
+    restore still runs: the caller's buffers, gradient hooks and embedding rows come back."""
+    import signal
+
+    torch.manual_seed(0)
+    model = _TokensWithStatistics()
+    tokens, y = torch.randint(0, 10, (12, 5)), torch.randint(0, 3, (12,))
+    running_mean, weight = model.norm.running_mean, model.embedding.weight.detach().clone()
+    seen: list[str] = []
+    model.hidden.weight.register_hook(lambda g: seen.append("hook"))
+    original = getattr(owner, attribute)
+    fired: list[bool] = []
+
+    def interrupting(*args: Any, **kwargs: Any) -> Any:
+        if not fired and sys._getframe(1).f_code.co_name == guard:
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        hessrank.effective_rank(model, CE, (tokens, y), method="fisher")
+    monkeypatch.undo()
+    assert fired == [True]
+    assert model.norm.running_mean is running_mean
+    assert torch.equal(model.embedding.weight, weight) and model.embedding.max_norm == 1.0
+    model.eval()
+    CE(model(tokens), y).backward()
+    assert seen == ["hook"]
+
+
+def test_a_call_under_inference_mode_on_a_model_with_buffers():
+    """The guard's buffer copies are ordinary tensors even under the caller's inference_mode
+    (they used to be inference tensors, and the call refused its own copies)."""
+    model = _net().eval()
+    x, y = classification_batch(10, 6, 3, dtype=torch.float32)
+    expected = hessrank.effective_rank(model, CE, (x, y), method="fisher")
+    before = _snapshot(model)
+    with torch.inference_mode():
+        result = hessrank.effective_rank(model, CE, (x, y), method="fisher")
+    np.testing.assert_allclose(result.eigenvalues, expected.eigenvalues, rtol=1e-6)
+    _assert_same(before, model)
+
+
 class _RecurrentClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
