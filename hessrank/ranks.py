@@ -29,15 +29,34 @@ RANK_NAMES = ("srank", "numerical", "entropy", "stable", "participation")
 def _singular_values(
     eigenvalues: np.ndarray, weights: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """|eigenvalues| sorted decreasingly with their weights (ones when ``weights`` is None)."""
-    values = np.abs(np.asarray(eigenvalues, dtype=np.float64).ravel())
+    """|eigenvalues| sorted decreasingly, divided by the largest (every rank here is
+    scale-free, and a spectrum near the ends of float64's range neither overflows nor
+    underflows), with their weights (ones when ``weights`` is None).
+
+    Raises:
+        ValueError: a spectrum that is not one-dimensional or not finite, or weights of another
+            shape, negative or not finite.
+    """
+    values = np.abs(np.asarray(eigenvalues, dtype=np.float64))
+    if values.ndim > 1:
+        raise ValueError(f"eigenvalues must be one-dimensional, got shape {values.shape}: pass "
+                         "a matrix's eigenvalues (np.linalg.eigvalsh(matrix)), not the matrix")
+    values = values.ravel()
+    if not np.isfinite(values).all():
+        raise ValueError(f"the spectrum holds {int((~np.isfinite(values)).sum())} NaN or "
+                         "infinite value(s): its ranks are undefined; check the matrix it came "
+                         "from (an overflow, a NaN in the model or the loss)")
     if weights is None:
         weights = np.ones_like(values)
     weights = np.asarray(weights, dtype=np.float64).ravel()
     if weights.shape != values.shape:
         raise ValueError(f"weights has shape {weights.shape}, eigenvalues {values.shape}")
+    if not (np.isfinite(weights).all() and (weights >= 0).all()):
+        raise ValueError("weights must be finite and non-negative: each is how many "
+                         "eigenvalues its node stands for")
     order = np.argsort(-values, kind="stable")
-    return values[order], weights[order]
+    largest = values[order[0]] if values.size else 0.0
+    return (values[order] / largest if largest > 0 else values[order]), weights[order]
 
 
 def srank(
@@ -77,7 +96,13 @@ def srank(
 def numerical_rank(
     eigenvalues: np.ndarray, rtol: float, weights: np.ndarray | None = None
 ) -> float:
-    """Number (total weight) of ``|eigenvalues|`` above ``rtol`` times the largest."""
+    """Number (total weight) of ``|eigenvalues|`` above ``rtol`` times the largest.
+
+    Raises:
+        ValueError: ``rtol`` negative or not finite (see also :func:`_singular_values`).
+    """
+    if not (math.isfinite(rtol) and rtol >= 0):
+        raise ValueError(f"rtol must be a finite number >= 0, got {rtol}")
     s, w = _singular_values(eigenvalues, weights)
     if s.size == 0 or s[0] == 0.0:
         return 0.0
@@ -150,7 +175,9 @@ def spectral_ranks(
         ``{"srank", "numerical", "entropy", "stable", "participation"}`` -> value.
 
     Raises:
-        ValueError: ``threshold`` outside (0, 1], or ``weights`` of another shape.
+        ValueError: ``threshold`` outside (0, 1], ``rtol`` negative or not finite, a spectrum
+            that is not one-dimensional or holds NaN or Inf, or ``weights`` of another shape,
+            negative or not finite.
     """
     if rtol is None:
         rtol = default_rtol(len(np.ravel(eigenvalues)), float(np.finfo(np.float64).eps))

@@ -102,6 +102,29 @@ def test_rank_definitions_are_scale_invariant_and_weights_mean_multiplicity():
         assert weighted[name] == pytest.approx(repeated[name])
 
 
+@pytest.mark.parametrize("scale", [1e-170, 1e300], ids=["underflowing", "overflowing"])
+def test_rank_definitions_hold_at_the_ends_of_float64(scale):
+    """Squares below 1e-308 and sums above 1.8e308 used to give a NaN stable rank and a
+    participation ratio of 0, or an srank of 2 for three equal eigenvalues."""
+    spectrum = np.array([3.0, 1.0, 1.0, 0.5, 0.0])
+    assert hessrank.spectral_ranks(scale * spectrum, rtol=1e-6) == pytest.approx(
+        hessrank.spectral_ranks(spectrum, rtol=1e-6))
+
+
+@pytest.mark.parametrize(("eigenvalues", "options", "match"), [
+    ([1.0, np.nan, 0.5], {}, "NaN or infinite"),
+    ([1.0, np.inf], {}, "NaN or infinite"),
+    (np.eye(3), {}, "one-dimensional.*eigvalsh"),
+    ([3.0, 0.0, 0.0], {"rtol": -0.5}, "rtol must be"),
+    ([3.0, 0.0, 0.0], {"rtol": np.nan}, "rtol must be"),
+    ([1.0, 2.0], {"weights": np.array([1.0, -1.0])}, "non-negative"),
+    ([1.0, 2.0], {"weights": np.array([1.0, np.nan])}, "finite"),
+], ids=["nan", "inf", "matrix", "negative-rtol", "nan-rtol", "negative-weight", "nan-weight"])
+def test_rank_definitions_refuse_what_has_no_rank(eigenvalues, options, match):
+    with pytest.raises(ValueError, match=match):
+        hessrank.spectral_ranks(np.asarray(eigenvalues), **options)
+
+
 def test_exact_trace_matches_reference():
     model = mlp((3, 4, 2), seed=5)
     x, y = classification_batch(6, 3, 2)
