@@ -331,6 +331,20 @@ def test_random_forward_refused_over_a_data_set():
            ValueError, "draws random numbers")
 
 
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+def test_curvature_that_overflows_float32_is_named(method):
+    """Per-sample gradients of about 1e30 square past float32's range while the loss stays
+    finite: LAPACK failed to converge (fisher) and scipy refused NaN (fisher_lanczos)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(1e30)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    assert torch.isfinite(CE(model(x), y))
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method),
+           ValueError, "overflow.*float64 copy")
+
+
 def _twice_differentiable(function) -> bool:
     """Whether torch differentiates ``function`` twice (a few of its operations it cannot)."""
     x = torch.randn(4, dtype=torch.float64, requires_grad=True)

@@ -56,15 +56,41 @@ def _solver_threads(matrix: Tensor) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def not_finite_error() -> ValueError:
+    """The curvature overflowed (its inputs were checked finite): what to do about it."""
+    return ValueError(
+        "the curvature matrix holds NaN or Inf, though the model and the loss are finite: its "
+        "entries (products of gradients, second derivatives) overflow the precision they are "
+        "computed in (float32 above 3.4e38). Analyse a float64 copy (copy.deepcopy(model)"
+        ".double(), with float64 inputs), or check the model's scale")
+
+
+def _check_finite(matrix: Tensor) -> None:
+    """Raise :func:`not_finite_error` unless every entry is finite (one reduction; LAPACK
+    would fail to converge, without the reason)."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise not_finite_error()
+
+
 def symmetric_eigenvalues(matrix: Tensor) -> np.ndarray:
-    """All eigenvalues of a symmetric matrix (float64 solve on the matrix's device)."""
+    """All eigenvalues of a symmetric matrix (float64 solve on the matrix's device).
+
+    Raises:
+        ValueError: the matrix holds NaN or Inf (:func:`not_finite_error`).
+    """
+    _check_finite(matrix)
     with _solver_threads(matrix):
         values = torch.linalg.eigvalsh(matrix.to(torch.float64))
     return by_magnitude(values.cpu().numpy())
 
 
 def symmetric_eigenpairs(matrix: Tensor) -> tuple[np.ndarray, Tensor]:
-    """Eigenvalues by decreasing magnitude and the matching eigenvectors as columns (float64)."""
+    """Eigenvalues by decreasing magnitude and the matching eigenvectors as columns (float64).
+
+    Raises:
+        ValueError: the matrix holds NaN or Inf (:func:`not_finite_error`).
+    """
+    _check_finite(matrix)
     with _solver_threads(matrix):
         values, vectors = torch.linalg.eigh(matrix.to(torch.float64))
     values = values.cpu().numpy()

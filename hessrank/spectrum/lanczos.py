@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from hessrank.ranks import default_rtol, spectral_ranks, srank
-from hessrank.spectrum.dense import by_magnitude
+from hessrank.spectrum.dense import by_magnitude, not_finite_error
 from hessrank.spectrum.operator import SymmetricOperator
 
 #: A Ritz pair is an eigenpair when its residual is below this times the largest ``|Ritz value|``.
@@ -234,6 +234,8 @@ class LanczosRun:
             previous_beta = self._betas[-1] if self._betas else math.inf
             self.restarted |= (previous_beta < math.sqrt(eps) * self.scale
                                and beta > 100 * previous_beta)
+            if not (math.isfinite(alpha) and math.isfinite(beta)):
+                raise not_finite_error()
             self._alphas.append(alpha)
             self._betas.append(beta)
             self.scale = max(self.scale, abs(alpha), beta)
