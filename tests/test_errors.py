@@ -122,6 +122,17 @@ def test_non_convex_loss_for_ggn(setup):
            ValueError, "not convex in the outputs.*method='exact'")
 
 
+@pytest.mark.parametrize("options", [{}, {"mc_samples": 2}], ids=["exact-ggn", "mc-ggn"])
+def test_loss_linear_in_the_outputs_for_ggn(setup, options):
+    """NLLLoss after a LogSoftmax inside the model: the Monte-Carlo GGN called it a loss whose
+    curvature differs from a softmax's by a "relative mismatch 0.0e+00"."""
+    model, x, y = setup
+    model = nn.Sequential(model, nn.LogSoftmax(dim=1))
+    _check(model, lambda: hessrank.effective_rank(model, nn.NLLLoss(), (x, y), method="ggn",
+                                                  **options),
+           ValueError, "linear in the model's outputs.*nn.CrossEntropyLoss on logits")
+
+
 def test_loss_without_per_sample_decomposition(setup):
     model, x, y = setup
 

@@ -454,9 +454,7 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     blocks = found.to(torch.float64)
     blocks = (blocks + blocks.transpose(1, 2)) / 2
     if not bool((blocks != 0).any()):
-        if _curved_elsewhere(loss_fn, leaf, targets, generator):
-            raise _vanishing_curvature_error(outputs.dtype)
-        raise _linear_loss_error()
+        raise _flat_curvature_error(loss_fn, leaf, targets, generator)
     # Each block is solved with its diagonal scaled to one, B = S M S (S = diag(sqrt|B_cc|)):
     # entries of one block, like blocks of different samples, differ in size by any factor (a
     # confidently wrong output's curvature may be 1e20 times its neighbours', with a Jacobian
@@ -497,6 +495,15 @@ def _curved_elsewhere(loss_fn: LossFn, leaf: Tensor, targets: Tensor,
     probe = torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
     products = _loss_hessian_products(first, point, probe[None])
     return products is not None and bool((products != 0).any())
+
+
+def _flat_curvature_error(loss_fn: LossFn, leaf: Tensor, targets: Tensor,
+                          generator: torch.Generator) -> ValueError:
+    """The error for a loss whose output Hessian is zero at ``leaf``: linear in the outputs, or
+    flat only here (:func:`_curved_elsewhere`)."""
+    if _curved_elsewhere(loss_fn, leaf, targets, generator):
+        return _vanishing_curvature_error(leaf.dtype)
+    return _linear_loss_error()
 
 
 def _vanishing_curvature_error(dtype: torch.dtype) -> ValueError:
@@ -625,7 +632,8 @@ def _softmax_structure(first: Tensor, leaf: Tensor, generator: torch.Generator
         if not 1 <= class_dim < leaf.dim():  # outputs [n] have no class dimension
             continue
         probs, weights, mismatch = _softmax_curvature(first, leaf, class_dim, generator)
-        mismatches.append(f"{mismatch:.1e} over dimension {class_dim}")
+        shown = f"{mismatch:.1e}" if mismatch < 1e3 else "above 1e3"
+        mismatches.append(f"{shown} over dimension {class_dim}")
         if mismatch <= tolerance and bool((weights >= 0).all()) and bool((weights > 0).any()):
             passing.append((class_dim, probs, weights))
     if len(passing) == 1:
@@ -649,12 +657,16 @@ def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samp
     position terms vanish in expectation) and the Gram has ``M n`` rows whatever ``C`` is.
 
     Raises:
-        ValueError: the loss is linear in the outputs, or its curvature is not a softmax
-            cross-entropy's (use the exact GGN).
+        ValueError: the loss is linear in the outputs, its curvature vanishes at these outputs,
+            or it is not a softmax cross-entropy's (use the exact GGN).
     """
     leaf, first = _curvature_gradient(loss_fn, outputs, targets)
     class_dim, probs, weights, mismatches = _softmax_structure(first, leaf, generator)
     if class_dim is None:
+        probe = torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
+        products = _loss_hessian_products(first, leaf, probe[None])
+        if products is None or not bool((products != 0).any()):
+            raise _flat_curvature_error(loss_fn, leaf, targets, generator)
         raise ValueError(
             "mc_samples needs the curvature of a softmax cross-entropy over the class dimension "
             f"(last or second) of the outputs; this loss's output Hessian differs (relative "
