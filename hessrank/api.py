@@ -300,6 +300,19 @@ def effective_rank(
                    seconds, memory.peak, layers)
 
 
+def _check_one_batch(batch: object, caller: str) -> None:
+    """Raise unless ``batch`` is one batch: ``caller`` takes no data set.
+
+    Raises:
+        TypeError: a DataLoader or a list of batches, with the fix.
+    """
+    if is_batch_stream(batch):
+        raise TypeError(
+            f"{caller} takes one batch (inputs, targets), not a DataLoader or a list of "
+            "batches: concatenate the batches (torch.cat of their inputs and of their targets), "
+            "or use effective_rank(..., method='exact'), which takes a data set")
+
+
 def _device_of(model: nn.Module) -> torch.device:
     """Where the model's parameters live (CPU for a model without any)."""
     first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
@@ -397,17 +410,19 @@ def predict_exact_cost(
     Args:
         model: as for :func:`effective_rank`.
         loss_fn: as for :func:`effective_rank`.
-        batch: as for :func:`effective_rank`.
+        batch: one batch, as for :func:`effective_rank` (not a data set).
         params: as for :func:`effective_rank`.
 
     Returns:
         ``(memory_bytes, seconds)``.
 
     Raises:
-        TypeError, ValueError: bad input, as for :func:`effective_rank`.
+        TypeError, ValueError: bad input, as for :func:`effective_rank`; a data set (one batch
+            only).
     """
     estimator = ESTIMATORS["exact"]
     check_call(model, loss_fn, "eval")
+    _check_one_batch(batch, "predict_exact_cost")
     settings = Settings(max_memory=64 * 2**30, max_seconds=float("inf"))
     with preserved_state(model), differentiable(model):
         problem = build_problem(model, loss_fn, batch, params, "eval")
@@ -436,7 +451,7 @@ def gradient_overlap(
     Args:
         model: as for :func:`effective_rank`.
         loss_fn: as for :func:`effective_rank`.
-        batch: as for :func:`effective_rank`.
+        batch: one batch, as for :func:`effective_rank` (not a data set).
         k: how many top eigenvectors; default the srank at ``threshold``.
         threshold: srank threshold for the default ``k``.
         params: as for :func:`effective_rank`.
@@ -446,11 +461,13 @@ def gradient_overlap(
         The share in [0, 1]; 0.0 for a zero gradient.
 
     Raises:
-        TypeError, ValueError: bad input, as for :func:`effective_rank`.
+        TypeError, ValueError: bad input, as for :func:`effective_rank`; a data set (one batch
+            only).
         hessrank.BudgetError: the dense Hessian would exceed ``max_memory``.
     """
     estimator = ESTIMATORS["exact"]
     check_call(model, loss_fn, "eval")
+    _check_one_batch(batch, "gradient_overlap")
     if k is not None:
         check_count("k", k, "a count of eigenvectors", " (or None for the srank)")
     settings = _settings(threshold, None, max_memory, None, 0, False, False)

@@ -133,6 +133,17 @@ def test_loss_linear_in_the_outputs_for_ggn(setup, options):
            ValueError, "linear in the model's outputs.*nn.CrossEntropyLoss on logits")
 
 
+@pytest.mark.parametrize("call", [
+    lambda model, batches: hessrank.gradient_overlap(model, CE, batches, k=2),
+    lambda model, batches: hessrank.predict_exact_cost(model, CE, batches),
+], ids=["gradient_overlap", "predict_exact_cost"])
+def test_one_batch_functions_name_a_data_set(setup, call):
+    """They used to say 'targets must be a tensor, got tuple' for a list of batches."""
+    model, x, y = setup
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    _check(model, lambda: call(model, batches), TypeError, "one batch.*not a DataLoader")
+
+
 def test_loss_without_per_sample_decomposition(setup):
     model, x, y = setup
 
