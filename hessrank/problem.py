@@ -188,7 +188,8 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
         TypeError: the model's outputs are not a tensor.
         TypeError, ValueError, RuntimeError, IndexError: the loss cannot be evaluated on the
             outputs and the targets (the error's own type, its message extended with the shapes
-            and dtypes involved), or it is not a finite scalar.
+            and dtypes involved), or it is not a finite scalar, or it has no graph to outputs
+            that have one.
     """
     if not isinstance(outputs, Tensor):
         raise TypeError(
@@ -206,6 +207,12 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
             "nn.CrossEntropyLoss)"
         ) from error
     check_loss(value, finite)
+    if outputs.requires_grad and not value.requires_grad:
+        raise ValueError(
+            "loss_fn returned a value without a graph to the outputs (detached, computed under "
+            "torch.no_grad(), or through .item() or NumPy): there is nothing to differentiate. "
+            "Return the loss as a tensor computed from the outputs with torch operations "
+            "(e.g. nn.functional.cross_entropy(outputs, targets))")
     return value
 
 

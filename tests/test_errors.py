@@ -144,6 +144,24 @@ def test_one_batch_functions_name_a_data_set(setup, call):
     _check(model, lambda: call(model, batches), TypeError, "one batch.*not a DataLoader")
 
 
+def _detached_loss(outputs, targets):
+    return CE(outputs, targets).detach()
+
+
+def _no_grad_loss(outputs, targets):
+    with torch.no_grad():
+        return CE(outputs, targets)
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+@pytest.mark.parametrize("loss_fn", [_detached_loss, _no_grad_loss], ids=["detached", "no_grad"])
+def test_loss_without_a_graph_is_named(setup, loss_fn, method):
+    """Every method used to stop at autograd's 'element 0 of tensors does not require grad'."""
+    model, x, y = setup
+    _check(model, lambda: hessrank.effective_rank(model, loss_fn, (x, y), method=method),
+           ValueError, "without a graph to the outputs.*torch operations")
+
+
 def test_loss_without_per_sample_decomposition(setup):
     model, x, y = setup
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from hessrank.problem import LossFn, listed_names, without_second_derivative
+from hessrank.problem import LossFn, evaluate_loss, listed_names, without_second_derivative
 
 
 def agreement_tolerance(dtype: torch.dtype) -> float:
@@ -57,7 +57,7 @@ def direct_parameter_names(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     One backward pass of the loss alone, on detached outputs.
     """
     leaf = outputs.detach().requires_grad_(True)
-    value = loss_fn(leaf, targets)
+    value = evaluate_loss(loss_fn, leaf, targets, finite=False)
     if not value.requires_grad:
         return []
     pieces = torch.autograd.grad(value, list(params), allow_unused=True)
@@ -157,7 +157,8 @@ def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         The reading, or None where ``dL/df`` is None (the loss does not use the outputs).
     """
     leaf = outputs.detach().requires_grad_(True)
-    (batch_grad,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, allow_unused=True)
+    (batch_grad,) = torch.autograd.grad(evaluate_loss(loss_fn, leaf, targets, finite=False),
+                                        leaf, allow_unused=True)
     if batch_grad is None:
         return None
     n = outputs.shape[0]
@@ -364,9 +365,9 @@ def _loss_gradient(loss_fn: LossFn, leaf: Tensor, targets: Tensor) -> Tensor | N
     Raises:
         ValueError: the loss cannot be differentiated w.r.t. the outputs.
     """
+    value = evaluate_loss(loss_fn, leaf, targets, finite=False)
     try:
-        (first,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, create_graph=True,
-                                       allow_unused=True)
+        (first,) = torch.autograd.grad(value, leaf, create_graph=True, allow_unused=True)
     except RuntimeError as error:
         raise ValueError(f"cannot differentiate loss_fn w.r.t. the outputs ({error})") from error
     return first if first is not None and first.requires_grad else None
