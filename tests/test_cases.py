@@ -181,8 +181,9 @@ class GRUClassifier(nn.Module):
 
 
 class StackedLSTM(nn.Module):
-    """Two layers, both directions, from a zero state (``start``: from a nonzero one, which the
-    rule's recomputation does not assume: its check fails and the general path takes over)."""
+    """Two layers, both directions, from an explicit zero state (``start``: from a nonzero one,
+    which the rule's recomputation does not assume: the rule declines it, and the general path
+    takes over)."""
 
     start = 0.0
 
@@ -199,6 +200,13 @@ class StackedLSTM(nn.Module):
 
 class StackedLSTMWithState(StackedLSTM):
     start = 0.5
+
+
+class StackedLSTMWithSmallState(StackedLSTM):
+    """A state so small that the rule's error (about 1e-5 of the top eigenvalue) hid under a
+    float32 gradient check, which passed it."""
+
+    start = 1e-4
 
 
 class StackedRNN(nn.Module):
@@ -1132,7 +1140,7 @@ def test_mc_ggn_gram_size_is_in_the_memory_prediction():
 # (model, path of its recurrent weights): float32 LSTMs on the CPU run fused kernels (oneDNN's
 # for several layers or directions) that torch.func must differentiate under grad mode
 FLOAT32_LSTMS = [(LSTMClassifier, "lstm"), (StackedLSTM, "lstm"),
-                 (StackedLSTMWithState, "torch.func")]
+                 (StackedLSTMWithState, "torch.func"), (StackedLSTMWithSmallState, "torch.func")]
 
 
 @pytest.mark.parametrize(("model_cls", "path"), FLOAT32_LSTMS,

@@ -24,10 +24,11 @@ A packed sequence (``pack_padded_sequence``) is padded first. A sample's steps p
 keep its state unchanged, so there its pre-activation gradients are zero and its state's
 gradient passes through; the reverse direction reverses each sample's own steps.
 
-Assumes: the module is called on a batched input with no initial state and runs as in
-evaluation (no dropout between layers). Anything else (an initial state, a recurrence that
-differs from these) fails the gradient check, which compares with autograd's gradient through
-the module's own kernel, and the general path takes the module.
+Assumes: the module is called on a batched input with no initial state (or an all-zero one) and
+runs as in evaluation (no dropout between layers). A nonzero initial state is declined before
+anything is computed (a small one would be wrong by less than a float32 check resolves); anything
+else (a recurrence that differs from these) fails the gradient check, which compares with
+autograd's gradient through the module's own kernel, and the general path takes the module.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.utils._pytree import tree_flatten
 
 from hessrank.curvature.rules import Call, GramRule, register_rule
 from hessrank.curvature.rules.factors import ColumnFactors, Factors, LayerFactors, SummedFactors
@@ -419,7 +421,7 @@ class RecurrentRule(GramRule):
                 layer_output: Tensor | tuple[Tensor, ...],
                 output_grads: Tensor | tuple[Tensor, ...], num_samples: int,
                 analysed: frozenset[str], call: Call = ((), {})) -> Factors | None:
-        if not isinstance(module, nn.RNNBase):
+        if not isinstance(module, nn.RNNBase) or _nonzero_initial_state(call):
             return None
         cell = self.cell_type(module)
         if (not isinstance(output_grads, tuple) or not isinstance(layer_output, tuple)
@@ -446,6 +448,17 @@ class RecurrentRule(GramRule):
         parts = recurrent_factors(module, cell, layer_input, output, d_out, tuple(d_finals),
                                   lengths, analysed)
         return SummedFactors(parts) if parts else None
+
+
+def _nonzero_initial_state(call: Call) -> bool:
+    """Whether the module was called with an initial state that is not all zero (``hx``, the
+    second argument: a tensor, or an LSTM's pair). The recurrence here starts from zero; a small
+    state would make it wrong by less than the gradient check resolves in float32, so it is
+    declined outright (one reduction)."""
+    args, kwargs = call
+    state = args[1] if len(args) > 1 else kwargs.get("hx")
+    return any(bool(torch.count_nonzero(part)) for part in tree_flatten(state)[0]
+               if isinstance(part, Tensor))
 
 
 @register_rule
