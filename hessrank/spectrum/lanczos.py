@@ -484,14 +484,15 @@ def _count_bounds(quadrature: _Quadrature, weights: np.ndarray, cut: float,
     return float(weights[beyond & ~uncertain].sum()), float(weights[beyond | uncertain].sum())
 
 
-def _bootstrap_weights(quadrature: _Quadrature, draws: int, rng: np.random.Generator
-                       ) -> np.ndarray:
-    """``[draws, m]`` weights with the free part redrawn as a Gaussian probe would sample it."""
+def _bootstrap_weights(quadrature: _Quadrature, draws: int, rng: np.random.Generator,
+                       least: float = 0.0) -> np.ndarray:
+    """``[draws, m]`` weights with the free part redrawn as a Gaussian probe would sample it,
+    each node standing for at least ``least`` eigenvalues in the draws."""
     free = ~quadrature.fixed
     total = quadrature.weights[free].sum()
     # A node of weight w stands for w eigenvalues; a Gaussian probe's share of them is a
     # chi-square(w) / chi-square(total) draw, i.e. Dirichlet(w / 2).
-    shapes = np.maximum(quadrature.weights[free] / 2, 1e-3)
+    shapes = np.maximum(np.maximum(quadrature.weights[free], least) / 2, 1e-3)
     shares = rng.gamma(shapes, size=(draws, len(shapes)))
     weights = np.tile(quadrature.weights, (draws, 1))
     weights[:, free] = total * shares / shares.sum(axis=1, keepdims=True)
@@ -931,11 +932,17 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
     widened to what its quadrature proves (:func:`_count_bounds`) at the srank's cut and at the
     numerical rank's ``rtol * max |lambda|``; runs are averaged draw by draw.
     """
-    rng = np.random.default_rng(seed)
+    rng, trace_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     bounds = np.zeros((4, BOOTSTRAP_DRAWS))  # srank low, high; numerical low, high
     traces = np.zeros((2, BOOTSTRAP_DRAWS))  # low, high
     for quadrature in quadratures:
         draws = _bootstrap_weights(quadrature, BOOTSTRAP_DRAWS, rng)
+        # The trace's draws let every free node stand for one eigenvalue at least: a probe
+        # nearly orthogonal to an eigenvector weighs it far below one, and redrawn from that
+        # weight its mass hardly moves (95 % trace intervals held the exact trace in 82-92 % of
+        # 120 seeds on operators of P <= 75 with P / 3 products; 95-100 % this way). The counts'
+        # draws keep the plain weights: floored, they moved those intervals up, and one missed.
+        trace_draws = _bootstrap_weights(quadrature, BOOTSTRAP_DRAWS, trace_rng, least=1.0)
         magnitude = np.abs(quadrature.nodes)
         tolerance = rtol * float(magnitude.max())
         above = magnitude > tolerance
@@ -958,8 +965,10 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
             lower, upper = _count_bounds(quadrature, weights, np.nextafter(tolerance, np.inf),
                                          _rounding_slack(eps, float(magnitude.max())))
             bounds[2:, b] += min(count, lower), max(count, upper)
-            trace = float(quadrature.nodes @ weights)
-            traces[:, b] += trace - float(error @ weights), trace + float(error @ weights)
+            trace_weights = trace_draws[b]
+            trace = float(quadrature.nodes @ trace_weights)
+            traces[:, b] += (trace - float(error @ trace_weights),
+                             trace + float(error @ trace_weights))
     bounds /= len(quadratures)
     traces /= len(quadratures)
 
