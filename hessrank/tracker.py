@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,6 +41,17 @@ __all__ = ["JsonLinesSink", "Measurement", "Sink", "TensorBoardSink", "Tracker",
 ON_ERROR = ("raise", "warn", "record")
 # effective_rank's own arguments that the tracker sets itself.
 _RESERVED = ("model", "loss_fn", "batch", "method", "per_layer")
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised in this module point at the first line
+    outside it (the caller's ``tracker.step(...)``), however deep in the tracker it is raised."""
+    frame = inspect.currentframe()
+    frame = frame.f_back if frame is not None else None  # the frame that calls warnings.warn
+    level = 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _finite(value: float) -> float | None:
@@ -178,7 +190,7 @@ class JsonLinesSink:
             if not self.append and self.path.stat().st_size > 0:
                 warnings.warn(f"replacing {self.path}, which holds an earlier run's records: "
                               "pass append=True to add to it, or another log path",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=_user_stacklevel())
             self._file = self.path.open("a" if self.append else "w")
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
@@ -332,8 +344,8 @@ class Tracker:
     Raises:
         ValueError: an unknown method, a schedule that is not exactly one of ``every``,
             ``steps`` and ``budget`` (or none, for :meth:`measure` only), or values out of range.
-        TypeError: an option :func:`hessrank.effective_rank` does not take, or an
-            ``eval_batch`` that is not a pair.
+        TypeError: an option :func:`hessrank.effective_rank` does not take, an ``eval_batch``
+            that is not a pair, or ``steps`` that is not a list.
         ImportError: ``tensorboard`` is given and the tensorboard package is not installed.
         OSError: the ``log`` file cannot be written.
     """
@@ -370,15 +382,23 @@ class Tracker:
                  if value is not None]
         if len(given) > 1:
             raise ValueError(f"give one schedule, not {' and '.join(given)}")
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int)
-                                  or every < 1):
+        if every is not None and (isinstance(every, bool)
+                                  or not isinstance(every, numbers.Integral) or every < 1):
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        self._steps = None if steps is None else frozenset(steps)
-        if self._steps is not None and any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self._steps
+        if steps is not None and not isinstance(steps, Iterable):
+            raise TypeError(f"steps is a list of step numbers (steps=[{steps!r}] for one), got "
+                            f"{type(steps).__name__}")
+        listed = None if steps is None else list(steps)
+        if listed is not None and any(
+            isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in listed
         ):
             raise ValueError("steps must be integers >= 0")
-        if budget is not None and not 0.0 < budget < 1.0:
+        if listed == []:
+            raise ValueError("steps is empty, so the tracker would never measure: name the steps "
+                             "(steps=[0, 100, 1000]), or use every= or budget=")
+        self._steps = None if listed is None else frozenset(int(s) for s in listed)
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)
+                                   or not 0.0 < budget < 1.0):
             raise ValueError(f"budget is a share of wall time in (0, 1), got {budget!r}")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
@@ -391,7 +411,8 @@ class Tracker:
                 raise ValueError(f"method_options names {method!r}, not one of the methods")
             _check_options(extra, f"method_options[{method!r}]")
         self.model, self.loss_fn = model, loss_fn
-        self.every, self.budget, self.per_layer, self.on_error = every, budget, per_layer, on_error
+        self.every = None if every is None else int(every)
+        self.budget, self.per_layer, self.on_error = budget, per_layer, on_error
         self.eval_batch = eval_batch
         self.options = options
         self.records: list[dict[str, Any]] = []
@@ -529,7 +550,8 @@ class Tracker:
             measurement = Measurement(step, method, error=err)
             if self.on_error == "warn":
                 warnings.warn(f"hessrank.Tracker: {method} failed at step {step}: "
-                              f"{measurement.record['error']}", RuntimeWarning, stacklevel=3)
+                              f"{measurement.record['error']}", RuntimeWarning,
+                              stacklevel=_user_stacklevel())
         else:
             measurement = Measurement(step, method, result=result)
         self.records.append(measurement.record)

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from reference import classification_batch
@@ -261,6 +262,9 @@ def test_the_default_log_never_replaces_an_earlier_run(tmp_path: Path, monkeypat
         ({"treshold": 0.9}, TypeError, "treshold not an option of hessrank.effective_rank"),
         ({"method_options": {"ggn": {}}}, ValueError, "names 'ggn', not one of the methods"),
         ({"eval_batch": torch.zeros(3)}, TypeError, "eval_batch must be a pair"),
+        ({"steps": 5}, TypeError, r"steps is a list of step numbers \(steps=\[5\] for one\)"),
+        ({"steps": []}, ValueError, "steps is empty, so the tracker would never measure"),
+        ({"budget": "0.1"}, ValueError, r"budget is a share of wall time in \(0, 1\), got '0.1'"),
     ],
 )
 def test_bad_arguments_fail_before_any_file_is_written(kwargs, error, match, tmp_path) -> None:
@@ -268,6 +272,30 @@ def test_bad_arguments_fail_before_any_file_is_written(kwargs, error, match, tmp
     with pytest.raises(error, match=match):
         hessrank.Tracker(_net(), CE, log=log, **kwargs)
     assert not log.exists()
+
+
+def test_numpy_integers_schedule(tmp_path: Path) -> None:
+    """A schedule computed with NumPy (``np.int64``) was refused as not an integer."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    for schedule in ({"every": np.int64(2)}, {"steps": np.arange(0, 6, 2)}):
+        tracker = hessrank.Tracker(_net(), CE, log=None, **schedule)
+        assert [bool(tracker.step(batch)) for _ in range(5)] == [True, False, True, False, True]
+
+
+def test_warnings_point_at_the_callers_line(tmp_path: Path) -> None:
+    """``on_error="warn"`` and the log-replacement warning pointed into tracker.py."""
+    batch = classification_batch(8, 6, 3, dtype=torch.float32)
+    log = tmp_path / "c.jsonl"
+    log.write_text("{}\n")
+    tracker = hessrank.Tracker(_net(), CE, "exact", every=1, on_error="warn", log=log,
+                               max_memory=1)
+    with pytest.warns(RuntimeWarning) as seen:
+        tracker.step(batch)
+        tracker.measure(batch)
+    tracker.close()
+    messages = [(str(w.message).split()[0], w.filename) for w in seen]
+    assert messages == [("hessrank.Tracker:", __file__), ("replacing", __file__),
+                        ("hessrank.Tracker:", __file__)]
 
 
 def test_misuse_of_step() -> None:
