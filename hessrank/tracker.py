@@ -162,23 +162,34 @@ class JsonLinesSink:
         path: the file; its folder is created. Replaced at the first record unless ``append``,
             with a ``RuntimeWarning`` that names what an earlier run left there.
         append: add to an existing file (a resumed run) instead of replacing it.
+        new: the file must not exist yet: it is created now, exclusively, so no other sink (in
+            this process or another) can have it, and removed by :meth:`close` if no record was
+            written to it.
 
     Attributes:
         next_step: one past the largest ``step`` of the records already in the file when
             ``append`` (0 for a new or empty file, or without ``append``).
 
     Raises:
+        FileExistsError: ``new`` and the file exists.
+        ValueError: both ``new`` and ``append``.
         OSError: the file cannot be opened for writing.
     """
 
-    def __init__(self, path: str | Path, append: bool = False) -> None:
+    def __init__(self, path: str | Path, append: bool = False, *, new: bool = False) -> None:
+        if new and append:
+            raise ValueError("JsonLinesSink(new=True) makes a file of its own: there is nothing "
+                             "to append to; pass one of new and append")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a"):  # writable? (creates it, changes nothing that is there)
-            pass
-        self.append = append
-        self.next_step = _next_logged_step(self.path) if append else 0
+        self.append, self.new = append, new
         self._file: TextIO | None = None
+        if new:
+            self._file = self.path.open("x")
+        else:
+            with self.path.open("a"):  # writable? (creates it, changes nothing that is there)
+                pass
+        self.next_step = _next_logged_step(self.path) if append else 0
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line.
@@ -196,9 +207,13 @@ class JsonLinesSink:
         self._file.flush()
 
     def close(self) -> None:
-        """Close the file."""
-        if self._file is not None:
-            self._file.close()
+        """Close the file; with ``new``, remove it if it holds no record."""
+        if self._file is None or self._file.closed:
+            return
+        unused = self._file.tell() == 0
+        self._file.close()
+        if self.new and unused:
+            self.path.unlink()
 
 
 def _next_logged_step(path: Path) -> int:
@@ -215,18 +230,22 @@ def _next_logged_step(path: Path) -> int:
 
 
 #: The ``log`` a :class:`Tracker` writes when none is given. It never replaces an earlier run's
-#: file: the next free ``curvature-<k>.jsonl`` is taken instead.
+#: file, nor shares one with another tracker: the next ``curvature-<k>.jsonl`` that does not
+#: exist is taken instead.
 DEFAULT_LOG = Path("curvature.jsonl")
 
 
-def _free_default_log() -> Path:
-    """``curvature.jsonl`` in the working folder, or the first ``curvature-<k>.jsonl`` that does
-    not exist or is empty."""
+def _default_log_sink() -> JsonLinesSink:
+    """A sink on ``curvature.jsonl`` in the working folder, or on the first
+    ``curvature-<k>.jsonl`` that does not exist: each is created exclusively, so two trackers,
+    in one process or in several, never write to the same file."""
     candidate, k = DEFAULT_LOG, 1
-    while candidate.exists() and candidate.stat().st_size > 0:
-        candidate = DEFAULT_LOG.with_name(f"{DEFAULT_LOG.stem}-{k}{DEFAULT_LOG.suffix}")
-        k += 1
-    return candidate
+    while True:
+        try:
+            return JsonLinesSink(candidate, new=True)
+        except FileExistsError:
+            candidate = DEFAULT_LOG.with_name(f"{DEFAULT_LOG.stem}-{k}{DEFAULT_LOG.suffix}")
+            k += 1
 
 
 class TensorBoardSink:
@@ -319,9 +338,10 @@ class Tracker:
             see :func:`hessrank.effective_rank`); without it each measurement uses the batch
             given to :meth:`step`.
         log: JSON-lines file (None for none); by default ``curvature.jsonl`` in the working
-            folder, or the first free ``curvature-<k>.jsonl`` where an earlier run left one
-            (:attr:`log_path` says which). A file given here is replaced at the first record,
-            with a warning where it holds records.
+            folder, or the first ``curvature-<k>.jsonl`` that does not exist yet
+            (:attr:`log_path` says which), created now so that no other tracker takes it, and
+            removed at :meth:`close` if it got no record. A file given here is replaced at the
+            first record, with a warning where it holds records.
         append: add to an existing ``log`` (a resumed run) instead of replacing it; step
             numbers go on from the largest it holds.
         tensorboard: a TensorBoard run folder to also write scalars to (needs ``tensorboard``).
@@ -427,8 +447,8 @@ class Tracker:
             self.sinks.append(TensorBoardSink(tensorboard))
         self.log_path: Path | None = None
         if log is not None:
-            sink = JsonLinesSink(_free_default_log() if log is DEFAULT_LOG and not append
-                                 else log, append=append)
+            sink = (_default_log_sink() if log is DEFAULT_LOG and not append
+                    else JsonLinesSink(log, append=append))
             self.sinks.append(sink)
             self.log_path = sink.path
             self._next_step = sink.next_step

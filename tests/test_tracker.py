@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,6 +248,32 @@ def test_the_default_log_never_replaces_an_earlier_run(tmp_path: Path, monkeypat
     assert paths == [Path("curvature.jsonl"), Path("curvature-1.jsonl"),
                      Path("curvature-2.jsonl")]
     assert all(len(_read(tmp_path / path)) == 1 for path in paths)
+
+
+def test_live_trackers_never_share_the_default_log(tmp_path: Path, monkeypatch) -> None:
+    """Each tracker takes its default log when it is built, exclusively (before, two trackers
+    built before the loop both took the empty ``curvature.jsonl`` the first had created, and
+    wrote over each other's records); an empty one that another process has taken is not
+    free, and a name no record was written to is given back at close."""
+    monkeypatch.chdir(tmp_path)
+    batch = classification_batch(8, 6, 3, dtype=torch.float32)
+    (tmp_path / "curvature.jsonl").touch()  # taken by a tracker of another process
+    first = hessrank.Tracker(_net(), CE, every=1)
+    second = hessrank.Tracker(_net(), CE, ("fisher", "ggn"), every=1)
+    unused = hessrank.Tracker(_net(), CE, every=1)
+    assert (first.log_path, second.log_path, unused.log_path) == (
+        Path("curvature-1.jsonl"), Path("curvature-2.jsonl"), Path("curvature-3.jsonl"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no tracker replaces a log
+        for _ in range(3):
+            first.step(batch)
+            second.step(batch)
+    for tracker in (first, second, unused):
+        tracker.close()
+    assert _read(tmp_path / "curvature-1.jsonl") == first.records and len(first.records) == 3
+    assert _read(tmp_path / "curvature-2.jsonl") == second.records and len(second.records) == 6
+    assert (tmp_path / "curvature.jsonl").read_text() == ""
+    assert not (tmp_path / "curvature-3.jsonl").exists()
 
 
 @pytest.mark.parametrize(
