@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import numbers
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -161,7 +162,9 @@ class JsonLinesSink:
     Args:
         path: the file; its folder is created. Replaced at the first record unless ``append``,
             with a ``RuntimeWarning`` that names what an earlier run left there.
-        append: add to an existing file (a resumed run) instead of replacing it.
+        append: add to an existing file (a resumed run) instead of replacing it. A last line
+            that a crash cut mid-write (no newline, not JSON) is dropped at the first record,
+            with a ``RuntimeWarning`` that shows it, so that the record starts a line of its own.
         new: the file must not exist yet: it is created now, exclusively, so no other sink (in
             this process or another) can have it, and removed by :meth:`close` if no record was
             written to it.
@@ -198,7 +201,9 @@ class JsonLinesSink:
             record: a :attr:`Measurement.record` (JSON-serialisable, no NaN or infinity).
         """
         if self._file is None:
-            if not self.append and self.path.stat().st_size > 0:
+            if self.append:
+                _end_last_line(self.path)
+            elif self.path.stat().st_size > 0:
                 warnings.warn(f"replacing {self.path}, which holds an earlier run's records: "
                               "pass append=True to add to it, or another log path",
                               RuntimeWarning, stacklevel=_user_stacklevel())
@@ -214,6 +219,29 @@ class JsonLinesSink:
         self._file.close()
         if self.new and unused:
             self.path.unlink()
+
+
+def _end_last_line(path: Path) -> None:
+    """Make the next byte appended to ``path`` start a line: a last line without its newline
+    gets one where it is a whole record, and is dropped, with a ``RuntimeWarning`` that shows
+    it, where a crash cut it mid-write (it is not JSON)."""
+    data = path.read_bytes()
+    start = data.rfind(b"\n") + 1
+    tail = data[start:]
+    if not tail:
+        return
+    try:
+        json.loads(tail)
+    except ValueError:  # not JSON, or not text
+        os.truncate(path, start)
+        number = data.count(b"\n") + 1
+        shown = tail[:60].decode(errors="replace") + ("..." if len(tail) > 60 else "")
+        warnings.warn(f"{path}: dropped line {number}, which a crash cut "
+                      f"mid-write ({len(tail)} bytes, not a record: {shown!r}); appending "
+                      "after the last whole line", RuntimeWarning, stacklevel=_user_stacklevel())
+    else:
+        with path.open("a") as file:
+            file.write("\n")
 
 
 def _next_logged_step(path: Path) -> int:
@@ -343,7 +371,8 @@ class Tracker:
             removed at :meth:`close` if it got no record. A file given here is replaced at the
             first record, with a warning where it holds records.
         append: add to an existing ``log`` (a resumed run) instead of replacing it; step
-            numbers go on from the largest it holds.
+            numbers go on from the largest it holds, and a last line that a crash cut
+            mid-write is dropped, with a warning.
         tensorboard: a TensorBoard run folder to also write scalars to (needs ``tensorboard``).
         sinks: further destinations, objects with ``write(record)`` and ``close()``.
         per_layer: also record each parameterised module's ranks (``record["layers"]``).

@@ -556,6 +556,26 @@ def test_plot_errors_and_failed_measurements(tmp_path: Path, capsys) -> None:
     assert status == 2 and err == f"hessrank: error: {log} holds no measurement (1 failed ones)\n"
 
 
+def test_plot_leaves_out_a_last_line_cut_by_a_crash(tmp_path: Path, capsys) -> None:
+    """A crash mid-write leaves a last line without its newline: the plot leaves it out and
+    says so (before, it refused the whole log as 'not JSON ... not a tracker log')."""
+    from hessrank.cli.plot import read_run
+
+    log = tmp_path / "c.jsonl"
+    records = tracker_log(log, per_layer=False)
+    whole = log.read_text()
+    log.write_text(whole + whole.splitlines()[0][:50])
+    status, _, err = run_main(["plot", str(log), "-o", str(tmp_path / "p.png")], capsys)
+    assert status == 0 and err.splitlines() == [
+        f"hessrank: left out {log}:7, the last line, which a crash cut mid-write",
+        f"hessrank: wrote {tmp_path / 'p.png'}",
+    ]
+    assert read_run(log).records == records
+    log.write_text(whole + whole.splitlines()[0][:50] + "\n")  # a whole line: not a cut one
+    status, _, err = run_main(["plot", str(log)], capsys)
+    assert status == 2 and f"{log}:7 is not JSON" in err
+
+
 def test_ctrl_c_while_the_cli_loads_is_one_line(capsys, monkeypatch) -> None:
     """The CLI imports its modules lazily inside main(): a Ctrl-C there is handled too."""
     import hessrank.cli as cli_module

@@ -276,6 +276,36 @@ def test_live_trackers_never_share_the_default_log(tmp_path: Path, monkeypatch) 
     assert not (tmp_path / "curvature-3.jsonl").exists()
 
 
+def _cut_log(path: Path) -> str:
+    """Two records of a run, then the first 40 characters of a third: a crash mid-write."""
+    lines = [json.dumps({"step": step, "method": "fisher", "rank": 3}) for step in range(3)]
+    path.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:40])
+    return lines[2][:40]
+
+
+def test_appending_to_a_log_cut_by_a_crash_starts_a_line_of_its_own(tmp_path: Path) -> None:
+    """The first record appended used to be glued onto the cut line, and lost with it."""
+    log = tmp_path / "c.jsonl"
+    cut = _cut_log(log)
+    batch = classification_batch(8, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(_net(), CE, every=1, log=log, append=True)
+    assert log.read_text().endswith(cut)  # building the tracker changes nothing
+    with pytest.warns(RuntimeWarning, match="dropped line 3, which a crash cut mid-write") as seen:
+        tracker.step(batch)
+    assert seen[0].filename == __file__ and cut[:30] in str(seen[0].message)
+    tracker.step(batch)
+    tracker.close()
+    assert [r["step"] for r in _read(log)] == [0, 1, 2, 3]  # numbering after the whole records
+    assert _read(log)[2:] == tracker.records
+    # A whole record whose newline the crash cut is kept, and the next one starts a line.
+    log.write_text(json.dumps({"step": 0, "method": "fisher", "rank": 3}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with hessrank.Tracker(_net(), CE, every=1, log=log, append=True) as tracker:
+            tracker.step(batch)
+    assert [r["step"] for r in _read(log)] == [0, 1]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

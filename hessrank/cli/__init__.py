@@ -547,12 +547,8 @@ def _plot(args: argparse.Namespace) -> int:
 
     output = args.output or args.logs[0].with_suffix(".png")
     report.check_outputs({"-o": output})
-    left_out = plot(args.logs, output, args.rank, args.layers)
-    if left_out:
-        print(
-            f"hessrank: left out {len(left_out)} failed measurement(s), the first: {left_out[0]}",
-            file=sys.stderr,
-        )
+    for what in plot(args.logs, output, args.rank, args.layers):
+        print(f"hessrank: left out {what}", file=sys.stderr)
     _wrote([output], quiet=False)
     return 0
 

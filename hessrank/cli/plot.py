@@ -23,11 +23,16 @@ LINESTYLES = ("-", "--", ":", "-.")
 
 @dataclass
 class Run:
-    """The records of one JSON-lines file: measurements, and failures kept apart."""
+    """The records of one JSON-lines file: measurements, and failures kept apart.
+
+    Attributes:
+        cut_line: the number of a last line that a crash cut mid-write (left out), or None.
+    """
 
     name: str
     records: list[dict[str, Any]]
     failures: list[dict[str, Any]] = field(default_factory=list)
+    cut_line: int | None = None
 
     def methods(self) -> list[str]:
         """Methods in order of first appearance."""
@@ -47,11 +52,14 @@ class Run:
 
 
 def read_run(path: Path) -> Run:
-    """The records of ``path``; a line that is not a record is an error naming the line."""
+    """The records of ``path``; a line that is not a record is an error naming the line, except
+    a last line without its newline that is not JSON: a crash cut it mid-write (the tracker
+    writes each line whole), and it is left out (``Run.cut_line``)."""
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except OSError as err:
         raise CliError(f"cannot read {path}: {err.strerror or err}") from err
+    lines = text.splitlines()
     run = Run(path.stem, [])
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -59,6 +67,9 @@ def read_run(path: Path) -> Run:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                run.cut_line = number
+                continue
             raise CliError(f"{path}:{number} is not JSON ({err.msg}): not a tracker log") from err
         if not isinstance(record, dict) or "step" not in record or "method" not in record:
             raise CliError(f"{path}:{number} has no step and method: not a tracker log")
@@ -165,10 +176,15 @@ def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Fi
 
 
 def plot(paths: list[Path], output: Path, key: str, layers: bool) -> list[str]:
-    """Read the logs, draw and write ``output``; returns one line per failed measurement
-    left out of the plot."""
+    """Read the logs, draw and write ``output``; returns what was left out of the plot, one
+    line each: a last line cut by a crash, then the failed measurements."""
     runs = [read_run(path) for path in paths]
     fig = build_figure(runs, key, layers)
     save_figure(fig, output, "--output")
-    return [f"{run.name}: {r['method']} at step {r['step']}: {r['error']}"
-            for run in runs for r in run.failures]
+    left_out = [f"{path}:{run.cut_line}, the last line, which a crash cut mid-write"
+                for path, run in zip(paths, runs, strict=True) if run.cut_line is not None]
+    failures = [f"{run.name}: {r['method']} at step {r['step']}: {r['error']}"
+                for run in runs for r in run.failures]
+    if failures:
+        left_out.append(f"{len(failures)} failed measurement(s), the first: {failures[0]}")
+    return left_out
