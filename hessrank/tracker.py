@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 import hessrank
+from hessrank.api import _estimator, _settings
 from hessrank.estimators import ALL_METHODS
+from hessrank.problem import _read_batch, check_call
 from hessrank.streaming import is_batch_stream
 
 if TYPE_CHECKING:
@@ -328,6 +330,43 @@ def _check_options(options: Mapping[str, Any], where: str) -> None:
         )
 
 
+def _check_values(model: nn.Module, loss_fn: Callable[..., Any], method: str, per_layer: bool,
+                  options: Mapping[str, Any]) -> None:
+    """:func:`hessrank.effective_rank`'s own checks of the values it would get for ``method``
+    (the shared settings, the mode, the estimator's options and what it can serve), run with
+    its defaults where ``options`` sets none: they need no batch, so a tracker runs them when
+    it is made, not at its first measurement. The model itself is checked at each measurement,
+    where a lazy module has had its first training step."""
+    call = inspect.signature(hessrank.effective_rank).bind_partial(**options)
+    call.apply_defaults()
+    given = call.arguments
+    estimator = _estimator(method)
+    check_call(nn.Module(), loss_fn, given["mode"])  # the loss and mode; a stand-in model
+    settings = _settings(given["threshold"], given["rtol"], given["max_memory"],
+                         given["max_seconds"], given["seed"], per_layer, given["progress"],
+                         given["eigenvectors"], given["measure_memory"])
+    estimator_options = estimator.make_options(given["options"])
+    estimator.check_mode(given["mode"], model)
+    estimator.check_request(settings, estimator_options)
+
+
+def _check_eval_batch(batch: object) -> None:
+    """``eval_batch`` checked as :func:`hessrank.effective_rank` checks a batch (its form,
+    sample counts, finiteness), each batch of a list too."""
+    _check_batch(batch, "eval_batch")
+    if not is_batch_stream(batch):
+        labelled = [("eval_batch", batch)]
+    elif isinstance(batch, tuple | list):
+        labelled = [(f"eval_batch[{index}]", pair) for index, pair in enumerate(batch)]
+    else:
+        return  # a DataLoader: each batch is checked when it is measured
+    for label, pair in labelled:
+        try:
+            _read_batch(pair)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{label}: {err}") from err
+
+
 def _check_batch(batch: object, name: str) -> None:
     """Accept what :func:`hessrank.effective_rank` takes: a pair, a list of pairs, a loader."""
     if not is_batch_stream(batch):
@@ -392,7 +431,9 @@ class Tracker:
 
     Raises:
         ValueError: an unknown method, a schedule that is not exactly one of ``every``,
-            ``steps`` and ``budget`` (or none, for :meth:`measure` only), or values out of range.
+            ``steps`` and ``budget`` (or none, for :meth:`measure` only), values out of range,
+            an option value or ``eval_batch`` that :func:`hessrank.effective_rank` would
+            refuse (checked by its own rules, before any work).
         TypeError: an option :func:`hessrank.effective_rank` does not take, an ``eval_batch``
             that is not a pair, or ``steps`` that is not a list.
         ImportError: ``tensorboard`` is given and the tensorboard package is not installed.
@@ -452,18 +493,20 @@ class Tracker:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         if eval_batch is not None:
-            _check_batch(eval_batch, "eval_batch")
+            _check_eval_batch(eval_batch)
         _check_options(options, "Tracker options")
         self._method_options = {m: dict(o) for m, o in (method_options or {}).items()}
         for method, extra in self._method_options.items():
             if method not in self.methods:
                 raise ValueError(f"method_options names {method!r}, not one of the methods")
             _check_options(extra, f"method_options[{method!r}]")
+        self.options = options
+        for method in self.methods:
+            _check_values(model, loss_fn, method, per_layer, self._options_for(method))
         self.model, self.loss_fn = model, loss_fn
         self.every = None if every is None else int(every)
         self.budget, self.per_layer, self.on_error = budget, per_layer, on_error
         self.eval_batch = eval_batch
-        self.options = options
         self.records: list[dict[str, Any]] = []
         self._clock = clock
         self._next_step = 0
@@ -586,12 +629,16 @@ class Tracker:
             self._last_cost = self._clock() - start
             self._spent += self._last_cost
 
+    def _options_for(self, method: str) -> dict[str, Any]:
+        """The keyword arguments of :func:`hessrank.effective_rank` for ``method``: the
+        tracker's options, then the method's own."""
+        return {**self.options, **self._method_options.get(method, {})}
+
     def _measure_one(self, method: str, batch: tuple[Any, Any], step: int) -> Measurement:
-        options = {**self.options, **self._method_options.get(method, {})}
         try:
             result = hessrank.effective_rank(
                 self.model, self.loss_fn, batch, method=method, per_layer=self.per_layer,
-                **options,
+                **self._options_for(method),
             )
         except Exception as err:
             if self.on_error == "raise":

@@ -393,6 +393,11 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
         (["compare", "--device", "meta"], "--device meta: hessrank measures on cpu or cuda"),
         (["rank", "--device", "meta"], "--device meta: hessrank measures on cpu or cuda"),
         (["plot", "{tmp}/none.jsonl"], "cannot read"),
+        # the library's bound (>= 2), before any method runs (before, lanczos failed after the
+        # others had run)
+        (["compare", *TINY, "--lanczos-steps", "1"],
+         "lanczos_steps=1 gives a quadrature of one node"),
+        (["rank", *TINY, "--method", "lanczos", "--lanczos-steps", "1"], "use at least 2"),
     ],
 )
 def test_bad_options_are_one_line_before_any_work(argv, expected, tmp_path: Path, capsys) -> None:

@@ -322,6 +322,24 @@ def test_appending_to_a_log_cut_by_a_crash_starts_a_line_of_its_own(tmp_path: Pa
         ({"steps": 5}, TypeError, r"steps is a list of step numbers \(steps=\[5\] for one\)"),
         ({"steps": []}, ValueError, "steps is empty, so the tracker would never measure"),
         ({"budget": "0.1"}, ValueError, r"budget is a share of wall time in \(0, 1\), got '0.1'"),
+        # Values effective_rank refuses, refused by its own checks when the tracker is made
+        # (before, at the first scheduled step, or recorded as errors with on_error="record").
+        ({"threshold": 5}, ValueError, r"threshold must lie in \(0, 1\], got 5"),
+        ({"mode": "trian"}, ValueError, "mode must be 'eval' or 'train', got 'trian'"),
+        ({"max_memory": -1}, ValueError, "max_memory must lie in"),
+        ({"backend": "bogus", "on_error": "record"}, ValueError, "unknown backend 'bogus'"),
+        ({"per_layer": "yes"}, ValueError, "per_layer must be True or False"),
+        ({"seed": "a"}, ValueError, "seed must be an integer"),
+        ({"methods": "exact", "eigenvectors": -1}, ValueError, "eigenvectors must be a count"),
+        ({"methods": "lanczos", "eigenvectors": 2}, ValueError, "does not return eigenvectors"),
+        ({"methods": ("fisher", "lanczos"), "method_options": {"lanczos": {"lanczos_steps": 1}}},
+         ValueError, "lanczos_steps=1 gives a quadrature of one node"),
+        ({"methods": "ggn", "mode": "train"}, ValueError, "mode='train' is not defined for"),
+        ({"eval_batch": (torch.zeros(8, 6), torch.zeros(3, dtype=torch.long))}, ValueError,
+         "eval_batch: mismatched batch sizes"),
+        ({"eval_batch": [(torch.zeros(8, 6), torch.zeros(8, dtype=torch.long)),
+                         (torch.full((8, 6), float("nan")), torch.zeros(8, dtype=torch.long))]},
+         ValueError, r"eval_batch\[1\]: inputs\[0\] contains NaN"),
     ],
 )
 def test_bad_arguments_fail_before_any_file_is_written(kwargs, error, match, tmp_path) -> None:

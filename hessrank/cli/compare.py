@@ -146,17 +146,25 @@ def tracker(
     problem: Problem, cfg: Config, seed: int, progress: Progress | bool, on_error: str
 ) -> hessrank.Tracker:
     """The :class:`hessrank.Tracker` that measures ``cfg.methods`` on the problem (no log file):
-    the one way the CLI, like any training loop, records curvature."""
-    return hessrank.Tracker(
-        problem.model,
-        problem.loss_fn,
-        cfg.methods,
-        log=None,
-        on_error=on_error,
-        **method_kwargs(cfg),
-        seed=seed,
-        progress=progress,
-    )
+    the one way the CLI, like any training loop, records curvature.
+
+    Raises:
+        CliError: an option value, or a model, that a method refuses (the tracker checks them
+            when it is made, before any measurement).
+    """
+    try:
+        return hessrank.Tracker(
+            problem.model,
+            problem.loss_fn,
+            cfg.methods,
+            log=None,
+            on_error=on_error,
+            **method_kwargs(cfg),
+            seed=seed,
+            progress=progress,
+        )
+    except (TypeError, ValueError) as err:  # a value or model a method refuses: before any work
+        raise CliError(str(err)) from err
 
 
 def check_budget(measurement: hessrank.tracker.Measurement, problem: Problem, cfg: Config,
