@@ -82,6 +82,7 @@ def test_compare_prints_every_method_and_the_pyhessian_check(compared) -> None:
     for method in hessrank.METHODS:
         assert f"\n{method} " in proc.stdout
     assert "PyHessian" in proc.stdout and "Spearman" in proc.stdout
+    assert "2 seeds (mean±std, the sample standard deviation)" in " ".join(proc.stdout.split())
     assert "capped by n = 16" in proc.stdout
     assert "Traceback" not in proc.stderr
     wrote = [line for line in proc.stderr.splitlines() if line.startswith("hessrank: wrote ")]
@@ -127,6 +128,9 @@ def test_compare_json_schema(compared) -> None:
     summary = report["summary"]
     assert len(summary["checkpoints"]) == 3
     assert summary["checkpoints"][1]["methods"]["exact"]["srank"]["n"] == 2
+    sranks = [run["checkpoints"][1]["methods"]["exact"]["srank"] for run in report["runs"]]
+    assert summary["checkpoints"][1]["methods"]["exact"]["srank"]["std"] == pytest.approx(
+        np.std(sranks, ddof=1))  # the sample standard deviation, not the population's
     # Training moved the weights: the exact spectrum differs between the first two tasks.
     first, second = (p["methods"]["exact"] for p in report["runs"][0]["checkpoints"][:2])
     assert first["eigenvalues"] != second["eigenvalues"]
@@ -442,14 +446,17 @@ def test_tables_are_printed_when_writing_a_file_fails(tmp_path: Path, capsys,
     (tmp_path / "file").write_text("")
     argv = ["compare", *TINY, "--methods", "fisher", "--no-pyhessian", "--csv",
             str(tmp_path / "file" / "r.csv")]
+    # The problem is named (before: "File exists", mkdir's words for it).
+    expected = (f"hessrank: error: cannot write --csv {tmp_path / 'file' / 'r.csv'}: "
+                f"{tmp_path / 'file'} is a file, not a folder: choose a path in a folder\n")
     status, out, err = run_main(argv, capsys)
     assert status == 2 and out == ""
-    assert err.startswith("hessrank: error: cannot write --csv") and err.count("\n") == 1
+    assert err == expected
     monkeypatch.setattr(report, "check_outputs", lambda outputs: None)
     status, out, err = run_main(argv, capsys)
     assert status == 2
     assert "Estimators vs exact" in out and "\nfisher " in out
-    assert err.startswith("hessrank: error: cannot write --csv") and err.count("\n") == 1
+    assert err == expected
 
 
 BROKEN_MODEL = """
@@ -579,6 +586,24 @@ def test_plot_leaves_out_a_last_line_cut_by_a_crash(tmp_path: Path, capsys) -> N
     log.write_text(whole + whole.splitlines()[0][:50] + "\n")  # a whole line: not a cut one
     status, _, err = run_main(["plot", str(log)], capsys)
     assert status == 2 and f"{log}:7 is not JSON" in err
+
+
+def test_rank_json_records_the_batches_it_measured(tmp_path: Path, capsys) -> None:
+    """``config.batch_size`` held compare's training minibatch (32), whatever --batch-size."""
+    path = tmp_path / "r.json"
+    for extra, batch_size in (([], None), (["--batch-size", "5"], 5)):
+        status, _, _ = run_main(["rank", *TINY, "--quiet", "--json", str(path), *extra], capsys)
+        assert status == 0
+        assert json.loads(path.read_text())["config"]["batch_size"] == batch_size
+
+
+def test_spearman_cells_share_one_format_with_the_sample_spread() -> None:
+    """One table held 0.9±0.1, 0.422±0.5 and 0.8684, the ± a population std over 2 seeds."""
+    assert report.stats([0.5])["std"] is None  # no spread from one value
+    assert report.stats([0.8, 1.0])["std"] == pytest.approx(np.std([0.8, 1.0], ddof=1))
+    cells = [report.cell(report.stats(values), "spearman")
+             for values in ([0.8, 1.0], [0.422], [0.0, 0.844], [0.8684])]
+    assert cells == ["0.90±0.14", "0.42", "0.42±0.60", "0.87"]
 
 
 def test_ctrl_c_while_the_cli_loads_is_one_line(capsys, monkeypatch) -> None:

@@ -532,6 +532,7 @@ def _rank(args: argparse.Namespace) -> int:
             result=res.to_dict(),
         )
         del payload["runs"], payload["interrupted"]
+        payload["config"]["batch_size"] = args.batch_size  # the batches measured (None: one)
         if args.json == "-":
             print(json.dumps(payload))
             return 0

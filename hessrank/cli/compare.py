@@ -50,6 +50,7 @@ class Config:
     threads: int | None = None
     checkpoints: int = 0
     epochs: int = 20
+    #: compare's training minibatch (``rank`` reports its own ``--batch-size`` instead)
     batch_size: int = 32
     lr: float = 1e-3
     pyhessian: bool = True

@@ -12,7 +12,8 @@ error and probe count, relative differences to exact, ``error``) and ``methods``
 ``srank``, ``numerical_rank``, their ``*_rel_error`` against exact, ``top_eigenvalue``, ``trace``,
 ``seconds``, ``peak_memory``, ``backend``, ``max_rank``, ``rank_interval``, ``ranks`` (every
 definition), ``caveats``, ``eigenvalues`` and ``error`` (a message when the estimator failed).
-``summary`` repeats every number of the tables as mean/std/n over seeds per checkpoint.
+``summary`` repeats every number of the tables as mean/std/n over seeds per checkpoint (``std``
+the sample standard deviation, null for one value).
 """
 
 from __future__ import annotations
@@ -84,12 +85,14 @@ CSV_COLUMNS = (
 )
 
 
-def stats(values: list[float | None]) -> dict[str, float | int] | None:
-    """Mean, standard deviation (ddof 0) and count of the non-None values; None if none."""
+def stats(values: list[float | None]) -> dict[str, float | int | None] | None:
+    """Mean, sample standard deviation (ddof 1; None for one value) and count of the non-None
+    values; None if none."""
     clean = [float(v) for v in values if v is not None]
     if not clean:
         return None
-    return {"mean": float(np.mean(clean)), "std": float(np.std(clean)), "n": len(clean)}
+    std = float(np.std(clean, ddof=1)) if len(clean) > 1 else None
+    return {"mean": float(np.mean(clean)), "std": std, "n": len(clean)}
 
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +138,10 @@ def _pct(value: float) -> str:
     return f"{100 * value:+.0f}%" if abs(value) >= 0.1 else f"{100 * value:+.1f}%"
 
 
+def _rho(value: float) -> str:
+    return f"{value:.2f}"
+
+
 def _secs(value: float) -> str:
     return f"{value:.2f}s" if value < 10 else f"{value:.1f}s" if value < 100 else f"{value:.0f}s"
 
@@ -169,12 +176,13 @@ FORMATS = {
     "previous_task_train_error": _pct,
     "seconds": _secs,
     "peak_memory": _bytes,
+    "spearman": _rho,
 }
 
 
-def cell(stat: dict[str, float | int] | None, field: str) -> str:
-    """``mean`` or ``mean±std`` (several seeds; time and memory: mean), formatted for ``field``;
-    ``—`` if missing."""
+def cell(stat: dict[str, Any] | None, field: str) -> str:
+    """``mean`` or ``mean±std`` (several seeds, sample standard deviation; time and memory:
+    mean), formatted for ``field``; ``—`` if missing."""
     if stat is None:
         return "—"
     fmt = FORMATS.get(field, _sig)
@@ -188,6 +196,8 @@ def cell(stat: dict[str, float | int] | None, field: str) -> str:
         return f"{100 * mean:+.{digits}f}±{100 * std:.{digits}f}%"
     if fmt is _sig:
         return f"{mean:.3g}±{std:.1g}"
+    if fmt is _rho:
+        return f"{_rho(mean)}±{_rho(std)}"
     return fmt(mean)
 
 
@@ -214,7 +224,8 @@ def title(report: dict[str, Any]) -> str:
     """One line naming the model, data, threshold and seeds."""
     cfg, model, data = report["config"], report["model"], report["data"]
     seeds = cfg["seeds"]
-    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds (mean±std)"
+    seed_text = (f"seed {seeds[0]}" if len(seeds) == 1
+                 else f"{len(seeds)} seeds (mean±std, the sample standard deviation)")
     if model is None or data is None:
         return f"hessrank compare: {cfg['model']}, nothing measured"
     # --activation shapes the presets only: a user's model has its own.
@@ -427,7 +438,7 @@ def dump_json(payload: dict[str, Any], path: Path) -> None:
     try:
         _atomic_write(path, json.dumps(_clean(payload), indent=1) + "\n")
     except OSError as err:
-        raise CliError(f"cannot write --json {path}: {err.strerror or err}") from err
+        raise cannot_write("--json", path, err) from err
 
 
 def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -488,7 +499,17 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
             for row in rows:
                 writer.writerow({k: "" if v is None else v for k, v in row.items()})
     except OSError as err:
-        raise CliError(f"cannot write --csv {path}: {err.strerror or err}") from err
+        raise cannot_write("--csv", path, err) from err
+
+
+def cannot_write(option: str, path: Path, err: OSError) -> CliError:
+    """The error for ``option``'s file ``path``, which ``err`` kept from being written: a file
+    standing where a folder of the path must be is named (the system says 'File exists' or
+    'Not a directory'); otherwise the system's reason."""
+    blocking = next((folder for folder in path.parents if folder.is_file()), None)
+    reason = (f"{blocking} is a file, not a folder: choose a path in a folder"
+              if blocking is not None else err.strerror or str(err))
+    return CliError(f"cannot write {option} {path}: {reason}")
 
 
 #: The output options whose file is a figure (its extension must be one matplotlib writes).
@@ -529,7 +550,7 @@ def check_outputs(outputs: dict[str, Path | None]) -> None:
             with path.open("a"):  # writable? (an existing file is left as it is)
                 pass
         except OSError as err:
-            raise CliError(f"cannot write {option} {path}: {err.strerror or err}") from err
+            raise cannot_write(option, path, err) from err
         finally:
             if not existed and path.is_file() and path.stat().st_size == 0:
                 path.unlink()
@@ -562,7 +583,7 @@ def save_figure(fig: Any, path: Path, what: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     except OSError as err:
-        raise CliError(f"cannot write {what} {path}: {err.strerror or err}") from err
+        raise cannot_write(what, path, err) from err
     finally:
         plt.close(fig)
 
