@@ -35,6 +35,8 @@ from hessrank.problem import (
     build_problem,
     check_call,
     check_count,
+    check_loss_and_mode,
+    check_model,
     check_number,
     probe_outputs,
 )
@@ -104,6 +106,58 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
     return Settings(threshold=threshold, rtol=rtol, max_memory=max_memory, max_seconds=max_seconds,
                     seed=seed, per_layer=per_layer, eigenvectors=int(eigenvectors),
                     reporter=Reporter(progress))
+
+
+def checked_request(
+    model: nn.Module | None,
+    loss_fn: object,
+    method: object,
+    *,
+    mode: str,
+    threshold: float,
+    rtol: float | None,
+    max_memory: float,
+    max_seconds: float | None,
+    seed: int,
+    per_layer: bool,
+    progress: bool | Progress,
+    eigenvectors: int,
+    measure_memory: bool,
+    options: dict[str, Any],
+) -> tuple[Estimator, Settings, Any]:
+    """:func:`effective_rank`'s checks of its arguments, none of which needs the batch: the
+    estimator, the shared settings, its own options, the mode and what it can serve.
+
+    Args:
+        model: the model, or None to check the values alone (a tracker made before its model's
+            first training step, where a lazy module has no shapes yet).
+        loss_fn, method, mode, threshold, rtol, max_memory, max_seconds, seed, per_layer,
+        progress, eigenvectors, measure_memory: as for :func:`effective_rank`.
+        options: the estimators' options, as ``**options`` of :func:`effective_rank`.
+
+    Returns:
+        ``(estimator, settings, the estimator's typed options)``.
+
+    Raises:
+        TypeError, ValueError: the argument at fault, named with its fix.
+    """
+    estimator = _estimator(method)
+    if model is not None:
+        check_model(model)
+    check_loss_and_mode(loss_fn, mode)
+    settings = _settings(threshold, rtol, max_memory, max_seconds, seed, per_layer,
+                         progress, eigenvectors, measure_memory)
+    known = option_fields()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        offered = ", ".join(f"{name} ({', '.join(methods)})"
+                            for name, (_, methods) in known.items())
+        raise TypeError(f"effective_rank() got unknown option(s) {', '.join(unknown)}; the "
+                        f"estimators' options are: {offered}")
+    method_options = estimator.make_options(options)
+    estimator.check_mode(mode, model)
+    estimator.check_request(settings, method_options)
+    return estimator, settings, method_options
 
 
 def effective_rank(
@@ -215,20 +269,11 @@ def effective_rank(
     """
     parallel = None if process_group is None else DataParallel(process_group, _device_of(model))
     with agreement(parallel):  # a check failing in one process fails in all
-        estimator = _estimator(method)
-        check_call(model, loss_fn, mode)
-        settings = _settings(threshold, rtol, max_memory, max_seconds, seed, per_layer,
-                             progress, eigenvectors, measure_memory)
-        known = option_fields()
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            offered = ", ".join(f"{name} ({', '.join(methods)})"
-                                for name, (_, methods) in known.items())
-            raise TypeError(f"effective_rank() got unknown option(s) {', '.join(unknown)}; the "
-                            f"estimators' options are: {offered}")
-        method_options = estimator.make_options(options)
-        estimator.check_mode(mode, model)
-        estimator.check_request(settings, method_options)
+        estimator, settings, method_options = checked_request(
+            model, loss_fn, method, mode=mode, threshold=threshold, rtol=rtol,
+            max_memory=max_memory, max_seconds=max_seconds, seed=seed, per_layer=per_layer,
+            progress=progress, eigenvectors=eigenvectors, measure_memory=measure_memory,
+            options=options)
         if parallel is not None and options.get("backend") == "backpack":
             raise ValueError("backend='backpack' runs in one process: with process_group, use "
                              "backend='auto' or 'func'")

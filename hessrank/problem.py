@@ -357,6 +357,16 @@ def check_call(model: object, loss_fn: object, mode: object) -> None:
     Raises:
         TypeError, ValueError: naming the argument and the fix.
     """
+    check_model(model)
+    check_loss_and_mode(loss_fn, mode)
+
+
+def check_model(model: object) -> None:
+    """The model: a module with initialised parameters that autograd can differentiate.
+
+    Raises:
+        TypeError, ValueError: naming the problem and the fix.
+    """
     if not isinstance(model, nn.Module):
         kind = "a function" if callable(model) else type(model).__name__
         raise TypeError(
@@ -381,6 +391,14 @@ def check_call(model: object, loss_fn: object, mode: object) -> None:
             "module, setattr(module, name, nn.Parameter(p.clone())) for its parameters and "
             "setattr(module, name, b.clone()) for its buffers"
         )
+
+
+def check_loss_and_mode(loss_fn: object, mode: object) -> None:
+    """A callable loss and a mode of :func:`hessrank.effective_rank`.
+
+    Raises:
+        TypeError, ValueError: naming the argument and the fix.
+    """
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar tensor")
     if mode not in ("eval", "train"):
@@ -468,6 +486,16 @@ def _usable_batch(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], targets: 
     """Every tensor of a batch as the analysis uses it (:func:`_usable`)."""
     return (tuple(_usable(x) for x in args), {k: _usable(x) for k, x in kwargs.items()},
             _usable(targets))
+
+
+def check_batch(batch: object) -> None:
+    """One batch's form, sample counts and values, as :func:`build_problem` checks them, for a
+    model not at hand yet (its dtype and device are checked with it).
+
+    Raises:
+        TypeError, ValueError: naming the tensor at fault and the fix.
+    """
+    _read_batch(batch)
 
 
 def _read_batch(batch: object) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Tensor,

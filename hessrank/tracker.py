@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 import hessrank
-from hessrank.api import _estimator, _settings
+from hessrank.api import checked_request
 from hessrank.estimators import ALL_METHODS
-from hessrank.problem import _read_batch, check_call
+from hessrank.problem import check_batch
 from hessrank.streaming import is_batch_stream
 
 if TYPE_CHECKING:
@@ -330,24 +330,18 @@ def _check_options(options: Mapping[str, Any], where: str) -> None:
         )
 
 
-def _check_values(model: nn.Module, loss_fn: Callable[..., Any], method: str, per_layer: bool,
+def _check_values(loss_fn: Callable[..., Any], method: str, per_layer: bool,
                   options: Mapping[str, Any]) -> None:
     """:func:`hessrank.effective_rank`'s own checks of the values it would get for ``method``
-    (the shared settings, the mode, the estimator's options and what it can serve), run with
-    its defaults where ``options`` sets none: they need no batch, so a tracker runs them when
-    it is made, not at its first measurement. The model itself is checked at each measurement,
-    where a lazy module has had its first training step."""
+    (:func:`hessrank.api.checked_request`, with its defaults where ``options`` sets none): they
+    need no batch, so a tracker runs them when it is made, not at its first measurement. The
+    model is checked at each measurement, where a lazy module has had its first training step
+    (and a method that refuses the model is recorded as failed there, by ``on_error``)."""
     call = inspect.signature(hessrank.effective_rank).bind_partial(**options)
     call.apply_defaults()
-    given = call.arguments
-    estimator = _estimator(method)
-    check_call(nn.Module(), loss_fn, given["mode"])  # the loss and mode; a stand-in model
-    settings = _settings(given["threshold"], given["rtol"], given["max_memory"],
-                         given["max_seconds"], given["seed"], per_layer, given["progress"],
-                         given["eigenvectors"], given["measure_memory"])
-    estimator_options = estimator.make_options(given["options"])
-    estimator.check_mode(given["mode"], model)
-    estimator.check_request(settings, estimator_options)
+    given = {name: value for name, value in call.arguments.items()
+             if name not in ("method", "params", "process_group")}
+    checked_request(None, loss_fn, method, **{**given, "per_layer": per_layer})
 
 
 def _check_eval_batch(batch: object) -> None:
@@ -362,7 +356,7 @@ def _check_eval_batch(batch: object) -> None:
         return  # a DataLoader: each batch is checked when it is measured
     for label, pair in labelled:
         try:
-            _read_batch(pair)
+            check_batch(pair)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{label}: {err}") from err
 
@@ -502,7 +496,7 @@ class Tracker:
             _check_options(extra, f"method_options[{method!r}]")
         self.options = options
         for method in self.methods:
-            _check_values(model, loss_fn, method, per_layer, self._options_for(method))
+            _check_values(loss_fn, method, per_layer, self._options_for(method))
         self.model, self.loss_fn = model, loss_fn
         self.every = None if every is None else int(every)
         self.budget, self.per_layer, self.on_error = budget, per_layer, on_error

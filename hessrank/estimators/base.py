@@ -158,17 +158,18 @@ class Estimator(ABC):
             raise ValueError(f"method={self.name!r} does not return eigenvectors: use one of "
                              f"{capable}")
 
-    def check_mode(self, mode: str, model: nn.Module) -> None:
+    def check_mode(self, mode: str, model: nn.Module | None) -> None:
         """Raise if ``mode`` is not among :attr:`modes`, or if a method without a training mode
         (per-sample factors) meets a BatchNorm that normalises with the batch's statistics in
-        evaluation mode too (no running statistics): its samples interact."""
+        evaluation mode too (no running statistics): its samples interact. ``model`` None: the
+        mode alone."""
         if mode not in self.modes:
             raise ValueError(
                 f"mode={mode!r} is not defined for method={self.name!r} (it supports "
                 f"{', '.join(map(repr, self.modes))}): per-sample factors assume samples that do "
                 "not interact; use mode='eval' or method='exact'/'lanczos'"
             )
-        if "train" in self.modes:
+        if "train" in self.modes or model is None:
             return
         for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
