@@ -150,8 +150,8 @@ def tracker(
     the one way the CLI, like any training loop, records curvature.
 
     Raises:
-        CliError: an option value, or a model, that a method refuses (the tracker checks them
-            when it is made, before any measurement).
+        CliError: an option value that a method refuses (the tracker checks the values when it
+            is made, before any measurement; a model a method refuses fails that method alone).
     """
     try:
         return hessrank.Tracker(
@@ -164,7 +164,7 @@ def tracker(
             seed=seed,
             progress=progress,
         )
-    except (TypeError, ValueError) as err:  # a value or model a method refuses: before any work
+    except (TypeError, ValueError) as err:  # a value a method refuses: before any work
         raise CliError(str(err)) from err
 
 
