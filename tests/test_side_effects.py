@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
-import random
 import subprocess
 import sys
 from typing import Any
@@ -183,30 +182,6 @@ def test_a_graph_the_caller_holds_survives_a_training_mode_call(method):
     hessrank.effective_rank(model, CE, (x, y), method=method, mode="train")
     assert [b._version for b in model.buffers()] == versions
     loss.backward()
-
-
-class _NumpyNoise(nn.Module):
-    """Draws from NumPy's and Python's global generators in forward (an augmentation)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Linear(6, 3)
-
-    def forward(self, x):
-        noise = np.random.normal(size=x.shape[1:]) * 1e-3 + random.random() * 1e-3
-        return self.body(x + torch.as_tensor(noise, dtype=x.dtype))
-
-
-@pytest.mark.parametrize("method", ["exact", "fisher"])
-def test_python_and_numpy_generators_are_left_as_they_were(method):
-    model = _NumpyNoise()
-    x, y = classification_batch(10, 6, 3, dtype=torch.float32)
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    hessrank.effective_rank(model, CE, (x, y), method=method)
-    assert random.getstate() == python_state
-    after = np.random.get_state()
-    assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1])
-    assert after[2:] == numpy_state[2:]
 
 
 def _high_water_mark() -> int:
