@@ -255,10 +255,43 @@ def agreement(parallel: DataParallel | None) -> Iterator[None]:
             yield
 
 
-def _fingerprint(params: list[Tensor]) -> list[tuple[float, float]]:
-    """Per parameter: float64 sum and sum of squares (equal models give equal fingerprints)."""
+#: The fingerprint's position weights: frac(k * golden ratio), spread over [0, 1) without a period.
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+_Print = tuple[str, tuple[int, ...], tuple[float, float, float]]
+
+
+def _fingerprint(model: nn.Module) -> list[_Print]:
+    """Per parameter (analysed or frozen) and buffer: its label, shape, and float64 sum, sum of
+    squares and sum weighted by position (``frac(k * golden ratio)``). Equal models give equal
+    fingerprints; a changed entry moves the sums, and entries swapped between positions the
+    weighted one. One tensor at a time: two float64 copies of the largest."""
+    prints: list[_Print] = []
     with torch.no_grad():
-        return [(float(p.double().sum()), float(p.double().square().sum())) for p in params]
+        for kind, named in (("parameter", model.named_parameters()),
+                            ("buffer", model.named_buffers())):
+            for name, tensor in named:
+                values = tensor.detach().reshape(-1).double()
+                positions = torch.arange(values.numel(), dtype=torch.float64,
+                                         device=values.device).mul_(_GOLDEN).frac_()
+                prints.append((f"{kind} {name!r}", tuple(tensor.shape),
+                               (float(values.sum()), float(values.square().sum()),
+                                float(values @ positions))))
+    return prints
+
+
+def _differing_state(mine: list[_Print], theirs: list[_Print]) -> str | None:
+    """The first parameter or buffer whose fingerprint differs (to rounding), or None."""
+    if [label for label, _, _ in mine] != [label for label, _, _ in theirs]:
+        return "the models' parameters and buffers (different names)"
+    for (label, shape, sums), (_, other_shape, other_sums) in zip(mine, theirs):
+        size = math.prod(shape)
+        scale = max(abs(sums[1]), math.sqrt(abs(sums[1]) * max(size, 1)), 1e-300)
+        if shape != other_shape or any(abs(a - b) > 1e-9 * scale
+                                       for a, b in zip(sums, other_sums)):
+            return label
+    return None
 
 
 def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
@@ -286,7 +319,7 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
         "targets": (tuple(problem.targets.shape[1:]), str(problem.targets.dtype)),
     }
     reports = parallel.gather_objects((described, problem.num_samples,
-                                       _fingerprint(problem.params)))
+                                       _fingerprint(problem.model)))
     first, _, first_print = reports[0]
     for rank, (other, _, other_print) in enumerate(reports):
         differing = sorted(key for key in first if first[key] != other.get(key))
@@ -297,14 +330,14 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
                 "): every process of the group must pass the same model, options and input "
                 "shapes, with its own shard of the batch"
             )
-        for name, mine, theirs in zip(problem.names, first_print, other_print):
-            scale = max(abs(mine[1]), math.sqrt(abs(mine[1])), 1e-300)
-            if any(abs(a - b) > 1e-9 * scale for a, b in zip(mine, theirs)):
-                raise ValueError(
-                    f"parameter {name!r} differs between processes 0 and {rank}: every process "
-                    "must hold the same model (DistributedDataParallel keeps them equal; or "
-                    "broadcast the parameters from one process before the call)"
-                )
+        differing_state = _differing_state(first_print, other_print)
+        if differing_state is not None:
+            raise ValueError(
+                f"{differing_state} differs between processes 0 and {rank}: every process must "
+                "hold the same model, its frozen parameters and buffers included "
+                "(DistributedDataParallel keeps parameters equal, and buffers with "
+                "broadcast_buffers=True; or broadcast the state from one process before the call)"
+            )
     refuse_split_batch_statistics(problem, "process's shard")
     parallel.sizes = tuple(int(size) for _, size, _ in reports)
     all_targets = parallel.gather_samples(problem.targets)

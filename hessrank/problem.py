@@ -733,6 +733,11 @@ def without_second_derivative(error: RuntimeError, needs: str, instead: str) -> 
         A ``ValueError`` naming the operation, what to use instead and how to replace the
         operation; ``error`` itself when it is about something else.
     """
+    if "does not currently support double backward" in str(error):  # torch.compile's code
+        return ValueError(
+            f"{needs}, and code compiled by torch.compile (aot_autograd) has no second "
+            f"derivative: {instead}, or pass the uncompiled module (a compiled submodule's "
+            "._orig_mod in its place; a compiled top-level model is taken apart already)")
     found = re.search(r"derivative for (\S+) is not implemented", str(error))
     if found is None:
         return error

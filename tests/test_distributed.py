@@ -8,6 +8,7 @@ every process, and the checks that refuse what cannot be computed from shards.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import pickle
 import socket
@@ -59,6 +60,10 @@ CASES = [
     ("lanczos-l2", "mlp", "lanczos", "mean+l2", {"lanczos_steps": 40}, {}),
     ("ggn_lanczos", "mlp", "ggn_lanczos", "mean", {"lanczos_steps": 30}, {}),
     ("fisher_lanczos", "mlp", "fisher_lanczos", "weighted", {"lanczos_steps": 12}, {}),
+    # fewer products than the rank bound n = 12: the bound then caps the interval (it was P = 51
+    # in a data-parallel call: srank interval up to 14.65 for an EF of rank 12)
+    ("fisher_lanczos-short", "mlp", "fisher_lanczos", "mean", {"lanczos_steps": 10},
+     {"seed": 3}),
     # conv and linear rules (factors over positions) beside the general path (LayerNorm)
     ("fisher-cnn", "cnn", "fisher", "mean", {}, {"per_layer": True}),
     ("ggn-cnn", "cnn", "ggn", "mean", {}, {}),
@@ -95,6 +100,18 @@ class GRUHead(nn.Module):
         return self.head(self.gru(x.view(-1, 2, 2))[0][:, -1])
 
 
+class WideActivations(nn.Module):
+    """Few parameters, large activations: its graph, not its Hessian, rules the budget."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.last = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = self.first(x)[:, :, None].repeat(1, 1, 8192)
+        return self.last(torch.tanh(wide).mean(dim=-1))
+
+
 def make_model(kind: str = "mlp") -> nn.Module:
     torch.manual_seed(0)
     if kind == "rnn":
@@ -121,7 +138,8 @@ def shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
 def summary(result: hessrank.RankResult) -> dict[str, Any]:
     return {"eigenvalues": result.eigenvalues, "ranks": result.ranks, "n": result.num_samples,
             "trace": result.trace, "notes": result.notes, "rank": result.rank,
-            "paths": result.paths,
+            "paths": result.paths, "max_rank": result.max_rank,
+            "rank_interval": result.rank_interval,
             "layers": {name: layer.eigenvalues for name, layer in result.layers.items()}}
 
 
@@ -183,6 +201,24 @@ def worker(rank: int, port: int, out: str) -> None:
             other[0].weight[0, 0] += 1.0
     results["params"] = outcome(lambda: hessrank.effective_rank(
         other, nn.CrossEntropyLoss(), (x, y), process_group=group))
+    # State the parameters' sums did not show: swapped entries, a buffer, a frozen parameter.
+    normed = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    normed = normed.double().eval()
+    normed[0].requires_grad_(False)
+    for case, change in (("swapped", lambda m: m[3].weight[0, :2].copy_(m[3].weight[0, :2].flip(0).clone())),
+                         ("buffer", lambda m: m[1].running_mean.add_(0.5)),
+                         ("frozen", lambda m: m[0].weight.mul_(3.0))):
+        changed = copy.deepcopy(normed)
+        if rank == 1:
+            with torch.no_grad():
+                change(changed)
+        results[case] = outcome(lambda changed=changed: hessrank.effective_rank(
+            changed, nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
+    # The refined budget (the model's graph, known after its first pass) in every process:
+    # large activations, few parameters; refused by one process alone on its shard.
+    results["refined-budget"] = outcome(lambda: hessrank.effective_rank(
+        WideActivations().double(), nn.CrossEntropyLoss(), (x, y), method="exact",
+        max_memory=2 * 2**20, process_group=group))
     results["coupled"] = outcome(lambda: hessrank.effective_rank(
         model, lambda f, t: f.sum() ** 2, (x, y), method="exact", process_group=group))
     # Another loss in one process: the global loss would be a mix of the two.
@@ -244,6 +280,9 @@ def test_equals_one_process_on_the_whole_batch(spawned: list[dict[str, Any]], na
         np.testing.assert_allclose(first["layers"][layer], values, rtol=1e-9,
                                    atol=1e-9 * abs(values[0]))
     assert first["paths"] == reference["paths"]
+    assert first["max_rank"] == reference["max_rank"]
+    if reference["rank_interval"] is not None:
+        np.testing.assert_allclose(first["rank_interval"], reference["rank_interval"], rtol=1e-6)
     assert any("data-parallel over 2 processes (gloo)" in note for note in first["notes"])
 
 
@@ -294,6 +333,10 @@ def test_ddp_model_analysed_without_touching_ddp(spawned: list[dict[str, Any]]) 
 @pytest.mark.parametrize(("case", "kind", "fragment"), [
     ("nan", "ValueError", "contains NaN"),
     ("params", "ValueError", "differs between processes 0 and 1"),
+    ("swapped", "ValueError", "parameter '3.weight' differs between processes 0 and 1"),
+    ("buffer", "ValueError", "buffer '1.running_mean' differs between processes 0 and 1"),
+    ("frozen", "ValueError", "parameter '0.weight' differs between processes 0 and 1"),
+    ("refined-budget", "BudgetError", "method='exact' needs about"),
     ("coupled", "ValueError", "couples samples of different processes"),
     ("options", "ValueError", "call effective_rank differently (threshold"),
     ("loss-fisher", "ValueError", "every process of the group must pass the same loss_fn"),

@@ -22,7 +22,7 @@ from hessrank.curvature.hessian import second_order
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.distributed import shard_cotangents
-from hessrank.problem import CurvatureProblem, GraphBytes
+from hessrank.problem import CurvatureProblem, GraphBytes, without_second_derivative
 
 
 class FactorOperator(ParameterOperator):
@@ -53,8 +53,13 @@ class FactorOperator(ParameterOperator):
         check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                  problem.names, method)
         self.cotangents = shard_cotangents(problem, cotangents_of, outputs)
-        if self.parallel is None:  # F has K n columns (a process's K may differ from another's)
-            self.rank_bound = min(self.dim, self.cotangents.shape[0] * problem.num_samples)
+        # F has K n columns, n the global batch's (its K agreed between the processes: a
+        # process's own rounding may differ); without the bound a data-parallel call's ranks
+        # and intervals reached P, past n (EF) or n C' (GGN)
+        columns = self.cotangents.shape[0]
+        if self.parallel is not None:
+            columns = max(self.parallel.gather_objects(columns))
+        self.rank_bound = min(self.dim, columns * problem.num_samples)
         self._outputs = outputs
         self._dummy = torch.zeros_like(outputs, requires_grad=True)
         with graph.counting():
@@ -66,10 +71,16 @@ class FactorOperator(ParameterOperator):
 
     def _row(self, vector: Tensor) -> Tensor:
         chunks = vector.split(self.sizes)
-        (jv,) = torch.autograd.grad(self._transposed, self._dummy,
-                                    grad_outputs=[chunks[i].view_as(self.params[i])
-                                                  for i in self._used],
-                                    retain_graph=True, allow_unused=True)
+        try:
+            (jv,) = torch.autograd.grad(self._transposed, self._dummy,
+                                        grad_outputs=[chunks[i].view_as(self.params[i])
+                                                      for i in self._used],
+                                        retain_graph=True, allow_unused=True)
+        except RuntimeError as error:
+            raise without_second_derivative(
+                error, "these products differentiate the model's backward pass (J v by double "
+                "backward)", "use method='fisher' or 'ggn' (Gram matrices, first derivatives "
+                "only)") from error
         if jv is None:
             return torch.zeros_like(vector)
         coefficients = torch.einsum("kn...,n...->kn", self.cotangents, jv)

@@ -199,11 +199,14 @@ class Estimator(ABC):
     def check_refined(self, extra_bytes: int, problem: CurvatureProblem,
                       settings: Settings) -> None:
         """Once the first pass over the model shows what it holds: the prediction made before
-        the work plus ``extra_bytes`` against the budget (:class:`BudgetError` over it). One
-        process only: the processes of a data-parallel problem agree on their budget before the
-        work, and a refusal in one would leave the others waiting."""
-        if parallel_of(problem) is None:
-            self.check_budget(Cost(settings.predicted_memory + extra_bytes), problem, settings)
+        the work plus ``extra_bytes`` against the budget (:class:`BudgetError` over it). The
+        processes of a data-parallel problem call it at the same point of their work and judge
+        the largest of their ``extra_bytes``, so all refuse or none does (a refusal in one would
+        leave the others waiting)."""
+        parallel = parallel_of(problem)
+        if parallel is not None:
+            extra_bytes = max(parallel.gather_objects(int(extra_bytes)))
+        self.check_budget(Cost(settings.predicted_memory + extra_bytes), problem, settings)
 
     def check_budget(self, cost: Cost, problem: CurvatureProblem, settings: Settings,
                      caller: str | None = None, advice: str | None = None) -> None:
