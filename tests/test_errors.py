@@ -385,6 +385,20 @@ def test_curvature_that_overflows_float32_is_named(method):
            ValueError, "overflow.*float64 copy")
 
 
+def test_compiled_submodule_is_named_where_second_derivatives_are_needed():
+    """A torch.compile'd layer inside the model: torch's 'aot_autograd does not currently
+    support double backward' reached the caller as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model[0] = torch.compile(model[0])
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for method in ("exact", "ggn_lanczos"):
+        _check(model, lambda method=method: hessrank.effective_rank(model, CE, (x, y),
+                                                                    method=method),
+               ValueError, "torch.compile.*no second derivative.*_orig_mod")
+    assert hessrank.effective_rank(model, CE, (x, y), method="fisher").rank > 0
+
+
 def _twice_differentiable(function) -> bool:
     """Whether torch differentiates ``function`` twice (a few of its operations it cannot)."""
     x = torch.randn(4, dtype=torch.float64, requires_grad=True)
