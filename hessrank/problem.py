@@ -516,7 +516,8 @@ def _read_batch(batch: object) -> tuple[tuple[Tensor, ...], dict[str, Tensor], T
                          "scalar")
     n = targets.shape[0]
     if n == 0:
-        raise ValueError("the batch is empty: pass at least one sample")
+        raise ValueError("the batch is empty: pass at least one sample (with process_group: "
+                         "in every process's shard, which data-parallel calls need non-empty)")
     labelled = [*((f"inputs[{i}]", x) for i, x in enumerate(args)),
                 *((f"inputs[{k!r}]", x) for k, x in kwargs.items()), ("targets", targets)]
     for label, tensor in labelled:
