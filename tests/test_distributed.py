@@ -205,7 +205,8 @@ def worker(rank: int, port: int, out: str) -> None:
     normed = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
     normed = normed.double().eval()
     normed[0].requires_grad_(False)
-    for case, change in (("swapped", lambda m: m[3].weight[0, :2].copy_(m[3].weight[0, :2].flip(0).clone())),
+    row = (0, slice(0, 2))  # two entries of the head's weight, swapped
+    for case, change in (("swapped", lambda m: m[3].weight[row].copy_(m[3].weight[row].flip(0))),
                          ("buffer", lambda m: m[1].running_mean.add_(0.5)),
                          ("frozen", lambda m: m[0].weight.mul_(3.0))):
         changed = copy.deepcopy(normed)
