@@ -79,7 +79,7 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             grads = [p.grad for p in parameters]
             cpu_rng = torch.get_rng_state()
             cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-            python_rng, numpy_rng = random.getstate(), np.random.get_state()
+            python_rng, numpy_rng = random.getstate(), np.random.get_state(legacy=False)
             # Clones made under the caller's inference_mode would be inference tensors, which
             # autograd cannot differentiate through: the copies are ordinary tensors.
             with torch.inference_mode(False):

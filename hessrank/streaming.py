@@ -117,7 +117,7 @@ def same_draw(data: object) -> Iterator[None]:
     transforms, and the caller's generators end as they began.
     """
     torch_state = torch.get_rng_state()
-    numpy_state = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=False)
     python_state = random.getstate()
     own = [(generator, generator.get_state()) for generator in _generators(data)]
     try:
@@ -144,9 +144,14 @@ def _same(first: Fingerprint, second: Fingerprint) -> bool:
 
 def _output_gradient(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor,
                      targets: Tensor) -> Tensor:
-    """``dL/df`` on detached outputs (zeros where the loss does not use them)."""
+    """``dL/df`` on detached outputs (zeros where the loss does not use them, or returns a
+    constant without a graph: ``outputs.new_zeros(())`` for a batch whose targets are all
+    ignored)."""
     leaf = outputs.detach().requires_grad_(True)
-    (gradient,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, allow_unused=True)
+    value = loss_fn(leaf, targets)
+    if not value.requires_grad:
+        return torch.zeros_like(leaf)
+    (gradient,) = torch.autograd.grad(value, leaf, allow_unused=True)
     return torch.zeros_like(leaf) if gradient is None else gradient
 
 
@@ -156,8 +161,10 @@ def _curved(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, target
     direction: a batch whose loss gradient vanishes may still add curvature."""
     leaf = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
-        (gradient,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, create_graph=True,
-                                          allow_unused=True)
+        value = loss_fn(leaf, targets)
+        if not value.requires_grad:  # a constant (see _output_gradient)
+            return False
+        (gradient,) = torch.autograd.grad(value, leaf, create_graph=True, allow_unused=True)
     if gradient is None or not gradient.requires_grad:
         return False
     direction = torch.randn(leaf.shape, generator=torch.Generator().manual_seed(0),
@@ -366,7 +373,9 @@ class StreamedProblem(CurvatureProblem):
             raise ValueError(
                 "the first batch's loss has a zero gradient w.r.t. the model's outputs, so how "
                 "the data set's loss weighs its batches cannot be read off; put a batch with a "
-                "nonzero loss gradient first"
+                "nonzero loss gradient first (if every batch's loss is without a graph, loss_fn "
+                "returns it detached, under torch.no_grad() or through .item(): return it as a "
+                "tensor computed from the outputs with torch operations)"
             )
         self._reference = (outputs.detach(), batch.targets, gradient)
         alpha, beta = self._pair(outputs, batch.targets, gradient, "the first batch")

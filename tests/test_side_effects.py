@@ -184,6 +184,20 @@ def test_a_graph_the_caller_holds_survives_a_training_mode_call(method):
     loss.backward()
 
 
+def test_a_numpy_global_generator_of_another_kind_is_read_and_left_as_it_was():
+    """``np.random.set_bit_generator(PCG64)``: every call failed with KeyError 'key' (the
+    random-draw check assumed NumPy's default MT19937 state)."""
+    previous = np.random.get_bit_generator()
+    np.random.set_bit_generator(np.random.PCG64(0))
+    try:
+        state = np.random.get_state(legacy=False)
+        x, y = classification_batch(10, 6, 3, dtype=torch.float32)
+        hessrank.effective_rank(_net(), CE, (x, y), method="fisher")
+        assert np.random.get_state(legacy=False)["state"] == state["state"]
+    finally:
+        np.random.set_bit_generator(previous)
+
+
 def _high_water_mark() -> int:
     """The process's resident-set high-water mark ``VmHWM`` in kB."""
     with open("/proc/self/status") as status:

@@ -112,7 +112,10 @@ def _sample_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
         f = outputs[i : i + 1].detach().requires_grad_(True)
         try:
             value = loss_fn(f, targets[i : i + 1])
-            (row,) = torch.autograd.grad(value, f, allow_unused=True)
+            # a constant without a graph: the sample's loss does not use its outputs (all its
+            # targets ignored, in a loss that returns outputs.new_zeros(()) then)
+            (row,) = (torch.autograd.grad(value, f, allow_unused=True) if value.requires_grad
+                      else (None,))
         except Exception as error:
             raise ValueError(
                 f"loss_fn cannot be evaluated on one sample ({error}): the empirical Fisher needs "
