@@ -104,6 +104,18 @@ class DataParallel:
         dist.all_gather_object(items, item, group=self.group)
         return items
 
+    def broadcast_buffers(self, model: nn.Module) -> int:
+        """Process 0's values into every floating or integer buffer of ``model``, in place (the
+        call's copies, :func:`hessrank.guard.preserved_state`); returns how many there are."""
+        source = dist.get_global_rank(self.group, 0)
+        buffers = [buffer for buffer in model.buffers() if buffer is not None]
+        for buffer in buffers:
+            moved = buffer.to(self.device)
+            dist.broadcast(moved, src=source, group=self.group)
+            if moved is not buffer:
+                buffer.copy_(moved)
+        return len(buffers)
+
     def agree(self, error: BaseException | None) -> None:
         """Raise in every process if ``error`` is set in any: the local error where there is one,
         elsewhere a ``RuntimeError`` naming the first failing process and its message."""
@@ -295,16 +307,20 @@ def _differing_state(mine: list[_Print], theirs: list[_Print]) -> str | None:
 
 
 def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
-                  signature: dict[str, object]) -> ShardedProblem:
+                  signature: dict[str, object], ddp_buffers: bool = False) -> ShardedProblem:
     """Check that every process analyses the same thing and build the sharded problem.
 
     One exchange of metadata (the call's signature, the shard size, a fingerprint of the
-    parameters), then one all-gather of the targets.
+    parameters and buffers), then one all-gather of the targets.
 
     Args:
         problem: this process's validated shard.
         parallel: the group (its ``sizes`` are set here).
         signature: the call's options, which must agree across the processes.
+        ddp_buffers: the model is a ``DistributedDataParallel`` with ``broadcast_buffers``:
+            its buffers are process 0's for the call, as DDP's next forward would make them
+            (after its last training step each process holds the running statistics its own
+            shard updated), with a note.
 
     Raises:
         ValueError: the processes disagree on the options, the parameters or the batch's shapes,
@@ -318,6 +334,13 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
         + [(key, tuple(x.shape[1:])) for key, x in sorted(problem.kwargs.items())],
         "targets": (tuple(problem.targets.shape[1:]), str(problem.targets.dtype)),
     }
+    if ddp_buffers:
+        with torch.no_grad():
+            if parallel.broadcast_buffers(problem.model):
+                problem.notes.append(
+                    "buffers (BatchNorm statistics) are process 0's in every process, as "
+                    "DistributedDataParallel's next forward would make them (broadcast_buffers="
+                    "True); your buffers are unchanged")
     reports = parallel.gather_objects((described, problem.num_samples,
                                        _fingerprint(problem.model)))
     first, _, first_print = reports[0]
@@ -334,9 +357,11 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
         if differing_state is not None:
             raise ValueError(
                 f"{differing_state} differs between processes 0 and {rank}: every process must "
-                "hold the same model, its frozen parameters and buffers included "
-                "(DistributedDataParallel keeps parameters equal, and buffers with "
-                "broadcast_buffers=True; or broadcast the state from one process before the call)"
+                "hold the same model, its frozen parameters and buffers included. "
+                "DistributedDataParallel keeps parameters equal, but after a training step each "
+                "process's BatchNorm statistics are its own shard's: pass the DDP-wrapped model "
+                "(with broadcast_buffers=True its buffers are taken from process 0), or "
+                "broadcast them first (for b in model.buffers(): dist.broadcast(b, src=0))"
             )
     refuse_split_batch_statistics(problem, "process's shard")
     parallel.sizes = tuple(int(size) for _, size, _ in reports)

@@ -121,6 +121,9 @@ def make_model(kind: str = "mlp") -> nn.Module:
     if kind == "cnn":
         return nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2, padding=1), nn.ReLU(),
                              nn.Flatten(), nn.LayerNorm(18), nn.Linear(18, 3)).double()
+    if kind == "batchnorm":
+        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(),
+                             nn.Linear(6, 3)).double()
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
@@ -188,6 +191,20 @@ def worker(rank: int, port: int, out: str) -> None:
     results["ddp-grads"] = [p.grad for p in ddp.parameters()]
     nn.CrossEntropyLoss()(ddp(x), y).backward()  # DDP averages the shards' gradients
     results["ddp-step"] = [p.grad.clone() for p in ddp.parameters()]
+
+    # DDP with BatchNorm after a training step: each process's running statistics are its own
+    # shard's (DDP broadcasts process 0's at the start of its next forward). The call takes
+    # process 0's, says so, and leaves every process's own buffers as they were.
+    normed_ddp = nn.parallel.DistributedDataParallel(make_model("batchnorm"))
+    nn.CrossEntropyLoss()(normed_ddp(x), y).backward()
+    results["ddp-bn-own"] = normed_ddp.module[1].running_mean.clone()
+    normed_ddp.eval()
+    results["ddp-bn"] = summary(hessrank.effective_rank(
+        normed_ddp, nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
+    results["ddp-bn-after"] = normed_ddp.module[1].running_mean.clone()
+    results["ddp-bn-state"] = copy.deepcopy(normed_ddp.module.state_dict())
+    results["ddp-bn-unwrapped"] = outcome(lambda: hessrank.effective_rank(
+        normed_ddp.module, nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
 
     # Errors reach every process: bad input in process 1 only.
     bad = x.clone()
@@ -329,6 +346,27 @@ def test_ddp_model_analysed_without_touching_ddp(spawned: list[dict[str, Any]]) 
         nn.CrossEntropyLoss()(model(shard(inputs, rank)), shard(targets, rank)).backward()
     for mine, param in zip(spawned[0]["ddp-step"], model.parameters()):
         torch.testing.assert_close(mine, param.grad / WORLD)
+
+
+def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
+        spawned: list[dict[str, Any]]) -> None:
+    """After a DDP training step the processes' running statistics differ; the DDP-wrapped
+    model is analysed with process 0's, as DDP's next forward would use them, equal to one
+    process holding process 0's model; the unwrapped module is refused with that fix."""
+    own = [spawned[rank]["ddp-bn-own"] for rank in range(WORLD)]
+    assert not torch.equal(own[0], own[1])  # the shards' statistics
+    model = make_model("batchnorm")
+    model.load_state_dict(spawned[0]["ddp-bn-state"])
+    reference = hessrank.effective_rank(model.eval(), nn.CrossEntropyLoss(), make_batch(),
+                                        method="exact")
+    for rank in range(WORLD):
+        got = spawned[rank]["ddp-bn"]
+        np.testing.assert_allclose(got["eigenvalues"], reference.eigenvalues, rtol=1e-9,
+                                   atol=1e-9 * abs(reference.eigenvalues[0]))
+        assert any("process 0's in every process" in note for note in got["notes"])
+        torch.testing.assert_close(spawned[rank]["ddp-bn-after"], own[rank], rtol=0, atol=0)
+        kind, message = spawned[rank]["ddp-bn-unwrapped"]
+        assert "buffer '1.running_mean' differs" in message and "dist.broadcast" in message
 
 
 @pytest.mark.parametrize(("case", "kind", "fragment"), [
