@@ -496,7 +496,13 @@ class Tracker:
             _check_options(extra, f"method_options[{method!r}]")
         self.options = options
         for method in self.methods:
-            _check_values(loss_fn, method, per_layer, self._options_for(method))
+            try:
+                _check_values(loss_fn, method, per_layer, self._options_for(method))
+            except (TypeError, ValueError) as err:
+                raise type(err)(
+                    f"{method}: {err} (an option for some of the methods only goes in "
+                    f"method_options, e.g. method_options={{'exact': {{'mode': 'train'}}}})"
+                ) from err
         self.model, self.loss_fn = model, loss_fn
         self.every = None if every is None else int(every)
         self.budget, self.per_layer, self.on_error = budget, per_layer, on_error

@@ -335,6 +335,8 @@ def test_appending_to_a_log_cut_by_a_crash_starts_a_line_of_its_own(tmp_path: Pa
         ({"methods": ("fisher", "lanczos"), "method_options": {"lanczos": {"lanczos_steps": 1}}},
          ValueError, "lanczos_steps=1 gives a quadrature of one node"),
         ({"methods": "ggn", "mode": "train"}, ValueError, "mode='train' is not defined for"),
+        ({"methods": ("exact", "fisher"), "mode": "train"}, ValueError,
+         r"fisher: mode='train' is not defined.*goes in method_options"),
         ({"eval_batch": (torch.zeros(8, 6), torch.zeros(3, dtype=torch.long))}, ValueError,
          "eval_batch: mismatched batch sizes"),
         ({"eval_batch": [(torch.zeros(8, 6), torch.zeros(8, dtype=torch.long)),
