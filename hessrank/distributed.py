@@ -284,7 +284,9 @@ def _fingerprint(model: nn.Module) -> list[_Print]:
         for kind, named in (("parameter", model.named_parameters()),
                             ("buffer", model.named_buffers())):
             for name, tensor in named:
-                values = tensor.detach().reshape(-1).double()
+                values = tensor.detach()
+                values = (torch.view_as_real(values) if values.is_complex() else values)
+                values = values.reshape(-1).double()
                 positions = torch.arange(values.numel(), dtype=torch.float64,
                                          device=values.device).mul_(_GOLDEN).frac_()
                 prints.append((f"{kind} {name!r}", tuple(tensor.shape),
