@@ -391,6 +391,25 @@ def test_errors_reach_every_process(spawned: list[dict[str, Any]], case: str, ki
     assert {spawned[rank][case][0] for rank in range(WORLD)} & {kind}
 
 
+@pytest.mark.parametrize(("change", "named"), [
+    (lambda m: m[0].weight[0, :2].copy_(m[0].weight[0, :2].flip(0)), "parameter '0.weight'"),
+    (lambda m: m[1].running_var.mul_(1.0 + 1e-6), "buffer '1.running_var'"),
+    (lambda m: m[1].num_batches_tracked.add_(1), "buffer '1.num_batches_tracked'"),
+    (lambda m: m.phase.imag.add_(0.5), "buffer 'phase'"),
+], ids=["swapped entries", "a statistic off by 1e-6", "an integer buffer", "an imaginary part"])
+def test_the_same_model_fingerprint_tells_each_change(change, named) -> None:
+    """What the sums of each analysed parameter did not show (one process, no group needed)."""
+    from hessrank.distributed import _differing_state, _fingerprint
+
+    model = make_model("batchnorm")
+    model.register_buffer("phase", torch.tensor([1.0 + 2.0j, 3.0 - 1.0j]))
+    before = _fingerprint(model)
+    assert _differing_state(before, _fingerprint(copy.deepcopy(model))) is None
+    with torch.no_grad():
+        change(model)
+    assert _differing_state(before, _fingerprint(model)) == named
+
+
 def test_process_group_needs_initialised_distributed() -> None:
     if dist.is_initialized():
         pytest.skip("a process group is initialised in this process")
