@@ -115,13 +115,20 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                     param.grad = grad
                 with torch.no_grad():  # a buffer written through another reference
                     for buffer, value in buffers:
-                        if not torch.equal(buffer, value):
+                        if not _same_values(buffer, value):
                             buffer.copy_(value)
                 torch.set_rng_state(cpu_rng)
                 if cuda_rng is not None:
                     torch.cuda.set_rng_state_all(cuda_rng)
                 random.setstate(python_rng)
                 np.random.set_state(numpy_rng)
+
+
+def _same_values(tensor: Tensor, value: Tensor) -> bool:
+    """``torch.equal``, also for sparse tensors (which it does not take)."""
+    if tensor.layout != torch.strided or value.layout != torch.strided:
+        return tensor.layout == value.layout and torch.equal(tensor.to_dense(), value.to_dense())
+    return torch.equal(tensor, value)
 
 
 def _restore_registry(registry: dict[str, Any], saved: dict[str, Any]) -> None:

@@ -198,6 +198,34 @@ def test_a_numpy_global_generator_of_another_kind_is_read_and_left_as_it_was():
         np.random.set_bit_generator(previous)
 
 
+class _SparseMixing(nn.Module):
+    """A fixed feature mixing held as a sparse (or dense) buffer, then a linear layer."""
+
+    def __init__(self, sparse: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(3, 2)
+        mixing = torch.tensor([[1.0, 0.0, 0.5], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+        self.register_buffer("mixing", mixing.to_sparse() if sparse else mixing)
+
+    def forward(self, x):
+        return self.layer(torch.sparse.mm(self.mixing, x.T).T if self.mixing.is_sparse
+                          else (self.mixing @ x.T).T)
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_a_sparse_buffer_is_restored_and_analysed(method):
+    """The guard compared buffers with torch.equal, which sparse tensors do not take: every
+    call on such a model failed."""
+    x, y = torch.randn(6, 3, generator=torch.Generator().manual_seed(1)), torch.arange(6) % 2
+    model = _SparseMixing(sparse=True)
+    mixing = model.mixing
+    result = hessrank.effective_rank(model, CE, (x, y), method=method)
+    dense = hessrank.effective_rank(_SparseMixing(sparse=False), CE, (x, y), method=method)
+    np.testing.assert_allclose(result.eigenvalues, dense.eigenvalues, rtol=1e-6, atol=1e-7)
+    assert model.mixing is mixing and model.mixing.is_sparse
+
+
 def _high_water_mark() -> int:
     """The process's resident-set high-water mark ``VmHWM`` in kB."""
     with open("/proc/self/status") as status:
