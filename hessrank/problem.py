@@ -136,7 +136,7 @@ class CurvatureProblem:
 def _generator_states() -> tuple[list[Tensor], object]:
     """The global random generators' states a forward pass can draw from: torch's CPU and
     (once initialised) CUDA generators, and Python's and NumPy's (whatever bit generator NumPy's
-    global one holds, pickled: its state nests arrays). Reading them takes about 75 us, most of
+    global one holds, pickled: its state nests arrays). Reading them takes about 80 us, most of
     it NumPy's."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
     return ([torch.get_rng_state(), *cuda],
@@ -155,7 +155,7 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     """``model(*args, **kwargs)``, refused if the forward pass drew from a global random
     generator: the loss is then a random function (dropout inside a layer, MC dropout, noise
     injection), every pass of the call would see other draws, and its curvature is undefined.
-    Comparing the generators' states before and after each pass costs about 0.15 ms; draws from
+    Comparing the generators' states before and after each pass costs about 0.2 ms; draws from
     a private ``torch.Generator`` are not seen.
 
     Raises:
