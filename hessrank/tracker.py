@@ -189,6 +189,8 @@ class JsonLinesSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.append, self.new = append, new
         self._file: TextIO | None = None
+        #: the sink made the file (it was not there): removed at close if it got no record
+        self._made = new or not self.path.exists()
         if new:
             self._file = self.path.open("x")
         else:
@@ -214,12 +216,14 @@ class JsonLinesSink:
         self._file.flush()
 
     def close(self) -> None:
-        """Close the file; with ``new``, remove it if it holds no record."""
-        if self._file is None or self._file.closed:
+        """Close the file; remove it if this sink made it and wrote no record to it (an empty
+        log, which ``hessrank plot`` refuses, is not left behind)."""
+        if self._file is not None and self._file.closed:
             return
-        unused = self._file.tell() == 0
-        self._file.close()
-        if self.new and unused:
+        unused = self._file is None or self._file.tell() == 0
+        if self._file is not None:
+            self._file.close()
+        if self._made and unused and self.path.exists() and self.path.stat().st_size == 0:
             self.path.unlink()
 
 

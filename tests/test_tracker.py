@@ -276,6 +276,19 @@ def test_live_trackers_never_share_the_default_log(tmp_path: Path, monkeypatch) 
     assert not (tmp_path / "curvature-3.jsonl").exists()
 
 
+def test_a_named_log_without_records_is_not_left_behind(tmp_path: Path) -> None:
+    """A ``log=`` file the tracker made and never wrote to is removed at close (an empty log
+    was left, which ``hessrank plot`` refuses); an existing one is untouched until a record."""
+    made, existing = tmp_path / "runs" / "made.jsonl", tmp_path / "existing.jsonl"
+    existing.write_text('{"step": 0}\n')
+    for path in (made, existing):
+        tracker = hessrank.Tracker(_net(), CE, log=path, every=1)
+        assert path.exists()  # checked writable when built
+        tracker.close()
+    assert not made.exists()
+    assert existing.read_text() == '{"step": 0}\n'
+
+
 def _cut_log(path: Path) -> str:
     """Two records of a run, then the first 40 characters of a third: a crash mid-write."""
     lines = [json.dumps({"step": step, "method": "fisher", "rank": 3}) for step in range(3)]
