@@ -589,12 +589,15 @@ def test_plot_leaves_out_a_last_line_cut_by_a_crash(tmp_path: Path, capsys) -> N
 
 
 def test_rank_json_records_the_batches_it_measured(tmp_path: Path, capsys) -> None:
-    """``config.batch_size`` held compare's training minibatch (32), whatever --batch-size."""
+    """``config.batch_size`` held compare's training minibatch (32), whatever --batch-size, and
+    the config listed compare's training settings (epochs, lr, ...), which rank has none of."""
     path = tmp_path / "r.json"
     for extra, batch_size in (([], None), (["--batch-size", "5"], 5)):
         status, _, _ = run_main(["rank", *TINY, "--quiet", "--json", str(path), *extra], capsys)
         assert status == 0
-        assert json.loads(path.read_text())["config"]["batch_size"] == batch_size
+        config = json.loads(path.read_text())["config"]
+        assert config["batch_size"] == batch_size
+        assert not set(config) & {"checkpoints", "epochs", "lr", "pyhessian"}
 
 
 def test_spearman_cells_share_one_format_with_the_sample_spread() -> None:

@@ -532,6 +532,8 @@ def _rank(args: argparse.Namespace) -> int:
             result=res.to_dict(),
         )
         del payload["runs"], payload["interrupted"]
+        for name in compare.TRAINING_ONLY:  # compare's training: no part of one rank
+            del payload["config"][name]
         payload["config"]["batch_size"] = args.batch_size  # the batches measured (None: one)
         if args.json == "-":
             print(json.dumps(payload))

@@ -24,6 +24,11 @@ from hessrank.cli.report import human_bytes, human_seconds
 SCHEMA_VERSION = 1
 
 
+#: :class:`Config` fields of ``compare``'s training along checkpoints and its PyHessian check,
+#: which ``rank`` leaves out of its report
+TRAINING_ONLY = ("checkpoints", "epochs", "lr", "pyhessian")
+
+
 @dataclass
 class Config:
     """Everything a ``compare`` or ``rank`` run depends on (stored in the JSON report)."""
