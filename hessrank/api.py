@@ -300,8 +300,8 @@ def effective_rank(
                 "method": method, "mode": mode, "threshold": threshold, "rtol": rtol,
                 "max_memory": max_memory, "max_seconds": max_seconds, "seed": seed,
                 "per_layer": per_layer, "options": sorted(options.items())},
-                ddp_buffers=bool(getattr(model, "broadcast_buffers", False))
-                and isinstance(model, nn.parallel.DistributedDataParallel))
+                ddp_buffers=isinstance(model, nn.parallel.DistributedDataParallel)
+                and model.broadcast_buffers)
         elif is_ddp_without_group(model):
             problem.notes.append(
                 "the model is wrapped in DistributedDataParallel but process_group=None: this "

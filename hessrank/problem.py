@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import pickle
-import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 
-import numpy as np
 import torch
 from torch import Tensor, nn
+
+from hessrank.guard import GlobalGenerators
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: ``(inputs, targets)``. ``inputs``: a tensor (``model(x)``), a tuple of tensors
@@ -133,23 +132,6 @@ class CurvatureProblem:
         return groups
 
 
-def _generator_states() -> tuple[list[Tensor], object]:
-    """The global random generators' states a forward pass can draw from: torch's CPU and
-    (once initialised) CUDA generators, and Python's and NumPy's (whatever bit generator NumPy's
-    global one holds, pickled: its state nests arrays). Reading them takes about 80 us, most of
-    it NumPy's."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    return ([torch.get_rng_state(), *cuda],
-            (random.getstate(), pickle.dumps(np.random.get_state(legacy=False))))
-
-
-def _same_states(before: tuple[list[Tensor], object], after: tuple[list[Tensor], object]) -> bool:
-    """Whether no generator moved; CUDA's only where it was initialised before (a forward that
-    initialises CUDA creates its generators, which is no draw that can be seen)."""
-    return (all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
-            and before[1] == after[1])
-
-
 def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor], mode: str
               ) -> Tensor:
     """``model(*args, **kwargs)``, refused if the forward pass drew from a global random
@@ -161,9 +143,9 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     Raises:
         ValueError: the pass drew random numbers, with the likely causes and the fix.
     """
-    before = _generator_states()
+    before = GlobalGenerators.read()
     outputs = model(*args, **kwargs)
-    if not _same_states(before, _generator_states()):
+    if not before.same_as(GlobalGenerators.read()):
         if mode == "train":
             cause = ("in mode='train' that is usually dropout inside a layer "
                      "(nn.MultiheadAttention(dropout=...), nn.LSTM/nn.GRU(dropout=...), "

@@ -37,18 +37,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from hessrank.curvature.loss import agreement_tolerance, direct_parameter_names
 from hessrank.curvature.operator import ParameterOperator
+from hessrank.guard import GlobalGenerators
 from hessrank.problem import (
     Batch,
     CurvatureProblem,
@@ -112,20 +111,16 @@ def _generators(data: object) -> list[torch.Generator]:
 def same_draw(data: object) -> Iterator[None]:
     """Run one pass over ``data`` from the current random state and restore it afterwards.
 
-    Restores the global torch CPU generator, NumPy's and Python's global generators and the
-    loader's own generators, so that every pass draws the same shuffle and the same random
-    transforms, and the caller's generators end as they began.
+    Restores the global generators (:class:`~hessrank.guard.GlobalGenerators`) and the loader's
+    own generators, so that every pass draws the same shuffle and the same random transforms,
+    and the caller's generators end as they began.
     """
-    torch_state = torch.get_rng_state()
-    numpy_state = np.random.get_state(legacy=False)
-    python_state = random.getstate()
+    generators = GlobalGenerators.read()
     own = [(generator, generator.get_state()) for generator in _generators(data)]
     try:
         yield
     finally:
-        torch.set_rng_state(torch_state)
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
+        generators.restore()
         for generator, state in own:
             generator.set_state(state)
 

@@ -187,7 +187,7 @@ class JsonLinesSink:
                              "to append to; pass one of new and append")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.append, self.new = append, new
+        self.append = append
         self._file: TextIO | None = None
         #: the sink made the file (it was not there): removed at close if it got no record
         self._made = new or not self.path.exists()

@@ -22,6 +22,7 @@ from reference import (
 from torch import nn
 
 import hessrank
+from hessrank.guard import GlobalGenerators
 
 CE = nn.CrossEntropyLoss()
 
@@ -354,7 +355,7 @@ class _TokensWithStatistics(nn.Module):
 
 
 @pytest.mark.parametrize(("guard", "owner", "attribute"), [
-    ("preserved_state", torch, "get_rng_state"),
+    ("preserved_state", GlobalGenerators, "read"),
     ("backward_hooks_off", nn.Module, "named_parameters"),
     ("renormalised_embeddings", torch, "embedding_renorm_"),
 ])
