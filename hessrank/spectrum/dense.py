@@ -18,6 +18,10 @@ eigen-solve"):
 - **scipy's ``dsyevd`` on one thread** for small matrices: 0.80x torch's time at 512, 0.66x at
   1024, none at 2048. It needs ``threadpoolctl`` to hold scipy's BLAS to one thread (a runtime
   dependency beyond the declared ones), and no gain of a whole ``fisher`` call was established.
+- **The solve on one core while the gradient check's backward pass runs on the other**
+  (``benchmarks/solve_overlap.py``): right after two-thread work OpenMP's idle pool thread
+  spin-waits on the solve's core and slows it by a quarter, which leaves the ``fisher`` call
+  no faster.
 """
 
 from __future__ import annotations
