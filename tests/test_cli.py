@@ -427,7 +427,9 @@ def test_version_and_help_name_every_default(capsys) -> None:
             assert "default" in (action.help or ""), (name, action.option_strings)
     threads = subparsers["rank"].parse_args([]).threads
     assert threads == default_threads() and 1 <= threads <= min(4, available_cores())
-    assert f"default {threads}: half of the" in subparsers["rank"].format_help()
+    # the help (and docs/cli.md, built from it) does not depend on the machine it runs on
+    assert "default: half the cores this process may use, 1 to 4" in " ".join(
+        subparsers["rank"].format_help().split())
 
 
 def test_plot_without_matplotlib_fails_before_measuring(tmp_path: Path, capsys, monkeypatch):

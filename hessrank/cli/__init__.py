@@ -189,9 +189,9 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=_positive,
         default=threads,
-        help=f"CPU threads for torch (default {threads}: half of the {available_cores()} cores "
-        "here, at most 4; torch's own default, every core, ran exact several times slower on a "
-        "machine shared with other jobs)",
+        help="CPU threads for torch (default: half the cores this process may use, 1 to 4; "
+        "torch's own default, every core, ran exact several times slower on a machine shared "
+        "with other jobs)",
     )
 
     est = parser.add_argument_group("estimators")
