@@ -36,6 +36,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import hessrank
+from hessrank.distributed import DataParallel
 
 #: (name, MLP widths, n, method, options): the scaling cases.
 CASES = [
@@ -47,6 +48,8 @@ CASES = [
     ("lanczos, MLP 784-512-512-10, n = 2048", (784, 512, 512, 10), 2048, "lanczos",
      {"lanczos_steps": 100}),
 ]
+#: 4-byte all-reduces timed for the failure flag's price.
+FLAG_REPEATS = 2000
 VOLUME = re.compile(r"moved ([0-9.e+]+) MiB per process")
 
 
@@ -83,6 +86,14 @@ def worker(rank: int, world: int, port: int, threads: int, repeats: int,
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
+    exchanges = [0]
+    proceed = DataParallel._proceed
+
+    def counted(self: DataParallel) -> None:  # every exchange starts with the failure flag
+        exchanges[0] += 1
+        proceed(self)
+
+    DataParallel._proceed = counted  # type: ignore[method-assign]
     rows = []
     for name, widths, n, method, options in CASES:
         model = mlp(widths)
@@ -92,6 +103,7 @@ def worker(rank: int, world: int, port: int, threads: int, repeats: int,
         times = []
         for _ in range(repeats + 1):
             dist.barrier()
+            exchanges[0] = 0
             start = time.perf_counter()
             result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), shard, method=method,
                                              process_group=dist.group.WORLD, **options)
@@ -101,7 +113,17 @@ def worker(rank: int, world: int, port: int, threads: int, repeats: int,
         rows.append({"case": name, "method": method, "processes": world,
                      "seconds": statistics.median(times[1:]),
                      "mib": float(match.group(1)) if match else None,
-                     "srank": result.rank, "n": result.num_samples})
+                     "srank": result.rank, "n": result.num_samples,
+                     "exchanges": exchanges[0]})
+    # The price of an exchange's failure flag (README, "Checks, costs and limits"): one
+    # 4-byte all-reduce, timed alone.
+    flag = torch.ones(1, dtype=torch.int32)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(FLAG_REPEATS):
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    for row in rows:
+        row["flag_seconds"] = (time.perf_counter() - start) / FLAG_REPEATS
     queue.put((rank, rows))
     dist.destroy_process_group()
 
@@ -131,7 +153,9 @@ def scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
             row["threads_per_process"] = threads
             results.append(row)
             print(f"{row['processes']} x {threads} thread(s)  {row['case']:<45} "
-                  f"{row['seconds']:8.2f} s  {row['mib'] or 0:9.2f} MiB  srank {row['srank']}",
+                  f"{row['seconds']:8.2f} s  {row['mib'] or 0:9.2f} MiB  srank {row['srank']}  "
+                  f"{row['exchanges']} exchanges, flags "
+                  f"{row['exchanges'] * row['flag_seconds']:.4f} s",
                   flush=True)
     return results
 

@@ -14,7 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
-from hessrank.distributed import DataParallel, agreement, is_ddp_without_group, shard_problem
+from hessrank.distributed import (
+    DataParallel,
+    agreement,
+    failures_shared,
+    is_ddp_without_group,
+    shard_problem,
+)
 from hessrank.estimators import (
     ESTIMATORS,
     METHODS,
@@ -242,8 +248,10 @@ def effective_rank(
             the global ``n``, a mean loss is the mean over the global batch). ``exact`` and the
             Lanczos methods all-reduce their products; ``fisher``/``ggn`` all-gather per-layer
             factors (README, "Data-parallel", gives the communication volume). A
-            ``DistributedDataParallel`` model is analysed through its ``.module``. None (the
-            default): this process's batch alone.
+            ``DistributedDataParallel`` model is analysed through its ``.module``. An error in
+            one process is raised in every one (the others raise
+            :class:`hessrank.distributed.GroupFailure` naming it). None (the default): this
+            process's batch alone.
         **options: the estimators' own options (:func:`hessrank.estimator_options` lists them):
             ``backend`` (``fisher``/``ggn``): ``"auto"`` (verified per-module rules for Linear
             and Conv, ``torch.func`` for every other parameter), ``"func"`` (``torch.func``
@@ -266,85 +274,87 @@ def effective_rank(
     Raises:
         TypeError, ValueError: bad input, named with its fix, before any expensive work.
         hessrank.BudgetError: the predicted memory or time exceeds the budget.
+        hessrank.distributed.GroupFailure: with ``process_group``, another process failed.
     """
     parallel = None if process_group is None else DataParallel(process_group, _device_of(model))
-    with agreement(parallel):  # a check failing in one process fails in all
-        estimator, settings, method_options = checked_request(
-            model, loss_fn, method, mode=mode, threshold=threshold, rtol=rtol,
-            max_memory=max_memory, max_seconds=max_seconds, seed=seed, per_layer=per_layer,
-            progress=progress, eigenvectors=eigenvectors, measure_memory=measure_memory,
-            options=options)
-        if parallel is not None and options.get("backend") == "backpack":
-            raise ValueError("backend='backpack' runs in one process: with process_group, use "
-                             "backend='auto' or 'func'")
-        streaming = is_batch_stream(batch)
-        if parallel is not None and streaming:
-            raise ValueError("a DataLoader (or list of batches) with process_group is not "
-                             "supported: give each process its shard as one batch, or analyse "
-                             "the data set in one process")
-        if parallel is not None and eigenvectors:
-            raise ValueError("eigenvectors= is not available with process_group yet: compute "
-                             "them in one process on the gathered batch")
-    start = time.perf_counter()
-    with preserved_state(model), differentiable(model) as guard_notes:
-        with agreement(parallel):
-            problem = build_problem(
-                model, loss_fn,
-                first_batch(batch, _device_of(model)) if streaming else batch,  # type: ignore[arg-type]
-                params, mode)
-        problem.notes.extend(guard_notes)
-        if streaming:
-            problem = streamed_problem(problem, batch)
-        if parallel is not None:
-            problem = shard_problem(problem, parallel, {
-                "method": method, "mode": mode, "threshold": threshold, "rtol": rtol,
-                "max_memory": max_memory, "max_seconds": max_seconds, "seed": seed,
-                "per_layer": per_layer, "options": sorted(options.items())},
-                ddp_buffers=isinstance(model, nn.parallel.DistributedDataParallel)
-                and model.broadcast_buffers)
-        elif is_ddp_without_group(model):
-            problem.notes.append(
-                "the model is wrapped in DistributedDataParallel but process_group=None: this "
-                "is the curvature of this process's batch alone; pass "
-                "process_group=torch.distributed.group.WORLD for the global batch")
-        with evaluation_mode(problem.model, mode):
-            concatenate = not estimator.streams  # a data set runs on its batches joined
-            if isinstance(problem, StreamedProblem):
-                problem.survey()
-            outputs = functools.cache(lambda: probe_outputs(per_batch(problem)[0]))
-            cost = _agreed_cost(parallel, estimator.predict(problem, outputs, settings,
-                                                            method_options))
-            if isinstance(problem, StreamedProblem) and concatenate:
-                cost = dataclasses.replace(cost, memory_bytes=cost.memory_bytes
-                                           + problem.data_bytes)
-            estimator.check_budget(cost, problem, settings)
-            settings = dataclasses.replace(settings, predicted_memory=cost.memory_bytes)
-            outputs.cache_clear()
-            with PeakMemory(problem.device, enabled=measure_memory) as memory:
+    with failures_shared(parallel):  # an error in one process reaches the others
+        with agreement(parallel):  # a check failing in one process fails in all
+            estimator, settings, method_options = checked_request(
+                model, loss_fn, method, mode=mode, threshold=threshold, rtol=rtol,
+                max_memory=max_memory, max_seconds=max_seconds, seed=seed, per_layer=per_layer,
+                progress=progress, eigenvectors=eigenvectors, measure_memory=measure_memory,
+                options=options)
+            if parallel is not None and options.get("backend") == "backpack":
+                raise ValueError("backend='backpack' runs in one process: with process_group, use "
+                                 "backend='auto' or 'func'")
+            streaming = is_batch_stream(batch)
+            if parallel is not None and streaming:
+                raise ValueError("a DataLoader (or list of batches) with process_group is not "
+                                 "supported: give each process its shard as one batch, or analyse "
+                                 "the data set in one process")
+            if parallel is not None and eigenvectors:
+                raise ValueError("eigenvectors= is not available with process_group yet: compute "
+                                 "them in one process on the gathered batch")
+        start = time.perf_counter()
+        with preserved_state(model), differentiable(model) as guard_notes:
+            with agreement(parallel):
+                problem = build_problem(
+                    model, loss_fn,
+                    first_batch(batch, _device_of(model)) if streaming else batch,  # type: ignore[arg-type]
+                    params, mode)
+            problem.notes.extend(guard_notes)
+            if streaming:
+                problem = streamed_problem(problem, batch)
+            if parallel is not None:
+                problem = shard_problem(problem, parallel, {
+                    "method": method, "mode": mode, "threshold": threshold, "rtol": rtol,
+                    "max_memory": max_memory, "max_seconds": max_seconds, "seed": seed,
+                    "per_layer": per_layer, "options": sorted(options.items())},
+                    ddp_buffers=isinstance(model, nn.parallel.DistributedDataParallel)
+                    and model.broadcast_buffers)
+            elif is_ddp_without_group(model):
+                problem.notes.append(
+                    "the model is wrapped in DistributedDataParallel but process_group=None: this "
+                    "is the curvature of this process's batch alone; pass "
+                    "process_group=torch.distributed.group.WORLD for the global batch")
+            with evaluation_mode(problem.model, mode):
+                concatenate = not estimator.streams  # a data set runs on its batches joined
+                if isinstance(problem, StreamedProblem):
+                    problem.survey()
+                outputs = functools.cache(lambda: probe_outputs(per_batch(problem)[0]))
+                cost = _agreed_cost(parallel, estimator.predict(problem, outputs, settings,
+                                                                method_options))
                 if isinstance(problem, StreamedProblem) and concatenate:
-                    problem = problem.concatenated()
-                spectrum = estimator.run(problem, settings, method_options)
-                if per_layer and estimator.layer_strategy == "restricted":
-                    layer_settings = dataclasses.replace(settings, per_layer=False)
-                    spectrum.layers = {
-                        group: estimator.run(problem.restricted(names), layer_settings,
-                                             method_options)
-                        for group, names in problem.modules_with_params().items()
-                    }
-    seconds = time.perf_counter() - start
-    if parallel is not None:
-        problem.notes.append(parallel.describe())
-    eps = float(torch.finfo(problem.dtype).eps)
-    named = dict(zip(problem.names, problem.params))
-    groups = problem.modules_with_params()
-    layers = {
-        group: _result(spectrum.layers[group], problem,
-                       sum(named[name].numel() for name in groups[group]), estimator, threshold,
-                       rtol, eps, seconds=0.0, memory=None, names=groups[group])
-        for group in groups if group in spectrum.layers
-    }
-    return _result(spectrum, problem, problem.num_params, estimator, threshold, rtol, eps,
-                   seconds, memory.peak, layers)
+                    cost = dataclasses.replace(cost, memory_bytes=cost.memory_bytes
+                                               + problem.data_bytes)
+                estimator.check_budget(cost, problem, settings)
+                settings = dataclasses.replace(settings, predicted_memory=cost.memory_bytes)
+                outputs.cache_clear()
+                with PeakMemory(problem.device, enabled=measure_memory) as memory:
+                    if isinstance(problem, StreamedProblem) and concatenate:
+                        problem = problem.concatenated()
+                    spectrum = estimator.run(problem, settings, method_options)
+                    if per_layer and estimator.layer_strategy == "restricted":
+                        layer_settings = dataclasses.replace(settings, per_layer=False)
+                        spectrum.layers = {
+                            group: estimator.run(problem.restricted(names), layer_settings,
+                                                 method_options)
+                            for group, names in problem.modules_with_params().items()
+                        }
+        seconds = time.perf_counter() - start
+        if parallel is not None:
+            problem.notes.append(parallel.describe())
+        eps = float(torch.finfo(problem.dtype).eps)
+        named = dict(zip(problem.names, problem.params))
+        groups = problem.modules_with_params()
+        layers = {
+            group: _result(spectrum.layers[group], problem,
+                           sum(named[name].numel() for name in groups[group]), estimator, threshold,
+                           rtol, eps, seconds=0.0, memory=None, names=groups[group])
+            for group in groups if group in spectrum.layers
+        }
+        return _result(spectrum, problem, problem.num_params, estimator, threshold, rtol, eps,
+                       seconds, memory.peak, layers)
 
 
 def _check_one_batch(batch: object, caller: str) -> None:

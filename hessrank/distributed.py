@@ -100,13 +100,51 @@ class DataParallel:
 
     def gather_objects(self, item: object) -> list[Any]:
         """``item`` from every process, in rank order (metadata; not counted as payload)."""
+        self._proceed()
+        return self._all_objects(item)
+
+    def _all_objects(self, item: object) -> list[Any]:
         items: list[Any] = [None] * self.world_size
         dist.all_gather_object(items, item, group=self.group)
         return items
 
+    def _proceed(self) -> None:
+        """Before every exchange (and at the call's end, :meth:`finish`): one all-reduce of a
+        flag, 1 in a process that is running, 0 in one that failed (:meth:`fail`), so that an
+        error anywhere in one process's computation reaches the others at their next exchange
+        instead of leaving them waiting for it until the group's timeout.
+
+        Raises:
+            GroupFailure: another process failed; names it, its error and message.
+        """
+        flag = torch.ones(1, dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        if int(flag.item()) == 0:
+            reports = self._all_objects(None)
+            rank, (kind, message) = next((rank, report) for rank, report in enumerate(reports)
+                                         if report is not None)
+            raise GroupFailure(f"process {rank} of the group failed ({kind}): {message}")
+
+    def fail(self, error: BaseException) -> None:
+        """Tell the other processes that this one failed with ``error``: they learn it at their
+        next exchange or at the call's end (:meth:`_proceed`), where they are waiting."""
+        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        self._all_objects((type(error).__name__, str(error)))
+
+    def finish(self) -> None:
+        """The call's last exchange: every process has finished its computation (a process that
+        failed after the others' last exchange is waited for here, and its error raised).
+
+        Raises:
+            GroupFailure: another process failed.
+        """
+        self._proceed()
+
     def broadcast_buffers(self, model: nn.Module) -> int:
         """Process 0's values into every floating or integer buffer of ``model``, in place (the
         call's copies, :func:`hessrank.guard.preserved_state`); returns how many there are."""
+        self._proceed()
         source = dist.get_global_rank(self.group, 0)
         buffers = [buffer for buffer in model.buffers() if buffer is not None]
         for buffer in buffers:
@@ -134,6 +172,8 @@ class DataParallel:
         error: Exception | None = None
         try:
             yield
+        except GroupFailure:
+            raise  # already raised in every process that was not the one failing
         except Exception as caught:  # noqa: BLE001 - every error is reported to the others
             error = caught
         self.agree(error)
@@ -150,6 +190,7 @@ class DataParallel:
         if tensor.dim() > MAX_DIMS:
             raise ValueError(f"cannot exchange a tensor of {tensor.dim()} dimensions "
                              f"(at most {MAX_DIMS})")
+        self._proceed()
         header = torch.full((MAX_DIMS + 1,), -1, dtype=torch.int64, device=self.device)
         header[0] = tensor.dim()
         header[1 : tensor.dim() + 1] = torch.tensor(tensor.shape, dtype=torch.int64)
@@ -178,6 +219,7 @@ class DataParallel:
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """The sum of ``tensor`` over the processes (a new tensor on ``tensor``'s device)."""
+        self._proceed()
         buffer = tensor.to(self.device, copy=True)
         dist.all_reduce(buffer, group=self.group)
         # A bandwidth-optimal (ring) all-reduce receives 2 (R - 1) / R of the tensor.
@@ -192,6 +234,10 @@ class DataParallel:
         return (f"data-parallel over {processes} ({self.backend}): n = "
                 f"{sum(self.sizes)} from shards of {shards} samples; tensor collectives moved "
                 f"{self.exchanged_bytes / 2**20:.3g} MiB per process")
+
+
+class GroupFailure(RuntimeError):
+    """Another process of the group failed; this one stops at its next exchange with it."""
 
 
 @dataclass
@@ -265,6 +311,26 @@ def agreement(parallel: DataParallel | None) -> Iterator[None]:
     else:
         with parallel.agreement():
             yield
+
+
+@contextmanager
+def failures_shared(parallel: DataParallel | None) -> Iterator[None]:
+    """A call's whole computation in a group (a plain block for one process, None): an error in
+    one process is sent to the others (:meth:`DataParallel.fail`), which raise
+    :class:`GroupFailure` at their next exchange or at the block's end
+    (:meth:`DataParallel.finish`), instead of waiting for the failed process until the group's
+    timeout; the failing process raises its own error."""
+    if parallel is None:
+        yield
+        return
+    try:
+        yield
+    except GroupFailure:
+        raise
+    except Exception as error:  # noqa: BLE001 - re-raised once the others know
+        parallel.fail(error)
+        raise
+    parallel.finish()
 
 
 #: The fingerprint's position weights: frac(k * golden ratio), spread over [0, 1) without a period.

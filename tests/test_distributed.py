@@ -244,6 +244,25 @@ def worker(rank: int, port: int, out: str) -> None:
     for method in ("fisher", "exact"):
         results[f"loss-{method}"] = outcome(lambda method=method: hessrank.effective_rank(
             model, other_loss, (x, y), method=method, process_group=group))
+    # An error inside the computation of one process, between exchanges ("mid": a Hessian
+    # product of process 1, while process 0 waits in the product's all-reduce) or after the
+    # last ("late": process 1's eigen-solve, when process 0 has nothing left to exchange).
+    from hessrank.curvature import hessian
+    from hessrank.estimators import exact
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("injected failure in process 1")
+
+    for case, module, name in (("mid", hessian.HessianOperator, "_local_matmat"),
+                               ("late", exact, "symmetric_eigenvalues")):
+        original = getattr(module, name)
+        if rank == 1:
+            setattr(module, name, failing)
+        try:
+            results[case] = outcome(lambda: hessrank.effective_rank(
+                model, nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
+        finally:
+            setattr(module, name, original)
     results["options"] = outcome(lambda: hessrank.effective_rank(
         model, nn.CrossEntropyLoss(), (x, y), method="fisher",
         threshold=0.9 if rank == 0 else 0.95, process_group=group))
@@ -378,6 +397,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("refined-budget", "BudgetError", "method='exact' needs about"),
     ("coupled", "ValueError", "couples samples of different processes"),
     ("options", "ValueError", "call effective_rank differently (threshold"),
+    ("mid", "ValueError", "injected failure in process 1"),
+    ("late", "ValueError", "injected failure in process 1"),
     ("loss-fisher", "ValueError", "every process of the group must pass the same loss_fn"),
     ("loss-exact", "ValueError", "every process of the group must pass the same loss_fn"),
 ])
@@ -386,8 +407,9 @@ def test_errors_reach_every_process(spawned: list[dict[str, Any]], case: str, ki
     for rank in range(WORLD):
         got_kind, message = spawned[rank][case]
         assert fragment in message, (rank, message)
-        # The failing process raises its own error; the others name it.
-        assert got_kind in (kind, "RuntimeError"), (rank, got_kind)
+        # The failing process raises its own error; the others name it (GroupFailure: the
+        # error reached them at an exchange, after the failing process's own checks).
+        assert got_kind in (kind, "RuntimeError", "GroupFailure"), (rank, got_kind)
     assert {spawned[rank][case][0] for rank in range(WORLD)} & {kind}
 
 
