@@ -142,9 +142,23 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
 
     Raises:
         ValueError: the pass drew random numbers, with the likely causes and the fix.
+        RuntimeError: the model's own error; a dtype error with integer inputs names them and
+            the cast to make.
     """
     before = GlobalGenerators.read()
-    outputs = model(*args, **kwargs)
+    try:
+        outputs = model(*args, **kwargs)
+    except RuntimeError as error:
+        integer = [f"inputs[{key!r}]" if isinstance(key, str) else f"inputs[{key}]"
+                   for key, tensor in [*enumerate(args), *kwargs.items()]
+                   if isinstance(tensor, Tensor) and not tensor.is_floating_point()]
+        if integer and ("dtype" in str(error) or "scalar type" in str(error)):
+            raise type(error)(
+                f"{str(error).rstrip('. ')}. The model received integer inputs "
+                f"({', '.join(integer)}): features must be floating point, cast them with "
+                ".float() (or .to() the model's dtype); token ids for an nn.Embedding stay "
+                "integer") from error
+        raise
     if not before.same_as(GlobalGenerators.read()):
         if mode == "train":
             cause = ("in mode='train' that is usually dropout inside a layer "

@@ -787,3 +787,16 @@ def test_gradient_overlap_names_a_bad_k(setup, k):
     model, x, y = setup
     _check(model, lambda: hessrank.gradient_overlap(model, CE, (x, y), k=k), ValueError,
            "k must be a count of eigenvectors >= 0")
+
+
+@pytest.mark.parametrize("method", ["fisher", "exact"])
+def test_integer_features_are_named_with_the_cast(method):
+    """A Linear model given int64 features fails in torch's matmul; the error names the inputs
+    and the cast (token ids for an embedding are integer on purpose, so nothing is refused
+    before the model runs)."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    features = torch.randint(0, 5, (8, 4))
+    with pytest.raises(RuntimeError, match=r"integer inputs \(inputs\[0\]\).*\.float\(\)"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), (features, torch.randint(0, 3, (8,))),
+                                method)
+
