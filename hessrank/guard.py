@@ -32,6 +32,78 @@ _HOOK_DICTS = (
 )
 
 
+#: A module's own bookkeeping in its ``__dict__`` (parameter, buffer and submodule registries,
+#: hook dictionaries, the ``training`` flag), which :func:`preserved_state` restores on its own:
+#: every other entry is a plain attribute, state a forward pass may rebind.
+_MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
+_MISSING = object()
+
+ModuleAttributes = list[tuple[nn.Module, dict[str, Any]]]
+
+
+def plain_attributes(model: nn.Module) -> ModuleAttributes:
+    """Every submodule's plain attributes (``__dict__`` beyond the bookkeeping), by reference."""
+    return [(module, {key: value for key, value in vars(module).items()
+                      if key not in _MODULE_BOOKKEEPING})
+            for module in model.modules()]
+
+
+def rebind_attributes(saved: ModuleAttributes) -> None:
+    """Put back the attributes of :func:`plain_attributes` that were rebound since (the same
+    objects), and remove those added since."""
+    for module, attributes in saved:
+        current = vars(module)
+        for key in [key for key in current
+                    if key not in attributes and key not in _MODULE_BOOKKEEPING]:
+            del current[key]
+        for key, value in attributes.items():
+            if current.get(key, _MISSING) is not value:
+                current[key] = value
+
+
+class PassState:
+    """The model's state as a call's first forward pass found it, put back before every later
+    pass: the buffers' values and the modules' plain attributes.
+
+    A forward that updates its own state (a step counter or a running average it then reads, a
+    hidden state carried over from the previous batch, a tensor cached on ``self``) would
+    otherwise make each pass of a call a different function, and the curvature of a method that
+    runs several passes a mix of them; a per-sample pass under ``torch.func`` would leave its
+    transformed tensors in the attributes. Buffers are put back by rebinding a fresh copy of
+    their first values, never in place, so that a graph an earlier pass saved stays valid; only
+    those that changed (their version counter moved, or the module rebound them). Parameters
+    are never written. The state is taken at the first pass, after anything the call sets up
+    (evaluation mode, process 0's buffers in a data-parallel call).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._attributes: ModuleAttributes | None = None
+        #: [module, name, the buffer now registered, its version then, its first value]
+        self._buffers: list[list[Any]] = []
+
+    def before_pass(self) -> None:
+        """Record the state (first pass) or put it back (every later one)."""
+        if self._attributes is None:
+            self._attributes = plain_attributes(self.model)
+            with torch.inference_mode(False):
+                self._buffers = [[module, name, buffer, buffer._version, buffer.detach().clone()]
+                                 for module in self.model.modules()
+                                 for name, buffer in module._buffers.items() if buffer is not None]
+            return
+        rebind_attributes(self._attributes)
+        fresh: dict[int, Tensor] = {}  # a buffer shared by several modules gets one copy
+        for slot in self._buffers:
+            module, name, buffer, version, value = slot
+            if module._buffers.get(name) is buffer and buffer._version == version:
+                continue
+            if id(buffer) not in fresh:
+                with torch.inference_mode(False):
+                    fresh[id(buffer)] = value.clone()
+            module._buffers[name] = slot[2] = fresh[id(buffer)]
+            slot[3] = slot[2]._version
+
+
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
     """Hold back SIGINT (Ctrl-C) inside the block and deliver it once the block has finished.
@@ -93,7 +165,9 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     ``train()``), the hook dictionaries, the parameter and buffer *registrations* (so a buffer that
     forward rebinds, ``self.steps = self.steps + 1``, and a parameter that a functional call left
     swapped come back as the caller's objects), buffers (the call runs on copies; values written
-    through another reference are copied back in place), and for
+    through another reference are copied back in place), the plain attributes (a counter, a
+    carried hidden state or a cached tensor that forward rebinds come back as the caller's
+    objects, and attributes it added are removed), and for
     every parameter ``requires_grad`` and ``.grad`` (the same tensor objects); plus the global
     random number generators: torch's CPU and CUDA ones, Python's and NumPy's (a forward may
     draw from any of them). The restore runs with Ctrl-C held back, so it is
@@ -109,6 +183,7 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                      for m in modules]
             registered_params = [dict(m._parameters) for m in modules]
             registered_buffers = [dict(m._buffers) for m in modules]
+            attributes = plain_attributes(model)
             parameters = list(model.parameters())
             requires_grad = [p.requires_grad for p in parameters]
             grads = [p.grad for p in parameters]
@@ -143,6 +218,7 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                             current.update(saved)
                     _restore_registry(module._parameters, params)
                     _restore_registry(module._buffers, module_buffers)
+                rebind_attributes(attributes)
                 for param, flag, grad in zip(parameters, requires_grad, grads):
                     param.requires_grad_(flag)
                     param.grad = grad

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import Tensor, nn
 
-from hessrank.guard import GlobalGenerators
+from hessrank.guard import GlobalGenerators, PassState
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: ``(inputs, targets)``. ``inputs``: a tensor (``model(x)``), a tuple of tensors
@@ -50,6 +50,8 @@ class CurvatureProblem:
         excluded: names of frozen (``requires_grad=False``) parameters left out.
         mode: ``"eval"`` or ``"train"`` (see :func:`hessrank.effective_rank`).
         notes: facts about the problem worth reporting (e.g. an unwrapped compiled model).
+        passes: the model's state put back before every forward pass (shared by the problems
+            derived from this one: a shard, a data set's batches, a subset of parameters).
     """
 
     model: nn.Module
@@ -62,6 +64,42 @@ class CurvatureProblem:
     excluded: tuple[str, ...]
     mode: str
     notes: list[str] = field(default_factory=list)
+    passes: PassState | None = None
+    #: the inputs' version counters when the problem was made (they are the call's own copies)
+    _input_versions: tuple[int, ...] = field(init=False, repr=False, default=())
+
+    def __post_init__(self) -> None:
+        if self.passes is None:
+            self.passes = PassState(self.model)
+        self._input_versions = tuple(x._version for x in self._inputs())
+
+    def _inputs(self) -> list[Tensor]:
+        return [*self.args, *self.kwargs.values(), self.targets]
+
+    def before_pass(self) -> None:
+        """Call before every forward pass of the model on this problem's batch: the model's
+        state as the call's first pass found it (:class:`~hessrank.guard.PassState`), and the
+        inputs as they were given.
+
+        Raises:
+            ValueError: a forward pass modified an input in place.
+        """
+        assert self.passes is not None, "set in __post_init__"
+        changed = [label for label, x, version in zip(self._labels(), self._inputs(),
+                                                      self._input_versions)
+                   if x._version != version]
+        if changed:
+            raise ValueError(
+                f"the model's forward modifies its input {changed[0]} in place (x.mul_(...), "
+                "x.relu_(), x /= 255, nn.ReLU(inplace=True) on the input), so every pass after "
+                "the first would see other inputs, and a training step changes your batch: make "
+                "those operations out of place (x = x * 2, torch.relu(x)); your tensors are "
+                "unchanged")
+        self.passes.before_pass()
+
+    def _labels(self) -> list[str]:
+        return [*(f"inputs[{i}]" for i in range(len(self.args))),
+                *(f"inputs[{key!r}]" for key in self.kwargs), "targets"]
 
     @property
     def num_samples(self) -> int:
@@ -83,8 +121,10 @@ class CurvatureProblem:
         """Model outputs on the batch (graph kept for differentiation).
 
         Raises:
-            ValueError: the forward pass drew random numbers (:func:`run_model`).
+            ValueError: the forward pass drew random numbers (:func:`run_model`), or an earlier
+                one modified an input in place (:meth:`before_pass`).
         """
+        self.before_pass()
         return run_model(self.model, self.args, self.kwargs, self.mode)
 
     def loss(self, outputs: object = None) -> Tensor:
@@ -102,7 +142,7 @@ class CurvatureProblem:
     def core_fields(self) -> dict[str, object]:
         """The fields a plain :class:`CurvatureProblem` has, by name: builds a specialised problem
         from a plain one, or strips a specialised one (a shard, a data set) to its batch."""
-        return {f.name: getattr(self, f.name) for f in fields(CurvatureProblem)}
+        return {f.name: getattr(self, f.name) for f in fields(CurvatureProblem) if f.init}
 
     def sample_slice(self, start: int, stop: int) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
         """Inputs of samples ``start:stop`` as ``(args, kwargs)``."""
@@ -141,7 +181,8 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     a private ``torch.Generator`` are not seen.
 
     Raises:
-        ValueError: the pass drew random numbers, with the likely causes and the fix.
+        ValueError: the pass drew random numbers, with the likely causes and the fix; or it
+            returned half-precision outputs.
         RuntimeError: the model's own error; a dtype error with integer inputs names them and
             the cast to make.
     """
@@ -159,6 +200,13 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
                 ".float() (or .to() the model's dtype); token ids for an nn.Embedding stay "
                 "integer") from error
         raise
+    if isinstance(outputs, Tensor) and outputs.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"the model returns {outputs.dtype} outputs (a cast at the end of forward, or "
+            "torch.autocast inside it): half precision keeps about 3 digits, so the curvature "
+            "would carry errors of 1e-4 of its largest eigenvalue and more. Return the outputs "
+            "in the parameters' dtype: remove the cast, or run the forward without autocast "
+            "for the call")
     if not before.same_as(GlobalGenerators.read()):
         if mode == "train":
             cause = ("in mode='train' that is usually dropout inside a layer "
@@ -341,12 +389,12 @@ _CONSTANTS_ADVICE = (
 
 
 def _usable(tensor: Tensor) -> Tensor:
-    """A caller's batch tensor as the analysis uses it: detached, and a normal (non-inference)
-    tensor, so that a call made under ``torch.inference_mode()`` can still differentiate."""
-    if tensor.is_inference():
-        with torch.inference_mode(False):
-            return tensor.clone()
-    return tensor.detach()
+    """A caller's batch tensor as the analysis uses it: the call's own copy (a forward that
+    modifies its input in place leaves the caller's batch alone), detached, and a normal
+    (non-inference) tensor, so that a call made under ``torch.inference_mode()`` can still
+    differentiate."""
+    with torch.inference_mode(False):
+        return tensor.detach().clone()
 
 
 def check_call(model: object, loss_fn: object, mode: object) -> None:

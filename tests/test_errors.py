@@ -800,3 +800,25 @@ def test_integer_features_are_named_with_the_cast(method):
         hessrank.effective_rank(model, nn.CrossEntropyLoss(), (features, torch.randint(0, 3, (8,))),
                                 method)
 
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_outputs_are_refused(method, dtype):
+    """A float32 model whose forward ends in a cast to half precision (or runs under autocast):
+    second derivatives through its outputs carry errors of 1e-4 of the top eigenvalue."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model = nn.Sequential(net, _Cast(dtype))
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    with pytest.raises(ValueError, match=f"returns {dtype} outputs"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method)
+
+
+class _Cast(nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)

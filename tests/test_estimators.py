@@ -549,3 +549,30 @@ def test_a_layer_whose_gradients_cancel_is_not_taken_for_mixing(method: str,
     reference = eigenvalues_by_magnitude(reference_of(
         model.double(), nn.CrossEntropyLoss(), x.double(), y, scale=1 / 4))
     assert_spectra_close(np.asarray(result.eigenvalues), reference, count=3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["exact", "ggn", "fisher"])
+def test_float64_outputs_of_a_float32_model(method):
+    """A float64 buffer added at the end promotes the outputs of a float32 model to float64
+    (``ggn`` crashed on the mixed dtypes): the spectrum is the float32 model's, against a float64
+    reference of the same model."""
+
+    class Promoted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp((5, 7, 3), dtype=torch.float32)
+            self.register_buffer("offset", torch.zeros(3, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.net(x) + self.offset
+
+    model = Promoted()
+    inputs, targets = classification_batch(9, 5, 3, dtype=torch.float32)
+    twin = copy.deepcopy(model.net).double()
+    sum_ce = nn.CrossEntropyLoss(reduction="sum")
+    reference = {"exact": lambda: reference_hessian(twin, CE, inputs.double(), targets),
+                 "ggn": lambda: reference_ggn(twin, sum_ce, inputs.double(), targets, 1 / 9),
+                 "fisher": lambda: reference_fisher(twin, sum_ce, inputs.double(), targets, 1 / 9),
+                 }[method]()
+    result = hessrank.effective_rank(model, CE, (inputs, targets), method=method)
+    assert_spectra_close(result.eigenvalues, eigenvalues_by_magnitude(reference), rtol=1e-5)

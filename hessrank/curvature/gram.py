@@ -388,7 +388,7 @@ def compute_gram(
     del layer_grads, capture
 
     # The check: autograd's gradient of sum_{k,i} w_ki <f_i, s_ki> for every analysed parameter.
-    combined = torch.einsum("kn,kn...->n...", weights, cotangents)
+    combined = torch.einsum("kn,kn...->n...", weights.to(cotangents.dtype), cotangents)
     true_pieces = torch.autograd.grad(outputs, problem.params, grad_outputs=combined,
                                       allow_unused=True)
     true_grads = {name: torch.zeros_like(p) if g is None else g
@@ -579,6 +579,7 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
             vjps: dict[str, Tensor] | None = None
             outs: Tensor | None = None
             if path == VMAP_PATH:
+                problem.before_pass()
                 try:
                     vjps, outs = vmap(sample_vjps, in_dims=(None, 1, 0, 0))(
                         subset, cotangents[:, start:stop], args, kwargs)
@@ -588,16 +589,18 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
                     value.shape != (stop - start, k, *subset[name].shape)
                     for name, value in vjps.items()):
                 path = LOOP_PATH
-                try:
-                    samples = [_sample_gradients(problem.model, params, cotangents[:, i],
-                                                 *_sample(args, kwargs, i - start))
-                               for i in range(start, stop)]
-                except torch.OutOfMemoryError:
-                    raise
-                except Exception as raised:  # noqa: BLE001 - the model's own error, explained
-                    return {}, (f"the model's forward failed on one sample alone "
-                                f"({type(raised).__name__}: {raised})", SAMPLE_ALONE,
-                                math.inf), path
+                samples = []
+                for i in range(start, stop):
+                    problem.before_pass()
+                    try:
+                        samples.append(_sample_gradients(problem.model, params, cotangents[:, i],
+                                                         *_sample(args, kwargs, i - start)))
+                    except torch.OutOfMemoryError:
+                        raise
+                    except Exception as raised:  # noqa: BLE001 - the model's error, explained
+                        return {}, (f"the model's forward failed on one sample alone "
+                                    f"({type(raised).__name__}: {raised})", SAMPLE_ALONE,
+                                    math.inf), path
                 vjps = {name: torch.stack([s[0][name] for s in samples]) for name in subset}
                 outs = torch.stack([s[1] for s in samples])
             sample_outputs.append(outs)

@@ -1,0 +1,157 @@
+"""Models whose forward pass changes their own state or their inputs.
+
+A call runs the model several times (``ggn`` twice, the general path once per chunk or sample);
+a forward that reads state it then updates (a step counter, a running average) would make each
+pass another function. Every pass must see the state the call found, the result must be the
+curvature at that state (against a float64 reference on a twin whose forward leaves its state
+alone), and the caller must get back the same objects, values included: a cached tensor left
+as a ``torch.func`` wrapper breaks ``torch.save``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from reference import (
+    assert_spectra_close,
+    eigenvalues_by_magnitude,
+    mlp,
+    reference_fisher,
+    reference_ggn,
+    reference_hessian,
+)
+from torch import Tensor, nn
+
+import hessrank
+
+KINDS = ["counter buffer", "running average", "counter attribute", "cached tensor",
+         "rebound buffer"]
+
+
+class Stateful(nn.Module):
+    """A tanh MLP whose forward reads, then updates, state of one ``kind``; ``update=False``
+    (the reference's twin) reads it without updating it."""
+
+    def __init__(self, kind: str, update: bool = True) -> None:
+        super().__init__()
+        self.net = mlp((5, 7, 3))
+        self.kind, self.update = kind, update
+        if kind in ("counter buffer", "rebound buffer"):
+            self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        elif kind == "running average":
+            self.register_buffer("average", torch.zeros(3, dtype=torch.float64))
+        elif kind == "counter attribute":
+            self.calls = 0
+        else:
+            self.last: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(x)
+        if self.kind == "counter buffer":
+            out = out * (1 + 0.5 * self.count)
+            if self.update:
+                self.count += 1
+        elif self.kind == "rebound buffer":
+            out = out * (1 + 0.5 * self.count)
+            if self.update:
+                self.count = self.count + 1
+        elif self.kind == "running average":
+            out = out + self.average
+            if self.update:
+                with torch.no_grad():
+                    self.average.mul_(0.5).add_(0.5 * out.mean(dim=0))
+        elif self.kind == "counter attribute":
+            out = out * (1 + 0.5 * self.calls)
+            if self.update:
+                self.calls += 1
+        elif self.update:
+            self.last = out.detach()
+        return out
+
+
+def _batch() -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(9, 5, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (9,), generator=generator))
+
+
+def _reference(method: str, twin: nn.Module, inputs: Tensor, targets: Tensor) -> np.ndarray:
+    loss = nn.CrossEntropyLoss()
+    if method == "exact":
+        return reference_hessian(twin, loss, inputs, targets)
+    if method == "ggn":
+        return reference_ggn(twin, nn.CrossEntropyLoss(reduction="sum"), inputs, targets,
+                             1 / len(targets))
+    return reference_fisher(twin, nn.CrossEntropyLoss(reduction="sum"), inputs, targets,
+                            1 / len(targets))
+
+
+def _state(model: Stateful) -> dict[str, object]:
+    return {key: value for key, value in vars(model).items() if not key.startswith("_")}
+
+
+@pytest.mark.parametrize(("method", "backend"), [
+    ("exact", None), ("ggn", "auto"), ("ggn", "func"), ("fisher", "auto"), ("fisher", "func")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_pass_sees_the_state_the_call_found(kind: str, method: str,
+                                                  backend: str | None) -> None:
+    model = Stateful(kind)
+    inputs, targets = _batch()
+    model(inputs)  # a training step's forward: the state has moved on from its initial value
+    twin = copy.deepcopy(model)
+    twin.update = False
+    attributes, buffers = _state(model), {k: v.clone() for k, v in model.named_buffers()}
+    registered = dict(model._buffers)
+    options = {} if backend is None else {"backend": backend}
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (inputs, targets),
+                                     method=method, **options)
+    reference = eigenvalues_by_magnitude(_reference(method, twin, inputs, targets))
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-6 if method == "exact" else 1e-9)
+    after = _state(model)
+    assert after.keys() == attributes.keys()
+    assert all(after[key] is value for key, value in attributes.items())
+    assert all(model._buffers[key] is value for key, value in registered.items())
+    assert all(torch.equal(value, buffers[key]) for key, value in model.named_buffers())
+    torch.save(model, io.BytesIO())  # no torch.func wrapper left in an attribute
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_an_input_modified_in_place_is_the_callers_no_longer(method: str) -> None:
+    """The forward doubles its input in place. A method of one forward pass analyses the model's
+    function (the net at twice the batch); ``ggn``'s second pass would see the batch doubled
+    again, which is refused. The caller's tensor is never touched."""
+
+    class Doubling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp((5, 7, 3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            x.mul_(2)
+            return self.net(x)
+
+    model = Doubling()
+    inputs, targets = _batch()
+    given, version = inputs.clone(), inputs._version
+    call = lambda: hessrank.effective_rank(  # noqa: E731
+        model, nn.CrossEntropyLoss(), (inputs, targets), method=method)
+    if method == "ggn":
+        with pytest.raises(ValueError, match=r"modifies its input inputs\[0\] in place"):
+            call()
+    else:
+        result = call()
+        exact = eigenvalues_by_magnitude(
+            reference_hessian(model.net, nn.CrossEntropyLoss(), 2 * inputs, targets))
+        if method == "exact":
+            assert_spectra_close(result.eigenvalues, exact, rtol=1e-6)
+        elif method == "lanczos":
+            assert result.eigenvalues[0] == pytest.approx(exact[0], rel=1e-6)
+        else:
+            assert_spectra_close(result.eigenvalues, eigenvalues_by_magnitude(reference_fisher(
+                model.net, nn.CrossEntropyLoss(reduction="sum"), 2 * inputs, targets,
+                1 / len(targets))), rtol=1e-9)
+    assert torch.equal(inputs, given) and inputs._version == version
