@@ -357,6 +357,36 @@ def effective_rank(
                        seconds, memory.peak, layers)
 
 
+def _check_gap(magnitudes: np.ndarray, k: int, eps: float, chosen: str) -> None:
+    """Raise unless the top-``k`` eigenvectors are determined: the ``k``-th and ``(k+1)``-th
+    largest ``|eigenvalues|`` (``magnitudes``, sorted decreasingly) must differ by more than the
+    rounding of a dense Hessian, ``P eps`` of the largest. Within a tie (a zero or symmetric
+    initialisation repeats eigenvalues; null directions all share 0) any basis of the tied
+    eigenspace is as good as another, and the overlap takes any value between its extremes.
+
+    Raises:
+        ValueError: ``k`` splits a cluster of equal ``|eigenvalues|``; names the nearest ``k``
+            at a gap.
+    """
+    size = len(magnitudes)
+    if not 0 < k < size:
+        return
+    tolerance = size * eps * float(magnitudes[0])
+    gaps = magnitudes[:-1] - magnitudes[1:]  # gaps[i]: between the (i+1)-th and (i+2)-th
+    if gaps[k - 1] > tolerance:
+        return
+    at_gaps = np.flatnonzero(gaps > tolerance) + 1  # the k with a gap after the k-th
+    below, above = at_gaps[at_gaps < k], at_gaps[at_gaps > k]
+    options = [str(int(below[-1])) if below.size else "0",
+               str(int(above[0])) if above.size else str(size)]
+    raise ValueError(
+        f"{chosen} = {k} splits a cluster of equal |eigenvalues| (numbers {k} and {k + 1} by "
+        f"magnitude are {magnitudes[k - 1]:.6g} and {magnitudes[k]:.6g}, equal to the Hessian's "
+        "rounding): "
+        "the top-k eigenvectors are not determined, and the overlap would depend on the "
+        f"solver's choice of basis; pass k at a gap, {' or '.join(options)}")
+
+
 def _check_one_batch(batch: object, caller: str) -> None:
     """Raise unless ``batch`` is one batch: ``caller`` takes no data set.
 
@@ -541,8 +571,10 @@ def gradient_overlap(
                                            operator.graph_bytes)
             )
     eigenvalues, eigenvectors = symmetric_eigenpairs(hessian)
+    chosen = "k" if k is not None else f"k (the srank at threshold={threshold})"
     if k is None:
         k = int(srank(eigenvalues, threshold))
+    _check_gap(np.abs(eigenvalues), int(k), float(torch.finfo(problem.dtype).eps), chosen)
     gradient = operator.gradient.to(torch.float64)
     norm = float(gradient @ gradient)
     if norm == 0.0:

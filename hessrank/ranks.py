@@ -54,6 +54,9 @@ def _singular_values(
     if not (np.isfinite(weights).all() and (weights >= 0).all()):
         raise ValueError("weights must be finite and non-negative: each is how many "
                          "eigenvalues its node stands for")
+    # A node of weight zero stands for no eigenvalue: it is not the largest (nor any other).
+    kept = weights > 0
+    values, weights = values[kept], weights[kept]
     order = np.argsort(-values, kind="stable")
     largest = values[order[0]] if values.size else 0.0
     return (values[order] / largest if largest > 0 else values[order]), weights[order]
@@ -188,7 +191,8 @@ def spectral_ranks(
         "stable": stable_rank(eigenvalues, weights),
         "participation": participation_ratio(eigenvalues, weights),
     }
-    if weights is not None and max_rank is not None and np.abs(eigenvalues).max(initial=0) > 0:
+    if weights is not None and max_rank is not None and np.abs(
+            np.ravel(eigenvalues)[np.ravel(weights) > 0]).max(initial=0) > 0:
         ranks = {name: within_rank_bounds(value, max_rank) for name, value in ranks.items()}
     return ranks
 

@@ -76,6 +76,22 @@ def test_gradient_overlap_against_reference():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_gradient_overlap_refuses_k_inside_a_tie():
+    """Least squares on features with equal, orthogonal columns: the Hessian is 2 I (4-fold).
+    Any k in 1..3 splits the tie, where the overlap was any value (0.06 to 0.41 at k = 1 for
+    inputs 1e-13 apart); k = 0 and k = 4 are at the gaps."""
+    model = nn.Linear(4, 1, bias=False).double()
+    inputs = torch.cat([torch.eye(4), -torch.eye(4)]).double()
+    batch = (inputs, torch.randn(8, 1, generator=torch.Generator().manual_seed(0),
+                                 dtype=torch.float64))
+    mse = nn.MSELoss(reduction="sum")
+    for k in (1, 2, 3):
+        with pytest.raises(ValueError, match=f"k = {k} splits a cluster.*pass k at a gap, 0 or 4"):
+            hessrank.gradient_overlap(model, mse, batch, k=k)
+    assert hessrank.gradient_overlap(model, mse, batch, k=0) == 0.0
+    assert hessrank.gradient_overlap(model, mse, batch, k=4) == pytest.approx(1.0)
+
+
 def test_rank_definitions_on_known_spectra():
     flat = np.ones(10)
     assert ranks.srank(flat, 0.99) == 10
@@ -100,6 +116,11 @@ def test_rank_definitions_are_scale_invariant_and_weights_mean_multiplicity():
     assert weighted["srank"] == pytest.approx(repeated["srank"], abs=3)
     for name in ("numerical", "entropy", "stable", "participation"):
         assert weighted[name] == pytest.approx(repeated[name])
+    # A node of weight zero stands for no eigenvalue, the largest included (it was taken as
+    # the scale: [10, 1] with weights [0, 2] gave a stable rank of 0.02 for two equal values).
+    spiked = hessrank.spectral_ranks(np.append(spectrum, 1e3 * np.abs(spectrum).max()),
+                                     rtol=1e-6, weights=np.append(np.ones(50), 0.0))
+    assert spiked == pytest.approx(base)
 
 
 @pytest.mark.parametrize("scale", [1e-170, 1e300], ids=["underflowing", "overflowing"])
