@@ -67,6 +67,8 @@ class CurvatureProblem:
     passes: PassState | None = None
     #: the inputs' version counters when the problem was made (they are the call's own copies)
     _input_versions: tuple[int, ...] = field(init=False, repr=False, default=())
+    #: whether a forward pass's graph was read for custom autograd.Functions
+    _graph_read: bool = field(init=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
         if self.passes is None:
@@ -125,7 +127,13 @@ class CurvatureProblem:
                 one modified an input in place (:meth:`before_pass`).
         """
         self.before_pass()
-        return run_model(self.model, self.args, self.kwargs, self.mode)
+        outputs = run_model(self.model, self.args, self.kwargs, self.mode)
+        if not self._graph_read and isinstance(outputs, Tensor) and outputs.grad_fn is not None:
+            self._graph_read = True
+            note = custom_functions_note(outputs)
+            if note is not None and note not in self.notes:
+                self.notes.append(note)
+        return outputs
 
     def loss(self, outputs: object = None) -> Tensor:
         """The scalar loss on ``outputs`` (default: a forward pass), checked.
@@ -223,6 +231,32 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
             "the model's forward pass draws random numbers from a global generator (torch's, "
             "Python's or NumPy's), so the loss is random and its curvature undefined; " + cause)
     return outputs
+
+
+def custom_functions_note(outputs: Tensor) -> str | None:
+    """A note naming the custom ``torch.autograd.Function`` classes (torch's own aside) in the graph
+    of ``outputs``, None where there are none: hessrank differentiates through their backward
+    as written, and a wrong one (or, for second derivatives, one that is not itself
+    differentiable) gives a wrong curvature that no check of a single call can tell in general."""
+    found: set[str] = set()
+    seen: set[object] = set()
+    stack = [outputs.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        function = getattr(node, "_forward_cls", None)
+        if function is not None and not function.__module__.startswith("torch."):
+            found.add(function.__qualname__)
+        stack.extend(child for child, _ in node.next_functions)
+    if not found:
+        return None
+    return (f"the model computes through custom autograd.Function(s) ({', '.join(sorted(found))}): "
+            "their backward is used as written, and a wrong one, or (exact, lanczos) one that is "
+            "not itself differentiable, gives a wrong curvature that a single call cannot tell "
+            "in general (an asymmetric Hessian is refused); check them with "
+            "torch.autograd.gradcheck and gradgradcheck")
 
 
 def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: bool = True

@@ -822,3 +822,43 @@ class _Cast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.dtype)
+
+
+class _DetachingTanh(torch.autograd.Function):
+    """tanh with the right first derivative, but a backward that is not itself differentiable:
+    its second-derivative term is dropped symmetrically, so no symmetry check sees it."""
+
+    @staticmethod
+    def forward(a):
+        return torch.tanh(a)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return grad * (1 - t.detach() ** 2)
+
+
+class _WithFunction(nn.Module):
+    def __init__(self, function) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.first, self.second, self.function = nn.Linear(6, 12), nn.Linear(12, 4), function
+
+    def forward(self, x):
+        return self.second(self.function(self.first(x)))
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_custom_autograd_functions_are_named_in_a_note(method):
+    """A custom Function's backward is used as written; where it is wrong the curvature is too
+    (exact's trace was the GGN's here), which a call cannot tell: the result names the Function.
+    torch's own Functions and plain models get no such note."""
+    batch = (torch.randn(16, 6), torch.randint(0, 4, (16,)))
+    custom = hessrank.effective_rank(_WithFunction(_DetachingTanh.apply), CE, batch, method)
+    assert any("custom autograd.Function(s) (_DetachingTanh)" in note for note in custom.notes)
+    plain = hessrank.effective_rank(_WithFunction(torch.tanh), CE, batch, method)
+    assert not any("custom autograd.Function" in note for note in plain.notes)
