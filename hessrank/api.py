@@ -333,14 +333,23 @@ def effective_rank(
                 with PeakMemory(problem.device, enabled=measure_memory) as memory:
                     if isinstance(problem, StreamedProblem) and concatenate:
                         problem = problem.concatenated()
-                    spectrum = estimator.run(problem, settings, method_options)
-                    if per_layer and estimator.layer_strategy == "restricted":
-                        layer_settings = dataclasses.replace(settings, per_layer=False)
-                        spectrum.layers = {
-                            group: estimator.run(problem.restricted(names), layer_settings,
-                                                 method_options)
-                            for group, names in problem.modules_with_params().items()
-                        }
+                    try:
+                        spectrum = estimator.run(problem, settings, method_options)
+                        if per_layer and estimator.layer_strategy == "restricted":
+                            layer_settings = dataclasses.replace(settings, per_layer=False)
+                            spectrum.layers = {
+                                group: estimator.run(problem.restricted(names), layer_settings,
+                                                     method_options)
+                                for group, names in problem.modules_with_params().items()
+                            }
+                    except RuntimeError as error:
+                        if _REENTRANT_CHECKPOINT in str(error):
+                            raise ValueError(
+                                "the model uses torch.utils.checkpoint with use_reentrant=True, "
+                                "which hessrank's backward passes (torch.autograd.grad) cannot "
+                                "go through: pass use_reentrant=False, torch's recommended "
+                                "setting, with the same memory saving") from error
+                        raise
         seconds = time.perf_counter() - start
         if parallel is not None:
             problem.notes.append(parallel.describe())
@@ -355,6 +364,10 @@ def effective_rank(
         }
         return _result(spectrum, problem, problem.num_params, estimator, threshold, rtol, eps,
                        seconds, memory.peak, layers)
+
+
+#: torch's message where a reentrant checkpoint meets ``torch.autograd.grad``.
+_REENTRANT_CHECKPOINT = "use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()"
 
 
 def _check_gap(magnitudes: np.ndarray, k: int, eps: float, chosen: str) -> None:

@@ -419,6 +419,37 @@ def parametrization_cache_off() -> Iterator[list[str]]:
 
 
 @contextmanager
+def saved_tensor_hooks_off() -> Iterator[list[str]]:
+    """The caller's saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks``, and what
+    is built on them: ``save_on_cpu``, activation compression) do not apply inside the block.
+
+    A hook that packs what autograd saves in lower precision (bfloat16 activations) makes every
+    backward pass of the call approximate: ``fisher`` was off by 4e-4 of its top eigenvalue,
+    unnoted, and ``ggn`` blamed the loss. The hooks are taken off the thread's stack of default
+    hooks for the block and put back, in order, on exit (Ctrl-C held back), so the caller's own
+    ``with`` blocks close as they opened. Memory is then what the call needs without them.
+
+    Yields:
+        A note when hooks were taken off.
+    """
+    hooks = torch._C._autograd
+    taken: list[tuple[Callable[..., Any], Callable[..., Any]]] = []
+    try:
+        with deferred_interrupts():
+            while (top := hooks._top_saved_tensors_default_hooks(False)) is not None:
+                hooks._pop_saved_tensors_default_hooks()
+                taken.append(top)
+        yield ([] if not taken else [
+            "your saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks, save_on_cpu) "
+            "were off for the call: hooks that pack activations in lower precision would make "
+            "every backward pass approximate; they are back in place"])
+    finally:
+        with deferred_interrupts():
+            for pack, unpack in reversed(taken):
+                hooks._push_saved_tensors_default_hooks(pack, unpack)
+
+
+@contextmanager
 def differentiable(model: nn.Module) -> Iterator[list[str]]:
     """Kernels that differentiate ``model`` exactly, whatever the caller had set.
 
@@ -440,6 +471,7 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
       not what it is, and second derivatives and per-sample factors need them dense.
     - The caller's backward hooks off (:func:`backward_hooks_off`).
     - ``torch.nn.utils.parametrize.cached()`` off (:func:`parametrization_cache_off`).
+    - The caller's saved-tensor hooks off (:func:`saved_tensor_hooks_off`).
 
     The caller's settings, hooks and parameter values return on exit.
 
@@ -460,6 +492,7 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
         renormalised_embeddings(model) as notes,
         backward_hooks_off(model) as hook_notes,
         parametrization_cache_off() as cache_notes,
+        saved_tensor_hooks_off() as saved_notes,
     ):
         for device in sorted(devices):
             try:
@@ -471,4 +504,4 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
         for module in model.modules():
             if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse:
                 for_the_call.enter_context(_attribute_for_the_call(module, "sparse", False))
-        yield notes + hook_notes + cache_notes
+        yield notes + hook_notes + cache_notes + saved_notes
