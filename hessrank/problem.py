@@ -279,12 +279,20 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
     try:
         value = loss_fn(outputs, targets)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        own = ([f"{name} ({tensor.dtype})" for name, tensor in
+                [*loss_fn.named_parameters(), *loss_fn.named_buffers()]
+                if tensor.is_floating_point() and tensor.dtype != outputs.dtype]
+               if isinstance(loss_fn, nn.Module) else [])
+        advice = (f"The loss's own tensors are not in the outputs' dtype ({', '.join(own)}): "
+                  f"cast them to {outputs.dtype} (e.g. nn.CrossEntropyLoss(weight=w.to("
+                  f"{outputs.dtype})))"
+                  if own else
+                  "Check the targets' shape, dtype and values (e.g. class indices in [0, C) as "
+                  "int64 of shape [n] for nn.CrossEntropyLoss)")
         raise type(error)(
             f"loss_fn(outputs, targets) failed on outputs of shape {tuple(outputs.shape)} "
             f"({outputs.dtype}) and targets of shape {tuple(targets.shape)} "
-            f"({targets.dtype}): {str(error).rstrip('. ')}. Check the targets' shape, dtype and "
-            "values (e.g. class indices in [0, C) as int64 of shape [n] for "
-            "nn.CrossEntropyLoss)"
+            f"({targets.dtype}): {str(error).rstrip('. ')}. {advice}"
         ) from error
     check_loss(value, finite)
     if outputs.requires_grad and not value.requires_grad:

@@ -862,3 +862,34 @@ def test_custom_autograd_functions_are_named_in_a_note(method):
     assert any("custom autograd.Function(s) (_DetachingTanh)" in note for note in custom.notes)
     plain = hessrank.effective_rank(_WithFunction(torch.tanh), CE, batch, method)
     assert not any("custom autograd.Function" in note for note in plain.notes)
+
+
+def test_a_loss_weight_of_another_dtype_is_named():
+    """A float32 class weight on a float64 model failed inside the loss with a message that
+    blamed the targets."""
+    model = nn.Linear(4, 3).double()
+    loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    with pytest.raises(RuntimeError, match=r"not in the outputs' dtype \(weight \(torch.float32\)"):
+        hessrank.effective_rank(model, loss, batch, "fisher")
+
+
+def test_fisher_reads_weights_in_float64_through_a_float32_class_weight():
+    """500 classes, samples predicted at p = 0.999: the weights are read again in float64,
+    which the float32 class weight refused; the result is the float64 model's."""
+    classes, n = 500, 8
+    targets = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(0))
+    model = nn.Linear(n, classes, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+        for i in range(1, n):
+            model.weight[targets[i], i] = float(np.log(0.999 * (classes - 1) / 0.001))
+    weight = torch.rand(classes, generator=torch.Generator().manual_seed(1)) + 0.5
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(weight=weight),
+                                     (torch.eye(n), targets), "fisher")
+    reference = hessrank.effective_rank(copy.deepcopy(model).double(),
+                                        nn.CrossEntropyLoss(weight=weight.double()),
+                                        (torch.eye(n, dtype=torch.float64), targets), "fisher")
+    # each eigenvalue to float32's rounding of the logits, the small ones (the confident
+    # samples', which the float64 reading is for) included
+    np.testing.assert_allclose(result.eigenvalues, reference.eigenvalues, rtol=1e-4, atol=0)

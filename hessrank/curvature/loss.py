@@ -32,6 +32,7 @@ naming the parameters.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -222,6 +223,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tupl
     dtype = outputs.dtype
     if dtype != torch.float64 and _unread_terms_matter(read, dtype):
         outputs = outputs.double()
+        loss_fn = in_float64(loss_fn)
         try:
             precise = _read_weights(loss_fn, outputs, targets)
         except Exception as error:  # noqa: BLE001 - any failure of the loss in float64
@@ -249,6 +251,16 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tupl
     _check_constant_weights(loss_fn, outputs, targets, read)
     factors = torch.where(weights[:, None] > 0, read.sample_grads * weights.sqrt()[:, None], 0.0)
     return factors.reshape(1, *outputs.shape).to(dtype), weights.to(dtype)
+
+
+def in_float64(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` for float64 outputs: a loss module holding floating tensors of another dtype
+    (a class ``weight``, a ``pos_weight``) as a float64 deep copy, anything else as it is."""
+    if isinstance(loss_fn, torch.nn.Module) and any(
+            t.is_floating_point() and t.dtype != torch.float64
+            for t in [*loss_fn.parameters(), *loss_fn.buffers()]):
+        return copy.deepcopy(loss_fn).double()
+    return loss_fn
 
 
 def _unread_terms_matter(reading: _Reading, dtype: torch.dtype) -> bool:
