@@ -321,7 +321,8 @@ def effective_rank(
                 concatenate = not estimator.streams  # a data set runs on its batches joined
                 if isinstance(problem, StreamedProblem):
                     problem.survey()
-                outputs = functools.cache(lambda: probe_outputs(per_batch(problem)[0]))
+                outputs = functools.cache(lambda: probe_outputs(
+                    per_batch(problem)[0], check_loss=not isinstance(problem, StreamedProblem)))
                 cost = _agreed_cost(parallel, estimator.predict(problem, outputs, settings,
                                                                 method_options))
                 if isinstance(problem, StreamedProblem) and concatenate:

@@ -751,12 +751,15 @@ def unused_parameters_note(problem: CurvatureProblem, pieces: Sequence[Tensor | 
             "its parameters off), or leave them out with params=")
 
 
-def probe_outputs(problem: CurvatureProblem) -> Tensor:
-    """One forward pass without a graph, and the checked loss on it (see
-    :meth:`CurvatureProblem.loss`): the model's outputs, for predictions before the work."""
+def probe_outputs(problem: CurvatureProblem, check_loss: bool = True) -> Tensor:
+    """One forward pass without a graph, and (``check_loss``) the checked loss on it (see
+    :meth:`CurvatureProblem.loss`): the model's outputs, for predictions before the work. A
+    data set's batch skips the check: the survey has checked every batch's loss (one whose
+    targets are all ignored has a NaN mean of its own, and adds nothing)."""
     with torch.no_grad():
         outputs = problem.forward()
-        problem.loss(outputs)
+        if check_loss:
+            problem.loss(outputs)
     return outputs
 
 

@@ -137,6 +137,16 @@ def _same(first: Fingerprint, second: Fingerprint) -> bool:
     return all(a == b or (a != a and b != b) for a, b in zip(first, second))
 
 
+def _can_be_reference(batch: CurvatureProblem, outputs: Tensor) -> bool:
+    """Whether how the data set's loss weighs its batches can be read off this batch: its loss
+    is finite and has a nonzero gradient w.r.t. the outputs (not so where every target is
+    ignored: a mean over none is NaN, a sum over none 0)."""
+    with torch.no_grad():  # a parameter term would otherwise build a graph
+        value = evaluate_loss(batch.loss_fn, outputs, batch.targets, finite=False)
+    return (math.isfinite(float(value))
+            and float(_output_gradient(batch.loss_fn, outputs, batch.targets).abs().max()) > 0)
+
+
 def _output_gradient(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor,
                      targets: Tensor) -> Tensor:
     """``dL/df`` on detached outputs (zeros where the loss does not use them, or returns a
@@ -326,29 +336,37 @@ class StreamedProblem(CurvatureProblem):
                 on batch statistics.
         """
         refuse_split_batch_statistics(self, "batch")
-        losses: list[tuple[float, float]] = []
+        # index -> (fingerprint, normaliser, loss); batches seen before one that can serve as
+        # the reference (every target ignored: a NaN mean, or a zero sum) wait for it
+        weighed: dict[int, tuple[Any, float, float]] = {}
+        waiting: list[tuple[int, CurvatureProblem, Tensor]] = []
         total_bytes = 0
         with same_draw(self.data):
             for index, batch in enumerate(self._batches()):
                 outputs = _outputs(batch)
-                if self._reference is None:
-                    with torch.no_grad():  # a parameter term would otherwise build a graph
-                        CurvatureProblem.loss(batch, outputs)  # checked: a finite scalar
-                    self._begin(batch, outputs)
-                normaliser, value = self._weighed(batch, outputs, index)
-                if normaliser == 0.0 and not math.isfinite(value):
-                    self.notes.append(
-                        f"batch {index} adds nothing to the data set's loss (its own loss is "
-                        f"{value}, e.g. every target ignored, and its outputs have no gradient "
-                        "next to another batch): left out")
-                    value = 0.0
-                self._normalisers.append((_fingerprint(batch), normaliser))
-                losses.append((normaliser, value))
                 self.total_samples += batch.num_samples
                 total_bytes += sum(x.numel() * x.element_size() for x in
                                    (*batch.args, *batch.kwargs.values(), batch.targets))
-        if not losses:
+                if self._reference is None:
+                    if not _can_be_reference(batch, outputs):
+                        waiting.append((index, batch, outputs))
+                        continue
+                    self._begin(batch, outputs)
+                    weighed[index] = self._weigh(batch, outputs, index)
+                    for earlier, earlier_batch, earlier_outputs in waiting:
+                        weighed[earlier] = self._weigh(earlier_batch, earlier_outputs, earlier)
+                    waiting.clear()
+                    continue
+                weighed[index] = self._weigh(batch, outputs, index)
+        if waiting:  # no batch can: the first one's own error says why
+            _, batch, outputs = waiting[0]
+            with torch.no_grad():  # a parameter term would otherwise build a graph
+                CurvatureProblem.loss(batch, outputs)  # checked: a finite scalar
+            self._begin(batch, outputs)
+        if not weighed:
             raise ValueError("the data yielded no batch: pass a loader over a non-empty data set")
+        self._normalisers = [(weighed[i][0], weighed[i][1]) for i in sorted(weighed)]
+        losses = [(weighed[i][1], weighed[i][2]) for i in sorted(weighed)]
         self.num_batches = len(losses)
         self.data_bytes = total_bytes
         total = self._total_normaliser()
@@ -360,17 +378,30 @@ class StreamedProblem(CurvatureProblem):
                "(a mean over the data set)")
             + " (verified on every batch)")
 
+    def _weigh(self, batch: CurvatureProblem, outputs: Tensor, index: int
+               ) -> tuple[Any, float, float]:
+        """``(fingerprint, normaliser, loss)`` of batch ``index`` against the reference; a batch
+        that adds nothing (its own loss not finite) counts with loss 0, in a note."""
+        normaliser, value = self._weighed(batch, outputs, index)
+        if normaliser == 0.0 and not math.isfinite(value):
+            self.notes.append(
+                f"batch {index} adds nothing to the data set's loss (its own loss is "
+                f"{value}, e.g. every target ignored, and its outputs have no gradient "
+                "next to another batch): left out")
+            value = 0.0
+        return _fingerprint(batch), normaliser, value
+
     def _begin(self, batch: CurvatureProblem, outputs: Tensor) -> None:
         """Take ``batch`` (with its ``outputs``) as the reference and read the reduction's kind
         off a pair of it."""
         gradient = _output_gradient(batch.loss_fn, outputs, batch.targets)
         if float(gradient.abs().max()) == 0.0:
             raise ValueError(
-                "the first batch's loss has a zero gradient w.r.t. the model's outputs, so how "
-                "the data set's loss weighs its batches cannot be read off; put a batch with a "
-                "nonzero loss gradient first (if every batch's loss is without a graph, loss_fn "
-                "returns it detached, under torch.no_grad() or through .item(): return it as a "
-                "tensor computed from the outputs with torch operations)"
+                "no batch's loss has a nonzero gradient w.r.t. the model's outputs, so how "
+                "the data set's loss weighs its batches cannot be read off (every target "
+                "ignored in every batch, or a loss_fn that returns its value detached, under "
+                "torch.no_grad() or through .item(): return it as a tensor computed from the "
+                "outputs with torch operations)"
             )
         self._reference = (outputs.detach(), batch.targets, gradient)
         alpha, beta = self._pair(outputs, batch.targets, gradient, "the first batch")

@@ -179,22 +179,26 @@ def _masked_mean(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(outputs[kept], targets[kept])
 
 
+@pytest.mark.parametrize("batch", [1, 0], ids=["second batch", "first batch"])
 @pytest.mark.parametrize("masked", [False, True], ids=["ignore_index", "masked constant"])
 @pytest.mark.parametrize("method", ["exact", "ggn", "fisher"])
-def test_a_batch_whose_targets_are_all_ignored_adds_nothing(method, masked):
+def test_a_batch_whose_targets_are_all_ignored_adds_nothing(method, masked, batch):
     """A batch with every target ignored has a NaN mean loss of its own (or a constant without a
     graph), and no gradient or curvature; the data set's loss (the mean over the targets not
     ignored) is finite. Streamed == the concatenated batch; a note names the NaN batch left out
-    (before: refused as a NaN loss; the constant, by autograd's 'does not require grad')."""
+    (before: refused as a NaN loss; the constant, by autograd's 'does not require grad'). The
+    first batch too: how the data set's loss weighs its batches is read off the first batch
+    that has a finite loss and a gradient (it was refused as a NaN loss)."""
     model, loss_fn, x, y = _data("ignore_index")
     if masked:
         loss_fn = _masked_mean
     y = y.clone()
-    y[5:12] = 2  # batch 1 (samples 5-11): every target is ignore_index
+    start = sum(SIZES[:batch])
+    y[start:start + SIZES[batch]] = 2  # every target of that batch is ignore_index
     streamed = hessrank.effective_rank(model, loss_fn, _batches(x, y), method)
     whole = hessrank.effective_rank(model, loss_fn, (x, y), method)
     # the NaN loss is left out, and said so; the constant is a term of zero
-    assert masked or any("batch 1 adds nothing" in note for note in streamed.notes)
+    assert masked or any(f"batch {batch} adds nothing" in note for note in streamed.notes)
     assert streamed.trace == pytest.approx(whole.trace, rel=1e-9)
     assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
 
