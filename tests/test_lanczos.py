@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import hessrank
 from hessrank.cli import presets
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
 from hessrank.problem import build_problem
@@ -568,3 +570,21 @@ def test_the_numerical_interval_is_at_the_rank_s_tolerance() -> None:
     assert f"at rtol = {result.rtol:.3g}" in note
     assert low <= result.ranks["numerical"] <= high
     assert low <= exact.ranks["numerical"] <= high
+
+
+def test_a_zero_hessian_has_zero_intervals_and_counts_stay_within_the_rank_bound():
+    """A loss linear in a linear model's outputs has a zero Hessian: every product is exactly
+    zero, which for a random start means every eigenvalue is, so every interval is [0, 0] (the
+    srank's was [0, P]). The numerical rank's interval in the notes stays within the rank bound
+    (an EF of rank n = 8 was given [2, 16] with P = 15)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    batch = (torch.randn(8, 4), torch.randn(8, 3))
+    linear = lambda outputs, targets: (outputs * targets).mean()  # noqa: E731
+    zero = hessrank.effective_rank(model, linear, batch, "lanczos")
+    assert zero.rank_interval == (0.0, 0.0) and zero.rank == 0
+    assert any("numerical rank in [0, 0]" in note for note in zero.notes)
+    fisher = hessrank.effective_rank(model, linear, batch, "fisher_lanczos")
+    low, high = (int(end) for end in re.search(
+        r"numerical rank in \[(\d+), (\d+)\]", " ".join(fisher.notes)).groups())
+    assert low <= fisher.ranks["numerical"] <= high <= fisher.max_rank == 8

@@ -48,6 +48,7 @@ half the steps at P = 682 and 1.8 million, three in four at P = 10^7 (``benchmar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -780,6 +781,13 @@ def lanczos_spectrum(
             (bootstrapped.srank, point["srank"]), (bootstrapped.numerical, point["numerical"]),
             (bootstrapped.trace, trace))))
     mass = float(np.abs(nodes) @ weights)
+    if mass == 0.0:
+        # Every node 0 means every run's first product was exactly zero: H q = 0 for a random q
+        # has q's components in every eigenvector, so every eigenvalue is 0 (the matrix is).
+        intervals = _Intervals((0.0, 0.0), (0.0, 0.0), (0.0, 0.0))
+    bound = int(getattr(operator, "rank_bound", dim))  # no count exceeds the rank bound
+    intervals = dataclasses.replace(intervals, numerical=(
+        min(intervals.numerical[0], bound), min(intervals.numerical[1], bound)))
     deflated = int(quadratures[0].fixed.sum())
     notes.append(
         f"Lanczos quadrature: {runs} run(s) of {run_steps} steps, "
