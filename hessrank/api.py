@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import time
 from collections.abc import Iterable, Sequence
@@ -94,10 +95,11 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
               eigenvectors: int = 0, measure_memory: bool = False) -> Settings:
     """Validate the options every method shares (before any work) and bundle them."""
     check_number("threshold", threshold, high=1.0)
-    check_number("rtol", rtol, allow_none=True, inclusive_low=True)
-    if rtol is not None and rtol >= 1.0:
-        raise ValueError(f"rtol must lie in [0, 1), got {rtol!r}: no eigenvalue exceeds rtol "
-                         "times the largest at rtol >= 1, so every numerical rank would be 0")
+    check_number("rtol", rtol, allow_none=True, low=-math.inf, inclusive_low=True)  # a number
+    if rtol is not None and not 0.0 <= rtol < 1.0:
+        raise ValueError(f"rtol must lie in [0, 1), got {rtol!r}" + (
+            ": no eigenvalue exceeds rtol times the largest at rtol >= 1, so every numerical "
+            "rank would be 0" if rtol >= 1.0 else ""))
     check_number("max_memory", max_memory)
     check_number("max_seconds", max_seconds, allow_none=True)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (

@@ -350,7 +350,8 @@ def check_number(name: str, value: object, *, low: float = 0.0, high: float = ma
     """
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or math.isnan(float(value))):  # NumPy's floats and integers are numbers.Real too
         raise ValueError(f"{name} must be a number, got {value!r}")
     below = value < low if inclusive_low else value <= low
     if below or value > high:
