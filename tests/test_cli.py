@@ -641,3 +641,16 @@ def test_rank_in_batches_equals_one_batch(method, capsys) -> None:
     status_batched, batched, _ = run_main([*argv, "--batch-size", "5"], capsys)
     assert status == status_batched == 0
     assert float(batched) == pytest.approx(float(whole), rel=1e-6)
+
+
+def test_a_reader_that_leaves_the_pipe_gets_no_traceback():
+    """``hessrank rank --json - | true``: the write to the closed pipe raised BrokenPipeError
+    with a traceback; now exit status 141 (128 + SIGPIPE) and nothing on stderr."""
+    command = [sys.executable, "-m", "hessrank.cli", "rank", *TINY, "--method", "fisher",
+               "--json", "-"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader leaves before the first byte
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141, error
+    assert "Traceback" not in error

@@ -577,3 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # compare handles its own, to keep what it measured
         print("hessrank: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (| head): nothing more to write
+        # Python flushes stdout at exit, which would raise again: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a writer the pipe stopped
