@@ -64,11 +64,16 @@ def _finite(value: float) -> float | None:
 
 
 def _summary(result: RankResult) -> dict[str, Any]:
-    """The scalars of one result: srank, every entry of ``result.ranks``, top eigenvalue, trace."""
+    """The numbers of one result (the whole model's or a layer's): srank, every entry of
+    ``result.ranks``, top eigenvalue, trace, the numerical rank's ``rtol`` (it differs by method
+    and layer: the matrix's size times epsilon), and the srank's ``rank_interval`` (Lanczos)."""
     out: dict[str, Any] = {"rank": int(result.rank)}
     out.update({name: _finite(value) for name, value in result.ranks.items()})
     out["top_eigenvalue"] = _finite(result.top_eigenvalue)
     out["trace"] = _finite(result.trace)
+    out["rtol"] = float(result.rtol)
+    if result.rank_interval is not None:
+        out["rank_interval"] = [_finite(bound) for bound in result.rank_interval]
     return out
 
 
@@ -83,8 +88,9 @@ class Measurement:
         error: the exception the method raised (``on_error`` ``"warn"``/``"record"``), else None.
         record: the JSON line: ``step``, ``method``, ``rank``, every entry of ``result.ranks``
             (``srank``, ``numerical``, ...), ``top_eigenvalue``, ``trace``, ``seconds``,
-            ``num_params``, ``num_samples``, ``threshold``, ``backend``, ``rank_interval``
-            (``lanczos``), ``layers`` (per-layer scalars, with ``per_layer=True``); for a failure
+            ``num_params``, ``num_samples``, ``threshold``, ``rtol``, ``backend``,
+            ``rank_interval`` (``lanczos``), ``layers`` (each layer's ranks, top eigenvalue,
+            trace, ``rtol`` and ``rank_interval``, with ``per_layer=True``); for a failure
             ``step``, ``method`` and ``error`` (the message). Non-finite numbers are None.
     """
 
@@ -108,8 +114,6 @@ class Measurement:
                 threshold=float(res.threshold),
                 backend=res.backend,
             )
-            if res.rank_interval is not None:
-                record["rank_interval"] = [_finite(bound) for bound in res.rank_interval]
             if res.layers:
                 record["layers"] = {name: _summary(layer) for name, layer in res.layers.items()}
         object.__setattr__(self, "record", record)
@@ -127,7 +131,7 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         numbers are left out.
     """
     method = record["method"]
-    skip = ("step", "method", "backend", "error", "rank_interval", "layers")
+    skip = ("step", "method", "backend", "error", "rank_interval", "layers", "rtol")
     out = {
         f"{method}/{key}": float(value)
         for key, value in record.items()
@@ -136,7 +140,7 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     for layer, values in record.get("layers", {}).items():
         out.update(
             {f"{method}/layers/{layer}/{key}": float(v) for key, v in values.items()
-             if isinstance(v, int | float)}
+             if key not in skip and isinstance(v, int | float)}
         )
     return out
 

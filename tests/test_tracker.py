@@ -110,8 +110,12 @@ def test_records_equal_the_library_at_each_measured_step(tmp_path: Path) -> None
         assert record["trace"] == pytest.approx(res.trace, rel=1e-9)
         assert record["threshold"] == 0.9 and record["num_samples"] == 16
         assert set(record["layers"]) == set(res.layers) == {"0", "1", "4", "6"}
+        # the tolerance the numerical rank was counted at: the matrix's size times epsilon,
+        # which differs by method and by layer
+        assert record["rtol"] == res.rtol
         for name, layer in res.layers.items():
             assert record["layers"][name]["rank"] == layer.rank
+            assert record["layers"][name]["rtol"] == layer.rtol
             assert record["layers"][name]["top_eigenvalue"] == pytest.approx(
                 layer.top_eigenvalue, rel=1e-9)
     # Training moved the weights between the measurements.
@@ -490,3 +494,19 @@ def test_every_registered_method_can_be_tracked() -> None:
     records = [measurement.record for measurement in tracker.step(batch)]
     assert [record["method"] for record in records] == ["fisher_lanczos", "ggn_lanczos"]
     assert records[0]["rank"] == fisher.rank
+
+
+def test_lanczos_layer_records_carry_their_intervals(tmp_path: Path) -> None:
+    """Per-layer Lanczos results have srank intervals of their own; the records had none."""
+    model = _net().eval()
+    batch = classification_batch(16, 6, 3, dtype=torch.float32)
+    options = {"per_layer": True, "lanczos_steps": 20, "seed": 4}
+    expected = hessrank.effective_rank(model, CE, batch, method="lanczos", **options)
+    tracker = hessrank.Tracker(model, CE, ("lanczos",), every=1, log=None, **options)
+    tracker.step(batch)
+    tracker.close()
+    (record,) = tracker.records
+    assert record["rank_interval"] == pytest.approx(list(expected.rank_interval))
+    for name, layer in expected.layers.items():
+        assert layer.rank_interval is not None
+        assert record["layers"][name]["rank_interval"] == pytest.approx(list(layer.rank_interval))
