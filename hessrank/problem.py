@@ -353,8 +353,9 @@ def check_number(name: str, value: object, *, low: float = 0.0, high: float = ma
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)
             or math.isnan(float(value))):  # NumPy's floats and integers are numbers.Real too
         raise ValueError(f"{name} must be a number, got {value!r}")
-    below = value < low if inclusive_low else value <= low
-    if below or value > high:
+    number = float(value)
+    below = number < low if inclusive_low else number <= low
+    if below or number > high:
         bracket = "[" if inclusive_low else "("
         raise ValueError(f"{name} must lie in {bracket}{low:g}, {high:g}], got {value!r}")
 
