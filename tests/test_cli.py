@@ -119,6 +119,13 @@ def test_compare_json_schema(compared) -> None:
             assert fisher["srank_rel_error"] == pytest.approx(
                 (fisher["srank"] - exact["srank"]) / exact["srank"]
             )
+            # the numerical rank against exact's at the same tolerance (fisher's is n eps, not
+            # exact's P eps): counted here from exact's eigenvalues, with numpy
+            values = np.abs(np.asarray(exact["eigenvalues"]))
+            at_fisher = int((values > fisher["rtol"] * values.max()).sum())
+            assert fisher["rtol"] < exact["rtol"]
+            assert fisher["numerical_rank_rel_error"] == pytest.approx(
+                (fisher["numerical_rank"] - at_fisher) / at_fisher)
             assert point["methods"]["lanczos"]["rank_interval"] is not None
             check = point["pyhessian"]
             assert check["error"] is None and isinstance(check["trace_stopped_by_sign"], bool)

@@ -204,17 +204,23 @@ def caveats(res: Any) -> list[str]:
 
 
 def record(res: Any, exact: dict[str, Any] | None) -> dict[str, Any]:
-    """The JSON record of one estimate, with its errors against the exact record."""
+    """The JSON record of one estimate, with its errors against the exact record; the numerical
+    rank's against exact's at this estimate's ``rtol`` (the default tolerance is the matrix's
+    size times epsilon: a Gram matrix's is smaller than the Hessian's ``P``)."""
     srank, numerical = float(res.rank), float(res.ranks["numerical"])
+    exact_numerical = None
+    if exact:
+        exact_numerical = (exact["numerical_rank"] if exact["rtol"] == float(res.rtol) else
+                           hessrank.spectral_ranks(np.asarray(exact["eigenvalues"]),
+                                                   rtol=float(res.rtol))["numerical"])
     return {
         "method": res.method,
         "backend": res.backend,
         "srank": srank,
         "numerical_rank": numerical,
+        "rtol": float(res.rtol),
         "srank_rel_error": rel_error(srank, exact["srank"]) if exact else None,
-        "numerical_rank_rel_error": rel_error(numerical, exact["numerical_rank"])
-        if exact
-        else None,
+        "numerical_rank_rel_error": rel_error(numerical, exact_numerical),
         "top_eigenvalue": float(res.top_eigenvalue),
         "trace": float(res.trace),
         "seconds": float(res.seconds),
@@ -225,7 +231,10 @@ def record(res: Any, exact: dict[str, Any] | None) -> dict[str, Any]:
         "num_samples": int(res.num_samples),
         "num_hvps": res.num_hvps,
         "ranks": {k: float(v) for k, v in res.ranks.items()},
-        "caveats": caveats(res),
+        "caveats": caveats(res) + ([] if not exact or exact["rtol"] == float(res.rtol) else [
+            f"numerical rank at rtol = {float(res.rtol):.3g} (its matrix's size x epsilon), "
+            f"compared with exact's at that rtol ({exact_numerical:g}; "
+            f"{exact['numerical_rank']:g} at exact's own {exact['rtol']:.3g})"]),
         "eigenvalues": np.asarray(res.eigenvalues, dtype=np.float64).tolist(),
         "error": None,
     }
