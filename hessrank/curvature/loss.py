@@ -329,8 +329,8 @@ def _interacting_samples_error(i: int, mismatch: Tensor, where: str) -> ValueErr
         f"loss_fn is not a weighted sum of per-sample losses: the batch loss's gradient for "
         f"sample {i}{where} is not a multiple of loss_fn applied to that sample alone (mismatch "
         f"{float(mismatch[i]):.2e} times the batch gradient's rounding), so the samples interact "
-        "in the loss and the empirical Fisher is undefined; use method='ggn' (if the loss is "
-        "convex in the outputs), 'exact' or 'lanczos'"
+        "in the loss and the empirical Fisher is undefined (and the GGN's per-sample factors "
+        "with it); use method='exact' or 'lanczos'"
     )
 
 
@@ -407,8 +407,9 @@ def _curvature_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor
 def _linear_loss_error() -> ValueError:
     return ValueError(
         "the loss is linear in the model's outputs (e.g. nn.NLLLoss after a LogSoftmax inside "
-        "the model), so its GGN is exactly zero: move the last nonlinearity into the loss "
-        "(nn.CrossEntropyLoss on logits), or use method='exact' or 'lanczos'")
+        "the model), or constant in them on this batch (every target ignored), so its GGN is "
+        "exactly zero: move the last nonlinearity into the loss (nn.CrossEntropyLoss on "
+        "logits), or use method='exact' or 'lanczos'")
 
 
 def output_hessian_blocks(first: Tensor, leaf: Tensor, generator: torch.Generator

@@ -41,7 +41,8 @@ class GGN(GramEstimator):
     listing_order = 2
     summary = "generalised Gauss-Newton through the nC' x nC' Gram matrix of its factors"
     columns_label = "C'"
-    budget_advice = ("use mc_samples= (Monte-Carlo GGN, Gram M n x M n), method='fisher' (n x n "
+    budget_advice = ("use mc_samples=M (Monte-Carlo GGN, Gram M n x M n; a smaller M where it is "
+                     "set already), method='fisher' (n x n "
                      "Gram), fewer samples, or method='ggn_lanczos' (GGN-vector products, no "
                      "Gram matrix; streams a DataLoader one batch at a time)")
     Options = GGNOptions
