@@ -223,7 +223,9 @@ def effective_rank(
         eigenvectors: also return the unit eigenvectors of the ``k`` largest ``|eigenvalues|``
             (``result.eigenvectors``, ``[k, P]``; ``result.unflatten`` maps one back to the
             parameters): ``exact`` from the dense solve, ``fisher``/``ggn`` as ``F u / sqrt(
-            lambda)`` from the Gram eigenvectors ``u`` (one batched backward pass).
+            lambda)`` from the Gram eigenvectors ``u`` (one batched backward pass); there a zero
+            eigenvalue (zero to rounding) has no eigenvector in the factors' range and gets a
+            zero row, and ``k`` beyond the Gram's size gives that many rows (a note says so).
         mode: ``"eval"`` (default): the model as evaluated, dropout off and BatchNorm on its
             running statistics, whatever its flags; ``"train"``: the flags as set, i.e. BatchNorm
             in training mode on batch statistics, and one in eval mode (frozen) on its running

@@ -71,7 +71,9 @@ def srank(
     eigenvalues a node stands for are taken as equal: the count is the weight of the nodes before
     the boundary node plus the share of its weight needed to reach the threshold, rounded up
     (a deflated node of weight one, an eigenvalue found, counts whole, as it does in the exact
-    spectrum).
+    spectrum). The cumulative sum reaches ``threshold`` of the total when it is within 4 ulps of
+    it (float64 rounding of the sum): at ``threshold=1`` eigenvalues below about ``1e-15`` of
+    the total do not count (``[1] + [1e-16] * 10`` has srank 1).
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must lie in (0, 1], got {threshold}")

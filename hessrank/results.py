@@ -41,7 +41,9 @@ class RankResult:
             ``per-sample loop`` or ``backpack``).
         eigenvectors: with ``eigenvectors=k``: ``[k, P]`` float64 unit eigenvectors of the ``k``
             largest ``|eigenvalues|`` (rows match ``eigenvalues[:k]``), in the flattened order of
-            ``parameters``; :meth:`unflatten` maps one back to the parameters' shapes.
+            ``parameters``; :meth:`unflatten` maps one back to the parameters' shapes. For
+            ``fisher``/``ggn`` a zero eigenvalue's row is zero, and there are at most as many
+            rows as the Gram matrix has eigenvalues (a note says so).
         parameters: the analysed parameters' names and shapes, in the flattening order.
         notes: caveats worth reading.
         density: ``lanczos`` only: ``(nodes, weights)`` of the SLQ quadrature, weights summing
