@@ -488,7 +488,8 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     if (eigenvalues < -zero).any():
         raise ValueError(
             "the loss Hessian w.r.t. the outputs has negative eigenvalues (the loss is not convex "
-            "in the outputs), so the GGN is indefinite and has no Gram-matrix form: use "
+            "in the outputs), so the GGN is indefinite and has no square-root factors (which "
+            "the GGN methods, the Gram and the Lanczos one alike, are built from): use "
             "method='exact' or 'lanczos'"
         )
     eigenvalues = torch.where(eigenvalues > zero, eigenvalues, torch.zeros_like(eigenvalues))
