@@ -375,10 +375,12 @@ def effective_rank(
 _REENTRANT_CHECKPOINT = "use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()"
 
 
-def _check_gap(magnitudes: np.ndarray, k: int, eps: float, chosen: str) -> None:
+def _check_gap(magnitudes: np.ndarray, k: int, rounding: float, chosen: str) -> None:
     """Raise unless the top-``k`` eigenvectors are determined: the ``k``-th and ``(k+1)``-th
     largest ``|eigenvalues|`` (``magnitudes``, sorted decreasingly) must differ by more than the
-    rounding of a dense Hessian, ``P eps`` of the largest. Within a tie (a zero or symmetric
+    dense Hessian's ``rounding`` (the norm of the antisymmetric part its products left, which
+    bounds how far rounding moved its eigenvalues, to within the symmetric part's like share),
+    and by more than float64's own ``P eps`` of the largest. Within a tie (a zero or symmetric
     initialisation repeats eigenvalues; null directions all share 0) any basis of the tied
     eigenspace is as good as another, and the overlap takes any value between its extremes.
 
@@ -389,7 +391,7 @@ def _check_gap(magnitudes: np.ndarray, k: int, eps: float, chosen: str) -> None:
     size = len(magnitudes)
     if not 0 < k < size:
         return
-    tolerance = size * eps * float(magnitudes[0])
+    tolerance = max(rounding, size * float(np.finfo(np.float64).eps) * float(magnitudes[0]))
     gaps = magnitudes[:-1] - magnitudes[1:]  # gaps[i]: between the (i+1)-th and (i+2)-th
     if gaps[k - 1] > tolerance:
         return
@@ -592,7 +594,8 @@ def gradient_overlap(
     chosen = "k" if k is not None else f"k (the srank at threshold={threshold})"
     if k is None:
         k = int(srank(eigenvalues, threshold))
-    _check_gap(np.abs(eigenvalues), int(k), float(torch.finfo(problem.dtype).eps), chosen)
+    assert operator.rounding is not None, "dense_hessian measured it"
+    _check_gap(np.abs(eigenvalues), int(k), operator.rounding, chosen)
     gradient = operator.gradient.to(torch.float64)
     norm = float(gradient @ gradient)
     if norm == 0.0:

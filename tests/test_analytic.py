@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -90,6 +92,28 @@ def test_gradient_overlap_refuses_k_inside_a_tie():
             hessrank.gradient_overlap(model, mse, batch, k=k)
     assert hessrank.gradient_overlap(model, mse, batch, k=0) == 0.0
     assert hessrank.gradient_overlap(model, mse, batch, k=4) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradient_overlap_takes_close_but_distinct_eigenvalues(seed):
+    """float32 tanh MLPs whose srank falls between eigenvalues 4e-6 to 1e-4 of the top apart:
+    a tie tolerance of P eps (1.8e-4) refused them, though the float32 Hessian's eigenvalues are
+    within about 2e-8 of the top of float64's and the overlap agrees with a float64 reference."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 40), nn.Tanh(), nn.Linear(40, 5))
+    torch.manual_seed(100 + seed)
+    batch = (torch.randn(64, 10), torch.randint(0, 5, (64,)))
+    twin = copy.deepcopy(model).double()
+    hessian = reference_hessian(twin, CE, batch[0].double(), batch[1])
+    values, vectors = np.linalg.eigh(hessian)
+    order = np.lexsort((-values, -np.abs(values)))
+    values, vectors = values[order], vectors[:, order]
+    k = int(hessrank.spectral_ranks(values)["srank"])
+    params = list(twin.parameters())
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+        CE(twin(batch[0].double()), batch[1]), params)]).numpy()
+    expected = float(np.sum((vectors[:, :k].T @ g) ** 2) / (g @ g))
+    assert hessrank.gradient_overlap(model, CE, batch) == pytest.approx(expected, abs=1e-4)
 
 
 def test_rank_definitions_on_known_spectra():

@@ -89,6 +89,9 @@ class HessianOperator(ParameterOperator):
         self._graph_index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self._graph_grads = [grads[i] for i in self._graph_index]
         self._batched = True
+        #: the Frobenius norm of the antisymmetric part of the dense Hessian the products built
+        #: (:func:`dense_hessian`), a measure of their rounding; None before one is built
+        self.rounding: float | None = None
 
     def _flatten(self, pieces: tuple[Tensor | None, ...], leading: tuple[int, ...]) -> Tensor:
         return torch.cat([
@@ -219,6 +222,7 @@ def dense_hessian(
         if advance is not None:
             advance(stop - start)
     antisymmetric = float((hessian - hessian.T).norm())
+    operator.rounding = antisymmetric / 2
     hessian += hessian.T.clone()
     hessian /= 2
     symmetric = float(hessian.norm())
