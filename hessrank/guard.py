@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 import pickle
 import random
 import signal
 import threading
+import types
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
@@ -34,74 +36,171 @@ _HOOK_DICTS = (
 
 #: A module's own bookkeeping in its ``__dict__`` (parameter, buffer and submodule registries,
 #: hook dictionaries, the ``training`` flag), which :func:`preserved_state` restores on its own:
-#: every other entry is a plain attribute, state a forward pass may rebind.
+#: every other entry is a plain attribute, state a forward pass may rebind or mutate.
 _MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
 _MISSING = object()
-
-ModuleAttributes = list[tuple[nn.Module, dict[str, Any]]]
-
-
-def plain_attributes(model: nn.Module) -> ModuleAttributes:
-    """Every submodule's plain attributes (``__dict__`` beyond the bookkeeping), by reference."""
-    return [(module, {key: value for key, value in vars(module).items()
-                      if key not in _MODULE_BOOKKEEPING})
-            for module in model.modules()]
+#: What a plain attribute may hold without its contents being state: code, types, modules.
+_NOT_CONTAINERS = (nn.Module, Tensor, type, types.ModuleType, types.FunctionType,
+                   types.MethodType, types.BuiltinFunctionType)
 
 
-def rebind_attributes(saved: ModuleAttributes) -> None:
-    """Put back the attributes of :func:`plain_attributes` that were rebound since (the same
-    objects), and remove those added since."""
-    for module, attributes in saved:
-        current = vars(module)
+@dataclass
+class _Attributes:
+    """One module's plain attributes: the objects (by reference), and a shallow copy of what the
+    mutable ones hold (a list's items, a dict's or a set's entries, a plain object's
+    ``__dict__``, such as a configuration), so that appending to a list or setting a
+    configuration's field can be undone too."""
+
+    module: nn.Module
+    objects: dict[str, Any]
+    contents: dict[str, Any]
+    #: values held in ``__slots__`` (a module class that declares them keeps them outside its
+    #: ``__dict__``)
+    slots: dict[str, Any]
+
+
+def _contents(value: Any) -> Any:
+    """A shallow copy of what ``value`` holds, ``_MISSING`` where it is not a container."""
+    if isinstance(value, list | dict | set):
+        return copy.copy(value)
+    if not isinstance(value, _NOT_CONTAINERS) and hasattr(value, "__dict__"):
+        return dict(vars(value))
+    return _MISSING
+
+
+def _put_back(value: Any, contents: Any) -> None:
+    """Make ``value`` hold ``contents`` again (in place), where it changed."""
+    if isinstance(value, list):
+        if len(value) != len(contents) or any(a is not b for a, b in zip(value, contents)):
+            value[:] = contents
+    elif isinstance(value, set):
+        if value != contents:
+            value.clear()
+            value.update(contents)
+    else:
+        current = value if isinstance(value, dict) else vars(value)
+        if current.keys() != contents.keys() or any(
+                current[key] is not item for key, item in contents.items()):
+            current.clear()
+            current.update(contents)
+
+
+def plain_attributes(model: nn.Module) -> list[_Attributes]:
+    """Every submodule's plain attributes (``__dict__`` beyond the bookkeeping)."""
+    saved = []
+    for module in model.modules():
+        objects = {key: value for key, value in vars(module).items()
+                   if key not in _MODULE_BOOKKEEPING}
+        contents = {key: copied for key, value in objects.items()
+                    if (copied := _contents(value)) is not _MISSING}
+        slots = {name: getattr(module, name) for name in _slot_names(type(module))
+                 if hasattr(module, name)}
+        saved.append(_Attributes(module, objects, contents, slots))
+    return saved
+
+
+def _slot_names(cls: type) -> list[str]:
+    """The ``__slots__`` entries of a class and its bases (but ``__dict__``, ``__weakref__``)."""
+    names = []
+    for klass in cls.__mro__:
+        declared = klass.__dict__.get("__slots__", ())
+        names += [declared] if isinstance(declared, str) else [
+            name for name in declared if name not in ("__dict__", "__weakref__")]
+    return names
+
+
+def rebind_attributes(saved: list[_Attributes]) -> None:
+    """Put back the attributes of :func:`plain_attributes`: the same objects, holding what they
+    held (a list's items, a dict's entries, a plain object's fields), and remove those added
+    since. Deeper changes (a tensor inside a list modified in place) are not seen."""
+    for entry in saved:
+        current = vars(entry.module)
         for key in [key for key in current
-                    if key not in attributes and key not in _MODULE_BOOKKEEPING]:
+                    if key not in entry.objects and key not in _MODULE_BOOKKEEPING]:
             del current[key]
-        for key, value in attributes.items():
+        for key, value in entry.objects.items():
             if current.get(key, _MISSING) is not value:
                 current[key] = value
+        for key, contents in entry.contents.items():
+            _put_back(entry.objects[key], contents)
+        for name, value in entry.slots.items():
+            if getattr(entry.module, name, _MISSING) is not value:
+                object.__setattr__(entry.module, name, value)
+
+
+def _plain_tensors(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """Tensors held as plain attributes (not buffers) without a gradient to carry: state a
+    forward may update in place, as it would a buffer's."""
+    return [(module, key, value) for module in model.modules()
+            for key, value in vars(module).items()
+            if key not in _MODULE_BOOKKEEPING and isinstance(value, Tensor)
+            and not isinstance(value, nn.Parameter) and not value.requires_grad
+            and not value.is_inference()]
 
 
 class PassState:
     """The model's state as a call's first forward pass found it, put back before every later
-    pass: the buffers' values and the modules' plain attributes.
+    pass: the buffers' values, the registries of buffers, parameters and submodules, and the
+    modules' plain attributes (the objects, what a list, dict, set or configuration object
+    among them holds, and the values of tensors among them).
 
     A forward that updates its own state (a step counter or a running average it then reads, a
-    hidden state carried over from the previous batch, a tensor cached on ``self``) would
-    otherwise make each pass of a call a different function, and the curvature of a method that
-    runs several passes a mix of them; a per-sample pass under ``torch.func`` would leave its
-    transformed tensors in the attributes. Buffers are put back by rebinding a fresh copy of
-    their first values, never in place, so that a graph an earlier pass saved stays valid; only
-    those that changed (their version counter moved, or the module rebound them). Parameters
-    are never written. The state is taken at the first pass, after anything the call sets up
-    (evaluation mode, process 0's buffers in a data-parallel call).
+    hidden state carried over from the previous batch, a tensor cached on ``self``, a buffer or
+    submodule created on first use) would otherwise make each pass of a call a different
+    function, and the curvature of a method that runs several passes a mix of them; a
+    per-sample pass under ``torch.func`` would leave its transformed tensors in the attributes.
+    Buffers and tensor attributes are put back by rebinding a fresh copy of their first values,
+    never in place, so that a graph an earlier pass saved stays valid; only those that changed
+    (their version counter moved, or the module rebound them). Parameters are never written.
+    The state is taken at the first pass, after anything the call sets up (evaluation mode,
+    process 0's buffers in a data-parallel call).
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._attributes: ModuleAttributes | None = None
-        #: [module, name, the buffer now registered, its version then, its first value]
-        self._buffers: list[list[Any]] = []
+        self._attributes: list[_Attributes] | None = None
+        #: [module, name, the tensor now held, its version then, its first value, registry]:
+        #: buffers (registry ``module._buffers``) and plain tensor attributes (``vars(module)``)
+        self._tensors: list[list[Any]] = []
+        #: each module's registered buffer, parameter and submodule names at the first pass
+        self._registered: list[tuple[nn.Module, set[str], set[str], set[str]]] = []
 
     def before_pass(self) -> None:
         """Record the state (first pass) or put it back (every later one)."""
         if self._attributes is None:
             self._attributes = plain_attributes(self.model)
+            self._registered = [(module, set(module._buffers), set(module._parameters),
+                                 set(module._modules)) for module in self.model.modules()]
             with torch.inference_mode(False):
-                self._buffers = [[module, name, buffer, buffer._version, buffer.detach().clone()]
-                                 for module in self.model.modules()
-                                 for name, buffer in module._buffers.items() if buffer is not None]
+                self._tensors = [
+                    [module, name, tensor, tensor._version, tensor.detach().clone(),
+                     module._buffers]
+                    for module in self.model.modules()
+                    for name, tensor in module._buffers.items() if tensor is not None]
+                self._tensors += [[module, name, tensor, tensor._version,
+                                   tensor.detach().clone(), vars(module)]
+                                  for module, name, tensor in _plain_tensors(self.model)]
             return
+        for module, buffers, parameters, submodules in self._registered:
+            for registry, names in ((module._buffers, buffers), (module._parameters, parameters),
+                                    (module._modules, submodules)):
+                for name in [name for name in registry if name not in names]:
+                    del registry[name]  # registered on first use in a later pass
         rebind_attributes(self._attributes)
-        fresh: dict[int, Tensor] = {}  # a buffer shared by several modules gets one copy
-        for slot in self._buffers:
-            module, name, buffer, version, value = slot
-            if module._buffers.get(name) is buffer and buffer._version == version:
+        fresh: dict[int, Tensor] = {}  # a tensor shared by several modules gets one copy
+        for slot in self._tensors:
+            module, name, tensor, version, value, registry = slot
+            if registry.get(name) is tensor and tensor._version == version:
                 continue
-            if id(buffer) not in fresh:
+            if id(tensor) not in fresh:
                 with torch.inference_mode(False):
-                    fresh[id(buffer)] = value.clone()
-            module._buffers[name] = slot[2] = fresh[id(buffer)]
+                    fresh[id(tensor)] = value.clone()
+            registry[name] = slot[2] = fresh[id(tensor)]
             slot[3] = slot[2]._version
+            if registry is not module._buffers:  # an attribute: rebound to the copy from now on
+                for entry in self._attributes:
+                    if entry.module is module:
+                        entry.objects[name] = slot[2]
 
 
 @contextmanager
@@ -183,6 +282,7 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                      for m in modules]
             registered_params = [dict(m._parameters) for m in modules]
             registered_buffers = [dict(m._buffers) for m in modules]
+            registered_modules = [dict(m._modules) for m in modules]
             attributes = plain_attributes(model)
             parameters = list(model.parameters())
             requires_grad = [p.requires_grad for p in parameters]
@@ -192,6 +292,7 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             # autograd cannot differentiate through: the copies are ordinary tensors.
             with torch.inference_mode(False):
                 buffers = [(b, b.detach().clone()) for b in model.buffers()]
+                buffers += [(t, t.detach().clone()) for _, _, t in _plain_tensors(model)]
                 armed = True
                 # The call's forward passes see copies of the buffers: a training-mode
                 # BatchNorm's running statistics or a counter updated in place then leave the
@@ -207,8 +308,9 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     finally:
         if armed:
             with deferred_interrupts():
-                for module, flag, module_hooks, params, module_buffers in zip(
-                    modules, training, hooks, registered_params, registered_buffers
+                for module, flag, module_hooks, params, module_buffers, submodules in zip(
+                    modules, training, hooks, registered_params, registered_buffers,
+                    registered_modules
                 ):
                     module.training = flag
                     for name, saved in module_hooks.items():
@@ -218,6 +320,7 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                             current.update(saved)
                     _restore_registry(module._parameters, params)
                     _restore_registry(module._buffers, module_buffers)
+                    _restore_registry(module._modules, submodules)
                 rebind_attributes(attributes)
                 for param, flag, grad in zip(parameters, requires_grad, grads):
                     param.requires_grad_(flag)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import types
 
 import numpy as np
 import pytest
@@ -29,12 +30,17 @@ from torch import Tensor, nn
 import hessrank
 
 KINDS = ["counter buffer", "running average", "counter attribute", "cached tensor",
-         "rebound buffer"]
+         "rebound buffer", "list", "dict", "tensor attribute", "configuration", "slot",
+         "lazy buffer", "lazy submodule"]
+#: kinds whose state a training step's forward would create: no warm-up pass before the call
+LAZY = ("lazy buffer", "lazy submodule")
 
 
 class Stateful(nn.Module):
     """A tanh MLP whose forward reads, then updates, state of one ``kind``; ``update=False``
     (the reference's twin) reads it without updating it."""
+
+    __slots__ = ("steps",)
 
     def __init__(self, kind: str, update: bool = True) -> None:
         super().__init__()
@@ -46,6 +52,16 @@ class Stateful(nn.Module):
             self.register_buffer("average", torch.zeros(3, dtype=torch.float64))
         elif kind == "counter attribute":
             self.calls = 0
+        elif kind == "list":
+            self.log: list[int] = []
+        elif kind == "dict":
+            self.stats = {"n": 0}
+        elif kind == "tensor attribute":
+            self.scale = torch.zeros((), dtype=torch.float64)  # a plain attribute, not a buffer
+        elif kind == "configuration":
+            self.config = types.SimpleNamespace(scale=1.0)
+        elif kind == "slot":
+            self.steps = 0
         else:
             self.last: Tensor | None = None
 
@@ -68,6 +84,34 @@ class Stateful(nn.Module):
             out = out * (1 + 0.5 * self.calls)
             if self.update:
                 self.calls += 1
+        elif self.kind == "list":
+            out = out * (1 + 0.5 * len(self.log))
+            if self.update:
+                self.log.append(1)
+        elif self.kind == "dict":
+            out = out * (1 + 0.5 * self.stats["n"])
+            if self.update:
+                self.stats["n"] += 1
+        elif self.kind == "tensor attribute":
+            out = out * (1 + 0.5 * self.scale)
+            if self.update:
+                self.scale.add_(1)
+        elif self.kind == "configuration":
+            out = out * self.config.scale
+            if self.update:
+                self.config.scale += 0.5
+        elif self.kind == "slot":
+            out = out * (1 + 0.5 * self.steps)
+            if self.update:
+                self.steps += 1
+        elif self.kind == "lazy buffer":
+            out = out * (1.5 if "seen" in self._buffers else 1.0)
+            if self.update and "seen" not in self._buffers:
+                self.register_buffer("seen", torch.ones(()))
+        elif self.kind == "lazy submodule":
+            out = out * (1.5 if "extra" in self._modules else 1.0)
+            if self.update and "extra" not in self._modules:
+                self.extra = nn.Identity()
         elif self.update:
             self.last = out.detach()
         return out
@@ -94,6 +138,14 @@ def _state(model: Stateful) -> dict[str, object]:
     return {key: value for key, value in vars(model).items() if not key.startswith("_")}
 
 
+def _held(model: Stateful) -> object:
+    """What the mutable state holds, by value."""
+    return {"list": lambda: list(model.log), "dict": lambda: dict(model.stats),
+            "tensor attribute": lambda: float(model.scale),
+            "configuration": lambda: model.config.scale,
+            "slot": lambda: model.steps}.get(model.kind, lambda: None)()
+
+
 @pytest.mark.parametrize(("method", "backend"), [
     ("exact", None), ("ggn", "auto"), ("ggn", "func"), ("fisher", "auto"), ("fisher", "func")])
 @pytest.mark.parametrize("kind", KINDS)
@@ -101,11 +153,14 @@ def test_every_pass_sees_the_state_the_call_found(kind: str, method: str,
                                                   backend: str | None) -> None:
     model = Stateful(kind)
     inputs, targets = _batch()
-    model(inputs)  # a training step's forward: the state has moved on from its initial value
-    twin = copy.deepcopy(model)
+    if kind not in LAZY:
+        model(inputs)  # a training step's forward: the state has moved on from its initial value
+    twin = copy.deepcopy(model)  # nn.Module's __getstate__ leaves __slots__ out: copied here
     twin.update = False
+    if kind == "slot":
+        twin.steps = model.steps
     attributes, buffers = _state(model), {k: v.clone() for k, v in model.named_buffers()}
-    registered = dict(model._buffers)
+    registered, held = (dict(model._buffers), dict(model._modules)), _held(model)
     options = {} if backend is None else {"backend": backend}
     result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (inputs, targets),
                                      method=method, **options)
@@ -114,7 +169,8 @@ def test_every_pass_sees_the_state_the_call_found(kind: str, method: str,
     after = _state(model)
     assert after.keys() == attributes.keys()
     assert all(after[key] is value for key, value in attributes.items())
-    assert all(model._buffers[key] is value for key, value in registered.items())
+    assert model._buffers == registered[0] and model._modules == registered[1]
+    assert _held(model) == held
     assert all(torch.equal(value, buffers[key]) for key, value in model.named_buffers())
     torch.save(model, io.BytesIO())  # no torch.func wrapper left in an attribute
 
