@@ -91,12 +91,13 @@ class CurvatureProblem:
                                                       self._input_versions)
                    if x._version != version]
         if changed:
+            who = ("loss_fn (or the model's forward) modifies the targets" if changed[0] ==
+                   "targets" else f"the model's forward modifies its input {changed[0]}")
             raise ValueError(
-                f"the model's forward modifies its input {changed[0]} in place (x.mul_(...), "
-                "x.relu_(), x /= 255, nn.ReLU(inplace=True) on the input), so every pass after "
-                "the first would see other inputs, and a training step changes your batch: make "
-                "those operations out of place (x = x * 2, torch.relu(x)); your tensors are "
-                "unchanged")
+                f"{who} in place (x.mul_(...), x.relu_(), x /= 255, nn.ReLU(inplace=True) on "
+                "the input), so every pass after the first would see other values, and a "
+                "training step changes your batch: make those operations out of place "
+                "(x = x * 2, torch.relu(x)); your tensors are unchanged")
         self.passes.before_pass()
 
     def _labels(self) -> list[str]:
@@ -432,13 +433,15 @@ _CONSTANTS_ADVICE = (
 )
 
 
-def _usable(tensor: Tensor) -> Tensor:
-    """A caller's batch tensor as the analysis uses it: the call's own copy (a forward that
-    modifies its input in place leaves the caller's batch alone), detached, and a normal
-    (non-inference) tensor, so that a call made under ``torch.inference_mode()`` can still
-    differentiate."""
-    with torch.inference_mode(False):
-        return tensor.detach().clone()
+def _usable(tensor: Tensor, copy: bool) -> Tensor:
+    """A caller's batch tensor as the analysis uses it: detached, a normal (non-inference)
+    tensor, so that a call made under ``torch.inference_mode()`` can still differentiate, and
+    (``copy``) the call's own copy, so that a forward that modifies its input in place leaves
+    the caller's batch alone."""
+    if copy or tensor.is_inference():
+        with torch.inference_mode(False):
+            return tensor.detach().clone()
+    return tensor.detach()
 
 
 def check_call(model: object, loss_fn: object, mode: object) -> None:
@@ -573,9 +576,27 @@ def read_batch(batch: object, dtype: torch.dtype, device: torch.device
 
 def _usable_batch(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], targets: Tensor
                   ) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Tensor]:
-    """Every tensor of a batch as the analysis uses it (:func:`_usable`)."""
-    return (tuple(_usable(x) for x in args), {k: _usable(x) for k, x in kwargs.items()},
-            _usable(targets))
+    """Every tensor of a batch as the analysis uses it (:func:`_usable`): copied, but for one
+    given twice (the same copy serves both), one that shares its memory with another (views
+    of one tensor: copies would break what an in-place change of one does to the other), and
+    an expanded one (a stride of 0: nothing can write to it in place, and a copy would
+    materialise every repeat)."""
+    tensors = [*args, *kwargs.values(), targets]
+    owners: dict[int, set[int]] = {}
+    for tensor in tensors:
+        if tensor.numel():
+            owners.setdefault(tensor.untyped_storage().data_ptr(), set()).add(id(tensor))
+    made: dict[int, Tensor] = {}
+
+    def usable(tensor: Tensor) -> Tensor:
+        if id(tensor) not in made:
+            alone = not tensor.numel() or len(
+                owners[tensor.untyped_storage().data_ptr()]) == 1
+            made[id(tensor)] = _usable(tensor, copy=alone and 0 not in tensor.stride())
+        return made[id(tensor)]
+
+    return (tuple(usable(x) for x in args), {k: usable(x) for k, x in kwargs.items()},
+            usable(targets))
 
 
 def check_batch(batch: object) -> None:

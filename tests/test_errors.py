@@ -732,6 +732,10 @@ BAD_INPUTS = [
      "lanczos_steps=1 gives a quadrature of one node.*use at least 2"),
     ("a model returning a tuple", {"model": lambda model: _TupleOutput()}, TypeError,
      "the model returned tuple.*wrap the model"),
+    *((f"a model returning a tuple to {method}",
+       {"model": lambda model: _TupleOutput(), "method": method}, TypeError,
+       "the model returned tuple.*wrap the model")  # an AttributeError on .detach() before
+      for method in ("ggn_lanczos", "fisher_lanczos")),
     ("inputs a list with a non-tensor", {"inputs": lambda x: [x, 3]}, TypeError,
      "inputs must be a tensor, a non-empty tuple of tensors.*positions \\[1\\].*wrapper module"),
     ("a dict batch with a non-tensor", {"inputs": lambda x: {"x": x, "n": 3}}, TypeError,

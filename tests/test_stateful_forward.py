@@ -211,3 +211,27 @@ def test_an_input_modified_in_place_is_the_callers_no_longer(method: str) -> Non
                 model.net, nn.CrossEntropyLoss(reduction="sum"), 2 * inputs, targets,
                 1 / len(targets))), rtol=1e-9)
     assert torch.equal(inputs, given) and inputs._version == version
+
+
+def test_an_input_given_twice_is_one_tensor_for_the_model_too():
+    """``model(a, a)`` whose forward doubles its first input in place sees its second doubled
+    too; the call's copy of the batch keeps that (two copies made the second undoubled, and
+    ``exact`` returned that other function's spectrum). The caller's tensor is untouched."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp((5, 7, 3))
+
+        def forward(self, a: Tensor, b: Tensor) -> Tensor:
+            a.mul_(2)
+            return self.net(b)
+
+    model = Twice()
+    inputs, targets = _batch()
+    given = inputs.clone()
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), ((inputs, inputs), targets),
+                                     method="exact")
+    reference = reference_hessian(model.net, nn.CrossEntropyLoss(), 2 * inputs, targets)
+    assert_spectra_close(result.eigenvalues, eigenvalues_by_magnitude(reference), rtol=1e-6)
+    assert torch.equal(inputs, given)

@@ -49,7 +49,9 @@ class FactorOperator(ParameterOperator):
         if (check_working_memory is not None and output_side_bytes is not None
                 and isinstance(outputs, Tensor)):  # else shard_cotangents names the problem
             check_working_memory(graph.total + output_side_bytes(outputs))
-        self.loss_value = float(problem.loss(outputs.detach()))
+        # a model that returns no tensor is named by the loss's checked entry
+        self.loss_value = float(problem.loss(
+            outputs.detach() if isinstance(outputs, Tensor) else outputs))
         check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                  problem.names, method)
         self.cotangents = shard_cotangents(problem, cotangents_of, outputs)
