@@ -261,12 +261,14 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     """Restore, on exit (normal, by exception or by Ctrl-C), the model's observable state.
 
     Covers, for every submodule: the ``training`` flag (restored as an attribute, never through
-    ``train()``), the hook dictionaries, the parameter and buffer *registrations* (so a buffer that
-    forward rebinds, ``self.steps = self.steps + 1``, and a parameter that a functional call left
-    swapped come back as the caller's objects), buffers (the call runs on copies; values written
-    through another reference are copied back in place), the plain attributes (a counter, a
-    carried hidden state or a cached tensor that forward rebinds come back as the caller's
-    objects, and attributes it added are removed), and for
+    ``train()``), the hook dictionaries, the parameter, buffer and submodule *registrations* (so
+    a buffer that forward rebinds, ``self.steps = self.steps + 1``, a parameter that a functional
+    call left swapped and a submodule created on first use come back as the caller's), buffers
+    and plain tensor attributes (the call runs on copies of the buffers; values written through
+    another reference are copied back in place), the plain attributes (a counter, a carried
+    hidden state or a cached tensor that forward rebinds come back as the caller's objects,
+    what a list, dict, set or configuration object among them holds is put back, and
+    attributes it added are removed), ``__slots__`` values, and for
     every parameter ``requires_grad`` and ``.grad`` (the same tensor objects); plus the global
     random number generators: torch's CPU and CUDA ones, Python's and NumPy's (a forward may
     draw from any of them). The restore runs with Ctrl-C held back, so it is
