@@ -65,18 +65,19 @@ class CurvatureProblem:
     mode: str
     notes: list[str] = field(default_factory=list)
     passes: PassState | None = None
-    #: the inputs' version counters when the problem was made (they are the call's own copies)
-    _input_versions: tuple[int, ...] = field(init=False, repr=False, default=())
+    #: each input (targets last) by its label, and its version counter when the problem was
+    #: made (they are the call's own copies)
+    _input_versions: list[tuple[str, Tensor, int]] = field(init=False, repr=False,
+                                                           default_factory=list)
     #: whether a forward pass's graph was read for custom autograd.Functions
     _graph_read: bool = field(init=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
         if self.passes is None:
             self.passes = PassState(self.model)
-        self._input_versions = tuple(x._version for x in self._inputs())
-
-    def _inputs(self) -> list[Tensor]:
-        return [*self.args, *self.kwargs.values(), self.targets]
+        self._input_versions = [
+            (label, x, x._version)
+            for label, x in [*labelled_inputs(self.args, self.kwargs), ("targets", self.targets)]]
 
     def before_pass(self) -> None:
         """Call before every forward pass of the model on this problem's batch: the model's
@@ -87,9 +88,7 @@ class CurvatureProblem:
             ValueError: a forward pass modified an input in place.
         """
         assert self.passes is not None, "set in __post_init__"
-        changed = [label for label, x, version in zip(self._labels(), self._inputs(),
-                                                      self._input_versions)
-                   if x._version != version]
+        changed = [label for label, x, version in self._input_versions if x._version != version]
         if changed:
             who = ("loss_fn (or the model's forward) modifies the targets" if changed[0] ==
                    "targets" else f"the model's forward modifies its input {changed[0]}")
@@ -99,10 +98,6 @@ class CurvatureProblem:
                 "training step changes your batch: make those operations out of place "
                 "(x = x * 2, torch.relu(x)); your tensors are unchanged")
         self.passes.before_pass()
-
-    def _labels(self) -> list[str]:
-        return [*(f"inputs[{i}]" for i in range(len(self.args))),
-                *(f"inputs[{key!r}]" for key in self.kwargs), "targets"]
 
     @property
     def num_samples(self) -> int:
@@ -199,9 +194,8 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     try:
         outputs = model(*args, **kwargs)
     except RuntimeError as error:
-        integer = [f"inputs[{key!r}]" if isinstance(key, str) else f"inputs[{key}]"
-                   for key, tensor in [*enumerate(args), *kwargs.items()]
-                   if isinstance(tensor, Tensor) and not tensor.is_floating_point()]
+        integer = [label for label, tensor in labelled_inputs(args, kwargs)
+                   if not tensor.is_floating_point()]
         if integer and ("dtype" in str(error) or "scalar type" in str(error)):
             raise type(error)(
                 f"{str(error).rstrip('. ')}. The model received integer inputs "
@@ -433,6 +427,13 @@ _CONSTANTS_ADVICE = (
 )
 
 
+def labelled_inputs(args: Sequence[Tensor], kwargs: Mapping[str, Tensor]
+                    ) -> list[tuple[str, Tensor]]:
+    """The inputs by the names errors give them: ``inputs[0]``, ``inputs['mask']``."""
+    return [*((f"inputs[{i}]", x) for i, x in enumerate(args)),
+            *((f"inputs[{key!r}]", x) for key, x in kwargs.items())]
+
+
 def _usable(tensor: Tensor, copy: bool) -> Tensor:
     """A caller's batch tensor as the analysis uses it: detached, a normal (non-inference)
     tensor, so that a call made under ``torch.inference_mode()`` can still differentiate, and
@@ -629,8 +630,7 @@ def _read_batch(batch: object) -> tuple[tuple[Tensor, ...], dict[str, Tensor], T
     if n == 0:
         raise ValueError("the batch is empty: pass at least one sample (with process_group: "
                          "in every process's shard, which data-parallel calls need non-empty)")
-    labelled = [*((f"inputs[{i}]", x) for i, x in enumerate(args)),
-                *((f"inputs[{k!r}]", x) for k, x in kwargs.items()), ("targets", targets)]
+    labelled = [*labelled_inputs(args, kwargs), ("targets", targets)]
     for label, tensor in labelled:
         if tensor.dim() == 0 or tensor.shape[0] != n:
             raise ValueError(

@@ -285,11 +285,12 @@ class StreamedProblem(CurvatureProblem):
         return alpha, beta
 
     def _weighed(self, batch: CurvatureProblem, outputs: Tensor, index: int
-                 ) -> tuple[float, float]:
-        """``(Z_b, L_b)``: batch ``index``'s normaliser (:meth:`_normaliser`) and its loss, which
-        must be finite where the data set's loss weighs the batch (``Z_b > 0``); a batch whose
-        outputs have no gradient next to another (every target ignored) may have a NaN loss of
-        its own."""
+                 ) -> tuple[Any, float, float]:
+        """``(fingerprint, Z_b, L_b)``: batch ``index``'s fingerprint, normaliser
+        (:meth:`_normaliser`) and loss, which must be finite where the data set's loss weighs
+        the batch (``Z_b > 0``); a batch whose outputs have no gradient next to another (every
+        target ignored) may have a NaN loss of its own, and then counts with loss 0, in a
+        note."""
         with torch.no_grad():  # a parameter term would otherwise build a graph
             loss = evaluate_loss(batch.loss_fn, outputs, batch.targets, finite=False)
         normaliser = self._normaliser(batch, outputs, f"batch {index}")
@@ -300,7 +301,14 @@ class StreamedProblem(CurvatureProblem):
                 f"batch {index}'s outputs have a zero loss gradient but a curved loss (e.g. exact "
                 "predictions under a squared error), so its weight in the data set's loss "
                 "cannot be read off its gradient; pass the data as one batch")
-        return normaliser, float(loss)
+        value = float(loss)
+        if normaliser == 0.0 and not math.isfinite(value):
+            self.notes.append(
+                f"batch {index} adds nothing to the data set's loss (its own loss is "
+                f"{value}, e.g. every target ignored, and its outputs have no gradient "
+                "next to another batch): left out")
+            value = 0.0
+        return _fingerprint(batch), normaliser, value
 
     def _normaliser(self, batch: CurvatureProblem, outputs: Tensor, what: str) -> float:
         """``Z_b`` relative to the reference batch's (1 for a sum), from the batch's outputs."""
@@ -352,12 +360,12 @@ class StreamedProblem(CurvatureProblem):
                         waiting.append((index, batch, outputs))
                         continue
                     self._begin(batch, outputs)
-                    weighed[index] = self._weigh(batch, outputs, index)
+                    weighed[index] = self._weighed(batch, outputs, index)
                     for earlier, earlier_batch, earlier_outputs in waiting:
-                        weighed[earlier] = self._weigh(earlier_batch, earlier_outputs, earlier)
+                        weighed[earlier] = self._weighed(earlier_batch, earlier_outputs, earlier)
                     waiting.clear()
                     continue
-                weighed[index] = self._weigh(batch, outputs, index)
+                weighed[index] = self._weighed(batch, outputs, index)
         if waiting:  # no batch can: the first one's own error says why
             _, batch, outputs = waiting[0]
             with torch.no_grad():  # a parameter term would otherwise build a graph
@@ -377,19 +385,6 @@ class StreamedProblem(CurvatureProblem):
                "its loss the batches' losses weighted by their share of the normaliser "
                "(a mean over the data set)")
             + " (verified on every batch)")
-
-    def _weigh(self, batch: CurvatureProblem, outputs: Tensor, index: int
-               ) -> tuple[Any, float, float]:
-        """``(fingerprint, normaliser, loss)`` of batch ``index`` against the reference; a batch
-        that adds nothing (its own loss not finite) counts with loss 0, in a note."""
-        normaliser, value = self._weighed(batch, outputs, index)
-        if normaliser == 0.0 and not math.isfinite(value):
-            self.notes.append(
-                f"batch {index} adds nothing to the data set's loss (its own loss is "
-                f"{value}, e.g. every target ignored, and its outputs have no gradient "
-                "next to another batch): left out")
-            value = 0.0
-        return _fingerprint(batch), normaliser, value
 
     def _begin(self, batch: CurvatureProblem, outputs: Tensor) -> None:
         """Take ``batch`` (with its ``outputs``) as the reference and read the reduction's kind

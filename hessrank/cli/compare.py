@@ -208,17 +208,17 @@ def record(res: Any, exact: dict[str, Any] | None) -> dict[str, Any]:
     rank's against exact's at this estimate's ``rtol`` (the default tolerance is the matrix's
     size times epsilon: a Gram matrix's is smaller than the Hessian's ``P``)."""
     srank, numerical = float(res.rank), float(res.ranks["numerical"])
-    exact_numerical = None
-    if exact:
-        exact_numerical = (exact["numerical_rank"] if exact["rtol"] == float(res.rtol) else
-                           hessrank.spectral_ranks(np.asarray(exact["eigenvalues"]),
-                                                   rtol=float(res.rtol))["numerical"])
+    rtol = float(res.rtol)
+    other_rtol = exact is not None and exact["rtol"] != rtol  # exact counted at another rtol
+    exact_numerical = None if exact is None else (
+        hessrank.spectral_ranks(np.asarray(exact["eigenvalues"]), rtol=rtol)["numerical"]
+        if other_rtol else exact["numerical_rank"])
     return {
         "method": res.method,
         "backend": res.backend,
         "srank": srank,
         "numerical_rank": numerical,
-        "rtol": float(res.rtol),
+        "rtol": rtol,
         "srank_rel_error": rel_error(srank, exact["srank"]) if exact else None,
         "numerical_rank_rel_error": rel_error(numerical, exact_numerical),
         "top_eigenvalue": float(res.top_eigenvalue),
@@ -231,8 +231,8 @@ def record(res: Any, exact: dict[str, Any] | None) -> dict[str, Any]:
         "num_samples": int(res.num_samples),
         "num_hvps": res.num_hvps,
         "ranks": {k: float(v) for k, v in res.ranks.items()},
-        "caveats": caveats(res) + ([] if not exact or exact["rtol"] == float(res.rtol) else [
-            f"numerical rank at rtol = {float(res.rtol):.3g} (its matrix's size x epsilon), "
+        "caveats": caveats(res) + ([] if exact is None or not other_rtol else [
+            f"numerical rank at rtol = {rtol:.3g} (its matrix's size x epsilon), "
             f"compared with exact's at that rtol ({exact_numerical:g}; "
             f"{exact['numerical_rank']:g} at exact's own {exact['rtol']:.3g})"]),
         "eigenvalues": np.asarray(res.eigenvalues, dtype=np.float64).tolist(),
