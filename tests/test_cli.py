@@ -650,6 +650,25 @@ def test_rank_in_batches_equals_one_batch(method, capsys) -> None:
     assert float(batched) == pytest.approx(float(whole), rel=1e-6)
 
 
+def test_compare_whose_reader_leaves_still_writes_its_files(tmp_path) -> None:
+    """``hessrank compare --csv --plot ... | head``: rich turned the closed pipe into exit
+    status 1 (a failed comparison's) before the CSV and the plot were written; now the files
+    are written first and the status is 141."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    files = {"--json": tmp_path / "r.json", "--csv": tmp_path / "r.csv",
+             "--plot": tmp_path / "r.png"}
+    command = [sys.executable, "-m", "hessrank.cli", "compare", *TINY, "--methods", "fisher",
+               "--no-pyhessian", *[str(part) for pair in files.items() for part in pair]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader leaves before the tables
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141, error
+    assert "Traceback" not in error
+    for path in files.values():
+        assert path.stat().st_size > 0 and f"wrote {path}" in error
+
+
 def test_a_reader_that_leaves_the_pipe_gets_no_traceback():
     """``hessrank rank --json - | true``: the write to the closed pipe raised BrokenPipeError
     with a traceback; now exit status 141 (128 + SIGPIPE) and nothing on stderr."""

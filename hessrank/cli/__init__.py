@@ -426,6 +426,22 @@ def _held_interrupt() -> Iterator[list[int]]:
 PIPED_WIDTH = 200
 
 
+def _stdout_console() -> Any:
+    """A rich ``Console`` on stdout (:data:`PIPED_WIDTH` wide when not a terminal) whose closed
+    pipe raises ``BrokenPipeError``, which :func:`main` reports as 141 (rich's own handling
+    exits with 1, the status of a failed comparison)."""
+    from rich.console import Console
+
+    class PipeConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    console = PipeConsole()
+    if not console.is_terminal:  # piped or to a file: no terminal width to clip to
+        console = PipeConsole(width=PIPED_WIDTH)
+    return console
+
+
 def _wrote(paths: list[Path | None], quiet: bool) -> None:
     """Say where files were written."""
     if not quiet:
@@ -448,8 +464,6 @@ def _all_failed(result: dict[str, Any]) -> str | None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from hessrank.cli import compare, report
 
     report.check_outputs({"--json": args.json, "--csv": args.csv,  # before any work
@@ -482,19 +496,19 @@ def _compare(args: argparse.Namespace) -> int:
         status = 130
     with _held_interrupt() as received:
         compare.summarize(result)
-        if not args.quiet:
-            console = Console()
-            if not console.is_terminal:  # piped or to a file: no terminal width to clip to
-                console = Console(width=PIPED_WIDTH)
-            report.render(result, console)
-        elif status:
-            print("hessrank: interrupted; kept what was measured", file=sys.stderr)
+        # the files first: a reader of the tables that leaves (| head) must not cost them
         save(result)
         if args.csv:
             report.write_csv(result, args.csv)
         if args.plot:
             report.write_plot(result, args.plot)
-        _wrote([args.json, args.csv, args.plot], args.quiet)
+        try:
+            if not args.quiet:
+                report.render(result, _stdout_console())
+            elif status:
+                print("hessrank: interrupted; kept what was measured", file=sys.stderr)
+        finally:  # on stderr, also where the tables' reader left
+            _wrote([args.json, args.csv, args.plot], args.quiet)
     if received:
         return 130
     failure = _all_failed(result)
