@@ -19,9 +19,11 @@ import inspect
 import json
 import math
 import numbers
+import operator
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +183,8 @@ class JsonLinesSink:
 
     Raises:
         FileExistsError: ``new`` and the file exists.
-        ValueError: both ``new`` and ``append``.
+        ValueError: both ``new`` and ``append``, or another open sink of this process writes
+            the file (two writers would overwrite each other's lines).
         OSError: the file cannot be opened for writing.
     """
 
@@ -190,6 +193,11 @@ class JsonLinesSink:
             raise ValueError("JsonLinesSink(new=True) makes a file of its own: there is nothing "
                              "to append to; pass one of new and append")
         self.path = Path(path)
+        if not new and self.path.resolve() in _OPEN_LOGS:  # (new: created exclusively)
+            raise ValueError(
+                f"{self.path} is the log of another open tracker (or sink): two would overwrite "
+                "each other's lines. Give each tracker its own log=, measure the methods with "
+                "one Tracker(model, loss_fn, methods=[...]), or close() the other first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.append = append
         self._file: TextIO | None = None
@@ -201,6 +209,7 @@ class JsonLinesSink:
             with self.path.open("a"):  # writable? (creates it, changes nothing that is there)
                 pass
         self.next_step = _next_logged_step(self.path) if append else 0
+        _OPEN_LOGS[self.path.resolve()] = self
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line.
@@ -224,11 +233,17 @@ class JsonLinesSink:
         log, which ``hessrank plot`` refuses, is not left behind)."""
         if self._file is not None and self._file.closed:
             return
+        if _OPEN_LOGS.get(self.path.resolve()) is self:
+            del _OPEN_LOGS[self.path.resolve()]
         unused = self._file is None or self._file.tell() == 0
         if self._file is not None:
             self._file.close()
         if self._made and unused and self.path.exists() and self.path.stat().st_size == 0:
             self.path.unlink()
+
+
+#: The files of this process's open :class:`JsonLinesSink` s (an unreferenced one drops out).
+_OPEN_LOGS: weakref.WeakValueDictionary[Path, JsonLinesSink] = weakref.WeakValueDictionary()
 
 
 def _end_last_line(path: Path) -> None:
@@ -383,6 +398,43 @@ def _check_batch(batch: object, name: str) -> None:
                     f"DataLoader yielding them, got {type(batch).__name__}")
 
 
+def _step_number(value: object, name: str, least: int = 0) -> int:
+    """``value`` as a step number: an integer ``>= least`` (a Python or NumPy integer, or a
+    one-element integer tensor, as a loop over ``np.arange`` or a trainer's counter gives).
+
+    Raises:
+        ValueError: anything else (a float, a bool, a smaller integer), naming ``name``.
+    """
+    try:
+        number = None if isinstance(value, bool | float) else operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if number is None or number < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r} "
+                         f"({type(value).__name__})")
+    return number
+
+
+def _method_names(methods: Sequence[str] | str, known: Sequence[str], name: str
+                  ) -> tuple[str, ...]:
+    """``methods`` (a single name too) as a tuple, each of ``known`` and named once.
+
+    Raises:
+        ValueError: none, an unknown one or one named twice.
+    """
+    chosen = (methods,) if isinstance(methods, str) else tuple(methods)
+    if not chosen:
+        raise ValueError(f"{name} is empty: name one or more of {', '.join(known)}")
+    for method in chosen:
+        if method not in known:
+            raise ValueError(f"{name}: {method!r} is not one of {', '.join(known)}")
+    twice = sorted({method for method in chosen if chosen.count(method) > 1})
+    if twice:
+        raise ValueError(f"{name} names {', '.join(twice)} more than once (one record per "
+                         "method and step)")
+    return chosen
+
+
 class Tracker:
     """Rank of the curvature on a schedule, from any training loop, to JSON lines and loggers.
 
@@ -398,10 +450,11 @@ class Tracker:
         every: measure at steps ``0, every, 2 * every, ...``.
         steps: measure at exactly these steps.
         budget: share of the loop's wall time (between 0 and 1) to spend measuring, as often as
-            that allows: the first step is measured (to learn the cost), and later ones when the
-            time spent so far plus the last measurement's cost stays within ``budget`` of the
-            elapsed time. ``overhead`` reports the share spent; in a loop shorter than a few
-            measurements, the first one alone can exceed the budget.
+            that allows: the first step is measured (to learn the cost) unless :meth:`measure`
+            already has, and later ones when the time spent so far plus the last measurement's
+            cost stays within ``budget`` of the elapsed time. ``overhead`` reports the share
+            spent; in a loop shorter than a few measurements, the first one alone can exceed
+            the budget.
         eval_batch: a fixed ``(inputs, targets)`` measured every time, so measurements are
             comparable across steps, or a fixed data set (a ``DataLoader`` or list of batches,
             see :func:`hessrank.effective_rank`); without it each measurement uses the batch
@@ -464,31 +517,21 @@ class Tracker:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.methods = (methods,) if isinstance(methods, str) else tuple(methods)
-        if not self.methods:
-            raise ValueError(f"methods is empty: name one or more of {', '.join(ALL_METHODS)}")
-        for method in self.methods:
-            if method not in ALL_METHODS:
-                raise ValueError(f"unknown method {method!r}: choose from {', '.join(ALL_METHODS)}")
+        self.methods = _method_names(methods, ALL_METHODS, "methods")
         given = [name for name, value in (("every", every), ("steps", steps), ("budget", budget))
                  if value is not None]
         if len(given) > 1:
             raise ValueError(f"give one schedule, not {' and '.join(given)}")
-        if every is not None and (isinstance(every, bool)
-                                  or not isinstance(every, numbers.Integral) or every < 1):
-            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.every = None if every is None else _step_number(every, "every", least=1)
         if steps is not None and not isinstance(steps, Iterable):
             raise TypeError(f"steps is a list of step numbers (steps=[{steps!r}] for one), got "
                             f"{type(steps).__name__}")
         listed = None if steps is None else list(steps)
-        if listed is not None and any(
-            isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in listed
-        ):
-            raise ValueError("steps must be integers >= 0")
         if listed == []:
             raise ValueError("steps is empty, so the tracker would never measure: name the steps "
                              "(steps=[0, 100, 1000]), or use every= or budget=")
-        self._steps = None if listed is None else frozenset(int(s) for s in listed)
+        self._steps = None if listed is None else frozenset(
+            _step_number(value, f"steps[{index}]") for index, value in enumerate(listed))
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)
                                    or not 0.0 < budget < 1.0):
             raise ValueError(f"budget is a share of wall time in (0, 1), got {budget!r}")
@@ -512,12 +555,12 @@ class Tracker:
                     f"method_options, e.g. method_options={{'exact': {{'mode': 'train'}}}})"
                 ) from err
         self.model, self.loss_fn = model, loss_fn
-        self.every = None if every is None else int(every)
         self.budget, self.per_layer, self.on_error = budget, per_layer, on_error
         self.eval_batch = eval_batch
         self.records: list[dict[str, Any]] = []
         self._clock = clock
         self._next_step = 0
+        self._last_step: int | None = None  # the last step counted by step()
         self._start: float | None = None
         self._spent = 0.0
         self._last_cost: float | None = None
@@ -535,7 +578,8 @@ class Tracker:
 
     @property
     def overhead(self) -> float:
-        """Share of the wall time since the first :meth:`step` spent measuring (0 before)."""
+        """Share of the wall time since the first :meth:`step` or :meth:`measure` spent
+        measuring (0 before)."""
         if self._start is None:
             return 0.0
         elapsed = self._clock() - self._start
@@ -572,13 +616,15 @@ class Tracker:
         Args:
             batch: this step's ``(inputs, targets)``, measured when due; not needed with an
                 ``eval_batch`` (which is measured instead).
-            step: the step's number (e.g. a global step); default: one more than the last.
+            step: the step's number (e.g. a global step: an ``int``, a NumPy integer or a
+                one-element integer tensor); default: one more than the last.
 
         Returns:
             The measurements taken (one per method), or ``[]`` when not due.
 
         Raises:
-            ValueError: the tracker is closed or has no schedule, or ``step`` is negative.
+            ValueError: the tracker is closed or has no schedule, or ``step`` is not an integer
+                >= 0.
             TypeError: no batch is given and there is no ``eval_batch``.
             Exception: whatever a method raised, with ``on_error="raise"``.
         """
@@ -588,10 +634,8 @@ class Tracker:
             if batch is None:
                 raise TypeError("step() needs the batch, or create the Tracker with eval_batch=")
             _check_batch(batch, "batch")
-        index = self._next_step if step is None else step
-        if index < 0:
-            raise ValueError(f"step must be >= 0, got {index}")
-        self._next_step = index + 1
+        index = self._next_step if step is None else _step_number(step, "step")
+        self._next_step, self._last_step = index + 1, index
         if self._start is None:
             self._start = self._clock()
         if not self.due(index):
@@ -605,14 +649,18 @@ class Tracker:
 
         Args:
             batch: ``(inputs, targets)`` to measure; default the ``eval_batch``.
-            step: the step to record; default the last step counted by :meth:`step` (0 before).
-            methods: a subset of the tracker's methods; default all of them.
+            step: the step to record (an integer >= 0); default the last step counted by
+                :meth:`step`, and before any the one it would count next (0, or one past the
+                largest step of a log appended to).
+            methods: a subset of the tracker's methods (a single name is accepted); default
+                all of them.
 
         Returns:
             One :class:`Measurement` per method, in order.
 
         Raises:
-            ValueError: the tracker is closed, or a method is not one of the tracker's.
+            ValueError: the tracker is closed, a method is not one of the tracker's or named
+                twice, or ``step`` is not an integer >= 0.
             TypeError: no batch and no ``eval_batch``.
             Exception: whatever a method raised, with ``on_error="raise"``.
         """
@@ -623,14 +671,17 @@ class Tracker:
         if batch is None:
             raise TypeError("measure() needs a batch, or create the Tracker with eval_batch=")
         _check_batch(batch, "batch")
-        chosen = self.methods if methods is None else tuple(methods)
-        for method in chosen:
-            if method not in self.methods:
-                raise ValueError(f"{method!r} is not one of this tracker's methods {self.methods}")
-        index = max(self._next_step - 1, 0) if step is None else step
+        chosen = (self.methods if methods is None
+                  else _method_names(methods, self.methods, "measure(methods=)"))
+        if step is not None:
+            index = _step_number(step, "step")
+        else:
+            index = self._next_step if self._last_step is None else self._last_step
         if isinstance(batch, list):  # a DataLoader's batch, [inputs, targets]
             batch = tuple(batch)
         start = self._clock()
+        if self._start is None:  # the wall time the overhead is a share of starts here
+            self._start = start
         try:
             return [self._measure_one(method, batch, index) for method in chosen]
         finally:

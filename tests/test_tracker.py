@@ -193,6 +193,85 @@ def test_budget_keeps_the_share_of_wall_time(budget: float) -> None:
     assert len(measured) >= 4 and max(gaps) - min(gaps) <= 1
 
 
+def test_a_measurement_before_the_first_step_counts_in_the_wall_time() -> None:
+    """``measure()`` (a baseline) before the loop: its time was counted as spent but the clock
+    started at the first ``step()``, so the overhead read 2.5 (250 % of the wall time)."""
+    clock = FakeClock()
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(_net().eval(), CE, budget=0.05, log=None, clock=clock,
+                               sinks=[CostlySink(clock, 1.0)])
+    tracker.measure(batch)
+    for _ in range(5):
+        clock.now += 0.1
+        tracker.step(batch)
+    assert [r["step"] for r in tracker.records] == [0]  # the baseline spent the budget
+    assert tracker.overhead == pytest.approx(1.0 / 1.5)
+
+
+def test_step_numbers_of_numpy_and_torch_integers(tmp_path: Path) -> None:
+    """``step=np.int64(5)`` (a loop over ``np.arange``) was measured, then lost: the JSON log
+    refused it after the work. A tensor step was never found among ``steps``, and a float or
+    a bool went through. Integers of any kind are now step numbers; anything else is refused
+    before any work."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log = tmp_path / "c.jsonl"
+    with hessrank.Tracker(_net().eval(), CE, every=5, log=log) as tracker:
+        tracker.step(batch, step=np.int64(5))
+        tracker.step(batch, step=torch.tensor(10))
+        for bad in (5.0, True, torch.tensor(15.0), -5):
+            with pytest.raises(ValueError, match="step must be an integer >= 0"):
+                tracker.step(batch, step=bad)
+            with pytest.raises(ValueError, match="step must be an integer >= 0"):
+                tracker.measure(batch, step=bad)
+    assert [(r["step"], type(r["step"])) for r in _read(log)] == [(5, int), (10, int)]
+    assert _read(log) == tracker.records
+    listed = hessrank.Tracker(_net().eval(), CE, steps=np.array([3]), log=None)
+    assert listed.step(batch, step=torch.tensor(3))
+
+
+def test_measure_takes_one_name_and_refuses_a_name_twice() -> None:
+    """``measure(methods="fisher")`` was split into letters ("'f' is not one of ..."), and
+    a method named twice gave two records of one step."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(_net().eval(), CE, ("fisher", "ggn"), log=None)
+    assert [m.method for m in tracker.measure(batch, methods="ggn")] == ["ggn"]
+    with pytest.raises(ValueError, match="measure.methods=. names fisher more than once"):
+        tracker.measure(batch, methods=("fisher", "fisher"))
+    with pytest.raises(ValueError, match="measure.methods=.: 'exact' is not one of fisher, ggn"):
+        tracker.measure(batch, methods="exact")
+    assert len(tracker.records) == 1
+
+
+def test_measure_after_resuming_records_the_next_step(tmp_path: Path) -> None:
+    """Resumed with ``append=True``, a ``measure()`` before any ``step()`` recorded the log's
+    last step again (a duplicate); it is the step a ``step()`` would count next."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log = tmp_path / "c.jsonl"
+    with hessrank.Tracker(_net().eval(), CE, every=2, log=log) as tracker:
+        for _ in range(5):
+            tracker.step(batch)
+    with hessrank.Tracker(_net().eval(), CE, every=2, log=log, append=True) as tracker:
+        tracker.measure(batch)
+        for _ in range(3):
+            tracker.step(batch)
+        tracker.measure(batch)  # after step(): the last step counted
+    assert [r["step"] for r in _read(log)] == [0, 2, 4, 5, 6, 7]
+
+
+def test_two_open_trackers_refuse_one_log(tmp_path: Path) -> None:
+    """Two trackers given one ``log=`` path overwrote each other's lines (3 of 6 records
+    readable, the file refused by ``hessrank plot``); the second is refused while the first is
+    open."""
+    log = tmp_path / "c.jsonl"
+    first = hessrank.Tracker(_net().eval(), CE, "fisher", every=1, log=log)
+    with pytest.raises(ValueError, match="is the log of another open tracker"):
+        hessrank.Tracker(_net().eval(), CE, "ggn", every=1, log=str(log.parent / "." / log.name))
+    first.close()
+    with hessrank.Tracker(_net().eval(), CE, "ggn", every=1, log=log, append=True) as second:
+        second.step(classification_batch(4, 6, 3, dtype=torch.float32))
+    assert [r["method"] for r in _read(log)] == ["ggn"]
+
+
 def test_on_error_warn_writes_the_error_and_goes_on(tmp_path: Path) -> None:
     model = _net().eval()
     batch = classification_batch(8, 6, 3, dtype=torch.float32)
@@ -326,11 +405,15 @@ def test_appending_to_a_log_cut_by_a_crash_starts_a_line_of_its_own(tmp_path: Pa
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"methods": ("fisher", "hutch")}, ValueError, "unknown method 'hutch'"),
+        ({"methods": ("fisher", "hutch")}, ValueError, "methods: 'hutch' is not one of exact, "),
+        ({"methods": ("fisher", "ggn", "fisher")}, ValueError,
+         r"methods names fisher more than once \(one record per method and step\)"),
         ({"methods": ()}, ValueError, "methods is empty"),
         ({"every": 10, "budget": 0.1}, ValueError, "one schedule, not every and budget"),
-        ({"every": 0}, ValueError, "every must be a positive integer"),
-        ({"steps": [3, -1]}, ValueError, "steps must be integers >= 0"),
+        ({"every": 0}, ValueError, r"every must be an integer >= 1, got 0 \(int\)"),
+        ({"every": 2.0}, ValueError, r"every must be an integer >= 1, got 2.0 \(float\)"),
+        ({"steps": [3, -1]}, ValueError, r"steps\[1\] must be an integer >= 0, got -1"),
+        ({"steps": [torch.tensor(3.0)]}, ValueError, r"steps\[0\] must be an integer >= 0"),
         ({"budget": 5}, ValueError, r"budget is a share of wall time in \(0, 1\)"),
         ({"on_error": "ignore"}, ValueError, "on_error must be one of raise, warn, record"),
         ({"treshold": 0.9}, TypeError, "treshold not an option of hessrank.effective_rank"),
