@@ -72,6 +72,13 @@ CASES = [
     ("ggn-gru", "rnn", "ggn", "weighted", {}, {}),
     # the attention rule (its own and its out-projection's factors)
     ("fisher-attention", "attention", "fisher", "mean", {}, {"per_layer": True}),
+    # a convolution whose cheaper route is position pairs for 5 rows and samples as groups for
+    # 7 or 12: each process built its own route's factors, which could not be gathered (an
+    # error that blamed the model's shapes); the route is now picked for the gathered batch
+    ("fisher-conv-route", "conv-route", "fisher", "mean", {}, {}),
+    # a graph large enough that the columns per batched product depend on the shard: each
+    # process pushed its own number through the products' all-reduces and gloo aborted
+    ("exact-wide-graph", "wide", "exact", "mean", {}, {}),
 ]
 
 
@@ -121,6 +128,11 @@ def make_model(kind: str = "mlp") -> nn.Module:
     if kind == "cnn":
         return nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2, padding=1), nn.ReLU(),
                              nn.Flatten(), nn.LayerNorm(18), nn.Linear(18, 3)).double()
+    if kind == "conv-route":  # route_costs: pairs below 135 C / (675 - 2 C) = 6.6 rows
+        return nn.Sequential(nn.Linear(4, 63), nn.Unflatten(1, (3, 3, 7)), nn.Conv2d(3, 30, 3),
+                             nn.Tanh(), nn.Flatten(), nn.Linear(150, 3)).double()
+    if kind == "wide":
+        return WideActivations().double()
     if kind == "batchnorm":
         return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(),
                              nn.Linear(6, 3)).double()

@@ -58,10 +58,8 @@ class FactorOperator(ParameterOperator):
         # F has K n columns, n the global batch's (its K agreed between the processes: a
         # process's own rounding may differ); without the bound a data-parallel call's ranks
         # and intervals reached P, past n (EF) or n C' (GGN)
-        columns = self.cotangents.shape[0]
-        if self.parallel is not None:
-            columns = max(self.parallel.gather_objects(columns))
-        self.rank_bound = min(self.dim, columns * problem.num_samples)
+        self.rank_bound = min(self.dim, self._largest(self.cotangents.shape[0])
+                              * problem.num_samples)
         self._outputs = outputs
         self._dummy = torch.zeros_like(outputs, requires_grad=True)
         with graph.counting():

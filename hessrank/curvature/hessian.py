@@ -77,7 +77,9 @@ class HessianOperator(ParameterOperator):
         with second_order(), graph.counting():
             loss = problem.loss()
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        self.graph_bytes = graph.total
+        # agreed: the columns of a batched product are sized from it, and every process must
+        # push the same number through each product's all-reduce
+        self.graph_bytes = self._largest(graph.total)
         self.loss_value = float(loss.detach())
         #: a note naming the parameters the loss does not depend on (None: all are used)
         self.unused_note = unused_parameters_note(problem, grads)

@@ -31,3 +31,8 @@ class ParameterOperator:
         self.parallel = parallel_of(problem)
         self.graph_bytes = 0
         self.rank_bound = self.dim
+
+    def _largest(self, local: int) -> int:
+        """The largest of the processes' ``local`` values (``local`` itself without a group):
+        what sizes their collective work must agree on (one exchange)."""
+        return local if self.parallel is None else max(self.parallel.gather_objects(local))

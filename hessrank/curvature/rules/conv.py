@@ -3,7 +3,8 @@ mode), stride, dilation and groups (grouped and depthwise included).
 
 The input is padded as the module pads it (``F.pad`` with the module's padding and mode, then a
 convolution without padding). Two exact routes, the cheaper one picked per layer and batch by
-:func:`route_costs`:
+:func:`route_costs` when the Gram is formed (so across data-parallel processes it is picked for
+the gathered, global batch, not for each process's share):
 
 - **samples as groups** (:class:`ConvFactors`): the batch viewed as one input whose ``n g``
   channel groups are the samples' groups, so torch's own convolution weight gradient returns the
@@ -26,7 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hessrank.curvature.rules import TensorRule, register_rule
-from hessrank.curvature.rules.factors import CHUNK_BYTES, Factors, LayerFactors, kronecker_costs
+from hessrank.curvature.rules.factors import (
+    CHUNK_BYTES,
+    Claim,
+    Factors,
+    LayerFactors,
+    kronecker_costs,
+)
 
 
 @dataclass
@@ -73,11 +80,36 @@ class ConvFactors(Factors):
             out["bias"] = weighted.sum(dim=(0, 2, 3))
         return out
 
+    def position_pairs(self) -> LayerFactors | None:
+        """The same factors on the position-pair route (the input's patches, one group) where
+        :func:`route_costs` finds it cheaper for these ``K n`` rows; None: samples as groups."""
+        k, n, c_out, h_out, w_out = self.output_grads.shape
+        pair, offsets = route_costs(k * n, h_out * w_out, self.inputs.shape[1], c_out,
+                                    self.kernel[0] * self.kernel[1], self.groups)
+        if pair >= offsets:
+            return None
+        return LayerFactors(
+            activations=patches(self.inputs, self.kernel, self.stride, self.dilation,
+                                (h_out, w_out)),
+            output_grads=self.output_grads.reshape(k, n, c_out, -1).transpose(2, 3),
+            weight_shape=self.weight_shape, with_bias=self.with_bias)
+
+    def gram_and_claims(self, weights: Tensor, probes: torch.Generator | None = None
+                        ) -> tuple[Tensor, dict[str, Claim]]:
+        pairs = self.position_pairs()
+        if pairs is not None:
+            return pairs.gram_and_claims(weights, probes)
+        return super().gram_and_claims(weights, probes)
+
     def gram(self) -> Tensor:
         """Every sample's weight gradient at once: the batch as one sample whose ``n g`` groups
         are the samples' groups, so the convolution's weight gradient is the ``n`` per-sample
         gradients side by side; in output-channel chunks (one group) of at most
-        :data:`CHUNK_BYTES`, each chunk's Gram added and freed."""
+        :data:`CHUNK_BYTES`, each chunk's Gram added and freed. On the position-pair route
+        where that is cheaper (:meth:`position_pairs`)."""
+        pairs = self.position_pairs()
+        if pairs is not None:
+            return pairs.gram()
         k, n, c_out = self.output_grads.shape[:3]
         rows = k * n
         dtype, device = self.output_grads.dtype, self.output_grads.device
@@ -134,21 +166,11 @@ class ConvRule(TensorRule):
             return None
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(layer_input, module._reversed_padding_repeated_twice, mode=mode)
-        k = output_grads.shape[0]
         kernel, stride, dilation = (_pair(module.kernel_size), _pair(module.stride),
                                     _pair(module.dilation))
         if spatial == 1:
             x, output_grads = x.unsqueeze(-2), output_grads.unsqueeze(-2)
         weight_shape = module.weight.shape if "weight" in analysed else None
-        positions = output_grads.shape[-2] * output_grads.shape[-1]
-        pair, offsets = route_costs(k * num_samples, positions, x.shape[1], output_grads.shape[2],
-                                    kernel[0] * kernel[1], module.groups)
-        if pair < offsets:
-            return LayerFactors(
-                activations=patches(x, kernel, stride, dilation, output_grads.shape[-2:]),
-                output_grads=output_grads.reshape(k, num_samples, output_grads.shape[2],
-                                                  -1).transpose(2, 3),
-                weight_shape=weight_shape, with_bias="bias" in analysed)
         return ConvFactors(x, output_grads, kernel, stride, dilation, module.groups, weight_shape,
                            "bias" in analysed)
 
