@@ -298,9 +298,9 @@ class StreamedProblem(CurvatureProblem):
             check_loss(loss)
         elif _curved(batch.loss_fn, outputs, batch.targets):
             raise ValueError(
-                f"batch {index}'s outputs have a zero loss gradient but a curved loss (e.g. exact "
-                "predictions under a squared error), so its weight in the data set's loss "
-                "cannot be read off its gradient; pass the data as one batch")
+                f"batch {index} has no share of the data set's loss (read off the first batch's "
+                "coefficient next to it) and no loss gradient, yet a curved loss: the loss does "
+                "not add up over batches; pass the data as one batch")
         value = float(loss)
         if normaliser == 0.0 and not math.isfinite(value):
             self.notes.append(
@@ -311,12 +311,19 @@ class StreamedProblem(CurvatureProblem):
         return _fingerprint(batch), normaliser, value
 
     def _normaliser(self, batch: CurvatureProblem, outputs: Tensor, what: str) -> float:
-        """``Z_b`` relative to the reference batch's (1 for a sum), from the batch's outputs."""
+        """``Z_b`` relative to the reference batch's (1 for a sum), from the batch's outputs.
+
+        Where the batch's outputs get no gradient (every target ignored; a hinge loss's flat
+        region; exact predictions under a squared error), its own coefficient ``beta`` cannot
+        be read; a sum still weighs it 1, and a mean's ``1 - alpha`` is its share, 0 within
+        the coefficients' rounding (``Z_b = 0``: every target ignored)."""
         gradient = _output_gradient(batch.loss_fn, outputs, batch.targets)
         alpha, beta = self._pair(outputs, batch.targets, gradient, what)
-        if math.isnan(beta):  # no gradient on the batch's outputs: a sum still weighs it 1
-            return 1.0 if self.kind == "sum" else 0.0
-        tolerance = 100 * agreement_tolerance(outputs.dtype)
+        tolerance = agreement_tolerance(outputs.dtype)
+        if math.isnan(beta):
+            beta = 1.0 if self.kind == "sum" else 1.0 - alpha
+            if self.kind == "mean" and abs(beta) <= tolerance:
+                return 0.0
         if self.kind == "sum":
             if abs(alpha - 1) > tolerance or abs(beta - 1) > tolerance:
                 raise ValueError(
@@ -400,7 +407,7 @@ class StreamedProblem(CurvatureProblem):
             )
         self._reference = (outputs.detach(), batch.targets, gradient)
         alpha, beta = self._pair(outputs, batch.targets, gradient, "the first batch")
-        tolerance = 100 * agreement_tolerance(outputs.dtype)
+        tolerance = agreement_tolerance(outputs.dtype)
         if abs(alpha - 1) <= tolerance and abs(beta - 1) <= tolerance:
             self.kind = "sum"
         elif abs(alpha - 0.5) <= tolerance and abs(beta - 0.5) <= tolerance:

@@ -204,25 +204,59 @@ def test_a_batch_whose_targets_are_all_ignored_adds_nothing(method, masked, batc
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_a_batch_without_gradient_but_with_curvature(reduction):
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_a_batch_without_gradient_but_with_curvature(reduction, method):
     """Exact predictions under a squared error: batch 1's outputs have no loss gradient, but its
-    curvature counts. A sum weighs it 1 (streamed == the concatenated batch); its share of a
-    mean cannot be read off a zero gradient: refused, where it was left out without a word."""
+    curvature counts. A sum weighs it 1; a mean by its share, read off the first batch's
+    coefficient next to it (``1 - alpha``): it was refused, and before that left out."""
     model, _, x, y = _data("mean")
     with torch.no_grad():
         targets = model(x) + torch.randn(len(x), 3, dtype=torch.float64)
         targets[5:12] = model(x[5:12])
     loss_fn = nn.MSELoss(reduction=reduction)
-    before = [p.detach().clone() for p in model.parameters()]
-    if reduction == "sum":
-        streamed = hessrank.effective_rank(model, loss_fn, _batches(x, targets), "exact")
-        whole = hessrank.effective_rank(model, loss_fn, (x, targets), "exact")
+    streamed = hessrank.effective_rank(model, loss_fn, _batches(x, targets), method, seed=1)
+    whole = hessrank.effective_rank(model, loss_fn, (x, targets), method, seed=1)
+    assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
+    assert streamed.trace == pytest.approx(whole.trace, rel=1e-9)
+
+
+def test_a_flat_hinge_batch_keeps_its_share_of_the_mean():
+    """A squared hinge loss whose last batch sits in its flat region (every margin above 1): no
+    gradient and no curvature there, but its samples count in the mean's denominator. It was
+    weighed 0, so every streamed eigenvalue came out 18 / 12 times too large."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+
+    def squared_hinge(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return (torch.relu(1 - outputs[:, 0] * labels) ** 2).mean()
+
+    x = torch.cat([torch.randn(12, 3, dtype=torch.float64),
+                   100 * torch.randn(6, 3, dtype=torch.float64)])
+    with torch.no_grad():
+        labels = torch.cat([torch.randint(0, 2, (12,)).double() * 2 - 1,
+                            torch.sign(model(x[12:])[:, 0])])
+        assert bool((model(x[12:])[:, 0] * labels[12:] > 1).all())  # the flat region
+    batches = list(zip(x.split(6), labels.split(6)))
+    for method in ("exact", "lanczos"):
+        streamed = hessrank.effective_rank(model, squared_hinge, batches, method, seed=1)
+        whole = hessrank.effective_rank(model, squared_hinge, (x, labels), method, seed=1)
         assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
-        return
-    with pytest.raises(ValueError, match="batch 1's outputs have a zero loss gradient but a "
-                                         "curved loss.*pass the data as one batch"):
-        hessrank.effective_rank(model, loss_fn, _batches(x, targets), "exact")
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_loss_off_a_mean_by_one_sample_is_refused_in_float32():
+    """``sum / (n + 1)`` over batches of 100: its coefficients are 0.5025, which the float32
+    tolerance (1.2 %) took for a mean's 0.5, streaming a loss over ``N + B`` instead of
+    ``N + 1``; the tolerance is now the coefficients' rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = classification_batch(300, 4, 3, dtype=torch.float32)
+
+    def almost_mean(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs, targets, reduction="sum") / (len(targets) + 1)
+
+    with pytest.raises(ValueError, match="weighs the first batch by 0.5025 and 0.5025"):
+        hessrank.effective_rank(model, almost_mean, list(zip(x.split(100), y.split(100))),
+                                "exact")
 
 
 def test_train_mode_batchnorm_is_refused_on_a_data_set():
