@@ -42,7 +42,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from hessrank.curvature.loss import agreement_tolerance
-from hessrank.problem import CurvatureProblem, evaluate_loss, refuse_split_batch_statistics
+from hessrank.problem import (
+    CurvatureProblem,
+    evaluate_loss,
+    refuse_mixed_samples,
+    refuse_split_batch_statistics,
+)
 
 #: Most dimensions a gathered tensor may have (its shape travels in a fixed-size header).
 MAX_DIMS = 8
@@ -481,18 +486,22 @@ def check_same_loss(problem: ShardedProblem, value: Tensor) -> None:
 
 
 def check_shards_uncoupled(problem: ShardedProblem) -> None:
-    """Raise unless the loss's Hessian w.r.t. the outputs has no blocks between shards.
+    """Raise unless the loss's Hessian w.r.t. the outputs has no blocks between shards, and
+    unless the model computes each sample's outputs on its own (:func:`refuse_mixed_samples`).
 
     Then the global Hessian is the sum of the processes' Hessians of the global loss of their own
     shard. Checked on the gathered outputs with one random probe per shard (a batched
     Hessian-vector product of the loss alone: every process computes the same thing).
 
     Raises:
-        ValueError: the loss couples samples of different processes.
+        ValueError: the loss couples samples of different processes, or the model samples of
+            one batch.
     """
     parallel = problem.parallel
     with torch.no_grad():
-        outputs = problem.gather_outputs(problem.forward())
+        local = problem.forward()
+    refuse_mixed_samples(problem.local(), local, "process's shard")
+    outputs = problem.gather_outputs(local)
     leaf = outputs.requires_grad_(True)
     value = problem.loss_fn(leaf, problem.all_targets)
     check_same_loss(problem, value.detach())

@@ -726,6 +726,48 @@ def has_active_batchnorm(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, _BATCHNORM) and m.training]
 
 
+def agreement_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance for two computations of the same quantity that differ only by rounding
+    (different summation orders): about ``10^3`` units of rounding of ``dtype``."""
+    return 1024 * float(torch.finfo(dtype).eps)
+
+
+def refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor, part: str) -> None:
+    """Raise if the model's output for a sample depends on the other samples of its batch
+    (statistics over the batch computed in the forward, attention across samples): each
+    ``part`` (a batch of a data set, a process's shard) would then be computed on its own, not
+    with all the samples at once. Checked by running the batch's two halves alone (one forward
+    pass without a graph) against ``outputs``, the whole batch's; a single sample passes.
+
+    Raises:
+        ValueError: naming the relative difference and the fix.
+    """
+    count = int(problem.targets.shape[0])
+    if count < 2 or not isinstance(outputs, Tensor) or not outputs.is_floating_point():
+        return
+    halves = []
+    with torch.no_grad():
+        for start, stop in ((0, count // 2), (count // 2, count)):
+            args, kwargs = problem.sample_slice(start, stop)
+            halves.append(replace(problem, args=args, kwargs=kwargs,
+                                  targets=problem.targets[start:stop]).forward())
+    alone = torch.cat(halves).to(outputs.dtype)
+    if alone.shape != outputs.shape:  # not batch first: the loss's own checks name it
+        return
+    scale = float(outputs.detach().abs().max())
+    difference = float((alone - outputs.detach()).abs().max())
+    if difference > agreement_tolerance(outputs.dtype) * max(scale,
+                                                             torch.finfo(outputs.dtype).tiny):
+        raise ValueError(
+            f"the model's output for a sample depends on the other samples of its batch (each "
+            f"half of the batch run alone differs from the whole batch's outputs by "
+            f"{difference / max(scale, 1e-300):.1e} of their largest entry: statistics over the "
+            f"batch, or attention across samples), so each {part} would be computed on its own, "
+            "not with all the samples at once, and the result would not be that of the whole "
+            "data; pass the data as one batch in one process"
+        )
+
+
 def refuse_split_batch_statistics(problem: CurvatureProblem, part: str) -> None:
     """Raise if ``mode='train'`` would normalise each ``part`` (a process's shard, a batch of a
     data set) with its own BatchNorm statistics instead of those of all the samples at once.

@@ -54,6 +54,7 @@ from hessrank.problem import (
     check_loss,
     evaluate_loss,
     read_batch,
+    refuse_mixed_samples,
     refuse_split_batch_statistics,
 )
 
@@ -356,9 +357,13 @@ class StreamedProblem(CurvatureProblem):
         weighed: dict[int, tuple[Any, float, float]] = {}
         waiting: list[tuple[int, CurvatureProblem, Tensor]] = []
         total_bytes = 0
+        mixing_checked = False
         with same_draw(self.data):
             for index, batch in enumerate(self._batches()):
                 outputs = _outputs(batch)
+                if not mixing_checked and batch.num_samples > 1:  # once: the model's property
+                    refuse_mixed_samples(batch, outputs, "batch")
+                    mixing_checked = True
                 self.total_samples += batch.num_samples
                 total_bytes += sum(x.numel() * x.element_size() for x in
                                    (*batch.args, *batch.kwargs.values(), batch.targets))

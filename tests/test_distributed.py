@@ -119,6 +119,19 @@ class WideActivations(nn.Module):
         return self.last(torch.tanh(wide).mean(dim=-1))
 
 
+class BatchStandardised(nn.Module):
+    """A hidden layer standardised over the batch by hand (no BatchNorm module to refuse)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.last = nn.Linear(4, 6).double(), nn.Linear(6, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.first(x)
+        return self.last(torch.tanh((hidden - hidden.mean(0)) / (hidden.std(0) + 1e-3)))
+
+
 def make_model(kind: str = "mlp") -> nn.Module:
     torch.manual_seed(0)
     if kind == "rnn":
@@ -251,6 +264,11 @@ def worker(rank: int, port: int, out: str) -> None:
         max_memory=2 * 2**20, process_group=group))
     results["coupled"] = outcome(lambda: hessrank.effective_rank(
         model, lambda f, t: f.sum() ** 2, (x, y), method="exact", process_group=group))
+    # A model that standardises over its batch: each shard would be standardised on its own.
+    for method in ("exact", "ggn_lanczos"):
+        results[f"mixing-{method}"] = outcome(lambda method=method: hessrank.effective_rank(
+            BatchStandardised(), nn.CrossEntropyLoss(), (x, y), method=method,
+            process_group=group))
     # Another loss in one process: the global loss would be a mix of the two.
     other_loss = nn.CrossEntropyLoss(reduction="sum" if rank == 1 else "mean")
     for method in ("fisher", "exact"):
@@ -408,6 +426,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("frozen", "ValueError", "parameter '0.weight' differs between processes 0 and 1"),
     ("refined-budget", "BudgetError", "method='exact' needs about"),
     ("coupled", "ValueError", "couples samples of different processes"),
+    ("mixing-exact", "ValueError", "depends on the other samples of its batch"),
+    ("mixing-ggn_lanczos", "ValueError", "depends on the other samples of its batch"),
     ("options", "ValueError", "call effective_rank differently (threshold"),
     ("mid", "ValueError", "injected failure in process 1"),
     ("late", "ValueError", "injected failure in process 1"),

@@ -496,19 +496,28 @@ def _compare(args: argparse.Namespace) -> int:
         status = 130
     with _held_interrupt() as received:
         compare.summarize(result)
-        # the files first: a reader of the tables that leaves (| head) must not cost them
-        save(result)
-        if args.csv:
-            report.write_csv(result, args.csv)
-        if args.plot:
-            report.write_plot(result, args.plot)
+        # The files first, so that a reader of the tables who leaves (| head) costs none of
+        # them; the tables even where a file fails (its error is raised after them).
+        written: list[Path | None] = []
+        failed: CliError | None = None
+        try:
+            save(result)
+            written.append(args.json)
+            for path, write in ((args.csv, report.write_csv), (args.plot, report.write_plot)):
+                if path:
+                    write(result, path)
+                    written.append(path)
+        except CliError as error:
+            failed = error
         try:
             if not args.quiet:
                 report.render(result, _stdout_console())
             elif status:
                 print("hessrank: interrupted; kept what was measured", file=sys.stderr)
         finally:  # on stderr, also where the tables' reader left
-            _wrote([args.json, args.csv, args.plot], args.quiet)
+            _wrote(written, args.quiet)
+        if failed is not None:
+            raise failed
     if received:
         return 130
     failure = _all_failed(result)

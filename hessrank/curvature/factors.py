@@ -21,8 +21,13 @@ from torch import Tensor
 from hessrank.curvature.hessian import second_order
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.operator import ParameterOperator
-from hessrank.distributed import shard_cotangents
-from hessrank.problem import CurvatureProblem, GraphBytes, without_second_derivative
+from hessrank.distributed import ShardedProblem, shard_cotangents
+from hessrank.problem import (
+    CurvatureProblem,
+    GraphBytes,
+    refuse_mixed_samples,
+    without_second_derivative,
+)
 
 
 class FactorOperator(ParameterOperator):
@@ -46,6 +51,8 @@ class FactorOperator(ParameterOperator):
         graph = GraphBytes(problem)
         with second_order(), graph.counting():  # J^T u is differentiated w.r.t. u below
             outputs = problem.forward()
+        if isinstance(problem, ShardedProblem) and isinstance(outputs, Tensor):
+            refuse_mixed_samples(problem.local(), outputs, "process's shard")
         if (check_working_memory is not None and output_side_bytes is not None
                 and isinstance(outputs, Tensor)):  # else shard_cotangents names the problem
             check_working_memory(graph.total + output_side_bytes(outputs))

@@ -42,13 +42,13 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from hessrank.problem import LossFn, evaluate_loss, listed_names, without_second_derivative
-
-
-def agreement_tolerance(dtype: torch.dtype) -> float:
-    """Relative tolerance for two computations of the same quantity that differ only by rounding
-    (different summation orders): about ``10^3`` units of rounding of ``dtype``."""
-    return 1024 * float(torch.finfo(dtype).eps)
+from hessrank.problem import (
+    LossFn,
+    agreement_tolerance,
+    evaluate_loss,
+    listed_names,
+    without_second_derivative,
+)
 
 
 def direct_parameter_names(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
