@@ -110,6 +110,9 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
     for name, flag in (("per_layer", per_layer), ("measure_memory", measure_memory)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if not isinstance(progress, bool) and not hasattr(progress, "add_task"):
+        raise ValueError(f"progress must be True, False or a rich.progress.Progress, got "
+                         f"{progress!r}")
     check_count("eigenvectors", eigenvectors)
     return Settings(threshold=threshold, rtol=rtol, max_memory=max_memory, max_seconds=max_seconds,
                     seed=seed, per_layer=per_layer, eigenvectors=int(eigenvectors),

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -490,7 +491,7 @@ def test_a_user_model_error_of_any_type_is_one_line(tmp_path: Path, capsys) -> N
     (tmp_path / "broken.py").write_text(BROKEN_MODEL)
     model = ["--model", f"{tmp_path / 'broken.py'}:make", "--samples", "8"]
     status, out, err = run_main(["rank", *model], capsys)
-    assert status == 2 and out == ""
+    assert status == 1 and out == ""  # its one estimator failed, as compare's every one below
     assert err == (f"hessrank: error: fisher failed on --model {tmp_path / 'broken.py'}:make: "
                    "KeyError: 'my model broke'\n")
     argv = ["compare", *model, "--methods", "fisher,ggn", "--no-pyhessian"]
@@ -575,6 +576,51 @@ def test_plot_errors_and_failed_measurements(tmp_path: Path, capsys) -> None:
     log.write_text(json.dumps(failure) + "\n")
     status, _, err = run_main(["plot", str(log)], capsys)
     assert status == 2 and err == f"hessrank: error: {log} holds no measurement (1 failed ones)\n"
+
+
+def test_plot_tells_logs_of_one_name_and_thresholds_apart(tmp_path: Path) -> None:
+    """Two runs' ``relu/curvature.jsonl`` and ``tanh/curvature.jsonl`` were both drawn as
+    "curvature: fisher" in one style, and the y label named the first record's threshold for
+    every line."""
+    from hessrank.cli.plot import build_figure, read_run, run_names
+
+    records = {"relu": 3, "tanh": 5}
+    paths = []
+    for folder, rank in records.items():
+        path = tmp_path / folder / "curvature.jsonl"
+        path.parent.mkdir()
+        threshold = 0.99 if folder == "relu" else 0.5
+        path.write_text("".join(json.dumps({"step": step, "method": "fisher", "rank": rank,
+                                            "threshold": threshold}) + "\n"
+                                for step in range(2)))
+        paths.append(path)
+    names = run_names(paths)
+    assert names == ["relu/curvature", "tanh/curvature"]
+    axes = build_figure([read_run(p, n) for p, n in zip(paths, names)]).axes[0]
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert set(lines) == {"relu/curvature: fisher at 0.99", "tanh/curvature: fisher at 0.5"}
+    assert axes.get_ylabel() == "srank"
+    assert len({lines[label].get_linestyle() for label in lines}) == 2
+    assert run_names([tmp_path / "a.jsonl", tmp_path / "b.jsonl"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize(("record", "problem"), [
+    ({"step": None, "method": "fisher", "rank": 3}, "its step None is not an integer >= 0"),
+    ({"step": 0, "method": "fisher", "rank": "x"}, "its rank 'x' is not a number"),
+    ({"step": 0, "method": ["fisher"], "rank": 3}, r"its method \['fisher'\] is not a name"),
+    ({"step": 0, "method": "fisher", "rank": 3, "rank_interval": [1]},
+     r"its rank_interval \[1\] is not \[low, high\]"),
+    ({"step": 0, "method": "fisher", "rank": 3, "layers": {"0": {"rank": [2]}}},
+     r"layer '0': its rank \[2\] is not a number"),
+])
+def test_plot_names_a_malformed_record(tmp_path: Path, capsys, record, problem) -> None:
+    """Records with a step and a method but values the plot cannot read gave tracebacks."""
+    log = tmp_path / "c.jsonl"
+    log.write_text(json.dumps(record) + "\n")
+    status, _, err = run_main(["plot", str(log)], capsys)
+    assert status == 2 and "Traceback" not in err
+    assert re.fullmatch(f"hessrank: error: {re.escape(str(log))}:1: {problem}: not a tracker "
+                        "record\n", err), err
 
 
 def test_plot_leaves_out_a_last_line_cut_by_a_crash(tmp_path: Path, capsys) -> None:

@@ -543,7 +543,7 @@ def _rank(args: argparse.Namespace) -> int:
     res = measurement.result
     if res is None:
         error = measurement.record["error"]
-        raise CliError(f"{args.method} failed on --model {cfg.model}: {error}")
+        raise CliError(f"{args.method} failed on --model {cfg.model}: {error}", code=1)
     value = res.rank if args.definition == "srank" else res.ranks[args.definition]
     if args.json:
         payload = compare.new_report(cfg, command="rank")

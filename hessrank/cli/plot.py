@@ -51,16 +51,44 @@ class Run:
         return [s for s, _ in points], [v for _, v in points]
 
 
-def read_run(path: Path) -> Run:
-    """The records of ``path``; a line that is not a record is an error naming the line, except
-    a last line without its newline that is not JSON: a crash cut it mid-write (the tracker
-    writes each line whole), and it is left out (``Run.cut_line``)."""
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What makes ``record`` (a JSON object with ``step`` and ``method``) no tracker record, or
+    None: the fields the plot reads must hold what the tracker writes."""
+    step, method = record["step"], record["method"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"its step {step!r} is not an integer >= 0"
+    if not isinstance(method, str):
+        return f"its method {method!r} is not a name"
+    sources = [("", record)] + [(f"layer {name!r}: ", values)
+                                for name, values in (record.get("layers") or {}).items()]
+    for where, source in sources:
+        if not isinstance(source, dict):
+            return f"{where}not an object of numbers"
+        for key in (*RANK_KEYS, "top_eigenvalue", "threshold"):
+            if source.get(key) is not None and not _is_number(source[key]):
+                return f"{where}its {key} {source[key]!r} is not a number"
+    interval = record.get("rank_interval")
+    if interval is not None and not (isinstance(interval, list) and len(interval) == 2
+                                     and all(_is_number(v) for v in interval)):
+        return f"its rank_interval {interval!r} is not [low, high]"
+    return None
+
+
+def read_run(path: Path, name: str | None = None) -> Run:
+    """The records of ``path`` (the run called ``name``, default the file's stem); a line that
+    is not a record is an error naming the line, except a last line without its newline that
+    is not JSON: a crash cut it mid-write (the tracker writes each line whole), and it is left
+    out (``Run.cut_line``)."""
     try:
         text = path.read_text()
     except OSError as err:
         raise CliError(f"cannot read {path}: {err.strerror or err}") from err
     lines = text.splitlines()
-    run = Run(path.stem, [])
+    run = Run(path.stem if name is None else name, [])
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -73,11 +101,25 @@ def read_run(path: Path) -> Run:
             raise CliError(f"{path}:{number} is not JSON ({err.msg}): not a tracker log") from err
         if not isinstance(record, dict) or "step" not in record or "method" not in record:
             raise CliError(f"{path}:{number} has no step and method: not a tracker log")
+        problem = _record_problem(record)
+        if problem is not None:
+            raise CliError(f"{path}:{number}: {problem}: not a tracker record")
         (run.failures if "error" in record else run.records).append(record)
     if not run.records:
         raise CliError(f"{path} holds no measurement" + (
             f" ({len(run.failures)} failed ones)" if run.failures else ""))
     return run
+
+
+def run_names(paths: list[Path]) -> list[str]:
+    """A name per log, for the legend: the file's stem, with as many of its folders as it takes
+    to tell logs of the same name apart (``relu/curvature``, ``tanh/curvature``)."""
+    names = [path.stem for path in paths]
+    for depth in range(1, max(len(path.parts) for path in paths)):
+        if len(set(names)) == len(names):
+            break
+        names = [str(Path(*path.with_suffix("").parts[-depth - 1:])) for path in paths]
+    return names
 
 
 def layer_names(runs: list[Run]) -> list[str]:
@@ -116,6 +158,8 @@ def _draw(axes: Axes, runs: list[Run], key: str, layer: str | None = None) -> No
             if not steps:
                 continue
             label = method if len(runs) == 1 else f"{run.name}: {method}"
+            if key in ("rank", "srank") and len(_thresholds(runs)) > 1:
+                label += f" at {', '.join(map(str, _thresholds([run], method)))}"
             (line,) = axes.plot(steps, values, label=label, **styles[run.name, method])
             if layer is None and key in ("rank", "srank"):
                 bands = [(r["step"], *r["rank_interval"]) for r in run.records
@@ -127,6 +171,13 @@ def _draw(axes: Axes, runs: list[Run], key: str, layer: str | None = None) -> No
                                       label=f"{label} interval")
     axes.set_xlabel("step")
     axes.grid(alpha=0.3)
+
+
+def _thresholds(runs: list[Run], method: str | None = None) -> list[float]:
+    """The srank thresholds recorded (of ``method``'s records only, if given), in order."""
+    return list(dict.fromkeys(
+        r["threshold"] for run in runs for r in run.records
+        if r.get("threshold") is not None and method in (None, r["method"])))
 
 
 def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Figure:
@@ -149,9 +200,9 @@ def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Fi
     rank_axes = fig.add_subplot(grid[0, :half])
     _draw(rank_axes, runs, key)
     label = "srank" if key == "rank" else key
-    threshold = runs[0].records[0].get("threshold")
-    if label == "srank" and threshold is not None:
-        label += f" at {threshold}"
+    thresholds = _thresholds(runs)
+    if label == "srank" and len(thresholds) == 1:
+        label += f" at {thresholds[0]}"  # several: each line's label says its own
     rank_axes.set_ylabel(label)
     rank_axes.set_title(f"{label} of the curvature")
     rank_axes.legend(fontsize="small")
@@ -178,7 +229,7 @@ def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Fi
 def plot(paths: list[Path], output: Path, key: str, layers: bool) -> list[str]:
     """Read the logs, draw and write ``output``; returns what was left out of the plot, one
     line each: a last line cut by a crash, then the failed measurements."""
-    runs = [read_run(path) for path in paths]
+    runs = [read_run(path, name) for path, name in zip(paths, run_names(paths), strict=True)]
     fig = build_figure(runs, key, layers)
     save_figure(fig, output, "--output")
     left_out = [f"{path}:{run.cut_line}, the last line, which a crash cut mid-write"

@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -535,8 +536,15 @@ def check_outputs(outputs: dict[str, Path | None]) -> None:
         if option in PLOT_OPTIONS:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-            pyplot(option)
-            formats = FigureCanvasAgg.get_supported_filetypes()
+            plt = pyplot(option)
+            formats = dict(FigureCanvasAgg.get_supported_filetypes())
+            texsystem = plt.rcParams["pgf.texsystem"]
+            if shutil.which(texsystem) is None:  # .pgf is written by running LaTeX
+                del formats["pgf"]
+                if path.suffix.lower() == ".pgf":
+                    raise CliError(f"{option} {path}: matplotlib writes .pgf through LaTeX "
+                                   f"({texsystem}), which is not installed; end the name in "
+                                   ".png, .pdf or .svg")
             if path.suffix.lstrip(".").lower() not in formats:
                 raise CliError(f"{option} {path}: matplotlib writes no "
                                f"'{path.suffix or 'extensionless'}' figure; end the name in "
