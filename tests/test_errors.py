@@ -12,6 +12,7 @@ from reference import classification_batch, mlp
 from torch import nn
 
 import hessrank
+from hessrank.curvature import loss as curvature_loss
 
 CE = nn.CrossEntropyLoss()
 
@@ -186,10 +187,12 @@ _MEAN_FUNCTIONS = [
 # losses, whose gradient is a multiple a_i of each sample's own with a_i varying with the
 # outputs, and a loss that uses a per-sample tensor from outside loss_fn (on one sample alone it
 # broadcasts against all of them), where one output per sample makes the multiple's check
-# vacuous. On 8 samples the weights are read a second time on the whole batch; on 20, on its
-# first 8 (CONSTANCY_SAMPLES), or on the whole batch where the loss cannot be evaluated on them
-# alone (the captured tensor; its residuals kept positive, targets shifted by 5: on 20 samples
-# it otherwise weighs some sample negatively, refused before).
+# vacuous. The weights are read a second time on the whole batch; with "head" (outputs above
+# CONSTANCY_WHOLE_ENTRIES, lowered to 0), on its first 8 (CONSTANCY_SAMPLES), or on the whole
+# batch where the loss cannot be evaluated on them alone (the captured tensor; its residuals
+# kept positive, targets shifted by 5: on 20 samples it otherwise weighs some sample negatively,
+# refused before). "coupled past the head": a loss whose weights depend on the outputs of
+# samples 8 and later only, which the head's reading alone let through.
 OUTPUT_DEPENDENT_WEIGHTS = [
     *[(name, outputs, loss, 8) for name, outputs, loss in _MEAN_FUNCTIONS],
     ("captured per-sample temperature, one output", 1,
@@ -198,16 +201,22 @@ OUTPUT_DEPENDENT_WEIGHTS = [
     ("captured per-sample temperature, one output, 20 samples", 1, lambda f, y: (
         (f.squeeze(-1) * torch.linspace(0.5, 1.5, 20, dtype=f.dtype) - y.squeeze(-1) + 5) ** 2
     ).mean(), 20),
+    *[(f"{name}, 20 samples, head", outputs, loss, 20) for name, outputs, loss in _MEAN_FUNCTIONS],
+    ("coupled past the head, 20 samples", 3, lambda f, y: (
+        ((f[:8] - y[:8]) ** 2).sum() + ((f[8:] - y[8:]) ** 2).sum() ** 2), 20),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize(("name", "outputs", "loss", "samples"), OUTPUT_DEPENDENT_WEIGHTS,
                          ids=[case[0] for case in OUTPUT_DEPENDENT_WEIGHTS])
-def test_fisher_refuses_weights_that_depend_on_the_outputs(name, outputs, loss, samples, dtype):
+def test_fisher_refuses_weights_that_depend_on_the_outputs(name, outputs, loss, samples, dtype,
+                                                           monkeypatch):
     """These passed the per-sample gradient check and returned an 'EF' of output-dependent
     weights (RMSE: a_i = sqrt(mse_i) / (n RMSE)); the weights read with the outputs' rows moved
     one sample on differ. exact takes them."""
+    if name.endswith("head"):
+        monkeypatch.setattr(curvature_loss, "CONSTANCY_WHOLE_ENTRIES", 0)
     model = mlp((5, 6, outputs), dtype=dtype)
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(samples, 5, generator=generator, dtype=torch.float64).to(dtype)
