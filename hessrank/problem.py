@@ -474,6 +474,17 @@ def check_model(model: object) -> None:
             f"{', ...' if len(lazy) > 4 else ''}): run one forward pass on a batch first "
             "(model(inputs)), which gives them their shapes"
         )
+    scaled = [name for name, module in model.named_modules()
+              if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.scale_grad_by_freq]
+    if scaled:
+        raise ValueError(
+            f"{listed_names([name or 'the model' for name in scaled])}: an embedding with "
+            "scale_grad_by_freq=True, whose backward divides each row's gradient by its token's "
+            "count in the batch, so autograd's derivatives are not the loss's. Its loss and "
+            "curvature do not depend on the flag: analyse a copy without it (copy = "
+            "copy.deepcopy(model), then module.scale_grad_by_freq = False on the copy's "
+            "embeddings)"
+        )
     frozen = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
               if tensor.is_inference()]
     if frozen:

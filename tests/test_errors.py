@@ -504,6 +504,37 @@ def test_inference_tensors_named_before_anything(method, parameters_cloned, matc
     assert hessrank.effective_rank(model, CE, (x, y), method=method).rank > 0
 
 
+class _TokenModel(nn.Module):
+    def __init__(self, scaled: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(7, 4, scale_grad_by_freq=scaled)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens).mean(dim=1))
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher", "ggn"])
+def test_an_embedding_that_scales_its_gradient_is_named(method):
+    """``scale_grad_by_freq=True`` divides each row's gradient by its token's count in the batch:
+    exact blamed a custom autograd.Function's double backward. The loss is the flag's copy's,
+    whose curvature the advised copy gives."""
+    tokens = torch.randint(0, 7, (6, 5), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(2))
+    model = _TokenModel(scaled=True)
+    with pytest.raises(ValueError, match="embed: an embedding with scale_grad_by_freq=True.*"
+                                         "analyse a copy without it"):
+        hessrank.effective_rank(model, CE, (tokens, targets), method=method)
+    copy_ = copy.deepcopy(model)
+    copy_.embed.scale_grad_by_freq = False
+    reference = _TokenModel(scaled=False)
+    assert np.allclose(hessrank.effective_rank(copy_, CE, (tokens, targets), method=method
+                                               ).eigenvalues,
+                       hessrank.effective_rank(reference, CE, (tokens, targets), method=method
+                                               ).eigenvalues)
+
+
 class _Float32Norm(nn.Module):
     """An RMS norm that computes in float32 whatever its input (as HuggingFace's LlamaRMSNorm
     and rotary embeddings do)."""
