@@ -104,9 +104,9 @@ def test_plot_draws_pngs(smoke_results: Path, tmp_path: Path) -> None:
 
 
 def test_reproduction_table_has_a_row_per_target(tmp_path: Path) -> None:
-    # 5 tasks: enough for the windows (tasks 2-4 and the last 3)
+    # 7 tasks: enough for the windows (tasks 2-4 and the last 3) not to overlap
     out = tmp_path / "res"
-    argv = ["--preset", "smoke", "--out", str(out), "--no-progress", "--tasks", "5"]
+    argv = ["--preset", "smoke", "--out", str(out), "--no-progress", "--tasks", "7"]
     assert run.main(argv) == 0
     runs = analysis.load_runs(out)
     rows = [line.split(" | ")[0] for line in summarize.reproduction_table(runs)[2:]]
@@ -139,8 +139,38 @@ def test_rerun_with_other_config_is_refused_naming_the_field(tmp_path: Path) -> 
     # a field added to Config after the run was saved, at its default, is the same configuration
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["overlap_k"]
+    # a field removed since (the committed results' lanczos_probes), and lanczos_steps where
+    # no Lanczos is measured, configure nothing: the committed results could not be resumed
+    saved.update(lanczos_probes=8, lanczos_steps=80)
     (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert "lanczos" not in saved["hess_methods"]
     assert len(run_experiment(tiny_config(tasks=1), tmp_path, "")) == 1
+
+
+def test_first_seed_shifts_the_presets_seeds() -> None:
+    """``--first-seed 7`` without ``--seeds`` was ignored (the run recorded seeds [0, 1])."""
+    (cfg,) = run.configs_from_args(run.parse_args(["--preset", "smoke", "--runs", "act_relu",
+                                                   "--first-seed", "7"]))
+    (default,) = run.configs_from_args(run.parse_args(["--preset", "smoke", "--runs",
+                                                       "act_relu"]))
+    assert cfg.seeds == [7 + i for i in range(len(default.seeds))]
+    (counted,) = run.configs_from_args(run.parse_args(["--preset", "smoke", "--runs", "act_relu",
+                                                       "--first-seed", "3", "--seeds", "2"]))
+    assert counted.seeds == [3, 4]
+
+
+@pytest.mark.parametrize(("option", "value"), [("--hess-methods", "fisherr"),
+                                                ("--hess-blocks", "last3")])
+def test_a_typo_in_the_curvature_options_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str) -> None:
+    """It raised a traceback after config.json was written, which then refused the corrected
+    command as another configuration."""
+    argv = ["--preset", "smoke", "--runs", "act_relu", "--out", str(tmp_path), "--no-progress",
+            option, value]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: run act_relu: ") and f"names {value}: choose from" in err
+    assert not any(tmp_path.rglob("*.json"))
 
 
 def _damage(path: Path, how: str) -> None:
@@ -154,6 +184,7 @@ def _damage(path: Path, how: str) -> None:
 # any work, in one line naming the file, and nothing in the folder changes.
 DAMAGE_CASES = [
     ("tasks/0000.json", "deleted"),
+    ("tasks/0001.json", "deleted"),  # the last one the checkpoint covers: no gap shows it
     ("tasks/0001.json", "truncated"),
     ("config.json", "truncated"),
     ("config.json", "deleted"),

@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from plasticity.experiment import load_task_results
+from plasticity.experiment import finished_tasks, load_task_results
+from plasticity.problems import SetupError
 
 FIRST_TASK = 1  # index of task 2: the first task measured on a trained network
 WINDOW = 3
+#: Tasks a run needs for its early and late windows not to overlap.
+MIN_TASKS = FIRST_TASK + 2 * WINDOW
 
 
 @dataclass
@@ -33,6 +36,11 @@ class RunData:
     @property
     def num_tasks(self) -> int:
         return next(iter(self.metrics.values())).shape[0]
+
+    @property
+    def unfinished(self) -> bool:
+        """Whether the run has fewer tasks than its configuration asks for."""
+        return self.num_tasks < int(self.config.get("tasks", self.num_tasks))
 
     def __getitem__(self, metric: str) -> np.ndarray:
         return self.metrics[metric]
@@ -51,11 +59,14 @@ def load_runs(results: Path) -> dict[str, RunData]:
     """Every run under ``results`` with at least one finished task, by name.
 
     Raises:
-        SetupError: a task file is missing (a gap in the sequence) or damaged.
+        SetupError: ``results`` is no folder, or a task file is missing (a gap in the
+            sequence, or one the run's checkpoint covers) or damaged.
     """
+    if not results.is_dir():
+        raise SetupError(f"{results} is not a folder of runs: give the --out folder of run.py")
     runs = {}
     for run_dir in sorted(p for p in results.iterdir() if (p / "tasks").is_dir()):
-        records = load_task_results(run_dir)
+        records = load_task_results(run_dir, expected=finished_tasks(run_dir) or None)
         if not records:
             continue
         keys = set.intersection(*(set(r["metrics"]) for r in records))
@@ -100,8 +111,31 @@ class Change:
                 f"{self.half_width:.2g}{mark})")
 
 
+def paired(run: RunData, base: RunData) -> tuple[RunData, RunData]:
+    """``run`` and ``base`` on the tasks both have and on ``run``'s seeds (which ``base`` must
+    hold, in any order), so that their windows cover the same tasks of the same seeds (one
+    still running would otherwise put its last tasks beside the other's later ones)."""
+    tasks = min(run.num_tasks, base.num_tasks)
+    return run.restricted(tasks, run.seeds), base.restricted(tasks, run.seeds)
+
+
+def comparable(runs: dict[str, RunData]) -> tuple[dict[str, RunData], list[str]]:
+    """The runs with at least :data:`MIN_TASKS` tasks, and a line for each run left out."""
+    kept = {name: run for name, run in runs.items() if run.num_tasks >= MIN_TASKS}
+    left = [f"{name} ({run.num_tasks} tasks: fewer than {MIN_TASKS}, so its early and late "
+            "windows would overlap)" for name, run in runs.items() if name not in kept]
+    return kept, left
+
+
 def early_late(values: np.ndarray, window: int = WINDOW) -> Change:
-    """The change of (tasks, seeds) ``values`` from tasks 2..window+1 to the last ``window``."""
+    """The change of (tasks, seeds) ``values`` from tasks 2..window+1 to the last ``window``.
+
+    Raises:
+        ValueError: fewer than ``FIRST_TASK + 2 window`` tasks (the windows would overlap).
+    """
+    if values.shape[0] < FIRST_TASK + 2 * window:
+        raise ValueError(f"{values.shape[0]} tasks: the early and late windows need "
+                         f"{FIRST_TASK + 2 * window}")
     early = values[FIRST_TASK : FIRST_TASK + window].mean(0)
     late = values[-window:].mean(0)
     diff = late - early

@@ -159,10 +159,14 @@ def config_differences(saved: dict, cfg: Config) -> list[str]:
     """``field (saved X, now Y)`` for each field where ``saved`` (a config.json) differs."""
     defaults = dataclasses.asdict(Config())
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    # fields added to Config after the run was saved count as having their default value
-    before = json.loads(json.dumps({**defaults, **saved}))
+    # fields added to Config after the run was saved count as having their default value, and
+    # fields removed since (lanczos_probes) no longer configure anything
+    before = json.loads(json.dumps({**defaults, **{k: v for k, v in saved.items()
+                                                   if k in defaults}}))
     for key in NOT_CONFIGURATION:
         before.pop(key, None)
+    if "lanczos" not in before["hess_methods"] + now["hess_methods"]:
+        before.pop("lanczos_steps"), now.pop("lanczos_steps")  # configures nothing measured
     return [
         f"{key} (saved {before.get(key)!r}, now {now.get(key)!r})"
         for key in sorted(set(before) | set(now))
@@ -348,6 +352,12 @@ def prepare_run(
     Raises:
         SetupError: see :func:`resume_state`, :func:`check_exact_budget` and the data loaders.
     """
+    for methods, known, option in ((cfg.hess_methods, hessrank.METHODS, "--hess-methods"),
+                                   (cfg.hess_blocks, metrics.BLOCKS, "--hess-blocks")):
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise SetupError(f"run {cfg.name}: {option} names {', '.join(unknown)}: choose "
+                             f"from {', '.join(known)}")
     state = resume_state(cfg, run_dir)
     problem = make_problem(
         cfg.problem, data_dir, cfg.num_samples, cfg.subset_seed, cfg.downsample, download

@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 if __package__ in (None, ""):  # run as a file: make examples/ importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plasticity.analysis import RunData, load_runs, mean_ci  # noqa: E402
+from plasticity.analysis import RunData, load_runs, mean_ci, paired  # noqa: E402
 from plasticity.model import ACTIVATIONS  # noqa: E402
 from plasticity.problems import SetupError  # noqa: E402
 from plasticity.regularizers import REGULARIZERS  # noqa: E402
@@ -229,7 +229,7 @@ def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
             ax = axes[row, col]
             sweep = reg_runs(runs, reg, act)
             if sweep and f"act_{act}" in runs:
-                base = runs[f"act_{act}"].restricted(sweep[0][1].num_tasks, sweep[0][1].seeds)
+                base = paired(sweep[0][1], runs[f"act_{act}"])[1]
                 band(ax, base[metric], "none", REG_COLORS["none"])
             for style, (strength, run) in zip(STRENGTH_STYLES, sweep, strict=False):
                 band(ax, run[metric], f"{reg} {strength:g}", REG_COLORS[reg], style)
@@ -250,7 +250,7 @@ def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
             ax.errorbar([s for s, _ in sweep], mean, yerr=half, color=REG_COLORS[reg],
                         marker="o", capsize=3, label=reg)
             if f"act_{act}" in runs:
-                base = runs[f"act_{act}"].restricted(sweep[0][1].num_tasks, sweep[0][1].seeds)
+                base = paired(sweep[0][1], runs[f"act_{act}"])[1]
                 ax.axhline(base[metric][-3:].mean(), color=REG_COLORS["none"], ls="--", lw=1)
         ax.set_xscale("log")
         if metric.startswith("acc"):

@@ -188,8 +188,6 @@ def configs_from_args(args: argparse.Namespace) -> list[Config]:
     for listed in ("hess_methods", "hess_blocks"):
         if listed in overrides:
             overrides[listed] = [m for m in overrides[listed].split(",") if m]
-    if "seeds" in overrides:
-        overrides["seeds"] = list(range(args.first_seed, args.first_seed + overrides["seeds"]))
     runs = preset_runs(args.preset)
     if args.runs:
         wanted = args.runs.split(",")
@@ -197,7 +195,13 @@ def configs_from_args(args: argparse.Namespace) -> list[Config]:
         if unknown:
             raise SystemExit(f"unknown run names {sorted(unknown)} in preset {args.preset}")
         runs = [r for r in runs if r.name in wanted]
-    return [dataclasses.replace(r, **overrides) for r in runs]
+    configs = []
+    for r in runs:  # --first-seed shifts the preset's seeds unless --seeds says how many
+        count = overrides.get("seeds", len(r.seeds))
+        seeds = list(range(args.first_seed, args.first_seed + count)) if (
+            "seeds" in overrides or args.first_seed) else r.seeds
+        configs.append(dataclasses.replace(r, **{**overrides, "seeds": seeds}))
+    return configs
 
 
 def main(argv: list[str] | None = None) -> int:

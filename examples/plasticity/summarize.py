@@ -23,11 +23,14 @@ if __package__ in (None, ""):  # run as a file: make examples/ importable
 
 from plasticity.analysis import (
     FIRST_TASK,
+    MIN_TASKS,
     WINDOW,
     RunData,
+    comparable,
     early_late,
     lead,
     load_runs,
+    paired,
     paired_difference,
     spearman,
 )
@@ -61,7 +64,7 @@ def metric_lines(runs: dict[str, RunData]) -> list[str]:
     lines = ["| run | metric | tasks 2-4 -> last 3 (change ± 95% CI) |", "|---|---|---|"]
     for name, run in runs.items():
         for metric in METRICS:
-            if metric in run and run.num_tasks >= FIRST_TASK + WINDOW:
+            if metric in run:
                 lines.append(f"| {name} ({len(run.seeds)} seeds, {run.num_tasks} tasks) | "
                              f"{metric} | {early_late(run[metric])} |")
     return lines
@@ -86,7 +89,9 @@ def setting(run: RunData) -> str:
         + (f" pooled {config['downsample']}x" if config.get("downsample", 1) > 1 else "")
         + f", MLP width {config['width']} x depth {config['depth']}, "
         f"{config['epochs']} epoch(s)/task, ")
-    return f"{described}{len(run.seeds)} seeds, {run.num_tasks} tasks"
+    tasks = (f"{run.num_tasks} of {run.config['tasks']} tasks (unfinished)" if run.unfinished
+             else f"{run.num_tasks} tasks")
+    return f"{described}{len(run.seeds)} seeds, {tasks}"
 
 
 def target_1(runs: dict[str, RunData]) -> list[str]:
@@ -237,7 +242,7 @@ def target_4(runs: dict[str, RunData]) -> list[str]:
 def target_5(runs: dict[str, RunData]) -> list[str]:
     if "featrank_leaky_relu" not in runs or "act_leaky_relu" not in runs:
         return []
-    reg, base = runs["featrank_leaky_relu"], runs["act_leaky_relu"]
+    reg, base = paired(runs["featrank_leaky_relu"], runs["act_leaky_relu"])
     acc_diff = paired_difference(reg["acc_end"][-WINDOW:].mean(0),
                                  base["acc_end"][-WINDOW:].mean(0))
     fr_diff = paired_difference(reg["feature_rank"][-WINDOW:].mean(0),
@@ -316,7 +321,7 @@ def target_7(runs: dict[str, RunData]) -> list[str]:
         base_run = runs.get(f"act_{act}")
         if base_run is None:
             continue
-        base = base_run.restricted(r.num_tasks, r.seeds)
+        r, base = paired(r, base_run)
         acc = paired_difference(r["acc_end"][-WINDOW:].mean(0), base["acc_end"][-WINDOW:].mean(0))
         key = "hess_rank_fisher_start"
         rank = paired_difference(r[key][-WINDOW:].mean(0), base[key][-WINDOW:].mean(0))
@@ -362,10 +367,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="print every metric's early -> late change instead of the table")
     args = p.parse_args(argv)
     try:
-        runs = load_runs(args.results)
+        runs, left_out = comparable(load_runs(args.results))
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not runs:
+        print(f"error: no run under {args.results} has {MIN_TASKS} finished tasks"
+              + (f" (left out: {'; '.join(left_out)})" if left_out else ""), file=sys.stderr)
+        return 2
+    for line in left_out:
+        print(f"left out: {line}", file=sys.stderr)
+    for name, run in runs.items():
+        if run.unfinished:
+            print(f"{name}: {run.num_tasks} of {run.config['tasks']} tasks (unfinished); paired "
+                  "comparisons use the tasks both runs have", file=sys.stderr)
     print("\n".join(metric_lines(runs) if args.metrics else reproduction_table(runs)))
     return 0
 
