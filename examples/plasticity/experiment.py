@@ -200,7 +200,8 @@ def resume_state(cfg: Config, run_dir: Path) -> dict | None:
 
 
 def _megabytes(num_bytes: float) -> str:
-    return f"{num_bytes / 2**20:.3g} MiB"
+    return (f"{num_bytes / 2**30:.3g} GiB" if num_bytes >= 2**30
+            else f"{num_bytes / 2**20:.3g} MiB")
 
 
 def check_exact_budget(cfg: Config, problem: Problem) -> None:
@@ -222,13 +223,16 @@ def check_exact_budget(cfg: Config, problem: Problem) -> None:
             net, nn.CrossEntropyLoss(), (x[0], y[0]), params=metrics.block_params(net, block)
         )
         if memory > cfg.hess_max_memory:
+            ways = ([] if "exact" not in cfg.hess_methods else
+                    ["drop exact from --hess-methods (fisher, ggn and lanczos have no such "
+                     "cost)"] + (["use --hess-blocks last2"] if block != "last2" else []))
+            if cfg.overlap:
+                ways.append("drop --overlap (it needs the whole network's exact Hessian)")
             raise SetupError(
                 f"run {cfg.name}: the exact Hessian of block {block!r} needs about "
                 f"{_megabytes(memory)}, over hess_max_memory = "
-                f"{_megabytes(cfg.hess_max_memory)}; drop exact from --hess-methods (fisher, "
-                "ggn and lanczos have no such cost), use --hess-blocks last2, or raise "
-                "--hess-max-memory"
-            )
+                f"{_megabytes(cfg.hess_max_memory)}; " + ", ".join(ways)
+                + ", or raise --hess-max-memory")
 
 
 class Trainer:

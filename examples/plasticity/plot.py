@@ -346,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not written:
+        print(f"error: no figure fits the runs under {args.results}: the figures compare the "
+              "preset runs by name (act_<activation>, exact_<activation>, permuted_<activation>, "
+              "reg_<regularizer>_<strength>_<activation>); summarize.py --metrics reports any "
+              "run", file=sys.stderr)
+        return 2
     for path in written:
         print(path)
     return 0

@@ -127,6 +127,11 @@ class Problem:
         pair = torch.randperm(c, generator=task_generator(self.sequence_seed, t))[:2]
         keep = (self.pool.labels == pair[0]) | (self.pool.labels == pair[1])
         x = self.pool.x[keep]
+        if x.shape[0] < 2:
+            raise SetupError(
+                f"task {t + 1}: the pool of {self.pool.x.shape[0]:,} images holds "
+                f"{x.shape[0]} of the class pair {pair.tolist()} (of {c} classes): a class-pair "
+                "problem needs a pool with images of every class, e.g. --num-samples 100000")
         y = (self.pool.labels[keep] == pair[1]).long()
         return Task(x, y.expand(num_seeds, -1).contiguous(), 2)
 
@@ -172,8 +177,12 @@ def load_mnist(
     try:
         ds = MNIST(root=data_dir, train=True, download=download)
     except (RuntimeError, OSError) as err:  # torchvision's download failures (offline, HTTP)
-        raise SetupError(f"MNIST download into {data_dir} failed ({err}); "
-                         "copy MNIST/raw there by hand and pass --data-dir") from None
+        raise SetupError(
+            (f"MNIST download into {data_dir} failed ({err})" if download else
+             f"MNIST in {data_dir} is incomplete ({err}): MNIST/raw needs the four files "
+             "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+             "t10k-labels-idx1-ubyte")
+            + "; copy MNIST/raw there by hand and pass --data-dir") from None
     idx = _subset(len(ds.targets), n, subset_seed)
     return _pool_from_uint8(ds.data[idx], ds.targets[idx], MNIST_MEAN, MNIST_STD, downsample)
 
