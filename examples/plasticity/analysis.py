@@ -183,3 +183,17 @@ def lead(rank: np.ndarray, accuracy: np.ndarray) -> tuple[float, float, int]:
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman correlation of two curves (tasks,), e.g. mean rank and mean accuracy."""
     return float(stats.spearmanr(a, b).statistic)
+
+
+def setting(run: RunData) -> str:
+    """The run's setting as its config.json records it (not the main setting's description,
+    which a smoke or a custom run does not have), with its seeds and tasks."""
+    config = run.config
+    described = "" if not config else (
+        f"{config['problem']}, {config['num_samples']:,} images"
+        + (f" pooled {config['downsample']}x" if config.get("downsample", 1) > 1 else "")
+        + f", MLP width {config['width']} x depth {config['depth']}, "
+        f"{config['epochs']} epoch(s)/task, ")
+    tasks = (f"{run.num_tasks} of {run.config['tasks']} tasks (unfinished)" if run.unfinished
+             else f"{run.num_tasks} tasks")
+    return f"{described}{len(run.seeds)} seeds, {tasks}"

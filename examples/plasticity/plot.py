@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 if __package__ in (None, ""):  # run as a file: make examples/ importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plasticity.analysis import RunData, load_runs, mean_ci, paired  # noqa: E402
+from plasticity.analysis import RunData, load_runs, mean_ci, paired, setting  # noqa: E402
 from plasticity.model import ACTIVATIONS  # noqa: E402
 from plasticity.problems import SetupError  # noqa: E402
 from plasticity.regularizers import REGULARIZERS  # noqa: E402
@@ -56,9 +56,9 @@ METRICS = {
     "acc_end": Metric("end-of-task train accuracy", "accuracy (fraction of the task's images)"),
     "acc_online": Metric("online train accuracy (task average)", "accuracy (fraction)"),
     "dead_frac": Metric("dead units", "fraction of hidden units"),
-    "dormant_frac": Metric("dormant units (tau 0.01)", "fraction of hidden units"),
+    "dormant_frac": Metric("dormant units", "fraction of hidden units"),
     "active_frac": Metric("active (unit, input) pairs", "fraction of pairs"),
-    "feature_rank": Metric("feature rank (penultimate layer)", "srank (of width 128)"),
+    "feature_rank": Metric("feature rank (penultimate layer)", "srank (at most its width)"),
     "weight_norm": Metric("weight norm ||theta||", "L2 norm (parameter units)"),
     "dist_init": Metric("distance from init ||theta - theta_0||", "L2 norm (parameter units)"),
     "grad_norm_start": Metric("full-batch gradient norm at task start", "L2 norm of gradient"),
@@ -172,7 +172,7 @@ def estimator_figure(runs: dict[str, RunData], path: Path) -> bool:
             ax.tick_params(labelsize=7)
             legend(ax, 6)
     _save(fig, path, "Figure 3: Hessian rank estimators at task start, exact-size setting\n"
-                     "(64 images, MLP 49-16-16-10; rows: block x normalisation)")
+                     f"({setting(runs[f'exact_{acts[0]}'])}; rows: block x normalisation)")
     return True
 
 
@@ -185,7 +185,7 @@ def update_norm_figure(runs: dict[str, RunData], path: Path) -> bool:
     if not any(f"{p}{a}" in runs for p, _, _ in rows for a in pair):
         return False
     fig, axes = plt.subplots(2, 3, figsize=(12.6, 6.8), squeeze=False)
-    for row, (prefix, setting, metrics) in enumerate(rows):
+    for row, (prefix, named, metrics) in enumerate(rows):
         for col in range(3):
             ax = axes[row, col]
             if col >= len(metrics):
@@ -195,7 +195,7 @@ def update_norm_figure(runs: dict[str, RunData], path: Path) -> bool:
                 if f"{prefix}{a}" in runs and metrics[col] in runs[f"{prefix}{a}"]:
                     band(ax, runs[f"{prefix}{a}"][metrics[col]], a, ACT_COLORS[a])
             label_axes(ax, metrics[col])
-            ax.set_title(f"{setting}: {ax.get_title()}", fontsize=8)
+            ax.set_title(f"{named}: {ax.get_title()}", fontsize=8)
             legend(ax, 7)
     _save(fig, path, "Figure 5: update norm, gradient norm and gradient-Hessian overlap")
     return True
@@ -274,14 +274,14 @@ def overview_figure(runs: dict[str, RunData], path: Path) -> bool:
     if not settings:
         return False
     fig, axes = plt.subplots(2, len(settings), figsize=(4.4 * len(settings), 6.6), squeeze=False)
-    for col, (prefix, setting, rank_key) in enumerate(settings):
+    for col, (prefix, named, rank_key) in enumerate(settings):
         for row, metric in enumerate(("acc_end", rank_key)):
             ax = axes[row, col]
             for a in ACTIVATIONS:
                 if f"{prefix}{a}" in runs:
                     band(ax, runs[f"{prefix}{a}"][metric], a, ACT_COLORS[a])
             label_axes(ax, metric)
-            ax.set_title(f"{setting}:\n{ax.get_title()}", fontsize=8)
+            ax.set_title(f"{named}:\n{ax.get_title()}", fontsize=8)
             legend(ax, 7)
     _save(fig, path, "Overview: plasticity and Hessian rank by activation, per setting")
     return True
@@ -297,9 +297,14 @@ def draw_all(results: Path, out: Path) -> list[Path]:
             "hess_rank_fisher_last2_end"]
     fig1 = ["acc_end", "acc_online", "dead_frac", "dormant_frac", "active_frac", "feature_rank",
             "weight_norm", "dist_init", "grad_norm_start", "update_norm_online"]
+
+    def about(prefix: str) -> str:
+        """The setting of the first run named ``prefix...``, as its config.json records it."""
+        return next((setting(run) for name, run in runs.items() if name.startswith(prefix)), "")
+
     by_activation = {
-        "fig1_explanations.png": ("act_", fig1, "Figure 1: earlier explanations (main setting: "
-                                  "Random-Label MNIST, 300 images)", None),
+        "fig1_explanations.png": ("act_", fig1, f"Figure 1: earlier explanations ({about('act_')})",
+                                  None),
         "fig2_feature_rank_reg.png": (
             "act_", ["acc_end", "acc_online", "feature_rank", "hess_rank_fisher_start"],
             "Figure 2: feature-rank regularization on leaky-ReLU (main setting)",
@@ -311,11 +316,11 @@ def draw_all(results: Path, out: Path) -> list[Path]:
                                "parameter blocks (main setting)", None),
         "fig4_exact_size.png": ("exact_", ["acc_end", "hess_rank_exact_start",
                                            "hess_rank_exact_last2_start"],
-                                "Figure 4, exact Hessian: exact-size setting (64 images, "
-                                "MLP 49-16-16-10)", None),
+                                f"Figure 4, exact Hessian: exact-size setting ({about('exact_')})",
+                                None),
         "permuted_mnist.png": ("permuted_", ["acc_end", "acc_online"] + hess[:2] +
                                ["dead_frac", "feature_rank"],
-                               "Permuted MNIST (10,000 images, one pass per task)", None),
+                               f"Permuted MNIST ({about('permuted_')})", None),
     }
     written = []
     for filename, (prefix, metrics, title, extra) in by_activation.items():

@@ -32,6 +32,7 @@ from plasticity.analysis import (
     load_runs,
     paired,
     paired_difference,
+    setting,
     spearman,
 )
 from plasticity.model import ACTIVATIONS
@@ -78,20 +79,6 @@ def loses(run: RunData) -> bool:
 
 def _present(runs: dict[str, RunData], prefix: str) -> list[tuple[str, RunData]]:
     return [(a, runs[f"{prefix}{a}"]) for a in ACTIVATIONS if f"{prefix}{a}" in runs]
-
-
-def setting(run: RunData) -> str:
-    """The run's setting as its config.json records it (not the main setting's description,
-    which a smoke or a custom run does not have), with its seeds and tasks."""
-    config = run.config
-    described = "" if not config else (
-        f"{config['problem']}, {config['num_samples']:,} images"
-        + (f" pooled {config['downsample']}x" if config.get("downsample", 1) > 1 else "")
-        + f", MLP width {config['width']} x depth {config['depth']}, "
-        f"{config['epochs']} epoch(s)/task, ")
-    tasks = (f"{run.num_tasks} of {run.config['tasks']} tasks (unfinished)" if run.unfinished
-             else f"{run.num_tasks} tasks")
-    return f"{described}{len(run.seeds)} seeds, {tasks}"
 
 
 def target_1(runs: dict[str, RunData]) -> list[str]:
