@@ -474,17 +474,6 @@ def check_model(model: object) -> None:
             f"{', ...' if len(lazy) > 4 else ''}): run one forward pass on a batch first "
             "(model(inputs)), which gives them their shapes"
         )
-    scaled = [name for name, module in model.named_modules()
-              if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.scale_grad_by_freq]
-    if scaled:
-        raise ValueError(
-            f"{listed_names([name or 'the model' for name in scaled])}: an embedding with "
-            "scale_grad_by_freq=True, whose backward divides each row's gradient by its token's "
-            "count in the batch, so autograd's derivatives are not the loss's. Its loss and "
-            "curvature do not depend on the flag: analyse a copy without it (copy = "
-            "copy.deepcopy(model), then module.scale_grad_by_freq = False on the copy's "
-            "embeddings)"
-        )
     frozen = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
               if tensor.is_inference()]
     if frozen:
@@ -552,6 +541,19 @@ def build_problem(
     for name, p in zip(names, selected):
         if not all_finite(p.detach()):
             raise ValueError(f"parameter {name!r} contains NaN or Inf: the curvature is undefined")
+    analysed = {id(p) for p in selected}
+    scaled = [name for name, module in model.named_modules()
+              if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.scale_grad_by_freq
+              and id(module.weight) in analysed]
+    if scaled:
+        raise ValueError(
+            f"{listed_names([name or 'the model' for name in scaled])}: an embedding with "
+            "scale_grad_by_freq=True, whose backward divides each row's gradient by its token's "
+            "count in the batch, so autograd's derivatives are not the loss's. Its loss and "
+            "curvature do not depend on the flag: analyse a copy without it (copy = "
+            "copy.deepcopy(model), then module.scale_grad_by_freq = False on the copy's "
+            "embeddings), or leave its weight out with params="
+        )
     if mode == "train":
         active_dropout = [name for name, m in model.named_modules()
                           if isinstance(m, _DROPOUT) and m.training and m.p > 0]
@@ -762,8 +764,13 @@ def refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor, part: str) 
             args, kwargs = problem.sample_slice(start, stop)
             halves.append(replace(problem, args=args, kwargs=kwargs,
                                   targets=problem.targets[start:stop]).forward())
+    # outputs not batch first, or shaped by the batch (sequences cut to the batch's longest):
+    # not comparable row by row
+    if not all(isinstance(half, Tensor) and half.shape[1:] == outputs.shape[1:]
+               for half in halves):
+        return
     alone = torch.cat(halves).to(outputs.dtype)
-    if alone.shape != outputs.shape:  # not batch first: the loss's own checks name it
+    if alone.shape != outputs.shape:
         return
     scale = float(outputs.detach().abs().max())
     difference = float((alone - outputs.detach()).abs().max())

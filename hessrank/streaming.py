@@ -294,7 +294,7 @@ class StreamedProblem(CurvatureProblem):
         note."""
         with torch.no_grad():  # a parameter term would otherwise build a graph
             loss = evaluate_loss(batch.loss_fn, outputs, batch.targets, finite=False)
-        normaliser = self._normaliser(batch, outputs, f"batch {index}")
+        normaliser = self._normaliser(batch, outputs, f"batch {index}", float(loss))
         if normaliser != 0.0:
             check_loss(loss)
         elif _curved(batch.loss_fn, outputs, batch.targets):
@@ -311,19 +311,25 @@ class StreamedProblem(CurvatureProblem):
             value = 0.0
         return _fingerprint(batch), normaliser, value
 
-    def _normaliser(self, batch: CurvatureProblem, outputs: Tensor, what: str) -> float:
-        """``Z_b`` relative to the reference batch's (1 for a sum), from the batch's outputs.
+    def _normaliser(self, batch: CurvatureProblem, outputs: Tensor, what: str,
+                    own_loss: float) -> float:
+        """``Z_b`` relative to the reference batch's (1 for a sum), from the batch's outputs
+        (and its own loss ``own_loss``, where its gradient is zero).
 
         Where the batch's outputs get no gradient (every target ignored; a hinge loss's flat
         region; exact predictions under a squared error), its own coefficient ``beta`` cannot
-        be read; a sum still weighs it 1, and a mean's ``1 - alpha`` is its share, 0 within
-        the coefficients' rounding (``Z_b = 0``: every target ignored)."""
+        be read; a sum still weighs it 1, and a mean's ``1 - alpha`` is its share. That share
+        is 0 (``Z_b = 0``: every target ignored) within a few units of rounding, or within the
+        coefficients' agreement tolerance where the batch's own loss is not finite (a mean
+        over no target); a batch of one sample next to 10^5 still counts."""
         gradient = _output_gradient(batch.loss_fn, outputs, batch.targets)
         alpha, beta = self._pair(outputs, batch.targets, gradient, what)
         tolerance = agreement_tolerance(outputs.dtype)
         if math.isnan(beta):
             beta = 1.0 if self.kind == "sum" else 1.0 - alpha
-            if self.kind == "mean" and abs(beta) <= tolerance:
+            rounding = 16 * float(torch.finfo(outputs.dtype).eps)
+            if self.kind == "mean" and (abs(beta) <= rounding or (
+                    abs(beta) <= tolerance and not math.isfinite(own_loss))):
                 return 0.0
         if self.kind == "sum":
             if abs(alpha - 1) > tolerance or abs(beta - 1) > tolerance:

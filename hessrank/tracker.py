@@ -169,7 +169,9 @@ class JsonLinesSink:
 
     Args:
         path: the file; its folder is created. Replaced at the first record unless ``append``,
-            with a ``RuntimeWarning`` that names what an earlier run left there.
+            with a ``RuntimeWarning`` that names what an earlier run left there. Where another
+            open sink of this process has the file, this one takes it over (a cell run again),
+            with a ``RuntimeWarning``, and the other's next record raises.
         append: add to an existing file (a resumed run) instead of replacing it. A last line
             that a crash cut mid-write (no newline, not JSON) is dropped at the first record,
             with a ``RuntimeWarning`` that shows it, so that the record starts a line of its own.
@@ -183,21 +185,29 @@ class JsonLinesSink:
 
     Raises:
         FileExistsError: ``new`` and the file exists.
-        ValueError: both ``new`` and ``append``, or another open sink of this process writes
-            the file (two writers would overwrite each other's lines).
+        ValueError: both ``new`` and ``append``.
         OSError: the file cannot be opened for writing.
     """
+
+    #: another sink of this process has taken over the file (:meth:`write` raises)
+    superseded: bool
 
     def __init__(self, path: str | Path, append: bool = False, *, new: bool = False) -> None:
         if new and append:
             raise ValueError("JsonLinesSink(new=True) makes a file of its own: there is nothing "
                              "to append to; pass one of new and append")
         self.path = Path(path)
-        if not new and self.path.resolve() in _OPEN_LOGS:  # (new: created exclusively)
-            raise ValueError(
-                f"{self.path} is the log of another open tracker (or sink): two would overwrite "
-                "each other's lines. Give each tracker its own log=, measure the methods with "
-                "one Tracker(model, loss_fn, methods=[...]), or close() the other first")
+        earlier = None if new else _OPEN_LOGS.get(self.path.resolve())  # new: made exclusively
+        if earlier is not None:  # two writers would overwrite each other's lines
+            earlier.superseded = True
+            earlier.close()
+            warnings.warn(
+                f"{self.path} was the log of another open tracker, which writes to it no more "
+                "(its next record raises): this one takes it over, as when a cell that builds a "
+                "tracker runs again. To keep both, give each tracker its own log=, or measure "
+                "the methods with one Tracker(model, loss_fn, methods=[...])",
+                RuntimeWarning, stacklevel=_user_stacklevel())
+        self.superseded = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.append = append
         self._file: TextIO | None = None
@@ -216,7 +226,15 @@ class JsonLinesSink:
 
         Args:
             record: a :attr:`Measurement.record` (JSON-serialisable, no NaN or infinity).
+
+        Raises:
+            RuntimeError: a newer sink of this process has taken over the file.
         """
+        if self.superseded:
+            raise RuntimeError(
+                f"{self.path} has been taken over by a newer tracker's log (the same log= path), "
+                "so this tracker writes to it no more (the record is in its .records): give "
+                "each tracker its own log=")
         if self._file is None:
             if self.append:
                 _end_last_line(self.path)
@@ -463,7 +481,8 @@ class Tracker:
             folder, or the first ``curvature-<k>.jsonl`` that does not exist yet
             (:attr:`log_path` says which), created now so that no other tracker takes it, and
             removed at :meth:`close` if it got no record. A file given here is replaced at the
-            first record, with a warning where it holds records.
+            first record, with a warning where it holds records; one that another open tracker
+            logs to is taken over, with a warning (that tracker's next record raises).
         append: add to an existing ``log`` (a resumed run) instead of replacing it; step
             numbers go on from the largest it holds, and a last line that a crash cut
             mid-write is dropped, with a warning.

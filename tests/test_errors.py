@@ -526,6 +526,12 @@ def test_an_embedding_that_scales_its_gradient_is_named(method):
     with pytest.raises(ValueError, match="embed: an embedding with scale_grad_by_freq=True.*"
                                          "analyse a copy without it"):
         hessrank.effective_rank(model, CE, (tokens, targets), method=method)
+    # an embedding left out of the analysis (frozen, or not in params=) changes nothing
+    kept = hessrank.effective_rank(model, CE, (tokens, targets), method=method,
+                                   params=["head.weight", "head.bias"])
+    assert np.allclose(kept.eigenvalues, hessrank.effective_rank(
+        _TokenModel(scaled=False), CE, (tokens, targets), method=method,
+        params=["head.weight", "head.bias"]).eigenvalues)
     copy_ = copy.deepcopy(model)
     copy_.embed.scale_grad_by_freq = False
     reference = _TokenModel(scaled=False)

@@ -243,6 +243,58 @@ def test_a_flat_hinge_batch_keeps_its_share_of_the_mean():
         assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
 
 
+@pytest.mark.parametrize("first", [100, 9000])
+def test_one_flat_sample_next_to_many_keeps_its_share(first):
+    """A last batch of one sample in a squared hinge's flat region, next to a first batch of
+    9000: its share 1 / 9001 was within the coefficients' agreement tolerance (1.2e-4 in
+    float32) and counted as none, so the streamed eigenvalues came out (n + 1) / n too large."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+
+    def squared_hinge(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        sign = 2 * labels.float() - 1
+        return torch.relu(1 - sign * (outputs[:, 1] - outputs[:, 0])).pow(2).mean()
+
+    x = torch.cat([torch.randn(first, 2), 100 * torch.randn(1, 2)])
+    with torch.no_grad():
+        outputs = model(x)
+    y = torch.cat([torch.randint(0, 2, (first,)), (outputs[-1:, 1] > outputs[-1:, 0]).long()])
+    streamed = hessrank.effective_rank(model, squared_hinge, [(x[:first], y[:first]),
+                                                              (x[first:], y[first:])], "exact")
+    whole = hessrank.effective_rank(model, squared_hinge, (x, y), "exact")
+    assert streamed.eigenvalues[0] == pytest.approx(whole.eigenvalues[0], rel=1e-6)
+
+
+def test_a_model_that_cuts_to_its_batch_is_not_taken_for_one_that_mixes():
+    """Per-token outputs cut to the batch's longest sequence (each sample's tokens its own, the
+    padding ignored by the loss): its halves' outputs differ in shape, and the mixed-samples
+    check raised torch's own concatenation error."""
+    torch.manual_seed(0)
+
+    class Cut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.out = nn.Embedding(9, 3), nn.Linear(3, 9)
+
+        def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return self.out(self.embed(tokens[:, :int(lengths.max())]))
+
+    def per_token(outputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        cut = tokens[:, :outputs.shape[1]]
+        return nn.functional.cross_entropy(outputs.reshape(-1, 9), cut.reshape(-1),
+                                           ignore_index=0)
+
+    lengths = torch.tensor([3, 3, 3, 3, 3, 6])
+    batches = []
+    for _ in range(2):
+        tokens = torch.randint(1, 9, (6, 8))
+        tokens[torch.arange(8)[None, :] >= lengths[:, None]] = 0
+        batches.append(((tokens, lengths), tokens.clone()))
+    model = Cut().double()
+    streamed = hessrank.effective_rank(model, per_token, batches, "exact")
+    assert streamed.num_samples == 12 and streamed.rank > 0
+
+
 def test_a_loss_off_a_mean_by_one_sample_is_refused_in_float32():
     """``sum / (n + 1)`` over batches of 100: its coefficients are 0.5025, which the float32
     tolerance (1.2 %) took for a mean's 0.5, streaming a loss over ``N + B`` instead of

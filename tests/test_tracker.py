@@ -258,18 +258,26 @@ def test_measure_after_resuming_records_the_next_step(tmp_path: Path) -> None:
     assert [r["step"] for r in _read(log)] == [0, 2, 4, 5, 6, 7]
 
 
-def test_two_open_trackers_refuse_one_log(tmp_path: Path) -> None:
+def test_a_second_open_tracker_takes_over_a_log(tmp_path: Path) -> None:
     """Two trackers given one ``log=`` path overwrote each other's lines (3 of 6 records
-    readable, the file refused by ``hessrank plot``); the second is refused while the first is
-    open."""
+    readable, the file refused by ``hessrank plot``). The second takes the file over, with a
+    warning (a notebook cell that builds the tracker, run again), and the first's next record
+    raises instead of writing."""
     log = tmp_path / "c.jsonl"
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
     first = hessrank.Tracker(_net().eval(), CE, "fisher", every=1, log=log)
-    with pytest.raises(ValueError, match="is the log of another open tracker"):
-        hessrank.Tracker(_net().eval(), CE, "ggn", every=1, log=str(log.parent / "." / log.name))
+    first.step(batch)
+    with pytest.warns(RuntimeWarning, match="was the log of another open tracker.*takes it over"):
+        second = hessrank.Tracker(_net().eval(), CE, "ggn", every=1,
+                                  log=str(log.parent / "." / log.name))
+    with pytest.raises(RuntimeError, match="taken over by a newer tracker's log"):
+        first.step(batch)
+    with pytest.warns(RuntimeWarning, match="replacing"):
+        second.step(batch)
+    second.step(batch)
     first.close()
-    with hessrank.Tracker(_net().eval(), CE, "ggn", every=1, log=log, append=True) as second:
-        second.step(classification_batch(4, 6, 3, dtype=torch.float32))
-    assert [r["method"] for r in _read(log)] == ["ggn"]
+    second.close()
+    assert [(r["step"], r["method"]) for r in _read(log)] == [(0, "ggn"), (1, "ggn")]
 
 
 def test_on_error_warn_writes_the_error_and_goes_on(tmp_path: Path) -> None:
