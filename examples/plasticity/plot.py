@@ -245,12 +245,16 @@ def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
             sweep = reg_runs(runs, reg, act)
             if not sweep:
                 continue
-            late = np.array([run[metric][-3:].mean(0) for _, run in sweep])  # (strengths, seeds)
+            base_run = runs.get(f"act_{act}")
+            # the last 3 of the tasks every run here has (one may still be running)
+            common = min(run.num_tasks for run in [r for _, r in sweep] + [base_run] if run)
+            late = np.array([run.restricted(common, run.seeds)[metric][-3:].mean(0)
+                             for _, run in sweep])  # (strengths, seeds)
             mean, half = mean_ci(late)
             ax.errorbar([s for s, _ in sweep], mean, yerr=half, color=REG_COLORS[reg],
                         marker="o", capsize=3, label=reg)
-            if f"act_{act}" in runs:
-                base = paired(sweep[0][1], runs[f"act_{act}"])[1]
+            if base_run is not None:
+                base = base_run.restricted(common, sweep[0][1].seeds)
                 ax.axhline(base[metric][-3:].mean(), color=REG_COLORS["none"], ls="--", lw=1)
         ax.set_xscale("log")
         if metric.startswith("acc"):
