@@ -41,9 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from hessrank.curvature.loss import agreement_tolerance
 from hessrank.problem import (
     CurvatureProblem,
+    agreement_tolerance,
     evaluate_loss,
     refuse_mixed_samples,
     refuse_split_batch_statistics,

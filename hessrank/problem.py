@@ -756,7 +756,8 @@ def refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor, part: str) 
         ValueError: naming the relative difference and the fix.
     """
     count = int(problem.targets.shape[0])
-    if count < 2 or not isinstance(outputs, Tensor) or not outputs.is_floating_point():
+    if (count < 2 or not isinstance(outputs, Tensor) or not outputs.is_floating_point()
+            or outputs.shape[0] != count):  # not batch first: the loss's own checks name it
         return
     halves = []
     with torch.no_grad():
@@ -764,14 +765,12 @@ def refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor, part: str) 
             args, kwargs = problem.sample_slice(start, stop)
             halves.append(replace(problem, args=args, kwargs=kwargs,
                                   targets=problem.targets[start:stop]).forward())
-    # outputs not batch first, or shaped by the batch (sequences cut to the batch's longest):
-    # not comparable row by row
+    # outputs shaped by the batch (sequences cut to the batch's longest): not comparable row
+    # by row
     if not all(isinstance(half, Tensor) and half.shape[1:] == outputs.shape[1:]
                for half in halves):
         return
     alone = torch.cat(halves).to(outputs.dtype)
-    if alone.shape != outputs.shape:
-        return
     scale = float(outputs.detach().abs().max())
     difference = float((alone - outputs.detach()).abs().max())
     if difference > agreement_tolerance(outputs.dtype) * max(scale,

@@ -45,12 +45,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessrank.curvature.loss import agreement_tolerance, direct_parameter_names
+from hessrank.curvature.loss import direct_parameter_names
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.guard import GlobalGenerators
 from hessrank.problem import (
     Batch,
     CurvatureProblem,
+    agreement_tolerance,
     check_loss,
     evaluate_loss,
     read_batch,

@@ -197,7 +197,8 @@ class JsonLinesSink:
             raise ValueError("JsonLinesSink(new=True) makes a file of its own: there is nothing "
                              "to append to; pass one of new and append")
         self.path = Path(path)
-        earlier = None if new else _OPEN_LOGS.get(self.path.resolve())  # new: made exclusively
+        self._key = self.path.resolve()  # the file, however its path is spelt
+        earlier = None if new else _OPEN_LOGS.get(self._key)  # new: made exclusively
         if earlier is not None:  # two writers would overwrite each other's lines
             earlier.superseded = True
             earlier.close()
@@ -219,7 +220,7 @@ class JsonLinesSink:
             with self.path.open("a"):  # writable? (creates it, changes nothing that is there)
                 pass
         self.next_step = _next_logged_step(self.path) if append else 0
-        _OPEN_LOGS[self.path.resolve()] = self
+        _OPEN_LOGS[self._key] = self
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line.
@@ -251,8 +252,8 @@ class JsonLinesSink:
         log, which ``hessrank plot`` refuses, is not left behind)."""
         if self._file is not None and self._file.closed:
             return
-        if _OPEN_LOGS.get(self.path.resolve()) is self:
-            del _OPEN_LOGS[self.path.resolve()]
+        if _OPEN_LOGS.get(self._key) is self:
+            del _OPEN_LOGS[self._key]
         unused = self._file is None or self._file.tell() == 0
         if self._file is not None:
             self._file.close()

@@ -19,8 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hessrank.curvature.gram import GramAccumulator, GramResult
-from hessrank.curvature.loss import agreement_tolerance
-from hessrank.problem import CurvatureProblem, run_model
+from hessrank.problem import CurvatureProblem, agreement_tolerance, run_model
 
 _GGN_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
 

@@ -46,11 +46,15 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from hessrank.curvature.loss import agreement_tolerance
 from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
 from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
-from hessrank.problem import CurvatureProblem, GraphBytes, unused_parameters_note
+from hessrank.problem import (
+    CurvatureProblem,
+    GraphBytes,
+    agreement_tolerance,
+    unused_parameters_note,
+)
 
 #: Bytes of per-sample factors the general path may hold at once.
 GENERAL_CHUNK_BYTES = 512 * 2**20

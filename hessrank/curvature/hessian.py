@@ -12,12 +12,12 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from hessrank.curvature.loss import agreement_tolerance
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
 from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
+    agreement_tolerance,
     unused_parameters_note,
     without_second_derivative,
 )
