@@ -303,13 +303,12 @@ def effective_rank(
                 raise ValueError("eigenvectors= is not available with process_group yet: compute "
                                  "them in one process on the gathered batch")
         start = time.perf_counter()
-        with preserved_state(model), differentiable(model) as guard_notes:
+        with preserved_state(model) as check_parameters, differentiable(model) as guard_notes:
             with agreement(parallel):
                 problem = build_problem(
                     model, loss_fn,
                     first_batch(batch, _device_of(model)) if streaming else batch,  # type: ignore[arg-type]
                     params, mode)
-            problem.notes.extend(guard_notes)
             if streaming:
                 problem = streamed_problem(problem, batch)
             if parallel is not None:
@@ -335,6 +334,7 @@ def effective_rank(
                 if isinstance(problem, StreamedProblem) and concatenate:
                     cost = dataclasses.replace(cost, memory_bytes=cost.memory_bytes
                                                + problem.data_bytes)
+                check_parameters()  # the forward passes so far left the parameters alone
                 estimator.check_budget(cost, problem, settings)
                 settings = dataclasses.replace(settings, predicted_memory=cost.memory_bytes)
                 outputs.cache_clear()
@@ -359,6 +359,7 @@ def effective_rank(
                                 "setting, with the same memory saving") from error
                         raise
         seconds = time.perf_counter() - start
+        problem.notes.extend(guard_notes)  # complete now: a rescaling joins at its forward
         if parallel is not None:
             problem.notes.append(parallel.describe())
         eps = float(torch.finfo(problem.dtype).eps)

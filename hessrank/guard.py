@@ -257,7 +257,7 @@ class GlobalGenerators:
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
+def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
     """Restore, on exit (normal, by exception or by Ctrl-C), the model's observable state.
 
     Covers, for every submodule: the ``training`` flag (restored as an attribute, never through
@@ -273,7 +273,13 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     random number generators: torch's CPU and CUDA ones, Python's and NumPy's (a forward may
     draw from any of them). The restore runs with Ctrl-C held back, so it is
     atomic. Parameter values are not copied: hessrank writes them only through
-    :func:`renormalised_embeddings`, which restores what it wrote itself.
+    :func:`renormalised_embeddings`, which restores what it wrote itself. A forward that writes
+    its own parameters in place is refused instead (:func:`written_parameters_error`): the block
+    yields a check to run once the work's first forward pass has, and the check runs again on a
+    normal exit.
+
+    Yields:
+        ``check()``: raises ``ValueError`` if a parameter was written in place since entry.
     """
     armed = False  # whether the snapshot is complete, so that the restore may run
     try:
@@ -287,6 +293,15 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             registered_modules = [dict(m._modules) for m in modules]
             attributes = plain_attributes(model)
             parameters = list(model.parameters())
+            names = [name for name, _ in model.named_parameters()]
+            versions = [p._version for p in parameters]
+
+            def check() -> None:
+                written = [name for name, p, version in zip(names, parameters, versions)
+                           if p._version != version]
+                if written:
+                    raise written_parameters_error(written)
+
             requires_grad = [p.requires_grad for p in parameters]
             grads = [p.grad for p in parameters]
             generators = GlobalGenerators.read()
@@ -306,7 +321,14 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                         if buffer is not None:
                             module._buffers[name] = copies.setdefault(
                                 id(buffer), buffer.detach().clone())
-        yield
+        try:
+            yield check
+        except Exception as error:  # a write explains the failure (a mixing check, say) first
+            check_error = _raised(check)
+            if check_error is not None:
+                raise check_error from error
+            raise
+        check()
     finally:
         if armed:
             with deferred_interrupts():
@@ -332,6 +354,26 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                         if not _same_values(buffer, value):
                             buffer.copy_(value)
                 generators.restore()
+
+
+def _raised(check: Callable[[], None]) -> Exception | None:
+    """The exception ``check()`` raises, or None."""
+    try:
+        check()
+    except Exception as error:  # noqa: BLE001 - returned to be raised by the caller
+        return error
+    return None
+
+
+def written_parameters_error(names: list[str]) -> ValueError:
+    """The error for a forward that writes the model's parameters in place."""
+    return ValueError(
+        f"the model's forward writes to its parameters in place ({', '.join(names[:5])}"
+        f"{', ...' if len(names) > 5 else ''}: their version counters moved during the call, as "
+        "weight clipping with clamp_ inside forward does): the curvature of a function that "
+        "changes its parameters as it is evaluated is not defined, and hessrank cannot undo "
+        "the write (the values are as your forward left them, as after one training forward). "
+        "Move the write out of forward (clip after optimizer.step())")
 
 
 def _same_values(tensor: Tensor, value: Tensor) -> bool:
@@ -369,40 +411,74 @@ def renormalised_embeddings(model: nn.Module) -> Iterator[list[str]]:
     gradient, every row they look up whose norm exceeds ``max_norm``
     (``torch.embedding_renorm_``), on every forward: a forward would change the caller's
     parameters, and a functional or per-sample forward cannot write to them at all. Inside the
-    block every such weight holds its rows rescaled as a forward would rescale them (each by
-    ``torch.embedding_renorm_`` itself, after which a lookup leaves it as it is), and
-    ``max_norm`` is off: the curvature is the model's at the weights its forward uses, and autograd
-    differentiates them as it does in training (the rescaling has no gradient). The rescaled rows
-    are saved and written back on exit, and ``max_norm`` restored, with Ctrl-C held back; the
-    writes go through ``.data``, so a graph the caller holds sees no version change.
+    block ``max_norm`` is off, and a forward pre-hook rescales the rows each plain (not
+    ``torch.func``-transformed) call looks up, as the forward would, with
+    ``torch.embedding_renorm_`` itself (after which a lookup leaves them as they are): the
+    curvature is the model's at the weights its forward uses, the rows the batch does not look
+    up untouched (a tied output head reads them as they are), and autograd differentiates the
+    lookups as in training (the rescaling has no gradient). A call's first forward pass over a
+    batch is a plain one, so a transformed pass over it finds its rows rescaled. The rescaled
+    rows are saved and written back on exit, the hooks removed and ``max_norm`` restored, with
+    Ctrl-C held back; the writes go through ``.data``, so a graph the caller holds sees no
+    version change.
 
     Yields:
-        One note per module whose rows were rescaled.
+        Notes, one per module once its forward has rescaled a row.
     """
-    saved: list[tuple[nn.Embedding | nn.EmbeddingBag, float, Tensor, Tensor]] = []
+    originals: list[tuple[Tensor, dict[int, Tensor]]] = []  # weight, row -> its values
+    restored: list[tuple[nn.Embedding | nn.EmbeddingBag, float]] = []
+    handles: list[Any] = []
     notes: list[str] = []
+
+    def rescaling(name: str, module: nn.Embedding | nn.EmbeddingBag, max_norm: float,
+                  saved: dict[int, Tensor]) -> Callable[..., None]:
+        weight = module.weight.data  # the caller's storage, whatever a functional call swaps in
+
+        def rescale_looked_up(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                              ) -> None:
+            indices = args[0] if args else kwargs.get("input")
+            if (not isinstance(indices, Tensor)
+                    or torch._C._functorch.is_functorch_wrapped_tensor(indices)):
+                return
+            rows = torch.unique(indices.detach().reshape(-1))
+            norms = torch.linalg.vector_norm(weight[rows], ord=module.norm_type, dim=1)
+            over = rows[norms > max_norm]
+            if not len(over):
+                return
+            with deferred_interrupts():
+                for row in over.tolist():
+                    if row not in saved:
+                        saved[row] = weight[row].clone()
+                torch.embedding_renorm_(weight, over, max_norm, module.norm_type)
+            note = (f"{name or type(module).__name__} (max_norm={max_norm}): analysed with the "
+                    "rows its lookups reach above max_norm rescaled, as its forward rescales "
+                    "them; your parameters are unchanged")
+            if note not in notes:
+                notes.append(note)
+
+        return rescale_looked_up
+
     try:  # a Ctrl-C held back below lands inside the try: what was saved is written back
         with deferred_interrupts():
             for name, module in model.named_modules():
                 if (not isinstance(module, nn.Embedding | nn.EmbeddingBag)
                         or module.max_norm is None):
                     continue
-                weight = module.weight.data
-                norms = torch.linalg.vector_norm(weight, ord=module.norm_type, dim=1)
-                rows = torch.nonzero(norms > module.max_norm).flatten()
-                saved.append((module, module.max_norm, rows, weight[rows].clone()))
-                torch.embedding_renorm_(weight, rows, module.max_norm, module.norm_type)
+                saved: dict[int, Tensor] = {}
+                originals.append((module.weight.data, saved))
+                restored.append((module, module.max_norm))
+                handles.append(module.register_forward_pre_hook(
+                    rescaling(name, module, module.max_norm, saved), with_kwargs=True))
                 module.max_norm = None
-                if len(rows):
-                    notes.append(f"{name or type(module).__name__} (max_norm={saved[-1][1]}): "
-                                 f"analysed with its {len(rows)} row(s) above max_norm rescaled, "
-                                 "as its forward rescales the rows it looks up; your parameters "
-                                 "are unchanged")
         yield notes
     finally:
         with deferred_interrupts():
-            for module, max_norm, rows, values in saved:
-                module.weight.data[rows] = values
+            for handle in handles:
+                handle.remove()
+            for weight, saved in originals:
+                for row, values in saved.items():
+                    weight[row] = values
+            for module, max_norm in restored:
                 module.max_norm = max_norm
 
 
@@ -581,7 +657,8 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
     The caller's settings, hooks and parameter values return on exit.
 
     Yields:
-        Notes for the result (embedding rows that a forward would rescale, hooks not run).
+        Notes for the result (embedding rows that a forward would rescale, hooks not run),
+        one list, which the embeddings' notes join while the block runs.
     """
     recurrent = any(isinstance(module, nn.RNNBase) for module in model.modules())
     devices = {"cpu", "cuda", *(p.device.type for p in model.parameters())}
@@ -609,4 +686,5 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
         for module in model.modules():
             if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse:
                 for_the_call.enter_context(_attribute_for_the_call(module, "sparse", False))
-        yield notes + hook_notes + cache_notes + saved_notes
+        notes.extend(hook_notes + cache_notes + saved_notes)
+        yield notes  # the embeddings' notes come with their first rescaling

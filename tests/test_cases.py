@@ -6,6 +6,7 @@ hessrank v1; each one exercises a class of module or loss that a fast path must 
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -919,6 +920,26 @@ def test_fisher_of_confident_bce_with_logits_matches_the_reference(dtype, rtol):
     assert len(result.eigenvalues) == 8
 
 
+def test_float32_fisher_of_a_confident_softmax_matches_the_reference():
+    """A float32 classifier whose predictions are right and confident (``1 - p_y`` about 1e-6,
+    as a network trained to a small loss): its per-sample loss gradients ``p - e_y`` cancel in
+    float32 (``p_y - 1``, an absolute error of eps against a gradient of 1e-6), and the float32
+    reading made the top eigenvalues wrong by up to 80 % of the largest. The head's gradients
+    in float64 show it, and the loss side is read in float64; against the per-sample-loop
+    reference of the same float32 parameters in float64, with the mean's weights 1/n."""
+    model = _confident(14.0).float()
+    pool = torch.randn(256, 5, generator=_seeded(5))
+    doubt = 1 - model(pool).double().softmax(1).max(1).values.detach()  # 1 - p_y
+    x = pool[(doubt < 1e-5) & (doubt > 1e-7)][:12]
+    y = model(x).argmax(dim=1).detach()
+    assert len(x) == 12
+    reference = eigenvalues_by_magnitude(reference_fisher_weighted(
+        copy.deepcopy(model).double(), CE, torch.full((12,), 1 / 12, dtype=torch.float64),
+        x.double(), y))
+    result = hessrank.effective_rank(model, CE, (x, y), method="fisher")
+    assert_spectra_close(result.eigenvalues, reference, count=6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["ggn", "ggn_lanczos"])
 def test_ggn_of_a_confident_softmax_matches_the_reference(method):
     """Near a saturated softmax the diagonal p (1 - p) of the output Hessian rounds to more than
@@ -933,6 +954,34 @@ def test_ggn_of_a_confident_softmax_matches_the_reference(method):
         assert_spectra_close(result.eigenvalues, reference, count=6, rtol=1e-9)
     else:  # the top Ritz value, through a float32 basis
         assert result.eigenvalues[0] == pytest.approx(reference[0], rel=1e-6)
+
+
+def _z_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy plus PaLM's z-loss ``1e-4 logsumexp(f)^2``: convex, not a softmax's."""
+    return F.cross_entropy(outputs, targets) + 1e-4 * torch.logsumexp(outputs, 1).pow(2).mean()
+
+
+@pytest.mark.parametrize("mc_samples", [None, 16], ids=["exact", "mc"])
+def test_float32_ggn_of_cross_entropy_plus_a_z_loss_is_not_taken_for_a_softmax(mc_samples):
+    """Near saturation the z-loss carries most of the curvature, yet in float32 it is below the
+    softmax structure test's rounding of the cross-entropy's terms: the GGN was a pure softmax's,
+    20x too small. The structure is confirmed in float64 on the batch's head; the blocks are
+    then differentiated (against the double-backprop reference of the float32 parameters), and
+    the Monte-Carlo GGN, which samples a softmax's labels, is refused."""
+    model = _confident(1.0, inputs=6, outputs=10).float()
+    with torch.no_grad():
+        model[2].bias[0] += 14.0  # p(class 0) about 1 - 1e-5
+    x = torch.randn(8, 6, generator=_seeded(2))
+    y = torch.zeros(8, dtype=torch.long)
+    if mc_samples:
+        with pytest.raises(ValueError, match="needs the curvature of a softmax.*float64"):
+            hessrank.effective_rank(model, _z_loss, (x, y), method="ggn",
+                                    mc_samples=mc_samples)
+        return
+    reference = eigenvalues_by_magnitude(reference_ggn_full(
+        copy.deepcopy(model).double(), _z_loss, x.double(), y))
+    result = hessrank.effective_rank(model, _z_loss, (x, y), method="ggn")
+    assert_spectra_close(result.eigenvalues, reference, count=10, rtol=1e-4)
 
 
 class _ConfidentTokens(nn.Module):

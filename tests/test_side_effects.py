@@ -357,12 +357,13 @@ class _TokensWithStatistics(nn.Module):
 @pytest.mark.parametrize(("guard", "owner", "attribute"), [
     ("preserved_state", GlobalGenerators, "read"),
     ("backward_hooks_off", nn.Module, "named_parameters"),
-    ("renormalised_embeddings", torch, "embedding_renorm_"),
+    ("rescale_looked_up", torch, "embedding_renorm_"),  # renormalised_embeddings' hook
 ])
 def test_ctrl_c_while_a_guard_sets_up_is_delivered_after_its_restore_is_armed(
         guard, owner, attribute, monkeypatch):
-    """A Ctrl-C held back while a guard takes its snapshot lands after the snapshot, and the
-    restore still runs: the caller's buffers, gradient hooks and embedding rows come back."""
+    """A Ctrl-C held back while a guard takes its snapshot (or saves the embedding rows it is
+    about to rescale) lands after it, and the restore still runs: the caller's buffers,
+    gradient hooks and embedding rows come back."""
     import signal
 
     torch.manual_seed(0)
@@ -575,6 +576,44 @@ def test_max_norm_embedding_is_analysed_at_the_rows_its_forward_uses_and_left_as
         _assert_matches(result, renormalised, method, tokens, y)
     assert _interrupted_call(model, method, tokens, y, lanczos_steps=20)
     assert torch.equal(weight, values) and model.emb.max_norm == 0.7
+
+
+class _TiedTable(nn.Module):
+    """Tokens through an ``nn.Embedding(max_norm=0.7)``, mean-pooled, then a head tied to the
+    table (``F.linear`` with the embedding's weight: a score for every one of its 11 rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.emb = nn.Embedding(11, 4, max_norm=0.7, dtype=torch.float64)
+        self.mix = nn.Linear(4, 4, dtype=torch.float64)
+        with torch.no_grad():
+            self.emb.weight.mul_(2.0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.mix(torch.tanh(self.emb(tokens)).mean(1)),
+                                    self.emb.weight)
+
+
+@pytest.mark.parametrize("method", list(_REFERENCES))
+def test_max_norm_rescales_only_the_rows_the_batch_looks_up(method):
+    """The batch looks up rows 0-4; a forward rescales those, and the tied head reads the other
+    six as they are. Rescaling every row above ``max_norm`` analysed another function (the EF's
+    top eigenvalue 0.71 against 2.85 on a probe). Reference: the model after one forward of its
+    own (which rescaled what it looked up), ``max_norm`` then off."""
+    model = _TiedTable()
+    g = torch.Generator().manual_seed(1)
+    tokens, y = torch.randint(0, 5, (6, 5), generator=g), torch.randint(0, 11, (6,), generator=g)
+    values = model.emb.weight.detach().clone()
+    result = hessrank.effective_rank(model, CE, (tokens, y), method)
+    assert torch.equal(model.emb.weight, values) and model.emb.max_norm == 0.7
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference(tokens)
+    reference.emb.max_norm = None
+    rescaled = (reference.emb.weight != values).any(dim=1)
+    assert rescaled[:5].all() and not rescaled[5:].any()
+    _assert_matches(result, reference, method, tokens, y)
 
 
 @pytest.mark.parametrize(("method", "bag"), [(method, False) for method in _REFERENCES]

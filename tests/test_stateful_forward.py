@@ -235,3 +235,39 @@ def test_an_input_given_twice_is_one_tensor_for_the_model_too():
     reference = reference_hessian(model.net, nn.CrossEntropyLoss(), 2 * inputs, targets)
     assert_spectra_close(result.eigenvalues, eigenvalues_by_magnitude(reference), rtol=1e-6)
     assert torch.equal(inputs, given)
+
+
+class _ClipsItself(nn.Module):
+    """A tanh MLP whose forward clamps its first weight in place, before or after using it."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.first, self.second, self.where = nn.Linear(4, 6), nn.Linear(6, 3), where
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.where == "before":
+            self._clip()
+        out = self.second(torch.tanh(self.first(x)))
+        if self.where == "after":
+            self._clip()
+        return out
+
+    def _clip(self) -> None:
+        with torch.no_grad():
+            self.first.weight.clamp_(-0.1, 0.1)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_a_forward_that_writes_its_parameters_is_refused(method, where):
+    """Weight clipping inside forward: the EF's rule path analysed the unclipped function, the
+    GGN the clipped one, the general path refused the model as mixing its samples, all with the
+    parameters left clipped. The write is named instead (version counters), whatever the
+    method or the check that meets it first."""
+    torch.manual_seed(0)
+    model = _ClipsItself(where)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"forward writes to its parameters in place \(first"
+                                         r"\.weight.*clip after optimizer.step"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), method=method,
+                                lanczos_steps=5)

@@ -221,7 +221,8 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tupl
         return (torch.zeros(1, *outputs.shape, dtype=outputs.dtype, device=outputs.device),
                 torch.zeros(outputs.shape[0], dtype=outputs.dtype, device=outputs.device))
     dtype = outputs.dtype
-    if dtype != torch.float64 and _unread_terms_matter(read, dtype):
+    if dtype != torch.float64 and (_unread_terms_matter(read, dtype)
+                                   or _rounding_shows(loss_fn, outputs, targets, read)):
         outputs = outputs.double()
         loss_fn = in_float64(loss_fn)
         try:
@@ -276,6 +277,32 @@ def _unread_terms_matter(reading: _Reading, dtype: torch.dtype) -> bool:
     norms = reading.sample_grads.norm(dim=1)
     largest = float(norms.max())
     return bool((norms[unread] > math.sqrt(torch.finfo(dtype).eps) * largest).any())
+
+
+def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: _Reading
+                    ) -> bool:
+    """Whether the loss's per-sample gradients in the outputs' dtype are off by more than the
+    agreement tolerance of the largest weighted one: the first :data:`CONSTANCY_SAMPLES`
+    samples' ``dl_i/df_i`` are computed again in float64 and compared, weighted by
+    ``sqrt(a_i)`` as in the factors.
+
+    A confident softmax cross-entropy is the case: ``dl_i/df_i = p_i - e_{y_i}``, whose entry
+    ``p_y - 1`` cancels in float32 to an absolute error of ``eps`` while the whole gradient is
+    far smaller (``1 - p_y`` = 1e-6 on a network trained to zero loss), so every factor, and the
+    spectrum, would be mostly rounding (the top eigenvalue 5x off on one probe). Such rounding
+    comes from the loss's own terms, shared by the batch's samples, so the head shows it; where
+    the loss cannot be evaluated in float64 on the head alone, the reading stands."""
+    head = slice(0, CONSTANCY_SAMPLES)
+    try:
+        precise = _sample_gradients(in_float64(loss_fn), outputs[head].detach().double(),
+                                    targets[head])
+    except Exception:  # noqa: BLE001 - any failure of the loss on its head in float64
+        return False
+    scale = reading.weights.clamp_min(0).sqrt().double()
+    error = (scale[head, None] * (reading.sample_grads[head].double()
+                                  - precise.reshape(precise.shape[0], -1))).norm(dim=1)
+    largest = float((scale[:, None] * reading.sample_grads.double()).norm(dim=1).amax())
+    return bool((error > agreement_tolerance(outputs.dtype) * largest).any())
 
 
 #: Samples on which :func:`_check_constant_weights` reads the weights a second time where the
@@ -469,7 +496,7 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     n = outputs.shape[0]
     leaf, first = _curvature_gradient(loss_fn, outputs, targets)
     class_dim, probs, weights, _ = _softmax_structure(first, leaf, generator)
-    if class_dim is not None:
+    if class_dim is not None and _softmax_on_head(loss_fn, outputs, targets, class_dim):
         return _softmax_factors(probs, weights, class_dim, outputs.dtype)
     found = output_hessian_blocks(first, leaf, generator)
     if found is None:
@@ -668,6 +695,30 @@ def _softmax_structure(first: Tensor, leaf: Tensor, generator: torch.Generator
     return None, empty, empty, mismatches
 
 
+def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_dim: int
+                     ) -> bool:
+    """Whether the softmax cross-entropy structure found over ``class_dim`` in the outputs'
+    dtype holds in float64 on the first :data:`CONSTANCY_SAMPLES` samples (always, for float64
+    outputs).
+
+    In float32 the structure test resolves the loss's curvature only to the rounding of the
+    softmax terms, ``1024 eps`` of them: near saturation a convex term beside the cross-entropy
+    (PaLM's z-loss ``1e-4 logsumexp(f)^2``) is below that and carries most of the curvature
+    (a GGN 20x too small, on one probe); in float64 it is 2^29 times above the rounding. A term
+    on every sample shows on the head; where the loss cannot be evaluated in float64 on the head
+    alone, the float32 test stands."""
+    if outputs.dtype == torch.float64:
+        return True
+    head = slice(0, CONSTANCY_SAMPLES)
+    try:
+        leaf, first = _curvature_gradient(in_float64(loss_fn), outputs[head].detach().double(),
+                                          targets[head])
+        found = _softmax_structure(first, leaf, torch.Generator().manual_seed(0))[0]
+    except Exception:  # noqa: BLE001 - any failure of the loss on its head in float64
+        return True
+    return found == class_dim
+
+
 def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samples: int,
                       generator: torch.Generator) -> Tensor:
     """``[M, n, *out]``: Monte-Carlo square-root factors of the GGN of a softmax cross-entropy.
@@ -686,6 +737,10 @@ def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samp
     """
     leaf, first = _curvature_gradient(loss_fn, outputs, targets)
     class_dim, probs, weights, mismatches = _softmax_structure(first, leaf, generator)
+    if class_dim is not None and not _softmax_on_head(loss_fn, outputs, targets, class_dim):
+        class_dim = None
+        mismatches.append(f"in float64 on the first {CONSTANCY_SAMPLES} samples, above its "
+                          "rounding")
     if class_dim is None:
         probe = torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
         products = _loss_hessian_products(first, leaf, probe[None])
