@@ -235,8 +235,9 @@ def effective_rank(
             statistics, named in a note (``exact``/``lanczos`` only; dropout must be off).
         max_memory: budget in bytes (> 0) for every method, checked against a prediction before
             the work; over it, :class:`hessrank.BudgetError` (a ``ValueError``).
-        max_seconds: time budget (> 0) for the methods that predict their time (``exact``,
-            ``lanczos``; predicting it costs a few Hessian-vector products).
+        max_seconds: time budget (> 0) for the methods that predict their time (``exact``
+            and the Lanczos methods; predicting it costs a few matrix-vector products); the
+            Gram methods (``fisher``, ``ggn``) do not, and say so in a note.
         seed: seed of the private generator for random probes and checks (the global RNG is not
             used).
         progress: ``True`` for a progress bar with ETA, or a ``rich.progress.Progress``.
@@ -260,8 +261,9 @@ def effective_rank(
             :class:`hessrank.distributed.GroupFailure` naming it). None (the default): this
             process's batch alone.
         **options: the estimators' own options (:func:`hessrank.estimator_options` lists them):
-            ``backend`` (``fisher``/``ggn``): ``"auto"`` (verified per-module rules for Linear
-            and Conv, ``torch.func`` for every other parameter), ``"func"`` (``torch.func``
+            ``backend`` (``fisher``/``ggn``): ``"auto"`` (verified per-module rules where a
+            module has one, README "Gram matrices" lists them, ``torch.func`` for every other
+            parameter), ``"func"`` (``torch.func``
             throughout) or ``"backpack"`` (BackPACK on a deep copy, supported layers only);
             ``lanczos_steps`` (``lanczos`` and the other Lanczos pairs): matrix-vector products,
             default ``min(640, ceil(P/3))``. An option that belongs to another method is
@@ -275,8 +277,8 @@ def effective_rank(
     Returns:
         A :class:`hessrank.RankResult`. The model, its gradients, buffers, modes, hooks,
         ``requires_grad`` flags and the global RNG state are exactly as before the call, also
-        when it fails or is interrupted; so are the peak-memory statistics, unless
-        ``measure_memory``.
+        when it fails or is interrupted. The peak-memory statistics are not reset unless
+        ``measure_memory`` (the call's own allocations count in them, as any computation's).
 
     Raises:
         TypeError, ValueError: bad input, named with its fix, before any expensive work.
@@ -336,6 +338,11 @@ def effective_rank(
                                                + problem.data_bytes)
                 check_parameters()  # the forward passes so far left the parameters alone
                 estimator.check_budget(cost, problem, settings)
+                if max_seconds is not None and cost.seconds is None:
+                    problem.notes.append(
+                        f"max_seconds is not enforced by {estimator.name}: it predicts its "
+                        "memory, not its time (one forward pass, its backward passes and an "
+                        "eigen-solve of its Gram matrix)")
                 settings = dataclasses.replace(settings, predicted_memory=cost.memory_bytes)
                 outputs.cache_clear()
                 with PeakMemory(problem.device, enabled=measure_memory) as memory:

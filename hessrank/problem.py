@@ -678,45 +678,11 @@ def _select_parameters(
     model: nn.Module, params: Iterable[Tensor | str] | None
 ) -> tuple[list[str], list[Tensor], tuple[str, ...]]:
     """Names and tensors of the trainable parameters to analyse, and the frozen ones left out."""
-    named = list(model.named_parameters())
-    wanted: set[str] | None = None
-    if params is not None:
-        if isinstance(params, (Tensor, str)):
-            raise TypeError(
-                f"params must be a list of parameters or names, got a single "
-                f"{'name' if isinstance(params, str) else 'tensor'}: write params=[...] "
-                "around it"
-            )
-        if not isinstance(params, Iterable):
-            raise TypeError(f"params must be a list of parameters or names, got "
-                            f"{type(params).__name__}")
-        by_name = dict(named)
-        by_id = {id(p): name for name, p in named}
-        wanted = set()
-        for item in params:
-            if isinstance(item, str):
-                if item not in by_name:
-                    close = [n for n in by_name if item in n or n in item][:3]
-                    raise ValueError(
-                        f"unknown parameter name {item!r}; valid names come from "
-                        "model.named_parameters()" + (f" (did you mean {close}?)" if close else "")
-                    )
-                wanted.add(item)
-            elif isinstance(item, Tensor):
-                if id(item) not in by_id:
-                    raise ValueError("params contains a tensor that is not a parameter of model "
-                                     "(pass the model's own nn.Parameter objects or their names)")
-                wanted.add(by_id[id(item)])
-            else:
-                raise TypeError(f"params must contain parameters or their names, got "
-                                f"{type(item).__name__}")
-        if not wanted:
-            raise ValueError("params is empty: pass at least one parameter, or params=None for "
-                             "all trainable ones")
+    wanted = named_selection(model, params)
     names: list[str] = []
     selected: list[Tensor] = []
     excluded: list[str] = []
-    for name, p in named:
+    for name, p in model.named_parameters():
         if wanted is not None and name not in wanted:
             continue
         if not p.requires_grad:
@@ -732,6 +698,52 @@ def _select_parameters(
             + ("" if wanted is None else ", or name trainable ones in params=")
         )
     return names, selected, tuple(excluded)
+
+
+def named_selection(model: nn.Module, params: Iterable[Tensor | str] | None) -> set[str] | None:
+    """The names of the parameters ``params`` selects (None: all), checked against the model
+    without a batch (a :class:`hessrank.Tracker` checks them when it is made).
+
+    Raises:
+        TypeError, ValueError: ``params`` is not a list of the model's parameters or their
+            names, or is empty.
+    """
+    if params is None:
+        return None
+    if isinstance(params, (Tensor, str)):
+        raise TypeError(
+            f"params must be a list of parameters or names, got a single "
+            f"{'name' if isinstance(params, str) else 'tensor'}: write params=[...] "
+            "around it"
+        )
+    if not isinstance(params, Iterable):
+        raise TypeError(f"params must be a list of parameters or names, got "
+                        f"{type(params).__name__}")
+    named = list(model.named_parameters())
+    by_name = dict(named)
+    by_id = {id(p): name for name, p in named}
+    wanted = set()
+    for item in params:
+        if isinstance(item, str):
+            if item not in by_name:
+                close = [n for n in by_name if item in n or n in item][:3]
+                raise ValueError(
+                    f"unknown parameter name {item!r}; valid names come from "
+                    "model.named_parameters()" + (f" (did you mean {close}?)" if close else "")
+                )
+            wanted.add(item)
+        elif isinstance(item, Tensor):
+            if id(item) not in by_id:
+                raise ValueError("params contains a tensor that is not a parameter of model "
+                                 "(pass the model's own nn.Parameter objects or their names)")
+            wanted.add(by_id[id(item)])
+        else:
+            raise TypeError(f"params must contain parameters or their names, got "
+                            f"{type(item).__name__}")
+    if not wanted:
+        raise ValueError("params is empty: pass at least one parameter, or params=None for "
+                         "all trainable ones")
+    return wanted
 
 
 def has_active_batchnorm(model: nn.Module) -> list[str]:

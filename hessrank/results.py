@@ -20,7 +20,8 @@ class RankResult:
     Attributes:
         rank: srank at ``threshold`` (for ``lanczos``, the SLQ estimate rounded to an integer).
         eigenvalues: float64, sorted by decreasing magnitude, signed. ``fisher``/``ggn``: the
-            nonzero spectrum through the Gram matrix (length ``n`` / ``n C'``); ``exact``: all
+            spectrum through the Gram matrix (length ``min(n, P)`` / ``min(n C', P)``, zeros
+            of the factors included); ``exact``: all
             ``P``; ``lanczos``: the Ritz values of the first probe.
         ranks: the same spectrum under every definition of :mod:`hessrank.ranks`.
         method, backend: estimator and the machinery that computed it.

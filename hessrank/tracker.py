@@ -35,7 +35,7 @@ from torch import nn
 import hessrank
 from hessrank.api import checked_request
 from hessrank.estimators import ALL_METHODS
-from hessrank.problem import check_batch
+from hessrank.problem import check_batch, named_selection
 from hessrank.streaming import is_batch_stream
 
 if TYPE_CHECKING:
@@ -566,14 +566,22 @@ class Tracker:
                 raise ValueError(f"method_options names {method!r}, not one of the methods")
             _check_options(extra, f"method_options[{method!r}]")
         self.options = options
+        refusals: dict[str, TypeError | ValueError] = {}
         for method in self.methods:
             try:
                 _check_values(loss_fn, method, per_layer, self._options_for(method))
+                chosen = self._options_for(method).get("params")
+                if isinstance(chosen, Sequence):  # names checked now, not at the first record
+                    named_selection(model, chosen)
             except (TypeError, ValueError) as err:
-                raise type(err)(
-                    f"{method}: {err} (an option for some of the methods only goes in "
-                    f"method_options, e.g. method_options={{'exact': {{'mode': 'train'}}}})"
-                ) from err
+                refusals[method] = err
+        for method, err in refusals.items():
+            # a value another of the methods takes belongs in method_options; one none takes
+            # is simply wrong
+            hint = (" (an option for some of the methods only goes in method_options, e.g. "
+                    "method_options={'exact': {'mode': 'train'}})"
+                    if len(refusals) < len(self.methods) else "")
+            raise type(err)(f"{method}: {err}{hint}") from err
         self.model, self.loss_fn = model, loss_fn
         self.budget, self.per_layer, self.on_error = budget, per_layer, on_error
         self.eval_batch = eval_batch

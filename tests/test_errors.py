@@ -948,3 +948,16 @@ def test_fisher_reads_weights_in_float64_through_a_float32_class_weight():
     # each eigenvalue to float32's rounding of the logits, the small ones (the confident
     # samples', which the float64 reading is for) included
     np.testing.assert_allclose(result.eigenvalues, reference.eigenvalues, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_max_seconds_on_a_method_without_a_time_prediction_says_so(method):
+    """The Gram methods predict their memory, not their time: ``max_seconds=1e-9`` ran them as
+    if unset, with nothing to say so. A note names it (``exact`` and the Lanczos methods
+    predict their time and refuse over the budget)."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, max_seconds=1e-9)
+    assert any(f"max_seconds is not enforced by {method}" in note for note in result.notes)
+    with pytest.raises(hessrank.BudgetError):
+        hessrank.effective_rank(model, CE, (x, y), method="exact", max_seconds=1e-9)

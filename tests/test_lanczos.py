@@ -588,3 +588,20 @@ def test_a_zero_hessian_has_zero_intervals_and_counts_stay_within_the_rank_bound
     low, high = (int(end) for end in re.search(
         r"numerical rank in \[(\d+), (\d+)\]", " ".join(fisher.notes)).groups())
     assert low <= fisher.ranks["numerical"] <= high <= fisher.max_rank == 8
+
+
+@pytest.mark.parametrize("method", ["lanczos", "ggn_lanczos"])
+def test_the_default_steps_are_at_least_two_on_a_block_of_three(method):
+    """``ceil(P / 3)`` is 1 for ``P <= 3``, a one-node quadrature whose trace interval has no
+    width (the explicit ``lanczos_steps=1`` is refused for that): on a 3-parameter model it read
+    ``trace 11.16 in [11.16, 11.16]`` against the exact 10.51. The default is now at least 2 and
+    the interval holds the exact trace (MSE: the Hessian is the GGN)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    exact = hessrank.effective_rank(model, nn.MSELoss(), (x, y), method="exact")
+    result = hessrank.effective_rank(model, nn.MSELoss(), (x, y), method=method)
+    (note,) = [note for note in result.notes if note.startswith("trace ")]
+    low, high = (float(end) for end in re.search(r"in \[([^,]+), ([^\]]+)\]", note).groups())
+    assert "1 run(s) of 2 steps" in " ".join(result.notes)
+    assert low < exact.trace < high

@@ -446,6 +446,13 @@ def test_appending_to_a_log_cut_by_a_crash_starts_a_line_of_its_own(tmp_path: Pa
         ({"methods": "ggn", "mode": "train"}, ValueError, "mode='train' is not defined for"),
         ({"methods": ("exact", "fisher"), "mode": "train"}, ValueError,
          r"fisher: mode='train' is not defined.*goes in method_options"),
+        # a value no method takes is wrong, not misplaced: no method_options hint
+        ({"methods": ("exact", "fisher"), "threshold": 2}, ValueError,
+         r"exact: threshold must lie in \(0, 1\], got 2$"),
+        # a misspelt parameter name is refused when the tracker is made, not at its first record
+        ({"params": ["0.wieght"]}, ValueError, "unknown parameter name '0.wieght'"),
+        ({"methods": ("exact", "fisher"), "method_options": {"fisher": {"params": ["9.bias"]}}},
+         ValueError, "fisher: unknown parameter name '9.bias'"),
         ({"eval_batch": (torch.zeros(8, 6), torch.zeros(3, dtype=torch.long))}, ValueError,
          "eval_batch: mismatched batch sizes"),
         ({"eval_batch": [(torch.zeros(8, 6), torch.zeros(8, dtype=torch.long)),

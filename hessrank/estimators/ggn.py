@@ -75,5 +75,7 @@ class GGN(GramEstimator):
             spectrum.notes.append(
                 f"Monte-Carlo GGN: {mc_samples} label draw(s) per position from the model's "
                 f"softmax (seed {settings.seed}): a random approximation whose expectation is "
-                "the GGN; its rank is capped by mc_samples x n")
+                "the GGN; its rank is capped by mc_samples x n. Noisy where the predictions "
+                "are confident: the curvature sits in classes a draw rarely picks (compare "
+                "with the exact GGN, mc_samples=None, on a smaller batch)")
         return spectrum

@@ -47,10 +47,13 @@ class LanczosOptions:
                     "own sampling error (its intervals would have no width): use at least 2")
 
     def steps(self, num_params: int) -> int:
-        """The products to spend on ``num_params`` parameters."""
-        if self.lanczos_steps is not None:
-            return min(self.lanczos_steps, num_params)
-        return min(DEFAULT_MAX_STEPS, math.ceil(num_params / 3))
+        """The products to spend on ``num_params`` parameters: ``lanczos_steps``, by default
+        ``ceil(P / 3)`` up to :data:`DEFAULT_MAX_STEPS`, at least 2 (one node's quadrature has
+        intervals of no width, which the default gave a block of 2 or 3 parameters) and at most
+        ``P`` (a full Krylov space: the quadrature is exact)."""
+        wanted = (self.lanczos_steps if self.lanczos_steps is not None
+                  else min(DEFAULT_MAX_STEPS, math.ceil(num_params / 3)))
+        return min(num_params, max(2, wanted))
 
 
 class LanczosEstimator(Estimator):
