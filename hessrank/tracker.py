@@ -573,15 +573,16 @@ class Tracker:
                 chosen = self._options_for(method).get("params")
                 if isinstance(chosen, Sequence):  # names checked now, not at the first record
                     named_selection(model, chosen)
-            except (TypeError, ValueError) as refusal:
-                refusals[method] = refusal
-        for method, refusal in refusals.items():
+            except (TypeError, ValueError) as error:
+                refusals[method] = error
+        if refusals:
             # a value another of the methods takes belongs in method_options; one none takes
             # is simply wrong
+            method, first = next(iter(refusals.items()))
             hint = (" (an option for some of the methods only goes in method_options, e.g. "
                     "method_options={'exact': {'mode': 'train'}})"
                     if len(refusals) < len(self.methods) else "")
-            raise type(refusal)(f"{method}: {refusal}{hint}") from refusal
+            raise type(first)(f"{method}: {first}{hint}") from first
         self.model, self.loss_fn = model, loss_fn
         self.budget, self.per_layer, self.on_error = budget, per_layer, on_error
         self.eval_batch = eval_batch
