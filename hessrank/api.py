@@ -31,7 +31,7 @@ from hessrank.estimators import (
     Spectrum,
     option_fields,
 )
-from hessrank.estimators.exact import exact_chunk_size
+from hessrank.estimators.exact import exact_chunk_size, products_bytes
 from hessrank.estimators.gram import BACKENDS
 from hessrank.guard import differentiable, evaluation_mode, preserved_state
 from hessrank.monitor import PeakMemory, Reporter
@@ -592,15 +592,19 @@ def gradient_overlap(
     with preserved_state(model), differentiable(model):
         problem = build_problem(model, loss_fn, batch, params, "eval")
         with evaluation_mode(problem.model, "eval"):
-            estimator.check_budget(
-                estimator.predict(problem, lambda: probe_outputs(problem), settings, None),
-                problem, settings, caller="gradient_overlap (a dense Hessian's eigenvectors)",
-                advice="k does not lower it (the whole dense Hessian is solved)")
+            caller = "gradient_overlap (a dense Hessian's eigenvectors)"
+            advice = "k does not lower it (the whole dense Hessian is solved)"
+            cost = estimator.predict(problem, lambda: probe_outputs(problem), settings, None)
+            estimator.check_budget(cost, problem, settings, caller=caller, advice=advice)
             operator = HessianOperator(problem)
-            hessian = dense_hessian(
-                operator, exact_chunk_size(operator.dim, problem.params[0].element_size(),
-                                           operator.graph_bytes)
-            )
+            chunk = exact_chunk_size(operator.dim, problem.params[0].element_size(),
+                                     operator.graph_bytes)
+            # the model's graph and the batched products, once the first pass has shown them
+            estimator.check_budget(
+                dataclasses.replace(cost, memory_bytes=cost.memory_bytes
+                                    + products_bytes(chunk, operator.graph_bytes)),
+                problem, settings, caller=caller, advice=advice)
+            hessian = dense_hessian(operator, chunk)
     eigenvalues, eigenvectors = symmetric_eigenpairs(hessian)
     chosen = "k" if k is not None else f"k (the srank at threshold={threshold})"
     if k is None:

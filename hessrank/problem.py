@@ -196,7 +196,8 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     except RuntimeError as error:
         integer = [label for label, tensor in labelled_inputs(args, kwargs)
                    if not tensor.is_floating_point()]
-        if integer and ("dtype" in str(error) or "scalar type" in str(error)):
+        if integer and any(phrase in str(error) for phrase in (
+                "dtype", "scalar type", "Input type")):  # the last: convolutions
             raise type(error)(
                 f"{str(error).rstrip('. ')}. The model received integer inputs "
                 f"({', '.join(integer)}): features must be floating point, cast them with "

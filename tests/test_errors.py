@@ -845,12 +845,15 @@ def test_gradient_overlap_names_a_bad_k(setup, k):
 
 
 @pytest.mark.parametrize("method", ["fisher", "exact"])
-def test_integer_features_are_named_with_the_cast(method):
-    """A Linear model given int64 features fails in torch's matmul; the error names the inputs
-    and the cast (token ids for an embedding are integer on purpose, so nothing is refused
-    before the model runs)."""
-    model = nn.Sequential(nn.Linear(4, 3))
-    features = torch.randint(0, 5, (8, 4))
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_integer_features_are_named_with_the_cast(method, conv):
+    """A Linear model given int64 features fails in torch's matmul, a convolution in its
+    kernel ("Input type (long int) and bias type (float)", raw before); the error names the
+    inputs and the cast (token ids for an embedding are integer on purpose, so nothing is
+    refused before the model runs)."""
+    model = (nn.Sequential(nn.Conv1d(1, 3, 4), nn.Flatten()) if conv
+             else nn.Sequential(nn.Linear(4, 3)))
+    features = torch.randint(0, 5, (8, 1, 4) if conv else (8, 4))
     with pytest.raises(RuntimeError, match=r"integer inputs \(inputs\[0\]\).*\.float\(\)"):
         hessrank.effective_rank(model, nn.CrossEntropyLoss(), (features, torch.randint(0, 3, (8,))),
                                 method)
@@ -961,3 +964,20 @@ def test_max_seconds_on_a_method_without_a_time_prediction_says_so(method):
     assert any(f"max_seconds is not enforced by {method}" in note for note in result.notes)
     with pytest.raises(hessrank.BudgetError):
         hessrank.effective_rank(model, CE, (x, y), method="exact", max_seconds=1e-9)
+
+
+def test_gradient_overlap_counts_the_model_graph_in_its_budget():
+    """``gradient_overlap`` checked only the dense Hessian's size (2.7 MiB here) and ran a conv
+    net whose graph and batched products need about 515 MiB at a budget of 8 MiB (a probe
+    measured 10x its budget). It now refines the prediction once the first pass has run, as
+    ``effective_rank(method='exact')`` does, and refuses with the same figure."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    batch = (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    budget = 8 * 2**20
+    with pytest.raises(hessrank.BudgetError) as exact:
+        hessrank.effective_rank(model, CE, batch, "exact", max_memory=budget)
+    with pytest.raises(hessrank.BudgetError, match="gradient_overlap") as overlap:
+        hessrank.gradient_overlap(model, CE, batch, k=2, max_memory=budget)
+    assert overlap.value.memory_bytes == exact.value.memory_bytes > budget

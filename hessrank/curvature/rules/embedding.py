@@ -81,13 +81,15 @@ class EmbeddingFactors(Factors):
         flat = self.output_grads.reshape(k * n * positions, dim)
         tokens = self.tokens.reshape(-1).repeat(k)  # token of each row (k, i, t)
         gram = torch.empty(k * n, k * n, dtype=flat.dtype, device=flat.device)
-        per_sample = k * n * positions * positions * flat.element_size()
+        # a chunk's products and its boolean mask within CHUNK_BYTES (masked in place: a
+        # product with the mask would hold a float copy of both, twice the chunk)
+        per_sample = k * n * positions * positions * (flat.element_size() + 1)
         chunk = max(1, CHUNK_BYTES // max(1, per_sample))
         for start in range(0, k * n, chunk):
             stop = min(start + chunk, k * n)
             rows = slice(start * positions, stop * positions)
             products = flat[rows] @ flat.T  # [c T, K n T]
-            products *= tokens[rows, None] == tokens[None, :]
+            products.masked_fill_(tokens[rows, None] != tokens[None, :], 0.0)
             gram[start:stop] = products.view(stop - start, positions, k * n,
                                              positions).sum(dim=(1, 3))
         return gram
