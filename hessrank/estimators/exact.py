@@ -23,9 +23,12 @@ from hessrank.problem import CurvatureProblem
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 from hessrank.streaming import StreamedProblem, per_batch
 
-#: Seconds per ``P^3`` of a float64 symmetric eigen-solve on a 2-core CPU (measured: 5120^3 in
-#: about 4.9 s); used only to predict the cost of ``exact``.
-EIGEN_SECONDS_PER_CUBE = 4e-11
+#: Size of the eigen-solve timed to predict ``exact``'s (:func:`eigen_solve_seconds`).
+EIGEN_TRIAL_SIZE = 512
+#: Up to this size a float64 eigen-solve's time grows as ``size^2.5`` beyond the trial's (LAPACK
+#: ``dsyevd`` on one thread, measured 2026-12-01 at 512, 1024, 2048, 4096: 0.029, 0.19, 0.84,
+#: 5.3 s; ``size^3`` from 512 had predicted 15 s at 4096), as ``size^3`` above it.
+EIGEN_SUBCUBIC_SIZE = 4096
 #: Bytes of Hessian columns computed at once.
 EXACT_CHUNK_BYTES = 64 * 2**20
 #: Bytes a batched product's backward pass may hold for its columns.
@@ -67,7 +70,26 @@ def predict_exact_seconds(operator: HessianOperator, chunk: int) -> float:
     synchronize()
     elapsed = time.perf_counter() - start
     operator.num_products -= trial
-    return elapsed * dim / trial + EIGEN_SECONDS_PER_CUBE * dim**3
+    return elapsed * dim / trial + eigen_solve_seconds(dim, operator.device)
+
+
+def eigen_solve_seconds(dim: int, device: torch.device) -> float:
+    """Predicted seconds of the float64 eigen-solve of a ``dim x dim`` matrix on ``device``:
+    one of :data:`EIGEN_TRIAL_SIZE` (at most ``dim``) timed here, on the solver's threads,
+    scaled as ``size^2.5`` up to :data:`EIGEN_SUBCUBIC_SIZE` and ``size^3`` beyond (a constant
+    per ``dim^3`` measured on one machine had been 1.7x short on another)."""
+    size = min(dim, EIGEN_TRIAL_SIZE)
+    generator = torch.Generator().manual_seed(0)
+    trial = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    trial = (trial + trial.T).to(device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    synchronize()
+    start = time.perf_counter()
+    symmetric_eigenvalues(trial)
+    synchronize()
+    seconds = time.perf_counter() - start
+    knee = max(size, min(dim, EIGEN_SUBCUBIC_SIZE))
+    return seconds * (knee / size) ** 2.5 * (dim / knee) ** 3
 
 
 @register
