@@ -673,6 +673,10 @@ _WORKING_MEMORY_CASES = [
     # took 8.4 GB on the 16-channel model at n = 96, 32 x 32, predicted at 69 MB)
     ("conv activations", lambda: (_ConvActivations(channels=6), torch.randn(48, 3, 24, 24),
                                   torch.randint(0, 3, (48,))), "exact"),
+    # lanczos: a product through a convolution's double backward holds 3.3 graphs (predicted at
+    # 1, a call ran at 2.7 times its budget)
+    ("conv activations", lambda: (_ConvActivations(), torch.randn(96, 3, 32, 32),
+                                  torch.randint(0, 3, (96,))), "lanczos"),
 ]
 
 
@@ -696,7 +700,7 @@ def test_budget_counts_what_the_model_holds(name, make, method):
                                        **options).peak_memory
     assert refined.memory_bytes > 2 * before.value.memory_bytes
     if measured is not None:  # Linux: the resident-set high-water mark
-        assert 0.4 * measured <= refined.memory_bytes <= 3 * measured, (
+        assert 0.6 * measured <= refined.memory_bytes <= 3 * measured, (
             refined.memory_bytes, measured)
 
 

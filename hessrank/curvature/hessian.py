@@ -69,6 +69,13 @@ class HessianOperator(ParameterOperator):
     not to couple samples of different shards.
     """
 
+    #: A product differentiates the gradient's graph again: a call's peak above the
+    #: prediction before the work measured 3.3 (two convolutions, n = 96), 2.2 (an LSTM) and
+    #: 6.5 (a transformer layer: a graph of 3 MiB, the rest fixed costs) times the graph beyond
+    #: it (``lanczos``, 40 steps, 2026-12-01; the factor of 1 before had let calls run at up to
+    #: 2.7 times their budget).
+    product_graphs = 4.0
+
     def __init__(self, problem: CurvatureProblem) -> None:
         super().__init__(problem)
         if isinstance(problem, ShardedProblem):

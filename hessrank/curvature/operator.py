@@ -21,6 +21,10 @@ class ParameterOperator:
         rank_bound: the largest rank the operator can have (``P``, or a factorisation's width).
     """
 
+    #: What one product's backward passes hold while they run, in multiples of
+    #: :attr:`graph_bytes` (beyond the graph itself), for a memory prediction.
+    product_graphs: float = 1.0
+
     def __init__(self, problem: CurvatureProblem) -> None:
         self.params = problem.params
         self.sizes = [p.numel() for p in self.params]

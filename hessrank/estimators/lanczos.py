@@ -125,8 +125,10 @@ class LanczosEstimator(Estimator):
             options: LanczosOptions) -> Spectrum:
         operator = self.data_operator(problem, settings)
         # its graph (a data set's operators build theirs batch by batch: not measured here), and
-        # as much again for a product's backward pass through it
-        self.check_refined(2 * getattr(operator, "graph_bytes", 0), problem, settings)
+        # what a product's backward passes through it hold
+        graph = getattr(operator, "graph_bytes", 0)
+        self.check_refined(int((1 + getattr(operator, "product_graphs", 1.0)) * graph), problem,
+                           settings)
         checks = self.verify(operator, settings)
         steps = options.steps(operator.dim)
         # The basis is float32: products are no more precise than that.
