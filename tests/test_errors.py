@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -985,3 +986,17 @@ def test_gradient_overlap_counts_the_model_graph_in_its_budget():
     with pytest.raises(hessrank.BudgetError, match="gradient_overlap") as overlap:
         hessrank.gradient_overlap(model, CE, batch, k=2, max_memory=budget)
     assert overlap.value.memory_bytes == exact.value.memory_bytes > budget
+
+
+def test_backpack_failures_name_the_backend_to_use_instead():
+    """``nn.utils.weight_norm`` (hooks, parameters ``weight_g`` and ``weight_v``) leaves
+    BackPACK's extension without a ``grad_batch``: an ``AttributeError`` from deep inside came
+    out. The error now says BackPACK failed and names ``backend='auto'``, which analyses it."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates the old weight_norm
+        model = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        with pytest.raises(ValueError, match=r"BackPACK could not compute.*backend='auto'"):
+            hessrank.effective_rank(model, CE, (x, y), "fisher", backend="backpack")
+        assert hessrank.effective_rank(model, CE, (x, y), "fisher").rank > 0

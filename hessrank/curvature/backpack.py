@@ -90,21 +90,29 @@ def gram_backpack(
     copies = dict(model.named_parameters())
     n = problem.num_samples
     loss = loss_fn(run_model(model, problem.args, problem.kwargs, problem.mode), problem.targets)
-    with backpack(extension), warnings.catch_warnings():
-        # The inputs need no gradient; torch warns that module hooks fire on outputs only.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        loss.backward()
     factors: dict[str, Tensor] = {}
-    for name in problem.names:
-        param = copies[name]
-        if sample_weights is not None:  # fisher
-            # grad_batch holds a_i g_i; the Fisher's factor is sqrt(a_i) g_i.
-            scale = torch.where(sample_weights > 0, sample_weights.clamp_min(
-                torch.finfo(sample_weights.dtype).tiny).rsqrt(), 0.0)
-            factors[name] = (param.grad_batch.reshape(n, -1) * scale[:, None]).unsqueeze(0)
-        else:
-            factor = param.sqrt_ggn_exact  # [C, n, *shape], the reduction's scale included
-            factors[name] = factor.reshape(factor.shape[0], n, -1)
+    try:
+        with backpack(extension), warnings.catch_warnings():
+            # The inputs need no gradient; torch warns that module hooks fire on outputs only.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        for name in problem.names:
+            param = copies[name]
+            if sample_weights is not None:  # fisher
+                # grad_batch holds a_i g_i; the Fisher's factor is sqrt(a_i) g_i.
+                scale = torch.where(sample_weights > 0, sample_weights.clamp_min(
+                    torch.finfo(sample_weights.dtype).tiny).rsqrt(), 0.0)
+                factors[name] = (param.grad_batch.reshape(n, -1) * scale[:, None]).unsqueeze(0)
+            else:
+                factor = param.sqrt_ggn_exact  # [C, n, *shape], the reduction's scale included
+                factors[name] = factor.reshape(factor.shape[0], n, -1)
+    except (AttributeError, RuntimeError, NotImplementedError) as error:
+        # BackPACK's own failures: a parameter its extension does not fill (weight_norm's
+        # weight_g), a dtype its module extension does not handle (a float64 embedding)
+        raise ValueError(
+            f"BackPACK could not compute the {kind} factors of this model ({type(error).__name__}"
+            f": {error}): use backend='auto' (hessrank's verified rules and torch.func), which "
+            "covers every model BackPACK does") from error
     _verify(problem, kind, factors, cotangents, generator)
     accumulator = GramAccumulator(keep_groups)
     for group, names in groups.items():
