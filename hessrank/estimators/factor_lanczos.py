@@ -3,8 +3,6 @@ the Gram matrix (``nC' x nC'`` or ``n x n``) is too large to form."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -34,13 +32,6 @@ class FactorLanczos(LanczosEstimator):
             self.name,
             check_working_memory=lambda extra: self.check_refined(extra, problem, settings),
             output_side_bytes=self.output_side_at)
-
-    def rank_bound(self, problem: CurvatureProblem, outputs: Callable[[], Tensor]) -> int:
-        """``K n``: the factors' columns (``n`` for the EF, ``n C`` for the GGN), ``P`` at
-        most."""
-        per_sample = outputs()[0].numel() if self.factors_of.needs_output_size else 1
-        columns = self.factors_of.columns(per_sample, GramOptions())
-        return min(problem.num_params, columns * problem.num_samples)
 
     def output_side_at(self, outputs: Tensor) -> int:
         """Peak bytes of the factors' output side (the loss's gradients or Hessian blocks) on

@@ -109,9 +109,8 @@ class LanczosEstimator(Estimator):
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: LanczosOptions) -> Cost:
         steps = options.steps(problem.num_params)
-        # The float32 basis (at most a row beyond the rank bound) and a few float64 vectors.
-        rows = min(steps, self.rank_bound(problem, outputs) + 1)
-        memory = 4 * (rows + 1) * problem.num_params + 8 * 6 * problem.num_params
+        # The float32 basis and a few work vectors in float64.
+        memory = 4 * (steps + 1) * problem.num_params + 8 * 6 * problem.num_params
         seconds = None
         if settings.max_seconds is not None and memory <= settings.max_memory:
             operator = self.data_operator(problem, settings)
@@ -121,11 +120,6 @@ class LanczosEstimator(Estimator):
             seconds = ((time.perf_counter() - start) * steps
                        + basis_seconds(steps, operator.dim, operator.device))
         return Cost(memory, seconds)
-
-    def rank_bound(self, problem: CurvatureProblem, outputs: Callable[[], Tensor]) -> int:
-        """The largest rank the source's operator can have, before it is built (the
-        Hessian's: ``P``)."""
-        return problem.num_params
 
     def run(self, problem: CurvatureProblem, settings: Settings,
             options: LanczosOptions) -> Spectrum:
