@@ -9,6 +9,7 @@ import random
 import signal
 import threading
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
@@ -403,6 +404,17 @@ def evaluation_mode(model: nn.Module, mode: str) -> Iterator[None]:
     yield
 
 
+#: The embeddings whose lookups :func:`renormalised_embeddings` rescales while its block runs.
+_RESCALING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def rescales_lookups(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` rescales embedding rows now (:func:`renormalised_embeddings`):
+    a data set then needs one plain pass over its batches before any pass that compares them,
+    so that every batch sees every batch's rows rescaled (a tied head reads them all)."""
+    return any(module in _RESCALING for module in model.modules())
+
+
 @contextmanager
 def renormalised_embeddings(model: nn.Module) -> Iterator[list[str]]:
     """Embedding lookups with ``max_norm`` as pure functions of the parameters, for the block.
@@ -470,9 +482,12 @@ def renormalised_embeddings(model: nn.Module) -> Iterator[list[str]]:
                 handles.append(module.register_forward_pre_hook(
                     rescaling(name, module, module.max_norm, saved), with_kwargs=True))
                 module.max_norm = None
+                _RESCALING.add(module)
         yield notes
     finally:
         with deferred_interrupts():
+            for module, _ in restored:
+                _RESCALING.discard(module)
             for handle in handles:
                 handle.remove()
             for weight, saved in originals:

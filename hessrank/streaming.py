@@ -47,7 +47,7 @@ from torch import Tensor
 
 from hessrank.curvature.loss import direct_parameter_names
 from hessrank.curvature.operator import ParameterOperator
-from hessrank.guard import GlobalGenerators
+from hessrank.guard import GlobalGenerators, rescales_lookups
 from hessrank.problem import (
     Batch,
     CurvatureProblem,
@@ -365,6 +365,10 @@ class StreamedProblem(CurvatureProblem):
         waiting: list[tuple[int, CurvatureProblem, Tensor]] = []
         total_bytes = 0
         mixing_checked = False
+        if rescales_lookups(self.model):  # every batch's rows rescaled before any is weighed
+            with same_draw(self.data):
+                for batch in self._batches():
+                    _outputs(batch)
         with same_draw(self.data):
             for index, batch in enumerate(self._batches()):
                 outputs = _outputs(batch)

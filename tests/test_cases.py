@@ -984,6 +984,21 @@ def test_float32_ggn_of_cross_entropy_plus_a_z_loss_is_not_taken_for_a_softmax(m
     assert_spectra_close(result.eigenvalues, reference, count=10, rtol=1e-4)
 
 
+def test_float64_head_checks_use_samples_with_gradient():
+    """The float64 confirmations read the first samples the loss weighs: with the batch's
+    first 8 targets ignored they read only zero gradients, found no softmax, and refused the
+    Monte-Carlo GGN of a plain cross-entropy. Against the float64 model's own result."""
+    model = _confident(1.0, inputs=6, outputs=10).float()
+    x = torch.randn(16, 6, generator=_seeded(3))
+    y = torch.randint(0, 10, (16,), generator=_seeded(4))
+    y[:8] = -100
+    for options in ({"mc_samples": 4}, {}):
+        ours = hessrank.effective_rank(model, CE, (x, y), method="ggn", **options)
+        precise = hessrank.effective_rank(copy.deepcopy(model).double(), CE, (x.double(), y),
+                                          method="ggn", **options)
+        assert ours.top_eigenvalue == pytest.approx(precise.top_eigenvalue, rel=1e-5)
+
+
 class _ConfidentTokens(nn.Module):
     """Per-token logits ``[n, C = 3, T = 4]`` scaled by 100 (confident at most positions)."""
 

@@ -282,9 +282,9 @@ def _unread_terms_matter(reading: _Reading, dtype: torch.dtype) -> bool:
 def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: _Reading
                     ) -> bool:
     """Whether the loss's per-sample gradients in the outputs' dtype are off by more than the
-    agreement tolerance of the largest weighted one: the first :data:`CONSTANCY_SAMPLES`
-    samples' ``dl_i/df_i`` are computed again in float64 and compared, weighted by
-    ``sqrt(a_i)`` as in the factors.
+    agreement tolerance of the largest weighted one: the first :data:`CONSTANCY_SAMPLES` read
+    samples' (``a_i > 0``) ``dl_i/df_i`` are computed again in float64 and compared, weighted
+    by ``sqrt(a_i)`` as in the factors.
 
     A confident softmax cross-entropy is the case: ``dl_i/df_i = p_i - e_{y_i}``, whose entry
     ``p_y - 1`` cancels in float32 to an absolute error of ``eps`` while the whole gradient is
@@ -292,7 +292,9 @@ def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: 
     spectrum, would be mostly rounding (the top eigenvalue 5x off on one probe). Such rounding
     comes from the loss's own terms, shared by the batch's samples, so the head shows it; where
     the loss cannot be evaluated in float64 on the head alone, the reading stands."""
-    head = slice(0, CONSTANCY_SAMPLES)
+    head = torch.nonzero(reading.weights > 0).flatten()[:CONSTANCY_SAMPLES]  # read samples
+    if not len(head):
+        return False
     try:
         precise = _sample_gradients(in_float64(loss_fn), outputs[head].detach().double(),
                                     targets[head])
@@ -498,7 +500,8 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     n = outputs.shape[0]
     leaf, first = _curvature_gradient(loss_fn, outputs, targets)
     class_dim, probs, weights, _ = _softmax_structure(first, leaf, generator)
-    if class_dim is not None and _softmax_on_head(loss_fn, outputs, targets, class_dim):
+    if class_dim is not None and _softmax_on_head(loss_fn, outputs, targets, class_dim,
+                                                  weights):
         return _softmax_factors(probs, weights, class_dim, outputs.dtype)
     found = output_hessian_blocks(first, leaf, generator)
     if found is None:
@@ -697,11 +700,12 @@ def _softmax_structure(first: Tensor, leaf: Tensor, generator: torch.Generator
     return None, empty, empty, mismatches
 
 
-def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_dim: int
-                     ) -> bool:
+def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_dim: int,
+                     weights: Tensor) -> bool:
     """Whether the softmax cross-entropy structure found over ``class_dim`` in the outputs'
-    dtype holds in float64 on the first :data:`CONSTANCY_SAMPLES` samples (always, for float64
-    outputs).
+    dtype holds in float64 on the first :data:`CONSTANCY_SAMPLES` samples with curvature
+    (``weights`` ``[n, ...]``, the structure's ``a_r``, positive at some position; all
+    ignored: nothing to confirm), always for float64 outputs.
 
     In float32 the structure test resolves the loss's curvature only to the rounding of the
     softmax terms, ``1024 eps`` of them: near saturation a convex term beside the cross-entropy
@@ -711,7 +715,10 @@ def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_di
     alone, the float32 test stands."""
     if outputs.dtype == torch.float64:
         return True
-    head = slice(0, CONSTANCY_SAMPLES)
+    curved = (weights.reshape(weights.shape[0], -1) > 0).any(dim=1)
+    head = torch.nonzero(curved).flatten()[:CONSTANCY_SAMPLES].to(outputs.device)
+    if not len(head):
+        return True
     try:
         leaf, first = _curvature_gradient(in_float64(loss_fn), outputs[head].detach().double(),
                                           targets[head])
@@ -739,7 +746,8 @@ def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samp
     """
     leaf, first = _curvature_gradient(loss_fn, outputs, targets)
     class_dim, probs, weights, mismatches = _softmax_structure(first, leaf, generator)
-    if class_dim is not None and not _softmax_on_head(loss_fn, outputs, targets, class_dim):
+    if class_dim is not None and not _softmax_on_head(loss_fn, outputs, targets, class_dim,
+                                                      weights):
         class_dim = None
         mismatches.append(f"in float64 on the first {CONSTANCY_SAMPLES} samples, above its "
                           "rounding")
