@@ -638,7 +638,7 @@ class _Quadratic(nn.Module):
     torch.eye(4, dtype=torch.float64) + 2.0,  # interchangeable parameters: 9, 1, 1, 1
 ], ids=["pair", "interchangeable"])
 def test_small_operators_are_probed_with_gaussian_starts(matrix):
-    """A Rademacher start is an exact eigenvector of these with probability 1/2 or 3/8: the
+    """A Rademacher start is an exact eigenvector of these with probability 1 or 3/8: the
     run turned invariant after one step and read one eigenvalue as the whole spectrum (trace
     -2 in [-2, -2] for an exact 0), covered by 9 of 20 seeds. Gaussian starts below 64
     parameters: the trace interval holds the exact trace for most seeds, the top eigenvalue is

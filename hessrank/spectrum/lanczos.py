@@ -150,8 +150,9 @@ def probe_vector(dim: int, generator: torch.Generator, device: torch.device,
                  dtype: torch.dtype = torch.float64) -> Tensor:
     """A run's start ``[dim]``: Rademacher, or standard Gaussian up to
     :data:`GAUSSIAN_PROBE_DIM`. On a small operator a ``+-1`` vector is an exact eigenvector
-    with a probability that only ``2^-dim`` bounds (``[[0, 1], [1, 0]]``: one draw in two;
-    ``a I + b 11^T`` on interchangeable parameters: any balanced draw); the run then turns
+    with a probability that only ``2^-dim`` bounds (``[[0, 1], [1, 0]]``: every draw, half of
+    them for each eigenvalue; ``a I + b 11^T`` on interchangeable parameters: any balanced
+    draw, 3 in 8 at dim 4); the run then turns
     invariant after one step and reads its one eigenvalue as the whole spectrum: a trace of
     -2 in ``[-2, -2]`` for an exact 0, covered by 9 of 20 seeds at dims 2 and 4 (a probe; 20
     and 17 of 20 with Gaussian starts). From a Gaussian that happens with probability 0."""
