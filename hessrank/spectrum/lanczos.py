@@ -451,7 +451,10 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int, restarted: bool = False
         # with any node freed above, else the node of largest probe weight. (A deflated zero
         # beside a freed node gave that node the null space's copies: trace +12 of 123.)
         if zero.any():  # (rounding can leave two nodes there)
-            takers, named = np.flatnonzero(zero), "zero: a null space"
+            # zero to the products' float32 resolution, not necessarily below the caller's rtol
+            takers, named = np.flatnonzero(zero), (
+                f"zero to {CONVERGED_RESIDUAL:g} of the largest |eigenvalue|: taken as a null "
+                "space")
         elif (~fixed).any():
             takers, named = np.flatnonzero(~fixed), "the nodes not deflated"
         else:
