@@ -297,11 +297,13 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
             names = [name for name, _ in model.named_parameters()]
             versions = [p._version for p in parameters]
 
+            def written() -> list[str]:
+                return [name for name, p, version in zip(names, parameters, versions)
+                        if p._version != version]
+
             def check() -> None:
-                written = [name for name, p, version in zip(names, parameters, versions)
-                           if p._version != version]
-                if written:
-                    raise written_parameters_error(written)
+                if written():
+                    raise written_parameters_error(written())
 
             requires_grad = [p.requires_grad for p in parameters]
             grads = [p.grad for p in parameters]
@@ -325,9 +327,8 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
         try:
             yield check
         except Exception as error:  # a write explains the failure (a mixing check, say) first
-            check_error = _raised(check)
-            if check_error is not None:
-                raise check_error from error
+            if written():
+                raise written_parameters_error(written()) from error
             raise
         check()
     finally:
@@ -355,15 +356,6 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
                         if not _same_values(buffer, value):
                             buffer.copy_(value)
                 generators.restore()
-
-
-def _raised(check: Callable[[], None]) -> Exception | None:
-    """The exception ``check()`` raises, or None."""
-    try:
-        check()
-    except Exception as error:  # noqa: BLE001 - returned to be raised by the caller
-        return error
-    return None
 
 
 def written_parameters_error(names: list[str]) -> ValueError:

@@ -279,6 +279,12 @@ def _unread_terms_matter(reading: _Reading, dtype: torch.dtype) -> bool:
     return bool((norms[unread] > math.sqrt(torch.finfo(dtype).eps) * largest).any())
 
 
+def _first_samples(chosen: Tensor) -> Tensor:
+    """Indices of the first :data:`CONSTANCY_SAMPLES` samples ``chosen`` (``[n]``, bool) marks:
+    the head the float64 checks read."""
+    return torch.nonzero(chosen).flatten()[:CONSTANCY_SAMPLES]
+
+
 def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: _Reading
                     ) -> bool:
     """Whether the loss's per-sample gradients in the outputs' dtype are off by more than the
@@ -292,7 +298,7 @@ def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: 
     spectrum, would be mostly rounding (the top eigenvalue 5x off on one probe). Such rounding
     comes from the loss's own terms, shared by the batch's samples, so the head shows it; where
     the loss cannot be evaluated in float64 on the head alone, the reading stands."""
-    head = torch.nonzero(reading.weights > 0).flatten()[:CONSTANCY_SAMPLES]  # read samples
+    head = _first_samples(reading.weights > 0)  # read samples
     if not len(head):
         return False
     try:
@@ -715,8 +721,7 @@ def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_di
     alone, the float32 test stands."""
     if outputs.dtype == torch.float64:
         return True
-    curved = (weights.reshape(weights.shape[0], -1) > 0).any(dim=1)
-    head = torch.nonzero(curved).flatten()[:CONSTANCY_SAMPLES].to(outputs.device)
+    head = _first_samples((weights.reshape(weights.shape[0], -1) > 0).any(dim=1))
     if not len(head):
         return True
     try:

@@ -19,12 +19,14 @@ An estimator class declares, in one place:
 from __future__ import annotations
 
 import dataclasses
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from hessrank.distributed import parallel_of
@@ -48,6 +50,17 @@ class BudgetError(ValueError):
         self.memory_bytes = memory_bytes
         self.seconds = seconds
 
+
+
+def seconds_of(call: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of ``call()`` on ``device`` (a CUDA device synchronised before and after,
+    so that its queued kernels count): the timings behind the time predictions."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    call()
+    synchronize()
+    return time.perf_counter() - start
 
 @dataclass(frozen=True)
 class Settings:

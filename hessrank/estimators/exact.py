@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from hessrank.estimators.base import (
     Spectrum,
     eigenvector_note,
     register,
+    seconds_of,
 )
 from hessrank.problem import CurvatureProblem
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
@@ -63,12 +63,7 @@ def predict_exact_seconds(operator: HessianOperator, chunk: int) -> float:
     trial = min(chunk, dim)
     basis = torch.zeros(trial, dim, dtype=operator.dtype, device=operator.device)
     basis[torch.arange(trial), torch.arange(trial)] = 1.0
-    synchronize = torch.cuda.synchronize if operator.device.type == "cuda" else lambda: None
-    synchronize()
-    start = time.perf_counter()
-    operator.matmat(basis)
-    synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed = seconds_of(lambda: operator.matmat(basis), operator.device)
     operator.num_products -= trial
     return elapsed * dim / trial + eigen_solve_seconds(dim, operator.device)
 
@@ -82,12 +77,7 @@ def eigen_solve_seconds(dim: int, device: torch.device) -> float:
     generator = torch.Generator().manual_seed(0)
     trial = torch.randn(size, size, generator=generator, dtype=torch.float64)
     trial = (trial + trial.T).to(device)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    synchronize()
-    start = time.perf_counter()
-    symmetric_eigenvalues(trial)
-    synchronize()
-    seconds = time.perf_counter() - start
+    seconds = seconds_of(lambda: symmetric_eigenvalues(trial), device)
     knee = max(size, min(dim, EIGEN_SUBCUBIC_SIZE))
     return seconds * (knee / size) ** 2.5 * (dim / knee) ** 3
 

@@ -8,7 +8,6 @@ the one on the Hessian. ``ggn_lanczos`` and ``fisher_lanczos`` pair it with the 
 from __future__ import annotations
 
 import math
-import time
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,15 @@ from torch import Tensor
 
 from hessrank.curvature.hessian import HessianOperator, check_symmetric
 from hessrank.curvature.operator import ParameterOperator
-from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum, positive_int, register
+from hessrank.estimators.base import (
+    Cost,
+    Estimator,
+    Settings,
+    Spectrum,
+    positive_int,
+    register,
+    seconds_of,
+)
 from hessrank.problem import CurvatureProblem
 from hessrank.spectrum.lanczos import lanczos_spectrum
 from hessrank.spectrum.operator import SymmetricOperator
@@ -70,14 +77,8 @@ def basis_seconds(steps: int, dim: int, device: torch.device) -> float:
     generator = torch.Generator().manual_seed(0)
     block = torch.randn(rows, columns, generator=generator, dtype=BASIS_DTYPE).to(device)
     vector = block[0].clone()
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    block @ vector  # a first pass pays the kernel's set-up
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(2):
-        block @ vector
-    synchronize()
-    per_vector = (time.perf_counter() - start) / (2 * rows) * dim / columns
+    seconds_of(lambda: block @ vector, device)  # a first pass pays the kernel's set-up
+    per_vector = seconds_of(lambda: block @ vector, device) / rows * dim / columns
     return per_vector * steps**2
 
 
@@ -115,9 +116,7 @@ class LanczosEstimator(Estimator):
         if settings.max_seconds is not None and memory <= settings.max_memory:
             operator = self.data_operator(problem, settings)
             probe = torch.ones(1, operator.dim, dtype=operator.dtype, device=operator.device)
-            start = time.perf_counter()
-            operator.matmat(probe)
-            seconds = ((time.perf_counter() - start) * steps
+            seconds = (seconds_of(lambda: operator.matmat(probe), operator.device) * steps
                        + basis_seconds(steps, operator.dim, operator.device))
         return Cost(memory, seconds)
 
