@@ -499,6 +499,8 @@ def _result(
         max_rank=spectrum.max_rank,
         peak_memory=memory,
         rank_interval=interval,
+        trace_interval=spectrum.trace_interval,
+        numerical_interval=spectrum.numerical_interval,
         num_hvps=spectrum.num_hvps,
         excluded=problem.excluded,
         layers=layers or {},

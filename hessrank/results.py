@@ -31,8 +31,10 @@ class RankResult:
         threshold, rtol: the srank threshold and numerical-rank tolerance used.
         trace: sum of the eigenvalues (``lanczos``: SLQ estimate).
         max_rank: structural upper bound on the rank (``n``, ``n C'``, or ``P``).
-        rank_interval: ``lanczos`` only: interval for the rank (probe spread plus quadrature
-            resolution).
+        rank_interval: ``lanczos`` only: 95 % interval for the rank (probe spread plus
+            quadrature resolution).
+        trace_interval, numerical_interval: ``lanczos`` only: 95 % intervals for ``trace`` and
+            for the numerical rank at ``rtol`` (the same construction).
         num_hvps: Hessian-vector products spent (``exact``, ``lanczos``).
         excluded: names of frozen parameters left out.
         layers: per parameterised module (``per_layer=True``): that module's diagonal block, in
@@ -65,6 +67,8 @@ class RankResult:
     max_rank: int
     peak_memory: int | None = None
     rank_interval: tuple[float, float] | None = None
+    trace_interval: tuple[float, float] | None = None
+    numerical_interval: tuple[float, float] | None = None
     num_hvps: int | None = None
     excluded: tuple[str, ...] = ()
     layers: dict[str, RankResult] = field(default_factory=dict)
@@ -116,6 +120,9 @@ class RankResult:
             "top_eigenvalue": self.top_eigenvalue,
             "max_rank": self.max_rank,
             "rank_interval": list(self.rank_interval) if self.rank_interval else None,
+            "trace_interval": list(self.trace_interval) if self.trace_interval else None,
+            "numerical_interval": (list(self.numerical_interval) if self.numerical_interval
+                                   else None),
             "num_hvps": self.num_hvps,
             "excluded": list(self.excluded),
             "notes": list(self.notes),

@@ -68,14 +68,17 @@ def _finite(value: float) -> float | None:
 def _summary(result: RankResult) -> dict[str, Any]:
     """The numbers of one result (the whole model's or a layer's): srank, every entry of
     ``result.ranks``, top eigenvalue, trace, the numerical rank's ``rtol`` (it differs by method
-    and layer: the matrix's size times epsilon), and the srank's ``rank_interval`` (Lanczos)."""
+    and layer: the matrix's size times epsilon), and the 95 % ``rank_interval``,
+    ``trace_interval`` and ``numerical_interval`` (Lanczos)."""
     out: dict[str, Any] = {"rank": int(result.rank)}
     out.update({name: _finite(value) for name, value in result.ranks.items()})
     out["top_eigenvalue"] = _finite(result.top_eigenvalue)
     out["trace"] = _finite(result.trace)
     out["rtol"] = float(result.rtol)
-    if result.rank_interval is not None:
-        out["rank_interval"] = [_finite(bound) for bound in result.rank_interval]
+    for name in ("rank_interval", "trace_interval", "numerical_interval"):
+        interval = getattr(result, name)
+        if interval is not None:
+            out[name] = [_finite(bound) for bound in interval]
     return out
 
 
@@ -91,8 +94,9 @@ class Measurement:
         record: the JSON line: ``step``, ``method``, ``rank``, every entry of ``result.ranks``
             (``srank``, ``numerical``, ...), ``top_eigenvalue``, ``trace``, ``seconds``,
             ``num_params``, ``num_samples``, ``threshold``, ``rtol``, ``backend``,
-            ``rank_interval`` (``lanczos``), ``layers`` (each layer's ranks, top eigenvalue,
-            trace, ``rtol`` and ``rank_interval``, with ``per_layer=True``); for a failure
+            ``rank_interval``, ``trace_interval`` and ``numerical_interval`` (``lanczos``),
+            ``layers`` (each layer's ranks, top eigenvalue, trace, ``rtol`` and intervals, with
+            ``per_layer=True``); for a failure
             ``step``, ``method`` and ``error`` (the message). Non-finite numbers are None.
     """
 
@@ -133,7 +137,8 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         numbers are left out.
     """
     method = record["method"]
-    skip = ("step", "method", "backend", "error", "rank_interval", "layers", "rtol")
+    skip = ("step", "method", "backend", "error", "rank_interval", "trace_interval",
+            "numerical_interval", "layers", "rtol")
     out = {
         f"{method}/{key}": float(value)
         for key, value in record.items()

@@ -127,7 +127,12 @@ def test_compare_json_schema(compared) -> None:
             assert fisher["rtol"] < exact["rtol"]
             assert fisher["numerical_rank_rel_error"] == pytest.approx(
                 (fisher["numerical_rank"] - at_fisher) / at_fisher)
-            assert point["methods"]["lanczos"]["rank_interval"] is not None
+            lanczos = point["methods"]["lanczos"]
+            assert lanczos["rank_interval"] is not None
+            low, high = lanczos["trace_interval"]
+            assert low <= lanczos["trace"] <= high
+            low, high = lanczos["numerical_interval"]
+            assert low <= lanczos["numerical_rank"] <= high
             check = point["pyhessian"]
             assert check["error"] is None and isinstance(check["trace_stopped_by_sign"], bool)
             assert check["exact_top_eigenvalue"] == exact["top_eigenvalue"]

@@ -167,7 +167,7 @@ def summary(result: hessrank.RankResult) -> dict[str, Any]:
     return {"eigenvalues": result.eigenvalues, "ranks": result.ranks, "n": result.num_samples,
             "trace": result.trace, "notes": result.notes, "rank": result.rank,
             "paths": result.paths, "max_rank": result.max_rank,
-            "rank_interval": result.rank_interval,
+            "rank_interval": result.rank_interval, "trace_interval": result.trace_interval,
             "layers": {name: layer.eigenvalues for name, layer in result.layers.items()}}
 
 
@@ -350,6 +350,8 @@ def test_equals_one_process_on_the_whole_batch(spawned: list[dict[str, Any]], na
     assert first["max_rank"] == reference["max_rank"]
     if reference["rank_interval"] is not None:
         np.testing.assert_allclose(first["rank_interval"], reference["rank_interval"], rtol=1e-6)
+        np.testing.assert_allclose(first["trace_interval"], reference["trace_interval"],
+                                   rtol=1e-6)
     assert any("data-parallel over 2 processes (gloo)" in note for note in first["notes"])
 
 

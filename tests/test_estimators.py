@@ -188,6 +188,11 @@ def test_lanczos_matches_exact_and_covers_its_rank():
         np.testing.assert_allclose(lanczos.eigenvalues[:3], exact.eigenvalues[:3], rtol=1e-6)
         lo, hi = lanczos.rank_interval
         assert lo <= exact.rank <= hi, (seed, exact.rank, lanczos.rank_interval)
+        lo, hi = lanczos.trace_interval
+        assert lo <= lanczos.trace <= hi and lo <= exact.trace <= hi, (seed, exact.trace, lo, hi)
+        lo, hi = lanczos.numerical_interval
+        assert lo <= exact.ranks["numerical"] <= hi, (seed, exact.ranks["numerical"], lo, hi)
+        assert exact.trace_interval is None and exact.numerical_interval is None
         assert abs(lanczos.rank - exact.rank) <= 0.2 * exact.rank
         assert abs(lanczos.trace - exact.trace) <= 0.2 * np.abs(exact.eigenvalues).sum()
         assert lanczos.num_hvps == 40 + 2  # the run, and the symmetry check (check_symmetric)

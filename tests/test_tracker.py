@@ -605,7 +605,9 @@ def test_lanczos_layer_records_carry_their_intervals(tmp_path: Path) -> None:
     tracker.step(batch)
     tracker.close()
     (record,) = tracker.records
-    assert record["rank_interval"] == pytest.approx(list(expected.rank_interval))
-    for name, layer in expected.layers.items():
-        assert layer.rank_interval is not None
-        assert record["layers"][name]["rank_interval"] == pytest.approx(list(layer.rank_interval))
+    for interval in ("rank_interval", "trace_interval", "numerical_interval"):
+        assert record[interval] == pytest.approx(list(getattr(expected, interval)))
+        for name, layer in expected.layers.items():
+            assert getattr(layer, interval) is not None
+            assert record["layers"][name][interval] == pytest.approx(
+                list(getattr(layer, interval)))

@@ -227,6 +227,10 @@ def record(res: Any, exact: dict[str, Any] | None) -> dict[str, Any]:
         "peak_memory": res.peak_memory,
         "max_rank": int(res.max_rank),
         "rank_interval": list(res.rank_interval) if res.rank_interval is not None else None,
+        "trace_interval": (list(res.trace_interval) if res.trace_interval is not None
+                           else None),
+        "numerical_interval": (list(res.numerical_interval)
+                               if res.numerical_interval is not None else None),
         "num_params": int(res.num_params),
         "num_samples": int(res.num_samples),
         "num_hvps": res.num_hvps,

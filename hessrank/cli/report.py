@@ -10,7 +10,8 @@ with exact's over the checkpoints, or null) and ``checkpoints``. A checkpoint ha
 ``previous_task_train_error``, ``pyhessian`` (top eigenvalue, Hutchinson trace, its standard
 error and probe count, relative differences to exact, ``error``) and ``methods``: estimator ->
 ``srank``, ``numerical_rank``, their ``*_rel_error`` against exact, ``top_eigenvalue``, ``trace``,
-``seconds``, ``peak_memory``, ``backend``, ``max_rank``, ``rank_interval``, ``ranks`` (every
+``seconds``, ``peak_memory``, ``backend``, ``max_rank``, ``rank_interval``,
+``trace_interval`` and ``numerical_interval`` (Lanczos' 95 % intervals), ``ranks`` (every
 definition), ``caveats``, ``eigenvalues`` and ``error`` (a message when the estimator failed).
 ``summary`` repeats every number of the tables as mean/std/n over seeds per checkpoint (``std``
 the sample standard deviation, null for one value).

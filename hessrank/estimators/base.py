@@ -95,7 +95,8 @@ class Spectrum:
         max_rank: structural upper bound on the rank.
         weights: quadrature weights (Lanczos), None for a plain spectrum.
         ritz_values: values to show as "the eigenvalues" when ``weights`` is set.
-        rank_interval: interval for the srank (Lanczos).
+        rank_interval, trace_interval, numerical_interval: 95 % intervals for the srank, the
+            trace and the numerical rank (Lanczos).
         num_hvps: Hessian-vector products spent.
         paths: parameter name -> the path that computed its part (Gram estimators).
         eps: machine epsilon of the arithmetic behind the spectrum, for the default numerical-rank
@@ -112,6 +113,8 @@ class Spectrum:
     weights: np.ndarray | None = None
     ritz_values: np.ndarray | None = None
     rank_interval: tuple[float, float] | None = None
+    trace_interval: tuple[float, float] | None = None
+    numerical_interval: tuple[float, float] | None = None
     num_hvps: int | None = None
     paths: dict[str, str] = field(default_factory=dict)
     eps: float | None = None

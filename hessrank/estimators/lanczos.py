@@ -143,6 +143,8 @@ class LanczosEstimator(Estimator):
         return Spectrum(result.eigenvalues, self.backend, max_rank=bound,
                         weights=result.weights, ritz_values=result.ritz_values,
                         rank_interval=result.rank_interval,
+                        trace_interval=result.trace_interval,
+                        numerical_interval=result.numerical_interval,
                         num_hvps=result.num_products + checks,
                         eps=eps, notes=[*self.source_notes(operator), *result.notes])
 
