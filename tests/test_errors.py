@@ -395,6 +395,35 @@ def test_curvature_that_overflows_float32_is_named(method):
            ValueError, "overflow.*float64 copy")
 
 
+class _SqrtWhere(nn.Module):
+    """``torch.where(h > 0, h.sqrt(), h)``: a finite forward whose backward is ``0 * NaN``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.head = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.hidden(x))
+        return self.head(torch.where(h > 0, h.sqrt(), h))
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher", "ggn", "lanczos"])
+def test_a_nan_derivative_of_a_finite_float64_model_is_named(method):
+    """A float64 model whose own gradient is NaN (torch.where over a sqrt of negatives) was
+    told its entries overflow float32 and to analyse a float64 copy (exact, fisher, ggn), or
+    that autograd's second derivative is wrong (lanczos: the symmetry check read NaN)."""
+    torch.manual_seed(15)
+    model = _SqrtWhere().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss = CE(model(x), y)
+    assert torch.isfinite(loss)
+    assert not all(bool(torch.isfinite(g).all())
+                   for g in torch.autograd.grad(loss, list(model.parameters())))
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method),
+           ValueError, r"derivatives are NaN at these inputs.*clamp\(min=0\).*overflow float64 "
+           r"\(above 1\.8e\+308\)$")
+
+
 def test_compiled_submodule_is_named_where_second_derivatives_are_needed():
     """A torch.compile'd layer inside the model: torch's 'aot_autograd does not currently
     support double backward' reached the caller as it was."""

@@ -21,6 +21,7 @@ from hessrank.problem import (
     unused_parameters_note,
     without_second_derivative,
 )
+from hessrank.spectrum.dense import not_finite_error
 from hessrank.spectrum.operator import SymmetricOperator
 
 
@@ -170,9 +171,12 @@ def asymmetry_error(asymmetry: float, dtype: torch.dtype) -> ValueError | None:
     about 2e-7) come from a wrong second derivative somewhere in the model or the loss: a custom
     ``autograd.Function`` whose backward is not differentiable as written, or a torch kernel with
     a wrong double backward (:class:`TwiceDifferentiable` replaces the one known here). Their
-    eigenvalues would be those of a matrix that is not the Hessian.
+    eigenvalues would be those of a matrix that is not the Hessian. NaN products (a NaN
+    derivative, an overflow) get :func:`~hessrank.spectrum.dense.not_finite_error` instead.
     """
     tolerance = agreement_tolerance(dtype)
+    if not math.isfinite(asymmetry):
+        return not_finite_error(dtype)
     if asymmetry <= tolerance:
         return None
     return ValueError(

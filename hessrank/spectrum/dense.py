@@ -60,20 +60,27 @@ def _solver_threads(matrix: Tensor) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def not_finite_error() -> ValueError:
-    """The curvature overflowed (its inputs were checked finite): what to do about it."""
+def not_finite_error(dtype: torch.dtype) -> ValueError:
+    """The curvature of a finite model and loss holds NaN or Inf, computed in ``dtype``: the
+    two causes, and what to do about each."""
+    overflow = f"overflow {str(dtype).removeprefix('torch.')} (above {torch.finfo(dtype).max:.2g})"
+    if dtype != torch.float64:
+        overflow += (": analyse a float64 copy (copy.deepcopy(model).double(), with float64 "
+                     "inputs), or check the model's scale")
     return ValueError(
-        "the curvature matrix holds NaN or Inf, though the model and the loss are finite: its "
-        "entries (products of gradients, second derivatives) overflow the precision they are "
-        "computed in (float32 above 3.4e38). Analyse a float64 copy (copy.deepcopy(model)"
-        ".double(), with float64 inputs), or check the model's scale")
+        "the curvature matrix holds NaN or Inf, though the model and the loss are finite. "
+        "Either autograd's derivatives are NaN at these inputs (a branch torch.where does not "
+        "select still enters the backward pass: torch.where(x > 0, x.sqrt(), x) gives 0 * NaN "
+        "at x < 0; check torch.autograd.grad(loss, parameters) for NaN, and make the unselected "
+        "branch finite: x.clamp(min=0).sqrt()), or its entries (products of gradients, second "
+        f"derivatives) {overflow}")
 
 
 def _check_finite(matrix: Tensor) -> None:
     """Raise :func:`not_finite_error` unless every entry is finite (one reduction; LAPACK
     would fail to converge, without the reason)."""
     if not bool(torch.isfinite(matrix).all()):
-        raise not_finite_error()
+        raise not_finite_error(matrix.dtype)
 
 
 def symmetric_eigenvalues(matrix: Tensor) -> np.ndarray:

@@ -273,7 +273,7 @@ class LanczosRun:
             self.restarted |= (previous_beta < math.sqrt(eps) * self.scale
                                and beta > 100 * previous_beta)
             if not (math.isfinite(alpha) and math.isfinite(beta)):
-                raise not_finite_error()
+                raise not_finite_error(self.operator.dtype)
             self._alphas.append(alpha)
             self._betas.append(beta)
             self.scale = max(self.scale, abs(alpha), beta)
