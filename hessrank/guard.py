@@ -257,6 +257,34 @@ class GlobalGenerators:
                 and pickle.dumps(self.numpy) == pickle.dumps(other.numpy))
 
 
+@dataclass(frozen=True)
+class ModuleGenerators:
+    """The states of the private ``torch.Generator`` objects a model's submodules hold as
+    attributes (noise a forward draws for itself, seeded apart from the global generator)."""
+
+    states: tuple[tuple[str, torch.Generator, Tensor], ...]  # (where, generator, state)
+
+    @classmethod
+    def read(cls, model: nn.Module) -> ModuleGenerators:
+        found: dict[int, tuple[str, torch.Generator, Tensor]] = {}
+        for prefix, module in model.named_modules():
+            for key, value in vars(module).items():
+                if isinstance(value, torch.Generator) and id(value) not in found:
+                    found[id(value)] = (f"{prefix}.{key}" if prefix else key, value,
+                                        value.get_state())
+        return cls(tuple(found.values()))
+
+    def moved(self) -> list[str]:
+        """Where a generator drew since the reading."""
+        return [where for where, generator, state in self.states
+                if not torch.equal(generator.get_state(), state)]
+
+    def restore(self) -> None:
+        """Set every generator back to its state at the reading."""
+        for _, generator, state in self.states:
+            generator.set_state(state)
+
+
 @contextmanager
 def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
     """Restore, on exit (normal, by exception or by Ctrl-C), the model's observable state.
@@ -272,9 +300,10 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
     attributes it added are removed), ``__slots__`` values, and for
     every parameter ``requires_grad`` and ``.grad`` (the same tensor objects); plus the global
     random number generators: torch's CPU and CUDA ones, Python's and NumPy's (a forward may
-    draw from any of them). The restore runs with Ctrl-C held back, so it is
-    atomic. Parameter values are not copied: hessrank writes them only through
-    :func:`renormalised_embeddings`, which restores what it wrote itself. A forward that writes
+    draw from any of them), and the ``torch.Generator`` objects submodules hold. The restore
+    runs with Ctrl-C held back, so it is atomic. Parameter values are not copied: hessrank
+    writes them only through :func:`renormalised_embeddings`, which restores what it wrote
+    itself. A forward that writes
     its own parameters in place is refused instead (:func:`written_parameters_error`): the block
     yields a check to run once the work's first forward pass has, and the check runs again on a
     normal exit.
@@ -308,6 +337,7 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
             requires_grad = [p.requires_grad for p in parameters]
             grads = [p.grad for p in parameters]
             generators = GlobalGenerators.read()
+            private_generators = ModuleGenerators.read(model)
             # Clones made under the caller's inference_mode would be inference tensors, which
             # autograd cannot differentiate through: the copies are ordinary tensors.
             with torch.inference_mode(False):
@@ -356,6 +386,7 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
                         if not _same_values(buffer, value):
                             buffer.copy_(value)
                 generators.restore()
+                private_generators.restore()
 
 
 def written_parameters_error(names: list[str]) -> ValueError:

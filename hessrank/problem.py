@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import Tensor, nn
 
-from hessrank.guard import GlobalGenerators, PassState
+from hessrank.guard import GlobalGenerators, ModuleGenerators, PassState
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: ``(inputs, targets)``. ``inputs``: a tensor (``model(x)``), a tuple of tensors
@@ -123,7 +123,7 @@ class CurvatureProblem:
                 one modified an input in place (:meth:`before_pass`).
         """
         self.before_pass()
-        outputs = run_model(self.model, self.args, self.kwargs, self.mode)
+        outputs = run_model(self.model, self.args, self.kwargs, self.mode, self.notes)
         if not self._graph_read and isinstance(outputs, Tensor) and outputs.grad_fn is not None:
             self._graph_read = True
             note = custom_functions_note(outputs)
@@ -176,13 +176,15 @@ class CurvatureProblem:
         return groups
 
 
-def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor], mode: str
-              ) -> Tensor:
+def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor], mode: str,
+              notes: list[str] | None = None) -> Tensor:
     """``model(*args, **kwargs)``, refused if the forward pass drew from a global random
     generator: the loss is then a random function (dropout inside a layer, MC dropout, noise
     injection), every pass of the call would see other draws, and its curvature is undefined.
-    Comparing the generators' states before and after each pass costs about 0.2 ms; draws from
-    a private ``torch.Generator`` are not seen.
+    Comparing the generators' states before and after each pass costs about 0.2 ms. The
+    ``torch.Generator`` objects the submodules hold are set back after each pass, so that every
+    pass draws what the model's next forward would: the curvature is the loss's at that draw
+    (a note in ``notes`` says so), and the generators are left as they were.
 
     Raises:
         ValueError: the pass drew random numbers, with the likely causes and the fix; or it
@@ -191,6 +193,7 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
             the cast to make.
     """
     before = GlobalGenerators.read()
+    private = ModuleGenerators.read(model)
     try:
         outputs = model(*args, **kwargs)
     except RuntimeError as error:
@@ -204,6 +207,16 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
                 ".float() (or .to() the model's dtype); token ids for an nn.Embedding stay "
                 "integer") from error
         raise
+    finally:
+        drawn = private.moved()
+        private.restore()
+    if drawn and notes is not None:
+        note = (f"the forward pass draws from the model's own torch.Generator ("
+                f"{', '.join(drawn)}): every pass of the call drew what the model's next forward "
+                "will, so the curvature is the loss's at that one draw, and the generator is left "
+                "as it was")
+        if note not in notes:
+            notes.append(note)
     if isinstance(outputs, Tensor) and outputs.dtype in (torch.float16, torch.bfloat16):
         raise ValueError(
             f"the model returns {outputs.dtype} outputs (a cast at the end of forward, or "
@@ -221,8 +234,10 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
         else:
             cause = ("even in evaluation mode (F.dropout(..., training=True) as in MC dropout, "
                      "noise added to activations, a random initial state): make the forward "
-                     "deterministic for the call (a fixed mask or noise tensor); draws that do "
-                     "not change the outputs can use a private torch.Generator")
+                     "deterministic for the call (a fixed mask or noise tensor), or draw from a "
+                     "torch.Generator the module holds (self.generator = torch.Generator(); "
+                     "every pass of the call then sees the draws the model's next forward "
+                     "would, and the generator is left as it was)")
         raise ValueError(
             "the model's forward pass draws random numbers from a global generator (torch's, "
             "Python's or NumPy's), so the loss is random and its curvature undefined; " + cause)
