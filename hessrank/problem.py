@@ -773,20 +773,16 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
     return 1024 * float(torch.finfo(dtype).eps)
 
 
-def refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor, part: str) -> None:
-    """Raise if the model's output for a sample depends on the other samples of its batch
-    (statistics over the batch computed in the forward, attention across samples): each
-    ``part`` (a batch of a data set, a process's shard) would then be computed on its own, not
-    with all the samples at once. Checked by running the batch's two halves alone (one forward
-    pass without a graph) against ``outputs``, the whole batch's; a single sample passes.
-
-    Raises:
-        ValueError: naming the relative difference and the fix.
-    """
+def mixed_samples_difference(problem: CurvatureProblem, outputs: Tensor) -> float | None:
+    """How far the model's outputs for the batch's two halves, each run alone (one forward pass
+    without a graph), are from ``outputs``, the whole batch's, relative to their largest entry;
+    None where the model's output for a sample depends on that sample alone (to rounding), and
+    where the outputs cannot be compared row by row (a single sample, outputs not batch first
+    or shaped by the batch)."""
     count = int(problem.targets.shape[0])
     if (count < 2 or not isinstance(outputs, Tensor) or not outputs.is_floating_point()
             or outputs.shape[0] != count):  # not batch first: the loss's own checks name it
-        return
+        return None
     halves = []
     with torch.no_grad():
         for start, stop in ((0, count // 2), (count // 2, count)):
@@ -797,16 +793,31 @@ def refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor, part: str) 
     # by row
     if not all(isinstance(half, Tensor) and half.shape[1:] == outputs.shape[1:]
                for half in halves):
-        return
+        return None
     alone = torch.cat(halves).to(outputs.dtype)
     scale = float(outputs.detach().abs().max())
     difference = float((alone - outputs.detach()).abs().max())
     if difference > agreement_tolerance(outputs.dtype) * max(scale,
                                                              torch.finfo(outputs.dtype).tiny):
+        return difference / max(scale, 1e-300)
+    return None
+
+
+def refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor, part: str) -> None:
+    """Raise if the model's output for a sample depends on the other samples of its batch
+    (statistics over the batch computed in the forward, attention across samples): each
+    ``part`` (a batch of a data set, a process's shard) would then be computed on its own, not
+    with all the samples at once (:func:`mixed_samples_difference`).
+
+    Raises:
+        ValueError: naming the relative difference and the fix.
+    """
+    difference = mixed_samples_difference(problem, outputs)
+    if difference is not None:
         raise ValueError(
             f"the model's output for a sample depends on the other samples of its batch (each "
             f"half of the batch run alone differs from the whole batch's outputs by "
-            f"{difference / max(scale, 1e-300):.1e} of their largest entry: statistics over the "
+            f"{difference:.1e} of their largest entry: statistics over the "
             f"batch, or attention across samples), so each {part} would be computed on its own, "
             "not with all the samples at once, and the result would not be that of the whole "
             "data; pass the data as one batch in one process"

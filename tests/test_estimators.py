@@ -581,3 +581,42 @@ def test_float64_outputs_of_a_float32_model(method):
                  }[method]()
     result = hessrank.effective_rank(model, CE, (inputs, targets), method=method)
     assert_spectra_close(result.eigenvalues, eigenvalues_by_magnitude(reference), rtol=1e-5)
+
+
+class _CentredOutputs(nn.Module):
+    """Outputs centred over the batch: each sample's output depends on every sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp((6, 8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = self.body(x)
+        return outputs - 0.5 * outputs.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("method", ["fisher_lanczos", "ggn_lanczos"])
+def test_factor_lanczos_on_interacting_samples_says_what_its_factors_are(method):
+    """fisher_lanczos returned the EF of a model whose samples interact with no note, where
+    fisher refuses it (probe 55): its factors are each sample's in the batch's context, the
+    EF of this batch's per-sample losses (checked against a loop over the rows of one batch
+    forward), and a note now says so."""
+    model = _CentredOutputs()
+    x, y = classification_batch(8, 6, 3)
+    with pytest.raises(ValueError, match="computed alone differs"):
+        hessrank.effective_rank(model, CE, (x, y), method=method.removesuffix("_lanczos"))
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, lanczos_steps=40)
+    assert any("depends on the other samples of the batch" in note and
+               "fisher and ggn" in note for note in result.notes)
+    if method == "fisher_lanczos":
+        params = list(model.parameters())
+        rows = []
+        for i in range(len(x)):
+            outputs = model(x)
+            grads = torch.autograd.grad(CE(outputs[i:i + 1], y[i:i + 1]), params)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        gradients = torch.stack(rows)
+        reference = eigenvalues_by_magnitude((gradients @ gradients.T / len(x)).numpy())
+        assert_spectra_close(result.eigenvalues, reference, count=3, rtol=1e-6)
+    plain = hessrank.effective_rank(mlp((6, 8, 3)), CE, (x, y), method=method, lanczos_steps=10)
+    assert not any("depends on the other samples" in note for note in plain.notes)

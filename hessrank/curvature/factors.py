@@ -25,6 +25,7 @@ from hessrank.distributed import ShardedProblem, shard_cotangents
 from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
+    mixed_samples_difference,
     refuse_mixed_samples,
     without_second_derivative,
 )
@@ -51,8 +52,19 @@ class FactorOperator(ParameterOperator):
         graph = GraphBytes(problem)
         with second_order(), graph.counting():  # J^T u is differentiated w.r.t. u below
             outputs = problem.forward()
+        #: what a model whose samples interact should know of the factors (None: they do not)
+        self.mixing_note: str | None = None
         if isinstance(problem, ShardedProblem) and isinstance(outputs, Tensor):
             refuse_mixed_samples(problem.local(), outputs, "process's shard")
+        elif isinstance(outputs, Tensor) and (
+                difference := mixed_samples_difference(problem, outputs)) is not None:
+            self.mixing_note = (
+                f"the model's output for a sample depends on the other samples of the batch "
+                f"(each half run alone differs by {difference:.1e} of the largest output): "
+                f"{method}'s factors J_i^T s_i hold each sample's Jacobian in the batch (its "
+                "output as the batch computes it), the curvature of this batch's loss as exact's "
+                "Hessian is; fisher and ggn, whose factors need each sample's output to depend "
+                "on that sample alone, refuse such a model")
         if (check_working_memory is not None and output_side_bytes is not None
                 and isinstance(outputs, Tensor)):  # else shard_cotangents names the problem
             check_working_memory(graph.total + output_side_bytes(outputs))

@@ -33,6 +33,12 @@ class FactorLanczos(LanczosEstimator):
             check_working_memory=lambda extra: self.check_refined(extra, problem, settings),
             output_side_bytes=self.output_side_at)
 
+    def source_notes(self, operator: SymmetricOperator) -> list[str]:
+        """Where the model's samples interact: what the factors then are (one batch's operator;
+        a data set's batches are refused as such)."""
+        note = getattr(operator, "mixing_note", None)
+        return [] if note is None else [note]
+
     def output_side_at(self, outputs: Tensor) -> int:
         """Peak bytes of the factors' output side (the loss's gradients or Hessian blocks) on
         ``outputs``, which the prediction before the work (the Lanczos basis) cannot count."""
