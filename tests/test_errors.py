@@ -1029,3 +1029,18 @@ def test_backpack_failures_name_the_backend_to_use_instead():
         with pytest.raises(ValueError, match=r"BackPACK could not compute.*backend='auto'"):
             hessrank.effective_rank(model, CE, (x, y), "fisher", backend="backpack")
         assert hessrank.effective_rank(model, CE, (x, y), "fisher").rank > 0
+
+
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+def test_outputs_and_targets_that_broadcast_are_named(method):
+    """Outputs [n, 1] against targets [n] under MSELoss broadcast to an [n, n] loss: the EF
+    was refused as weighing a sample negatively, not naming the shapes (probe 55)."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's own broadcast warning
+        _check(model, lambda: hessrank.effective_rank(model, nn.MSELoss(), (x, y),
+                                                      method=method),
+               ValueError, r"weights depend on the model's outputs.*The outputs \(8, 1\) and "
+               r"targets \(8,\) broadcast to \(8, 8\).*targets\.unsqueeze\(-1\)")

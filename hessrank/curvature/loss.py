@@ -243,13 +243,22 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tupl
             "undefined; check loss_fn at them (a log of zero, a division by zero)")
     if bool((mismatch > 1).any()):
         raise _interacting_samples_error(int((mismatch > 1).nonzero()[0]), mismatch, "")
+    # before the sign: weights that vary with the outputs can come out negative (outputs [n, 1]
+    # against targets [n] under MSELoss broadcast to an [n, n] loss were said to weigh a
+    # sample negatively)
+    try:
+        _check_constant_weights(loss_fn, outputs, targets, read)
+    except ValueError as error:
+        hint = _broadcast_hint(outputs, targets)
+        if hint is None:
+            raise
+        raise ValueError(f"{error}. {hint}") from None
     if (weights < 0).any():
         i = int((weights < 0).nonzero()[0])
         raise ValueError(
             f"loss_fn weighs sample {i} negatively ({float(weights[i]):.3g}): the empirical "
             "Fisher sum_i a_i g_i g_i^T needs a_i >= 0; use method='exact' or 'lanczos'"
         )
-    _check_constant_weights(loss_fn, outputs, targets, read)
     factors = torch.where(weights[:, None] > 0, read.sample_grads * weights.sqrt()[:, None], 0.0)
     return factors.reshape(1, *outputs.shape).to(dtype), weights.to(dtype)
 
@@ -365,6 +374,23 @@ def _check_constant_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     if bad.any():
         i = int(bad.nonzero()[0])
         raise _varying_weights_error(i, float(reading.weights[i]), float(read.weights[i]))
+
+
+def _broadcast_hint(outputs: Tensor, targets: Tensor) -> str | None:
+    """The likely cause where the outputs and floating targets broadcast to a larger shape
+    (``[n, 1]`` against ``[n]`` gives ``[n, n]``: an elementwise loss then pairs every output
+    with every target), else None."""
+    if not targets.is_floating_point() or targets.shape == outputs.shape:
+        return None
+    try:
+        joint = torch.broadcast_shapes(outputs.shape, targets.shape)
+    except RuntimeError:
+        return None
+    if joint == outputs.shape:
+        return None
+    return (f"The outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} broadcast "
+            f"to {tuple(joint)}: an elementwise loss pairs every output with every target; give "
+            "them one shape (outputs.squeeze(-1), or targets.unsqueeze(-1))")
 
 
 def _interacting_samples_error(i: int, mismatch: Tensor, where: str) -> ValueError:
