@@ -152,9 +152,9 @@ class PassState:
     per-sample pass under ``torch.func`` would leave its transformed tensors in the attributes.
     Buffers and tensor attributes are put back by rebinding a fresh copy of their first values,
     never in place, so that a graph an earlier pass saved stays valid; only those that changed
-    (their version counter moved, or the module rebound them). Parameters are never written.
-    The state is taken at the first pass, after anything the call sets up (evaluation mode,
-    process 0's buffers in a data-parallel call).
+    (their version counter or their values moved, or the module rebound them). Parameters are
+    never written. The state is taken at the first pass, after anything the call sets up
+    (evaluation mode, process 0's buffers in a data-parallel call).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -191,7 +191,9 @@ class PassState:
         fresh: dict[int, Tensor] = {}  # a tensor shared by several modules gets one copy
         for slot in self._tensors:
             module, name, tensor, version, value, registry = slot
-            if registry.get(name) is tensor and tensor._version == version:
+            # (a write through .data moves no version counter: the values tell)
+            if (registry.get(name) is tensor and tensor._version == version
+                    and torch.equal(tensor, value)):
                 continue
             if id(tensor) not in fresh:
                 with torch.inference_mode(False):

@@ -29,9 +29,9 @@ from torch import Tensor, nn
 
 import hessrank
 
-KINDS = ["counter buffer", "running average", "counter attribute", "cached tensor",
-         "rebound buffer", "list", "dict", "tensor attribute", "configuration", "slot",
-         "lazy buffer", "lazy submodule"]
+KINDS = ["counter buffer", "counter through .data", "running average", "counter attribute",
+         "cached tensor", "rebound buffer", "list", "dict", "tensor attribute", "configuration",
+         "slot", "lazy buffer", "lazy submodule"]
 #: kinds whose state a training step's forward would create: no warm-up pass before the call
 LAZY = ("lazy buffer", "lazy submodule")
 
@@ -46,7 +46,7 @@ class Stateful(nn.Module):
         super().__init__()
         self.net = mlp((5, 7, 3))
         self.kind, self.update = kind, update
-        if kind in ("counter buffer", "rebound buffer"):
+        if kind in ("counter buffer", "rebound buffer", "counter through .data"):
             self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         elif kind == "running average":
             self.register_buffer("average", torch.zeros(3, dtype=torch.float64))
@@ -71,6 +71,10 @@ class Stateful(nn.Module):
             out = out * (1 + 0.5 * self.count)
             if self.update:
                 self.count += 1
+        elif self.kind == "counter through .data":  # no version counter moves (probe 57)
+            out = out * (1 + 0.5 * self.count)
+            if self.update:
+                self.count.data.add_(1)
         elif self.kind == "rebound buffer":
             out = out * (1 + 0.5 * self.count)
             if self.update:
