@@ -382,6 +382,11 @@ def test_weights_are_loaded(tmp_path: Path) -> None:
     with pytest.raises(CliError, match="(?s)--weights .*Missing key.*Unexpected key.*the same "
                                        "parameter names and shapes"):
         presets.build_model("mlp", input_shape=(1, 8, 8), weights=tmp_path / "w.pt")
+    # a whole pickled model: torch's advice, weights_only=False, is no option of the CLI
+    torch.save(trained, tmp_path / "whole.pt")
+    with pytest.raises(CliError, match=r"holds more than tensors .* torch.save\(model."
+                                       r"state_dict\(\), path\)$"):
+        presets.build_model("cnn", input_shape=(1, 8, 8), weights=tmp_path / "whole.pt")
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -415,6 +420,14 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
         (["compare", *TINY, "--lanczos-steps", "1"],
          "lanczos_steps=1 gives a quadrature of one node"),
         (["rank", *TINY, "--method", "lanczos", "--lanczos-steps", "1"], "use at least 2"),
+        # (probe 56: a traceback after both methods had run; '--methods' named for --method)
+        (["rank", "--method", "lanczos,fisher"], "names 2 estimators: rank measures one"),
+        (["rank", "--method", ","], "--method ',' names no estimator"),
+        # (probe 56: a file named '-', and exact dropped without a word)
+        (["compare", "--csv", "-"], "--csv -: compare prints its tables on stdout"),
+        (["compare", "--plot", "-"], "--plot -: compare prints its tables on stdout"),
+        (["compare", "--skip-exact", "--methods", "exact,fisher"],
+         "--skip-exact leaves exact out, and --methods names it"),
     ],
 )
 def test_bad_options_are_one_line_before_any_work(argv, expected, tmp_path: Path, capsys) -> None:
@@ -581,6 +594,23 @@ def test_plot_errors_and_failed_measurements(tmp_path: Path, capsys) -> None:
     log.write_text(json.dumps(failure) + "\n")
     status, _, err = run_main(["plot", str(log)], capsys)
     assert status == 2 and err == f"hessrank: error: {log} holds no measurement (1 failed ones)\n"
+
+
+def test_plot_never_replaces_a_log_with_its_figure(tmp_path: Path, capsys) -> None:
+    """A log named ``*.png``: the default figure, the log's name with .png, was the log itself,
+    and its records were replaced by the figure (probe 56)."""
+    log = tmp_path / "run.png"
+    tracker_log(log, per_layer=False)
+    before = log.read_bytes()
+    for argv in (["plot", str(log)], ["plot", str(tmp_path / "other.jsonl"), str(log), "-o",
+                                      str(log)]):
+        status, _, err = run_main(argv, capsys)
+        assert status == 2 and f"the figure would replace the log {log}" in err, err
+        assert log.read_bytes() == before
+    status, _, err = run_main(["plot", str(log), "-o", str(tmp_path / "fig.png")], capsys)
+    assert status == 0 and "exists" not in err
+    status, _, err = run_main(["plot", str(log), "-o", str(tmp_path / "fig.png")], capsys)
+    assert status == 0 and f"-o {tmp_path / 'fig.png'} exists; it will be replaced" in err
 
 
 def test_plot_tells_logs_of_one_name_and_thresholds_apart(tmp_path: Path) -> None:

@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _methods(requested: list[str] | None, skip_exact: bool) -> tuple[str, ...]:
+def _methods(requested: list[str] | None, skip_exact: bool, option: str = "--methods"
+             ) -> tuple[str, ...]:
     import hessrank
     from hessrank.estimators import ALL_METHODS
 
@@ -350,16 +351,15 @@ def _methods(requested: list[str] | None, skip_exact: bool) -> tuple[str, ...]:
     names = [m for m in names if m]
     if not names:
         raise CliError(
-            f"--methods {' '.join(requested or [])!r} names no estimator; choose from "
+            f"{option} {' '.join(requested or [])!r} names no estimator; choose from "
             f"{', '.join(ALL_METHODS)}"
         )
     for name in names:
         if name not in ALL_METHODS:
             raise CliError(f"unknown method '{name}'; choose from {', '.join(ALL_METHODS)}")
-    chosen = [m for m in ALL_METHODS if m in names and not (skip_exact and m == "exact")]
-    if not chosen:
-        raise CliError("no estimator left to run: --skip-exact removed the only one")
-    return tuple(chosen)
+    if skip_exact and requested is not None and "exact" in names:
+        raise CliError("--skip-exact leaves exact out, and --methods names it: drop one of them")
+    return tuple(m for m in ALL_METHODS if m in names and not (skip_exact and m == "exact"))
 
 
 def _config(
@@ -466,6 +466,10 @@ def _all_failed(result: dict[str, Any]) -> str | None:
 def _compare(args: argparse.Namespace) -> int:
     from hessrank.cli import compare, report
 
+    for option, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if path is not None and str(path) == "-":
+            raise CliError(f"{option} -: compare prints its tables on stdout, so its files need "
+                           f"names; give {option} a file (hessrank rank --json - prints JSON)")
     report.check_outputs({"--json": args.json, "--csv": args.csv,  # before any work
                           "--plot": args.plot})
     methods = _methods(args.methods, args.skip_exact)
@@ -530,7 +534,11 @@ def _rank(args: argparse.Namespace) -> int:
     from hessrank.cli import compare, report
 
     report.check_outputs({"--json": None if args.json is None else Path(args.json)})
-    cfg = _config(args, _methods([args.method], False), (args.seed,))
+    methods = _methods([args.method], False, "--method")
+    if len(methods) != 1:
+        raise CliError(f"--method {args.method!r} names {len(methods)} estimators: rank measures "
+                       "one (hessrank compare --methods compares several)")
+    cfg = _config(args, methods, (args.seed,))
     problem = compare.build_problem(cfg, args.seed)
     progress = _progress(args.quiet)
     tracker = compare.tracker(problem, cfg, args.seed, progress or False, on_error="record")
@@ -572,6 +580,9 @@ def _plot(args: argparse.Namespace) -> int:
     from hessrank.cli.plot import plot
 
     output = args.output or args.logs[0].with_suffix(".png")
+    if output.resolve() in {log.resolve() for log in args.logs}:
+        raise CliError(f"the figure would replace the log {output}: name the figure with -o "
+                       "(e.g. -o curvature.png)")
     report.check_outputs({"-o": output})
     for what in plot(args.logs, output, args.rank, args.layers):
         print(f"hessrank: left out {what}", file=sys.stderr)

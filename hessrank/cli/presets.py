@@ -259,6 +259,11 @@ def build_model(
         try:
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except Exception as err:
+            if "weights_only" in str(err):  # torch's advice (weights_only=False) is not ours
+                raise CliError(
+                    f"--weights {weights} holds more than tensors (a pickled model, or a "
+                    "checkpoint with other objects), which hessrank does not unpickle: save the "
+                    "state_dict alone, torch.save(model.state_dict(), path)") from err
             raise CliError(f"--weights {weights}: {err} (the file must hold a state_dict of the "
                            "--model given: the same parameter names and shapes)") from err
     return model.to(device=device, dtype=dtype).eval()

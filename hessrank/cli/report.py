@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -520,7 +521,8 @@ PLOT_OPTIONS = ("--plot", "-o")
 
 def check_outputs(outputs: dict[str, Path | None]) -> None:
     """Before any work: the output files (option -> path; None or ``-``: none) are distinct, each
-    can be written (its folder is made), and a figure's extension is one matplotlib writes.
+    can be written (its folder is made), and a figure's extension is one matplotlib writes; a
+    file that holds something already is named on stderr, as it will be replaced.
 
     Raises:
         CliError: naming the option, the problem and the fix.
@@ -563,6 +565,8 @@ def check_outputs(outputs: dict[str, Path | None]) -> None:
         finally:
             if not existed and path.is_file() and path.stat().st_size == 0:
                 path.unlink()
+        if existed and path.stat().st_size > 0:
+            print(f"hessrank: {option} {path} exists; it will be replaced", file=sys.stderr)
 
 
 def pyplot(what: str) -> Any:
