@@ -174,12 +174,18 @@ class JsonLinesSink:
 
     Args:
         path: the file; its folder is created. Replaced at the first record unless ``append``,
-            with a ``RuntimeWarning`` that names what an earlier run left there. Where another
-            open sink of this process has the file, this one takes it over (a cell run again),
-            with a ``RuntimeWarning``, and the other's next record raises.
+            with a ``RuntimeWarning`` that names what an earlier run left there; a file that
+            holds anything but records is refused. Where another open sink of this process has
+            the file, this one takes it over (a cell run again), with a ``RuntimeWarning``, and
+            the other's next record raises; another process writing it (its sink open) is
+            refused, where the system locks files (``fcntl``).
         append: add to an existing file (a resumed run) instead of replacing it. A last line
             that a crash cut mid-write (no newline, not JSON) is dropped at the first record,
             with a ``RuntimeWarning`` that shows it, so that the record starts a line of its own.
+            Where the first record's step is not past the file's (a run resumed from a
+            checkpoint older than its last records), the records of that step and later, which
+            the resumed run redoes, are moved to ``<name>.superseded<suffix>``, with a
+            ``RuntimeWarning``.
         new: the file must not exist yet: it is created now, exclusively, so no other sink (in
             this process or another) can have it, and removed by :meth:`close` if no record was
             written to it.
@@ -190,8 +196,9 @@ class JsonLinesSink:
 
     Raises:
         FileExistsError: ``new`` and the file exists.
-        ValueError: both ``new`` and ``append``.
-        OSError: the file cannot be opened for writing.
+        ValueError: both ``new`` and ``append``, or the file holds something other than
+            records (a line that is not a JSON object with ``step`` and ``method``).
+        OSError: the file cannot be opened for writing, or another process's sink has it.
     """
 
     #: another sink of this process has taken over the file (:meth:`write` raises)
@@ -219,12 +226,14 @@ class JsonLinesSink:
         self._file: TextIO | None = None
         #: the sink made the file (it was not there): removed at close if it got no record
         self._made = new or not self.path.exists()
+        #: the steps of the records the file holds (read where it is appended to)
+        self._logged: list[int] = [] if new or self._made else _logged_steps(self.path)
+        # writable? (creates it, changes nothing that is there); held, locked, until close
+        self._lock = self.path.open("x" if new else "a")
+        _lock_against_other_processes(self._lock, self.path)
         if new:
-            self._file = self.path.open("x")
-        else:
-            with self.path.open("a"):  # writable? (creates it, changes nothing that is there)
-                pass
-        self.next_step = _next_logged_step(self.path) if append else 0
+            self._file = self._lock
+        self.next_step = max(self._logged, default=-1) + 1 if append else 0
         _OPEN_LOGS[self._key] = self
 
     def write(self, record: dict[str, Any]) -> None:
@@ -244,6 +253,8 @@ class JsonLinesSink:
         if self._file is None:
             if self.append:
                 _end_last_line(self.path)
+                if self._logged and record["step"] <= max(self._logged):
+                    self._supersede(record["step"])
             elif self.path.stat().st_size > 0:
                 warnings.warn(f"replacing {self.path}, which holds an earlier run's records: "
                               "pass append=True to add to it, or another log path",
@@ -252,16 +263,33 @@ class JsonLinesSink:
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
+    def _supersede(self, step: int) -> None:
+        """Move the file's records of ``step`` and later to the ``.superseded`` file beside it:
+        the run resumed before them, and redoes them."""
+        side = self.path.with_name(f"{self.path.stem}.superseded{self.path.suffix}")
+        kept, moved = [], []
+        for line in self.path.read_text().splitlines(keepends=True):
+            (moved if json.loads(line)["step"] >= step else kept).append(line)
+        with side.open("a") as file:
+            file.writelines(moved)
+        self.path.write_text("".join(kept))
+        self._logged = [logged for logged in self._logged if logged < step]
+        warnings.warn(f"{self.path}: this run resumes at step {step}, before the last "
+                      f"{len(moved)} record(s) of an earlier run (steps {step} and on), which it "
+                      f"redoes: moved them to {side}", RuntimeWarning,
+                      stacklevel=_user_stacklevel())
+
     def close(self) -> None:
         """Close the file; remove it if this sink made it and wrote no record to it (an empty
         log, which ``hessrank plot`` refuses, is not left behind)."""
-        if self._file is not None and self._file.closed:
+        if self._lock.closed:
             return
         if _OPEN_LOGS.get(self._key) is self:
             del _OPEN_LOGS[self._key]
         unused = self._file is None or self._file.tell() == 0
         if self._file is not None:
             self._file.close()
+        self._lock.close()
         if self._made and unused and self.path.exists() and self.path.stat().st_size == 0:
             self.path.unlink()
 
@@ -293,17 +321,58 @@ def _end_last_line(path: Path) -> None:
             file.write("\n")
 
 
-def _next_logged_step(path: Path) -> int:
-    """One past the largest ``step`` among the JSON lines of ``path`` (0: none)."""
-    steps = [-1]
-    for line in path.read_text().splitlines():
+def _logged_steps(path: Path) -> list[int]:
+    """The ``step`` of each record in the log at ``path`` (a last line without its newline
+    counts where it is a whole record; one that starts as a record may be what a crash cut).
+
+    Raises:
+        ValueError: a line is not a record (a JSON object with an integer ``step`` and a
+            ``method``): the file is not a log, and a tracker would replace or extend it.
+    """
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        text = None
+    lines = [] if text is None else text.split("\n")
+    steps = []
+    for number, line in enumerate(lines, start=1):
         try:
-            step = json.loads(line).get("step")
-        except (json.JSONDecodeError, AttributeError):
-            continue  # a line cut by a crash, or not a record
-        if isinstance(step, int):
-            steps.append(step)
-    return max(steps) + 1
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if (not isinstance(record, dict) or not isinstance(record.get("step"), int)
+                or "method" not in record):
+            # no newline after it: empty, or a record a crash cut (each starts with its step)
+            if number == len(lines) and (not line or line.startswith('{"step": ')):
+                continue
+            break
+        steps.append(record["step"])
+    else:
+        if text is not None:
+            return steps
+        number, line = 1, "(not text)"
+    shown = line[:60] + ("..." if len(line) > 60 else "")
+    raise ValueError(f"log {path} holds something other than hessrank records (line {number}: "
+                     f"{shown!r}), which a tracker would replace or extend: name another file")
+
+
+def _lock_against_other_processes(file: TextIO, path: Path) -> None:
+    """Lock ``file`` for this process until it is closed; raise if another process holds it
+    (no lock where the system has no ``fcntl``).
+
+    Raises:
+        OSError: another process's sink has the file.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+        file.close()
+        raise OSError(f"log {path} is being written by a tracker in another process: give each "
+                      "run its own log=") from error
 
 
 #: The ``log`` a :class:`Tracker` writes when none is given. It never replaces an earlier run's
@@ -476,7 +545,9 @@ class Tracker:
         budget: share of the loop's wall time (between 0 and 1) to spend measuring, as often as
             that allows: the first step is measured (to learn the cost) unless :meth:`measure`
             already has, and later ones when the time spent so far plus the last measurement's
-            cost stays within ``budget`` of the elapsed time. ``overhead`` reports the share
+            cost stays within ``budget`` of the elapsed time, and the time since the last one
+            is at least its cost times ``(1 - budget) / budget`` (spread out, not in bursts
+            after a slow first measurement). ``overhead`` reports the share
             spent; in a loop shorter than a few measurements, the first one alone can exceed
             the budget.
         eval_batch: a fixed ``(inputs, targets)`` measured every time, so measurements are
@@ -595,9 +666,13 @@ class Tracker:
         self._clock = clock
         self._next_step = 0
         self._last_step: int | None = None  # the last step counted by step()
+        self._counted = 0  # step() calls so far (updates of the model, as far as we know)
+        #: method -> the step of its last record and the step() calls before it
+        self._recorded: dict[str, tuple[int, int]] = {}
         self._start: float | None = None
         self._spent = 0.0
         self._last_cost: float | None = None
+        self._last_end = 0.0  # when the last measurement ended (the clock's reading)
         self._closed = False
         self.sinks: list[Sink] = list(sinks)
         if tensorboard is not None:
@@ -639,8 +714,15 @@ class Tracker:
         if self.budget is not None:
             if self._last_cost is None or self._start is None:
                 return True
-            elapsed = self._clock() - self._start
-            return self._spent + self._last_cost <= self.budget * (elapsed + self._last_cost)
+            now = self._clock()
+            within = (self._spent + self._last_cost
+                      <= self.budget * (now - self._start + self._last_cost))
+            # Spread out: after a measurement of cost c, c (1 - budget) / budget of training
+            # first. Without it the time a long measurement (the first, warming up) left
+            # unspent went in a burst: 117 measurements in a row after 2,328 steps of none.
+            spaced = ((now - self._last_end) * self.budget
+                      >= self._last_cost * (1 - self.budget))
+            return within and spaced
         raise ValueError("this tracker has no schedule: pass every=, steps= or budget=, "
                          "or call measure() yourself")
 
@@ -670,6 +752,7 @@ class Tracker:
             _check_batch(batch, "batch")
         index = self._next_step if step is None else _step_number(step, "step")
         self._next_step, self._last_step = index + 1, index
+        self._counted += 1
         if self._start is None:
             self._start = self._clock()
         if not self.due(index):
@@ -684,8 +767,10 @@ class Tracker:
         Args:
             batch: ``(inputs, targets)`` to measure; default the ``eval_batch``.
             step: the step to record (an integer >= 0); default the last step counted by
-                :meth:`step`, and before any the one it would count next (0, or one past the
-                largest step of a log appended to).
+                :meth:`step`, and before any the step whose model it is, one before the first
+                :meth:`step` will count: -1 for the model before any update (the first
+                ``step()`` counts 0, the model after one update), or the largest step of a log
+                appended to.
             methods: a subset of the tracker's methods (a single name is accepted); default
                 all of them.
 
@@ -710,7 +795,7 @@ class Tracker:
         if step is not None:
             index = _step_number(step, "step")
         else:
-            index = self._next_step if self._last_step is None else self._last_step
+            index = self._next_step - 1 if self._last_step is None else self._last_step
         if isinstance(batch, list):  # a DataLoader's batch, [inputs, targets]
             batch = tuple(batch)
         start = self._clock()
@@ -719,7 +804,8 @@ class Tracker:
         try:
             return [self._measure_one(method, batch, index) for method in chosen]
         finally:
-            self._last_cost = self._clock() - start
+            self._last_end = self._clock()
+            self._last_cost = self._last_end - start
             self._spent += self._last_cost
 
     def _options_for(self, method: str) -> dict[str, Any]:
@@ -743,6 +829,15 @@ class Tracker:
                               stacklevel=_user_stacklevel())
         else:
             measurement = Measurement(step, method, result=result)
+        # a step again is another measurement of its model, unless step() counted an update since
+        previous, counted = self._recorded.get(method, (-2, self._counted))
+        if step < previous or (step == previous and counted != self._counted):
+            warnings.warn(f"hessrank.Tracker: {method} recorded at step {step} after step "
+                          f"{previous} and a training step: the log's steps go back, so plots "
+                          "and readers see two models at one step; count steps with step() or "
+                          "give increasing step= values", RuntimeWarning,
+                          stacklevel=_user_stacklevel())
+        self._recorded[method] = (step, self._counted)
         self.records.append(measurement.record)
         for sink in self.sinks:
             sink.write(measurement.record)

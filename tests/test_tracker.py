@@ -204,7 +204,7 @@ def test_a_measurement_before_the_first_step_counts_in_the_wall_time() -> None:
     for _ in range(5):
         clock.now += 0.1
         tracker.step(batch)
-    assert [r["step"] for r in tracker.records] == [0]  # the baseline spent the budget
+    assert [r["step"] for r in tracker.records] == [-1]  # the baseline spent the budget
     assert tracker.overhead == pytest.approx(1.0 / 1.5)
 
 
@@ -242,9 +242,11 @@ def test_measure_takes_one_name_and_refuses_a_name_twice() -> None:
     assert len(tracker.records) == 1
 
 
-def test_measure_after_resuming_records_the_next_step(tmp_path: Path) -> None:
-    """Resumed with ``append=True``, a ``measure()`` before any ``step()`` recorded the log's
-    last step again (a duplicate); it is the step a ``step()`` would count next."""
+def test_measure_after_resuming_records_the_resumed_model_s_step(tmp_path: Path) -> None:
+    """Resumed with ``append=True``, a ``measure()`` before any ``step()`` is of the model the
+    run resumed from: the log's last step. It had been recorded as the step the first
+    ``step()`` counts next, which that step then recorded again for another model (probe 56);
+    the earlier run's record of the resumed step moves aside to the ``.superseded`` file."""
     batch = classification_batch(4, 6, 3, dtype=torch.float32)
     log = tmp_path / "c.jsonl"
     with hessrank.Tracker(_net().eval(), CE, every=2, log=log) as tracker:
@@ -255,7 +257,8 @@ def test_measure_after_resuming_records_the_next_step(tmp_path: Path) -> None:
         for _ in range(3):
             tracker.step(batch)
         tracker.measure(batch)  # after step(): the last step counted
-    assert [r["step"] for r in _read(log)] == [0, 2, 4, 5, 6, 7]
+    assert [r["step"] for r in _read(log)] == [0, 2, 4, 6, 7]
+    assert [r["step"] for r in _read(tmp_path / "c.superseded.jsonl")] == [4]
 
 
 def test_a_second_open_tracker_takes_over_a_log(tmp_path: Path) -> None:
@@ -371,13 +374,13 @@ def test_a_named_log_without_records_is_not_left_behind(tmp_path: Path) -> None:
     """A ``log=`` file the tracker made and never wrote to is removed at close (an empty log
     was left, which ``hessrank plot`` refuses); an existing one is untouched until a record."""
     made, existing = tmp_path / "runs" / "made.jsonl", tmp_path / "existing.jsonl"
-    existing.write_text('{"step": 0}\n')
+    existing.write_text('{"step": 0, "method": "fisher"}\n')
     for path in (made, existing):
         tracker = hessrank.Tracker(_net(), CE, log=path, every=1)
         assert path.exists()  # checked writable when built
         tracker.close()
     assert not made.exists()
-    assert existing.read_text() == '{"step": 0}\n'
+    assert existing.read_text() == '{"step": 0, "method": "fisher"}\n'
 
 
 def _cut_log(path: Path) -> str:
@@ -479,7 +482,7 @@ def test_warnings_point_at_the_callers_line(tmp_path: Path) -> None:
     """``on_error="warn"`` and the log-replacement warning pointed into tracker.py."""
     batch = classification_batch(8, 6, 3, dtype=torch.float32)
     log = tmp_path / "c.jsonl"
-    log.write_text("{}\n")
+    log.write_text('{"step": 0, "method": "exact"}\n')
     tracker = hessrank.Tracker(_net(), CE, "exact", every=1, on_error="warn", log=log,
                                max_memory=1)
     with pytest.warns(RuntimeWarning) as seen:
@@ -611,3 +614,107 @@ def test_lanczos_layer_records_carry_their_intervals(tmp_path: Path) -> None:
             assert getattr(layer, interval) is not None
             assert record["layers"][name][interval] == pytest.approx(
                 list(getattr(layer, interval)))
+
+
+@pytest.mark.parametrize("append", [False, True])
+@pytest.mark.parametrize("content", ["import torch\n", "print('no newline')",
+                                     '{"step": 0, "method": "fisher"}\n[1, 2]\n'],
+                         ids=["script", "script-cut", "array-line"])
+def test_a_log_that_holds_no_records_is_refused_untouched(tmp_path: Path, append: bool,
+                                                         content: str) -> None:
+    """``log="notes.py"`` replaced the script at the first record (with a warning that it held
+    an earlier run's records), and ``append=True`` cut its last line as a crash's (probe 56)."""
+    path = tmp_path / "notes.py"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="holds something other than hessrank records"):
+        hessrank.Tracker(_net(), CE, every=1, log=path, append=append)
+    assert path.read_text() == content
+
+
+def test_a_log_another_process_writes_is_refused(tmp_path: Path) -> None:
+    """Two processes on one ``log=`` interleaved fragments of lines, and the first run's
+    records were lost (probe 56): the second process's tracker is refused while the first's
+    is open."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fcntl")
+    log = tmp_path / "shared.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, hessrank, torch\n"
+         f"t = hessrank.Tracker(torch.nn.Linear(2, 2), torch.nn.MSELoss(), log={str(log)!r})\n"
+         "print('open', flush=True)\nsys.stdin.readline()\nt.close()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        with pytest.raises(OSError, match="being written by a tracker in another process"):
+            hessrank.Tracker(_net(), CE, every=1, log=log, append=True)
+    finally:
+        holder.communicate("\n", timeout=60)
+    with hessrank.Tracker(_net(), CE, every=1, log=log):  # free once the other closed it
+        pass
+
+
+def test_a_run_resumed_before_its_log_s_last_records_moves_them_aside(tmp_path: Path) -> None:
+    """A run logged to step 6, resumed from its step-3 checkpoint with ``step=``: the log went
+    0, 2, 4, 6, 4, 6 (probe 56). The redone records move to ``.superseded.jsonl``."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log = tmp_path / "c.jsonl"
+    with hessrank.Tracker(_net().eval(), CE, every=2, log=log) as tracker:
+        for _ in range(7):
+            tracker.step(batch)
+    with (hessrank.Tracker(_net().eval(), CE, every=2, log=log, append=True) as tracker,
+          pytest.warns(RuntimeWarning, match="resumes at step 4, before the last 2 record")):
+        for step in range(4, 9):
+            tracker.step(batch, step=step)
+    assert [r["step"] for r in _read(log)] == [0, 2, 4, 6, 8]
+    assert [r["step"] for r in _read(tmp_path / "c.superseded.jsonl")] == [4, 6]
+
+
+def test_a_baseline_before_the_first_step_is_step_minus_one_and_going_back_warns() -> None:
+    """``measure()`` before the loop and the first ``step()`` both recorded step 0, for two
+    models (probe 56). The baseline is the model before any update: step -1. A step that goes
+    back after a training step warns; a measure() at the step just counted does not."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(_net().eval(), CE, every=1, log=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.measure(batch)
+        tracker.step(batch)
+        tracker.measure(batch)  # the model step 0 counted, measured again
+    assert [r["step"] for r in tracker.records] == [-1, 0, 0]
+    with pytest.warns(RuntimeWarning, match="recorded at step 0 after step 0 and a training"):
+        tracker.step(batch, step=0)
+    tracker.close()
+
+
+class WarmingSink(CostlySink):
+    """The first record costs ``first`` seconds of the fake clock (torch and scipy warming up),
+    every later one ``seconds``."""
+
+    def __init__(self, clock: FakeClock, first: float, seconds: float) -> None:
+        super().__init__(clock, seconds)
+        self.first: float | None = first
+
+    def write(self, record: dict) -> None:
+        self.clock.now += self.first if self.first is not None else self.seconds
+        self.first = None
+
+
+def test_a_budget_spreads_its_measurements_after_a_slow_first_one() -> None:
+    """A first measurement of 1.4 s then 8 ms ones, 10 ms steps, budget 0.1: nothing for 2,300
+    steps, then 117 measurements in a row (probe 56). After the wait they are now spread out,
+    about one each 8 ms x 9 of training, and the share stays within the budget."""
+    clock = FakeClock()
+    tracker = hessrank.Tracker(_net().eval(), CE, budget=0.1, log=None, clock=clock,
+                               sinks=[WarmingSink(clock, 1.4, 0.008)])
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    measured = []
+    for index in range(2000):
+        clock.now += 0.01
+        if tracker.step(batch):
+            measured.append(index)
+    gaps = np.diff(measured[1:])
+    assert len(measured) > 50 and gaps.min() >= 7  # 0.008 * 9 / 0.01 steps apart
+    assert tracker.overhead <= 0.1 + 1e-9
+    tracker.close()

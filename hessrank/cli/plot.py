@@ -59,8 +59,8 @@ def _record_problem(record: dict[str, Any]) -> str | None:
     """What makes ``record`` (a JSON object with ``step`` and ``method``) no tracker record, or
     None: the fields the plot reads must hold what the tracker writes."""
     step, method = record["step"], record["method"]
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return f"its step {step!r} is not an integer >= 0"
+    if not isinstance(step, int) or isinstance(step, bool) or step < -1:
+        return f"its step {step!r} is not an integer >= -1 (-1: the model before any update)"
     if not isinstance(method, str):
         return f"its method {method!r} is not a name"
     sources = [("", record)] + [(f"layer {name!r}: ", values)
