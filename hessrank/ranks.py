@@ -104,10 +104,12 @@ def numerical_rank(
     """Number (total weight) of ``|eigenvalues|`` above ``rtol`` times the largest.
 
     Raises:
-        ValueError: ``rtol`` negative or not finite (see also :func:`_singular_values`).
+        ValueError: ``rtol`` outside ``[0, 1)`` (from 1 on nothing is above it: the rank would
+            be 0 whatever the spectrum) or not finite (see also :func:`_singular_values`).
     """
-    if not (math.isfinite(rtol) and rtol >= 0):
-        raise ValueError(f"rtol must be a finite number >= 0, got {rtol}")
+    if not (math.isfinite(rtol) and 0 <= rtol < 1):
+        raise ValueError(f"rtol must lie in [0, 1), got {rtol}: it is relative to the largest "
+                         "|eigenvalue|, and from 1 on no eigenvalue is above it")
     s, w = _singular_values(eigenvalues, weights)
     if s.size == 0 or s[0] == 0.0:
         return 0.0
@@ -180,7 +182,7 @@ def spectral_ranks(
         ``{"srank", "numerical", "entropy", "stable", "participation"}`` -> value.
 
     Raises:
-        ValueError: ``threshold`` outside (0, 1], ``rtol`` negative or not finite, a spectrum
+        ValueError: ``threshold`` outside (0, 1], ``rtol`` outside [0, 1), a spectrum
             that is not one-dimensional or holds NaN or Inf, or ``weights`` of another shape,
             negative or not finite.
     """

@@ -162,9 +162,12 @@ def test_rank_definitions_hold_at_the_ends_of_float64(scale):
     (np.eye(3), {}, "one-dimensional.*eigvalsh"),
     ([3.0, 0.0, 0.0], {"rtol": -0.5}, "rtol must be"),
     ([3.0, 0.0, 0.0], {"rtol": np.nan}, "rtol must be"),
+    # (probe 56: accepted, numerical rank 0; effective_rank refuses it)
+    ([3.0, 0.0, 0.0], {"rtol": 1.5}, r"rtol must lie in \[0, 1\), got 1.5"),
     ([1.0, 2.0], {"weights": np.array([1.0, -1.0])}, "non-negative"),
     ([1.0, 2.0], {"weights": np.array([1.0, np.nan])}, "finite"),
-], ids=["nan", "inf", "matrix", "negative-rtol", "nan-rtol", "negative-weight", "nan-weight"])
+], ids=["nan", "inf", "matrix", "negative-rtol", "nan-rtol", "rtol-1.5", "negative-weight",
+        "nan-weight"])
 def test_rank_definitions_refuse_what_has_no_rank(eigenvalues, options, match):
     with pytest.raises(ValueError, match=match):
         hessrank.spectral_ranks(np.asarray(eigenvalues), **options)
