@@ -206,9 +206,18 @@ class PassState:
                         entry.objects[name] = slot[2]
 
 
+#: Signals whose delivery :func:`deferred_interrupts` can hold back: all but those a process
+#: cannot block or that report a fault of the instruction itself.
+_DEFERRABLE = frozenset(signal.valid_signals()) - {
+    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE",
+                                       "SIGILL") if hasattr(signal, name)}
+
+
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold back SIGINT (Ctrl-C) inside the block and deliver it once the block has finished.
+    """Hold back SIGINT (Ctrl-C) inside the block and deliver it once the block has finished;
+    where the system can (``pthread_sigmask``), every other signal too (a ``SIGALRM`` timeout
+    whose handler raises had left a restore half done).
 
     Makes a restore atomic: a ``KeyboardInterrupt`` can land before or after it, never half-way.
     Only the main thread receives signals; elsewhere the block runs as is.
@@ -218,9 +227,13 @@ def deferred_interrupts() -> Iterator[None]:
         return
     received: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    mask = (signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRABLE - {signal.SIGINT})
+            if hasattr(signal, "pthread_sigmask") else None)
     try:
         yield
     finally:
+        if mask is not None:  # held-back signals are delivered now, their handlers run after
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGINT, previous)
         if received:
             signal.raise_signal(signal.SIGINT)
@@ -576,10 +589,11 @@ def backward_hooks_off(model: nn.Module) -> Iterator[list[str]]:
 def _set_for_the_call(read: Callable[[], Any], write: Callable[[Any], None],
                       value: Any) -> Iterator[None]:
     """A global setting at ``value`` inside the block (``write``), the caller's (``read``
-    before) back on exit."""
+    before) back on exit; written inside the ``try``, so that a Ctrl-C that lands as it is
+    written still finds the restore."""
     saved = read()
-    write(value)
     try:
+        write(value)
         yield
     finally:
         write(saved)

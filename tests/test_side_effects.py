@@ -15,6 +15,7 @@ import torch
 from reference import (
     classification_batch,
     eigenvalues_by_magnitude,
+    mlp,
     reference_fisher,
     reference_ggn,
     reference_hessian,
@@ -334,6 +335,30 @@ def test_ctrl_c_during_a_restore_is_delivered_after_it():
     with pytest.raises(KeyboardInterrupt), deferred_interrupts():
         signal.raise_signal(signal.SIGINT)
         finished.append("restore ran to the end")
+    assert finished == ["restore ran to the end"]
+
+
+def test_a_timeout_signal_during_a_restore_is_delivered_after_it():
+    """A SIGALRM handler that raises (a timeout) landed inside a restore and left the model's
+    training flags as the call had set them (probe 57)."""
+    import signal
+
+    from hessrank.guard import deferred_interrupts
+
+    if not hasattr(signal, "pthread_sigmask"):
+        pytest.skip("no pthread_sigmask on this system: only Ctrl-C is held back")
+
+    def timeout(*_: object) -> None:
+        raise TimeoutError("the caller's timeout")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    finished = []
+    try:
+        with pytest.raises(TimeoutError), deferred_interrupts():
+            signal.raise_signal(signal.SIGALRM)
+            finished.append("restore ran to the end")
+    finally:
+        signal.signal(signal.SIGALRM, previous)
     assert finished == ["restore ran to the end"]
 
 
@@ -760,3 +785,25 @@ def test_the_callers_saved_tensor_hooks_are_off_for_the_call_and_back_after(meth
     np.testing.assert_array_equal(hooked.eigenvalues, plain.eigenvalues)
     assert any("saved-tensor hooks" in note for note in hooked.notes)
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def test_a_setting_switched_as_ctrl_c_lands_is_switched_back(monkeypatch):
+    """Ctrl-C landing right after the eigen-solve's one-thread switch, before the ``try`` that
+    restores it, left the caller's torch at one thread (probe 57); the switch is inside now."""
+    real = torch.set_num_threads
+
+    def interrupted(count: int) -> None:
+        real(count)
+        if count == 1:
+            raise KeyboardInterrupt
+
+    model, (x, y) = mlp((4, 6, 3)), classification_batch(6, 4, 3)
+    previous = torch.get_num_threads()
+    real(2)
+    monkeypatch.setattr(torch, "set_num_threads", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            hessrank.effective_rank(model, CE, (x, y), method="exact")
+        assert torch.get_num_threads() == 2
+    finally:
+        real(previous)

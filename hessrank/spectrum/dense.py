@@ -53,8 +53,8 @@ def _solver_threads(matrix: Tensor) -> Iterator[None]:
         yield
         return
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    try:  # set inside: a Ctrl-C that lands as it is set still finds the restore
+        torch.set_num_threads(1)
         yield
     finally:
         torch.set_num_threads(previous)
