@@ -267,7 +267,8 @@ class JsonLinesSink:
         """Move the file's records of ``step`` and later to the ``.superseded`` file beside it:
         the run resumed before them, and redoes them."""
         side = self.path.with_name(f"{self.path.stem}.superseded{self.path.suffix}")
-        kept, moved = [], []
+        kept: list[str] = []
+        moved: list[str] = []
         for line in self.path.read_text().splitlines(keepends=True):
             (moved if json.loads(line)["step"] >= step else kept).append(line)
         with side.open("a") as file:
