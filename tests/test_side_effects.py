@@ -807,3 +807,20 @@ def test_a_setting_switched_as_ctrl_c_lands_is_switched_back(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         real(previous)
+
+
+def test_backpack_leaves_tensors_outside_the_model_alone():
+    """BackPACK's backward pass accumulated its gradient into a learnable temperature the loss
+    uses from outside the model (probe 57): the user's next optimizer step changed. (Its GGN
+    takes a plain nn.CrossEntropyLoss or nn.MSELoss only.)"""
+    pytest.importorskip("backpack")
+    model, (x, y) = mlp((6, 5, 3)), classification_batch(16, 6, 3)
+    temperature = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+    temperature.grad = torch.tensor(0.25, dtype=torch.float64)
+    grad = temperature.grad
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs / temperature, targets)
+
+    hessrank.effective_rank(model, loss_fn, (x, y), method="fisher", backend="backpack")
+    assert temperature.grad is grad and float(grad) == 0.25

@@ -95,7 +95,9 @@ def gram_backpack(
         with backpack(extension), warnings.catch_warnings():
             # The inputs need no gradient; torch warns that module hooks fire on outputs only.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss.backward()
+            # into the copies only: a tensor the loss or the forward uses from outside the
+            # model (a learnable temperature) got BackPACK's gradient in its .grad
+            loss.backward(inputs=[p for p in copies.values() if p.requires_grad])
         for name in problem.names:
             param = copies[name]
             if sample_weights is not None:  # fisher
