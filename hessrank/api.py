@@ -25,6 +25,7 @@ from hessrank.distributed import (
 from hessrank.estimators import (
     ESTIMATORS,
     METHODS,
+    BudgetError,
     Cost,
     Estimator,
     Settings,
@@ -328,6 +329,8 @@ def effective_rank(
             with evaluation_mode(problem.model, mode):
                 concatenate = not estimator.streams  # a data set runs on its batches joined
                 if isinstance(problem, StreamedProblem):
+                    _refuse_what_one_batch_exceeds(estimator, problem.first(), settings,
+                                                   method_options)
                     problem.survey()
                 outputs = functools.cache(lambda: probe_outputs(
                     per_batch(problem)[0], check_loss=not isinstance(problem, StreamedProblem)))
@@ -435,6 +438,27 @@ def _device_of(model: nn.Module) -> torch.device:
     """Where the model's parameters live (CPU for a model without any)."""
     first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
     return torch.device("cpu") if first is None else first.device
+
+
+def _refuse_what_one_batch_exceeds(estimator: Estimator, first: CurvatureProblem,
+                                   settings: Settings, options: Any) -> None:
+    """Before a data set's first pass (a whole epoch of reading): refuse a budget that its
+    first batch alone exceeds, since the whole data costs at least as much (an exact Hessian of
+    609 GiB was refused after 6.3 s and 3,100 samples read, where one batch is refused in 2 ms).
+    Anything else the batch would raise is left to the pass, which names the batch.
+
+    Raises:
+        BudgetError: the first batch's predicted cost exceeds the budget.
+    """
+    try:
+        cost = estimator.predict(first, functools.cache(lambda: probe_outputs(first)), settings,
+                                 options)
+    except BudgetError:
+        raise
+    except Exception:  # noqa: BLE001 - the pass over the data names the batch and the cause
+        return
+    estimator.check_budget(cost, first, settings, caller=f"method={estimator.name!r} on the "
+                           "data set's first batch alone")
 
 
 def _agreed_cost(parallel: DataParallel | None, cost: Cost) -> Cost:
