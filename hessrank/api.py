@@ -63,6 +63,7 @@ from hessrank.streaming import (
     is_batch_stream,
     per_batch,
     streamed_problem,
+    workers_as_found,
 )
 
 if TYPE_CHECKING:
@@ -306,7 +307,9 @@ def effective_rank(
                 raise ValueError("eigenvectors= is not available with process_group yet: compute "
                                  "them in one process on the gathered batch")
         start = time.perf_counter()
-        with preserved_state(model) as check_parameters, differentiable(model) as guard_notes:
+        with (preserved_state(model) as check_parameters,
+              differentiable(model) as guard_notes,
+              workers_as_found(batch)):
             with agreement(parallel):
                 problem = build_problem(
                     model, loss_fn,

@@ -36,14 +36,18 @@ outside these generators) is refused instead of being averaged silently.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from hessrank.curvature.loss import direct_parameter_names
 from hessrank.curvature.operator import ParameterOperator
@@ -98,14 +102,33 @@ def _to_device(item: object, device: torch.device) -> object:
     return item
 
 
-def _generators(data: object) -> list[torch.Generator]:
-    """The loader's own random generators (``DataLoader.generator``, its sampler's)."""
-    found: list[torch.Generator] = []
+#: How to read and set the state of each kind of random generator a loader may hold.
+_STATE_OF: tuple[tuple[type, str, str], ...] = (
+    (torch.Generator, "get_state", "set_state"),
+    (random.Random, "getstate", "setstate"),
+    (np.random.RandomState, "get_state", "set_state"),
+)
+
+
+def _own_states(data: object) -> list[tuple[object, Callable[[Any], None], Any]]:
+    """The states of the random generators the loader, its sampler and its batch sampler hold
+    as attributes (``DataLoader.generator``, a ``RandomSampler``'s, a custom sampler's
+    ``numpy.random.RandomState``, ``random.Random`` or ``numpy.random.Generator``), each with
+    its setter."""
+    found: list[tuple[object, Callable[[Any], None], Any]] = []
     for owner in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None),
                   getattr(getattr(data, "batch_sampler", None), "sampler", None)):
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-            found.append(generator)
+        for value in getattr(owner, "__dict__", {}).values():
+            if any(value is known for known, _, _ in found):
+                continue
+            if isinstance(value, np.random.Generator):
+                bits = value.bit_generator
+                found.append((value, functools.partial(setattr, bits, "state"), bits.state))
+                continue
+            for kind, getter, setter in _STATE_OF:
+                if isinstance(value, kind):
+                    found.append((value, getattr(value, setter), getattr(value, getter)()))
+                    break
     return found
 
 
@@ -114,17 +137,37 @@ def same_draw(data: object) -> Iterator[None]:
     """Run one pass over ``data`` from the current random state and restore it afterwards.
 
     Restores the global generators (:class:`~hessrank.guard.GlobalGenerators`) and the loader's
-    own generators, so that every pass draws the same shuffle and the same random transforms,
-    and the caller's generators end as they began.
+    own (:func:`_own_states`), so that every pass draws the same shuffle and the same random
+    transforms, and the caller's generators end as they began.
     """
     generators = GlobalGenerators.read()
-    own = [(generator, generator.get_state()) for generator in _generators(data)]
+    own = _own_states(data)
     try:
         yield
     finally:
         generators.restore()
-        for generator, state in own:
-            generator.set_state(state)
+        for _, restore, state in own:
+            restore(state)
+
+
+@contextmanager
+def workers_as_found(data: object) -> Iterator[None]:
+    """A ``DataLoader`` with ``persistent_workers`` whose workers the block's passes started
+    gets them shut down at its end, so that the caller's next ``iter()`` starts them as its
+    first would have: a restart of running workers draws other seeds than a first start, and
+    the caller's next epochs came in another order. (Through the loader's private
+    ``_iterator``; workers the caller had started are left running.)"""
+    if not (isinstance(data, DataLoader) and data.persistent_workers
+            and getattr(data, "_iterator", True) is None):
+        yield
+        return
+    try:
+        yield
+    finally:
+        iterator = data._iterator
+        if iterator is not None:
+            iterator._shutdown_workers()  # type: ignore[attr-defined]
+            data._iterator = None
 
 
 def _fingerprint(problem: CurvatureProblem) -> Fingerprint:

@@ -104,6 +104,66 @@ def test_shuffled_loader_is_one_fixed_draw_and_leaves_generators_alone():
     assert random.getstate() == states[3]
 
 
+class _OwnRandomSampler(torch.utils.data.Sampler):
+    """A sampler that shuffles with a random generator of its own kind (``kind``)."""
+
+    def __init__(self, count: int, kind: str) -> None:
+        self.count = count
+        self.rng = {"numpy RandomState": np.random.RandomState(0),
+                    "numpy Generator": np.random.default_rng(0),
+                    "random.Random": random.Random(0)}[kind]
+
+    def __iter__(self):
+        if isinstance(self.rng, random.Random):
+            order = list(range(self.count))
+            self.rng.shuffle(order)
+            return iter(order)
+        return iter(self.rng.permutation(self.count).tolist())
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@pytest.mark.parametrize("kind", ["numpy RandomState", "numpy Generator", "random.Random"])
+def test_a_sampler_s_own_generator_is_one_draw_and_left_as_found(kind):
+    """A sampler shuffling with its own numpy or Python generator: each pass drew another
+    order (refused as data that change between passes), and the sampler's generator was left
+    advanced, so the caller's next epoch changed (probe 57)."""
+    model, loss_fn, x, y = _data("class weights")
+
+    def loader() -> DataLoader:
+        return DataLoader(TensorDataset(x, y), batch_size=5, sampler=_OwnRandomSampler(16, kind))
+
+    untouched, analysed = loader(), loader()
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), "lanczos")
+    streamed = hessrank.effective_rank(model, loss_fn, analysed, "lanczos")
+    assert streamed.trace == pytest.approx(whole.trace, rel=1e-8)
+    for _ in range(2):  # the caller's next epochs, as without the call
+        assert [b[1].tolist() for b in analysed] == [b[1].tolist() for b in untouched]
+
+
+def test_persistent_workers_the_call_started_are_stopped():
+    """DataLoader(persistent_workers=True): the call's passes started the workers, so the
+    caller's next iter() restarted them, which draws other seeds than a first start: the next
+    epochs came in another order (probe 57)."""
+    model, loss_fn, x, y = _data("class weights")
+
+    def epochs(loader: DataLoader) -> list[list[int]]:
+        return [torch.cat([b[1] for b in loader]).tolist() for _ in range(2)]
+
+    def loader() -> DataLoader:
+        return DataLoader(TensorDataset(x, y), batch_size=5, shuffle=True, num_workers=1,
+                          persistent_workers=True)
+
+    torch.manual_seed(123)
+    expected = epochs(loader())
+    torch.manual_seed(123)
+    analysed = loader()
+    hessrank.effective_rank(model, loss_fn, analysed, "fisher")
+    assert analysed._iterator is None
+    assert epochs(analysed) == expected
+
+
 class _Drifting(Dataset):
     """A data set whose samples change every time they are read (a source hessrank cannot
     reset), so no two passes agree."""
