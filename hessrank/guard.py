@@ -663,14 +663,22 @@ def saved_tensor_hooks_off() -> Iterator[list[str]]:
     unnoted, and ``ggn`` blamed the loss. The hooks are taken off the thread's stack of default
     hooks for the block and put back, in order, on exit (Ctrl-C held back), so the caller's own
     ``with`` blocks close as they opened. Memory is then what the call needs without them.
+    Where the caller disabled such hooks (``torch.autograd.graph.disable_saved_tensors_hooks``),
+    they are enabled for the block and disabled again, with the caller's message, on exit:
+    hessrank measures its graphs' memory through a hook of its own (every method failed with
+    the caller's bare message).
 
     Yields:
         A note when hooks were taken off.
     """
     hooks = torch._C._autograd
     taken: list[tuple[Callable[..., Any], Callable[..., Any]]] = []
+    disabled = (None if hooks._saved_tensors_hooks_is_enabled()
+                else hooks._saved_tensors_hooks_get_disabled_error_message())
     try:
         with deferred_interrupts():
+            if disabled is not None:
+                hooks._saved_tensors_hooks_enable()
             while (top := hooks._top_saved_tensors_default_hooks(False)) is not None:
                 hooks._pop_saved_tensors_default_hooks()
                 taken.append(top)
@@ -682,6 +690,8 @@ def saved_tensor_hooks_off() -> Iterator[list[str]]:
         with deferred_interrupts():
             for pack, unpack in reversed(taken):
                 hooks._push_saved_tensors_default_hooks(pack, unpack)
+            if disabled is not None:
+                hooks._saved_tensors_hooks_disable(disabled)
 
 
 @contextmanager

@@ -824,3 +824,18 @@ def test_backpack_leaves_tensors_outside_the_model_alone():
 
     hessrank.effective_rank(model, loss_fn, (x, y), method="fisher", backend="backpack")
     assert temperature.grad is grad and float(grad) == 0.25
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_a_caller_that_disabled_saved_tensor_hooks_gets_the_result(method):
+    """Inside torch.autograd.graph.disable_saved_tensors_hooks (as FSDP uses it) every method
+    failed with the caller's bare message: hessrank measures its graphs through a hook of its
+    own (probe 57). They are enabled for the call and disabled again, message and all."""
+    model, (x, y) = mlp((4, 6, 3)), classification_batch(8, 4, 3)
+    plain = hessrank.effective_rank(model, CE, (x, y), method=method)
+    with torch.autograd.graph.disable_saved_tensors_hooks("the caller's reason"):
+        result = hessrank.effective_rank(model, CE, (x, y), method=method)
+        with pytest.raises(RuntimeError, match="the caller's reason"), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            pass
+    np.testing.assert_allclose(result.eigenvalues, plain.eigenvalues, rtol=1e-12)
