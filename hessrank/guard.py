@@ -673,8 +673,8 @@ def saved_tensor_hooks_off() -> Iterator[list[str]]:
     """
     hooks = torch._C._autograd
     taken: list[tuple[Callable[..., Any], Callable[..., Any]]] = []
-    disabled = (None if hooks._saved_tensors_hooks_is_enabled()
-                else hooks._saved_tensors_hooks_get_disabled_error_message())
+    enabled = hooks._saved_tensors_hooks_is_enabled()  # type: ignore[attr-defined]
+    disabled = None if enabled else hooks._saved_tensors_hooks_get_disabled_error_message()
     try:
         with deferred_interrupts():
             if disabled is not None:
