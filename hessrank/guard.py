@@ -10,7 +10,7 @@ import signal
 import threading
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -232,11 +232,13 @@ def deferred_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        if mask is not None:  # held-back signals are delivered now, their handlers run after
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGINT, previous)
-        if received:
-            signal.raise_signal(signal.SIGINT)
+        try:  # held-back signals are delivered now: a handler may raise, the Ctrl-C still lands
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        finally:
+            if received:
+                signal.raise_signal(signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -340,14 +342,20 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
             parameters = list(model.parameters())
             names = [name for name, _ in model.named_parameters()]
             versions = [p._version for p in parameters]
+            fingerprints = _fingerprints(parameters)
 
-            def written() -> list[str]:
-                return [name for name, p, version in zip(names, parameters, versions)
-                        if p._version != version]
+            def written(values: bool = False) -> list[str]:
+                """The parameters written since entry: by their version counters, and with
+                ``values`` by their values too (a write through ``.data`` moves no counter;
+                not read mid-call, where :func:`renormalised_embeddings` has rescaled rows)."""
+                moved = ((_fingerprints(parameters) != fingerprints).tolist() if values
+                         else [False] * len(parameters))
+                return [name for name, p, version, changed in zip(
+                    names, parameters, versions, moved) if p._version != version or changed]
 
-            def check() -> None:
-                if written():
-                    raise written_parameters_error(written())
+            def check(values: bool = False) -> None:
+                if found := written(values):
+                    raise written_parameters_error(found)
 
             requires_grad = [p.requires_grad for p in parameters]
             grads = [p.grad for p in parameters]
@@ -372,10 +380,10 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
         try:
             yield check
         except Exception as error:  # a write explains the failure (a mixing check, say) first
-            if written():
-                raise written_parameters_error(written()) from error
+            if found := written(values=True):
+                raise written_parameters_error(found) from error
             raise
-        check()
+        check(values=True)
     finally:
         if armed:
             with deferred_interrupts():
@@ -404,12 +412,32 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
                 private_generators.restore()
 
 
+def _fingerprints(parameters: Sequence[Tensor]) -> Tensor:
+    """One integer per parameter that any change of its values changes (but for rare
+    cancellations): the sum of its bits read as integers, ``[len(parameters)]`` int64; a
+    parameter without values (a lazy one) counts 0."""
+    sums = []
+    for parameter in parameters:
+        flat = parameter.detach()
+        if isinstance(parameter, nn.parameter.UninitializedParameter) or flat.is_meta:
+            sums.append(torch.zeros((), dtype=torch.int64))
+            continue
+        flat = flat.reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        integers = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[
+            flat.element_size()]
+        sums.append(flat.view(integers).sum(dtype=torch.int64).cpu())
+    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.int64)
+
+
 def written_parameters_error(names: list[str]) -> ValueError:
     """The error for a forward that writes the model's parameters in place."""
     return ValueError(
         f"the model's forward writes to its parameters in place ({', '.join(names[:5])}"
-        f"{', ...' if len(names) > 5 else ''}: their version counters moved during the call, as "
-        "weight clipping with clamp_ inside forward does): the curvature of a function that "
+        f"{', ...' if len(names) > 5 else ''}: their values or version counters moved during "
+        "the call, as weight clipping with clamp_ or .data.clamp_ inside forward does): the "
+        "curvature of a function that "
         "changes its parameters as it is evaluated is not defined, and hessrank cannot undo "
         "the write (the values are as your forward left them, as after one training forward). "
         "Move the write out of forward (clip after optimizer.step())")

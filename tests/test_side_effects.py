@@ -352,6 +352,7 @@ def test_a_timeout_signal_during_a_restore_is_delivered_after_it():
         raise TimeoutError("the caller's timeout")
 
     previous = signal.signal(signal.SIGALRM, timeout)
+    ctrl_c = signal.getsignal(signal.SIGINT)
     finished = []
     try:
         with pytest.raises(TimeoutError), deferred_interrupts():
@@ -360,6 +361,8 @@ def test_a_timeout_signal_during_a_restore_is_delivered_after_it():
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert finished == ["restore ran to the end"]
+    # the timeout raised as the block ended: Ctrl-C's own handler is back all the same
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
 
 
 class _TokensWithStatistics(nn.Module):

@@ -249,7 +249,7 @@ class _ClipsItself(nn.Module):
         self.first, self.second, self.where = nn.Linear(4, 6), nn.Linear(6, 3), where
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.where == "before":
+        if self.where in ("before", "through .data"):
             self._clip()
         out = self.second(torch.tanh(self.first(x)))
         if self.where == "after":
@@ -257,17 +257,21 @@ class _ClipsItself(nn.Module):
         return out
 
     def _clip(self) -> None:
+        if self.where == "through .data":  # WGAN's clipping: no version counter moves
+            self.first.weight.data.clamp_(-0.1, 0.1)
+            return
         with torch.no_grad():
             self.first.weight.clamp_(-0.1, 0.1)
 
 
-@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("where", ["before", "after", "through .data"])
 @pytest.mark.parametrize("method", hessrank.METHODS)
 def test_a_forward_that_writes_its_parameters_is_refused(method, where):
     """Weight clipping inside forward: the EF's rule path analysed the unclipped function, the
     GGN the clipped one, the general path refused the model as mixing its samples, all with the
     parameters left clipped. The write is named instead (version counters), whatever the
-    method or the check that meets it first."""
+    method or the check that meets it first. Through .data no counter moves: the call went
+    through with the caller's parameters clipped (probe 57); the values tell at its end."""
     torch.manual_seed(0)
     model = _ClipsItself(where)
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
