@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import pickle
 import time
@@ -30,9 +32,19 @@ from torch import nn
 
 import hessrank
 from plasticity import metrics
-from plasticity.model import BatchedMLP, per_seed_cross_entropy, per_seed_norm
-from plasticity.problems import Problem, SetupError, Task, make_problem, task_generator
+from plasticity.model import ACTIVATIONS, BatchedMLP, per_seed_cross_entropy, per_seed_norm
+from plasticity.problems import (
+    PROBLEMS,
+    SEED_LIMIT,
+    Problem,
+    SetupError,
+    Task,
+    image_side,
+    make_problem,
+    task_generator,
+)
 from plasticity.regularizers import (
+    REGULARIZERS,
     feature_rank_penalty,
     l2_init_penalty,
     l2_penalty,
@@ -43,6 +55,7 @@ from plasticity.regularizers import (
 BATCH_ORDER_STREAM, NOISE_STREAM = 1, 2
 # Keys an older config.json may hold that no longer describe the run (where the data was).
 NOT_CONFIGURATION = ("data_dir", "download")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
@@ -84,6 +97,128 @@ class Config:
     overlap_k: int | None = None  # dimension of that subspace (None: the Hessian's srank)
     eval_samples: int = 1000  # samples for end-of-task accuracy and unit / feature statistics
     dormant_tau: float = 0.01
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The values a numeric setting may take: ``low`` to ``high``, each end included or not;
+    ``integer`` for counts, ``optional`` where None means the default; ``note`` says why."""
+
+    low: float
+    high: float = math.inf
+    low_in: bool = True
+    high_in: bool = False
+    integer: bool = False
+    optional: bool = False
+    note: str = ""
+
+    def __contains__(self, value: object) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(
+                value, numbers.Integral if self.integer else numbers.Real):
+            return False
+        number = float(value)
+        above = number >= self.low if self.low_in else number > self.low
+        below = number <= self.high if self.high_in else number < self.high
+        return above and below  # NaN is neither; infinity is never below an open end
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.high == math.inf:
+            return f"{kind} {'>=' if self.low_in else '>'} {self.low:,.15g}"
+        return (f"{kind} in {'[' if self.low_in else '('}{self.low:,.15g}, {self.high:,.15g}"
+                f"{']' if self.high_in else ')'}")
+
+    def check(self, option: str, value: object, where: str = "") -> None:
+        """Raise a :class:`SetupError` naming ``option`` and ``value`` unless it is allowed."""
+        if value not in self:
+            raise SetupError(f"{where}{option} {value!r}: must be {self}"
+                             + (f" ({self.note})" if self.note else ""))
+
+
+COUNT = Allowed(1, integer=True)
+SEED = Allowed(0, SEED_LIMIT, integer=True)
+RUN_SEED = Allowed(0, SEED_LIMIT, integer=True, note="the seeds are --first-seed onwards")
+#: The range of every numeric setting, from how it is used (see :func:`check_config` for the
+#: two whose range depends on another setting).
+ALLOWED: dict[str, Allowed] = {
+    "num_samples": COUNT,
+    "downsample": COUNT,
+    "subset_seed": SEED,
+    "width": COUNT,
+    "depth": Allowed(1, integer=True, note="the unit and feature statistics need a hidden layer"),
+    "lr": Allowed(0, low_in=False),
+    "batch_size": COUNT,
+    "epochs": COUNT,
+    "tasks": COUNT,
+    "reg_strength": Allowed(0),
+    "sp_noise": Allowed(0),
+    "hess_samples": COUNT,
+    "hess_threshold": Allowed(0, 1, low_in=False, high_in=True),
+    "hess_max_memory": Allowed(0, low_in=False, note="bytes"),
+    "lanczos_steps": Allowed(2, integer=True, optional=True,
+                             note="hessrank: one step's quadrature shows no sampling error"),
+    "overlap_k": Allowed(1, integer=True, optional=True),
+    "eval_samples": COUNT,
+    "dormant_tau": Allowed(0, 1, note="a unit's mean |output| over its layer's average of it"),
+}
+SHRINK = Allowed(0, 1, high_in=True, note="shrink_perturb's share of every weight shrunk per step")
+#: The names each named setting may take.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "problem": PROBLEMS,
+    "activation": ACTIVATIONS,
+    "optimizer": OPTIMIZERS,
+    "reg": REGULARIZERS,
+    "hess_methods": hessrank.METHODS,
+    "hess_blocks": metrics.BLOCKS,
+}
+
+
+def _option(key: str) -> str:
+    """The command-line option of the Config field ``key``: ``--hess-samples``."""
+    return "--" + key.replace("_", "-")
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse a configuration no run can hold, before anything is read, written or trained.
+
+    Every number must lie in the range its use allows (:data:`ALLOWED`), every name among its
+    choices (:data:`CHOICES`), and ``name`` must be a folder name.
+
+    Raises:
+        SetupError: the first value refused, in one line naming its command-line option, the
+            value and what is allowed.
+    """
+    where = f"run {cfg.name}: "
+    if cfg.name in ("", ".", "..") or set(cfg.name) & {"/", os.sep, os.altsep}:
+        raise SetupError(f"{where}--name {cfg.name!r}: must be a folder name (not empty, '.' or "
+                         "'..', no '/')")
+    for key, known in CHOICES.items():
+        value = getattr(cfg, key)
+        names = value if isinstance(value, list) else [value]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise SetupError(f"{where}{_option(key)} names {', '.join(map(str, unknown))}: "
+                             f"choose from {', '.join(known)}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SetupError(f"{where}{_option(key)} names {', '.join(twice)} more than once")
+    if cfg.hess_methods and not cfg.hess_blocks:
+        raise SetupError(f"{where}--hess-blocks names no block: choose from "
+                         f"{', '.join(metrics.BLOCKS)} (an empty --hess-methods measures no "
+                         "Hessian)")
+    side = image_side(cfg.problem)
+    depends = {
+        "downsample": ALLOWED["downsample"] if side is None else Allowed(
+            1, side, high_in=True, integer=True, note=f"{cfg.problem} has {side}x{side} images"),
+        "reg_strength": SHRINK if cfg.reg == "shrink_perturb" else ALLOWED["reg_strength"],
+    }
+    for key, allowed in {**ALLOWED, **depends}.items():
+        allowed.check(_option(key), getattr(cfg, key), where)
+    COUNT.check("--seeds", len(cfg.seeds), where)
+    for seed in cfg.seeds:
+        RUN_SEED.check("seed", seed, where)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -149,8 +284,11 @@ def load_task_results(run_dir: Path, expected: int | None = None) -> list[dict]:
             raise SetupError(f"{path} is missing although the run has finished task "
                              f"{max(count, len(files))}; {_REDO_HINT}")
         record = _read_json(path)
-        if record.get("task") != t:
-            raise SetupError(f"{path} holds task {record.get('task')}, not task {t}; {_REDO_HINT}")
+        held = record.get("task")
+        if held != t:  # every message counts tasks from 1, as the README does
+            what = f"task {held + 1}" if isinstance(held, int) else f"no task number ({held!r})"
+            raise SetupError(f"{path} holds {what}, not task {t + 1} (task files count from "
+                             f"0000.json, task 1); {_REDO_HINT}")
         records.append(record)
     return records
 
@@ -354,14 +492,10 @@ def prepare_run(
         The checkpoint to resume from (None for a fresh run) and the loaded problem.
 
     Raises:
-        SetupError: see :func:`resume_state`, :func:`check_exact_budget` and the data loaders.
+        SetupError: see :func:`check_config`, :func:`resume_state`,
+            :func:`check_exact_budget` and the data loaders.
     """
-    for methods, known, option in ((cfg.hess_methods, hessrank.METHODS, "--hess-methods"),
-                                   (cfg.hess_blocks, metrics.BLOCKS, "--hess-blocks")):
-        unknown = [m for m in methods if m not in known]
-        if unknown:
-            raise SetupError(f"run {cfg.name}: {option} names {', '.join(unknown)}: choose "
-                             f"from {', '.join(known)}")
+    check_config(cfg)
     state = resume_state(cfg, run_dir)
     problem = make_problem(
         cfg.problem, data_dir, cfg.num_samples, cfg.subset_seed, cfg.downsample, download

@@ -30,6 +30,17 @@ CIFAR_MEAN, CIFAR_STD = 0.4734, 0.2516
 
 
 DATA_DIR_ENV = "HESSRANK_DATA_DIR"
+#: Seeds (of a run and of the image subset) lie in [0, SEED_LIMIT): ``task_generator`` mixes
+#: (seed, task, stream) into one seed, which torch needs to fit in 64 bits.
+SEED_LIMIT = 2**32
+
+
+def image_side(problem: str) -> int | None:
+    """The side in pixels of ``problem``'s square images, the largest average-pool factor it
+    allows (None for ``synthetic``, which has no images)."""
+    if problem == "synthetic":
+        return None
+    return 28 if problem.endswith("_mnist") else 32
 
 
 class SetupError(Exception):

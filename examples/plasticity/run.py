@@ -23,7 +23,14 @@ from hessrank import progress_bar
 if __package__ in (None, ""):  # run as a file: make examples/ importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plasticity.experiment import Config, prepare_run, run_experiment
+from plasticity.experiment import (
+    COUNT,
+    OPTIMIZERS,
+    Config,
+    check_config,
+    prepare_run,
+    run_experiment,
+)
 from plasticity.metrics import BLOCKS
 from plasticity.model import ACTIVATIONS
 from plasticity.problems import DATA_DIR_ENV, PROBLEMS, SetupError, default_data_dir
@@ -149,7 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--activation", choices=ACTIVATIONS, default=s, help=f"default {d.activation}")
     add("--width", type=int, default=s, help=f"hidden units per layer (default {d.width})")
     add("--depth", type=int, default=s, help=f"hidden layers (default {d.depth})")
-    add("--optimizer", choices=("adam", "sgd"), default=s, help=f"default {d.optimizer}")
+    add("--optimizer", choices=OPTIMIZERS, default=s, help=f"default {d.optimizer}")
     add("--lr", type=float, default=s, help=f"learning rate (default {d.lr})")
     add("--batch-size", dest="batch_size", type=int, default=s, help=f"default {d.batch_size}")
     add("--epochs", type=int, default=s, help=f"passes over the data per task (default {d.epochs})")
@@ -182,9 +189,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def configs_from_args(args: argparse.Namespace) -> list[Config]:
-    """The preset's runs with the command-line overrides applied."""
+    """The preset's runs with the command-line overrides applied, each checked.
+
+    Raises:
+        SetupError: ``--name`` with a preset (its runs keep their names), a name ``--runs``
+            does not find in the preset, or a value :func:`check_config` refuses.
+    """
     fields = {f.name for f in dataclasses.fields(Config)}
     overrides = {k: v for k, v in vars(args).items() if k in fields}
+    if "name" in overrides and args.preset != "single":
+        raise SetupError(f"--name {args.name} with --preset {args.preset}: --name names the run "
+                         "of --preset single; a preset's runs keep their names (choose some with "
+                         "--runs, and another folder with --out)")
     for listed in ("hess_methods", "hess_blocks"):
         if listed in overrides:
             overrides[listed] = [m for m in overrides[listed].split(",") if m]
@@ -193,7 +209,8 @@ def configs_from_args(args: argparse.Namespace) -> list[Config]:
         wanted = args.runs.split(",")
         unknown = set(wanted) - {r.name for r in runs}
         if unknown:
-            raise SystemExit(f"unknown run names {sorted(unknown)} in preset {args.preset}")
+            raise SetupError(f"--runs names {', '.join(sorted(unknown))}, not a run of --preset "
+                             f"{args.preset}: choose from {', '.join(r.name for r in runs)}")
         runs = [r for r in runs if r.name in wanted]
     configs = []
     for r in runs:  # --first-seed shifts the preset's seeds unless --seeds says how many
@@ -201,16 +218,19 @@ def configs_from_args(args: argparse.Namespace) -> list[Config]:
         seeds = list(range(args.first_seed, args.first_seed + count)) if (
             "seeds" in overrides or args.first_seed) else r.seeds
         configs.append(dataclasses.replace(r, **{**overrides, "seeds": seeds}))
+    for cfg in configs:
+        check_config(cfg)
     return configs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    configs = configs_from_args(args)
     out = args.out or Path(__file__).resolve().parent / "results" / args.preset
     data_dir = str(args.data_dir or default_data_dir())
-    try:  # every run directory is checked before the first task is trained
+    try:  # every option, then every run directory, is checked before the first task is trained
+        COUNT.check("--threads", args.threads)
+        torch.set_num_threads(args.threads)
+        configs = configs_from_args(args)
         states = {c.name: prepare_run(c, out / c.name, data_dir, args.download)[0]
                   for c in configs}
         done = {c.name: min(int((states[c.name] or {}).get("tasks_done", 0)), c.tasks)

@@ -338,10 +338,13 @@ TARGETS: list[Callable[[dict[str, RunData]], list[str]]] = [
 ]
 
 
+TABLE_HEADER = ["| # | target (paper.md) | held? (rule; setting it depends on) | numbers |",
+                "|---|---|---|---|"]
+
+
 def reproduction_table(runs: dict[str, RunData]) -> list[str]:
-    """The reproduction table: one row per target (two for target 2), from ``runs``."""
-    lines = ["| # | target (paper.md) | held? (rule; setting it depends on) | numbers |",
-             "|---|---|---|---|"]
+    """The reproduction table: one row per target (two for target 2) that ``runs`` can judge."""
+    lines = list(TABLE_HEADER)
     for target in TARGETS:
         lines += target(runs)
     return lines
@@ -362,13 +365,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no run under {args.results} has {MIN_TASKS} finished tasks"
               + (f" (left out: {'; '.join(left_out)})" if left_out else ""), file=sys.stderr)
         return 2
+    lines = metric_lines(runs) if args.metrics else reproduction_table(runs)
+    if lines == TABLE_HEADER:
+        print(f"error: no row of the table fits the runs under {args.results}: the targets "
+              "compare the preset runs by name and need an act_<activation> or "
+              "exact_<activation> run (run.py --preset default); --metrics reports any run",
+              file=sys.stderr)
+        return 2
     for line in left_out:
         print(f"left out: {line}", file=sys.stderr)
     for name, run in runs.items():
         if run.unfinished:
             print(f"{name}: {run.num_tasks} of {run.config['tasks']} tasks (unfinished); paired "
                   "comparisons use the tasks both runs have", file=sys.stderr)
-    print("\n".join(metric_lines(runs) if args.metrics else reproduction_table(runs)))
+    print("\n".join(lines))
     return 0
 
 
