@@ -126,7 +126,8 @@ def _own_states(data: object) -> list[tuple[object, Callable[[Any], None], Any]]
                 found.append((value, functools.partial(setattr, bits, "state"), bits.state))
                 continue
             for kind, getter, setter in _STATE_OF:
-                if isinstance(value, kind):
+                if isinstance(value, kind) and not isinstance(value, random.SystemRandom):
+                    # (the system's entropy source has no state to read: nothing to restore)
                     found.append((value, getattr(value, setter), getattr(value, getter)()))
                     break
     return found

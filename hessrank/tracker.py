@@ -15,6 +15,7 @@ checkpoints of ``hessrank compare --checkpoints``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -226,14 +227,21 @@ class JsonLinesSink:
         self._file: TextIO | None = None
         #: the sink made the file (it was not there): removed at close if it got no record
         self._made = new or not self.path.exists()
-        #: the steps of the records the file holds (read where it is appended to)
-        self._logged: list[int] = [] if new or self._made else _logged_steps(self.path)
+        #: the steps of the records the file holds, by method (checked: a log, or empty)
+        self._logged = {} if new or self._made else _logged_steps(self.path)
         # writable? (creates it, changes nothing that is there); held, locked, until close
         self._lock = self.path.open("x" if new else "a")
-        _lock_against_other_processes(self._lock, self.path)
+        try:
+            _lock_against_other_processes(self._lock, self.path)
+        except OSError:
+            self._lock.close()
+            if self._made and self.path.stat().st_size == 0:
+                self.path.unlink()
+            raise
         if new:
             self._file = self._lock
-        self.next_step = max(self._logged, default=-1) + 1 if append else 0
+        self.next_step = max((max(steps) for steps in self._logged.values()),
+                             default=-1) + 1 if append else 0
         _OPEN_LOGS[self._key] = self
 
     def write(self, record: dict[str, Any]) -> None:
@@ -253,31 +261,41 @@ class JsonLinesSink:
         if self._file is None:
             if self.append:
                 _end_last_line(self.path)
-                if self._logged and record["step"] <= max(self._logged):
-                    self._supersede(record["step"])
             elif self.path.stat().st_size > 0:
                 warnings.warn(f"replacing {self.path}, which holds an earlier run's records: "
                               "pass append=True to add to it, or another log path",
                               RuntimeWarning, stacklevel=_user_stacklevel())
             self._file = self.path.open("a" if self.append else "w")
+        # the first record of a method this run resumes before its last ones
+        steps = self._logged.pop(record["method"], None) if self.append else None
+        if steps and record["step"] <= max(steps):
+            self._file.close()
+            self._supersede(record["method"], record["step"])
+            self._file = self.path.open("a")
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
-    def _supersede(self, step: int) -> None:
-        """Move the file's records of ``step`` and later to the ``.superseded`` file beside it:
-        the run resumed before them, and redoes them."""
+    def _supersede(self, method: str, step: int) -> None:
+        """Move the file's records of ``method`` at ``step`` and later to the ``.superseded``
+        file beside it: the run resumed before them, and redoes them (other methods' records
+        stay)."""
         side = self.path.with_name(f"{self.path.stem}.superseded{self.path.suffix}")
         kept: list[str] = []
         moved: list[str] = []
         for line in self.path.read_text().splitlines(keepends=True):
-            (moved if json.loads(line)["step"] >= step else kept).append(line)
+            try:
+                record = json.loads(line.strip().strip("\x00") or "null")
+            except json.JSONDecodeError:
+                record = None
+            redone = (isinstance(record, dict) and record.get("method") == method
+                      and record["step"] >= step)
+            (moved if redone else kept).append(line)
         with side.open("a") as file:
             file.writelines(moved)
         self.path.write_text("".join(kept))
-        self._logged = [logged for logged in self._logged if logged < step]
-        warnings.warn(f"{self.path}: this run resumes at step {step}, before the last "
-                      f"{len(moved)} record(s) of an earlier run (steps {step} and on), which it "
-                      f"redoes: moved them to {side}", RuntimeWarning,
+        warnings.warn(f"{self.path}: this run resumes {method} at step {step}, before the last "
+                      f"{len(moved)} record(s) of it from an earlier run (steps {step} and on), "
+                      f"which it redoes: moved them to {side}", RuntimeWarning,
                       stacklevel=_user_stacklevel())
 
     def close(self) -> None:
@@ -322,9 +340,14 @@ def _end_last_line(path: Path) -> None:
             file.write("\n")
 
 
-def _logged_steps(path: Path) -> list[int]:
-    """The ``step`` of each record in the log at ``path`` (a last line without its newline
-    counts where it is a whole record; one that starts as a record may be what a crash cut).
+#: Every record's JSON line starts so (its first key is the step).
+_RECORD_START = '{"step": '
+
+
+def _logged_steps(path: Path) -> dict[str, list[int]]:
+    """The steps of the records in the log at ``path``, by method. Blank lines and NUL bytes
+    (a file system's padding after a power loss) are left out, and so is a last line without
+    its newline that a crash may have cut: a whole record, or one that begins as records do.
 
     Raises:
         ValueError: a line is not a record (a JSON object with an integer ``step`` and a
@@ -335,19 +358,23 @@ def _logged_steps(path: Path) -> list[int]:
     except UnicodeDecodeError:
         text = None
     lines = [] if text is None else text.split("\n")
-    steps = []
+    steps: dict[str, list[int]] = {}
     for number, line in enumerate(lines, start=1):
+        content = line.strip().strip("\x00")
+        if not content:
+            continue
         try:
-            record = json.loads(line)
+            record = json.loads(content)
         except json.JSONDecodeError:
             record = None
-        if (not isinstance(record, dict) or not isinstance(record.get("step"), int)
-                or "method" not in record):
-            # no newline after it: empty, or a record a crash cut (each starts with its step)
-            if number == len(lines) and (not line or line.startswith('{"step": ')):
-                continue
-            break
-        steps.append(record["step"])
+        if (isinstance(record, dict) and isinstance(record.get("step"), int)
+                and isinstance(record.get("method"), str)):
+            steps.setdefault(record["method"], []).append(record["step"])
+            continue
+        if number == len(lines) and (content.startswith(_RECORD_START)
+                                     or _RECORD_START.startswith(content)):
+            continue  # no newline after it: cut by a crash
+        break
     else:
         if text is not None:
             return steps
@@ -357,9 +384,33 @@ def _logged_steps(path: Path) -> list[int]:
                      f"{shown!r}), which a tracker would replace or extend: name another file")
 
 
+#: The open files that hold this process's log locks (a child forked from it closes its
+#: copies: a DataLoader worker's kept the lock after the tracker had closed its log).
+_LOCKS: weakref.WeakSet[TextIO] = weakref.WeakSet()
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: point the lock files' descriptors at /dev/null (the lock is the
+    parent's; the file objects stay valid, and closing them later closes /dev/null)."""
+    if not _LOCKS:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for file in list(_LOCKS):
+            with contextlib.suppress(OSError, ValueError):  # ValueError: closed already
+                os.dup2(null, file.fileno())
+    finally:
+        os.close(null)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 def _lock_against_other_processes(file: TextIO, path: Path) -> None:
     """Lock ``file`` for this process until it is closed; raise if another process holds it
-    (no lock where the system has no ``fcntl``).
+    (no lock where the system has no ``fcntl``, or the file system none: Lustre without
+    ``flock``, NFS without a lock daemon).
 
     Raises:
         OSError: another process's sink has the file.
@@ -371,9 +422,11 @@ def _lock_against_other_processes(file: TextIO, path: Path) -> None:
     try:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as error:
-        file.close()
         raise OSError(f"log {path} is being written by a tracker in another process: give each "
                       "run its own log=") from error
+    except OSError:  # ENOSYS, ENOLCK: this file system does not lock
+        return
+    _LOCKS.add(file)
 
 
 #: The ``log`` a :class:`Tracker` writes when none is given. It never replaces an earlier run's

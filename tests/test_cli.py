@@ -640,7 +640,8 @@ def test_plot_tells_logs_of_one_name_and_thresholds_apart(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(("record", "problem"), [
-    ({"step": None, "method": "fisher", "rank": 3}, "its step None is not an integer >= 0"),
+    ({"step": None, "method": "fisher", "rank": 3},
+     r"its step None is not an integer >= -1 \(-1: the model before any update\)"),
     ({"step": 0, "method": "fisher", "rank": "x"}, "its rank 'x' is not a number"),
     ({"step": 0, "method": ["fisher"], "rank": 3}, r"its method \['fisher'\] is not a name"),
     ({"step": 0, "method": "fisher", "rank": 3, "rank_interval": [1]},
@@ -761,3 +762,15 @@ def test_a_reader_that_leaves_the_pipe_gets_no_traceback():
     error = process.stderr.read().decode()
     assert process.wait(timeout=300) == 141, error
     assert "Traceback" not in error
+
+
+def test_quiet_says_nothing_of_files_it_replaces(tmp_path: Path, capsys) -> None:
+    """``--quiet`` printed 'exists; it will be replaced' (probe 58); without it, the line is
+    there before any work."""
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    argv = ["rank", *TINY, "--method", "fisher", "--json", str(out)]
+    status, _, err = run_main([*argv, "--quiet"], capsys)
+    assert status == 0 and err == ""
+    status, _, err = run_main(argv, capsys)
+    assert status == 0 and err.startswith(f"hessrank: --json {out} exists; it will be replaced")

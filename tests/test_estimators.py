@@ -620,3 +620,27 @@ def test_factor_lanczos_on_interacting_samples_says_what_its_factors_are(method)
         assert_spectra_close(result.eigenvalues, reference, count=3, rtol=1e-6)
     plain = hessrank.effective_rank(mlp((6, 8, 3)), CE, (x, y), method=method, lanczos_steps=10)
     assert not any("depends on the other samples" in note for note in plain.notes)
+
+
+class _WholeBatchOnly(nn.Module):
+    """A forward that only runs on its whole batch (a graph over the batch's nodes)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.adjacency = nn.Parameter(torch.eye(count, dtype=torch.float64) * 0.5,
+                                      requires_grad=False)
+        self.body = mlp((6, 8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adjacency @ self.body(x) + self.body(x)
+
+
+@pytest.mark.parametrize("method", ["fisher_lanczos", "ggn_lanczos"])
+def test_factor_lanczos_on_a_whole_batch_model_gives_its_result(method):
+    """The interaction check runs the batch's halves alone: on a model that runs on its whole
+    batch only it raised torch's shape error where the call had succeeded (probe 58)."""
+    model = _WholeBatchOnly(8)
+    x, y = classification_batch(8, 6, 3)
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, lanczos_steps=20)
+    assert result.rank >= 1
+    assert not any("depends on the other samples" in note for note in result.notes)

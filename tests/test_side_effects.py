@@ -338,31 +338,44 @@ def test_ctrl_c_during_a_restore_is_delivered_after_it():
     assert finished == ["restore ran to the end"]
 
 
-def test_a_timeout_signal_during_a_restore_is_delivered_after_it():
+@pytest.mark.parametrize("receiver", ["main thread", "another thread"])
+def test_a_timeout_signal_during_a_restore_is_delivered_after_it(receiver):
     """A SIGALRM handler that raises (a timeout) landed inside a restore and left the model's
-    training flags as the call had set them (probe 57)."""
+    training flags as the call had set them (probe 57); blocking the signal in the main thread
+    did not hold it where another thread received it (probe 58): Python runs the handler in
+    the main thread either way."""
     import signal
+    import threading
+    import time
 
     from hessrank.guard import deferred_interrupts
 
-    if not hasattr(signal, "pthread_sigmask"):
-        pytest.skip("no pthread_sigmask on this system: only Ctrl-C is held back")
+    if not hasattr(signal, "SIGALRM"):
+        pytest.skip("no SIGALRM on this system")
 
     def timeout(*_: object) -> None:
         raise TimeoutError("the caller's timeout")
 
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
     previous = signal.signal(signal.SIGALRM, timeout)
     ctrl_c = signal.getsignal(signal.SIGINT)
     finished = []
     try:
         with pytest.raises(TimeoutError), deferred_interrupts():
-            signal.raise_signal(signal.SIGALRM)
+            if receiver == "main thread":
+                signal.raise_signal(signal.SIGALRM)
+            else:
+                signal.pthread_kill(other.ident, signal.SIGALRM)
+            time.sleep(0.05)  # time for the handler to run, were it not held back
             finished.append("restore ran to the end")
     finally:
         signal.signal(signal.SIGALRM, previous)
+        stop.set()
+        other.join()
     assert finished == ["restore ran to the end"]
-    # the timeout raised as the block ended: Ctrl-C's own handler is back all the same
-    assert signal.getsignal(signal.SIGINT) is ctrl_c
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # Ctrl-C's own handler is back
 
 
 class _TokensWithStatistics(nn.Module):

@@ -320,3 +320,25 @@ def test_a_forward_drawing_from_its_own_generator_is_analysed_at_its_next_draw(m
     assert torch.equal(model.generator.get_state(), state)
     assert any("draws from the model's own torch.Generator (generator)" in note
                for note in result.notes)
+
+
+class _SparseProjection(nn.Module):
+    """A fixed sparse projection kept as a buffer (an adjacency, a random sketch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp((5, 7, 3))
+        self.register_buffer("projection", torch.eye(5, dtype=torch.float64).to_sparse())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(torch.sparse.mm(self.projection, x.T).T)
+
+
+@pytest.mark.parametrize("method", [*hessrank.METHODS, "ggn_lanczos", "fisher_lanczos"])
+def test_a_sparse_buffer_is_left_to_its_version_counter(method):
+    """Comparing buffers' values between passes raised torch's 'aten::equal ... SparseCPU'
+    for a model with a sparse buffer (probe 58)."""
+    inputs, targets = _batch()
+    result = hessrank.effective_rank(_SparseProjection(), nn.CrossEntropyLoss(),
+                                     (inputs, targets), method=method, lanczos_steps=10)
+    assert result.rank >= 1

@@ -111,7 +111,8 @@ class _OwnRandomSampler(torch.utils.data.Sampler):
         self.count = count
         self.rng = {"numpy RandomState": np.random.RandomState(0),
                     "numpy Generator": np.random.default_rng(0),
-                    "random.Random": random.Random(0)}[kind]
+                    "random.Random": random.Random(0),
+                    "random.SystemRandom": random.SystemRandom()}[kind]
 
     def __iter__(self):
         if isinstance(self.rng, random.Random):
@@ -461,3 +462,13 @@ def test_a_budget_one_batch_exceeds_is_refused_before_the_pass_over_the_data(met
     # within the budget, the data set is read and measured as before
     result = hessrank.effective_rank(model, loss_fn, data, method, max_memory=2**30)
     assert result.num_samples == sum(SIZES)
+
+
+def test_a_sampler_on_the_system_s_entropy_is_refused_as_changing_data_not_crashed():
+    """random.SystemRandom has no state to read: reading it crashed with 'System entropy
+    source does not have state' (probe 58). Its draws differ on every pass: refused as such."""
+    model, loss_fn, x, y = _data("class weights")
+    loader = DataLoader(TensorDataset(x, y), batch_size=5,
+                        sampler=_OwnRandomSampler(16, "random.SystemRandom"))
+    with pytest.raises(ValueError, match="changed between passes|differ"):
+        hessrank.effective_rank(model, loss_fn, loader, "lanczos")

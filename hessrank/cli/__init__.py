@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="PNG: spectra overlaid, rank over checkpoints (needs matplotlib) (default: none)",
     )
     out.add_argument(
-        "--quiet", action="store_true", help="no progress bars, no tables, no 'wrote' lines"
+        "--quiet", action="store_true",
+        help="no progress bars, no tables, no 'wrote' or 'will be replaced' lines"
     )
     compare.set_defaults(func=_compare)
 
@@ -312,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument(
         "--json", help="write the full result as JSON to this path ('-': stdout) (default: none)"
     )
-    rank.add_argument("--quiet", action="store_true", help="no progress bar, no 'wrote' line")
+    rank.add_argument("--quiet", action="store_true",
+                      help="no progress bar, no 'wrote' or 'will be replaced' line")
     rank.set_defaults(func=_rank)
 
     plot = sub.add_parser(
@@ -471,7 +473,7 @@ def _compare(args: argparse.Namespace) -> int:
             raise CliError(f"{option} -: compare prints its tables on stdout, so its files need "
                            f"names; give {option} a file (hessrank rank --json - prints JSON)")
     report.check_outputs({"--json": args.json, "--csv": args.csv,  # before any work
-                          "--plot": args.plot})
+                          "--plot": args.plot}, args.quiet)
     methods = _methods(args.methods, args.skip_exact)
     cfg = _config(
         args,
@@ -533,7 +535,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _rank(args: argparse.Namespace) -> int:
     from hessrank.cli import compare, report
 
-    report.check_outputs({"--json": None if args.json is None else Path(args.json)})
+    report.check_outputs({"--json": None if args.json is None else Path(args.json)}, args.quiet)
     methods = _methods([args.method], False, "--method")
     if len(methods) != 1:
         raise CliError(f"--method {args.method!r} names {len(methods)} estimators: rank measures "

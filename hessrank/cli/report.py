@@ -519,10 +519,11 @@ def cannot_write(option: str, path: Path, err: OSError) -> CliError:
 PLOT_OPTIONS = ("--plot", "-o")
 
 
-def check_outputs(outputs: dict[str, Path | None]) -> None:
+def check_outputs(outputs: dict[str, Path | None], quiet: bool = False) -> None:
     """Before any work: the output files (option -> path; None or ``-``: none) are distinct, each
     can be written (its folder is made), and a figure's extension is one matplotlib writes; a
-    file that holds something already is named on stderr, as it will be replaced.
+    file that holds something already is named on stderr (unless ``quiet``), as it will be
+    replaced.
 
     Raises:
         CliError: naming the option, the problem and the fix.
@@ -565,7 +566,7 @@ def check_outputs(outputs: dict[str, Path | None]) -> None:
         finally:
             if not existed and path.is_file() and path.stat().st_size == 0:
                 path.unlink()
-        if existed and path.stat().st_size > 0:
+        if existed and not quiet and path.stat().st_size > 0:
             print(f"hessrank: {option} {path} exists; it will be replaced", file=sys.stderr)
 
 

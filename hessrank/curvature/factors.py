@@ -22,6 +22,7 @@ from hessrank.curvature.hessian import second_order
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.distributed import ShardedProblem, shard_cotangents
+from hessrank.guard import ModuleGenerators
 from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
@@ -52,19 +53,9 @@ class FactorOperator(ParameterOperator):
         graph = GraphBytes(problem)
         with second_order(), graph.counting():  # J^T u is differentiated w.r.t. u below
             outputs = problem.forward()
-        #: what a model whose samples interact should know of the factors (None: they do not)
-        self.mixing_note: str | None = None
         if isinstance(problem, ShardedProblem) and isinstance(outputs, Tensor):
             refuse_mixed_samples(problem.local(), outputs, "process's shard")
-        elif isinstance(outputs, Tensor) and (
-                difference := mixed_samples_difference(problem, outputs)) is not None:
-            self.mixing_note = (
-                f"the model's output for a sample depends on the other samples of the batch "
-                f"(each half run alone differs by {difference:.1e} of the largest output): "
-                f"{method}'s factors J_i^T s_i hold each sample's Jacobian in the batch (its "
-                "output as the batch computes it), the curvature of this batch's loss as exact's "
-                "Hessian is; fisher and ggn, whose factors need each sample's output to depend "
-                "on that sample alone, refuse such a model")
+        self._problem, self._method = problem, method
         if (check_working_memory is not None and output_side_bytes is not None
                 and isinstance(outputs, Tensor)):  # else shard_cotangents names the problem
             check_working_memory(graph.total + output_side_bytes(outputs))
@@ -87,6 +78,31 @@ class FactorOperator(ParameterOperator):
         self.graph_bytes = graph.total
         self._used = [i for i, g in enumerate(pieces) if g is not None]
         self._transposed = [pieces[i] for i in self._used]  # J^T u, linear in the dummy u
+
+    def mixing_note(self) -> str | None:
+        """What a model whose samples interact in the batch should know of the factors, None
+        where they do not (or it cannot be told): one forward pass of the batch's halves alone,
+        without a graph. Not asked of a data set's batches (the data set refuses such a model)
+        nor of a model that draws from its own generator (each half would restart its draws).
+
+        Returns:
+            The note, or None.
+        """
+        if (isinstance(self._problem, ShardedProblem) or not isinstance(self._outputs, Tensor)
+                or ModuleGenerators.read(self._problem.model).states):
+            return None
+        try:
+            difference = mixed_samples_difference(self._problem, self._outputs)
+        except Exception:  # noqa: BLE001 - a model that runs on its whole batch only
+            return None
+        if difference is None:
+            return None
+        return (f"the model's output for a sample depends on the other samples of the batch "
+                f"(each half run alone differs by {difference:.1e} of the largest output): "
+                f"{self._method}'s factors J_i^T s_i hold each sample's Jacobian in the batch "
+                "(its output as the batch computes it), the curvature of this batch's loss as "
+                "exact's Hessian is; fisher and ggn, whose factors need each sample's output to "
+                "depend on that sample alone, refuse such a model")
 
     def _row(self, vector: Tensor) -> Tensor:
         chunks = vector.split(self.sizes)

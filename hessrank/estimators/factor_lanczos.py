@@ -36,7 +36,7 @@ class FactorLanczos(LanczosEstimator):
     def source_notes(self, operator: SymmetricOperator) -> list[str]:
         """Where the model's samples interact: what the factors then are (one batch's operator;
         a data set's batches are refused as such)."""
-        note = getattr(operator, "mixing_note", None)
+        note = operator.mixing_note() if isinstance(operator, FactorOperator) else None
         return [] if note is None else [note]
 
     def output_side_at(self, outputs: Tensor) -> int:
