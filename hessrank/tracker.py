@@ -364,16 +364,16 @@ def _logged_steps(path: Path) -> dict[str, list[int]]:
         if not content:
             continue
         try:
-            record = json.loads(content)
+            record, whole = json.loads(content), True
         except json.JSONDecodeError:
-            record = None
+            record, whole = None, False
         if (isinstance(record, dict) and isinstance(record.get("step"), int)
                 and isinstance(record.get("method"), str)):
             steps.setdefault(record["method"], []).append(record["step"])
             continue
-        if number == len(lines) and (content.startswith(_RECORD_START)
-                                     or _RECORD_START.startswith(content)):
-            continue  # no newline after it: cut by a crash
+        if number == len(lines) and not whole and (content.startswith(_RECORD_START)
+                                                   or _RECORD_START.startswith(content)):
+            continue  # no newline after it, and not whole: a record a crash cut
         break
     else:
         if text is not None:

@@ -249,7 +249,7 @@ class _ClipsItself(nn.Module):
         self.first, self.second, self.where = nn.Linear(4, 6), nn.Linear(6, 3), where
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.where in ("before", "through .data"):
+        if self.where in ("before", "through .data", "abs_ through .data"):
             self._clip()
         out = self.second(torch.tanh(self.first(x)))
         if self.where == "after":
@@ -260,11 +260,14 @@ class _ClipsItself(nn.Module):
         if self.where == "through .data":  # WGAN's clipping: no version counter moves
             self.first.weight.data.clamp_(-0.1, 0.1)
             return
+        if self.where == "abs_ through .data":  # sign flips: a sum of int32 words missed pairs
+            self.first.weight.data.abs_()
+            return
         with torch.no_grad():
             self.first.weight.clamp_(-0.1, 0.1)
 
 
-@pytest.mark.parametrize("where", ["before", "after", "through .data"])
+@pytest.mark.parametrize("where", ["before", "after", "through .data", "abs_ through .data"])
 @pytest.mark.parametrize("method", hessrank.METHODS)
 def test_a_forward_that_writes_its_parameters_is_refused(method, where):
     """Weight clipping inside forward: the EF's rule path analysed the unclipped function, the
@@ -341,4 +344,28 @@ def test_a_sparse_buffer_is_left_to_its_version_counter(method):
     inputs, targets = _batch()
     result = hessrank.effective_rank(_SparseProjection(), nn.CrossEntropyLoss(),
                                      (inputs, targets), method=method, lanczos_steps=10)
+    assert result.rank >= 1
+
+
+class _FrozenHalfView(nn.Module):
+    """A float64 MLP beside a frozen float16 parameter that is a view at an odd offset of a
+    flat buffer (as parameter-flattening wrappers make)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp((5, 7, 3))
+        flat = torch.zeros(9, dtype=torch.float16)
+        self.frozen = nn.Parameter(flat[1:7].view(2, 3), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) + self.frozen.double().sum()
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_parameters_that_are_views_are_fingerprinted(method):
+    """Reading a parameter's bytes as int32 words failed on a view at an odd offset or with a
+    stride ('storage_offset() must be divisible by 4'), for every method (probe 59)."""
+    inputs, targets = _batch()
+    result = hessrank.effective_rank(_FrozenHalfView(), nn.CrossEntropyLoss(),
+                                     (inputs, targets), method=method)
     assert result.rank >= 1

@@ -618,8 +618,9 @@ def test_lanczos_layer_records_carry_their_intervals(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("append", [False, True])
 @pytest.mark.parametrize("content", ["import torch\n", "print('no newline')",
-                                     '{"step": 0, "method": "fisher"}\n[1, 2]\n'],
-                         ids=["script", "script-cut", "array-line"])
+                                     '{"step": 0, "method": "fisher"}\n[1, 2]\n',
+                                     '{"step": 5, "lr": 0.1}'],
+                         ids=["script", "script-cut", "array-line", "one-line config"])
 def test_a_log_that_holds_no_records_is_refused_untouched(tmp_path: Path, append: bool,
                                                          content: str) -> None:
     """``log="notes.py"`` replaced the script at the first record (with a warning that it held
