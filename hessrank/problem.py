@@ -197,8 +197,8 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     try:
         outputs = model(*args, **kwargs)
     except RuntimeError as error:
-        integer = [label for label, tensor in labelled_inputs(args, kwargs)
-                   if not tensor.is_floating_point()]
+        labelled = labelled_inputs(args, kwargs)
+        integer = [label for label, tensor in labelled if not tensor.is_floating_point()]
         if integer and any(phrase in str(error) for phrase in (
                 "dtype", "scalar type", "Input type")):  # the last: convolutions
             raise type(error)(
@@ -206,6 +206,15 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
                 f"({', '.join(integer)}): features must be floating point, cast them with "
                 ".float() (or .to() the model's dtype); token ids for an nn.Embedding stay "
                 "integer") from error
+        if type(error) is RuntimeError and any(  # torch's own, not its subclasses (OOM)
+                phrase in str(error) for phrase in ("shape", "size", "dimension", "channels")):
+            # torch names the operation's operands, not the batch (probe 57)
+            shapes = ", ".join(f"{label} of shape {tuple(tensor.shape)}"
+                               for label, tensor in labelled)
+            raise RuntimeError(
+                f"{str(error).rstrip('. ')}. The model's forward failed on the batch's "
+                f"inputs ({shapes}): check their sizes past the batch dimension against what "
+                "the model's layers expect") from error
         raise
     finally:
         drawn = private.moved()

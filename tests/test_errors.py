@@ -893,6 +893,22 @@ def test_integer_features_are_named_with_the_cast(method, conv):
                                 method)
 
 
+@pytest.mark.parametrize("method", ["fisher", "exact"])
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_features_of_the_wrong_size_are_named(method, conv):
+    """Five features for a Linear(6, ...) got torch's bare 'mat1 and mat2 shapes cannot be
+    multiplied (16x5 and 6x8)', naming no input (probe 57); the error names the batch's
+    inputs and their shapes."""
+    model = (nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten()) if conv
+             else nn.Sequential(nn.Linear(6, 3)))
+    features = torch.randn((8, 1, 5) if conv else (8, 5))
+    shape = r"\(8, 1, 5\)" if conv else r"\(8, 5\)"
+    with pytest.raises(RuntimeError, match=rf"failed on the batch's inputs \(inputs\[0\] of "
+                                           rf"shape {shape}\)"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), (features, torch.randint(0, 3, (8,))),
+                                method)
+
+
 
 @pytest.mark.parametrize("method", hessrank.METHODS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
