@@ -222,6 +222,7 @@ class JsonLinesSink:
                 "the methods with one Tracker(model, loss_fn, methods=[...])",
                 RuntimeWarning, stacklevel=_user_stacklevel())
         self.superseded = False
+        self._pid = os.getpid()  # a forked child holds a copy that must not write
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.append = append
         self._file: TextIO | None = None
@@ -251,8 +252,14 @@ class JsonLinesSink:
             record: a :attr:`Measurement.record` (JSON-serialisable, no NaN or infinity).
 
         Raises:
-            RuntimeError: a newer sink of this process has taken over the file.
+            RuntimeError: a newer sink of this process has taken over the file, or this is a
+                forked child of the process that made the sink.
         """
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"{self.path} is the log of the tracker of process {self._pid}, which forked "
+                f"this one ({os.getpid()}): two processes writing one log interleave their "
+                "lines; measure in the parent, or give the child a tracker and log= of its own")
         if self.superseded:
             raise RuntimeError(
                 f"{self.path} has been taken over by a newer tracker's log (the same log= path), "

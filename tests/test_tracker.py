@@ -789,3 +789,30 @@ def test_a_file_system_without_locks_still_logs(tmp_path: Path, monkeypatch) -> 
     with hessrank.Tracker(_net().eval(), CE, every=1, log=tmp_path / "c.jsonl") as tracker:
         tracker.step(batch)
     assert len(_read(tmp_path / "c.jsonl")) == 1
+
+
+def test_a_forked_child_cannot_write_its_parent_s_log(tmp_path: Path) -> None:
+    """A child forked from a process with a tracker wrote through the inherited sink and got a
+    bare EBADF (probe 59): it is told whose log it is."""
+    import multiprocessing
+
+    pytest.importorskip("fcntl")
+    sink = hessrank.tracker.JsonLinesSink(tmp_path / "c.jsonl", new=True)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+
+    def child() -> None:
+        try:
+            sink.write({"step": 0, "method": "fisher"})
+            queue.put("wrote")
+        except RuntimeError as error:
+            queue.put(str(error))
+
+    process = context.Process(target=child)
+    process.start()
+    message = queue.get(timeout=60)
+    process.join(timeout=60)
+    assert "which forked this one" in message
+    sink.write({"step": 0, "method": "fisher"})  # the parent still writes
+    sink.close()
+    assert [r["step"] for r in _read(tmp_path / "c.jsonl")] == [0]
