@@ -423,24 +423,34 @@ def _fingerprints(parameters: Sequence[Tensor]) -> list[tuple[int, float]]:
     """Two numbers per parameter that a change of its values changes (but for rare
     cancellations): its bytes read as int32 words and summed in int32 (wrapping), and the sum
     of its values in its own dtype (which the words' sum misses for sign flips in pairs: each
-    adds 2^31); a parameter without values (a lazy one) gives zeros. In place, at memory speed
-    (50M float32 in 22 ms; an int64 sum had made a copy: 1.4 s and 384 MB), but for a
-    parameter that is not one contiguous, word-aligned block (a view), which is copied."""
-    found = []
-    for parameter in parameters:
-        data = parameter.detach()
-        if (isinstance(parameter, nn.parameter.UninitializedParameter) or data.is_meta
-                or data.layout != torch.strided or not data.numel()):
-            found.append((0, 0.0))
-            continue
-        if data.is_complex():
-            data = torch.view_as_real(data)
-        if not data.is_contiguous() or data.storage_offset() * data.element_size() % 4:
-            data = data.clone(memory_format=torch.contiguous_format)
-        raw = data.reshape(-1).view(torch.uint8)
-        words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw.to(torch.int32)
-        found.append((int(words.sum(dtype=torch.int32)), float(data.sum())))
-    return found
+    adds 2^31), on one CPU thread so that its order of summation is always the same (a forward
+    that set torch's thread count was refused as writing its parameters); none for dtypes
+    without a sum (float8). A parameter without values (a lazy one) gives zeros. In place, at
+    memory speed (50M float32 in 30 ms; an int64 sum had made a copy: 1.4 s and 384 MB), but
+    for a parameter that is not one contiguous, word-aligned block (a view), which is
+    copied."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return [_fingerprint(parameter) for parameter in parameters]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fingerprint(parameter: Tensor) -> tuple[int, float]:
+    """:func:`_fingerprints` of one parameter."""
+    data = parameter.detach()
+    if (isinstance(parameter, nn.parameter.UninitializedParameter) or data.is_meta
+            or data.layout != torch.strided or not data.numel()):
+        return 0, 0.0
+    if data.is_complex():
+        data = torch.view_as_real(data)
+    if not data.is_contiguous() or data.storage_offset() * data.element_size() % 4:
+        data = data.clone(memory_format=torch.contiguous_format)
+    raw = data.reshape(-1).view(torch.uint8)
+    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw.to(torch.int32)
+    summed = not data.is_floating_point() or data.element_size() > 1  # float8 has no sum
+    return int(words.sum(dtype=torch.int32)), float(data.sum()) if summed else 0.0
 
 
 def written_parameters_error(names: list[str]) -> ValueError:

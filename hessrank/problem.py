@@ -213,8 +213,8 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
                                for label, tensor in labelled)
             raise RuntimeError(
                 f"{str(error).rstrip('. ')}. The model's forward failed on the batch's "
-                f"inputs ({shapes}): check their sizes past the batch dimension against what "
-                "the model's layers expect") from error
+                f"inputs ({shapes}): if their sizes past the batch dimension are not what the "
+                "model's layers expect, that is the cause") from error
         raise
     finally:
         drawn = private.moved()

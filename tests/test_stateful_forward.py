@@ -369,3 +369,51 @@ def test_parameters_that_are_views_are_fingerprinted(method):
     result = hessrank.effective_rank(_FrozenHalfView(), nn.CrossEntropyLoss(),
                                      (inputs, targets), method=method)
     assert result.rank >= 1
+
+
+class _SetsThreads(nn.Module):
+    """A forward that sets torch's thread count (a library that tunes it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp((5, 60, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        torch.set_num_threads(2)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_a_forward_that_sets_the_thread_count_is_not_taken_for_a_write(method):
+    """The parameters' value sums, reduced in parallel, differed in their last bits once the
+    forward had changed torch's thread count: the call was refused as writing its parameters
+    (probe 60). They are summed on one thread."""
+    inputs, targets = _batch()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = hessrank.effective_rank(_SetsThreads(), nn.CrossEntropyLoss(),
+                                         (inputs, targets), method=method)
+    finally:
+        torch.set_num_threads(previous)
+    assert result.rank >= 1
+
+
+class _Float8Frozen(nn.Module):
+    """A float64 MLP beside a frozen float8 parameter (which torch cannot sum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp((5, 7, 3))
+        self.scale = nn.Parameter(torch.ones(4).to(torch.float8_e4m3fn), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) * self.scale.double().mean()
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_a_float8_parameter_is_fingerprinted_without_a_sum(method):
+    """'sum_cpu not implemented for Float8_e4m3fn' stopped every method (probe 60)."""
+    inputs, targets = _batch()
+    assert hessrank.effective_rank(_Float8Frozen(), nn.CrossEntropyLoss(), (inputs, targets),
+                                   method=method).rank >= 1
