@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import types
+from typing import Any
 
 import numpy as np
 import pytest
@@ -185,16 +186,7 @@ def test_an_input_modified_in_place_is_the_callers_no_longer(method: str) -> Non
     function (the net at twice the batch); ``ggn``'s second pass would see the batch doubled
     again, which is refused. The caller's tensor is never touched."""
 
-    class Doubling(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = mlp((5, 7, 3))
-
-        def forward(self, x: Tensor) -> Tensor:
-            x.mul_(2)
-            return self.net(x)
-
-    model = Doubling()
+    model = _MlpAfter(lambda x: x.mul_(2))
     inputs, targets = _batch()
     given, version = inputs.clone(), inputs._version
     call = lambda: hessrank.effective_rank(  # noqa: E731
@@ -371,15 +363,15 @@ def test_parameters_that_are_views_are_fingerprinted(method):
     assert result.rank >= 1
 
 
-class _SetsThreads(nn.Module):
-    """A forward that sets torch's thread count (a library that tunes it)."""
+class _MlpAfter(nn.Module):
+    """A tanh MLP 5-``width``-3 whose forward first does ``action(inputs)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, action: Any, width: int = 7) -> None:
         super().__init__()
-        self.net = mlp((5, 60, 3))
+        self.net, self.action = mlp((5, width, 3)), action
 
     def forward(self, x: Tensor) -> Tensor:
-        torch.set_num_threads(2)
+        self.action(x)
         return self.net(x)
 
 
@@ -392,7 +384,8 @@ def test_a_forward_that_sets_the_thread_count_is_not_taken_for_a_write(method):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = hessrank.effective_rank(_SetsThreads(), nn.CrossEntropyLoss(),
+        sets_threads = _MlpAfter(lambda _: torch.set_num_threads(2), width=60)  # a library's
+        result = hessrank.effective_rank(sets_threads, nn.CrossEntropyLoss(),
                                          (inputs, targets), method=method)
     finally:
         torch.set_num_threads(previous)
