@@ -325,10 +325,10 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
     draw from any of them), and the ``torch.Generator`` objects submodules hold. The restore
     runs with Ctrl-C held back, so it is atomic. Parameter values are not copied: hessrank
     writes them only through :func:`renormalised_embeddings`, which restores what it wrote
-    itself. A forward that writes
-    its own parameters in place is refused instead (:func:`written_parameters_error`): the block
-    yields a check to run once the work's first forward pass has, and the check runs again on a
-    normal exit.
+    itself. A forward that writes its own parameters in place is refused instead
+    (:func:`written_parameters_error`): the block yields a check to run once the work's first
+    forward pass has (version counters), and the check runs again on a normal exit (version
+    counters and values).
 
     Yields:
         ``check()``: raises ``ValueError`` if a parameter was written in place since entry.

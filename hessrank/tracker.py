@@ -290,12 +290,8 @@ class JsonLinesSink:
         kept: list[str] = []
         moved: list[str] = []
         for line in self.path.read_text().splitlines(keepends=True):
-            try:
-                record = json.loads(line.strip().strip("\x00") or "null")
-            except json.JSONDecodeError:
-                record = None
-            redone = (isinstance(record, dict) and record.get("method") == method
-                      and record["step"] >= step)
+            _, record, _ = _line_record(line)
+            redone = record is not None and record["method"] == method and record["step"] >= step
             (moved if redone else kept).append(line)
         with side.open("a") as file:
             file.writelines(moved)
@@ -351,6 +347,20 @@ def _end_last_line(path: Path) -> None:
 _RECORD_START = '{"step": '
 
 
+def _line_record(line: str) -> tuple[str, dict[str, Any] | None, bool]:
+    """A log line without its padding (blanks, NUL bytes), the record it holds (a JSON object
+    with an integer ``step`` and a ``method`` name; None for anything else), and whether it is
+    JSON at all."""
+    content = line.strip().strip("\x00")
+    try:
+        value, whole = json.loads(content), True
+    except json.JSONDecodeError:
+        value, whole = None, False
+    is_record = (isinstance(value, dict) and isinstance(value.get("step"), int)
+                 and isinstance(value.get("method"), str))
+    return content, value if is_record else None, whole
+
+
 def _logged_steps(path: Path) -> dict[str, list[int]]:
     """The steps of the records in the log at ``path``, by method. Blank lines and NUL bytes
     (a file system's padding after a power loss) are left out, and so is a last line without
@@ -367,15 +377,10 @@ def _logged_steps(path: Path) -> dict[str, list[int]]:
     lines = [] if text is None else text.split("\n")
     steps: dict[str, list[int]] = {}
     for number, line in enumerate(lines, start=1):
-        content = line.strip().strip("\x00")
+        content, record, whole = _line_record(line)
         if not content:
             continue
-        try:
-            record, whole = json.loads(content), True
-        except json.JSONDecodeError:
-            record, whole = None, False
-        if (isinstance(record, dict) and isinstance(record.get("step"), int)
-                and isinstance(record.get("method"), str)):
+        if record is not None:
             steps.setdefault(record["method"], []).append(record["step"])
             continue
         if number == len(lines) and not whole and (content.startswith(_RECORD_START)
