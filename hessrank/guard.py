@@ -8,6 +8,7 @@ import operator
 import pickle
 import random
 import signal
+import sys
 import threading
 import types
 import weakref
@@ -212,6 +213,10 @@ class PassState:
 _DEFERRABLE = frozenset(signal.valid_signals()) - {
     getattr(signal, name) for name in ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE",
                                        "SIGILL", "SIGINT") if hasattr(signal, name)}
+#: The C function under ``signal.pthread_sigmask`` (None where the system has none), whose
+#: wrapper turns the returned mask into enum members: 0.1 ms a block-and-restore against 3 us,
+#: eight of them in a call. ``signal`` imports it from ``_signal``.
+_SIGMASK = getattr(sys.modules.get("_signal"), "pthread_sigmask", None)
 
 
 @contextmanager
@@ -232,15 +237,14 @@ def deferred_interrupts() -> Iterator[None]:
         return
     received: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    mask = (signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRABLE)
-            if hasattr(signal, "pthread_sigmask") else None)
+    mask = _SIGMASK(signal.SIG_BLOCK, _DEFERRABLE) if _SIGMASK is not None else None
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
         try:  # held-back signals are delivered now: a handler may raise, the Ctrl-C still lands
-            if mask is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            if mask is not None and _SIGMASK is not None:
+                _SIGMASK(signal.SIG_SETMASK, mask)
         finally:
             if received:
                 signal.raise_signal(signal.SIGINT)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 import hessrank
+from hessrank.curvature import row_gram
 from hessrank.curvature.rules import conv, embedding, factors, linear, rule_for
 
 CHEAP_FIRST, CHEAP_SECOND = (lambda *a: (0.0, 1.0)), (lambda *a: (1.0, 0.0))
@@ -161,10 +162,21 @@ def _explicit(layer: nn.Module, x: Tensor, grads: tuple[Tensor, ...], case: Rule
     return {name: torch.stack(r).view(k, n, *params[name].shape) for name, r in rows.items()}
 
 
+def _split_every_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every row Gram split down to single rows (:mod:`hessrank.curvature.row_gram`)."""
+    monkeypatch.setattr(row_gram, "MIN_SPLIT_COLUMNS", 0)
+    monkeypatch.setattr(row_gram, "HALF_ROWS", 1)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 @pytest.mark.parametrize("num_cotangents", [1, 3])
+@pytest.mark.parametrize("triangle", [False, True], ids=["row Grams as priced",
+                                                          "row Grams split to single rows"])
 def test_rule_matches_explicit_per_sample_gradients(case: RuleCase, num_cotangents: int,
+                                                    triangle: bool,
                                                     monkeypatch: pytest.MonkeyPatch):
+    if triangle:
+        _split_every_block(monkeypatch)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     layer = case.layer().double()
@@ -350,3 +362,21 @@ def test_projected_check_is_at_least_as_strict_as_the_whole_comparison():
     assert min(counted) >= 1.0
     # and it is an estimate of the size, not a bound far above it (16x in expectation)
     assert 12 < sum(counted) / len(counted) < 20
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(512, 600), (300, 513), (129, 8200), (70, 9000),
+                                               (256, 100), (5, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_gram_is_the_product_of_the_rows(rows: int, columns: int, dtype: torch.dtype):
+    """At the thresholds the rules use (split and unsplit shapes, odd row counts), against the
+    float64 product; added to a symmetric matrix, the sum."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, columns, generator=g, dtype=dtype)
+    start = torch.randn(rows, rows, generator=g, dtype=dtype)
+    start = start + start.T
+    reference = x.double() @ x.double().T
+    tolerance = {"rtol": 0.0, "atol": 64 * columns**0.5 * torch.finfo(dtype).eps
+                 * float(reference.diagonal().max())}
+    torch.testing.assert_close(row_gram.row_gram(x).double(), reference, **tolerance)
+    added = row_gram.add_row_gram(start.clone(), x)
+    torch.testing.assert_close(added.double(), start.double() + reference, **tolerance)

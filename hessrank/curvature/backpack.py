@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hessrank.curvature.gram import GramAccumulator, GramResult
+from hessrank.curvature.row_gram import row_gram
 from hessrank.problem import CurvatureProblem, agreement_tolerance, run_model
 
 _GGN_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
@@ -120,7 +121,7 @@ def gram_backpack(
     for group, names in groups.items():
         flat = torch.cat([factors[name] for name in names], dim=-1)
         flat = flat.reshape(-1, flat.shape[-1])
-        accumulator.add(group, flat @ flat.T)
+        accumulator.add(group, row_gram(flat))
     return GramResult(accumulator, dict.fromkeys(problem.names, "backpack"), [])
 
 

@@ -46,6 +46,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from hessrank.curvature.row_gram import row_gram
 from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
 from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
@@ -218,7 +219,9 @@ def _rounding_floor(true_grads: dict[str, Tensor]) -> float:
     ``eps``); a mixing the floor hides moves the full spectrum by under ``CHECK_FLOOR`` times
     the tolerance, and the group's own per-layer spectrum is then checked only to the floor
     (:func:`_judged` notes it)."""
-    squares = sum(float(g.double().square().sum()) for g in true_grads.values())
+    # accumulated in float64 without a float64 copy (3 ms of a 60 ms MLP call before)
+    squares = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
+                  for g in true_grads.values())
     return CHECK_FLOOR * math.sqrt(squares)
 
 
@@ -554,7 +557,7 @@ def _general_gram(
                     f"{observation}: {_lower_precision_cause(problem, error) or cause}")
         for group, flat in flats.items():
             gathered = _all_rows(problem, flat, k)
-            accumulator.add(group, gathered @ gathered.T)
+            accumulator.add(group, row_gram(gathered))
     return path
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hessrank.curvature.row_gram import add_row_gram
 from hessrank.curvature.rules import TensorRule, register_rule
 from hessrank.curvature.rules.factors import (
     CHUNK_BYTES,
@@ -116,7 +117,7 @@ class ConvFactors(Factors):
         gram = torch.zeros(rows, rows, dtype=dtype, device=device)
         if self.with_bias:
             summed = self.output_grads.sum(dim=(3, 4)).reshape(rows, c_out)
-            gram.addmm_(summed, summed.T)
+            add_row_gram(gram, summed)
         if self.weight_shape is None:
             return gram
         stacked = self.inputs.reshape(1, -1, *self.inputs.shape[2:])
@@ -129,7 +130,7 @@ class ConvFactors(Factors):
                 self._weight_gradient(stacked, part[i].reshape(1, -1, *part.shape[-2:]),
                                       n * self.groups).reshape(n, -1)
                 for i in range(k)]).reshape(rows, -1)
-            gram.addmm_(flat, flat.T)
+            add_row_gram(gram, flat)
         return gram
 
 

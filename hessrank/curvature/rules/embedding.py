@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from hessrank.curvature.row_gram import add_row_gram
 from hessrank.curvature.rules import TensorRule, register_rule
 from hessrank.curvature.rules.factors import CHUNK_BYTES, Claim, Factors
 
@@ -114,7 +115,7 @@ class EmbeddingFactors(Factors):
                                   device=part.device)
             compact.index_add_(0, target.reshape(-1), part.reshape(-1, part.shape[-1]))
             compact = compact.view(k * n, -1)
-            gram.addmm_(compact, compact.T)
+            add_row_gram(gram, compact)
             if claim is not None:
                 weights, out = claim
                 out[distinct, start:start + width] = (

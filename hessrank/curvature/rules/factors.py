@@ -35,6 +35,8 @@ from typing import ClassVar, cast
 import torch
 from torch import Tensor
 
+from hessrank.curvature.row_gram import add_row_gram, row_gram
+
 #: Bytes of intermediate tensors a rule's Gram may hold at once (it works in chunks above).
 CHUNK_BYTES = 256 * 2**20
 #: Bytes of one block of explicit per-sample gradients: formed, read by the Gram's GEMM while
@@ -145,7 +147,7 @@ class SampleGradients(Factors):
     def gram(self) -> Tensor:
         flat = torch.cat([g.reshape(g.shape[0] * g.shape[1], -1)
                           for g in self.gradients.values()], dim=1)
-        return flat @ flat.T
+        return row_gram(flat)
 
 
 @dataclass
@@ -207,17 +209,17 @@ class LayerFactors(Factors):
         k, n, positions, d_out = output_grads.shape
         rows = output_grads.reshape(k * n, positions, d_out)
         if positions == 1:
-            output_gram = rows[:, 0] @ rows[:, 0].T
+            output_gram = row_gram(rows[:, 0])
             if self.weight_shape is None:
                 return output_gram
-            activation_gram = activations[:, 0] @ activations[:, 0].T
+            activation_gram = row_gram(activations[:, 0])
             if self.with_bias:
                 activation_gram += 1.0
             # Entry ((k, i), (l, j)) takes (a_i . a_j): broadcast over k and l.
             output_gram.view(k, n, k, n).mul_(activation_gram[None, :, None, :])
             return output_gram
         summed = rows.sum(dim=1)
-        gram = summed @ summed.T if self.with_bias else torch.zeros(
+        gram = row_gram(summed) if self.with_bias else torch.zeros(
             k * n, k * n, dtype=rows.dtype, device=rows.device)
         if self.weight_shape is None:
             return gram
@@ -280,7 +282,7 @@ class LayerFactors(Factors):
         for start in range(0, d_out, block):
             rows = torch.einsum("kntd,ntf->kndf", output_grads[..., start:start + block],
                                 activations).reshape(k * n, -1)
-            gram.addmm_(rows, rows.T)
+            add_row_gram(gram, rows)
             if weights is not None:
                 claimed.append((weights.reshape(1, -1).to(rows.dtype) @ rows).reshape(-1, width))
         if weights is None:
