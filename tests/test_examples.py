@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+import hessrank
 
 PLASTICITY = Path(__file__).resolve().parents[1] / "examples" / "plasticity"
 sys.path.insert(0, str(PLASTICITY.parent))  # the harness is the package `plasticity`
@@ -379,10 +382,24 @@ def test_gradient_overlap_grows_with_the_subspace() -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 12, 5, generator=g), torch.randint(3, (2, 12), generator=g)
     num_params = sum(p[0].numel() for p in model.parameters())
-    one = metrics.gradient_overlap(model, x, y, 1, 2**30)
-    every = metrics.gradient_overlap(model, x, y, num_params, 2**30)
+    one = metrics.gradient_overlap(model, x, y, 1, 0.99, 2**30)
+    every = metrics.gradient_overlap(model, x, y, num_params, 0.99, 2**30)
     assert all(0.0 <= a <= b + 1e-9 for a, b in zip(one, every, strict=True))
     assert every == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
+def test_gradient_overlap_takes_the_runs_srank_threshold() -> None:
+    """Without ``--overlap-k`` the subspace is the srank at ``--hess-threshold`` (it was always
+    the library's 0.99): the overlap equals the library's at that threshold, per seed."""
+    model = BatchedMLP([0, 1], 5, 4, 1, 3, "tanh")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 12, 5, generator=g), torch.randint(3, (2, 12), generator=g)
+    for threshold in (0.5, 0.99):
+        expected = [hessrank.gradient_overlap(model.to_module(s), nn.CrossEntropyLoss(),
+                                              (x[s], y[s]), threshold=threshold) for s in (0, 1)]
+        assert metrics.gradient_overlap(model, x, y, None, threshold, 2**30) == expected
+    low = metrics.gradient_overlap(model, x, y, None, 0.5, 2**30)
+    assert low != metrics.gradient_overlap(model, x, y, None, 0.99, 2**30)
 
 
 def test_missing_cifar10_fails_with_a_clear_message(tmp_path: Path) -> None:

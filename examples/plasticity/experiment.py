@@ -441,7 +441,7 @@ class Trainer:
         })
         if cfg.overlap and when == "start":
             out[f"overlap_{when}"] = metrics.gradient_overlap(
-                model, xh, yh, cfg.overlap_k, cfg.hess_max_memory
+                model, xh, yh, cfg.overlap_k, cfg.hess_threshold, cfg.hess_max_memory
             )
         if when == "end":
             out.update(metrics.unit_stats(model, x, cfg.dormant_tau))

@@ -132,12 +132,14 @@ def hessian_ranks(
 
 
 def gradient_overlap(
-    model: BatchedMLP, x: torch.Tensor, y: torch.Tensor, k: int | None, max_memory: float
+    model: BatchedMLP, x: torch.Tensor, y: torch.Tensor, k: int | None, threshold: float,
+    max_memory: float
 ) -> list[float]:
-    """Fraction of ||grad||^2 in the top-k (default: srank) exact-Hessian eigenspace, per seed."""
+    """Fraction of ||grad||^2 in the top-k (default: the srank at ``threshold``, as the ranks
+    are measured) exact-Hessian eigenspace, per seed."""
     loss_fn = nn.CrossEntropyLoss()
     return [
         float(hessrank.gradient_overlap(model.to_module(s), loss_fn, (x[s], y[s]), k=k,
-                                        max_memory=max_memory))
+                                        threshold=threshold, max_memory=max_memory))
         for s in range(model.num_seeds)
     ]
