@@ -13,7 +13,7 @@ import pytest
 PLASTICITY = Path(__file__).resolve().parents[1] / "examples" / "plasticity"
 sys.path.insert(0, str(PLASTICITY.parent))  # the harness is the package `plasticity`
 
-from plasticity import experiment, run, summarize  # noqa: E402
+from plasticity import bench_batching, experiment, run, summarize  # noqa: E402
 from plasticity.experiment import Config, run_experiment  # noqa: E402
 from plasticity.problems import DATA_DIR_ENV, SetupError  # noqa: E402
 
@@ -76,6 +76,28 @@ def test_a_bad_option_is_refused_in_one_line_before_anything_is_written(
     assert err.startswith("error: ") and "\n" not in err, err
     assert fragment in err, err
     assert not out.exists()
+
+
+BENCH_CASES = [(["--epochs", "0"], "error: --epochs 0: must be an integer >= 1"),
+               (["--seeds", "3", "0"], "error: --seeds 0: must be an integer >= 1"),
+               (["--threads", "0"], "error: --threads 0: must be an integer >= 1")]
+
+
+@pytest.mark.parametrize(("options", "line"), BENCH_CASES,
+                         ids=[" ".join(c[0]) for c in BENCH_CASES])
+def test_bench_batching_refuses_a_bad_count_before_training(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, options: list[str],
+    line: str,
+) -> None:
+    """(``--epochs 0`` had printed speed-ups of no training, ``--seeds 0`` crashed after the
+    warm-up, ``--threads 0`` with torch's traceback.)"""
+    monkeypatch.setattr(bench_batching, "train_seconds", _no_training)
+    assert bench_batching.main(options) == 2
+    assert capsys.readouterr().err.strip() == line
+
+
+def _no_training(*args: object) -> float:
+    raise AssertionError("trained before its options were checked")
 
 
 def test_the_library_refuses_a_bad_config_before_anything_is_written(tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ import torch
 if __package__ in (None, ""):  # run as a file: make examples/ importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plasticity.experiment import Config, Trainer
-from plasticity.problems import Problem, synthetic_pool
+from plasticity.experiment import COUNT, Config, Trainer
+from plasticity.problems import Problem, SetupError, synthetic_pool
 
 
 def train_seconds(seeds: list[int], problem: Problem, epochs: int) -> float:
@@ -39,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=5, help="passes over the 600 samples")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
+    try:  # every count before any training (--seeds 0 had crashed after the warm-up)
+        for seeds in args.seeds:
+            COUNT.check("--seeds", seeds)
+        COUNT.check("--epochs", args.epochs)
+        COUNT.check("--threads", args.threads)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     problem = Problem(synthetic_pool(600, 784, 10, 0), "random_label")
     train_seconds([0], problem, 1)  # warm-up
