@@ -164,8 +164,7 @@ def _explicit(layer: nn.Module, x: Tensor, grads: tuple[Tensor, ...], case: Rule
 
 def _split_every_block(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every row Gram split down to single rows (:mod:`hessrank.curvature.row_gram`)."""
-    monkeypatch.setattr(row_gram, "MIN_SPLIT_COLUMNS", 0)
-    monkeypatch.setattr(row_gram, "HALF_ROWS", 1)
+    monkeypatch.setattr(row_gram, "SMALLEST_HALVES", ((0, 1),))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

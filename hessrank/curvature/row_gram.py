@@ -13,23 +13,20 @@ from __future__ import annotations
 from torch import Tensor
 
 #: Columns below which a split never pays (the GEMM is bound by its overheads, not its
-#: multiply-adds: ``512 x 256`` rows took 1.05-1.2x the plain product split).
+#: multiply-adds: ``512 x 256`` rows took 1.05-1.22x the plain product split).
 MIN_SPLIT_COLUMNS = 512
-#: Rows of the halves of a split block; as small as :data:`WIDE_HALF_ROWS` where the rows hold
-#: at least :data:`WIDE_COLUMNS` columns. ``python benchmarks/row_gram.py`` (2 threads):
-#: ``512 x 784`` 0.79x the plain product, ``512 x 512`` 0.86x, ``512 x 4000`` 0.72x, ``128 x
-#: 16200`` 0.84x.
-HALF_ROWS = 128
-WIDE_HALF_ROWS = 32
-WIDE_COLUMNS = 8192
+#: The fewest rows of a split's halves, by the rows' columns (at least this many columns: halves
+#: of at least this many rows). ``OMP_NUM_THREADS=2 python benchmarks/row_gram.py`` (40
+#: rounds) against the plain product: ``512 x 784`` and ``512 x 512`` 0.84-0.91x split into
+#: halves of 256 or 128 rows alike, ``256 x 784`` 1.02-1.07x into halves of 128 (so left
+#: whole), ``512 x 4000`` 0.72-0.75x down to 128 rows against 0.81x to 256, ``128 x 16362``
+#: 0.84x down to 32 rows against 0.91x to 64.
+SMALLEST_HALVES = ((8192, 32), (2048, 128), (MIN_SPLIT_COLUMNS, 256))
 
 
 def _splits(rows: int, columns: int) -> bool:
     """Whether a block of ``rows`` rows and ``columns`` columns is split in two."""
-    if columns < MIN_SPLIT_COLUMNS:
-        return False
-    half = rows // 2
-    return half >= HALF_ROWS or (columns >= WIDE_COLUMNS and half >= WIDE_HALF_ROWS)
+    return any(columns >= wide and rows // 2 >= half for wide, half in SMALLEST_HALVES)
 
 
 def add_row_gram(gram: Tensor, rows: Tensor) -> Tensor:
