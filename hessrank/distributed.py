@@ -40,7 +40,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
+from hessrank.guard import ModuleGenerators
 from hessrank.problem import (
     CurvatureProblem,
     agreement_tolerance,
@@ -467,6 +469,66 @@ def shard_cotangents(problem: CurvatureProblem,
         check_same_loss(problem, problem.loss_fn(everything, problem.all_targets))
     cotangents = cotangents_of(everything, problem.all_targets)
     return cotangents[:, problem.parallel.start : problem.parallel.stop]
+
+
+def check_same_function(problem: ShardedProblem) -> None:
+    """Raise in every process unless every process's model gives process 0's first sample the
+    same outputs, to rounding (a collective; one forward pass of one sample, in the call's
+    mode). The fingerprint of :func:`shard_problem` compares parameters and buffers, not what
+    the model computes from them: a plain attribute (a scale, a flag), an activation or a layer
+    chosen by a setting, or another forward made the result a silent mix of several models'
+    curvatures.
+
+    Raises:
+        ValueError: naming the first process whose outputs differ, by how much, and the likely
+            causes.
+    """
+    parallel = problem.parallel
+    args, kwargs = problem.sample_slice(0, 1)
+    shared_args, shared_kwargs = parallel.gather_objects(
+        ([x.cpu() for x in args], {key: x.cpu() for key, x in kwargs.items()}))[0]
+    sample = dataclasses.replace(
+        problem.local(), args=tuple(x.to(problem.device) for x in shared_args),
+        kwargs={key: x.to(problem.device) for key, x in shared_kwargs.items()},
+        targets=problem.targets[:1])
+    with torch.no_grad():
+        outputs = [leaf.detach().cpu() for leaf in tree_flatten(sample.forward())[0]
+                   if isinstance(leaf, Tensor)]
+    everyone = parallel.gather_objects(outputs)
+    first = everyone[0]
+    scale = max((float(leaf.double().nan_to_num(0.0, 0.0, 0.0).abs().max())
+                 for leaves in everyone for leaf in leaves if leaf.numel()), default=0.0)
+    tolerance = agreement_tolerance(problem.dtype) * max(scale, torch.finfo(problem.dtype).tiny)
+    for rank, leaves in enumerate(everyone[1:], start=1):
+        same_shapes = [leaf.shape for leaf in leaves] == [leaf.shape for leaf in first]
+        difference = max((_difference(a, b) for a, b in zip(leaves, first)),
+                         default=0.0) if same_shapes else None
+        if difference is None or difference > tolerance:
+            places = ModuleGenerators.read(problem.model).places
+            measured = ("their outputs have other shapes" if difference is None else
+                        f"their outputs differ by {difference / max(scale, 1e-300):.1e} of the "
+                        "largest")
+            raise ValueError(
+                f"the model computes another function in process {rank} than in process 0 (on "
+                f"process 0's first sample {measured}), though their parameters and buffers "
+                "agree: something held outside them differs (a plain attribute such as a scale "
+                "or a flag, an activation or a layer chosen by a setting, the forward's code"
+                + (f", the state of the model's own torch.Generator ({', '.join(places)})"
+                   if places else "")
+                + "), and the result would mix several models' curvatures; every process must "
+                "hold the same model")
+
+
+def _difference(first: Tensor, second: Tensor) -> float:
+    """The largest ``|first - second|`` of two equally shaped tensors where they are finite; inf
+    where their NaN or infinite entries differ (a model that is NaN on one sample, as one that
+    standardises over its batch, is NaN there in every process)."""
+    first, second = first.double(), second.double()
+    for odd in (torch.isnan, torch.isposinf, torch.isneginf):
+        if not torch.equal(odd(first), odd(second)):
+            return math.inf
+    finite = torch.isfinite(first)
+    return float((first - second)[finite].abs().max()) if bool(finite.any()) else 0.0
 
 
 def check_same_loss(problem: ShardedProblem, value: Tensor) -> None:

@@ -300,6 +300,11 @@ class ModuleGenerators:
                                         value.get_state())
         return cls(tuple(found.values()))
 
+    @property
+    def places(self) -> list[str]:
+        """Where the generators are held (``"block.noise.generator"``)."""
+        return [where for where, _, _ in self.states]
+
     def moved(self) -> list[str]:
         """Where a generator drew since the reading."""
         return [where for where, generator, state in self.states

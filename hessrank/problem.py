@@ -823,13 +823,19 @@ def refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor, part: str) 
     """
     difference = mixed_samples_difference(problem, outputs)
     if difference is not None:
+        places = ModuleGenerators.read(problem.model).places
+        # every pass draws from the generators' state at the call (run_model): a part run alone
+        # draws what the first samples of a whole batch would
+        drawn = (f", or the draws of the model's own torch.Generator ({', '.join(places)}), "
+                 "which every pass starts again, so a sample's noise follows its position in "
+                 "its batch" if places else "")
         raise ValueError(
             f"the model's output for a sample depends on the other samples of its batch (each "
             f"half of the batch run alone differs from the whole batch's outputs by "
             f"{difference:.1e} of their largest entry: statistics over the "
-            f"batch, or attention across samples), so each {part} would be computed on its own, "
-            "not with all the samples at once, and the result would not be that of the whole "
-            "data; pass the data as one batch in one process"
+            f"batch, or attention across samples{drawn}), so each {part} would be computed on "
+            "its own, not with all the samples at once, and the result would not be that of the "
+            "whole data; pass the data as one batch in one process"
         )
 
 

@@ -119,6 +119,18 @@ class WideActivations(nn.Module):
         return self.last(torch.tanh(wide).mean(dim=-1))
 
 
+class Scaled(nn.Module):
+    """The test MLP with its outputs times a plain attribute: nothing a fingerprint of the
+    parameters and buffers sees."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.net, self.scale = make_model(), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale
+
+
 class BatchStandardised(nn.Module):
     """A hidden layer standardised over the batch by hand (no BatchNorm module to refuse)."""
 
@@ -257,6 +269,16 @@ def worker(rank: int, port: int, out: str) -> None:
                 change(changed)
         results[case] = outcome(lambda changed=changed: hessrank.effective_rank(
             changed, nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
+    # Models equal in every tensor that compute other functions (probe 61: the results had
+    # mixed the two models' curvatures silently): a plain attribute, another activation.
+    results["attribute"] = outcome(lambda: hessrank.effective_rank(
+        Scaled(1.0 if rank == 0 else 3.0), nn.CrossEntropyLoss(), (x, y), method="fisher",
+        process_group=group))
+    activated = make_model()
+    if rank == 1:
+        activated[1] = nn.Sigmoid()
+    results["activation"] = outcome(lambda: hessrank.effective_rank(
+        activated, nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
     # The refined budget (the model's graph, known after its first pass) in every process:
     # large activations, few parameters; refused by one process alone on its shard.
     results["refined-budget"] = outcome(lambda: hessrank.effective_rank(
@@ -426,6 +448,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("swapped", "ValueError", "parameter '3.weight' differs between processes 0 and 1"),
     ("buffer", "ValueError", "buffer '1.running_mean' differs between processes 0 and 1"),
     ("frozen", "ValueError", "parameter '0.weight' differs between processes 0 and 1"),
+    ("attribute", "ValueError", "computes another function in process 1 than in process 0"),
+    ("activation", "ValueError", "computes another function in process 1 than in process 0"),
     ("refined-budget", "BudgetError", "method='exact' needs about"),
     ("coupled", "ValueError", "couples samples of different processes"),
     ("mixing-exact", "ValueError", "depends on the other samples of its batch"),
