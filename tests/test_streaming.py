@@ -395,6 +395,33 @@ def test_a_model_that_mixes_its_batch_is_refused_on_a_data_set(method):
         hessrank.effective_rank(model, nn.CrossEntropyLoss(), _batches(x, y), method)
 
 
+def test_a_model_drawing_from_its_own_generator_is_refused_on_a_data_set_naming_it():
+    """Per-sample noise from a ``torch.Generator`` the model holds: one batch is analysed at
+    the draw its next forward would make (with a note), but each batch of a data set starts
+    the generator again, so a sample's noise follows its position in its batch. The refusal
+    named only batch statistics and attention (probe 61); it names the generator."""
+    torch.manual_seed(0)
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.last = nn.Linear(4, 6), nn.Linear(6, 3)
+            self.noise = torch.Generator().manual_seed(11)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = self.first(x)
+            noise = torch.randn(hidden.shape, generator=self.noise, dtype=hidden.dtype)
+            return self.last(torch.tanh(hidden + 0.5 * noise))
+
+    model = Noisy().double()
+    x, y = classification_batch(sum(SIZES), 4, 3)
+    assert any("own torch.Generator (noise)" in note for note in hessrank.effective_rank(
+        model, nn.CrossEntropyLoss(), (x, y), "exact").notes)
+    with pytest.raises(ValueError, match=r"the draws of the model's own torch.Generator \(noise\)"
+                                         r", which every pass starts again"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), _batches(x, y), "exact")
+
+
 def test_train_mode_batchnorm_is_refused_on_a_data_set():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
