@@ -30,7 +30,9 @@ class RankResult:
             with ``measure_memory=True`` (None otherwise, or where it cannot be measured).
         threshold, rtol: the srank threshold and numerical-rank tolerance used.
         trace: sum of the eigenvalues (``lanczos``: SLQ estimate).
-        max_rank: structural upper bound on the rank (``n``, ``n C'``, or ``P``).
+        max_rank: structural upper bound on the rank (``n``, ``n C'``, or ``P``; the factor
+            Lanczos methods count the factor columns that are not zero, so samples the loss
+            ignores do not count).
         rank_interval: ``lanczos`` only: 95 % interval for the rank (probe spread plus
             quadrature resolution).
         trace_interval, numerical_interval: ``lanczos`` only: 95 % intervals for ``trace`` and

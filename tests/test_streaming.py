@@ -422,6 +422,25 @@ def test_a_model_drawing_from_its_own_generator_is_refused_on_a_data_set_naming_
         hessrank.effective_rank(model, nn.CrossEntropyLoss(), _batches(x, y), "exact")
 
 
+@pytest.mark.parametrize(("method", "bound"), [("ggn_lanczos", 15 * 2), ("fisher_lanczos", 15)])
+def test_samples_the_loss_ignores_bound_the_rank_as_in_a_data_set(method: str, bound: int):
+    """5 of 20 samples at ``ignore_index``: their factor columns are zero, so the rank is at
+    most 15 C' (GGN, C' = 2) or 15 (EF). As a data set whose second batch holds them, the bound
+    was that; as one batch it was 20 C' or 20, and so were the numerical rank and the default
+    ``rtol`` (probe 61)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = classification_batch(20, 4, 3)
+    y = y.clamp_min(1)
+    y[5:10] = 0
+    loss = nn.CrossEntropyLoss(ignore_index=0)
+    whole = hessrank.effective_rank(model, loss, (x, y), method)
+    streamed = hessrank.effective_rank(model, loss, list(zip(x.split(5), y.split(5))), method)
+    assert whole.max_rank == streamed.max_rank == bound
+    assert whole.rtol == streamed.rtol
+    assert whole.ranks["numerical"] <= bound
+
+
 def test_train_mode_batchnorm_is_refused_on_a_data_set():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()

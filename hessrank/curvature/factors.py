@@ -61,15 +61,19 @@ class FactorOperator(ParameterOperator):
             check_working_memory(graph.total + output_side_bytes(outputs))
         # a model that returns no tensor is named by the loss's checked entry
         self.loss_value = float(problem.loss(
-            outputs.detach() if isinstance(outputs, Tensor) else outputs))
+            outputs.detach() if isinstance(outputs, Tensor) else outputs).detach())
         check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                  problem.names, method)
         self.cotangents = shard_cotangents(problem, cotangents_of, outputs)
-        # F has K n columns, n the global batch's (its K agreed between the processes: a
-        # process's own rounding may differ); without the bound a data-parallel call's ranks
-        # and intervals reached P, past n (EF) or n C' (GGN)
-        self.rank_bound = min(self.dim, self._largest(self.cotangents.shape[0])
-                              * problem.num_samples)
+        # F's columns are J_i^T s_ki: at most as many independent ones as nonzero s_ki, summed
+        # over the processes (whose K may differ by their own rounding). Without the bound a
+        # data-parallel call's ranks and intervals reached P, past n (EF) or n C' (GGN); with
+        # K n instead, a batch holding samples its loss ignores got another bound than the same
+        # samples as a data set, whose ignored batches add nothing (probe 61)
+        k = self.cotangents.shape[0]
+        nonzero = int(self.cotangents.reshape(k, self.cotangents.shape[1], -1).ne(0)
+                      .any(dim=-1).sum())
+        self.rank_bound = min(self.dim, self._total(nonzero))
         self._outputs = outputs
         self._dummy = torch.zeros_like(outputs, requires_grad=True)
         with graph.counting():

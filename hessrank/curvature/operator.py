@@ -36,6 +36,10 @@ class ParameterOperator:
         self.graph_bytes = 0
         self.rank_bound = self.dim
 
+    def _total(self, local: int) -> int:
+        """The sum of the processes' ``local`` values (``local`` itself without a group)."""
+        return local if self.parallel is None else sum(self.parallel.gather_objects(local))
+
     def _largest(self, local: int) -> int:
         """The largest of the processes' ``local`` values (``local`` itself without a group):
         what sizes their collective work must agree on (one exchange)."""
