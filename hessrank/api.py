@@ -17,9 +17,7 @@ from torch import Tensor, nn
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
 from hessrank.distributed import (
     DataParallel,
-    ShardedProblem,
     agreement,
-    check_same_function,
     failures_shared,
     is_ddp_without_group,
     shard_problem,
@@ -332,8 +330,6 @@ def effective_rank(
                     "is the curvature of this process's batch alone; pass "
                     "process_group=torch.distributed.group.WORLD for the global batch")
             with evaluation_mode(problem.model, mode):
-                if isinstance(problem, ShardedProblem):
-                    check_same_function(problem)  # in the call's mode
                 concatenate = not estimator.streams  # a data set runs on its batches joined
                 if isinstance(problem, StreamedProblem):
                     _refuse_what_one_batch_exceeds(estimator, problem.first(), settings,

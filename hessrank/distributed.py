@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from hessrank.guard import ModuleGenerators
+from hessrank.guard import ModuleGenerators, evaluation_mode
 from hessrank.problem import (
     CurvatureProblem,
     agreement_tolerance,
@@ -386,7 +386,8 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
     """Check that every process analyses the same thing and build the sharded problem.
 
     One exchange of metadata (the call's signature, the shard size, a fingerprint of the
-    parameters and buffers), then one all-gather of the targets.
+    parameters and buffers, process 0's first sample), one all-gather of the targets, and one
+    of the outputs every process's model gives that sample (:func:`_check_same_function`).
 
     Args:
         problem: this process's validated shard.
@@ -398,8 +399,9 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
             shard updated), with a note.
 
     Raises:
-        ValueError: the processes disagree on the options, the parameters or the batch's shapes,
-            or ``mode='train'`` would use each shard's BatchNorm statistics (in every process).
+        ValueError: the processes disagree on the options, the parameters, the batch's shapes
+            or what their models compute, or ``mode='train'`` would use each shard's BatchNorm
+            statistics (in every process).
     """
     described = {
         **signature,
@@ -416,10 +418,13 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
                     "buffers (BatchNorm statistics) are process 0's in every process, as "
                     "DistributedDataParallel's next forward would make them (broadcast_buffers="
                     "True); your buffers are unchanged")
+    args, kwargs = problem.sample_slice(0, 1)  # process 0's serves every process's model
     reports = parallel.gather_objects((described, problem.num_samples,
-                                       _fingerprint(problem.model)))
-    first, _, first_print = reports[0]
-    for rank, (other, _, other_print) in enumerate(reports):
+                                       _fingerprint(problem.model),
+                                       ([x.cpu() for x in args],
+                                        {key: x.cpu() for key, x in kwargs.items()})))
+    first, _, first_print, first_sample = reports[0]
+    for rank, (other, _, other_print, _) in enumerate(reports):
         differing = sorted(key for key in first if first[key] != other.get(key))
         if differing:
             raise ValueError(
@@ -439,10 +444,13 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
                 "broadcast them first (for b in model.buffers(): dist.broadcast(b, src=0))"
             )
     refuse_split_batch_statistics(problem, "process's shard")
-    parallel.sizes = tuple(int(size) for _, size, _ in reports)
+    parallel.sizes = tuple(int(size) for _, size, _, _ in reports)
     all_targets = parallel.gather_samples(problem.targets)
-    return ShardedProblem(**problem.core_fields(),  # type: ignore[arg-type]
-                          parallel=parallel, all_targets=all_targets)
+    sharded = ShardedProblem(**problem.core_fields(),  # type: ignore[arg-type]
+                             parallel=parallel, all_targets=all_targets)
+    with evaluation_mode(problem.model, problem.mode):
+        _check_same_function(sharded, *first_sample)
+    return sharded
 
 
 def shard_cotangents(problem: CurvatureProblem,
@@ -471,22 +479,20 @@ def shard_cotangents(problem: CurvatureProblem,
     return cotangents[:, problem.parallel.start : problem.parallel.stop]
 
 
-def check_same_function(problem: ShardedProblem) -> None:
-    """Raise in every process unless every process's model gives process 0's first sample the
-    same outputs, to rounding (a collective; one forward pass of one sample, in the call's
-    mode). The fingerprint of :func:`shard_problem` compares parameters and buffers, not what
-    the model computes from them: a plain attribute (a scale, a flag), an activation or a layer
-    chosen by a setting, or another forward made the result a silent mix of several models'
-    curvatures.
+def _check_same_function(problem: ShardedProblem, shared_args: list[Tensor],
+                         shared_kwargs: dict[str, Tensor]) -> None:
+    """Raise in every process unless every process's model gives process 0's first sample (its
+    inputs ``shared_args``, ``shared_kwargs``) the same outputs, to rounding (a collective; one
+    forward pass of one sample, in the mode the caller sets). The fingerprint compares
+    parameters and buffers, not what the model computes from them: a plain attribute (a scale,
+    a flag), an activation or a layer chosen by a setting, or another forward made the result a
+    silent mix of several models' curvatures (probe 61).
 
     Raises:
         ValueError: naming the first process whose outputs differ, by how much, and the likely
             causes.
     """
     parallel = problem.parallel
-    args, kwargs = problem.sample_slice(0, 1)
-    shared_args, shared_kwargs = parallel.gather_objects(
-        ([x.cpu() for x in args], {key: x.cpu() for key, x in kwargs.items()}))[0]
     sample = dataclasses.replace(
         problem.local(), args=tuple(x.to(problem.device) for x in shared_args),
         kwargs={key: x.to(problem.device) for key, x in shared_kwargs.items()},
