@@ -1,7 +1,8 @@
 """The dense eigen-solve behind ``fisher`` and ``ggn``: which solver, measured (issue 9).
 
-    python benchmarks/eigensolve.py                  # both parts, a few minutes
+    python benchmarks/eigensolve.py                  # parts 1 and 2, a few minutes
     python benchmarks/eigensolve.py --skip-grams     # part 1 only
+    OMP_NUM_THREADS=2 python benchmarks/eigensolve.py --other   # part 3 only
 
 1. Float64 eigenvalues of a float32 Gram-like matrix per size: torch (its MKL) on one thread, as
    ``hessrank.spectrum.dense`` runs it up to 2048, against scipy's ``dsyevd`` (the OpenBLAS of
@@ -15,6 +16,10 @@
    ``(||R||_2 + 2 (1 - sqrt(1 - ||E||_2)) max|lambda|) / sqrt(1 - ||E||_2)`` (Weyl's inequality on
    ``Q^T K Q`` with ``Q`` the polar factor of ``V``). Norms here are exact (``||R||_2`` by power
    iteration, a lower estimate, so the bound shown is a lower estimate too).
+3. ``--other``: the 512 x 512 solve on torch's two threads and on NumPy's OpenBLAS (its own
+   threads, as a library call would leave them), each alone and between two of torch's
+   two-thread GEMMs (as in a ``fisher`` call); and the second stage of a two-stage solve, the
+   band matrix's eigenvalues (SciPy's ``eigvals_banded``), at 512 and 4608.
 """
 
 from __future__ import annotations
@@ -139,6 +144,50 @@ def float32_study(gram: torch.Tensor, rounds: int) -> dict[str, Any]:
     return out
 
 
+def other_solvers(rounds: int) -> dict[str, float]:
+    """Part 3: median milliseconds of each case (see the module docstring)."""
+    import scipy.linalg
+
+    torch.set_num_threads(2)
+    f = torch.randn(512, 900, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gram, single = f @ f.T, f.float()
+    array = gram.numpy()
+
+    def one_thread() -> None:
+        torch.set_num_threads(1)
+        torch.linalg.eigvalsh(gram)
+        torch.set_num_threads(2)
+
+    def between_gemms(solve: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            single @ single.T
+            solve()
+            single @ single.T
+        return run
+
+    cases: dict[str, Callable[[], Any]] = {
+        "torch 1 thread": one_thread, "torch 2 threads": lambda: torch.linalg.eigvalsh(gram),
+        "numpy (OpenBLAS threads)": lambda: np.linalg.eigvalsh(array),
+        "GEMM, torch 1 thread, GEMM": between_gemms(one_thread),
+        "GEMM, numpy, GEMM": between_gemms(lambda: np.linalg.eigvalsh(array))}
+    generator = np.random.default_rng(0)
+    for size, width in ((512, 8), (512, 32), (4608, 16), (4608, 32)):
+        band = generator.standard_normal((width + 1, size))
+        cases[f"eigvals_banded {size}, bandwidth {width}"] = (
+            lambda band=band: scipy.linalg.eigvals_banded(band, check_finite=False))
+    out = {}
+    for name, case in cases.items():
+        case()  # warm-up
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            case()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times) * 1e3
+        print(f"{name}: {out[name]:.1f} ms", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="256,512,1024,1536,2048")
@@ -146,7 +195,13 @@ def main() -> None:
     ap.add_argument("--gram-rounds", type=int, default=3, help="paired rounds per Gram (part 2)")
     ap.add_argument("--skip-grams", action="store_true")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--other", action="store_true", help="part 3 alone")
     args = ap.parse_args()
+    if args.other:
+        results_other = other_solvers(args.rounds)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results_other, indent=1))
+        return
     results: dict[str, Any] = {"sizes": solver_sizes([int(s) for s in args.sizes.split(",")],
                                                      args.rounds)}
     if not args.skip_grams:
