@@ -46,6 +46,7 @@ from hessrank.guard import ModuleGenerators, evaluation_mode
 from hessrank.problem import (
     CurvatureProblem,
     agreement_tolerance,
+    check_loss,
     evaluate_loss,
     refuse_mixed_samples,
     refuse_split_batch_statistics,
@@ -422,7 +423,8 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
     reports = parallel.gather_objects((described, problem.num_samples,
                                        _fingerprint(problem.model),
                                        ([x.cpu() for x in args],
-                                        {key: x.cpu() for key, x in kwargs.items()})))
+                                        {key: x.cpu() for key, x in kwargs.items()})
+                                       if parallel.rank == 0 else None))
     first, _, first_print, first_sample = reports[0]
     for rank, (other, _, other_print, _) in enumerate(reports):
         differing = sorted(key for key in first if first[key] != other.get(key))
@@ -545,6 +547,8 @@ def check_same_loss(problem: ShardedProblem, value: Tensor) -> None:
         ValueError: naming the processes and their values.
     """
     values = problem.parallel.gather_objects(float(value))
+    if not any(math.isfinite(other) for other in values):
+        check_loss(value)  # non-finite everywhere: one process's error, not a mismatch (probe 62)
     tolerance = agreement_tolerance(value.dtype) * max(abs(values[0]), 1e-30)
     for rank, other in enumerate(values):
         if not abs(other - values[0]) <= tolerance:
@@ -568,6 +572,8 @@ def check_shards_uncoupled(problem: ShardedProblem) -> None:
     parallel = problem.parallel
     with torch.no_grad():
         local = problem.forward()
+    if not isinstance(local, Tensor):
+        evaluate_loss(problem.loss_fn, local, problem.targets)  # raises, naming the fix
     refuse_mixed_samples(problem.local(), local, "process's shard")
     outputs = problem.gather_outputs(local)
     leaf = outputs.requires_grad_(True)

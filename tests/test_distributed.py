@@ -131,6 +131,17 @@ class Scaled(nn.Module):
         return self.net(x) * self.scale
 
 
+class DictOutputs(nn.Module):
+    """The test MLP's logits in a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+
 class BatchStandardised(nn.Module):
     """A hidden layer standardised over the batch by hand (no BatchNorm module to refuse)."""
 
@@ -279,6 +290,14 @@ def worker(rank: int, port: int, out: str) -> None:
         activated[1] = nn.Sigmoid()
     results["activation"] = outcome(lambda: hessrank.effective_rank(
         activated, nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
+    # As one process would say it (probe 62): a NaN loss had been called two processes' losses
+    # disagreeing ("nan and nan"), outputs in a dict a bare AttributeError.
+    results["nan-loss"] = outcome(lambda: hessrank.effective_rank(
+        model, lambda f, t: nn.functional.cross_entropy(f, t) * float("nan"), (x, y),
+        method="exact", process_group=group))
+    results["dict-outputs"] = outcome(lambda: hessrank.effective_rank(
+        DictOutputs(), lambda f, t: nn.functional.cross_entropy(f["logits"], t), (x, y),
+        method="exact", process_group=group))
     # The refined budget (the model's graph, known after its first pass) in every process:
     # large activations, few parameters; refused by one process alone on its shard.
     results["refined-budget"] = outcome(lambda: hessrank.effective_rank(
@@ -450,6 +469,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("frozen", "ValueError", "parameter '0.weight' differs between processes 0 and 1"),
     ("attribute", "ValueError", "computes another function in process 1 than in process 0"),
     ("activation", "ValueError", "computes another function in process 1 than in process 0"),
+    ("nan-loss", "ValueError", "the loss is nan"),
+    ("dict-outputs", "TypeError", "the model returned dict; hessrank needs a tensor of outputs"),
     ("refined-budget", "BudgetError", "method='exact' needs about"),
     ("coupled", "ValueError", "couples samples of different processes"),
     ("mixing-exact", "ValueError", "depends on the other samples of its batch"),
