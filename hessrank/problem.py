@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from hessrank.guard import GlobalGenerators, ModuleGenerators, PassState
 
@@ -176,6 +177,10 @@ class CurvatureProblem:
         return groups
 
 
+#: What autograd says when a forward differentiates a tensor that has no graph.
+_GRAPHLESS = "does not require grad and does not have a grad_fn"
+
+
 def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor], mode: str,
               notes: list[str] | None = None) -> Tensor:
     """``model(*args, **kwargs)``, refused if the forward pass drew from a global random
@@ -195,7 +200,19 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     before = GlobalGenerators.read()
     private = ModuleGenerators.read(model)
     try:
-        outputs = model(*args, **kwargs)
+        try:
+            outputs = model(*args, **kwargs)
+        except RuntimeError as error:
+            if torch.is_grad_enabled() or _GRAPHLESS not in str(error):
+                raise
+            # A forward that differentiates (a force field's -dE/dx, a gradient penalty) needs
+            # a graph where the caller's pass wants none (a check's, under torch.no_grad()):
+            # run again from the same draws with one, its outputs detached.
+            before.restore()
+            private.restore()
+            with torch.enable_grad():
+                outputs = tree_map(lambda leaf: leaf.detach() if isinstance(leaf, Tensor)
+                                   else leaf, model(*args, **kwargs))
     except RuntimeError as error:
         labelled = labelled_inputs(args, kwargs)
         integer = [label for label, tensor in labelled if not tensor.is_floating_point()]

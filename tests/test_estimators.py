@@ -644,3 +644,69 @@ def test_factor_lanczos_on_a_whole_batch_model_gives_its_result(method):
     result = hessrank.effective_rank(model, CE, (x, y), method=method, lanczos_steps=20)
     assert result.rank >= 1
     assert not any("depends on the other samples" in note for note in result.notes)
+
+
+class _EnergyGradient(nn.Module):
+    """Outputs that are a gradient the forward takes itself (a force field's ``-dE/dx``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.energy = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        (force,) = torch.autograd.grad(self.energy(x).sum(), x, create_graph=True)
+        return force[:, :3]
+
+
+def _flat(tensors: tuple[torch.Tensor | None, ...], params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1)
+                      for p, t in zip(params, tensors, strict=True)])
+
+
+def _energy_references(model: nn.Module, x: torch.Tensor, y: torch.Tensor
+                       ) -> dict[str, np.ndarray]:
+    """Dense float64 Hessian (double backpropagation, row by row), GGN and EF (explicit
+    Jacobians and output-side derivatives, sample by sample) of the mean cross-entropy."""
+    params = list(model.parameters())
+    ce = nn.CrossEntropyLoss()
+    gradient = _flat(torch.autograd.grad(ce(model(x), y), params, create_graph=True,
+                                         allow_unused=True), params)  # the energy's bias
+    hessian = torch.stack([_flat(torch.autograd.grad(g, params, retain_graph=True,
+                                                     allow_unused=True), params)
+                           for g in gradient]).detach()
+    size, n = gradient.numel(), y.shape[0]
+    ggn, fisher = torch.zeros(size, size, dtype=torch.float64), torch.zeros(size, size,
+                                                                            dtype=torch.float64)
+    for i in range(n):
+        f = model(x[i:i + 1]).reshape(-1)
+        jacobian = torch.stack([_flat(torch.autograd.grad(f[c], params, retain_graph=True,
+                                                          allow_unused=True), params)
+                                for c in range(f.numel())]).detach()
+        leaf = f.detach().requires_grad_(True)
+        (loss_gradient,) = torch.autograd.grad(ce(leaf[None], y[i:i + 1]), leaf,
+                                               create_graph=True)
+        output_hessian = torch.stack([torch.autograd.grad(g, leaf, retain_graph=True)[0]
+                                      for g in loss_gradient]).detach()
+        ggn += jacobian.T @ output_hessian @ jacobian / n
+        sample = jacobian.T @ loss_gradient.detach()
+        fisher += torch.outer(sample, sample) / n
+    return {"exact": ((hessian + hessian.T) / 2).numpy(), "ggn": ggn.numpy(),
+            "fisher": fisher.numpy()}
+
+
+@pytest.mark.parametrize("method", ["exact", "ggn", "fisher"])
+@pytest.mark.parametrize("as_data_set", [False, True], ids=["one batch", "a data set"])
+def test_a_forward_that_differentiates_is_analysed(method: str, as_data_set: bool):
+    """The checks' forward passes run without a graph (torch.no_grad()); a forward that takes
+    a gradient itself then failed ('element 0 of tensors does not require grad'): `ggn` on one
+    batch, every method on a data set (probe 62). Such a pass now runs again with a graph."""
+    model = _EnergyGradient()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=generator)
+    batch = list(zip(x.split(4), y.split(4))) if as_data_set else (x, y)
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method)
+    expected = eigenvalues_by_magnitude(_energy_references(model, x, y)[method])
+    assert_spectra_close(result.eigenvalues, expected, count=6)
