@@ -499,10 +499,26 @@ def _check_same_function(problem: ShardedProblem, shared_args: list[Tensor],
         problem.local(), args=tuple(x.to(problem.device) for x in shared_args),
         kwargs={key: x.to(problem.device) for key, x in shared_kwargs.items()},
         targets=problem.targets[:1])
-    with torch.no_grad():
-        outputs = [leaf.detach().cpu() for leaf in tree_flatten(sample.forward())[0]
-                   if isinstance(leaf, Tensor)]
+    outputs: list[Tensor] | str
+    try:
+        with torch.no_grad():
+            outputs = [leaf.detach().cpu() for leaf in tree_flatten(sample.forward())[0]
+                       if isinstance(leaf, Tensor)]
+    except Exception as error:  # noqa: BLE001 - a model that cannot run one sample alone
+        outputs = f"{type(error).__name__}: {error}"
     everyone = parallel.gather_objects(outputs)
+    failures = [rank for rank, leaves in enumerate(everyone) if isinstance(leaves, str)]
+    if len(failures) == len(everyone):  # the same model everywhere, as far as this can tell
+        problem.notes.append(
+            "the processes' models were compared by their parameters and buffers alone: they "
+            f"cannot run one sample alone ({everyone[0]})")
+        return
+    if failures:
+        working = next(rank for rank in range(len(everyone)) if rank not in failures)
+        raise ValueError(
+            f"the model of process {failures[0]} fails on process 0's first sample "
+            f"({everyone[failures[0]]}) where that of process {working} runs it: every process "
+            "must hold the same model")
     first = everyone[0]
     scale = max((float(leaf.double().nan_to_num(0.0, 0.0, 0.0).abs().max())
                  for leaves in everyone for leaf in leaves if leaf.numel()), default=0.0)

@@ -131,6 +131,19 @@ class Scaled(nn.Module):
         return self.net(x) * self.scale
 
 
+class PairsOnly(nn.Module):
+    """The test MLP, refusing a batch of one sample (in every process, or in ``failing``)."""
+
+    def __init__(self, failing: bool = True) -> None:
+        super().__init__()
+        self.net, self.failing = make_model(), failing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failing and x.shape[0] < 2:
+            raise ValueError("a batch needs two samples")
+        return self.net(x)
+
+
 class DictOutputs(nn.Module):
     """The test MLP's logits in a dict."""
 
@@ -290,6 +303,13 @@ def worker(rank: int, port: int, out: str) -> None:
         activated[1] = nn.Sigmoid()
     results["activation"] = outcome(lambda: hessrank.effective_rank(
         activated, nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
+    # A model that cannot run one sample alone: compared by its tensors only (a note), unless
+    # it runs in one process and not in another.
+    results["pairs-only"] = summary(hessrank.effective_rank(
+        PairsOnly(), nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
+    results["pairs-only-once"] = outcome(lambda: hessrank.effective_rank(
+        PairsOnly(failing=rank == 1), nn.CrossEntropyLoss(), (x, y), method="exact",
+        process_group=group))
     # As one process would say it (probe 62): a NaN loss had been called two processes' losses
     # disagreeing ("nan and nan"), outputs in a dict a bare AttributeError.
     results["nan-loss"] = outcome(lambda: hessrank.effective_rank(
@@ -420,6 +440,19 @@ def test_a_rule_declined_in_one_process_is_declined_in_all(
     assert any("'attn'" in note and "but not in process 0" in note for note in first["notes"])
 
 
+def test_a_model_that_cannot_run_one_sample_is_compared_by_its_tensors(
+        spawned: list[dict[str, Any]]) -> None:
+    """The function check runs one sample; a model that refuses it everywhere is analysed as
+    one process would analyse the whole batch, with a note."""
+    expected = hessrank.effective_rank(PairsOnly(), nn.CrossEntropyLoss(), make_batch(), "exact")
+    for rank in range(WORLD):
+        result = spawned[rank]["pairs-only"]
+        np.testing.assert_allclose(result["eigenvalues"], expected.eigenvalues, rtol=0,
+                                   atol=1e-10 * abs(expected.eigenvalues[0]))
+        assert any("compared by their parameters and buffers alone" in note
+                   and "a batch needs two samples" in note for note in result["notes"])
+
+
 def test_ddp_model_analysed_without_touching_ddp(spawned: list[dict[str, Any]]) -> None:
     reference = single("fisher")
     for rank in range(WORLD):
@@ -469,6 +502,7 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("frozen", "ValueError", "parameter '0.weight' differs between processes 0 and 1"),
     ("attribute", "ValueError", "computes another function in process 1 than in process 0"),
     ("activation", "ValueError", "computes another function in process 1 than in process 0"),
+    ("pairs-only-once", "ValueError", "the model of process 1 fails on process 0's first sample"),
     ("nan-loss", "ValueError", "the loss is nan"),
     ("dict-outputs", "TypeError", "the model returned dict; hessrank needs a tensor of outputs"),
     ("refined-budget", "BudgetError", "method='exact' needs about"),
