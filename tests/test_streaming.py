@@ -518,3 +518,27 @@ def test_a_sampler_on_the_system_s_entropy_is_refused_as_changing_data_not_crash
                         sampler=_OwnRandomSampler(16, "random.SystemRandom"))
     with pytest.raises(ValueError, match="changed between passes|differ"):
         hessrank.effective_rank(model, loss_fn, loader, "lanczos")
+
+
+def test_a_counted_graph_is_freed_without_a_backward_pass():
+    """The operators count the graph they keep (``GraphBytes``) by a saved-tensor hook; kept as
+    it was, a saved output held its own ``grad_fn``, a cycle no collection frees where the graph
+    is never backpropagated: Lanczos over a data set grew by 6 KiB a sample a product (7 GB at
+    65,536 samples, probe 63)."""
+    import gc
+    import weakref
+
+    from hessrank.problem import GraphBytes, build_problem
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = classification_batch(8, 4, 3)
+    graph = GraphBytes(build_problem(model, nn.CrossEntropyLoss(), (x, y), None, "eval"))
+    with graph.counting():
+        hidden = torch.tanh(model[0](x))  # saved by its backward as an output
+        outputs = model[2](hidden)
+    assert graph.total > 0
+    kept = weakref.ref(hidden)
+    del hidden, outputs
+    gc.collect()
+    assert kept() is None
