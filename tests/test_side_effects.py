@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import operator
 import subprocess
 import sys
+import weakref
 from typing import Any
 
 import numpy as np
@@ -843,3 +845,35 @@ def test_a_caller_that_disabled_saved_tensor_hooks_gets_the_result(method):
                 torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             pass
     np.testing.assert_allclose(result.eigenvalues, plain.eigenvalues, rtol=1e-12)
+
+
+_ALIVE: list[weakref.ref[torch.Tensor]] = []
+
+
+class _Watched(nn.Module):
+    """An MLP that keeps a weak reference to each hidden activation it computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.last = nn.Linear(4, 6).double(), nn.Linear(6, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.first(x))
+        _ALIVE.append(weakref.ref(hidden))
+        return self.last(hidden)
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos", "ggn", "fisher", "ggn_lanczos",
+                                    "fisher_lanczos"])
+def test_a_call_leaves_no_graph_behind(method: str):
+    """Every activation a call's forward passes computed is freed once it returns: the graph
+    counter's saved-tensor hook had kept saved outputs with their own grad_fn, a cycle no
+    collection frees, so every call of the product methods left its graph alive (about 4 MiB a
+    call for an MLP of 50k parameters on 1,024 samples; a tracker measuring every few steps
+    grew without end)."""
+    _ALIVE.clear()
+    x, y = classification_batch(8, 4, 3)
+    hessrank.effective_rank(_Watched(), CE, (x, y), method)
+    gc.collect()
+    assert _ALIVE and not [ref for ref in _ALIVE if ref() is not None]
