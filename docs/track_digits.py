@@ -1,7 +1,7 @@
 """The tracker tutorial's run: an MLP trained with Adam on the shipped digits, its curvature
 measured by every method every 25 steps on a fixed evaluation batch.
 
-    python docs/track_digits.py                  # writes runs/curvature.jsonl (about a minute)
+    python docs/track_digits.py                  # writes runs/curvature.jsonl (under a minute)
     hessrank plot runs/curvature.jsonl --layers -o docs/img/curvature.png
 """
 
