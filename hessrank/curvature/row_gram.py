@@ -19,9 +19,11 @@ MIN_SPLIT_COLUMNS = 512
 #: of at least this many rows). ``OMP_NUM_THREADS=2 python benchmarks/row_gram.py`` (40
 #: rounds) against the plain product: ``512 x 784`` and ``512 x 512`` 0.84-0.91x split into
 #: halves of 256 or 128 rows alike, ``256 x 784`` 1.02-1.07x into halves of 128 (so left
-#: whole), ``512 x 4000`` 0.72-0.75x down to 128 rows against 0.81x to 256, ``128 x 16362``
-#: 0.84x down to 32 rows against 0.91x to 64.
-SMALLEST_HALVES = ((8192, 32), (2048, 128), (MIN_SPLIT_COLUMNS, 256))
+#: whole), ``512 x 4000`` 0.72-0.75x down to 128 rows against 0.81x to 256. The Grams of 128
+#: rows stay whole: split down to 32 rows, ``128 x 16362`` took 0.84-0.93x alone, but the
+#: LSTM's and GPT's ``fisher`` calls, which form such blocks, measured 3.61 against 3.59 and
+#: 2.94 against 2.92 forward+backwards with and without (``benchmarks/README.md``, run L).
+SMALLEST_HALVES = ((2048, 128), (MIN_SPLIT_COLUMNS, 256))
 
 
 def _splits(rows: int, columns: int) -> bool:
