@@ -231,6 +231,7 @@ def effective_rank(
             lambda)`` from the Gram eigenvectors ``u`` (one batched backward pass); there a zero
             eigenvalue (zero to rounding) has no eigenvector in the factors' range and gets a
             zero row, and ``k`` beyond the Gram's size gives that many rows (a note says so).
+            With ``per_layer``, ``exact`` gives each block's too; ``fisher``/``ggn`` do not.
         mode: ``"eval"`` (default): the model as evaluated, dropout off and BatchNorm on its
             running statistics, whatever its flags; ``"train"``: the flags as set, i.e. BatchNorm
             in training mode on batch statistics, and one in eval mode (frozen) on its running

@@ -48,7 +48,9 @@ class RankResult:
             largest ``|eigenvalues|`` (rows match ``eigenvalues[:k]``), in the flattened order of
             ``parameters``; :meth:`unflatten` maps one back to the parameters' shapes. For
             ``fisher``/``ggn`` a zero eigenvalue's row is zero, and there are at most as many
-            rows as the Gram matrix has eigenvalues (a note says so).
+            rows as the Gram matrix has eigenvalues (a note says so). In :attr:`layers`, each
+            block's own eigenvectors with ``exact`` (its dense block is solved); None with
+            ``fisher``/``ggn``, whose blocks are solved from their Gram matrices alone.
         parameters: the analysed parameters' names and shapes, in the flattening order.
         notes: caveats worth reading.
         density: ``lanczos`` only: ``(nodes, weights)`` of the SLQ quadrature, weights summing
