@@ -47,9 +47,9 @@ from hessrank.problem import (
     CurvatureProblem,
     agreement_tolerance,
     check_loss,
-    evaluate_loss,
     refuse_mixed_samples,
     refuse_split_batch_statistics,
+    tensor_outputs,
 )
 
 #: Most dimensions a gathered tensor may have (its shape travels in a fixed-size header).
@@ -277,9 +277,7 @@ class ShardedProblem(CurvatureProblem):
         A collective: every process calls it together. Checked like
         :meth:`CurvatureProblem.loss` (same errors).
         """
-        outputs = self.forward() if outputs is None else outputs
-        if not isinstance(outputs, Tensor):
-            return CurvatureProblem.loss(self, outputs)  # raises the TypeError
+        outputs = tensor_outputs(self.forward() if outputs is None else outputs)
         everything = self.gather_outputs(outputs)
         start, stop = self.parallel.start, self.parallel.stop
         combined = torch.cat([everything[:start], outputs, everything[stop:]])
@@ -470,8 +468,7 @@ def shard_cotangents(problem: CurvatureProblem,
     one process on the whole batch, so a mean reduction weighs each sample ``1/n``), and keeps its
     own rows.
     """
-    if not isinstance(outputs, Tensor):
-        evaluate_loss(problem.loss_fn, outputs, problem.targets)  # raises, naming the fix
+    outputs = tensor_outputs(outputs)
     if not isinstance(problem, ShardedProblem):
         return cotangents_of(outputs.detach(), problem.targets)
     everything = problem.gather_outputs(outputs)
@@ -587,9 +584,7 @@ def check_shards_uncoupled(problem: ShardedProblem) -> None:
     """
     parallel = problem.parallel
     with torch.no_grad():
-        local = problem.forward()
-    if not isinstance(local, Tensor):
-        evaluate_loss(problem.loss_fn, local, problem.targets)  # raises, naming the fix
+        local = tensor_outputs(problem.forward())
     refuse_mixed_samples(problem.local(), local, "process's shard")
     outputs = problem.gather_outputs(local)
     leaf = outputs.requires_grad_(True)

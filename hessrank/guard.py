@@ -362,8 +362,7 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
                 """The parameters written since entry: by their version counters, and with
                 ``values`` by their values too (a write through ``.data`` moves no counter;
                 not read mid-call, where :func:`renormalised_embeddings` has rescaled rows)."""
-                moved = ([now != then and not (now[0] == then[0] and math.isnan(now[1])
-                                                and math.isnan(then[1]))
+                moved = ([not _same_print(now, then)
                           for now, then in zip(_fingerprints(parameters), fingerprints)]
                          if values else [False] * len(parameters))
                 return [name for name, p, version, changed in zip(
@@ -444,6 +443,12 @@ def _fingerprints(parameters: Sequence[Tensor]) -> list[tuple[int, float]]:
         return [_fingerprint(parameter) for parameter in parameters]
     finally:
         torch.set_num_threads(threads)
+
+
+def _same_print(now: tuple[int, float], then: tuple[int, float]) -> bool:
+    """Whether two :func:`_fingerprint` readings agree (a NaN sum agrees with a NaN sum)."""
+    return now[0] == then[0] and (now[1] == then[1]
+                                  or (math.isnan(now[1]) and math.isnan(then[1])))
 
 
 def _fingerprint(parameter: Tensor) -> tuple[int, float]:

@@ -296,6 +296,20 @@ def custom_functions_note(outputs: Tensor) -> str | None:
             "torch.autograd.gradcheck and gradgradcheck")
 
 
+def tensor_outputs(outputs: object) -> Tensor:
+    """``outputs``, which the model must return as a tensor.
+
+    Raises:
+        TypeError: the model returned something else (a dict, a tuple), naming the fix.
+    """
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            f"the model returned {type(outputs).__name__}; hessrank needs a tensor of outputs "
+            "(wrap the model so that forward returns the tensor the loss takes, e.g. logits)"
+        )
+    return outputs
+
+
 def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: bool = True
                   ) -> Tensor:
     """``loss_fn(outputs, targets)``, checked to be a scalar (and finite, unless ``finite`` is
@@ -308,11 +322,7 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
             and dtypes involved), or it is not a finite scalar, or it has no graph to outputs
             that have one.
     """
-    if not isinstance(outputs, Tensor):
-        raise TypeError(
-            f"the model returned {type(outputs).__name__}; hessrank needs a tensor of outputs "
-            "(wrap the model so that forward returns the tensor the loss takes, e.g. logits)"
-        )
+    outputs = tensor_outputs(outputs)
     try:
         value = loss_fn(outputs, targets)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
