@@ -372,17 +372,17 @@ def interval_parts(seeds: int, threshold: float, probes: int = 200) -> None:
         dim = operator.dim
         exact, vectors = np.linalg.eigh(dense_hessian(operator, 256).double().cpu().numpy())
         truth = srank(exact, threshold)
-        rtol = default_rtol(dim, float(torch.finfo(torch.float32).eps))
+        eps = float(torch.finfo(torch.float32).eps)
+        rtol = default_rtol(dim, eps)
         for seed in range(seeds):
             start = lanczos.rademacher(dim, torch.Generator().manual_seed(seed), operator.device,
                                        torch.float32)
             alpha, beta, last_beta, _ = lanczos.lanczos_run(operator, start, dim // 3)
             quadrature, _ = lanczos._deflated_quadrature(
-                lanczos._ritz_pairs(alpha, beta, last_beta), dim)
+                lanczos._ritz_pairs(alpha, beta, last_beta), dim, eps)
             nodes, weights = quadrature.nodes, quadrature.weights
             estimate = srank(nodes, threshold, weights)
-            low, high = lanczos._intervals([quadrature], threshold, rtol, seed,
-                                           float(torch.finfo(torch.float32).eps)).srank
+            low, high = lanczos._intervals([quadrature], threshold, rtol, seed, eps, dim).srank
             bottom, top = lanczos._count_bounds(quadrature, weights,
                                                 lanczos._srank_cut(nodes, weights, threshold))
             resolution = max(estimate, top) - min(estimate, bottom)
