@@ -1060,3 +1060,34 @@ def test_outputs_and_targets_that_broadcast_are_named(method):
                                                       method=method),
                ValueError, r"weights depend on the model's outputs.*The outputs \(8, 1\) and "
                r"targets \(8,\) broadcast to \(8, 8\).*targets\.unsqueeze\(-1\)")
+
+
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+@pytest.mark.parametrize("power", [-60, -30, 30, 60])
+def test_the_empirical_fisher_is_scale_free_within_float32s_range(method, power):
+    """``2**power`` times an MSE loss: the EF scales by ``4**power``, ranks stay."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    inputs, targets = torch.randn(6, 4), torch.randn(6, 3)
+    plain = hessrank.effective_rank(model, nn.MSELoss(), (inputs, targets), method)
+    scale = 2.0**power
+    scaled = hessrank.effective_rank(
+        model, lambda f, y: scale * nn.functional.mse_loss(f, y), (inputs, targets), method)
+    assert scaled.ranks == pytest.approx(plain.ranks, rel=1e-4)
+    assert scaled.top_eigenvalue == pytest.approx(plain.top_eigenvalue * scale**2, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+@pytest.mark.parametrize("power", [-70, 70])
+def test_an_empirical_fisher_beyond_float32s_range_is_refused_with_the_scale_to_use(method, power):
+    """At ``2**-70`` times the loss the weights' reading squared the gradients under float32's
+    range (refused as a loss whose samples interact), and further down the EF's entries flushed
+    to zero (every eigenvalue and rank 0, no note); at ``2**70`` they overflowed. Refused now,
+    naming the factor that brings the gradients into range."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    inputs, targets = torch.randn(6, 4), torch.randn(6, 3)
+    scale = 2.0**power
+    with pytest.raises(ValueError, match=r"Ranks are scale-free: scale the loss .*2\.0\*\*"):
+        hessrank.effective_rank(model, lambda f, y: scale * nn.functional.mse_loss(f, y),
+                                (inputs, targets), method)

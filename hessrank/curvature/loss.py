@@ -172,20 +172,34 @@ def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     tolerance = agreement_tolerance(outputs.dtype) * math.sqrt(flat_batch.shape[1])
     tiny = torch.finfo(outputs.dtype).tiny
     finite = torch.isfinite(flat_batch).all(dim=1)
-    flat_batch = torch.where(finite[:, None], flat_batch, 0.0)
+    # Each side in units of its largest entry (a power of two: exact), so that the squares and
+    # products below stay in range: a loss scaled by 1e-21 (or 1e21) had them flushed to zero
+    # (or overflow) in float32, and was refused as one whose samples interact.
+    batch_unit, sample_unit = _binade(flat_batch[finite]), _binade(flat_sample)
+    flat_batch = torch.where(finite[:, None], flat_batch, 0.0) / batch_unit
+    unit_sample = flat_sample / sample_unit
     rounding = (tolerance * flat_batch.abs().amax()).clamp_min(tiny)  # R
-    batch_norm, sample_norm = flat_batch.norm(dim=1), flat_sample.norm(dim=1)
+    batch_norm, sample_norm = flat_batch.norm(dim=1), unit_sample.norm(dim=1)
     read = batch_norm > rounding  # none where the batch's gradient is zero
-    weights = (flat_batch * flat_sample).sum(dim=1) / (sample_norm * sample_norm).clamp_min(tiny)
-    residual = (flat_batch - weights[:, None] * flat_sample).norm(dim=1)
+    weights = (flat_batch * unit_sample).sum(dim=1) / (sample_norm * sample_norm).clamp_min(tiny)
+    residual = (flat_batch - weights[:, None] * unit_sample).norm(dim=1)
     # a sample alone may have no defined loss (all its targets ignored): only read ones count
     mismatch = torch.where(read, torch.where(torch.isfinite(weights), residual, math.inf), 0.0)
     weights = torch.where(read, weights, 0.0)
     # errors of R in dL/df_i and of tol * (largest entry of a read dl_j/df_j) in dl_i/df_i
-    sample_rounding = tolerance * torch.where(read[:, None], flat_sample.abs(), 0.0).amax()
+    sample_rounding = tolerance * torch.where(read[:, None], unit_sample.abs(), 0.0).amax()
     spread = (rounding + weights * sample_rounding) / sample_norm.clamp_min(tiny)
     uncertainty = torch.where(read, spread, math.inf)
-    return _Reading(weights, uncertainty, flat_sample, mismatch / rounding, finite)
+    ratio = batch_unit / sample_unit
+    return _Reading(weights * ratio, uncertainty * ratio, flat_sample, mismatch / rounding,
+                    finite)
+
+
+def _binade(values: Tensor) -> float:
+    """The power of two at or above the largest finite ``|value|`` (1 where there is none)."""
+    finite = values[torch.isfinite(values)]
+    largest = float(finite.abs().amax()) if finite.numel() else 0.0
+    return 2.0 ** math.frexp(largest)[1] if largest > 0 else 1.0
 
 
 #: Peak bytes of :func:`fisher_cotangents`, in copies of the outputs: the batch's and the samples'
@@ -260,7 +274,26 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tupl
             "Fisher sum_i a_i g_i g_i^T needs a_i >= 0; use method='exact' or 'lanczos'"
         )
     factors = torch.where(weights[:, None] > 0, read.sample_grads * weights.sqrt()[:, None], 0.0)
+    _check_squares_in_range(factors, dtype)
     return factors.reshape(1, *outputs.shape).to(dtype), weights.to(dtype)
+
+
+def _check_squares_in_range(factors: Tensor, dtype: torch.dtype) -> None:
+    """Raise where the largest factor's square leaves ``dtype``'s normal range: the EF's
+    entries are products of two factors (times the model's Jacobians), and below it they flush
+    to zero (a loss scaled by 1e-24: every eigenvalue 0, every rank 0) or, above it, overflow."""
+    largest = float(factors.abs().amax()) if factors.numel() else 0.0
+    info = torch.finfo(dtype)
+    if largest == 0.0 or math.sqrt(info.tiny) <= largest <= math.sqrt(info.max):
+        return
+    side, limit = (("under", info.tiny) if largest < 1 else ("over", info.max))
+    power = -math.frexp(largest)[1]  # brings the largest to [1/2, 1)
+    raise ValueError(
+        f"the samples' loss gradients w.r.t. the outputs reach at most {largest:.3g}: the "
+        f"empirical Fisher's entries, products of two of them, fall {side} {dtype}'s range "
+        f"({limit:.3g}) and would be lost. Ranks are scale-free: scale the loss "
+        f"(loss_fn = lambda f, y: 2.0**{power} * loss(f, y)), or "
+        "analyse a float64 copy of the model (copy.deepcopy(model).double(), float64 inputs)")
 
 
 def in_float64(loss_fn: LossFn) -> LossFn:
