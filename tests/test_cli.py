@@ -428,6 +428,9 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
         (["compare", "--plot", "-"], "--plot -: compare prints its tables on stdout"),
         (["compare", "--skip-exact", "--methods", "exact,fisher"],
          "--skip-exact leaves exact out, and --methods names it"),
+        # (probe 67: a traceback from a generator's seed, exit status 1)
+        (["rank", "--seed", "99999999999999999999"], "--seed: must be an integer <= 4294967295"),
+        (["compare", "--seed", "4294967295", "--seeds", "2"], "lower --seed"),
     ],
 )
 def test_bad_options_are_one_line_before_any_work(argv, expected, tmp_path: Path, capsys) -> None:
@@ -774,3 +777,56 @@ def test_quiet_says_nothing_of_files_it_replaces(tmp_path: Path, capsys) -> None
     assert status == 0 and err == ""
     status, _, err = run_main(argv, capsys)
     assert status == 0 and err.startswith(f"hessrank: --json {out} exists; it will be replaced")
+
+
+def test_a_refused_command_makes_no_folder(tmp_path: Path, capsys) -> None:
+    """The output's folder was made while the outputs were checked, before the methods were:
+    an unknown method left ``new/a/`` behind (probe 67)."""
+    status, _, err = run_main(["compare", "--methods", "foo", "--json",
+                               str(tmp_path / "new" / "a" / "r.json")], capsys)
+    assert status == 2 and "unknown method 'foo'" in err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_json_is_written_through_links_and_pipes(tmp_path: Path, capsys) -> None:
+    """``--json`` on a symbolic link wrote a regular file in the link's place (its target kept
+    the old content), and on a named pipe replaced the pipe (its reader got nothing; probe 67).
+    The link's target and the pipe's reader get the JSON now."""
+    target = tmp_path / "real" / "r.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    argv = ["rank", *TINY, "--method", "fisher", "--quiet", "--json"]
+    status, _, err = run_main([*argv, str(link)], capsys)
+    assert status == 0, err
+    assert link.is_symlink() and json.loads(target.read_text())["command"] == "rank"
+    pipe = tmp_path / "p.fifo"
+    os.mkfifo(pipe)
+    reader = subprocess.Popen(["cat", str(pipe)], stdout=subprocess.PIPE, text=True)
+    status, _, err = run_main([*argv, str(pipe)], capsys)
+    received, _ = reader.communicate(timeout=60)
+    assert status == 0, err
+    assert json.loads(received)["command"] == "rank"
+    assert pipe.exists() and not pipe.is_file()
+
+
+def test_an_interrupted_compare_does_not_claim_a_figure_it_did_not_draw(tmp_path: Path, capsys,
+                                                                         monkeypatch) -> None:
+    """Ctrl-C before the first checkpoint: ``--plot`` said it wrote a figure that was an earlier
+    run's, beside a new JSON of no checkpoint (probe 67)."""
+    from hessrank.cli import compare as compare_module
+
+    def interrupted(*args, **kwargs) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "run_compare", interrupted)
+    figure = tmp_path / "r.png"
+    figure.write_bytes(b"an earlier figure")
+    status, _, err = run_main(["compare", *TINY, "--methods", "fisher", "--plot", str(figure),
+                               "--json", str(tmp_path / "r.json")], capsys)
+    assert status == 130
+    assert f"--plot {figure} not written: no checkpoint was measured" in err
+    assert f"wrote {figure.resolve()}" not in err
+    assert figure.read_bytes() == b"an earlier figure"

@@ -70,11 +70,13 @@ def _positive_float(text: str) -> float:
     return float(value)
 
 
-def _integer(minimum: int) -> Callable[[str], int]:
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = _number(text, int)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {maximum}, got {text}")
         return int(value)
 
     parse.__name__ = f"integer >= {minimum}"
@@ -82,6 +84,10 @@ def _integer(minimum: int) -> Callable[[str], int]:
 
 
 _positive = _integer(1)
+#: Seeds the CLI takes: 32 bits (derived seeds, such as a task's labels', multiply them; a
+#: 20-digit seed overflowed a generator's with a traceback).
+MAX_SEED = 2**32 - 1
+_seed = _integer(0, MAX_SEED)
 
 
 def available_cores() -> int:
@@ -250,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-exact", action="store_true", help="leave out exact (no errors against it)"
     )
     compare.add_argument("--no-pyhessian", action="store_true", help="skip the PyHessian check")
-    compare.add_argument("--seed", type=_integer(0), default=0, help="first seed (default 0)")
+    compare.add_argument("--seed", type=_seed, default=0, help="first seed (default 0)")
     compare.add_argument(
         "--seeds", type=_positive, default=1, help="number of seeds, from --seed on (default 1)"
     )
@@ -309,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=RANK_DEFINITIONS,
         help="rank definition printed (default srank)",
     )
-    rank.add_argument("--seed", type=_integer(0), default=0, help="seed (default 0)")
+    rank.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
     rank.add_argument(
         "--json", help="write the full result as JSON to this path ('-': stdout) (default: none)"
     )
@@ -472,6 +478,9 @@ def _compare(args: argparse.Namespace) -> int:
         if path is not None and str(path) == "-":
             raise CliError(f"{option} -: compare prints its tables on stdout, so its files need "
                            f"names; give {option} a file (hessrank rank --json - prints JSON)")
+    if args.seed + args.seeds - 1 > MAX_SEED:
+        raise CliError(f"--seed {args.seed} --seeds {args.seeds} runs seeds up to "
+                       f"{args.seed + args.seeds - 1}, past {MAX_SEED}: lower --seed")
     report.check_outputs({"--json": args.json, "--csv": args.csv,  # before any work
                           "--plot": args.plot}, args.quiet)
     methods = _methods(args.methods, args.skip_exact)
@@ -509,10 +518,15 @@ def _compare(args: argparse.Namespace) -> int:
         try:
             save(result)
             written.append(args.json)
-            for path, write in ((args.csv, report.write_csv), (args.plot, report.write_plot)):
-                if path:
-                    write(result, path)
-                    written.append(path)
+            if args.csv:
+                report.write_csv(result, args.csv)
+                written.append(args.csv)
+            if args.plot and not report.write_plot(result, args.plot):
+                print(f"hessrank: --plot {args.plot} not written: no checkpoint was measured"
+                      + (" (the file there is an earlier run's)" if args.plot.exists() else ""),
+                      file=sys.stderr)
+            elif args.plot:
+                written.append(args.plot)
         except CliError as error:
             failed = error
         try:

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -411,6 +412,15 @@ def render(report: dict[str, Any], console: Console) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """``text`` into the file ``path`` names: a regular file (or a new one) replaced whole,
+    through any symbolic link (the link stays, its target is written); anything else (a pipe,
+    ``/dev/stdout``, a process substitution's ``/dev/fd/N``) written through, as it is not a
+    file to replace (those had been replaced by a regular file)."""
+    if _not_a_regular_file(path):
+        with path.open("w") as handle:
+            handle.write(text)
+        return
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -419,6 +429,15 @@ def _atomic_write(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _not_a_regular_file(path: Path) -> bool:
+    """Whether ``path`` exists (after links) as something other than a file or folder."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _clean(value: Any) -> Any:
@@ -521,7 +540,8 @@ PLOT_OPTIONS = ("--plot", "-o")
 
 def check_outputs(outputs: dict[str, Path | None], quiet: bool = False) -> None:
     """Before any work: the output files (option -> path; None or ``-``: none) are distinct, each
-    can be written (its folder is made), and a figure's extension is one matplotlib writes; a
+    can be written (a folder it needs is made only when it is written: a refused command leaves
+    none), and a figure's extension is one matplotlib writes; a
     file that holds something already is named on stderr (unless ``quiet``), as it will be
     replaced.
 
@@ -558,9 +578,19 @@ def check_outputs(outputs: dict[str, Path | None], quiet: bool = False) -> None:
         try:
             if path.is_dir():
                 raise IsADirectoryError(21, "it is a folder: name a file in it")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a"):  # writable? (an existing file is left as it is)
-                pass
+            if _not_a_regular_file(path):  # a pipe: opened once, to write (a test open ends it)
+                if not os.access(path, os.W_OK):
+                    raise PermissionError(13, "Permission denied")
+                continue
+            folder = next(folder for folder in path.parents if folder.exists())
+            if not folder.is_dir():
+                raise NotADirectoryError(20, "Not a directory")
+            if folder != path.parent:  # folders are made when the file is written
+                if not os.access(folder, os.W_OK | os.X_OK):
+                    raise PermissionError(13, f"Permission denied (in {folder})")
+            else:
+                with path.open("a"):  # writable? (an existing file is left as it is)
+                    pass
         except OSError as err:
             raise cannot_write(option, path, err) from err
         finally:
@@ -602,16 +632,20 @@ def save_figure(fig: Any, path: Path, what: str) -> None:
         plt.close(fig)
 
 
-def write_plot(report: dict[str, Any], path: Path) -> None:
+def write_plot(report: dict[str, Any], path: Path) -> bool:
     """Spectra of every method overlaid (|eigenvalue| vs index, log y) at the last checkpoint of
-    the first seed, and srank over checkpoints (mean over seeds, min-max band)."""
+    the first seed, and srank over checkpoints (mean over seeds, min-max band).
+
+    Returns:
+        Whether it was written (not where no checkpoint was measured).
+    """
     plt = pyplot("--plot")
     from matplotlib.ticker import MaxNLocator
 
     methods = report["config"]["methods"]
     runs = [r for r in report["runs"] if r["checkpoints"]]
     if not runs:
-        return
+        return False
     trajectory = report["config"]["checkpoints"] > 1
     fig, axes = plt.subplots(1, 2 if trajectory else 1, figsize=(12 if trajectory else 6.5, 4.5))
     axes = np.atleast_1d(axes)
@@ -657,3 +691,4 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         axes[1].legend()
     fig.tight_layout()
     save_figure(fig, path, "--plot")
+    return True
