@@ -1062,6 +1062,31 @@ def test_outputs_and_targets_that_broadcast_are_named(method):
                r"targets \(8,\) broadcast to \(8, 8\).*targets\.unsqueeze\(-1\)")
 
 
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_backpack_on_an_in_place_activation_names_the_backend_to_use(method):
+    """``ReLU(inplace=True)`` (every torchvision model tried) fails in BackPACK's hooks during
+    the forward pass, which ran outside the translation: torch's bare "a view is being modified
+    inplace" came out (probe 66)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(144, 5))
+    batch = (torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)))
+    with pytest.raises(ValueError, match=r"BackPACK could not compute.*backend='auto'"):
+        hessrank.effective_rank(model, CE, batch, method, backend="backpack")
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
+def test_backpack_s_wrong_factors_name_the_parameter(padding_mode):
+    """BackPACK's factors of a convolution padded otherwise than by zeros are wrong; the check
+    refused them without saying where (probe 66)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode),
+                          nn.Flatten(), nn.Linear(48, 4))
+    batch = (torch.randn(6, 2, 4, 4), torch.randint(0, 4, (6,)))
+    with pytest.raises(ValueError, match=r"disagree with autograd .*most in '0\.weight'"):
+        hessrank.effective_rank(model, CE, batch, "fisher", backend="backpack")
+
+
 @pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
 @pytest.mark.parametrize("power", [-60, -30, 30, 60])
 def test_the_empirical_fisher_is_scale_free_within_float32s_range(method, power):

@@ -90,9 +90,12 @@ def gram_backpack(
     loss_fn = extend(copy.deepcopy(problem.loss_fn)) if kind == "ggn" else problem.loss_fn
     copies = dict(model.named_parameters())
     n = problem.num_samples
-    loss = loss_fn(run_model(model, problem.args, problem.kwargs, problem.mode), problem.targets)
     factors: dict[str, Tensor] = {}
     try:
+        # the forward too: BackPACK's hooks fail there on an in-place activation (ReLU(inplace=
+        # True), in every torchvision model tried), with a bare RuntimeError
+        loss = loss_fn(run_model(model, problem.args, problem.kwargs, problem.mode),
+                       problem.targets)
         with backpack(extension), warnings.catch_warnings():
             # The inputs need no gradient; torch warns that module hooks fire on outputs only.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -129,16 +132,19 @@ def _verify(problem: CurvatureProblem, kind: str, factors: dict[str, Tensor],
             cotangents: Tensor, generator: torch.Generator) -> None:
     outputs = problem.forward()
     tolerance = agreement_tolerance(problem.dtype)
+    worst = ""
     if kind == "fisher":
         weights = torch.randn(cotangents.shape[:2], generator=generator, dtype=torch.float64)
         weights = weights.to(device=problem.device, dtype=problem.dtype)
         combined = torch.einsum("kn,kn...->n...", weights, cotangents)
         true = torch.autograd.grad(outputs, problem.params, grad_outputs=combined,
                                    allow_unused=True)
-        error = math.sqrt(sum(
-            float(((torch.einsum("kn,knp->p", weights, factors[name])
-                    - (torch.zeros_like(p) if t is None else t).reshape(-1)) ** 2).sum())
-            for name, p, t in zip(problem.names, problem.params, true)))
+        squares = {name: float(((torch.einsum("kn,knp->p", weights, factors[name])
+                                 - (torch.zeros_like(p) if t is None else t).reshape(-1)) ** 2
+                                ).sum())
+                   for name, p, t in zip(problem.names, problem.params, true)}
+        error = math.sqrt(sum(squares.values()))
+        worst = f", most in '{max(squares, key=squares.__getitem__)}'"
         scale = math.sqrt(sum(float((weights[..., None] ** 2 * factors[name] ** 2).sum())
                               for name in problem.names))
     else:
@@ -153,6 +159,6 @@ def _verify(problem: CurvatureProblem, kind: str, factors: dict[str, Tensor],
     if error > tolerance * max(scale, torch.finfo(torch.float64).tiny):
         raise ValueError(
             f"BackPACK's {kind} factors disagree with autograd (relative error "
-            f"{error / scale:.1e}): a module BackPACK does not handle correctly; use "
-            "backend='auto'"
+            f"{error / scale:.1e}{worst}): a module BackPACK does not handle correctly (as "
+            "convolutions with padding_mode other than 'zeros'); use backend='auto'"
         )
