@@ -567,6 +567,9 @@ def build_problem(
     model, notes = unwrap_model(model)
     args, kwargs, targets, labelled = _read_batch(batch)
     names, selected, excluded = _select_parameters(model, params)
+    if params is not None and excluded:  # asked for by name or tensor, and left out
+        notes.append(f"params= names frozen parameters ({listed_names(list(excluded))}): left "
+                     "out (requires_grad=False); set requires_grad=True to analyse them")
     dtypes = {p.dtype for p in selected}
     if len(dtypes) > 1:
         raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the "

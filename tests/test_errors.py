@@ -1044,7 +1044,11 @@ def test_backpack_failures_name_the_backend_to_use_instead():
         x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
         with pytest.raises(ValueError, match=r"BackPACK could not compute.*backend='auto'"):
             hessrank.effective_rank(model, CE, (x, y), "fisher", backend="backpack")
-        assert hessrank.effective_rank(model, CE, (x, y), "fisher").rank > 0
+        result = hessrank.effective_rank(model, CE, (x, y), "fisher")
+    assert result.rank > 0
+    # the rule's note named a 'relative error inf' (probe 66): the parameters it lacks now
+    assert ("the linear rule's factors for '0' are for bias, the module's parameters are bias, "
+            "weight_g, weight_v (a parametrisation)" in result.notes[0]), result.notes
 
 
 @pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])

@@ -237,6 +237,12 @@ def test_params_subset_and_frozen_parameters():
     assert frozen.excluded == ("0.weight",)
     assert frozen.num_params == 5 + 15 + 3
     assert not model[0].weight.requires_grad
+    assert not any("frozen" in note for note in frozen.notes)  # not asked for: listed only
+    # asked for by name: left out silently before (probe 66); a note says so now
+    named = hessrank.effective_rank(model, CE, (x, y), method="fisher",
+                                    params=["0.weight", "2.weight"])
+    assert named.num_params == 15
+    assert any("params= names frozen parameters (0.weight)" in note for note in named.notes)
 
 
 class SequenceNet(nn.Module):

@@ -419,6 +419,11 @@ def compute_gram(
         rule = rule_of[group]
         if error <= tolerance:
             passed[group] = gram
+        elif math.isinf(error):  # (a note said 'relative error inf' for weight_norm's weight_g)
+            failures[group] = (f"the {rule.name} rule's factors for {group!r} are for "
+                               f"{', '.join(sorted(claims))}, the module's parameters are "
+                               f"{', '.join(sorted(locals_))} (a parametrisation): computed by "
+                               "the general path")
         else:
             failures[group] = (f"the {rule.name} rule's factors for {group!r} failed the gradient "
                                f"check (relative error {error:.1e}): computed by the general path")
