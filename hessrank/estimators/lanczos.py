@@ -27,7 +27,7 @@ from hessrank.estimators.base import (
     seconds_of,
 )
 from hessrank.problem import CurvatureProblem
-from hessrank.spectrum.lanczos import lanczos_spectrum
+from hessrank.spectrum.lanczos import lanczos_spectrum, spot_check_steps
 from hessrank.spectrum.operator import SymmetricOperator
 from hessrank.streaming import operator_over
 
@@ -116,7 +116,8 @@ class LanczosEstimator(Estimator):
         if settings.max_seconds is not None and memory <= settings.max_memory:
             operator = self.data_operator(problem, settings)
             probe = torch.ones(1, operator.dim, dtype=operator.dtype, device=operator.device)
-            seconds = (seconds_of(lambda: operator.matmat(probe), operator.device) * steps
+            seconds = (seconds_of(lambda: operator.matmat(probe), operator.device)
+                       * (steps + spot_check_steps(steps))
                        + basis_seconds(steps, operator.dim, operator.device))
         return Cost(memory, seconds)
 
@@ -132,7 +133,8 @@ class LanczosEstimator(Estimator):
         steps = options.steps(operator.dim)
         # The basis is float32: products are no more precise than that.
         eps = max(float(torch.finfo(operator.dtype).eps), float(torch.finfo(BASIS_DTYPE).eps))
-        with settings.reporter.task(f"{self.name} ({steps} products)", steps) as advance:
+        products = steps + spot_check_steps(steps)  # the most the solver can spend
+        with settings.reporter.task(f"{self.name} ({steps} products)", products) as advance:
             # rtol None: the solver applies the rule the result's ranks apply, at the operator's
             # rank bound as the run found it (a data set's is known after a pass)
             result = lanczos_spectrum(operator, max_products=steps, threshold=settings.threshold,
