@@ -578,6 +578,30 @@ def test_plot_draws_each_method_against_step(tmp_path: Path, capsys) -> None:
                                         if r["method"] == "fisher"]
 
 
+def test_plot_shades_each_layer_s_lanczos_interval(tmp_path: Path) -> None:
+    """The per-layer panels drew Lanczos's srank line without its interval, which the log
+    holds (probe 67: a layer's line read 519 for an exact 268)."""
+    from matplotlib.collections import PolyCollection
+
+    from hessrank.cli.plot import build_figure, read_run
+
+    model, data = tiny_problem()
+    with hessrank.Tracker(model, torch.nn.CrossEntropyLoss(), ("lanczos",), every=1,
+                          log=tmp_path / "c.jsonl", per_layer=True,
+                          lanczos_steps=8) as tracker:
+        for _ in range(2):
+            tracker.step((data.inputs, data.targets))
+    records = tracker.records
+    fig = build_figure([read_run(tmp_path / "c.jsonl")], "rank", layers=True)
+    _, _, *layer_axes = fig.axes
+    assert layer_axes
+    for axes, name in zip(layer_axes, sorted(records[0]["layers"])):
+        (band,) = [c for c in axes.collections if isinstance(c, PolyCollection)]
+        assert band.get_label() == "lanczos interval"
+        low = min(r["layers"][name]["rank_interval"][0] for r in records)
+        assert band.get_paths()[0].vertices[:, 1].min() == pytest.approx(low)
+
+
 def test_plot_errors_and_failed_measurements(tmp_path: Path, capsys) -> None:
     log = tmp_path / "c.jsonl"
     tracker_log(log, per_layer=False)

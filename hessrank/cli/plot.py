@@ -161,9 +161,12 @@ def _draw(axes: Axes, runs: list[Run], key: str, layer: str | None = None) -> No
             if key in ("rank", "srank") and len(_thresholds(runs)) > 1:
                 label += f" at {', '.join(map(str, _thresholds([run], method)))}"
             (line,) = axes.plot(steps, values, label=label, **styles[run.name, method])
-            if layer is None and key in ("rank", "srank"):
-                bands = [(r["step"], *r["rank_interval"]) for r in run.records
-                         if r["method"] == method and r.get("rank_interval")]
+            if key in ("rank", "srank"):
+                # a layer's too: its line alone read 519 for an exact 268 (probe 67)
+                sources = [(r["step"], r if layer is None else r.get("layers", {}).get(layer, {}))
+                           for r in run.records if r["method"] == method]
+                bands = [(step, *source["rank_interval"]) for step, source in sources
+                         if source.get("rank_interval")]
                 if bands:
                     bands.sort()
                     axes.fill_between([b[0] for b in bands], [b[1] for b in bands],
