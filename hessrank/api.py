@@ -32,6 +32,7 @@ from hessrank.estimators import (
     Spectrum,
     option_fields,
 )
+from hessrank.estimators.base import DEFAULT_MAX_MEMORY
 from hessrank.estimators.exact import exact_chunk_size, products_bytes
 from hessrank.estimators.gram import BACKENDS
 from hessrank.guard import differentiable, evaluation_mode, preserved_state
@@ -185,7 +186,7 @@ def effective_rank(
     per_layer: bool = False,
     eigenvectors: int = 0,
     mode: str = "eval",
-    max_memory: float = 4 * 2**30,
+    max_memory: float = DEFAULT_MAX_MEMORY,
     max_seconds: float | None = None,
     seed: int = 0,
     progress: bool | Progress = False,
@@ -588,7 +589,7 @@ def gradient_overlap(
     *,
     threshold: float = 0.99,
     params: Iterable[Tensor | str] | None = None,
-    max_memory: float = 4 * 2**30,
+    max_memory: float = DEFAULT_MAX_MEMORY,
 ) -> float:
     """Share of the gradient's squared norm inside the top-``k`` eigenvectors of the Hessian.
 

@@ -254,6 +254,10 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
             "(310 parameters, n = 16) needs ~2.7 MiB and ~",
         ),
         (["compare", *TINY, "--max-memory", "1e-6"], "pass --skip-exact"),
+        # which budget (probe 67: "over the budget of --max-memory / --max-seconds")
+        (["compare", *TINY, "--max-memory", "1e-6"], "over --max-memory 1e-06 GiB;"),
+        (["rank", *TINY, "--method", "exact", "--max-seconds", "1e-9"],
+         "over --max-seconds 1e-09;"),
         # another method's budget is its own, not exact's (before: "exact Hessian ... needs")
         (["compare", *TINY, "--methods", "fisher", "--max-memory", "1e-7"],
          "leave the method out of --methods"),
@@ -387,6 +391,10 @@ def test_weights_are_loaded(tmp_path: Path) -> None:
     with pytest.raises(CliError, match=r"holds more than tensors .* torch.save\(model."
                                        r"state_dict\(\), path\)$"):
         presets.build_model("cnn", input_shape=(1, 8, 8), weights=tmp_path / "whole.pt")
+    # text, not a checkpoint: it was said to hold "more than tensors" (probe 67)
+    (tmp_path / "text.pt").write_text("not a pickle")
+    with pytest.raises(CliError, match=r"text\.pt is not a file torch\.save wrote"):
+        presets.build_model("cnn", input_shape=(1, 8, 8), weights=tmp_path / "text.pt")
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:

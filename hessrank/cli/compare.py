@@ -20,6 +20,7 @@ from hessrank.cli import presets
 from hessrank.cli.errors import CliError
 from hessrank.cli.pyhessian_check import pyhessian_check
 from hessrank.cli.report import human_bytes, human_seconds
+from hessrank.estimators.base import DEFAULT_MAX_MEMORY
 
 SCHEMA_VERSION = 1
 
@@ -141,10 +142,17 @@ def budget_message(method: str, err: hessrank.BudgetError, problem: Problem, cfg
               if method == "exact" and command == "compare"
               else "raise the budget, or choose another --method" if command == "rank"
               else "raise the budget, or leave the method out of --methods")
+    memory_limit = (cfg.max_memory_gib if cfg.max_memory_gib is not None
+                    else DEFAULT_MAX_MEMORY / 2**30)
+    over = []  # which of the budgets (the refusal had said "--max-memory / --max-seconds")
+    if err.memory_bytes > memory_limit * 2**30:
+        over.append(f"--max-memory {memory_limit:g} GiB")
+    if cfg.max_seconds is not None and err.seconds is not None and err.seconds > cfg.max_seconds:
+        over.append(f"--max-seconds {cfg.max_seconds:g}")
     return (
         f"{method} on {cfg.model} ({problem.num_params:,} parameters, "
         f"n = {problem.data.inputs.shape[0]}) needs ~{human_bytes(err.memory_bytes)}"
-        f"{time_text}, over the budget of --max-memory / --max-seconds; {advice}"
+        f"{time_text}, over {' and '.join(over) or '--max-memory / --max-seconds'}; {advice}"
     )
 
 

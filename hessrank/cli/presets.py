@@ -7,6 +7,7 @@ import importlib.resources
 import importlib.util
 import os
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +260,10 @@ def build_model(
         try:
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except Exception as err:
+            if not _saved_by_torch(weights):  # (its text had been read as a pickled model)
+                raise CliError(f"--weights {weights} is not a file torch.save wrote (neither its "
+                               "zip format nor a pickle): save the state_dict with "
+                               "torch.save(model.state_dict(), path)") from err
             if "weights_only" in str(err):  # torch's advice (weights_only=False) is not ours
                 raise CliError(
                     f"--weights {weights} holds more than tensors (a pickled model, or a "
@@ -267,6 +272,15 @@ def build_model(
             raise CliError(f"--weights {weights}: {err} (the file must hold a state_dict of the "
                            "--model given: the same parameter names and shapes)") from err
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _saved_by_torch(path: str | Path) -> bool:
+    """Whether ``path`` looks like a ``torch.save`` file: its zip format, or a legacy pickle."""
+    try:
+        with open(path, "rb") as handle:
+            return zipfile.is_zipfile(handle) or handle.seek(0) == 0 and handle.read(1) == b"\x80"
+    except OSError:
+        return True  # unreadable: torch's own error says why
 
 
 def check_model(model: nn.Module, data: Dataset, name: str) -> None:

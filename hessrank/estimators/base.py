@@ -37,6 +37,10 @@ from hessrank.problem import CurvatureProblem
 ESTIMATORS: dict[str, Estimator] = {}
 
 
+#: The memory budget of a call where none is given (bytes).
+DEFAULT_MAX_MEMORY = 4 * 2**30
+
+
 class BudgetError(ValueError):
     """A method would exceed the memory or time budget; nothing was computed.
 
@@ -68,7 +72,7 @@ class Settings:
 
     threshold: float = 0.99
     rtol: float | None = None
-    max_memory: float = 4 * 2**30
+    max_memory: float = DEFAULT_MAX_MEMORY
     max_seconds: float | None = None
     seed: int = 0
     per_layer: bool = False
