@@ -596,19 +596,6 @@ def build_problem(
     for name, p in zip(names, selected):
         if not all_finite(p.detach()):
             raise ValueError(f"parameter {name!r} contains NaN or Inf: the curvature is undefined")
-    analysed = {id(p) for p in selected}
-    scaled = [name for name, module in model.named_modules()
-              if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.scale_grad_by_freq
-              and id(module.weight) in analysed]
-    if scaled:
-        raise ValueError(
-            f"{listed_names([name or 'the model' for name in scaled])}: an embedding with "
-            "scale_grad_by_freq=True, whose backward divides each row's gradient by its token's "
-            "count in the batch, so autograd's derivatives are not the loss's. Its loss and "
-            "curvature do not depend on the flag: analyse a copy without it (copy = "
-            "copy.deepcopy(model), then module.scale_grad_by_freq = False on the copy's "
-            "embeddings), or leave its weight out with params="
-        )
     if mode == "train":
         active_dropout = [name for name, m in model.named_modules()
                           if isinstance(m, _DROPOUT) and m.training and m.p > 0]
