@@ -436,6 +436,12 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
         (["compare", "--plot", "-"], "--plot -: compare prints its tables on stdout"),
         (["compare", "--skip-exact", "--methods", "exact,fisher"],
          "--skip-exact leaves exact out, and --methods names it"),
+        # flags nothing reads (probe 67: ignored without a word)
+        (["rank", "--method", "fisher", "--lanczos-steps", "50"],
+         "--lanczos-steps applies to lanczos, ggn_lanczos, fisher_lanczos, none of which is "
+         "measured (fisher)"),
+        (["rank", "--model", "torch.nn:Identity", "--width", "3", "--depth", "1"],
+         "--width --depth shape the presets (mlp, cnn, resnet), not --model torch.nn:Identity"),
         # (probe 67: a traceback from a generator's seed, exit status 1)
         (["rank", "--seed", "99999999999999999999"], "--seed: must be an integer <= 4294967295"),
         (["compare", "--seed", "4294967295", "--seeds", "2"], "lower --seed"),

@@ -149,7 +149,6 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--activation",
-        default="relu",
         choices=tuple(presets.ACTIVATIONS),
         help="activation of the presets (default relu)",
     )
@@ -374,11 +373,28 @@ def _config(
     args: argparse.Namespace, methods: tuple[str, ...], seeds: tuple[int, ...], **extra: Any
 ) -> Config:
     """The run configuration from the options both subcommands share, plus ``extra``."""
+    import hessrank
+    from hessrank.cli import presets
     from hessrank.cli.compare import Config
 
+    # a flag nothing reads is refused (probe 67: --lanczos-steps with --methods fisher, --width
+    # with a user's --model, were ignored without a word)
+    options = hessrank.estimator_options()
+    for name in _estimator_option_names():
+        takers = options[name]["methods"]
+        if getattr(args, name) is not None and not set(takers) & set(methods):
+            raise CliError(f"--{name.replace('_', '-')} applies to {', '.join(takers)}, none of "
+                           f"which is measured ({', '.join(methods)}): drop it, or measure one")
+    if args.model not in presets.PRESETS:
+        given = [f"--{flag}" for flag in ("activation", "width", "depth")
+                 if getattr(args, flag) is not None]
+        if given:
+            verb = "shapes" if len(given) == 1 else "shape"
+            raise CliError(f"{' '.join(given)} {verb} the presets ({', '.join(presets.PRESETS)}), "
+                           f"not --model {args.model}: drop them, or give them to its factory")
     return Config(
         model=args.model,
-        activation=args.activation,
+        activation=args.activation or "relu",
         width=args.width,
         depth=args.depth,
         weights=args.weights,
