@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (a traceback before; each finished task is on disk already)
+        print(f"interrupted: the tasks finished so far are in {out}; run the same command again "
+              "to resume", file=sys.stderr)
+        return 130
     print(f"results in {out}")
     return 0
 
