@@ -423,6 +423,8 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
         (["compare", "--device", "meta"], "--device meta: hessrank measures on cpu or cuda"),
         (["rank", "--device", "meta"], "--device meta: hessrank measures on cpu or cuda"),
         (["plot", "{tmp}/none.jsonl"], "cannot read"),
+        (["plot", "{tmp}/a.jsonl", "{tmp}/./a.jsonl"],
+         "a.jsonl is named twice: give each log once"),
         # the library's bound (>= 2), before any method runs (before, lanczos failed after the
         # others had run)
         (["compare", *TINY, "--lanczos-steps", "1"],

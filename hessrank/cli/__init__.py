@@ -612,7 +612,11 @@ def _plot(args: argparse.Namespace) -> int:
     from hessrank.cli.plot import plot
 
     output = args.output or args.logs[0].with_suffix(".png")
-    if output.resolve() in {log.resolve() for log in args.logs}:
+    logs = [log.resolve() for log in args.logs]
+    twice = next((log for log, path in zip(args.logs, logs) if logs.count(path) > 1), None)
+    if twice is not None:  # (its lines came twice, under one legend entry each; probe 67)
+        raise CliError(f"{twice} is named twice: give each log once")
+    if output.resolve() in set(logs):
         raise CliError(f"the figure would replace the log {output}: name the figure with -o "
                        "(e.g. -o curvature.png)")
     report.check_outputs({"-o": output})
