@@ -427,6 +427,27 @@ def test_a_run_that_spends_its_budget_spot_checks_its_deflated_eigenvalues() -> 
         assert list(result.ritz_values[:2]) == pytest.approx([10.0, 5.0])
 
 
+def test_an_invariant_space_with_no_products_left_holds_every_repeat_in_its_intervals() -> None:
+    """Spectrum 1, 0.25 x4, 0 x3 at 3 products (the default for P = 8): the Krylov space turns
+    invariant as the budget ends, with no product left for the repeat check; the eigenvalues it
+    lacks went to the null space's node, and the intervals had no width: srank 2 in [2, 2] for
+    5, trace 1.25 in [1.25, 1.25] for 2 (probe 68). They hold every node taking them now; a run
+    whose check did run says nothing of products it lacked."""
+    eigenvalues = np.array([1.0, 0.25, 0.25, 0.25, 0.25, 0.0, 0.0, 0.0])
+    truth = spectral_ranks(eigenvalues, 0.99, default_rtol(8, FLOAT32_EPS))
+    operator = DenseOperator(torch.diag(torch.from_numpy(eigenvalues).float()))
+    for seed in range(3):
+        result = lanczos_spectrum(operator, max_products=3, seed=seed)
+        assert any("no products left for the repeat check" in note for note in result.notes)
+        assert result.rank_interval[0] <= truth["srank"] <= result.rank_interval[1]
+        assert result.trace_interval[0] <= eigenvalues.sum() <= result.trace_interval[1]
+        assert (result.numerical_interval[0] <= truth["numerical"]
+                <= result.numerical_interval[1])
+        checked = lanczos_spectrum(operator, max_products=8, seed=seed)
+        assert any("repeat check:" in note for note in checked.notes)
+        assert not any("no products left" in note for note in checked.notes)
+
+
 def test_srank_counts_whole_eigenvalues() -> None:
     """The srank is the smallest whole count: a node of weight 4 at 1 beside one eigenvalue 4
     is the spectrum 4, 1, 1, 1, 1, whose 90 % take 5 eigenvalues (not 4.2, the boundary node's
