@@ -379,7 +379,7 @@ def interval_parts(seeds: int, threshold: float, probes: int = 200) -> None:
                                        torch.float32)
             alpha, beta, last_beta, _ = lanczos.lanczos_run(operator, start, dim // 3)
             quadrature, _ = lanczos._deflated_quadrature(
-                lanczos._ritz_pairs(alpha, beta, last_beta), dim, eps)
+                lanczos._ritz_pairs(alpha, beta, last_beta), dim, last_beta)
             nodes, weights = quadrature.nodes, quadrature.weights
             estimate = srank(nodes, threshold, weights)
             low, high = lanczos._intervals([quadrature], threshold, rtol, seed, eps, dim).srank

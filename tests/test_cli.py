@@ -842,6 +842,12 @@ def test_json_is_written_through_links_and_pipes(tmp_path: Path, capsys) -> None
     status, _, err = run_main([*argv, str(link)], capsys)
     assert status == 0, err
     assert link.is_symlink() and json.loads(target.read_text())["command"] == "rank"
+    dangling = tmp_path / "dangling.json"  # its target made, the link kept (probe 69)
+    dangling.symlink_to(tmp_path / "real" / "new.json")
+    status, _, err = run_main([*argv, str(dangling)], capsys)
+    assert status == 0, err
+    assert dangling.is_symlink()
+    assert json.loads((tmp_path / "real" / "new.json").read_text())["command"] == "rank"
     pipe = tmp_path / "p.fifo"
     os.mkfifo(pipe)
     reader = subprocess.Popen(["cat", str(pipe)], stdout=subprocess.PIPE, text=True)

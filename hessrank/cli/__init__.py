@@ -602,9 +602,19 @@ def _rank(args: argparse.Namespace) -> int:
             print(json.dumps(payload))
             return 0
         report.dump_json(payload, Path(args.json))
+        if _is_stdout(Path(args.json)):  # as with '-': stdout holds the JSON alone (probe 69)
+            return 0
         _wrote([Path(args.json)], args.quiet)
     print(f"{value:.0f}" if float(value).is_integer() else f"{value:.3f}")
     return 0
+
+
+def _is_stdout(path: Path) -> bool:
+    """Whether ``path`` is this process's standard output (``/dev/stdout``, ``/dev/fd/1``)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no file behind stdout (captured)
+        return False
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -574,29 +574,33 @@ def check_outputs(outputs: dict[str, Path | None], quiet: bool = False) -> None:
                                f"'{path.suffix or 'extensionless'}' figure; end the name in "
                                ".png, .pdf or .svg (or one of "
                                f"{', '.join('.' + f for f in sorted(formats))})")
-        existed = path.exists()
+        if path.is_dir():
+            raise cannot_write(option, path, IsADirectoryError(
+                21, "it is a folder: name a file in it"))
+        if _not_a_regular_file(path):  # a pipe: opened once, to write (a test open ends it)
+            if not os.access(path, os.W_OK):
+                raise cannot_write(option, path, PermissionError(13, "Permission denied"))
+            continue
+        # a symbolic link is checked at its target, which is what is written (a dangling
+        # link's target was made, and the link removed as the empty file it seemed; probe 69)
+        target = Path(os.path.realpath(path))
+        existed = target.exists()
         try:
-            if path.is_dir():
-                raise IsADirectoryError(21, "it is a folder: name a file in it")
-            if _not_a_regular_file(path):  # a pipe: opened once, to write (a test open ends it)
-                if not os.access(path, os.W_OK):
-                    raise PermissionError(13, "Permission denied")
-                continue
-            folder = next(folder for folder in path.parents if folder.exists())
+            folder = next(folder for folder in target.parents if folder.exists())
             if not folder.is_dir():
                 raise NotADirectoryError(20, "Not a directory")
-            if folder != path.parent:  # folders are made when the file is written
+            if folder != target.parent:  # folders are made when the file is written
                 if not os.access(folder, os.W_OK | os.X_OK):
                     raise PermissionError(13, f"Permission denied (in {folder})")
             else:
-                with path.open("a"):  # writable? (an existing file is left as it is)
+                with target.open("a"):  # writable? (an existing file is left as it is)
                     pass
         except OSError as err:
             raise cannot_write(option, path, err) from err
         finally:
-            if not existed and path.is_file() and path.stat().st_size == 0:
-                path.unlink()
-        if existed and not quiet and path.stat().st_size > 0:
+            if not existed and target.is_file() and target.stat().st_size == 0:
+                target.unlink()
+        if existed and not quiet and target.stat().st_size > 0:
             print(f"hessrank: {option} {path} exists; it will be replaced", file=sys.stderr)
 
 

@@ -283,14 +283,18 @@ def _binade(largest: float) -> float:
 
 
 def _check_squares_in_range(factors: Tensor, dtype: torch.dtype) -> None:
-    """Raise where the largest factor's square leaves ``dtype``'s normal range: the EF's
-    entries are products of two factors (times the model's Jacobians), and below it they flush
-    to zero (a loss scaled by 1e-24: every eigenvalue 0, every rank 0) or, above it, overflow."""
+    """Raise where the largest factor's square leaves ``dtype``'s range altogether: the EF's
+    entries are products of two factors (times the model's Jacobians, which can make up some
+    of the difference), and below the smallest subnormal they flush to zero (a loss scaled by
+    1e-24: every eigenvalue 0, every rank 0), above the largest value they overflow. (At the
+    normal range's edge instead, EFs of 1e-37 that float32 computes to 2e-7 were refused;
+    probe 69.)"""
     largest = float(factors.abs().amax()) if factors.numel() else 0.0
     info = torch.finfo(dtype)
-    if largest == 0.0 or math.sqrt(info.tiny) <= largest <= math.sqrt(info.max):
+    smallest = info.smallest_normal * info.eps  # the smallest subnormal
+    if largest == 0.0 or math.sqrt(smallest) <= largest <= math.sqrt(info.max):
         return
-    side, limit = (("under", info.tiny) if largest < 1 else ("over", info.max))
+    side, limit = (("under", smallest) if largest < 1 else ("over", info.max))
     power = -math.frexp(largest)[1]  # brings the largest to [1/2, 1)
     raise ValueError(
         f"the samples' loss gradients w.r.t. the outputs reach at most {largest:.3g}: the "
