@@ -824,8 +824,9 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
             # flags of how a table's gradient is stored or scaled, not of what it is: the
             # curvature is the loss's (scale_grad_by_freq divides each row's gradient by its
             # token's count, which autograd's second derivatives would carry; probe 66)
-            for flag in ("sparse", "scale_grad_by_freq"):
-                if isinstance(module, nn.Embedding | nn.EmbeddingBag) and getattr(module, flag):
-                    for_the_call.enter_context(_attribute_for_the_call(module, flag, False))
+            if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+                for flag in ("sparse", "scale_grad_by_freq"):
+                    if getattr(module, flag):
+                        for_the_call.enter_context(_attribute_for_the_call(module, flag, False))
         notes.extend(hook_notes + cache_notes + saved_notes)
         yield notes  # the embeddings' notes come with their first rescaling

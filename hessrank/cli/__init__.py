@@ -379,9 +379,8 @@ def _config(
 
     # a flag nothing reads is refused (probe 67: --lanczos-steps with --methods fisher, --width
     # with a user's --model, were ignored without a word)
-    options = hessrank.estimator_options()
-    for name in _estimator_option_names():
-        takers = options[name]["methods"]
+    for name, option in hessrank.estimator_options().items():
+        takers = option["methods"]
         if getattr(args, name) is not None and not set(takers) & set(methods):
             raise CliError(f"--{name.replace('_', '-')} applies to {', '.join(takers)}, none of "
                            f"which is measured ({', '.join(methods)}): drop it, or measure one")

@@ -387,14 +387,9 @@ def repeat_limit(runs: int, candidates: int, count: int = 1) -> float:
     Without the bound, hundreds of simple eigenvalues tested over 2 runs at 1 + 4 sqrt(2 / R) = 5
     had one or more pass it on most calls, each then counted about 5 times.
     """
-    return chi2_tail(FALSE_REPEAT_RATE / max(candidates, 1), count * runs) / runs
-
-
-def chi2_tail(rate: float, dof: int) -> float:
-    """The value a chi-square(``dof``) draw exceeds with probability ``rate``."""
     from scipy.special import chdtri  # here, and not scipy.stats: 1 s on a call's first use
 
-    return float(chdtri(dof, rate))
+    return float(chdtri(count * runs, FALSE_REPEAT_RATE / max(candidates, 1))) / runs
 
 
 @dataclass
@@ -648,17 +643,17 @@ def _invariance_floor(final_beta: float, lacking: int) -> float:
     return final_beta * math.sqrt(lacking)
 
 
-def _hidden(quadrature: _Quadrature, bound: int) -> tuple[float, float]:
-    """How many nonzero eigenvalues an invariant run may lack (each of magnitude up to its
-    :attr:`_Quadrature.floor`), and their largest total magnitude: its free nodes within the
-    floor of zero hold them, at most what the operator's rank ``bound`` leaves beside the
-    other nodes' counts (:func:`_invariance_floor`)."""
-    if not quadrature.floor:
-        return 0.0, 0.0
+def _hidden(quadrature: _Quadrature, bound: int) -> tuple[np.ndarray, float, float]:
+    """The nodes that hold what an invariant run may lack (its free nodes within the
+    :attr:`_Quadrature.floor` of zero), how many nonzero eigenvalues that may be (each of
+    magnitude up to the floor; at most what the operator's rank ``bound`` leaves beside the
+    other nodes' counts), and their largest total magnitude (:func:`_invariance_floor`)."""
     small = ~quadrature.fixed & (np.abs(quadrature.nodes) <= quadrature.floor)
+    if not quadrature.floor:
+        return small, 0.0, 0.0
     room = bound - float(quadrature.weights[~small].sum())
     count = max(min(float(quadrature.weights[small].sum()), room), 0.0)
-    return count, quadrature.floor * math.sqrt(count)
+    return small, count, quadrature.floor * math.sqrt(count)
 
 
 @dataclass
@@ -716,16 +711,12 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
     spent, runs, complete = 0, 0, False
     while budget - spent >= 1 and len(storage) > kept:
         steps = min(budget - spent, len(storage) - kept)
-        start = torch.randn(operator.dim, generator=generator, dtype=torch.float64)
-        check = LanczosRun(operator, start, storage[kept: kept + steps], storage[:kept], advance,
-                           run.scale)
-        check.extend(steps)
+        check, found = _orthogonal_run(operator, run, kept, steps, generator, advance, scale)
         spent += len(check.alpha)
         runs += 1
-        if not len(check.alpha):  # the deflated vectors span the space
+        if found is None:  # the deflated vectors span the space
             complete = True
             break
-        found = _ritz_pairs(check.alpha, check.beta, check.last_beta, scale)
         deflated = []
         for index in np.flatnonzero(found.converged):
             value, radius = found.nodes[index], found.residuals[index]
@@ -789,6 +780,22 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
     return _Checked(checked, sampled, spent, note)
 
 
+def _orthogonal_run(operator: SymmetricOperator, run: LanczosRun, kept: int, steps: int,
+                    generator: torch.Generator, advance: Callable[[int], None] | None,
+                    scale: float) -> tuple[LanczosRun, _RitzPairs | None]:
+    """Up to ``steps`` Lanczos steps from a Gaussian start kept orthogonal to the first ``kept``
+    rows of ``run``'s storage (Ritz vectors written there), its basis in the rows after them:
+    the run, and its Ritz pairs against the operator's ``scale`` (None where it took no step,
+    the kept rows spanning the space). The repeat check's runs and the spot check's."""
+    start = torch.randn(operator.dim, generator=generator, dtype=torch.float64)
+    check = LanczosRun(operator, start, run.storage[kept: kept + steps], run.storage[:kept],
+                       advance, run.scale)
+    check.extend(steps)
+    found = (_ritz_pairs(check.alpha, check.beta, check.last_beta, scale)
+             if len(check.alpha) else None)
+    return check, found
+
+
 def spot_check_steps(steps: int) -> int:
     """The products :func:`lanczos_spectrum` adds to a run of ``steps`` that spends them all
     without its Krylov space turning invariant, to spot-check its deflated eigenvalues
@@ -824,17 +831,12 @@ def _spot_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPairs,
     fixed = np.flatnonzero(quadrature.fixed)
     fixed = fixed[np.argsort(-np.abs(quadrature.nodes[fixed]), kind="stable")[: 4 * budget]]
     values, radii = quadrature.nodes[fixed], quadrature.residuals[fixed]
-    slack = _rounding_slack(torch.finfo(run.storage.dtype).eps,
-                            float(np.abs(pairs.nodes).max()))
+    scale = float(np.abs(pairs.nodes).max())
+    slack = _rounding_slack(torch.finfo(run.storage.dtype).eps, scale)
     ritz_vectors(run.storage[: len(run.alpha)], pairs.vectors[:, fixed])
-    start = torch.randn(operator.dim, generator=generator, dtype=torch.float64)
-    check = LanczosRun(operator, start, run.storage[len(fixed): len(fixed) + budget],
-                       run.storage[: len(fixed)], advance, run.scale)
-    check.extend(budget)
+    check, found = _orthogonal_run(operator, run, len(fixed), budget, generator, advance, scale)
     copies: set[int] = set()
-    if len(check.alpha):
-        found = _ritz_pairs(check.alpha, check.beta, check.last_beta,
-                            float(np.abs(pairs.nodes).max()))
+    if found is not None:
         for index in np.flatnonzero(found.converged):
             value, radius = found.nodes[index], found.residuals[index]
             match = np.flatnonzero(_near(values, radii, value, radius, slack))
@@ -1207,10 +1209,9 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
         # rank bound caps how many (a GGN's, an EF's), else below the run's last beta: without
         # a cap the floor's worst case says nothing (a trained MLP's Hessian, whose cut is 20
         # times its last beta, had its numerical rank in [384, 1907] for 384; probe 69).
-        hidden, hidden_mass = _hidden(quadrature, bound)
+        small, hidden, hidden_mass = _hidden(quadrature, bound)
         capped = bound < round(float(quadrature.weights.sum()))  # (the weights sum to dim)
         unseen = tolerance < (quadrature.floor if capped else quadrature.resolution)
-        small = ~quadrature.fixed & (magnitude <= quadrature.floor)
         # Where the run guessed which nodes repeat, every allocation of the guessed counts is
         # as likely: the intervals hold them all.
         allocated = [(srank(quadrature.nodes, threshold, weights), float(weights[above].sum()),
