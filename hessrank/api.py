@@ -351,7 +351,8 @@ def effective_rank(
                         f"max_seconds is not enforced by {estimator.name}: it predicts its "
                         "memory, not its time (one forward pass, its backward passes and an "
                         "eigen-solve of its Gram matrix)")
-                settings = dataclasses.replace(settings, predicted_memory=cost.memory_bytes)
+                settings = dataclasses.replace(
+                    settings, predicted_memory=cost.memory_bytes - cost.refined_bytes)
                 outputs.cache_clear()
                 with PeakMemory(problem.device, enabled=measure_memory) as memory:
                     if isinstance(problem, StreamedProblem) and concatenate:
@@ -619,7 +620,7 @@ def gradient_overlap(
     _check_one_batch(batch, "gradient_overlap")
     if k is not None:
         check_count("k", k, "a count of eigenvectors", " (or None for the srank)")
-    settings = _settings(threshold, None, max_memory, None, 0, False, False)
+    settings = _settings(threshold, None, max_memory, None, 0, False, False, eigenvectors=1)
     with preserved_state(model), differentiable(model):
         problem = build_problem(model, loss_fn, batch, params, "eval")
         with evaluation_mode(problem.model, "eval"):

@@ -399,8 +399,8 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
 
     Raises:
         ValueError: the processes disagree on the options, the parameters, the batch's shapes
-            or what their models compute, or ``mode='train'`` would use each shard's BatchNorm
-            statistics (in every process).
+            or what their models compute, ``mode='train'`` would use each shard's BatchNorm
+            statistics, or every shard holds one sample (in every process).
     """
     described = {
         **signature,
@@ -445,6 +445,17 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
             )
     refuse_split_batch_statistics(problem, "process's shard")
     parallel.sizes = tuple(int(size) for _, size, _, _ in reports)
+    if max(parallel.sizes) < 2:
+        # each process runs its shard alone, and whether the model mixes the samples of a batch
+        # is seen only in a shard of two samples or more: unchecked, a model with a batch mean
+        # was analysed one sample at a time (exact's top eigenvalue 3.42 against the one
+        # process's 3.17; probe 71)
+        raise ValueError(
+            f"every process holds one sample (shards of {list(parallel.sizes)}), so the call "
+            "cannot check that the model computes each sample on its own (each process runs its "
+            "shard alone, and a model that mixes the samples of a batch would be analysed one "
+            "sample at a time): give at least one process two samples or more, or call without "
+            "process_group on the whole batch")
     all_targets = parallel.gather_samples(problem.targets)
     sharded = ShardedProblem(**problem.core_fields(),  # type: ignore[arg-type]
                              parallel=parallel, all_targets=all_targets)
@@ -534,7 +545,7 @@ def _check_same_function(problem: ShardedProblem, shared_args: list[Tensor],
                 f"process 0's first sample {measured}), though their parameters and buffers "
                 "agree: something held outside them differs (a plain attribute such as a scale "
                 "or a flag, an activation or a layer chosen by a setting, the forward's code"
-                + (f", the state of the model's own torch.Generator ({', '.join(places)})"
+                + (f", the state of the model's own random generator ({', '.join(places)})"
                    if places else "")
                 + "), and the result would mix several models' curvatures; every process must "
                 "hold the same model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 import pickle
@@ -12,7 +13,7 @@ import sys
 import threading
 import types
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -283,37 +284,99 @@ class GlobalGenerators:
                 and pickle.dumps(self.numpy) == pickle.dumps(other.numpy))
 
 
+#: How to read and set the state of each kind of random generator a model or a loader may
+#: hold (NumPy's ``Generator`` goes through its bit generator's ``state``).
+_STATE_OF: tuple[tuple[type, str, str], ...] = (
+    (torch.Generator, "get_state", "set_state"),
+    (random.Random, "getstate", "setstate"),
+    (np.random.RandomState, "get_state", "set_state"),
+)
+
+
+@dataclass(frozen=True)
+class HeldGenerator:
+    """A random generator an object holds, with its state at the reading."""
+
+    where: str  # the attribute's path ("block.noise.generator", "block.streams[1]")
+    generator: object
+    read: Callable[[], Any]
+    write: Callable[[Any], None]
+    state: Any
+
+    def moved(self) -> bool:
+        """Whether it drew since the reading (NumPy's and Python's states compared pickled)."""
+        now = self.read()
+        if isinstance(now, Tensor):
+            return not torch.equal(now, self.state)
+        return pickle.dumps(now) != pickle.dumps(self.state)
+
+    def restore(self) -> None:
+        """Set it back to its state at the reading."""
+        self.write(self.state)
+
+
+def _state_access(value: object) -> tuple[Callable[[], Any], Callable[[Any], None]] | None:
+    """How to read and write ``value``'s state where it is a random generator of a known kind
+    (``torch.Generator``, ``random.Random``, NumPy's ``Generator`` and ``RandomState``); None
+    for anything else, and for ``random.SystemRandom`` (the system's entropy: no state)."""
+    if isinstance(value, np.random.Generator):
+        bits = value.bit_generator
+        return functools.partial(getattr, bits, "state"), functools.partial(setattr, bits, "state")
+    if isinstance(value, random.SystemRandom):
+        return None
+    for kind, getter, setter in _STATE_OF:
+        if isinstance(value, kind):
+            return getattr(value, getter), getattr(value, setter)
+    return None
+
+
+def held_generators(owners: Iterable[tuple[str, object]]) -> list[HeldGenerator]:
+    """The random generators ``owners`` hold as attributes, directly or as an item of a list,
+    tuple or dict attribute, each once (the first place it is found), with their states.
+
+    Args:
+        owners: ``(path, object)`` pairs (``model.named_modules()``); the path prefixes the
+            attribute's name where it is not empty.
+    """
+    found: dict[int, HeldGenerator] = {}
+    for prefix, owner in owners:
+        for key, value in getattr(owner, "__dict__", {}).items():
+            where = f"{prefix}.{key}" if prefix else key
+            items = (value.items() if isinstance(value, dict) else enumerate(value)
+                     if isinstance(value, (list, tuple)) else ())
+            for place, candidate in [(where, value), *(
+                    (f"{where}[{index!r}]", item) for index, item in items)]:
+                access = _state_access(candidate)
+                if access is not None and id(candidate) not in found:
+                    read, write = access
+                    found[id(candidate)] = HeldGenerator(place, candidate, read, write, read())
+    return list(found.values())
+
+
 @dataclass(frozen=True)
 class ModuleGenerators:
-    """The states of the private ``torch.Generator`` objects a model's submodules hold as
-    attributes (noise a forward draws for itself, seeded apart from the global generator)."""
+    """The states of the private random generators a model's submodules hold (noise a forward
+    draws for itself, seeded apart from the global generators): :func:`held_generators`."""
 
-    states: tuple[tuple[str, torch.Generator, Tensor], ...]  # (where, generator, state)
+    states: tuple[HeldGenerator, ...]
 
     @classmethod
     def read(cls, model: nn.Module) -> ModuleGenerators:
-        found: dict[int, tuple[str, torch.Generator, Tensor]] = {}
-        for prefix, module in model.named_modules():
-            for key, value in vars(module).items():
-                if isinstance(value, torch.Generator) and id(value) not in found:
-                    found[id(value)] = (f"{prefix}.{key}" if prefix else key, value,
-                                        value.get_state())
-        return cls(tuple(found.values()))
+        return cls(tuple(held_generators(model.named_modules())))
 
     @property
     def places(self) -> list[str]:
         """Where the generators are held (``"block.noise.generator"``)."""
-        return [where for where, _, _ in self.states]
+        return [held.where for held in self.states]
 
     def moved(self) -> list[str]:
         """Where a generator drew since the reading."""
-        return [where for where, generator, state in self.states
-                if not torch.equal(generator.get_state(), state)]
+        return [held.where for held in self.states if held.moved()]
 
     def restore(self) -> None:
         """Set every generator back to its state at the reading."""
-        for _, generator, state in self.states:
-            generator.set_state(state)
+        for held in self.states:
+            held.restore()
 
 
 @contextmanager
@@ -331,8 +394,8 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
     attributes it added are removed), ``__slots__`` values, and for
     every parameter ``requires_grad`` and ``.grad`` (the same tensor objects); plus the global
     random number generators: torch's CPU and CUDA ones, Python's and NumPy's (a forward may
-    draw from any of them), and the ``torch.Generator`` objects submodules hold. The restore
-    runs with Ctrl-C held back, so it is atomic. Parameter values are not copied: hessrank
+    draw from any of them), and the generators submodules hold (:func:`held_generators`). The
+    restore runs with Ctrl-C held back, so it is atomic. Parameter values are not copied: hessrank
     writes them only through :func:`renormalised_embeddings`, which restores what it wrote
     itself. A forward that writes its own parameters in place is refused instead
     (:func:`written_parameters_error`): the block yields a check to run once the work's first
@@ -705,6 +768,36 @@ def full_float32_precision() -> Iterator[None]:
 
 
 @contextmanager
+def compiled_modules_eager(model: nn.Module) -> Iterator[list[str]]:
+    """The model's compiled code run eagerly inside the block, as it was on exit.
+
+    ``module.compile()`` compiles a module in place (its ``_compiled_call_impl``), and a
+    ``torch.compile`` wrapper held as a submodule runs its ``forward`` through dynamo: compiled
+    code has no second derivative, and hooks and ``torch.func`` need the eager module. (A
+    compiled *top-level* wrapper is taken apart before, :func:`hessrank.problem.unwrap_model`.)
+    Inside the block, each such module calls its eager code: the same function of the same
+    parameters.
+
+    Yields:
+        A note naming the compiled modules, none where there are none.
+    """
+    compiled = []
+    with ExitStack() as for_the_call:
+        for name, module in model.named_modules():
+            if getattr(module, "_compiled_call_impl", None) is not None:
+                for_the_call.enter_context(
+                    _attribute_for_the_call(module, "_compiled_call_impl", None))
+                compiled.append(name or "the model")
+            elif hasattr(torch, "_dynamo") and isinstance(
+                    module, torch._dynamo.eval_frame.OptimizedModule):
+                for_the_call.enter_context(_attribute_for_the_call(
+                    module, "forward", module._orig_mod.__call__))
+                compiled.append(name)
+        yield [f"compiled modules ({', '.join(compiled)}) were run eagerly for the call (same "
+               "parameters, same function)"] if compiled else []
+
+
+@contextmanager
 def parametrization_cache_off() -> Iterator[list[str]]:
     """``torch.nn.utils.parametrize.cached()`` off inside the block, its cache back on exit.
 
@@ -790,6 +883,10 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
     - The caller's backward hooks off (:func:`backward_hooks_off`).
     - ``torch.nn.utils.parametrize.cached()`` off (:func:`parametrization_cache_off`).
     - The caller's saved-tensor hooks off (:func:`saved_tensor_hooks_off`).
+    - Anomaly detection off: it is for the caller's training, and the call's batched backward
+      passes, which it cannot batch, would print torch's "Error detected in ..." tracebacks
+      for each before their plain fallback.
+    - Compiled code run eagerly (:func:`compiled_modules_eager`).
 
     The caller's settings, hooks and parameter values return on exit.
 
@@ -812,6 +909,10 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
         backward_hooks_off(model) as hook_notes,
         parametrization_cache_off() as cache_notes,
         saved_tensor_hooks_off() as saved_notes,
+        _set_for_the_call(lambda: (torch.is_anomaly_enabled(),
+                                   torch.is_anomaly_check_nan_enabled()),
+                          lambda saved: torch.set_anomaly_enabled(*saved), (False, True)),
+        compiled_modules_eager(model) as compiled_notes,
     ):
         for device in sorted(devices):
             try:
@@ -828,5 +929,5 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
                 for flag in ("sparse", "scale_grad_by_freq"):
                     if getattr(module, flag):
                         for_the_call.enter_context(_attribute_for_the_call(module, flag, False))
-        notes.extend(hook_notes + cache_notes + saved_notes)
+        notes.extend(hook_notes + cache_notes + saved_notes + compiled_notes)
         yield notes  # the embeddings' notes come with their first rescaling

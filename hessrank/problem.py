@@ -72,6 +72,9 @@ class CurvatureProblem:
                                                            default_factory=list)
     #: whether a forward pass's graph was read for custom autograd.Functions
     _graph_read: bool = field(init=False, repr=False, default=False)
+    #: the first pass's outputs in brief (:class:`OutputsPrint`), which every later pass over
+    #: this batch must reproduce
+    _first_print: OutputsPrint | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if self.passes is None:
@@ -120,11 +123,19 @@ class CurvatureProblem:
         """Model outputs on the batch (graph kept for differentiation).
 
         Raises:
-            ValueError: the forward pass drew random numbers (:func:`run_model`), or an earlier
-                one modified an input in place (:meth:`before_pass`).
+            ValueError: the forward pass drew random numbers (:func:`run_model`), computed
+                other outputs than the call's first pass over the batch
+                (:meth:`OutputsPrint.refuse_other`), or an earlier one modified an input in
+                place (:meth:`before_pass`).
         """
         self.before_pass()
         outputs = run_model(self.model, self.args, self.kwargs, self.mode, self.notes)
+        if isinstance(outputs, Tensor) and outputs.is_floating_point():
+            brief = OutputsPrint.of(outputs)
+            if self._first_print is None:
+                self._first_print = brief
+            else:
+                self._first_print.refuse_other(brief)
         if not self._graph_read and isinstance(outputs, Tensor) and outputs.grad_fn is not None:
             self._graph_read = True
             note = custom_functions_note(outputs)
@@ -187,9 +198,10 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     generator: the loss is then a random function (dropout inside a layer, MC dropout, noise
     injection), every pass of the call would see other draws, and its curvature is undefined.
     Comparing the generators' states before and after each pass costs about 0.2 ms. The
-    ``torch.Generator`` objects the submodules hold are set back after each pass, so that every
-    pass draws what the model's next forward would: the curvature is the loss's at that draw
-    (a note in ``notes`` says so), and the generators are left as they were.
+    generators the submodules hold (:func:`~hessrank.guard.held_generators`) are set back after
+    each pass, so that every pass draws what the model's next forward would: the curvature is
+    the loss's at that draw (a note in ``notes`` says so), and the generators are left as they
+    were.
 
     Raises:
         ValueError: the pass drew random numbers, with the likely causes and the fix; or it
@@ -237,19 +249,17 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
         drawn = private.moved()
         private.restore()
     if drawn and notes is not None:
-        note = (f"the forward pass draws from the model's own torch.Generator ("
+        note = (f"the forward pass draws from the model's own random generator ("
                 f"{', '.join(drawn)}): every pass of the call drew what the model's next forward "
                 "will, so the curvature is the loss's at that one draw, and the generator is left "
                 "as it was")
         if note not in notes:
             notes.append(note)
     if isinstance(outputs, Tensor) and outputs.dtype in (torch.float16, torch.bfloat16):
-        raise ValueError(
+        raise half_precision_error(
             f"the model returns {outputs.dtype} outputs (a cast at the end of forward, or "
-            "torch.autocast inside it): half precision keeps about 3 digits, so the curvature "
-            "would carry errors of 1e-4 of its largest eigenvalue and more. Return the outputs "
-            "in the parameters' dtype: remove the cast, or run the forward without autocast "
-            "for the call")
+            "torch.autocast inside it)", "Return the outputs in the parameters' dtype: remove "
+            "the cast, or run the forward without autocast for the call")
     if not before.same_as(GlobalGenerators.read()):
         if mode == "train":
             cause = ("in mode='train' that is usually dropout inside a layer "
@@ -363,8 +373,15 @@ def all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def half_precision_error(what: str, fix: str) -> ValueError:
+    """The refusal of ``what`` computed in float16 or bfloat16, with its ``fix``."""
+    return ValueError(f"{what}: half precision keeps about 3 digits, so the curvature would "
+                      f"carry errors of 1e-4 to 1e-2 of its largest eigenvalue. {fix}")
+
+
 def check_loss(value: object, finite: bool = True) -> None:
-    """Raise if the loss is not a scalar tensor, or (``finite``) not a finite one."""
+    """Raise if the loss is not a scalar tensor in single or double precision, or (``finite``)
+    not a finite one."""
     if not isinstance(value, Tensor):
         raise TypeError(
             f"loss_fn returned {type(value).__name__}, expected a scalar tensor: return "
@@ -375,6 +392,13 @@ def check_loss(value: object, finite: bool = True) -> None:
             f"loss_fn returned a tensor of shape {tuple(value.shape)}, expected a scalar: use "
             "reduction='mean' (or 'sum'), not 'none'."
         )
+    if value.dtype in (torch.float16, torch.bfloat16):
+        # (each method had named another cause: asymmetric products, samples that interact;
+        # probe 72)
+        raise half_precision_error(
+            f"loss_fn returned a {value.dtype} loss (a cast inside it, such as "
+            "F.cross_entropy(outputs.bfloat16(), targets), or torch.autocast inside it)",
+            "Compute the loss in the outputs' dtype: remove the cast, or the autocast")
     if finite and not torch.isfinite(value.detach()).all():
         raise ValueError(
             f"the loss is {value.item()}: the curvature of a non-finite loss is undefined; check "
@@ -793,6 +817,92 @@ def has_active_batchnorm(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, _BATCHNORM) and m.training]
 
 
+class UnrepeatableForward(ValueError):
+    """Two forward passes of a call over one batch computed different outputs."""
+
+
+def repeat_pass(problem: CurvatureProblem) -> None:
+    """One more forward pass over ``problem``'s batch, without a graph: where outputs computed
+    another way differ from the batch's (samples run alone), a forward that does not repeat
+    itself is the likelier cause, and this names it.
+
+    Raises:
+        UnrepeatableForward: the pass differs from the call's first over the batch.
+    """
+    with torch.no_grad():
+        problem.forward()
+
+
+@dataclass(frozen=True)
+class OutputsPrint:
+    """A model's outputs in brief: their shape, the sum of their magnitudes and up to
+    :attr:`ENTRIES` entries evenly spaced over them (float64; a few kilobytes whatever the
+    outputs' size), to tell whether two passes over one batch computed the same function."""
+
+    ENTRIES = 1024
+
+    shape: torch.Size
+    magnitude: float
+    entries: Tensor
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, outputs: Tensor) -> OutputsPrint:
+        with torch.no_grad():
+            flat = outputs.detach().reshape(-1)
+            step = max(flat.numel() // cls.ENTRIES, 1)
+            return cls(outputs.shape, float(flat.abs().sum(dtype=torch.float64)),
+                       flat[::step][: cls.ENTRIES].to(torch.float64, copy=True), outputs.dtype)
+
+    def refuse_other(self, later: OutputsPrint) -> None:
+        """Raise where ``later``, a later pass over the same batch, computed another function:
+        its shape differs, or its entries or magnitude differ by more than rounding
+        (:func:`agreement_tolerance`) of the largest entry and of the magnitude.
+
+        The call sets the model's state, the global generators and the module's own generators
+        back before every pass, so two passes differ only where the forward reads something
+        it cannot set back: a random generator held in a closure or a global variable (every
+        pass draws on from it; the passes of ``ggn`` and of eigenvectors would mix their
+        draws).
+
+        Raises:
+            UnrepeatableForward: naming the difference, its likely cause and the fix.
+        """
+        if later.shape != self.shape:
+            measured = f"outputs of shape {tuple(later.shape)} against {tuple(self.shape)}"
+        elif not self.entries.numel():  # empty outputs: nothing to compare
+            return
+        else:
+            tolerance = agreement_tolerance(self.dtype)
+            finite = self.entries[self.entries.isfinite()]
+            scale = max(float(finite.abs().max()) if finite.numel() else 0.0,
+                        torch.finfo(self.dtype).tiny)
+            # (equal entries, NaN or infinite ones too, do not differ)
+            same = (later.entries == self.entries) | (later.entries.isnan()
+                                                      & self.entries.isnan())
+            gap = (later.entries - self.entries).abs().masked_fill(same, 0.0)
+            difference = float(gap.max()) / scale
+            if difference <= tolerance and (
+                    later.magnitude == self.magnitude
+                    or (math.isnan(later.magnitude) and math.isnan(self.magnitude))
+                    or abs(later.magnitude - self.magnitude)
+                    <= tolerance * max(self.magnitude, torch.finfo(self.dtype).tiny)):
+                return
+            measured = (f"outputs that differ by {difference:.1e} of the largest entry"
+                        if difference > tolerance else "outputs of another total magnitude ("
+                        f"{later.magnitude:.6g} against {self.magnitude:.6g})")
+        raise UnrepeatableForward(
+            f"two forward passes of the call over the same batch gave {measured}, though the "
+            "parameters, the buffers, the inputs and the random generators hessrank can reach "
+            "(the global ones, those a module holds as an attribute) were the same: the forward "
+            "reads something that changes from pass to pass, most likely a random generator "
+            "held elsewhere (in a closure, a global variable, a nested object), so the loss is "
+            "random and its curvature undefined; hold the generator as a module attribute "
+            "(self.generator = torch.Generator(); every pass of the call then sees the draws "
+            "the model's next forward would, and it is left as it was), or make the forward "
+            "deterministic for the call")
+
+
 def agreement_tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance for two computations of the same quantity that differ only by rounding
     (different summation orders): about ``10^3`` units of rounding of ``dtype``."""
@@ -804,7 +914,12 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: Tensor) -> floa
     without a graph), are from ``outputs``, the whole batch's, relative to their largest entry;
     None where the model's output for a sample depends on that sample alone (to rounding), and
     where the outputs cannot be compared row by row (a single sample, outputs not batch first
-    or shaped by the batch)."""
+    or shaped by the batch).
+
+    Raises:
+        UnrepeatableForward: where the halves differ because the forward does not repeat
+            itself (:func:`repeat_pass`), not because the samples interact.
+    """
     count = int(problem.targets.shape[0])
     if (count < 2 or not isinstance(outputs, Tensor) or not outputs.is_floating_point()
             or outputs.shape[0] != count):  # not batch first: the loss's own checks name it
@@ -825,6 +940,7 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: Tensor) -> floa
     difference = float((alone - outputs.detach()).abs().max())
     if difference > agreement_tolerance(outputs.dtype) * max(scale,
                                                              torch.finfo(outputs.dtype).tiny):
+        repeat_pass(problem)
         return difference / max(scale, 1e-300)
     return None
 
@@ -843,7 +959,7 @@ def refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor, part: str) 
         places = ModuleGenerators.read(problem.model).places
         # every pass draws from the generators' state at the call (run_model): a part run alone
         # draws what the first samples of a whole batch would
-        drawn = (f", or the draws of the model's own torch.Generator ({', '.join(places)}), "
+        drawn = (f", or the draws of the model's own random generator ({', '.join(places)}), "
                  "which every pass starts again, so a sample's noise follows its position in "
                  "its batch" if places else "")
         raise ValueError(
@@ -985,8 +1101,9 @@ def without_second_derivative(error: RuntimeError, needs: str, instead: str) -> 
     if "does not currently support double backward" in str(error):  # torch.compile's code
         return ValueError(
             f"{needs}, and code compiled by torch.compile (aot_autograd) has no second "
-            f"derivative: {instead}, or pass the uncompiled module (a compiled submodule's "
-            "._orig_mod in its place; a compiled top-level model is taken apart already)")
+            f"derivative: {instead}, or call the function uncompiled inside the forward "
+            "(compiled modules, torch.compile(module) and module.compile(), are run eagerly "
+            "already; a function compiled with torch.compile is not)")
     found = re.search(r"derivative for (\S+) is not implemented", str(error))
     if found is None:
         return error

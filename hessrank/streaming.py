@@ -36,22 +36,19 @@ outside these generators) is refused instead of being averaged silently.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from hessrank.curvature.loss import direct_parameter_names
 from hessrank.curvature.operator import ParameterOperator
-from hessrank.guard import GlobalGenerators, rescales_lookups
+from hessrank.guard import GlobalGenerators, held_generators, rescales_lookups
 from hessrank.problem import (
     Batch,
     CurvatureProblem,
@@ -102,53 +99,28 @@ def _to_device(item: object, device: torch.device) -> object:
     return item
 
 
-#: How to read and set the state of each kind of random generator a loader may hold.
-_STATE_OF: tuple[tuple[type, str, str], ...] = (
-    (torch.Generator, "get_state", "set_state"),
-    (random.Random, "getstate", "setstate"),
-    (np.random.RandomState, "get_state", "set_state"),
-)
-
-
-def _own_states(data: object) -> list[tuple[object, Callable[[Any], None], Any]]:
-    """The states of the random generators the loader, its sampler and its batch sampler hold
-    as attributes (``DataLoader.generator``, a ``RandomSampler``'s, a custom sampler's
-    ``numpy.random.RandomState``, ``random.Random`` or ``numpy.random.Generator``), each with
-    its setter."""
-    found: list[tuple[object, Callable[[Any], None], Any]] = []
-    for owner in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None),
-                  getattr(getattr(data, "batch_sampler", None), "sampler", None)):
-        for value in getattr(owner, "__dict__", {}).values():
-            if any(value is known for known, _, _ in found):
-                continue
-            if isinstance(value, np.random.Generator):
-                bits = value.bit_generator
-                found.append((value, functools.partial(setattr, bits, "state"), bits.state))
-                continue
-            for kind, getter, setter in _STATE_OF:
-                if isinstance(value, kind) and not isinstance(value, random.SystemRandom):
-                    # (the system's entropy source has no state to read: nothing to restore)
-                    found.append((value, getattr(value, setter), getattr(value, getter)()))
-                    break
-    return found
-
-
 @contextmanager
 def same_draw(data: object) -> Iterator[None]:
     """Run one pass over ``data`` from the current random state and restore it afterwards.
 
-    Restores the global generators (:class:`~hessrank.guard.GlobalGenerators`) and the loader's
-    own (:func:`_own_states`), so that every pass draws the same shuffle and the same random
-    transforms, and the caller's generators end as they began.
+    Restores the global generators (:class:`~hessrank.guard.GlobalGenerators`) and those the
+    loader, its sampler and its batch sampler hold (``DataLoader.generator``, a
+    ``RandomSampler``'s, a custom sampler's NumPy or Python generator), so that every pass
+    draws the same shuffle and the same random transforms, and the caller's generators end as
+    they began.
     """
     generators = GlobalGenerators.read()
-    own = _own_states(data)
+    batch_sampler = getattr(data, "batch_sampler", None)
+    own = held_generators((name, owner) for name, owner in (
+        ("", data), ("sampler", getattr(data, "sampler", None)),
+        ("batch_sampler", batch_sampler), ("batch_sampler.sampler",
+                                            getattr(batch_sampler, "sampler", None))))
     try:
         yield
     finally:
         generators.restore()
-        for _, restore, state in own:
-            restore(state)
+        for held in own:
+            held.restore()
 
 
 @contextmanager

@@ -330,6 +330,12 @@ def worker(rank: int, port: int, out: str) -> None:
         results[f"mixing-{method}"] = outcome(lambda method=method: hessrank.effective_rank(
             BatchStandardised(), nn.CrossEntropyLoss(), (x, y), method=method,
             process_group=group))
+    # One sample per process: no shard to split, so a model that standardises over its batch
+    # was analysed one sample at a time, unchecked (probe 71).
+    for method in ("exact", "fisher"):
+        results[f"one-sample-{method}"] = outcome(lambda method=method: hessrank.effective_rank(
+            BatchStandardised(), nn.CrossEntropyLoss(), (x[:1], y[:1]), method=method,
+            process_group=group))
     # Another loss in one process: the global loss would be a mix of the two.
     other_loss = nn.CrossEntropyLoss(reduction="sum" if rank == 1 else "mean")
     for method in ("fisher", "exact"):
@@ -509,6 +515,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("coupled", "ValueError", "couples samples of different processes"),
     ("mixing-exact", "ValueError", "depends on the other samples of its batch"),
     ("mixing-ggn_lanczos", "ValueError", "depends on the other samples of its batch"),
+    ("one-sample-exact", "ValueError", "every process holds one sample (shards of [1, 1])"),
+    ("one-sample-fisher", "ValueError", "every process holds one sample (shards of [1, 1])"),
     ("options", "ValueError", "call effective_rank differently (threshold"),
     ("mid", "ValueError", "injected failure in process 1"),
     ("late", "ValueError", "injected failure in process 1"),

@@ -14,6 +14,7 @@ from torch import nn
 
 import hessrank
 from hessrank.curvature import loss as curvature_loss
+from hessrank.estimators.exact import exact_memory_bytes
 
 CE = nn.CrossEntropyLoss()
 
@@ -424,18 +425,76 @@ def test_a_nan_derivative_of_a_finite_float64_model_is_named(method):
            r"\(above 1\.8e\+308\)$")
 
 
-def test_compiled_submodule_is_named_where_second_derivatives_are_needed():
-    """A torch.compile'd layer inside the model: torch's 'aot_autograd does not currently
-    support double backward' reached the caller as it was."""
+def _compiled(how: str) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-    model[0] = torch.compile(model[0])
+    if how == "submodule":
+        model[0] = torch.compile(model[0])
+    elif how == "in place":
+        model.compile()
+    elif how == "submodule in place":
+        model[2].compile()
+    return model
+
+
+@pytest.mark.parametrize("how", ["submodule", "in place", "submodule in place"])
+def test_compiled_modules_run_eagerly_for_the_call(how):
+    """A torch.compile'd layer inside the model, or a model compiled in place
+    (``module.compile()``): ``exact`` and ``lanczos`` stopped at compiled code's missing second
+    derivative, with advice that did not apply to the in-place form (no ``_orig_mod``); after
+    a ``ggn`` call, ``ggn_lanczos`` met torch's raw "donated buffers" error (probe 72)."""
+    model, plain = _compiled(how), _compiled("not")
+    compiled = [(m, dict(vars(m))) for m in model.modules()]
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for method in ("ggn", "ggn_lanczos", "exact", "lanczos", "fisher"):
+        result = hessrank.effective_rank(model, CE, (x, y), method=method)
+        expected = hessrank.effective_rank(plain, CE, (x, y), method=method)
+        np.testing.assert_allclose(result.eigenvalues, expected.eigenvalues, rtol=0,
+                                   atol=1e-6 * abs(expected.top_eigenvalue))
+        assert any("were run eagerly for the call" in note for note in result.notes)
+    for module, attributes in compiled:  # compiled as before
+        assert all(vars(module).get(key) is value for key, value in attributes.items())
+
+
+def test_a_function_compiled_inside_forward_is_named_where_second_derivatives_are_needed():
+    """A function compiled with torch.compile and called in forward has no second derivative:
+    the message says so, not to pass a module's ``_orig_mod``."""
+    torch.manual_seed(0)
+    activation = torch.compile(torch.tanh)
+
+    class Compiled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.second(activation(self.first(x)))
+
+    model = Compiled()
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     for method in ("exact", "ggn_lanczos"):
         _check(model, lambda method=method: hessrank.effective_rank(model, CE, (x, y),
                                                                     method=method),
-               ValueError, "torch.compile.*no second derivative.*_orig_mod")
+               ValueError, "torch.compile.*no second derivative.*a function compiled with "
+                           "torch.compile is not")
     assert hessrank.effective_rank(model, CE, (x, y), method="fisher").rank > 0
+
+
+def test_anomaly_detection_is_off_for_the_call():
+    """Under ``set_detect_anomaly(True)`` a ``ggn`` call printed five "Error detected in ..."
+    tracebacks from its batched backward passes, which anomaly mode cannot batch, before their
+    fallback (probe 72); anomaly mode is the caller's again after the call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    expected = hessrank.effective_rank(model, CE, (x, y), method="ggn")
+    with torch.autograd.set_detect_anomaly(True), warnings.catch_warnings(
+            record=True) as caught:
+        warnings.simplefilter("always")
+        result = hessrank.effective_rank(model, CE, (x, y), method="ggn")
+        assert torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled()
+    assert not [w for w in caught if "Error detected" in str(w.message)]
+    np.testing.assert_allclose(result.eigenvalues, expected.eigenvalues, rtol=1e-6)
 
 
 def _twice_differentiable(function) -> bool:
@@ -852,6 +911,60 @@ def test_factor_lanczos_budget_counts_the_output_side_before_forming_it(method):
         max_memory=before.value.memory_bytes + output_bytes), hessrank.BudgetError,
         f"method='{method}' needs about")
     assert refined.memory_bytes > before.value.memory_bytes + 2 * output_bytes
+    # the refusal names the output side, which fewer lanczos_steps do not lower (probe 71)
+    assert "which lanczos_steps does not change" in str(refined)
+    assert "use fewer lanczos_steps" not in str(refined)
+
+
+class _LongRecurrence(nn.Module):
+    """Few parameters, a long graph: an LSTM over 200 steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_a_time_budget_leaves_the_memory_verdict_alone():
+    """``exact`` with ``max_seconds`` builds its operator to time it and counted the model's
+    graph and products in its prediction, and the work counted them again: an LSTM that peaks
+    at 141 MiB was refused at 800 MiB as needing 1.02 GiB (probe 71)."""
+    torch.manual_seed(0)
+    model = _LongRecurrence()
+    x, y = torch.randn(32, 200, 4), torch.randint(0, 3, (32,))
+    hessian = exact_memory_bytes(sum(p.numel() for p in model.parameters()), 4)
+    verdicts = []
+    for max_seconds in (1e4, None):  # refused before the work, and once its first pass ran
+        with pytest.raises(hessrank.BudgetError) as refused:
+            hessrank.effective_rank(model, CE, (x, y), method="exact", max_memory=hessian + 1,
+                                    max_seconds=max_seconds)
+        verdicts.append(refused.value.memory_bytes)
+    assert verdicts[0] == verdicts[1] > 2 * hessian  # the model's graph and products, once
+    result = hessrank.effective_rank(model, CE, (x, y), method="exact",
+                                     max_memory=verdicts[0] + 1, max_seconds=1e4)
+    assert result.rank > 0
+
+
+@pytest.mark.parametrize("eigenvectors", [0, 3])
+def test_exact_predicts_the_eigen_solve_it_runs(eigenvectors):
+    """The prediction counted the Hessian and one copy for the solve; the vectors ``eigh``
+    returns and its workspace were left out, and ``eigenvectors=3`` peaked at 1.8x the
+    prediction (probe 71). Within a small factor of the measured peak, eigenvectors or not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 10))
+    x, y = torch.randn(16, 30), torch.randint(0, 10, (16,))
+    with pytest.raises(hessrank.BudgetError) as predicted:
+        hessrank.effective_rank(model, CE, (x, y), method="exact", max_memory=1,
+                                eigenvectors=eigenvectors)
+    hessian = 8 * sum(p.numel() for p in model.parameters()) ** 2
+    assert predicted.value.memory_bytes > (4 if eigenvectors else 2) * hessian
+    measured = hessrank.effective_rank(model, CE, (x, y), method="exact", measure_memory=True,
+                                       eigenvectors=eigenvectors).peak_memory
+    if measured is not None:  # Linux: the resident-set high-water mark
+        assert 0.7 * measured <= predicted.value.memory_bytes <= 2 * measured, (
+            predicted.value.memory_bytes, measured)
 
 
 def test_a_numpy_integer_seed_is_the_same_seed(setup):
@@ -913,6 +1026,19 @@ def test_half_precision_outputs_are_refused(method, dtype):
     batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
     with pytest.raises(ValueError, match=f"returns {dtype} outputs"):
         hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method)
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_a_half_precision_loss_is_refused(method):
+    """A loss computed in bfloat16 on float32 outputs: ``exact`` blamed asymmetric products,
+    ``ggn`` a loss that couples the samples, ``fisher`` samples that interact (probe 72)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    _check(model, lambda: hessrank.effective_rank(
+        model, lambda outputs, targets: nn.functional.cross_entropy(outputs.bfloat16(), targets),
+        batch, method), ValueError, r"loss_fn returned a torch.bfloat16 loss.*half precision.*"
+                                    r"Compute the loss in the outputs' dtype")
 
 
 class _Cast(nn.Module):
@@ -1018,8 +1144,8 @@ def test_gradient_overlap_counts_the_model_graph_in_its_budget():
                           nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     batch = (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
     budget = 8 * 2**20
-    with pytest.raises(hessrank.BudgetError) as exact:
-        hessrank.effective_rank(model, CE, batch, "exact", max_memory=budget)
+    with pytest.raises(hessrank.BudgetError) as exact:  # the same solve, with its vectors
+        hessrank.effective_rank(model, CE, batch, "exact", max_memory=budget, eigenvectors=2)
     with pytest.raises(hessrank.BudgetError, match="gradient_overlap") as overlap:
         hessrank.gradient_overlap(model, CE, batch, k=2, max_memory=budget)
     assert overlap.value.memory_bytes == exact.value.memory_bytes > budget

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import io
+import math
+import pickle
+import random
 import types
 from typing import Any
 
@@ -313,8 +316,131 @@ def test_a_forward_drawing_from_its_own_generator_is_analysed_at_its_next_draw(m
     assert_spectra_close(result.eigenvalues, reference.eigenvalues, rtol=1e-9)
     assert result.trace == pytest.approx(reference.trace, rel=1e-9)
     assert torch.equal(model.generator.get_state(), state)
-    assert any("draws from the model's own torch.Generator (generator)" in note
+    assert any("draws from the model's own random generator (generator)" in note
                for note in result.notes)
+
+
+def _generator(kind: str) -> Any:
+    return {"torch": lambda: torch.Generator().manual_seed(3),
+            "numpy Generator": lambda: np.random.default_rng(3),
+            "numpy RandomState": lambda: np.random.RandomState(3),
+            "random.Random": lambda: random.Random(3)}[kind]()
+
+
+def _normal(generator: Any, shape: tuple[int, ...]) -> Tensor:
+    """Standard normal noise of ``shape`` (float64) drawn from ``generator``, of any kind."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=torch.float64)
+    if isinstance(generator, random.Random):
+        return torch.tensor([generator.gauss(0.0, 1.0) for _ in range(math.prod(shape))],
+                            dtype=torch.float64).reshape(shape)
+    return torch.from_numpy(generator.standard_normal(shape))
+
+
+class _HeldNoise(nn.Module):
+    """Noise injection from a generator of ``kind`` held as an attribute, or as the item of a
+    list or dict attribute (``holder``); ``noise``: a fixed draw instead."""
+
+    def __init__(self, kind: str, holder: str, noise: Tensor | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.hidden, self.head = nn.Linear(6, 8).double(), nn.Linear(8, 3).double()
+        generator = _generator(kind)
+        self.holder = holder
+        self.streams = {"attribute": generator, "list": [generator],
+                        "dict": {"noise": generator}}[holder]
+        self.noise = noise
+
+    @property
+    def generator(self) -> Any:
+        return {"attribute": lambda: self.streams, "list": lambda: self.streams[0],
+                "dict": lambda: self.streams["noise"]}[self.holder]()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.hidden(x))
+        noise = self.noise if self.noise is not None else _normal(self.generator, h.shape)
+        return self.head(h + 0.3 * noise)
+
+
+@pytest.mark.parametrize("method", [*hessrank.METHODS, "ggn_lanczos"])
+@pytest.mark.parametrize(("kind", "holder"), [
+    ("numpy Generator", "attribute"), ("numpy RandomState", "attribute"),
+    ("random.Random", "attribute"), ("torch", "list"), ("numpy Generator", "dict")])
+def test_every_kind_of_generator_a_module_holds_is_set_back_after_each_pass(kind, holder,
+                                                                            method):
+    """NumPy's and Python's generators, and generators inside a list or dict attribute, were
+    not seen: every pass drew on (``ggn`` at the second pass's draw, ``exact`` at the first) and
+    the caller's generator was left advanced (probe 73)."""
+    torch.manual_seed(10)
+    inputs, targets = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = _HeldNoise(kind, holder)
+    state = _generator_state(model.generator)
+    draw = _normal(copy.deepcopy(model.generator), (6, 8))
+    reference = hessrank.effective_rank(_HeldNoise(kind, holder, draw), nn.CrossEntropyLoss(),
+                                        (inputs, targets), method=method)
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (inputs, targets),
+                                     method=method)
+    assert_spectra_close(result.eigenvalues, reference.eigenvalues, rtol=1e-9)
+    assert pickle.dumps(_generator_state(model.generator)) == pickle.dumps(state)
+    place = {"attribute": "streams", "list": "streams[0]", "dict": "streams['noise']"}[holder]
+    assert any(f"own random generator ({place})" in note for note in result.notes), result.notes
+
+
+def _generator_state(generator: Any) -> Any:
+    """The generator's state (torch's as a list: its state tensor pickles differently each
+    time)."""
+    if isinstance(generator, torch.Generator):
+        return generator.get_state().tolist()
+    if isinstance(generator, random.Random):
+        return generator.getstate()
+    if isinstance(generator, np.random.RandomState):
+        return generator.get_state()
+    return generator.bit_generator.state
+
+
+def _closure_noise() -> Any:
+    """A forward's noise from a generator held in a closure, out of hessrank's reach."""
+    generator = torch.Generator().manual_seed(4)
+    return lambda shape: torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+class _UnreachableNoise(nn.Module):
+    """Noise from :func:`_closure_noise`; ``bare``: a bare scaling parameter, which no
+    per-module rule covers (the per-sample general path)."""
+
+    def __init__(self, bare: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.hidden, self.head = nn.Linear(6, 8).double(), nn.Linear(8, 3).double()
+        self.scale = nn.Parameter(torch.ones(8, dtype=torch.float64)) if bare else None
+        self.noise = _closure_noise()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.hidden(x)) + 0.3 * self.noise((x.shape[0], 8))
+        return self.head(h * self.scale if self.scale is not None else h)
+
+
+UNREPEATABLE = r"two forward passes of the call over the same batch gave outputs that differ"
+
+
+@pytest.mark.parametrize(("method", "bare", "data"), [
+    ("ggn", False, "batch"), ("ggn_lanczos", False, "batch"), ("fisher", True, "batch"),
+    ("exact", False, "loader"), ("lanczos", False, "loader"), ("fisher", False, "loader")])
+def test_a_forward_that_does_not_repeat_itself_is_refused(method, bare, data):
+    """A generator in a closure (no attribute holds it): ``ggn``'s two passes analysed two
+    draws, a data set's passes drew on, and the per-sample path blamed samples that interact
+    (probe 73). Two passes over a batch that differ are now refused, naming the cause."""
+    torch.manual_seed(10)
+    inputs, targets = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = _UnreachableNoise(bare)
+    batch = (inputs, targets) if data == "batch" else [(inputs[:3], targets[:3]),
+                                                         (inputs[3:], targets[3:])]
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=UNREPEATABLE + r".*most likely a random generator held "
+                                                        r"elsewhere \(in a closure"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method=method,
+                                lanczos_steps=5)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 class _SparseProjection(nn.Module):

@@ -415,9 +415,9 @@ def test_a_model_drawing_from_its_own_generator_is_refused_on_a_data_set_naming_
 
     model = Noisy().double()
     x, y = classification_batch(sum(SIZES), 4, 3)
-    assert any("own torch.Generator (noise)" in note for note in hessrank.effective_rank(
+    assert any("own random generator (noise)" in note for note in hessrank.effective_rank(
         model, nn.CrossEntropyLoss(), (x, y), "exact").notes)
-    with pytest.raises(ValueError, match=r"the draws of the model's own torch.Generator \(noise\)"
+    with pytest.raises(ValueError, match=r"the draws of the model's own random generator \(noise\)"
                                          r", which every pass starts again"):
         hessrank.effective_rank(model, nn.CrossEntropyLoss(), _batches(x, y), "exact")
 

@@ -26,6 +26,7 @@ from hessrank.guard import ModuleGenerators
 from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
+    UnrepeatableForward,
     mixed_samples_difference,
     refuse_mixed_samples,
     without_second_derivative,
@@ -97,6 +98,8 @@ class FactorOperator(ParameterOperator):
             return None
         try:
             difference = mixed_samples_difference(self._problem, self._outputs)
+        except UnrepeatableForward:
+            raise
         except Exception:  # noqa: BLE001 - a model that runs on its whole batch only
             return None
         if difference is None:

@@ -54,6 +54,7 @@ from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
     agreement_tolerance,
+    repeat_pass,
     unused_parameters_note,
 )
 
@@ -557,6 +558,7 @@ def _general_gram(
                                                 floor, tolerance, notes)
         with agreement(parallel_of(problem)):
             if failure is not None:
+                repeat_pass(problem)  # a forward that does not repeat itself explains it first
                 observation, cause, error = failure
                 raise ValueError(
                     f"{observation}: {_lower_precision_cause(problem, error) or cause}")

@@ -78,8 +78,8 @@ class Settings:
     per_layer: bool = False
     eigenvectors: int = 0
     reporter: Reporter = field(default_factory=Reporter)
-    #: the estimator's memory prediction before the work (bytes), which a method refines once
-    #: its first forward pass shows what the model holds
+    #: the estimator's memory prediction before the work (bytes), without what a method
+    #: refines once its first forward pass shows what the model holds (``Cost.refined_bytes``)
     predicted_memory: int = 0
 
 
@@ -134,10 +134,16 @@ class Spectrum:
 
 @dataclass(frozen=True)
 class Cost:
-    """Predicted peak memory (bytes) and time (seconds, None when not predicted)."""
+    """Predicted peak memory (bytes) and time (seconds, None when not predicted).
+
+    ``refined_bytes``: the part of ``memory_bytes`` the prediction measured on a first pass over
+    the model (``exact`` timing its products builds the operator), which the work measures
+    again once it makes that pass (:meth:`Estimator.check_refined`): counted once.
+    """
 
     memory_bytes: int
     seconds: float | None = None
+    refined_bytes: int = 0
 
 
 class Estimator(ABC):
@@ -217,16 +223,18 @@ class Estimator(ABC):
         ``"gram-blocks"``)."""
 
     def check_refined(self, extra_bytes: int, problem: CurvatureProblem,
-                      settings: Settings) -> None:
+                      settings: Settings, advice: str | None = None) -> None:
         """Once the first pass over the model shows what it holds: the prediction made before
         the work plus ``extra_bytes`` against the budget (:class:`BudgetError` over it). The
         processes of a data-parallel problem call it at the same point of their work and judge
         the largest of their ``extra_bytes``, so all refuse or none does (a refusal in one would
-        leave the others waiting)."""
+        leave the others waiting). ``advice``: what to do instead, where the refined part is
+        what a refusal is about (default :attr:`budget_advice`)."""
         parallel = parallel_of(problem)
         if parallel is not None:
             extra_bytes = max(parallel.gather_objects(int(extra_bytes)))
-        self.check_budget(Cost(settings.predicted_memory + extra_bytes), problem, settings)
+        self.check_budget(Cost(settings.predicted_memory + extra_bytes), problem, settings,
+                          advice=advice)
 
     def check_budget(self, cost: Cost, problem: CurvatureProblem, settings: Settings,
                      caller: str | None = None, advice: str | None = None) -> None:

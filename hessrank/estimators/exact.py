@@ -51,10 +51,20 @@ def products_bytes(chunk: int, graph_bytes: int) -> int:
     return (1 + 2 * chunk) * graph_bytes
 
 
-def exact_memory_bytes(num_params: int, element_size: int) -> int:
-    """Predicted peak: the float64 Hessian, the eigen-solver's copy, one chunk of products."""
+#: What the float64 eigen-solve holds beyond the Hessian, in ``P x P`` float64 matrices (peak
+#: resident memory of :func:`~hessrank.spectrum.dense.symmetric_eigenvalues` and
+#: :func:`~hessrank.spectrum.dense.symmetric_eigenpairs` above their input, measured at P = 2000
+#: and 3000: 1.39-1.57 and 3.19-4.30; eigenvectors had been left out of the prediction, and
+#: calls asking for them peaked at 1.8x it; probe 71).
+SOLVE_MATRICES = {False: 1.5, True: 3.5}
+
+
+def exact_memory_bytes(num_params: int, element_size: int, eigenvectors: bool = False) -> int:
+    """Predicted peak: the float64 Hessian, what its eigen-solve holds (with ``eigenvectors``,
+    the vectors and the solver's workspace), one chunk of products."""
     chunk = exact_chunk_size(num_params, element_size)
-    return int(2 * 8 * num_params**2 + 4 * chunk * num_params * element_size)
+    return int((1 + SOLVE_MATRICES[eigenvectors]) * 8 * num_params**2
+               + 4 * chunk * num_params * element_size)
 
 
 def predict_exact_seconds(operator: HessianOperator, chunk: int) -> float:
@@ -98,16 +108,15 @@ class Exact(Estimator):
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: Any) -> Cost:
         element = problem.params[0].element_size()
-        memory = exact_memory_bytes(problem.num_params, element)
-        seconds = None
-        if settings.max_seconds is not None and memory <= settings.max_memory:
-            # timing builds the operator, which shows what the model's graph holds
-            batch, batches = per_batch(problem)
-            operator = HessianOperator(batch)
-            chunk = exact_chunk_size(operator.dim, element, operator.graph_bytes)
-            memory += products_bytes(chunk, operator.graph_bytes)
-            seconds = batches * predict_exact_seconds(operator, chunk)
-        return Cost(memory, seconds)
+        memory = exact_memory_bytes(problem.num_params, element, settings.eigenvectors > 0)
+        if settings.max_seconds is None or memory > settings.max_memory:
+            return Cost(memory)
+        # timing builds the operator, which shows what the model's graph holds
+        batch, batches = per_batch(problem)
+        operator = HessianOperator(batch)
+        chunk = exact_chunk_size(operator.dim, element, operator.graph_bytes)
+        graph = products_bytes(chunk, operator.graph_bytes)
+        return Cost(memory + graph, batches * predict_exact_seconds(operator, chunk), graph)
 
     def run(self, problem: CurvatureProblem, settings: Settings, options: Any) -> Spectrum:
         dim = problem.num_params

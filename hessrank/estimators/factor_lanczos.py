@@ -3,6 +3,8 @@ the Gram matrix (``nC' x nC'`` or ``n x n``) is too large to form."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,9 @@ class FactorLanczos(LanczosEstimator):
     factors_of: GramEstimator
     backend = "autograd (factor products)"
     listed = False
+    #: what to do instead where the factors' output side, measured on the first pass, exceeds
+    #: the budget (fewer lanczos_steps do not lower it; probe 71)
+    working_memory_advice: ClassVar[str]
 
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         generator = torch.Generator().manual_seed(settings.seed)
@@ -30,7 +35,8 @@ class FactorLanczos(LanczosEstimator):
             lambda outputs, targets: self.factors_of.cotangents(problem.loss_fn, outputs,
                                                                 targets, generator)[0],
             self.name,
-            check_working_memory=lambda extra: self.check_refined(extra, problem, settings),
+            check_working_memory=lambda extra: self.check_refined(
+                extra, problem, settings, advice=self.working_memory_advice),
             output_side_bytes=self.output_side_at)
 
     def source_notes(self, operator: SymmetricOperator) -> list[str]:
@@ -53,6 +59,12 @@ class GGNLanczos(FactorLanczos):
     listing_order = 4
     summary = "Lanczos quadrature on GGN-vector products (no Gram matrix)"
     factors_of = GGN()
+    working_memory_advice = (
+        "its factors hold the model's graph and each sample's output-Hessian square root (n x "
+        "C' x C numbers for C outputs per sample), which lanczos_steps does not change: use "
+        "fewer samples (a DataLoader streams them a batch at a time), method='fisher_lanczos' "
+        "(one output gradient per sample), or method='ggn' with mc_samples=M (a Monte-Carlo "
+        "GGN)")
 
 
 @register
@@ -62,3 +74,7 @@ class FisherLanczos(FactorLanczos):
     listing_order = 5
     summary = "Lanczos quadrature on empirical-Fisher-vector products (no Gram matrix)"
     factors_of = Fisher()
+    working_memory_advice = (
+        "its factors hold the model's graph and each sample's output gradient, which "
+        "lanczos_steps does not change: use fewer samples (a DataLoader streams them a batch at "
+        "a time)")
