@@ -60,6 +60,7 @@ from hessrank.results import RankResult
 from hessrank.spectrum.dense import symmetric_eigenpairs
 from hessrank.streaming import (
     StreamedProblem,
+    announced_samples,
     first_batch,
     is_batch_stream,
     per_batch,
@@ -334,8 +335,7 @@ def effective_rank(
             with evaluation_mode(problem.model, mode):
                 concatenate = not estimator.streams  # a data set runs on its batches joined
                 if isinstance(problem, StreamedProblem):
-                    _refuse_what_one_batch_exceeds(estimator, problem.first(), settings,
-                                                   method_options)
+                    _refuse_before_the_pass(estimator, problem, settings, method_options)
                     problem.survey()
                 outputs = functools.cache(lambda: probe_outputs(
                     per_batch(problem)[0], check_loss=not isinstance(problem, StreamedProblem)))
@@ -446,25 +446,43 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu") if first is None else first.device
 
 
-def _refuse_what_one_batch_exceeds(estimator: Estimator, first: CurvatureProblem,
-                                   settings: Settings, options: Any) -> None:
+def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
+                            settings: Settings, options: Any) -> None:
     """Before a data set's first pass (a whole epoch of reading): refuse a budget that its
     first batch alone exceeds, since the whole data costs at least as much (an exact Hessian of
-    609 GiB was refused after 6.3 s and 3,100 samples read, where one batch is refused in 2 ms).
-    Anything else the batch would raise is left to the pass, which names the batch.
+    609 GiB was refused after 6.3 s and 3,100 samples read, where one batch is refused in 2 ms),
+    and one that the whole data exceeds where the loader says how many samples it holds and the
+    method's cost grows with them (a ``fisher`` Gram of 7.7 GiB was refused after a pass over
+    20,000 samples; probe 71): its first batch's prediction at that many samples, with a copy
+    of each for a method that joins the batches. Anything else the batch would raise is left to
+    the pass, which names the batch.
 
     Raises:
-        BudgetError: the first batch's predicted cost exceeds the budget.
+        BudgetError: the first batch's, or the announced data set's, predicted cost exceeds the
+            budget.
     """
+    first = problem.first()
+    outputs = functools.cache(lambda: probe_outputs(first))
+    announced = announced_samples(problem.data)
     try:
-        cost = estimator.predict(first, functools.cache(lambda: probe_outputs(first)), settings,
-                                 options)
+        cost = estimator.predict(first, outputs, settings, options)
+        estimator.check_budget(cost, first, settings, caller=f"method={estimator.name!r} on the "
+                               "data set's first batch alone")
+        if announced is None or announced <= first.num_samples or estimator.streams:
+            return
+        whole = dataclasses.replace(problem, total_samples=announced)
+        cost = estimator.predict(whole, outputs, settings, options)
+        batch_bytes = sum(x.numel() * x.element_size()
+                          for x in (*first.args, *first.kwargs.values(), first.targets))
+        cost = dataclasses.replace(cost, memory_bytes=cost.memory_bytes
+                                   + batch_bytes * announced // first.num_samples)
     except BudgetError:
         raise
     except Exception:  # noqa: BLE001 - the pass over the data names the batch and the cause
         return
-    estimator.check_budget(cost, first, settings, caller=f"method={estimator.name!r} on the "
-                           "data set's first batch alone")
+    estimator.check_budget(cost, whole, settings, caller=(
+        f"method={estimator.name!r} on the data set's {announced:,} samples (as many as its "
+        "loader announces)"))
 
 
 def _agreed_cost(parallel: DataParallel | None, cost: Cost) -> Cost:

@@ -196,6 +196,18 @@ def _curved(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, target
     return product is not None and not bool((product == 0).all())
 
 
+def _joined(first: CurvatureProblem, second: CurvatureProblem) -> CurvatureProblem | None:
+    """The two batches as one (their inputs and targets concatenated); None where their shapes
+    past the batch dimension differ (sequences of other lengths)."""
+    try:
+        args = tuple(torch.cat([a, b]) for a, b in zip(first.args, second.args, strict=True))
+        kwargs = {key: torch.cat([x, second.kwargs[key]]) for key, x in first.kwargs.items()}
+        targets = torch.cat([first.targets, second.targets])
+    except (RuntimeError, KeyError, ValueError):
+        return None
+    return dataclasses.replace(first, args=args, kwargs=kwargs, targets=targets)
+
+
 def _outputs(batch: CurvatureProblem) -> Tensor:
     """The model's outputs on one batch, without a graph."""
     with torch.no_grad():
@@ -381,6 +393,7 @@ class StreamedProblem(CurvatureProblem):
         waiting: list[tuple[int, CurvatureProblem, Tensor]] = []
         total_bytes = 0
         mixing_checked = False
+        single: CurvatureProblem | None = None  # a first batch of one sample
         if rescales_lookups(self.model):  # every batch's rows rescaled before any is weighed
             with same_draw(self.data):
                 for batch in self._batches():
@@ -390,6 +403,15 @@ class StreamedProblem(CurvatureProblem):
                 outputs = _outputs(batch)
                 if not mixing_checked and batch.num_samples > 1:  # once: the model's property
                     refuse_mixed_samples(batch, outputs, "batch")
+                    mixing_checked = True
+                elif not mixing_checked and single is None:
+                    single = batch
+                elif not mixing_checked and single is not None:
+                    # batches of one sample: two of them joined (a model with a batch mean had
+                    # been analysed one sample at a time, unchecked; probe 71)
+                    joined = _joined(single, batch)
+                    if joined is not None:
+                        refuse_mixed_samples(joined, _outputs(joined), "batch")
                     mixing_checked = True
                 self.total_samples += batch.num_samples
                 total_bytes += sum(x.numel() * x.element_size() for x in
@@ -544,6 +566,19 @@ def _data_changed(detail: str) -> ValueError:
 def streamed_problem(problem: CurvatureProblem, data: Iterable[Any]) -> StreamedProblem:
     """A :class:`StreamedProblem` over ``data`` whose first batch ``problem`` is (not surveyed)."""
     return StreamedProblem(**problem.core_fields(), data=data)  # type: ignore[arg-type]
+
+
+def announced_samples(data: Iterable[Any]) -> int | None:
+    """How many samples a ``DataLoader`` will yield, as far as it says so before a pass (its
+    sampler's length, less what ``drop_last`` drops); None where it does not say (a batch
+    sampler of its own, a sampler without a length, another iterable)."""
+    if not isinstance(data, DataLoader) or data.batch_size is None:
+        return None
+    try:
+        count = len(data.sampler)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return count // data.batch_size * data.batch_size if data.drop_last else count
 
 
 def first_batch(data: Iterable[Any], device: torch.device) -> Batch:

@@ -251,7 +251,7 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
         (["rank", "--method", "hutch"], "unknown method 'hutch'"),
         (
             ["compare", *TINY, "--max-memory", "1e-6"],
-            "(310 parameters, n = 16) needs ~2.7 MiB and ~",
+            "(310 parameters, n = 16) needs ~3.0 MiB and ~",
         ),
         (["compare", *TINY, "--max-memory", "1e-6"], "pass --skip-exact"),
         # which budget (probe 67: "over the budget of --max-memory / --max-seconds")

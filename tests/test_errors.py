@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -739,6 +742,40 @@ class _Recurrent(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
+class _LongRecurrence(nn.Module):
+    """Few parameters, a long graph: an LSTM over 200 steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class _LongAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(5, 16), nn.Linear(16, 3)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(x)).mean(dim=1))
+
+
+class _TiedTokens(nn.Module):
+    """A next-token model whose output head is its embedding table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding, self.hidden = nn.Embedding(2000, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 2000, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.embedding(tokens))))
+
+
 def _lstm_batch():
     return _Recurrent(), torch.randn(128, 48, 16), torch.randint(0, 3, (128,))
 
@@ -758,6 +795,13 @@ _WORKING_MEMORY_CASES = [
     # 1, a call ran at 2.7 times its budget)
     ("conv activations", lambda: (_ConvActivations(), torch.randn(96, 3, 32, 32),
                                   torch.randint(0, 3, (96,))), "lanczos"),
+    # the attention rule's score-sized tensors (peaks 5.6x the prediction without them), and
+    # the general path's factors of a tied embedding whose rule declines (2.7x; probe 71)
+    *(("attention over 128 tokens", lambda: (_LongAttention(), torch.randn(48, 128, 5),
+                                             torch.randint(0, 3, (48,))), method)
+      for method in ("fisher", "ggn")),
+    ("tied embedding", lambda: (_TiedTokens(), torch.randint(0, 2000, (1024,)),
+                                torch.randint(0, 2000, (1024,))), "fisher"),
 ]
 
 
@@ -779,7 +823,7 @@ def test_budget_counts_what_the_model_holds(name, make, method):
         hessrank.BudgetError, f"method='{method}' needs about")
     measured = hessrank.effective_rank(model, CE, (x, y), method=method, measure_memory=True,
                                        **options).peak_memory
-    assert refined.memory_bytes > 2 * before.value.memory_bytes
+    assert refined.memory_bytes > 1.5 * before.value.memory_bytes
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.6 * measured <= refined.memory_bytes <= 3 * measured, (
             refined.memory_bytes, measured)
@@ -916,15 +960,41 @@ def test_factor_lanczos_budget_counts_the_output_side_before_forming_it(method):
     assert "use fewer lanczos_steps" not in str(refined)
 
 
-class _LongRecurrence(nn.Module):
-    """Few parameters, a long graph: an LSTM over 200 steps."""
-
-    def __init__(self) -> None:
+_LONG_RECURRENCE = """
+import torch, hessrank
+from torch import nn
+class LongRecurrence(nn.Module):
+    def __init__(self):
         super().__init__()
         self.rnn, self.head = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         return self.head(self.rnn(x)[0][:, -1])
+torch.manual_seed(0)
+x, y = torch.randn(32, 200, 4), torch.randint(0, 3, (32,))
+result = hessrank.effective_rank(LongRecurrence(), nn.CrossEntropyLoss(), (x, y), "lanczos",
+                                 lanczos_steps=10, measure_memory=True)
+print(result.peak_memory)
+"""
+
+
+def test_lanczos_budget_allows_for_long_recurrences():
+    """A Hessian-vector product through an LSTM holds more graphs the longer its sequences (9
+    at 200 steps): predicted at 4, ``lanczos`` ran at 1.4-1.8 times its budget (probe 71). The
+    refined prediction is within a small factor of the peak a fresh process measures (one
+    that has run other calls reuses their freed memory, unmeasured)."""
+    torch.manual_seed(0)
+    model, x, y = _LongRecurrence(), torch.randn(32, 200, 4), torch.randint(0, 3, (32,))
+    with pytest.raises(hessrank.BudgetError) as before:
+        hessrank.effective_rank(model, CE, (x, y), "lanczos", lanczos_steps=10, max_memory=1)
+    refined = _check(model, lambda: hessrank.effective_rank(
+        model, CE, (x, y), "lanczos", lanczos_steps=10,
+        max_memory=before.value.memory_bytes + 1), hessrank.BudgetError,
+        "method='lanczos' needs about").memory_bytes
+    printed = subprocess.run([sys.executable, "-c", _LONG_RECURRENCE], capture_output=True,
+                             text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    measured = printed.stdout.strip().splitlines()[-1]
+    if measured != "None":  # Linux: the resident-set high-water mark
+        assert 0.6 * int(measured) <= refined <= 3 * int(measured), (refined, measured)
 
 
 def test_a_time_budget_leaves_the_memory_verdict_alone():

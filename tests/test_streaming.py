@@ -395,6 +395,32 @@ def test_a_model_that_mixes_its_batch_is_refused_on_a_data_set(method):
         hessrank.effective_rank(model, nn.CrossEntropyLoss(), _batches(x, y), method)
 
 
+@pytest.mark.parametrize("method", ["exact", "fisher_lanczos"])
+def test_a_model_that_mixes_its_batch_is_refused_on_batches_of_one_sample(method):
+    """Batches of one sample have no halves to compare: a model that centres a layer over its
+    batch was analysed one sample at a time, unchecked (probe 71). Two of them are joined to
+    check it."""
+    torch.manual_seed(0)
+
+    class Centred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.last = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = self.first(x)
+            return self.last(torch.tanh(hidden - hidden.mean(0)))
+
+    x, y = classification_batch(6, 4, 3)
+    data = list(zip(x.split(1), y.split(1)))
+    with pytest.raises(ValueError, match="depends on the other samples of its batch.*each batch "
+                                         "would be computed on its own"):
+        hessrank.effective_rank(Centred().double(), nn.CrossEntropyLoss(), data, method)
+    # a model that computes each sample alone runs on them
+    plain = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    assert hessrank.effective_rank(plain, nn.CrossEntropyLoss(), data, method).rank > 0
+
+
 def test_a_model_drawing_from_its_own_generator_is_refused_on_a_data_set_naming_it():
     """Per-sample noise from a ``torch.Generator`` the model holds: one batch is analysed at
     the draw its next forward would make (with a note), but each batch of a data set starts
@@ -508,6 +534,37 @@ def test_a_budget_one_batch_exceeds_is_refused_before_the_pass_over_the_data(met
     # within the budget, the data set is read and measured as before
     result = hessrank.effective_rank(model, loss_fn, data, method, max_memory=2**30)
     assert result.num_samples == sum(SIZES)
+
+
+class _CountingDataset(TensorDataset):
+    """A data set that counts the samples read from it."""
+
+    read = 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        type(self).read += 1
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_a_budget_the_announced_data_set_exceeds_is_refused_before_the_pass(drop_last):
+    """A fisher Gram over 20,000 samples (7.7 GiB) was refused only after a pass over all of
+    them, though the loader said how many it holds (probe 71). Predicted at that count first:
+    one batch read; a budget the announced data fits runs as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    dataset = _CountingDataset(torch.randn(2000, 4), torch.randint(0, 3, (2000,)))
+    loader = DataLoader(dataset, batch_size=64, drop_last=drop_last)
+    announced = 1984 if drop_last else 2000
+    _CountingDataset.read = 0
+    with pytest.raises(hessrank.BudgetError, match=f"on the data set's {announced:,} samples "
+                                                   r"\(as many as its loader announces\)"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), loader, "fisher",
+                                max_memory=announced**2 * 8)
+    assert _CountingDataset.read == 64
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), loader, "fisher",
+                                     max_memory=2**30)
+    assert result.num_samples == announced
 
 
 def test_a_sampler_on_the_system_s_entropy_is_refused_as_changing_data_not_crashed():

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +158,30 @@ def _first_parameter(module: nn.Module) -> str | None:
     first = next(iter(inspect.signature(module.forward).parameters.values()), None)
     return first.name if first is not None and first.kind in (
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) else None
+
+
+def unruled_sizes(problem: CurvatureProblem, use_rules: bool) -> list[int]:
+    """Parameter counts of the groups whose module no rule covers (every group without
+    ``use_rules``): those the general path takes whatever the call."""
+    modules = dict(problem.model.named_modules())
+    named = dict(zip(problem.names, problem.params))
+    return [sum(named[name].numel() for name in names)
+            for group, names in problem.modules_with_params().items()
+            if not use_rules or group not in modules or rule_for(modules[group]) is None]
+
+
+def general_path_bytes(group_sizes: Sequence[int], rows: int, element: int) -> int:
+    """What the general path holds at once for groups of these parameter counts: the per-sample
+    factors of its largest bin (``[rows, P_bin]``, ``rows = K n``, bins of at most
+    :data:`GENERAL_CHUNK_BYTES` but one group each at least) three times: as its chunks and as
+    their joined copy, or as the chunks and the batched VJP's own terms (one per use of a
+    parameter used twice, a tied embedding's: 901 MiB measured against 580 predicted with
+    two)."""
+    if not group_sizes:
+        return 0
+    per_bin = max(max(group_sizes),
+                  min(sum(group_sizes), GENERAL_CHUNK_BYTES // max(1, rows * element)))
+    return 3 * rows * element * per_bin
 
 
 def working_bytes(graph: int, claimed: Mapping[str, tuple[nn.Module, GramRule]],
@@ -325,19 +349,35 @@ def compute_gram(
             "dimension ([n, ...]); return a sample-first output (a sequence-first model's "
             "output.transpose(0, 1), with the loss to match) or use method='exact' or 'lanczos'")
     sizes = {group: sum(named[name].numel() for name in groups[group]) for group in claimed}
+    element = problem.params[0].element_size()
+    children_groups = {child for group in claimed for child in covered[group].values()}
+    unclaimed = [g for g in groups if g not in claimed and g not in children_groups]
+
+    def general_extra(general: Iterable[str], columns: int) -> int:
+        """The general path's factors for the groups ``general`` with ``columns`` cotangent
+        columns per sample, beyond those counted before the work (for the groups no rule
+        covers): those the rules leave count too (a tied embedding's, its rule declined, had
+        peaked at 2.7x the prediction; probe 71)."""
+        rows = columns * total
+        return max(0, general_path_bytes([sum(named[name].numel() for name in groups[group])
+                                          for group in general], rows, element)
+                   - general_path_bytes(unruled_sizes(problem, use_rules), rows, element))
+
     output_side = (output_side_bytes(outputs) if output_side_bytes is not None
                    and isinstance(outputs, Tensor) else 0)
     if check_working_memory is not None and output_side:
         # before the output side runs: its peak, or what the rest holds with its one column
         check_working_memory(max(graph.total + output_side, working_bytes(
             graph.total, claimed, capture.outputs, sizes, 1, outputs.shape[0],
-            outputs.numel() * outputs.element_size())))
+            outputs.numel() * outputs.element_size()), general_extra(unclaimed, 1)))
     cotangents = shard_cotangents(problem, cotangents_of, outputs)
     k, n = cotangents.shape[:2]
     notes: list[str] = []
     if check_working_memory is not None:
-        check_working_memory(working_bytes(graph.total, claimed, capture.outputs, sizes, k, n,
-                                           cotangents.numel() * cotangents.element_size()))
+        check_working_memory(max(
+            working_bytes(graph.total, claimed, capture.outputs, sizes, k, n,
+                          cotangents.numel() * cotangents.element_size()),
+            general_extra(unclaimed, k)))
     weights = torch.randn(k, total, generator=generator, dtype=torch.float64)[:, start:stop]
     weights = weights.to(device=problem.device, dtype=problem.dtype)
     # The probes of projected claims: their own stream (the weights' generator is left as it was).
@@ -435,6 +475,8 @@ def compute_gram(
         paths.update(dict.fromkeys(groups[group], rule_of[group].name))
     remaining = {g: names for g, names in groups.items() if g not in formed
                  or names[0] not in paths}
+    if remaining and check_working_memory is not None:  # and those whose rule's check failed
+        check_working_memory(general_extra(remaining, k))
     if remaining:
         general = _general_gram(problem, remaining, cotangents, outputs, weights, true_grads,
                                 floor, accumulator, notes)
@@ -626,10 +668,11 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
         # pop: the bin's pieces become its groups' factors without a second copy
         flat = torch.cat([torch.cat(pieces.pop(name), dim=1) for name in names],
                          dim=-1).reshape(k * n, -1)
-        claimed = (weights.reshape(-1, 1) * flat).sum(dim=0)
+        # (products without a copy of the factors: the bin holds two, general_path_bytes)
+        claimed = weights.reshape(-1) @ flat
         true = torch.cat([true_grads[name].reshape(-1) for name in names])
         error = _judged(group, [claimed], [true],
-                        _weighted_scale((flat * flat).sum(dim=1), weights),
+                        _weighted_scale(torch.linalg.vector_norm(flat, dim=1).square(), weights),
                         floor, tolerance, notes)
         if failure is None and error > tolerance:
             failure = (f"per-sample gradients of {group!r} do not add up to the batch gradient "

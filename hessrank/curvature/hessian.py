@@ -8,8 +8,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 from hessrank.curvature.operator import ParameterOperator
@@ -56,6 +57,18 @@ def second_order() -> Iterator[None]:
         yield
 
 
+def _sequence_steps(module: nn.Module, args: tuple[Any, ...]) -> int:
+    """Time steps of a recurrent layer's input (``[n, T, d]``, ``[T, n, d]``, ``[T, d]`` or a
+    packed sequence); 0 where it is none of those."""
+    sequence = args[0] if args else None
+    if isinstance(sequence, PackedSequence):
+        return int(sequence.batch_sizes.numel())
+    if not isinstance(sequence, Tensor) or sequence.dim() not in (2, 3):
+        return 0
+    return int(sequence.shape[1] if sequence.dim() == 3 and getattr(module, "batch_first", False)
+               else sequence.shape[0])
+
+
 class HessianOperator(ParameterOperator):
     """``V -> V H`` for the Hessian of the loss w.r.t. the analysed parameters (flattened, ``P``).
 
@@ -74,17 +87,34 @@ class HessianOperator(ParameterOperator):
     #: prediction before the work measured 3.3 (two convolutions, n = 96), 2.2 (an LSTM) and
     #: 6.5 (a transformer layer: a graph of 3 MiB, the rest fixed costs) times the graph beyond
     #: it (``lanczos``, 40 steps, 2026-12-01; the factor of 1 before had let calls run at up to
-    #: 2.7 times their budget).
-    product_graphs = 4.0
+    #: 2.7 times their budget). The instance's :attr:`product_graphs` allows more for a
+    #: recurrent layer.
+    PRODUCT_GRAPHS = 4.0
+    #: A recurrent layer's product holds more the longer its sequences: an LSTM's measured 3.7
+    #: and 4.4 graphs at 50 and 48 steps, 6.0 at 100, 9.0 and 9.2 at 200 (hidden sizes 8-64;
+    #: ``lanczos`` ran at 1.4-1.8 times its budget there; probe 71): ``2.5 + steps / 28``.
+    RECURRENT_STEPS_PER_GRAPH = 28
 
     def __init__(self, problem: CurvatureProblem) -> None:
         super().__init__(problem)
         if isinstance(problem, ShardedProblem):
             check_shards_uncoupled(problem)
         graph = GraphBytes(problem)
-        with second_order(), graph.counting():
-            loss = problem.loss()
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        steps: list[int] = []  # the sequence lengths of the model's recurrent layers
+        hooks = [module.register_forward_pre_hook(
+            lambda module, args: steps.append(_sequence_steps(module, args)))
+            for module in problem.model.modules() if isinstance(module, nn.RNNBase)]
+        try:
+            with second_order(), graph.counting():
+                loss = problem.loss()
+                grads = torch.autograd.grad(loss, self.params, create_graph=True,
+                                            allow_unused=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        #: graphs a product's double backward holds beyond the gradient's graph (its memory)
+        self.product_graphs = max(self.PRODUCT_GRAPHS,
+                                  2.5 + max(steps, default=0) / self.RECURRENT_STEPS_PER_GRAPH)
         # agreed: the columns of a batched product are sized from it, and every process must
         # push the same number through each product's all-reduce
         self.graph_bytes = self._largest(graph.total)

@@ -12,9 +12,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessrank.curvature.gram import GENERAL_CHUNK_BYTES, GramResult, compute_gram
+from hessrank.curvature.gram import (
+    GramResult,
+    compute_gram,
+    general_path_bytes,
+    unruled_sizes,
+)
 from hessrank.curvature.loss import check_no_parameter_terms
-from hessrank.curvature.rules import rule_for
 from hessrank.estimators.base import Cost, Estimator, Settings, Spectrum, eigenvector_note
 from hessrank.problem import CurvatureProblem, LossFn, evaluate_loss, probe_outputs
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
@@ -87,16 +91,10 @@ class GramEstimator(Estimator):
             memory += len(groups) * size**2 * element
         if self.needs_output_size:  # else once the first forward pass gives the outputs' size
             memory += self.output_side_bytes(n, per_sample, element, options)
-        modules = dict(problem.model.named_modules())
-        named = dict(zip(problem.names, problem.params))
-        general_sizes = [sum(named[name].numel() for name in names)
-                         for group, names in groups.items()
-                         if options.backend != "auto" or group not in modules
-                         or rule_for(modules[group]) is None]
-        if general_sizes:  # the general path holds one bin of per-sample factors at a time
-            per_bin = max(max(general_sizes),
-                          min(sum(general_sizes), GENERAL_CHUNK_BYTES // (size * element)))
-            memory += size * element * per_bin
+        # the general path's factors for the groups no rule covers (those a rule declines
+        # once it sees the call are counted then, compute_gram)
+        memory += general_path_bytes(unruled_sizes(problem, options.backend == "auto"), size,
+                                     element)
         memory += 2 * problem.num_params * element  # the check's gradient
         return Cost(int(memory))
 
