@@ -900,7 +900,8 @@ class OutputsPrint:
             "random and its curvature undefined; hold the generator as a module attribute "
             "(self.generator = torch.Generator(); every pass of the call then sees the draws "
             "the model's next forward would, and it is left as it was), or make the forward "
-            "deterministic for the call")
+            "deterministic for the call (a forward that computes otherwise without gradients, "
+            "by torch.is_grad_enabled(), differs the same way: some passes run without them)")
 
 
 def agreement_tolerance(dtype: torch.dtype) -> float:
