@@ -337,6 +337,15 @@ def effective_rank(
                 if isinstance(problem, StreamedProblem):
                     _refuse_before_the_pass(estimator, problem, settings, method_options)
                     problem.survey()
+                    if concatenate and not problem.joinable:
+                        # (torch's bare "Sizes of tensors must match" came after the work's
+                        # pass; probe 74)
+                        raise ValueError(
+                            f"method={estimator.name!r} joins a data set's batches into one "
+                            "(its Gram matrix is over every sample), and these batches' inputs "
+                            "or targets differ in shape past the batch dimension (sequences of "
+                            "other lengths): pad them to one length, or use method="
+                            f"'{estimator.name}_lanczos', which takes the batches one at a time")
                 outputs = functools.cache(lambda: probe_outputs(
                     per_batch(problem)[0], check_loss=not isinstance(problem, StreamedProblem)))
                 cost = _agreed_cost(parallel, estimator.predict(problem, outputs, settings,
@@ -521,11 +530,21 @@ def _result(
         notes.append(f"numerical rank at rtol = {MAX_DEFAULT_RTOL:g}: the default rule, matrix "
                      f"size x epsilon = {size * (spectrum.eps or eps):.3g}, is capped there (it "
                      "reaches 1 at 1 / epsilon); pass rtol= for another tolerance")
-    if spectrum.ritz_values is not None and len(spectrum.ritz_values):
-        shown = spectrum.ritz_values
-    elif spectrum.ritz_values is not None:  # nothing converged: show the quadrature's nodes
-        notes.append("no Ritz value converged: the eigenvalues shown (and the top one) are the "
-                     "quadrature's nodes, unconverged Ritz values; raise lanczos_steps")
+    if spectrum.ritz_values is not None:
+        top_node = float(np.abs(spectrum.eigenvalues).max(initial=0.0))
+        top_ritz = float(np.abs(spectrum.ritz_values).max(initial=0.0))
+        if not len(spectrum.ritz_values):  # nothing converged: show the quadrature's nodes
+            notes.append("no Ritz value converged: the eigenvalues shown (and the top one) are "
+                         "the quadrature's nodes, unconverged Ritz values; raise lanczos_steps")
+        elif top_node > top_ritz * (1 + 1e-6):
+            # only values below the top converged (an EF's null space at 0, its top at 2.28:
+            # the top eigenvalue was reported as 2.9e-10; probe 74): the nodes, as above
+            notes.append(f"the largest Ritz value ({top_node:.4g}) has not converged, only "
+                         f"smaller ones (up to {top_ritz:.4g}): the eigenvalues shown (and the "
+                         "top one) are the quadrature's nodes, unconverged Ritz values; raise "
+                         "lanczos_steps")
+        else:
+            shown = spectrum.ritz_values
     interval: tuple[float, float] | None = None
     if spectrum.rank_interval is not None:  # a zero matrix's interval is (0, 0), not in [1, P]
         low, high = (float(end) for end in spectrum.rank_interval)

@@ -330,26 +330,39 @@ def _state_access(value: object) -> tuple[Callable[[], Any], Callable[[Any], Non
     return None
 
 
+#: The most items of a list, tuple or dict attribute searched for generators: reading one
+#: is part of every forward pass of a call (a vocabulary held as a list of 10^6 words had cost
+#: 3.4 s a reading; probe 74).
+HELD_ITEMS = 64
+
+
 def held_generators(owners: Iterable[tuple[str, object]]) -> list[HeldGenerator]:
     """The random generators ``owners`` hold as attributes, directly or as an item of a list,
-    tuple or dict attribute, each once (the first place it is found), with their states.
+    tuple or dict attribute of at most :data:`HELD_ITEMS` items, each once (the first place it
+    is found), with their states. A module's own registries are not searched.
 
     Args:
         owners: ``(path, object)`` pairs (``model.named_modules()``); the path prefixes the
             attribute's name where it is not empty.
     """
     found: dict[int, HeldGenerator] = {}
+
+    def add(candidate: object, where: str, index: object = _MISSING) -> None:
+        if id(candidate) not in found and (access := _state_access(candidate)) is not None:
+            read, write = access
+            place = where if index is _MISSING else f"{where}[{index!r}]"
+            found[id(candidate)] = HeldGenerator(place, candidate, read, write, read())
+
     for prefix, owner in owners:
         for key, value in getattr(owner, "__dict__", {}).items():
+            if key in _MODULE_BOOKKEEPING and isinstance(owner, nn.Module):
+                continue
             where = f"{prefix}.{key}" if prefix else key
-            items = (value.items() if isinstance(value, dict) else enumerate(value)
-                     if isinstance(value, (list, tuple)) else ())
-            for place, candidate in [(where, value), *(
-                    (f"{where}[{index!r}]", item) for index, item in items)]:
-                access = _state_access(candidate)
-                if access is not None and id(candidate) not in found:
-                    read, write = access
-                    found[id(candidate)] = HeldGenerator(place, candidate, read, write, read())
+            add(value, where)
+            if isinstance(value, (list, tuple, dict)) and len(value) <= HELD_ITEMS:
+                items = value.items() if isinstance(value, dict) else enumerate(value)
+                for index, item in items:
+                    add(item, where, index)
     return list(found.values())
 
 

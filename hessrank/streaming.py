@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from hessrank.curvature.loss import direct_parameter_names
 from hessrank.curvature.operator import ParameterOperator
@@ -254,6 +254,8 @@ class StreamedProblem(CurvatureProblem):
         num_batches: batches per pass.
         data_loss: the data set's loss ``sum_b c_b L_b`` from the first pass.
         data_bytes: bytes of one copy of every batch's tensors.
+        joinable: whether the batches can be joined into one (their shapes past the batch
+            dimension agree), set by :meth:`survey`.
     """
 
     data: Iterable[Any] = field(kw_only=True)
@@ -262,6 +264,9 @@ class StreamedProblem(CurvatureProblem):
     num_batches: int = field(default=0, kw_only=True)
     data_loss: float = field(default=math.nan, kw_only=True)
     data_bytes: int = field(default=0, kw_only=True)
+    #: whether every batch's inputs and targets have the first's shapes past the batch
+    #: dimension (so that the batches can be joined into one), set by :meth:`survey`
+    joinable: bool = field(default=True, kw_only=True)
     _reference: tuple[Tensor, Tensor, Tensor] | None = field(default=None, kw_only=True,
                                                              repr=False)
     _normalisers: list[tuple[Fingerprint, float]] = field(default_factory=list, kw_only=True,
@@ -394,6 +399,7 @@ class StreamedProblem(CurvatureProblem):
         total_bytes = 0
         mixing_checked = False
         single: CurvatureProblem | None = None  # a first batch of one sample
+        first_shapes: list[torch.Size] = []  # the first batch's, past the batch dimension
         if rescales_lookups(self.model):  # every batch's rows rescaled before any is weighed
             with same_draw(self.data):
                 for batch in self._batches():
@@ -410,9 +416,13 @@ class StreamedProblem(CurvatureProblem):
                     # batches of one sample: two of them joined (a model with a batch mean had
                     # been analysed one sample at a time, unchecked; probe 71)
                     joined = _joined(single, batch)
-                    if joined is not None:
+                    if joined is not None:  # (else the next batch may match the first's shapes)
                         refuse_mixed_samples(joined, _outputs(joined), "batch")
-                    mixing_checked = True
+                        mixing_checked = True
+                shapes = [x.shape[1:] for x in (*batch.args, *batch.kwargs.values(),
+                                                 batch.targets)]
+                first_shapes = first_shapes or shapes
+                self.joinable = self.joinable and shapes == first_shapes
                 self.total_samples += batch.num_samples
                 total_bytes += sum(x.numel() * x.element_size() for x in
                                    (*batch.args, *batch.kwargs.values(), batch.targets))
@@ -438,6 +448,13 @@ class StreamedProblem(CurvatureProblem):
         losses = [(weighed[i][1], weighed[i][2]) for i in sorted(weighed)]
         self.num_batches = len(losses)
         self.data_bytes = total_bytes
+        if not mixing_checked and self.num_batches > 1:
+            # (probe 74: a batch-mean GRU on sequences of other lengths ran unchecked, unnoted)
+            self.notes.append(
+                "every batch holds one sample and none could be joined with the first (their "
+                "shapes differ): the call could not check that the model computes each sample on "
+                "its own; a model that mixes the samples of a batch (statistics over the batch) "
+                "is analysed here one sample at a time")
         total = self._total_normaliser()
         self.data_loss = sum(self._weight(z, total) * value for z, value in losses)
         self.notes.append(
@@ -571,8 +588,10 @@ def streamed_problem(problem: CurvatureProblem, data: Iterable[Any]) -> Streamed
 def announced_samples(data: Iterable[Any]) -> int | None:
     """How many samples a ``DataLoader`` will yield, as far as it says so before a pass (its
     sampler's length, less what ``drop_last`` drops); None where it does not say (a batch
-    sampler of its own, a sampler without a length, another iterable)."""
-    if not isinstance(data, DataLoader) or data.batch_size is None:
+    sampler of its own, a sampler without a length, a ``collate_fn`` of its own, which may
+    drop or add samples, another iterable)."""
+    if (not isinstance(data, DataLoader) or data.batch_size is None
+            or data.collate_fn is not default_collate):
         return None
     try:
         count = len(data.sampler)  # type: ignore[arg-type]

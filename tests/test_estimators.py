@@ -211,6 +211,22 @@ def test_lanczos_top_eigenvalue_before_anything_converges():
     assert any("no Ritz value converged" in note for note in lanczos.notes)
 
 
+def test_lanczos_top_eigenvalue_when_only_the_null_space_converged():
+    """An EF of rank n = 96 among P = 38,922: the start's null-space component gives a Ritz
+    value 0 that converges at once, the top one not yet at 20 steps, and the converged values
+    alone were shown: top eigenvalue 2.9e-10 against fisher's 2.28, without a note (probe 74).
+    The quadrature's nodes are shown then, with a note."""
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 64), torch.randint(0, 10, (96,))
+    model = nn.Sequential(nn.Linear(64, 512), nn.Tanh(), nn.Linear(512, 10))
+    fisher = hessrank.effective_rank(model, CE, (x, y), method="fisher")
+    lanczos = hessrank.effective_rank(model, CE, (x, y), method="fisher_lanczos",
+                                      lanczos_steps=20)
+    assert lanczos.top_eigenvalue == pytest.approx(fisher.top_eigenvalue, rel=1e-3)
+    assert any("the largest Ritz value" in note and "has not converged" in note
+               for note in lanczos.notes)
+
+
 def test_per_layer_results_are_diagonal_blocks():
     model = mlp((4, 5, 3))
     x, y = classification_batch(6, 4, 3)

@@ -16,7 +16,7 @@ from reference import (
     reference_hessian,
 )
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 import hessrank
 
@@ -421,6 +421,53 @@ def test_a_model_that_mixes_its_batch_is_refused_on_batches_of_one_sample(method
     assert hessrank.effective_rank(plain, nn.CrossEntropyLoss(), data, method).rank > 0
 
 
+class _LastState(nn.Module):
+    """A GRU over sequences, its last state to a linear head; ``centred``: the states centred
+    over the batch (a model that mixes its samples)."""
+
+    def __init__(self, centred: bool = False) -> None:
+        super().__init__()
+        self.rnn, self.head, self.centred = nn.GRU(3, 5, batch_first=True), nn.Linear(5, 2), centred
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.rnn(x)[0][:, -1]
+        return self.head(state - state.mean(0) if self.centred else state)
+
+
+def _sequences(lengths: list[int], per_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    return [(torch.randn(per_batch, length, 3, dtype=torch.float64),
+             torch.randint(0, 2, (per_batch,))) for length in lengths]
+
+
+def test_batches_of_one_sample_that_cannot_be_joined_say_the_mixing_check_did_not_run():
+    """Sequences of other lengths, one per batch: no two can be joined, and a model that
+    centres over its batch ran unchecked and unnoted (probe 74). A note says so."""
+    data = _sequences([4, 5, 6], 1)
+    result = hessrank.effective_rank(_LastState(centred=True).double(), nn.CrossEntropyLoss(),
+                                     data, "exact")
+    assert any("could not check that the model computes each sample on its own" in note
+               for note in result.notes)
+    # batches that can be joined are checked, and say nothing
+    plain = hessrank.effective_rank(_LastState().double(), nn.CrossEntropyLoss(),
+                                    _sequences([4, 4, 4], 1), "exact")
+    assert not any("could not check" in note for note in plain.notes)
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_a_gram_method_names_batches_it_cannot_join(method):
+    """fisher and ggn join a data set's batches into one: sequences of other lengths met
+    torch's bare "Sizes of tensors must match" after the pass (probe 74)."""
+    with pytest.raises(ValueError, match=f"method='{method}' joins a data set's batches into one"
+                                         f".*pad them to one length, or use method='{method}"
+                                         "_lanczos'"):
+        hessrank.effective_rank(_LastState().double(), nn.CrossEntropyLoss(),
+                                _sequences([4, 6], 3), method)
+    lanczos = hessrank.effective_rank(_LastState().double(), nn.CrossEntropyLoss(),
+                                      _sequences([4, 6], 3), f"{method}_lanczos")
+    assert lanczos.rank > 0
+
+
 def test_a_model_drawing_from_its_own_generator_is_refused_on_a_data_set_naming_it():
     """Per-sample noise from a ``torch.Generator`` the model holds: one batch is analysed at
     the draw its next forward would make (with a note), but each batch of a data set starts
@@ -565,6 +612,15 @@ def test_a_budget_the_announced_data_set_exceeds_is_refused_before_the_pass(drop
     result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), loader, "fisher",
                                      max_memory=2**30)
     assert result.num_samples == announced
+    # a collate_fn of the loader's own may drop samples: the count is not taken for granted
+    # (probe 74: a collate that dropped a fifth of them was refused at the full count)
+    _CountingDataset.read = 0
+    dropping = DataLoader(dataset, batch_size=64, drop_last=drop_last,
+                          collate_fn=lambda rows: default_collate(rows[::2]))
+    with pytest.raises(hessrank.BudgetError, match="needs about"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), dropping, "fisher",
+                                max_memory=announced**2 * 8)
+    assert _CountingDataset.read > 64  # refused after the pass, at the count it found
 
 
 def test_a_sampler_on_the_system_s_entropy_is_refused_as_changing_data_not_crashed():

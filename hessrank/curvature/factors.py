@@ -41,10 +41,16 @@ class FactorOperator(ParameterOperator):
         cotangents_of: ``(outputs, targets) -> [K, n, *out]`` output-side factors of a batch.
         method: the method's name, for messages.
         check_working_memory: called once the forward pass has run, before the output-side
-            factors are formed, with the bytes the forward's graph and ``output_side_bytes`` of
-            its outputs hold; it raises over the budget.
+            factors are formed, with the bytes the forward's graph, a product through it
+            (:attr:`product_graphs`) and ``output_side_bytes`` of its outputs hold; it raises
+            over the budget.
         output_side_bytes: the peak bytes of ``cotangents_of`` on given outputs.
     """
+
+    #: A product is a double backward (``J v``) and a backward (``J^T u``) through the graph:
+    #: counted as one graph beyond it, calls peaked at 2 (convolutions, ``fisher_lanczos``)
+    #: and 1.7 (attention over 128 tokens, ``ggn_lanczos``) times the prediction (probe 74).
+    product_graphs = 3.0
 
     def __init__(self, problem: CurvatureProblem,
                  cotangents_of: Callable[[Tensor, Tensor], Tensor], method: str,
@@ -57,9 +63,20 @@ class FactorOperator(ParameterOperator):
         if isinstance(problem, ShardedProblem) and isinstance(outputs, Tensor):
             refuse_mixed_samples(problem.local(), outputs, "process's shard")
         self._problem, self._method = problem, method
-        if (check_working_memory is not None and output_side_bytes is not None
-                and isinstance(outputs, Tensor)):  # else shard_cotangents names the problem
-            check_working_memory(graph.total + output_side_bytes(outputs))
+        if isinstance(outputs, Tensor):  # else shard_cotangents names the problem
+            self._dummy = torch.zeros_like(outputs, requires_grad=True)
+            with graph.counting():
+                pieces = torch.autograd.grad(outputs, self.params, grad_outputs=self._dummy,
+                                             create_graph=True, allow_unused=True)
+            self.graph_bytes = graph.total
+            self._used = [i for i, g in enumerate(pieces) if g is not None]
+            self._transposed = [pieces[i] for i in self._used]  # J^T u, linear in the dummy u
+            if check_working_memory is not None and output_side_bytes is not None:
+                # the graph (the forward's and J^T u's: the forward's alone was a third of
+                # it, and refusals came at a third of the peak; probe 74), what a product
+                # through it holds, and the output side, before the latter is formed
+                check_working_memory(int((1 + self.product_graphs) * graph.total)
+                                     + output_side_bytes(outputs))
         # a model that returns no tensor is named by the loss's checked entry
         self.loss_value = float(problem.loss(
             outputs.detach() if isinstance(outputs, Tensor) else outputs).detach())
@@ -76,13 +93,6 @@ class FactorOperator(ParameterOperator):
                       .any(dim=-1).sum())
         self.rank_bound = min(self.dim, self._total(nonzero))
         self._outputs = outputs
-        self._dummy = torch.zeros_like(outputs, requires_grad=True)
-        with graph.counting():
-            pieces = torch.autograd.grad(outputs, self.params, grad_outputs=self._dummy,
-                                         create_graph=True, allow_unused=True)
-        self.graph_bytes = graph.total
-        self._used = [i for i, g in enumerate(pieces) if g is not None]
-        self._transposed = [pieces[i] for i in self._used]  # J^T u, linear in the dummy u
 
     def mixing_note(self) -> str | None:
         """What a model whose samples interact in the batch should know of the factors, None
