@@ -848,11 +848,15 @@ class OutputsPrint:
 
     @classmethod
     def of(cls, outputs: Tensor) -> OutputsPrint:
+        """The print of ``outputs``, without a copy of them (a reduction and a gather: token
+        logits can be gigabytes)."""
         with torch.no_grad():
-            flat = outputs.detach().reshape(-1)
-            step = max(flat.numel() // cls.ENTRIES, 1)
-            return cls(outputs.shape, float(flat.abs().sum(dtype=torch.float64)),
-                       flat[::step][: cls.ENTRIES].to(torch.float64, copy=True), outputs.dtype)
+            outputs = outputs.detach()
+            step = max(outputs.numel() // cls.ENTRIES, 1)
+            indices = torch.arange(0, outputs.numel(), step, device=outputs.device)
+            return cls(outputs.shape, float(torch.linalg.vector_norm(outputs, 1)),
+                       torch.take(outputs, indices[: cls.ENTRIES]).to(torch.float64),
+                       outputs.dtype)
 
     def refuse_other(self, later: OutputsPrint) -> None:
         """Raise where ``later``, a later pass over the same batch, computed another function:
