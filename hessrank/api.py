@@ -337,22 +337,11 @@ def effective_rank(
                 if isinstance(problem, StreamedProblem):
                     _refuse_before_the_pass(estimator, problem, settings, method_options)
                     problem.survey()
-                    if concatenate and not problem.joinable:
-                        # (torch's bare "Sizes of tensors must match" came after the work's
-                        # pass; probe 74)
-                        raise ValueError(
-                            f"method={estimator.name!r} joins a data set's batches into one "
-                            "(its Gram matrix is over every sample), and these batches' inputs "
-                            "or targets differ in shape past the batch dimension (sequences of "
-                            "other lengths): pad them to one length, or use method="
-                            f"'{estimator.name}_lanczos', which takes the batches one at a time")
                 outputs = functools.cache(lambda: probe_outputs(
                     per_batch(problem)[0], check_loss=not isinstance(problem, StreamedProblem)))
                 cost = _agreed_cost(parallel, estimator.predict(problem, outputs, settings,
                                                                 method_options))
-                if isinstance(problem, StreamedProblem) and concatenate:
-                    cost = dataclasses.replace(cost, memory_bytes=cost.memory_bytes
-                                               + problem.data_bytes)
+                cost = _with_joined_data(estimator, problem, cost)
                 check_parameters()  # the forward passes so far left the parameters alone
                 estimator.check_budget(cost, problem, settings)
                 if max_seconds is not None and cost.seconds is None:
@@ -365,7 +354,7 @@ def effective_rank(
                 outputs.cache_clear()
                 with PeakMemory(problem.device, enabled=measure_memory) as memory:
                     if isinstance(problem, StreamedProblem) and concatenate:
-                        problem = problem.concatenated()
+                        problem = problem.concatenated(estimator.name)
                     try:
                         spectrum = estimator.run(problem, settings, method_options)
                         if per_layer and estimator.layer_strategy == "restricted":
@@ -479,12 +468,12 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
                                "data set's first batch alone")
         if announced is None or announced <= first.num_samples or estimator.streams:
             return
-        whole = dataclasses.replace(problem, total_samples=announced)
-        cost = estimator.predict(whole, outputs, settings, options)
         batch_bytes = sum(x.numel() * x.element_size()
                           for x in (*first.args, *first.kwargs.values(), first.targets))
-        cost = dataclasses.replace(cost, memory_bytes=cost.memory_bytes
-                                   + batch_bytes * announced // first.num_samples)
+        whole = dataclasses.replace(problem, total_samples=announced,
+                                    data_bytes=batch_bytes * announced // first.num_samples)
+        cost = _with_joined_data(estimator, whole,
+                                 estimator.predict(whole, outputs, settings, options))
     except BudgetError:
         raise
     except Exception:  # noqa: BLE001 - the pass over the data names the batch and the cause
@@ -492,6 +481,13 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
     estimator.check_budget(cost, whole, settings, caller=(
         f"method={estimator.name!r} on the data set's {announced:,} samples (as many as its "
         "loader announces)"))
+
+
+def _with_joined_data(estimator: Estimator, problem: CurvatureProblem, cost: Cost) -> Cost:
+    """``cost`` with a copy of the data set, where the method joins its batches into one."""
+    if not isinstance(problem, StreamedProblem) or estimator.streams:
+        return cost
+    return dataclasses.replace(cost, memory_bytes=cost.memory_bytes + problem.data_bytes)
 
 
 def _agreed_cost(parallel: DataParallel | None, cost: Cost) -> Cost:

@@ -47,6 +47,7 @@ from hessrank.problem import (
     CurvatureProblem,
     agreement_tolerance,
     check_loss,
+    finite_difference,
     refuse_mixed_samples,
     refuse_split_batch_statistics,
     tensor_outputs,
@@ -533,7 +534,7 @@ def _check_same_function(problem: ShardedProblem, shared_args: list[Tensor],
     tolerance = agreement_tolerance(problem.dtype) * max(scale, torch.finfo(problem.dtype).tiny)
     for rank, leaves in enumerate(everyone[1:], start=1):
         same_shapes = [leaf.shape for leaf in leaves] == [leaf.shape for leaf in first]
-        difference = max((_difference(a, b) for a, b in zip(leaves, first)),
+        difference = max((finite_difference(a, b) for a, b in zip(leaves, first)),
                          default=0.0) if same_shapes else None
         if difference is None or difference > tolerance:
             places = ModuleGenerators.read(problem.model).places
@@ -549,18 +550,6 @@ def _check_same_function(problem: ShardedProblem, shared_args: list[Tensor],
                    if places else "")
                 + "), and the result would mix several models' curvatures; every process must "
                 "hold the same model")
-
-
-def _difference(first: Tensor, second: Tensor) -> float:
-    """The largest ``|first - second|`` of two equally shaped tensors where they are finite; inf
-    where their NaN or infinite entries differ (a model that is NaN on one sample, as one that
-    standardises over its batch, is NaN there in every process)."""
-    first, second = first.double(), second.double()
-    for odd in (torch.isnan, torch.isposinf, torch.isneginf):
-        if not torch.equal(odd(first), odd(second)):
-            return math.inf
-    finite = torch.isfinite(first)
-    return float((first - second)[finite].abs().max()) if bool(finite.any()) else 0.0
 
 
 def check_same_loss(problem: ShardedProblem, value: Tensor) -> None:

@@ -878,14 +878,9 @@ class OutputsPrint:
             return
         else:
             tolerance = agreement_tolerance(self.dtype)
-            finite = self.entries[self.entries.isfinite()]
-            scale = max(float(finite.abs().max()) if finite.numel() else 0.0,
+            scale = max(float(self.entries.nan_to_num(0.0, 0.0, 0.0).abs().max()),
                         torch.finfo(self.dtype).tiny)
-            # (equal entries, NaN or infinite ones too, do not differ)
-            same = (later.entries == self.entries) | (later.entries.isnan()
-                                                      & self.entries.isnan())
-            gap = (later.entries - self.entries).abs().masked_fill(same, 0.0)
-            difference = float(gap.max()) / scale
+            difference = finite_difference(later.entries, self.entries) / scale
             if difference <= tolerance and (
                     later.magnitude == self.magnitude
                     or (math.isnan(later.magnitude) and math.isnan(self.magnitude))
@@ -906,6 +901,18 @@ class OutputsPrint:
             "the model's next forward would, and it is left as it was), or make the forward "
             "deterministic for the call (a forward that computes otherwise without gradients, "
             "by torch.is_grad_enabled(), differs the same way: some passes run without them)")
+
+
+def finite_difference(first: Tensor, second: Tensor) -> float:
+    """The largest ``|first - second|`` of two equally shaped tensors where they are finite; inf
+    where their NaN or infinite entries differ (a model that is NaN on one sample, as one that
+    standardises over its batch, is NaN there in every pass and every process)."""
+    first, second = first.double(), second.double()
+    for odd in (torch.isnan, torch.isposinf, torch.isneginf):
+        if not torch.equal(odd(first), odd(second)):
+            return math.inf
+    finite = torch.isfinite(first)
+    return float((first - second)[finite].abs().max()) if bool(finite.any()) else 0.0
 
 
 def agreement_tolerance(dtype: torch.dtype) -> float:

@@ -196,16 +196,13 @@ def _curved(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, target
     return product is not None and not bool((product == 0).all())
 
 
-def _joined(first: CurvatureProblem, second: CurvatureProblem) -> CurvatureProblem | None:
-    """The two batches as one (their inputs and targets concatenated); None where their shapes
-    past the batch dimension differ (sequences of other lengths)."""
-    try:
-        args = tuple(torch.cat([a, b]) for a, b in zip(first.args, second.args, strict=True))
-        kwargs = {key: torch.cat([x, second.kwargs[key]]) for key, x in first.kwargs.items()}
-        targets = torch.cat([first.targets, second.targets])
-    except (RuntimeError, KeyError, ValueError):
-        return None
-    return dataclasses.replace(first, args=args, kwargs=kwargs, targets=targets)
+def _joined(first: CurvatureProblem, second: CurvatureProblem) -> CurvatureProblem:
+    """The two batches as one, their inputs and targets concatenated (their shapes past the
+    batch dimension agree)."""
+    return dataclasses.replace(
+        first, args=tuple(torch.cat([a, b]) for a, b in zip(first.args, second.args)),
+        kwargs={key: torch.cat([x, second.kwargs[key]]) for key, x in first.kwargs.items()},
+        targets=torch.cat([first.targets, second.targets]))
 
 
 def _outputs(batch: CurvatureProblem) -> Tensor:
@@ -399,7 +396,7 @@ class StreamedProblem(CurvatureProblem):
         total_bytes = 0
         mixing_checked = False
         single: CurvatureProblem | None = None  # a first batch of one sample
-        first_shapes: list[torch.Size] = []  # the first batch's, past the batch dimension
+        first_shapes: list[object] = []  # the first batch's, past the batch dimension
         if rescales_lookups(self.model):  # every batch's rows rescaled before any is weighed
             with same_draw(self.data):
                 for batch in self._batches():
@@ -407,22 +404,22 @@ class StreamedProblem(CurvatureProblem):
         with same_draw(self.data):
             for index, batch in enumerate(self._batches()):
                 outputs = _outputs(batch)
+                shapes: list[object] = [
+                    *(x.shape[1:] for x in batch.args), batch.targets.shape[1:],
+                    *((key, x.shape[1:]) for key, x in sorted(batch.kwargs.items()))]
+                first_shapes = first_shapes or shapes
+                self.joinable = self.joinable and shapes == first_shapes
                 if not mixing_checked and batch.num_samples > 1:  # once: the model's property
                     refuse_mixed_samples(batch, outputs, "batch")
                     mixing_checked = True
-                elif not mixing_checked and single is None:
+                elif not mixing_checked and index == 0:
                     single = batch
-                elif not mixing_checked and single is not None:
-                    # batches of one sample: two of them joined (a model with a batch mean had
-                    # been analysed one sample at a time, unchecked; probe 71)
+                elif not mixing_checked and single is not None and shapes == first_shapes:
+                    # batches of one sample: the first joined with one of its shapes (a model
+                    # with a batch mean had been analysed one sample at a time; probe 71)
                     joined = _joined(single, batch)
-                    if joined is not None:  # (else the next batch may match the first's shapes)
-                        refuse_mixed_samples(joined, _outputs(joined), "batch")
-                        mixing_checked = True
-                shapes = [x.shape[1:] for x in (*batch.args, *batch.kwargs.values(),
-                                                 batch.targets)]
-                first_shapes = first_shapes or shapes
-                self.joinable = self.joinable and shapes == first_shapes
+                    refuse_mixed_samples(joined, _outputs(joined), "batch")
+                    mixing_checked = True
                 self.total_samples += batch.num_samples
                 total_bytes += sum(x.numel() * x.element_size() for x in
                                    (*batch.args, *batch.kwargs.values(), batch.targets))
@@ -557,8 +554,20 @@ class StreamedProblem(CurvatureProblem):
             raise _data_changed(f"{count} batches against {len(self._normalisers)} in the first "
                                 "pass")
 
-    def concatenated(self) -> CurvatureProblem:
-        """Every batch in one problem (for the Gram methods; memory predicted by the caller)."""
+    def concatenated(self, method: str) -> CurvatureProblem:
+        """Every batch in one problem (for the Gram methods; memory predicted by the caller).
+
+        Raises:
+            ValueError: the batches' shapes past the batch dimension differ (:attr:`joinable`),
+                naming ``method`` and what to do (torch's bare "Sizes of tensors must match"
+                had come after the pass; probe 74).
+        """
+        if not self.joinable:
+            raise ValueError(
+                f"method={method!r} joins a data set's batches into one (its Gram matrix is over "
+                "every sample), and these batches' inputs or targets differ in shape past the "
+                "batch dimension (sequences of other lengths): pad them to one length, or use "
+                f"method='{method}_lanczos', which takes the batches one at a time")
         batches: list[CurvatureProblem] = []
         self._checked_pass(lambda batch, _: batches.append(batch))
         first = batches[0]

@@ -352,6 +352,7 @@ def compute_gram(
     element = problem.params[0].element_size()
     children_groups = {child for group in claimed for child in covered[group].values()}
     unclaimed = [g for g in groups if g not in claimed and g not in children_groups]
+    counted = unruled_sizes(problem, use_rules)  # the general path's groups before the work
 
     def general_extra(general: Iterable[str], columns: int) -> int:
         """The general path's factors for the groups ``general`` with ``columns`` cotangent
@@ -361,7 +362,7 @@ def compute_gram(
         rows = columns * total
         return max(0, general_path_bytes([sum(named[name].numel() for name in groups[group])
                                           for group in general], rows, element)
-                   - general_path_bytes(unruled_sizes(problem, use_rules), rows, element))
+                   - general_path_bytes(counted, rows, element))
 
     output_side = (output_side_bytes(outputs) if output_side_bytes is not None
                    and isinstance(outputs, Tensor) else 0)
