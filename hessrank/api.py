@@ -47,6 +47,7 @@ from hessrank.problem import (
     check_loss_and_mode,
     check_model,
     check_number,
+    loss_evaluations,
     probe_outputs,
 )
 from hessrank.ranks import (
@@ -312,6 +313,7 @@ def effective_rank(
         start = time.perf_counter()
         with (preserved_state(model) as check_parameters,
               differentiable(model) as guard_notes,
+              loss_evaluations(model, loss_fn),
               workers_as_found(batch)):
             with agreement(parallel):
                 problem = build_problem(
@@ -607,7 +609,7 @@ def predict_exact_cost(
     check_call(model, loss_fn, "eval")
     _check_one_batch(batch, "predict_exact_cost")
     settings = Settings(max_memory=64 * 2**30, max_seconds=float("inf"))
-    with preserved_state(model), differentiable(model):
+    with preserved_state(model), differentiable(model), loss_evaluations(model, loss_fn):
         problem = build_problem(model, loss_fn, batch, params, "eval")
         with evaluation_mode(problem.model, "eval"):
             cost = estimator.predict(problem, lambda: probe_outputs(problem), settings,
@@ -654,7 +656,7 @@ def gradient_overlap(
     if k is not None:
         check_count("k", k, "a count of eigenvectors", " (or None for the srank)")
     settings = _settings(threshold, None, max_memory, None, 0, False, False, eigenvectors=1)
-    with preserved_state(model), differentiable(model):
+    with preserved_state(model), differentiable(model), loss_evaluations(model, loss_fn):
         problem = build_problem(model, loss_fn, batch, params, "eval")
         with evaluation_mode(problem.model, "eval"):
             caller = "gradient_overlap (a dense Hessian's eigenvectors)"

@@ -46,6 +46,7 @@ from hessrank.guard import ModuleGenerators, evaluation_mode
 from hessrank.problem import (
     CurvatureProblem,
     agreement_tolerance,
+    call_loss,
     check_loss,
     finite_difference,
     refuse_mixed_samples,
@@ -289,7 +290,7 @@ class ShardedProblem(CurvatureProblem):
         # A term of the parameters themselves (an L2 penalty) is in every process's loss, and
         # the processes' derivatives are summed: only process 0 keeps its derivatives. Its
         # derivatives are those of the loss at constant outputs; the value stays the loss's.
-        direct = whole.loss_fn(everything, self.all_targets)
+        direct = call_loss(whole.loss_fn, everything, self.all_targets)
         return value - direct + direct.detach()
 
     def local(self) -> CurvatureProblem:
@@ -485,7 +486,7 @@ def shard_cotangents(problem: CurvatureProblem,
         return cotangents_of(outputs.detach(), problem.targets)
     everything = problem.gather_outputs(outputs)
     with torch.no_grad():
-        check_same_loss(problem, problem.loss_fn(everything, problem.all_targets))
+        check_same_loss(problem, call_loss(problem.loss_fn, everything, problem.all_targets))
     cotangents = cotangents_of(everything, problem.all_targets)
     return cotangents[:, problem.parallel.start : problem.parallel.stop]
 
@@ -588,7 +589,7 @@ def check_shards_uncoupled(problem: ShardedProblem) -> None:
     refuse_mixed_samples(problem.local(), local, "process's shard")
     outputs = problem.gather_outputs(local)
     leaf = outputs.requires_grad_(True)
-    value = problem.loss_fn(leaf, problem.all_targets)
+    value = call_loss(problem.loss_fn, leaf, problem.all_targets)
     check_same_loss(problem, value.detach())
     (first,) = torch.autograd.grad(value, leaf, create_graph=True, allow_unused=True)
     if first is None or not first.requires_grad:

@@ -11,14 +11,15 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from hessrank.guard import GlobalGenerators, ModuleGenerators, PassState
+from hessrank.guard import GlobalGenerators, ModuleGenerators, PassState, preserved_state
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: ``(inputs, targets)``. ``inputs``: a tensor (``model(x)``), a tuple of tensors
@@ -320,6 +321,92 @@ def tensor_outputs(outputs: object) -> Tensor:
     return outputs
 
 
+class UnrepeatableLoss(ValueError):
+    """``loss_fn`` is not a function of the outputs and targets alone within a call: it drew
+    random numbers, or returned different values on the same outputs and targets."""
+
+
+@dataclass
+class _LossCheck:
+    """Whether the running call has checked its loss yet (:func:`call_loss`)."""
+
+    done: bool = False
+
+
+#: The running call's loss check (:func:`loss_evaluations`); None outside a call.
+_LOSS_CHECK: ContextVar[_LossCheck | None] = ContextVar("hessrank_loss_check", default=None)
+
+
+@contextmanager
+def loss_evaluations(model: nn.Module, loss_fn: object) -> Iterator[None]:
+    """A call's frame for ``loss_fn``: its first evaluation is checked (:func:`call_loss`), and
+    a loss module's state (buffers, plain attributes, the ``training`` flag: a running average
+    it updates) is put back on exit, as the model's is
+    (:func:`hessrank.guard.preserved_state`; not for a loss module that holds parts of the
+    model, which that covers already)."""
+    own_module = (isinstance(loss_fn, nn.Module)
+                  and not {id(m) for m in model.modules()} & {id(m) for m in loss_fn.modules()})
+    token = _LOSS_CHECK.set(_LossCheck())
+    try:
+        with preserved_state(loss_fn) if own_module else nullcontext():  # type: ignore[arg-type]
+            yield
+    finally:
+        _LOSS_CHECK.reset(token)
+
+
+def call_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
+    """``loss_fn(outputs, targets)``, as every evaluation of the loss in a call runs it.
+
+    A call evaluates the loss several times (``ggn`` four times, ``fisher`` three, a data set's
+    batches at every product), so it must be one function of the outputs and the targets for
+    the call. The call's first evaluation (:func:`loss_evaluations`) checks it: the loss must not
+    draw from a global random generator (reading them costs about 80 us, twice), and a second
+    evaluation on the same outputs and targets, without a graph, must return the same value (a
+    fraction of a percent of a call: GPT's per-token cross-entropy, one of four log-softmax
+    passes the call makes anyway). A loss that changes with each call (a temperature schedule,
+    a counter or a running average it updates and reads) fails it.
+
+    Raises:
+        UnrepeatableLoss: the loss drew random numbers from a global generator, or returned
+            another value on the same outputs and targets.
+    """
+    check = _LOSS_CHECK.get()
+    if check is None or check.done:
+        return loss_fn(outputs, targets)
+    generators = GlobalGenerators.read()
+    value = loss_fn(outputs, targets)
+    if not generators.same_as(GlobalGenerators.read()):
+        raise UnrepeatableLoss(
+            "loss_fn draws random numbers from a global generator (torch's, Python's or "
+            "NumPy's), so the loss is random and its curvature undefined: make it deterministic "
+            "for the call (a fixed noise tensor, label smoothing in place of random labels)")
+    if not isinstance(value, Tensor) or value.numel() != 1 or not isinstance(outputs, Tensor):
+        return value  # the caller's checks name what is wrong
+    with torch.no_grad():
+        again = loss_fn(outputs, targets)
+    first = float(value.detach())
+    later = float(again.detach()) if isinstance(again, Tensor) and again.numel() == 1 else math.nan
+    if not _same_value(first, later, value.dtype):
+        raise UnrepeatableLoss(
+            f"loss_fn returned {first:.9g}, then {later:.9g} on the same outputs and targets: "
+            "its value depends on more than (outputs, targets), on state that each call "
+            "updates (a running average or a step counter it reads, a schedule, a temperature) "
+            "or on a random generator hessrank cannot reach, and a call evaluates it several "
+            "times. Pass a loss with that state fixed for the call (for the curvature at the "
+            "current state: lambda f, y: F.cross_entropy(f / current_temperature, y), or a "
+            "loss module with its update switched off); a loss module's state is set back after "
+            "the call")
+    check.done = True
+    return value
+
+
+def _same_value(first: float, later: float, dtype: torch.dtype) -> bool:
+    """Whether two values of the loss agree to rounding (NaN agrees with NaN)."""
+    if first == later or (math.isnan(first) and math.isnan(later)):
+        return True
+    return abs(first - later) <= agreement_tolerance(dtype) * max(abs(first), abs(later))
+
+
 def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: bool = True
                   ) -> Tensor:
     """``loss_fn(outputs, targets)``, checked to be a scalar (and finite, unless ``finite`` is
@@ -334,23 +421,32 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
     """
     outputs = tensor_outputs(outputs)
     try:
-        value = loss_fn(outputs, targets)
+        value = call_loss(loss_fn, outputs, targets)
+    except UnrepeatableLoss:
+        raise
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         own = ([f"{name} ({tensor.dtype})" for name, tensor in
                 [*loss_fn.named_parameters(), *loss_fn.named_buffers()]
                 if tensor.is_floating_point() and tensor.dtype != outputs.dtype]
                if isinstance(loss_fn, nn.Module) else [])
-        advice = (f"The loss's own tensors are not in the outputs' dtype ({', '.join(own)}): "
-                  f"cast them to {outputs.dtype} (e.g. nn.CrossEntropyLoss(weight=w.to("
-                  f"{outputs.dtype})))"
-                  if own else
-                  "Check the targets' shape, dtype and values (e.g. class indices in [0, C) as "
-                  "int64 of shape [n] for nn.CrossEntropyLoss)")
+        if own:
+            advice = (f"The loss's own tensors are not in the outputs' dtype ({', '.join(own)}): "
+                      f"cast them to {outputs.dtype} (e.g. nn.CrossEntropyLoss(weight=w.to("
+                      f"{outputs.dtype})))")
+        elif not targets.is_floating_point() and "can't be cast" in str(error):
+            advice = ("This loss takes floating-point targets (nn.BCEWithLogitsLoss's 0/1 labels, "
+                      "regression values): cast them with targets.float(), or to "
+                      f"{outputs.dtype}")
+        else:
+            advice = ("Check the targets' shape, dtype and values (e.g. class indices in [0, C) "
+                      "as int64 of shape [n] for nn.CrossEntropyLoss)")
         raise type(error)(
             f"loss_fn(outputs, targets) failed on outputs of shape {tuple(outputs.shape)} "
             f"({outputs.dtype}) and targets of shape {tuple(targets.shape)} "
             f"({targets.dtype}): {str(error).rstrip('. ')}. {advice}"
         ) from error
+    if finite and isinstance(value, Tensor) and value.numel() == 1:
+        _refuse_all_ignored(loss_fn, value, targets)
     check_loss(value, finite)
     if outputs.requires_grad and not value.requires_grad:
         raise ValueError(
@@ -360,6 +456,24 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
             "to differentiate. Return the loss as a tensor computed from the outputs with torch "
             "operations (e.g. nn.functional.cross_entropy(outputs, targets))")
     return value
+
+
+def _refuse_all_ignored(loss_fn: LossFn, value: Tensor, targets: Tensor) -> None:
+    """Raise where the loss is not finite because every target is the loss's ``ignore_index``
+    (torch's default -100 for a function): a mean over no targets is 0 / 0.
+
+    Raises:
+        ValueError: naming the cause and the fix.
+    """
+    if targets.is_floating_point() or bool(torch.isfinite(value.detach()).all()):
+        return
+    ignored = getattr(loss_fn, "ignore_index", -100)
+    if isinstance(ignored, int) and targets.numel() and bool((targets == ignored).all()):
+        raise ValueError(
+            f"the loss is {value.item()}: every target is {ignored}, the loss's ignore_index, "
+            "so a mean over the targets that count divides by zero and the batch has no "
+            "curvature; pass a batch with targets that count (in a data set, such a batch is "
+            "weighed 0 and allowed)")
 
 
 def all_finite(tensor: Tensor) -> bool:

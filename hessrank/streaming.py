@@ -53,6 +53,7 @@ from hessrank.problem import (
     Batch,
     CurvatureProblem,
     agreement_tolerance,
+    call_loss,
     check_loss,
     evaluate_loss,
     read_batch,
@@ -171,7 +172,7 @@ def _output_gradient(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tenso
     constant without a graph: ``outputs.new_zeros(())`` for a batch whose targets are all
     ignored)."""
     leaf = outputs.detach().requires_grad_(True)
-    value = loss_fn(leaf, targets)
+    value = call_loss(loss_fn, leaf, targets)
     if not value.requires_grad:
         return torch.zeros_like(leaf)
     (gradient,) = torch.autograd.grad(value, leaf, allow_unused=True)
@@ -184,7 +185,7 @@ def _curved(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, target
     direction: a batch whose loss gradient vanishes may still add curvature."""
     leaf = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
-        value = loss_fn(leaf, targets)
+        value = call_loss(loss_fn, leaf, targets)
         if not value.requires_grad:  # a constant (see _output_gradient)
             return False
         (gradient,) = torch.autograd.grad(value, leaf, create_graph=True, allow_unused=True)

@@ -533,8 +533,12 @@ def test_operation_without_second_derivative(method):
 
 
 @pytest.mark.parametrize(("method", "options", "match"), [
-    ("exact", {}, r"model and the loss.*aten::multi_margin_loss_backward: use method='fisher'"),
-    ("lanczos", {}, r"model and the loss.*aten::multi_margin_loss_backward: use method='fisher'"),
+    # the operation is the loss's: ggn, which differentiates the loss twice, is not advised
+    ("exact", {}, r"model and the loss.*aten::multi_margin_loss_backward: the operation is the "
+                  r"loss's, which 'ggn' differentiates twice too: use method='fisher' or "
+                  r"'fisher_lanczos' \(first derivatives only\), or replace"),
+    ("lanczos", {}, r"model and the loss.*multi_margin_loss_backward: the operation is the "
+                    r"loss's.*use method='fisher' or 'fisher_lanczos'"),
     ("ggn", {}, r"GGN needs the loss's second.*multi_margin_loss_backward: use method='fisher'"),
     ("ggn", {"mc_samples": 1}, r"GGN needs the loss's second.*use method='fisher'"),
     ("ggn_lanczos", {}, r"GGN needs the loss's second.*use method='fisher'"),
@@ -1312,3 +1316,27 @@ def test_an_empirical_fisher_beyond_float32s_range_is_refused_with_the_scale_to_
     with pytest.raises(ValueError, match=r"Ranks are scale-free: scale the loss .*2\.0\*\*"):
         hessrank.effective_rank(model, lambda f, y: scale * nn.functional.mse_loss(f, y),
                                 (inputs, targets), method)
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_integer_targets_for_a_loss_of_float_targets(method):
+    """nn.BCEWithLogitsLoss with 0/1 labels as int64: the advice is the cast, not class
+    indices for cross-entropy (probe 76)."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = classification_batch(6, 5, 3)[0]
+    labels = torch.randint(0, 2, (6, 3))
+    _check(model, lambda: hessrank.effective_rank(model, nn.BCEWithLogitsLoss(), (x, labels),
+                                                  method=method),
+           RuntimeError, r"takes floating-point targets.*targets\.float\(\)")
+
+
+@pytest.mark.parametrize("method", ["exact", "ggn", "fisher"])
+@pytest.mark.parametrize("ignored", [-100, 7])
+def test_a_batch_whose_every_target_is_ignored(method, ignored):
+    """A mean over no targets is NaN: named as the ignore_index, not as a bad model."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = classification_batch(6, 5, 3)[0]
+    _check(model, lambda: hessrank.effective_rank(
+               model, nn.CrossEntropyLoss(ignore_index=ignored),
+               (x, torch.full((6,), ignored)), method=method),
+           ValueError, rf"the loss is nan: every target is {ignored}, the loss's ignore_index")

@@ -254,6 +254,10 @@ def test_runs_of_an_invariant_space_count_each_eigenvalue_once() -> None:
     dense = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method="ggn")
     result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method="ggn_lanczos")
     assert "8 run(s)" in result.notes[0]
+    # one note for the runs' invariant spaces, not one for each (probe 75: twelve on a ViT)
+    invariant = [note for note in result.notes if "Krylov space was invariant" in note]
+    assert len(invariant) == 1, result.notes
+    assert invariant[0].endswith("(likewise in 7 further runs)"), invariant[0]
     assert result.ranks["numerical"] == dense.ranks["numerical"] == 2
     assert result.trace == pytest.approx(dense.trace, rel=1e-5)
     assert result.rank_interval[0] <= dense.rank <= result.rank_interval[1]

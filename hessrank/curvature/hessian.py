@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
+from hessrank.curvature.loss import loss_second_derivative_error
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
 from hessrank.problem import (
@@ -97,6 +98,7 @@ class HessianOperator(ParameterOperator):
 
     def __init__(self, problem: CurvatureProblem) -> None:
         super().__init__(problem)
+        self._problem = problem  # for the message of a missing second derivative
         if isinstance(problem, ShardedProblem):
             check_shards_uncoupled(problem)
         graph = GraphBytes(problem)
@@ -158,12 +160,28 @@ class HessianOperator(ParameterOperator):
         try:
             local = self._local_matmat(vectors)
         except RuntimeError as error:
-            raise without_second_derivative(
-                error, "the Hessian needs second derivatives of every operation of the model "
-                "and the loss", "use method='fisher' (first derivatives only) or 'ggn' (first "
-                "derivatives of the model, second of the loss), or their Lanczos variants"
-            ) from error
+            raise self._second_derivative_error(error) from error
         return self._summed(local)
+
+    def _second_derivative_error(self, error: RuntimeError) -> Exception:
+        """:func:`without_second_derivative` for a product, with the methods that avoid the
+        operation: ``fisher`` and ``ggn`` for one of the model, ``fisher`` alone for one of the
+        loss (``ggn`` differentiates the loss twice: one product of its Hessian w.r.t. the
+        outputs tells)."""
+        needs = "the Hessian needs second derivatives of every operation of the model and the loss"
+        converted = without_second_derivative(
+            error, needs, "use method='fisher' (first derivatives only) or 'ggn' (first "
+            "derivatives of the model, second of the loss), or their Lanczos variants")
+        if converted is error:
+            return error
+        with torch.no_grad():
+            outputs = self._problem.forward()
+        if loss_second_derivative_error(self._problem.loss_fn, outputs,
+                                        self._problem.targets) is None:
+            return converted
+        return without_second_derivative(
+            error, needs, "the operation is the loss's, which 'ggn' differentiates twice too: "
+            "use method='fisher' or 'fisher_lanczos' (first derivatives only)")
 
     def _local_matmat(self, vectors: Tensor) -> Tensor:
         """This process's products (the whole Hessian's for a single-process problem)."""

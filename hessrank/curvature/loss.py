@@ -498,6 +498,22 @@ def _loss_gradient(loss_fn: LossFn, leaf: Tensor, targets: Tensor) -> Tensor | N
     return first if first is not None and first.requires_grad else None
 
 
+def loss_second_derivative_error(loss_fn: LossFn, outputs: Tensor, targets: Tensor
+                                 ) -> ValueError | None:
+    """The GGN's refusal (:func:`_loss_hessian_products`) where an operation of the loss itself
+    has no second derivative in torch, found by one product of the loss's Hessian w.r.t. the
+    outputs; None where it has one (or the loss is linear in the outputs)."""
+    leaf = outputs.detach().requires_grad_(True)
+    first = _loss_gradient(loss_fn, leaf, targets)
+    if first is None:
+        return None
+    try:
+        _loss_hessian_products(first, leaf, torch.ones_like(leaf).unsqueeze(0))
+    except ValueError as error:
+        return error
+    return None
+
+
 def _curvature_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor
                         ) -> tuple[Tensor, Tensor]:
     """The outputs as a leaf and the loss's gradient there, with its graph (for the GGN's

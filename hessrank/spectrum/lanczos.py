@@ -537,6 +537,18 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, restart
                        floor, final_beta if floor else 0.0), note
 
 
+def _add_once(guesses: list[str], guess: str, likewise: dict[int, int]) -> None:
+    """Add a further run's ``guess`` to ``guesses``, or count it in ``likewise`` where one of
+    its kind (the same text up to its first colon: runs of an invariant Krylov space each
+    name their own small values) is there already."""
+    kind = guess.split(":")[0]
+    for index, earlier in enumerate(guesses):
+        if earlier.split(":")[0] == kind:
+            likewise[index] = likewise.get(index, 0) + 1
+            return
+    guesses.append(guess)
+
+
 def _srank_cut(nodes: np.ndarray, weights: np.ndarray, threshold: float) -> float:
     """``|lambda|`` of the node where the quadrature's cumulative mass reaches ``threshold``."""
     magnitude = np.abs(nodes)
@@ -961,6 +973,7 @@ def lanczos_spectrum(
     # node of weight P at the probe's mean: srank 19 for a GGN of rank 2).
     invariant = [len(first.alpha)] if first.invariant else []
     need = max(invariant, default=steps)
+    likewise: dict[int, int] = {}  # a guess's index: how many further runs made one like it
     while max_products - spent >= max(need, 1):
         run = LanczosRun(operator, probe_vector(dim, generator, operator.device,
                                                   basis_dtype),
@@ -970,12 +983,14 @@ def lanczos_spectrum(
         spent += len(run.alpha)
         quadrature, guess = _deflated_quadrature(
             _ritz_pairs(run.alpha, run.beta, run.last_beta), dim, run.final_beta, run.restarted)
-        if guess is not None and guess not in guesses:
-            guesses.append(guess)
+        if guess is not None:
+            _add_once(guesses, guess, likewise)
         quadratures.append(quadrature)
         if run.invariant:
             invariant.append(len(run.alpha))
             need = max(invariant)
+    for index, count in likewise.items():
+        guesses[index] += f" (likewise in {count} further run{'s' if count > 1 else ''})"
     run_steps = len(quadratures[0].nodes)
     quadratures, repeats = _completed(quadratures, dim, eps, sampled, checked and not sampled)
     if repeats is not None:
