@@ -7,7 +7,7 @@ import functools
 import math
 import numbers
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from hessrank.estimators import (
 from hessrank.estimators.base import DEFAULT_MAX_MEMORY
 from hessrank.estimators.exact import exact_chunk_size, products_bytes
 from hessrank.estimators.gram import BACKENDS
-from hessrank.guard import differentiable, evaluation_mode, preserved_state
+from hessrank.guard import ExitsHeldBack, differentiable, evaluation_mode, preserved_state
 from hessrank.monitor import PeakMemory, Reporter
 from hessrank.problem import (
     Batch,
@@ -311,10 +311,12 @@ def effective_rank(
                 raise ValueError("eigenvectors= is not available with process_group yet: compute "
                                  "them in one process on the gathered batch")
         start = time.perf_counter()
-        with (preserved_state(model) as check_parameters,
+        with (ExitsHeldBack() as exits,
+              preserved_state(model) as check_parameters,
               differentiable(model) as guard_notes,
-              loss_evaluations(model, loss_fn),
-              workers_as_found(batch)):
+              loss_evaluations(loss_fn),
+              workers_as_found(batch),
+              exits.from_here()):
             with agreement(parallel):
                 problem = build_problem(
                     model, loss_fn,
@@ -341,8 +343,8 @@ def effective_rank(
                     problem.survey()
                 outputs = functools.cache(lambda: probe_outputs(
                     per_batch(problem)[0], check_loss=not isinstance(problem, StreamedProblem)))
-                cost = _agreed_cost(parallel, estimator.predict(problem, outputs, settings,
-                                                                method_options))
+                cost = _agreed_cost(parallel, _with_layers(estimator, problem, outputs,
+                                                           settings, method_options))
                 cost = _with_joined_data(estimator, problem, cost)
                 check_parameters()  # the forward passes so far left the parameters alone
                 estimator.check_budget(cost, problem, settings)
@@ -485,6 +487,25 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
         "loader announces)"))
 
 
+def _with_layers(estimator: Estimator, problem: CurvatureProblem,
+                 outputs: Callable[[], Tensor], settings: Settings, options: Any) -> Cost:
+    """The estimator's prediction for the whole model, and, where ``per_layer`` runs it again
+    on each parameterised module's block (its ``"restricted"`` strategy), for those runs too:
+    they follow the whole model's, so their times add, and the peak is the largest (``lanczos``
+    with ``per_layer=True`` had run 7.7 to 85 times past the ``max_seconds`` its whole-model
+    prediction allowed; probe 78)."""
+    cost = estimator.predict(problem, outputs, settings, options)
+    if not settings.per_layer or estimator.layer_strategy != "restricted":
+        return cost
+    single = dataclasses.replace(settings, per_layer=False)
+    costs = [cost, *(estimator.predict(problem.restricted(names), outputs, single, options)
+                     for names in problem.modules_with_params().values())]
+    times = [each.seconds for each in costs if each.seconds is not None]
+    largest = max(costs, key=lambda each: each.memory_bytes)
+    return Cost(largest.memory_bytes, sum(times) if len(times) == len(costs) else None,
+                largest.refined_bytes)
+
+
 def _with_joined_data(estimator: Estimator, problem: CurvatureProblem, cost: Cost) -> Cost:
     """``cost`` with a copy of the data set, where the method joins its batches into one."""
     if not isinstance(problem, StreamedProblem) or estimator.streams:
@@ -496,10 +517,10 @@ def _agreed_cost(parallel: DataParallel | None, cost: Cost) -> Cost:
     """The largest prediction over the processes, so that every process decides the same."""
     if parallel is None:
         return cost
-    costs = parallel.gather_objects((cost.memory_bytes, cost.seconds))
-    times = [seconds for _, seconds in costs if seconds is not None]
-    return Cost(max(memory for memory, _ in costs),
-                max(times) if times else None)
+    costs = parallel.gather_objects((cost.memory_bytes, cost.seconds, cost.refined_bytes))
+    times = [seconds for _, seconds, _ in costs if seconds is not None]
+    return Cost(max(memory for memory, _, _ in costs), max(times) if times else None,
+                max(refined for _, _, refined in costs))
 
 
 def _result(
@@ -609,7 +630,8 @@ def predict_exact_cost(
     check_call(model, loss_fn, "eval")
     _check_one_batch(batch, "predict_exact_cost")
     settings = Settings(max_memory=64 * 2**30, max_seconds=float("inf"))
-    with preserved_state(model), differentiable(model), loss_evaluations(model, loss_fn):
+    with (ExitsHeldBack() as exits, preserved_state(model), differentiable(model),
+          loss_evaluations(loss_fn), exits.from_here()):
         problem = build_problem(model, loss_fn, batch, params, "eval")
         with evaluation_mode(problem.model, "eval"):
             cost = estimator.predict(problem, lambda: probe_outputs(problem), settings,
@@ -656,7 +678,8 @@ def gradient_overlap(
     if k is not None:
         check_count("k", k, "a count of eigenvectors", " (or None for the srank)")
     settings = _settings(threshold, None, max_memory, None, 0, False, False, eigenvectors=1)
-    with preserved_state(model), differentiable(model), loss_evaluations(model, loss_fn):
+    with (ExitsHeldBack() as exits, preserved_state(model), differentiable(model),
+          loss_evaluations(loss_fn), exits.from_here()):
         problem = build_problem(model, loss_fn, batch, params, "eval")
         with evaluation_mode(problem.model, "eval"):
             caller = "gradient_overlap (a dense Hessian's eigenvectors)"

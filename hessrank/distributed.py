@@ -52,6 +52,7 @@ from hessrank.problem import (
     refuse_mixed_samples,
     refuse_split_batch_statistics,
     tensor_outputs,
+    without_second_derivative,
 )
 
 #: Most dimensions a gathered tensor may have (its shape travels in a fixed-size header).
@@ -604,8 +605,14 @@ def check_shards_uncoupled(problem: ShardedProblem) -> None:
         masks[rank, bounds[rank] : bounds[rank + 1]] = 1.0
     shape = (parallel.world_size, outputs.shape[0], *([1] * (outputs.dim() - 1)))
     vectors = probe[None] * masks.reshape(shape)
-    products = torch.stack([torch.autograd.grad(first, leaf, vector, retain_graph=True)[0]
-                            for vector in vectors])
+    try:
+        products = torch.stack([torch.autograd.grad(first, leaf, vector, retain_graph=True)[0]
+                                for vector in vectors])
+    except RuntimeError as error:  # (torch's bare message reached the caller; probe 77)
+        raise without_second_derivative(
+            error, "the Hessian needs second derivatives of every operation of the model and "
+            "the loss", "the operation is the loss's, which 'ggn' differentiates twice too: use "
+            "method='fisher' or 'fisher_lanczos' (first derivatives only)") from error
     inside = (products * masks.reshape(shape)).norm()
     outside = (products * (1 - masks.reshape(shape))).norm()
     if outside > agreement_tolerance(outputs.dtype) * max(float(inside), 1e-300):

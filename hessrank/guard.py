@@ -175,15 +175,17 @@ class PassState:
             self._attributes = plain_attributes(self.model)
             self._registered = [(module, set(module._buffers), set(module._parameters),
                                  set(module._modules)) for module in self.model.modules()]
-            with torch.inference_mode(False):
-                self._tensors = [
-                    [module, name, tensor, tensor._version, tensor.detach().clone(),
-                     module._buffers]
-                    for module in self.model.modules()
-                    for name, tensor in module._buffers.items() if tensor is not None]
-                self._tensors += [[module, name, tensor, tensor._version,
-                                   tensor.detach().clone(), vars(module)]
-                                  for module, name, tensor in _plain_tensors(self.model)]
+            # (ordinary tensors: a call runs outside inference mode, :func:`differentiable`;
+            # a torch.inference_mode(False) block here, interrupted as it closed, had its guard
+            # restore a stale grad mode when collected, after the call's restores; probe 79)
+            self._tensors = [
+                [module, name, tensor, tensor._version, tensor.detach().clone(),
+                 module._buffers]
+                for module in self.model.modules()
+                for name, tensor in module._buffers.items() if tensor is not None]
+            self._tensors += [[module, name, tensor, tensor._version,
+                               tensor.detach().clone(), vars(module)]
+                              for module, name, tensor in _plain_tensors(self.model)]
             return
         for module, buffers, parameters, submodules in self._registered:
             for registry, names in ((module._buffers, buffers), (module._parameters, parameters),
@@ -199,8 +201,7 @@ class PassState:
                     and _strided_values_unchanged(tensor, value)):
                 continue
             if id(tensor) not in fresh:
-                with torch.inference_mode(False):
-                    fresh[id(tensor)] = value.clone()
+                fresh[id(tensor)] = value.clone()
             registry[name] = slot[2] = fresh[id(tensor)]
             slot[3] = slot[2]._version
             if registry is not module._buffers:  # an attribute: rebound to the copy from now on
@@ -232,23 +233,67 @@ def deferred_interrupts() -> Iterator[None]:
     handler inside the block: Python runs handlers in the main thread. (Swapping every
     handler instead, as for Ctrl-C, left recorders installed where a signal landed while they
     were put back, and ran asyncio's handlers twice.)
+
+    The caller's mask and handler are read before anything changes, and every change is made
+    inside the ``try`` that undoes it: a signal whose handler raises while the block is entered
+    or left finds the mask and the handler put back (landing between the handler's swap and
+    the mask, a ``SIGALRM`` had left Ctrl-C recorded for good; between the handler's restore and
+    the mask's, a Ctrl-C had left 55 signals blocked; probe 79). A restore that must not be
+    skipped by a signal landing before the block holds it back runs inside
+    :class:`ExitsHeldBack`.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    mask = _SIGMASK(signal.SIG_BLOCK, _DEFERRABLE) if _SIGMASK is not None else None
+    previous = signal.getsignal(signal.SIGINT)
+    mask = _SIGMASK(signal.SIG_BLOCK, ()) if _SIGMASK is not None else None  # reads it
     try:
+        if _SIGMASK is not None:
+            _SIGMASK(signal.SIG_BLOCK, _DEFERRABLE)
+        signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        try:  # held-back signals are delivered now: a handler may raise, the Ctrl-C still lands
-            if mask is not None and _SIGMASK is not None:
-                _SIGMASK(signal.SIG_SETMASK, mask)
+        try:
+            signal.signal(signal.SIGINT, previous)
         finally:
-            if received:
-                signal.raise_signal(signal.SIGINT)
+            try:  # held-back signals are delivered now: a handler may raise, Ctrl-C still lands
+                if mask is not None and _SIGMASK is not None:
+                    _SIGMASK(signal.SIG_SETMASK, mask)
+            finally:
+                if received:
+                    signal.raise_signal(signal.SIGINT)
+
+
+class ExitsHeldBack:
+    """Signals held back (:func:`deferred_interrupts`) from the end of a call's work until the
+    call's guards have all exited: the outermost context manager of a call, whose
+    :meth:`from_here` is the innermost.
+
+    Each guard's restore holds signals back itself, but a signal whose handler raises (Ctrl-C,
+    a ``SIGALRM`` timeout) could land between two of them, at the entry of the Python function
+    that runs the next one, and skip it: every module left in evaluation mode and on the call's
+    copies of its buffers, torch's attention fast path left off (probe 79). Held from the end
+    of the work, such a signal is delivered once every restore has run; one that lands before
+    (at the entry of :meth:`from_here`'s exit) leaves the restores unprotected as before.
+    """
+
+    def __init__(self) -> None:
+        self._held = ExitStack()
+
+    def __enter__(self) -> ExitsHeldBack:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self._held.close()  # the held-back signals are delivered here
+
+    @contextmanager
+    def from_here(self) -> Iterator[None]:
+        """The innermost context manager of the call: signals are held back from its exit on."""
+        try:
+            yield
+        finally:
+            self._held.enter_context(deferred_interrupts())
 
 
 @dataclass(frozen=True)
@@ -393,7 +438,8 @@ class ModuleGenerators:
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
+def preserved_state(model: nn.Module, refuse_writes: bool = True
+                    ) -> Iterator[Callable[[], None]]:
     """Restore, on exit (normal, by exception or by Ctrl-C), the model's observable state.
 
     Covers, for every submodule: the ``training`` flag (restored as an attribute, never through
@@ -413,7 +459,8 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
     itself. A forward that writes its own parameters in place is refused instead
     (:func:`written_parameters_error`): the block yields a check to run once the work's first
     forward pass has (version counters), and the check runs again on a normal exit (version
-    counters and values).
+    counters and values); with ``refuse_writes=False`` (a loss module's guard: a learned
+    temperature it clamps in place is its own business) neither runs.
 
     Yields:
         ``check()``: raises ``ValueError`` if a parameter was written in place since entry.
@@ -432,12 +479,14 @@ def preserved_state(model: nn.Module) -> Iterator[Callable[[], None]]:
             parameters = list(model.parameters())
             names = [name for name, _ in model.named_parameters()]
             versions = [p._version for p in parameters]
-            fingerprints = _fingerprints(parameters)
+            fingerprints = _fingerprints(parameters) if refuse_writes else []
 
             def written(values: bool = False) -> list[str]:
                 """The parameters written since entry: by their version counters, and with
                 ``values`` by their values too (a write through ``.data`` moves no counter;
                 not read mid-call, where :func:`renormalised_embeddings` has rescaled rows)."""
+                if not refuse_writes:
+                    return []
                 moved = ([not _same_print(now, then)
                           for now, then in zip(_fingerprints(parameters), fingerprints)]
                          if values else [False] * len(parameters))
@@ -927,6 +976,13 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
                           lambda saved: torch.set_anomaly_enabled(*saved), (False, True)),
         compiled_modules_eager(model) as compiled_notes,
     ):
+        # The attention kernels' switches keep the caller's values; put back on exit, they
+        # stay so where an interruption skipped the exit of a block that set them inside
+        # the call (second_order's sdpa_kernel).
+        for kernel in ("flash", "mem_efficient", "math", "cudnn"):
+            read = getattr(torch.backends.cuda, f"{kernel}_sdp_enabled")
+            for_the_call.enter_context(_set_for_the_call(
+                read, getattr(torch.backends.cuda, f"enable_{kernel}_sdp"), read()))
         for device in sorted(devices):
             try:
                 enabled = torch.is_autocast_enabled(device)

@@ -338,17 +338,17 @@ _LOSS_CHECK: ContextVar[_LossCheck | None] = ContextVar("hessrank_loss_check", d
 
 
 @contextmanager
-def loss_evaluations(model: nn.Module, loss_fn: object) -> Iterator[None]:
+def loss_evaluations(loss_fn: object) -> Iterator[None]:
     """A call's frame for ``loss_fn``: its first evaluation is checked (:func:`call_loss`), and
     a loss module's state (buffers, plain attributes, the ``training`` flag: a running average
     it updates) is put back on exit, as the model's is
-    (:func:`hessrank.guard.preserved_state`; not for a loss module that holds parts of the
-    model, which that covers already)."""
-    own_module = (isinstance(loss_fn, nn.Module)
-                  and not {id(m) for m in model.modules()} & {id(m) for m in loss_fn.modules()})
+    (:func:`hessrank.guard.preserved_state`; a loss module that holds the model too, its own
+    parts included, and its parameters left to it: a learned temperature it clamps in place is
+    no write of the model's)."""
     token = _LOSS_CHECK.set(_LossCheck())
     try:
-        with preserved_state(loss_fn) if own_module else nullcontext():  # type: ignore[arg-type]
+        with (preserved_state(loss_fn, refuse_writes=False) if isinstance(loss_fn, nn.Module)
+              else nullcontext()):
             yield
     finally:
         _LOSS_CHECK.reset(token)
@@ -373,6 +373,8 @@ def call_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
     check = _LOSS_CHECK.get()
     if check is None or check.done:
         return loss_fn(outputs, targets)
+    # the repeat's own copy: a loss that changes its outputs in place (f /= 2) is one function
+    pristine = outputs.detach().clone() if isinstance(outputs, Tensor) else outputs
     generators = GlobalGenerators.read()
     value = loss_fn(outputs, targets)
     if not generators.same_as(GlobalGenerators.read()):
@@ -383,7 +385,7 @@ def call_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
     if not isinstance(value, Tensor) or value.numel() != 1 or not isinstance(outputs, Tensor):
         return value  # the caller's checks name what is wrong
     with torch.no_grad():
-        again = loss_fn(outputs, targets)
+        again = loss_fn(pristine, targets)
     first = float(value.detach())
     later = float(again.detach()) if isinstance(again, Tensor) and again.numel() == 1 else math.nan
     if not _same_value(first, later, value.dtype):
@@ -433,6 +435,10 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
             advice = (f"The loss's own tensors are not in the outputs' dtype ({', '.join(own)}): "
                       f"cast them to {outputs.dtype} (e.g. nn.CrossEntropyLoss(weight=w.to("
                       f"{outputs.dtype})))")
+        elif "leaf Variable that requires grad is being used in an in-place" in str(error):
+            advice = ("loss_fn modifies the outputs in place (f /= T, f.relu_(), "
+                      "f.masked_fill_(...)), which the call's leaf copies of them cannot take: "
+                      "make those operations out of place (f = f / T, f.masked_fill(...))")
         elif not targets.is_floating_point() and "can't be cast" in str(error):
             advice = ("This loss takes floating-point targets (nn.BCEWithLogitsLoss's 0/1 labels, "
                       "regression values): cast them with targets.float(), or to "
@@ -467,7 +473,8 @@ def _refuse_all_ignored(loss_fn: LossFn, value: Tensor, targets: Tensor) -> None
     """
     if targets.is_floating_point() or bool(torch.isfinite(value.detach()).all()):
         return
-    ignored = getattr(loss_fn, "ignore_index", -100)
+    ignored = getattr(loss_fn, "ignore_index",  # a module's, or a functools.partial's
+                      getattr(loss_fn, "keywords", {}).get("ignore_index", -100))
     if isinstance(ignored, int) and targets.numel() and bool((targets == ignored).all()):
         raise ValueError(
             f"the loss is {value.item()}: every target is {ignored}, the loss's ignore_index, "
@@ -626,12 +633,12 @@ def labelled_inputs(args: Sequence[Tensor], kwargs: Mapping[str, Tensor]
 
 def _usable(tensor: Tensor, copy: bool) -> Tensor:
     """A caller's batch tensor as the analysis uses it: detached, a normal (non-inference)
-    tensor, so that a call made under ``torch.inference_mode()`` can still differentiate, and
-    (``copy``) the call's own copy, so that a forward that modifies its input in place leaves
-    the caller's batch alone."""
+    tensor, so that a call made under ``torch.inference_mode()`` can still differentiate (a
+    clone made inside the call, which runs outside inference mode, is one), and (``copy``) the
+    call's own copy, so that a forward that modifies its input in place leaves the caller's
+    batch alone."""
     if copy or tensor.is_inference():
-        with torch.inference_mode(False):
-            return tensor.detach().clone()
+        return tensor.detach().clone()
     return tensor.detach()
 
 

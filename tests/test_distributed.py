@@ -325,6 +325,10 @@ def worker(rank: int, port: int, out: str) -> None:
         max_memory=2 * 2**20, process_group=group))
     results["coupled"] = outcome(lambda: hessrank.effective_rank(
         model, lambda f, t: f.sum() ** 2, (x, y), method="exact", process_group=group))
+    # a loss torch differentiates once only: the coupling check's products had raised torch's
+    # bare "derivative ... is not implemented" (probe 77)
+    results["once-differentiable"] = outcome(lambda: hessrank.effective_rank(
+        model, nn.MultiMarginLoss(), (x, y), method="exact", process_group=group))
     # A model that standardises over its batch: each shard would be standardised on its own.
     for method in ("exact", "ggn_lanczos"):
         results[f"mixing-{method}"] = outcome(lambda method=method: hessrank.effective_rank(
@@ -513,6 +517,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("dict-outputs", "TypeError", "the model returned dict; hessrank needs a tensor of outputs"),
     ("refined-budget", "BudgetError", "method='exact' needs about"),
     ("coupled", "ValueError", "couples samples of different processes"),
+    ("once-differentiable", "ValueError", "multi_margin_loss_backward: the operation is the "
+                                          "loss's, which 'ggn' differentiates twice too"),
     ("mixing-exact", "ValueError", "depends on the other samples of its batch"),
     ("mixing-ggn_lanczos", "ValueError", "depends on the other samples of its batch"),
     ("one-sample-exact", "ValueError", "every process holds one sample (shards of [1, 1])"),

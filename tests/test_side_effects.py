@@ -877,3 +877,98 @@ def test_a_call_leaves_no_graph_behind(method: str):
     hessrank.effective_rank(_Watched(), CE, (x, y), method)
     gc.collect()
     assert _ALIVE and not [ref for ref in _ALIVE if ref() is not None]
+
+
+def _process_settings() -> dict:
+    """The settings of the process a call changes and must give back."""
+    import signal
+
+    from hessrank.guard import _PRECISION_KERNELS
+
+    cuda = torch.backends.cuda
+    return {
+        "grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
+        "fastpath": torch.backends.mha.get_fastpath_enabled(),
+        "cudnn": torch.backends.cudnn.enabled,
+        "precision": [operator.attrgetter(path)(torch.backends).fp32_precision
+                      for path in _PRECISION_KERNELS],
+        "attention": [cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+                      cuda.math_sdp_enabled(), cuda.cudnn_sdp_enabled()],
+        "anomaly": (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
+        "sigint": signal.getsignal(signal.SIGINT),
+        "mask": signal.pthread_sigmask(signal.SIG_BLOCK, []),
+    }
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGALRM"])
+def test_an_interrupt_at_any_step_of_the_guards_restores_everything(signal_name):
+    """A signal whose handler raises (Ctrl-C; a SIGALRM timeout) delivered at the entry of a
+    Python function the guards call, one call at a time (every one from the moment the guards
+    start to exit, every tenth before): every call ends with the model and the process
+    as they were. An interrupt between two restores had skipped the rest (modules left in
+    evaluation mode, on the call's buffer copies; the attention fast path left off), one in a
+    guard's set-up had left Ctrl-C recorded for good or 55 signals blocked, and an
+    interrupted torch.inference_mode(False) had its grad mode restored after the call's own
+    restores (probe 79)."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        pytest.skip("no pthread_sigmask on this system")
+    number = getattr(signal, signal_name)
+
+    def timeout(*_: object) -> None:
+        raise KeyboardInterrupt("the caller's timeout")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    model = _net()
+    model.train()
+    x, y = classification_batch(8, 6, 3, dtype=torch.float32)
+    CE(model(x), y).backward()
+    guarded = ("hessrank/guard.py", "hessrank/api.py", "contextlib.py", "signal.py")
+
+    class Deliver:
+        """The trace function: counts the guards' calls, signals at call ``at``, and notes
+        where the guards start to exit (the first resumption of ``workers_as_found``, the
+        innermost guard of every version, after the work's first calls)."""
+
+        def __init__(self, at: int) -> None:
+            self.seen, self.at, self.exits = 0, at, 0
+
+        def __call__(self, frame: Any, event: str, _: Any) -> None:
+            caller = frame.f_back
+            if (event == "call" and caller is not None
+                    and caller.f_code.co_filename.endswith(guarded)):
+                self.seen += 1
+                if (not self.exits and self.seen > 50
+                        and frame.f_code.co_name == "workers_as_found"):
+                    self.exits = self.seen
+                if self.seen == self.at:
+                    signal.raise_signal(number)
+
+    def call() -> None:
+        hessrank.effective_rank(model, CE, (x, y), method="ggn")
+
+    try:
+        counting = Deliver(0)
+        sys.settrace(counting)
+        try:
+            call()
+        finally:
+            sys.settrace(None)
+        assert counting.exits, "the guards' exit was not found"
+        before, settings = _snapshot(model), _process_settings()
+        buffers = [id(b) for b in model.buffers()]
+        for point in [*range(1, counting.exits, 10), *range(counting.exits, counting.seen + 1)]:
+            sys.settrace(Deliver(point))
+            try:
+                call()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            gc.collect(0)  # a guard object the interrupt left behind would act now
+            _assert_same(before, model)
+            assert [id(b) for b in model.buffers()] == buffers, point
+            assert _process_settings() == settings, point
+    finally:
+        signal.signal(signal.SIGALRM, previous)

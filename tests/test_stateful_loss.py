@@ -169,3 +169,84 @@ def test_a_loss_that_reads_fixed_state_is_not_refused(method):
                                     method=method, seed=0)
     np.testing.assert_allclose(tempered.eigenvalues, plain.eigenvalues, rtol=0,
                                atol=1e-12 * abs(plain.eigenvalues[0]))
+
+
+@pytest.mark.parametrize("method", HESSIAN_METHODS)
+def test_a_loss_that_changes_its_outputs_in_place_is_one_function(method):
+    """``f /= 2`` inside the loss: its repeat runs on its own copy of the outputs, so the check
+    does not take the write for state (probe 77); the curvature is that of the loss of f / 2."""
+    model = mlp((5, 6, 3))
+    x, y = classification_batch(12, 5, 3)
+
+    def halving(outputs: Tensor, targets: Tensor) -> Tensor:
+        outputs /= 2
+        return F.cross_entropy(outputs, targets)
+
+    result = hessrank.effective_rank(model, halving, (x, y), method=method, seed=0)
+    reference = eigenvalues_by_magnitude(reference_hessian(
+        model, lambda f, t: F.cross_entropy(f / 2, t), x, y))
+    assert_spectra_close(result.eigenvalues, reference, count=_compared(method), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ggn", "fisher"])
+def test_a_loss_that_changes_its_outputs_in_place_is_named_where_it_cannot_run(method):
+    """On the leaf copies of the outputs the Gram methods differentiate, an in-place write
+    fails: named as such, not as a problem of the targets."""
+    model = mlp((5, 6, 3))
+    x, y = classification_batch(12, 5, 3)
+
+    def halving(outputs: Tensor, targets: Tensor) -> Tensor:
+        outputs /= 2
+        return F.cross_entropy(outputs, targets)
+
+    with pytest.raises(RuntimeError, match="modifies the outputs in place.*out of place"):
+        hessrank.effective_rank(model, halving, (x, y), method=method)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_a_loss_module_that_clamps_its_own_parameter(method):
+    """A learned temperature kept in range in place, inside forward: the loss's own business,
+    not a write of the model's parameters (it had been refused as one; probe 77)."""
+    model = mlp((5, 6, 3))
+    x, y = classification_batch(12, 5, 3)
+
+    class LearnedTemperature(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log_temperature = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+        def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
+            with torch.no_grad():
+                self.log_temperature.clamp_(-3.0, 3.0)
+            return F.cross_entropy(outputs / self.log_temperature.exp(), targets)
+
+    learned = hessrank.effective_rank(model, LearnedTemperature(), (x, y), method=method, seed=0)
+    fixed = hessrank.effective_rank(
+        model, lambda f, t: F.cross_entropy(f / float(np.exp(0.5)), t), (x, y), method=method,
+        seed=0)
+    np.testing.assert_allclose(learned.eigenvalues, fixed.eigenvalues, rtol=0,
+                               atol=1e-9 * abs(fixed.eigenvalues[0]))
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_a_loss_module_holding_the_model_gets_its_own_state_back(method):
+    """A loss wrapper that holds the model as a submodule and counts its calls: its counter
+    comes back too (only the model's modules had been guarded; probe 77)."""
+    model = mlp((5, 6, 3))
+    x, y = classification_batch(12, 5, 3)
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+            self.seen = 0
+
+        def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
+            self.calls += 1
+            self.seen += 1
+            return F.cross_entropy(outputs, targets)
+
+    loss = Wrapper()
+    hessrank.effective_rank(model, loss, (x, y), method=method, seed=0)
+    assert int(loss.calls) == 0 and loss.seen == 0

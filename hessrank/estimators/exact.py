@@ -67,27 +67,30 @@ def exact_memory_bytes(num_params: int, element_size: int, eigenvectors: bool = 
                + 4 * chunk * num_params * element_size)
 
 
-def predict_exact_seconds(operator: HessianOperator, chunk: int) -> float:
-    """Time one chunk of Hessian columns and extrapolate; add the eigen-solve's cubic cost."""
+def products_seconds(operator: HessianOperator, chunk: int) -> float:
+    """Seconds of the dense Hessian's products: one chunk of its columns timed, extrapolated."""
     dim = operator.dim
     trial = min(chunk, dim)
     basis = torch.zeros(trial, dim, dtype=operator.dtype, device=operator.device)
     basis[torch.arange(trial), torch.arange(trial)] = 1.0
     elapsed = seconds_of(lambda: operator.matmat(basis), operator.device)
     operator.num_products -= trial
-    return elapsed * dim / trial + eigen_solve_seconds(dim, operator.device)
+    return elapsed * dim / trial
 
 
-def eigen_solve_seconds(dim: int, device: torch.device) -> float:
-    """Predicted seconds of the float64 eigen-solve of a ``dim x dim`` matrix on ``device``:
-    one of :data:`EIGEN_TRIAL_SIZE` (at most ``dim``) timed here, on the solver's threads,
-    scaled as ``size^2.5`` up to :data:`EIGEN_SUBCUBIC_SIZE` and ``size^3`` beyond (a constant
-    per ``dim^3`` measured on one machine had been 1.7x short on another)."""
+def eigen_solve_seconds(dim: int, device: torch.device, vectors: bool = False) -> float:
+    """Predicted seconds of the float64 eigen-solve of a ``dim x dim`` matrix on ``device``
+    (with ``vectors``, eigenvectors too: 4-6 times the eigenvalues' time at P = 4810, which a
+    prediction of eigenvalues alone had left out; probe 78): one of :data:`EIGEN_TRIAL_SIZE`
+    (at most ``dim``) timed here, on the solver's threads, scaled as ``size^2.5`` up to
+    :data:`EIGEN_SUBCUBIC_SIZE` and ``size^3`` beyond (a constant per ``dim^3`` measured on one
+    machine had been 1.7x short on another)."""
     size = min(dim, EIGEN_TRIAL_SIZE)
     generator = torch.Generator().manual_seed(0)
     trial = torch.randn(size, size, generator=generator, dtype=torch.float64)
     trial = (trial + trial.T).to(device)
-    seconds = seconds_of(lambda: symmetric_eigenvalues(trial), device)
+    solve = symmetric_eigenpairs if vectors else symmetric_eigenvalues
+    seconds = seconds_of(lambda: solve(trial), device)
     knee = max(size, min(dim, EIGEN_SUBCUBIC_SIZE))
     return seconds * (knee / size) ** 2.5 * (dim / knee) ** 3
 
@@ -116,7 +119,10 @@ class Exact(Estimator):
         operator = HessianOperator(batch)
         chunk = exact_chunk_size(operator.dim, element, operator.graph_bytes)
         graph = products_bytes(chunk, operator.graph_bytes)
-        return Cost(memory + graph, batches * predict_exact_seconds(operator, chunk), graph)
+        # the products batch by batch, then one eigen-solve
+        seconds = (batches * products_seconds(operator, chunk) + eigen_solve_seconds(
+            operator.dim, operator.device, vectors=settings.eigenvectors > 0))
+        return Cost(memory + graph, seconds, graph)
 
     def run(self, problem: CurvatureProblem, settings: Settings, options: Any) -> Spectrum:
         dim = problem.num_params

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -451,7 +452,7 @@ def _weighed(probe: np.ndarray, fixed: np.ndarray, counts: np.ndarray, dim: int)
 
 
 def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, restarted: bool = False
-                         ) -> tuple[_Quadrature, str | None]:
+                         ) -> tuple[_Quadrature, list[str]]:
     """The deflated quadrature of one run (see the module docstring); ``final_beta``: its last
     ``beta`` as computed (:attr:`LanczosRun.final_beta`, for :func:`_invariance_floor`);
     ``restarted``: the run
@@ -459,10 +460,10 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, restart
     can be copies of each other, and none is deflated (a zero-initialised network's 6-fold
     eigenvalues were found 2 or 3 times each and counted so: srank 15 in [15, 15] for 39).
 
-    Returns the quadrature and a note where deflation had to guess: the converged Ritz values
-    looked repeated (their probe weights too large for simple eigenvalues) and the heaviest were
-    not deflated, the Krylov space was invariant and one node took the eigenvalues it lacks, or
-    the run restarted.
+    Returns the quadrature and a note for each guess deflation had to make: the converged Ritz
+    values looked repeated (their probe weights too large for simple eigenvalues) and the
+    heaviest were not deflated, the Krylov space was invariant and one node took the eigenvalues
+    it lacks, or the run restarted.
     """
     nodes = pairs.nodes
     lacking, floor = 0, 0.0
@@ -531,19 +532,20 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, restart
                      f"{', '.join(f'{nodes[i]:.4g}' for i in takers)} ({named}); "
                      f"eigenvalues up to {floor:.3g} in magnitude hide under the products' "
                      "rounding, and the intervals allow for them")
-    note = "; ".join(notes) if notes else None
     weights = _weighed(gauss, fixed, np.ones(len(nodes)), dim)
     return _Quadrature(nodes, weights, fixed, pairs.residuals, dim * gauss, lacking,
-                       floor, final_beta if floor else 0.0), note
+                       floor, final_beta if floor else 0.0), notes
 
 
 def _add_once(guesses: list[str], guess: str, likewise: dict[int, int]) -> None:
-    """Add a further run's ``guess`` to ``guesses``, or count it in ``likewise`` where one of
-    its kind (the same text up to its first colon: runs of an invariant Krylov space each
-    name their own small values) is there already."""
-    kind = guess.split(":")[0]
+    """Add a further run's ``guess`` to ``guesses``, or count it in ``likewise`` where one that
+    differs from it only in its numbers is there already (runs of an invariant Krylov space
+    each name their own small values: twelve such notes on a ViT; probe 75)."""
+    def kind(note: str) -> str:
+        return re.sub(r"[-+]?\d[\d.]*(e[-+]?\d+)?", "#", note)
+
     for index, earlier in enumerate(guesses):
-        if earlier.split(":")[0] == kind:
+        if kind(earlier) == kind(guess):
             likewise[index] = likewise.get(index, 0) + 1
             return
     guesses.append(guess)
@@ -933,12 +935,12 @@ def lanczos_spectrum(
                        storage, advance=advance)
     first.extend(steps)
     pairs = _ritz_pairs(first.alpha, first.beta, first.last_beta)
-    quadrature, guess = _deflated_quadrature(pairs, dim, first.final_beta, first.restarted)
+    quadrature, first_guesses = _deflated_quadrature(pairs, dim, first.final_beta,
+                                                     first.restarted)
     spent, removals = len(first.alpha), first.removals
     sampled: list[tuple[float, float]] = []
     checked = False
-    if guess is not None:
-        guesses.append(guess)
+    guesses.extend(first_guesses)
     # The products an invariant Krylov space leaves count the copies of what it deflated; a run
     # that spends them all gets a few more to spot-check them (taken from it, they would cost it
     # resolution).
@@ -981,9 +983,9 @@ def lanczos_spectrum(
         run.extend(len(run.storage))
         removals += run.removals
         spent += len(run.alpha)
-        quadrature, guess = _deflated_quadrature(
+        quadrature, run_guesses = _deflated_quadrature(
             _ritz_pairs(run.alpha, run.beta, run.last_beta), dim, run.final_beta, run.restarted)
-        if guess is not None:
+        for guess in run_guesses:
             _add_once(guesses, guess, likewise)
         quadratures.append(quadrature)
         if run.invariant:
