@@ -343,8 +343,14 @@ def effective_rank(
                     problem.survey()
                 outputs = functools.cache(lambda: probe_outputs(
                     per_batch(problem)[0], check_loss=not isinstance(problem, StreamedProblem)))
-                cost = _agreed_cost(parallel, _with_layers(estimator, problem, outputs,
-                                                           settings, method_options))
+                cost = _agreed_cost(parallel, estimator.predict(problem, outputs, settings,
+                                                                method_options))
+                if per_layer and estimator.layer_strategy == "restricted":
+                    # refused on the whole model's prediction before the modules' are made
+                    # (each times a product: 10 s for a refusal on ResNet-18; probe 81)
+                    estimator.check_budget(cost, problem, settings)
+                    cost = _agreed_cost(parallel, _with_layers(
+                        estimator, problem, outputs, settings, method_options, cost))
                 cost = _with_joined_data(estimator, problem, cost)
                 check_parameters()  # the forward passes so far left the parameters alone
                 estimator.check_budget(cost, problem, settings)
@@ -488,15 +494,13 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
 
 
 def _with_layers(estimator: Estimator, problem: CurvatureProblem,
-                 outputs: Callable[[], Tensor], settings: Settings, options: Any) -> Cost:
-    """The estimator's prediction for the whole model, and, where ``per_layer`` runs it again
-    on each parameterised module's block (its ``"restricted"`` strategy), for those runs too:
-    they follow the whole model's, so their times add, and the peak is the largest (``lanczos``
-    with ``per_layer=True`` had run 7.7 to 85 times past the ``max_seconds`` its whole-model
+                 outputs: Callable[[], Tensor], settings: Settings, options: Any,
+                 cost: Cost) -> Cost:
+    """``cost``, the estimator's prediction for the whole model, with its runs on each
+    parameterised module's block (``per_layer`` with its ``"restricted"`` strategy): they
+    follow the whole model's, so their times add, and the peak is the largest (``lanczos`` with
+    ``per_layer=True`` had run 7.7 to 85 times past the ``max_seconds`` its whole-model
     prediction allowed; probe 78)."""
-    cost = estimator.predict(problem, outputs, settings, options)
-    if not settings.per_layer or estimator.layer_strategy != "restricted":
-        return cost
     single = dataclasses.replace(settings, per_layer=False)
     costs = [cost, *(estimator.predict(problem.restricted(names), outputs, single, options)
                      for names in problem.modules_with_params().values())]

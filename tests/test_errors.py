@@ -1347,15 +1347,17 @@ def test_a_batch_whose_every_target_is_ignored(method, ignored, form):
            ValueError, rf"the loss is nan: every target is {ignored}, the loss's ignore_index")
 
 
-def _predicted_seconds(monkeypatch, model, batch, method, **options) -> float:
+def _predicted_seconds(monkeypatch, model, batch, method, max_seconds=1e-9, **options
+                       ) -> float:
     """The time a call predicts, with every timing the prediction makes read as 1 ms (so that
-    nothing here is timed): the seconds of the BudgetError of ``max_seconds=1e-9``."""
+    nothing here is timed): the seconds of the BudgetError of ``max_seconds``."""
     from hessrank.estimators import base, exact, lanczos
 
     for module in (base, exact, lanczos):
         monkeypatch.setattr(module, "seconds_of", lambda call, device: 1e-3)
     with pytest.raises(hessrank.BudgetError) as refusal:
-        hessrank.effective_rank(model, CE, batch, method=method, max_seconds=1e-9, **options)
+        hessrank.effective_rank(model, CE, batch, method=method, max_seconds=max_seconds,
+                                **options)
     assert refusal.value.seconds is not None
     return refusal.value.seconds
 
@@ -1372,7 +1374,11 @@ def test_per_layer_runs_are_in_the_time_prediction(monkeypatch, method):
                           nn.Linear(4, 3)).double()
     x, y = classification_batch(8, 5, 3)
     whole = _predicted_seconds(monkeypatch, model, (x, y), method)
-    layered = _predicted_seconds(monkeypatch, model, (x, y), method, per_layer=True)
+    # over the budget on the whole model alone: refused before the modules are predicted
+    # (each prediction times a product: 10 s for a refusal on ResNet-18; probe 81)
+    assert _predicted_seconds(monkeypatch, model, (x, y), method, per_layer=True) == whole
+    layered = _predicted_seconds(monkeypatch, model, (x, y), method, per_layer=True,
+                                 max_seconds=whole * (1 + 1e-6))
     # each module's run, predicted alone with the same fixed clock
     from hessrank.problem import build_problem, probe_outputs
 

@@ -932,7 +932,7 @@ def test_an_interrupt_at_any_step_of_the_guards_restores_everything(signal_name)
         innermost guard of every version, after the work's first calls)."""
 
         def __init__(self, at: int) -> None:
-            self.seen, self.at, self.exits = 0, at, 0
+            self.seen, self.at, self.exits, self.fired = 0, at, 0, False
 
         def __call__(self, frame: Any, event: str, _: Any) -> None:
             caller = frame.f_back
@@ -943,6 +943,7 @@ def test_an_interrupt_at_any_step_of_the_guards_restores_everything(signal_name)
                         and frame.f_code.co_name == "workers_as_found"):
                     self.exits = self.seen
                 if self.seen == self.at:
+                    self.fired = True
                     signal.raise_signal(number)
 
     def call() -> None:
@@ -959,13 +960,15 @@ def test_an_interrupt_at_any_step_of_the_guards_restores_everything(signal_name)
         before, settings = _snapshot(model), _process_settings()
         buffers = [id(b) for b in model.buffers()]
         for point in [*range(1, counting.exits, 10), *range(counting.exits, counting.seen + 1)]:
-            sys.settrace(Deliver(point))
+            deliver, interrupted = Deliver(point), False
+            sys.settrace(deliver)
             try:
                 call()
             except KeyboardInterrupt:
-                pass
+                interrupted = True
             finally:
                 sys.settrace(None)
+            assert interrupted == deliver.fired, point  # delivered, once, never swallowed
             gc.collect(0)  # a guard object the interrupt left behind would act now
             _assert_same(before, model)
             assert [id(b) for b in model.buffers()] == buffers, point
