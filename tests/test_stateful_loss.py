@@ -59,6 +59,24 @@ class RunningScaleLoss(nn.Module):
         return value / self.average
 
 
+class CountedLoss(nn.Module):
+    """Cross-entropy that counts its calls in a buffer and in an attribute, without reading
+    them: one function of the outputs and targets. ``holding``: a module it holds as a
+    submodule (the model itself, for a loss wrapper)."""
+
+    def __init__(self, holding: nn.Module | None = None) -> None:
+        super().__init__()
+        if holding is not None:
+            self.model = holding
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.seen = 0
+
+    def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        self.calls += 1
+        self.seen += 1
+        return F.cross_entropy(outputs, targets)
+
+
 def noisy_loss(draw: str):
     """Cross-entropy on logits with noise drawn from one of the global generators."""
     def loss(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -114,18 +132,7 @@ def test_a_loss_modules_state_is_put_back_after_a_call_that_succeeds(method):
     model = mlp((5, 6, 3))
     x, y = classification_batch(12, 5, 3)
 
-    class Counted(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
-            self.seen = 0
-
-        def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
-            self.calls += 1
-            self.seen += 1
-            return F.cross_entropy(outputs, targets)
-
-    loss = Counted()
+    loss = CountedLoss()
     result = hessrank.effective_rank(model, loss, (x, y), method=method, seed=0)
     reference = eigenvalues_by_magnitude(reference_hessian(model, nn.CrossEntropyLoss(), x, y))
     assert_spectra_close(result.eigenvalues, reference, count=_compared(method), rtol=1e-6)
@@ -235,18 +242,6 @@ def test_a_loss_module_holding_the_model_gets_its_own_state_back(method):
     model = mlp((5, 6, 3))
     x, y = classification_batch(12, 5, 3)
 
-    class Wrapper(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-            self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
-            self.seen = 0
-
-        def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
-            self.calls += 1
-            self.seen += 1
-            return F.cross_entropy(outputs, targets)
-
-    loss = Wrapper()
+    loss = CountedLoss(holding=model)
     hessrank.effective_rank(model, loss, (x, y), method=method, seed=0)
     assert int(loss.calls) == 0 and loss.seen == 0
