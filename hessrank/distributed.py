@@ -44,6 +44,8 @@ from torch.utils._pytree import tree_flatten
 
 from hessrank.guard import ModuleGenerators, evaluation_mode
 from hessrank.problem import (
+    FOR_THE_LOSS_S,
+    HESSIAN_NEEDS,
     CurvatureProblem,
     agreement_tolerance,
     call_loss,
@@ -609,10 +611,7 @@ def check_shards_uncoupled(problem: ShardedProblem) -> None:
         products = torch.stack([torch.autograd.grad(first, leaf, vector, retain_graph=True)[0]
                                 for vector in vectors])
     except RuntimeError as error:  # (torch's bare message reached the caller; probe 77)
-        raise without_second_derivative(
-            error, "the Hessian needs second derivatives of every operation of the model and "
-            "the loss", "the operation is the loss's, which 'ggn' differentiates twice too: use "
-            "method='fisher' or 'fisher_lanczos' (first derivatives only)") from error
+        raise without_second_derivative(error, HESSIAN_NEEDS, FOR_THE_LOSS_S) from error
     inside = (products * masks.reshape(shape)).norm()
     outside = (products * (1 - masks.reshape(shape))).norm()
     if outside > agreement_tolerance(outputs.dtype) * max(float(inside), 1e-300):

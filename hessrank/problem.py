@@ -473,8 +473,9 @@ def _refuse_all_ignored(loss_fn: LossFn, value: Tensor, targets: Tensor) -> None
     """
     if targets.is_floating_point() or bool(torch.isfinite(value.detach()).all()):
         return
-    ignored = getattr(loss_fn, "ignore_index",  # a module's, or a functools.partial's
-                      getattr(loss_fn, "keywords", {}).get("ignore_index", -100))
+    keywords = getattr(loss_fn, "keywords", None)  # a functools.partial's
+    ignored = getattr(loss_fn, "ignore_index",  # a module's
+                      keywords.get("ignore_index", -100) if isinstance(keywords, dict) else -100)
     if isinstance(ignored, int) and targets.numel() and bool((targets == ignored).all()):
         raise ValueError(
             f"the loss is {value.item()}: every target is {ignored}, the loss's ignore_index, "
@@ -1213,6 +1214,14 @@ _TWICE_DIFFERENTIABLE_SWAPS = {
                                   "squeeze-excitation blocks) by F.relu6(x + 3) / 6, the same "
                                   "function, which torch differentiates twice",
 }
+
+
+#: What the Hessian needs, and what to use where the operation without a second derivative is
+#: the loss's (``ggn`` differentiates the loss twice too): the Hessian methods' message.
+HESSIAN_NEEDS = ("the Hessian needs second derivatives of every operation of the model and the "
+                 "loss")
+FOR_THE_LOSS_S = ("the operation is the loss's, which 'ggn' differentiates twice too: use "
+                  "method='fisher' or 'fisher_lanczos' (first derivatives only)")
 
 
 def without_second_derivative(error: RuntimeError, needs: str, instead: str) -> Exception:

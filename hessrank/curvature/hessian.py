@@ -17,6 +17,8 @@ from hessrank.curvature.loss import loss_second_derivative_error
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
 from hessrank.problem import (
+    FOR_THE_LOSS_S,
+    HESSIAN_NEEDS,
     CurvatureProblem,
     GraphBytes,
     agreement_tolerance,
@@ -168,9 +170,8 @@ class HessianOperator(ParameterOperator):
         operation: ``fisher`` and ``ggn`` for one of the model, ``fisher`` alone for one of the
         loss (``ggn`` differentiates the loss twice: one product of its Hessian w.r.t. the
         outputs tells)."""
-        needs = "the Hessian needs second derivatives of every operation of the model and the loss"
         converted = without_second_derivative(
-            error, needs, "use method='fisher' (first derivatives only) or 'ggn' (first "
+            error, HESSIAN_NEEDS, "use method='fisher' (first derivatives only) or 'ggn' (first "
             "derivatives of the model, second of the loss), or their Lanczos variants")
         if converted is error:
             return error
@@ -179,9 +180,7 @@ class HessianOperator(ParameterOperator):
         if loss_second_derivative_error(self._problem.loss_fn, outputs,
                                         self._problem.targets) is None:
             return converted
-        return without_second_derivative(
-            error, needs, "the operation is the loss's, which 'ggn' differentiates twice too: "
-            "use method='fisher' or 'fisher_lanczos' (first derivatives only)")
+        return without_second_derivative(error, HESSIAN_NEEDS, FOR_THE_LOSS_S)
 
     def _local_matmat(self, vectors: Tensor) -> Tensor:
         """This process's products (the whole Hessian's for a single-process problem)."""
