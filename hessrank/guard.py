@@ -829,6 +829,14 @@ def full_float32_precision() -> Iterator[None]:
         yield
 
 
+def is_compile_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper (dynamo's ``OptimizedModule``). Read
+    only where dynamo is loaded, which making one loads: ``hasattr(torch, "_dynamo")`` imports it,
+    2-5 s at a process's first call (probe 78)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and isinstance(module, dynamo.eval_frame.OptimizedModule)
+
+
 @contextmanager
 def compiled_modules_eager(model: nn.Module) -> Iterator[list[str]]:
     """The model's compiled code run eagerly inside the block, as it was on exit.
@@ -850,11 +858,11 @@ def compiled_modules_eager(model: nn.Module) -> Iterator[list[str]]:
                 for_the_call.enter_context(
                     _attribute_for_the_call(module, "_compiled_call_impl", None))
                 compiled.append(name or "the model")
-            elif hasattr(torch, "_dynamo") and isinstance(
-                    module, torch._dynamo.eval_frame.OptimizedModule):
+            elif is_compile_wrapper(module):
                 for_the_call.enter_context(_attribute_for_the_call(
                     module, "forward", module._orig_mod.__call__))
-                compiled.append(name)
+                if name:  # (a top-level wrapper has its note: hessrank.problem.unwrap_model)
+                    compiled.append(name)
         yield [f"compiled modules ({', '.join(compiled)}) were run eagerly for the call (same "
                "parameters, same function)"] if compiled else []
 

@@ -14,12 +14,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from hessrank.guard import GlobalGenerators, ModuleGenerators, PassState, preserved_state
+from hessrank.guard import (
+    GlobalGenerators,
+    ModuleGenerators,
+    PassState,
+    is_compile_wrapper,
+    preserved_state,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: ``(inputs, targets)``. ``inputs``: a tensor (``model(x)``), a tuple of tensors
@@ -571,10 +578,8 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """
     notes = []
     while True:
-        if hasattr(torch, "_dynamo") and isinstance(
-            model, torch._dynamo.eval_frame.OptimizedModule
-        ):
-            model = model._orig_mod
+        if is_compile_wrapper(model):
+            model = cast(nn.Module, model._orig_mod)  # (dynamo is not imported to type it)
             notes.append("torch.compile wrapper: the original module was analysed eagerly "
                          "(same parameters, same function)")
         elif isinstance(model, nn.parallel.DistributedDataParallel):

@@ -1411,3 +1411,33 @@ def test_exact_eigenvectors_are_in_the_time_prediction(monkeypatch):
                                     eigenvectors=vectors)
         assert solves == ["symmetric_eigenpairs" if vectors else "symmetric_eigenvalues"]
 
+
+
+def test_a_top_level_compile_wrapper_has_one_note():
+    """``torch.compile(model)``: the unwrapped module is analysed, said once (a second note named
+    "compiled modules ()", with no name)."""
+    model, plain = _compiled("not"), _compiled("not")
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    result = hessrank.effective_rank(torch.compile(model), CE, (x, y), method="fisher")
+    expected = hessrank.effective_rank(plain, CE, (x, y), method="fisher")
+    np.testing.assert_allclose(result.eigenvalues, expected.eigenvalues, rtol=0, atol=0)
+    compiled = [note for note in result.notes if "compile" in note]
+    assert compiled == ["torch.compile wrapper: the original module was analysed eagerly (same "
+                        "parameters, same function)"], compiled
+
+
+def test_a_call_does_not_load_dynamo():
+    """Whether a module is a torch.compile wrapper is read without importing torch._dynamo
+    (``hasattr(torch, "_dynamo")`` imports it: 2-5 s at a process's first call; probe 78)."""
+    script = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "import hessrank\n"
+        "model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))\n"
+        "batch = torch.randn(8, 4), torch.randint(0, 3, (8,))\n"
+        "for method in ('exact', 'lanczos', 'ggn', 'fisher'):\n"
+        "    hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method=method)\n"
+        "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "False", done.stderr
