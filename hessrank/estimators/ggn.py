@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hessrank.curvature.loss import ggn_cotangents, ggn_mc_cotangents
+from hessrank.curvature.loss import CONSTANCY_SAMPLES, ggn_cotangents, ggn_mc_cotangents
 from hessrank.estimators.base import Settings, Spectrum, positive_int, register
 from hessrank.estimators.gram import GramEstimator, GramOptions
 from hessrank.problem import CurvatureProblem, LossFn
@@ -59,12 +59,18 @@ class GGN(GramEstimator):
         # The check that the loss is a softmax cross-entropy, over the last and the second
         # dimension: its graph, float64 probabilities (the first pass's kept through the
         # second), three float64 probes, their stack and cast, the batched Hessian-vector
-        # products and their comparison; then the draws. Measured 151 bytes an output entry in
-        # float32 (a per-token loss over 4000 classes, n = 32 and 64), which 48 + M (8 + e)
-        # had put at 60: the call peaked at 2.35-2.95x its prediction (probe 78, helper 70).
-        check = 8 + 3 * element + max(56 + 15 * element, 121)
+        # products and their comparison; the same again in float64 on the first samples
+        # (loss.CONSTANCY_SAMPLES), beside it; then the draws. Measured 151-176 bytes an
+        # output entry in float32 on 32-64 samples, 316 on 8 (the float64 check then covers
+        # the whole batch), which 48 + M (8 + e) had put at 60: the call peaked at 2.35-2.95x
+        # its prediction (probe 78, helper 70; probe 82).
+        def check(size: int) -> int:
+            return 8 + 3 * size + max(56 + 15 * size, 121)
+
+        head = min(num_samples, CONSTANCY_SAMPLES) / num_samples
         draws = 24 + mc_samples * (8 + element)
-        return num_samples * outputs_per_sample * max(check, draws)
+        return int(num_samples * outputs_per_sample
+                   * max(check(element) + 24 + head * check(8), draws))
 
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                    generator: torch.Generator, options: GramOptions | None = None

@@ -85,19 +85,22 @@ class GramEstimator(Estimator):
         element = problem.params[0].element_size()
         size = k * n
         groups = problem.modules_with_params()
-        # The Gram in the model dtype, its float64 copy and the eigen-solver's workspace; before
-        # them, each rule's Gram of its group, all held until the Gram is complete (their
-        # claims are checked together): 14 of them peaked at 1.8x the prediction of one on a
-        # two-layer transformer's per-token GGN (probe 78, helper 70).
-        memory = size**2 * max(element + 16, len(groups) * element)
-        if settings.per_layer:
-            memory += len(groups) * size**2 * element
+        unruled = unruled_sizes(problem, options.backend == "auto")
+        if settings.per_layer:  # every group's Gram kept for its block through the solve
+            memory = size**2 * (element + 16 + len(groups) * element)
+        else:
+            # The Gram in the model dtype, its float64 copy and the eigen-solver's workspace;
+            # before them, each rule's Gram of its group and the total, all held until the
+            # Gram is complete (the claims are checked together; the general path adds its
+            # groups one at a time): 14 of them peaked at 1.8x the prediction of one on a
+            # two-layer transformer's per-token GGN (probe 78, helper 70; probe 82).
+            ruled = len(groups) - len(unruled)
+            memory = size**2 * max(element + 16, (ruled + 1) * element)
         if self.needs_output_size:  # else once the first forward pass gives the outputs' size
             memory += self.output_side_bytes(n, per_sample, element, options)
         # the general path's factors for the groups no rule covers (those a rule declines
         # once it sees the call are counted then, compute_gram)
-        memory += general_path_bytes(unruled_sizes(problem, options.backend == "auto"), size,
-                                     element)
+        memory += general_path_bytes(unruled, size, element)
         memory += 2 * problem.num_params * element  # the check's gradient
         return Cost(int(memory))
 
