@@ -381,7 +381,7 @@ def call_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
     if check is None or check.done:
         return loss_fn(outputs, targets)
     # the repeat's own copy: a loss that changes its outputs in place (f /= 2) is one function
-    pristine = outputs.detach().clone() if isinstance(outputs, Tensor) else outputs
+    pristine = outputs.detach().clone()
     generators = GlobalGenerators.read()
     value = loss_fn(outputs, targets)
     if not generators.same_as(GlobalGenerators.read()):
@@ -389,7 +389,7 @@ def call_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
             "loss_fn draws random numbers from a global generator (torch's, Python's or "
             "NumPy's), so the loss is random and its curvature undefined: make it deterministic "
             "for the call (a fixed noise tensor, label smoothing in place of random labels)")
-    if not isinstance(value, Tensor) or value.numel() != 1 or not isinstance(outputs, Tensor):
+    if not isinstance(value, Tensor) or value.numel() != 1:
         return value  # the caller's checks name what is wrong
     with torch.no_grad():
         again = loss_fn(pristine, targets)
