@@ -26,10 +26,10 @@ from hessrank.estimators.base import (
     register,
     seconds_of,
 )
-from hessrank.problem import CurvatureProblem
-from hessrank.spectrum.lanczos import lanczos_spectrum, spot_check_steps
+from hessrank.problem import CurvatureProblem, probe_outputs
+from hessrank.spectrum.lanczos import krylov_rows, lanczos_spectrum, spot_check_steps
 from hessrank.spectrum.operator import SymmetricOperator
-from hessrank.streaming import operator_over
+from hessrank.streaming import StreamedProblem, operator_over
 
 #: dtype of the stored Lanczos basis.
 BASIS_DTYPE = torch.float32
@@ -67,19 +67,20 @@ class LanczosOptions:
 BASIS_TRIAL_ROWS, BASIS_TRIAL_COLUMNS = 8, 2**20
 
 
-def basis_seconds(steps: int, dim: int, device: torch.device) -> float:
-    """Predicted seconds of a run's reorthogonalisation: step ``j`` reads the ``j`` basis
-    vectors once to measure the overlaps, and in about half the steps (measured: 107 of 227, 89
-    of 200) twice more to remove them and measure again, about ``steps^2`` vector reads in all,
-    each as long as one of a timed block's rows (a memory-bound pass, scaled by the vectors'
-    length). It had been left out: a run predicted at 12.6 s took 48.7 s, 36 of them here."""
+def basis_seconds(steps: int, rows: int, dim: int, device: torch.device) -> float:
+    """Predicted seconds of the reorthogonalisation of ``steps`` products in runs of at most
+    ``rows`` steps: step ``j`` reads the ``j`` basis vectors once to measure the overlaps, and
+    in about half the steps (measured: 107 of 227, 89 of 200) twice more to remove them and
+    measure again, about ``rows`` vector reads a step, each as long as one of a timed block's
+    rows (a memory-bound pass, scaled by the vectors' length). It had been left out: a run
+    predicted at 12.6 s took 48.7 s, 36 of them here."""
     rows, columns = BASIS_TRIAL_ROWS, min(dim, BASIS_TRIAL_COLUMNS)
     generator = torch.Generator().manual_seed(0)
     block = torch.randn(rows, columns, generator=generator, dtype=BASIS_DTYPE).to(device)
     vector = block[0].clone()
     seconds_of(lambda: block @ vector, device)  # a first pass pays the kernel's set-up
     per_vector = seconds_of(lambda: block @ vector, device) / rows * dim / columns
-    return per_vector * steps**2
+    return per_vector * steps * rows
 
 
 class LanczosEstimator(Estimator):
@@ -103,6 +104,12 @@ class LanczosEstimator(Estimator):
         """What the source's operator found worth reporting (none here)."""
         return []
 
+    def rank_bound(self, problem: CurvatureProblem, outputs: Callable[[], Tensor]) -> int:
+        """The largest rank the operator can have, known before the work (``outputs``: the
+        first batch's): ``P`` here. It caps the solver's basis
+        (:func:`~hessrank.spectrum.lanczos.krylov_rows`)."""
+        return problem.num_params
+
     def data_operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         """The operator on the problem's batch, or summed over a data set's batches."""
         return operator_over(problem, lambda batch: self.operator(batch, settings))
@@ -110,15 +117,16 @@ class LanczosEstimator(Estimator):
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: LanczosOptions) -> Cost:
         steps = options.steps(problem.num_params)
+        rows = min(steps, krylov_rows(self.rank_bound(problem, outputs)))  # the basis
         # The float32 basis and a few work vectors in float64.
-        memory = 4 * (steps + 1) * problem.num_params + 8 * 6 * problem.num_params
+        memory = 4 * (rows + 1) * problem.num_params + 8 * 6 * problem.num_params
         seconds = None
         if settings.max_seconds is not None and memory <= settings.max_memory:
             operator = self.data_operator(problem, settings)
             probe = torch.ones(1, operator.dim, dtype=operator.dtype, device=operator.device)
             seconds = (seconds_of(lambda: operator.matmat(probe), operator.device)
-                       * (steps + spot_check_steps(steps))
-                       + basis_seconds(steps, operator.dim, operator.device))
+                       * (steps + spot_check_steps(rows))
+                       + basis_seconds(steps, rows, operator.dim, operator.device))
         return Cost(memory, seconds)
 
     def run(self, problem: CurvatureProblem, settings: Settings,
@@ -131,6 +139,10 @@ class LanczosEstimator(Estimator):
                            settings)
         checks = self.verify(operator, settings)
         steps = options.steps(operator.dim)
+        # the prediction's bound, which a data set's operator knows only after a pass
+        known = (self.rank_bound(problem, lambda: probe_outputs(problem.first(),
+                                                                check_loss=False))
+                 if isinstance(problem, StreamedProblem) else operator.dim)
         # The basis is float32: products are no more precise than that.
         eps = max(float(torch.finfo(operator.dtype).eps), float(torch.finfo(BASIS_DTYPE).eps))
         products = steps + spot_check_steps(steps)  # the most the solver can spend
@@ -139,7 +151,8 @@ class LanczosEstimator(Estimator):
             # rank bound as the run found it (a data set's is known after a pass)
             result = lanczos_spectrum(operator, max_products=steps, threshold=settings.threshold,
                                       seed=settings.seed, advance=advance,
-                                      basis_dtype=BASIS_DTYPE, rtol=settings.rtol)
+                                      basis_dtype=BASIS_DTYPE, rtol=settings.rtol,
+                                      rank_bound=known)
         bound = (operator.rank_bound if isinstance(operator, ParameterOperator)
                  else operator.dim)
         return Spectrum(result.eigenvalues, self.backend, max_rank=bound,

@@ -40,8 +40,9 @@ Three refinements:
   numerical rank's interval is wide when many eigenvalues sit near ``rtol * max |lambda|``,
   which one quadrature cannot resolve (small Hessians with a large near-null cluster).
 
-Cost: the Lanczos basis is kept in ``basis_dtype`` (float32 by default), ``steps x P`` of it;
-when that would exceed ``max_basis_bytes`` the budget is split into several runs that fit.
+Cost: the Lanczos basis is kept in ``basis_dtype`` (float32 by default), ``steps x P`` of it,
+no more rows than an operator's rank bound leaves useful (:func:`krylov_rows`); when that would
+exceed ``max_basis_bytes`` the budget is split into several runs that fit.
 Every step measures the new vector's overlaps with the whole basis (one pass over it) and
 removes them (a second pass) only when one exceeds a quarter of ``sqrt(eps)``: the basis stays
 semi-orthogonal, which keeps the tridiagonal matrix, hence the quadrature, exact to working
@@ -129,7 +130,9 @@ class _Quadrature:
     eigenvalues an invariant Krylov space left to a guess: each repeats one of the nodes, and
     which one no probe of the run can say (0: none), ``floor`` the magnitude up to which the
     eigenvalues its Krylov space lacks may lie (:func:`_hidden`; 0 where it lacks none) and
-    ``resolution`` its last ``beta``, where it was called invariant."""
+    ``resolution`` its last ``beta``, where it was called invariant; ``determined``: its
+    deflated eigenvalues reach the operator's rank bound, so its one free node is a null space
+    at exactly zero (:func:`_determined`)."""
 
     nodes: np.ndarray
     weights: np.ndarray
@@ -139,6 +142,7 @@ class _Quadrature:
     lacking: int = 0
     floor: float = 0.0
     resolution: float = 0.0
+    determined: bool = False
 
 
 def outward(low: float, high: float) -> tuple[str, str]:
@@ -183,15 +187,38 @@ def probe_vector(dim: int, generator: torch.Generator, device: torch.device,
 SAFE_NORMS = (1e-15, 1e15)
 
 
+#: Vectors of at least twice this length are reduced in chunks of it (:func:`_dot`).
+REDUCTION_CHUNK = 4096
+
+
+def _dot(first: Tensor, second: Tensor) -> float:
+    """``first . second`` (``[dim]`` each). A float32 dot product or norm over the whole length
+    accumulates its rounding with it: at 10^7 entries the dot was off by 4.5e-5 and the squared
+    norm by 3.6e-4 (1.7e-5 at 10^6), which moved the Lanczos coefficients as much (an EF of
+    ResNet-18, P = 11.2 million, had every eigenvalue off by up to 1.7e-4 of the largest, its
+    trace 0.21 above the float64 one and its interval, 0.002 wide, missing it). Long vectors
+    are summed in chunks of :data:`REDUCTION_CHUNK`, each chunk's float32 dot product summed in
+    float64 (rounding 6e-10 at 10^7, 3x the time of one float32 pass); shorter ones as one
+    float32 dot product as before (their rounding decisions unchanged)."""
+    chunks = first.numel() // REDUCTION_CHUNK
+    if chunks < 2:
+        return float(first @ second)
+    split = chunks * REDUCTION_CHUNK
+    partial = torch.bmm(first[:split].view(chunks, 1, REDUCTION_CHUNK),
+                        second[:split].view(chunks, REDUCTION_CHUNK, 1))
+    return float(partial.sum(dtype=torch.float64)) + float(first[split:] @ second[split:])
+
+
 def _norm(vector: Tensor) -> float:
-    """``|vector|``; outside :data:`SAFE_NORMS`, its squares summed again in float64: a float32
-    sum of squares flushes to zero under about 1e-19 and overflows over 1e19 (a confident
-    classifier's EF, at 1e-19, turned invariant after one step: srank 10 in [10, 10] for 5; a
-    loss scaled by 1e21 was refused as holding Inf). Within it, the float32 sum as before: in
-    float64 throughout, the rounding decisions of runs on exactly repeated eigenvalues moved,
-    and a GGN whose eigenvalues are all 4-fold missed its intervals in 4 of 20 seeds for 1
-    (probe 70)."""
-    norm = float(vector.norm())
+    """``|vector|``, long ones by :func:`_dot`; outside :data:`SAFE_NORMS`, its squares summed
+    again in float64: a float32 sum of squares flushes to zero under about 1e-19 and overflows
+    over 1e19 (a confident classifier's EF, at 1e-19, turned invariant after one step: srank
+    10 in [10, 10] for 5; a loss scaled by 1e21 was refused as holding Inf). Within it, the
+    float32 sum as before: in float64 throughout, the rounding decisions of runs on exactly
+    repeated eigenvalues moved, and a GGN whose eigenvalues are all 4-fold missed its intervals
+    in 4 of 20 seeds for 1 (probe 70)."""
+    norm = (float(vector.norm()) if vector.numel() < 2 * REDUCTION_CHUNK
+            else math.sqrt(_dot(vector, vector)))
     if SAFE_NORMS[0] <= norm <= SAFE_NORMS[1]:
         return norm
     return float(torch.linalg.vector_norm(vector, dtype=torch.float64))
@@ -284,7 +311,7 @@ class LanczosRun:
             product = operator.matmat(vector.to(operator.dtype)[None])[0].to(vector.dtype)
             if self.advance is not None:
                 self.advance(1)
-            alpha = float(product @ vector)
+            alpha = _dot(product, vector)
             product.sub_(vector, alpha=alpha)
             if j > 0:
                 product.sub_(self.storage[j - 1], alpha=self._betas[-1])
@@ -535,6 +562,42 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, restart
     weights = _weighed(gauss, fixed, np.ones(len(nodes)), dim)
     return _Quadrature(nodes, weights, fixed, pairs.residuals, dim * gauss, lacking,
                        floor, final_beta if floor else 0.0), notes
+
+
+def _determined(pairs: _RitzPairs, bound: int, dim: int, eps: float
+                ) -> tuple[_Quadrature, str] | None:
+    """A run's quadrature as the whole spectrum, where its converged Ritz values away from zero
+    are as many as the operator's rank ``bound``, with a note; None where they are not.
+
+    Each of them lies within its residual of an eigenvalue, the gap test and the products'
+    rounding (:func:`_rounding_slack`) keep any two apart, and none may be zero: they are
+    ``bound`` distinct nonzero eigenvalues, and the operator has no more, so each is simple and
+    every other eigenvalue is exactly zero. One free node at 0 takes those, with nothing left
+    to sample, check or allow for (an EF of rank 8 spent 640 products on 64 runs after the
+    first had found its spectrum, and its null space's rounding, nodes at +-1.2e-5 standing for
+    63,000 eigenvalues, widened its trace interval to +-0.4 %). The probe weights play no part:
+    deflation's test of them (:func:`single_weight_limit`) is moot where none can repeat.
+    """
+    nodes, residuals = pairs.nodes, pairs.residuals
+    slack = _rounding_slack(eps, float(np.abs(nodes).max()))
+    counted = pairs.converged & (np.abs(nodes) > residuals + slack)
+    count = int(counted.sum())
+    if count == 0 or count != bound or (np.diff(nodes[counted]) <= slack).any():
+        return None
+    gauss = pairs.vectors[0] ** 2
+    gauss = gauss / gauss.sum()
+    null = [0.0] if dim > count else []  # (an operator of full rank has none)
+    values = np.append(nodes[counted], null)
+    order = np.argsort(values, kind="stable")
+    determined = _Quadrature(
+        values[order], np.append(np.ones(count), [dim - count] * len(null))[order],
+        np.append(np.ones(count, dtype=bool), np.zeros(len(null), dtype=bool))[order],
+        np.append(residuals[counted], null)[order],
+        dim * np.append(gauss[counted], [gauss[~counted].sum()] * len(null))[order],
+        determined=True)
+    return determined, (f"the run found {count} eigenvalues away from zero, as many as the "
+                        f"operator's rank bound: the other {dim - count} are exactly zero, and "
+                        "the spectrum is complete")
 
 
 def _add_once(guesses: list[str], guess: str, likewise: dict[int, int]) -> None:
@@ -810,6 +873,17 @@ def _orthogonal_run(operator: SymmetricOperator, run: LanczosRun, kept: int, ste
     return check, found
 
 
+def krylov_rows(rank_bound: int) -> int:
+    """The basis rows a run on an operator of rank at most ``rank_bound`` (``r``) can use: its
+    Krylov space has ``r + 1`` dimensions in exact arithmetic, and a semi-orthogonal basis
+    (overlaps up to ``sqrt(eps)``) resolves the eigenvalues under ``sqrt(eps)`` of the largest
+    in some steps more. Measured on EFs and GGNs of MLPs (r = 3 to 450), first runs turned
+    invariant after ``r + 2`` to ``r + 37`` steps, at most ``r / 12 + 3`` beyond ``r + 1``; this
+    allows ``r / 4 + 16``. A run that reaches it first is cut as a budget cuts one (its
+    unconverged nodes are sampled)."""
+    return rank_bound + 1 + rank_bound // 4 + 16
+
+
 def spot_check_steps(steps: int) -> int:
     """The products :func:`lanczos_spectrum` adds to a run of ``steps`` that spends them all
     without its Krylov space turning invariant, to spot-check its deflated eigenvalues
@@ -881,6 +955,7 @@ def lanczos_spectrum(
     basis_dtype: torch.dtype = torch.float32,
     rtol: float | None = None,
     max_basis_bytes: int = MAX_BASIS_BYTES,
+    rank_bound: int | None = None,
 ) -> LanczosSpectrum:
     """The spectrum of a symmetric operator as a deflated Lanczos quadrature, with an interval.
 
@@ -900,6 +975,13 @@ def lanczos_spectrum(
             ``|eigenvalue|``; default the operator's ``rank_bound`` (``dim`` where it has none)
             times the larger epsilon of ``operator.dtype`` and ``basis_dtype``.
         max_basis_bytes: memory cap of the basis.
+        rank_bound: the largest rank the operator can have, known before the run (default its
+            ``rank_bound`` attribute, ``dim`` where it has none; the smaller of the two where
+            both are given). A run's Krylov space then has at most ``rank_bound + 1``
+            dimensions: the basis holds no more rows than :func:`krylov_rows` (an EF's ``n``
+            is far below a default budget of products), and a first run that finds as many
+            eigenvalues away from zero has found the whole spectrum (:func:`_determined`):
+            it stops there.
 
     Returns:
         A :class:`LanczosSpectrum`.
@@ -925,7 +1007,9 @@ def lanczos_spectrum(
             f"max_basis_bytes = {max_basis_bytes} holds fewer than 2 Lanczos vectors of "
             f"{vector_bytes} bytes: raise max_basis_bytes or use a smaller basis_dtype"
         )
-    steps = int(min(max_products, dim, max_steps))
+    known = min(int(getattr(operator, "rank_bound", dim)),
+                dim if rank_bound is None else rank_bound)
+    steps = int(min(max_products, dim, max_steps, krylov_rows(known)))
     generator = torch.Generator().manual_seed(seed)
     storage = torch.empty(steps, dim, dtype=basis_dtype, device=operator.device)
     eps = float(torch.finfo(basis_dtype).eps)
@@ -937,6 +1021,9 @@ def lanczos_spectrum(
     pairs = _ritz_pairs(first.alpha, first.beta, first.last_beta)
     quadrature, first_guesses = _deflated_quadrature(pairs, dim, first.final_beta,
                                                      first.restarted)
+    determined = None if first.restarted else _determined(pairs, known, dim, eps)
+    if determined is not None:  # the guesses of an invariant run are settled
+        quadrature, first_guesses = determined[0], [determined[1]]
     spent, removals = len(first.alpha), first.removals
     sampled: list[tuple[float, float]] = []
     checked = False
@@ -947,7 +1034,9 @@ def lanczos_spectrum(
     spotted = 0  # products of the spot check, beyond the budget
     # (its basis takes the rows after the deflated vectors)
     spot = min(spot_check_steps(steps), steps - int(quadrature.fixed.sum()))
-    if quadrature.fixed.any() and first.invariant and steps > spent:
+    if determined is not None:
+        pass  # nothing left to check
+    elif quadrature.fixed.any() and first.invariant and steps > spent:
         check = _repeat_check(operator, first, pairs, quadrature, steps - spent, generator,
                               advance)
         quadrature, sampled, checked = check.quadrature, check.sampled, True
@@ -976,7 +1065,7 @@ def lanczos_spectrum(
     invariant = [len(first.alpha)] if first.invariant else []
     need = max(invariant, default=steps)
     likewise: dict[int, int] = {}  # a guess's index: how many further runs made one like it
-    while max_products - spent >= max(need, 1):
+    while determined is None and max_products - spent >= max(need, 1):
         run = LanczosRun(operator, probe_vector(dim, generator, operator.device,
                                                   basis_dtype),
                          storage[: min(steps, max_products - spent)], advance=advance)
@@ -993,7 +1082,7 @@ def lanczos_spectrum(
             need = max(invariant)
     for index, count in likewise.items():
         guesses[index] += f" (likewise in {count} further run{'s' if count > 1 else ''})"
-    run_steps = len(quadratures[0].nodes)
+    run_steps = len(first.alpha)
     quadratures, repeats = _completed(quadratures, dim, eps, sampled, checked and not sampled)
     if repeats is not None:
         guesses.append(repeats)
@@ -1009,23 +1098,25 @@ def lanczos_spectrum(
     # shown none, and the top was reported 37x too small; probe 65.)
     first_fixed = quadratures[0].fixed
     counted = quadratures[0].nodes[first_fixed]
+    # (a determined spectrum's other Ritz values are its null space's)
     ritz = by_magnitude(np.concatenate([
         np.repeat(counted, np.round(quadratures[0].weights[first_fixed]).astype(int)),
-        pairs.nodes[pairs.converged & ~np.isin(pairs.nodes, counted)],
-        _copies_once(pairs)]))
+        *([] if determined is not None else [
+            pairs.nodes[pairs.converged & ~np.isin(pairs.nodes, counted)],
+            _copies_once(pairs)])]))
 
     if rtol is None:
         # The rule the ranks apply (:func:`hessrank.api` sizes it by the rank bound: a GGN's
         # K n; at P its interval, [5, 5], missed its own rank, 6.16), with the larger epsilon of
         # the products and the basis (a float64 operator's null space sat at 4e-7 of the top in
         # a float32 basis, above a float64 default, and counted whole).
-        size = int(getattr(operator, "rank_bound", dim))  # a parameter operator's, after the run
+        size = min(int(getattr(operator, "rank_bound", dim)), known)  # as after the run
         rtol = default_rtol(size, max(float(torch.finfo(operator.dtype).eps), eps))
     trace = float(nodes @ weights)
     # An interval holds its own estimate: a light free node above the cut (weight 0.17) is a
     # skewed draw, whose 97.5 % quantile fell below it (numerical rank 5.17 in [5, 5]).
     point = spectral_ranks(nodes, threshold, rtol, weights)
-    bound = int(getattr(operator, "rank_bound", dim))  # no count exceeds the rank bound
+    bound = min(int(getattr(operator, "rank_bound", dim)), known)  # no count exceeds it
     bootstrapped = _intervals(quadratures, threshold, rtol, seed, eps, bound)
     intervals = _Intervals(*(
         (min(low, value), max(high, value)) for (low, high), value in (
@@ -1219,8 +1310,11 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
         # eigenvalue lies that close) and to the basis's rounding, 4 eps of the largest: the
         # masses and the trace move by as much (a fully deflated run's interval had no width,
         # and missed an srank whose mass share cleared the threshold by 2.5e-5).
-        error = 4 * eps * float(magnitude.max()) + np.where(quadrature.fixed,
-                                                            quadrature.residuals, 0.0)
+        # (A determined quadrature's free node is the null space its rank bound proves: exactly
+        # zero.)
+        rounding = 4 * eps * float(magnitude.max())
+        error = np.where(quadrature.fixed, rounding + quadrature.residuals,
+                         0.0 if quadrature.determined else rounding)
         # What an invariant run lacks under its floor moves the trace and the mass by up to
         # the floor each, and any of it may lie above a numerical cut below that floor where a
         # rank bound caps how many (a GGN's, an EF's), else below the run's last beta: without

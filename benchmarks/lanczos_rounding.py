@@ -1,0 +1,64 @@
+"""The Lanczos solver's own rounding on long vectors, against an operator of known spectrum.
+
+``U diag(values) U^T`` with dense orthonormal ``U`` (``[P, 8]``, float64), its products computed
+in float64 and returned in float32, so that the operator's eigenvalues are ``values`` and
+zeros to the products' float32 rounding. ``lanczos_spectrum`` at 40 products, with and
+without the rank bound 8 given; printed: the largest error of the eight Ritz values relative
+to the largest eigenvalue, the trace and its interval against the exact 30.7::
+
+    OMP_NUM_THREADS=2 python benchmarks/lanczos_rounding.py [--dims 100000 1000000 4000000]
+
+Run it with ``PYTHONPATH=<a worktree of an older commit>`` to measure that commit's solver.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hessrank.spectrum.lanczos import lanczos_spectrum
+
+VALUES = [10.0, 7.0, 5.0, 3.0, 2.0, 1.5, 1.2, 1.0]
+
+
+class LowRank:
+    """``U diag(VALUES) U^T`` on ``dim`` parameters (see the module docstring)."""
+
+    def __init__(self, dim: int, rank_bound: int | None) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.basis, _ = torch.linalg.qr(torch.randn(dim, len(VALUES), generator=generator,
+                                                    dtype=torch.float64))
+        self.values = torch.tensor(VALUES, dtype=torch.float64)
+        self.dim, self.dtype, self.device = dim, torch.float32, torch.device("cpu")
+        if rank_bound is not None:
+            self.rank_bound = rank_bound
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        return (((vectors.double() @ self.basis) * self.values) @ self.basis.T).float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[10**5, 10**6, 4 * 10**6])
+    args = parser.parse_args()
+    print("| P | rank bound given | products | max eigenvalue error / top | trace | "
+          "trace interval (exact 30.7) |")
+    print("|---|---|---|---|---|---|")
+    for dim in args.dims:
+        for bound in (len(VALUES), None):
+            result = lanczos_spectrum(LowRank(dim, bound), max_products=40, seed=0)
+            found = np.sort(result.ritz_values)[::-1][: len(VALUES)]
+            error = (float(np.abs(found - VALUES).max()) / VALUES[0]
+                     if len(found) == len(VALUES) else float("nan"))
+            low, high = result.trace_interval
+            holds = "holds" if low <= sum(VALUES) <= high else "**misses**"
+            print(f"| {dim:,} | {'yes' if bound else 'no'} | {result.num_products} | "
+                  f"{error:.1e} | {result.trace:.9g} | [{low:.9g}, {high:.9g}] ({holds}) |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
