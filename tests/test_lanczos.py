@@ -285,7 +285,7 @@ def test_a_factor_operator_whose_rank_bound_is_reached_is_solved_in_one_run(meth
     ran 8 runs (25 products) for it, and an EF of rank 8 on P = 63,310 ran 64 runs (640
     products) whose null space's rounding widened its trace interval to +-0.4 %. Now one run,
     the eigenvalues against the float64 reference (explicit Jacobians for the GGN, per-sample
-    gradients for the EF) and intervals of rounding width."""
+    gradients for the EF) and intervals of the products' rounding."""
     model, batch, ggn = _one_sample_ggn()
     if method == "fisher_lanczos":
         torch.manual_seed(1)
@@ -308,7 +308,8 @@ def test_a_factor_operator_whose_rank_bound_is_reached_is_solved_in_one_run(meth
         1e-5 * top)
     low, high = (float(end) for end in re.search(
         r"trace \S+ in \[([^,]+), ([^\]]+)\]", notes).groups())
-    assert low <= exact.sum() <= high and high - low <= 1e-5 * exact.sum()
+    # (the width: each eigenvalue's rounding slack, 100 float32 eps of the largest)
+    assert low <= exact.sum() <= high and high - low <= 2.5e-4 * exact.sum()
     truth = spectral_ranks(exact, 0.99, 0.0)
     assert result.rank_interval == (truth["srank"], truth["srank"])
 
@@ -875,3 +876,43 @@ def test_long_vectors_keep_the_lanczos_coefficients_accurate(rank_bound) -> None
     assert result.trace_interval[0] <= sum(values) <= result.trace_interval[1]
     assert (rank_bound is not None) == any("spectrum is complete" in note
                                            for note in result.notes)
+
+
+def test_a_complete_spectrum_s_intervals_allow_for_the_products_rounding() -> None:
+    """A spectrum found whole (the rank bound reached) has nothing sampled left to widen its
+    intervals, and the float32 factor products put its eigenvalues up to 45 eps of the largest
+    off the float64 ones, which the Ritz residuals do not see: with 4 eps each the trace
+    interval missed the float64 EF's trace in 8 of 20 seeds (a ReLU MLP on inputs scaled by
+    10, n = 2; probe 83). Each eigenvalue is allowed the solver's rounding slack now."""
+    misses = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(10, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
+                              nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 3))
+        x, y = torch.randn(2, 10) * 10, torch.randint(0, 3, (2,))
+        result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y),
+                                         method="fisher_lanczos", seed=seed)
+        assert any("the spectrum is complete" in note for note in result.notes)
+        reference = copy.deepcopy(model).double()
+        losses = nn.CrossEntropyLoss(reduction="none")(reference(x.double()), y)
+        gradients = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            loss, list(reference.parameters()), retain_graph=True)]) for loss in losses])
+        trace = float(torch.trace(gradients @ gradients.T)) / 2
+        misses += not result.trace_interval[0] <= trace <= result.trace_interval[1]
+    assert misses <= 1  # 95 % intervals
+
+
+def test_a_float64_basis_on_float32_products_counts_each_eigenvalue_once() -> None:
+    """A float64 basis does not make float32 products more precise: runs judged invariant at
+    float64's rounding never were, and runs of a rank-8 operator cut to its rank bound's rows
+    each counted its eigenvalues again (7 runs, trace 30.94 for 4.42, srank 54 for 8; probe
+    83). The products' rounding decides now: one run, the spectrum complete."""
+    eigenvalues = np.concatenate([[0.92, 0.83, 0.76, 0.67, 0.65, 0.34, 0.14, 0.11],
+                                  np.zeros(392)])
+    operator = rotated(eigenvalues, dtype=torch.float32)
+    operator.rank_bound = 8  # type: ignore[attr-defined]
+    result = lanczos_spectrum(operator, max_products=200, basis_dtype=torch.float64, seed=0)
+    assert result.trace_interval[0] <= eigenvalues.sum() <= result.trace_interval[1]
+    assert result.trace == pytest.approx(eigenvalues.sum(), rel=1e-5)
+    assert result.rank_interval[0] <= 8 <= result.rank_interval[1] < 9
+    assert any("the spectrum is complete" in note for note in result.notes)
