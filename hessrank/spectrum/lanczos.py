@@ -195,15 +195,16 @@ REDUCTION_CHUNK = 2**16
 
 def _dot(first: Tensor, second: Tensor) -> float:
     """``first . second`` (``[dim]`` each). A float32 dot product or norm over the whole length
-    accumulates its rounding with it: at 10^7 entries the dot was off by 4.5e-5 and the squared
-    norm by 3.6e-4 (1.7e-5 at 10^6), which moved the Lanczos coefficients as much (an EF of
+    accumulates its rounding with it: at 10^7 entries the dot was off by 1.6e-4 and the squared
+    norm by 7.3e-4 (2.0e-5 at 10^6; ``benchmarks/lanczos_rounding.py --reductions``), which
+    moved the Lanczos coefficients as much (an EF of
     ResNet-18, P = 11.2 million, had every eigenvalue off by up to 1.7e-4 of the largest, its
     trace 0.21 above the float64 one and its interval, 0.002 wide, missing it; a rank-8
     operator at P = 4 x 10^6 had its eigenvalues off by half the largest). Vectors of
     :data:`LONG_VECTOR` entries or more are summed in chunks of :data:`REDUCTION_CHUNK`, each
-    chunk's float32 dot product summed in float64 (rounding 2e-8 of the dot and 1.5e-7 of the
-    squared norm at 10^7, in 1.3x the time of one float32 pass); shorter ones as one float32 dot
-    product as before (their rounding decisions unchanged)."""
+    chunk's float32 dot product summed in float64 (rounding 2.4e-8 of the dot and 9.6e-8 of the
+    squared norm at 10^7, in 1.3x and 1.6x the time of one float32 pass); shorter ones as one
+    float32 dot product as before (their rounding decisions unchanged)."""
     if first.numel() < LONG_VECTOR:
         return float(first @ second)
     partial = torch.stack([first[start: start + REDUCTION_CHUNK]
