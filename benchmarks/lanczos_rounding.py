@@ -23,27 +23,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from hessrank.spectrum.lanczos import lanczos_spectrum
+from hessrank.spectrum.operator import LowRankOperator
 
 VALUES = [10.0, 7.0, 5.0, 3.0, 2.0, 1.5, 1.2, 1.0]
-
-
-class LowRank:
-    """``U diag(VALUES) U^T`` on ``dim`` parameters (see the module docstring)."""
-
-    def __init__(self, dim: int, rank_bound: int | None) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.basis, _ = torch.linalg.qr(torch.randn(dim, len(VALUES), generator=generator,
-                                                    dtype=torch.float64))
-        self.values = torch.tensor(VALUES, dtype=torch.float64)
-        self.dim, self.dtype, self.device = dim, torch.float32, torch.device("cpu")
-        if rank_bound is not None:
-            self.rank_bound = rank_bound
-
-    def matmat(self, vectors: Tensor) -> Tensor:
-        return (((vectors.double() @ self.basis) * self.values) @ self.basis.T).float()
 
 
 def _milliseconds(call: Callable[[], object], repeats: int = 20) -> float:
@@ -92,7 +76,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for dim in args.dims:
         for bound in (len(VALUES), None):
-            result = lanczos_spectrum(LowRank(dim, bound), max_products=40, seed=0)
+            basis, _ = torch.linalg.qr(torch.randn(dim, len(VALUES), generator=torch.Generator()
+                                                   .manual_seed(0), dtype=torch.float64))
+            operator = LowRankOperator(basis, torch.tensor(VALUES, dtype=torch.float64),
+                                       rank_bound=bound or 0)
+            result = lanczos_spectrum(operator, max_products=40, seed=0)
             found = np.sort(result.ritz_values)[::-1][: len(VALUES)]
             error = (float(np.abs(found - VALUES).max()) / VALUES[0]
                      if len(found) == len(VALUES) else float("nan"))

@@ -18,7 +18,7 @@ from hessrank.problem import build_problem
 from hessrank.ranks import default_rtol, spectral_ranks
 from hessrank.spectrum.dense import symmetric_eigenvalues
 from hessrank.spectrum.lanczos import lanczos_run, lanczos_spectrum, rademacher, spot_check_steps
-from hessrank.spectrum.operator import DenseOperator
+from hessrank.spectrum.operator import DenseOperator, LowRankOperator
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -843,24 +843,6 @@ def test_a_repeated_top_eigenvalue_is_shown(method: str):
         assert distance.max() <= 1e-5 * exact.top_eigenvalue
 
 
-class _LowRank:
-    """``U diag(values) U^T`` on a long ``dim`` with dense orthonormal ``U`` ``[dim, r]``, its
-    products in float64 (returned in float32): the eigenvalues are ``values`` and zeros, to
-    float32 rounding of the products alone. ``rank_bound`` as given (None: no attribute)."""
-
-    def __init__(self, dim: int, values: list[float], rank_bound: int | None) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.basis, _ = torch.linalg.qr(torch.randn(dim, len(values), generator=generator,
-                                                    dtype=torch.float64))
-        self.values = torch.tensor(values, dtype=torch.float64)
-        self.dim, self.dtype, self.device = dim, torch.float32, torch.device("cpu")
-        if rank_bound is not None:
-            self.rank_bound = rank_bound
-
-    def matmat(self, vectors: Tensor) -> Tensor:
-        return (((vectors.double() @ self.basis) * self.values) @ self.basis.T).float()
-
-
 @pytest.mark.parametrize("rank_bound", [8, None], ids=["rank bound", "none"])
 def test_long_vectors_keep_the_lanczos_coefficients_accurate(rank_bound) -> None:
     """At P = 10^6 a float32 norm over the whole vector is off by about 2e-5 (3.6e-4 at 10^7),
@@ -870,7 +852,12 @@ def test_long_vectors_keep_the_lanczos_coefficients_accurate(rank_bound) -> None
     eigenvalue within 1e-6 of the largest, the trace interval holding the exact trace. With the
     rank bound given, the first run finds the whole spectrum."""
     values = [10.0, 7.0, 5.0, 3.0, 2.0, 1.5, 1.2, 1.0]
-    result = lanczos_spectrum(_LowRank(10**6, values, rank_bound), max_products=40, seed=0)
+    basis, _ = torch.linalg.qr(torch.randn(10**6, 8, generator=torch.Generator().manual_seed(0),
+                                           dtype=torch.float64))
+    # products in float64: the eigenvalues are ``values`` to their float32 rounding alone
+    operator = LowRankOperator(basis, torch.tensor(values, dtype=torch.float64),
+                               rank_bound=rank_bound or 0)
+    result = lanczos_spectrum(operator, max_products=40, seed=0)
     found = np.sort(result.ritz_values)[::-1][:8]
     assert np.abs(found - values).max() <= 1e-6 * values[0]
     assert result.trace_interval[0] <= sum(values) <= result.trace_interval[1]
@@ -916,3 +903,18 @@ def test_a_float64_basis_on_float32_products_counts_each_eigenvalue_once() -> No
     assert result.trace == pytest.approx(eigenvalues.sum(), rel=1e-5)
     assert result.rank_interval[0] <= 8 <= result.rank_interval[1] < 9
     assert any("the spectrum is complete" in note for note in result.notes)
+
+
+def test_a_low_rank_operator_has_its_stated_spectrum() -> None:
+    """``LowRankOperator`` (a known spectrum at any P, for references) against its dense matrix,
+    and its shapes checked."""
+    basis, _ = torch.linalg.qr(torch.randn(30, 3, generator=torch.Generator().manual_seed(0),
+                                           dtype=torch.float64))
+    operator = LowRankOperator(basis, torch.tensor([3.0, -1.0, 0.5]), dtype=torch.float64)
+    dense = operator.matmat(torch.eye(30, dtype=torch.float64))
+    assert np.allclose(np.sort(torch.linalg.eigvalsh(dense).numpy())[[0, -2, -1]],
+                       [-1.0, 0.5, 3.0])
+    assert operator.rank_bound == 3
+    assert not hasattr(LowRankOperator(basis, torch.ones(3), rank_bound=0), "rank_bound")
+    with pytest.raises(ValueError, match=r"basis must be \[P, r\]"):
+        LowRankOperator(basis, torch.ones(2))

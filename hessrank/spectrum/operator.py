@@ -53,3 +53,36 @@ class DenseOperator:
         """``vectors @ A`` for ``[k, P]`` rows (``A`` is symmetric); returns ``[k, P]``."""
         self.num_products += int(vectors.shape[0])
         return vectors.to(dtype=self.dtype, device=self.device) @ self.matrix
+
+
+class LowRankOperator:
+    """``U diag(values) U^T`` from orthonormal columns ``U``, as a :class:`SymmetricOperator`
+    with a known spectrum at any ``P`` (references, tests, benchmarks): ``values`` and ``P - r``
+    zeros.
+
+    Args:
+        basis: ``[P, r]`` orthonormal columns; products are computed in its dtype (float64
+            keeps their rounding far below a float32 solver's).
+        values: ``[r]`` eigenvalues.
+        dtype: the dtype the products are returned in.
+        rank_bound: the bound the operator states (``r`` where None; pass a larger one to
+            state a loose bound, or 0 to state none).
+    """
+
+    def __init__(self, basis: Tensor, values: Tensor, dtype: torch.dtype = torch.float32,
+                 rank_bound: int | None = None) -> None:
+        if basis.dim() != 2 or values.shape != (basis.shape[1],):
+            raise ValueError(f"basis must be [P, r] and values [r], got {tuple(basis.shape)} "
+                             f"and {tuple(values.shape)}")
+        self.basis = basis
+        self.values = values.to(basis.dtype)
+        self.dim = int(basis.shape[0])
+        self.dtype = dtype
+        self.device = basis.device
+        if rank_bound != 0:
+            self.rank_bound = int(basis.shape[1]) if rank_bound is None else rank_bound
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """``vectors U diag(values) U^T`` for ``[k, P]`` rows; returns ``[k, P]``."""
+        vectors = vectors.to(self.basis.dtype)
+        return (((vectors @ self.basis) * self.values) @ self.basis.T).to(self.dtype)
