@@ -142,7 +142,7 @@ class LanczosEstimator(Estimator):
         # the prediction's bound, which a data set's operator knows only after a pass
         known = (self.rank_bound(problem, lambda: probe_outputs(problem.first(),
                                                                 check_loss=False))
-                 if isinstance(problem, StreamedProblem) else operator.dim)
+                 if isinstance(problem, StreamedProblem) else None)
         # The basis is float32: products are no more precise than that.
         eps = max(float(torch.finfo(operator.dtype).eps), float(torch.finfo(BASIS_DTYPE).eps))
         products = steps + spot_check_steps(steps)  # the most the solver can spend

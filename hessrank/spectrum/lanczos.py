@@ -131,8 +131,8 @@ class _Quadrature:
     which one no probe of the run can say (0: none), ``floor`` the magnitude up to which the
     eigenvalues its Krylov space lacks may lie (:func:`_hidden`; 0 where it lacks none) and
     ``resolution`` its last ``beta``, where it was called invariant; ``determined``: its
-    deflated eigenvalues reach the operator's rank bound, so its one free node is a null space
-    at exactly zero (:func:`_determined`)."""
+    eigenvalues away from zero are as many as the operator's rank bound, so its one free node
+    is a null space at exactly zero (:func:`_determined`)."""
 
     nodes: np.ndarray
     weights: np.ndarray
@@ -581,8 +581,8 @@ def _determined(pairs: _RitzPairs, bound: int, dim: int, eps: float
     rounding (:func:`_rounding_slack`) keep any two apart, and none may be zero: they are
     ``bound`` distinct nonzero eigenvalues, and the operator has no more, so each is simple and
     every other eigenvalue is exactly zero. One free node at 0 takes those, with nothing left
-    to sample, check or allow for (an EF of rank 8 spent 640 products on 64 runs after the
-    first had found its spectrum, and its null space's rounding, nodes at +-1.2e-5 standing for
+    to sample or check (an EF of rank 8 spent 634 products on 61 runs after the first had
+    found its spectrum, and its null space's rounding, nodes at +-1.2e-5 standing for
     63,000 eigenvalues, widened its trace interval to +-0.4 %). The probe weights play no part:
     deflation's test of them (:func:`single_weight_limit`) is moot where none can repeat.
     """
