@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import time
 
 import numpy as np
@@ -45,14 +44,6 @@ MODELS = {"tanh MLP": lambda: _mlp(nn.Tanh), "ReLU MLP": lambda: _mlp(nn.ReLU),
           "GELU MLP": lambda: _mlp(nn.GELU), "CNN": _cnn}
 
 
-def _trace_interval(notes: tuple[str, ...]) -> tuple[float, float]:
-    for note in notes:
-        found = re.search(r"trace \S+ in \[([^,]+), ([^\]]+)\]", note)
-        if found:
-            return float(found.group(1)), float(found.group(2))
-    raise ValueError("no trace interval in the notes")
-
-
 def sweep() -> None:
     print("| model | method | n | rank bound | products | max eigenvalue error / top | "
           "trace interval width / trace | spectrum complete |")
@@ -72,7 +63,8 @@ def sweep() -> None:
             top = float(np.abs(reference).max())
             error = (float(np.abs(found - reference).max()) / top
                      if len(found) == len(reference) else float("nan"))
-            low, high = _trace_interval(result.notes)
+            assert result.trace_interval is not None  # a Lanczos method's
+            low, high = result.trace_interval
             complete = any("the spectrum is complete" in note for note in result.notes)
             print(f"| {name} | `{method}` | {n} | {bound} | {result.num_hvps} | {error:.1e} | "
                   f"{(high - low) / abs(dense.trace):.1e} | {'yes' if complete else 'no'} |",
@@ -109,7 +101,8 @@ def resnet() -> None:
         found = np.sort(spectrum.eigenvalues)[-len(exact):]
         print(f"{name}: eigenvalue error {float(np.abs(found - exact).max()) / top:.1e} of the "
               f"top against float64 per-sample gradients")
-    low, high = _trace_interval(result.notes)
+    assert result.trace_interval is not None
+    low, high = result.trace_interval
     print(f"fisher_lanczos: {result.num_hvps} products, {seconds:.1f} s, peak "
           f"{(result.peak_memory or 0) / 2**30:.2f} GiB, trace {result.trace:.6f} in "
           f"[{low:.6f}, {high:.6f}] for {exact.sum():.6f}; fisher {dense_seconds:.1f} s; "
