@@ -75,18 +75,18 @@ def main() -> None:
           "trace interval (exact 30.7) |")
     print("|---|---|---|---|---|---|")
     for dim in args.dims:
-        for bound in (len(VALUES), None):
+        for stated in (True, False):
             basis, _ = torch.linalg.qr(torch.randn(dim, len(VALUES), generator=torch.Generator()
                                                    .manual_seed(0), dtype=torch.float64))
             operator = LowRankOperator(basis, torch.tensor(VALUES, dtype=torch.float64),
-                                       rank_bound=bound or 0)
+                                       states_rank=stated)
             result = lanczos_spectrum(operator, max_products=40, seed=0)
             found = np.sort(result.ritz_values)[::-1][: len(VALUES)]
             error = (float(np.abs(found - VALUES).max()) / VALUES[0]
                      if len(found) == len(VALUES) else float("nan"))
             low, high = result.trace_interval
             holds = "holds" if low <= sum(VALUES) <= high else "**misses**"
-            print(f"| {dim:,} | {'yes' if bound else 'no'} | {result.num_products} | "
+            print(f"| {dim:,} | {'yes' if stated else 'no'} | {result.num_products} | "
                   f"{error:.1e} | {result.trace:.9g} | [{low:.9g}, {high:.9g}] ({holds}) |",
                   flush=True)
 

@@ -256,6 +256,15 @@ def _one_sample_ggn() -> tuple[nn.Module, tuple[Tensor, Tensor], Tensor]:
     return model, batch, jacobian.T @ hessian @ jacobian
 
 
+def _float64_sample_gradients(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """``[n, P]`` each sample's cross-entropy gradient, by one float64 backward pass each (the
+    EF of the mean loss is ``G^T G / n``)."""
+    reference = copy.deepcopy(model).double()
+    losses = nn.CrossEntropyLoss(reduction="none")(reference(x.double()), y)
+    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss, list(reference.parameters()), retain_graph=True)]) for loss in losses])
+
+
 def test_runs_of_an_invariant_space_count_each_eigenvalue_once() -> None:
     """A rank-2 matrix (one sample's GGN) with no rank bound given: its Krylov space is
     invariant after 3 steps and the budget goes to 8 runs, one of whose probes is nearly
@@ -291,10 +300,7 @@ def test_a_factor_operator_whose_rank_bound_is_reached_is_solved_in_one_run(meth
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(40, 60), nn.Tanh(), nn.Linear(60, 10))
         batch = (torch.randn(8, 40), torch.randint(0, 10, (8,)))
-        reference = copy.deepcopy(model).double()
-        losses = nn.CrossEntropyLoss(reduction="none")(reference(batch[0].double()), batch[1])
-        gradients = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-            loss, list(reference.parameters()), retain_graph=True)]) for loss in losses])
+        gradients = _float64_sample_gradients(model, *batch)
         exact = torch.linalg.eigvalsh(gradients @ gradients.T / 8).numpy()  # the EF's nonzero
     else:
         exact = torch.linalg.eigvalsh(ggn).numpy()
@@ -856,7 +862,7 @@ def test_long_vectors_keep_the_lanczos_coefficients_accurate(rank_bound) -> None
                                            dtype=torch.float64))
     # products in float64: the eigenvalues are ``values`` to their float32 rounding alone
     operator = LowRankOperator(basis, torch.tensor(values, dtype=torch.float64),
-                               rank_bound=rank_bound or 0)
+                               states_rank=rank_bound is not None)
     result = lanczos_spectrum(operator, max_products=40, seed=0)
     found = np.sort(result.ritz_values)[::-1][:8]
     assert np.abs(found - values).max() <= 1e-6 * values[0]
@@ -880,10 +886,7 @@ def test_a_complete_spectrum_s_intervals_allow_for_the_products_rounding() -> No
         result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y),
                                          method="fisher_lanczos", seed=seed)
         assert any("the spectrum is complete" in note for note in result.notes)
-        reference = copy.deepcopy(model).double()
-        losses = nn.CrossEntropyLoss(reduction="none")(reference(x.double()), y)
-        gradients = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-            loss, list(reference.parameters()), retain_graph=True)]) for loss in losses])
+        gradients = _float64_sample_gradients(model, x, y)
         trace = float(torch.trace(gradients @ gradients.T)) / 2
         misses += not result.trace_interval[0] <= trace <= result.trace_interval[1]
     assert misses <= 1  # 95 % intervals
@@ -915,6 +918,6 @@ def test_a_low_rank_operator_has_its_stated_spectrum() -> None:
     assert np.allclose(np.sort(torch.linalg.eigvalsh(dense).numpy())[[0, -2, -1]],
                        [-1.0, 0.5, 3.0])
     assert operator.rank_bound == 3
-    assert not hasattr(LowRankOperator(basis, torch.ones(3), rank_bound=0), "rank_bound")
+    assert not hasattr(LowRankOperator(basis, torch.ones(3), states_rank=False), "rank_bound")
     with pytest.raises(ValueError, match=r"basis must be \[P, r\]"):
         LowRankOperator(basis, torch.ones(2))

@@ -27,7 +27,12 @@ from hessrank.estimators.base import (
     seconds_of,
 )
 from hessrank.problem import CurvatureProblem, probe_outputs
-from hessrank.spectrum.lanczos import krylov_rows, lanczos_spectrum, spot_check_steps
+from hessrank.spectrum.lanczos import (
+    krylov_rows,
+    lanczos_spectrum,
+    spot_check_steps,
+    working_eps,
+)
 from hessrank.spectrum.operator import SymmetricOperator
 from hessrank.streaming import StreamedProblem, operator_over
 
@@ -144,7 +149,7 @@ class LanczosEstimator(Estimator):
                                                                 check_loss=False))
                  if isinstance(problem, StreamedProblem) else None)
         # The basis is float32: products are no more precise than that.
-        eps = max(float(torch.finfo(operator.dtype).eps), float(torch.finfo(BASIS_DTYPE).eps))
+        eps = working_eps(operator, BASIS_DTYPE)
         products = steps + spot_check_steps(steps)  # the most the solver can spend
         with settings.reporter.task(f"{self.name} ({steps} products)", products) as advance:
             # rtol None: the solver applies the rule the result's ranks apply, at the operator's

@@ -193,14 +193,22 @@ LONG_VECTOR = 8192
 REDUCTION_CHUNK = 2**16
 
 
+def working_eps(operator: SymmetricOperator, basis_dtype: torch.dtype) -> float:
+    """The larger epsilon of the basis and the products, which decides what is rounding: a
+    float64 basis does not make float32 products more precise (float32 products in a float64
+    basis never turned invariant, and runs of a rank-8 operator each counted its eigenvalues
+    again: trace 30.9 for 4.42; probe 83)."""
+    return max(float(torch.finfo(basis_dtype).eps), float(torch.finfo(operator.dtype).eps))
+
+
 def _dot(first: Tensor, second: Tensor) -> float:
     """``first . second`` (``[dim]`` each). A float32 dot product or norm over the whole length
     accumulates its rounding with it: at 10^7 entries the dot was off by 1.6e-4 and the squared
     norm by 7.3e-4 (2.0e-5 at 10^6; ``benchmarks/lanczos_rounding.py --reductions``), which
-    moved the Lanczos coefficients as much (an EF of
-    ResNet-18, P = 11.2 million, had every eigenvalue off by up to 1.7e-4 of the largest, its
-    trace 0.21 above the float64 one and its interval, 0.002 wide, missing it; a rank-8
-    operator at P = 4 x 10^6 had its eigenvalues off by half the largest). Vectors of
+    moved the Lanczos coefficients as much (an EF of ResNet-18, P = 11.2 million, had every
+    eigenvalue off by up to 1.7e-4 of the largest, its trace 0.21 above the float64 one and
+    its interval, 0.002 wide, missing it; a rank-8 operator at P = 4 x 10^6 had its
+    eigenvalues off by half the largest). Vectors of
     :data:`LONG_VECTOR` entries or more are summed in chunks of :data:`REDUCTION_CHUNK`, each
     chunk's float32 dot product summed in float64 (rounding 2.4e-8 of the dot and 9.6e-8 of the
     squared norm at 10^7, in 1.3x and 1.6x the time of one float32 pass); shorter ones as one
@@ -305,10 +313,7 @@ class LanczosRun:
         is full)."""
         eps = torch.finfo(self.storage.dtype).eps
         semi_orthogonal = ORTHOGONALITY_FRACTION * math.sqrt(eps)
-        # the products' rounding, which a float64 basis does not lower (float32 products in a
-        # float64 basis never turned invariant: runs of a rank-8 operator each counted its
-        # eigenvalues again, trace 30.9 for 4.42; probe 83)
-        rounding = max(eps, torch.finfo(self.operator.dtype).eps)
+        rounding = working_eps(self.operator, self.storage.dtype)  # of the products
         for _ in range(steps):
             j = len(self._alphas)
             if self.invariant or j == len(self.storage):
@@ -1020,9 +1025,7 @@ def lanczos_spectrum(
     steps = int(min(max_products, dim, max_steps, krylov_rows(known)))
     generator = torch.Generator().manual_seed(seed)
     storage = torch.empty(steps, dim, dtype=basis_dtype, device=operator.device)
-    # the larger rounding of the basis and the products: runs' values of one eigenvalue differ
-    # by the products' (a float64 basis kept float32 products' copies apart; probe 83)
-    eps = max(float(torch.finfo(basis_dtype).eps), float(torch.finfo(operator.dtype).eps))
+    eps = working_eps(operator, basis_dtype)  # runs' values of one eigenvalue differ by it
     notes: list[str] = []
     guesses: list[str] = []
     first = LanczosRun(operator, probe_vector(dim, generator, operator.device, basis_dtype),
@@ -1031,9 +1034,10 @@ def lanczos_spectrum(
     pairs = _ritz_pairs(first.alpha, first.beta, first.last_beta)
     quadrature, first_guesses = _deflated_quadrature(pairs, dim, first.final_beta,
                                                      first.restarted)
-    # (a data set's bound, known after the run's first pass: its nonzero factor columns)
-    bound_now = min(int(getattr(operator, "rank_bound", dim)), known)
-    determined = None if first.restarted else _determined(pairs, bound_now, dim, eps)
+    # The rank bound as the first run left it (a data set's is known after a pass: its
+    # batches' nonzero factor columns): no count exceeds it.
+    bound = min(int(getattr(operator, "rank_bound", dim)), known)
+    determined = None if first.restarted else _determined(pairs, bound, dim, eps)
     if determined is not None:  # the guesses of an invariant run are settled
         quadrature, first_guesses = determined[0], [determined[1]]
     spent, removals = len(first.alpha), first.removals
@@ -1122,13 +1126,11 @@ def lanczos_spectrum(
         # K n; at P its interval, [5, 5], missed its own rank, 6.16), with the larger epsilon of
         # the products and the basis (a float64 operator's null space sat at 4e-7 of the top in
         # a float32 basis, above a float64 default, and counted whole).
-        size = min(int(getattr(operator, "rank_bound", dim)), known)  # as after the run
-        rtol = default_rtol(size, eps)
+        rtol = default_rtol(bound, eps)
     trace = float(nodes @ weights)
     # An interval holds its own estimate: a light free node above the cut (weight 0.17) is a
     # skewed draw, whose 97.5 % quantile fell below it (numerical rank 5.17 in [5, 5]).
     point = spectral_ranks(nodes, threshold, rtol, weights)
-    bound = min(int(getattr(operator, "rank_bound", dim)), known)  # no count exceeds it
     bootstrapped = _intervals(quadratures, threshold, rtol, seed, eps, bound)
     intervals = _Intervals(*(
         (min(low, value), max(high, value)) for (low, high), value in (
@@ -1322,8 +1324,6 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
         # eigenvalue lies that close) and to the basis's rounding, 4 eps of the largest: the
         # masses and the trace move by as much (a fully deflated run's interval had no width,
         # and missed an srank whose mass share cleared the threshold by 2.5e-5).
-        rounding = 4 * eps * float(magnitude.max())
-        error = rounding + np.where(quadrature.fixed, quadrature.residuals, 0.0)
         if quadrature.determined:
             # No sampling is left to cover the products' own rounding, which the Ritz residuals
             # do not see (they measure the computed operator): each eigenvalue is allowed what
@@ -1333,6 +1333,9 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
             # null space the rank bound proves: exactly zero.
             error = np.where(quadrature.fixed, _rounding_slack(eps, float(magnitude.max()))
                              + quadrature.residuals, 0.0)
+        else:
+            error = 4 * eps * float(magnitude.max()) + np.where(quadrature.fixed,
+                                                                quadrature.residuals, 0.0)
         # What an invariant run lacks under its floor moves the trace and the mass by up to
         # the floor each, and any of it may lie above a numerical cut below that floor where a
         # rank bound caps how many (a GGN's, an EF's), else below the run's last beta: without

@@ -65,12 +65,11 @@ class LowRankOperator:
             keeps their rounding far below a float32 solver's).
         values: ``[r]`` eigenvalues.
         dtype: the dtype the products are returned in.
-        rank_bound: the bound the operator states (``r`` where None; pass a larger one to
-            state a loose bound, or 0 to state none).
+        states_rank: whether the operator states ``r`` as its ``rank_bound``.
     """
 
     def __init__(self, basis: Tensor, values: Tensor, dtype: torch.dtype = torch.float32,
-                 rank_bound: int | None = None) -> None:
+                 states_rank: bool = True) -> None:
         if basis.dim() != 2 or values.shape != (basis.shape[1],):
             raise ValueError(f"basis must be [P, r] and values [r], got {tuple(basis.shape)} "
                              f"and {tuple(values.shape)}")
@@ -79,8 +78,8 @@ class LowRankOperator:
         self.dim = int(basis.shape[0])
         self.dtype = dtype
         self.device = basis.device
-        if rank_bound != 0:
-            self.rank_bound = int(basis.shape[1]) if rank_bound is None else rank_bound
+        if states_rank:
+            self.rank_bound = int(basis.shape[1])
 
     def matmat(self, vectors: Tensor) -> Tensor:
         """``vectors U diag(values) U^T`` for ``[k, P]`` rows; returns ``[k, P]``."""
