@@ -129,6 +129,24 @@ def test_non_convex_loss_for_ggn(setup):
            ValueError, "not convex in the outputs.*method='exact'")
 
 
+def test_a_saturated_tempered_softmax_is_refused_for_its_precision_not_as_non_convex():
+    """Cross-entropy at temperature 0.5 at probabilities down to 1e-25: its output Hessian's
+    entries cancel beyond float64 too (1e-3 of the largest), its convexity cannot be shown, and
+    the error says so beside 'not convex' (probe 84)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(40)
+    y = torch.randint(0, 3, (16,))
+
+    def tempered(outputs, targets):
+        return torch.nn.functional.cross_entropy(outputs / 0.5, targets)
+
+    _check(model, lambda: hessrank.effective_rank(model, tempered, (x, y), method="ggn"),
+           ValueError, "second derivatives cancel beyond the precision.*method='exact'")
+
+
 @pytest.mark.parametrize("options", [{}, {"mc_samples": 2}], ids=["exact-ggn", "mc-ggn"])
 def test_loss_linear_in_the_outputs_for_ggn(setup, options):
     """NLLLoss after a LogSoftmax inside the model: the Monte-Carlo GGN called it a loss whose

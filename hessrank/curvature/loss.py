@@ -595,36 +595,95 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     found = output_hessian_blocks(first, leaf, generator)
     if found is None:
         raise _linear_loss_error()
-    blocks = found.to(torch.float64)
-    blocks = (blocks + blocks.transpose(1, 2)) / 2
+    blocks = _symmetric(found)
     if not bool((blocks != 0).any()):
         raise _flat_curvature_error(loss_fn, leaf, targets, generator)
     # Each block is solved with its diagonal scaled to one, B = S M S (S = diag(sqrt|B_cc|)):
     # entries of one block, like blocks of different samples, differ in size by any factor (a
     # confidently wrong output's curvature may be 1e20 times its neighbours', with a Jacobian
-    # that much smaller), and rounding of the large ones must not set the small ones' zero. M's
-    # entries are exact to rounding of themselves, so its eigenvalues within C eps of its largest
-    # are rounding; B = (S V sqrt(Lambda)) (S V sqrt(Lambda))^T.
-    diagonal = blocks.diagonal(dim1=-2, dim2=-1).abs()
-    scale = torch.where(diagonal > 0, diagonal.sqrt(), 1.0)
-    scaled = blocks / (scale[:, :, None] * scale[:, None, :])
+    # that much smaller), and rounding of the large ones must not set the small ones' zero.
+    # M's eigenvalues within C eps (the outputs' eps) of its largest are below what the factors
+    # resolve; B = (S V sqrt(Lambda)) (S V sqrt(Lambda))^T.
+    scale, scaled = _diagonally_scaled(blocks)
     eigenvalues, eigenvectors = torch.linalg.eigh(scaled)
-    largest = eigenvalues.abs().amax(dim=-1, keepdim=True).clamp_min(
-        torch.finfo(torch.float64).tiny)
-    zero = eigenvalues.shape[-1] * torch.finfo(outputs.dtype).eps * largest
+    zero = eigenvalues.shape[-1] * torch.finfo(outputs.dtype).eps * _largest(eigenvalues)
     if (eigenvalues < -zero).any():
-        raise ValueError(
-            "the loss Hessian w.r.t. the outputs has negative eigenvalues (the loss is not convex "
-            "in the outputs), so the GGN is indefinite and has no square-root factors (which "
-            "the GGN methods, the Gram and the Lanczos one alike, are built from): use "
-            "method='exact' or 'lanczos'"
-        )
+        # Negative beyond the entries' own rounding, or a loss whose second derivatives cancel
+        # (a softmax of scaled or shifted outputs: a temperature, a logit adjustment), whose
+        # entries are far less accurate, 5e-5 of the largest in float32 at probabilities 2e-4
+        # (refused as not convex, probe 84). The blocks in the other precision (float64 for
+        # float32 outputs, float32 for float64 ones) tell: the float64 ones are solved, and
+        # their rounding is the float32 ones' distance to them times 16 eps(float64) /
+        # eps(float32), at most sqrt(eps(float64)) of the largest (a float32 block rounded to
+        # nonsense says nothing of the float64 one's accuracy: a softmax at probabilities 1e-14
+        # is 1e-3 off in float64).
+        other = _blocks_in(torch.float32 if outputs.dtype == torch.float64 else torch.float64,
+                           loss_fn, outputs, targets, generator)
+        unresolved = True
+        if other is not None:
+            rough, precise = (other, blocks) if outputs.dtype == torch.float64 else (blocks, other)
+            scale, scaled = _diagonally_scaled(precise)
+            eigenvalues, eigenvectors = torch.linalg.eigh(scaled)
+            largest = _largest(eigenvalues)
+            measured = (16 * torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+                        * torch.linalg.matrix_norm(_diagonally_scaled(rough)[1] - scaled)[:, None])
+            cap = math.sqrt(torch.finfo(torch.float64).eps) * largest
+            zero = (eigenvalues.shape[-1] * torch.finfo(outputs.dtype).eps * largest
+                    + torch.minimum(measured, cap))
+            negative = (eigenvalues < -zero).any(dim=-1, keepdim=True)
+            unresolved = bool((negative & (measured > cap)).any())
+        if (eigenvalues < -zero).any():
+            raise ValueError(
+                "the loss Hessian w.r.t. the outputs has negative eigenvalues (the loss is not "
+                "convex in the outputs), so the GGN is indefinite and has no square-root factors "
+                "(which the GGN methods, the Gram and the Lanczos one alike, are built from)"
+                + (", or its second derivatives cancel beyond the precision that could be "
+                   "evaluated here (a softmax of scaled or shifted outputs saturated to "
+                   "probabilities near 0 and 1), which hides its convexity" if unresolved
+                   else "")
+                + ": use method='exact' or 'lanczos'"
+            )
     eigenvalues = torch.where(eigenvalues > zero, eigenvalues, torch.zeros_like(eigenvalues))
     # [n, C, C], column k = s_ik
     factors = scale[:, :, None] * eigenvectors * eigenvalues.sqrt().unsqueeze(1)
     keep = (eigenvalues > 0).any(dim=0)
     factors = factors[:, :, keep]
     return factors.permute(2, 0, 1).reshape(-1, n, *outputs.shape[1:]).to(outputs.dtype)
+
+
+def _symmetric(blocks: Tensor) -> Tensor:
+    """``[n, C, C]`` blocks in float64, symmetrised."""
+    blocks = blocks.to(torch.float64)
+    return (blocks + blocks.transpose(1, 2)) / 2
+
+
+def _largest(eigenvalues: Tensor) -> Tensor:
+    """``[n, 1]``: each block's largest ``|eigenvalue|`` (``eigenvalues`` ``[n, C]``), at least
+    the smallest normal float64."""
+    return eigenvalues.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _diagonally_scaled(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """``S`` (``[n, C]``, ``sqrt|B_cc|``, 1 where that is 0) and ``S^-1 B S^-1`` of ``[n, C, C]``
+    blocks ``B``."""
+    diagonal = blocks.diagonal(dim1=-2, dim2=-1).abs()
+    scale = torch.where(diagonal > 0, diagonal.sqrt(), 1.0)
+    return scale, blocks / (scale[:, :, None] * scale[:, None, :])
+
+
+def _blocks_in(dtype: torch.dtype, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+               generator: torch.Generator) -> Tensor | None:
+    """The symmetrised float64 copy of the per-sample output-Hessian blocks
+    (:func:`output_hessian_blocks`) of the loss evaluated on ``outputs`` (and floating targets)
+    in ``dtype``; None where the loss cannot be evaluated or differentiated there."""
+    cast = in_float64(loss_fn) if dtype == torch.float64 else loss_fn
+    labels = targets.to(dtype) if targets.is_floating_point() else targets
+    try:
+        leaf, first = _curvature_gradient(cast, outputs.detach().to(dtype), labels)
+        found = output_hessian_blocks(first, leaf, generator)
+    except Exception:  # noqa: BLE001 - any failure of the loss in the other precision
+        return None
+    return None if found is None else _symmetric(found)
 
 
 def _curved_elsewhere(loss_fn: LossFn, leaf: Tensor, targets: Tensor,

@@ -54,8 +54,11 @@ class GGN(GramEstimator):
     def output_side_bytes(self, num_samples: int, outputs_per_sample: int, element: int,
                           options: GramOptions) -> int:
         mc_samples = getattr(options, "mc_samples", None)
-        if mc_samples is None:  # output-Hessian blocks: products, float64 blocks, eigenvectors
-            return num_samples * outputs_per_sample**2 * (2 * element + 24)
+        if mc_samples is None:
+            # Output-Hessian blocks: products, float64 blocks, their scaled copy and
+            # eigenvectors; where rounding may explain negative eigenvalues, the same again in
+            # the other precision beside them (loss.ggn_cotangents).
+            return num_samples * outputs_per_sample**2 * (2 * element + 56)
         # The check that the loss is a softmax cross-entropy, over the last and the second
         # dimension: its graph, float64 probabilities (the first pass's kept through the
         # second), three float64 probes, their stack and cast, the batched Hessian-vector
