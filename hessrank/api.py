@@ -685,6 +685,9 @@ def gradient_overlap(
     with (ExitsHeldBack() as exits, preserved_state(model), differentiable(model),
           loss_evaluations(loss_fn), exits.from_here()):
         problem = build_problem(model, loss_fn, batch, params, "eval")
+        if k is not None and k > problem.num_params:
+            raise ValueError(f"k = {k} exceeds the P = {problem.num_params} eigenvectors of the "
+                             "Hessian: choose k <= P, or None for the srank")
         with evaluation_mode(problem.model, "eval"):
             caller = "gradient_overlap (a dense Hessian's eigenvectors)"
             advice = "k does not lower it (the whole dense Hessian is solved)"

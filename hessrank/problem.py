@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
@@ -828,7 +828,12 @@ def _read_batch(batch: object) -> tuple[tuple[Tensor, ...], dict[str, Tensor], T
     raw_inputs, targets = batch
     args, kwargs = _batch_tensors(raw_inputs)
     if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+        raise TypeError(
+            f"targets must be a tensor, got {type(targets).__name__}: pass the one target tensor "
+            "the loss takes second (labels or regression targets, shape [n, ...]); inputs the "
+            "model needs go with the inputs (a tuple or dict), and a loss that needs more "
+            "than one target tensor can be a function of the outputs and one tensor that holds "
+            "them all (stacked or concatenated along a dimension past the first)")
     if targets.dim() == 0:
         raise ValueError("targets must have a batch dimension first (shape [n, ...]), got a "
                          "scalar")
@@ -1134,26 +1139,33 @@ def listed_names(names: Sequence[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def unused_parameters_note(problem: CurvatureProblem, pieces: Sequence[Tensor | None]
-                           ) -> str | None:
+def unused_parameters(pieces: Sequence[Tensor | None]) -> frozenset[int]:
+    """The indices of the analysed parameters no gradient reaches: those whose piece of
+    autograd's gradient (``allow_unused=True``) is None."""
+    return frozenset(index for index, piece in enumerate(pieces) if piece is None)
+
+
+def unused_parameters_note(problem: CurvatureProblem, unused: Collection[int],
+                           data_set: bool = False) -> str | None:
     """The note for analysed parameters that the loss does not depend on, or None.
 
     Args:
-        problem: the problem whose parameters ``pieces`` follow.
-        pieces: autograd's gradient of a loss of the batch for each analysed parameter, None
-            where no gradient reaches it (``allow_unused=True``).
+        problem: the problem whose parameters ``unused`` indexes (:func:`unused_parameters`).
+        unused: the indices of the parameters no gradient reaches (on a data set: on any of
+            its batches).
+        data_set: the indices hold for every batch of a data set, not one batch.
 
     Returns:
         A note naming them, what it means for the result and what to check; None when every
         parameter is used.
     """
-    unused = [(name, param.numel()) for name, param, piece
-              in zip(problem.names, problem.params, pieces) if piece is None]
     if not unused:
         return None
-    return (f"{sum(size for _, size in unused):,} of the {problem.num_params:,} parameters "
-            f"({listed_names([name for name, _ in unused])}) do not affect the loss on this "
-            "batch (no gradient reaches them): their rows and columns of the curvature are zero "
+    names = [name for index, name in enumerate(problem.names) if index in unused]
+    size = sum(param.numel() for index, param in enumerate(problem.params) if index in unused)
+    return (f"{size:,} of the {problem.num_params:,} parameters ({listed_names(names)}) do not "
+            f"affect the loss on {'any batch of the data' if data_set else 'this batch'} (no "
+            "gradient reaches them): their rows and columns of the curvature are zero "
             "and they count in P; check the forward (an unused layer; "
             "torch.utils.checkpoint(use_reentrant=True) on inputs that do not require grad cuts "
             "its parameters off), or leave them out with params=")

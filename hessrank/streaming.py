@@ -653,13 +653,17 @@ class StreamedOperator(ParameterOperator):
         self.num_products += vectors.shape[0]
         bounds: list[int] = []
 
+        unused: list[frozenset[int]] = []
+
         def batch_product(batch: CurvatureProblem) -> tuple[Tensor, float]:
             operator = self.make(batch)
             bounds.append(operator.rank_bound)
+            unused.append(operator.unused)
             return operator.matmat(vectors), operator.loss_value
 
         product = self.problem.summed(batch_product)
         self.rank_bound = min(self.dim, sum(bounds))  # a sum's rank is at most its terms' sum
+        self.unused = frozenset.intersection(*unused) if unused else frozenset()
         return product
 
 

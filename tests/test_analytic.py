@@ -92,6 +92,9 @@ def test_gradient_overlap_refuses_k_inside_a_tie():
             hessrank.gradient_overlap(model, mse, batch, k=k)
     assert hessrank.gradient_overlap(model, mse, batch, k=0) == 0.0
     assert hessrank.gradient_overlap(model, mse, batch, k=4) == pytest.approx(1.0)
+    # (k = 10000 gave 1.0, as if the Hessian had that many eigenvectors; probe 84)
+    with pytest.raises(ValueError, match="k = 5 exceeds the P = 4 eigenvectors"):
+        hessrank.gradient_overlap(model, mse, batch, k=5)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -169,6 +169,14 @@ def test_one_batch_functions_name_a_data_set(setup, call):
     _check(model, lambda: call(model, batches), TypeError, "one batch.*not a DataLoader")
 
 
+def test_targets_that_are_not_a_tensor_get_a_fix(setup):
+    """A dict of targets was refused with 'targets must be a tensor, got dict', no fix named
+    (probe 84)."""
+    model, x, y = setup
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, {"labels": y})),
+           TypeError, "targets must be a tensor, got dict: pass the one target tensor")
+
+
 def _detached_loss(outputs, targets):
     return CE(outputs, targets).detach()
 

@@ -29,6 +29,7 @@ from hessrank.problem import (
     UnrepeatableForward,
     mixed_samples_difference,
     refuse_mixed_samples,
+    unused_parameters,
     without_second_derivative,
 )
 
@@ -69,7 +70,8 @@ class FactorOperator(ParameterOperator):
                 pieces = torch.autograd.grad(outputs, self.params, grad_outputs=self._dummy,
                                              create_graph=True, allow_unused=True)
             self.graph_bytes = graph.total
-            self._used = [i for i, g in enumerate(pieces) if g is not None]
+            self.unused = unused_parameters(pieces)
+            self._used = [i for i in range(len(pieces)) if i not in self.unused]
             self._transposed = [pieces[i] for i in self._used]  # J^T u, linear in the dummy u
             if check_working_memory is not None and output_side_bytes is not None:
                 # the graph (the forward's and J^T u's: the forward's alone was a third of
@@ -99,6 +101,8 @@ class FactorOperator(ParameterOperator):
         where they do not (or it cannot be told): one forward pass of the batch's halves alone,
         without a graph. Not asked of a data set's batches (the data set refuses such a model)
         nor of a model that draws from its own generator (each half would restart its draws).
+        A model that does not run on half its batch (a graph's adjacency among its inputs) is
+        told that it was not tested, and what the factors are if its samples interact.
 
         Returns:
             The note, or None.
@@ -106,20 +110,24 @@ class FactorOperator(ParameterOperator):
         if (isinstance(self._problem, ShardedProblem) or not isinstance(self._outputs, Tensor)
                 or ModuleGenerators.read(self._problem.model).states):
             return None
+        meaning = (f"{self._method}'s factors J_i^T s_i hold each sample's Jacobian in the batch "
+                   "(its output as the batch computes it), the curvature of this batch's loss "
+                   "as exact's Hessian is; fisher and ggn, whose factors need each sample's "
+                   "output to depend on that sample alone, refuse such a model")
         try:
             difference = mixed_samples_difference(self._problem, self._outputs)
         except UnrepeatableForward:
             raise
-        except Exception:  # noqa: BLE001 - a model that runs on its whole batch only
-            return None
+        except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only
+            reason = " ".join(str(error).split())[:120]
+            return ("whether the model's output for a sample depends on the other samples of the "
+                    "batch was not tested: it does not run on half of the batch "
+                    f"({type(error).__name__}: {reason}); where it does, {meaning}")
         if difference is None:
             return None
         return (f"the model's output for a sample depends on the other samples of the batch "
                 f"(each half run alone differs by {difference:.1e} of the largest output): "
-                f"{self._method}'s factors J_i^T s_i hold each sample's Jacobian in the batch "
-                "(its output as the batch computes it), the curvature of this batch's loss as "
-                "exact's Hessian is; fisher and ggn, whose factors need each sample's output to "
-                "depend on that sample alone, refuse such a model")
+                f"{meaning}")
 
     def _row(self, vector: Tensor) -> Tensor:
         chunks = vector.split(self.sizes)

@@ -55,6 +55,7 @@ from hessrank.problem import (
     GraphBytes,
     agreement_tolerance,
     repeat_pass,
+    unused_parameters,
     unused_parameters_note,
 )
 
@@ -442,7 +443,7 @@ def compute_gram(
                                       allow_unused=True)
     true_grads = {name: torch.zeros_like(p) if g is None else g
                   for name, p, g in zip(problem.names, problem.params, true_pieces)}
-    unused = unused_parameters_note(problem, true_pieces)
+    unused = unused_parameters_note(problem, unused_parameters(true_pieces))
     if unused is not None:
         notes.append(unused)
     outputs = outputs.detach()

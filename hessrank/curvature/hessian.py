@@ -22,7 +22,7 @@ from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
     agreement_tolerance,
-    unused_parameters_note,
+    unused_parameters,
     without_second_derivative,
 )
 from hessrank.spectrum.dense import not_finite_error
@@ -123,8 +123,7 @@ class HessianOperator(ParameterOperator):
         # push the same number through each product's all-reduce
         self.graph_bytes = self._largest(graph.total)
         self.loss_value = float(loss.detach())
-        #: a note naming the parameters the loss does not depend on (None: all are used)
-        self.unused_note = unused_parameters_note(problem, grads)
+        self.unused = unused_parameters(grads)
         self.gradient = self._summed(torch.cat([
             (g if g is not None else torch.zeros_like(p)).detach().reshape(-1)
             for g, p in zip(grads, self.params)

@@ -19,6 +19,9 @@ class ParameterOperator:
         graph_bytes: bytes of the autograd graph the operator keeps for its products (the
             tensors it saves, :class:`~hessrank.problem.GraphBytes`); 0 where not measured.
         rank_bound: the largest rank the operator can have (``P``, or a factorisation's width).
+        unused: the indices of the parameters no gradient of the loss reaches (on a data set:
+            on any of its batches), whose rows and columns are zero; empty where every one is
+            reached or it is not known.
     """
 
     #: What one product's backward passes hold while they run, in multiples of
@@ -35,6 +38,7 @@ class ParameterOperator:
         self.parallel = parallel_of(problem)
         self.graph_bytes = 0
         self.rank_bound = self.dim
+        self.unused: frozenset[int] = frozenset()
 
     def _total(self, local: int) -> int:
         """The sum of the processes' ``local`` values (``local`` itself without a group)."""

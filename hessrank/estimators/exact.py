@@ -19,7 +19,7 @@ from hessrank.estimators.base import (
     register,
     seconds_of,
 )
-from hessrank.problem import CurvatureProblem
+from hessrank.problem import CurvatureProblem, unused_parameters_note
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 from hessrank.streaming import StreamedProblem, per_batch
 
@@ -128,7 +128,7 @@ class Exact(Estimator):
         dim = problem.num_params
         element = problem.params[0].element_size()
         batches = per_batch(problem)[1]
-        notes: list[str] = []
+        unused: list[frozenset[int]] = []  # the parameters no gradient reaches, batch by batch
         with settings.reporter.task(f"exact Hessian ({dim} columns)", dim * batches) as advance:
 
             def batch_hessian(batch: CurvatureProblem) -> tuple[Tensor, float]:
@@ -136,14 +136,16 @@ class Exact(Estimator):
                 chunk = exact_chunk_size(dim, element, operator.graph_bytes)
                 self.check_refined(products_bytes(chunk, operator.graph_bytes), problem,
                                    settings)
-                if operator.unused_note is not None and batch is problem:  # not one of a stream
-                    notes.append(operator.unused_note)
+                unused.append(operator.unused)
                 return dense_hessian(operator, chunk, advance), operator.loss_value
 
             if isinstance(problem, StreamedProblem):  # the batches' Hessians, weighted, summed
                 hessian = problem.summed(batch_hessian)
             else:
                 hessian = batch_hessian(problem)[0]
+        note = unused_parameters_note(problem, frozenset.intersection(*unused),
+                                      data_set=isinstance(problem, StreamedProblem))
+        notes = [] if note is None else [note]
         spectrum = Spectrum(np.empty(0), "autograd", max_rank=dim, num_hvps=dim * batches,
                             notes=notes)
         if settings.eigenvectors:

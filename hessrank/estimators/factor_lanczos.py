@@ -48,11 +48,11 @@ class FactorLanczos(LanczosEstimator):
         per_sample = outputs()[0].numel() if self.factors_of.needs_output_size else 1
         return min(problem.num_params, problem.num_samples * self.factors_of.columns(per_sample))
 
-    def source_notes(self, operator: SymmetricOperator) -> list[str]:
-        """Where the model's samples interact: what the factors then are (one batch's operator;
-        a data set's batches are refused as such)."""
+    def source_notes(self, problem: CurvatureProblem, operator: SymmetricOperator) -> list[str]:
+        """Also, where the model's samples interact, what the factors then are (one batch's
+        operator; a data set's batches are refused as such)."""
         note = operator.mixing_note() if isinstance(operator, FactorOperator) else None
-        return [] if note is None else [note]
+        return [*super().source_notes(problem, operator), *([] if note is None else [note])]
 
     def output_side_at(self, outputs: Tensor) -> int:
         """Peak bytes of the factors' output side (the loss's gradients or Hessian blocks) on

@@ -26,7 +26,7 @@ from hessrank.estimators.base import (
     register,
     seconds_of,
 )
-from hessrank.problem import CurvatureProblem, probe_outputs
+from hessrank.problem import CurvatureProblem, probe_outputs, unused_parameters_note
 from hessrank.spectrum.lanczos import (
     krylov_rows,
     lanczos_spectrum,
@@ -105,9 +105,12 @@ class LanczosEstimator(Estimator):
         returns the products spent (none here: factor operators are symmetric by form)."""
         return 0
 
-    def source_notes(self, operator: SymmetricOperator) -> list[str]:
-        """What the source's operator found worth reporting (none here)."""
-        return []
+    def source_notes(self, problem: CurvatureProblem, operator: SymmetricOperator) -> list[str]:
+        """What the source's operator found worth reporting: here the parameters the loss does
+        not depend on (on a data set: on any batch)."""
+        note = unused_parameters_note(problem, getattr(operator, "unused", frozenset()),
+                                      data_set=isinstance(problem, StreamedProblem))
+        return [] if note is None else [note]
 
     def rank_bound(self, problem: CurvatureProblem, outputs: Callable[[], Tensor]) -> int:
         """The largest rank the operator can have, known before the work (``outputs``: the
@@ -166,7 +169,7 @@ class LanczosEstimator(Estimator):
                         trace_interval=result.trace_interval,
                         numerical_interval=result.numerical_interval,
                         num_hvps=result.num_products + checks,
-                        eps=eps, notes=[*self.source_notes(operator), *result.notes])
+                        eps=eps, notes=[*self.source_notes(problem, operator), *result.notes])
 
     backend = "autograd"
 
@@ -187,10 +190,3 @@ class Lanczos(LanczosEstimator):
         a wrong second derivative in the model would otherwise pass through the run unseen."""
         check_symmetric(operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77))
         return 2
-
-    def source_notes(self, operator: SymmetricOperator) -> list[str]:
-        """The parameters the loss does not depend on (one batch's operator; a data set's
-        batches each have their own)."""
-        if isinstance(operator, HessianOperator) and operator.unused_note is not None:
-            return [operator.unused_note]
-        return []
