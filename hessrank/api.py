@@ -108,9 +108,10 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
     check_number("max_memory", max_memory)
     check_number("max_seconds", max_seconds, allow_none=True)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (
-            -2**63 < int(seed) < 2**63 - 1):
-        raise ValueError(f"seed must be an integer of 64 bits (|seed| < 2**63 - 1), "
-                         f"got {seed!r}")
+            0 <= int(seed) < 2**63 - 1):
+        # (NumPy's generators, behind the Lanczos intervals, take no negative seed: -1 raised
+        # its bare "expected non-negative integer" after every product was spent; probe 85)
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1), got {seed!r}")
     seed = int(seed)  # a NumPy integer works too
     for name, flag in (("per_layer", per_layer), ("measure_memory", measure_memory)):
         if not isinstance(flag, bool):

@@ -756,16 +756,21 @@ def test_the_default_steps_are_at_least_two_on_a_block_of_three(method):
 
 @pytest.mark.parametrize(("low", "high"), [(11.32699, 11.33355), (999997.0, 1000005.0),
                                            (-2.0000008, -1.9999989), (2.91134, 3.35063),
-                                           (0.0, 0.0), (1e-12, 3e-12)])
+                                           (0.0, 0.0), (1e-12, 3e-12),
+                                           (2.9527764919265285, 3.5321293737196373)])
 def test_the_trace_note_prints_an_interval_that_contains_the_computed_one(low, high):
     """Four significant digits printed (11.32699, 11.33355) as ``[11.33, 11.33]``, which left
     out the exact trace 11.32887 that the computed interval held (a probe: 2 of 6 seeds
-    covered as printed, 6 of 6 as computed). The ends now carry the digits they need."""
+    covered as printed, 6 of 6 as computed). The ends are rounded outward now, at 4 digits
+    still (adding digits until rounding to nearest held it printed 17 for 2.9527764919265285;
+    probe 85)."""
     from hessrank.spectrum.lanczos import outward
 
     shown = outward(low, high)
     assert float(shown[0]) <= low and float(shown[1]) >= high
     assert shown[0] != shown[1] or low == high
+    for text in shown:
+        assert len(text.lstrip("-").split("e")[0].replace(".", "").lstrip("0")) <= 4
 
 
 class _Quadratic(nn.Module):

@@ -261,6 +261,35 @@ def test_measure_after_resuming_records_the_resumed_model_s_step(tmp_path: Path)
     assert [r["step"] for r in _read(tmp_path / "c.superseded.jsonl")] == [4]
 
 
+def test_a_resume_killed_while_it_moves_records_aside_keeps_the_log(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Moving the redone records aside rewrote the log in place, empty until written again: a
+    kill then lost every record (all 300,000 of a large log; probe 85). The log is now written
+    whole beside itself and swapped in; an interruption before the swap leaves it as it was,
+    and the next resume's swap holds, the interrupted one's copy gone."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log = tmp_path / "c.jsonl"
+    with hessrank.Tracker(_net().eval(), CE, every=1, log=log) as tracker:
+        for _ in range(4):
+            tracker.step(batch)
+    before = log.read_text()
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hessrank.tracker.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt), hessrank.Tracker(
+            _net().eval(), CE, every=1, log=log, append=True) as tracker:
+        tracker.step(batch, step=2)
+    assert log.read_text() == before
+    monkeypatch.undo()
+    (tmp_path / ".c.jsonl.1.tmp").write_text("a copy a killed rewrite left behind")
+    with hessrank.Tracker(_net().eval(), CE, every=1, log=log, append=True) as tracker:
+        tracker.step(batch, step=2)
+    assert [r["step"] for r in _read(log)] == [0, 1, 2]
+    assert not list(tmp_path.glob(".c.jsonl.*.tmp"))
+
+
 def test_a_second_open_tracker_takes_over_a_log(tmp_path: Path) -> None:
     """Two trackers given one ``log=`` path overwrote each other's lines (3 of 6 records
     readable, the file refused by ``hessrank plot``). The second takes the file over, with a
