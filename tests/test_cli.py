@@ -271,13 +271,19 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
         (["compare", *TINY, "--plot", "{tmp}/figure.txt"], "matplotlib writes no '.txt' figure"),
         (["compare", *TINY, "--plot", "{tmp}/figure"], "writes no 'extensionless' figure"),
         (["compare", *TINY, "--csv", "{tmp}"], "it is a folder: name a file in it"),
+        # an output that is a file the command reads (probe 85: the weights were replaced)
+        (["compare", *TINY, "--weights", "{tmp}/w.pt", "--json", "{tmp}/w.pt"],
+         "--json {tmp}/w.pt is the --weights file the command reads"),
+        (["rank", *TINY, "--weights", "{tmp}/w.pt", "--json", "{tmp}/w.pt"],
+         "is the --weights file the command reads: writing it would replace it"),
     ],
 )
 def test_user_errors_in_process(argv, expected, tmp_path: Path, capsys) -> None:
     status = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     out, err = capsys.readouterr()
     assert status == 2 and out == ""
-    assert err.startswith("hessrank: error: ") and err.count("\n") == 1 and expected in err, err
+    assert err.startswith("hessrank: error: ") and err.count("\n") == 1, err
+    assert expected.replace("{tmp}", str(tmp_path)) in err, err
 
 
 def test_ctrl_c_keeps_what_was_measured(tmp_path: Path) -> None:
@@ -594,9 +600,13 @@ def test_plot_draws_each_method_against_step(tmp_path: Path, capsys) -> None:
                                         if r["method"] == "fisher"]
 
 
-def test_plot_shades_each_layer_s_lanczos_interval(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("rank", "interval"), [("rank", "rank_interval"),
+                                                ("numerical", "numerical_interval")])
+def test_plot_shades_each_layer_s_lanczos_interval(tmp_path: Path, rank: str,
+                                                   interval: str) -> None:
     """The per-layer panels drew Lanczos's srank line without its interval, which the log
-    holds (probe 67: a layer's line read 519 for an exact 268)."""
+    holds (probe 67: a layer's line read 519 for an exact 268); the numerical rank's line had
+    none anywhere (probe 85: 1209 -> 167, its interval about [69, 1210])."""
     from matplotlib.collections import PolyCollection
 
     from hessrank.cli.plot import build_figure, read_run
@@ -608,13 +618,16 @@ def test_plot_shades_each_layer_s_lanczos_interval(tmp_path: Path) -> None:
         for _ in range(2):
             tracker.step((data.inputs, data.targets))
     records = tracker.records
-    fig = build_figure([read_run(tmp_path / "c.jsonl")], "rank", layers=True)
-    _, _, *layer_axes = fig.axes
+    fig = build_figure([read_run(tmp_path / "c.jsonl")], rank, layers=True)
+    whole, _, *layer_axes = fig.axes
     assert layer_axes
-    for axes, name in zip(layer_axes, sorted(records[0]["layers"])):
+    panels = [(whole, [r[interval] for r in records])] + [
+        (axes, [r["layers"][name][interval] for r in records])
+        for axes, name in zip(layer_axes, sorted(records[0]["layers"]))]
+    for axes, intervals in panels:
         (band,) = [c for c in axes.collections if isinstance(c, PolyCollection)]
         assert band.get_label() == "lanczos interval"
-        low = min(r["layers"][name]["rank_interval"][0] for r in records)
+        low = min(low for low, _ in intervals)
         assert band.get_paths()[0].vertices[:, 1].min() == pytest.approx(low)
 
 

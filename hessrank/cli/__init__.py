@@ -497,7 +497,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise CliError(f"--seed {args.seed} --seeds {args.seeds} runs seeds up to "
                        f"{args.seed + args.seeds - 1}, past {MAX_SEED}: lower --seed")
     report.check_outputs({"--json": args.json, "--csv": args.csv,  # before any work
-                          "--plot": args.plot}, args.quiet)
+                          "--plot": args.plot}, args.quiet, reads=_read_files(args))
     methods = _methods(args.methods, args.skip_exact)
     cfg = _config(
         args,
@@ -561,10 +561,17 @@ def _compare(args: argparse.Namespace) -> int:
     return status
 
 
+def _read_files(args: argparse.Namespace) -> dict[str, Path | None]:
+    """The files a ``compare`` or ``rank`` command reads (option -> path), which no output may
+    replace."""
+    return {"--weights": None if args.weights is None else Path(args.weights)}
+
+
 def _rank(args: argparse.Namespace) -> int:
     from hessrank.cli import compare, report
 
-    report.check_outputs({"--json": None if args.json is None else Path(args.json)}, args.quiet)
+    report.check_outputs({"--json": None if args.json is None else Path(args.json)}, args.quiet,
+                         reads=_read_files(args))
     methods = _methods([args.method], False, "--method")
     if len(methods) != 1:
         raise CliError(f"--method {args.method!r} names {len(methods)} estimators: rank measures "

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 RANK_KEYS = ("rank", "srank", "numerical", "entropy", "stable", "participation")
+#: The record's 95 % interval of a rank key, where Lanczos gives one (shaded around its line).
+INTERVALS = {"rank": "rank_interval", "srank": "rank_interval",
+             "numerical": "numerical_interval"}
 LAYER_COLUMNS = 3
 MARKERS = ("o", "s", "^", "D", "v", "P")
 LINESTYLES = ("-", "--", ":", "-.")
@@ -71,10 +74,11 @@ def _record_problem(record: dict[str, Any]) -> str | None:
         for key in (*RANK_KEYS, "top_eigenvalue", "threshold"):
             if source.get(key) is not None and not _is_number(source[key]):
                 return f"{where}its {key} {source[key]!r} is not a number"
-    interval = record.get("rank_interval")
-    if interval is not None and not (isinstance(interval, list) and len(interval) == 2
-                                     and all(_is_number(v) for v in interval)):
-        return f"its rank_interval {interval!r} is not [low, high]"
+    for name in dict.fromkeys(INTERVALS.values()):
+        interval = record.get(name)
+        if interval is not None and not (isinstance(interval, list) and len(interval) == 2
+                                         and all(_is_number(v) for v in interval)):
+            return f"its {name} {interval!r} is not [low, high]"
     return None
 
 
@@ -161,12 +165,14 @@ def _draw(axes: Axes, runs: list[Run], key: str, layer: str | None = None) -> No
             if key in ("rank", "srank") and len(_thresholds(runs)) > 1:
                 label += f" at {', '.join(map(str, _thresholds([run], method)))}"
             (line,) = axes.plot(steps, values, label=label, **styles[run.name, method])
-            if key in ("rank", "srank"):
-                # a layer's too: its line alone read 519 for an exact 268 (probe 67)
+            if key in INTERVALS:
+                # a layer's too: its line alone read 519 for an exact 268 (probe 67); the
+                # numerical rank's: its line read 1209 -> 167, its interval about [69, 1210]
+                # (probe 85)
                 sources = [(r["step"], r if layer is None else r.get("layers", {}).get(layer, {}))
                            for r in run.records if r["method"] == method]
-                bands = [(step, *source["rank_interval"]) for step, source in sources
-                         if source.get("rank_interval")]
+                bands = [(step, *source[INTERVALS[key]]) for step, source in sources
+                         if source.get(INTERVALS[key])]
                 if bands:
                     bands.sort()
                     axes.fill_between([b[0] for b in bands], [b[1] for b in bands],

@@ -538,21 +538,26 @@ def cannot_write(option: str, path: Path, err: OSError) -> CliError:
 PLOT_OPTIONS = ("--plot", "-o")
 
 
-def check_outputs(outputs: dict[str, Path | None], quiet: bool = False) -> None:
-    """Before any work: the output files (option -> path; None or ``-``: none) are distinct, each
-    can be written (a folder it needs is made only when it is written: a refused command leaves
-    none), and a figure's extension is one matplotlib writes; a
-    file that holds something already is named on stderr (unless ``quiet``), as it will be
-    replaced.
+def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
+                  reads: dict[str, Path | None] | None = None) -> None:
+    """Before any work: the output files (option -> path; None or ``-``: none) are distinct, none
+    is a file the command reads (``reads``, option -> path), each can be written (a folder it
+    needs is made only when it is written: a refused command leaves none), and a figure's
+    extension is one matplotlib writes; a file that holds something already is named on stderr
+    (unless ``quiet``), as it will be replaced.
 
     Raises:
         CliError: naming the option, the problem and the fix.
     """
+    read = {path.resolve(): option for option, path in (reads or {}).items() if path is not None}
     seen: dict[Path, str] = {}
     for option, path in outputs.items():
         if path is None or str(path) == "-":
             continue
         resolved = path.resolve()
+        if resolved in read:  # (--json w.pt replaced the --weights file w.pt; probe 85)
+            raise CliError(f"{option} {path} is the {read[resolved]} file the command reads: "
+                           f"writing it would replace it; give {option} another name")
         if resolved in seen:
             raise CliError(f"{seen[resolved]} and {option} name the same file {path}: the second "
                            "would replace the first; give each its own")
