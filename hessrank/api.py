@@ -245,8 +245,8 @@ def effective_rank(
         max_seconds: time budget (> 0) for the methods that predict their time (``exact``
             and the Lanczos methods; predicting it costs a few matrix-vector products); the
             Gram methods (``fisher``, ``ggn``) do not, and say so in a note.
-        seed: seed of the private generator for random probes and checks (the global RNG is not
-            used).
+        seed: seed of the private generator for random probes and checks, in ``[0, 2**63 - 1)``
+            (the global RNG is not used).
         progress: ``True`` for a progress bar with ETA, or a ``rich.progress.Progress``.
         measure_memory: also measure the call's peak memory (``result.peak_memory``, bytes
             above its start). Off by default because measuring resets process-wide state a

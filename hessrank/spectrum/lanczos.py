@@ -496,13 +496,32 @@ def _weighed(probe: np.ndarray, fixed: np.ndarray, counts: np.ndarray, dim: int)
     return weights
 
 
+def _copied(run: LanczosRun, pairs: _RitzPairs, eps: float) -> bool:
+    """Whether ``run`` went on from rounding (:attr:`LanczosRun.restarted`) and found copies
+    there: two Ritz values accurate to :data:`CONVERGED_RESIDUAL` of the largest within their
+    residuals and the rounding slack (:func:`_rounding_slack`) of each other. A small ``beta``
+    followed by a large one is also what two close eigenvalues leave (1e-4 apart in a rank-8
+    operator: nothing was deflated, every count sampled, its trace interval 78 % wide where the
+    run had found the spectrum); where no value repeats, the run's deflation holds as any
+    run's does (its basis is kept semi-orthogonal, restart or not)."""
+    if not run.restarted:
+        return False
+    scale = max(float(np.abs(pairs.nodes).max()), 1e-300)
+    # (zero is the null space, never deflated: rounding leaves it two nodes or more)
+    accurate = ((pairs.residuals <= CONVERGED_RESIDUAL * scale)
+                & (np.abs(pairs.nodes) > CONVERGED_RESIDUAL * scale))
+    values, radii = pairs.nodes[accurate], pairs.residuals[accurate]
+    return bool((np.diff(values) <= radii[1:] + radii[:-1]
+                 + _rounding_slack(eps, scale)).any())
+
+
 def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, restarted: bool = False
                          ) -> tuple[_Quadrature, list[str]]:
     """The deflated quadrature of one run (see the module docstring); ``final_beta``: its last
     ``beta`` as computed (:attr:`LanczosRun.final_beta`, for :func:`_invariance_floor`);
     ``restarted``: the run
-    went on from rounding noise (:attr:`LanczosRun.restarted`), so its converged Ritz values
-    can be copies of each other, and none is deflated (a zero-initialised network's 6-fold
+    went on from rounding noise and found copies there (:func:`_copied`), so its converged Ritz
+    values can be copies of each other, and none is deflated (a zero-initialised network's 6-fold
     eigenvalues were found 2 or 3 times each and counted so: srank 15 in [15, 15] for 39).
 
     Returns the quadrature and a note for each guess deflation had to make: the converged Ritz
@@ -1038,7 +1057,7 @@ def lanczos_spectrum(
     first.extend(steps)
     pairs = _ritz_pairs(first.alpha, first.beta, first.last_beta)
     quadrature, first_guesses = _deflated_quadrature(pairs, dim, first.final_beta,
-                                                     first.restarted)
+                                                     _copied(first, pairs, eps))
     # The rank bound as the first run left it (a data set's is known after a pass: its
     # batches' nonzero factor columns): no count exceeds it.
     bound = min(int(getattr(operator, "rank_bound", dim)), known)
@@ -1097,8 +1116,9 @@ def lanczos_spectrum(
         run.extend(len(run.storage))
         removals += run.removals
         spent += len(run.alpha)
-        quadrature, run_guesses = _deflated_quadrature(
-            _ritz_pairs(run.alpha, run.beta, run.last_beta), dim, run.final_beta, run.restarted)
+        run_pairs = _ritz_pairs(run.alpha, run.beta, run.last_beta)
+        quadrature, run_guesses = _deflated_quadrature(run_pairs, dim, run.final_beta,
+                                                       _copied(run, run_pairs, eps))
         for guess in run_guesses:
             _add_once(guesses, guess, likewise)
         quadratures.append(quadrature)
