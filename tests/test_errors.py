@@ -1069,8 +1069,12 @@ def test_exact_predicts_the_eigen_solve_it_runs(eigenvectors):
     # a process's first call imports hundreds of modules lazily, some inside the measured
     # work (20-50 MiB; they had come with dynamo, imported before it, until 2b030b3)
     hessrank.effective_rank(model, CE, (x, y), method="exact", eigenvectors=eigenvectors)
-    measured = hessrank.effective_rank(model, CE, (x, y), method="exact", measure_memory=True,
-                                       eigenvectors=eigenvectors).peak_memory
+    # The least of three calls' peaks: the resident set also grows with what else the process
+    # does meanwhile (98 MB measured for 61 predicted once in a full suite, 58-60 alone), which
+    # only ever adds.
+    peaks = [hessrank.effective_rank(model, CE, (x, y), method="exact", measure_memory=True,
+                                     eigenvectors=eigenvectors).peak_memory for _ in range(3)]
+    measured = None if None in peaks else min(peaks)
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.7 * measured <= predicted.value.memory_bytes <= 2 * measured, (
             predicted.value.memory_bytes, measured)
