@@ -497,22 +497,26 @@ def _weighed(probe: np.ndarray, fixed: np.ndarray, counts: np.ndarray, dim: int)
 
 
 def _copied(run: LanczosRun, pairs: _RitzPairs, eps: float) -> bool:
-    """Whether ``run`` went on from rounding (:attr:`LanczosRun.restarted`) and found copies
-    there: two Ritz values accurate to :data:`CONVERGED_RESIDUAL` of the largest within their
-    residuals and the rounding slack (:func:`_rounding_slack`) of each other. A small ``beta``
-    followed by a large one is also what two close eigenvalues leave (1e-4 apart in a rank-8
-    operator: nothing was deflated, every count sampled, its trace interval 78 % wide where the
-    run had found the spectrum); where no value repeats, the run's deflation holds as any
-    run's does (its basis is kept semi-orthogonal, restart or not)."""
+    """Whether ``run`` went on from rounding (:attr:`LanczosRun.restarted`) and may have found
+    copies there: a Ritz value accurate to :data:`CONVERGED_RESIDUAL` of the largest within the
+    residuals and the rounding slack (:func:`_rounding_slack`) of another, converged or on its
+    way (a copy of 4 at 3.9954, residual 0.068, when the budget ran out three products after
+    the restart: its count would have been lost, srank [8, 8] for 16; probe 86). A small
+    ``beta`` followed by a large one is also what two close eigenvalues leave (1e-4 apart in a
+    rank-8 operator: nothing was deflated, every count sampled, its trace interval 78 % wide
+    where the run had found the spectrum); where no value may repeat, the run's deflation holds
+    as any run's does (its basis is kept semi-orthogonal, restart or not)."""
     if not run.restarted:
         return False
     scale = max(float(np.abs(pairs.nodes).max()), 1e-300)
     # (zero is the null space, never deflated: rounding leaves it two nodes or more)
-    accurate = ((pairs.residuals <= CONVERGED_RESIDUAL * scale)
-                & (np.abs(pairs.nodes) > CONVERGED_RESIDUAL * scale))
-    values, radii = pairs.nodes[accurate], pairs.residuals[accurate]
-    return bool((np.diff(values) <= radii[1:] + radii[:-1]
-                 + _rounding_slack(eps, scale)).any())
+    nonzero = np.abs(pairs.nodes) > CONVERGED_RESIDUAL * scale
+    values, radii = pairs.nodes[nonzero], pairs.residuals[nonzero]
+    accurate = radii <= CONVERGED_RESIDUAL * scale
+    near = (np.abs(values[:, None] - values[None, :])
+            <= radii[:, None] + radii[None, :] + _rounding_slack(eps, scale))
+    np.fill_diagonal(near, False)
+    return bool((near & accurate[:, None]).any())
 
 
 def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, restarted: bool = False
