@@ -505,7 +505,7 @@ def test_tables_are_printed_when_writing_a_file_fails(tmp_path: Path, capsys,
     status, out, err = run_main(argv, capsys)
     assert status == 2 and out == ""
     assert err == expected
-    monkeypatch.setattr(report, "check_outputs", lambda outputs, quiet=False: None)
+    monkeypatch.setattr(report, "check_outputs", lambda outputs, quiet=False, reads=None: None)
     status, out, err = run_main(argv, capsys)
     assert status == 2
     assert "Estimators vs exact" in out and "\nfisher " in out
