@@ -1145,6 +1145,12 @@ def unused_parameters(pieces: Sequence[Tensor | None]) -> frozenset[int]:
     return frozenset(index for index, piece in enumerate(pieces) if piece is None)
 
 
+def unused_in_every(batches: Sequence[frozenset[int]]) -> frozenset[int]:
+    """The parameters no gradient reaches on any of a data set's ``batches`` (each batch's
+    :func:`unused_parameters`; one a batch uses is used); empty for no batch."""
+    return frozenset.intersection(*batches) if batches else frozenset()
+
+
 def unused_parameters_note(problem: CurvatureProblem, unused: Collection[int],
                            data_set: bool = False) -> str | None:
     """The note for analysed parameters that the loss does not depend on, or None.

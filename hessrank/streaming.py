@@ -59,6 +59,7 @@ from hessrank.problem import (
     read_batch,
     refuse_mixed_samples,
     refuse_split_batch_statistics,
+    unused_in_every,
 )
 
 #: ``(samples, float64 sum of the targets, float64 sum of every input)``: tells batches apart.
@@ -652,7 +653,6 @@ class StreamedOperator(ParameterOperator):
         """The data set's curvature times each row of ``vectors`` (``[k, P]``)."""
         self.num_products += vectors.shape[0]
         bounds: list[int] = []
-
         unused: list[frozenset[int]] = []
 
         def batch_product(batch: CurvatureProblem) -> tuple[Tensor, float]:
@@ -663,7 +663,7 @@ class StreamedOperator(ParameterOperator):
 
         product = self.problem.summed(batch_product)
         self.rank_bound = min(self.dim, sum(bounds))  # a sum's rank is at most its terms' sum
-        self.unused = frozenset.intersection(*unused) if unused else frozenset()
+        self.unused = unused_in_every(unused)
         return product
 
 

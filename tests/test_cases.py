@@ -974,9 +974,9 @@ def test_ggn_of_a_shifted_or_scaled_softmax_matches_the_reference(loss, dtype):
     """Such a loss's output Hessian cancels in its entries (5e-5 of the largest in float32 at
     probabilities 2e-4, 1e-14 in float64), whose rounding the test for negative eigenvalues had
     taken as exact: every seed of a ten-class and a three-class MLP with its last layer scaled
-    by 6 was refused as 'not convex in the outputs' (probe 84). The blocks are now computed in
-    float64 beside the outputs' dtype, whose difference bounds their rounding; against the
-    double-backprop reference of a float64 copy."""
+    by 6 was refused as 'not convex in the outputs' (probe 84). Blocks with negative eigenvalues
+    are now computed again in the other precision, whose difference bounds their rounding, and
+    the float64 ones are solved; against the double-backprop reference of a float64 copy."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
     with torch.no_grad():

@@ -19,7 +19,7 @@ from hessrank.estimators.base import (
     register,
     seconds_of,
 )
-from hessrank.problem import CurvatureProblem, unused_parameters_note
+from hessrank.problem import CurvatureProblem, unused_in_every, unused_parameters_note
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 from hessrank.streaming import StreamedProblem, per_batch
 
@@ -146,7 +146,7 @@ class Exact(Estimator):
                 hessian = problem.summed(batch_hessian)
             else:
                 hessian = batch_hessian(problem)[0]
-        note = unused_parameters_note(problem, frozenset.intersection(*unused),
+        note = unused_parameters_note(problem, unused_in_every(unused),
                                       data_set=isinstance(problem, StreamedProblem))
         notes = [] if note is None else [note]
         spectrum = Spectrum(np.empty(0), "autograd", max_rank=dim, num_hvps=dim * batches,

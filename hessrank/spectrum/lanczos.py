@@ -519,14 +519,14 @@ def _copied(run: LanczosRun, pairs: _RitzPairs, eps: float) -> bool:
     return bool((near & accurate[:, None]).any())
 
 
-def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, restarted: bool = False
+def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, copies: bool = False
                          ) -> tuple[_Quadrature, list[str]]:
     """The deflated quadrature of one run (see the module docstring); ``final_beta``: its last
     ``beta`` as computed (:attr:`LanczosRun.final_beta`, for :func:`_invariance_floor`);
-    ``restarted``: the run
-    went on from rounding noise and found copies there (:func:`_copied`), so its converged Ritz
-    values can be copies of each other, and none is deflated (a zero-initialised network's 6-fold
-    eigenvalues were found 2 or 3 times each and counted so: srank 15 in [15, 15] for 39).
+    ``copies``: the run went on from rounding noise and may have found copies there
+    (:func:`_copied`), so its converged Ritz values can be copies of each other, and none is
+    deflated (a zero-initialised network's 6-fold eigenvalues were found 2 or 3 times each and
+    counted so: srank 15 in [15, 15] for 39).
 
     Returns the quadrature and a note for each guess deflation had to make: the converged Ritz
     values looked repeated (their probe weights too large for simple eigenvalues) and the
@@ -555,7 +555,7 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, restart
         return count > 0 and dim * gauss[mask].sum() > count + 4 * math.sqrt(2 * count) + 4
 
     notes = []
-    if restarted and fixed.any():
+    if copies and fixed.any():
         fixed[:] = False
         notes.append("the run went on from rounding after its Krylov space turned invariant, "
                      "where it can find copies of its eigenvalues: none is deflated, every "
@@ -573,7 +573,7 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, restart
         notes.append(f"converged Ritz values carry more probe weight than simple eigenvalues "
                      f"would (repeated eigenvalues?): the {freed} heaviest not deflated, their "
                      "counts are sampled")
-    if converged.all() and len(nodes) < dim and not restarted:
+    if converged.all() and len(nodes) < dim and not copies:
         # Every Ritz value converged, fewer than dim of them: the Krylov space is invariant, and
         # the eigenvalues it lacks repeat some it has. One probe cannot say which: a node at
         # zero (a null space, where a network's curvature repeats an eigenvalue) takes them,
@@ -1353,8 +1353,8 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
         # interval holds both (an operator of rank 8 sampled in 10 of 20 runs had its trace
         # 4.500 in [4.500, 6.66] for 4.451). The counts' draws keep the plain weights: floored,
         # they moved those intervals up, and one missed.
-        trace_draws = [_bootstrap_weights(quadrature, BOOTSTRAP_DRAWS, trace_rng, least=least)
-                       for least in (1.0, 0.0)]
+        trace_draws = [_bootstrap_weights(quadrature, BOOTSTRAP_DRAWS, trace_rng, least=floor)
+                       for floor in (1.0, 0.0)]
         magnitude = np.abs(quadrature.nodes)
         tolerance = rtol * float(magnitude.max())
         above = magnitude > tolerance
@@ -1404,8 +1404,8 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
             if unseen:
                 upper = max(upper, float(weights[above & ~small].sum()) + hidden)
             bounds[2:, b] += min(count, lower, least[1]), max(count, upper, most[1])
-            ends = [(float(quadrature.nodes @ weights), float(error @ weights))
-                    for weights in (trace_draws[0][b], trace_draws[1][b])]
+            ends = [(float(quadrature.nodes @ draw[b]), float(error @ draw[b]))
+                    for draw in trace_draws]
             traces[:, b] += (min(min(trace, least[2]) - rounded for trace, rounded in ends)
                              - hidden_mass,
                              max(max(trace, most[2]) + rounded for trace, rounded in ends)
