@@ -749,6 +749,15 @@ def test_exact_over_budget_predicts_and_suggests(setup):
         hessrank.effective_rank(model, CE, (x, y), method="exact",
                                 max_memory=info.value.memory_bytes + 1)
     assert refined.value.memory_bytes == memory
+    # with eigenvectors, the prediction is the call's too (it had none: 30 % short; probe 87)
+    with_vectors = hessrank.predict_exact_cost(model, CE, (x, y), eigenvectors=3)[0]
+    assert with_vectors > memory
+    with pytest.raises(hessrank.BudgetError) as refused:
+        hessrank.effective_rank(model, CE, (x, y), method="exact", eigenvectors=3,
+                                max_memory=memory + 1)
+    assert refused.value.memory_bytes == with_vectors
+    hessrank.effective_rank(model, CE, (x, y), method="exact", eigenvectors=3,
+                            max_memory=with_vectors)
 
 
 class _ConvActivations(nn.Module):
