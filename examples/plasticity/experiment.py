@@ -241,7 +241,8 @@ def _read_json(path: Path) -> dict:
         raise SetupError(f"{path} is damaged (not valid JSON: {err}); {_REDO_HINT}") from None
 
 
-_REDO_HINT = "delete the run's folder to redo it from task 1 (the seed fixes every number)"
+_REDO_HINT = ("delete the run's folder to redo it from task 1 (the seed fixes every number on "
+              "this machine)")
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
