@@ -513,8 +513,8 @@ def _copied(run: LanczosRun, pairs: _RitzPairs, eps: float) -> bool:
     nonzero = np.abs(pairs.nodes) > CONVERGED_RESIDUAL * scale
     values, radii = pairs.nodes[nonzero], pairs.residuals[nonzero]
     accurate = radii <= CONVERGED_RESIDUAL * scale
-    near = (np.abs(values[:, None] - values[None, :])
-            <= radii[:, None] + radii[None, :] + _rounding_slack(eps, scale))
+    near = _near(values[:, None], radii[:, None], values[None, :], radii[None, :],
+                 _rounding_slack(eps, scale))
     np.fill_diagonal(near, False)
     return bool((near & accurate[:, None]).any())
 
@@ -721,12 +721,13 @@ def _bootstrap_weights(quadrature: _Quadrature, draws: int, rng: np.random.Gener
     return weights
 
 
-def _near(values: np.ndarray, radii: np.ndarray, value: float, radius: float, slack: float
-          ) -> np.ndarray:
+def _near(values: np.ndarray, radii: np.ndarray, value: float | np.ndarray,
+          radius: float | np.ndarray, slack: float) -> np.ndarray:
     """Which of ``values`` (known to within ``radii``: Ritz residuals) may be the eigenvalue
     ``value`` (within ``radius``): distinct eigenvalues are further apart, since deflation asks
     for a gap of ``1 / GAP_FRACTION`` residuals. ``slack`` allows for the rounding of the bases
-    (an invariant space has residuals of exactly 0)."""
+    (an invariant space has residuals of exactly 0). Arrays for ``value`` and ``radius``
+    broadcast against ``values`` (every pair, :func:`_copied`)."""
     return np.abs(values - value) <= radii + radius + slack
 
 
