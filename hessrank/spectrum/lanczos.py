@@ -823,7 +823,7 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
     free_values, free_radii = quadrature.nodes[~quadrature.fixed], quadrature.residuals[
         ~quadrature.fixed]
     scale = float(np.abs(pairs.nodes).max())
-    slack = _rounding_slack(torch.finfo(run.storage.dtype).eps, scale)
+    slack = _rounding_slack(working_eps(operator, run.storage.dtype), scale)
     storage = run.storage
     kept = len(fixed)
     ritz_vectors(storage[: len(run.alpha)], pairs.vectors[:, fixed])
@@ -962,7 +962,7 @@ def _spot_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPairs,
     fixed = fixed[np.argsort(-np.abs(quadrature.nodes[fixed]), kind="stable")[: 4 * budget]]
     values, radii = quadrature.nodes[fixed], quadrature.residuals[fixed]
     scale = float(np.abs(pairs.nodes).max())
-    slack = _rounding_slack(torch.finfo(run.storage.dtype).eps, scale)
+    slack = _rounding_slack(working_eps(operator, run.storage.dtype), scale)
     ritz_vectors(run.storage[: len(run.alpha)], pairs.vectors[:, fixed])
     check, found = _orthogonal_run(operator, run, len(fixed), budget, generator, advance, scale)
     copies: set[int] = set()
