@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessrank.ranks import default_rtol, spectral_ranks, srank
+from hessrank.ranks import default_rtol, spectral_ranks, srank, whole_count
 from hessrank.spectrum.dense import by_magnitude, not_finite_error
 from hessrank.spectrum.operator import SymmetricOperator
 
@@ -84,6 +84,10 @@ ORTHOGONALITY_FRACTION = 0.25
 SPOT_CHECK_STEPS = (16, 8)
 #: Parametric bootstrap draws for the interval.
 BOOTSTRAP_DRAWS = 200
+#: The least share of a start vector, times the ``d`` directions it is spread over, that an
+#: eigenvector keeps with 95 % probability: chi-square(1)'s 5 % quantile
+#: (:func:`_invariance_floor`).
+HIDDEN_SHARE = 0.00393
 #: Default cap on the memory of the Lanczos basis.
 MAX_BASIS_BYTES = 4 * 2**30
 
@@ -759,7 +763,7 @@ def _invariance_floor(final_beta: float, lacking: int) -> float:
     width. With the test's threshold for ``beta`` instead of its value, a zero-initialised MLP's
     GGN, whose last ``beta`` is far smaller, had its numerical rank in [3, 48] for 3; probe 69.)
     """
-    return final_beta * math.sqrt(lacking)
+    return final_beta * math.sqrt(lacking / HIDDEN_SHARE)
 
 
 def _hidden(quadrature: _Quadrature, bound: int) -> tuple[np.ndarray, float, float]:
@@ -789,7 +793,7 @@ class _Checked:
 
 def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPairs,
                   quadrature: _Quadrature, budget: int, generator: torch.Generator,
-                  advance: Callable[[int], None] | None) -> _Checked:
+                  advance: Callable[[int], None] | None, bound: int, spare: int) -> _Checked:
     """Counts the copies of the run's deflated eigenvalues with further runs orthogonal to them.
 
     Deflation takes a converged Ritz value for a simple eigenvalue, and one probe cannot tell
@@ -803,8 +807,14 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
     products' rounding (a copy of an eigenvalue within about ``sqrt(P) 100 eps`` of the scale
     can hide under the invariance test). When the budget cuts a run first, copies may be left,
     and every deflated eigenvalue's count is left to the probe (sampled): the counts found are
-    lower bounds only. A converged Ritz value that matches no node of the first run is an
-    eigenvalue its probe missed (orthogonal to its eigenspace): it is counted the same way.
+    lower bounds only. The operator's rank bound caps how many are left: none, and the counts
+    are complete; where no further run will sample them and the bound leaves at most one per
+    deflated eigenvalue, the counts found stand and the intervals allow each node to take what
+    the bound leaves, from the free nodes' weight (a probe's weight is one draw of a
+    count: an EF with one pair of eigenvalues 2e-7 of the largest apart had srank 2 to 11 for
+    5 and trace 2.2 to 31 for 14.3 on 5 of 20 seeds, each from one run; probe 89). A converged
+    Ritz value that matches no node of the first run is an eigenvalue its probe missed
+    (orthogonal to its eigenspace): it is counted the same way.
 
     The run's storage is reused: its basis is replaced by the Ritz vectors (``k`` rows), and
     each check run takes the rows after them, so the memory stays that of one basis.
@@ -816,6 +826,9 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
         budget: the products the check may spend.
         generator: the private generator of the start vectors.
         advance: progress callback.
+        bound: the operator's rank bound (its nonzero eigenvalues at most).
+        spare: the products the call has beyond ``budget``'s run: further runs, of the first
+            run's length, sample the counts where the check leaves them open.
     """
     fixed = np.flatnonzero(quadrature.fixed)
     values, radii = list(quadrature.nodes[fixed]), list(quadrature.residuals[fixed])
@@ -828,6 +841,7 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
     kept = len(fixed)
     ritz_vectors(storage[: len(run.alpha)], pairs.vectors[:, fixed])
     spent, runs, complete = 0, 0, False
+    floor, resolution = quadrature.floor, quadrature.resolution
     while budget - spent >= 1 and len(storage) > kept:
         steps = min(budget - spent, len(storage) - kept)
         check, found = _orthogonal_run(operator, run, kept, steps, generator, advance, scale)
@@ -854,8 +868,15 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
             deflated.append(index)
         if not deflated:
             # An invariant space holds every eigenspace its start touches (a Gaussian start:
-            # all of them): no copy is left. A run the budget cut may have missed some.
+            # all of them): no copy is left. A run the budget cut may have missed some. Its
+            # last beta, under the products' rounding, bounds the copies it can lack as the
+            # first run's does (a 1-product check lacking 26 directions hid a copy of 3.1e-4,
+            # 4e-5 of the largest, from an EF's trace interval that allowed 3.4e-5; probe 89).
             complete = check.invariant
+            if complete:
+                resolution = max(resolution, check.final_beta)
+                floor = max(floor, _invariance_floor(check.final_beta,
+                                                     operator.dim - kept - len(check.alpha)))
             break
         ritz_vectors(storage[kept: kept + len(check.alpha)], found.vectors[:, deflated])
         kept += len(deflated)
@@ -868,6 +889,9 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
         f"{value:.4g} ({count:.0f}-fold)" for value, count in zip(
             found_values[: len(fixed)][repeated[: len(fixed)]],
             found_counts[: len(fixed)][repeated[: len(fixed)]])))
+    if floor > quadrature.floor:
+        note += (f"; copies up to {floor:.3g} in magnitude may hide under its last run's "
+                 "rounding, and the intervals allow for them")
     if added:
         note += ("; eigenvalues the first probe missed: " + ", ".join(
             f"{value:.4g} ({count:.0f}-fold)" for value, count in zip(
@@ -875,7 +899,20 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
     nodes = np.concatenate([quadrature.nodes, found_values[len(fixed):]])
     is_fixed = np.concatenate([quadrature.fixed, np.ones(added, dtype=bool)])
     sampled: list[tuple[float, float]] = []
-    if not complete:
+    # Copies left are nonzero eigenvalues beside the counts found and the free nodes'.
+    room = bound - round(sum(counts)) - int(sum(
+        not _null(value, radius, slack) for value, radius in zip(free_values, free_radii)))
+    lacking = 0 if complete else quadrature.lacking
+    if not complete and room <= 0:
+        complete = True
+        note += "; the rank bound leaves no room for more copies"
+    elif (not complete and spare + budget - spent < len(run.alpha) and room <= len(fixed)
+          and not quadrature.fixed.all()):
+        lacking = room
+        note += (f"; its products ran out before its Krylov space was exhausted, so up to {room} "
+                 "copies (the rank bound) may be left: the counts found stand, and the "
+                 "intervals allow any eigenvalue to take them")
+    elif not complete:
         # Copies may be left: the counts found are lower bounds only. Those of the first run's
         # eigenvalues are left to its probe; those it missed (probe weight 0) keep them.
         is_fixed[fixed] = False
@@ -894,8 +931,7 @@ def _repeat_check(operator: SymmetricOperator, run: LanczosRun, pairs: _RitzPair
     checked = _Quadrature(nodes[order],
                           _weighed(probe, is_fixed, node_counts, operator.dim)[order],
                           is_fixed[order], residuals[order], probe[order],
-                          0 if complete else quadrature.lacking, quadrature.floor,
-                          quadrature.resolution)
+                          0 if complete else lacking, floor, resolution)
     return _Checked(checked, sampled, spent, note)
 
 
@@ -1087,7 +1123,7 @@ def lanczos_spectrum(
         pass  # nothing left to check
     elif quadrature.fixed.any() and first.invariant and steps > spent:
         check = _repeat_check(operator, first, pairs, quadrature, steps - spent, generator,
-                              advance)
+                              advance, bound, max_products - steps)
         quadrature, sampled, checked = check.quadrature, check.sampled, True
         spent += check.products
         guesses.append(check.note)
@@ -1175,8 +1211,10 @@ def lanczos_spectrum(
         # Every node 0 means every run's first product was exactly zero: H q = 0 for a random q
         # has q's components in every eigenvector, so every eigenvalue is 0 (the matrix is).
         intervals = _Intervals((0.0, 0.0), (0.0, 0.0), (0.0, 0.0))
-    intervals = dataclasses.replace(intervals, numerical=(
-        min(intervals.numerical[0], bound), min(intervals.numerical[1], bound)))
+    intervals = dataclasses.replace(
+        intervals, srank=(whole_count(intervals.srank[0]), whole_count(intervals.srank[1])),
+        numerical=(min(whole_count(intervals.numerical[0]), bound),
+                   min(whole_count(intervals.numerical[1]), bound)))
     deflated = int(quadratures[0].fixed.sum())
     notes.append(
         f"Lanczos quadrature: {runs} run(s) of {run_steps} steps, "
