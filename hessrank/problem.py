@@ -1053,12 +1053,14 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
     return 1024 * float(torch.finfo(dtype).eps)
 
 
-def mixed_samples_difference(problem: CurvatureProblem, outputs: Tensor) -> float | None:
+def mixed_samples_difference(problem: CurvatureProblem, outputs: Tensor,
+                             first: int | None = None) -> float | None:
     """How far the model's outputs for the batch's two halves, each run alone (one forward pass
     without a graph), are from ``outputs``, the whole batch's, relative to their largest entry;
     None where the model's output for a sample depends on that sample alone (to rounding), and
     where the outputs cannot be compared row by row (a single sample, outputs not batch first
-    or shaped by the batch).
+    or shaped by the batch). With ``first``, only the batch's ``first`` samples are run alone
+    (the halves where the batch has no more): a forward of that size.
 
     Raises:
         UnrepeatableForward: where the halves differ because the forward does not repeat
@@ -1068,9 +1070,12 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: Tensor) -> floa
     if (count < 2 or not isinstance(outputs, Tensor) or not outputs.is_floating_point()
             or outputs.shape[0] != count):  # not batch first: the loss's own checks name it
         return None
+    spans = (((0, count // 2), (count // 2, count)) if first is None or count <= first
+             else ((0, first),))
+    outputs = outputs[: spans[-1][1]]
     halves = []
     with torch.no_grad():
-        for start, stop in ((0, count // 2), (count // 2, count)):
+        for start, stop in spans:
             args, kwargs = problem.sample_slice(start, stop)
             halves.append(replace(problem, args=args, kwargs=kwargs,
                                   targets=problem.targets[start:stop]).forward())

@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
@@ -81,6 +82,12 @@ def is_batch_stream(batch: object) -> bool:
 
 def _check_pair(index: int, item: object) -> None:
     """Raise unless the data's batch number ``index`` is an ``(inputs, targets)`` pair."""
+    if isinstance(item, np.ndarray):
+        # (a pair of NumPy arrays holds no tensor, so it reads as a data set of two batches)
+        raise TypeError(
+            f"batch {index} of the data is a NumPy array: hessrank takes torch tensors; "
+            "convert one batch with (torch.from_numpy(inputs), torch.from_numpy(targets)), or "
+            "wrap arrays in a torch.utils.data.TensorDataset and DataLoader for a data set")
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise TypeError(
             f"batch {index} of the data is {type(item).__name__}"

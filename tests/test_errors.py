@@ -1484,3 +1484,36 @@ def test_a_call_does_not_load_dynamo():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+class _StandardisedInputs(nn.Module):
+    """Standardises its input with the batch's own statistics before any parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body((x - x.mean(0, keepdim=True)) / x.std(0, keepdim=True))
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_samples_mixed_before_every_parameter_are_refused_where_rules_take_all(method):
+    """Every parameter in a linear rule, whose check passes on each sample's factors in the
+    batch: fisher returned them with no word, where the README refuses a model that mixes its
+    samples and fisher_lanczos notes it (probe 89). The first two samples run alone now show it,
+    before any factor is formed."""
+    torch.manual_seed(0)
+    model = _StandardisedInputs().double()
+    x, y = classification_batch(8, 3, 3)
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method),
+           ValueError, "computed alone differs.*fisher_lanczos")
+
+
+def test_a_pair_of_numpy_arrays_is_named():
+    """A pair of NumPy arrays holds no tensor, so it read as a data set of two batches: 'batch 0
+    of the data is ndarray: each batch must be a pair', for a pair (probe 89)."""
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x.numpy(), y.numpy())),
+           TypeError, "NumPy array.*torch.from_numpy")

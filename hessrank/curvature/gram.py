@@ -50,10 +50,13 @@ from hessrank.curvature.row_gram import row_gram
 from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
 from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
+from hessrank.guard import ModuleGenerators
 from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
+    UnrepeatableForward,
     agreement_tolerance,
+    mixed_samples_difference,
     repeat_pass,
     unused_parameters,
     unused_parameters_note,
@@ -100,11 +103,16 @@ class GramResult:
         paths: parameter name -> the path that computed its block (a rule's name, ``torch.func``
             or ``per-sample loop``).
         notes: rules that failed their check or raised and were recomputed, and similar facts.
+        columns: the factors' columns per sample that can be nonzero, where the Gram has more
+            rows per sample (BackPACK's square root of a cross-entropy's output Hessian has
+            ``C`` columns, of rank ``C - 1``: the rank is at most ``n`` times this); None where
+            the Gram's rows are the factors'.
     """
 
     accumulator: GramAccumulator
     paths: dict[str, str]
     notes: list[str]
+    columns: int | None = None
 
 
 class _Capture:
@@ -353,6 +361,11 @@ def compute_gram(
     element = problem.params[0].element_size()
     children_groups = {child for group in claimed for child in covered[group].values()}
     unclaimed = [g for g in groups if g not in claimed and g not in children_groups]
+    notes: list[str] = []
+    if not unclaimed:
+        untested = _refuse_mixed_samples(problem, outputs)
+        if untested is not None:
+            notes.append(untested)
     counted = unruled_sizes(problem, use_rules)  # the general path's groups before the work
 
     def general_extra(general: Iterable[str], columns: int) -> int:
@@ -374,7 +387,6 @@ def compute_gram(
             outputs.numel() * outputs.element_size()), general_extra(unclaimed, 1)))
     cotangents = shard_cotangents(problem, cotangents_of, outputs)
     k, n = cotangents.shape[:2]
-    notes: list[str] = []
     if check_working_memory is not None:
         check_working_memory(max(
             working_bytes(graph.total, claimed, capture.outputs, sizes, k, n,
@@ -737,6 +749,52 @@ def _sample(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], i: int
     return tuple(x[i] for x in args), {key: x[i] for key, x in kwargs.items()}
 
 
+def _refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor) -> str | None:
+    """Raise where the rules claim every parameter and the model's output for a sample depends
+    on the other samples of the batch; return a note where that could not be tested.
+
+    The general path runs each sample alone and compares; the rules do not, and their check
+    passes where the samples mix before the first parameterised layer (an input standardised
+    with the batch's statistics: the factors are then each sample's in the batch, not those of
+    the sample alone that the EF's ``l_i`` and the GGN's blocks need, and fisher returned them
+    without a word; probe 89). The batch's first two samples run alone, a forward of two
+    (:func:`~hessrank.problem.mixed_samples_difference`). Not asked across processes (each
+    shard was tested on its own, :func:`~hessrank.distributed.check_shards_uncoupled`), nor of a
+    model that draws from its own generator (each pass restarts its draws).
+
+    Raises:
+        ValueError: the outputs of the two samples alone differ from their rows of the batch.
+    """
+    if parallel_of(problem) is not None or ModuleGenerators.read(problem.model).states:
+        return None
+    try:
+        difference = mixed_samples_difference(problem, outputs.detach(), first=2)
+    except (UnrepeatableForward, torch.OutOfMemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only
+        reason = " ".join(str(error).split())[:120]
+        return ("whether the model's output for a sample depends on the other samples of the "
+                "batch was not tested: it does not run on two samples alone "
+                f"({type(error).__name__}: {reason}); the rules' factors are each sample's in "
+                "the batch")
+    if difference is not None:
+        observation, cause = _mixing(difference)
+        raise ValueError(f"{observation}: {_lower_precision_cause(problem, difference) or cause}")
+    return None
+
+
+def _mixing(relative: float) -> tuple[str, str]:
+    """What differs, and its likely cause, where the outputs of samples run alone differ from
+    their rows of the batch output by ``relative``."""
+    return (f"a sample's output computed alone differs from its row of the batch output "
+            f"(relative difference {relative:.1e})",
+            "the model mixes the samples of a batch (BatchNorm on batch statistics, attention "
+            "over the batch dimension, e.g. a batch_first=False transformer given [n, T, d]), so "
+            "per-sample EF/GGN factors are undefined; fix the layout or use method='exact' or "
+            "'lanczos' (the Hessian of the batch's loss), or 'fisher_lanczos'/'ggn_lanczos' "
+            "(each sample's factor as the batch computes it)")
+
+
 def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float
                     ) -> tuple[str, str, float] | None:
     """What is wrong where the outputs of the samples computed alone differ from the batch's:
@@ -746,12 +804,7 @@ def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float
     if difference <= tolerance * math.sqrt(outputs[0].numel()) * scale:
         return None
     relative = float(difference / scale)
-    return (f"a sample's output computed alone differs from its row of the batch output "
-            f"(relative difference {relative:.1e})",
-            "the model mixes the samples of a batch (BatchNorm on batch statistics, attention "
-            "over the batch dimension, e.g. a batch_first=False transformer given [n, T, d]), so "
-            "per-sample EF/GGN factors are undefined; fix the layout or use method='exact' or "
-            "'lanczos'", relative)
+    return (*_mixing(relative), relative)
 
 
 class _LowerPrecision(TorchFunctionMode):

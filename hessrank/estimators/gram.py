@@ -126,9 +126,9 @@ class GramEstimator(Estimator):
         total = accumulator.total
         if total is None:  # every problem has at least one parameter group
             raise RuntimeError("no parameter group reached the Gram matrix")
-        size = total.shape[0]
         n = problem.num_samples
-        per_sample = size // n
+        per_sample = result.columns or total.shape[0] // n
+        size = min(total.shape[0], n * per_sample)  # the factors' rank bound
         cap = min(size, problem.num_params)
         notes = list(result.notes)
         if cap < problem.num_params:
