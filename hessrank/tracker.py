@@ -47,6 +47,10 @@ __all__ = ["JsonLinesSink", "Measurement", "Sink", "TensorBoardSink", "Tracker",
 ON_ERROR = ("raise", "warn", "record")
 # effective_rank's own arguments that the tracker sets itself.
 _RESERVED = ("model", "loss_fn", "batch", "method", "per_layer")
+#: What ends a refusal of a shared option that some of the methods take (the CLI, which passes
+#: each flag to every method that reads it, leaves it out).
+METHOD_OPTIONS_HINT = (" (an option for some of the methods only goes in method_options, e.g. "
+                       "method_options={'exact': {'mode': 'train'}})")
 
 
 def _user_stacklevel() -> int:
@@ -744,9 +748,7 @@ class Tracker:
             # a value another of the methods takes belongs in method_options; one none takes
             # is simply wrong
             method, first = next(iter(refusals.items()))
-            hint = (" (an option for some of the methods only goes in method_options, e.g. "
-                    "method_options={'exact': {'mode': 'train'}})"
-                    if len(refusals) < len(self.methods) else "")
+            hint = METHOD_OPTIONS_HINT if len(refusals) < len(self.methods) else ""
             raise type(first)(f"{method}: {first}{hint}") from first
         self.model, self.loss_fn = model, loss_fn
         self.budget, self.per_layer, self.on_error = budget, per_layer, on_error

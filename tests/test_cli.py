@@ -874,18 +874,31 @@ def test_json_is_written_through_links_and_pipes(tmp_path: Path, capsys) -> None
 def test_an_interrupted_compare_does_not_claim_a_figure_it_did_not_draw(tmp_path: Path, capsys,
                                                                          monkeypatch) -> None:
     """Ctrl-C before the first checkpoint: ``--plot`` said it wrote a figure that was an earlier
-    run's, beside a new JSON of no checkpoint (probe 67)."""
+    run's (probe 67), and the JSON and CSV there were replaced by results of no checkpoint
+    (probe 91): none of the three is written, each says so."""
     from hessrank.cli import compare as compare_module
 
     def interrupted(*args, **kwargs) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(compare_module, "run_compare", interrupted)
-    figure = tmp_path / "r.png"
-    figure.write_bytes(b"an earlier figure")
-    status, _, err = run_main(["compare", *TINY, "--methods", "fisher", "--plot", str(figure),
-                               "--json", str(tmp_path / "r.json")], capsys)
+    outputs = {"--plot": tmp_path / "r.png", "--json": tmp_path / "r.json",
+               "--csv": tmp_path / "r.csv"}
+    for option, path in outputs.items():
+        path.write_bytes(f"an earlier {option}".encode())
+    status, _, err = run_main(["compare", *TINY, "--methods", "fisher",
+                               *(item for option, path in outputs.items()
+                                 for item in (option, str(path)))], capsys)
     assert status == 130
-    assert f"--plot {figure} not written: no checkpoint was measured" in err
-    assert f"wrote {figure.resolve()}" not in err
-    assert figure.read_bytes() == b"an earlier figure"
+    for option, path in outputs.items():
+        assert f"{option} {path} not written: no checkpoint was measured" in err
+        assert f"wrote {path.resolve()}" not in err
+        assert path.read_bytes() == f"an earlier {option}".encode()
+
+
+def test_a_refused_flag_gets_no_python_api_hint(capsys) -> None:
+    """The tracker's refusal of a shared option that other methods take ends with a hint about
+    ``method_options``, which the CLI has no flag for (probe 91)."""
+    status, _, err = run_main(["compare", *TINY, "--lanczos-steps", "1"], capsys)
+    assert status == 2
+    assert "lanczos_steps=1" in err and "method_options" not in err

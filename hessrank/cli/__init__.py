@@ -531,18 +531,24 @@ def _compare(args: argparse.Namespace) -> int:
         # them; the tables even where a file fails (its error is raised after them).
         written: list[Path | None] = []
         failed: CliError | None = None
+        # Interrupted before the first checkpoint, nothing is written: an earlier run's files
+        # there are kept (they had been replaced by empty results; probe 91).
+        measured = any(run["checkpoints"] for run in result["runs"])
         try:
-            save(result)
-            written.append(args.json)
-            if args.csv:
+            if measured:
+                save(result)
+                written.append(args.json)
+            if args.csv and measured:
                 report.write_csv(result, args.csv)
                 written.append(args.csv)
-            if args.plot and not report.write_plot(result, args.plot):
-                print(f"hessrank: --plot {args.plot} not written: no checkpoint was measured"
-                      + (" (the file there is an earlier run's)" if args.plot.exists() else ""),
-                      file=sys.stderr)
-            elif args.plot:
+            if args.plot and measured and report.write_plot(result, args.plot):
                 written.append(args.plot)
+            for option, path in (("--json", args.json), ("--csv", args.csv),
+                                 ("--plot", args.plot)):
+                if path is not None and path not in written:
+                    print(f"hessrank: {option} {path} not written: no checkpoint was measured"
+                          + (" (the file there is an earlier run's)" if path.exists() else ""),
+                          file=sys.stderr)
         except CliError as error:
             failed = error
         try:

@@ -178,7 +178,8 @@ def tracker(
             progress=progress,
         )
     except (TypeError, ValueError) as err:  # a value a method refuses: before any work
-        raise CliError(str(err)) from err
+        # (method_options is the Python API's; a flag goes to every method that reads it)
+        raise CliError(str(err).removesuffix(hessrank.tracker.METHOD_OPTIONS_HINT)) from err
 
 
 def check_budget(measurement: hessrank.tracker.Measurement, problem: Problem, cfg: Config,

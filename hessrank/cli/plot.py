@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hessrank.cli.errors import CliError
-from hessrank.cli.report import pyplot, save_figure
+from hessrank.cli.report import count_axis, pyplot, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -156,11 +156,13 @@ def _styles(runs: list[Run]) -> dict[tuple[str, str], dict[str, Any]]:
 def _draw(axes: Axes, runs: list[Run], key: str, layer: str | None = None) -> None:
     """One line per (run, method) of ``key`` against step."""
     styles = _styles(runs)
+    drawn: list[float] = []
     for run in runs:
         for method in run.methods():
             steps, values = run.series(method, key, layer)
             if not steps:
                 continue
+            drawn.extend(steps)
             label = method if len(runs) == 1 else f"{run.name}: {method}"
             if key in ("rank", "srank") and len(_thresholds(runs)) > 1:
                 label += f" at {', '.join(map(str, _thresholds([run], method)))}"
@@ -178,6 +180,7 @@ def _draw(axes: Axes, runs: list[Run], key: str, layer: str | None = None) -> No
                     axes.fill_between([b[0] for b in bands], [b[1] for b in bands],
                                       [b[2] for b in bands], color=line.get_color(), alpha=0.15,
                                       label=f"{label} interval")
+    count_axis(axes, drawn)
     axes.set_xlabel("step")
     axes.grid(alpha=0.3)
 

@@ -625,6 +625,17 @@ def pyplot(what: str) -> Any:
     return plt
 
 
+def count_axis(axes: Any, values: list[float] | np.ndarray) -> None:
+    """Whole-number ticks on ``axes``' x axis (steps, tasks), one unit either side of a single
+    value (its autoscaled range had been 0.945 to 1.055, and -0.04 to 0.04 for step 0; probe
+    91)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(values) and min(values) == max(values):
+        axes.set_xlim(min(values) - 1, max(values) + 1)
+
+
 def save_figure(fig: Any, path: Path, what: str) -> None:
     """Write ``fig`` as a PNG at ``path`` (its folder created) and close it.
 
@@ -649,7 +660,6 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
         Whether it was written (not where no checkpoint was measured).
     """
     plt = pyplot("--plot")
-    from matplotlib.ticker import MaxNLocator
 
     methods = report["config"]["methods"]
     runs = [r for r in report["runs"] if r["checkpoints"]]
@@ -693,7 +703,7 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
             axes[1].plot(x, mean, marker="o", label=method)
             if len(runs) > 1:
                 axes[1].fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.2)
-        axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        count_axis(axes[1], np.arange(1, min(len(r["checkpoints"]) for r in runs) + 1))
         axes[1].set_xlabel("task (checkpoint at its start)")
         axes[1].set_ylabel(f"srank at {report['config']['threshold']}")
         axes[1].set_title("rank over checkpoints")
