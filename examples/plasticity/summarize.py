@@ -163,7 +163,7 @@ def target_2(runs: dict[str, RunData]) -> list[str]:
         f"{'yes' if sometimes else 'no'} (rule: lead = accuracy's half-fall task minus the "
         "rank's, each from task 2 to the mean of the last 3 tasks, per seed; 'yes' when some "
         "ReLU or leaky-ReLU run's lead is positive with a CI excluding 0) | lead in tasks: "
-        f"{'; '.join(precede)} |",
+        f"{'; '.join(precede) or 'no ReLU or leaky-ReLU run loses plasticity'} |",
     ]
 
 
@@ -276,10 +276,11 @@ def target_6(runs: dict[str, RunData]) -> list[str]:
         overlap_less = diff[0] > 0 and diff[0] > diff[1]
     else:
         overlap_less = False
-    drops = all(
-        early_late(runs[f"act_{a}"]["grad_norm_start"]).change < 0
-        for a in ("relu", "leaky_relu") if f"act_{a}" in runs
-    )
+    # a drop, as every verdict here, needs its CI to exclude 0 (the sign alone said "yes" beside
+    # two changes marked n.s.; probe 91)
+    gradient_changes = [early_late(runs[f"act_{a}"]["grad_norm_start"])
+                        for a in ("relu", "leaky_relu") if f"act_{a}" in runs]
+    drops = all(c.change < 0 and c.significant for c in gradient_changes)
     return [f"| 6 | update norm grows for leaky-ReLU while plasticity is lost; gradient norm "
             f"drops at task start; leaky's gradients overlap less with the top Hessian subspace "
             f"| update norm grows (tasks 2-4 -> last 3): {'yes' if grows else 'no'}; gradient "
