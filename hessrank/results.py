@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 
 
-@dataclass(frozen=True, repr=False)
+# eq=False: the generated __eq__ compared the eigenvalue arrays, whose truth value is ambiguous
+# (``a == b``, ``a in [b]`` raised; probe 90): results compare, and hash, by identity.
+@dataclass(frozen=True, repr=False, eq=False)
 class RankResult:
     """Spectrum and ranks of one curvature matrix.
 
@@ -22,7 +24,9 @@ class RankResult:
         eigenvalues: float64, sorted by decreasing magnitude, signed. ``fisher``/``ggn``: the
             spectrum through the Gram matrix (length ``min(n, P)`` / ``min(n C', P)``, zeros
             of the factors included); ``exact``: all
-            ``P``; ``lanczos``: the Ritz values of the first probe.
+            ``P``; ``lanczos``: the Ritz values of the first probe (its quadrature's nodes),
+            not every eigenvalue: those its Krylov space did not resolve are absent, so
+            ``eigenvalues[k]`` can lie below the ``k``-th largest.
         ranks: the same spectrum under every definition of :mod:`hessrank.ranks`.
         method, backend: estimator and the machinery that computed it.
         num_params: ``P``, parameters analysed. num_samples: ``n``.

@@ -782,3 +782,13 @@ def test_a_forward_that_differentiates_is_analysed(method: str, as_data_set: boo
     result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method)
     expected = eigenvalues_by_magnitude(_energy_references(model, x, y)[method])
     assert_spectra_close(result.eigenvalues, expected, count=6)
+
+
+def test_results_compare_and_hash_by_identity():
+    """The generated __eq__ compared the eigenvalue arrays: ``a == b`` and ``a in [b]`` raised
+    (an ambiguous truth value), ``hash(a)`` a TypeError (probe 90)."""
+    x, y = classification_batch(6, 5, 3)
+    model = mlp((5, 4, 3))
+    first, second = (hessrank.effective_rank(model, CE, (x, y)) for _ in range(2))
+    assert first == first and first != second
+    assert first in [second, first] and len({first, second}) == 2
