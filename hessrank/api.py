@@ -349,12 +349,12 @@ def effective_rank(
                 if per_layer and estimator.layer_strategy == "restricted":
                     # refused on the whole model's prediction before the modules' are made
                     # (each times a product: 10 s for a refusal on ResNet-18; probe 81)
-                    estimator.check_budget(cost, problem, settings)
+                    estimator.check_budget(cost, problem, settings, first=True)
                     cost = _agreed_cost(parallel, _with_layers(
                         estimator, problem, outputs, settings, method_options, cost))
                 cost = _with_joined_data(estimator, problem, cost)
                 check_parameters()  # the forward passes so far left the parameters alone
-                estimator.check_budget(cost, problem, settings)
+                estimator.check_budget(cost, problem, settings, first=True)
                 if max_seconds is not None and cost.seconds is None:
                     problem.notes.append(
                         f"max_seconds is not enforced by {estimator.name}: it predicts its "

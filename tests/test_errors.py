@@ -1517,3 +1517,13 @@ def test_a_pair_of_numpy_arrays_is_named():
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     _check(model, lambda: hessrank.effective_rank(model, CE, (x.numpy(), y.numpy())),
            TypeError, "NumPy array.*torch.from_numpy")
+
+
+def test_a_budget_refused_before_the_work_names_its_figure_a_least(setup):
+    """A budget raised to the first refusal's figure was refused again at twice it, once the
+    first pass over the model had been measured (probe 90): that figure says "or more"."""
+    model, x, y = setup
+    error = _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method="exact",
+                                                          max_memory=1000),
+                   hessrank.BudgetError, "needs about .* or more for P")
+    assert "measured then and added" in str(error)

@@ -237,29 +237,37 @@ class Estimator(ABC):
                           advice=advice)
 
     def check_budget(self, cost: Cost, problem: CurvatureProblem, settings: Settings,
-                     caller: str | None = None, advice: str | None = None) -> None:
+                     caller: str | None = None, advice: str | None = None,
+                     first: bool = False) -> None:
         """Raise :class:`BudgetError` when the predicted cost exceeds the budget.
 
         Args:
             caller: who needs the cost, named in the message (default ``method=<name>``).
             advice: what to do instead (default :attr:`budget_advice`).
+            first: the prediction made before the work, which the work refines once its first
+                pass over the model shows what that pass holds (:meth:`check_refined`): its
+                figure is a least, "or more" (a budget raised to it was refused again at twice
+                it; probe 90).
         """
         who = caller or f"method={self.name!r}"
         instead = advice or self.budget_advice
+        more = " or more" if first else ""
+        later = (" (predicted before the work: what its first pass over the model holds is "
+                 "measured then and added)" if first else "")
         if cost.memory_bytes > settings.max_memory:
             raise BudgetError(
-                f"{who} needs about {format_bytes(cost.memory_bytes)} for "
+                f"{who} needs about {format_bytes(cost.memory_bytes)}{more} for "
                 f"P = {problem.num_params:,} parameters and n = {problem.num_samples:,} "
                 f"samples, over max_memory = {format_bytes(settings.max_memory)}: "
-                f"{instead}, restrict params=, or raise max_memory",
+                f"{instead}, restrict params=, or raise max_memory{later}",
                 cost.memory_bytes, cost.seconds,
             )
         if settings.max_seconds is not None and cost.seconds is not None and (
             cost.seconds > settings.max_seconds
         ):
             raise BudgetError(
-                f"{who} would take about {cost.seconds:.3g} s, over max_seconds = "
-                f"{settings.max_seconds:g} s: {instead}, or raise max_seconds",
+                f"{who} would take about {cost.seconds:.3g} s{more}, over max_seconds = "
+                f"{settings.max_seconds:g} s: {instead}, or raise max_seconds{later}",
                 cost.memory_bytes, cost.seconds,
             )
 
