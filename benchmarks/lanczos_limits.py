@@ -19,6 +19,13 @@ Cases:
   Ritz value's residual; the trace interval over 16 seeds.
 - ``a budget of P / 20``: a block of a trained MLP (many small eigenvalues of both signs) at
   30 and 60 products; the srank interval over 8 seeds.
+- ``a pair one eigenvalue to float32``: an EF of rank 12 (``fisher_lanczos``, a Poisson
+  regression MLP, n = 12, P = 37, float64) whose 10th and 11th eigenvalues are 2.5e-7 of the
+  largest apart, at its default 13 products over 20 seeds: the srank estimate and the trace
+  interval.
+- ``every eigenvalue C-fold``: a linear layer under MSE, whose Hessian is ``kron(I_C, A)``: a
+  linear model (P = 44, each eigenvalue 4-fold) at the default budget and at 11 products over 60
+  seeds, and an MLP's last layer (P = 27, 3-fold) at 12 products over 40; the trace interval.
 """
 
 from __future__ import annotations
@@ -167,12 +174,68 @@ def small_budget() -> str:
     return "P = 600 (a trained block), " + "; ".join(rows)
 
 
+def pair_below_float32() -> str:
+    import torch.nn.functional as F
+
+    torch.manual_seed(7)
+    inputs = torch.randn(12, 4, dtype=torch.float64)
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    counts = torch.poisson(torch.full((12,), 2.0, dtype=torch.float64))
+
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.poisson_nll_loss(outputs[:, 0], targets)
+
+    batch = (inputs, counts)
+    exact = hessrank.effective_rank(model, loss, batch, method="fisher")
+    results = [hessrank.effective_rank(model, loss, batch, method="fisher_lanczos", seed=seed)
+               for seed in range(20)]
+    wrong = [r.rank for r in results if r.rank != exact.rank]
+    held = sum(r.trace_interval[0] <= exact.trace <= r.trace_interval[1] for r in results)
+    return (f"srank {exact.rank} estimated otherwise in {len(wrong)} of 20 seeds"
+            + (f" ({min(wrong)} to {max(wrong)})" if wrong else "")
+            + f"; trace interval held {exact.trace:.4f} in {held} of 20")
+
+
+def kronecker_blocks() -> str:
+    rows = []
+    torch.manual_seed(0)
+    model = nn.Linear(10, 4).double()
+    generator = torch.Generator().manual_seed(1)
+    batch = (torch.randn(40, 10, generator=generator, dtype=torch.float64),
+             torch.randn(40, 4, generator=generator, dtype=torch.float64))
+    loss = nn.MSELoss()
+    exact = hessrank.effective_rank(model, loss, batch, method="exact")
+    for steps in (None, 11):
+        options = {} if steps is None else {"lanczos_steps": steps}
+        held = sum(low <= exact.trace <= high for low, high in (
+            hessrank.effective_rank(model, loss, batch, method="lanczos", seed=seed,
+                                    **options).trace_interval for seed in range(60)))
+        rows.append(f"P = 44, {'default budget' if steps is None else f'{steps} products'}: "
+                    f"trace interval held {exact.trace:.3f} in {held} of 60 seeds")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    generator = torch.Generator().manual_seed(1)
+    batch = (torch.randn(30, 6, generator=generator), torch.randn(30, 3, generator=generator))
+    block = ["2.weight", "2.bias"]
+    exact = hessrank.effective_rank(model, loss, batch, method="exact", params=block)
+    held = sum(low <= exact.trace <= high for low, high in (
+        hessrank.effective_rank(model, loss, batch, method="lanczos", params=block,
+                                lanczos_steps=12, seed=seed).trace_interval
+        for seed in range(40)))
+    rows.append(f"last layer, P = 27, 12 products: trace interval held {exact.trace:.3f} in "
+                f"{held} of 40 seeds")
+    return "; ".join(rows)
+
+
 CASES = {
     "zero-init GGN": zero_init_ggn,
     "constant-init Hessian at P": constant_init_hessian,
     "four copies of a unit": copies_of_a_unit,
     "three identical heads": identical_heads,
     "a budget of P / 20": small_budget,
+    "a pair one eigenvalue to float32": pair_below_float32,
+    "every eigenvalue C-fold": kronecker_blocks,
 }
 
 
