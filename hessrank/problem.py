@@ -1053,7 +1053,7 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
     return 1024 * float(torch.finfo(dtype).eps)
 
 
-def mixed_samples_difference(problem: CurvatureProblem, outputs: Tensor,
+def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
                              first: int | None = None) -> float | None:
     """How far the model's outputs for the batch's two halves, each run alone (one forward pass
     without a graph), are from ``outputs``, the whole batch's, relative to their largest entry;
@@ -1077,6 +1077,11 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: Tensor,
     with torch.no_grad():
         for start, stop in spans:
             args, kwargs = problem.sample_slice(start, stop)
+            # copies: a forward that modifies its input in place would change the call's batch
+            # under the rules' captured inputs (a fisher of a net that doubles its input was
+            # computed at four times two of its samples)
+            args = tuple(arg.clone() for arg in args)
+            kwargs = {key: value.clone() for key, value in kwargs.items()}
             halves.append(replace(problem, args=args, kwargs=kwargs,
                                   targets=problem.targets[start:stop]).forward())
     # outputs shaped by the batch (sequences cut to the batch's longest): not comparable row

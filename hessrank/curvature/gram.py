@@ -749,7 +749,7 @@ def _sample(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], i: int
     return tuple(x[i] for x in args), {key: x[i] for key, x in kwargs.items()}
 
 
-def _refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor) -> str | None:
+def _refuse_mixed_samples(problem: CurvatureProblem, outputs: object) -> str | None:
     """Raise where the rules claim every parameter and the model's output for a sample depends
     on the other samples of the batch; return a note where that could not be tested.
 
@@ -768,7 +768,7 @@ def _refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor) -> str | N
     if parallel_of(problem) is not None or ModuleGenerators.read(problem.model).states:
         return None
     try:
-        difference = mixed_samples_difference(problem, outputs.detach(), first=2)
+        difference = mixed_samples_difference(problem, outputs, first=2)
     except (UnrepeatableForward, torch.OutOfMemoryError):
         raise
     except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only
