@@ -1058,3 +1058,20 @@ def test_repeated_eigenvalues_of_a_linear_layer_under_mse_keep_the_trace_in_its_
         result = hessrank.effective_rank(net, nn.MSELoss(), (x, y), method="lanczos",
                                          params=last, lanczos_steps=12, seed=seed)
         assert result.trace_interval[0] <= exact.trace <= result.trace_interval[1], seed
+
+
+def test_a_room_as_large_as_the_free_weight_leaves_no_negative_weight() -> None:
+    """An MLP's last layer under MSE (4-fold eigenvalues, P = 44): the first run found three
+    copies of each, the repeat check's one product found none, and the rank bound's room, 20,
+    equalled the free nodes' weight: allocating it left weights of -1e-16 and an internal
+    error (probe 92). The interval allows the copies left."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4))
+    for parameter in model[0].parameters():
+        parameter.requires_grad_(False)
+    x, y = torch.randn(7, 6), torch.randn(7, 4)
+    exact = hessrank.effective_rank(model, nn.MSELoss(), (x, y), method="exact")
+    result = hessrank.effective_rank(model, nn.MSELoss(), (x, y), method="lanczos",
+                                     lanczos_steps=28, seed=23)
+    assert result.trace_interval[0] <= exact.trace <= result.trace_interval[1]
+    assert result.rank_interval[0] <= exact.rank <= result.rank_interval[1]
