@@ -1073,7 +1073,7 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
     spans = (((0, count // 2), (count // 2, count)) if first is None or count <= first
              else ((0, first),))
     outputs = outputs[: spans[-1][1]]
-    halves = []
+    parts = []
     with torch.no_grad():
         for start, stop in spans:
             args, kwargs = problem.sample_slice(start, stop)
@@ -1082,14 +1082,14 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
             # computed at four times two of its samples)
             args = tuple(arg.clone() for arg in args)
             kwargs = {key: value.clone() for key, value in kwargs.items()}
-            halves.append(replace(problem, args=args, kwargs=kwargs,
+            parts.append(replace(problem, args=args, kwargs=kwargs,
                                   targets=problem.targets[start:stop]).forward())
     # outputs shaped by the batch (sequences cut to the batch's longest): not comparable row
     # by row
-    if not all(isinstance(half, Tensor) and half.shape[1:] == outputs.shape[1:]
-               for half in halves):
+    if not all(isinstance(part, Tensor) and part.shape[1:] == outputs.shape[1:]
+               for part in parts):
         return None
-    alone = torch.cat(halves).to(outputs.dtype)
+    alone = torch.cat(parts).to(outputs.dtype)
     scale = float(outputs.detach().abs().max())
     difference = float((alone - outputs.detach()).abs().max())
     if difference > agreement_tolerance(outputs.dtype) * max(scale,
@@ -1097,6 +1097,14 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
         repeat_pass(problem)
         return difference / max(scale, 1e-300)
     return None
+
+
+def untested_mixing(error: Exception, runs: str) -> str:
+    """The start of a note where the samples' mixing could not be tested: the forward raised
+    ``error`` on ``runs`` (``"half of the batch"``, ``"two samples alone"``)."""
+    reason = " ".join(str(error).split())[:120]
+    return ("whether the model's output for a sample depends on the other samples of the batch "
+            f"was not tested: it does not run on {runs} ({type(error).__name__}: {reason})")
 
 
 def refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor, part: str) -> None:

@@ -538,11 +538,11 @@ def _compare(args: argparse.Namespace) -> int:
             if measured:
                 save(result)
                 written.append(args.json)
-            if args.csv and measured:
-                report.write_csv(result, args.csv)
-                written.append(args.csv)
-            if args.plot and measured and report.write_plot(result, args.plot):
-                written.append(args.plot)
+                if args.csv:
+                    report.write_csv(result, args.csv)
+                    written.append(args.csv)
+                if args.plot and report.write_plot(result, args.plot):
+                    written.append(args.plot)
             for option, path in (("--json", args.json), ("--csv", args.csv),
                                  ("--plot", args.plot)):
                 if path is not None and path not in written:

@@ -29,6 +29,7 @@ from hessrank.problem import (
     UnrepeatableForward,
     mixed_samples_difference,
     refuse_mixed_samples,
+    untested_mixing,
     unused_parameters,
     without_second_derivative,
 )
@@ -119,10 +120,7 @@ class FactorOperator(ParameterOperator):
         except UnrepeatableForward:
             raise
         except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only
-            reason = " ".join(str(error).split())[:120]
-            return ("whether the model's output for a sample depends on the other samples of the "
-                    "batch was not tested: it does not run on half of the batch "
-                    f"({type(error).__name__}: {reason}); where it does, {meaning}")
+            return f"{untested_mixing(error, 'half of the batch')}; where it does, {meaning}"
         if difference is None:
             return None
         return (f"the model's output for a sample depends on the other samples of the batch "

@@ -58,6 +58,7 @@ from hessrank.problem import (
     agreement_tolerance,
     mixed_samples_difference,
     repeat_pass,
+    untested_mixing,
     unused_parameters,
     unused_parameters_note,
 )
@@ -772,11 +773,8 @@ def _refuse_mixed_samples(problem: CurvatureProblem, outputs: object) -> str | N
     except (UnrepeatableForward, torch.OutOfMemoryError):
         raise
     except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only
-        reason = " ".join(str(error).split())[:120]
-        return ("whether the model's output for a sample depends on the other samples of the "
-                "batch was not tested: it does not run on two samples alone "
-                f"({type(error).__name__}: {reason}); the rules' factors are each sample's in "
-                "the batch")
+        return (f"{untested_mixing(error, 'two samples alone')}; the rules' factors are each "
+                "sample's in the batch")
     if difference is not None:
         observation, cause = _mixing(difference)
         raise ValueError(f"{observation}: {_lower_precision_cause(problem, difference) or cause}")

@@ -503,22 +503,16 @@ def _weighed(probe: np.ndarray, fixed: np.ndarray, counts: np.ndarray, dim: int)
     return weights
 
 
-def _copied(run: LanczosRun, pairs: _RitzPairs, eps: float) -> bool:
-    """Whether ``run`` went on from rounding (:attr:`LanczosRun.restarted`) and may have found
-    copies there: a Ritz value accurate to :data:`CONVERGED_RESIDUAL` of the largest within the
-    residuals and the rounding slack (:func:`_rounding_slack`) of another, converged or on its
-    way (a copy of 4 at 3.9954, residual 0.068, when the budget ran out three products after
-    the restart: its count would have been lost, srank [8, 8] for 16; probe 86). A small
-    ``beta`` followed by a large one is also what two close eigenvalues leave (1e-4 apart in a
-    rank-8 operator: nothing was deflated, every count sampled, its trace interval 78 % wide
-    where the run had found the spectrum); where no value may repeat, the run's deflation holds
-    as any run's does (its basis is kept semi-orthogonal, restart or not)."""
-    return run.restarted and _copies_seen(pairs, eps)
-
-
 def _copies_seen(pairs: _RitzPairs, eps: float) -> bool:
     """Whether a Ritz value accurate to :data:`CONVERGED_RESIDUAL` of the largest lies within
-    the residuals and the rounding slack of another nonzero one (:func:`_copied`'s test). In a
+    the residuals and the rounding slack (:func:`_rounding_slack`) of another nonzero one,
+    converged or on its way. In a run that went on from rounding
+    (:attr:`LanczosRun.restarted`) they may be copies found there, and nothing is deflated (a
+    copy of 4 at 3.9954, residual 0.068, when the budget ran out three products after the
+    restart: its count would have been lost, srank [8, 8] for 16; probe 86); a small ``beta``
+    followed by a large one is also what two close eigenvalues leave (1e-4 apart in a rank-8
+    operator: nothing was deflated, every count sampled, its trace interval 78 % wide where the
+    run had found the spectrum), so a restart without copies deflates as any run does. In a
     run that did not restart they are copies of a repeated eigenvalue or of a converged one (a
     float32 run of a trained MLP's Hessian to P products finds such ghosts): evidence of
     repeats, not proof."""
@@ -537,12 +531,12 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, copies:
                          seen: bool = False) -> tuple[_Quadrature, list[str]]:
     """The deflated quadrature of one run (see the module docstring); ``final_beta``: its last
     ``beta`` as computed (:attr:`LanczosRun.final_beta`, for :func:`_invariance_floor`);
-    ``copies``: the run went on from rounding noise and may have found copies there
-    (:func:`_copied`), so its converged Ritz values can be copies of each other, and none is
-    deflated (a zero-initialised network's 6-fold eigenvalues were found 2 or 3 times each and
-    counted so: srank 15 in [15, 15] for 39); ``seen``: copies among its Ritz values
-    (:func:`_copies_seen`), beside which moderately heavy probe weights on the deflated values
-    are a sign of repeats (see below).
+    ``copies``: the run went on from rounding noise and may have found copies there (a
+    restart with :func:`_copies_seen`), so its converged Ritz values can be copies of each
+    other, and none is deflated (a zero-initialised network's 6-fold eigenvalues were found 2
+    or 3 times each and counted so: srank 15 in [15, 15] for 39); ``seen``: copies among its
+    Ritz values (:func:`_copies_seen`), beside which moderately heavy probe weights on the
+    deflated values are a sign of repeats (see below).
 
     Returns the quadrature and a note for each guess deflation had to make: the converged Ritz
     values looked repeated (their probe weights too large for simple eigenvalues) and the
@@ -764,7 +758,7 @@ def _near(values: np.ndarray, radii: np.ndarray, value: float | np.ndarray,
     ``value`` (within ``radius``): distinct eigenvalues are further apart, since deflation asks
     for a gap of ``1 / GAP_FRACTION`` residuals. ``slack`` allows for the rounding of the bases
     (an invariant space has residuals of exactly 0). Arrays for ``value`` and ``radius``
-    broadcast against ``values`` (every pair, :func:`_copied`)."""
+    broadcast against ``values`` (every pair, :func:`_copies_seen`)."""
     return np.abs(values - value) <= radii + radius + slack
 
 
@@ -1130,9 +1124,9 @@ def lanczos_spectrum(
                        storage, advance=advance)
     first.extend(steps)
     pairs = _ritz_pairs(first.alpha, first.beta, first.last_beta)
+    seen = _copies_seen(pairs, eps)
     quadrature, first_guesses = _deflated_quadrature(pairs, dim, first.final_beta,
-                                                     _copied(first, pairs, eps),
-                                                     _copies_seen(pairs, eps))
+                                                     first.restarted and seen, seen)
     # The rank bound as the first run left it (a data set's is known after a pass: its
     # batches' nonzero factor columns): no count exceeds it.
     bound = min(int(getattr(operator, "rank_bound", dim)), known)
@@ -1192,9 +1186,9 @@ def lanczos_spectrum(
         removals += run.removals
         spent += len(run.alpha)
         run_pairs = _ritz_pairs(run.alpha, run.beta, run.last_beta)
+        seen = _copies_seen(run_pairs, eps)
         quadrature, run_guesses = _deflated_quadrature(run_pairs, dim, run.final_beta,
-                                                       _copied(run, run_pairs, eps),
-                                                       _copies_seen(run_pairs, eps))
+                                                       run.restarted and seen, seen)
         for guess in run_guesses:
             _add_once(guesses, guess, likewise)
         quadratures.append(quadrature)
@@ -1456,6 +1450,7 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
         # a cap the floor's worst case says nothing (a trained MLP's Hessian, whose cut is 20
         # times its last beta, had its numerical rank in [384, 1907] for 384; probe 69).
         small, hidden, hidden_mass = _hidden(quadrature, bound)
+        trace_hidden = hidden_mass / math.sqrt(HIDDEN_SHARE)  # (HIDDEN_SHARE: the trace's)
         capped = bound < round(float(quadrature.weights.sum()))  # (the weights sum to dim)
         unseen = tolerance < (quadrature.floor if capped else quadrature.resolution)
         # Where the run guessed which nodes repeat, every allocation of the guessed counts is
@@ -1483,9 +1478,9 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
             ends = [(float(quadrature.nodes @ draw[b]), float(error @ draw[b]))
                     for draw in trace_draws]
             traces[:, b] += (min(min(trace, least[2]) - rounded for trace, rounded in ends)
-                             - hidden_mass / math.sqrt(HIDDEN_SHARE),
+                             - trace_hidden,
                              max(max(trace, most[2]) + rounded for trace, rounded in ends)
-                             + hidden_mass / math.sqrt(HIDDEN_SHARE))
+                             + trace_hidden)
     bounds /= len(quadratures)
     traces /= len(quadratures)
 
