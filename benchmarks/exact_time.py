@@ -2,7 +2,7 @@
 
 ``exact`` refuses a call over ``max_seconds`` before any work, from a prediction: the products
 timed on a chunk, and the eigen-solve from a 512 x 512 trial scaled to ``P``
-(:func:`hessrank.estimators.exact.eigen_solve_seconds`). This times the solve of random symmetric
+(:func:`hessrank.estimators.base.eigen_solve_seconds`). This times the solve of random symmetric
 matrices at a few sizes, with and without eigenvectors, beside the prediction made in the same
 process (ratios, not seconds, carry over between machines)::
 
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from hessrank.estimators.exact import eigen_solve_seconds
+from hessrank.estimators.base import eigen_solve_seconds
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 
 

@@ -358,8 +358,12 @@ def effective_rank(
                 if max_seconds is not None and cost.seconds is None:
                     problem.notes.append(
                         f"max_seconds is not enforced by {estimator.name}: it predicts its "
-                        "memory, not its time (one forward pass, its backward passes and an "
-                        "eigen-solve of its Gram matrix)")
+                        "memory, not its time")
+                elif max_seconds is not None and cost.unpredicted is not None:
+                    problem.notes.append(
+                        f"max_seconds held {estimator.name}'s predicted time, "
+                        f"{cost.seconds:.3g} s beyond its {cost.unpredicted}, which are not "
+                        "predicted")
                 settings = dataclasses.replace(
                     settings, predicted_memory=cost.memory_bytes - cost.refined_bytes)
                 outputs.cache_clear()
@@ -524,8 +528,9 @@ def _agreed_cost(parallel: DataParallel | None, cost: Cost) -> Cost:
         return cost
     costs = parallel.gather_objects((cost.memory_bytes, cost.seconds, cost.refined_bytes))
     times = [seconds for _, seconds, _ in costs if seconds is not None]
-    return Cost(max(memory for memory, _, _ in costs), max(times) if times else None,
-                max(refined for _, _, refined in costs))
+    return dataclasses.replace(cost, memory_bytes=max(memory for memory, _, _ in costs),
+                               seconds=max(times) if times else None,
+                               refined_bytes=max(refined for _, _, refined in costs))
 
 
 def _result(

@@ -1244,16 +1244,49 @@ def test_fisher_reads_weights_in_float64_through_a_float32_class_weight():
 
 
 @pytest.mark.parametrize("method", ["fisher", "ggn"])
-def test_max_seconds_on_a_method_without_a_time_prediction_says_so(method):
-    """The Gram methods predict their memory, not their time: ``max_seconds=1e-9`` ran them as
-    if unset, with nothing to say so. A note names it (``exact`` and the Lanczos methods
-    predict their time and refuse over the budget)."""
+def test_max_seconds_holds_the_gram_methods_eigen_solves(method):
+    """The Gram methods predicted their memory, not their time: ``max_seconds`` ran them as if
+    unset (ggn at n C' = 5,800 spent 21 s in its eigen-solve). They predict their eigen-solves
+    now, refuse over the budget before any pass, and say what the prediction leaves out."""
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    result = hessrank.effective_rank(model, CE, (x, y), method=method, max_seconds=1e-9)
-    assert any(f"max_seconds is not enforced by {method}" in note for note in result.notes)
-    with pytest.raises(hessrank.BudgetError):
-        hessrank.effective_rank(model, CE, (x, y), method="exact", max_seconds=1e-9)
+    with pytest.raises(hessrank.BudgetError, match="beyond its passes over the model"):
+        hessrank.effective_rank(model, CE, (x, y), method=method, max_seconds=1e-9)
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, max_seconds=1e4)
+    assert any(f"max_seconds held {method}'s predicted time" in note for note in result.notes)
+
+
+@pytest.mark.parametrize(("method", "classes", "columns"), [
+    ("fisher", 4, 1), ("ggn", 4, 4), ("ggn", 2, 2)])
+@pytest.mark.parametrize("options", [{}, {"per_layer": True}, {"eigenvectors": 2}],
+                         ids=["plain", "per_layer", "eigenvectors"])
+def test_the_gram_methods_time_is_their_gram_s_eigen_solves(monkeypatch, method, classes,
+                                                            columns, options):
+    """With every timing read as 1 ms, the prediction is the trial solve's, scaled from
+    :data:`EIGEN_TRIAL_SIZE` to the Gram's ``n K`` as :func:`eigen_solve_seconds` scales it
+    (``K``: 1 for the EF, the ``C`` outputs for the GGN, a bound before the factors show
+    cross-entropy's ``C - 1``), and once per parameterised module more with ``per_layer``."""
+    from hessrank.estimators import base, gram
+    from hessrank.estimators.base import EIGEN_TRIAL_SIZE
+
+    solves: list[bool] = []
+    original = base.eigen_solve_seconds
+    monkeypatch.setattr(base, "eigen_solve_seconds", lambda dim, device, vectors=False: (
+        solves.append(vectors), original(dim, device, vectors))[1])
+    monkeypatch.setattr(gram, "eigen_solve_seconds", base.eigen_solve_seconds)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, classes))
+    n = 300
+    x, y = torch.randn(n, 3), torch.randint(0, classes, (n,))
+    seconds = _predicted_seconds(monkeypatch, model, (x, y), method, **options)
+    size = n * columns
+    one = 1e-3 * (max(size, EIGEN_TRIAL_SIZE) / EIGEN_TRIAL_SIZE) ** (
+        3.0 if options.get("eigenvectors") else 2.5)
+    plain = 1e-3 * (max(size, EIGEN_TRIAL_SIZE) / EIGEN_TRIAL_SIZE) ** 2.5
+    expected = one + (2 * plain if options.get("per_layer") else 0.0)
+    assert seconds == pytest.approx(expected, rel=1e-9)
+    # (the modules' blocks are as large as the Gram: one trial serves them all)
+    assert solves == [bool(options.get("eigenvectors"))] + [False] * (
+        1 if options.get("per_layer") else 0)
 
 
 def test_gradient_overlap_counts_the_model_graph_in_its_budget():
@@ -1438,12 +1471,12 @@ def test_per_layer_runs_are_in_the_time_prediction(monkeypatch, method):
 def test_exact_eigenvectors_are_in_the_time_prediction(monkeypatch):
     """With ``eigenvectors=k`` the predicted eigen-solve is that of eigenvalues and vectors:
     timed as such (a solve of eigenvalues alone had been timed: 2.9-5x short; probe 78)."""
-    from hessrank.estimators import exact
+    from hessrank.estimators import base
 
     solves: list[str] = []
     for name in ("symmetric_eigenvalues", "symmetric_eigenpairs"):
-        original = getattr(exact, name)
-        monkeypatch.setattr(exact, name, lambda matrix, original=original, name=name: (
+        original = getattr(base, name)
+        monkeypatch.setattr(base, name, lambda matrix, original=original, name=name: (
             solves.append(name), original(matrix))[1])
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, y = classification_batch(8, 5, 3)

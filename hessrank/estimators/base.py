@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from hessrank.distributed import parallel_of
 from hessrank.monitor import Reporter
 from hessrank.problem import CurvatureProblem
+from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 
 #: Registered estimators by method name, in registration order.
 ESTIMATORS: dict[str, Estimator] = {}
@@ -65,6 +66,35 @@ def seconds_of(call: Callable[[], object], device: torch.device) -> float:
     call()
     synchronize()
     return time.perf_counter() - start
+
+
+#: Size of the eigen-solve timed to predict ``exact``'s and the Gram methods'
+#: (:func:`eigen_solve_seconds`).
+EIGEN_TRIAL_SIZE = 512
+#: Up to this size a float64 eigen-solve's time grows as ``size^2.5`` beyond the trial's (LAPACK
+#: ``dsyevd`` on one thread, measured 2026-12-01 at 512, 1024, 2048, 4096: 0.029, 0.19, 0.84,
+#: 5.3 s; ``size^3`` from 512 had predicted 15 s at 4096), as ``size^3`` above it. With
+#: eigenvectors it grows as ``size^3`` throughout (their back-transformation: ``size^2.5`` had
+#: predicted 1.8 and 2.4 times too little at 2048 and 3290; probe 90).
+EIGEN_SUBCUBIC_SIZE = 4096
+
+
+def eigen_solve_seconds(dim: int, device: torch.device, vectors: bool = False) -> float:
+    """Predicted seconds of the float64 eigen-solve of a ``dim x dim`` matrix on ``device``
+    (with ``vectors``, eigenvectors too: 4-6 times the eigenvalues' time at P = 4810, which a
+    prediction of eigenvalues alone had left out; probe 78): one of :data:`EIGEN_TRIAL_SIZE`
+    (at most ``dim``) timed here, on the solver's threads, scaled as ``size^2.5`` up to
+    :data:`EIGEN_SUBCUBIC_SIZE` and ``size^3`` beyond (a constant per ``dim^3`` measured on one
+    machine had been 1.7x short on another; with ``vectors``, ``size^3`` throughout)."""
+    size = min(dim, EIGEN_TRIAL_SIZE)
+    generator = torch.Generator().manual_seed(0)
+    trial = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    trial = (trial + trial.T).to(device)
+    solve = symmetric_eigenpairs if vectors else symmetric_eigenvalues
+    seconds = seconds_of(lambda: solve(trial), device)
+    knee = max(size, min(dim, EIGEN_SUBCUBIC_SIZE))
+    return seconds * (knee / size) ** (3.0 if vectors else 2.5) * (dim / knee) ** 3
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -144,6 +174,9 @@ class Cost:
     memory_bytes: int
     seconds: float | None = None
     refined_bytes: int = 0
+    #: The work ``seconds`` leaves out, where it predicts a part (the Gram methods' time is
+    #: their eigen-solves', not their passes over the model's); None where it is the whole.
+    unpredicted: str | None = None
 
 
 class Estimator(ABC):
@@ -265,8 +298,10 @@ class Estimator(ABC):
         if settings.max_seconds is not None and cost.seconds is not None and (
             cost.seconds > settings.max_seconds
         ):
+            amount = f"about {cost.seconds:.3g} s" + (
+                more if cost.unpredicted is None else f" beyond its {cost.unpredicted}")
             raise BudgetError(
-                f"{who} would take about {cost.seconds:.3g} s{more}, over max_seconds = "
+                f"{who} would take {amount}, over max_seconds = "
                 f"{settings.max_seconds:g} s: {instead}, or raise max_seconds{later}",
                 cost.memory_bytes, cost.seconds,
             )

@@ -15,6 +15,7 @@ from hessrank.estimators.base import (
     Estimator,
     Settings,
     Spectrum,
+    eigen_solve_seconds,
     eigenvector_note,
     register,
     seconds_of,
@@ -23,14 +24,6 @@ from hessrank.problem import CurvatureProblem, unused_in_every, unused_parameter
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 from hessrank.streaming import StreamedProblem, per_batch
 
-#: Size of the eigen-solve timed to predict ``exact``'s (:func:`eigen_solve_seconds`).
-EIGEN_TRIAL_SIZE = 512
-#: Up to this size a float64 eigen-solve's time grows as ``size^2.5`` beyond the trial's (LAPACK
-#: ``dsyevd`` on one thread, measured 2026-12-01 at 512, 1024, 2048, 4096: 0.029, 0.19, 0.84,
-#: 5.3 s; ``size^3`` from 512 had predicted 15 s at 4096), as ``size^3`` above it. With
-#: eigenvectors it grows as ``size^3`` throughout (their back-transformation: ``size^2.5`` had
-#: predicted 1.8 and 2.4 times too little at 2048 and 3290; probe 90).
-EIGEN_SUBCUBIC_SIZE = 4096
 #: Bytes of Hessian columns computed at once.
 EXACT_CHUNK_BYTES = 64 * 2**20
 #: Bytes a batched product's backward pass may hold for its columns.
@@ -81,23 +74,6 @@ def products_seconds(operator: HessianOperator, chunk: int) -> float:
     elapsed = seconds_of(lambda: operator.matmat(basis), operator.device)
     operator.num_products -= trial + 1
     return first + elapsed * dim / trial
-
-
-def eigen_solve_seconds(dim: int, device: torch.device, vectors: bool = False) -> float:
-    """Predicted seconds of the float64 eigen-solve of a ``dim x dim`` matrix on ``device``
-    (with ``vectors``, eigenvectors too: 4-6 times the eigenvalues' time at P = 4810, which a
-    prediction of eigenvalues alone had left out; probe 78): one of :data:`EIGEN_TRIAL_SIZE`
-    (at most ``dim``) timed here, on the solver's threads, scaled as ``size^2.5`` up to
-    :data:`EIGEN_SUBCUBIC_SIZE` and ``size^3`` beyond (a constant per ``dim^3`` measured on one
-    machine had been 1.7x short on another; with ``vectors``, ``size^3`` throughout)."""
-    size = min(dim, EIGEN_TRIAL_SIZE)
-    generator = torch.Generator().manual_seed(0)
-    trial = torch.randn(size, size, generator=generator, dtype=torch.float64)
-    trial = (trial + trial.T).to(device)
-    solve = symmetric_eigenpairs if vectors else symmetric_eigenvalues
-    seconds = seconds_of(lambda: solve(trial), device)
-    knee = max(size, min(dim, EIGEN_SUBCUBIC_SIZE))
-    return seconds * (knee / size) ** (3.0 if vectors else 2.5) * (dim / knee) ** 3
 
 
 @register
