@@ -322,7 +322,7 @@ def effective_rank(
                 problem = build_problem(
                     model, loss_fn,
                     first_batch(batch, _device_of(model)) if streaming else batch,  # type: ignore[arg-type]
-                    params, mode)
+                    params, mode, _stream_reading(batch) if streaming else "")
             if streaming:
                 problem = streamed_problem(problem, batch)
             if parallel is not None:
@@ -496,6 +496,17 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
     estimator.check_budget(cost, whole, settings, caller=(
         f"method={estimator.name!r} on the data set's {announced:,} samples (as many as its "
         "loader announces)"))
+
+
+def _stream_reading(data: object) -> str:
+    """How a collection of batches was read, for an error about its first batch: a tuple or
+    list of two pairs may have been meant as one batch whose targets are a pair."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return ("; hessrank read the data as a data set of 2 batches, each (inputs, targets), "
+                "since the outer pair holds no tensor. One batch takes one targets tensor: a "
+                "loss that needs more (sample weights) can take them stacked in one tensor, or "
+                "as a closure over them")
+    return ""
 
 
 def _with_layers(estimator: Estimator, problem: CurvatureProblem,

@@ -7,6 +7,7 @@ and changes nothing.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import re
@@ -708,8 +709,12 @@ def build_problem(
     batch: Batch,
     params: Iterable[Tensor | str] | None,
     mode: str,
+    reading: str = "",
 ) -> CurvatureProblem:
     """Validate every argument (types, shapes, dtypes, finiteness, parameters); build the problem.
+
+    ``reading``: how the caller's object was read into ``batch``, said where the batch does not
+    fit the model (the first batch of a data set).
 
     Raises:
         TypeError, ValueError: naming the argument at fault and the fix.
@@ -717,6 +722,7 @@ def build_problem(
     check_call(model, loss_fn, mode)
     model, notes = unwrap_model(model)
     args, kwargs, targets, labelled = _read_batch(batch)
+    _check_inputs_fit(model, args, kwargs, reading)
     names, selected, excluded = _select_parameters(model, params)
     if params is not None and excluded:  # asked for by name or tensor, and left out
         notes.append(f"params= names frozen parameters ({listed_names(list(excluded))}): left "
@@ -766,6 +772,35 @@ def build_problem(
             )
     return CurvatureProblem(model, loss_fn, *_usable_batch(args, kwargs, targets), names,
                             selected, excluded, mode, notes)
+
+
+def _check_inputs_fit(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor],
+                      reading: str) -> None:
+    """Raise a TypeError, before any forward pass, where the batch leaves out an input that
+    ``model.forward`` requires (by its signature; nothing is said where the signature takes
+    ``*args`` or a forward pre-hook may supply inputs). The forward's own error named the
+    missing argument but not how the batch had been read (a tuple of two pairs is a data set of
+    two batches, so ``((x1, x2), (y, w))`` gave ``forward`` ``x1`` alone)."""
+    if model._forward_pre_hooks:
+        return
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C-implemented forward: nothing to read
+        return
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return
+    positional = [p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                      inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    missing = [p.name for p in positional[len(args):] + [
+        p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        if p.default is inspect.Parameter.empty and p.name not in kwargs]
+    if missing:
+        given = f"{len(args)} positional input{'s' if len(args) != 1 else ''}" + (
+            f" and {', '.join(kwargs)} by name" if kwargs else "")
+        raise TypeError(
+            f"the batch gives {type(model).__name__}.forward {given} and leaves out "
+            f"{', '.join(missing)}: pass several inputs as a tuple, ((x1, x2), targets), or by "
+            f"name as a dict, ({{'x1': x1, 'x2': x2}}, targets){reading}")
 
 
 def read_batch(batch: object, dtype: torch.dtype, device: torch.device

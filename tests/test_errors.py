@@ -106,6 +106,35 @@ def test_bad_batch_structure(setup):
     _check(model, lambda: hessrank.effective_rank(model, CE, x), TypeError, r"\(inputs, targets\)")
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 2), nn.Linear(4, 2)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.first(x1) + self.second(x2)
+
+
+@pytest.mark.parametrize(("make_batch", "message"), [
+    (lambda x1, x2, y, w: (x1, y), r"gives _TwoInputs.forward 1 positional input and leaves "
+                                   r"out x2: pass several inputs as a tuple"),
+    (lambda x1, x2, y, w: ({"x1": x1}, y), r"0 positional inputs and x1 by name and leaves out "
+                                          r"x2"),
+    # a pair of pairs is a data set of two batches: the first gives forward x1 alone
+    (lambda x1, x2, y, w: ((x1, x2), (y, w)), r"leaves out x2.*read the data as a data set of 2 "
+                                              r"batches.*One batch takes one targets tensor"),
+], ids=["one of two", "one by name", "targets as a pair"])
+def test_a_batch_that_leaves_out_a_forward_input_is_refused_before_the_work(make_batch,
+                                                                            message):
+    """The forward's own TypeError named the missing argument, but not that hessrank had read
+    ``((x1, x2), (y, w))`` as a data set of two batches."""
+    model = _TwoInputs()
+    x1, x2, y, w = torch.randn(6, 3), torch.randn(6, 4), torch.randint(0, 2, (6,)), torch.rand(6)
+    _check(model, lambda: hessrank.effective_rank(model, CE, make_batch(x1, x2, y, w)),
+           TypeError, message)
+    assert hessrank.effective_rank(model, CE, ((x1, x2), y), method="fisher").rank >= 1
+
+
 def test_loss_that_ggn_cannot_differentiate(setup):
     model, x, y = setup
 
