@@ -503,9 +503,10 @@ def _stream_reading(data: object) -> str:
     list of two pairs may have been meant as one batch whose targets are a pair."""
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return ("; hessrank read the data as a data set of 2 batches, each (inputs, targets), "
-                "since the outer pair holds no tensor. One batch takes one targets tensor: a "
-                "loss that needs more (sample weights) can take them stacked in one tensor, or "
-                "as a closure over them")
+                "since the outer pair holds no tensor (if you meant one batch whose targets "
+                "are a pair: one batch takes one targets tensor, and a loss that needs more, "
+                "such as sample weights, can take them stacked in one tensor or as a closure "
+                "over them)")
     return ""
 
 

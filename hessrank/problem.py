@@ -777,30 +777,39 @@ def build_problem(
 def _check_inputs_fit(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor],
                       reading: str) -> None:
     """Raise a TypeError, before any forward pass, where the batch leaves out an input that
-    ``model.forward`` requires (by its signature; nothing is said where the signature takes
-    ``*args`` or a forward pre-hook may supply inputs). The forward's own error named the
-    missing argument but not how the batch had been read (a tuple of two pairs is a data set of
-    two batches, so ``((x1, x2), (y, w))`` gave ``forward`` ``x1`` alone)."""
-    if model._forward_pre_hooks:
+    ``model.forward`` requires by its own signature. The forward's own error named the missing
+    argument but not how the batch had been read (a tuple of two pairs is a data set of two
+    batches, so ``((x1, x2), (y, w))`` gave ``forward`` ``x1`` alone).
+
+    Nothing is said where something between the call and ``forward`` may supply inputs: a
+    forward pre-hook (the module's or a global one), an overridden ``__call__``, or a decorated
+    ``forward`` (its wrapper's signature is read, not the wrapped one's: a decorator that
+    supplies a default had been refused; probe 93), and where the signature takes ``*args``."""
+    if (model._forward_pre_hooks or nn.modules.module._global_forward_pre_hooks
+            or type(model).__call__ is not nn.Module.__call__):
         return
     try:
-        parameters = list(inspect.signature(model.forward).parameters.values())
+        parameters = list(inspect.signature(model.forward, follow_wrapped=False)
+                          .parameters.values())
     except (TypeError, ValueError):  # a builtin or C-implemented forward: nothing to read
         return
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
         return
     positional = [p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
                                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    missing = [p.name for p in positional[len(args):] + [
-        p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        if p.default is inspect.Parameter.empty and p.name not in kwargs]
-    if missing:
+    required = [p for p in parameters if p.default is inspect.Parameter.empty
+                and p.name not in kwargs]
+    missing = [p for p in positional[len(args):] if p in required]
+    by_name = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY and p in required]
+    if missing or by_name:
         given = f"{len(args)} positional input{'s' if len(args) != 1 else ''}" + (
             f" and {', '.join(kwargs)} by name" if kwargs else "")
+        advice = ("pass several inputs as a tuple, ((x1, x2), targets), or by name as a dict, "
+                  "({'x1': x1, 'x2': x2}, targets)") if missing else (
+            "pass inputs by name as a dict, ({'x': x, 'mask': mask}, targets)")
         raise TypeError(
             f"the batch gives {type(model).__name__}.forward {given} and leaves out "
-            f"{', '.join(missing)}: pass several inputs as a tuple, ((x1, x2), targets), or by "
-            f"name as a dict, ({{'x1': x1, 'x2': x2}}, targets){reading}")
+            f"{', '.join(p.name for p in missing + by_name)}: {advice}{reading}")
 
 
 def read_batch(batch: object, dtype: torch.dtype, device: torch.device

@@ -122,7 +122,7 @@ class _TwoInputs(nn.Module):
                                           r"x2"),
     # a pair of pairs is a data set of two batches: the first gives forward x1 alone
     (lambda x1, x2, y, w: ((x1, x2), (y, w)), r"leaves out x2.*read the data as a data set of 2 "
-                                              r"batches.*One batch takes one targets tensor"),
+                                              r"batches.*one batch takes one targets tensor"),
 ], ids=["one of two", "one by name", "targets as a pair"])
 def test_a_batch_that_leaves_out_a_forward_input_is_refused_before_the_work(make_batch,
                                                                             message):
@@ -133,6 +133,51 @@ def test_a_batch_that_leaves_out_a_forward_input_is_refused_before_the_work(make
     _check(model, lambda: hessrank.effective_rank(model, CE, make_batch(x1, x2, y, w)),
            TypeError, message)
     assert hessrank.effective_rank(model, CE, ((x1, x2), y), method="fisher").rank >= 1
+
+
+def _with_mask(forward):
+    @functools.wraps(forward)
+    def wrapper(self, x):
+        return forward(self, x, torch.ones(x.shape[0], 1))
+    return wrapper
+
+
+class _Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * mask
+
+
+class _DecoratedMask(_Masked):
+    forward = _with_mask(_Masked.forward)
+
+
+class _CalledWithMask(_Masked):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return super().__call__(x, torch.ones(x.shape[0], 1))
+
+
+@pytest.mark.parametrize("how", ["decorated forward", "own __call__", "global pre-hook"])
+def test_an_input_supplied_outside_forward_s_signature_is_not_refused(how):
+    """A decorator (functools.wraps: the signature read through it was the wrapped forward's),
+    an overridden ``__call__`` or a global forward pre-hook can supply an input the batch leaves
+    out: such calls ran before the signature check and run now (probe 93)."""
+    model = {"decorated forward": _DecoratedMask, "own __call__": _CalledWithMask,
+             "global pre-hook": _Masked}[how]()
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    handle = None
+    if how == "global pre-hook":
+        handle = nn.modules.module.register_module_forward_pre_hook(
+            lambda module, args: (*args, torch.ones(args[0].shape[0], 1))
+            if module is model and len(args) == 1 else None)
+    try:
+        assert hessrank.effective_rank(model, CE, (x, y), method="fisher").rank >= 1
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def test_loss_that_ggn_cannot_differentiate(setup):
