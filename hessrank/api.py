@@ -361,9 +361,8 @@ def effective_rank(
                         "memory, not its time")
                 elif max_seconds is not None and cost.unpredicted is not None:
                     problem.notes.append(
-                        f"max_seconds held {estimator.name}'s predicted time, "
-                        f"{cost.seconds:.3g} s beyond its {cost.unpredicted}, which are not "
-                        "predicted")
+                        f"max_seconds was checked against {estimator.name}'s predicted time, "
+                        f"{cost.seconds:.3g} s, which leaves out its {cost.unpredicted}")
                 settings = dataclasses.replace(
                     settings, predicted_memory=cost.memory_bytes - cost.refined_bytes)
                 outputs.cache_clear()

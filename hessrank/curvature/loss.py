@@ -651,6 +651,24 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     return factors.permute(2, 0, 1).reshape(-1, n, *outputs.shape[1:]).to(outputs.dtype)
 
 
+def softmax_columns(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> int | None:
+    """The GGN factor columns per sample of a loss :func:`ggn_cotangents` factors as a softmax
+    cross-entropy (``C - 1`` at each position of the ``C`` classes), for predictions before
+    the work; None where the loss is not one, or where the check cannot tell (the work's own
+    checks then name the problem)."""
+    try:
+        leaf, first = _curvature_gradient(loss_fn, outputs, targets)
+        class_dim, _, weights, _ = _softmax_structure(first, leaf,
+                                                      torch.Generator().manual_seed(0))
+        if class_dim is None or not _softmax_on_head(loss_fn, outputs, targets, class_dim,
+                                                     weights):
+            return None
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    classes = outputs.shape[class_dim]
+    return outputs[0].numel() // classes * (classes - 1)
+
+
 def _symmetric(blocks: Tensor) -> Tensor:
     """``[n, C, C]`` blocks in float64, symmetrised."""
     blocks = blocks.to(torch.float64)

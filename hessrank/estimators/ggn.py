@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hessrank.curvature.loss import CONSTANCY_SAMPLES, ggn_cotangents, ggn_mc_cotangents
+from hessrank.curvature.loss import (
+    CONSTANCY_SAMPLES,
+    ggn_cotangents,
+    ggn_mc_cotangents,
+    softmax_columns,
+)
 from hessrank.estimators.base import Settings, Spectrum, positive_int, register
 from hessrank.estimators.gram import GramEstimator, GramOptions
 from hessrank.problem import CurvatureProblem, LossFn
@@ -50,6 +55,13 @@ class GGN(GramEstimator):
     def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
         mc_samples = getattr(options, "mc_samples", None)
         return outputs_per_sample if mc_samples is None else mc_samples
+
+    def solved_columns(self, problem: CurvatureProblem, outputs: Tensor,
+                       options: GramOptions) -> int:
+        if getattr(options, "mc_samples", None) is not None:
+            return super().solved_columns(problem, outputs, options)
+        softmax = softmax_columns(problem.loss_fn, outputs, problem.targets)
+        return super().solved_columns(problem, outputs, options) if softmax is None else softmax
 
     def output_side_bytes(self, num_samples: int, outputs_per_sample: int, element: int,
                           options: GramOptions) -> int:

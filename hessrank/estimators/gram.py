@@ -66,6 +66,13 @@ class GramEstimator(Estimator):
     def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
         """Upper bound on the factor columns ``K`` per sample."""
 
+    def solved_columns(self, problem: CurvatureProblem, outputs: Tensor,
+                       options: GramOptions) -> int:
+        """The factor columns per sample of the Gram the work will solve, as far as the outputs
+        of the first forward pass tell (default :meth:`columns`, the bound): its eigen-solve's
+        time grows as their cube."""
+        return self.columns(outputs[0].numel(), options)
+
     @abstractmethod
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                    generator: torch.Generator, options: GramOptions | None = None
@@ -113,13 +120,17 @@ class GramEstimator(Estimator):
         memory += 2 * problem.num_params * element  # the check's gradient
         if settings.max_seconds is None or memory > settings.max_memory:
             return Cost(int(memory))
-        # The float64 eigen-solves of the size x size Gram (and of each group's block), which
-        # grow as size^3 and dominate once K n is large (a GGN's n C; ggn at n C' = 5,800 spent
-        # 21 of its 22 s there); the passes over the model and the Gram's products are not
-        # predicted.
-        solves = eigen_solve_seconds(size, problem.device, vectors=settings.eigenvectors > 0)
+        # The float64 eigen-solves of the Gram (and of each group's block), which grow as the
+        # cube of its size and dominate once K n is large (a GGN's n C'; ggn at n C' = 5,800
+        # spent 21 of its 22 s there), at the size the work will solve: a softmax
+        # cross-entropy's n (C - 1), not the bound n C (binary ones were predicted 5 times
+        # their time and refused at twice it; probe 93). The passes over the model and the
+        # Gram's products are not predicted.
+        solved = n * (self.solved_columns(problem, outputs(), options)
+                      if self.needs_output_size else k)
+        solves = eigen_solve_seconds(solved, problem.device, vectors=settings.eigenvectors > 0)
         if settings.per_layer:
-            solves += len(groups) * eigen_solve_seconds(size, problem.device)
+            solves += len(groups) * eigen_solve_seconds(solved, problem.device)
         return Cost(int(memory), solves, unpredicted=UNPREDICTED_TIME)
 
     def run(self, problem: CurvatureProblem, settings: Settings,
