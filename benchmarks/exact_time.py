@@ -1,12 +1,15 @@
-"""How close ``exact``'s prediction of its float64 eigen-solve comes to the solve itself.
+"""How close the predictions of float64 eigen-solves come to the solves themselves.
 
 ``exact`` refuses a call over ``max_seconds`` before any work, from a prediction: the products
 timed on a chunk, and the eigen-solve from a 512 x 512 trial scaled to ``P``
 (:func:`hessrank.estimators.base.eigen_solve_seconds`). This times the solve of random symmetric
 matrices at a few sizes, with and without eigenvectors, beside the prediction made in the same
-process (ratios, not seconds, carry over between machines)::
+process (ratios, not seconds, carry over between machines). With ``--gram``, it times whole
+``ggn`` and ``fisher`` calls on an MLP instead, beside the time they predict (their Gram's
+eigen-solves, read from the refusal at ``max_seconds=1e-9``; their passes over the model are not
+predicted, so a call takes at least its prediction)::
 
-    OMP_NUM_THREADS=1 python benchmarks/exact_time.py [--sizes 1024 2048 3290]
+    OMP_NUM_THREADS=1 python benchmarks/exact_time.py [--sizes 1024 2048 3290] [--gram]
 """
 
 from __future__ import annotations
@@ -15,15 +18,49 @@ import argparse
 import time
 
 import torch
+from torch import nn
 
+import hessrank
 from hessrank.estimators.base import eigen_solve_seconds
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
+
+#: (method, samples n, classes C, options): Gram sizes n C (ggn) and n (fisher).
+GRAM_CALLS = [("ggn", 100, 10, {}), ("ggn", 200, 10, {}), ("ggn", 200, 20, {}),
+              ("ggn", 200, 20, {"eigenvectors": 3}), ("ggn", 200, 20, {"per_layer": True}),
+              ("fisher", 2048, 10, {})]
+
+
+def gram_calls() -> None:
+    print("| method | n | C | options | predicted (s) | whole call (s) | call / predicted |")
+    print("|---|---|---|---|---|---|---|")
+    loss = nn.CrossEntropyLoss()
+    for method, n, classes, options in GRAM_CALLS:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, classes))
+        batch = (torch.randn(n, 20), torch.randint(0, classes, (n,)))
+        try:
+            hessrank.effective_rank(model, loss, batch, method=method, max_seconds=1e-9,
+                                    **options)
+            raise RuntimeError("the call was not refused at max_seconds=1e-9")
+        except hessrank.BudgetError as refusal:
+            predicted = refusal.seconds
+        start = time.perf_counter()
+        hessrank.effective_rank(model, loss, batch, method=method, **options)
+        measured = time.perf_counter() - start
+        shown = ", ".join(f"{key}={value}" for key, value in options.items()) or "-"
+        print(f"| {method} | {n} | {classes} | {shown} | {predicted:.2f} | {measured:.2f} | "
+              f"{measured / predicted:.2f} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 3290])
+    parser.add_argument("--gram", action="store_true",
+                        help="time whole ggn / fisher calls against their prediction instead")
     args = parser.parse_args()
+    if args.gram:
+        gram_calls()
+        return
     generator = torch.Generator().manual_seed(0)
     device = torch.device("cpu")
     print("| P | eigenvectors | predicted (s) | measured (s) | measured / predicted |")
