@@ -242,9 +242,10 @@ def effective_rank(
             statistics, named in a note (``exact``/``lanczos`` only; dropout must be off).
         max_memory: budget in bytes (> 0) for every method, checked against a prediction before
             the work; over it, :class:`hessrank.BudgetError` (a ``ValueError``).
-        max_seconds: time budget (> 0) for the methods that predict their time (``exact``
-            and the Lanczos methods; predicting it costs a few matrix-vector products); the
-            Gram methods (``fisher``, ``ggn``) do not, and say so in a note.
+        max_seconds: time budget (> 0), checked against a prediction before the work:
+            ``exact`` and the Lanczos methods predict their time (a few timed matrix-vector
+            products), the Gram methods (``fisher``, ``ggn``) that of their eigen-solves (a
+            timed trial solve), not of their passes over the model, and say so in a note.
         seed: seed of the private generator for random probes and checks, in ``[0, 2**63 - 1)``
             (the global RNG is not used).
         progress: ``True`` for a progress bar with ETA, or a ``rich.progress.Progress``.

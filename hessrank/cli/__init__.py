@@ -219,8 +219,8 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
     est.add_argument(
         "--max-seconds",
         type=_positive_float,
-        help="exact and the Lanczos methods: refuse above this predicted time, in seconds "
-        "(fisher and ggn do not predict theirs; default: no limit)",
+        help="refuse above this predicted time, in seconds (fisher and ggn predict their "
+        "eigen-solves, not their passes over the model; default: no limit)",
     )
 
 
