@@ -752,20 +752,20 @@ def _null_space_nodes(quadrature: _Quadrature) -> np.ndarray:
 def _within_bound(quadratures: list[_Quadrature], weights: list[np.ndarray], bound: int
                   ) -> list[np.ndarray]:
     """Each run's ``weights`` (``[m]``, of its quadrature's nodes) with the free nodes away from
-    zero holding, on average over the runs, no more than the operator's rank ``bound`` leaves
-    beside the other nodes' counts: scaled down by one factor in every run, the excess moved to
-    the free nodes that hold the null space (:func:`_null_space_nodes`). Runs with no such node
-    (far from invariant, they spread the null space over small nodes) are left as they are.
+    zero holding, on average over the runs that have a node for the null space
+    (:func:`_null_space_nodes`), no more than the operator's rank ``bound`` leaves beside the
+    other nodes' counts: scaled down by one factor in each of those runs, the excess moved to
+    their null-space nodes. Runs with no such node (far from invariant, they spread the null
+    space over small nodes) are left as they are.
 
     A free node's weight is one probe's draw of a count, and the bound is proof: a rank-20
     operator's 2-fold top eigenvalue, left free as too heavy beside a repeat check that counted
     the others, weighed 9 where the bound left it 3 at most (trace 131.9 in [66.5, 250] for
     61.7, 3 of 40 seeds; probe 92). The runs' mean is what is bounded, not each run: each run's
     weight is an unbiased draw, and capping each at a count the truth reaches cuts only the
-    high draws (a 3-fold eigenvalue over six runs weighed 1.33 capped run by run, 2.86 as it
-    was). Nor are the bootstrap's draws bounded: where the truth is at the bound, draws pressed
-    against it put the intervals' ends inside it (a 6-fold eigenvalue's trace missed in 6 of
-    40 seeds).
+    high draws, biasing the mean down. Nor are the bootstrap's draws bounded: where the truth
+    is at the bound, draws pressed against it put the intervals' ends inside it (a 6-fold
+    eigenvalue's trace missed in 6 of 40 seeds, 2 before).
     """
     nulls = [_null_space_nodes(q) for q in quadratures]
     movables = [~q.fixed & ~null for q, null in zip(quadratures, nulls)]
