@@ -227,7 +227,8 @@ def effective_rank(
             model's dtype (of float32 at least for the Lanczos methods, whose basis is float32),
             at most 0.1 (:data:`hessrank.ranks.MAX_DEFAULT_RTOL`; a note says when).
         params: a list of parameters (or their names) to analyse; default all trainable ones.
-            Frozen parameters are excluded and listed in ``result.excluded``.
+            Frozen parameters among those asked for (every parameter, by default) are left
+            out and listed in ``result.excluded``; one not asked for is not listed.
         per_layer: also analyse each parameterised module's diagonal block (``result.layers``).
         eigenvectors: also return the unit eigenvectors of the ``k`` largest ``|eigenvalues|``
             (``result.eigenvectors``, ``[k, P]``; ``result.unflatten`` maps one back to the

@@ -42,7 +42,8 @@ class RankResult:
         trace_interval, numerical_interval: ``lanczos`` only: 95 % intervals for ``trace`` and
             for the numerical rank at ``rtol`` (the same construction).
         num_hvps: Hessian-vector products spent (``exact``, ``lanczos``).
-        excluded: names of frozen parameters left out.
+        excluded: names of frozen parameters left out, among those asked for (``params``;
+            every parameter by default).
         layers: per parameterised module (``per_layer=True``): that module's diagonal block, in
             ``model.named_modules()`` order for every method.
         paths: ``fisher``/``ggn``: parameter name -> the path that computed its part of the Gram
