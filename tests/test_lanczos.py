@@ -1115,3 +1115,21 @@ def test_a_run_converged_as_its_budget_ends_allows_the_copies_the_rank_bound_lea
         # every copy on the largest eigenvalue is the most the bound allows (beside what may
         # hide under the products' rounding; 30 copies, as without the bound, would be 24.8 more)
         assert result.trace_interval[1] <= result.trace + 15 * exact.eigenvalues[0] + 0.05
+
+
+def test_heavy_deflations_with_no_products_left_widen_the_intervals_within_the_rank_bound():
+    """The same GGN at 6 products, seed 3: the run ends before converging every Ritz value and
+    deflates three, each 4-fold, once, at probe weights 4.7, 4.2 and 6.4 (sum 15.3: beyond
+    chi-square(3)'s 1 % tail, under deflation's own limit), no products left to check them:
+    trace 4.84 in [3.60, 6.70] for 14.21 (probe 93). The intervals now allow the copies the
+    rank bound leaves; the estimate keeps its counts."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    x, y = torch.randn(5, 8), torch.randn(5, 4)
+    exact = hessrank.effective_rank(model, nn.MSELoss(), (x, y), method="ggn")
+    result = hessrank.effective_rank(model, nn.MSELoss(), (x, y), method="ggn_lanczos",
+                                     lanczos_steps=6, seed=3)
+    assert any("carry more probe weight than simple ones usually do" in note
+               for note in result.notes)
+    assert result.trace_interval[0] <= exact.trace <= result.trace_interval[1]
+    assert result.rank_interval[0] <= exact.rank <= result.rank_interval[1]
