@@ -123,27 +123,29 @@ def models(seeds: int) -> None:
             print(_row(name, budget, outcomes), flush=True)
 
 
-def _trained(layers: list[nn.Module], n: int, inputs: int, classes: int, steps: int
-             ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def _trained(layers: Callable[[], list[nn.Module]], n: int, inputs: int, classes: int,
+             steps: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A float32 model trained in float64, its layers made after the seed is set, with its
+    float32 batch."""
     torch.manual_seed(0)
-    model = nn.Sequential(*layers)
-    batch = (torch.randn(n, inputs), torch.randint(0, classes, (n,)))
+    model = nn.Sequential(*layers()).double()
+    inputs_, labels = torch.randn(n, inputs, dtype=torch.float64), torch.randint(0, classes, (n,))
     optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(steps):
         optimiser.zero_grad()
-        nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+        nn.functional.cross_entropy(model(inputs_), labels).backward()
         optimiser.step()
-    return model, batch
+    return model.float(), (inputs_.float(), labels)
 
 
 ORDINARY: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {
     "GELU MLP 6-12-5, n = 24, trained": lambda: _trained(
-        [nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 5)], 24, 6, 5, 40),
+        lambda: [nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 5)], 24, 6, 5, 40),
     "tanh MLP 6-10-10-4, n = 40, trained": lambda: _trained(
-        [nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 4)], 40, 6, 4,
-        60),
+        lambda: [nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 4)],
+        40, 6, 4, 60),
     "ReLU MLP 10-16-6, n = 5, trained": lambda: _trained(
-        [nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 6)], 5, 10, 6, 10),
+        lambda: [nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 6)], 5, 10, 6, 10),
 }
 ORDINARY_BUDGETS = (11, 24)
 

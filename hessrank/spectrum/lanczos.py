@@ -760,6 +760,15 @@ def _suggested_copies(quadrature: _Quadrature, room: int) -> int:
     return copies
 
 
+def _room(quadrature: _Quadrature, bound: int) -> int:
+    """How many more eigenvalues away from zero the operator's rank ``bound`` leaves beside the
+    deflated nodes' counts and one for each free node away from zero (an eigenvalue at least,
+    or a cluster of them); where the bound is ``dim`` (none stated), no fewer than the
+    eigenvalues the run lacks."""
+    return bound - round(float(quadrature.weights[quadrature.fixed].sum())) - int(
+        (~quadrature.fixed & ~_null_space_nodes(quadrature)).sum())
+
+
 def _null_space_nodes(quadrature: _Quadrature) -> np.ndarray:
     """The free nodes that hold the null space: those under the :attr:`_Quadrature.floor`, and
     those converged to zero (a value and a residual within :data:`CONVERGED_RESIDUAL` of the
@@ -1238,9 +1247,7 @@ def lanczos_spectrum(
         # budget ended (floor), its last beta just above the test's (a linear layer's GGN,
         # 5 distinct eigenvalues each 4-fold, at 6 products: trace 3.553 in [3.546, 3.559]
         # for 14.21 on 20 of 40 seeds).
-        lacking = dim - len(quadrature.nodes)
-        room = bound - int(quadrature.fixed.sum()) - int(
-            (~quadrature.fixed & ~_null_space_nodes(quadrature)).sum())
+        lacking, room = dim - len(quadrature.nodes), _room(quadrature, bound)
         quadrature = dataclasses.replace(quadrature, lacking=max(min(lacking, room), 0))
         guesses.append(f"the Krylov space turned invariant with no products left for the repeat "
                        f"check: its {int(quadrature.fixed.sum())} deflated eigenvalues count "
@@ -1254,9 +1261,8 @@ def lanczos_spectrum(
         quadrature, sampled, spotted = check.quadrature, check.sampled, check.products
         if sampled:
             guesses.append(check.note)
-    elif quadrature.fixed.any() and bound < dim and (copies := _suggested_copies(
-            quadrature, bound - int(quadrature.fixed.sum()) - int(
-                (~quadrature.fixed & ~_null_space_nodes(quadrature)).sum()))):
+    elif quadrature.fixed.any() and bound < dim and (
+            copies := _suggested_copies(quadrature, _room(quadrature, bound))):
         # Deflated probe weights too heavy for simple eigenvalues at a 1 % chi-square tail,
         # but not at deflation's own tests, with no products left to check them: the counts of
         # one are kept, and the intervals allow the copies the weights and the rank bound
