@@ -571,6 +571,34 @@ def output_hessian_blocks(first: Tensor, leaf: Tensor, generator: torch.Generato
     return blocks
 
 
+class _Softmax(NamedTuple):
+    """The loss's gradient at the outputs (``leaf``: the outputs as a leaf; ``first``: the
+    gradient, with its graph) and the softmax cross-entropy structure of its curvature:
+    ``class_dim`` None where there is none or it does not hold in float64 on the head, with
+    the mismatches measured; ``probs`` and ``weights`` (``p``, ``a``) where it holds."""
+
+    leaf: Tensor
+    first: Tensor
+    class_dim: int | None
+    probs: Tensor
+    weights: Tensor
+    mismatches: list[str]
+
+
+def _verified_softmax(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                      generator: torch.Generator) -> _Softmax:
+    """:func:`_softmax_structure` at the outputs, confirmed by :func:`_softmax_on_head`: what
+    :func:`ggn_cotangents`, :func:`ggn_mc_cotangents` and :func:`softmax_columns` read."""
+    leaf, first = _curvature_gradient(loss_fn, outputs, targets)
+    class_dim, probs, weights, mismatches = _softmax_structure(first, leaf, generator)
+    if class_dim is not None and not _softmax_on_head(loss_fn, outputs, targets, class_dim,
+                                                      weights):
+        class_dim = None
+        mismatches.append(f"in float64 on the first {CONSTANCY_SAMPLES} samples, above its "
+                          "rounding")
+    return _Softmax(leaf, first, class_dim, probs, weights, mismatches)
+
+
 def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                    generator: torch.Generator) -> Tensor:
     """``[C', n, *out]``: square-root factors of the per-sample output-Hessian blocks of ``L``.
@@ -587,10 +615,9 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             differentiated twice.
     """
     n = outputs.shape[0]
-    leaf, first = _curvature_gradient(loss_fn, outputs, targets)
-    class_dim, probs, weights, _ = _softmax_structure(first, leaf, generator)
-    if class_dim is not None and _softmax_on_head(loss_fn, outputs, targets, class_dim,
-                                                  weights):
+    leaf, first, class_dim, probs, weights, _ = _verified_softmax(loss_fn, outputs, targets,
+                                                                  generator)
+    if class_dim is not None:
         return _softmax_factors(probs, weights, class_dim, outputs.dtype)
     found = output_hessian_blocks(first, leaf, generator)
     if found is None:
@@ -657,13 +684,11 @@ def softmax_columns(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> int | 
     the work; None where the loss is not one, or where the check cannot tell (the work's own
     checks then name the problem)."""
     try:
-        leaf, first = _curvature_gradient(loss_fn, outputs, targets)
-        class_dim, _, weights, _ = _softmax_structure(first, leaf,
-                                                      torch.Generator().manual_seed(0))
-        if class_dim is None or not _softmax_on_head(loss_fn, outputs, targets, class_dim,
-                                                     weights):
-            return None
+        class_dim = _verified_softmax(loss_fn, outputs, targets,
+                                      torch.Generator().manual_seed(0)).class_dim
     except (RuntimeError, ValueError, TypeError):
+        return None
+    if class_dim is None:
         return None
     classes = outputs.shape[class_dim]
     return outputs[0].numel() // classes * (classes - 1)
@@ -909,13 +934,8 @@ def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samp
         ValueError: the loss is linear in the outputs, its curvature vanishes at these outputs,
             or it is not a softmax cross-entropy's (use the exact GGN).
     """
-    leaf, first = _curvature_gradient(loss_fn, outputs, targets)
-    class_dim, probs, weights, mismatches = _softmax_structure(first, leaf, generator)
-    if class_dim is not None and not _softmax_on_head(loss_fn, outputs, targets, class_dim,
-                                                      weights):
-        class_dim = None
-        mismatches.append(f"in float64 on the first {CONSTANCY_SAMPLES} samples, above its "
-                          "rounding")
+    leaf, first, class_dim, probs, weights, mismatches = _verified_softmax(
+        loss_fn, outputs, targets, generator)
     if class_dim is None:
         probe = torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
         products = _loss_hessian_products(first, leaf, probe[None])

@@ -5,6 +5,7 @@ cross-entropy; for large ``C``, e.g. token vocabularies)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,12 +57,11 @@ class GGN(GramEstimator):
         mc_samples = getattr(options, "mc_samples", None)
         return outputs_per_sample if mc_samples is None else mc_samples
 
-    def solved_columns(self, problem: CurvatureProblem, outputs: Tensor,
-                       options: GramOptions) -> int:
+    def solved_columns(self, problem: CurvatureProblem, outputs: Callable[[], Tensor],
+                       options: GramOptions) -> int | None:
         if getattr(options, "mc_samples", None) is not None:
-            return super().solved_columns(problem, outputs, options)
-        softmax = softmax_columns(problem.loss_fn, outputs, problem.targets)
-        return super().solved_columns(problem, outputs, options) if softmax is None else softmax
+            return None
+        return softmax_columns(problem.loss_fn, outputs(), problem.targets)
 
     def output_side_bytes(self, num_samples: int, outputs_per_sample: int, element: int,
                           options: GramOptions) -> int:

@@ -66,12 +66,12 @@ class GramEstimator(Estimator):
     def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
         """Upper bound on the factor columns ``K`` per sample."""
 
-    def solved_columns(self, problem: CurvatureProblem, outputs: Tensor,
-                       options: GramOptions) -> int:
-        """The factor columns per sample of the Gram the work will solve, as far as the outputs
-        of the first forward pass tell (default :meth:`columns`, the bound): its eigen-solve's
-        time grows as their cube."""
-        return self.columns(outputs[0].numel(), options)
+    def solved_columns(self, problem: CurvatureProblem, outputs: Callable[[], Tensor],
+                       options: GramOptions) -> int | None:
+        """The factor columns per sample of the Gram the work will solve where the outputs of
+        the first forward pass tell them below :meth:`columns`' bound (its eigen-solve's time
+        grows as their cube); None where they do not (default)."""
+        return None
 
     @abstractmethod
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
@@ -126,8 +126,7 @@ class GramEstimator(Estimator):
         # cross-entropy's n (C - 1), not the bound n C (binary ones were predicted 5 times
         # their time and refused at twice it; probe 93). The passes over the model and the
         # Gram's products are not predicted.
-        solved = n * (self.solved_columns(problem, outputs(), options)
-                      if self.needs_output_size else k)
+        solved = n * (self.solved_columns(problem, outputs, options) or k)
         solves = eigen_solve_seconds(solved, problem.device, vectors=settings.eigenvectors > 0)
         if settings.per_layer:
             solves += len(groups) * eigen_solve_seconds(solved, problem.device)

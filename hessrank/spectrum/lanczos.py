@@ -747,17 +747,17 @@ def _suggested_copies(quadrature: _Quadrature, room: int) -> int:
     chi-square of that many more degrees from falling under the weights' sum with 2.5 %
     probability (all of the room a GGN's rank bound leaves had widened a trained MLP's trace
     interval to 30 times the trace where the tail was a chance draw; 8 times this way)."""
-    from scipy.special import chdtr, chdtri  # here, not scipy.stats: 1 s on a first use
+    from scipy.special import chdtri, chdtriv  # here, not scipy.stats: 1 s on a first use
 
     fixed = quadrature.fixed
     count = int(round(float(quadrature.weights[fixed].sum())))
     weight = float(quadrature.probe[fixed].sum())
     if not fixed.any() or room <= 0 or weight <= float(chdtri(count, 0.01)):
         return 0
-    copies = 1
-    while copies < room and float(chdtr(count + copies, weight)) >= 0.025:
-        copies += 1
-    return copies
+    # the fewest degrees whose chi-square falls under the weights' sum with less than 2.5 %
+    # probability: just above those where it does with exactly that
+    degrees = math.floor(float(chdtriv(0.025, weight))) + 1
+    return min(room, max(degrees - count, 1))
 
 
 def _room(quadrature: _Quadrature, bound: int) -> int:
