@@ -532,7 +532,8 @@ def check_loss(value: object, finite: bool = True) -> None:
     if finite and not torch.isfinite(value.detach()).all():
         raise ValueError(
             f"the loss is {value.item()}: the curvature of a non-finite loss is undefined; check "
-            "the model's outputs and the targets."
+            "the model's outputs, the targets, and the inputs for infinite entries (an "
+            "additive mask's -inf is fine where it only masks)."
         )
 
 
@@ -893,7 +894,11 @@ def _read_batch(batch: object) -> tuple[tuple[Tensor, ...], dict[str, Tensor], T
                 f"{n} samples; the batch dimension must come first in every tensor"
             )
         if tensor.is_floating_point() and not all_finite(tensor):
-            raise ValueError(f"{label} contains NaN or Inf: clean the batch before analysing it")
+            # an input's -inf can be an additive attention mask's; NaN is never data, and an
+            # infinite target leaves the loss undefined
+            bad = "NaN or Inf" if tensor is targets else "NaN" if tensor.isnan().any() else None
+            if bad is not None:
+                raise ValueError(f"{label} contains {bad}: clean the batch before analysing it")
         if tensor.is_complex():
             raise ValueError(f"{label} is complex ({tensor.dtype}): the curvature of a loss is "
                              "defined for real data; pass real tensors")

@@ -395,6 +395,16 @@ def _left_padded(g: torch.Generator) -> tuple[dict[str, Tensor], Tensor]:
             torch.randint(0, 3, (4,), generator=g))
 
 
+def _additive_padding(g: torch.Generator) -> tuple[dict[str, Tensor], Tensor]:
+    """Right-padded sequences whose key padding mask is additive, ``-inf`` at the pads (the
+    float form torch accepts beside the boolean one), passed with the inputs."""
+    padding = torch.zeros(4, 4, dtype=torch.float64)
+    padding[0, 2:] = float("-inf")
+    padding[2, 3:] = float("-inf")
+    return ({"x": torch.randn(4, 4, 4, generator=g, dtype=torch.float64), "padding": padding},
+            torch.randint(0, 3, (4,), generator=g))
+
+
 class KeywordAttention(nn.Module):
     """Rule layers called by keyword, each by its own ``forward``'s name for its input:
     ``attn(query=, key=, value=)`` and a HuggingFace ``Conv1D(x=)``."""
@@ -712,6 +722,10 @@ CASES = [
         paths={"layer.self_attn.in_proj_weight": "attention",
                "layer.self_attn.in_proj_bias": "attention",
                "layer.self_attn.out_proj.weight": "attention",
+               "layer.self_attn.out_proj.bias": "attention"}),
+    Case("additive -inf key padding mask among the inputs", _build(
+        LeftPaddedCausal, _additive_padding),
+        paths={"layer.self_attn.in_proj_weight": "attention",
                "layer.self_attn.out_proj.bias": "attention"}),
     Case("attention and Conv1D called by keyword", _build(KeywordAttention, lambda g: (
         torch.randn(4, 3, 4, generator=g, dtype=torch.float64),

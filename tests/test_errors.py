@@ -76,6 +76,17 @@ def test_nan_inputs_and_parameters(setup):
     bad[0, 0] = float("nan")
     _check(model, lambda: hessrank.effective_rank(model, CE, (bad, y)),
            ValueError, r"inputs\[0\] contains NaN")
+    # an infinite input is allowed (an additive mask's -inf); here it makes the derivatives NaN
+    bad[0, 0] = float("inf")
+    _check(model, lambda: hessrank.effective_rank(model, CE, (bad, y)),
+           ValueError, r"derivatives are NaN at these inputs \(an infinite input entry")
+    relu = mlp((5, 6, 3), activation=nn.ReLU)  # carries the Inf to the outputs: a NaN loss
+    _check(relu, lambda: hessrank.effective_rank(relu, CE, (bad, y)),
+           ValueError, r"the loss is nan.*inputs for infinite entries")
+    regression = torch.zeros(8, 3)
+    regression[1, 2] = float("-inf")
+    _check(model, lambda: hessrank.effective_rank(model, nn.MSELoss(), (x, regression)),
+           ValueError, r"targets contains NaN or Inf")
     with torch.no_grad():
         model[0].weight[0, 0] = float("inf")
     _check(model, lambda: hessrank.effective_rank(model, CE, (x, y)),

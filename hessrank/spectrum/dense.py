@@ -69,8 +69,9 @@ def not_finite_error(dtype: torch.dtype) -> ValueError:
                      "inputs), or check the model's scale")
     return ValueError(
         "the curvature matrix holds NaN or Inf, though the model and the loss are finite. "
-        "Either autograd's derivatives are NaN at these inputs (a branch torch.where does not "
-        "select still enters the backward pass: torch.where(x > 0, x.sqrt(), x) gives 0 * NaN "
+        "Either autograd's derivatives are NaN at these inputs (an infinite input entry, other "
+        "than an additive mask's -inf, makes them so; a branch torch.where does not select "
+        "still enters the backward pass: torch.where(x > 0, x.sqrt(), x) gives 0 * NaN "
         "at x < 0; check torch.autograd.grad(loss, parameters) for NaN, and make the unselected "
         "branch finite: x.clamp(min=0).sqrt()), or its entries (products of gradients, second "
         f"derivatives) {overflow}")
