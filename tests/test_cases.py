@@ -879,6 +879,25 @@ def test_lstm_excluded_by_params_still_works():
     assert_spectra_close(result.eigenvalues, reference, count=len(result.eigenvalues), rtol=1e-9)
 
 
+@pytest.mark.parametrize("names", [["attn.out_proj.weight"],
+                                   ["attn.out_proj.weight", "attn.out_proj.bias", "head.bias"]])
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_attention_out_proj_without_the_in_projection(names, method):
+    """``out_proj`` never runs as a module (``F.multi_head_attention_forward`` uses its
+    parameters): analysed without any in-projection parameter, the attention module is claimed
+    for it all the same (it had gone to the general path), and the numbers are the reference's."""
+    model, x, y = _build(Attention, lambda g: (
+        torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g)))()
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, params=names)
+    assert result.paths["attn.out_proj.weight"] == "attention"
+    restricted = _Restricted(model, names)
+    reference = eigenvalues_by_magnitude(
+        reference_ggn_full(restricted, CE, x, y) if method == "ggn"
+        else reference_fisher_weighted(restricted, CE, _mean_weights(y), x, y))
+    assert_spectra_close(result.eigenvalues, reference, count=len(result.eigenvalues), rtol=1e-9)
+
+
 class _Restricted(nn.Module):
     """The model with every parameter but ``names`` frozen (for the references)."""
 

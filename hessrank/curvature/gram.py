@@ -327,17 +327,21 @@ def compute_gram(
     # A claimed module's children whose factors its rule computes: group -> {child: group}.
     covered: dict[str, dict[str, str]] = {}
     if use_rules:
-        for group, names in groups.items():
+        # a module whose rule covers an analysed child is claimed for it even where none of its
+        # own parameters is analysed (attention's out_proj alone: its module never runs)
+        parents = {group.rpartition(".")[0] for group in groups if "." in group}
+        for group in [*groups, *sorted(parents - set(groups))]:
             found = modules.get(group)
             rule = rule_for(found) if found is not None else None
-            if found is not None and rule is not None and all(
-                owners[id(named[name])] == 1 for name in names
-            ):
-                claimed[group] = (found, rule)
-                covered[group] = {child: f"{group}.{child}" for child in rule.children
-                                  if f"{group}.{child}" in groups and all(
-                                      owners[id(named[name])] == 1
-                                      for name in groups[f"{group}.{child}"])}
+            if found is None or rule is None or not all(
+                    owners[id(named[name])] == 1 for name in groups.get(group, ())):
+                continue
+            children = {child: f"{group}.{child}" for child in rule.children
+                        if f"{group}.{child}" in groups and all(
+                            owners[id(named[name])] == 1
+                            for name in groups[f"{group}.{child}"])}
+            if group in groups or children:
+                claimed[group], covered[group] = (found, rule), children
     capture = _Capture({group: module for group, (module, _) in claimed.items()})
     graph = GraphBytes(problem)
     try:
@@ -358,7 +362,8 @@ def compute_gram(
             "samples: per-sample EF/GGN factors need the samples along the output's first "
             "dimension ([n, ...]); return a sample-first output (a sequence-first model's "
             "output.transpose(0, 1), with the loss to match) or use method='exact' or 'lanczos'")
-    sizes = {group: sum(named[name].numel() for name in groups[group]) for group in claimed}
+    sizes = {group: sum(named[name].numel() for name in groups.get(group, ()))
+             for group in claimed}
     element = problem.params[0].element_size()
     children_groups = {child for group in claimed for child in covered[group].values()}
     unclaimed = [g for g in groups if g not in claimed and g not in children_groups]
@@ -418,7 +423,7 @@ def compute_gram(
         position += width
         grads = tuple(pieces) if isinstance(value, tuple) else pieces[0]
         children = covered[group]
-        analysed = frozenset([name.rsplit(".", 1)[-1] for name in groups[group]] + [
+        analysed = frozenset([name.rsplit(".", 1)[-1] for name in groups.get(group, ())] + [
             f"{child}.{name.rsplit('.', 1)[-1]}"
             for child, child_group in children.items() for name in groups[child_group]])
         layer_input = capture.inputs.pop(group)

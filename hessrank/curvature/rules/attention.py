@@ -85,6 +85,8 @@ class AttentionRule(GramRule):
         heads = module.num_heads
         if n != num_samples or k * n * heads * length * length * x.element_size() > CHUNK_BYTES:
             return None
+        names: list[str] = [name for name in ("in_proj_weight", "in_proj_bias")
+                            if name in analysed]
         with torch.no_grad():
             in_bias = module.in_proj_bias
             qkv = x @ module.in_proj_weight.T + (0 if in_bias is None else in_bias)
@@ -101,24 +103,11 @@ class AttentionRule(GramRule):
                 probs = probs.masked_fill((scores == -math.inf).all(dim=-1, keepdim=True), 0)
             del scores, mask  # (the score-sized tensors held at once: working_bytes)
             mixed = (probs @ v).transpose(1, 2).reshape(n, length, width)  # A
-            d_mixed = (d_out @ module.out_proj.weight).reshape(k, n, length, heads, -1)
-            d_mixed = d_mixed.transpose(2, 3)  # [K, n, h, L, d]
-            d_probs = d_mixed @ v.transpose(-1, -2)
-            if len(output_grads) == 2:  # the returned attention weights, used downstream
-                d_weights = output_grads[1]
-                d_probs += (d_weights.unsqueeze(2) / heads if d_weights.dim() == 4
-                            else d_weights)
-            # dS = P * (dP - rowsum(dP * P)) * scale, in dP's place
-            row = (d_probs * probs).sum(dim=-1, keepdim=True)
-            d_scores = d_probs.sub_(row).mul_(probs).mul_(scale)
-            d_q, d_k = d_scores @ key, d_scores.transpose(-1, -2) @ q
-            d_v = probs.transpose(-1, -2) @ d_mixed
-            d_qkv = torch.cat([t.transpose(2, 3).reshape(k, n, length, width)
-                               for t in (d_q, d_k, d_v)], dim=-1)  # [K, n, L, 3E]
         parts: dict[str, Factors] = {}
-        names: list[str] = [name for name in ("in_proj_weight", "in_proj_bias")
-                            if name in analysed]
-        if names:
+        if names:  # (out_proj's factors need none of attention's backward)
+            d_qkv = _in_projection_grads(module.out_proj.weight, d_out, output_grads[1]
+                                         if len(output_grads) == 2 else None,
+                                         q, key, v, probs, scale)
             sources = {"in_proj_weight": x, "in_proj_bias": x.new_ones(n, length, 1)}
             activations = torch.cat([sources[name] for name in names], dim=-1)
             shapes = {name: module.get_parameter(name).shape for name in names}
@@ -129,6 +118,37 @@ class AttentionRule(GramRule):
                 mixed, d_out, module.out_proj.weight.shape if "out_proj.weight" in analysed
                 else None, with_bias="out_proj.bias" in analysed)
         return parts or None
+
+
+@torch.no_grad()
+def _in_projection_grads(out_weight: Tensor, d_out: Tensor, d_weights: Tensor | None,
+                         q: Tensor, key: Tensor, v: Tensor, probs: Tensor, scale: float
+                         ) -> Tensor:
+    """Every cotangent's gradient w.r.t. the in-projection's output, ``[K, n, L, 3E]``, by
+    attention's backward.
+
+    Args:
+        out_weight: ``out_proj``'s weight ``[E, E]``.
+        d_out: the output gradients ``[K, n, L, E]`` (samples first).
+        d_weights: the gradients of the returned attention weights where they are used
+            downstream (``[K, n, h, L, L]`` per head or ``[K, n, L, L]`` averaged), else None.
+        q, key, v: the forward's projections ``[n, h, L, d]``.
+        probs: its attention weights ``[n, h, L, L]``.
+        scale: its score scale ``1 / sqrt(d)``.
+    """
+    k, (n, heads, length, _) = d_out.shape[0], q.shape
+    d_mixed = (d_out @ out_weight).reshape(k, n, length, heads, -1)
+    d_mixed = d_mixed.transpose(2, 3)  # [K, n, h, L, d]
+    d_probs = d_mixed @ v.transpose(-1, -2)
+    if d_weights is not None:  # the returned attention weights, used downstream
+        d_probs += d_weights.unsqueeze(2) / heads if d_weights.dim() == 4 else d_weights
+    # dS = P * (dP - rowsum(dP * P)) * scale, in dP's place
+    row = (d_probs * probs).sum(dim=-1, keepdim=True)
+    d_scores = d_probs.sub_(row).mul_(probs).mul_(scale)
+    d_q, d_k = d_scores @ key, d_scores.transpose(-1, -2) @ q
+    d_v = probs.transpose(-1, -2) @ d_mixed
+    return torch.cat([t.transpose(2, 3).reshape(k, n, length, heads * t.shape[-1])
+                      for t in (d_q, d_k, d_v)], dim=-1)
 
 
 def _mask(options: dict[str, Any], n: int, heads: int, length: int, scores: Tensor
