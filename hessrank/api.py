@@ -318,7 +318,7 @@ def effective_rank(
               preserved_state(model) as check_parameters,
               differentiable(model) as guard_notes,
               loss_evaluations(loss_fn),
-              workers_as_found(batch),
+              workers_as_found(batch) as batch,
               exits.from_here()):
             with agreement(parallel):
                 problem = build_problem(

@@ -35,12 +35,13 @@ outside these generators) is refused instead of being averaged silently.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -62,6 +63,8 @@ from hessrank.problem import (
     refuse_split_batch_statistics,
     unused_in_every,
 )
+
+Data = TypeVar("Data")
 
 #: ``(samples, float64 sum of the targets, float64 sum of every input)``: tells batches apart.
 Fingerprint = tuple[int, float, float]
@@ -133,23 +136,33 @@ def same_draw(data: object) -> Iterator[None]:
 
 
 @contextmanager
-def workers_as_found(data: object) -> Iterator[None]:
-    """A ``DataLoader`` with ``persistent_workers`` whose workers the block's passes started
-    gets them shut down at its end, so that the caller's next ``iter()`` starts them as its
-    first would have: a restart of running workers draws other seeds than a first start, and
-    the caller's next epochs came in another order. (Through the loader's private
-    ``_iterator``; workers the caller had started are left running.)"""
-    if not (isinstance(data, DataLoader) and data.persistent_workers
-            and getattr(data, "_iterator", True) is None):
-        yield
+def workers_as_found(data: Data) -> Iterator[Data]:
+    """The data for the block's passes, a ``DataLoader`` with ``persistent_workers`` left with
+    its workers as found; other data as they are.
+
+    Workers the block's passes start are shut down at its end, so that the caller's next
+    ``iter()`` starts them as its first would have (a restart of running workers draws other
+    seeds than a first start, and the caller's next epochs came in another order). Workers
+    the caller started (between epochs or in the middle of one) are not the block's to use:
+    the passes would reset the caller's epoch and advance the workers' random state, which
+    lives in their processes and cannot be put back (a refused call changed the caller's
+    next epochs; probe 96). The block gets a shallow copy of the loader instead, which starts
+    workers of its own, seeded as a first start is. (Through the loader's private
+    ``_iterator``.)
+    """
+    if not (isinstance(data, DataLoader) and data.persistent_workers):
+        yield data
         return
+    loader: DataLoader[Any] = data
+    if loader._iterator is not None:
+        loader = copy.copy(loader)  # the same data set, samplers, generator and settings
+        loader._iterator = None
     try:
-        yield
+        yield cast(Data, loader)
     finally:
-        iterator = data._iterator
-        if iterator is not None:
-            iterator._shutdown_workers()  # type: ignore[attr-defined]
-            data._iterator = None
+        if loader._iterator is not None:
+            loader._iterator._shutdown_workers()
+            loader._iterator = None
 
 
 def _fingerprint(problem: CurvatureProblem) -> Fingerprint:

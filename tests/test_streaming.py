@@ -165,6 +165,53 @@ def test_persistent_workers_the_call_started_are_stopped():
     assert epochs(analysed) == expected
 
 
+class _Jittered(Dataset):
+    """Inputs with noise drawn at every read (a random transform): in a worker, from the
+    worker's generator."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int):
+        return self.x[index] + 0.01 * torch.randn(self.x.shape[1:]), self.y[index]
+
+
+@pytest.mark.parametrize("when", ["between epochs", "mid-epoch"])
+def test_persistent_workers_the_caller_started_are_left_alone(when):
+    """Workers the caller started are not the call's to use: its passes reset the caller's
+    epoch and advanced the workers' generators, which live in their processes, so a refused
+    call (a random transform in the workers) changed the caller's next epochs (probe 96). The
+    call passes over a copy of the loader with workers of its own."""
+    model, loss_fn, x, y = _data("class weights")
+
+    def run(call: bool) -> list[torch.Tensor]:
+        torch.manual_seed(123)
+        loader = DataLoader(_Jittered(x, y), batch_size=5, shuffle=True, num_workers=1,
+                            persistent_workers=True)
+        seen = []
+        batches = iter(loader)
+        seen.append(next(batches)[0])
+        if when == "between epochs":
+            seen.extend(b[0] for b in batches)
+        workers = loader._iterator
+        if call:
+            with pytest.raises(ValueError, match="data changed between passes"):
+                hessrank.effective_rank(model, loss_fn, loader, "fisher")
+            assert loader._iterator is workers
+        if when == "mid-epoch":
+            seen.extend(b[0] for b in batches)  # the rest of the caller's epoch
+        for _ in range(2):
+            seen.extend(b[0] for b in loader)
+        return seen
+
+    expected, found = run(call=False), run(call=True)
+    assert len(found) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(found, expected))
+
+
 class _Drifting(Dataset):
     """A data set whose samples change every time they are read (a source hessrank cannot
     reset), so no two passes agree."""
