@@ -291,6 +291,10 @@ def effective_rank(
 
     Raises:
         TypeError, ValueError: bad input, named with its fix, before any expensive work.
+        Exception: what the model or the loss itself raises on the batch (torch's
+            ``RuntimeError`` or ``IndexError`` for targets of the wrong shape, dtype or class
+            range), as the same type, its message extended with the batch's shapes and dtypes
+            and the fix; also before any expensive work.
         hessrank.BudgetError: the predicted memory or time exceeds the budget.
         hessrank.distributed.GroupFailure: with ``process_group``, another process failed.
     """

@@ -712,7 +712,7 @@ class Tracker:
         if len(given) > 1:
             raise ValueError(f"give one schedule, not {' and '.join(given)}")
         self.every = None if every is None else _step_number(every, "every", least=1)
-        if steps is not None and not isinstance(steps, Iterable):
+        if steps is not None and (not isinstance(steps, Iterable) or isinstance(steps, str)):
             raise TypeError(f"steps is a list of step numbers (steps=[{steps!r}] for one), got "
                             f"{type(steps).__name__}")
         listed = None if steps is None else list(steps)

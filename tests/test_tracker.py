@@ -460,6 +460,8 @@ def test_appending_to_a_log_cut_by_a_crash_starts_a_line_of_its_own(tmp_path: Pa
         ({"method_options": {"ggn": {}}}, ValueError, "names 'ggn', not one of the methods"),
         ({"eval_batch": torch.zeros(3)}, TypeError, "eval_batch must be a pair"),
         ({"steps": 5}, TypeError, r"steps is a list of step numbers \(steps=\[5\] for one\)"),
+        # a string is iterable: its characters had been read as steps ('1', '0')
+        ({"steps": "10"}, TypeError, r"steps=\['10'\] for one\), got str"),
         ({"steps": []}, ValueError, "steps is empty, so the tracker would never measure"),
         ({"budget": "0.1"}, ValueError, r"budget is a share of wall time in \(0, 1\), got '0.1'"),
         # Values effective_rank refuses, refused by its own checks when the tracker is made
