@@ -323,6 +323,22 @@ def test_auto_data_is_digits_without_mnist(tmp_path: Path) -> None:
     assert presets.resolve_data_name("auto", tmp_path) == "mnist"
 
 
+def test_a_data_dir_variable_without_mnist_is_named(tmp_path: Path, monkeypatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``--data auto`` falls back to the digits, but a ``$HESSRANK_DATA_DIR`` that is set and
+    holds no MNIST is a mistake worth a line on stderr (a script reading ``rank``'s output had
+    got the digits' rank without a word; probe 97)."""
+    import hessrank.cli as cli_module
+
+    args = cli_parser().parse_args(["rank"])
+    monkeypatch.setenv(presets.DATA_DIR_ENV, str(tmp_path))
+    cli_module._config(args, ["fisher"], (0,))
+    assert f"${presets.DATA_DIR_ENV}={tmp_path} holds no MNIST" in capsys.readouterr().err
+    monkeypatch.delenv(presets.DATA_DIR_ENV)
+    cli_module._config(args, ["fisher"], (0,))
+    assert capsys.readouterr().err == ""
+
+
 def test_presets_are_seeded_and_small() -> None:
     for name in presets.PRESETS:
         a = presets.build_model(name, input_shape=(1, 8, 8), seed=3)
@@ -401,6 +417,9 @@ def test_weights_are_loaded(tmp_path: Path) -> None:
     (tmp_path / "text.pt").write_text("not a pickle")
     with pytest.raises(CliError, match=r"text\.pt is not a file torch\.save wrote"):
         presets.build_model("cnn", input_shape=(1, 8, 8), weights=tmp_path / "text.pt")
+    # no such file: the hint about the state_dict's names did not apply (probe 97)
+    with pytest.raises(CliError, match=r"missing\.pt: No such file or directory$"):
+        presets.build_model("cnn", input_shape=(1, 8, 8), weights=tmp_path / "missing.pt")
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:

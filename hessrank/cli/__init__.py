@@ -207,7 +207,7 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
         "--rtol",
         type=_rtol,
         help="numerical-rank tolerance relative to the top |eigenvalue|, in [0, 1) (default: "
-        "matrix size times the dtype's epsilon)",
+        "matrix size times the dtype's epsilon, float32's at least for the Lanczos methods)",
     )
     _add_estimator_options(est)
     est.add_argument(
@@ -333,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
         "logs", nargs="+", type=Path, metavar="LOG", help="JSON-lines file(s) of hessrank.Tracker"
     )
     plot.add_argument(
-        "-o", "--output", type=Path, help="PNG to write (default: the first LOG with .png)"
+        "-o", "--output", type=Path,
+        help="image to write, its format by the suffix (.png, .pdf, .svg; default: the first "
+        "LOG with .png)"
     )
     plot.add_argument(
         "--rank",
@@ -392,6 +394,13 @@ def _config(
             verb = "shapes" if len(given) == 1 else "shape"
             raise CliError(f"{' '.join(given)} {verb} the presets ({', '.join(presets.PRESETS)}), "
                            f"not --model {args.model}: drop them, or give them to its factory")
+    environment = presets.default_data_dir()
+    if args.data == "auto" and not args.data_dir and environment is not None and (
+            not presets.has_mnist(environment)):
+        # the help says auto falls back to the digits; a set variable that misses is a mistake
+        print(f"hessrank: ${presets.DATA_DIR_ENV}={environment} holds no MNIST (MNIST/raw/ in "
+              "torchvision's layout): measuring the shipped digits; point it at the folder "
+              "that holds MNIST/, or pass --data digits", file=sys.stderr)
     return Config(
         model=args.model,
         activation=args.activation or "relu",

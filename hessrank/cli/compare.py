@@ -245,7 +245,7 @@ def record(res: Any, exact: dict[str, Any] | None) -> dict[str, Any]:
         "num_hvps": res.num_hvps,
         "ranks": {k: float(v) for k, v in res.ranks.items()},
         "caveats": caveats(res) + ([] if exact is None or not other_rtol else [
-            f"numerical rank at rtol = {rtol:.3g} (its matrix's size x epsilon), "
+            f"numerical rank at rtol = {rtol:.3g} (its own default, for its matrix's size), "
             f"compared with exact's at that rtol ({exact_numerical:g}; "
             f"{exact['numerical_rank']:g} at exact's own {exact['rtol']:.3g})"]),
         "eigenvalues": np.asarray(res.eigenvalues, dtype=np.float64).tolist(),

@@ -211,7 +211,7 @@ def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Fi
     half = columns  # the two top panels share the first row equally
     rank_axes = fig.add_subplot(grid[0, :half])
     _draw(rank_axes, runs, key)
-    label = "srank" if key == "rank" else key
+    label = "srank" if key == "rank" else key if key.endswith("rank") else f"{key} rank"
     thresholds = _thresholds(runs)
     if label == "srank" and len(thresholds) == 1:
         label += f" at {thresholds[0]}"  # several: each line's label says its own

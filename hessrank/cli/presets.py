@@ -260,6 +260,8 @@ def build_model(
         try:
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except Exception as err:
+            if isinstance(err, OSError):  # missing, a folder, unreadable: the hint is not ours
+                raise CliError(f"--weights {weights}: {err.strerror or err}") from err
             if not _saved_by_torch(weights):  # (its text had been read as a pickled model)
                 raise CliError(f"--weights {weights} is not a file torch.save wrote (neither its "
                                "zip format nor a pickle): save the state_dict with "

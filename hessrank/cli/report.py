@@ -212,12 +212,30 @@ def rank_cell(stat: dict[str, Any], field: str) -> str:
     return text if error is None else f"{text} ({cell(error, f'{field}_rel_error')})"
 
 
-def _records(report: dict[str, Any], index: int, method: str) -> list[dict[str, Any]]:
+def _seeded_records(report: dict[str, Any], index: int, method: str
+                    ) -> list[tuple[int, dict[str, Any]]]:
+    """``(seed, record)`` of ``method`` at checkpoint ``index`` for every run that has one."""
     return [
-        r["checkpoints"][index]["methods"][method]
+        (r["seed"], r["checkpoints"][index]["methods"][method])
         for r in report["runs"]
         if len(r["checkpoints"]) > index and method in r["checkpoints"][index]["methods"]
     ]
+
+
+def _records(report: dict[str, Any], index: int, method: str) -> list[dict[str, Any]]:
+    return [record for _, record in _seeded_records(report, index, method)]
+
+
+def _caveats(seeded: list[tuple[int, dict[str, Any]]]) -> list[str]:
+    """The records' caveats, once each; one that not every seed's record has names its seeds
+    (an interval is one seed's)."""
+    seeds: dict[str, list[int]] = {}
+    for seed, record in seeded:
+        for caveat in record.get("caveats", []):
+            seeds.setdefault(caveat, []).append(seed)
+    return [caveat if len(seeded) == 1 or len(found) == len(seeded)
+            else f"(seed{'s' if len(found) > 1 else ''} {', '.join(map(str, found))}) {caveat}"
+            for caveat, found in seeds.items()]
 
 
 def _unique(items: list[str]) -> list[str]:
@@ -274,13 +292,14 @@ def methods_table(
         table.add_column(header, justify="left" if left else "right", no_wrap=header != "notes")
     footnotes: list[str] = []
     for method in report["config"]["methods"]:
-        records = _records(report, index, method)
-        if not records:
+        seeded = _seeded_records(report, index, method)
+        if not seeded:
             continue
+        records = [record for _, record in seeded]
         stat = point["methods"][method]
         errors = _unique([r["error"] for r in records if r.get("error")])
         backend = ", ".join(_unique([r["backend"] for r in records if r.get("backend")]))
-        notes = _unique([c for r in records for c in r.get("caveats", [])])
+        notes = _caveats(seeded)
         notes += [f"failed: {e}" for e in errors]
         refs = []
         for note in notes:
@@ -706,7 +725,8 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
         count_axis(axes[1], np.arange(1, min(len(r["checkpoints"]) for r in runs) + 1))
         axes[1].set_xlabel("task (checkpoint at its start)")
         axes[1].set_ylabel(f"srank at {report['config']['threshold']}")
-        axes[1].set_title("rank over checkpoints")
+        axes[1].set_title("rank over checkpoints" + (
+            f": mean of {len(runs)} seeds, band min to max" if len(runs) > 1 else ""))
         axes[1].legend()
     fig.tight_layout()
     save_figure(fig, path, "--plot")

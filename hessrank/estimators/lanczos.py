@@ -173,7 +173,11 @@ class LanczosEstimator(Estimator):
                         trace_interval=result.trace_interval,
                         numerical_interval=result.numerical_interval,
                         num_hvps=result.num_products + checks,
-                        eps=eps, notes=[*self.source_notes(problem, operator), *result.notes])
+                        eps=eps, notes=[*self.source_notes(problem, operator), *result.notes,
+                                        *([f"{checks} products before the run checked the "
+                                           "Hessian-vector products symmetric "
+                                           f"({result.num_products + checks} in all)"]
+                                          if checks else [])])
 
     backend = "autograd"
 
