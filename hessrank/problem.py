@@ -949,7 +949,8 @@ def _select_parameters(
 
 def named_selection(model: nn.Module, params: Iterable[Tensor | str] | None) -> set[str] | None:
     """The names of the parameters ``params`` selects (None: all), checked against the model
-    without a batch (a :class:`hessrank.Tracker` checks them when it is made).
+    without a batch (a :class:`hessrank.Tracker` checks them when it is made). A tied weight's
+    every name selects it, under the name ``model.named_parameters()`` gives it.
 
     Raises:
         TypeError, ValueError: ``params`` is not a list of the model's parameters or their
@@ -969,9 +970,13 @@ def named_selection(model: nn.Module, params: Iterable[Tensor | str] | None) -> 
     named = list(model.named_parameters())
     by_name = dict(named)
     by_id = {id(p): name for name, p in named}
+    # every registration, a tied weight's second name too (lm_head.weight for wte.weight),
+    # which named_parameters() leaves out: the same tensor, analysed under its first name
+    aliases = {name: by_id[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
     wanted = set()
     for item in params:
         if isinstance(item, str):
+            item = aliases.get(item, item)
             if item not in by_name:
                 close = [n for n in by_name if item in n or n in item][:3]
                 raise ValueError(

@@ -259,6 +259,28 @@ def test_per_layer_results_are_diagonal_blocks():
     assert_spectra_close(exact.layers["0"].eigenvalues, block, rtol=1e-9)
 
 
+def test_a_tied_weight_is_selected_by_either_name():
+    """``named_parameters()`` lists a tied weight once; its second name (a tied head's) had
+    been refused as unknown (probe 99)."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(6, 4).double()
+    head = nn.Linear(4, 6, bias=False).double()
+    head.weight = embed.weight
+    model = nn.Sequential(embed, nn.Flatten(), nn.Tanh(), nn.Unflatten(1, (3, 4)), head)
+    tokens = torch.randint(0, 6, (5, 3))
+    y = torch.randint(0, 6, (5, 3))
+
+    def token_ce(outputs, targets):
+        return CE(outputs.reshape(-1, 6), targets.reshape(-1))
+
+    first = hessrank.effective_rank(model, token_ce, (tokens, y), method="fisher",
+                                    params=["0.weight"])
+    second = hessrank.effective_rank(model, token_ce, (tokens, y), method="fisher",
+                                     params=["4.weight"])
+    assert second.num_params == first.num_params == 24
+    np.testing.assert_array_equal(second.eigenvalues, first.eigenvalues)
+
+
 def test_params_subset_and_frozen_parameters():
     model = mlp((4, 5, 3))
     x, y = classification_batch(6, 4, 3)
