@@ -1435,8 +1435,15 @@ def test_backpack_on_an_in_place_activation_names_the_backend_to_use(method):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(),
                           nn.Linear(144, 5))
     batch = (torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)))
-    with pytest.raises(ValueError, match=r"BackPACK could not compute.*backend='auto'"):
+    with pytest.raises(ValueError, match=r"(?s)BackPACK could not compute.*such as "
+                       r"ReLU\(inplace=True\).*backend='auto'"):
         hessrank.effective_rank(model, CE, batch, method, backend="backpack")
+    # a module called twice: BackPACK's "'Linear' object has no attribute 'output'" (probe 99)
+    shared = nn.Linear(4, 4)
+    twice = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"a module called more than once.*backend='auto'"):
+        hessrank.effective_rank(twice, CE, (torch.randn(6, 4), torch.randint(0, 3, (6,))),
+                                method, backend="backpack")
 
 
 @pytest.mark.parametrize("padding_mode", ["reflect", "circular"])

@@ -115,10 +115,15 @@ def gram_backpack(
     except (AttributeError, RuntimeError, NotImplementedError) as error:
         # BackPACK's own failures: a parameter its extension does not fill (weight_norm's
         # weight_g), a dtype its module extension does not handle (a float64 embedding)
+        text = str(error)
+        cause = (" (an in-place operation on a module's output, such as ReLU(inplace=True), "
+                 "which BackPACK's hooks cannot take)" if "modified inplace" in text
+                 else " (a module called more than once in the forward, which BackPACK does "
+                 "not support)" if "has no attribute 'output'" in text else "")
         raise ValueError(
             f"BackPACK could not compute the {kind} factors of this model ({type(error).__name__}"
-            f": {error}): use backend='auto' (hessrank's verified rules and torch.func), which "
-            "covers every model BackPACK does") from error
+            f": {text}){cause}: use backend='auto' (hessrank's verified rules and torch.func), "
+            "which covers every model BackPACK does") from error
     _verify(problem, kind, factors, cotangents, generator)
     accumulator = GramAccumulator(keep_groups)
     for group, names in groups.items():
