@@ -469,6 +469,23 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
     return sharded
 
 
+def gathered_output_side(problem: CurvatureProblem, outputs: Tensor, columns: int
+                         ) -> tuple[int, int]:
+    """The samples :func:`shard_cotangents` computes the output side on, and the bytes it
+    holds for the gathered global batch beyond one process's own: the global batch's
+    outputs and its ``columns`` factor columns a sample (``(n_r, 0)`` in one process).
+
+    Args:
+        problem: the problem (sharded or not).
+        outputs: this process's outputs ``[n_r, *out]``.
+        columns: factor columns ``K`` a sample.
+    """
+    if not isinstance(problem, ShardedProblem):
+        return outputs.shape[0], 0
+    samples = problem.num_samples
+    return samples, (1 + columns) * samples * outputs[0].numel() * outputs.element_size()
+
+
 def shard_cotangents(problem: CurvatureProblem,
                      cotangents_of: Callable[[Tensor, Tensor], Tensor],
                      outputs: Tensor) -> Tensor:
@@ -491,7 +508,8 @@ def shard_cotangents(problem: CurvatureProblem,
     with torch.no_grad():
         check_same_loss(problem, call_loss(problem.loss_fn, everything, problem.all_targets))
     cotangents = cotangents_of(everything, problem.all_targets)
-    return cotangents[:, problem.parallel.start : problem.parallel.stop]
+    # a copy: the view kept every process's rows alive
+    return cotangents[:, problem.parallel.start : problem.parallel.stop].clone()
 
 
 def _check_same_function(problem: ShardedProblem, shared_args: list[Tensor],

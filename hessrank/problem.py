@@ -1101,6 +1101,14 @@ def finite_difference(first: Tensor, second: Tensor) -> float:
     return float((first - second)[finite].abs().max()) if bool(finite.any()) else 0.0
 
 
+def difference_text(relative: float, largest: str) -> str:
+    """``relative`` (a :func:`finite_difference` over ``largest``, the entry it is relative to)
+    in words: "by 1.2e-03 of <largest>", or where NaN or infinite entries differ (inf)."""
+    if math.isinf(relative):
+        return "in which of their entries are NaN or infinite"
+    return f"by {relative:.1e} of {largest}"
+
+
 def agreement_tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance for two computations of the same quantity that differ only by rounding
     (different summation orders): about ``10^3`` units of rounding of ``dtype``."""
@@ -1144,8 +1152,12 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
                for part in parts):
         return None
     alone = torch.cat(parts).to(outputs.dtype)
-    scale = float(outputs.detach().abs().max())
-    difference = float((alone - outputs.detach()).abs().max())
+    whole = outputs.detach()
+    finite = whole[torch.isfinite(whole)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    # inf where NaN or Inf entries differ: a half of one sample standardised over itself is NaN
+    # (its std), which a plain max over the difference had passed as no difference (probe 98)
+    difference = finite_difference(alone, whole)
     if difference > agreement_tolerance(outputs.dtype) * max(scale,
                                                              torch.finfo(outputs.dtype).tiny):
         repeat_pass(problem)
@@ -1180,8 +1192,8 @@ def refuse_mixed_samples(problem: CurvatureProblem, outputs: Tensor, part: str) 
                  "its batch" if places else "")
         raise ValueError(
             f"the model's output for a sample depends on the other samples of its batch (each "
-            f"half of the batch run alone differs from the whole batch's outputs by "
-            f"{difference:.1e} of their largest entry: statistics over the "
+            f"half of the batch run alone differs from the whole batch's outputs "
+            f"{difference_text(difference, 'their largest entry')}: statistics over the "
             f"batch, or attention across samples{drawn}), so each {part} would be computed on "
             "its own, not with all the samples at once, and the result would not be that of the "
             "whole data; pass the data as one batch in one process"

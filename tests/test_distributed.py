@@ -119,6 +119,20 @@ class WideActivations(nn.Module):
         return self.last(torch.tanh(wide).mean(dim=-1))
 
 
+class WideOutputs(nn.Module):
+    """Few parameters, many classes (a fixed projection to 20,000): the loss side rules the
+    budget."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(4, 3)
+        self.register_buffer("projection", torch.randn(3, 20_000))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.first(x)) @ self.projection
+
+
 class Scaled(nn.Module):
     """The test MLP with its outputs times a plain attribute: nothing a fingerprint of the
     parameters and buffers sees."""
@@ -323,6 +337,17 @@ def worker(rank: int, port: int, out: str) -> None:
     results["refined-budget"] = outcome(lambda: hessrank.effective_rank(
         WideActivations().double(), nn.CrossEntropyLoss(), (x, y), method="exact",
         max_memory=2 * 2**20, process_group=group))
+    # The output side runs on the gathered global batch in every process: counted at the
+    # shard's size, a budget one process on the whole batch refuses let each run at twice it
+    # (probe 98). 16 samples a process: about 41 MiB of loss-side copies for the 32.
+    g = torch.Generator().manual_seed(1)
+    wide_x, wide_y = torch.randn(32, 4, generator=g), torch.randint(0, 20_000, (32,), generator=g)
+    for method in ("fisher", "fisher_lanczos"):
+        results[f"wide-outputs-{method}"] = outcome(
+            lambda method=method: hessrank.effective_rank(
+                WideOutputs(), nn.CrossEntropyLoss(), (wide_x[16 * rank:16 * rank + 16],
+                                                       wide_y[16 * rank:16 * rank + 16]),
+                method=method, max_memory=36e6, process_group=group))
     results["coupled"] = outcome(lambda: hessrank.effective_rank(
         model, lambda f, t: f.sum() ** 2, (x, y), method="exact", process_group=group))
     # a loss torch differentiates once only: the coupling check's products had raised torch's
@@ -333,6 +358,12 @@ def worker(rank: int, port: int, out: str) -> None:
     for method in ("exact", "ggn_lanczos"):
         results[f"mixing-{method}"] = outcome(lambda method=method: hessrank.effective_rank(
             BatchStandardised(), nn.CrossEntropyLoss(), (x, y), method=method,
+            process_group=group))
+    # Two samples per process: each half of a shard is one sample, whose standardisation over
+    # itself is NaN, which the comparison with the shard's outputs had passed (probe 98).
+    for method in ("exact", "lanczos"):
+        results[f"two-sample-{method}"] = outcome(lambda method=method: hessrank.effective_rank(
+            BatchStandardised(), nn.CrossEntropyLoss(), (x[:2], y[:2]), method=method,
             process_group=group))
     # One sample per process: no shard to split, so a model that standardises over its batch
     # was analysed one sample at a time, unchecked (probe 71).
@@ -516,11 +547,16 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("nan-loss", "ValueError", "the loss is nan"),
     ("dict-outputs", "TypeError", "the model returned dict; hessrank needs a tensor of outputs"),
     ("refined-budget", "BudgetError", "method='exact' needs about"),
+    ("wide-outputs-fisher", "BudgetError", "method='fisher' needs about"),
+    ("wide-outputs-fisher_lanczos", "BudgetError", "method='fisher_lanczos' needs about"),
     ("coupled", "ValueError", "couples samples of different processes"),
     ("once-differentiable", "ValueError", "multi_margin_loss_backward: the operation is the "
                                           "loss's, which 'ggn' differentiates twice too"),
     ("mixing-exact", "ValueError", "depends on the other samples of its batch"),
     ("mixing-ggn_lanczos", "ValueError", "depends on the other samples of its batch"),
+    ("two-sample-exact", "ValueError", "whole batch's outputs in which of their entries are "
+                                       "NaN or infinite"),
+    ("two-sample-lanczos", "ValueError", "depends on the other samples of its batch"),
     ("one-sample-exact", "ValueError", "every process holds one sample (shards of [1, 1])"),
     ("one-sample-fisher", "ValueError", "every process holds one sample (shards of [1, 1])"),
     ("options", "ValueError", "call effective_rank differently (threshold"),

@@ -27,6 +27,7 @@ from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
     UnrepeatableForward,
+    difference_text,
     mixed_samples_difference,
     refuse_mixed_samples,
     untested_mixing,
@@ -124,7 +125,8 @@ class FactorOperator(ParameterOperator):
         if difference is None:
             return None
         return (f"the model's output for a sample depends on the other samples of the batch "
-                f"(each half run alone differs by {difference:.1e} of the largest output): "
+                f"(each half run alone differs "
+                f"{difference_text(difference, 'the largest output')}): "
                 f"{meaning}")
 
     def _row(self, vector: Tensor) -> Tensor:

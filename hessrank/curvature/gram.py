@@ -56,6 +56,7 @@ from hessrank.problem import (
     GraphBytes,
     UnrepeatableForward,
     agreement_tolerance,
+    difference_text,
     mixed_samples_difference,
     repeat_pass,
     untested_mixing,
@@ -790,7 +791,7 @@ def _mixing(relative: float) -> tuple[str, str]:
     """What differs, and its likely cause, where the outputs of samples run alone differ from
     their rows of the batch output by ``relative``."""
     return (f"a sample's output computed alone differs from its row of the batch output "
-            f"(relative difference {relative:.1e})",
+            f"{difference_text(relative, 'its largest entry')}",
             "the model mixes the samples of a batch (BatchNorm on batch statistics, attention "
             "over the batch dimension, e.g. a batch_first=False transformer given [n, T, d]), so "
             "per-sample EF/GGN factors are undefined; fix the layout or use method='exact' or "

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from hessrank.curvature.factors import FactorOperator
+from hessrank.distributed import gathered_output_side
 from hessrank.estimators.base import Settings, register
 from hessrank.estimators.fisher import Fisher
 from hessrank.estimators.ggn import GGN
@@ -38,7 +39,7 @@ class FactorLanczos(LanczosEstimator):
             self.name,
             check_working_memory=lambda extra: self.check_refined(
                 extra, problem, settings, advice=self.working_memory_advice),
-            output_side_bytes=self.output_side_at)
+            output_side_bytes=lambda outputs: self.output_side_at(problem, outputs))
 
     def rank_bound(self, problem: CurvatureProblem, outputs: Callable[[], Tensor]) -> int:
         """``n K``: the factors' columns (one a sample for the EF, ``C`` for the GGN of ``C``
@@ -54,11 +55,15 @@ class FactorLanczos(LanczosEstimator):
         note = operator.mixing_note() if isinstance(operator, FactorOperator) else None
         return [*super().source_notes(problem, operator), *([] if note is None else [note])]
 
-    def output_side_at(self, outputs: Tensor) -> int:
+    def output_side_at(self, problem: CurvatureProblem, outputs: Tensor) -> int:
         """Peak bytes of the factors' output side (the loss's gradients or Hessian blocks) on
-        ``outputs``, which the prediction before the work (the Lanczos basis) cannot count."""
-        return self.factors_of.output_side_bytes(outputs.shape[0], outputs[0].numel(),
-                                                 outputs.element_size(), GramOptions())
+        ``outputs``, which the prediction before the work (the Lanczos basis) cannot count; in
+        a sharded problem on the gathered global batch (:func:`gathered_output_side`)."""
+        per_sample = outputs[0].numel()
+        samples, gathered = gathered_output_side(problem, outputs,
+                                                 self.factors_of.columns(per_sample))
+        return gathered + self.factors_of.output_side_bytes(samples, per_sample,
+                                                            outputs.element_size(), GramOptions())
 
 
 @register

@@ -19,6 +19,7 @@ from hessrank.curvature.gram import (
     unruled_sizes,
 )
 from hessrank.curvature.loss import check_no_parameter_terms
+from hessrank.distributed import gathered_output_side
 from hessrank.estimators.base import (
     Cost,
     Estimator,
@@ -84,14 +85,21 @@ class GramEstimator(Estimator):
         """Peak bytes of computing the output-side factors (beyond the factors themselves)."""
         return 0
 
-    def unpredicted_output_bytes(self, outputs: Tensor, options: GramOptions) -> int:
-        """:meth:`output_side_bytes` at the outputs of the first forward pass where the
-        prediction before the work could not count it (without :attr:`needs_output_size` it
-        has no outputs' size); 0 where it did."""
+    def unpredicted_output_bytes(self, problem: CurvatureProblem, outputs: Tensor,
+                                 options: GramOptions) -> int:
+        """What the output side holds on the outputs of the first forward pass that the
+        prediction before the work could not count: :meth:`output_side_bytes` where it had no
+        outputs' size (without :attr:`needs_output_size`), and in a sharded problem the
+        gathered global batch it runs on (:func:`~hessrank.distributed.shard_cotangents`: its
+        outputs and all its factors, of which a process keeps its own rows; counted at the
+        shard's size, a budget had let calls run at the number of processes times it;
+        probe 98)."""
+        samples, gathered = gathered_output_side(problem, outputs,
+                                                 self.columns(outputs[0].numel(), options))
         if self.needs_output_size:
-            return 0
-        return self.output_side_bytes(outputs.shape[0], outputs[0].numel(),
-                                      outputs.element_size(), options)
+            return gathered
+        return gathered + self.output_side_bytes(samples, outputs[0].numel(),
+                                                 outputs.element_size(), options)
 
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: GramOptions) -> Cost:
@@ -245,7 +253,7 @@ class GramEstimator(Estimator):
                             check_working_memory=lambda extra: self.check_refined(
                                 extra, problem, settings),
                             output_side_bytes=lambda outputs: self.unpredicted_output_bytes(
-                                outputs, options))
+                                problem, outputs, options))
 
 
 def _backend(result: GramResult, names: list[str]) -> str:
