@@ -414,22 +414,18 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
         "inputs": [tuple(x.shape[1:]) for x in problem.args]
         + [(key, tuple(x.shape[1:])) for key, x in sorted(problem.kwargs.items())],
         "targets": (tuple(problem.targets.shape[1:]), str(problem.targets.dtype)),
+        # agreed before the buffers' broadcast, a collective of the processes that ask for it
+        # (a model DDP-wrapped in one process only had hung the group; probe 98)
+        "DistributedDataParallel with broadcast_buffers": ddp_buffers,
     }
-    if ddp_buffers:
-        with torch.no_grad():
-            if parallel.broadcast_buffers(problem.model):
-                problem.notes.append(
-                    "buffers (BatchNorm statistics) are process 0's in every process, as "
-                    "DistributedDataParallel's next forward would make them (broadcast_buffers="
-                    "True); your buffers are unchanged")
     args, kwargs = problem.sample_slice(0, 1)  # process 0's serves every process's model
     reports = parallel.gather_objects((described, problem.num_samples,
-                                       _fingerprint(problem.model),
+                                       None if ddp_buffers else _fingerprint(problem.model),
                                        ([x.cpu() for x in args],
                                         {key: x.cpu() for key, x in kwargs.items()})
                                        if parallel.rank == 0 else None))
-    first, _, first_print, first_sample = reports[0]
-    for rank, (other, _, other_print, _) in enumerate(reports):
+    first, _, _, first_sample = reports[0]
+    for rank, (other, _, _, _) in enumerate(reports):
         differing = sorted(key for key in first if first[key] != other.get(key))
         if differing:
             raise ValueError(
@@ -438,6 +434,17 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
                 "): every process of the group must pass the same model, options and input "
                 "shapes, with its own shard of the batch"
             )
+    prints = [report[2] for report in reports]
+    if ddp_buffers:
+        with torch.no_grad():
+            if parallel.broadcast_buffers(problem.model):
+                problem.notes.append(
+                    "buffers (BatchNorm statistics) are process 0's in every process, as "
+                    "DistributedDataParallel's next forward would make them (broadcast_buffers="
+                    "True); your buffers are unchanged")
+        prints = parallel.gather_objects(_fingerprint(problem.model))
+    first_print = prints[0]
+    for rank, other_print in enumerate(prints):
         differing_state = _differing_state(first_print, other_print)
         if differing_state is not None:
             raise ValueError(

@@ -280,6 +280,11 @@ def worker(rank: int, port: int, out: str) -> None:
     results["ddp-bn-state"] = copy.deepcopy(normed_ddp.module.state_dict())
     results["ddp-bn-unwrapped"] = outcome(lambda: hessrank.effective_rank(
         normed_ddp.module, nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
+    # DDP-wrapped in one process only: its buffers' broadcast, a collective of that process
+    # alone, had hung the group (probe 98)
+    results["ddp-one-process"] = outcome(lambda: hessrank.effective_rank(
+        normed_ddp if rank == 1 else normed_ddp.module, nn.CrossEntropyLoss(), (x, y),
+        method="exact", process_group=group))
 
     # Errors reach every process: bad input in process 1 only.
     bad = x.clone()
@@ -549,6 +554,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("refined-budget", "BudgetError", "method='exact' needs about"),
     ("wide-outputs-fisher", "BudgetError", "method='fisher' needs about"),
     ("wide-outputs-fisher_lanczos", "BudgetError", "method='fisher_lanczos' needs about"),
+    ("ddp-one-process", "ValueError", "differently (DistributedDataParallel with "
+                                      "broadcast_buffers: [False] against [True])"),
     ("coupled", "ValueError", "couples samples of different processes"),
     ("once-differentiable", "ValueError", "multi_margin_loss_backward: the operation is the "
                                           "loss's, which 'ggn' differentiates twice too"),
