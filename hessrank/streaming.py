@@ -66,8 +66,9 @@ from hessrank.problem import (
 
 Data = TypeVar("Data")
 
-#: ``(samples, float64 sum of the targets, float64 sum of every input)``: tells batches apart.
-Fingerprint = tuple[int, float, float]
+#: ``(samples, float64 sum of the targets, float64 sum of every input's finite entries, counts
+#: of its +inf and of its -inf entries)``: tells batches apart.
+Fingerprint = tuple[int, float, float, int, int]
 
 
 def is_batch_stream(batch: object) -> bool:
@@ -167,8 +168,14 @@ def workers_as_found(data: Data) -> Iterator[Data]:
 
 def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
     with torch.no_grad():
-        inputs = sum(float(x.double().sum()) for x in (*problem.args, *problem.kwargs.values()))
-        return (problem.num_samples, float(problem.targets.double().sum()), inputs)
+        inputs = [x.double() for x in (*problem.args, *problem.kwargs.values())]
+        # the finite entries' sum and the infinite entries' counts: an input's -inf (an
+        # additive mask's) made the sum -inf on every pass, and inputs that changed between
+        # passes went unseen by fisher and ggn (probe 101)
+        return (problem.num_samples, float(problem.targets.double().sum()),
+                sum(float(x.nan_to_num(0.0, 0.0, 0.0).sum()) for x in inputs),
+                sum(int(x.isposinf().sum()) for x in inputs),
+                sum(int(x.isneginf().sum()) for x in inputs))
 
 
 def _same(first: Fingerprint, second: Fingerprint) -> bool:

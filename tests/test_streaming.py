@@ -239,6 +239,37 @@ def test_data_that_changes_between_passes_is_refused(method, drift):
         hessrank.effective_rank(model, loss_fn, loader, method, lanczos_steps=10)
 
 
+class _MaskedDrifting(_Drifting):
+    """``_Drifting`` with an additive mask beside each input (``-inf`` at its last feature),
+    which the model takes and leaves unused."""
+
+    def __getitem__(self, index: int):
+        x, y = super().__getitem__(index)
+        mask = torch.zeros_like(x)
+        mask[-1] = float("-inf")
+        return (x, mask), y
+
+
+class _TakesMask(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_data_that_changes_beside_an_infinite_mask_is_refused(method):
+    """An input's ``-inf`` (an additive mask's) made the sum that tells passes apart ``-inf``
+    on every pass, so fisher and ggn, which compare the passes by it alone, took changed data
+    (probe 101)."""
+    model, loss_fn, x, y = _data("mean")
+    loader = DataLoader(_MaskedDrifting(x, y, 0.01), batch_size=6)
+    with pytest.raises(ValueError, match="data changed between passes.*batch 0 differs"):
+        hessrank.effective_rank(_TakesMask(model), loss_fn, loader, method)
+
+
 def _coupled(outputs, targets):
     """Cross-entropy minus the batch's mean logit squared: samples interact."""
     return nn.functional.cross_entropy(outputs, targets) + outputs.mean().pow(2)
