@@ -116,24 +116,33 @@ def _to_device(item: object, device: torch.device) -> object:
 def same_draw(data: object) -> Iterator[None]:
     """Run one pass over ``data`` from the current random state and restore it afterwards.
 
-    Restores the global generators (:class:`~hessrank.guard.GlobalGenerators`) and those the
+    Restores the global generators (:class:`~hessrank.guard.GlobalGenerators`), those the
     loader, its sampler and its batch sampler hold (``DataLoader.generator``, a
-    ``RandomSampler``'s, a custom sampler's NumPy or Python generator), so that every pass
-    draws the same shuffle and the same random transforms, and the caller's generators end as
-    they began.
+    ``RandomSampler``'s, a custom sampler's NumPy or Python generator) and the samplers' other
+    attributes (an epoch a sampler counts itself), so that every pass draws the same shuffle and
+    the same random transforms, and the caller's generators and samplers end as they began.
     """
     generators = GlobalGenerators.read()
     batch_sampler = getattr(data, "batch_sampler", None)
+    samplers = {id(owner): owner for owner in (getattr(data, "sampler", None), batch_sampler,
+                                               getattr(batch_sampler, "sampler", None))
+                if hasattr(owner, "__dict__")}
     own = held_generators((name, owner) for name, owner in (
         ("", data), ("sampler", getattr(data, "sampler", None)),
         ("batch_sampler", batch_sampler), ("batch_sampler.sampler",
                                             getattr(batch_sampler, "sampler", None))))
+    # a sampler's own attributes too (one that counts its epochs in __iter__ had been left
+    # counting the call's passes, and drew another order in each; probe 101)
+    attributes = [(owner.__dict__, dict(owner.__dict__)) for owner in samplers.values()]
     try:
         yield
     finally:
         generators.restore()
         for held in own:
             held.restore()
+        for current, saved in attributes:
+            current.clear()
+            current.update(saved)
 
 
 @contextmanager

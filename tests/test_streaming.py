@@ -143,6 +143,41 @@ def test_a_sampler_s_own_generator_is_one_draw_and_left_as_found(kind):
         assert [b[1].tolist() for b in analysed] == [b[1].tolist() for b in untouched]
 
 
+class _EpochSampler(torch.utils.data.Sampler):
+    """A sampler that shuffles by an epoch it counts itself, in ``__iter__``."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.epoch = count, 0
+
+    def __iter__(self):
+        order = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.epoch))
+        self.epoch += 1
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def test_a_sampler_s_own_epoch_count_is_left_as_found():
+    """Each pass counted an epoch of the sampler: every pass drew another order (refused as
+    changing data) and the caller's epoch was left advanced by the call's passes (probe 101)."""
+    model, loss_fn, x, y = _data("class weights")
+
+    def loader() -> DataLoader:
+        return DataLoader(TensorDataset(x, y), batch_size=5, sampler=_EpochSampler(16))
+
+    untouched, analysed = loader(), loader()
+    for data in (untouched, analysed):
+        next(iter(data))  # the caller's first epoch
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), "fisher")
+    streamed = hessrank.effective_rank(model, loss_fn, analysed, "fisher")
+    np.testing.assert_allclose(streamed.eigenvalues, whole.eigenvalues, rtol=1e-9,
+                               atol=1e-12 * whole.top_eigenvalue)
+    assert analysed.sampler.epoch == untouched.sampler.epoch == 1
+    for _ in range(2):  # the caller's next epochs, as without the call
+        assert [b[1].tolist() for b in analysed] == [b[1].tolist() for b in untouched]
+
+
 def test_persistent_workers_the_call_started_are_stopped():
     """DataLoader(persistent_workers=True): the call's passes started the workers, so the
     caller's next iter() restarted them, which draws other seeds than a first start: the next
