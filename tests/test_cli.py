@@ -24,7 +24,7 @@ from hessrank.cli import available_cores, compare, default_threads, main, preset
 from hessrank.cli import build_parser as cli_parser
 from hessrank.cli.errors import CliError
 from hessrank.cli.pyhessian_check import pyhessian_check
-from hessrank.cli.report import CSV_COLUMNS, render
+from hessrank.cli.report import CSV_COLUMNS, _caveats, render
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--samples", "16", "--width", "4", "--depth", "1")
@@ -337,6 +337,15 @@ def test_a_data_dir_variable_without_mnist_is_named(tmp_path: Path, monkeypatch,
     monkeypatch.delenv(presets.DATA_DIR_ENV)
     cli_module._config(args, ["fisher"], (0,))
     assert capsys.readouterr().err == ""
+
+
+def test_multi_seed_notes_name_the_seeds_they_belong_to() -> None:
+    """A note of one seed's record (an interval) says which seed; one every seed has, once
+    (probe 97: a two-seed table listed each seed's intervals unlabelled)."""
+    seeded = [(0, {"caveats": ["capped", "srank in [1, 2]", "srank in [1, 2]"]}),
+              (3, {"caveats": ["capped", "srank in [2, 4]"]})]
+    assert _caveats(seeded) == ["capped", "(seed 0) srank in [1, 2]", "(seed 3) srank in [2, 4]"]
+    assert _caveats(seeded[:1]) == ["capped", "srank in [1, 2]"]
 
 
 def test_presets_are_seeded_and_small() -> None:

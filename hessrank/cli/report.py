@@ -231,7 +231,7 @@ def _caveats(seeded: list[tuple[int, dict[str, Any]]]) -> list[str]:
     (an interval is one seed's)."""
     seeds: dict[str, list[int]] = {}
     for seed, record in seeded:
-        for caveat in record.get("caveats", []):
+        for caveat in dict.fromkeys(record.get("caveats", [])):  # a seed once per caveat
             seeds.setdefault(caveat, []).append(seed)
     return [caveat if len(seeded) == 1 or len(found) == len(seeded)
             else f"(seed{'s' if len(found) > 1 else ''} {', '.join(map(str, found))}) {caveat}"
@@ -726,7 +726,7 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
         axes[1].set_xlabel("task (checkpoint at its start)")
         axes[1].set_ylabel(f"srank at {report['config']['threshold']}")
         axes[1].set_title("rank over checkpoints" + (
-            f": mean of {len(runs)} seeds, band min to max" if len(runs) > 1 else ""))
+            ": mean over the seeds, band min to max" if len(runs) > 1 else ""))
         axes[1].legend()
     fig.tight_layout()
     save_figure(fig, path, "--plot")
