@@ -124,16 +124,14 @@ def same_draw(data: object) -> Iterator[None]:
     """
     generators = GlobalGenerators.read()
     batch_sampler = getattr(data, "batch_sampler", None)
-    samplers = {id(owner): owner for owner in (getattr(data, "sampler", None), batch_sampler,
-                                               getattr(batch_sampler, "sampler", None))
-                if hasattr(owner, "__dict__")}
-    own = held_generators((name, owner) for name, owner in (
-        ("", data), ("sampler", getattr(data, "sampler", None)),
-        ("batch_sampler", batch_sampler), ("batch_sampler.sampler",
-                                            getattr(batch_sampler, "sampler", None))))
+    samplers = [("sampler", getattr(data, "sampler", None)), ("batch_sampler", batch_sampler),
+                ("batch_sampler.sampler", getattr(batch_sampler, "sampler", None))]
+    own = held_generators([("", data), *samplers])
     # a sampler's own attributes too (one that counts its epochs in __iter__ had been left
     # counting the call's passes, and drew another order in each; probe 101)
-    attributes = [(owner.__dict__, dict(owner.__dict__)) for owner in samplers.values()]
+    attributes = [(owner.__dict__, dict(owner.__dict__)) for owner in
+                  {id(owner): owner for _, owner in samplers
+                   if hasattr(owner, "__dict__")}.values()]
     try:
         yield
     finally:
