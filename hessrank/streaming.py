@@ -175,14 +175,23 @@ def workers_as_found(data: Data) -> Iterator[Data]:
 
 def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
     with torch.no_grad():
-        inputs = [x.double() for x in (*problem.args, *problem.kwargs.values())]
-        # the finite entries' sum and the infinite entries' counts: an input's -inf (an
-        # additive mask's) made the sum -inf on every pass, and inputs that changed between
-        # passes went unseen by fisher and ggn (probe 101)
+        prints = [_input_print(x) for x in (*problem.args, *problem.kwargs.values())]
         return (problem.num_samples, float(problem.targets.double().sum()),
-                sum(float(x.nan_to_num(0.0, 0.0, 0.0).sum()) for x in inputs),
-                sum(int(x.isposinf().sum()) for x in inputs),
-                sum(int(x.isneginf().sum()) for x in inputs))
+                sum(finite for finite, _, _ in prints), sum(up for _, up, _ in prints),
+                sum(down for _, _, down in prints))
+
+
+def _input_print(tensor: Tensor) -> tuple[float, int, int]:
+    """The float64 sum of ``tensor``'s finite entries and the counts of its ``+inf`` and
+    ``-inf`` ones (one reduction where every entry is finite): an input's ``-inf`` (an additive
+    mask's) made a plain sum ``-inf`` on every pass, and inputs that changed between passes
+    went unseen by fisher and ggn (probe 101)."""
+    values = tensor.double()
+    total = float(values.sum())
+    if math.isfinite(total):
+        return total, 0, 0
+    return (float(values.nan_to_num(0.0, 0.0, 0.0).sum()), int(values.isposinf().sum()),
+            int(values.isneginf().sum()))
 
 
 def _same(first: Fingerprint, second: Fingerprint) -> bool:

@@ -222,10 +222,6 @@ def _seeded_records(report: dict[str, Any], index: int, method: str
     ]
 
 
-def _records(report: dict[str, Any], index: int, method: str) -> list[dict[str, Any]]:
-    return [record for _, record in _seeded_records(report, index, method)]
-
-
 def _caveats(seeded: list[tuple[int, dict[str, Any]]]) -> list[str]:
     """The records' caveats, once each; one that not every seed's record has names its seeds
     (an interval is one seed's)."""

@@ -1583,24 +1583,26 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
             estimate = min(srank(quadrature.nodes, threshold, weights), least[0])
             lower, upper = _count_bounds(
                 quadrature, weights, _srank_cut(quadrature.nodes, weights, threshold))
+            count = float(weights[above].sum())
             # Under a rank bound, the counts with the trace's floored weights too, held beside
             # the plain ones: a run near a factor operator's bound left a few free nodes drawn
             # far below one eigenvalue each, and its intervals missed low (srank [87, 91] for
             # 93, numerical [134, 140] for 144; a fisher_lanczos missed in 5 of 40 seeds; probe
             # 100). Without a bound its free nodes stand for many eigenvalues each, and the
             # floor only widened intervals that held.
-            floored = trace_draws[0][b] if capped else weights
-            floored_srank = srank(quadrature.nodes, threshold, floored)
+            floored_srank, floored_count = estimate, count
+            if capped:
+                floored = trace_draws[0][b]
+                floored_srank = srank(quadrature.nodes, threshold, floored)
+                floored_count = float(floored[above].sum())
             bounds[0, b] += min(estimate, lower, floored_srank,
                                 srank(quadrature.nodes, max(threshold - 2 * shift, 1e-12), weights))
             bounds[1, b] += max(estimate, upper, most[0], floored_srank,
                                 srank(quadrature.nodes, min(threshold + 2 * shift, 1.0), weights))
-            count = float(weights[above].sum())
             lower, upper = _count_bounds(quadrature, weights, np.nextafter(tolerance, np.inf),
                                          _rounding_slack(eps, float(magnitude.max())))
             if unseen:
                 upper = max(upper, float(weights[above & ~small].sum()) + hidden)
-            floored_count = float(floored[above].sum())
             bounds[2:, b] += (min(count, lower, least[1], floored_count),
                               max(count, upper, most[1], floored_count))
             ends = [(float(quadrature.nodes @ draw[b]), float(error @ draw[b]))
