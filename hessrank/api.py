@@ -256,7 +256,9 @@ def effective_rank(
             (``torch.cuda.reset_peak_memory_stats``), on Linux CPUs the process's resident-set
             high-water mark (``VmHWM``), after returning the C allocator's free memory to the
             system (``malloc_trim``, whose page faults cost about 10 % of a fast ``fisher``
-            call). The prediction every method checks against ``max_memory`` is made either way.
+            call). On CPU the heap earlier work left moves the figure, either way (by tens of MiB
+            after a few calls; a fresh process measures the call alone). The prediction every
+            method checks against ``max_memory`` is made either way.
         process_group: a ``torch.distributed`` process group (``dist.group.WORLD``) for
             data-parallel analysis: every process of the group calls with the same model and
             options and its own shard of the batch (shards concatenated in rank order form the

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import random
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from fresh import in_fresh_processes
 from reference import classification_batch, mlp
 from torch import nn
 
@@ -934,24 +934,44 @@ _WORKING_MEMORY_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "make", "method"), _WORKING_MEMORY_CASES,
+def _working_memory_case(case: int):
+    """``_WORKING_MEMORY_CASES[case]`` built: the model, its batch, the method and options."""
+    _, make, method = _WORKING_MEMORY_CASES[case]
+    torch.manual_seed(0)
+    model, x, y = make()
+    return model, (x, y), method, {"lanczos_steps": 40} if "lanczos" in method else {}
+
+
+def _working_memory_peak(case: int) -> int | None:
+    """The peak of a working-memory case's call, measured (run it in a fresh process)."""
+    model, batch, method, options = _working_memory_case(case)
+    return hessrank.effective_rank(model, CE, batch, method=method, measure_memory=True,
+                                   **options).peak_memory
+
+
+@functools.cache
+def _working_memory_peaks() -> list[int | None]:
+    """Each case's peak, each measured in a fresh process."""
+    return in_fresh_processes([(_working_memory_peak, (case,))
+                               for case in range(len(_WORKING_MEMORY_CASES))])
+
+
+@pytest.mark.parametrize("case", range(len(_WORKING_MEMORY_CASES)),
                          ids=[f"{c[0]}-{c[2]}" for c in _WORKING_MEMORY_CASES])
-def test_budget_counts_what_the_model_holds(name, make, method):
+def test_budget_counts_what_the_model_holds(case):
     """The prediction before the work counts each method's own matrices (Gram, factors, Hessian,
     Lanczos basis); once the first pass over the model has run, what the model's graph holds is
     added (for fisher/ggn also the captured output gradients and the rules' working tensors), and
     a budget below that refuses there, with the state untouched. The refined prediction is within
-    a small factor of the measured peak (it was 1/100 of it for the LSTM's fisher)."""
-    torch.manual_seed(0)
-    model, x, y = make()
-    options = {"lanczos_steps": 40} if "lanczos" in method else {}
+    a small factor of the peak a fresh process measures (it was 1/100 of it for the LSTM's
+    fisher)."""
+    model, batch, method, options = _working_memory_case(case)
     with pytest.raises(hessrank.BudgetError) as before:
-        hessrank.effective_rank(model, CE, (x, y), method=method, max_memory=1, **options)
+        hessrank.effective_rank(model, CE, batch, method=method, max_memory=1, **options)
     refined = _check(model, lambda: hessrank.effective_rank(
-        model, CE, (x, y), method=method, max_memory=before.value.memory_bytes + 1, **options),
+        model, CE, batch, method=method, max_memory=before.value.memory_bytes + 1, **options),
         hessrank.BudgetError, f"method='{method}' needs about")
-    measured = hessrank.effective_rank(model, CE, (x, y), method=method, measure_memory=True,
-                                       **options).peak_memory
+    measured = _working_memory_peaks()[case]
     assert refined.memory_bytes > 1.5 * before.value.memory_bytes
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.6 * measured <= refined.memory_bytes <= 3 * measured, (
@@ -1090,21 +1110,12 @@ def test_factor_lanczos_budget_counts_the_output_side_before_forming_it(method):
     assert "use fewer lanczos_steps" not in str(refined)
 
 
-_LONG_RECURRENCE = """
-import torch, hessrank
-from torch import nn
-class LongRecurrence(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn, self.head = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 3)
-    def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
-torch.manual_seed(0)
-x, y = torch.randn(32, 200, 4), torch.randint(0, 3, (32,))
-result = hessrank.effective_rank(LongRecurrence(), nn.CrossEntropyLoss(), (x, y), "lanczos",
-                                 lanczos_steps=10, measure_memory=True)
-print(result.peak_memory)
-"""
+def _long_recurrence_peak() -> int | None:
+    """The peak of ``lanczos`` over ``_LongRecurrence`` (run it in a fresh process)."""
+    torch.manual_seed(0)
+    model, x, y = _LongRecurrence(), torch.randn(32, 200, 4), torch.randint(0, 3, (32,))
+    return hessrank.effective_rank(model, CE, (x, y), "lanczos", lanczos_steps=10,
+                                   measure_memory=True).peak_memory
 
 
 def test_lanczos_budget_allows_for_long_recurrences():
@@ -1120,11 +1131,9 @@ def test_lanczos_budget_allows_for_long_recurrences():
         model, CE, (x, y), "lanczos", lanczos_steps=10,
         max_memory=before.value.memory_bytes + 1), hessrank.BudgetError,
         "method='lanczos' needs about").memory_bytes
-    printed = subprocess.run([sys.executable, "-c", _LONG_RECURRENCE], capture_output=True,
-                             text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    measured = printed.stdout.strip().splitlines()[-1]
-    if measured != "None":  # Linux: the resident-set high-water mark
-        assert 0.6 * int(measured) <= refined <= 3 * int(measured), (refined, measured)
+    (measured,) = in_fresh_processes([(_long_recurrence_peak, ())])
+    if measured is not None:  # Linux: the resident-set high-water mark
+        assert 0.6 * measured <= refined <= 3 * measured, (refined, measured)
 
 
 def test_a_time_budget_leaves_the_memory_verdict_alone():
@@ -1147,28 +1156,38 @@ def test_a_time_budget_leaves_the_memory_verdict_alone():
     assert result.rank > 0
 
 
+def _exact_model_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 10))
+    return model, torch.randn(16, 30), torch.randint(0, 10, (16,))
+
+
+def _exact_peak(eigenvectors: int) -> int | None:
+    """The peak of ``exact`` over ``_exact_model_batch`` (run it in a fresh process)."""
+    model, x, y = _exact_model_batch()
+    return hessrank.effective_rank(model, CE, (x, y), method="exact", measure_memory=True,
+                                   eigenvectors=eigenvectors).peak_memory
+
+
+@functools.cache
+def _exact_peaks() -> dict[int, int | None]:
+    """``_exact_peak`` without and with eigenvectors, each measured in a fresh process."""
+    counts = (0, 3)
+    return dict(zip(counts, in_fresh_processes([(_exact_peak, (k,)) for k in counts])))
+
+
 @pytest.mark.parametrize("eigenvectors", [0, 3])
 def test_exact_predicts_the_eigen_solve_it_runs(eigenvectors):
     """The prediction counted the Hessian and one copy for the solve; the vectors ``eigh``
     returns and its workspace were left out, and ``eigenvectors=3`` peaked at 1.8x the
     prediction (probe 71). Within a small factor of the measured peak, eigenvectors or not."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 10))
-    x, y = torch.randn(16, 30), torch.randint(0, 10, (16,))
+    model, x, y = _exact_model_batch()
     with pytest.raises(hessrank.BudgetError) as predicted:
         hessrank.effective_rank(model, CE, (x, y), method="exact", max_memory=1,
                                 eigenvectors=eigenvectors)
     hessian = 8 * sum(p.numel() for p in model.parameters()) ** 2
     assert predicted.value.memory_bytes > (4 if eigenvectors else 2) * hessian
-    # a process's first call imports hundreds of modules lazily, some inside the measured
-    # work (20-50 MiB; they had come with dynamo, imported before it, until 2b030b3)
-    hessrank.effective_rank(model, CE, (x, y), method="exact", eigenvectors=eigenvectors)
-    # The least of three calls' peaks: the resident set also grows with what else the process
-    # does meanwhile (98 MB measured for 61 predicted once in a full suite, 58-60 alone), which
-    # only ever adds.
-    peaks = [hessrank.effective_rank(model, CE, (x, y), method="exact", measure_memory=True,
-                                     eigenvectors=eigenvectors).peak_memory for _ in range(3)]
-    measured = None if None in peaks else min(peaks)
+    measured = _exact_peaks()[eigenvectors]
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.7 * measured <= predicted.value.memory_bytes <= 2 * measured, (
             predicted.value.memory_bytes, measured)

@@ -62,8 +62,8 @@ PYHESSIAN_FIELDS = (
 MAX_TASK_COLUMNS = 6
 CPU_MEMORY_NOTE = (
     "peak memory (CPU): growth of the process's resident set during each call, after the "
-    "allocator's free memory is returned to the system; fragmentation can still hide a little, "
-    "so run one --methods at a time for the most exact figure"
+    "allocator's free memory is returned to the system; the heap earlier methods left can still "
+    "move a figure by tens of MiB, so run one --methods at a time for the most exact figure"
 )
 CSV_COLUMNS = (
     "seed",

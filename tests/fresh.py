@@ -1,0 +1,90 @@
+"""Run measurements in processes of their own: ``in_fresh_processes([(function, args), ...])``.
+
+On CPU, ``measure_memory=True`` reads the process's resident-set high-water mark, and in a full
+suite that process has run a thousand tests: a call's allocations reuse memory the C allocator
+kept from them (an LSTM's ``lanczos`` measured 118 MiB there, 205-220 MiB in fresh processes) or
+land in a heap they fragmented (``exact`` measured 88.7 MB there, 58-72 MB fresh). Here
+``function`` runs in a new Python process that has run every method once on a tiny model first,
+so that neither the suite's heap nor a first call's lazy imports are measured. (A child forked
+from one warm server was tried and measured more: fork leaves the code pages' page-table entries
+to be faulted in again, and the call's first touch of each counted in its resident set.)
+
+``function`` must be defined at the top level of a module importable from ``sys.path`` (it is
+pickled by reference); its result must pickle.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+
+def _warm_up() -> None:
+    """Every method once on a tiny model: their lazy imports and first-use code pages."""
+    import torch
+    from torch import nn
+
+    import hessrank
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    batch = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    for method in hessrank.ESTIMATORS:
+        options = {"lanczos_steps": 4} if "lanczos" in method else {}
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method, measure_memory=True,
+                                **options)
+
+
+def _serve() -> None:
+    """The child: the pickled ``(function, args)`` on stdin, ``(ok, result or traceback)``
+    back on stdout."""
+    function, args = pickle.load(sys.stdin.buffer)
+    replies = sys.stdout.buffer
+    sys.stdout = sys.stderr  # what the measured code prints must not enter the reply
+    _warm_up()
+    try:
+        reply = True, function(*args)
+    except BaseException:  # noqa: BLE001 - reported to the test, which raises it
+        reply = False, traceback.format_exc()
+    pickle.dump(reply, replies)
+    replies.flush()
+
+
+def _in_fresh_process(function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())], input=pickle.dumps((function, args)),
+        capture_output=True, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if done.returncode != 0 or not done.stdout:
+        raise AssertionError(f"the fresh process ended without a reply (status "
+                             f"{done.returncode}):\n{done.stderr.decode(errors='replace')}")
+    ok, result = pickle.loads(done.stdout)
+    if not ok:
+        raise AssertionError(f"in the fresh process:\n{result}")
+    return result
+
+
+def in_fresh_processes(calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
+    """Each ``function(*args)`` of ``calls`` in a new Python process, as many at once as there
+    are cores (a process's resident set is its own, whatever runs beside it).
+
+    Returns:
+        The results, in the order of ``calls``.
+
+    Raises:
+        AssertionError: holding the traceback of a call that raised, or the error output of a
+            process that ended without a reply.
+    """
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda call: _in_fresh_process(*call), calls))
+
+
+if __name__ == "__main__":
+    _serve()
