@@ -15,10 +15,11 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from hessrank.guard import (
@@ -1113,6 +1114,75 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance for two computations of the same quantity that differ only by rounding
     (different summation orders): about ``10^3`` units of rounding of ``dtype``."""
     return 1024 * float(torch.finfo(dtype).eps)
+
+
+class _LowerPrecision(TorchFunctionMode):
+    """Records the first operation whose floating result has fewer digits than ``dtype``: where
+    it ran (``found``; ``stack`` holds the names of the modules whose forward is running) and that
+    result's dtype (``dtype``; None while nothing was found)."""
+
+    def __init__(self, dtype: torch.dtype, stack: list[str]) -> None:
+        super().__init__()
+        self.eps = torch.finfo(dtype).eps
+        self.stack = stack
+        self.found = ""
+        self.dtype: torch.dtype | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        result = func(*args, **(kwargs or {}))
+        if self.dtype is None:
+            values = result if isinstance(result, (tuple, list)) else (result,)
+            for value in values:
+                if (isinstance(value, Tensor) and value.is_floating_point()
+                        and torch.finfo(value.dtype).eps > self.eps):
+                    where = self.stack[-1] if self.stack else "the model's forward"
+                    name = getattr(func, "__name__", str(func))
+                    self.found = f"{value.dtype} from {name} in {where}"
+                    self.dtype = value.dtype
+                    break
+        return result
+
+
+def lower_precision_cause(problem: CurvatureProblem, error: float) -> str:
+    """Why two computations of a float64 model that should agree (a sample alone and in the
+    batch, a Hessian and its transpose) can differ by ``error`` (relative) beyond the float64
+    checks' tolerance, with nothing else wrong: part of its forward runs at a lower precision (a
+    norm layer that computes in float32, as HuggingFace's ``LlamaRMSNorm`` does). One forward
+    pass, watched operation by operation; an empty string when nothing runs at a lower
+    precision, or when ``error`` is beyond what that precision's rounding explains (the checks'
+    tolerance for it)."""
+    if problem.dtype != torch.float64:
+        return ""
+    stack: list[str] = []
+
+    def entered(label: str) -> Callable[..., None]:
+        return lambda *args: stack.append(label)
+
+    def left(*args: object) -> None:
+        stack.pop()
+
+    handles = []
+    for name, module in problem.model.named_modules():
+        handles.append(module.register_forward_pre_hook(
+            entered(f"{name} ({type(module).__name__})" if name else "the model's forward")))
+        handles.append(module.register_forward_hook(left, always_call=True))
+    watcher = _LowerPrecision(problem.dtype, stack)
+    try:
+        with torch.no_grad(), watcher:
+            problem.forward()
+    except Exception:  # noqa: BLE001 - a diagnosis must not replace the error it explains
+        return ""
+    finally:
+        for handle in handles:
+            handle.remove()
+    if watcher.dtype is None or error > agreement_tolerance(watcher.dtype):
+        return ""
+    return (f"the model computes at a lower precision than its float64 parameters (first: "
+            f"{watcher.found}), so its results carry that precision's rounding, beyond what the "
+            "float64 checks allow (and what the float64 rank tolerances assume). Analyse a "
+            "float32 copy (copy.deepcopy(model).float() with float32 inputs), whose checks and "
+            "tolerances allow float32 rounding")
 
 
 def mixed_samples_difference(problem: CurvatureProblem, outputs: object,

@@ -43,7 +43,6 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import vjp, vmap
 from torch.nn.utils.rnn import PackedSequence
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from hessrank.curvature.row_gram import row_gram
@@ -57,6 +56,7 @@ from hessrank.problem import (
     UnrepeatableForward,
     agreement_tolerance,
     difference_text,
+    lower_precision_cause,
     mixed_samples_difference,
     repeat_pass,
     untested_mixing,
@@ -624,7 +624,7 @@ def _general_gram(
                 repeat_pass(problem)  # a forward that does not repeat itself explains it first
                 observation, cause, error = failure
                 raise ValueError(
-                    f"{observation}: {_lower_precision_cause(problem, error) or cause}")
+                    f"{observation}: {lower_precision_cause(problem, error) or cause}")
         for group, flat in flats.items():
             gathered = _all_rows(problem, flat, k)
             accumulator.add(group, row_gram(gathered))
@@ -783,7 +783,7 @@ def _refuse_mixed_samples(problem: CurvatureProblem, outputs: object) -> str | N
                 "sample's in the batch")
     if difference is not None:
         observation, cause = _mixing(difference)
-        raise ValueError(f"{observation}: {_lower_precision_cause(problem, difference) or cause}")
+        raise ValueError(f"{observation}: {lower_precision_cause(problem, difference) or cause}")
     return None
 
 
@@ -809,74 +809,6 @@ def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float
         return None
     relative = float(difference / scale)
     return (*_mixing(relative), relative)
-
-
-class _LowerPrecision(TorchFunctionMode):
-    """Records the first operation whose floating result has fewer digits than ``dtype``: where
-    it ran (``found``; ``stack`` holds the names of the modules whose forward is running) and that
-    result's dtype (``dtype``; None while nothing was found)."""
-
-    def __init__(self, dtype: torch.dtype, stack: list[str]) -> None:
-        super().__init__()
-        self.eps = torch.finfo(dtype).eps
-        self.stack = stack
-        self.found = ""
-        self.dtype: torch.dtype | None = None
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (),
-                           kwargs: Any = None) -> Any:
-        result = func(*args, **(kwargs or {}))
-        if self.dtype is None:
-            values = result if isinstance(result, (tuple, list)) else (result,)
-            for value in values:
-                if (isinstance(value, Tensor) and value.is_floating_point()
-                        and torch.finfo(value.dtype).eps > self.eps):
-                    where = self.stack[-1] if self.stack else "the model's forward"
-                    name = getattr(func, "__name__", str(func))
-                    self.found = f"{value.dtype} from {name} in {where}"
-                    self.dtype = value.dtype
-                    break
-        return result
-
-
-def _lower_precision_cause(problem: CurvatureProblem, error: float) -> str:
-    """Why per-sample and batch computations of a float64 model can disagree by ``error``
-    (relative) beyond the check's float64 tolerance without mixing samples: part of its forward
-    runs at a lower precision (a norm layer that computes in float32, as HuggingFace's
-    ``LlamaRMSNorm`` does). One forward pass, watched operation by operation; an empty string
-    when nothing runs at a lower precision, or when ``error`` is beyond what that precision's
-    rounding explains (the check's tolerance for it)."""
-    if problem.dtype != torch.float64:
-        return ""
-    stack: list[str] = []
-
-    def entered(label: str) -> Callable[..., None]:
-        return lambda *args: stack.append(label)
-
-    def left(*args: object) -> None:
-        stack.pop()
-
-    handles = []
-    for name, module in problem.model.named_modules():
-        handles.append(module.register_forward_pre_hook(
-            entered(f"{name} ({type(module).__name__})" if name else "the model's forward")))
-        handles.append(module.register_forward_hook(left, always_call=True))
-    watcher = _LowerPrecision(problem.dtype, stack)
-    try:
-        with torch.no_grad(), watcher:
-            problem.forward()
-    except Exception:  # noqa: BLE001 - a diagnosis must not replace the error it explains
-        return ""
-    finally:
-        for handle in handles:
-            handle.remove()
-    if watcher.dtype is None or error > agreement_tolerance(watcher.dtype):
-        return ""
-    return (f"the model computes at a lower precision than its float64 parameters (first: "
-            f"{watcher.found}), so its per-sample and batch computations agree only to that "
-            "precision's rounding, beyond the float64 check's tolerance. Analyse a float32 copy "
-            "(copy.deepcopy(model).float() with float32 inputs), whose check allows float32 "
-            "rounding, or use method='exact' or 'lanczos'")
 
 
 def _backward_batched(outputs: Tensor, edges: list[GradientEdge], values: list[Tensor],

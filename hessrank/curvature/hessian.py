@@ -22,6 +22,7 @@ from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
     agreement_tolerance,
+    lower_precision_cause,
     unused_parameters,
     without_second_derivative,
 )
@@ -100,7 +101,7 @@ class HessianOperator(ParameterOperator):
 
     def __init__(self, problem: CurvatureProblem) -> None:
         super().__init__(problem)
-        self._problem = problem  # for the message of a missing second derivative
+        self.problem = problem  # for the messages of a missing or asymmetric second derivative
         if isinstance(problem, ShardedProblem):
             check_shards_uncoupled(problem)
         graph = GraphBytes(problem)
@@ -175,9 +176,9 @@ class HessianOperator(ParameterOperator):
         if converted is error:
             return error
         with torch.no_grad():
-            outputs = self._problem.forward()
-        if loss_second_derivative_error(self._problem.loss_fn, outputs,
-                                        self._problem.targets) is None:
+            outputs = self.problem.forward()
+        if loss_second_derivative_error(self.problem.loss_fn, outputs,
+                                        self.problem.targets) is None:
             return converted
         return without_second_derivative(error, HESSIAN_NEEDS, FOR_THE_LOSS_S)
 
@@ -209,33 +210,42 @@ class HessianOperator(ParameterOperator):
         return self.matmat(vector.reshape(1, -1))[0]
 
 
-def asymmetry_error(asymmetry: float, dtype: torch.dtype) -> ValueError | None:
+def asymmetry_error(asymmetry: float, dtype: torch.dtype,
+                    problem: CurvatureProblem) -> ValueError | None:
     """The error for Hessian-vector products that are not symmetric beyond rounding, if they are.
 
     A Hessian is symmetric; products that are not (``asymmetry`` is ``||K|| / ||S||`` for the
     computed matrix's antisymmetric part ``K`` and symmetric part ``S``; float32 rounding leaves
     about 2e-7) come from a wrong second derivative somewhere in the model or the loss: a custom
     ``autograd.Function`` whose backward is not differentiable as written, or a torch kernel with
-    a wrong double backward (:class:`TwiceDifferentiable` replaces the one known here). Their
-    eigenvalues would be those of a matrix that is not the Hessian. NaN products (a NaN
-    derivative, an overflow) get :func:`~hessrank.spectrum.dense.not_finite_error` instead.
+    a wrong double backward (:class:`TwiceDifferentiable` replaces the one known here), or, in a
+    float64 model, part of the forward computed at a lower precision, whose rounding the
+    products carry (named by :func:`~hessrank.problem.lower_precision_cause` from a forward of
+    ``problem``, one batch of the products' data). Their eigenvalues
+    would be those of a matrix that is not the Hessian. NaN products (a NaN derivative, an
+    overflow) get :func:`~hessrank.spectrum.dense.not_finite_error` instead.
     """
     tolerance = agreement_tolerance(dtype)
     if not math.isfinite(asymmetry):
         return not_finite_error(dtype)
     if asymmetry <= tolerance:
         return None
+    observation = (f"the Hessian-vector products are not symmetric (antisymmetric part "
+                   f"{asymmetry:.1e} of the symmetric one, rounding allows {tolerance:.1e})")
+    cause = lower_precision_cause(problem, asymmetry)
+    if cause:
+        return ValueError(f"{observation}: {cause}")
     return ValueError(
-        f"the Hessian-vector products are not symmetric (antisymmetric part {asymmetry:.1e} of "
-        f"the symmetric one, rounding allows {tolerance:.1e}): autograd's second derivative of "
-        "some operation in the model or the loss is wrong (a custom autograd.Function whose "
-        "backward is not itself differentiable as written, or a torch kernel with a wrong "
-        "double backward), so no eigenvalue of them is the Hessian's. Use method='fisher' or "
-        "'ggn' (no second derivatives of the model), or write that operation with plain "
-        "differentiable torch operations")
+        f"{observation}: autograd's second derivative of some operation in the model or the "
+        "loss is wrong (a custom autograd.Function whose backward is not itself "
+        "differentiable as written, or a torch kernel with a wrong double backward), so no "
+        "eigenvalue of them is the Hessian's. Use method='fisher' or 'ggn' (no second "
+        "derivatives of the model), or write that operation with plain differentiable torch "
+        "operations")
 
 
-def check_symmetric(operator: SymmetricOperator, generator: torch.Generator) -> None:
+def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,
+                    problem: CurvatureProblem) -> None:
     """Verify ``u . A v = v . A u`` for two Gaussian vectors (two products of ``operator``).
 
     With ``A = S + K`` (symmetric and antisymmetric parts), ``u . A v - v . A u = 2 u . K v``,
@@ -252,7 +262,8 @@ def check_symmetric(operator: SymmetricOperator, generator: torch.Generator) -> 
     scale = float(u.norm() * av.norm() + v.norm() * au.norm()) / (2 * math.sqrt(dim))
     if scale == 0:
         return
-    error = asymmetry_error(float((u @ av - v @ au).abs()) / (2 * scale), operator.dtype)
+    error = asymmetry_error(float((u @ av - v @ au).abs()) / (2 * scale), operator.dtype,
+                            problem)
     if error is not None:
         raise error
 
@@ -286,7 +297,7 @@ def dense_hessian(
     hessian /= 2
     symmetric = float(hessian.norm())
     error = asymmetry_error(antisymmetric / 2 / symmetric if symmetric > 0 else 0.0,
-                            operator.dtype)
+                            operator.dtype, operator.problem)
     if error is not None:
         raise error
     return hessian

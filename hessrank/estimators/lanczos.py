@@ -100,7 +100,8 @@ class LanczosEstimator(Estimator):
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         """The matrix-free operator of this estimator's curvature source on one batch."""
 
-    def verify(self, operator: SymmetricOperator, settings: Settings) -> int:
+    def verify(self, problem: CurvatureProblem, operator: SymmetricOperator,
+               settings: Settings) -> int:
         """Check what the source's operator cannot guarantee by construction, before the run;
         returns the products spent (none here: factor operators are symmetric by form)."""
         return 0
@@ -149,7 +150,7 @@ class LanczosEstimator(Estimator):
         graph = getattr(operator, "graph_bytes", 0)
         self.check_refined(int((1 + getattr(operator, "product_graphs", 1.0)) * graph), problem,
                            settings)
-        checks = self.verify(operator, settings)
+        checks = self.verify(problem, operator, settings)
         steps = options.steps(operator.dim)
         # the prediction's bound, which a data set's operator knows only after a pass
         known = (self.rank_bound(problem, lambda: probe_outputs(problem.first(),
@@ -193,8 +194,10 @@ class Lanczos(LanczosEstimator):
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         return HessianOperator(problem)
 
-    def verify(self, operator: SymmetricOperator, settings: Settings) -> int:
+    def verify(self, problem: CurvatureProblem, operator: SymmetricOperator,
+               settings: Settings) -> int:
         """Two products verify the Hessian-vector products symmetric (:func:`check_symmetric`):
         a wrong second derivative in the model would otherwise pass through the run unseen."""
-        check_symmetric(operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77))
+        check_symmetric(operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77),
+                        problem.first() if isinstance(problem, StreamedProblem) else problem)
         return 2
