@@ -25,7 +25,7 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -213,7 +213,9 @@ class JsonLinesSink:
         if new and append:
             raise ValueError("JsonLinesSink(new=True) makes a file of its own: there is nothing "
                              "to append to; pass one of new and append")
-        self.path = Path(path)
+        # absolute: a relative path read after the caller changes folder was another file (a
+        # log of that folder's replaced, this one left empty; probe 103)
+        self.path = Path(path).absolute()
         self._key = self.path.resolve()  # the file, however its path is spelt
         earlier = None if new else _OPEN_LOGS.get(self._key)  # new: made exclusively
         if earlier is not None:  # two writers would overwrite each other's lines
@@ -280,23 +282,41 @@ class JsonLinesSink:
         # the first record of a method this run resumes before its last ones
         steps = self._logged.pop(record["method"], None) if self.append else None
         if steps and record["step"] <= max(steps):
-            self._file.close()
-            self._file = None  # (closing after an interrupted move asks no closed file)
-            self._supersede(record["method"], record["step"])
-            self._file = self.path.open("a")
+            self._supersede({record["method"]}, record["step"])
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
-    def _supersede(self, method: str, step: int) -> None:
-        """Move the file's records of ``method`` at ``step`` and later to the ``.superseded``
+    def resume(self, step: int, methods: Collection[str]) -> None:
+        """The run resumes training at ``step`` (a tracker's first counted step): where
+        ``append``, the records of ``methods`` at that step and later, taken on the trajectory
+        the run abandoned, move to the ``.superseded`` file beside it, with a
+        ``RuntimeWarning``, whichever steps the resumed run records them at (other methods'
+        records stay: a run that adds a method to a log).
+
+        Args:
+            step: the first step the resumed run counts.
+            methods: the methods the resumed run measures.
+        """
+        redone = {method for method in methods
+                  if max(self._logged.get(method) or [-1]) >= step}
+        if self.append and redone:
+            self._supersede(redone, step)
+
+    def _supersede(self, methods: set[str], step: int) -> None:
+        """Move the file's records of ``methods`` at ``step`` and later to the ``.superseded``
         file beside it: the run resumed before them, and redoes them (other methods' records
         stay)."""
+        reopen = self._file is not None
+        if self._file is not None:
+            self._file.close()
+            self._file = None  # (closing after an interrupted move asks no closed file)
         side = self.path.with_name(f"{self.path.stem}.superseded{self.path.suffix}")
         kept: list[str] = []
         moved: list[str] = []
         for line in self.path.read_text().splitlines(keepends=True):
             _, record, _ = _line_record(line)
-            redone = record is not None and record["method"] == method and record["step"] >= step
+            redone = (record is not None and record["method"] in methods
+                      and record["step"] >= step)
             (moved if redone else kept).append(line)
         with side.open("a") as file:
             file.writelines(moved)
@@ -323,9 +343,14 @@ class JsonLinesSink:
             raise
         self._lock.close()
         self._lock = lock
-        warnings.warn(f"{self.path}: this run resumes {method} at step {step}, before the last "
-                      f"{len(moved)} record(s) of it from an earlier run (steps {step} and on), "
-                      f"which it redoes: moved them to {side}", RuntimeWarning,
+        for method in methods & self._logged.keys():  # (a method's first record popped it)
+            self._logged[method] = [s for s in self._logged[method] if s < step]
+        if reopen:
+            self._file = self.path.open("a")
+        warnings.warn(f"{self.path}: this run resumes {', '.join(sorted(methods))} at step "
+                      f"{step}, before the last {len(moved)} record(s) from an earlier run "
+                      f"(steps {step} and on), which it redoes: moved them to {side}",
+                      RuntimeWarning,
                       stacklevel=_user_stacklevel())
 
     def close(self) -> None:
@@ -655,7 +680,11 @@ class Tracker:
             logs to is taken over, with a warning (that tracker's next record raises).
         append: add to an existing ``log`` (a resumed run) instead of replacing it; step
             numbers go on from the largest it holds, and a last line that a crash cut
-            mid-write is dropped, with a warning.
+            mid-write is dropped, with a warning. The first step :meth:`step` counts is where
+            training resumed: the log's records of the tracker's methods from that step on,
+            taken on the trajectory the run abandoned, move to ``<log>.superseded.jsonl``,
+            with a warning (a :meth:`measure` at an earlier step moves its method's from there
+            on); other methods' records stay.
         tensorboard: a TensorBoard run folder to also write scalars to (needs ``tensorboard``).
         sinks: further destinations, objects with ``write(record)`` and ``close()``.
         per_layer: also record each parameterised module's ranks (``record["layers"]``).
@@ -842,6 +871,10 @@ class Tracker:
                 raise TypeError("step() needs the batch, or create the Tracker with eval_batch=")
             _check_batch(batch, "batch")
         index = self._next_step if step is None else _step_number(step, "step")
+        if self._counted == 0:  # where training resumed, for a log appended to
+            for sink in self.sinks:
+                if isinstance(sink, JsonLinesSink):
+                    sink.resume(index, self.methods)
         self._next_step, self._last_step = index + 1, index
         self._counted += 1
         if self._start is None:

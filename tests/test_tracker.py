@@ -368,8 +368,8 @@ def test_the_default_log_never_replaces_an_earlier_run(tmp_path: Path, monkeypat
         with hessrank.Tracker(_net(), CE, every=1) as tracker:
             tracker.step(batch)
         paths.append(tracker.log_path)
-    assert paths == [Path("curvature.jsonl"), Path("curvature-1.jsonl"),
-                     Path("curvature-2.jsonl")]
+    assert paths == [Path.cwd() / "curvature.jsonl", Path.cwd() / "curvature-1.jsonl",
+                     Path.cwd() / "curvature-2.jsonl"]
     assert all(len(_read(tmp_path / path)) == 1 for path in paths)
 
 
@@ -384,8 +384,8 @@ def test_live_trackers_never_share_the_default_log(tmp_path: Path, monkeypatch) 
     first = hessrank.Tracker(_net(), CE, every=1)
     second = hessrank.Tracker(_net(), CE, ("fisher", "ggn"), every=1)
     unused = hessrank.Tracker(_net(), CE, every=1)
-    assert (first.log_path, second.log_path, unused.log_path) == (
-        Path("curvature-1.jsonl"), Path("curvature-2.jsonl"), Path("curvature-3.jsonl"))
+    assert (first.log_path, second.log_path, unused.log_path) == tuple(
+        Path.cwd() / f"curvature-{k}.jsonl" for k in (1, 2, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no tracker replaces a log
         for _ in range(3):
@@ -750,6 +750,47 @@ def test_a_budget_spreads_its_measurements_after_a_slow_first_one() -> None:
     assert len(measured) > 50 and gaps.min() >= 7  # 0.008 * 9 / 0.01 steps apart
     assert tracker.overhead <= 0.1 + 1e-9
     tracker.close()
+
+
+def test_a_resume_with_another_schedule_moves_the_abandoned_records(tmp_path: Path) -> None:
+    """Logged every 3 steps to 12, resumed from the step-7 checkpoint every 5: the old step-9
+    record, of a trajectory the run abandoned, stayed beside the new 10 and 15, because the
+    move waited for fisher's first new record (10; probe 103). The first counted step marks
+    the resume; a method the resumed run does not measure keeps its records."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log = tmp_path / "c.jsonl"
+    with hessrank.Tracker(_net().eval(), CE, ("fisher", "ggn"), every=3, log=log) as tracker:
+        for _ in range(14):
+            tracker.step(batch)
+    with (hessrank.Tracker(_net().eval(), CE, "fisher", every=5, log=log, append=True) as tracker,
+          pytest.warns(RuntimeWarning, match="resumes fisher at step 8, before the last 2 record")):
+        for step in range(8, 17):
+            tracker.step(batch, step=step)
+    assert [(r["method"], r["step"]) for r in _read(log) if r["step"] > 7] == [
+        ("ggn", 9), ("ggn", 12), ("fisher", 10), ("fisher", 15)]
+    assert [(r["method"], r["step"]) for r in _read(tmp_path / "c.superseded.jsonl")] == [
+        ("fisher", 9), ("fisher", 12)]
+
+
+def test_a_relative_log_stays_where_the_tracker_was_built(tmp_path: Path, monkeypatch) -> None:
+    """``log="rel.jsonl"`` was opened again at each record relative to the working folder:
+    after the training script changed folder, the records replaced another folder's
+    ``rel.jsonl`` (or raised where there was none), and the checked, locked file stayed empty
+    (probe 103)."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    built, later = tmp_path / "built", tmp_path / "later"
+    built.mkdir()
+    later.mkdir()
+    (later / "rel.jsonl").write_text(json.dumps({"step": 0, "method": "ggn", "rank": 1}) + "\n")
+    monkeypatch.chdir(built)
+    tracker = hessrank.Tracker(_net(), CE, every=1, log="rel.jsonl")
+    monkeypatch.chdir(later)
+    with tracker:
+        tracker.step(batch)
+        tracker.step(batch)
+    assert [r["step"] for r in _read(built / "rel.jsonl")] == [0, 1]
+    assert _read(later / "rel.jsonl") == [{"step": 0, "method": "ggn", "rank": 1}]
+    assert tracker.log_path == built / "rel.jsonl"
 
 
 def test_resuming_one_method_leaves_the_others_records(tmp_path: Path) -> None:
