@@ -329,20 +329,25 @@ def train_task(
     advance: Callable[[], None],
 ) -> float:
     """``cfg.epochs`` epochs of minibatch training on one task (train mode, then the model's mode
-    again); returns the training error after it, evaluated in eval mode."""
+    again); returns the training error after it, evaluated in eval mode. The minibatch order
+    and the model's own draws (dropout, from the global generator: seeded here, put back after)
+    follow from ``seed`` and ``task`` (a --model with dropout trained differently on every run
+    of one command; probe 103)."""
     model, x = problem.model, problem.data.inputs
     generator = torch.Generator().manual_seed(seed * 100_003 + task + 50_000)
     was_training = model.training
     model.train()
     try:
-        for _ in range(cfg.epochs):
-            order = torch.randperm(len(x), generator=generator).to(x.device)
-            for start in range(0, len(x), cfg.batch_size):
-                index = order[start : start + cfg.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                problem.loss_fn(model(x[index]), targets[index]).backward()
-                optimizer.step()
-                advance()
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed * 100_003 + task + 70_000)
+            for _ in range(cfg.epochs):
+                order = torch.randperm(len(x), generator=generator).to(x.device)
+                for start in range(0, len(x), cfg.batch_size):
+                    index = order[start : start + cfg.batch_size]
+                    optimizer.zero_grad(set_to_none=True)
+                    problem.loss_fn(model(x[index]), targets[index]).backward()
+                    optimizer.step()
+                    advance()
         model.eval()
         with torch.no_grad():
             return float((model(x).argmax(dim=1) != targets).float().mean())
