@@ -245,6 +245,30 @@ def test_training_a_task_follows_the_seed_not_the_global_generator() -> None:
     assert torch.equal(*trained)
 
 
+def test_the_rank_plot_keeps_every_checkpoint_of_an_interrupted_multi_seed_run(
+        tmp_path: Path, monkeypatch) -> None:
+    """Seed 1 stopped after its first task: the rank panel cut seed 0's three checkpoints to
+    one point, while the tables showed all three (probe 103). Each checkpoint is the mean of
+    the seeds that measured it."""
+    pytest.importorskip("matplotlib")
+
+    def checkpoint(index: int, srank: float) -> dict:
+        return {"index": index, "task": index + 1,
+                "methods": {"fisher": {"srank": srank, "eigenvalues": [2.0, 1.0]}}}
+
+    run = {"config": {"methods": ["fisher"], "checkpoints": 3, "threshold": 0.99},
+           "interrupted": True,
+           "runs": [{"seed": 0, "checkpoints": [checkpoint(k, v) for k, v in
+                                                enumerate((10.0, 20.0, 30.0))]},
+                    {"seed": 1, "checkpoints": [checkpoint(0, 14.0)]}]}
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, what: figures.append(fig))
+    assert report.write_plot(run, tmp_path / "r.png")
+    (line,) = figures[0].axes[1].get_lines()
+    assert list(line.get_xdata()) == [1, 2, 3]
+    assert list(line.get_ydata()) == [12.0, 20.0, 30.0]
+
+
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr

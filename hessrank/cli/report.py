@@ -669,7 +669,8 @@ def save_figure(fig: Any, path: Path, what: str) -> None:
 
 def write_plot(report: dict[str, Any], path: Path) -> bool:
     """Spectra of every method overlaid (|eigenvalue| vs index, log y) at the last checkpoint of
-    the first seed, and srank over checkpoints (mean over seeds, min-max band).
+    the first seed, and srank over checkpoints (mean over the seeds that measured each, min-max
+    band).
 
     Returns:
         Whether it was written (not where no checkpoint was measured).
@@ -707,8 +708,10 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
             series = [
                 [c["methods"].get(method, {}).get("srank") for c in r["checkpoints"]] for r in runs
             ]
-            length = min(len(s) for s in series)
-            values = np.array([[np.nan if v is None else v for v in s[:length]] for s in series])
+            # to the longest seed (the shortest cut an interrupted run's others; probe 103)
+            length = max(len(s) for s in series)
+            values = np.array([[np.nan if v is None else v for v in s]
+                               + [np.nan] * (length - len(s)) for s in series])
             if np.isnan(values).all():
                 continue
             x = np.arange(1, length + 1)
@@ -718,11 +721,12 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
             axes[1].plot(x, mean, marker="o", label=method)
             if len(runs) > 1:
                 axes[1].fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.2)
-        count_axis(axes[1], np.arange(1, min(len(r["checkpoints"]) for r in runs) + 1))
+        count_axis(axes[1], np.arange(1, max(len(r["checkpoints"]) for r in runs) + 1))
         axes[1].set_xlabel("task (checkpoint at its start)")
         axes[1].set_ylabel(f"srank at {report['config']['threshold']}")
         axes[1].set_title("rank over checkpoints" + (
-            ": mean over the seeds, band min to max" if len(runs) > 1 else ""))
+            ": mean over the seeds that measured it, band min to max" if len(runs) > 1
+            else ""))
         axes[1].legend()
     fig.tight_layout()
     save_figure(fig, path, "--plot")
