@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -52,6 +51,7 @@ from hessrank.problem import (
 )
 from hessrank.ranks import (
     MAX_DEFAULT_RTOL,
+    check_rank_options,
     default_rtol,
     spectral_ranks,
     srank,
@@ -99,12 +99,7 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
               seed: int, per_layer: bool, progress: bool | Progress,
               eigenvectors: int = 0, measure_memory: bool = False) -> Settings:
     """Validate the options every method shares (before any work) and bundle them."""
-    check_number("threshold", threshold, high=1.0)
-    check_number("rtol", rtol, allow_none=True, low=-math.inf, inclusive_low=True)  # a number
-    if rtol is not None and not 0.0 <= rtol < 1.0:
-        raise ValueError(f"rtol must lie in [0, 1), got {rtol!r}" + (
-            ": no eigenvalue exceeds rtol times the largest at rtol >= 1, so every numerical "
-            "rank would be 0" if rtol >= 1.0 else ""))
+    check_rank_options(threshold, rtol)
     check_number("max_memory", max_memory)
     check_number("max_seconds", max_seconds, allow_none=True)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (
@@ -120,7 +115,10 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
         raise ValueError(f"progress must be True, False or a rich.progress.Progress, got "
                          f"{progress!r}")
     check_count("eigenvectors", eigenvectors)
-    return Settings(threshold=threshold, rtol=rtol, max_memory=max_memory, max_seconds=max_seconds,
+    # Python floats: a NumPy float32 or integer passed the checks and reached the result, whose
+    # to_dict() then failed to serialise (probe 105)
+    return Settings(threshold=float(threshold), rtol=None if rtol is None else float(rtol),
+                    max_memory=max_memory, max_seconds=max_seconds,
                     seed=seed, per_layer=per_layer, eigenvectors=int(eigenvectors),
                     reporter=Reporter(progress))
 
@@ -335,7 +333,8 @@ def effective_rank(
                 problem = streamed_problem(problem, batch)
             if parallel is not None:
                 problem = shard_problem(problem, parallel, {
-                    "method": method, "mode": mode, "threshold": threshold, "rtol": rtol,
+                    "method": method, "mode": mode, "threshold": settings.threshold,
+                    "rtol": settings.rtol,
                     "max_memory": max_memory, "max_seconds": max_seconds, "seed": seed,
                     "per_layer": per_layer, "options": sorted(options.items())},
                     ddp_buffers=isinstance(model, nn.parallel.DistributedDataParallel)
@@ -403,12 +402,13 @@ def effective_rank(
         groups = problem.modules_with_params()
         layers = {
             group: _result(spectrum.layers[group], problem,
-                           sum(named[name].numel() for name in groups[group]), estimator, threshold,
-                           rtol, eps, seconds=0.0, memory=None, names=groups[group])
+                           sum(named[name].numel() for name in groups[group]), estimator,
+                           settings.threshold, settings.rtol, eps, seconds=0.0, memory=None,
+                           names=groups[group])
             for group in groups if group in spectrum.layers
         }
-        return _result(spectrum, problem, problem.num_params, estimator, threshold, rtol, eps,
-                       seconds, memory.peak, layers)
+        return _result(spectrum, problem, problem.num_params, estimator, settings.threshold,
+                       settings.rtol, eps, seconds, memory.peak, layers)
 
 
 #: torch's message where a reentrant checkpoint meets ``torch.autograd.grad``.

@@ -555,7 +555,9 @@ def check_number(name: str, value: object, *, low: float = 0.0, high: float = ma
         return
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)
             or math.isnan(float(value))):  # NumPy's floats and integers are numbers.Real too
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        fix = (": pass a Python number (float(t) of a one-element tensor or array)"
+               if hasattr(value, "item") else "")
+        raise ValueError(f"{name} must be a number, got {value!r}{fix}")
     number = float(value)
     below = number < low if inclusive_low else number <= low
     if below or number > high:

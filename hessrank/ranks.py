@@ -23,6 +23,8 @@ import math
 
 import numpy as np
 
+from hessrank.problem import check_number
+
 RANK_NAMES = ("srank", "numerical", "entropy", "stable", "participation")
 
 
@@ -37,6 +39,9 @@ def _singular_values(
         ValueError: a spectrum that is not one-dimensional or not finite, or weights of another
             shape, negative or not finite.
     """
+    if np.iscomplexobj(eigenvalues):  # (NumPy's float cast drops the imaginary parts)
+        raise ValueError("eigenvalues are complex: a symmetric matrix's are real; pass "
+                         "np.linalg.eigvalsh(matrix), or the magnitudes np.abs(values)")
     values = np.abs(np.asarray(eigenvalues, dtype=np.float64))
     if values.ndim > 1:
         raise ValueError(f"eigenvalues must be one-dimensional, got shape {values.shape}: pass "
@@ -194,6 +199,7 @@ def spectral_ranks(
             that is not one-dimensional or holds NaN or Inf, or ``weights`` of another shape,
             negative or not finite.
     """
+    check_rank_options(threshold, rtol)
     if rtol is None:
         rtol = default_rtol(len(np.ravel(eigenvalues)), float(np.finfo(np.float64).eps))
     ranks = {
@@ -207,6 +213,17 @@ def spectral_ranks(
             np.ravel(eigenvalues)[np.ravel(weights) > 0]).max(initial=0) > 0:
         ranks = {name: within_rank_bounds(value, max_rank) for name, value in ranks.items()}
     return ranks
+
+
+def check_rank_options(threshold: float, rtol: float | None) -> None:
+    """Raise a ValueError naming the argument at fault unless ``threshold`` is a number in
+    ``(0, 1]`` and ``rtol`` None or a number in ``[0, 1)`` (Python or NumPy numbers)."""
+    check_number("threshold", threshold, high=1.0)
+    check_number("rtol", rtol, allow_none=True, low=-math.inf, inclusive_low=True)
+    if rtol is not None and not 0.0 <= float(rtol) < 1.0:
+        raise ValueError(f"rtol must lie in [0, 1), got {rtol!r}" + (
+            ": no eigenvalue exceeds rtol times the largest at rtol >= 1, so every numerical "
+            "rank would be 0" if float(rtol) >= 1.0 else ""))
 
 
 def within_rank_bounds(value: float, max_rank: int) -> float:

@@ -297,9 +297,11 @@ class JsonLinesSink:
             step: the first step the resumed run counts.
             methods: the methods the resumed run measures.
         """
+        if not self.append or self.superseded:  # (a superseded sink's file is another's)
+            return
         redone = {method for method in methods
                   if max(self._logged.get(method) or [-1]) >= step}
-        if self.append and redone:
+        if redone:
             self._supersede(redone, step)
 
     def _supersede(self, methods: set[str], step: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -182,3 +183,43 @@ def test_exact_trace_matches_reference():
     reference = eigenvalues_by_magnitude(reference_hessian(model, CE, x, y))
     result = hessrank.effective_rank(model, CE, (x, y), method="exact")
     assert result.trace == pytest.approx(reference.sum(), abs=1e-9)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"threshold": "0.9"}, "threshold must be a number, got '0.9'$"),
+    ({"rtol": torch.tensor(0.5)},
+     r"rtol must be a number, got tensor\(0.5000\): pass a Python number \(float\(t\)"),
+    ({"threshold": torch.tensor(0.9)}, r"threshold must be a number, got tensor\(0.9000\): pass"),
+    ({"rtol": 1.0}, r"rtol must lie in \[0, 1\), got 1.0: no eigenvalue exceeds"),
+    ({"threshold": 0.0}, r"threshold must lie in \(0, 1\], got 0.0"),
+], ids=["string threshold", "tensor rtol", "tensor threshold", "rtol of 1", "zero threshold"])
+@pytest.mark.parametrize("api", ["spectral_ranks", "effective_rank"])
+def test_rank_options_are_checked_alike_everywhere(api, options, message):
+    """``spectral_ranks`` raised bare comparison errors for a string threshold or a tensor rtol,
+    and took a tensor threshold that ``effective_rank`` refused without saying what to pass
+    (probe 105): one check serves both, naming the argument and the fix."""
+    model = mlp((3, 4, 2))
+    x, y = classification_batch(6, 3, 2)
+    with pytest.raises(ValueError, match=message):
+        if api == "spectral_ranks":
+            hessrank.spectral_ranks(np.array([3.0, 2.0, 1.0]), **options)
+        else:
+            hessrank.effective_rank(model, CE, (x, y), "fisher", **options)
+
+
+def test_complex_eigenvalues_are_refused_not_cut_to_their_real_parts():
+    """``[1+1j, 2]`` was ranked as ``[1, 2]``, NumPy's warning the only sign (probe 105)."""
+    with pytest.raises(ValueError, match="eigenvalues are complex: a symmetric matrix's are real"):
+        hessrank.spectral_ranks(np.array([1 + 1j, 2.0]))
+
+
+def test_numpy_options_leave_the_result_serialisable():
+    """``threshold=np.float32(0.9)`` or ``rtol=np.int64(0)`` passed the checks and reached
+    the result as NumPy scalars: ``json.dumps(result.to_dict())`` failed (probe 105)."""
+    model = mlp((3, 4, 2))
+    x, y = classification_batch(6, 3, 2)
+    result = hessrank.effective_rank(model, CE, (x, y), "exact", threshold=np.float32(0.5),
+                                     rtol=np.int64(0), per_layer=True)
+    assert json.loads(json.dumps(result.to_dict(), allow_nan=False))["rtol"] == 0.0
+    assert type(result.threshold) is float and type(result.rtol) is float
+    assert all(type(layer.threshold) is float for layer in result.layers.values())

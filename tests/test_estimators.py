@@ -601,6 +601,24 @@ def test_eigenvectors_of_zero_gram_eigenvalues_are_zero_rows_with_a_note():
     assert any("4 of the 8 asked exist" in note for note in res.notes)
 
 
+@pytest.mark.parametrize("method", ["ggn", "fisher"])
+def test_eigenvectors_never_outnumber_the_eigenvalues(method):
+    """``nn.Linear(4, 3)`` at n = 10: the GGN's Gram is 20 x 20 against P = 15. ``ggn`` with
+    ``eigenvectors=25`` returned 20 rows for 15 eigenvalues, the last 5 zero and paired with
+    none (probe 105). The rows match ``eigenvalues``, each an eigenvector of the reference."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = classification_batch(10, 4, 3)
+    res = hessrank.effective_rank(model, CE, (x, y), method=method, eigenvectors=25)
+    matrix = (reference_ggn(model, CE, x, y, 1 / 10) if method == "ggn"
+              else reference_fisher(model, CE, x, y, 1 / 10))
+    assert res.eigenvectors.shape[0] <= len(res.eigenvalues) <= 15
+    for value, vector in zip(res.eigenvalues, res.eigenvectors):
+        if vector.any():
+            assert np.linalg.norm(matrix @ vector - value * vector) <= 1e-9 * res.eigenvalues[0]
+    assert any("of the 25 asked exist" in note for note in res.notes)
+
+
 class _EncoderHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()

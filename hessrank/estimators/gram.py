@@ -184,8 +184,10 @@ class GramEstimator(Estimator):
         }
         eigenvectors = None
         if settings.eigenvectors:
-            eigenvalues, eigenvectors = self._eigenpairs(problem, total, settings.eigenvectors,
-                                                         cotangents_of)
+            # rows for the spectrum's cap eigenvalues at most (a Gram larger than P had given
+            # zero rows beyond it, paired with no eigenvalue; probe 105)
+            eigenvalues, eigenvectors = self._eigenpairs(
+                problem, total, min(settings.eigenvectors, cap), cotangents_of)
             found = int((eigenvectors.abs().amax(dim=1) > 0).sum())
             if found < settings.eigenvectors:
                 notes.append(eigenvector_note(
