@@ -165,7 +165,7 @@ def test_rank_definitions_hold_at_the_ends_of_float64(scale):
     ([1.0, np.inf], {}, "NaN or infinite"),
     (np.eye(3), {}, "one-dimensional.*eigvalsh"),
     ([3.0, 0.0, 0.0], {"rtol": -0.5}, "rtol must lie in"),
-    ([3.0, 0.0, 0.0], {"rtol": np.nan}, "rtol must lie in"),
+    ([3.0, 0.0, 0.0], {"rtol": np.nan}, "rtol must be a number, got nan"),  # as effective_rank
     # (probe 56: accepted, numerical rank 0; effective_rank refuses it)
     ([3.0, 0.0, 0.0], {"rtol": 1.5}, r"rtol must lie in \[0, 1\), got 1.5"),
     ([1.0, 2.0], {"weights": np.array([1.0, -1.0])}, "non-negative"),
