@@ -1118,6 +1118,26 @@ def test_factor_lanczos_budget_counts_the_output_side_before_forming_it(method):
     assert "use fewer lanczos_steps" not in str(refined)
 
 
+def test_lanczos_over_a_data_set_counts_a_batch_s_graph():
+    """``lanczos`` over a DataLoader left its batches' graphs out of the budget (each is built
+    at a product, batch by batch): a budget that refused the first batch given as tensors let
+    the data set run at 8 times it (probe 106). The first batch's operator is checked once
+    built, as the tensors' is, and the refusal says smaller batches help."""
+    torch.manual_seed(0)
+    model, x, y = _ConvActivations(), torch.randn(96, 3, 32, 32), torch.randint(0, 3, (96,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=48)
+    method, options = "lanczos", {"lanczos_steps": 10}
+    with pytest.raises(hessrank.BudgetError) as before:
+        hessrank.effective_rank(model, CE, loader, method, max_memory=1, **options)
+    with pytest.raises(hessrank.BudgetError) as as_tensors:
+        hessrank.effective_rank(model, CE, (x[:48], y[:48]), method,
+                                max_memory=before.value.memory_bytes + 1, **options)
+    refined = _check(model, lambda: hessrank.effective_rank(
+        model, CE, loader, method, max_memory=before.value.memory_bytes + 1, **options),
+        hessrank.BudgetError, f"method='{method}' needs about.*use smaller batches")
+    assert refined.memory_bytes >= 0.9 * as_tensors.value.memory_bytes
+
+
 def _long_recurrence_peak() -> int | None:
     """The peak of ``lanczos`` over ``_LongRecurrence`` (run it in a fresh process)."""
     torch.manual_seed(0)

@@ -221,9 +221,9 @@ def asymmetry_error(asymmetry: float, dtype: torch.dtype,
     a wrong double backward (:class:`TwiceDifferentiable` replaces the one known here), or, in a
     float64 model, part of the forward computed at a lower precision, whose rounding the
     products carry (named by :func:`~hessrank.problem.lower_precision_cause` from a forward of
-    ``problem``, one batch of the products' data). Their eigenvalues
-    would be those of a matrix that is not the Hessian. NaN products (a NaN derivative, an
-    overflow) get :func:`~hessrank.spectrum.dense.not_finite_error` instead.
+    ``problem``, one batch of the products' data). Their eigenvalues would be those of a matrix
+    that is not the Hessian. NaN products (a NaN derivative, an overflow) get
+    :func:`~hessrank.spectrum.dense.not_finite_error` instead.
     """
     tolerance = agreement_tolerance(dtype)
     if not math.isfinite(asymmetry):

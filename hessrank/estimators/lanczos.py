@@ -123,6 +123,31 @@ class LanczosEstimator(Estimator):
         """The operator on the problem's batch, or summed over a data set's batches."""
         return operator_over(problem, lambda batch: self.operator(batch, settings))
 
+    def _budgeted_operator(self, problem: CurvatureProblem,
+                           settings: Settings) -> SymmetricOperator:
+        """:meth:`data_operator`, its first batch's operator checked against the budget once
+        built, with what its graph and a product's backward passes through it hold
+        (:meth:`check_refined`). A data set's operator builds its batches' one at a time, at
+        each product, and the first stands for the others (their graphs had been left out:
+        ``lanczos`` over a DataLoader ran at 8 times a budget that refused the same batch given
+        as tensors; probe 106)."""
+        first = True
+
+        def built(batch: CurvatureProblem) -> SymmetricOperator:
+            nonlocal first
+            operator = self.operator(batch, settings)
+            if first:
+                first = False
+                graph = getattr(operator, "graph_bytes", 0)
+                self.check_refined(
+                    int((1 + getattr(operator, "product_graphs", 1.0)) * graph), problem,
+                    settings, advice=(f"use smaller batches (each holds its graph), "
+                                      f"{self.budget_advice}"
+                                      if isinstance(problem, StreamedProblem) else None))
+            return operator
+
+        return operator_over(problem, built)
+
     def predict(self, problem: CurvatureProblem, outputs: Callable[[], Tensor], settings: Settings,
                 options: LanczosOptions) -> Cost:
         steps = options.steps(problem.num_params)
@@ -144,12 +169,7 @@ class LanczosEstimator(Estimator):
 
     def run(self, problem: CurvatureProblem, settings: Settings,
             options: LanczosOptions) -> Spectrum:
-        operator = self.data_operator(problem, settings)
-        # its graph (a data set's operators build theirs batch by batch: not measured here), and
-        # what a product's backward passes through it hold
-        graph = getattr(operator, "graph_bytes", 0)
-        self.check_refined(int((1 + getattr(operator, "product_graphs", 1.0)) * graph), problem,
-                           settings)
+        operator = self._budgeted_operator(problem, settings)
         checks = self.verify(problem, operator, settings)
         steps = options.steps(operator.dim)
         # the prediction's bound, which a data set's operator knows only after a pass
