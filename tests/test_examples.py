@@ -321,7 +321,8 @@ def test_windows_leave_out_task_1() -> None:
 
 @pytest.mark.parametrize("reg", ["none", "shrink_perturb", "wasserstein"])
 def test_batched_seeds_equal_sequential(tmp_path: Path, reg: str) -> None:
-    cfg = tiny_config(tasks=2, reg=reg, reg_strength=1e-2, hess_methods=[])
+    cfg = tiny_config(tasks=2, reg=reg, reg_strength=0.0 if reg == "none" else 1e-2,
+                      hess_methods=[])
     batched = run_experiment(cfg, tmp_path / "batched", "")
     alone = run_experiment(dataclasses.replace(cfg, seeds=[1]), tmp_path / "alone", "")
     for rb, ra in zip(batched, alone, strict=True):
@@ -449,3 +450,205 @@ def test_mnist_task_kinds_change_what_they_should() -> None:
     xb, yb = permuted.task([0], 1).first(200)
     assert torch.equal(ya, yb) and not torch.equal(xa, xb)
     torch.testing.assert_close(xa.sort(dim=2).values, xb.sort(dim=2).values)
+
+
+def _refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], fragment: str
+) -> None:
+    """``run.py`` with ``options`` exits 2 with one ``error:`` line holding ``fragment``, having
+    made no folder."""
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(DATA_DIR_ENV, str(tmp_path / "no-data-here"))
+        assert run.main(["--out", str(out), "--no-progress", *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and fragment in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    (["--reg", "l2"], "--reg l2 with --reg-strength 0 (the default) adds no penalty"),
+    (["--reg", "wasserstein"], "pass its lambda with --reg-strength"),
+    (["--reg", "shrink_perturb"], "--reg shrink_perturb with --reg-strength 0 (the default) "
+                                  "shrinks nothing"),
+    (["--reg-strength", "0.5"], "--reg-strength 0.5 with --reg none: no regularizer uses it"),
+])
+def test_a_regularizer_that_would_not_act_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], fragment: str
+) -> None:
+    """``--reg l2`` without ``--reg-strength`` trained with a strength of 0 (every number equal
+    to --reg none's, config.json saying l2), and ``--reg-strength`` with ``--reg none`` was
+    ignored."""
+    _refused_before_anything_is_written(
+        tmp_path, capsys, ["--problem", "synthetic", *options], fragment)
+
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    (["--problem", "synthetic", "--num-samples", "32", "--hess-samples", "64"],
+     "--hess-samples 64 exceeds --num-samples 32 (the Hessian is measured on the task's first "
+     "--hess-samples images): pass --hess-samples 32 or fewer"),
+    # a preset's own --hess-samples (smoke: 32) with a smaller --num-samples: says what to pass
+    (["--preset", "smoke", "--num-samples", "16"], "pass --hess-samples 16 or fewer"),
+])
+def test_hess_samples_above_num_samples_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], fragment: str
+) -> None:
+    """The Hessian was measured on the num_samples images there are while config.json and
+    target 3 ("EF capped by n = 64") reported the larger count."""
+    _refused_before_anything_is_written(tmp_path, capsys, options, fragment)
+
+
+def test_overlap_k_above_the_parameter_count_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It passed the checks, wrote config.json and crashed with hessrank's traceback in task 1."""
+    model = BatchedMLP([0], 64, 8, 2, 10, "relu")  # the smoke preset's exact_relu, synthetic
+    num_params = sum(p[0].numel() for p in model.parameters())
+    _refused_before_anything_is_written(
+        tmp_path, capsys, ["--preset", "smoke", "--runs", "exact_relu", "--overlap-k", "100000"],
+        f"--overlap-k 100000 exceeds the network's {num_params:,} parameters (the dimension of "
+        f"the Hessian): pass --overlap-k {num_params} or fewer")
+
+
+def test_the_threshold_option_says_it_sets_the_feature_rank_too(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The feature rank is measured at ``--hess-threshold`` (metrics.feature_rank); the help
+    called it the Hessian's srank threshold only."""
+    with pytest.raises(SystemExit):
+        run.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert ("--hess-threshold HESS_THRESHOLD srank threshold of every rank: the Hessian ranks, "
+            "the feature rank") in help_text
+    g = torch.Generator().manual_seed(0)
+    model = BatchedMLP([0], 5, 16, 1, 3, "tanh")
+    x = torch.randn(1, 40, 5, generator=g)
+    assert metrics.feature_rank(model, x, 0.5) < metrics.feature_rank(model, x, 0.999)
+
+
+def fake_results(out: Path, runs: dict[str, dict]) -> Path:
+    """Run folders as run.py writes them, without training: ``name -> Config changes`` (of
+    :func:`tiny_config`, with enough tasks for the windows); each task records ``acc_end``."""
+    for name, changes in runs.items():
+        cfg = tiny_config(name=name, **{"tasks": analysis.MIN_TASKS, **changes})
+        (out / name / "tasks").mkdir(parents=True)
+        (out / name / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        for t in range(cfg.tasks):
+            record = {"task": t, "seeds": cfg.seeds,
+                      "metrics": {"acc_end": [0.5 + 0.01 * s for s in cfg.seeds]}}
+            (out / name / "tasks" / f"{t:04d}.json").write_text(json.dumps(record))
+    return out
+
+
+L2 = {"reg": "l2", "reg_strength": 1e-3}
+MISMATCHED = [
+    # a baseline of other epochs: target 7 credited the regularizer with the epochs' effect
+    ({"act_relu": {}, "reg_l2_0.001_relu": {**L2, "epochs": 5}},
+     "act_relu and reg_l2_0.001_relu differ in epochs (2 vs 5), but reg_l2_0.001_relu is "
+     "compared with act_relu as the same run without its regularizer"),
+    ({"act_leaky_relu": {"activation": "leaky_relu"},
+      "featrank_leaky_relu": {"activation": "leaky_relu", "reg": "feature_rank",
+                              "reg_strength": 0.1, "num_samples": 64}},
+     "differ in num_samples (48 vs 64)"),
+    ({"act_relu": {}, "act_tanh": {"activation": "tanh", "lr": 0.01, "width": 8}},
+     "act_relu and act_tanh differ in width (12 vs 8); lr (0.001 vs 0.01), but the "
+     "act_<activation> runs are compared with each other as one setting"),
+    ({"reg_l2_0.001_relu": L2, "reg_l2_0.0001_relu": {**L2, "reg_strength": 1e-4, "tasks": 8}},
+     "differ in tasks (8 vs 7), but the reg_<regularizer>_<strength>_<activation> runs"),
+    # target 6 subtracted these column by column: seed 0 minus seed 3 (or a broadcast error)
+    ({"exact_relu": {"seeds": [0, 1]}, "exact_leaky_relu": {"activation": "leaky_relu",
+                                                             "seeds": [3, 4]}},
+     "exact_relu and exact_leaky_relu differ in seeds ([0, 1] vs [3, 4])"),
+    # a baseline with fewer seeds: ValueError: 2 is not in list
+    ({"act_relu": {"seeds": [0, 1]}, "reg_l2_0.001_relu": {**L2, "seeds": [0, 1, 2]}},
+     "reg_l2_0.001_relu has seeds [0, 1, 2] but act_relu lacks seed(s) [2]"),
+]
+
+
+@pytest.mark.parametrize(("runs", "fragment"), MISMATCHED, ids=lambda v: (
+    ",".join(v) if isinstance(v, dict) else None))
+def test_summarize_and_plot_refuse_to_compare_runs_of_other_configurations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], runs: dict[str, dict], fragment: str
+) -> None:
+    """Runs were paired by name only (and target 6 by column position), so a baseline of
+    another configuration was used silently."""
+    results = fake_results(tmp_path / "res", runs)
+    assert summarize.main([str(results)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and fragment in err, err
+    assert "another results folder (run.py --out)" in err or "lacks seed" in err
+    assert plot.main([str(results), "--out", str(tmp_path / "figures")]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "figures").exists()
+    assert summarize.main([str(results), "--metrics"]) == 0  # no comparison: every run
+
+
+def test_runs_may_differ_in_what_their_comparison_varies(tmp_path: Path) -> None:
+    """Activation across a setting; regularizer, tasks and seeds against the baseline (paired on
+    the baseline's seeds of the regularized run); which curvature is measured everywhere."""
+    results = fake_results(tmp_path, {
+        "act_relu": {"seeds": [0, 1, 2, 3], "tasks": 9},
+        "act_tanh": {"activation": "tanh", "seeds": [0, 1, 2, 3], "tasks": 9,
+                     "hess_methods": ["ggn"], "hess_max_memory": 1e9},
+        "reg_l2_0.001_relu": {**L2, "seeds": [2, 3]},
+        "reg_shrink_perturb_0.01_relu": {"reg": "shrink_perturb", "reg_strength": 0.01,
+                                         "sp_noise": 0.1, "seeds": [2, 3]},
+    })
+    runs = analysis.load_runs(results)
+    analysis.check_comparable(runs)
+    reg, base = analysis.paired(runs["reg_l2_0.001_relu"], runs["act_relu"])
+    assert base.seeds == [2, 3] and base["acc_end"][0].tolist() == [0.52, 0.53]
+    assert reg.num_tasks == base.num_tasks == analysis.MIN_TASKS
+
+
+@pytest.fixture(scope="module")
+def ggn_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ReLU run, a regularized one and an exact-size one, measuring the GGN only: no EF and
+    no exact rank (the smoke preset, 7 tasks)."""
+    out = tmp_path_factory.mktemp("ggn")
+    argv = ["--preset", "smoke", "--runs", "act_relu,reg_wasserstein_0.001_relu,exact_relu",
+            "--hess-methods", "ggn", "--tasks", "7", "--out", str(out), "--no-progress"]
+    assert run.main(argv) == 0
+    return out
+
+
+def test_summarize_and_plot_leave_out_what_was_not_measured(
+    ggn_results: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--hess-methods ggn`` (a documented override) crashed both with KeyError
+    'hess_rank_fisher_start', and exact runs without exact with 'hess_rank_exact_start'."""
+    assert summarize.main([str(ggn_results)]) == 0
+    rows = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert ("whole network, EF: not tested (act_relu did not measure hess_rank_fisher_start"
+            in rows["| 2 (v3/v4 reading)"])
+    assert "exact-size model, exact: not tested (exact_relu did not measure" in rows[
+        "| 2 (v3/v4 reading)"]
+    assert "| 3 | EF rank tracks exact rank closely in the first tasks (Figure 3) | not tested (" \
+           "no exact_<activation> run measured both exact and fisher" in rows["| 3"]
+    assert "wasserstein 0.001 relu: accuracy" in rows["| 7"]
+    assert "EF rank not measured" in rows["| 7"] and "nan" not in rows["| 7"]
+    written = {p.name for p in plot.draw_all(ggn_results, tmp_path)}
+    assert {"overview.png", "regularizers.png", "regularizers_by_strength.png"} <= written
+    # Figure 2 is the feature-rank regularizer's: no such run, no figure titled after it
+    assert "fig2_feature_rank_reg.png" not in written
+
+
+def test_a_target_whose_runs_are_missing_is_not_tested(
+    ggn_results: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Target 1 was "held" over the activations present (act_tanh alone), and a sweep without
+    its unregularized runs got "most consistent: none (no setting helps)"."""
+    assert summarize.main([str(ggn_results)]) == 0
+    rows = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    for row in ("| 1 (v4 reading)", "| 4"):
+        assert " | not tested (no act_leaky_relu, act_tanh, act_identity run) (rule: " in rows[row]
+    sweep_only = tmp_path / "sweep"
+    sweep_only.mkdir()
+    (sweep_only / "reg_wasserstein_0.001_relu").symlink_to(
+        ggn_results / "reg_wasserstein_0.001_relu")
+    assert summarize.main([str(sweep_only)]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 7")]
+    assert " | not tested (no act_relu run to compare with) (" in row
+    assert "most consistent:" not in row
+    assert "not compared, no act_<activation> run without a regularizer: " \
+           "reg_wasserstein_0.001_relu" in row

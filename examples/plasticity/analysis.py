@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from plasticity.experiment import finished_tasks, load_task_results
+from plasticity.experiment import differing_fields, finished_tasks, load_task_results
+from plasticity.model import ACTIVATIONS
 from plasticity.problems import SetupError
 
 FIRST_TASK = 1  # index of task 2: the first task measured on a trained network
@@ -113,10 +114,83 @@ class Change:
 
 def paired(run: RunData, base: RunData) -> tuple[RunData, RunData]:
     """``run`` and ``base`` on the tasks both have and on ``run``'s seeds (which ``base`` must
-    hold, in any order), so that their windows cover the same tasks of the same seeds (one
-    still running would otherwise put its last tasks beside the other's later ones)."""
+    hold, in any order: :func:`check_comparable` refuses runs where it does not), so that their
+    windows cover the same tasks of the same seeds, column by column (one still running would
+    otherwise put its last tasks beside the other's later ones)."""
     tasks = min(run.num_tasks, base.num_tasks)
     return run.restricted(tasks, run.seeds), base.restricted(tasks, run.seeds)
+
+
+#: Run-name prefixes of the settings whose runs, one per activation, are compared with each other.
+SETTINGS = ("act_", "exact_", "permuted_")
+#: Configuration fields that change no number two runs are compared on: the name, which
+#: curvature is measured and on which parameter blocks (a comparison reads only what both runs
+#: measured), the exact Hessian's memory budget, and whether the gradient overlap is measured.
+NOT_COMPARED = ("name", "hess_methods", "hess_blocks", "hess_max_memory", "overlap")
+#: The fields each comparison varies; every other field must agree.
+ACROSS_ACTIVATIONS = ("activation",)
+ACROSS_SWEEP = ("activation", "reg", "reg_strength", "sp_noise")
+#: A regularized run against the unregularized one, on the tasks both have of its seeds.
+AGAINST_BASELINE = ("reg", "reg_strength", "sp_noise", "tasks", "seeds")
+
+
+def baseline(name: str) -> str | None:
+    """The unregularized run a regularized run ``name`` is compared with (``act_relu`` for
+    ``reg_l2_0.001_relu`` and ``act_leaky_relu`` for ``featrank_leaky_relu``); None for a run
+    that is no regularized run."""
+    if not name.startswith(("reg_", "featrank_")):
+        return None
+    act = next((a for a in sorted(ACTIVATIONS, key=len, reverse=True)
+                if name.endswith(f"_{a}")), None)
+    return None if act is None else f"act_{act}"
+
+
+def _refuse_differences(runs: list[RunData], varies: tuple[str, ...], why: str) -> None:
+    """Raise a :class:`SetupError` naming the first two of ``runs`` whose configurations differ
+    in a field other than ``varies`` and :data:`NOT_COMPARED`, and each such field."""
+    for other in runs[1:]:
+        differences = differing_fields(runs[0].config, other.config,
+                                       ignore=NOT_COMPARED + varies)
+        if differences:
+            raise SetupError(
+                f"{runs[0].name} and {other.name} differ in " + "; ".join(
+                    f"{key} ({a!r} vs {b!r})" for key, a, b in differences)
+                + f", but {why}: keep runs of another configuration in another results folder "
+                "(run.py --out)")
+
+
+def check_comparable(runs: dict[str, RunData]) -> None:
+    """Refuse runs that the table and the figures would compare although their configurations
+    differ in more than the comparison varies, before anything is computed or drawn.
+
+    The runs of one setting (``act_``, ``exact_``, ``permuted_``) may differ only in their
+    activation, the regularizer sweep's runs only in activation and regularizer, and a
+    regularized run and its :func:`baseline` only in regularizer, tasks and seeds, the baseline
+    holding every seed of the regularized run (they are paired by seed). Which curvature is
+    measured may differ everywhere (:data:`NOT_COMPARED`).
+
+    Raises:
+        SetupError: naming the two runs and each differing field, or the missing seeds.
+    """
+    for prefix in SETTINGS:
+        group = [runs[f"{prefix}{a}"] for a in ACTIVATIONS if f"{prefix}{a}" in runs]
+        _refuse_differences(group, ACROSS_ACTIVATIONS, f"the {prefix}<activation> runs are "
+                            "compared with each other as one setting")
+    sweep = [run for name, run in runs.items() if name.startswith("reg_")]
+    _refuse_differences(sweep, ACROSS_SWEEP, "the reg_<regularizer>_<strength>_<activation> "
+                        "runs are compared with each other as one sweep")
+    for name, run in runs.items():
+        base = runs.get(baseline(name) or "")
+        if base is None:
+            continue
+        why = f"{name} is compared with {base.name} as the same run without its regularizer"
+        _refuse_differences([base, run], AGAINST_BASELINE, why)
+        missing = sorted(set(run.seeds) - set(base.seeds))
+        if missing:
+            raise SetupError(
+                f"{name} has seeds {run.seeds} but {base.name} lacks seed(s) {missing}, and "
+                f"{why}, seed by seed: rerun {base.name} with those seeds (run.py --seeds, "
+                "--first-seed) into another results folder, or keep runs of other seeds apart")
 
 
 def comparable(runs: dict[str, RunData]) -> tuple[dict[str, RunData], list[str]]:

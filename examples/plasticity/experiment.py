@@ -88,14 +88,17 @@ class Config:
     sp_noise: float = 1e-3  # Shrink & Perturb noise standard deviation
     hess_methods: list[str] = field(default_factory=lambda: ["fisher"])
     hess_blocks: list[str] = field(default_factory=lambda: ["all"])  # see metrics.BLOCKS
-    hess_samples: int = 300  # samples of the task the Hessian is measured on
+    hess_samples: int = 300  # samples of the task the Hessian is measured on (<= num_samples)
+    #: srank threshold of every rank: the Hessian ranks, the feature rank and the overlap's k
     hess_threshold: float = 0.99
     hess_max_memory: float = 4 * 2**30  # budget of method exact (bytes), checked before a run
     #: Lanczos products; None: the library's default, min(640, ceil(P/3))
     lanczos_steps: int | None = None
     overlap: bool = False  # task-start gradient overlap with the top exact-Hessian subspace
     overlap_k: int | None = None  # dimension of that subspace (None: the Hessian's srank)
-    eval_samples: int = 1000  # samples for end-of-task accuracy and unit / feature statistics
+    #: at most this many of the task's images (its first min(eval_samples, images), all 300 of
+    #: the main setting's) for end-of-task accuracy and unit / feature statistics
+    eval_samples: int = 1000
     dormant_tau: float = 0.01
 
 
@@ -219,6 +222,23 @@ def check_config(cfg: Config) -> None:
     COUNT.check("--seeds", len(cfg.seeds), where)
     for seed in cfg.seeds:
         RUN_SEED.check("seed", seed, where)
+    # a regularizer without a strength, or a strength without one, changes nothing: every number
+    # would equal --reg none's while config.json says otherwise
+    if cfg.reg == "none" and cfg.reg_strength:
+        raise SetupError(f"{where}--reg-strength {cfg.reg_strength:g} with --reg none: no "
+                         "regularizer uses it; name one with --reg (" + ", ".join(
+                             r for r in REGULARIZERS if r != "none") + ") or drop --reg-strength")
+    if cfg.reg != "none" and not cfg.reg_strength:
+        what = ("shrinks nothing (only its noise would act): pass the per-step shrink with "
+                "--reg-strength, in (0, 1]" if cfg.reg == "shrink_perturb" else
+                "adds no penalty (every number would equal --reg none's): pass its lambda with "
+                "--reg-strength, above 0")
+        raise SetupError(f"{where}--reg {cfg.reg} with --reg-strength 0 (the default) {what}")
+    # Task.first takes at most the task's images: a larger count would be recorded but not used
+    if cfg.hess_samples > cfg.num_samples:
+        raise SetupError(f"{where}--hess-samples {cfg.hess_samples} exceeds --num-samples "
+                         f"{cfg.num_samples} (the Hessian is measured on the task's first "
+                         f"--hess-samples images): pass --hess-samples {cfg.num_samples} or fewer")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -294,23 +314,39 @@ def load_task_results(run_dir: Path, expected: int | None = None) -> list[dict]:
     return records
 
 
+def configuration(saved: dict) -> dict:
+    """A ``config.json`` (or ``dataclasses.asdict`` of a :class:`Config`) as today's fields.
+
+    Fields added to Config after the run was saved count as having their default value, and
+    fields removed since (lanczos_probes) or that never described the run
+    (:data:`NOT_CONFIGURATION`) are dropped.
+    """
+    defaults = dataclasses.asdict(Config())
+    kept = {k: v for k, v in saved.items() if k in defaults and k not in NOT_CONFIGURATION}
+    return json.loads(json.dumps({**defaults, **kept}))
+
+
+def differing_fields(
+    a: dict, b: dict, ignore: tuple[str, ...] = ()
+) -> list[tuple[str, object, object]]:
+    """``(field, a's value, b's value)`` for each field where configurations ``a`` and ``b``
+    (config.json dicts) differ, leaving out ``ignore`` and the fields that configure a
+    measurement neither run makes (``lanczos_steps`` without Lanczos, ``overlap_k`` without
+    ``overlap``)."""
+    before, now = configuration(a), configuration(b)
+    unused = set(ignore)
+    if "lanczos" not in before["hess_methods"] + now["hess_methods"]:
+        unused.add("lanczos_steps")
+    if not (before["overlap"] or now["overlap"]):
+        unused.add("overlap_k")
+    return [(key, before[key], now[key]) for key in before
+            if key not in unused and before[key] != now[key]]
+
+
 def config_differences(saved: dict, cfg: Config) -> list[str]:
     """``field (saved X, now Y)`` for each field where ``saved`` (a config.json) differs."""
-    defaults = dataclasses.asdict(Config())
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    # fields added to Config after the run was saved count as having their default value, and
-    # fields removed since (lanczos_probes) no longer configure anything
-    before = json.loads(json.dumps({**defaults, **{k: v for k, v in saved.items()
-                                                   if k in defaults}}))
-    for key in NOT_CONFIGURATION:
-        before.pop(key, None)
-    if "lanczos" not in before["hess_methods"] + now["hess_methods"]:
-        before.pop("lanczos_steps"), now.pop("lanczos_steps")  # configures nothing measured
-    return [
-        f"{key} (saved {before.get(key)!r}, now {now.get(key)!r})"
-        for key in sorted(set(before) | set(now))
-        if before.get(key) != now.get(key)
-    ]
+    return [f"{key} (saved {old!r}, now {new!r})"
+            for key, old, new in differing_fields(saved, dataclasses.asdict(cfg))]
 
 
 def resume_state(cfg: Config, run_dir: Path) -> dict | None:
@@ -343,19 +379,27 @@ def _megabytes(num_bytes: float) -> str:
             else f"{num_bytes / 2**20:.3g} MiB")
 
 
-def check_exact_budget(cfg: Config, problem: Problem) -> None:
-    """Refuse, before anything is written, a run whose exact Hessian exceeds its memory budget.
+def check_exact_hessian(cfg: Config, problem: Problem) -> None:
+    """Refuse, before anything is written, a run whose exact Hessian exceeds its memory budget
+    or whose gradient overlap asks for more eigen-directions than the network has parameters.
 
     Raises:
         SetupError: ``method="exact"`` (or the gradient overlap, which needs it) on some block
-            would need more than ``cfg.hess_max_memory`` bytes.
+            would need more than ``cfg.hess_max_memory`` bytes, or ``--overlap-k`` exceeds the
+            number of parameters of the network ``cfg`` builds on ``problem``.
     """
     if "exact" not in cfg.hess_methods and not cfg.overlap:
         return
     model = BatchedMLP(cfg.seeds[:1], problem.input_dim, cfg.width, cfg.depth,
                        problem.num_classes, cfg.activation)
-    x, y = problem.task(cfg.seeds[:1], 0).first(cfg.hess_samples)
     net = model.to_module(0)
+    num_params = sum(p.numel() for p in net.parameters())
+    if cfg.overlap and cfg.overlap_k is not None and cfg.overlap_k > num_params:
+        raise SetupError(
+            f"run {cfg.name}: --overlap-k {cfg.overlap_k} exceeds the network's {num_params:,} "
+            f"parameters (the dimension of the Hessian): pass --overlap-k {num_params} or fewer, "
+            "or omit it to use the Hessian's srank")
+    x, y = problem.task(cfg.seeds[:1], 0).first(cfg.hess_samples)
     blocks = cfg.hess_blocks if "exact" in cfg.hess_methods else ["all"]
     for block in blocks:
         memory, _ = hessrank.predict_exact_cost(
@@ -494,14 +538,14 @@ def prepare_run(
 
     Raises:
         SetupError: see :func:`check_config`, :func:`resume_state`,
-            :func:`check_exact_budget` and the data loaders.
+            :func:`check_exact_hessian` and the data loaders.
     """
     check_config(cfg)
     state = resume_state(cfg, run_dir)
     problem = make_problem(
         cfg.problem, data_dir, cfg.num_samples, cfg.subset_seed, cfg.downsample, download
     )
-    check_exact_budget(cfg, problem)
+    check_exact_hessian(cfg, problem)
     return state, problem
 
 

@@ -26,7 +26,15 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 if __package__ in (None, ""):  # run as a file: make examples/ importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plasticity.analysis import RunData, load_runs, mean_ci, paired, setting  # noqa: E402
+from plasticity.analysis import (  # noqa: E402
+    RunData,
+    baseline,
+    check_comparable,
+    load_runs,
+    mean_ci,
+    paired,
+    setting,
+)
 from plasticity.model import ACTIVATIONS  # noqa: E402
 from plasticity.problems import SetupError  # noqa: E402
 from plasticity.regularizers import REGULARIZERS  # noqa: E402
@@ -88,9 +96,12 @@ def band(ax: plt.Axes, values: np.ndarray, label: str, color: str, style: str = 
 
 
 def legend(ax: plt.Axes, size: int) -> None:
-    """A legend on ``ax`` when it has labelled curves."""
+    """A legend on ``ax`` when it has labelled curves; else a note that nothing was measured."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=size)
+    elif not ax.lines:
+        ax.text(0.5, 0.5, "not measured by these runs", transform=ax.transAxes, ha="center",
+                va="center", fontsize=8, color="grey")
 
 
 def label_axes(ax: plt.Axes, metric: str) -> None:
@@ -227,9 +238,10 @@ def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
     for row, reg in enumerate(regs):
         for col, (act, metric) in enumerate(panels):
             ax = axes[row, col]
-            sweep = reg_runs(runs, reg, act)
-            if sweep and f"act_{act}" in runs:
-                base = paired(sweep[0][1], runs[f"act_{act}"])[1]
+            sweep = [(s, run) for s, run in reg_runs(runs, reg, act) if metric in run]
+            base_run = runs.get(baseline(sweep[0][1].name) or "") if sweep else None
+            if base_run is not None and metric in base_run:
+                base = paired(sweep[0][1], base_run)[1]
                 band(ax, base[metric], "none", REG_COLORS["none"])
             for style, (strength, run) in zip(STRENGTH_STYLES, sweep, strict=False):
                 band(ax, run[metric], f"{reg} {strength:g}", REG_COLORS[reg], style)
@@ -242,10 +254,12 @@ def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     for ax, (act, metric) in zip(axes.flat, panels, strict=True):
         for reg in regs:
-            sweep = reg_runs(runs, reg, act)
+            sweep = [(s, run) for s, run in reg_runs(runs, reg, act) if metric in run]
             if not sweep:
                 continue
-            base_run = runs.get(f"act_{act}")
+            base_run = runs.get(baseline(sweep[0][1].name) or "")
+            if base_run is not None and metric not in base_run:
+                base_run = None
             # the last 3 of the tasks every run here has (one may still be running)
             common = min(run.num_tasks for run in [r for _, r in sweep] + [base_run] if run)
             late = np.array([run.restricted(common, run.seeds)[metric][-3:].mean(0)
@@ -282,7 +296,7 @@ def overview_figure(runs: dict[str, RunData], path: Path) -> bool:
         for row, metric in enumerate(("acc_end", rank_key)):
             ax = axes[row, col]
             for a in ACTIVATIONS:
-                if f"{prefix}{a}" in runs:
+                if f"{prefix}{a}" in runs and metric in runs[f"{prefix}{a}"]:
                     band(ax, runs[f"{prefix}{a}"][metric], a, ACT_COLORS[a])
             label_axes(ax, metric)
             ax.set_title(f"{named}:\n{ax.get_title()}", fontsize=8)
@@ -292,10 +306,16 @@ def overview_figure(runs: dict[str, RunData], path: Path) -> bool:
 
 
 def draw_all(results: Path, out: Path) -> list[Path]:
-    """Every figure the runs in ``results`` allow; returns the PNG paths written."""
+    """Every figure the runs in ``results`` allow; returns the PNG paths written.
+
+    Raises:
+        SetupError: no run has task results, or runs a figure compares differ in more than the
+            comparison varies (:func:`~plasticity.analysis.check_comparable`); nothing is written.
+    """
     runs = load_runs(results)
     if not runs:
         raise SetupError(f"no runs with task results under {results}")
+    check_comparable(runs)
     out.mkdir(parents=True, exist_ok=True)
     hess = ["hess_rank_fisher_start", "hess_rank_fisher_last2_start", "hess_rank_fisher_end",
             "hess_rank_fisher_last2_end"]
@@ -328,7 +348,9 @@ def draw_all(results: Path, out: Path) -> list[Path]:
     }
     written = []
     for filename, (prefix, metrics, title, extra) in by_activation.items():
-        if filename == "fig2_feature_rank_reg.png":  # leaky-ReLU and ReLU only
+        if filename == "fig2_feature_rank_reg.png":  # the regularized run beside ReLU's
+            if "featrank_leaky_relu" not in runs:  # and leaky-ReLU's, or no Figure 2
+                continue
             sub = {k: v for k, v in runs.items()
                    if k in ("act_relu", "act_leaky_relu", "featrank_leaky_relu")}
         else:

@@ -166,7 +166,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--first-seed", dest="first_seed", type=int, default=0, help="seeds are first..first+n-1")
     add("--reg", choices=REGULARIZERS, default=s, help=f"regularizer (default {d.reg})")
     add("--reg-strength", dest="reg_strength", type=float, default=s,
-        help="penalty lambda; per-step shrink for shrink_perturb")
+        help="penalty lambda; per-step shrink for shrink_perturb (needed by every --reg but "
+        "none, refused with none)")
     add("--sp-noise", dest="sp_noise", type=float, default=s,
         help=f"Shrink & Perturb noise std (default {d.sp_noise})")
     add("--hess-methods", dest="hess_methods", default=s,
@@ -176,14 +177,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--hess-max-memory", dest="hess_max_memory", type=float, default=s,
         help=f"memory budget of the exact Hessian in bytes (default {d.hess_max_memory:.3g})")
     add("--hess-samples", dest="hess_samples", type=int, default=s,
-        help=f"samples the Hessian is measured on (default {d.hess_samples})")
-    add("--hess-threshold", dest="hess_threshold", type=float, default=s, help="srank threshold")
+        help=f"samples the Hessian is measured on, at most --num-samples (default "
+        f"{d.hess_samples})")
+    add("--hess-threshold", dest="hess_threshold", type=float, default=s,
+        help="srank threshold of every rank: the Hessian ranks, the feature rank and the "
+        f"overlap's default k (default {d.hess_threshold})")
     add("--lanczos-steps", dest="lanczos_steps", type=int, default=s,
         help="Lanczos products (default: the library's, min(640, ceil(P/3)))")
     add("--overlap", action="store_true", default=s, help="measure gradient overlap (exact)")
     add("--overlap-k", dest="overlap_k", type=int, default=s,
-        help="top-k Hessian subspace of the overlap (default: the Hessian's srank)")
-    add("--eval-samples", dest="eval_samples", type=int, default=s, help="evaluation samples")
+        help="top-k Hessian subspace of the overlap, at most the number of parameters "
+        "(default: the Hessian's srank)")
+    add("--eval-samples", dest="eval_samples", type=int, default=s,
+        help=f"evaluation samples: the task's first ones, at most all of its images (default "
+        f"{d.eval_samples})")
     add("--dormant-tau", dest="dormant_tau", type=float, default=s, help="dormant threshold tau")
     return p.parse_args(argv)
 

@@ -7,6 +7,8 @@ Windows (see ``analysis``): early = tasks 2-4 (task 1 starts from the untrained 
 left out everywhere), late = the last 3 tasks; "a -> b (change ± h)" is the mean over seeds of
 each window and the 95% CI half-width of the mean change. "n.s.": the interval contains zero.
 Each verdict is computed from these numbers by the rule printed with it; nothing is hand-written.
+A target some of whose runs or measurements are missing says "not tested" and which. Runs that
+differ in more than a comparison varies are refused (``analysis.check_comparable``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from plasticity.analysis import (
     MIN_TASKS,
     WINDOW,
     RunData,
+    baseline,
+    check_comparable,
     comparable,
     early_late,
     lead,
@@ -81,6 +85,21 @@ def _present(runs: dict[str, RunData], prefix: str) -> list[tuple[str, RunData]]
     return [(a, runs[f"{prefix}{a}"]) for a in ACTIVATIONS if f"{prefix}{a}" in runs]
 
 
+def _absent(runs: dict[str, RunData], names: list[str]) -> list[str]:
+    """The runs of ``names`` that ``runs`` lacks."""
+    return [name for name in names if name not in runs]
+
+
+def not_tested(missing: list[str], what: str = "run") -> str:
+    """The verdict of a target (or part) whose ``missing`` runs are absent: never held or not
+    held on the runs that happen to be there."""
+    return f"not tested (no {', '.join(missing)} {what})"
+
+
+def _every_activation(prefix: str) -> list[str]:
+    return [f"{prefix}{a}" for a in ACTIVATIONS]
+
+
 def target_1(runs: dict[str, RunData]) -> list[str]:
     acts = _present(runs, "act_")
     if not acts:
@@ -97,8 +116,9 @@ def target_1(runs: dict[str, RunData]) -> list[str]:
         note += "; Permuted MNIST (" + setting(perm[0][1]) + "): " + \
             "; ".join(f"{a} {early_late(r['acc_end'])}" for a, r in perm)
     wrong = [a for a in verdicts if verdicts[a] != expected[a]]
-    verdict = "held" if held else "not as claimed for " + ", ".join(
-        f"{a} ({'loses' if verdicts[a] else 'does not lose'})" for a in wrong)
+    missing = _absent(runs, _every_activation("act_"))
+    verdict = not_tested(missing) if missing else "held" if held else "not as claimed for " + \
+        ", ".join(f"{a} ({'loses' if verdicts[a] else 'does not lose'})" for a in wrong)
     rows = [f"| 1 (v4 reading) | ReLU and leaky-ReLU lose plasticity; tanh and identity do not "
             f"| {verdict} (rule: accuracy change < 0 with CI excluding 0; main setting: "
             f"{setting(acts[0][1])}) | end-of-task accuracy, "
@@ -126,44 +146,62 @@ def falls(run: RunData, key: str) -> bool:
     return change.change < 0 and change.significant
 
 
+#: The task-start rank curves target 2 compares with accuracy: (run prefix, metric, name).
+RANK_CURVES = [("act_", f"hess_rank_fisher{suffix}_start", f"{block}, EF")
+               for suffix, block in BLOCK_NAMES.items()]
+RANK_CURVES.append(("exact_", "hess_rank_exact_start", "exact-size model, exact"))
+
+
 def target_2(runs: dict[str, RunData]) -> list[str]:
-    acts = _present(runs, "act_")
-    if not acts:
+    if not _present(runs, "act_") + _present(runs, "exact_"):
         return []
-    # (label, run, rank key) of every rank curve measured alongside accuracy
-    curves = [(f"{a}, {block}, EF", r, f"hess_rank_fisher{suffix}_start")
-              for suffix, block in BLOCK_NAMES.items() for a, r in acts
-              if f"hess_rank_fisher{suffix}_start" in r]
-    curves += [(f"{a}, exact-size model, exact", r, "hess_rank_exact_start")
-               for a, r in _present(runs, "exact_")]
-    coincide_ok: dict[str, bool] = {}
-    coincide, precede, leads = [], [], []
-    for label, r, key in curves:
-        rho = spearman(r[key][FIRST_TASK:].mean(1), r["acc_end"][FIRST_TASK:].mean(1))
-        ok = (falls(r, key) and rho >= 0.7) if loses(r) else not falls(r, key)
-        setting_name = label.split(", ", 1)[1]
-        coincide_ok[setting_name] = coincide_ok.get(setting_name, True) and ok
-        coincide.append(f"{label}: rank {early_late(r[key])}, Spearman with accuracy {rho:+.2f}")
-        if loses(r) and label.split(",")[0] in CLAIMED_LOSS:
-            if falls(r, key):
-                mean, half, n = lead(r[key], r["acc_end"])
-                leads.append((mean, half))
-                precede.append(f"{label}: {mean:+.1f} ± {half:.1f} tasks ({n} seeds)")
-            else:
-                precede.append(f"{label}: the rank does not fall")
+    verdicts, coincide, precede, leads = [], [], [], []
+    for prefix, key, named in RANK_CURVES:
+        present = _present(runs, prefix)
+        if not present:
+            continue
+        unmeasured = [f"{prefix}{a}" for a, r in present if key not in r]
+        missing = _absent(runs, _every_activation(prefix))
+        ok = True
+        for a, r in present:
+            if key not in r:
+                continue
+            label = f"{a}, {named}"
+            rho = spearman(r[key][FIRST_TASK:].mean(1), r["acc_end"][FIRST_TASK:].mean(1))
+            ok &= (falls(r, key) and rho >= 0.7) if loses(r) else not falls(r, key)
+            coincide.append(f"{label}: rank {early_late(r[key])}, Spearman with accuracy "
+                            f"{rho:+.2f}")
+            if loses(r) and a in CLAIMED_LOSS:
+                if falls(r, key):
+                    mean, half, n = lead(r[key], r["acc_end"])
+                    leads.append((mean, half))
+                    precede.append(f"{label}: {mean:+.1f} ± {half:.1f} tasks ({n} seeds)")
+                else:
+                    precede.append(f"{label}: the rank does not fall")
+        if unmeasured:
+            verdicts.append(f"{named}: not tested ({', '.join(unmeasured)} did not measure "
+                            f"{key}: see --hess-methods, --hess-blocks)")
+        elif missing:
+            verdicts.append(f"{named}: {not_tested(missing)}")
+        else:
+            verdicts.append(f"{named}: {'yes' if ok else 'no'}")
     sometimes = any(m > h for m, h in leads if not np.isnan(h))
-    verdict_c = "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in coincide_ok.items())
+    claimed = [a for prefix, key, _ in RANK_CURVES for a, r in _present(runs, prefix)
+               if a in CLAIMED_LOSS and key in r]
+    verdict_p = ("yes" if sometimes else "no") if claimed else not_tested(
+        ["ReLU or leaky-ReLU"], "run with a task-start rank")
     return [
         f"| 2 (v3/v4 reading) | Hessian rank at task start falls with the rise in error "
-        f"(\"coincides\"); not so for tanh/identity | {verdict_c} (rule: for each activation "
-        "that loses plasticity the task-start rank falls with a CI excluding 0 and its Spearman "
-        "correlation with end-of-task accuracy over tasks 2-T is >= 0.7; for the others it does "
-        f"not fall significantly) | {'; '.join(coincide)} |",
-        f"| 2 (v1 reading) | ... and sometimes *precedes* it | "
-        f"{'yes' if sometimes else 'no'} (rule: lead = accuracy's half-fall task minus the "
-        "rank's, each from task 2 to the mean of the last 3 tasks, per seed; 'yes' when some "
-        "ReLU or leaky-ReLU run's lead is positive with a CI excluding 0) | lead in tasks: "
-        f"{'; '.join(precede) or 'no ReLU or leaky-ReLU run loses plasticity'} |",
+        f"(\"coincides\"); not so for tanh/identity | {'; '.join(verdicts)} (rule: for each "
+        "activation that loses plasticity the task-start rank falls with a CI excluding 0 and its "
+        "Spearman correlation with end-of-task accuracy over tasks 2-T is >= 0.7; for the others "
+        f"it does not fall significantly) | {'; '.join(coincide)} |",
+        f"| 2 (v1 reading) | ... and sometimes *precedes* it | {verdict_p} (rule: lead = "
+        "accuracy's half-fall task minus the rank's, each from task 2 to the mean of the last 3 "
+        "tasks, per seed; 'yes' when some ReLU or leaky-ReLU run's lead is positive with a CI "
+        "excluding 0) | lead in tasks: "
+        + ("; ".join(precede) or ("no ReLU or leaky-ReLU run loses plasticity" if claimed
+                                  else "none")) + " |",
     ]
 
 
@@ -175,7 +213,7 @@ def target_3(runs: dict[str, RunData]) -> list[str]:
     for suffix, block in BLOCK_NAMES.items():
         for a, r in exact:
             ex, ef = f"hess_rank_exact{suffix}_start", f"hess_rank_fisher{suffix}_start"
-            if ex not in r:
+            if ex not in r or ef not in r:
                 continue
             rel_ex = r[ex].mean(1) / r[ex][0].mean()
             rel_ef = r[ef].mean(1) / r[ef][0].mean()
@@ -193,7 +231,9 @@ def target_3(runs: dict[str, RunData]) -> list[str]:
                 f"(task 1 share of cap {share_ex:.2f} vs {share_ef:.2f}); relative to task 1, "
                 f"max gap tasks 1-4 {gap4:.2f}, all tasks {gap:.2f}; Spearman {rho:+.2f}"
             )
-    verdict = f"{sum(agree)} of {len(agree)} (activation, block) pairs agree"
+    verdict = (f"{sum(agree)} of {len(agree)} (activation, block) pairs agree" if agree else
+               "not tested (no exact_<activation> run measured both exact and fisher: see "
+               "--hess-methods)")
     return [f"| 3 | EF rank tracks exact rank closely in the first tasks (Figure 3) | {verdict} "
             "(rule: relative to its task-1 value, the EF srank is within 0.10 of the exact srank "
             "over tasks 1-4 and their Spearman correlation over tasks is >= 0.8; in absolute "
@@ -221,6 +261,9 @@ def target_4(runs: dict[str, RunData]) -> list[str]:
     verdict = (f"{len(failed)} of {len(EXPLANATIONS)} explanations fail in at least one "
                "activation" + ("" if len(failed) == len(EXPLANATIONS) else " (not: " + ", ".join(
                    label for label, _ in EXPLANATIONS.values() if label not in failed) + ")"))
+    missing = _absent(runs, _every_activation("act_"))
+    if missing:
+        verdict = not_tested(missing)
     return [f"| 4 | each earlier explanation fails in at least one activation | {verdict} "
             "(rule: an explanation fails for an activation when its predicted sign of change, "
             "significant, disagrees with whether that activation loses plasticity; main "
@@ -266,33 +309,44 @@ def target_6(runs: dict[str, RunData]) -> list[str]:
             grad = early_late(runs[f"act_{a}"]["grad_norm_start"])
             parts.append(f"{a} gradient norm at task start {grad}")
     overlap = ""
-    if "exact_relu" in runs and "exact_leaky_relu" in runs:
-        r, lk = runs["exact_relu"]["overlap_start"], runs["exact_leaky_relu"]["overlap_start"]
+    pair = ["exact_relu", "exact_leaky_relu"]
+    unmeasured = [name for name in pair if name in runs and "overlap_start" not in runs[name]]
+    if _absent(runs, pair):
+        overlap_less = not_tested(_absent(runs, pair))
+    elif unmeasured:
+        overlap_less = f"not tested ({', '.join(unmeasured)} did not measure it: --overlap)"
+    else:  # column by column, the same seed
+        relu, leaky = paired(runs["exact_relu"], runs["exact_leaky_relu"])
+        r, lk = relu["overlap_start"], leaky["overlap_start"]
         diff = paired_difference(r[FIRST_TASK:].mean(0), lk[FIRST_TASK:].mean(0))
         overlap = (f"; overlap of the task-start gradient with the top-srank exact-Hessian "
                    f"eigenspace (exact-size model), tasks 2-T, ReLU {r[FIRST_TASK:].mean():.3f}, "
                    f"leaky {lk[FIRST_TASK:].mean():.3f}, ReLU minus leaky {diff[0]:+.4f} ± "
                    f"{diff[1]:.4f} (paired by seed)")
-        overlap_less = diff[0] > 0 and diff[0] > diff[1]
-    else:
-        overlap_less = False
+        overlap_less = "yes" if diff[0] > 0 and diff[0] > diff[1] else "no"
     # a drop, as every verdict here, needs its CI to exclude 0 (the sign alone said "yes" beside
     # two changes marked n.s.; probe 91)
-    gradient_changes = [early_late(runs[f"act_{a}"]["grad_norm_start"])
-                        for a in ("relu", "leaky_relu") if f"act_{a}" in runs]
-    drops = all(c.change < 0 and c.significant for c in gradient_changes)
+    gradient_missing = _absent(runs, ["act_relu", "act_leaky_relu"])
+    drops = not_tested(gradient_missing) if gradient_missing else "yes" if all(
+        falls(runs[f"act_{a}"], "grad_norm_start") for a in ("relu", "leaky_relu")) else "no"
     return [f"| 6 | update norm grows for leaky-ReLU while plasticity is lost; gradient norm "
             f"drops at task start; leaky's gradients overlap less with the top Hessian subspace "
             f"| update norm grows (tasks 2-4 -> last 3): {'yes' if grows else 'no'}; gradient "
-            f"norm drops: {'yes' if drops else 'no'}; overlap less: "
-            f"{'yes' if overlap_less else 'no'} (main setting; overlap: exact-size setting) | "
-            + "; ".join(parts) + overlap + " |"]
+            f"norm drops: {drops}; overlap less: {overlap_less} (main setting; overlap: "
+            "exact-size setting) | " + "; ".join(parts) + overlap + " |"]
+
+
+def _sweep_parts(run: RunData) -> tuple[str, str, str]:
+    """(regularizer, strength as named, activation) of a sweep run
+    ``reg_<regularizer>_<strength>_<activation>``."""
+    act = (baseline(run.name) or "act_relu")[len("act_"):]
+    reg, strength = run.name[len("reg_"): -len(act) - 1].rsplit("_", 1)
+    return reg, strength, act
 
 
 def _sweep_order(run: RunData) -> tuple[bool, str, float]:
-    """Sort key of a sweep run ``reg_<reg>_<strength>_<activation>``: activation, reg, strength."""
-    act = "leaky_relu" if run.name.endswith("leaky_relu") else "relu"
-    reg, strength = run.name[4: -len(act) - 1].rsplit("_", 1)
+    """Sort key of a sweep run: activation (ReLU first), regularizer, strength."""
+    reg, strength, act = _sweep_parts(run)
     return act != "relu", reg, float(strength)
 
 
@@ -300,26 +354,32 @@ def target_7(runs: dict[str, RunData]) -> list[str]:
     sweep = [r for name, r in runs.items() if name.startswith("reg_")]
     if not sweep:
         return []
+    key = "hess_rank_fisher_start"
     helped: dict[str, list[bool]] = {}
-    parts = []
-    late_acc, late_rank = [], []
+    parts, unpaired = [], []
+    late_acc, late_rank = [], []  # of the settings whose EF rank was measured
     for r in sorted(sweep, key=_sweep_order):
-        _, rest = r.name.split("_", 1)
-        act = "leaky_relu" if rest.endswith("leaky_relu") else "relu"
-        reg, strength = rest[: -len(act) - 1].rsplit("_", 1)
+        reg, strength, act = _sweep_parts(r)
         base_run = runs.get(f"act_{act}")
         if base_run is None:
+            unpaired.append(r.name)
             continue
         r, base = paired(r, base_run)
         acc = paired_difference(r["acc_end"][-WINDOW:].mean(0), base["acc_end"][-WINDOW:].mean(0))
-        key = "hess_rank_fisher_start"
-        rank = paired_difference(r[key][-WINDOW:].mean(0), base[key][-WINDOW:].mean(0))
         helped.setdefault(reg, []).append(acc[0] > acc[1])
-        late_acc.append(r["acc_end"][-WINDOW:].mean())
-        late_rank.append(r[key][-WINDOW:].mean())
-        parts.append(f"{reg} {strength} {act}: accuracy {r['acc_end'][-WINDOW:].mean():.2f} "
-                     f"({acc[0]:+.2f} ± {acc[1]:.2f}), EF rank {r[key][-WINDOW:].mean():.0f} "
-                     f"({rank[0]:+.0f} ± {rank[1]:.0f})")
+        text = (f"{reg} {strength} {act}: accuracy {r['acc_end'][-WINDOW:].mean():.2f} "
+                f"({acc[0]:+.2f} ± {acc[1]:.2f})")
+        if key in r and key in base:
+            rank = paired_difference(r[key][-WINDOW:].mean(0), base[key][-WINDOW:].mean(0))
+            late_acc.append(r["acc_end"][-WINDOW:].mean())
+            late_rank.append(r[key][-WINDOW:].mean())
+            text += f", EF rank {r[key][-WINDOW:].mean():.0f} ({rank[0]:+.0f} ± {rank[1]:.0f})"
+        else:
+            text += ", EF rank not measured (--hess-methods without fisher)"
+        parts.append(text)
+    if unpaired:
+        parts.append("not compared, no act_<activation> run without a regularizer: "
+                     + ", ".join(unpaired))
     counts = ", ".join(f"{reg} {sum(v)}/{len(v)}" for reg, v in helped.items())
     share = {reg: sum(v) / len(v) for reg, v in helped.items()}
     best = ", ".join(reg for reg, v in share.items() if v == max(share.values()))
@@ -329,14 +389,15 @@ def target_7(runs: dict[str, RunData]) -> list[str]:
         best = "none (no setting helps)"
     # a rank correlation over fewer than 3 settings says nothing (one setting printed +nan)
     rho_text = (f"{spearman(np.array(late_acc), np.array(late_rank)):+.2f}" if len(late_acc) >= 3
-                else f"not computed ({len(late_acc)} setting(s))")
-    r0 = sweep[0]
+                else f"not computed ({len(late_acc)} setting(s) with an EF rank)")
+    verdict = (f"settings (strength x activation) where the regularizer raises late accuracy over "
+               f"none with a CI excluding 0: {counts}; most consistent: {best}; Spearman of late "
+               f"accuracy vs late EF rank across the sweep {rho_text}" if helped else not_tested(
+                   sorted({baseline(name) or "" for name in unpaired}), "run to compare with"))
     return [f"| 7 | L2, L2-Init and Wasserstein keep rank and plasticity; Wasserstein the most "
-            f"consistently | settings (strength x activation) where the regularizer raises "
-            f"late accuracy over none with a CI excluding 0: {counts}; most consistent: {best}; "
-            f"Spearman of late accuracy vs late EF rank across the sweep {rho_text} (paired with "
-            f"the unregularized run on the same seeds; sweep: {setting(r0)}) | "
-            "last 3 tasks, value (regularized minus none ± 95% CI): " + "; ".join(parts) + " |"]
+            f"consistently | {verdict} (paired with the unregularized run on the same seeds; "
+            f"sweep: {setting(sweep[0])}) | last 3 tasks, value (regularized minus none ± 95% "
+            "CI): " + "; ".join(parts) + " |"]
 
 
 TARGETS: list[Callable[[dict[str, RunData]], list[str]]] = [
@@ -349,7 +410,14 @@ TABLE_HEADER = ["| # | target (paper.md) | held? (rule; setting it depends on) |
 
 
 def reproduction_table(runs: dict[str, RunData]) -> list[str]:
-    """The reproduction table: one row per target (two for target 2) that ``runs`` can judge."""
+    """The reproduction table: one row per target (two for targets 1 and 2) that ``runs`` bear
+    on; a target some of whose runs are missing says it is not tested and which.
+
+    Raises:
+        SetupError: runs the table compares differ in more than the comparison varies
+            (:func:`~plasticity.analysis.check_comparable`).
+    """
+    check_comparable(runs)
     lines = list(TABLE_HEADER)
     for target in TARGETS:
         lines += target(runs)
@@ -371,7 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no run under {args.results} has {MIN_TASKS} finished tasks"
               + (f" (left out: {'; '.join(left_out)})" if left_out else ""), file=sys.stderr)
         return 2
-    lines = metric_lines(runs) if args.metrics else reproduction_table(runs)
+    try:
+        lines = metric_lines(runs) if args.metrics else reproduction_table(runs)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if lines == TABLE_HEADER:
         print(f"error: no row of the table fits the runs under {args.results}: the targets "
               "compare the preset runs by name and need an act_<activation> or "
