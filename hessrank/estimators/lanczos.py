@@ -30,6 +30,7 @@ from hessrank.problem import CurvatureProblem, probe_outputs, unused_parameters_
 from hessrank.spectrum.lanczos import (
     krylov_rows,
     lanczos_spectrum,
+    ritz_workspace_bytes,
     spot_check_steps,
     working_eps,
 )
@@ -152,8 +153,9 @@ class LanczosEstimator(Estimator):
                 options: LanczosOptions) -> Cost:
         steps = options.steps(problem.num_params)
         rows = min(steps, krylov_rows(self.rank_bound(problem, outputs)))  # the basis
-        # The float32 basis and a few work vectors in float64.
-        memory = 4 * (rows + 1) * problem.num_params + 8 * 6 * problem.num_params
+        # The float32 basis, a few work vectors in float64, and the Ritz vectors' workspace.
+        memory = (4 * (rows + 1) * problem.num_params + 8 * 6 * problem.num_params
+                  + ritz_workspace_bytes(rows + 1, problem.num_params, 4))
         seconds = None
         if settings.max_seconds is not None and memory <= settings.max_memory:
             operator = self.data_operator(problem, settings)
