@@ -175,10 +175,9 @@ def workers_as_found(data: Data) -> Iterator[Data]:
 
 def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
     with torch.no_grad():
-        prints = [_input_print(x) for x in (*problem.args, *problem.kwargs.values())]
-        return (problem.num_samples, float(problem.targets.double().sum()),
-                sum(finite for finite, _, _ in prints), sum(up for _, up, _ in prints),
-                sum(down for _, _, down in prints))
+        finite, up, down = map(sum, zip(*(_input_print(x) for x in (*problem.args,
+                                                                     *problem.kwargs.values()))))
+        return problem.num_samples, float(problem.targets.double().sum()), finite, up, down
 
 
 def _input_print(tensor: Tensor) -> tuple[float, int, int]:

@@ -1,4 +1,4 @@
-"""Run measurements in processes of their own: ``in_fresh_processes([(function, args), ...])``.
+"""Run a measurement in a process of its own: ``in_fresh_process(function, *args)``.
 
 On CPU, ``measure_memory=True`` reads the process's resident-set high-water mark, and in a full
 suite that process has run a thousand tests: a call's allocations reuse memory the C allocator
@@ -20,8 +20,7 @@ import pickle
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,16 @@ def _serve() -> None:
     replies.flush()
 
 
-def _in_fresh_process(function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in a new Python process.
+
+    Returns:
+        Its result.
+
+    Raises:
+        AssertionError: holding the traceback of a call that raised, or the error output of a
+            process that ended without a reply.
+    """
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve())], input=pickle.dumps((function, args)),
         capture_output=True, check=False,
@@ -69,21 +77,6 @@ def _in_fresh_process(function: Callable[..., Any], args: tuple[Any, ...]) -> An
     if not ok:
         raise AssertionError(f"in the fresh process:\n{result}")
     return result
-
-
-def in_fresh_processes(calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
-    """Each ``function(*args)`` of ``calls`` in a new Python process, as many at once as there
-    are cores (a process's resident set is its own, whatever runs beside it).
-
-    Returns:
-        The results, in the order of ``calls``.
-
-    Raises:
-        AssertionError: holding the traceback of a call that raised, or the error output of a
-            process that ended without a reply.
-    """
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda call: _in_fresh_process(*call), calls))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from fresh import in_fresh_processes
+from fresh import in_fresh_process
 from reference import classification_batch, mlp
 from torch import nn
 
@@ -960,8 +960,8 @@ def _working_memory_peak(case: int) -> int | None:
 @functools.cache
 def _working_memory_peaks() -> list[int | None]:
     """Each case's peak, each measured in a fresh process."""
-    return in_fresh_processes([(_working_memory_peak, (case,))
-                               for case in range(len(_WORKING_MEMORY_CASES))])
+    return [in_fresh_process(_working_memory_peak, case)
+            for case in range(len(_WORKING_MEMORY_CASES))]
 
 
 @pytest.mark.parametrize("case", range(len(_WORKING_MEMORY_CASES)),
@@ -1165,7 +1165,7 @@ def test_lanczos_budget_counts_the_ritz_vectors_workspace():
             break
         except hessrank.BudgetError as refused:
             budget = refused.memory_bytes
-    (measured,) = in_fresh_processes([(_ritz_peak, ())])
+    measured = in_fresh_process(_ritz_peak)
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.7 * measured <= budget <= 3 * measured, (budget, measured)
 
@@ -1191,7 +1191,7 @@ def test_lanczos_budget_allows_for_long_recurrences():
         model, CE, (x, y), "lanczos", lanczos_steps=10,
         max_memory=before.value.memory_bytes + 1), hessrank.BudgetError,
         "method='lanczos' needs about").memory_bytes
-    (measured,) = in_fresh_processes([(_long_recurrence_peak, ())])
+    measured = in_fresh_process(_long_recurrence_peak)
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.6 * measured <= refined <= 3 * measured, (refined, measured)
 
@@ -1232,8 +1232,7 @@ def _exact_peak(eigenvectors: int) -> int | None:
 @functools.cache
 def _exact_peaks() -> dict[int, int | None]:
     """``_exact_peak`` without and with eigenvectors, each measured in a fresh process."""
-    counts = (0, 3)
-    return dict(zip(counts, in_fresh_processes([(_exact_peak, (k,)) for k in counts])))
+    return {count: in_fresh_process(_exact_peak, count) for count in (0, 3)}
 
 
 @pytest.mark.parametrize("eigenvectors", [0, 3])

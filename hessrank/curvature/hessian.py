@@ -210,8 +210,7 @@ class HessianOperator(ParameterOperator):
         return self.matmat(vector.reshape(1, -1))[0]
 
 
-def asymmetry_error(asymmetry: float, dtype: torch.dtype,
-                    problem: CurvatureProblem) -> ValueError | None:
+def asymmetry_error(asymmetry: float, problem: CurvatureProblem) -> ValueError | None:
     """The error for Hessian-vector products that are not symmetric beyond rounding, if they are.
 
     A Hessian is symmetric; products that are not (``asymmetry`` is ``||K|| / ||S||`` for the
@@ -225,9 +224,9 @@ def asymmetry_error(asymmetry: float, dtype: torch.dtype,
     that is not the Hessian. NaN products (a NaN derivative, an overflow) get
     :func:`~hessrank.spectrum.dense.not_finite_error` instead.
     """
-    tolerance = agreement_tolerance(dtype)
+    tolerance = agreement_tolerance(problem.dtype)
     if not math.isfinite(asymmetry):
-        return not_finite_error(dtype)
+        return not_finite_error(problem.dtype)
     if asymmetry <= tolerance:
         return None
     observation = (f"the Hessian-vector products are not symmetric (antisymmetric part "
@@ -262,8 +261,7 @@ def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,
     scale = float(u.norm() * av.norm() + v.norm() * au.norm()) / (2 * math.sqrt(dim))
     if scale == 0:
         return
-    error = asymmetry_error(float((u @ av - v @ au).abs()) / (2 * scale), operator.dtype,
-                            problem)
+    error = asymmetry_error(float((u @ av - v @ au).abs()) / (2 * scale), problem)
     if error is not None:
         raise error
 
@@ -297,7 +295,7 @@ def dense_hessian(
     hessian /= 2
     symmetric = float(hessian.norm())
     error = asymmetry_error(antisymmetric / 2 / symmetric if symmetric > 0 else 0.0,
-                            operator.dtype, operator.problem)
+                            operator.problem)
     if error is not None:
         raise error
     return hessian
