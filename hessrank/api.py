@@ -351,14 +351,16 @@ def effective_rank(
                     problem.survey()
                 outputs = functools.cache(lambda: probe_outputs(
                     per_batch(problem)[0], check_loss=not isinstance(problem, StreamedProblem)))
-                cost = _agreed_cost(parallel, estimator.predict(problem, outputs, settings,
-                                                                method_options))
+                whole_cost = _agreed_cost(parallel, estimator.predict(
+                    problem, outputs, settings, method_options))
+                cost, layer_costs = whole_cost, {}
                 if per_layer and estimator.layer_strategy == "restricted":
                     # refused on the whole model's prediction before the modules' are made
                     # (each times a product: 10 s for a refusal on ResNet-18; probe 81)
                     estimator.check_budget(cost, problem, settings, first=True)
-                    cost = _agreed_cost(parallel, _with_layers(
-                        estimator, problem, outputs, settings, method_options, cost))
+                    layer_costs = _layer_costs(estimator, problem, outputs, settings,
+                                               method_options, parallel)
+                    cost = _with_layers(cost, list(layer_costs.values()))
                 cost = _with_joined_data(estimator, problem, cost)
                 check_parameters()  # the forward passes so far left the parameters alone
                 estimator.check_budget(cost, problem, settings, first=True)
@@ -370,21 +372,25 @@ def effective_rank(
                     problem.notes.append(
                         f"max_seconds was checked against {estimator.name}'s predicted time, "
                         f"{cost.seconds:.3g} s, which leaves out its {cost.unpredicted}")
-                settings = dataclasses.replace(
-                    settings, predicted_memory=cost.memory_bytes - cost.refined_bytes)
                 outputs.cache_clear()
+                # each block's run checks what its first pass shows against its own prediction
+                # (against the whole model's, a block's run was refused after the whole
+                # model's had passed; probe 106)
+                run_settings = _predicted(settings, estimator, problem, whole_cost)
+                block_settings = {
+                    group: _predicted(dataclasses.replace(settings, per_layer=False), estimator,
+                                      problem, block_cost)
+                    for group, block_cost in layer_costs.items()}
                 with PeakMemory(problem.device, enabled=measure_memory) as memory:
                     if isinstance(problem, StreamedProblem) and concatenate:
                         problem = problem.concatenated(estimator.name)
                     try:
-                        spectrum = estimator.run(problem, settings, method_options)
-                        if per_layer and estimator.layer_strategy == "restricted":
-                            layer_settings = dataclasses.replace(settings, per_layer=False)
+                        spectrum = estimator.run(problem, run_settings, method_options)
+                        if block_settings:
                             spectrum.layers = {
-                                group: estimator.run(problem.restricted(names), layer_settings,
-                                                     method_options)
-                                for group, names in problem.modules_with_params().items()
-                            }
+                                group: estimator.run(problem.restricted(names),
+                                                     block_settings[group], method_options)
+                                for group, names in problem.modules_with_params().items()}
                     except RuntimeError as error:
                         if _REENTRANT_CHECKPOINT in str(error):
                             raise ValueError(
@@ -517,21 +523,36 @@ def _stream_reading(data: object) -> str:
     return ""
 
 
-def _with_layers(estimator: Estimator, problem: CurvatureProblem,
+def _layer_costs(estimator: Estimator, problem: CurvatureProblem,
                  outputs: Callable[[], Tensor], settings: Settings, options: Any,
-                 cost: Cost) -> Cost:
-    """``cost``, the estimator's prediction for the whole model, with its runs on each
-    parameterised module's block (``per_layer`` with its ``"restricted"`` strategy): they
-    follow the whole model's, so their times add, and the peak is the largest (``lanczos`` with
-    ``per_layer=True`` had run 7.7 to 85 times past the ``max_seconds`` its whole-model
-    prediction allowed; probe 78)."""
+                 parallel: DataParallel | None) -> dict[str, Cost]:
+    """Parameterised module -> the estimator's prediction for its diagonal block's run
+    (``per_layer`` with the ``"restricted"`` strategy), agreed over the processes."""
     single = dataclasses.replace(settings, per_layer=False)
-    costs = [cost, *(estimator.predict(problem.restricted(names), outputs, single, options)
-                     for names in problem.modules_with_params().values())]
+    return {group: _agreed_cost(parallel, estimator.predict(problem.restricted(names), outputs,
+                                                            single, options))
+            for group, names in problem.modules_with_params().items()}
+
+
+def _with_layers(cost: Cost, layer_costs: list[Cost]) -> Cost:
+    """``cost``, the prediction for the whole model, with its blocks' runs (``layer_costs``):
+    they follow the whole model's, so their times add, and the peak is the largest
+    (``lanczos`` with ``per_layer=True`` had run 7.7 to 85 times past the ``max_seconds`` its
+    whole-model prediction allowed; probe 78)."""
+    costs = [cost, *layer_costs]
     times = [each.seconds for each in costs if each.seconds is not None]
     largest = max(costs, key=lambda each: each.memory_bytes)
     return Cost(largest.memory_bytes, sum(times) if len(times) == len(costs) else None,
                 largest.refined_bytes)
+
+
+def _predicted(settings: Settings, estimator: Estimator, problem: CurvatureProblem,
+               cost: Cost) -> Settings:
+    """``settings`` for a run predicted at ``cost``: what its first pass shows is checked
+    against the prediction (with the data set's joined copy, where the method joins its
+    batches) without the part that pass measures again (:class:`Cost`)."""
+    cost = _with_joined_data(estimator, problem, cost)
+    return dataclasses.replace(settings, predicted_memory=cost.memory_bytes - cost.refined_bytes)
 
 
 def _with_joined_data(estimator: Estimator, problem: CurvatureProblem, cost: Cost) -> Cost:

@@ -1732,3 +1732,49 @@ def test_a_budget_refused_before_the_work_names_its_figure_a_least(setup):
                                                           max_memory=1000),
                    hessrank.BudgetError, "needs about .* or more for P")
     assert "measured then and added" in str(error)
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos", "ggn_lanczos", "fisher_lanczos"])
+@pytest.mark.parametrize("data_set", [False, True])
+def test_per_layer_blocks_are_checked_as_alone(monkeypatch, method, data_set):
+    """With ``per_layer=True``, what each block's run checks once its first pass shows what
+    the model holds is what a call on that block alone checks (it had been checked against
+    the whole model's prediction, and a block's run was refused after the whole model's had
+    passed; probe 106)."""
+    from hessrank.estimators import ESTIMATORS
+    from hessrank.estimators.base import Estimator
+
+    checked: list[tuple[int, int]] = []  # (P, bytes judged) at each refined check of a run
+    running = []
+    check, run = Estimator.check_refined, type(ESTIMATORS[method]).run
+
+    def spied_check(self, extra_bytes, problem, settings, advice=None):
+        if running:
+            checked.append((problem.num_params, settings.predicted_memory + extra_bytes))
+        return check(self, extra_bytes, problem, settings, advice)
+
+    def spied_run(self, *args):
+        running.append(True)
+        try:
+            return run(self, *args)
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(Estimator, "check_refined", spied_check)
+    monkeypatch.setattr(type(ESTIMATORS[method]), "run", spied_run)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(),
+                          nn.Linear(4, 3)).double()
+    x, y = classification_batch(24, 5, 3)
+    batch = [(x[:12], y[:12]), (x[12:], y[12:])] if data_set else (x, y)
+    # max_seconds: exact then measures its graph before the work too
+    result = hessrank.effective_rank(model, CE, batch, method=method, per_layer=True,
+                                     max_seconds=1e6)
+    layered: dict[int, list[int]] = {}  # P -> the bytes judged at its run's checks
+    for size, judged in checked:
+        layered.setdefault(size, []).append(judged)
+    assert len(layered) == 1 + len(result.layers), "checks in every run expected"
+    for layer in result.layers.values():
+        checked.clear()
+        hessrank.effective_rank(model, CE, batch, method=method,
+                                params=[name for name, _ in layer.parameters], max_seconds=1e6)
+        assert layered[layer.num_params] == [judged for _, judged in checked]
