@@ -1356,11 +1356,14 @@ class GraphBytes:
                  *problem.kwargs.values(), problem.targets]
         self._known = {_storage(tensor)[0] for tensor in owned if isinstance(tensor, Tensor)}
         self._found: dict[int, int] = {}
+        self._largest_differentiable = 0
 
     def _pack(self, tensor: Tensor) -> Tensor:
         pointer, size = _storage(tensor)
         if pointer not in self._known:
             self._found[pointer] = size
+            if tensor.requires_grad:
+                self._largest_differentiable = max(self._largest_differentiable, size)
         # detached (autograd restores what it needs on unpacking): a saved output kept as it is
         # holds its own grad_fn, a cycle through C++ that no garbage collection frees where the
         # graph is never backpropagated or is retained (Lanczos over a data set grew by 6 KiB a
@@ -1375,6 +1378,12 @@ class GraphBytes:
     @property
     def total(self) -> int:
         return sum(self._found.values())
+
+    @property
+    def largest_activation(self) -> int:
+        """Bytes of the largest saved tensor's storage among those gradients flow through
+        (activations; not a fused kernel's workspace, such as an LSTM's gates); 0 if none."""
+        return self._largest_differentiable
 
 
 def _storage(tensor: Tensor) -> tuple[int, int]:

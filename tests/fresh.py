@@ -26,19 +26,33 @@ from typing import Any
 
 
 def _warm_up() -> None:
-    """Every method once on a tiny model: their lazy imports and first-use code pages."""
+    """Every method once on tiny models: their lazy imports and first-use code pages, those of
+    the Gram methods' general path (``torch.func``, a module no rule claims: a first call there
+    holds about 110 MiB once) and of their batched backward pass (``K > 1`` columns) too."""
     import torch
     from torch import nn
 
     import hessrank
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    batch = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    batch = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    ruled = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    class Unruled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bilinear = nn.Bilinear(3, 3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bilinear(x, x)
+
     for method in hessrank.ESTIMATORS:
         options = {"lanczos_steps": 4} if "lanczos" in method else {}
-        hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method, measure_memory=True,
-                                **options)
+        hessrank.effective_rank(ruled, nn.CrossEntropyLoss(), batch, method,
+                                measure_memory=True, **options)
+    for method in ("fisher", "ggn"):
+        hessrank.effective_rank(Unruled(), nn.CrossEntropyLoss(), batch, method,
+                                measure_memory=True)
 
 
 def _serve() -> None:
