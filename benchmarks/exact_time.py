@@ -7,9 +7,11 @@ matrices at a few sizes, with and without eigenvectors, beside the prediction ma
 process (ratios, not seconds, carry over between machines). With ``--gram``, it times whole
 ``ggn`` and ``fisher`` calls on an MLP instead, beside the time they predict (their Gram's
 eigen-solves, read from the refusal at ``max_seconds=1e-9``; their passes over the model are not
-predicted, so a call takes at least its prediction)::
+predicted, so a call takes at least its prediction). With ``--lanczos``, whole Lanczos calls
+beside their prediction (their products and reorthogonalisation, for the most products the
+solver may spend)::
 
-    OMP_NUM_THREADS=1 python benchmarks/exact_time.py [--sizes 1024 2048 3290] [--gram]
+    OMP_NUM_THREADS=1 python benchmarks/exact_time.py [--sizes 1024 2048 3290] [--gram|--lanczos]
 """
 
 from __future__ import annotations
@@ -24,20 +26,29 @@ import hessrank
 from hessrank.estimators.base import eigen_solve_seconds
 from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
 
-#: (method, samples n, classes C, options): Gram sizes n C (ggn) and n (fisher).
-GRAM_CALLS = [("ggn", 100, 10, {}), ("ggn", 200, 10, {}), ("ggn", 200, 20, {}),
-              ("ggn", 200, 20, {"eigenvectors": 3}), ("ggn", 200, 20, {"per_layer": True}),
-              ("fisher", 2048, 10, {})]
+#: (method, samples n, MLP widths, options): Gram sizes n C (ggn) and n (fisher), C the last
+#: width.
+GRAM_CALLS = [("ggn", 100, (20, 64, 10), {}), ("ggn", 200, (20, 64, 10), {}),
+              ("ggn", 200, (20, 64, 20), {}), ("ggn", 200, (20, 64, 20), {"eigenvectors": 3}),
+              ("ggn", 200, (20, 64, 20), {"per_layer": True}),
+              ("fisher", 2048, (20, 64, 10), {})]
+#: Lanczos calls on an MLP of P = 159,010: the factor operators' runs end near their rank
+#: bound (n, or n C), the Hessian's spends its 640 products on a basis of 640 rows.
+LANCZOS_CALLS = [("fisher_lanczos", 16, (784, 200, 10), {}),
+                 ("fisher_lanczos", 256, (784, 200, 10), {}),
+                 ("ggn_lanczos", 16, (784, 200, 10), {}),
+                 ("lanczos", 64, (784, 200, 10), {})]
 
 
-def gram_calls() -> None:
-    print("| method | n | C | options | predicted (s) | whole call (s) | call / predicted |")
+def whole_calls(calls: list[tuple[str, int, tuple[int, int, int], dict]]) -> None:
+    """Each call's prediction (read from its refusal at ``max_seconds=1e-9``) beside the call."""
+    print("| method | n | MLP | options | predicted (s) | whole call (s) | call / predicted |")
     print("|---|---|---|---|---|---|---|")
     loss = nn.CrossEntropyLoss()
-    for method, n, classes, options in GRAM_CALLS:
+    for method, n, (inputs, hidden, classes), options in calls:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, classes))
-        batch = (torch.randn(n, 20), torch.randint(0, classes, (n,)))
+        model = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+        batch = (torch.randn(n, inputs), torch.randint(0, classes, (n,)))
         try:
             hessrank.effective_rank(model, loss, batch, method=method, max_seconds=1e-9,
                                     **options)
@@ -48,8 +59,8 @@ def gram_calls() -> None:
         hessrank.effective_rank(model, loss, batch, method=method, **options)
         measured = time.perf_counter() - start
         shown = ", ".join(f"{key}={value}" for key, value in options.items()) or "-"
-        print(f"| {method} | {n} | {classes} | {shown} | {predicted:.2f} | {measured:.2f} | "
-              f"{measured / predicted:.2f} |", flush=True)
+        print(f"| {method} | {n} | {inputs}-{hidden}-{classes} | {shown} | {predicted:.2f} | "
+              f"{measured:.2f} | {measured / predicted:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -57,9 +68,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 3290])
     parser.add_argument("--gram", action="store_true",
                         help="time whole ggn / fisher calls against their prediction instead")
+    parser.add_argument("--lanczos", action="store_true",
+                        help="time whole Lanczos calls against their prediction instead")
     args = parser.parse_args()
-    if args.gram:
-        gram_calls()
+    if args.gram or args.lanczos:
+        whole_calls(GRAM_CALLS if args.gram else LANCZOS_CALLS)
         return
     generator = torch.Generator().manual_seed(0)
     device = torch.device("cpu")

@@ -69,23 +69,30 @@ class LanczosOptions:
         return min(num_params, max(2, wanted))
 
 
-#: Basis rows and columns of the block timed by :func:`basis_seconds` (32 MiB in float32).
-BASIS_TRIAL_ROWS, BASIS_TRIAL_COLUMNS = 8, 2**20
+#: Largest block of basis rows :func:`basis_seconds` times (256 MiB in float32): larger than a
+#: processor's caches, which a basis streamed from memory is not served from.
+BASIS_TRIAL_BYTES = 256 * 2**20
 
 
 def basis_seconds(steps: int, rows: int, dim: int, device: torch.device) -> float:
     """Predicted seconds of the reorthogonalisation of ``steps`` products in runs of at most
     ``rows`` steps: step ``j`` reads the ``j`` basis vectors once to measure the overlaps, and
     in about half the steps (measured: 107 of 227, 89 of 200) twice more to remove them and
-    measure again, about ``rows`` vector reads a step, each as long as one of a timed block's
-    rows (a memory-bound pass, scaled by the vectors' length). It had been left out: a run
-    predicted at 12.6 s took 48.7 s, 36 of them here."""
-    rows, columns = BASIS_TRIAL_ROWS, min(dim, BASIS_TRIAL_COLUMNS)
-    generator = torch.Generator().manual_seed(0)
-    block = torch.randn(rows, columns, generator=generator, dtype=BASIS_DTYPE).to(device)
+    measure again, about ``rows`` vector reads a step, each timed on a block of the basis's
+    size up to :data:`BASIS_TRIAL_BYTES` (a memory-bound pass, scaled by the vectors' length).
+    It had been left out: a run predicted at 12.6 s took 48.7 s, 36 of them here. (The timed
+    block's 8 rows had then stood for ``rows``, and its 32 MiB were read from a cache: a run of
+    658 products on 640 rows of P = 159,010 was predicted at 0.75 s and took 10.4 s, 8.6 of
+    them here; ``benchmarks/exact_time.py --lanczos``.)"""
+    element = torch.empty((), dtype=BASIS_DTYPE).element_size()
+    entries = min(rows * dim, BASIS_TRIAL_BYTES // element)
+    trial_rows = max(1, min(rows, entries // dim))
+    columns = min(dim, max(1, entries // trial_rows))
+    # written, not zeros: untouched zero pages would all read the same physical page
+    block = torch.ones(trial_rows, columns, dtype=BASIS_DTYPE, device=device)
     vector = block[0].clone()
     seconds_of(lambda: block @ vector, device)  # a first pass pays the kernel's set-up
-    per_vector = seconds_of(lambda: block @ vector, device) / rows * dim / columns
+    per_vector = seconds_of(lambda: block @ vector, device) / trial_rows * dim / columns
     return per_vector * steps * rows
 
 
