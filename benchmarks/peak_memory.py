@@ -1,9 +1,12 @@
-"""Peak memory of hessrank's Gram methods on ``run.py``'s architectures, one fresh subprocess per
-case, measured as ``run.py`` measures it (a warm-up call, ``malloc_trim``, then the resident-set
-high-water mark above the pre-call level)::
+"""Peak memory of hessrank's Gram methods on ``run.py``'s architectures (and its CNNs, ``cnn`` and
+``lenet``), one fresh subprocess per case, measured as ``run.py`` measures it (a warm-up call,
+``malloc_trim``, then the resident-set high-water mark above the pre-call level), beside the
+memory the call predicts once its first pass has run (read from its refusal just above the
+prediction made before the work, as a budget would refuse it)::
 
     python benchmarks/peak_memory.py --archs lstm,encoder,gpt            # fisher, n = 128
     python benchmarks/peak_memory.py --archs gpt --method ggn --mc-samples 1
+    python benchmarks/peak_memory.py --archs cnn,lenet,lstm --method ggn --n 64
 
 For A/B comparisons of a change: run it in each source tree (``git worktree``), alternating.
 """
@@ -13,10 +16,30 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+import hessrank
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import run  # noqa: E402  (benchmarks/run.py, next to this file)
+
+
+def predicted_bytes(spec: dict[str, Any], method: str, options: dict[str, Any]) -> int:
+    """The refined prediction: the call refused before the work at ``max_memory=1`` gives the
+    prediction made then; at one byte above it, the refusal once its first pass has run."""
+    model, batch = run.build_model(spec), run.build_batch(spec)
+    figure = 1
+    for _ in range(2):
+        try:
+            hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method=method,
+                                    max_memory=figure, **options)
+            return figure
+        except hessrank.BudgetError as refusal:
+            figure = refusal.memory_bytes + 1
+    return figure - 1
 
 
 def main() -> None:
@@ -27,19 +50,25 @@ def main() -> None:
     parser.add_argument("--mc-samples", type=int, default=None, help="ggn: Monte-Carlo columns")
     parser.add_argument("--n", type=int, default=run.ARCH_N, help="batch size")
     args = parser.parse_args()
-    options: dict[str, object] = {"method": args.method}
-    if args.mc_samples is not None:
-        options["mc_samples"] = args.mc_samples
+    options: dict[str, object] = {} if args.mc_samples is None else {
+        "mc_samples": args.mc_samples}
     for arch in args.archs.split(","):
-        spec = {"model": arch, "n": args.n, "seed": 0, "tool": "hessrank", "opts": options,
-                "warm": True, "device": "cpu"}
+        if arch not in (*run.ARCHS, "cnn", "lenet"):
+            parser.error(f"unknown architecture {arch!r}")
+        spec = {"model": arch, "n": args.n, "seed": 0, "tool": "hessrank", "warm": True,
+                "device": "cpu", "opts": {"method": args.method, "kwargs": options}}
+        if arch in ("cnn", "lenet"):
+            spec.update(model="cnn", variant="lenet" if arch == "lenet" else "mnist")
         out = run.memory_case(spec, 1200.0)
         if "error" in out:
             print(f"{arch:12} {args.method:6} error: {out['error']}")
             continue
+        predicted = predicted_bytes(spec, args.method, options)
         print(f"{arch:12} {args.method:6} peak {out['peak_bytes'] / 2**20:8.0f} MiB  "
-              f"(one n x P float32 tensor: "
-              f"{args.n * run.num_params(run.build_model(spec)) * 4 / 2**20:.0f} MiB)")
+              f"predicted {predicted / 2**20:8.0f} MiB  peak / predicted "
+              f"{out['peak_bytes'] / predicted:5.2f}  (one n x P float32 tensor: "
+              f"{args.n * run.num_params(run.build_model(spec)) * 4 / 2**20:.0f} MiB)",
+              flush=True)
 
 
 if __name__ == "__main__":
