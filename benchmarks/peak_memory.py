@@ -7,6 +7,12 @@ prediction made before the work, as a budget would refuse it)::
     python benchmarks/peak_memory.py --archs lstm,encoder,gpt            # fisher, n = 128
     python benchmarks/peak_memory.py --archs gpt --method ggn --mc-samples 1
     python benchmarks/peak_memory.py --archs cnn,lenet,lstm --method ggn --n 64
+    python benchmarks/peak_memory.py --archs resnet18 --method ggn --n 64 --fresh
+
+``--fresh`` measures as the test suite does (``tests/fresh.py``): a new process warmed on tiny
+models only, so that the call's own allocations are not served by memory a warm-up call of the
+same size left behind (ggn on ResNet-18 at n = 64 measured 500-540 MiB after such a warm-up,
+where a conv rule that held its chunk twice peaked at 724-757 MiB in fresh processes).
 
 For A/B comparisons of a change: run it in each source tree (``git worktree``), alternating.
 """
@@ -23,8 +29,18 @@ from torch import nn
 import hessrank
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parents[1] / "tests"))
 
 import run  # noqa: E402  (benchmarks/run.py, next to this file)
+from fresh import in_fresh_process  # noqa: E402  (tests/fresh.py)
+
+
+def call_peak(spec: dict[str, Any]) -> int:
+    """The call's peak memory (``measure_memory=True``), in this process."""
+    opts = spec["opts"]
+    return hessrank.effective_rank(run.build_model(spec), nn.CrossEntropyLoss(),
+                                   run.build_batch(spec), method=opts["method"],
+                                   measure_memory=True, **opts["kwargs"]).peak_memory
 
 
 def predicted_bytes(spec: dict[str, Any], method: str, options: dict[str, Any]) -> int:
@@ -49,6 +65,8 @@ def main() -> None:
     parser.add_argument("--method", default="fisher", choices=("fisher", "ggn"))
     parser.add_argument("--mc-samples", type=int, default=None, help="ggn: Monte-Carlo columns")
     parser.add_argument("--n", type=int, default=run.ARCH_N, help="batch size")
+    parser.add_argument("--fresh", action="store_true",
+                        help="measure in a process warmed on tiny models only (tests/fresh.py)")
     args = parser.parse_args()
     options: dict[str, object] = {} if args.mc_samples is None else {
         "mc_samples": args.mc_samples}
@@ -59,7 +77,11 @@ def main() -> None:
                 "device": "cpu", "opts": {"method": args.method, "kwargs": options}}
         if arch in ("cnn", "lenet"):
             spec.update(model="cnn", variant="lenet" if arch == "lenet" else "mnist")
-        out = run.memory_case(spec, 1200.0)
+        if args.fresh:
+            from peak_memory import call_peak  # by reference, for the fresh process
+            out = {"peak_bytes": in_fresh_process(call_peak, spec)}
+        else:
+            out = run.memory_case(spec, 1200.0)
         if "error" in out:
             print(f"{arch:12} {args.method:6} error: {out['error']}")
             continue
