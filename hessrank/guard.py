@@ -43,9 +43,11 @@ _HOOK_DICTS = (
 #: every other entry is a plain attribute, state a forward pass may rebind or mutate.
 _MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
 _MISSING = object()
+#: Code: objects whose attributes are not state.
+CODE_TYPES = (type, types.ModuleType, types.FunctionType, types.MethodType,
+              types.BuiltinFunctionType)
 #: What a plain attribute may hold without its contents being state: code, types, modules.
-_NOT_CONTAINERS = (nn.Module, Tensor, type, types.ModuleType, types.FunctionType,
-                   types.MethodType, types.BuiltinFunctionType)
+_NOT_CONTAINERS = (nn.Module, Tensor, *CODE_TYPES)
 
 
 @dataclass
@@ -411,6 +413,25 @@ def held_generators(owners: Iterable[tuple[str, object]]) -> list[HeldGenerator]
     return list(found.values())
 
 
+#: A module's hook registries whose callables may be objects holding state of their own.
+_HOOK_REGISTRIES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                    "_backward_pre_hooks")
+
+
+def _hook_objects(model: nn.Module) -> list[tuple[str, object]]:
+    """``(place, object)`` for each hook registered on a submodule that is an object of its own
+    (a callable instance, or the instance a bound method belongs to): what its generators are
+    held by (a noise-injecting hook's ``torch.Generator`` had been left advanced; probe 109)."""
+    objects = []
+    for name, module in model.named_modules():
+        for registry in _HOOK_REGISTRIES:
+            for key, hook in getattr(module, registry, {}).items():
+                owner = getattr(hook, "__self__", hook)
+                if not isinstance(owner, _NOT_CONTAINERS) and hasattr(owner, "__dict__"):
+                    objects.append((f"{name or '(root)'}.{registry}[{key}]", owner))
+    return objects
+
+
 @dataclass(frozen=True)
 class ModuleGenerators:
     """The states of the private random generators a model's submodules hold (noise a forward
@@ -420,7 +441,7 @@ class ModuleGenerators:
 
     @classmethod
     def read(cls, model: nn.Module) -> ModuleGenerators:
-        return cls(tuple(held_generators(model.named_modules())))
+        return cls(tuple(held_generators([*model.named_modules(), *_hook_objects(model)])))
 
     @property
     def places(self) -> list[str]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -50,7 +51,13 @@ from torch.utils.data import DataLoader, default_collate
 
 from hessrank.curvature.loss import direct_parameter_names
 from hessrank.curvature.operator import ParameterOperator
-from hessrank.guard import GlobalGenerators, held_generators, rescales_lookups
+from hessrank.guard import (
+    CODE_TYPES,
+    HELD_ITEMS,
+    GlobalGenerators,
+    held_generators,
+    rescales_lookups,
+)
 from hessrank.problem import (
     Batch,
     CurvatureProblem,
@@ -112,26 +119,57 @@ def _to_device(item: object, device: torch.device) -> object:
     return item
 
 
+#: Objects whose attributes are not a pass's state: code (a collate function).
+_NOT_STATEFUL = (*CODE_TYPES, functools.partial)
+#: How deep :func:`_data_set_owners` follows data sets that wrap others.
+_WRAPPED_DEPTH = 4
+
+
+def _data_set_owners(data: object) -> list[tuple[str, object]]:
+    """``(place, object)``: a loader's data set, those it wraps (``.dataset``, as a ``Subset``
+    holds it, and ``.datasets``, a ``ConcatDataset``'s; :data:`_WRAPPED_DEPTH` levels) and its
+    collate function."""
+    if not isinstance(data, DataLoader):
+        return []
+    owners: list[tuple[str, object]] = [("collate_fn", data.collate_fn)]
+    level: list[tuple[str, object]] = [("dataset", data.dataset)]
+    for _ in range(_WRAPPED_DEPTH):
+        owners.extend(level)
+        level = [(f"{place}.dataset", inner) for place, owner in level
+                 if (inner := getattr(owner, "dataset", None)) is not None] + [
+                 (f"{place}.datasets[{index}]", inner) for place, owner in level
+                 if isinstance(inners := getattr(owner, "datasets", None), list | tuple)
+                 for index, inner in enumerate(inners[:HELD_ITEMS])]
+    return owners
+
+
 @contextmanager
 def same_draw(data: object) -> Iterator[None]:
     """Run one pass over ``data`` from the current random state and restore it afterwards.
 
     Restores the global generators (:class:`~hessrank.guard.GlobalGenerators`), those the
-    loader, its sampler and its batch sampler hold (``DataLoader.generator``, a
-    ``RandomSampler``'s, a custom sampler's NumPy or Python generator) and the samplers' other
-    attributes (an epoch a sampler counts itself), so that every pass draws the same shuffle and
-    the same random transforms, and the caller's generators and samplers end as they began.
+    loader, its sampler, its batch sampler, its data set (and the data sets it wraps) and its
+    collate function hold (``DataLoader.generator``, a ``RandomSampler``'s, a custom sampler's
+    NumPy or Python generator, an augmenting data set's) and those objects' other attributes
+    (an epoch a sampler or an ``IterableDataset`` counts itself), so that every pass draws the
+    same shuffle and the same random transforms, and the caller's generators, samplers and data
+    sets end as they began.
     """
     generators = GlobalGenerators.read()
     batch_sampler = getattr(data, "batch_sampler", None)
     samplers = [("sampler", getattr(data, "sampler", None)), ("batch_sampler", batch_sampler),
                 ("batch_sampler.sampler", getattr(batch_sampler, "sampler", None))]
-    own = held_generators([("", data), *samplers])
-    # a sampler's own attributes too (one that counts its epochs in __iter__ had been left
+    # the data set (and those it wraps) and the collate function: a data set's own generator
+    # (augmentation), a collate object's (MixUp) and an epoch an IterableDataset counts in
+    # __iter__ had been left advanced by the passes (probe 109)
+    owners = [*samplers, *_data_set_owners(data)]
+    own = held_generators([("", data), *owners])
+    # their own attributes too (a sampler that counts its epochs in __iter__ had been left
     # counting the call's passes, and drew another order in each; probe 101)
     attributes = [(owner.__dict__, dict(owner.__dict__)) for owner in
-                  {id(owner): owner for _, owner in samplers
-                   if hasattr(owner, "__dict__")}.values()]
+                  {id(owner): owner for _, owner in owners
+                   if hasattr(owner, "__dict__")
+                   and not isinstance(owner, _NOT_STATEFUL)}.values()]
     try:
         yield
     finally:

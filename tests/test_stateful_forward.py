@@ -386,6 +386,45 @@ def test_every_kind_of_generator_a_module_holds_is_set_back_after_each_pass(kind
     assert any(f"own random generator ({place})" in note for note in result.notes), result.notes
 
 
+class _NoiseHook:
+    """A forward hook adding noise from a generator of its own (``noise``: a fixed draw)."""
+
+    def __init__(self, generator: Any, noise: Tensor | None = None) -> None:
+        self.generator, self.noise = generator, noise
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        noise = self.noise if self.noise is not None else _normal(self.generator, output.shape)
+        return output + 0.3 * noise
+
+
+def _hooked(hook: _NoiseHook) -> nn.Module:
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model[1].register_forward_hook(hook)
+    return model
+
+
+@pytest.mark.parametrize("method", [*hessrank.METHODS, "ggn_lanczos"])
+@pytest.mark.parametrize("kind", ["torch", "numpy Generator"])
+def test_a_generator_a_hook_object_holds_is_set_back_after_each_pass(kind, method):
+    """A noise-injecting forward hook's own generator, reached through the module's hooks:
+    single-pass methods left it advanced, and methods with several passes refused them as
+    different (probe 109). Each pass now sees the draw the caller's next forward makes."""
+    torch.manual_seed(10)
+    inputs, targets = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    hook = _NoiseHook(_generator(kind))
+    state = _generator_state(hook.generator)
+    draw = _normal(copy.deepcopy(hook.generator), (6, 8))
+    reference = hessrank.effective_rank(_hooked(_NoiseHook(None, draw)), nn.CrossEntropyLoss(),
+                                        (inputs, targets), method=method)
+    result = hessrank.effective_rank(_hooked(hook), nn.CrossEntropyLoss(), (inputs, targets),
+                                     method=method)
+    assert_spectra_close(result.eigenvalues, reference.eigenvalues, rtol=1e-9)
+    assert pickle.dumps(_generator_state(hook.generator)) == pickle.dumps(state)
+    assert any("own random generator (1._forward_hooks[" in note for note in result.notes), (
+        result.notes)
+
+
 def _generator_state(generator: Any) -> Any:
     """The generator's state (torch's as a list: its state tensor pickles differently each
     time)."""

@@ -3,6 +3,7 @@ all its samples at once (the concatenated batch), for every method and reduction
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -178,6 +179,70 @@ def test_a_sampler_s_own_epoch_count_is_left_as_found():
         assert [b[1].tolist() for b in analysed] == [b[1].tolist() for b in untouched]
 
 
+class _OwnJitter(torch.utils.data.Dataset):
+    """Inputs jittered by a generator the data set holds (augmentation)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> None:
+        self.x, self.y, self.scale = x, y, scale
+        self.rng = np.random.default_rng(0)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int):
+        return self.x[index] + self.scale * float(self.rng.normal()), self.y[index]
+
+
+class _MixCollate:
+    """A collate object drawing a mixing weight from its own generator for every batch."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __call__(self, items):
+        weight = torch.rand((), generator=self.generator, dtype=torch.float64)
+        return torch.stack([x for x, _ in items]) * (1 + 0.1 * weight), torch.stack(
+            [y for _, y in items])
+
+
+class _EpochIterable(torch.utils.data.IterableDataset):
+    """Shuffles by an epoch it counts itself, in ``__iter__``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.epoch = x, y, 0
+
+    def __iter__(self):
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.epoch))
+        self.epoch += 1
+        return iter([(self.x[i], self.y[i]) for i in order])
+
+
+_DATA_SET_STATE = {
+    "data set's generator, jitter": lambda x, y: DataLoader(_OwnJitter(x, y, 0.1), batch_size=5),
+    "a wrapped data set's generator": lambda x, y: DataLoader(
+        torch.utils.data.Subset(_OwnJitter(x, y, 0.1), range(16)), batch_size=5),
+    "collate object's generator": lambda x, y: DataLoader(
+        TensorDataset(x, y), batch_size=5, collate_fn=_MixCollate()),
+    "IterableDataset's epoch": lambda x, y: DataLoader(_EpochIterable(x, y), batch_size=5),
+}
+
+
+@pytest.mark.parametrize("method", ["fisher", "lanczos"])
+@pytest.mark.parametrize("case", list(_DATA_SET_STATE))
+def test_a_data_set_s_own_state_is_one_draw_and_left_as_found(case, method):
+    """A data set (or one it wraps) or a collate object with random state of its own: every
+    pass starts from the state the call found, so the passes agree (jitter had been refused as
+    data that change between passes) and the caller's next epochs are those it would have had
+    without the call (the passes had left the generator advanced, the epoch counted; probe
+    109)."""
+    model, loss_fn, x, y = _data("class weights")
+    untouched, analysed = (_DATA_SET_STATE[case](x, y) for _ in range(2))
+    hessrank.effective_rank(model, loss_fn, analysed, method, lanczos_steps=8)
+    for _ in range(2):  # the caller's next epochs, as without the call
+        for ours, theirs in zip(analysed, untouched, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
 def test_persistent_workers_the_call_started_are_stopped():
     """DataLoader(persistent_workers=True): the call's passes started the workers, so the
     caller's next iter() restarted them, which draws other seeds than a first start: the next
@@ -248,18 +313,19 @@ def test_persistent_workers_the_caller_started_are_left_alone(when):
 
 
 class _Drifting(Dataset):
-    """A data set whose samples change every time they are read (a source hessrank cannot
-    reset), so no two passes agree."""
+    """A data set whose samples change every time they are read, so no two passes agree: its
+    reads counted by an iterator (a source hessrank cannot reset; a count in an attribute is
+    set back after every pass)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, drift: float) -> None:
-        self.x, self.y, self.drift, self.reads = x, y, drift, 0
+        self.x, self.y, self.drift, self.reads = x, y, drift, itertools.count(1)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, index: int):
-        self.reads += 1
-        return self.x[index] * (1 + self.drift * (self.reads // len(self.y))), self.y[index]
+        reads = next(self.reads)
+        return self.x[index] * (1 + self.drift * (reads // len(self.y))), self.y[index]
 
 
 @pytest.mark.parametrize("method", ["lanczos", "exact", "fisher", "ggn", "fisher_lanczos"])
