@@ -118,7 +118,8 @@ def _slot_names(cls: type) -> list[str]:
 def rebind_attributes(saved: list[_Attributes]) -> None:
     """Put back the attributes of :func:`plain_attributes`: the same objects, holding what they
     held (a list's items, a dict's entries, a plain object's fields), and remove those added
-    since. Deeper changes (a tensor inside a list modified in place) are not seen."""
+    since. Deeper changes (a tensor inside a list modified in place) are not seen here
+    (:func:`preserved_state` copies such tensors' values back when a call ends)."""
     for entry in saved:
         current = vars(entry.module)
         for key in [key for key in current
@@ -142,6 +143,30 @@ def _plain_tensors(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
             if key not in _MODULE_BOOKKEEPING and isinstance(value, Tensor)
             and not isinstance(value, nn.Parameter) and not value.requires_grad
             and not value.is_inference()]
+
+
+def _contained_tensors(model: nn.Module) -> list[Tensor]:
+    """Tensors one level inside the list, tuple or dict attributes (of at most
+    :data:`HELD_ITEMS` items) of the submodules and of the hook objects registered on them,
+    and the hook objects' tensor attributes: statistics a hook accumulates in place (dormant
+    neurons' activity in a dict on the model had grown by every forward pass of a call; probe
+    109). Without a gradient to carry, as :func:`_plain_tensors`."""
+    found: dict[int, Tensor] = {}
+    owners = [*model.modules(), *(owner for _, owner in _hook_objects(model))]
+    for owner in owners:
+        for key, value in vars(owner).items():
+            if isinstance(owner, nn.Module) and key in _MODULE_BOOKKEEPING:
+                continue
+            items = ([value] if isinstance(value, Tensor) and not isinstance(owner, nn.Module)
+                     else list(value.values()) if isinstance(value, dict)
+                     else list(value) if isinstance(value, list | tuple) else [])
+            if len(items) > HELD_ITEMS:
+                continue
+            for item in items:
+                if (isinstance(item, Tensor) and not isinstance(item, nn.Parameter)
+                        and not item.requires_grad and not item.is_inference()):
+                    found.setdefault(id(item), item)
+    return list(found.values())
 
 
 class PassState:
@@ -471,7 +496,8 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
     another reference are copied back in place), the plain attributes (a counter, a carried
     hidden state or a cached tensor that forward rebinds come back as the caller's objects,
     what a list, dict, set or configuration object among them holds is put back, and
-    attributes it added are removed), ``__slots__`` values, and for
+    attributes it added are removed), the values of tensors one level inside them or held by
+    hook objects (:func:`_contained_tensors`), ``__slots__`` values, and for
     every parameter ``requires_grad`` and ``.grad`` (the same tensor objects); plus the global
     random number generators: torch's CPU and CUDA ones, Python's and NumPy's (a forward may
     draw from any of them), and the generators submodules hold (:func:`held_generators`). The
@@ -527,6 +553,7 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
             with torch.inference_mode(False):
                 buffers = [(b, b.detach().clone()) for b in model.buffers()]
                 buffers += [(t, t.detach().clone()) for _, _, t in _plain_tensors(model)]
+                buffers += [(t, t.detach().clone()) for t in _contained_tensors(model)]
                 armed = True
                 # The call's forward passes see copies of the buffers: a training-mode
                 # BatchNorm's running statistics or a counter updated in place then leave the

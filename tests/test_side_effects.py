@@ -160,6 +160,42 @@ def test_state_untouched_after_failure():
     _assert_same(before, model)
 
 
+class _ActivityHook:
+    """A forward hook counting active units into statistics of its own, in place."""
+
+    def __init__(self) -> None:
+        self.active = torch.zeros(8)
+        self.history = [torch.zeros(8)]
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.active.add_((output > 0).float().sum(0))
+        self.history[0].add_(output.detach().abs().sum(0))
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos", "fisher", "ggn"])
+def test_statistics_a_hook_accumulates_in_place_are_left_as_found(method):
+    """Dormant-unit statistics a forward hook accumulates in place, in tensors inside a dict
+    attribute of the model or held by the hook object itself, had grown by every forward pass
+    of the call (probe 109)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    model.activity = {"hidden": torch.zeros(8)}
+    counter = _ActivityHook()
+
+    def count(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        model.activity["hidden"].add_((output > 0).float().sum(0))
+
+    model[1].register_forward_hook(count)
+    model[1].register_forward_hook(counter)
+    x, y = classification_batch(10, 6, 3, dtype=torch.float32)
+    model(x)  # the caller's own statistics so far
+    held = [model.activity["hidden"], counter.active, counter.history[0]]
+    before = [tensor.clone() for tensor in held]
+    hessrank.effective_rank(model, CE, (x, y), method=method)
+    assert all(torch.equal(now, then) for now, then in zip(held, before))
+    assert [model.activity["hidden"], counter.active, counter.history[0]] == held  # same objects
+
+
 def test_train_mode_batchnorm_restores_statistics():
     model = _net()
     model[3].p = 0.0  # dropout off so that mode='train' is well defined
