@@ -350,7 +350,7 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path: Path) -> None:
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert "Interrupted: showing what was measured" in out and "\nfisher " in out
+    assert "Stopped by Ctrl-C: showing what was measured" in out and "\nfisher " in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["interrupted"] is True
     measured = report["runs"][0]["checkpoints"]
@@ -975,3 +975,69 @@ def test_a_refused_flag_gets_no_python_api_hint(capsys) -> None:
     status, _, err = run_main(["compare", *TINY, "--lanczos-steps", "1"], capsys)
     assert status == 2
     assert "lanczos_steps=1" in err and "method_options" not in err
+
+
+def test_a_refusal_after_measured_seeds_keeps_and_shows_them(tmp_path: Path, capsys,
+                                                             monkeypatch) -> None:
+    """A method refused in a later seed (its timings there exceed --max-seconds) stops the run
+    as Ctrl-C does: the seeds measured are shown, written and marked as stopped, and the
+    refusal is the error (the JSON had been left partial and marked complete, with no tables;
+    probe 110)."""
+    from hessrank.cli import compare
+    from hessrank.cli.errors import CliError
+
+    original, calls = compare.check_budget, []
+
+    def counted(*args, **kwargs) -> None:
+        calls.append(None)
+        if refuse_after is not None and len(calls) > refuse_after:
+            raise CliError("method='fisher' would take about 9 s, over max_seconds = 1 s")
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "check_budget", counted)
+    argv = ["compare", *TINY, "--methods", "fisher", "--no-pyhessian", "--json"]
+    refuse_after = None
+    assert run_main([*argv, str(tmp_path / "one.json")], capsys)[0] == 0
+    refuse_after, seed_calls = len(calls), len(calls)  # the second seed's first is refused
+    calls.clear()
+    status, out, err = run_main([*argv, str(tmp_path / "r.json"), "--seeds", "2"], capsys)
+    assert status == 2 and len(calls) == seed_calls + 1
+    assert err.endswith("hessrank: error: method='fisher' would take about 9 s, over "
+                        "max_seconds = 1 s\n")
+    shown = " ".join(out.split())
+    assert "Stopped by method='fisher' would take about 9 s" in shown and "\nfisher " in out
+    assert "1 of 2 seeds" in shown
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["interrupted"] is True and written["stopped_by"].startswith("method='fisher'")
+    alone = json.loads((tmp_path / "one.json").read_text())
+
+    def sranks(report: dict) -> list[float]:
+        return [c["methods"]["fisher"]["srank"] for c in report["runs"][0]["checkpoints"]]
+
+    assert sranks(written) == sranks(alone)
+    assert all("fisher" not in c["methods"] for c in written["runs"][1]["checkpoints"])
+    assert written["summary"]["checkpoints"][0]["seeds"] == 1
+
+
+def test_the_summary_averages_the_seeds_every_method_finished() -> None:
+    """Ctrl-C in a run's last seed, after exact: exact had been averaged over 3 seeds and the
+    others over 2, under a title of 3 seeds, and exact's trace differed between two tables of
+    one output (probe 110)."""
+    from hessrank.cli import report
+
+    def run(seed: int, methods: dict[str, float]) -> dict:
+        return {"seed": seed, "checkpoints": [{"index": 0, "task": None,
+                                               "previous_task_train_error": None,
+                                               "pyhessian": None, "methods": {
+            name: {"srank": value, "trace": value} for name, value in methods.items()}}]}
+
+    result = {"config": {"methods": ["exact", "fisher"], "seeds": [0, 1, 2], "model": "m",
+                         "threshold": 0.99},
+              "runs": [run(0, {"exact": 10.0, "fisher": 9.0}), run(1, {"exact": 12.0,
+                                                                        "fisher": 11.0}),
+                       run(2, {"exact": 50.0})],
+              "model": None, "data": None, "interrupted": True, "stopped_by": "Ctrl-C"}
+    point = report.summary(result)["checkpoints"][0]
+    assert point["seeds"] == 2
+    assert point["methods"]["exact"]["srank"]["mean"] == 11.0
+    assert point["methods"]["fisher"]["srank"]["mean"] == 10.0

@@ -528,12 +528,22 @@ def _compare(args: argparse.Namespace) -> int:
 
     progress = _progress(args.quiet)
     status = 0
+    stopped: CliError | None = None  # a refusal after checkpoints were measured
     try:
         with progress or nullcontext():
             compare.run_compare(cfg, result, progress, save)
     except KeyboardInterrupt:
-        result["interrupted"] = True
+        result.update(interrupted=True, stopped_by="Ctrl-C")
         status = 130
+    except CliError as error:
+        if not any(set(cfg.methods) <= set(point["methods"])
+                   for run in result["runs"] for point in run["checkpoints"]):
+            raise  # before a checkpoint was measured: nothing to keep, no file touched
+        # a method refused later (a budget its timings of a later seed exceed): what was
+        # measured is kept, shown and written, marked as stopped (the JSON had been left
+        # partial and marked complete, with no tables; probe 110)
+        result.update(interrupted=True, stopped_by=str(error))
+        stopped = error
     with _held_interrupt() as received:
         compare.summarize(result)
         # The files first, so that a reader of the tables who leaves (| head) costs none of
@@ -571,6 +581,8 @@ def _compare(args: argparse.Namespace) -> int:
             raise failed
     if received:
         return 130
+    if stopped is not None:
+        raise stopped
     failure = _all_failed(result)
     if failure is not None and not status:
         raise CliError(f"every estimator failed; the first: {failure}", code=1)
@@ -616,7 +628,7 @@ def _rank(args: argparse.Namespace) -> int:
             value=float(value),
             result=res.to_dict(),
         )
-        del payload["runs"], payload["interrupted"]
+        del payload["runs"], payload["interrupted"], payload["stopped_by"]
         for name in compare.TRAINING_ONLY:  # compare's training: no part of one rank
             del payload["config"][name]
         payload["config"]["batch_size"] = args.batch_size  # the batches measured (None: one)

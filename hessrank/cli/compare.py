@@ -309,6 +309,7 @@ def new_report(cfg: Config, command: str = "compare") -> dict[str, Any]:
         "data": None,
         "runs": [],
         "interrupted": False,
+        "stopped_by": None,
     }
 
 
