@@ -94,8 +94,11 @@ def test_compare_json_schema(compared) -> None:
     _, out = compared
     report = json.loads((out / "r.json").read_text())
     assert report["schema_version"] == 1
-    assert report["interrupted"] is False
+    assert report["interrupted"] is False and report["stopped_by"] is None
     assert report["config"]["methods"] == list(hessrank.METHODS)
+    # the budget the methods ran under, the library's default where none was given (null had
+    # been recorded; probe 110)
+    assert report["config"]["max_memory_gib"] == pytest.approx(4.0)
     assert report["model"] == {"name": "mlp", "num_params": 64 * 4 + 4 + 4 * 10 + 10}
     assert report["data"]["name"] == "digits" and report["data"]["num_samples"] == 16
     assert [run["seed"] for run in report["runs"]] == [0, 1]
@@ -292,6 +295,8 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
         (["rank", "--model", "torch.nn:Identity", "--samples", "4"], "expected logits"),
         (["rank", "--data", "mnist", "--data-dir", "{tmp}"], "no MNIST in"),
         (["rank", "--data-dir", "{tmp}"], "no MNIST in"),
+        (["rank", "--data", "digits", "--data-dir", "{tmp}"],
+         "--data-dir is where MNIST is read from, and --data digits reads none"),
         (["rank", "--samples", "5000"], "more than the 1797 images"),
         (["rank", "--method", "hutch"], "unknown method 'hutch'"),
         (

@@ -394,6 +394,9 @@ def _config(
             verb = "shapes" if len(given) == 1 else "shape"
             raise CliError(f"{' '.join(given)} {verb} the presets ({', '.join(presets.PRESETS)}), "
                            f"not --model {args.model}: drop them, or give them to its factory")
+    if args.data_dir and args.data not in ("auto", "mnist"):
+        raise CliError(f"--data-dir is where MNIST is read from, and --data {args.data} reads "
+                       "none: drop --data-dir, or pass --data mnist")
     environment = presets.default_data_dir()
     if args.data == "auto" and not args.data_dir and environment is not None and (
             not presets.has_mnist(environment)):

@@ -142,8 +142,7 @@ def budget_message(method: str, err: hessrank.BudgetError, problem: Problem, cfg
               if method == "exact" and command == "compare"
               else "raise the budget, or choose another --method" if command == "rank"
               else "raise the budget, or leave the method out of --methods")
-    memory_limit = (cfg.max_memory_gib if cfg.max_memory_gib is not None
-                    else DEFAULT_MAX_MEMORY / 2**30)
+    memory_limit = memory_budget_gib(cfg)
     over = []  # which of the budgets (the refusal had said "--max-memory / --max-seconds")
     if err.memory_bytes > memory_limit * 2**30:
         over.append(f"--max-memory {memory_limit:g} GiB")
@@ -180,6 +179,11 @@ def tracker(
     except (TypeError, ValueError) as err:  # a value a method refuses: before any work
         # (method_options is the Python API's; a flag goes to every method that reads it)
         raise CliError(str(err).removesuffix(hessrank.tracker.METHOD_OPTIONS_HINT)) from err
+
+
+def memory_budget_gib(cfg: Config) -> float:
+    """The memory budget the methods run under (GiB): ``--max-memory``, else the library's."""
+    return cfg.max_memory_gib if cfg.max_memory_gib is not None else DEFAULT_MAX_MEMORY / 2**30
 
 
 def check_budget(measurement: hessrank.tracker.Measurement, problem: Problem, cfg: Config,
@@ -300,6 +304,7 @@ def new_report(cfg: Config, command: str = "compare") -> dict[str, Any]:
     config = asdict(cfg)
     config["methods"] = list(cfg.methods)
     config["seeds"] = list(cfg.seeds)
+    config["max_memory_gib"] = memory_budget_gib(cfg)  # the default's figure, not null
     return {
         "schema_version": SCHEMA_VERSION,
         "command": command,
