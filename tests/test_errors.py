@@ -952,6 +952,12 @@ _WORKING_MEMORY_CASES = [
     # (peaks 1.4x a prediction without them on a CNN; probe 106)
     ("upsampled activations", lambda: (_Upsampled(), torch.randn(16, 3, 32, 32),
                                        torch.randint(0, 10, (16,))), "ggn"),
+    # the linear rule's position-pair route over a few tokens: [K n, K n, T, T] tensors, in
+    # blocks now (formed whole, they peaked at 5.9x the prediction; probe 108)
+    ("4 tokens a sample", lambda: (nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Flatten(),
+                                                 nn.Linear(256, 3)),
+                                   torch.randn(1200, 4, 64), torch.randint(0, 3, (1200,))),
+     "fisher"),
     # an EF product is a double backward and a backward through the graph (it peaked at 2x a
     # prediction that counted one graph for it; probe 74)
     ("conv activations", lambda: (_ConvActivations(), torch.randn(96, 3, 32, 32),

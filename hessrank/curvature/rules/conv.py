@@ -34,6 +34,7 @@ from hessrank.curvature.rules.factors import (
     Factors,
     LayerFactors,
     kronecker_costs,
+    pair_route_bytes,
 )
 
 
@@ -183,7 +184,8 @@ class ConvRule(TensorRule):
         """The default (per-sample gradients in blocks), or the input's patches at every output
         position (``n C_in prod(kernel) positions``: what the position-pair route forms, and
         what torch's convolution backward may unfold for the samples-as-groups gradient),
-        whichever is larger."""
+        whichever is larger; and where :func:`route_costs` picks the position-pair route, its
+        blocks (:func:`pair_route_bytes`)."""
         default = super().working_bytes(module, layer_output, num_cotangents, num_samples,
                                         num_params)
         if not isinstance(module, nn.Conv1d | nn.Conv2d) or not isinstance(layer_output, Tensor):
@@ -191,7 +193,13 @@ class ConvRule(TensorRule):
         positions = layer_output[0, 0].numel()
         patches = (num_samples * module.in_channels * math.prod(module.kernel_size) * positions
                    * layer_output.element_size())
-        return max(default, patches)
+        rows = num_cotangents * num_samples
+        pair, offsets = route_costs(rows, positions, module.in_channels, module.out_channels,
+                                    math.prod(module.kernel_size), module.groups)
+        if pair >= offsets:  # samples as groups (ConvFactors.position_pairs)
+            return max(default, patches)
+        return max(default, patches,
+                   pair_route_bytes(rows, positions, layer_output.element_size()))
 
 
 def patches(inputs: Tensor, kernel: tuple[int, int], stride: tuple[int, int],

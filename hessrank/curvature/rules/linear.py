@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from hessrank.curvature.rules import LayerFactors, TensorRule, register_rule
+from hessrank.curvature.rules.factors import kronecker_costs, pair_route_bytes
 
 
 @register_rule
@@ -37,8 +38,19 @@ class LinearRule(TensorRule):
     def working_bytes(self, module: nn.Module, layer_output: Tensor | tuple[Tensor, ...],
                       num_cotangents: int, num_samples: int, num_params: int) -> int:
         """One position per sample (an MLP's layer): the Kronecker identity holds ``K n x K n``
-        matrices only; several (tokens): the default, per-sample gradients in blocks."""
+        matrices only; several (tokens): the default, per-sample gradients in blocks, or where
+        :func:`kronecker_costs` picks the position-pair route, the larger of that and its
+        blocks (:func:`pair_route_bytes`)."""
         if isinstance(layer_output, Tensor) and layer_output.dim() == 2:
             return 3 * (num_cotangents * num_samples) ** 2 * layer_output.element_size()
-        return super().working_bytes(module, layer_output, num_cotangents, num_samples,
-                                     num_params)
+        default = super().working_bytes(module, layer_output, num_cotangents, num_samples,
+                                        num_params)
+        if not isinstance(layer_output, Tensor) or not isinstance(module, nn.Linear):
+            return default
+        rows = num_cotangents * num_samples
+        positions = layer_output[0].numel() // layer_output.shape[-1]
+        pair, explicit = kronecker_costs(rows, positions, module.in_features,
+                                         module.out_features)
+        if pair >= explicit:  # the route LayerFactors takes (explicit gradients)
+            return default
+        return max(default, pair_route_bytes(rows, positions, layer_output.element_size()))
