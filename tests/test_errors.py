@@ -866,6 +866,17 @@ class _ConvActivations(nn.Module):
         return self.head(torch.tanh(self.conv2(torch.tanh(self.conv1(x)))).mean((2, 3)))
 
 
+class _StackedGRU(nn.Module):
+    """Two GRU layers over long sequences, classified at the last step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(8, 64, num_layers=2, batch_first=True), nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
 class _Upsampled(nn.Module):
     """Its largest activations belong to no layer a rule claims: a convolution's output
     upsampled 4 x 4 times."""
@@ -958,6 +969,10 @@ _WORKING_MEMORY_CASES = [
                                                  nn.Linear(256, 3)),
                                    torch.randn(1200, 4, 64), torch.randint(0, 3, (1200,))),
      "fisher"),
+    # the recurrent rule's gradients of every layer's gates, K columns each (a 2-layer GRU's
+    # ggn peaked at 2.4x a prediction without them; probe 108)
+    ("2-layer GRU", lambda: (_StackedGRU(), torch.randn(32, 200, 8), torch.randint(0, 5, (32,))),
+     "ggn"),
     # an EF product is a double backward and a backward through the graph (it peaked at 2x a
     # prediction that counted one graph for it; probe 74)
     ("conv activations", lambda: (_ConvActivations(), torch.randn(96, 3, 32, 32),
