@@ -9,6 +9,10 @@ so that neither the suite's heap nor a first call's lazy imports are measured. (
 from one warm server was tried and measured more: fork leaves the code pages' page-table entries
 to be faulted in again, and the call's first touch of each counted in its resident set.)
 
+Each such process imports torch and warms up (about 4 s) before its measurement: the suite
+measures its cases :func:`in_fresh_processes`, two at a time (the resident sets are each
+process's own; the suite's own process waits meanwhile).
+
 ``function`` must be defined at the top level of a module importable from ``sys.path`` (it is
 pickled by reference); its result must pickle.
 """
@@ -20,7 +24,8 @@ import pickle
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +96,14 @@ def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
     if not ok:
         raise AssertionError(f"in the fresh process:\n{result}")
     return result
+
+
+def in_fresh_processes(calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
+                       at_once: int = 2) -> list[Any]:
+    """``[function(*args) for function, args in calls]``, each in a new Python process
+    (:func:`in_fresh_process`), ``at_once`` of them running at a time."""
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        return list(pool.map(lambda call: in_fresh_process(call[0], *call[1]), calls))
 
 
 if __name__ == "__main__":

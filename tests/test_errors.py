@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from fresh import in_fresh_process
+from fresh import in_fresh_processes
 from reference import classification_batch, mlp
 from torch import nn
 
@@ -995,11 +995,21 @@ def _working_memory_peak(case: int) -> int | None:
                                    **options).peak_memory
 
 
+def _fresh_peak(name: str, *args: object) -> int | None:
+    """A peak this module measures in a fresh process (run there: ``_fresh_peaks``)."""
+    return _fresh_peaks()[(name, *args)]
+
+
 @functools.cache
-def _working_memory_peaks() -> list[int | None]:
-    """Each case's peak, each measured in a fresh process."""
-    return [in_fresh_process(_working_memory_peak, case)
-            for case in range(len(_WORKING_MEMORY_CASES))]
+def _fresh_peaks() -> dict[tuple[object, ...], int | None]:
+    """Every peak this module's tests measure in fresh processes, by the measuring function's
+    name and arguments: measured together, two processes at a time (each one's start-up, about
+    4 s, would otherwise add up one after the other)."""
+    calls = [*((_working_memory_peak, (case,)) for case in range(len(_WORKING_MEMORY_CASES))),
+             (_ritz_peak, ()), (_long_recurrence_peak, ()),
+             *((_exact_peak, (count,)) for count in (0, 3))]
+    return {(function.__name__, *args): peak
+            for (function, args), peak in zip(calls, in_fresh_processes(calls))}
 
 
 @pytest.mark.parametrize("case", range(len(_WORKING_MEMORY_CASES)),
@@ -1017,7 +1027,7 @@ def test_budget_counts_what_the_model_holds(case):
     refined = _check(model, lambda: hessrank.effective_rank(
         model, CE, batch, method=method, max_memory=before.value.memory_bytes + 1, **options),
         hessrank.BudgetError, f"method='{method}' needs about")
-    measured = _working_memory_peaks()[case]
+    measured = _fresh_peak("_working_memory_peak", case)
     assert refined.memory_bytes > 1.5 * before.value.memory_bytes
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.6 * measured <= refined.memory_bytes <= 3 * measured, (
@@ -1203,7 +1213,7 @@ def test_lanczos_budget_counts_the_ritz_vectors_workspace():
             break
         except hessrank.BudgetError as refused:
             budget = refused.memory_bytes
-    measured = in_fresh_process(_ritz_peak)
+    measured = _fresh_peak("_ritz_peak")
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.7 * measured <= budget <= 3 * measured, (budget, measured)
 
@@ -1229,7 +1239,7 @@ def test_lanczos_budget_allows_for_long_recurrences():
         model, CE, (x, y), "lanczos", lanczos_steps=10,
         max_memory=before.value.memory_bytes + 1), hessrank.BudgetError,
         "method='lanczos' needs about").memory_bytes
-    measured = in_fresh_process(_long_recurrence_peak)
+    measured = _fresh_peak("_long_recurrence_peak")
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.6 * measured <= refined <= 3 * measured, (refined, measured)
 
@@ -1267,12 +1277,6 @@ def _exact_peak(eigenvectors: int) -> int | None:
                                    eigenvectors=eigenvectors).peak_memory
 
 
-@functools.cache
-def _exact_peaks() -> dict[int, int | None]:
-    """``_exact_peak`` without and with eigenvectors, each measured in a fresh process."""
-    return {count: in_fresh_process(_exact_peak, count) for count in (0, 3)}
-
-
 @pytest.mark.parametrize("eigenvectors", [0, 3])
 def test_exact_predicts_the_eigen_solve_it_runs(eigenvectors):
     """The prediction counted the Hessian and one copy for the solve; the vectors ``eigh``
@@ -1284,7 +1288,7 @@ def test_exact_predicts_the_eigen_solve_it_runs(eigenvectors):
                                 eigenvectors=eigenvectors)
     hessian = 8 * sum(p.numel() for p in model.parameters()) ** 2
     assert predicted.value.memory_bytes > (4 if eigenvectors else 2) * hessian
-    measured = _exact_peaks()[eigenvectors]
+    measured = _fresh_peak("_exact_peak", eigenvectors)
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.7 * measured <= predicted.value.memory_bytes <= 2 * measured, (
             predicted.value.memory_bytes, measured)
