@@ -1367,12 +1367,35 @@ class GraphBytes:
         # detached (autograd restores what it needs on unpacking): a saved output kept as it is
         # holds its own grad_fn, a cycle through C++ that no garbage collection frees where the
         # graph is never backpropagated or is retained (Lanczos over a data set grew by 6 KiB a
-        # sample a product, to 7 GB at 65,536 samples; probe 63)
-        return tensor.detach()
+        # sample a product, to 7 GB at 65,536 samples; probe 63). With its version, which
+        # autograd checks only of the tensors it packs itself (:meth:`_unpack`).
+        return tensor.detach(), tensor._version
+
+    @staticmethod
+    def _unpack(packed: tuple[Tensor, int]) -> Tensor:
+        """A saved tensor back, checked unchanged since it was saved (the detached tensor shares
+        its version counter): where the forward or the loss modified it in place, autograd's
+        own check raises, and under these hooks, which it does not check, every method had
+        differentiated through the modified value and returned a wrong spectrum without a word
+        (``h = sigmoid(z); h *= 2``: ``exact``'s trace 5.08 for 5.78; probe 111).
+
+        Raises:
+            ValueError: the saved tensor was modified in place after it was saved.
+        """
+        tensor, version = packed
+        if tensor._version != version:
+            raise ValueError(
+                f"the model's forward (or the loss) modifies in place a tensor that autograd "
+                f"saved to differentiate an earlier operation (a {list(tensor.shape)} "
+                f"{str(tensor.dtype).removeprefix('torch.')} tensor, modified "
+                f"{tensor._version - version} time(s) after it was saved: h = torch.sigmoid(z); "
+                "h *= 2, say), so its derivatives would be wrong (a plain loss.backward() "
+                "raises too): write that operation out of place (h = h * 2)")
+        return tensor
 
     @contextmanager
     def counting(self) -> Iterator[None]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
 
     @property
