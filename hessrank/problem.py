@@ -1358,7 +1358,7 @@ class GraphBytes:
         self._found: dict[int, int] = {}
         self._largest_differentiable = 0
 
-    def _pack(self, tensor: Tensor) -> Tensor:
+    def _pack(self, tensor: Tensor) -> tuple[Tensor, int]:
         pointer, size = _storage(tensor)
         if pointer not in self._known:
             self._found[pointer] = size
