@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointError
 
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
 from hessrank.distributed import (
@@ -398,6 +399,16 @@ def effective_rank(
                                 "which hessrank's backward passes (torch.autograd.grad) cannot "
                                 "go through: pass use_reentrant=False, torch's recommended "
                                 "setting, with the same memory saving") from error
+                        if isinstance(error, CheckpointError):
+                            raise ValueError(
+                                "a block under torch.utils.checkpoint ran differently when its "
+                                "forward was recomputed in hessrank's backward passes ("
+                                f"{str(error).splitlines()[0].strip()}): hessrank's forward "
+                                "replaces operations whose second derivative torch gets wrong "
+                                "(weight_norm's fused kernel) by the same function in a form it "
+                                "differentiates twice, which a checkpoint's recomputation does "
+                                "not see; analyse the model without gradient checkpointing (the "
+                                "same function), or use method='fisher' or 'ggn'") from error
                         raise
         seconds = time.perf_counter() - start
         problem.notes.extend(guard_notes)  # complete now: a rescaling joins at its forward

@@ -68,7 +68,7 @@ class FactorOperator(ParameterOperator):
         self._problem, self._method = problem, method
         if isinstance(outputs, Tensor):  # else shard_cotangents names the problem
             self._dummy = torch.zeros_like(outputs, requires_grad=True)
-            with graph.counting():
+            with second_order(), graph.counting():
                 pieces = torch.autograd.grad(outputs, self.params, grad_outputs=self._dummy,
                                              create_graph=True, allow_unused=True)
             self.graph_bytes = graph.total
@@ -154,5 +154,6 @@ class FactorOperator(ParameterOperator):
         """``F F^T`` times each row of ``vectors`` (``[k, P]``); result ``[k, P]``."""
         vectors = vectors.to(dtype=self.dtype, device=self.device)
         self.num_products += vectors.shape[0]
-        products = torch.stack([self._row(row) for row in vectors])
+        with second_order():  # a checkpointed block recomputes its forward here (see there)
+            products = torch.stack([self._row(row) for row in vectors])
         return products if self.parallel is None else self.parallel.all_reduce(products)

@@ -56,7 +56,11 @@ def _weight_norm_arguments(v: Tensor, g: Tensor, dim: int = 0) -> tuple[Tensor, 
 @contextmanager
 def second_order() -> Iterator[None]:
     """A forward whose graph is differentiated twice: attention through the math kernel (the
-    CPU flash kernel has no double backward) and :class:`TwiceDifferentiable`."""
+    CPU flash kernel has no double backward) and :class:`TwiceDifferentiable`. Its backward
+    passes too: a block under ``torch.utils.checkpoint`` (``use_reentrant=False``) runs its
+    forward again there, and outside this context its attention or weight norm took the other
+    kernel, which the checkpoint refused as a forward that changed (``CheckpointError``, a
+    transformer layer's ``exact``; probe 111)."""
     with sdpa_kernel(SDPBackend.MATH), TwiceDifferentiable():
         yield
 
@@ -160,7 +164,8 @@ class HessianOperator(ParameterOperator):
         vectors = vectors.to(dtype=self.dtype, device=self.device)
         self.num_products += vectors.shape[0]
         try:
-            local = self._local_matmat(vectors)
+            with second_order():  # a checkpointed block recomputes its forward here (see there)
+                local = self._local_matmat(vectors)
         except RuntimeError as error:
             raise self._second_derivative_error(error) from error
         return self._summed(local)
