@@ -362,7 +362,8 @@ def effective_rank(
                     layer_costs = _layer_costs(estimator, problem, outputs, settings,
                                                method_options, parallel)
                     cost = _with_layers(cost, list(layer_costs.values()))
-                cost = _with_joined_data(estimator, problem, cost)
+                cost = _agreed_cost(parallel, _after(_seconds_since(start),
+                                                     _with_joined_data(estimator, problem, cost)))
                 check_parameters()  # the forward passes so far left the parameters alone
                 estimator.check_budget(cost, problem, settings, first=True)
                 if max_seconds is not None and cost.seconds is None:
@@ -555,6 +556,18 @@ def _with_layers(cost: Cost, layer_costs: list[Cost]) -> Cost:
     largest = max(costs, key=lambda each: each.memory_bytes)
     return Cost(largest.memory_bytes, sum(times) if len(times) == len(costs) else None,
                 largest.refined_bytes)
+
+
+def _seconds_since(start: float) -> float:
+    """Seconds since ``start``, a ``time.perf_counter()`` reading."""
+    return time.perf_counter() - start
+
+
+def _after(seconds: float, cost: Cost) -> Cost:
+    """``cost`` for a call that has spent ``seconds`` already (set-up, the prediction's own
+    passes and timed products): ``max_seconds`` is the whole call's."""
+    return cost if cost.seconds is None else dataclasses.replace(
+        cost, seconds=seconds + cost.seconds)
 
 
 def _predicted(settings: Settings, estimator: Estimator, problem: CurvatureProblem,

@@ -30,6 +30,7 @@ from hessrank.problem import CurvatureProblem, probe_outputs, unused_parameters_
 from hessrank.spectrum.lanczos import (
     krylov_rows,
     lanczos_spectrum,
+    probe_vector,
     ritz_workspace_bytes,
     spot_check_steps,
     working_eps,
@@ -74,12 +75,23 @@ class LanczosOptions:
 BASIS_TRIAL_BYTES = 256 * 2**20
 
 
+#: Passes over a ``P``-long vector that a Lanczos step makes besides its product and its
+#: reorthogonalisation (the conversions between the basis's, the products' and the recurrence's
+#: dtypes, the recurrence, the norms, the normalisation), in float32 reads of the vector: 15-21
+#: measured at P = 10^6 to 10^7 (``lanczos_run`` on a diagonal operator), 30 at 10^5 where
+#: Python's own overhead counts. Left out, with the build and the symmetry check, 10 products
+#: on ResNet-18 (P = 11 million) took 1.6-2.0 times their prediction (probe 108).
+STEP_VECTOR_PASSES = 20
+
+
 def basis_seconds(steps: int, rows: int, dim: int, device: torch.device) -> float:
-    """Predicted seconds of the reorthogonalisation of ``steps`` products in runs of at most
-    ``rows`` steps: step ``j`` reads the ``j`` basis vectors once to measure the overlaps, and
-    in about half the steps (measured: 107 of 227, 89 of 200) twice more to remove them and
-    measure again, about ``rows`` vector reads a step, each timed on a block of the basis's
-    size up to :data:`BASIS_TRIAL_BYTES` (a memory-bound pass, scaled by the vectors' length).
+    """Predicted seconds of the vector work of ``steps`` products in runs of at most ``rows``
+    steps: the reorthogonalisation, where step ``j`` reads the ``j`` basis vectors once to
+    measure the overlaps, and in about half the steps (measured: 107 of 227, 89 of 200) twice
+    more to remove them and measure again, about ``rows`` vector reads a step, and
+    :data:`STEP_VECTOR_PASSES` more of the step's own; each read timed on a block of the
+    basis's size up to :data:`BASIS_TRIAL_BYTES` (a memory-bound pass, scaled by the vectors'
+    length).
     It had been left out: a run predicted at 12.6 s took 48.7 s, 36 of them here. (The timed
     block's 8 rows had then stood for ``rows``, and its 32 MiB were read from a cache: a run of
     658 products on 640 rows of P = 159,010 was predicted at 0.75 s and took 10.4 s, 8.6 of
@@ -93,7 +105,7 @@ def basis_seconds(steps: int, rows: int, dim: int, device: torch.device) -> floa
     vector = block[0].clone()
     seconds_of(lambda: block @ vector, device)  # a first pass pays the kernel's set-up
     per_vector = seconds_of(lambda: block @ vector, device) / trial_rows * dim / columns
-    return per_vector * steps * rows
+    return per_vector * steps * (rows + STEP_VECTOR_PASSES)
 
 
 class LanczosEstimator(Estimator):
@@ -103,6 +115,8 @@ class LanczosEstimator(Estimator):
     Options = LanczosOptions
     streams = True
     budget_advice = "use fewer lanczos_steps, or method='fisher'/'ggn'"
+    #: Products :meth:`verify` spends before the run.
+    verify_products = 0
 
     @abstractmethod
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
@@ -111,8 +125,9 @@ class LanczosEstimator(Estimator):
     def verify(self, problem: CurvatureProblem, operator: SymmetricOperator,
                settings: Settings) -> int:
         """Check what the source's operator cannot guarantee by construction, before the run;
-        returns the products spent (none here: factor operators are symmetric by form)."""
-        return 0
+        returns the products spent, :attr:`verify_products` (none here: factor operators are
+        symmetric by form)."""
+        return self.verify_products
 
     def source_notes(self, problem: CurvatureProblem, operator: SymmetricOperator) -> list[str]:
         """What the source's operator found worth reporting: here the parameters the loss does
@@ -165,14 +180,24 @@ class LanczosEstimator(Estimator):
                   + ritz_workspace_bytes(rows + 1, problem.num_params, 4))
         seconds = None
         if settings.max_seconds is not None and memory <= settings.max_memory:
-            operator = self.data_operator(problem, settings)
+            # The run builds its operator again (a data set's builds its batches' at each
+            # product): timed here, with its products. The time this prediction spends, the
+            # first product's one-off set-up with it, counts as the call's time so far
+            # (:func:`~hessrank.api.effective_rank`): left out, with the build and the
+            # symmetry check, a run of 10 products on ResNet-18 took 1.6-2.0 times its
+            # prediction (probe 108).
+            built: list[SymmetricOperator] = []
+            build = seconds_of(lambda: built.append(self.data_operator(problem, settings)),
+                               problem.device)
+            operator = built[0]
             probe = torch.ones(1, operator.dim, dtype=operator.dtype, device=operator.device)
-            # The first product of a process pays one-off set-up, which the run pays once: 0.39
-            # s against 0.0006 for the next on the CLI's default MLP, whose 510 products were
-            # predicted at 4 minutes for 0.7 s and refused at --max-seconds 60 (probe 85).
-            first = seconds_of(lambda: operator.matmat(probe), operator.device)
-            seconds = (first + seconds_of(lambda: operator.matmat(probe), operator.device)
-                       * (steps + spot_check_steps(rows) - 1)
+            seconds_of(lambda: operator.matmat(probe), operator.device)  # one-off set-up
+            product = seconds_of(lambda: operator.matmat(probe), operator.device)
+            # the random vectors: a run's start, and the symmetry check's
+            draw = seconds_of(lambda: probe_vector(operator.dim, torch.Generator(),
+                                                   operator.device), operator.device)
+            seconds = (build + product * (steps + spot_check_steps(rows))
+                       + (product + draw) * self.verify_products + draw
                        + basis_seconds(steps, rows, operator.dim, operator.device))
         return Cost(memory, seconds)
 
@@ -219,6 +244,7 @@ class Lanczos(LanczosEstimator):
     listing_order = 1
     summary = "Lanczos quadrature on Hessian-vector products"
     modes = ("eval", "train")
+    verify_products = 2
 
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         return HessianOperator(problem)
@@ -229,4 +255,4 @@ class Lanczos(LanczosEstimator):
         a wrong second derivative in the model would otherwise pass through the run unseen."""
         check_symmetric(operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77),
                         problem.first() if isinstance(problem, StreamedProblem) else problem)
-        return 2
+        return self.verify_products
