@@ -47,6 +47,7 @@ from hessrank.problem import (
     FOR_THE_LOSS_S,
     HESSIAN_NEEDS,
     CurvatureProblem,
+    LossFn,
     agreement_tolerance,
     call_loss,
     check_loss,
@@ -276,24 +277,24 @@ class ShardedProblem(CurvatureProblem):
         """The global batch's outputs (detached) from this shard's."""
         return self.parallel.gather_samples(outputs.detach())
 
-    def loss(self, outputs: object = None) -> Tensor:
+    def loss(self, outputs: object = None, loss_fn: LossFn | None = None) -> Tensor:
         """The loss of the global batch, differentiable through this shard's outputs only.
 
         A collective: every process calls it together. Checked like
-        :meth:`CurvatureProblem.loss` (same errors).
+        :meth:`CurvatureProblem.loss` (same errors and arguments).
         """
         outputs = tensor_outputs(self.forward() if outputs is None else outputs)
         everything = self.gather_outputs(outputs)
         start, stop = self.parallel.start, self.parallel.stop
         combined = torch.cat([everything[:start], outputs, everything[stop:]])
         whole = dataclasses.replace(self.local(), targets=self.all_targets)
-        value = CurvatureProblem.loss(whole, combined)
+        value = CurvatureProblem.loss(whole, combined, loss_fn)
         if self.parallel.rank == 0:
             return value
         # A term of the parameters themselves (an L2 penalty) is in every process's loss, and
         # the processes' derivatives are summed: only process 0 keeps its derivatives. Its
         # derivatives are those of the loss at constant outputs; the value stays the loss's.
-        direct = call_loss(whole.loss_fn, everything, self.all_targets)
+        direct = call_loss(loss_fn or whole.loss_fn, everything, self.all_targets)
         return value - direct + direct.detach()
 
     def local(self) -> CurvatureProblem:

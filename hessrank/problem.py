@@ -153,8 +153,9 @@ class CurvatureProblem:
                 self.notes.append(note)
         return outputs
 
-    def loss(self, outputs: object = None) -> Tensor:
-        """The scalar loss on ``outputs`` (default: a forward pass), checked.
+    def loss(self, outputs: object = None, loss_fn: LossFn | None = None) -> Tensor:
+        """The scalar loss on ``outputs`` (default: a forward pass), checked; ``loss_fn``: the
+        problem's own loss function in another form (a float64 copy), default itself.
 
         Raises:
             TypeError: the model's outputs are not a tensor.
@@ -163,7 +164,7 @@ class CurvatureProblem:
                 shapes and dtypes involved), or it is not a finite scalar.
         """
         outputs = self.forward() if outputs is None else outputs
-        return evaluate_loss(self.loss_fn, outputs, self.targets)
+        return evaluate_loss(loss_fn or self.loss_fn, outputs, self.targets)
 
     def core_fields(self) -> dict[str, object]:
         """The fields a plain :class:`CurvatureProblem` has, by name: builds a specialised problem

@@ -61,6 +61,7 @@ from hessrank.guard import (
 from hessrank.problem import (
     Batch,
     CurvatureProblem,
+    LossFn,
     agreement_tolerance,
     call_loss,
     check_loss,
@@ -359,7 +360,7 @@ class StreamedProblem(CurvatureProblem):
         raise RuntimeError("internal error: a data set is evaluated batch by batch "
                            "(StreamedProblem.summed), never through one forward pass")
 
-    def loss(self, outputs: object = None) -> Tensor:
+    def loss(self, outputs: object = None, loss_fn: LossFn | None = None) -> Tensor:
         raise RuntimeError("internal error: a data set's loss is a sum over batches "
                            "(StreamedProblem.summed)")
 
