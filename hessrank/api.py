@@ -386,13 +386,17 @@ def effective_rank(
                 with PeakMemory(problem.device, enabled=measure_memory) as memory:
                     if isinstance(problem, StreamedProblem) and concatenate:
                         problem = problem.concatenated(estimator.name)
+                    block_seconds: dict[str, float] = {}  # the blocks run on their own
                     try:
                         spectrum = estimator.run(problem, run_settings, method_options)
                         if block_settings:
-                            spectrum.layers = {
-                                group: estimator.run(problem.restricted(names),
-                                                     block_settings[group], method_options)
-                                for group, names in problem.modules_with_params().items()}
+                            spectrum.layers = {}
+                            for group, names in problem.modules_with_params().items():
+                                started = time.perf_counter()
+                                spectrum.layers[group] = estimator.run(
+                                    problem.restricted(names), block_settings[group],
+                                    method_options)
+                                block_seconds[group] = _seconds_since(started)
                     except RuntimeError as error:
                         if _REENTRANT_CHECKPOINT in str(error):
                             raise ValueError(
@@ -421,7 +425,8 @@ def effective_rank(
         layers = {
             group: _result(spectrum.layers[group], problem,
                            sum(named[name].numel() for name in groups[group]), estimator,
-                           settings.threshold, settings.rtol, eps, seconds=0.0, memory=None,
+                           settings.threshold, settings.rtol, eps,
+                           seconds=block_seconds.get(group, 0.0), memory=None,
                            names=groups[group])
             for group in groups if group in spectrum.layers
         }

@@ -30,7 +30,10 @@ class RankResult:
         ranks: the same spectrum under every definition of :mod:`hessrank.ranks`.
         method, backend: estimator and the machinery that computed it.
         num_params: ``P``, parameters analysed. num_samples: ``n``.
-        seconds: wall time of the call. peak_memory: bytes above the call's starting point,
+        seconds: wall time of the call (a block in ``layers``: its own run's, where the
+            method runs each block on its own, ``exact`` and the Lanczos methods; 0.0 where
+            the blocks come from the whole model's run, ``fisher`` and ``ggn``).
+            peak_memory: bytes above the call's starting point,
             with ``measure_memory=True`` (None otherwise, or where it cannot be measured).
         threshold, rtol: the srank threshold and numerical-rank tolerance used.
         trace: sum of the eigenvalues (``lanczos``: SLQ estimate).

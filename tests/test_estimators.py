@@ -254,9 +254,13 @@ def test_per_layer_results_are_diagonal_blocks():
         block = eigenvalues_by_magnitude(make(model, CE, x, y, scale=1 / 6, names=names))
         assert_spectra_close(result.layers["0"].eigenvalues, block, count=6, rtol=1e-9)
         assert result.layers["0"].num_params == 25
+        assert result.layers["0"].seconds == 0.0  # the blocks of the whole model's Gram
     exact = hessrank.effective_rank(model, CE, (x, y), method="exact", per_layer=True)
     block = eigenvalues_by_magnitude(reference_hessian(model, CE, x, y, names=names))
     assert_spectra_close(exact.layers["0"].eigenvalues, block, rtol=1e-9)
+    # each block's own run (had been 0.0, read as the call's wall time; probe 112)
+    assert 0 < exact.layers["0"].seconds < exact.seconds
+    assert sum(layer.seconds for layer in exact.layers.values()) < exact.seconds
 
 
 def test_a_tied_weight_is_selected_by_either_name():
