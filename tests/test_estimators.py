@@ -919,18 +919,20 @@ def _memorised_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, y
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("method", ["exact", "lanczos"])
-@pytest.mark.parametrize("make", [_confident_classifier, _memorised_mlp],
-                         ids=["saturated softmax", "memorised batch"])
-def test_a_low_loss_keeps_its_hessian(make, method, dtype):
+@pytest.mark.parametrize(("make", "dtype", "method"), [
+    *((make, torch.float32, method) for make in (_confident_classifier, _memorised_mlp)
+      for method in ("exact", "lanczos")), (_confident_classifier, torch.float64, "exact")],
+    ids=["saturated softmax-exact", "saturated softmax-lanczos", "memorised batch-exact",
+         "memorised batch-lanczos", "saturated softmax-float64-exact"])
+def test_a_low_loss_keeps_its_hessian(make, dtype, method):
     """Near zero loss the float32 output Hessian ``diag(p) - p p^T`` rounded ``1 - p_max`` to
     0: the saturated classifier's ``exact`` had its top eigenvalue 21 % high and a negative
     eigenvalue of no direction, passing every check, and its ``lanczos`` was refused as a wrong
-    derivative; the memorised MLP's products, symmetric to 4,500 units of rounding in both
-    dtypes, were refused so by both methods (probe 112). The loss now runs on outputs widened to
-    float64, and products symmetric within sqrt(eps) pass with a note: every spectrum matches the
-    float64 double-backward Hessian."""
+    derivative, as was the float32 memorised MLP by both methods (probe 112). The loss now runs
+    on outputs widened to float64: every spectrum matches the float64 double-backward Hessian.
+    (In float64 the memorised MLP's products, symmetric to 4,500 units of rounding, and the
+    saturated classifier's two random products are still refused: a band that let them pass let
+    wrong derivatives through too; probe 113.)"""
     model, x, y = make()
     # double backpropagation in float64 (finite differences step across the ReLUs' kinks and
     # move a saturated softmax's logits by far more than its curvature's scale)
@@ -948,3 +950,57 @@ def test_a_low_loss_keeps_its_hessian(make, method, dtype):
                              rtol=1e-4 if dtype == torch.float32 else 1e-9)
     else:
         assert result.eigenvalues[0] == pytest.approx(reference[0], rel=1e-4)
+
+
+class _PenalisedLoss(nn.Module):
+    """Cross-entropy with float32 class weights plus ``0.5 ||theta||^2`` of the model it holds:
+    a loss that uses the parameters directly."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.data_term = nn.CrossEntropyLoss(weight=torch.linspace(0.5, 1.5, 3))
+        self.model = model
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.data_term(outputs, targets) + 0.5 * sum(
+            p.square().sum() for p in self.model.parameters())
+
+
+@pytest.mark.parametrize("case", ["penalty in the loss module", "huber, float32 targets",
+                                  "unused scalar parameter"])
+def test_losses_the_float64_widening_cannot_take_run_as_given(case):
+    """The Hessian's loss on outputs widened to float64 deep-copied a loss module holding the
+    model: its L2 term acted on copies and was dropped (trace 1.85 for 93.85), and Huber's
+    float64 backward with float32 targets raised a dtype error (probe 113). Such losses run as
+    given, with a note; ``exact`` matches the float64 double-backward Hessian. (And an unused
+    0-dim parameter crashed ``lanczos``'s flattening.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(10, 4)
+    if case == "huber, float32 targets":
+        loss_fn, y = nn.HuberLoss(), torch.randn(10, 3)
+    else:
+        loss_fn, y = _PenalisedLoss(model), torch.randint(0, 3, (10,))
+    if case == "unused scalar parameter":
+        model.register_parameter("unused", nn.Parameter(torch.tensor(1.0)))
+        loss_fn = CE
+    twin = copy.deepcopy(model).double()
+    twin_loss = _PenalisedLoss(twin).double() if isinstance(loss_fn, _PenalisedLoss) else loss_fn
+    params = list(twin.parameters())
+    gradient = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(
+        torch.autograd.grad(twin_loss(twin(x.double()), y.double() if y.is_floating_point()
+                                      else y), params, create_graph=True, allow_unused=True),
+        params)])
+    hessian = torch.stack([torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1)
+                                      for h, p in zip(torch.autograd.grad(
+                                          entry, params, retain_graph=True, allow_unused=True),
+                                          params)])
+                           if entry.requires_grad else torch.zeros(gradient.numel(),
+                                                                    dtype=torch.float64)
+                           for entry in gradient]).detach().numpy()
+    exact = hessrank.effective_rank(model, loss_fn, (x, y), "exact")
+    assert_spectra_close(exact.eigenvalues, eigenvalues_by_magnitude(hessian), rtol=1e-5)
+    lanczos = hessrank.effective_rank(model, loss_fn, (x, y), "lanczos", seed=0)
+    assert lanczos.eigenvalues[0] == pytest.approx(exact.eigenvalues[0], rel=1e-4)
+    if case != "unused scalar parameter":
+        assert any("not on outputs widened to float64" in note for note in exact.notes)

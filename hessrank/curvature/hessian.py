@@ -13,7 +13,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
-from hessrank.curvature.loss import in_float64, loss_second_derivative_error
+from hessrank.curvature.loss import (
+    direct_parameter_names,
+    in_float64,
+    loss_second_derivative_error,
+)
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
 from hessrank.problem import (
@@ -88,18 +92,38 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
     p_max`` to 0: its rows no longer sum to zero, and it turns indefinite. A confident linear
     classifier's float32 ``exact`` had its top eigenvalue 21 % high, its third 8.5 times, and a
     negative eigenvalue of no direction (-3.5e-4 of a top of 3.0e-3), passing every check
-    (probe 112). A loss that cannot run in float64 (a function closing over float32 tensors)
-    runs as given."""
+    (probe 112). The loss runs as given, with a note, where it uses the parameters directly
+    (its float64 copy would hold copies of them: an L2 term had been dropped; probe 113) or
+    cannot be differentiated twice in float64 (a loss closing over float32 tensors, Huber's
+    backward with float32 targets), tried first on detached outputs."""
     outputs = problem.forward()
     if not (isinstance(outputs, Tensor) and outputs.is_floating_point()
             and outputs.dtype != torch.float64):
         return problem.loss(outputs)
-    try:
-        return problem.loss(outputs.double(), in_float64(problem.loss_fn))
-    except UnrepeatableLoss:
-        raise
-    except Exception:  # noqa: BLE001 - the loss as given, in the outputs' own dtype
-        return problem.loss(outputs)
+    loss_fn = in_float64(problem.loss_fn)
+    why = None
+    if direct_parameter_names(problem.loss_fn, outputs.detach(), problem.targets,
+                              problem.params, problem.names):
+        why = "it uses the parameters directly"
+    else:
+        try:
+            trial = outputs.detach().double().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(problem.loss(trial, loss_fn), trial,
+                                              create_graph=True)
+            torch.autograd.grad(gradient.sum(), trial, allow_unused=True)
+        except UnrepeatableLoss:
+            raise
+        except Exception as error:  # noqa: BLE001 - the loss as given, in the outputs' dtype
+            why = f"it failed there ({type(error).__name__}: {str(error).splitlines()[0]})"
+    if why is None:
+        return problem.loss(outputs.double(), loss_fn)
+    note = (f"the loss runs in {str(outputs.dtype).removeprefix('torch.')}, not on outputs "
+            f"widened to float64, since {why}: near a saturated softmax (probabilities within "
+            "the dtype's rounding of 1) its curvature rounds to wrong, even negative, "
+            "eigenvalues; analyse a float64 copy of the model there")
+    if note not in problem.notes:
+        problem.notes.append(note)
+    return problem.loss(outputs)
 
 
 class HessianOperator(ParameterOperator):
@@ -169,7 +193,7 @@ class HessianOperator(ParameterOperator):
     def _flatten(self, pieces: tuple[Tensor | None, ...], leading: tuple[int, ...]) -> Tensor:
         return torch.cat([
             (piece if piece is not None
-             else torch.zeros(*leading, *p.shape, dtype=self.dtype, device=self.device))
+             else torch.zeros((*leading, *p.shape), dtype=self.dtype, device=self.device))
             .reshape(*leading, -1)
             for piece, p in zip(pieces, self.params)
         ], dim=-1)
@@ -254,27 +278,11 @@ def asymmetry_error(asymmetry: float, problem: CurvatureProblem) -> ValueError |
     that is not the Hessian. NaN products (a NaN derivative, an overflow) get
     :func:`~hessrank.spectrum.dense.not_finite_error` instead.
 
-    Products symmetric beyond rounding but within ``sqrt(eps)`` pass, with a note in
-    ``problem.notes``: the Hessian of a low loss is small beside the terms its products sum
-    (the gradient's, the weights'), whose rounding they carry. A ReLU network's float64
-    Hessian at a loss of 1.5e-5 was symmetric to 1.0e-12, 4,500 units of rounding, and
-    ``exact`` and ``lanczos`` refused it as a wrong derivative (probe 112); a wrong second
-    derivative moves the spectrum by its own size, which such a bound keeps to ``sqrt(eps)``.
     """
     tolerance = agreement_tolerance(problem.dtype)
     if not math.isfinite(asymmetry):
         return not_finite_error(problem.dtype)
     if asymmetry <= tolerance:
-        return None
-    bound = math.sqrt(float(torch.finfo(problem.dtype).eps))
-    if asymmetry <= bound:
-        note = (f"the Hessian-vector products are symmetric to {asymmetry:.1e} of the symmetric "
-                f"part, beyond their rounding ({tolerance:.1e}) but within sqrt(eps) "
-                f"({bound:.1e}): the rounding of a Hessian small beside the terms its products "
-                "sum (a low loss), or a second derivative wrong by that much; the symmetric "
-                "part is analysed")
-        if note not in problem.notes:
-            problem.notes.append(note)
         return None
     observation = (f"the Hessian-vector products are not symmetric (antisymmetric part "
                    f"{asymmetry:.1e} of the symmetric one, rounding allows {tolerance:.1e})")
@@ -287,7 +295,9 @@ def asymmetry_error(asymmetry: float, problem: CurvatureProblem) -> ValueError |
         "differentiable as written, or a torch kernel with a wrong double backward), so no "
         "eigenvalue of them is the Hessian's. Use method='fisher' or 'ggn' (no second "
         "derivatives of the model), or write that operation with plain differentiable torch "
-        "operations")
+        "operations (at a loss near zero, a memorised batch's, the rounding of the larger terms "
+        "the products sum can exceed the allowance too: the model's float32 copy, whose loss "
+        "runs in float64, then passes)")
 
 
 def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,
