@@ -102,19 +102,21 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
         return problem.loss(outputs)
     loss_fn = in_float64(problem.loss_fn)
     why = None
-    if direct_parameter_names(problem.loss_fn, outputs.detach(), problem.targets,
-                              problem.params, problem.names):
-        why = "it uses the parameters directly"
-    else:
-        try:
-            trial = outputs.detach().double().requires_grad_(True)
-            (gradient,) = torch.autograd.grad(problem.loss(trial, loss_fn), trial,
-                                              create_graph=True)
-            torch.autograd.grad(gradient.sum(), trial, allow_unused=True)
-        except UnrepeatableLoss:
-            raise
-        except Exception as error:  # noqa: BLE001 - the loss as given, in the outputs' dtype
-            why = f"it failed there ({type(error).__name__}: {str(error).splitlines()[0]})"
+    # the trials' graphs are not the operator's: kept out of its graph's count
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        if direct_parameter_names(problem.loss_fn, outputs.detach(), problem.targets,
+                                  problem.params, problem.names):
+            why = "it uses the parameters directly"
+        else:
+            try:
+                trial = outputs.detach().double().requires_grad_(True)
+                (gradient,) = torch.autograd.grad(problem.loss(trial, loss_fn), trial,
+                                                  create_graph=True)
+                torch.autograd.grad(gradient.sum(), trial, allow_unused=True)
+            except UnrepeatableLoss:
+                raise
+            except Exception as error:  # noqa: BLE001 - the loss as given, in the outputs' dtype
+                why = f"it failed there ({type(error).__name__}: {str(error).splitlines()[0]})"
     if why is None:
         return problem.loss(outputs.double(), loss_fn)
     note = (f"the loss runs in {str(outputs.dtype).removeprefix('torch.')}, not on outputs "
