@@ -100,7 +100,6 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
     if not (isinstance(outputs, Tensor) and outputs.is_floating_point()
             and outputs.dtype != torch.float64):
         return problem.loss(outputs)
-    loss_fn = in_float64(problem.loss_fn)
     why = None
     # the trials' graphs are not the operator's: kept out of its graph's count
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
@@ -108,6 +107,7 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
                                   problem.params, problem.names):
             why = "it uses the parameters directly"
         else:
+            loss_fn = in_float64(problem.loss_fn)  # a float64 copy only where it is used
             try:
                 trial = outputs.detach().double().requires_grad_(True)
                 (gradient,) = torch.autograd.grad(problem.loss(trial, loss_fn), trial,
@@ -279,7 +279,6 @@ def asymmetry_error(asymmetry: float, problem: CurvatureProblem) -> ValueError |
     ``problem``, one batch of the products' data). Their eigenvalues would be those of a matrix
     that is not the Hessian. NaN products (a NaN derivative, an overflow) get
     :func:`~hessrank.spectrum.dense.not_finite_error` instead.
-
     """
     tolerance = agreement_tolerance(problem.dtype)
     if not math.isfinite(asymmetry):
