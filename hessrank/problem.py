@@ -63,6 +63,8 @@ class CurvatureProblem:
         notes: facts about the problem worth reporting (e.g. an unwrapped compiled model).
         passes: the model's state put back before every forward pass (shared by the problems
             derived from this one: a shard, a data set's batches, a subset of parameters).
+        loss_widening: how the Hessian's loss runs (``hessian._widened_loss``), decided once per
+            call for each set of analysed parameters and dtypes (shared like ``passes``).
     """
 
     model: nn.Module
@@ -76,6 +78,8 @@ class CurvatureProblem:
     mode: str
     notes: list[str] = field(default_factory=list)
     passes: PassState | None = None
+    loss_widening: dict[tuple[Any, ...], tuple[LossFn | None, str | None]] = field(
+        default_factory=dict, repr=False)
     #: each input (targets last) by its label, and its version counter when the problem was
     #: made (they are the call's own copies)
     _input_versions: list[tuple[str, Tensor, int]] = field(init=False, repr=False,

@@ -25,6 +25,7 @@ from hessrank.problem import (
     HESSIAN_NEEDS,
     CurvatureProblem,
     GraphBytes,
+    LossFn,
     UnrepeatableLoss,
     agreement_tolerance,
     lower_precision_cause,
@@ -100,24 +101,13 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
     if not (isinstance(outputs, Tensor) and outputs.is_floating_point()
             and outputs.dtype != torch.float64):
         return problem.loss(outputs)
-    why = None
-    # the trials' graphs are not the operator's: kept out of its graph's count
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        if direct_parameter_names(problem.loss_fn, outputs.detach(), problem.targets,
-                                  problem.params, problem.names):
-            why = "it uses the parameters directly"
-        else:
-            loss_fn = in_float64(problem.loss_fn)  # a float64 copy only where it is used
-            try:
-                trial = outputs.detach().double().requires_grad_(True)
-                (gradient,) = torch.autograd.grad(problem.loss(trial, loss_fn), trial,
-                                                  create_graph=True)
-                torch.autograd.grad(gradient.sum(), trial, allow_unused=True)
-            except UnrepeatableLoss:
-                raise
-            except Exception as error:  # noqa: BLE001 - the loss as given, in the outputs' dtype
-                why = f"it failed there ({type(error).__name__}: {str(error).splitlines()[0]})"
-    if why is None:
+    # decided once per call: over a data set the operator is built for every batch of every
+    # product, and the trials took 30 % of a large-vocabulary transformer's lanczos there
+    key = (tuple(id(p) for p in problem.params), outputs.dtype, problem.targets.dtype)
+    if key not in problem.loss_widening:
+        problem.loss_widening[key] = _widening(problem, outputs)
+    loss_fn, why = problem.loss_widening[key]
+    if loss_fn is not None:
         return problem.loss(outputs.double(), loss_fn)
     note = (f"the loss runs in {str(outputs.dtype).removeprefix('torch.')}, not on outputs "
             f"widened to float64, since {why}: near a saturated softmax (probabilities within "
@@ -126,6 +116,27 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
     if note not in problem.notes:
         problem.notes.append(note)
     return problem.loss(outputs)
+
+
+def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None, str | None]:
+    """``(the loss for float64 outputs, None)`` where :func:`_widened_loss` may widen, else
+    ``(None, why not)``: its two trials on detached ``outputs``, kept out of the operator's
+    graph count."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        if direct_parameter_names(problem.loss_fn, outputs.detach(), problem.targets,
+                                  problem.params, problem.names):
+            return None, "it uses the parameters directly"
+        loss_fn = in_float64(problem.loss_fn)
+        try:
+            trial = outputs.detach().double().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(problem.loss(trial, loss_fn), trial,
+                                              create_graph=True)
+            torch.autograd.grad(gradient.sum(), trial, allow_unused=True)
+        except UnrepeatableLoss:
+            raise
+        except Exception as error:  # noqa: BLE001 - the loss as given, in the outputs' dtype
+            return None, f"it failed there ({type(error).__name__}: {str(error).splitlines()[0]})"
+    return loss_fn, None
 
 
 class HessianOperator(ParameterOperator):
