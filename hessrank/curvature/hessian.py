@@ -239,7 +239,8 @@ class HessianOperator(ParameterOperator):
         outputs tells)."""
         converted = without_second_derivative(
             error, HESSIAN_NEEDS, "use method='fisher' (first derivatives only) or 'ggn' (first "
-            "derivatives of the model, second of the loss), or their Lanczos variants")
+            "derivatives of the model, second of the loss); not their Lanczos variants, whose "
+            "Jacobian-vector products differentiate the model's backward pass too")
         if converted is error:
             return error
         with torch.no_grad():
