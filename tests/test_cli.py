@@ -326,6 +326,11 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
          "--json {tmp}/w.pt is the --weights file the command reads"),
         (["rank", *TINY, "--weights", "{tmp}/w.pt", "--json", "{tmp}/w.pt"],
          "is the --weights file the command reads: writing it would replace it"),
+        # or the model's source (probe 115: --json replaced the factory's file)
+        (["rank", "--model", "{tmp}/nets.py:make", "--json", "{tmp}/nets.py"],
+         "--json {tmp}/nets.py is the --model file the command reads"),
+        (["compare", "--model", "{tmp}/nets.py:make", "--csv", "{tmp}/nets.py"],
+         "--csv {tmp}/nets.py is the --model file the command reads"),
     ],
 )
 def test_user_errors_in_process(argv, expected, tmp_path: Path, capsys) -> None:
@@ -531,6 +536,22 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
         # (probe 67: a traceback from a generator's seed, exit status 1)
         (["rank", "--seed", "99999999999999999999"], "--seed: must be an integer <= 4294967295"),
         (["compare", "--seed", "4294967295", "--seeds", "2"], "lower --seed"),
+        # (probe 115: training flags recorded without effect where nothing is trained)
+        (["compare", "--epochs", "3"], "--epochs shape the training between checkpoints, and "
+                                       "--checkpoints 0 trains none: drop them"),
+        (["compare", "--checkpoints", "1", "--lr", "0.5", "--batch-size", "4"],
+         "--batch-size --lr shape the training between checkpoints, and --checkpoints 1"),
+        # (probe 115: --depth 0 ignored --width; a cnn's refusal did not say why)
+        (["rank", "--depth", "0", "--width", "5"],
+         "--depth 0 makes the mlp one linear layer, with no hidden units or activation: drop "
+         "--width"),
+        (["rank", "--model", "cnn", "--depth", "0"],
+         "--depth 0 makes no cnn: it needs at least one conv layer"),
+        # (probe 115: a name ending like a folder's was written as a file of the folder's name)
+        (["compare", "--csv", "{tmp}/out/"],
+         "argument --csv: {tmp}/out/ names a folder: name a file in it, e.g. "
+         "{tmp}/out/compare.csv"),
+        (["plot", "{tmp}/a.jsonl", "-o", "{tmp}/out/"], "{tmp}/out/ names a folder"),
     ],
 )
 def test_bad_options_are_one_line_before_any_work(argv, expected, tmp_path: Path, capsys) -> None:
@@ -539,8 +560,10 @@ def test_bad_options_are_one_line_before_any_work(argv, expected, tmp_path: Path
         argv += ["--json", str(tmp_path / "r.json")]
     status, out, err = run_main(argv, capsys)
     assert status == 2 and out == ""
+    expected = expected.replace("{tmp}", str(tmp_path))
     assert err.startswith("hessrank: error: ") and err.count("\n") == 1 and expected in err, err
     assert not (tmp_path / "r.json").exists()  # nothing was measured
+    assert not (tmp_path / "out").exists()
 
 
 def test_version_and_help_name_every_default(capsys) -> None:
@@ -949,17 +972,31 @@ def test_json_is_written_through_links_and_pipes(tmp_path: Path, capsys) -> None
     assert pipe.exists() and not pipe.is_file()
 
 
-def test_an_interrupted_compare_does_not_claim_a_figure_it_did_not_draw(tmp_path: Path, capsys,
+class _InterruptedTracker:
+    """A tracker whose every measurement is stopped by Ctrl-C."""
+
+    def measure(self, *args, **kwargs) -> None:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("when", ["before the first checkpoint", "in its first method"])
+def test_an_interrupted_compare_does_not_claim_a_figure_it_did_not_draw(when, tmp_path: Path,
+                                                                         capsys,
                                                                          monkeypatch) -> None:
-    """Ctrl-C before the first checkpoint: ``--plot`` said it wrote a figure that was an earlier
+    """Ctrl-C before anything was measured: ``--plot`` said it wrote a figure that was an earlier
     run's (probe 67), and the JSON and CSV there were replaced by results of no checkpoint
-    (probe 91): none of the three is written, each says so."""
+    (probe 91; probe 115 in the first checkpoint's first method): none of the three is written,
+    each says so."""
     from hessrank.cli import compare as compare_module
 
     def interrupted(*args, **kwargs) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compare_module, "run_compare", interrupted)
+    if when == "before the first checkpoint":
+        monkeypatch.setattr(compare_module, "run_compare", interrupted)
+    else:
+        monkeypatch.setattr(compare_module, "tracker", lambda *args, **kwargs:
+                            _InterruptedTracker())
     outputs = {"--plot": tmp_path / "r.png", "--json": tmp_path / "r.json",
                "--csv": tmp_path / "r.csv"}
     for option, path in outputs.items():
@@ -969,9 +1006,55 @@ def test_an_interrupted_compare_does_not_claim_a_figure_it_did_not_draw(tmp_path
                                  for item in (option, str(path)))], capsys)
     assert status == 130
     for option, path in outputs.items():
-        assert f"{option} {path} not written: no checkpoint was measured" in err
+        assert f"{option} {path} not written: nothing was measured" in err
         assert f"wrote {path.resolve()}" not in err
         assert path.read_bytes() == f"an earlier {option}".encode()
+
+
+def test_compare_json_files_in_progress_say_so(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The JSON rewritten after each measurement is marked in progress, the last one not (a
+    killed run's file had claimed to be complete; probe 115)."""
+    written: list[bool] = []
+    write_json = report.write_json
+
+    def recording(payload, path) -> None:
+        written.append(payload["in_progress"])
+        write_json(payload, path)
+
+    monkeypatch.setattr(report, "write_json", recording)
+    path = tmp_path / "r.json"
+    status, _, err = run_main(["compare", *TINY, "--methods", "fisher", "--no-pyhessian",
+                               "--checkpoints", "2", "--epochs", "1", "--quiet", "--json",
+                               str(path)], capsys)
+    assert status == 0, err
+    # after each checkpoint's fisher and the seed's summary, then the finished report
+    assert len(written) >= 3 and all(written[:-1]) and written[-1] is False
+    assert json.loads(path.read_text())["in_progress"] is False
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_compare_json_into_a_pipe_is_one_document(tmp_path: Path) -> None:
+    """A named pipe gets the finished report once (it had been handed the first checkpoint's,
+    and compare hung reopening it for the next; probe 115); stdout, which holds the tables, is
+    refused as ``-`` is (it had mixed a JSON per checkpoint with them)."""
+    pipe = tmp_path / "p.fifo"
+    os.mkfifo(pipe)
+    reader = subprocess.Popen(["cat", str(pipe)], stdout=subprocess.PIPE, text=True)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "hessrank.cli", "compare", *TINY, "--methods", "fisher",
+             "--no-pyhessian", "--checkpoints", "2", "--epochs", "1", "--quiet", "--json",
+             str(pipe)], env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+            capture_output=True, text=True, timeout=120)
+        received, _ = reader.communicate(timeout=60)
+    finally:
+        reader.kill()
+    assert proc.returncode == 0, proc.stderr
+    document = json.loads(received)
+    assert len(document["runs"][0]["checkpoints"]) == 2 and not document["in_progress"]
+    proc = cli("compare", *TINY, "--json", "/dev/stdout", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "--json /dev/stdout: compare prints its tables on stdout" in proc.stderr
 
 
 def test_a_refused_flag_gets_no_python_api_hint(capsys) -> None:

@@ -39,6 +39,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"hessrank: error: {message} (see {self.prog} --help)\n")
 
 
+def _output_file(example: str) -> Callable[[str], Path]:
+    """The parser of a file to write (``-``: stdout), refusing a name that ends like a folder's
+    (``--json out/`` had written a file named ``out``; probe 115); ``example`` names a file."""
+    def parse(text: str) -> Path:
+        if text != "-" and text.endswith(("/", os.sep)):
+            raise argparse.ArgumentTypeError(f"{text} names a folder: name a file in it, e.g. "
+                                             f"{text}{example}")
+        return Path(text)
+    return parse
+
+
 def _number(text: str, kind: Callable[[str], Any] = float) -> Any:
     try:
         value = kind(text)
@@ -224,6 +235,17 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: compare's options of its training between checkpoints (:class:`compare.Config` fields)
+_TRAINING = ("epochs", "batch_size", "lr")
+
+
+def _training_default(name: str) -> Any:
+    """The default of the training option ``name``: :class:`compare.Config`'s."""
+    from hessrank.cli.compare import Config
+
+    return Config.__dataclass_fields__[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hessrank`` argument parser with its ``compare``, ``rank`` and ``plot`` subcommands."""
     import hessrank
@@ -268,21 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="K: evaluate at the start of each of K random-label tasks (default 0: once, at "
         "initialisation, on the true labels)",
     )
-    traj.add_argument("--epochs", type=_positive, default=20, help="epochs per task (default 20)")
-    traj.add_argument("--batch-size", type=_positive, default=32, help="minibatch (default 32)")
-    traj.add_argument(
-        "--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)"
-    )
+    # (None: not given, so that they can be refused where nothing is trained)
+    traj.add_argument("--epochs", type=_positive,
+                      help=f"epochs per task (default {_training_default('epochs')})")
+    traj.add_argument("--batch-size", type=_positive,
+                      help=f"minibatch (default {_training_default('batch_size')})")
+    traj.add_argument("--lr", type=_positive_float,
+                      help=f"Adam learning rate (default {_training_default('lr'):g})")
     out = compare.add_argument_group("output")
     out.add_argument(
-        "--json", type=Path, help="write every number (and the spectra) as JSON (default: none)"
+        "--json", type=_output_file("compare.json"),
+        help="write every number (and the spectra) as JSON (default: none)"
     )
     out.add_argument(
-        "--csv", type=Path, help="write every number of the tables as CSV (default: none)"
+        "--csv", type=_output_file("compare.csv"),
+        help="write every number of the tables as CSV (default: none)"
     )
     out.add_argument(
         "--plot",
-        type=Path,
+        type=_output_file("compare.png"),
         help="PNG: spectra overlaid, rank over checkpoints (needs matplotlib) (default: none)",
     )
     out.add_argument(
@@ -317,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rank.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
     rank.add_argument(
-        "--json", help="write the full result as JSON to this path ('-': stdout) (default: none)"
+        "--json", type=_output_file("rank.json"),
+        help="write the full result as JSON to this path ('-': stdout) (default: none)"
     )
     rank.add_argument("--quiet", action="store_true",
                       help="no progress bar, no 'wrote' or 'will be replaced' line")
@@ -333,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "logs", nargs="+", type=Path, metavar="LOG", help="JSON-lines file(s) of hessrank.Tracker"
     )
     plot.add_argument(
-        "-o", "--output", type=Path,
+        "-o", "--output", type=_output_file("ranks.png"),
         help="image to write, its format by the suffix (.png, .pdf, .svg; default: the first "
         "LOG with .png)"
     )
@@ -394,6 +421,14 @@ def _config(
             verb = "shapes" if len(given) == 1 else "shape"
             raise CliError(f"{' '.join(given)} {verb} the presets ({', '.join(presets.PRESETS)}), "
                            f"not --model {args.model}: drop them, or give them to its factory")
+    elif args.depth == 0:  # (probe 115: cnn's error had not said why; mlp's ignored the flags)
+        if args.model != "mlp":
+            raise CliError(f"--depth 0 makes no {args.model}: it needs at least one "
+                           f"{presets.DEPTH_UNITS[args.model]}; pass --depth 1 or more")
+        unused = [f"--{flag}" for flag in ("activation", "width") if getattr(args, flag)]
+        if unused:
+            raise CliError(f"--depth 0 makes the mlp one linear layer, with no hidden units or "
+                           f"activation: drop {' '.join(unused)}, or pass --depth 1 or more")
     if args.data_dir and args.data not in ("auto", "mnist"):
         raise CliError(f"--data-dir is where MNIST is read from, and --data {args.data} reads "
                        "none: drop --data-dir, or pass --data mnist")
@@ -503,38 +538,48 @@ def _compare(args: argparse.Namespace) -> int:
     from hessrank.cli import compare, report
 
     for option, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
-        if path is not None and str(path) == "-":
-            raise CliError(f"{option} -: compare prints its tables on stdout, so its files need "
-                           f"names; give {option} a file (hessrank rank --json - prints JSON)")
+        # (/dev/stdout had mixed a JSON per checkpoint with the tables; probe 115)
+        if path is not None and (str(path) == "-" or _is_stdout(path)):
+            raise CliError(f"{option} {path}: compare prints its tables on stdout, so its files "
+                           f"need names; give {option} a file (hessrank rank --json - prints "
+                           "JSON)")
     if args.seed + args.seeds - 1 > MAX_SEED:
         raise CliError(f"--seed {args.seed} --seeds {args.seeds} runs seeds up to "
                        f"{args.seed + args.seeds - 1}, past {MAX_SEED}: lower --seed")
     report.check_outputs({"--json": args.json, "--csv": args.csv,  # before any work
                           "--plot": args.plot}, args.quiet, reads=_read_files(args))
     methods = _methods(args.methods, args.skip_exact)
+    training = {name: getattr(args, name) for name in _TRAINING
+                if getattr(args, name) is not None}
+    if training and args.checkpoints < 2:  # (they had been recorded, without effect; probe 115)
+        flags = " ".join(f"--{name.replace('_', '-')}" for name in training)
+        raise CliError(f"{flags} shape the training between checkpoints, and --checkpoints "
+                       f"{args.checkpoints} trains none: drop them, or pass --checkpoints 2 or "
+                       "more")
     cfg = _config(
         args,
         methods,
         tuple(range(args.seed, args.seed + args.seeds)),
         checkpoints=args.checkpoints,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
         pyhessian=not args.no_pyhessian,
+        **training,
     )
     cfg.torch_device()
     result = compare.new_report(cfg)
 
-    def save(current: dict[str, Any]) -> None:
-        if args.json:
-            report.write_json(current, args.json)
+    def save_progress(current: dict[str, Any]) -> None:
+        """The JSON after each measurement, marked in progress (a killed run's file had claimed
+        to be complete; probe 115); not into a pipe, which reads one document (a FIFO reader
+        had been handed the first checkpoint's, and the run hung on the next; probe 115)."""
+        if args.json and not report.not_a_regular_file(args.json):
+            report.write_json(dict(current, in_progress=True), args.json)
 
     progress = _progress(args.quiet)
     status = 0
     stopped: CliError | None = None  # a refusal after checkpoints were measured
     try:
         with progress or nullcontext():
-            compare.run_compare(cfg, result, progress, save)
+            compare.run_compare(cfg, result, progress, save_progress)
     except KeyboardInterrupt:
         result.update(interrupted=True, stopped_by="Ctrl-C")
         status = 130
@@ -553,13 +598,15 @@ def _compare(args: argparse.Namespace) -> int:
         # them; the tables even where a file fails (its error is raised after them).
         written: list[Path | None] = []
         failed: CliError | None = None
-        # Interrupted before the first checkpoint, nothing is written: an earlier run's files
-        # there are kept (they had been replaced by empty results; probe 91).
-        measured = any(run["checkpoints"] for run in result["runs"])
+        # Interrupted before a first measurement, nothing is written: an earlier run's files
+        # there are kept (they had been replaced by empty results; probes 91, 115).
+        measured = any(point["methods"] or point["pyhessian"] is not None
+                       for run in result["runs"] for point in run["checkpoints"])
         try:
             if measured:
-                save(result)
-                written.append(args.json)
+                if args.json:
+                    report.write_json(result, args.json)
+                    written.append(args.json)
                 if args.csv:
                     report.write_csv(result, args.csv)
                     written.append(args.csv)
@@ -568,7 +615,7 @@ def _compare(args: argparse.Namespace) -> int:
             for option, path in (("--json", args.json), ("--csv", args.csv),
                                  ("--plot", args.plot)):
                 if path is not None and path not in written:
-                    print(f"hessrank: {option} {path} not written: no checkpoint was measured"
+                    print(f"hessrank: {option} {path} not written: nothing was measured"
                           + (" (the file there is an earlier run's)" if path.exists() else ""),
                           file=sys.stderr)
         except CliError as error:
@@ -595,13 +642,17 @@ def _compare(args: argparse.Namespace) -> int:
 def _read_files(args: argparse.Namespace) -> dict[str, Path | None]:
     """The files a ``compare`` or ``rank`` command reads (option -> path), which no output may
     replace."""
-    return {"--weights": None if args.weights is None else Path(args.weights)}
+    files = {"--weights": None if args.weights is None else Path(args.weights)}
+    module, _, _ = args.model.partition(":")
+    if module.endswith(".py"):  # path/file.py:factory (probe 115: --json could replace it)
+        files["--model"] = Path(module)
+    return files
 
 
 def _rank(args: argparse.Namespace) -> int:
     from hessrank.cli import compare, report
 
-    report.check_outputs({"--json": None if args.json is None else Path(args.json)}, args.quiet,
+    report.check_outputs({"--json": args.json}, args.quiet,
                          reads=_read_files(args))
     methods = _methods([args.method], False, "--method")
     if len(methods) != 1:
@@ -631,17 +682,17 @@ def _rank(args: argparse.Namespace) -> int:
             value=float(value),
             result=res.to_dict(),
         )
-        del payload["runs"], payload["interrupted"], payload["stopped_by"]
+        del payload["runs"], payload["interrupted"], payload["stopped_by"], payload["in_progress"]
         for name in compare.TRAINING_ONLY:  # compare's training: no part of one rank
             del payload["config"][name]
         payload["config"]["batch_size"] = args.batch_size  # the batches measured (None: one)
-        if args.json == "-":
+        if str(args.json) == "-":
             print(json.dumps(payload))
             return 0
-        report.dump_json(payload, Path(args.json))
-        if _is_stdout(Path(args.json)):  # as with '-': stdout holds the JSON alone (probe 69)
+        report.dump_json(payload, args.json)
+        if _is_stdout(args.json):  # as with '-': stdout holds the JSON alone (probe 69)
             return 0
-        _wrote([Path(args.json)], args.quiet)
+        _wrote([args.json], args.quiet)
     print(f"{value:.0f}" if float(value).is_integer() else f"{value:.3f}")
     return 0
 

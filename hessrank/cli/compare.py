@@ -315,6 +315,7 @@ def new_report(cfg: Config, command: str = "compare") -> dict[str, Any]:
         "runs": [],
         "interrupted": False,
         "stopped_by": None,
+        "in_progress": False,
     }
 
 

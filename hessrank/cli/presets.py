@@ -30,6 +30,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 DEFAULT_WIDTH = {"mlp": 16, "cnn": 8, "resnet": 8}
 DEFAULT_DEPTH = {"mlp": 2, "cnn": 2, "resnet": 2}
+#: what ``--depth`` counts in each preset (the mlp's hidden layers may be none)
+DEPTH_UNITS = {"mlp": "hidden layer", "cnn": "conv layer", "resnet": "residual block"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DATA_DIR_ENV = "HESSRANK_DATA_DIR"
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")

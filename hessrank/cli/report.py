@@ -3,7 +3,9 @@
 The JSON report (``schema_version`` 1) holds ``config`` (every option), ``model`` (name,
 ``num_params``), ``data`` (name, source, ``num_samples``, ``num_classes``, ``input_shape``,
 ``device``), ``interrupted`` and ``stopped_by`` (null, ``"Ctrl-C"`` or the refusal that stopped
-the run after some checkpoints), and ``runs``: one per seed, each with ``spearman`` (estimator
+the run after some checkpoints), ``in_progress`` (true in the copies written after each
+measurement while the run goes on: a file still true when no run is going was left by a killed
+one), and ``runs``: one per seed, each with ``spearman`` (estimator
 -> rho of its srank with exact's over the checkpoints, or null) and ``checkpoints``. A
 checkpoint has ``index``, ``step`` (optimizer steps taken before it), ``task`` (null without
 ``--checkpoints``), ``labels`` (``true``/``random``), ``previous_task_train_error``,
@@ -345,6 +347,8 @@ def pyhessian_table(
     how = f"Hutchinson, {probes['mean']:.0f} probes" if probes else "Hutchinson"
     if stat["trace_stderr"] is not None:
         how += f", s.e. {stat['trace_stderr']['mean']:.2g}"
+    if probes and probes["n"] > 1:  # (2 and 36 probes had read as 19; probe 115)
+        how += f" (means over {probes['n']} seeds)"
     table.add_row(
         "top eigenvalue",
         cell(stat["exact_top_eigenvalue"], "top_eigenvalue"),
@@ -443,7 +447,7 @@ def _atomic_write(path: Path, text: str) -> None:
     through any symbolic link (the link stays, its target is written); anything else (a pipe,
     ``/dev/stdout``, a process substitution's ``/dev/fd/N``) written through, as it is not a
     file to replace (those had been replaced by a regular file)."""
-    if _not_a_regular_file(path):
+    if not_a_regular_file(path):
         with path.open("w") as handle:
             handle.write(text)
         return
@@ -458,7 +462,7 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def _not_a_regular_file(path: Path) -> bool:
+def not_a_regular_file(path: Path) -> bool:
     """Whether ``path`` exists (after links) as something other than a file or folder."""
     try:
         mode = os.stat(path).st_mode
@@ -609,7 +613,7 @@ def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
         if path.is_dir():
             raise cannot_write(option, path, IsADirectoryError(
                 21, "it is a folder: name a file in it"))
-        if _not_a_regular_file(path):  # a pipe: opened once, to write (a test open ends it)
+        if not_a_regular_file(path):  # a pipe: opened once, to write (a test open ends it)
             if not os.access(path, os.W_OK):
                 raise cannot_write(option, path, PermissionError(13, "Permission denied"))
             continue
@@ -736,8 +740,8 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
         count_axis(axes[1], np.arange(1, max(len(r["checkpoints"]) for r in runs) + 1))
         axes[1].set_xlabel("task (checkpoint at its start)")
         axes[1].set_ylabel(f"srank at {report['config']['threshold']}")
-        axes[1].set_title("rank over checkpoints" + (
-            ": mean over the seeds that measured it, band min to max" if len(runs) > 1
+        axes[1].set_title("rank over checkpoints" + (  # two lines: one was cut (probe 115)
+            "\nmean over the seeds that measured it, band min to max" if len(runs) > 1
             else ""))
         axes[1].legend()
     fig.tight_layout()
