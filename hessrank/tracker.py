@@ -178,7 +178,10 @@ class JsonLinesSink:
     a sink (a tracker built and never run) leaves an existing file as it is.
 
     Args:
-        path: the file; its folder is created. Replaced at the first record unless ``append``,
+        path: the file; its folder is created (and removed again by :meth:`close`, with any
+            folder above it that the sink created, where no record was written and they are
+            empty). A folder (a string that ends in a path separator, or an existing folder)
+            is refused. Replaced at the first record unless ``append``,
             with a ``RuntimeWarning`` that names what an earlier run left there; a file that
             holds anything but records is refused. Where another open sink of this process has
             the file, this one takes it over (a cell run again), with a ``RuntimeWarning``, and
@@ -187,10 +190,11 @@ class JsonLinesSink:
         append: add to an existing file (a resumed run) instead of replacing it. A last line
             that a crash cut mid-write (no newline, not JSON) is dropped at the first record,
             with a ``RuntimeWarning`` that shows it, so that the record starts a line of its own.
-            Where the first record's step is not past the file's (a run resumed from a
-            checkpoint older than its last records), the records of that step and later, which
-            the resumed run redoes, are moved to ``<name>.superseded<suffix>``, with a
-            ``RuntimeWarning``.
+            Where a method's first record's step is not past the file's (a run resumed from a
+            checkpoint older than its last records), the method's records of that step and
+            later, which the resumed run redoes, are moved to ``<name>.superseded<suffix>``,
+            with a ``RuntimeWarning``; :meth:`resume` moves those of the step training resumes
+            at and later.
         new: the file must not exist yet: it is created now, exclusively, so no other sink (in
             this process or another) can have it, and removed by :meth:`close` if no record was
             written to it.
@@ -201,6 +205,7 @@ class JsonLinesSink:
 
     Raises:
         FileExistsError: ``new`` and the file exists.
+        IsADirectoryError: ``path`` names a folder, not a file in it.
         ValueError: both ``new`` and ``append``, or the file holds something other than
             records (a line that is not a JSON object with ``step`` and ``method``).
         OSError: the file cannot be opened for writing, or another process's sink has it.
@@ -216,6 +221,12 @@ class JsonLinesSink:
         # absolute: a relative path read after the caller changes folder was another file (a
         # log of that folder's replaced, this one left empty; probe 103)
         self.path = Path(path).absolute()
+        separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
+        if (isinstance(path, str) and path.endswith(separators)) or self.path.is_dir():
+            # Path() drops a trailing separator: log="runs/" wrote a file named runs (probe 115)
+            raise IsADirectoryError(
+                f"log {str(path)!r} names a folder, not a file: name a file in it, e.g. "
+                f"log={str(Path(path) / DEFAULT_LOG.name)!r}")
         self._key = self.path.resolve()  # the file, however its path is spelt
         earlier = None if new else _OPEN_LOGS.get(self._key)  # new: made exclusively
         if earlier is not None:  # two writers would overwrite each other's lines
@@ -229,22 +240,34 @@ class JsonLinesSink:
                 RuntimeWarning, stacklevel=_user_stacklevel())
         self.superseded = False
         self._pid = os.getpid()  # a forked child holds a copy that must not write
+        #: the folders the sink creates for the file, deepest first: removed at close, where
+        #: empty, if it got no record (a tracker that recorded nothing left out/ behind; probe
+        #: 115)
+        self._made_folders = [folder for folder in self.path.parents if not folder.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.append = append
         self._file: TextIO | None = None
         #: the sink made the file (it was not there): removed at close if it got no record
         self._made = new or not self.path.exists()
-        #: the steps of the records the file holds, by method (checked: a log, or empty)
-        self._logged = {} if new or self._made else _logged_steps(self.path)
-        # writable? (creates it, changes nothing that is there); held, locked, until close
-        self._lock = self.path.open("x" if new else "a")
+        try:
+            #: the steps of the records the file holds, by method (checked: a log, or empty):
+            #: an earlier run's, and this one's as it writes them
+            self._logged = {} if new or self._made else _logged_steps(self.path)
+            # writable? (creates it, changes nothing that is there); held, locked, until close
+            self._lock = self.path.open("x" if new else "a")
+        except BaseException:
+            self._remove_made_folders()
+            raise
         try:
             _lock_against_other_processes(self._lock, self.path)
         except OSError:
             self._lock.close()
             if self._made and self.path.stat().st_size == 0:
                 self.path.unlink()
+                self._remove_made_folders()
             raise
+        #: the steps of the records this sink wrote that the file holds, by method
+        self._own: dict[str, list[int]] = {}
         if new:
             self._file = self._lock
         self.next_step = max((max(steps) for steps in self._logged.values()),
@@ -279,30 +302,44 @@ class JsonLinesSink:
                               "pass append=True to add to it, or another log path",
                               RuntimeWarning, stacklevel=_user_stacklevel())
             self._file = self.path.open("a" if self.append else "w")
-        # the first record of a method this run resumes before its last ones
-        steps = self._logged.pop(record["method"], None) if self.append else None
-        if steps and record["step"] <= max(steps):
-            self._supersede({record["method"]}, record["step"])
+            if not self.append:
+                self._logged = {}  # the earlier run's records are gone
+        # the first record of a method this run resumes before its last ones (a later one that
+        # goes back is the run's own, warned of by the tracker, not an earlier run's to move)
+        method, step = record["method"], record["step"]
+        steps = self._logged.get(method)
+        if self.append and method not in self._own and steps and step <= max(steps):
+            self._supersede({method}, step)
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        # kept, not popped at the first record: a measure() before the loop had emptied it,
+        # and the resume that followed moved nothing (steps 15-30 logged twice; probe 115)
+        self._own.setdefault(method, []).append(step)
+        self._logged.setdefault(method, []).append(step)
 
-    def resume(self, step: int, methods: Collection[str]) -> None:
+    def resume(self, step: int, methods: Collection[str]) -> set[str]:
         """The run resumes training at ``step`` (a tracker's first counted step): where
         ``append``, the records of ``methods`` at that step and later, taken on the trajectory
         the run abandoned, move to the ``.superseded`` file beside it, with a
         ``RuntimeWarning``, whichever steps the resumed run records them at (other methods'
-        records stay: a run that adds a method to a log).
+        records stay: a run that adds a method to a log). Those this sink wrote before (a
+        :meth:`Tracker.measure` of the restored model, numbered by the log's last step) move
+        too: the run redoes those steps, and the log holds each method's step once.
 
         Args:
             step: the first step the resumed run counts.
             methods: the methods the resumed run measures.
+
+        Returns:
+            The methods whose records moved.
         """
         if not self.append or self.superseded:  # (a superseded sink's file is another's)
-            return
+            return set()
         redone = {method for method in methods
                   if max(self._logged.get(method) or [-1]) >= step}
         if redone:
             self._supersede(redone, step)
+        return redone
 
     def _supersede(self, methods: set[str], step: int) -> None:
         """Move the file's records of ``methods`` at ``step`` and later to the ``.superseded``
@@ -345,13 +382,20 @@ class JsonLinesSink:
             raise
         self._lock.close()
         self._lock = lock
-        for method in methods & self._logged.keys():  # (a method's first record popped it)
-            self._logged[method] = [s for s in self._logged[method] if s < step]
+        own = sum(s >= step for method in methods for s in self._own.get(method, ()))
+        for steps in (self._logged, self._own):
+            for method in methods & steps.keys():
+                steps[method] = [s for s in steps[method] if s < step]
         if reopen:
             self._file = self.path.open("a")
+        # (this run's own: recorded before the step it resumes at was known, e.g. a measure()
+        # of the restored model numbered by the log's last step)
+        whose = ("from an earlier run" if not own else
+                 f"{len(moved) - own} from an earlier run, {own} this run's own from before "
+                 "it counted a step")
         warnings.warn(f"{self.path}: this run resumes {', '.join(sorted(methods))} at step "
-                      f"{step}, before the last {len(moved)} record(s) from an earlier run "
-                      f"(steps {step} and on), which it redoes: moved them to {side}",
+                      f"{step}, before the last {len(moved)} record(s) ({whose}; steps {step} "
+                      f"and on), which it redoes: moved them to {side}",
                       RuntimeWarning,
                       stacklevel=_user_stacklevel())
 
@@ -368,6 +412,16 @@ class JsonLinesSink:
         self._lock.close()
         if self._made and unused and self.path.exists() and self.path.stat().st_size == 0:
             self.path.unlink()
+            self._remove_made_folders()
+
+    def _remove_made_folders(self) -> None:
+        """Remove the folders the sink created for its file, deepest first, while empty (one
+        that holds another file now stays, with those above it)."""
+        for folder in self._made_folders:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
 
 
 #: The files of this process's open :class:`JsonLinesSink` s (an unreferenced one drops out).
@@ -551,19 +605,42 @@ class TensorBoardSink:
         self._writer.close()
 
 
-def _check_options(options: Mapping[str, Any], where: str) -> None:
+def _check_options(options: Mapping[str, Any], where: str, method: str | None = None) -> None:
     """Every key of ``options`` must be a keyword of ``hessrank.effective_rank`` or an
-    estimator option (``hessrank.estimator_options()``)."""
+    estimator option (``hessrank.estimator_options()``), and, for the options of one
+    ``method`` (``method_options``), an estimator option that method takes.
+
+    Raises:
+        TypeError: a name that is neither.
+        ValueError: an estimator option ``method`` does not take.
+    """
+    estimator_options = hessrank.estimator_options()
     keywords = {name for name, parameter in
                 inspect.signature(hessrank.effective_rank).parameters.items()
                 if parameter.kind is not inspect.Parameter.VAR_KEYWORD}
-    accepted = (keywords | set(hessrank.estimator_options())) - set(_RESERVED)
+    accepted = (keywords | set(estimator_options)) - set(_RESERVED)
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise TypeError(
             f"{where}: {', '.join(unknown)} not an option of hessrank.effective_rank; "
             f"choose from {', '.join(sorted(accepted))}"
         )
+    if method is None:  # options for every method: each goes to those that take it
+        return
+    # effective_rank ignores an option of another method (one set of keywords serves a loop
+    # over the methods), but one given for this method alone is a mistake: fisher with
+    # lanczos_steps=5 measured as if it had not been given (probe 115)
+    foreign = [name for name in options if name in estimator_options
+               and method not in estimator_options[name]["methods"]]
+    if foreign:
+        own = [name for name, option in estimator_options.items() if method in option["methods"]]
+        takers = "; ".join(f"{name} is taken by {', '.join(estimator_options[name]['methods'])}"
+                           for name in foreign)
+        raise ValueError(
+            f"{where}: {', '.join(foreign)} not an option of {method}, which would ignore it "
+            f"({takers}; {method} takes "
+            f"{', '.join(own) if own else 'none of the estimator options'}): give it to a "
+            "method that takes it, or drop it")
 
 
 def _check_values(loss_fn: Callable[..., Any], method: str, per_layer: bool,
@@ -679,14 +756,18 @@ class Tracker:
             (:attr:`log_path` says which), created now so that no other tracker takes it, and
             removed at :meth:`close` if it got no record. A file given here is replaced at the
             first record, with a warning where it holds records; one that another open tracker
-            logs to is taken over, with a warning (that tracker's next record raises).
+            logs to is taken over, with a warning (that tracker's next record raises). Its
+            folder is created, and removed at :meth:`close` (where empty) if it got no record;
+            a folder (``"runs/"``) is refused: name a file in it.
         append: add to an existing ``log`` (a resumed run) instead of replacing it; step
             numbers go on from the largest it holds, and a last line that a crash cut
             mid-write is dropped, with a warning. The first step :meth:`step` counts is where
             training resumed: the log's records of the tracker's methods from that step on,
             taken on the trajectory the run abandoned, move to ``<log>.superseded.jsonl``,
             with a warning (a :meth:`measure` at an earlier step moves its method's from there
-            on); other methods' records stay.
+            on), and so do the records of a :meth:`measure` before it at that step or later
+            (one without ``step=`` records the log's largest step): each method's step is in
+            the log once; other methods' records stay.
         tensorboard: a TensorBoard run folder to also write scalars to (needs ``tensorboard``).
         sinks: further destinations, objects with ``write(record)`` and ``close()``.
         per_layer: also record each parameterised module's ranks (``record["layers"]``).
@@ -694,7 +775,9 @@ class Tracker:
             record's ``error``, warns (``RuntimeWarning``) and goes on; ``"record"`` the same
             without the warning, for callers that report ``Measurement.error`` themselves.
         method_options: per-method keyword arguments of :func:`hessrank.effective_rank`,
-            e.g. ``{"lanczos": {"lanczos_steps": 40}}``.
+            e.g. ``{"lanczos": {"lanczos_steps": 40}}``, for methods among ``methods``; an
+            estimator option the method does not take is refused (given in ``**options``, it
+            goes to the methods that take it).
         clock: the wall clock of the ``budget`` schedule (seconds); replace it to simulate time.
         **options: keyword arguments of :func:`hessrank.effective_rank` for every method
             (``threshold``, ``rtol``, ``params``, ``max_memory``, ``seed``, ...).
@@ -708,11 +791,14 @@ class Tracker:
         ValueError: an unknown method, a schedule that is not exactly one of ``every``,
             ``steps`` and ``budget`` (or none, for :meth:`measure` only), values out of range,
             an option value or ``eval_batch`` that :func:`hessrank.effective_rank` would
-            refuse (checked by its own rules, before any work).
+            refuse (checked by its own rules, before any work), ``method_options`` for a
+            method not among ``methods`` or with an estimator option that method does not
+            take.
         TypeError: an option :func:`hessrank.effective_rank` does not take, an ``eval_batch``
             that is not a pair, or ``steps`` that is not a list.
         ImportError: ``tensorboard`` is given and the tensorboard package is not installed.
-        OSError: the ``log`` file cannot be written.
+        OSError: the ``log`` file cannot be written (``IsADirectoryError``: it names a
+            folder).
     """
 
     def __init__(
@@ -763,8 +849,10 @@ class Tracker:
         self._method_options = {m: dict(o) for m, o in (method_options or {}).items()}
         for method, extra in self._method_options.items():
             if method not in self.methods:
-                raise ValueError(f"method_options names {method!r}, not one of the methods")
-            _check_options(extra, f"method_options[{method!r}]")
+                raise ValueError(f"method_options names {method!r}, not one of the methods "
+                                 f"({', '.join(self.methods)}), so its options would be "
+                                 "ignored: add it to methods, or drop its options")
+            _check_options(extra, f"method_options[{method!r}]", method)
         self.options = options
         refusals: dict[str, TypeError | ValueError] = {}
         for method in self.methods:
@@ -876,7 +964,11 @@ class Tracker:
         if self._counted == 0:  # where training resumed, for a log appended to
             for sink in self.sinks:
                 if isinstance(sink, JsonLinesSink):
-                    sink.resume(index, self.methods)
+                    for method in sink.resume(index, self.methods):
+                        # a measure() before the loop at this step or later has left the log
+                        # (the sink warned): the steps that follow do not go back from it
+                        if self._recorded.get(method, (-1, 0))[0] >= index:
+                            del self._recorded[method]
         self._next_step, self._last_step = index + 1, index
         self._counted += 1
         if self._start is None:
@@ -957,12 +1049,23 @@ class Tracker:
             measurement = Measurement(step, method, result=result)
         # a step again is another measurement of its model, unless step() counted an update since
         previous, counted = self._recorded.get(method, (-2, self._counted))
-        if step < previous or (step == previous and counted != self._counted):
+        trained = self._counted - counted  # step() calls between the two records
+        if step < previous or (step == previous and trained):
+            # what happened, no more: two measure() calls that go back had been said to have
+            # "a training step" between them (probe 115)
+            between = ("a training step" if trained == 1 else f"{trained} training steps")
+            if not trained:
+                what = ("with no training step between: one model at two steps, and the log's "
+                        "steps go back")
+            elif step == previous:
+                what = (f"and {between}: two models at one step, which plots and readers take "
+                        "for one")
+            else:
+                what = (f"and {between}: the log's steps go back, so plots and readers put a "
+                        "later model before an earlier one")
             warnings.warn(f"hessrank.Tracker: {method} recorded at step {step} after step "
-                          f"{previous} and a training step: the log's steps go back, so plots "
-                          "and readers see two models at one step; count steps with step() or "
-                          "give increasing step= values", RuntimeWarning,
-                          stacklevel=_user_stacklevel())
+                          f"{previous} {what}; count steps with step() or give increasing step= "
+                          "values", RuntimeWarning, stacklevel=_user_stacklevel())
         self._recorded[method] = (step, self._counted)
         self.records.append(measurement.record)
         for sink in self.sinks:

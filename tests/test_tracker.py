@@ -888,3 +888,124 @@ def test_a_forked_child_cannot_write_its_parent_s_log(tmp_path: Path) -> None:
     sink.write({"step": 0, "method": "fisher"})  # the parent still writes
     sink.close()
     assert [r["step"] for r in _read(tmp_path / "c.jsonl")] == [0]
+
+
+def _keys(records: list[dict]) -> list[str]:
+    """Each record as one comparable string (its measured numbers tell two runs apart)."""
+    return [json.dumps(record, sort_keys=True) for record in records]
+
+
+@pytest.mark.parametrize(
+    "before_the_loop",
+    [None, {}, {"step": 30}, {"step": 40}, {"step": 10, "methods": "fisher"}],
+    ids=["step first", "measure()", "measure(step=30)", "measure(step=40)",
+         "measure(step=10, fisher)"],
+)
+def test_a_resume_after_a_measure_moves_every_redone_record_once(tmp_path: Path,
+                                                                 before_the_loop) -> None:
+    """A log to step 30, resumed from the step-10 checkpoint: a ``measure()`` of the restored
+    model (recorded at the log's last step, 30) took the method's first record, and the resume
+    at ``step(step=11)`` then moved nothing: steps 15-30 were logged twice (probe 115). Every
+    earlier record of a step the run goes back before now moves aside exactly once, whatever
+    comes first, and the log holds each (method, step) once."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log, side = tmp_path / "c.jsonl", tmp_path / "c.superseded.jsonl"
+    methods = ("fisher", "ggn")
+    with hessrank.Tracker(_net().eval(), CE, methods, every=5, log=log) as earlier:
+        for step in range(31):
+            earlier.step(batch, step=step)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with hessrank.Tracker(_net().eval(), CE, methods, every=5, log=log,
+                              append=True) as tracker:
+            if before_the_loop is not None:
+                tracker.measure(batch, **before_the_loop)
+            for step in range(11, 35):
+                tracker.step(batch, step=step)
+    logged, moved = _read(log), _read(side)
+    pairs = [(r["method"], r["step"]) for r in logged]
+    assert sorted(pairs) == sorted((m, s) for m in methods for s in range(0, 31, 5))
+    # nothing lost, nothing doubled: each earlier record in the log or moved aside, once
+    for key, record in zip(_keys(earlier.records), earlier.records, strict=True):
+        assert (_keys(logged) + _keys(moved)).count(key) == 1, record
+        if record["step"] >= 11:
+            assert key in _keys(moved), record
+    # the log's records of the resumed steps are the resumed run's own
+    assert all(key in _keys(tracker.records) for key, r in zip(_keys(logged), logged,
+                                                                 strict=True) if r["step"] >= 11)
+    # the moves are warned of; the log's steps, once moved, do not go back
+    assert any("which it redoes: moved them" in str(w.message) for w in seen)
+    assert not [w for w in seen if "steps go back" in str(w.message)]
+
+
+def test_a_method_option_the_method_does_not_take_is_refused(tmp_path: Path) -> None:
+    """``method_options={"fisher": {"lanczos_steps": 5}}`` was accepted, and fisher measured
+    as if it had not been given (probe 115): it is refused when the tracker is made, naming
+    the option, the method and which methods take it, before any file is made."""
+    log = tmp_path / "out" / "c.jsonl"
+    with pytest.raises(ValueError, match=r"method_options\['fisher'\]: lanczos_steps not an "
+                       r"option of fisher.*taken by lanczos, ggn_lanczos, fisher_lanczos; "
+                       "fisher takes backend"):
+        hessrank.Tracker(_net(), CE, ("fisher", "lanczos"), log=log,
+                         method_options={"fisher": {"lanczos_steps": 5}})
+    with pytest.raises(ValueError, match=r"method_options\['exact'\]: backend.*exact takes "
+                       "none of the estimator options"):
+        hessrank.Tracker(_net(), CE, ("exact", "fisher"), log=log,
+                         method_options={"exact": {"backend": "func"}})
+    with pytest.raises(ValueError, match=r"names 'ggn', not one of the methods \(fisher\)"):
+        hessrank.Tracker(_net(), CE, "fisher", log=log,
+                         method_options={"ggn": {"mc_samples": 2}})
+    assert not (tmp_path / "out").exists()
+    # the options the method takes, and one for every method, still go through
+    tracker = hessrank.Tracker(_net(), CE, ("fisher", "lanczos"), log=None, lanczos_steps=10,
+                               method_options={"fisher": {"backend": "func"}})
+    assert tracker._options_for("fisher") == {"lanczos_steps": 10, "backend": "func"}
+
+
+def test_a_folder_as_log_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """``log="runs/"`` wrote a file named ``runs`` (probe 115), and ``log="."`` raised a bare
+    IsADirectoryError: a folder is refused, with what to give instead, and nothing is made."""
+    monkeypatch.chdir(tmp_path)
+    for log in ("runs/", "runs/deeper/", ".", str(tmp_path)):
+        with pytest.raises(IsADirectoryError, match="names a folder, not a file: name a file in "
+                           "it, e.g. log="):
+            hessrank.Tracker(_net(), CE, every=1, log=log)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_log_s_folder_is_not_left_behind_without_records(tmp_path: Path) -> None:
+    """A tracker closed before any record removed its log but left the folders it had made for
+    it (probe 115): they go too, while empty; a folder that holds something else now stays,
+    and one of a log with records stays."""
+    for log in (tmp_path / "out" / "deeper" / "x.jsonl", tmp_path / "x.jsonl"):
+        tracker = hessrank.Tracker(_net(), CE, every=1, log=log)
+        assert log.exists()
+        tracker.close()
+    assert list(tmp_path.iterdir()) == []
+    tracker = hessrank.Tracker(_net(), CE, every=1, log=tmp_path / "out" / "deeper" / "x.jsonl")
+    (tmp_path / "out" / "notes.txt").write_text("someone else's")
+    tracker.close()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    with hessrank.Tracker(_net(), CE, every=1, log=tmp_path / "kept" / "x.jsonl") as tracker:
+        tracker.step(batch)
+    assert len(_read(tmp_path / "kept" / "x.jsonl")) == 1
+
+
+def test_the_step_back_warning_says_what_happened_between() -> None:
+    """``measure(step=5)`` then ``measure(step=3)`` warned "after step 5 and a training step",
+    with none between (probe 115): the warning says whether, and how many, training steps
+    came between the two records."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(_net().eval(), CE, steps=[2, 10], log=None)
+    tracker.measure(batch, step=5)
+    with pytest.warns(RuntimeWarning, match="recorded at step 3 after step 5 with no training "
+                      "step between: one model at two steps") as seen:
+        tracker.measure(batch, step=3)
+    assert "and a training step" not in str(seen[0].message)
+    tracker.step(batch, step=10)
+    tracker.step(batch, step=11)
+    with pytest.warns(RuntimeWarning, match="recorded at step 2 after step 10 and 2 training "
+                      "steps: the log's steps go back"):
+        tracker.step(batch, step=2)
+    assert [r["step"] for r in tracker.records] == [5, 3, 10, 2]
