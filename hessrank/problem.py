@@ -680,6 +680,7 @@ def check_model(model: object) -> None:
             f"model must be a torch.nn.Module, got {kind}: wrap a function in a module whose "
             "forward calls it and whose parameters are nn.Parameters"
         )
+    _check_not_scripted(model, "the model")
     lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
     if lazy:
         raise ValueError(
@@ -700,6 +701,26 @@ def check_model(model: object) -> None:
         )
 
 
+def _check_not_scripted(module: nn.Module, what: str) -> None:
+    """Refuse a TorchScript module in ``module`` (``what`` names it): its parameter and buffer
+    tables are C++ objects that the call's restore cannot put back (a scripted loss's class
+    weight had been left another tensor after a failed call, and every method failed; probe
+    116).
+
+    Raises:
+        TypeError: naming the scripted module and the fix.
+    """
+    scripted = [name or "itself" for name, sub in module.named_modules()
+                if isinstance(sub, torch.jit.ScriptModule)]
+    if scripted:
+        where = "" if scripted[0] == "itself" else f" (its submodule {scripted[0]!r})"
+        raise TypeError(
+            f"{what}{where} is a TorchScript module (torch.jit.script or torch.jit.trace), "
+            "which hessrank does not take: its parameter and buffer tables are C++ objects "
+            "that the call can neither swap nor put back; pass the nn.Module it was made from "
+            "(a torch.compile'd module works)")
+
+
 def check_loss_and_mode(loss_fn: object, mode: object) -> None:
     """A callable loss and a mode of :func:`hessrank.effective_rank`.
 
@@ -708,6 +729,8 @@ def check_loss_and_mode(loss_fn: object, mode: object) -> None:
     """
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar tensor")
+    if isinstance(loss_fn, nn.Module):
+        _check_not_scripted(loss_fn, "loss_fn")
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
 

@@ -1858,3 +1858,28 @@ def test_per_layer_blocks_are_checked_as_alone(monkeypatch, method, data_set):
         hessrank.effective_rank(model, CE, batch, method=method,
                                 params=[name for name, _ in layer.parameters], max_seconds=1e6)
         assert layered[layer.num_params] == [judged for _, judged in checked]
+
+
+@pytest.mark.parametrize("scripted", ["model", "submodule", "loss"])
+def test_torchscript_modules_refused_before_anything(scripted):
+    """A TorchScript module's parameter and buffer tables are C++ objects the call cannot put
+    back: a scripted loss's class weight had been left another tensor after a failed call
+    (probe 116). Refused first, with what to pass, the module's tensors untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    loss_fn: nn.Module = nn.CrossEntropyLoss(weight=weight)
+    if scripted == "model":
+        model = torch.jit.script(model)
+    elif scripted == "submodule":
+        model[2] = torch.jit.script(model[2])
+    else:
+        loss_fn = torch.jit.script(loss_fn)
+    x, y = classification_batch(8, 5, 3, dtype=torch.float32)
+    tensors = [*model.parameters(), *loss_fn.buffers()]
+    what = {"model": "the model is", "submodule": "the model \\(its submodule '2'\\) is",
+            "loss": "loss_fn is"}[scripted]
+    _check(model, lambda: hessrank.effective_rank(model, loss_fn, (x, y), method="fisher"),
+           TypeError, f"{what} a TorchScript module.*pass the nn.Module it was made from")
+    assert all(a is b for a, b in zip(tensors, [*model.parameters(), *loss_fn.buffers()]))
+    assert torch.equal(next(loss_fn.buffers()), torch.tensor([1.0, 2.0, 0.5]))
