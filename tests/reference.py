@@ -56,6 +56,17 @@ def reference_hessian(model, loss_fn, inputs, targets, names=None, step=1e-3) ->
     return (matrix + matrix.T) / 2
 
 
+def double_backward_hessian(model, loss_fn, inputs, targets) -> np.ndarray:
+    """Dense Hessian of ``loss_fn(model(inputs), targets)`` w.r.t. every parameter of ``model``,
+    by double backpropagation, row by row (zeros where a parameter or an entry is unused).
+    Give float64 copies for a float64 reference."""
+    params = list(model.parameters())
+    gradient = flat_gradient(loss_fn(model(inputs), targets), params, create_graph=True)
+    rows = [flat_gradient(entry, params, retain_graph=True) if entry.requires_grad
+            else torch.zeros_like(gradient) for entry in gradient]
+    return torch.stack(rows).detach().double().numpy()
+
+
 def _per_sample(inputs, targets, i):
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     return tuple(x[i : i + 1] for x in inputs), targets[i : i + 1]

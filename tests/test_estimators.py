@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from reference import (
     ResidualNet,
     assert_spectra_close,
     classification_batch,
+    double_backward_hessian,
     eigenvalues_by_magnitude,
     mlp,
     reference_fisher,
@@ -936,13 +938,8 @@ def test_a_low_loss_keeps_its_hessian(make, dtype, method):
     model, x, y = make()
     # double backpropagation in float64 (finite differences step across the ReLUs' kinks and
     # move a saturated softmax's logits by far more than its curvature's scale)
-    twin = copy.deepcopy(model).double()
-    params = list(twin.parameters())
-    gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-        CE(twin(x.double()), y), params, create_graph=True)])
-    hessian = torch.stack([torch.cat([h.reshape(-1) for h in torch.autograd.grad(
-        entry, params, retain_graph=True)]) for entry in gradient]).detach().numpy()
-    reference = eigenvalues_by_magnitude(hessian)
+    reference = eigenvalues_by_magnitude(double_backward_hessian(
+        copy.deepcopy(model).double(), CE, x.double(), y))
     result = hessrank.effective_rank(copy.deepcopy(model).to(dtype), CE, (x.to(dtype), y),
                                      method, seed=0)
     if method == "exact":
@@ -997,41 +994,128 @@ def test_the_widening_is_decided_once_per_call_and_parameter_set(monkeypatch):
                          rtol=1e-5)
 
 
+class _UncopyableLoss(nn.CrossEntropyLoss):
+    """Cross-entropy with float32 class weights and a lock: no deep copy (pickling) of it."""
+
+    def __init__(self) -> None:
+        super().__init__(weight=torch.linspace(0.5, 1.5, 3))
+        self.lock = threading.Lock()
+
+
 @pytest.mark.parametrize("case", ["penalty in the loss module", "huber, float32 targets",
-                                  "unused scalar parameter"])
+                                  "unused scalar parameter", "a loss module with no copy"])
 def test_losses_the_float64_widening_cannot_take_run_as_given(case):
     """The Hessian's loss on outputs widened to float64 deep-copied a loss module holding the
     model: its L2 term acted on copies and was dropped (trace 1.85 for 93.85), and Huber's
-    float64 backward with float32 targets raised a dtype error (probe 113). Such losses run as
-    given, with a note; ``exact`` matches the float64 double-backward Hessian. (And an unused
-    0-dim parameter crashed ``lanczos``'s flattening.)"""
+    float64 backward with float32 targets raised a dtype error (probe 113); a loss module that
+    cannot be copied (it holds a lock) crashed the call (probe 116). Such losses run as given,
+    with a note; ``exact`` matches the float64 double-backward Hessian. (And an unused 0-dim
+    parameter crashed ``lanczos``'s flattening.)"""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     x = torch.randn(10, 4)
     if case == "huber, float32 targets":
         loss_fn, y = nn.HuberLoss(), torch.randn(10, 3)
+    elif case == "a loss module with no copy":
+        loss_fn, y = _UncopyableLoss(), torch.randint(0, 3, (10,))
     else:
         loss_fn, y = _PenalisedLoss(model), torch.randint(0, 3, (10,))
     if case == "unused scalar parameter":
         model.register_parameter("unused", nn.Parameter(torch.tensor(1.0)))
         loss_fn = CE
     twin = copy.deepcopy(model).double()
-    twin_loss = _PenalisedLoss(twin).double() if isinstance(loss_fn, _PenalisedLoss) else loss_fn
-    params = list(twin.parameters())
-    gradient = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(
-        torch.autograd.grad(twin_loss(twin(x.double()), y.double() if y.is_floating_point()
-                                      else y), params, create_graph=True, allow_unused=True),
-        params)])
-    hessian = torch.stack([torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1)
-                                      for h, p in zip(torch.autograd.grad(
-                                          entry, params, retain_graph=True, allow_unused=True),
-                                          params)])
-                           if entry.requires_grad else torch.zeros(gradient.numel(),
-                                                                    dtype=torch.float64)
-                           for entry in gradient]).detach().numpy()
+    twin_loss = (_PenalisedLoss(twin).double() if isinstance(loss_fn, _PenalisedLoss)
+                 else nn.CrossEntropyLoss(weight=loss_fn.weight.double())
+                 if isinstance(loss_fn, _UncopyableLoss) else loss_fn)
+    hessian = double_backward_hessian(twin, twin_loss, x.double(),
+                                      y.double() if y.is_floating_point() else y)
     exact = hessrank.effective_rank(model, loss_fn, (x, y), "exact")
     assert_spectra_close(exact.eigenvalues, eigenvalues_by_magnitude(hessian), rtol=1e-5)
     lanczos = hessrank.effective_rank(model, loss_fn, (x, y), "lanczos", seed=0)
     assert lanczos.eigenvalues[0] == pytest.approx(exact.eigenvalues[0], rel=1e-4)
     if case != "unused scalar parameter":
         assert any("not on outputs widened to float64" in note for note in exact.notes)
+
+
+def _eps_clamped_nll(outputs: torch.Tensor, targets: torch.Tensor,
+                     eps: float | None = None) -> torch.Tensor:
+    """A log-loss whose probabilities are clamped at the outputs' dtype's eps (a common idiom):
+    another function in float64, where the clamp sits at 2.2e-16."""
+    eps = torch.finfo(outputs.dtype).eps if eps is None else eps
+    return nn.functional.nll_loss(outputs.softmax(1).clamp(eps, 1 - eps).log(), targets)
+
+
+def test_a_loss_that_is_another_function_in_float64_runs_as_given():
+    """A loss whose constants come from its outputs' dtype was widened to float64 as another
+    function: with confidently wrong samples below float32's clamp, ``exact`` gave the float64
+    function's Hessian (top 446 for 308, srank 15 for 8) without a word, and ``ggn`` that
+    function's GGN (probe 116). The widening now compares the loss's calls in both precisions:
+    ``exact`` is the float32 function's Hessian, with a note; ``ggn`` is refused."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(60)
+    x = torch.randn(12, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = model(x)
+    y = outputs.argmax(1)
+    y[:6] = outputs.argmin(1)[:6]  # confidently wrong: most p_y below float32's eps
+    float32_eps = torch.finfo(torch.float32).eps
+    assert int((outputs.double().softmax(1)[torch.arange(6), y[:6]] < float32_eps).sum()) >= 3
+    as_given = eigenvalues_by_magnitude(double_backward_hessian(
+        copy.deepcopy(model).double(), lambda f, t: _eps_clamped_nll(f, t, float32_eps),
+        x.double(), y))
+    exact = hessrank.effective_rank(model, _eps_clamped_nll, (x, y), "exact")
+    assert_spectra_close(exact.eigenvalues, as_given, rtol=1e-5)
+    assert any("computes another function in float64" in note for note in exact.notes)
+    lanczos = hessrank.effective_rank(model, _eps_clamped_nll, (x, y), "lanczos", seed=0)
+    assert lanczos.eigenvalues[0] == pytest.approx(as_given[0], rel=1e-4)
+    with pytest.raises(ValueError, match="beyond the precision that could be evaluated here"):
+        hessrank.effective_rank(model, _eps_clamped_nll, (x, y), "ggn")
+
+
+def test_a_loss_linear_in_the_outputs_is_widened_without_a_note():
+    """``KLDivLoss`` after a ``LogSoftmax`` in the model is linear in the outputs: its gradient
+    is constant, which the widening's second-derivative trial took for a failure, with a note of
+    a loss that "failed" in float64 and saturation advice (probe 116)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.LogSoftmax(1))
+    x, soft = torch.randn(16, 6), torch.softmax(torch.randn(16, 4), 1)
+    loss_fn = nn.KLDivLoss(reduction="batchmean")
+    exact = hessrank.effective_rank(model, loss_fn, (x, soft), "exact")
+    assert not any("widened to float64" in note for note in exact.notes), exact.notes
+    reference = eigenvalues_by_magnitude(double_backward_hessian(
+        copy.deepcopy(model).double(), loss_fn, x.double(), soft.double()))
+    assert_spectra_close(exact.eigenvalues, reference, rtol=1e-5)
+
+
+class _WeightedOnOddBatches(nn.Module):
+    """Cross-entropy that multiplies in a float32 all-ones class weight on batches whose first
+    target is odd: the same function, which fails in float64 on those batches alone."""
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if int(targets[0]) % 2:
+            return nn.functional.cross_entropy(outputs, targets, weight=torch.ones(3))
+        return nn.functional.cross_entropy(outputs, targets)
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_a_batch_whose_float64_loss_fails_runs_as_given(method):
+    """Over a data set the widening is decided on the first batch; a later batch whose float64
+    loss failed crashed the call with a dtype error about float64 outputs the caller never made
+    (probe 116). That batch's loss runs as given, with a note."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batches = [(torch.randn(8, 4), torch.tensor([first] + [0, 1, 2] * 2 + [0]))
+               for first in (0, 1, 2)]
+    loss_fn = _WeightedOnOddBatches()
+    result = hessrank.effective_rank(model, loss_fn, batches, method, seed=0)
+    assert any("failed in float64 on a batch of the data set" in note for note in result.notes)
+    twin = copy.deepcopy(model).double()
+    reference = sum(double_backward_hessian(twin, nn.CrossEntropyLoss(), x.double(), y)
+                    for x, y in batches) / len(batches)
+    expected = eigenvalues_by_magnitude(reference)
+    if method == "exact":
+        assert_spectra_close(result.eigenvalues, expected, rtol=1e-5)
+    else:
+        assert result.eigenvalues[0] == pytest.approx(expected[0], rel=1e-4)

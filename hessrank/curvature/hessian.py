@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from hessrank.curvature.loss import (
     direct_parameter_names,
-    in_float64,
+    float64_twin,
     loss_second_derivative_error,
 )
 from hessrank.curvature.operator import ParameterOperator
@@ -86,7 +86,7 @@ def _sequence_steps(module: nn.Module, args: tuple[Any, ...]) -> int:
 
 def _widened_loss(problem: CurvatureProblem) -> Tensor:
     """The loss on a forward pass, its outputs widened to float64 where they are in a lower
-    precision (the loss then in float64, :func:`~hessrank.curvature.loss.in_float64`), so that
+    precision (the loss then in float64, :func:`~hessrank.curvature.loss.float64_twin`), so that
     its derivatives w.r.t. the outputs, the output Hessian in every product, are float64's.
 
     Near a saturated softmax the float32 output Hessian ``diag(p) - p p^T`` rounds ``1 -
@@ -94,9 +94,12 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
     classifier's float32 ``exact`` had its top eigenvalue 21 % high, its third 8.5 times, and a
     negative eigenvalue of no direction (-3.5e-4 of a top of 3.0e-3), passing every check
     (probe 112). The loss runs as given, with a note, where it uses the parameters directly
-    (its float64 copy would hold copies of them: an L2 term had been dropped; probe 113) or
-    cannot be differentiated twice in float64 (a loss closing over float32 tensors, Huber's
-    backward with float32 targets), tried first on detached outputs."""
+    (its float64 copy would hold copies of them: an L2 term had been dropped; probe 113), is
+    another function in float64 (:func:`~hessrank.curvature.loss.float64_twin`: a clamp at
+    the dtype's eps) or cannot be differentiated twice there (a loss closing over float32
+    tensors, Huber's backward with float32 targets), tried first on detached outputs; and on a
+    batch of a data set where the float64 loss fails though the first batch's passed (probe
+    116)."""
     outputs = problem.forward()
     if not (isinstance(outputs, Tensor) and outputs.is_floating_point()
             and outputs.dtype != torch.float64):
@@ -108,7 +111,12 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
         problem.loss_widening[key] = _widening(problem, outputs)
     loss_fn, why = problem.loss_widening[key]
     if loss_fn is not None:
-        return problem.loss(outputs.double(), loss_fn)
+        try:
+            return problem.loss(outputs.double(), loss_fn)
+        except UnrepeatableLoss:
+            raise
+        except Exception as error:  # noqa: BLE001 - this batch's loss as given
+            why = _failure(error, "on a batch of the data set")
     note = (f"the loss runs in {str(outputs.dtype).removeprefix('torch.')}, not on outputs "
             f"widened to float64, since {why}: near a saturated softmax (probabilities within "
             "the dtype's rounding of 1) its curvature rounds to wrong, even negative, "
@@ -126,17 +134,28 @@ def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None
         if direct_parameter_names(problem.loss_fn, outputs.detach(), problem.targets,
                                   problem.params, problem.names):
             return None, "it uses the parameters directly"
-        loss_fn = in_float64(problem.loss_fn)
+        try:
+            loss_fn = float64_twin(problem.loss_fn, outputs, problem.targets)
+        except ValueError as error:
+            return None, str(error)
         try:
             trial = outputs.detach().double().requires_grad_(True)
             (gradient,) = torch.autograd.grad(problem.loss(trial, loss_fn), trial,
                                               create_graph=True)
-            torch.autograd.grad(gradient.sum(), trial, allow_unused=True)
+            if gradient.requires_grad:  # (a loss linear in the outputs has a constant one)
+                torch.autograd.grad(gradient.sum(), trial, allow_unused=True)
         except UnrepeatableLoss:
             raise
         except Exception as error:  # noqa: BLE001 - the loss as given, in the outputs' dtype
-            return None, f"it failed there ({type(error).__name__}: {str(error).splitlines()[0]})"
+            return None, _failure(error)
     return loss_fn, None
+
+
+def _failure(error: Exception, where: str = "") -> str:
+    """Why the loss is not widened: it failed in float64 (``where``), with the error's first
+    line."""
+    return (f"it failed in float64{' ' + where if where else ''} ({type(error).__name__}: "
+            f"{(str(error).splitlines() or [''])[0]})")
 
 
 class HessianOperator(ParameterOperator):
