@@ -453,6 +453,11 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
             advice = ("loss_fn modifies the outputs in place (f /= T, f.relu_(), "
                       "f.masked_fill_(...)), which the call's leaf copies of them cannot take: "
                       "make those operations out of place (f = f / T, f.masked_fill(...))")
+        elif isinstance(error, TypeError) and "required positional argument" in str(error):
+            # (nn.GaussianNLLLoss passed as it is had been told to check its targets; probe 116)
+            advice = ("hessrank calls loss_fn(outputs, targets): a loss with more inputs goes in "
+                      "a function that makes them from the outputs, e.g. for nn.GaussianNLLLoss "
+                      "lambda f, y: nn.GaussianNLLLoss()(f[:, :k], y, f[:, k:].exp())")
         elif not targets.is_floating_point() and "can't be cast" in str(error):
             advice = ("This loss takes floating-point targets (nn.BCEWithLogitsLoss's 0/1 labels, "
                       "regression values): cast them with targets.float(), or to "
@@ -467,7 +472,7 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
         ) from error
     if finite and isinstance(value, Tensor) and value.numel() == 1:
         _refuse_all_ignored(loss_fn, value, targets)
-    check_loss(value, finite)
+    check_loss(value, finite, targets)
     if outputs.requires_grad and not value.requires_grad:
         raise ValueError(
             "loss_fn returned a value without a graph to the outputs (detached, computed under "
@@ -515,9 +520,9 @@ def half_precision_error(what: str, fix: str) -> ValueError:
                       f"carry errors of 1e-4 to 1e-2 of its largest eigenvalue. {fix}")
 
 
-def check_loss(value: object, finite: bool = True) -> None:
+def check_loss(value: object, finite: bool = True, targets: Tensor | None = None) -> None:
     """Raise if the loss is not a scalar tensor in single or double precision, or (``finite``)
-    not a finite one."""
+    not a finite one; ``targets``, where given, for the cause of a half-precision loss."""
     if not isinstance(value, Tensor):
         raise TypeError(
             f"loss_fn returned {type(value).__name__}, expected a scalar tensor: return "
@@ -531,6 +536,11 @@ def check_loss(value: object, finite: bool = True) -> None:
     if value.dtype in (torch.float16, torch.bfloat16):
         # (each method had named another cause: asymmetric products, samples that interact;
         # probe 72)
+        if targets is not None and targets.dtype == value.dtype:  # (a cast was blamed; probe 116)
+            raise half_precision_error(
+                f"loss_fn returned a {value.dtype} loss, the dtype of the targets, to which the "
+                "loss promotes its result (nn.BCEWithLogitsLoss with half-precision 0/1 labels)",
+                "Pass the targets in the outputs' dtype: targets.float()")
         raise half_precision_error(
             f"loss_fn returned a {value.dtype} loss (a cast inside it, such as "
             "F.cross_entropy(outputs.bfloat16(), targets), or torch.autocast inside it)",

@@ -1378,6 +1378,29 @@ def test_a_half_precision_loss_is_refused(method):
                                     r"Compute the loss in the outputs' dtype")
 
 
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_a_loss_made_half_precision_by_its_targets_names_them(method):
+    """``nn.BCEWithLogitsLoss`` returns half precision for half-precision 0/1 labels: the
+    refusal blamed a cast or autocast inside the loss (probe 116); the fix is the targets'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    labels = (torch.rand(8, 3) > 0.5).half()
+    _check(model, lambda: hessrank.effective_rank(model, nn.BCEWithLogitsLoss(),
+                                                  (torch.randn(8, 4), labels), method),
+           ValueError, r"loss_fn returned a torch.float16 loss, the dtype of the targets.*"
+                       r"Pass the targets in the outputs' dtype: targets.float\(\)")
+
+
+def test_a_loss_with_more_inputs_is_told_how_to_pass_them():
+    """``nn.GaussianNLLLoss`` passed as it is (it takes a variance too) had been told to check its
+    targets' shape and class indices (probe 116)."""
+    model, (x, _) = mlp((5, 6, 4)), classification_batch(8, 5, 4)
+    targets = torch.randn(8, 4, dtype=torch.float64)
+    _check(model, lambda: hessrank.effective_rank(model, nn.GaussianNLLLoss(), (x, targets)),
+           TypeError, r"missing 1 required positional argument: 'var'. hessrank calls "
+                      r"loss_fn\(outputs, targets\): a loss with more inputs goes in a function")
+
+
 class _Cast(nn.Module):
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
