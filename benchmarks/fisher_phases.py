@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from paired_trees import fisher_case  # this folder: the same MLP, batch and warm-up
+from paired_trees import method_case  # this folder: the same MLP, batch and warm-up
 
 
 def main() -> int:
@@ -42,7 +42,7 @@ def main() -> int:
     parser.add_argument("--arch", default="mlp",
                         help="mlp (n = 512) or an architecture of run.py (n = 128)")
     args = parser.parse_args()
-    fwd_bwd, fisher, _ = fisher_case(args.threads, args.arch)
+    fwd_bwd, fisher, _ = method_case(args.threads, args.arch)
 
     def timed(run: Callable[[], None]) -> float:
         start = time.perf_counter()

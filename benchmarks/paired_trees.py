@@ -1,10 +1,13 @@
-"""``fisher`` / forward+backward for several source trees, paired round by round.
+"""``fisher`` (or ``--method``) / forward+backward for several source trees, paired round by round.
 
 One worker process per tree (``PYTHONPATH`` set to the tree, so each imports its own hessrank),
 all started at once and asked in turn for one round each: three plain forward+backward passes
 (median kept) and one ``hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), "fisher")``
 call, the same seeded MLP 784-512-512-10 and batch (n = 512, float32, 2 threads) as
-``run.py --only fisher``, or with ``--arch`` one of ``run.py``'s architectures at n = 128. The
+``run.py --only fisher``, or with ``--arch`` one of ``run.py``'s architectures at n = 128;
+``--method`` times another method, ``--batches K`` the batch split into a data set of ``K``
+batches (a list, which hessrank streams batch by batch), ``--option name=value`` passes an
+estimator option (``lanczos_steps=40``: the default spends ``min(640, P/3)`` products). The
 trees of one round run within a second of each other, so they see the same machine load; each
 tree's figure is the median over rounds of its per-round ratio, and the rounds are also split by
 the machine's regime (a forward+backward below ``--fast-ms`` is the shared machine's fast state,
@@ -14,6 +17,8 @@ Usage (a tree is a checkout, e.g. ``git worktree add /tmp/base <commit>``)::
 
     python benchmarks/paired_trees.py /tmp/base . --rounds 30
     python benchmarks/paired_trees.py /tmp/base . --arch encoder --rounds 10
+    python benchmarks/paired_trees.py /tmp/base . --arch gpt --method lanczos --batches 4 \
+        --option lanczos_steps=40 --rounds 6
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from pathlib import Path
 from typing import Any
 
 
-def fisher_case(threads: int, arch: str = "mlp"
+def method_case(threads: int, arch: str = "mlp", method: str = "fisher", batches: int = 1,
+                options: dict[str, Any] | None = None
                 ) -> tuple[Callable[[], None], Callable[..., None], str]:
     """The MLP and batch of ``run.py --only fisher`` (or ``run.py``'s ``arch`` at n = 128) with
-    torch on ``threads`` threads: its plain forward+backward, hessrank's ``fisher`` call (each
+    torch on ``threads`` threads: its plain forward+backward, hessrank's ``method`` call (with
+    the estimator ``options``) on the batch (or on it split into ``batches`` batches; each
     warmed up once), and the path of the hessrank that runs (imported here, so a worker's
     ``PYTHONPATH`` picks the tree)."""
     import warnings
@@ -63,17 +70,19 @@ def fisher_case(threads: int, arch: str = "mlp"
         model.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
 
-    def fisher(**options: Any) -> None:
-        hessrank.effective_rank(model, loss, (x, y), "fisher", **options)
+    data: Any = (x, y) if batches == 1 else list(zip(x.chunk(batches), y.chunk(batches)))
+
+    def call(**extra: Any) -> None:
+        hessrank.effective_rank(model, loss, data, method, **(options or {}), **extra)
 
     fwd_bwd()
-    fisher()
-    return fwd_bwd, fisher, hessrank.__file__
+    call()
+    return fwd_bwd, call, hessrank.__file__
 
 
-def worker(threads: int, arch: str) -> None:
+def worker(threads: int, arch: str, method: str, batches: int, options: dict[str, Any]) -> None:
     """Answer each line on stdin with one round's timings (a JSON line)."""
-    fwd_bwd, fisher, source = fisher_case(threads, arch)
+    fwd_bwd, call, source = method_case(threads, arch, method, batches, options)
     print(json.dumps({"ready": source}), flush=True)
     for _ in sys.stdin:
         times = []
@@ -82,9 +91,9 @@ def worker(threads: int, arch: str) -> None:
             fwd_bwd()
             times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        fisher()
+        call()
         print(json.dumps({"fwd_bwd": statistics.median(times),
-                          "fisher": time.perf_counter() - start}), flush=True)
+                          "method": time.perf_counter() - start}), flush=True)
 
 
 def main() -> int:
@@ -94,12 +103,19 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arch", default="mlp",
                         help="mlp (the 670k MLP, n = 512) or an architecture of run.py (n = 128)")
+    parser.add_argument("--method", default="fisher", help="the method timed")
+    parser.add_argument("--batches", type=int, default=1,
+                        help="split the batch into this many (a data set)")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an estimator option (a number), e.g. lanczos_steps=40")
     parser.add_argument("--fast-ms", type=float, default=25.0,
                         help="a round whose forward+backward is faster is in the fast regime")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    options = {name: json.loads(value) for name, _, value in
+               (option.partition("=") for option in args.option)}
     if args.worker:
-        worker(args.threads, args.arch)
+        worker(args.threads, args.arch, args.method, args.batches, options)
         return 0
     if not args.trees:
         parser.error("give at least one source tree")
@@ -108,7 +124,8 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "--worker", "--threads", str(args.threads), "--arch",
-             args.arch], env=env,
+             args.arch, "--method", args.method, "--batches", str(args.batches),
+             *(item for option in args.option for item in ("--option", option))], env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     for tree, proc in zip(args.trees, procs):
         assert proc.stdout is not None
@@ -137,12 +154,12 @@ def main() -> int:
                             ("throttled", [not f for f in fast])):
             kept = [row for row, k in zip(rows[tree], keep) if k]
             if kept:
-                ratios = [row["fisher"] / row["fwd_bwd"] for row in kept]
+                ratios = [row["method"] / row["fwd_bwd"] for row in kept]
                 line.append(f"{label} {statistics.median(ratios):.2f} "
                             f"(fwd+bwd {statistics.median(r['fwd_bwd'] for r in kept) * 1e3:.1f} "
                             f"ms, n={len(kept)})")
         print("  ".join(line))
-        print("  ratios: " + " ".join(f"{row['fisher'] / row['fwd_bwd']:.2f}"
+        print("  ratios: " + " ".join(f"{row['method'] / row['fwd_bwd']:.2f}"
                                       for row in rows[tree]))
     return 0
 

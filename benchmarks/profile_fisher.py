@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from paired_trees import fisher_case  # this folder: the same model, batch and warm-up
+from paired_trees import method_case  # this folder: the same model, batch and warm-up
 
 
 def main() -> int:
@@ -25,7 +25,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--lines", type=int, default=30, help="profile lines to print")
     args = parser.parse_args()
-    fwd_bwd, fisher, _ = fisher_case(2, args.arch)  # warmed up
+    fwd_bwd, fisher, _ = method_case(2, args.arch)  # warmed up
 
     def seconds(call: Callable[[], None]) -> float:
         times = []
