@@ -787,7 +787,8 @@ def _blocks_in(dtype: torch.dtype, loss_fn: LossFn, outputs: Tensor, targets: Te
                generator: torch.Generator) -> Tensor | None:
     """The symmetrised float64 copy of the per-sample output-Hessian blocks
     (:func:`output_hessian_blocks`) of the loss evaluated on ``outputs`` (and floating targets)
-    in ``dtype``; None where the loss cannot be evaluated or differentiated there."""
+    in ``dtype``; None where the loss cannot be evaluated or differentiated there, or is
+    another function in float64 (:func:`float64_twin`)."""
     labels = targets.to(dtype) if targets.is_floating_point() else targets
     try:
         cast = (float64_twin(loss_fn, outputs, targets) if dtype == torch.float64 else loss_fn)
