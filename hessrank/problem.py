@@ -1402,12 +1402,7 @@ class GraphBytes:
             self._found[pointer] = size
             if tensor.requires_grad:
                 self._largest_differentiable = max(self._largest_differentiable, size)
-        # detached (autograd restores what it needs on unpacking): a saved output kept as it is
-        # holds its own grad_fn, a cycle through C++ that no garbage collection frees where the
-        # graph is never backpropagated or is retained (Lanczos over a data set grew by 6 KiB a
-        # sample a product, to 7 GB at 65,536 samples; probe 63). With its version, which
-        # autograd checks only of the tensors it packs itself (:meth:`_unpack`).
-        return tensor.detach(), tensor._version
+        return _detached(tensor)
 
     @staticmethod
     def _unpack(packed: tuple[Tensor, int]) -> Tensor:
@@ -1436,6 +1431,16 @@ class GraphBytes:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
 
+    @classmethod
+    @contextmanager
+    def uncounted(cls) -> Iterator[None]:
+        """Within :meth:`counting`, passes that are no part of the graph counted (a trial):
+        their saved tensors kept as :meth:`counting` keeps them, not counted (kept as they are,
+        the float64 widening's trial leaked its graph at every operator build: 1.1 MiB a call
+        of a four-batch ``lanczos``, 8 GB over a long GPT run)."""
+        with torch.autograd.graph.saved_tensors_hooks(_detached, cls._unpack):
+            yield
+
     @property
     def total(self) -> int:
         return sum(self._found.values())
@@ -1445,6 +1450,16 @@ class GraphBytes:
         """Bytes of the largest saved tensor's storage among those gradients flow through
         (activations; not a fused kernel's workspace, such as an LSTM's gates); 0 if none."""
         return self._largest_differentiable
+
+
+def _detached(tensor: Tensor) -> tuple[Tensor, int]:
+    """A saved tensor as :class:`GraphBytes` keeps it: detached (autograd restores what it needs
+    on unpacking: a saved output kept as it is holds its own grad_fn, a cycle through C++ that no
+    garbage collection frees where the graph is never backpropagated or is retained; Lanczos over
+    a data set grew by 6 KiB a sample a product, to 7 GB at 65,536 samples; probe 63), with its
+    version, which autograd checks only of the tensors it packs itself
+    (:meth:`GraphBytes._unpack`)."""
+    return tensor.detach(), tensor._version
 
 
 def _storage(tensor: Tensor) -> tuple[int, int]:

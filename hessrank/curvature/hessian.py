@@ -130,7 +130,7 @@ def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None
     """``(the loss for float64 outputs, None)`` where :func:`_widened_loss` may widen, else
     ``(None, why not)``: its two trials on detached ``outputs``, kept out of the operator's
     graph count."""
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    with GraphBytes.uncounted():
         if direct_parameter_names(problem.loss_fn, outputs.detach(), problem.targets,
                                   problem.params, problem.names):
             return None, "it uses the parameters directly"
