@@ -1906,3 +1906,20 @@ def test_torchscript_modules_refused_before_anything(scripted):
            TypeError, f"{what} a TorchScript module.*pass the nn.Module it was made from")
     assert all(a is b for a, b in zip(tensors, [*model.parameters(), *loss_fn.buffers()]))
     assert torch.equal(next(loss_fn.buffers()), torch.tensor([1.0, 2.0, 0.5]))
+
+
+@pytest.mark.parametrize("method", ["ggn", "ggn_lanczos"])
+def test_a_loss_with_no_finite_curvature_is_named_for_the_ggn(method):
+    """``F.nll_loss(F.softmax(f).log(), y)`` with probabilities that underflow to zero: the
+    GGN's eigen-solve of its NaN output-Hessian blocks raised torch's ``LinAlgError`` (probe
+    117); ``exact`` and ``fisher`` already named the loss."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 5, dtype=torch.float64) * 300
+    model = nn.Linear(5, 3).double()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        assert bool((model(x).softmax(1) == 0).any())
+    _check(model, lambda: hessrank.effective_rank(
+        model, lambda f, t: nn.functional.nll_loss(f.softmax(1).log(), t), (x, y), method),
+        ValueError, r"second derivatives w.r.t. the outputs are not finite for sample \d+: the "
+                    r"GGN of these outputs is undefined")

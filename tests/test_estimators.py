@@ -1045,7 +1045,21 @@ def _eps_clamped_nll(outputs: torch.Tensor, targets: torch.Tensor,
     return nn.functional.nll_loss(outputs.softmax(1).clamp(eps, 1 - eps).log(), targets)
 
 
-def test_a_loss_that_is_another_function_in_float64_runs_as_given():
+#: floors by dtype, as tensors (their values are no argument a call shows)
+_FLOORS = {torch.float32: torch.tensor(torch.finfo(torch.float32).eps),
+           torch.float64: torch.tensor(torch.finfo(torch.float64).eps)}
+
+
+def _tensor_floored_nll(outputs: torch.Tensor, targets: torch.Tensor,
+                        eps: float | None = None) -> torch.Tensor:
+    """:func:`_eps_clamped_nll`'s lower clamp, with the floor a tensor chosen by the dtype."""
+    floor = _FLOORS[outputs.dtype] if eps is None else torch.tensor(eps, dtype=outputs.dtype)
+    return nn.functional.nll_loss(torch.maximum(outputs.softmax(1), floor).log(), targets)
+
+
+@pytest.mark.parametrize("loss_fn", [_eps_clamped_nll, _tensor_floored_nll],
+                         ids=["a number from finfo", "a tensor keyed by dtype"])
+def test_a_loss_that_is_another_function_in_float64_runs_as_given(loss_fn):
     """A loss whose constants come from its outputs' dtype was widened to float64 as another
     function: with confidently wrong samples below float32's clamp, ``exact`` gave the float64
     function's Hessian (top 446 for 308, srank 15 for 8) without a word, and ``ggn`` that
@@ -1063,15 +1077,35 @@ def test_a_loss_that_is_another_function_in_float64_runs_as_given():
     float32_eps = torch.finfo(torch.float32).eps
     assert int((outputs.double().softmax(1)[torch.arange(6), y[:6]] < float32_eps).sum()) >= 3
     as_given = eigenvalues_by_magnitude(double_backward_hessian(
-        copy.deepcopy(model).double(), lambda f, t: _eps_clamped_nll(f, t, float32_eps),
-        x.double(), y))
-    exact = hessrank.effective_rank(model, _eps_clamped_nll, (x, y), "exact")
+        copy.deepcopy(model).double(), lambda f, t: loss_fn(f, t, float32_eps), x.double(), y))
+    exact = hessrank.effective_rank(model, loss_fn, (x, y), "exact")
     assert_spectra_close(exact.eigenvalues, as_given, rtol=1e-5)
     assert any("computes another function in float64" in note for note in exact.notes)
-    lanczos = hessrank.effective_rank(model, _eps_clamped_nll, (x, y), "lanczos", seed=0)
+    lanczos = hessrank.effective_rank(model, loss_fn, (x, y), "lanczos", seed=0)
     assert lanczos.eigenvalues[0] == pytest.approx(as_given[0], rel=1e-4)
     with pytest.raises(ValueError, match="beyond the precision that could be evaluated here"):
-        hessrank.effective_rank(model, _eps_clamped_nll, (x, y), "ggn")
+        hessrank.effective_rank(model, loss_fn, (x, y), "ggn")
+
+
+@pytest.mark.parametrize(("loss_fn", "note"), [
+    (lambda f, y: nn.functional.cross_entropy(f.float(), y), "computes in float32 inside"),
+    (lambda f, y: nn.functional.nll_loss(nn.functional.log_softmax(f, 1, dtype=torch.float32),
+                                         y), "computes in float32 inside"),
+    (lambda f, y: nn.functional.cross_entropy(f - f.detach().numpy().max(), y), None)],
+    ids=["a cast back to float32", "dtype=float32", "a NumPy scalar"])
+def test_what_the_widening_says_of_a_loss_s_precision(loss_fn, note):
+    """A loss that casts back to float32 inside (the common ``F.cross_entropy(f.float(), y)``)
+    is computed in float32 whatever the outputs' precision: the widening did nothing, silently
+    (a saturated classifier's top eigenvalue 21 % high, a negative eigenvalue; probe 117), and
+    now says so. A scalar read through NumPy (``np.float32`` in one precision, ``np.float64``
+    in the other) is the same number, no reason not to widen."""
+    model, x, y = _confident_classifier()
+    exact = hessrank.effective_rank(model, loss_fn, (x, y), "exact")
+    widening = [n for n in exact.notes if "not on outputs widened to float64" in n]
+    if note is None:
+        assert not widening, widening
+    else:
+        assert len(widening) == 1 and note in widening[0]
 
 
 def test_a_loss_linear_in_the_outputs_is_widened_without_a_note():

@@ -120,7 +120,8 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
     note = (f"the loss runs in {str(outputs.dtype).removeprefix('torch.')}, not on outputs "
             f"widened to float64, since {why}: near a saturated softmax (probabilities within "
             "the dtype's rounding of 1) its curvature rounds to wrong, even negative, "
-            "eigenvalues; analyse a float64 copy of the model there")
+            "eigenvalues; analyse a float64 copy of the model there, its loss computed in "
+            "float64")
     if note not in problem.notes:
         problem.notes.append(note)
     return problem.loss(outputs)

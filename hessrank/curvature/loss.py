@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.func import vmap
@@ -307,18 +309,23 @@ def _check_squares_in_range(factors: Tensor, dtype: torch.dtype) -> None:
 
 def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
     """``loss_fn`` for float64 copies of ``outputs`` (in a lower precision), checked to be the
-    same function there: a loss module holding floating tensors of another dtype (a class
-    ``weight``, a ``pos_weight``) as a float64 deep copy, anything else as it is; the torch
-    functions it calls on the float64 outputs must match, call by call, those it calls on
-    ``outputs``, with the same numbers among their arguments (to ``outputs``' agreement
-    tolerance). A constant made from the outputs' dtype (a clamp at
-    ``torch.finfo(outputs.dtype).eps``) or a branch on it makes another function in float64,
-    whose curvature is not the loss's (an eps-clamped log-loss's Hessian came out 45 % high,
-    its srank 15 for 8; probe 116). Two evaluations of the loss without a graph.
+    same function there, computed in float64: a loss module holding floating tensors of another
+    dtype (a class ``weight``, a ``pos_weight``) as a float64 deep copy, anything else as it
+    is; the torch functions it calls on the float64 outputs must match, call by call, those it
+    calls on ``outputs`` (:class:`_Calls`): the same numbers among their arguments, the same
+    values of the small tensors not computed from the outputs (to ``outputs``' agreement
+    tolerance), and results at least as precise as the outputs. A constant chosen by the
+    outputs' dtype (a clamp at ``torch.finfo(outputs.dtype).eps``, a tensor from a table keyed
+    by dtype) or a branch on it makes another function in float64, whose curvature is not the
+    loss's (an eps-clamped log-loss's Hessian came out 45 % high, its srank 15 for 8; probe
+    116); a cast back to float32 inside (``F.cross_entropy(f.float(), y)``) computes it in
+    float32 still (a saturated classifier's top eigenvalue 21 % high; probe 117). Two
+    evaluations of the loss without a graph.
 
     Raises:
         ValueError: the loss fails on either (a module that cannot be deep-copied, a tensor
-            of its own in another dtype), or is another function in float64; naming why.
+            of its own in another dtype), is another function in float64, or computes in a
+            lower precision there; naming why.
     """
     twin = loss_fn
     try:
@@ -326,9 +333,9 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
                 t.is_floating_point() and t.dtype != torch.float64
                 for t in [*loss_fn.parameters(), *loss_fn.buffers()]):
             twin = copy.deepcopy(loss_fn).double()
-        given, widened = _Calls(), _Calls()
         with torch.no_grad():
             low, high = outputs.detach(), outputs.detach().double()
+            given, widened = _Calls(low), _Calls(high)
             with given:
                 loss_fn(low, targets)
             with widened:
@@ -336,38 +343,87 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
     except Exception as error:  # noqa: BLE001 - any failure: no float64 twin
         raise ValueError(f"it failed in float64 ({type(error).__name__}: "
                          f"{(str(error).splitlines() or [''])[0]})") from error
+    if widened.lowered:
+        raise ValueError(f"it computes in {str(widened.lowered).removeprefix('torch.')} inside "
+                         "(a cast such as outputs.float() or dtype=torch.float32 in the loss), "
+                         "whatever the outputs' precision")
     if not _same_calls(given.calls, widened.calls, agreement_tolerance(outputs.dtype)):
         raise ValueError("it computes another function in float64 (a constant or a branch that "
                          "depends on the outputs' dtype, such as torch.finfo(outputs.dtype).eps)")
     return twin
 
 
-class _Calls(TorchFunctionMode):
-    """The torch functions a loss calls, each with the :func:`_structure` of its arguments."""
+#: Tensors not computed from the outputs up to which :class:`_Calls` records their values (a
+#: constant such as an eps or a class weight).
+_CONSTANT_ENTRIES = 64
 
-    def __init__(self) -> None:
+
+class _Calls(TorchFunctionMode):
+    """The torch functions a loss calls on ``outputs``, each with the :func:`_structure` of its
+    arguments, where a tensor computed from the outputs (:attr:`derived`) is its shape alone and
+    a small other one (a constant) its values too; and :attr:`lowered`, the first floating dtype
+    less precise than the outputs' that a call returned (None where none did)."""
+
+    def __init__(self, outputs: Tensor) -> None:
         super().__init__()
+        self.eps = torch.finfo(outputs.dtype).eps
         self.calls: list[tuple[object, object]] = []
+        #: the tensors computed from the outputs, by id (held, so that no id is reused)
+        self.derived: dict[int, Tensor] = {id(outputs): outputs}
+        self.lowered: torch.dtype | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
-        self.calls.append((func, _structure((args, kwargs or {}))))
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        self.calls.append((func, _structure((args, kwargs), self.derived)))
+        result = func(*args, **kwargs)
+        if any(id(t) in self.derived for t in _tensors((args, kwargs))):
+            for tensor in _tensors(result):
+                self.derived[id(tensor)] = tensor
+                if (self.lowered is None and tensor.is_floating_point()
+                        and torch.finfo(tensor.dtype).eps > self.eps):
+                    self.lowered = tensor.dtype
+        return result
 
 
-def _structure(value: object) -> object:
-    """``value`` without what a change of precision changes: a tensor as its shape and whether
-    it is floating, a floating dtype as ``"floating"``; numbers, strings and other dtypes as
-    they are; containers element by element; any other object as its type's name."""
+def _tensors(value: object) -> list[Tensor]:
+    """The tensors in ``value`` (containers searched)."""
     if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
+
+
+def _structure(value: object, derived: dict[int, Tensor]) -> object:
+    """``value`` without what a change of precision changes: a tensor computed from the
+    outputs (``derived``) as its shape, any other as its shape and, up to
+    :data:`_CONSTANT_ENTRIES` entries, its values; a floating dtype as ``"floating"``; numbers
+    (NumPy's too) as Python numbers, strings and other dtypes as they are; containers element
+    by element; any other object as its type's name."""
+    if isinstance(value, Tensor):
+        if id(value) not in derived and value.numel() <= _CONSTANT_ENTRIES:
+            values = value.detach().to("cpu", torch.float64 if value.is_floating_point()
+                                       or value.dtype == torch.bool else value.dtype)
+            return ("constant", tuple(value.shape), tuple(values.flatten().tolist()))
         return ("tensor", tuple(value.shape), value.is_floating_point() or value.dtype)
     if isinstance(value, torch.dtype):
         return "floating" if value.is_floating_point else value
     if isinstance(value, list | tuple):
-        return tuple(_structure(item) for item in value)
+        return tuple(_structure(item, derived) for item in value)
     if isinstance(value, dict):
-        return tuple((key, _structure(item)) for key, item in value.items())
-    if value is None or isinstance(value, bool | int | float | complex | str):
+        return tuple((key, _structure(item, derived)) for key, item in value.items())
+    if isinstance(value, np.ndarray) and value.size <= _CONSTANT_ENTRIES:
+        return ("array", value.shape, tuple(np.asarray(value, dtype=float).flatten().tolist()))
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):  # (np.float32 and np.float64 alike; probe 117)
+        return float(value)
+    if value is None or isinstance(value, complex | str):
         return value
     return type(value).__name__
 
@@ -692,6 +748,13 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     if found is None:
         raise _linear_loss_error()
     blocks = _symmetric(found)
+    finite = torch.isfinite(blocks).flatten(1).all(dim=1)
+    if not bool(finite.all()):  # (eigh had raised torch's LinAlgError; probe 117)
+        raise ValueError(
+            f"the loss's second derivatives w.r.t. the outputs are not finite for sample "
+            f"{int((~finite).nonzero()[0])}: the GGN of these outputs is undefined; check loss_fn "
+            "at them (a log of a probability that underflowed to zero: use F.log_softmax, or "
+            "F.cross_entropy on the logits)")
     if not bool((blocks != 0).any()):
         raise _flat_curvature_error(loss_fn, leaf, targets, generator)
     # Each block is solved with its diagonal scaled to one, B = S M S (S = diag(sqrt|B_cc|)):
