@@ -173,7 +173,8 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--depth",
         type=_integer(0),
-        help="hidden layers (mlp), conv layers (cnn), residual blocks (resnet) (default 2)",
+        help=", ".join(f"{unit}s ({name})" for name, unit in presets.DEPTH_UNITS.items())
+        + " (default 2)",
     )
     group.add_argument("--weights", help="state_dict (.pt) to load into the model (default: none)")
     group.add_argument(
