@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from hessrank.curvature.loss import (
     direct_parameter_names,
+    float64_failure,
     float64_twin,
     loss_second_derivative_error,
 )
@@ -116,7 +117,7 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
         except UnrepeatableLoss:
             raise
         except Exception as error:  # noqa: BLE001 - this batch's loss as given
-            why = _failure(error, "on a batch of the data set")
+            why = float64_failure(error, "on a batch of the data set")
     note = (f"the loss runs in {str(outputs.dtype).removeprefix('torch.')}, not on outputs "
             f"widened to float64, since {why}: near a saturated softmax (probabilities within "
             "the dtype's rounding of 1) its curvature rounds to wrong, even negative, "
@@ -148,15 +149,8 @@ def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None
         except UnrepeatableLoss:
             raise
         except Exception as error:  # noqa: BLE001 - the loss as given, in the outputs' dtype
-            return None, _failure(error)
+            return None, float64_failure(error)
     return loss_fn, None
-
-
-def _failure(error: Exception, where: str = "") -> str:
-    """Why the loss is not widened: it failed in float64 (``where``), with the error's first
-    line."""
-    return (f"it failed in float64{' ' + where if where else ''} ({type(error).__name__}: "
-            f"{(str(error).splitlines() or [''])[0]})")
 
 
 class HessianOperator(ParameterOperator):

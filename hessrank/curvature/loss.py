@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from hessrank.problem import (
     LossFn,
@@ -341,8 +342,7 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
             with widened:
                 twin(high, targets)
     except Exception as error:  # noqa: BLE001 - any failure: no float64 twin
-        raise ValueError(f"it failed in float64 ({type(error).__name__}: "
-                         f"{(str(error).splitlines() or [''])[0]})") from error
+        raise ValueError(float64_failure(error)) from error
     if widened.lowered:
         raise ValueError(f"it computes in {str(widened.lowered).removeprefix('torch.')} inside "
                          "(a cast such as outputs.float() or dtype=torch.float32 in the loss), "
@@ -351,6 +351,13 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
         raise ValueError("it computes another function in float64 (a constant or a branch that "
                          "depends on the outputs' dtype, such as torch.finfo(outputs.dtype).eps)")
     return twin
+
+
+def float64_failure(error: Exception, where: str = "") -> str:
+    """Why a loss has no float64 twin: it failed in float64 (``where``), with the error's type
+    and first line."""
+    return (f"it failed in float64{' ' + where if where else ''} ({type(error).__name__}: "
+            f"{(str(error).splitlines() or [''])[0]})")
 
 
 #: Tensors not computed from the outputs up to which :class:`_Calls` records their values (a
@@ -388,13 +395,7 @@ class _Calls(TorchFunctionMode):
 
 def _tensors(value: object) -> list[Tensor]:
     """The tensors in ``value`` (containers searched)."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, list | tuple):
-        return [t for item in value for t in _tensors(item)]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
-    return []
+    return [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, Tensor)]
 
 
 def _structure(value: object, derived: dict[int, Tensor]) -> object:
