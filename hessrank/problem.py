@@ -1150,6 +1150,11 @@ def difference_text(relative: float, largest: str) -> str:
     return f"by {relative:.1e} of {largest}"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32``: a dtype as messages name it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def agreement_tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance for two computations of the same quantity that differ only by rounding
     (different summation orders): about ``10^3`` units of rounding of ``dtype``."""
@@ -1420,7 +1425,7 @@ class GraphBytes:
             raise ValueError(
                 f"the model's forward (or the loss) modifies in place a tensor that autograd "
                 f"saved to differentiate an earlier operation (a {list(tensor.shape)} "
-                f"{str(tensor.dtype).removeprefix('torch.')} tensor, modified "
+                f"{dtype_name(tensor.dtype)} tensor, modified "
                 f"{tensor._version - version} time(s) after it was saved: h = torch.sigmoid(z); "
                 "h *= 2, say), so its derivatives would be wrong (a plain loss.backward() "
                 "raises too): write that operation out of place (h = h * 2)")

@@ -1052,6 +1052,29 @@ def test_float32_ggn_of_cross_entropy_plus_a_z_loss_is_not_taken_for_a_softmax(m
     assert_spectra_close(result.eigenvalues, reference, count=10, rtol=1e-4)
 
 
+def _float32_only_z_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """:func:`_z_loss` behind a guard that refuses any dtype but float32 (as a fused kernel
+    written for float32 would)."""
+    if outputs.dtype != torch.float32:
+        raise TypeError(f"this kernel takes float32, not {outputs.dtype}")
+    return _z_loss(outputs, targets)
+
+
+def test_a_softmax_structure_not_checked_in_float64_is_said():
+    """Where the loss cannot be run in float64, the float32 softmax test stands: for
+    cross-entropy plus a z-loss near saturation, a GGN 20x too small, which was reported
+    without a word. It is now noted, with why."""
+    model = _confident(1.0, inputs=6, outputs=10).float()
+    with torch.no_grad():
+        model[2].bias[0] += 14.0
+    x = torch.randn(8, 6, generator=_seeded(2))
+    y = torch.zeros(8, dtype=torch.long)
+    result = hessrank.effective_rank(model, _float32_only_z_loss, (x, y), method="ggn")
+    said = [n for n in result.notes if "not checked in float64" in n]
+    assert len(said) == 1 and "this kernel takes float32" in said[0], result.notes
+    assert "z-loss" in said[0]
+
+
 def test_float64_head_checks_use_samples_with_gradient():
     """The float64 confirmations read the first samples the loss weighs: with the batch's
     first 8 targets ignored they read only zero gradients, found no softmax, and refused the
@@ -1110,11 +1133,11 @@ def test_softmax_ggn_has_c_minus_one_columns_per_position():
     g = _seeded(3)
     logits = torch.randn(512, 10, generator=g)
     labels = torch.randint(0, 10, (512,), generator=g)
-    columns = ggn_cotangents(CE, logits, labels, torch.Generator().manual_seed(0))
+    columns = ggn_cotangents(CE, logits, labels, torch.Generator().manual_seed(0), [])
     assert columns.shape == (9, 512, 10)
     tokens = ggn_cotangents(CE, torch.randn(8, 10, 3, generator=g),
                             torch.randint(0, 10, (8, 3), generator=g),
-                            torch.Generator().manual_seed(0))
+                            torch.Generator().manual_seed(0), [])
     assert tokens.shape == (27, 8, 10, 3)
 
 
@@ -1227,7 +1250,7 @@ def test_mc_ggn_factors_are_unbiased_for_the_output_hessian():
         return loss(f.reshape(-1, 4), targets.reshape(-1))
 
     hessian = torch.autograd.functional.hessian(per_token, outputs).reshape(6, 4, 2, 3, 4)
-    factors = ggn_mc_cotangents(lambda f, y: per_token(f), outputs, targets, 100000, g)
+    factors = ggn_mc_cotangents(lambda f, y: per_token(f), outputs, targets, 100000, g, [])
     estimate = torch.einsum("mic,mjd->icjd", factors.reshape(-1, 6, 4), factors.reshape(-1, 6, 4))
     torch.testing.assert_close(estimate, hessian.reshape(6, 4, 6, 4), rtol=0,
                                atol=0.02 * float(hessian.abs().max()))
@@ -1240,7 +1263,7 @@ def test_mc_ggn_factors_are_sampled_softmax_gradients():
     g = torch.Generator().manual_seed(3)
     outputs = torch.randn(4, 5, 7, generator=g, dtype=torch.float64)  # [n, T, C]
     targets = torch.randint(0, 7, (4, 5), generator=g)
-    factors = ggn_mc_cotangents(token_ce, outputs, targets, 3, g)
+    factors = ggn_mc_cotangents(token_ce, outputs, targets, 3, g, [])
     assert factors.shape == (3, 4, 5, 7)
     probs = torch.softmax(outputs, dim=-1)
     onehot = probs - factors * (3 * 20) ** 0.5  # a = 1 / (n T) = 1 / 20

@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 from hessrank.curvature.loss import (
+    add_float64_note,
     direct_parameter_names,
     float64_failure,
     float64_twin,
@@ -29,6 +30,7 @@ from hessrank.problem import (
     LossFn,
     UnrepeatableLoss,
     agreement_tolerance,
+    dtype_name,
     lower_precision_cause,
     unused_parameters,
     without_second_derivative,
@@ -118,14 +120,14 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
             raise
         except Exception as error:  # noqa: BLE001 - this batch's loss as given
             why = float64_failure(error, "on a batch of the data set")
-    note = (f"the loss runs in {str(outputs.dtype).removeprefix('torch.')}, not on outputs "
-            f"widened to float64, since {why}: near a saturated softmax (probabilities within "
-            "the dtype's rounding of 1) its curvature rounds to wrong, even negative, "
-            "eigenvalues; analyse a float64 copy of the model there, its loss computed in "
-            "float64")
-    if note not in problem.notes:
-        problem.notes.append(note)
+    add_float64_note(problem.notes, f"{_UNWIDENED} {dtype_name(outputs.dtype)}, not on outputs "
+                     "widened to float64", str(why),
+                     "its curvature rounds to wrong, even negative, eigenvalues")
     return problem.loss(outputs)
+
+
+#: How the note of a loss not widened to float64 opens (:func:`_widened_loss`).
+_UNWIDENED = "the loss runs in"
 
 
 def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None, str | None]:
@@ -316,15 +318,22 @@ def asymmetry_error(asymmetry: float, problem: CurvatureProblem) -> ValueError |
     cause = lower_precision_cause(problem, asymmetry)
     if cause:
         return ValueError(f"{observation}: {cause}")
+    unwidened = [note for note in problem.notes if note.startswith(_UNWIDENED)]
+    if unwidened:  # the loss's own rounding near saturation, first
+        rounding = f"; or the loss's rounding, as {unwidened[0]}"
+    elif problem.dtype == torch.float64:
+        rounding = ("; at a loss near zero, a memorised batch's, the rounding of the larger terms "
+                    "the products sum can exceed the allowance too: the model's float32 copy, "
+                    "whose loss runs in float64, then passes")
+    else:
+        rounding = ""
     return ValueError(
         f"{observation}: autograd's second derivative of some operation in the model or the "
         "loss is wrong (a custom autograd.Function whose backward is not itself "
         "differentiable as written, or a torch kernel with a wrong double backward), so no "
         "eigenvalue of them is the Hessian's. Use method='fisher' or 'ggn' (no second "
         "derivatives of the model), or write that operation with plain differentiable torch "
-        "operations (at a loss near zero, a memorised batch's, the rounding of the larger terms "
-        "the products sum can exceed the allowance too: the model's float32 copy, whose loss "
-        "runs in float64, then passes)")
+        f"operations{rounding}")
 
 
 def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,

@@ -36,23 +36,26 @@ import copy
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from hessrank.problem import (
     LossFn,
     agreement_tolerance,
+    dtype_name,
     evaluate_loss,
     listed_names,
     without_second_derivative,
 )
+
+_Result = TypeVar("_Result")
 
 
 def direct_parameter_names(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
@@ -211,7 +214,8 @@ def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
 FISHER_LOSS_SIDE_COPIES = 16
 
 
-def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                      notes: list[str]) -> tuple[Tensor, Tensor]:
     """``s_i = sqrt(a_i) dl_i/df_i`` (see the module docstring), verified, and the weights.
 
     Two checks, both on the loss alone (no model pass): the gradient identity
@@ -224,6 +228,10 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tupl
     sample on (``f_{i+1}`` with ``y_i``: each row stays a valid output, so the loss's domain
     is kept) and must agree within their uncertainty wherever both are read. Mean, sum, class
     weights and ``ignore_index`` set ``a_i`` from the targets and the batch only.
+
+    Below float64 the weights and gradients are read again in float64 where the first
+    reading's rounding shows (:func:`_rounding_shows`); where the loss cannot be evaluated in
+    float64, the first reading stands, with a note in ``notes``.
 
     Returns:
         Cotangents ``[1, n, *out]`` and the per-sample weights ``a_i`` ``[n]`` (0 for samples
@@ -239,7 +247,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tupl
                 torch.zeros(outputs.shape[0], dtype=outputs.dtype, device=outputs.device))
     dtype = outputs.dtype
     if dtype != torch.float64 and (_unread_terms_matter(read, dtype)
-                                   or _rounding_shows(loss_fn, outputs, targets, read)):
+                                   or _rounding_shows(loss_fn, outputs, targets, read, notes)):
         try:
             loss_fn = float64_twin(loss_fn, outputs, targets)
             outputs = outputs.double()
@@ -319,14 +327,19 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
     outputs' dtype (a clamp at ``torch.finfo(outputs.dtype).eps``, a tensor from a table keyed
     by dtype) or a branch on it makes another function in float64, whose curvature is not the
     loss's (an eps-clamped log-loss's Hessian came out 45 % high, its srank 15 for 8; probe
-    116); a cast back to float32 inside (``F.cross_entropy(f.float(), y)``) computes it in
-    float32 still (a saturated classifier's top eigenvalue 21 % high; probe 117). Two
-    evaluations of the loss without a graph.
+    116).
+
+    Where the loss as it is fails in float64 or computes in float32 there, it is tried again
+    under :class:`_Promoting`, which widens what it calls to float64 (a captured float32 tensor
+    such as a class weight, a cast back to float32 such as ``F.cross_entropy(f.float(), y)``:
+    the same function, exactly, computed in float64); both had left the EF's float32 reading of
+    a saturated classifier standing, its top eigenvalue 2x high without a word (probe 117).
+    Two to four evaluations of the loss without a graph.
 
     Raises:
-        ValueError: the loss fails on either (a module that cannot be deep-copied, a tensor
-            of its own in another dtype), is another function in float64, or computes in a
-            lower precision there; naming why.
+        ValueError: the loss fails on either (a module that cannot be deep-copied), is another
+            function in float64, or computes in a lower precision there (a cast to float16);
+            naming why, in the words of the loss as it is.
     """
     twin = loss_fn
     try:
@@ -334,23 +347,67 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
                 t.is_floating_point() and t.dtype != torch.float64
                 for t in [*loss_fn.parameters(), *loss_fn.buffers()]):
             twin = copy.deepcopy(loss_fn).double()
-        with torch.no_grad():
-            low, high = outputs.detach(), outputs.detach().double()
-            given, widened = _Calls(low), _Calls(high)
-            with given:
-                loss_fn(low, targets)
-            with widened:
-                twin(high, targets)
+        low = outputs.detach()
+        with torch.no_grad(), _Calls(low) as given:
+            loss_fn(low, targets)
     except Exception as error:  # noqa: BLE001 - any failure: no float64 twin
         raise ValueError(float64_failure(error)) from error
+    why = _twin_failure(twin, outputs, targets, given, promote=False)
+    if why is None:
+        return twin
+    if _twin_failure(twin, outputs, targets, given, promote=True) is not None:
+        raise ValueError(why)
+
+    def promoted(widened: Tensor, targets: Tensor) -> Tensor:
+        with _Promoting():
+            return twin(widened, targets)
+    return promoted
+
+
+def _twin_failure(twin: LossFn, outputs: Tensor, targets: Tensor, given: _Calls,
+                  promote: bool) -> str | None:
+    """Why ``twin`` on float64 ``outputs`` is not the loss whose calls on ``outputs`` are
+    ``given`` (see :func:`float64_twin`), run under :class:`_Promoting` with ``promote``; None
+    where it is."""
+    high = outputs.detach().double()
+    try:
+        with torch.no_grad(), _Calls(high, promote) as widened:
+            twin(high, targets)
+    except Exception as error:  # noqa: BLE001 - any failure: no float64 twin
+        return float64_failure(error)
     if widened.lowered:
-        raise ValueError(f"it computes in {str(widened.lowered).removeprefix('torch.')} inside "
-                         "(a cast such as outputs.float() or dtype=torch.float32 in the loss), "
-                         "whatever the outputs' precision")
+        return (f"it computes in {dtype_name(widened.lowered)} inside (a cast "
+                "such as outputs.half() or dtype=torch.bfloat16 in the loss), whatever the "
+                "outputs' precision")
     if not _same_calls(given.calls, widened.calls, agreement_tolerance(outputs.dtype)):
-        raise ValueError("it computes another function in float64 (a constant or a branch that "
-                         "depends on the outputs' dtype, such as torch.finfo(outputs.dtype).eps)")
-    return twin
+        return ("it computes another function in float64 (a constant or a branch that depends "
+                "on the outputs' dtype, such as torch.finfo(outputs.dtype).eps)")
+    return None
+
+
+def _in_float64(compute: Callable[[LossFn, Tensor, Tensor], _Result], loss_fn: LossFn,
+                outputs: Tensor, targets: Tensor) -> _Result:
+    """``compute(the loss's float64 twin, float64 outputs, targets)``.
+
+    Raises:
+        ValueError: the loss has no float64 twin (:func:`float64_twin`) or ``compute`` fails
+            on it, naming why.
+    """
+    twin = float64_twin(loss_fn, outputs, targets)
+    try:
+        return compute(twin, outputs.detach().double(), targets)
+    except Exception as error:  # noqa: BLE001 - any failure of the loss in float64
+        raise ValueError(float64_failure(error)) from error
+
+
+def add_float64_note(notes: list[str], what: str, why: str, risk: str) -> None:
+    """Add to ``notes`` (once) that ``what`` (stands in the outputs' precision, not in float64)
+    since ``why``, with its ``risk`` near a saturated softmax and the remedy."""
+    note = (f"{what}, since {why}: near a saturated softmax (probabilities within the dtype's "
+            f"rounding of 1) {risk}; analyse a float64 copy of the model there, its loss "
+            "computed in float64")
+    if note not in notes:
+        notes.append(note)
 
 
 def float64_failure(error: Exception, where: str = "") -> str:
@@ -365,15 +422,42 @@ def float64_failure(error: Exception, where: str = "") -> str:
 _CONSTANT_ENTRIES = 64
 
 
+class _Promoting(TorchFunctionMode):
+    """Runs every torch function in float64 where it is given less: floating tensors of a
+    lower precision among its arguments (a captured float32 class weight) widened, a float32
+    dtype among them (``.to(torch.float32)``, ``log_softmax(..., dtype=torch.float32)``) made
+    float64, and ``Tensor.float`` ``Tensor.double``. Widening is exact, so the function is the
+    same; a cast to float16 or bfloat16 is kept (its rounding is part of the function)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        func, args, kwargs = _promoted_call(func, args, kwargs or {})
+        return func(*args, **kwargs)
+
+
+def _promoted_call(func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """``func(*args, **kwargs)`` as :class:`_Promoting` runs it."""
+    def widened(value: object) -> object:
+        if isinstance(value, Tensor) and value.is_floating_point() and (
+                torch.finfo(value.dtype).eps > torch.finfo(torch.float64).eps):
+            return value.double()
+        return torch.float64 if value is torch.float32 else value
+    if func is Tensor.float:
+        func = Tensor.double
+    return func, tree_map(widened, args), tree_map(widened, kwargs)
+
+
 class _Calls(TorchFunctionMode):
     """The torch functions a loss calls on ``outputs``, each with the :func:`_structure` of its
     arguments, where a tensor computed from the outputs (:attr:`derived`) is its shape alone and
     a small other one (a constant) its values too; and :attr:`lowered`, the first floating dtype
-    less precise than the outputs' that a call returned (None where none did)."""
+    less precise than the outputs' that a call returned (None where none did). With
+    ``promote``, each call runs as :class:`_Promoting` runs it (recorded as called)."""
 
-    def __init__(self, outputs: Tensor) -> None:
+    def __init__(self, outputs: Tensor, promote: bool = False) -> None:
         super().__init__()
         self.eps = torch.finfo(outputs.dtype).eps
+        self.promote = promote
         self.calls: list[tuple[object, object]] = []
         #: the tensors computed from the outputs, by id (held, so that no id is reused)
         self.derived: dict[int, Tensor] = {id(outputs): outputs}
@@ -383,8 +467,11 @@ class _Calls(TorchFunctionMode):
                            kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         self.calls.append((func, _structure((args, kwargs), self.derived)))
+        from_outputs = any(id(t) in self.derived for t in _tensors((args, kwargs)))
+        if self.promote:
+            func, args, kwargs = _promoted_call(func, args, kwargs)
         result = func(*args, **kwargs)
-        if any(id(t) in self.derived for t in _tensors((args, kwargs))):
+        if from_outputs:
             for tensor in _tensors(result):
                 self.derived[id(tensor)] = tensor
                 if (self.lowered is None and tensor.is_floating_point()
@@ -461,8 +548,8 @@ def _first_samples(chosen: Tensor) -> Tensor:
     return torch.nonzero(chosen).flatten()[:CONSTANCY_SAMPLES]
 
 
-def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: _Reading
-                    ) -> bool:
+def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: _Reading,
+                    notes: list[str]) -> bool:
     """Whether the loss's per-sample gradients in the outputs' dtype are off by more than the
     agreement tolerance of the largest weighted one: the first :data:`CONSTANCY_SAMPLES` read
     samples' (``a_i > 0``) ``dl_i/df_i`` are computed again in float64 and compared, weighted
@@ -473,14 +560,18 @@ def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: 
     far smaller (``1 - p_y`` = 1e-6 on a network trained to zero loss), so every factor, and the
     spectrum, would be mostly rounding (the top eigenvalue 5x off on one probe). Such rounding
     comes from the loss's own terms, shared by the batch's samples, so the head shows it; where
-    the loss cannot be evaluated in float64 on the head alone, the reading stands."""
+    the loss cannot be evaluated in float64 on the head alone, the reading stands, with a note
+    in ``notes`` saying so and why (it had stood without one: a saturated classifier's top
+    eigenvalue 2x high; probe 117)."""
     head = _first_samples(reading.weights > 0)  # read samples
     if not len(head):
         return False
     try:
-        precise = _sample_gradients(float64_twin(loss_fn, outputs[head], targets[head]),
-                                    outputs[head].detach().double(), targets[head])
-    except Exception:  # noqa: BLE001 - any failure of the loss on its head in float64
+        precise = _in_float64(_sample_gradients, loss_fn, outputs[head], targets[head])
+    except ValueError as failure:
+        add_float64_note(notes, f"the samples' loss gradients are {dtype_name(outputs.dtype)}'s, "
+                         "not checked against float64", str(failure),
+                         "they are mostly rounding, and the spectrum with them")
         return False
     scale = reading.weights.clamp_min(0).sqrt()
     error = (scale[head, None].double() * (reading.sample_grads[head].double()
@@ -712,13 +803,14 @@ class _Softmax(NamedTuple):
 
 
 def _verified_softmax(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                      generator: torch.Generator) -> _Softmax:
-    """:func:`_softmax_structure` at the outputs, confirmed by :func:`_softmax_on_head`: what
-    :func:`ggn_cotangents`, :func:`ggn_mc_cotangents` and :func:`softmax_columns` read."""
+                      generator: torch.Generator, notes: list[str]) -> _Softmax:
+    """:func:`_softmax_structure` at the outputs, confirmed by :func:`_softmax_on_head` (its
+    note to ``notes``): what :func:`ggn_cotangents`, :func:`ggn_mc_cotangents` and
+    :func:`softmax_columns` read."""
     leaf, first = _curvature_gradient(loss_fn, outputs, targets)
     class_dim, probs, weights, mismatches = _softmax_structure(first, leaf, generator)
     if class_dim is not None and not _softmax_on_head(loss_fn, outputs, targets, class_dim,
-                                                      weights):
+                                                      weights, notes):
         class_dim = None
         mismatches.append(f"in float64 on the first {CONSTANCY_SAMPLES} samples, above its "
                           "rounding")
@@ -726,14 +818,15 @@ def _verified_softmax(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
 
 
 def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                   generator: torch.Generator) -> Tensor:
+                   generator: torch.Generator, notes: list[str]) -> Tensor:
     """``[C', n, *out]``: square-root factors of the per-sample output-Hessian blocks of ``L``.
 
-    A softmax cross-entropy's curvature (verified, :func:`_softmax_structure`) is factored from
-    its formula, ``a_r (diag(p_r) - p_r p_r^T)`` per position, formed in float64; any other
-    loss's blocks come from Hessian-vector products (:func:`output_hessian_blocks`), each
-    factored with its diagonal scaled to one: eigenvalues of that scaled block below the
-    rounding of its entries are zero, more negative ones are refused.
+    A softmax cross-entropy's curvature (verified, :func:`_softmax_structure`; what could not
+    be verified in float64 noted in ``notes``) is factored from its formula,
+    ``a_r (diag(p_r) - p_r p_r^T)`` per position, formed in float64; any other loss's blocks
+    come from Hessian-vector products (:func:`output_hessian_blocks`), each factored with its
+    diagonal scaled to one: eigenvalues of that scaled block below the rounding of its entries
+    are zero, more negative ones are refused.
 
     Raises:
         ValueError: the loss is linear in the outputs (zero GGN), its curvature vanishes at these
@@ -742,7 +835,7 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     """
     n = outputs.shape[0]
     leaf, first, class_dim, probs, weights, _ = _verified_softmax(loss_fn, outputs, targets,
-                                                                  generator)
+                                                                  generator, notes)
     if class_dim is not None:
         return _softmax_factors(probs, weights, class_dim, outputs.dtype)
     found = output_hessian_blocks(first, leaf, generator)
@@ -817,8 +910,8 @@ def softmax_columns(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> int | 
     the work; None where the loss is not one, or where the check cannot tell (the work's own
     checks then name the problem)."""
     try:
-        class_dim = _verified_softmax(loss_fn, outputs, targets,
-                                      torch.Generator().manual_seed(0)).class_dim
+        class_dim = _verified_softmax(loss_fn, outputs, targets, torch.Generator().manual_seed(0),
+                                      []).class_dim  # (the work's own call notes)
     except (RuntimeError, ValueError, TypeError):
         return None
     if class_dim is None:
@@ -1026,7 +1119,7 @@ def _softmax_structure(first: Tensor, leaf: Tensor, generator: torch.Generator
 
 
 def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_dim: int,
-                     weights: Tensor) -> bool:
+                     weights: Tensor, notes: list[str]) -> bool:
     """Whether the softmax cross-entropy structure found over ``class_dim`` in the outputs'
     dtype holds in float64 on the first :data:`CONSTANCY_SAMPLES` samples with curvature
     (``weights`` ``[n, ...]``, the structure's ``a_r``, positive at some position; all
@@ -1037,23 +1130,27 @@ def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_di
     (PaLM's z-loss ``1e-4 logsumexp(f)^2``) is below that and carries most of the curvature
     (a GGN 20x too small, on one probe); in float64 it is 2^29 times above the rounding. A term
     on every sample shows on the head; where the loss cannot be evaluated in float64 on the head
-    alone, the float32 test stands."""
+    alone, the float32 test stands, with a note in ``notes`` (it had stood without one)."""
     if outputs.dtype == torch.float64:
         return True
     head = _first_samples((weights.reshape(weights.shape[0], -1) > 0).any(dim=1))
     if not len(head):
         return True
+    def structure(twin: LossFn, widened: Tensor, labels: Tensor) -> int | None:
+        leaf, first = _curvature_gradient(twin, widened, labels)
+        return _softmax_structure(first, leaf, torch.Generator().manual_seed(0))[0]
     try:
-        leaf, first = _curvature_gradient(float64_twin(loss_fn, outputs[head], targets[head]),
-                                          outputs[head].detach().double(), targets[head])
-        found = _softmax_structure(first, leaf, torch.Generator().manual_seed(0))[0]
-    except Exception:  # noqa: BLE001 - any failure of the loss on its head in float64
+        return _in_float64(structure, loss_fn, outputs[head], targets[head]) == class_dim
+    except ValueError as failure:
+        add_float64_note(notes, f"the loss's curvature is a softmax cross-entropy's in "
+                         f"{dtype_name(outputs.dtype)}, not checked in float64", str(failure),
+                         "a convex term beside it (a z-loss) is below the rounding of its "
+                         "terms, and would be left out of the GGN")
         return True
-    return found == class_dim
 
 
 def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samples: int,
-                      generator: torch.Generator) -> Tensor:
+                      generator: torch.Generator, notes: list[str]) -> Tensor:
     """``[M, n, *out]``: Monte-Carlo square-root factors of the GGN of a softmax cross-entropy.
 
     For a loss whose output Hessian is ``a_r (diag(p_r) - p_r p_r^T)`` at each position ``r``
@@ -1069,7 +1166,7 @@ def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samp
             or it is not a softmax cross-entropy's (use the exact GGN).
     """
     leaf, first, class_dim, probs, weights, mismatches = _verified_softmax(
-        loss_fn, outputs, targets, generator)
+        loss_fn, outputs, targets, generator, notes)
     if class_dim is None:
         probe = torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
         products = _loss_hessian_products(first, leaf, probe[None])

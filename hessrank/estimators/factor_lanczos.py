@@ -34,8 +34,8 @@ class FactorLanczos(LanczosEstimator):
         generator = torch.Generator().manual_seed(settings.seed)
         return FactorOperator(
             problem,
-            lambda outputs, targets: self.factors_of.cotangents(problem.loss_fn, outputs,
-                                                                targets, generator)[0],
+            lambda outputs, targets: self.factors_of.cotangents(
+                problem.loss_fn, outputs, targets, generator, problem.notes)[0],
             self.name,
             check_working_memory=lambda extra: self.check_refined(
                 extra, problem, settings, advice=self.working_memory_advice),

@@ -33,6 +33,6 @@ class Fisher(GramEstimator):
         return FISHER_LOSS_SIDE_COPIES * num_samples * outputs_per_sample * element
 
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                   generator: torch.Generator, options: GramOptions | None = None
-                   ) -> tuple[Tensor, Tensor | None]:
-        return fisher_cotangents(loss_fn, outputs, targets)
+                   generator: torch.Generator, notes: list[str],
+                   options: GramOptions | None = None) -> tuple[Tensor, Tensor | None]:
+        return fisher_cotangents(loss_fn, outputs, targets, notes)

@@ -88,12 +88,12 @@ class GGN(GramEstimator):
                    * max(check(element) + 24 + head * check(8), draws))
 
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                   generator: torch.Generator, options: GramOptions | None = None
-                   ) -> tuple[Tensor, Tensor | None]:
+                   generator: torch.Generator, notes: list[str],
+                   options: GramOptions | None = None) -> tuple[Tensor, Tensor | None]:
         mc_samples = getattr(options, "mc_samples", None)
         if mc_samples is None:
-            return ggn_cotangents(loss_fn, outputs, targets, generator), None
-        return ggn_mc_cotangents(loss_fn, outputs, targets, mc_samples, generator), None
+            return ggn_cotangents(loss_fn, outputs, targets, generator, notes), None
+        return ggn_mc_cotangents(loss_fn, outputs, targets, mc_samples, generator, notes), None
 
     def run(self, problem: CurvatureProblem, settings: Settings,
             options: GramOptions) -> Spectrum:

@@ -76,9 +76,10 @@ class GramEstimator(Estimator):
 
     @abstractmethod
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                   generator: torch.Generator, options: GramOptions | None = None
-                   ) -> tuple[Tensor, Tensor | None]:
-        """``[K, n, *out]`` output factors and, for the Fisher, the loss weights ``[n]``."""
+                   generator: torch.Generator, notes: list[str],
+                   options: GramOptions | None = None) -> tuple[Tensor, Tensor | None]:
+        """``[K, n, *out]`` output factors and, for the Fisher, the loss weights ``[n]``; what
+        the call's result should say of them is added to ``notes``."""
 
     def output_side_bytes(self, num_samples: int, outputs_per_sample: int, element: int,
                           options: GramOptions) -> int:
@@ -153,7 +154,7 @@ class GramEstimator(Estimator):
             # the same outputs give the same labels, so the eigenvectors (_eigenpairs) come from
             # the very matrix whose Gram was solved.
             labels = torch.Generator().manual_seed(settings.seed + 1)
-            return self.cotangents(loss_fn, outputs, targets, labels, options)[0]
+            return self.cotangents(loss_fn, outputs, targets, labels, problem.notes, options)[0]
 
         with settings.reporter.task(f"{self.name} Gram matrix", 1) as advance:
             result = self._gram(problem, settings, options, cotangents_of, generator)
@@ -247,7 +248,7 @@ class GramEstimator(Estimator):
             check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
                                      problem.names, self.name)
             cotangents, weights = self.cotangents(problem.loss_fn, outputs, problem.targets,
-                                                  generator, options)
+                                                  generator, problem.notes, options)
             return gram_backpack(problem, self.name, cotangents, weights, settings.per_layer,
                                  generator)
         return compute_gram(problem, cotangents_of, settings.per_layer,

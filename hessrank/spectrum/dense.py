@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hessrank.problem import dtype_name
+
 
 def by_magnitude(eigenvalues: np.ndarray) -> np.ndarray:
     """Sort signed eigenvalues by decreasing ``|lambda|`` (ties: larger value first)."""
@@ -63,7 +65,7 @@ def _solver_threads(matrix: Tensor) -> Iterator[None]:
 def not_finite_error(dtype: torch.dtype) -> ValueError:
     """The curvature of a finite model and loss holds NaN or Inf, computed in ``dtype``: the
     two causes, and what to do about each."""
-    overflow = f"overflow {str(dtype).removeprefix('torch.')} (above {torch.finfo(dtype).max:.2g})"
+    overflow = f"overflow {dtype_name(dtype)} (above {torch.finfo(dtype).max:.2g})"
     if dtype != torch.float64:
         overflow += (": analyse a float64 copy (copy.deepcopy(model).double(), with float64 "
                      "inputs), or check the model's scale")
