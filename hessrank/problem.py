@@ -1388,6 +1388,26 @@ def probe_outputs(problem: CurvatureProblem, check_loss: bool = True) -> Tensor:
     return outputs
 
 
+def _modified_in_place_error(culprit: str, tensor: str) -> ValueError:
+    """The error for ``culprit`` modifying in place a tensor autograd saved (``tensor``
+    describes it)."""
+    return ValueError(
+        f"{culprit} modifies in place a tensor that autograd saved to differentiate an earlier "
+        f"operation ({tensor}: h = torch.sigmoid(z); h *= 2, say), so its derivatives would be "
+        "wrong (a plain loss.backward() raises too): write that operation out of place "
+        "(h = h * 2)")
+
+
+def loss_modified_in_place_error(error: RuntimeError) -> ValueError | None:
+    """:func:`_modified_in_place_error` for the loss where ``error`` is autograd's own check of
+    a saved tensor (raised differentiating the loss alone), else None."""
+    words = str(error)
+    if "modified by an inplace operation" not in words:
+        return None
+    tensor = words.split("operation: ", 1)[-1].split("; expected", 1)[0]
+    return _modified_in_place_error("loss_fn", tensor)
+
+
 class GraphBytes:
     """Bytes of the tensors autograd saves for the backward passes of a block (``counting()``),
     each storage counted once, leaving out the parameters', buffers' and the batch's own (they
@@ -1422,13 +1442,10 @@ class GraphBytes:
         """
         tensor, version = packed
         if tensor._version != version:
-            raise ValueError(
-                f"the model's forward (or the loss) modifies in place a tensor that autograd "
-                f"saved to differentiate an earlier operation (a {list(tensor.shape)} "
-                f"{dtype_name(tensor.dtype)} tensor, modified "
-                f"{tensor._version - version} time(s) after it was saved: h = torch.sigmoid(z); "
-                "h *= 2, say), so its derivatives would be wrong (a plain loss.backward() "
-                "raises too): write that operation out of place (h = h * 2)")
+            raise _modified_in_place_error(
+                "the model's forward (or the loss)",
+                f"a {list(tensor.shape)} {dtype_name(tensor.dtype)} tensor, modified "
+                f"{tensor._version - version} time(s) after it was saved")
         return tensor
 
     @contextmanager

@@ -622,3 +622,26 @@ def test_a_float8_parameter_is_fingerprinted_without_a_sum(method):
     inputs, targets = _batch()
     assert hessrank.effective_rank(_Float8Frozen(), nn.CrossEntropyLoss(), (inputs, targets),
                                    method=method).rank >= 1
+
+
+def _squashed_in_place(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``h = sigmoid(f); h *= 2``, squared error to the targets: in place on a tensor the loss's
+    own sigmoid saved."""
+    h = torch.sigmoid(outputs)
+    h *= 2
+    return ((h - targets) ** 2).mean()
+
+
+@pytest.mark.parametrize("method", hessrank.ESTIMATORS)
+def test_a_loss_that_modifies_a_saved_tensor_in_place_is_refused(method: str) -> None:
+    """The Gram methods differentiate the loss alone, outside the graph-size hooks: torch's own
+    RuntimeError reached the caller raw from ``fisher`` ("one of the variables needed for
+    gradient computation has been modified by an inplace operation"), wrapped from ``ggn``
+    (probe 117). Every method now names the fix."""
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    inputs, _ = _batch()
+    targets = torch.rand(inputs.shape[0], 3, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"modifies in place a tensor that autograd saved.*"
+                                         r"out of place"):
+        hessrank.effective_rank(model, _squashed_in_place, (inputs, targets), method=method)

@@ -52,6 +52,7 @@ from hessrank.problem import (
     dtype_name,
     evaluate_loss,
     listed_names,
+    loss_modified_in_place_error,
     without_second_derivative,
 )
 
@@ -168,8 +169,14 @@ def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         The reading, or None where ``dL/df`` is None (the loss does not use the outputs).
     """
     leaf = outputs.detach().requires_grad_(True)
-    (batch_grad,) = torch.autograd.grad(evaluate_loss(loss_fn, leaf, targets, finite=False),
-                                        leaf, allow_unused=True)
+    try:
+        (batch_grad,) = torch.autograd.grad(evaluate_loss(loss_fn, leaf, targets, finite=False),
+                                            leaf, allow_unused=True)
+    except RuntimeError as error:  # (the first differentiation of the loss in the EF)
+        named = loss_modified_in_place_error(error)
+        if named is None:
+            raise
+        raise named from error
     if batch_grad is None:
         return None
     n = outputs.shape[0]
@@ -711,7 +718,8 @@ def _loss_gradient(loss_fn: LossFn, leaf: Tensor, targets: Tensor) -> Tensor | N
     try:
         (first,) = torch.autograd.grad(value, leaf, create_graph=True, allow_unused=True)
     except RuntimeError as error:
-        raise ValueError(f"cannot differentiate loss_fn w.r.t. the outputs ({error})") from error
+        raise (loss_modified_in_place_error(error) or ValueError(
+            f"cannot differentiate loss_fn w.r.t. the outputs ({error})")) from error
     return first if first is not None and first.requires_grad else None
 
 
