@@ -87,10 +87,14 @@ def _sequence_steps(module: nn.Module, args: tuple[Any, ...]) -> int:
                else sequence.shape[0])
 
 
-def _widened_loss(problem: CurvatureProblem) -> Tensor:
+def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
     """The loss on a forward pass, its outputs widened to float64 where they are in a lower
     precision (the loss then in float64, :func:`~hessrank.curvature.loss.float64_twin`), so that
-    its derivatives w.r.t. the outputs, the output Hessian in every product, are float64's.
+    its derivatives w.r.t. the outputs, the output Hessian in every product, are float64's; and
+    the value of the loss as given on them, which a data set's passes compare with the first
+    pass's (the widened one differs from it by the outputs' rounding: near zero loss, every
+    pass over a saturated classifier's data had been refused as changed data, 2.1e-9 against
+    0; probe 118).
 
     Near a saturated softmax the float32 output Hessian ``diag(p) - p p^T`` rounds ``1 -
     p_max`` to 0: its rows no longer sum to zero, and it turns indefinite. A confident linear
@@ -106,7 +110,8 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
     outputs = problem.forward()
     if not (isinstance(outputs, Tensor) and outputs.is_floating_point()
             and outputs.dtype != torch.float64):
-        return problem.loss(outputs)
+        loss = problem.loss(outputs)
+        return loss, float(loss.detach())
     # decided once per call: over a data set the operator is built for every batch of every
     # product, and the trials took 30 % of a large-vocabulary transformer's lanczos there
     key = (tuple(id(p) for p in problem.params), outputs.dtype, problem.targets.dtype)
@@ -115,15 +120,19 @@ def _widened_loss(problem: CurvatureProblem) -> Tensor:
     loss_fn, why = problem.loss_widening[key]
     if loss_fn is not None:
         try:
-            return problem.loss(outputs.double(), loss_fn)
+            widened = problem.loss(outputs.double(), loss_fn)
         except UnrepeatableLoss:
             raise
         except Exception as error:  # noqa: BLE001 - this batch's loss as given
             why = float64_failure(error, "on a batch of the data set")
+        else:
+            with torch.no_grad():  # (the loss as given, checked by the data set's first pass)
+                return widened, float(problem.loss_fn(outputs, problem.targets))
     add_float64_note(problem.notes, f"{_UNWIDENED} {dtype_name(outputs.dtype)}, not on outputs "
                      "widened to float64", str(why),
                      "its curvature rounds to wrong, even negative, eigenvalues")
-    return problem.loss(outputs)
+    loss = problem.loss(outputs)
+    return loss, float(loss.detach())
 
 
 #: How the note of a loss not widened to float64 opens (:func:`_widened_loss`).
@@ -193,7 +202,7 @@ class HessianOperator(ParameterOperator):
             for module in problem.model.modules() if isinstance(module, nn.RNNBase)]
         try:
             with second_order(), graph.counting():
-                loss = _widened_loss(problem)
+                loss, self.loss_value = _widened_loss(problem)
                 grads = torch.autograd.grad(loss, self.params, create_graph=True,
                                             allow_unused=True)
         finally:
@@ -205,7 +214,6 @@ class HessianOperator(ParameterOperator):
         # agreed: the columns of a batched product are sized from it, and every process must
         # push the same number through each product's all-reduce
         self.graph_bytes = self._largest(graph.total)
-        self.loss_value = float(loss.detach())
         self.unused = unused_parameters(grads)
         self.gradient = self._summed(torch.cat([
             (g if g is not None else torch.zeros_like(p)).detach().reshape(-1)

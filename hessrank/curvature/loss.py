@@ -37,7 +37,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 import numpy as np
 import torch
@@ -336,6 +336,10 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
     loss's (an eps-clamped log-loss's Hessian came out 45 % high, its srank 15 for 8; probe
     116).
 
+    Floating targets are widened to float64 too, by the twin itself (the same values: a
+    ``nn.HuberLoss``, whose backward takes no mixed dtypes, had failed on float32 targets with
+    float64 outputs and run unwidened, with a note of failure).
+
     Where the loss as it is fails in float64 or computes in float32 there, it is tried again
     under :class:`_Promoting`, which widens what it calls to float64 (a captured float32 tensor
     such as a class weight, a cast back to float32 such as ``F.cross_entropy(f.float(), y)``:
@@ -344,38 +348,55 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
     Two to four evaluations of the loss without a graph.
 
     Raises:
-        ValueError: the loss fails on either (a module that cannot be deep-copied), is another
-            function in float64, or computes in a lower precision there (a cast to float16);
-            naming why, in the words of the loss as it is.
+        ValueError: the loss fails on either, is another function in float64, computes in a
+            lower precision there (a cast to float16) or, promoted, would write in place into
+            a tensor of a lower precision (:class:`_Promoting`); naming why, in the words of the
+            loss as it is.
     """
     twin = loss_fn
-    try:
-        if isinstance(loss_fn, torch.nn.Module) and any(
-                t.is_floating_point() and t.dtype != torch.float64
-                for t in [*loss_fn.parameters(), *loss_fn.buffers()]):
+    if isinstance(loss_fn, torch.nn.Module) and any(
+            t.is_floating_point() and t.dtype != torch.float64
+            for t in [*loss_fn.parameters(), *loss_fn.buffers()]):
+        try:
             twin = copy.deepcopy(loss_fn).double()
+        except Exception:  # noqa: BLE001 - (a lock in it) the module as it is, promoted below
+            twin = loss_fn
+    try:
         low = outputs.detach()
         with torch.no_grad(), _Calls(low) as given:
             loss_fn(low, targets)
     except Exception as error:  # noqa: BLE001 - any failure: no float64 twin
         raise ValueError(float64_failure(error)) from error
-    why = _twin_failure(twin, outputs, targets, given, promote=False)
-    if why is None:
-        return twin
-    if _twin_failure(twin, outputs, targets, given, promote=True) is not None:
-        raise ValueError(why)
+    widened_targets = targets.double() if targets.is_floating_point() else targets
+    why = _twin_failure(twin, outputs, widened_targets, given, promote=False)
+    if why is not None:
+        promoted_why = _twin_failure(twin, outputs, widened_targets, given, promote=True)
+        if promoted_why is not None:
+            raise ValueError(f"{why}; with its calls widened, {promoted_why}")
+        twin = _promoting(twin)
+    return _widening_targets(twin) if targets.is_floating_point() else twin
 
-    def promoted(widened: Tensor, targets: Tensor) -> Tensor:
+
+def _promoting(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` run under :class:`_Promoting`."""
+    def promoted(outputs: Tensor, targets: Tensor) -> Tensor:
         with _Promoting():
-            return twin(widened, targets)
+            return loss_fn(outputs, targets)
     return promoted
+
+
+def _widening_targets(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` given its floating targets in float64."""
+    def widening(outputs: Tensor, targets: Tensor) -> Tensor:
+        return loss_fn(outputs, targets.double() if targets.is_floating_point() else targets)
+    return widening
 
 
 def _twin_failure(twin: LossFn, outputs: Tensor, targets: Tensor, given: _Calls,
                   promote: bool) -> str | None:
-    """Why ``twin`` on float64 ``outputs`` is not the loss whose calls on ``outputs`` are
-    ``given`` (see :func:`float64_twin`), run under :class:`_Promoting` with ``promote``; None
-    where it is."""
+    """Why ``twin`` on float64 ``outputs`` (and ``targets``, floating ones widened) is not the
+    loss whose calls on ``outputs`` are ``given`` (see :func:`float64_twin`), run under
+    :class:`_Promoting` with ``promote``; None where it is."""
     high = outputs.detach().double()
     try:
         with torch.no_grad(), _Calls(high, promote) as widened:
@@ -383,9 +404,10 @@ def _twin_failure(twin: LossFn, outputs: Tensor, targets: Tensor, given: _Calls,
     except Exception as error:  # noqa: BLE001 - any failure: no float64 twin
         return float64_failure(error)
     if widened.lowered:
-        return (f"it computes in {dtype_name(widened.lowered)} inside (a cast "
-                "such as outputs.half() or dtype=torch.bfloat16 in the loss), whatever the "
-                "outputs' precision")
+        name = dtype_name(widened.lowered)
+        cast = "float" if widened.lowered == torch.float32 else name
+        return (f"it computes in {name} inside (a cast such as outputs.{cast}() or "
+                f"dtype=torch.{name} in the loss), whatever the outputs' precision")
     if not _same_calls(given.calls, widened.calls, agreement_tolerance(outputs.dtype)):
         return ("it computes another function in float64 (a constant or a branch that depends "
                 "on the outputs' dtype, such as torch.finfo(outputs.dtype).eps)")
@@ -433,25 +455,69 @@ class _Promoting(TorchFunctionMode):
     """Runs every torch function in float64 where it is given less: floating tensors of a
     lower precision among its arguments (a captured float32 class weight) widened, a float32
     dtype among them (``.to(torch.float32)``, ``log_softmax(..., dtype=torch.float32)``) made
-    float64, and ``Tensor.float`` ``Tensor.double``. Widening is exact, so the function is the
-    same; a cast to float16 or bfloat16 is kept (its rounding is part of the function)."""
+    float64, ``Tensor.float`` ``Tensor.double``, and a float32 result (a tensor made in the
+    default dtype, ``torch.zeros(f.shape)``) widened. Widening is exact, so the function is the
+    same; a cast to float16 or bfloat16 is kept (its rounding is part of the function). A call
+    that writes in place into a tensor of a lower precision made elsewhere (``t[i] = ...``,
+    ``t.add_(...)``, ``out=t`` on a captured float32 ``t``) raises :class:`_Unpromotable`:
+    widened, it would write into a copy, which the loss's later calls do not read (a
+    label-smoothed loss that scattered into a float32 tensor had been widened to its uniform
+    part alone, its Hessian 10x off; probe 118)."""
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
-        func, args, kwargs = _promoted_call(func, args, kwargs or {})
-        return func(*args, **kwargs)
+        return _promoted_call(func, args, kwargs or {})
 
 
-def _promoted_call(func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """``func(*args, **kwargs)`` as :class:`_Promoting` runs it."""
+class _Unpromotable(RuntimeError):
+    """A call :class:`_Promoting` cannot widen: it writes in place into a tensor of a lower
+    precision."""
+
+
+#: The in-place operators whose first argument is written (``t += x`` calls ``__iadd__``).
+_IN_PLACE_OPERATORS = frozenset(
+    f"__i{name}__" for name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow",
+                                "matmul", "and", "or", "xor", "lshift", "rshift")) | {"__setitem__"}
+
+
+def _lower_than_float64(value: object) -> TypeGuard[Tensor]:
+    """Whether ``value`` is a floating tensor less precise than float64."""
+    return isinstance(value, Tensor) and value.is_floating_point() and (
+        torch.finfo(value.dtype).eps > torch.finfo(torch.float64).eps)
+
+
+def _written(func: Any, args: Any, kwargs: dict[str, Any]) -> list[object]:
+    """What ``func(*args, **kwargs)`` writes in place: its ``out=``, and the tensor of an
+    in-place method (``add_``) or operator (``__iadd__``, ``__setitem__``)."""
+    written = tree_flatten(kwargs.get("out"))[0]
+    name = getattr(func, "__name__", "")
+    if args and (name in _IN_PLACE_OPERATORS
+                 or (name.endswith("_") and not name.startswith("__"))):
+        written.append(args[0])
+    return written
+
+
+def _promoted_call(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    """``func(*args, **kwargs)`` as :class:`_Promoting` runs it, its result.
+
+    Raises:
+        _Unpromotable: the call writes in place into a tensor of a lower precision.
+    """
+    lower = [value for value in _written(func, args, kwargs) if _lower_than_float64(value)]
+    if lower:
+        raise _Unpromotable(
+            f"{getattr(func, '__name__', func)} writes in place into a "
+            f"{dtype_name(lower[0].dtype)} tensor, which cannot hold float64")
+
     def widened(value: object) -> object:
-        if isinstance(value, Tensor) and value.is_floating_point() and (
-                torch.finfo(value.dtype).eps > torch.finfo(torch.float64).eps):
+        if _lower_than_float64(value):
             return value.double()
         return torch.float64 if value is torch.float32 else value
     if func is Tensor.float:
         func = Tensor.double
-    return func, tree_map(widened, args), tree_map(widened, kwargs)
+    result = func(*tree_map(widened, args), **tree_map(widened, kwargs))
+    return tree_map(lambda value: value.double() if isinstance(value, Tensor)
+                    and value.dtype == torch.float32 else value, result)
 
 
 class _Calls(TorchFunctionMode):
@@ -475,9 +541,8 @@ class _Calls(TorchFunctionMode):
         kwargs = kwargs or {}
         self.calls.append((func, _structure((args, kwargs), self.derived)))
         from_outputs = any(id(t) in self.derived for t in _tensors((args, kwargs)))
-        if self.promote:
-            func, args, kwargs = _promoted_call(func, args, kwargs)
-        result = func(*args, **kwargs)
+        result = (_promoted_call(func, args, kwargs) if self.promote
+                  else func(*args, **kwargs))
         if from_outputs:
             for tensor in _tensors(result):
                 self.derived[id(tensor)] = tensor
@@ -954,7 +1019,8 @@ def _blocks_in(dtype: torch.dtype, loss_fn: LossFn, outputs: Tensor, targets: Te
     (:func:`output_hessian_blocks`) of the loss evaluated on ``outputs`` (and floating targets)
     in ``dtype``; None where the loss cannot be evaluated or differentiated there, or is
     another function in float64 (:func:`float64_twin`)."""
-    labels = targets.to(dtype) if targets.is_floating_point() else targets
+    labels = (targets.float() if dtype == torch.float32 and targets.is_floating_point()
+              else targets)  # (float64's twin widens its own)
     try:
         cast = (float64_twin(loss_fn, outputs, targets) if dtype == torch.float64 else loss_fn)
         leaf, first = _curvature_gradient(cast, outputs.detach().to(dtype), labels)
