@@ -619,16 +619,11 @@ def _result(
     the spectrum is of (default: all the problem's; a layer's block: the layer's)."""
     size = spectrum.max_rank if spectrum.weights is not None or estimator.solver == "dense" \
         else len(spectrum.eigenvalues)
-    tolerance = (max(default_rtol(size, spectrum.eps or eps), spectrum.rtol_floor) if rtol is None
-                 else rtol)
+    tolerance = default_rtol(size, spectrum.eps or eps) if rtol is None else rtol
     ranks = spectral_ranks(spectrum.eigenvalues, threshold, tolerance, spectrum.weights,
                            spectrum.max_rank)
     shown = spectrum.eigenvalues
     notes = [*problem.notes, *spectrum.notes]
-    if rtol is not None and rtol < spectrum.rtol_floor:
-        notes.append(f"rtol = {rtol:g} is below the rounding the products leave "
-                     f"({spectrum.rtol_floor:.1e} of the largest eigenvalue): the numerical rank "
-                     "counts eigenvalues that are rounding")
     if rtol is None and size * (spectrum.eps or eps) > MAX_DEFAULT_RTOL:
         notes.append(f"numerical rank at rtol = {MAX_DEFAULT_RTOL:g}: the default rule, matrix "
                      f"size x epsilon = {size * (spectrum.eps or eps):.3g}, is capped there (it "

@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -225,10 +224,8 @@ class HessianOperator(ParameterOperator):
         self._graph_grads = [grads[i] for i in self._graph_index]
         self._batched = True
         #: the Frobenius norm of the antisymmetric part of the dense Hessian the products built
-        #: (:func:`dense_hessian`), a measure of their rounding, and its ratio to the symmetric
-        #: part's; None before one is built
+        #: (:func:`dense_hessian`), a measure of their rounding; None before one is built
         self.rounding: float | None = None
-        self.asymmetry: float | None = None
 
     def _flatten(self, pieces: tuple[Tensor | None, ...], leading: tuple[int, ...]) -> Tensor:
         return torch.cat([
@@ -305,32 +302,7 @@ class HessianOperator(ParameterOperator):
         return self.matmat(vector.reshape(1, -1))[0]
 
 
-#: The largest asymmetry of Hessian-vector products taken for rounding (:func:`asymmetry_error`):
-#: float32's agreement tolerance, whatever the model's dtype.
-ROUNDING_CEILING = agreement_tolerance(torch.float32)
-
-
-def rounding_floor(asymmetry: float, eigenvalues: np.ndarray, dtype: torch.dtype
-                   ) -> tuple[float, str | None]:
-    """The share of the largest ``|eigenvalue|`` below which a dense Hessian's ``eigenvalues``
-    are rounding, given its products' ``asymmetry`` (``||K|| / ||S||``, :func:`dense_hessian`),
-    and a note where that share exceeds what ``dtype``'s rounding leaves (a float64 model's
-    products that cancel: :func:`asymmetry_error`), else ``(0, None)``. The symmetric part's
-    rounding is taken as large as the antisymmetric part's: ``asymmetry ||S||_F``."""
-    if asymmetry <= agreement_tolerance(dtype) or not len(eigenvalues):
-        return 0.0, None
-    magnitudes = np.abs(eigenvalues)
-    floor = float(asymmetry * np.linalg.norm(magnitudes) / max(magnitudes.max(), 1e-300))
-    return floor, (
-        f"the Hessian-vector products are symmetric to {asymmetry:.1e} of their size only, "
-        f"beyond {dtype_name(dtype)}'s rounding ({agreement_tolerance(dtype):.1e}): products "
-        "that cancel, as near zero loss (a memorised batch), round further (or a second "
-        "derivative is wrong by as little); the eigenvalues carry errors of about "
-        f"{floor:.1e} of the largest, below which the numerical rank counts none")
-
-
-def asymmetry_error(asymmetry: float, problem: CurvatureProblem,
-                    ceiling: float = ROUNDING_CEILING) -> ValueError | None:
+def asymmetry_error(asymmetry: float, problem: CurvatureProblem) -> ValueError | None:
     """The error for Hessian-vector products that are not symmetric beyond rounding, if they are.
 
     A Hessian is symmetric; products that are not (``asymmetry`` is ``||K|| / ||S||`` for the
@@ -343,41 +315,26 @@ def asymmetry_error(asymmetry: float, problem: CurvatureProblem,
     ``problem``, one batch of the products' data). Their eigenvalues would be those of a matrix
     that is not the Hessian. NaN products (a NaN derivative, an overflow) get
     :func:`~hessrank.spectrum.dense.not_finite_error` instead.
-
-    Products that cancel round further than ``dtype``'s own rounding: near zero loss (a
-    memorised batch, a saturated softmax) a float64 model's were refused at 2.9e-9, a float32
-    model's at 0.2 (probe 118), whose float64 copy was then the only route and was refused too.
-    A float64 model's products (no part of its forward at a lower precision) are allowed up to
-    ``ceiling``, at most float32's rounding (:data:`ROUNDING_CEILING`, all the float32 models'
-    products are allowed), where the caller's ranks cannot count what they leave: ``exact``
-    takes the measured share as its eigenvalues' error (:func:`rounding_floor`), ``lanczos``
-    allows what stays below its numerical-rank tolerance. (Without either, a band up to
-    ``sqrt(eps)`` had let a custom derivative wrong by that little halve small eigenvalues,
-    and was withdrawn; probe 113.)
     """
     tolerance = agreement_tolerance(problem.dtype)
     if not math.isfinite(asymmetry):
         return not_finite_error(problem.dtype)
     if asymmetry <= tolerance:
         return None
-    cause = lower_precision_cause(problem, asymmetry)
-    if not cause and asymmetry <= ceiling:
-        return None
     observation = (f"the Hessian-vector products are not symmetric (antisymmetric part "
-                   f"{asymmetry:.1e} of the symmetric one, rounding allows "
-                   f"{max(tolerance, ceiling):.1e})")
+                   f"{asymmetry:.1e} of the symmetric one, rounding allows {tolerance:.1e})")
+    cause = lower_precision_cause(problem, asymmetry)
     if cause:
         return ValueError(f"{observation}: {cause}")
     unwidened = [note for note in problem.notes if note.startswith(_UNWIDENED)]
     if unwidened:  # the loss's own rounding near saturation, first
         rounding = f"; or the loss's rounding, as {unwidened[0]}"
-    elif problem.dtype != torch.float64:
-        rounding = ("; at a loss near zero, a memorised batch's, the rounding of products that "
-                    "cancel can exceed the allowance too: a float64 copy of the model "
-                    "(copy.deepcopy(model).double(), float64 inputs) rounds 2^29 times less")
+    elif problem.dtype == torch.float64:
+        rounding = ("; at a loss near zero, a memorised batch's, the rounding of the larger terms "
+                    "the products sum can exceed the allowance too: the model's float32 copy, "
+                    "whose loss runs in float64, then passes")
     else:
-        rounding = ("; at a loss near zero, a memorised batch's, products that cancel can round "
-                    "beyond the allowance even in float64")
+        rounding = ""
     return ValueError(
         f"{observation}: autograd's second derivative of some operation in the model or the "
         "loss is wrong (a custom autograd.Function whose backward is not itself "
@@ -388,7 +345,7 @@ def asymmetry_error(asymmetry: float, problem: CurvatureProblem,
 
 
 def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,
-                    problem: CurvatureProblem, ceiling: float) -> None:
+                    problem: CurvatureProblem) -> None:
     """Verify ``u . A v = v . A u`` for two random vectors (two products of ``operator``).
 
     With ``A = S + K`` (symmetric and antisymmetric parts), ``u . A v - v . A u = 2 u . K v``,
@@ -400,8 +357,7 @@ def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,
     had drawn two in float64).
 
     Raises:
-        ValueError: the products are not symmetric beyond rounding (:func:`asymmetry_error`,
-            up to ``ceiling``).
+        ValueError: the products are not symmetric beyond rounding (:func:`asymmetry_error`).
     """
     dim = operator.dim
     probes = torch.stack([probe_vector(dim, generator, torch.device("cpu")) for _ in range(2)])
@@ -410,7 +366,7 @@ def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,
     scale = float(u.norm() * av.norm() + v.norm() * au.norm()) / (2 * math.sqrt(dim))
     if scale == 0:
         return
-    error = asymmetry_error(float((u @ av - v @ au).abs()) / (2 * scale), problem, ceiling)
+    error = asymmetry_error(float((u @ av - v @ au).abs()) / (2 * scale), problem)
     if error is not None:
         raise error
 
@@ -443,8 +399,8 @@ def dense_hessian(
     hessian += hessian.T.clone()
     hessian /= 2
     symmetric = float(hessian.norm())
-    operator.asymmetry = antisymmetric / 2 / symmetric if symmetric > 0 else 0.0
-    error = asymmetry_error(operator.asymmetry, operator.problem)
+    error = asymmetry_error(antisymmetric / 2 / symmetric if symmetric > 0 else 0.0,
+                            operator.problem)
     if error is not None:
         raise error
     return hessian

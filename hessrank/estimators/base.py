@@ -135,10 +135,6 @@ class Spectrum:
         paths: parameter name -> the path that computed its part (Gram estimators).
         eps: machine epsilon of the arithmetic behind the spectrum, for the default numerical-rank
             tolerance (None: the model dtype's).
-        rtol_floor: the least default numerical-rank tolerance, relative to the largest
-            ``|eigenvalue|``: the measured rounding of the products behind the spectrum where it
-            exceeds what ``eps`` accounts for (``exact``'s, :func:`~hessrank.curvature.hessian.
-            rounding_floor`); 0 where it does not.
         eigenvectors: ``[k, P]`` float64 unit eigenvectors of the ``k`` largest ``|eigenvalues|``
             (in the flattened order of the analysed parameters), when asked for.
         notes: caveats worth reading.
@@ -156,7 +152,6 @@ class Spectrum:
     num_hvps: int | None = None
     paths: dict[str, str] = field(default_factory=dict)
     eps: float | None = None
-    rtol_floor: float = 0.0
     eigenvectors: Tensor | None = None
     notes: list[str] = field(default_factory=list)
     layers: dict[str, Spectrum] = field(default_factory=dict)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessrank.curvature.hessian import HessianOperator, dense_hessian, rounding_floor
+from hessrank.curvature.hessian import HessianOperator, dense_hessian
 from hessrank.estimators.base import (
     Cost,
     Estimator,
@@ -110,7 +110,6 @@ class Exact(Estimator):
         element = problem.params[0].element_size()
         batches = per_batch(problem)[1]
         unused: list[frozenset[int]] = []  # the parameters no gradient reaches, batch by batch
-        asymmetries: list[float] = []  # the batches' products' (rounding_floor)
         with settings.reporter.task(f"exact Hessian ({dim} columns)", dim * batches) as advance:
 
             def batch_hessian(batch: CurvatureProblem) -> tuple[Tensor, float]:
@@ -119,10 +118,7 @@ class Exact(Estimator):
                 self.check_refined(products_bytes(chunk, operator.graph_bytes), problem,
                                    settings)
                 unused.append(operator.unused)
-                hessian = dense_hessian(operator, chunk, advance)
-                assert operator.asymmetry is not None  # measured by dense_hessian
-                asymmetries.append(operator.asymmetry)
-                return hessian, operator.loss_value
+                return dense_hessian(operator, chunk, advance), operator.loss_value
 
             if isinstance(problem, StreamedProblem):  # the batches' Hessians, weighted, summed
                 hessian = problem.summed(batch_hessian)
@@ -141,8 +137,4 @@ class Exact(Estimator):
                                               f"the Hessian has P = {dim} eigenvalues"))
         else:
             spectrum.eigenvalues = symmetric_eigenvalues(hessian)
-        spectrum.rtol_floor, rounding = rounding_floor(max(asymmetries), spectrum.eigenvalues,
-                                                       problem.dtype)
-        if rounding is not None:
-            notes.append(rounding)
         return spectrum

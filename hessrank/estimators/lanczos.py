@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hessrank.curvature.hessian import ROUNDING_CEILING, HessianOperator, check_symmetric
+from hessrank.curvature.hessian import HessianOperator, check_symmetric
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.estimators.base import (
     Cost,
@@ -27,7 +27,6 @@ from hessrank.estimators.base import (
     seconds_of,
 )
 from hessrank.problem import CurvatureProblem, probe_outputs, unused_parameters_note
-from hessrank.ranks import default_rtol
 from hessrank.spectrum.lanczos import (
     krylov_rows,
     lanczos_spectrum,
@@ -253,14 +252,7 @@ class Lanczos(LanczosEstimator):
     def verify(self, problem: CurvatureProblem, operator: SymmetricOperator,
                settings: Settings) -> int:
         """Two products verify the Hessian-vector products symmetric (:func:`check_symmetric`):
-        a wrong second derivative in the model would otherwise pass through the run unseen. A
-        float64 model's may show more than float64's rounding (near zero loss) up to a
-        sixteenth of the run's numerical-rank tolerance (the two products' estimate reads 4-11
-        times low), so that what they leave stays below it."""
-        rtol = (default_rtol(operator.dim, working_eps(operator, BASIS_DTYPE))
-                if settings.rtol is None else settings.rtol)
-        ceiling = min(ROUNDING_CEILING, rtol / 16)
+        a wrong second derivative in the model would otherwise pass through the run unseen."""
         check_symmetric(operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77),
-                        problem.first() if isinstance(problem, StreamedProblem) else problem,
-                        ceiling)
+                        problem.first() if isinstance(problem, StreamedProblem) else problem)
         return self.verify_products
