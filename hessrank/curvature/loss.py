@@ -401,6 +401,8 @@ def _twin_failure(twin: LossFn, outputs: Tensor, targets: Tensor, given: _Calls,
     try:
         with torch.no_grad(), _Calls(high, promote) as widened:
             twin(high, targets)
+    except _Unpromotable as error:
+        return str(error)
     except Exception as error:  # noqa: BLE001 - any failure: no float64 twin
         return float64_failure(error)
     if widened.lowered:
@@ -506,8 +508,8 @@ def _promoted_call(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
     lower = [value for value in _written(func, args, kwargs) if _lower_than_float64(value)]
     if lower:
         raise _Unpromotable(
-            f"{getattr(func, '__name__', func)} writes in place into a "
-            f"{dtype_name(lower[0].dtype)} tensor, which cannot hold float64")
+            f"it writes in place into a {dtype_name(lower[0].dtype)} tensor made outside it "
+            f"({getattr(func, '__name__', func)}), which cannot hold float64")
 
     def widened(value: object) -> object:
         if _lower_than_float64(value):
