@@ -1193,10 +1193,11 @@ def lower_precision_cause(problem: CurvatureProblem, error: float) -> str:
     """Why two computations of a float64 model that should agree (a sample alone and in the
     batch, a Hessian and its transpose) can differ by ``error`` (relative) beyond the float64
     checks' tolerance, with nothing else wrong: part of its forward runs at a lower precision (a
-    norm layer that computes in float32, as HuggingFace's ``LlamaRMSNorm`` does). One forward
-    pass, watched operation by operation; an empty string when nothing runs at a lower
-    precision, or when ``error`` is beyond what that precision's rounding explains (the checks'
-    tolerance for it)."""
+    norm layer that computes in float32, as HuggingFace's ``LlamaRMSNorm`` does), or part of its
+    loss (``F.cross_entropy(f.float(), y)``, which had been refused as a wrong derivative
+    without a word of it; probe 119). One forward pass and its loss, watched operation by
+    operation; an empty string when nothing runs at a lower precision, or when ``error`` is
+    beyond what that precision's rounding explains (the checks' tolerance for it)."""
     if problem.dtype != torch.float64:
         return ""
     stack: list[str] = []
@@ -1215,7 +1216,9 @@ def lower_precision_cause(problem: CurvatureProblem, error: float) -> str:
     watcher = _LowerPrecision(problem.dtype, stack)
     try:
         with torch.no_grad(), watcher:
-            problem.forward()
+            outputs = problem.forward()
+            stack.append("loss_fn")
+            problem.loss_fn(outputs, problem.targets)
     except Exception:  # noqa: BLE001 - a diagnosis must not replace the error it explains
         return ""
     finally:
@@ -1223,7 +1226,8 @@ def lower_precision_cause(problem: CurvatureProblem, error: float) -> str:
             handle.remove()
     if watcher.dtype is None or error > agreement_tolerance(watcher.dtype):
         return ""
-    return (f"the model computes at a lower precision than its float64 parameters (first: "
+    return (f"the model or its loss computes at a lower precision than its float64 parameters "
+            f"(first: "
             f"{watcher.found}), so its results carry that precision's rounding, beyond what the "
             "float64 checks allow (and what the float64 rank tolerances assume). Analyse a "
             "float32 copy (copy.deepcopy(model).float() with float32 inputs), whose checks and "

@@ -790,6 +790,21 @@ def test_lower_precision_inside_a_float64_model_is_named_not_blamed(method, obse
     assert hessrank.effective_rank(copy32, CE, (x.float(), y), method=method).rank > 0
 
 
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_a_float64_model_s_loss_in_float32_is_named(method):
+    """A float64 model whose loss casts back to float32 (``F.cross_entropy(f.float(), y)``) has
+    products symmetric to float32's rounding only: they were refused as a wrong second
+    derivative, the watch for a lower precision covering the model's forward alone (probe
+    119). The loss is watched too, and named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = classification_batch(16, 5, 3)
+    _check(model, lambda: hessrank.effective_rank(
+        model, lambda f, t: nn.functional.cross_entropy(f.float(), t), (x, y), method=method),
+           ValueError, r"not symmetric.*lower precision than its float64 parameters "
+           r"\(first: torch.float32 from float in loss_fn\)")
+
+
 class _MixingWithFloat32Norm(nn.Module):
     """Mixes the samples (centres over the batch) and also computes in float32 (a norm)."""
 
