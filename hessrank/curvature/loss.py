@@ -326,8 +326,9 @@ def _check_squares_in_range(factors: Tensor, dtype: torch.dtype) -> None:
 def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
     """``loss_fn`` for float64 copies of ``outputs`` (in a lower precision), checked to be the
     same function there, computed in float64: a loss module holding floating tensors of another
-    dtype (a class ``weight``, a ``pos_weight``) as a float64 deep copy, anything else as it
-    is; the torch functions it calls on the float64 outputs must match, call by call, those it
+    dtype (a class ``weight``, a ``pos_weight``) as a float64 deep copy (one that cannot be
+    copied, a lock in it, as it is, for :class:`_Promoting` below), anything else as it is;
+    the torch functions it calls on the float64 outputs must match, call by call, those it
     calls on ``outputs`` (:class:`_Calls`): the same numbers among their arguments, the same
     values of the small tensors not computed from the outputs (to ``outputs``' agreement
     tolerance), and results at least as precise as the outputs. A constant chosen by the
