@@ -790,19 +790,23 @@ def test_lower_precision_inside_a_float64_model_is_named_not_blamed(method, obse
     assert hessrank.effective_rank(copy32, CE, (x.float(), y), method=method).rank > 0
 
 
-@pytest.mark.parametrize("method", ["exact", "lanczos"])
-def test_a_float64_model_s_loss_in_float32_is_named(method):
+@pytest.mark.parametrize(("method", "message"), [
+    *((method, r"not symmetric.*lower precision than its float64 parameters \(first: "
+               r"torch.float32 from float in loss_fn\)") for method in ("exact", "lanczos")),
+    ("ggn", r"block-diagonal per sample only to float32's rounding.*computes in float32 "
+            r"inside.*remove the cast")])
+def test_a_float64_model_s_loss_in_float32_is_named(method, message):
     """A float64 model whose loss casts back to float32 (``F.cross_entropy(f.float(), y)``) has
-    products symmetric to float32's rounding only: they were refused as a wrong second
-    derivative, the watch for a lower precision covering the model's forward alone (probe
-    119). The loss is watched too, and named."""
+    products symmetric, and output-Hessian blocks per sample, to float32's rounding only: they
+    were refused as a wrong second derivative (the watch for a lower precision covered the
+    model's forward alone) and as a loss that couples its samples (probe 119). The cast is
+    named."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     x, y = classification_batch(16, 5, 3)
     _check(model, lambda: hessrank.effective_rank(
         model, lambda f, t: nn.functional.cross_entropy(f.float(), t), (x, y), method=method),
-           ValueError, r"not symmetric.*lower precision than its float64 parameters "
-           r"\(first: torch.float32 from float in loss_fn\)")
+           ValueError, message)
 
 
 class _MixingWithFloat32Norm(nn.Module):
@@ -1010,7 +1014,8 @@ def _working_memory_case(case: int):
     _, make, method = _WORKING_MEMORY_CASES[case]
     torch.manual_seed(0)
     model, x, y = make()
-    return model, (x, y), method, {"lanczos_steps": 40} if "lanczos" in method else {}
+    # a Lanczos call's peak is one product's: a few steps reach it (40 had cost the suite 22 s)
+    return model, (x, y), method, {"lanczos_steps": 8} if "lanczos" in method else {}
 
 
 def _working_memory_peak(case: int) -> int | None:

@@ -856,12 +856,32 @@ def output_hessian_blocks(first: Tensor, leaf: Tensor, generator: torch.Generato
     scale = torch.sqrt(((blocks**2).sum(dim=(1, 2)) * (probe.reshape(n, size) ** 2).sum(1)).sum())
     mismatch = (actual - expected).norm()
     if mismatch > agreement_tolerance(leaf.dtype) * math.sqrt(size) * max(float(scale), 1e-300):
-        raise ValueError(
-            "the loss couples the samples: its Hessian w.r.t. the outputs is not block-diagonal "
-            f"per sample (relative mismatch {float(mismatch / scale):.2e}), so the GGN has no "
-            "per-sample factors; use method='exact' or 'lanczos'"
-        )
+        raise _SamplesCoupled(float(mismatch / scale))
     return blocks
+
+
+class _SamplesCoupled(ValueError):
+    """The loss's Hessian w.r.t. the outputs is not block-diagonal per sample
+    (:func:`output_hessian_blocks`): ``mismatch``, relative to the products' size."""
+
+    def __init__(self, mismatch: float) -> None:
+        super().__init__(
+            "the loss couples the samples: its Hessian w.r.t. the outputs is not block-diagonal "
+            f"per sample (relative mismatch {mismatch:.2e}), so the GGN has no per-sample "
+            "factors; use method='exact' or 'lanczos'")
+        self.mismatch = mismatch
+
+
+def _lower_precision_in(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> torch.dtype | None:
+    """The first floating dtype less precise than the outputs' that the loss computes in (a
+    cast inside it, :class:`_Calls`); None where there is none, or the loss fails here."""
+    low = outputs.detach()
+    try:
+        with torch.no_grad(), _Calls(low) as calls:
+            loss_fn(low, targets)
+    except Exception:  # noqa: BLE001 - a diagnosis must not replace the error it explains
+        return None
+    return calls.lowered
 
 
 class _Softmax(NamedTuple):
@@ -914,7 +934,23 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                                                                   generator, notes)
     if class_dim is not None:
         return _softmax_factors(probs, weights, class_dim, outputs.dtype)
-    found = output_hessian_blocks(first, leaf, generator)
+    try:
+        found = output_hessian_blocks(first, leaf, generator)
+    except _SamplesCoupled as error:
+        # a loss computing in a lower precision inside has blocks coupled to that rounding (a
+        # float64 model's loss cast to float32 had been said to couple its samples; probe 119)
+        lowered = _lower_precision_in(loss_fn, outputs, targets)
+        if lowered is None or error.mismatch > agreement_tolerance(lowered) * math.sqrt(
+                outputs[0].numel()):
+            raise
+        name = dtype_name(lowered)
+        single = lowered == torch.float32
+        raise ValueError(
+            f"the loss's Hessian w.r.t. the outputs is block-diagonal per sample only to "
+            f"{name}'s rounding (relative mismatch {error.mismatch:.2e}): the loss computes in "
+            f"{name} inside (a cast such as outputs.{'float' if single else name}()), whatever "
+            "the outputs' precision; remove the cast"
+            + (", or analyse a float32 copy of the model" if single else "")) from error
     if found is None:
         raise _linear_loss_error()
     blocks = _symmetric(found)
