@@ -1227,11 +1227,10 @@ def lower_precision_cause(problem: CurvatureProblem, error: float) -> str:
     if watcher.dtype is None or error > agreement_tolerance(watcher.dtype):
         return ""
     return (f"the model or its loss computes at a lower precision than its float64 parameters "
-            f"(first: "
-            f"{watcher.found}), so its results carry that precision's rounding, beyond what the "
-            "float64 checks allow (and what the float64 rank tolerances assume). Analyse a "
-            "float32 copy (copy.deepcopy(model).float() with float32 inputs), whose checks and "
-            "tolerances allow float32 rounding")
+            f"(first: {watcher.found}), so its results carry that precision's rounding, beyond "
+            "what the float64 checks allow (and what the float64 rank tolerances assume). "
+            "Analyse a float32 copy (copy.deepcopy(model).float() with float32 inputs), whose "
+            "checks and tolerances allow float32 rounding")
 
 
 def mixed_samples_difference(problem: CurvatureProblem, outputs: object,

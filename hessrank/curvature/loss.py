@@ -363,9 +363,7 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
         except Exception:  # noqa: BLE001 - (a lock in it) the module as it is, promoted below
             twin = loss_fn
     try:
-        low = outputs.detach()
-        with torch.no_grad(), _Calls(low) as given:
-            loss_fn(low, targets)
+        given = _calls_of(loss_fn, outputs, targets)
     except Exception as error:  # noqa: BLE001 - any failure: no float64 twin
         raise ValueError(float64_failure(error)) from error
     widened_targets = targets.double() if targets.is_floating_point() else targets
@@ -553,6 +551,14 @@ class _Calls(TorchFunctionMode):
                         and torch.finfo(tensor.dtype).eps > self.eps):
                     self.lowered = tensor.dtype
         return result
+
+
+def _calls_of(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> _Calls:
+    """The :class:`_Calls` of the loss as given on ``outputs``, evaluated without a graph."""
+    low = outputs.detach()  # (the very tensor _Calls follows)
+    with torch.no_grad(), _Calls(low) as calls:
+        loss_fn(low, targets)
+    return calls
 
 
 def _tensors(value: object) -> list[Tensor]:
@@ -875,13 +881,10 @@ class _SamplesCoupled(ValueError):
 def _lower_precision_in(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> torch.dtype | None:
     """The first floating dtype less precise than the outputs' that the loss computes in (a
     cast inside it, :class:`_Calls`); None where there is none, or the loss fails here."""
-    low = outputs.detach()
     try:
-        with torch.no_grad(), _Calls(low) as calls:
-            loss_fn(low, targets)
+        return _calls_of(loss_fn, outputs, targets).lowered
     except Exception:  # noqa: BLE001 - a diagnosis must not replace the error it explains
         return None
-    return calls.lowered
 
 
 class _Softmax(NamedTuple):
