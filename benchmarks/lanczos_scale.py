@@ -13,8 +13,11 @@ perfectly resolved quadrature with the same deflation would still have (exact ei
 Rademacher probes).
 
 ``scale``: the MLP 784-2789-2789-10 (P = 10^7) of ``run.py`` on 256 synthetic 28 x 28 inputs;
-times a gradient, one Hessian-vector product and the whole solver (per product), and reports the
-peak resident memory of the process. Run it alone, on one thread::
+times a gradient (the median of three calls before the solver and three after), one
+Hessian-vector product and the whole solver (per product, with the page faults and system time
+of its run: fresh memory the kernel hands out page by page), and reports the peak resident
+memory of the process. Run it alone, on one thread; ``PYTHONPATH=<another tree>`` times that
+tree's library, to alternate two in paired runs::
 
     OMP_NUM_THREADS=1 python benchmarks/lanczos_scale.py accuracy
     OMP_NUM_THREADS=1 python benchmarks/lanczos_scale.py null-space
@@ -241,7 +244,7 @@ def scale(width: int, products: int, samples: int, paired: bool, device: str) ->
     def gradient() -> None:
         torch.autograd.grad(problem.loss(), params)
 
-    gradient_seconds = median_seconds(gradient, 3)
+    gradient_times = [seconds(gradient) for _ in range(3)]
     operator = HessianOperator(problem)
     probe = torch.ones(1, operator.dim, device=device)
     product_seconds = median_seconds(lambda: operator.matmat(probe), 3)
@@ -250,9 +253,14 @@ def scale(width: int, products: int, samples: int, paired: bool, device: str) ->
         torch.cuda.reset_peak_memory_stats()
     lanczos_spectrum(operator, max_products=5)  # warm-up: first-call costs (GPU libraries)
     runs = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
     solver_seconds = seconds(lambda: runs.append(lanczos_spectrum(operator, max_products=products)))
+    after = resource.getrusage(resource.RUSAGE_SELF)
     result = runs[0]
     per_product = solver_seconds / result.num_products
+    faults = (after.ru_minflt - before.ru_minflt) / result.num_products
+    system = (after.ru_stime - before.ru_stime) / result.num_products
+    gradient_seconds = statistics.median(gradient_times + [seconds(gradient) for _ in range(3)])
     full_per_product = None
     if paired:
         # Alternate with runs that remove every overlap (threshold 0: the previous full
@@ -282,7 +290,8 @@ def scale(width: int, products: int, samples: int, paired: bool, device: str) ->
           f"({product_seconds / gradient_seconds:.2f}x gradient)")
     print(f"solver, per product      {per_product:.3f} s  "
           f"({per_product / gradient_seconds:.2f}x gradient; {result.num_products} products, "
-          f"first timed run {solver_seconds:.1f} s)")
+          f"first timed run {solver_seconds:.1f} s; {faults:,.0f} page faults and "
+          f"{system:.3f} s system time a product)")
     if full_per_product is not None:
         print(f"full reorthogonalisation {full_per_product:.3f} s  "
               f"({full_per_product / gradient_seconds:.2f}x gradient; semi-orthogonal / full = "

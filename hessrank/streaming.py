@@ -593,7 +593,8 @@ class StreamedProblem(CurvatureProblem):
 
         Args:
             compute: ``batch -> (tensor, the batch's loss L_b)``; the tensor is linear in the
-                batch's loss (a product with its Hessian, GGN or EF, its dense Hessian).
+                batch's loss (a product with its Hessian, GGN or EF, its dense Hessian) and
+                the caller's own: the first is weighted in place (no second copy of it).
 
         Raises:
             ValueError: the pass saw a different data set (batches or loss).
@@ -609,7 +610,7 @@ class StreamedProblem(CurvatureProblem):
                 return
             value, batch_loss = compute(batch)
             loss += weight * batch_loss
-            result = value * weight if result is None else result.add_(value, alpha=weight)
+            result = value.mul_(weight) if result is None else result.add_(value, alpha=weight)
 
         self._checked_pass(add)
         tolerance = agreement_tolerance(self.dtype)

@@ -10,15 +10,25 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import hessrank
 from hessrank.cli import presets
+from hessrank.curvature.factors import FactorOperator
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
 from hessrank.problem import build_problem
 from hessrank.ranks import default_rtol, spectral_ranks, srank, whole_count
 from hessrank.spectrum.dense import symmetric_eigenvalues
-from hessrank.spectrum.lanczos import lanczos_run, lanczos_spectrum, rademacher, spot_check_steps
-from hessrank.spectrum.operator import DenseOperator, LowRankOperator
+from hessrank.spectrum.lanczos import (
+    LanczosRun,
+    lanczos_run,
+    lanczos_spectrum,
+    rademacher,
+    spot_check_steps,
+)
+from hessrank.spectrum.operator import DenseOperator, LowRankOperator, SymmetricOperator
+from hessrank.streaming import operator_over, streamed_problem
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -1172,3 +1182,51 @@ def test_basis_time_is_timed_on_a_block_of_the_basis_size(monkeypatch, dim):
         per_entry = lanczos.basis_seconds(steps, rows, dim, torch.device("cpu")) / (
             steps * (rows + lanczos.STEP_VECTOR_PASSES) * dim)
         assert per_entry == pytest.approx(1e-3 / timed, rel=0.05)
+
+
+class _FreshLongTensors(TorchDispatchMode):
+    """Counts the tensors of at least ``length`` entries that operations return in memory of
+    their own (a view or an in-place result shares an argument's storage and is not counted)."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.length, self.count = length, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        held = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                if isinstance(t, Tensor)}
+        self.count += sum(isinstance(t, Tensor) and t.numel() >= self.length
+                          and t.untyped_storage().data_ptr() not in held
+                          for t in tree_leaves(result))
+        return result
+
+
+@pytest.mark.parametrize("source", ["hessian", "factors", "data set"])
+def test_a_lanczos_step_takes_one_fresh_long_vector_a_batch(source: str) -> None:
+    """A step's product comes back in one new ``P``-long tensor a batch (the parameters'
+    pieces joined; over a data set the first batch's is the sum), and the step then works on
+    it in place. Each further one is, at P = 10^7, 40 MB of pages the kernel faults in afresh:
+    a copy of the product into a ``[1, P]`` stack and the division by ``beta`` into a new
+    vector had cost 0.07 s a product, a quarter of a gradient (``benchmarks/README.md``,
+    "Fresh memory in every product")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))  # P = 53, pieces <= 30
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    problem = build_problem(model, nn.CrossEntropyLoss(), (x, y), None, "eval")
+    batches = 1
+    if source == "hessian":
+        operator: SymmetricOperator = HessianOperator(problem)
+    elif source == "factors":  # the EF's: the per-sample loss gradients
+        operator = FactorOperator(problem, lambda f, t: (
+            (f.softmax(-1) - nn.functional.one_hot(t, 3)) / len(t)).detach()[None],
+            "fisher_lanczos")
+    else:
+        batches = 2
+        data = streamed_problem(problem, [(x[:5], y[:5]), (x[5:], y[5:])])
+        data.survey()
+        operator = operator_over(data, HessianOperator)
+    run = LanczosRun(operator, torch.randn(operator.dim), torch.empty(8, operator.dim))
+    with _FreshLongTensors(operator.dim) as counter:
+        run.extend(5)
+    assert len(run.alpha) == 5 and counter.count == 5 * batches

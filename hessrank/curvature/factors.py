@@ -20,7 +20,7 @@ from torch import Tensor
 
 from hessrank.curvature.hessian import second_order
 from hessrank.curvature.loss import check_no_parameter_terms
-from hessrank.curvature.operator import ParameterOperator
+from hessrank.curvature.operator import ParameterOperator, stacked_rows
 from hessrank.distributed import ShardedProblem, shard_cotangents
 from hessrank.guard import ModuleGenerators
 from hessrank.problem import (
@@ -155,5 +155,5 @@ class FactorOperator(ParameterOperator):
         vectors = vectors.to(dtype=self.dtype, device=self.device)
         self.num_products += vectors.shape[0]
         with second_order():  # a checkpointed block recomputes its forward here (see there)
-            products = torch.stack([self._row(row) for row in vectors])
+            products = stacked_rows([self._row(row) for row in vectors])
         return products if self.parallel is None else self.parallel.all_reduce(products)

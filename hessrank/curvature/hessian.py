@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from hessrank.curvature.loss import (
     float64_twin,
     loss_second_derivative_error,
 )
-from hessrank.curvature.operator import ParameterOperator
+from hessrank.curvature.operator import ParameterOperator, stacked_rows
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
 from hessrank.problem import (
     FOR_THE_LOSS_S,
@@ -215,10 +216,7 @@ class HessianOperator(ParameterOperator):
         # push the same number through each product's all-reduce
         self.graph_bytes = self._largest(graph.total)
         self.unused = unused_parameters(grads)
-        self.gradient = self._summed(torch.cat([
-            (g if g is not None else torch.zeros_like(p)).detach().reshape(-1)
-            for g, p in zip(grads, self.params)
-        ]))
+        self._grads = grads
         # Gradient pieces that still depend on the parameters; the others have zero Hessian rows.
         self._graph_index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self._graph_grads = [grads[i] for i in self._graph_index]
@@ -226,6 +224,18 @@ class HessianOperator(ParameterOperator):
         #: the Frobenius norm of the antisymmetric part of the dense Hessian the products built
         #: (:func:`dense_hessian`), a measure of their rounding; None before one is built
         self.rounding: float | None = None
+
+    @functools.cached_property
+    def gradient(self) -> Tensor:
+        """``[P]``: the loss's gradient w.r.t. the analysed parameters (on a sharded problem,
+        summed over the processes: one all-reduce, on first use). Joined when asked for: an
+        operator over a data set is built for each batch of every product, and this
+        ``P``-long vector had been joined each time (``benchmarks/README.md``, "Fresh memory in
+        every product")."""
+        return self._summed(torch.cat([
+            (g if g is not None else torch.zeros_like(p)).detach().reshape(-1)
+            for g, p in zip(self._grads, self.params)
+        ]))
 
     def _flatten(self, pieces: tuple[Tensor | None, ...], leading: tuple[int, ...]) -> Tensor:
         return torch.cat([
@@ -295,7 +305,7 @@ class HessianOperator(ParameterOperator):
                 retain_graph=True, allow_unused=True,
             )
             rows.append(self._flatten(products, ()))
-        return torch.stack(rows)
+        return stacked_rows(rows)
 
     def matvec(self, vector: Tensor) -> Tensor:
         """``H v`` for a flat ``[P]`` vector."""

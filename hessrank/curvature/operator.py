@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
 from hessrank.distributed import parallel_of
 from hessrank.problem import CurvatureProblem
+
+
+def stacked_rows(rows: Sequence[Tensor]) -> Tensor:
+    """``[k, P]`` from ``k`` flat products, without copying a single one (``[1, P]``, a view).
+
+    A Lanczos run asks for one product at a time; at P = 10^7 a copy of it is 40 MB of fresh
+    memory, which the allocator takes from the kernel page by page (10,000 page faults, about
+    20 ms, every product: ``benchmarks/README.md``, "Fresh memory in every product").
+    """
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(list(rows))
 
 
 class ParameterOperator:

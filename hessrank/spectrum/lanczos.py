@@ -370,7 +370,7 @@ class LanczosRun:
             if beta <= 100 * rounding * self.scale:
                 self.invariant = True
                 return
-            self._vector = product / beta
+            self._vector = product.div_(beta)  # in place: no fresh P-long vector a step
 
 
 def lanczos_run(
