@@ -1189,15 +1189,18 @@ class _LowerPrecision(TorchFunctionMode):
         return result
 
 
-def lower_precision_cause(problem: CurvatureProblem, error: float) -> str:
+def lower_precision_cause(problem: CurvatureProblem, error: float,
+                          with_loss: bool = False) -> str:
     """Why two computations of a float64 model that should agree (a sample alone and in the
     batch, a Hessian and its transpose) can differ by ``error`` (relative) beyond the float64
     checks' tolerance, with nothing else wrong: part of its forward runs at a lower precision (a
-    norm layer that computes in float32, as HuggingFace's ``LlamaRMSNorm`` does), or part of its
-    loss (``F.cross_entropy(f.float(), y)``, which had been refused as a wrong derivative
-    without a word of it; probe 119). One forward pass and its loss, watched operation by
-    operation; an empty string when nothing runs at a lower precision, or when ``error`` is
-    beyond what that precision's rounding explains (the checks' tolerance for it)."""
+    norm layer that computes in float32, as HuggingFace's ``LlamaRMSNorm`` does), or, with
+    ``with_loss`` (the computations ran the loss as given), part of its loss
+    (``F.cross_entropy(f.float(), y)``, which had been refused as a wrong derivative without a
+    word of it; probe 119; a loss widened to float64 is no cause, and was named as one, probe
+    120). One forward pass and its loss, watched operation by operation; an empty string when
+    nothing runs at a lower precision, or when ``error`` is beyond what that precision's
+    rounding explains (the checks' tolerance for it)."""
     if problem.dtype != torch.float64:
         return ""
     stack: list[str] = []
@@ -1217,8 +1220,9 @@ def lower_precision_cause(problem: CurvatureProblem, error: float) -> str:
     try:
         with torch.no_grad(), watcher:
             outputs = problem.forward()
-            stack.append("loss_fn")
-            problem.loss_fn(outputs, problem.targets)
+            if with_loss:
+                stack.append("loss_fn")
+                problem.loss_fn(outputs, problem.targets)
     except Exception:  # noqa: BLE001 - a diagnosis must not replace the error it explains
         return ""
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import random
+import re
 import subprocess
 import sys
 import warnings
@@ -792,21 +793,30 @@ def test_lower_precision_inside_a_float64_model_is_named_not_blamed(method, obse
 
 @pytest.mark.parametrize(("method", "message"), [
     *((method, r"not symmetric.*lower precision than its float64 parameters \(first: "
-               r"torch.float32 from float in loss_fn\)") for method in ("exact", "lanczos")),
-    ("ggn", r"block-diagonal per sample only to float32's rounding.*computes in float32 "
-            r"inside.*remove the cast")])
-def test_a_float64_model_s_loss_in_float32_is_named(method, message):
-    """A float64 model whose loss casts back to float32 (``F.cross_entropy(f.float(), y)``) has
-    products symmetric, and output-Hessian blocks per sample, to float32's rounding only: they
-    were refused as a wrong second derivative (the watch for a lower precision covered the
-    model's forward alone) and as a loss that couples its samples (probe 119). The cast is
-    named."""
+               r"torch.float16 from half in loss_fn\)") for method in ("exact", "lanczos")),
+    ("ggn", r"block-diagonal per sample only to float16's rounding.*computes in float16 "
+            r"inside \(a cast such as outputs.half\(\)\).*remove the cast$"),
+    ("fisher", r"computes in float16 inside \(a cast such as outputs.half\(\)\), though the "
+               r"model is float64, and runs so, since a cast below float32 is part of the "
+               r"function.*remove the cast$")])
+def test_a_float64_model_s_loss_in_float16_is_named(method, message):
+    """A float64 model whose loss computes in float32 inside is widened to float64
+    (``test_a_float64_model_s_loss_in_float32_is_widened``); a cast to float16 is part of the
+    function and stays, so the products are symmetric, and the output-Hessian blocks per
+    sample, to float16's rounding only. They had been refused as a wrong second derivative
+    and as a loss that couples its samples (probe 119); the cast is named, in ``fisher``'s
+    notes where it runs (the cast written ``outputs.half()``, not ``outputs.float16()``)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     x, y = classification_batch(16, 5, 3)
-    _check(model, lambda: hessrank.effective_rank(
-        model, lambda f, t: nn.functional.cross_entropy(f.float(), t), (x, y), method=method),
-           ValueError, message)
+
+    def call():
+        return hessrank.effective_rank(model, lambda f, t: nn.functional.cross_entropy(
+            f.half().double(), t), (x, y), method=method)
+    if method == "fisher":
+        assert sum(bool(re.search(message, note)) for note in call().notes) == 1
+        return
+    _check(model, call, ValueError, message)
 
 
 class _MixingWithFloat32Norm(nn.Module):

@@ -19,7 +19,10 @@ from hessrank.curvature.loss import (
     direct_parameter_names,
     float64_failure,
     float64_twin,
+    kept_cast,
     loss_second_derivative_error,
+    lower_precision_in,
+    lowered_loss_note,
 )
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
@@ -109,8 +112,7 @@ def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
     batch of a data set where the float64 loss fails though the first batch's passed (probe
     116)."""
     outputs = problem.forward()
-    if not (isinstance(outputs, Tensor) and outputs.is_floating_point()
-            and outputs.dtype != torch.float64):
+    if not (isinstance(outputs, Tensor) and outputs.is_floating_point()):
         loss = problem.loss(outputs)
         return loss, float(loss.detach())
     # decided once per call: over a data set the operator is built for every batch of every
@@ -119,6 +121,9 @@ def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
     if key not in problem.loss_widening:
         problem.loss_widening[key] = _widening(problem, outputs)
     loss_fn, why = problem.loss_widening[key]
+    if loss_fn is problem.loss_fn:  # float64 outputs, a loss computed in float64
+        loss = problem.loss(outputs)
+        return loss, float(loss.detach())
     if loss_fn is not None:
         try:
             widened = problem.loss(outputs.double(), loss_fn)
@@ -129,9 +134,10 @@ def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
         else:
             with torch.no_grad():  # (the loss as given, checked by the data set's first pass)
                 return widened, float(problem.loss_fn(outputs, problem.targets))
-    add_float64_note(problem.notes, f"{_UNWIDENED} {dtype_name(outputs.dtype)}, not on outputs "
-                     "widened to float64", str(why),
-                     "its curvature rounds to wrong, even negative, eigenvalues")
+    if outputs.dtype != torch.float64:  # (a float64 model's note is _widening's)
+        add_float64_note(problem.notes, f"{_UNWIDENED} {dtype_name(outputs.dtype)}, not on "
+                         "outputs widened to float64", str(why),
+                         "its curvature rounds to wrong, even negative, eigenvalues")
     loss = problem.loss(outputs)
     return loss, float(loss.detach())
 
@@ -142,26 +148,44 @@ _UNWIDENED = "the loss runs in"
 
 def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None, str | None]:
     """``(the loss for float64 outputs, None)`` where :func:`_widened_loss` may widen, else
-    ``(None, why not)``: its two trials on detached ``outputs``, kept out of the operator's
-    graph count."""
+    ``(None, why not)``: its trials on detached ``outputs``, kept out of the operator's graph
+    count. Float64 ``outputs`` are widened only where the loss computes in a lower precision
+    inside (:func:`~hessrank.curvature.loss.float64_loss`; a note says which way it went), and
+    get ``(problem.loss_fn, None)`` where it does not."""
     with GraphBytes.uncounted():
-        if direct_parameter_names(problem.loss_fn, outputs.detach(), problem.targets,
-                                  problem.params, problem.names):
-            return None, "it uses the parameters directly"
-        try:
-            loss_fn = float64_twin(problem.loss_fn, outputs, problem.targets)
-        except ValueError as error:
-            return None, str(error)
-        try:
-            trial = outputs.detach().double().requires_grad_(True)
-            (gradient,) = torch.autograd.grad(problem.loss(trial, loss_fn), trial,
-                                              create_graph=True)
-            if gradient.requires_grad:  # (a loss linear in the outputs has a constant one)
-                torch.autograd.grad(gradient.sum(), trial, allow_unused=True)
-        except UnrepeatableLoss:
-            raise
-        except Exception as error:  # noqa: BLE001 - the loss as given, in the outputs' dtype
-            return None, float64_failure(error)
+        lowered = (lower_precision_in(problem.loss_fn, outputs.detach(), problem.targets)
+                   if outputs.dtype == torch.float64 else None)
+        if outputs.dtype == torch.float64 and lowered is None:
+            return problem.loss_fn, None
+        kept = None if lowered is None else kept_cast(lowered)
+        loss_fn, why = (None, kept) if kept is not None else _twin_trials(problem, outputs)
+    if lowered is not None:
+        note = lowered_loss_note(lowered, why)
+        if note not in problem.notes:
+            problem.notes.append(note)
+    return loss_fn, why
+
+
+def _twin_trials(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None, str | None]:
+    """``(the loss's float64 twin, None)`` where it exists and can be differentiated twice at
+    ``outputs`` (detached), else ``(None, why not)``."""
+    if direct_parameter_names(problem.loss_fn, outputs.detach(), problem.targets,
+                              problem.params, problem.names):
+        return None, "it uses the parameters directly"
+    try:
+        loss_fn = float64_twin(problem.loss_fn, outputs, problem.targets)
+    except ValueError as error:
+        return None, str(error)
+    try:
+        trial = outputs.detach().double().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(problem.loss(trial, loss_fn), trial,
+                                          create_graph=True)
+        if gradient.requires_grad:  # (a loss linear in the outputs has a constant one)
+            torch.autograd.grad(gradient.sum(), trial, allow_unused=True)
+    except UnrepeatableLoss:
+        raise
+    except Exception as error:  # noqa: BLE001 - the loss as given, in the outputs' dtype
+        return None, float64_failure(error)
     return loss_fn, None
 
 
@@ -333,7 +357,9 @@ def asymmetry_error(asymmetry: float, problem: CurvatureProblem) -> ValueError |
         return None
     observation = (f"the Hessian-vector products are not symmetric (antisymmetric part "
                    f"{asymmetry:.1e} of the symmetric one, rounding allows {tolerance:.1e})")
-    cause = lower_precision_cause(problem, asymmetry)
+    # the loss, where the products ran it as given (a float64 model's: its cast not widened)
+    cause = lower_precision_cause(problem, asymmetry, with_loss=any(
+        loss_fn is None for loss_fn, _ in problem.loss_widening.values()))
     if cause:
         return ValueError(f"{observation}: {cause}")
     unwidened = [note for note in problem.notes if note.startswith(_UNWIDENED)]
