@@ -1162,9 +1162,11 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
 
 
 class _LowerPrecision(TorchFunctionMode):
-    """Records the first operation whose floating result has fewer digits than ``dtype``: where
-    it ran (``found``; ``stack`` holds the names of the modules whose forward is running) and that
-    result's dtype (``dtype``; None while nothing was found)."""
+    """Records the first operation whose floating result has the fewest digits, fewer than
+    ``dtype``'s: where it ran (``found``; ``stack`` holds the names of the modules whose forward
+    is running) and that result's dtype (``dtype``; None while nothing was found). The least
+    precise, not the first: a loss that casts to float32 and then runs under bfloat16
+    autocast is explained by the bfloat16 (probe 121)."""
 
     def __init__(self, dtype: torch.dtype, stack: list[str]) -> None:
         super().__init__()
@@ -1176,16 +1178,16 @@ class _LowerPrecision(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         result = func(*args, **(kwargs or {}))
-        if self.dtype is None:
-            values = result if isinstance(result, (tuple, list)) else (result,)
-            for value in values:
-                if (isinstance(value, Tensor) and value.is_floating_point()
-                        and torch.finfo(value.dtype).eps > self.eps):
-                    where = self.stack[-1] if self.stack else "the model's forward"
-                    name = getattr(func, "__name__", str(func))
-                    self.found = f"{value.dtype} from {name} in {where}"
-                    self.dtype = value.dtype
-                    break
+        values = result if isinstance(result, (tuple, list)) else (result,)
+        for value in values:
+            if (isinstance(value, Tensor) and value.is_floating_point()
+                    and torch.finfo(value.dtype).eps > (self.eps if self.dtype is None
+                                                        else torch.finfo(self.dtype).eps)):
+                where = self.stack[-1] if self.stack else "the model's forward"
+                name = getattr(func, "__name__", str(func))
+                self.found = f"{value.dtype} from {name} in {where}"
+                self.dtype = value.dtype
+                break
         return result
 
 

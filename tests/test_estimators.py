@@ -1221,6 +1221,71 @@ def test_a_float64_model_s_loss_in_float32_is_widened(method):
                                  rtol=1e-9)
 
 
+def _confident_float64_classifier() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 linear classifier 5-3 on inputs scaled 30 times, labelled with its own
+    predictions (loss 0.018)."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 5, dtype=torch.float64) * 30
+    model = nn.Linear(5, 3).double()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+_THREE_CLASS_WEIGHT = torch.tensor([1.0, 2.0, 0.5])
+
+
+def _autocast_head(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the outputs cast to float32, rescaled by a matrix product under
+    bfloat16 autocast (which casts float32 alone)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = outputs.float() @ (2 * torch.eye(3))
+    return nn.functional.cross_entropy(logits.float(), targets)
+
+
+@pytest.mark.parametrize(("loss_fn", "widened"), [
+    (lambda f, y: nn.functional.cross_entropy(f.type(torch.FloatTensor), y), True),
+    (lambda f, y: nn.functional.cross_entropy(f.type("torch.FloatTensor"), y), True),
+    (_autocast_head, False),
+    (lambda f, y: nn.functional.cross_entropy(  # a constant by dtype, a float32 weight
+        f.float().clamp_min(torch.finfo(f.float().dtype).min), y, weight=_THREE_CLASS_WEIGHT),
+     False)],
+    ids=["type(FloatTensor)", "type('torch.FloatTensor')", "bfloat16 autocast",
+         "an eps by dtype"])
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_a_float64_model_s_loss_is_widened_only_to_the_same_function(loss_fn, widened, method):
+    """What probe 121 found of the widening: a cast by a type's name (``f.type(torch.FloatTensor)``)
+    was replayed in float32 and called the same function (``fisher`` 2e-7 off, a note saying it
+    was widened); a ``bfloat16`` autocast inside was dropped in float64, the loss's rounding
+    with it, under the same note. The first is now widened (the float64 loss's results), the
+    second runs as given, its ``bfloat16`` named (``exact`` refuses its products, ``fisher``
+    reads it to that precision with a note). A loss that cannot be widened for another reason
+    (a constant chosen by its dtype) had ``fisher`` refuse its float32 rounding as samples that
+    interact: it is read to float32's precision, with the note."""
+    model, x, y = _confident_float64_classifier()
+    if widened:
+        result = hessrank.effective_rank(model, loss_fn, (x, y), method)
+        assert any("widened to float64" in note for note in result.notes), result.notes
+        plain = hessrank.effective_rank(model, CE, (x, y), method)
+        np.testing.assert_allclose(result.eigenvalues, plain.eigenvalues, rtol=1e-9,
+                                   atol=1e-12 * abs(plain.eigenvalues[0]))
+        return
+    kept = "bfloat16" if loss_fn is _autocast_head else "float32"
+    if method == "exact":
+        with pytest.raises(ValueError, match=f"lower precision than its float64 parameters "
+                                             f"\\(first: torch.{kept} from"):
+            hessrank.effective_rank(model, loss_fn, (x, y), method)
+        return
+    result = hessrank.effective_rank(model, loss_fn, (x, y), method)
+    said = [note for note in result.notes if f"computes in {kept} inside" in note]
+    assert len(said) == 1 and "runs so, since" in said[0], result.notes
+    if loss_fn is not _autocast_head:  # the float64 loss's, to float32's rounding
+        weighted = lambda f, t: nn.functional.cross_entropy(  # noqa: E731
+            f, t, weight=_THREE_CLASS_WEIGHT.double())
+        plain = hessrank.effective_rank(model, weighted, (x, y), method)
+        assert_spectra_close(result.eigenvalues, plain.eigenvalues, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["exact", "lanczos"])
 def test_a_saturated_classifier_over_a_data_set_is_not_taken_for_changed_data(method):
     """Every pass over a data set is checked against the first pass's loss. The first pass

@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 from hessrank.curvature.loss import (
+    RUNS_AS_GIVEN,
     add_float64_note,
     direct_parameter_names,
     float64_failure,
@@ -121,7 +122,7 @@ def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
     if key not in problem.loss_widening:
         problem.loss_widening[key] = _widening(problem, outputs)
     loss_fn, why = problem.loss_widening[key]
-    if loss_fn is problem.loss_fn:  # float64 outputs, a loss computed in float64
+    if loss_fn is None and why is None:  # float64 outputs, a loss computed in float64
         loss = problem.loss(outputs)
         return loss, float(loss.detach())
     if loss_fn is not None:
@@ -134,7 +135,12 @@ def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
         else:
             with torch.no_grad():  # (the loss as given, checked by the data set's first pass)
                 return widened, float(problem.loss_fn(outputs, problem.targets))
-    if outputs.dtype != torch.float64:  # (a float64 model's note is _widening's)
+    if outputs.dtype == torch.float64:  # its cast not widened on this batch
+        note = lowered_loss_note(lower_precision_in(problem.loss_fn, outputs.detach(),
+                                                    problem.targets) or torch.float32, str(why))
+        if note not in problem.notes:
+            problem.notes.append(note)
+    else:
         add_float64_note(problem.notes, f"{_UNWIDENED} {dtype_name(outputs.dtype)}, not on "
                          "outputs widened to float64", str(why),
                          "its curvature rounds to wrong, even negative, eigenvalues")
@@ -150,13 +156,13 @@ def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None
     """``(the loss for float64 outputs, None)`` where :func:`_widened_loss` may widen, else
     ``(None, why not)``: its trials on detached ``outputs``, kept out of the operator's graph
     count. Float64 ``outputs`` are widened only where the loss computes in a lower precision
-    inside (:func:`~hessrank.curvature.loss.float64_loss`; a note says which way it went), and
-    get ``(problem.loss_fn, None)`` where it does not."""
+    inside (as :func:`~hessrank.curvature.loss.float64_loss`; a note says which way it went),
+    and get ``(None, None)`` where it does not: the loss as given, nothing to say."""
     with GraphBytes.uncounted():
         lowered = (lower_precision_in(problem.loss_fn, outputs.detach(), problem.targets)
                    if outputs.dtype == torch.float64 else None)
         if outputs.dtype == torch.float64 and lowered is None:
-            return problem.loss_fn, None
+            return None, None
         kept = None if lowered is None else kept_cast(lowered)
         loss_fn, why = (None, kept) if kept is not None else _twin_trials(problem, outputs)
     if lowered is not None:
@@ -359,7 +365,7 @@ def asymmetry_error(asymmetry: float, problem: CurvatureProblem) -> ValueError |
                    f"{asymmetry:.1e} of the symmetric one, rounding allows {tolerance:.1e})")
     # the loss, where the products ran it as given (a float64 model's: its cast not widened)
     cause = lower_precision_cause(problem, asymmetry, with_loss=any(
-        loss_fn is None for loss_fn, _ in problem.loss_widening.values()))
+        RUNS_AS_GIVEN in note for note in problem.notes))
     if cause:
         return ValueError(f"{observation}: {cause}")
     unwidened = [note for note in problem.notes if note.startswith(_UNWIDENED)]

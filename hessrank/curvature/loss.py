@@ -146,11 +146,14 @@ class _Reading(NamedTuple):
 
 
 def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                  sample_grads: Tensor | None = None) -> _Reading | None:
+                  sample_grads: Tensor | None = None,
+                  precision: torch.dtype | None = None) -> _Reading | None:
     """The weights ``a_i`` read off ``dL/df_i = a_i dl_i/df_i`` at ``outputs``, verified to the
     rounding of the batch's gradient, and their uncertainty; None where the loss does not
     depend on the outputs. ``sample_grads``: the ``dl_i/df_i`` at these outputs where already
-    known (``[n, size]``), else computed.
+    known (``[n, size]``), else computed. ``precision``: the dtype whose rounding the loss's
+    gradients carry, where not the outputs' (a float64 model's loss that computes in float32
+    inside and cannot be widened, :func:`float64_loss`).
 
     Rounding: where the batch and the single-sample gradients are computed by different kernels
     (``nn.BCEWithLogitsLoss``'s fused backward against its batched decomposition), every entry
@@ -183,7 +186,7 @@ def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     if sample_grads is None:
         sample_grads = _sample_gradients(loss_fn, outputs.detach(), targets)
     flat_batch, flat_sample = batch_grad.reshape(n, -1), sample_grads.reshape(n, -1)
-    tolerance = agreement_tolerance(outputs.dtype) * math.sqrt(flat_batch.shape[1])
+    tolerance = agreement_tolerance(precision or outputs.dtype) * math.sqrt(flat_batch.shape[1])
     tiny = torch.finfo(outputs.dtype).tiny
     finite = torch.isfinite(flat_batch).all(dim=1)
     flat_batch = torch.where(finite[:, None], flat_batch, 0.0)
@@ -248,8 +251,8 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         ValueError: the loss is not a non-negatively weighted sum of per-sample losses with
             weights independent of the outputs.
     """
-    loss_fn = float64_loss(loss_fn, outputs, targets, notes)
-    read = _read_weights(loss_fn, outputs, targets)
+    loss_fn, precision = float64_loss(loss_fn, outputs, targets, notes)
+    read = _read_weights(loss_fn, outputs, targets, precision=precision)
     if read is None:
         return (torch.zeros(1, *outputs.shape, dtype=outputs.dtype, device=outputs.device),
                 torch.zeros(outputs.shape[0], dtype=outputs.dtype, device=outputs.device))
@@ -280,7 +283,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     # against targets [n] under MSELoss broadcast to an [n, n] loss were said to weigh a
     # sample negatively)
     try:
-        _check_constant_weights(loss_fn, outputs, targets, read)
+        _check_constant_weights(loss_fn, outputs, targets, read, precision)
     except ValueError as error:
         hint = _broadcast_hint(outputs, targets)
         if hint is None:
@@ -409,6 +412,11 @@ def _twin_failure(twin: LossFn, outputs: Tensor, targets: Tensor, given: _Calls,
         name = dtype_name(widened.lowered)
         return (f"it computes in {name} inside (a cast such as {_cast_call(widened.lowered)} or "
                 f"dtype=torch.{name} in the loss), whatever the outputs' precision")
+    if given.lowest is not None and kept_cast(given.lowest) and widened.lowest is None:
+        # (torch.autocast casts float32 alone: in float64 its bfloat16 rounding was dropped,
+        # and the loss called the same function; probe 121)
+        return (f"it computes in {dtype_name(given.lowest)} inside where float64 does not "
+                "(under torch.autocast, which casts float32 alone)")
     if not _same_calls(given.calls, widened.calls, agreement_tolerance(outputs.dtype)):
         return ("it computes another function in float64 (a constant or a branch that depends "
                 "on the outputs' dtype, such as torch.finfo(outputs.dtype).eps)")
@@ -498,25 +506,44 @@ def _written(func: Any, args: Any, kwargs: dict[str, Any]) -> list[object]:
     return written
 
 
+#: float32 named as a tensor type (``f.type(torch.FloatTensor)``, ``f.type("torch.FloatTensor")``)
+#: and float64's name for it, for :meth:`Tensor.type`.
+_FLOAT32_TYPES: dict[object, object] = {
+    torch.FloatTensor: torch.DoubleTensor, "torch.FloatTensor": "torch.DoubleTensor",
+    "torch.cuda.FloatTensor": "torch.cuda.DoubleTensor"}
+
+
 def _promoted_call(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
     """``func(*args, **kwargs)`` as :class:`_Promoting` runs it, its result.
 
     Raises:
-        _Unpromotable: the call writes in place into a tensor of a lower precision.
+        _Unpromotable: the call writes in place into a tensor of a lower precision, or makes
+            a float32 tensor of float64 ones in a way not widened here (its rounding would
+            stay: ``f.type`` with a type's name had been taken for the same function, a float64
+            model's EF 2e-7 off with a note saying it was widened; probe 121).
     """
+    name = getattr(func, "__name__", func)
     lower = [value for value in _written(func, args, kwargs) if _lower_than_float64(value)]
     if lower:
         raise _Unpromotable(
             f"it writes in place into a {dtype_name(lower[0].dtype)} tensor made outside it "
-            f"({getattr(func, '__name__', func)}), which cannot hold float64")
+            f"({name}), which cannot hold float64")
 
     def widened(value: object) -> object:
         if _lower_than_float64(value):
             return value.double()
-        return torch.float64 if value is torch.float32 else value
+        if value is torch.float32:
+            return torch.float64
+        if func is Tensor.type and isinstance(value, str | type):
+            return _FLOAT32_TYPES.get(value, value)
+        return value
     if func is Tensor.float:
         func = Tensor.double
-    result = func(*tree_map(widened, args), **tree_map(widened, kwargs))
+    args, kwargs = tree_map(widened, args), tree_map(widened, kwargs)
+    result = func(*args, **kwargs)
+    if any(t.dtype == torch.float32 for t in _tensors(result)) and any(
+            t.dtype == torch.float64 for t in _tensors((args, kwargs))):
+        raise _Unpromotable(f"it casts float64 to float32 in a way not widened ({name})")
     return tree_map(lambda value: value.double() if isinstance(value, Tensor)
                     and value.dtype == torch.float32 else value, result)
 
@@ -536,6 +563,8 @@ class _Calls(TorchFunctionMode):
         #: the tensors computed from the outputs, by id (held, so that no id is reused)
         self.derived: dict[int, Tensor] = {id(outputs): outputs}
         self.lowered: torch.dtype | None = None
+        #: the least precise of them, where less precise than the outputs
+        self.lowest: torch.dtype | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
@@ -547,9 +576,11 @@ class _Calls(TorchFunctionMode):
         if from_outputs:
             for tensor in _tensors(result):
                 self.derived[id(tensor)] = tensor
-                if (self.lowered is None and tensor.is_floating_point()
-                        and torch.finfo(tensor.dtype).eps > self.eps):
-                    self.lowered = tensor.dtype
+                if tensor.is_floating_point() and torch.finfo(tensor.dtype).eps > self.eps:
+                    self.lowered = self.lowered or tensor.dtype
+                    if self.lowest is None or (torch.finfo(tensor.dtype).eps
+                                               > torch.finfo(self.lowest).eps):
+                        self.lowest = tensor.dtype
         return result
 
 
@@ -672,11 +703,12 @@ CONSTANCY_WHOLE_ENTRIES = 2**16
 
 
 def _check_constant_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                            reading: _Reading) -> None:
+                            reading: _Reading, precision: torch.dtype | None = None) -> None:
     """Raise unless the weights read with the outputs' rows moved one sample on (``f_{i+1}``
     with ``y_i``) equal those of ``reading`` within the two readings' uncertainties, wherever
-    both are read (see :func:`fisher_cotangents`); a moved row where the loss's gradient is not
-    finite (a valid output paired with another target) is not read.
+    both are read (see :func:`fisher_cotangents`; ``precision`` as :func:`_read_weights`'s); a
+    moved row where the loss's gradient is not finite (a valid output paired with another
+    target) is not read.
 
     On a batch of more than :data:`CONSTANCY_SAMPLES` whose outputs hold more than
     :data:`CONSTANCY_WHOLE_ENTRIES` entries, both readings are of the loss of its first
@@ -697,12 +729,12 @@ def _check_constant_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         head = slice(0, CONSTANCY_SAMPLES)
         try:  # the loss of the first samples alone, a weighted sum with constant weights too
             first = _read_weights(loss_fn, outputs[head], targets[head],
-                                  reading.sample_grads[head])
+                                  reading.sample_grads[head], precision)
         except Exception:  # noqa: BLE001 - a loss that needs the whole batch is checked on it
             first = None
         if first is not None:
             outputs, targets, reading = outputs[head], targets[head], first
-    read = _read_weights(loss_fn, outputs.roll(-1, dims=0), targets)
+    read = _read_weights(loss_fn, outputs.roll(-1, dims=0), targets, precision=precision)
     if read is None:
         raise _varying_weights_error(0, float(reading.weights[0]), 0.0)
     if bool((read.mismatch > 1).any()):
@@ -879,10 +911,10 @@ class _SamplesCoupled(ValueError):
 
 
 def lower_precision_in(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> torch.dtype | None:
-    """The first floating dtype less precise than the outputs' that the loss computes in (a
-    cast inside it, :class:`_Calls`); None where there is none, or the loss fails here."""
+    """The least precise floating dtype, below the outputs', that the loss computes in (a cast
+    inside it, :class:`_Calls`); None where there is none, or the loss fails here."""
     try:
-        return _calls_of(loss_fn, outputs, targets).lowered
+        return _calls_of(loss_fn, outputs, targets).lowest
     except Exception:  # noqa: BLE001 - a diagnosis must not replace the error it explains
         return None
 
@@ -908,6 +940,10 @@ def kept_cast(lowered: torch.dtype) -> str | None:
     return "a cast below float32 is part of the function (its rounding is what the loss computes)"
 
 
+#: What :func:`lowered_loss_note` says of a loss that ran as given.
+RUNS_AS_GIVEN = ", and runs so, since "
+
+
 def lowered_loss_note(lowered: torch.dtype, why_not_widened: str | None) -> str:
     """What a float64 model's ``notes`` say of a loss that computes in ``lowered`` inside:
     that its calls were widened to float64 (``why_not_widened`` None), or why not."""
@@ -918,28 +954,29 @@ def lowered_loss_note(lowered: torch.dtype, why_not_widened: str | None) -> str:
         return (f"{found}: its derivatives were taken with its calls widened to float64 (the "
                 "same function, computed to the precision the float64 checks and rank "
                 "tolerances assume)")
-    return (f"{found}, and runs so, since {why_not_widened}: its derivatives carry {name}'s "
+    return (f"{found}{RUNS_AS_GIVEN}{why_not_widened}: its derivatives carry {name}'s "
             "rounding, which the float64 checks and rank tolerances do not allow for (near a "
             f"saturated softmax its curvature rounds to wrong eigenvalues); "
             f"{_remove_the_cast(lowered)}")
 
 
 def float64_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                 notes: list[str]) -> LossFn:
-    """The loss whose derivatives at float64 ``outputs`` are read: the loss as given, or, where
-    it computes in a lower precision inside (``F.cross_entropy(f.float(), y)``), its
-    :func:`float64_twin`, the same function with its calls widened (a note in ``notes`` either
-    way, :func:`lowered_loss_note`). A saturated float64 classifier whose loss cast to float32
-    had its EF's top eigenvalue 57 % low and srank 9 for 8 without a word, and was refused by
-    ``ggn`` as coupling its samples (probe 120). Outputs of another dtype: the loss as given
-    (the float32 paths widen on their own terms). One evaluation of the loss without a graph.
+                 notes: list[str]) -> tuple[LossFn, torch.dtype]:
+    """The loss whose derivatives at float64 ``outputs`` are read, and the dtype whose rounding
+    they carry: the loss as given, or, where it computes in a lower precision inside
+    (``F.cross_entropy(f.float(), y)``), its :func:`float64_twin`, the same function with its
+    calls widened (a note in ``notes`` either way, :func:`lowered_loss_note`). A saturated
+    float64 classifier whose loss cast to float32 had its EF's top eigenvalue 57 % low and
+    srank 9 for 8 without a word, and was refused by ``ggn`` as coupling its samples (probe
+    120). Outputs of another dtype: the loss as given (the float32 paths widen on their own
+    terms). One evaluation of the loss without a graph.
     """
     if outputs.dtype != torch.float64:
-        return loss_fn
+        return loss_fn, outputs.dtype
     lowered = lower_precision_in(loss_fn, outputs, targets)
     if lowered is None:
-        return loss_fn
-    twin, why = loss_fn, kept_cast(lowered)
+        return loss_fn, outputs.dtype
+    why = kept_cast(lowered)
     if why is None:
         try:
             twin = float64_twin(loss_fn, outputs, targets)
@@ -948,7 +985,7 @@ def float64_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     note = lowered_loss_note(lowered, why)
     if note not in notes:
         notes.append(note)
-    return twin
+    return (loss_fn, lowered) if why is not None else (twin, outputs.dtype)
 
 
 class _Softmax(NamedTuple):
@@ -997,7 +1034,7 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             differentiated twice.
     """
     n = outputs.shape[0]
-    loss_fn = float64_loss(loss_fn, outputs, targets, notes)
+    loss_fn = float64_loss(loss_fn, outputs, targets, notes)[0]
     leaf, first, class_dim, probs, weights, _ = _verified_softmax(loss_fn, outputs, targets,
                                                                   generator, notes)
     if class_dim is not None:
@@ -1088,7 +1125,7 @@ def softmax_columns(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> int | 
     the work; None where the loss is not one, or where the check cannot tell (the work's own
     checks then name the problem)."""
     try:
-        class_dim = _verified_softmax(float64_loss(loss_fn, outputs, targets, []), outputs,
+        class_dim = _verified_softmax(float64_loss(loss_fn, outputs, targets, [])[0], outputs,
                                       targets, torch.Generator().manual_seed(0),
                                       []).class_dim  # (the work's own call notes)
     except (RuntimeError, ValueError, TypeError):
@@ -1345,7 +1382,7 @@ def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samp
         ValueError: the loss is linear in the outputs, its curvature vanishes at these outputs,
             or it is not a softmax cross-entropy's (use the exact GGN).
     """
-    loss_fn = float64_loss(loss_fn, outputs, targets, notes)
+    loss_fn = float64_loss(loss_fn, outputs, targets, notes)[0]
     leaf, first, class_dim, probs, weights, mismatches = _verified_softmax(
         loss_fn, outputs, targets, generator, notes)
     if class_dim is None:
