@@ -17,13 +17,13 @@ from torch.overrides import TorchFunctionMode
 from hessrank.curvature.loss import (
     RUNS_AS_GIVEN,
     add_float64_note,
+    add_lowered_loss_note,
     direct_parameter_names,
     float64_failure,
     float64_twin,
     kept_cast,
     loss_second_derivative_error,
     lower_precision_in,
-    lowered_loss_note,
 )
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
@@ -136,10 +136,8 @@ def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
             with torch.no_grad():  # (the loss as given, checked by the data set's first pass)
                 return widened, float(problem.loss_fn(outputs, problem.targets))
     if outputs.dtype == torch.float64:  # its cast not widened on this batch
-        note = lowered_loss_note(lower_precision_in(problem.loss_fn, outputs.detach(),
-                                                    problem.targets) or torch.float32, str(why))
-        if note not in problem.notes:
-            problem.notes.append(note)
+        add_lowered_loss_note(problem.notes, lower_precision_in(
+            problem.loss_fn, outputs.detach(), problem.targets) or torch.float32, str(why))
     else:
         add_float64_note(problem.notes, f"{_UNWIDENED} {dtype_name(outputs.dtype)}, not on "
                          "outputs widened to float64", str(why),
@@ -166,9 +164,7 @@ def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None
         kept = None if lowered is None else kept_cast(lowered)
         loss_fn, why = (None, kept) if kept is not None else _twin_trials(problem, outputs)
     if lowered is not None:
-        note = lowered_loss_note(lowered, why)
-        if note not in problem.notes:
-            problem.notes.append(note)
+        add_lowered_loss_note(problem.notes, lowered, why)
     return loss_fn, why
 
 

@@ -940,24 +940,29 @@ def kept_cast(lowered: torch.dtype) -> str | None:
     return "a cast below float32 is part of the function (its rounding is what the loss computes)"
 
 
-#: What :func:`lowered_loss_note` says of a loss that ran as given.
+#: What :func:`add_lowered_loss_note` says of a loss that ran as given.
 RUNS_AS_GIVEN = ", and runs so, since "
 
 
-def lowered_loss_note(lowered: torch.dtype, why_not_widened: str | None) -> str:
-    """What a float64 model's ``notes`` say of a loss that computes in ``lowered`` inside:
-    that its calls were widened to float64 (``why_not_widened`` None), or why not."""
+def add_lowered_loss_note(notes: list[str], lowered: torch.dtype,
+                          why_not_widened: str | None) -> None:
+    """Add to a float64 model's ``notes`` (once) what they say of a loss that computes in
+    ``lowered`` inside: that its calls were widened to float64 (``why_not_widened`` None), or
+    why not."""
     name = dtype_name(lowered)
     found = (f"the loss computes in {name} inside (a cast such as {_cast_call(lowered)}), "
              "though the model is float64")
     if why_not_widened is None:
-        return (f"{found}: its derivatives were taken with its calls widened to float64 (the "
+        note = (f"{found}: its derivatives were taken with its calls widened to float64 (the "
                 "same function, computed to the precision the float64 checks and rank "
                 "tolerances assume)")
-    return (f"{found}{RUNS_AS_GIVEN}{why_not_widened}: its derivatives carry {name}'s "
-            "rounding, which the float64 checks and rank tolerances do not allow for (near a "
-            f"saturated softmax its curvature rounds to wrong eigenvalues); "
-            f"{_remove_the_cast(lowered)}")
+    else:
+        note = (f"{found}{RUNS_AS_GIVEN}{why_not_widened}: its derivatives carry {name}'s "
+                "rounding, which the float64 checks and rank tolerances do not allow for "
+                "(near a saturated softmax its curvature rounds to wrong eigenvalues); "
+                f"{_remove_the_cast(lowered)}")
+    if note not in notes:
+        notes.append(note)
 
 
 def float64_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
@@ -965,7 +970,7 @@ def float64_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     """The loss whose derivatives at float64 ``outputs`` are read, and the dtype whose rounding
     they carry: the loss as given, or, where it computes in a lower precision inside
     (``F.cross_entropy(f.float(), y)``), its :func:`float64_twin`, the same function with its
-    calls widened (a note in ``notes`` either way, :func:`lowered_loss_note`). A saturated
+    calls widened (a note in ``notes`` either way, :func:`add_lowered_loss_note`). A saturated
     float64 classifier whose loss cast to float32 had its EF's top eigenvalue 57 % low and
     srank 9 for 8 without a word, and was refused by ``ggn`` as coupling its samples (probe
     120). Outputs of another dtype: the loss as given (the float32 paths widen on their own
@@ -982,9 +987,7 @@ def float64_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             twin = float64_twin(loss_fn, outputs, targets)
         except ValueError as error:
             why = str(error)
-    note = lowered_loss_note(lowered, why)
-    if note not in notes:
-        notes.append(note)
+    add_lowered_loss_note(notes, lowered, why)
     return (loss_fn, lowered) if why is not None else (twin, outputs.dtype)
 
 
