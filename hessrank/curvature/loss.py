@@ -400,7 +400,7 @@ def _twin_failure(twin: LossFn, outputs: Tensor, targets: Tensor, given: _Calls,
     """Why ``twin`` on float64 ``outputs`` (and ``targets``, floating ones widened) is not the
     loss whose calls on ``outputs`` are ``given`` (see :func:`float64_twin`), run under
     :class:`_Promoting` with ``promote``; None where it is."""
-    high = outputs.detach().double()
+    high = outputs.detach().to(torch.float64, copy=True)  # (a loss may write into it)
     try:
         with torch.no_grad(), _Calls(high, promote) as widened:
             twin(high, targets)
@@ -586,7 +586,9 @@ class _Calls(TorchFunctionMode):
 
 def _calls_of(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> _Calls:
     """The :class:`_Calls` of the loss as given on ``outputs``, evaluated without a graph."""
-    low = outputs.detach()  # (the very tensor _Calls follows)
+    # a copy (the very tensor _Calls follows): a loss that writes into its outputs (f /= 2)
+    # had halved the model's, a float64 model's exact then the curvature of f / 4 (CI)
+    low = outputs.detach().clone()
     with torch.no_grad(), _Calls(low) as calls:
         loss_fn(low, targets)
     return calls
