@@ -48,6 +48,7 @@ from hessrank.problem import (
     check_model,
     check_number,
     loss_evaluations,
+    probe_for_target_dtype,
     probe_outputs,
 )
 from hessrank.ranks import (
@@ -352,6 +353,8 @@ def effective_rank(
                     problem.survey()
                 outputs = functools.cache(lambda: probe_outputs(
                     per_batch(problem)[0], check_loss=not isinstance(problem, StreamedProblem)))
+                if not isinstance(problem, StreamedProblem):  # (the survey checks a data set)
+                    probe_for_target_dtype(problem, outputs)
                 whole_cost = _agreed_cost(parallel, estimator.predict(
                     problem, outputs, settings, method_options))
                 cost, layer_costs = whole_cost, {}
@@ -772,6 +775,7 @@ def gradient_overlap(
         with evaluation_mode(problem.model, "eval"):
             caller = "gradient_overlap (a dense Hessian's eigenvectors)"
             advice = "k does not lower it (the whole dense Hessian is solved)"
+            probe_for_target_dtype(problem, lambda: probe_outputs(problem))
             cost = estimator.predict(problem, lambda: probe_outputs(problem), settings, None)
             estimator.check_budget(cost, problem, settings, caller=caller, advice=advice)
             operator = HessianOperator(problem)

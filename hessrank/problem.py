@@ -458,6 +458,8 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
             advice = ("hessrank calls loss_fn(outputs, targets): a loss with more inputs goes in "
                       "a function that makes them from the outputs, e.g. for nn.GaussianNLLLoss "
                       "lambda f, y: nn.GaussianNLLLoss()(f[:, :k], y, f[:, k:].exp())")
+        elif _other_target_dtype(outputs, targets) and "dtype" in str(error):
+            advice = _TARGET_DTYPE_FIX.format(dtype=outputs.dtype)
         elif not targets.is_floating_point() and "can't be cast" in str(error):
             advice = ("This loss takes floating-point targets (nn.BCEWithLogitsLoss's 0/1 labels, "
                       "regression values): cast them with targets.float(), or to "
@@ -1387,14 +1389,86 @@ def unused_parameters_note(problem: CurvatureProblem, unused: Collection[int],
 
 def probe_outputs(problem: CurvatureProblem, check_loss: bool = True) -> Tensor:
     """One forward pass without a graph, and (``check_loss``) the checked loss on it (see
-    :meth:`CurvatureProblem.loss`): the model's outputs, for predictions before the work. A
-    data set's batch skips the check: the survey has checked every batch's loss (one whose
-    targets are all ignored has a NaN mean of its own, and adds nothing)."""
+    :meth:`CurvatureProblem.loss`, :func:`check_target_dtype`): the model's outputs, for
+    predictions before the work. A data set's batch skips the check: the survey has checked
+    every batch's loss (one whose targets are all ignored has a NaN mean of its own, and adds
+    nothing)."""
     with torch.no_grad():
         outputs = problem.forward()
         if check_loss:
             problem.loss(outputs)
+    if check_loss:
+        check_target_dtype(problem.loss_fn, tensor_outputs(outputs), problem.targets)
     return outputs
+
+
+#: The fix for floating targets whose dtype the loss does not take with the outputs'.
+_TARGET_DTYPE_FIX = ("The targets' floating dtype is not the outputs': cast them to it "
+                     "(targets.to({dtype}))")
+
+
+def _other_target_dtype(outputs: Tensor, targets: Tensor) -> bool:
+    """Whether the targets are floating point in another dtype than the outputs."""
+    return targets.is_floating_point() and targets.dtype != outputs.dtype
+
+
+def target_dtype_error(error: RuntimeError, outputs: Tensor, targets: Tensor
+                       ) -> ValueError | None:
+    """The refusal where ``error``, raised differentiating the loss w.r.t. ``outputs``, is
+    torch's refusal of floating targets in another dtype than the outputs (the backward of
+    ``nn.HuberLoss`` takes one dtype, though its forward promotes); None for any other error."""
+    if not (_other_target_dtype(outputs, targets) and "Found dtype" in str(error)):
+        return None
+    return ValueError(
+        f"loss_fn's backward fails on {targets.dtype} targets with {outputs.dtype} outputs "
+        f"({str(error).rstrip('. ')}; a plain loss.backward() fails too). "
+        + _TARGET_DTYPE_FIX.format(dtype=outputs.dtype))
+
+
+def probe_for_target_dtype(problem: CurvatureProblem, outputs: Callable[[], object]) -> None:
+    """Before the work, call ``outputs`` (:func:`probe_outputs`, whose loss check includes
+    :func:`check_target_dtype`) where the batch's targets are floating point in another dtype
+    than the parameters, whatever the method's prediction needs: a method that predicts its cost
+    without a forward pass (``exact``) had met such targets' failing backward deep inside."""
+    if problem.targets.is_floating_point() and problem.targets.dtype != problem.dtype:
+        outputs()
+
+
+def check_target_dtype(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> None:
+    """Where the targets are floating point in another dtype than ``outputs``, differentiate
+    the loss w.r.t. the outputs once (a loss backward on output-sized tensors; nothing for
+    targets in the outputs' dtype or integer ones): ``nn.HuberLoss`` evaluates float32 targets
+    with float64 outputs but fails in its backward, which every method had met deep inside,
+    ``exact`` and ``fisher`` passing torch's bare "Found dtype Float but expected Double".
+
+    Raises:
+        ValueError: :func:`target_dtype_error`'s refusal.
+    """
+    if _other_target_dtype(outputs, targets):
+        with torch.enable_grad():
+            output_gradient(loss_fn, outputs, targets)
+
+
+def output_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
+    """``dL/df`` on detached outputs (zeros where the loss does not use them, or returns a
+    constant without a graph: ``outputs.new_zeros(())`` for a batch whose targets are all
+    ignored).
+
+    Raises:
+        ValueError: :func:`target_dtype_error`'s refusal.
+    """
+    leaf = outputs.detach().requires_grad_(True)
+    value = call_loss(loss_fn, leaf, targets)
+    if not value.requires_grad:
+        return torch.zeros_like(leaf)
+    try:
+        (gradient,) = torch.autograd.grad(value, leaf, allow_unused=True)
+    except RuntimeError as error:
+        refusal = target_dtype_error(error, leaf, targets)
+        if refusal is None:
+            raise
+        raise refusal from error
+    return torch.zeros_like(leaf) if gradient is None else gradient
 
 
 def _modified_in_place_error(culprit: str, tensor: str) -> ValueError:

@@ -66,6 +66,7 @@ from hessrank.problem import (
     call_loss,
     check_loss,
     evaluate_loss,
+    output_gradient,
     read_batch,
     refuse_mixed_samples,
     refuse_split_batch_statistics,
@@ -245,20 +246,7 @@ def _can_be_reference(batch: CurvatureProblem, outputs: Tensor) -> bool:
     with torch.no_grad():  # a parameter term would otherwise build a graph
         value = evaluate_loss(batch.loss_fn, outputs, batch.targets, finite=False)
     return (math.isfinite(float(value))
-            and float(_output_gradient(batch.loss_fn, outputs, batch.targets).abs().max()) > 0)
-
-
-def _output_gradient(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor,
-                     targets: Tensor) -> Tensor:
-    """``dL/df`` on detached outputs (zeros where the loss does not use them, or returns a
-    constant without a graph: ``outputs.new_zeros(())`` for a batch whose targets are all
-    ignored)."""
-    leaf = outputs.detach().requires_grad_(True)
-    value = call_loss(loss_fn, leaf, targets)
-    if not value.requires_grad:
-        return torch.zeros_like(leaf)
-    (gradient,) = torch.autograd.grad(value, leaf, allow_unused=True)
-    return torch.zeros_like(leaf) if gradient is None else gradient
+            and float(output_gradient(batch.loss_fn, outputs, batch.targets).abs().max()) > 0)
 
 
 def _curved(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor
@@ -268,7 +256,7 @@ def _curved(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, target
     leaf = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
         value = call_loss(loss_fn, leaf, targets)
-        if not value.requires_grad:  # a constant (see _output_gradient)
+        if not value.requires_grad:  # a constant (see output_gradient)
             return False
         (gradient,) = torch.autograd.grad(value, leaf, create_graph=True, allow_unused=True)
     if gradient is None or not gradient.requires_grad:
@@ -393,7 +381,7 @@ class StreamedProblem(CurvatureProblem):
                 "data set is that of all its samples at once, so every batch needs the same "
                 "output and target shapes past the batch dimension (pad sequences to one length)"
             ) from error
-        pair_gradient = _output_gradient(self.loss_fn, both_outputs, both_targets)
+        pair_gradient = output_gradient(self.loss_fn, both_outputs, both_targets)
         split = reference_outputs.shape[0]
         alpha = _coefficient(pair_gradient[:split], reference_gradient, "the first batch")
         beta = _coefficient(pair_gradient[split:], gradient, what)
@@ -436,7 +424,7 @@ class StreamedProblem(CurvatureProblem):
         is 0 (``Z_b = 0``: every target ignored) within a few units of rounding, or within the
         coefficients' agreement tolerance where the batch's own loss is not finite (a mean
         over no target); a batch of one sample next to 10^5 still counts."""
-        gradient = _output_gradient(batch.loss_fn, outputs, batch.targets)
+        gradient = output_gradient(batch.loss_fn, outputs, batch.targets)
         alpha, beta = self._pair(outputs, batch.targets, gradient, what)
         tolerance = agreement_tolerance(outputs.dtype)
         if math.isnan(beta):
@@ -547,7 +535,7 @@ class StreamedProblem(CurvatureProblem):
     def _begin(self, batch: CurvatureProblem, outputs: Tensor) -> None:
         """Take ``batch`` (with its ``outputs``) as the reference and read the reduction's kind
         off a pair of it."""
-        gradient = _output_gradient(batch.loss_fn, outputs, batch.targets)
+        gradient = output_gradient(batch.loss_fn, outputs, batch.targets)
         if float(gradient.abs().max()) == 0.0:
             raise ValueError(
                 "no batch's loss has a nonzero gradient w.r.t. the model's outputs, so how "

@@ -1684,6 +1684,49 @@ def test_integer_targets_for_a_loss_of_float_targets(method):
            RuntimeError, r"takes floating-point targets.*targets\.float\(\)")
 
 
+#: (loss, the model's dtype, the targets' dtype): torch's backward of nn.HuberLoss and its
+#: forward and backward of nn.BCELoss take the outputs' dtype alone
+_TARGETS_OF_ANOTHER_DTYPE = [
+    (nn.HuberLoss(), torch.float64, torch.float32),
+    (nn.HuberLoss(), torch.float32, torch.float16),
+    (nn.HuberLoss(), torch.float32, torch.float64),
+    (nn.BCELoss(), torch.float64, torch.float32),
+]
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+@pytest.mark.parametrize(("loss_fn", "model_dtype", "target_dtype"), _TARGETS_OF_ANOTHER_DTYPE)
+@pytest.mark.parametrize("data", ["batch", "data set"])
+def test_targets_of_another_floating_dtype_are_named_with_the_cast(method, loss_fn, model_dtype,
+                                                                   target_dtype, data):
+    """Floating targets the loss does not take with the outputs' dtype (``nn.HuberLoss`` with
+    float32 targets and float64 outputs evaluates but fails in its backward): ``exact``,
+    ``fisher`` and ``lanczos`` had passed torch's bare "Found dtype Float but expected Double"
+    from deep inside (and ``exact`` on a float32 model had run it with its targets widened,
+    where a plain loss.backward() fails), ``ggn`` and BCE's forward failure had advised to check
+    the targets' shape, dtype and values; every method names the cast, before the work."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.Sigmoid()
+                          ).to(model_dtype)
+    inputs = torch.randn(8, 4, dtype=model_dtype)
+    targets = torch.rand(8, 3).to(target_dtype)
+    batch = (inputs, targets) if data == "batch" else [(inputs[:4], targets[:4]),
+                                                        (inputs[4:], targets[4:])]
+    _check(model, lambda: hessrank.effective_rank(model, loss_fn, batch, method),
+           (ValueError, RuntimeError),
+           rf"{str(target_dtype)}.*cast them to it \(targets\.to\({str(model_dtype)}\)\)")
+
+
+def test_gradient_overlap_names_targets_of_another_floating_dtype():
+    """:func:`test_targets_of_another_floating_dtype_are_named_with_the_cast` for
+    ``gradient_overlap``, which builds its Hessian without a method's prediction."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    batch = (torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3))
+    _check(model, lambda: hessrank.gradient_overlap(model, nn.HuberLoss(), batch),
+           ValueError, r"backward fails on torch.float32 targets.*targets\.to\(torch.float64\)")
+
+
 @pytest.mark.parametrize("method", ["exact", "ggn", "fisher"])
 @pytest.mark.parametrize(("ignored", "form"), [(-100, "module"), (7, "module"),
                                                (-100, "function"), (0, "partial")])
