@@ -605,14 +605,14 @@ class TensorBoardSink:
         self._writer.close()
 
 
-def _check_options(options: Mapping[str, Any], where: str, method: str | None = None) -> None:
+def _check_options(options: Mapping[str, Any], where: str, methods: Sequence[str]) -> None:
     """Every key of ``options`` must be a keyword of ``hessrank.effective_rank`` or an
-    estimator option (``hessrank.estimator_options()``), and, for the options of one
-    ``method`` (``method_options``), an estimator option that method takes.
+    estimator option (``hessrank.estimator_options()``) that one of ``methods`` takes (the
+    tracker's methods for its shared options, the one method for its ``method_options``).
 
     Raises:
         TypeError: a name that is neither.
-        ValueError: an estimator option ``method`` does not take.
+        ValueError: an estimator option none of ``methods`` takes.
     """
     estimator_options = hessrank.estimator_options()
     keywords = {name for name, parameter in
@@ -625,20 +625,22 @@ def _check_options(options: Mapping[str, Any], where: str, method: str | None = 
             f"{where}: {', '.join(unknown)} not an option of hessrank.effective_rank; "
             f"choose from {', '.join(sorted(accepted))}"
         )
-    if method is None:  # options for every method: each goes to those that take it
-        return
     # effective_rank ignores an option of another method (one set of keywords serves a loop
-    # over the methods), but one given for this method alone is a mistake: fisher with
-    # lanczos_steps=5 measured as if it had not been given (probe 115)
-    foreign = [name for name in options if name in estimator_options
-               and method not in estimator_options[name]["methods"]]
+    # over the methods), but one that none of the methods measured takes is a mistake: fisher
+    # with lanczos_steps=5 measured as if it had not been given (probe 115); None is the
+    # option's default, which any method may be passed
+    foreign = [name for name, value in options.items() if name in estimator_options
+               and value is not None
+               and not set(methods) & set(estimator_options[name]["methods"])]
     if foreign:
-        own = [name for name, option in estimator_options.items() if method in option["methods"]]
+        own = [name for name, option in estimator_options.items()
+               if set(methods) & set(option["methods"])]
         takers = "; ".join(f"{name} is taken by {', '.join(estimator_options[name]['methods'])}"
                            for name in foreign)
+        measured = " or ".join(methods)
         raise ValueError(
-            f"{where}: {', '.join(foreign)} not an option of {method}, which would ignore it "
-            f"({takers}; {method} takes "
+            f"{where}: {', '.join(foreign)} not an option of {measured}, which would ignore it "
+            f"({takers}; {' and '.join(methods)} take{'s' if len(methods) == 1 else ''} "
             f"{', '.join(own) if own else 'none of the estimator options'}): give it to a "
             "method that takes it, or drop it")
 
@@ -845,14 +847,14 @@ class Tracker:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         if eval_batch is not None:
             _check_eval_batch(eval_batch)
-        _check_options(options, "Tracker options")
+        _check_options(options, "Tracker options", self.methods)
         self._method_options = {m: dict(o) for m, o in (method_options or {}).items()}
         for method, extra in self._method_options.items():
             if method not in self.methods:
                 raise ValueError(f"method_options names {method!r}, not one of the methods "
                                  f"({', '.join(self.methods)}), so its options would be "
                                  "ignored: add it to methods, or drop its options")
-            _check_options(extra, f"method_options[{method!r}]", method)
+            _check_options(extra, f"method_options[{method!r}]", [method])
         self.options = options
         refusals: dict[str, TypeError | ValueError] = {}
         for method in self.methods:

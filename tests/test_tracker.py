@@ -457,6 +457,12 @@ def test_appending_to_a_log_cut_by_a_crash_starts_a_line_of_its_own(tmp_path: Pa
         ({"budget": 5}, ValueError, r"budget is a share of wall time in \(0, 1\)"),
         ({"on_error": "ignore"}, ValueError, "on_error must be one of raise, warn, record"),
         ({"treshold": 0.9}, TypeError, "treshold not an option of hessrank.effective_rank"),
+        # an estimator option none of the tracker's methods takes had been accepted and ignored
+        ({"methods": ("fisher", "ggn"), "lanczos_steps": 5}, ValueError,
+         r"Tracker options: lanczos_steps not an option of fisher or ggn, which would ignore it "
+         r"\(lanczos_steps is taken by lanczos"),
+        ({"methods": "fisher", "method_options": {"fisher": {"lanczos_steps": 5}}}, ValueError,
+         r"method_options\['fisher'\]: lanczos_steps not an option of fisher, which would"),
         ({"method_options": {"ggn": {}}}, ValueError, "names 'ggn', not one of the methods"),
         ({"eval_batch": torch.zeros(3)}, TypeError, "eval_batch must be a pair"),
         ({"steps": 5}, TypeError, r"steps is a list of step numbers \(steps=\[5\] for one\)"),

@@ -105,6 +105,9 @@ def hessian_ranks(
     out: dict[str, list] = {}
     if not methods:
         return out
+    # the step count goes to a tracker whose methods take it (one that none takes is refused)
+    takers = hessrank.estimator_options()["lanczos_steps"]["methods"]
+    steps = {"lanczos_steps": lanczos_steps} if set(methods) & set(takers) else {}
     for s in range(model.num_seeds):
         net = model.to_module(s)
         for block in blocks:
@@ -112,7 +115,7 @@ def hessian_ranks(
             tracker = hessrank.Tracker(
                 net, loss_fn, methods, log=None, threshold=threshold,
                 params=block_params(net, block), max_memory=max_memory,
-                lanczos_steps=lanczos_steps, seed=model.seeds[s],
+                seed=model.seeds[s], **steps,
             )
             for measurement in tracker.measure((x[s], y[s])):
                 method, res = measurement.method, measurement.result
