@@ -394,7 +394,7 @@ def effective_rank(
                         spectrum = estimator.run(problem, run_settings, method_options)
                         if block_settings:
                             spectrum.layers = {}
-                            for group, names in problem.modules_with_params().items():
+                            for group, names in problem.layers().items():
                                 started = time.perf_counter()
                                 spectrum.layers[group] = estimator.run(
                                     problem.restricted(names), block_settings[group],
@@ -424,7 +424,7 @@ def effective_rank(
             problem.notes.append(parallel.describe())
         eps = float(torch.finfo(problem.dtype).eps)
         named = dict(zip(problem.names, problem.params))
-        groups = problem.modules_with_params()
+        groups = problem.layers()
         layers = {
             group: _result(spectrum.layers[group], problem,
                            sum(named[name].numel() for name in groups[group]), estimator,
@@ -551,7 +551,7 @@ def _layer_costs(estimator: Estimator, problem: CurvatureProblem,
     single = dataclasses.replace(settings, per_layer=False)
     return {group: _agreed_cost(parallel, estimator.predict(problem.restricted(names), outputs,
                                                             single, options))
-            for group, names in problem.modules_with_params().items()}
+            for group, names in problem.layers().items()}
 
 
 def _with_layers(cost: Cost, layer_costs: list[Cost]) -> Cost:

@@ -202,6 +202,24 @@ class CurvatureProblem:
                     seen.add(full)
         return groups
 
+    def layers(self) -> dict[str, list[str]]:
+        """``per_layer``'s blocks: :meth:`modules_with_params`, with a parametrization's
+        originals (``weight_norm``'s ``0.parametrizations.weight.original0`` and ``original1``)
+        joined to the module it parametrizes (``0``), whose other parameters (its bias) they
+        follow, as in ``model.named_parameters()``: one layer, not two blocks neither of which
+        is its curvature."""
+        layers: dict[str, list[str]] = {}
+        for group, names in self.modules_with_params().items():
+            layers.setdefault(self.layer_of(group), []).extend(names)
+        return layers
+
+    def layer_of(self, group: str) -> str:
+        """The :meth:`layers` block a :meth:`modules_with_params` group belongs to."""
+        if group == "(root)" or not isinstance(self.model.get_submodule(group),
+                                               nn.utils.parametrize.ParametrizationList):
+            return group
+        return ("." + group).rsplit(".parametrizations.", 1)[0][1:] or "(root)"
+
 
 #: What autograd says when a forward differentiates a tensor that has no graph.
 _GRAPHLESS = "does not require grad and does not have a grad_fn"

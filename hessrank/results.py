@@ -48,7 +48,8 @@ class RankResult:
         excluded: names of frozen parameters left out, among those asked for (``params``;
             every parameter by default).
         layers: per parameterised module (``per_layer=True``): that module's diagonal block, in
-            ``model.named_modules()`` order for every method.
+            ``model.named_modules()`` order for every method (a parametrized module's block
+            holds its parametrization's originals: ``weight_norm``'s magnitude and direction).
         paths: ``fisher``/``ggn``: parameter name -> the path that computed its part of the Gram
             matrix (a verified per-module rule such as ``linear`` or ``conv``, ``torch.func``,
             ``per-sample loop`` or ``backpack``).

@@ -265,6 +265,27 @@ def test_per_layer_results_are_diagonal_blocks():
     assert sum(layer.seconds for layer in exact.layers.values()) < exact.seconds
 
 
+def test_a_parametrized_layer_is_one_block_with_its_bias():
+    """``per_layer`` on a ``weight_norm`` layer had split it in two blocks: its bias (``0``) and
+    its weight's magnitude and direction (``0.parametrizations.weight``), neither the layer's
+    curvature. The layer is one block, the diagonal block of its three parameters."""
+    model = mlp((4, 5, 3))
+    model[0] = nn.utils.parametrizations.weight_norm(model[0])
+    x, y = classification_batch(6, 4, 3)
+    names = ["0.bias", "0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
+    for method, make in (("fisher", reference_fisher), ("ggn", reference_ggn)):
+        result = hessrank.effective_rank(model, CE, (x, y), method=method, per_layer=True)
+        assert list(result.layers) == ["0", "2"]
+        assert result.layers["0"].num_params == 30
+        block = eigenvalues_by_magnitude(make(model, CE, x, y, scale=1 / 6, names=names))
+        assert_spectra_close(result.layers["0"].eigenvalues, block, count=6, rtol=1e-9)
+    exact = hessrank.effective_rank(model, CE, (x, y), method="exact", per_layer=True)
+    # finite differences of gradients (torch's fused weight-norm kernel has a wrong double
+    # backward, so no double-backward reference), to their own accuracy
+    block = eigenvalues_by_magnitude(reference_hessian(model, CE, x, y, names=names))
+    assert_spectra_close(exact.layers["0"].eigenvalues, block, rtol=1e-7)
+
+
 def test_a_tied_weight_is_selected_by_either_name():
     """``named_parameters()`` lists a tied weight once; its second name (a tied head's) had
     been refused as unknown (probe 99)."""

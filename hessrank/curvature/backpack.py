@@ -125,7 +125,7 @@ def gram_backpack(
             f": {text}){cause}: use backend='auto' (hessrank's verified rules and torch.func), "
             "which covers every model BackPACK does") from error
     _verify(problem, kind, factors, cotangents, generator)
-    accumulator = GramAccumulator(keep_groups)
+    accumulator = GramAccumulator(keep_groups, problem)
     for group, names in groups.items():
         flat = torch.cat([factors[name] for name in names], dim=-1)
         flat = flat.reshape(-1, flat.shape[-1])

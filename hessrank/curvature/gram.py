@@ -77,13 +77,15 @@ SAMPLE_ALONE = ("per-sample EF/GGN factors run the model on each sample by itsel
 
 @dataclass
 class GramAccumulator:
-    """Sum of per-group Gram matrices ``[m, m]``; per-group copies when ``keep_groups``.
+    """Sum of per-group Gram matrices ``[m, m]``; per-layer sums when ``keep_groups`` (a
+    layer's Gram is the sum of its groups', :meth:`CurvatureProblem.layers`).
 
     The sum is kept in the model's dtype (its entries come from products in that dtype) and
     widened to float64 once, by the eigen-solve.
     """
 
     keep_groups: bool
+    problem: CurvatureProblem
     total: Tensor | None = None
     groups: dict[str, Tensor] = field(default_factory=dict)
 
@@ -93,7 +95,8 @@ class GramAccumulator:
         else:
             self.total += gram.to(self.total.dtype)
         if self.keep_groups:
-            self.groups[group] = self.groups[group] + gram if group in self.groups else gram
+            layer = self.problem.layer_of(group)
+            self.groups[layer] = self.groups[layer] + gram if layer in self.groups else gram
 
 
 @dataclass
@@ -513,7 +516,7 @@ def compute_gram(
         notes.append(unused)
     outputs = outputs.detach()
 
-    accumulator = GramAccumulator(keep_groups)
+    accumulator = GramAccumulator(keep_groups, problem)
     paths: dict[str, str] = {}
     floor = _rounding_floor(true_grads)
     passed: dict[str, Tensor] = {}

@@ -111,8 +111,8 @@ class GramEstimator(Estimator):
         size = k * n
         groups = problem.modules_with_params()
         unruled = unruled_sizes(problem, options.backend == "auto")
-        if settings.per_layer:  # every group's Gram kept for its block through the solve
-            memory = size**2 * (element + 16 + len(groups) * element)
+        if settings.per_layer:  # every layer's Gram kept for its block through the solve
+            memory = size**2 * (element + 16 + len(problem.layers()) * element)
         else:
             # The Gram in the model dtype, its float64 copy and the eigen-solver's workspace;
             # before them, each rule's Gram of its group and the total, all held until the
@@ -138,7 +138,7 @@ class GramEstimator(Estimator):
         solved = n * (self.solved_columns(problem, outputs, options) or k)
         solves = eigen_solve_seconds(solved, problem.device, vectors=settings.eigenvectors > 0)
         if settings.per_layer:
-            solves += len(groups) * eigen_solve_seconds(solved, problem.device)
+            solves += len(problem.layers()) * eigen_solve_seconds(solved, problem.device)
         return Cost(int(memory), solves, unpredicted=UNPREDICTED_TIME)
 
     def run(self, problem: CurvatureProblem, settings: Settings,
@@ -173,7 +173,7 @@ class GramEstimator(Estimator):
             notes.append(f"rank capped by {what} = {cap} (Gram matrix size) below P = "
                          f"{problem.num_params}")
         named = dict(zip(problem.names, problem.params))
-        groups = problem.modules_with_params()
+        groups = problem.layers()
         # A Gram matrix larger than its block's P has P eigenvalues at most: the rest are zeros
         # of the factorisation (rounding), not eigenvalues of the P x P matrix.
         layer_caps = {group: min(size, sum(named[nm].numel() for nm in groups[group]))
