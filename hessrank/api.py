@@ -50,6 +50,7 @@ from hessrank.problem import (
     loss_evaluations,
     probe_for_target_dtype,
     probe_outputs,
+    target_dtype_cause,
 )
 from hessrank.ranks import (
     MAX_DEFAULT_RTOL,
@@ -417,6 +418,10 @@ def effective_rank(
                                 "differentiates twice, which a checkpoint's recomputation does "
                                 "not see; analyse the model without gradient checkpointing (the "
                                 "same function), or use method='fisher' or 'ggn'") from error
+                        if not isinstance(problem, StreamedProblem):  # (the survey checks those)
+                            refusal = target_dtype_cause(problem, error)
+                            if refusal is not None:
+                                raise refusal from error
                         raise
         seconds = time.perf_counter() - start
         problem.notes.extend(guard_notes)  # complete now: a rescaling joins at its forward
@@ -778,7 +783,13 @@ def gradient_overlap(
             probe_for_target_dtype(problem, lambda: probe_outputs(problem))
             cost = estimator.predict(problem, lambda: probe_outputs(problem), settings, None)
             estimator.check_budget(cost, problem, settings, caller=caller, advice=advice)
-            operator = HessianOperator(problem)
+            try:
+                operator = HessianOperator(problem)
+            except RuntimeError as error:
+                refusal = target_dtype_cause(problem, error)
+                if refusal is not None:
+                    raise refusal from error
+                raise
             chunk = exact_chunk_size(operator.dim, problem.params[0].element_size(),
                                      operator.graph_bytes)
             # the model's graph and the batched products, once the first pass has shown them

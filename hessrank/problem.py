@@ -214,11 +214,20 @@ class CurvatureProblem:
         return layers
 
     def layer_of(self, group: str) -> str:
-        """The :meth:`layers` block a :meth:`modules_with_params` group belongs to."""
-        if group == "(root)" or not isinstance(self.model.get_submodule(group),
-                                               nn.utils.parametrize.ParametrizationList):
+        """The :meth:`layers` block a :meth:`modules_with_params` group belongs to: the module
+        a parametrization acts on, for the parametrization's originals and for parameters of
+        its own (a learned scale inside a ``register_parametrization`` module), found by
+        the outermost ``ParametrizationList`` (``<module>.parametrizations.<tensor>``) in the
+        group's path; the group itself otherwise."""
+        if group == "(root)":
             return group
-        return ("." + group).rsplit(".parametrizations.", 1)[0][1:] or "(root)"
+        parts = group.split(".")
+        for end in range(2, len(parts) + 1):
+            if parts[end - 2] == "parametrizations" and isinstance(
+                    self.model.get_submodule(".".join(parts[:end])),
+                    nn.utils.parametrize.ParametrizationList):
+                return ".".join(parts[:end - 2]) or "(root)"
+        return group
 
 
 #: What autograd says when a forward differentiates a tensor that has no graph.
@@ -454,8 +463,29 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
             that have one.
     """
     outputs = tensor_outputs(outputs)
+    value = _loss_with_advice(loss_fn, outputs, targets)
+    if finite and isinstance(value, Tensor) and value.numel() == 1:
+        _refuse_all_ignored(loss_fn, value, targets)
+    check_loss(value, finite, targets)
+    if outputs.requires_grad and not value.requires_grad:
+        raise ValueError(
+            "loss_fn returned a value without a graph to the outputs (detached, computed under "
+            "torch.no_grad(), through .item() or NumPy, or a constant such as "
+            "outputs.new_zeros(()) for a batch whose targets are all ignored): there is nothing "
+            "to differentiate. Return the loss as a tensor computed from the outputs with torch "
+            "operations (e.g. nn.functional.cross_entropy(outputs, targets))")
+    return value
+
+
+def _loss_with_advice(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
+    """:func:`call_loss`, its errors extended with the shapes and dtypes involved and the fix.
+
+    Raises:
+        TypeError, ValueError, RuntimeError, IndexError: the loss cannot be evaluated on the
+            outputs and the targets (the error's own type).
+    """
     try:
-        value = call_loss(loss_fn, outputs, targets)
+        return call_loss(loss_fn, outputs, targets)
     except UnrepeatableLoss:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
@@ -490,17 +520,6 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
             f"({outputs.dtype}) and targets of shape {tuple(targets.shape)} "
             f"({targets.dtype}): {str(error).rstrip('. ')}. {advice}"
         ) from error
-    if finite and isinstance(value, Tensor) and value.numel() == 1:
-        _refuse_all_ignored(loss_fn, value, targets)
-    check_loss(value, finite, targets)
-    if outputs.requires_grad and not value.requires_grad:
-        raise ValueError(
-            "loss_fn returned a value without a graph to the outputs (detached, computed under "
-            "torch.no_grad(), through .item() or NumPy, or a constant such as "
-            "outputs.new_zeros(()) for a batch whose targets are all ignored): there is nothing "
-            "to differentiate. Return the loss as a tensor computed from the outputs with torch "
-            "operations (e.g. nn.functional.cross_entropy(outputs, targets))")
-    return value
 
 
 def _refuse_all_ignored(loss_fn: LossFn, value: Tensor, targets: Tensor) -> None:
@@ -1430,17 +1449,39 @@ def _other_target_dtype(outputs: Tensor, targets: Tensor) -> bool:
     return targets.is_floating_point() and targets.dtype != outputs.dtype
 
 
-def target_dtype_error(error: RuntimeError, outputs: Tensor, targets: Tensor
+def target_dtype_error(error: RuntimeError, loss_fn: LossFn, outputs: Tensor, targets: Tensor
                        ) -> ValueError | None:
     """The refusal where ``error``, raised differentiating the loss w.r.t. ``outputs``, is
     torch's refusal of floating targets in another dtype than the outputs (the backward of
-    ``nn.HuberLoss`` takes one dtype, though its forward promotes); None for any other error."""
+    ``nn.HuberLoss`` takes one dtype, though its forward promotes), verified by differentiating
+    the loss once more with the targets cast to the outputs' dtype; None for any other error,
+    and where the cast targets fail too (a constant of another dtype inside the loss: the cast
+    would not fix it)."""
     if not (_other_target_dtype(outputs, targets) and "Found dtype" in str(error)):
+        return None
+    leaf = outputs.detach().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            value = call_loss(loss_fn, leaf, targets.to(outputs.dtype))
+            if value.requires_grad:
+                torch.autograd.grad(value, leaf, allow_unused=True)
+    except Exception:  # noqa: BLE001 - not the targets' dtype: the error stands as it is
         return None
     return ValueError(
         f"loss_fn's backward fails on {targets.dtype} targets with {outputs.dtype} outputs "
         f"({str(error).rstrip('. ')}; a plain loss.backward() fails too). "
         + _TARGET_DTYPE_FIX.format(dtype=outputs.dtype))
+
+
+def target_dtype_cause(problem: CurvatureProblem, error: RuntimeError) -> ValueError | None:
+    """:func:`target_dtype_error` for ``error`` raised by the work on one batch, with the
+    outputs of a forward pass: where the outputs' dtype is not the parameters' (a forward that
+    returns ``.double()`` of a float32 model's), :func:`probe_for_target_dtype`, which goes by
+    the parameters' before the work, had not run."""
+    if not (problem.targets.is_floating_point() and "Found dtype" in str(error)):
+        return None
+    outputs = tensor_outputs(probe_outputs(problem, check_loss=False))
+    return target_dtype_error(error, problem.loss_fn, outputs, problem.targets)
 
 
 def probe_for_target_dtype(problem: CurvatureProblem, outputs: Callable[[], object]) -> None:
@@ -1474,15 +1515,17 @@ def output_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor
 
     Raises:
         ValueError: :func:`target_dtype_error`'s refusal.
+        TypeError, ValueError, RuntimeError, IndexError: the loss cannot be evaluated on the
+            outputs and the targets (with the fix, as :func:`evaluate_loss` says it).
     """
     leaf = outputs.detach().requires_grad_(True)
-    value = call_loss(loss_fn, leaf, targets)
+    value = _loss_with_advice(loss_fn, leaf, targets)
     if not value.requires_grad:
         return torch.zeros_like(leaf)
     try:
         (gradient,) = torch.autograd.grad(value, leaf, allow_unused=True)
     except RuntimeError as error:
-        refusal = target_dtype_error(error, leaf, targets)
+        refusal = target_dtype_error(error, loss_fn, leaf, targets)
         if refusal is None:
             raise
         raise refusal from error

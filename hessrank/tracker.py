@@ -627,22 +627,22 @@ def _check_options(options: Mapping[str, Any], where: str, methods: Sequence[str
         )
     # effective_rank ignores an option of another method (one set of keywords serves a loop
     # over the methods), but one that none of the methods measured takes is a mistake: fisher
-    # with lanczos_steps=5 measured as if it had not been given (probe 115); None is the
-    # option's default, which any method may be passed
+    # with lanczos_steps=5 measured as if it had not been given (probe 115); the option's
+    # default (None, or backend='auto') any method may be passed
     foreign = [name for name, value in options.items() if name in estimator_options
-               and value is not None
+               and value is not None and value != estimator_options[name]["default"]
                and not set(methods) & set(estimator_options[name]["methods"])]
     if foreign:
-        own = [name for name, option in estimator_options.items()
-               if set(methods) & set(option["methods"])]
         takers = "; ".join(f"{name} is taken by {', '.join(estimator_options[name]['methods'])}"
                            for name in foreign)
-        measured = " or ".join(methods)
+        own = "; ".join(
+            f"{method} takes " + (", ".join(name for name, option in estimator_options.items()
+                                            if method in option["methods"])
+                                  or "none of the estimator options")
+            for method in methods)
         raise ValueError(
-            f"{where}: {', '.join(foreign)} not an option of {measured}, which would ignore it "
-            f"({takers}; {' and '.join(methods)} take{'s' if len(methods) == 1 else ''} "
-            f"{', '.join(own) if own else 'none of the estimator options'}): give it to a "
-            "method that takes it, or drop it")
+            f"{where}: {', '.join(foreign)} not an option of {' or '.join(methods)}, which "
+            f"would ignore it ({takers}; {own}): give it to a method that takes it, or drop it")
 
 
 def _check_values(loss_fn: Callable[..., Any], method: str, per_layer: bool,

@@ -1717,6 +1717,34 @@ def test_targets_of_another_floating_dtype_are_named_with_the_cast(method, loss_
            rf"{str(target_dtype)}.*cast them to it \(targets\.to\({str(model_dtype)}\)\)")
 
 
+class _DoubleOutputs(nn.Module):
+    """A float32 model whose forward returns float64 outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.body(inputs).double()
+
+
+@pytest.mark.parametrize("call", [*hessrank.METHODS, "gradient_overlap"])
+def test_targets_of_the_parameters_dtype_not_the_outputs_are_named_with_the_cast(call):
+    """The check before the work goes by the parameters' dtype (the outputs' needs a forward);
+    float32 targets of a float32 model whose outputs are float64 fail deep inside, where
+    ``exact``, ``lanczos``, ``fisher`` and ``gradient_overlap`` had passed torch's bare error
+    (probe 122): the failure is diagnosed with a forward pass and named with the cast."""
+    torch.manual_seed(0)
+    model = _DoubleOutputs()
+    batch = (torch.randn(8, 4), torch.randn(8, 3))
+    run = ((lambda: hessrank.gradient_overlap(model, nn.HuberLoss(), batch))
+           if call == "gradient_overlap"
+           else lambda: hessrank.effective_rank(model, nn.HuberLoss(), batch, call))
+    _check(model, run, ValueError,
+           r"backward fails on torch.float32 targets with torch.float64 outputs.*"
+           r"targets\.to\(torch.float64\)")
+
+
 def test_gradient_overlap_names_targets_of_another_floating_dtype():
     """:func:`test_targets_of_another_floating_dtype_are_named_with_the_cast` for
     ``gradient_overlap``, which builds its Hessian without a method's prediction."""

@@ -265,18 +265,38 @@ def test_per_layer_results_are_diagonal_blocks():
     assert sum(layer.seconds for layer in exact.layers.values()) < exact.seconds
 
 
-def test_a_parametrized_layer_is_one_block_with_its_bias():
+class _LearnedRowScale(nn.Module):
+    """A parametrization with a parameter of its own: the weight's rows scaled by ``s``."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, rows, dtype=torch.float64))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.s[:, None]
+
+
+@pytest.mark.parametrize("parametrization", ["weight_norm", "learned scale"])
+def test_a_parametrized_layer_is_one_block_with_its_bias(parametrization):
     """``per_layer`` on a ``weight_norm`` layer had split it in two blocks: its bias (``0``) and
     its weight's magnitude and direction (``0.parametrizations.weight``), neither the layer's
-    curvature. The layer is one block, the diagonal block of its three parameters."""
+    curvature (and a parametrization's own parameter, a third: probe 122). The layer is one
+    block, the diagonal block of all its parameters."""
     model = mlp((4, 5, 3))
-    model[0] = nn.utils.parametrizations.weight_norm(model[0])
+    if parametrization == "weight_norm":
+        model[0] = nn.utils.parametrizations.weight_norm(model[0])
+        names = ["0.bias", "0.parametrizations.weight.original0",
+                 "0.parametrizations.weight.original1"]
+    else:
+        nn.utils.parametrize.register_parametrization(model[0], "weight", _LearnedRowScale(5))
+        names = ["0.bias", "0.parametrizations.weight.original",
+                 "0.parametrizations.weight.0.s"]
+    size = sum(dict(model.named_parameters())[name].numel() for name in names)
     x, y = classification_batch(6, 4, 3)
-    names = ["0.bias", "0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
     for method, make in (("fisher", reference_fisher), ("ggn", reference_ggn)):
         result = hessrank.effective_rank(model, CE, (x, y), method=method, per_layer=True)
         assert list(result.layers) == ["0", "2"]
-        assert result.layers["0"].num_params == 30
+        assert result.layers["0"].num_params == size
         block = eigenvalues_by_magnitude(make(model, CE, x, y, scale=1 / 6, names=names))
         assert_spectra_close(result.layers["0"].eigenvalues, block, count=6, rtol=1e-9)
     exact = hessrank.effective_rank(model, CE, (x, y), method="exact", per_layer=True)

@@ -195,19 +195,26 @@ def test_a_loss_that_changes_its_outputs_in_place_is_one_function(method):
     assert_spectra_close(result.eigenvalues, reference, count=_compared(method), rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["ggn", "fisher"])
-def test_a_loss_that_changes_its_outputs_in_place_is_named_where_it_cannot_run(method):
+@pytest.mark.parametrize(("method", "targets"), [
+    ("ggn", "classes"), ("fisher", "classes"),
+    # the check of targets of another dtype, and a data set's survey, differentiate the loss
+    # on leaf copies of the outputs too: they had passed autograd's bare error (probe 122)
+    *((method, "float32 values") for method in ALL_METHODS), ("exact", "a data set")])
+def test_a_loss_that_changes_its_outputs_in_place_is_named_where_it_cannot_run(method, targets):
     """On the leaf copies of the outputs the Gram methods differentiate, an in-place write
     fails: named as such, not as a problem of the targets."""
     model = mlp((5, 6, 3))
     x, y = classification_batch(12, 5, 3)
 
-    def halving(outputs: Tensor, targets: Tensor) -> Tensor:
+    def halving(outputs: Tensor, labels: Tensor) -> Tensor:
         outputs /= 2
-        return F.cross_entropy(outputs, targets)
+        return (F.cross_entropy(outputs, labels) if not labels.is_floating_point()
+                else F.huber_loss(outputs, labels))
 
+    batch = ((x, y) if targets == "classes" else [(x[:6], y[:6]), (x[6:], y[6:])]
+             if targets == "a data set" else (x, torch.randn(12, 3)))
     with pytest.raises(RuntimeError, match="modifies the outputs in place.*out of place"):
-        hessrank.effective_rank(model, halving, (x, y), method=method)
+        hessrank.effective_rank(model, halving, batch, method=method)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)

@@ -966,6 +966,14 @@ def test_a_method_option_the_method_does_not_take_is_refused(tmp_path: Path) -> 
     tracker = hessrank.Tracker(_net(), CE, ("fisher", "lanczos"), log=None, lanczos_steps=10,
                                method_options={"fisher": {"backend": "func"}})
     assert tracker._options_for("fisher") == {"lanczos_steps": 10, "backend": "func"}
+    # an option at its default goes to methods that do not take it (backend='auto' had been
+    # refused for exact and lanczos; probe 122)
+    tracker = hessrank.Tracker(_net(), CE, ("exact", "lanczos"), log=None, backend="auto",
+                               lanczos_steps=None)
+    assert tracker._options_for("exact") == {"backend": "auto", "lanczos_steps": None}
+    with pytest.raises(ValueError, match="exact takes none of the estimator options; lanczos "
+                       "takes lanczos_steps"):
+        hessrank.Tracker(_net(), CE, ("exact", "lanczos"), log=None, backend="func")
 
 
 def test_a_folder_as_log_is_refused(tmp_path: Path, monkeypatch) -> None:
