@@ -211,7 +211,11 @@ class CurvatureProblem:
         layers: dict[str, list[str]] = {}
         for group, names in self.modules_with_params().items():
             layers.setdefault(self.layer_of(group), []).extend(names)
-        return layers
+        # in named_modules() order of the layers' modules (a parametrization registered after a
+        # child had put its module's block after the child's; probe 122)
+        order = {name or "(root)": index
+                 for index, (name, _) in enumerate(self.model.named_modules())}
+        return dict(sorted(layers.items(), key=lambda item: order[item[0]]))
 
     def layer_of(self, group: str) -> str:
         """The :meth:`layers` block a :meth:`modules_with_params` group belongs to: the module

@@ -306,6 +306,31 @@ def test_a_parametrized_layer_is_one_block_with_its_bias(parametrization):
     assert_spectra_close(exact.layers["0"].eigenvalues, block, rtol=1e-7)
 
 
+class _ParametrizedRoot(nn.Module):
+    """A root module with a weight of its own, weight-normed after its head is registered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+        self.head = nn.Linear(4, 3).double()
+        nn.utils.parametrizations.weight_norm(self, name="weight")
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(inputs @ self.weight.T))
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_per_layer_blocks_come_in_module_order(method):
+    """A root module's parametrized weight, registered after its head, had put the root's block
+    after the head's (probe 122): the blocks follow ``named_modules()``, the root first."""
+    torch.manual_seed(0)
+    model = _ParametrizedRoot()
+    x, y = classification_batch(8, 3, 3)
+    result = hessrank.effective_rank(model, CE, (x, y), method, per_layer=True, seed=0)
+    assert list(result.layers) == ["(root)", "head"]
+    assert [layer.num_params for layer in result.layers.values()] == [16, 15]
+
+
 def test_a_tied_weight_is_selected_by_either_name():
     """``named_parameters()`` lists a tied weight once; its second name (a tied head's) had
     been refused as unknown (probe 99)."""
