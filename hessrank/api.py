@@ -50,7 +50,7 @@ from hessrank.problem import (
     loss_evaluations,
     probe_for_target_dtype,
     probe_outputs,
-    target_dtype_cause,
+    refuse_target_dtype_of,
 )
 from hessrank.ranks import (
     MAX_DEFAULT_RTOL,
@@ -419,9 +419,7 @@ def effective_rank(
                                 "not see; analyse the model without gradient checkpointing (the "
                                 "same function), or use method='fisher' or 'ggn'") from error
                         if not isinstance(problem, StreamedProblem):  # (the survey checks those)
-                            refusal = target_dtype_cause(problem, error)
-                            if refusal is not None:
-                                raise refusal from error
+                            refuse_target_dtype_of(problem, error)
                         raise
         seconds = time.perf_counter() - start
         problem.notes.extend(guard_notes)  # complete now: a rescaling joins at its forward
@@ -786,9 +784,7 @@ def gradient_overlap(
             try:
                 operator = HessianOperator(problem)
             except RuntimeError as error:
-                refusal = target_dtype_cause(problem, error)
-                if refusal is not None:
-                    raise refusal from error
+                refuse_target_dtype_of(problem, error)
                 raise
             chunk = exact_chunk_size(operator.dim, problem.params[0].element_size(),
                                      operator.graph_bytes)

@@ -1453,16 +1453,20 @@ def _other_target_dtype(outputs: Tensor, targets: Tensor) -> bool:
     return targets.is_floating_point() and targets.dtype != outputs.dtype
 
 
-def target_dtype_error(error: RuntimeError, loss_fn: LossFn, outputs: Tensor, targets: Tensor
-                       ) -> ValueError | None:
-    """The refusal where ``error``, raised differentiating the loss w.r.t. ``outputs``, is
-    torch's refusal of floating targets in another dtype than the outputs (the backward of
-    ``nn.HuberLoss`` takes one dtype, though its forward promotes), verified by differentiating
-    the loss once more with the targets cast to the outputs' dtype; None for any other error,
-    and where the cast targets fail too (a constant of another dtype inside the loss: the cast
-    would not fix it)."""
+def refuse_target_dtype(error: RuntimeError, loss_fn: LossFn, outputs: Tensor,
+                        targets: Tensor) -> None:
+    """Raise the refusal of floating targets in another dtype than the outputs where ``error``,
+    raised differentiating the loss w.r.t. ``outputs``, is torch's refusal of them (the
+    backward of ``nn.HuberLoss`` takes one dtype, though its forward promotes), verified by
+    differentiating the loss once more with the targets cast to the outputs' dtype; return for
+    any other error, and where the cast targets fail too (a constant of another dtype inside
+    the loss: the cast would not fix it), leaving ``error`` to the caller.
+
+    Raises:
+        ValueError: the refusal, naming the cast.
+    """
     if not (_other_target_dtype(outputs, targets) and "Found dtype" in str(error)):
-        return None
+        return
     leaf = outputs.detach().requires_grad_(True)
     try:
         with torch.enable_grad():
@@ -1470,22 +1474,25 @@ def target_dtype_error(error: RuntimeError, loss_fn: LossFn, outputs: Tensor, ta
             if value.requires_grad:
                 torch.autograd.grad(value, leaf, allow_unused=True)
     except Exception:  # noqa: BLE001 - not the targets' dtype: the error stands as it is
-        return None
-    return ValueError(
+        return
+    raise ValueError(
         f"loss_fn's backward fails on {targets.dtype} targets with {outputs.dtype} outputs "
         f"({str(error).rstrip('. ')}; a plain loss.backward() fails too). "
-        + _TARGET_DTYPE_FIX.format(dtype=outputs.dtype))
+        + _TARGET_DTYPE_FIX.format(dtype=outputs.dtype)) from error
 
 
-def target_dtype_cause(problem: CurvatureProblem, error: RuntimeError) -> ValueError | None:
-    """:func:`target_dtype_error` for ``error`` raised by the work on one batch, with the
+def refuse_target_dtype_of(problem: CurvatureProblem, error: RuntimeError) -> None:
+    """:func:`refuse_target_dtype` for ``error`` raised by the work on one batch, with the
     outputs of a forward pass: where the outputs' dtype is not the parameters' (a forward that
     returns ``.double()`` of a float32 model's), :func:`probe_for_target_dtype`, which goes by
-    the parameters' before the work, had not run."""
-    if not (problem.targets.is_floating_point() and "Found dtype" in str(error)):
-        return None
-    outputs = tensor_outputs(probe_outputs(problem, check_loss=False))
-    return target_dtype_error(error, problem.loss_fn, outputs, problem.targets)
+    the parameters' before the work, had not run.
+
+    Raises:
+        ValueError: the refusal, naming the cast.
+    """
+    if problem.targets.is_floating_point() and "Found dtype" in str(error):
+        outputs = tensor_outputs(probe_outputs(problem, check_loss=False))
+        refuse_target_dtype(error, problem.loss_fn, outputs, problem.targets)
 
 
 def probe_for_target_dtype(problem: CurvatureProblem, outputs: Callable[[], object]) -> None:
@@ -1505,7 +1512,7 @@ def check_target_dtype(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Non
     ``exact`` and ``fisher`` passing torch's bare "Found dtype Float but expected Double".
 
     Raises:
-        ValueError: :func:`target_dtype_error`'s refusal.
+        ValueError: :func:`refuse_target_dtype`'s refusal.
     """
     if _other_target_dtype(outputs, targets):
         with torch.enable_grad():
@@ -1518,7 +1525,7 @@ def output_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor
     ignored).
 
     Raises:
-        ValueError: :func:`target_dtype_error`'s refusal.
+        ValueError: :func:`refuse_target_dtype`'s refusal.
         TypeError, ValueError, RuntimeError, IndexError: the loss cannot be evaluated on the
             outputs and the targets (with the fix, as :func:`evaluate_loss` says it).
     """
@@ -1529,10 +1536,8 @@ def output_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor
     try:
         (gradient,) = torch.autograd.grad(value, leaf, allow_unused=True)
     except RuntimeError as error:
-        refusal = target_dtype_error(error, loss_fn, leaf, targets)
-        if refusal is None:
-            raise
-        raise refusal from error
+        refuse_target_dtype(error, loss_fn, leaf, targets)
+        raise
     return torch.zeros_like(leaf) if gradient is None else gradient
 
 

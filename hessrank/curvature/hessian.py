@@ -135,13 +135,14 @@ def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
         else:
             with torch.no_grad():  # (the loss as given, checked by the data set's first pass)
                 return widened, float(problem.loss_fn(outputs, problem.targets))
-    if outputs.dtype == torch.float64:  # its cast not widened on this batch
-        add_lowered_loss_note(problem.notes, lower_precision_in(
-            problem.loss_fn, outputs.detach(), problem.targets) or torch.float32, str(why))
-    else:
+    if outputs.dtype != torch.float64:
         add_float64_note(problem.notes, f"{_UNWIDENED} {dtype_name(outputs.dtype)}, not on "
                          "outputs widened to float64", str(why),
                          "its curvature rounds to wrong, even negative, eigenvalues")
+    elif loss_fn is not None:  # its cast widened on the first batch, not on this one (where
+        # the widening was refused, _widening has said so, once: not a loss evaluation a build)
+        add_lowered_loss_note(problem.notes, lower_precision_in(
+            problem.loss_fn, outputs.detach(), problem.targets) or torch.float32, str(why))
     loss = problem.loss(outputs)
     return loss, float(loss.detach())
 

@@ -110,9 +110,10 @@ class GramEstimator(Estimator):
         element = problem.params[0].element_size()
         size = k * n
         groups = problem.modules_with_params()
+        layer_count = len(problem.layers()) if settings.per_layer else 0
         unruled = unruled_sizes(problem, options.backend == "auto")
         if settings.per_layer:  # every layer's Gram kept for its block through the solve
-            memory = size**2 * (element + 16 + len(problem.layers()) * element)
+            memory = size**2 * (element + 16 + layer_count * element)
         else:
             # The Gram in the model dtype, its float64 copy and the eigen-solver's workspace;
             # before them, each rule's Gram of its group and the total, all held until the
@@ -138,7 +139,7 @@ class GramEstimator(Estimator):
         solved = n * (self.solved_columns(problem, outputs, options) or k)
         solves = eigen_solve_seconds(solved, problem.device, vectors=settings.eigenvectors > 0)
         if settings.per_layer:
-            solves += len(problem.layers()) * eigen_solve_seconds(solved, problem.device)
+            solves += layer_count * eigen_solve_seconds(solved, problem.device)
         return Cost(int(memory), solves, unpredicted=UNPREDICTED_TIME)
 
     def run(self, problem: CurvatureProblem, settings: Settings,
