@@ -99,6 +99,15 @@ def reference_ggn(model, loss_fn, inputs, targets, scale, names=None) -> np.ndar
     return (scale * total).numpy()
 
 
+def saturation_safe_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``nn.CrossEntropyLoss()`` (mean over ``[n, C]`` outputs) written as ``log1p(sum_{k != y}
+    exp(f_k - f_y))``: the same function, whose derivatives at a saturated softmax hold their
+    digits (``1 - p_y`` is never formed as a difference), so a float64 reference there."""
+    differences = outputs - outputs.gather(1, targets[:, None])
+    others = torch.ones_like(differences, dtype=torch.bool).scatter(1, targets[:, None], False)
+    return torch.log1p(torch.where(others, differences.exp(), 0.0).sum(1)).mean()
+
+
 def eigenvalues_by_magnitude(matrix: np.ndarray) -> np.ndarray:
     values = np.linalg.eigvalsh((matrix + matrix.T) / 2)
     return values[np.argsort(-np.abs(values), kind="stable")]
