@@ -423,6 +423,9 @@ def effective_rank(
                         raise
         seconds = time.perf_counter() - start
         problem.notes.extend(guard_notes)  # complete now: a rescaling joins at its forward
+        tied = problem.tied_layers_note() if settings.per_layer else None
+        if tied is not None:
+            problem.notes.append(tied)
         if parallel is not None:
             problem.notes.append(parallel.describe())
         eps = float(torch.finfo(problem.dtype).eps)

@@ -332,6 +332,38 @@ def test_per_layer_blocks_come_in_module_order(method):
     assert [layer.num_params for layer in result.layers.values()] == [16, 15]
 
 
+class _TiedPair(nn.Module):
+    """Linear 4-4 twice with one weight (``b.weight = a.weight``), then a head 4-3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher", "ggn"])
+def test_per_layer_says_where_a_tied_weight_is(method):
+    """A weight two modules share is in the first one's block alone: ``b``'s block is its
+    bias's (4 parameters, the Hessian's block of ``b.bias`` for ``exact``), and nothing had
+    said so (probe 123). The note names the tie and the block that holds it; a call without
+    ``per_layer`` has no blocks and no note."""
+    torch.manual_seed(0)
+    model = _TiedPair().double()
+    x, y = classification_batch(8, 4, 3)
+    result = hessrank.effective_rank(model, CE, (x, y), method, per_layer=True)
+    assert [layer.num_params for layer in result.layers.values()] == [20, 4, 15]
+    assert any("'b.weight' is 'a.weight', in block 'a'" in note for note in result.notes)
+    assert not any("tied" in note for note in hessrank.effective_rank(
+        model, CE, (x, y), method).notes)
+    if method == "exact":
+        hessian = double_backward_hessian(model, CE, x, y)  # a.weight, a.bias, b.bias, head
+        assert_spectra_close(result.layers["b"].eigenvalues,
+                             eigenvalues_by_magnitude(hessian[20:24, 20:24]), rtol=1e-10)
+
+
 def test_a_tied_weight_is_selected_by_either_name():
     """``named_parameters()`` lists a tied weight once; its second name (a tied head's) had
     been refused as unknown (probe 99)."""
