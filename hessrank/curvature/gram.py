@@ -250,6 +250,12 @@ def _difference(claimed: Sequence[Claim], true: list[Tensor]) -> float:
 CHECK_FLOOR = 0.01
 
 
+#: A gradient check that fails by less than this many times its allowance may have met the
+#: model's rounding, amplified by cancellation, rather than a mixing of samples: its refusal
+#: names both.
+ROUNDING_OR_MIXING = 100
+
+
 def _rounding_floor(true_grads: dict[str, Tensor]) -> float:
     """The smallest scale a group's check is judged against: :data:`CHECK_FLOOR` of the size of
     the whole model's weighted gradient (Gaussian weights: the typical size of all the groups'
@@ -748,10 +754,14 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
                         _weighted_scale(torch.linalg.vector_norm(flat, dim=1).square(), weights),
                         floor, allowed, notes)
         if failure is None and error > allowed:
+            near = (f"; or, this near the rounding allowance ({allowed:.1e}), the rounding of "
+                    "its backward pass amplified by cancellation (gradients that nearly cancel, "
+                    "as before a GroupNorm over two channels), which leaves its factors "
+                    "unverified" if error <= ROUNDING_OR_MIXING * allowed else "")
             failure = (f"per-sample gradients of {group!r} do not add up to the batch gradient "
                        f"(relative error {error:.1e})",
-                       "the model mixes the samples of a batch, so per-sample EF/GGN factors "
-                       "are undefined; use method='exact' or 'lanczos'", error)
+                       "the model mixes the samples of a batch (per-sample EF/GGN factors are "
+                       f"then undefined){near}: use method='exact' or 'lanczos'", error)
         flats[group] = flat
     return flats, failure, path
 
