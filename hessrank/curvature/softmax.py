@@ -23,19 +23,37 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 
-def _others_sum(probabilities: Tensor, dim: int) -> Tensor:
-    """``1 - p_j`` as ``sum_{k != j} p_k`` along ``dim`` for non-negative ``probabilities``:
-    ``total - p_j`` loses digits only where ``p_j`` exceeds half the total, which at most one
-    entry (the largest) does; that one is summed from the others."""
-    total = probabilities.sum(dim, keepdim=True)
-    largest = probabilities.argmax(dim, keepdim=True)
-    rest = probabilities.scatter(dim, largest, 0.0).sum(dim, keepdim=True)
-    return (total - probabilities).scatter(dim, largest, rest)
+def _others_sum(values: Tensor, dim: int) -> Tensor:
+    """``sum_{k != j} v_k`` for each ``j`` along ``dim``: ``total - v_j``, but for the entry of
+    the largest magnitude, whose ``total - v_j`` is the one that can lose every digit (``1 -
+    p_y`` at a saturated softmax), summed from the others. Another entry's is as precise as
+    the sum of the others itself (the largest is among them)."""
+    largest = values.abs().argmax(dim, keepdim=True)
+    rest = values.scatter(dim, largest, 0.0).sum(dim, keepdim=True)
+    return (values.sum(dim, keepdim=True) - values).scatter(dim, largest, rest)
+
+
+class _Others(torch.autograd.Function):
+    """:func:`_others_sum` as a differentiable map: it is linear and its own transpose, so its
+    backward is itself, precise at every order (autograd's derivative of its operations would
+    form ``sum - c_j`` of the cotangent again, with the cancellation where the cotangent's
+    largest entry is elsewhere: a hand-smoothed loss's float32 Hessian at a saturated softmax
+    came out asymmetric)."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, dim: int) -> Tensor:
+        ctx.dim = dim
+        return _others_sum(values, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _Others.apply(grad, ctx.dim), None
 
 
 class _LogSoftmax(torch.autograd.Function):
     """``torch.log_softmax(logits, dim)`` whose backward ``g (1 - p) - p (sum(g) - g)`` (the
-    same as torch's ``g - p sum(g)``) is differentiable and free of cancellation."""
+    same as torch's ``g - p sum(g)``), each ``1 - p_j`` and ``sum(g) - g_j`` an
+    :class:`_Others` sum, is differentiable and free of cancellation."""
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, dim: int) -> Tensor:
@@ -48,8 +66,8 @@ class _LogSoftmax(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (log_probabilities,) = ctx.saved_tensors
         probabilities = log_probabilities.exp()
-        others = grad.sum(ctx.dim, keepdim=True) - grad
-        return grad * _others_sum(probabilities, ctx.dim) - probabilities * others, None
+        return (grad * _Others.apply(probabilities, ctx.dim)
+                - probabilities * _Others.apply(grad, ctx.dim)), None
 
 
 def _replaceable(logits: object, dim: object) -> TypeGuard[Tensor]:
