@@ -248,23 +248,78 @@ _DEFERRABLE = frozenset(signal.valid_signals()) - {
 _SIGMASK = getattr(sys.modules.get("_signal"), "pthread_sigmask", None)
 
 
+#: Signals whose Python handler :func:`deferred_interrupts` swaps for a recorder: all that a
+#: process can catch (only those with a Python handler are swapped).
+_CATCHABLE = tuple(sorted(frozenset(signal.valid_signals()) - {
+    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)}))
+#: Tries to put a handler back while handlers of pending signals raise in ``signal.signal``.
+_PUT_BACK_TRIES = 16
+#: The C functions under ``signal.getsignal`` and ``signal.signal``, without their wrappers'
+#: enum conversions (a block reads every catchable signal's handler).
+_GETSIGNAL = getattr(sys.modules.get("_signal"), "getsignal", signal.getsignal)
+_SETSIGNAL = getattr(sys.modules.get("_signal"), "signal", signal.signal)
+
+
+def _python_handlers() -> dict[int, Callable[[int, Any], Any]]:
+    """The signals whose handler is a Python callable (only those can raise in Python), with
+    it."""
+    handlers: dict[int, Callable[[int, Any], Any]] = {}
+    for number in _CATCHABLE:
+        handler = _GETSIGNAL(number)
+        if callable(handler):
+            handlers[number] = handler
+    return handlers
+
+
+def _handlers_put_back(handlers: dict[int, Callable[[int, Any], Any]]) -> BaseException | None:
+    """Install ``handlers`` again, each to the end: ``signal.signal`` first runs the handlers of
+    pending signals, and one that raises (a timeout whose handler was put back already) had
+    left Ctrl-C's recorder installed for good (probe 124). Returns the first such exception,
+    for the caller to raise once everything is back."""
+    raised: BaseException | None = None
+    for number, handler in handlers.items():
+        for _ in range(_PUT_BACK_TRIES):
+            try:
+                _SETSIGNAL(number, handler)
+                break
+            except BaseException as error:  # noqa: BLE001 - a pending signal's handler's
+                raised = raised or error
+    return raised
+
+
+def _delivered(received: list[int], handlers: dict[int, Callable[[int, Any], Any]],
+               raised: BaseException | None) -> BaseException | None:
+    """Run the handler of each signal ``received`` (once a kind, in order of arrival, as the
+    system delivers pending signals), as Python would have; the first exception of
+    ``raised`` and theirs. Called directly, not raised again: a handler that an asyncio loop
+    reads through its wakeup file gets one write, the signal's own."""
+    frame = sys._getframe()
+    for number in dict.fromkeys(received):
+        try:
+            handlers[number](number, frame)
+        except BaseException as error:  # noqa: BLE001 - raised once every handler has run
+            raised = raised or error
+    return raised
+
+
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold back SIGINT (Ctrl-C) inside the block and deliver it once the block has finished;
-    where the system can (``pthread_sigmask``), every other signal the main thread receives
-    too (a ``SIGALRM`` timeout whose handler raises had left a restore half done).
+    """Hold back every signal with a Python handler (Ctrl-C's, a timeout's) inside the block
+    and run its handler once the block has finished.
 
-    Makes a restore atomic: a ``KeyboardInterrupt`` can land before or after it, never half-way.
-    Only the main thread receives signals; elsewhere the block runs as is. A signal the system
-    hands to another thread (a Python thread that does not block it) still reaches its Python
-    handler inside the block: Python runs handlers in the main thread. (Swapping every
-    handler instead, as for Ctrl-C, left recorders installed where a signal landed while they
-    were put back, and ran asyncio's handlers twice.)
+    Makes a restore atomic: a ``KeyboardInterrupt`` or a timeout's exception can land before or
+    after it, never half-way. Each Python handler is swapped for a recorder: Python runs
+    handlers in the main thread wherever the system delivered the signal, and a process-directed
+    one (a timer's, ``kill``) goes to any thread that does not block it, torch's own threads
+    among them, so blocking signals in the main thread (``pthread_sigmask``, kept for what the
+    main thread receives) had not held a timeout back: it raised inside restores, leaving every
+    module in evaluation mode on the call's copies of its buffers (probe 124). Only the main
+    thread runs handlers; elsewhere the block runs as is.
 
-    The caller's mask and handler are read before anything changes, and every change is made
+    The caller's handlers and mask are read before anything changes, and every change is made
     inside the ``try`` that undoes it: a signal whose handler raises while the block is entered
-    or left finds the mask and the handler put back (landing between the handler's swap and
-    the mask, a ``SIGALRM`` had left Ctrl-C recorded for good; between the handler's restore and
+    or left finds the handlers and the mask put back (landing between a handler's swap and the
+    mask, a ``SIGALRM`` had left Ctrl-C recorded for good; between the handler's restore and
     the mask's, a Ctrl-C had left 55 signals blocked; probe 79). A restore that must not be
     skipped by a signal landing before the block holds it back runs inside
     :class:`ExitsHeldBack`.
@@ -273,23 +328,25 @@ def deferred_interrupts() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = signal.getsignal(signal.SIGINT)
+    handlers = _python_handlers()
     mask = _SIGMASK(signal.SIG_BLOCK, ()) if _SIGMASK is not None else None  # reads it
+    swapped: dict[int, Callable[[int, Any], Any]] = {}
     try:
         if _SIGMASK is not None:
             _SIGMASK(signal.SIG_BLOCK, _DEFERRABLE)
-        signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+        for number, handler in handlers.items():
+            swapped[number] = handler  # first: one that lands in the swap is put back too
+            _SETSIGNAL(number, lambda number, frame: received.append(number))
         yield
     finally:
-        try:
-            signal.signal(signal.SIGINT, previous)
+        raised = _handlers_put_back(swapped)
+        try:  # held-back signals are delivered now: a handler may raise, Ctrl-C still lands
+            if mask is not None and _SIGMASK is not None:
+                _SIGMASK(signal.SIG_SETMASK, mask)
         finally:
-            try:  # held-back signals are delivered now: a handler may raise, Ctrl-C still lands
-                if mask is not None and _SIGMASK is not None:
-                    _SIGMASK(signal.SIG_SETMASK, mask)
-            finally:
-                if received:
-                    signal.raise_signal(signal.SIGINT)
+            raised = _delivered(received, handlers, raised)
+            if raised is not None:
+                raise raised
 
 
 class ExitsHeldBack:
