@@ -555,6 +555,20 @@ def _lock_against_other_processes(file: TextIO, path: Path) -> None:
 DEFAULT_LOG = Path("curvature.jsonl")
 
 
+def _every_sink(sinks: Sequence[Sink], act: Callable[[Sink], None]) -> None:
+    """``act`` on every sink, then the first error one raised: a sink that fails (a network
+    logger's ``ConnectionError``) had kept the record from the ones after it, the JSON log
+    among them (probe 124)."""
+    failed: Exception | None = None
+    for sink in sinks:
+        try:
+            act(sink)
+        except Exception as error:  # noqa: BLE001 - raised once every sink has had its turn
+            failed = failed or error
+    if failed is not None:
+        raise failed
+
+
 def _default_log_sink() -> JsonLinesSink:
     """A sink on ``curvature.jsonl`` in the working folder, or on the first
     ``curvature-<k>.jsonl`` that does not exist: each is created exclusively, so two trackers,
@@ -771,7 +785,8 @@ class Tracker:
             (one without ``step=`` records the log's largest step): each method's step is in
             the log once; other methods' records stay.
         tensorboard: a TensorBoard run folder to also write scalars to (needs ``tensorboard``).
-        sinks: further destinations, objects with ``write(record)`` and ``close()``.
+        sinks: further destinations, objects with ``write(record)`` and ``close()``; every
+            sink gets each record even where another fails, whose error is then raised.
         per_layer: also record each parameterised module's ranks (``record["layers"]``).
         on_error: ``"raise"`` (default) re-raises a method's error; ``"warn"`` writes it as the
             record's ``error``, warns (``RuntimeWarning``) and goes on; ``"record"`` the same
@@ -797,7 +812,8 @@ class Tracker:
             method not among ``methods`` or with an estimator option that method does not
             take.
         TypeError: an option :func:`hessrank.effective_rank` does not take, an ``eval_batch``
-            that is not a pair, or ``steps`` that is not a list.
+            that is not a pair, ``steps`` that is not a list, or a sink without ``write`` or
+            ``close``.
         ImportError: ``tensorboard`` is given and the tensorboard package is not installed.
         OSError: the ``log`` file cannot be written (``IsADirectoryError``: it names a
             folder).
@@ -847,6 +863,13 @@ class Tracker:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         if eval_batch is not None:
             _check_eval_batch(eval_batch)
+        for index, sink in enumerate(sinks):
+            lacking = [name for name in ("write", "close")
+                       if not callable(getattr(sink, name, None))]
+            if lacking:  # found at the first record, after a measurement (probe 124)
+                raise TypeError(f"sinks[{index}] ({type(sink).__name__}) has no "
+                                f"{' or '.join(f'{name}()' for name in lacking)}: a sink is an "
+                                "object with write(record) and close() (hessrank.tracker.Sink)")
         _check_options(options, "Tracker options", self.methods)
         self._method_options = {m: dict(o) for m, o in (method_options or {}).items()}
         for method, extra in self._method_options.items():
@@ -1070,8 +1093,7 @@ class Tracker:
                           "values", RuntimeWarning, stacklevel=_user_stacklevel())
         self._recorded[method] = (step, self._counted)
         self.records.append(measurement.record)
-        for sink in self.sinks:
-            sink.write(measurement.record)
+        _every_sink(self.sinks, lambda sink: sink.write(measurement.record))
         return measurement
 
     def close(self) -> None:
@@ -1079,8 +1101,7 @@ class Tracker:
         if self._closed:
             return
         self._closed = True
-        for sink in self.sinks:
-            sink.close()
+        _every_sink(self.sinks, lambda sink: sink.close())
 
     def __enter__(self) -> Tracker:
         return self

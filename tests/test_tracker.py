@@ -1023,3 +1023,45 @@ def test_the_step_back_warning_says_what_happened_between() -> None:
                       "steps: the log's steps go back"):
         tracker.step(batch, step=2)
     assert [r["step"] for r in tracker.records] == [5, 3, 10, 2]
+
+
+class _FlakySink:
+    """A network logger whose first write fails."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        if not self.records:
+            self.records.append({})
+            raise ConnectionError("the logging service is unreachable")
+        self.records.append(record)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failing_sink_keeps_no_record_from_the_log(tmp_path: Path) -> None:
+    """A sink listed before the log that raised had kept the record from the JSON log, on
+    every ``on_error`` (probe 124): every sink now gets it, then the sink's error is raised."""
+    log = tmp_path / "curvature.jsonl"
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    flaky = _FlakySink()
+    tracker = hessrank.Tracker(_net().eval(), CE, methods=("fisher",), every=1, log=log,
+                               sinks=[flaky], on_error="warn")
+    with pytest.raises(ConnectionError, match="unreachable"):
+        tracker.step(batch)
+    tracker.step(batch)
+    tracker.close()
+    assert [record["step"] for record in _read(log)] == [0, 1]
+    assert [record["step"] for record in flaky.records[1:]] == [1]
+
+
+def test_a_sink_without_write_is_refused_when_the_tracker_is_built(tmp_path: Path) -> None:
+    """An object that is no sink was taken, and failed at the first record, after its
+    measurement, leaving an empty log (probe 124): refused when the tracker is built, with
+    nothing written."""
+    log = tmp_path / "curvature.jsonl"
+    with pytest.raises(TypeError, match=r"sinks\[0\] \(object\) has no write\(\) or close\(\)"):
+        hessrank.Tracker(_net().eval(), CE, every=1, log=log, sinks=[object()])
+    assert not log.exists()
