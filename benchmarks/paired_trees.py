@@ -52,18 +52,7 @@ def method_case(threads: int, arch: str = "mlp", method: str = "fisher", batches
     torch.set_num_threads(threads)
     import hessrank
 
-    if arch == "mlp":
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                              nn.Linear(512, 10))
-        generator = torch.Generator().manual_seed(1)
-        x = torch.randn(512, 784, generator=generator)
-        y = torch.randint(0, 10, (512,), generator=generator)
-    else:
-        from run import build_batch, build_model  # this folder
-
-        spec = {"model": arch, "n": 128, "seed": 0}
-        model, (x, y) = build_model(spec), build_batch(spec)
+    model, (x, y) = case_model(arch)
     loss = nn.CrossEntropyLoss()
 
     def fwd_bwd() -> None:
@@ -78,6 +67,25 @@ def method_case(threads: int, arch: str = "mlp", method: str = "fisher", batches
     fwd_bwd()
     call()
     return fwd_bwd, call, hessrank.__file__
+
+
+def case_model(arch: str) -> tuple[Any, tuple[Any, Any]]:
+    """The seeded model and batch: ``run.py --only fisher``'s MLP 784-512-512-10 at n = 512
+    (``mlp``), or ``run.py``'s ``arch`` at n = 128."""
+    import torch
+    from torch import nn
+
+    if arch == "mlp":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                              nn.Linear(512, 10))
+        generator = torch.Generator().manual_seed(1)
+        return model, (torch.randn(512, 784, generator=generator),
+                       torch.randint(0, 10, (512,), generator=generator))
+    from run import build_batch, build_model  # this folder
+
+    spec = {"model": arch, "n": 128, "seed": 0}
+    return build_model(spec), build_batch(spec)
 
 
 def worker(threads: int, arch: str, method: str, batches: int, options: dict[str, Any]) -> None:

@@ -238,7 +238,7 @@ def test_exact_over_budget_is_refused_before_anything_is_written(tmp_path: Path)
         run_experiment(cfg, tmp_path / "run", "")
     assert not (tmp_path / "run").exists()
     # the last-two-layers block is smaller: a budget between the two sizes admits only it
-    ok = tiny_config(hess_methods=["exact"], hess_blocks=["last2"], hess_max_memory=12e6, tasks=1)
+    ok = tiny_config(hess_methods=["exact"], hess_blocks=["last2"], hess_max_memory=8e6, tasks=1)
     assert len(run_experiment(ok, tmp_path / "last2", "")) == 1
 
 

@@ -47,7 +47,7 @@ def test_values_and_gradients_are_torch_s(call):
     logits = _logits(3.0)
     expected = call(logits)
     (expected_gradient,) = torch.autograd.grad(expected.sum(), logits)
-    with SaturationSafeSoftmax():
+    with SaturationSafeSoftmax(torch.float64):
         value = call(logits)
     (gradient,) = torch.autograd.grad(value.sum(), logits)
     assert torch.equal(value, expected)
@@ -71,9 +71,27 @@ def test_second_derivatives_keep_their_digits_at_saturation():
 
     reference = loss_hessian(saturation_safe_cross_entropy)
     torch_s = loss_hessian(F.cross_entropy)
-    with SaturationSafeSoftmax():
+    with SaturationSafeSoftmax(torch.float64):
         ours = loss_hessian(F.cross_entropy)
     # per entry, relative to its own size (the smallest curvature is 1e-11 of the largest)
     scale = reference.abs().clamp_min(1e-300)
     assert float(((ours - reference).abs() / scale).max()) < 1e-13
     assert float(((torch_s - reference).abs() / scale).max()) > 1e-8
+
+
+@pytest.mark.parametrize(("model_dtype", "margin", "safe"), [
+    (torch.float64, 2.0, True), (torch.float64, 25.0, True),
+    (torch.float32, 2.0, False), (torch.float32, 18.0, False), (torch.float32, 25.0, True)])
+def test_the_safe_backward_runs_where_the_model_s_rounding_would_show_it(model_dtype, margin,
+                                                                        safe):
+    """A float64 model's products show the amplified rounding at any saturation; a float32
+    model's (on float64 logits, the widened loss) only once some ``1 - p_max`` is below
+    ``eps64 / eps32`` = 1.9e-9 (margin 25: 1.4e-11; margin 18: 1.5e-8): torch's own backward
+    elsewhere, which costs a third less a product on GPT's logits."""
+    logits = torch.zeros(5, 3, dtype=torch.float64)
+    logits[:, 0] = torch.linspace(0.0, margin, 5, dtype=torch.float64)
+    with SaturationSafeSoftmax(model_dtype):
+        value = F.cross_entropy(logits.requires_grad_(True), _TARGETS)
+    # nll_loss over the log-softmax's output: the node under NllLossBackward is whose it is
+    node = value.grad_fn.next_functions[0][0]
+    assert ("LogSoftmax" in type(node).__name__ and "Backward0" not in type(node).__name__) == safe

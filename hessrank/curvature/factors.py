@@ -61,14 +61,14 @@ class FactorOperator(ParameterOperator):
                  output_side_bytes: Callable[[Tensor], int] | None = None) -> None:
         super().__init__(problem)
         graph = GraphBytes(problem)
-        with second_order(), graph.counting():  # J^T u is differentiated w.r.t. u below
+        with second_order(problem.dtype), graph.counting():  # J^T u: differentiated below
             outputs = problem.forward()
         if isinstance(problem, ShardedProblem) and isinstance(outputs, Tensor):
             refuse_mixed_samples(problem.local(), outputs, "process's shard")
         self._problem, self._method = problem, method
         if isinstance(outputs, Tensor):  # else shard_cotangents names the problem
             self._dummy = torch.zeros_like(outputs, requires_grad=True)
-            with second_order(), graph.counting():
+            with second_order(problem.dtype), graph.counting():
                 pieces = torch.autograd.grad(outputs, self.params, grad_outputs=self._dummy,
                                              create_graph=True, allow_unused=True)
             self.graph_bytes = graph.total
@@ -154,6 +154,6 @@ class FactorOperator(ParameterOperator):
         """``F F^T`` times each row of ``vectors`` (``[k, P]``); result ``[k, P]``."""
         vectors = vectors.to(dtype=self.dtype, device=self.device)
         self.num_products += vectors.shape[0]
-        with second_order():  # a checkpointed block recomputes its forward here (see there)
+        with second_order(self.dtype):  # a checkpointed block recomputes its forward here
             products = stacked_rows([self._row(row) for row in vectors])
         return products if self.parallel is None else self.parallel.all_reduce(products)

@@ -70,16 +70,17 @@ def _weight_norm_arguments(v: Tensor, g: Tensor, dim: int = 0) -> tuple[Tensor, 
 
 
 @contextmanager
-def second_order() -> Iterator[None]:
+def second_order(dtype: torch.dtype) -> Iterator[None]:
     """A forward whose graph is differentiated twice: attention through the math kernel (the
     CPU flash kernel has no double backward), :class:`TwiceDifferentiable`, and log-softmax
     through :class:`~hessrank.curvature.softmax.SaturationSafeSoftmax` (its derivatives
-    without the cancellation that near a saturated softmax amplifies its rounding). Its backward
+    without the cancellation that near a saturated softmax amplifies its rounding, where that
+    rounding would show in a ``dtype`` model's products). Its backward
     passes too: a block under ``torch.utils.checkpoint`` (``use_reentrant=False``) runs its
     forward again there, and outside this context its attention or weight norm took the other
     kernel, which the checkpoint refused as a forward that changed (``CheckpointError``, a
     transformer layer's ``exact``; probe 111)."""
-    with sdpa_kernel(SDPBackend.MATH), TwiceDifferentiable(), SaturationSafeSoftmax():
+    with sdpa_kernel(SDPBackend.MATH), TwiceDifferentiable(), SaturationSafeSoftmax(dtype):
         yield
 
 
@@ -232,7 +233,7 @@ class HessianOperator(ParameterOperator):
             lambda module, args: steps.append(_sequence_steps(module, args)))
             for module in problem.model.modules() if isinstance(module, nn.RNNBase)]
         try:
-            with second_order(), graph.counting():
+            with second_order(problem.dtype), graph.counting():
                 loss, self.loss_value = _widened_loss(problem)
                 grads = torch.autograd.grad(loss, self.params, create_graph=True,
                                             allow_unused=True)
@@ -290,7 +291,7 @@ class HessianOperator(ParameterOperator):
         vectors = vectors.to(dtype=self.dtype, device=self.device)
         self.num_products += vectors.shape[0]
         try:
-            with second_order():  # a checkpointed block recomputes its forward here (see there)
+            with second_order(self.dtype):  # a checkpointed block recomputes its forward here
                 local = self._local_matmat(vectors)
         except RuntimeError as error:
             raise self._second_derivative_error(error) from error

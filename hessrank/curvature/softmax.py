@@ -15,7 +15,7 @@ those operations. The forward is torch's own, so the loss's value is unchanged b
 
 from __future__ import annotations
 
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -94,10 +94,37 @@ class SaturationSafeSoftmax(TorchFunctionMode):
     """Runs ``log_softmax`` (``F.log_softmax``, ``torch.log_softmax``, ``Tensor.log_softmax``)
     and ``F.cross_entropy`` with class-index targets and no label smoothing
     (``nn.CrossEntropyLoss``; torch computes it as ``nll_loss(log_softmax(input, class_dim))``,
-    and so does this) through
-    :class:`_LogSoftmax`: the same values, derivatives without the cancellation near a
-    saturated softmax. Calls with another dtype, a named dimension, probability targets or
-    label smoothing run as given."""
+    and so does this) through :class:`_LogSoftmax` where its rounding would show: the same
+    values, derivatives without the cancellation near a saturated softmax. Calls with another
+    dtype, a named dimension, probability targets or label smoothing run as given.
+
+    The cancellation amplifies the rounding of the logits' dtype ``1 / (1 - p_max)`` times. A
+    float64 model's products show it at any saturation (its checks and rank tolerances are
+    float64's), so its log-softmax always runs through :class:`_LogSoftmax`; a float32 model's
+    loss runs on outputs widened to float64, whose amplified rounding stays under float32's
+    until ``1 - p_max`` falls below ``eps64 / eps32`` (1.9e-9) at some sample: only then. The
+    backward holds two more logits-sized tensors and takes a third longer a product on GPT's
+    4.2M logits (``benchmarks/softmax_cost.py``), which float32 models at their usual
+    saturations do not pay.
+
+    Args:
+        dtype: the model's dtype, whose rounding the products are judged by.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        #: ``1 - p_max`` below which some sample's amplified rounding would show
+        self.saturation = float(torch.finfo(torch.float64).eps / torch.finfo(dtype).eps)
+
+    def _saturated(self, logits: Tensor, dim: int) -> bool:
+        """Whether some sample's ``1 - p_max`` along ``dim`` is below :attr:`saturation` (always,
+        for a float64 model, and under a functorch transform, whose values no branch may
+        read)."""
+        if self.saturation >= 1.0 or torch._C._functorch.is_functorch_wrapped_tensor(logits):
+            return True
+        with torch.no_grad():
+            gap = -torch.expm1(torch.log_softmax(logits.detach(), dim).amax(dim))
+        return bool((gap < self.saturation).any())
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
@@ -106,7 +133,8 @@ class SaturationSafeSoftmax(TorchFunctionMode):
             bound = {**dict(zip(_LOG_SOFTMAX_PARAMETERS[func], args)), **kwargs}
             logits, dim = bound.get("input"), bound.get("dim")
             if (set(bound) <= set(_LOG_SOFTMAX_PARAMETERS[func]) and _replaceable(logits, dim)
-                    and bound.get("dtype") in (None, logits.dtype)):
+                    and bound.get("dtype") in (None, logits.dtype)
+                    and self._saturated(logits, cast(int, dim))):
                 return _LogSoftmax.apply(logits, dim)
         elif func is F.cross_entropy:
             bound = {"weight": None, "size_average": None, "ignore_index": -100,
@@ -117,7 +145,7 @@ class SaturationSafeSoftmax(TorchFunctionMode):
             if (set(bound) <= set(_CROSS_ENTROPY_PARAMETERS) and _replaceable(logits, class_dim)
                     and isinstance(target, Tensor) and not target.is_floating_point()
                     and bound["size_average"] is None and bound["reduce"] is None
-                    and bound["label_smoothing"] == 0.0):
+                    and bound["label_smoothing"] == 0.0 and self._saturated(logits, class_dim)):
                 return F.nll_loss(_LogSoftmax.apply(logits, class_dim),
                                   target, bound["weight"], ignore_index=bound["ignore_index"],
                                   reduction=bound["reduction"])
