@@ -79,17 +79,19 @@ def test_second_derivatives_keep_their_digits_at_saturation():
     assert float(((torch_s - reference).abs() / scale).max()) > 1e-8
 
 
-@pytest.mark.parametrize(("model_dtype", "margin", "safe"), [
-    (torch.float64, 2.0, True), (torch.float64, 25.0, True),
-    (torch.float32, 2.0, False), (torch.float32, 18.0, False), (torch.float32, 25.0, True)])
-def test_the_safe_backward_runs_where_the_model_s_rounding_would_show_it(model_dtype, margin,
-                                                                        safe):
-    """A float64 model's products show the amplified rounding at any saturation; a float32
-    model's (on float64 logits, the widened loss) only once some ``1 - p_max`` is below
-    ``eps64 / eps32`` = 1.9e-9 (margin 25: 1.4e-11; margin 18: 1.5e-8): torch's own backward
-    elsewhere, which costs a third less a product on GPT's logits."""
-    logits = torch.zeros(5, 3, dtype=torch.float64)
-    logits[:, 0] = torch.linspace(0.0, margin, 5, dtype=torch.float64)
+@pytest.mark.parametrize(("model_dtype", "logits_dtype", "margin", "safe"), [
+    (torch.float64, torch.float64, 2.0, True), (torch.float64, torch.float64, 25.0, True),
+    (torch.float32, torch.float64, 2.0, False), (torch.float32, torch.float64, 18.0, False),
+    (torch.float32, torch.float64, 25.0, True), (torch.float32, torch.float32, 2.0, True)])
+def test_the_safe_backward_runs_where_the_model_s_rounding_would_show_it(
+        model_dtype, logits_dtype, margin, safe):
+    """A float64 model's products show the amplified rounding at any saturation, and so do a
+    float32 model's whose loss runs in float32; a float32 model's on float64 logits (the
+    widened loss) only once some ``1 - p_max`` is below ``eps64 / eps32`` = 1.9e-9 (margin 25:
+    1.4e-11; margin 18: 1.5e-8): torch's own backward elsewhere, which costs a third less a
+    product on GPT's logits."""
+    logits = torch.zeros(5, 3, dtype=logits_dtype)
+    logits[:, 0] = torch.linspace(0.0, margin, 5, dtype=logits_dtype)
     with SaturationSafeSoftmax(model_dtype):
         value = F.cross_entropy(logits.requires_grad_(True), _TARGETS)
     # nll_loss over the log-softmax's output: the node under NllLossBackward is whose it is

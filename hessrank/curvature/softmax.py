@@ -98,11 +98,12 @@ class SaturationSafeSoftmax(TorchFunctionMode):
     values, derivatives without the cancellation near a saturated softmax. Calls with another
     dtype, a named dimension, probability targets or label smoothing run as given.
 
-    The cancellation amplifies the rounding of the logits' dtype ``1 / (1 - p_max)`` times. A
-    float64 model's products show it at any saturation (its checks and rank tolerances are
-    float64's), so its log-softmax always runs through :class:`_LogSoftmax`; a float32 model's
-    loss runs on outputs widened to float64, whose amplified rounding stays under float32's
-    until ``1 - p_max`` falls below ``eps64 / eps32`` (1.9e-9) at some sample: only then. The
+    The cancellation amplifies the rounding of the logits' dtype ``1 / (1 - p_max)`` times,
+    which the products show once it exceeds the model dtype's (their checks and rank
+    tolerances are the model's): once some sample's ``1 - p_max`` is below ``eps(logits) /
+    eps(model)``. A float64 model's log-softmax therefore always runs through
+    :class:`_LogSoftmax`, and so does a float32 model's loss that runs in float32; a float32
+    model's loss on outputs widened to float64 only below ``eps64 / eps32`` (1.9e-9). The
     backward holds two more logits-sized tensors and takes a third longer a product on GPT's
     4.2M logits (``benchmarks/softmax_cost.py``), which float32 models at their usual
     saturations do not pay.
@@ -113,18 +114,19 @@ class SaturationSafeSoftmax(TorchFunctionMode):
 
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
-        #: ``1 - p_max`` below which some sample's amplified rounding would show
-        self.saturation = float(torch.finfo(torch.float64).eps / torch.finfo(dtype).eps)
+        #: the rounding unit of the model's dtype, which the products are judged by
+        self.eps = float(torch.finfo(dtype).eps)
 
     def _saturated(self, logits: Tensor, dim: int) -> bool:
-        """Whether some sample's ``1 - p_max`` along ``dim`` is below :attr:`saturation` (always,
-        for a float64 model, and under a functorch transform, whose values no branch may
-        read)."""
-        if self.saturation >= 1.0 or torch._C._functorch.is_functorch_wrapped_tensor(logits):
+        """Whether some sample's ``1 - p_max`` along ``dim`` is below ``eps(logits) / eps``
+        (always where that is 1 or more, and under a functorch transform, whose values no
+        branch may read)."""
+        limit = float(torch.finfo(logits.dtype).eps) / self.eps
+        if limit >= 1.0 or torch._C._functorch.is_functorch_wrapped_tensor(logits):
             return True
         with torch.no_grad():
             gap = -torch.expm1(torch.log_softmax(logits.detach(), dim).amax(dim))
-        return bool((gap < self.saturation).any())
+        return bool((gap < limit).any())
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
