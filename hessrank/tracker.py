@@ -244,7 +244,14 @@ class JsonLinesSink:
         #: empty, if it got no record (a tracker that recorded nothing left out/ behind; probe
         #: 115)
         self._made_folders = [folder for folder in self.path.parents if not folder.exists()]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a bare "[Errno 2] ..." had named no log= (probe 124)
+            self._remove_made_folders()
+            raise type(error)(error.errno, (
+                f"log {str(path)!r}: its folder {str(self.path.parent)!r} cannot be created "
+                f"({error.strerror}): give log= a file in a folder you can write, or log=None "
+                "for no file")) from error
         self.append = append
         self._file: TextIO | None = None
         #: the sink made the file (it was not there): removed at close if it got no record

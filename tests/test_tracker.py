@@ -1065,3 +1065,15 @@ def test_a_sink_without_write_is_refused_when_the_tracker_is_built(tmp_path: Pat
     with pytest.raises(TypeError, match=r"sinks\[0\] \(object\) has no write\(\) or close\(\)"):
         hessrank.Tracker(_net().eval(), CE, every=1, log=log, sinks=[object()])
     assert not log.exists()
+
+
+def test_a_log_whose_folder_cannot_be_made_is_named(tmp_path: Path) -> None:
+    """``log=`` under a folder that cannot be created (here: a file stands there; probe 124's
+    ``/proc/nope/x.jsonl``) got a bare ``[Errno ...]`` naming neither ``log=`` nor a fix; the
+    error keeps its type and says both, and leaves nothing behind."""
+    (tmp_path / "afile").write_text("")
+    log = tmp_path / "afile" / "runs" / "x.jsonl"
+    with pytest.raises(OSError, match=r"log '.*x\.jsonl': its folder .* cannot be created .*"
+                                      r"give log= a file in a folder you can write, or log=None"):
+        hessrank.Tracker(_net().eval(), CE, every=1, log=str(log))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
