@@ -331,12 +331,16 @@ def deferred_interrupts() -> Iterator[None]:
     handlers = _python_handlers()
     mask = _SIGMASK(signal.SIG_BLOCK, ()) if _SIGMASK is not None else None  # reads it
     swapped: dict[int, Callable[[int, Any], Any]] = {}
+
+    def record(number: int, _: Any) -> None:
+        received.append(number)
+
     try:
         if _SIGMASK is not None:
             _SIGMASK(signal.SIG_BLOCK, _DEFERRABLE)
         for number, handler in handlers.items():
             swapped[number] = handler  # first: one that lands in the swap is put back too
-            _SETSIGNAL(number, lambda number, frame: received.append(number))
+            _SETSIGNAL(number, record)
         yield
     finally:
         raised = _handlers_put_back(swapped)

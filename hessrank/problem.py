@@ -1488,12 +1488,9 @@ def refuse_target_dtype(error: RuntimeError, loss_fn: LossFn, outputs: Tensor,
     """
     if not (_other_target_dtype(outputs, targets) and "Found dtype" in str(error)):
         return
-    leaf = outputs.detach().requires_grad_(True)
     try:
         with torch.enable_grad():
-            value = call_loss(loss_fn, leaf, targets.to(outputs.dtype))
-            if value.requires_grad:
-                torch.autograd.grad(value, leaf, allow_unused=True)
+            output_gradient(loss_fn, outputs, targets.to(outputs.dtype))
     except Exception:  # noqa: BLE001 - not the targets' dtype: the error stands as it is
         return
     raise ValueError(

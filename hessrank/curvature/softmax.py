@@ -9,8 +9,9 @@ amplified the same way: a float64 MLP at loss 1.8e-6 had Hessian-vector products
 of the largest, 6 of its 17 null directions above the numerical rank's ``P eps`` cut; ``exact``
 and ``lanczos`` refused it as a wrong derivative. The same gradient written as ``g (1 - p) - p
 (sum(g) - g)``, with each ``1 - p_j`` summed from the other probabilities (small positive
-numbers, no cancellation), holds its digits; so does its derivative, which autograd takes from
-those operations. The forward is torch's own, so the loss's value is unchanged bit for bit.
+numbers, no cancellation), holds its digits; so do its derivatives, since that "sum of the
+others" is a linear map whose backward is itself (:class:`_Others`). The forward is torch's
+own, so the loss's value is unchanged bit for bit.
 """
 
 from __future__ import annotations
