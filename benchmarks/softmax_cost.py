@@ -1,6 +1,7 @@
-"""What the saturation-safe log-softmax costs a Hessian-vector product, paired in one process.
+"""What the saturation-safe log-softmax costs a Hessian-vector product and the factors' loss-side
+readings, paired in one process.
 
-``hessrank/curvature/softmax.py`` runs the Hessian's log-softmax through a backward without
+``hessrank/curvature/saturation.py`` runs the Hessian's log-softmax through a backward without
 cancellation. Its gradient graph holds more logits-sized tensors than torch's fused kernel and
 each product runs a few more passes over the logits. This times one product
 (:class:`~hessrank.curvature.hessian.HessianOperator`) with it and without it, alternating round
@@ -9,10 +10,19 @@ model always runs it, on ``run.py``'s architectures at n = 128 (GPT
 with its per-token loss over 4.2M logits; the MLP 784-512-512-10 at n = 512 with ``mlp``). It
 also reports the operator's graph bytes for both.
 
+With ``--readings`` it times instead the loss-side readings of the output factors of
+``fisher``, ``ggn`` (outputs of at most 4,096 entries a sample) and ``ggn`` with
+``mc_samples=1`` (:mod:`hessrank.curvature.loss`: the loss's gradients and curvature w.r.t. the
+model's outputs, checked), with the loss as given and as run (their float64 readings through
+:func:`~hessrank.curvature.saturation.saturation_safe`), in the model's dtype (``--dtype
+float64``: every reading is float64's).
+
 Usage::
 
     OMP_NUM_THREADS=2 python benchmarks/softmax_cost.py --arch gpt --rounds 20
     OMP_NUM_THREADS=2 python benchmarks/softmax_cost.py --arch mlp --rounds 40
+    OMP_NUM_THREADS=2 python benchmarks/softmax_cost.py --arch mlp --rounds 20 --readings \
+        --dtype float64
 """
 
 from __future__ import annotations
@@ -26,8 +36,44 @@ from typing import Any
 import torch
 from paired_trees import case_model  # this folder
 
-from hessrank.curvature import hessian
+from hessrank.curvature import hessian, loss
 from hessrank.problem import build_problem
+
+
+def readings(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+             rounds: int) -> None:
+    """Print the loss-side readings' times with the loss as given and as run, paired."""
+    inputs, targets = batch
+    with torch.no_grad():
+        outputs = model(inputs)
+    cross_entropy = torch.nn.CrossEntropyLoss()
+    calls = {
+        "fisher": lambda: loss.fisher_cotangents(cross_entropy, outputs, targets, []),
+        # (the exact GGN's [n, C, C] blocks only where an output is small: not GPT's 50k
+        # classes at each of its positions)
+        **({"ggn": lambda: loss.ggn_cotangents(cross_entropy, outputs, targets,
+                                               torch.Generator().manual_seed(0), [])}
+           if outputs[0].numel() <= 4096 else {}),
+        "ggn mc_samples=1": lambda: loss.ggn_mc_cotangents(
+            cross_entropy, outputs, targets, 1, torch.Generator().manual_seed(0), []),
+    }
+    safe = loss.saturation_safe
+    variants: dict[str, Any] = {"as given": lambda loss_fn, log_softmax=True: loss_fn,
+                                "as run": safe}
+    for name, call in calls.items():
+        seconds: dict[str, list[float]] = {variant: [] for variant in variants}
+        for _ in range(rounds):
+            for variant, wrapper in variants.items():
+                loss.saturation_safe = wrapper
+                start = time.perf_counter()
+                call()
+                seconds[variant].append(time.perf_counter() - start)
+        loss.saturation_safe = safe
+        ratios = [s / t for s, t in zip(seconds["as run"], seconds["as given"])]
+        print(f"{name:>16}: loss as given {statistics.median(seconds['as given']) * 1e3:8.1f} ms, "
+              f"as run {statistics.median(seconds['as run']) * 1e3:8.1f} ms (medians of "
+              f"{rounds}); paired ratio median {statistics.median(ratios):.3f} (range "
+              f"{min(ratios):.3f}-{max(ratios):.3f})")
 
 
 def main() -> None:
@@ -35,11 +81,20 @@ def main() -> None:
     parser.add_argument("--arch", default="gpt")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--readings", action="store_true",
+                        help="time the factors' loss-side readings instead of a product")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, batch = case_model(args.arch)
+    model, (inputs, targets) = case_model(args.arch)
+    dtype = getattr(torch, args.dtype)
+    model, batch = model.to(dtype), (inputs.to(dtype) if inputs.is_floating_point()
+                                     else inputs, targets)
+    if args.readings:
+        readings(model, batch, args.rounds)
+        return
     problem = build_problem(model, torch.nn.CrossEntropyLoss(), batch, None, "eval")
-    safe = hessian.SaturationSafeSoftmax
+    safe = hessian.SaturationSafe
     variants: dict[str, Any] = {
         "torch's": contextlib.nullcontext,  # the log-softmax as torch runs it
         "as run": safe,  # the model's dtype decides (a float32 model: where saturated)
@@ -47,9 +102,9 @@ def main() -> None:
     }
     operators = {}
     for name, mode in variants.items():
-        hessian.SaturationSafeSoftmax = mode
+        hessian.SaturationSafe = mode
         operators[name] = hessian.HessianOperator(problem)
-    hessian.SaturationSafeSoftmax = safe
+    hessian.SaturationSafe = safe
     vector = torch.randn(operators["as run"].dim, generator=torch.Generator().manual_seed(0))
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
@@ -64,6 +119,7 @@ def main() -> None:
         ratios = [s / t for s, t in zip(seconds[name], seconds["torch's"])]
         print(f"paired ratio {name} / torch's: median {statistics.median(ratios):.3f} "
               f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+
 
 if __name__ == "__main__":
     main()

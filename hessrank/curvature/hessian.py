@@ -26,7 +26,7 @@ from hessrank.curvature.loss import (
     lower_precision_in,
 )
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
-from hessrank.curvature.softmax import SaturationSafeSoftmax
+from hessrank.curvature.saturation import SaturationSafe
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
 from hessrank.problem import (
     FOR_THE_LOSS_S,
@@ -73,14 +73,14 @@ def _weight_norm_arguments(v: Tensor, g: Tensor, dim: int = 0) -> tuple[Tensor, 
 def second_order(dtype: torch.dtype) -> Iterator[None]:
     """A forward whose graph is differentiated twice: attention through the math kernel (the
     CPU flash kernel has no double backward), :class:`TwiceDifferentiable`, and log-softmax
-    through :class:`~hessrank.curvature.softmax.SaturationSafeSoftmax` (its derivatives
-    without the cancellation that near a saturated softmax amplifies its rounding, where that
-    rounding would show in a ``dtype`` model's products). Its backward
+    and log-sigmoid through :class:`~hessrank.curvature.saturation.SaturationSafe` (their
+    derivatives without the cancellation that near a saturated softmax or sigmoid amplifies
+    their rounding, where that rounding would show in a ``dtype`` model's products). Its backward
     passes too: a block under ``torch.utils.checkpoint`` (``use_reentrant=False``) runs its
     forward again there, and outside this context its attention or weight norm took the other
     kernel, which the checkpoint refused as a forward that changed (``CheckpointError``, a
     transformer layer's ``exact``; probe 111)."""
-    with sdpa_kernel(SDPBackend.MATH), TwiceDifferentiable(), SaturationSafeSoftmax(dtype):
+    with sdpa_kernel(SDPBackend.MATH), TwiceDifferentiable(), SaturationSafe(dtype):
         yield
 
 

@@ -46,6 +46,7 @@ from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from hessrank.curvature.saturation import saturation_safe
 from hessrank.problem import (
     LossFn,
     agreement_tolerance,
@@ -252,6 +253,8 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             weights independent of the outputs.
     """
     loss_fn, precision = float64_loss(loss_fn, outputs, targets, notes)
+    if outputs.dtype == torch.float64:
+        loss_fn = saturation_safe(loss_fn)
     read = _read_weights(loss_fn, outputs, targets, precision=precision)
     if read is None:
         return (torch.zeros(1, *outputs.shape, dtype=outputs.dtype, device=outputs.device),
@@ -260,7 +263,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     if dtype != torch.float64 and (_unread_terms_matter(read, dtype)
                                    or _rounding_shows(loss_fn, outputs, targets, read, notes)):
         try:
-            loss_fn = float64_twin(loss_fn, outputs, targets)
+            loss_fn = saturation_safe(float64_twin(loss_fn, outputs, targets))
             outputs = outputs.double()
             precise = _read_weights(loss_fn, outputs, targets)
         except Exception as error:  # noqa: BLE001 - any failure of the loss in float64
@@ -1040,6 +1043,8 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     """
     n = outputs.shape[0]
     loss_fn = float64_loss(loss_fn, outputs, targets, notes)[0]
+    if outputs.dtype == torch.float64:
+        loss_fn = saturation_safe(loss_fn, log_softmax=False)
     leaf, first, class_dim, probs, weights, _ = _verified_softmax(loss_fn, outputs, targets,
                                                                   generator, notes)
     if class_dim is not None:
@@ -1062,6 +1067,22 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     if found is None:
         raise _linear_loss_error()
     blocks = _symmetric(found)
+    rough = None  # blocks in float32 beside the solved float64 ones (negative eigenvalues)
+    if outputs.dtype != torch.float64:
+        # Solved in float64: float32 blocks carry the loss's cancellations (a saturated
+        # sigmoid's s (1 - s), to eps32 of s: a float32 MLP at a BCEWithLogitsLoss of 5e-8
+        # had its GGN's top eigenvalue 2 % off and numerical rank 19 for 40, every check
+        # passed); at a softmax cross-entropy's cost (its blocks come from the formula).
+        try:
+            rough, blocks = blocks, _in_float64(
+                lambda twin, wide, labels: _blocks_of(saturation_safe(twin, log_softmax=False),
+                                                      wide, labels, generator),
+                loss_fn, outputs, targets)
+        except ValueError as failure:
+            add_float64_note(notes, "the loss's second derivatives w.r.t. the outputs are "
+                             f"{dtype_name(outputs.dtype)}'s, not float64's", str(failure),
+                             "near a saturated sigmoid they are mostly rounding, and the "
+                             "spectrum with them")
     finite = torch.isfinite(blocks).flatten(1).all(dim=1)
     if not bool(finite.all()):  # (eigh had raised torch's LinAlgError; probe 117)
         raise ValueError(
@@ -1084,19 +1105,15 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         # Negative beyond the entries' own rounding, or a loss whose second derivatives cancel
         # (a softmax of scaled or shifted outputs: a temperature, a logit adjustment), whose
         # entries are far less accurate, 5e-5 of the largest in float32 at probabilities 2e-4
-        # (refused as not convex, probe 84). The blocks in the other precision (float64 for
-        # float32 outputs, float32 for float64 ones) tell: the float64 ones are solved, and
-        # their rounding is the float32 ones' distance to them times 16 eps(float64) /
-        # eps(float32), at most sqrt(eps(float64)) of the largest (a float32 block rounded to
-        # nonsense says nothing of the float64 one's accuracy: a softmax at probabilities 1e-14
-        # is 1e-3 off in float64).
-        other = _blocks_in(torch.float32 if outputs.dtype == torch.float64 else torch.float64,
-                           loss_fn, outputs, targets, generator)
+        # (refused as not convex, probe 84). The blocks in float32 beside the float64 ones
+        # tell: the float64 ones are solved, and their rounding is the float32 ones' distance
+        # to them times 16 eps(float64) / eps(float32), at most sqrt(eps(float64)) of the
+        # largest (a float32 block rounded to nonsense says nothing of the float64 one's
+        # accuracy: a softmax at probabilities 1e-14 is 1e-3 off in float64).
+        if outputs.dtype == torch.float64:
+            rough = _blocks_in_float32(loss_fn, outputs, targets, generator)
         unresolved = True
-        if other is not None:
-            rough, precise = (other, blocks) if outputs.dtype == torch.float64 else (blocks, other)
-            scale, scaled = _diagonally_scaled(precise)
-            eigenvalues, eigenvectors = torch.linalg.eigh(scaled)
+        if rough is not None:
             largest = _largest(eigenvalues)
             measured = (16 * torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
                         * torch.linalg.matrix_norm(_diagonally_scaled(rough)[1] - scaled)[:, None])
@@ -1161,21 +1178,31 @@ def _diagonally_scaled(blocks: Tensor) -> tuple[Tensor, Tensor]:
     return scale, blocks / (scale[:, :, None] * scale[:, None, :])
 
 
-def _blocks_in(dtype: torch.dtype, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-               generator: torch.Generator) -> Tensor | None:
+def _blocks_of(loss_fn: LossFn, outputs: Tensor, targets: Tensor, generator: torch.Generator
+               ) -> Tensor:
     """The symmetrised float64 copy of the per-sample output-Hessian blocks
-    (:func:`output_hessian_blocks`) of the loss evaluated on ``outputs`` (and floating targets)
-    in ``dtype``; None where the loss cannot be evaluated or differentiated there, or is
-    another function in float64 (:func:`float64_twin`)."""
-    labels = (targets.float() if dtype == torch.float32 and targets.is_floating_point()
-              else targets)  # (float64's twin widens its own)
+    (:func:`output_hessian_blocks`) of the loss at ``outputs``.
+
+    Raises:
+        ValueError: the loss is linear in the outputs, cannot be differentiated twice, or
+            couples samples.
+    """
+    leaf, first = _curvature_gradient(loss_fn, outputs.detach(), targets)
+    found = output_hessian_blocks(first, leaf, generator)
+    if found is None:
+        raise _linear_loss_error()
+    return _symmetric(found)
+
+
+def _blocks_in_float32(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                       generator: torch.Generator) -> Tensor | None:
+    """:func:`_blocks_of` the loss evaluated on float64 ``outputs`` (and floating targets) cast
+    to float32; None where it cannot be evaluated or differentiated there."""
+    labels = targets.float() if targets.is_floating_point() else targets
     try:
-        cast = (float64_twin(loss_fn, outputs, targets) if dtype == torch.float64 else loss_fn)
-        leaf, first = _curvature_gradient(cast, outputs.detach().to(dtype), labels)
-        found = output_hessian_blocks(first, leaf, generator)
+        return _blocks_of(loss_fn, outputs.float(), labels, generator)
     except Exception:  # noqa: BLE001 - any failure of the loss in the other precision
         return None
-    return None if found is None else _symmetric(found)
 
 
 def _curved_elsewhere(loss_fn: LossFn, leaf: Tensor, targets: Tensor,
@@ -1388,6 +1415,8 @@ def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samp
             or it is not a softmax cross-entropy's (use the exact GGN).
     """
     loss_fn = float64_loss(loss_fn, outputs, targets, notes)[0]
+    if outputs.dtype == torch.float64:
+        loss_fn = saturation_safe(loss_fn, log_softmax=False)
     leaf, first, class_dim, probs, weights, mismatches = _verified_softmax(
         loss_fn, outputs, targets, generator, notes)
     if class_dim is None:
@@ -1407,8 +1436,10 @@ def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samp
     cumulative = flat.cumsum(dim=-1)
     labels = torch.searchsorted(cumulative, uniform.to(flat.device) * cumulative[:, -1:])
     labels = labels.clamp_max(classes - 1).T.reshape(mc_samples, *probs.shape[:-1], 1)
+    # p - e_y, its entry p_y - 1 as minus the sum of the other classes' probabilities (formed
+    # as a difference it is all rounding where the drawn label is a saturated prediction's)
     factors = probs.unsqueeze(0).expand(mc_samples, *probs.shape).clone()
-    factors.scatter_add_(-1, labels, torch.full(labels.shape, -1.0, dtype=torch.float64,
-                                                device=labels.device))
+    others = factors.scatter(-1, labels, 0.0).sum(-1, keepdim=True)
+    factors.scatter_(-1, labels, -others)
     factors *= (weights / mc_samples).sqrt().unsqueeze(-1)
     return factors.movedim(-1, class_dim + 1).to(outputs.dtype).contiguous()
