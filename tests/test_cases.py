@@ -1271,6 +1271,24 @@ def test_mc_ggn_factors_are_sampled_softmax_gradients():
     assert torch.allclose(onehot, onehot.round(), atol=1e-12) and onehot.round().max() == 1
 
 
+
+def test_mc_ggn_factors_keep_their_digits_at_a_saturated_prediction():
+    """A label drawn at a saturated position is the predicted class, whose factor entry
+    ``p_y - 1`` had been formed as a difference: at ``1 - p_y`` = 1e-13 it was 1e-3 off. It is
+    minus the other classes' probabilities, summed: exact to float64's rounding."""
+    from hessrank.curvature.loss import ggn_mc_cotangents
+
+    margins = torch.tensor([20.0, 25.0, 30.0], dtype=torch.float64)
+    outputs = torch.zeros(3, 4, dtype=torch.float64)
+    outputs[:, 0] = margins
+    factors = ggn_mc_cotangents(CE, outputs, torch.zeros(3, dtype=torch.long), 2,
+                                torch.Generator().manual_seed(0), [])
+    complement = (-margins).exp() * 3 / (1 + 3 * (-margins).exp())  # 1 - p_0, in closed form
+    expected = -(1 / 3 / 2) ** 0.5 * complement
+    assert factors.shape == (2, 3, 4)
+    torch.testing.assert_close(factors[:, :, 0], expected.expand(2, 3), rtol=1e-14, atol=0)
+
+
 def test_mc_ggn_refuses_a_loss_that_is_not_a_softmax_cross_entropy():
     model, x, _ = _build(KeywordCall, lambda g: _mlp_batch(5, 4))()
     y = torch.randn(5, 3, dtype=torch.float64)
