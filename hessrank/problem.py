@@ -1103,6 +1103,19 @@ def named_selection(model: nn.Module, params: Iterable[Tensor | str] | None) -> 
     return wanted
 
 
+
+def selected_size(model: nn.Module, params: Iterable[Tensor | str] | None) -> int:
+    """The number of parameter entries an analysis of ``model`` with ``params`` covers (a
+    result's ``num_params``): the selection's (:func:`named_selection`), or every parameter
+    that requires its gradient; a tied weight once.
+
+    Raises:
+        TypeError, ValueError: as :func:`named_selection`.
+    """
+    selected = named_selection(model, params)
+    return sum(p.numel() for name, p in model.named_parameters()
+               if (p.requires_grad if selected is None else name in selected))
+
 def has_active_batchnorm(model: nn.Module) -> list[str]:
     """Names of BatchNorm modules that would use batch statistics (training flag set)."""
     return [name for name, m in model.named_modules() if isinstance(m, _BATCHNORM) and m.training]

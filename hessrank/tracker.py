@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 import hessrank
-from hessrank.api import checked_request
+from hessrank.api import checked_request, effective_rank
 from hessrank.estimators import ALL_METHODS
-from hessrank.problem import check_batch, named_selection
+from hessrank.problem import check_batch, named_selection, selected_size
 from hessrank.streaming import is_batch_stream
 
 if TYPE_CHECKING:
@@ -259,7 +259,8 @@ class JsonLinesSink:
         try:
             #: the steps of the records the file holds, by method (checked: a log, or empty):
             #: an earlier run's, and this one's as it writes them
-            self._logged = {} if new or self._made else _logged_steps(self.path)
+            self._logged = ({} if new or self._made
+                            else _steps_by_method(_logged_records(self.path)))
             # writable? (creates it, changes nothing that is there); held, locked, until close
             self._lock = self.path.open("x" if new else "a")
         except BaseException:
@@ -458,6 +459,9 @@ def _end_last_line(path: Path) -> None:
             file.write("\n")
 
 
+#: :func:`hessrank.effective_rank`'s default ``threshold``.
+_DEFAULT_THRESHOLD = inspect.signature(effective_rank).parameters["threshold"].default
+
 #: Every record's JSON line starts so (its first key is the step).
 _RECORD_START = '{"step": '
 
@@ -476,10 +480,10 @@ def _line_record(line: str) -> tuple[str, dict[str, Any] | None, bool]:
     return content, value if is_record else None, whole
 
 
-def _logged_steps(path: Path) -> dict[str, list[int]]:
-    """The steps of the records in the log at ``path``, by method. Blank lines and NUL bytes
-    (a file system's padding after a power loss) are left out, and so is a last line without
-    its newline that a crash may have cut: a whole record, or one that begins as records do.
+def _logged_records(path: Path) -> list[dict[str, Any]]:
+    """The records in the log at ``path``, in order. Blank lines and NUL bytes (a file
+    system's padding after a power loss) are left out, and so is a last line without its
+    newline that a crash may have cut: a whole record, or one that begins as records do.
 
     Raises:
         ValueError: a line is not a record (a JSON object with an integer ``step`` and a
@@ -490,13 +494,13 @@ def _logged_steps(path: Path) -> dict[str, list[int]]:
     except UnicodeDecodeError:
         text = None
     lines = [] if text is None else text.split("\n")
-    steps: dict[str, list[int]] = {}
+    records: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         content, record, whole = _line_record(line)
         if not content:
             continue
         if record is not None:
-            steps.setdefault(record["method"], []).append(record["step"])
+            records.append(record)
             continue
         if number == len(lines) and not whole and (content.startswith(_RECORD_START)
                                                    or _RECORD_START.startswith(content)):
@@ -504,11 +508,53 @@ def _logged_steps(path: Path) -> dict[str, list[int]]:
         break
     else:
         if text is not None:
-            return steps
+            return records
         number, line = 1, "(not text)"
     shown = line[:60] + ("..." if len(line) > 60 else "")
     raise ValueError(f"log {path} holds something other than hessrank records (line {number}: "
                      f"{shown!r}), which a tracker would replace or extend: name another file")
+
+
+def _steps_by_method(records: Iterable[Mapping[str, Any]]) -> dict[str, list[int]]:
+    steps: dict[str, list[int]] = {}
+    for record in records:
+        steps.setdefault(record["method"], []).append(record["step"])
+    return steps
+
+
+#: What a record says of the measurement's configuration, which a log's trajectory holds fixed.
+_CONFIGURATION = ("num_params", "threshold")
+
+
+def _refuse_other_configuration(path: Path, configuration: Mapping[str, Mapping[str, Any]]
+                                ) -> None:
+    """Raise where the log at ``path`` (if any, and a log) holds a method's measurements of
+    another configuration than ``configuration`` (method -> ``num_params``, ``threshold``):
+    the last record of the method that has them is compared.
+
+    Raises:
+        ValueError: naming the method, the fields, their values there and here, and the fix.
+    """
+    try:
+        records = _logged_records(path) if path.is_file() else []
+    except (OSError, ValueError):  # the sink names what is wrong with the file
+        return
+    last = {record["method"]: record for record in records
+            if all(key in record for key in _CONFIGURATION)}
+    for method, expected in configuration.items():
+        there = last.get(method)
+        if there is None:
+            continue
+        differ = [key for key in _CONFIGURATION if there[key] != expected[key]]
+        if differ:
+            shown = "; ".join(f"{key} {there[key]!r} there, {expected[key]!r} here"
+                              for key in differ)
+            raise ValueError(
+                f"log {str(path)!r} holds {method} measurements of another configuration "
+                f"({shown}; its last at step {there['step']}): appended, the two runs would "
+                "read as one trajectory, with a jump that is the configuration's. Give this "
+                "run another log=, or the same configuration as the logged one (params=, "
+                "threshold=)")
 
 
 #: The open files that hold this process's log locks (a child forked from it closes its
@@ -790,7 +836,10 @@ class Tracker:
             with a warning (a :meth:`measure` at an earlier step moves its method's from there
             on), and so do the records of a :meth:`measure` before it at that step or later
             (one without ``step=`` records the log's largest step): each method's step is in
-            the log once; other methods' records stay.
+            the log once; other methods' records stay. A log whose last record of a method
+            was measured with another ``threshold`` or another set of parameters
+            (``num_params``) is refused, before any measurement: the two runs would read as
+            one trajectory.
         tensorboard: a TensorBoard run folder to also write scalars to (needs ``tensorboard``).
         sinks: further destinations, objects with ``write(record)`` and ``close()``; every
             sink gets each record even where another fails, whose error is then raised.
@@ -817,7 +866,7 @@ class Tracker:
             an option value or ``eval_batch`` that :func:`hessrank.effective_rank` would
             refuse (checked by its own rules, before any work), ``method_options`` for a
             method not among ``methods`` or with an estimator option that method does not
-            take.
+            take, or ``append`` to a log of another configuration.
         TypeError: an option :func:`hessrank.effective_rank` does not take, an ``eval_batch``
             that is not a pair, ``steps`` that is not a list, or a sink without ``write`` or
             ``close``.
@@ -920,6 +969,12 @@ class Tracker:
         if tensorboard is not None:
             self.sinks.append(TensorBoardSink(tensorboard))
         self.log_path: Path | None = None
+        if log is not None and append:
+            _refuse_other_configuration(Path(log), {
+                method: {"num_params": selected_size(model, self._options_for(method).get(
+                    "params")), "threshold": float(self._options_for(method).get(
+                        "threshold", _DEFAULT_THRESHOLD))}
+                for method in self.methods})
         if log is not None:
             sink = (_default_log_sink() if log is DEFAULT_LOG and not append
                     else JsonLinesSink(log, append=append))

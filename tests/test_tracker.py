@@ -261,6 +261,37 @@ def test_measure_after_resuming_records_the_resumed_model_s_step(tmp_path: Path)
     assert [r["step"] for r in _read(tmp_path / "c.superseded.jsonl")] == [4]
 
 
+
+@pytest.mark.parametrize(("resumed", "refused"), [
+    ({}, None),
+    ({"threshold": 0.9}, "threshold 0.99 there, 0.9 here"),
+    ({"params": ["0.weight"]}, "num_params 239 there, 72 here"),
+    ({"params": [f"{layer}.{kind}" for layer in (0, 1, 4, 6) for kind in ("weight", "bias")]},
+     None),  # all of them, by name
+], ids=["same", "threshold", "params", "params named"])
+def test_appending_a_run_of_another_configuration_is_refused(tmp_path: Path, resumed: dict,
+                                                             refused: str | None) -> None:
+    """A resumed run appended to a log of another configuration (another threshold, another
+    set of parameters) had its records joined to the earlier trajectory without a word: its
+    plot drew a jump that was the configuration's (probe 124). Refused when the tracker is
+    made, before any measurement, with the log left as it was."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log = tmp_path / "c.jsonl"
+    with hessrank.Tracker(_net().eval(), CE, every=1, log=log) as tracker:
+        tracker.step(batch)
+    before = log.read_text()
+    if refused is not None:
+        with pytest.raises(ValueError, match=f"log .* holds fisher measurements of another "
+                                             f"configuration .{refused}.*another log="):
+            hessrank.Tracker(_net().eval(), CE, every=1, log=log, append=True, **resumed)
+        assert log.read_text() == before
+        return
+    with hessrank.Tracker(_net().eval(), CE, every=1, log=log, append=True,
+                          **resumed) as tracker:
+        tracker.step(batch)
+    assert [r["step"] for r in _read(log)] == [0, 1]
+
+
 def test_a_resume_killed_while_it_moves_records_aside_keeps_the_log(tmp_path: Path,
                                                                    monkeypatch) -> None:
     """Moving the redone records aside rewrote the log in place, empty until written again: a
