@@ -62,7 +62,8 @@ def method_case(threads: int, arch: str = "mlp", method: str = "fisher", batches
     data: Any = (x, y) if batches == 1 else list(zip(x.chunk(batches), y.chunk(batches)))
 
     def call(**extra: Any) -> None:
-        hessrank.effective_rank(model, loss, data, method, **(options or {}), **extra)
+        hessrank.effective_rank(model, loss, data, method, progress=False, **(options or {}),
+                                **extra)
 
     fwd_bwd()
     call()

@@ -40,7 +40,8 @@ def call_peak(spec: dict[str, Any]) -> int:
     opts = spec["opts"]
     return hessrank.effective_rank(run.build_model(spec), nn.CrossEntropyLoss(),
                                    run.build_batch(spec), method=opts["method"],
-                                   measure_memory=True, **opts["kwargs"]).peak_memory
+                                   measure_memory=True, progress=False,
+                                   **opts["kwargs"]).peak_memory
 
 
 def predicted_bytes(spec: dict[str, Any], method: str, options: dict[str, Any]) -> int:

@@ -274,7 +274,7 @@ def make_case(spec: Spec) -> Callable[[], dict[str, Any]]:
 
         def run_hessrank() -> dict[str, Any]:
             res = hessrank.effective_rank(model, loss, (x, y), method=opts["method"],
-                                          **opts.get("kwargs", {}))
+                                          **{"progress": False, **opts.get("kwargs", {})})
             return {"eigenvalues": np.asarray(res.eigenvalues), "rank": res.rank,
                     "backend": res.backend, "num_hvps": res.num_hvps,
                     "max_rank": res.max_rank,

@@ -38,7 +38,7 @@ def measure(n: int, route: str, method: str, steps: int, batch_size: int) -> dic
     data = DataLoader(TensorDataset(x, y), batch_size=batch_size) if route == "loader" else (x, y)
     result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), data, method,
                                      lanczos_steps=steps, max_memory=64 * 2**30,
-                                     measure_memory=True)
+                                     measure_memory=True, progress=False)
     return {"seconds": result.seconds, "peak_mib": (result.peak_memory or 0) / 2**20,
             "srank": result.ranks["srank"]}
 

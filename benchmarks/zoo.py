@@ -93,7 +93,8 @@ def gpt2(n: int, rounds: int) -> None:
         if not with_rule:
             rules.RULES.remove(rule)
         try:
-            return hessrank.effective_rank(model, loss_fn, (ids, labels), "fisher", **options)
+            return hessrank.effective_rank(model, loss_fn, (ids, labels), "fisher",
+                                           progress=False, **options)
         finally:
             if not with_rule:
                 rules.RULES.insert(0, rule)
@@ -151,12 +152,13 @@ def main() -> None:
 
         forward_backward()
         result = hessrank.effective_rank(model, loss_fn, (x, y), method="fisher",
-                                         measure_memory=True)
+                                         measure_memory=True, progress=False)
         ratios, units = [], []
         for _ in range(args.rounds):
             units.append(statistics.median(timed(forward_backward) for _ in range(3)))
             ratios.append(timed(lambda: hessrank.effective_rank(
-                model, loss_fn, (x, y), method="fisher")) / units[-1])  # noqa: B023
+                model, loss_fn, (x, y),  # noqa: B023
+                method="fisher", progress=False)) / units[-1])
         paths = collections.Counter(result.paths.values())
         peak = "" if result.peak_memory is None else f"{result.peak_memory / 2**20:.0f}"
         print(f"| {name} | {sum(p.numel() for p in params):,} | "

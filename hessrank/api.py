@@ -99,7 +99,7 @@ def estimator_options() -> dict[str, dict[str, Any]]:
 
 
 def _settings(threshold: float, rtol: float | None, max_memory: float, max_seconds: float | None,
-              seed: int, per_layer: bool, progress: bool | Progress,
+              seed: int, per_layer: bool, progress: bool | Progress | None,
               eigenvectors: int = 0, measure_memory: bool = False) -> Settings:
     """Validate the options every method shares (before any work) and bundle them."""
     check_rank_options(threshold, rtol)
@@ -114,9 +114,10 @@ def _settings(threshold: float, rtol: float | None, max_memory: float, max_secon
     for name, flag in (("per_layer", per_layer), ("measure_memory", measure_memory)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
-    if not isinstance(progress, bool) and not hasattr(progress, "add_task"):
-        raise ValueError(f"progress must be True, False or a rich.progress.Progress, got "
-                         f"{progress!r}")
+    if progress is not None and not isinstance(progress, bool) and not hasattr(progress,
+                                                                               "add_task"):
+        raise ValueError(f"progress must be None, True, False or a rich.progress.Progress, "
+                         f"got {progress!r}")
     check_count("eigenvectors", eigenvectors)
     # Python floats: a NumPy float32 or integer passed the checks and reached the result, whose
     # to_dict() then failed to serialise (probe 105)
@@ -138,7 +139,7 @@ def checked_request(
     max_seconds: float | None,
     seed: int,
     per_layer: bool,
-    progress: bool | Progress,
+    progress: bool | Progress | None,
     eigenvectors: int,
     measure_memory: bool,
     options: dict[str, Any],
@@ -193,7 +194,7 @@ def effective_rank(
     max_memory: float = DEFAULT_MAX_MEMORY,
     max_seconds: float | None = None,
     seed: int = 0,
-    progress: bool | Progress = False,
+    progress: bool | Progress | None = None,
     measure_memory: bool = False,
     process_group: Any = None,
     **options: Any,
@@ -250,7 +251,11 @@ def effective_rank(
             timed trial solve), not of their passes over the model, and say so in a note.
         seed: seed of the private generator for random probes and checks, in ``[0, 2**63 - 1)``
             (the global RNG is not used).
-        progress: ``True`` for a progress bar with ETA, or a ``rich.progress.Progress``.
+        progress: ``True`` for a progress bar with ETA, ``False`` for none, or a
+            ``rich.progress.Progress`` to add its tasks to; ``None`` (default): a bar once a
+            task (the Hessian's columns, the Lanczos products) has run 5 s, where stderr is an
+            interactive terminal (not in a notebook, a log file or a pipe; data-parallel: on
+            rank 0 only).
         measure_memory: also measure the call's peak memory (``result.peak_memory``, bytes
             above its start). Off by default because measuring resets process-wide state a
             training loop may read: on CUDA the device's peak statistics

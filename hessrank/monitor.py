@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from typing import Any
@@ -40,20 +42,42 @@ def progress_bar(**options: Any) -> Progress:
                     TimeRemainingColumn(), **options)
 
 
+#: Seconds a task runs before ``progress=None`` shows its bar (on an interactive terminal).
+AUTO_PROGRESS_SECONDS = 5.0
+
+
+def _watched() -> bool:
+    """Whether someone may be watching this process's stderr: an interactive terminal (not a
+    notebook, a log file or a pipe), and not a data-parallel rank other than 0."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return sys.stderr.isatty() and not (distributed and torch.distributed.get_rank() != 0)
+
+
 class Reporter:
     """Progress bars with ETA through ``rich``; silent unless asked for.
 
-    ``progress`` is ``False`` (silent), ``True`` (a bar of its own on stderr) or a
-    ``rich.progress.Progress`` that tasks are added to (so a CLI can show them in its own display).
+    ``progress`` is ``False`` (silent), ``True`` (a bar of its own on stderr), a
+    ``rich.progress.Progress`` that tasks are added to (so a CLI can show them in its own
+    display), or ``None``: a bar of its own once a task has run
+    :data:`AUTO_PROGRESS_SECONDS`, where someone may watch stderr (:func:`_watched`), shown at
+    the task's next step (a task of one step shows none).
     """
 
-    def __init__(self, progress: bool | Progress = False) -> None:
-        self._external = None if isinstance(progress, bool) else progress
+    def __init__(self, progress: bool | Progress | None = False) -> None:
+        self._external = None if progress is None or isinstance(progress, bool) else progress
         self._enabled = bool(progress)
+        self._automatic = progress is None
 
     @contextmanager
     def task(self, description: str, total: int) -> Iterator[Advance]:
         """A progress task of ``total`` units; yields ``advance(k)``."""
+        if self._automatic:
+            if not _watched():
+                yield lambda k: None
+                return
+            with self._delayed(description, total) as advance:
+                yield advance
+            return
         if not self._enabled:
             yield lambda k: None
             return
@@ -66,6 +90,29 @@ class Reporter:
             finally:
                 if self._external is not None:
                     progress.remove_task(task_id)
+
+    @staticmethod
+    @contextmanager
+    def _delayed(description: str, total: int) -> Iterator[Advance]:
+        """A bar counted from the start, displayed from the first step after
+        :data:`AUTO_PROGRESS_SECONDS` (its ETA from the whole task's pace)."""
+        bar = progress_bar(transient=True)
+        task_id = bar.add_task(description, total=total)
+        started = time.perf_counter()
+        shown = False
+
+        def advance(k: int) -> None:
+            nonlocal shown
+            bar.advance(task_id, k)
+            if not shown and time.perf_counter() - started >= AUTO_PROGRESS_SECONDS:
+                bar.start()
+                shown = True
+
+        try:
+            yield advance
+        finally:
+            if shown:
+                bar.stop()
 
 
 def _status_bytes(field: str) -> int | None:

@@ -853,7 +853,8 @@ class Tracker:
             goes to the methods that take it).
         clock: the wall clock of the ``budget`` schedule (seconds); replace it to simulate time.
         **options: keyword arguments of :func:`hessrank.effective_rank` for every method
-            (``threshold``, ``rtol``, ``params``, ``max_memory``, ``seed``, ...).
+            (``threshold``, ``rtol``, ``params``, ``max_memory``, ``seed``, ...); ``progress``
+            is ``False`` unless given (no bar amid the training loop's own output).
 
     Attributes:
         records: every record written so far, in order (also kept in memory).
@@ -1122,7 +1123,7 @@ class Tracker:
         try:
             result = hessrank.effective_rank(
                 self.model, self.loss_fn, batch, method=method, per_layer=self.per_layer,
-                **self._options_for(method),
+                **{"progress": False, **self._options_for(method)},
             )
         except Exception as err:
             if self.on_error == "raise":

@@ -1177,7 +1177,7 @@ BAD_INPUTS = [
      ValueError, r"on the meta device: they have shapes but no values.*model.to_empty"),
     ("per_layer not a bool", {"per_layer": "yes"}, ValueError, "per_layer must be True or False"),
     ("progress not a bool", {"progress": 1}, ValueError,
-     r"progress must be True, False or a rich.progress.Progress, got 1"),
+     r"progress must be None, True, False or a rich.progress.Progress, got 1"),
     ("measure_memory not a bool", {"measure_memory": 1}, ValueError,
      "measure_memory must be True or False"),
     ("unknown mode", {"mode": "training"}, ValueError, "mode must be 'eval' or 'train'"),

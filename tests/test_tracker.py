@@ -508,7 +508,7 @@ def test_appending_to_a_log_cut_by_a_crash_starts_a_line_of_its_own(tmp_path: Pa
         ({"max_memory": -1}, ValueError, "max_memory must lie in"),
         ({"backend": "bogus", "on_error": "record"}, ValueError, "unknown backend 'bogus'"),
         ({"per_layer": "yes"}, ValueError, "per_layer must be True or False"),
-        ({"progress": "yes"}, ValueError, "progress must be True, False or a rich"),
+        ({"progress": "yes"}, ValueError, "progress must be None, True, False or a rich"),
         ({"seed": "a"}, ValueError, "seed must be an integer"),
         ({"methods": "exact", "eigenvectors": -1}, ValueError, "eigenvectors must be a count"),
         ({"methods": "lanczos", "eigenvectors": 2}, ValueError, "does not return eigenvectors"),

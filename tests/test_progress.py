@@ -1,0 +1,91 @@
+"""Progress bars: asked for, refused, and by default where the work is predicted long and
+someone watches a terminal."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from reference import classification_batch, mlp
+from torch import nn
+
+import hessrank
+from hessrank import monitor
+
+CE = nn.CrossEntropyLoss()
+
+
+@pytest.fixture
+def bars(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The task descriptions of each progress bar of the library's own that was displayed
+    (started)."""
+    shown: list[list[str]] = []
+    original = monitor.progress_bar
+
+    def recording(**options: object) -> object:
+        bar = original(**options, disable=True)
+        tasks: list[str] = []
+        add_task, start = bar.add_task, bar.start
+
+        def add(description: str, **kwargs: object) -> object:
+            tasks.append(description)
+            return add_task(description, **kwargs)
+
+        def started() -> None:
+            shown.append(tasks)
+            start()
+
+        bar.add_task = add  # type: ignore[method-assign]
+        bar.start = started  # type: ignore[method-assign]
+        return bar
+
+    monkeypatch.setattr(monitor, "progress_bar", recording)
+    return shown
+
+
+def _call(method: str, **options: object) -> hessrank.RankResult:
+    model = mlp((5, 7, 3), dtype=torch.float32)
+    return hessrank.effective_rank(model, CE, classification_batch(16, 5, 3, torch.float32),
+                                   method, **options)
+
+
+#: (progress=, stderr a terminal, the task runs past the threshold, a bar displayed)
+_CASES = [
+    (True, False, False, True),
+    (False, True, True, False),
+    (None, True, True, True),
+    (None, False, True, False),  # a notebook, a log file, a pipe
+    (None, True, False, False),  # short work
+]
+
+
+@pytest.mark.parametrize("method", ["lanczos", "exact"])
+@pytest.mark.parametrize(("progress", "terminal", "long", "shown"), _CASES)
+def test_a_bar_where_asked_or_where_long_work_is_watched(
+        monkeypatch: pytest.MonkeyPatch, bars: list[list[str]], method: str,
+        progress: bool | None, terminal: bool, long: bool, shown: bool) -> None:
+    """``progress=None`` (the default) shows a bar once a task has run 5 s, where stderr is an
+    interactive terminal: a 22 s ``lanczos`` had shown nothing (probe 124). The threshold is
+    lowered here, not the work lengthened."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    monkeypatch.setattr(monitor, "AUTO_PROGRESS_SECONDS", 0.0 if long else float("inf"))
+    _call(method, progress=progress)
+    assert bool(bars) == shown
+    if shown:
+        assert any(task.startswith(method) for tasks in bars for task in tasks)
+
+
+def test_a_tracker_shows_no_bar_unless_asked(monkeypatch: pytest.MonkeyPatch,
+                                             bars: list[list[str]]) -> None:
+    """Amid a training loop's own output a bar would interleave with it: the tracker's
+    measurements show none unless ``progress=True`` is among its options."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(monitor, "AUTO_PROGRESS_SECONDS", 0.0)
+    batch = classification_batch(16, 5, 3, torch.float32)
+    for options, shown in (({}, False), ({"progress": True}, True)):
+        bars.clear()
+        with hessrank.Tracker(mlp((5, 7, 3), dtype=torch.float32), CE, "lanczos", log=None,
+                              **options) as tracker:
+            tracker.measure(batch)
+        assert bool(bars) == shown
