@@ -4,6 +4,8 @@ saturated softmax or sigmoid."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,3 +185,28 @@ def test_per_sample_gradients_under_vmap_keep_their_digits_at_saturation(loss_fn
     scale = reference.abs().clamp_min(1e-300)
     assert float(((ours - reference).abs() / scale).max()) < 1e-14
     assert (float(((torch_s - reference).abs() / scale).max()) > 1e-8) == cancels
+
+
+@pytest.mark.parametrize("weight_shape", [(5, 1), (5, 3), (3,)], ids=["per sample", "mask",
+                                                                     "per class"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_captured_weight_broadcasts_each_sample_s_loss_under_vmap(weight_shape, reduction):
+    """The empirical Fisher reads ``loss_fn(f_i[None], y_i[None])`` under ``vmap``: a loss that
+    captured the batch's ``weight`` (``[n, 1]``, a mask ``[n, C]``) broadcasts each sample's
+    logits to the batch's shape. The replacement's backward assumed the logits' shape and
+    raised (a float64 model's ``fisher`` crashed; probe 125); its gradients are torch's."""
+    logits = _logits(3.0)
+    targets = _BINARY.to(torch.float64)
+    weight = torch.linspace(0.5, 2.0, 15, dtype=torch.float64)[:int(torch.tensor(
+        weight_shape).prod())].reshape(weight_shape)
+
+    def sample_gradients(mode) -> torch.Tensor:
+        leaf = logits.detach().clone().requires_grad_(True)
+        with mode:
+            losses = torch.func.vmap(lambda f, y: F.binary_cross_entropy_with_logits(
+                f[None], y[None], weight, reduction=reduction))(leaf, targets)
+        return torch.autograd.grad(losses.sum(), leaf)[0]
+
+    torch.testing.assert_close(sample_gradients(SaturationSafe(torch.float64)),
+                               sample_gradients(contextlib.nullcontext()), rtol=1e-13,
+                               atol=1e-15)

@@ -158,8 +158,10 @@ class _BinaryCrossEntropyWithLogits(torch.autograd.Function):
         derivative = (1 - targets) * _Sigmoid.apply(logits) - positive * _Sigmoid.apply(-logits)
         if weight is not None:
             derivative = derivative * weight
-        scale = grad / logits.numel() if ctx.reduction == "mean" else grad
-        return (derivative * scale).expand_as(logits), None, None, None, None
+        # the loss's entries have the shape the weights broadcast the logits to (a captured
+        # batch's weight under the EF's per-sample vmap: [n, C] for one sample's [1, C])
+        scale = grad / derivative.numel() if ctx.reduction == "mean" else grad
+        return (derivative * scale).sum_to_size(logits.shape), None, None, None, None
 
 
 def _replaceable(logits: object, dim: object) -> TypeGuard[Tensor]:
