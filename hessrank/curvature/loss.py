@@ -1415,8 +1415,6 @@ def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samp
             or it is not a softmax cross-entropy's (use the exact GGN).
     """
     loss_fn = float64_loss(loss_fn, outputs, targets, notes)[0]
-    if outputs.dtype == torch.float64:
-        loss_fn = saturation_safe(loss_fn, log_softmax=False)
     leaf, first, class_dim, probs, weights, mismatches = _verified_softmax(
         loss_fn, outputs, targets, generator, notes)
     if class_dim is None:
