@@ -1127,6 +1127,37 @@ def test_a_saturated_sigmoid_keeps_its_curvature(method, dtype):
                          rtol=1e-5 if dtype == torch.float32 else 1e-13)
 
 
+
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+def test_a_float32_fisher_past_float32_s_sigmoid_resolution(method):
+    """A multi-label MLP 4-6-3 fitted to 12 random label sets (Adam, 800 steps), its last layer
+    then scaled 6 times: margins 35 to 133, ``BCEWithLogitsLoss`` 1.8e-17. Float32 rounds
+    ``s - 1`` to 0 in torch's fused batch gradient but not in the samples' own: every weight
+    went unread and ``fisher`` was refused as a loss whose samples interact (probe 125).
+    Float64 reads it again before any refusal; the spectrum is the float64 copy's."""
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 4, dtype=torch.float64).float(), (torch.rand(12, 3) > 0.5).float()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(800):
+        optimizer.zero_grad()
+        nn.BCEWithLogitsLoss()(model(x), y).backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model[2].weight.mul_(6.0)
+        model[2].bias.mul_(6.0)
+    reference = eigenvalues_by_magnitude(reference_fisher(
+        copy.deepcopy(model).double(), _saturation_safe_bce, x.double(), y.double(),
+        scale=1 / len(y)))
+    result = hessrank.effective_rank(model, nn.BCEWithLogitsLoss(), (x, y), method, seed=0)
+    if method == "fisher_lanczos":
+        assert result.eigenvalues[0] == pytest.approx(reference[0], rel=1e-4)
+        return
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-5)
+
+
 class _PenalisedLoss(nn.Module):
     """Cross-entropy with float32 class weights plus ``0.5 ||theta||^2`` of the model (or the
     layer) it holds: a loss that uses the parameters directly."""

@@ -260,13 +260,20 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         return (torch.zeros(1, *outputs.shape, dtype=outputs.dtype, device=outputs.device),
                 torch.zeros(outputs.shape[0], dtype=outputs.dtype, device=outputs.device))
     dtype = outputs.dtype
-    if dtype != torch.float64 and (_unread_terms_matter(read, dtype)
+    # float64 decides where float32's reading is refused too: a saturated BCEWithLogitsLoss's
+    # fused batch gradient rounds s - 1 to 0 where the samples' own do not, every weight
+    # unread, and was refused as a loss whose samples interact (probe 125)
+    refused = bool((read.mismatch > 1).any())
+    if dtype != torch.float64 and (refused or _unread_terms_matter(read, dtype)
                                    or _rounding_shows(loss_fn, outputs, targets, read, notes)):
         try:
             loss_fn = saturation_safe(float64_twin(loss_fn, outputs, targets))
             outputs = outputs.double()
             precise = _read_weights(loss_fn, outputs, targets)
         except Exception as error:  # noqa: BLE001 - any failure of the loss in float64
+            if refused:  # float32's refusal stands
+                raise _interacting_samples_error(int((read.mismatch > 1).nonzero()[0]),
+                                                 read.mismatch, "") from error
             raise ValueError(
                 f"the weights of some samples cannot be read in {dtype} (their gradient in the "
                 "batch loss is within its rounding, yet their own gradients are not small: "
