@@ -1024,11 +1024,19 @@ def _verified_softmax(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     :func:`softmax_columns` read."""
     leaf, first = _curvature_gradient(loss_fn, outputs, targets)
     class_dim, probs, weights, mismatches = _softmax_structure(first, leaf, generator)
-    if class_dim is not None and not _softmax_on_head(loss_fn, outputs, targets, class_dim,
-                                                      weights, notes):
+    if class_dim is None:
+        return _Softmax(leaf, first, class_dim, probs, weights, mismatches)
+    holds, precise = _softmax_on_head(loss_fn, outputs, targets, class_dim, probs, weights,
+                                      notes)
+    if not holds:
         class_dim = None
         mismatches.append(f"in float64 on the first {CONSTANCY_SAMPLES} samples, above its "
                           "rounding")
+    elif not precise:  # the weights read again in float64, on the whole batch
+        found, probs, weights, _ = _in_float64(_structure_of, loss_fn, outputs, targets)
+        if found != class_dim:
+            class_dim = None
+            mismatches.append("in float64 on the whole batch, above its rounding")
     return _Softmax(leaf, first, class_dim, probs, weights, mismatches)
 
 
@@ -1374,35 +1382,63 @@ def _softmax_structure(first: Tensor, leaf: Tensor, generator: torch.Generator
     return None, empty, empty, mismatches
 
 
+def _structure_of(loss_fn: LossFn, outputs: Tensor, targets: Tensor
+                  ) -> tuple[int | None, Tensor, Tensor, list[str]]:
+    """:func:`_softmax_structure` of the loss at ``outputs`` (its own products)."""
+    leaf, first = _curvature_gradient(loss_fn, outputs, targets)
+    return _softmax_structure(first, leaf, torch.Generator().manual_seed(0))
+
+
+def _top_pair(probs: Tensor) -> Tensor:
+    """``p_m p_j`` of the two most probable classes at each position (class dimension last):
+    the size of the position's softmax block ``diag(p) - p p^T`` to a factor ``C``."""
+    top = probs.topk(2, dim=-1).values
+    return top[..., 0] * top[..., 1]
+
+
 def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_dim: int,
-                     weights: Tensor, notes: list[str]) -> bool:
+                     probs: Tensor, weights: Tensor, notes: list[str]) -> tuple[bool, bool]:
     """Whether the softmax cross-entropy structure found over ``class_dim`` in the outputs'
     dtype holds in float64 on the first :data:`CONSTANCY_SAMPLES` samples with curvature
     (``weights`` ``[n, ...]``, the structure's ``a_r``, positive at some position; all
-    ignored: nothing to confirm), always for float64 outputs.
+    ignored: nothing to confirm), always for float64 outputs; and whether its weights, read
+    in the outputs' dtype, are float64's there (``probs`` ``[n, ..., C]``: ``p``).
 
     In float32 the structure test resolves the loss's curvature only to the rounding of the
     softmax terms, ``1024 eps`` of them: near saturation a convex term beside the cross-entropy
     (PaLM's z-loss ``1e-4 logsumexp(f)^2``) is below that and carries most of the curvature
     (a GGN 20x too small, on one probe); in float64 it is 2^29 times above the rounding. A term
     on every sample shows on the head; where the loss cannot be evaluated in float64 on the head
-    alone, the float32 test stands, with a note in ``notes`` (it had stood without one)."""
+    alone, the float32 test stands, with a note in ``notes`` (it had stood without one).
+
+    The weights: a loss of the two outputs' difference has this structure (two classes), with
+    ``a_r = h'' / (p_1 p_2)``, and where ``h''`` is a saturated sigmoid's, torch's float32
+    derivative forms it with a cancellation (a DPO-style ``-logsigmoid(beta (f_0 - f_1))``
+    had blocks 36 % off and its GGN 2e-3 of the top eigenvalue; probe 125). The head's weights
+    are compared with float64's up to one factor (the reduction over fewer samples), each
+    scaled by its block's size, against ``64 eps`` of the batch's largest block: the weights'
+    own rounding is a few ``eps``."""
     if outputs.dtype == torch.float64:
-        return True
+        return True, True
     head = _first_samples((weights.reshape(weights.shape[0], -1) > 0).any(dim=1))
     if not len(head):
-        return True
-    def structure(twin: LossFn, widened: Tensor, labels: Tensor) -> int | None:
-        leaf, first = _curvature_gradient(twin, widened, labels)
-        return _softmax_structure(first, leaf, torch.Generator().manual_seed(0))[0]
+        return True, True
     try:
-        return _in_float64(structure, loss_fn, outputs[head], targets[head]) == class_dim
+        found, precise_probs, precise, _ = _in_float64(_structure_of, loss_fn, outputs[head],
+                                                       targets[head])
     except ValueError as failure:
         add_float64_note(notes, f"the loss's curvature is a softmax cross-entropy's in "
                          f"{dtype_name(outputs.dtype)}, not checked in float64", str(failure),
                          "a convex term beside it (a z-loss) is below the rounding of its "
                          "terms, and would be left out of the GGN")
-        return True
+        return True, True
+    if found != class_dim:
+        return False, True
+    read = weights[head].double()
+    factor = float((precise * read).sum() / (read * read).sum())
+    error = float(((precise - factor * read).abs() * _top_pair(precise_probs)).amax())
+    largest = factor * float((weights.double() * _top_pair(probs)).amax())
+    return True, error <= 64 * torch.finfo(outputs.dtype).eps * largest
 
 
 def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samples: int,
