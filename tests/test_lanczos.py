@@ -1230,3 +1230,17 @@ def test_a_lanczos_step_takes_one_fresh_long_vector_a_batch(source: str) -> None
     with _FreshLongTensors(operator.dim) as counter:
         run.extend(5)
     assert len(run.alpha) == 5 and counter.count == 5 * batches
+
+
+@pytest.mark.parametrize("scale", [1e-70, 1e45], ids=["below float32", "above float32"])
+def test_a_float64_operator_beyond_float32_s_range_keeps_its_spectrum(scale: float) -> None:
+    """A float64 operator's products enter the float32 basis divided by a power of two: a
+    float64 model's Fisher at a loss of 1e-37 (products of 1e-70) had flushed to zero there and
+    its spectrum came out all zero (probe 125); products of 1e45 overflow float32. Its
+    eigenvalues are the unscaled operator's times ``scale``."""
+    eigenvalues = _decaying(6, 14)
+    scaled = lanczos_spectrum(rotated(eigenvalues * scale, dtype=torch.float64),
+                              max_products=40, seed=0)
+    found = scaled.eigenvalues / scale
+    np.testing.assert_allclose(found[:6], eigenvalues[:6], rtol=1e-5)
+    assert np.all(np.abs(found[6:]) < 1e-6)

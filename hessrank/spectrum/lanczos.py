@@ -289,6 +289,9 @@ class LanczosRun:
         self._alphas: list[float] = []
         self._betas: list[float] = []
         self.scale = scale
+        #: the power of two the products are divided by before they enter the basis, set at the
+        #: first (None before)
+        self._unit: float | None = None
         start = start.to(device=storage.device, dtype=storage.dtype)
         vector = self._deflated(start)
         norm = _norm(vector)
@@ -336,13 +339,17 @@ class LanczosRun:
             vector = self._vector
             self.storage[j] = vector
             operator = self.operator
-            product = operator.matmat(vector.to(operator.dtype)[None])[0].to(vector.dtype)
+            raw = operator.matmat(vector.to(operator.dtype)[None])[0]
+            if self._unit is None:
+                self._unit = _unit_of(raw) if raw.dtype != vector.dtype else 1.0
+            unit = self._unit
+            product = (raw / unit if unit != 1.0 else raw).to(vector.dtype)
             if self.advance is not None:
                 self.advance(1)
-            alpha = _dot(product, vector)
+            alpha = _dot(product, vector)  # in units of ``unit``, as beta below
             product.sub_(vector, alpha=alpha)
             if j > 0:
-                product.sub_(self.storage[j - 1], alpha=self._betas[-1])
+                product.sub_(self.storage[j - 1], alpha=self._betas[-1] / unit)
             product = self._deflated(product)
             previous = self.storage[: j + 1]
             beta = _norm(product)
@@ -360,6 +367,8 @@ class LanczosRun:
             # spectrum's tail shrinks by at most 2.2 a step): the space was invariant, and the
             # run went on from noise, where it can find copies of its eigenvalues.
             previous_beta = self._betas[-1] if self._betas else math.inf
+            step_beta = beta
+            alpha, beta = alpha * unit, beta * unit
             self.restarted |= (previous_beta < math.sqrt(rounding) * self.scale
                                and beta > 100 * previous_beta)
             if not (math.isfinite(alpha) and math.isfinite(beta)):
@@ -370,7 +379,18 @@ class LanczosRun:
             if beta <= 100 * rounding * self.scale:
                 self.invariant = True
                 return
-            self._vector = product.div_(beta)  # in place: no fresh P-long vector a step
+            self._vector = product.div_(step_beta)  # in place: no fresh P-long vector a step
+
+
+def _unit_of(product: Tensor) -> float:
+    """The power of two at or below ``product``'s largest entry (1 where it is zero or not
+    finite): float64 products divided by it enter a float32 basis within its range, exactly
+    scaled. Products of a float64 model's Fisher at a loss of 1e-37 (1e-70) had flushed to zero
+    there, and the spectrum came out zero (probe 125)."""
+    largest = float(product.abs().max()) if product.numel() else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return 1.0
+    return 2.0 ** math.floor(math.log2(largest))
 
 
 def lanczos_run(
