@@ -10,6 +10,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from typing import Any
 
 import torch
+from rich import get_console
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -47,10 +48,20 @@ AUTO_PROGRESS_SECONDS = 5.0
 
 
 def _watched() -> bool:
-    """Whether someone may be watching this process's stderr: an interactive terminal (not a
-    notebook, a log file or a pipe), and not a data-parallel rank other than 0."""
+    """Whether someone may be watching this process's stderr, and nothing else draws there: an
+    interactive terminal (not a notebook, a log file or a pipe; nor a missing stderr, None
+    under ``pythonw`` or with its descriptor closed, or a stand-in without ``isatty``), not a
+    data-parallel rank other than 0, and no live display of rich's own console running (a
+    caller's ``rich.progress.track`` or ``Progress()``: two displays fought over the lines,
+    and one was left on the screen; probe 126). A caller's display on a console of its own is
+    not seen: pass ``progress=False`` there."""
+    try:
+        terminal = bool(sys.stderr.isatty())
+    except (AttributeError, ValueError, OSError):  # None, no isatty, a closed file
+        return False
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return sys.stderr.isatty() and not (distributed and torch.distributed.get_rank() != 0)
+    return (terminal and not (distributed and torch.distributed.get_rank() != 0)
+            and not getattr(get_console(), "_live_stack", None))
 
 
 class Reporter:

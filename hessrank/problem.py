@@ -1104,17 +1104,21 @@ def named_selection(model: nn.Module, params: Iterable[Tensor | str] | None) -> 
 
 
 
-def selected_size(model: nn.Module, params: Iterable[Tensor | str] | None) -> int:
+def selected_size(model: nn.Module, params: Iterable[Tensor | str] | None) -> int | None:
     """The number of parameter entries an analysis of ``model`` with ``params`` covers (a
-    result's ``num_params``): the selection's (:func:`named_selection`), or every parameter
-    that requires its gradient; a tied weight once.
+    result's ``num_params``): those of the selection (:func:`named_selection`; all where None)
+    that require their gradient (frozen ones are left out); a tied weight once. None where one
+    of them is not initialised yet (a lazy module before its first forward pass).
 
     Raises:
         TypeError, ValueError: as :func:`named_selection`.
     """
     selected = named_selection(model, params)
-    return sum(p.numel() for name, p in model.named_parameters()
-               if (p.requires_grad if selected is None else name in selected))
+    chosen = [p for name, p in model.named_parameters()
+              if p.requires_grad and (selected is None or name in selected)]
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in chosen):
+        return None
+    return sum(p.numel() for p in chosen)
 
 def has_active_batchnorm(model: nn.Module) -> list[str]:
     """Names of BatchNorm modules that would use batch statistics (training flag set)."""

@@ -25,7 +25,7 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -36,7 +36,7 @@ from torch import nn
 import hessrank
 from hessrank.api import checked_request, effective_rank
 from hessrank.estimators import ALL_METHODS
-from hessrank.problem import check_batch, named_selection, selected_size
+from hessrank.problem import check_batch, named_selection, selected_size, unwrap_model
 from hessrank.streaming import is_batch_stream
 
 if TYPE_CHECKING:
@@ -515,6 +515,14 @@ def _logged_records(path: Path) -> list[dict[str, Any]]:
                      f"{shown!r}), which a tracker would replace or extend: name another file")
 
 
+def _listed_params(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with a ``params`` iterator (not a list) read into a list."""
+    chosen = options.get("params")
+    if isinstance(chosen, Iterator):
+        return {**options, "params": list(chosen)}
+    return options
+
+
 def _steps_by_method(records: Iterable[Mapping[str, Any]]) -> dict[str, list[int]]:
     steps: dict[str, list[int]] = {}
     for record in records:
@@ -526,11 +534,13 @@ def _steps_by_method(records: Iterable[Mapping[str, Any]]) -> dict[str, list[int
 _CONFIGURATION = ("num_params", "threshold")
 
 
-def _refuse_other_configuration(path: Path, configuration: Mapping[str, Mapping[str, Any]]
-                                ) -> None:
+def _refuse_other_configuration(
+        path: Path, configuration: Mapping[str, Mapping[str, Callable[[], object]]]) -> None:
     """Raise where the log at ``path`` (if any, and a log) holds a method's measurements of
-    another configuration than ``configuration`` (method -> ``num_params``, ``threshold``):
-    the last record of the method that has them is compared.
+    another configuration than ``configuration`` (method -> ``num_params``, ``threshold``,
+    each read by calling it, only where the log has a record to compare with; None: not known
+    before the first measurement, a lazy module's size): the last record of the method that
+    has them is compared.
 
     Raises:
         ValueError: naming the method, the fields, their values there and here, and the fix.
@@ -541,11 +551,13 @@ def _refuse_other_configuration(path: Path, configuration: Mapping[str, Mapping[
         return
     last = {record["method"]: record for record in records
             if all(key in record for key in _CONFIGURATION)}
-    for method, expected in configuration.items():
+    for method, reading in configuration.items():
         there = last.get(method)
         if there is None:
             continue
-        differ = [key for key in _CONFIGURATION if there[key] != expected[key]]
+        expected = {key: reading[key]() for key in _CONFIGURATION}
+        differ = [key for key in _CONFIGURATION
+                  if expected[key] is not None and there[key] != expected[key]]
         if differ:
             shown = "; ".join(f"{key} {there[key]!r} there, {expected[key]!r} here"
                               for key in differ)
@@ -837,9 +849,10 @@ class Tracker:
             on), and so do the records of a :meth:`measure` before it at that step or later
             (one without ``step=`` records the log's largest step): each method's step is in
             the log once; other methods' records stay. A log whose last record of a method
-            was measured with another ``threshold`` or another set of parameters
-            (``num_params``) is refused, before any measurement: the two runs would read as
-            one trajectory.
+            was measured with another ``threshold`` or another number of parameters
+            (``num_params``: another ``params=``, a layer frozen or unfrozen) is refused,
+            before any measurement: the two runs would read as one trajectory. (Another
+            selection of the same size is not told apart: records do not name parameters.)
         tensorboard: a TensorBoard run folder to also write scalars to (needs ``tensorboard``).
         sinks: further destinations, objects with ``write(record)`` and ``close()``; every
             sink gets each record even where another fails, whose error is then raised.
@@ -928,7 +941,11 @@ class Tracker:
                                 f"{' or '.join(f'{name}()' for name in lacking)}: a sink is an "
                                 "object with write(record) and close() (hessrank.tracker.Sink)")
         _check_options(options, "Tracker options", self.methods)
-        self._method_options = {m: dict(o) for m, o in (method_options or {}).items()}
+        # a selection given as an iterator (model[0].parameters()) is read once, here: every
+        # measurement had read it again, the second finding it empty
+        options = _listed_params(options)
+        self._method_options = {m: _listed_params(dict(o))
+                                for m, o in (method_options or {}).items()}
         for method, extra in self._method_options.items():
             if method not in self.methods:
                 raise ValueError(f"method_options names {method!r}, not one of the methods "
@@ -942,7 +959,8 @@ class Tracker:
                 _check_values(loss_fn, method, per_layer, self._options_for(method))
                 chosen = self._options_for(method).get("params")
                 if isinstance(chosen, Sequence):  # names checked now, not at the first record
-                    named_selection(model, chosen)
+                    # (of the module analysed: a compiled model's names without _orig_mod.)
+                    named_selection(unwrap_model(model)[0], chosen)
             except (TypeError, ValueError) as error:
                 refusals[method] = error
         if refusals:
@@ -966,16 +984,13 @@ class Tracker:
         self._last_cost: float | None = None
         self._last_end = 0.0  # when the last measurement ended (the clock's reading)
         self._closed = False
+        if log is not None and append:  # before any sink is made (a writer left open)
+            _refuse_other_configuration(Path(log), {
+                method: self._configuration(method) for method in self.methods})
         self.sinks: list[Sink] = list(sinks)
         if tensorboard is not None:
             self.sinks.append(TensorBoardSink(tensorboard))
         self.log_path: Path | None = None
-        if log is not None and append:
-            _refuse_other_configuration(Path(log), {
-                method: {"num_params": selected_size(model, self._options_for(method).get(
-                    "params")), "threshold": float(self._options_for(method).get(
-                        "threshold", _DEFAULT_THRESHOLD))}
-                for method in self.methods})
         if log is not None:
             sink = (_default_log_sink() if log is DEFAULT_LOG and not append
                     else JsonLinesSink(log, append=append))
@@ -1113,6 +1128,14 @@ class Tracker:
             self._last_end = self._clock()
             self._last_cost = self._last_end - start
             self._spent += self._last_cost
+
+    def _configuration(self, method: str) -> dict[str, Callable[[], object]]:
+        """What ``method``'s records will say of the configuration (:data:`_CONFIGURATION`),
+        each read when called."""
+        options = self._options_for(method)
+        return {"num_params": lambda: selected_size(unwrap_model(self.model)[0],
+                                                    options.get("params")),
+                "threshold": lambda: float(options.get("threshold", _DEFAULT_THRESHOLD))}
 
     def _options_for(self, method: str) -> dict[str, Any]:
         """The keyword arguments of :func:`hessrank.effective_rank` for ``method``: the

@@ -89,3 +89,32 @@ def test_a_tracker_shows_no_bar_unless_asked(monkeypatch: pytest.MonkeyPatch,
                               **options) as tracker:
             tracker.measure(batch)
         assert bool(bars) == shown
+
+
+@pytest.mark.parametrize("stderr", [None, object()], ids=["none", "without isatty"])
+def test_a_missing_or_bare_stderr_shows_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                bars: list[list[str]], stderr: object) -> None:
+    """``sys.stderr`` is None under ``pythonw`` or with its descriptor closed, and a stand-in
+    may lack ``isatty``: the default raised ``AttributeError`` there, after the work had begun
+    (probe 126)."""
+    monkeypatch.setattr(monitor, "AUTO_PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    _call("lanczos")
+    assert not bars
+
+
+def test_no_bar_inside_the_caller_s_own_display(monkeypatch: pytest.MonkeyPatch,
+                                                bars: list[list[str]]) -> None:
+    """A caller's ``rich`` progress display on rich's console (``Progress()``, ``track``) and the
+    default bar fought over the lines, one left on the screen (probe 126): inside it the
+    default shows none."""
+    from rich.progress import Progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(monitor, "AUTO_PROGRESS_SECONDS", 0.0)
+    with Progress(transient=True) as own:
+        own.add_task("training", total=3)
+        _call("lanczos")
+    assert not bars
+    _call("lanczos")
+    assert bars

@@ -292,6 +292,58 @@ def test_appending_a_run_of_another_configuration_is_refused(tmp_path: Path, res
     assert [r["step"] for r in _read(log)] == [0, 1]
 
 
+
+def _frozen_first_layer() -> nn.Sequential:
+    model = _net()
+    model[0].weight.requires_grad_(False)
+    return model
+
+
+def _compiled() -> nn.Module:
+    return torch.compile(_net())
+
+
+def _lazy() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.LazyLinear(12), nn.Tanh(), nn.Linear(12, 3))
+
+
+#: (the model, the tracker's options) that a resumed run appends to its own log with
+_RESUMABLE = [
+    (_frozen_first_layer, {"params": ["0.weight", "4.weight"]}),  # a frozen one named
+    (_compiled, {"params": ["0.weight"]}),  # a compiled model's names, as effective_rank's
+    (_net, {"params": "generator"}),  # model[0].parameters(), read once
+    (_lazy, {}),  # built before its first forward pass
+]
+
+
+@pytest.mark.parametrize(("make", "options"), _RESUMABLE,
+                         ids=["frozen named", "compiled", "generator", "lazy"])
+def test_a_resumed_run_of_the_same_configuration_appends(tmp_path: Path, make, options: dict
+                                                         ) -> None:
+    """The append check's count of the parameters is the analysis's: a frozen parameter among
+    ``params`` is left out (an identical run had been refused, "num_params 24 there, 72
+    here"), a compiled model's parameters go by the original module's names, a generator of
+    parameters is read once (the second measurement had found it empty, and with
+    ``append=True`` the first), and a lazy module's size waits for its first pass (torch's
+    "uninitialized parameter" at construction; probe 126)."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log = tmp_path / "c.jsonl"
+    for resumed in (False, True):
+        model = make()
+        chosen = ({"params": model[0].parameters()} if options.get("params") == "generator"
+                  else options)
+        with hessrank.Tracker(model, CE, every=1, log=log, append=resumed,
+                              **chosen) as tracker:
+            if make is _lazy:
+                model(batch[0])  # the training's first pass gives its shapes
+            tracker.step(batch)
+            tracker.step(batch)
+    records = _read(log)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert len({r["num_params"] for r in records}) == 1
+
+
 def test_a_resume_killed_while_it_moves_records_aside_keeps_the_log(tmp_path: Path,
                                                                    monkeypatch) -> None:
     """Moving the redone records aside rewrote the log in place, empty until written again: a
