@@ -524,6 +524,7 @@ def _listed_params(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _steps_by_method(records: Iterable[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """The records' steps, by method, in order."""
     steps: dict[str, list[int]] = {}
     for record in records:
         steps.setdefault(record["method"], []).append(record["step"])

@@ -1033,7 +1033,14 @@ def _verified_softmax(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         mismatches.append(f"in float64 on the first {CONSTANCY_SAMPLES} samples, above its "
                           "rounding")
     elif not precise:  # the weights read again in float64, on the whole batch
-        found, probs, weights, _ = _in_float64(_structure_of, loss_fn, outputs, targets)
+        try:
+            found, probs, weights, _ = _in_float64(_structure_of, loss_fn, outputs, targets)
+        except ValueError as failure:  # (the head ran in float64: not expected)
+            add_float64_note(notes, f"the loss's curvature weights are "
+                             f"{dtype_name(outputs.dtype)}'s, not float64's", str(failure),
+                             "near a saturated sigmoid they are mostly rounding, and the "
+                             "spectrum with them")
+            found = class_dim
         if found != class_dim:
             class_dim = None
             mismatches.append("in float64 on the whole batch, above its rounding")
