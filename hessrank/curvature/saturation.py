@@ -104,7 +104,7 @@ class _Sigmoid(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
+        ctx.save_for_backward(inputs[0])  # the logits, which the backward reads
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
@@ -112,18 +112,13 @@ class _Sigmoid(torch.autograd.Function):
         return grad * _Sigmoid.apply(logits) * _Sigmoid.apply(-logits)
 
 
-class _LogSigmoid(torch.autograd.Function):
-    """``F.logsigmoid(z)`` whose derivative ``sigmoid(-z)`` is a :class:`_Sigmoid`."""
-
-    generate_vmap_rule = True
+class _LogSigmoid(_Sigmoid):
+    """``F.logsigmoid(z)`` whose derivative ``sigmoid(-z)`` is a :class:`_Sigmoid` (its context
+    is :class:`_Sigmoid`'s)."""
 
     @staticmethod
     def forward(logits: Tensor) -> Tensor:
         return F.logsigmoid(logits)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
