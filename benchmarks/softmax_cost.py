@@ -11,9 +11,9 @@ with its per-token loss over 4.2M logits; the MLP 784-512-512-10 at n = 512 with
 also reports the operator's graph bytes for both.
 
 With ``--readings`` it times instead the loss-side readings of the output factors of
-``fisher``, ``ggn`` (outputs of at most 4,096 entries a sample) and ``ggn`` with
-``mc_samples=1`` (:mod:`hessrank.curvature.loss`: the loss's gradients and curvature w.r.t. the
-model's outputs, checked), with the loss as given and as run (their float64 readings through
+``fisher`` and ``ggn`` (outputs of at most 4,096 entries a sample;
+:mod:`hessrank.curvature.loss`: the loss's gradients and curvature w.r.t. the model's outputs,
+checked), with the loss as given and as run (their float64 readings through
 :func:`~hessrank.curvature.saturation.saturation_safe`), in the model's dtype (``--dtype
 float64``: every reading is float64's).
 
@@ -54,8 +54,6 @@ def readings(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
         **({"ggn": lambda: loss.ggn_cotangents(cross_entropy, outputs, targets,
                                                torch.Generator().manual_seed(0), [])}
            if outputs[0].numel() <= 4096 else {}),
-        "ggn mc_samples=1": lambda: loss.ggn_mc_cotangents(
-            cross_entropy, outputs, targets, 1, torch.Generator().manual_seed(0), []),
     }
     safe = loss.saturation_safe
     variants: dict[str, Any] = {"as given": lambda loss_fn, log_softmax=True: loss_fn,
