@@ -42,7 +42,8 @@ sys.path.insert(0, str(HERE))
 
 
 def paired(cases: dict[str, Callable[[], Any]], rounds: int, base: str) -> dict[str, Any]:
-    """Median seconds and median per-round ratio to ``base`` of each case (after a warm-up)."""
+    """Median seconds, median per-round ratio to ``base`` and that ratio's range (``low``,
+    ``high``) of each case (after a warm-up), the cases' order rotated round by round."""
     for run in cases.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -52,8 +53,9 @@ def paired(cases: dict[str, Callable[[], Any]], rounds: int, base: str) -> dict[
             start = time.perf_counter()
             cases[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: {"seconds": statistics.median(t),
-                   "ratio": statistics.median(a / b for a, b in zip(t, times[base]))}
+    ratios = {name: [a / b for a, b in zip(t, times[base])] for name, t in times.items()}
+    return {name: {"seconds": statistics.median(t), "ratio": statistics.median(ratios[name]),
+                   "low": min(ratios[name]), "high": max(ratios[name])}
             for name, t in times.items()}
 
 

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from paired_trees import case_model  # this folder
+from eigensolve import paired  # this folder
+from paired_trees import case_model
 
 from hessrank.curvature import hessian, loss
 from hessrank.problem import build_problem
@@ -56,22 +56,23 @@ def readings(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
            if outputs[0].numel() <= 4096 else {}),
     }
     safe = loss.saturation_safe
-    variants: dict[str, Any] = {"as given": lambda loss_fn, log_softmax=True: loss_fn,
-                                "as run": safe}
-    for name, call in calls.items():
-        seconds: dict[str, list[float]] = {variant: [] for variant in variants}
-        for _ in range(rounds):
-            for variant, wrapper in variants.items():
-                loss.saturation_safe = wrapper
-                start = time.perf_counter()
+
+    def under(wrapper: Any, call: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            loss.saturation_safe = wrapper
+            try:
                 call()
-                seconds[variant].append(time.perf_counter() - start)
-        loss.saturation_safe = safe
-        ratios = [s / t for s, t in zip(seconds["as run"], seconds["as given"])]
-        print(f"{name:>16}: loss as given {statistics.median(seconds['as given']) * 1e3:8.1f} ms, "
-              f"as run {statistics.median(seconds['as run']) * 1e3:8.1f} ms (medians of "
-              f"{rounds}); paired ratio median {statistics.median(ratios):.3f} (range "
-              f"{min(ratios):.3f}-{max(ratios):.3f})")
+            finally:
+                loss.saturation_safe = safe
+        return run
+
+    for name, call in calls.items():
+        timing = paired({"as given": under(lambda loss_fn, log_softmax=True: loss_fn, call),
+                         "as run": under(safe, call)}, rounds, "as given")
+        given, run = timing["as given"], timing["as run"]
+        print(f"{name:>16}: loss as given {given['seconds'] * 1e3:8.1f} ms, as run "
+              f"{run['seconds'] * 1e3:8.1f} ms (medians of {rounds}); paired ratio median "
+              f"{run['ratio']:.3f} (range {run['low']:.3f}-{run['high']:.3f})")
 
 
 def main() -> None:
@@ -104,20 +105,14 @@ def main() -> None:
         operators[name] = hessian.HessianOperator(problem)
     hessian.SaturationSafe = safe
     vector = torch.randn(operators["as run"].dim, generator=torch.Generator().manual_seed(0))
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, operator in operators.items():
-            start = time.perf_counter()
-            operator.matvec(vector)
-            seconds[name].append(time.perf_counter() - start)
+    timing = paired({name: lambda operator=operator: operator.matvec(vector)
+                     for name, operator in operators.items()}, args.rounds, "torch's")
     for name, operator in operators.items():
-        print(f"{name:>12} log-softmax: product {statistics.median(seconds[name]) * 1e3:8.1f} ms "
+        print(f"{name:>12} log-softmax: product {timing[name]['seconds'] * 1e3:8.1f} ms "
               f"(median of {args.rounds}), graph {operator.graph_bytes / 2**20:8.1f} MiB")
     for name in ("as run", "always safe"):
-        ratios = [s / t for s, t in zip(seconds[name], seconds["torch's"])]
-        print(f"paired ratio {name} / torch's: median {statistics.median(ratios):.3f} "
-              f"(range {min(ratios):.3f}-{max(ratios):.3f})")
-
+        print(f"paired ratio {name} / torch's: median {timing[name]['ratio']:.3f} "
+              f"(range {timing[name]['low']:.3f}-{timing[name]['high']:.3f})")
 
 if __name__ == "__main__":
     main()

@@ -535,13 +535,13 @@ def _steps_by_method(records: Iterable[Mapping[str, Any]]) -> dict[str, list[int
 _CONFIGURATION = ("num_params", "threshold")
 
 
-def _refuse_other_configuration(
-        path: Path, configuration: Mapping[str, Mapping[str, Callable[[], object]]]) -> None:
-    """Raise where the log at ``path`` (if any, and a log) holds a method's measurements of
-    another configuration than ``configuration`` (method -> ``num_params``, ``threshold``,
-    each read by calling it, only where the log has a record to compare with; None: not known
-    before the first measurement, a lazy module's size): the last record of the method that
-    has them is compared.
+def _refuse_other_configuration(path: Path, methods: Iterable[str],
+                                configuration: Callable[[str], Mapping[str, object]]) -> None:
+    """Raise where the log at ``path`` (if any, and a log) holds measurements of one of
+    ``methods`` of another configuration than ``configuration(method)`` gives (``num_params``,
+    ``threshold``; a value None is not known before the first measurement, a lazy module's
+    size), asked only where the log has a record of the method to compare with: its last one
+    that has them.
 
     Raises:
         ValueError: naming the method, the fields, their values there and here, and the fix.
@@ -552,11 +552,11 @@ def _refuse_other_configuration(
         return
     last = {record["method"]: record for record in records
             if all(key in record for key in _CONFIGURATION)}
-    for method, reading in configuration.items():
+    for method in methods:
         there = last.get(method)
         if there is None:
             continue
-        expected = {key: reading[key]() for key in _CONFIGURATION}
+        expected = configuration(method)
         differ = [key for key in _CONFIGURATION
                   if expected[key] is not None and there[key] != expected[key]]
         if differ:
@@ -986,8 +986,7 @@ class Tracker:
         self._last_end = 0.0  # when the last measurement ended (the clock's reading)
         self._closed = False
         if log is not None and append:  # before any sink is made (a writer left open)
-            _refuse_other_configuration(Path(log), {
-                method: self._configuration(method) for method in self.methods})
+            _refuse_other_configuration(Path(log), self.methods, self._configuration)
         self.sinks: list[Sink] = list(sinks)
         if tensorboard is not None:
             self.sinks.append(TensorBoardSink(tensorboard))
@@ -1130,13 +1129,11 @@ class Tracker:
             self._last_cost = self._last_end - start
             self._spent += self._last_cost
 
-    def _configuration(self, method: str) -> dict[str, Callable[[], object]]:
-        """What ``method``'s records will say of the configuration (:data:`_CONFIGURATION`),
-        each read when called."""
+    def _configuration(self, method: str) -> dict[str, object]:
+        """What ``method``'s records will say of the configuration (:data:`_CONFIGURATION`)."""
         options = self._options_for(method)
-        return {"num_params": lambda: selected_size(unwrap_model(self.model)[0],
-                                                    options.get("params")),
-                "threshold": lambda: float(options.get("threshold", _DEFAULT_THRESHOLD))}
+        return {"num_params": selected_size(unwrap_model(self.model)[0], options.get("params")),
+                "threshold": float(options.get("threshold", _DEFAULT_THRESHOLD))}
 
     def _options_for(self, method: str) -> dict[str, Any]:
         """The keyword arguments of :func:`hessrank.effective_rank` for ``method``: the

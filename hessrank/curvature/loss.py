@@ -272,8 +272,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             precise = _read_weights(loss_fn, outputs, targets)
         except Exception as error:  # noqa: BLE001 - any failure of the loss in float64
             if refused:  # float32's refusal stands
-                raise _interacting_samples_error(int((read.mismatch > 1).nonzero()[0]),
-                                                 read.mismatch, "") from error
+                raise _interacting_samples_error(read.mismatch, "") from error
             raise ValueError(
                 f"the weights of some samples cannot be read in {dtype} (their gradient in the "
                 "batch loss is within its rounding, yet their own gradients are not small: "
@@ -288,7 +287,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             f"{int((~read.finite).nonzero()[0])}: the empirical Fisher of these outputs is "
             "undefined; check loss_fn at them (a log of zero, a division by zero)")
     if bool((mismatch > 1).any()):
-        raise _interacting_samples_error(int((mismatch > 1).nonzero()[0]), mismatch, "")
+        raise _interacting_samples_error(mismatch, "")
     # before the sign: weights that vary with the outputs can come out negative (outputs [n, 1]
     # against targets [n] under MSELoss broadcast to an [n, n] loss were said to weigh a
     # sample negatively)
@@ -750,7 +749,7 @@ def _check_constant_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     if read is None:
         raise _varying_weights_error(0, float(reading.weights[0]), 0.0)
     if bool((read.mismatch > 1).any()):
-        raise _interacting_samples_error(int((read.mismatch > 1).nonzero()[0]), read.mismatch,
+        raise _interacting_samples_error(read.mismatch,
                                          " with the outputs' rows moved one sample on")
     # the uncertainty is inf where either reading is not read: never bad there
     bad = ~((reading.weights - read.weights).abs() <= reading.uncertainty + read.uncertainty)
@@ -776,7 +775,9 @@ def _broadcast_hint(outputs: Tensor, targets: Tensor) -> str | None:
             "them one shape (outputs.squeeze(-1), or targets.unsqueeze(-1))")
 
 
-def _interacting_samples_error(i: int, mismatch: Tensor, where: str) -> ValueError:
+def _interacting_samples_error(mismatch: Tensor, where: str) -> ValueError:
+    """The refusal naming the first sample whose ``mismatch`` (``[n]``) is above 1."""
+    i = int((mismatch > 1).nonzero()[0])
     return ValueError(
         f"loss_fn is not a weighted sum of per-sample losses: the batch loss's gradient for "
         f"sample {i}{where} is not a multiple of loss_fn applied to that sample alone (mismatch "

@@ -343,7 +343,9 @@ class LanczosRun:
             if self._unit is None:
                 self._unit = _unit_of(raw) if raw.dtype != vector.dtype else 1.0
             unit = self._unit
-            product = (raw / unit if unit != 1.0 else raw).to(vector.dtype)
+            if unit != 1.0:  # in place: the operator's own fresh result, as product below
+                raw.div_(unit)
+            product = raw.to(vector.dtype)
             if self.advance is not None:
                 self.advance(1)
             alpha = _dot(product, vector)  # in units of ``unit``, as beta below
