@@ -392,8 +392,8 @@ def interval_parts(seeds: int, threshold: float, probes: int = 200) -> None:
             nodes, weights = quadrature.nodes, quadrature.weights
             estimate = srank(nodes, threshold, weights)
             low, high = lanczos._intervals([quadrature], threshold, rtol, seed, eps, dim).srank
-            bottom, top = lanczos._count_bounds(quadrature, weights,
-                                                lanczos._srank_cut(nodes, weights, threshold))
+            (bottom,), (top,) = lanczos._count_bounds(
+                quadrature, weights[None], lanczos._srank_cuts(nodes, weights[None], threshold))
             resolution = max(estimate, top) - min(estimate, bottom)
             draws = lanczos._bootstrap_weights(quadrature, lanczos.BOOTSTRAP_DRAWS,
                                                np.random.default_rng(seed))

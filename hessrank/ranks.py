@@ -28,16 +28,13 @@ from hessrank.problem import check_number
 RANK_NAMES = ("srank", "numerical", "entropy", "stable", "participation")
 
 
-def _singular_values(
-    eigenvalues: np.ndarray, weights: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """|eigenvalues| sorted decreasingly, divided by the largest (every rank here is
-    scale-free, and a spectrum near the ends of float64's range neither overflows nor
-    underflows), with their weights (ones when ``weights`` is None).
+def _checked(eigenvalues: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``|eigenvalues|`` ``[m]`` in float64, and ``weights`` as ``[B, m]`` rows (one row of ones
+    when None; a one-dimensional ``[m]`` is one row).
 
     Raises:
         ValueError: a spectrum that is not one-dimensional or not finite, or weights of another
-            shape, negative or not finite.
+            length, negative or not finite.
     """
     if np.iscomplexobj(eigenvalues):  # (NumPy's float cast drops the imaginary parts)
         raise ValueError("eigenvalues are complex: a symmetric matrix's are real; pass "
@@ -51,14 +48,28 @@ def _singular_values(
         raise ValueError(f"the spectrum holds {int((~np.isfinite(values)).sum())} NaN or "
                          "infinite value(s): its ranks are undefined; check the matrix it came "
                          "from (an overflow, a NaN in the model or the loss)")
-    if weights is None:
-        weights = np.ones_like(values)
-    weights = np.asarray(weights, dtype=np.float64).ravel()
-    if weights.shape != values.shape:
-        raise ValueError(f"weights has shape {weights.shape}, eigenvalues {values.shape}")
-    if not (np.isfinite(weights).all() and (weights >= 0).all()):
+    rows = (np.ones((1, values.size)) if weights is None
+            else np.atleast_2d(np.asarray(weights, dtype=np.float64)))
+    if rows.ndim > 2 or rows.shape[1] != values.size:
+        raise ValueError(f"weights has shape {np.shape(weights)}, eigenvalues {values.shape}")
+    if not (np.isfinite(rows).all() and (rows >= 0).all()):
         raise ValueError("weights must be finite and non-negative: each is how many "
                          "eigenvalues its node stands for")
+    return values, rows
+
+
+def _singular_values(
+    eigenvalues: np.ndarray, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """|eigenvalues| sorted decreasingly, divided by the largest (every rank here is
+    scale-free, and a spectrum near the ends of float64's range neither overflows nor
+    underflows), with their weights (ones when ``weights`` is None).
+
+    Raises:
+        ValueError: as :func:`_checked`.
+    """
+    values, rows = _checked(eigenvalues, None if weights is None else np.ravel(weights))
+    weights = rows[0]
     # A node of weight zero stands for no eigenvalue: it is not the largest (nor any other).
     kept = weights > 0
     values, weights = values[kept], weights[kept]
@@ -90,25 +101,63 @@ def srank(
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
-    s, w = _singular_values(eigenvalues, weights)
-    mass = s * w
-    total = mass.sum()
-    if total <= 0.0:
-        return 0.0
-    cumulative = np.cumsum(mass)
-    target = threshold * total
-    # Tolerate rounding in the cumulative sum: a spectrum that reaches the target up to a few ulps
-    # of the total reaches it.
-    index = int(np.searchsorted(cumulative, target * (1.0 - 4 * np.finfo(float).eps), side="left"))
-    index = min(index, len(s) - 1)
-    before = cumulative[index - 1] if index > 0 else 0.0
-    weight_before = w[:index].sum()
-    if np.all(w == 1.0):
-        return float(index + 1)
-    fraction = min(1.0, max(0.0, (target - before) / mass[index])) if mass[index] > 0 else 1.0
-    count = weight_before + fraction * w[index]
-    # Rounded up, past the rounding of the weights' sum (a count of 12 summed as 12.000000001).
-    return float(math.ceil(count - 1e-9 * max(count, 1.0)))
+    return float(srank_per_row(eigenvalues, np.array([threshold]),
+                               None if weights is None else np.ravel(weights))[0])
+
+
+def srank_per_row(
+    eigenvalues: np.ndarray, thresholds: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`srank` of one spectrum under each row of ``weights`` ``[B, m]`` (a quadrature's
+    redrawn weights), each at its own threshold (``thresholds`` ``[B]``, each in (0, 1]): ``[B]``
+    counts, one pass over all rows (a Lanczos run's 200 bootstrap draws had called
+    :func:`srank` four times each).
+
+    Raises:
+        ValueError: as :func:`_checked`; a threshold outside (0, 1] or a ``thresholds`` of
+            another length than the rows.
+    """
+    values, rows = _checked(eigenvalues, weights)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.shape != (len(rows),) or not ((thresholds > 0) & (thresholds <= 1)).all():
+        raise ValueError(f"thresholds must be {len(rows)} values in (0, 1], one per row of "
+                         f"weights, got {thresholds}")
+    order = np.argsort(-values, kind="stable")
+    values, rows = values[order], rows[:, order]
+    # Nodes of weight zero stand for no eigenvalue: they stay in place, adding nothing to the
+    # sums, and are never the largest, whose value divides the rest (scale-free).
+    kept = rows > 0
+    count, size = rows.shape
+    largest = values[kept.argmax(axis=1)]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        scaled = np.where(kept & (largest[:, None] > 0), values / largest[:, None], values)
+    mass = np.where(kept, scaled, 0.0) * rows
+    cumulative = np.cumsum(mass, axis=1)
+    total = cumulative[:, -1] if size else np.zeros(count)
+    result = np.zeros(count)
+    live = np.flatnonzero(total > 0.0)
+    if live.size == 0:
+        return result
+    cumulative, mass, rows, kept = cumulative[live], mass[live], rows[live], kept[live]
+    target = thresholds[live] * total[live]
+    # Tolerate rounding in the cumulative sum: a spectrum that reaches the target up to a few
+    # ulps of the total reaches it. (The first node whose cumulative sum reaches it adds mass,
+    # so it is one that stands for eigenvalues; the last such node at most.)
+    index = (cumulative < (target * (1.0 - 4 * np.finfo(float).eps))[:, None]).sum(axis=1)
+    index = np.minimum(index, size - 1 - kept[:, ::-1].argmax(axis=1))
+    at = np.arange(len(live))
+    before = np.where(index > 0, cumulative[at, index - 1], 0.0)
+    weight_before = np.where(index > 0, np.cumsum(rows, axis=1)[at, index - 1], 0.0)
+    boundary = mass[at, index]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = np.where(boundary > 0, np.clip((target - before) / boundary, 0.0, 1.0), 1.0)
+    counts = weight_before + fraction * rows[at, index]
+    # Rounded up, past the rounding of the weights' sum (a count of 12 summed as 12.000000001);
+    # unit weights count the nodes up to the boundary's.
+    unit = np.where(kept, rows == 1.0, True).all(axis=1)
+    result[live] = np.where(unit, weight_before + 1,
+                            np.ceil(counts - 1e-9 * np.maximum(counts, 1.0)))
+    return result
 
 
 def numerical_rank(

@@ -151,6 +151,39 @@ def test_rank_definitions_are_scale_invariant_and_weights_mean_multiplicity():
     assert spiked == pytest.approx(base)
 
 
+def _srank_of_the_expanded_spectrum(values: np.ndarray, counts: np.ndarray,
+                                    threshold: float) -> int:
+    """The srank by its definition, each ``|value|`` written out ``count`` times: the fewest
+    of the largest whose sum reaches ``threshold`` of the total (a plain loop)."""
+    expanded = sorted(np.repeat(np.abs(values), counts), reverse=True)
+    total, running = sum(expanded), 0.0
+    for k, value in enumerate(expanded, start=1):
+        running += value
+        if running >= threshold * total:
+            return k
+    return len(expanded)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_srank_of_each_row_is_the_srank_of_its_multiplicities(seed):
+    """``srank_per_row`` (every bootstrap draw of a Lanczos run at once, each at its own
+    threshold) against the definition on the spectrum written out: whole weights, zero among
+    them (a node that stands for no eigenvalue, the largest one included), and unit rows."""
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(12) ** 3
+    counts = rng.integers(0, 5, size=(40, 12))
+    counts[:5] = 1  # unit weights
+    counts[5:10, np.argmax(np.abs(values))] = 0  # the largest stands for nothing
+    thresholds = rng.uniform(0.05, 1.0, size=40)
+    got = ranks.srank_per_row(values, thresholds, counts.astype(float))
+    expected = [_srank_of_the_expanded_spectrum(values, row, t)
+                for row, t in zip(counts, thresholds)]
+    assert got.tolist() == expected
+    assert [ranks.srank(values, t, row) for row, t in zip(counts, thresholds)] == expected
+    with pytest.raises(ValueError, match="one per row"):
+        ranks.srank_per_row(values, thresholds[:3], counts.astype(float))
+
+
 @pytest.mark.parametrize("scale", [1e-170, 1e300], ids=["underflowing", "overflowing"])
 def test_rank_definitions_hold_at_the_ends_of_float64(scale):
     """Squares below 1e-308 and sums above 1.8e308 used to give a NaN stable rank and a

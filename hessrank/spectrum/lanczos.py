@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessrank.ranks import default_rtol, spectral_ranks, srank, whole_count
+from hessrank.ranks import default_rtol, spectral_ranks, srank, srank_per_row, whole_count
 from hessrank.spectrum.dense import by_magnitude, not_finite_error
 from hessrank.spectrum.operator import SymmetricOperator
 
@@ -723,18 +723,20 @@ def _add_once(guesses: list[str], guess: str, likewise: dict[int, int]) -> None:
     guesses.append(guess)
 
 
-def _srank_cut(nodes: np.ndarray, weights: np.ndarray, threshold: float) -> float:
-    """``|lambda|`` of the node where the quadrature's cumulative mass reaches ``threshold``."""
+def _srank_cuts(nodes: np.ndarray, weights: np.ndarray, threshold: float) -> np.ndarray:
+    """``|lambda|`` of the node where the quadrature's cumulative mass reaches ``threshold``,
+    for each row of ``weights`` ``[B, m]``: ``[B]``."""
     magnitude = np.abs(nodes)
     order = np.argsort(-magnitude, kind="stable")
-    mass = magnitude[order] * weights[order]
-    index = min(int(np.searchsorted(np.cumsum(mass), threshold * mass.sum())), len(nodes) - 1)
-    return float(magnitude[order][index])
+    mass = magnitude[order] * weights[:, order]
+    reached = np.cumsum(mass, axis=1) < threshold * mass.sum(axis=1, keepdims=True)
+    return magnitude[order][np.minimum(reached.sum(axis=1), len(nodes) - 1)]
 
 
-def _count_bounds(quadrature: _Quadrature, weights: np.ndarray, cut: float,
-                  rounding: float | None = None) -> tuple[float, float]:
-    """What the quadrature proves about the count ``#{|lambda| >= cut}``.
+def _count_bounds(quadrature: _Quadrature, weights: np.ndarray, cuts: np.ndarray | float,
+                  rounding: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """What the quadrature proves about the count ``#{|lambda| >= cut}``, for each row of
+    ``weights`` ``[B, m]`` at its cut (``cuts`` ``[B]``, or one for all).
 
     By the Chebyshev-Markov-Stieltjes inequalities the measure beyond ``x`` lies between the
     weight of the nodes beyond the two nodes bracketing ``x`` and the weight that includes them
@@ -747,31 +749,37 @@ def _count_bounds(quadrature: _Quadrature, weights: np.ndarray, cut: float,
     weight can lie beyond ``d`` (we ignore ``r < d / 30``, under 0.1 %).
 
     Returns:
-        The lower and upper bound of the count.
+        The lower and upper bounds of the counts, ``[B]`` each.
     """
     nodes = quadrature.nodes
     magnitude = np.abs(nodes)
-    uncertain = np.zeros(len(nodes), dtype=bool)
-    for side in (nodes >= 0, nodes < 0):
-        at_cut = np.flatnonzero(side & (magnitude == cut))
-        if at_cut.size:
-            uncertain[at_cut] = True
-            continue
-        above = np.flatnonzero(side & (magnitude > cut))
-        below = np.flatnonzero(side & (magnitude < cut))
-        if above.size:
-            uncertain[above[np.argmin(magnitude[above])]] = True
-        if below.size:
-            uncertain[below[np.argmax(magnitude[below])]] = True
-    resolved = quadrature.residuals < np.abs(magnitude - cut) / 30
-    uncertain &= ~(quadrature.fixed | resolved)
-    # (a trained MLP's near-null eigenvalues, within rounding of the numerical rank's cut,
-    # counted 423 in [423, 423] for 421)
-    if rounding is not None:
-        uncertain |= quadrature.fixed & (np.abs(magnitude - cut)
-                                         <= 2 * quadrature.residuals + rounding)
-    beyond = magnitude >= cut
-    return float(weights[beyond & ~uncertain].sum()), float(weights[beyond | uncertain].sum())
+    cuts = np.broadcast_to(np.asarray(cuts, dtype=np.float64), (len(weights),))
+    lower, upper = np.empty(len(weights)), np.empty(len(weights))
+    for cut in np.unique(cuts):  # (the nodes' magnitudes at most: the masks are the weights')
+        uncertain = np.zeros(len(nodes), dtype=bool)
+        for side in (nodes >= 0, nodes < 0):
+            at_cut = np.flatnonzero(side & (magnitude == cut))
+            if at_cut.size:
+                uncertain[at_cut] = True
+                continue
+            above = np.flatnonzero(side & (magnitude > cut))
+            below = np.flatnonzero(side & (magnitude < cut))
+            if above.size:
+                uncertain[above[np.argmin(magnitude[above])]] = True
+            if below.size:
+                uncertain[below[np.argmax(magnitude[below])]] = True
+        resolved = quadrature.residuals < np.abs(magnitude - cut) / 30
+        uncertain &= ~(quadrature.fixed | resolved)
+        # (a trained MLP's near-null eigenvalues, within rounding of the numerical rank's cut,
+        # counted 423 in [423, 423] for 421)
+        if rounding is not None:
+            uncertain |= quadrature.fixed & (np.abs(magnitude - cut)
+                                             <= 2 * quadrature.residuals + rounding)
+        beyond = magnitude >= cut
+        rows = cuts == cut
+        lower[rows] = np.where(beyond & ~uncertain, weights[rows], 0.0).sum(axis=1)
+        upper[rows] = np.where(beyond | uncertain, weights[rows], 0.0).sum(axis=1)
+    return lower, upper
 
 
 def _suggested_copies(quadrature: _Quadrature, room: int) -> int:
@@ -1612,40 +1620,42 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
                      for weights in _allocations(quadrature, bound)]
         least, most = (np.min(allocated, axis=0), np.max(allocated, axis=0)) if allocated else (
             np.full(3, np.inf), np.full(3, -np.inf))
-        for b, weights in enumerate(draws):
-            shift = (float(error @ weights) + hidden_mass) / max(float(magnitude @ weights),
-                                                                 1e-300)
-            estimate = min(srank(quadrature.nodes, threshold, weights), least[0])
-            lower, upper = _count_bounds(
-                quadrature, weights, _srank_cut(quadrature.nodes, weights, threshold))
-            count = float(weights[above].sum())
-            # Under a rank bound, the counts with the trace's floored weights too, held beside
-            # the plain ones: a run near a factor operator's bound left a few free nodes drawn
-            # far below one eigenvalue each, and its intervals missed low (srank [87, 91] for
-            # 93, numerical [134, 140] for 144; a fisher_lanczos missed in 5 of 40 seeds; probe
-            # 100). Without a bound its free nodes stand for many eigenvalues each, and the
-            # floor only widened intervals that held.
-            floored_srank, floored_count = estimate, count
-            if capped:
-                floored = trace_draws[0][b]
-                floored_srank = srank(quadrature.nodes, threshold, floored)
-                floored_count = float(floored[above].sum())
-            bounds[0, b] += min(estimate, lower, floored_srank,
-                                srank(quadrature.nodes, max(threshold - 2 * shift, 1e-12), weights))
-            bounds[1, b] += max(estimate, upper, most[0], floored_srank,
-                                srank(quadrature.nodes, min(threshold + 2 * shift, 1.0), weights))
-            lower, upper = _count_bounds(quadrature, weights, np.nextafter(tolerance, np.inf),
-                                         _rounding_slack(eps, float(magnitude.max())))
-            if unseen:
-                upper = max(upper, float(weights[above & ~small].sum()) + hidden)
-            bounds[2:, b] += (min(count, lower, least[1], floored_count),
-                              max(count, upper, most[1], floored_count))
-            ends = [(float(quadrature.nodes @ draw[b]), float(error @ draw[b]))
-                    for draw in trace_draws]
-            traces[:, b] += (min(min(trace, least[2]) - rounded for trace, rounded in ends)
-                             - trace_hidden,
-                             max(max(trace, most[2]) + rounded for trace, rounded in ends)
-                             + trace_hidden)
+        # Every draw at once (a loop over them took 4 s of a call on a 120 x 120 operator).
+        shifts = (draws @ error + hidden_mass) / np.maximum(draws @ magnitude, 1e-300)
+        at_threshold = np.full(len(draws), threshold)
+        estimates = np.minimum(srank_per_row(quadrature.nodes, at_threshold, draws), least[0])
+        lower, upper = _count_bounds(quadrature, draws,
+                                     _srank_cuts(quadrature.nodes, draws, threshold))
+        counts = draws[:, above].sum(axis=1)
+        # Under a rank bound, the counts with the trace's floored weights too, held beside the
+        # plain ones: a run near a factor operator's bound left a few free nodes drawn far
+        # below one eigenvalue each, and its intervals missed low (srank [87, 91] for 93,
+        # numerical [134, 140] for 144; a fisher_lanczos missed in 5 of 40 seeds; probe 100).
+        # Without a bound its free nodes stand for many eigenvalues each, and the floor only
+        # widened intervals that held.
+        floored_sranks, floored_counts = estimates, counts
+        if capped:
+            floored_sranks = srank_per_row(quadrature.nodes, at_threshold, trace_draws[0])
+            floored_counts = trace_draws[0][:, above].sum(axis=1)
+        bounds[0] += np.minimum.reduce([
+            estimates, lower, floored_sranks,
+            srank_per_row(quadrature.nodes, np.maximum(threshold - 2 * shifts, 1e-12), draws)])
+        bounds[1] += np.maximum.reduce([
+            estimates, upper, np.full(len(draws), most[0]), floored_sranks,
+            srank_per_row(quadrature.nodes, np.minimum(threshold + 2 * shifts, 1.0), draws)])
+        lower, upper = _count_bounds(quadrature, draws, np.nextafter(tolerance, np.inf),
+                                     _rounding_slack(eps, float(magnitude.max())))
+        if unseen:
+            upper = np.maximum(upper, draws[:, above & ~small].sum(axis=1) + hidden)
+        bounds[2] += np.minimum.reduce([counts, lower, np.full(len(draws), least[1]),
+                                        floored_counts])
+        bounds[3] += np.maximum.reduce([counts, upper, np.full(len(draws), most[1]),
+                                        floored_counts])
+        ends = [(draw @ quadrature.nodes, draw @ error) for draw in trace_draws]
+        traces[0] += np.minimum.reduce([np.minimum(trace, least[2]) - rounded
+                                        for trace, rounded in ends]) - trace_hidden
+        traces[1] += np.maximum.reduce([np.maximum(trace, most[2]) + rounded
+                                        for trace, rounded in ends]) + trace_hidden
     bounds /= len(quadratures)
     traces /= len(quadratures)
 
