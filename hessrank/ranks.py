@@ -48,10 +48,10 @@ def _checked(eigenvalues: np.ndarray, weights: np.ndarray | None) -> tuple[np.nd
         raise ValueError(f"the spectrum holds {int((~np.isfinite(values)).sum())} NaN or "
                          "infinite value(s): its ranks are undefined; check the matrix it came "
                          "from (an overflow, a NaN in the model or the loss)")
-    rows = (np.ones((1, values.size)) if weights is None
-            else np.atleast_2d(np.asarray(weights, dtype=np.float64)))
+    given = np.ones(values.size) if weights is None else np.asarray(weights, dtype=np.float64)
+    rows = np.atleast_2d(given)
     if rows.ndim > 2 or rows.shape[1] != values.size:
-        raise ValueError(f"weights has shape {np.shape(weights)}, eigenvalues {values.shape}")
+        raise ValueError(f"weights has shape {given.shape}, eigenvalues {values.shape}")
     if not (np.isfinite(rows).all() and (rows >= 0).all()):
         raise ValueError("weights must be finite and non-negative: each is how many "
                          "eigenvalues its node stands for")
