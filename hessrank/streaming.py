@@ -49,7 +49,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
 
-from hessrank.curvature.loss import direct_parameter_names
+from hessrank.curvature.loss import (
+    VanishingCurvatureError,
+    direct_parameter_names,
+    float64_twin,
+)
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.guard import (
     CODE_TYPES,
@@ -283,7 +287,11 @@ def _outputs(batch: CurvatureProblem) -> Tensor:
 
 
 def _coefficient(pair_part: Tensor, alone: Tensor, what: str) -> float:
-    """``c`` with ``pair_part = c * alone`` (both ``[n, *out]``), or raise naming ``what``."""
+    """``c`` with ``pair_part = c * alone`` (both ``[n, *out]``), or raise naming ``what``.
+    Summed in float64: a float32 batch's gradients below about 1e-19 have squares that flush
+    to zero in float32, and it was said to have no gradient on its own."""
+    tolerance = agreement_tolerance(alone.dtype) * math.sqrt(alone[0].numel())
+    pair_part, alone = pair_part.double(), alone.double()
     alone_sq = float((alone * alone).sum())
     if alone_sq == 0.0:
         if float(pair_part.abs().max()) == 0.0:
@@ -295,7 +303,6 @@ def _coefficient(pair_part: Tensor, alone: Tensor, what: str) -> float:
         )
     coefficient = float((pair_part * alone).sum()) / alone_sq
     residual = float((pair_part - coefficient * alone).norm())
-    tolerance = agreement_tolerance(alone.dtype) * math.sqrt(alone[0].numel())
     if residual > tolerance * max(float(pair_part.norm()), math.sqrt(alone_sq) * abs(coefficient)):
         raise ValueError(
             f"loss_fn does not add up over batches: next to another batch, the gradient of "
@@ -381,11 +388,31 @@ class StreamedProblem(CurvatureProblem):
                 "data set is that of all its samples at once, so every batch needs the same "
                 "output and target shapes past the batch dimension (pad sequences to one length)"
             ) from error
-        pair_gradient = output_gradient(self.loss_fn, both_outputs, both_targets)
         split = reference_outputs.shape[0]
-        alpha = _coefficient(pair_gradient[:split], reference_gradient, "the first batch")
-        beta = _coefficient(pair_gradient[split:], gradient, what)
-        return alpha, beta
+
+        def coefficients(loss_fn: LossFn, both: Tensor, reference: Tensor, alone: Tensor
+                         ) -> tuple[float, float]:
+            pair_gradient = output_gradient(loss_fn, both, both_targets)
+            return (_coefficient(pair_gradient[:split], reference, "the first batch"),
+                    _coefficient(pair_gradient[split:], alone, what))
+
+        try:
+            return coefficients(self.loss_fn, both_outputs, reference_gradient, gradient)
+        except ValueError as error:
+            if both_outputs.dtype == torch.float64:
+                raise
+            # Near a saturated softmax or sigmoid a float32 batch's gradients lie at the
+            # subnormal floor, where dividing by the pair's 2n instead of n rounds them to zero
+            # or not (a memorised classifier's first batch was said to interact with the
+            # next): read in float64, where the loss can be.
+            try:
+                twin = float64_twin(self.loss_fn, both_outputs, both_targets)
+            except ValueError:
+                raise error from None
+            return coefficients(
+                twin, both_outputs.double(),
+                output_gradient(twin, reference_outputs.double(), reference_targets),
+                output_gradient(twin, outputs.detach().double(), targets))
 
     def _weighed(self, batch: CurvatureProblem, outputs: Tensor, index: int
                  ) -> tuple[Any, float, float]:
@@ -724,14 +751,28 @@ class StreamedOperator(ParameterOperator):
         self.num_products += vectors.shape[0]
         bounds: list[int] = []
         unused: list[frozenset[int]] = []
+        vanished: list[VanishingCurvatureError] = []
 
         def batch_product(batch: CurvatureProblem) -> tuple[Tensor, float]:
-            operator = self.make(batch)
+            try:
+                operator = self.make(batch)
+            except VanishingCurvatureError as error:
+                # A batch saturated to the last digit adds no GGN (its loss Hessian rounds to
+                # zero, in float32 first), as its samples would in one batch with the others:
+                # the data set was refused as a whole for it (probe 126).
+                vanished.append(error)
+                bounds.append(0)
+                unused.append(frozenset(range(len(self.params))))
+                with torch.no_grad():
+                    loss = float(batch.loss(batch.forward()))
+                return torch.zeros(vectors.shape, dtype=self.dtype, device=self.device), loss
             bounds.append(operator.rank_bound)
             unused.append(operator.unused)
             return operator.matmat(vectors), operator.loss_value
 
         product = self.problem.summed(batch_product)
+        if len(vanished) == len(bounds):
+            raise vanished[0]
         self.rank_bound = min(self.dim, sum(bounds))  # a sum's rank is at most its terms' sum
         self.unused = unused_in_every(unused)
         return product

@@ -1252,8 +1252,13 @@ def _flat_curvature_error(loss_fn: LossFn, leaf: Tensor, targets: Tensor,
     return _linear_loss_error()
 
 
-def _vanishing_curvature_error(dtype: torch.dtype) -> ValueError:
-    return ValueError(
+class VanishingCurvatureError(ValueError):
+    """A curved loss whose second derivative w.r.t. the outputs is zero at every sample of a
+    batch (saturated): that batch's GGN is zero, which a data set's other batches may not be."""
+
+
+def _vanishing_curvature_error(dtype: torch.dtype) -> VanishingCurvatureError:
+    return VanishingCurvatureError(
         "the loss's second derivative w.r.t. the outputs is zero at these outputs for every "
         "sample, though the loss is not linear in them (e.g. a softmax saturated to "
         f"probabilities 0 and 1 in {dtype}): the GGN vanishes here. Use method='exact' or "
