@@ -757,9 +757,10 @@ class StreamedOperator(ParameterOperator):
             try:
                 operator = self.make(batch)
             except VanishingCurvatureError as error:
-                # A batch saturated to the last digit adds no GGN (its loss Hessian rounds to
-                # zero, in float32 first), as its samples would in one batch with the others:
-                # the data set was refused as a whole for it (probe 126).
+                # A batch saturated to the last digit adds no curvature (its loss Hessian, or
+                # its EF's entries, round to zero, in float32 first), as its samples would add
+                # none beside the others in one batch: the data set was refused for it (probe
+                # 126). Where no batch adds any, the first one's error stands.
                 vanished.append(error)
                 bounds.append(0)
                 unused.append(frozenset(range(len(self.params))))
@@ -771,7 +772,7 @@ class StreamedOperator(ParameterOperator):
             return operator.matmat(vectors), operator.loss_value
 
         product = self.problem.summed(batch_product)
-        if len(vanished) == len(bounds):
+        if vanished and sum(bounds) == 0:
             raise vanished[0]
         self.rank_bound = min(self.dim, sum(bounds))  # a sum's rank is at most its terms' sum
         self.unused = unused_in_every(unused)

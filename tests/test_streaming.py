@@ -857,13 +857,14 @@ def test_the_loss_s_graphs_are_freed_after_a_call(method):
     assert saved_outputs and not [ref for ref in saved_outputs if ref() is not None]
 
 
-def _memorised_float32(classes: int) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
-    """A float32 MLP scaled until its loss saturates (every margin 20 at least, most past the
-    ~104 where float32's softmax or sigmoid gradient is exactly zero), its samples ordered by
-    their loss gradient, smallest first."""
+def _memorised_float32(classes: int, built_in: torch.dtype
+                       ) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """A float32 MLP (built in ``built_in``) scaled until its loss saturates (every margin 20 at
+    least, most past the ~104 where float32's softmax or sigmoid gradient is exactly zero), its
+    samples ordered by their loss gradient, smallest first."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, classes)).double()
-    x = torch.randn(13, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, classes)).to(built_in)
+    x = torch.randn(13, 5, generator=torch.Generator().manual_seed(0), dtype=built_in)
     with torch.no_grad():
         outputs = model(x)
         if classes == 1:
@@ -873,24 +874,29 @@ def _memorised_float32(classes: int) -> tuple[nn.Module, nn.Module, torch.Tensor
             y, gap = outputs.argmax(1), (top[:, 0] - top[:, 1]).min()
         model[2].weight.mul_(20 / gap)
         model[2].bias.mul_(20 / gap)
-    model, x, y = model.float(), x.float(), y.float() if classes == 1 else y
+    model, x = model.float(), x.float()
     loss_fn = nn.BCEWithLogitsLoss() if classes == 1 else nn.CrossEntropyLoss()
     gradient = torch.autograd.functional.jacobian(lambda f: loss_fn(f, y), model(x).detach())
     order = gradient.reshape(13, -1).abs().amax(1).argsort()
     return model, loss_fn, x[order], y[order]
 
 
+@pytest.mark.parametrize("built_in", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize(("classes", "method"), [
     (1, "exact"), (1, "fisher"), (1, "fisher_lanczos"), (3, "exact"), (3, "ggn"),
     (3, "ggn_lanczos")])
-def test_a_float32_batch_saturated_to_zero_gradient_is_one_of_the_data_set(classes, method):
+def test_a_float32_batch_saturated_to_zero_gradient_is_one_of_the_data_set(classes, method,
+                                                                           built_in):
     """A memorised float32 classifier whose first batch's loss gradients are all exactly zero
     (its curvature too, for the GGN): the logistic one's data set was refused as batches that
     interact in the loss (exact, fisher, fisher_lanczos: next to another batch those gradients
-    were read at the subnormal floor, and their squares flushed to zero in float32), the
-    softmax one's by ggn_lanczos as a GGN that vanishes (batch by batch). Each method gives the
-    concatenated batch's spectrum now (probe 126)."""
-    model, loss_fn, x, y = _memorised_float32(classes)
+    were read at the subnormal floor, and their squares flushed to zero in float32), or by
+    fisher_lanczos as a batch whose EF entries fall under float32's range; the softmax one's by
+    ggn_lanczos as a GGN that vanishes, or as a loss that couples the samples (a batch at the
+    subnormal floor alone, its products 20 % off). Each method gives the concatenated batch's
+    spectrum now (probe 126); where no batch adds curvature, the data set is refused as one
+    batch is."""
+    model, loss_fn, x, y = _memorised_float32(classes, built_in)
     batches = list(zip(x.split(5), y.split(5)))
     with torch.no_grad():
         first = torch.autograd.functional.jacobian(lambda f: loss_fn(f, batches[0][1]),
@@ -900,3 +906,10 @@ def test_a_float32_batch_saturated_to_zero_gradient_is_one_of_the_data_set(class
     streamed = hessrank.effective_rank(model, loss_fn, batches, method, seed=1)
     assert streamed.top_eigenvalue == pytest.approx(whole.top_eigenvalue, rel=1e-4)
     assert streamed.rank == whole.rank
+    if method == "fisher_lanczos":  # every batch's EF under the range: refused as one batch
+        def scaled(f: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return 1e-25 * loss_fn(f, t)
+
+        for data in ((x, y), batches):
+            with pytest.raises(ValueError, match="fall under torch.float32's range"):
+                hessrank.effective_rank(model, scaled, data, method)

@@ -309,6 +309,13 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     return factors.reshape(1, *outputs.shape).to(dtype), weights.to(dtype)
 
 
+class VanishingCurvatureError(ValueError):
+    """A batch whose curvature factors vanish in its dtype: a curved loss's second derivatives
+    w.r.t. the outputs zero at every sample (saturated; the GGN), or its loss gradients' squares
+    under the dtype's range (the EF). A data set's other batches may add curvature where this
+    one adds none."""
+
+
 def _binade(largest: float) -> float:
     """The power of two at or above ``largest`` (1 for 0 or a value that is not finite)."""
     return 2.0 ** math.frexp(largest)[1] if 0 < largest < math.inf else 1.0
@@ -328,7 +335,7 @@ def _check_squares_in_range(factors: Tensor, dtype: torch.dtype) -> None:
         return
     side, limit = (("under", smallest) if largest < 1 else ("over", info.max))
     power = -math.frexp(largest)[1]  # brings the largest to [1/2, 1)
-    raise ValueError(
+    raise (VanishingCurvatureError if side == "under" else ValueError)(
         f"the samples' loss gradients w.r.t. the outputs reach at most {largest:.3g}: the "
         f"empirical Fisher's entries, products of two of them, fall {side} {dtype}'s range "
         f"({limit:.3g}) and would be lost. Ranks are scale-free: scale the loss "
@@ -1075,6 +1082,17 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     try:
         found = output_hessian_blocks(first, leaf, generator)
     except _SamplesCoupled as error:
+        if outputs.dtype != torch.float64:
+            # float64 decides where float32's checks refuse: a softmax saturated to its
+            # subnormal floor fails both (its products round to 20 % there), and a data set's
+            # batch of such samples alone was said to couple them (probe 126)
+            try:
+                wide_dim, wide_probs, wide_weights, _ = _in_float64(_structure_of, loss_fn,
+                                                                    outputs, targets)
+            except ValueError:
+                wide_dim = None
+            if wide_dim is not None:
+                return _softmax_factors(wide_probs, wide_weights, wide_dim, outputs.dtype)
         # a loss computing in a lower precision inside has blocks coupled to that rounding (a
         # float64 model's loss cast to float32 had been said to couple its samples; probe 119)
         lowered = lower_precision_in(loss_fn, outputs, targets)
@@ -1250,11 +1268,6 @@ def _flat_curvature_error(loss_fn: LossFn, leaf: Tensor, targets: Tensor,
     if _curved_elsewhere(loss_fn, leaf, targets, generator):
         return _vanishing_curvature_error(leaf.dtype)
     return _linear_loss_error()
-
-
-class VanishingCurvatureError(ValueError):
-    """A curved loss whose second derivative w.r.t. the outputs is zero at every sample of a
-    batch (saturated): that batch's GGN is zero, which a data set's other batches may not be."""
 
 
 def _vanishing_curvature_error(dtype: torch.dtype) -> VanishingCurvatureError:
