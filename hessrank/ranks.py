@@ -128,6 +128,8 @@ def srank_per_row(
     # sums, and are never the largest, whose value divides the rest (scale-free).
     kept = rows > 0
     count, size = rows.shape
+    if size == 0:  # an empty spectrum
+        return np.zeros(count)
     largest = values[kept.argmax(axis=1)]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         scaled = np.where(kept & (largest[:, None] > 0), values / largest[:, None], values)
@@ -157,7 +159,7 @@ def srank_per_row(
     unit = np.where(kept, rows == 1.0, True).all(axis=1)
     result[live] = np.where(unit, weight_before + 1,
                             np.ceil(counts - 1e-9 * np.maximum(counts, 1.0)))
-    return result
+    return result + 0.0  # (a count rounded up from below 1e-9 is 0, not -0)
 
 
 def numerical_rank(

@@ -132,6 +132,9 @@ def test_rank_definitions_on_known_spectra():
     assert ranks.srank(spiky, 0.99) == 2  # |.| taken: 100 / 101.5 < 0.99 <= 101 / 101.5
     assert ranks.stable_rank(spiky) == pytest.approx((100**2 + 1 + 0.25) / 100**2)
     assert ranks.srank(np.zeros(3)) == 0
+    # an empty spectrum has every rank 0 (the batched srank had raised numpy's argmax error;
+    # probe 127)
+    assert hessrank.spectral_ranks(np.array([])) == dict.fromkeys(ranks.RANK_NAMES, 0.0)
 
 
 def test_rank_definitions_are_scale_invariant_and_weights_mean_multiplicity():

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessrank.ranks import default_rtol, spectral_ranks, srank, srank_per_row, whole_count
+from hessrank.ranks import default_rtol, spectral_ranks, srank_per_row, whole_count
 from hessrank.spectrum.dense import by_magnitude, not_finite_error
 from hessrank.spectrum.operator import SymmetricOperator
 
@@ -1615,11 +1615,14 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
         unseen = tolerance < (quadrature.floor if capped else quadrature.resolution)
         # Where the run guessed which nodes repeat, every allocation of the guessed counts is
         # as likely: the intervals hold them all.
-        allocated = [(srank(quadrature.nodes, threshold, weights), float(weights[above].sum()),
-                      float(quadrature.nodes @ weights))
-                     for weights in _allocations(quadrature, bound)]
-        least, most = (np.min(allocated, axis=0), np.max(allocated, axis=0)) if allocated else (
-            np.full(3, np.inf), np.full(3, -np.inf))
+        least, most = np.full(3, np.inf), np.full(3, -np.inf)
+        allocations = _allocations(quadrature, bound)
+        if allocations:
+            rows = np.array(allocations)
+            allocated = np.column_stack([
+                srank_per_row(quadrature.nodes, np.full(len(rows), threshold), rows),
+                rows[:, above].sum(axis=1), rows @ quadrature.nodes])
+            least, most = allocated.min(axis=0), allocated.max(axis=0)
         # Every draw at once (a loop over them took 4 s of a call on a 120 x 120 operator).
         shifts = (draws @ error + hidden_mass) / np.maximum(draws @ magnitude, 1e-300)
         at_threshold = np.full(len(draws), threshold)
