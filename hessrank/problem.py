@@ -7,6 +7,7 @@ and changes nothing.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -502,6 +503,28 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
     return value
 
 
+def _loss_tensors(loss_fn: object) -> list[tuple[str, Tensor]]:
+    """The tensors ``loss_fn`` holds besides its inputs, by name: a module's parameters and
+    buffers; a function's captured variables and the module-level names it reads; a
+    ``functools.partial``'s arguments (a float64 class weight captured by a lambda on a float32
+    model had failed with advice about the targets)."""
+    if isinstance(loss_fn, nn.Module):
+        return [*loss_fn.named_parameters(), *loss_fn.named_buffers()]
+    if isinstance(loss_fn, functools.partial):
+        held = {**{f"argument {i}": value for i, value in enumerate(loss_fn.args)},
+                **loss_fn.keywords}
+        return [(name, value) for name, value in held.items() if isinstance(value, Tensor)]
+    code = getattr(loss_fn, "__code__", None)
+    if code is None:
+        return []
+    cells = zip(code.co_freevars, getattr(loss_fn, "__closure__", None) or ())
+    captured = {name: cell.cell_contents for name, cell in cells
+                if cell.cell_contents is not None}
+    names = getattr(loss_fn, "__globals__", {})
+    captured.update({name: names[name] for name in code.co_names if name in names})
+    return [(name, value) for name, value in captured.items() if isinstance(value, Tensor)]
+
+
 def _loss_with_advice(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
     """:func:`call_loss`, its errors extended with the shapes and dtypes involved and the fix.
 
@@ -514,14 +537,15 @@ def _loss_with_advice(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
     except UnrepeatableLoss:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        own = ([f"{name} ({tensor.dtype})" for name, tensor in
-                [*loss_fn.named_parameters(), *loss_fn.named_buffers()]
-                if tensor.is_floating_point() and tensor.dtype != outputs.dtype]
-               if isinstance(loss_fn, nn.Module) else [])
-        if own:
-            advice = (f"The loss's own tensors are not in the outputs' dtype ({', '.join(own)}): "
-                      f"cast them to {outputs.dtype} (e.g. nn.CrossEntropyLoss(weight=w.to("
-                      f"{outputs.dtype})))")
+        module = isinstance(loss_fn, nn.Module)
+        own = [(name, tensor.dtype) for name, tensor in _loss_tensors(loss_fn)
+               if tensor.is_floating_point() and tensor.dtype != outputs.dtype]
+        if own and (module or re.search("dtype|scalar type", str(error), re.IGNORECASE)):
+            example = ("nn.CrossEntropyLoss(weight=w.to(" if module else f"{own[0][0]}.to(") + (
+                f"{outputs.dtype}){')' if module else ''}")
+            advice = (f"The loss's own tensors are not in the outputs' dtype "
+                      f"({', '.join(f'{name} ({dtype})' for name, dtype in own)}): cast them to "
+                      f"{outputs.dtype} (e.g. {example})")
         elif "leaf Variable that requires grad is being used in an in-place" in str(error):
             advice = ("loss_fn modifies the outputs in place (f /= T, f.relu_(), "
                       "f.masked_fill_(...)), which the call's leaf copies of them cannot take: "

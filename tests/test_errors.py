@@ -1513,14 +1513,28 @@ def test_custom_autograd_functions_are_named_in_a_note(method):
     assert not any("custom autograd.Function" in note for note in plain.notes)
 
 
-def test_a_loss_weight_of_another_dtype_is_named():
+_CLASS_WEIGHT = torch.tensor([1.0, 2.0, 0.5])
+
+
+def _weighted_by(class_weight: torch.Tensor):
+    return lambda f, y: nn.functional.cross_entropy(f, y, weight=class_weight)
+
+
+@pytest.mark.parametrize(("make", "named"), [
+    (lambda: nn.CrossEntropyLoss(weight=_CLASS_WEIGHT), "weight"),
+    (lambda: _weighted_by(_CLASS_WEIGHT), "class_weight"),  # a captured variable
+    (lambda: lambda f, y: nn.functional.cross_entropy(f, y, weight=_CLASS_WEIGHT),
+     "_CLASS_WEIGHT"),  # a module-level name
+    (lambda: functools.partial(nn.functional.cross_entropy, weight=_CLASS_WEIGHT), "weight"),
+], ids=["module", "closure", "global", "partial"])
+def test_a_loss_weight_of_another_dtype_is_named(make, named):
     """A float32 class weight on a float64 model failed inside the loss with a message that
-    blamed the targets."""
+    blamed the targets; so did one a function captures, reads or is given (a partial's)."""
     model = nn.Linear(4, 3).double()
-    loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
     batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
-    with pytest.raises(RuntimeError, match=r"not in the outputs' dtype \(weight \(torch.float32\)"):
-        hessrank.effective_rank(model, loss, batch, "fisher")
+    with pytest.raises(RuntimeError, match=rf"not in the outputs' dtype \({named} "
+                                           r"\(torch.float32\)\): cast them to torch.float64"):
+        hessrank.effective_rank(model, make(), batch, "fisher")
 
 
 def test_fisher_reads_weights_in_float64_through_a_float32_class_weight():
