@@ -13,7 +13,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
@@ -517,9 +517,10 @@ def _loss_tensors(loss_fn: object) -> list[tuple[str, Tensor]]:
     code = getattr(loss_fn, "__code__", None)
     if code is None:
         return []
-    cells = zip(code.co_freevars, getattr(loss_fn, "__closure__", None) or ())
-    captured = {name: cell.cell_contents for name, cell in cells
-                if cell.cell_contents is not None}
+    captured: dict[str, object] = {}
+    for name, cell in zip(code.co_freevars, getattr(loss_fn, "__closure__", None) or ()):
+        with suppress(ValueError):  # (a cell not yet assigned is empty)
+            captured[name] = cell.cell_contents
     names = getattr(loss_fn, "__globals__", {})
     captured.update({name: names[name] for name in code.co_names if name in names})
     return [(name, value) for name, value in captured.items() if isinstance(value, Tensor)]
