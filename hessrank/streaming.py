@@ -50,7 +50,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
 
 from hessrank.curvature.loss import (
-    VanishingCurvatureError,
+    ZeroCurvatureError,
     direct_parameter_names,
     float64_twin,
 )
@@ -751,16 +751,17 @@ class StreamedOperator(ParameterOperator):
         self.num_products += vectors.shape[0]
         bounds: list[int] = []
         unused: list[frozenset[int]] = []
-        vanished: list[VanishingCurvatureError] = []
+        vanished: list[ZeroCurvatureError] = []
 
         def batch_product(batch: CurvatureProblem) -> tuple[Tensor, float]:
             try:
                 operator = self.make(batch)
-            except VanishingCurvatureError as error:
-                # A batch saturated to the last digit adds no curvature (its loss Hessian, or
-                # its EF's entries, round to zero, in float32 first), as its samples would add
-                # none beside the others in one batch: the data set was refused for it (probe
-                # 126). Where no batch adds any, the first one's error stands.
+            except ZeroCurvatureError as error:
+                # A batch whose factors are zero adds nothing, as its samples would add nothing
+                # beside the others in one batch: every target ignored under a sum (its GGN
+                # was taken for a linear loss's), or saturated to the last digit (its loss
+                # Hessian, or its EF's entries, round to zero, in float32 first; probe 126).
+                # Where no batch adds any, the first one's error stands.
                 vanished.append(error)
                 bounds.append(0)
                 unused.append(frozenset(range(len(self.params))))

@@ -443,6 +443,29 @@ def test_a_batch_whose_targets_are_all_ignored_adds_nothing(method, masked, batc
     assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
 
 
+@pytest.mark.parametrize("batch", [1, 0], ids=["second batch", "first batch"])
+@pytest.mark.parametrize("method", ["ggn_lanczos", "fisher_lanczos"])
+def test_a_batch_whose_targets_are_all_ignored_adds_nothing_to_a_sum(method, batch):
+    """Under a sum a batch whose every target is ignored has a loss of 0 and weighs 1:
+    ggn_lanczos took its zero GGN for a linear loss's and refused the data set (a known gap of
+    the README). It adds nothing now, as in the concatenated batch; a loss linear in the outputs
+    of every batch is still refused."""
+    model, _, x, y = _data("mean")
+    loss_fn = nn.CrossEntropyLoss(ignore_index=2, reduction="sum")
+    y = y.clone()
+    start = sum(SIZES[:batch])
+    y[start:start + SIZES[batch]] = 2
+    streamed = hessrank.effective_rank(model, loss_fn, _batches(x, y), method)
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), method)
+    assert streamed.trace == pytest.approx(whole.trace, rel=1e-9)
+    assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
+    if method == "ggn_lanczos":
+        linear = nn.NLLLoss(reduction="sum")  # on the raw outputs: linear in them
+        for data in ((x, y.clamp(max=1)), _batches(x, y.clamp(max=1))):
+            with pytest.raises(ValueError, match="the loss is linear in the model's outputs"):
+                hessrank.effective_rank(model, linear, data, method)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("method", ["exact", "lanczos"])
 def test_a_batch_without_gradient_but_with_curvature(reduction, method):

@@ -309,11 +309,11 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     return factors.reshape(1, *outputs.shape).to(dtype), weights.to(dtype)
 
 
-class VanishingCurvatureError(ValueError):
-    """A batch whose curvature factors vanish in its dtype: a curved loss's second derivatives
-    w.r.t. the outputs zero at every sample (saturated; the GGN), or its loss gradients' squares
-    under the dtype's range (the EF). A data set's other batches may add curvature where this
-    one adds none."""
+class ZeroCurvatureError(ValueError):
+    """A batch whose GGN or EF factors are all zero: a loss linear or constant in the outputs
+    there (every target ignored), a curved loss's second derivatives zero at every sample
+    (saturated; the GGN), or its loss gradients' squares under the dtype's range (the EF). A
+    data set's other batches may add curvature where this one adds none."""
 
 
 def _binade(largest: float) -> float:
@@ -335,7 +335,7 @@ def _check_squares_in_range(factors: Tensor, dtype: torch.dtype) -> None:
         return
     side, limit = (("under", smallest) if largest < 1 else ("over", info.max))
     power = -math.frexp(largest)[1]  # brings the largest to [1/2, 1)
-    raise (VanishingCurvatureError if side == "under" else ValueError)(
+    raise (ZeroCurvatureError if side == "under" else ValueError)(
         f"the samples' loss gradients w.r.t. the outputs reach at most {largest:.3g}: the "
         f"empirical Fisher's entries, products of two of them, fall {side} {dtype}'s range "
         f"({limit:.3g}) and would be lost. Ranks are scale-free: scale the loss "
@@ -881,8 +881,8 @@ def _curvature_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor
     return leaf, first
 
 
-def _linear_loss_error() -> ValueError:
-    return ValueError(
+def _linear_loss_error() -> ZeroCurvatureError:
+    return ZeroCurvatureError(
         "the loss is linear in the model's outputs (e.g. nn.NLLLoss after a LogSoftmax inside "
         "the model), or constant in them on this batch (every target ignored), so its GGN is "
         "exactly zero: move the last nonlinearity into the loss (nn.CrossEntropyLoss on "
@@ -1270,8 +1270,8 @@ def _flat_curvature_error(loss_fn: LossFn, leaf: Tensor, targets: Tensor,
     return _linear_loss_error()
 
 
-def _vanishing_curvature_error(dtype: torch.dtype) -> VanishingCurvatureError:
-    return VanishingCurvatureError(
+def _vanishing_curvature_error(dtype: torch.dtype) -> ZeroCurvatureError:
+    return ZeroCurvatureError(
         "the loss's second derivative w.r.t. the outputs is zero at these outputs for every "
         "sample, though the loss is not linear in them (e.g. a softmax saturated to "
         f"probabilities 0 and 1 in {dtype}): the GGN vanishes here. Use method='exact' or "
