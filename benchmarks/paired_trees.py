@@ -72,18 +72,10 @@ def method_case(threads: int, arch: str = "mlp", method: str = "fisher", batches
 
 def case_model(arch: str) -> tuple[Any, tuple[Any, Any]]:
     """The seeded model and batch: ``run.py --only fisher``'s MLP 784-512-512-10 at n = 512
-    (``mlp``), a tanh MLP 10-16-16-4 at n = 48 (``small``, P = 516: where a Lanczos call's
-    own arithmetic, not its products, takes the time), or ``run.py``'s ``arch`` at n = 128."""
+    (``mlp``), or ``run.py``'s ``arch`` at n = 128."""
     import torch
     from torch import nn
 
-    if arch == "small":
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                              nn.Linear(16, 4))
-        generator = torch.Generator().manual_seed(1)
-        return model, (torch.randn(48, 10, generator=generator),
-                       torch.randint(0, 4, (48,), generator=generator))
     if arch == "mlp":
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
@@ -119,8 +111,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arch", default="mlp",
-                        help="mlp (the 670k MLP, n = 512), small (P = 516, n = 48) or an "
-                        "architecture of run.py (n = 128)")
+                        help="mlp (the 670k MLP, n = 512) or an architecture of run.py (n = 128)")
     parser.add_argument("--method", default="fisher", help="the method timed")
     parser.add_argument("--batches", type=int, default=1,
                         help="split the batch into this many (a data set)")
