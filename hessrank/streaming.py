@@ -757,11 +757,11 @@ class StreamedOperator(ParameterOperator):
             try:
                 operator = self.make(batch)
             except ZeroCurvatureError as error:
-                # A batch whose factors are zero adds nothing, as its samples would add nothing
-                # beside the others in one batch: every target ignored under a sum (its GGN
-                # was taken for a linear loss's), or saturated to the last digit (its loss
-                # Hessian, or its EF's entries, round to zero, in float32 first; probe 126).
-                # Where no batch adds any, the first one's error stands.
+                # A batch whose GGN factors are zero adds nothing, as its samples would add
+                # nothing beside the others in one batch: every target ignored under a sum
+                # (taken for a linear loss's), or saturated to the last digit (its loss Hessian
+                # rounds to zero, in float32 first; probe 126). Where no batch adds any, the
+                # first one's error stands.
                 vanished.append(error)
                 bounds.append(0)
                 unused.append(frozenset(range(len(self.params))))

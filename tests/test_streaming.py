@@ -913,12 +913,13 @@ def test_a_float32_batch_saturated_to_zero_gradient_is_one_of_the_data_set(class
     """A memorised float32 classifier whose first batch's loss gradients are all exactly zero
     (its curvature too, for the GGN): the logistic one's data set was refused as batches that
     interact in the loss (exact, fisher, fisher_lanczos: next to another batch those gradients
-    were read at the subnormal floor, and their squares flushed to zero in float32), or by
-    fisher_lanczos as a batch whose EF entries fall under float32's range; the softmax one's by
-    ggn_lanczos as a GGN that vanishes, or as a loss that couples the samples (a batch at the
-    subnormal floor alone, its products 20 % off). Each method gives the concatenated batch's
-    spectrum now (probe 126); where no batch adds curvature, the data set is refused as one
-    batch is."""
+    were read at the subnormal floor, and their squares flushed to zero in float32); the
+    softmax one's by ggn_lanczos as a GGN that vanishes, or as a loss that couples the samples
+    (a batch at the subnormal floor alone, its products 20 % off). Each method gives the
+    concatenated batch's spectrum now (probe 126), but for fisher_lanczos where a batch's output
+    gradients fall under float32's range: refused (the model's Jacobians could make up the
+    difference, and a batch left out for it had carried nearly all of the EF; probe 128), as a
+    batch whose every gradient does is."""
     model, loss_fn, x, y = _memorised_float32(classes, built_in)
     batches = list(zip(x.split(5), y.split(5)))
     with torch.no_grad():
@@ -926,6 +927,10 @@ def test_a_float32_batch_saturated_to_zero_gradient_is_one_of_the_data_set(class
                                                    model(batches[0][0]))
     assert bool((first == 0).all())  # the case: a batch without gradient in float32
     whole = hessrank.effective_rank(model, loss_fn, (x, y), method, seed=1)
+    if method == "fisher_lanczos" and built_in == torch.float32:  # its second batch's
+        with pytest.raises(ValueError, match="fall under torch.float32's range"):
+            hessrank.effective_rank(model, loss_fn, batches, method, seed=1)
+        return
     streamed = hessrank.effective_rank(model, loss_fn, batches, method, seed=1)
     assert streamed.top_eigenvalue == pytest.approx(whole.top_eigenvalue, rel=1e-4)
     assert streamed.rank == whole.rank

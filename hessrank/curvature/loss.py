@@ -309,13 +309,6 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     return factors.reshape(1, *outputs.shape).to(dtype), weights.to(dtype)
 
 
-class ZeroCurvatureError(ValueError):
-    """A batch whose GGN or EF factors are all zero: a loss linear or constant in the outputs
-    there (every target ignored), a curved loss's second derivatives zero at every sample
-    (saturated; the GGN), or its loss gradients' squares under the dtype's range (the EF). A
-    data set's other batches may add curvature where this one adds none."""
-
-
 def _binade(largest: float) -> float:
     """The power of two at or above ``largest`` (1 for 0 or a value that is not finite)."""
     return 2.0 ** math.frexp(largest)[1] if 0 < largest < math.inf else 1.0
@@ -335,7 +328,7 @@ def _check_squares_in_range(factors: Tensor, dtype: torch.dtype) -> None:
         return
     side, limit = (("under", smallest) if largest < 1 else ("over", info.max))
     power = -math.frexp(largest)[1]  # brings the largest to [1/2, 1)
-    raise (ZeroCurvatureError if side == "under" else ValueError)(
+    raise ValueError(
         f"the samples' loss gradients w.r.t. the outputs reach at most {largest:.3g}: the "
         f"empirical Fisher's entries, products of two of them, fall {side} {dtype}'s range "
         f"({limit:.3g}) and would be lost. Ranks are scale-free: scale the loss "
@@ -879,6 +872,15 @@ def _curvature_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor
     if first is None:
         raise _linear_loss_error()
     return leaf, first
+
+
+class ZeroCurvatureError(ValueError):
+    """A batch whose GGN factors are all zero: a loss linear or constant in the outputs there
+    (every target ignored), or a curved loss's second derivatives zero at every sample
+    (saturated). A data set's other batches may add curvature where this one adds none. (Not
+    an EF whose output gradients' squares fall under the dtype's range: the model's Jacobians
+    can make up the difference, and a data set's batch left out for it had carried nearly all
+    of the EF; probe 128.)"""
 
 
 def _linear_loss_error() -> ZeroCurvatureError:
