@@ -7,11 +7,13 @@ and changes nothing.
 
 from __future__ import annotations
 
+import dis
 import functools
 import inspect
 import math
 import numbers
 import re
+import types
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from contextvars import ContextVar
@@ -503,27 +505,58 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
     return value
 
 
-def _loss_tensors(loss_fn: object) -> list[tuple[str, Tensor]]:
+def _loss_tensors(loss_fn: object, bound: object = None) -> list[tuple[str, Tensor]]:
     """The tensors ``loss_fn`` holds besides its inputs, by name: a module's parameters and
-    buffers; a function's captured variables and the module-level names it reads; a
-    ``functools.partial``'s arguments (a float64 class weight captured by a lambda on a float32
-    model had failed with advice about the targets)."""
+    buffers; the variables a Python function captures or the module-level names it reads, and
+    their attributes (``cfg.weight``, and ``self.weight`` of a method or a callable object,
+    ``bound`` its ``self``); a ``functools.partial``'s arguments; a ``functools.wraps``
+    wrapper's function's (a float64 class weight captured by a lambda on a float32 model had
+    failed with advice about the targets). Attributes are read without running properties or
+    ``__getattr__``."""
     if isinstance(loss_fn, nn.Module):
         return [*loss_fn.named_parameters(), *loss_fn.named_buffers()]
     if isinstance(loss_fn, functools.partial):
-        held = {**{f"argument {i}": value for i, value in enumerate(loss_fn.args)},
+        held = {**{f"positional argument {i}": value for i, value in enumerate(loss_fn.args)},
                 **loss_fn.keywords}
-        return [(name, value) for name, value in held.items() if isinstance(value, Tensor)]
-    code = getattr(loss_fn, "__code__", None)
-    if code is None:
-        return []
-    captured: dict[str, object] = {}
-    for name, cell in zip(code.co_freevars, getattr(loss_fn, "__closure__", None) or ()):
+        return [*((name, value) for name, value in held.items() if isinstance(value, Tensor)),
+                *_loss_tensors(loss_fn.func)]
+    if isinstance(loss_fn, types.MethodType):
+        return _loss_tensors(loss_fn.__func__, bound=loss_fn.__self__)
+    if not isinstance(loss_fn, types.FunctionType):
+        call = inspect.getattr_static(type(loss_fn), "__call__", None)  # a callable object's
+        return (_loss_tensors(call, bound=loss_fn) if isinstance(call, types.FunctionType)
+                else [])
+    wrapped = loss_fn.__dict__.get("__wrapped__")  # (functools.wraps)
+    code, names = loss_fn.__code__, loss_fn.__globals__
+    owner = code.co_varnames[0] if bound is not None and code.co_argcount else None
+    cells: dict[str, object] = {}
+    for name, cell in zip(code.co_freevars, loss_fn.__closure__ or ()):
         with suppress(ValueError):  # (a cell not yet assigned is empty)
-            captured[name] = cell.cell_contents
-    names = getattr(loss_fn, "__globals__", {})
-    captured.update({name: names[name] for name in code.co_names if name in names})
-    return [(name, value) for name, value in captured.items() if isinstance(value, Tensor)]
+            cells[name] = cell.cell_contents
+    found: dict[str, Tensor] = {}
+    instructions = list(dis.get_instructions(code))
+    for index, instruction in enumerate(instructions):
+        name = instruction.argval
+        if instruction.opname == "LOAD_DEREF" and name in cells:
+            value = cells[name]
+        elif instruction.opname == "LOAD_FAST" and name == owner:  # self
+            value = bound
+        elif instruction.opname == "LOAD_GLOBAL" and name in names:
+            value = names[name]
+        else:
+            continue
+        path = str(name)
+        for attribute in instructions[index + 1:]:
+            if isinstance(value, Tensor):
+                found[path] = value
+            if attribute.opname not in ("LOAD_ATTR", "LOAD_METHOD"):
+                break
+            try:
+                value = inspect.getattr_static(value, attribute.argval)
+            except AttributeError:
+                break
+            path = f"{path}.{attribute.argval}"
+    return [*found.items(), *(_loss_tensors(wrapped) if wrapped is not None else [])]
 
 
 def _loss_with_advice(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -541,9 +574,13 @@ def _loss_with_advice(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
         module = isinstance(loss_fn, nn.Module)
         own = [(name, tensor.dtype) for name, tensor in _loss_tensors(loss_fn)
                if tensor.is_floating_point() and tensor.dtype != outputs.dtype]
-        if own and (module or re.search("dtype|scalar type", str(error), re.IGNORECASE)):
-            example = ("nn.CrossEntropyLoss(weight=w.to(" if module else f"{own[0][0]}.to(") + (
-                f"{outputs.dtype}){')' if module else ''}")
+        message = str(error).lower()
+        if own and "target" not in message and (module or "dtype" in message
+                                                or "scalar type" in message):
+            named = own[0][0]
+            example = (f"nn.CrossEntropyLoss(weight=w.to({outputs.dtype}))" if module else
+                       f"{named}.to({outputs.dtype})" if named.replace(".", "").isidentifier()
+                       else f"tensor.to({outputs.dtype})")
             advice = (f"The loss's own tensors are not in the outputs' dtype "
                       f"({', '.join(f'{name} ({dtype})' for name, dtype in own)}): cast them to "
                       f"{outputs.dtype} (e.g. {example})")

@@ -1514,10 +1514,30 @@ def test_custom_autograd_functions_are_named_in_a_note(method):
 
 
 _CLASS_WEIGHT = torch.tensor([1.0, 2.0, 0.5])
+weight = torch.tensor([1.0, 1.0, 1.0])  # a module-level name a loss reads only as an attribute
+
+
+class _Settings:
+    weight = torch.tensor([1.0, 2.0, 0.5])
+
+
+class _WeightedLoss:
+    def __init__(self) -> None:
+        self.weight = torch.tensor([1.0, 2.0, 0.5])
+
+    def __call__(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(f, y, weight=self.weight)
 
 
 def _weighted_by(class_weight: torch.Tensor):
     return lambda f, y: nn.functional.cross_entropy(f, y, weight=class_weight)
+
+
+def _wrapped(loss_fn):
+    @functools.wraps(loss_fn)
+    def wrapper(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(f, y)
+    return wrapper
 
 
 @pytest.mark.parametrize(("make", "named"), [
@@ -1526,15 +1546,36 @@ def _weighted_by(class_weight: torch.Tensor):
     (lambda: lambda f, y: nn.functional.cross_entropy(f, y, weight=_CLASS_WEIGHT),
      "_CLASS_WEIGHT"),  # a module-level name
     (lambda: functools.partial(nn.functional.cross_entropy, weight=_CLASS_WEIGHT), "weight"),
-], ids=["module", "closure", "global", "partial"])
+    (lambda: lambda f, y: nn.functional.cross_entropy(f, y, weight=_Settings.weight),
+     "_Settings.weight"),  # an attribute (not the module-level `weight`)
+    (lambda: _WeightedLoss(), "self.weight"),  # a callable object's
+    (lambda: _WeightedLoss().__call__, "self.weight"),  # a bound method's
+    (lambda: _wrapped(_weighted_by(_CLASS_WEIGHT)), "class_weight"),
+], ids=["module", "closure", "global", "partial", "attribute", "callable object", "method",
+        "functools.wraps"])
 def test_a_loss_weight_of_another_dtype_is_named(make, named):
     """A float32 class weight on a float64 model failed inside the loss with a message that
-    blamed the targets; so did one a function captures, reads or is given (a partial's)."""
+    blamed the targets; so did one a function captures, reads or is given (a partial's), an
+    attribute of those, a callable object's or a method's own, or a wrapped function's."""
     model = nn.Linear(4, 3).double()
     batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
-    with pytest.raises(RuntimeError, match=rf"not in the outputs' dtype \({named} "
+    with pytest.raises(RuntimeError, match=rf"not in the outputs' dtype \({re.escape(named)} "
                                            r"\(torch.float32\)\): cast them to torch.float64"):
         hessrank.effective_rank(model, make(), batch, "fisher")
+
+
+def test_a_target_dtype_error_is_not_put_on_the_loss_s_tensors():
+    """Integer targets of the wrong width beside a float32 tensor the loss casts: torch's error
+    is about the targets, and the advice had named the tensor (probe 128)."""
+    model = nn.Linear(4, 3).double()
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)).int())
+
+    def loss_fn(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(f, y, weight=_CLASS_WEIGHT.to(f.dtype))
+
+    with pytest.raises(RuntimeError, match="target") as refused:
+        hessrank.effective_rank(model, loss_fn, batch, "fisher")
+    assert "_CLASS_WEIGHT" not in str(refused.value)
 
 
 def test_fisher_reads_weights_in_float64_through_a_float32_class_weight():
