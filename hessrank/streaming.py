@@ -291,7 +291,10 @@ def _coefficient(pair_part: Tensor, alone: Tensor, what: str) -> float:
     Summed in float64: a float32 batch's gradients below about 1e-19 have squares that flush
     to zero in float32, and it was said to have no gradient on its own."""
     tolerance = agreement_tolerance(alone.dtype) * math.sqrt(alone[0].numel())
-    pair_part, alone = pair_part.double(), alone.double()
+    # in units of the largest entry alone (its binade: exact), so that no square leaves the
+    # range (a float64 batch's gradients of 2e-273 had squares of zero; probe 128)
+    unit = 2.0 ** math.frexp(float(alone.abs().max()))[1] if alone.numel() else 1.0
+    pair_part, alone = pair_part.double() / unit, alone.double() / unit
     alone_sq = float((alone * alone).sum())
     if alone_sq == 0.0:
         if float(pair_part.abs().max()) == 0.0:
@@ -396,23 +399,35 @@ class StreamedProblem(CurvatureProblem):
             return (_coefficient(pair_gradient[:split], reference, "the first batch"),
                     _coefficient(pair_gradient[split:], alone, what))
 
+        dtype = both_outputs.dtype
+        # Near a saturated softmax or sigmoid a float32 batch's gradients lie at the subnormal
+        # floor, where dividing by the pair's 2n instead of n rounds them to zero or not (a
+        # memorised classifier's first batch was said to interact with the next), or by a
+        # ratio of its own (one read as weighing the first batch 0.56 when repeated; probe
+        # 128): below the normal range to the agreement tolerance, and wherever the reading
+        # fails, they are read in float64, where the loss can be.
+        floor = torch.finfo(dtype).smallest_normal / agreement_tolerance(dtype)
+        coarse = dtype != torch.float64 and min(
+            float(reference_gradient.abs().max()), float(gradient.abs().max())) < floor
         try:
-            return coefficients(self.loss_fn, both_outputs, reference_gradient, gradient)
+            if not coarse:
+                return coefficients(self.loss_fn, both_outputs, reference_gradient, gradient)
         except ValueError as error:
-            if both_outputs.dtype == torch.float64:
+            if dtype == torch.float64:
                 raise
-            # Near a saturated softmax or sigmoid a float32 batch's gradients lie at the
-            # subnormal floor, where dividing by the pair's 2n instead of n rounds them to zero
-            # or not (a memorised classifier's first batch was said to interact with the
-            # next): read in float64, where the loss can be.
-            try:
-                twin = float64_twin(self.loss_fn, both_outputs, both_targets)
-            except ValueError:
-                raise error from None
-            return coefficients(
-                twin, both_outputs.double(),
-                output_gradient(twin, reference_outputs.double(), reference_targets),
-                output_gradient(twin, outputs.detach().double(), targets))
+            refused: ValueError | None = error
+        else:
+            refused = None
+        try:
+            twin = float64_twin(self.loss_fn, both_outputs, both_targets)
+        except ValueError:
+            if refused is not None:
+                raise refused from None
+            return coefficients(self.loss_fn, both_outputs, reference_gradient, gradient)
+        return coefficients(
+            twin, both_outputs.double(),
+            output_gradient(twin, reference_outputs.double(), reference_targets),
+            output_gradient(twin, outputs.detach().double(), targets))
 
     def _weighed(self, batch: CurvatureProblem, outputs: Tensor, index: int
                  ) -> tuple[Any, float, float]:

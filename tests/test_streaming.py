@@ -443,6 +443,27 @@ def test_a_batch_whose_targets_are_all_ignored_adds_nothing(method, masked, batc
     assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
 
 
+@pytest.mark.parametrize(("margin", "split", "method", "dtype"), [
+    (45.0, [2, 2, 9], "ggn", torch.float32), (100.0, [5, 5, 3], "ggn", torch.float32),
+    (100.0, [2, 2, 9], "exact", torch.float32), (45.0, [5, 5, 3], "exact", torch.float32),
+    (20.0, [1, 4, 8], "exact", torch.float64)])
+def test_batches_at_the_subnormal_floor_keep_their_weights(margin, split, method, dtype):
+    """A memorised classifier's batches whose loss gradients sit at the bottom of the dtype's
+    range: repeated, a float32 batch's pair gradient rounded to zero or to a ratio of its own,
+    and the data set was refused as one whose loss weighs the first batch by 0 (or 0.56) when
+    repeated; a float64 batch's gradients of 2e-273 had squares of zero, and it was said to
+    have no gradient alone; a float32 batch at the subnormal floor alone had Hessian products
+    7e-4 off symmetric, and was refused as a wrong second derivative. Now the data set is the
+    concatenated batch (probe 128)."""
+    model, loss_fn, x, y = _memorised_float32(3, torch.float64, margin, seed=1 if dtype ==
+                                              torch.float32 else 0, dtype=dtype)
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), method)
+    streamed = hessrank.effective_rank(model, loss_fn, list(zip(x.split(split), y.split(split))),
+                                       method)
+    assert streamed.top_eigenvalue == pytest.approx(whole.top_eigenvalue, rel=1e-4)
+    assert streamed.ranks["srank"] == whole.ranks["srank"]
+
+
 @pytest.mark.parametrize("batch", [1, 0], ids=["second batch", "first batch"])
 @pytest.mark.parametrize("method", ["ggn_lanczos", "fisher_lanczos"])
 def test_a_batch_whose_targets_are_all_ignored_adds_nothing_to_a_sum(method, batch):
@@ -880,14 +901,15 @@ def test_the_loss_s_graphs_are_freed_after_a_call(method):
     assert saved_outputs and not [ref for ref in saved_outputs if ref() is not None]
 
 
-def _memorised_float32(classes: int, built_in: torch.dtype
+def _memorised_float32(classes: int, built_in: torch.dtype, margin: float = 20.0,
+                       seed: int = 0, dtype: torch.dtype = torch.float32
                        ) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
-    """A float32 MLP (built in ``built_in``) scaled until its loss saturates (every margin 20 at
-    least, most past the ~104 where float32's softmax or sigmoid gradient is exactly zero), its
-    samples ordered by their loss gradient, smallest first."""
-    torch.manual_seed(0)
+    """A float32 (or ``dtype``) MLP built in ``built_in`` and scaled until its loss saturates
+    (every margin ``margin`` at least, most past the ~104 where float32's softmax or sigmoid
+    gradient is exactly zero), its samples ordered by their loss gradient, smallest first."""
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, classes)).to(built_in)
-    x = torch.randn(13, 5, generator=torch.Generator().manual_seed(0), dtype=built_in)
+    x = torch.randn(13, 5, generator=torch.Generator().manual_seed(seed), dtype=built_in)
     with torch.no_grad():
         outputs = model(x)
         if classes == 1:
@@ -895,9 +917,10 @@ def _memorised_float32(classes: int, built_in: torch.dtype
         else:
             top = outputs.topk(2, dim=1).values
             y, gap = outputs.argmax(1), (top[:, 0] - top[:, 1]).min()
-        model[2].weight.mul_(20 / gap)
-        model[2].bias.mul_(20 / gap)
-    model, x = model.float(), x.float()
+        model[2].weight.mul_(margin / gap)
+        model[2].bias.mul_(margin / gap)
+    model, x = model.to(dtype), x.to(dtype)
+    y = y.to(dtype) if classes == 1 else y
     loss_fn = nn.BCEWithLogitsLoss() if classes == 1 else nn.CrossEntropyLoss()
     gradient = torch.autograd.functional.jacobian(lambda f: loss_fn(f, y), model(x).detach())
     order = gradient.reshape(13, -1).abs().amax(1).argsort()

@@ -418,9 +418,11 @@ def dense_hessian(
     operator: HessianOperator,
     chunk_size: int,
     advance: Callable[[int], None] | None = None,
+    symmetrise: bool = True,
 ) -> Tensor:
     """The full ``[P, P]`` Hessian in float64, ``chunk_size`` columns at a time, symmetrised
-    once its products are verified symmetric to rounding.
+    once its products are verified symmetric to rounding (:func:`symmetrised`); as computed
+    where not ``symmetrise`` (a data set's batch: its sum is checked).
 
     Memory: the float64 result plus ``chunk_size`` products in flight. ``advance(k)`` is called
     after each chunk of ``k`` columns (progress reporting).
@@ -437,13 +439,27 @@ def dense_hessian(
         hessian[start:stop] = operator.matmat(basis).to(torch.float64)
         if advance is not None:
             advance(stop - start)
-    antisymmetric = float((hessian - hessian.T).norm())
-    operator.rounding = antisymmetric / 2
+    if symmetrise:
+        operator.rounding = symmetrised(hessian, operator.problem)
+    return hessian
+
+
+def symmetrised(hessian: Tensor, problem: CurvatureProblem) -> float:
+    """Make the computed ``[P, P]`` ``hessian`` symmetric in place, once its antisymmetric part
+    is verified to be rounding; returns that part's norm (the products' rounding).
+
+    A data set's batches are checked summed, as one batch of all their samples is: a batch
+    saturated to float32's subnormal floor alone has products whose rounding is 7e-4 of its
+    own (tiny) Hessian, and was refused as a wrong second derivative (probe 128).
+
+    Raises:
+        ValueError: the products are not symmetric beyond rounding (:func:`asymmetry_error`).
+    """
+    antisymmetric = float((hessian - hessian.T).norm()) / 2
     hessian += hessian.T.clone()
     hessian /= 2
     symmetric = float(hessian.norm())
-    error = asymmetry_error(antisymmetric / 2 / symmetric if symmetric > 0 else 0.0,
-                            operator.problem)
+    error = asymmetry_error(antisymmetric / symmetric if symmetric > 0 else 0.0, problem)
     if error is not None:
         raise error
-    return hessian
+    return antisymmetric

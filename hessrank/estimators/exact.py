@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessrank.curvature.hessian import HessianOperator, dense_hessian
+from hessrank.curvature.hessian import HessianOperator, dense_hessian, symmetrised
 from hessrank.estimators.base import (
     Cost,
     Estimator,
@@ -112,16 +112,20 @@ class Exact(Estimator):
         unused: list[frozenset[int]] = []  # the parameters no gradient reaches, batch by batch
         with settings.reporter.task(f"exact Hessian ({dim} columns)", dim * batches) as advance:
 
+            streamed = isinstance(problem, StreamedProblem)
+
             def batch_hessian(batch: CurvatureProblem) -> tuple[Tensor, float]:
                 operator = HessianOperator(batch)
                 chunk = exact_chunk_size(dim, element, operator.graph_bytes)
                 self.check_refined(products_bytes(chunk, operator.graph_bytes), problem,
                                    settings)
                 unused.append(operator.unused)
-                return dense_hessian(operator, chunk, advance), operator.loss_value
+                return (dense_hessian(operator, chunk, advance, symmetrise=not streamed),
+                        operator.loss_value)
 
             if isinstance(problem, StreamedProblem):  # the batches' Hessians, weighted, summed
                 hessian = problem.summed(batch_hessian)
+                symmetrised(hessian, problem.first())
             else:
                 hessian = batch_hessian(problem)[0]
         note = unused_parameters_note(problem, unused_in_every(unused),
