@@ -317,6 +317,38 @@ def _coefficient(pair_part: Tensor, alone: Tensor, what: str) -> float:
     return coefficient
 
 
+def _check_weight_holds(loss_fn: LossFn, both: Tensor, both_targets: Tensor, split: int,
+                        alone: Tensor, weight: float, what: str) -> None:
+    """Raise where the weight of the pair's second batch (``weight``, read with the first
+    ``split`` rows as the reference's outputs) changes when those rows move one sample on (each
+    stays a valid output): a sum or a mean weighs a batch by its targets alone, a loss that
+    couples the samples through their values does not. A log-sum-exp of the samples' losses
+    passes the gradient's multiple test (its weights are shares of a sum over the batch) and a
+    data set of it was analysed as a weighted mean, every eigenvalue off (probe 128). Where the
+    moved rows give a loss that is not finite (a mask the targets choose), nothing is said.
+
+    Raises:
+        ValueError: naming ``what``, both weights and the fix.
+    """
+    if split < 2 or math.isnan(weight):  # (NaN: the batch's loss ignores its outputs)
+        return
+    moved = torch.cat([both[:split].roll(1, 0), both[split:]])
+    gradient = output_gradient(loss_fn, moved, both_targets)[split:]
+    if not bool(torch.isfinite(gradient).all()):
+        return
+    try:
+        moved_weight = _coefficient(gradient, alone, what)
+    except ValueError:
+        moved_weight = math.nan
+    if not abs(moved_weight - weight) <= agreement_tolerance(alone.dtype) * max(abs(weight), 1.0):
+        raise ValueError(
+            f"loss_fn does not add up over batches: {what}'s weight in the loss of a pair of "
+            f"batches changes with the other batch's outputs ({weight:.6g}, and {moved_weight:.6g}"
+            " with them moved one sample on), so the loss couples samples through their values "
+            "(e.g. a log-sum-exp or a softmax over the batch's losses) and the data set's loss "
+            "is not a sum over batches; pass the data as one batch")
+
+
 @dataclass
 class StreamedProblem(CurvatureProblem):
     """A problem whose batch is a whole data set, iterated batch by batch (module docstring).
@@ -396,8 +428,10 @@ class StreamedProblem(CurvatureProblem):
         def coefficients(loss_fn: LossFn, both: Tensor, reference: Tensor, alone: Tensor
                          ) -> tuple[float, float]:
             pair_gradient = output_gradient(loss_fn, both, both_targets)
-            return (_coefficient(pair_gradient[:split], reference, "the first batch"),
-                    _coefficient(pair_gradient[split:], alone, what))
+            alpha = _coefficient(pair_gradient[:split], reference, "the first batch")
+            beta = _coefficient(pair_gradient[split:], alone, what)
+            _check_weight_holds(loss_fn, both, both_targets, split, alone, beta, what)
+            return alpha, beta
 
         dtype = both_outputs.dtype
         # Near a saturated softmax or sigmoid a float32 batch's gradients lie at the subnormal

@@ -389,6 +389,11 @@ BAD_DATA = [
      "batch 1 of the data: mismatched batch sizes"),
     ("empty", "mean", lambda x, y: [], "exact", ValueError, "no batch"),
     ("coupled loss", "coupled", _batches, "exact", ValueError, "does not add up over batches"),
+    # a log-sum-exp of the samples' losses: its gradient on a batch is a multiple of the
+    # batch's own, and a data set of it was analysed as a weighted mean (probe 128)
+    *((f"log-sum-exp of the losses, {method}", "log-sum-exp", _batches, method, ValueError,
+       "weight in the loss of a pair of batches changes with the other batch's outputs")
+      for method in ("exact", "lanczos", "ggn")),
     ("sum with an L2 term", "sum + L2", _batches, "lanczos", ValueError,
      "once per batch.*mean reduction"),
     ("Gram over budget", "mean", _batches, "fisher", hessrank.BudgetError,
@@ -401,6 +406,8 @@ BAD_DATA = [
 def test_bad_data_is_refused_with_the_fix(what, loss, data, method, error, message):
     model, _, x, y = _data("mean")
     loss_fn = {"mean": nn.CrossEntropyLoss(), "coupled": _coupled,
+               "log-sum-exp": lambda f, t: torch.logsumexp(
+                   nn.functional.cross_entropy(f, t, reduction="none"), 0),
                "sum + L2": lambda f, t: nn.functional.cross_entropy(f, t, reduction="sum")
                + sum(p.pow(2).sum() for p in model.parameters())}[loss]
     before = [p.detach().clone() for p in model.parameters()]
