@@ -618,7 +618,11 @@ class StreamedProblem(CurvatureProblem):
                 "the data set's loss weighs its batches cannot be read off (every target "
                 "ignored in every batch, or a loss_fn that returns its value detached, under "
                 "torch.no_grad() or through .item(): return it as a tensor computed from the "
-                "outputs with torch operations)"
+                "outputs with torch operations"
+                + ("" if outputs.dtype == torch.float64 else
+                   f"; or every output saturated to a gradient of exactly zero in "
+                   f"{outputs.dtype}, a memorised classifier's: analyse a float64 copy of the "
+                   "model, copy.deepcopy(model).double() with float64 inputs") + ")"
             )
         self._reference = (outputs.detach(), batch.targets, gradient)
         alpha, beta = self._pair(outputs, batch.targets, gradient, "the first batch")

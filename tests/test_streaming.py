@@ -3,6 +3,7 @@ all its samples at once (the concatenated batch), for every method and reduction
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 
@@ -469,6 +470,21 @@ def test_batches_at_the_subnormal_floor_keep_their_weights(margin, split, method
                                        method)
     assert streamed.top_eigenvalue == pytest.approx(whole.top_eigenvalue, rel=1e-4)
     assert streamed.ranks["srank"] == whole.ranks["srank"]
+
+
+def test_a_data_set_saturated_everywhere_in_float32_names_the_float64_copy():
+    """Every float32 loss gradient exactly zero (every margin 150): how the batches add up
+    cannot be read, and the refusal had named only ignored targets and detached losses; it
+    names the saturation and the float64 copy, which works (probe 128)."""
+    model, loss_fn, x, y = _memorised_float32(3, torch.float64, margin=150.0)
+    batches = list(zip(x.split(5), y.split(5)))
+    with pytest.raises(ValueError, match="saturated to a gradient of exactly zero in "
+                                         "torch.float32.*float64 copy"):
+        hessrank.effective_rank(model, loss_fn, batches, "exact")
+    wide = hessrank.effective_rank(copy.deepcopy(model).double(), loss_fn,
+                                   [(inputs.double(), labels) for inputs, labels in batches],
+                                   "exact")
+    assert wide.top_eigenvalue > 0
 
 
 @pytest.mark.parametrize("batch", [1, 0], ids=["second batch", "first batch"])
