@@ -391,10 +391,19 @@ BAD_DATA = [
     ("empty", "mean", lambda x, y: [], "exact", ValueError, "no batch"),
     ("coupled loss", "coupled", _batches, "exact", ValueError, "does not add up over batches"),
     # a log-sum-exp of the samples' losses: its gradient on a batch is a multiple of the
-    # batch's own, and a data set of it was analysed as a weighted mean (probe 128)
+    # batch's own, and a data set of it was analysed as a weighted mean (probe 128); also with
+    # a first batch of one sample, or of one class (probe 130: a first version, which moved
+    # the first batch's rows, saw nothing there)
     *((f"log-sum-exp of the losses, {method}", "log-sum-exp", _batches, method, ValueError,
-       "weight in the loss of a pair of batches changes with the other batch's outputs")
+       "its second derivatives couple the first batch with a copy of itself")
       for method in ("exact", "lanczos", "ggn")),
+    ("log-sum-exp, a first batch of one sample", "log-sum-exp",
+     lambda x, y: list(zip(x.split([1, 7, 8]), y.split([1, 7, 8]))), "exact", ValueError,
+     "its second derivatives couple"),
+    ("log-sum-exp, a first batch of one class", "log-sum-exp",
+     lambda x, y: list(zip(x.split(SIZES), torch.cat([torch.zeros(5, dtype=y.dtype),
+                                                       y[5:]]).split(SIZES))),
+     "exact", ValueError, "its second derivatives couple"),
     ("sum with an L2 term", "sum + L2", _batches, "lanczos", ValueError,
      "once per batch.*mean reduction"),
     ("Gram over budget", "mean", _batches, "fisher", hessrank.BudgetError,
@@ -416,6 +425,33 @@ def test_bad_data_is_refused_with_the_fix(what, loss, data, method, error, messa
     with pytest.raises(error, match=message):
         hessrank.effective_rank(model, loss_fn, data(x, y), method, **budget)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def _mean_over_the_misclassified(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    mask = (outputs.argmax(1) != targets).to(outputs.dtype)
+    return (nn.functional.cross_entropy(outputs, targets, reduction="none") * mask).sum() / (
+        mask.sum())
+
+
+def _over_its_detached_total(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    losses = nn.functional.cross_entropy(outputs, targets, reduction="none")
+    return losses.sum() / losses.sum().detach()
+
+
+@pytest.mark.parametrize("loss_fn", [_mean_over_the_misclassified, _over_its_detached_total],
+                         ids=["mean over the misclassified", "over its detached total"])
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_weights_the_outputs_choose_without_a_derivative_are_a_data_set_s(loss_fn, method):
+    """A mean over the samples an argmax picks, or a loss over its own total taken detached:
+    the weights depend on the outputs, but through nothing autograd differentiates, so the
+    curvature is the batches' weighted sum, as read. A first check of the weights with the
+    first batch's rows moved refused them (probe 130); the second derivatives across batches
+    are zero, and they pass."""
+    model, _, x, y = _data("mean")
+    streamed = hessrank.effective_rank(model, loss_fn, _batches(x, y), method, seed=1)
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), method, seed=1)
+    assert streamed.trace == pytest.approx(whole.trace, rel=1e-9)
+    assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
 
 
 def _masked_mean(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
