@@ -1626,16 +1626,39 @@ def output_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor
         TypeError, ValueError, RuntimeError, IndexError: the loss cannot be evaluated on the
             outputs and the targets (with the fix, as :func:`evaluate_loss` says it).
     """
+    return output_gradient_and_product(loss_fn, outputs, targets)[0]
+
+
+def output_gradient_and_product(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                                direction: Tensor | None = None
+                                ) -> tuple[Tensor, Tensor | None]:
+    """:func:`output_gradient`, and from the same evaluation of the loss, where ``direction``
+    (shaped as the outputs) is given, ``d^2L/df^2`` times it: None where it is not given, the
+    loss is linear in the outputs, or some operation of the loss has no double backward.
+
+    Raises:
+        as :func:`output_gradient`.
+    """
     leaf = outputs.detach().requires_grad_(True)
-    value = _loss_with_advice(loss_fn, leaf, targets)
-    if not value.requires_grad:
-        return torch.zeros_like(leaf)
-    try:
-        (gradient,) = torch.autograd.grad(value, leaf, allow_unused=True)
-    except RuntimeError as error:
-        refuse_target_dtype(error, loss_fn, leaf, targets)
-        raise
-    return torch.zeros_like(leaf) if gradient is None else gradient
+    curved = direction is not None
+    with torch.enable_grad() if curved else nullcontext():
+        value = _loss_with_advice(loss_fn, leaf, targets)
+        if not value.requires_grad:
+            return torch.zeros_like(leaf), None
+        try:
+            (gradient,) = torch.autograd.grad(value, leaf, allow_unused=True,
+                                              create_graph=curved)
+        except RuntimeError as error:
+            refuse_target_dtype(error, loss_fn, leaf, targets)
+            raise
+    if gradient is None:
+        return torch.zeros_like(leaf), None
+    product = None
+    if curved and gradient.requires_grad:
+        with suppress(RuntimeError):  # (no double backward for some operation of the loss)
+            (product,) = torch.autograd.grad(gradient, leaf, grad_outputs=direction,
+                                             allow_unused=True)
+    return gradient.detach(), product
 
 
 def _modified_in_place_error(culprit: str, tensor: str) -> ValueError:

@@ -135,7 +135,7 @@ def srank_per_row(
         scaled = np.where(kept & (largest[:, None] > 0), values / largest[:, None], values)
     mass = np.where(kept, scaled, 0.0) * rows
     cumulative = np.cumsum(mass, axis=1)
-    total = cumulative[:, -1] if size else np.zeros(count)
+    total = cumulative[:, -1]
     result = np.zeros(count)
     live = np.flatnonzero(total > 0.0)
     if live.size == 0:

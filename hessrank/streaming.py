@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from hessrank.curvature.loss import (
     ZeroCurvatureError,
+    binade,
     direct_parameter_names,
     float64_twin,
 )
@@ -71,6 +72,7 @@ from hessrank.problem import (
     check_loss,
     evaluate_loss,
     output_gradient,
+    output_gradient_and_product,
     read_batch,
     refuse_mixed_samples,
     refuse_split_batch_statistics,
@@ -293,7 +295,7 @@ def _coefficient(pair_part: Tensor, alone: Tensor, what: str) -> float:
     tolerance = agreement_tolerance(alone.dtype) * math.sqrt(alone[0].numel())
     # in units of the largest entry alone (its binade: exact), so that no square leaves the
     # range (a float64 batch's gradients of 2e-273 had squares of zero; probe 128)
-    unit = 2.0 ** math.frexp(float(alone.abs().max()))[1] if alone.numel() else 1.0
+    unit = binade(float(alone.abs().max()) if alone.numel() else 0.0)
     pair_part, alone = pair_part.double() / unit, alone.double() / unit
     alone_sq = float((alone * alone).sum())
     if alone_sq == 0.0:
@@ -317,41 +319,26 @@ def _coefficient(pair_part: Tensor, alone: Tensor, what: str) -> float:
     return coefficient
 
 
-def _check_no_cross_curvature(loss_fn: LossFn, both: Tensor, both_targets: Tensor,
-                              split: int, what: str) -> None:
-    """Raise where the loss of a pair of batches has second derivatives across them: one
-    Hessian-vector product w.r.t. the pair's outputs along a random direction on the first
-    ``split`` rows (the reference's) must be zero, to rounding, on the other batch's rows.
+def _refuse_cross_curvature(product: Tensor | None, split: int, what: str) -> None:
+    """Raise where the loss of a pair of batches has second derivatives across them:
+    ``product``, its Hessian w.r.t. the pair's outputs along a random direction on the first
+    ``split`` rows (the reference's), must be zero, to rounding, on the other batch's rows.
 
     A data set's curvature is a weighted sum of its batches' (:meth:`StreamedProblem.summed`),
     which drops whatever couples two batches. A log-sum-exp of the samples' losses passes the
     gradient's multiple test (its weights are shares of a sum over the batch), and a data set of
     it was analysed as a weighted mean, every eigenvalue off (probe 128). Weights that the
     outputs choose without a derivative (a mean over the samples an argmax picks, a normaliser
-    taken detached) add no such term, and pass. A loss without a second derivative in torch is
-    not checked here (the methods that need one say so).
+    taken detached) add no such term, and pass. Without a product (a loss with no second
+    derivative in torch) nothing is checked here (the methods that need one say so).
 
     Raises:
         ValueError: naming ``what``, the share across the batches and the fix.
     """
-    leaf = both.detach().requires_grad_(True)
-    direction = torch.zeros_like(leaf)
-    direction[:split] = torch.randn(leaf[:split].shape, generator=torch.Generator().manual_seed(0),
-                                    dtype=leaf.dtype).to(leaf.device)
-    try:
-        with torch.enable_grad():
-            (gradient,) = torch.autograd.grad(call_loss(loss_fn, leaf, both_targets), leaf,
-                                              create_graph=True, allow_unused=True)
-            if gradient is None or not gradient.requires_grad:
-                return  # (linear in the outputs: no curvature at all)
-            (product,) = torch.autograd.grad(gradient, leaf, grad_outputs=direction,
-                                             allow_unused=True)
-    except RuntimeError:  # (no double backward for some operation of the loss)
-        return
     if product is None:
         return
     across, own = float(product[split:].norm()), float(product[:split].norm())
-    tolerance = agreement_tolerance(leaf.dtype) * math.sqrt(leaf[0].numel())
+    tolerance = agreement_tolerance(product.dtype) * math.sqrt(product[0].numel())
     if math.isfinite(across) and across > tolerance * max(own, across * 1e-300, 1e-300):
         partner = "a copy of itself" if what == "the first batch" else "the first batch"
         raise ValueError(
@@ -440,10 +427,15 @@ class StreamedProblem(CurvatureProblem):
 
         def coefficients(loss_fn: LossFn, both: Tensor, reference: Tensor, alone: Tensor
                          ) -> tuple[float, float]:
-            pair_gradient = output_gradient(loss_fn, both, both_targets)
+            direction = torch.zeros_like(both)
+            direction[:split] = torch.randn(both[:split].shape, dtype=both.dtype,
+                                            generator=torch.Generator().manual_seed(0)
+                                            ).to(both.device)
+            pair_gradient, product = output_gradient_and_product(loss_fn, both, both_targets,
+                                                                 direction)
             alpha = _coefficient(pair_gradient[:split], reference, "the first batch")
             beta = _coefficient(pair_gradient[split:], alone, what)
-            _check_no_cross_curvature(loss_fn, both, both_targets, split, what)
+            _refuse_cross_curvature(product, split, what)
             return alpha, beta
 
         dtype = both_outputs.dtype
@@ -456,15 +448,14 @@ class StreamedProblem(CurvatureProblem):
         floor = torch.finfo(dtype).smallest_normal / agreement_tolerance(dtype)
         coarse = dtype != torch.float64 and min(
             float(reference_gradient.abs().max()), float(gradient.abs().max())) < floor
-        try:
-            if not coarse:
+        refused: ValueError | None = None
+        if not coarse:
+            try:
                 return coefficients(self.loss_fn, both_outputs, reference_gradient, gradient)
-        except ValueError as error:
-            if dtype == torch.float64:
-                raise
-            refused: ValueError | None = error
-        else:
-            refused = None
+            except ValueError as error:
+                if dtype == torch.float64:
+                    raise
+                refused = error
         try:
             twin = float64_twin(self.loss_fn, both_outputs, both_targets)
         except ValueError:

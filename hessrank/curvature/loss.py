@@ -197,11 +197,11 @@ def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     # and was refused as one whose samples interact. (Summed in float64 instead, the call's loss
     # side took 1.6 times as long on GPT's per-token logits.)
     largest = float(flat_batch.abs().amax()) if flat_batch.numel() else 0.0
-    unit = _binade(largest)
+    unit = binade(largest)
     flat_batch /= unit
     rounding = max(tolerance * largest / unit, tiny)  # R
     batch_norm = flat_batch.norm(dim=1)
-    sample_unit = _binade(float(flat_sample.abs().amax()) if flat_sample.numel() else 0.0)
+    sample_unit = binade(float(flat_sample.abs().amax()) if flat_sample.numel() else 0.0)
     sample_norm = (flat_sample / sample_unit).norm(dim=1).double() * sample_unit
     read = batch_norm > rounding  # none where the batch's gradient is zero
     weights = ((flat_batch * flat_sample).sum(dim=1).double()
@@ -309,7 +309,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     return factors.reshape(1, *outputs.shape).to(dtype), weights.to(dtype)
 
 
-def _binade(largest: float) -> float:
+def binade(largest: float) -> float:
     """The power of two at or above ``largest`` (1 for 0 or a value that is not finite)."""
     return 2.0 ** math.frexp(largest)[1] if 0 < largest < math.inf else 1.0
 
