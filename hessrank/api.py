@@ -403,8 +403,8 @@ def effective_rank(
                             for group, names in problem.layers().items():
                                 started = time.perf_counter()
                                 spectrum.layers[group] = estimator.run(
-                                    problem.restricted(names), block_settings[group],
-                                    method_options)
+                                    problem.restricted(names, _top(spectrum)),
+                                    block_settings[group], method_options)
                                 block_seconds[group] = _seconds_since(started)
                     except RuntimeError as error:
                         if _REENTRANT_CHECKPOINT in str(error):
@@ -441,7 +441,7 @@ def effective_rank(
                            sum(named[name].numel() for name in groups[group]), estimator,
                            settings.threshold, settings.rtol, eps,
                            seconds=block_seconds.get(group, 0.0), memory=None,
-                           names=groups[group])
+                           names=groups[group], whole_scale=_top(spectrum))
             for group in groups if group in spectrum.layers
         }
         return _result(spectrum, problem, problem.num_params, estimator, settings.threshold,
@@ -616,6 +616,11 @@ def _agreed_cost(parallel: DataParallel | None, cost: Cost) -> Cost:
                                refined_bytes=max(refined for _, _, refined in costs))
 
 
+def _top(spectrum: Spectrum) -> float:
+    """The largest ``|eigenvalue|`` of a spectrum (a quadrature's: of its nodes)."""
+    return float(np.abs(spectrum.eigenvalues).max(initial=0.0))
+
+
 def _result(
     spectrum: Spectrum,
     problem: CurvatureProblem,
@@ -628,16 +633,34 @@ def _result(
     memory: int | None,
     layers: dict[str, RankResult] | None = None,
     names: Sequence[str] | None = None,
+    whole_scale: float = 0.0,
 ) -> RankResult:
     """Ranks of a spectrum, packaged with everything the call knows; ``names``: the parameters
-    the spectrum is of (default: all the problem's; a layer's block: the layer's)."""
+    the spectrum is of (default: all the problem's; a layer's block: the layer's).
+
+    A layer's block (``whole_scale``: the whole curvature's largest ``|eigenvalue|``) is
+    computed by the whole model's backward passes, which round on the whole's scale: its
+    eigenvalues within the rounding the block's size allows at that scale
+    (``default_rtol(size) * whole_scale``) count as zero in its ranks, as the whole's own
+    numerical rank counts its eigenvalues below its cut. A block that cross-entropy's shift
+    invariance makes zero to rounding had ranks of 5 from its rounding alone (probe 132)."""
     size = spectrum.max_rank if spectrum.weights is not None or estimator.solver == "dense" \
         else len(spectrum.eigenvalues)
     tolerance = default_rtol(size, spectrum.eps or eps) if rtol is None else rtol
-    ranks = spectral_ranks(spectrum.eigenvalues, threshold, tolerance, spectrum.weights,
-                           spectrum.max_rank)
-    shown = spectrum.eigenvalues
     notes = [*problem.notes, *spectrum.notes]
+    counted = spectrum.eigenvalues
+    floor = min(default_rtol(size, spectrum.eps or eps), MAX_DEFAULT_RTOL) * whole_scale
+    rounding = np.abs(counted) <= floor
+    if np.any(rounding & (counted != 0)):
+        counted = np.where(rounding, 0.0, counted)
+        notes.append(
+            f"{int(np.count_nonzero(rounding))} of this block's eigenvalues (up to "
+            f"{float(np.abs(spectrum.eigenvalues[rounding]).max()):.3g}) are within the "
+            f"rounding of the whole model's curvature ({floor:.3g}: the block's size x epsilon "
+            f"x the whole's largest eigenvalue, {whole_scale:.4g}) and count as zero in its "
+            "ranks")
+    ranks = spectral_ranks(counted, threshold, tolerance, spectrum.weights, spectrum.max_rank)
+    shown = spectrum.eigenvalues
     if rtol is None and size * (spectrum.eps or eps) > MAX_DEFAULT_RTOL:
         notes.append(f"numerical rank at rtol = {MAX_DEFAULT_RTOL:g}: the default rule, matrix "
                      f"size x epsilon = {size * (spectrum.eps or eps):.3g}, is capped there (it "

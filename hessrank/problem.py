@@ -68,6 +68,9 @@ class CurvatureProblem:
             derived from this one: a shard, a data set's batches, a subset of parameters).
         loss_widening: how the Hessian's loss runs (``hessian._widened_loss``), decided once per
             call for each set of analysed parameters and dtypes (shared like ``passes``).
+        whole_scale: for a block of the parameters (``per_layer``), the largest ``|eigenvalue|``
+            of the whole problem's curvature, 0 otherwise: the block's products run through
+            the whole model's backward pass and round on its scale (:meth:`restricted`).
     """
 
     model: nn.Module
@@ -83,6 +86,7 @@ class CurvatureProblem:
     passes: PassState | None = None
     loss_widening: dict[tuple[Any, ...], tuple[LossFn | None, str | None]] = field(
         default_factory=dict, repr=False)
+    whole_scale: float = 0.0
     #: each input (targets last) by its label, and its version counter when the problem was
     #: made (they are the call's own copies)
     _input_versions: list[tuple[str, Tensor, int]] = field(init=False, repr=False,
@@ -183,10 +187,13 @@ class CurvatureProblem:
         return (tuple(x[start:stop] for x in self.args),
                 {k: x[start:stop] for k, x in self.kwargs.items()})
 
-    def restricted(self, names: Sequence[str]) -> CurvatureProblem:
-        """The same problem on a subset of its parameters (``names`` in model order)."""
+    def restricted(self, names: Sequence[str], whole_scale: float = 0.0) -> CurvatureProblem:
+        """The same problem on a subset of its parameters (``names`` in model order), a block
+        of the whole's curvature, whose largest ``|eigenvalue|`` is ``whole_scale`` (0: not
+        known)."""
         named = dict(zip(self.names, self.params))
-        return replace(self, names=list(names), params=[named[n] for n in names])
+        return replace(self, names=list(names), params=[named[n] for n in names],
+                       whole_scale=whole_scale)
 
     def modules_with_params(self) -> dict[str, list[str]]:
         """Parameterised modules -> names of the analysed parameters they hold directly.

@@ -343,21 +343,32 @@ class HessianOperator(ParameterOperator):
         return self.matmat(vector.reshape(1, -1))[0]
 
 
-def asymmetry_error(asymmetry: float, problem: CurvatureProblem) -> ValueError | None:
+def asymmetry_error(antisymmetric: float, symmetric: float,
+                    problem: CurvatureProblem) -> ValueError | None:
     """The error for Hessian-vector products that are not symmetric beyond rounding, if they are.
 
-    A Hessian is symmetric; products that are not (``asymmetry`` is ``||K|| / ||S||`` for the
-    computed matrix's antisymmetric part ``K`` and symmetric part ``S``; float32 rounding leaves
-    about 2e-7) come from a wrong second derivative somewhere in the model or the loss: a custom
-    ``autograd.Function`` whose backward is not differentiable as written, or a torch kernel with
-    a wrong double backward (:class:`TwiceDifferentiable` replaces the one known here), or, in a
-    float64 model, part of the forward computed at a lower precision, whose rounding the
-    products carry (named by :func:`~hessrank.problem.lower_precision_cause` from a forward of
-    ``problem``, one batch of the products' data). Their eigenvalues would be those of a matrix
-    that is not the Hessian. NaN products (a NaN derivative, an overflow) get
+    A Hessian is symmetric; products that are not (``||K|| / ||S||`` for the computed matrix's
+    antisymmetric part ``K`` and symmetric part ``S``, of norms ``antisymmetric`` and
+    ``symmetric``; float32 rounding leaves about 2e-7) come from a wrong second derivative
+    somewhere in the model or the loss: a custom ``autograd.Function`` whose backward is not
+    differentiable as written, or a torch kernel with a wrong double backward
+    (:class:`TwiceDifferentiable` replaces the one known here), or, in a float64 model, part of
+    the forward computed at a lower precision, whose rounding the products carry (named by
+    :func:`~hessrank.problem.lower_precision_cause` from a forward of ``problem``, one batch of
+    the products' data). Their eigenvalues would be those of a matrix that is not the Hessian.
+    NaN products (a NaN derivative, an overflow) get
     :func:`~hessrank.spectrum.dense.not_finite_error` instead.
+
+    A block of the parameters (``per_layer``) is measured against the whole curvature's scale
+    where that is larger (``problem.whole_scale``): its products run through the whole model's
+    backward pass, whose rounding is all a block that is zero to rounding holds (a module whose
+    output every logit shares, which cross-entropy cancels); against its own size it was
+    refused as a wrong second derivative (probe 132). The whole's products, checked first,
+    include the block's.
     """
     tolerance = agreement_tolerance(problem.dtype)
+    scale = max(symmetric, problem.whole_scale)
+    asymmetry = antisymmetric / scale if scale > 0 else 0.0
     if not math.isfinite(asymmetry):
         return not_finite_error(problem.dtype)
     if asymmetry <= tolerance:
@@ -409,7 +420,7 @@ def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,
     scale = float(u.norm() * av.norm() + v.norm() * au.norm()) / (2 * math.sqrt(dim))
     if scale == 0:
         return
-    error = asymmetry_error(float((u @ av - v @ au).abs()) / (2 * scale), problem)
+    error = asymmetry_error(float((u @ av - v @ au).abs()) / 2, scale, problem)
     if error is not None:
         raise error
 
@@ -459,7 +470,7 @@ def symmetrised(hessian: Tensor, problem: CurvatureProblem) -> float:
     hessian += hessian.T.clone()
     hessian /= 2
     symmetric = float(hessian.norm())
-    error = asymmetry_error(antisymmetric / symmetric if symmetric > 0 else 0.0, problem)
+    error = asymmetry_error(antisymmetric, symmetric, problem)
     if error is not None:
         raise error
     return antisymmetric
