@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
+import inspect
 import numbers
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -82,9 +84,20 @@ __all__ = ["BACKENDS", "METHODS", "effective_rank", "estimator_options", "gradie
 def _estimator(method: object) -> Estimator:
     if not isinstance(method, str) or method not in ESTIMATORS:
         others = [name for name in ESTIMATORS if name not in METHODS]
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}"
+        raise ValueError(f"unknown method {method!r}"
+                         + (_did_you_mean([method.lower()], ESTIMATORS)
+                            if isinstance(method, str) else "")
+                         + f": choose one of {', '.join(METHODS)}"
                          + (f" (or {', '.join(others)})" if others else ""))
     return ESTIMATORS[method]
+
+
+def _did_you_mean(words: Iterable[str], names: Iterable[str]) -> str:
+    """`` (did you mean ...?)`` for the closest of ``names`` to each of ``words``, or ``""``."""
+    names = list(names)
+    guesses = [guess for word in words
+               for guess in difflib.get_close_matches(word, names, n=1, cutoff=0.6)]
+    return f" (did you mean {', '.join(dict.fromkeys(guesses))}?)" if guesses else ""
 
 
 def estimator_options() -> dict[str, dict[str, Any]]:
@@ -171,8 +184,11 @@ def checked_request(
     if unknown:
         offered = ", ".join(f"{name} ({', '.join(methods)})"
                             for name, (_, methods) in known.items())
-        raise TypeError(f"effective_rank() got unknown option(s) {', '.join(unknown)}; the "
-                        f"estimators' options are: {offered}")
+        own = [name for name, parameter in inspect.signature(effective_rank).parameters.items()
+               if parameter.kind is inspect.Parameter.KEYWORD_ONLY]
+        raise TypeError(f"effective_rank() got unknown option(s) {', '.join(unknown)}"
+                        f"{_did_you_mean(unknown, [*own, *known])}; its own keywords are: "
+                        f"{', '.join(own)}; the estimators' options are: {offered}")
     method_options = estimator.make_options(options)
     estimator.check_mode(mode, model)
     estimator.check_request(settings, method_options)

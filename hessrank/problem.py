@@ -817,6 +817,12 @@ def check_model(model: object) -> None:
     Raises:
         TypeError, ValueError: naming the problem and the fix.
     """
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise TypeError(f"model is the class {model.__name__}, not a module: pass an instance "
+                        f"of it, {model.__name__}(...)")
+    if isinstance(model, nn.modules.loss._Loss):
+        raise TypeError(f"model is a loss, {type(model).__name__}: the arguments are "
+                        "effective_rank(model, loss_fn, batch), the network first")
     if not isinstance(model, nn.Module):
         kind = "a function" if callable(model) else type(model).__name__
         raise TypeError(
@@ -872,6 +878,9 @@ def check_loss_and_mode(loss_fn: object, mode: object) -> None:
     """
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar tensor")
+    if isinstance(loss_fn, type) and issubclass(loss_fn, nn.Module):
+        raise TypeError(f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance "
+                        f"of it, {loss_fn.__name__}()")
     if isinstance(loss_fn, nn.Module):
         _check_not_scripted(loss_fn, "loss_fn")
     if mode not in ("eval", "train"):

@@ -1198,6 +1198,19 @@ BAD_INPUTS = [
      "map argument names \\(str\\) to tensors.*\\['n'\\].*constant arguments.*wrapper module"),
     ("a complex batch", {"inputs": lambda x: x.to(torch.complex128)}, ValueError,
      r"inputs\[0\] is complex"),
+    # classic slips (probe 133): each had got another argument's advice or none
+    ("a module class as model", {"model": lambda model: nn.Linear}, TypeError,
+     r"model is the class Linear, not a module: pass an instance of it, Linear\(\.\.\.\)"),
+    ("a loss class as loss_fn", {"loss": nn.CrossEntropyLoss}, TypeError,
+     r"loss_fn is the class CrossEntropyLoss, not a loss: pass an instance of it"),
+    ("a loss as model", {"model": lambda model: CE}, TypeError,
+     r"model is a loss, CrossEntropyLoss: the arguments are effective_rank\(model, loss_fn"),
+    ("a misspelled option", {"method": "lanczos", "lanczos_step": 3}, TypeError,
+     r"unknown option\(s\) lanczos_step \(did you mean lanczos_steps\?\)"),
+    ("a misspelled keyword", {"max_mem": 3}, TypeError,
+     r"max_mem \(did you mean max_memory\?\); its own keywords are: threshold"),
+    ("a misspelled method", {"method": "Fischer"}, ValueError,
+     r"unknown method 'Fischer' \(did you mean fisher\?\)"),
 ]
 
 
@@ -1208,12 +1221,14 @@ def test_bad_input_is_named_with_its_fix(setup, what, changes, error, match):
     target_model = changes["model"](model) if "model" in changes else model
     inputs = changes["inputs"](x) if "inputs" in changes else x
     targets = changes["targets"](y) if "targets" in changes else y
-    options = {k: v for k, v in changes.items() if k not in ("model", "inputs", "targets")}
+    loss_fn = changes.get("loss", CE)
+    options = {k: v for k, v in changes.items()
+               if k not in ("model", "inputs", "targets", "loss")}
     if "params" in options:
         options["params"] = options["params"](model)
     options.setdefault("method", "fisher")
-    _check(model, lambda: hessrank.effective_rank(target_model, CE, (inputs, targets), **options),
-           error, match)
+    _check(model, lambda: hessrank.effective_rank(target_model, loss_fn, (inputs, targets),
+                                                  **options), error, match)
 
 
 @pytest.mark.parametrize("method", ["fisher_lanczos", "ggn_lanczos"])
