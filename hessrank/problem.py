@@ -1130,6 +1130,21 @@ def _select_parameters(
     return names, selected, tuple(excluded)
 
 
+#: The prefixes a wrapper :func:`unwrap_model` analyses through puts before its module's
+#: parameter names (``torch.compile``'s, ``DistributedDataParallel``'s and ``DataParallel``'s).
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _unwrapped_name(name: str, names: Collection[str]) -> str:
+    """``name`` as the unwrapped module calls it: a name from a wrapper's
+    ``named_parameters()`` (``_orig_mod.0.weight``) without the wrappers' prefixes, where the
+    module has no parameter of the name itself (it had been refused as unknown; probe 131)."""
+    inner = name
+    while inner not in names and inner.startswith(_WRAPPER_PREFIXES):
+        inner = inner.split(".", 1)[1]
+    return inner if inner in names else name
+
+
 def named_selection(model: nn.Module, params: Iterable[Tensor | str] | None) -> set[str] | None:
     """The names of the parameters ``params`` selects (None: all), checked against the model
     without a batch (a :class:`hessrank.Tracker` checks them when it is made). A tied weight's
@@ -1159,7 +1174,7 @@ def named_selection(model: nn.Module, params: Iterable[Tensor | str] | None) -> 
     wanted = set()
     for item in params:
         if isinstance(item, str):
-            item = aliases.get(item, item)
+            item = aliases.get(item, _unwrapped_name(item, by_name))
             if item not in by_name:
                 close = [n for n in by_name if item in n or n in item][:3]
                 raise ValueError(

@@ -851,6 +851,15 @@ def test_wrapped_model_is_analysed_through_its_module(wrap, note):
                                    atol=1e-12 * abs(plain.top_eigenvalue))
         assert plain.top_eigenvalue > 0
         assert any(note in text for text in wrapped.notes)
+    # the wrapper's own parameter names select the module's (probe 131: refused as unknown)
+    first = next(iter(dict(wrapper.named_parameters())))
+    assert first.startswith(("_orig_mod.", "module."))
+    chosen = hessrank.effective_rank(wrapper, CE, (x, y), method="exact", params=[first])
+    alone = hessrank.effective_rank(model, CE, (x, y), method="exact",
+                                    params=[first.split(".", 1)[1]])
+    assert chosen.num_params == alone.num_params < plain.num_params
+    np.testing.assert_allclose(chosen.eigenvalues, alone.eigenvalues, rtol=0,
+                               atol=1e-12 * abs(alone.top_eigenvalue))
 
 
 @pytest.mark.parametrize("method", ["fisher", "ggn", "exact", "lanczos"])
