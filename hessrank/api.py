@@ -37,7 +37,13 @@ from hessrank.estimators import (
 from hessrank.estimators.base import DEFAULT_MAX_MEMORY
 from hessrank.estimators.exact import exact_chunk_size, products_bytes
 from hessrank.estimators.gram import BACKENDS
-from hessrank.guard import ExitsHeldBack, differentiable, evaluation_mode, preserved_state
+from hessrank.guard import (
+    ExitsHeldBack,
+    differentiable,
+    evaluation_mode,
+    preserved_state,
+    raise_if_signalled,
+)
 from hessrank.monitor import PeakMemory, Reporter
 from hessrank.problem import (
     Batch,
@@ -551,7 +557,8 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
                                  estimator.predict(whole, outputs, settings, options))
     except BudgetError:
         raise
-    except Exception:  # noqa: BLE001 - the pass over the data names the batch and the cause
+    except Exception as error:  # noqa: BLE001 - the pass over the data names the batch and the cause
+        raise_if_signalled(error)
         return
     estimator.check_budget(cost, whole, settings, caller=(
         f"method={estimator.name!r} on the data set's {announced:,} samples (as many as its "

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from hessrank.guard import ModuleGenerators, evaluation_mode
+from hessrank.guard import ModuleGenerators, evaluation_mode, raise_if_signalled
 from hessrank.problem import (
     FOR_THE_LOSS_S,
     HESSIAN_NEEDS,
@@ -544,6 +544,7 @@ def _check_same_function(problem: ShardedProblem, shared_args: list[Tensor],
             outputs = [leaf.detach().cpu() for leaf in tree_flatten(sample.forward())[0]
                        if isinstance(leaf, Tensor)]
     except Exception as error:  # noqa: BLE001 - a model that cannot run one sample alone
+        raise_if_signalled(error)
         outputs = f"{type(error).__name__}: {error}"
     everyone = parallel.gather_objects(outputs)
     failures = [rank for rank, leaves in enumerate(everyone) if isinstance(leaves, str)]

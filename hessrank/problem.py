@@ -31,6 +31,7 @@ from hessrank.guard import (
     PassState,
     is_compile_wrapper,
     preserved_state,
+    raise_if_signalled,
 )
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -578,6 +579,7 @@ def _loss_with_advice(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
     except UnrepeatableLoss:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise_if_signalled(error)
         module = isinstance(loss_fn, nn.Module)
         own = [(name, tensor.dtype) for name, tensor in _loss_tensors(loss_fn)
                if tensor.is_floating_point() and tensor.dtype != outputs.dtype]
@@ -1399,7 +1401,8 @@ def lower_precision_cause(problem: CurvatureProblem, error: float,
             if with_loss:
                 stack.append("loss_fn")
                 problem.loss_fn(outputs, problem.targets)
-    except Exception:  # noqa: BLE001 - a diagnosis must not replace the error it explains
+    except Exception as failure:  # noqa: BLE001 - a diagnosis must not replace the error it explains
+        raise_if_signalled(failure)
         return ""
     finally:
         for handle in handles:
@@ -1601,7 +1604,8 @@ def refuse_target_dtype(error: RuntimeError, loss_fn: LossFn, outputs: Tensor,
     try:
         with torch.enable_grad():
             output_gradient(loss_fn, outputs, targets.to(outputs.dtype))
-    except Exception:  # noqa: BLE001 - not the targets' dtype: the error stands as it is
+    except Exception as failure:  # noqa: BLE001 - not the targets' dtype: the error stands as it is
+        raise_if_signalled(failure)
         return
     raise ValueError(
         f"loss_fn's backward fails on {targets.dtype} targets with {outputs.dtype} outputs "

@@ -404,6 +404,48 @@ def test_a_timeout_signal_during_a_restore_is_delivered_after_it():
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # Ctrl-C's own handler is back
 
 
+class _JobTimeout(TimeoutError):
+    """A job's timeout, as a SIGALRM handler raises it."""
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos", "ggn", "fisher", "fisher_lanczos"])
+def test_a_timeout_raised_in_any_loss_evaluation_reaches_the_caller(method):
+    """A SIGALRM handler's timeout that lands in any of the call's evaluations of the loss
+    raises out of the call, the model as it was: inside the evaluations in float64 (or the
+    others whose failure takes another route) it had been taken for the loss failing there, and
+    the call returned a result (probe 132)."""
+    import os
+    import signal
+
+    def timeout(*_: object) -> None:
+        raise _JobTimeout("the caller's timeout")
+
+    model = mlp((5, 6, 3))
+    x, y = classification_batch(8, 5, 3)
+    calls = {"made": 0, "alarm_at": 0}
+
+    def loss_fn(outputs, targets):
+        calls["made"] += 1
+        if calls["made"] == calls["alarm_at"]:
+            os.kill(os.getpid(), signal.SIGALRM)  # a timer firing now
+        return CE(outputs, targets)
+
+    options = {"lanczos_steps": 8} if "lanczos" in method else {}
+    previous = signal.signal(signal.SIGALRM, timeout)
+    try:
+        hessrank.effective_rank(model, loss_fn, (x, y), method=method, **options)
+        total, before = calls["made"], _snapshot(model)
+        assert total > 1
+        for at in range(1, total + 1):
+            calls.update(made=0, alarm_at=at)
+            with pytest.raises(_JobTimeout):
+                hessrank.effective_rank(model, loss_fn, (x, y), method=method, **options)
+            _assert_same(before, model)
+        assert signal.getsignal(signal.SIGALRM) is timeout  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
 class _TokensWithStatistics(nn.Module):
     """Every guarded kind of state at once: an embedding whose rows exceed ``max_norm``, a
     BatchNorm buffer, and (added by the test) a hook on a parameter's gradient."""

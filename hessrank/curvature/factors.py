@@ -22,7 +22,7 @@ from hessrank.curvature.hessian import second_order
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
 from hessrank.distributed import ShardedProblem, shard_cotangents
-from hessrank.guard import ModuleGenerators
+from hessrank.guard import ModuleGenerators, raise_if_signalled
 from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
@@ -121,6 +121,7 @@ class FactorOperator(ParameterOperator):
         except UnrepeatableForward:
             raise
         except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only
+            raise_if_signalled(error)
             return f"{untested_mixing(error, 'half of the batch')}; where it does, {meaning}"
         if difference is None:
             return None

@@ -49,7 +49,7 @@ from hessrank.curvature.row_gram import row_gram
 from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
 from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
-from hessrank.guard import ModuleGenerators
+from hessrank.guard import ModuleGenerators, raise_if_signalled
 from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
@@ -490,6 +490,7 @@ def compute_gram(
         except torch.OutOfMemoryError:
             raise  # not the rule's fault: the general path needs memory too
         except Exception as raised:  # noqa: BLE001 - the general path, itself verified, takes over
+            raise_if_signalled(raised)
             # A rule is a shortcut whose every result is checked: one that raises on a call it
             # did not foresee is a bug in the rule, named here, not a reason to fail the call.
             layer = None
@@ -717,7 +718,8 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
                 try:
                     vjps, outs = vmap(sample_vjps, in_dims=(None, 1, 0, 0))(
                         subset, cotangents[:, start:stop], args, kwargs)
-                except Exception:  # noqa: BLE001 - vmap raises many types it cannot batch
+                except Exception as unbatched:  # noqa: BLE001 - vmap raises many types it cannot batch
+                    raise_if_signalled(unbatched)
                     path = LOOP_PATH
             if vjps is None or outs is None or any(  # a batching rule that got shapes wrong
                     value.shape != (stop - start, k, *subset[name].shape)
@@ -732,6 +734,7 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
                     except torch.OutOfMemoryError:
                         raise
                     except Exception as raised:  # noqa: BLE001 - the model's error, explained
+                        raise_if_signalled(raised)
                         return {}, (f"the model's forward failed on one sample alone "
                                     f"({type(raised).__name__}: {raised})", SAMPLE_ALONE,
                                     math.inf), path
@@ -841,6 +844,7 @@ def _refuse_mixed_samples(problem: CurvatureProblem, outputs: object) -> str | N
     except (UnrepeatableForward, torch.OutOfMemoryError):
         raise
     except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only
+        raise_if_signalled(error)
         return (f"{untested_mixing(error, 'two samples alone')}; the rules' factors are each "
                 "sample's in the batch")
     if difference is not None:

@@ -28,6 +28,7 @@ from hessrank.curvature.loss import (
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
 from hessrank.curvature.saturation import SaturationSafe
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled
+from hessrank.guard import raise_if_signalled
 from hessrank.problem import (
     FOR_THE_LOSS_S,
     HESSIAN_NEEDS,
@@ -135,6 +136,7 @@ def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
         except UnrepeatableLoss:
             raise
         except Exception as error:  # noqa: BLE001 - this batch's loss as given
+            raise_if_signalled(error)
             why = float64_failure(error, "on a batch of the data set")
         else:
             with torch.no_grad():  # (the loss as given, checked by the data set's first pass)
@@ -192,6 +194,7 @@ def _twin_trials(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | N
     except UnrepeatableLoss:
         raise
     except Exception as error:  # noqa: BLE001 - the loss as given, in the outputs' dtype
+        raise_if_signalled(error)
         return None, float64_failure(error)
     return loss_fn, None
 

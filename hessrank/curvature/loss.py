@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from hessrank.curvature.saturation import saturation_safe
+from hessrank.guard import raise_if_signalled
 from hessrank.problem import (
     LossFn,
     agreement_tolerance,
@@ -110,7 +111,8 @@ def _sample_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
     leaf = outputs.detach().requires_grad_(True)
     try:
         losses = vmap(sample_loss)(leaf, targets)
-    except Exception:  # noqa: BLE001 - vmap raises many types on code it cannot batch
+    except Exception as error:  # noqa: BLE001 - vmap raises many types on code it cannot batch
+        raise_if_signalled(error)
         losses = None
     if isinstance(losses, Tensor) and losses.shape == outputs.shape[:1]:
         if not losses.requires_grad:
@@ -126,7 +128,8 @@ def _sample_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
             # targets ignored, in a loss that returns outputs.new_zeros(()) then)
             (row,) = (torch.autograd.grad(value, f, allow_unused=True) if value.requires_grad
                       else (None,))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any failure on one sample
+            raise_if_signalled(error)
             raise ValueError(
                 f"loss_fn cannot be evaluated on one sample ({error}): the empirical Fisher needs "
                 "per-sample losses; use method='ggn', 'exact' or 'lanczos'"
@@ -271,6 +274,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             outputs = outputs.double()
             precise = _read_weights(loss_fn, outputs, targets)
         except Exception as error:  # noqa: BLE001 - any failure of the loss in float64
+            raise_if_signalled(error)
             if refused:  # float32's refusal stands
                 raise _interacting_samples_error(read.mismatch, "") from error
             raise ValueError(
@@ -373,11 +377,13 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
             for t in [*loss_fn.parameters(), *loss_fn.buffers()]):
         try:
             twin = copy.deepcopy(loss_fn).double()
-        except Exception:  # noqa: BLE001 - (a lock in it) the module as it is, promoted below
+        except Exception as error:  # noqa: BLE001 - (a lock in it) the module as it is, promoted below
+            raise_if_signalled(error)
             twin = loss_fn
     try:
         given = _calls_of(loss_fn, outputs, targets)
     except Exception as error:  # noqa: BLE001 - any failure: no float64 twin
+        raise_if_signalled(error)
         raise ValueError(float64_failure(error)) from error
     widened_targets = targets.double() if targets.is_floating_point() else targets
     why = _twin_failure(twin, outputs, widened_targets, given, promote=False)
@@ -416,6 +422,7 @@ def _twin_failure(twin: LossFn, outputs: Tensor, targets: Tensor, given: _Calls,
     except _Unpromotable as error:
         return str(error)
     except Exception as error:  # noqa: BLE001 - any failure: no float64 twin
+        raise_if_signalled(error)
         return float64_failure(error)
     if widened.lowered:
         name = dtype_name(widened.lowered)
@@ -444,6 +451,7 @@ def _in_float64(compute: Callable[[LossFn, Tensor, Tensor], _Result], loss_fn: L
     try:
         return compute(twin, outputs.detach().double(), targets)
     except Exception as error:  # noqa: BLE001 - any failure of the loss in float64
+        raise_if_signalled(error)
         raise ValueError(float64_failure(error)) from error
 
 
@@ -741,7 +749,8 @@ def _check_constant_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         try:  # the loss of the first samples alone, a weighted sum with constant weights too
             first = _read_weights(loss_fn, outputs[head], targets[head],
                                   reading.sample_grads[head], precision)
-        except Exception:  # noqa: BLE001 - a loss that needs the whole batch is checked on it
+        except Exception as error:  # noqa: BLE001 - a loss that needs the whole batch is checked on it
+            raise_if_signalled(error)
             first = None
         if first is not None:
             outputs, targets, reading = outputs[head], targets[head], first
@@ -937,7 +946,8 @@ def lower_precision_in(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tor
     inside it, :class:`_Calls`); None where there is none, or the loss fails here."""
     try:
         return _calls_of(loss_fn, outputs, targets).lowest
-    except Exception:  # noqa: BLE001 - a diagnosis must not replace the error it explains
+    except Exception as error:  # noqa: BLE001 - a diagnosis must not replace the error it explains
+        raise_if_signalled(error)
         return None
 
 
@@ -1244,7 +1254,8 @@ def _blocks_in_float32(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     labels = targets.float() if targets.is_floating_point() else targets
     try:
         return _blocks_of(loss_fn, outputs.float(), labels, generator)
-    except Exception:  # noqa: BLE001 - any failure of the loss in the other precision
+    except Exception as error:  # noqa: BLE001 - any failure of the loss in the other precision
+        raise_if_signalled(error)
         return None
 
 
