@@ -34,7 +34,7 @@ from hessrank.estimators import (
     Spectrum,
     option_fields,
 )
-from hessrank.estimators.base import DEFAULT_MAX_MEMORY
+from hessrank.estimators.base import DEFAULT_MAX_MEMORY, seconds_of
 from hessrank.estimators.exact import exact_chunk_size, products_bytes
 from hessrank.estimators.gram import BACKENDS
 from hessrank.guard import (
@@ -73,6 +73,7 @@ from hessrank.spectrum.dense import symmetric_eigenpairs
 from hessrank.streaming import (
     StreamedProblem,
     announced_samples,
+    batch_read_seconds,
     first_batch,
     is_batch_stream,
     per_batch,
@@ -533,8 +534,12 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
     and one that the whole data exceeds where the loader says how many samples it holds and the
     method's cost grows with them (a ``fisher`` Gram of 7.7 GiB was refused after a pass over
     20,000 samples; probe 71): its first batch's prediction at that many samples, with a copy
-    of each for a method that joins the batches. Anything else the batch would raise is left to
-    the pass, which names the batch.
+    of each for a method that joins the batches; and a ``max_seconds`` that the first pass
+    alone exceeds, at least a forward pass and a loss of each announced batch, timed on the
+    first (a ``lanczos`` call over 400,000 samples with ``max_seconds=0.5`` was refused after
+    11 s, and one over a loader announcing 10^9 samples was still reading them after 100 s;
+    probe 133: the methods that stream their batches predict their time from a pass). Anything
+    else the batch would raise is left to the pass, which names the batch.
 
     Raises:
         BudgetError: the first batch's, or the announced data set's, predicted cost exceeds the
@@ -547,6 +552,17 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
         cost = estimator.predict(first, outputs, settings, options)
         estimator.check_budget(cost, first, settings, caller=f"method={estimator.name!r} on the "
                                "data set's first batch alone")
+        if (settings.max_seconds is not None and announced is not None
+                and announced > first.num_samples):
+            with torch.no_grad():  # (the least of two: a first call's set-up is no batch's)
+                one = min(seconds_of(first.loss, first.device) for _ in range(2))
+            one += batch_read_seconds(problem.data)
+            passes = Cost(0, one * announced / first.num_samples)
+            estimator.check_budget(passes, first, settings, caller=(
+                f"the first pass of method={estimator.name!r} over the data set's "
+                f"{announced:,} samples (at least reading each batch, its forward pass and its "
+                f"loss: {one:.3g} s for a batch of {first.num_samples:,} samples)"),
+                advice="analyse fewer samples")
         if announced is None or announced <= first.num_samples or estimator.streams:
             return
         batch_bytes = sum(x.numel() * x.element_size()

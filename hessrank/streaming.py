@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import functools
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -786,6 +787,23 @@ def first_batch(data: Iterable[Any], device: torch.device) -> Batch:
             _check_pair(0, item)
             return _to_device(item, device)  # type: ignore[return-value]
     raise ValueError("the data yielded no batch: pass a loader over a non-empty data set")
+
+
+def batch_read_seconds(data: Iterable[Any]) -> float:
+    """Seconds a ``DataLoader`` without workers takes to give a batch (its second, the first
+    paying for the iterator's start), with the draws restored (:func:`same_draw`); 0 for other
+    data (a list holds its batches; workers read ahead in parallel)."""
+    if not isinstance(data, DataLoader) or data.num_workers:
+        return 0.0
+    with same_draw(data):
+        batches = iter(data)
+        try:
+            next(batches)
+            start = time.perf_counter()
+            next(batches)
+        except StopIteration:
+            return 0.0
+        return time.perf_counter() - start
 
 
 class StreamedOperator(ParameterOperator):

@@ -871,6 +871,39 @@ class _CountingDataset(TensorDataset):
         return super().__getitem__(index)
 
 
+class _EndlessDataset(Dataset):
+    """A billion samples, from a pool of 256, counting those read."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(256, 4, generator=generator)
+        self.y = torch.randint(0, 3, (256,), generator=generator)
+        self.read = 0
+
+    def __len__(self) -> int:
+        return 10**9
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.read += 1
+        return self.x[index % 256], self.y[index % 256]
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos", "fisher_lanczos"])
+def test_a_time_budget_the_announced_pass_exceeds_is_refused_before_it(method):
+    """The methods that stream their batches predict their time from a pass over the data:
+    with max_seconds, a loader announcing 10^9 samples was still being read after 100 s (probe
+    133). The first pass alone, at least reading, running and scoring each batch as the first
+    does, is predicted first: refused after three batches read."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    dataset = _EndlessDataset()
+    loader = DataLoader(dataset, batch_size=64)
+    with pytest.raises(hessrank.BudgetError, match=(
+            f"the first pass of method='{method}' over the data set's 1,000,000,000 samples "
+            r"\(at least reading each batch, its forward pass and its loss")):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), loader, method, max_seconds=60)
+    assert dataset.read <= 3 * 64
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_a_budget_the_announced_data_set_exceeds_is_refused_before_the_pass(drop_last):
     """A fisher Gram over 20,000 samples (7.7 GiB) was refused only after a pass over all of
