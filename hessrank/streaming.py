@@ -689,7 +689,8 @@ class StreamedProblem(CurvatureProblem):
         tolerance = agreement_tolerance(self.dtype)
         if result is None or abs(loss - self.data_loss) > tolerance * max(abs(self.data_loss),
                                                                           1e-30):
-            raise _data_changed(f"loss {loss:.8g} against {self.data_loss:.8g} in the first pass")
+            raise _data_changed(self.data, f"loss {loss:.8g} against {self.data_loss:.8g} in "
+                                           "the first pass")
         return result
 
     def _checked_pass(self, visit: Callable[[CurvatureProblem, float], None]) -> None:
@@ -704,12 +705,12 @@ class StreamedProblem(CurvatureProblem):
             for index, batch in enumerate(self._batches()):
                 if (index >= len(self._normalisers)
                         or not _same(self._normalisers[index][0], _fingerprint(batch))):
-                    raise _data_changed(f"batch {index} differs from the first pass's")
+                    raise _data_changed(self.data, f"batch {index} differs from the first pass's")
                 count += 1
                 visit(batch, self._normalisers[index][1])
         if count != len(self._normalisers):
-            raise _data_changed(f"{count} batches against {len(self._normalisers)} in the first "
-                                "pass")
+            raise _data_changed(self.data, f"{count} batches against "
+                                           f"{len(self._normalisers)} in the first pass")
 
     def concatenated(self, method: str) -> CurvatureProblem:
         """Every batch in one problem (for the Gram methods; memory predicted by the caller).
@@ -736,14 +737,18 @@ class StreamedProblem(CurvatureProblem):
             notes=list(self.notes))
 
 
-def _data_changed(detail: str) -> ValueError:
-    """The error for data that differ between passes over them (``detail``: how)."""
+def _data_changed(data: Iterable[Any], detail: str) -> ValueError:
+    """The error for ``data`` that differ between passes over them (``detail``: how); a loader
+    whose workers persist is told to let them go (a random transform in them had been refused
+    with the cause named and no fix; probe 132)."""
+    fix = (": pass a DataLoader with persistent_workers=False, whose workers start each pass "
+           "from the same seeds" if getattr(data, "persistent_workers", False) else "")
     return ValueError(
         f"the data changed between passes over it ({detail}). Every product is one pass, so the "
         "data must be the same in each: random transforms drawn from a generator hessrank does "
         "not restore (torch, NumPy, Python and the loader's are, in this process; workers kept "
         "alive between passes, persistent_workers=True, keep theirs) or data read from a "
-        "changing source make the curvature undefined")
+        f"changing source make the curvature undefined{fix}")
 
 
 def streamed_problem(problem: CurvatureProblem, data: Iterable[Any]) -> StreamedProblem:

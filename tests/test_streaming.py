@@ -299,7 +299,9 @@ def test_persistent_workers_the_caller_started_are_left_alone(when):
             seen.extend(b[0] for b in batches)
         workers = loader._iterator
         if call:
-            with pytest.raises(ValueError, match="data changed between passes"):
+            with pytest.raises(ValueError, match=(  # with the fix (probe 132)
+                    "data changed between passes.*pass a DataLoader with "
+                    "persistent_workers=False, whose workers start each pass from the same")):
                 hessrank.effective_rank(model, loss_fn, loader, "fisher")
             assert loader._iterator is workers
         if when == "mid-epoch":
