@@ -755,7 +755,8 @@ def written_parameters_error(names: list[str]) -> ValueError:
         "curvature of a function that "
         "changes its parameters as it is evaluated is not defined, and hessrank cannot undo "
         "the write (the values are as your forward left them, as after one training forward). "
-        "Move the write out of forward (clip after optimizer.step())")
+        "Move the write out of forward (clip after optimizer.step()); or, where another "
+        "thread trains the model during the call, measure and train in turn (probe 132)")
 
 
 def _strided_values_unchanged(tensor: Tensor, value: Tensor) -> bool:
