@@ -960,6 +960,10 @@ def build_problem(
                             selected, excluded, mode, notes)
 
 
+#: Names under which a dict of inputs may hold the targets (HuggingFace's ``labels``).
+_LABEL_NAMES = frozenset({"labels", "label", "targets", "target", "y"})
+
+
 def _check_inputs_fit(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor],
                       reading: str) -> None:
     """Raise a TypeError, before any forward pass, where the batch leaves out an input that
@@ -987,15 +991,34 @@ def _check_inputs_fit(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[s
                 and p.name not in kwargs]
     missing = [p for p in positional[len(args):] if p in required]
     by_name = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY and p in required]
+    given = f"{len(args)} positional input{'s' if len(args) != 1 else ''}" + (
+        f" and {', '.join(kwargs)} by name" if kwargs else "")
     if missing or by_name:
-        given = f"{len(args)} positional input{'s' if len(args) != 1 else ''}" + (
-            f" and {', '.join(kwargs)} by name" if kwargs else "")
         advice = ("pass several inputs as a tuple, ((x1, x2), targets), or by name as a dict, "
                   "({'x1': x1, 'x2': x2}, targets)") if missing else (
             "pass inputs by name as a dict, ({'x': x, 'mask': mask}, targets)")
         raise TypeError(
             f"the batch gives {type(model).__name__}.forward {given} and leaves out "
             f"{', '.join(p.name for p in missing + by_name)}: {advice}{reading}")
+    # inputs forward does not take (torch's own error had named no fix; probe 133)
+    named = [p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                       inspect.Parameter.KEYWORD_ONLY)]
+    unknown = ([] if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+               else [name for name in kwargs if name not in named])
+    if unknown:
+        labels = [name for name in unknown if name in _LABEL_NAMES]
+        advice = (f"the targets go beside the inputs, not among them: "
+                  f"({{{', '.join(repr(k) for k in kwargs if k not in labels)}: ...}}, "
+                  f"{labels[0]})" if labels else
+                  f"it takes {', '.join(named) or 'no input by name'}: leave the others out")
+        raise TypeError(f"the batch gives {type(model).__name__}.forward {given}, and it takes "
+                        f"no {', '.join(unknown)}: {advice}{reading}")
+    if len(args) > len(positional):
+        raise TypeError(
+            f"the batch gives {type(model).__name__}.forward {given}, and it takes "
+            f"{len(positional)} ({', '.join(p.name for p in positional)}): a batch is "
+            f"(inputs, targets), its inputs a tensor or a tuple of the forward's inputs"
+            f"{reading}")
 
 
 def read_batch(batch: object, dtype: torch.dtype, device: torch.device

@@ -1211,6 +1211,12 @@ BAD_INPUTS = [
      r"max_mem \(did you mean max_memory\?\); its own keywords are: threshold"),
     ("a misspelled method", {"method": "Fischer"}, ValueError,
      r"unknown method 'Fischer' \(did you mean fisher\?\)"),
+    ("the labels among the inputs",
+     {"inputs": lambda x: {"input": x, "labels": torch.zeros(len(x), dtype=torch.long)}},
+     TypeError, r"input, labels by name, and it takes no labels: the targets go beside the "
+     r"inputs, not among them: \(\{'input': \.\.\.\}, labels\)"),
+    ("an input forward does not take", {"inputs": lambda x: (x, x)}, TypeError,
+     r"Sequential.forward 2 positional inputs, and it takes 1 \(input\): a batch is"),
 ]
 
 
