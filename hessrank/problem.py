@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
@@ -609,13 +610,28 @@ def _loss_with_advice(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
                       "regression values): cast them with targets.float(), or to "
                       f"{outputs.dtype}")
         else:
-            advice = ("Check the targets' shape, dtype and values (e.g. class indices in [0, C) "
-                      "as int64 of shape [n] for nn.CrossEntropyLoss)")
+            advice = f"Check the targets' shape, dtype and values ({_targets_example(loss_fn)})"
         raise type(error)(
             f"loss_fn(outputs, targets) failed on outputs of shape {tuple(outputs.shape)} "
             f"({outputs.dtype}) and targets of shape {tuple(targets.shape)} "
             f"({targets.dtype}): {str(error).rstrip('. ')}. {advice}"
         ) from error
+
+
+def _targets_example(loss_fn: LossFn) -> str:
+    """What targets ``loss_fn`` takes, by example, for the advice on a loss that failed on
+    them (every loss had been given cross-entropy's; probe 133)."""
+    function = getattr(loss_fn, "func", loss_fn)  # a functools.partial's
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) or function in (
+            F.cross_entropy, F.nll_loss):
+        return "e.g. class indices in [0, C) as int64 of shape [n] for nn.CrossEntropyLoss"
+    if isinstance(loss_fn, (nn.BCELoss, nn.BCEWithLogitsLoss)) or function in (
+            F.binary_cross_entropy, F.binary_cross_entropy_with_logits):
+        return "floating 0/1 labels of the outputs' shape, as outputs.dtype"
+    if isinstance(loss_fn, (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss)) or function in (
+            F.mse_loss, F.l1_loss, F.huber_loss, F.smooth_l1_loss):
+        return "floating values of the outputs' shape, as outputs.dtype"
+    return "and that loss_fn takes (outputs, targets), in that order"
 
 
 def _refuse_all_ignored(loss_fn: LossFn, value: Tensor, targets: Tensor) -> None:

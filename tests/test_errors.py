@@ -1215,6 +1215,15 @@ BAD_INPUTS = [
      {"inputs": lambda x: {"input": x, "labels": torch.zeros(len(x), dtype=torch.long)}},
      TypeError, r"input, labels by name, and it takes no labels: the targets go beside the "
      r"inputs, not among them: \(\{'input': \.\.\.\}, labels\)"),
+    ("MSE targets of another shape",
+     {"loss": nn.MSELoss(), "targets": lambda y: torch.zeros(8, 5, dtype=torch.float64)},
+     RuntimeError, r"Check the targets' shape, dtype and values \(floating values of the "
+     r"outputs' shape, as outputs.dtype\)"),
+    ("a function's targets of another shape",
+     {"loss": lambda out, t: (out * t).mean(),
+      "targets": lambda y: torch.zeros(8, 5, dtype=torch.float64)},
+     RuntimeError, r"Check the targets' shape, dtype and values \(and that loss_fn takes "
+     r"\(outputs, targets\), in that order\)"),
     ("an input forward does not take", {"inputs": lambda x: (x, x)}, TypeError,
      r"Sequential.forward 2 positional inputs, and it takes 1 \(input\): a batch is"),
 ]
