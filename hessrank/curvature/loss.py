@@ -895,9 +895,11 @@ class ZeroCurvatureError(ValueError):
 def _linear_loss_error() -> ZeroCurvatureError:
     return ZeroCurvatureError(
         "the loss is linear in the model's outputs (e.g. nn.NLLLoss after a LogSoftmax inside "
-        "the model), or constant in them on this batch (every target ignored), so its GGN is "
-        "exactly zero: move the last nonlinearity into the loss (nn.CrossEntropyLoss on "
-        "logits), or use method='exact' or 'lanczos'")
+        "the model) or piecewise linear (nn.L1Loss, a hinge), or constant in them on this "
+        "batch (every target ignored), so its GGN is exactly zero: move the last nonlinearity "
+        "into the loss (nn.CrossEntropyLoss on logits), use a curved loss (nn.HuberLoss or "
+        "nn.MSELoss for nn.L1Loss), or use method='fisher' (first derivatives only), 'exact' "
+        "or 'lanczos'")
 
 
 def output_hessian_blocks(first: Tensor, leaf: Tensor, generator: torch.Generator
