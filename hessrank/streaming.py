@@ -35,6 +35,7 @@ outside these generators) is refused instead of being averaged silently.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -62,6 +63,7 @@ from hessrank.guard import (
     HELD_ITEMS,
     GlobalGenerators,
     held_generators,
+    raise_if_signalled,
     rescales_lookups,
 )
 from hessrank.problem import (
@@ -281,6 +283,32 @@ def _joined(first: CurvatureProblem, second: CurvatureProblem) -> CurvatureProbl
         first, args=tuple(torch.cat([a, b]) for a, b in zip(first.args, second.args)),
         kwargs={key: torch.cat([x, second.kwargs[key]]) for key, x in first.kwargs.items()},
         targets=torch.cat([first.targets, second.targets]))
+
+
+@contextmanager
+def _naming_the_batch(reading: list[int]) -> Iterator[None]:
+    """An error that the block raises while it reads batch ``reading[0]`` of a data set, past
+    the first, names that batch where it does not already (a second batch's inputs of another
+    width, targets of another dtype or out of range had been refused as if the data set were
+    one batch; probe 133); the same type, its message prefixed.
+
+    Raises:
+        TypeError, ValueError, RuntimeError, IndexError: the block's, naming the batch.
+    """
+    try:
+        yield
+    except (TypeError, ValueError, RuntimeError, IndexError) as error:
+        raise_if_signalled(error)
+        index = reading[0]
+        if index == 0 or f"batch {index}" in str(error):
+            raise
+        named: BaseException | None = None
+        with contextlib.suppress(Exception):  # a type of its own making: raised as it is
+            named = type(error)(f"batch {index} of the data (the batches before it passed): "
+                                f"{error}")
+        if named is None:
+            raise
+        raise named from error
 
 
 def _outputs(batch: CurvatureProblem) -> Tensor:
@@ -553,8 +581,10 @@ class StreamedProblem(CurvatureProblem):
             with same_draw(self.data):
                 for batch in self._batches():
                     _outputs(batch)
-        with same_draw(self.data):
+        reading = [0]  # the batch being read, for the errors (:func:`_naming_the_batch`)
+        with same_draw(self.data), _naming_the_batch(reading):
             for index, batch in enumerate(self._batches()):
+                reading[0] = index
                 outputs = _outputs(batch)
                 shapes: list[object] = [
                     *(x.shape[1:] for x in batch.args), batch.targets.shape[1:],

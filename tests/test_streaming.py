@@ -391,6 +391,17 @@ BAD_DATA = [
     ("bad batch", "mean", lambda x, y: [(x[:5], y[:5]), (x[5:9], y[5:8])], "exact", ValueError,
      "batch 1 of the data: mismatched batch sizes"),
     ("empty", "mean", lambda x, y: [], "exact", ValueError, "no batch"),
+    # a second batch the model or the loss fails on is named (probe 133: read as one batch)
+    ("a second batch of another width", "mean",
+     lambda x, y: [(x[:5], y[:5]), (torch.cat([x[5:], x[5:]], 1), y[5:])], "lanczos",
+     RuntimeError, r"batch 1 of the data \(the batches before it passed\): mat1 and mat2"),
+    ("a second batch's class out of range", "mean",
+     lambda x, y: [(x[:5], y[:5]), (x[5:], y[5:] + 3)], "exact", IndexError,
+     r"batch 1 of the data \(the batches before it passed\): loss_fn\(outputs, targets\) "
+     "failed"),
+    ("a second batch's targets of another dtype", "mean",
+     lambda x, y: [(x[:5], y[:5]), (x[5:], y[5:].int())], "fisher", RuntimeError,
+     r"batch 1 of the data \(the batches before it passed\): loss_fn"),
     ("coupled loss", "coupled", _batches, "exact", ValueError, "does not add up over batches"),
     # a log-sum-exp of the samples' losses: its gradient on a batch is a multiple of the
     # batch's own, and a data set of it was analysed as a weighted mean (probe 128); also with
