@@ -130,6 +130,7 @@ def test_compare_json_schema(compared) -> None:
             assert fisher["rtol"] < exact["rtol"]
             assert fisher["numerical_rank_rel_error"] == pytest.approx(
                 (fisher["numerical_rank"] - at_fisher) / at_fisher)
+            assert fisher["exact_numerical_rank"] == at_fisher  # the error's reference
             lanczos = point["methods"]["lanczos"]
             assert lanczos["rank_interval"] is not None
             low, high = lanczos["trace_interval"]
@@ -189,7 +190,10 @@ def test_compare_csv_and_plot(compared) -> None:
 def test_compare_default_point_uses_true_labels(tmp_path: Path, capsys) -> None:
     status = main(["compare", *TINY, "--methods", "fisher", "--json", str(tmp_path / "r.json")])
     assert status == 0
-    assert "Estimators vs exact" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # no task in the title; no "vs exact" without exact (probe 133: it had said so)
+    assert "\nEstimators " in out and "at the start of task" not in out
+    assert "vs exact" not in out and "No exact reference (skipped)" in out
     report = json.loads((tmp_path / "r.json").read_text())
     (point,) = report["runs"][0]["checkpoints"]
     assert point["labels"] == "true" and point["task"] is None
@@ -609,7 +613,7 @@ def test_tables_are_printed_when_writing_a_file_fails(tmp_path: Path, capsys,
     monkeypatch.setattr(report, "check_outputs", lambda outputs, quiet=False, reads=None: None)
     status, out, err = run_main(argv, capsys)
     assert status == 2
-    assert "Estimators vs exact" in out and "\nfisher " in out
+    assert "\nEstimators " in out and "\nfisher " in out
     assert err == expected
 
 
@@ -660,7 +664,7 @@ def test_ctrl_c_during_the_final_report_keeps_the_table(tmp_path: Path, capsys, 
     argv = ["compare", *TINY, "--methods", "fisher", "--no-pyhessian"]
     status, out, _ = run_main([*argv, "--json", str(tmp_path / "r.json")], capsys)
     assert status == 130
-    assert "Estimators vs exact" in out and "\nfisher " in out
+    assert "\nEstimators " in out and "\nfisher " in out
     assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["checkpoints"]
 
 

@@ -233,6 +233,8 @@ def record(res: Any, exact: dict[str, Any] | None) -> dict[str, Any]:
         "numerical_rank": numerical,
         "rtol": rtol,
         "srank_rel_error": rel_error(srank, exact["srank"]) if exact else None,
+        # the reference of the error: exact's at this rtol (probe 133: only a note said it)
+        "exact_numerical_rank": exact_numerical,
         "numerical_rank_rel_error": rel_error(numerical, exact_numerical),
         "top_eigenvalue": float(res.top_eigenvalue),
         "trace": float(res.trace),

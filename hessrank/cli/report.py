@@ -282,7 +282,8 @@ def methods_table(
     where = ""
     if point["task"] is not None:
         where = f" at the start of task {point['task']} (random labels)"
-    table = _table(f"Estimators vs exact{where}")
+    against = " vs exact" if "exact" in report["config"]["methods"] else ""
+    table = _table(f"Estimators{against}{where}")
     table.padding = (0, 0)
     headers = (
         "method",

@@ -288,11 +288,13 @@ class Estimator(ABC):
         later = (" (predicted before the work: what its first pass over the model holds is "
                  "measured then and added)" if first else "")
         if cost.memory_bytes > settings.max_memory:
+            # (max_memory=4 meant as the CLI's 4 GiB was refused at "4 B"; probe 133)
+            unit = (", in bytes (4 GiB is 4 * 2**30)" if settings.max_memory < 2**20 else "")
             raise BudgetError(
                 f"{who} needs about {format_bytes(cost.memory_bytes)}{more} for "
                 f"P = {problem.num_params:,} parameters and n = {problem.num_samples:,} "
                 f"samples, over max_memory = {format_bytes(settings.max_memory)}: "
-                f"{instead}, restrict params=, or raise max_memory{later}",
+                f"{instead}, restrict params=, or raise max_memory{unit}{later}",
                 cost.memory_bytes, cost.seconds,
             )
         if settings.max_seconds is not None and cost.seconds is not None and (
