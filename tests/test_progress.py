@@ -3,6 +3,7 @@ someone watches a terminal."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -118,3 +119,29 @@ def test_no_bar_inside_the_caller_s_own_display(monkeypatch: pytest.MonkeyPatch,
     assert not bars
     _call("lanczos")
     assert bars
+
+
+def test_a_lanczos_bar_says_the_total_it_counts_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar counts the spot check's products too: labelled with the run's alone, a bar of
+    "300 products" had counted to 316 (probe 132)."""
+    added: list[tuple[str, object]] = []
+    original = monitor.progress_bar
+
+    def recording(**options: object) -> object:
+        bar = original(**options, disable=True)
+        add_task = bar.add_task
+
+        def add(description: str, **kwargs: object) -> object:
+            added.append((description, kwargs.get("total")))
+            return add_task(description, **kwargs)
+
+        bar.add_task = add  # type: ignore[method-assign]
+        return bar
+
+    monkeypatch.setattr(monitor, "progress_bar", recording)
+    model = mlp((5, 20, 3), dtype=torch.float32)  # P = 183: 80 steps, 8 to check them
+    hessrank.effective_rank(model, CE, classification_batch(16, 5, 3, torch.float32),
+                            "lanczos", progress=True, lanczos_steps=80)
+    ((label, total),) = [(label, total) for label, total in added if label.startswith("lanczos")]
+    counts = [int(number) for number in re.findall(r"\d+", label)]
+    assert len(counts) == 2 and sum(counts) == total, (label, total)
