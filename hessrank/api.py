@@ -678,25 +678,30 @@ def _result(
     the spectrum is of (default: all the problem's; a layer's block: the layer's).
 
     A layer's block (``whole_scale``: the whole curvature's largest ``|eigenvalue|``) is
-    computed by the whole model's backward passes, which round on the whole's scale: its
-    eigenvalues within the rounding the block's size allows at that scale
-    (``default_rtol(size) * whole_scale``) count as zero in its ranks, as the whole's own
-    numerical rank counts its eigenvalues below its cut. A block that cross-entropy's shift
-    invariance makes zero to rounding had ranks of 5 from its rounding alone (probe 132)."""
+    computed by the whole model's backward passes: a block the loss cancels (a module whose
+    output every logit shares, under cross-entropy) is their rounding and nothing else, which
+    had been given ranks of 5 (probe 132). Its eigenvalues within its rounding count as zero
+    in its ranks: the larger of what its Hessian-vector products measured
+    (:attr:`Spectrum.rounding`) and the block's size x epsilon^2 x the whole's largest
+    eigenvalue (what the cancelled terms left in such a block: 1e-17 to 7e-16 of it in
+    float32, and symmetric, where the measured part alone left a noise rank of 1 in 2 to 4
+    of 12 seeds)."""
     size = spectrum.max_rank if spectrum.weights is not None or estimator.solver == "dense" \
         else len(spectrum.eigenvalues)
     tolerance = default_rtol(size, spectrum.eps or eps) if rtol is None else rtol
     notes = [*problem.notes, *spectrum.notes]
     counted = spectrum.eigenvalues
-    floor = min(default_rtol(size, spectrum.eps or eps), MAX_DEFAULT_RTOL) * whole_scale
+    working = spectrum.eps or eps
+    floor = 0.0 if not whole_scale else max(spectrum.rounding or 0.0, default_rtol(
+        size, working) * working * whole_scale)
     rounding = np.abs(counted) <= floor
     if np.any(rounding & (counted != 0)):
         counted = np.where(rounding, 0.0, counted)
         notes.append(
             f"{int(np.count_nonzero(rounding))} of this block's eigenvalues (up to "
-            f"{float(np.abs(spectrum.eigenvalues[rounding]).max()):.3g}) are within the "
-            f"rounding of the whole model's curvature ({floor:.3g}: the block's size x epsilon "
-            f"x the whole's largest eigenvalue, {whole_scale:.4g}) and count as zero in its "
+            f"{float(np.abs(spectrum.eigenvalues[rounding]).max()):.3g}) are within its "
+            f"rounding, {floor:.3g} (the larger of what its products measured and its size x "
+            "epsilon^2 x the whole curvature's largest eigenvalue), and count as zero in its "
             "ranks")
     ranks = spectral_ranks(counted, threshold, tolerance, spectrum.weights, spectrum.max_rank)
     shown = spectrum.eigenvalues

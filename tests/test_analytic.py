@@ -77,15 +77,18 @@ class _SharedShift(nn.Module):
         return self.head(features) + self.shift(features) * features.sum(-1, keepdim=True)
 
 
+@pytest.mark.parametrize("seed", [0, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", ["exact", "lanczos", "fisher", "ggn"])
-def test_a_block_the_loss_cancels_has_rank_zero(method, dtype):
+def test_a_block_the_loss_cancels_has_rank_zero(method, dtype, seed):
     # exact and lanczos had refused the block's rounding as a wrong second derivative, fisher
-    # and ggn had given it ranks of 5 from rounding alone (probe 132)
-    torch.manual_seed(0)
+    # and ggn had given it ranks of 5 from rounding alone (probe 132); the rounding the
+    # products' antisymmetric part measures alone left a rank of 1 at seeds 2 and 4
+    torch.manual_seed(seed)
     model = _SharedShift().to(dtype)
     x, y = torch.randn(16, 6, dtype=dtype), torch.randint(0, 3, (16,))
-    result = hessrank.effective_rank(model, CE, (x, y), method=method, per_layer=True)
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, per_layer=True,
+                                     seed=seed)
     shift = result.layers["shift"]
     assert shift.rank == 0 and shift.ranks["numerical"] == 0
     assert result.layers["head"].rank > 0 and result.layers["hidden"].rank > 0

@@ -402,8 +402,10 @@ def asymmetry_error(antisymmetric: float, symmetric: float,
 
 
 def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,
-                    problem: CurvatureProblem) -> None:
-    """Verify ``u . A v = v . A u`` for two random vectors (two products of ``operator``).
+                    problem: CurvatureProblem) -> float:
+    """Verify ``u . A v = v . A u`` for two random vectors (two products of ``operator``);
+    returns ``|u . K v|``, an estimate of the antisymmetric part's norm ``||K||_F`` (one draw
+    of a variable of that standard deviation).
 
     With ``A = S + K`` (symmetric and antisymmetric parts), ``u . A v - v . A u = 2 u . K v``,
     whose size is about ``||K||_F``, against ``||u|| ||A v|| / sqrt(P)``, about ``||S||_F``:
@@ -421,11 +423,13 @@ def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,
     products = operator.matmat(probes.to(device=operator.device)).to(torch.float64).cpu()
     (u, v), (au, av) = probes, products
     scale = float(u.norm() * av.norm() + v.norm() * au.norm()) / (2 * math.sqrt(dim))
+    antisymmetric = float((u @ av - v @ au).abs()) / 2
     if scale == 0:
-        return
-    error = asymmetry_error(float((u @ av - v @ au).abs()) / 2, scale, problem)
+        return antisymmetric
+    error = asymmetry_error(antisymmetric, scale, problem)
     if error is not None:
         raise error
+    return antisymmetric
 
 
 def dense_hessian(

@@ -139,6 +139,9 @@ class Spectrum:
             (in the flattened order of the analysed parameters), when asked for.
         notes: caveats worth reading.
         layers: per parameterised module, that module's diagonal block.
+        rounding: how far rounding may have moved its eigenvalues, where the products measured
+            it (the norm of the antisymmetric part a Hessian's products left, with a margin);
+            None where it was not measured.
     """
 
     eigenvalues: np.ndarray
@@ -155,6 +158,7 @@ class Spectrum:
     eigenvectors: Tensor | None = None
     notes: list[str] = field(default_factory=list)
     layers: dict[str, Spectrum] = field(default_factory=dict)
+    rounding: float | None = None
 
     @property
     def trace(self) -> float:

@@ -110,6 +110,7 @@ class Exact(Estimator):
         element = problem.params[0].element_size()
         batches = per_batch(problem)[1]
         unused: list[frozenset[int]] = []  # the parameters no gradient reaches, batch by batch
+        measured: list[float] = []  # the products' rounding: their antisymmetric part's norm
         with settings.reporter.task(f"exact Hessian ({dim} columns)", dim * batches) as advance:
 
             streamed = isinstance(problem, StreamedProblem)
@@ -120,19 +121,22 @@ class Exact(Estimator):
                 self.check_refined(products_bytes(chunk, operator.graph_bytes), problem,
                                    settings)
                 unused.append(operator.unused)
-                return (dense_hessian(operator, chunk, advance, symmetrise=not streamed),
-                        operator.loss_value)
+                hessian = dense_hessian(operator, chunk, advance, symmetrise=not streamed)
+                measured.extend([] if operator.rounding is None else [operator.rounding])
+                return hessian, operator.loss_value
 
             if isinstance(problem, StreamedProblem):  # the batches' Hessians, weighted, summed
                 hessian = problem.summed(batch_hessian)
-                symmetrised(hessian, problem.first())
+                measured.append(symmetrised(hessian, problem.first()))
             else:
                 hessian = batch_hessian(problem)[0]
         note = unused_parameters_note(problem, unused_in_every(unused),
                                       data_set=isinstance(problem, StreamedProblem))
         notes = [] if note is None else [note]
+        # an eigenvalue of the symmetrised matrix moves by at most the norm of what rounding
+        # left in it, about the antisymmetric part's: twice that, for the margin
         spectrum = Spectrum(np.empty(0), "autograd", max_rank=dim, num_hvps=dim * batches,
-                            notes=notes)
+                            notes=notes, rounding=2 * measured[-1])
         if settings.eigenvectors:
             spectrum.eigenvalues, vectors = symmetric_eigenpairs(hessian)
             spectrum.eigenvectors = vectors[:, : settings.eigenvectors].T.contiguous()
