@@ -680,29 +680,34 @@ def _result(
     A layer's block (``whole_scale``: the whole curvature's largest ``|eigenvalue|``) is
     computed by the whole model's backward passes: a block the loss cancels (a module whose
     output every logit shares, under cross-entropy) is their rounding and nothing else, which
-    had been given ranks of 5 (probe 132). Its eigenvalues within its rounding count as zero
-    in its ranks: the larger of what its Hessian-vector products measured
-    (:attr:`Spectrum.rounding`) and the block's size x epsilon^2 x the whole's largest
-    eigenvalue (what the cancelled terms left in such a block: 1e-17 to 7e-16 of it in
-    float32, and symmetric, where the measured part alone left a noise rank of 1 in 2 to 4
-    of 12 seeds)."""
+    had been given ranks of 5 (probe 132). Its eigenvalues within the rounding its own
+    Hessian-vector products measured (:attr:`Spectrum.rounding`) count as zero in its ranks.
+    No floor from the whole's scale: a block far smaller than the whole (the first layer of
+    a deep sigmoid network, 4e-8 of it and below) is computed on its own scale, and such a
+    floor had zeroed its real eigenvalues (probe 135); where a block's largest eigenvalue is
+    below the model's epsilon of the whole's, a note says what it may be and how to tell."""
     size = spectrum.max_rank if spectrum.weights is not None or estimator.solver == "dense" \
         else len(spectrum.eigenvalues)
     tolerance = default_rtol(size, spectrum.eps or eps) if rtol is None else rtol
     notes = [*problem.notes, *spectrum.notes]
     counted = spectrum.eigenvalues
-    working = spectrum.eps or eps
-    floor = 0.0 if not whole_scale else max(spectrum.rounding or 0.0, default_rtol(
-        size, working) * working * whole_scale)
+    floor = spectrum.rounding if whole_scale and spectrum.rounding is not None else 0.0
     rounding = np.abs(counted) <= floor
     if np.any(rounding & (counted != 0)):
         counted = np.where(rounding, 0.0, counted)
         notes.append(
             f"{int(np.count_nonzero(rounding))} of this block's eigenvalues (up to "
-            f"{float(np.abs(spectrum.eigenvalues[rounding]).max()):.3g}) are within its "
-            f"rounding, {floor:.3g} (the larger of what its products measured and its size x "
-            "epsilon^2 x the whole curvature's largest eigenvalue), and count as zero in its "
-            "ranks")
+            f"{float(np.abs(spectrum.eigenvalues[rounding]).max()):.3g}) are within the "
+            f"rounding its Hessian-vector products measured, {floor:.3g}, and count as zero "
+            "in its ranks")
+    top = float(np.abs(counted).max(initial=0.0))
+    if 0 < top < eps * whole_scale:
+        notes.append(
+            f"this block's largest eigenvalue is {top / whole_scale:.2g} of the whole "
+            f"curvature's, below the model's epsilon ({eps:.2g}): its eigenvalues may be the "
+            "rounding of terms the loss cancels (a module whose output every logit shares, "
+            "under cross-entropy) or real curvature computed on its own scale (a layer far "
+            "from the output); the same call on a float64 copy of the model tells them apart")
     ranks = spectral_ranks(counted, threshold, tolerance, spectrum.weights, spectrum.max_rank)
     shown = spectrum.eigenvalues
     if rtol is None and size * (spectrum.eps or eps) > MAX_DEFAULT_RTOL:
