@@ -43,6 +43,7 @@ from hessrank.guard import (
     evaluation_mode,
     preserved_state,
     raise_if_signalled,
+    surfacing_signals,
 )
 from hessrank.monitor import PeakMemory, Reporter
 from hessrank.problem import (
@@ -202,6 +203,7 @@ def checked_request(
     return estimator, settings, method_options
 
 
+@surfacing_signals
 def effective_rank(
     model: nn.Module,
     loss_fn: LossFn,
@@ -765,6 +767,7 @@ def _result(
     )
 
 
+@surfacing_signals
 def predict_exact_cost(
     model: nn.Module,
     loss_fn: LossFn,
@@ -810,6 +813,7 @@ def predict_exact_cost(
     return cost.memory_bytes, cost.seconds
 
 
+@surfacing_signals
 def gradient_overlap(
     model: nn.Module,
     loss_fn: LossFn,

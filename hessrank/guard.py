@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -354,6 +354,9 @@ def deferred_interrupts() -> Iterator[None]:
                 raise raised
 
 
+Params = ParamSpec("Params")
+Returned = TypeVar("Returned")
+
 def _handler_codes() -> set[types.CodeType]:
     """The code of each Python signal handler installed now (a function's, a method's, a
     partial's function's, a callable object's ``__call__``)."""
@@ -370,20 +373,10 @@ def _handler_codes() -> set[types.CodeType]:
     return codes
 
 
-def raise_if_signalled(error: BaseException) -> None:
-    """Raise ``error``'s exception that a signal's Python handler raised (a job's timeout from
-    a ``SIGALRM`` handler), where ``error`` is it or comes from it (its cause or context):
-    called first wherever the call catches every exception of the loss or the model to take
-    another route. Such an exception passed through the handler's frame, which its traceback
-    holds.
-
-    A timeout that landed inside one of the call's evaluations of the loss in float64 had been
-    taken for the loss failing there: the call went on and returned a result, the caller's
-    timeout lost (probe 132: 19 of 60 ``fisher`` calls under a random timer).
-
-    Raises:
-        BaseException: that exception, as its handler raised it.
-    """
+def signalled(error: BaseException) -> BaseException | None:
+    """The exception that a signal's Python handler raised (a job's timeout from a ``SIGALRM``
+    handler), where ``error`` is it or comes from it (its cause or context); None otherwise.
+    Such an exception passed through the handler's frame, which its traceback holds."""
     codes: set[types.CodeType] | None = None
     seen: set[int] = set()
     current: BaseException | None = error
@@ -393,9 +386,53 @@ def raise_if_signalled(error: BaseException) -> None:
         while trace is not None:
             codes = _handler_codes() if codes is None else codes
             if trace.tb_frame.f_code in codes:
-                raise current
+                return current
             trace = trace.tb_next
         current = current.__cause__ or current.__context__
+    return None
+
+
+class _Signalled(BaseException):
+    """A signal handler's exception on its way out of a call: a ``BaseException``, which no
+    handler of the call's own that catches ``Exception`` (or ``ValueError``, where a float64
+    evaluation's failure is read) takes for a failure of the loss or the model; raised as the
+    original at the call's edge (:func:`surfacing_signals`)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+def raise_if_signalled(error: BaseException) -> None:
+    """Send ``error``'s exception that a signal's handler raised (:func:`signalled`) out of the
+    call, past every handler of the call's own: called first wherever the call catches an
+    exception of the loss or the model to take another route.
+
+    A timeout that landed inside one of the call's evaluations of the loss in float64 had been
+    taken for the loss failing there: the call went on and returned a result, the caller's
+    timeout lost (probe 132: 19 of 60 ``fisher`` calls under a random timer); re-raised as it
+    was, a handler's ``ValueError`` was caught again one level up (probe 134).
+
+    Raises:
+        _Signalled: carrying that exception.
+    """
+    found = signalled(error)
+    if found is not None:
+        raise _Signalled(found) from None
+
+
+def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, Returned]:
+    """``function`` (a public entry point), raising a signal handler's exception that
+    :func:`raise_if_signalled` sent out of its work as the handler raised it."""
+
+    @functools.wraps(function)
+    def call(*args: Params.args, **kwargs: Params.kwargs) -> Returned:
+        try:
+            return function(*args, **kwargs)
+        except _Signalled as carried:
+            raise carried.original from carried.original.__cause__
+
+    return call
 
 
 class ExitsHeldBack:

@@ -305,6 +305,7 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
                 outputs = tree_map(lambda leaf: leaf.detach() if isinstance(leaf, Tensor)
                                    else leaf, model(*args, **kwargs))
     except RuntimeError as error:
+        raise_if_signalled(error)
         labelled = labelled_inputs(args, kwargs)
         integer = [label for label, tensor in labelled if not tensor.is_floating_point()]
         if integer and any(phrase in str(error) for phrase in (

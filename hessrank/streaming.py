@@ -487,7 +487,8 @@ class StreamedProblem(CurvatureProblem):
                 refused = error
         try:
             twin = float64_twin(self.loss_fn, both_outputs, both_targets)
-        except ValueError:
+        except ValueError as error:
+            raise_if_signalled(error)
             if refused is not None:
                 raise refused from None
             return coefficients(self.loss_fn, both_outputs, reference_gradient, gradient)

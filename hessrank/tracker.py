@@ -36,6 +36,7 @@ from torch import nn
 import hessrank
 from hessrank.api import checked_request, effective_rank
 from hessrank.estimators import ALL_METHODS
+from hessrank.guard import signalled
 from hessrank.problem import check_batch, named_selection, selected_size, unwrap_model
 from hessrank.streaming import is_batch_stream
 
@@ -1147,7 +1148,9 @@ class Tracker:
                 **{"progress": False, **self._options_for(method)},
             )
         except Exception as err:
-            if self.on_error == "raise":
+            # a signal handler's exception (a job's timeout) is the caller's, not the method's
+            # failure to record (probe 134: on_error="warn" had trained on past the timeout)
+            if self.on_error == "raise" or signalled(err) is not None:
                 raise
             measurement = Measurement(step, method, error=err)
             if self.on_error == "warn":

@@ -408,17 +408,19 @@ class _JobTimeout(TimeoutError):
     """A job's timeout, as a SIGALRM handler raises it."""
 
 
+@pytest.mark.parametrize("kind", [_JobTimeout, ValueError, RuntimeError])
 @pytest.mark.parametrize("method", ["exact", "lanczos", "ggn", "fisher", "fisher_lanczos"])
-def test_a_timeout_raised_in_any_loss_evaluation_reaches_the_caller(method):
+def test_a_timeout_raised_in_any_loss_evaluation_reaches_the_caller(method, kind):
     """A SIGALRM handler's timeout that lands in any of the call's evaluations of the loss
     raises out of the call, the model as it was: inside the evaluations in float64 (or the
     others whose failure takes another route) it had been taken for the loss failing there, and
-    the call returned a result (probe 132)."""
+    the call returned a result (probe 132); a handler's ValueError, re-raised there, had been
+    caught again one level up (probe 134)."""
     import os
     import signal
 
     def timeout(*_: object) -> None:
-        raise _JobTimeout("the caller's timeout")
+        raise kind("the caller's timeout")
 
     model = mlp((5, 6, 3))
     x, y = classification_batch(8, 5, 3)
@@ -438,10 +440,16 @@ def test_a_timeout_raised_in_any_loss_evaluation_reaches_the_caller(method):
         assert total > 1
         for at in range(1, total + 1):
             calls.update(made=0, alarm_at=at)
-            with pytest.raises(_JobTimeout):
+            with pytest.raises(kind, match="the caller's timeout"):
                 hessrank.effective_rank(model, loss_fn, (x, y), method=method, **options)
             _assert_same(before, model)
         assert signal.getsignal(signal.SIGALRM) is timeout  # the caller's handler is back
+        # a tracker that records its methods' failures does not record the caller's timeout
+        tracker = hessrank.Tracker(model, loss_fn, [method], log=None, on_error="record",
+                                   every=1, **options)
+        calls.update(made=0, alarm_at=total)
+        with pytest.raises(kind, match="the caller's timeout"):
+            tracker.step((x, y), step=0)
     finally:
         signal.signal(signal.SIGALRM, previous)
 

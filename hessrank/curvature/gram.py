@@ -899,5 +899,6 @@ def _backward_batched(outputs: Tensor, edges: list[GradientEdge], values: list[T
         return filled(torch.autograd.grad(outputs, edges, grad_outputs=cotangents,
                                           retain_graph=True, is_grads_batched=True,
                                           allow_unused=True), cotangents.shape[0])
-    except RuntimeError:
+    except RuntimeError as error:
+        raise_if_signalled(error)
         return [torch.cat(pieces) for pieces in zip(*(one(c) for c in cotangents))]

@@ -184,6 +184,7 @@ def _twin_trials(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | N
     try:
         loss_fn = float64_twin(problem.loss_fn, outputs, problem.targets)
     except ValueError as error:
+        raise_if_signalled(error)
         return None, str(error)
     try:
         trial = outputs.detach().double().requires_grad_(True)
@@ -330,7 +331,8 @@ class HessianOperator(ParameterOperator):
                     retain_graph=True, allow_unused=True, is_grads_batched=True,
                 )
                 return self._flatten(products, (k,))
-            except RuntimeError:
+            except RuntimeError as error:
+                raise_if_signalled(error)
                 self._batched = False
         rows = []
         for row in vectors:

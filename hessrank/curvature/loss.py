@@ -700,6 +700,7 @@ def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: 
     try:
         precise = _in_float64(_sample_gradients, loss_fn, outputs[head], targets[head])
     except ValueError as failure:
+        raise_if_signalled(failure)
         add_float64_note(notes, f"the samples' loss gradients are {dtype_name(outputs.dtype)}'s, "
                          "not checked against float64", str(failure),
                          "they are mostly rounding, and the spectrum with them")
@@ -775,7 +776,8 @@ def _broadcast_hint(outputs: Tensor, targets: Tensor) -> str | None:
         return None
     try:
         joint = torch.broadcast_shapes(outputs.shape, targets.shape)
-    except RuntimeError:
+    except RuntimeError as error:
+        raise_if_signalled(error)
         return None
     if joint == outputs.shape:
         return None
@@ -823,8 +825,8 @@ def _loss_hessian_products(first: Tensor, leaf: Tensor, vectors: Tensor) -> Tens
                                               is_grads_batched=True, allow_unused=True,
                                               retain_graph=True)
             return products
-        except RuntimeError:
-            pass
+        except RuntimeError as error:
+            raise_if_signalled(error)
         try:
             pieces = [torch.autograd.grad(first, leaf, v, retain_graph=True, allow_unused=True)[0]
                       for v in vectors]
@@ -1020,6 +1022,7 @@ def float64_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         try:
             twin = float64_twin(loss_fn, outputs, targets)
         except ValueError as error:
+            raise_if_signalled(error)
             why = str(error)
     add_lowered_loss_note(notes, lowered, why)
     return (loss_fn, lowered) if why is not None else (twin, outputs.dtype)
@@ -1058,6 +1061,7 @@ def _verified_softmax(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         try:
             found, probs, weights, _ = _in_float64(_structure_of, loss_fn, outputs, targets)
         except ValueError as failure:  # (the head ran in float64: not expected)
+            raise_if_signalled(failure)
             add_float64_note(notes, f"the loss's curvature weights are "
                              f"{dtype_name(outputs.dtype)}'s, not float64's", str(failure),
                              "near a saturated sigmoid they are mostly rounding, and the "
@@ -1103,7 +1107,8 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             try:
                 wide_dim, wide_probs, wide_weights, _ = _in_float64(_structure_of, loss_fn,
                                                                     outputs, targets)
-            except ValueError:
+            except ValueError as failure:
+                raise_if_signalled(failure)
                 wide_dim = None
             if wide_dim is not None:
                 return _softmax_factors(wide_probs, wide_weights, wide_dim, outputs.dtype)
@@ -1134,6 +1139,7 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                                                       wide, labels, generator),
                 loss_fn, outputs, targets)
         except ValueError as failure:
+            raise_if_signalled(failure)
             add_float64_note(notes, "the loss's second derivatives w.r.t. the outputs are "
                              f"{dtype_name(outputs.dtype)}'s, not float64's", str(failure),
                              "near a saturated sigmoid they are mostly rounding, and the "
@@ -1205,7 +1211,8 @@ def softmax_columns(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> int | 
         class_dim = _verified_softmax(float64_loss(loss_fn, outputs, targets, [])[0], outputs,
                                       targets, torch.Generator().manual_seed(0),
                                       []).class_dim  # (the work's own call notes)
-    except (RuntimeError, ValueError, TypeError):
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise_if_signalled(error)
         return None
     if class_dim is None:
         return None
@@ -1468,6 +1475,7 @@ def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_di
         found, precise_probs, precise, _ = _in_float64(_structure_of, loss_fn, outputs[head],
                                                        targets[head])
     except ValueError as failure:
+        raise_if_signalled(failure)
         add_float64_note(notes, f"the loss's curvature is a softmax cross-entropy's in "
                          f"{dtype_name(outputs.dtype)}, not checked in float64", str(failure),
                          "a convex term beside it (a z-loss) is below the rounding of its "
