@@ -101,10 +101,13 @@ def _estimator(method: object) -> Estimator:
 
 
 def _did_you_mean(words: Iterable[str], names: Iterable[str]) -> str:
-    """`` (did you mean ...?)`` for the closest of ``names`` to each of ``words``, or ``""``."""
-    names = list(names)
-    guesses = [guess for word in words
-               for guess in difflib.get_close_matches(word, names, n=1, cutoff=0.6)]
+    """`` (did you mean ...?)`` for the closest of ``names`` to each of ``words``, or ``""``:
+    in any case and any order of the words' ``_``-separated parts (``PROGRESS``,
+    ``lanczos_ggn``; probe 134)."""
+    by_key = {"_".join(sorted(name.lower().split("_"))): name for name in names}
+    guesses = [by_key[key] for word in words
+               for key in difflib.get_close_matches("_".join(sorted(word.lower().split("_"))),
+                                                    list(by_key), n=1, cutoff=0.6)]
     return f" (did you mean {', '.join(dict.fromkeys(guesses))}?)" if guesses else ""
 
 

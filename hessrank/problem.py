@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from contextlib import contextmanager, nullcontext, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import torch
 from torch import Tensor, nn
@@ -612,11 +612,32 @@ def _loss_with_advice(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
                       f"{outputs.dtype}")
         else:
             advice = f"Check the targets' shape, dtype and values ({_targets_example(loss_fn)})"
-        raise type(error)(
-            f"loss_fn(outputs, targets) failed on outputs of shape {tuple(outputs.shape)} "
-            f"({outputs.dtype}) and targets of shape {tuple(targets.shape)} "
-            f"({targets.dtype}): {str(error).rstrip('. ')}. {advice}"
-        ) from error
+        where = (f"loss_fn(outputs, targets) failed on outputs of shape "
+                 f"{tuple(outputs.shape)} ({outputs.dtype}) and targets of shape "
+                 f"{tuple(targets.shape)} ({targets.dtype})")
+        raise_extended(error, f"{where}: {str(error).rstrip('. ')}. {advice}",
+                       f"{where}. {advice}")
+
+
+#: The exception types whose message :func:`raise_extended` rewrites: Python's own (torch
+#: raises these too), whose constructor takes the message alone.
+_OWN_TYPES = (TypeError, ValueError, RuntimeError, IndexError)
+
+
+def raise_extended(error: Exception, message: str, note: str) -> NoReturn:
+    """Raise ``error`` with more said: as the same type with ``message`` where it is one of
+    Python's own, else as it is with ``note`` added (Python 3.11's ``add_note``). A type of a
+    user's own may take other constructor arguments and hold attributes of its own, which a
+    rebuild had corrupted (a code of 42 replaced by the message; probe 134).
+
+    Raises:
+        Exception: ``error``, extended.
+    """
+    if type(error) in _OWN_TYPES:
+        raise type(error)(message) from error
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    raise error
 
 
 def _targets_example(loss_fn: LossFn) -> str:
@@ -839,7 +860,7 @@ def check_model(model: object) -> None:
     if isinstance(model, type) and issubclass(model, nn.Module):
         raise TypeError(f"model is the class {model.__name__}, not a module: pass an instance "
                         f"of it, {model.__name__}(...)")
-    if isinstance(model, nn.modules.loss._Loss):
+    if isinstance(model, nn.modules.loss._Loss) and not any(True for _ in model.parameters()):
         raise TypeError(f"model is a loss, {type(model).__name__}: the arguments are "
                         "effective_rank(model, loss_fn, batch), the network first")
     if not isinstance(model, nn.Module):

@@ -35,11 +35,12 @@ outside these generators) is refused instead of being averaged silently.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
+import itertools
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -76,6 +77,7 @@ from hessrank.problem import (
     evaluate_loss,
     output_gradient,
     output_gradient_and_product,
+    raise_extended,
     read_batch,
     refuse_mixed_samples,
     refuse_split_batch_statistics,
@@ -285,12 +287,28 @@ def _joined(first: CurvatureProblem, second: CurvatureProblem) -> CurvatureProbl
         targets=torch.cat([first.targets, second.targets]))
 
 
+def _reading(batches: Iterator[Data], reading: list[int]) -> Iterator[Data]:
+    """``batches``, with the index of the one being read (or used) in ``reading[0]``."""
+    for index in itertools.count():
+        reading[0] = index
+        batch = next(batches, _END)
+        if batch is _END:
+            return
+        yield cast(Data, batch)
+
+
+#: What :func:`_reading` takes for the end of the batches.
+_END = object()
+
+
 @contextmanager
 def _naming_the_batch(reading: list[int]) -> Iterator[None]:
-    """An error that the block raises while it reads batch ``reading[0]`` of a data set, past
-    the first, names that batch where it does not already (a second batch's inputs of another
-    width, targets of another dtype or out of range had been refused as if the data set were
-    one batch; probe 133); the same type, its message prefixed.
+    """An error that the block raises while it reads batch ``reading[0]`` of a data set (set
+    before the batch is read), past the first, names that batch where it does not already (a
+    second batch's inputs of another width, targets of another dtype or out of range had been
+    refused as if the data set were one batch; probe 133): torch's and Python's own errors
+    with their message prefixed, another type (one whose constructor takes other arguments,
+    or with attributes of its own) as it is, with a note (Python 3.11) naming the batch.
 
     Raises:
         TypeError, ValueError, RuntimeError, IndexError: the block's, naming the batch.
@@ -300,15 +318,10 @@ def _naming_the_batch(reading: list[int]) -> Iterator[None]:
     except (TypeError, ValueError, RuntimeError, IndexError) as error:
         raise_if_signalled(error)
         index = reading[0]
-        if index == 0 or f"batch {index}" in str(error):
+        if index == 0 or re.search(rf"\bbatch {index}\b", str(error)):
             raise
-        named: BaseException | None = None
-        with contextlib.suppress(Exception):  # a type of its own making: raised as it is
-            named = type(error)(f"batch {index} of the data (the batches before it passed): "
-                                f"{error}")
-        if named is None:
-            raise
-        raise named from error
+        where = f"batch {index} of the data (the batches before it passed)"
+        raise_extended(error, f"{where}: {error}", where)
 
 
 def _outputs(batch: CurvatureProblem) -> Tensor:
@@ -584,8 +597,7 @@ class StreamedProblem(CurvatureProblem):
                     _outputs(batch)
         reading = [0]  # the batch being read, for the errors (:func:`_naming_the_batch`)
         with same_draw(self.data), _naming_the_batch(reading):
-            for index, batch in enumerate(self._batches()):
-                reading[0] = index
+            for index, batch in enumerate(_reading(self._batches(), reading)):
                 outputs = _outputs(batch)
                 shapes: list[object] = [
                     *(x.shape[1:] for x in batch.args), batch.targets.shape[1:],

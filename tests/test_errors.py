@@ -1211,6 +1211,10 @@ BAD_INPUTS = [
      r"max_mem \(did you mean max_memory\?\); its own keywords are: threshold"),
     ("a misspelled method", {"method": "Fischer"}, ValueError,
      r"unknown method 'Fischer' \(did you mean fisher\?\)"),
+    ("a method's parts in another order", {"method": "lanczos_ggn"}, ValueError,
+     r"unknown method 'lanczos_ggn' \(did you mean ggn_lanczos\?\)"),
+    ("a keyword in capitals", {"PROGRESS": True}, TypeError,
+     r"unknown option\(s\) PROGRESS \(did you mean progress\?\)"),
     ("the labels among the inputs",
      {"inputs": lambda x: {"input": x, "labels": torch.zeros(len(x), dtype=torch.long)}},
      TypeError, r"input, labels by name, and it takes no labels: the targets go beside the "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -883,6 +884,35 @@ class _CountingDataset(TensorDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         type(self).read += 1
         return super().__getitem__(index)
+
+
+class _CodedError(ValueError):
+    """An error type of a user's own, whose constructor takes a code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"failed with code {code}")
+        self.code = code
+
+
+def test_a_later_batch_s_own_error_keeps_its_type_and_payload():
+    """A later batch's error of the user's own type had been rebuilt with the batch's name as
+    its argument (its code the message; probe 134); Python's and torch's own errors are
+    prefixed (test_bad_data_is_refused_with_the_fix)."""
+    model, _, x, y = _data("mean")
+
+    def loss_fn(outputs, targets):
+        if len(targets) == 7:  # the third batch alone
+            raise _CodedError(42)
+        return nn.functional.cross_entropy(outputs, targets)
+
+    data = [(x[:5], y[:5]), (x[5:9], y[5:9]), (x[9:], y[9:])]
+    with pytest.raises(_CodedError) as raised:
+        hessrank.effective_rank(model, loss_fn, data, "exact")
+    assert raised.value.code == 42 and str(raised.value) == "failed with code 42"
+    if sys.version_info >= (3, 11):
+        *advice, where = raised.value.__notes__  # the loss's advice, then the batch
+        assert where == "batch 2 of the data (the batches before it passed)"
+        assert advice and advice[0].startswith("loss_fn(outputs, targets) failed on outputs")
 
 
 class _EndlessDataset(Dataset):
