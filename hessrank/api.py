@@ -93,7 +93,7 @@ def _estimator(method: object) -> Estimator:
     if not isinstance(method, str) or method not in ESTIMATORS:
         others = [name for name in ESTIMATORS if name not in METHODS]
         raise ValueError(f"unknown method {method!r}"
-                         + (_did_you_mean([method.lower()], ESTIMATORS)
+                         + (_did_you_mean([method], ESTIMATORS)
                             if isinstance(method, str) else "")
                          + f": choose one of {', '.join(METHODS)}"
                          + (f" (or {', '.join(others)})" if others else ""))
