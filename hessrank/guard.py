@@ -357,6 +357,7 @@ def deferred_interrupts() -> Iterator[None]:
 Params = ParamSpec("Params")
 Returned = TypeVar("Returned")
 
+
 def _handler_codes() -> set[types.CodeType]:
     """The code of each Python signal handler installed now (a function's, a method's, a
     partial's function's, a callable object's ``__call__``)."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import itertools
 import math
 import re
 import time
@@ -288,17 +287,12 @@ def _joined(first: CurvatureProblem, second: CurvatureProblem) -> CurvatureProbl
 
 
 def _reading(batches: Iterator[Data], reading: list[int]) -> Iterator[Data]:
-    """``batches``, with the index of the one being read (or used) in ``reading[0]``."""
-    for index in itertools.count():
-        reading[0] = index
-        batch = next(batches, _END)
-        if batch is _END:
-            return
-        yield cast(Data, batch)
-
-
-#: What :func:`_reading` takes for the end of the batches.
-_END = object()
+    """``batches``, with the index of the one being read (or used) in ``reading[0]``: the
+    next one's from the moment it is asked for."""
+    reading[0] = 0
+    for batch in batches:
+        yield batch
+        reading[0] += 1
 
 
 @contextmanager

@@ -122,7 +122,8 @@ class Exact(Estimator):
                                    settings)
                 unused.append(operator.unused)
                 hessian = dense_hessian(operator, chunk, advance, symmetrise=not streamed)
-                measured.extend([] if operator.rounding is None else [operator.rounding])
+                if operator.rounding is not None:  # (a data set's batch: its sum is measured)
+                    measured.append(operator.rounding)
                 return hessian, operator.loss_value
 
             if isinstance(problem, StreamedProblem):  # the batches' Hessians, weighted, summed
