@@ -706,6 +706,10 @@ def check_loss(value: object, finite: bool = True, targets: Tensor | None = None
             f"loss_fn returned a tensor of shape {tuple(value.shape)}, expected a scalar: use "
             "reduction='mean' (or 'sum'), not 'none'."
         )
+    if value.is_complex():
+        raise ValueError(
+            f"loss_fn returned a {value.dtype} loss: a Hessian needs a real loss to minimise; "
+            "return a real one, such as the squared modulus loss.abs() ** 2 or loss.real")
     if value.dtype in (torch.float16, torch.bfloat16):
         # (each method had named another cause: asymmetric products, samples that interact;
         # probe 72)

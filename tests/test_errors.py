@@ -1230,6 +1230,11 @@ BAD_INPUTS = [
      r"\(outputs, targets\), in that order\)"),
     ("an input forward does not take", {"inputs": lambda x: (x, x)}, TypeError,
      r"Sequential.forward 2 positional inputs, and it takes 1 \(input\): a batch is"),
+    # torch's own "grad can be implicitly created only for real scalar outputs" (probe 133)
+    *((f"a complex loss ({method})",
+       {"loss": lambda out, t: CE(out, t).to(torch.complex64), "method": method}, ValueError,
+       r"returned a torch.complex64 loss: a Hessian needs a real loss.*loss.abs\(\) \*\* 2")
+      for method in hessrank.METHODS),
 ]
 
 
