@@ -177,7 +177,13 @@ class CurvatureProblem:
                 shapes and dtypes involved), or it is not a finite scalar.
         """
         outputs = self.forward() if outputs is None else outputs
-        return evaluate_loss(loss_fn or self.loss_fn, outputs, self.targets)
+        value = evaluate_loss(loss_fn or self.loss_fn, outputs, self.targets)
+        hint = broadcast_hint(tensor_outputs(outputs), self.targets)
+        if hint is not None:
+            note = f"{hint}; the curvature measured is that of the loss as written"
+            if note not in self.notes:
+                self.notes.append(note)
+        return value
 
     def core_fields(self) -> dict[str, object]:
         """The fields a plain :class:`CurvatureProblem` has, by name: builds a specialised problem
@@ -685,6 +691,24 @@ def all_finite(tensor: Tensor) -> bool:
     if bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
+
+
+def broadcast_hint(outputs: Tensor, targets: Tensor) -> str | None:
+    """The likely cause where the outputs and floating targets broadcast to a larger shape
+    (``[n, 1]`` against ``[n]`` gives ``[n, n]``: an elementwise loss then pairs every output
+    with every target), else None."""
+    if not targets.is_floating_point() or targets.shape == outputs.shape:
+        return None
+    try:
+        joint = torch.broadcast_shapes(outputs.shape, targets.shape)
+    except RuntimeError as error:
+        raise_if_signalled(error)
+        return None
+    if joint == outputs.shape:
+        return None
+    return (f"The outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} broadcast "
+            f"to {tuple(joint)}: an elementwise loss pairs every output with every target; give "
+            "them one shape (outputs.squeeze(-1), or targets.unsqueeze(-1))")
 
 
 def half_precision_error(what: str, fix: str) -> ValueError:

@@ -1721,19 +1721,28 @@ def test_backpack_failures_name_the_backend_to_use_instead():
             "weight_g, weight_v (a parametrisation)" in result.notes[0]), result.notes
 
 
-@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
-def test_outputs_and_targets_that_broadcast_are_named(method):
-    """Outputs [n, 1] against targets [n] under MSELoss broadcast to an [n, n] loss: the EF
-    was refused as weighing a sample negatively, not naming the shapes (probe 55)."""
+@pytest.mark.parametrize("method", hessrank.METHODS)
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), lambda out, t: ((out - t) ** 2).mean()],
+                         ids=["MSELoss", "a function"])
+def test_outputs_and_targets_that_broadcast_are_named(method, loss_fn):
+    """Outputs [n, 1] against targets [n] broadcast to an [n, n] loss: the EF, undefined there,
+    was refused as weighing a sample negatively, not naming the shapes (probe 55); the other
+    methods measure the loss as written, which only torch's MSELoss had warned of (probe 133),
+    and say so."""
     torch.manual_seed(13)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    shapes = r"The outputs \(8, 1\) and targets \(8,\) broadcast to \(8, 8\)"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's own broadcast warning
-        _check(model, lambda: hessrank.effective_rank(model, nn.MSELoss(), (x, y),
-                                                      method=method),
-               ValueError, r"weights depend on the model's outputs.*The outputs \(8, 1\) and "
-               r"targets \(8,\) broadcast to \(8, 8\).*targets\.unsqueeze\(-1\)")
+        if method.startswith("fisher"):
+            _check(model, lambda: hessrank.effective_rank(model, loss_fn, (x, y), method=method),
+                   ValueError, rf"weights depend on the model's outputs.*{shapes}.*"
+                   r"targets\.unsqueeze\(-1\)")
+            return
+        result = hessrank.effective_rank(model, loss_fn, (x, y), method=method)
+    assert any(re.match(rf"{shapes}.*that of the loss as written", note)
+               for note in result.notes), result.notes
 
 
 @pytest.mark.parametrize("method", ["fisher", "ggn"])

@@ -51,6 +51,7 @@ from hessrank.guard import raise_if_signalled
 from hessrank.problem import (
     LossFn,
     agreement_tolerance,
+    broadcast_hint,
     dtype_name,
     evaluate_loss,
     listed_names,
@@ -298,7 +299,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     try:
         _check_constant_weights(loss_fn, outputs, targets, read, precision)
     except ValueError as error:
-        hint = _broadcast_hint(outputs, targets)
+        hint = broadcast_hint(outputs, targets)
         if hint is None:
             raise
         raise ValueError(f"{error}. {hint}") from None
@@ -766,24 +767,6 @@ def _check_constant_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     if bad.any():
         i = int(bad.nonzero()[0])
         raise _varying_weights_error(i, float(reading.weights[i]), float(read.weights[i]))
-
-
-def _broadcast_hint(outputs: Tensor, targets: Tensor) -> str | None:
-    """The likely cause where the outputs and floating targets broadcast to a larger shape
-    (``[n, 1]`` against ``[n]`` gives ``[n, n]``: an elementwise loss then pairs every output
-    with every target), else None."""
-    if not targets.is_floating_point() or targets.shape == outputs.shape:
-        return None
-    try:
-        joint = torch.broadcast_shapes(outputs.shape, targets.shape)
-    except RuntimeError as error:
-        raise_if_signalled(error)
-        return None
-    if joint == outputs.shape:
-        return None
-    return (f"The outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} broadcast "
-            f"to {tuple(joint)}: an elementwise loss pairs every output with every target; give "
-            "them one shape (outputs.squeeze(-1), or targets.unsqueeze(-1))")
 
 
 def _interacting_samples_error(mismatch: Tensor, where: str) -> ValueError:
