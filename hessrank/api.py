@@ -56,7 +56,9 @@ from hessrank.problem import (
     check_loss_and_mode,
     check_model,
     check_number,
+    infinite_inputs,
     loss_evaluations,
+    lower_precision_cause,
     probe_for_target_dtype,
     probe_outputs,
     refuse_target_dtype_of,
@@ -70,7 +72,7 @@ from hessrank.ranks import (
     within_rank_bounds,
 )
 from hessrank.results import RankResult
-from hessrank.spectrum.dense import symmetric_eigenpairs
+from hessrank.spectrum.dense import NotFiniteError, not_finite_error, symmetric_eigenpairs
 from hessrank.streaming import (
     StreamedProblem,
     announced_samples,
@@ -311,9 +313,11 @@ def effective_rank(
             parameter), ``"func"`` (``torch.func``
             throughout) or ``"backpack"`` (BackPACK on a deep copy, supported layers only);
             ``lanczos_steps`` (``lanczos`` and the other Lanczos pairs): matrix-vector products,
-            default ``min(640, ceil(P/3))``. An option that belongs to another method is
-            ignored, so one set of keywords serves a loop over :data:`hessrank.METHODS`; a name
-            that no method takes is an error.
+            default ``min(640, ceil(P/3))``; ``mc_samples`` (``ggn``, softmax cross-entropy):
+            ``M`` labels drawn per position give the Monte-Carlo GGN's ``M n x M n`` Gram,
+            whatever the classes (default unset: the exact GGN). An option that belongs to
+            another method is ignored, so one set of keywords serves a loop over
+            :data:`hessrank.METHODS`; a name that no method takes is an error.
 
     Methods beyond the four of :data:`hessrank.METHODS` (:data:`hessrank.ESTIMATORS`):
     ``ggn_lanczos`` and ``fisher_lanczos``, Lanczos quadrature on GGN / EF-vector products, for
@@ -434,6 +438,11 @@ def effective_rank(
                                     problem.restricted(names, _top(spectrum)),
                                     block_settings[group], method_options)
                                 block_seconds[group] = _seconds_since(started)
+                    except NotFiniteError as error:
+                        cause = infinite_inputs(problem)
+                        if cause is None:
+                            raise
+                        raise not_finite_error(error.dtype, cause) from None
                     except RuntimeError as error:
                         if _REENTRANT_CHECKPOINT in str(error):
                             raise ValueError(
@@ -453,6 +462,13 @@ def effective_rank(
                                 "same function), or use method='fisher' or 'ggn'") from error
                         if not isinstance(problem, StreamedProblem):  # (the survey checks those)
                             refuse_target_dtype_of(problem, error)
+                        if "type" in str(error).lower():  # dtypes that do not meet: the cause
+                            # (a Gram rule's product of float32 gradients and the bfloat16
+                            # inputs that autocast inside forward gives a module; probe 138)
+                            cause = lower_precision_cause(problem, 0.0, with_loss=True)
+                            if cause:
+                                raise ValueError(f"{str(error).splitlines()[0]}: "
+                                                 f"{cause}") from error
                         raise
         seconds = time.perf_counter() - start
         problem.notes.extend(guard_notes)  # complete now: a rescaling joins at its forward
@@ -783,7 +799,8 @@ def predict_exact_cost(
     Memory: the Hessian, its solve, and what the model's graph holds through the batched
     products (measured by building the Hessian operator, one pass over the model). Time: one
     timed chunk of Hessian-vector products, extrapolated. Where the Hessian alone rules the
-    problem out (over 64 GiB), nothing is built: the memory is the Hessian's and the time None.
+    problem out (over 64 GiB), nothing is built: the memory is the Hessian's and its solve's (as
+    the prediction of a call counts them), and the time None.
 
     Args:
         model: as for :func:`effective_rank`.

@@ -251,7 +251,9 @@ class DataParallel:
 
 
 class GroupFailure(RuntimeError):
-    """Another process of the group failed; this one stops at its next exchange with it."""
+    """Another process of the group failed; this one stops at its next exchange with it, with
+    this error, whose message names the failing process and its error (a data-parallel call,
+    ``effective_rank(..., process_group=...)``)."""
 
 
 @dataclass

@@ -367,10 +367,12 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
 
 
 def custom_functions_note(outputs: Tensor) -> str | None:
-    """A note naming the custom ``torch.autograd.Function`` classes (torch's own aside) in the graph
-    of ``outputs``, None where there are none: hessrank differentiates through their backward
-    as written, and a wrong one (or, for second derivatives, one that is not itself
-    differentiable) gives a wrong curvature that no check of a single call can tell in general."""
+    """A note naming the custom ``torch.autograd.Function`` classes in the graph of ``outputs``
+    (aside torch's own and hessrank's, such as the log-softmax that
+    :mod:`hessrank.curvature.saturation` puts in its place), None where there are none:
+    hessrank differentiates through their backward as written, and a wrong one (or, for second
+    derivatives, one that is not itself differentiable) gives a wrong curvature that no check of
+    a single call can tell in general."""
     found: set[str] = set()
     seen: set[object] = set()
     stack = [outputs.grad_fn]
@@ -380,7 +382,7 @@ def custom_functions_note(outputs: Tensor) -> str | None:
             continue
         seen.add(node)
         function = getattr(node, "_forward_cls", None)
-        if function is not None and not function.__module__.startswith("torch."):
+        if function is not None and not function.__module__.startswith(("torch.", "hessrank.")):
             found.add(function.__qualname__)
         stack.extend(child for child, _ in node.next_functions)
     if not found:
@@ -1005,6 +1007,13 @@ def build_problem(
     for name, p in zip(names, selected):
         if not all_finite(p.detach()):
             raise ValueError(f"parameter {name!r} contains NaN or Inf: the curvature is undefined")
+    notes.extend(_mode_notes(model, mode))
+    if isinstance(loss_fn, nn.Module):  # (left out without a word; probe 138)
+        held = [name for name, p in loss_fn.named_parameters() if p.requires_grad]
+        if held:
+            notes.append(f"loss_fn's own trainable parameters ({listed_names(held)}) are held "
+                         "fixed: the curvature is w.r.t. the model's parameters alone; to "
+                         "include them, move them into the model")
     if mode == "train":
         active_dropout = [name for name, m in model.named_modules()
                           if isinstance(m, _DROPOUT) and m.training and m.p > 0]
@@ -1177,6 +1186,60 @@ def _read_batch(batch: object) -> tuple[tuple[Tensor, ...], dict[str, Tensor], T
             raise ValueError(f"{label} is complex ({tensor.dtype}): the curvature of a loss is "
                              "defined for real data; pass real tensors")
     return args, kwargs, targets, labelled
+
+
+def infinite_inputs(problem: CurvatureProblem) -> str | None:
+    """Where the problem's floating inputs hold an infinite entry, the first such input and
+    entry (``inputs[0] holds inf at [2, 1] (1 entry)``), else None: the likely cause of NaN
+    derivatives (a finite loss can follow an infinite input through ``tanh``, whose backward
+    multiplies 0 by it)."""
+    for label, tensor in labelled_inputs(problem.args, problem.kwargs):
+        if not tensor.is_floating_point():
+            continue
+        infinite = tensor.isinf()
+        count = int(infinite.sum())
+        if count:
+            index = [int(i) for i in infinite.nonzero()[0]]
+            return (f"{label} holds {float(tensor[tuple(index)])} at {index} ({count} "
+                    f"{'entry' if count == 1 else 'entries'})")
+    return None
+
+
+def _mode_notes(model: nn.Module, mode: str) -> list[str]:
+    """Under ``mode='eval'``, what the layers whose training and evaluation differ compute in
+    this call (the result had not said which statistics a model left in training mode was
+    measured with; probe 138): those in training mode switched to evaluation (running
+    statistics, dropout off), and BatchNorm without running statistics, which normalises with
+    the batch's all the same."""
+    if mode != "eval":
+        return []
+
+    def plural(names: list[str], one: str, many: str) -> str:
+        return f"{listed_names(names)} {one if len(names) == 1 else many}"
+
+    modules = [(f"{type(m).__name__} {name!r}", m) for name, m in model.named_modules()]
+    notes = []
+    normalising = [name for name, m in modules if isinstance(m, _NORM_WITH_STATISTICS)
+                   and m.training and m.track_running_stats]
+    dropping = [name for name, m in modules if isinstance(m, _DROPOUT) and m.training
+                and m.p > 0]
+    switched = []
+    if normalising:
+        switched.append(plural(normalising, "normalises", "normalise") + " with running "
+                        "statistics, not the batch's (mode='train' for the batch's)")
+    if dropping:
+        switched.append(plural(dropping, "is", "are") + " off")
+    if switched:
+        notes.append("mode='eval' (the default) measures the model as evaluated, though it is "
+                     f"in training mode: {'; '.join(switched)}")
+    batch_only = [name for name, m in modules
+                  if isinstance(m, _BATCHNORM) and not m.track_running_stats]
+    if batch_only:
+        notes.append(plural(batch_only, "keeps", "keep") + " no running statistics "
+                     "(track_running_stats=False): evaluated, it normalises with the batch's "
+                     "statistics all the same, so each sample's output depends on the whole "
+                     "batch")
+    return notes
 
 
 def _check_placement(labelled: list[tuple[str, Tensor]], dtype: torch.dtype,
@@ -1458,18 +1521,18 @@ class _LowerPrecision(TorchFunctionMode):
 
 def lower_precision_cause(problem: CurvatureProblem, error: float,
                           with_loss: bool = False) -> str:
-    """Why two computations of a float64 model that should agree (a sample alone and in the
-    batch, a Hessian and its transpose) can differ by ``error`` (relative) beyond the float64
-    checks' tolerance, with nothing else wrong: part of its forward runs at a lower precision (a
-    norm layer that computes in float32, as HuggingFace's ``LlamaRMSNorm`` does), or, with
-    ``with_loss`` (the computations ran the loss as given), part of its loss
-    (``F.cross_entropy(f.float(), y)``, which had been refused as a wrong derivative without a
-    word of it; probe 119; a loss widened to float64 is no cause, and was named as one, probe
-    120). One forward pass and its loss, watched operation by operation; an empty string when
-    nothing runs at a lower precision, or when ``error`` is beyond what that precision's
-    rounding explains (the checks' tolerance for it)."""
-    if problem.dtype != torch.float64:
-        return ""
+    """Why two computations that should agree (a sample alone and in the batch, a Hessian and
+    its transpose) can differ by ``error`` (relative) beyond the checks' tolerance, with nothing
+    else wrong: part of the forward runs at a lower precision than the parameters (a float64
+    model's norm layer that computes in float32, as HuggingFace's ``LlamaRMSNorm`` does; a
+    float32 model's ``torch.autocast`` to bfloat16 inside its forward, whose outputs it casts
+    back, refused as a wrong second derivative, its Gram rules failing on torch's dtype error;
+    probe 138), or, with ``with_loss`` (the computations ran the loss as given), part of its
+    loss (``F.cross_entropy(f.float(), y)``, which had been refused as a wrong derivative
+    without a word of it; probe 119; a loss widened to float64 is no cause, and was named as
+    one, probe 120). One forward pass and its loss, watched operation by operation; an empty
+    string when nothing runs at a lower precision, or when ``error`` is beyond what that
+    precision's rounding explains (the checks' tolerance for it)."""
     stack: list[str] = []
 
     def entered(label: str) -> Callable[..., None]:
@@ -1498,6 +1561,12 @@ def lower_precision_cause(problem: CurvatureProblem, error: float,
             handle.remove()
     if watcher.dtype is None or error > agreement_tolerance(watcher.dtype):
         return ""
+    if watcher.dtype in (torch.float16, torch.bfloat16):
+        return (f"the model or its loss computes in half precision (first: {watcher.found}), "
+                "which keeps about 3 digits: its curvature would carry errors of 1e-4 to 1e-2 "
+                "of its largest eigenvalue. Analyse it in its "
+                f"parameters' precision, {dtype_name(problem.dtype)}: turn the autocast (or "
+                "the cast) off for the call")
     return (f"the model or its loss computes at a lower precision than its float64 parameters "
             f"(first: {watcher.found}), so its results carry that precision's rounding, beyond "
             "what the float64 checks allow (and what the float64 rank tolerances assume). "
@@ -1643,12 +1712,12 @@ def unused_parameters_note(problem: CurvatureProblem, unused: Collection[int],
         return None
     names = [name for index, name in enumerate(problem.names) if index in unused]
     size = sum(param.numel() for index, param in enumerate(problem.params) if index in unused)
-    return (f"{size:,} of the {problem.num_params:,} parameters ({listed_names(names)}) do not "
-            f"affect the loss on {'any batch of the data' if data_set else 'this batch'} (no "
-            "gradient reaches them): their rows and columns of the curvature are zero "
-            "and they count in P; check the forward (an unused layer; "
-            "torch.utils.checkpoint(use_reentrant=True) on inputs that do not require grad cuts "
-            "its parameters off), or leave them out with params=")
+    return (f"{size:,} of the {problem.num_params:,} parameters ({listed_names(names)}) get "
+            f"no gradient from the loss on {'any batch of the data' if data_set else 'this batch'}"
+            ": their rows and columns of the curvature are zero and they count in P; check the "
+            "forward (an unused layer; torch.no_grad() or .detach() around their use, or "
+            "torch.utils.checkpoint(use_reentrant=True) on inputs that do not require grad, "
+            "cuts them off the graph), or leave them out with params=")
 
 
 def probe_outputs(problem: CurvatureProblem, check_loss: bool = True) -> Tensor:

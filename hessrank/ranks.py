@@ -214,8 +214,9 @@ MAX_DEFAULT_RTOL = 0.1
 
 
 def default_rtol(size: int, dtype_eps: float) -> float:
-    """The ``numpy.linalg.matrix_rank`` rule, matrix size times the machine epsilon of the data,
-    at most :data:`MAX_DEFAULT_RTOL` (a float32 operator with ``P >= 840,000`` parameters)."""
+    """The ``numpy.linalg.matrix_rank`` rule, matrix size times the machine epsilon of the data
+    (``dtype_eps``: a number, ``torch.finfo(dtype).eps``), at most ``MAX_DEFAULT_RTOL`` = 0.1
+    (reached by a float32 operator with ``P >= 840,000`` parameters)."""
     return float(min(max(size, 1) * dtype_eps, MAX_DEFAULT_RTOL))
 
 

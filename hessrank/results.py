@@ -23,28 +23,32 @@ class RankResult:
         rank: srank at ``threshold`` (for ``lanczos``, the SLQ estimate rounded to an integer).
         eigenvalues: float64, sorted by decreasing magnitude, signed. ``fisher``/``ggn``: the
             spectrum through the Gram matrix (length ``min(n, P)`` / ``min(n C', P)``, zeros
-            of the factors included); ``exact``: all
-            ``P``; ``lanczos``: the Ritz values of the first probe (its quadrature's nodes),
+            of the factors included); ``exact``: all ``P``; the Lanczos methods: the converged
+            Ritz values of the first probe (a value found several times once), or, where none
+            converged or the largest has not, its quadrature's nodes, with a note saying so;
             not every eigenvalue: those its Krylov space did not resolve are absent, so
-            ``eigenvalues[k]`` can lie below the ``k``-th largest.
+            ``eigenvalues[k]`` can lie below the ``k``-th largest, and ranks computed from them
+            are not the result's (those come from the quadrature, :attr:`density`).
         ranks: the same spectrum under every definition of :mod:`hessrank.ranks`.
         method, backend: estimator and the machinery that computed it.
         num_params: ``P``, parameters analysed. num_samples: ``n``.
         seconds: wall time of the call (a block in ``layers``: its own run's, where the
             method runs each block on its own, ``exact`` and the Lanczos methods; 0.0 where
             the blocks come from the whole model's run, ``fisher`` and ``ggn``).
-            peak_memory: bytes above the call's starting point,
-            with ``measure_memory=True`` (None otherwise, or where it cannot be measured).
+        peak_memory: bytes above the call's starting point, with ``measure_memory=True``
+            (None otherwise, or where it cannot be measured).
         threshold, rtol: the srank threshold and numerical-rank tolerance used.
         trace: sum of the eigenvalues (``lanczos``: SLQ estimate).
         max_rank: structural upper bound on the rank (``n``, ``n C'``, or ``P``; the factor
             Lanczos methods count the factor columns that are not zero, so samples the loss
             ignores do not count).
-        rank_interval: ``lanczos`` only: 95 % interval for the rank (probe spread plus
-            quadrature resolution).
-        trace_interval, numerical_interval: ``lanczos`` only: 95 % intervals for ``trace`` and
-            for the numerical rank at ``rtol`` (the same construction).
-        num_hvps: Hessian-vector products spent (``exact``, ``lanczos``).
+        rank_interval: the Lanczos methods (``lanczos``, ``ggn_lanczos``, ``fisher_lanczos``)
+            only: 95 % interval for the rank (probe spread plus quadrature resolution).
+        trace_interval, numerical_interval: the Lanczos methods only: 95 % intervals for
+            ``trace`` and for the numerical rank at ``rtol`` (the same construction).
+        num_hvps: matrix-vector products spent (``exact``, ``lanczos``: Hessian-vector
+            products; ``ggn_lanczos``, ``fisher_lanczos``: products with the GGN or the EF),
+            those that checked them included.
         excluded: names of frozen parameters left out, among those asked for (``params``;
             every parameter by default).
         layers: per parameterised module (``per_layer=True``): that module's diagonal block, in
@@ -62,8 +66,8 @@ class RankResult:
             ``fisher``/``ggn``, whose blocks are solved from their Gram matrices alone.
         parameters: the analysed parameters' names and shapes, in the flattening order.
         notes: caveats worth reading.
-        density: ``lanczos`` only: ``(nodes, weights)`` of the SLQ quadrature, weights summing
-            to ``num_params``.
+        density: the Lanczos methods only: ``(nodes, weights)`` of the SLQ quadrature, weights
+            summing to ``num_params``.
     """
 
     rank: int

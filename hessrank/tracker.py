@@ -94,7 +94,8 @@ class Measurement:
 
     Attributes:
         step: the training step the measurement belongs to.
-        method: the estimator (``"fisher"``, ``"ggn"``, ``"exact"``, ``"lanczos"``).
+        method: the estimator's name (one of :data:`hessrank.ESTIMATORS`: ``"fisher"``,
+            ``"ggn"``, ``"exact"``, ``"lanczos"``, ``"ggn_lanczos"``, ``"fisher_lanczos"``).
         result: the :class:`hessrank.RankResult`, None when the method failed.
         error: the exception the method raised (``on_error`` ``"warn"``/``"record"``), else None.
         record: the JSON line: ``step``, ``method``, ``rank``, every entry of ``result.ranks``

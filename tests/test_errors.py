@@ -80,7 +80,8 @@ def test_nan_inputs_and_parameters(setup):
     # an infinite input is allowed (an additive mask's -inf); here it makes the derivatives NaN
     bad[0, 0] = float("inf")
     _check(model, lambda: hessrank.effective_rank(model, CE, (bad, y)),
-           ValueError, r"derivatives are NaN at these inputs \(an infinite input entry")
+           ValueError, r"derivatives are NaN at these inputs \(inputs\[0\] holds inf at "
+           r"\[0, 0\] \(1 entry\), which makes them so unless it only masks.*nan_to_num")
     relu = mlp((5, 6, 3), activation=nn.ReLU)  # carries the Inf to the outputs: a NaN loss
     _check(relu, lambda: hessrank.effective_rank(relu, CE, (bad, y)),
            ValueError, r"the loss is nan.*inputs for infinite entries")
@@ -416,6 +417,63 @@ def test_dropout_with_train_mode():
     _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method="exact",
                                                   mode="train"),
            ValueError, "active dropout.*mode='eval'")
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_the_evaluation_of_a_model_in_training_mode_is_noted(method):
+    """mode='eval' (the default) on a model left in training mode measures it with running
+    statistics and without dropout, which the result had not said (probe 138); a model in
+    evaluation mode, or measured in mode='train', gets no such note; BatchNorm without running
+    statistics, which normalises with the batch's when evaluated, is noted by the methods that
+    measure it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.2),
+                          nn.Linear(6, 3)).double()
+    batch = classification_batch(8, 5, 3)
+    notes = hessrank.effective_rank(model, CE, batch, method).notes
+    assert ("mode='eval' (the default) measures the model as evaluated, though it is in "
+            "training mode: BatchNorm1d '1' normalises with running statistics, not the "
+            "batch's (mode='train' for the batch's); Dropout '3' is off") in notes, notes
+    assert all(module.training for module in model.modules())
+    model.eval()
+    assert not any("mode='eval'" in note for note in
+                   hessrank.effective_rank(model, CE, batch, method).notes)
+    if method in ("exact", "lanczos"):  # (the others refuse batch statistics)
+        model[3].p = 0.0
+        model.train()
+        trained = hessrank.effective_rank(model, CE, batch, method, mode="train").notes
+        assert not any("mode='eval'" in note for note in trained)
+        model[1] = nn.BatchNorm1d(6, track_running_stats=False).double()
+        assert ("BatchNorm1d '1' keeps no running statistics (track_running_stats=False): "
+                "evaluated, it normalises with the batch's statistics all the same, so each "
+                "sample's output depends on the whole batch"
+                in hessrank.effective_rank(model, CE, batch, method).notes)
+
+
+class _TemperedLoss(nn.Module):
+    """Cross-entropy of the outputs divided by a learnable temperature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, outputs, targets):
+        return CE(outputs / self.temperature, targets)
+
+
+@pytest.mark.parametrize("method", hessrank.METHODS)
+def test_a_loss_s_own_parameters_are_held_fixed_and_noted(method):
+    """A loss module's trainable parameters are not the model's: the curvature holds them fixed
+    (that of the loss with their values as constants), which the result had not said (probe
+    138)."""
+    model, batch = mlp((5, 6, 3)), classification_batch(8, 5, 3)
+    tempered = hessrank.effective_rank(model, _TemperedLoss(), batch, method)
+    assert ("loss_fn's own trainable parameters (temperature) are held fixed: the curvature "
+            "is w.r.t. the model's parameters alone; to include them, move them into the "
+            "model") in tempered.notes
+    constant = hessrank.effective_rank(model, lambda out, t: CE(out / 2.0, t), batch, method)
+    np.testing.assert_allclose(tempered.eigenvalues, constant.eigenvalues, rtol=1e-10,
+                               atol=1e-12 * abs(constant.eigenvalues[0]))
 
 
 class _RandomForward(nn.Module):
@@ -792,8 +850,9 @@ def test_lower_precision_inside_a_float64_model_is_named_not_blamed(method, obse
 
 
 @pytest.mark.parametrize(("method", "message"), [
-    *((method, r"not symmetric.*lower precision than its float64 parameters \(first: "
-               r"torch.float16 from half in loss_fn\)") for method in ("exact", "lanczos")),
+    *((method, r"not symmetric.*computes in half precision \(first: torch.float16 from half "
+               r"in loss_fn\).*precision, float64: turn the autocast \(or the cast\) off")
+      for method in ("exact", "lanczos")),
     ("ggn", r"block-diagonal per sample only to float16's rounding.*computes in float16 "
             r"inside \(a cast such as outputs.half\(\)\).*remove the cast$"),
     ("fisher", r"computes in float16 inside \(a cast such as outputs.half\(\)\), though the "
@@ -1480,6 +1539,49 @@ def test_a_half_precision_loss_is_refused(method):
                                     r"Compute the loss in the outputs' dtype")
 
 
+class _AutocastInside(nn.Module):
+    """Runs ``net`` under bfloat16 autocast and returns float32 outputs (a training loop's
+    mixed precision written into the model)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.net(x).float()
+
+
+_ROUND_TRIP = r"computes in half precision \(first: torch.bfloat16 from {}\).*autocast"
+
+
+@pytest.mark.parametrize(("method", "where", "match"), [
+    *((method, "forward", _ROUND_TRIP.format(r"linear in net.0 \(Linear\)"))
+      for method in hessrank.METHODS),
+    ("exact", "loss", _ROUND_TRIP.format("bfloat16 in loss_fn")),
+    ("lanczos", "loss", _ROUND_TRIP.format("bfloat16 in loss_fn")),
+    ("ggn", "loss", r"block-diagonal per sample only to bfloat16's rounding.*remove the cast"),
+    ("fisher", "loss", r"loss computes in bfloat16 inside.*per-sample gradients carry bfloat16's "
+                       r"rounding.*remove the cast"),
+])
+def test_a_round_trip_through_half_precision_is_named(method, where, match):
+    """Half precision inside a float32 model's forward (autocast, its outputs cast back) or its
+    loss (``outputs.bfloat16().float()``): ``exact`` and ``lanczos`` blamed a wrong second
+    derivative and advised ``fisher`` or ``ggn``, whose Gram rules failed on torch's bare dtype
+    error (``BFloat16 != float``), and ``fisher`` blamed samples that interact (probe 138)."""
+    torch.manual_seed(0)
+    # (the loss's case, probe 138's network and batch: the empirical Fisher's checks can pass
+    # bfloat16's rounding, then noted as its gradients' precision)
+    hidden, n = (6, 8) if where == "forward" else (5, 10)
+    net = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+    model = _AutocastInside(net) if where == "forward" else net
+    loss_fn = (CE if where == "forward" else
+               lambda outputs, targets: CE(outputs.bfloat16().float(), targets))
+    batch = (torch.randn(n, 4), torch.randint(0, 3, (n,)))
+    _check(model, lambda: hessrank.effective_rank(model, loss_fn, batch, method), ValueError,
+           match)
+
+
 @pytest.mark.parametrize("method", hessrank.METHODS)
 def test_a_loss_made_half_precision_by_its_targets_names_them(method):
     """``nn.BCEWithLogitsLoss`` returns half precision for half-precision 0/1 labels: the
@@ -1544,12 +1646,20 @@ class _WithFunction(nn.Module):
 def test_custom_autograd_functions_are_named_in_a_note(method):
     """A custom Function's backward is used as written; where it is wrong the curvature is too
     (exact's trace was the GGN's here), which a call cannot tell: the result names the Function.
-    torch's own Functions and plain models get no such note."""
+    torch's own Functions, plain models and hessrank's own replacements (of a log-softmax
+    ending the model, under NLLLoss: named as the user's; probe 138) get no such note."""
     batch = (torch.randn(16, 6), torch.randint(0, 4, (16,)))
     custom = hessrank.effective_rank(_WithFunction(_DetachingTanh.apply), CE, batch, method)
     assert any("custom autograd.Function(s) (_DetachingTanh)" in note for note in custom.notes)
     plain = hessrank.effective_rank(_WithFunction(torch.tanh), CE, batch, method)
     assert not any("custom autograd.Function" in note for note in plain.notes)
+    if method.startswith("ggn"):  # (NLLLoss is linear in its log-probabilities)
+        return
+    log_probabilities = nn.Sequential(_WithFunction(torch.tanh), nn.LogSoftmax(dim=1))
+    for dtype in (torch.float32, torch.float64):
+        replaced = hessrank.effective_rank(log_probabilities.to(dtype), nn.NLLLoss(),
+                                           (batch[0].to(dtype), batch[1]), method)
+        assert not any("custom autograd.Function" in note for note in replaced.notes)
 
 
 _CLASS_WEIGHT = torch.tensor([1.0, 2.0, 0.5])

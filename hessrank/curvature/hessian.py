@@ -381,8 +381,10 @@ def asymmetry_error(antisymmetric: float, symmetric: float,
     observation = (f"the Hessian-vector products are not symmetric (antisymmetric part "
                    f"{asymmetry:.1e} of the symmetric one, rounding allows {tolerance:.1e})")
     # the loss, where the products ran it as given (a float64 model's: its cast not widened)
-    cause = lower_precision_cause(problem, asymmetry, with_loss=any(
-        RUNS_AS_GIVEN in note for note in problem.notes))
+    # (below float64 the loss's casts below float32 are kept, and its float64 widening is no
+    # cause the watch would see)
+    cause = lower_precision_cause(problem, asymmetry, with_loss=problem.dtype != torch.float64
+                                  or any(RUNS_AS_GIVEN in note for note in problem.notes))
     if cause:
         return ValueError(f"{observation}: {cause}")
     unwidened = [note for note in problem.notes if note.startswith(_UNWIDENED)]

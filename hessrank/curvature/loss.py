@@ -276,7 +276,8 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             precise = _read_weights(loss_fn, outputs, targets)
         except Exception as error:  # noqa: BLE001 - any failure of the loss in float64
             raise_if_signalled(error)
-            if refused:  # float32's refusal stands
+            if refused:  # float32's refusal stands, the cause of a cast named
+                _refuse_half_precision_loss(loss_fn, outputs, targets, "its per-sample gradients")
                 raise _interacting_samples_error(read.mismatch, "") from error
             raise ValueError(
                 f"the weights of some samples cannot be read in {dtype} (their gradient in the "
@@ -292,6 +293,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             f"{int((~read.finite).nonzero()[0])}: the empirical Fisher of these outputs is "
             "undefined; check loss_fn at them (a log of zero, a division by zero)")
     if bool((mismatch > 1).any()):
+        _refuse_half_precision_loss(loss_fn, outputs, targets, "its per-sample gradients")
         raise _interacting_samples_error(mismatch, "")
     # before the sign: weights that vary with the outputs can come out negative (outputs [n, 1]
     # against targets [n] under MSELoss broadcast to an [n, n] loss were said to weigh a
@@ -299,6 +301,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     try:
         _check_constant_weights(loss_fn, outputs, targets, read, precision)
     except ValueError as error:
+        _refuse_half_precision_loss(loss_fn, outputs, targets, "its per-sample weights")
         hint = broadcast_hint(outputs, targets)
         if hint is None:
             raise
@@ -936,6 +939,26 @@ def lower_precision_in(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tor
     except Exception as error:  # noqa: BLE001 - a diagnosis must not replace the error it explains
         raise_if_signalled(error)
         return None
+
+
+def _refuse_half_precision_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                                read: str) -> None:
+    """Raise where the loss computes in float16 or bfloat16 inside (a cast it keeps,
+    :func:`kept_cast`), whose rounding explains ``read`` (what the empirical Fisher read of the
+    loss) failing its checks: ``F.cross_entropy(f.bfloat16().float(), y)`` had been refused as
+    samples that interact (probe 138).
+
+    Raises:
+        ValueError: naming the dtype and the fix.
+    """
+    lowered = lower_precision_in(loss_fn, outputs, targets)
+    if lowered is None or kept_cast(lowered) is None:
+        return
+    name = dtype_name(lowered)
+    raise ValueError(
+        f"the loss computes in {name} inside (a cast such as {_cast_call(lowered)}), whatever "
+        f"the outputs' precision, and {read} carry {name}'s rounding (about 3 digits), beyond "
+        f"what the empirical Fisher's checks allow; {_remove_the_cast(lowered)}")
 
 
 def _cast_call(dtype: torch.dtype) -> str:

@@ -62,21 +62,33 @@ def _solver_threads(matrix: Tensor) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def not_finite_error(dtype: torch.dtype) -> ValueError:
+class NotFiniteError(ValueError):
+    """The curvature of a finite model and loss holds NaN or Inf; ``dtype``: the curvature's."""
+
+    def __init__(self, message: str, dtype: torch.dtype) -> None:
+        super().__init__(message)
+        self.dtype = dtype
+
+
+def not_finite_error(dtype: torch.dtype, infinite_input: str | None = None) -> NotFiniteError:
     """The curvature of a finite model and loss holds NaN or Inf, computed in ``dtype``: the
-    two causes, and what to do about each."""
+    two causes, and what to do about each; ``infinite_input``, where the inputs hold an
+    infinite entry, names it (``inputs[0] holds inf at [2, 1] (1 entry)``), the first cause."""
     overflow = f"overflow {dtype_name(dtype)} (above {torch.finfo(dtype).max:.2g})"
     if dtype != torch.float64:
         overflow += (": analyse a float64 copy (copy.deepcopy(model).double(), with float64 "
                      "inputs), or check the model's scale")
-    return ValueError(
+    where = ("an infinite input entry, other than an additive mask's -inf, makes them so"
+             if infinite_input is None else
+             f"{infinite_input}, which makes them so unless it only masks, as an additive -inf "
+             "before a softmax does: replace it (torch.nan_to_num) or keep it out of the graph")
+    return NotFiniteError(
         "the curvature matrix holds NaN or Inf, though the model and the loss are finite. "
-        "Either autograd's derivatives are NaN at these inputs (an infinite input entry, other "
-        "than an additive mask's -inf, makes them so; a branch torch.where does not select "
-        "still enters the backward pass: torch.where(x > 0, x.sqrt(), x) gives 0 * NaN "
-        "at x < 0; check torch.autograd.grad(loss, parameters) for NaN, and make the unselected "
-        "branch finite: x.clamp(min=0).sqrt()), or its entries (products of gradients, second "
-        f"derivatives) {overflow}")
+        f"Either autograd's derivatives are NaN at these inputs ({where}; a branch torch.where "
+        "does not select still enters the backward pass: torch.where(x > 0, x.sqrt(), x) gives "
+        "0 * NaN at x < 0; check torch.autograd.grad(loss, parameters) for NaN, and make the "
+        "unselected branch finite: x.clamp(min=0).sqrt()), or its entries (products of "
+        f"gradients, second derivatives) {overflow}", dtype)
 
 
 def _check_finite(matrix: Tensor) -> None:
