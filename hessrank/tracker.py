@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 import hessrank
 from hessrank.api import checked_request, effective_rank
@@ -103,7 +104,8 @@ class Measurement:
             ``num_params``, ``num_samples``, ``threshold``, ``rtol``, ``backend``,
             ``rank_interval``, ``trace_interval`` and ``numerical_interval`` (``lanczos``),
             ``layers`` (each layer's ranks, top eigenvalue, trace, ``rtol`` and intervals, with
-            ``per_layer=True``); for a failure
+            ``per_layer=True``), ``notes`` (the result's caveats: a Lanczos run whose Ritz values
+            did not converge, a rank capped by ``n``, the mode measured); for a failure
             ``step``, ``method`` and ``error`` (the message). Non-finite numbers are None.
     """
 
@@ -126,6 +128,7 @@ class Measurement:
                 num_samples=int(res.num_samples),
                 threshold=float(res.threshold),
                 backend=res.backend,
+                notes=list(res.notes),
             )
             if res.layers:
                 record["layers"] = {name: _summary(layer) for name, layer in res.layers.items()}
@@ -145,7 +148,7 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """
     method = record["method"]
     skip = ("step", "method", "backend", "error", "rank_interval", "trace_interval",
-            "numerical_interval", "layers", "rtol")
+            "numerical_interval", "layers", "rtol", "notes")
     out = {
         f"{method}/{key}": float(value)
         for key, value in record.items()
@@ -646,8 +649,31 @@ def _default_log_sink() -> JsonLinesSink:
         try:
             return JsonLinesSink(candidate, new=True)
         except FileExistsError:
+            if _abandoned(candidate):  # tried again, made afresh
+                candidate.unlink(missing_ok=True)
+                continue
             candidate = DEFAULT_LOG.with_name(f"{DEFAULT_LOG.stem}-{k}{DEFAULT_LOG.suffix}")
             k += 1
+
+
+def _abandoned(path: Path) -> bool:
+    """Whether ``path`` is an empty log that no tracker holds: a default log left behind by a
+    run that crashed before its first record (its close, which removes it, never ran), which
+    the next run had passed over for ``curvature-1.jsonl``, so that ``hessrank plot
+    curvature.jsonl`` found no measurement (probe 137). Held means open in this process or
+    locked by another; where the system cannot lock, no file is taken for abandoned."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        if path.absolute().resolve() in _OPEN_LOGS or path.stat().st_size:
+            return False
+        with path.open("a") as file:  # (the lock goes with the file)
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # gone, locked, or a file system without locks
+        return False
+    return True
 
 
 class TensorBoardSink:
@@ -832,9 +858,10 @@ class Tracker:
             spent; in a loop shorter than a few measurements, the first one alone can exceed
             the budget.
         eval_batch: a fixed ``(inputs, targets)`` measured every time, so measurements are
-            comparable across steps, or a fixed data set (a ``DataLoader`` or list of batches,
-            see :func:`hessrank.effective_rank`); without it each measurement uses the batch
-            given to :meth:`step`.
+            comparable across steps (the tracker keeps a copy of its tensors, which later
+            in-place changes to yours leave alone), or a fixed data set (a ``DataLoader`` or
+            list of batches, see :func:`hessrank.effective_rank`, read as it is at each
+            measurement); without it each measurement uses the batch given to :meth:`step`.
         log: JSON-lines file (None for none); by default ``curvature.jsonl`` in the working
             folder, or the first ``curvature-<k>.jsonl`` that does not exist yet
             (:attr:`log_path` says which), created now so that no other tracker takes it, and
@@ -843,8 +870,9 @@ class Tracker:
             logs to is taken over, with a warning (that tracker's next record raises). Its
             folder is created, and removed at :meth:`close` (where empty) if it got no record;
             a folder (``"runs/"``) is refused: name a file in it.
-        append: add to an existing ``log`` (a resumed run) instead of replacing it; step
-            numbers go on from the largest it holds, and a last line that a crash cut
+        append: add to an existing ``log`` (a resumed run) instead of replacing it; give
+            :meth:`step` the step the run resumes from (without ``step=``, step numbers go on
+            from the largest the log holds, with a warning), and a last line that a crash cut
             mid-write is dropped, with a warning. The first step :meth:`step` counts is where
             training resumed: the log's records of the tracker's methods from that step on,
             taken on the trajectory the run abandoned, move to ``<log>.superseded.jsonl``,
@@ -974,7 +1002,12 @@ class Tracker:
             raise type(first)(f"{method}: {first}{hint}") from first
         self.model, self.loss_fn = model, loss_fn
         self.budget, self.per_layer, self.on_error = budget, per_layer, on_error
-        self.eval_batch = eval_batch
+        # its own copy of a pair: data a training loop modifies in place (a task switch that
+        # permutes the inputs) had changed the "fixed" batch between measurements (probe 137)
+        self.eval_batch = (eval_batch if eval_batch is None or is_batch_stream(eval_batch)
+                           else tree_map(lambda value: value.detach().clone()
+                                         if isinstance(value, torch.Tensor) else value,
+                                         tuple(eval_batch)))
         self.records: list[dict[str, Any]] = []
         self._clock = clock
         self._next_step = 0
@@ -982,6 +1015,9 @@ class Tracker:
         self._counted = 0  # step() calls so far (updates of the model, as far as we know)
         #: method -> the step of its last record and the step() calls before it
         self._recorded: dict[str, tuple[int, int]] = {}
+        #: method -> (num_params, num_samples) of its last result
+        self._sizes: dict[str, tuple[int, int]] = {}
+        self._warned_samples = False
         self._start: float | None = None
         self._spent = 0.0
         self._last_cost: float | None = None
@@ -1048,7 +1084,10 @@ class Tracker:
             batch: this step's ``(inputs, targets)``, measured when due; not needed with an
                 ``eval_batch`` (which is measured instead).
             step: the step's number (e.g. a global step: an ``int``, a NumPy integer or a
-                one-element integer tensor); default: one more than the last.
+                one-element integer tensor); default: one more than the last (on a log
+                appended to, one more than its last record's, with a warning: pass it there).
+                A call with the last call's ``step`` (the micro-batches of gradient
+                accumulation) is that step again: not counted, not measured.
 
         Returns:
             The measurements taken (one per method), or ``[]`` when not due.
@@ -1066,6 +1105,25 @@ class Tracker:
                 raise TypeError("step() needs the batch, or create the Tracker with eval_batch=")
             _check_batch(batch, "batch")
         index = self._next_step if step is None else _step_number(step, "step")
+        if step is not None and index == self._last_step:
+            # another micro-batch of the step counted last (gradient accumulation): no update
+            # since, so neither a step to count nor a model to measure again (each had been
+            # measured once per micro-batch, warned of as two models at one step; probe 137)
+            return []
+        if self._counted == 0 and step is None and any(
+                isinstance(sink, JsonLinesSink) and sink.append and sink.next_step > 0
+                for sink in self.sinks):
+            # the log holds the measured steps only: one after its last is where training
+            # resumed only if the run stopped right after that measurement (resumed from step
+            # 75 of a log that reached 90, the record labelled 100 was the model at step 84;
+            # probe 137)
+            warnings.warn(
+                f"hessrank.Tracker: step() without step= on a resumed log counts on from step "
+                f"{index}, one after the log's last record, which is where training resumed "
+                "only if the run stopped right after that measurement: pass the step your "
+                "checkpoint resumes from, tracker.step(batch, step=global_step), or records "
+                "will carry other steps than their models'", RuntimeWarning,
+                stacklevel=_user_stacklevel())
         if self._counted == 0:  # where training resumed, for a log appended to
             for sink in self.sinks:
                 if isinstance(sink, JsonLinesSink):
@@ -1160,6 +1218,7 @@ class Tracker:
                               stacklevel=_user_stacklevel())
         else:
             measurement = Measurement(step, method, result=result)
+            self._warn_of_other_sizes(method, result, step)
         # a step again is another measurement of its model, unless step() counted an update since
         previous, counted = self._recorded.get(method, (-2, self._counted))
         trained = self._counted - counted  # step() calls between the two records
@@ -1183,6 +1242,31 @@ class Tracker:
         self.records.append(measurement.record)
         _every_sink(self.sinks, lambda sink: sink.write(measurement.record))
         return measurement
+
+    def _warn_of_other_sizes(self, method: str, result: RankResult, step: int) -> None:
+        """Warn where ``method`` measured another number of parameters than at its last record
+        (a layer frozen or unfrozen) or, once, another number of samples (a step's batch of
+        another size): a plot had joined them into one line, whose jump was the
+        configuration's, not the curvature's (probe 137)."""
+        sizes = (result.num_params, result.num_samples)
+        last = self._sizes.get(method)
+        self._sizes[method] = sizes
+        if last is None or last == sizes:
+            return
+        if last[0] != sizes[0]:
+            warnings.warn(
+                f"hessrank.Tracker: {method} measured {sizes[0]:,} parameters at step {step}, "
+                f"{last[0]:,} at its last record (a layer frozen or unfrozen, another params=): "
+                "its ranks jump with them, not with the curvature (hessrank plot breaks the "
+                "line there)", RuntimeWarning, stacklevel=_user_stacklevel())
+        elif not self._warned_samples:
+            self._warned_samples = True
+            warnings.warn(
+                f"hessrank.Tracker: {method} measured {sizes[1]} samples at step {step}, "
+                f"{last[1]} at its last record: ranks bounded by the samples (fisher's by n) "
+                "and every estimate move with the batch, not only with the curvature "
+                "(hessrank plot breaks the line there); eval_batch= measures the same samples "
+                "every time (said once)", RuntimeWarning, stacklevel=_user_stacklevel())
 
     def close(self) -> None:
         """Close every sink (idempotent); the tracker measures no more."""

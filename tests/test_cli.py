@@ -1133,3 +1133,31 @@ def test_the_summary_averages_the_seeds_every_method_finished() -> None:
     assert point["seeds"] == 2
     assert point["methods"]["exact"]["srank"]["mean"] == 11.0
     assert point["methods"]["fisher"]["srank"]["mean"] == 10.0
+
+
+def test_plot_breaks_lines_at_another_configuration_and_marks_failures(tmp_path: Path) -> None:
+    """A layer frozen (num_params), a batch of another size (num_samples) or a failed
+    measurement between two records had been drawn as one line, whose jump read as the
+    curvature's; a signed top eigenvalue had switched the panel to a linear axis, flat under
+    one large value (probe 137)."""
+    from hessrank.cli.plot import build_figure, read_run
+
+    def record(step: int, rank: int, top: float, params: int = 40, samples: int = 8) -> dict:
+        return {"step": step, "method": "fisher", "rank": rank, "top_eigenvalue": top,
+                "num_params": params, "num_samples": samples, "threshold": 0.99}
+
+    log = tmp_path / "c.jsonl"
+    lines = [record(0, 5, 2.0), record(2, 6, -0.5), {"step": 3, "method": "fisher",
+                                                      "error": "ValueError: no"},
+             record(4, 6, 1e6), record(6, 3, 3.0, params=20), record(8, 7, 2.0, samples=16),
+             record(10, 7, 2.0, samples=16)]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    fig = build_figure([read_run(log)])
+    rank_axes, top_axes = fig.axes
+    (line, failed) = rank_axes.get_lines()
+    assert list(line.get_xdata()) == [0, 2, 3, 4, 5, 6, 7, 8, 10]
+    values = list(line.get_ydata())
+    assert [i for i, v in enumerate(values) if np.isnan(v)] == [2, 4, 6]
+    assert [v for v in values if not np.isnan(v)] == [5, 6, 6, 3, 7, 7]
+    assert failed.get_label() == "fisher failed" and list(failed.get_xdata()) == [3, 3]
+    assert top_axes.get_yscale() == "symlog"

@@ -1606,3 +1606,36 @@ def test_a_batch_whose_float64_loss_fails_runs_as_given(method):
         assert_spectra_close(result.eigenvalues, expected, rtol=1e-5)
     else:
         assert result.eigenvalues[0] == pytest.approx(expected[0], rel=1e-4)
+
+
+def test_an_estimator_or_rule_that_leaves_out_a_trait_is_refused_by_name():
+    """The README's recipes for a new estimator and a new layer rule had left out traits
+    without a default: the package's import failed on a bare AttributeError (an estimator
+    without listing_order), or every fisher call on the layer did (a rule without a name), and
+    a new estimator joined hessrank.METHODS, the CLI's default set, unasked (probe 136)."""
+    from hessrank.curvature.rules import RULES, GramRule, register_rule
+    from hessrank.estimators import ESTIMATORS
+    from hessrank.estimators.base import Estimator, register
+    from hessrank.estimators.exact import Exact
+
+    class Unordered(Estimator):
+        name, source, solver, summary = "unordered", "hessian", "dense", "a sketch"
+
+    with pytest.raises(TypeError, match=r"estimator Unordered does not declare listing_order: "
+                       r"an estimator declares name, source, solver, summary, listing_order"):
+        register(Unordered)
+    with pytest.raises(TypeError, match=r"the name 'exact' is Exact's; give it another"):
+        register(type("Again", (Exact,), {}))
+    assert "unordered" not in ESTIMATORS and not Estimator.listed
+
+    class Nameless(GramRule):
+        module_types = (nn.Linear,)
+
+        def factors(self, *args, **kwargs):
+            return None
+
+    rules = len(RULES)
+    with pytest.raises(TypeError, match=r"rule Nameless does not declare name: a rule declares "
+                       r"its name"):
+        register_rule(Nameless)
+    assert len(RULES) == rules

@@ -461,9 +461,14 @@ def test_live_trackers_never_share_the_default_log(tmp_path: Path, monkeypatch) 
     built before the loop both took the empty ``curvature.jsonl`` the first had created, and
     wrote over each other's records); an empty one that another process has taken is not
     free, and a name no record was written to is given back at close."""
+    import fcntl
+
     monkeypatch.chdir(tmp_path)
     batch = classification_batch(8, 6, 3, dtype=torch.float32)
-    (tmp_path / "curvature.jsonl").touch()  # taken by a tracker of another process
+    # taken by a tracker of another process: held open, locked (a lock of another open file
+    # conflicts in this process too)
+    held = (tmp_path / "curvature.jsonl").open("a")
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     first = hessrank.Tracker(_net(), CE, every=1)
     second = hessrank.Tracker(_net(), CE, ("fisher", "ggn"), every=1)
     unused = hessrank.Tracker(_net(), CE, every=1)
@@ -480,6 +485,7 @@ def test_live_trackers_never_share_the_default_log(tmp_path: Path, monkeypatch) 
     assert _read(tmp_path / "curvature-2.jsonl") == second.records and len(second.records) == 6
     assert (tmp_path / "curvature.jsonl").read_text() == ""
     assert not (tmp_path / "curvature-3.jsonl").exists()
+    held.close()
 
 
 def test_a_named_log_without_records_is_not_left_behind(tmp_path: Path) -> None:
@@ -510,7 +516,7 @@ def test_appending_to_a_log_cut_by_a_crash_starts_a_line_of_its_own(tmp_path: Pa
     tracker = hessrank.Tracker(_net(), CE, every=1, log=log, append=True)
     assert log.read_text().endswith(cut)  # building the tracker changes nothing
     with pytest.warns(RuntimeWarning, match="dropped line 3, which a crash cut mid-write") as seen:
-        tracker.step(batch)
+        tracker.step(batch, step=2)
     assert seen[0].filename == __file__ and cut[:30] in str(seen[0].message)
     tracker.step(batch)
     tracker.close()
@@ -521,7 +527,7 @@ def test_appending_to_a_log_cut_by_a_crash_starts_a_line_of_its_own(tmp_path: Pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with hessrank.Tracker(_net(), CE, every=1, log=log, append=True) as tracker:
-            tracker.step(batch)
+            tracker.step(batch, step=1)
     assert [r["step"] for r in _read(log)] == [0, 1]
 
 
@@ -804,7 +810,10 @@ def test_a_baseline_before_the_first_step_is_step_minus_one_and_going_back_warns
         tracker.step(batch)
         tracker.measure(batch)  # the model step 0 counted, measured again
     assert [r["step"] for r in tracker.records] == [-1, 0, 0]
-    with pytest.warns(RuntimeWarning, match="recorded at step 0 after step 0 and a training"):
+    assert tracker.step(batch, step=0) == []  # the step just counted, again: a micro-batch
+    tracker.step(batch)
+    with pytest.warns(RuntimeWarning, match="recorded at step 0 after step 1 and a training "
+                      "step: the log's steps go back"):
         tracker.step(batch, step=0)
     tracker.close()
 
@@ -1160,3 +1169,99 @@ def test_a_log_whose_folder_cannot_be_made_is_named(tmp_path: Path) -> None:
                                       r"give log= a file in a folder you can write, or log=None"):
         hessrank.Tracker(_net().eval(), CE, every=1, log=str(log))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
+
+
+def _quiet_tracker(**kwargs) -> hessrank.Tracker:
+    return hessrank.Tracker(_net().eval(), CE, ("fisher",), **kwargs)
+
+
+def test_the_micro_batches_of_one_step_are_measured_once(tmp_path: Path) -> None:
+    """step() with the last call's step= (gradient accumulation's micro-batches) is that step
+    again: each due step had been measured once per micro-batch, warned of as two models at
+    one step (probe 137)."""
+    x, y = classification_batch(32, 6, 3, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with _quiet_tracker(every=2, log=tmp_path / "c.jsonl") as tracker:
+            for step in range(4):
+                for micro in range(3):
+                    taken = tracker.step((x[micro::3], y[micro::3]), step=step)
+                    assert (taken != []) == (step % 2 == 0 and micro == 0)
+    assert [r["step"] for r in _read(tmp_path / "c.jsonl")] == [0, 2]
+
+
+def test_a_resumed_log_counted_without_step_numbers_is_warned_of(tmp_path: Path) -> None:
+    """The log holds measured steps only: counting on from its last record mislabelled every
+    later record of a run resumed elsewhere (probe 137); step= is asked for, and then no
+    warning."""
+    log = tmp_path / "c.jsonl"
+    x, y = classification_batch(16, 6, 3, dtype=torch.float32)
+    with _quiet_tracker(every=5, log=log) as tracker:
+        for _ in range(8):
+            tracker.step((x, y))
+    with pytest.warns(RuntimeWarning, match=r"step\(\) without step= on a resumed log counts "
+                      r"on from step 6, one after the log's last record.*step=global_step"), \
+            _quiet_tracker(every=5, log=log, append=True) as tracker:
+        tracker.step((x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with _quiet_tracker(every=5, log=log, append=True) as tracker:
+            tracker.step((x, y), step=10)
+    assert [r["step"] for r in _read(log)] == [0, 5, 10]
+
+
+def test_the_eval_batch_is_the_tracker_s_own_copy(tmp_path: Path) -> None:
+    """A training loop that permutes its data in place (a task switch) had changed the fixed
+    eval_batch between measurements (probe 137)."""
+    x, y = classification_batch(16, 6, 3, dtype=torch.float32)
+    fixed = (x.clone(), y.clone())
+    with _quiet_tracker(log=None, eval_batch=(x, y)) as tracker:
+        x[:] = x[:, torch.randperm(6, generator=torch.Generator().manual_seed(0))]
+        (measured,) = tracker.measure()
+    direct = hessrank.effective_rank(tracker.model, CE, fixed, "fisher")
+    np.testing.assert_array_equal(measured.result.eigenvalues, direct.eigenvalues)
+
+
+def test_records_carry_the_result_s_notes(tmp_path: Path) -> None:
+    """A Lanczos run whose Ritz values did not converge, a rank capped by n: the result's
+    caveats had not reached the log (probe 137)."""
+    x, y = classification_batch(16, 6, 3, dtype=torch.float32)
+    with hessrank.Tracker(_net().eval(), CE, ("lanczos", "fisher"), log=tmp_path / "c.jsonl",
+                          lanczos_steps=4) as tracker:
+        measurements = tracker.measure((x, y))
+    for measurement, record in zip(measurements, _read(tmp_path / "c.jsonl"), strict=True):
+        assert record["notes"] == list(measurement.result.notes) and record["notes"]
+        assert not any(key.endswith("notes") for key in hessrank.tracker.record_scalars(record))
+
+
+def test_a_measurement_of_other_sizes_is_warned_of(tmp_path: Path) -> None:
+    """A layer frozen between two measurements, or a step's batch of another size, had joined
+    one line of the plot without a word: its jump was the configuration's (probe 137). The
+    parameters' change is said each time, the samples' once."""
+    model = _net().eval()
+    x, y = classification_batch(16, 6, 3, dtype=torch.float32)
+    with hessrank.Tracker(model, CE, ("fisher",), every=1, log=None) as tracker:
+        tracker.step((x, y))
+        with pytest.warns(RuntimeWarning, match=r"fisher measured 8 samples at step 1, 16 at "
+                          r"its last record.*eval_batch=.*\(said once\)"):
+            tracker.step((x[:8], y[:8]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            tracker.step((x, y))  # (said once)
+        total = sum(p.numel() for p in model.parameters())
+        model[0].requires_grad_(False)
+        left = total - sum(p.numel() for p in model[0].parameters())
+        with pytest.warns(RuntimeWarning, match=rf"fisher measured {left} parameters at step 3, "
+                          rf"{total} at its last record \(a layer frozen or unfrozen"):
+            tracker.step((x, y))
+
+
+def test_a_crashed_run_s_empty_default_log_is_taken_again(tmp_path: Path, monkeypatch) -> None:
+    """A run that crashed before its first record left an empty curvature.jsonl (its close
+    never ran), so the next run wrote curvature-1.jsonl and `hessrank plot curvature.jsonl`
+    found nothing (probe 137). An empty log another open tracker holds is not taken."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "curvature.jsonl").touch()
+    with _quiet_tracker() as first, _quiet_tracker() as second:
+        assert first.log_path == tmp_path / "curvature.jsonl"
+        assert second.log_path == tmp_path / "curvature-1.jsonl"

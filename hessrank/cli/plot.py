@@ -43,15 +43,30 @@ class Run:
 
     def series(self, method: str, key: str, layer: str | None = None) -> tuple[list, list]:
         """Steps and values of ``key`` (a layer's, if given) for ``method``, in step order;
-        missing or null values are left out."""
+        missing or null values are left out, and the line breaks (a NaN midway) between two
+        records of another configuration (``num_params``: a layer frozen; ``num_samples``: a
+        batch of another size) or with a failure of the method between them: joined, their
+        jump had read as the curvature's (probe 137)."""
         points = []
         for record in self.records:
             source = record if layer is None else record.get("layers", {}).get(layer, {})
             value = source.get(key)
             if record["method"] == method and value is not None:
-                points.append((record["step"], float(value)))
-        points.sort()
-        return [s for s, _ in points], [v for _, v in points]
+                points.append((record["step"], float(value),
+                               (record.get("num_params"), record.get("num_samples"))))
+        points.sort(key=lambda point: point[0])
+        failed = [r["step"] for r in self.failures if r["method"] == method]
+        steps: list[float] = []
+        values: list[float] = []
+        for index, (step, value, configuration) in enumerate(points):
+            if index:
+                before, _, was = points[index - 1]
+                if configuration != was or any(before < f < step for f in failed):
+                    steps.append((before + step) / 2)
+                    values.append(math.nan)
+            steps.append(step)
+            values.append(value)
+        return steps, values
 
 
 def _is_number(value: object) -> bool:
@@ -167,6 +182,10 @@ def _draw(axes: Axes, runs: list[Run], key: str, layer: str | None = None) -> No
             if key in ("rank", "srank") and len(_thresholds(runs)) > 1:
                 label += f" at {', '.join(map(str, _thresholds([run], method)))}"
             (line,) = axes.plot(steps, values, label=label, **styles[run.name, method])
+            failed = sorted({r["step"] for r in run.failures if r["method"] == method})
+            for index, step in enumerate(failed):
+                axes.axvline(step, color=line.get_color(), linestyle=":", linewidth=1.0,
+                             alpha=0.7, label=f"{label} failed" if index == 0 else None)
             if key in INTERVALS:
                 # a layer's too: its line alone read 519 for an exact 268 (probe 67); the
                 # numerical rank's: its line read 1209 -> 167, its interval about [69, 1210]
@@ -224,6 +243,9 @@ def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Fi
             if r.get("top_eigenvalue") is not None]
     if tops and min(tops) > 0:
         top_axes.set_yscale("log")
+    elif any(tops):  # a signed top (a Hessian's negative one): logarithmic on either side
+        # (a linear axis had flattened every run under one large value; probe 137)
+        top_axes.set_yscale("symlog", linthresh=min(abs(t) for t in tops if t))
     top_axes.set_ylabel("top eigenvalue")
     top_axes.set_title("top eigenvalue")
     for index, name in enumerate(names):
@@ -240,7 +262,8 @@ def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Fi
 
 def plot(paths: list[Path], output: Path, key: str, layers: bool) -> list[str]:
     """Read the logs, draw and write ``output``; returns what was left out of the plot, one
-    line each: a last line cut by a crash, then the failed measurements."""
+    line each: a last line cut by a crash, then the failed measurements (each marked by a
+    dotted line at its step, where its method's line breaks)."""
     runs = [read_run(path, name) for path, name in zip(paths, run_names(paths), strict=True)]
     fig = build_figure(runs, key, layers)
     save_figure(fig, output, "--output")

@@ -3,7 +3,9 @@
 An estimator class declares, in one place:
 
 - ``name``, ``source`` (``"hessian"``, ``"ggn"``, ``"fisher"``) and ``solver`` (``"dense"``,
-  ``"lanczos"``, ``"gram"``);
+  ``"lanczos"``, ``"gram"``), a one-line ``summary`` and its ``listing_order`` (its place in
+  listings: ``hessrank.ALL_METHODS``, the CLI's); ``listed = True`` puts it among
+  ``hessrank.METHODS`` (the four of the paper, which the CLI compares by default);
 - ``modes``: the ``mode=`` values it supports (``"eval"``, ``"train"``);
 - ``streams``: whether it passes over a data set (a ``DataLoader``) batch by batch;
 - ``layer_strategy``: how ``per_layer=True`` is answered (``"gram-blocks"``: the diagonal blocks of
@@ -192,8 +194,9 @@ class Estimator(ABC):
     summary: ClassVar[str]
     #: Position in listings (``hessrank.METHODS``): ground truth first, then cheaper ones.
     listing_order: ClassVar[int]
-    #: Whether the method is in ``hessrank.METHODS`` (the set the CLI compares by default).
-    listed: ClassVar[bool] = True
+    #: Whether the method is in ``hessrank.METHODS`` (the four of the paper, the set the CLI
+    #: compares by default); a new estimator is not, unless it says so.
+    listed: ClassVar[bool] = False
     modes: ClassVar[tuple[str, ...]] = ("eval",)
     layer_strategy: ClassVar[str] = "restricted"
     Options: ClassVar[type] = NoOptions
@@ -323,8 +326,26 @@ def format_bytes(count: float) -> str:
     return f"{value:.3g} TiB"
 
 
+#: What an estimator class must declare (the traits without a default).
+REQUIRED_TRAITS = ("name", "source", "solver", "summary", "listing_order")
+
+
 def register(cls: type[Estimator]) -> type[Estimator]:
-    """Class decorator: register an estimator under its ``name``."""
+    """Class decorator: register an estimator under its ``name``.
+
+    Raises:
+        TypeError: the class leaves out a trait of :data:`REQUIRED_TRAITS` (without it the
+            package's import had failed on a bare ``AttributeError``; probe 136), or its
+            ``name`` is taken.
+    """
+    missing = [trait for trait in REQUIRED_TRAITS if not hasattr(cls, trait)]
+    if missing:
+        raise TypeError(f"estimator {cls.__name__} does not declare {', '.join(missing)}: an "
+                        f"estimator declares {', '.join(REQUIRED_TRAITS)} (see "
+                        "hessrank.estimators.base)")
+    if cls.name in ESTIMATORS:
+        raise TypeError(f"estimator {cls.__name__}: the name {cls.name!r} is "
+                        f"{type(ESTIMATORS[cls.name]).__name__}'s; give it another")
     ESTIMATORS[cls.name] = cls()
     return cls
 

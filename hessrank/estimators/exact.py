@@ -81,6 +81,7 @@ class Exact(Estimator):
     name = "exact"
     source = "hessian"
     solver = "dense"
+    listed = True
     listing_order = 0
     summary = "dense Hessian (P Hessian-vector products) and a float64 eigen-solve"
     modes = ("eval", "train")

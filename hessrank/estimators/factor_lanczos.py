@@ -25,7 +25,6 @@ class FactorLanczos(LanczosEstimator):
 
     factors_of: GramEstimator
     backend = "autograd (factor products)"
-    listed = False
     #: what to do instead where the factors' output side, measured on the first pass, exceeds
     #: the budget (fewer lanczos_steps do not lower it; probe 71)
     working_memory_advice: ClassVar[str]

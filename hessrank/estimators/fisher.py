@@ -15,6 +15,7 @@ from hessrank.problem import LossFn
 class Fisher(GramEstimator):
     name = "fisher"
     source = "fisher"
+    listed = True
     listing_order = 3
     summary = "empirical Fisher through the n x n Gram matrix of per-sample gradients"
     columns_label = "1"

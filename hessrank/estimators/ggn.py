@@ -44,6 +44,7 @@ class GGNOptions(GramOptions):
 class GGN(GramEstimator):
     name = "ggn"
     source = "ggn"
+    listed = True
     listing_order = 2
     summary = "generalised Gauss-Newton through the nC' x nC' Gram matrix of its factors"
     columns_label = "C'"

@@ -246,6 +246,7 @@ class LanczosEstimator(Estimator):
 class Lanczos(LanczosEstimator):
     name = "lanczos"
     source = "hessian"
+    listed = True
     listing_order = 1
     summary = "Lanczos quadrature on Hessian-vector products"
     modes = ("eval", "train")

@@ -112,7 +112,17 @@ class TensorRule(GramRule):
 
 
 def register_rule(cls: type[GramRule]) -> type[GramRule]:
-    """Class decorator: add an instance of the rule to :data:`RULES`."""
+    """Class decorator: add an instance of the rule to :data:`RULES`.
+
+    Raises:
+        TypeError: the class declares no ``name`` or ``module_types`` (without a name, every
+            call on its layer had failed on a bare ``AttributeError``; probe 136).
+    """
+    missing = [trait for trait in ("name", "module_types") if not hasattr(cls, trait)]
+    if missing:
+        raise TypeError(f"rule {cls.__name__} does not declare {', '.join(missing)}: a rule "
+                        "declares its name (reported in RankResult.paths) and the module "
+                        "types it claims")
     RULES.append(cls())
     return cls
 
