@@ -198,29 +198,23 @@ def workers_as_found(data: Data) -> Iterator[Data]:
     """The data for the block's passes, a ``DataLoader`` with ``persistent_workers`` left with
     its workers as found; other data as they are.
 
-    Workers the block's passes start are shut down at its end, so that the caller's next
-    ``iter()`` starts them as its first would have (a restart of running workers draws other
-    seeds than a first start, and the caller's next epochs came in another order). Workers
-    the caller started (between epochs or in the middle of one) are not the block's to use:
-    the passes would reset the caller's epoch and advance the workers' random state, which
-    lives in their processes and cannot be put back (a refused call changed the caller's
-    next epochs; probe 96). The block gets a shallow copy of the loader instead, which starts
-    workers of its own, seeded as a first start is. (Through the loader's private
-    ``_iterator``.)
+    Workers the caller started (between epochs or in the middle of one) are not the block's to
+    use: the passes would reset the caller's epoch and advance the workers' random state, which
+    lives in their processes and cannot be put back (a refused call changed the caller's next
+    epochs; probe 96). Nor do workers that persist between the block's own passes serve it: a
+    random transform in them draws on from one pass to the next, and the data were refused as
+    changing between passes, a training loader given to a Tracker as its ``eval_batch`` among
+    them (probe 137). The block gets a shallow copy of the loader whose workers do not persist:
+    each pass starts its own, seeded as a first start is, and stops them at its end. (Its flag
+    set past ``DataLoader``'s guard against changing it after construction.)
     """
     if not (isinstance(data, DataLoader) and data.persistent_workers):
         yield data
         return
-    loader: DataLoader[Any] = data
-    if loader._iterator is not None:
-        loader = copy.copy(loader)  # the same data set, samplers, generator and settings
-        loader._iterator = None
-    try:
-        yield cast(Data, loader)
-    finally:
-        if loader._iterator is not None:
-            loader._iterator._shutdown_workers()
-            loader._iterator = None
+    loader: DataLoader[Any] = copy.copy(data)  # the same data set, samplers, generator, settings
+    object.__setattr__(loader, "persistent_workers", False)
+    loader._iterator = None
+    yield cast(Data, loader)
 
 
 def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
@@ -726,7 +720,7 @@ class StreamedProblem(CurvatureProblem):
         tolerance = agreement_tolerance(self.dtype)
         if result is None or abs(loss - self.data_loss) > tolerance * max(abs(self.data_loss),
                                                                           1e-30):
-            raise _data_changed(self.data, f"loss {loss:.8g} against {self.data_loss:.8g} in "
+            raise _data_changed(f"loss {loss:.8g} against {self.data_loss:.8g} in "
                                            "the first pass")
         return result
 
@@ -742,11 +736,11 @@ class StreamedProblem(CurvatureProblem):
             for index, batch in enumerate(self._batches()):
                 if (index >= len(self._normalisers)
                         or not _same(self._normalisers[index][0], _fingerprint(batch))):
-                    raise _data_changed(self.data, f"batch {index} differs from the first pass's")
+                    raise _data_changed(f"batch {index} differs from the first pass's")
                 count += 1
                 visit(batch, self._normalisers[index][1])
         if count != len(self._normalisers):
-            raise _data_changed(self.data, f"{count} batches against "
+            raise _data_changed(f"{count} batches against "
                                            f"{len(self._normalisers)} in the first pass")
 
     def concatenated(self, method: str) -> CurvatureProblem:
@@ -774,18 +768,14 @@ class StreamedProblem(CurvatureProblem):
             notes=list(self.notes))
 
 
-def _data_changed(data: Iterable[Any], detail: str) -> ValueError:
-    """The error for ``data`` that differ between passes over them (``detail``: how); a loader
-    whose workers persist is told to let them go (a random transform in them had been refused
-    with the cause named and no fix; probe 132)."""
-    fix = (": pass a DataLoader with persistent_workers=False, whose workers start each pass "
-           "from the same seeds" if getattr(data, "persistent_workers", False) else "")
+def _data_changed(detail: str) -> ValueError:
+    """The error for ``data`` that differ between passes over them (``detail``: how)."""
     return ValueError(
         f"the data changed between passes over it ({detail}). Every product is one pass, so the "
         "data must be the same in each: random transforms drawn from a generator hessrank does "
-        "not restore (torch, NumPy, Python and the loader's are, in this process; workers kept "
-        "alive between passes, persistent_workers=True, keep theirs) or data read from a "
-        f"changing source make the curvature undefined{fix}")
+        "not restore (torch, NumPy, Python and the loader's are, and each pass starts the "
+        "loader's workers afresh, from the same seeds) or data read from a changing source make "
+        "the curvature undefined")
 
 
 def streamed_problem(problem: CurvatureProblem, data: Iterable[Any]) -> StreamedProblem:
