@@ -323,7 +323,8 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
         (["compare", *TINY, "--json", "{tmp}/out", "--csv", "{tmp}/out"],
          "--json and --csv name the same file"),
         (["compare", *TINY, "--plot", "{tmp}/figure.txt"], "matplotlib writes no '.txt' figure"),
-        (["compare", *TINY, "--plot", "{tmp}/figure"], "writes no 'extensionless' figure"),
+        (["compare", *TINY, "--plot", "{tmp}/figure"],
+         "writes figures by their name's ending, which this one lacks; end the name in .png"),
         (["compare", *TINY, "--csv", "{tmp}"], "it is a folder: name a file in it"),
         # an output that is a file the command reads (probe 85: the weights were replaced)
         (["compare", *TINY, "--weights", "{tmp}/w.pt", "--json", "{tmp}/w.pt"],

@@ -607,8 +607,9 @@ def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
                                    f"({texsystem}), which is not installed; end the name in "
                                    ".png, .pdf or .svg")
             if path.suffix.lstrip(".").lower() not in formats:
-                raise CliError(f"{option} {path}: matplotlib writes no "
-                               f"'{path.suffix or 'extensionless'}' figure; end the name in "
+                what = (f"no '{path.suffix}' figure" if path.suffix
+                        else "figures by their name's ending, which this one lacks")
+                raise CliError(f"{option} {path}: matplotlib writes {what}; end the name in "
                                ".png, .pdf or .svg (or one of "
                                f"{', '.join('.' + f for f in sorted(formats))})")
         if path.is_dir():
