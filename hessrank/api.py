@@ -7,6 +7,7 @@ import difflib
 import functools
 import inspect
 import numbers
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -462,8 +463,8 @@ def effective_rank(
                                 "same function), or use method='fisher' or 'ggn'") from error
                         if not isinstance(problem, StreamedProblem):  # (the survey checks those)
                             refuse_target_dtype_of(problem, error)
-                        if "type" in str(error).lower():  # dtypes that do not meet: the cause
-                            # (a Gram rule's product of float32 gradients and the bfloat16
+                        if _DTYPE_MISMATCH.search(str(error)):  # dtypes that do not meet: the
+                            # cause (a Gram rule's product of float32 gradients and the bfloat16
                             # inputs that autocast inside forward gives a module; probe 138)
                             cause = lower_precision_cause(problem, 0.0, with_loss=True)
                             if cause:
@@ -494,6 +495,11 @@ def effective_rank(
 
 #: torch's message where a reentrant checkpoint meets ``torch.autograd.grad``.
 _REENTRANT_CHECKPOINT = "use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()"
+
+
+#: torch's refusals of operands of two dtypes, naming a floating one in its C++ spelling
+#: ("expected m1 and m2 to have the same dtype, but got: c10::BFloat16 != float").
+_DTYPE_MISMATCH = re.compile(r"(?i)(dtype|scalar type).*\b(bfloat16|half|float|double)\b")
 
 
 def _check_gap(magnitudes: np.ndarray, k: int, rounding: float, chosen: str) -> None:

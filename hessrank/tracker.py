@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 import hessrank
 from hessrank.api import checked_request, effective_rank
@@ -649,9 +648,17 @@ def _default_log_sink() -> JsonLinesSink:
         try:
             return JsonLinesSink(candidate, new=True)
         except FileExistsError:
-            if _abandoned(candidate):  # tried again, made afresh
-                candidate.unlink(missing_ok=True)
-                continue
+            if _abandoned(candidate):
+                # taken where it is, under the sink's own lock (not removed and made again: a
+                # process that took it in between had written to a file then unlinked, its
+                # records lost; probe 139)
+                try:
+                    sink = JsonLinesSink(candidate)
+                except OSError:  # another process has taken it since
+                    pass
+                else:
+                    sink._made = True  # removed at close if it gets no record, as if made
+                    return sink
             candidate = DEFAULT_LOG.with_name(f"{DEFAULT_LOG.stem}-{k}{DEFAULT_LOG.suffix}")
             k += 1
 
@@ -751,6 +758,26 @@ def _check_options(options: Mapping[str, Any], where: str, methods: Sequence[str
         raise ValueError(
             f"{where}: {', '.join(foreign)} not an option of {' or '.join(methods)}, which "
             f"would ignore it ({takers}; {own}): give it to a method that takes it, or drop it")
+
+
+def _own_copy(value: Any) -> Any:
+    """``value`` with every tensor in it detached and copied: tuples and lists as such, any
+    mapping (HuggingFace's ``BatchEncoding``, a ``UserDict`` that torch's tree functions take
+    for a leaf; probe 139) as a dict, which the analysis reads alike; anything else as is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {key: _own_copy(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        items = [_own_copy(item) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def _versions(model: nn.Module) -> int:
+    """The sum of the parameters' version counters, which every in-place update (an optimizer
+    step) raises: unchanged, no update happened."""
+    return sum(param._version for param in model.parameters())
 
 
 def _check_values(loss_fn: Callable[..., Any], method: str, per_layer: bool,
@@ -1005,13 +1032,13 @@ class Tracker:
         # its own copy of a pair: data a training loop modifies in place (a task switch that
         # permutes the inputs) had changed the "fixed" batch between measurements (probe 137)
         self.eval_batch = (eval_batch if eval_batch is None or is_batch_stream(eval_batch)
-                           else tree_map(lambda value: value.detach().clone()
-                                         if isinstance(value, torch.Tensor) else value,
-                                         tuple(eval_batch)))
+                           else _own_copy(tuple(eval_batch)))
         self.records: list[dict[str, Any]] = []
         self._clock = clock
         self._next_step = 0
         self._last_step: int | None = None  # the last step counted by step()
+        #: the parameters' versions (their in-place updates) at the last step() with step=
+        self._last_versions: int | None = None
         self._counted = 0  # step() calls so far (updates of the model, as far as we know)
         #: method -> the step of its last record and the step() calls before it
         self._recorded: dict[str, tuple[int, int]] = {}
@@ -1086,8 +1113,9 @@ class Tracker:
             step: the step's number (e.g. a global step: an ``int``, a NumPy integer or a
                 one-element integer tensor); default: one more than the last (on a log
                 appended to, one more than its last record's, with a warning: pass it there).
-                A call with the last call's ``step`` (the micro-batches of gradient
-                accumulation) is that step again: not counted, not measured.
+                A call with the last call's ``step`` and no parameter updated since (the
+                micro-batches of gradient accumulation) is that step again: not counted, not
+                measured.
 
         Returns:
             The measurements taken (one per method), or ``[]`` when not due.
@@ -1105,11 +1133,15 @@ class Tracker:
                 raise TypeError("step() needs the batch, or create the Tracker with eval_batch=")
             _check_batch(batch, "batch")
         index = self._next_step if step is None else _step_number(step, "step")
-        if step is not None and index == self._last_step:
+        versions = None if step is None else _versions(self.model)
+        if step is not None and index == self._last_step and versions == self._last_versions:
             # another micro-batch of the step counted last (gradient accumulation): no update
             # since, so neither a step to count nor a model to measure again (each had been
-            # measured once per micro-batch, warned of as two models at one step; probe 137)
+            # measured once per micro-batch, warned of as two models at one step; probe 137).
+            # A parameter updated since makes it a training step, warned of when measured
+            # (a step= per epoch, given at every batch, had been dropped silently; probe 139)
             return []
+        self._last_versions = versions
         if self._counted == 0 and step is None and any(
                 isinstance(sink, JsonLinesSink) and sink.append and sink.next_step > 0
                 for sink in self.sinks):
@@ -1264,7 +1296,7 @@ class Tracker:
             warnings.warn(
                 f"hessrank.Tracker: {method} measured {sizes[1]} samples at step {step}, "
                 f"{last[1]} at its last record: ranks bounded by the samples (fisher's by n) "
-                "and every estimate move with the batch, not only with the curvature "
+                "and every estimate move with the batch, not with the curvature alone "
                 "(hessrank plot breaks the line there); eval_batch= measures the same samples "
                 "every time (said once)", RuntimeWarning, stacklevel=_user_stacklevel())
 

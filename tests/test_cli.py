@@ -1137,10 +1137,11 @@ def test_the_summary_averages_the_seeds_every_method_finished() -> None:
 
 
 def test_plot_breaks_lines_at_another_configuration_and_marks_failures(tmp_path: Path) -> None:
-    """A layer frozen (num_params), a batch of another size (num_samples) or a failed
-    measurement between two records had been drawn as one line, whose jump read as the
-    curvature's; a signed top eigenvalue had switched the panel to a linear axis, flat under
-    one large value (probe 137)."""
+    """A layer frozen (num_params) or a failed measurement between two records had been drawn
+    as one line, whose jump read as the curvature's, and a batch of another size
+    (num_samples) as any point; a signed top eigenvalue had switched the panel to a linear
+    axis, flat under one large value (probe 137). Now the line breaks, the failure is a dotted
+    line at its step, the points on other samples are hollow, and the axis symmetric-log."""
     from hessrank.cli.plot import build_figure, read_run
 
     def record(step: int, rank: int, top: float, params: int = 40, samples: int = 8) -> dict:
@@ -1150,15 +1151,18 @@ def test_plot_breaks_lines_at_another_configuration_and_marks_failures(tmp_path:
     log = tmp_path / "c.jsonl"
     lines = [record(0, 5, 2.0), record(2, 6, -0.5), {"step": 3, "method": "fisher",
                                                       "error": "ValueError: no"},
-             record(4, 6, 1e6), record(6, 3, 3.0, params=20), record(8, 7, 2.0, samples=16),
-             record(10, 7, 2.0, samples=16)]
+             record(4, 6, 1e6), record(6, 3, 3.0, params=20),
+             record(8, 7, 2.0, params=20, samples=16),
+             record(10, 7, 2.0, params=20, samples=16)]
     log.write_text("".join(json.dumps(line) + "\n" for line in lines))
     fig = build_figure([read_run(log)])
     rank_axes, top_axes = fig.axes
-    (line, failed) = rank_axes.get_lines()
-    assert list(line.get_xdata()) == [0, 2, 3, 4, 5, 6, 7, 8, 10]
+    (line, failed, other) = rank_axes.get_lines()
+    assert list(line.get_xdata()) == [0, 2, 3, 4, 5, 6, 8, 10]
     values = list(line.get_ydata())
-    assert [i for i, v in enumerate(values) if np.isnan(v)] == [2, 4, 6]
+    assert [i for i, v in enumerate(values) if np.isnan(v)] == [2, 4]
     assert [v for v in values if not np.isnan(v)] == [5, 6, 6, 3, 7, 7]
     assert failed.get_label() == "fisher failed" and list(failed.get_xdata()) == [3, 3]
+    assert other.get_label() == "fisher on other than 8 samples"
+    assert (list(other.get_xdata()), list(other.get_ydata())) == ([8, 10], [7, 7])
     assert top_axes.get_yscale() == "symlog"

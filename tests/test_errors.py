@@ -461,6 +461,17 @@ class _TemperedLoss(nn.Module):
         return CE(outputs / self.temperature, targets)
 
 
+class _Regularised(nn.Module):
+    """Cross-entropy plus an L2 penalty on the model it holds."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, outputs, targets):
+        return CE(outputs, targets) + sum((p**2).sum() for p in self.model.parameters())
+
+
 @pytest.mark.parametrize("method", hessrank.METHODS)
 def test_a_loss_s_own_parameters_are_held_fixed_and_noted(method):
     """A loss module's trainable parameters are not the model's: the curvature holds them fixed
@@ -474,6 +485,11 @@ def test_a_loss_s_own_parameters_are_held_fixed_and_noted(method):
     constant = hessrank.effective_rank(model, lambda out, t: CE(out / 2.0, t), batch, method)
     np.testing.assert_allclose(tempered.eigenvalues, constant.eigenvalues, rtol=1e-10,
                                atol=1e-12 * abs(constant.eigenvalues[0]))
+    if method in ("exact", "lanczos"):  # a regulariser that holds the model: its parameters
+        # are the model's, analysed (they had been said to be held fixed; probe 139)
+        regularised = _Regularised(model)
+        notes = hessrank.effective_rank(model, regularised, batch, method).notes
+        assert not any("loss_fn's own" in note for note in notes), notes
 
 
 class _RandomForward(nn.Module):
@@ -1290,10 +1306,12 @@ BAD_INPUTS = [
     ("an input forward does not take", {"inputs": lambda x: (x, x)}, TypeError,
      r"Sequential.forward 2 positional inputs, and it takes 1 \(input\): a batch is"),
     # torch's own "grad can be implicitly created only for real scalar outputs" (probe 133)
-    *((f"a complex loss ({method})",
-       {"loss": lambda out, t: CE(out, t).to(torch.complex64), "method": method}, ValueError,
-       r"returned a torch.complex64 loss: a Hessian needs a real loss.*loss.abs\(\) \*\* 2")
-      for method in hessrank.METHODS),
+    *((f"a complex loss ({method}, {part})",
+       {"loss": lambda out, t, part=part: CE(out, t) * torch.tensor(part), "method": method},
+       ValueError, r"returned a torch.complex(64|128) loss: a Hessian needs a real loss.*"
+       r"loss.abs\(\) \*\* 2")
+      # (an imaginary part had failed first, where the loss's value is read; probe 139)
+      for method in hessrank.METHODS for part in (1 + 0j, 1 + 1j)),
 ]
 
 
@@ -1848,11 +1866,15 @@ def test_outputs_and_targets_that_broadcast_are_named(method, loss_fn):
         if method.startswith("fisher"):
             _check(model, lambda: hessrank.effective_rank(model, loss_fn, (x, y), method=method),
                    ValueError, rf"weights depend on the model's outputs.*{shapes}.*"
-                   r"targets\.unsqueeze\(-1\)")
+                   r"targets\.view_as\(outputs\)")
             return
         result = hessrank.effective_rank(model, loss_fn, (x, y), method=method)
     assert any(re.match(rf"{shapes}.*that of the loss as written", note)
                for note in result.notes), result.notes
+    # a loss that pairs them itself (squeezing the outputs) gets no such note (probe 139)
+    squeezed = hessrank.effective_rank(
+        model, lambda out, t: ((out.squeeze(-1) - t) ** 2).mean(), (x, y), method=method)
+    assert not any("broadcast" in note for note in squeezed.notes), squeezed.notes
 
 
 @pytest.mark.parametrize("method", ["fisher", "ggn"])

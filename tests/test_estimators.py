@@ -1626,6 +1626,8 @@ def test_an_estimator_or_rule_that_leaves_out_a_trait_is_refused_by_name():
         register(Unordered)
     with pytest.raises(TypeError, match=r"the name 'exact' is Exact's; give it another"):
         register(type("Again", (Exact,), {}))
+    register(Exact)  # the same class again (a module reloaded): it replaces itself
+    assert type(ESTIMATORS["exact"]) is Exact
     assert "unordered" not in ESTIMATORS and not Estimator.listed
 
     class Nameless(GramRule):

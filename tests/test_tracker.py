@@ -1187,7 +1187,14 @@ def test_the_micro_batches_of_one_step_are_measured_once(tmp_path: Path) -> None
                 for micro in range(3):
                     taken = tracker.step((x[micro::3], y[micro::3]), step=step)
                     assert (taken != []) == (step % 2 == 0 and micro == 0)
-    assert [r["step"] for r in _read(tmp_path / "c.jsonl")] == [0, 2]
+            # a parameter updated since: another model at that step, measured and warned of
+            # (a step= per epoch given at every batch had been dropped silently; probe 139)
+            assert tracker.step((x[::3], y[::3]), step=4) != []
+            with torch.no_grad():
+                tracker.model[0].weight.mul_(1.0)
+            with pytest.warns(RuntimeWarning, match="two models at one step"):
+                assert tracker.step((x[::3], y[::3]), step=4) != []
+    assert [r["step"] for r in _read(tmp_path / "c.jsonl")] == [0, 2, 4, 4]
 
 
 def test_a_resumed_log_counted_without_step_numbers_is_warned_of(tmp_path: Path) -> None:

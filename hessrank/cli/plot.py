@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,35 +39,58 @@ class Run:
     cut_line: int | None = None
 
     def methods(self) -> list[str]:
-        """Methods in order of first appearance."""
-        return list(dict.fromkeys(r["method"] for r in self.records))
+        """Methods in order of first appearance, those that only failed last."""
+        return list(dict.fromkeys(r["method"] for r in (*self.records, *self.failures)))
 
     def series(self, method: str, key: str, layer: str | None = None) -> tuple[list, list]:
-        """Steps and values of ``key`` (a layer's, if given) for ``method``, in step order;
-        missing or null values are left out, and the line breaks (a NaN midway) between two
-        records of another configuration (``num_params``: a layer frozen; ``num_samples``: a
-        batch of another size) or with a failure of the method between them: joined, their
-        jump had read as the curvature's (probe 137)."""
-        points = []
-        for record in self.records:
+        """Steps and values of ``key`` (a layer's, if given) for ``method``, in step order (see
+        :meth:`points`)."""
+        def value(record: dict[str, Any]) -> float | None:
             source = record if layer is None else record.get("layers", {}).get(layer, {})
-            value = source.get(key)
-            if record["method"] == method and value is not None:
-                points.append((record["step"], float(value),
-                               (record.get("num_params"), record.get("num_samples"))))
-        points.sort(key=lambda point: point[0])
+            return None if source.get(key) is None else float(source[key])
+        return self.points(method, value, math.nan)
+
+    def points(self, method: str, read: Callable[[dict[str, Any]], Any],
+               gap: Any) -> tuple[list, list]:
+        """Steps and ``read(record)`` of ``method``'s records, in step order; records it reads
+        None from are left out, and ``gap`` (a NaN, where matplotlib breaks a line or a band)
+        goes midway between two records of another number of parameters (a layer frozen) or
+        with a failure of the method between them: joined, their jump had read as the
+        curvature's (probe 137)."""
+        points = [(record["step"], read(record), record.get("num_params"))
+                  for record in self.records if record["method"] == method]
+        points = sorted((p for p in points if p[1] is not None), key=lambda p: p[0])
         failed = [r["step"] for r in self.failures if r["method"] == method]
         steps: list[float] = []
-        values: list[float] = []
-        for index, (step, value, configuration) in enumerate(points):
+        values: list[Any] = []
+        for index, (step, value, size) in enumerate(points):
             if index:
                 before, _, was = points[index - 1]
-                if configuration != was or any(before < f < step for f in failed):
+                if size != was or any(before < f < step for f in failed):
                     steps.append((before + step) / 2)
-                    values.append(math.nan)
+                    values.append(gap)
             steps.append(step)
             values.append(value)
         return steps, values
+
+    def other_samples(self, method: str, key: str,
+                      layer: str | None = None) -> tuple[list, list, int]:
+        """The steps and values of ``method``'s records whose ``num_samples`` is not its most
+        common one, and that one: their ranks move with the batch (a boundary measurement on
+        twice the samples had read as a spike of the curvature; probe 137)."""
+        counts: dict[int, int] = {}
+        for record in self.records:
+            if record["method"] == method and record.get("num_samples") is not None:
+                counts[record["num_samples"]] = counts.get(record["num_samples"], 0) + 1
+        common = max(counts, key=lambda n: counts[n]) if counts else 0
+        steps, values = [], []
+        for record in self.records:
+            source = record if layer is None else record.get("layers", {}).get(layer, {})
+            if (record["method"] == method and source.get(key) is not None
+                    and record.get("num_samples", common) != common):
+                steps.append(record["step"])
+                values.append(float(source[key]))
+        return steps, values, common
 
 
 def _is_number(value: object) -> bool:
@@ -175,30 +199,34 @@ def _draw(axes: Axes, runs: list[Run], key: str, layer: str | None = None) -> No
     for run in runs:
         for method in run.methods():
             steps, values = run.series(method, key, layer)
-            if not steps:
-                continue
-            drawn.extend(steps)
+            failed = sorted({r["step"] for r in run.failures if r["method"] == method})
+            drawn.extend([*steps, *failed])
             label = method if len(runs) == 1 else f"{run.name}: {method}"
             if key in ("rank", "srank") and len(_thresholds(runs)) > 1:
                 label += f" at {', '.join(map(str, _thresholds([run], method)))}"
-            (line,) = axes.plot(steps, values, label=label, **styles[run.name, method])
-            failed = sorted({r["step"] for r in run.failures if r["method"] == method})
-            for index, step in enumerate(failed):
-                axes.axvline(step, color=line.get_color(), linestyle=":", linewidth=1.0,
+            style = styles[run.name, method]
+            if steps:
+                axes.plot(steps, values, label=label, **style)
+            for index, step in enumerate(failed):  # (a method that only failed, too)
+                axes.axvline(step, color=style["color"], linestyle=":", linewidth=1.0,
                              alpha=0.7, label=f"{label} failed" if index == 0 else None)
+            other, other_values, common = run.other_samples(method, key, layer)
+            if other:
+                axes.plot(other, other_values, linestyle="none", marker=style["marker"],
+                          markersize=style["markersize"] + 3, markerfacecolor="white",
+                          markeredgecolor=style["color"],
+                          label=f"{label} on other than {common} samples")
             if key in INTERVALS:
                 # a layer's too: its line alone read 519 for an exact 268 (probe 67); the
                 # numerical rank's: its line read 1209 -> 167, its interval about [69, 1210]
-                # (probe 85)
-                sources = [(r["step"], r if layer is None else r.get("layers", {}).get(layer, {}))
-                           for r in run.records if r["method"] == method]
-                bands = [(step, *source[INTERVALS[key]]) for step, source in sources
-                         if source.get(INTERVALS[key])]
-                if bands:
-                    bands.sort()
-                    axes.fill_between([b[0] for b in bands], [b[1] for b in bands],
-                                      [b[2] for b in bands], color=line.get_color(), alpha=0.15,
-                                      label=f"{label} interval")
+                # (probe 85); broken where the line is
+                def interval(record: dict[str, Any]) -> Any:
+                    source = record if layer is None else record.get("layers", {}).get(layer, {})
+                    return source.get(INTERVALS[key])
+                band_steps, bands = run.points(method, interval, [math.nan, math.nan])
+                if band_steps:
+                    axes.fill_between(band_steps, [b[0] for b in bands], [b[1] for b in bands],
+                                      color=style["color"], alpha=0.15, label=f"{label} interval")
     count_axis(axes, drawn)
     axes.set_xlabel("step")
     axes.grid(alpha=0.3)
@@ -244,8 +272,11 @@ def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Fi
     if tops and min(tops) > 0:
         top_axes.set_yscale("log")
     elif any(tops):  # a signed top (a Hessian's negative one): logarithmic on either side
-        # (a linear axis had flattened every run under one large value; probe 137)
-        top_axes.set_yscale("symlog", linthresh=min(abs(t) for t in tops if t))
+        # (a linear axis had flattened every run under one large value; probe 137), linear
+        # within a millionth of the largest (a top of -1e-8 had drawn 24 decades; probe 139)
+        largest = max(abs(t) for t in tops)
+        top_axes.set_yscale("symlog", linthresh=max(min(abs(t) for t in tops if t),
+                                                     1e-6 * largest))
     top_axes.set_ylabel("top eigenvalue")
     top_axes.set_title("top eigenvalue")
     for index, name in enumerate(names):

@@ -277,7 +277,8 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         except Exception as error:  # noqa: BLE001 - any failure of the loss in float64
             raise_if_signalled(error)
             if refused:  # float32's refusal stands, the cause of a cast named
-                _refuse_half_precision_loss(loss_fn, outputs, targets, "its per-sample gradients")
+                _refuse_half_precision_loss(loss_fn, outputs, targets, "its per-sample gradients",
+                                            read.mismatch)
                 raise _interacting_samples_error(read.mismatch, "") from error
             raise ValueError(
                 f"the weights of some samples cannot be read in {dtype} (their gradient in the "
@@ -293,7 +294,8 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             f"{int((~read.finite).nonzero()[0])}: the empirical Fisher of these outputs is "
             "undefined; check loss_fn at them (a log of zero, a division by zero)")
     if bool((mismatch > 1).any()):
-        _refuse_half_precision_loss(loss_fn, outputs, targets, "its per-sample gradients")
+        _refuse_half_precision_loss(loss_fn, outputs, targets, "its per-sample gradients",
+                                    mismatch)
         raise _interacting_samples_error(mismatch, "")
     # before the sign: weights that vary with the outputs can come out negative (outputs [n, 1]
     # against targets [n] under MSELoss broadcast to an [n, n] loss were said to weigh a
@@ -942,17 +944,22 @@ def lower_precision_in(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> tor
 
 
 def _refuse_half_precision_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                                read: str) -> None:
+                                read: str, mismatch: Tensor | None = None) -> None:
     """Raise where the loss computes in float16 or bfloat16 inside (a cast it keeps,
     :func:`kept_cast`), whose rounding explains ``read`` (what the empirical Fisher read of the
     loss) failing its checks: ``F.cross_entropy(f.bfloat16().float(), y)`` had been refused as
-    samples that interact (probe 138).
+    samples that interact (probe 138). ``mismatch``, where given (in units of the outputs'
+    dtype's rounding), must be within what that rounding explains, 64 times its relative
+    rounding: samples that truly interact had been blamed on the cast (probe 139).
 
     Raises:
         ValueError: naming the dtype and the fix.
     """
     lowered = lower_precision_in(loss_fn, outputs, targets)
     if lowered is None or kept_cast(lowered) is None:
+        return
+    explained = 64 * torch.finfo(lowered).eps / torch.finfo(outputs.dtype).eps
+    if mismatch is not None and float(mismatch.max()) > explained:
         return
     name = dtype_name(lowered)
     raise ValueError(

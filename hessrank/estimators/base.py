@@ -4,8 +4,9 @@ An estimator class declares, in one place:
 
 - ``name``, ``source`` (``"hessian"``, ``"ggn"``, ``"fisher"``) and ``solver`` (``"dense"``,
   ``"lanczos"``, ``"gram"``), a one-line ``summary`` and its ``listing_order`` (its place in
-  listings: ``hessrank.ALL_METHODS``, the CLI's); ``listed = True`` puts it among
-  ``hessrank.METHODS`` (the four of the paper, which the CLI compares by default);
+  listings: ``hessrank.estimators.ALL_METHODS``, the CLI's); ``listed = True`` puts it among
+  ``hessrank.METHODS`` (the four of the paper, which the CLI compares by default). Both lists
+  are made when ``hessrank.estimators`` is imported, which imports every estimator's module;
 - ``modes``: the ``mode=`` values it supports (``"eval"``, ``"train"``);
 - ``streams``: whether it passes over a data set (a ``DataLoader``) batch by batch;
 - ``layer_strategy``: how ``per_layer=True`` is answered (``"gram-blocks"``: the diagonal blocks of
@@ -15,7 +16,8 @@ An estimator class declares, in one place:
 - :meth:`Estimator.predict`: its memory (and, when asked, time) before any work;
 - :meth:`Estimator.run`: the work, returning a :class:`Spectrum`.
 
-:func:`register` adds a class to :data:`ESTIMATORS`; a new estimator is one module in this package.
+:func:`register` adds a class to :data:`ESTIMATORS`; a new estimator is one module in this package,
+imported in its ``__init__``.
 """
 
 from __future__ import annotations
@@ -336,14 +338,18 @@ def register(cls: type[Estimator]) -> type[Estimator]:
     Raises:
         TypeError: the class leaves out a trait of :data:`REQUIRED_TRAITS` (without it the
             package's import had failed on a bare ``AttributeError``; probe 136), or its
-            ``name`` is taken.
+            ``name`` is another class's.
     """
     missing = [trait for trait in REQUIRED_TRAITS if not hasattr(cls, trait)]
     if missing:
         raise TypeError(f"estimator {cls.__name__} does not declare {', '.join(missing)}: an "
                         f"estimator declares {', '.join(REQUIRED_TRAITS)} (see "
                         "hessrank.estimators.base)")
-    if cls.name in ESTIMATORS:
+    taken = ESTIMATORS.get(cls.name)
+    # (the same class defined again, a notebook cell run twice or a module reloaded, replaces
+    # itself; probe 139)
+    if taken is not None and (type(taken).__module__, type(taken).__qualname__) != (
+            cls.__module__, cls.__qualname__):
         raise TypeError(f"estimator {cls.__name__}: the name {cls.name!r} is "
                         f"{type(ESTIMATORS[cls.name]).__name__}'s; give it another")
     ESTIMATORS[cls.name] = cls()
