@@ -275,7 +275,9 @@ def effective_rank(
             in training mode on batch statistics, and one in eval mode (frozen) on its running
             statistics, named in a note (``exact``/``lanczos`` only; dropout must be off).
         max_memory: budget in bytes (> 0) for every method, checked against a prediction before
-            the work; over it, :class:`hessrank.BudgetError` (a ``ValueError``).
+            the work; over it, :class:`hessrank.BudgetError` (a ``ValueError``). The
+            prediction counts the call's tensors, not what a process's first call loads once
+            (code, lazily imported modules: tens of MiB).
         max_seconds: time budget (> 0), checked against a prediction before the work:
             ``exact`` and the Lanczos methods predict their time (a few timed matrix-vector
             products), the Gram methods (``fisher``, ``ggn``) that of their eigen-solves (a
@@ -294,8 +296,9 @@ def effective_rank(
             high-water mark (``VmHWM``), after returning the C allocator's free memory to the
             system (``malloc_trim``, whose page faults cost about 10 % of a fast ``fisher``
             call). On CPU the heap earlier work left moves the figure, either way (by tens of MiB
-            after a few calls; a fresh process measures the call alone). The prediction every
-            method checks against ``max_memory`` is made either way.
+            after a few calls), and a process's first call counts what it loads once (code,
+            lazily imported modules: 20-65 MiB). The prediction every method checks against
+            ``max_memory`` is made either way.
         process_group: a ``torch.distributed`` process group (``dist.group.WORLD``) for
             data-parallel analysis: every process of the group calls with the same model and
             options and its own shard of the batch (shards concatenated in rank order form the

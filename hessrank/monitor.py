@@ -166,10 +166,11 @@ class PeakMemory:
     memory it kept is reused unmeasured, holes it left push new blocks onto fresh pages (an
     LSTM's ``lanczos`` measured 118 MiB after a test suite's thousand calls, 205-220 MiB in fresh
     processes; ten other calls before it moved figures by up to 35 MiB). A fresh process gives
-    the call's own figure (as ``benchmarks/`` and the tests use). ``peak`` is None where neither
-    measure is available, or when not ``enabled``. Measuring resets process-wide state (the peak
-    statistic a training loop may read afterwards), which is why a library call measures only
-    when asked (``effective_rank(..., measure_memory=True)``).
+    the call's own figure (as ``benchmarks/`` and the tests use), with what its first call loads
+    once (code, lazily imported modules: 20-65 MiB on the CPU; ``benchmarks/`` warm up first).
+    ``peak`` is None where neither measure is available, or when not ``enabled``. Measuring
+    resets process-wide state (the peak statistic a training loop may read afterwards), which is
+    why a library call measures only when asked (``effective_rank(..., measure_memory=True)``).
     """
 
     def __init__(self, device: torch.device, enabled: bool = True) -> None:
