@@ -810,7 +810,9 @@ def test_a_baseline_before_the_first_step_is_step_minus_one_and_going_back_warns
         tracker.step(batch)
         tracker.measure(batch)  # the model step 0 counted, measured again
     assert [r["step"] for r in tracker.records] == [-1, 0, 0]
-    assert tracker.step(batch, step=0) == []  # the step just counted, again: a micro-batch
+    # (not a micro-batch of step 0: that step was counted without step=)
+    with pytest.warns(RuntimeWarning, match="recorded at step 0 after step 0 and a training"):
+        tracker.step(batch, step=0)
     tracker.step(batch)
     with pytest.warns(RuntimeWarning, match="recorded at step 0 after step 1 and a training "
                       "step: the log's steps go back"):
