@@ -1567,7 +1567,7 @@ def lower_precision_cause(problem: CurvatureProblem, error: float,
     without a word of it; probe 119; a loss widened to float64 is no cause, and was named as
     one, probe 120). One forward pass and its loss, watched operation by operation; an empty
     string when nothing runs at a lower precision, or when ``error`` is beyond what that
-    precision's rounding explains (the checks' tolerance for it)."""
+    precision's rounding explains (:func:`_explained`)."""
     stack: list[str] = []
 
     def entered(label: str) -> Callable[..., None]:
