@@ -425,8 +425,12 @@ def ritz_workspace_bytes(rows: int, dim: int, element: int) -> int:
     """Bytes :func:`ritz_vectors` holds beside an ``[rows, dim]`` basis of ``element``-byte
     entries: a block's product and the contiguous copy of its strided columns (up to 32 MiB
     in float32 that had been left out of the prediction: a ``ggn_lanczos`` run on an MLP of
-    P = 8,970 peaked at 2.2 times its budget; probe 106)."""
-    return 2 * element * min(RITZ_BLOCK_ELEMENTS, rows * dim)
+    P = 8,970 peaked at 2.2 times its budget; probe 106), and the coefficients: the
+    tridiagonal matrix's eigenvectors (``rows^2`` in float64), the converged ones picked from
+    them, their contiguous transpose and its cast, ``28 rows^2`` bytes at most (4 MiB at 632
+    rows, left out: small models' runs peaked at 1.2-1.3 times a budget set at their
+    prediction; probe 140)."""
+    return 2 * element * min(RITZ_BLOCK_ELEMENTS, rows * dim) + 28 * rows**2
 
 
 def ritz_vectors(rows: Tensor, coefficients: np.ndarray) -> Tensor:
