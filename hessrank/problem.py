@@ -1174,10 +1174,15 @@ def _read_batch(batch: object) -> tuple[tuple[Tensor, ...], dict[str, Tensor], T
                                         list[tuple[str, Tensor]]]:
     """The batch's form, sizes and values: ``(args, kwargs, targets, labelled tensors)``."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        labels = ([key for key in batch if key in _LABEL_NAMES]
+                  if isinstance(batch, Mapping) else [])
+        # (a HuggingFace-style batch, its labels among its inputs; probe 141)
+        split = (f": take the targets out, ({{k: v for k, v in batch.items() if k != "
+                 f"{labels[0]!r}}}, batch[{labels[0]!r}])" if labels else "")
         raise TypeError(
             "batch must be a pair (inputs, targets); inputs may be a tensor, a tuple of tensors "
             f"or a dict of tensors, got {type(batch).__name__}"
-            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "") + split
         )
     raw_inputs, targets = batch
     args, kwargs = _batch_tensors(raw_inputs)
@@ -1368,8 +1373,14 @@ def named_selection(model: nn.Module, params: Iterable[Tensor | str] | None) -> 
                                  "(pass the model's own nn.Parameter objects or their names)")
             wanted.add(by_id[id(item)])
         else:
+            # the usual slips (probe 141): an optimizer's groups, a module
+            fix = (": an optimizer's param_groups hold them under 'params', "
+                   "params=optimizer.param_groups[0]['params']" if isinstance(item, dict)
+                   and "params" in item else
+                   f": pass its parameters, params=list(module.parameters()) for that "
+                   f"{type(item).__name__}" if isinstance(item, nn.Module) else "")
             raise TypeError(f"params must contain parameters or their names, got "
-                            f"{type(item).__name__}")
+                            f"{type(item).__name__}{fix}")
     if not wanted:
         raise ValueError("params is empty: pass at least one parameter, or params=None for "
                          "all trainable ones")

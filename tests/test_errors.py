@@ -117,6 +117,17 @@ def test_unknown_parameter_name(setup):
 def test_bad_batch_structure(setup):
     model, x, y = setup
     _check(model, lambda: hessrank.effective_rank(model, CE, x), TypeError, r"\(inputs, targets\)")
+    # a HuggingFace-style batch, its labels among its inputs, is told how to split it (probe 141)
+    _check(model, lambda: hessrank.effective_rank(model, CE, {"input": x, "labels": y}),
+           TypeError, r"got dict: take the targets out, \(\{k: v for k, v in batch.items\(\) "
+                      r"if k != 'labels'\}, batch\['labels'\]\)")
+
+
+def test_gradient_overlap_with_no_eigenvector_is_refused(setup):
+    """k=0 had returned 0.0, the overlap with nothing, whatever the gradient (probe 141)."""
+    model, x, y = setup
+    _check(model, lambda: hessrank.gradient_overlap(model, CE, (x, y), k=0), ValueError,
+           r"k=0 asks for the overlap with no eigenvector.*k >= 1, or None")
 
 
 class _TwoInputs(nn.Module):
@@ -1305,6 +1316,13 @@ BAD_INPUTS = [
      r"\(outputs, targets\), in that order\)"),
     ("an input forward does not take", {"inputs": lambda x: (x, x)}, TypeError,
      r"Sequential.forward 2 positional inputs, and it takes 1 \(input\): a batch is"),
+    # the usual slips of a first hour (probe 141): each had been told the type alone
+    ("an optimizer's param_groups as params",
+     {"params": lambda model: torch.optim.SGD(model.parameters(), lr=0.1).param_groups},
+     TypeError, r"got dict: an optimizer's param_groups hold them under 'params', "
+                r"params=optimizer.param_groups\[0\]\['params'\]"),
+    ("a module in params", {"params": lambda model: [model[0]]}, TypeError,
+     r"got Linear: pass its parameters, params=list\(module.parameters\(\)\)"),
     # torch's own "grad can be implicitly created only for real scalar outputs" (probe 133)
     *((f"a complex loss ({method}, {part})",
        {"loss": lambda out, t, part=part: CE(out, t) * torch.tensor(part), "method": method},
