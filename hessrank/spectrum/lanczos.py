@@ -427,9 +427,9 @@ def ritz_workspace_bytes(rows: int, dim: int, element: int) -> int:
     in float32 that had been left out of the prediction: a ``ggn_lanczos`` run on an MLP of
     P = 8,970 peaked at 2.2 times its budget; probe 106), and the coefficients: the
     tridiagonal matrix's eigenvectors (``rows^2`` in float64), the converged ones picked from
-    them, their contiguous transpose and its cast, ``28 rows^2`` bytes at most (4 MiB at 632
-    rows, left out: small models' runs peaked at 1.2-1.3 times a budget set at their
-    prediction; probe 140)."""
+    them, their contiguous transpose and its cast, ``28 rows^2`` bytes at most (10.7 MiB at
+    632 rows, of which about 4 MiB are held at once; left out, small models' runs peaked at
+    1.2-1.3 times a budget set at their prediction; probe 140)."""
     return 2 * element * min(RITZ_BLOCK_ELEMENTS, rows * dim) + 28 * rows**2
 
 
