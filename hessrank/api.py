@@ -881,9 +881,6 @@ def gradient_overlap(
     _check_one_batch(batch, "gradient_overlap")
     if k is not None:
         check_count("k", k, "a count of eigenvectors", " (or None for the srank)")
-        if k == 0:  # (no eigenvector holds nothing: an overlap of 0 by definition; probe 141)
-            raise ValueError("k=0 asks for the overlap with no eigenvector, 0 whatever the "
-                             "gradient: give k >= 1, or None for the srank")
     settings = _settings(threshold, None, max_memory, None, 0, False, False, eigenvectors=1)
     with (ExitsHeldBack() as exits, preserved_state(model), differentiable(model),
           loss_evaluations(loss_fn), exits.from_here()):

@@ -123,13 +123,6 @@ def test_bad_batch_structure(setup):
                       r"if k != 'labels'\}, batch\['labels'\]\)")
 
 
-def test_gradient_overlap_with_no_eigenvector_is_refused(setup):
-    """k=0 had returned 0.0, the overlap with nothing, whatever the gradient (probe 141)."""
-    model, x, y = setup
-    _check(model, lambda: hessrank.gradient_overlap(model, CE, (x, y), k=0), ValueError,
-           r"k=0 asks for the overlap with no eigenvector.*k >= 1, or None")
-
-
 class _TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()
