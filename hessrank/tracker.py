@@ -1297,7 +1297,7 @@ class Tracker:
                 f"hessrank.Tracker: {method} measured {sizes[1]} samples at step {step}, "
                 f"{last[1]} at its last record: ranks bounded by the samples (fisher's by n) "
                 "and every estimate move with the batch, not with the curvature alone "
-                "(hessrank plot breaks the line there); eval_batch= measures the same samples "
+                "(hessrank plot draws those points hollow); eval_batch= measures the same samples "
                 "every time (said once)", RuntimeWarning, stacklevel=_user_stacklevel())
 
     def close(self) -> None:

@@ -46,8 +46,8 @@ class Run:
         """Steps and values of ``key`` (a layer's, if given) for ``method``, in step order (see
         :meth:`points`)."""
         def value(record: dict[str, Any]) -> float | None:
-            source = record if layer is None else record.get("layers", {}).get(layer, {})
-            return None if source.get(key) is None else float(source[key])
+            found = _source(record, layer).get(key)
+            return None if found is None else float(found)
         return self.points(method, value, math.nan)
 
     def points(self, method: str, read: Callable[[dict[str, Any]], Any],
@@ -85,12 +85,17 @@ class Run:
         common = max(counts, key=lambda n: counts[n]) if counts else 0
         steps, values = [], []
         for record in self.records:
-            source = record if layer is None else record.get("layers", {}).get(layer, {})
-            if (record["method"] == method and source.get(key) is not None
+            found = _source(record, layer).get(key)
+            if (record["method"] == method and found is not None
                     and record.get("num_samples", common) != common):
                 steps.append(record["step"])
-                values.append(float(source[key]))
+                values.append(float(found))
         return steps, values, common
+
+
+def _source(record: dict[str, Any], layer: str | None) -> dict[str, Any]:
+    """The record's numbers, or those of its ``layer`` (empty where it has none)."""
+    return record if layer is None else record.get("layers", {}).get(layer, {})
 
 
 def _is_number(value: object) -> bool:
@@ -221,8 +226,7 @@ def _draw(axes: Axes, runs: list[Run], key: str, layer: str | None = None) -> No
                 # numerical rank's: its line read 1209 -> 167, its interval about [69, 1210]
                 # (probe 85); broken where the line is
                 def interval(record: dict[str, Any]) -> Any:
-                    source = record if layer is None else record.get("layers", {}).get(layer, {})
-                    return source.get(INTERVALS[key])
+                    return _source(record, layer).get(INTERVALS[key])
                 band_steps, bands = run.points(method, interval, [math.nan, math.nan])
                 if band_steps:
                     axes.fill_between(band_steps, [b[0] for b in bands], [b[1] for b in bands],

@@ -961,11 +961,16 @@ def _refuse_half_precision_loss(loss_fn: LossFn, outputs: Tensor, targets: Tenso
     explained = 64 * torch.finfo(lowered).eps / torch.finfo(outputs.dtype).eps
     if mismatch is not None and float(mismatch.max()) > explained:
         return
-    name = dtype_name(lowered)
     raise ValueError(
-        f"the loss computes in {name} inside (a cast such as {_cast_call(lowered)}), whatever "
-        f"the outputs' precision, and {read} carry {name}'s rounding (about 3 digits), beyond "
-        f"what the empirical Fisher's checks allow; {_remove_the_cast(lowered)}")
+        f"{_computes_inside(lowered)}, and {read} carry {dtype_name(lowered)}'s rounding (about "
+        f"3 digits), beyond what the empirical Fisher's checks allow; "
+        f"{_remove_the_cast(lowered)}")
+
+
+def _computes_inside(lowered: torch.dtype) -> str:
+    """What a loss that computes in ``lowered`` inside, whatever its outputs' dtype, is told."""
+    return (f"the loss computes in {dtype_name(lowered)} inside (a cast such as "
+            f"{_cast_call(lowered)}), whatever the outputs' precision")
 
 
 def _cast_call(dtype: torch.dtype) -> str:
@@ -1134,9 +1139,8 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         name = dtype_name(lowered)
         raise ValueError(
             f"the loss's Hessian w.r.t. the outputs is block-diagonal per sample only to "
-            f"{name}'s rounding (relative mismatch {error.mismatch:.2e}): the loss computes in "
-            f"{name} inside (a cast such as {_cast_call(lowered)}), whatever the outputs' "
-            f"precision; {_remove_the_cast(lowered)}") from error
+            f"{name}'s rounding (relative mismatch {error.mismatch:.2e}): "
+            f"{_computes_inside(lowered)}; {_remove_the_cast(lowered)}") from error
     if found is None:
         raise _linear_loss_error()
     blocks = _symmetric(found)

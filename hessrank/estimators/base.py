@@ -351,7 +351,7 @@ def register(cls: type[Estimator]) -> type[Estimator]:
     if taken is not None and (type(taken).__module__, type(taken).__qualname__) != (
             cls.__module__, cls.__qualname__):
         raise TypeError(f"estimator {cls.__name__}: the name {cls.name!r} is "
-                        f"{type(ESTIMATORS[cls.name]).__name__}'s; give it another")
+                        f"{type(taken).__name__}'s; give it another")
     ESTIMATORS[cls.name] = cls()
     return cls
 
