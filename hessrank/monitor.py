@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 
 import torch
@@ -70,8 +72,8 @@ class Reporter:
     ``progress`` is ``False`` (silent), ``True`` (a bar of its own on stderr), a
     ``rich.progress.Progress`` that tasks are added to (so a CLI can show them in its own
     display), or ``None``: a bar of its own once a task has run
-    :data:`AUTO_PROGRESS_SECONDS`, where someone may watch stderr (:func:`_watched`), shown at
-    the task's next step (a task of one step shows none).
+    :data:`AUTO_PROGRESS_SECONDS`, where someone may watch stderr (:func:`_watched`), shown
+    then even while a single step blocks (an eigen-solve: elapsed time and a spinner).
     """
 
     def __init__(self, progress: bool | Progress | None = False) -> None:
@@ -80,8 +82,9 @@ class Reporter:
         self._automatic = progress is None
 
     @contextmanager
-    def task(self, description: str, total: int) -> Iterator[Advance]:
-        """A progress task of ``total`` units; yields ``advance(k)``."""
+    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        """A progress task of ``total`` units (None: one blocking piece of work whose length is
+        not counted, shown by its elapsed time); yields ``advance(k)``."""
         if self._automatic:
             if not _watched():
                 yield lambda k: None
@@ -102,28 +105,49 @@ class Reporter:
                 if self._external is not None:
                     progress.remove_task(task_id)
 
+    def solving(self, size: int) -> AbstractContextManager[Advance]:
+        """The task of one dense eigen-solve of a ``size x size`` matrix: a blocking step (tens
+        of seconds from a few thousand rows on a CPU), shown by its elapsed time."""
+        return self.task(f"eigen-solve ({size:,} x {size:,})", None)
+
     @staticmethod
     @contextmanager
-    def _delayed(description: str, total: int) -> Iterator[Advance]:
-        """A bar counted from the start, displayed from the first step after
-        :data:`AUTO_PROGRESS_SECONDS` (its ETA from the whole task's pace)."""
+    def _delayed(description: str, total: int | None) -> Iterator[Advance]:
+        """A bar counted from the start, displayed :data:`AUTO_PROGRESS_SECONDS` after it (its ETA
+        from the whole task's pace): by a timer, so that a step that blocks (an 8,522 x 8,522
+        eigen-solve ran 37 s with nothing on the screen; probe 141) is shown too, and at a step
+        that comes later than that."""
         bar = progress_bar(transient=True)
         task_id = bar.add_task(description, total=total)
         started = time.perf_counter()
-        shown = False
+        lock = threading.Lock()
+        shown = finished = False
+
+        def show() -> None:
+            nonlocal shown
+            with lock:
+                if not shown and not finished:
+                    bar.start()
+                    shown = True
+
+        timer = threading.Timer(AUTO_PROGRESS_SECONDS, show)
+        timer.daemon = True
+        if math.isfinite(AUTO_PROGRESS_SECONDS):
+            timer.start()
 
         def advance(k: int) -> None:
-            nonlocal shown
             bar.advance(task_id, k)
             if not shown and time.perf_counter() - started >= AUTO_PROGRESS_SECONDS:
-                bar.start()
-                shown = True
+                show()
 
         try:
             yield advance
         finally:
-            if shown:
-                bar.stop()
+            timer.cancel()
+            with lock:
+                finished = True
+                if shown:
+                    bar.stop()
 
 
 def _status_bytes(field: str) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 
 import pytest
 import torch
@@ -145,3 +146,62 @@ def test_a_lanczos_bar_says_the_total_it_counts_to(monkeypatch: pytest.MonkeyPat
     ((label, total),) = [(label, total) for label, total in added if label.startswith("lanczos")]
     counts = [int(number) for number in re.findall(r"\d+", label)]
     assert len(counts) == 2 and sum(counts) == total, (label, total)
+
+
+def test_a_blocking_step_is_shown_without_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default a task is shown once it has run the threshold even while one step blocks: an
+    8,522 x 8,522 eigen-solve ran 37 s with nothing on the screen (the bar had waited for a step
+    to come; probe 141)."""
+    started = threading.Event()
+    original = monitor.progress_bar
+
+    def recording(**options: object) -> object:
+        bar = original(**options, disable=True)
+        start = bar.start
+
+        def started_now() -> None:
+            start()
+            started.set()
+
+        bar.start = started_now  # type: ignore[method-assign]
+        return bar
+
+    monkeypatch.setattr(monitor, "progress_bar", recording)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(monitor, "AUTO_PROGRESS_SECONDS", 0.0)
+    with monitor.Reporter(None).solving(8522):
+        assert started.wait(timeout=30)  # shown while the step is still running
+    started.clear()
+    monkeypatch.setattr(monitor, "AUTO_PROGRESS_SECONDS", float("inf"))
+    with monitor.Reporter(None).solving(8522):
+        pass
+    assert not started.is_set()
+
+
+@pytest.mark.parametrize(("method", "options"), [
+    ("exact", {}), ("exact", {"eigenvectors": 2}), ("ggn", {}), ("fisher", {"eigenvectors": 2}),
+    ("ggn", {"per_layer": True})])
+def test_the_eigen_solve_has_a_task_of_its_own(monkeypatch: pytest.MonkeyPatch, method: str,
+                                               options: dict[str, object]) -> None:
+    """The dense eigen-solve, the longest single step of the dense methods, is a task named with
+    the matrix's size (it had run inside the previous bar's last step, or after it)."""
+    added: list[tuple[str, object]] = []
+    original = monitor.progress_bar
+
+    def recording(**options: object) -> object:
+        bar = original(**options, disable=True)
+        add_task = bar.add_task
+
+        def add(description: str, **kwargs: object) -> object:
+            added.append((description, kwargs.get("total")))
+            return add_task(description, **kwargs)
+
+        bar.add_task = add  # type: ignore[method-assign]
+        return bar
+
+    monkeypatch.setattr(monitor, "progress_bar", recording)
+    result = _call(method, progress=True, **options)
+    size = {"exact": result.num_params, "ggn": 16 * 2, "fisher": 16}[method]
+    assert (f"eigen-solve ({size} x {size})", None) in added, added
+    if options.get("per_layer"):
+        assert ("eigen-solves of 2 layers' Gram matrices", 2) in added, added

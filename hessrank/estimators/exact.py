@@ -140,12 +140,14 @@ class Exact(Estimator):
         # symmetric rounding up to 4.5 times it, probe 132): eight times that
         spectrum = Spectrum(np.empty(0), "autograd", max_rank=dim, num_hvps=dim * batches,
                             notes=notes, rounding=8 * measured[-1])
+        with settings.reporter.solving(dim):
+            if settings.eigenvectors:
+                spectrum.eigenvalues, vectors = symmetric_eigenpairs(hessian)
+            else:
+                spectrum.eigenvalues = symmetric_eigenvalues(hessian)
         if settings.eigenvectors:
-            spectrum.eigenvalues, vectors = symmetric_eigenpairs(hessian)
             spectrum.eigenvectors = vectors[:, : settings.eigenvectors].T.contiguous()
             if settings.eigenvectors > dim:
                 notes.append(eigenvector_note(dim, settings.eigenvectors,
                                               f"the Hessian has P = {dim} eigenvalues"))
-        else:
-            spectrum.eigenvalues = symmetric_eigenvalues(hessian)
         return spectrum

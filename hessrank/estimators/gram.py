@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -179,17 +180,21 @@ class GramEstimator(Estimator):
         # of the factorisation (rounding), not eigenvalues of the P x P matrix.
         layer_caps = {group: min(size, sum(named[nm].numel() for nm in groups[group]))
                       for group in groups if group in accumulator.groups}
-        layers = {
-            group: Spectrum(symmetric_eigenvalues(accumulator.groups[group])[:layer_cap],
-                            _backend(result, groups[group]), max_rank=layer_cap)
-            for group, layer_cap in layer_caps.items()
-        }
+        layers: dict[str, Spectrum] = {}
+        with (settings.reporter.task(f"eigen-solves of {len(layer_caps)} layers' Gram matrices",
+                                     len(layer_caps)) if layer_caps else nullcontext(_no_step)
+              ) as advance:
+            for group, layer_cap in layer_caps.items():
+                layers[group] = Spectrum(
+                    symmetric_eigenvalues(accumulator.groups[group])[:layer_cap],
+                    _backend(result, groups[group]), max_rank=layer_cap)
+                advance(1)
         eigenvectors = None
         if settings.eigenvectors:
             # rows for the spectrum's cap eigenvalues at most (a Gram larger than P had given
             # zero rows beyond it, paired with no eigenvalue; probe 105)
             eigenvalues, eigenvectors = self._eigenpairs(
-                problem, total, min(settings.eigenvectors, cap), cotangents_of)
+                problem, total, min(settings.eigenvectors, cap), cotangents_of, settings)
             found = int((eigenvectors.abs().amax(dim=1) > 0).sum())
             if found < settings.eigenvectors:
                 notes.append(eigenvector_note(
@@ -197,7 +202,8 @@ class GramEstimator(Estimator):
                     f"beyond the spectrum ({min(len(eigenvalues), cap)} eigenvalues), and their "
                     "rows are zero or absent"))
         else:
-            eigenvalues = symmetric_eigenvalues(total)
+            with settings.reporter.solving(total.shape[0]):
+                eigenvalues = symmetric_eigenvalues(total)
         return Spectrum(eigenvalues[:cap], _backend(result, problem.names), max_rank=cap,
                         paths=result.paths, notes=notes, layers=layers, eigenvectors=eigenvectors)
 
@@ -208,7 +214,7 @@ class GramEstimator(Estimator):
                              "or 'func' with eigenvectors=")
 
     def _eigenpairs(self, problem: CurvatureProblem, gram: Tensor, count: int,
-                    cotangents_of: Callable[[Tensor, Tensor], Tensor]
+                    cotangents_of: Callable[[Tensor, Tensor], Tensor], settings: Settings
                     ) -> tuple[np.ndarray, Tensor]:
         """Eigenvalues, and the top ``count`` eigenvectors in parameter space ``[count, P]``.
 
@@ -219,7 +225,8 @@ class GramEstimator(Estimator):
         eigenvector in the range of ``F`` (``F u`` is rounding noise there): rows for them are
         zero.
         """
-        values, vectors = symmetric_eigenpairs(gram)
+        with settings.reporter.solving(gram.shape[0]):
+            values, vectors = symmetric_eigenpairs(gram)
         count = min(count, len(values))
         outputs = problem.forward()
         cotangents = cotangents_of(outputs.detach(), problem.targets)  # [K, n, *out]
@@ -258,6 +265,10 @@ class GramEstimator(Estimator):
                                 extra, problem, settings),
                             output_side_bytes=lambda outputs: self.unpredicted_output_bytes(
                                 problem, outputs, options))
+
+
+def _no_step(count: int) -> None:
+    """A progress step where no task is shown."""
 
 
 def _backend(result: GramResult, names: list[str]) -> str:
