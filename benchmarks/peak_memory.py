@@ -8,6 +8,7 @@ prediction made before the work, as a budget would refuse it)::
     python benchmarks/peak_memory.py --archs gpt --method ggn --mc-samples 1
     python benchmarks/peak_memory.py --archs cnn,lenet,lstm --method ggn --n 64
     python benchmarks/peak_memory.py --archs resnet18 --method ggn --n 64 --fresh
+    python benchmarks/peak_memory.py --archs encoder,gpt --eigenvectors 20 --fresh
 
 ``--fresh`` measures as the test suite does (``tests/fresh.py``): a new process warmed on tiny
 models only, so that the call's own allocations are not served by memory a warm-up call of the
@@ -46,10 +47,11 @@ def call_peak(spec: dict[str, Any]) -> int:
 
 def predicted_bytes(spec: dict[str, Any], method: str, options: dict[str, Any]) -> int:
     """The refined prediction: the call refused before the work at ``max_memory=1`` gives the
-    prediction made then; at one byte above it, the refusal once its first pass has run."""
+    prediction made then; at one byte above it, the refusal once its first pass has run, and so
+    on while a later refinement refuses (the cotangents' size, once they are formed)."""
     model, batch = run.build_model(spec), run.build_batch(spec)
     figure = 1
-    for _ in range(2):
+    for _ in range(4):
         try:
             hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method=method,
                                     max_memory=figure, **options)
@@ -65,12 +67,16 @@ def main() -> None:
                         help="comma-separated architectures of run.py")
     parser.add_argument("--method", default="fisher", choices=("fisher", "ggn"))
     parser.add_argument("--mc-samples", type=int, default=None, help="ggn: Monte-Carlo columns")
+    parser.add_argument("--eigenvectors", type=int, default=0,
+                        help="eigenvectors in parameter space to form")
     parser.add_argument("--n", type=int, default=run.ARCH_N, help="batch size")
     parser.add_argument("--fresh", action="store_true",
                         help="measure in a process warmed on tiny models only (tests/fresh.py)")
     args = parser.parse_args()
     options: dict[str, object] = {} if args.mc_samples is None else {
         "mc_samples": args.mc_samples}
+    if args.eigenvectors:
+        options["eigenvectors"] = args.eigenvectors
     for arch in args.archs.split(","):
         if arch not in (*run.ARCHS, "cnn", "lenet"):
             parser.error(f"unknown architecture {arch!r}")

@@ -232,6 +232,57 @@ def working_bytes(graph: GraphBytes, claimed: Mapping[str, tuple[nn.Module, Gram
     return held + max(3 * k * graph.largest_activation, graph.total + rule_work)
 
 
+#: Bytes of one block of eigenvector columns' batched backward pass (:func:`eigenvector_block`).
+EIGENVECTOR_BLOCK_BYTES = 256 * 2**20
+
+
+def eigenvector_block(graph: GraphBytes, count: int, num_params: int,
+                      element: int) -> tuple[int, int]:
+    """How many of ``count`` eigenvectors in parameter space one batched backward pass forms
+    (``F u`` for a block of eigenvectors ``u`` of the Gram), and the bytes of such a block: each
+    column costs the graph's size twice and three times its largest activation (a transformer's
+    rose by 2.1 times its graph per column, a CNN's by 0.9-1.2; ``fisher`` with
+    ``eigenvectors=20`` had peaked at 2.2 times a prediction without them), and its ``[P]``
+    gradient, the concatenation and a float64 copy. Blocks of up to
+    :data:`EIGENVECTOR_BLOCK_BYTES` (at least one column) bound the pass however many are asked.
+
+    Args:
+        graph: the forward pass's saved tensors.
+        count: the eigenvectors formed.
+        num_params: ``P``; ``element``: bytes of one of its entries.
+
+    Returns:
+        ``(columns per block, bytes of a block)``.
+    """
+    column = (2 * graph.total + 3 * graph.largest_activation
+              + num_params * (2 * element + 8))
+    block = max(1, min(count, EIGENVECTOR_BLOCK_BYTES // max(column, 1)))
+    return block, block * column
+
+
+def eigenvector_bytes(graph: GraphBytes, count: int, k: int, cotangent_bytes: int,
+                      num_params: int, element: int) -> int:
+    """What forming ``count`` eigenvectors in parameter space holds beyond the Gram and its
+    eigen-solve: the forward pass's graph again, the cotangents and a block's combinations of
+    them, a block's backward pass (:func:`eigenvector_block`) and the ``[count, P]`` float64
+    eigenvectors.
+
+    Args:
+        graph: the forward pass's saved tensors.
+        count: the eigenvectors formed (0: none, 0 bytes).
+        k: ``K`` cotangent columns per sample; ``cotangent_bytes``: their bytes ``[K, n, *out]``.
+        num_params: ``P``; ``element``: bytes of one of its entries.
+
+    Returns:
+        Bytes.
+    """
+    if not count:
+        return 0
+    block, block_bytes = eigenvector_block(graph, count, num_params, element)
+    return (graph.total + cotangent_bytes + cotangent_bytes * block // max(k, 1) + block_bytes
+            + 8 * count * num_params)
+
+
 def _leaves(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """A captured output's tensors: itself, or the tuple's."""
     return value if isinstance(value, tuple) else (value,)
@@ -344,6 +395,7 @@ def compute_gram(
     generator: torch.Generator,
     check_working_memory: Callable[[int], None] | None = None,
     output_side_bytes: Callable[[Tensor], int] | None = None,
+    eigenvectors: int = 0,
 ) -> GramResult:
     """The Gram of the factors: rules where they apply and pass their check, the general path
     elsewhere.
@@ -357,7 +409,9 @@ def compute_gram(
         generator: private generator for the check's random weights.
         check_working_memory: called once the capturing forward pass has run, before anything
             else, with the bytes the rest of the call holds beyond the Gram matrices and the
-            general path's factors (:func:`working_bytes`); it raises over the budget.
+            general path's factors (:func:`working_bytes`), or where larger what forming
+            ``eigenvectors`` eigenvectors then holds (:func:`eigenvector_bytes`); it raises over
+            the budget.
         output_side_bytes: the peak bytes of ``cotangents_of`` on these outputs that the
             prediction before the work could not count (it needs the outputs' size; 0: nothing
             to add), for a source with one cotangent column per sample; checked with the
@@ -439,16 +493,24 @@ def compute_gram(
                    and isinstance(outputs, Tensor) else 0)
     if check_working_memory is not None and output_side:
         # before the output side runs: its peak, or what the rest holds with its one column
-        check_working_memory(max(graph.total + output_side, working_bytes(
-            graph, claimed, capture.outputs, sizes, 1, outputs.shape[0],
-            outputs.numel() * outputs.element_size()), general_extra(unclaimed, 1)))
+        # (the eigenvectors' too: a refusal there comes before the output side's work)
+        output_bytes = outputs.numel() * outputs.element_size()
+        check_working_memory(max(
+            graph.total + output_side,
+            working_bytes(graph, claimed, capture.outputs, sizes, 1, outputs.shape[0],
+                          output_bytes),
+            general_extra(unclaimed, 1),
+            eigenvector_bytes(graph, min(eigenvectors, total), 1, output_bytes,
+                              problem.num_params, element)))
     cotangents = shard_cotangents(problem, cotangents_of, outputs)
     k, n = cotangents.shape[:2]
     if check_working_memory is not None:
+        cotangent_bytes = cotangents.numel() * cotangents.element_size()
         check_working_memory(max(
-            working_bytes(graph, claimed, capture.outputs, sizes, k, n,
-                          cotangents.numel() * cotangents.element_size()),
-            general_extra(unclaimed, k)))
+            working_bytes(graph, claimed, capture.outputs, sizes, k, n, cotangent_bytes),
+            general_extra(unclaimed, k),
+            eigenvector_bytes(graph, min(eigenvectors, k * total), k, cotangent_bytes,
+                              problem.num_params, element)))
     weights = torch.randn(k, total, generator=generator, dtype=torch.float64)[:, start:stop]
     weights = weights.to(device=problem.device, dtype=problem.dtype)
     # The probes of projected claims: their own stream (the weights' generator is left as it was).

@@ -21,7 +21,7 @@ from hessrank.estimators.base import (
     seconds_of,
 )
 from hessrank.problem import CurvatureProblem, unused_in_every, unused_parameters_note
-from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
+from hessrank.spectrum.dense import SOLVE_MATRICES, symmetric_eigenpairs, symmetric_eigenvalues
 from hessrank.streaming import StreamedProblem, per_batch
 
 #: Bytes of Hessian columns computed at once.
@@ -44,14 +44,6 @@ def products_bytes(chunk: int, graph_bytes: int) -> int:
     """What the Hessian operator holds beyond the Hessian: its graph (``graph_bytes``), and about
     twice that for each of the ``chunk`` columns of a batched product's backward pass."""
     return (1 + 2 * chunk) * graph_bytes
-
-
-#: What the float64 eigen-solve holds beyond the Hessian, in ``P x P`` float64 matrices (peak
-#: resident memory of :func:`~hessrank.spectrum.dense.symmetric_eigenvalues` and
-#: :func:`~hessrank.spectrum.dense.symmetric_eigenpairs` above their input, measured at P = 2000
-#: and 3000: 1.39-1.57 and 3.19-4.30; eigenvectors had been left out of the prediction, and
-#: calls asking for them peaked at 1.8x it; probe 71).
-SOLVE_MATRICES = {False: 1.5, True: 3.5}
 
 
 def exact_memory_bytes(num_params: int, element_size: int, eigenvectors: bool = False) -> int:

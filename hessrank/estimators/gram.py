@@ -16,6 +16,7 @@ from torch import Tensor
 from hessrank.curvature.gram import (
     GramResult,
     compute_gram,
+    eigenvector_block,
     general_path_bytes,
     unruled_sizes,
 )
@@ -29,8 +30,14 @@ from hessrank.estimators.base import (
     eigen_solve_seconds,
     eigenvector_note,
 )
-from hessrank.problem import CurvatureProblem, LossFn, evaluate_loss, probe_outputs
-from hessrank.spectrum.dense import symmetric_eigenpairs, symmetric_eigenvalues
+from hessrank.problem import (
+    CurvatureProblem,
+    GraphBytes,
+    LossFn,
+    evaluate_loss,
+    probe_outputs,
+)
+from hessrank.spectrum.dense import SOLVE_MATRICES, symmetric_eigenpairs, symmetric_eigenvalues
 
 BACKENDS = ("auto", "func", "backpack")
 #: What a Gram method's time prediction leaves out (:attr:`Cost.unpredicted`).
@@ -113,8 +120,13 @@ class GramEstimator(Estimator):
         groups = problem.modules_with_params()
         layer_count = len(problem.layers()) if settings.per_layer else 0
         unruled = unruled_sizes(problem, options.backend == "auto")
+        # The float64 copy the eigen-solve takes and what it holds beyond it: for eigenvalues one
+        # matrix (a float32 GGN of 5,120 rows peaked at 18 bytes an entry, the Gram's 4 with
+        # them), for eigenvectors the vectors and the solver's larger workspace (30 bytes an
+        # entry at 5,120 rows, which one matrix had predicted at 1.9x short)
+        solve = 8 * (1 + (SOLVE_MATRICES[True] if settings.eigenvectors else 1))
         if settings.per_layer:  # every layer's Gram kept for its block through the solve
-            memory = size**2 * (element + 16 + layer_count * element)
+            memory = size**2 * (element + solve + layer_count * element)
         else:
             # The Gram in the model dtype, its float64 copy and the eigen-solver's workspace;
             # before them, each rule's Gram of its group and the total, all held until the
@@ -122,7 +134,7 @@ class GramEstimator(Estimator):
             # groups one at a time): 14 of them peaked at 1.8x the prediction of one on a
             # two-layer transformer's per-token GGN (probe 78, helper 70; probe 82).
             ruled = len(groups) - len(unruled)
-            memory = size**2 * max(element + 16, (ruled + 1) * element)
+            memory = size**2 * max(element + solve, (ruled + 1) * element)
         if self.needs_output_size:  # else once the first forward pass gives the outputs' size
             memory += self.output_side_bytes(n, per_sample, element, options)
         # the general path's factors for the groups no rule covers (those a rule declines
@@ -228,22 +240,35 @@ class GramEstimator(Estimator):
         with settings.reporter.solving(gram.shape[0]):
             values, vectors = symmetric_eigenpairs(gram)
         count = min(count, len(values))
-        outputs = problem.forward()
+        graph = GraphBytes(problem)
+        with graph.counting():
+            outputs = problem.forward()
         cotangents = cotangents_of(outputs.detach(), problem.targets)  # [K, n, *out]
         k, n = cotangents.shape[:2]
         coefficients = vectors[:, :count].T.reshape(count, k, n).to(cotangents.dtype)
-        combined = torch.einsum("jkn,kn...->jn...", coefficients, cotangents)
-        pieces = torch.autograd.grad(outputs, problem.params, grad_outputs=combined,
-                                     is_grads_batched=True, allow_unused=True)
-        flat = torch.cat([(torch.zeros(count, *p.shape, dtype=p.dtype, device=p.device)
-                           if g is None else g).reshape(count, -1)
-                          for g, p in zip(pieces, problem.params)], dim=1).to(torch.float64)
+        block = eigenvector_block(graph, count, problem.num_params,
+                                  problem.params[0].element_size())[0]
+        flat = torch.empty(count, problem.num_params, dtype=torch.float64, device=problem.device)
+        for first in range(0, count, block):  # blocks of columns, as compute_gram predicted
+            last = min(first + block, count)
+            combined = torch.einsum("jkn,kn...->jn...", coefficients[first:last], cotangents)
+            pieces = torch.autograd.grad(outputs, problem.params, grad_outputs=combined,
+                                         is_grads_batched=True, allow_unused=True,
+                                         retain_graph=last < count)
+            offset = 0
+            for piece, param in zip(pieces, problem.params):
+                columns = flat[first:last, offset:offset + param.numel()]
+                if piece is None:
+                    columns.zero_()
+                else:
+                    columns.copy_(piece.reshape(last - first, -1))
+                offset += param.numel()
         magnitudes = np.abs(values[:count])
         noise = len(values) * float(torch.finfo(problem.dtype).eps) * float(np.abs(values).max(
             initial=0.0))
         scale = torch.from_numpy(np.sqrt(magnitudes)).to(flat.device)
-        kept = torch.from_numpy(magnitudes > noise).to(flat.device)
-        flat = torch.where(kept[:, None], flat / scale.clamp_min(1e-300)[:, None], 0.0)
+        flat.div_(scale.clamp_min(1e-300)[:, None])  # in place: the rows are P long
+        flat[torch.from_numpy(magnitudes <= noise).to(flat.device)] = 0.0
         return values, flat
 
     def _gram(self, problem: CurvatureProblem, settings: Settings, options: GramOptions,
@@ -264,7 +289,8 @@ class GramEstimator(Estimator):
                             check_working_memory=lambda extra: self.check_refined(
                                 extra, problem, settings),
                             output_side_bytes=lambda outputs: self.unpredicted_output_bytes(
-                                problem, outputs, options))
+                                problem, outputs, options),
+                            eigenvectors=settings.eigenvectors)
 
 
 def _no_step(count: int) -> None:
