@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from hessrank.api import (
         BACKENDS,
         METHODS,
+        TiedEigenvaluesError,
         effective_rank,
         estimator_options,
         gradient_overlap,
@@ -34,6 +35,7 @@ _HOMES = {
     "effective_rank": "hessrank.api",
     "estimator_options": "hessrank.api",
     "gradient_overlap": "hessrank.api",
+    "TiedEigenvaluesError": "hessrank.api",
     "predict_exact_cost": "hessrank.api",
     "ESTIMATORS": "hessrank.estimators",
     "BudgetError": "hessrank.estimators",
@@ -51,6 +53,7 @@ __all__ = [
     "RANK_NAMES",
     "BudgetError",
     "RankResult",
+    "TiedEigenvaluesError",
     "Tracker",
     "effective_rank",
     "estimator_options",

@@ -505,6 +505,22 @@ _REENTRANT_CHECKPOINT = "use_reentrant=True, torch.utils.checkpoint is incompati
 _DTYPE_MISMATCH = re.compile(r"(?i)(dtype|scalar type).*\b(bfloat16|half|float|double)\b")
 
 
+class TiedEigenvaluesError(ValueError):
+    """:func:`gradient_overlap`'s ``k`` splits a cluster of equal ``|eigenvalues|``: the top-``k``
+    eigenvectors are not determined; nothing was returned.
+
+    Attributes:
+        k: the ``k`` refused (the one passed, or the srank where ``k=None``).
+        gaps: ``(below, above)``, the nearest ``k`` on either side at a gap (``0`` and ``P`` at
+            the ends): pass one of them, as a harness that takes the srank may.
+    """
+
+    def __init__(self, message: str, k: int, gaps: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.k = k
+        self.gaps = gaps
+
+
 def _check_gap(magnitudes: np.ndarray, k: int, rounding: float, chosen: str) -> None:
     """Raise unless the top-``k`` eigenvectors are determined: the ``k``-th and ``(k+1)``-th
     largest ``|eigenvalues|`` (``magnitudes``, sorted decreasingly) must differ by more than the
@@ -515,8 +531,8 @@ def _check_gap(magnitudes: np.ndarray, k: int, rounding: float, chosen: str) -> 
     eigenspace is as good as another, and the overlap takes any value between its extremes.
 
     Raises:
-        ValueError: ``k`` splits a cluster of equal ``|eigenvalues|``; names the nearest ``k``
-            at a gap.
+        TiedEigenvaluesError: ``k`` splits a cluster of equal ``|eigenvalues|``; names the
+            nearest ``k`` at a gap on either side.
     """
     size = len(magnitudes)
     if not 0 < k < size:
@@ -527,14 +543,14 @@ def _check_gap(magnitudes: np.ndarray, k: int, rounding: float, chosen: str) -> 
         return
     at_gaps = np.flatnonzero(gaps > tolerance) + 1  # the k with a gap after the k-th
     below, above = at_gaps[at_gaps < k], at_gaps[at_gaps > k]
-    options = [str(int(below[-1])) if below.size else "0",
-               str(int(above[0])) if above.size else str(size)]
-    raise ValueError(
+    gaps = (int(below[-1]) if below.size else 0, int(above[0]) if above.size else size)
+    raise TiedEigenvaluesError(
         f"{chosen} = {k} splits a cluster of equal |eigenvalues| (numbers {k} and {k + 1} by "
         f"magnitude are {magnitudes[k - 1]:.6g} and {magnitudes[k]:.6g}, equal to the Hessian's "
         "rounding): "
         "the top-k eigenvectors are not determined, and the overlap would depend on the "
-        f"solver's choice of basis; pass k at a gap, {' or '.join(options)}")
+        f"solver's choice of basis; pass k at a gap, {gaps[0]} or {gaps[1]} (the error's "
+        "gaps)", k, gaps)
 
 
 def _check_one_batch(batch: object, caller: str) -> None:
@@ -875,6 +891,8 @@ def gradient_overlap(
         TypeError, ValueError: bad input, as for :func:`effective_rank`; a data set (one batch
             only).
         hessrank.BudgetError: the dense Hessian would exceed ``max_memory``.
+        hessrank.TiedEigenvaluesError: ``k`` (or the srank) splits a cluster of equal
+            ``|eigenvalues|``; its ``gaps`` are the nearest ``k`` to pass instead.
     """
     estimator = ESTIMATORS["exact"]
     check_call(model, loss_fn, "eval")

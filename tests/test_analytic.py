@@ -165,8 +165,11 @@ def test_gradient_overlap_refuses_k_inside_a_tie():
                                  dtype=torch.float64))
     mse = nn.MSELoss(reduction="sum")
     for k in (1, 2, 3):
-        with pytest.raises(ValueError, match=f"k = {k} splits a cluster.*pass k at a gap, 0 or 4"):
+        with pytest.raises(hessrank.TiedEigenvaluesError,
+                           match=f"k = {k} splits a cluster.*pass k at a gap, 0 or 4") as tie:
             hessrank.gradient_overlap(model, mse, batch, k=k)
+        assert (tie.value.k, tie.value.gaps) == (k, (0, 4))
+        assert isinstance(tie.value, ValueError)
     assert hessrank.gradient_overlap(model, mse, batch, k=0) == 0.0
     assert hessrank.gradient_overlap(model, mse, batch, k=4) == pytest.approx(1.0)
     # (k = 10000 gave 1.0, as if the Hessian had that many eigenvectors; probe 84)
