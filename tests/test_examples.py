@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -389,10 +390,11 @@ def test_gradient_overlap_grows_with_the_subspace() -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 12, 5, generator=g), torch.randint(3, (2, 12), generator=g)
     num_params = sum(p[0].numel() for p in model.parameters())
-    one = metrics.gradient_overlap(model, x, y, 1, 0.99, 2**30)
-    every = metrics.gradient_overlap(model, x, y, num_params, 0.99, 2**30)
+    one, ones = metrics.gradient_overlap(model, x, y, 1, 0.99, 2**30)
+    every, everys = metrics.gradient_overlap(model, x, y, num_params, 0.99, 2**30)
     assert all(0.0 <= a <= b + 1e-9 for a, b in zip(one, every, strict=True))
     assert every == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert (ones, everys) == ([1, 1], [num_params, num_params])  # the k given is the k used
 
 
 def test_gradient_overlap_takes_the_runs_srank_threshold() -> None:
@@ -404,9 +406,82 @@ def test_gradient_overlap_takes_the_runs_srank_threshold() -> None:
     for threshold in (0.5, 0.99):
         expected = [hessrank.gradient_overlap(model.to_module(s), nn.CrossEntropyLoss(),
                                               (x[s], y[s]), threshold=threshold) for s in (0, 1)]
-        assert metrics.gradient_overlap(model, x, y, None, threshold, 2**30) == expected
+        sranks = [hessrank.effective_rank(model.to_module(s), nn.CrossEntropyLoss(),
+                                          (x[s], y[s]), method="exact", threshold=threshold).rank
+                  for s in (0, 1)]
+        assert metrics.gradient_overlap(model, x, y, None, threshold, 2**30) == (expected, sranks)
     low = metrics.gradient_overlap(model, x, y, None, 0.5, 2**30)
     assert low != metrics.gradient_overlap(model, x, y, None, 0.99, 2**30)
+
+
+def zero_model() -> tuple[BatchedMLP, torch.Tensor, torch.Tensor]:
+    """A tanh MLP 5-3-4 with every parameter 0 and a batch: its exact Hessian's |eigenvalues|
+    come in clusters (each hidden unit's block of the first and last layers' cross term is the
+    same, and gives +s/-s pairs: clusters of 6; the output bias's C-1 = 3 at 1/C): 0.37 (x6),
+    0.33 (x6), 0.25 (x3), 0.16 (x6), then zeros."""
+    model = BatchedMLP([0], 5, 3, 1, 4, "tanh")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    g = torch.Generator().manual_seed(0)
+    return model, torch.randn(1, 12, 5, generator=g), torch.randint(4, (1, 12), generator=g)
+
+
+@pytest.mark.parametrize(("threshold", "srank", "gaps", "used"), [
+    (0.3, 5, (0, 6), 6),  # the nearer gap
+    (0.5, 9, (6, 12), 6),  # two as near: the lower one
+])
+def test_gradient_overlap_moves_an_srank_inside_a_tie_to_the_nearest_gap(
+        threshold: float, srank: int, gaps: tuple[int, int], used: int) -> None:
+    """The library refuses a k that splits a cluster of equal |eigenvalues| (TiedEigenvaluesError):
+    the default preset died at exact_leaky_relu's task 8 (k = 261), and every rerun there. The
+    srank is moved to the nearest gap, and the k used is returned to be recorded."""
+    model, x, y = zero_model()
+    net, batch, loss_fn = model.to_module(0), (x[0], y[0]), nn.CrossEntropyLoss()
+    assert hessrank.effective_rank(net, loss_fn, batch, method="exact",
+                                   threshold=threshold).rank == srank
+    with pytest.raises(hessrank.TiedEigenvaluesError) as tie:
+        hessrank.gradient_overlap(net, loss_fn, batch, threshold=threshold)
+    assert tie.value.gaps == gaps
+    expected = hessrank.gradient_overlap(net, loss_fn, batch, k=used)
+    assert metrics.gradient_overlap(model, x, y, None, threshold, 2**30) == ([expected], [used])
+
+
+def test_an_overlap_k_inside_a_tie_is_refused_in_one_line_naming_the_gaps(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An explicit --overlap-k is the user's: not moved, refused with the gaps to pass instead
+    (not hessrank's traceback), naming the run and the task."""
+    model, x, y = zero_model()
+    with pytest.raises(SetupError, match=r"--overlap-k 9 splits a cluster of equal \|eigenvalues\| "
+                       r"of seed 0's exact Hessian.*the nearest k at a gap are 6 and 12"):
+        metrics.gradient_overlap(model, x, y, 9, 0.99, 2**30)
+
+    def tied(*args: object, k: int | None = None, **kwargs: object) -> float:
+        raise hessrank.TiedEigenvaluesError("tied", k or 0, (3, 7))
+
+    monkeypatch.setattr(hessrank, "gradient_overlap", tied)  # as a tie at task 1 would be
+    argv = ["--preset", "smoke", "--runs", "exact_relu", "--overlap-k", "5", "--out",
+            str(tmp_path), "--no-progress"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: run exact_relu, task 1: --overlap-k 5 splits a cluster") and \
+        "\n" not in err and "the nearest k at a gap are 3 and 7" in err
+
+
+def test_the_overlap_records_the_k_it_used(tmp_path: Path) -> None:
+    """overlap_k_start holds the k of each seed; summarize names its range over tasks 2-T, and
+    reads results of before it was recorded (without it) as before."""
+    cfg = tiny_config(hess_methods=["exact"], overlap=True, tasks=1, seeds=[0, 1])
+    (record,) = run_experiment(cfg, tmp_path / "run", "")
+    m = record["metrics"]
+    assert m["overlap_k_start"] == m["hess_rank_exact_start"]  # the srank, where not tied
+    assert len(m["overlap_start"]) == 2
+    ks = np.array([[50, 60], [7, 8], [9, 4]])
+    new = analysis.RunData("exact_relu", [0, 1], {"overlap_k_start": ks})
+    old = analysis.RunData("exact_leaky_relu", [0, 1], {"overlap_start": ks / 100})
+    assert summarize._overlap_ks(new, new) == "; k (overlap_k_start) 4-9 eigenvectors"
+    assert summarize._overlap_ks(new, old) == ""
 
 
 def test_missing_cifar10_fails_with_a_clear_message(tmp_path: Path) -> None:
@@ -652,3 +727,256 @@ def test_a_target_whose_runs_are_missing_is_not_tested(
     assert "most consistent:" not in row
     assert "not compared, no act_<activation> run without a regularizer: " \
            "reg_wasserstein_0.001_relu" in row
+
+
+def test_summarize_reproduces_the_committed_table() -> None:
+    """The committed results (written before overlap_k_start, without checkpoints) pass every
+    check (names, configurations, task files) and give the README's table, pasted unedited."""
+    results = PLASTICITY / "default_results"
+    table = summarize.reproduction_table(analysis.comparable(analysis.load_runs(results))[0])
+    readme = (PLASTICITY.parent / "README.md").read_text().splitlines()
+    start = readme.index(summarize.TABLE_HEADER[0])
+    assert readme[start:start + len(table)] == table
+
+
+def test_a_run_redone_from_task_1_never_mixes_in_old_task_files(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder without checkpoint.pt (as the committed results) was redone from task 1 over its
+    old task files; interrupted after task 11, summarize read tasks 1-11 new and 12-30 old."""
+    cfg = tiny_config(tasks=3)
+    run_dir = tmp_path / cfg.name
+    run_experiment(cfg, run_dir, "")
+    (run_dir / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    run_experiment(cfg, run_dir, "", stop_after=1)  # redone, and interrupted after task 1
+    err = capsys.readouterr().err
+    assert ("note: run tiny: it has no checkpoint.pt, so it is redone from task 1; the files of "
+            "tasks 1-3 there (3) were from an earlier or interrupted run and are removed") in err
+    assert [p.name for p in experiment._task_files(run_dir)] == ["0000.json"]
+    assert analysis.load_runs(tmp_path)[cfg.name].num_tasks == 1
+    # a task file beyond the checkpoint (written by a run killed before its checkpoint was) is
+    # not read, and is replaced when the run goes on
+    record = json.loads((run_dir / "tasks" / "0000.json").read_text())
+    (run_dir / "tasks" / "0001.json").write_text(json.dumps({**record, "task": 1}))
+    (run_dir / "tasks" / "0002.json").write_text(json.dumps({**record, "task": 2}))
+    assert analysis.load_runs(tmp_path)[cfg.name].num_tasks == 1
+    assert len(experiment.load_task_results(run_dir, expected=1)) == 1
+    resumed = run_experiment(cfg, run_dir, "")
+    assert "the files of tasks 2-3 there (2)" in capsys.readouterr().err
+    assert resumed[1]["metrics"] != record["metrics"]
+
+
+NAMED_WRONG = [
+    # --name act_tanh without --activation tanh: a "tanh" row of a ReLU run
+    ({"act_tanh": {}}, "act_tanh: its config.json holds activation 'relu' where its name says "
+                       "'tanh'"),
+    ({"reg_l2_0.001_relu": {"reg": "wasserstein", "reg_strength": 1e-2}},
+     "reg_l2_0.001_relu: its config.json holds reg 'wasserstein' where its name says 'l2'; "
+     "reg_strength 0.01 where its name says 0.001"),
+    ({"act_tanh": {"activation": "tanh", "reg": "l2", "reg_strength": 1e-3}},
+     "act_tanh: its config.json holds reg 'l2' where its name says 'none'"),
+    # a user's reg_ names crashed summarize (ValueError in _sweep_parts / _sweep_order)
+    ({"reg_mine": L2}, "reg_mine: a run named reg_... is read as one of the regularizer sweep"),
+    ({"reg_test_relu": L2}, "reg_test_relu: a run named reg_... is read as one of the"),
+    ({"reg_l2_strong_relu": L2}, "reg_l2_strong_relu: a run named reg_... is read as one"),
+]
+
+
+@pytest.mark.parametrize(("runs", "fragment"), NAMED_WRONG, ids=lambda v: (
+    ",".join(v) if isinstance(v, dict) else None))
+def test_a_run_whose_configuration_is_not_what_its_name_says_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], runs: dict[str, dict], fragment: str
+) -> None:
+    """The table and the figures label runs by name, which was never checked against
+    config.json; a reg_ name of another form crashed summarize."""
+    results = fake_results(tmp_path / "res", {"act_relu": {}, **runs})
+    assert summarize.main([str(results)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and fragment in err, err
+    assert plot.main([str(results), "--out", str(tmp_path / "figures")]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "figures").exists()
+    assert summarize.main([str(results), "--metrics"]) == 0  # no labels: every run
+
+
+def test_a_missing_config_is_refused_by_summarize_and_plot(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """summarize crashed with KeyError 'hess_samples' where run.py refuses it."""
+    results = fake_results(tmp_path / "res", {"exact_relu": {}})
+    (results / "exact_relu" / "config.json").unlink()
+    for command in (summarize.main, plot.main):
+        assert command([str(results)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: {results / 'exact_relu' / 'config.json'} is missing but the "
+                       f"folder holds results; {experiment._REDO_HINT}")
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    ("[]", "is damaged (it holds a JSON list, not an object)"),
+    ('{"task": 1}', "is damaged: it holds no list of seeds (seeds: None)"),
+    ('{"task": 1, "seeds": [0, 1, 2], "metrics": {"acc_end": [0.5]}}',
+     "is damaged: it holds metric 'acc_end' without one number per seed ([0.5])"),
+    ('{"task": 1, "seeds": [4, 5, 6], "metrics": {"acc_end": [0.5, 0.5, 0.5]}}',
+     "is damaged: it holds seeds [4, 5, 6] where task 1 holds [0, 1, 2]"),
+])
+def test_a_task_file_of_another_structure_is_refused_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, fragment: str) -> None:
+    """``[]`` crashed run.py and summarize (AttributeError); ``{"task": 3}`` passed run.py's
+    check and crashed summarize (KeyError 'metrics')."""
+    cfg = tiny_config(tasks=2)
+    run_dir = tmp_path / cfg.name
+    run_experiment(cfg, run_dir, "")
+    path = run_dir / "tasks" / "0001.json"
+    path.write_text(content)
+    argv = ["--problem", "synthetic", "--name", cfg.name, "--out", str(tmp_path), "--no-progress",
+            "--num-samples", "48", "--width", "12", "--epochs", "2", "--batch-size", "16",
+            "--tasks", "2", "--seeds", "3", "--hess-samples", "24", "--eval-samples", "48"]
+    for command, options in ((run.main, argv), (summarize.main, [str(tmp_path)])):
+        assert command(options) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {path} {fragment}") and "\n" not in err, err
+
+
+def test_every_boolean_setting_can_be_switched_both_ways() -> None:
+    """A preset's --overlap could not be switched off (store_true), while a budget refusal
+    advised dropping it."""
+    booleans = [f.name for f in dataclasses.fields(Config) if f.type in (bool, "bool")]
+    assert booleans == ["overlap"]
+    for name in booleans:
+        option = "--" + name.replace("_", "-")
+        for flag, value in ((option, True), ("--no-" + option[2:], False)):
+            (cfg,) = run.configs_from_args(run.parse_args(
+                ["--preset", "smoke", "--runs", "exact_relu", flag]))
+            assert getattr(cfg, name) is value
+    (preset,) = run.configs_from_args(run.parse_args(["--preset", "smoke", "--runs",
+                                                      "exact_relu"]))
+    assert preset.overlap  # omitted: the preset's
+
+
+def _exact_bytes(block: str) -> float:
+    """The exact Hessian of the smoke preset's exact_relu on ``block``, as the run predicts it."""
+    model = BatchedMLP([0], 64, 8, 2, 10, "relu")
+    net = model.to_module(0)
+    x, y = make_problem("synthetic", "", 64).task([0], 0).first(32)
+    return hessrank.predict_exact_cost(net, nn.CrossEntropyLoss(), (x[0], y[0]),
+                                       params=metrics.block_params(net, block))[0]
+
+
+NO_OVERLAP = ("pass --no-overlap (the overlap needs the whole network's exact Hessian, whatever "
+              "--hess-blocks says); or raise --hess-max-memory")
+
+
+@pytest.mark.parametrize(("options", "advice"), [
+    ([], "; drop exact from --hess-methods (fisher, ggn and lanczos have no such cost) or "
+         f"measure it on --hess-blocks last2 only, and {NO_OVERLAP}"),
+    (["--hess-methods", "fisher"], f"MiB; {NO_OVERLAP}"),
+    # the ranks on the last two layers only: the overlap still takes the whole network's (it was
+    # not checked, and hessrank refused it in task 1)
+    (["--hess-blocks", "last2"], f"MiB; {NO_OVERLAP}"),
+])
+def test_the_budget_refusal_names_what_suffices(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str],
+        advice: str) -> None:
+    """Its advice was "drop --overlap", which no option did, and named dropping exact or using
+    last2 as if either sufficed where the overlap needs the whole network's Hessian too."""
+    budget = f"{(_exact_bytes('last2') * _exact_bytes('all')) ** 0.5:.0f}"  # between the two
+    smoke = ["--preset", "smoke", "--runs", "exact_relu", "--hess-max-memory", budget]
+    _refused_before_anything_is_written(tmp_path, capsys, [*smoke, *options], advice)
+    assert run.main(["--out", str(tmp_path / "out"), *smoke, *options]) == 2
+    assert "run exact_relu: the exact Hessian of block 'all' needs about " in \
+        capsys.readouterr().err
+    (cfg,) = run.configs_from_args(run.parse_args([*smoke, "--hess-blocks", "last2",
+                                                   "--no-overlap"]))
+    experiment.prepare_run(cfg, tmp_path / "fits", "")  # what the advice says suffices
+
+
+def test_a_batch_larger_than_the_task_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--batch-size 1000 --num-samples 32 trained byte for byte as --batch-size 32, recorded as
+    another configuration."""
+    _refused_before_anything_is_written(
+        tmp_path, capsys, ["--problem", "synthetic", "--num-samples", "32", "--hess-samples", "32",
+                           "--batch-size", "1000"],
+        "--batch-size 1000 exceeds --num-samples 32 (a minibatch holds at most the task's "
+        "images, so every step would train on all 32, as --batch-size 32 does): pass "
+        "--batch-size 32 or fewer")
+
+
+def test_a_failed_download_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """torchvision's offline error spans lines (one per mirror): the error was 6 lines."""
+    import torchvision.datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, "
+                           "got:\n<urlopen error>\nTried http://b/, got:\n<urlopen error>\n")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(SetupError) as err:
+        make_problem("random_label_mnist", str(tmp_path), 100, download=True)
+    assert "\n" not in str(err.value)
+    assert "(Error downloading train-images-idx3-ubyte.gz: Tried https://a/, got: <urlopen " \
+           "error> Tried http://b/, got: <urlopen error>)" in str(err.value)
+
+
+@pytest.mark.parametrize("where", ["--data-dir", DATA_DIR_ENV])
+def test_a_data_folder_under_home_may_be_written_with_a_tilde(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        where: str) -> None:
+    """``~/data`` (quoted, or in $HESSRANK_DATA_DIR) was looked up as a folder named ``~``."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(DATA_DIR_ENV, "~/data")
+    options = ["--data-dir", "~/data"] if where == "--data-dir" else []
+    assert run.main(["--out", str(tmp_path / "out"), "--no-progress", "--tasks", "1",
+                     *options]) == 2
+    assert f"MNIST not found: no {tmp_path / 'data' / MNIST_TRAIN_IMAGES};" in \
+        capsys.readouterr().err
+
+
+def test_figure_titles_name_the_runs_setting(
+        smoke_results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Titles said "Random-Label MNIST (main)", "Permuted MNIST" and "(main setting)" over the
+    smoke preset's synthetic runs."""
+    titles: list[str] = []
+
+    def keep(fig: plot.plt.Figure, path: Path, title: str) -> None:
+        titles.extend([title, *(ax.get_title() for ax in fig.axes)])
+        plot.plt.close(fig)
+
+    monkeypatch.setattr(plot, "_save", keep)
+    plot.draw_all(smoke_results, tmp_path)
+    text = "\n".join(titles)
+    assert "MNIST" not in text and "main setting" not in text and "exact-size" not in text
+    assert "act_*: synthetic, 64 images, MLP width 8 x depth 2" in text
+    assert "permuted_*: synthetic, 64 images" in text
+
+
+def test_confidence_bands_of_fractions_stay_within_0_and_1() -> None:
+    """The smoke overview's accuracy band reached -0.4 (only its top was capped, at 1.02)."""
+    fig, ax = plot.plt.subplots()
+    spread = np.array([[0.0, 1.0, 0.05], [0.9, 1.0, 1.0], [0.5, 0.5, 0.5]])
+    plot.band(ax, spread, "relu", "k", metric="acc_end")
+    plot.band(ax, spread * 100, "rank", "k", metric="hess_rank_fisher_start")
+    accuracy, rank = (c.get_paths()[0].vertices[:, 1] for c in ax.collections)
+    plot.plt.close(fig)
+    assert accuracy.min() == 0.0 and accuracy.max() == 1.0
+    assert rank.min() < 0 and rank.max() > 100  # not a fraction: not clipped
+
+
+def test_an_imagenet_pool_too_small_for_a_class_pair_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It was refused at the task that lacks images, after config.json was written (which then
+    refused the corrected command as another configuration)."""
+    folder = tmp_path / "Imagenet32_train_npz"
+    folder.mkdir()
+    labels = np.array([1] * 9 + [10])  # (1-based) classes 0 and 9 of 10: most pairs lack one
+    np.savez(folder / "train_data_batch_1.npz", data=np.zeros((10, 3072), np.uint8),
+             labels=labels)
+    out = tmp_path / "out"
+    argv = ["--problem", "continual_imagenet32", "--data-dir", str(tmp_path), "--num-samples",
+            "10", "--hess-samples", "4", "--batch-size", "4", "--tasks", "5", "--out", str(out),
+            "--no-progress"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: run run: task ") and "\n" not in err
+    assert "the pool of 10 images holds" in err and "of the class pair" in err
+    assert not out.exists()

@@ -1,22 +1,31 @@
 """Reading a results directory and the statistics every figure and table shares.
 
-Windows: "early" is tasks 2-4 and "late" the last 3 tasks. Task 1 is excluded everywhere because
-its task-start measurements are of the untrained network, which no later task resembles.
-Confidence intervals are 95% intervals of a mean over seeds (Student t).
+Windows: "early" is tasks 2-4 and "late" the last 3 tasks. Task 1 is left out of the windows,
+and of every comparison over tasks 2-T, because its task-start measurements are of the untrained
+network, which no later task resembles; only the estimator comparison (target 3, Figure 3),
+which compares estimators on one network, counts it, as paper.md's "in the first few tasks"
+does. Confidence intervals are 95% intervals of a mean over seeds (Student t).
 """
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
-from plasticity.experiment import differing_fields, finished_tasks, load_task_results
+from plasticity.experiment import (
+    configuration,
+    differing_fields,
+    finished_tasks,
+    load_task_results,
+    saved_config,
+)
 from plasticity.model import ACTIVATIONS
 from plasticity.problems import SetupError
+from plasticity.regularizers import REGULARIZERS
 
 FIRST_TASK = 1  # index of task 2: the first task measured on a trained network
 WINDOW = 3
@@ -27,7 +36,7 @@ MIN_TASKS = FIRST_TASK + 2 * WINDOW
 @dataclass
 class RunData:
     """One run's results: ``metrics[name]`` is an array (tasks, seeds); ``config`` its
-    ``config.json`` (empty where there is none)."""
+    ``config.json`` as today's fields (:func:`~plasticity.experiment.configuration`)."""
 
     name: str
     seeds: list[int]
@@ -59,23 +68,32 @@ class RunData:
 def load_runs(results: Path) -> dict[str, RunData]:
     """Every run under ``results`` with at least one finished task, by name.
 
+    Only the tasks a run's checkpoint covers are read, where it has one (a file beyond it is
+    not the run's: :func:`~plasticity.experiment.load_task_results`).
+
     Raises:
-        SetupError: ``results`` is no folder, or a task file is missing (a gap in the
-            sequence, or one the run's checkpoint covers) or damaged.
+        SetupError: ``results`` is no folder, a task file is missing (a gap in the sequence,
+            or one the run's checkpoint covers) or damaged, or a run's ``config.json`` is
+            missing or damaged.
     """
     if not results.is_dir():
         raise SetupError(f"{results} is not a folder of runs: give the --out folder of run.py")
     runs = {}
     for run_dir in sorted(p for p in results.iterdir() if (p / "tasks").is_dir()):
-        records = load_task_results(run_dir, expected=finished_tasks(run_dir) or None)
+        done = finished_tasks(run_dir)
+        records = load_task_results(run_dir, expected=done if done else None)
         if not records:
             continue
+        config = saved_config(run_dir)
+        assert config is not None, "saved_config refuses a folder of results without one"
         keys = set.intersection(*(set(r["metrics"]) for r in records))
-        config = run_dir / "config.json"
+        if not keys:
+            raise SetupError(f"{run_dir}: its task files share no metric (one of them is not "
+                             "this run's); delete the run's folder to redo it from task 1")
         runs[run_dir.name] = RunData(
             run_dir.name, list(records[0]["seeds"]),
             {k: np.array([r["metrics"][k] for r in records], dtype=float) for k in sorted(keys)},
-            json.loads(config.read_text()) if config.is_file() else {},
+            configuration(config),
         )
     return runs
 
@@ -134,6 +152,73 @@ ACROSS_SWEEP = ("activation", "reg", "reg_strength", "sp_noise")
 AGAINST_BASELINE = ("reg", "reg_strength", "sp_noise", "tasks", "seeds")
 
 
+def sweep_parts(name: str) -> tuple[str, float, str] | None:
+    """(regularizer, strength, activation) of a sweep run named
+    ``reg_<regularizer>_<strength>_<activation>`` (``reg_l2_init_0.001_leaky_relu``); None for
+    a name of another form."""
+    act = next((a for a in sorted(ACTIVATIONS, key=len, reverse=True)
+                if name.startswith("reg_") and name.endswith(f"_{a}")), None)
+    if act is None:
+        return None
+    reg, _, strength = name[len("reg_"): -len(act) - 1].rpartition("_")
+    try:
+        value = float(strength)
+    except ValueError:
+        return None
+    known = reg in REGULARIZERS and reg != "none"
+    return (reg, value, act) if known and math.isfinite(value) and value > 0 else None
+
+
+def named_fields(name: str) -> dict[str, object]:
+    """The configuration fields a preset-style run name says the run has, by which the table
+    and the figures label it: ``act_tanh`` (and ``exact_``, ``permuted_``) activation tanh and
+    no regularizer, ``featrank_leaky_relu`` leaky-ReLU with the feature-rank regularizer,
+    ``reg_l2_0.001_relu`` ReLU with L2 at strength 0.001; nothing for any other name.
+
+    Raises:
+        SetupError: a name starting ``reg_`` (which puts the run in the regularizer sweep) that
+            is not ``reg_<regularizer>_<strength>_<activation>``.
+    """
+    for prefix in SETTINGS:
+        if name.startswith(prefix) and name[len(prefix):] in ACTIVATIONS:
+            return {"activation": name[len(prefix):], "reg": "none"}
+    if name.startswith("featrank_") and baseline(name):
+        return {"activation": (baseline(name) or "")[len("act_"):], "reg": "feature_rank"}
+    if not name.startswith("reg_"):
+        return {}
+    parts = sweep_parts(name)
+    if parts is None:
+        raise SetupError(
+            f"{name}: a run named reg_... is read as one of the regularizer sweep, "
+            "reg_<regularizer>_<strength>_<activation> (e.g. reg_l2_0.001_relu; regularizer "
+            f"one of {', '.join(r for r in REGULARIZERS if r != 'none')}, strength a number "
+            f"above 0, activation one of {', '.join(ACTIVATIONS)}), which {name} is not: rename "
+            "its folder, or keep it in another results folder (summarize.py --metrics reports "
+            "any run)")
+    reg, strength, act = parts
+    return {"activation": act, "reg": reg, "reg_strength": strength}
+
+
+def check_names(runs: dict[str, RunData]) -> None:
+    """Refuse a run whose configuration is not what its name says (:func:`named_fields`): the
+    table and the figures would label it by its name (``--name act_tanh`` without
+    ``--activation tanh`` made a "tanh" row of a ReLU run).
+
+    Raises:
+        SetupError: naming the run and each field its config.json holds against its name.
+    """
+    for name, run in runs.items():
+        wrong = [(key, run.config[key], value) for key, value in named_fields(name).items()
+                 if (f"{run.config[key]:g}" != f"{value:g}" if key == "reg_strength"
+                     else run.config[key] != value)]
+        if wrong:
+            raise SetupError(
+                f"{name}: its config.json holds " + "; ".join(
+                    f"{key} {held!r} where its name says {said!r}" for key, held, said in wrong)
+                + ", and the table and the figures label runs by name: rename its folder after "
+                "its configuration, or rerun it with the settings its name says")
+
+
 def baseline(name: str) -> str | None:
     """The unregularized run a regularized run ``name`` is compared with (``act_relu`` for
     ``reg_l2_0.001_relu`` and ``act_leaky_relu`` for ``featrank_leaky_relu``); None for a run
@@ -169,9 +254,13 @@ def check_comparable(runs: dict[str, RunData]) -> None:
     holding every seed of the regularized run (they are paired by seed). Which curvature is
     measured may differ everywhere (:data:`NOT_COMPARED`).
 
+    Before that, each run must be what its name says (:func:`check_names`).
+
     Raises:
-        SetupError: naming the two runs and each differing field, or the missing seeds.
+        SetupError: naming the two runs and each differing field, or the missing seeds; or
+            the run whose name and configuration disagree.
     """
+    check_names(runs)
     for prefix in SETTINGS:
         group = [runs[f"{prefix}{a}"] for a in ACTIVATIONS if f"{prefix}{a}" in runs]
         _refuse_differences(group, ACROSS_ACTIVATIONS, f"the {prefix}<activation> runs are "
@@ -259,15 +348,18 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.spearmanr(a, b).statistic)
 
 
+def problem_of(config: dict) -> str:
+    """The problem and model a config.json records: ``random_label_mnist, 300 images, MLP
+    width 128 x depth 2``."""
+    return (f"{config['problem']}, {config['num_samples']:,} images"
+            + (f" pooled {config['downsample']}x" if config["downsample"] > 1 else "")
+            + f", MLP width {config['width']} x depth {config['depth']}")
+
+
 def setting(run: RunData) -> str:
     """The run's setting as its config.json records it (not the main setting's description,
     which a smoke or a custom run does not have), with its seeds and tasks."""
-    config = run.config
-    described = "" if not config else (
-        f"{config['problem']}, {config['num_samples']:,} images"
-        + (f" pooled {config['downsample']}x" if config.get("downsample", 1) > 1 else "")
-        + f", MLP width {config['width']} x depth {config['depth']}, "
-        f"{config['epochs']} epoch(s)/task, ")
     tasks = (f"{run.num_tasks} of {run.config['tasks']} tasks (unfinished)" if run.unfinished
              else f"{run.num_tasks} tasks")
-    return f"{described}{len(run.seeds)} seeds, {tasks}"
+    return (f"{problem_of(run.config)}, {run.config['epochs']} epoch(s)/task, "
+            f"{len(run.seeds)} seeds, {tasks}")

@@ -21,6 +21,7 @@ import math
 import numbers
 import os
 import pickle
+import sys
 import time
 import zipfile
 from collections.abc import Callable
@@ -239,6 +240,13 @@ def check_config(cfg: Config) -> None:
         raise SetupError(f"{where}--hess-samples {cfg.hess_samples} exceeds --num-samples "
                          f"{cfg.num_samples} (the Hessian is measured on the task's first "
                          f"--hess-samples images): pass --hess-samples {cfg.num_samples} or fewer")
+    # a minibatch holds at most the task's images: a larger one trains as --batch-size N would,
+    # number for number, while config.json (and every comparison of configurations) says otherwise
+    if cfg.batch_size > cfg.num_samples:
+        raise SetupError(f"{where}--batch-size {cfg.batch_size} exceeds --num-samples "
+                         f"{cfg.num_samples} (a minibatch holds at most the task's images, so "
+                         f"every step would train on all {cfg.num_samples}, as --batch-size "
+                         f"{cfg.num_samples} does): pass --batch-size {cfg.num_samples} or fewer")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -254,11 +262,16 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    """The JSON object in ``path``; a damaged file is a :class:`SetupError` naming it."""
+    """The JSON object in ``path``; a damaged file (not JSON, or JSON but not an object: ``[]``)
+    is a :class:`SetupError` naming it."""
     try:
-        return json.loads(path.read_text())
+        held = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SetupError(f"{path} is damaged (not valid JSON: {err}); {_REDO_HINT}") from None
+    if not isinstance(held, dict):
+        raise SetupError(f"{path} is damaged (it holds a JSON {type(held).__name__}, not an "
+                         f"object); {_REDO_HINT}")
+    return held
 
 
 _REDO_HINT = ("delete the run's folder to redo it from task 1 (the seed fixes every number on "
@@ -286,32 +299,89 @@ def finished_tasks(run_dir: Path) -> int:
     return 0 if state is None else int(state["tasks_done"])
 
 
+def _task_files(run_dir: Path) -> list[Path]:
+    """The task files of ``run_dir`` (``tasks/NNNN.json``), in task order."""
+    return sorted((run_dir / "tasks").glob("[0-9][0-9][0-9][0-9].json"))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_record(path: Path, record: dict, t: int, seeds: list | None) -> None:
+    """Raise unless ``record`` (read from ``path``) is task ``t`` as :func:`run_experiment`
+    writes it: ``task`` ``t``, ``seeds`` a list of seed numbers (``seeds``, those of the run's
+    first task, where given) and ``metrics`` a map from metric names to one number per seed.
+
+    Raises:
+        SetupError: naming the file and what it lacks.
+    """
+    held = record.get("task")
+    if held != t:  # every message counts tasks from 1, as the README does
+        what = (f"task {held + 1}" if isinstance(held, int) and not isinstance(held, bool)
+                else f"no task number ({held!r})")
+        raise SetupError(f"{path} holds {what}, not task {t + 1} (task files count from "
+                         f"0000.json, task 1); {_REDO_HINT}")
+    held_seeds, held_metrics = record.get("seeds"), record.get("metrics")
+    if not (isinstance(held_seeds, list) and held_seeds and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in held_seeds)):
+        fault = f"no list of seeds (seeds: {held_seeds!r})"
+    elif seeds is not None and held_seeds != seeds:
+        fault = f"seeds {held_seeds} where task 1 holds {seeds}"
+    elif not (isinstance(held_metrics, dict) and held_metrics):
+        fault = f"no metrics (metrics: {held_metrics!r})"
+    else:
+        fault = next((f"metric {key!r} without one number per seed ({value!r})"
+                      for key, value in held_metrics.items()
+                      if not (isinstance(value, list) and len(value) == len(held_seeds)
+                              and all(map(_is_number, value)))), "")
+    if fault:
+        raise SetupError(f"{path} is damaged: it holds {fault}, not one task's results as "
+                         f"run.py writes them; {_REDO_HINT}")
+
+
 def load_task_results(run_dir: Path, expected: int | None = None) -> list[dict]:
-    """The per-task records of a run, in task order, checked to be tasks 0, 1, 2, ... .
+    """The per-task records of a run, in task order, each checked to be task 0, 1, 2, ... as
+    :func:`run_experiment` writes it (:func:`_check_record`).
 
     Args:
         run_dir: a run directory.
-        expected: the number of tasks that must be present (default: as many as there are files).
+        expected: the number of tasks the run's checkpoint covers: exactly these are read, and
+            must be present. A file beyond them is not this run's (one the checkpoint did not
+            reach before an interruption, or one of an earlier run redone from task 1) and is
+            not read. Default (no checkpoint): every file, up to the highest-numbered one.
 
     Raises:
         SetupError: a task file is missing (a gap, or fewer than ``expected``) or damaged.
     """
-    files = sorted((run_dir / "tasks").glob("[0-9][0-9][0-9][0-9].json"))
-    count = len(files) if expected is None else expected
-    records = []
-    for t in range(max(count, len(files))):
+    files = _task_files(run_dir)
+    count = (int(files[-1].stem) + 1 if files else 0) if expected is None else expected
+    records: list[dict] = []
+    for t in range(count):
         path = run_dir / "tasks" / f"{t:04d}.json"
         if not path.exists():
-            raise SetupError(f"{path} is missing although the run has finished task "
-                             f"{max(count, len(files))}; {_REDO_HINT}")
+            raise SetupError(f"{path} is missing although the run has finished task {count}; "
+                             f"{_REDO_HINT}")
         record = _read_json(path)
-        held = record.get("task")
-        if held != t:  # every message counts tasks from 1, as the README does
-            what = f"task {held + 1}" if isinstance(held, int) else f"no task number ({held!r})"
-            raise SetupError(f"{path} holds {what}, not task {t + 1} (task files count from "
-                             f"0000.json, task 1); {_REDO_HINT}")
+        _check_record(path, record, t, records[0]["seeds"] if records else None)
         records.append(record)
     return records
+
+
+def discard_later_tasks(run_dir: Path, done: int) -> list[int]:
+    """Remove the task files of ``run_dir`` from task ``done + 1`` on, before the run trains from
+    there, so that no file of an earlier run (one redone from task 1 after its checkpoint was
+    lost, as the committed results, which have none, are) is ever read beside the new ones.
+
+    Returns:
+        The indices of the tasks whose files were removed.
+    """
+    removed = []
+    for path in _task_files(run_dir):
+        if int(path.stem) >= done:
+            path.unlink()
+            removed.append(int(path.stem))
+    return removed
 
 
 def configuration(saved: dict) -> dict:
@@ -349,26 +419,40 @@ def config_differences(saved: dict, cfg: Config) -> list[str]:
             for key, old, new in differing_fields(saved, dataclasses.asdict(cfg))]
 
 
+def saved_config(run_dir: Path) -> dict | None:
+    """The configuration ``run_dir/config.json`` holds; None for a folder without results.
+
+    Raises:
+        SetupError: ``config.json`` is damaged, or missing next to results (a checkpoint or task
+            files), naming it.
+    """
+    path = run_dir / "config.json"
+    if path.exists():
+        return _read_json(path)
+    if (run_dir / "checkpoint.pt").exists() or any((run_dir / "tasks").glob("*.json")):
+        raise SetupError(f"{path} is missing but the folder holds results; {_REDO_HINT}")
+    return None
+
+
 def resume_state(cfg: Config, run_dir: Path) -> dict | None:
     """Check that ``run_dir`` can hold ``cfg``'s run and return its checkpoint (None: fresh run).
 
     Reads only: the saved configuration must equal ``cfg``, and every task the checkpoint covers
-    must have its intact task file.
+    must have its intact task file (files beyond it are removed when the run starts:
+    :func:`discard_later_tasks`).
 
     Raises:
         SetupError: another configuration (naming each differing field), or a missing or
             damaged config, checkpoint or task file (naming it).
     """
-    cfg_path = run_dir / "config.json"
-    if cfg_path.exists():
-        differences = config_differences(_read_json(cfg_path), cfg)
+    saved = saved_config(run_dir)
+    if saved is not None:
+        differences = config_differences(saved, cfg)
         if differences:
             raise SetupError(
                 f"{run_dir} holds results of another configuration: {'; '.join(differences)}; "
                 "pass another --out directory or delete that folder"
             )
-    elif (run_dir / "checkpoint.pt").exists() or any((run_dir / "tasks").glob("*.json")):
-        raise SetupError(f"{cfg_path} is missing but the folder holds results; {_REDO_HINT}")
     state = load_checkpoint(run_dir)
     load_task_results(run_dir, expected=0 if state is None else int(state["tasks_done"]))
     return state
@@ -400,22 +484,27 @@ def check_exact_hessian(cfg: Config, problem: Problem) -> None:
             f"parameters (the dimension of the Hessian): pass --overlap-k {num_params} or fewer, "
             "or omit it to use the Hessian's srank")
     x, y = problem.task(cfg.seeds[:1], 0).first(cfg.hess_samples)
-    blocks = cfg.hess_blocks if "exact" in cfg.hess_methods else ["all"]
-    for block in blocks:
+    exact_blocks = cfg.hess_blocks if "exact" in cfg.hess_methods else []
+    # the overlap takes the whole network's exact Hessian, whichever blocks the ranks are on
+    for block in [b for b in metrics.BLOCKS
+                  if b in exact_blocks or (b == "all" and cfg.overlap)]:
         memory, _ = hessrank.predict_exact_cost(
             net, nn.CrossEntropyLoss(), (x[0], y[0]), params=metrics.block_params(net, block)
         )
         if memory > cfg.hess_max_memory:
-            ways = ([] if "exact" not in cfg.hess_methods else
-                    ["drop exact from --hess-methods (fisher, ggn and lanczos have no such "
-                     "cost)"] + (["use --hess-blocks last2"] if block != "last2" else []))
-            if cfg.overlap:
-                ways.append("drop --overlap (it needs the whole network's exact Hessian)")
+            ways = []  # one for each user of this Hessian: together they suffice
+            if block in exact_blocks:
+                ways.append("drop exact from --hess-methods (fisher, ggn and lanczos have no "
+                            "such cost)" + (" or measure it on --hess-blocks last2 only"
+                                            if block == "all" else ""))
+            if cfg.overlap and block == "all":
+                ways.append("pass --no-overlap (the overlap needs the whole network's exact "
+                            "Hessian, whatever --hess-blocks says)")
             raise SetupError(
                 f"run {cfg.name}: the exact Hessian of block {block!r} needs about "
                 f"{_megabytes(memory)}, over hess_max_memory = "
-                f"{_megabytes(cfg.hess_max_memory)}; " + ", ".join(ways)
-                + ", or raise --hess-max-memory")
+                f"{_megabytes(cfg.hess_max_memory)}; " + ", and ".join(ways)
+                + "; or raise --hess-max-memory")
 
 
 class Trainer:
@@ -485,7 +574,7 @@ class Trainer:
             ).items()
         })
         if cfg.overlap and when == "start":
-            out[f"overlap_{when}"] = metrics.gradient_overlap(
+            out[f"overlap_{when}"], out[f"overlap_k_{when}"] = metrics.gradient_overlap(
                 model, xh, yh, cfg.overlap_k, cfg.hess_threshold, cfg.hess_max_memory
             )
         if when == "end":
@@ -545,6 +634,7 @@ def prepare_run(
     problem = make_problem(
         cfg.problem, data_dir, cfg.num_samples, cfg.subset_seed, cfg.downsample, download
     )
+    problem.check_tasks(cfg.tasks, f"run {cfg.name}: ")
     check_exact_hessian(cfg, problem)
     return state, problem
 
@@ -560,7 +650,11 @@ def run_experiment(
     """Run (or resume) ``cfg`` in ``run_dir``; return all task records.
 
     Everything that can refuse the run (another configuration in ``run_dir``, damaged files,
-    missing data, the exact Hessian over budget) is checked before anything is written.
+    missing data, the exact Hessian over budget) is checked before anything is written; the
+    one refusal that can only come later is an explicit ``overlap_k`` that splits a cluster of
+    equal eigenvalues (:func:`metrics.gradient_overlap`), at the task where it does. Task files
+    beyond the checkpoint are removed before training (:func:`discard_later_tasks`), saying so
+    on stderr.
 
     Args:
         cfg: the configuration.
@@ -577,6 +671,14 @@ def run_experiment(
     torch.manual_seed(0)  # nothing should draw from the global RNG; this makes sure of it anyway
     state, problem = prepare_run(cfg, run_dir, data_dir, download)
     done = 0 if state is None else int(state["tasks_done"])
+    removed = discard_later_tasks(run_dir, done)
+    if removed:
+        why = ("it has no checkpoint.pt, so it is redone from task 1" if state is None else
+               f"its checkpoint covers tasks 1-{done}")
+        print(f"note: run {cfg.name}: {why}; the files of tasks "
+              f"{removed[0] + 1}-{removed[-1] + 1} there ({len(removed)}) were from an earlier "
+              "or interrupted run and are removed, so that old and new tasks never mix",
+              file=sys.stderr)
     (run_dir / "tasks").mkdir(parents=True, exist_ok=True)
     cfg_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
     if not cfg_path.exists():
@@ -588,7 +690,10 @@ def run_experiment(
     for t in range(done, last):
         began = time.perf_counter()
         task = problem.task(cfg.seeds, t)
-        record = trainer.measure(task, "start")
+        try:
+            record = trainer.measure(task, "start")
+        except SetupError as err:  # an --overlap-k inside a tie: the run stops at this task
+            raise SetupError(f"run {cfg.name}, task {t + 1}: {err}") from None
         record.update(trainer.train_task(task, t))
         record.update(trainer.measure(task, "end"))
         result = {"task": t, "seeds": cfg.seeds, "seconds": time.perf_counter() - began}

@@ -1,5 +1,6 @@
 """Per-seed measurements: the earlier explanations of plasticity loss and, through the public
-``hessrank`` API, curvature. Every function returns one value per seed (a list of length S)."""
+``hessrank`` API, curvature. Every function returns one value per seed (a list of length S;
+``gradient_overlap`` two: the overlap and the k it took)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 
 import hessrank
 from plasticity.model import BatchedMLP, per_seed_cross_entropy
+from plasticity.problems import SetupError
 
 
 @torch.no_grad()
@@ -137,12 +139,39 @@ def hessian_ranks(
 def gradient_overlap(
     model: BatchedMLP, x: torch.Tensor, y: torch.Tensor, k: int | None, threshold: float,
     max_memory: float
-) -> list[float]:
-    """Fraction of ||grad||^2 in the top-k (default: the srank at ``threshold``, as the ranks
-    are measured) exact-Hessian eigenspace, per seed."""
+) -> tuple[list[float], list[int]]:
+    """Fraction of ||grad||^2 in the top-k exact-Hessian eigenspace, and the k it used, per seed.
+
+    ``k`` None takes the srank at ``threshold`` (as the ranks are measured), unless it splits a
+    cluster of equal |eigenvalues| (a +a/-a pair, a repeated eigenvalue), where the top-k
+    eigenvectors, and so the overlap, are not determined: then the nearest k at a gap (the lower
+    one of two as near), which is why the k used is returned, to be recorded beside the overlap.
+
+    Raises:
+        SetupError: an explicit ``k`` splits such a cluster, naming the gaps on either side.
+    """
     loss_fn = nn.CrossEntropyLoss()
-    return [
-        float(hessrank.gradient_overlap(model.to_module(s), loss_fn, (x[s], y[s]), k=k,
-                                        threshold=threshold, max_memory=max_memory))
-        for s in range(model.num_seeds)
-    ]
+    overlaps, used = [], []
+    for s in range(model.num_seeds):
+        net, batch = model.to_module(s), (x[s], y[s])
+        chosen = k if k is not None else int(hessrank.effective_rank(
+            net, loss_fn, batch, method="exact", threshold=threshold, max_memory=max_memory).rank)
+        try:
+            overlap = hessrank.gradient_overlap(net, loss_fn, batch, k=chosen,
+                                                max_memory=max_memory)
+        except hessrank.TiedEigenvaluesError as tie:
+            below, above = tie.gaps
+            if k is not None:
+                raise SetupError(
+                    f"--overlap-k {k} splits a cluster of equal |eigenvalues| of seed "
+                    f"{model.seeds[s]}'s exact Hessian, so its top-k eigenvectors, and the "
+                    f"overlap, are not determined: the nearest k at a gap are {below} and "
+                    f"{above}; pass one of them (with another --out: config.json fixes "
+                    "overlap_k), or omit --overlap-k to take the srank (moved to the nearest "
+                    "gap where it splits such a cluster)") from None
+            chosen = below if chosen - below <= above - chosen else above
+            overlap = hessrank.gradient_overlap(net, loss_fn, batch, k=chosen,
+                                                max_memory=max_memory)
+        overlaps.append(float(overlap))
+        used.append(chosen)
+    return overlaps, used

@@ -6,7 +6,9 @@ Each curve is the mean over seeds with the 95% confidence interval of the mean (
 band. Colours mean the same thing in every figure: one per activation, one per regularizer, one
 per Hessian estimator; a regularizer's strengths are told apart by line style. A panel holds one
 setting only (the main and the exact-size settings are never drawn on one axis). A figure whose
-runs are missing from RESULTS_DIR is skipped.
+runs are missing from RESULTS_DIR is skipped. Titles name each setting as the runs' config.json
+records it (problem, images, model), and a band of a fraction (accuracy, units, overlap) is
+clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from plasticity.analysis import (  # noqa: E402
     load_runs,
     mean_ci,
     paired,
+    problem_of,
     setting,
+    sweep_parts,
 )
 from plasticity.model import ACTIVATIONS  # noqa: E402
 from plasticity.problems import SetupError  # noqa: E402
@@ -85,14 +89,27 @@ METRICS = {
 }
 
 
-def band(ax: plt.Axes, values: np.ndarray, label: str, color: str, style: str = "-") -> None:
-    """One mean curve over seeds with its 95% confidence band, tasks numbered from 1."""
+#: Metrics that are fractions: their confidence bands are clipped to [0, 1] (a band of the mean
+#: of a few seeds can pass either end; the fraction cannot).
+FRACTIONS = ("acc_", "dead_frac", "dormant_frac", "active_frac", "overlap_start")
+
+
+def limits(metric: str) -> tuple[float, float]:
+    """The values ``metric`` can take: [0, 1] for a fraction (:data:`FRACTIONS`)."""
+    return (0.0, 1.0) if metric.startswith(FRACTIONS) else (-np.inf, np.inf)
+
+
+def band(ax: plt.Axes, values: np.ndarray, label: str, color: str, style: str = "-",
+         metric: str = "") -> None:
+    """One mean curve over seeds with its 95% confidence band, tasks numbered from 1; the band
+    kept within the values ``metric`` can take (:func:`limits`)."""
     mean, half = mean_ci(values)
     x = np.arange(1, len(mean) + 1)
     ax.plot(x, mean, style, label=label, color=color, lw=1.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if not np.isnan(half).all():
-        ax.fill_between(x, mean - half, mean + half, alpha=0.18, color=color, lw=0)
+        ax.fill_between(x, *np.clip([mean - half, mean + half], *limits(metric)), alpha=0.18,
+                        color=color, lw=0)
 
 
 def legend(ax: plt.Axes, size: int) -> None:
@@ -106,12 +123,20 @@ def legend(ax: plt.Axes, size: int) -> None:
 
 def label_axes(ax: plt.Axes, metric: str) -> None:
     spec = METRICS.get(metric, Metric(metric, metric))
-    if metric.startswith("acc"):  # a confidence band may pass 1; accuracy cannot
-        ax.set_ylim(top=min(ax.get_ylim()[1], 1.02))
     ax.set_title(spec.title, fontsize=9)
     ax.set_ylabel(spec.ylabel, fontsize=8)
     ax.set_xlabel(TASK_AXIS, fontsize=8)
     ax.tick_params(labelsize=7)
+
+
+def about(runs: dict[str, RunData], prefix: str, full: bool = True) -> str:
+    """The runs named ``prefix...`` and their setting as the first one's config.json records it
+    (``check_comparable`` has made the others agree): ``act_*: random_label_mnist, 300 images,
+    MLP width 128 x depth 2`` and, ``full``, its epochs, seeds and tasks."""
+    run = next((run for name, run in runs.items() if name.startswith(prefix)), None)
+    if run is None:
+        return f"{prefix}*"
+    return f"{prefix}*: " + (setting(run) if full else problem_of(run.config))
 
 
 def _grid(panels: int, ncols: int) -> tuple[plt.Figure, np.ndarray]:
@@ -144,7 +169,7 @@ def activation_figure(
     for ax, metric in zip(axes.flat, metrics, strict=False):
         for name, label, color in curves:
             if metric in runs[name]:
-                band(ax, runs[name][metric], label, color)
+                band(ax, runs[name][metric], label, color, metric=metric)
         label_axes(ax, metric)
         legend(ax, 7)
     _save(fig, path, title)
@@ -182,21 +207,22 @@ def estimator_figure(runs: dict[str, RunData], path: Path) -> bool:
             ax.set_xlabel(TASK_AXIS, fontsize=8)
             ax.tick_params(labelsize=7)
             legend(ax, 6)
-    _save(fig, path, "Figure 3: Hessian rank estimators at task start, exact-size setting\n"
-                     f"({setting(runs[f'exact_{acts[0]}'])}; rows: block x normalisation)")
+    _save(fig, path, "Figure 3: Hessian rank estimators at task start\n"
+                     f"({about(runs, 'exact_')}; rows: block x normalisation)")
     return True
 
 
 def update_norm_figure(runs: dict[str, RunData], path: Path) -> bool:
-    """Figure 5: update and gradient norms (main setting, row 1) and the gradient-Hessian
-    overlap (exact-size setting, row 2); ReLU and leaky-ReLU."""
+    """Figure 5: update and gradient norms (the ``act_`` runs, the main setting of the presets,
+    row 1) and the gradient-Hessian overlap (the ``exact_`` runs, row 2); ReLU and leaky-ReLU."""
     pair = ("relu", "leaky_relu")
-    rows = [("act_", "main setting", ["update_norm_online", "grad_norm_start", "acc_end"]),
-            ("exact_", "exact-size setting", ["overlap_start", "acc_end"])]
-    if not any(f"{p}{a}" in runs for p, _, _ in rows for a in pair):
+    rows = [("act_", ["update_norm_online", "grad_norm_start", "acc_end"]),
+            ("exact_", ["overlap_start", "acc_end"])]
+    if not any(f"{p}{a}" in runs for p, _ in rows for a in pair):
         return False
     fig, axes = plt.subplots(2, 3, figsize=(12.6, 6.8), squeeze=False)
-    for row, (prefix, named, metrics) in enumerate(rows):
+    for row, (prefix, metrics) in enumerate(rows):
+        named = about(runs, prefix, full=False)
         for col in range(3):
             ax = axes[row, col]
             if col >= len(metrics):
@@ -204,9 +230,10 @@ def update_norm_figure(runs: dict[str, RunData], path: Path) -> bool:
                 continue
             for a in pair:
                 if f"{prefix}{a}" in runs and metrics[col] in runs[f"{prefix}{a}"]:
-                    band(ax, runs[f"{prefix}{a}"][metrics[col]], a, ACT_COLORS[a])
+                    band(ax, runs[f"{prefix}{a}"][metrics[col]], a, ACT_COLORS[a],
+                         metric=metrics[col])
             label_axes(ax, metrics[col])
-            ax.set_title(f"{named}: {ax.get_title()}", fontsize=8)
+            ax.set_title(f"{named}:\n{ax.get_title()}", fontsize=7)
             legend(ax, 7)
     _save(fig, path, "Figure 5: update norm, gradient norm and gradient-Hessian overlap")
     return True
@@ -216,13 +243,9 @@ def reg_runs(runs: dict[str, RunData], reg: str, act: str) -> list[tuple[float, 
     """The sweep's runs of ``reg`` on ``act``, by increasing strength."""
     found = []
     for name, run in runs.items():
-        head = f"reg_{reg}_"
-        if name.startswith(head) and name.endswith(f"_{act}"):
-            strength = name[len(head): -len(act) - 1]
-            try:
-                found.append((float(strength), run))
-            except ValueError:  # l2 would also match l2_init's names
-                continue
+        parts = sweep_parts(name)
+        if parts is not None and (parts[0], parts[2]) == (reg, act):
+            found.append((parts[1], run))
     return sorted(found, key=lambda item: item[0])
 
 
@@ -242,15 +265,15 @@ def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
             base_run = runs.get(baseline(sweep[0][1].name) or "") if sweep else None
             if base_run is not None and metric in base_run:
                 base = paired(sweep[0][1], base_run)[1]
-                band(ax, base[metric], "none", REG_COLORS["none"])
+                band(ax, base[metric], "none", REG_COLORS["none"], metric=metric)
             for style, (strength, run) in zip(STRENGTH_STYLES, sweep, strict=False):
-                band(ax, run[metric], f"{reg} {strength:g}", REG_COLORS[reg], style)
+                band(ax, run[metric], f"{reg} {strength:g}", REG_COLORS[reg], style, metric)
             label_axes(ax, metric)
             ax.set_title(f"{act}, {reg}: {ax.get_title()}", fontsize=8)
             legend(ax, 6)
     curves = out / "regularizers.png"
-    _save(fig, curves, "Regularizer sweep (main setting): strengths by line style, "
-                       "none in grey on the same seeds")
+    _save(fig, curves, "Regularizer sweep: strengths by line style, none in grey on the same "
+                       f"seeds\n({about(runs, 'reg_')})")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     for ax, (act, metric) in zip(axes.flat, panels, strict=True):
         for reg in regs:
@@ -265,14 +288,13 @@ def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
             late = np.array([run.restricted(common, run.seeds)[metric][-3:].mean(0)
                              for _, run in sweep])  # (strengths, seeds)
             mean, half = mean_ci(late)
-            ax.errorbar([s for s, _ in sweep], mean, yerr=half, color=REG_COLORS[reg],
-                        marker="o", capsize=3, label=reg)
+            low, high = np.clip([mean - half, mean + half], *limits(metric))
+            ax.errorbar([s for s, _ in sweep], mean, yerr=[mean - low, high - mean],
+                        color=REG_COLORS[reg], marker="o", capsize=3, label=reg)
             if base_run is not None:
                 base = base_run.restricted(common, sweep[0][1].seeds)
                 ax.axhline(base[metric][-3:].mean(), color=REG_COLORS["none"], ls="--", lw=1)
         ax.set_xscale("log")
-        if metric.startswith("acc"):
-            ax.set_ylim(top=min(ax.get_ylim()[1], 1.02))
         ax.set_xlabel("strength (lambda; shrink p per step for shrink_perturb)", fontsize=8)
         ax.set_ylabel(METRICS[metric].ylabel, fontsize=8)
         ax.set_title(f"{act}: {METRICS[metric].title}, last 3 tasks\n(dashed: none)", fontsize=8)
@@ -285,21 +307,21 @@ def regularizer_figures(runs: dict[str, RunData], out: Path) -> list[Path]:
 
 def overview_figure(runs: dict[str, RunData], path: Path) -> bool:
     """Accuracy and Hessian rank of the four activations, one column per setting."""
-    settings = [("act_", "Random-Label MNIST (main)", "hess_rank_fisher_start"),
-                ("permuted_", "Permuted MNIST", "hess_rank_fisher_start"),
-                ("exact_", "exact-size setting", "hess_rank_exact_start")]
+    settings = [("act_", "hess_rank_fisher_start"), ("permuted_", "hess_rank_fisher_start"),
+                ("exact_", "hess_rank_exact_start")]
     settings = [s for s in settings if any(f"{s[0]}{a}" in runs for a in ACTIVATIONS)]
     if not settings:
         return False
     fig, axes = plt.subplots(2, len(settings), figsize=(4.4 * len(settings), 6.6), squeeze=False)
-    for col, (prefix, named, rank_key) in enumerate(settings):
+    for col, (prefix, rank_key) in enumerate(settings):
+        named = about(runs, prefix, full=False).replace(", MLP", ",\nMLP")
         for row, metric in enumerate(("acc_end", rank_key)):
             ax = axes[row, col]
             for a in ACTIVATIONS:
                 if f"{prefix}{a}" in runs and metric in runs[f"{prefix}{a}"]:
-                    band(ax, runs[f"{prefix}{a}"][metric], a, ACT_COLORS[a])
+                    band(ax, runs[f"{prefix}{a}"][metric], a, ACT_COLORS[a], metric=metric)
             label_axes(ax, metric)
-            ax.set_title(f"{named}:\n{ax.get_title()}", fontsize=8)
+            ax.set_title(f"{named}\n{ax.get_title()}", fontsize=7)
             legend(ax, 7)
     _save(fig, path, "Overview: plasticity and Hessian rank by activation, per setting")
     return True
@@ -322,29 +344,25 @@ def draw_all(results: Path, out: Path) -> list[Path]:
     fig1 = ["acc_end", "acc_online", "dead_frac", "dormant_frac", "active_frac", "feature_rank",
             "weight_norm", "dist_init", "grad_norm_start", "update_norm_online"]
 
-    def about(prefix: str) -> str:
-        """The setting of the first run named ``prefix...``, as its config.json records it."""
-        return next((setting(run) for name, run in runs.items() if name.startswith(prefix)), "")
-
     by_activation = {
-        "fig1_explanations.png": ("act_", fig1, f"Figure 1: earlier explanations ({about('act_')})",
-                                  None),
+        "fig1_explanations.png": ("act_", fig1,
+                                  f"Figure 1: earlier explanations ({about(runs, 'act_')})", None),
         "fig2_feature_rank_reg.png": (
             "act_", ["acc_end", "acc_online", "feature_rank", "hess_rank_fisher_start"],
-            "Figure 2: feature-rank regularization on leaky-ReLU (main setting)",
+            f"Figure 2: feature-rank regularization on leaky-ReLU ({about(runs, 'featrank_')})",
             {"featrank_leaky_relu": ("leaky_relu + feature-rank reg.",
                                      REG_COLORS["feature_rank"])},
         ),
         "fig4_curvature.png": ("act_", ["acc_end", "acc_online"] + hess,
                                "Figure 4: empirical-Fisher Hessian rank and plasticity, both "
-                               "parameter blocks (main setting)", None),
+                               f"parameter blocks\n({about(runs, 'act_')})", None),
         "fig4_exact_size.png": ("exact_", ["acc_end", "hess_rank_exact_start",
                                            "hess_rank_exact_last2_start"],
-                                f"Figure 4, exact Hessian: exact-size setting ({about('exact_')})",
+                                f"Figure 4, exact Hessian ({about(runs, 'exact_')})",
                                 None),
         "permuted_mnist.png": ("permuted_", ["acc_end", "acc_online"] + hess[:2] +
                                ["dead_frac", "feature_rank"],
-                               f"Permuted MNIST ({about('permuted_')})", None),
+                               f"Permuted tasks ({about(runs, 'permuted_')})", None),
     }
     written = []
     for filename, (prefix, metrics, title, extra) in by_activation.items():

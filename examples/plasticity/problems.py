@@ -50,9 +50,11 @@ class SetupError(Exception):
     """
 
 
-def default_data_dir() -> str:
-    """``$HESSRANK_DATA_DIR`` if set, else ``~/.cache/hessrank/data``."""
-    return os.environ.get(DATA_DIR_ENV) or str(Path.home() / ".cache" / "hessrank" / "data")
+def data_dir_of(given: str | os.PathLike | None = None) -> str:
+    """The data folder: ``given`` (``--data-dir``), else ``$HESSRANK_DATA_DIR``, else
+    ``~/.cache/hessrank/data``, with a leading ``~`` expanded (as a shell does only unquoted)."""
+    folder = given or os.environ.get(DATA_DIR_ENV) or Path("~") / ".cache" / "hessrank" / "data"
+    return str(Path(folder).expanduser())
 
 
 def task_generator(seed: int, task: int, stream: int = 0) -> torch.Generator:
@@ -128,23 +130,43 @@ class Problem:
             return Task(self.pool.x, maps[:, self.pool.labels], c)
         return self._class_pair_task(len(seeds), t)
 
+    def check_tasks(self, tasks: int, where: str = "") -> None:
+        """Refuse, before anything is written, a sequence of ``tasks`` tasks one of which
+        cannot be built (a class pair the pool holds too few images of).
+
+        Raises:
+            SetupError: naming the first such task, prefixed by ``where``.
+        """
+        if self.kind == "class_pairs":
+            for t in range(tasks):
+                self._class_pair(t, where)
+
+    def _class_pair(self, t: int, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """Task ``t``'s pair of classes and the mask of the pool's images of either.
+
+        Raises:
+            SetupError: the pool holds fewer than 2 images of the pair.
+        """
+        c = self.pool.num_classes
+        pair = torch.randperm(c, generator=task_generator(self.sequence_seed, t))[:2]
+        keep = (self.pool.labels == pair[0]) | (self.pool.labels == pair[1])
+        if int(keep.sum()) < 2:
+            raise SetupError(
+                f"{where}task {t + 1}: the pool of {self.pool.x.shape[0]:,} images holds "
+                f"{int(keep.sum())} of the class pair {pair.tolist()} (of {c} classes): a "
+                "class-pair problem needs a pool with images of every class, e.g. --num-samples "
+                "100000")
+        return pair, keep
+
     def _class_pair_task(self, num_seeds: int, t: int) -> Task:
         """Continual ImageNet (Dohare et al.): each task tells two classes apart.
 
         The seeds of a batch share their input images, so the pair sequence is fixed by
         ``sequence_seed`` (like the image subset), not by the run seed.
         """
-        c = self.pool.num_classes
-        pair = torch.randperm(c, generator=task_generator(self.sequence_seed, t))[:2]
-        keep = (self.pool.labels == pair[0]) | (self.pool.labels == pair[1])
-        x = self.pool.x[keep]
-        if x.shape[0] < 2:
-            raise SetupError(
-                f"task {t + 1}: the pool of {self.pool.x.shape[0]:,} images holds "
-                f"{x.shape[0]} of the class pair {pair.tolist()} (of {c} classes): a class-pair "
-                "problem needs a pool with images of every class, e.g. --num-samples 100000")
+        pair, keep = self._class_pair(t)
         y = (self.pool.labels[keep] == pair[1]).long()
-        return Task(x, y.expand(num_seeds, -1).contiguous(), 2)
+        return Task(self.pool.x[keep], y.expand(num_seeds, -1).contiguous(), 2)
 
 
 def _subset(n_total: int, n: int | None, subset_seed: int) -> torch.Tensor:
@@ -188,9 +210,10 @@ def load_mnist(
     try:
         ds = MNIST(root=data_dir, train=True, download=download)
     except (RuntimeError, OSError) as err:  # torchvision's download failures (offline, HTTP)
+        said = " ".join(str(err).split())  # torchvision's message spans lines (one per mirror)
         raise SetupError(
-            (f"MNIST download into {data_dir} failed ({err})" if download else
-             f"MNIST in {data_dir} is incomplete ({err}): MNIST/raw needs the four files "
+            (f"MNIST download into {data_dir} failed ({said})" if download else
+             f"MNIST in {data_dir} is incomplete ({said}): MNIST/raw needs the four files "
              "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
              "t10k-labels-idx1-ubyte")
             + "; copy MNIST/raw there by hand and pass --data-dir") from None

@@ -33,7 +33,7 @@ from plasticity.experiment import (
 )
 from plasticity.metrics import BLOCKS
 from plasticity.model import ACTIVATIONS
-from plasticity.problems import DATA_DIR_ENV, PROBLEMS, SetupError, default_data_dir
+from plasticity.problems import DATA_DIR_ENV, PROBLEMS, SetupError, data_dir_of
 from plasticity.regularizers import REGULARIZERS
 
 PRESETS = ("single", "smoke", "default", "paper")
@@ -184,7 +184,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"overlap's default k (default {d.hess_threshold})")
     add("--lanczos-steps", dest="lanczos_steps", type=int, default=s,
         help="Lanczos products (default: the library's, min(640, ceil(P/3)))")
-    add("--overlap", action="store_true", default=s, help="measure gradient overlap (exact)")
+    add("--overlap", action=argparse.BooleanOptionalAction, default=s,
+        help="measure (or not: --no-overlap) the task-start gradient overlap with the top "
+        "exact-Hessian subspace (default: the preset's; off in single)")
     add("--overlap-k", dest="overlap_k", type=int, default=s,
         help="top-k Hessian subspace of the overlap, at most the number of parameters "
         "(default: the Hessian's srank)")
@@ -233,7 +235,7 @@ def configs_from_args(args: argparse.Namespace) -> list[Config]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.out or Path(__file__).resolve().parent / "results" / args.preset
-    data_dir = str(args.data_dir or default_data_dir())
+    data_dir = data_dir_of(args.data_dir)
     try:  # every option, then every run directory, is checked before the first task is trained
         COUNT.check("--threads", args.threads)
         torch.set_num_threads(args.threads)

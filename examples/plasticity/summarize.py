@@ -4,11 +4,13 @@
     python examples/plasticity/summarize.py RESULTS_DIR --metrics  # every metric of every run
 
 Windows (see ``analysis``): early = tasks 2-4 (task 1 starts from the untrained network and is
-left out everywhere), late = the last 3 tasks; "a -> b (change ± h)" is the mean over seeds of
+left out of the windows and of every comparison over tasks 2-T; target 3, comparing estimators
+on one network, counts it), late = the last 3 tasks; "a -> b (change ± h)" is the mean over seeds of
 each window and the 95% CI half-width of the mean change. "n.s.": the interval contains zero.
 Each verdict is computed from these numbers by the rule printed with it; nothing is hand-written.
 A target some of whose runs or measurements are missing says "not tested" and which. Runs that
-differ in more than a comparison varies are refused (``analysis.check_comparable``).
+differ in more than a comparison varies, or whose configuration is not what their name says,
+are refused (``analysis.check_comparable``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from plasticity.analysis import (
     paired_difference,
     setting,
     spearman,
+    sweep_parts,
 )
 from plasticity.model import ACTIVATIONS
 from plasticity.problems import SetupError
@@ -322,7 +325,7 @@ def target_6(runs: dict[str, RunData]) -> list[str]:
         overlap = (f"; overlap of the task-start gradient with the top-srank exact-Hessian "
                    f"eigenspace (exact-size model), tasks 2-T, ReLU {r[FIRST_TASK:].mean():.3f}, "
                    f"leaky {lk[FIRST_TASK:].mean():.3f}, ReLU minus leaky {diff[0]:+.4f} ± "
-                   f"{diff[1]:.4f} (paired by seed)")
+                   f"{diff[1]:.4f} (paired by seed){_overlap_ks(relu, leaky)}")
         overlap_less = "yes" if diff[0] > 0 and diff[0] > diff[1] else "no"
     # a drop, as every verdict here, needs its CI to exclude 0 (the sign alone said "yes" beside
     # two changes marked n.s.; probe 91)
@@ -336,18 +339,30 @@ def target_6(runs: dict[str, RunData]) -> list[str]:
             "exact-size setting) | " + "; ".join(parts) + overlap + " |"]
 
 
-def _sweep_parts(run: RunData) -> tuple[str, str, str]:
-    """(regularizer, strength as named, activation) of a sweep run
-    ``reg_<regularizer>_<strength>_<activation>``."""
-    act = (baseline(run.name) or "act_relu")[len("act_"):]
-    reg, strength = run.name[len("reg_"): -len(act) - 1].rsplit("_", 1)
-    return reg, strength, act
+def _overlap_ks(*runs: RunData) -> str:
+    """The subspace dimensions k the overlap of ``runs`` took, tasks 2-T, where recorded
+    (``overlap_k_start``: the srank, or the nearest gap where the srank split a cluster of equal
+    eigenvalues; results of before it was recorded have none)."""
+    ks = [run["overlap_k_start"][FIRST_TASK:] for run in runs if "overlap_k_start" in run]
+    if len(ks) < len(runs):
+        return ""
+    return (f"; k (overlap_k_start) {int(min(k.min() for k in ks))}-"
+            f"{int(max(k.max() for k in ks))} eigenvectors")
+
+
+def _sweep_parts(run: RunData) -> tuple[str, float, str]:
+    """(regularizer, strength, activation) of a sweep run, by its name
+    (``reg_<regularizer>_<strength>_<activation>``, which ``check_comparable`` has checked
+    against its configuration)."""
+    parts = sweep_parts(run.name)
+    assert parts is not None, "check_comparable refuses a reg_ name of another form"
+    return parts
 
 
 def _sweep_order(run: RunData) -> tuple[bool, str, float]:
     """Sort key of a sweep run: activation (ReLU first), regularizer, strength."""
     reg, strength, act = _sweep_parts(run)
-    return act != "relu", reg, float(strength)
+    return act != "relu", reg, strength
 
 
 def target_7(runs: dict[str, RunData]) -> list[str]:
@@ -367,7 +382,7 @@ def target_7(runs: dict[str, RunData]) -> list[str]:
         r, base = paired(r, base_run)
         acc = paired_difference(r["acc_end"][-WINDOW:].mean(0), base["acc_end"][-WINDOW:].mean(0))
         helped.setdefault(reg, []).append(acc[0] > acc[1])
-        text = (f"{reg} {strength} {act}: accuracy {r['acc_end'][-WINDOW:].mean():.2f} "
+        text = (f"{reg} {strength:g} {act}: accuracy {r['acc_end'][-WINDOW:].mean():.2f} "
                 f"({acc[0]:+.2f} ± {acc[1]:.2f})")
         if key in r and key in base:
             rank = paired_difference(r[key][-WINDOW:].mean(0), base[key][-WINDOW:].mean(0))
