@@ -278,7 +278,8 @@ def _handlers_put_back(handlers: dict[int, Callable[[int, Any], Any]]) -> BaseEx
     left Ctrl-C's recorder installed for good (probe 124). Returns the first such exception,
     for the caller to raise once everything is back."""
     raised: BaseException | None = None
-    for number, handler in handlers.items():
+    # Ctrl-C's last: it can raise from the moment it is back, and the others are back by then
+    for number, handler in sorted(handlers.items(), key=lambda item: item[0] == signal.SIGINT):
         for _ in range(_PUT_BACK_TRIES):
             try:
                 _SETSIGNAL(number, handler)
@@ -344,14 +345,21 @@ def deferred_interrupts() -> Iterator[None]:
             _SETSIGNAL(number, record)
         yield
     finally:
-        raised = _handlers_put_back(swapped)
-        try:  # held-back signals are delivered now: a handler may raise, Ctrl-C still lands
+        # The mask first, while every handler is still a recorder (the signals it held back
+        # are recorded), then the handlers, Ctrl-C's last: a Ctrl-C can raise only once its
+        # own handler is back, and it had landed there with the mask still set, leaving 55
+        # signals blocked (probe 145).
+        raised: BaseException | None = None
+        try:
             if mask is not None and _SIGMASK is not None:
                 _SIGMASK(signal.SIG_SETMASK, mask)
         finally:
-            raised = _delivered(received, handlers, raised)
-            if raised is not None:
-                raise raised
+            try:
+                raised = _handlers_put_back(swapped)
+            finally:
+                raised = _delivered(received, handlers, raised)
+                if raised is not None:
+                    raise raised
 
 
 Params = ParamSpec("Params")
@@ -428,12 +436,30 @@ def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, 
 
     @functools.wraps(function)
     def call(*args: Params.args, **kwargs: Params.kwargs) -> Returned:
+        depth, numpy_errors = torch._C._len_torch_function_stack(), dict(np.geterr())
         try:
             return function(*args, **kwargs)
         except _Signalled as carried:
             raise carried.original from carried.original.__cause__
+        finally:
+            _global_modes_put_back(depth, numpy_errors)
 
     return call
+
+
+def _global_modes_put_back(depth: int, numpy_errors: dict[str, Any]) -> None:
+    """Torch's function-mode stack down to ``depth`` where the modes above are hessrank's own, and
+    NumPy's error handling as ``numpy_errors``: a Ctrl-C that lands inside the ``__enter__`` of
+    a torch mode (after its push) or of ``np.errstate``'s ``__exit__`` skips the exit that undoes
+    it, and had left the mode on the stack for every later torch call of the training loop (a
+    call counter that grew by 40 entries a step) or NumPy's warnings off (probe 145)."""
+    while torch._C._len_torch_function_stack() > depth:
+        top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
+        if not type(top).__module__.startswith("hessrank."):
+            break
+        torch._C._pop_torch_function_stack()
+    if np.geterr() != numpy_errors:
+        np.seterr(**numpy_errors)
 
 
 class ExitsHeldBack:
@@ -1191,13 +1217,21 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
                 continue
             if enabled:
                 for_the_call.enter_context(torch.autocast(device, enabled=False))
-        for module in model.modules():
+        scaled = []
+        for name, module in model.named_modules():
             # flags of how a table's gradient is stored or scaled, not of what it is: the
             # curvature is the loss's (scale_grad_by_freq divides each row's gradient by its
-            # token's count, which autograd's second derivatives would carry; probe 66)
+            # token's count, which autograd's second derivatives would carry; probe 66), and a
+            # note says so for the scaling, which training follows (probe 144)
             if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+                if module.scale_grad_by_freq:
+                    scaled.append(f"{type(module).__name__} {name!r}")
                 for flag in ("sparse", "scale_grad_by_freq"):
                     if getattr(module, flag):
                         for_the_call.enter_context(_attribute_for_the_call(module, flag, False))
+        if scaled:
+            notes.append(f"scale_grad_by_freq=True on {', '.join(scaled)}: training divides "
+                         "each row's gradient by its token's count in the batch; the curvature "
+                         "is the loss's, without that scaling")
         notes.extend(hook_notes + cache_notes + saved_notes + compiled_notes)
         yield notes  # the embeddings' notes come with their first rescaling

@@ -1071,3 +1071,78 @@ def test_an_interrupt_at_any_step_of_the_guards_restores_everything(signal_name,
             assert _process_settings() == settings, point
     finally:
         signal.signal(signal.SIGALRM, previous)
+
+
+def _interrupted_at(method: str, lands: Any) -> None:
+    """A ``KeyboardInterrupt`` raised where a Ctrl-C would be handled: at the first line event
+    for which ``lands(frame)`` holds (a trace function; random timers reach these windows once
+    in hundreds of calls)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    batch = (torch.randn(12, 8), torch.randint(0, 3, (12,)))
+    fired: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and not fired and lands(frame):
+                fired.append(True)
+                raise KeyboardInterrupt
+            return local
+        return local
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            hessrank.effective_rank(model, CE, batch, method=method, lanczos_steps=10)
+    finally:
+        sys.settrace(None)
+    assert fired
+
+
+def _inside_a_mode_s_enter(depth: int) -> Any:
+    enter = torch.overrides.TorchFunctionMode.__enter__.__code__
+    return lambda frame: (frame.f_code is enter
+                          and torch._C._len_torch_function_stack() > depth)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "fisher", "exact"])
+def test_an_interrupt_inside_a_mode_s_enter_leaves_no_mode(method: str) -> None:
+    """A Ctrl-C landing in a torch function mode's ``__enter__`` just after its push skips the
+    exit that pops it: hessrank's mode had stayed on the stack for every later torch call of
+    the training loop (probe 145)."""
+    depth = torch._C._len_torch_function_stack()
+    _interrupted_at(method, _inside_a_mode_s_enter(depth))
+    assert torch._C._len_torch_function_stack() == depth
+
+
+def test_an_interrupt_in_numpy_s_errstate_exit_leaves_its_errors_as_they_were() -> None:
+    """A Ctrl-C at the entry of ``np.errstate``'s exit inside the rank definitions had left
+    NumPy's warnings off (probe 145)."""
+    before = np.geterr()
+    exit_code = np.errstate.__exit__.__code__
+    _interrupted_at("fisher", lambda frame: frame.f_code is exit_code
+                    and "hessrank" in frame.f_back.f_code.co_filename)
+    assert np.geterr() == before
+
+
+def test_an_interrupt_once_ctrl_c_s_handler_is_back_leaves_no_signal_blocked() -> None:
+    """The signals a call holds back are unblocked before Ctrl-C's own handler is put back (the
+    only point from which it can raise): landing after it, with the mask still set, it had left
+    55 signals blocked (probe 145)."""
+    import signal
+
+    from hessrank import guard
+
+    def handler(*_: object) -> None:  # a handler to put back too
+        return None
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        code = guard._handlers_put_back.__code__
+        _interrupted_at("fisher", lambda frame: frame.f_code is code
+                        and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == blocked
+        assert signal.getsignal(signal.SIGUSR1) is handler
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
