@@ -1031,6 +1031,7 @@ def build_problem(
         if not all_finite(p.detach()):
             raise ValueError(f"parameter {name!r} contains NaN or Inf: the curvature is undefined")
     notes.extend(_mode_notes(model, mode))
+    notes.extend(_embedding_notes(model, {id(p) for p in selected}))
     if isinstance(loss_fn, nn.Module):  # (left out without a word; probe 138)
         # (not the model's own, which a regulariser holding the model reaches too; probe 139)
         own = {id(p) for p in model.parameters()}
@@ -1271,6 +1272,20 @@ def _mode_notes(model: nn.Module, mode: str) -> list[str]:
                      "statistics all the same, so each sample's output depends on the whole "
                      "batch")
     return notes
+
+
+def _embedding_notes(model: nn.Module, analysed: set[int]) -> list[str]:
+    """Embeddings whose ``padding_idx`` row gets no gradient: autograd masks it, as in training,
+    so every method holds it fixed, its entries counted in P with zero curvature (not said
+    before; probe 144)."""
+    padded = [f"{type(module).__name__} {name!r} (padding_idx={module.padding_idx})"
+              for name, module in model.named_modules()
+              if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+              and id(module.weight) in analysed and module.padding_idx is not None]
+    if not padded:
+        return []
+    return [f"the padding_idx row of {listed_names(padded)} gets no gradient, as in training: "
+            "held fixed, its entries count in P with zero curvature"]
 
 
 def _check_placement(labelled: list[tuple[str, Tensor]], dtype: torch.dtype,

@@ -476,6 +476,28 @@ class _Regularised(nn.Module):
         return CE(outputs, targets) + sum((p**2).sum() for p in self.model.parameters())
 
 
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_an_embedding_s_masked_or_scaled_gradient_is_noted(method):
+    """An embedding's padding_idx row gets no gradient (every method holds it fixed, its entries
+    in P) and scale_grad_by_freq scales the training gradient, not the loss: neither had been
+    said (probe 144). A plain embedding, or one whose table is not analysed, has no note."""
+    def model_with(**options: object) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(6, 3, **options), nn.Flatten(), nn.Linear(6, 3))
+
+    batch = (torch.tensor([[0, 1], [2, 3], [4, 5], [1, 0]]), torch.tensor([0, 1, 2, 0]))
+    padded = hessrank.effective_rank(model_with(padding_idx=0), CE, batch, method)
+    assert ("the padding_idx row of Embedding '0' (padding_idx=0) gets no gradient, as in "
+            "training: held fixed, its entries count in P with zero curvature") in padded.notes
+    scaled = hessrank.effective_rank(model_with(scale_grad_by_freq=True), CE, batch, method)
+    assert any(note.startswith("scale_grad_by_freq=True on Embedding '0': training divides")
+               for note in scaled.notes), scaled.notes
+    for result in (hessrank.effective_rank(model_with(), CE, batch, method),
+                   hessrank.effective_rank(model_with(padding_idx=0), CE, batch, method,
+                                           params=["2.weight", "2.bias"])):
+        assert not any("padding_idx" in note or "scale_grad" in note for note in result.notes)
+
+
 @pytest.mark.parametrize("method", hessrank.METHODS)
 def test_a_loss_s_own_parameters_are_held_fixed_and_noted(method):
     """A loss module's trainable parameters are not the model's: the curvature holds them fixed
