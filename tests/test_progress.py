@@ -122,10 +122,10 @@ def test_no_bar_inside_the_caller_s_own_display(monkeypatch: pytest.MonkeyPatch,
     assert bars
 
 
-def test_a_lanczos_bar_says_the_total_it_counts_to(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The bar counts the spot check's products too: labelled with the run's alone, a bar of
-    "300 products" had counted to 316 (probe 132)."""
-    added: list[tuple[str, object]] = []
+@pytest.fixture
+def added(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
+    """The ``(description, total)`` of each task added to a progress bar of the library's own."""
+    tasks: list[tuple[str, object]] = []
     original = monitor.progress_bar
 
     def recording(**options: object) -> object:
@@ -133,13 +133,19 @@ def test_a_lanczos_bar_says_the_total_it_counts_to(monkeypatch: pytest.MonkeyPat
         add_task = bar.add_task
 
         def add(description: str, **kwargs: object) -> object:
-            added.append((description, kwargs.get("total")))
+            tasks.append((description, kwargs.get("total")))
             return add_task(description, **kwargs)
 
         bar.add_task = add  # type: ignore[method-assign]
         return bar
 
     monkeypatch.setattr(monitor, "progress_bar", recording)
+    return tasks
+
+
+def test_a_lanczos_bar_says_the_total_it_counts_to(added: list[tuple[str, object]]) -> None:
+    """The bar counts the spot check's products too: labelled with the run's alone, a bar of
+    "300 products" had counted to 316 (probe 132)."""
     model = mlp((5, 20, 3), dtype=torch.float32)  # P = 183: 80 steps, 8 to check them
     hessrank.effective_rank(model, CE, classification_batch(16, 5, 3, torch.float32),
                             "lanczos", progress=True, lanczos_steps=80)
@@ -181,25 +187,10 @@ def test_a_blocking_step_is_shown_without_a_step(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize(("method", "options"), [
     ("exact", {}), ("exact", {"eigenvectors": 2}), ("ggn", {}), ("fisher", {"eigenvectors": 2}),
     ("ggn", {"per_layer": True})])
-def test_the_eigen_solve_has_a_task_of_its_own(monkeypatch: pytest.MonkeyPatch, method: str,
+def test_the_eigen_solve_has_a_task_of_its_own(added: list[tuple[str, object]], method: str,
                                                options: dict[str, object]) -> None:
     """The dense eigen-solve, the longest single step of the dense methods, is a task named with
     the matrix's size (it had run inside the previous bar's last step, or after it)."""
-    added: list[tuple[str, object]] = []
-    original = monitor.progress_bar
-
-    def recording(**options: object) -> object:
-        bar = original(**options, disable=True)
-        add_task = bar.add_task
-
-        def add(description: str, **kwargs: object) -> object:
-            added.append((description, kwargs.get("total")))
-            return add_task(description, **kwargs)
-
-        bar.add_task = add  # type: ignore[method-assign]
-        return bar
-
-    monkeypatch.setattr(monitor, "progress_bar", recording)
     result = _call(method, progress=True, **options)
     size = {"exact": result.num_params, "ggn": 16 * 2, "fisher": 16}[method]
     assert (f"eigen-solve ({size} x {size})", None) in added, added
