@@ -242,8 +242,8 @@ def eigenvector_block(graph: GraphBytes, count: int, num_params: int,
     (``F u`` for a block of eigenvectors ``u`` of the Gram), and the bytes of such a block: each
     column costs the graph's size twice and three times its largest activation (a transformer's
     rose by 2.1 times its graph per column, a CNN's by 0.9-1.2; ``fisher`` with
-    ``eigenvectors=20`` had peaked at 2.2 times a prediction without them), and its ``[P]``
-    gradient, the concatenation and a float64 copy. Blocks of up to
+    ``eigenvectors=20`` had peaked at 2.2 times a prediction without them), and ``P (2 element
+    + 8)`` bytes for its gradient's pieces on their way into the float64 rows. Blocks of up to
     :data:`EIGENVECTOR_BLOCK_BYTES` (at least one column) bound the pass however many are asked.
 
     Args:
