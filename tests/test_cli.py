@@ -1166,3 +1166,33 @@ def test_plot_breaks_lines_at_another_configuration_and_marks_failures(tmp_path:
     assert other.get_label() == "fisher on other than 8 samples"
     assert (list(other.get_xdata()), list(other.get_ydata())) == ([8, 10], [7, 7])
     assert top_axes.get_yscale() == "symlog"
+
+
+def test_unreadable_mnist_files_are_one_line(tmp_path: Path, capsys) -> None:
+    """MNIST files that exist but are not idx files (a truncated download) had ended in
+    torchvision's bare ``AssertionError`` and a traceback (probe 146)."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in presets.MNIST_FILES:
+        (raw / name).write_bytes(b"junk\n")
+    status, out, err = run_main(["rank", "--data-dir", str(tmp_path)], capsys)
+    assert status == 2 and out == ""
+    assert err.startswith(f"hessrank: error: MNIST in {raw} could not be read") and (
+        err.count("\n") == 1), err
+    assert "download them again, or use --data digits" in err
+
+
+def test_a_preset_too_large_to_allocate_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys) -> None:
+    """A preset whose parameters cannot be allocated (``--width 100000``: 40 GB) had ended in
+    the allocator's traceback (probe 146); the allocation is stood in for, not made."""
+    def refused(*_: object) -> torch.nn.Module:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "40000000000 bytes")
+
+    monkeypatch.setattr(presets, "_preset", refused)
+    status, out, err = run_main(["rank", "--width", "100000", "--method", "fisher"], capsys)
+    assert status == 2 and out == ""
+    assert err == ("hessrank: error: --model mlp at --width 100000 --depth 2 does not fit in "
+                   "memory (its parameters could not be allocated): choose a smaller --width "
+                   "or --depth\n"), err

@@ -105,7 +105,14 @@ def _mnist(data_dir: Path | None) -> tuple[Tensor, Tensor]:
         raise CliError(
             "--data mnist needs torchvision: pip install 'hessrank[examples]', or use --data digits"
         ) from err
-    mnist = datasets.MNIST(root=str(data_dir), train=True, download=False)
+    try:
+        mnist = datasets.MNIST(root=str(data_dir), train=True, download=False)
+    except (AssertionError, ValueError, RuntimeError, OSError) as err:
+        # (a truncated download had ended in torchvision's bare AssertionError; probe 146)
+        raise CliError(
+            f"MNIST in {data_dir / 'MNIST' / 'raw'} could not be read ({type(err).__name__}"
+            f"{': ' + str(err) if str(err) else ''}): its files are not valid idx files (a "
+            "truncated download?); download them again, or use --data digits") from err
     return mnist.data.to(torch.float32) / 255.0, mnist.targets.to(torch.int64)
 
 
@@ -249,7 +256,16 @@ def build_model(
             d = DEFAULT_DEPTH[name] if depth is None else depth
             if w < 1 or d < 0 or (name != "mlp" and d < 1):
                 raise CliError(f"--width {w} / --depth {d} do not make a {name}")
-            model = _preset(name, input_shape, num_classes, ACTIVATIONS[activation], w, d)
+            try:
+                model = _preset(name, input_shape, num_classes, ACTIVATIONS[activation], w, d)
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not isinstance(err, torch.OutOfMemoryError) and (
+                        "allocate" not in str(err)):
+                    raise
+                # (--width 100000 had ended in the allocator's traceback; probe 146)
+                raise CliError(f"--model {name} at --width {w} --depth {d} does not fit in "
+                               "memory (its parameters could not be allocated): choose a "
+                               "smaller --width or --depth") from err
         else:
             try:
                 built = factory()
