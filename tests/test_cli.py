@@ -1196,3 +1196,17 @@ def test_a_preset_too_large_to_allocate_is_one_line(monkeypatch: pytest.MonkeyPa
     assert err == ("hessrank: error: --model mlp at --width 100000 --depth 2 does not fit in "
                    "memory (its parameters could not be allocated): choose a smaller --width "
                    "or --depth\n"), err
+
+
+@pytest.mark.parametrize("command", ["compare", "rank"])
+def test_plot_names_a_report_it_is_given(command: str, tmp_path: Path, capsys) -> None:
+    """A ``--json`` report passed to ``hessrank plot`` had been refused as "not JSON" (it is one
+    indented document, not a log of lines; probe 146): the error says what it is."""
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"schema_version": 1, "command": command, "runs": []},
+                                 indent=1))
+    status, out, err = run_main(["plot", str(report)], capsys)
+    assert status == 2 and out == ""
+    assert err == (f"hessrank: error: {report} is a hessrank {command} report (--json), not a "
+                   "tracker log: hessrank plot draws the logs a Tracker writes (a comparison's "
+                   "figure comes from hessrank compare --plot FILE.png)\n"), err

@@ -126,6 +126,25 @@ def _record_problem(record: dict[str, Any]) -> str | None:
     return None
 
 
+def _refuse_a_report(path: Path, text: str) -> None:
+    """Raise where ``path`` is a ``compare`` or ``rank`` report (one JSON document, not a log of
+    lines): it had been refused as "not JSON" (probe 146).
+
+    Raises:
+        CliError: naming the report and what draws it.
+    """
+    if not text.lstrip().startswith("{") or "\n" not in text.strip():
+        return
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(document, dict) and document.get("command") in ("compare", "rank"):
+        raise CliError(f"{path} is a hessrank {document['command']} report (--json), not a "
+                       "tracker log: hessrank plot draws the logs a Tracker writes (a "
+                       "comparison's figure comes from hessrank compare --plot FILE.png)")
+
+
 def read_run(path: Path, name: str | None = None) -> Run:
     """The records of ``path`` (the run called ``name``, default the file's stem); a line that
     is not a record is an error naming the line, except a last line without its newline that
@@ -137,6 +156,7 @@ def read_run(path: Path, name: str | None = None) -> Run:
         raise CliError(f"cannot read {path}: {err.strerror or err}") from err
     lines = text.splitlines()
     run = Run(path.stem if name is None else name, [])
+    _refuse_a_report(path, text)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
