@@ -1210,3 +1210,15 @@ def test_plot_names_a_report_it_is_given(command: str, tmp_path: Path, capsys) -
     assert err == (f"hessrank: error: {report} is a hessrank {command} report (--json), not a "
                    "tracker log: hessrank plot draws the logs a Tracker writes (a comparison's "
                    "figure comes from hessrank compare --plot FILE.png)\n"), err
+
+
+def test_plot_of_a_log_without_the_rank_is_one_line(tmp_path: Path, capsys) -> None:
+    """A log whose records hold no rank had drawn an empty figure under matplotlib's "No artists
+    with labels" warning and exited 0 (probe 146)."""
+    log = tmp_path / "bare.jsonl"
+    log.write_text('{"step": 0, "method": "fisher"}\n')
+    status, out, err = run_main(["plot", str(log)], capsys)
+    assert status == 2 and out == ""
+    assert err == (f"hessrank: error: no record of {log} holds a 'rank' value: nothing to plot "
+                   "(a Tracker writes one per measurement; --rank names the rank to draw)\n"), err
+    assert not (tmp_path / "bare.png").exists()

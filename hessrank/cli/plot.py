@@ -320,6 +320,11 @@ def plot(paths: list[Path], output: Path, key: str, layers: bool) -> list[str]:
     line each: a last line cut by a crash, then the failed measurements (each marked by a
     dotted line at its step, where its method's line breaks)."""
     runs = [read_run(path, name) for path, name in zip(paths, run_names(paths), strict=True)]
+    if not any(_is_number(r.get(key)) for run in runs for r in run.records) and not any(
+            run.failures for run in runs):  # (an empty figure and matplotlib's warning; probe 146)
+        raise CliError(f"no record of {', '.join(map(str, paths))} holds a {key!r} value: "
+                       "nothing to plot (a Tracker writes one per measurement; --rank names the "
+                       "rank to draw)")
     fig = build_figure(runs, key, layers)
     save_figure(fig, output, "--output")
     left_out = [f"{path}:{run.cut_line}, the last line, which a crash cut mid-write"
