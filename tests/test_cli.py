@@ -512,7 +512,8 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
         (["rank", "--threshold", "nan"], "--threshold: must be a finite number, got nan"),
         (["rank", "--samples", "1"], "--samples: must be an integer >= 2, got 1"),
         (["compare", "--checkpoints", "-1"], "--checkpoints: must be an integer >= 0, got -1"),
-        (["compare", "--epochs", "two"], "--epochs: not a number: 'two'"),
+        (["compare", "--epochs", "two"], "--epochs: not a whole number: 'two'"),
+        (["rank", "--samples", "12.5"], "--samples: not a whole number: '12.5'"),
         (["compare", "--methods", ","], "--methods ',' names no estimator; choose from exact"),
         (["compare", "--device", "meta"], "--device meta: hessrank measures on cpu or cuda"),
         (["rank", "--device", "meta"], "--device meta: hessrank measures on cpu or cuda"),
@@ -542,7 +543,7 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
         (["rank", "--seed", "99999999999999999999"], "--seed: must be an integer <= 4294967295"),
         (["compare", "--seed", "4294967295", "--seeds", "2"], "lower --seed"),
         # (probe 115: training flags recorded without effect where nothing is trained)
-        (["compare", "--epochs", "3"], "--epochs shape the training between checkpoints, and "
+        (["compare", "--epochs", "3"], "--epochs shapes the training between checkpoints, and "
                                        "--checkpoints 0 trains none: drop them"),
         (["compare", "--checkpoints", "1", "--lr", "0.5", "--batch-size", "4"],
          "--batch-size --lr shape the training between checkpoints, and --checkpoints 1"),
@@ -1222,3 +1223,12 @@ def test_plot_of_a_log_without_the_rank_is_one_line(tmp_path: Path, capsys) -> N
     assert err == (f"hessrank: error: no record of {log} holds a 'rank' value: nothing to plot "
                    "(a Tracker writes one per measurement; --rank names the rank to draw)\n"), err
     assert not (tmp_path / "bare.png").exists()
+
+
+def test_a_figure_suffix_refusal_names_each_format_once(tmp_path: Path, capsys) -> None:
+    """.png, .pdf and .svg had been listed twice, first and again among the others (probe
+    146)."""
+    status, _, err = run_main(["compare", *TINY, "--plot", str(tmp_path / "figure.txt")], capsys)
+    assert status == 2
+    formats = re.findall(r"\.[a-z0-9]+\b", err.split("figure;", 1)[1])
+    assert formats[:3] == [".png", ".pdf", ".svg"] and len(formats) == len(set(formats)), err

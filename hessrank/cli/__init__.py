@@ -54,7 +54,9 @@ def _number(text: str, kind: Callable[[str], Any] = float) -> Any:
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        # (a whole number's option said "not a number: '12.5'"; probe 146)
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
@@ -554,7 +556,8 @@ def _compare(args: argparse.Namespace) -> int:
                 if getattr(args, name) is not None}
     if training and args.checkpoints < 2:  # (they had been recorded, without effect; probe 115)
         flags = " ".join(f"--{name.replace('_', '-')}" for name in training)
-        raise CliError(f"{flags} shape the training between checkpoints, and --checkpoints "
+        verb = "shapes" if len(training) == 1 else "shape"
+        raise CliError(f"{flags} {verb} the training between checkpoints, and --checkpoints "
                        f"{args.checkpoints} trains none: drop them, or pass --checkpoints 2 or "
                        "more")
     cfg = _config(

@@ -609,9 +609,9 @@ def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
             if path.suffix.lstrip(".").lower() not in formats:
                 what = (f"no '{path.suffix}' figure" if path.suffix
                         else "figures by their name's ending, which this one lacks")
+                others = sorted(set(formats) - {"png", "pdf", "svg"})  # (listed twice before)
                 raise CliError(f"{option} {path}: matplotlib writes {what}; end the name in "
-                               ".png, .pdf or .svg (or one of "
-                               f"{', '.join('.' + f for f in sorted(formats))})")
+                               f".png, .pdf or .svg (or {', '.join('.' + f for f in others)})")
         if path.is_dir():
             raise cannot_write(option, path, IsADirectoryError(
                 21, "it is a folder: name a file in it"))
