@@ -266,7 +266,15 @@ class JsonLinesSink:
             self._logged = ({} if new or self._made
                             else _steps_by_method(_logged_records(self.path)))
             # writable? (creates it, changes nothing that is there); held, locked, until close
-            self._lock = self.path.open("x" if new else "a")
+            try:
+                self._lock = self.path.open("x" if new else "a")
+            except OSError as error:
+                if error.errno is None or isinstance(error, (FileExistsError, IsADirectoryError)):
+                    raise
+                # (a bare "[Errno 2] ... '/proc/x.jsonl'" had named no log=; probe 146)
+                raise type(error)(error.errno, (
+                    f"log {str(path)!r} cannot be opened for writing ({error.strerror}): give "
+                    "log= a file you can write, or log=None for no file")) from error
         except BaseException:
             self._remove_made_folders()
             raise

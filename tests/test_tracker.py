@@ -1173,6 +1173,15 @@ def test_a_log_whose_folder_cannot_be_made_is_named(tmp_path: Path) -> None:
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_log_that_cannot_be_opened_is_named() -> None:
+    """A ``log=`` whose folder exists but where no file can be made (``/proc``) had raised a bare
+    ``FileNotFoundError`` (probe 146); the error keeps its type and names log= and the fix."""
+    with pytest.raises(FileNotFoundError, match=r"log '/proc/hessrank-x\.jsonl' cannot be opened "
+                                                r"for writing .*or log=None for no file"):
+        hessrank.Tracker(_net().eval(), CE, every=1, log="/proc/hessrank-x.jsonl")
+
+
 def _quiet_tracker(**kwargs) -> hessrank.Tracker:
     return hessrank.Tracker(_net().eval(), CE, ("fisher",), **kwargs)
 
