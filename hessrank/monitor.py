@@ -84,7 +84,10 @@ class Reporter:
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
         """A progress task of ``total`` units (None: one blocking piece of work whose length is
-        not counted, shown by its elapsed time); yields ``advance(k)``."""
+        not counted, shown by its elapsed time; 0: nothing to show); yields ``advance(k)``."""
+        if total == 0:
+            yield lambda k: None
+            return
         if self._automatic:
             if not _watched():
                 yield lambda k: None

@@ -128,13 +128,12 @@ def _record_problem(record: dict[str, Any]) -> str | None:
 
 def _refuse_a_report(path: Path, text: str) -> None:
     """Raise where ``path`` is a ``compare`` or ``rank`` report (one JSON document, not a log of
-    lines): it had been refused as "not JSON" (probe 146).
+    lines), read where its first line is not a record: it had been refused as "not JSON"
+    (probe 146).
 
     Raises:
         CliError: naming the report and what draws it.
     """
-    if not text.lstrip().startswith("{") or "\n" not in text.strip():
-        return
     try:
         document = json.loads(text)
     except json.JSONDecodeError:
@@ -156,13 +155,14 @@ def read_run(path: Path, name: str | None = None) -> Run:
         raise CliError(f"cannot read {path}: {err.strerror or err}") from err
     lines = text.splitlines()
     run = Run(path.stem if name is None else name, [])
-    _refuse_a_report(path, text)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
+            if number == 1:
+                _refuse_a_report(path, text)
             if number == len(lines) and not text.endswith("\n"):
                 run.cut_line = number
                 continue

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -193,9 +192,8 @@ class GramEstimator(Estimator):
         layer_caps = {group: min(size, sum(named[nm].numel() for nm in groups[group]))
                       for group in groups if group in accumulator.groups}
         layers: dict[str, Spectrum] = {}
-        with (settings.reporter.task(f"eigen-solves of {len(layer_caps)} layers' Gram matrices",
-                                     len(layer_caps)) if layer_caps else nullcontext(_no_step)
-              ) as advance:
+        with settings.reporter.task(f"eigen-solves of {len(layer_caps)} layers' Gram matrices",
+                                    len(layer_caps)) as advance:
             for group, layer_cap in layer_caps.items():
                 layers[group] = Spectrum(
                     symmetric_eigenvalues(accumulator.groups[group])[:layer_cap],
@@ -291,10 +289,6 @@ class GramEstimator(Estimator):
                             output_side_bytes=lambda outputs: self.unpredicted_output_bytes(
                                 problem, outputs, options),
                             eigenvectors=settings.eigenvectors)
-
-
-def _no_step(count: int) -> None:
-    """A progress step where no task is shown."""
 
 
 def _backend(result: GramResult, names: list[str]) -> str:
