@@ -25,6 +25,7 @@ from reference import (
 from torch import Tensor, nn
 
 import hessrank
+from hessrank.curvature.gram import LOOP_PATH, VMAP_PATH
 
 # ------------------------------------------------------------------------------------------------
 # references
@@ -1361,8 +1362,9 @@ CUDA_PARAMS = [pytest.param(case, method, id=f"{case.name}-{method}") for case i
 @pytest.mark.parametrize(("case", "method"), CUDA_PARAMS)
 def test_case_on_cuda_matches_cpu_reference(case: Case, method: str):
     """Every case computed on the GPU (float64) against the CPU reference; the rules take the
-    same paths there. ``lanczos`` is checked on its converged top eigenvalue against the
-    exact Hessian's, with as many steps as parameters."""
+    same paths there (the general route may differ: torch's vmap batches an LSTM given its
+    initial state on CUDA, not on the CPU). ``lanczos`` is checked on its converged top
+    eigenvalue against the exact Hessian's, with as many steps as parameters."""
     kind = "exact" if method == "lanczos" else method
     reference = eigenvalues_by_magnitude(_reference(case, kind, *case.build()))
     model, inputs, targets = case.build()  # the same seeded model (a reference may alter one)
@@ -1376,9 +1378,11 @@ def test_case_on_cuda_matches_cpu_reference(case: Case, method: str):
         return
     count = min(len(result.eigenvalues), len(reference))
     assert_spectra_close(result.eigenvalues, reference, count=count, rtol=1e-9)
-    if method in ("fisher", "ggn"):
+    if method in ("fisher", "ggn"):  # which general route vmap can batch depends on the device
         for name, path in case.paths.items():
-            assert result.paths[name] == path, (name, result.paths)
+            general = path in (VMAP_PATH, LOOP_PATH)
+            assert result.paths[name] in ((VMAP_PATH, LOOP_PATH) if general else (path,)), (
+                name, result.paths)
 
 
 # ------------------------------------------------------------------------------------------------
