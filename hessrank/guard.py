@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from hessrank.host import host_floats
+
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
@@ -222,11 +224,14 @@ class PassState:
                     del registry[name]  # registered on first use in a later pass
         rebind_attributes(self._attributes)
         fresh: dict[int, Tensor] = {}  # a tensor shared by several modules gets one copy
-        for slot in self._tensors:
-            module, name, tensor, version, value, registry = slot
-            # (a write through .data moves no version counter: the values tell)
-            if (registry.get(name) is tensor and tensor._version == version
-                    and _strided_values_unchanged(tensor, value)):
+        # (a write through .data moves no version counter: the values tell)
+        in_place = [slot[5].get(slot[1]) is slot[2] and slot[2]._version == slot[3]
+                for slot in self._tensors]
+        unchanged = iter(_values_unchanged([(slot[2], slot[4]) for slot, same in zip(
+            self._tensors, in_place) if same]))
+        for slot, same in zip(self._tensors, in_place):
+            module, name, tensor, _, value, registry = slot
+            if same and next(unchanged):
                 continue
             if id(tensor) not in fresh:
                 fresh[id(tensor)] = value.clone()
@@ -763,8 +768,8 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
                     param.requires_grad_(flag)
                     param.grad = grad
                 with torch.no_grad():  # a buffer written through another reference
-                    for buffer, value in buffers:
-                        if not _same_values(buffer, value):
+                    for (buffer, value), same in zip(buffers, _same_values(buffers)):
+                        if not same:
                             buffer.copy_(value)
                 generators.restore()
                 private_generators.restore()
@@ -779,27 +784,31 @@ def _fingerprints(parameters: Sequence[Tensor]) -> list[tuple[int, float]]:
     without a sum (float8). A parameter without values (a lazy one) gives zeros. In place, at
     memory speed (50M float32 in 30 ms; an int64 sum had made a copy: 1.4 s and 384 MB), but
     for a parameter that is not one contiguous, word-aligned block (a view), which is
-    copied."""
+    copied. The sums are read together (:func:`~hessrank.host.host_floats`: one wait for a
+    GPU, not two per parameter)."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        return [_fingerprint(parameter) for parameter in parameters]
+        sums = [_fingerprint_sums(parameter) for parameter in parameters]
     finally:
         torch.set_num_threads(threads)
+    read = iter(host_floats([value for pair in sums for value in pair]))
+    return [(int(next(read)), next(read)) if pair else (0, 0.0) for pair in sums]
 
 
 def _same_print(now: tuple[int, float], then: tuple[int, float]) -> bool:
-    """Whether two :func:`_fingerprint` readings agree (a NaN sum agrees with a NaN sum)."""
+    """Whether two :func:`_fingerprints` readings agree (a NaN sum agrees with a NaN sum)."""
     return now[0] == then[0] and (now[1] == then[1]
                                   or (math.isnan(now[1]) and math.isnan(then[1])))
 
 
-def _fingerprint(parameter: Tensor) -> tuple[int, float]:
-    """:func:`_fingerprints` of one parameter."""
+def _fingerprint_sums(parameter: Tensor) -> tuple[Tensor, ...]:
+    """:func:`_fingerprints` of one parameter, as tensors ``(words' sum, values' sum)``; none
+    for a parameter without values."""
     data = parameter.detach()
     if (isinstance(parameter, nn.parameter.UninitializedParameter) or data.is_meta
             or data.layout != torch.strided or not data.numel()):
-        return 0, 0.0
+        return ()
     if data.is_complex():
         data = torch.view_as_real(data)
     if not data.is_contiguous() or data.storage_offset() * data.element_size() % 4:
@@ -807,7 +816,7 @@ def _fingerprint(parameter: Tensor) -> tuple[int, float]:
     raw = data.reshape(-1).view(torch.uint8)
     words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw.to(torch.int32)
     summed = not data.is_floating_point() or data.element_size() > 1  # float8 has no sum
-    return int(words.sum(dtype=torch.int32)), float(data.sum()) if summed else 0.0
+    return words.sum(dtype=torch.int32), data.sum() if summed else words.new_zeros(())
 
 
 def written_parameters_error(names: list[str]) -> ValueError:
@@ -823,20 +832,36 @@ def written_parameters_error(names: list[str]) -> ValueError:
         "thread trains the model during the call, measure and train in turn (probe 132)")
 
 
-def _strided_values_unchanged(tensor: Tensor, value: Tensor) -> bool:
-    """Whether a strided tensor still holds ``value``; a sparse, nested or meta one counts as
-    unchanged (its version counter tells; ``torch.equal`` has no kernel for them, and a dense
-    copy of a sparse buffer could be large)."""
-    if tensor.layout != torch.strided or tensor.is_meta or tensor.is_nested:
-        return True
-    return torch.equal(tensor, value)
+def _values_unchanged(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[bool]:
+    """Whether each tensor still holds its saved value (``torch.equal``); a sparse, nested or
+    meta one counts as unchanged (its version counter tells; ``torch.equal`` has no kernel for
+    them, and a dense copy of a sparse buffer could be large)."""
+    strided = [tensor.layout == torch.strided and not tensor.is_meta and not tensor.is_nested
+               for tensor, _ in pairs]
+    equal = iter(_each_equal([pair for pair, plain in zip(pairs, strided) if plain]))
+    return [next(equal) if plain else True for plain in strided]
 
 
-def _same_values(tensor: Tensor, value: Tensor) -> bool:
-    """``torch.equal``, also for sparse tensors (which it does not take)."""
-    if tensor.layout != torch.strided or value.layout != torch.strided:
-        return tensor.layout == value.layout and torch.equal(tensor.to_dense(), value.to_dense())
-    return torch.equal(tensor, value)
+def _same_values(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[bool]:
+    """``torch.equal`` of each pair, also for sparse tensors (which it does not take)."""
+    dense = [tensor.layout == value.layout == torch.strided for tensor, value in pairs]
+    equal = iter(_each_equal([pair for pair, plain in zip(pairs, dense) if plain]))
+    return [next(equal) if plain else tensor.layout == value.layout
+            and torch.equal(tensor.to_dense(), value.to_dense())
+            for plain, (tensor, value) in zip(dense, pairs)]
+
+
+def _each_equal(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[bool]:
+    """``torch.equal`` of each pair of strided tensors. Those of the same shape on one
+    accelerator are compared there and read together (:func:`~hessrank.host.host_floats`: one
+    wait for a GPU, not one a buffer); on the CPU ``torch.equal`` compares without a copy."""
+    batched = [tensor.device == value.device and tensor.device.type not in ("cpu", "meta")
+               and tensor.shape == value.shape and not tensor.is_nested
+               and not (tensor.is_quantized or value.is_quantized) for tensor, value in pairs]
+    read = iter(host_floats([(tensor == value).all()
+                             for (tensor, value), together in zip(pairs, batched) if together]))
+    return [bool(next(read)) if together else torch.equal(tensor, value)
+            for (tensor, value), together in zip(pairs, batched)]
 
 
 def _restore_registry(registry: dict[str, Any], saved: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from hessrank.guard import (
     preserved_state,
     raise_if_signalled,
 )
+from hessrank.host import host_floats
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: ``(inputs, targets)``. ``inputs``: a tensor (``model(x)``), a tuple of tensors
@@ -689,14 +690,20 @@ def _refuse_all_ignored(loss_fn: LossFn, value: Tensor, targets: Tensor) -> None
 
 
 def all_finite(tensor: Tensor) -> bool:
-    """Whether every entry is finite, by one reduction.
+    """Whether every entry is finite, by one reduction (:func:`each_all_finite`)."""
+    return each_all_finite([tensor])[0]
+
+
+def each_all_finite(tensors: Sequence[Tensor]) -> list[bool]:
+    """Whether every entry of each tensor is finite, by one reduction a tensor, read together
+    (:func:`~hessrank.host.host_floats`).
 
     A NaN or Inf entry makes the sum non-finite; a sum that overflowed from finite entries alone is
     told apart by the entry-by-entry check.
     """
-    if bool(torch.isfinite(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())
+    sums_finite = host_floats([torch.isfinite(tensor.sum()) for tensor in tensors])
+    return [bool(finite) or bool(torch.isfinite(tensor).all())
+            for finite, tensor in zip(sums_finite, tensors)]
 
 
 def broadcast_hint(outputs: Tensor, targets: Tensor, loss_fn: LossFn | None = None,
@@ -1027,8 +1034,8 @@ def build_problem(
             "so there is no curvature to measure. Materialise the model first "
             "(model.to_empty(device='cpu'), then load its weights)")
     _check_placement(labelled, dtype, device)
-    for name, p in zip(names, selected):
-        if not all_finite(p.detach()):
+    for name, finite in zip(names, each_all_finite([p.detach() for p in selected])):
+        if not finite:
             raise ValueError(f"parameter {name!r} contains NaN or Inf: the curvature is undefined")
     notes.extend(_mode_notes(model, mode))
     notes.extend(_embedding_notes(model, {id(p) for p in selected}))

@@ -159,6 +159,21 @@ def _held(model: Stateful) -> object:
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_pass_sees_the_state_the_call_found(kind: str, method: str,
                                                   backend: str | None) -> None:
+    _check_every_pass_sees_the_state_the_call_found(kind, method, backend, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+@pytest.mark.parametrize("kind", [kind for kind in KINDS if "buffer" in kind or "tensor" in kind
+                                  or kind in ("running average", "counter through .data")])
+def test_every_pass_sees_the_state_the_call_found_on_cuda(kind: str, method: str) -> None:
+    """The same on a GPU, where the buffers' values are compared on the device and read
+    together (:func:`hessrank.host.host_floats`)."""
+    _check_every_pass_sees_the_state_the_call_found(kind, method, None, "cuda")
+
+
+def _check_every_pass_sees_the_state_the_call_found(kind: str, method: str,
+                                                    backend: str | None, device: str) -> None:
     model = Stateful(kind)
     inputs, targets = _batch()
     if kind not in LAZY:
@@ -167,11 +182,15 @@ def test_every_pass_sees_the_state_the_call_found(kind: str, method: str,
     twin.update = False
     if kind == "slot":
         twin.steps = model.steps
+    model.to(device)
+    if kind == "tensor attribute":  # a plain attribute: .to() leaves it where it is
+        model.scale = model.scale.to(device)
     attributes, buffers = _state(model), {k: v.clone() for k, v in model.named_buffers()}
     registered, held = (dict(model._buffers), dict(model._modules)), _held(model)
     options = {} if backend is None else {"backend": backend}
-    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (inputs, targets),
-                                     method=method, **options)
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(),
+                                     (inputs.to(device), targets.to(device)), method=method,
+                                     **options)
     reference = eigenvalues_by_magnitude(_reference(method, twin, inputs, targets))
     assert_spectra_close(result.eigenvalues, reference, rtol=1e-6 if method == "exact" else 1e-9)
     after = _state(model)

@@ -50,6 +50,7 @@ from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
 from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
 from hessrank.guard import ModuleGenerators, raise_if_signalled
+from hessrank.host import host_floats
 from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
@@ -283,17 +284,38 @@ def eigenvector_bytes(graph: GraphBytes, count: int, k: int, cotangent_bytes: in
             + 8 * count * num_params)
 
 
+def _locals(names: Sequence[str]) -> list[str]:
+    """The parameters' names in their module (``"weight"`` of ``"block.fc.weight"``)."""
+    return [name.rsplit(".", 1)[-1] for name in names]
+
+
 def _leaves(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """A captured output's tensors: itself, or the tuple's."""
     return value if isinstance(value, tuple) else (value,)
 
 
-def _difference(claimed: Sequence[Claim], true: list[Tensor]) -> float:
-    """The claims' distance from autograd's gradients (a projected claim counts as
-    :meth:`~hessrank.curvature.rules.factors.Projected.excess` says)."""
-    return math.sqrt(sum(c.excess(t) if isinstance(c, Projected)
-                         else float(torch.linalg.vector_norm(c - t)) ** 2
-                         for c, t in zip(claimed, true)))
+#: One gradient check's inputs: a group's claimed gradients, autograd's, the diagonal of its
+#: Gram ``[K n]`` and the cotangents' weights ``[K, n]``.
+Check = tuple[Sequence[Claim], list[Tensor], Tensor, Tensor]
+
+
+def _measured(checks: Sequence[Check]) -> list[tuple[float, float]]:
+    """Each check's ``(difference, scale)``: the claims' distance from autograd's gradients (a
+    projected claim counts as :meth:`~hessrank.curvature.rules.factors.Projected.excess` says)
+    and the typical size of ``sum_r w_r G_r``, ``sqrt(sum_r w_r^2 ||G_r||^2)``; every number
+    read in one go (:func:`~hessrank.host.host_floats`)."""
+    squares: list[Tensor] = []
+    for claimed, true, gram_diagonal, weights in checks:
+        squares.append((weights.reshape(-1).double() ** 2 * gram_diagonal.double()).sum())
+        squares.extend(c.excess(t) if isinstance(c, Projected)
+                       else torch.linalg.vector_norm(c - t).double() ** 2
+                       for c, t in zip(claimed, true))
+    read = iter(host_floats(squares))
+    measured = []
+    for claimed, *_ in checks:
+        scale = math.sqrt(next(read))
+        measured.append((math.sqrt(sum(next(read) for _ in claimed)), scale))
+    return measured
 
 
 #: The smallest scale, as a share of the whole model's, a group's gradient check is judged
@@ -322,9 +344,9 @@ def _rounding_floor(true_grads: dict[str, Tensor]) -> float:
     the tolerance, and the group's own per-layer spectrum is then checked only to the floor
     (:func:`_judged` notes it)."""
     # accumulated in float64 without a float64 copy (3 ms of a 60 ms MLP call before)
-    squares = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
-                  for g in true_grads.values())
-    return CHECK_FLOOR * math.sqrt(squares)
+    norms = host_floats([torch.linalg.vector_norm(g, dtype=torch.float64)
+                         for g in true_grads.values()])
+    return CHECK_FLOOR * math.sqrt(sum(norm**2 for norm in norms))
 
 
 #: A float32 batch gradient summed over ``L`` terms an entry (a convolution's weight: the
@@ -354,17 +376,18 @@ def _group_tolerance(tolerance: float, value: Tensor | tuple[Tensor, ...],
     return max(tolerance, ROUNDING_GROWTH * math.sqrt(terms) * eps)
 
 
-def _judged(group: str, claimed: Sequence[Claim], true: list[Tensor], scale: float,
-            floor: float, tolerance: float, notes: list[str]) -> float:
-    """The check's relative error of a group: its claims' distance from autograd's gradients
-    against its ``scale`` (:func:`_weighted_scale`), or the model's ``floor`` where that is
-    larger, with a note in ``notes`` where only the floor, or only a ``tolerance`` above the
-    agreement tolerance (:func:`_group_tolerance`), let it pass."""
-    difference = _difference(claimed, true)
+def _judged(group: str, measured: tuple[float, float], dtype: torch.dtype, floor: float,
+            tolerance: float, notes: list[str]) -> float:
+    """The check's relative error of a group of parameters of ``dtype``: its claims' distance
+    from autograd's gradients against its scale (``measured``, :func:`_measured`), or the
+    model's ``floor`` where that is larger, with a note in ``notes`` where only the floor, or
+    only a ``tolerance`` above the agreement tolerance (:func:`_group_tolerance`), let it
+    pass."""
+    difference, scale = measured
     tiny = torch.finfo(torch.float64).tiny
     error = difference / max(scale, floor, tiny)
     own = difference / max(scale, tiny)
-    fixed = agreement_tolerance(true[0].dtype)
+    fixed = agreement_tolerance(dtype)
     opening = f"the per-sample gradients of {group!r} pass the gradient check only within"
     if fixed < error <= tolerance and not any(note.startswith(opening) for note in notes):
         notes.append(f"{opening} the rounding of its long float sums (relative error {error:.1e}, "
@@ -380,11 +403,6 @@ def _judged(group: str, claimed: Sequence[Claim], true: list[Tensor], scale: flo
         if note not in notes:
             notes.append(note)
     return error
-
-
-def _weighted_scale(gram_diagonal: Tensor, weights: Tensor) -> float:
-    """Typical size of ``sum_r w_r G_r``: ``sqrt(sum_r w_r^2 ||G_r||^2)``."""
-    return math.sqrt(float((weights.reshape(-1).double() ** 2 * gram_diagonal.double()).sum()))
 
 
 def compute_gram(
@@ -589,12 +607,17 @@ def compute_gram(
     paths: dict[str, str] = {}
     floor = _rounding_floor(true_grads)
     passed: dict[str, Tensor] = {}
+    checked = [group for group, (_, claims) in formed.items()
+               if sorted(claims) == sorted(_locals(groups[group]))]
+    measured = dict(zip(checked, _measured([
+        ([formed[group][1][local] for local in _locals(groups[group])],
+         [true_grads[name] for name in groups[group]], formed[group][0].diagonal(), weights)
+        for group in checked])))
     for group, (gram, claims) in formed.items():
-        names = groups[group]
-        locals_ = [name.rsplit(".", 1)[-1] for name in names]
-        error = math.inf if sorted(claims) != sorted(locals_) else _judged(
-            group, [claims[local] for local in locals_], [true_grads[name] for name in names],
-            _weighted_scale(gram.diagonal(), weights), floor, tolerances[group], notes)
+        locals_ = _locals(groups[group])
+        error = math.inf if group not in measured else _judged(
+            group, measured[group], true_grads[groups[group][0]].dtype, floor,
+            tolerances[group], notes)
         rule = rule_of[group]
         if error <= tolerances[group]:
             passed[group] = gram
@@ -815,9 +838,8 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
         claimed = weights.reshape(-1) @ flat
         true = torch.cat([true_grads[name].reshape(-1) for name in names])
         allowed = tolerances.get(group, tolerance)
-        error = _judged(group, [claimed], [true],
-                        _weighted_scale(torch.linalg.vector_norm(flat, dim=1).square(), weights),
-                        floor, allowed, notes)
+        error = _judged(group, _measured([([claimed], [true], torch.linalg.vector_norm(
+            flat, dim=1).square(), weights)])[0], true.dtype, floor, allowed, notes)
         if failure is None and error > allowed:
             near = (f"; or, this near the rounding allowance ({allowed:.1e}), the rounding of "
                     "its backward pass amplified by cancellation (gradients that nearly cancel, "

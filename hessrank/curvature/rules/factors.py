@@ -76,12 +76,12 @@ class Projected:
     probe: Tensor
     transposed: bool = False
 
-    def excess(self, true: Tensor) -> float:
+    def excess(self, true: Tensor) -> Tensor:
         """``16 ||(C - T) R||^2 / r``: the squared difference from autograd's gradient ``true``
-        as the check counts it."""
+        as the check counts it (a float64 scalar on the gradient's device)."""
         true = true.T if self.transposed else true
         difference = self.product - true.reshape(self.product.shape[0], -1) @ self.probe
-        return (PROBE_STRICTNESS**2 * float(torch.linalg.vector_norm(difference)) ** 2
+        return (PROBE_STRICTNESS**2 * torch.linalg.vector_norm(difference).double() ** 2
                 / self.probe.shape[1])
 
 
