@@ -288,6 +288,18 @@ def test_a_rule_out_of_memory_is_raised(monkeypatch):
                                 method="fisher")
 
 
+def test_one_group_convolutions_take_the_patches_on_an_accelerator():
+    """ResNet-18's first stage at n = 128 (64 positions, 64 to 64 channels, 3 x 3): the CPU
+    forms it by samples as groups, an accelerator by the input's patches, where cuDNN's grouped
+    weight gradient ran 1.8-8.7 times slower (``benchmarks/conv_routes.py``); a grouped
+    convolution has no patches route anywhere."""
+    patches_cost, groups_cost = conv.route_costs(128, 64, 64, 64, 9, 1)
+    assert patches_cost >= groups_cost
+    patches_cost, groups_cost = conv.route_costs(128, 64, 64, 64, 9, 1, "cuda")
+    assert patches_cost < groups_cost
+    assert conv.route_costs(128, 64, 64, 64, 9, 2, "cuda")[0] == float("inf")
+
+
 def test_norm_rule_declines_batch_statistics():
     layer = nn.BatchNorm1d(3).double()  # training: batch statistics couple the samples
     x = torch.randn(4, 3, dtype=torch.float64)

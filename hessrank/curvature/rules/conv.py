@@ -10,9 +10,12 @@ the gathered, global batch, not for each process's share):
   channel groups are the samples' groups, so torch's own convolution weight gradient returns the
   ``n`` per-sample gradients side by side, in output-channel chunks whose Gram is added and
   freed. No ``im2col`` is formed. The check's gradient is the same operation on the whole batch.
-- **position pairs** (one group): the input's patches (``F.unfold``'s layout) as a
+- **patches** (one group): the input's patches (``F.unfold``'s layout) as a
   :class:`LayerFactors`, whose Gram sums ``(a_it . a_ju)(d_it . d_ju)`` over pairs of output
-  positions: cheaper for few output positions and wide layers (a ResNet's last stage).
+  positions (cheaper for few output positions and wide layers: a ResNet's last stage), or forms
+  the explicit per-sample gradients from the patches by batched matrix products, whichever
+  :func:`~hessrank.curvature.rules.factors.kronecker_costs` finds cheaper. On an accelerator
+  every one-group convolution takes this route (:data:`GROUPED_SLOWDOWN`).
 
 Assumes: the input is batched (``[n, C_in, ...]``, first dimension the sample).
 """
@@ -83,12 +86,13 @@ class ConvFactors(Factors):
         return out
 
     def position_pairs(self) -> LayerFactors | None:
-        """The same factors on the position-pair route (the input's patches, one group) where
-        :func:`route_costs` finds it cheaper for these ``K n`` rows; None: samples as groups."""
+        """The same factors on the patches route (one group) where :func:`route_costs` finds
+        it cheaper for these ``K n`` rows on this device; None: samples as groups."""
         k, n, c_out, h_out, w_out = self.output_grads.shape
-        pair, offsets = route_costs(k * n, h_out * w_out, self.inputs.shape[1], c_out,
-                                    self.kernel[0] * self.kernel[1], self.groups)
-        if pair >= offsets:
+        patch_cost, groups_cost = route_costs(k * n, h_out * w_out, self.inputs.shape[1], c_out,
+                                              self.kernel[0] * self.kernel[1], self.groups,
+                                              self.inputs.device.type)
+        if patch_cost >= groups_cost:
             return None
         return LayerFactors(
             activations=patches(self.inputs, self.kernel, self.stride, self.dilation,
@@ -138,23 +142,39 @@ class ConvFactors(Factors):
         return gram
 
 
+#: On an accelerator, the samples-as-groups route's multiply-adds count this many times:
+#: cuDNN's weight gradient with ``n g`` groups ran at 0.11-2.3 trillion multiply-adds a second
+#: on an H200 (float32, TF32 off), 1.8 to 8.7 times slower than the same multiply-adds as the
+#: patches' batched matrix products, patches formed included, on ResNet-18's convolutions at
+#: n = 128; every one of its 20 was faster by patches (``benchmarks/conv_routes.py``). A
+#: one-group convolution then always takes the patches route, whose cost is at most those
+#: multiply-adds.
+GROUPED_SLOWDOWN = 2.0
+
+
 def route_costs(rows: int, positions: int, channels_in: int, channels_out: int,
-                kernel_size: int, groups: int) -> tuple[float, float]:
-    """Multiply-adds of ``(position pairs, samples as groups)`` for a convolution's weight Gram.
+                kernel_size: int, groups: int, device_type: str = "cpu") -> tuple[float, float]:
+    """Multiply-adds of ``(patches, samples as groups)`` for a convolution's weight Gram: the
+    patches route's cheaper way (the position-pair identity, or explicit per-sample gradients:
+    the grouped convolution's multiply-adds as matrix products;
+    :func:`~hessrank.curvature.rules.factors.kronecker_costs`), and the grouped convolution's,
+    counted :data:`GROUPED_SLOWDOWN` times on a device other than the CPU.
 
     Args:
         rows: ``K n`` Gram rows.
         positions: output positions ``T``.
         channels_in, channels_out: the convolution's channels.
         kernel_size: kernel offsets (``k_h k_w``).
-        groups: the convolution's groups (the pair route serves one group only).
+        groups: the convolution's groups (the patches route serves one group only).
+        device_type: where the factors are (``"cpu"``, ``"cuda"``).
     """
     weight = channels_out * channels_in // groups * kernel_size
-    offsets = float(rows) * positions * weight + float(rows) ** 2 * weight
+    explicit = float(rows) * positions * weight + float(rows) ** 2 * weight
+    grouped = explicit * (GROUPED_SLOWDOWN if device_type != "cpu" else 1.0)
     if groups != 1:
-        return float("inf"), offsets
+        return float("inf"), grouped
     pair, _ = kronecker_costs(rows, positions, channels_in * kernel_size, channels_out)
-    return pair, offsets
+    return min(pair, explicit), grouped
 
 
 @register_rule
@@ -191,12 +211,16 @@ class ConvRule(TensorRule):
         if not isinstance(module, nn.Conv1d | nn.Conv2d) or not isinstance(layer_output, Tensor):
             return default
         positions = layer_output[0, 0].numel()
-        patches = (num_samples * module.in_channels * math.prod(module.kernel_size) * positions
+        kernel_size = math.prod(module.kernel_size)
+        patches = (num_samples * module.in_channels * kernel_size * positions
                    * layer_output.element_size())
         rows = num_cotangents * num_samples
-        pair, offsets = route_costs(rows, positions, module.in_channels, module.out_channels,
-                                    math.prod(module.kernel_size), module.groups)
-        if pair >= offsets:  # samples as groups (ConvFactors.position_pairs)
+        patch_cost, groups_cost = route_costs(rows, positions, module.in_channels,
+                                              module.out_channels, kernel_size, module.groups,
+                                              layer_output.device.type)
+        pair, explicit = kronecker_costs(rows, positions, module.in_channels * kernel_size,
+                                         module.out_channels)
+        if patch_cost >= groups_cost or pair >= explicit:  # (ConvFactors.position_pairs)
             return max(default, patches)
         return max(default, patches,
                    pair_route_bytes(rows, positions, layer_output.element_size()))
