@@ -78,7 +78,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
 def test_compare_prints_every_method_and_the_pyhessian_check(compared) -> None:
     proc, out = compared
     assert "Estimators vs exact at the start of task 3" in proc.stdout
-    assert "hessrank compare: mlp (310 parameters, relu) on digits" in proc.stdout
+    assert "hessrank compare: mlp (310 float32 parameters, relu) on digits" in proc.stdout
     assert "peak memory (CPU): growth of the process's resident set" in proc.stdout
     for method in hessrank.METHODS:
         assert f"\n{method} " in proc.stdout
@@ -305,7 +305,7 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
         (["rank", "--method", "hutch"], "unknown method 'hutch'"),
         (
             ["compare", *TINY, "--max-memory", "1e-6"],
-            "(310 parameters, n = 16) needs ~3.0 MiB and ~",
+            "(310 parameters, n = 16) needs at least ~3.0 MiB and ~",
         ),
         (["compare", *TINY, "--max-memory", "1e-6"], "pass --skip-exact"),
         # which budget (probe 67: "over the budget of --max-memory / --max-seconds")
@@ -442,7 +442,8 @@ def test_pyhessian_failure_is_reported_not_raised() -> None:
     check = pyhessian_check(model, broken, (data.inputs, data.targets), seed=0, exact=None)
     assert check["error"] == "RuntimeError: torch.eig was removed"
     assert check["top_eigenvalue"] is None and check["trace"] is None
-    result = compare.new_report(compare.Config(methods=("fisher",)))
+    # (exact among the methods: PyHessian's table, which checks it, is not shown without it)
+    result = compare.new_report(compare.Config(methods=("exact", "fisher")))
     point = {"index": 0, "task": None, "methods": {}, "pyhessian": check}
     result["runs"].append({"seed": 0, "checkpoints": [point], "spearman": {}})
     point["previous_task_train_error"] = None
@@ -649,7 +650,7 @@ def test_a_user_model_error_of_any_type_is_one_line(tmp_path: Path, capsys) -> N
     assert status == 1  # every estimator failed: not a success, and the table says why
     assert "fisher: failed: KeyError: 'my model broke'" in out
     # No preset's activation in the title of a user's model (the console wraps long lines).
-    assert "broken.py:make (650 parameters) on digits" in " ".join(out.split())
+    assert "broken.py:make (650 float32 parameters) on digits" in " ".join(out.split())
     assert err == "hessrank: error: every estimator failed; the first: KeyError: 'my model broke'\n"
 
 
@@ -948,6 +949,27 @@ def test_a_refused_command_makes_no_folder(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys")
+@pytest.mark.parametrize(("command", "option", "name"), [
+    ("compare", "--json", "r.json"), ("compare", "--csv", "r.csv"),
+    ("compare", "--plot", "r.png"), ("rank", "--json", "r.json")])
+def test_an_output_no_folder_can_be_made_for_is_refused_before_any_work(
+        command: str, option: str, name: str, capsys, monkeypatch) -> None:
+    """A folder that ``os.access`` calls writable may make no folder (root's ``/sys``): ``--json
+    /sys/x/r.json`` had passed the check and been refused after the work, at its first write;
+    the folders made to try it are removed."""
+    def no_work(*_: object) -> None:
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(compare, "build_problem", no_work)
+    path = Path("/sys/hessrank-test") / name
+    status, out, err = run_main([command, *TINY, option, str(path)], capsys)
+    assert status == 2 and out == ""
+    assert err.startswith(f"hessrank: error: cannot write {option} {path}: "), err
+    assert err.endswith(": choose another path\n") and err.count("\n") == 1, err
+    assert not path.parent.exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_json_is_written_through_links_and_pipes(tmp_path: Path, capsys) -> None:
     """``--json`` on a symbolic link wrote a regular file in the link's place (its target kept
@@ -1232,3 +1254,53 @@ def test_a_figure_suffix_refusal_names_each_format_once(tmp_path: Path, capsys) 
     assert status == 2
     formats = re.findall(r"\.[a-z0-9]+\b", err.split("figure;", 1)[1])
     assert formats[:3] == [".png", ".pdf", ".svg"] and len(formats) == len(set(formats)), err
+
+
+def test_pyhessian_s_check_of_exact_is_not_shown_without_exact(tmp_path: Path, capsys) -> None:
+    """PyHessian's table sets its top eigenvalue and trace beside exact's: with --skip-exact it
+    had been shown with every exact and difference cell empty ('—'); a line says why it is not,
+    and where its numbers are."""
+    argv = ["compare", *TINY, "--skip-exact", "--methods", "fisher", "--json",
+            str(tmp_path / "r.json")]
+    status, out, _ = run_main(argv, capsys)
+    assert status == 0 and "\nfisher " in out
+    assert "PyHessian (defaults)" not in out and "hessrank exact" not in out
+    assert ("No exact reference (skipped): errors against exact are not computed, and "
+            "PyHessian's check of exact is not shown (its numbers are in --json and --csv).\n"
+            ) in out
+    (point,) = json.loads((tmp_path / "r.json").read_text())["runs"][0]["checkpoints"]
+    assert point["pyhessian"]["trace"] is not None
+
+
+def test_the_title_names_the_dtype_and_the_weights(tmp_path: Path, capsys) -> None:
+    """A saved table had not said ``--dtype float64`` or ``--weights``, both of which change its
+    numbers; the dtype is named always, as the threshold is, the weights where given."""
+    weights = tmp_path / "w.pt"
+    torch.save(tiny_problem(seed=3)[0].state_dict(), weights)
+    argv = ["compare", *TINY, "--data", "digits", "--methods", "fisher", "--no-pyhessian"]
+    status, out, _ = run_main([*argv, "--dtype", "float64", "--weights", str(weights)], capsys)
+    assert status == 0
+    assert " ".join(out.split()).startswith(
+        f"hessrank compare: mlp (310 float64 parameters from {weights}, relu) on digits "
+        "(n = 16, C = 10), srank threshold 0.99, seed 0 "), out
+    status, out, _ = run_main(argv, capsys)
+    assert status == 0 and out.startswith("hessrank compare: mlp (310 float32 parameters, relu) "
+                                          "on digits"), out
+
+
+def test_a_refusal_before_the_work_keeps_its_cost_a_least(capsys) -> None:
+    """The library's refusal before the work gives its predicted cost as a least ("7.42 KiB or
+    more": the work adds what its first pass holds); the CLI's line had made it the whole cost
+    ("needs ~7.4 KiB")."""
+    model, data = tiny_problem()
+    with pytest.raises(hessrank.BudgetError,
+                       match=r"needs about 7\.42 KiB or more for P") as refused:
+        hessrank.effective_rank(model, torch.nn.CrossEntropyLoss(), (data.inputs, data.targets),
+                                method="fisher", max_memory=100)
+    assert refused.value.at_least
+    argv = ["rank", *TINY, "--method", "fisher", "--max-memory", "1e-7"]
+    status, out, err = run_main(argv, capsys)
+    assert status == 2 and out == ""
+    assert err == ("hessrank: error: fisher on mlp (310 parameters, n = 16) needs at least "
+                   "~7.4 KiB, over --max-memory 1e-07 GiB; raise the budget, or choose another "
+                   "--method\n"), err

@@ -1015,6 +1015,8 @@ def test_exact_over_budget_predicts_and_suggests(setup):
         hessrank.effective_rank(model, CE, (x, y), method="exact",
                                 max_memory=info.value.memory_bytes + 1)
     assert refined.value.memory_bytes == memory
+    # the first refusal's figure is a least, the refined one's the whole prediction
+    assert info.value.at_least and not refined.value.at_least
     # with eigenvectors, the prediction is the call's too (it had none: 30 % short; probe 87)
     with_vectors = hessrank.predict_exact_cost(model, CE, (x, y), eigenvectors=3)[0]
     assert with_vectors > memory

@@ -142,6 +142,9 @@ def budget_message(method: str, err: hessrank.BudgetError, problem: Problem, cfg
               if method == "exact" and command == "compare"
               else "raise the budget, or choose another --method" if command == "rank"
               else "raise the budget, or leave the method out of --methods")
+    # A cost predicted before the work, which the work can only raise, is a least (it had read
+    # "needs ~3.0 MiB", as if the whole cost).
+    least = "at least " if err.at_least else ""
     memory_limit = memory_budget_gib(cfg)
     over = []  # which of the budgets (the refusal had said "--max-memory / --max-seconds")
     if err.memory_bytes > memory_limit * 2**30:
@@ -150,7 +153,7 @@ def budget_message(method: str, err: hessrank.BudgetError, problem: Problem, cfg
         over.append(f"--max-seconds {cfg.max_seconds:g}")
     return (
         f"{method} on {cfg.model} ({problem.num_params:,} parameters, "
-        f"n = {problem.data.inputs.shape[0]}) needs ~{human_bytes(err.memory_bytes)}"
+        f"n = {problem.data.inputs.shape[0]}) needs {least}~{human_bytes(err.memory_bytes)}"
         f"{time_text}, over {' and '.join(over) or '--max-memory / --max-seconds'}; {advice}"
     )
 

@@ -22,6 +22,7 @@ there are any (``seeds``: how many).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -246,7 +247,8 @@ def _unique(items: list[str]) -> list[str]:
 
 
 def title(report: dict[str, Any]) -> str:
-    """One line naming the model, data, threshold and seeds."""
+    """One line naming the model (its parameters' dtype, the ``--weights`` loaded into it), data,
+    threshold and seeds."""
     cfg, model, data = report["config"], report["model"], report["data"]
     seeds = cfg["seeds"]
     points = summary(report)["checkpoints"]
@@ -260,9 +262,11 @@ def title(report: dict[str, Any]) -> str:
         return f"hessrank compare: {cfg['model']}, nothing measured"
     # --activation shapes the presets only: a user's model has its own.
     activation = f", {cfg['activation']}" if model["name"] in PRESETS else ""
+    # (a saved table had not said --dtype float64 or --weights, which both change its numbers)
+    weights = f" from {cfg['weights']}" if cfg["weights"] else ""
     return (
-        f"hessrank compare: {model['name']} ({model['num_params']:,} parameters"
-        f"{activation}) on {data['name']} (n = {data['num_samples']}, "
+        f"hessrank compare: {model['name']} ({model['num_params']:,} {cfg['dtype']} parameters"
+        f"{weights}{activation}) on {data['name']} (n = {data['num_samples']}, "
         f"C = {data['num_classes']}), srank threshold {cfg['threshold']}, {seed_text}"
     )
 
@@ -429,10 +433,15 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print(note, markup=False, highlight=False)
     if (report["data"] or {}).get("device") == "cpu" and len(report["config"]["methods"]) > 1:
         console.print(CPU_MEMORY_NOTE, markup=False, highlight=False)
-    if "exact" not in report["config"]["methods"]:
-        console.print("No exact reference (skipped): errors against exact are not computed.")
     check = pyhessian_table(summ, report, last)
-    if check is not None:
+    if "exact" not in report["config"]["methods"]:
+        # PyHessian's table checks exact's numbers: without them it had been shown with every
+        # exact and diff cell empty
+        console.print("No exact reference (skipped): errors against exact are not computed"
+                      + (", and PyHessian's check of exact is not shown (its numbers are in "
+                         "--json and --csv)." if check is not None else "."),
+                      markup=False, highlight=False)
+    elif check is not None:
         console.print()
         console.print(check[0])
         for note in check[1]:
@@ -559,10 +568,10 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
 def cannot_write(option: str, path: Path, err: OSError) -> CliError:
     """The error for ``option``'s file ``path``, which ``err`` kept from being written: a file
     standing where a folder of the path must be is named (the system says 'File exists' or
-    'Not a directory'); otherwise the system's reason."""
+    'Not a directory'); otherwise the system's reason, and to choose another path."""
     blocking = next((folder for folder in path.parents if folder.is_file()), None)
     reason = (f"{blocking} is a file, not a folder: choose a path in a folder"
-              if blocking is not None else err.strerror or str(err))
+              if blocking is not None else f"{err.strerror or err}: choose another path")
     return CliError(f"cannot write {option} {path}: {reason}")
 
 
@@ -573,8 +582,9 @@ PLOT_OPTIONS = ("--plot", "-o")
 def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
                   reads: dict[str, Path | None] | None = None) -> None:
     """Before any work: the output files (option -> path; None or ``-``: none) are distinct, none
-    is a file the command reads (``reads``, option -> path), each can be written (a folder it
-    needs is made only when it is written: a refused command leaves none), and a figure's
+    is a file the command reads (``reads``, option -> path), each can be written (tried, the
+    folders it needs made and the file opened, and what that made removed: a refused command
+    leaves none; a folder stays only where a file is written), and a figure's
     extension is one matplotlib writes; a file that holds something already is named on stderr
     (unless ``quiet``), as it will be replaced.
 
@@ -613,8 +623,7 @@ def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
                 raise CliError(f"{option} {path}: matplotlib writes {what}; end the name in "
                                f".png, .pdf or .svg (or {', '.join('.' + f for f in others)})")
         if path.is_dir():
-            raise cannot_write(option, path, IsADirectoryError(
-                21, "it is a folder: name a file in it"))
+            raise CliError(f"cannot write {option} {path}: it is a folder: name a file in it")
         if not_a_regular_file(path):  # a pipe: opened once, to write (a test open ends it)
             if not os.access(path, os.W_OK):
                 raise cannot_write(option, path, PermissionError(13, "Permission denied"))
@@ -623,21 +632,25 @@ def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
         # link's target was made, and the link removed as the empty file it seemed; probe 69)
         target = Path(os.path.realpath(path))
         existed = target.exists()
+        # Tried as writing will do it, the folders it needs made and the file opened, and what
+        # this made removed: a permission os.access grants can still be refused (root's, in
+        # /sys: --json /sys/x/r.json was refused after the work, at its first write).
+        made: list[Path] = []
         try:
-            folder = next(folder for folder in target.parents if folder.exists())
-            if not folder.is_dir():
-                raise NotADirectoryError(20, "Not a directory")
-            if folder != target.parent:  # folders are made when the file is written
-                if not os.access(folder, os.W_OK | os.X_OK):
-                    raise PermissionError(13, f"Permission denied (in {folder})")
-            else:
-                with target.open("a"):  # writable? (an existing file is left as it is)
-                    pass
+            for folder in reversed(target.parents):
+                if not folder.exists():
+                    folder.mkdir()
+                    made.append(folder)
+            with target.open("a"):  # (an existing file is left as it is)
+                pass
         except OSError as err:
             raise cannot_write(option, path, err) from err
         finally:
             if not existed and target.is_file() and target.stat().st_size == 0:
                 target.unlink()
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):  # (another process's file in it meanwhile)
+                    folder.rmdir()
         if existed and not quiet and target.stat().st_size > 0:
             print(f"hessrank: {option} {path} exists; it will be replaced", file=sys.stderr)
 

@@ -52,12 +52,16 @@ class BudgetError(ValueError):
     Attributes:
         memory_bytes: predicted peak memory of the method.
         seconds: predicted time, None where it was not predicted.
+        at_least: the prediction was made before the work, which measures its first pass over
+            the model and adds that: the figures are a least (the message says "or more").
     """
 
-    def __init__(self, message: str, memory_bytes: int, seconds: float | None) -> None:
+    def __init__(self, message: str, memory_bytes: int, seconds: float | None,
+                 at_least: bool = False) -> None:
         super().__init__(message)
         self.memory_bytes = memory_bytes
         self.seconds = seconds
+        self.at_least = at_least
 
 
 
@@ -304,7 +308,7 @@ class Estimator(ABC):
                 f"P = {problem.num_params:,} parameters and n = {problem.num_samples:,} "
                 f"samples, over max_memory = {format_bytes(settings.max_memory)}: "
                 f"{instead}, restrict params=, or raise max_memory{unit}{later}",
-                cost.memory_bytes, cost.seconds,
+                cost.memory_bytes, cost.seconds, first,
             )
         if settings.max_seconds is not None and cost.seconds is not None and (
             cost.seconds > settings.max_seconds
@@ -314,7 +318,7 @@ class Estimator(ABC):
             raise BudgetError(
                 f"{who} would take {amount}, over max_seconds = "
                 f"{settings.max_seconds:g} s: {instead}, or raise max_seconds{later}",
-                cost.memory_bytes, cost.seconds,
+                cost.memory_bytes, cost.seconds, first,
             )
 
 
