@@ -275,21 +275,27 @@ class LayerFactors(Factors):
     def _explicit_gram_and_claims(self, weights: Tensor | None
                                   ) -> tuple[Tensor, dict[str, Claim]]:
         """The Gram of the explicit per-sample gradients ``[K n, d_out (d_in + bias)]`` (the bias
-        as one more input column of ones) and, with ``weights``, the claims ``w^T Z`` from the
-        same rows. The rows are formed a block of output units at a time, at most
-        :data:`EXPLICIT_BLOCK_BYTES` each, and their Gram accumulated."""
+        as one more input column, the output gradients summed over the positions) and, with
+        ``weights``, the claims ``w^T Z`` from the same rows. The rows are formed a block of
+        output units at a time and their Gram accumulated: a block's rows ``[K n, block, d_in +
+        bias]`` and the copy its contraction makes of its output gradients ``[K, n, T, block]``
+        (a slice of their last dimension) within :data:`EXPLICIT_BLOCK_BYTES` each. Nothing the
+        size of the activations is formed (with the bias's column of ones appended, a second
+        copy of a convolution's patches had doubled the route's memory; probe 147)."""
         assert self.weight_shape is not None
         activations, output_grads = self.activations, self.output_grads
         k, n, positions, d_out = output_grads.shape
-        if self.with_bias:
-            activations = torch.cat([activations, activations.new_ones(n, positions, 1)], dim=-1)
-        width = activations.shape[-1]
-        block = max(1, EXPLICIT_BLOCK_BYTES // max(1, k * n * width * activations.element_size()))
+        width = activations.shape[-1] + int(self.with_bias)
+        block = max(1, EXPLICIT_BLOCK_BYTES // max(
+            1, k * n * max(width, positions) * activations.element_size()))
         gram = torch.zeros(k * n, k * n, dtype=activations.dtype, device=activations.device)
         claimed = []
         for start in range(0, d_out, block):
-            rows = torch.einsum("kntd,ntf->kndf", output_grads[..., start:start + block],
-                                activations).reshape(k * n, -1)
+            part = output_grads[..., start:start + block]
+            rows = torch.einsum("kntd,ntf->kndf", part, activations)
+            if self.with_bias:
+                rows = torch.cat([rows, part.sum(dim=2).unsqueeze(-1)], dim=-1)
+            rows = rows.reshape(k * n, -1)
             add_row_gram(gram, rows)
             if weights is not None:
                 claimed.append((weights.reshape(1, -1).to(rows.dtype) @ rows).reshape(-1, width))
