@@ -408,7 +408,7 @@ def effective_rank(
                                                method_options, parallel)
                     cost = _with_layers(cost, list(layer_costs.values()))
                 cost = _agreed_cost(parallel, _after(_seconds_since(start),
-                                                     _with_joined_data(estimator, problem, cost)))
+                                                     _with_data_copies(estimator, problem, cost)))
                 check_parameters()  # the forward passes so far left the parameters alone
                 estimator.check_budget(cost, problem, settings, first=True)
                 if max_seconds is not None and cost.seconds is None:
@@ -595,7 +595,8 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
     outputs = functools.cache(lambda: probe_outputs(first))
     announced = announced_samples(problem.data)
     try:
-        cost = estimator.predict(first, outputs, settings, options)
+        cost = _with_data_copies(estimator, first, estimator.predict(first, outputs, settings,
+                                                                     options))
         estimator.check_budget(cost, first, settings, caller=f"method={estimator.name!r} on the "
                                "data set's first batch alone")
         if (settings.max_seconds is not None and announced is not None
@@ -615,7 +616,7 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
                           for x in (*first.args, *first.kwargs.values(), first.targets))
         whole = dataclasses.replace(problem, total_samples=announced,
                                     data_bytes=batch_bytes * announced // first.num_samples)
-        cost = _with_joined_data(estimator, whole,
+        cost = _with_data_copies(estimator, whole,
                                  estimator.predict(whole, outputs, settings, options))
     except BudgetError:
         raise
@@ -679,15 +680,19 @@ def _predicted(settings: Settings, estimator: Estimator, problem: CurvatureProbl
     """``settings`` for a run predicted at ``cost``: what its first pass shows is checked
     against the prediction (with the data set's joined copy, where the method joins its
     batches) without the part that pass measures again (:class:`Cost`)."""
-    cost = _with_joined_data(estimator, problem, cost)
+    cost = _with_data_copies(estimator, problem, cost)
     return dataclasses.replace(settings, predicted_memory=cost.memory_bytes - cost.refined_bytes)
 
 
-def _with_joined_data(estimator: Estimator, problem: CurvatureProblem, cost: Cost) -> Cost:
-    """``cost`` with a copy of the data set, where the method joins its batches into one."""
-    if not isinstance(problem, StreamedProblem) or estimator.streams:
-        return cost
-    return dataclasses.replace(cost, memory_bytes=cost.memory_bytes + problem.data_bytes)
+def _with_data_copies(estimator: Estimator, problem: CurvatureProblem, cost: Cost) -> Cost:
+    """``cost`` with the call's copies of the data: the batch's tensors it copied (a batch of
+    token embeddings twice a linear layer's working memory had been left out: peaks of 9 times
+    the prediction; probe 147), and a copy of the data set where the method joins its batches
+    into one."""
+    joined = (problem.data_bytes if isinstance(problem, StreamedProblem)
+              and not estimator.streams else 0)
+    return dataclasses.replace(cost, memory_bytes=cost.memory_bytes + joined
+                               + problem.batch_copy_bytes)
 
 
 def _agreed_cost(parallel: DataParallel | None, cost: Cost) -> Cost:
@@ -853,8 +858,8 @@ def predict_exact_cost(
           loss_evaluations(loss_fn), exits.from_here()):
         problem = build_problem(model, loss_fn, batch, params, "eval")
         with evaluation_mode(problem.model, "eval"):
-            cost = estimator.predict(problem, lambda: probe_outputs(problem), settings,
-                                     estimator.make_options({}))
+            cost = _with_data_copies(estimator, problem, estimator.predict(
+                problem, lambda: probe_outputs(problem), settings, estimator.make_options({})))
     return cost.memory_bytes, cost.seconds
 
 
@@ -910,7 +915,8 @@ def gradient_overlap(
             caller = "gradient_overlap (a dense Hessian's eigenvectors)"
             advice = "k does not lower it (the whole dense Hessian is solved)"
             probe_for_target_dtype(problem, lambda: probe_outputs(problem))
-            cost = estimator.predict(problem, lambda: probe_outputs(problem), settings, None)
+            cost = _with_data_copies(estimator, problem, estimator.predict(
+                problem, lambda: probe_outputs(problem), settings, None))
             estimator.check_budget(cost, problem, settings, caller=caller, advice=advice)
             try:
                 operator = HessianOperator(problem)

@@ -92,6 +92,9 @@ class CurvatureProblem:
     loss_widening: dict[tuple[Any, ...], tuple[LossFn | None, str | None]] = field(
         default_factory=dict, repr=False)
     whole_scale: float = 0.0
+    #: bytes of the batch's tensors the call copied (:func:`_usable_batch`), which every
+    #: prediction of its memory counts
+    batch_copy_bytes: int = 0
     #: each input (targets last) by its label, and its version counter when the problem was
     #: made (they are the call's own copies)
     _input_versions: list[tuple[str, Tensor, int]] = field(init=False, repr=False,
@@ -1065,8 +1068,19 @@ def build_problem(
                 "in eval mode normalise with their running statistics, not the batch's; call "
                 "model.train() first for batch statistics"
             )
-    return CurvatureProblem(model, loss_fn, *_usable_batch(args, kwargs, targets), names,
-                            selected, excluded, mode, notes)
+    usable = _usable_batch(args, kwargs, targets)
+    return CurvatureProblem(model, loss_fn, *usable, names, selected, excluded, mode, notes,
+                            batch_copy_bytes=copied_bytes((*args, *kwargs.values(), targets),
+                                                          (*usable[0], *usable[1].values(),
+                                                           usable[2])))
+
+
+def copied_bytes(given: Sequence[Tensor], usable: Sequence[Tensor]) -> int:
+    """Bytes of the ``usable`` tensors that are copies of the ``given`` ones (each once)."""
+    copies = {id(copy): copy for tensor, copy in zip(given, usable)
+              if copy.numel() and copy.untyped_storage().data_ptr()
+              != tensor.untyped_storage().data_ptr()}
+    return sum(copy.numel() * copy.element_size() for copy in copies.values())
 
 
 #: Names under which a dict of inputs may hold the targets (HuggingFace's ``labels``).

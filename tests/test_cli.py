@@ -1289,12 +1289,12 @@ def test_the_title_names_the_dtype_and_the_weights(tmp_path: Path, capsys) -> No
 
 
 def test_a_refusal_before_the_work_keeps_its_cost_a_least(capsys) -> None:
-    """The library's refusal before the work gives its predicted cost as a least ("7.42 KiB or
+    """The library's refusal before the work gives its predicted cost as a least ("11.5 KiB or
     more": the work adds what its first pass holds); the CLI's line had made it the whole cost
-    ("needs ~7.4 KiB")."""
+    ("needs ~11.5 KiB")."""
     model, data = tiny_problem()
     with pytest.raises(hessrank.BudgetError,
-                       match=r"needs about 7\.42 KiB or more for P") as refused:
+                       match=r"needs about 11\.5 KiB or more for P") as refused:
         hessrank.effective_rank(model, torch.nn.CrossEntropyLoss(), (data.inputs, data.targets),
                                 method="fisher", max_memory=100)
     assert refused.value.at_least
@@ -1302,5 +1302,5 @@ def test_a_refusal_before_the_work_keeps_its_cost_a_least(capsys) -> None:
     status, out, err = run_main(argv, capsys)
     assert status == 2 and out == ""
     assert err == ("hessrank: error: fisher on mlp (310 parameters, n = 16) needs at least "
-                   "~7.4 KiB, over --max-memory 1e-07 GiB; raise the budget, or choose another "
+                   "~11.5 KiB, over --max-memory 1e-07 GiB; raise the budget, or choose another "
                    "--method\n"), err

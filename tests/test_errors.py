@@ -1052,6 +1052,18 @@ class _StackedGRU(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
+class _WideTokens(nn.Module):
+    """A linear layer with a bias over 512 token vectors of 64 a sample, averaged: the linear
+    rule forms its explicit per-sample gradients (its position pairs cost more)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.head = nn.Linear(64, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tokens(x)).mean(1))
+
+
 class _Upsampled(nn.Module):
     """Its largest activations belong to no layer a rule claims: a convolution's output
     upsampled 4 x 4 times."""
@@ -1157,6 +1169,10 @@ _WORKING_MEMORY_CASES = [
     # prediction that counted one graph for it; probe 74)
     ("conv activations", lambda: (_ConvActivations(), torch.randn(96, 3, 32, 32),
                                   torch.randint(0, 3, (96,))), "fisher_lanczos"),
+    # the call's copy of a batch of token vectors, and the explicit route's blocks: the bias's
+    # column had been appended to a copy of every activation (peaks 15x the prediction; probe 147)
+    ("wide tokens", lambda: (_WideTokens(), torch.randn(64, 512, 64),
+                             torch.randint(0, 3, (64,))), "fisher"),
 ]
 
 
@@ -1486,7 +1502,8 @@ def test_a_time_budget_leaves_the_memory_verdict_alone():
     verdicts = []
     for max_seconds in (1e4, None):  # refused before the work, and once its first pass ran
         with pytest.raises(hessrank.BudgetError) as refused:
-            hessrank.effective_rank(model, CE, (x, y), method="exact", max_memory=hessian + 1,
+            hessrank.effective_rank(model, CE, (x, y), method="exact",  # (and the batch's copy)
+                                    max_memory=hessian + x.nbytes + y.nbytes + 1,
                                     max_seconds=max_seconds)
         verdicts.append(refused.value.memory_bytes)
     assert verdicts[0] == verdicts[1] > 2 * hessian  # the model's graph and products, once
