@@ -266,6 +266,34 @@ def test_a_sparse_buffer_is_restored_and_analysed(method):
     assert model.mixing is mixing and model.mixing.is_sparse
 
 
+class _MetaBuffer(nn.Module):
+    """A linear layer and a meta-device buffer its forward does not read (a placeholder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(3, 2)
+        self.register_buffer("placeholder", torch.empty(4, device="meta"))
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_a_meta_buffer_is_left_as_it_is(method):
+    """The guard's restore compared each buffer with torch.equal, which has no meta kernel:
+    every call failed there, before the global generators were put back (probe 147)."""
+    x, y = torch.randn(6, 3, generator=torch.Generator().manual_seed(1)), torch.arange(6) % 2
+    model = _MetaBuffer()
+    placeholder, state = model.placeholder, torch.get_rng_state()
+    result = hessrank.effective_rank(model, CE, (x, y), method=method)
+    plain = copy.deepcopy(model)
+    del plain.placeholder
+    expected = hessrank.effective_rank(plain, CE, (x, y), method=method)
+    np.testing.assert_array_equal(result.eigenvalues, expected.eigenvalues)
+    assert model.placeholder is placeholder and torch.equal(torch.get_rng_state(), state)
+
+
 def _high_water_mark() -> int:
     """The process's resident-set high-water mark ``VmHWM`` in kB."""
     with open("/proc/self/status") as status:
