@@ -1304,3 +1304,9 @@ def test_a_refusal_before_the_work_keeps_its_cost_a_least(capsys) -> None:
     assert err == ("hessrank: error: fisher on mlp (310 parameters, n = 16) needs at least "
                    "~11.5 KiB, over --max-memory 1e-07 GiB; raise the budget, or choose another "
                    "--method\n"), err
+
+
+def test_a_prediction_under_a_tenth_of_a_second_keeps_its_digits() -> None:
+    """A small model's refusal had read "needs ~3.0 MiB and ~0.0 s"."""
+    assert [report.human_seconds(value) for value in (0.0312, 0.1, 3.24, 600.0)] == [
+        "0.031 s", "0.1 s", "3.2 s", "10 min"]

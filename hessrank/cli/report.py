@@ -166,7 +166,10 @@ def _bytes(value: float) -> str:
 
 
 def human_seconds(value: float) -> str:
-    """``3.2 s``, ``12 min``, ``1.9 h``."""
+    """``0.03 s``, ``3.2 s``, ``12 min``, ``1.9 h`` (a small model's prediction had read
+    ``0.0 s``)."""
+    if value < 0.1:
+        return f"{value:.2g} s"
     if value < 120:
         return f"{value:.1f} s"
     return f"{value / 60:.0f} min" if value < 7200 else f"{value / 3600:.1f} h"
