@@ -403,7 +403,8 @@ def effective_rank(
                 if per_layer and estimator.layer_strategy == "restricted":
                     # refused on the whole model's prediction before the modules' are made
                     # (each times a product: 10 s for a refusal on ResNet-18; probe 81)
-                    estimator.check_budget(cost, problem, settings, first=True)
+                    estimator.check_budget(_with_data_copies(estimator, problem, cost), problem,
+                                           settings, first=True)
                     layer_costs = _layer_costs(estimator, problem, outputs, settings,
                                                method_options, parallel)
                     cost = _with_layers(cost, list(layer_costs.values()))
@@ -428,7 +429,9 @@ def effective_rank(
                     group: _predicted(dataclasses.replace(settings, per_layer=False), estimator,
                                       problem, block_cost)
                     for group, block_cost in layer_costs.items()}
-                with PeakMemory(problem.device, enabled=measure_memory) as memory:
+                # (the batch's copy, made before, counts as the prediction counts it; probe 148)
+                with PeakMemory(problem.device, enabled=measure_memory,
+                                held=problem.batch_copy_bytes) as memory:
                     if isinstance(problem, StreamedProblem) and concatenate:
                         problem = problem.concatenated(estimator.name)
                     block_seconds: dict[str, float] = {}  # the blocks run on their own
@@ -917,7 +920,8 @@ def gradient_overlap(
             probe_for_target_dtype(problem, lambda: probe_outputs(problem))
             cost = _with_data_copies(estimator, problem, estimator.predict(
                 problem, lambda: probe_outputs(problem), settings, None))
-            estimator.check_budget(cost, problem, settings, caller=caller, advice=advice)
+            estimator.check_budget(cost, problem, settings, caller=caller, advice=advice,
+                                   first=True)
             try:
                 operator = HessianOperator(problem)
             except RuntimeError as error:

@@ -183,7 +183,8 @@ def _reset_high_water_mark() -> bool:
 
 
 class PeakMemory:
-    """Peak memory of a block, in bytes above its start, when ``enabled``.
+    """Peak memory of a block, in bytes above its start (and ``held``, what its work holds from
+    before), when ``enabled``.
 
     CUDA: the caching allocator's peak (``max_memory_allocated``), reset at entry. CPU (Linux):
     the kernel's resident-set high-water mark, reset at entry, minus the resident set at entry:
@@ -200,9 +201,12 @@ class PeakMemory:
     why a library call measures only when asked (``effective_rank(..., measure_memory=True)``).
     """
 
-    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+    def __init__(self, device: torch.device, enabled: bool = True, held: int = 0) -> None:
         self.device = device
         self.enabled = enabled
+        #: bytes the block's work holds from before its start (a call's copy of its batch),
+        #: added to the peak
+        self.held = held
         self.peak: int | None = None
         self._start: int | None = None
 
@@ -224,8 +228,8 @@ class PeakMemory:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start + self.held
             return
         high_water = _status_bytes("VmHWM")
         if high_water is not None:
-            self.peak = max(0, high_water - self._start)
+            self.peak = max(0, high_water - self._start) + self.held

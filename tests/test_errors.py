@@ -1888,6 +1888,28 @@ def test_gradient_overlap_counts_the_model_graph_in_its_budget():
     with pytest.raises(hessrank.BudgetError, match="gradient_overlap") as overlap:
         hessrank.gradient_overlap(model, CE, batch, k=2, max_memory=budget)
     assert overlap.value.memory_bytes == exact.value.memory_bytes > budget
+    # refused first before the work, at a least as exact is (probe 148: its figure had not said so)
+    with pytest.raises(hessrank.BudgetError, match="or more") as first:
+        hessrank.gradient_overlap(model, CE, batch, k=2, max_memory=1)
+    assert first.value.at_least and not overlap.value.at_least
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_the_first_refusal_counts_the_batch_s_copy(per_layer: bool):
+    """The first refusal's figure counts the call's copy of the batch, with ``per_layer`` too
+    (probe 148: a budget just above it was refused again, one copy higher)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 2), nn.Tanh(), nn.Linear(2, 3))
+    x, y = torch.randn(2048, 512), torch.randint(0, 3, (2048,))  # 4 MiB, more than the rest
+    options = {"per_layer": per_layer, "lanczos_steps": 5}
+    with pytest.raises(hessrank.BudgetError, match="or more") as first:
+        hessrank.effective_rank(model, CE, (x, y), "lanczos", max_memory=1, **options)
+    assert first.value.memory_bytes > x.nbytes + y.nbytes
+    try:
+        hessrank.effective_rank(model, CE, (x, y), "lanczos",
+                                max_memory=first.value.memory_bytes + 1, **options)
+    except hessrank.BudgetError as refined:
+        assert not refined.at_least, refined
 
 
 def test_backpack_failures_name_the_backend_to_use_instead():
