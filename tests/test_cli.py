@@ -970,6 +970,38 @@ def test_an_output_no_folder_can_be_made_for_is_refused_before_any_work(
     assert not path.parent.exists()
 
 
+@pytest.mark.parametrize(("first", "second"), [("out/a.json", "out"), ("x.csv/a.json", "x.csv")])
+def test_a_file_and_a_folder_of_it_are_refused_before_any_work(
+        first: str, second: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    """``--json out/a.json --csv out``: each path had been tried alone, the JSON written after the
+    work and the CSV then refused as a folder (probe 148)."""
+    def no_work(*_: object) -> None:
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(compare, "build_problem", no_work)
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_main(["compare", *TINY, "--json", first, "--csv", second], capsys)
+    assert status == 2 and out == ""
+    assert err == (f"hessrank: error: --csv {second} is a folder of --json {first}: one path "
+                   "cannot be a file and the other's folder; give each its own file\n"), err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("option", "name"), [("--csv", "r.csv"), ("--plot", "r.png")])
+def test_a_file_through_a_dangling_link_s_folder_is_written(
+        option: str, name: str, tmp_path: Path, capsys) -> None:
+    """A link to a folder not yet made (``out -> missing/dir``): ``--csv out/r.csv`` passed the
+    check, which made the folder through the link, and was refused after the work, which made
+    it at the link's own path (probe 148). Both now go through the link."""
+    pytest.importorskip("matplotlib")
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "missing" / "dir")
+    status, _, err = run_main(["compare", *TINY, "--methods", "fisher", "--no-pyhessian",
+                               "--quiet", option, str(link / name)], capsys)
+    assert status == 0, err
+    assert (tmp_path / "missing" / "dir" / name).stat().st_size > 0 and link.is_symlink()
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_json_is_written_through_links_and_pipes(tmp_path: Path, capsys) -> None:
     """``--json`` on a symbolic link wrote a regular file in the link's place (its target kept

@@ -464,8 +464,7 @@ def _atomic_write(path: Path, text: str) -> None:
         with path.open("w") as handle:
             handle.write(text)
         return
-    path = Path(os.path.realpath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = with_folder(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text)
@@ -554,12 +553,20 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def with_folder(path: Path) -> Path:
+    """``path`` through any symbolic link (what is written), its folder made: as
+    :func:`check_outputs` tried it (a CSV or figure through a dangling link's folder had been
+    refused after the work; probe 148)."""
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
 def write_csv(report: dict[str, Any], path: Path) -> None:
     """Every number of the tables, one row per seed/checkpoint/method."""
     rows = csv_rows(report)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as handle:
+        with with_folder(path).open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, restval="")
             writer.writeheader()
             for row in rows:
@@ -606,6 +613,15 @@ def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
         if resolved in seen:
             raise CliError(f"{seen[resolved]} and {option} name the same file {path}: the second "
                            "would replace the first; give each its own")
+        # (--json out/a.json --csv out: each had been tried alone, and the second refused after
+        # the work; probe 148)
+        for other, other_option in seen.items():
+            if other in resolved.parents or resolved in other.parents:
+                inner, outer = ((option, other_option) if other in resolved.parents
+                                else (other_option, option))
+                raise CliError(f"{outer} {outputs[outer]} is a folder of {inner} "
+                               f"{outputs[inner]}: one path cannot be a file and the other's "
+                               "folder; give each its own file")
         seen[resolved] = option
         if option in PLOT_OPTIONS:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -693,8 +709,7 @@ def save_figure(fig: Any, path: Path, what: str) -> None:
     """
     plt = pyplot(what)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        fig.savefig(with_folder(path), dpi=120)
     except OSError as err:
         raise cannot_write(what, path, err) from err
     finally:
