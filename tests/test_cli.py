@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -1000,6 +1001,26 @@ def test_a_file_through_a_dangling_link_s_folder_is_written(
                                "--quiet", option, str(link / name)], capsys)
     assert status == 0, err
     assert (tmp_path / "missing" / "dir" / name).stat().st_size > 0 and link.is_symlink()
+
+
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="needs /dev/fd")
+@pytest.mark.parametrize("option", ["--csv", "--json"])
+def test_a_process_substitution_gets_the_file(option: str, capsys) -> None:
+    """``--csv >(...)`` names ``/dev/fd/N``, a pipe whose target is no path: writing the CSV at
+    its resolved path had failed after the work ("No such file or directory")."""
+    read, write = os.pipe()
+    try:
+        status, _, err = run_main(["compare", *TINY, "--methods", "fisher", "--no-pyhessian",
+                                   "--quiet", option, f"/dev/fd/{write}"], capsys)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            written = pipe.read()
+    finally:
+        for fd in (read, write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    assert status == 0, err
+    assert written.startswith("seed,checkpoint" if option == "--csv" else "{"), written[:80]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")

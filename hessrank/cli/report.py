@@ -556,7 +556,10 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 def with_folder(path: Path) -> Path:
     """``path`` through any symbolic link (what is written), its folder made: as
     :func:`check_outputs` tried it (a CSV or figure through a dangling link's folder had been
-    refused after the work; probe 148)."""
+    refused after the work; probe 148). Something other than a file or folder (a pipe, a
+    process substitution's ``/dev/fd/N``, whose target is no path) is ``path`` itself."""
+    if not_a_regular_file(path):
+        return path
     target = Path(os.path.realpath(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     return target
