@@ -1363,3 +1363,17 @@ def test_a_prediction_under_a_tenth_of_a_second_keeps_its_digits() -> None:
     """A small model's refusal had read "needs ~3.0 MiB and ~0.0 s"."""
     assert [report.human_seconds(value) for value in (0.0312, 0.1, 3.24, 600.0)] == [
         "0.031 s", "0.1 s", "3.2 s", "10 min"]
+
+
+def test_ctrl_c_inside_the_first_method_shows_no_empty_table(capsys, monkeypatch) -> None:
+    """A Ctrl-C inside the first method (its eigen-solve, which cannot be interrupted, ends
+    first) left a checkpoint with nothing measured, and an empty table was shown (probe 146)."""
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "check_budget", interrupted)
+    status, out, err = run_main(["compare", *TINY, "--methods", "fisher", "--no-pyhessian"],
+                                capsys)
+    assert status == 130, err
+    assert "Stopped by Ctrl-C before the first measurement ended: nothing to show." in out
+    assert "Estimators vs exact" not in out

@@ -604,8 +604,7 @@ def _compare(args: argparse.Namespace) -> int:
         failed: CliError | None = None
         # Interrupted before a first measurement, nothing is written: an earlier run's files
         # there are kept (they had been replaced by empty results; probes 91, 115).
-        measured = any(point["methods"] or point["pyhessian"] is not None
-                       for run in result["runs"] for point in run["checkpoints"])
+        measured = report.anything_measured(result)
         try:
             if measured:
                 if args.json:

@@ -419,15 +419,26 @@ def last_complete(report: dict[str, Any]) -> int:
     return done[-1] if done else max(len(points) - 1, 0)
 
 
+def anything_measured(report: dict[str, Any]) -> bool:
+    """Whether a method or PyHessian measured a checkpoint (a run stopped before its first
+    measurement has nothing to show or write)."""
+    return any(point["methods"] or point["pyhessian"] is not None
+               for run in report["runs"] for point in run["checkpoints"])
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     """Print the tables of ``report`` (the last checkpoint in detail)."""
     summ = summary(report)
     console.print(title(report))
+    measured = anything_measured(report)
     if report["interrupted"]:
         reason = report.get("stopped_by") or "Ctrl-C"
-        console.print(f"Stopped by {reason}: showing what was measured before it.",
+        # (stopped inside the first method, an empty table had followed; probe 146)
+        console.print(f"Stopped by {reason}: showing what was measured before it."
+                      if measured else f"Stopped by {reason} before the first measurement "
+                      "ended: nothing to show.",
                       style="yellow", markup=False, highlight=False)
-    if not summ["checkpoints"]:
+    if not summ["checkpoints"] or not measured:
         return
     last = last_complete(report)
     table, footnotes = methods_table(report, summ, last)
