@@ -226,9 +226,9 @@ class PassState:
         fresh: dict[int, Tensor] = {}  # a tensor shared by several modules gets one copy
         # (a write through .data moves no version counter: the values tell)
         in_place = [slot[5].get(slot[1]) is slot[2] and slot[2]._version == slot[3]
-                for slot in self._tensors]
-        unchanged = iter(_values_unchanged([(slot[2], slot[4]) for slot, same in zip(
-            self._tensors, in_place) if same]))
+                    for slot in self._tensors]
+        unchanged = iter(_same_values([(slot[2], slot[4]) for slot, same in zip(
+            self._tensors, in_place) if same], sparse_compared=False))
         for slot, same in zip(self._tensors, in_place):
             module, name, tensor, _, value, registry = slot
             if same and next(unchanged):
@@ -768,8 +768,9 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
                     param.requires_grad_(flag)
                     param.grad = grad
                 with torch.no_grad():  # a buffer written through another reference
-                    for (buffer, value), same in zip(buffers, _same_values(buffers)):
-                        if not same:
+                    same = _same_values(buffers, sparse_compared=True)
+                    for (buffer, value), unchanged in zip(buffers, same):
+                        if not unchanged:
                             buffer.copy_(value)
                 generators.restore()
                 private_generators.restore()
@@ -833,27 +834,21 @@ def written_parameters_error(names: list[str]) -> ValueError:
         "thread trains the model during the call, measure and train in turn (probe 132)")
 
 
-def _values_unchanged(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[bool]:
-    """Whether each tensor still holds its saved value (``torch.equal``); a sparse, nested or
-    meta one counts as unchanged (its version counter tells; ``torch.equal`` has no kernel for
-    them, and a dense copy of a sparse buffer could be large)."""
-    strided = [tensor.layout == torch.strided and not tensor.is_meta and not tensor.is_nested
-               for tensor, _ in pairs]
-    equal = iter(_each_equal([pair for pair, plain in zip(pairs, strided) if plain]))
-    return [next(equal) if plain else True for plain in strided]
-
-
-def _same_values(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[bool]:
-    """``torch.equal`` of each pair, also for sparse tensors (which it does not take); a meta or
-    nested tensor counts as the same (no values, or none ``torch.equal`` compares: a meta
-    buffer had failed every call's restore, before the generators were put back; probe 147)."""
-    dense = [tensor.layout == value.layout == torch.strided for tensor, value in pairs]
-    uncompared = [tensor.is_meta or tensor.is_nested for tensor, _ in pairs]
-    equal = iter(_each_equal([pair for pair, plain, skipped in zip(pairs, dense, uncompared)
-                              if plain and not skipped]))
-    return [True if skipped else next(equal) if plain else tensor.layout == value.layout
-            and torch.equal(tensor.to_dense(), value.to_dense())
-            for plain, skipped, (tensor, value) in zip(dense, uncompared, pairs)]
+def _same_values(pairs: Sequence[tuple[Tensor, Tensor]], sparse_compared: bool) -> list[bool]:
+    """Whether each tensor still holds its saved value (``torch.equal``). A meta or nested one
+    counts as the same (no values, or none ``torch.equal`` compares: a meta buffer had failed
+    every call's restore, before the generators were put back; probe 147). A sparse one is
+    compared densely where ``sparse_compared`` (``torch.equal`` does not take it), else counts
+    as the same (its version counter tells, and a dense copy of a sparse buffer could be
+    large); saved sparse and now strided, it differs."""
+    kinds = ["uncompared" if tensor.is_meta or tensor.is_nested
+             else "strided" if tensor.layout == value.layout == torch.strided else "sparse"
+             for tensor, value in pairs]
+    equal = iter(_each_equal([pair for pair, kind in zip(pairs, kinds) if kind == "strided"]))
+    return [next(equal) if kind == "strided" else kind == "uncompared" or (
+        tensor.layout == value.layout and torch.equal(tensor.to_dense(), value.to_dense())
+        if sparse_compared else tensor.layout != torch.strided)
+        for kind, (tensor, value) in zip(kinds, pairs)]
 
 
 def _each_equal(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[bool]:
