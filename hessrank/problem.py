@@ -834,6 +834,9 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """
     notes = []
     while True:
+        if is_compile_wrapper(model) or isinstance(
+                model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            _refuse_wrapper_hooks(model)
         if is_compile_wrapper(model):
             model = cast(nn.Module, model._orig_mod)  # (dynamo is not imported to type it)
             notes.append("torch.compile wrapper: the original module was analysed eagerly "
@@ -849,6 +852,25 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
                          "curvature of the whole batch, as the wrapper computes it)")
         else:
             return model, notes
+
+
+def _refuse_wrapper_hooks(wrapper: nn.Module) -> None:
+    """Raise where forward hooks or pre-hooks sit on a wrapper :func:`unwrap_model` looks
+    through: ``wrapper(x)`` runs them, the wrapped module alone would not (a hook scaling the
+    output had given a top eigenvalue 10 times too small, with a note saying "same function";
+    probe 149).
+
+    Raises:
+        ValueError: the wrapper has forward hooks or forward pre-hooks.
+    """
+    hooks = len(wrapper._forward_hooks) + len(wrapper._forward_pre_hooks)
+    if hooks:
+        inner = "_orig_mod" if is_compile_wrapper(wrapper) else "module"
+        raise ValueError(
+            f"the model's {type(wrapper).__name__} wrapper has {hooks} forward hook(s) or "
+            f"pre-hook(s) of its own: hessrank analyses the wrapped module (model.{inner}), "
+            "which they would not reach, so its function would not be the one you train; "
+            f"register them on model.{inner} instead (the wrapper's call runs them there too)")
 
 
 def _batch_tensors(

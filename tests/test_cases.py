@@ -863,6 +863,30 @@ def test_wrapped_model_is_analysed_through_its_module(wrap, note):
                                atol=1e-12 * abs(alone.top_eigenvalue))
 
 
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel],
+                         ids=["torch.compile", "nn.DataParallel"])
+def test_a_wrappers_own_forward_hooks_are_refused(wrap, hook):
+    """The wrapper's call runs its forward hooks, the wrapped module analysed alone would not: a
+    hook scaling the output had given a top eigenvalue 10 times too small, noted as "same
+    function" (probe 149). Refused, naming where to register them; once there they count."""
+    model, x, y = _build(KeywordCall, lambda g: _mlp_batch(5, 4))()
+    wrapper = wrap(model)
+    scale = ((lambda module, args, output: output * 3.0) if hook == "forward"
+             else (lambda module, args: (args[0] * 3.0,)))
+    register = "register_forward_hook" if hook == "forward" else "register_forward_pre_hook"
+    handle = getattr(wrapper, register)(scale)
+    with pytest.raises(ValueError, match=r"wrapper has 1 forward hook.*register them on "
+                                         r"model\.(_orig_mod|module) instead"):
+        hessrank.effective_rank(wrapper, CE, (x, y), method="exact")
+    handle.remove()
+    handle = getattr(model, register)(scale)
+    hooked = hessrank.effective_rank(wrapper, CE, (x, y), method="exact")
+    handle.remove()
+    plain = hessrank.effective_rank(model, CE, (x, y), method="exact")
+    assert hooked.top_eigenvalue > 2 * plain.top_eigenvalue  # the hook is in the function
+
+
 @pytest.mark.parametrize("method", ["fisher", "ggn", "exact", "lanczos"])
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
 def test_calls_under_no_grad_and_inference_mode(method, context):
