@@ -62,6 +62,7 @@ from hessrank.problem import (
     lower_precision_cause,
     probe_for_target_dtype,
     probe_outputs,
+    reentrant_checkpoint_error,
     refuse_target_dtype_of,
 )
 from hessrank.ranks import (
@@ -452,11 +453,7 @@ def effective_rank(
                         raise not_finite_error(error.dtype, cause) from None
                     except RuntimeError as error:
                         if _REENTRANT_CHECKPOINT in str(error):
-                            raise ValueError(
-                                "the model uses torch.utils.checkpoint with use_reentrant=True, "
-                                "which hessrank's backward passes (torch.autograd.grad) cannot "
-                                "go through: pass use_reentrant=False, torch's recommended "
-                                "setting, with the same memory saving") from error
+                            raise reentrant_checkpoint_error() from error
                         if isinstance(error, CheckpointError):
                             raise ValueError(
                                 "a block under torch.utils.checkpoint ran differently when its "

@@ -1027,6 +1027,30 @@ def backward_hooks_off(model: nn.Module) -> Iterator[list[str]]:
                 setattr(owner, attribute, value)
 
 
+def forward_hooks_note(model: nn.Module) -> list[str]:
+    """A note naming the caller's forward hooks and pre-hooks (on ``model``'s submodules, and
+    the global module ones), which run in every forward pass of the call: they are part of the
+    function the model computes, and a hook that records activations or statistics (dormant
+    neurons, ReDo's resets) sees the call's passes too, some over one or two of the batch's
+    samples (the probes of the checks; probe 149). None run unnoticed."""
+    def callers(hooks: dict[int, Any] | None) -> bool:  # (not torch's own: weight_norm's)
+        return any(not getattr(hook, "__module__", "").startswith("torch.")
+                   for hook in (hooks or {}).values())
+
+    kinds = {"_forward_hooks": "forward hook", "_forward_pre_hooks": "forward pre-hook"}
+    names = [f"{name or type(module).__name__} ({kind})"
+             for name, module in model.named_modules() for attribute, kind in kinds.items()
+             if callers(getattr(module, attribute, None))]
+    module_globals = torch.nn.modules.module
+    names += [f"global module {kind}" for attribute, kind in kinds.items()
+              if callers(getattr(module_globals, f"_global{attribute}"))]
+    if not names:
+        return []
+    return [f"your forward hooks ran in each of hessrank's forward passes, as part of the "
+            f"model's function: a hook that records activations saw those passes too, some "
+            f"over one or two of the batch's samples: {', '.join(names)}"]
+
+
 @contextmanager
 def _set_for_the_call(read: Callable[[], Any], write: Callable[[Any], None],
                       value: Any) -> Iterator[None]:
@@ -1258,5 +1282,6 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
             notes.append(f"scale_grad_by_freq=True on {', '.join(scaled)}: training divides "
                          "each row's gradient by its token's count in the batch; the curvature "
                          "is the loss's, without that scaling")
-        notes.extend(hook_notes + cache_notes + saved_notes + compiled_notes)
+        notes.extend(forward_hooks_note(model) + hook_notes + cache_notes + saved_notes
+                     + compiled_notes)
         yield notes  # the embeddings' notes come with their first rescaling

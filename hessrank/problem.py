@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
+from torch.utils.checkpoint import CheckpointFunction
 
 from hessrank.guard import (
     GlobalGenerators,
@@ -99,8 +100,13 @@ class CurvatureProblem:
     #: made (they are the call's own copies)
     _input_versions: list[tuple[str, Tensor, int]] = field(init=False, repr=False,
                                                            default_factory=list)
+    #: whether the caller's inputs required grad (the call's copies do not), so that a
+    #: reentrant checkpoint on them is in the training's graph (:meth:`forward`)
+    inputs_require_grad: bool = False
     #: whether a forward pass's graph was read for custom autograd.Functions
     _graph_read: bool = field(init=False, repr=False, default=False)
+    #: whether a forward pass on inputs that require grad was read (``inputs_require_grad``)
+    _inputs_read: bool = field(init=False, repr=False, default=False)
     #: the first pass's outputs in brief (:class:`OutputsPrint`), which every later pass over
     #: this batch must reproduce
     _first_print: OutputsPrint | None = field(init=False, repr=False, default=None)
@@ -158,6 +164,16 @@ class CurvatureProblem:
                 place (:meth:`before_pass`).
         """
         self.before_pass()
+        if self.inputs_require_grad and not self._inputs_read and torch.is_grad_enabled():
+            # The caller's graph passes a reentrant checkpoint on the inputs, which
+            # torch.autograd.grad does not go into, where the call's copies leave it out: its
+            # parameters' curvature had been silently zero (probe 149). One forward on inputs
+            # that require grad, as the caller's do, shows it (custom_functions_note raises).
+            self._inputs_read = True
+            custom_functions_note(run_model(
+                self.model, *tree_map(lambda x: x.detach().requires_grad_(x.is_floating_point()),
+                                      (self.args, self.kwargs)), self.mode))
+            self.before_pass()
         outputs = run_model(self.model, self.args, self.kwargs, self.mode, self.notes)
         if isinstance(outputs, Tensor) and outputs.is_floating_point():
             brief = OutputsPrint.of(outputs)
@@ -380,7 +396,14 @@ def custom_functions_note(outputs: Tensor) -> str | None:
     :mod:`hessrank.curvature.saturation` puts in its place), None where there are none:
     hessrank differentiates through their backward as written, and a wrong one (or, for second
     derivatives, one that is not itself differentiable) gives a wrong curvature that no check of
-    a single call can tell in general."""
+    a single call can tell in general.
+
+    Raises:
+        ValueError: a block under ``torch.utils.checkpoint(use_reentrant=True)`` is in the graph
+            (:func:`reentrant_checkpoint_error`): ``torch.autograd.grad`` with respect to the
+            parameters does not reach into it, so their curvature would be silently zero (on
+            inputs that require grad; probe 149).
+    """
     found: set[str] = set()
     seen: set[object] = set()
     stack = [outputs.grad_fn]
@@ -390,6 +413,8 @@ def custom_functions_note(outputs: Tensor) -> str | None:
             continue
         seen.add(node)
         function = getattr(node, "_forward_cls", None)
+        if function is CheckpointFunction:
+            raise reentrant_checkpoint_error()
         if function is not None and not function.__module__.startswith(("torch.", "hessrank.")):
             found.add(function.__qualname__)
         stack.extend(child for child, _ in node.next_functions)
@@ -400,6 +425,16 @@ def custom_functions_note(outputs: Tensor) -> str | None:
             "not itself differentiable, gives a wrong curvature that a single call cannot tell "
             "in general (an asymmetric Hessian is refused); check them with "
             "torch.autograd.gradcheck and gradgradcheck")
+
+
+def reentrant_checkpoint_error() -> ValueError:
+    """The refusal of a model under ``torch.utils.checkpoint(use_reentrant=True)``, which only
+    ``.backward()`` goes through: ``torch.autograd.grad`` raises inside it, or, with respect to
+    the parameters alone, passes it by."""
+    return ValueError(
+        "the model uses torch.utils.checkpoint with use_reentrant=True, which hessrank's "
+        "backward passes (torch.autograd.grad) cannot go through: pass use_reentrant=False, "
+        "torch's recommended setting, with the same memory saving")
 
 
 def tensor_outputs(outputs: object) -> Tensor:
@@ -1092,6 +1127,8 @@ def build_problem(
             )
     usable = _usable_batch(args, kwargs, targets)
     return CurvatureProblem(model, loss_fn, *usable, names, selected, excluded, mode, notes,
+                            inputs_require_grad=any(x.requires_grad for x in (*args,
+                                                                              *kwargs.values())),
                             batch_copy_bytes=copied_bytes((*args, *kwargs.values(), targets),
                                                           (*usable[0], *usable[1].values(),
                                                            usable[2])))

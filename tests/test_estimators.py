@@ -616,6 +616,69 @@ def test_parameters_the_loss_does_not_use_are_named(method, cut, named, count, d
     assert not any(_UNREACHED in note for note in used)
 
 
+class _Reentrant(nn.Module):
+    """A layer under ``torch.utils.checkpoint(use_reentrant=True)``, on the input (``where``
+    ``"input"``) or on the first layer's activation (``"inner"``)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second, self.head = nn.Linear(5, 7), nn.Linear(7, 7), nn.Linear(7, 3)
+        self.where = where
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        if self.where == "input":
+            hidden = checkpoint(lambda h: torch.tanh(self.first(h)), x, use_reentrant=True)
+        else:
+            hidden = checkpoint(lambda h: torch.tanh(self.second(h)), torch.tanh(self.first(x)),
+                                use_reentrant=True)
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize(("method", "data_set"), [
+    *((method, data_set) for method in hessrank.ESTIMATORS for data_set in (False, True)),
+    ("gradient_overlap", False)])  # (which takes one batch)
+@pytest.mark.parametrize("where", ["input", "inner"])
+def test_a_reentrant_checkpoint_in_the_graph_is_refused(method, where, data_set):
+    """torch.autograd.grad does not go through a reentrant checkpoint: on an activation it
+    raises, and on inputs that require grad, as the caller's training has them, it passes the
+    block by, which had left its parameters' curvature zero under a note blaming inputs that do
+    not require grad (probe 149). Both are refused, saying what to pass."""
+    x, y = classification_batch(12, 5, 3, dtype=torch.float32)
+    x.requires_grad_(where == "input")
+    batch = [(x[:6], y[:6]), (x[6:], y[6:])] if data_set else (x, y)
+    model = _Reentrant(where)
+    with pytest.raises(ValueError, match="checkpoint with use_reentrant=True.*pass "
+                                         "use_reentrant=False"):
+        if method == "gradient_overlap":
+            hessrank.gradient_overlap(model, CE, batch, k=2)
+        else:
+            hessrank.effective_rank(model, CE, batch, method, lanczos_steps=20)
+    assert x.grad is None and x.requires_grad == (where == "input")
+
+
+@pytest.mark.parametrize("method", list(hessrank.ESTIMATORS))
+def test_inputs_that_require_grad_give_the_same_result(method):
+    """Inputs that require grad get one more forward pass, on inputs that do (the check for a
+    reentrant checkpoint above): it leaves a model in train mode, whose batch norm updates its
+    statistics, as every pass finds it (the methods that allow it), and the result as for
+    inputs that do not."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).train()
+    x, y = classification_batch(12, 5, 3, dtype=torch.float64)
+    model.double()
+    mode = "train" if method in ("exact", "lanczos") else "eval"  # (per-sample factors: eval)
+    plain = hessrank.effective_rank(model, CE, (x, y), method, mode=mode, lanczos_steps=20)
+    statistics = model[1].running_mean.clone()
+    result = hessrank.effective_rank(model, CE, (x.requires_grad_(True), y), method,
+                                     mode=mode, lanczos_steps=20)
+    np.testing.assert_allclose(result.eigenvalues, plain.eigenvalues, rtol=0,
+                               atol=1e-12 * abs(plain.top_eigenvalue))
+    assert result.notes == plain.notes and x.grad is None
+    assert torch.equal(model[1].running_mean, statistics)
+
+
 class _Routed(nn.Module):
     """Two heads, the batch routed to one by its first input's sign (a hard mixture)."""
 

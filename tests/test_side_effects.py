@@ -108,10 +108,30 @@ def test_state_untouched_after_success(method, backend):
     seen = []
     model[0].register_forward_hook(lambda *args: seen.append(1))
     before = _snapshot(model)
-    hessrank.effective_rank(model, CE, (x, y), method=method, backend=backend,
-                            lanczos_steps=5)
+    result = hessrank.effective_rank(model, CE, (x, y), method=method, backend=backend,
+                                     lanczos_steps=5)
     _assert_same(before, model)
-    assert seen  # the user's hook is part of the model and ran
+    assert seen  # the user's hook is part of the model and ran, and the result says so
+    assert [note for note in result.notes if "forward hooks ran" in note] == [
+        "your forward hooks ran in each of hessrank's forward passes, as part of the model's "
+        "function: a hook that records activations saw those passes too, some over one or two "
+        "of the batch's samples: 0 (forward hook)"]
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm is deprecated")
+def test_torchs_own_forward_hooks_are_not_named():
+    """The old weight_norm recomputes its weight in a forward pre-hook of torch's: that is how
+    the layer works, not a hook of the caller's (no note), while a global one is named."""
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(6, 4)), nn.Tanh(), nn.Linear(4, 3))
+    x, y = classification_batch(10, 6, 3, dtype=torch.float32)
+    result = hessrank.effective_rank(model, CE, (x, y), method="exact")
+    assert not any("forward hooks ran" in note for note in result.notes), result.notes
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        result = hessrank.effective_rank(model, CE, (x, y), method="exact")
+    finally:
+        handle.remove()
+    assert any(note.endswith("samples: global module forward hook") for note in result.notes)
 
 
 def _interrupting(calls: list[int], after: int | None):
