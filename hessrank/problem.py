@@ -170,9 +170,12 @@ class CurvatureProblem:
             # parameters' curvature had been silently zero (probe 149). One forward on inputs
             # that require grad, as the caller's do, shows it (custom_functions_note raises).
             self._inputs_read = True
+            def requiring(x: Tensor) -> Tensor:
+                return x.detach().requires_grad_(x.is_floating_point())
+
             custom_functions_note(run_model(
-                self.model, *tree_map(lambda x: x.detach().requires_grad_(x.is_floating_point()),
-                                      (self.args, self.kwargs)), self.mode))
+                self.model, tuple(requiring(x) for x in self.args),
+                {key: requiring(x) for key, x in self.kwargs.items()}, self.mode))
             self.before_pass()
         outputs = run_model(self.model, self.args, self.kwargs, self.mode, self.notes)
         if isinstance(outputs, Tensor) and outputs.is_floating_point():
