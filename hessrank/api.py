@@ -614,7 +614,7 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
             return
         batch_bytes = sum(x.numel() * x.element_size()
                           for x in (*first.args, *first.kwargs.values(), first.targets))
-        whole = dataclasses.replace(problem, total_samples=announced,
+        whole = dataclasses.replace(problem, total_samples=announced, batch_bytes=batch_bytes,
                                     data_bytes=batch_bytes * announced // first.num_samples)
         cost = _with_data_copies(estimator, whole,
                                  estimator.predict(whole, outputs, settings, options))
@@ -687,12 +687,13 @@ def _predicted(settings: Settings, estimator: Estimator, problem: CurvatureProbl
 def _with_data_copies(estimator: Estimator, problem: CurvatureProblem, cost: Cost) -> Cost:
     """``cost`` with the call's copies of the data: the batch's tensors it copied (a batch of
     token embeddings twice a linear layer's working memory had been left out: peaks of 9 times
-    the prediction; probe 147), and a copy of the data set where the method joins its batches
-    into one."""
-    joined = (problem.data_bytes if isinstance(problem, StreamedProblem)
-              and not estimator.streams else 0)
-    return dataclasses.replace(cost, memory_bytes=cost.memory_bytes + joined
-                               + problem.batch_copy_bytes)
+    the prediction; probe 147); for a data set, what a pass over it holds beside its first
+    batch's copy (:meth:`StreamedProblem.pass_bytes`), and a copy of the data set where the
+    method joins its batches into one."""
+    copies = problem.batch_copy_bytes
+    if isinstance(problem, StreamedProblem):
+        copies += problem.pass_bytes() + (0 if estimator.streams else problem.data_bytes)
+    return dataclasses.replace(cost, memory_bytes=cost.memory_bytes + copies)
 
 
 def _agreed_cost(parallel: DataParallel | None, cost: Cost) -> Cost:

@@ -1749,6 +1749,7 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
             kwargs = {key: value.clone() for key, value in kwargs.items()}
             parts.append(replace(problem, args=args, kwargs=kwargs,
                                   targets=problem.targets[start:stop]).forward())
+            del args, kwargs  # (one half's copy at a time)
     # outputs shaped by the batch (sequences cut to the batch's longest): not comparable row
     # by row
     if not all(isinstance(part, Tensor) and part.shape[1:] == outputs.shape[1:]

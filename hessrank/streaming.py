@@ -293,6 +293,7 @@ def _reading(batches: Iterator[Data], reading: list[int]) -> Iterator[Data]:
     reading[0] = 0
     for batch in batches:
         yield batch
+        del batch  # (before the next is read)
         reading[0] += 1
 
 
@@ -401,6 +402,7 @@ class StreamedProblem(CurvatureProblem):
         num_batches: batches per pass.
         data_loss: the data set's loss ``sum_b c_b L_b`` from the first pass.
         data_bytes: bytes of one copy of every batch's tensors.
+        batch_bytes: bytes of the largest batch's tensors.
         joinable: whether the batches can be joined into one (their shapes past the batch
             dimension agree), set by :meth:`survey`.
     """
@@ -411,9 +413,13 @@ class StreamedProblem(CurvatureProblem):
     num_batches: int = field(default=0, kw_only=True)
     data_loss: float = field(default=math.nan, kw_only=True)
     data_bytes: int = field(default=0, kw_only=True)
+    batch_bytes: int = field(default=0, kw_only=True)
     #: whether every batch's inputs and targets have the first's shapes past the batch
     #: dimension (so that the batches can be joined into one), set by :meth:`survey`
     joinable: bool = field(default=True, kw_only=True)
+    #: the joined batch's dtypes (:func:`_batch_tensors`' order), each its batches' promoted
+    #: as ``torch.cat`` promotes them, set by :meth:`survey`
+    _joined_dtypes: list[torch.dtype] = field(default_factory=list, kw_only=True, repr=False)
     _reference: tuple[Tensor, Tensor, Tensor] | None = field(default=None, kw_only=True,
                                                              repr=False)
     _normalisers: list[tuple[Fingerprint, float]] = field(default_factory=list, kw_only=True,
@@ -431,20 +437,39 @@ class StreamedProblem(CurvatureProblem):
         raise RuntimeError("internal error: a data set's loss is a sum over batches "
                            "(StreamedProblem.summed)")
 
+    def pass_bytes(self) -> int:
+        """Bytes a pass over the data holds beside the first batch's copy: the batch it reads
+        (a loader's, with those its workers have ready), the call's copy of it, and in the first
+        pass a copy of half of it (the check that the samples do not interact runs each half
+        alone). A list's batches are the caller's: the copies alone. (A pass over a loader had
+        peaked at 1.7 times a prediction that counted none of them; probe 148.)"""
+        read = (1 + self.data.num_workers * (self.data.prefetch_factor or 0)
+                if isinstance(self.data, DataLoader) else 0)
+        return (2 * read + 3) * (self.batch_bytes or _tensor_bytes(_batch_tensors(self))) // 2
+
     def first(self) -> CurvatureProblem:
         """The first batch alone (for predictions of a single batch's cost)."""
         return CurvatureProblem(**self.core_fields())  # type: ignore[arg-type]
 
     def _batches(self) -> Iterator[CurvatureProblem]:
-        """One pass: each batch validated as :func:`hessrank.effective_rank` validates one."""
-        for index, item in enumerate(self.data):
+        """One pass: each batch validated as :func:`hessrank.effective_rank` validates one.
+
+        The batch as read is let go before the next is read, and the caller lets go of the
+        batch yielded (:meth:`_checked_pass`): a pass holds one batch and its copy. (No
+        ``enumerate`` in these loops: it keeps its last ``(index, item)`` to reuse, which had
+        held every previous batch while the next was read; probe 148.)"""
+        index = -1
+        for item in self.data:
+            index += 1
             _check_pair(index, item)
             try:
                 args, kwargs, targets = read_batch(_to_device(item, self.device), self.dtype,
                                                    self.device)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"batch {index} of the data: {error}") from error
+            del item
             yield dataclasses.replace(self.first(), args=args, kwargs=kwargs, targets=targets)
+            del args, kwargs, targets
 
     def _pair(self, outputs: Tensor, targets: Tensor, gradient: Tensor,
               what: str) -> tuple[float, float]:
@@ -592,11 +617,16 @@ class StreamedProblem(CurvatureProblem):
                     _outputs(batch)
         reading = [0]  # the batch being read, for the errors (:func:`_naming_the_batch`)
         with same_draw(self.data), _naming_the_batch(reading):
-            for index, batch in enumerate(_reading(self._batches(), reading)):
+            for batch in _reading(self._batches(), reading):
+                index = reading[0]
                 outputs = _outputs(batch)
                 shapes: list[object] = [
                     *(x.shape[1:] for x in batch.args), batch.targets.shape[1:],
                     *((key, x.shape[1:]) for key, x in sorted(batch.kwargs.items()))]
+                tensors = _batch_tensors(batch)
+                self._joined_dtypes = ([torch.promote_types(a, x.dtype) for a, x in
+                                        zip(self._joined_dtypes, tensors)] if index
+                                       else [x.dtype for x in tensors])
                 first_shapes = first_shapes or shapes
                 self.joinable = self.joinable and shapes == first_shapes
                 if not mixing_checked and batch.num_samples > 1:  # once: the model's property
@@ -611,19 +641,20 @@ class StreamedProblem(CurvatureProblem):
                     refuse_mixed_samples(joined, _outputs(joined), "batch")
                     mixing_checked = True
                 self.total_samples += batch.num_samples
-                total_bytes += sum(x.numel() * x.element_size() for x in
-                                   (*batch.args, *batch.kwargs.values(), batch.targets))
-                if self._reference is None:
-                    if not _can_be_reference(batch, outputs):
-                        waiting.append((index, batch, outputs))
-                        continue
+                total_bytes += _tensor_bytes(tensors)
+                self.batch_bytes = max(self.batch_bytes, _tensor_bytes(tensors))
+                del tensors
+                if self._reference is None and not _can_be_reference(batch, outputs):
+                    waiting.append((index, batch, outputs))
+                elif self._reference is None:
                     self._begin(batch, outputs)
                     weighed[index] = self._weighed(batch, outputs, index)
                     for earlier, earlier_batch, earlier_outputs in waiting:
                         weighed[earlier] = self._weighed(earlier_batch, earlier_outputs, earlier)
                     waiting.clear()
-                    continue
-                weighed[index] = self._weighed(batch, outputs, index)
+                else:
+                    weighed[index] = self._weighed(batch, outputs, index)
+                del batch, outputs  # (before the next is read; a waiting batch stays held)
         if waiting:  # no batch can: the first one's own error says why
             _, batch, outputs = waiting[0]
             with torch.no_grad():  # a parameter term would otherwise build a graph
@@ -740,18 +771,23 @@ class StreamedProblem(CurvatureProblem):
         """
         count = 0
         with same_draw(self.data):
-            for index, batch in enumerate(self._batches()):
-                if (index >= len(self._normalisers)
-                        or not _same(self._normalisers[index][0], _fingerprint(batch))):
-                    raise _data_changed(f"batch {index} differs from the first pass's")
+            for batch in self._batches():
+                if (count >= len(self._normalisers)
+                        or not _same(self._normalisers[count][0], _fingerprint(batch))):
+                    raise _data_changed(f"batch {count} differs from the first pass's")
+                visit(batch, self._normalisers[count][1])
                 count += 1
-                visit(batch, self._normalisers[index][1])
+                del batch  # (before the next is read)
         if count != len(self._normalisers):
             raise _data_changed(f"{count} batches against "
                                            f"{len(self._normalisers)} in the first pass")
 
     def concatenated(self, method: str) -> CurvatureProblem:
         """Every batch in one problem (for the Gram methods; memory predicted by the caller).
+
+        Each batch is copied into its place as the pass reads it, so that the pass holds one
+        batch beside the joined ones (:meth:`pass_bytes`), not every batch (twice the data; probe
+        148).
 
         Raises:
             ValueError: the batches' shapes past the batch dimension differ (:attr:`joinable`),
@@ -764,15 +800,35 @@ class StreamedProblem(CurvatureProblem):
                 "every sample), and these batches' inputs or targets differ in shape past the "
                 "batch dimension (sequences of other lengths): pad them to one length, or use "
                 f"method='{method}_lanczos', which takes the batches one at a time")
-        batches: list[CurvatureProblem] = []
-        self._checked_pass(lambda batch, _: batches.append(batch))
-        first = batches[0]
-        return dataclasses.replace(
-            self.first(),
-            args=tuple(torch.cat([b.args[i] for b in batches]) for i in range(len(first.args))),
-            kwargs={key: torch.cat([b.kwargs[key] for b in batches]) for key in first.kwargs},
-            targets=torch.cat([b.targets for b in batches]),
-            notes=list(self.notes))
+        joined: list[Tensor] = []
+        start = 0
+
+        def place(batch: CurvatureProblem, _: float) -> None:
+            nonlocal start
+            tensors = _batch_tensors(batch)
+            if not joined:
+                joined.extend(x.new_empty((self.total_samples, *x.shape[1:]), dtype=dtype)
+                              for x, dtype in zip(tensors, self._joined_dtypes))
+            for whole, part in zip(joined, tensors):
+                whole[start:start + batch.num_samples] = part
+            start += batch.num_samples
+
+        self._checked_pass(place)
+        first = self.first()
+        named = dict(zip(sorted(first.kwargs), joined[len(first.args):-1]))
+        return dataclasses.replace(first, args=tuple(joined[:len(first.args)]),
+                                   kwargs={key: named[key] for key in first.kwargs},
+                                   targets=joined[-1], notes=list(self.notes))
+
+
+def _batch_tensors(batch: CurvatureProblem) -> list[Tensor]:
+    """A batch's tensors: positional inputs, keyword inputs by name, targets."""
+    return [*batch.args, *(batch.kwargs[key] for key in sorted(batch.kwargs)), batch.targets]
+
+
+def _tensor_bytes(tensors: list[Tensor]) -> int:
+    """Bytes of ``tensors``."""
+    return sum(x.numel() * x.element_size() for x in tensors)
 
 
 def _data_changed(detail: str) -> ValueError:

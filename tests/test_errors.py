@@ -1194,6 +1194,31 @@ def _working_memory_peak(case: int) -> int | None:
                                    **options).peak_memory
 
 
+#: A data set whose batches outweigh the model: (method, "list" or "loader").
+_DATA_SET_CASES = [("lanczos", "list"), ("lanczos", "loader"), ("fisher", "list"),
+                   ("fisher", "loader")]
+
+
+def _data_set_case(case: int) -> tuple[nn.Module, object, str, dict[str, int]]:
+    """``_DATA_SET_CASES[case]`` built: 4 batches of 4 MiB inputs, a model of 32 kB."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    method, kind = _DATA_SET_CASES[case]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8192, 1), nn.Tanh(), nn.Linear(1, 3))
+    x, y = torch.randn(512, 8192), torch.randint(0, 3, (512,))
+    data = (DataLoader(TensorDataset(x, y), batch_size=128) if kind == "loader"
+            else list(zip(x.split(128), y.split(128))))
+    return model, data, method, {"lanczos_steps": 8} if method == "lanczos" else {}
+
+
+def _data_set_peak(case: int) -> int | None:
+    """The peak of a data-set case's call, measured (run it in a fresh process)."""
+    model, data, method, options = _data_set_case(case)
+    return hessrank.effective_rank(model, CE, data, method=method, measure_memory=True,
+                                   **options).peak_memory
+
+
 def _fresh_peak(name: str, *args: object) -> int | None:
     """A peak this module measures in a fresh process (run there: ``_fresh_peaks``)."""
     return _fresh_peaks()[(name, *args)]
@@ -1205,6 +1230,7 @@ def _fresh_peaks() -> dict[tuple[object, ...], int | None]:
     name and arguments: measured together, two processes at a time (each one's start-up, about
     4 s, would otherwise add up one after the other)."""
     calls = [*((_working_memory_peak, (case,)) for case in range(len(_WORKING_MEMORY_CASES))),
+             *((_data_set_peak, (case,)) for case in range(len(_DATA_SET_CASES))),
              (_ritz_peak, ()), (_long_recurrence_peak, ()),
              *((_exact_peak, (count,)) for count in (0, 3))]
     return {(function.__name__, *args): peak
@@ -1231,6 +1257,28 @@ def test_budget_counts_what_the_model_holds(case):
     if measured is not None:  # Linux: the resident-set high-water mark
         assert 0.6 * measured <= refined.memory_bytes <= 3 * measured, (
             refined.memory_bytes, measured)
+
+
+@pytest.mark.parametrize("case", range(len(_DATA_SET_CASES)),
+                         ids=[f"{method}-{kind}" for method, kind in _DATA_SET_CASES])
+def test_budget_counts_the_copies_of_a_data_set(case):
+    """A pass over a data set holds its first batch's copy, the batch it reads (a loader's) and
+    the call's copy of it, and a Gram method the joined batches: the last prediction before the
+    work (each refusal raises the budget past the one before) is within a small margin of the
+    peak a fresh process measures. A pass over a loader had peaked at 1.7 times it, and joining
+    the batches, which held every batch beside the joined copy, at about twice (probe 148)."""
+    model, data, method, options = _data_set_case(case)
+    budget = 1
+    for _ in range(5):
+        try:
+            hessrank.effective_rank(model, CE, data, method=method, max_memory=budget, **options)
+            break
+        except hessrank.BudgetError as error:
+            budget = error.memory_bytes + 1
+    measured = _fresh_peak("_data_set_peak", case)
+    if measured is not None:  # Linux: the resident-set high-water mark
+        assert 0.5 * measured <= budget <= 1.5 * measured and measured <= 1.15 * budget, (
+            budget, measured)
 
 
 def test_large_model_refused_before_any_work():

@@ -759,6 +759,33 @@ def test_a_gram_method_names_batches_it_cannot_join(method):
     assert lanczos.rank > 0
 
 
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_a_gram_method_joins_batches_of_other_dtypes_as_torch_cat_does(method):
+    """The joined batch is filled batch by batch (not every batch held, then concatenated;
+    probe 148), in the dtypes torch.cat promotes the batches' to: float32 targets beside
+    float64 ones, an int32 mask beside an int64 one."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) * mask.to(x.dtype)[:, None]
+
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    mask = torch.ones(12, dtype=torch.int64)
+    mask[3] = 0
+    data = [((x[:6], mask[:6].int()), y[:6].float()), ((x[6:], mask[6:]), y[6:])]
+    joined = ((x, torch.cat([mask[:6].int(), mask[6:]])), torch.cat([y[:6].float(), y[6:]]))
+    result = hessrank.effective_rank(Masked(), nn.MSELoss(), data, method)
+    expected = hessrank.effective_rank(Masked(), nn.MSELoss(), joined, method)
+    np.testing.assert_allclose(result.eigenvalues, expected.eigenvalues, rtol=0,
+                               atol=1e-13 * expected.top_eigenvalue)
+
+
 def test_a_model_drawing_from_its_own_generator_is_refused_on_a_data_set_naming_it():
     """Per-sample noise from a ``torch.Generator`` the model holds: one batch is analysed at
     the draw its next forward would make (with a note), but each batch of a data set starts
