@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import inspect
 import math
 import operator
@@ -435,12 +436,31 @@ def raise_if_signalled(error: BaseException) -> None:
         raise _Signalled(found) from None
 
 
+#: Modules torch imports inside the calls hessrank makes, the first time: its gradient
+#: (``torch.autograd.grad``'s ``_make_grads``) imports ``symbolic_shapes``, and with it sympy.
+LAZY_IMPORTS = ("torch.fx.experimental.symbolic_shapes",)
+
+
+def _imported_whole() -> None:
+    """Import :data:`LAZY_IMPORTS` with interrupts held back (:func:`deferred_interrupts`): a
+    Ctrl-C that landed inside torch's own lazy import, during a process's first call, had left
+    sympy half-imported, and every later call in the process failed ("module 'sympy' has no
+    attribute 'logic'"; probe 149). Once a process; the first call would import them anyway."""
+    missing = [name for name in LAZY_IMPORTS if name not in sys.modules]
+    if missing:
+        with deferred_interrupts():
+            for name in missing:
+                importlib.import_module(name)
+
+
 def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, Returned]:
     """``function`` (a public entry point), raising a signal handler's exception that
-    :func:`raise_if_signalled` sent out of its work as the handler raised it."""
+    :func:`raise_if_signalled` sent out of its work as the handler raised it; torch's lazy
+    imports made first, whole (:func:`_imported_whole`)."""
 
     @functools.wraps(function)
     def call(*args: Params.args, **kwargs: Params.kwargs) -> Returned:
+        _imported_whole()
         depth, numpy_errors = torch._C._len_torch_function_stack(), dict(np.geterr())
         try:
             return function(*args, **kwargs)

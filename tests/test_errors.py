@@ -2275,6 +2275,37 @@ def test_a_top_level_compile_wrapper_has_one_note():
                         "parameters, same function)"], compiled
 
 
+def test_a_ctrl_c_in_torchs_lazy_import_leaves_the_next_call_working():
+    """A Ctrl-C landing inside the import torch's gradient makes the first time (sympy, through
+    symbolic_shapes) had left sympy half-imported: every later call in the process failed
+    (probe 149). The call imports it first, with interrupts held back: the Ctrl-C surfaces after
+    the import, and the next call works."""
+    script = (
+        "import os, signal, sys, torch\n"
+        "from torch import nn\n"
+        "import hessrank\n"
+        "class Interrupting:\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'sympy.polys':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Interrupting())\n"
+        "model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))\n"
+        "batch = torch.randn(8, 4), torch.randint(0, 3, (8,))\n"
+        "try:\n"
+        "    hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method='exact')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n"
+        "result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method='exact')\n"
+        "print(result.rank)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["interrupted", done.stdout.split()[-1]]
+    assert int(done.stdout.split()[-1]) > 0
+
+
 def test_a_call_does_not_load_dynamo():
     """Whether a module is a torch.compile wrapper is read without importing torch._dynamo
     (``hasattr(torch, "_dynamo")`` imports it: 2-5 s at a process's first call; probe 78)."""
