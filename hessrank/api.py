@@ -595,8 +595,9 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
     outputs = functools.cache(lambda: probe_outputs(first))
     announced = announced_samples(problem.data)
     try:
-        cost = _with_data_copies(estimator, first, estimator.predict(first, outputs, settings,
-                                                                     options))
+        # (the data set's copies as a pass over its first batch alone holds them)
+        cost = _with_data_copies(estimator, problem, estimator.predict(first, outputs, settings,
+                                                                       options))
         estimator.check_budget(cost, first, settings, caller=f"method={estimator.name!r} on the "
                                "data set's first batch alone")
         if (settings.max_seconds is not None and announced is not None

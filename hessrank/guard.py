@@ -1054,7 +1054,7 @@ def forward_hooks_note(model: nn.Module) -> list[str]:
     neurons, ReDo's resets) sees the call's passes too, some over one or two of the batch's
     samples (the probes of the checks; probe 149). None run unnoticed."""
     def callers(hooks: dict[int, Any] | None) -> bool:  # (not torch's own: weight_norm's)
-        return any(not getattr(hook, "__module__", "").startswith("torch.")
+        return any(not (getattr(hook, "__module__", None) or "").startswith("torch.")
                    for hook in (hooks or {}).values())
 
     kinds = {"_forward_hooks": "forward hook", "_forward_pre_hooks": "forward pre-hook"}

@@ -105,8 +105,10 @@ class CurvatureProblem:
     inputs_require_grad: bool = False
     #: whether a forward pass's graph was read for custom autograd.Functions
     _graph_read: bool = field(init=False, repr=False, default=False)
-    #: whether a forward pass on inputs that require grad was read (``inputs_require_grad``)
-    _inputs_read: bool = field(init=False, repr=False, default=False)
+    #: whether a forward pass on inputs that require grad was read (``inputs_require_grad``),
+    #: once for the problems derived from this one (shared like ``passes``)
+    inputs_checked: list[bool] = field(default_factory=lambda: [False], repr=False,
+                                       compare=False)
     #: the first pass's outputs in brief (:class:`OutputsPrint`), which every later pass over
     #: this batch must reproduce
     _first_print: OutputsPrint | None = field(init=False, repr=False, default=None)
@@ -164,18 +166,20 @@ class CurvatureProblem:
                 place (:meth:`before_pass`).
         """
         self.before_pass()
-        if self.inputs_require_grad and not self._inputs_read and torch.is_grad_enabled():
+        if self.inputs_require_grad and not self.inputs_checked[0] and torch.is_grad_enabled():
             # The caller's graph passes a reentrant checkpoint on the inputs, which
             # torch.autograd.grad does not go into, where the call's copies leave it out: its
             # parameters' curvature had been silently zero (probe 149). One forward on inputs
-            # that require grad, as the caller's do, shows it (custom_functions_note raises).
-            self._inputs_read = True
+            # that require grad, as the caller's do, shows it (custom_functions_note raises);
+            # not leaves, since a forward may write its input in place, as the caller's allows.
+            self.inputs_checked[0] = True
+
             def requiring(x: Tensor) -> Tensor:
-                return x.detach().requires_grad_(x.is_floating_point())
+                return x.detach().requires_grad_(True).clone() if x.is_floating_point() else x
 
             custom_functions_note(run_model(
                 self.model, tuple(requiring(x) for x in self.args),
-                {key: requiring(x) for key, x in self.kwargs.items()}, self.mode))
+                {key: requiring(x) for key, x in self.kwargs.items()}, self.mode), self.params)
             self.before_pass()
         outputs = run_model(self.model, self.args, self.kwargs, self.mode, self.notes)
         if isinstance(outputs, Tensor) and outputs.is_floating_point():
@@ -186,7 +190,7 @@ class CurvatureProblem:
                 self._first_print.refuse_other(brief)
         if not self._graph_read and isinstance(outputs, Tensor) and outputs.grad_fn is not None:
             self._graph_read = True
-            note = custom_functions_note(outputs)
+            note = custom_functions_note(outputs, self.params)
             if note is not None and note not in self.notes:
                 self.notes.append(note)
         return outputs
@@ -393,7 +397,7 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     return outputs
 
 
-def custom_functions_note(outputs: Tensor) -> str | None:
+def custom_functions_note(outputs: Tensor, params: Sequence[Tensor]) -> str | None:
     """A note naming the custom ``torch.autograd.Function`` classes in the graph of ``outputs``
     (aside torch's own and hessrank's, such as the log-softmax that
     :mod:`hessrank.curvature.saturation` puts in its place), None where there are none:
@@ -403,24 +407,32 @@ def custom_functions_note(outputs: Tensor) -> str | None:
 
     Raises:
         ValueError: a block under ``torch.utils.checkpoint(use_reentrant=True)`` is in the graph
-            (:func:`reentrant_checkpoint_error`): ``torch.autograd.grad`` with respect to the
-            parameters does not reach into it, so their curvature would be silently zero (on
-            inputs that require grad; probe 149).
+            and some of ``params`` (the analysed parameters) are not reached outside it
+            (:func:`reentrant_checkpoint_error`): ``torch.autograd.grad`` does not go into it,
+            so their curvature would be silently zero (on inputs that require grad; probe 149),
+            or torch would refuse. Parameters outside it alone (``params=`` the head) are
+            differentiated as they are (probe 150).
     """
     found: set[str] = set()
     seen: set[object] = set()
+    reached: set[int] = set()  # the leaves (parameters) the walk reaches
+    checkpointed = False
     stack = [outputs.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:
+            reached.add(id(leaf))
         function = getattr(node, "_forward_cls", None)
-        if function is CheckpointFunction:
-            raise reentrant_checkpoint_error()
+        checkpointed = checkpointed or function is CheckpointFunction
         if function is not None and not function.__module__.startswith(("torch.", "hessrank.")):
             found.add(function.__qualname__)
         stack.extend(child for child, _ in node.next_functions)
+    if checkpointed and any(id(param) not in reached for param in params):
+        raise reentrant_checkpoint_error()
     if not found:
         return None
     return (f"the model computes through custom autograd.Function(s) ({', '.join(sorted(found))}): "
@@ -437,7 +449,8 @@ def reentrant_checkpoint_error() -> ValueError:
     return ValueError(
         "the model uses torch.utils.checkpoint with use_reentrant=True, which hessrank's "
         "backward passes (torch.autograd.grad) cannot go through: pass use_reentrant=False, "
-        "torch's recommended setting, with the same memory saving")
+        "torch's recommended setting, with the same memory saving (or leave the parameters "
+        "inside it out with params=)")
 
 
 def tensor_outputs(outputs: object) -> Tensor:

@@ -49,6 +49,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, default_collate
 
 from hessrank.curvature.loss import (
@@ -221,7 +222,7 @@ def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
     with torch.no_grad():
         finite, up, down = map(sum, zip(*(_input_print(x) for x in (*problem.args,
                                                                      *problem.kwargs.values()))))
-        return problem.num_samples, float(problem.targets.double().sum()), finite, up, down
+        return problem.num_samples, _blockwise_sum(problem.targets), finite, up, down
 
 
 #: Entries of an input :func:`_input_print` sums in float64 at a time.
@@ -232,16 +233,32 @@ def _input_print(tensor: Tensor) -> tuple[float, int, int]:
     """The float64 sum of ``tensor``'s finite entries and the counts of its ``+inf`` and
     ``-inf`` ones (one reduction where every entry is finite): an input's ``-inf`` (an additive
     mask's) made a plain sum ``-inf`` on every pass, and inputs that changed between passes
-    went unseen by fisher and ggn (probe 101). In blocks of :data:`PRINT_BLOCK` entries: a
-    float64 copy of the whole input, twice a float32 batch, had been every pass's peak over a
-    data set (probe 148)."""
-    blocks = tensor.reshape(-1).split(PRINT_BLOCK)
-    total = float(sum(block.double().sum() for block in blocks))
+    went unseen by fisher and ggn (probe 101). In blocks (:func:`_blocks`): a float64 copy of
+    the whole input, twice a float32 batch, had been every pass's peak over a data set (probe
+    148)."""
+    total = _blockwise_sum(tensor)
     if math.isfinite(total):
         return total, 0, 0
+    blocks = _blocks(tensor)
     return (float(sum(block.double().nan_to_num(0.0, 0.0, 0.0).sum() for block in blocks)),
             int(sum(block.isposinf().sum() for block in blocks)),
             int(sum(block.isneginf().sum() for block in blocks)))
+
+
+def _blocks(tensor: Tensor) -> list[Tensor]:
+    """``tensor`` in blocks of samples (views) of at most :data:`PRINT_BLOCK` entries, or one
+    sample: a flattened view of a non-contiguous tensor (transposed, channels-last) had copied
+    the whole batch (probe 150)."""
+    if tensor.dim() == 0:
+        return [tensor]
+    rows = max(1, PRINT_BLOCK // max(1, tensor[:1].numel()))
+    return list(tensor.split(rows))
+
+
+def _blockwise_sum(tensor: Tensor) -> float:
+    """The float64 sum of ``tensor``, a block at a time (:func:`_blocks`): a float64 copy of
+    large targets had been every pass's peak (probe 150)."""
+    return float(sum(block.double().sum() for block in _blocks(tensor)))
 
 
 def _same(first: Fingerprint, second: Fingerprint) -> bool:
@@ -441,10 +458,13 @@ class StreamedProblem(CurvatureProblem):
         """Bytes a pass over the data holds beside the first batch's copy: the batch it reads
         (a loader's, with those its workers have ready), the call's copy of it, and in the first
         pass a copy of half of it (the check that the samples do not interact runs each half
-        alone). A list's batches are the caller's: the copies alone. (A pass over a loader had
+        alone). A list's or a tuple's batches are the caller's: the copies alone. (A pass over a
+        loader had
         peaked at 1.7 times a prediction that counted none of them; probe 148.)"""
-        read = (1 + self.data.num_workers * (self.data.prefetch_factor or 0)
-                if isinstance(self.data, DataLoader) else 0)
+        if isinstance(self.data, DataLoader):
+            read = 1 + self.data.num_workers * (self.data.prefetch_factor or 0)
+        else:  # (another iterable may make each batch it yields)
+            read = 0 if isinstance(self.data, (list, tuple)) else 1
         return (2 * read + 3) * (self.batch_bytes or _tensor_bytes(_batch_tensors(self))) // 2
 
     def first(self) -> CurvatureProblem:
@@ -467,8 +487,10 @@ class StreamedProblem(CurvatureProblem):
                                                    self.device)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"batch {index} of the data: {error}") from error
+            required = any(x.requires_grad for x in tree_leaves(item[0]) if isinstance(x, Tensor))
             del item
-            yield dataclasses.replace(self.first(), args=args, kwargs=kwargs, targets=targets)
+            yield dataclasses.replace(self.first(), args=args, kwargs=kwargs, targets=targets,
+                                      inputs_require_grad=required)
             del args, kwargs, targets
 
     def _pair(self, outputs: Tensor, targets: Tensor, gradient: Tensor,
@@ -801,10 +823,11 @@ class StreamedProblem(CurvatureProblem):
                 "batch dimension (sequences of other lengths): pad them to one length, or use "
                 f"method='{method}_lanczos', which takes the batches one at a time")
         joined: list[Tensor] = []
-        start = 0
+        start, required = 0, False
 
         def place(batch: CurvatureProblem, _: float) -> None:
-            nonlocal start
+            nonlocal start, required
+            required = required or batch.inputs_require_grad
             tensors = _batch_tensors(batch)
             if not joined:
                 joined.extend(x.new_empty((self.total_samples, *x.shape[1:]), dtype=dtype)
@@ -818,7 +841,8 @@ class StreamedProblem(CurvatureProblem):
         named = dict(zip(sorted(first.kwargs), joined[len(first.args):-1]))
         return dataclasses.replace(first, args=tuple(joined[:len(first.args)]),
                                    kwargs={key: named[key] for key in first.kwargs},
-                                   targets=joined[-1], notes=list(self.notes))
+                                   targets=joined[-1], notes=list(self.notes),
+                                   inputs_require_grad=required)
 
 
 def _batch_tensors(batch: CurvatureProblem) -> list[Tensor]:

@@ -620,20 +620,21 @@ class _Reentrant(nn.Module):
     """A layer under ``torch.utils.checkpoint(use_reentrant=True)``, on the input (``where``
     ``"input"``) or on the first layer's activation (``"inner"``)."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, reentrant: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.first, self.second, self.head = nn.Linear(5, 7), nn.Linear(7, 7), nn.Linear(7, 3)
-        self.where = where
+        self.where, self.reentrant = where, reentrant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torch.utils.checkpoint import checkpoint
 
         if self.where == "input":
-            hidden = checkpoint(lambda h: torch.tanh(self.first(h)), x, use_reentrant=True)
+            hidden = checkpoint(lambda h: torch.tanh(self.first(h)), x,
+                                use_reentrant=self.reentrant)
         else:
             hidden = checkpoint(lambda h: torch.tanh(self.second(h)), torch.tanh(self.first(x)),
-                                use_reentrant=True)
+                                use_reentrant=self.reentrant)
         return self.head(hidden)
 
 
@@ -657,6 +658,47 @@ def test_a_reentrant_checkpoint_in_the_graph_is_refused(method, where, data_set)
         else:
             hessrank.effective_rank(model, CE, batch, method, lanczos_steps=20)
     assert x.grad is None and x.requires_grad == (where == "input")
+
+
+@pytest.mark.parametrize("method", list(hessrank.ESTIMATORS))
+@pytest.mark.parametrize("where", ["input", "inner"])
+def test_parameters_outside_a_reentrant_checkpoint_are_analysed(method, where):
+    """Analysed parameters that the graph reaches outside a reentrant checkpoint (``params=``
+    the head) are differentiated as they are: refusing every such graph had refused a model
+    that the call computed right (probe 150)."""
+    x, y = classification_batch(12, 5, 3, dtype=torch.float64)
+    x.requires_grad_(where == "input")
+    head = ["head.weight", "head.bias"]
+    results = [hessrank.effective_rank(_Reentrant(where, reentrant).double(), CE, (x, y),
+                                       method, params=head, lanczos_steps=20)
+               for reentrant in (True, False)]
+    np.testing.assert_allclose(results[0].eigenvalues, results[1].eigenvalues, rtol=0,
+                               atol=1e-12 * abs(results[1].top_eigenvalue))
+
+
+def test_a_forward_writing_its_input_in_place_checks_for_a_checkpoint():
+    """The check's forward on inputs that require grad gives them as non-leaves: a forward
+    that writes its input in place, which the caller's non-leaf inputs allow, had met torch's
+    refusal of an in-place write to a leaf (probe 150)."""
+
+    class Doubling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x.mul_(2.0))
+
+    x, y = classification_batch(12, 5, 3, dtype=torch.float32)
+    source = x.clone().requires_grad_(True)
+    inputs = source * 1.0  # a non-leaf that requires grad
+    before = inputs.detach().clone()
+    result = hessrank.effective_rank(Doubling(), CE, (inputs, y), "exact")
+    expected = hessrank.effective_rank(Doubling(), CE, (x, y), "exact")
+    np.testing.assert_allclose(result.eigenvalues, expected.eigenvalues, rtol=0,
+                               atol=1e-6 * expected.top_eigenvalue)
+    assert torch.equal(inputs.detach(), before)
 
 
 @pytest.mark.parametrize("method", list(hessrank.ESTIMATORS))

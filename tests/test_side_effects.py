@@ -132,6 +132,11 @@ def test_torchs_own_forward_hooks_are_not_named():
     finally:
         handle.remove()
     assert any(note.endswith("samples: global module forward hook") for note in result.notes)
+    namespace: dict[str, object] = {}  # a function made by exec has no module (probe 150)
+    exec("def hook(module, args, output):\n    return None", {"__name__": None}, namespace)
+    model[2].register_forward_hook(namespace["hook"])
+    result = hessrank.effective_rank(model, CE, (x, y), method="exact")
+    assert any(note.endswith("samples: 2 (forward hook)") for note in result.notes)
 
 
 def _interrupting(calls: list[int], after: int | None):

@@ -759,6 +759,24 @@ def test_a_gram_method_names_batches_it_cannot_join(method):
     assert lanczos.rank > 0
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
+def test_fingerprints_read_a_batch_in_views(layout):
+    """A pass's fingerprint sums a batch a block of samples at a time, in views of it: a
+    flattened view of a transposed or channels-last batch had copied it whole, and the
+    targets' float64 copy had been made whole (probe 150)."""
+    from hessrank.streaming import _blocks
+
+    batch = torch.randn(64, 3, 40, 40)
+    if layout == "transposed":
+        batch = torch.randn(40, 40, 3, 64).permute(3, 2, 1, 0)
+    elif layout == "channels_last":
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    blocks = _blocks(batch)
+    assert all(block.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr()
+               for block in blocks)
+    assert len(blocks) > 1 and torch.equal(torch.cat(blocks), batch)
+
+
 @pytest.mark.parametrize("method", ["fisher", "ggn"])
 def test_a_gram_method_joins_batches_of_other_dtypes_as_torch_cat_does(method):
     """The joined batch is filled batch by batch (not every batch held, then concatenated;
