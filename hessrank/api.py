@@ -78,6 +78,7 @@ from hessrank.spectrum.dense import NotFiniteError, not_finite_error, symmetric_
 from hessrank.streaming import (
     StreamedProblem,
     announced_samples,
+    batch_bytes,
     batch_read_seconds,
     first_batch,
     is_batch_stream,
@@ -613,10 +614,9 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
                 advice="analyse fewer samples")
         if announced is None or announced <= first.num_samples or estimator.streams:
             return
-        batch_bytes = sum(x.numel() * x.element_size()
-                          for x in (*first.args, *first.kwargs.values(), first.targets))
-        whole = dataclasses.replace(problem, total_samples=announced, batch_bytes=batch_bytes,
-                                    data_bytes=batch_bytes * announced // first.num_samples)
+        first_bytes = batch_bytes(first)
+        whole = dataclasses.replace(problem, total_samples=announced, batch_bytes=first_bytes,
+                                    data_bytes=first_bytes * announced // first.num_samples)
         cost = _with_data_copies(estimator, whole,
                                  estimator.predict(whole, outputs, settings, options))
     except BudgetError:

@@ -1141,16 +1141,24 @@ def build_problem(
                 "in eval mode normalise with their running statistics, not the batch's; call "
                 "model.train() first for batch statistics"
             )
+    return CurvatureProblem(model=model, loss_fn=loss_fn, names=names, params=selected,
+                            excluded=excluded, mode=mode, notes=notes,
+                            **_batch_fields(args, kwargs, targets))
+
+
+def _batch_fields(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], targets: Tensor
+                  ) -> dict[str, Any]:
+    """The fields of a :class:`CurvatureProblem` that the caller's batch sets: its tensors as
+    the analysis uses them (:func:`_usable_batch`), whether the caller's inputs require grad,
+    and the bytes the call copied."""
     usable = _usable_batch(args, kwargs, targets)
-    return CurvatureProblem(model, loss_fn, *usable, names, selected, excluded, mode, notes,
-                            inputs_require_grad=any(x.requires_grad for x in (*args,
-                                                                              *kwargs.values())),
-                            batch_copy_bytes=copied_bytes((*args, *kwargs.values(), targets),
-                                                          (*usable[0], *usable[1].values(),
-                                                           usable[2])))
+    return {"args": usable[0], "kwargs": usable[1], "targets": usable[2],
+            "inputs_require_grad": any(x.requires_grad for x in (*args, *kwargs.values())),
+            "batch_copy_bytes": _copied_bytes((*args, *kwargs.values(), targets),
+                                             (*usable[0], *usable[1].values(), usable[2]))}
 
 
-def copied_bytes(given: Sequence[Tensor], usable: Sequence[Tensor]) -> int:
+def _copied_bytes(given: Sequence[Tensor], usable: Sequence[Tensor]) -> int:
     """Bytes of the ``usable`` tensors that are copies of the ``given`` ones (each once)."""
     copies = {id(copy): copy for tensor, copy in zip(given, usable)
               if copy.numel() and copy.untyped_storage().data_ptr()
@@ -1219,17 +1227,17 @@ def _check_inputs_fit(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[s
             f"{reading}")
 
 
-def read_batch(batch: object, dtype: torch.dtype, device: torch.device
-               ) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Tensor]:
+def read_batch(batch: object, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     """A batch checked as :func:`build_problem` checks one, for a model of ``dtype`` on
-    ``device``: ``(args, kwargs, targets)``, detached.
+    ``device``: the problem's fields it sets, as :func:`build_problem` sets them
+    (:func:`_batch_fields`).
 
     Raises:
         TypeError, ValueError: naming the tensor at fault and the fix.
     """
     args, kwargs, targets, labelled = _read_batch(batch)
     _check_placement(labelled, dtype, device)
-    return _usable_batch(args, kwargs, targets)
+    return _batch_fields(args, kwargs, targets)
 
 
 def _usable_batch(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], targets: Tensor

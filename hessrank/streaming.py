@@ -49,7 +49,6 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, default_collate
 
 from hessrank.curvature.loss import (
@@ -459,13 +458,12 @@ class StreamedProblem(CurvatureProblem):
         (a loader's, with those its workers have ready), the call's copy of it, and in the first
         pass a copy of half of it (the check that the samples do not interact runs each half
         alone). A list's or a tuple's batches are the caller's: the copies alone. (A pass over a
-        loader had
-        peaked at 1.7 times a prediction that counted none of them; probe 148.)"""
+        loader had peaked at 1.7 times a prediction that counted none of them; probe 148.)"""
         if isinstance(self.data, DataLoader):
             read = 1 + self.data.num_workers * (self.data.prefetch_factor or 0)
         else:  # (another iterable may make each batch it yields)
             read = 0 if isinstance(self.data, (list, tuple)) else 1
-        return (2 * read + 3) * (self.batch_bytes or _tensor_bytes(_batch_tensors(self))) // 2
+        return (2 * read + 3) * (self.batch_bytes or batch_bytes(self)) // 2
 
     def first(self) -> CurvatureProblem:
         """The first batch alone (for predictions of a single batch's cost)."""
@@ -483,15 +481,12 @@ class StreamedProblem(CurvatureProblem):
             index += 1
             _check_pair(index, item)
             try:
-                args, kwargs, targets = read_batch(_to_device(item, self.device), self.dtype,
-                                                   self.device)
+                fields = read_batch(_to_device(item, self.device), self.dtype, self.device)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"batch {index} of the data: {error}") from error
-            required = any(x.requires_grad for x in tree_leaves(item[0]) if isinstance(x, Tensor))
             del item
-            yield dataclasses.replace(self.first(), args=args, kwargs=kwargs, targets=targets,
-                                      inputs_require_grad=required)
-            del args, kwargs, targets
+            yield dataclasses.replace(self.first(), **fields)
+            del fields
 
     def _pair(self, outputs: Tensor, targets: Tensor, gradient: Tensor,
               what: str) -> tuple[float, float]:
@@ -853,6 +848,11 @@ def _batch_tensors(batch: CurvatureProblem) -> list[Tensor]:
 def _tensor_bytes(tensors: list[Tensor]) -> int:
     """Bytes of ``tensors``."""
     return sum(x.numel() * x.element_size() for x in tensors)
+
+
+def batch_bytes(batch: CurvatureProblem) -> int:
+    """Bytes of a batch's tensors (inputs and targets)."""
+    return _tensor_bytes(_batch_tensors(batch))
 
 
 def _data_changed(detail: str) -> ValueError:
