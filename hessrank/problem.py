@@ -105,6 +105,11 @@ class CurvatureProblem:
     inputs_require_grad: bool = False
     #: whether a forward pass's graph was read for custom autograd.Functions
     _graph_read: bool = field(init=False, repr=False, default=False)
+    #: the custom autograd.Functions found in the graph (:func:`custom_functions_in`), and
+    #: the derivatives through them checked by finite differences in this call
+    #: (:mod:`hessrank.curvature.differences`); shared like ``passes``
+    custom_functions: list[str] = field(default_factory=list, repr=False, compare=False)
+    differences_checked: set[str] = field(default_factory=set, repr=False, compare=False)
     #: whether a forward pass on inputs that require grad was read (``inputs_require_grad``),
     #: once for the problems derived from this one (shared like ``passes``)
     inputs_checked: list[bool] = field(default_factory=lambda: [False], repr=False,
@@ -170,14 +175,14 @@ class CurvatureProblem:
             # The caller's graph passes a reentrant checkpoint on the inputs, which
             # torch.autograd.grad does not go into, where the call's copies leave it out: its
             # parameters' curvature had been silently zero (probe 149). One forward on inputs
-            # that require grad, as the caller's do, shows it (custom_functions_note raises);
+            # that require grad, as the caller's do, shows it (custom_functions_in raises);
             # not leaves, since a forward may write its input in place, as the caller's allows.
             self.inputs_checked[0] = True
 
             def requiring(x: Tensor) -> Tensor:
                 return x.detach().requires_grad_(True).clone() if x.is_floating_point() else x
 
-            custom_functions_note(run_model(
+            custom_functions_in(run_model(
                 self.model, tuple(requiring(x) for x in self.args),
                 {key: requiring(x) for key, x in self.kwargs.items()}, self.mode), self.params)
             self.before_pass()
@@ -190,9 +195,12 @@ class CurvatureProblem:
                 self._first_print.refuse_other(brief)
         if not self._graph_read and isinstance(outputs, Tensor) and outputs.grad_fn is not None:
             self._graph_read = True
-            note = custom_functions_note(outputs, self.params)
-            if note is not None and note not in self.notes:
-                self.notes.append(note)
+            found = custom_functions_in(outputs, self.params)
+            self.custom_functions.extend(sorted(set(found) - set(self.custom_functions)))
+            if found and custom_functions_note(self.custom_functions) not in self.notes:
+                self.notes[:] = [note for note in self.notes
+                                 if not note.startswith(_CUSTOM_FUNCTIONS)]
+                self.notes.append(custom_functions_note(self.custom_functions))
         return outputs
 
     def loss(self, outputs: object = None, loss_fn: LossFn | None = None) -> Tensor:
@@ -397,13 +405,11 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     return outputs
 
 
-def custom_functions_note(outputs: Tensor, params: Sequence[Tensor]) -> str | None:
-    """A note naming the custom ``torch.autograd.Function`` classes in the graph of ``outputs``
+def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]) -> list[str]:
+    """The custom ``torch.autograd.Function`` classes in the graph of ``outputs`` by name
     (aside torch's own and hessrank's, such as the log-softmax that
-    :mod:`hessrank.curvature.saturation` puts in its place), None where there are none:
-    hessrank differentiates through their backward as written, and a wrong one (or, for second
-    derivatives, one that is not itself differentiable) gives a wrong curvature that no check of
-    a single call can tell in general.
+    :mod:`hessrank.curvature.saturation` puts in its place): hessrank differentiates through
+    their backward as written (:func:`custom_functions_note`).
 
     Raises:
         ValueError: a block under ``torch.utils.checkpoint(use_reentrant=True)`` is in the graph
@@ -433,13 +439,23 @@ def custom_functions_note(outputs: Tensor, params: Sequence[Tensor]) -> str | No
         stack.extend(child for child, _ in node.next_functions)
     if checkpointed and any(id(param) not in reached for param in params):
         raise reentrant_checkpoint_error()
-    if not found:
-        return None
-    return (f"the model computes through custom autograd.Function(s) ({', '.join(sorted(found))}): "
-            "their backward is used as written, and a wrong one, or (exact, lanczos) one that is "
-            "not itself differentiable, gives a wrong curvature that a single call cannot tell "
-            "in general (an asymmetric Hessian is refused); check them with "
-            "torch.autograd.gradcheck and gradgradcheck")
+    return sorted(found)
+
+
+#: How the note of custom autograd.Functions opens (:func:`custom_functions_note`).
+_CUSTOM_FUNCTIONS = "the model computes through custom autograd.Function(s)"
+
+
+def custom_functions_note(names: Sequence[str]) -> str:
+    """The note on the custom ``autograd.Function`` classes ``names`` in the model's graph: a
+    wrong backward gives a wrong curvature, and for second derivatives (``exact``,
+    ``lanczos``) one that is not itself differentiable does too, which one product checked
+    against finite differences of the gradient catches (``hessian.check_by_differences``)."""
+    return (f"{_CUSTOM_FUNCTIONS} ({', '.join(names)}): their backward is used as written; a "
+            "wrong one gives a wrong curvature, which a single call cannot tell in general "
+            "(exact and lanczos check one Hessian-vector product through them against finite "
+            "differences of the gradient); check them with torch.autograd.gradcheck and "
+            "gradgradcheck")
 
 
 def reentrant_checkpoint_error() -> ValueError:
@@ -1740,13 +1756,20 @@ def lower_precision_cause(problem: CurvatureProblem, error: float,
 
 
 def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
-                             first: int | None = None) -> float | None:
+                             first: int | None = None, in_place: bool = False) -> float | None:
     """How far the model's outputs for the batch's two halves, each run alone (one forward pass
     without a graph), are from ``outputs``, the whole batch's, relative to their largest entry;
     None where the model's output for a sample depends on that sample alone (to rounding), and
     where the outputs cannot be compared row by row (a single sample, outputs not batch first
     or shaped by the batch). With ``first``, only the batch's ``first`` samples are run alone
     (the halves where the batch has no more): a forward of that size.
+
+    ``in_place``: each part is run in a batch of the whole's size, at its own rows, the other
+    rows holding other samples of the batch, for a model that draws from its own generator:
+    every pass starts its draws again (:func:`run_model`), so a part run alone would draw other
+    noise for its samples than the whole batch, and run in place it draws the same. (Skipped,
+    a batch standardised over itself had given ``fisher`` each sample's gradient in the batch,
+    2.6 times the Fisher's top eigenvalue; probe 152.)
 
     Raises:
         UnrepeatableForward: where the halves differ because the forward does not repeat
@@ -1762,15 +1785,20 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
     parts = []
     with torch.no_grad():
         for start, stop in spans:
-            args, kwargs = problem.sample_slice(start, stop)
             # copies: a forward that modifies its input in place would change the call's batch
             # under the rules' captured inputs (a fisher of a net that doubles its input was
             # computed at four times two of its samples)
-            args = tuple(arg.clone() for arg in args)
-            kwargs = {key: value.clone() for key, value in kwargs.items()}
-            parts.append(replace(problem, args=args, kwargs=kwargs,
-                                  targets=problem.targets[start:stop]).forward())
-            del args, kwargs  # (one half's copy at a time)
+            if in_place:
+                args, kwargs = _others_around(problem, start, stop)
+                targets = problem.targets
+            else:
+                args, kwargs = problem.sample_slice(start, stop)
+                args = tuple(arg.clone() for arg in args)
+                kwargs = {key: value.clone() for key, value in kwargs.items()}
+                targets = problem.targets[start:stop]
+            part = replace(problem, args=args, kwargs=kwargs, targets=targets).forward()
+            parts.append(part[start:stop] if in_place and isinstance(part, Tensor) else part)
+            del args, kwargs, part  # (one half's copy at a time)
     # outputs shaped by the batch (sequences cut to the batch's longest): not comparable row
     # by row
     if not all(isinstance(part, Tensor) and part.shape[1:] == outputs.shape[1:]
@@ -1788,6 +1816,24 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
         repeat_pass(problem)
         return difference / max(scale, 1e-300)
     return None
+
+
+def _others_around(problem: CurvatureProblem, start: int, stop: int
+                   ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """Copies of the batch's inputs whose rows outside ``start:stop`` hold other samples of the
+    batch (each row ``i`` there the sample ``(i + stop - start) mod n``, a shift by the part's
+    size, so that none keeps its own), for :func:`mixed_samples_difference` ``in_place``."""
+    count = int(problem.targets.shape[0])
+    order = torch.arange(count)
+    outside = torch.cat([order[:start], order[stop:]])
+    source = order.clone()
+    source[outside] = (outside + (stop - start)) % count
+
+    def replaced(x: Tensor) -> Tensor:
+        return x[source.to(x.device)]  # (advanced indexing: a copy)
+
+    return (tuple(replaced(x) for x in problem.args),
+            {key: replaced(x) for key, x in problem.kwargs.items()})
 
 
 def untested_mixing(error: Exception, runs: str) -> str:

@@ -79,7 +79,41 @@ CASES = [
     # a graph large enough that the columns per batched product depend on the shard: each
     # process pushed its own number through the products' all-reduces and gloo aborted
     ("exact-wide-graph", "wide", "exact", "mean", {}, {}),
+    # a custom autograd.Function: one Hessian-vector product checked against differences of
+    # the global gradient, summed over the processes, in every process alike
+    ("exact-custom", "custom", "exact", "mean", {}, {}),
+    ("lanczos-custom", "custom", "lanczos", "mean", {"lanczos_steps": 40}, {}),
 ]
+
+
+class Tanh(torch.autograd.Function):
+    """tanh, its backward differentiable (``detached``: not, its saved output detached)."""
+
+    detached = False
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        return torch.tanh(a)
+
+    @classmethod
+    def backward(cls, ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        t = torch.tanh(a)
+        return grad * (1 - (t.detach() if cls.detached else t) ** 2)
+
+
+class DetachedTanh(Tanh):
+    detached = True
+
+
+class Activation(nn.Module):
+    def __init__(self, function: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.apply(x)
 
 
 class AttentionHead(nn.Module):
@@ -196,6 +230,9 @@ def make_model(kind: str = "mlp") -> nn.Module:
                              nn.Tanh(), nn.Flatten(), nn.Linear(150, 3)).double()
     if kind == "wide":
         return WideActivations().double()
+    if kind in ("custom", "detached"):
+        return nn.Sequential(nn.Linear(4, 6), Activation(Tanh if kind == "custom" else
+                                                         DetachedTanh), nn.Linear(6, 3)).double()
     if kind == "batchnorm":
         return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(),
                              nn.Linear(6, 3)).double()
@@ -353,6 +390,9 @@ def worker(rank: int, port: int, out: str) -> None:
                 WideOutputs(), nn.CrossEntropyLoss(), (wide_x[16 * rank:16 * rank + 16],
                                                        wide_y[16 * rank:16 * rank + 16]),
                 method=method, max_memory=36e6, process_group=group))
+    results["detached-exact"] = outcome(lambda: hessrank.effective_rank(
+        make_model("detached"), nn.CrossEntropyLoss(), (x, y), method="exact",
+        process_group=group))
     results["coupled"] = outcome(lambda: hessrank.effective_rank(
         model, lambda f, t: f.sum() ** 2, (x, y), method="exact", process_group=group))
     # a loss torch differentiates once only: the coupling check's products had raised torch's
@@ -557,6 +597,7 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("ddp-one-process", "ValueError", "differently (DistributedDataParallel with "
                                       "broadcast_buffers: [False] against [True])"),
     ("coupled", "ValueError", "couples samples of different processes"),
+    ("detached-exact", "ValueError", "differ from finite differences of the gradient"),
     ("once-differentiable", "ValueError", "multi_margin_loss_backward: the operation is the "
                                           "loss's, which 'ggn' differentiates twice too"),
     ("mixing-exact", "ValueError", "depends on the other samples of its batch"),

@@ -1769,13 +1769,12 @@ class _WithFunction(nn.Module):
 
 @pytest.mark.parametrize("method", hessrank.METHODS)
 def test_custom_autograd_functions_are_named_in_a_note(method):
-    """A custom Function's backward is used as written; where it is wrong the curvature is too
-    (exact's trace was the GGN's here), which a call cannot tell: the result names the Function.
+    """A custom Function's backward is used as written, and the result names the Function.
     torch's own Functions, plain models and hessrank's own replacements (of a log-softmax
     ending the model, under NLLLoss: named as the user's; probe 138) get no such note."""
     batch = (torch.randn(16, 6), torch.randint(0, 4, (16,)))
-    custom = hessrank.effective_rank(_WithFunction(_DetachingTanh.apply), CE, batch, method)
-    assert any("custom autograd.Function(s) (_DetachingTanh)" in note for note in custom.notes)
+    custom = hessrank.effective_rank(_WithFunction(_Tanh.apply), CE, batch, method)
+    assert any("custom autograd.Function(s) (_Tanh)" in note for note in custom.notes)
     plain = hessrank.effective_rank(_WithFunction(torch.tanh), CE, batch, method)
     assert not any("custom autograd.Function" in note for note in plain.notes)
     if method.startswith("ggn"):  # (NLLLoss is linear in its log-probabilities)
@@ -1785,6 +1784,118 @@ def test_custom_autograd_functions_are_named_in_a_note(method):
         replaced = hessrank.effective_rank(log_probabilities.to(dtype), nn.NLLLoss(),
                                            (batch[0].to(dtype), batch[1]), method)
         assert not any("custom autograd.Function" in note for note in replaced.notes)
+
+
+class _Tanh(torch.autograd.Function):
+    """tanh with a backward that is right and differentiable."""
+
+    @staticmethod
+    def forward(a):
+        return torch.tanh(a)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(a) ** 2)
+
+
+class _Relu(_Tanh):
+    """ReLU, right (a kink where finite differences of its gradient jump)."""
+
+    @staticmethod
+    def forward(a):
+        return a.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return grad * (a > 0).to(grad.dtype)
+
+
+class _HalvedTanh(_Tanh):
+    """tanh whose backward is half the derivative: wrong to first order."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(a) ** 2) / 2
+
+
+class _UntrackedTanh(_Tanh):
+    """tanh whose backward runs under torch.no_grad(), as a kernel outside torch would: right to
+    first order, with no graph for a second derivative."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        with torch.no_grad():
+            return grad * (1 - torch.tanh(a) ** 2)
+
+
+class _Residual(nn.Module):
+    """``second(h + function(h))``, ``h = first(x)``: the skip is a path autograd sees beside
+    the Function, so a Function without a graph leaves the double backward incomplete, not
+    failing."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.first, self.second, self.function = nn.Linear(6, 12), nn.Linear(12, 4), function
+
+    def forward(self, x):
+        hidden = self.first(x)
+        return self.second(hidden + self.function(hidden))
+
+
+_SECOND_ORDER = ("exact", "lanczos")
+_DOUBLE_BACKWARD = ("ggn_lanczos", "fisher_lanczos")
+#: (model, dtype, which methods are refused, and by which check's message) against float64
+#: and float32 models: the first-order check refuses every method; the second-order ones
+#: refuse the methods that differentiate the backward (exact, lanczos through the gradient;
+#: the Lanczos variants of the factors through the cotangent); a right Function passes all,
+#: a ReLU's kinks too (float64; a float32 one's differences may only say they cannot tell).
+_DIFFERENCE_CASES = [
+    ("right", lambda: _WithFunction(_Tanh.apply), (), ""),
+    ("right_relu", lambda: _WithFunction(_Relu.apply), (), ""),
+    ("detaching", lambda: _WithFunction(_DetachingTanh.apply), _SECOND_ORDER,
+     "Hessian-vector products through the custom autograd.Function(s) (_DetachingTanh) "
+     "differ from finite differences of the gradient"),
+    ("untracked", lambda: _Residual(_UntrackedTanh.apply), _SECOND_ORDER + _DOUBLE_BACKWARD,
+     "finite differences"),
+    ("halved", lambda: _WithFunction(_HalvedTanh.apply), tuple(hessrank.ESTIMATORS),
+     "the model's backward through the custom autograd.Function(s) (_HalvedTanh) disagrees "
+     "with finite differences of its outputs"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("label", "make", "refused", "message"), _DIFFERENCE_CASES,
+                         ids=[case[0] for case in _DIFFERENCE_CASES])
+def test_derivatives_through_custom_functions_are_checked_by_finite_differences(
+        label, make, refused, message, dtype):
+    """A backward right to first order but not differentiable as written (a detached saved
+    output, torch.no_grad()) dropped part of the Hessian under a note alone: exact's trace
+    was the GGN's, symmetric, so no symmetry check saw it (probe 149). Each derivative a method
+    takes through a custom Function is now checked once against central differences; a wrong
+    one is refused, and the parameters come back bit for bit, version counters unmoved."""
+    model = make().to(dtype)
+    batch = (torch.randn(16, 6, dtype=dtype), torch.randint(0, 4, (16,)))
+    before = [(p.detach().clone(), p._version) for p in model.parameters()]
+    for method in hessrank.ESTIMATORS:
+        if method in refused:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                hessrank.effective_rank(model, CE, batch, method)
+        else:
+            result = hessrank.effective_rank(model, CE, batch, method)
+            checked = [note for note in result.notes if "finite differences (" in note]
+            assert checked and all("agreed" in note or dtype == torch.float32
+                                   and "could not be checked" in note for note in checked)
+        assert all(torch.equal(p, value) and p._version == version
+                   for p, (value, version) in zip(model.parameters(), before))
 
 
 _CLASS_WEIGHT = torch.tensor([1.0, 2.0, 0.5])
@@ -2334,17 +2445,48 @@ class _StandardisedInputs(nn.Module):
         return self.body((x - x.mean(0, keepdim=True)) / x.std(0, keepdim=True))
 
 
-@pytest.mark.parametrize("method", ["fisher", "ggn"])
-def test_samples_mixed_before_every_parameter_are_refused_where_rules_take_all(method):
+class _NoisyStandardisedInputs(_StandardisedInputs):
+    """:class:`_StandardisedInputs` drawing noise from a generator it holds (scaled to zero:
+    the same function, but every pass restarts its draws)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype)
+        return super().forward(x + 0 * noise)
+
+
+@pytest.mark.parametrize(("method", "backend", "make"), [
+    ("fisher", "auto", _StandardisedInputs), ("ggn", "auto", _StandardisedInputs),
+    ("fisher", "auto", _NoisyStandardisedInputs), ("ggn", "auto", _NoisyStandardisedInputs),
+    ("fisher", "backpack", _StandardisedInputs)])
+def test_samples_mixed_before_every_parameter_are_refused_where_rules_take_all(method, backend,
+                                                                               make):
     """Every parameter in a linear rule, whose check passes on each sample's factors in the
     batch: fisher returned them with no word, where the README refuses a model that mixes its
     samples and fisher_lanczos notes it (probe 89). The first two samples run alone now show it,
-    before any factor is formed."""
+    before any factor is formed. A model holding its own generator skipped that test, and
+    BackPACK's factors never had it: fisher's top eigenvalue was 2.6 times the Fisher's, under
+    no note (probe 152); the former's samples run at their rows of a whole batch now."""
     torch.manual_seed(0)
-    model = _StandardisedInputs().double()
+    model = make().double()
     x, y = classification_batch(8, 3, 3)
-    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method),
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method,
+                                                  backend=backend),
            ValueError, "computed alone differs.*fisher_lanczos")
+
+
+@pytest.mark.parametrize("method", ["fisher_lanczos", "ggn_lanczos"])
+def test_a_model_holding_a_generator_that_mixes_its_samples_is_noted(method):
+    """The factor operators' note on a model whose samples interact was skipped for a model
+    holding its own generator, as the rules' refusal was (probe 152)."""
+    torch.manual_seed(0)
+    x, y = classification_batch(8, 3, 3)
+    result = hessrank.effective_rank(_NoisyStandardisedInputs().double(), CE, (x, y),
+                                     method=method)
+    assert any("depends on the other samples of the batch" in note for note in result.notes)
 
 
 def test_a_pair_of_numpy_arrays_is_named():

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessrank.curvature.gram import GramAccumulator, GramResult
+from hessrank.curvature.differences import check_vector_jacobian_products
+from hessrank.curvature.gram import GramAccumulator, GramResult, refuse_mixed_rule_samples
 from hessrank.curvature.row_gram import row_gram
 from hessrank.problem import CurvatureProblem, agreement_tolerance, run_model
 
@@ -124,7 +125,7 @@ def gram_backpack(
             f"BackPACK could not compute the {kind} factors of this model ({type(error).__name__}"
             f": {text}){cause}: use backend='auto' (hessrank's verified rules and torch.func), "
             "which covers every model BackPACK does") from error
-    _verify(problem, kind, factors, cotangents, generator)
+    untested = _verify(problem, kind, factors, cotangents, generator)
     accumulator = GramAccumulator(keep_groups, problem)
     for group, names in groups.items():
         flat = torch.cat([factors[name] for name in names], dim=-1)
@@ -133,13 +134,25 @@ def gram_backpack(
     # BackPACK's C columns per sample beside hessrank's C' (the output Hessian's rank): the rank
     # bound, and the default tolerance sized by it, are the same whichever backend (a GGN's
     # numerical rank was 477 with BackPACK, 487 without, on one spectrum; probe 91)
-    return GramResult(accumulator, dict.fromkeys(problem.names, "backpack"), [],
+    return GramResult(accumulator, dict.fromkeys(problem.names, "backpack"),
+                      [] if untested is None else [untested],
                       columns=int(cotangents.shape[0]))
 
 
 def _verify(problem: CurvatureProblem, kind: str, factors: dict[str, Tensor],
-            cotangents: Tensor, generator: torch.Generator) -> None:
+            cotangents: Tensor, generator: torch.Generator) -> str | None:
+    """Check BackPACK's factors against autograd on the batch, the model's backward through
+    custom Functions against finite differences
+    (:func:`~hessrank.curvature.differences.check_vector_jacobian_products`), and its samples'
+    independence (:func:`~hessrank.curvature.gram.refuse_mixed_rule_samples`: BackPACK's
+    factors, like the rules', are each sample's gradient in the batch); returns the note of a
+    model whose mixing could not be tested.
+
+    Raises:
+        ValueError: any of them fails.
+    """
     outputs = problem.forward()
+    check_vector_jacobian_products(problem, outputs)
     tolerance = agreement_tolerance(problem.dtype)
     worst = ""
     if kind == "fisher":
@@ -171,3 +184,4 @@ def _verify(problem: CurvatureProblem, kind: str, factors: dict[str, Tensor],
             f"{error / scale:.1e}{worst}): a module BackPACK does not handle correctly (as "
             "convolutions with padding_mode other than 'zeros'); use backend='auto'"
         )
+    return refuse_mixed_rule_samples(problem, outputs.detach())

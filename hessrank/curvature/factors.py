@@ -18,12 +18,21 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hessrank.curvature.differences import (
+    base_step,
+    check_vector_jacobian_products,
+    compared,
+    first_time,
+    output_difference,
+    sign_direction,
+)
 from hessrank.curvature.hessian import second_order
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
-from hessrank.distributed import ShardedProblem, shard_cotangents
+from hessrank.distributed import ShardedProblem, parallel_of, shard_cotangents
 from hessrank.guard import ModuleGenerators, raise_if_signalled
 from hessrank.problem import (
+    _GRAPHLESS,
     CurvatureProblem,
     GraphBytes,
     UnrepeatableForward,
@@ -75,6 +84,8 @@ class FactorOperator(ParameterOperator):
             self.unused = unused_parameters(pieces)
             self._used = [i for i in range(len(pieces)) if i not in self.unused]
             self._transposed = [pieces[i] for i in self._used]  # J^T u, linear in the dummy u
+            check_vector_jacobian_products(problem, outputs)
+            self._check_jacobian_products()
             if check_working_memory is not None and output_side_bytes is not None:
                 # the graph (the forward's and J^T u's: the forward's alone was a third of
                 # it, and refusals came at a third of the peak; probe 74), what a product
@@ -101,23 +112,25 @@ class FactorOperator(ParameterOperator):
     def mixing_note(self) -> str | None:
         """What a model whose samples interact in the batch should know of the factors, None
         where they do not (or it cannot be told): one forward pass of the batch's halves alone,
-        without a graph. Not asked of a data set's batches (the data set refuses such a model)
-        nor of a model that draws from its own generator (each half would restart its draws).
+        without a graph (for a model that draws from its own generator, each half at its rows
+        of a batch of the whole's size: :func:`~hessrank.problem.mixed_samples_difference`).
+        Not asked of a data set's batches (the data set refuses such a model).
         A model that does not run on half its batch (a graph's adjacency among its inputs) is
         told that it was not tested, and what the factors are if its samples interact.
 
         Returns:
             The note, or None.
         """
-        if (isinstance(self._problem, ShardedProblem) or not isinstance(self._outputs, Tensor)
-                or ModuleGenerators.read(self._problem.model).states):
+        if isinstance(self._problem, ShardedProblem) or not isinstance(self._outputs, Tensor):
             return None
         meaning = (f"{self._method}'s factors J_i^T s_i hold each sample's Jacobian in the batch "
                    "(its output as the batch computes it), the curvature of this batch's loss "
                    "as exact's Hessian is; fisher and ggn, whose factors need each sample's "
                    "output to depend on that sample alone, refuse such a model")
         try:
-            difference = mixed_samples_difference(self._problem, self._outputs)
+            difference = mixed_samples_difference(
+                self._problem, self._outputs,
+                in_place=bool(ModuleGenerators.read(self._problem.model).states))
         except UnrepeatableForward:
             raise
         except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only
@@ -130,18 +143,67 @@ class FactorOperator(ParameterOperator):
                 f"{difference_text(difference, 'the largest output')}): "
                 f"{meaning}")
 
-    def _row(self, vector: Tensor) -> Tensor:
-        chunks = vector.split(self.sizes)
+    def _jacobian_product(self, vector: Tensor) -> Tensor | None:
+        """``J v`` (``[n, *out]``) for a flat ``[P]`` vector by double backward, None where no
+        output depends on the parameters.
+
+        Raises:
+            ValueError: the model's backward cannot be differentiated w.r.t. the gradient it
+                receives (a custom autograd.Function's under ``torch.no_grad()``), or
+                :func:`~hessrank.problem.without_second_derivative`'s errors.
+        """
+        chunks = vector.to(self.dtype).split(self.sizes)
+        fix = "use method='fisher' or 'ggn' (Gram matrices, first derivatives only)"
         try:
             (jv,) = torch.autograd.grad(self._transposed, self._dummy,
                                         grad_outputs=[chunks[i].view_as(self.params[i])
                                                       for i in self._used],
                                         retain_graph=True, allow_unused=True)
         except RuntimeError as error:
+            if self._problem.custom_functions and _GRAPHLESS in str(error):
+                raise ValueError(
+                    f"{self._method}'s Jacobian-vector products differentiate the model's "
+                    "backward pass (J v by double backward), and the backward through the "
+                    "custom autograd.Function(s) "
+                    f"({', '.join(self._problem.custom_functions)}) has no graph (it runs "
+                    f"under torch.no_grad() or outside torch): {fix}") from error
             raise without_second_derivative(
                 error, "these products differentiate the model's backward pass (J v by double "
-                "backward)", "use method='fisher' or 'ggn' (Gram matrices, first derivatives "
-                "only)") from error
+                "backward)", fix) from error
+        return jv
+
+    def _check_jacobian_products(self) -> None:
+        """``J d`` by double backward against differences of the outputs, once per call where
+        the model's graph has custom Functions (:mod:`~hessrank.curvature.differences`): a
+        backward that runs partly under ``torch.no_grad()`` beside a path autograd sees (a
+        residual block around the Function) gives a ``J v`` with that part missing.
+
+        Raises:
+            ValueError: they disagree, naming the Functions.
+        """
+        problem = self._problem
+        if parallel_of(problem) is not None or not first_time(problem, "Jacobian-vector"):
+            return
+        direction = sign_direction(self.dim, self.device)
+        jv = self._jacobian_product(direction)
+        comparison = compared(
+            torch.zeros_like(self._dummy, dtype=torch.float64) if jv is None
+            else jv.to(torch.float64), output_difference(problem, direction),
+            base_step(self.params))
+        if comparison.refuted:
+            raise ValueError(
+                f"{self._method}'s Jacobian-vector products (by double backward) through the "
+                f"custom autograd.Function(s) ({', '.join(problem.custom_functions)}) differ "
+                f"from finite differences of the outputs by {comparison.relative:.1e} (the "
+                f"differences at four step sizes agree to {comparison.spread:.1e}): part of "
+                "their backward is not differentiable as autograd sees it (it runs under "
+                "torch.no_grad() or outside torch); use method='fisher' or 'ggn' (Gram "
+                "matrices, first derivatives only)")
+        problem.notes.append(comparison.verdict(
+            f"{self._method}'s Jacobian-vector product", problem.custom_functions))
+
+    def _row(self, vector: Tensor) -> Tensor:
+        jv = self._jacobian_product(vector)
         if jv is None:
             return torch.zeros_like(vector)
         coefficients = torch.einsum("kn...,n...->kn", self.cotangents, jv)

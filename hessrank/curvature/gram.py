@@ -45,6 +45,7 @@ from torch.func import vjp, vmap
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
+from hessrank.curvature.differences import check_vector_jacobian_products
 from hessrank.curvature.row_gram import row_gram
 from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
@@ -472,6 +473,7 @@ def compute_gram(
             outputs = problem.forward()
     finally:
         capture.remove()
+    check_vector_jacobian_products(problem, outputs)
     for group in list(claimed):
         if capture.calls[group] != 1 or capture.inputs.get(group) is None or (
                 group not in capture.edges):
@@ -492,7 +494,7 @@ def compute_gram(
     unclaimed = [g for g in groups if g not in claimed and g not in children_groups]
     notes: list[str] = []
     if not unclaimed:
-        untested = _refuse_mixed_samples(problem, outputs)
+        untested = refuse_mixed_rule_samples(problem, outputs)
         if untested is not None:
             notes.append(untested)
     counted = unruled_sizes(problem, use_rules)  # the general path's groups before the work
@@ -905,7 +907,7 @@ def _sample(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], i: int
     return tuple(x[i] for x in args), {key: x[i] for key, x in kwargs.items()}
 
 
-def _refuse_mixed_samples(problem: CurvatureProblem, outputs: object) -> str | None:
+def refuse_mixed_rule_samples(problem: CurvatureProblem, outputs: object) -> str | None:
     """Raise where the rules claim every parameter and the model's output for a sample depends
     on the other samples of the batch; return a note where that could not be tested.
 
@@ -914,17 +916,21 @@ def _refuse_mixed_samples(problem: CurvatureProblem, outputs: object) -> str | N
     with the batch's statistics: the factors are then each sample's in the batch, not those of
     the sample alone that the EF's ``l_i`` and the GGN's blocks need, and fisher returned them
     without a word; probe 89). The batch's first two samples run alone, a forward of two
-    (:func:`~hessrank.problem.mixed_samples_difference`). Not asked across processes (each
-    shard was tested on its own, :func:`~hessrank.distributed.check_shards_uncoupled`), nor of a
-    model that draws from its own generator (each pass restarts its draws).
+    (:func:`~hessrank.problem.mixed_samples_difference`); for a model that draws from its own
+    generator, at their rows of a batch of the whole's size, other samples around them (each
+    pass restarts its draws: a forward of two would draw other noise; skipped, such a model
+    had its mixing pass unseen, probe 152). Not asked across processes (each shard was tested on
+    its own, :func:`~hessrank.distributed.check_shards_uncoupled`). Also the check of BackPACK's
+    factors, whose own check compares them with the batch's gradient as well (probe 152).
 
     Raises:
         ValueError: the outputs of the two samples alone differ from their rows of the batch.
     """
-    if parallel_of(problem) is not None or ModuleGenerators.read(problem.model).states:
+    if parallel_of(problem) is not None:
         return None
     try:
-        difference = mixed_samples_difference(problem, outputs, first=2)
+        difference = mixed_samples_difference(
+            problem, outputs, first=2, in_place=bool(ModuleGenerators.read(problem.model).states))
     except (UnrepeatableForward, torch.OutOfMemoryError):
         raise
     except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only

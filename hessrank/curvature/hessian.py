@@ -14,6 +14,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
+from hessrank.curvature.differences import (
+    base_step,
+    check_vector_jacobian_products,
+    compared,
+    first_time,
+    shifted,
+    sign_direction,
+)
 from hessrank.curvature.loss import (
     RUNS_AS_GIVEN,
     add_float64_note,
@@ -39,6 +47,7 @@ from hessrank.problem import (
     agreement_tolerance,
     dtype_name,
     lower_precision_cause,
+    run_model,
     unused_parameters,
     without_second_derivative,
 )
@@ -97,27 +106,26 @@ def _sequence_steps(module: nn.Module, args: tuple[Any, ...]) -> int:
                else sequence.shape[0])
 
 
-def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
-    """The loss on a forward pass, its outputs widened to float64 where they are in a lower
-    precision (the loss then in float64, :func:`~hessrank.curvature.loss.float64_twin`), so that
-    its derivatives w.r.t. the outputs, the output Hessian in every product, are float64's; and
-    the value of the loss as given on them, which a data set's passes compare with the first
-    pass's (the widened one differs from it by the outputs' rounding: near zero loss, every
-    pass over a saturated classifier's data had been refused as changed data, 2.1e-9 against
-    0; probe 118).
+def _widened_loss(problem: CurvatureProblem, outputs: Any = None) -> tuple[Tensor, float]:
+    """The loss on a forward pass (or on ``outputs`` given), its outputs widened to float64 where
+    they are in a lower precision (the loss then in float64,
+    :func:`~hessrank.curvature.loss.float64_twin`), so that its derivatives w.r.t. the outputs, the
+    output Hessian in every product, are float64's; and the value of the loss as given on them,
+    which a data set's passes compare with the first pass's (the widened one differs from it by the
+    outputs' rounding: near zero loss, every pass over a saturated classifier's data had been
+    refused as changed data, 2.1e-9 against 0; probe 118).
 
-    Near a saturated softmax the float32 output Hessian ``diag(p) - p p^T`` rounds ``1 -
-    p_max`` to 0: its rows no longer sum to zero, and it turns indefinite. A confident linear
-    classifier's float32 ``exact`` had its top eigenvalue 21 % high, its third 8.5 times, and a
-    negative eigenvalue of no direction (-3.5e-4 of a top of 3.0e-3), passing every check
-    (probe 112). The loss runs as given, with a note, where it uses the parameters directly
-    (its float64 copy would hold copies of them: an L2 term had been dropped; probe 113), is
-    another function in float64 (:func:`~hessrank.curvature.loss.float64_twin`: a clamp at
-    the dtype's eps) or cannot be differentiated twice there (a loss closing over float32
-    tensors, Huber's backward with float32 targets), tried first on detached outputs; and on a
-    batch of a data set where the float64 loss fails though the first batch's passed (probe
-    116)."""
-    outputs = problem.forward()
+    Near a saturated softmax the float32 output Hessian ``diag(p) - p p^T`` rounds ``1 - p_max`` to
+    0: its rows no longer sum to zero, and it turns indefinite. A confident linear classifier's
+    float32 ``exact`` had its top eigenvalue 21 % high, its third 8.5 times, and a negative
+    eigenvalue of no direction (-3.5e-4 of a top of 3.0e-3), passing every check (probe 112). The
+    loss runs as given, with a note, where it uses the parameters directly (its float64 copy would
+    hold copies of them: an L2 term had been dropped; probe 113), is another function in float64
+    (:func:`~hessrank.curvature.loss.float64_twin`: a clamp at the dtype's eps) or cannot be
+    differentiated twice there (a loss closing over float32 tensors, Huber's backward with float32
+    targets), tried first on detached outputs; and on a batch of a data set where the float64 loss
+    fails though the first batch's passed (probe 116)."""
+    outputs = problem.forward() if outputs is None else outputs
     if not (isinstance(outputs, Tensor) and outputs.is_floating_point()):
         loss = problem.loss(outputs)
         return loss, float(loss.detach())
@@ -238,7 +246,8 @@ class HessianOperator(ParameterOperator):
             for module in problem.model.modules() if isinstance(module, nn.RNNBase)]
         try:
             with second_order(problem.dtype), graph.counting():
-                loss, self.loss_value = _widened_loss(problem)
+                outputs = problem.forward()
+                loss, self.loss_value = _widened_loss(problem, outputs)
                 grads = torch.autograd.grad(loss, self.params, create_graph=True,
                                             allow_unused=True)
         finally:
@@ -259,6 +268,23 @@ class HessianOperator(ParameterOperator):
         #: the Frobenius norm of the antisymmetric part of the dense Hessian the products built
         #: (:func:`dense_hessian`), a measure of their rounding; None before one is built
         self.rounding: float | None = None
+        check_vector_jacobian_products(problem, outputs)
+        check_by_differences(self)
+
+    def gradient_at(self, shift: Tensor) -> Tensor:
+        """``[P]`` float64: the loss's gradient at the analysed parameters plus ``shift``
+        (``[P]``, :func:`~hessrank.curvature.differences.shifted`; summed over the processes of
+        a sharded problem), through the same forward and loss as the operator's
+        (:func:`second_order`, :func:`_widened_loss`)."""
+        with shifted(self.params, shift), second_order(self.dtype), torch.enable_grad():
+            self.problem.before_pass()
+            outputs = run_model(self.problem.model, self.problem.args, self.problem.kwargs,
+                                self.problem.mode)
+            loss = _widened_loss(self.problem, outputs)[0]
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return self._summed(torch.cat([
+            (g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
+            for g, p in zip(grads, self.params)]))
 
     @functools.cached_property
     def gradient(self) -> Tensor:
@@ -346,6 +372,52 @@ class HessianOperator(ParameterOperator):
     def matvec(self, vector: Tensor) -> Tensor:
         """``H v`` for a flat ``[P]`` vector."""
         return self.matmat(vector.reshape(1, -1))[0]
+
+
+def check_by_differences(operator: HessianOperator) -> None:
+    """Check one Hessian-vector product through custom ``autograd.Function`` classes against
+    central differences of the gradient, once per call, where the model's graph has any
+    (:mod:`~hessrank.curvature.differences`).
+
+    A backward that is right to first order but not itself differentiable as written (it uses
+    a detached saved tensor, runs under ``torch.no_grad()`` or outside torch) drops part of the
+    second derivative, often symmetrically, so no symmetry check sees it: a tanh that saved its
+    output detached gave ``exact`` a trace of 2.91 against the true 2.19 under a note alone
+    (probe 149). Here ``H d`` for the random signs ``d`` is compared with
+    ``(g(θ + h d) - g(θ - h d)) / 2h`` (:func:`~hessrank.curvature.differences.compared`,
+    where a kink crossed by a ReLU's input makes the differences disagree with each other, not
+    refute the product). The relative distance estimates ``||ΔH||_F / ||H||_F`` (``E |A d|^2 =
+    ||A||_F^2`` for independent signs). Cost: one product and two to eight gradients.
+
+    Raises:
+        ValueError: the product disagrees with the differences, naming the Functions and the
+            fix.
+    """
+    problem = operator.problem
+    if not first_time(problem, "Hessian-vector"):
+        return
+    direction = sign_direction(operator.dim, operator.device)
+    product = operator.matvec(direction).to(torch.float64)
+    operator.num_products -= 1  # (a check's product, not the run's)
+    comparison = compared(
+        product, lambda h: (operator.gradient_at(h * direction)
+                            - operator.gradient_at(-h * direction)) / (2 * h),
+        base_step(operator.params))
+    if comparison.refuted:
+        raise ValueError(
+            f"the Hessian-vector products through the custom autograd.Function(s) "
+            f"({', '.join(problem.custom_functions)}) differ from finite differences of the "
+            f"gradient by {comparison.relative:.1e} of their size (the differences at four "
+            f"step sizes agree to {comparison.spread:.1e}): a backward that is right to first "
+            "order but not differentiable as written (it uses a detached saved tensor, "
+            "torch.no_grad() or a kernel outside torch) drops part of the second derivative, "
+            "so no eigenvalue of them is the Hessian's. Compute the backward with torch "
+            "operations on what ctx.save_for_backward kept (check with "
+            "torch.autograd.gradgradcheck), or decorate it with "
+            "torch.autograd.function.once_differentiable so that second derivatives are "
+            "refused; method='fisher' and 'ggn' take first derivatives of the model only")
+    problem.notes.append(comparison.verdict("a Hessian-vector product",
+                                            problem.custom_functions))
 
 
 def asymmetry_error(antisymmetric: float, symmetric: float,
