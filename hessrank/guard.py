@@ -1057,8 +1057,11 @@ def forward_hooks_note(model: nn.Module) -> list[str]:
         return any(not (getattr(hook, "__module__", None) or "").startswith("torch.")
                    for hook in (hooks or {}).values())
 
+    def named(name: str) -> str:  # as the caller names it: without torch.compile's wrapper
+        return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
     kinds = {"_forward_hooks": "forward hook", "_forward_pre_hooks": "forward pre-hook"}
-    names = [f"{name or type(module).__name__} ({kind})"
+    names = [f"{named(name) or type(module).__name__} ({kind})"
              for name, module in model.named_modules() for attribute, kind in kinds.items()
              if callers(getattr(module, attribute, None))]
     module_globals = torch.nn.modules.module

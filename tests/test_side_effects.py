@@ -118,6 +118,17 @@ def test_state_untouched_after_success(method, backend):
         "of the batch's samples: 0 (forward hook)"]
 
 
+def test_a_compiled_models_hooks_are_named_as_the_caller_names_them():
+    """A hook on a submodule of ``torch.compile(model)`` was named ``_orig_mod.0``, the
+    wrapper's own attribute, not the caller's ``0``."""
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[0].register_forward_hook(lambda *args: None)
+    x, y = classification_batch(10, 6, 3, dtype=torch.float32)
+    result = hessrank.effective_rank(torch.compile(model), CE, (x, y), method="fisher")
+    (note,) = [note for note in result.notes if "forward hooks ran" in note]
+    assert note.endswith("samples: 0 (forward hook)")
+
+
 @pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm is deprecated")
 def test_torchs_own_forward_hooks_are_not_named():
     """The old weight_norm recomputes its weight in a forward pre-hook of torch's: that is how
