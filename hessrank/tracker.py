@@ -36,7 +36,7 @@ from torch import nn
 import hessrank
 from hessrank.api import checked_request, effective_rank
 from hessrank.estimators import ALL_METHODS
-from hessrank.guard import signalled
+from hessrank.guard import deferred_interrupts, signalled
 from hessrank.problem import check_batch, named_selection, selected_size, unwrap_model
 from hessrank.streaming import is_batch_stream
 
@@ -358,7 +358,11 @@ class JsonLinesSink:
         redone = {method for method in methods
                   if max(self._logged.get(method) or [-1]) >= step}
         if redone:
-            self._supersede(redone, step)
+            # whole or not at all: a Ctrl-C between the copy to the side file and the log's
+            # rewrite had the next step move the records again, into the side file twice
+            # (probe 153)
+            with deferred_interrupts():
+                self._supersede(redone, step)
         return redone
 
     def _supersede(self, methods: set[str], step: int) -> None:
@@ -1045,6 +1049,9 @@ class Tracker:
         self._clock = clock
         self._next_step = 0
         self._last_step: int | None = None  # the last step counted by step()
+        #: the first step step() was given, where a log appended to resumes
+        self._resume_from: int | None = None
+        self._warned_passed = False  # of scheduled steps that step() passed over
         #: the parameters' versions (their in-place updates) at the last step() with step=
         self._last_versions: int | None = None
         self._counted = 0  # step() calls so far (updates of the model, as far as we know)
@@ -1136,11 +1143,13 @@ class Tracker:
         """
         if self._closed:
             raise ValueError("this tracker is closed")
+        index = self._next_step if step is None else _step_number(step, "step")
+        if self._resume_from is None:  # (a first step interrupted before it counted: the
+            self._resume_from = index  # next one resumed there, past the records of this one)
         if self.eval_batch is None:
             if batch is None:
                 raise TypeError("step() needs the batch, or create the Tracker with eval_batch=")
             _check_batch(batch, "batch")
-        index = self._next_step if step is None else _step_number(step, "step")
         versions = None if step is None else _versions(self.model)
         if step is not None and index == self._last_step and versions == self._last_versions:
             # another micro-batch of the step counted last (gradient accumulation): no update
@@ -1165,13 +1174,24 @@ class Tracker:
                 "will carry other steps than their models'", RuntimeWarning,
                 stacklevel=_user_stacklevel())
         if self._counted == 0:  # where training resumed, for a log appended to
+            resumed = min(index, self._resume_from)
             for sink in self.sinks:
                 if isinstance(sink, JsonLinesSink):
-                    for method in sink.resume(index, self.methods):
+                    for method in sink.resume(resumed, self.methods):
                         # a measure() before the loop at this step or later has left the log
                         # (the sink warned): the steps that follow do not go back from it
-                        if self._recorded.get(method, (-1, 0))[0] >= index:
+                        if self._recorded.get(method, (-1, 0))[0] >= resumed:
                             del self._recorded[method]
+        elif self._steps is not None and not self._warned_passed:
+            passed = sorted(s for s in self._steps if (self._last_step or 0) < s < index)
+            if passed:  # (step=2 * i over steps=[5, 15] had measured nothing, silently)
+                self._warned_passed = True
+                warnings.warn(
+                    f"hessrank.Tracker: step {index} follows step {self._last_step}, passing "
+                    f"over the scheduled step(s) {passed[:5]}{' ...' if len(passed) > 5 else ''}"
+                    ", which are not measured: a scheduled step is measured when step() counts "
+                    "it; name steps your loop counts, or use every= (said once)",
+                    RuntimeWarning, stacklevel=_user_stacklevel())
         self._next_step, self._last_step = index + 1, index
         self._counted += 1
         if self._start is None:
@@ -1278,9 +1298,12 @@ class Tracker:
             warnings.warn(f"hessrank.Tracker: {method} recorded at step {step} after step "
                           f"{previous} {what}; count steps with step() or give increasing step= "
                           "values", RuntimeWarning, stacklevel=_user_stacklevel())
-        self._recorded[method] = (step, self._counted)
-        self.records.append(measurement.record)
-        _every_sink(self.sinks, lambda sink: sink.write(measurement.record))
+        # in the records and in every sink, or in none: a Ctrl-C between the two had left a
+        # record the loop went on from out of the log (probe 153)
+        with deferred_interrupts():
+            self._recorded[method] = (step, self._counted)
+            self.records.append(measurement.record)
+            _every_sink(self.sinks, lambda sink: sink.write(measurement.record))
         return measurement
 
     def _warn_of_other_sizes(self, method: str, result: RankResult, step: int) -> None:

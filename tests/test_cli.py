@@ -672,6 +672,43 @@ def test_ctrl_c_during_the_final_report_keeps_the_table(tmp_path: Path, capsys, 
     assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["checkpoints"]
 
 
+def test_ctrl_c_as_the_work_ends_keeps_and_writes_what_was_measured(tmp_path: Path, capsys):
+    """A Ctrl-C on the first line after the comparison's work, before the final report held
+    Ctrl-C back: the command ended at once, its JSON still marked in progress, no table
+    printed, the CSV an earlier run's (probe 153). One handler now holds Ctrl-C from the work's
+    end: it reports what was measured, marked interrupted."""
+    import hessrank.cli as cli
+
+    returned: list[bool] = []
+
+    lines = Path(cli.__file__).read_text().splitlines()
+
+    def tracer(frame, event, arg):  # Ctrl-C as the hold of the final report begins
+        if frame.f_code.co_name == "run_compare" and event == "return":
+            returned.append(True)
+        elif (frame.f_code.co_name == "_compare" and frame.f_code.co_filename == cli.__file__
+              and event == "line" and returned
+              and re.search(r"_held_interrupt\(\)|\.hold\(\)", lines[frame.f_lineno - 1])):
+            sys.settrace(None)
+            frame.f_trace = None
+            signal.raise_signal(signal.SIGINT)
+        return tracer
+
+    (tmp_path / "r.csv").write_text("an earlier run\n")
+    argv = ["compare", *TINY, "--methods", "fisher", "--no-pyhessian",
+            "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]
+    sys.settrace(tracer)
+    try:
+        status, out, _ = run_main(argv, capsys)
+    finally:
+        sys.settrace(None)
+    assert returned and status == 130
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert not written.get("in_progress") and written["interrupted"]
+    assert "\nfisher " in out
+    assert (tmp_path / "r.csv").read_text() != "an earlier run\n"
+
+
 def tracker_log(path: Path, per_layer: bool = True) -> list[dict]:
     """A tracker's log of the tiny model trained for 6 steps, fisher and ggn every 2 steps."""
     model, data = tiny_problem()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -1149,6 +1150,87 @@ def test_a_failing_sink_keeps_no_record_from_the_log(tmp_path: Path) -> None:
     tracker.close()
     assert [record["step"] for record in _read(log)] == [0, 1]
     assert [record["step"] for record in flaky.records[1:]] == [1]
+
+
+class _InterruptingSink:
+    """A sink whose first ``write`` gets a Ctrl-C (a real SIGINT) as it receives the record."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if len(self.records) == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_ctrl_c_as_a_record_is_written_keeps_it_in_every_sink(tmp_path: Path) -> None:
+    """A Ctrl-C after a record joined ``tracker.records`` but before the log had it: the loop
+    went on, and the log lacked that step for good (probe 153). The record goes to every sink
+    first; the KeyboardInterrupt follows."""
+    log = tmp_path / "curvature.jsonl"
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    interrupting = _InterruptingSink()
+    tracker = hessrank.Tracker(_net().eval(), CE, methods=("fisher",), every=1, log=log,
+                               sinks=[interrupting])
+    tracker.step(batch)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.step(batch)
+    tracker.step(batch)
+    tracker.close()
+    assert [record["step"] for record in tracker.records] == [0, 1, 2]
+    assert [record["step"] for record in _read(log)] == [0, 1, 2]
+
+
+def test_scheduled_steps_the_loop_passes_over_are_warned_of(tmp_path: Path) -> None:
+    """``steps=[5, 15]`` with ``step=2 * i``: no step is scheduled, nothing was measured, and
+    the log was removed as empty at close, without a word (probe 153)."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(_net().eval(), CE, steps=[5, 15], log=None)
+    with pytest.warns(RuntimeWarning, match=r"step 6 follows step 4, passing over the scheduled "
+                                            r"step\(s\) \[5\].*\(said once\)") as caught:
+        for i in range(10):
+            tracker.step(batch, step=2 * i)
+    assert len([w for w in caught if "passing over" in str(w.message)]) == 1
+    assert tracker.records == []
+    with warnings.catch_warnings():  # a schedule the loop meets: no such warning
+        warnings.simplefilter("error")
+        met = hessrank.Tracker(_net().eval(), CE, steps=[4, 8], log=None)
+        for i in range(6):
+            met.step(batch, step=2 * i)
+    assert [record["step"] for record in met.records] == [4, 8]
+
+
+def test_a_resumed_run_whose_first_step_was_interrupted_resumes_there(tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """A Ctrl-C in the first ``step(step=6)`` of a resumed run, before it counted: the loop
+    went on at 7, the tracker resumed there, and the abandoned run's step-6 record stayed in the
+    log beside the new run's (probe 153). The first step given is where it resumes."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log = tmp_path / "c.jsonl"
+    with hessrank.Tracker(_net().eval(), CE, every=2, log=log) as tracker:
+        for _ in range(11):
+            tracker.step(batch)
+    from hessrank import tracker as tracking
+
+    checked = tracking._check_batch
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        monkeypatch.setattr(tracking, "_check_batch", checked)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking, "_check_batch", interrupted)
+    with (hessrank.Tracker(_net().eval(), CE, every=2, log=log, append=True) as tracker,
+          pytest.warns(RuntimeWarning, match="resumes fisher at step 6")):
+        with pytest.raises(KeyboardInterrupt):
+            tracker.step(batch, step=6)
+        for step in range(7, 9):
+            tracker.step(batch, step=step)
+    assert [r["step"] for r in _read(log)] == [0, 2, 4, 8]
+    assert [r["step"] for r in _read(tmp_path / "c.superseded.jsonl")] == [6, 8, 10]
 
 
 def test_a_sink_without_write_is_refused_when_the_tracker_is_built(tmp_path: Path) -> None:

@@ -480,13 +480,32 @@ def _progress(quiet: bool) -> Any:
     return progress_bar(console=console, transient=True)
 
 
+class _Received(list[int]):
+    """The signals received while Ctrl-C is held (:func:`_held_interrupt`)."""
+
+    held = False
+
+    def hold(self) -> None:
+        """From now on, record Ctrl-C instead of raising."""
+        self.held = True
+
+
 @contextmanager
-def _held_interrupt() -> Iterator[list[int]]:
-    """Hold Ctrl-C until the block ends (so the final report is printed and written whole);
-    yields the list of signals received meanwhile."""
-    received: list[int] = []
+def _held_interrupt() -> Iterator[_Received]:
+    """Ctrl-C raises ``KeyboardInterrupt`` in the block, as Python's own handler does, until
+    the yielded list's ``hold()``; from then until the block ends it is held (so the final
+    report is printed and written whole) and recorded in the list. One handler for the whole
+    block: a Ctrl-C between the work and a hold installed after it had ended the command with
+    the JSON still marked in progress and no tables (probe 153)."""
+    received = _Received()
+
+    def on_interrupt(number: int, frame: Any) -> None:
+        if not received.held:
+            raise KeyboardInterrupt
+        received.append(number)
+
     try:
-        previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+        previous = signal.signal(signal.SIGINT, on_interrupt)
     except ValueError:  # not the main thread: signals cannot be handled here
         yield received
         return
@@ -581,22 +600,26 @@ def _compare(args: argparse.Namespace) -> int:
     progress = _progress(args.quiet)
     status = 0
     stopped: CliError | None = None  # a refusal after checkpoints were measured
-    try:
-        with progress or nullcontext():
-            compare.run_compare(cfg, result, progress, save_progress)
-    except KeyboardInterrupt:
-        result.update(interrupted=True, stopped_by="Ctrl-C")
-        status = 130
-    except CliError as error:
-        if not any(set(cfg.methods) <= set(point["methods"])
-                   for run in result["runs"] for point in run["checkpoints"]):
-            raise  # before a checkpoint was measured: nothing to keep, no file touched
-        # a method refused later (a budget its timings of a later seed exceed): what was
-        # measured is kept, shown and written, marked as stopped (the JSON had been left
-        # partial and marked complete, with no tables; probe 110)
-        result.update(interrupted=True, stopped_by=str(error))
-        stopped = error
     with _held_interrupt() as received:
+        try:
+            with progress or nullcontext():
+                compare.run_compare(cfg, result, progress, save_progress)
+            received.hold()  # (a Ctrl-C between the work and the hold had left the JSON in
+            # progress and no tables: probe 153)
+        except KeyboardInterrupt:
+            received.hold()
+            result.update(interrupted=True, stopped_by="Ctrl-C")
+            status = 130
+        except CliError as error:
+            received.hold()
+            if not any(set(cfg.methods) <= set(point["methods"])
+                       for run in result["runs"] for point in run["checkpoints"]):
+                raise  # before a checkpoint was measured: nothing to keep, no file touched
+            # a method refused later (a budget its timings of a later seed exceed): what was
+            # measured is kept, shown and written, marked as stopped (the JSON had been left
+            # partial and marked complete, with no tables; probe 110)
+            result.update(interrupted=True, stopped_by=str(error))
+            stopped = error
         compare.summarize(result)
         # The files first, so that a reader of the tables who leaves (| head) costs none of
         # them; the tables even where a file fails (its error is raised after them).
