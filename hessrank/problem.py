@@ -108,8 +108,10 @@ class CurvatureProblem:
     #: the custom autograd.Functions found in the graph (:func:`custom_functions_in`), and
     #: the derivatives through them checked by finite differences in this call
     #: (:mod:`hessrank.curvature.differences`); shared like ``passes``
-    custom_functions: list[str] = field(default_factory=list, repr=False, compare=False)
-    differences_checked: set[str] = field(default_factory=set, repr=False, compare=False)
+    custom_functions: list[type[torch.autograd.Function]] = field(
+        default_factory=list, repr=False, compare=False)
+    differences_checked: set[tuple[type, str]] = field(default_factory=set, repr=False,
+                                                       compare=False)
     #: whether a forward pass on inputs that require grad was read (``inputs_require_grad``),
     #: once for the problems derived from this one (shared like ``passes``)
     inputs_checked: list[bool] = field(default_factory=lambda: [False], repr=False,
@@ -195,13 +197,18 @@ class CurvatureProblem:
                 self._first_print.refuse_other(brief)
         if not self._graph_read and isinstance(outputs, Tensor) and outputs.grad_fn is not None:
             self._graph_read = True
-            found = custom_functions_in(outputs, self.params)
-            self.custom_functions.extend(sorted(set(found) - set(self.custom_functions)))
-            if found and custom_functions_note(self.custom_functions) not in self.notes:
-                self.notes[:] = [note for note in self.notes
-                                 if not note.startswith(_CUSTOM_FUNCTIONS)]
-                self.notes.append(custom_functions_note(self.custom_functions))
+            self.add_custom_functions(outputs)
         return outputs
+
+    def add_custom_functions(self, value: Tensor) -> None:
+        """Add the custom autograd.Functions in the graph of ``value`` (the model's outputs, or
+        a loss on them) to :attr:`custom_functions`, and the note naming them
+        (:func:`custom_functions_in`, whose errors it raises)."""
+        found = custom_functions_in(value, self.params)
+        self.custom_functions.extend(cls for cls in found if cls not in self.custom_functions)
+        if found and custom_functions_note(self.custom_functions) not in self.notes:
+            self.notes[:] = [note for note in self.notes if not note.startswith(_CUSTOM_FUNCTIONS)]
+            self.notes.append(custom_functions_note(self.custom_functions))
 
     def loss(self, outputs: object = None, loss_fn: LossFn | None = None) -> Tensor:
         """The scalar loss on ``outputs`` (default: a forward pass), checked; ``loss_fn``: the
@@ -405,8 +412,9 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     return outputs
 
 
-def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]) -> list[str]:
-    """The custom ``torch.autograd.Function`` classes in the graph of ``outputs`` by name
+def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]
+                        ) -> list[type[torch.autograd.Function]]:
+    """The custom ``torch.autograd.Function`` classes in the graph of ``outputs``, by name
     (aside torch's own and hessrank's, such as the log-softmax that
     :mod:`hessrank.curvature.saturation` puts in its place): hessrank differentiates through
     their backward as written (:func:`custom_functions_note`).
@@ -419,7 +427,7 @@ def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]) -> list[str]:
             or torch would refuse. Parameters outside it alone (``params=`` the head) are
             differentiated as they are (probe 150).
     """
-    found: set[str] = set()
+    found: set[type[torch.autograd.Function]] = set()
     seen: set[object] = set()
     reached: set[int] = set()  # the leaves (parameters) the walk reaches
     checkpointed = False
@@ -435,27 +443,26 @@ def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]) -> list[str]:
         function = getattr(node, "_forward_cls", None)
         checkpointed = checkpointed or function is CheckpointFunction
         if function is not None and not function.__module__.startswith(("torch.", "hessrank.")):
-            found.add(function.__qualname__)
+            found.add(function)
         stack.extend(child for child, _ in node.next_functions)
     if checkpointed and any(id(param) not in reached for param in params):
         raise reentrant_checkpoint_error()
-    return sorted(found)
+    return sorted(found, key=lambda cls: cls.__qualname__)
 
 
 #: How the note of custom autograd.Functions opens (:func:`custom_functions_note`).
 _CUSTOM_FUNCTIONS = "the model computes through custom autograd.Function(s)"
 
 
-def custom_functions_note(names: Sequence[str]) -> str:
-    """The note on the custom ``autograd.Function`` classes ``names`` in the model's graph: a
-    wrong backward gives a wrong curvature, and for second derivatives (``exact``,
-    ``lanczos``) one that is not itself differentiable does too, which one product checked
-    against finite differences of the gradient catches (``hessian.check_by_differences``)."""
-    return (f"{_CUSTOM_FUNCTIONS} ({', '.join(names)}): their backward is used as written; a "
-            "wrong one gives a wrong curvature, which a single call cannot tell in general "
-            "(exact and lanczos check one Hessian-vector product through them against finite "
-            "differences of the gradient); check them with torch.autograd.gradcheck and "
-            "gradgradcheck")
+def custom_functions_note(classes: Sequence[type[torch.autograd.Function]]) -> str:
+    """The note on the custom ``autograd.Function`` ``classes`` in the model's graph: a wrong
+    backward gives a wrong curvature, and for second derivatives one that is not itself
+    differentiable does too, which finite differences of each Function alone at its inputs
+    check (:mod:`hessrank.curvature.differences`)."""
+    return (f"{_CUSTOM_FUNCTIONS} ({', '.join(cls.__qualname__ for cls in classes)}): their "
+            "backward is used as written, each checked alone against finite differences at "
+            "the inputs the model gives it (the derivatives the method takes through it); "
+            "torch.autograd.gradcheck and gradgradcheck check them everywhere")
 
 
 def reentrant_checkpoint_error() -> ValueError:
@@ -1822,7 +1829,9 @@ def _others_around(problem: CurvatureProblem, start: int, stop: int
                    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
     """Copies of the batch's inputs whose rows outside ``start:stop`` hold other samples of the
     batch (each row ``i`` there the sample ``(i + stop - start) mod n``, a shift by the part's
-    size, so that none keeps its own), for :func:`mixed_samples_difference` ``in_place``."""
+    size, so that none keeps its own), floating ones doubled, for
+    :func:`mixed_samples_difference` ``in_place``: copies alone of the part's own samples kept
+    a statistic they hold (a batch maximum), so a model scaling by it passed (probe 154)."""
     count = int(problem.targets.shape[0])
     order = torch.arange(count)
     outside = torch.cat([order[:start], order[stop:]])
@@ -1830,7 +1839,10 @@ def _others_around(problem: CurvatureProblem, start: int, stop: int
     source[outside] = (outside + (stop - start)) % count
 
     def replaced(x: Tensor) -> Tensor:
-        return x[source.to(x.device)]  # (advanced indexing: a copy)
+        copy = x[source.to(x.device)]  # (advanced indexing: a copy)
+        if copy.is_floating_point():
+            copy[outside.to(x.device)] *= 2
+        return copy
 
     return (tuple(replaced(x) for x in problem.args),
             {key: replaced(x) for key, x in problem.kwargs.items()})

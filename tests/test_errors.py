@@ -1851,51 +1851,131 @@ class _Residual(nn.Module):
         return self.second(hidden + self.function(hidden))
 
 
+class _OnceRelu(_Relu):
+    """ReLU whose backward is ``once_differentiable``: its second derivative (zero) is right,
+    but the Hessian also differentiates the backward in the gradient it receives, which
+    torch 2.14.1 then answers with None, silently (probe 154)."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return grad * (a > 0).to(grad.dtype)
+
+
+class _Background(nn.Module):
+    """A bias-free convolution over images whose border is blank, then a ReLU: its inputs
+    there are exactly zero, where a ReLU's derivative is one-sided (the whole model's finite
+    differences had refused a right custom ReLU so; probe 154)."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv, self.function = nn.Conv2d(1, 3, 3, padding=1, bias=False), function
+        self.head = nn.Linear(3 * 36, 4)
+
+    def forward(self, x):
+        return self.head(self.function(self.conv(x.view(-1, 1, 6, 6))).flatten(1))
+
+
+class _PaddedTokens(nn.Module):
+    """An embedding with a padding row, which torch gives no gradient on purpose, before a
+    custom Function (its differences had seen the padding row move the outputs; probe 154)."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.embedding = nn.Embedding(7, 5, padding_idx=0)
+        self.function, self.head = function, nn.Linear(5, 4)
+
+    def forward(self, tokens):
+        return self.head(self.function(self.embedding(tokens)).mean(1))
+
+
 _SECOND_ORDER = ("exact", "lanczos")
 _DOUBLE_BACKWARD = ("ggn_lanczos", "fisher_lanczos")
-#: (model, dtype, which methods are refused, and by which check's message) against float64
-#: and float32 models: the first-order check refuses every method; the second-order ones
-#: refuse the methods that differentiate the backward (exact, lanczos through the gradient;
-#: the Lanczos variants of the factors through the cotangent); a right Function passes all,
-#: a ReLU's kinks too (float64; a float32 one's differences may only say they cannot tell).
+
+
+def _blank_border(dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.zeros(16, 6, 6, dtype=dtype)
+    images[:, 1:5, 1:5] = torch.randn(16, 4, 4, dtype=dtype)
+    return images.reshape(16, 36), torch.randint(0, 4, (16,))
+
+
+#: (label, model, batch of a dtype, {refused method: what the refusal says}): every method
+#: takes first derivatives through the Function; exact and lanczos its second, and the
+#: backward's derivative in the gradient it receives (as the Lanczos variants of the factors
+#: do). Right Functions pass, at kinks and beside what torch leaves ungraded on purpose.
 _DIFFERENCE_CASES = [
-    ("right", lambda: _WithFunction(_Tanh.apply), (), ""),
-    ("right_relu", lambda: _WithFunction(_Relu.apply), (), ""),
-    ("detaching", lambda: _WithFunction(_DetachingTanh.apply), _SECOND_ORDER,
-     "Hessian-vector products through the custom autograd.Function(s) (_DetachingTanh) "
-     "differ from finite differences of the gradient"),
-    ("untracked", lambda: _Residual(_UntrackedTanh.apply), _SECOND_ORDER + _DOUBLE_BACKWARD,
-     "finite differences"),
-    ("halved", lambda: _WithFunction(_HalvedTanh.apply), tuple(hessrank.ESTIMATORS),
-     "the model's backward through the custom autograd.Function(s) (_HalvedTanh) disagrees "
-     "with finite differences of its outputs"),
+    ("right", lambda: _WithFunction(_Tanh.apply), None, {}),
+    ("right_relu", lambda: _WithFunction(_Relu.apply), None, {}),
+    ("relu_at_zero", lambda: _Background(_Relu.apply), _blank_border, {}),
+    ("padding_row", lambda: _PaddedTokens(_Tanh.apply),
+     lambda dtype: (torch.randint(0, 7, (16, 5)), torch.randint(0, 4, (16,))), {}),
+    ("detaching", lambda: _WithFunction(_DetachingTanh.apply), None,
+     dict.fromkeys(_SECOND_ORDER, "_DetachingTanh fails a check of its second derivative")),
+    ("untracked", lambda: _Residual(_UntrackedTanh.apply), None,
+     {**dict.fromkeys(_SECOND_ORDER, "_UntrackedTanh fails a check of its second derivative"),
+      **dict.fromkeys(_DOUBLE_BACKWARD, "fails a check of its double backward in the "
+                                        "cotangent")}),
+    ("once_differentiable", lambda: _WithFunction(_OnceRelu.apply), None,
+     dict.fromkeys(_SECOND_ORDER + _DOUBLE_BACKWARD,
+                   "_OnceRelu fails a check of its double backward in the cotangent")),
+    ("halved", lambda: _WithFunction(_HalvedTanh.apply), None,
+     dict.fromkeys(hessrank.ESTIMATORS, "_HalvedTanh fails a check of its first derivative")),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize(("label", "make", "refused", "message"), _DIFFERENCE_CASES,
+@pytest.mark.parametrize(("label", "make", "batch", "refused"), _DIFFERENCE_CASES,
                          ids=[case[0] for case in _DIFFERENCE_CASES])
 def test_derivatives_through_custom_functions_are_checked_by_finite_differences(
-        label, make, refused, message, dtype):
+        label, make, batch, refused, dtype):
     """A backward right to first order but not differentiable as written (a detached saved
     output, torch.no_grad()) dropped part of the Hessian under a note alone: exact's trace
     was the GGN's, symmetric, so no symmetry check saw it (probe 149). Each derivative a method
-    takes through a custom Function is now checked once against central differences; a wrong
-    one is refused, and the parameters come back bit for bit, version counters unmoved."""
+    takes through a custom Function is now checked once, the Function alone at the inputs the
+    model gives it, against central differences; a wrong one is refused, and the parameters
+    come back bit for bit, version counters unmoved."""
     model = make().to(dtype)
-    batch = (torch.randn(16, 6, dtype=dtype), torch.randint(0, 4, (16,)))
+    batch = ((torch.randn(16, 6, dtype=dtype), torch.randint(0, 4, (16,))) if batch is None
+             else batch(dtype))
     before = [(p.detach().clone(), p._version) for p in model.parameters()]
     for method in hessrank.ESTIMATORS:
         if method in refused:
-            with pytest.raises(ValueError, match=re.escape(message)):
+            with pytest.raises(ValueError, match=re.escape(refused[method])):
                 hessrank.effective_rank(model, CE, batch, method)
         else:
             result = hessrank.effective_rank(model, CE, batch, method)
-            checked = [note for note in result.notes if "finite differences (" in note]
-            assert checked and all("agreed" in note or dtype == torch.float32
-                                   and "could not be checked" in note for note in checked)
+            (checked,) = [note for note in result.notes if "checked alone by finite" in note]
+            assert "not checked" not in checked and "apart" in checked, checked
         assert all(torch.equal(p, value) and p._version == version
                    for p, (value, version) in zip(model.parameters(), before))
+
+
+class _HalvedSquare(torch.autograd.Function):
+    """``z * z`` with half its derivative, in a loss."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return z * z
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return grad * z
+
+
+@pytest.mark.parametrize("method", _SECOND_ORDER)
+def test_a_custom_function_in_the_loss_is_checked_where_the_hessian_takes_it(method):
+    """A loss computed through a Function with half its derivative halved exact's eigenvalues,
+    under a note that the model's Function had agreed (probe 154)."""
+    model = _WithFunction(_Tanh.apply).double()
+    batch = (torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="_HalvedSquare fails a check of its first derivative"):
+        hessrank.effective_rank(model, lambda f, y: _HalvedSquare.apply(f - y).mean(), batch,
+                                method)
 
 
 _CLASS_WEIGHT = torch.tensor([1.0, 2.0, 0.5])
@@ -2458,9 +2538,19 @@ class _NoisyStandardisedInputs(_StandardisedInputs):
         return super().forward(x + 0 * noise)
 
 
+class _NoisyMaxScaled(_NoisyStandardisedInputs):
+    """Its input scaled by the batch's largest entry (detached), noise drawn as its parent's:
+    the first two samples among copies of themselves kept that maximum (probe 154)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype)
+        return self.body(x / x.abs().max().detach() + 0 * noise)
+
+
 @pytest.mark.parametrize(("method", "backend", "make"), [
     ("fisher", "auto", _StandardisedInputs), ("ggn", "auto", _StandardisedInputs),
     ("fisher", "auto", _NoisyStandardisedInputs), ("ggn", "auto", _NoisyStandardisedInputs),
+    ("fisher", "auto", _NoisyMaxScaled), ("ggn", "auto", _NoisyMaxScaled),
     ("fisher", "backpack", _StandardisedInputs)])
 def test_samples_mixed_before_every_parameter_are_refused_where_rules_take_all(method, backend,
                                                                                make):
@@ -2473,6 +2563,7 @@ def test_samples_mixed_before_every_parameter_are_refused_where_rules_take_all(m
     torch.manual_seed(0)
     model = make().double()
     x, y = classification_batch(8, 3, 3)
+    x[0, 0] = 10 * x.abs().max()  # (the batch's maximum in a sample that runs alone)
     _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method,
                                                   backend=backend),
            ValueError, "computed alone differs.*fisher_lanczos")

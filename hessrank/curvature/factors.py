@@ -18,18 +18,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from hessrank.curvature.differences import (
-    base_step,
-    check_vector_jacobian_products,
-    compared,
-    first_time,
-    output_difference,
-    sign_direction,
-)
+from hessrank.curvature.differences import COTANGENT, FIRST, check_custom_functions
 from hessrank.curvature.hessian import second_order
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
-from hessrank.distributed import ShardedProblem, parallel_of, shard_cotangents
+from hessrank.distributed import ShardedProblem, shard_cotangents
 from hessrank.guard import ModuleGenerators, raise_if_signalled
 from hessrank.problem import (
     _GRAPHLESS,
@@ -84,8 +77,7 @@ class FactorOperator(ParameterOperator):
             self.unused = unused_parameters(pieces)
             self._used = [i for i in range(len(pieces)) if i not in self.unused]
             self._transposed = [pieces[i] for i in self._used]  # J^T u, linear in the dummy u
-            check_vector_jacobian_products(problem, outputs)
-            self._check_jacobian_products()
+            check_custom_functions(problem, (FIRST, COTANGENT))
             if check_working_memory is not None and output_side_bytes is not None:
                 # the graph (the forward's and J^T u's: the forward's alone was a third of
                 # it, and refusals came at a third of the peak; probe 74), what a product
@@ -164,43 +156,14 @@ class FactorOperator(ParameterOperator):
                 raise ValueError(
                     f"{self._method}'s Jacobian-vector products differentiate the model's "
                     "backward pass (J v by double backward), and the backward through the "
-                    "custom autograd.Function(s) "
-                    f"({', '.join(self._problem.custom_functions)}) has no graph (it runs "
+                    "custom autograd.Function(s) ("
+                    + ", ".join(cls.__qualname__ for cls in self._problem.custom_functions)
+                    + ") has no graph (it runs "
                     f"under torch.no_grad() or outside torch): {fix}") from error
             raise without_second_derivative(
                 error, "these products differentiate the model's backward pass (J v by double "
                 "backward)", fix) from error
         return jv
-
-    def _check_jacobian_products(self) -> None:
-        """``J d`` by double backward against differences of the outputs, once per call where
-        the model's graph has custom Functions (:mod:`~hessrank.curvature.differences`): a
-        backward that runs partly under ``torch.no_grad()`` beside a path autograd sees (a
-        residual block around the Function) gives a ``J v`` with that part missing.
-
-        Raises:
-            ValueError: they disagree, naming the Functions.
-        """
-        problem = self._problem
-        if parallel_of(problem) is not None or not first_time(problem, "Jacobian-vector"):
-            return
-        direction = sign_direction(self.dim, self.device)
-        jv = self._jacobian_product(direction)
-        comparison = compared(
-            torch.zeros_like(self._dummy, dtype=torch.float64) if jv is None
-            else jv.to(torch.float64), output_difference(problem, direction),
-            base_step(self.params))
-        if comparison.refuted:
-            raise ValueError(
-                f"{self._method}'s Jacobian-vector products (by double backward) through the "
-                f"custom autograd.Function(s) ({', '.join(problem.custom_functions)}) differ "
-                f"from finite differences of the outputs by {comparison.relative:.1e} (the "
-                f"differences at four step sizes agree to {comparison.spread:.1e}): part of "
-                "their backward is not differentiable as autograd sees it (it runs under "
-                "torch.no_grad() or outside torch); use method='fisher' or 'ggn' (Gram "
-                "matrices, first derivatives only)")
-        problem.notes.append(comparison.verdict(
-            f"{self._method}'s Jacobian-vector product", problem.custom_functions))
 
     def _row(self, vector: Tensor) -> Tensor:
         jv = self._jacobian_product(vector)

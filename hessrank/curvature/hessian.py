@@ -14,14 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
-from hessrank.curvature.differences import (
-    base_step,
-    check_vector_jacobian_products,
-    compared,
-    first_time,
-    shifted,
-    sign_direction,
-)
+from hessrank.curvature.differences import COTANGENT, FIRST, SECOND, check_custom_functions
 from hessrank.curvature.loss import (
     RUNS_AS_GIVEN,
     add_float64_note,
@@ -47,7 +40,6 @@ from hessrank.problem import (
     agreement_tolerance,
     dtype_name,
     lower_precision_cause,
-    run_model,
     unused_parameters,
     without_second_derivative,
 )
@@ -268,23 +260,9 @@ class HessianOperator(ParameterOperator):
         #: the Frobenius norm of the antisymmetric part of the dense Hessian the products built
         #: (:func:`dense_hessian`), a measure of their rounding; None before one is built
         self.rounding: float | None = None
-        check_vector_jacobian_products(problem, outputs)
-        check_by_differences(self)
-
-    def gradient_at(self, shift: Tensor) -> Tensor:
-        """``[P]`` float64: the loss's gradient at the analysed parameters plus ``shift``
-        (``[P]``, :func:`~hessrank.curvature.differences.shifted`; summed over the processes of
-        a sharded problem), through the same forward and loss as the operator's
-        (:func:`second_order`, :func:`_widened_loss`)."""
-        with shifted(self.params, shift), second_order(self.dtype), torch.enable_grad():
-            self.problem.before_pass()
-            outputs = run_model(self.problem.model, self.problem.args, self.problem.kwargs,
-                                self.problem.mode)
-            loss = _widened_loss(self.problem, outputs)[0]
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        return self._summed(torch.cat([
-            (g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
-            for g, p in zip(grads, self.params)]))
+        if loss.grad_fn is not None:  # the loss's own Functions, differentiated twice too
+            problem.add_custom_functions(loss)
+        check_custom_functions(problem, (FIRST, SECOND, COTANGENT))
 
     @functools.cached_property
     def gradient(self) -> Tensor:
@@ -372,52 +350,6 @@ class HessianOperator(ParameterOperator):
     def matvec(self, vector: Tensor) -> Tensor:
         """``H v`` for a flat ``[P]`` vector."""
         return self.matmat(vector.reshape(1, -1))[0]
-
-
-def check_by_differences(operator: HessianOperator) -> None:
-    """Check one Hessian-vector product through custom ``autograd.Function`` classes against
-    central differences of the gradient, once per call, where the model's graph has any
-    (:mod:`~hessrank.curvature.differences`).
-
-    A backward that is right to first order but not itself differentiable as written (it uses
-    a detached saved tensor, runs under ``torch.no_grad()`` or outside torch) drops part of the
-    second derivative, often symmetrically, so no symmetry check sees it: a tanh that saved its
-    output detached gave ``exact`` a trace of 2.91 against the true 2.19 under a note alone
-    (probe 149). Here ``H d`` for the random signs ``d`` is compared with
-    ``(g(θ + h d) - g(θ - h d)) / 2h`` (:func:`~hessrank.curvature.differences.compared`,
-    where a kink crossed by a ReLU's input makes the differences disagree with each other, not
-    refute the product). The relative distance estimates ``||ΔH||_F / ||H||_F`` (``E |A d|^2 =
-    ||A||_F^2`` for independent signs). Cost: one product and two to eight gradients.
-
-    Raises:
-        ValueError: the product disagrees with the differences, naming the Functions and the
-            fix.
-    """
-    problem = operator.problem
-    if not first_time(problem, "Hessian-vector"):
-        return
-    direction = sign_direction(operator.dim, operator.device)
-    product = operator.matvec(direction).to(torch.float64)
-    operator.num_products -= 1  # (a check's product, not the run's)
-    comparison = compared(
-        product, lambda h: (operator.gradient_at(h * direction)
-                            - operator.gradient_at(-h * direction)) / (2 * h),
-        base_step(operator.params))
-    if comparison.refuted:
-        raise ValueError(
-            f"the Hessian-vector products through the custom autograd.Function(s) "
-            f"({', '.join(problem.custom_functions)}) differ from finite differences of the "
-            f"gradient by {comparison.relative:.1e} of their size (the differences at four "
-            f"step sizes agree to {comparison.spread:.1e}): a backward that is right to first "
-            "order but not differentiable as written (it uses a detached saved tensor, "
-            "torch.no_grad() or a kernel outside torch) drops part of the second derivative, "
-            "so no eigenvalue of them is the Hessian's. Compute the backward with torch "
-            "operations on what ctx.save_for_backward kept (check with "
-            "torch.autograd.gradgradcheck), or decorate it with "
-            "torch.autograd.function.once_differentiable so that second derivatives are "
-            "refused; method='fisher' and 'ggn' take first derivatives of the model only")
-    problem.notes.append(comparison.verdict("a Hessian-vector product",
-                                            problem.custom_functions))
 
 
 def asymmetry_error(antisymmetric: float, symmetric: float,
