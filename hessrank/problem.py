@@ -105,11 +105,12 @@ class CurvatureProblem:
     inputs_require_grad: bool = False
     #: whether a forward pass's graph was read for custom autograd.Functions
     _graph_read: bool = field(init=False, repr=False, default=False)
-    #: the custom autograd.Functions found in the graph (:func:`custom_functions_in`), and
-    #: the derivatives through them checked by finite differences in this call
+    #: the custom autograd.Functions found in the graph (:func:`custom_functions_in`), each
+    #: with which of its tensor arguments autograd differentiates, and the derivatives through
+    #: them checked by finite differences in this call
     #: (:mod:`hessrank.curvature.differences`); shared like ``passes``
-    custom_functions: list[type[torch.autograd.Function]] = field(
-        default_factory=list, repr=False, compare=False)
+    custom_functions: dict[type[torch.autograd.Function], list[bool]] = field(
+        default_factory=dict, repr=False, compare=False)
     differences_checked: set[tuple[type, str]] = field(default_factory=set, repr=False,
                                                        compare=False)
     #: whether a forward pass on inputs that require grad was read (``inputs_require_grad``),
@@ -205,7 +206,9 @@ class CurvatureProblem:
         a loss on them) to :attr:`custom_functions`, and the note naming them
         (:func:`custom_functions_in`, whose errors it raises)."""
         found = custom_functions_in(value, self.params)
-        self.custom_functions.extend(cls for cls in found if cls not in self.custom_functions)
+        for cls, differentiated in found.items():
+            self.custom_functions[cls] = _either(self.custom_functions.get(cls, []),
+                                                 differentiated)
         if found and custom_functions_note(self.custom_functions) not in self.notes:
             self.notes[:] = [note for note in self.notes if not note.startswith(_CUSTOM_FUNCTIONS)]
             self.notes.append(custom_functions_note(self.custom_functions))
@@ -413,11 +416,12 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
 
 
 def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]
-                        ) -> list[type[torch.autograd.Function]]:
+                        ) -> dict[type[torch.autograd.Function], list[bool]]:
     """The custom ``torch.autograd.Function`` classes in the graph of ``outputs``, by name
     (aside torch's own and hessrank's, such as the log-softmax that
-    :mod:`hessrank.curvature.saturation` puts in its place): hessrank differentiates through
-    their backward as written (:func:`custom_functions_note`).
+    :mod:`hessrank.curvature.saturation` puts in its place), each with which of its tensor
+    arguments autograd differentiates in some call (their edges in the graph): hessrank
+    differentiates through their backward as written (:func:`custom_functions_note`).
 
     Raises:
         ValueError: a block under ``torch.utils.checkpoint(use_reentrant=True)`` is in the graph
@@ -427,7 +431,7 @@ def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]
             or torch would refuse. Parameters outside it alone (``params=`` the head) are
             differentiated as they are (probe 150).
     """
-    found: set[type[torch.autograd.Function]] = set()
+    found: dict[type[torch.autograd.Function], list[bool]] = {}
     seen: set[object] = set()
     reached: set[int] = set()  # the leaves (parameters) the walk reaches
     checkpointed = False
@@ -443,18 +447,26 @@ def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]
         function = getattr(node, "_forward_cls", None)
         checkpointed = checkpointed or function is CheckpointFunction
         if function is not None and not function.__module__.startswith(("torch.", "hessrank.")):
-            found.add(function)
+            found[function] = _either(found.get(function, []),
+                                      [child is not None for child, _ in node.next_functions])
         stack.extend(child for child, _ in node.next_functions)
     if checkpointed and any(id(param) not in reached for param in params):
         raise reentrant_checkpoint_error()
-    return sorted(found, key=lambda cls: cls.__qualname__)
+    return dict(sorted(found.items(), key=lambda item: item[0].__qualname__))
+
+
+def _either(first: Sequence[bool], second: Sequence[bool]) -> list[bool]:
+    """Entry by entry, whether either flag is set (the shorter padded with False)."""
+    length = max(len(first), len(second))
+    return [bool(i < len(first) and first[i]) or bool(i < len(second) and second[i])
+            for i in range(length)]
 
 
 #: How the note of custom autograd.Functions opens (:func:`custom_functions_note`).
 _CUSTOM_FUNCTIONS = "the model computes through custom autograd.Function(s)"
 
 
-def custom_functions_note(classes: Sequence[type[torch.autograd.Function]]) -> str:
+def custom_functions_note(classes: Iterable[type[torch.autograd.Function]]) -> str:
     """The note on the custom ``autograd.Function`` ``classes`` in the model's graph: a wrong
     backward gives a wrong curvature, and for second derivatives one that is not itself
     differentiable does too, which finite differences of each Function alone at its inputs

@@ -1892,6 +1892,126 @@ class _PaddedTokens(nn.Module):
         return self.head(self.function(self.embedding(tokens)).mean(1))
 
 
+class _Scaled(torch.autograd.Function):
+    """``x / t`` whose backward gives ``t`` (a buffer the model never differentiates) None."""
+
+    @staticmethod
+    def forward(ctx, x, t):
+        ctx.save_for_backward(t)
+        return x / t
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return grad / t, None
+
+
+class _HardTanh(_Relu):
+    """hardtanh, right, here fed inputs exactly at its kinks at -1 and 1."""
+
+    @staticmethod
+    def forward(a):
+        return a.clamp(-1, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return grad * (a.abs() < 1).to(grad.dtype)
+
+
+class _Elu(_Relu):
+    """ELU whose derivative on negative inputs is half the right one."""
+
+    @staticmethod
+    def forward(a):
+        return torch.where(a > 0, a, a.exp() - 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return grad * torch.where(a > 0, 1.0, a.exp() / 2)
+
+
+class _Float32Tanh(_Relu):
+    """tanh computed in float32 inside whatever its input's dtype, its derivative 3 % high."""
+
+    @staticmethod
+    def forward(a):
+        return torch.tanh(a.float()).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(a.float()).to(a.dtype) ** 2) * 1.03
+
+
+class _Linear(torch.autograd.Function):
+    """``x W^T + b`` whose bias gradient is doubled."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.T + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return grad @ weight, grad.T @ x, 2 * grad.sum(0)
+
+
+class _ClassTanh(_Tanh):
+    """tanh whose forward is a classmethod, which torch runs (recording had called the
+    classmethod object; probe 155)."""
+
+    @classmethod
+    def forward(cls, a):
+        return torch.tanh(a)
+
+
+class _Tempered(nn.Module):
+    """:class:`_WithFunction` with its hidden layer divided by a temperature buffer."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.first, self.second = nn.Linear(6, 12), nn.Linear(12, 4)
+        self.register_buffer("temperature", torch.tensor(2.0))
+        self.function = function
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.function(self.first(x), self.temperature)))
+
+
+class _Clamped(_WithFunction):
+    """Its Function fed the hidden layer clamped to [-1, 1]: many inputs exactly at +-1."""
+
+    def forward(self, x):
+        return self.second(self.function((3 * self.first(x)).clamp(-1, 1)))
+
+
+class _ZeroBias(nn.Module):
+    """A custom linear layer (its parameters passed to the Function) with a zero bias."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.weight, self.bias = nn.Parameter(torch.randn(12, 6) / 3), nn.Parameter(
+            torch.zeros(12))
+        self.head, self.function = nn.Linear(12, 4), function
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.function(x, self.weight, self.bias)))
+
+
+class _PositiveFirst(_WithFunction):
+    """Its Function called first on positive inputs, then on signed ones."""
+
+    def forward(self, x):
+        hidden = self.first(x)
+        positive = self.function(nn.functional.softplus(hidden))
+        return self.second(positive + self.function(hidden))
+
+
 _SECOND_ORDER = ("exact", "lanczos")
 _DOUBLE_BACKWARD = ("ggn_lanczos", "fisher_lanczos")
 
@@ -1923,6 +2043,19 @@ _DIFFERENCE_CASES = [
                    "_OnceRelu fails a check of its double backward in the cotangent")),
     ("halved", lambda: _WithFunction(_HalvedTanh.apply), None,
      dict.fromkeys(hessrank.ESTIMATORS, "_HalvedTanh fails a check of its first derivative")),
+    # probe 155: an argument the model does not differentiate (None is its right gradient),
+    # inputs exactly at kinks away from zero, a classmethod forward: passed
+    ("constant_argument", lambda: _Tempered(_Scaled.apply), None, {}),
+    ("kinks_at_one", lambda: _Clamped(_HardTanh.apply), None, {}),
+    ("classmethod_forward", lambda: _WithFunction(_ClassTanh.apply), None, {}),
+    # and wrong derivatives that passed: at inputs exactly zero (a zero bias), on a later
+    # call's negative inputs, computed in float32 inside
+    ("zero_bias", lambda: _ZeroBias(_Linear.apply), None,
+     dict.fromkeys(hessrank.ESTIMATORS, "_Linear fails a check of its first derivative")),
+    ("later_call", lambda: _PositiveFirst(_Elu.apply), None,
+     dict.fromkeys(hessrank.ESTIMATORS, "_Elu fails a check of its first derivative")),
+    ("float32_inside", lambda: _WithFunction(_Float32Tanh.apply), None,
+     dict.fromkeys(hessrank.ESTIMATORS, "_Float32Tanh fails a check of its first derivative")),
 ]
 
 
@@ -1948,9 +2081,40 @@ def test_derivatives_through_custom_functions_are_checked_by_finite_differences(
         else:
             result = hessrank.effective_rank(model, CE, batch, method)
             (checked,) = [note for note in result.notes if "checked alone by finite" in note]
-            assert "not checked" not in checked and "apart" in checked, checked
+            assert ("one-sided differences disagreed" in checked if label == "kinks_at_one"
+                    else "apart" in checked and "not checked" not in checked), checked
         assert all(torch.equal(p, value) and p._version == version
                    for p, (value, version) in zip(model.parameters(), before))
+
+
+def test_recordings_of_a_shared_function_in_two_threads_take_turns():
+    """Two threads that wrapped a shared Function class in turn had left one's wrapper on it
+    for good (probe 155): one recording at a time, each putting back what it found."""
+    import threading
+
+    from hessrank.curvature.differences import recording
+
+    original = _Tanh.__dict__["forward"]
+    entered, release, first_done = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with recording([_Tanh]):
+            entered.set()
+            release.wait(60)
+
+    def second() -> None:  # (without turns: inside while the first leaves, and after it)
+        with recording([_Tanh]):
+            first_done.wait(60)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    entered.wait(60)
+    threads[1].start()
+    release.set()
+    threads[0].join(60)
+    first_done.set()
+    threads[1].join(60)
+    assert _Tanh.__dict__["forward"] is original
 
 
 class _HalvedSquare(torch.autograd.Function):

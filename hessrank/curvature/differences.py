@@ -5,9 +5,11 @@ A custom Function's backward may be wrong, or right to first order but not itsel
 differentiable (a detached saved tensor, ``torch.no_grad()``, ``once_differentiable``, a kernel
 outside torch); nothing in one call's graph tells. Where the model's graph has one
 (:attr:`~hessrank.problem.CurvatureProblem.custom_functions`), each source checks what it uses,
-once per call and Function: one forward records the arguments of each Function's first call,
-and the Function alone is differentiated there, in float64 where it runs so, along a random
-direction ``d`` of its floating inputs (:class:`_Local`):
+once per call and Function: one forward records the arguments of each Function's first
+:data:`CALLS_CHECKED` calls, and the Function alone is differentiated there, along a random
+direction ``d`` of the inputs autograd differentiates in the model (the others, a loss's
+targets or a mask, stay: a backward that returns None for them is right; probe 155)
+(:class:`_Local`):
 
 - :data:`FIRST` (every source): ``<J^T w_k, d>`` by its backward against
   ``<w_k, (F(x + h d) - F(x - h d)) / 2h>`` for a few random output cotangents ``w_k``;
@@ -21,17 +23,19 @@ direction ``d`` of its floating inputs (:class:`_Local`):
 Alone, the Function's derivatives meet none of what a whole model's differences would also see
 (a padding row torch gives no gradient on purpose, a ``detach()`` the model means, other kinks:
 checked on the whole model, correct Functions had been refused; probe 154), and a small error
-in a branch the model weighs little is not diluted below the tolerance. Entries of the inputs
-that are exactly zero are not moved: a ReLU-like Function's derivative there is one-sided, which
-no central difference reproduces (a bias-free convolution over a blank background, probe 154).
-:func:`compared` takes each difference at four step sizes and tells a wrong derivative, which
-all four miss by the same amount, from the differences' own errors, which change with the step.
+in a branch the model weighs little is not diluted below the tolerance. :func:`compared` takes
+each difference at four step sizes and tells a wrong derivative, which all four miss by the
+same amount and where the one-sided differences agree, from the differences' own errors, which
+change with the step, and from a kink at the inputs themselves (a ReLU at exactly zero, a
+hardtanh at exactly 1), where the one-sided differences disagree. There the check is tried
+again with the inputs' exact zeros held, and otherwise says it could not tell.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,8 +54,17 @@ DIFFERENCE_TOLERANCE = 1e-3
 #: The step sizes, in multiples of ``ε^(1/3)`` (``ε`` the dtype's), tried in turn until one
 #: agrees; each input moves by the step times its root mean square.
 STEP_FACTORS = (1.0, 1 / 2, 1 / 16, 1 / 32)
+#: The first step at float32's precision, tried where float64's could not tell (a float64
+#: model whose Function computes in float32 inside: 30 % errors had passed; probe 155).
+_STEP_FLOAT32 = float(torch.finfo(torch.float32).eps) ** (1 / 3)
 #: Output cotangents of the first-order check.
 COTANGENTS = 4
+#: The calls of each Function checked (its first ones in the forward): a derivative wrong on
+#: negative inputs alone passed where the first call's were positive (probe 155).
+CALLS_CHECKED = 4
+#: One recording at a time: two threads that wrapped a shared Function class in turn had left
+#: one's wrapper in place for good (probe 155).
+_RECORDING = threading.RLock()
 
 #: What each source differentiates through a Function (:func:`check_custom_functions`).
 FIRST = "first derivative"
@@ -68,10 +81,13 @@ class Comparison:
             norm of the two.
         spread: the largest distance between two of the differences on that scale; 0 where
             the first to agree ended the trials.
+        kink: the distance between the forward and the backward difference at the smallest
+            step, on that scale: a derivative that jumps at the point itself.
     """
 
     relative: float
-    spread: float
+    spread: float = 0.0
+    kink: float = 0.0
 
     @property
     def agreed(self) -> bool:
@@ -80,78 +96,100 @@ class Comparison:
 
     @property
     def refuted(self) -> bool:
-        """No step's difference agrees, and all agree with each other to a quarter of their
-        distance from the derivative: the derivative is wrong, not the differences."""
-        return not self.agreed and 4 * self.spread <= self.relative
+        """No step's difference agrees, all agree with each other, and the one-sided ones
+        with each other, to a quarter of their distance from the derivative: the derivative is
+        wrong, not the differences, nor the point a kink."""
+        return not self.agreed and 4 * max(self.spread, self.kink) <= self.relative
+
+    @property
+    def severity(self) -> tuple[int, float]:
+        """Refuted before undecided before agreed, then by distance: the worst of several."""
+        return (2 if self.refuted else 0 if self.agreed else 1), self.relative
 
     def outcome(self) -> str:
         """How the check went, where it did not refute the derivative."""
-        return (f"{self.relative:.0e} apart" if self.agreed else
-                "not checked: the differences at four steps disagreed, as across a kink")
+        if self.agreed:
+            return f"{self.relative:.0e} apart"
+        return ("not checked: its one-sided differences disagreed, as at a kink at its inputs"
+                if 4 * self.kink > self.relative else
+                "not checked: the differences at four steps disagreed, as across a kink or in "
+                "rounding")
 
 
-def compared(derivative: Tensor, difference: Callable[[float], Tensor],
-             step: float) -> Comparison:
-    """``derivative`` (float64) against ``difference(h)``, its central difference at step
-    ``h``, for ``h`` in ``step`` times :data:`STEP_FACTORS` until one agrees.
+def compared(derivative: Tensor, value: Callable[[float], Tensor], step: float) -> Comparison:
+    """``derivative`` (float64) of ``value`` (float64) along the direction at 0, against its
+    central difference ``(value(h) - value(-h)) / 2h`` for ``h`` in ``step`` times
+    :data:`STEP_FACTORS` until one agrees.
 
     A wrong derivative misses every difference by the same amount. The differences' own
     errors change with the step: truncation falls with ``h^2``, rounding grows with ``1/h``,
     and a kink crossed between the points (a ReLU's input crossing zero) adds its jump over
-    ``2h``, at the steps that cross it.
+    ``2h``, at the steps that cross it. A kink at the point itself adds the mean of the two
+    slopes at every step, which the one-sided differences ``(value(h) - value(0)) / h`` and
+    ``(value(0) - value(-h)) / h`` show by disagreeing (:attr:`Comparison.kink`).
     """
     estimates: list[Tensor] = []
     scale = 0.0
     for factor in STEP_FACTORS:
-        estimates.append(difference(step * factor))
+        h = step * factor
+        plus, minus = value(h), value(-h)
+        estimates.append((plus - minus) / (2 * h))
         scale = max(float(derivative.norm()), float(estimates[-1].norm()))
         relative = float((estimates[-1] - derivative).norm()) / scale if scale > 0 else 0.0
         if relative <= DIFFERENCE_TOLERANCE:
-            return Comparison(relative, 0.0)
+            return Comparison(relative)
     distance = min(float((estimate - derivative).norm()) for estimate in estimates)
     spread = max(float((first - second).norm())
                  for i, first in enumerate(estimates) for second in estimates[:i])
-    return Comparison(distance / scale, spread / scale)
+    kink = float((plus + minus - 2 * value(0.0)).norm()) / h
+    return Comparison(distance / scale, spread / scale, kink / scale)
+
+
+#: A call's recorded arguments: positional (tensors detached) and keyword.
+Arguments = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 @contextmanager
-def recording(classes: Sequence[type]) -> Iterator[dict[type, tuple[tuple[Any, ...],
-                                                                     dict[str, Any]]]]:
+def recording(classes: Sequence[type]) -> Iterator[dict[type, list[Arguments]]]:
     """Inside the block, each Function class's ``forward`` records the arguments of its first
-    call (tensors detached; not the ``ctx`` of a forward without ``setup_context``), however
-    the model reaches it (``self.act = Function.apply`` binds ``apply`` before any wrapping of
-    it could); the classes are as they were on exit, Ctrl-C held back."""
-    calls: dict[type, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    own = {cls: cls.__dict__.get("forward") for cls in classes}
+    :data:`CALLS_CHECKED` calls (not the ``ctx`` of a forward without ``setup_context``),
+    however the model reaches it (``self.act = Function.apply`` binds ``apply`` before any
+    wrapping of it could); the classes are as they were on exit, Ctrl-C held back, one
+    recording at a time."""
+    calls: dict[type, list[Arguments]] = {cls: [] for cls in classes}
 
     def wrapped(cls: type) -> staticmethod[Any, Any]:
         original = inspect.getattr_static(cls, "forward")
-        forward = original.__func__ if isinstance(original, staticmethod) else original
+        forward = (original.__func__ if isinstance(original, staticmethod)
+                   else original.__get__(None, cls) if isinstance(original, classmethod)
+                   else original)
         takes_context = (inspect.getattr_static(cls, "setup_context")
                          is inspect.getattr_static(torch.autograd.Function, "setup_context"))
 
         @functools.wraps(forward)  # (torch binds the arguments to its signature)
         def recorded(*args: Any, **kwargs: Any) -> Any:
-            if cls not in calls:
-                calls[cls] = (tuple(_detached(a) for a in args[int(takes_context):]),
-                              {key: _detached(value) for key, value in kwargs.items()})
+            if len(calls[cls]) < CALLS_CHECKED:
+                calls[cls].append((tuple(_detached(a) for a in args[int(takes_context):]),
+                                   {key: _detached(value) for key, value in kwargs.items()}))
             return forward(*args, **kwargs)
 
         return staticmethod(recorded)
 
-    try:
-        with deferred_interrupts():
-            for cls in classes:
-                setattr(cls, "forward", wrapped(cls))  # noqa: B010 - a method replaced
-        yield calls
-    finally:
-        with deferred_interrupts():
-            for cls, saved in own.items():
-                if saved is None:
-                    if "forward" in cls.__dict__:
-                        delattr(cls, "forward")
-                else:
-                    setattr(cls, "forward", saved)  # noqa: B010 - a method put back
+    with _RECORDING:  # (the classes read inside: another thread's wrapper is not theirs)
+        own = {cls: cls.__dict__.get("forward") for cls in classes}
+        try:
+            with deferred_interrupts():
+                for cls in classes:
+                    setattr(cls, "forward", wrapped(cls))  # noqa: B010 - a method replaced
+            yield calls
+        finally:
+            with deferred_interrupts():
+                for cls, saved in own.items():
+                    if saved is None:
+                        if "forward" in cls.__dict__:
+                            delattr(cls, "forward")
+                    else:
+                        setattr(cls, "forward", saved)  # noqa: B010 - a method put back
 
 
 def _detached(value: Any) -> Any:
@@ -159,35 +197,45 @@ def _detached(value: Any) -> Any:
 
 
 class _Local:
-    """One Function on the recorded arguments of a call, its floating inputs moved along ``d``
-    (random signs times each input's root mean square, zero where the input is exactly zero),
-    in ``dtype`` (None: theirs)."""
+    """One Function on the recorded arguments of a call, in ``dtype`` (None: theirs), its
+    inputs that autograd differentiates in the model (``differentiated``, over its tensor
+    arguments in order) moved along ``d``: random signs times each input's root mean square,
+    the same along an input's expanded (stride-0) dimensions, whose entries the model moves
+    together (a max over them had its ties broken; probe 155), and with ``hold_zeros`` none at
+    the input's exact zeros."""
 
-    def __init__(self, cls: type[torch.autograd.Function], args: tuple[Any, ...],
-                 kwargs: dict[str, Any], dtype: torch.dtype | None) -> None:
-        self.cls, self.kwargs = cls, kwargs
+    def __init__(self, cls: type[torch.autograd.Function], arguments: Arguments,
+                 differentiated: Sequence[bool], dtype: torch.dtype | None,
+                 hold_zeros: bool = False) -> None:
+        args, self.kwargs = arguments
+        self.cls = cls
         self.args = [a.to(dtype) if dtype is not None and _floating(a) else a for a in args]
-        self.floating = [i for i, a in enumerate(self.args) if _floating(a)]
+        tensors = [i for i, a in enumerate(self.args) if isinstance(a, Tensor)]
+        self.moved = [i for i, flag in zip(tensors, differentiated)
+                      if flag and _floating(self.args[i])]
         generator = torch.Generator().manual_seed(0xD1FF)
         self.directions = []
-        for i in self.floating:
+        for i in self.moved:
             x = self.args[i]
-            signs = torch.randint(0, 2, x.shape, generator=generator).to(x) * 2 - 1
+            tied = [1 if stride == 0 else size for size, stride in zip(x.shape, x.stride())]
+            signs = torch.randint(0, 2, tied, generator=generator).to(x) * 2 - 1
             rms = float(x.double().square().mean().sqrt()) if x.numel() else 0.0
-            self.directions.append(signs * (rms if rms > 0 else 1.0) * (x != 0))
-        self.step = float(torch.finfo(self.args[self.floating[0]].dtype).eps) ** (1 / 3)
+            direction = signs.expand(x.shape) * (rms if rms > 0 else 1.0)
+            self.directions.append(direction * (x != 0) if hold_zeros else direction)
+        dtype = self.args[self.moved[0]].dtype if self.moved else torch.float64
+        self.step = float(torch.finfo(dtype).eps) ** (1 / 3)
         #: the indices, among the floating outputs, of those autograd differentiates (not a
         #: mark_non_differentiable one)
         self.differentiable: list[int] | None = None
 
     def call(self, shift: float, graph: bool) -> tuple[list[Tensor], list[Tensor]]:
         """``(inputs, outputs)``: the Function at the inputs moved by ``shift`` times ``d``;
-        with ``graph``, the inputs are leaves requiring grad (the Function gets copies: it may
-        write them in place); the outputs, those autograd differentiates."""
+        with ``graph``, the moved inputs are leaves requiring grad (the Function gets copies:
+        it may write them in place); the outputs, those autograd differentiates."""
         leaves = [(self.args[i] + shift * d).detach().requires_grad_(graph)
-                  for i, d in zip(self.floating, self.directions)]
+                  for i, d in zip(self.moved, self.directions)]
         args = list(self.args)
-        for i, leaf in zip(self.floating, leaves):
+        for i, leaf in zip(self.moved, leaves):
             args[i] = leaf.clone()
         with torch.enable_grad() if graph else torch.no_grad():
             returned = self.cls.apply(*args, **self.kwargs)
@@ -201,51 +249,37 @@ class _Local:
         return [[torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o)
                  for o in outputs] for _ in range(count)]
 
-    def backward(self, shift: float, cotangent: Sequence[Tensor]) -> Tensor:
-        """``J^T w`` at the inputs moved by ``shift``, flat (float64)."""
-        leaves, outputs = self.call(shift, graph=True)
-        return _flat(leaves, _grad(_dot(cotangent, outputs), leaves))
-
-    def outputs_difference(self, h: float) -> list[Tensor]:
-        """``(F(x + h d) - F(x - h d)) / 2h`` per floating output."""
-        plus, minus = self.call(h, graph=False)[1], self.call(-h, graph=False)[1]
-        return [(p.double() - m.double()) / (2 * h) for p, m in zip(plus, minus)]
-
-    def direction_dot(self, pieces: Sequence[Tensor | None], leaves: Sequence[Tensor]) -> Tensor:
+    def direction_dot(self, pieces: Sequence[Tensor | None], like: Tensor) -> Tensor:
         return sum(((piece * d).sum() for piece, d in zip(pieces, self.directions)
-                    if piece is not None), torch.zeros((), device=leaves[0].device,
-                                                       dtype=leaves[0].dtype))
+                    if piece is not None), torch.zeros((), device=like.device, dtype=like.dtype))
+
+    def outputs_at(self, shift: float) -> Tensor:
+        """``F(x + shift d)``, its differentiable outputs flat (float64)."""
+        return torch.cat([o.double().reshape(-1) for o in self.call(shift, graph=False)[1]])
 
     def check(self, need: str) -> Comparison:
         """The comparison of the derivative ``need`` with its differences."""
+        leaves, outputs = self.call(0.0, graph=True)
         if need == FIRST:
-            leaves, outputs = self.call(0.0, graph=True)
             ws = self.cotangents(outputs, COTANGENTS)
             derivative = torch.stack([
-                self.direction_dot(_grad(_dot(w, outputs), leaves, retain=True), leaves).double()
-                for w in ws])
-            return compared(derivative, lambda h: torch.stack([
-                _dot([x.double() for x in w], self.outputs_difference(h)) for w in ws]),
-                self.step)
-        if need == SECOND:
-            leaves, outputs = self.call(0.0, graph=True)
-            (w,) = self.cotangents(outputs, 1)
-            pieces = _grad(_dot(w, outputs), leaves, create=True)
-            along = self.direction_dot(pieces, leaves)
-            derivative = (_flat(leaves, _grad(along, leaves)) if along.requires_grad
-                          else torch.zeros(sum(x.numel() for x in leaves), dtype=torch.float64,
-                                           device=leaves[0].device))
-            return compared(derivative, lambda h: (self.backward(h, w) - self.backward(-h, w))
-                            / (2 * h), self.step)
-        leaves, outputs = self.call(0.0, graph=True)  # COTANGENT
+                self.direction_dot(_grad(_dot(w, outputs), leaves, retain=True),
+                                   outputs[0]).double() for w in ws])
+            flat = torch.stack([torch.cat([x.double().reshape(-1) for x in w]) for w in ws])
+            return compared(derivative, lambda shift: flat @ self.outputs_at(shift), self.step)
         (w,) = self.cotangents(outputs, 1)
-        w = [x.requires_grad_(True) for x in w]
-        along = self.direction_dot(_grad(_dot(w, outputs), leaves, create=True), leaves)
-        derivative = (_flat(w, _grad(along, w)) if along.requires_grad
-                      else torch.zeros(sum(x.numel() for x in w), dtype=torch.float64,
-                                       device=w[0].device))
-        return compared(derivative, lambda h: torch.cat(
-            [x.reshape(-1) for x in self.outputs_difference(h)]), self.step)
+        if need == SECOND:
+            along = self.direction_dot(_grad(_dot(w, outputs), leaves, create=True), outputs[0])
+            derivative = _flat(leaves, _grad(along, leaves))
+
+            def backward_at(shift: float) -> Tensor:  # J^T w at the moved inputs
+                moved, moved_outputs = self.call(shift, graph=True)
+                return _flat(moved, _grad(_dot(w, moved_outputs), moved))
+
+            return compared(derivative, backward_at, self.step)
+        w = [x.requires_grad_(True) for x in w]  # COTANGENT
+        along = self.direction_dot(_grad(_dot(w, outputs), leaves, create=True), outputs[0])
+        return compared(_flat(w, _grad(along, w)), self.outputs_at, self.step)
 
 
 def _floating(value: Any) -> bool:
@@ -296,17 +330,21 @@ _COMPARED = {FIRST: "vector-Jacobian products against finite differences of its 
 
 def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str]) -> None:
     """Check the derivatives ``needs`` (:data:`FIRST`, :data:`SECOND`, :data:`COTANGENT`) of
-    every custom Function in the model's graph, each alone at the arguments of its first call
-    in one forward pass (without a graph), once per call; a note says how each went.
+    every custom Function in the model's graph, each alone at the arguments of its first
+    :data:`CALLS_CHECKED` calls in one forward pass (without a graph), once per call; a note
+    says how each went.
 
     The Functions are those of the model's graph, and for ``exact`` and ``lanczos`` the
     loss's too (:meth:`~hessrank.problem.CurvatureProblem.add_custom_functions` from the
     loss's graph: a loss Function with half its derivative had halved exact's eigenvalues under
     a note that the model's Function agreed; probe 154).
 
-    Each is tried in float64 first (finite differences are sharp there) and in the dtype it
-    got where it does not run in float64. A Function that cannot be run again alone on its
-    arguments is named in the note as not checked.
+    Each is tried in float64 first (finite differences are sharp there), then at float32's
+    steps, then in the dtype it got, where it does not run in float64 or these could not tell
+    (a Function that computes in float32 inside, whose differences at float64's steps are its
+    rounding: errors up to 30 % had passed so; probe 155), each also with the inputs' exact
+    zeros held where a kink at them kept it from telling. A Function that cannot be run again
+    alone on its arguments is named in the note as not checked.
 
     Raises:
         ValueError: a derivative disagrees with its finite differences, naming the Function,
@@ -325,50 +363,82 @@ def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str]) -> N
         call_loss(problem.loss_fn, outputs, problem.targets)  # (a loss's own Functions)
     found: list[str] = []
     for cls, checks in due.items():
-        name = cls.__qualname__
-        if cls not in calls:
-            continue  # (not called on this pass: a branch the batch does not take)
+        outcomes: dict[str, Comparison | None] = {}
         try:
-            local = _trial(cls, *calls[cls])
+            for arguments in calls[cls]:
+                for need in checks:
+                    comparison = _checked(cls, arguments, problem.custom_functions[cls], need)
+                    kept = outcomes.get(need)
+                    if comparison is not None and (kept is None
+                                                   or comparison.severity > kept.severity):
+                        outcomes[need] = comparison  # (the worst of the calls)
         except Exception as error:  # noqa: BLE001 - the Function does not run alone
             raise_if_signalled(error)
-            found.append(f"{name} (not checked: it does not run again alone on its arguments, "
-                         f"{type(error).__name__}: {' '.join(str(error).split())[:80]})")
+            found.append(f"{cls.__qualname__} (not checked: it does not run again alone on its "
+                         f"arguments, {type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:80]})")
             continue
-        if local is None:
-            continue  # no floating input: nothing to move
-        if not any(bool(d.any()) for d in local.directions):
-            found.append(f"{name} (not checked: its floating inputs are exactly zero)")
-            continue
-        outcomes = []
-        for need in checks:
-            comparison = local.check(need)
-            if comparison.refuted:
-                raise ValueError(
-                    f"the custom autograd.Function {name} fails a check of its {need} at the "
-                    f"inputs the model gives it ({_COMPARED[need]}: {comparison.relative:.1e} "
-                    f"apart, the differences at four steps agreeing to {comparison.spread:.1e})"
-                    f": {_REFUSALS[need]}")
-            outcomes.append(f"{need} {comparison.outcome()}")
-        found.append(f"{name} ({', '.join(outcomes)})")
+        for need, comparison in outcomes.items():
+            if comparison is not None and comparison.refuted:
+                raise _refusal(cls.__qualname__, need, comparison)
+        if calls[cls]:
+            found.append(f"{cls.__qualname__} (" + ", ".join(
+                f"{need} " + ("not checked: no input autograd differentiates moves"
+                              if comparison is None else comparison.outcome())
+                for need, comparison in ((need, outcomes.get(need)) for need in checks)) + ")")
     if found:
         problem.notes.append("custom autograd.Function(s) checked alone by finite differences "
                              "at their inputs in the model: " + "; ".join(found))
 
 
-def _trial(cls: type[torch.autograd.Function], args: tuple[Any, ...],
-           kwargs: dict[str, Any]) -> _Local | None:
-    """The Function alone on its arguments, in float64 where it runs so (one call tried),
-    else in theirs; None where it has no floating input."""
-    if not any(_floating(a) for a in args):
+def _checked(cls: type[torch.autograd.Function], arguments: Arguments,
+             differentiated: Sequence[bool], need: str) -> Comparison | None:
+    """The comparison for ``need`` at one call's ``arguments``: in float64 where the Function
+    runs so, else or where that cannot tell in the arguments' dtype, each with the inputs'
+    exact zeros held where a kink at them kept the check from telling (the most conclusive
+    kept); None where no input it differentiates moves."""
+    best: Comparison | None = None
+    tried: set[tuple[torch.dtype, float, bool]] = set()
+    for dtype in (torch.float64, None):
+        for coarse in (False, True):
+            for hold_zeros in (False, True):
+                local = _trial(cls, arguments, differentiated, dtype, hold_zeros)
+                if local is None or not any(bool(d.any()) for d in local.directions):
+                    continue
+                if coarse:  # float32's steps: a Function that rounds to float32 inside
+                    local.step = max(local.step, _STEP_FLOAT32)
+                key = (local.args[local.moved[0]].dtype, local.step, hold_zeros)
+                if key in tried:
+                    continue
+                tried.add(key)
+                comparison = local.check(need)
+                if comparison.refuted or comparison.agreed:
+                    return comparison
+                best = best or comparison
+    return best
+
+
+def _trial(cls: type[torch.autograd.Function], arguments: Arguments,
+           differentiated: Sequence[bool], dtype: torch.dtype | None,
+           hold_zeros: bool) -> _Local | None:
+    """The Function alone on one call's ``arguments`` in ``dtype`` (one call tried); None
+    where it does not run in that dtype (float64; in its own dtype it must) or has no input to
+    move."""
+    local = _Local(cls, arguments, differentiated, dtype, hold_zeros)
+    if not local.moved:
         return None
     try:
-        local = _Local(cls, args, kwargs, torch.float64)
         local.call(0.0, graph=True)
-        return local
     except Exception as error:  # noqa: BLE001 - a Function of one dtype: in its own
+        if dtype is None:
+            raise
         raise_if_signalled(error)
-    local = _Local(cls, args, kwargs, None)
-    local.call(0.0, graph=True)
+        return None
     return local
 
+
+def _refusal(name: str, need: str, comparison: Comparison) -> ValueError:
+    return ValueError(
+        f"the custom autograd.Function {name} fails a check of its {need} at the inputs the "
+        f"model gives it ({_COMPARED[need]}: {comparison.relative:.1e} apart, the differences "
+        f"at four steps agreeing to {comparison.spread:.1e}): {_REFUSALS[need]}")
