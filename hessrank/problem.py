@@ -113,6 +113,10 @@ class CurvatureProblem:
         default_factory=dict, repr=False, compare=False)
     differences_checked: set[tuple[type, str]] = field(default_factory=set, repr=False,
                                                        compare=False)
+    #: whether the Hessian's loss graph was read for the loss's own custom Functions (once a
+    #: call; shared like ``passes``)
+    loss_graph_read: list[bool] = field(default_factory=lambda: [False], repr=False,
+                                        compare=False)
     #: whether a forward pass on inputs that require grad was read (``inputs_require_grad``),
     #: once for the problems derived from this one (shared like ``passes``)
     inputs_checked: list[bool] = field(default_factory=lambda: [False], repr=False,

@@ -98,26 +98,27 @@ def _sequence_steps(module: nn.Module, args: tuple[Any, ...]) -> int:
                else sequence.shape[0])
 
 
-def _widened_loss(problem: CurvatureProblem, outputs: Any = None) -> tuple[Tensor, float]:
-    """The loss on a forward pass (or on ``outputs`` given), its outputs widened to float64 where
-    they are in a lower precision (the loss then in float64,
-    :func:`~hessrank.curvature.loss.float64_twin`), so that its derivatives w.r.t. the outputs, the
-    output Hessian in every product, are float64's; and the value of the loss as given on them,
-    which a data set's passes compare with the first pass's (the widened one differs from it by the
-    outputs' rounding: near zero loss, every pass over a saturated classifier's data had been
-    refused as changed data, 2.1e-9 against 0; probe 118).
+def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
+    """The loss on a forward pass, its outputs widened to float64 where they are in a lower
+    precision (the loss then in float64, :func:`~hessrank.curvature.loss.float64_twin`), so that
+    its derivatives w.r.t. the outputs, the output Hessian in every product, are float64's; and
+    the value of the loss as given on them, which a data set's passes compare with the first
+    pass's (the widened one differs from it by the outputs' rounding: near zero loss, every
+    pass over a saturated classifier's data had been refused as changed data, 2.1e-9 against
+    0; probe 118).
 
-    Near a saturated softmax the float32 output Hessian ``diag(p) - p p^T`` rounds ``1 - p_max`` to
-    0: its rows no longer sum to zero, and it turns indefinite. A confident linear classifier's
-    float32 ``exact`` had its top eigenvalue 21 % high, its third 8.5 times, and a negative
-    eigenvalue of no direction (-3.5e-4 of a top of 3.0e-3), passing every check (probe 112). The
-    loss runs as given, with a note, where it uses the parameters directly (its float64 copy would
-    hold copies of them: an L2 term had been dropped; probe 113), is another function in float64
-    (:func:`~hessrank.curvature.loss.float64_twin`: a clamp at the dtype's eps) or cannot be
-    differentiated twice there (a loss closing over float32 tensors, Huber's backward with float32
-    targets), tried first on detached outputs; and on a batch of a data set where the float64 loss
-    fails though the first batch's passed (probe 116)."""
-    outputs = problem.forward() if outputs is None else outputs
+    Near a saturated softmax the float32 output Hessian ``diag(p) - p p^T`` rounds ``1 -
+    p_max`` to 0: its rows no longer sum to zero, and it turns indefinite. A confident linear
+    classifier's float32 ``exact`` had its top eigenvalue 21 % high, its third 8.5 times, and a
+    negative eigenvalue of no direction (-3.5e-4 of a top of 3.0e-3), passing every check
+    (probe 112). The loss runs as given, with a note, where it uses the parameters directly
+    (its float64 copy would hold copies of them: an L2 term had been dropped; probe 113), is
+    another function in float64 (:func:`~hessrank.curvature.loss.float64_twin`: a clamp at
+    the dtype's eps) or cannot be differentiated twice there (a loss closing over float32
+    tensors, Huber's backward with float32 targets), tried first on detached outputs; and on a
+    batch of a data set where the float64 loss fails though the first batch's passed (probe
+    116)."""
+    outputs = problem.forward()
     if not (isinstance(outputs, Tensor) and outputs.is_floating_point()):
         loss = problem.loss(outputs)
         return loss, float(loss.detach())
@@ -238,8 +239,7 @@ class HessianOperator(ParameterOperator):
             for module in problem.model.modules() if isinstance(module, nn.RNNBase)]
         try:
             with second_order(problem.dtype), graph.counting():
-                outputs = problem.forward()
-                loss, self.loss_value = _widened_loss(problem, outputs)
+                loss, self.loss_value = _widened_loss(problem)
                 grads = torch.autograd.grad(loss, self.params, create_graph=True,
                                             allow_unused=True)
         finally:
@@ -260,8 +260,9 @@ class HessianOperator(ParameterOperator):
         #: the Frobenius norm of the antisymmetric part of the dense Hessian the products built
         #: (:func:`dense_hessian`), a measure of their rounding; None before one is built
         self.rounding: float | None = None
-        if loss.grad_fn is not None:  # the loss's own Functions, differentiated twice too
-            problem.add_custom_functions(loss)
+        if loss.grad_fn is not None and not problem.loss_graph_read[0]:
+            problem.loss_graph_read[0] = True  # (once a call: a data set builds one a product)
+            problem.add_custom_functions(loss)  # the loss's own Functions, differentiated too
         check_custom_functions(problem, (FIRST, SECOND, COTANGENT))
 
     @functools.cached_property
