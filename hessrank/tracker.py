@@ -887,7 +887,8 @@ class Tracker:
         loss_fn: ``loss_fn(outputs, targets) -> scalar``, as for :func:`hessrank.effective_rank`.
         methods: estimators to measure, in order (a single name is accepted).
         every: measure at steps ``0, every, 2 * every, ...``.
-        steps: measure at exactly these steps.
+        steps: measure at exactly these steps (those :meth:`step` counts; one its step numbers
+            pass over, as ``step=2 * i`` does 5, is warned of, once).
         budget: share of the loop's wall time (between 0 and 1) to spend measuring, as often as
             that allows: the first step is measured (to learn the cost) unless :meth:`measure`
             already has, and later ones when the time spent so far plus the last measurement's
