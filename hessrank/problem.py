@@ -113,10 +113,11 @@ class CurvatureProblem:
         default_factory=dict, repr=False, compare=False)
     differences_checked: set[tuple[type, str]] = field(default_factory=set, repr=False,
                                                        compare=False)
-    #: whether the Hessian's loss graph was read for the loss's own custom Functions (once a
-    #: call; shared like ``passes``)
+    #: whether a loss graph was read for the loss's own custom Functions (once a call), and
+    #: those found there (:mod:`hessrank.curvature.differences`); shared like ``passes``
     loss_graph_read: list[bool] = field(default_factory=lambda: [False], repr=False,
                                         compare=False)
+    loss_functions: set[type] = field(default_factory=set, repr=False, compare=False)
     #: whether a forward pass on inputs that require grad was read (``inputs_require_grad``),
     #: once for the problems derived from this one (shared like ``passes``)
     inputs_checked: list[bool] = field(default_factory=lambda: [False], repr=False,
@@ -205,10 +206,11 @@ class CurvatureProblem:
             self.add_custom_functions(outputs)
         return outputs
 
-    def add_custom_functions(self, value: Tensor) -> None:
+    def add_custom_functions(self, value: Tensor) -> dict[type[torch.autograd.Function],
+                                                          list[bool]]:
         """Add the custom autograd.Functions in the graph of ``value`` (the model's outputs, or
-        a loss on them) to :attr:`custom_functions`, and the note naming them
-        (:func:`custom_functions_in`, whose errors it raises)."""
+        a loss on them) to :attr:`custom_functions`, and the note naming them; returns those
+        found (:func:`custom_functions_in`, whose errors it raises)."""
         found = custom_functions_in(value, self.params)
         for cls, differentiated in found.items():
             self.custom_functions[cls] = _either(self.custom_functions.get(cls, []),
@@ -216,6 +218,7 @@ class CurvatureProblem:
         if found and custom_functions_note(self.custom_functions) not in self.notes:
             self.notes[:] = [note for note in self.notes if not note.startswith(_CUSTOM_FUNCTIONS)]
             self.notes.append(custom_functions_note(self.custom_functions))
+        return found
 
     def loss(self, outputs: object = None, loss_fn: LossFn | None = None) -> Tensor:
         """The scalar loss on ``outputs`` (default: a forward pass), checked; ``loss_fn``: the

@@ -2012,6 +2012,24 @@ class _PositiveFirst(_WithFunction):
         return self.second(positive + self.function(hidden))
 
 
+class _Shrunk(_WithFunction):
+    """Its Function fed inputs of about 1e-7, where a right tanh's backward barely moves: its
+    differences were all exactly 0, and a right Function was refused (probe 156)."""
+
+    def forward(self, x):
+        return self.second(self.function(1e-7 * self.first(x)))
+
+
+class _OnlyWithAGraph(_WithFunction):
+    """Its Function called only where a graph is built (torch's own op otherwise), as a fused
+    kernel's wrapper does: the check's pass without a graph never met it (probe 156)."""
+
+    def forward(self, x):
+        hidden = self.first(x)
+        return self.second(self.function(hidden) if torch.is_grad_enabled()
+                           and hidden.requires_grad else torch.tanh(hidden))
+
+
 _SECOND_ORDER = ("exact", "lanczos")
 _DOUBLE_BACKWARD = ("ggn_lanczos", "fisher_lanczos")
 
@@ -2056,6 +2074,11 @@ _DIFFERENCE_CASES = [
      dict.fromkeys(hessrank.ESTIMATORS, "_Elu fails a check of its first derivative")),
     ("float32_inside", lambda: _WithFunction(_Float32Tanh.apply), None,
      dict.fromkeys(hessrank.ESTIMATORS, "_Float32Tanh fails a check of its first derivative")),
+    # probe 156: inputs so small the backward does not move (not refused), a Function called
+    # only where a graph is built (checked)
+    ("tiny_inputs", lambda: _Shrunk(_Tanh.apply), None, {}),
+    ("only_with_a_graph", lambda: _OnlyWithAGraph(_HalvedTanh.apply), None,
+     dict.fromkeys(hessrank.ESTIMATORS, "_HalvedTanh fails a check of its first derivative")),
 ]
 
 
@@ -2081,8 +2104,10 @@ def test_derivatives_through_custom_functions_are_checked_by_finite_differences(
         else:
             result = hessrank.effective_rank(model, CE, batch, method)
             (checked,) = [note for note in result.notes if "checked alone by finite" in note]
-            assert ("one-sided differences disagreed" in checked if label == "kinks_at_one"
-                    else "apart" in checked and "not checked" not in checked), checked
+            undecided = {"kinks_at_one": "one-sided differences disagreed",
+                         "tiny_inputs": "did not move beyond their rounding"}
+            assert ("apart" in checked and "not checked" not in checked
+                    or label in undecided and undecided[label] in checked), checked
         assert all(torch.equal(p, value) and p._version == version
                    for p, (value, version) in zip(model.parameters(), before))
 
@@ -2131,15 +2156,38 @@ class _HalvedSquare(torch.autograd.Function):
         return grad * z
 
 
-@pytest.mark.parametrize("method", _SECOND_ORDER)
-def test_a_custom_function_in_the_loss_is_checked_where_the_hessian_takes_it(method):
+class _DetachedSquare(_HalvedSquare):
+    """``z * z`` whose backward detaches what it saved: right to first order only."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return grad * 2 * z.detach()
+
+
+@pytest.mark.parametrize("method", list(hessrank.ESTIMATORS))
+def test_a_custom_function_in_the_loss_is_checked_where_the_method_takes_it(method):
     """A loss computed through a Function with half its derivative halved exact's eigenvalues,
-    under a note that the model's Function had agreed (probe 154)."""
+    under a note that the model's Function had agreed (probe 154), and ggn's, quartered
+    fisher's, under no note (probe 156); one whose backward is not differentiable gave ggn a
+    ZeroCurvatureError that called the loss linear. Every method checks the derivatives it
+    takes of the loss: first (all), second (the Hessian's and the GGN's)."""
     model = _WithFunction(_Tanh.apply).double()
     batch = (torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="_HalvedSquare fails a check of its first derivative"):
         hessrank.effective_rank(model, lambda f, y: _HalvedSquare.apply(f - y).mean(), batch,
                                 method)
+
+    def detached(f, y):
+        return _DetachedSquare.apply(f - y).mean()
+
+    if method.startswith("fisher"):
+        result = hessrank.effective_rank(model, detached, batch, method)
+        assert any("_DetachedSquare (first derivative" in note for note in result.notes)
+    else:
+        with pytest.raises(ValueError, match="_DetachedSquare fails a check of its (second "
+                                             "derivative|double backward)"):
+            hessrank.effective_rank(model, detached, batch, method)
 
 
 _CLASS_WEIGHT = torch.tensor([1.0, 2.0, 0.5])

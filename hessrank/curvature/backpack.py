@@ -18,7 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessrank.curvature.differences import FIRST, check_custom_functions
+from hessrank.curvature.differences import (
+    FIRST,
+    check_custom_functions,
+    loss_needs,
+    read_loss_functions,
+)
 from hessrank.curvature.gram import GramAccumulator, GramResult, refuse_mixed_rule_samples
 from hessrank.curvature.row_gram import row_gram
 from hessrank.problem import CurvatureProblem, agreement_tolerance, run_model
@@ -152,7 +157,8 @@ def _verify(problem: CurvatureProblem, kind: str, factors: dict[str, Tensor],
         ValueError: any of them fails.
     """
     outputs = problem.forward()
-    check_custom_functions(problem, (FIRST,))
+    read_loss_functions(problem, outputs)
+    check_custom_functions(problem, (FIRST,), loss_needs(kind))
     tolerance = agreement_tolerance(problem.dtype)
     worst = ""
     if kind == "fisher":

@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from hessrank.guard import deferred_interrupts, raise_if_signalled
-from hessrank.problem import CurvatureProblem, call_loss, run_model
+from hessrank.problem import CurvatureProblem, UnrepeatableLoss, call_loss, run_model
 
 #: The relative distance between a derivative and its finite differences beyond which it is
 #: refused (where the differences at every step agree with each other, :func:`compared`).
@@ -54,9 +54,6 @@ DIFFERENCE_TOLERANCE = 1e-3
 #: The step sizes, in multiples of ``ε^(1/3)`` (``ε`` the dtype's), tried in turn until one
 #: agrees; each input moves by the step times its root mean square.
 STEP_FACTORS = (1.0, 1 / 2, 1 / 16, 1 / 32)
-#: The first step at float32's precision, tried where float64's could not tell (a float64
-#: model whose Function computes in float32 inside: 30 % errors had passed; probe 155).
-_STEP_FLOAT32 = float(torch.finfo(torch.float32).eps) ** (1 / 3)
 #: Output cotangents of the first-order check.
 COTANGENTS = 4
 #: The calls of each Function checked (its first ones in the forward): a derivative wrong on
@@ -83,11 +80,15 @@ class Comparison:
             the first to agree ended the trials.
         kink: the distance between the forward and the backward difference at the smallest
             step, on that scale: a derivative that jumps at the point itself.
+        resolved: whether the values moved beyond their rounding over the largest step (a tanh
+            at inputs of 1e-7: its backward's values did not, every difference was exactly 0,
+            and a right Function had been refused; probe 156).
     """
 
     relative: float
     spread: float = 0.0
     kink: float = 0.0
+    resolved: bool = True
 
     @property
     def agreed(self) -> bool:
@@ -99,7 +100,8 @@ class Comparison:
         """No step's difference agrees, all agree with each other, and the one-sided ones
         with each other, to a quarter of their distance from the derivative: the derivative is
         wrong, not the differences, nor the point a kink."""
-        return not self.agreed and 4 * max(self.spread, self.kink) <= self.relative
+        return (not self.agreed and self.resolved
+                and 4 * max(self.spread, self.kink) <= self.relative)
 
     @property
     def severity(self) -> tuple[int, float]:
@@ -110,13 +112,16 @@ class Comparison:
         """How the check went, where it did not refute the derivative."""
         if self.agreed:
             return f"{self.relative:.0e} apart"
+        if not self.resolved:
+            return "not checked: its values did not move beyond their rounding"
         return ("not checked: its one-sided differences disagreed, as at a kink at its inputs"
                 if 4 * self.kink > self.relative else
                 "not checked: the differences at four steps disagreed, as across a kink or in "
                 "rounding")
 
 
-def compared(derivative: Tensor, value: Callable[[float], Tensor], step: float) -> Comparison:
+def compared(derivative: Tensor, value: Callable[[float], Tensor], step: float,
+             eps: float) -> Comparison:
     """``derivative`` (float64) of ``value`` (float64) along the direction at 0, against its
     central difference ``(value(h) - value(-h)) / 2h`` for ``h`` in ``step`` times
     :data:`STEP_FACTORS` until one agrees.
@@ -126,13 +131,19 @@ def compared(derivative: Tensor, value: Callable[[float], Tensor], step: float) 
     and a kink crossed between the points (a ReLU's input crossing zero) adds its jump over
     ``2h``, at the steps that cross it. A kink at the point itself adds the mean of the two
     slopes at every step, which the one-sided differences ``(value(h) - value(0)) / h`` and
-    ``(value(0) - value(-h)) / h`` show by disagreeing (:attr:`Comparison.kink`).
+    ``(value(0) - value(-h)) / h`` show by disagreeing (:attr:`Comparison.kink`). ``eps``:
+    the precision the values are computed in; below a thousand times it, their change over the
+    largest step tells nothing (:attr:`Comparison.resolved`).
     """
     estimates: list[Tensor] = []
     scale = 0.0
+    resolved = True
     for factor in STEP_FACTORS:
         h = step * factor
         plus, minus = value(h), value(-h)
+        if not estimates:
+            size = max(float(plus.norm()), float(minus.norm()))
+            resolved = float((plus - minus).norm()) > 1000 * eps * size
         estimates.append((plus - minus) / (2 * h))
         scale = max(float(derivative.norm()), float(estimates[-1].norm()))
         relative = float((estimates[-1] - derivative).norm()) / scale if scale > 0 else 0.0
@@ -142,7 +153,7 @@ def compared(derivative: Tensor, value: Callable[[float], Tensor], step: float) 
     spread = max(float((first - second).norm())
                  for i, first in enumerate(estimates) for second in estimates[:i])
     kink = float((plus + minus - 2 * value(0.0)).norm()) / h
-    return Comparison(distance / scale, spread / scale, kink / scale)
+    return Comparison(distance / scale, spread / scale, kink / scale, resolved)
 
 
 #: A call's recorded arguments: positional (tensors detached) and keyword.
@@ -223,7 +234,10 @@ class _Local:
             direction = signs.expand(x.shape) * (rms if rms > 0 else 1.0)
             self.directions.append(direction * (x != 0) if hold_zeros else direction)
         dtype = self.args[self.moved[0]].dtype if self.moved else torch.float64
-        self.step = float(torch.finfo(dtype).eps) ** (1 / 3)
+        #: the precision the Function computes in (raised to float32's where it rounds to it
+        #: inside: :func:`_checked`), and the first step, where truncation and rounding balance
+        self.eps = float(torch.finfo(dtype).eps)
+        self.step = self.eps ** (1 / 3)
         #: the indices, among the floating outputs, of those autograd differentiates (not a
         #: mark_non_differentiable one)
         self.differentiable: list[int] | None = None
@@ -266,7 +280,8 @@ class _Local:
                 self.direction_dot(_grad(_dot(w, outputs), leaves, retain=True),
                                    outputs[0]).double() for w in ws])
             flat = torch.stack([torch.cat([x.double().reshape(-1) for x in w]) for w in ws])
-            return compared(derivative, lambda shift: flat @ self.outputs_at(shift), self.step)
+            return compared(derivative, lambda shift: flat @ self.outputs_at(shift), self.step,
+                            self.eps)
         (w,) = self.cotangents(outputs, 1)
         if need == SECOND:
             along = self.direction_dot(_grad(_dot(w, outputs), leaves, create=True), outputs[0])
@@ -276,10 +291,10 @@ class _Local:
                 moved, moved_outputs = self.call(shift, graph=True)
                 return _flat(moved, _grad(_dot(w, moved_outputs), moved))
 
-            return compared(derivative, backward_at, self.step)
+            return compared(derivative, backward_at, self.step, self.eps)
         w = [x.requires_grad_(True) for x in w]  # COTANGENT
         along = self.direction_dot(_grad(_dot(w, outputs), leaves, create=True), outputs[0])
-        return compared(_flat(w, _grad(along, w)), self.outputs_at, self.step)
+        return compared(_flat(w, _grad(along, w)), self.outputs_at, self.step, self.eps)
 
 
 def _floating(value: Any) -> bool:
@@ -328,16 +343,48 @@ _COMPARED = {FIRST: "vector-Jacobian products against finite differences of its 
                         "differences of its outputs"}
 
 
-def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str]) -> None:
+def loss_needs(method: str) -> tuple[str, ...]:
+    """The derivatives ``method`` takes through the loss's own Functions: the GGN's loss
+    Hessian (``ggn``, ``ggn_lanczos``) differentiates their backward as the Hessian does; the
+    empirical Fisher takes first derivatives."""
+    return (FIRST, SECOND, COTANGENT) if method.startswith("ggn") else (FIRST,)
+
+
+def read_loss_functions(problem: CurvatureProblem, outputs: object) -> None:
+    """Add the loss's own custom Functions, once a call, from a loss graph on the detached
+    ``outputs`` (:attr:`~hessrank.problem.CurvatureProblem.loss_functions`): the Gram sources
+    differentiate the loss apart from the model, where the model's graph does not show them
+    (a loss Function with half its derivative had halved ``ggn``'s eigenvalues, quartered
+    ``fisher``'s, under no note; probe 156). Not for torch's own loss modules."""
+    if (problem.loss_graph_read[0] or not isinstance(outputs, Tensor)
+            or not outputs.is_floating_point()
+            or type(problem.loss_fn).__module__.startswith("torch.")):
+        return
+    problem.loss_graph_read[0] = True
+    try:
+        with torch.enable_grad():  # (not a leaf: a loss may write its outputs in place)
+            value = call_loss(problem.loss_fn,
+                              outputs.detach().requires_grad_(True).clone(), problem.targets)
+    except UnrepeatableLoss:
+        raise
+    except Exception as error:  # noqa: BLE001 - the checked evaluations say what is wrong
+        raise_if_signalled(error)
+        return
+    if isinstance(value, Tensor) and value.grad_fn is not None:
+        problem.loss_functions.update(problem.add_custom_functions(value))
+
+
+def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str],
+                           for_the_loss: Sequence[str] = ()) -> None:
     """Check the derivatives ``needs`` (:data:`FIRST`, :data:`SECOND`, :data:`COTANGENT`) of
     every custom Function in the model's graph, each alone at the arguments of its first
     :data:`CALLS_CHECKED` calls in one forward pass (without a graph), once per call; a note
     says how each went.
 
-    The Functions are those of the model's graph, and for ``exact`` and ``lanczos`` the
-    loss's too (:meth:`~hessrank.problem.CurvatureProblem.add_custom_functions` from the
-    loss's graph: a loss Function with half its derivative had halved exact's eigenvalues under
-    a note that the model's Function agreed; probe 154).
+    The Functions are those of the model's graph and the loss's (the Hessian's loss graph,
+    :func:`read_loss_functions` for the others: a loss Function with half its derivative had
+    halved exact's eigenvalues under a note that the model's Function agreed; probe 154),
+    the latter checked for ``for_the_loss`` too (:func:`loss_needs`).
 
     Each is tried in float64 first (finite differences are sharp there), then at float32's
     steps, then in the dtype it got, where it does not run in float64 or these could not tell
@@ -350,17 +397,19 @@ def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str]) -> N
         ValueError: a derivative disagrees with its finite differences, naming the Function,
             the distance and the fix.
     """
-    due = {cls: [need for need in needs if (cls, need) not in problem.differences_checked]
+    due = {cls: [need for need in (FIRST, SECOND, COTANGENT)
+                 if need in needs or cls in problem.loss_functions and need in for_the_loss
+                 if (cls, need) not in problem.differences_checked]
            for cls in problem.custom_functions}
     due = {cls: checks for cls, checks in due.items() if checks}
     if not due:
         return
     problem.differences_checked.update((cls, need)
                                        for cls, checks in due.items() for need in checks)
-    with recording(list(due)) as calls, torch.no_grad():
-        problem.before_pass()
-        outputs = run_model(problem.model, problem.args, problem.kwargs, problem.mode)
-        call_loss(problem.loss_fn, outputs, problem.targets)  # (a loss's own Functions)
+    calls = _recorded_calls(problem, list(due), grad=False)
+    unseen = [cls for cls in due if not calls[cls]]
+    if unseen:  # called only where a graph is built (a fused kernel's pattern; probe 156)
+        calls.update(_recorded_calls(problem, unseen, grad=True))
     found: list[str] = []
     for cls, checks in due.items():
         outcomes: dict[str, Comparison | None] = {}
@@ -381,7 +430,10 @@ def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str]) -> N
         for need, comparison in outcomes.items():
             if comparison is not None and comparison.refuted:
                 raise _refusal(cls.__qualname__, need, comparison)
-        if calls[cls]:
+        if not calls[cls]:
+            found.append(f"{cls.__qualname__} (not checked: not called in a forward pass on "
+                         "the batch)")
+        else:
             found.append(f"{cls.__qualname__} (" + ", ".join(
                 f"{need} " + ("not checked: no input autograd differentiates moves"
                               if comparison is None else comparison.outcome())
@@ -389,6 +441,17 @@ def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str]) -> N
     if found:
         problem.notes.append("custom autograd.Function(s) checked alone by finite differences "
                              "at their inputs in the model: " + "; ".join(found))
+
+
+def _recorded_calls(problem: CurvatureProblem, classes: list[type],
+                    grad: bool) -> dict[type, list[Arguments]]:
+    """The arguments of the first calls of ``classes`` in one forward pass and loss on the
+    problem's batch, without a graph or (``grad``) with one, dropped at once."""
+    with recording(classes) as calls, torch.set_grad_enabled(grad):
+        problem.before_pass()
+        outputs = run_model(problem.model, problem.args, problem.kwargs, problem.mode)
+        call_loss(problem.loss_fn, outputs, problem.targets)  # (a loss's own Functions)
+    return calls
 
 
 def _checked(cls: type[torch.autograd.Function], arguments: Arguments,
@@ -406,7 +469,8 @@ def _checked(cls: type[torch.autograd.Function], arguments: Arguments,
                 if local is None or not any(bool(d.any()) for d in local.directions):
                     continue
                 if coarse:  # float32's steps: a Function that rounds to float32 inside
-                    local.step = max(local.step, _STEP_FLOAT32)
+                    local.eps = max(local.eps, float(torch.finfo(torch.float32).eps))
+                    local.step = local.eps ** (1 / 3)
                 key = (local.args[local.moved[0]].dtype, local.step, hold_zeros)
                 if key in tried:
                     continue

@@ -45,7 +45,7 @@ from torch.func import vjp, vmap
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
-from hessrank.curvature.differences import FIRST, check_custom_functions
+from hessrank.curvature.differences import FIRST, check_custom_functions, read_loss_functions
 from hessrank.curvature.row_gram import row_gram
 from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
@@ -415,6 +415,7 @@ def compute_gram(
     check_working_memory: Callable[[int], None] | None = None,
     output_side_bytes: Callable[[Tensor], int] | None = None,
     eigenvectors: int = 0,
+    for_the_loss: Sequence[str] = (),
 ) -> GramResult:
     """The Gram of the factors: rules where they apply and pass their check, the general path
     elsewhere.
@@ -436,6 +437,9 @@ def compute_gram(
             to add), for a source with one cotangent column per sample; checked with the
             forward's graph, and against what the rest of the call holds, before the cotangents
             are formed.
+        eigenvectors: the eigenvectors the call forms afterwards, for the memory check.
+        for_the_loss: the derivatives the cotangents take through the loss's own custom
+            Functions (:func:`~hessrank.curvature.differences.loss_needs`), checked.
 
     Raises:
         ValueError: the general path's check fails (the samples interact in the model).
@@ -473,7 +477,8 @@ def compute_gram(
             outputs = problem.forward()
     finally:
         capture.remove()
-    check_custom_functions(problem, (FIRST,))
+    read_loss_functions(problem, outputs)
+    check_custom_functions(problem, (FIRST,), for_the_loss)
     for group in list(claimed):
         if capture.calls[group] != 1 or capture.inputs.get(group) is None or (
                 group not in capture.edges):

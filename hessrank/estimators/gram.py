@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hessrank.curvature.differences import loss_needs
 from hessrank.curvature.gram import (
     GramResult,
     compute_gram,
@@ -288,7 +289,8 @@ class GramEstimator(Estimator):
                                 extra, problem, settings),
                             output_side_bytes=lambda outputs: self.unpredicted_output_bytes(
                                 problem, outputs, options),
-                            eigenvectors=settings.eigenvectors)
+                            eigenvectors=settings.eigenvectors,
+                            for_the_loss=loss_needs(self.name))
 
 
 def _backend(result: GramResult, names: list[str]) -> str:
