@@ -2156,6 +2156,41 @@ class _HalvedSquare(torch.autograd.Function):
         return grad * z
 
 
+class _Wide(nn.Module):
+    """A Function on activations of 512 x 8192 (32 MiB in float64): checked on their first
+    rows, not on several float64 copies of them."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.first, self.second, self.function = nn.Linear(6, 8192), nn.Linear(8192, 4), function
+
+    def forward(self, x):
+        return self.second(self.function(self.first(x)))
+
+
+def test_a_function_on_large_activations_is_checked_on_their_first_rows(monkeypatch):
+    """The check differentiates at most CHECK_BYTES of a call's arguments at once (float64):
+    a wrong Function is still refused there, a right one passes."""
+    from hessrank.curvature import differences
+
+    seen: list[int] = []
+    bounded = differences._bounded
+
+    def counted(arguments):
+        cut = bounded(arguments)
+        seen.append(sum(8 * a.numel() for a in cut[0] if isinstance(a, torch.Tensor)))
+        return cut
+
+    monkeypatch.setattr(differences, "_bounded", counted)
+    batch = (torch.randn(512, 6), torch.randint(0, 4, (512,)))
+    result = hessrank.effective_rank(_Wide(_Tanh.apply), CE, batch, "fisher")
+    assert any("_Tanh (first derivative" in note and "apart" in note for note in result.notes)
+    assert seen and max(seen) <= differences.CHECK_BYTES
+    with pytest.raises(ValueError, match="_HalvedTanh fails a check of its first derivative"):
+        hessrank.effective_rank(_Wide(_HalvedTanh.apply), CE, batch, "fisher")
+
+
 class _DetachedSquare(_HalvedSquare):
     """``z * z`` whose backward detaches what it saved: right to first order only."""
 

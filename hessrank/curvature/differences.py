@@ -59,6 +59,11 @@ COTANGENTS = 4
 #: The calls of each Function checked (its first ones in the forward): a derivative wrong on
 #: negative inputs alone passed where the first call's were positive (probe 155).
 CALLS_CHECKED = 4
+#: The most bytes of a call's floating arguments, in float64, a check differentiates at once:
+#: beyond it, the rows of their leading dimension are cut (a Function's derivatives are its
+#: own at any input), so that a ResNet's activations do not cost the check several float64
+#: copies of themselves, which no budget counts.
+CHECK_BYTES = 16 * 2**20
 #: One recording at a time: two threads that wrapped a shared Function class in turn had left
 #: one's wrapper in place for good (probe 155).
 _RECORDING = threading.RLock()
@@ -158,16 +163,19 @@ def compared(derivative: Tensor, value: Callable[[float], Tensor], step: float,
 
 #: A call's recorded arguments: positional (tensors detached) and keyword.
 Arguments = tuple[tuple[Any, ...], dict[str, Any]]
+#: A recorded call: its arguments within :data:`CHECK_BYTES`, None where they cannot be.
+Recorded = Arguments | None
 
 
 @contextmanager
-def recording(classes: Sequence[type]) -> Iterator[dict[type, list[Arguments]]]:
+def recording(classes: Sequence[type]) -> Iterator[dict[type, list[Recorded]]]:
     """Inside the block, each Function class's ``forward`` records the arguments of its first
-    :data:`CALLS_CHECKED` calls (not the ``ctx`` of a forward without ``setup_context``),
+    :data:`CALLS_CHECKED` calls (not the ``ctx`` of a forward without ``setup_context``; cut
+    and copied by :func:`_bounded`, so that the pass's own tensors are not kept),
     however the model reaches it (``self.act = Function.apply`` binds ``apply`` before any
     wrapping of it could); the classes are as they were on exit, Ctrl-C held back, one
     recording at a time."""
-    calls: dict[type, list[Arguments]] = {cls: [] for cls in classes}
+    calls: dict[type, list[Recorded]] = {cls: [] for cls in classes}
 
     def wrapped(cls: type) -> staticmethod[Any, Any]:
         original = inspect.getattr_static(cls, "forward")
@@ -179,9 +187,9 @@ def recording(classes: Sequence[type]) -> Iterator[dict[type, list[Arguments]]]:
 
         @functools.wraps(forward)  # (torch binds the arguments to its signature)
         def recorded(*args: Any, **kwargs: Any) -> Any:
-            if len(calls[cls]) < CALLS_CHECKED:
-                calls[cls].append((tuple(_detached(a) for a in args[int(takes_context):]),
-                                   {key: _detached(value) for key, value in kwargs.items()}))
+            if len(calls[cls]) < CALLS_CHECKED:  # (cut and copied: not the pass's tensors)
+                calls[cls].append(_bounded((tuple(a for a in args[int(takes_context):]),
+                                            kwargs)))
             return forward(*args, **kwargs)
 
         return staticmethod(recorded)
@@ -203,8 +211,8 @@ def recording(classes: Sequence[type]) -> Iterator[dict[type, list[Arguments]]]:
                         setattr(cls, "forward", saved)  # noqa: B010 - a method put back
 
 
-def _detached(value: Any) -> Any:
-    return value.detach() if isinstance(value, Tensor) else value
+def _copied(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, Tensor) else value
 
 
 class _Local:
@@ -413,8 +421,12 @@ def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str],
     found: list[str] = []
     for cls, checks in due.items():
         outcomes: dict[str, Comparison | None] = {}
+        too_large = False
         try:
             for arguments in calls[cls]:
+                if arguments is None:
+                    too_large = True
+                    break
                 for need in checks:
                     comparison = _checked(cls, arguments, problem.custom_functions[cls], need)
                     kept = outcomes.get(need)
@@ -430,7 +442,10 @@ def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str],
         for need, comparison in outcomes.items():
             if comparison is not None and comparison.refuted:
                 raise _refusal(cls.__qualname__, need, comparison)
-        if not calls[cls]:
+        if too_large:
+            found.append(f"{cls.__qualname__} (not checked: its arguments are too large to "
+                         "differentiate alone)")
+        elif not calls[cls]:
             found.append(f"{cls.__qualname__} (not checked: not called in a forward pass on "
                          "the batch)")
         else:
@@ -443,8 +458,26 @@ def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str],
                              "at their inputs in the model: " + "; ".join(found))
 
 
+def _bounded(arguments: Arguments) -> Recorded:
+    """A call's arguments within :data:`CHECK_BYTES` (float64), detached copies: where they
+    are beyond it, those whose leading dimension is the commonest one cut to its first rows;
+    None where no cut brings them within four times it."""
+    args, kwargs = arguments
+    total = sum(8 * a.numel() for a in args if _floating(a))
+    if total > CHECK_BYTES:
+        leading = [a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0]
+        lead = max(set(leading), key=leading.count) if leading else 0
+        keep = max(1, int(lead * CHECK_BYTES / total)) if lead > 1 else 0
+        args = tuple(a[:keep] if keep and isinstance(a, Tensor) and a.dim() > 0
+                     and a.shape[0] == lead else a for a in args)
+        if sum(8 * a.numel() for a in args if _floating(a)) > 4 * CHECK_BYTES:
+            return None
+    return (tuple(_copied(a) for a in args),
+            {key: _copied(value) for key, value in kwargs.items()})
+
+
 def _recorded_calls(problem: CurvatureProblem, classes: list[type],
-                    grad: bool) -> dict[type, list[Arguments]]:
+                    grad: bool) -> dict[type, list[Recorded]]:
     """The arguments of the first calls of ``classes`` in one forward pass and loss on the
     problem's batch, without a graph or (``grad``) with one, dropped at once."""
     with recording(classes) as calls, torch.set_grad_enabled(grad):
