@@ -1758,10 +1758,11 @@ class _DetachingTanh(torch.autograd.Function):
 
 
 class _WithFunction(nn.Module):
-    def __init__(self, function) -> None:
+    def __init__(self, function, hidden: int = 12) -> None:
         super().__init__()
         torch.manual_seed(1)
-        self.first, self.second, self.function = nn.Linear(6, 12), nn.Linear(12, 4), function
+        self.first, self.second = nn.Linear(6, hidden), nn.Linear(hidden, 4)
+        self.function = function
 
     def forward(self, x):
         return self.second(self.function(self.first(x)))
@@ -2156,22 +2157,10 @@ class _HalvedSquare(torch.autograd.Function):
         return grad * z
 
 
-class _Wide(nn.Module):
-    """A Function on activations of 512 x 8192 (32 MiB in float64): checked on their first
-    rows, not on several float64 copies of them."""
-
-    def __init__(self, function) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.first, self.second, self.function = nn.Linear(6, 8192), nn.Linear(8192, 4), function
-
-    def forward(self, x):
-        return self.second(self.function(self.first(x)))
-
-
 def test_a_function_on_large_activations_is_checked_on_their_first_rows(monkeypatch):
-    """The check differentiates at most CHECK_BYTES of a call's arguments at once (float64):
-    a wrong Function is still refused there, a right one passes."""
+    """The check differentiates at most CHECK_BYTES of a call's arguments at once (float64;
+    here activations of 512 x 8192, 32 MiB): a wrong Function is still refused there, a right
+    one passes."""
     from hessrank.curvature import differences
 
     seen: list[int] = []
@@ -2184,11 +2173,11 @@ def test_a_function_on_large_activations_is_checked_on_their_first_rows(monkeypa
 
     monkeypatch.setattr(differences, "_bounded", counted)
     batch = (torch.randn(512, 6), torch.randint(0, 4, (512,)))
-    result = hessrank.effective_rank(_Wide(_Tanh.apply), CE, batch, "fisher")
+    result = hessrank.effective_rank(_WithFunction(_Tanh.apply, 8192), CE, batch, "fisher")
     assert any("_Tanh (first derivative" in note and "apart" in note for note in result.notes)
     assert seen and max(seen) <= differences.CHECK_BYTES
     with pytest.raises(ValueError, match="_HalvedTanh fails a check of its first derivative"):
-        hessrank.effective_rank(_Wide(_HalvedTanh.apply), CE, batch, "fisher")
+        hessrank.effective_rank(_WithFunction(_HalvedTanh.apply, 8192), CE, batch, "fisher")
 
 
 class _DetachedSquare(_HalvedSquare):
