@@ -1481,7 +1481,7 @@ def _only_gate(gate: str, monkeypatch: pytest.MonkeyPatch) -> str:
     if gate == "symmetry":
         from hessrank.curvature import hessian
 
-        monkeypatch.setattr(hessian, "check_custom_functions", lambda *args: None)
+        monkeypatch.setattr(hessian, "check_custom_functions", lambda *args, **kwargs: None)
     return _GATES[gate]
 
 

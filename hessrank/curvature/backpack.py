@@ -22,7 +22,6 @@ from hessrank.curvature.differences import (
     FIRST,
     check_custom_functions,
     loss_needs,
-    read_loss_functions,
 )
 from hessrank.curvature.gram import GramAccumulator, GramResult, refuse_mixed_rule_samples
 from hessrank.curvature.row_gram import row_gram
@@ -148,7 +147,7 @@ def _verify(problem: CurvatureProblem, kind: str, factors: dict[str, Tensor],
             cotangents: Tensor, generator: torch.Generator) -> str | None:
     """Check BackPACK's factors against autograd on the batch, the model's backward through
     custom Functions against finite differences
-    (:func:`~hessrank.curvature.differences.check_vector_jacobian_products`), and its samples'
+    (:func:`~hessrank.curvature.differences.check_custom_functions`), and its samples'
     independence (:func:`~hessrank.curvature.gram.refuse_mixed_rule_samples`: BackPACK's
     factors, like the rules', are each sample's gradient in the batch); returns the note of a
     model whose mixing could not be tested.
@@ -157,8 +156,7 @@ def _verify(problem: CurvatureProblem, kind: str, factors: dict[str, Tensor],
         ValueError: any of them fails.
     """
     outputs = problem.forward()
-    read_loss_functions(problem, outputs)
-    check_custom_functions(problem, (FIRST,), loss_needs(kind))
+    check_custom_functions(problem, (FIRST,), loss_needs(kind), outputs)
     tolerance = agreement_tolerance(problem.dtype)
     worst = ""
     if kind == "fisher":

@@ -188,8 +188,7 @@ def recording(classes: Sequence[type]) -> Iterator[dict[type, list[Recorded]]]:
         @functools.wraps(forward)  # (torch binds the arguments to its signature)
         def recorded(*args: Any, **kwargs: Any) -> Any:
             if len(calls[cls]) < CALLS_CHECKED:  # (cut and copied: not the pass's tensors)
-                calls[cls].append(_bounded((tuple(a for a in args[int(takes_context):]),
-                                            kwargs)))
+                calls[cls].append(_bounded((args[int(takes_context):], kwargs)))
             return forward(*args, **kwargs)
 
         return staticmethod(recorded)
@@ -358,41 +357,47 @@ def loss_needs(method: str) -> tuple[str, ...]:
     return (FIRST, SECOND, COTANGENT) if method.startswith("ggn") else (FIRST,)
 
 
-def read_loss_functions(problem: CurvatureProblem, outputs: object) -> None:
-    """Add the loss's own custom Functions, once a call, from a loss graph on the detached
-    ``outputs`` (:attr:`~hessrank.problem.CurvatureProblem.loss_functions`): the Gram sources
+def _read_loss_functions(problem: CurvatureProblem, outputs: object,
+                         loss: Tensor | None) -> None:
+    """Add the loss's own custom Functions, once a call, from ``loss`` (the Hessian's, with its
+    graph) or a loss graph on the detached ``outputs``
+    (:attr:`~hessrank.problem.CurvatureProblem.loss_functions`): the Gram sources
     differentiate the loss apart from the model, where the model's graph does not show them
     (a loss Function with half its derivative had halved ``ggn``'s eigenvalues, quartered
-    ``fisher``'s, under no note; probe 156). Not for torch's own loss modules."""
-    if (problem.loss_graph_read[0] or not isinstance(outputs, Tensor)
-            or not outputs.is_floating_point()
-            or type(problem.loss_fn).__module__.startswith("torch.")):
+    ``fisher``'s, under no note; probe 156). Not evaluated for torch's own loss modules."""
+    if problem.loss_graph_read[0]:  # (a data set's Hessian builds an operator a product)
         return
     problem.loss_graph_read[0] = True
-    try:
-        with torch.enable_grad():  # (not a leaf: a loss may write its outputs in place)
-            value = call_loss(problem.loss_fn,
-                              outputs.detach().requires_grad_(True).clone(), problem.targets)
-    except UnrepeatableLoss:
-        raise
-    except Exception as error:  # noqa: BLE001 - the checked evaluations say what is wrong
-        raise_if_signalled(error)
-        return
-    if isinstance(value, Tensor) and value.grad_fn is not None:
-        problem.loss_functions.update(problem.add_custom_functions(value))
+    if loss is None:
+        if (not isinstance(outputs, Tensor) or not outputs.is_floating_point()
+                or type(problem.loss_fn).__module__.startswith("torch.")):
+            return
+        try:
+            with torch.enable_grad():  # (not a leaf: a loss may write its outputs in place)
+                loss = call_loss(problem.loss_fn,
+                                 outputs.detach().requires_grad_(True).clone(), problem.targets)
+        except UnrepeatableLoss:
+            raise
+        except Exception as error:  # noqa: BLE001 - the checked evaluations say what is wrong
+            raise_if_signalled(error)
+            return
+    if isinstance(loss, Tensor) and loss.grad_fn is not None:
+        problem.loss_functions.update(problem.add_custom_functions(loss))
 
 
 def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str],
-                           for_the_loss: Sequence[str] = ()) -> None:
+                           for_the_loss: Sequence[str] = (), outputs: object = None,
+                           loss: Tensor | None = None) -> None:
     """Check the derivatives ``needs`` (:data:`FIRST`, :data:`SECOND`, :data:`COTANGENT`) of
     every custom Function in the model's graph, each alone at the arguments of its first
     :data:`CALLS_CHECKED` calls in one forward pass (without a graph), once per call; a note
     says how each went.
 
-    The Functions are those of the model's graph and the loss's (the Hessian's loss graph,
-    :func:`read_loss_functions` for the others: a loss Function with half its derivative had
-    halved exact's eigenvalues under a note that the model's Function agreed; probe 154),
-    the latter checked for ``for_the_loss`` too (:func:`loss_needs`).
+    The Functions are those of the model's graph and the loss's, read once a call from
+    ``loss`` (the Hessian's) or a loss on ``outputs`` (:func:`_read_loss_functions`: a loss
+    Function with half its derivative had halved exact's eigenvalues under a note that the
+    model's Function agreed; probe 154), the latter checked for ``for_the_loss`` too
+    (:func:`loss_needs`).
 
     Each is tried in float64 first (finite differences are sharp there), then at float32's
     steps, then in the dtype it got, where it does not run in float64 or these could not tell
@@ -405,6 +410,7 @@ def check_custom_functions(problem: CurvatureProblem, needs: Sequence[str],
         ValueError: a derivative disagrees with its finite differences, naming the Function,
             the distance and the fix.
     """
+    _read_loss_functions(problem, outputs, loss)
     due = {cls: [need for need in (FIRST, SECOND, COTANGENT)
                  if need in needs or cls in problem.loss_functions and need in for_the_loss
                  if (cls, need) not in problem.differences_checked]
@@ -493,25 +499,24 @@ def _checked(cls: type[torch.autograd.Function], arguments: Arguments,
     runs so, else or where that cannot tell in the arguments' dtype, each with the inputs'
     exact zeros held where a kink at them kept the check from telling (the most conclusive
     kept); None where no input it differentiates moves."""
+    own = next((a.dtype for a in arguments[0] if _floating(a)), torch.float64)
+    # float64, at its steps and float32's (a Function that rounds to float32 inside), then
+    # the arguments' own dtype where it is another
+    tries = [(torch.float64, False), (torch.float64, True)] + (
+        [(None, False)] if own != torch.float64 else [])
     best: Comparison | None = None
-    tried: set[tuple[torch.dtype, float, bool]] = set()
-    for dtype in (torch.float64, None):
-        for coarse in (False, True):
-            for hold_zeros in (False, True):
-                local = _trial(cls, arguments, differentiated, dtype, hold_zeros)
-                if local is None or not any(bool(d.any()) for d in local.directions):
-                    continue
-                if coarse:  # float32's steps: a Function that rounds to float32 inside
-                    local.eps = max(local.eps, float(torch.finfo(torch.float32).eps))
-                    local.step = local.eps ** (1 / 3)
-                key = (local.args[local.moved[0]].dtype, local.step, hold_zeros)
-                if key in tried:
-                    continue
-                tried.add(key)
-                comparison = local.check(need)
-                if comparison.refuted or comparison.agreed:
-                    return comparison
-                best = best or comparison
+    for dtype, coarse in tries:
+        for hold_zeros in (False, True):
+            local = _trial(cls, arguments, differentiated, dtype, hold_zeros)
+            if local is None or not any(bool(d.any()) for d in local.directions):
+                continue
+            if coarse:
+                local.eps = float(torch.finfo(torch.float32).eps)
+                local.step = local.eps ** (1 / 3)
+            comparison = local.check(need)
+            if comparison.refuted or comparison.agreed:
+                return comparison
+            best = best or comparison
     return best
 
 

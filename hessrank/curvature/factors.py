@@ -23,7 +23,6 @@ from hessrank.curvature.differences import (
     FIRST,
     check_custom_functions,
     loss_needs,
-    read_loss_functions,
 )
 from hessrank.curvature.hessian import second_order
 from hessrank.curvature.loss import check_no_parameter_terms
@@ -83,8 +82,7 @@ class FactorOperator(ParameterOperator):
             self.unused = unused_parameters(pieces)
             self._used = [i for i in range(len(pieces)) if i not in self.unused]
             self._transposed = [pieces[i] for i in self._used]  # J^T u, linear in the dummy u
-            read_loss_functions(problem, outputs)
-            check_custom_functions(problem, (FIRST, COTANGENT), loss_needs(method))
+            check_custom_functions(problem, (FIRST, COTANGENT), loss_needs(method), outputs)
             if check_working_memory is not None and output_side_bytes is not None:
                 # the graph (the forward's and J^T u's: the forward's alone was a third of
                 # it, and refusals came at a third of the peak; probe 74), what a product

@@ -45,7 +45,7 @@ from torch.func import vjp, vmap
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
-from hessrank.curvature.differences import FIRST, check_custom_functions, read_loss_functions
+from hessrank.curvature.differences import FIRST, check_custom_functions
 from hessrank.curvature.row_gram import row_gram
 from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
@@ -477,8 +477,7 @@ def compute_gram(
             outputs = problem.forward()
     finally:
         capture.remove()
-    read_loss_functions(problem, outputs)
-    check_custom_functions(problem, (FIRST,), for_the_loss)
+    check_custom_functions(problem, (FIRST,), for_the_loss, outputs)
     for group in list(claimed):
         if capture.calls[group] != 1 or capture.inputs.get(group) is None or (
                 group not in capture.edges):

@@ -260,10 +260,7 @@ class HessianOperator(ParameterOperator):
         #: the Frobenius norm of the antisymmetric part of the dense Hessian the products built
         #: (:func:`dense_hessian`), a measure of their rounding; None before one is built
         self.rounding: float | None = None
-        if loss.grad_fn is not None and not problem.loss_graph_read[0]:
-            problem.loss_graph_read[0] = True  # (once a call: a data set builds one a product)
-            problem.add_custom_functions(loss)  # the loss's own Functions, differentiated too
-        check_custom_functions(problem, (FIRST, SECOND, COTANGENT))
+        check_custom_functions(problem, (FIRST, SECOND, COTANGENT), loss=loss)
 
     @functools.cached_property
     def gradient(self) -> Tensor:
