@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointError
 
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
+from hessrank.curvature.loss import subnormal_scale_error
 from hessrank.distributed import (
     DataParallel,
     agreement,
@@ -439,6 +440,10 @@ def effective_rank(
                     block_seconds: dict[str, float] = {}  # the blocks run on their own
                     try:
                         spectrum = estimator.run(problem, run_settings, method_options)
+                        error = subnormal_scale_error(_top(spectrum), problem.dtype,
+                                                      estimator.source)
+                        if error is not None:
+                            raise error
                         if block_settings:
                             spectrum.layers = {}
                             for group, names in problem.layers().items():
@@ -762,6 +767,19 @@ def _result(
             "under cross-entropy) or real curvature computed on its own scale (a layer far "
             "from the output); the same call on a float64 copy of the model tells them apart")
     ranks = spectral_ranks(counted, threshold, tolerance, spectrum.weights, spectrum.max_rank)
+    resolution = spectrum.eps or eps
+    if rtol is not None and rtol < resolution:
+        # (a fisher_lanczos at rtol = 1e-12 in float32 gave 15 in [15, 15], "the other 198
+        # exactly zero", for a numerical rank of 16: its 16th eigenvalue, 1e-10 of the top, was
+        # a sample whose gradient is within the batch's rounding, left out; probe 159)
+        notes.append(
+            f"numerical rank at rtol = {rtol:.3g}, below the computation's epsilon "
+            f"({resolution:.3g}): eigenvalues under that fraction of the largest are within its "
+            "rounding, and what it counts (with its interval) below that is the rounding's as "
+            "much as the matrix's; pass rtol >= epsilon, or " + (
+                "use a dense or Gram method (exact, ggn, fisher) on a float64 copy of the model: "
+                "the Lanczos methods' float32 basis resolves no further"
+                if spectrum.ritz_values is not None else "analyse a float64 copy of the model"))
     shown = spectrum.eigenvalues
     if rtol is None and size * (spectrum.eps or eps) > MAX_DEFAULT_RTOL:
         notes.append(f"numerical rank at rtol = {MAX_DEFAULT_RTOL:g}: the default rule, matrix "

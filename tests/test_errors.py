@@ -1590,11 +1590,16 @@ def test_exact_predicts_the_eigen_solve_it_runs(eigenvectors):
             predicted.value.memory_bytes, measured)
 
 
-def test_a_numpy_integer_seed_is_the_same_seed(setup):
-    """``seed=np.int64(3)`` (from a config or a sweep) was refused as not an int."""
+@pytest.mark.parametrize(("method", "option", "value"), [
+    ("lanczos", "seed", 3), ("lanczos", "lanczos_steps", 20), ("ggn", "mc_samples", 2)])
+def test_a_numpy_integer_option_is_the_same_option(setup, method, option, value):
+    """``seed=np.int64(3)`` (from a config or a sweep) was refused as not an int, and so was
+    ``lanczos_steps=np.int64(20)``, as "must be a positive integer" (probe 159)."""
     model, x, y = setup
-    ours, theirs = (hessrank.effective_rank(model, CE, (x, y), "lanczos", seed=seed,
-                                            lanczos_steps=20) for seed in (np.int64(3), 3))
+    options = {"seed": 3, "lanczos_steps": 20} if method == "lanczos" else {}
+    ours, theirs = (hessrank.effective_rank(model, CE, (x, y), method,
+                                            **{**options, option: given})
+                    for given in (np.int64(value), value))
     assert np.array_equal(ours.eigenvalues, theirs.eigenvalues)
 
 

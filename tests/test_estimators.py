@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import threading
 
 import numpy as np
@@ -1202,6 +1203,107 @@ def test_a_low_loss_keeps_its_float64_empirical_fisher(make):
     result = hessrank.effective_rank(model, CE, (x, y), "fisher")
     assert_spectra_close(result.eigenvalues, reference, rtol=1e-13)
 
+
+
+def _classifier_at_margin(margin: float) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 Tanh MLP 5-16-3 trained with Adam to memorise 12 random labels, its last layer
+    then scaled so that the smallest logit margin is ``margin``: ``1 - p_y`` below float64's
+    epsilon at every sample from a margin of 37."""
+    torch.manual_seed(1)
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(600):
+        optimizer.zero_grad()
+        CE(model(x), y).backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        logits = model(x)
+        others = logits.scatter(1, y[:, None], -torch.inf).amax(1)
+        scale = margin / float((logits.gather(1, y[:, None]).squeeze(1) - others).min())
+        model[2].weight *= scale
+        model[2].bias *= scale
+    return model, x, y
+
+
+#: (smallest logit margin, method, the refusal expected of the float32 model or None): every
+#: sample's second probability at 4e-18 (40), 2e-22 (50) and 2e-48 (110).
+_MARGIN_CASES = [
+    (40, "fisher", None), (40, "fisher_lanczos", None), (40, "ggn", None),
+    (40, "ggn_lanczos", None), (50, "ggn", None),
+    (50, "fisher", r"fisher matrix's largest eigenvalue is .* below float32's normal range.*"
+                   r"scale the loss \(loss_fn = lambda f, y: 2.0\*\*68"),
+    (110, "fisher", r"every sample's loss gradient w.r.t. the outputs is zero in float32, "
+                    r"not in float64.*Analyse a float64 copy"),
+]
+
+
+@pytest.mark.parametrize(("margin", "method", "refusal"), _MARGIN_CASES,
+                         ids=[f"margin {m}-{method}" for m, method, _ in _MARGIN_CASES])
+def test_a_float32_classifier_past_float64_s_saturation_keeps_its_factors(margin, method,
+                                                                            refusal):
+    """Past a logit margin of 37 float64 rounds ``1 - p_y`` to 0 as float32 does: the check of
+    float32's per-sample gradients against float64's, run without the saturation-safe
+    log-softmax, agreed, and a float32 ``fisher`` came out 4x too small (srank 3 for 2). A GGN
+    position whose second probability is below 1.1e-19 had a weight of 0 in float32: 3 of the 8
+    directions at margins of 40 to 60 fell to 1e-5 of their size (srank 4 for 5). An EF of 5e-42
+    was computed from subnormal numbers, and one of 1e-93 returned as zero (probe 157). Each
+    matches the float64 explicit-Jacobian reference of the loss written without the
+    cancellation to 1e-5 of its top eigenvalue, with its srank, or is refused, naming the
+    remedy."""
+    model, x, y = _classifier_at_margin(margin)
+    options = {"lanczos_steps": 40, "seed": 0} if "lanczos" in method else {}
+
+    def call() -> hessrank.RankResult:
+        return hessrank.effective_rank(copy.deepcopy(model).float(), CE, (x.float(), y), method,
+                                       **options)
+
+    if refusal is not None:
+        with pytest.raises(ValueError, match=refusal):
+            call()
+        return
+    build = reference_fisher if method.startswith("fisher") else reference_ggn
+    reference = eigenvalues_by_magnitude(build(model, saturation_safe_cross_entropy, x, y,
+                                               scale=1 / len(y)))
+    result = call()
+    count = 3 if "lanczos" in method else None
+    assert_spectra_close(result.eigenvalues, reference, count=count, rtol=2e-5)
+    assert result.rank == hessrank.spectral_ranks(reference)["srank"]
+
+
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos", "exact", "lanczos"])
+def test_a_curvature_below_the_normal_range_is_refused_and_the_advised_scale_measures_it(
+        method):
+    """A float32 loss scaled by 2^-68 (EF) or 2^-136 (Hessian) puts the curvature's eigenvalues
+    among float32's subnormal numbers, rounded to 1.4e-45 whatever their size:
+    ``fisher_lanczos`` had reported an eigenvalue of -0.98 of the top, ``fisher`` its spectrum
+    off by 1e-4 of it, and ``exact`` and ``lanczos`` were refused as a wrong second derivative
+    (probe 157). Refused, naming the scale: the EF's loss scaled by it has the float64 model's
+    spectrum to that scale, and its ranks; the Hessian's 2^136 overflows float32, and only the
+    float64 copy is advised."""
+    model = mlp((5, 8, 3), dtype=torch.float32)
+    x, y = classification_batch(12, 5, 3, dtype=torch.float32)
+    squared = method.startswith("fisher")
+    tiny = 2.0 ** (-68 if squared else -136)
+    options = {"lanczos_steps": 30, "seed": 0} if "lanczos" in method else {}
+    named = "fisher matrix's largest eigenvalue" if squared else "hessian matrix's norm"
+    with pytest.raises(ValueError, match=rf"{named} is .* below float32's normal range"
+                       ) as refused:
+        hessrank.effective_rank(model, lambda f, t: tiny * CE(f, t), (x, y), method, **options)
+    advised = re.search(r"scale the loss \(loss_fn = lambda f, y: 2\.0\*\*(\d+) \* loss",
+                        str(refused.value))
+    if not squared:
+        assert advised is None and "Analyse a float64 copy of the model" in str(refused.value)
+        return
+    power = int(advised.group(1))
+    scaled = hessrank.effective_rank(model, lambda f, t: 2.0**power * tiny * CE(f, t), (x, y),
+                                     method, **options)
+    wide = hessrank.effective_rank(copy.deepcopy(model).double(), lambda f, t: tiny * CE(f, t),
+                                   (x.double(), y), method, **options)
+    assert_spectra_close(scaled.eigenvalues / 4.0**power, wide.eigenvalues, count=3, rtol=1e-5)
+    assert scaled.rank == wide.rank
 
 
 def _saturated_logistic_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

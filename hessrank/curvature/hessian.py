@@ -25,6 +25,7 @@ from hessrank.curvature.loss import (
     kept_cast,
     loss_second_derivative_error,
     lower_precision_in,
+    subnormal_scale_error,
 )
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
 from hessrank.curvature.saturation import SaturationSafe
@@ -380,6 +381,9 @@ def asymmetry_error(antisymmetric: float, symmetric: float,
         return not_finite_error(problem.dtype)
     if asymmetry <= tolerance:
         return None
+    subnormal = subnormal_scale_error(scale, problem.dtype, "hessian", "norm")
+    if subnormal is not None:  # (whose rounding is no wrong derivative's)
+        return subnormal
     observation = (f"the Hessian-vector products are not symmetric (antisymmetric part "
                    f"{asymmetry:.1e} of the symmetric one, rounding allows {tolerance:.1e})")
     # the loss, where the products ran it as given (a float64 model's: its cast not widened)

@@ -337,13 +337,45 @@ def _check_squares_in_range(factors: Tensor, dtype: torch.dtype) -> None:
     if largest == 0.0 or math.sqrt(smallest) <= largest <= math.sqrt(info.max):
         return
     side, limit = (("under", smallest) if largest < 1 else ("over", info.max))
-    power = -math.frexp(largest)[1]  # brings the largest to [1/2, 1)
     raise ValueError(
         f"the samples' loss gradients w.r.t. the outputs reach at most {largest:.3g}: the "
         f"empirical Fisher's entries, products of two of them, fall {side} {dtype}'s range "
-        f"({limit:.3g}) and would be lost. Ranks are scale-free: scale the loss "
-        f"(loss_fn = lambda f, y: 2.0**{power} * loss(f, y)), or "
-        "analyse a float64 copy of the model (copy.deepcopy(model).double(), float64 inputs)")
+        f"({limit:.3g}) and would be lost. {rescaling_advice(-math.frexp(largest)[1], dtype)}")
+
+
+def subnormal_scale_error(scale: float, dtype: torch.dtype, source: str,
+                          what: str = "largest eigenvalue") -> ValueError | None:
+    """The error for a curvature whose ``scale`` (its largest ``|eigenvalue|``, or ``what``
+    else) is below ``dtype``'s normal range, if it is: its products were subnormal numbers,
+    whose rounding is absolute (``eps`` of the smallest normal number), so its eigenvalues and
+    ranks would be mostly rounding. A float32 ``fisher_lanczos`` of a loss scaled by 1e-20 had
+    reported an eigenvalue of -0.98 of the top, its ``fisher`` eigenvalues off by 8e-3 of it
+    at 1e-21, and ``exact`` of one scaled by 2^-136 was refused as a wrong second derivative
+    (probe 157). ``source`` (``"hessian"``, ``"ggn"``, ``"fisher"``) sets the scale advised:
+    the Hessian and the GGN scale with the loss, the empirical Fisher with its square."""
+    info = torch.finfo(dtype)
+    if not 0 < scale < info.smallest_normal:
+        return None
+    power = -math.frexp(scale)[1] // (2 if source == "fisher" else 1)
+    return ValueError(
+        f"the {source} matrix's {what} is {scale:.3g}, below {dtype_name(dtype)}'s normal range "
+        f"({info.smallest_normal:.3g}): its products were subnormal numbers, rounded to "
+        f"{info.smallest_normal * info.eps:.2g} whatever their size "
+        f"({info.smallest_normal * info.eps / scale:.1g} of it and more of its smaller "
+        f"eigenvalues), so its spectrum and ranks would be rounding. "
+        f"{rescaling_advice(power, dtype)}")
+
+
+def rescaling_advice(power: int, dtype: torch.dtype) -> str:
+    """The remedies for a curvature outside ``dtype``'s normal range that a loss scaled by
+    ``2**power`` brings into it: that scale where ``dtype`` holds it (a loss saturated past
+    float32's range needed 2**160, which overflows the loss; probe 157), and a float64 copy."""
+    float64_copy = ("analyse a float64 copy of the model (copy.deepcopy(model).double(), float64 "
+                    "inputs)")
+    if abs(power) >= math.log2(torch.finfo(dtype).max) - 8:  # (room for the loss's own size)
+        return float64_copy[0].upper() + float64_copy[1:]
+    return (f"Ranks are scale-free: scale the loss (loss_fn = lambda f, y: 2.0**{power} * "
+            f"loss(f, y)), or {float64_copy}")
 
 
 def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
@@ -699,18 +731,36 @@ def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: 
     comes from the loss's own terms, shared by the batch's samples, so the head shows it; where
     the loss cannot be evaluated in float64 on the head alone, the reading stands, with a note
     in ``notes`` saying so and why (it had stood without one: a saturated classifier's top
-    eigenvalue 2x high; probe 117)."""
-    head = _first_samples(reading.weights > 0)  # read samples
-    if not len(head):
-        return False
+    eigenvalue 2x high; probe 117). Where no sample's gradient is read (all zero in the outputs'
+    dtype) and the head's float64 gradients are not zero, the batch's EF vanishes in the
+    outputs' dtype: :class:`ZeroCurvatureError` (a softmax saturated past float32's range has
+    gradients of 1e-48, which float32 rounds to 0: an EF of 1e-93 had been returned as a zero
+    matrix, every rank 0; probe 157)."""
+    read = reading.weights > 0
+    head = _first_samples(read if bool(read.any()) else torch.ones_like(read))
     try:
-        precise = _in_float64(_sample_gradients, loss_fn, outputs[head], targets[head])
+        # the loss as float64's readings run it: float64 rounds 1 - p_y to 0 too past a margin
+        # of 37, and agreed with float32's EF 4x too small (probe 157)
+        precise = _in_float64(lambda twin, wide, labels: _sample_gradients(
+            saturation_safe(twin), wide, labels), loss_fn, outputs[head], targets[head])
     except ValueError as failure:
         raise_if_signalled(failure)
         add_float64_note(notes, f"the samples' loss gradients are {dtype_name(outputs.dtype)}'s, "
                          "not checked against float64", str(failure),
                          "they are mostly rounding, and the spectrum with them")
         return False
+    if not bool(read.any()):
+        largest = float(precise.abs().amax()) if precise.numel() else 0.0
+        if largest == 0.0:
+            return False
+        # (a data set's batch so saturated adds nothing, as its samples add nothing beside
+        # others in one batch, where they are not read either)
+        raise ZeroCurvatureError(
+            f"every sample's loss gradient w.r.t. the outputs is zero in "
+            f"{dtype_name(outputs.dtype)}, not in float64 (up to {largest:.3g}: a softmax or a "
+            f"sigmoid saturated past {dtype_name(outputs.dtype)}'s range), so the empirical "
+            "Fisher vanishes here. Analyse a float64 copy of the model "
+            "(copy.deepcopy(model).double(), float64 inputs)")
     scale = reading.weights.clamp_min(0).sqrt()
     error = (scale[head, None].double() * (reading.sample_grads[head].double()
                                            - precise.reshape(precise.shape[0], -1))).norm(dim=1)
@@ -874,12 +924,13 @@ def _curvature_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor
 
 
 class ZeroCurvatureError(ValueError):
-    """A batch whose GGN factors are all zero: a loss linear or constant in the outputs there
-    (every target ignored), or a curved loss's second derivatives zero at every sample
-    (saturated). A data set's other batches may add curvature where this one adds none. (Not
-    an EF whose output gradients' squares fall under the dtype's range: the model's Jacobians
-    can make up the difference, and a data set's batch left out for it had carried nearly all
-    of the EF; probe 128.)"""
+    """A batch whose GGN or EF factors are all zero: a loss linear or constant in the outputs
+    there (every target ignored), a curved loss's second derivatives zero at every sample
+    (saturated), or its first derivatives zero in the outputs' dtype, not in float64 (saturated
+    past the dtype's range). A data set's other batches may add curvature where this one adds
+    none. (Not an EF whose output gradients' squares, not the gradients themselves, fall
+    under the dtype's range: the model's Jacobians can make up the difference, and a data
+    set's batch left out for it had carried nearly all of the EF; probe 128.)"""
 
 
 def _linear_loss_error() -> ZeroCurvatureError:
@@ -1368,6 +1419,13 @@ def _softmax_factors(probs: Tensor, weights: Tensor, class_dim: int, dtype: torc
     return columns.movedim(-1, class_dim + 1).to(dtype).contiguous()
 
 
+def _resolvable_probability(dtype: torch.dtype) -> float:
+    """The least second-largest probability at which :func:`_softmax_curvature` reads a
+    position's weight in ``dtype`` (``sqrt(tiny)``: 1.1e-19 in float32), its products'
+    entries ``p_m p_j`` staying normal numbers."""
+    return math.sqrt(torch.finfo(dtype).tiny)
+
+
 def _softmax_curvature(first: Tensor, leaf: Tensor, class_dim: int, generator: torch.Generator
                        ) -> tuple[Tensor, Tensor, float]:
     """Test whether ``d^2 L / df^2`` is ``a_r (diag(p_r) - p_r p_r^T)`` at every position ``r``
@@ -1403,7 +1461,7 @@ def _softmax_curvature(first: Tensor, leaf: Tensor, class_dim: int, generator: t
     if products is None:
         products = torch.zeros_like(vectors)
     products = products.to(torch.float64).movedim(class_dim + 1, -1)
-    representable = math.sqrt(torch.finfo(leaf.dtype).tiny)
+    representable = _resolvable_probability(leaf.dtype)
     p_m, p_j = top.values[..., 0], top.values[..., 1]
     read = products[0].gather(-1, top.indices[..., 1:]).squeeze(-1)
     weights = torch.where(p_j >= representable, -read / (p_m * p_j).clamp_min(
@@ -1485,9 +1543,14 @@ def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_di
     own rounding is a few ``eps``."""
     if outputs.dtype == torch.float64:
         return True, True
+    # positions whose second probability is below what the outputs' dtype resolves got a weight
+    # of 0, their curvature left out; a batch saturated throughout has it on the scale of the
+    # others' (a float32 GGN at logit margins of 40 to 60 lost 3 of its 8 directions; probe 157)
+    second = probs.topk(2, dim=-1).values[..., 1]
+    unresolved = bool(((second > 0) & (second < _resolvable_probability(outputs.dtype))).any())
     head = _first_samples((weights.reshape(weights.shape[0], -1) > 0).any(dim=1))
     if not len(head):
-        return True, True
+        return True, not unresolved
     try:
         found, precise_probs, precise, _ = _in_float64(_structure_of, loss_fn, outputs[head],
                                                        targets[head])
@@ -1504,7 +1567,7 @@ def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_di
     factor = float((precise * read).sum() / (read * read).sum())
     error = float(((precise - factor * read).abs() * _top_pair(precise_probs)).amax())
     largest = factor * float((weights.double() * _top_pair(probs)).amax())
-    return True, error <= 64 * torch.finfo(outputs.dtype).eps * largest
+    return True, not unresolved and error <= 64 * torch.finfo(outputs.dtype).eps * largest
 
 
 def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samples: int,

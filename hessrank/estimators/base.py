@@ -23,6 +23,7 @@ imported in its ``__init__``.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -365,7 +366,10 @@ def eigenvector_note(found: int, asked: int, why: str) -> str:
     return f"eigenvectors: {found} of the {asked} asked exist; {why}"
 
 
-def positive_int(name: str, value: object) -> None:
-    """Raise a ValueError naming the option unless ``value`` is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an ``int``; raise a ValueError naming the option unless it is an integer
+    >= 1 (a Python or NumPy integer, not a bool: ``lanczos_steps=np.int64(5)`` had been refused
+    as no positive integer; probe 159)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)

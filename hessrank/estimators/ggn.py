@@ -34,7 +34,9 @@ class GGNOptions(GramOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mc_samples is not None:
-            positive_int("mc_samples", self.mc_samples)
+            # a NumPy integer as an int (options are logged as JSON)
+            object.__setattr__(self, "mc_samples",
+                               positive_int("mc_samples", self.mc_samples))
             if self.backend == "backpack":
                 raise ValueError("mc_samples is not available with backend='backpack': use "
                                  "backend='auto' or 'func'")
