@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import hessrank
 from hessrank.api import checked_request, effective_rank
@@ -786,10 +786,31 @@ def _own_copy(value: Any) -> Any:
     return value
 
 
-def _versions(model: nn.Module) -> int:
-    """The sum of the parameters' version counters, which every in-place update (an optimizer
-    step) raises: unchanged, no update happened."""
-    return sum(param._version for param in model.parameters())
+#: Entries of each parameter whose values :func:`_versions` keeps, evenly spaced.
+FINGERPRINT_ENTRIES = 16
+
+
+def _versions(model: nn.Module) -> tuple[int, list[Tensor]]:
+    """The sum of the parameters' version counters, which every in-place update of a tensor
+    raises, and up to :data:`FINGERPRINT_ENTRIES` evenly spaced entries of each parameter:
+    fused optimizer kernels (``Adam(fused=True)``) and writes to ``param.data`` update the
+    values without raising the counter (such updates had been taken for gradient
+    accumulation's micro-batches and dropped without a word; probe 160). Both unchanged: no
+    update happened."""
+    params = list(model.parameters())
+    entries = [param.detach().reshape(-1)[::max(1, param.numel() // FINGERPRINT_ENTRIES)]
+               .clone() for param in params]
+    return sum(param._version for param in params), entries
+
+
+def _same_versions(first: tuple[int, list[Tensor]] | None,
+                   second: tuple[int, list[Tensor]] | None) -> bool:
+    """Whether two :func:`_versions` readings show no update between them (NaN entries equal)."""
+    if first is None or second is None:
+        return first is second
+    return first[0] == second[0] and len(first[1]) == len(second[1]) and all(
+        a.shape == b.shape and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+        for a, b in zip(first[1], second[1]))
 
 
 def _check_values(loss_fn: Callable[..., Any], method: str, per_layer: bool,
@@ -1054,7 +1075,7 @@ class Tracker:
         self._resume_from: int | None = None
         self._warned_passed = False  # of scheduled steps that step() passed over
         #: the parameters' versions (their in-place updates) at the last step() with step=
-        self._last_versions: int | None = None
+        self._last_versions: tuple[int, list[Tensor]] | None = None
         self._counted = 0  # step() calls so far (updates of the model, as far as we know)
         #: method -> the step of its last record and the step() calls before it
         self._recorded: dict[str, tuple[int, int]] = {}
@@ -1152,7 +1173,8 @@ class Tracker:
                 raise TypeError("step() needs the batch, or create the Tracker with eval_batch=")
             _check_batch(batch, "batch")
         versions = None if step is None else _versions(self.model)
-        if step is not None and index == self._last_step and versions == self._last_versions:
+        if (step is not None and index == self._last_step
+                and _same_versions(versions, self._last_versions)):
             # another micro-batch of the step counted last (gradient accumulation): no update
             # since, so neither a step to count nor a model to measure again (each had been
             # measured once per micro-batch, warned of as two models at one step; probe 137).
@@ -1160,20 +1182,14 @@ class Tracker:
             # (a step= per epoch, given at every batch, had been dropped silently; probe 139)
             return []
         self._last_versions = versions
-        if self._counted == 0 and step is None and any(
-                isinstance(sink, JsonLinesSink) and sink.append and sink.next_step > 0
-                for sink in self.sinks):
+        if self._counted == 0 and step is None:
             # the log holds the measured steps only: one after its last is where training
             # resumed only if the run stopped right after that measurement (resumed from step
             # 75 of a log that reached 90, the record labelled 100 was the model at step 84;
             # probe 137)
-            warnings.warn(
-                f"hessrank.Tracker: step() without step= on a resumed log counts on from step "
-                f"{index}, one after the log's last record, which is where training resumed "
-                "only if the run stopped right after that measurement: pass the step your "
-                "checkpoint resumes from, tracker.step(batch, step=global_step), or records "
-                "will carry other steps than their models'", RuntimeWarning,
-                stacklevel=_user_stacklevel())
+            self._warn_resumed_log(
+                f"step() without step= on a resumed log counts on from step {index}, one after "
+                "the log's last record", "tracker.step(batch, step=global_step)")
         if self._counted == 0:  # where training resumed, for a log appended to
             resumed = min(index, self._resume_from)
             for sink in self.sinks:
@@ -1183,16 +1199,24 @@ class Tracker:
                         # (the sink warned): the steps that follow do not go back from it
                         if self._recorded.get(method, (-1, 0))[0] >= resumed:
                             del self._recorded[method]
-        elif self._steps is not None and not self._warned_passed:
-            passed = sorted(s for s in self._steps if (self._last_step or 0) < s < index)
-            if passed:  # (step=2 * i over steps=[5, 15] had measured nothing, silently)
+        elif not self._warned_passed and (self._steps is not None or self.every is not None):
+            last = self._last_step or 0
+            # (step=2 * i over steps=[5, 15] had measured nothing, silently; over every=5, every
+            # other multiple; probe 160)
+            every = self.every or 1  # (with steps= unset, every= is set)
+            passed: Sequence[int] = (
+                sorted(s for s in self._steps if last < s < index) if self._steps is not None
+                else range((last // every + 1) * every, index, every))
+            if passed:
                 self._warned_passed = True
+                remedy = ("name steps your loop counts, or use every=" if self._steps is not None
+                          else f"use an every= that divides the steps' stride ({index - last})")
+                more = " ..." if len(passed) > 5 else ""
                 warnings.warn(
                     f"hessrank.Tracker: step {index} follows step {self._last_step}, passing "
-                    f"over the scheduled step(s) {passed[:5]}{' ...' if len(passed) > 5 else ''}"
-                    ", which are not measured: a scheduled step is measured when step() counts "
-                    "it; name steps your loop counts, or use every= (said once)",
-                    RuntimeWarning, stacklevel=_user_stacklevel())
+                    f"over the scheduled step(s) {list(passed[:5])}{more}, which are not "
+                    "measured: a scheduled step is measured when step() counts it; "
+                    f"{remedy} (said once)", RuntimeWarning, stacklevel=_user_stacklevel())
         self._next_step, self._last_step = index + 1, index
         self._counted += 1
         if self._start is None:
@@ -1238,6 +1262,12 @@ class Tracker:
             index = _step_number(step, "step")
         else:
             index = self._next_step - 1 if self._last_step is None else self._last_step
+            if self._last_step is None:  # (a baseline from a checkpoint at step 24 had been
+                # recorded as the log's last, 20, moving that step's own record aside; probe 160)
+                self._warn_resumed_log(
+                    f"measure() without step= before any step() on a resumed log records at "
+                    f"step {index}, the log's last record's, redoing it", "tracker.measure("
+                    "step=global_step)")
         if isinstance(batch, list):  # a DataLoader's batch, [inputs, targets]
             batch = tuple(batch)
         start = self._clock()
@@ -1249,6 +1279,18 @@ class Tracker:
             self._last_end = self._clock()
             self._last_cost = self._last_end - start
             self._spent += self._last_cost
+
+    def _warn_resumed_log(self, what: str, remedy: str) -> None:
+        """Warn that ``what`` takes the step of a log appended to from its last record, with
+        ``remedy``: nothing says where the checkpoint resumed (said where no log is resumed:
+        nothing)."""
+        if any(isinstance(sink, JsonLinesSink) and sink.append and sink.next_step > 0
+               for sink in self.sinks):
+            warnings.warn(
+                f"hessrank.Tracker: {what}, which is the model's step only if the run stopped "
+                f"right after that measurement: pass the step your checkpoint resumes from, "
+                f"{remedy}, or records will carry other steps than their models'",
+                RuntimeWarning, stacklevel=_user_stacklevel())
 
     def _configuration(self, method: str) -> dict[str, object]:
         """What ``method``'s records will say of the configuration (:data:`_CONFIGURATION`)."""

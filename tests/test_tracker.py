@@ -1185,23 +1185,32 @@ def test_a_ctrl_c_as_a_record_is_written_keeps_it_in_every_sink(tmp_path: Path) 
     assert [record["step"] for record in _read(log)] == [0, 1, 2]
 
 
-def test_scheduled_steps_the_loop_passes_over_are_warned_of(tmp_path: Path) -> None:
+#: (a schedule the loop's steps 0, 2, 4, ... pass over, what it measures; one they meet, what
+#: that measures)
+_PASSED_SCHEDULES = [({"steps": [5, 15]}, [], {"steps": [4, 8]}, [4, 8]),
+                     ({"every": 5}, [0, 10], {"every": 4}, [0, 4, 8])]
+
+
+@pytest.mark.parametrize(("schedule", "measured", "met", "met_measured"), _PASSED_SCHEDULES)
+def test_scheduled_steps_the_loop_passes_over_are_warned_of(tmp_path: Path, schedule, measured,
+                                                             met, met_measured) -> None:
     """``steps=[5, 15]`` with ``step=2 * i``: no step is scheduled, nothing was measured, and
-    the log was removed as empty at close, without a word (probe 153)."""
+    the log was removed as empty at close, without a word (probe 153); ``every=5``, every other
+    multiple of 5 (probe 160)."""
     batch = classification_batch(4, 6, 3, dtype=torch.float32)
-    tracker = hessrank.Tracker(_net().eval(), CE, steps=[5, 15], log=None)
+    tracker = hessrank.Tracker(_net().eval(), CE, **schedule, log=None)
     with pytest.warns(RuntimeWarning, match=r"step 6 follows step 4, passing over the scheduled "
                                             r"step\(s\) \[5\].*\(said once\)") as caught:
         for i in range(10):
             tracker.step(batch, step=2 * i)
     assert len([w for w in caught if "passing over" in str(w.message)]) == 1
-    assert tracker.records == []
+    assert [record["step"] for record in tracker.records] == measured
     with warnings.catch_warnings():  # a schedule the loop meets: no such warning
         warnings.simplefilter("error")
-        met = hessrank.Tracker(_net().eval(), CE, steps=[4, 8], log=None)
+        meeting = hessrank.Tracker(_net().eval(), CE, **met, log=None)
         for i in range(6):
-            met.step(batch, step=2 * i)
-    assert [record["step"] for record in met.records] == [4, 8]
+            meeting.step(batch, step=2 * i)
+    assert [record["step"] for record in meeting.records] == met_measured
 
 
 def test_a_resumed_run_whose_first_step_was_interrupted_resumes_there(tmp_path: Path,
@@ -1268,10 +1277,31 @@ def _quiet_tracker(**kwargs) -> hessrank.Tracker:
     return hessrank.Tracker(_net().eval(), CE, ("fisher",), **kwargs)
 
 
-def test_the_micro_batches_of_one_step_are_measured_once(tmp_path: Path) -> None:
+def _fused_adam_step(model: nn.Module) -> None:
+    """One step of ``Adam(fused=True)``, whose kernel leaves the version counters as they are."""
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    torch.optim.Adam(model.parameters(), lr=0.1, fused=True).step()
+    model.zero_grad(set_to_none=True)
+
+
+def _data_write(model: nn.Module) -> None:
+    """``param.data -= ...``: an update through ``.data``, which no version counter sees."""
+    for param in model.parameters():
+        param.data -= 0.1
+
+
+#: ways to update a parameter between two step() calls with one step=: each is another model
+_UPDATES = {"in place (mul_)": lambda model: model[0].weight.detach().mul_(2.0),
+            "Adam(fused=True)": _fused_adam_step, "param.data": _data_write}
+
+
+@pytest.mark.parametrize("update", list(_UPDATES))
+def test_the_micro_batches_of_one_step_are_measured_once(tmp_path: Path, update: str) -> None:
     """step() with the last call's step= (gradient accumulation's micro-batches) is that step
     again: each due step had been measured once per micro-batch, warned of as two models at
-    one step (probe 137)."""
+    one step (probe 137). An update since makes it another model, however it was made: a fused
+    optimizer and ``.data`` raise no version counter, and were dropped silently (probe 160)."""
     x, y = classification_batch(32, 6, 3, dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -1284,7 +1314,7 @@ def test_the_micro_batches_of_one_step_are_measured_once(tmp_path: Path) -> None
             # (a step= per epoch given at every batch had been dropped silently; probe 139)
             assert tracker.step((x[::3], y[::3]), step=4) != []
             with torch.no_grad():
-                tracker.model[0].weight.mul_(1.0)
+                _UPDATES[update](tracker.model)
             with pytest.warns(RuntimeWarning, match="two models at one step"):
                 assert tracker.step((x[::3], y[::3]), step=4) != []
     assert [r["step"] for r in _read(tmp_path / "c.jsonl")] == [0, 2, 4, 4]
@@ -1292,8 +1322,9 @@ def test_the_micro_batches_of_one_step_are_measured_once(tmp_path: Path) -> None
 
 def test_a_resumed_log_counted_without_step_numbers_is_warned_of(tmp_path: Path) -> None:
     """The log holds measured steps only: counting on from its last record mislabelled every
-    later record of a run resumed elsewhere (probe 137); step= is asked for, and then no
-    warning."""
+    later record of a run resumed elsewhere (probe 137), and a baseline measure() before the
+    first step went under the last record's step, moving that record aside (probe 160); step=
+    is asked for, and then no warning."""
     log = tmp_path / "c.jsonl"
     x, y = classification_batch(16, 6, 3, dtype=torch.float32)
     with _quiet_tracker(every=5, log=log) as tracker:
@@ -1303,11 +1334,17 @@ def test_a_resumed_log_counted_without_step_numbers_is_warned_of(tmp_path: Path)
                       r"on from step 6, one after the log's last record.*step=global_step"), \
             _quiet_tracker(every=5, log=log, append=True) as tracker:
         tracker.step((x, y))
+    with pytest.warns(RuntimeWarning, match=r"measure\(\) without step= before any step\(\) "
+                      r"on a resumed log records at step 5, the log's last.*"
+                      r"measure\(step=global_step\)"), \
+            _quiet_tracker(every=5, log=log, append=True) as tracker:
+        tracker.measure((x, y))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         with _quiet_tracker(every=5, log=log, append=True) as tracker:
+            tracker.measure((x, y), step=7)
             tracker.step((x, y), step=10)
-    assert [r["step"] for r in _read(log)] == [0, 5, 10]
+    assert [r["step"] for r in _read(log)] == [0, 5, 7, 10]
 
 
 def test_the_eval_batch_is_the_tracker_s_own_copy(tmp_path: Path) -> None:
