@@ -384,6 +384,28 @@ def test_auto_data_is_digits_without_mnist(tmp_path: Path) -> None:
     assert presets.resolve_data_name("auto", tmp_path) == "mnist"
 
 
+def test_a_leading_tilde_in_the_data_dir_is_the_home_folder(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """``--data-dir=~/data`` (the shell expands no ``~`` after ``=``) and a quoted
+    ``HESSRANK_DATA_DIR='~/data'`` were read as a folder named ``~``, where the examples read
+    the home folder's (probe 160)."""
+    import hessrank.cli as cli_module
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in presets.MNIST_FILES:
+        (raw / name).touch()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for argv, variable in ((["rank", "--data-dir=~/data"], None), (["rank"], "~/data")):
+        if variable is None:
+            monkeypatch.delenv(presets.DATA_DIR_ENV, raising=False)
+        else:
+            monkeypatch.setenv(presets.DATA_DIR_ENV, variable)
+        config = cli_module._config(cli_parser().parse_args(argv), ["fisher"], (0,))
+        assert config.data_path() == tmp_path / "data"
+        assert presets.resolve_data_name(config.data, config.data_path()) == "mnist"
+
+
 def test_a_data_dir_variable_without_mnist_is_named(tmp_path: Path, monkeypatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """``--data auto`` falls back to the digits, but a ``$HESSRANK_DATA_DIR`` that is set and
@@ -1249,6 +1271,28 @@ def test_the_summary_averages_the_seeds_every_method_finished() -> None:
     assert point["methods"]["fisher"]["srank"]["mean"] == 10.0
 
 
+def test_the_title_counts_the_seeds_of_each_checkpoint_where_they_differ() -> None:
+    """Seed 1 stopped after its first checkpoint: that column averaged 2 seeds under a title of
+    "1 of 2 seeds" (probe 160)."""
+    from hessrank.cli import report
+
+    def point(index: int) -> dict:
+        return {"index": index, "task": index + 1, "previous_task_train_error": None,
+                "pyhessian": None, "methods": {"fisher": {"srank": 5.0, "trace": 1.0}}}
+
+    result = {"config": {"methods": ["fisher"], "seeds": [0, 1], "model": "mlp",
+                         "threshold": 0.99, "activation": "relu", "weights": None,
+                         "dtype": "float32"},
+              "runs": [{"seed": 0, "checkpoints": [point(0), point(1), point(2)]},
+                       {"seed": 1, "checkpoints": [point(0)]}],
+              "model": {"name": "mlp", "num_params": 10},
+              "data": {"name": "digits", "num_samples": 8, "num_classes": 3},
+              "interrupted": True, "stopped_by": "Ctrl-C"}
+    assert "1 of 2 seeds at the last checkpoint (2, 1, 1 per checkpoint)" in report.title(result)
+    result["runs"][1]["checkpoints"] = [point(0), point(1), point(2)]
+    assert report.title(result).endswith("2 seeds (mean±std, the sample standard deviation)")
+
+
 def test_plot_breaks_lines_at_another_configuration_and_marks_failures(tmp_path: Path) -> None:
     """A layer frozen (num_params) or a failed measurement between two records had been drawn
     as one line, whose jump read as the curvature's, and a batch of another size
@@ -1314,11 +1358,14 @@ def test_a_preset_too_large_to_allocate_is_one_line(monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize("command", ["compare", "rank"])
 def test_plot_names_a_report_it_is_given(command: str, tmp_path: Path, capsys) -> None:
     """A ``--json`` report passed to ``hessrank plot`` had been refused as "not JSON" (it is one
-    indented document, not a log of lines; probe 146): the error says what it is."""
+    indented document, not a log of lines; probe 146): the error says what it is, and only it
+    (a figure there had first been said to be replaced; probe 160)."""
     report = tmp_path / "r.json"
     report.write_text(json.dumps({"schema_version": 1, "command": command, "runs": []},
                                  indent=1))
+    (tmp_path / "r.png").write_bytes(b"a figure")
     status, out, err = run_main(["plot", str(report)], capsys)
+    assert (tmp_path / "r.png").read_bytes() == b"a figure"
     assert status == 2 and out == ""
     assert err == (f"hessrank: error: {report} is a hessrank {command} report (--json), not a "
                    "tracker log: hessrank plot draws the logs a Tracker writes (a comparison's "

@@ -733,7 +733,7 @@ def _is_stdout(path: Path) -> bool:
 
 def _plot(args: argparse.Namespace) -> int:
     from hessrank.cli import report
-    from hessrank.cli.plot import plot
+    from hessrank.cli.plot import plot, read_runs
 
     output = args.output or args.logs[0].with_suffix(".png")
     logs = [log.resolve() for log in args.logs]
@@ -743,8 +743,9 @@ def _plot(args: argparse.Namespace) -> int:
     if output.resolve() in set(logs):
         raise CliError(f"the figure would replace the log {output}: name the figure with -o "
                        "(e.g. -o curvature.png)")
+    runs = read_runs(args.logs, args.rank)
     report.check_outputs({"-o": output})
-    for what in plot(args.logs, output, args.rank, args.layers):
+    for what in plot(runs, args.logs, output, args.rank, args.layers):
         print(f"hessrank: left out {what}", file=sys.stderr)
     _wrote([output], quiet=False)
     return 0

@@ -76,8 +76,8 @@ class Config:
         return device
 
     def data_path(self) -> Path | None:
-        """``--data-dir``, else ``$HESSRANK_DATA_DIR``."""
-        return Path(self.data_dir) if self.data_dir else presets.default_data_dir()
+        """``--data-dir``, else ``$HESSRANK_DATA_DIR``, a leading ``~`` expanded."""
+        return Path(self.data_dir).expanduser() if self.data_dir else presets.default_data_dir()
 
 
 @dataclass

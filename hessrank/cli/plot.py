@@ -315,16 +315,27 @@ def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Fi
     return fig
 
 
-def plot(paths: list[Path], output: Path, key: str, layers: bool) -> list[str]:
-    """Read the logs, draw and write ``output``; returns what was left out of the plot, one
-    line each: a last line cut by a crash, then the failed measurements (each marked by a
-    dotted line at its step, where its method's line breaks)."""
+def read_runs(paths: list[Path], key: str) -> list[Run]:
+    """The logs' runs, checked to hold something to plot under ``key`` (before a figure that
+    exists is said to be replaced: a compare report given as a log had been; probe 160).
+
+    Raises:
+        CliError: a log cannot be read or holds no record, nor a failure, to plot.
+    """
     runs = [read_run(path, name) for path, name in zip(paths, run_names(paths), strict=True)]
     if not any(_is_number(r.get(key)) for run in runs for r in run.records) and not any(
             run.failures for run in runs):  # (an empty figure and matplotlib's warning; probe 146)
         raise CliError(f"no record of {', '.join(map(str, paths))} holds a {key!r} value: "
                        "nothing to plot (a Tracker writes one per measurement; --rank names the "
                        "rank to draw)")
+    return runs
+
+
+def plot(runs: list[Run], paths: list[Path], output: Path, key: str, layers: bool
+         ) -> list[str]:
+    """Draw the ``runs`` read from ``paths`` (:func:`read_runs`) and write ``output``; returns
+    what was left out of the plot, one line each: a last line cut by a crash, then the failed
+    measurements (each marked by a dotted line at its step, where its method's line breaks)."""
     fig = build_figure(runs, key, layers)
     save_figure(fig, output, "--output")
     left_out = [f"{path}:{run.cut_line}, the last line, which a crash cut mid-write"

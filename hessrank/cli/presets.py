@@ -50,9 +50,10 @@ class Dataset:
 
 
 def default_data_dir() -> Path | None:
-    """The data directory from ``$HESSRANK_DATA_DIR``, if set."""
+    """The data directory from ``$HESSRANK_DATA_DIR``, if set, a leading ``~`` expanded (as
+    the examples do; probe 160)."""
     value = os.environ.get(DATA_DIR_ENV)
-    return Path(value) if value else None
+    return Path(value).expanduser() if value else None
 
 
 def has_mnist(data_dir: Path | None) -> bool:

@@ -259,6 +259,11 @@ def title(report: dict[str, Any]) -> str:
     seed_text = (f"seed {seeds[0]}" if len(seeds) == 1 else
                  f"{measured} of {len(seeds)} seeds" if measured < len(seeds) else
                  f"{len(seeds)} seeds")
+    counts = [point["seeds"] for point in points]
+    if len(seeds) > 1 and len(set(counts)) > 1:  # (a seed stopped after its first checkpoint:
+        # that column averaged 2 seeds under a title of "1 of 2"; probe 160)
+        seed_text += f" at the last checkpoint ({', '.join(map(str, counts))} per checkpoint)"
+
     if len(seeds) > 1:
         seed_text += " (mean±std, the sample standard deviation)"
     if model is None or data is None:
