@@ -70,6 +70,7 @@ from hessrank.ranks import (
     MAX_DEFAULT_RTOL,
     check_rank_options,
     default_rtol,
+    numerical_rank,
     spectral_ranks,
     srank,
     within_rank_bounds,
@@ -768,6 +769,9 @@ def _result(
             "from the output); the same call on a float64 copy of the model tells them apart")
     ranks = spectral_ranks(counted, threshold, tolerance, spectrum.weights, spectrum.max_rank)
     resolution = spectrum.eps or eps
+    finer = ("use a dense or Gram method (exact, ggn, fisher) on a float64 copy of the model: "
+             "the Lanczos methods' float32 basis resolves no further"
+             if spectrum.ritz_values is not None else "analyse a float64 copy of the model")
     if rtol is not None and rtol < resolution:
         # (a fisher_lanczos at rtol = 1e-12 in float32 gave 15 in [15, 15], "the other 198
         # exactly zero", for a numerical rank of 16: its 16th eigenvalue, 1e-10 of the top, was
@@ -776,10 +780,14 @@ def _result(
             f"numerical rank at rtol = {rtol:.3g}, below the computation's epsilon "
             f"({resolution:.3g}): eigenvalues under that fraction of the largest are within its "
             "rounding, and what it counts (with its interval) below that is the rounding's as "
-            "much as the matrix's; pass rtol >= epsilon, or " + (
-                "use a dense or Gram method (exact, ggn, fisher) on a float64 copy of the model: "
-                "the Lanczos methods' float32 basis resolves no further"
-                if spectrum.ritz_values is not None else "analyse a float64 copy of the model"))
+            f"much as the matrix's; pass rtol >= epsilon, or {finer}")
+    rounding_counted = ranks["srank"] - numerical_rank(counted, resolution, spectrum.weights)
+    if rounding_counted > 0:  # (threshold=1.0 gave a float32 exact srank 43 for 32; probe 163)
+        notes.append(
+            f"srank at threshold {threshold:g} counts {rounding_counted:g} eigenvalue(s) under "
+            f"the computation's epsilon ({resolution:.3g}) of the largest, within its rounding: "
+            "the rounding's as much as the matrix's; a threshold further from 1 (the default "
+            f"0.99) leaves them out, or {finer}")
     shown = spectrum.eigenvalues
     if rtol is None and size * (spectrum.eps or eps) > MAX_DEFAULT_RTOL:
         notes.append(f"numerical rank at rtol = {MAX_DEFAULT_RTOL:g}: the default rule, matrix "

@@ -59,10 +59,10 @@ def _checked(eigenvalues: np.ndarray, weights: np.ndarray | None) -> tuple[np.nd
 
 
 def _singular_values(
-    eigenvalues: np.ndarray, weights: np.ndarray | None
+    eigenvalues: np.ndarray, weights: np.ndarray | None, scaled: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """|eigenvalues| sorted decreasingly, divided by the largest (every rank here is
-    scale-free, and a spectrum near the ends of float64's range neither overflows nor
+    """|eigenvalues| sorted decreasingly, divided by the largest where ``scaled`` (every rank
+    here is scale-free, and a spectrum near the ends of float64's range neither overflows nor
     underflows), with their weights (ones when ``weights`` is None).
 
     Raises:
@@ -75,7 +75,7 @@ def _singular_values(
     values, weights = values[kept], weights[kept]
     order = np.argsort(-values, kind="stable")
     largest = values[order[0]] if values.size else 0.0
-    return (values[order] / largest if largest > 0 else values[order]), weights[order]
+    return (values[order] / largest if largest > 0 and scaled else values[order]), weights[order]
 
 
 def whole_count(count: float) -> float:
@@ -174,9 +174,12 @@ def numerical_rank(
     if not (math.isfinite(rtol) and 0 <= rtol < 1):
         raise ValueError(f"rtol must lie in [0, 1), got {rtol}: it is relative to the largest "
                          "|eigenvalue|, and from 1 on no eigenvalue is above it")
-    s, w = _singular_values(eigenvalues, weights)
+    s, w = _singular_values(eigenvalues, weights, scaled=False)
     if s.size == 0 or s[0] == 0.0:
         return 0.0
+    # unscaled: a ratio to the largest underflows to 0 more than 1e308 below it (rtol = 0 did
+    # not count 1e-300 beside 1e300; probe 163), while rtol * largest cannot overflow, and
+    # where it underflows to 0 every nonzero value is above the cut
     return whole_count(float(w[s > rtol * s[0]].sum()))
 
 

@@ -207,6 +207,10 @@ def test_rank_definitions_on_known_spectra():
     assert ranks.stable_rank(flat) == pytest.approx(10)
     assert ranks.participation_ratio(flat) == pytest.approx(10)
     assert ranks.numerical_rank(np.array([1.0, 1e-3, 1e-9]), rtol=1e-6) == 2
+    # the ratio to the largest underflowed past 1e308 below it: rtol = 0 counted one nonzero
+    # eigenvalue of two (probe 163)
+    assert ranks.numerical_rank(np.array([1e300, -1e-300, 0.0]), rtol=0.0) == 2
+    assert ranks.numerical_rank(np.array([1e10, 1e-315, 0.0]), rtol=0.0) == 2
     spiky = np.array([-100.0, 1.0, 0.5, 0.0])
     assert ranks.srank(spiky, 0.99) == 2  # |.| taken: 100 / 101.5 < 0.99 <= 101 / 101.5
     assert ranks.stable_rank(spiky) == pytest.approx((100**2 + 1 + 0.25) / 100**2)

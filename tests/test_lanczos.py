@@ -1285,6 +1285,33 @@ def test_an_rtol_below_the_computation_s_epsilon_is_noted(method, dtype, rtol, n
         assert int((values > rtol * values[0]).sum()) != result.ranks["numerical"]
 
 
+#: (method, model dtype, threshold, noted): an srank that counts eigenvalues within the
+#: computation's rounding is noted
+_THRESHOLD_CASES = [("exact", torch.float32, 1.0, True), ("fisher", torch.float32, 1.0, True),
+                    ("exact", torch.float32, 0.99, False), ("fisher", torch.float64, 1.0, False)]
+
+
+@pytest.mark.parametrize(("method", "dtype", "threshold", "noted"), _THRESHOLD_CASES)
+def test_an_srank_that_counts_rounding_is_noted(method, dtype, threshold, noted):
+    """Duplicated samples (an EF of rank 4): at ``threshold=1.0`` a float32 ``exact`` srank was
+    43 and ``fisher``'s 6, where float64 counts 32 and 4, the rest eigenvalues of 1e-10 to 1e-8
+    of the top, with no note (probe 163). Where the srank counts eigenvalues below epsilon of
+    the largest, a note says how many, and that many fewer is the float64 model's srank."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+    x, y = torch.randn(4, 4, dtype=dtype), torch.randint(0, 3, (4,))
+    x, y = torch.cat([x, x]), torch.cat([y, y])
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), method,
+                                     threshold=threshold)
+    note = [text for text in result.notes if "under the computation's epsilon" in text]
+    assert bool(note) == noted, result.notes
+    if noted:
+        counted = int(re.search(r"counts (\d+) eigenvalue", note[0]).group(1))
+        wide = hessrank.effective_rank(copy.deepcopy(model).double(), nn.CrossEntropyLoss(),
+                                       (x.double(), y), method, threshold=threshold)
+        assert result.rank - counted == wide.rank
+
+
 @pytest.mark.parametrize("method", ["lanczos", "fisher_lanczos"])
 def test_a_budget_below_a_tenth_of_the_rank_bound_is_noted(method):
     """60 steps at P = 55,050 had given srank 45,117 with no word that the budget was a
