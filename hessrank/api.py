@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointError
 
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
-from hessrank.curvature.loss import subnormal_scale_error
+from hessrank.curvature.loss import subnormal_scale_error, vanished_curvature_error
 from hessrank.distributed import (
     DataParallel,
+    ShardedProblem,
     agreement,
     failures_shared,
     is_ddp_without_group,
@@ -58,6 +59,7 @@ from hessrank.problem import (
     check_loss_and_mode,
     check_model,
     check_number,
+    dtype_name,
     infinite_inputs,
     loss_evaluations,
     lower_precision_cause,
@@ -443,6 +445,14 @@ def effective_rank(
                         spectrum = estimator.run(problem, run_settings, method_options)
                         error = subnormal_scale_error(_top(spectrum), problem.dtype,
                                                       estimator.source)
+                        if (error is None and _top(spectrum) == 0 and parallel is None
+                                and problem.dtype != torch.float64
+                                and not isinstance(problem, StreamedProblem)):
+                            with torch.no_grad():
+                                reached = problem.forward()
+                            if isinstance(reached, Tensor):
+                                error = vanished_curvature_error(
+                                    problem.loss_fn, reached, problem.targets, estimator.source)
                         if error is not None:
                             raise error
                         if block_settings:
@@ -454,7 +464,11 @@ def effective_rank(
                                     block_settings[group], method_options)
                                 block_seconds[group] = _seconds_since(started)
                     except NotFiniteError as error:
-                        cause = infinite_inputs(problem)
+                        # (diagnosed on this process's shard alone: a diagnosis's collectives
+                        # in one process had aborted the group in gloo; probe 161)
+                        diagnosed = problem.local() if isinstance(problem, ShardedProblem) \
+                            else problem
+                        cause = infinite_inputs(diagnosed)
                         if cause is None:
                             raise
                         raise not_finite_error(error.dtype, cause) from None
@@ -471,12 +485,14 @@ def effective_rank(
                                 "differentiates twice, which a checkpoint's recomputation does "
                                 "not see; analyse the model without gradient checkpointing (the "
                                 "same function), or use method='fisher' or 'ggn'") from error
+                        diagnosed = problem.local() if isinstance(problem, ShardedProblem) \
+                            else problem
                         if not isinstance(problem, StreamedProblem):  # (the survey checks those)
-                            refuse_target_dtype_of(problem, error)
+                            refuse_target_dtype_of(diagnosed, error)
                         if _DTYPE_MISMATCH.search(str(error)):  # dtypes that do not meet: the
                             # cause (a Gram rule's product of float32 gradients and the bfloat16
                             # inputs that autocast inside forward gives a module; probe 138)
-                            cause = lower_precision_cause(problem, 0.0, with_loss=True)
+                            cause = lower_precision_cause(diagnosed, 0.0, with_loss=True)
                             if cause:
                                 raise ValueError(f"{str(error).splitlines()[0]}: "
                                                  f"{cause}") from error
@@ -767,6 +783,21 @@ def _result(
             "rounding of terms the loss cancels (a module whose output every logit shares, "
             "under cross-entropy) or real curvature computed on its own scale (a layer far "
             "from the output); the same call on a float64 copy of the model tells them apart")
+    subnormal = subnormal_scale_error(
+        _top(spectrum), problem.dtype, estimator.source,
+        remedy="The same call on a float64 copy of the model measures it") if whole_scale else None
+    if subnormal is not None:  # (a block of a whole in range: a ggn block of 1.5e-43 had had
+        # srank 19 for 14 with no word; probe 162)
+        notes.append(f"this block: {subnormal}")
+    info = torch.finfo(problem.dtype)
+    if whole_scale and _top(spectrum) == 0 and whole_scale < info.smallest_normal / info.eps:
+        # (a block of 1.6e-44 beside a whole of 6e-38 had come out zero, every rank 0)
+        notes.append(
+            f"this block is zero, and the whole curvature's largest eigenvalue, "
+            f"{whole_scale:.3g}, is below {info.smallest_normal / info.eps:.3g}, "
+            f"{dtype_name(problem.dtype)}'s smallest normal number over its epsilon: a block "
+            "smaller than epsilon of the whole underflows to zero there; the same call on a "
+            "float64 copy of the model tells")
     ranks = spectral_ranks(counted, threshold, tolerance, spectrum.weights, spectrum.max_rank)
     resolution = spectrum.eps or eps
     finer = ("use a dense or Gram method (exact, ggn, fisher) on a float64 copy of the model: "

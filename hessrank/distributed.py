@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from hessrank.guard import ModuleGenerators, evaluation_mode, raise_if_signalled
+from hessrank.guard import GroupFailure, ModuleGenerators, evaluation_mode, raise_if_signalled
 from hessrank.problem import (
     FOR_THE_LOSS_S,
     HESSIAN_NEEDS,
@@ -248,12 +248,6 @@ class DataParallel:
         return (f"data-parallel over {processes} ({self.backend}): n = "
                 f"{sum(self.sizes)} from shards of {shards} samples; tensor collectives moved "
                 f"{self.exchanged_bytes / 2**20:.3g} MiB per process")
-
-
-class GroupFailure(RuntimeError):
-    """Another process of the group failed; this one stops at its next exchange with it, with
-    this error, whose message names the failing process and its error (a data-parallel call,
-    ``effective_rank(..., process_group=...)``)."""
 
 
 @dataclass

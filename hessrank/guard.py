@@ -407,6 +407,14 @@ def signalled(error: BaseException) -> BaseException | None:
     return None
 
 
+class GroupFailure(RuntimeError):
+    """Another process of the group failed; this one stops at its next exchange with it, with
+    this error, whose message names the failing process and its error (a data-parallel call,
+    ``effective_rank(..., process_group=...)``; :mod:`hessrank.distributed`). Sent out of the
+    call past its handlers of the loss's failures, as a signal's exception is
+    (:func:`raise_if_signalled`)."""
+
+
 class _Signalled(BaseException):
     """A signal handler's exception on its way out of a call: a ``BaseException``, which no
     handler of the call's own that catches ``Exception`` (or ``ValueError``, where a float64
@@ -428,10 +436,20 @@ def raise_if_signalled(error: BaseException) -> None:
     timeout lost (probe 132: 19 of 60 ``fisher`` calls under a random timer); re-raised as it
     was, a handler's ``ValueError`` was caught again one level up (probe 134).
 
+    A :class:`GroupFailure` (another process of a data-parallel call failed) goes out the same
+    way: a float64 trial of the loss that met it had taken it for the loss failing in float64,
+    gone on, and waited for the failed process until gloo closed the connection (probe 161).
+
     Raises:
         _Signalled: carrying that exception.
     """
     found = signalled(error)
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while found is None and current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found = current if isinstance(current, GroupFailure) else None
+        current = current.__cause__ or current.__context__
     if found is not None:
         raise _Signalled(found) from None
 

@@ -1210,7 +1210,8 @@ class Tracker:
             if passed:
                 self._warned_passed = True
                 remedy = ("name steps your loop counts, or use every=" if self._steps is not None
-                          else f"use an every= that divides the steps' stride ({index - last})")
+                          else f"use an every= that is a multiple of the steps' stride "
+                          f"({index - last})")
                 more = " ..." if len(passed) > 5 else ""
                 warnings.warn(
                     f"hessrank.Tracker: step {index} follows step {self._last_step}, passing "

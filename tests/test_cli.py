@@ -388,14 +388,20 @@ def test_a_leading_tilde_in_the_data_dir_is_the_home_folder(tmp_path: Path,
                                                              monkeypatch) -> None:
     """``--data-dir=~/data`` (the shell expands no ``~`` after ``=``) and a quoted
     ``HESSRANK_DATA_DIR='~/data'`` were read as a folder named ``~``, where the examples read
-    the home folder's (probe 160)."""
+    the home folder's (probe 160); ``--json=~/r.json`` made a folder named ``~`` (probe 162)."""
     import hessrank.cli as cli_module
 
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    status = main(["rank", "--data", "digits", "--method", "fisher", "--quiet",
+                   "--json=~/r.json"])
+    assert status == 0 and json.loads((tmp_path / "r.json").read_text())["command"] == "rank"
+    assert not (tmp_path / "cwd" / "~").exists()
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in presets.MNIST_FILES:
         (raw / name).touch()
-    monkeypatch.setenv("HOME", str(tmp_path))
     for argv, variable in ((["rank", "--data-dir=~/data"], None), (["rank"], "~/data")):
         if variable is None:
             monkeypatch.delenv(presets.DATA_DIR_ENV, raising=False)

@@ -1237,6 +1237,10 @@ _MARGIN_CASES = [
                    r"scale the loss \(loss_fn = lambda f, y: 2.0\*\*68"),
     (110, "fisher", r"every sample's loss gradient w.r.t. the outputs is zero in float32, "
                     r"not in float64.*Analyse a float64 copy"),
+    # (exact and lanczos had returned srank 0 with no word; probe 162)
+    (110, "exact", r"hessian matrix is zero in float32, but the loss's gradient w.r.t. the "
+                   r"outputs is not in float64.*Analyse a float64 copy"),
+    (110, "lanczos", r"hessian matrix is zero in float32, but the loss's gradient"),
 ]
 
 
@@ -1304,6 +1308,43 @@ def test_a_curvature_below_the_normal_range_is_refused_and_the_advised_scale_mea
                                    (x.double(), y), method, **options)
     assert_spectra_close(scaled.eigenvalues / 4.0**power, wide.eigenvalues, count=3, rtol=1e-5)
     assert scaled.rank == wide.rank
+
+
+@pytest.mark.parametrize(("scale", "noted"), [
+    (1e-36, r"this block: the ggn matrix's largest eigenvalue is .* below float32's normal "
+            r"range.*float64 copy of the model measures it"),
+    (1e-37, r"this block is zero, and the whole curvature's largest eigenvalue.*is below "
+            r"9\.86e-32, float32's smallest normal number over its epsilon"),
+    (1.0, None)])
+def test_a_block_below_the_normal_range_is_noted(scale, noted):
+    """A whole curvature in float32's range whose first layer's block is 1e-6 of it: that
+    block's eigenvalues were subnormal numbers (srank 19 for 14), or zero (every rank 0), with
+    no word (probe 162)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-3)
+    x, y = classification_batch(12, 5, 3, dtype=torch.float32)
+    result = hessrank.effective_rank(model, lambda f, t: scale * CE(f, t), (x, y), "ggn",
+                                     per_layer=True)
+    shown = " | ".join(result.layers["0"].notes)
+    if noted is None:
+        assert "normal range" not in shown and "block is zero" not in shown, shown
+    else:
+        assert re.search(noted, shown), shown
+    assert not any("normal range" in note for note in result.notes)  # the whole is in range
+
+
+@pytest.mark.parametrize("method", ["exact", "ggn"])
+def test_a_float64_curvature_below_the_normal_range_is_told_to_scale_the_loss(method):
+    """float64's normal range ends at 2.2e-308: a loss scaled by 1e-310 was refused with the
+    advice to analyse a float64 copy of the float64 model (probe 162)."""
+    model = mlp((5, 8, 3), dtype=torch.float64)
+    x, y = classification_batch(12, 5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"below float64's normal range.*Ranks are scale-free: "
+                                         r"scale the loss nearer to 1") as refused:
+        hessrank.effective_rank(model, lambda f, t: 1e-310 * CE(f, t), (x, y), method)
+    assert "float64 copy" not in str(refused.value)
 
 
 def _saturated_logistic_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -1194,13 +1194,18 @@ _PASSED_SCHEDULES = [({"steps": [5, 15]}, [], {"steps": [4, 8]}, [4, 8]),
 @pytest.mark.parametrize(("schedule", "measured", "met", "met_measured"), _PASSED_SCHEDULES)
 def test_scheduled_steps_the_loop_passes_over_are_warned_of(tmp_path: Path, schedule, measured,
                                                              met, met_measured) -> None:
+    # (every=: the remedy had said "an every= that divides the stride", the wrong way round;
+    # probe 162)
+    remedy = ("name steps your loop counts, or use every=" if "steps" in schedule else
+              r"use an every= that is a multiple of the steps' stride \(2\)")
     """``steps=[5, 15]`` with ``step=2 * i``: no step is scheduled, nothing was measured, and
     the log was removed as empty at close, without a word (probe 153); ``every=5``, every other
     multiple of 5 (probe 160)."""
     batch = classification_batch(4, 6, 3, dtype=torch.float32)
     tracker = hessrank.Tracker(_net().eval(), CE, **schedule, log=None)
     with pytest.warns(RuntimeWarning, match=r"step 6 follows step 4, passing over the scheduled "
-                                            r"step\(s\) \[5\].*\(said once\)") as caught:
+                                            rf"step\(s\) \[5\].*{remedy} \(said once\)"
+                      ) as caught:
         for i in range(10):
             tracker.step(batch, step=2 * i)
     assert len([w for w in caught if "passing over" in str(w.message)]) == 1

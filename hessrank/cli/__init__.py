@@ -39,6 +39,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"hessrank: error: {message} (see {self.prog} --help)\n")
 
 
+def _path(text: str) -> Path:
+    """A path given on the command line, a leading ``~`` expanded: the shell expands none after
+    ``--json=`` (a folder named ``~`` had been made; probe 162)."""
+    return Path(text).expanduser()
+
+
 def _output_file(example: str) -> Callable[[str], Path]:
     """The parser of a file to write (``-``: stdout), refusing a name that ends like a folder's
     (``--json out/`` had written a file named ``out``; probe 115); ``example`` names a file."""
@@ -46,7 +52,7 @@ def _output_file(example: str) -> Callable[[str], Path]:
         if text != "-" and text.endswith(("/", os.sep)):
             raise argparse.ArgumentTypeError(f"{text} names a folder: name a file in it, e.g. "
                                              f"{text}{example}")
-        return Path(text)
+        return Path(text) if text == "-" else _path(text)
     return parse
 
 
@@ -360,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         "against step, one line per method (and per file), per-layer panels with --layers.",
     )
     plot.add_argument(
-        "logs", nargs="+", type=Path, metavar="LOG", help="JSON-lines file(s) of hessrank.Tracker"
+        "logs", nargs="+", type=_path, metavar="LOG", help="JSON-lines file(s) of hessrank.Tracker"
     )
     plot.add_argument(
         "-o", "--output", type=_output_file("ranks.png"),
@@ -668,7 +674,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _read_files(args: argparse.Namespace) -> dict[str, Path | None]:
     """The files a ``compare`` or ``rank`` command reads (option -> path), which no output may
     replace."""
-    files = {"--weights": None if args.weights is None else Path(args.weights)}
+    files = {"--weights": None if args.weights is None else _path(args.weights)}
     module, _, _ = args.model.partition(":")
     if module.endswith(".py"):  # path/file.py:factory (probe 115: --json could replace it)
         files["--model"] = Path(module)

@@ -112,7 +112,7 @@ def build_problem(cfg: Config, seed: int) -> Problem:
         seed=seed,
         dtype=dtype,
         device=device,
-        weights=Path(cfg.weights) if cfg.weights else None,
+        weights=Path(cfg.weights).expanduser() if cfg.weights else None,
     )
     presets.check_model(model, data, cfg.model)
     return Problem(model, data, nn.CrossEntropyLoss(), presets.num_params(model))

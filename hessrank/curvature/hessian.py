@@ -139,6 +139,9 @@ def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
             raise
         except Exception as error:  # noqa: BLE001 - this batch's loss as given
             raise_if_signalled(error)
+            if isinstance(problem, ShardedProblem):  # (no other route than the others': a
+                # process that took it exchanged its outputs again, and gloo aborted; probe 161)
+                raise
             why = float64_failure(error, "on a batch of the data set")
         else:
             with torch.no_grad():  # (the loss as given, checked by the data set's first pass)
@@ -171,7 +174,19 @@ def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None
         if outputs.dtype == torch.float64 and lowered is None:
             return None, None
         kept = None if lowered is None else kept_cast(lowered)
-        loss_fn, why = (None, kept) if kept is not None else _twin_trials(problem, outputs)
+        # a shard's trials on its own samples, without exchanges: a process whose twin failed
+        # had skipped the trial's exchange of outputs that the others made (probe 161)
+        loss_fn, why = (None, kept) if kept is not None else _twin_trials(
+            problem.local() if isinstance(problem, ShardedProblem) else problem, outputs)
+    if isinstance(problem, ShardedProblem):
+        # one decision for every process: a shard whose trial failed had run the loss as given
+        # while the others widened it, and the next exchange of outputs, float32 against
+        # float64, aborted the interpreter in gloo (probe 161)
+        reasons = problem.parallel.gather_objects(why if loss_fn is None else None)
+        refused = next(((rank, reason) for rank, reason in enumerate(reasons)
+                        if reason is not None), None)
+        if refused is not None and loss_fn is not None:
+            loss_fn, why = None, f"{refused[1]} (in process {refused[0]})"
     if lowered is not None:
         add_lowered_loss_note(problem.notes, lowered, why)
     return loss_fn, why

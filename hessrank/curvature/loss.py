@@ -56,6 +56,7 @@ from hessrank.problem import (
     evaluate_loss,
     listed_names,
     loss_modified_in_place_error,
+    output_gradient,
     without_second_derivative,
 )
 
@@ -344,7 +345,8 @@ def _check_squares_in_range(factors: Tensor, dtype: torch.dtype) -> None:
 
 
 def subnormal_scale_error(scale: float, dtype: torch.dtype, source: str,
-                          what: str = "largest eigenvalue") -> ValueError | None:
+                          what: str = "largest eigenvalue", remedy: str | None = None
+                          ) -> ValueError | None:
     """The error for a curvature whose ``scale`` (its largest ``|eigenvalue|``, or ``what``
     else) is below ``dtype``'s normal range, if it is: its products were subnormal numbers,
     whose rounding is absolute (``eps`` of the smallest normal number), so its eigenvalues and
@@ -352,7 +354,8 @@ def subnormal_scale_error(scale: float, dtype: torch.dtype, source: str,
     reported an eigenvalue of -0.98 of the top, its ``fisher`` eigenvalues off by 8e-3 of it
     at 1e-21, and ``exact`` of one scaled by 2^-136 was refused as a wrong second derivative
     (probe 157). ``source`` (``"hessian"``, ``"ggn"``, ``"fisher"``) sets the scale advised:
-    the Hessian and the GGN scale with the loss, the empirical Fisher with its square."""
+    the Hessian and the GGN scale with the loss, the empirical Fisher with its square;
+    ``remedy``, where given, replaces that advice."""
     info = torch.finfo(dtype)
     if not 0 < scale < info.smallest_normal:
         return None
@@ -363,13 +366,46 @@ def subnormal_scale_error(scale: float, dtype: torch.dtype, source: str,
         f"{info.smallest_normal * info.eps:.2g} whatever their size "
         f"({info.smallest_normal * info.eps / scale:.1g} of it and more of its smaller "
         f"eigenvalues), so its spectrum and ranks would be rounding. "
-        f"{rescaling_advice(power, dtype)}")
+        f"{rescaling_advice(power, dtype) if remedy is None else remedy}")
+
+
+def vanished_curvature_error(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                             source: str) -> ValueError | None:
+    """The error for a curvature computed as exactly zero at ``outputs`` (below float64) where
+    the loss's gradient w.r.t. them is zero in their dtype but not in float64, if it is: a
+    softmax or sigmoid saturated past the dtype's range, whose curvature the dtype cannot hold
+    (a float32 classifier at logit margins past 104 had ``exact`` and ``lanczos`` srank 0, no
+    word, where ``fisher`` and ``ggn`` refuse; probe 162). A loss whose gradient vanishes in
+    float64 too (a fit, every target ignored) has no such error."""
+    if outputs.dtype == torch.float64 or bool(
+            (output_gradient(loss_fn, outputs, targets) != 0).any()):
+        return None
+    try:
+        wide = _in_float64(lambda twin, leaf, labels: output_gradient(saturation_safe(twin), leaf,
+                                                                     labels),
+                           loss_fn, outputs, targets)
+    except ValueError as failure:  # (no float64 twin: nothing to tell it by)
+        raise_if_signalled(failure)
+        return None
+    largest = float(wide.abs().amax()) if wide.numel() else 0.0
+    if largest == 0.0:
+        return None
+    name = dtype_name(outputs.dtype)
+    return ValueError(
+        f"the {source} matrix is zero in {name}, but the loss's gradient w.r.t. the outputs is "
+        f"not in float64 (up to {largest:.3g}: a softmax or a sigmoid saturated past {name}'s "
+        f"range), so its curvature is below {name}'s range. Analyse a float64 copy of the model "
+        "(copy.deepcopy(model).double(), float64 inputs)")
 
 
 def rescaling_advice(power: int, dtype: torch.dtype) -> str:
     """The remedies for a curvature outside ``dtype``'s normal range that a loss scaled by
     ``2**power`` brings into it: that scale where ``dtype`` holds it (a loss saturated past
     float32's range needed 2**160, which overflows the loss; probe 157), and a float64 copy."""
+    if dtype == torch.float64:  # (a float64 model had been told to analyse a float64 copy)
+        scale = (f" (loss_fn = lambda f, y: 2.0**{power} * loss(f, y))"
+                 if abs(power) < math.log2(torch.finfo(dtype).max) - 8 else "")
+        return f"Ranks are scale-free: scale the loss nearer to 1{scale}"
     float64_copy = ("analyse a float64 copy of the model (copy.deepcopy(model).double(), float64 "
                     "inputs)")
     if abs(power) >= math.log2(torch.finfo(dtype).max) - 8:  # (room for the loss's own size)
