@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import numbers
 import re
 import time
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointError
 
 from hessrank.curvature.hessian import HessianOperator, dense_hessian
-from hessrank.curvature.loss import subnormal_scale_error, vanished_curvature_error
+from hessrank.curvature.loss import subnormal_scale_error, vanished_curvature_note
 from hessrank.distributed import (
     DataParallel,
     ShardedProblem,
@@ -445,16 +446,11 @@ def effective_rank(
                         spectrum = estimator.run(problem, run_settings, method_options)
                         error = subnormal_scale_error(_top(spectrum), problem.dtype,
                                                       estimator.source)
-                        if (error is None and _top(spectrum) == 0 and parallel is None
-                                and problem.dtype != torch.float64
-                                and not isinstance(problem, StreamedProblem)):
-                            with torch.no_grad():
-                                reached = problem.forward()
-                            if isinstance(reached, Tensor):
-                                error = vanished_curvature_error(
-                                    problem.loss_fn, reached, problem.targets, estimator.source)
                         if error is not None:
                             raise error
+                        if _top(spectrum) == 0 and problem.dtype != torch.float64 and \
+                                not isinstance(problem, StreamedProblem):
+                            _note_vanished(problem, parallel, estimator.source)
                         if block_settings:
                             spectrum.layers = {}
                             for group, names in problem.layers().items():
@@ -735,6 +731,23 @@ def _top(spectrum: Spectrum) -> float:
     return float(np.abs(spectrum.eigenvalues).max(initial=0.0))
 
 
+def _note_vanished(problem: CurvatureProblem, parallel: DataParallel | None,
+                   source: str) -> None:
+    """Add :func:`~hessrank.curvature.loss.vanished_curvature_note`'s note of a zero curvature
+    to ``problem.notes``, read on this process's shard (one forward without a graph), the
+    first process's that has one in every process (a data-parallel call had returned srank 0
+    without it; probe 164)."""
+    local = problem.local() if isinstance(problem, ShardedProblem) else problem
+    with torch.no_grad():
+        reached = local.forward()
+    note = (vanished_curvature_note(local.loss_fn, reached, local.targets, source)
+            if isinstance(reached, Tensor) else None)
+    if parallel is not None:
+        note = next((found for found in parallel.gather_objects(note) if found), None)
+    if note is not None:
+        problem.notes.append(note)
+
+
 def _result(
     spectrum: Spectrum,
     problem: CurvatureProblem,
@@ -783,9 +796,10 @@ def _result(
             "rounding of terms the loss cancels (a module whose output every logit shares, "
             "under cross-entropy) or real curvature computed on its own scale (a layer far "
             "from the output); the same call on a float64 copy of the model tells them apart")
-    subnormal = subnormal_scale_error(
-        _top(spectrum), problem.dtype, estimator.source,
-        remedy="The same call on a float64 copy of the model measures it") if whole_scale else None
+    finer_still = ("A loss scaled nearer to 1 measures it" if problem.dtype == torch.float64
+                   else "The same call on a float64 copy of the model measures it")
+    subnormal = subnormal_scale_error(_top(spectrum), problem.dtype, estimator.source,
+                                      remedy=finer_still) if whole_scale else None
     if subnormal is not None:  # (a block of a whole in range: a ggn block of 1.5e-43 had had
         # srank 19 for 14 with no word; probe 162)
         notes.append(f"this block: {subnormal}")
@@ -796,8 +810,8 @@ def _result(
             f"this block is zero, and the whole curvature's largest eigenvalue, "
             f"{whole_scale:.3g}, is below {info.smallest_normal / info.eps:.3g}, "
             f"{dtype_name(problem.dtype)}'s smallest normal number over its epsilon: a block "
-            "smaller than epsilon of the whole underflows to zero there; the same call on a "
-            "float64 copy of the model tells")
+            f"smaller than epsilon of the whole underflows to zero there; {finer_still[0].lower()}"
+            f"{finer_still[1:]} (or tells it zero)")
     ranks = spectral_ranks(counted, threshold, tolerance, spectrum.weights, spectrum.max_rank)
     resolution = spectrum.eps or eps
     finer = ("use a dense or Gram method (exact, ggn, fisher) on a float64 copy of the model: "
@@ -812,7 +826,10 @@ def _result(
             f"({resolution:.3g}): eigenvalues under that fraction of the largest are within its "
             "rounding, and what it counts (with its interval) below that is the rounding's as "
             f"much as the matrix's; pass rtol >= epsilon, or {finer}")
-    rounding_counted = ranks["srank"] - numerical_rank(counted, resolution, spectrum.weights)
+    # (a quadrature's count is fractional, its srank whole: 17 against 16.6 had been noted as
+    # 0.39 eigenvalues under epsilon; probe 164)
+    rounding_counted = ranks["srank"] - math.ceil(
+        numerical_rank(counted, resolution, spectrum.weights) - 1e-9)
     if rounding_counted > 0:  # (threshold=1.0 gave a float32 exact srank 43 for 32; probe 163)
         notes.append(
             f"srank at threshold {threshold:g} counts {rounding_counted:g} eigenvalue(s) under "

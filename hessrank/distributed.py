@@ -335,8 +335,13 @@ def failures_shared(parallel: DataParallel | None) -> Iterator[None]:
         yield
     except GroupFailure:
         raise
-    except Exception as error:  # noqa: BLE001 - re-raised once the others know
-        parallel.fail(error)
+    except BaseException as error:  # re-raised once the others know
+        # a Ctrl-C or a signal handler's exception too: the others had waited for the group's
+        # timeout and got gloo's bare error (probe 164); not another process's failure, which
+        # this one only learned of
+        carried = getattr(error, "original", None)  # (a signal's exception on its way out)
+        if not isinstance(carried, GroupFailure):
+            parallel.fail(error if carried is None else carried)
         raise
     parallel.finish()
 

@@ -436,9 +436,11 @@ def raise_if_signalled(error: BaseException) -> None:
     timeout lost (probe 132: 19 of 60 ``fisher`` calls under a random timer); re-raised as it
     was, a handler's ``ValueError`` was caught again one level up (probe 134).
 
-    A :class:`GroupFailure` (another process of a data-parallel call failed) goes out the same
-    way: a float64 trial of the loss that met it had taken it for the loss failing in float64,
-    gone on, and waited for the failed process until gloo closed the connection (probe 161).
+    A :class:`GroupFailure` (another process of a data-parallel call failed), ``error`` itself
+    or its explicit cause, goes out the same way: a float64 trial of the loss that met it had
+    taken it for the loss failing in float64, gone on, and waited for the failed process until
+    gloo closed the connection (probe 161). Not one in ``error``'s context: a call made while
+    the caller handles an earlier call's had raised that one (probe 164).
 
     Raises:
         _Signalled: carrying that exception.
@@ -449,7 +451,7 @@ def raise_if_signalled(error: BaseException) -> None:
     while found is None and current is not None and id(current) not in seen:
         seen.add(id(current))
         found = current if isinstance(current, GroupFailure) else None
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
     if found is not None:
         raise _Signalled(found) from None
 

@@ -174,12 +174,13 @@ def numerical_rank(
     if not (math.isfinite(rtol) and 0 <= rtol < 1):
         raise ValueError(f"rtol must lie in [0, 1), got {rtol}: it is relative to the largest "
                          "|eigenvalue|, and from 1 on no eigenvalue is above it")
-    s, w = _singular_values(eigenvalues, weights, scaled=False)
+    if rtol == 0.0:  # every nonzero value, unscaled: a ratio to the largest underflows to 0
+        # more than 1e308 below it (1e-300 beside 1e300 had not counted; probe 163)
+        s, w = _singular_values(eigenvalues, weights, scaled=False)
+        return whole_count(float(w[s > 0].sum()))
+    s, w = _singular_values(eigenvalues, weights)
     if s.size == 0 or s[0] == 0.0:
         return 0.0
-    # unscaled: a ratio to the largest underflows to 0 more than 1e308 below it (rtol = 0 did
-    # not count 1e-300 beside 1e300; probe 163), while rtol * largest cannot overflow, and
-    # where it underflows to 0 every nonzero value is above the cut
     return whole_count(float(w[s > rtol * s[0]].sum()))
 
 

@@ -211,6 +211,9 @@ def test_rank_definitions_on_known_spectra():
     # eigenvalue of two (probe 163)
     assert ranks.numerical_rank(np.array([1e300, -1e-300, 0.0]), rtol=0.0) == 2
     assert ranks.numerical_rank(np.array([1e10, 1e-315, 0.0]), rtol=0.0) == 2
+    # ... and rtol times a subnormal largest rounded up to it (probe 164)
+    assert ranks.numerical_rank(np.array([5e-324]), rtol=0.6) == 1
+    assert ranks.numerical_rank(np.array([2e-323, 1.5e-323]), rtol=0.7) == 2
     spiky = np.array([-100.0, 1.0, 0.5, 0.0])
     assert ranks.srank(spiky, 0.99) == 2  # |.| taken: 100 / 101.5 < 0.99 <= 101 / 101.5
     assert ranks.stable_rank(spiky) == pytest.approx((100**2 + 1 + 0.25) / 100**2)

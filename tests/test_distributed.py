@@ -472,6 +472,29 @@ def worker(rank: int, port: int, out: str) -> None:
             method="lanczos", process_group=group))
     finally:
         hessian.float64_twin = original_twin
+    # A Ctrl-C in one process: the others had waited for the group's timeout (probe 164).
+    def interrupted(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if rank == 1:
+            raise KeyboardInterrupt("interrupted in process 1")
+        return nn.functional.cross_entropy(outputs, labels)
+
+    try:
+        hessrank.effective_rank(model, interrupted, (x, y), method="fisher", process_group=group)
+        results["interrupted"] = ("none", "")
+    except BaseException as error:  # noqa: BLE001 - compared by the test
+        results["interrupted"] = (type(error).__name__, str(error))
+    # A classifier saturated past float32's range: its float32 Hessian is zero, noted in every
+    # process (a data-parallel call had returned srank 0 without a word; probe 164).
+    saturated = nn.Linear(4, 3)
+    with torch.no_grad():
+        logits = saturated(inputs.float())
+        top = logits.topk(2, dim=1).values
+        saturated.weight.mul_(120.0 / float((top[:, 0] - top[:, 1]).min()))
+        saturated.bias.mul_(120.0 / float((top[:, 0] - top[:, 1]).min()))
+        labels = saturated(x.float()).argmax(1)
+    notes = hessrank.effective_rank(saturated, nn.CrossEntropyLoss(), (x.float(), labels),
+                                    method="exact", process_group=group).notes
+    results["vanished"] = ("none", " | ".join(notes))
     results["options"] = outcome(lambda: hessrank.effective_rank(
         model, nn.CrossEntropyLoss(), (x, y), method="fisher",
         threshold=0.9 if rank == 0 else 0.95, process_group=group))
@@ -642,6 +665,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("options", "ValueError", "call effective_rank differently (threshold"),
     ("mid", "ValueError", "injected failure in process 1"),
     ("late", "ValueError", "injected failure in process 1"),
+    ("interrupted", "KeyboardInterrupt", "interrupted in process 1"),
+    ("vanished", "none", "hessian matrix is zero in float32, and so is the loss's gradient"),
     ("twin-one-process", "none", "not on outputs widened to float64, since no float64 twin in "
                                  "process 1"),
     ("widened-one-process", "RuntimeError", "the global float64 loss fails in process 1"),
@@ -657,6 +682,27 @@ def test_errors_reach_every_process(spawned: list[dict[str, Any]], case: str, ki
         # error reached them at an exchange, after the failing process's own checks).
         assert got_kind in (kind, "RuntimeError", "GroupFailure"), (rank, got_kind)
     assert {spawned[rank][case][0] for rank in range(WORLD)} & {kind}
+
+
+def test_a_call_while_a_group_failure_is_handled_is_its_own() -> None:
+    """Inside ``except GroupFailure:`` (a fallback to one process) a call whose loss's float64
+    trial fails, as the library expects of a float32-only loss, had raised the handled failure
+    again: it was in the trial's error's context (probe 164)."""
+    from hessrank.distributed import GroupFailure
+
+    model = make_model().float()
+    inputs, targets = make_batch()
+
+    def float32_only(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if outputs.dtype == torch.float64:
+            raise RuntimeError("float32 only")
+        return nn.functional.cross_entropy(outputs, labels)
+
+    try:
+        raise GroupFailure("process 1 of the group failed (RuntimeError): out of data")
+    except GroupFailure:
+        result = hessrank.effective_rank(model, float32_only, (inputs.float(), targets), "exact")
+    assert result.rank > 0
 
 
 @pytest.mark.parametrize(("change", "named"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import threading
 
@@ -1208,7 +1209,13 @@ def test_a_low_loss_keeps_its_float64_empirical_fisher(make):
 def _classifier_at_margin(margin: float) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A float64 Tanh MLP 5-16-3 trained with Adam to memorise 12 random labels, its last layer
     then scaled so that the smallest logit margin is ``margin``: ``1 - p_y`` below float64's
-    epsilon at every sample from a margin of 37."""
+    epsilon at every sample from a margin of 37 (a copy of the one trained once a margin)."""
+    model, x, y = _trained_at_margin(margin)
+    return copy.deepcopy(model), x.clone(), y.clone()
+
+
+@functools.cache
+def _trained_at_margin(margin: float) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
     x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
     torch.manual_seed(0)
@@ -1237,10 +1244,6 @@ _MARGIN_CASES = [
                    r"scale the loss \(loss_fn = lambda f, y: 2.0\*\*68"),
     (110, "fisher", r"every sample's loss gradient w.r.t. the outputs is zero in float32, "
                     r"not in float64.*Analyse a float64 copy"),
-    # (exact and lanczos had returned srank 0 with no word; probe 162)
-    (110, "exact", r"hessian matrix is zero in float32, but the loss's gradient w.r.t. the "
-                   r"outputs is not in float64.*Analyse a float64 copy"),
-    (110, "lanczos", r"hessian matrix is zero in float32, but the loss's gradient"),
 ]
 
 
@@ -1277,6 +1280,34 @@ def test_a_float32_classifier_past_float64_s_saturation_keeps_its_factors(margin
     assert result.rank == hessrank.spectral_ranks(reference)["srank"]
 
 
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_a_curvature_that_vanishes_in_float32_alone_is_noted(method):
+    """A classifier at a logit margin of 110: its float32 Hessian is exactly zero, its float64
+    one is not; ``exact`` and ``lanczos`` returned srank 0 with no word (probe 162). A loss
+    linear in a linear model's outputs, scaled by 1e-50, has a float32 gradient of zero too,
+    and a Hessian that is zero in float64 as well (probe 164): the note says "may", and the
+    float64 copy tells the two apart."""
+    model, x, y = _classifier_at_margin(110)
+    options = {"lanczos_steps": 20, "seed": 0} if method == "lanczos" else {}
+    saturated = hessrank.effective_rank(copy.deepcopy(model).float(), CE, (x.float(), y), method,
+                                        **options)
+    noted = [note for note in saturated.notes if "hessian matrix is zero in float32, and so is "
+             "the loss's gradient w.r.t. the outputs, which float64 reads as up to" in note]
+    assert saturated.rank == 0 and noted, saturated.notes
+    assert hessrank.effective_rank(model, CE, (x, y), method, **options).rank > 0
+
+    linear = nn.Linear(5, 3)
+    targets = torch.randn(12, 3)
+    tiny_linear = hessrank.effective_rank(
+        linear, lambda f, t: 1e-50 * (f * t).sum(), (x.float(), targets), method, **options)
+    assert tiny_linear.rank == 0 and any("so every rank here may be 0" in note
+                                         for note in tiny_linear.notes)
+    wide = hessrank.effective_rank(copy.deepcopy(linear).double(),
+                                   lambda f, t: 1e-50 * (f * t).sum(),
+                                   (x, targets.double()), method, **options)
+    assert wide.rank == 0
+
+
 @pytest.mark.parametrize("method", ["fisher", "fisher_lanczos", "exact", "lanczos"])
 def test_a_curvature_below_the_normal_range_is_refused_and_the_advised_scale_measures_it(
         method):
@@ -1310,21 +1341,25 @@ def test_a_curvature_below_the_normal_range_is_refused_and_the_advised_scale_mea
     assert scaled.rank == wide.rank
 
 
-@pytest.mark.parametrize(("scale", "noted"), [
-    (1e-36, r"this block: the ggn matrix's largest eigenvalue is .* below float32's normal "
-            r"range.*float64 copy of the model measures it"),
-    (1e-37, r"this block is zero, and the whole curvature's largest eigenvalue.*is below "
-            r"9\.86e-32, float32's smallest normal number over its epsilon"),
-    (1.0, None)])
-def test_a_block_below_the_normal_range_is_noted(scale, noted):
+@pytest.mark.parametrize(("scale", "dtype", "noted"), [
+    (1e-36, torch.float32, r"this block: the ggn matrix's largest eigenvalue is .* below "
+                           r"float32's normal range.*float64 copy of the model measures it"),
+    (1e-37, torch.float32, r"this block is zero, and the whole curvature's largest eigenvalue.*"
+                           r"is below 9\.86e-32, float32's smallest normal number over its "
+                           r"epsilon"),
+    (1e-302, torch.float64, r"this block: the ggn matrix's largest eigenvalue is .* below "
+                            r"float64's normal range.*A loss scaled nearer to 1 measures it"),
+    (1.0, torch.float32, None)])
+def test_a_block_below_the_normal_range_is_noted(scale, dtype, noted):
     """A whole curvature in float32's range whose first layer's block is 1e-6 of it: that
     block's eigenvalues were subnormal numbers (srank 19 for 14), or zero (every rank 0), with
-    no word (probe 162)."""
+    no word (probe 162); a float64 model's block was told to analyse a float64 copy (probe
+    164)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
     with torch.no_grad():
         model[2].weight.mul_(1e-3)
-    x, y = classification_batch(12, 5, 3, dtype=torch.float32)
+    x, y = classification_batch(12, 5, 3, dtype=dtype)
     result = hessrank.effective_rank(model, lambda f, t: scale * CE(f, t), (x, y), "ggn",
                                      per_layer=True)
     shown = " | ".join(result.layers["0"].notes)

@@ -369,16 +369,20 @@ def subnormal_scale_error(scale: float, dtype: torch.dtype, source: str,
         f"{rescaling_advice(power, dtype) if remedy is None else remedy}")
 
 
-def vanished_curvature_error(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                             source: str) -> ValueError | None:
-    """The error for a curvature computed as exactly zero at ``outputs`` (below float64) where
-    the loss's gradient w.r.t. them is zero in their dtype but not in float64, if it is: a
-    softmax or sigmoid saturated past the dtype's range, whose curvature the dtype cannot hold
-    (a float32 classifier at logit margins past 104 had ``exact`` and ``lanczos`` srank 0, no
-    word, where ``fisher`` and ``ggn`` refuse; probe 162). A loss whose gradient vanishes in
-    float64 too (a fit, every target ignored) has no such error."""
-    if outputs.dtype == torch.float64 or bool(
-            (output_gradient(loss_fn, outputs, targets) != 0).any()):
+def vanished_curvature_note(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                            source: str) -> str | None:
+    """What a curvature computed as exactly zero at ``outputs`` (below float64) may be, where
+    the loss's gradient w.r.t. them is zero in their dtype (its finite entries) but not in
+    float64, if it is: a softmax or sigmoid saturated past the dtype's range, whose curvature
+    the dtype cannot hold (a float32 classifier at logit margins past 104 had ``exact`` and
+    ``lanczos`` srank 0, no word, where ``fisher`` and ``ggn`` refuse; probe 162), or a
+    curvature that is zero in float64 too (a linear model under a loss linear in its outputs;
+    refused as the first, wrongly, probe 164): a note, and the float64 copy tells. None where
+    the gradient vanishes in float64 too (a fit, every target ignored)."""
+    if outputs.dtype == torch.float64:
+        return None
+    gradient = output_gradient(loss_fn, outputs, targets)
+    if bool((gradient[torch.isfinite(gradient)] != 0).any()):  # (NaN read as nonzero; probe 164)
         return None
     try:
         wide = _in_float64(lambda twin, leaf, labels: output_gradient(saturation_safe(twin), leaf,
@@ -391,11 +395,11 @@ def vanished_curvature_error(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     if largest == 0.0:
         return None
     name = dtype_name(outputs.dtype)
-    return ValueError(
-        f"the {source} matrix is zero in {name}, but the loss's gradient w.r.t. the outputs is "
-        f"not in float64 (up to {largest:.3g}: a softmax or a sigmoid saturated past {name}'s "
-        f"range), so its curvature is below {name}'s range. Analyse a float64 copy of the model "
-        "(copy.deepcopy(model).double(), float64 inputs)")
+    return (f"the {source} matrix is zero in {name}, and so is the loss's gradient w.r.t. the "
+            f"outputs, which float64 reads as up to {largest:.3g}: a softmax or a sigmoid "
+            f"saturated past {name}'s range has a curvature {name} cannot hold, so every rank "
+            "here may be 0 for a matrix that is not; the same call on a float64 copy of the "
+            "model (copy.deepcopy(model).double(), float64 inputs) tells")
 
 
 def rescaling_advice(power: int, dtype: torch.dtype) -> str:
