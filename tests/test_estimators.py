@@ -1142,13 +1142,18 @@ def _memorised_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
                           nn.Linear(12, 4))
     x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    return _memorise(model, x, y, steps=2000), x, y
+
+
+def _memorise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
+    """``model`` after ``steps`` Adam steps (learning rate 1e-2) on ``(x, y)``, no gradient."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(2000):
+    for _ in range(steps):
         optimizer.zero_grad()
         CE(model(x), y).backward()
         optimizer.step()
     model.zero_grad(set_to_none=True)
-    return model, x, y
+    return model
 
 
 @pytest.mark.parametrize("method", ["exact", "lanczos"])
@@ -1219,13 +1224,8 @@ def _trained_at_margin(margin: float) -> tuple[nn.Module, torch.Tensor, torch.Te
     torch.manual_seed(1)
     x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(600):
-        optimizer.zero_grad()
-        CE(model(x), y).backward()
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
+    model = _memorise(nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double(), x,
+                      y, steps=600)
     with torch.no_grad():
         logits = model(x)
         others = logits.scatter(1, y[:, None], -torch.inf).amax(1)
