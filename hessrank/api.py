@@ -814,9 +814,11 @@ def _result(
             f"{finer_still[1:]} (or tells it zero)")
     ranks = spectral_ranks(counted, threshold, tolerance, spectrum.weights, spectrum.max_rank)
     resolution = spectrum.eps or eps
-    finer = ("use a dense or Gram method (exact, ggn, fisher) on a float64 copy of the model: "
-             "the Lanczos methods' float32 basis resolves no further"
-             if spectrum.ritz_values is not None else "analyse a float64 copy of the model")
+    copy = "" if problem.dtype == torch.float64 else " on a float64 copy of the model"
+    # (none finer than a float64 model's dense or Gram solve)
+    finer = (f", or use a dense or Gram method (exact, ggn, fisher){copy}: the Lanczos "
+             "methods' float32 basis resolves no further" if spectrum.ritz_values is not None
+             else ", or analyse a float64 copy of the model" if copy else "")
     if rtol is not None and rtol < resolution:
         # (a fisher_lanczos at rtol = 1e-12 in float32 gave 15 in [15, 15], "the other 198
         # exactly zero", for a numerical rank of 16: its 16th eigenvalue, 1e-10 of the top, was
@@ -825,7 +827,7 @@ def _result(
             f"numerical rank at rtol = {rtol:.3g}, below the computation's epsilon "
             f"({resolution:.3g}): eigenvalues under that fraction of the largest are within its "
             "rounding, and what it counts (with its interval) below that is the rounding's as "
-            f"much as the matrix's; pass rtol >= epsilon, or {finer}")
+            f"much as the matrix's; pass rtol >= epsilon{finer}")
     # (a quadrature's count is fractional, its srank whole: 17 against 16.6 had been noted as
     # 0.39 eigenvalues under epsilon; probe 164)
     rounding_counted = ranks["srank"] - math.ceil(
@@ -835,7 +837,7 @@ def _result(
             f"srank at threshold {threshold:g} counts {rounding_counted:g} eigenvalue(s) under "
             f"the computation's epsilon ({resolution:.3g}) of the largest, within its rounding: "
             "the rounding's as much as the matrix's; a threshold further from 1 (the default "
-            f"0.99) leaves them out, or {finer}")
+            f"0.99) leaves them out{finer}")
     shown = spectrum.eigenvalues
     if rtol is None and size * (spectrum.eps or eps) > MAX_DEFAULT_RTOL:
         notes.append(f"numerical rank at rtol = {MAX_DEFAULT_RTOL:g}: the default rule, matrix "
