@@ -31,18 +31,25 @@ exchange and raised in every process, so no process is left waiting in a collect
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from hessrank.guard import GroupFailure, ModuleGenerators, evaluation_mode, raise_if_signalled
+from hessrank.guard import (
+    GroupFailure,
+    ModuleGenerators,
+    deferred_interrupts,
+    evaluation_mode,
+    raise_if_signalled,
+)
 from hessrank.problem import (
     FOR_THE_LOSS_S,
     HESSIAN_NEEDS,
@@ -60,6 +67,25 @@ from hessrank.problem import (
 
 #: Most dimensions a gathered tensor may have (its shape travels in a fixed-size header).
 MAX_DIMS = 8
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _whole(method: _Method) -> _Method:
+    """``method``, an exchange, with every signal held back until it has ended
+    (:func:`~hessrank.guard.deferred_interrupts`): a timeout's exception or a Ctrl-C that landed
+    between its flag's all-reduce and its collectives had this process start :meth:`fail`'s
+    all-reduce where the others were in the collective, and both waited for the group's
+    timeout, the group broken for good (probe 165). Held back, it lands between exchanges,
+    where the others meet :meth:`fail` at their next flag."""
+
+    @functools.wraps(method)
+    def whole(*args: Any, **kwargs: Any) -> Any:
+        with deferred_interrupts():
+            return method(*args, **kwargs)
+
+    return cast(_Method, whole)
 
 
 class DataParallel:
@@ -112,6 +138,7 @@ class DataParallel:
         """One past this process's last sample in the global batch."""
         return self.start + self.sizes[self.rank]
 
+    @_whole
     def gather_objects(self, item: object) -> list[Any]:
         """``item`` from every process, in rank order (metadata; not counted as payload)."""
         self._proceed()
@@ -139,6 +166,7 @@ class DataParallel:
                                          if report is not None)
             raise GroupFailure(f"process {rank} of the group failed ({kind}): {message}")
 
+    @_whole
     def fail(self, error: BaseException) -> None:
         """Tell the other processes that this one failed with ``error``: they learn it at their
         next exchange or at the call's end (:meth:`_proceed`), where they are waiting."""
@@ -146,6 +174,7 @@ class DataParallel:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         self._all_objects((type(error).__name__, str(error)))
 
+    @_whole
     def finish(self) -> None:
         """The call's last exchange: every process has finished its computation (a process that
         failed after the others' last exchange is waited for here, and its error raised).
@@ -155,6 +184,7 @@ class DataParallel:
         """
         self._proceed()
 
+    @_whole
     def broadcast_buffers(self, model: nn.Module) -> int:
         """Process 0's values into every floating or integer buffer of ``model``, in place (the
         call's copies, :func:`hessrank.guard.preserved_state`); returns how many there are."""
@@ -192,6 +222,7 @@ class DataParallel:
             error = caught
         self.agree(error)
 
+    @_whole
     def gather_samples(self, tensor: Tensor, dim: int = 0) -> Tensor:
         """All-gather along the sample dimension ``dim``: the shards concatenated in rank order.
 
@@ -231,6 +262,7 @@ class DataParallel:
         return torch.cat([part.narrow(dim, 0, shape[dim]) for part, shape in zip(parts, shapes)],
                          dim=dim).to(tensor.device)
 
+    @_whole
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """The sum of ``tensor`` over the processes (a new tensor on ``tensor``'s device)."""
         self._proceed()

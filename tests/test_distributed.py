@@ -483,6 +483,30 @@ def worker(rank: int, port: int, out: str) -> None:
         results["interrupted"] = ("none", "")
     except BaseException as error:  # noqa: BLE001 - compared by the test
         results["interrupted"] = (type(error).__name__, str(error))
+    # A timeout's exception landing inside an exchange of process 1 (between its flag and its
+    # collective): it had started fail()'s all-reduce where process 0 was in the collective,
+    # both waited for the group's timeout, and the group was broken for good (probe 165).
+    import signal as signals
+
+    def timed_out(*_: Any) -> None:
+        raise TimeoutError("timed out in process 1")
+
+    real_gather, fired = dist.all_gather_object, []
+
+    def gather_signalled(*args: Any, **kwargs: Any) -> Any:
+        if rank == 1 and not fired:
+            fired.append(True)
+            signals.raise_signal(signals.SIGALRM)  # its handler runs before the collective
+        return real_gather(*args, **kwargs)
+
+    previous = signals.signal(signals.SIGALRM, timed_out)
+    dist.all_gather_object = gather_signalled
+    try:
+        results["mid-exchange"] = outcome(lambda: hessrank.effective_rank(
+            model, nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
+    finally:
+        dist.all_gather_object = real_gather
+        signals.signal(signals.SIGALRM, previous)
     # A classifier saturated past float32's range: its float32 Hessian is zero, noted in every
     # process (a data-parallel call had returned srank 0 without a word; probe 164).
     saturated = nn.Linear(4, 3)
@@ -666,6 +690,7 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("mid", "ValueError", "injected failure in process 1"),
     ("late", "ValueError", "injected failure in process 1"),
     ("interrupted", "KeyboardInterrupt", "interrupted in process 1"),
+    ("mid-exchange", "TimeoutError", "timed out in process 1"),
     ("vanished", "none", "hessian matrix is zero in float32, and so is the loss's gradient"),
     ("twin-one-process", "none", "not on outputs widened to float64, since no float64 twin in "
                                  "process 1"),
