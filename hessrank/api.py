@@ -22,10 +22,10 @@ from hessrank.curvature.hessian import HessianOperator, dense_hessian
 from hessrank.curvature.loss import subnormal_scale_error, vanished_curvature_note
 from hessrank.distributed import (
     DataParallel,
-    ShardedProblem,
     agreement,
     failures_shared,
     is_ddp_without_group,
+    local_of,
     shard_problem,
 )
 from hessrank.estimators import (
@@ -462,9 +462,7 @@ def effective_rank(
                     except NotFiniteError as error:
                         # (diagnosed on this process's shard alone: a diagnosis's collectives
                         # in one process had aborted the group in gloo; probe 161)
-                        diagnosed = problem.local() if isinstance(problem, ShardedProblem) \
-                            else problem
-                        cause = infinite_inputs(diagnosed)
+                        cause = infinite_inputs(local_of(problem))
                         if cause is None:
                             raise
                         raise not_finite_error(error.dtype, cause) from None
@@ -481,8 +479,7 @@ def effective_rank(
                                 "differentiates twice, which a checkpoint's recomputation does "
                                 "not see; analyse the model without gradient checkpointing (the "
                                 "same function), or use method='fisher' or 'ggn'") from error
-                        diagnosed = problem.local() if isinstance(problem, ShardedProblem) \
-                            else problem
+                        diagnosed = local_of(problem)
                         if not isinstance(problem, StreamedProblem):  # (the survey checks those)
                             refuse_target_dtype_of(diagnosed, error)
                         if _DTYPE_MISMATCH.search(str(error)):  # dtypes that do not meet: the
@@ -737,7 +734,7 @@ def _note_vanished(problem: CurvatureProblem, parallel: DataParallel | None,
     to ``problem.notes``, read on this process's shard (one forward without a graph), the
     first process's that has one in every process (a data-parallel call had returned srank 0
     without it; probe 164)."""
-    local = problem.local() if isinstance(problem, ShardedProblem) else problem
+    local = local_of(problem)
     with torch.no_grad():
         reached = local.forward()
     note = (vanished_curvature_note(local.loss_fn, reached, local.targets, source)

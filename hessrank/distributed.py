@@ -335,6 +335,13 @@ def parallel_of(problem: CurvatureProblem) -> DataParallel | None:
     return problem.parallel if isinstance(problem, ShardedProblem) else None
 
 
+def local_of(problem: CurvatureProblem) -> CurvatureProblem:
+    """This process's shard as a single-process problem (the problem itself where it is one):
+    what a process computes without exchanges (a trial, a diagnosis), which the others need not
+    join (probe 161)."""
+    return problem.local() if isinstance(problem, ShardedProblem) else problem
+
+
 def sample_range(problem: CurvatureProblem) -> tuple[int, int, int]:
     """``(start, stop, n)``: this process's samples in the global batch of ``n``."""
     parallel = parallel_of(problem)

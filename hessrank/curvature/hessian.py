@@ -29,7 +29,7 @@ from hessrank.curvature.loss import (
 )
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
 from hessrank.curvature.saturation import SaturationSafe
-from hessrank.distributed import ShardedProblem, check_shards_uncoupled
+from hessrank.distributed import ShardedProblem, check_shards_uncoupled, local_of
 from hessrank.guard import raise_if_signalled
 from hessrank.problem import (
     FOR_THE_LOSS_S,
@@ -176,8 +176,8 @@ def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None
         kept = None if lowered is None else kept_cast(lowered)
         # a shard's trials on its own samples, without exchanges: a process whose twin failed
         # had skipped the trial's exchange of outputs that the others made (probe 161)
-        loss_fn, why = (None, kept) if kept is not None else _twin_trials(
-            problem.local() if isinstance(problem, ShardedProblem) else problem, outputs)
+        loss_fn, why = (None, kept) if kept is not None else _twin_trials(local_of(problem),
+                                                                          outputs)
     if isinstance(problem, ShardedProblem):
         # one decision for every process: a shard whose trial failed had run the loss as given
         # while the others widened it, and the next exchange of outputs, float32 against

@@ -269,8 +269,20 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     # fused batch gradient rounds s - 1 to 0 where the samples' own do not, every weight
     # unread, and was refused as a loss whose samples interact (probe 125)
     refused = bool((read.mismatch > 1).any())
-    if dtype != torch.float64 and (refused or _unread_terms_matter(read, dtype)
-                                   or _rounding_shows(loss_fn, outputs, targets, read, notes)):
+    reread = dtype != torch.float64 and (refused or _unread_terms_matter(read, dtype))
+    if dtype != torch.float64 and not reread and not bool((read.weights > 0).any()):
+        largest = vanished_gradient(loss_fn, outputs, targets, read.sample_grads)
+        if largest > 0:  # (an EF of 1e-93 had been returned as a zero matrix, every rank 0;
+            # probe 157. A data set's batch so saturated adds nothing, as its samples add
+            # nothing beside others in one batch, where they are not read either)
+            raise ZeroCurvatureError(
+                f"every sample's loss gradient w.r.t. the outputs is zero in "
+                f"{dtype_name(dtype)}, not in float64 (up to {largest:.3g}: a softmax or a "
+                f"sigmoid saturated past {dtype_name(dtype)}'s range), so the empirical Fisher "
+                "vanishes here. Analyse a float64 copy of the model "
+                "(copy.deepcopy(model).double(), float64 inputs)")
+    if reread or (dtype != torch.float64
+                  and _rounding_shows(loss_fn, outputs, targets, read, notes)):
         try:
             loss_fn = saturation_safe(float64_twin(loss_fn, outputs, targets))
             outputs = outputs.double()
@@ -369,29 +381,39 @@ def subnormal_scale_error(scale: float, dtype: torch.dtype, source: str,
         f"{rescaling_advice(power, dtype) if remedy is None else remedy}")
 
 
-def vanished_curvature_note(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
-                            source: str) -> str | None:
-    """What a curvature computed as exactly zero at ``outputs`` (below float64) may be, where
-    the loss's gradient w.r.t. them is zero in their dtype (its finite entries) but not in
-    float64, if it is: a softmax or sigmoid saturated past the dtype's range, whose curvature
-    the dtype cannot hold (a float32 classifier at logit margins past 104 had ``exact`` and
-    ``lanczos`` srank 0, no word, where ``fisher`` and ``ggn`` refuse; probe 162), or a
-    curvature that is zero in float64 too (a linear model under a loss linear in its outputs;
-    refused as the first, wrongly, probe 164): a note, and the float64 copy tells. None where
-    the gradient vanishes in float64 too (a fit, every target ignored)."""
-    if outputs.dtype == torch.float64:
-        return None
-    gradient = output_gradient(loss_fn, outputs, targets)
-    if bool((gradient[torch.isfinite(gradient)] != 0).any()):  # (NaN read as nonzero; probe 164)
-        return None
+def vanished_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                      gradient: Tensor) -> float:
+    """The largest entry of the loss's float64 gradient w.r.t. ``outputs`` (below float64),
+    where ``gradient``, the loss's in their dtype (the batch's or the samples'), is zero in
+    every finite entry: a softmax or sigmoid saturated past the dtype's range, whose gradients
+    of 1e-48 float32 rounds to 0 (probes 157, 162). 0 where it is not, where float64's is zero
+    too (a fit, every target ignored), or where the loss has no float64 twin (nothing to tell
+    it by)."""
+    if outputs.dtype == torch.float64 or bool((gradient[torch.isfinite(gradient)] != 0).any()):
+        return 0.0  # (NaN read as nonzero had hidden a gradient of zero; probe 164)
     try:
         wide = _in_float64(lambda twin, leaf, labels: output_gradient(saturation_safe(twin), leaf,
                                                                      labels),
                            loss_fn, outputs, targets)
-    except ValueError as failure:  # (no float64 twin: nothing to tell it by)
+    except ValueError as failure:
         raise_if_signalled(failure)
+        return 0.0
+    return float(wide.abs().amax()) if wide.numel() else 0.0
+
+
+def vanished_curvature_note(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                            source: str) -> str | None:
+    """What a curvature computed as exactly zero at ``outputs`` (below float64) may be, where
+    the loss's gradient w.r.t. them vanishes in their dtype alone (:func:`vanished_gradient`):
+    a softmax or sigmoid saturated past the dtype's range, whose curvature the dtype cannot
+    hold (a float32 classifier at logit margins past 104 had ``exact`` and ``lanczos`` srank
+    0, no word, where ``fisher`` and ``ggn`` refuse; probe 162), or a curvature that is zero
+    in float64 too (a linear model under a loss linear in its outputs; refused as the first,
+    wrongly, probe 164): a note, and the float64 copy tells. None where it does not."""
+    if outputs.dtype == torch.float64:
         return None
-    largest = float(wide.abs().amax()) if wide.numel() else 0.0
+    largest = vanished_gradient(loss_fn, outputs, targets,
+                                output_gradient(loss_fn, outputs, targets))
     if largest == 0.0:
         return None
     name = dtype_name(outputs.dtype)
@@ -771,13 +793,10 @@ def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: 
     comes from the loss's own terms, shared by the batch's samples, so the head shows it; where
     the loss cannot be evaluated in float64 on the head alone, the reading stands, with a note
     in ``notes`` saying so and why (it had stood without one: a saturated classifier's top
-    eigenvalue 2x high; probe 117). Where no sample's gradient is read (all zero in the outputs'
-    dtype) and the head's float64 gradients are not zero, the batch's EF vanishes in the
-    outputs' dtype: :class:`ZeroCurvatureError` (a softmax saturated past float32's range has
-    gradients of 1e-48, which float32 rounds to 0: an EF of 1e-93 had been returned as a zero
-    matrix, every rank 0; probe 157)."""
-    read = reading.weights > 0
-    head = _first_samples(read if bool(read.any()) else torch.ones_like(read))
+    eigenvalue 2x high; probe 117)."""
+    head = _first_samples(reading.weights > 0)  # read samples
+    if not len(head):
+        return False
     try:
         # the loss as float64's readings run it: float64 rounds 1 - p_y to 0 too past a margin
         # of 37, and agreed with float32's EF 4x too small (probe 157)
@@ -789,18 +808,6 @@ def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: 
                          "not checked against float64", str(failure),
                          "they are mostly rounding, and the spectrum with them")
         return False
-    if not bool(read.any()):
-        largest = float(precise.abs().amax()) if precise.numel() else 0.0
-        if largest == 0.0:
-            return False
-        # (a data set's batch so saturated adds nothing, as its samples add nothing beside
-        # others in one batch, where they are not read either)
-        raise ZeroCurvatureError(
-            f"every sample's loss gradient w.r.t. the outputs is zero in "
-            f"{dtype_name(outputs.dtype)}, not in float64 (up to {largest:.3g}: a softmax or a "
-            f"sigmoid saturated past {dtype_name(outputs.dtype)}'s range), so the empirical "
-            "Fisher vanishes here. Analyse a float64 copy of the model "
-            "(copy.deepcopy(model).double(), float64 inputs)")
     scale = reading.weights.clamp_min(0).sqrt()
     error = (scale[head, None].double() * (reading.sample_grads[head].double()
                                            - precise.reshape(precise.shape[0], -1))).norm(dim=1)
