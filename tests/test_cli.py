@@ -620,6 +620,14 @@ def test_version_and_help_name_every_default(capsys) -> None:
         subparsers["rank"].format_help().split())
 
 
+@pytest.mark.parametrize("module", ["hessrank", "hessrank.cli"])
+def test_python_dash_m_runs_the_command(module: str, tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", module, "--version"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"hessrank {hessrank.__version__}"
+
+
 def test_plot_without_matplotlib_fails_before_measuring(tmp_path: Path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     argv = ["compare", *TINY, "--methods", "fisher", "--json", str(tmp_path / "r.json")]
