@@ -45,7 +45,7 @@ from hessrank.problem import (
     without_second_derivative,
 )
 from hessrank.spectrum.dense import not_finite_error
-from hessrank.spectrum.lanczos import probe_vector
+from hessrank.spectrum.lanczos import input_unit, probe_vector
 from hessrank.spectrum.operator import SymmetricOperator
 
 
@@ -468,20 +468,31 @@ def dense_hessian(
     where not ``symmetrise`` (a data set's batch: its sum is checked).
 
     Memory: the float64 result plus ``chunk_size`` products in flight. ``advance(k)`` is called
-    after each chunk of ``k`` columns (progress reporting).
+    after each chunk of ``k`` columns (progress reporting). A Hessian whose first columns are
+    below the dtype's normal range (a float32 loss scaled by 1e-40, to a top eigenvalue of
+    2e-38: its spectrum had been off by 1.6e-5 of the top) is taken on basis vectors scaled up
+    by a power of two (:func:`~hessrank.spectrum.lanczos.input_unit`), its first chunk again.
 
     Raises:
         ValueError: the products are not symmetric beyond rounding (:func:`asymmetry_error`).
     """
     dim = operator.dim
     hessian = torch.empty(dim, dim, dtype=torch.float64, device=operator.device)
+    unit = 1.0
     for start in range(0, dim, chunk_size):
         stop = min(start + chunk_size, dim)
         basis = torch.zeros(stop - start, dim, dtype=operator.dtype, device=operator.device)
-        basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        hessian[start:stop] = operator.matmat(basis).to(torch.float64)
+        basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0 / unit
+        products = operator.matmat(basis)
+        if start == 0:
+            unit = input_unit(products)
+            if unit != 1.0:
+                products = operator.matmat(basis / unit)
+        hessian[start:stop] = products.to(torch.float64)
         if advance is not None:
             advance(stop - start)
+    if unit != 1.0:
+        hessian *= unit
     if symmetrise:
         operator.rounding = symmetrised(hessian, operator.problem)
     return hessian

@@ -326,6 +326,25 @@ class LanczosRun:
                 vector = vector.addmv(self.deflate.T, self.deflate @ vector, alpha=-1.0)
         return vector
 
+    def _product(self, vector: Tensor) -> tuple[Tensor, float]:
+        """The operator's product with ``vector`` (``[dim]``, the basis's dtype) in units of
+        :attr:`_unit` (set at the first product), in the basis's dtype, and that unit: products
+        of another dtype divided by it, those of the basis's dtype (a :func:`input_unit` below
+        1) taken on ``vector`` divided by it, the first one twice (uncounted; its subnormal
+        entries' rounding had been 1.7e-6 of the top)."""
+        operator = self.operator
+        same_dtype = operator.dtype == vector.dtype
+        if same_dtype and self._unit is not None and self._unit != 1.0:
+            return operator.matmat((vector / self._unit)[None])[0], self._unit
+        raw = operator.matmat(vector.to(operator.dtype)[None])[0]
+        if self._unit is None:
+            self._unit = input_unit(raw) if same_dtype else power_of_two_below(raw)
+            if same_dtype and self._unit != 1.0:
+                return self._product(vector)
+        if self._unit != 1.0:  # in place: the operator's own fresh result
+            raw.div_(self._unit)
+        return raw.to(vector.dtype), self._unit
+
     def extend(self, steps: int) -> None:
         """Up to ``steps`` more products (fewer when the space turns invariant or the storage
         is full)."""
@@ -338,14 +357,7 @@ class LanczosRun:
                 return
             vector = self._vector
             self.storage[j] = vector
-            operator = self.operator
-            raw = operator.matmat(vector.to(operator.dtype)[None])[0]
-            if self._unit is None:
-                self._unit = _unit_of(raw) if raw.dtype != vector.dtype else 1.0
-            unit = self._unit
-            if unit != 1.0:  # in place: the operator's own fresh result, as product below
-                raw.div_(unit)
-            product = raw.to(vector.dtype)
+            product, unit = self._product(vector)
             if self.advance is not None:
                 self.advance(1)
             alpha = _dot(product, vector)  # in units of ``unit``, as beta below
@@ -384,15 +396,38 @@ class LanczosRun:
             self._vector = product.div_(step_beta)  # in place: no fresh P-long vector a step
 
 
-def _unit_of(product: Tensor) -> float:
-    """The power of two at or below ``product``'s largest entry (1 where it is zero or not
-    finite): float64 products divided by it enter a float32 basis within its range, exactly
-    scaled. Products of a float64 model's Fisher at a loss of 1e-37 (1e-70) had flushed to zero
-    there, and the spectrum came out zero (probe 125)."""
+def power_of_two_below(product: Tensor) -> float:
+    """The power of two at or below ``product``'s largest ``|entry|`` (1 where it is zero or
+    not finite): a tensor divided by it is exactly scaled into ``[1, 2)``. Float64 products
+    divided by it enter a float32 basis within its range. Products of a float64 model's
+    Fisher at a loss of 1e-37 (1e-70) had flushed to zero there, and the spectrum came out
+    zero (probe 125)."""
     largest = float(product.abs().max()) if product.numel() else 0.0
     if largest == 0.0 or not math.isfinite(largest):
         return 1.0
     return 2.0 ** math.floor(math.log2(largest))
+
+
+#: The largest power of two :func:`input_unit` scales an operator's inputs by (2^64, 1.8e19: an
+#: operator's intermediate values grow with it, and an EF's per-sample gradients of 1e-21
+#: dotted with it stay far from float32's overflow).
+INPUT_SCALE_LIMIT = 2.0 ** 64
+
+
+def input_unit(product: Tensor) -> float:
+    """The power of two to divide an operator's inputs by, read from a ``product`` of it on
+    inputs of entries up to 1: 1 where its entries are normal numbers to within epsilon of the
+    largest, a smaller power of two (down to ``1 /`` :data:`INPUT_SCALE_LIMIT`) where not. An
+    operator linear in its inputs gives their products divided by it, computed in the normal
+    range. A float32 ``fisher_lanczos`` whose EF top was 2e-38 had formed subnormal products,
+    of a few significant digits, and divided them by their subnormal norms: its Lanczos
+    coefficients grew 40-fold a step and the run crashed on an overflow; at 1e-37 it gave a
+    numerical rank of 31 for 30, and ``lanczos`` of a Hessian at 2e-38 21 for 20."""
+    info = torch.finfo(product.dtype)
+    unit = power_of_two_below(product)
+    if unit >= info.smallest_normal / info.eps:
+        return 1.0
+    return max(unit, 1.0 / INPUT_SCALE_LIMIT)
 
 
 def lanczos_run(
