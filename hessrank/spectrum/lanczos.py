@@ -402,7 +402,8 @@ def power_of_two_below(product: Tensor) -> float:
     divided by it enter a float32 basis within its range. Products of a float64 model's
     Fisher at a loss of 1e-37 (1e-70) had flushed to zero there, and the spectrum came out
     zero (probe 125)."""
-    largest = float(product.abs().max()) if product.numel() else 0.0
+    # (no fresh P-long tensor, as abs() would take: a step takes one; probe 108's test)
+    largest = float(torch.linalg.vector_norm(product, math.inf)) if product.numel() else 0.0
     if largest == 0.0 or not math.isfinite(largest):
         return 1.0
     return 2.0 ** math.floor(math.log2(largest))
