@@ -1067,7 +1067,7 @@ def _z_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 def test_float32_ggn_of_cross_entropy_plus_a_z_loss_is_not_taken_for_a_softmax(mc_samples):
     """Near saturation the z-loss carries most of the curvature, yet in float32 it is below the
     softmax structure test's rounding of the cross-entropy's terms: the GGN was a pure softmax's,
-    20x too small. The structure is confirmed in float64 on the batch's head; the blocks are
+    20x too small. The structure is confirmed in float64 on the batch's samples; the blocks are
     then differentiated (against the double-backprop reference of the float32 parameters), and
     the Monte-Carlo GGN, which samples a softmax's labels, is refused."""
     model = _confident(1.0, inputs=6, outputs=10).float()
@@ -1084,6 +1084,35 @@ def test_float32_ggn_of_cross_entropy_plus_a_z_loss_is_not_taken_for_a_softmax(m
         copy.deepcopy(model).double(), _z_loss, x.double(), y))
     result = hessrank.effective_rank(model, _z_loss, (x, y), method="ggn")
     assert_spectra_close(result.eigenvalues, reference, count=10, rtol=1e-4)
+
+
+def _z_loss_where_flagged(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of the labels ``targets[:, 0]`` plus a z-loss on the samples flagged by
+    ``targets[:, 1]`` alone."""
+    flagged = targets[:, 1].to(outputs.dtype) * torch.logsumexp(outputs, 1).pow(2)
+    return F.cross_entropy(outputs, targets[:, 0]) + 1e-4 * flagged.mean()
+
+
+@pytest.mark.parametrize("method", ["ggn", "ggn_lanczos"])
+def test_a_z_loss_on_the_later_samples_alone_is_not_left_out(method):
+    """The float64 confirmation of the softmax structure read the first 8 samples with
+    curvature: a z-loss on the batch's later samples alone was taken for rounding, and the
+    float32 GGN came out 66x too small, by the batch's order alone (probe 167). Every sample is
+    read now; both orders give the double-backprop reference."""
+    model = _confident(1.0, inputs=6, outputs=10).float()
+    with torch.no_grad():
+        model[2].bias[0] += 14.0  # p(class 0) about 1 - 1e-5
+    x = torch.randn(16, 6, generator=_seeded(2))
+    targets = torch.stack([torch.zeros(16, dtype=torch.long), (torch.arange(16) >= 10).long()],
+                          1)
+    options = {"lanczos_steps": 40, "seed": 0} if method == "ggn_lanczos" else {}
+    for order in (torch.arange(16), torch.arange(16).flip(0)):
+        reference = eigenvalues_by_magnitude(reference_ggn_full(
+            copy.deepcopy(model).double(), _z_loss_where_flagged, x[order].double(),
+            targets[order]))
+        result = hessrank.effective_rank(model, _z_loss_where_flagged,
+                                         (x[order], targets[order]), method=method, **options)
+        assert_spectra_close(result.eigenvalues, reference, count=5, rtol=1e-4)
 
 
 def _float32_only_z_loss(outputs: Tensor, targets: Tensor) -> Tensor:

@@ -1160,23 +1160,22 @@ class _Softmax(NamedTuple):
 
 def _verified_softmax(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                       generator: torch.Generator, notes: list[str]) -> _Softmax:
-    """:func:`_softmax_structure` at the outputs, confirmed by :func:`_softmax_on_head` (its
+    """:func:`_softmax_structure` at the outputs, confirmed by :func:`_softmax_in_float64` (its
     note to ``notes``): what :func:`ggn_cotangents`, :func:`ggn_mc_cotangents` and
     :func:`softmax_columns` read."""
     leaf, first = _curvature_gradient(loss_fn, outputs, targets)
     class_dim, probs, weights, mismatches = _softmax_structure(first, leaf, generator)
     if class_dim is None:
         return _Softmax(leaf, first, class_dim, probs, weights, mismatches)
-    holds, precise = _softmax_on_head(loss_fn, outputs, targets, class_dim, probs, weights,
-                                      notes)
+    holds, precise = _softmax_in_float64(loss_fn, outputs, targets, class_dim, probs, weights,
+                                         notes)
     if not holds:
         class_dim = None
-        mismatches.append(f"in float64 on the first {CONSTANCY_SAMPLES} samples, above its "
-                          "rounding")
+        mismatches.append("in float64 on the samples with curvature, above its rounding")
     elif not precise:  # the weights read again in float64, on the whole batch
         try:
             found, probs, weights, _ = _in_float64(_structure_of, loss_fn, outputs, targets)
-        except ValueError as failure:  # (the head ran in float64: not expected)
+        except ValueError as failure:  # (its chunks ran in float64: not expected)
             raise_if_signalled(failure)
             add_float64_note(notes, f"the loss's curvature weights are "
                              f"{dtype_name(outputs.dtype)}'s, not float64's", str(failure),
@@ -1566,55 +1565,62 @@ def _top_pair(probs: Tensor) -> Tensor:
     return top[..., 0] * top[..., 1]
 
 
-def _softmax_on_head(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_dim: int,
-                     probs: Tensor, weights: Tensor, notes: list[str]) -> tuple[bool, bool]:
+def _softmax_in_float64(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_dim: int,
+                        probs: Tensor, weights: Tensor, notes: list[str]) -> tuple[bool, bool]:
     """Whether the softmax cross-entropy structure found over ``class_dim`` in the outputs'
-    dtype holds in float64 on the first :data:`CONSTANCY_SAMPLES` samples with curvature
-    (``weights`` ``[n, ...]``, the structure's ``a_r``, positive at some position; all
-    ignored: nothing to confirm), always for float64 outputs; and whether its weights, read
-    in the outputs' dtype, are float64's there (``probs`` ``[n, ..., C]``: ``p``).
+    dtype holds in float64 on every sample with curvature (``weights`` ``[n, ...]``, the
+    structure's ``a_r``, positive at some position; all ignored: nothing to confirm), always
+    for float64 outputs; and whether its weights, read in the outputs' dtype, are float64's
+    there (``probs`` ``[n, ..., C]``: ``p``). The samples are read in chunks of
+    :data:`CONSTANCY_WHOLE_ENTRIES` output entries (at least :data:`CONSTANCY_SAMPLES`
+    samples), each as a batch of its own.
 
     In float32 the structure test resolves the loss's curvature only to the rounding of the
     softmax terms, ``1024 eps`` of them: near saturation a convex term beside the cross-entropy
     (PaLM's z-loss ``1e-4 logsumexp(f)^2``) is below that and carries most of the curvature
-    (a GGN 20x too small, on one probe); in float64 it is 2^29 times above the rounding. A term
-    on every sample shows on the head; where the loss cannot be evaluated in float64 on the head
-    alone, the float32 test stands, with a note in ``notes`` (it had stood without one).
+    (a GGN 20x too small, on one probe); in float64 it is 2^29 times above the rounding. Such a
+    term on some samples only (a penalty above a threshold) shows on those alone: read on the
+    first 8 samples with curvature, a batch whose penalised samples came later had its GGN
+    89x too small, by its order alone (probe 167). Where the loss cannot be evaluated in
+    float64 on a chunk alone, the float32 test stands, with a note in ``notes`` (it had stood
+    without one).
 
     The weights: a loss of the two outputs' difference has this structure (two classes), with
     ``a_r = h'' / (p_1 p_2)``, and where ``h''`` is a saturated sigmoid's, torch's float32
     derivative forms it with a cancellation (a DPO-style ``-logsigmoid(beta (f_0 - f_1))``
-    had blocks 36 % off and its GGN 2e-3 of the top eigenvalue; probe 125). The head's weights
-    are compared with float64's up to one factor (the reduction over fewer samples), each
-    scaled by its block's size, against ``64 eps`` of the batch's largest block: the weights'
-    own rounding is a few ``eps``."""
+    had blocks 36 % off and its GGN 2e-3 of the top eigenvalue; probe 125). Each chunk's
+    weights are compared with float64's up to one factor (the reduction over fewer samples),
+    each scaled by its block's size, against ``64 eps`` of the batch's largest block: the
+    weights' own rounding is a few ``eps``."""
     if outputs.dtype == torch.float64:
         return True, True
     # positions whose second probability is below what the outputs' dtype resolves got a weight
     # of 0, their curvature left out; a batch saturated throughout has it on the scale of the
     # others' (a float32 GGN at logit margins of 40 to 60 lost 3 of its 8 directions; probe 157)
     second = probs.topk(2, dim=-1).values[..., 1]
-    unresolved = bool(((second > 0) & (second < _resolvable_probability(outputs.dtype))).any())
-    head = _first_samples((weights.reshape(weights.shape[0], -1) > 0).any(dim=1))
-    if not len(head):
-        return True, not unresolved
-    try:
-        found, precise_probs, precise, _ = _in_float64(_structure_of, loss_fn, outputs[head],
-                                                       targets[head])
-    except ValueError as failure:
-        raise_if_signalled(failure)
-        add_float64_note(notes, f"the loss's curvature is a softmax cross-entropy's in "
-                         f"{dtype_name(outputs.dtype)}, not checked in float64", str(failure),
-                         "a convex term beside it (a z-loss) is below the rounding of its "
-                         "terms, and would be left out of the GGN")
-        return True, True
-    if found != class_dim:
-        return False, True
-    read = weights[head].double()
-    factor = float((precise * read).sum() / (read * read).sum())
-    error = float(((precise - factor * read).abs() * _top_pair(precise_probs)).amax())
-    largest = factor * float((weights.double() * _top_pair(probs)).amax())
-    return True, not unresolved and error <= 64 * torch.finfo(outputs.dtype).eps * largest
+    precise_weights = not bool(((second > 0)
+                                & (second < _resolvable_probability(outputs.dtype))).any())
+    curved = torch.nonzero((weights.reshape(weights.shape[0], -1) > 0).any(dim=1)).flatten()
+    per_chunk = max(CONSTANCY_SAMPLES, CONSTANCY_WHOLE_ENTRIES // max(1, outputs[0].numel()))
+    largest_block = float((weights.double() * _top_pair(probs)).amax()) if len(curved) else 0.0
+    for chunk in curved.split(per_chunk):
+        try:
+            found, precise_probs, precise, _ = _in_float64(_structure_of, loss_fn,
+                                                           outputs[chunk], targets[chunk])
+        except ValueError as failure:
+            raise_if_signalled(failure)
+            add_float64_note(notes, f"the loss's curvature is a softmax cross-entropy's in "
+                             f"{dtype_name(outputs.dtype)}, not checked in float64", str(failure),
+                             "a convex term beside it (a z-loss) is below the rounding of its "
+                             "terms, and would be left out of the GGN")
+            return True, True
+        if found != class_dim:
+            return False, True
+        read = weights[chunk].double()
+        factor = float((precise * read).sum() / (read * read).sum())
+        error = float(((precise - factor * read).abs() * _top_pair(precise_probs)).amax())
+        precise_weights &= error <= 64 * torch.finfo(outputs.dtype).eps * factor * largest_block
+    return True, precise_weights
 
 
 def ggn_mc_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor, mc_samples: int,
