@@ -44,6 +44,18 @@ Batch = tuple[Tensor | Sequence[Tensor] | Mapping[str, Tensor], Tensor]
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
+
+
+def _drops_out(module: nn.Module) -> bool:
+    """Whether ``module`` drops out entries in training mode: a dropout layer of ``p > 0``, or
+    a layer with dropout of its own (``nn.MultiheadAttention(dropout=...)``, a stacked
+    ``nn.LSTM``/``nn.GRU``/``nn.RNN(dropout=...)``, which drops between its layers); the
+    latter had gone unnamed in the note of what ``mode='eval'`` switches off (probe 169)."""
+    if isinstance(module, _DROPOUT):
+        return module.p > 0
+    if isinstance(module, nn.RNNBase):
+        return module.dropout > 0 and module.num_layers > 1
+    return isinstance(module, nn.MultiheadAttention) and module.dropout > 0
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 #: Normalisation layers that may hold running statistics (BatchNorm, InstanceNorm).
 _NORM_WITH_STATISTICS = nn.modules.batchnorm._NormBase
@@ -1168,7 +1180,7 @@ def build_problem(
                          "include them, move them into the model")
     if mode == "train":
         active_dropout = [name for name, m in model.named_modules()
-                          if isinstance(m, _DROPOUT) and m.training and m.p > 0]
+                          if m.training and _drops_out(m)]
         if active_dropout:
             raise ValueError(
                 f"mode='train' with active dropout ({', '.join(active_dropout)}) makes the loss "
@@ -1399,8 +1411,7 @@ def _mode_notes(model: nn.Module, mode: str) -> list[str]:
     notes = []
     normalising = [name for name, m in modules if isinstance(m, _NORM_WITH_STATISTICS)
                    and m.training and m.track_running_stats]
-    dropping = [name for name, m in modules if isinstance(m, _DROPOUT) and m.training
-                and m.p > 0]
+    dropping = [name for name, m in modules if m.training and _drops_out(m)]
     switched = []
     if normalising:
         switched.append(plural(normalising, "normalises", "normalise") + " with running "
@@ -1727,7 +1738,7 @@ def _explained(dtype: torch.dtype) -> float:
 
 
 def lower_precision_cause(problem: CurvatureProblem, error: float,
-                          with_loss: bool = False) -> str:
+                          with_loss: bool = False, half_only: bool = False) -> str:
     """Why two computations that should agree (a sample alone and in the batch, a Hessian and
     its transpose) can differ by ``error`` (relative) beyond the checks' tolerance, with nothing
     else wrong: part of the forward runs at a lower precision than the parameters (a float64
@@ -1739,7 +1750,8 @@ def lower_precision_cause(problem: CurvatureProblem, error: float,
     without a word of it; probe 119; a loss widened to float64 is no cause, and was named as
     one, probe 120). One forward pass and its loss, watched operation by operation; an empty
     string when nothing runs at a lower precision, or when ``error`` is beyond what that
-    precision's rounding explains (:func:`_explained`)."""
+    precision's rounding explains (:func:`_explained`), or with ``half_only`` where that
+    precision is not float16's or bfloat16's."""
     stack: list[str] = []
 
     def entered(label: str) -> Callable[..., None]:
@@ -1766,9 +1778,10 @@ def lower_precision_cause(problem: CurvatureProblem, error: float,
     finally:
         for handle in handles:
             handle.remove()
-    if watcher.dtype is None or error > _explained(watcher.dtype):
+    half = watcher.dtype in (torch.float16, torch.bfloat16)
+    if watcher.dtype is None or error > _explained(watcher.dtype) or (half_only and not half):
         return ""
-    if watcher.dtype in (torch.float16, torch.bfloat16):
+    if half:
         return (f"the model or its loss computes in half precision (first: {watcher.found}), "
                 "which keeps about 3 digits: its curvature would carry errors of 1e-4 to 1e-2 "
                 "of its largest eigenvalue. Analyse it in its "

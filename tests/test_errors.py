@@ -574,18 +574,24 @@ def test_random_forward_refused_and_generators_kept(draw, method):
 
 
 @pytest.mark.parametrize("method", ["exact", "lanczos"])
-@pytest.mark.parametrize("make", [_AttentionClassifier, _StackedLSTMClassifier],
-                         ids=["attention", "lstm"])
-def test_dropout_inside_a_layer_with_train_mode(make, method):
-    """Dropout that a layer applies itself (no nn.Dropout module) is refused in mode='train';
-    with probability 0 the same model in training mode draws nothing and runs."""
+@pytest.mark.parametrize(("make", "layer"), [
+    (_AttentionClassifier, "MultiheadAttention 'attention'"),
+    (_StackedLSTMClassifier, "LSTM 'lstm'")], ids=["attention", "lstm"])
+def test_dropout_inside_a_layer_with_train_mode(make, layer, method):
+    """Dropout that a layer applies itself (no nn.Dropout module) is refused in mode='train',
+    named before any pass; mode='eval' (the default) switches it off and names it as it names
+    nn.Dropout (the note had named none; probe 169); with probability 0 the same model in
+    training mode draws nothing and runs."""
     torch.manual_seed(0)
     x = torch.randn(8, 5, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (8,))
     model = make(0.5).double().train()
     _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method,
                                                   mode="train"),
-           ValueError, "draws random numbers.*mode='eval'")
+           ValueError, rf"active dropout \({layer.split()[1][1:-1]}\).*mode='eval'")
+    notes = hessrank.effective_rank(model, CE, (x, y), method=method).notes
+    assert any(note.endswith(f"though it is in training mode: {layer} is off")
+               for note in notes), notes
     assert hessrank.effective_rank(make(0.0).double().train(), CE, (x, y), method=method,
                                    mode="train").rank > 0
 
@@ -1687,18 +1693,20 @@ _ROUND_TRIP = r"computes in half precision \(first: torch.bfloat16 from {}\).*au
 
 @pytest.mark.parametrize(("method", "where", "match"), [
     *((method, "forward", _ROUND_TRIP.format(r"linear in net.0 \(Linear\)"))
-      for method in hessrank.METHODS),
+      for method in (*hessrank.METHODS, "ggn_lanczos", "fisher_lanczos")),
     ("exact", "loss", _ROUND_TRIP.format("bfloat16 in loss_fn")),
     ("lanczos", "loss", _ROUND_TRIP.format("bfloat16 in loss_fn")),
-    ("ggn", "loss", r"block-diagonal per sample only to bfloat16's rounding.*remove the cast"),
-    ("fisher", "loss", r"loss computes in bfloat16 inside.*per-sample gradients carry bfloat16's "
-                       r"rounding.*remove the cast"),
+    *((method, "loss", r"block-diagonal per sample only to bfloat16's rounding.*remove the cast")
+      for method in ("ggn", "ggn_lanczos")),
+    *((method, "loss", r"loss computes in bfloat16 inside.*per-sample gradients carry bfloat16's "
+                       r"rounding.*remove the cast") for method in ("fisher", "fisher_lanczos")),
 ])
 def test_a_round_trip_through_half_precision_is_named(method, where, match):
     """Half precision inside a float32 model's forward (autocast, its outputs cast back) or its
     loss (``outputs.bfloat16().float()``): ``exact`` and ``lanczos`` blamed a wrong second
     derivative and advised ``fisher`` or ``ggn``, whose Gram rules failed on torch's bare dtype
-    error (``BFloat16 != float``), and ``fisher`` blamed samples that interact (probe 138)."""
+    error (``BFloat16 != float``), and ``fisher`` blamed samples that interact (probe 138);
+    ``fisher_lanczos`` listed every eigenvalue twice, its trace 2x (probe 166)."""
     torch.manual_seed(0)
     # (the loss's case, probe 138's network and batch: the empirical Fisher's checks can pass
     # bfloat16's rounding, then noted as its gradients' precision)

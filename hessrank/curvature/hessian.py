@@ -366,8 +366,14 @@ class HessianOperator(ParameterOperator):
         return self.matmat(vector.reshape(1, -1))[0]
 
 
+#: A source's products and its matrix, as the symmetry check names them.
+PRODUCTS_OF = {"hessian": ("Hessian-vector products", "the Hessian"),
+               "ggn": ("GGN-vector products", "the GGN"),
+               "fisher": ("EF-vector products", "the empirical Fisher")}
+
+
 def asymmetry_error(antisymmetric: float, symmetric: float,
-                    problem: CurvatureProblem) -> ValueError | None:
+                    problem: CurvatureProblem, source: str = "hessian") -> ValueError | None:
     """The error for Hessian-vector products that are not symmetric beyond rounding, if they are.
 
     A Hessian is symmetric; products that are not (``||K|| / ||S||`` for the computed matrix's
@@ -381,6 +387,11 @@ def asymmetry_error(antisymmetric: float, symmetric: float,
     the products' data). Their eigenvalues would be those of a matrix that is not the Hessian.
     NaN products (a NaN derivative, an overflow) get
     :func:`~hessrank.spectrum.dense.not_finite_error` instead.
+
+    ``source`` ``"ggn"`` or ``"fisher"``: the factor operators' products ``J^T s s^T J v``,
+    symmetric by form where ``J v`` (a double backward) is the transpose of ``J^T u``; a model
+    rounding through half precision breaks that (``fisher_lanczos`` had listed every
+    eigenvalue twice, its trace 2x; probe 166), as a wrong double backward would.
 
     A block of the parameters (``per_layer``) is measured against the whole curvature's scale
     where that is larger (``problem.whole_scale``): its products run through the whole model's
@@ -396,16 +407,17 @@ def asymmetry_error(antisymmetric: float, symmetric: float,
         return not_finite_error(problem.dtype)
     if asymmetry <= tolerance:
         return None
-    subnormal = subnormal_scale_error(scale, problem.dtype, "hessian", "norm")
+    subnormal = subnormal_scale_error(scale, problem.dtype, source, "norm")
     if subnormal is not None:  # (whose rounding is no wrong derivative's)
         return subnormal
-    observation = (f"the Hessian-vector products are not symmetric (antisymmetric part "
+    products, matrix = PRODUCTS_OF[source]
+    observation = (f"the {products} are not symmetric (antisymmetric part "
                    f"{asymmetry:.1e} of the symmetric one, rounding allows {tolerance:.1e})")
     # the loss, where the products ran it as given (a float64 model's: its cast not widened)
     # (below float64 the loss's casts below float32 are kept, and its float64 widening is no
-    # cause the watch would see)
-    cause = lower_precision_cause(problem, asymmetry, with_loss=problem.dtype != torch.float64
-                                  or any(RUNS_AS_GIVEN in note for note in problem.notes))
+    # cause the watch would see); the factors' products do not differentiate it
+    cause = lower_precision_cause(problem, asymmetry, with_loss=source == "hessian" and (
+        problem.dtype != torch.float64 or any(RUNS_AS_GIVEN in note for note in problem.notes)))
     if cause:
         return ValueError(f"{observation}: {cause}")
     unwidened = [note for note in problem.notes if note.startswith(_UNWIDENED)]
@@ -421,13 +433,13 @@ def asymmetry_error(antisymmetric: float, symmetric: float,
         f"{observation}: autograd's second derivative of some operation in the model or the "
         "loss is wrong (a custom autograd.Function whose backward is not itself "
         "differentiable as written, or a torch kernel with a wrong double backward), so no "
-        "eigenvalue of them is the Hessian's. Use method='fisher' or 'ggn' (no second "
+        f"eigenvalue of them is {matrix}'s. Use method='fisher' or 'ggn' (no second "
         "derivatives of the model), or write that operation with plain differentiable torch "
         f"operations{rounding}")
 
 
 def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,
-                    problem: CurvatureProblem) -> float:
+                    problem: CurvatureProblem, source: str = "hessian") -> float:
     """Verify ``u . A v = v . A u`` for two random vectors (two products of ``operator``);
     returns ``|u . K v|``, an estimate of the antisymmetric part's norm ``||K||_F`` (one draw
     of a variable of that standard deviation).
@@ -451,7 +463,7 @@ def check_symmetric(operator: SymmetricOperator, generator: torch.Generator,
     antisymmetric = float((u @ av - v @ au).abs()) / 2
     if scale == 0:
         return antisymmetric
-    error = asymmetry_error(antisymmetric, scale, problem)
+    error = asymmetry_error(antisymmetric, scale, problem, source)
     if error is not None:
         raise error
     return antisymmetric

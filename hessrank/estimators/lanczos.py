@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hessrank.curvature.hessian import HessianOperator, check_symmetric
+from hessrank.curvature.hessian import PRODUCTS_OF, HessianOperator, check_symmetric
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.estimators.base import (
     Cost,
@@ -26,7 +26,12 @@ from hessrank.estimators.base import (
     register,
     seconds_of,
 )
-from hessrank.problem import CurvatureProblem, probe_outputs, unused_parameters_note
+from hessrank.problem import (
+    CurvatureProblem,
+    lower_precision_cause,
+    probe_outputs,
+    unused_parameters_note,
+)
 from hessrank.spectrum.lanczos import (
     krylov_rows,
     lanczos_spectrum,
@@ -118,7 +123,7 @@ class LanczosEstimator(Estimator):
     streams = True
     budget_advice = "use fewer lanczos_steps, or method='fisher'/'ggn'"
     #: Products :meth:`verify` spends before the run.
-    verify_products = 0
+    verify_products = 2
 
     @abstractmethod
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
@@ -127,10 +132,36 @@ class LanczosEstimator(Estimator):
     def verify(self, problem: CurvatureProblem, operator: SymmetricOperator,
                settings: Settings) -> tuple[int, float | None]:
         """Check what the source's operator cannot guarantee by construction, before the run;
-        returns the products spent, :attr:`verify_products` (none here: factor operators are
-        symmetric by form), and the products' rounding where the check measures it
-        (:attr:`Spectrum.rounding`)."""
+        returns the products spent, :attr:`verify_products`, and the products' rounding where
+        the check measures it (:attr:`Spectrum.rounding`; not here).
+
+        The factor operators' products ``J^T s s^T J v`` are symmetric by form where ``J v``
+        (a double backward) is the transpose of ``J^T u``, which a wrong double backward
+        breaks: two products verify it (:func:`check_symmetric`). A model rounding through
+        half precision breaks it too (``fisher_lanczos`` had listed every eigenvalue twice,
+        its trace 2x and its intervals missing it, where ``fisher`` refused; probe 166), by
+        an asymmetry (3e-4 of the products) that the check's one draw let through in 2 of 20
+        seeds: a forward watched operation by operation refuses it, naming the first.
+
+        Raises:
+            ValueError: the products are not symmetric beyond rounding, or the model computes
+                in half precision."""
+        self._antisymmetric(problem, operator, settings)
+        cause = lower_precision_cause(
+            problem.first() if isinstance(problem, StreamedProblem) else problem, 0.0,
+            half_only=True)
+        if cause:
+            raise ValueError(f"{self.name}'s products transpose the model's Jacobian-vector "
+                             f"products, which rounding to half precision does not keep: {cause}")
         return self.verify_products, None
+
+    def _antisymmetric(self, problem: CurvatureProblem, operator: SymmetricOperator,
+                       settings: Settings) -> float:
+        """:func:`check_symmetric` of ``operator``'s products (a data set's diagnosed on its
+        first batch): the estimate of their antisymmetric part's norm."""
+        return check_symmetric(
+            operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77),
+            problem.first() if isinstance(problem, StreamedProblem) else problem, self.source)
 
     def source_notes(self, problem: CurvatureProblem, operator: SymmetricOperator) -> list[str]:
         """What the source's operator found worth reporting: here the parameters the loss does
@@ -247,7 +278,7 @@ class LanczosEstimator(Estimator):
                         eps=eps, notes=[*self.source_notes(problem, operator), *coarse,
                                         *result.notes,
                                         *([f"{checks} products before the run checked the "
-                                           "Hessian-vector products symmetric "
+                                           f"{PRODUCTS_OF[self.source][0]} symmetric "
                                            f"({result.num_products + checks} in all)"]
                                           if checks else [])])
 
@@ -262,7 +293,6 @@ class Lanczos(LanczosEstimator):
     listing_order = 1
     summary = "Lanczos quadrature on Hessian-vector products"
     modes = ("eval", "train")
-    verify_products = 2
 
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         return HessianOperator(problem)
@@ -273,7 +303,4 @@ class Lanczos(LanczosEstimator):
         a wrong second derivative in the model would otherwise pass through the run unseen.
         Their estimate of the antisymmetric part's norm, one draw, is below a sixteenth of it
         about one time in twenty: sixteen times it bounds the products' rounding."""
-        antisymmetric = check_symmetric(
-            operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77),
-            problem.first() if isinstance(problem, StreamedProblem) else problem)
-        return self.verify_products, 16 * antisymmetric
+        return self.verify_products, 16 * self._antisymmetric(problem, operator, settings)
