@@ -1324,7 +1324,9 @@ def test_a_curvature_below_the_normal_range_is_refused_and_the_advised_scale_mea
     tiny = 2.0 ** (-68 if squared else -136)
     options = {"lanczos_steps": 30, "seed": 0} if "lanczos" in method else {}
     # (exact's columns are scaled into the normal range: its spectrum's top is refused)
-    named = ("fisher matrix's largest eigenvalue" if squared else
+    # (fisher_lanczos's symmetry check, before the run, sees the norm)
+    named = ("fisher matrix's largest eigenvalue" if method == "fisher" else
+             "fisher matrix's norm" if squared else
              "hessian matrix's largest eigenvalue" if method == "exact" else
              "hessian matrix's norm")
     with pytest.raises(ValueError, match=rf"{named} is .* below float32's normal range"
