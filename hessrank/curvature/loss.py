@@ -825,6 +825,13 @@ CONSTANCY_SAMPLES = 8
 CONSTANCY_WHOLE_ENTRIES = 2**16
 
 
+def float64_chunk_samples(outputs_per_sample: int) -> int:
+    """Samples in each chunk the softmax structure is confirmed on in float64
+    (:func:`_softmax_in_float64`): :data:`CONSTANCY_WHOLE_ENTRIES` output entries, and at least
+    :data:`CONSTANCY_SAMPLES` samples."""
+    return max(CONSTANCY_SAMPLES, CONSTANCY_WHOLE_ENTRIES // max(1, outputs_per_sample))
+
+
 def _check_constant_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                             reading: _Reading, precision: torch.dtype | None = None) -> None:
     """Raise unless the weights read with the outputs' rows moved one sample on (``f_{i+1}``
@@ -1601,7 +1608,7 @@ def _softmax_in_float64(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class
     precise_weights = not bool(((second > 0)
                                 & (second < _resolvable_probability(outputs.dtype))).any())
     curved = torch.nonzero((weights.reshape(weights.shape[0], -1) > 0).any(dim=1)).flatten()
-    per_chunk = max(CONSTANCY_SAMPLES, CONSTANCY_WHOLE_ENTRIES // max(1, outputs[0].numel()))
+    per_chunk = float64_chunk_samples(outputs[0].numel())
     largest_block = float((weights.double() * _top_pair(probs)).amax()) if len(curved) else 0.0
     for chunk in curved.split(per_chunk):
         try:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from hessrank.curvature.loss import (
-    CONSTANCY_SAMPLES,
+    float64_chunk_samples,
     ggn_cotangents,
     ggn_mc_cotangents,
     softmax_columns,
@@ -77,15 +77,15 @@ class GGN(GramEstimator):
         # The check that the loss is a softmax cross-entropy, over the last and the second
         # dimension: its graph, float64 probabilities (the first pass's kept through the
         # second), three float64 probes, their stack and cast, the batched Hessian-vector
-        # products and their comparison; the same again in float64 on the first samples
-        # (loss.CONSTANCY_SAMPLES), beside it; then the draws. Measured 151-176 bytes an
-        # output entry in float32 on 32-64 samples, 316 on 8 (the float64 check then covers
-        # the whole batch), which 48 + M (8 + e) had put at 60: the call peaked at 2.35-2.95x
-        # its prediction (probe 78, helper 70; probe 82).
+        # products and their comparison; the same again in float64 on a chunk of the samples
+        # at a time (loss.float64_chunk_samples), beside it; then the draws. Measured 151-176
+        # bytes an output entry in float32 on 32-64 samples, 316 on 8 (the float64 check
+        # then covers the whole batch), which 48 + M (8 + e) had put at 60: the call peaked
+        # at 2.35-2.95x its prediction (probe 78, helper 70; probe 82).
         def check(size: int) -> int:
             return 8 + 3 * size + max(56 + 15 * size, 121)
 
-        head = min(num_samples, CONSTANCY_SAMPLES) / num_samples
+        head = min(num_samples, float64_chunk_samples(outputs_per_sample)) / num_samples
         draws = 24 + mc_samples * (8 + element)
         return int(num_samples * outputs_per_sample
                    * max(check(element) + 24 + head * check(8), draws))
