@@ -602,6 +602,28 @@ def test_bad_options_are_one_line_before_any_work(argv, expected, tmp_path: Path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--definition", "entropy", "--threshold", "0.5"],
+     "--threshold sets the srank, not the --definition entropy printed: drop it, or pass "
+     "--json for every rank"),
+    (["--rtol", "0.5", "--threshold", "0.9", "--definition", "stable"],
+     "--threshold and --rtol set the srank and numerical rank, not the --definition stable "
+     "printed: drop them"),
+])
+def test_rank_refuses_a_tolerance_its_printed_definition_does_not_read(
+        argv: list[str], expected: str, tmp_path: Path, capsys) -> None:
+    """``rank`` prints one definition: ``--threshold`` (srank) or ``--rtol`` (numerical rank)
+    beside another had been ignored without a word (probe 168). With ``--json`` they set the
+    result's ranks, and are read."""
+    command = ["rank", *TINY, "--method", "fisher", *argv]
+    status, out, err = run_main(command, capsys)
+    assert status == 2 and out == "" and expected in err, err
+    written = tmp_path / "r.json"
+    assert run_main([*command, "--json", str(written)], capsys)[0] == 0
+    result = json.loads(written.read_text())["result"]
+    assert result["threshold"] == float(argv[argv.index("--threshold") + 1])
+
+
 def test_version_and_help_name_every_default(capsys) -> None:
     status, out, _ = run_main(["--version"], capsys)
     assert status == 0 and out.strip() == f"hessrank {hessrank.__version__}"

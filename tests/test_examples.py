@@ -547,13 +547,18 @@ def _refused_before_anything_is_written(
     (["--reg", "shrink_perturb"], "--reg shrink_perturb with --reg-strength 0 (the default) "
                                   "shrinks nothing"),
     (["--reg-strength", "0.5"], "--reg-strength 0.5 with --reg none: no regularizer uses it"),
+    # (probe 168: recorded in config.json, every number the default's)
+    (["--reg", "l2", "--reg-strength", "0.01", "--sp-noise", "0.5"],
+     "--sp-noise 0.5 with --reg l2: only shrink_perturb perturbs the weights"),
+    (["--downsample", "4"], "--downsample 4 with --problem synthetic, which has no images"),
 ])
-def test_a_regularizer_that_would_not_act_is_refused(
+def test_a_setting_that_would_not_act_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], fragment: str
 ) -> None:
     """``--reg l2`` without ``--reg-strength`` trained with a strength of 0 (every number equal
     to --reg none's, config.json saying l2), and ``--reg-strength`` with ``--reg none`` was
-    ignored."""
+    ignored, as were ``--sp-noise`` without shrink_perturb and ``--downsample`` of a problem
+    without images."""
     _refused_before_anything_is_written(
         tmp_path, capsys, ["--problem", "synthetic", *options], fragment)
 

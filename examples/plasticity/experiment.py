@@ -184,6 +184,11 @@ def _option(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def _default(key: str) -> object:
+    """:class:`Config`'s default for ``key``."""
+    return next(f.default for f in dataclasses.fields(Config) if f.name == key)
+
+
 def check_config(cfg: Config) -> None:
     """Refuse a configuration no run can hold, before anything is read, written or trained.
 
@@ -235,6 +240,15 @@ def check_config(cfg: Config) -> None:
                 "adds no penalty (every number would equal --reg none's): pass its lambda with "
                 "--reg-strength, above 0")
         raise SetupError(f"{where}--reg {cfg.reg} with --reg-strength 0 (the default) {what}")
+    # settings that only shrink_perturb or images read, recorded but never applied elsewhere
+    # (every number equal to the default's while config.json said otherwise; probe 168)
+    if cfg.reg != "shrink_perturb" and cfg.sp_noise != _default("sp_noise"):
+        raise SetupError(f"{where}--sp-noise {cfg.sp_noise:g} with --reg {cfg.reg}: only "
+                         "shrink_perturb perturbs the weights; pass --reg shrink_perturb or drop "
+                         "--sp-noise")
+    if side is None and cfg.downsample != _default("downsample"):
+        raise SetupError(f"{where}--downsample {cfg.downsample} with --problem {cfg.problem}, "
+                         "which has no images to pool: drop --downsample")
     # Task.first takes at most the task's images: a larger count would be recorded but not used
     if cfg.hess_samples > cfg.num_samples:
         raise SetupError(f"{where}--hess-samples {cfg.hess_samples} exceeds --num-samples "

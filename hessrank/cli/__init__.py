@@ -221,8 +221,8 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
 
     est = parser.add_argument_group("estimators")
     est.add_argument(
-        "--threshold", type=_threshold, default=0.99, help="srank threshold (default 0.99)"
-    )
+        "--threshold", type=_threshold,
+        help=f"srank threshold (default {_library_default('threshold')})")
     est.add_argument(
         "--rtol",
         type=_rtol,
@@ -460,7 +460,7 @@ def _config(
         image_size=args.image_size,
         samples=args.samples,
         methods=methods,
-        threshold=args.threshold,
+        threshold=_library_default("threshold") if args.threshold is None else args.threshold,
         rtol=args.rtol,
         seeds=seeds,
         device=args.device,
@@ -690,6 +690,17 @@ def _rank(args: argparse.Namespace) -> int:
     if len(methods) != 1:
         raise CliError(f"--method {args.method!r} names {len(methods)} estimators: rank measures "
                        "one (hessrank compare --methods compares several)")
+    # (the printed rank had ignored a tolerance its definition does not read; probe 168)
+    unread = [(flag, rank) for flag, value, definition, rank in (
+        ("--threshold", args.threshold, "srank", "srank"),
+        ("--rtol", args.rtol, "numerical", "numerical rank"))
+        if value is not None and args.definition != definition]
+    if unread and not args.json:
+        flags = " and ".join(flag for flag, _ in unread)
+        ranks = " and ".join(rank for _, rank in unread)
+        raise CliError(f"{flags} set{'s' if len(unread) == 1 else ''} the {ranks}, not the "
+                       f"--definition {args.definition} printed: drop "
+                       f"{'it' if len(unread) == 1 else 'them'}, or pass --json for every rank")
     cfg = _config(args, methods, (args.seed,))
     problem = compare.build_problem(cfg, args.seed)
     progress = _progress(args.quiet)
