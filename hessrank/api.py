@@ -463,9 +463,11 @@ def effective_rank(
                         # (diagnosed on this process's shard alone: a diagnosis's collectives
                         # in one process had aborted the group in gloo; probe 161)
                         cause = infinite_inputs(local_of(problem))
-                        if cause is None:
+                        if cause is None and error.dtype == problem.dtype:
                             raise
-                        raise not_finite_error(error.dtype, cause) from None
+                        # (the model's dtype overflowed, not the float64 matrix it filled: a
+                        # float32 model's had been told of float64's range; probe 170)
+                        raise not_finite_error(problem.dtype, cause) from None
                     except RuntimeError as error:
                         if _REENTRANT_CHECKPOINT in str(error):
                             raise reentrant_checkpoint_error() from error

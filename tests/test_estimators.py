@@ -1379,6 +1379,68 @@ def test_a_curvature_just_above_the_normal_range_is_measured(method):
     assert result.ranks["numerical"] == rank
 
 
+@pytest.mark.parametrize(("method", "scale"), [
+    ("lanczos", 1e-305), ("lanczos", 1e-307), ("ggn_lanczos", 1e-305),
+    ("fisher_lanczos", 1e-153), ("exact", 1e200), ("lanczos", 1e200)])
+def test_a_float64_curvature_at_the_ends_of_its_range_keeps_its_ranks(method, scale):
+    """A float64 model's loss scaled by ``scale``: the same spectrum times ``scale`` (its square
+    for the EF) and the same ranks as unscaled. The Lanczos methods' floors of 1e-300 had
+    counted curvature of 1e-305 as converged or rounding throughout (srank 51 for 33; at 1e-307
+    refused as below the normal range, at a top of 8e-308), and ``exact`` at 1e200 summed
+    squares past float64's range and refused a finite Hessian as not finite (probe 170)."""
+    model = mlp((4, 6, 3), dtype=torch.float64)
+    batch = classification_batch(10, 4, 3)
+    options = {"lanczos_steps": 51, "seed": 0} if "lanczos" in method else {}
+    power = 2 if method.startswith("fisher") else 1
+    plain = hessrank.effective_rank(model, CE, batch, method, **options)
+    scaled = hessrank.effective_rank(model, lambda f, t: scale * CE(f, t), batch, method,
+                                     **options)
+    assert_spectra_close(scaled.eigenvalues / scale**power, plain.eigenvalues, count=5,
+                         rtol=1e-5 if "lanczos" in method else 1e-12)  # (a float32 basis)
+    assert scaled.ranks == pytest.approx(plain.ranks, rel=1e-6)
+
+
+class _TwoHeads(nn.Module):
+    """Two independent heads, the first (272 parameters, listed first) a regression's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.regression, self.classes = nn.Linear(16, 16), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.regression(x[:, :16]), self.classes(x[:, 16:])], dim=1)
+
+
+def test_exact_scales_each_chunk_of_columns_on_its_own():
+    """A float32 Hessian whose first 256 columns are 1e-36 and whose later ones are 1e20 (two
+    heads of very different losses): the first chunk's power of two, applied to every later
+    one, had overflowed them (NotFiniteError, probe 170). Against the double-backprop Hessian of
+    the float64 copy."""
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    x, labels, values = torch.randn(10, 20), torch.randint(0, 3, (10,)), torch.randn(10, 16)
+    targets = torch.cat([values, labels[:, None].float()], dim=1)
+
+    def loss(f, t):
+        return (1e-36 * F.mse_loss(f[:, :16], t[:, :16])
+                + 1e20 * F.cross_entropy(f[:, 16:], t[:, 16].long()))
+
+    result = hessrank.effective_rank(model, loss, (x, targets), "exact")
+    reference = eigenvalues_by_magnitude(double_backward_hessian(
+        copy.deepcopy(model).double(), loss, x.double(), targets.double()))
+    assert_spectra_close(result.eigenvalues, reference, count=10, rtol=1e-6)
+
+
+def test_a_float32_overflow_is_told_in_float32():
+    """A float32 model's Hessian past float32's range: the error named float64's range (the
+    dense matrix's dtype) and advised nothing; it names float32's and the float64 copy."""
+    model = mlp((5, 8, 3), dtype=torch.float32)
+    x, y = classification_batch(12, 5, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"overflow float32 \(above 3\.4e\+38\): analyse a "
+                                         r"float64 copy"):
+        hessrank.effective_rank(model, lambda f, t: 1e40 * CE(f, t), (x, y), "exact")
+
+
 @pytest.mark.parametrize(("scale", "dtype", "noted"), [
     (1e-36, torch.float32, r"this block: the ggn matrix's largest eigenvalue is .* below "
                            r"float32's normal range.*float64 copy of the model measures it"),

@@ -480,34 +480,42 @@ def dense_hessian(
     where not ``symmetrise`` (a data set's batch: its sum is checked).
 
     Memory: the float64 result plus ``chunk_size`` products in flight. ``advance(k)`` is called
-    after each chunk of ``k`` columns (progress reporting). A Hessian whose first columns are
-    below the dtype's normal range (a float32 loss scaled by 1e-40, to a top eigenvalue of
-    2e-38: its spectrum had been off by 1.6e-5 of the top) is taken on basis vectors scaled up
-    by a power of two (:func:`~hessrank.spectrum.lanczos.input_unit`), its first chunk again.
+    after each chunk of ``k`` columns (progress reporting). A chunk of columns below the
+    dtype's normal range (a float32 loss scaled by 1e-40, to a top eigenvalue of 2e-38: its
+    spectrum had been off by 1.6e-5 of the top) is taken again on basis vectors scaled up by a
+    power of two (:func:`~hessrank.spectrum.lanczos.input_unit`).
 
     Raises:
         ValueError: the products are not symmetric beyond rounding (:func:`asymmetry_error`).
     """
     dim = operator.dim
     hessian = torch.empty(dim, dim, dtype=torch.float64, device=operator.device)
-    unit = 1.0
     for start in range(0, dim, chunk_size):
         stop = min(start + chunk_size, dim)
         basis = torch.zeros(stop - start, dim, dtype=operator.dtype, device=operator.device)
-        basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0 / unit
+        basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
         products = operator.matmat(basis)
-        if start == 0:
-            unit = input_unit(products)
-            if unit != 1.0:
-                products = operator.matmat(basis / unit)
-        hessian[start:stop] = products.to(torch.float64)
+        unit = input_unit(products)  # each chunk its own (a first chunk's 2^-64 had made a
+        hessian[start:stop] = products  # later chunk of large columns overflow; probe 170)
+        if unit != 1.0:
+            hessian[start:stop] = operator.matmat(basis / unit)
+            hessian[start:stop] *= unit
         if advance is not None:
             advance(stop - start)
-    if unit != 1.0:
-        hessian *= unit
     if symmetrise:
         operator.rounding = symmetrised(hessian, operator.problem)
     return hessian
+
+
+def _frobenius(matrix: Tensor) -> float:
+    """``||matrix||_F``, where its sum of squares leaves the dtype's range measured on the
+    matrix scaled by its largest entry (a float64 Hessian of 8e199 had a norm of Inf, and was
+    refused as not finite; from about 1e154 the check's ratio was x / Inf = 0; probe 170)."""
+    norm = float(matrix.norm())
+    largest = float(torch.linalg.vector_norm(matrix, math.inf))
+    if largest == 0 or not math.isfinite(largest) or (math.isfinite(norm) and norm >= largest):
+        return norm
+    return largest * float((matrix / largest).norm())
 
 
 def symmetrised(hessian: Tensor, problem: CurvatureProblem) -> float:
@@ -521,10 +529,10 @@ def symmetrised(hessian: Tensor, problem: CurvatureProblem) -> float:
     Raises:
         ValueError: the products are not symmetric beyond rounding (:func:`asymmetry_error`).
     """
-    antisymmetric = float((hessian - hessian.T).norm()) / 2
+    antisymmetric = _frobenius(hessian - hessian.T) / 2
     hessian += hessian.T.clone()
     hessian /= 2
-    symmetric = float(hessian.norm())
+    symmetric = _frobenius(hessian)
     error = asymmetry_error(antisymmetric, symmetric, problem)
     if error is not None:
         raise error

@@ -73,6 +73,10 @@ from hessrank.spectrum.operator import SymmetricOperator
 
 #: A Ritz pair is an eigenpair when its residual is below this times the largest ``|Ritz value|``.
 CONVERGED_RESIDUAL = 1e-5
+#: The floor of a scale divided by or scaled with, against division by zero: the least positive
+#: float64 (a floor of 1e-300 had counted float64 curvature of 1e-305 as all converged or all
+#: rounding: srank 51 for 33; probe 170).
+LEAST_SCALE = math.ulp(0.0)
 #: ... and below this times the distance to the nearest other Ritz value.
 GAP_FRACTION = 1e-2
 #: The chance, over all the converged Ritz values of a run, that a simple eigenvalue's probe
@@ -297,7 +301,7 @@ class LanczosRun:
         norm = _norm(vector)
         # A start in the span of ``deflate`` (to rounding) leaves nothing to explore.
         self.invariant = norm <= 100 * torch.finfo(storage.dtype).eps * _norm(start)
-        self._vector = vector / max(norm, 1e-300)
+        self._vector = vector / max(norm, LEAST_SCALE)
 
     @property
     def alpha(self) -> np.ndarray:
@@ -551,7 +555,7 @@ def _ritz_pairs(alpha: np.ndarray, beta: np.ndarray, last_beta: float,
         scale = float(np.abs(nodes).max())
     # An eigenpair: small residual against the operator's scale and against the distance to the
     # next Ritz value (else the node may stand for a cluster of eigenvalues within the residual).
-    converged = ((residuals <= CONVERGED_RESIDUAL * max(scale, 1e-300))
+    converged = ((residuals <= CONVERGED_RESIDUAL * max(scale, LEAST_SCALE))
                  & (residuals <= GAP_FRACTION * gaps))
     return _RitzPairs(nodes, vectors, residuals, converged)
 
@@ -560,7 +564,7 @@ def _copies_once(pairs: _RitzPairs) -> np.ndarray:
     """The Ritz values accurate to :data:`CONVERGED_RESIDUAL` of the largest that the gap test
     leaves out (their neighbours are within their residual), one per group of values within
     that tolerance of each other, none within it of a converged value (a copy of it)."""
-    tolerance = CONVERGED_RESIDUAL * max(float(np.abs(pairs.nodes).max()), 1e-300)
+    tolerance = CONVERGED_RESIDUAL * max(float(np.abs(pairs.nodes).max()), LEAST_SCALE)
     values = pairs.nodes[(pairs.residuals <= tolerance) & ~pairs.converged]
     converged = pairs.nodes[pairs.converged]
     values = values[~(np.abs(values[:, None] - converged[None, :]) <= tolerance).any(axis=1)]
@@ -593,7 +597,7 @@ def _copies_seen(pairs: _RitzPairs, eps: float) -> bool:
     run that did not restart they are copies of a repeated eigenvalue or of a converged one (a
     float32 run of a trained MLP's Hessian to P products finds such ghosts): evidence of
     repeats, not proof."""
-    scale = max(float(np.abs(pairs.nodes).max()), 1e-300)
+    scale = max(float(np.abs(pairs.nodes).max()), LEAST_SCALE)
     # (zero is the null space, never deflated: rounding leaves it two nodes or more)
     nonzero = np.abs(pairs.nodes) > CONVERGED_RESIDUAL * scale
     values, radii = pairs.nodes[nonzero], pairs.residuals[nonzero]
@@ -1567,7 +1571,7 @@ def _merge_close(nodes: np.ndarray, weights: np.ndarray, eps: float
     (a count of eigenvalues, not a rounding residue)."""
     order = np.argsort(nodes, kind="stable")
     nodes, weights = nodes[order], weights[order]
-    tolerance = 10 * eps * max(float(np.abs(nodes).max()), 1e-300)
+    tolerance = 10 * eps * max(float(np.abs(nodes).max()), LEAST_SCALE)
     group = np.concatenate([[0], np.cumsum(np.diff(nodes) > tolerance)])
     merged_weights = np.bincount(group, weights=weights)
     merged_nodes = np.bincount(group, weights=nodes * weights) / np.maximum(merged_weights, 1e-300)
