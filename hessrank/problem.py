@@ -1700,10 +1700,12 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
 
 class _LowerPrecision(TorchFunctionMode):
     """Records the first operation whose floating result has the fewest digits, fewer than
-    ``dtype``'s: where it ran (``found``; ``stack`` holds the names of the modules whose forward
-    is running) and that result's dtype (``dtype``; None while nothing was found). The least
-    precise, not the first: a loss that casts to float32 and then runs under bfloat16
-    autocast is explained by the bfloat16 (probe 121)."""
+    ``dtype``'s, among results autograd differentiates (a float16 buffer added as a constant,
+    or a mask read from a float16 copy, rounds nothing the curvature is taken of, and had been
+    refused; probe 171): where it ran (``found``; ``stack`` holds the names of the modules
+    whose forward is running) and that result's dtype (``dtype``; None while nothing was
+    found). The least precise, not the first: a loss that casts to float32 and then runs under
+    bfloat16 autocast is explained by the bfloat16 (probe 121)."""
 
     def __init__(self, dtype: torch.dtype, stack: list[str]) -> None:
         super().__init__()
@@ -1717,7 +1719,7 @@ class _LowerPrecision(TorchFunctionMode):
         result = func(*args, **(kwargs or {}))
         values = result if isinstance(result, (tuple, list)) else (result,)
         for value in values:
-            if (isinstance(value, Tensor) and value.is_floating_point()
+            if (isinstance(value, Tensor) and value.is_floating_point() and value.requires_grad
                     and torch.finfo(value.dtype).eps > (self.eps if self.dtype is None
                                                         else torch.finfo(self.dtype).eps)):
                 where = self.stack[-1] if self.stack else "the model's forward"
@@ -1734,7 +1736,14 @@ def _explained(dtype: torch.dtype) -> float:
     whose rounding is already 1e-3 to 1e-2 (its tolerance, 8 for bfloat16, had named it for an
     asymmetry of 0.2 that a wrong custom Function made; probe 139)."""
     eps = float(torch.finfo(dtype).eps)
-    return 4 * eps if dtype in (torch.float16, torch.bfloat16) else agreement_tolerance(dtype)
+    return 4 * eps if _at_most_half(dtype) else agreement_tolerance(dtype)
+
+
+def _at_most_half(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` keeps no more digits than half precision (float16, bfloat16, the
+    float8 formats: float8 had passed the factor methods' half-precision refusal, and its
+    doubled eigenvalues their symmetry check; probe 171)."""
+    return torch.finfo(dtype).bits <= 16
 
 
 def lower_precision_cause(problem: CurvatureProblem, error: float,
@@ -1751,7 +1760,7 @@ def lower_precision_cause(problem: CurvatureProblem, error: float,
     one, probe 120). One forward pass and its loss, watched operation by operation; an empty
     string when nothing runs at a lower precision, or when ``error`` is beyond what that
     precision's rounding explains (:func:`_explained`), or with ``half_only`` where that
-    precision is not float16's or bfloat16's."""
+    precision is above half precision's (:func:`_at_most_half`)."""
     stack: list[str] = []
 
     def entered(label: str) -> Callable[..., None]:
@@ -1767,7 +1776,7 @@ def lower_precision_cause(problem: CurvatureProblem, error: float,
         handles.append(module.register_forward_hook(left, always_call=True))
     watcher = _LowerPrecision(problem.dtype, stack)
     try:
-        with torch.no_grad(), watcher:
+        with torch.enable_grad(), watcher:  # (which results are differentiated)
             outputs = problem.forward()
             if with_loss:
                 stack.append("loss_fn")
@@ -1778,13 +1787,18 @@ def lower_precision_cause(problem: CurvatureProblem, error: float,
     finally:
         for handle in handles:
             handle.remove()
-    half = watcher.dtype in (torch.float16, torch.bfloat16)
-    if watcher.dtype is None or error > _explained(watcher.dtype) or (half_only and not half):
+    if watcher.dtype is None:
+        return ""
+    half = _at_most_half(watcher.dtype)
+    if error > _explained(watcher.dtype) or (half_only and not half):
         return ""
     if half:
-        return (f"the model or its loss computes in half precision (first: {watcher.found}), "
-                "which keeps about 3 digits: its curvature would carry errors of 1e-4 to 1e-2 "
-                "of its largest eigenvalue. Analyse it in its "
+        precision, digits = (("half precision", "about 3 digits")
+                             if torch.finfo(watcher.dtype).bits == 16
+                             else (str(watcher.dtype), "about 1 digit"))
+        return (f"the model or its loss computes in {precision} (first: {watcher.found}), "
+                f"which keeps {digits}: its curvature would carry errors of 1e-4 to 1e-2 of its "
+                "largest eigenvalue, or more. Analyse it in its "
                 f"parameters' precision, {dtype_name(problem.dtype)}: turn the autocast (or "
                 "the cast) off for the call")
     return (f"the model or its loss computes at a lower precision than its float64 parameters "

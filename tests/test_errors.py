@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from fresh import in_fresh_processes
-from reference import classification_batch, mlp
+from reference import classification_batch, double_backward_hessian, mlp
 from torch import nn
 
 import hessrank
@@ -1718,6 +1718,55 @@ def test_a_round_trip_through_half_precision_is_named(method, where, match):
     batch = (torch.randn(n, 4), torch.randint(0, 3, (n,)))
     _check(model, lambda: hessrank.effective_rank(model, loss_fn, batch, method), ValueError,
            match)
+
+
+class _Float8Branch(nn.Module):
+    """A float32 MLP with a fake-quantised branch: ``h + 1e-3 * float8(h)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        return self.head(h + 1e-3 * h.to(torch.float8_e4m3fn).to(h.dtype))
+
+
+class _HalfConstant(nn.Module):
+    """A float32 MLP adding a float16 buffer as a constant, and masking by a float16 copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("offset", torch.randn(6).half())
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x)) + self.offset.to(torch.float32)
+        return self.head(h * (h.detach().half() > -0.5))
+
+
+@pytest.mark.parametrize("method", ["fisher_lanczos", "ggn_lanczos", "exact"])
+def test_float8_is_refused_and_a_half_precision_constant_is_not(method):
+    """A float8 round trip had passed the factor methods' half-precision refusal, and their
+    symmetry check at a branch weight of 1e-3 (fisher_lanczos: every eigenvalue twice, its
+    trace 1.4x); every method named the fix for a float64 model. A float16 constant or mask
+    rounds nothing that is differentiated, and had been refused (probe 171): it is measured,
+    as fisher measures it."""
+    torch.manual_seed(0)
+    batch = (torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    options = {"lanczos_steps": 30} if "lanczos" in method else {}
+    model = _Float8Branch()
+    _check(model, lambda: hessrank.effective_rank(model, CE, batch, method, **options),
+           ValueError, r"computes in torch.float8_e4m3fn \(first: .*\), which keeps about 1 "
+                       r"digit.*parameters' precision, float32")
+    constant = _HalfConstant()
+    measured = hessrank.effective_rank(constant, CE, batch, method, **options)
+    if method == "exact":
+        hessian = double_backward_hessian(constant, CE, *batch)
+        assert measured.trace == pytest.approx(np.trace(hessian), rel=1e-5)
+    elif method == "fisher_lanczos":
+        reference = hessrank.effective_rank(constant, CE, batch, "fisher")
+        assert measured.trace == pytest.approx(reference.trace, rel=1e-5)
 
 
 @pytest.mark.parametrize("method", hessrank.METHODS)
