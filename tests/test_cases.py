@@ -21,6 +21,7 @@ from reference import (
     eigenvalues_by_magnitude,
     flat_gradient,
     reference_hessian,
+    saturation_safe_cross_entropy,
 )
 from torch import Tensor, nn
 
@@ -1113,6 +1114,58 @@ def test_a_z_loss_on_the_later_samples_alone_is_not_left_out(method):
         result = hessrank.effective_rank(model, _z_loss_where_flagged,
                                          (x[order], targets[order]), method=method, **options)
         assert_spectra_close(result.eigenvalues, reference, count=5, rtol=1e-4)
+
+
+def _penalty_where_ignored(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of the labelled samples plus a logit L2 penalty on the unlabelled ones
+    (``-100``, ignored by the cross-entropy)."""
+    unlabelled = (targets == -100).to(outputs.dtype)[:, None]
+    return (F.cross_entropy(outputs, targets, ignore_index=-100, reduction="sum")
+            + 1e-4 * (unlabelled * outputs.pow(2)).sum()) / len(targets)
+
+
+@pytest.mark.parametrize("method", ["ggn", "ggn_lanczos"])
+def test_a_term_on_the_samples_the_softmax_ignores_is_not_left_out(method):
+    """The float64 confirmation read only the samples the softmax gives weight: a penalty on
+    the ignored ones alone was taken for rounding and left out, the GGN 20x too small
+    (probe 172)."""
+    model = _confident(1.0, inputs=6, outputs=10).float()
+    with torch.no_grad():
+        model[2].bias[0] += 14.0  # p(class 0) about 1 - 1e-5
+    x = torch.randn(12, 6, generator=_seeded(2))
+    targets = torch.where(torch.arange(12) < 6, 0, -100)
+    options = {"lanczos_steps": 40, "seed": 0} if method == "ggn_lanczos" else {}
+    reference = eigenvalues_by_magnitude(reference_ggn_full(
+        copy.deepcopy(model).double(), _penalty_where_ignored, x.double(), targets))
+    result = hessrank.effective_rank(model, _penalty_where_ignored, (x, targets), method=method,
+                                     **options)
+    assert_spectra_close(result.eigenvalues, reference, count=5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+def test_a_loss_holding_per_sample_weights_is_checked_on_its_whole_batch(method):
+    """A loss holding a batch-sized tensor (per-sample weights) fails on the first 8 samples
+    alone: the float64 check of a saturated classifier's gradients had been skipped, noted as
+    float64's failure, and the EF came out 20 % off (probe 172). It is read on the whole batch
+    then, against the per-sample loop of the float64 copy with the saturation-safe loss."""
+    model = _confident(1.0, inputs=6, outputs=10).float()
+    with torch.no_grad():
+        model[2].bias[0] += 14.0
+    x = torch.randn(16, 6, generator=_seeded(2))
+    y = torch.zeros(16, dtype=torch.long)
+    weights = torch.linspace(0.5, 1.5, 16)
+
+    def loss_fn(outputs, targets):
+        return (weights.to(outputs.dtype) * F.cross_entropy(outputs, targets,
+                                                            reduction="none")).mean()
+
+    reference = eigenvalues_by_magnitude(reference_fisher_weighted(
+        copy.deepcopy(model).double(), saturation_safe_cross_entropy, weights.double() / 16,
+        x.double(), y))
+    result = hessrank.effective_rank(model, loss_fn, (x, y), method=method,
+                                     **({"seed": 0} if "lanczos" in method else {}))
+    assert not any("not checked against float64" in note for note in result.notes)
+    assert_spectra_close(result.eigenvalues, reference, count=6, rtol=1e-5)
 
 
 def _float32_only_z_loss(outputs: Tensor, targets: Tensor) -> Tensor:

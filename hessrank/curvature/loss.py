@@ -797,11 +797,24 @@ def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: 
     head = _first_samples(reading.weights > 0)  # read samples
     if not len(head):
         return False
-    try:
+
+    def float64_gradients(samples: Tensor) -> Tensor:
         # the loss as float64's readings run it: float64 rounds 1 - p_y to 0 too past a margin
         # of 37, and agreed with float32's EF 4x too small (probe 157)
-        precise = _in_float64(lambda twin, wide, labels: _sample_gradients(
-            saturation_safe(twin), wide, labels), loss_fn, outputs[head], targets[head])
+        return _in_float64(lambda twin, wide, labels: _sample_gradients(
+            saturation_safe(twin), wide, labels), loss_fn, outputs[samples], targets[samples])
+
+    try:
+        try:
+            precise = float64_gradients(head)
+        except ValueError as failure:
+            raise_if_signalled(failure)
+            if len(head) == len(outputs):
+                raise
+            # the whole batch instead: a loss holding a batch-sized tensor (per-sample
+            # weights) runs on it alone (the check had been skipped, the EF 20 % off; probe 172)
+            head = torch.arange(len(outputs), device=outputs.device)
+            precise = float64_gradients(head)
     except ValueError as failure:
         raise_if_signalled(failure)
         add_float64_note(notes, f"the samples' loss gradients are {dtype_name(outputs.dtype)}'s, "
@@ -1178,7 +1191,7 @@ def _verified_softmax(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                                          notes)
     if not holds:
         class_dim = None
-        mismatches.append("in float64 on the samples with curvature, above its rounding")
+        mismatches.append("in float64 on every sample, above its rounding")
     elif not precise:  # the weights read again in float64, on the whole batch
         try:
             found, probs, weights, _ = _in_float64(_structure_of, loss_fn, outputs, targets)
@@ -1575,12 +1588,14 @@ def _top_pair(probs: Tensor) -> Tensor:
 def _softmax_in_float64(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_dim: int,
                         probs: Tensor, weights: Tensor, notes: list[str]) -> tuple[bool, bool]:
     """Whether the softmax cross-entropy structure found over ``class_dim`` in the outputs'
-    dtype holds in float64 on every sample with curvature (``weights`` ``[n, ...]``, the
-    structure's ``a_r``, positive at some position; all ignored: nothing to confirm), always
-    for float64 outputs; and whether its weights, read in the outputs' dtype, are float64's
-    there (``probs`` ``[n, ..., C]``: ``p``). The samples are read in chunks of
-    :data:`CONSTANCY_WHOLE_ENTRIES` output entries (at least :data:`CONSTANCY_SAMPLES`
-    samples), each as a batch of its own.
+    dtype holds in float64 on every sample (always for float64 outputs; where ``weights``
+    ``[n, ...]``, the structure's ``a_r``, are all zero, nothing to confirm); and whether its
+    weights, read in the outputs' dtype, are float64's there (``probs`` ``[n, ..., C]``:
+    ``p``). The samples are read in chunks of :data:`CONSTANCY_WHOLE_ENTRIES` output entries
+    (at least :data:`CONSTANCY_SAMPLES` samples), each as a batch of its own; a chunk of
+    samples the softmax gives no weight (ignored, or of class weight 0) is read with one that
+    has weight, its loss defined: a penalty on those samples alone had been left out, the GGN
+    20x too small (probe 172).
 
     In float32 the structure test resolves the loss's curvature only to the rounding of the
     softmax terms, ``1024 eps`` of them: near saturation a convex term beside the cross-entropy
@@ -1607,15 +1622,27 @@ def _softmax_in_float64(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class
     second = probs.topk(2, dim=-1).values[..., 1]
     precise_weights = not bool(((second > 0)
                                 & (second < _resolvable_probability(outputs.dtype))).any())
-    curved = torch.nonzero((weights.reshape(weights.shape[0], -1) > 0).any(dim=1)).flatten()
-    per_chunk = float64_chunk_samples(outputs[0].numel())
-    largest_block = float((weights.double() * _top_pair(probs)).amax()) if len(curved) else 0.0
-    for chunk in curved.split(per_chunk):
+    has_weight = (weights.reshape(weights.shape[0], -1) > 0).any(dim=1)
+    curved = torch.nonzero(has_weight).flatten()
+    if not len(curved):
+        return True, precise_weights
+    largest_block = float((weights.double() * _top_pair(probs)).amax())
+    whole = torch.arange(len(weights), device=weights.device)
+    chunks = [chunk if bool(has_weight[chunk].any())
+              else torch.cat([curved[:1], chunk])  # (a mean over none of its samples is NaN)
+              for chunk in whole.split(float64_chunk_samples(outputs[0].numel()))]
+    while chunks:
+        chunk = chunks.pop(0)
         try:
             found, precise_probs, precise, _ = _in_float64(_structure_of, loss_fn,
                                                            outputs[chunk], targets[chunk])
         except ValueError as failure:
             raise_if_signalled(failure)
+            if len(chunk) != len(whole) or chunks:  # the whole batch at once instead: a loss
+                # holding a batch-sized tensor (per-sample weights) runs on it alone, and the
+                # check had been skipped, noted as float64's failure (probe 172)
+                chunks = [whole]
+                continue
             add_float64_note(notes, f"the loss's curvature is a softmax cross-entropy's in "
                              f"{dtype_name(outputs.dtype)}, not checked in float64", str(failure),
                              "a convex term beside it (a z-loss) is below the rounding of its "
