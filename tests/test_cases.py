@@ -1168,6 +1168,46 @@ def test_a_loss_holding_per_sample_weights_is_checked_on_its_whole_batch(method)
     assert_spectra_close(result.eigenvalues, reference, count=6, rtol=1e-5)
 
 
+class _ShiftedLogit(nn.Module):
+    """An MLP whose logit 0 is shifted by the input's first entry (the margin, no parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.head = nn.Linear(5, 8), nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.hidden(x[:, 1:]))) + F.pad(x[:, :1], (0, 9))
+
+
+def _handwritten_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    return (torch.logsumexp(outputs, 1) - outputs.gather(1, targets[:, None])[:, 0]).mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+@pytest.mark.parametrize("margin", [5.0, 30.0, 40.0])
+def test_a_cross_entropy_written_by_hand_is_refused_where_its_target_entry_rounds(
+        margin, method, dtype):
+    """``logsumexp(f) - f_y`` forms ``p_y - 1`` as a difference: past a logit margin of 37 it
+    is 0 even in float64, and the EF came out 9x too small (1.6e-3 off at 30), in float32 and
+    float64 alike, with no word (probe 172). Refused there, naming F.cross_entropy; at a
+    margin of 5 it is F.cross_entropy's EF."""
+    torch.manual_seed(0)
+    model = _ShiftedLogit().to(dtype)
+    x = torch.randn(16, 6, dtype=dtype)
+    x[:, 0] = margin + torch.linspace(0, 3, 16, dtype=dtype)
+    y = torch.zeros(16, dtype=torch.long)
+    options = {"seed": 0} if "lanczos" in method else {}
+    if margin < 10:
+        written = hessrank.effective_rank(model, _handwritten_cross_entropy, (x, y), method,
+                                          **options)
+        builtin = hessrank.effective_rank(model, F.cross_entropy, (x, y), method, **options)
+        assert_spectra_close(written.eigenvalues, builtin.eigenvalues, count=4, rtol=1e-5)
+        return
+    with pytest.raises(ValueError, match=r"1 - p_y is lost to rounding.*F\.cross_entropy"):
+        hessrank.effective_rank(model, _handwritten_cross_entropy, (x, y), method, **options)
+
+
 def _float32_only_z_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """:func:`_z_loss` behind a guard that refuses any dtype but float32 (as a fused kernel
     written for float32 would)."""

@@ -327,6 +327,12 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             f"loss_fn weighs sample {i} negatively ({float(weights[i]):.3g}): the empirical "
             "Fisher sum_i a_i g_i g_i^T needs a_i >= 0; use method='exact' or 'lanczos'"
         )
+    if read.sample_grads.dtype == torch.float64:
+        samples = torch.nonzero(weights > 0).flatten()
+        cancelled = _cancelled_target_error(loss_fn, outputs, targets,
+                                            read.sample_grads[samples], samples)
+        if cancelled is not None:
+            raise cancelled
     factors = torch.where(weights[:, None] > 0, read.sample_grads * weights.sqrt()[:, None], 0.0)
     _check_squares_in_range(factors, dtype)
     return factors.reshape(1, *outputs.shape).to(dtype), weights.to(dtype)
@@ -779,6 +785,57 @@ def _first_samples(chosen: Tensor) -> Tensor:
     return torch.nonzero(chosen).flatten()[:CONSTANCY_SAMPLES]
 
 
+#: The largest share of a sample's largest float64 gradient entry that the entries' sum over
+#: the class dimension may reach, for a loss invariant to shifting every class's output alike:
+#: the saturation-safe log-softmax's readings sum to rounding (about 1e-16).
+SHIFT_SUM_SHARE = 1e-6
+
+
+def _cancelled_target_error(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
+                            gradients: Tensor, read: Tensor) -> ValueError | None:
+    """The error for float64 per-sample gradients ``gradients`` (``[k, size]`` for the samples
+    ``read`` ``[k]`` of ``outputs`` and ``targets``) that a loss invariant to shifting the
+    class dimension's outputs alike (its float64 gradient sums to zero over it at random
+    outputs, one pass) gives with entries that do not sum to zero there, beyond
+    :data:`SHIFT_SUM_SHARE` of their largest, on samples that weigh in the EF (largest entries
+    above ``sqrt(eps)`` of the batch's): a cross-entropy written ``logsumexp(f) - f_y`` or
+    ``-log(softmax(f))`` forms ``p_y - 1`` as a difference, 0 past logit margins of 37 even
+    in float64 (the saturation-safe derivatives reach only ``F.log_softmax`` and
+    ``F.cross_entropy``), and the EF came out 9x too small, in float64 too (probe 172). None
+    where the sums are rounding, the outputs have no class dimension (the last, of 2 or more),
+    or the loss is not shift-invariant."""
+    if outputs.dim() < 2 or outputs.shape[-1] < 2 or not len(gradients):
+        return None
+    rows = gradients.double().reshape(len(gradients), -1, outputs.shape[-1])
+    sizes = rows.abs().amax(dim=-1)
+    significant = sizes >= math.sqrt(torch.finfo(torch.float64).eps) * float(sizes.max())
+    shares = torch.where(significant & (sizes > 0), rows.sum(dim=-1).abs() / sizes, 0.0)
+    if float(shares.max()) <= SHIFT_SUM_SHARE:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    point = torch.randn(outputs.shape, generator=generator, dtype=torch.float64)
+    try:
+        elsewhere = _in_float64(lambda twin, wide, labels: torch.autograd.grad(
+            twin(wide.requires_grad_(True), labels), wide)[0], loss_fn,
+            point.to(device=outputs.device), targets)
+    except (ValueError, RuntimeError) as failure:
+        raise_if_signalled(failure)
+        return None
+    elsewhere = elsewhere.reshape(len(outputs), -1, outputs.shape[-1])
+    if bool((elsewhere.sum(dim=-1).abs() > SHIFT_SUM_SHARE * elsewhere.abs().amax(dim=-1)).any()):
+        return None  # (not shift-invariant: its gradients need not sum to zero)
+    sample = int(read[int(shares.amax(dim=-1).argmax())])
+    return ValueError(
+        f"the loss is invariant to adding one number to every class's output (its gradient "
+        f"sums to zero over the last dimension at other outputs), yet at these outputs sample "
+        f"{sample}'s gradient sums to {float(shares.max()):.2g} of its largest entry even in "
+        "float64: its 1 - p_y is lost to rounding (a cross-entropy written as "
+        "logsumexp(f) - f_y or -log(softmax(f)) at large logit margins: all of it past 37), so "
+        "its gradients, and the empirical Fisher, are not the loss's. Write it with F.cross_entropy or "
+        "F.log_softmax, whose derivatives hessrank forms without the cancellation, or use "
+        "method='ggn'")
+
+
 def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: _Reading,
                     notes: list[str]) -> bool:
     """Whether the loss's per-sample gradients in the outputs' dtype are off by more than the
@@ -821,6 +878,9 @@ def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: 
                          "not checked against float64", str(failure),
                          "they are mostly rounding, and the spectrum with them")
         return False
+    cancelled = _cancelled_target_error(loss_fn, outputs, targets, precise, head)
+    if cancelled is not None:
+        raise cancelled
     scale = reading.weights.clamp_min(0).sqrt()
     error = (scale[head, None].double() * (reading.sample_grads[head].double()
                                            - precise.reshape(precise.shape[0], -1))).norm(dim=1)
