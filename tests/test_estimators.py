@@ -1400,6 +1400,25 @@ def test_a_float64_curvature_at_the_ends_of_its_range_keeps_its_ranks(method, sc
     assert scaled.ranks == pytest.approx(plain.ranks, rel=1e-6)
 
 
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+def test_a_float64_ef_of_tiny_sample_gradients_is_read(method):
+    """A float64 loss scaled by 1e-160 on inputs of 1e10: an EF of 1e-300, in range, whose
+    samples' gradient norms squared (1e-320) left float64's range: refused as a loss whose
+    samples interact (probe 170). Its spectrum is the unscaled loss's times 1e-320."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    with torch.no_grad():
+        model.weight.mul_(1e-10)  # outputs of order 1: loss gradients of 1e-160
+    x, y = torch.randn(10, 4, dtype=torch.float64) * 1e10, torch.randn(10, 3, dtype=torch.float64)
+    options = {"seed": 0} if "lanczos" in method else {}
+    plain = hessrank.effective_rank(model, F.mse_loss, (x, y), method, **options)
+    scaled = hessrank.effective_rank(model, lambda f, t: 1e-160 * F.mse_loss(f, t), (x, y),
+                                     method, **options)
+    # (divided by 1e-160 twice: 1e-320 is subnormal, 1e-5 off)
+    assert_spectra_close(scaled.eigenvalues / 1e-160 / 1e-160, plain.eigenvalues, count=5,
+                         rtol=1e-5 if "lanczos" in method else 1e-12)
+
+
 class _TwoHeads(nn.Module):
     """Two independent heads, the first (272 parameters, listed first) a regression's."""
 

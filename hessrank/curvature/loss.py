@@ -207,10 +207,13 @@ def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     rounding = max(tolerance * largest / unit, tiny)  # R
     batch_norm = flat_batch.norm(dim=1)
     sample_unit = binade(float(flat_sample.abs().amax()) if flat_sample.numel() else 0.0)
-    sample_norm = (flat_sample / sample_unit).norm(dim=1).double() * sample_unit
+    scaled_sample = flat_sample / sample_unit
+    # (the samples' norms in their unit: squared as they are, a float64 loss scaled by 1e-160
+    # or 1e160 left float64's range, and was refused as one whose samples interact; probe 170)
+    scaled_norm = scaled_sample.norm(dim=1).double().clamp_min(torch.finfo(torch.float64).tiny)
     read = batch_norm > rounding  # none where the batch's gradient is zero
-    weights = ((flat_batch * flat_sample).sum(dim=1).double()
-               / (sample_norm * sample_norm).clamp_min(torch.finfo(torch.float64).tiny))
+    weights = ((flat_batch * scaled_sample).sum(dim=1).double() / (scaled_norm * scaled_norm)
+               / sample_unit)
     residual = (flat_batch - weights.to(flat_batch.dtype)[:, None] * flat_sample).norm(dim=1)
     # a sample alone may have no defined loss (all its targets ignored): only read ones count
     mismatch = torch.where(read, torch.where(torch.isfinite(weights), residual.double(),
@@ -218,7 +221,7 @@ def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     weights = torch.where(read, weights, 0.0)
     # errors of R in dL/df_i and of tol * (largest entry of a read dl_j/df_j) in dl_i/df_i
     sample_rounding = tolerance * float(torch.where(read[:, None], flat_sample.abs(), 0.0).amax())
-    spread = (rounding + weights * sample_rounding) / sample_norm.clamp_min(tiny)
+    spread = (rounding + weights * sample_rounding) / scaled_norm / sample_unit
     uncertainty = torch.where(read, spread, math.inf)
     return _Reading((weights * unit).to(outputs.dtype), (uncertainty * unit).to(outputs.dtype),
                     flat_sample, (mismatch / rounding).to(outputs.dtype), finite)
@@ -830,10 +833,10 @@ def _cancelled_target_error(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         f"sums to zero over the last dimension at other outputs), yet at these outputs sample "
         f"{sample}'s gradient sums to {float(shares.max()):.2g} of its largest entry even in "
         "float64: its 1 - p_y is lost to rounding (a cross-entropy written as "
-        "logsumexp(f) - f_y or -log(softmax(f)) at large logit margins: all of it past 37), so "
-        "its gradients, and the empirical Fisher, are not the loss's. Write it with F.cross_entropy or "
-        "F.log_softmax, whose derivatives hessrank forms without the cancellation, or use "
-        "method='ggn'")
+        "logsumexp(f) - f_y or -log(softmax(f)) at large logit margins: all of it past 37), "
+        "so its gradients, and the empirical Fisher, are not the loss's. Write it with "
+        "F.cross_entropy or F.log_softmax, whose derivatives hessrank forms without the "
+        "cancellation, or use method='ggn'")
 
 
 def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: _Reading,
