@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import CheckpointFunction
 
 from hessrank.guard import (
@@ -1699,20 +1699,21 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
 
 
 class _LowerPrecision(TorchFunctionMode):
-    """Records the first operation whose floating result has the fewest digits, fewer than
-    ``dtype``'s, among results autograd differentiates (a float16 buffer added as a constant,
-    or a mask read from a float16 copy, rounds nothing the curvature is taken of, and had been
-    refused; probe 171): where it ran (``found``; ``stack`` holds the names of the modules
-    whose forward is running) and that result's dtype (``dtype``; None while nothing was
-    found). The least precise, not the first: a loss that casts to float32 and then runs under
-    bfloat16 autocast is explained by the bfloat16 (probe 121)."""
+    """Records the operations whose floating results, which autograd differentiates, have
+    fewer digits than ``dtype``'s: where each ran (``stack`` holds the names of the modules
+    whose forward is running), its dtype and its result's ``grad_fn``, in ``found``.
+    :meth:`least_precise` then picks, among those the computed values' backward reaches, the
+    first of the fewest digits (the least precise, not the first: a loss that casts to float32
+    and then runs under bfloat16 autocast is explained by the bfloat16; probe 121). A float16
+    constant or mask, or a straight-through estimator's rounding (``w + (w.half().float() -
+    w).detach()``), rounds nothing the curvature is taken of, and had been refused (probes
+    171, 173)."""
 
     def __init__(self, dtype: torch.dtype, stack: list[str]) -> None:
         super().__init__()
         self.eps = torch.finfo(dtype).eps
         self.stack = stack
-        self.found = ""
-        self.dtype: torch.dtype | None = None
+        self.found: list[tuple[str, torch.dtype, Any]] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
@@ -1720,14 +1721,34 @@ class _LowerPrecision(TorchFunctionMode):
         values = result if isinstance(result, (tuple, list)) else (result,)
         for value in values:
             if (isinstance(value, Tensor) and value.is_floating_point() and value.requires_grad
-                    and torch.finfo(value.dtype).eps > (self.eps if self.dtype is None
-                                                        else torch.finfo(self.dtype).eps)):
+                    and value.grad_fn is not None and torch.finfo(value.dtype).eps > self.eps):
                 where = self.stack[-1] if self.stack else "the model's forward"
                 name = getattr(func, "__name__", str(func))
-                self.found = f"{value.dtype} from {name} in {where}"
-                self.dtype = value.dtype
+                self.found.append((f"{value.dtype} from {name} in {where}", value.dtype,
+                                   value.grad_fn))
                 break
         return result
+
+    def least_precise(self, computed: object) -> tuple[str, torch.dtype | None]:
+        """Where and in what dtype the least precise operation ``computed``'s backward reaches
+        ran (``("", None)`` where none)."""
+        if not self.found:
+            return "", None
+        reached: set[int] = set()
+        pending = [leaf.grad_fn for leaf in tree_leaves(computed)
+                   if isinstance(leaf, Tensor) and leaf.grad_fn is not None]
+        while pending:
+            node = pending.pop()
+            if id(node) in reached:
+                continue
+            reached.add(id(node))
+            pending.extend(child for child, _ in node.next_functions if child is not None)
+        chosen: tuple[str, torch.dtype | None] = ("", None)
+        for where, dtype, node in self.found:
+            if id(node) in reached and (chosen[1] is None or torch.finfo(dtype).eps
+                                        > torch.finfo(chosen[1]).eps):
+                chosen = (where, dtype)
+        return chosen
 
 
 def _explained(dtype: torch.dtype) -> float:
@@ -1777,32 +1798,33 @@ def lower_precision_cause(problem: CurvatureProblem, error: float,
     watcher = _LowerPrecision(problem.dtype, stack)
     try:
         with torch.enable_grad(), watcher:  # (which results are differentiated)
-            outputs = problem.forward()
+            computed = problem.forward()
             if with_loss:
                 stack.append("loss_fn")
-                problem.loss_fn(outputs, problem.targets)
+                computed = problem.loss_fn(computed, problem.targets)
+        found, dtype = watcher.least_precise(computed)
     except Exception as failure:  # noqa: BLE001 - a diagnosis must not replace the error it explains
         raise_if_signalled(failure)
         return ""
     finally:
         for handle in handles:
             handle.remove()
-    if watcher.dtype is None:
+    if dtype is None:
         return ""
-    half = _at_most_half(watcher.dtype)
-    if error > _explained(watcher.dtype) or (half_only and not half):
+    half = _at_most_half(dtype)
+    if error > _explained(dtype) or (half_only and not half):
         return ""
     if half:
         precision, digits = (("half precision", "about 3 digits")
-                             if torch.finfo(watcher.dtype).bits == 16
-                             else (str(watcher.dtype), "about 1 digit"))
-        return (f"the model or its loss computes in {precision} (first: {watcher.found}), "
+                             if torch.finfo(dtype).bits == 16
+                             else (str(dtype), "about 1 digit"))
+        return (f"the model or its loss computes in {precision} (first: {found}), "
                 f"which keeps {digits}: its curvature would carry errors of 1e-4 to 1e-2 of its "
                 "largest eigenvalue, or more. Analyse it in its "
                 f"parameters' precision, {dtype_name(problem.dtype)}: turn the autocast (or "
                 "the cast) off for the call")
     return (f"the model or its loss computes at a lower precision than its float64 parameters "
-            f"(first: {watcher.found}), so its results carry that precision's rounding, beyond "
+            f"(first: {found}), so its results carry that precision's rounding, beyond "
             "what the float64 checks allow (and what the float64 rank tolerances assume). "
             "Analyse a float32 copy (copy.deepcopy(model).float() with float32 inputs), whose "
             "checks and tolerances allow float32 rounding")

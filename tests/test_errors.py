@@ -1733,7 +1733,8 @@ class _Float8Branch(nn.Module):
 
 
 class _HalfConstant(nn.Module):
-    """A float32 MLP adding a float16 buffer as a constant, and masking by a float16 copy."""
+    """A float32 MLP adding a float16 buffer as a constant, masking by a float16 copy, and
+    rounding its hidden values through float16 straight-through (the rounding detached)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1742,6 +1743,7 @@ class _HalfConstant(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.first(x)) + self.offset.to(torch.float32)
+        h = h + (h.half().float() - h).detach()
         return self.head(h * (h.detach().half() > -0.5))
 
 
@@ -1749,9 +1751,9 @@ class _HalfConstant(nn.Module):
 def test_float8_is_refused_and_a_half_precision_constant_is_not(method):
     """A float8 round trip had passed the factor methods' half-precision refusal, and their
     symmetry check at a branch weight of 1e-3 (fisher_lanczos: every eigenvalue twice, its
-    trace 1.4x); every method named the fix for a float64 model. A float16 constant or mask
-    rounds nothing that is differentiated, and had been refused (probe 171): it is measured,
-    as fisher measures it."""
+    trace 1.4x); every method named the fix for a float64 model. A float16 constant or mask,
+    or a straight-through rounding, rounds nothing that is differentiated, and had been refused
+    (probes 171, 173): it is measured, as fisher measures it."""
     torch.manual_seed(0)
     batch = (torch.randn(10, 4), torch.randint(0, 3, (10,)))
     options = {"lanczos_steps": 30} if "lanczos" in method else {}
