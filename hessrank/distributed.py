@@ -556,8 +556,37 @@ def shard_cotangents(problem: CurvatureProblem,
     with torch.no_grad():
         check_same_loss(problem, call_loss(problem.loss_fn, everything, problem.all_targets))
     cotangents = cotangents_of(everything, problem.all_targets)
+    _check_same_cotangents(problem, cotangents)
     # a copy: the view kept every process's rows alive
     return cotangents[:, problem.parallel.start : problem.parallel.stop].clone()
+
+
+def _check_same_cotangents(problem: ShardedProblem, cotangents: Tensor) -> None:
+    """Raise in every process unless each derived the same cotangents from the gathered batch
+    (their shape, sum and sum of squares, a collective): the loss side's float64 checks may
+    fail in one process only (out of memory there), which then read its factors otherwise, and
+    the spectrum was a mix of the two readings (a GGN 27 % low, with no note in process 0;
+    probe 174).
+
+    Raises:
+        ValueError: naming the processes and what differs.
+    """
+    wide = cotangents.detach().double()
+    mine = (tuple(cotangents.shape), float(wide.sum()), float((wide * wide).sum()))
+    readings = problem.parallel.gather_objects(mine)
+    tolerance = agreement_tolerance(cotangents.dtype)
+    for rank, (shape, total, squares) in enumerate(readings):
+        first_shape, first_total, first_squares = readings[0]
+        if shape != first_shape or not (
+                abs(squares - first_squares) <= tolerance * max(first_squares, 1e-300)
+                and abs(total - first_total) <= tolerance * math.sqrt(
+                    max(first_squares, 1e-300) * max(wide.numel(), 1))):
+            raise ValueError(
+                f"processes 0 and {rank} derived different output-side factors from the same "
+                f"gathered batch (shapes {first_shape} and {shape}, sums of squares "
+                f"{first_squares:.8g} and {squares:.8g}): a check of the loss that one of them "
+                "ran in float64 failed there alone (out of memory, a note in its result says "
+                "why); rerun where the float64 copy of the loss fits in every process")
 
 
 def _check_same_function(problem: ShardedProblem, shared_args: list[Tensor],

@@ -472,6 +472,23 @@ def worker(rank: int, port: int, out: str) -> None:
             method="lanczos", process_group=group))
     finally:
         hessian.float64_twin = original_twin
+    # The loss side read otherwise in one process (its float64 check failing there alone, out
+    # of memory): the spectrum had been a mix of the two readings (probe 174).
+    from hessrank.estimators.fisher import Fisher
+
+    original_cotangents = Fisher.cotangents
+
+    def read_otherwise(self: Fisher, *args: Any, **kwargs: Any) -> Any:
+        cotangents, weights = original_cotangents(self, *args, **kwargs)
+        return 1.5 * cotangents, weights
+
+    if rank == 1:
+        Fisher.cotangents = read_otherwise  # type: ignore[method-assign]
+    try:
+        results["cotangents-one-process"] = outcome(lambda: hessrank.effective_rank(
+            model, nn.CrossEntropyLoss(), (x, y), method="fisher", process_group=group))
+    finally:
+        Fisher.cotangents = original_cotangents  # type: ignore[method-assign]
     # A Ctrl-C in one process: the others had waited for the group's timeout (probe 164).
     def interrupted(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if rank == 1:
@@ -695,6 +712,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("twin-one-process", "none", "not on outputs widened to float64, since no float64 twin in "
                                  "process 1"),
     ("widened-one-process", "RuntimeError", "the global float64 loss fails in process 1"),
+    ("cotangents-one-process", "ValueError", "processes 0 and 1 derived different output-side "
+                                             "factors from the same gathered batch"),
     ("loss-fisher", "ValueError", "every process of the group must pass the same loss_fn"),
     ("loss-exact", "ValueError", "every process of the group must pass the same loss_fn"),
 ])
