@@ -1219,20 +1219,29 @@ def _penalised(cross_entropy: Callable[[Tensor, Tensor], Tensor]
     return lambda f, t: cross_entropy(f, t) + 0.01 * F.relu(f.norm(dim=1) - 44).pow(2).mean()
 
 
+def _beside_l1(cross_entropy: Callable[[Tensor, Tensor], Tensor]
+               ) -> Callable[[Tensor, Tensor], Tensor]:
+    """``cross_entropy`` of the first 6 outputs plus an L1 loss of the other 4 (a detection
+    head's class and box terms)."""
+    return lambda f, t: cross_entropy(f[:, :6], t) + F.l1_loss(f[:, 6:], torch.ones_like(f[:, 6:]))
+
+
 @pytest.mark.parametrize(("loss", "reference_loss"), [
     (_per_position_cross_entropy_by_hand, None),
     (F.cross_entropy, saturation_safe_cross_entropy),  # its sums vanish along C, not along T
     (lambda f, t: F.cross_entropy(f.clamp(-40, 40), t),
      lambda f, t: saturation_safe_cross_entropy(f.clamp(-40, 40), t)),
     (_penalised(F.cross_entropy), _penalised(saturation_safe_cross_entropy)),
-], ids=["by hand", "F.cross_entropy", "clamped", "penalised"])
+    (_beside_l1(F.cross_entropy), _beside_l1(saturation_safe_cross_entropy)),
+], ids=["by hand", "F.cross_entropy", "clamped", "penalised", "beside L1"])
 def test_the_cancelled_target_check_reads_the_class_dimension_at_the_outputs(loss,
                                                                             reference_loss):
     """Outputs ``[n, C, T]`` at a margin of 45 (float64): the check had read the last dimension
     alone, and the hand-written loss over dimension 1 came out 6.6x too small; shift-invariance
     read at a random point had refused a cross-entropy of clamped logits and one with a penalty
-    acting at the outputs (probe 173). The others match the per-sample loop of the loss written
-    without the cancellation."""
+    acting at the outputs (probe 173), read as a zero Hessian along the shift one beside an L1
+    term (probe 175). The others match the per-sample loop of the loss written without the
+    cancellation."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(3, 10, 1)).double()
     x = torch.randn(8, 3, 4, dtype=torch.float64)
@@ -1240,7 +1249,7 @@ def test_the_cancelled_target_check_reads_the_class_dimension_at_the_outputs(los
         model[0].bias[0] += 45.0
     y = torch.zeros(8, 4, dtype=torch.long)
     if reference_loss is None:
-        with pytest.raises(ValueError, match="along dimension 1.*1 - p_y is lost to rounding"):
+        with pytest.raises(ValueError, match="over dimension 1.*1 - p_y is lost to rounding"):
             hessrank.effective_rank(model, loss, (x, y), "fisher")
         return
     result = hessrank.effective_rank(model, loss, (x, y), "fisher")

@@ -792,13 +792,6 @@ def _first_samples(chosen: Tensor) -> Tensor:
 #: the class dimension may reach, for a loss invariant to shifting every class's output alike:
 #: the saturation-safe log-softmax's readings sum to rounding (about 1e-16).
 SHIFT_SUM_SHARE = 1e-6
-#: The largest share of the loss's float64 Hessian (along a random direction) that its product
-#: with a shift along the class dimension may reach for the loss to count as
-#: shift-invariant at the outputs: a softmax's is rounding (about 1e-16), a clamp or a
-#: penalty acting there gives far more.
-SHIFT_HESSIAN_SHARE = 1e-9
-
-
 def _cancelled_target_error(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                             gradients: Tensor, read: Tensor) -> ValueError | None:
     """The error for float64 per-sample gradients ``gradients`` (``[k, size]`` for the samples
@@ -806,17 +799,16 @@ def _cancelled_target_error(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     class dimension (the last or the second), beyond :data:`SHIFT_SUM_SHARE` of their largest,
     on the :data:`CONSTANCY_SAMPLES` samples that weigh most in the EF (largest entries; of
     those, the ones above ``sqrt(eps)`` of the largest: a cancelled sample among lighter ones
-    holds rounding of the EF's scale, the whole batch saturated alike shows it), where
-    the loss is invariant to shifting that dimension's outputs alike at those outputs (its
-    float64 Hessian times a shift along it is zero, :data:`SHIFT_HESSIAN_SHARE`; read on
-    the :data:`CONSTANCY_SAMPLES` samples whose sums are furthest off): a cross-entropy written
+    holds rounding of the EF's scale, the whole batch saturated alike shows it), where the
+    loss's float64 curvature there is a softmax cross-entropy's over that dimension
+    (:func:`_softmax_over`, on the samples furthest off): a cross-entropy written
     ``logsumexp(f) - f_y`` or ``-log(softmax(f))`` forms ``p_y - 1`` as a difference, 0 past
-    logit margins of 37 even in float64 (the saturation-safe derivatives reach only
+    logit margins of about 40 even in float64 (the saturation-safe derivatives reach only
     ``F.log_softmax`` and ``F.cross_entropy`` with class indices), and the EF came out 9x too
-    small, in float64 too (probe 172). Invariance read at a random point instead had refused a
-    cross-entropy of clamped logits, and cost a float64 pass over the whole batch of every MSE
-    call (probe 173). None where no sums are off, the loss is not shift-invariant there, or it
-    cannot be read on those samples alone."""
+    small, in float64 too (probe 172). Shift-invariance read instead (at a random point, or as
+    a zero Hessian along the shift) had refused a cross-entropy of clamped logits, and a
+    cross-entropy beside an L1 term on outputs of its own (probes 173, 175). None where no sums
+    are off, the curvature is not a softmax's, or it cannot be read on those samples alone."""
     if not len(gradients) or outputs.dim() < 2:
         return None
     if len(gradients) > CONSTANCY_SAMPLES:  # the samples that weigh most in the EF (a pass
@@ -837,11 +829,11 @@ def _cancelled_target_error(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             continue
         suspects = suspects[worst[suspects].argsort(descending=True)[:CONSTANCY_SAMPLES]]
         samples = read[suspects]
-        if _shift_invariant(loss_fn, outputs[samples], targets[samples], class_dim):
+        if _softmax_over(loss_fn, outputs[samples], targets[samples], class_dim):
             share = float(worst.max())
             return ValueError(
-                f"the loss is invariant to adding one number to every output along dimension "
-                f"{class_dim} (its float64 Hessian along that direction is zero), yet sample "
+                f"the loss's float64 curvature is a softmax cross-entropy's over dimension "
+                f"{class_dim}, whose gradient sums to zero over it, yet sample "
                 f"{int(samples[0])}'s gradient sums to {share:.2g} of its largest entry there, "
                 "even in float64: its 1 - p_y is lost to rounding (a cross-entropy written as "
                 "logsumexp(f) - f_y or -log(softmax(f)), or with probability targets, at large "
@@ -852,42 +844,17 @@ def _cancelled_target_error(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     return None
 
 
-def _shift_invariant(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_dim: int) -> bool:
-    """Whether the loss's float64 Hessian at ``outputs`` (a few samples, as a batch of their
-    own) times a shift along ``class_dim`` (a random number a position, alike along it) is
-    within :data:`SHIFT_HESSIAN_SHARE` of its product with a random direction, relative to
-    their norms; False where it cannot be read, or has no curvature. At a softmax saturated
-    past a margin of about 40 the shift's product is 0 (the probabilities sum to 1 exactly);
-    nearer, it holds their rounding, ``eps``, against a Hessian of ``1 - p_y``, and the loss
-    is not told invariant: a rounding allowance of that size told every direction invariant
-    at saturation, a saturated multi-label BCE's too."""
-    def products(twin: LossFn, wide: Tensor, labels: Tensor) -> Tensor | None:
-        leaf = wide.requires_grad_(True)
-        first = _loss_gradient(twin, leaf, labels)
-        if first is None:
-            return None
-        generator = torch.Generator().manual_seed(0)
-        # one random number a position, the same along the class dimension (all ones would be
-        # a shift along every dimension: a per-token cross-entropy over [n, C, T] is invariant
-        # to it, yet not along T)
-        per_position = list(leaf.shape)
-        per_position[class_dim] = 1
-        shift = torch.randn(per_position, generator=generator, dtype=leaf.dtype).expand(
-            leaf.shape).contiguous().to(leaf.device)
-        probe = torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
-        return _loss_hessian_products(first, leaf, torch.stack([shift, probe]))
-
+def _softmax_over(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class_dim: int) -> bool:
+    """Whether the loss's float64 curvature at ``outputs`` (a few samples, as a batch of their
+    own) is a softmax cross-entropy's over ``class_dim`` (:func:`_softmax_structure`), whose
+    gradient sums to zero over it; False where it cannot be read there."""
     try:
-        found = _in_float64(products, loss_fn, outputs, targets)
+        return _in_float64(_structure_of, loss_fn, outputs, targets)[0] == class_dim
     except ValueError as failure:
         raise_if_signalled(failure)
         return False
-    if found is None:
-        return False
-    along, across = (float(found[0].norm()), float(found[1].norm()))
-    if not (across > 0 and math.isfinite(along) and math.isfinite(across)):
-        return False
-    return along <= SHIFT_HESSIAN_SHARE * across  # (directions of about the same length)
+
+
 def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: _Reading,
                     notes: list[str]) -> bool:
     """Whether the loss's per-sample gradients in the outputs' dtype are off by more than the
