@@ -1729,11 +1729,17 @@ class _LowerPrecision(TorchFunctionMode):
                 break
         return result
 
-    def least_precise(self, computed: object) -> tuple[str, torch.dtype | None]:
-        """Where and in what dtype the least precise operation ``computed``'s backward reaches
-        ran (``("", None)`` where none)."""
+    def least_precise(self, computed: object, params: list[Tensor]
+                      ) -> tuple[str, torch.dtype | None]:
+        """Where and in what dtype the least precise operation ran that lies on the backward
+        from ``computed`` to one of ``params`` (``("", None)`` where none): a backbone under
+        autocast before a float32 head rounds nothing of the head's curvature, and had been
+        refused with ``params=`` the head's (probe 175)."""
         if not self.found:
             return "", None
+        analysed = {id(param) for param in params}
+        parents: dict[int, list[Any]] = {}
+        sinks = []
         reached: set[int] = set()
         pending = [leaf.grad_fn for leaf in tree_leaves(computed)
                    if isinstance(leaf, Tensor) and leaf.grad_fn is not None]
@@ -1742,10 +1748,21 @@ class _LowerPrecision(TorchFunctionMode):
             if id(node) in reached:
                 continue
             reached.add(id(node))
-            pending.extend(child for child, _ in node.next_functions if child is not None)
+            if id(getattr(node, "variable", None)) in analysed:  # an AccumulateGrad
+                sinks.append(node)
+            for child, _ in node.next_functions:
+                if child is not None:
+                    parents.setdefault(id(child), []).append(node)
+                    pending.append(child)
+        leading: set[int] = set()  # the nodes from which an analysed parameter is reached
+        while sinks:
+            node = sinks.pop()
+            if id(node) not in leading:
+                leading.add(id(node))
+                sinks.extend(parents.get(id(node), ()))
         chosen: tuple[str, torch.dtype | None] = ("", None)
         for where, dtype, node in self.found:
-            if id(node) in reached and (chosen[1] is None or torch.finfo(dtype).eps
+            if id(node) in leading and (chosen[1] is None or torch.finfo(dtype).eps
                                         > torch.finfo(chosen[1]).eps):
                 chosen = (where, dtype)
         return chosen
@@ -1802,7 +1819,7 @@ def lower_precision_cause(problem: CurvatureProblem, error: float,
             if with_loss:
                 stack.append("loss_fn")
                 computed = problem.loss_fn(computed, problem.targets)
-        found, dtype = watcher.least_precise(computed)
+        found, dtype = watcher.least_precise(computed, problem.params)
     except Exception as failure:  # noqa: BLE001 - a diagnosis must not replace the error it explains
         raise_if_signalled(failure)
         return ""

@@ -1761,6 +1761,12 @@ def test_float8_is_refused_and_a_half_precision_constant_is_not(method):
     _check(model, lambda: hessrank.effective_rank(model, CE, batch, method, **options),
            ValueError, r"computes in torch.float8_e4m3fn \(first: .*\), which keeps about 1 "
                        r"digit.*parameters' precision, float32")
+    # the head alone: its backward passes no rounding (it had been refused; probe 175)
+    head = hessrank.effective_rank(model, CE, batch, method, params=["head.weight", "head.bias"],
+                                   **options)
+    if method == "fisher_lanczos":
+        assert head.trace == pytest.approx(hessrank.effective_rank(
+            model, CE, batch, "fisher", params=["head.weight", "head.bias"]).trace, rel=1e-5)
     constant = _HalfConstant()
     measured = hessrank.effective_rank(constant, CE, batch, method, **options)
     if method == "exact":
