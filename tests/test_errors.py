@@ -1753,7 +1753,8 @@ def test_float8_is_refused_and_a_half_precision_constant_is_not(method):
     symmetry check at a branch weight of 1e-3 (fisher_lanczos: every eigenvalue twice, its
     trace 1.4x); every method named the fix for a float64 model. A float16 constant or mask,
     or a straight-through rounding, rounds nothing that is differentiated, and had been refused
-    (probes 171, 173): it is measured, as fisher measures it."""
+    (probes 171, 173): it is measured, as fisher measures it; so is the float8 model's head,
+    whose backward passes no rounding (probe 175)."""
     torch.manual_seed(0)
     batch = (torch.randn(10, 4), torch.randint(0, 3, (10,)))
     options = {"lanczos_steps": 30} if "lanczos" in method else {}
