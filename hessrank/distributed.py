@@ -578,8 +578,8 @@ def _check_same_cotangents(problem: ShardedProblem, cotangents: Tensor) -> None:
             float(torch.linalg.vector_norm(detached, dtype=torch.float64)) ** 2)
     readings = problem.parallel.gather_objects(mine)
     tolerance = agreement_tolerance(cotangents.dtype)
+    first_shape, first_total, first_squares = readings[0]
     for rank, (shape, total, squares) in enumerate(readings):
-        first_shape, first_total, first_squares = readings[0]
         if shape != first_shape or not (
                 abs(squares - first_squares) <= tolerance * max(first_squares, 1e-300)
                 and abs(total - first_total) <= tolerance * math.sqrt(

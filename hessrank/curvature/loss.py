@@ -564,6 +564,28 @@ def _in_float64(compute: Callable[[LossFn, Tensor, Tensor], _Result], loss_fn: L
         raise ValueError(float64_failure(error)) from error
 
 
+def _in_float64_on(compute: Callable[[LossFn, Tensor, Tensor], _Result], loss_fn: LossFn,
+                   outputs: Tensor, targets: Tensor, samples: Tensor
+                   ) -> tuple[_Result, Tensor, bool]:
+    """:func:`_in_float64` on the ``samples`` (indices) of the batch alone, or on the whole
+    batch where the loss fails on them alone: a loss holding a batch-sized tensor (per-sample
+    weights) runs on its batch alone, and the float64 checks read on a part had been skipped,
+    noted as float64's failure (the EF 20 % off, the GGN 9x; probe 172). Returns the result,
+    the samples it read, and whether they are the whole batch in place of ``samples``.
+
+    Raises:
+        ValueError: as :func:`_in_float64`, where the loss fails on the whole batch too.
+    """
+    whole = torch.arange(len(outputs), device=outputs.device)
+    try:
+        return _in_float64(compute, loss_fn, outputs[samples], targets[samples]), samples, False
+    except ValueError as failure:
+        raise_if_signalled(failure)
+        if len(samples) == len(outputs) and bool((samples == whole).all()):
+            raise
+    return _in_float64(compute, loss_fn, outputs, targets), whole, True
+
+
 def add_float64_note(notes: list[str], what: str, why: str, risk: str) -> None:
     """Add to ``notes`` (once) that ``what`` (stands in the outputs' precision, not in float64)
     since ``why``, with its ``risk`` near a saturated softmax and the remedy."""
@@ -792,6 +814,8 @@ def _first_samples(chosen: Tensor) -> Tensor:
 #: the class dimension may reach, for a loss invariant to shifting every class's output alike:
 #: the saturation-safe log-softmax's readings sum to rounding (about 1e-16).
 SHIFT_SUM_SHARE = 1e-6
+
+
 def _cancelled_target_error(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                             gradients: Tensor, read: Tensor) -> ValueError | None:
     """The error for float64 per-sample gradients ``gradients`` (``[k, size]`` for the samples
@@ -873,24 +897,11 @@ def _rounding_shows(loss_fn: LossFn, outputs: Tensor, targets: Tensor, reading: 
     head = _first_samples(reading.weights > 0)  # read samples
     if not len(head):
         return False
-
-    def float64_gradients(samples: Tensor) -> Tensor:
+    try:
         # the loss as float64's readings run it: float64 rounds 1 - p_y to 0 too past a margin
         # of 37, and agreed with float32's EF 4x too small (probe 157)
-        return _in_float64(lambda twin, wide, labels: _sample_gradients(
-            saturation_safe(twin), wide, labels), loss_fn, outputs[samples], targets[samples])
-
-    try:
-        try:
-            precise = float64_gradients(head)
-        except ValueError as failure:
-            raise_if_signalled(failure)
-            if len(head) == len(outputs):
-                raise
-            # the whole batch instead: a loss holding a batch-sized tensor (per-sample
-            # weights) runs on it alone (the check had been skipped, the EF 20 % off; probe 172)
-            head = torch.arange(len(outputs), device=outputs.device)
-            precise = float64_gradients(head)
+        precise, head, _ = _in_float64_on(lambda twin, wide, labels: _sample_gradients(
+            saturation_safe(twin), wide, labels), loss_fn, outputs, targets, head)
     except ValueError as failure:
         raise_if_signalled(failure)
         add_float64_note(notes, f"the samples' loss gradients are {dtype_name(outputs.dtype)}'s, "
@@ -1683,8 +1694,9 @@ def _softmax_in_float64(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class
     term on some samples only (a penalty above a threshold) shows on those alone: read on the
     first 8 samples with curvature, a batch whose penalised samples came later had its GGN
     89x too small, by its order alone (probe 167). Where the loss cannot be evaluated in
-    float64 on a chunk alone, the float32 test stands, with a note in ``notes`` (it had stood
-    without one).
+    float64 on a chunk alone, it is on the whole batch (:func:`_in_float64_on`); where not
+    there either, the float32 test stands, with a note in ``notes`` (it had stood without
+    one).
 
     The weights: a loss of the two outputs' difference has this structure (two classes), with
     ``a_r = h'' / (p_1 p_2)``, and where ``h''`` is a saturated sigmoid's, torch's float32
@@ -1706,22 +1718,15 @@ def _softmax_in_float64(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class
     if not len(curved):
         return True, precise_weights
     largest_block = float((weights.double() * _top_pair(probs)).amax())
-    whole = torch.arange(len(weights), device=weights.device)
-    chunks = [chunk if bool(has_weight[chunk].any())
-              else torch.cat([curved[:1], chunk])  # (a mean over none of its samples is NaN)
-              for chunk in whole.split(float64_chunk_samples(outputs[0].numel()))]
-    while chunks:
-        chunk = chunks.pop(0)
+    for chunk in torch.arange(len(weights), device=weights.device).split(
+            float64_chunk_samples(outputs[0].numel())):
+        if not bool(has_weight[chunk].any()):  # (a mean over none of its samples is NaN)
+            chunk = torch.cat([curved[:1], chunk])
         try:
-            found, precise_probs, precise, _ = _in_float64(_structure_of, loss_fn,
-                                                           outputs[chunk], targets[chunk])
+            (found, precise_probs, precise, _), chunk, whole = _in_float64_on(
+                _structure_of, loss_fn, outputs, targets, chunk)
         except ValueError as failure:
             raise_if_signalled(failure)
-            if len(chunk) != len(whole) or chunks:  # the whole batch at once instead: a loss
-                # holding a batch-sized tensor (per-sample weights) runs on it alone, and the
-                # check had been skipped, noted as float64's failure (probe 172)
-                chunks = [whole]
-                continue
             add_float64_note(notes, f"the loss's curvature is a softmax cross-entropy's in "
                              f"{dtype_name(outputs.dtype)}, not checked in float64", str(failure),
                              "a convex term beside it (a z-loss) is below the rounding of its "
@@ -1733,6 +1738,8 @@ def _softmax_in_float64(loss_fn: LossFn, outputs: Tensor, targets: Tensor, class
         factor = float((precise * read).sum() / (read * read).sum())
         error = float(((precise - factor * read).abs() * _top_pair(precise_probs)).amax())
         precise_weights &= error <= 64 * torch.finfo(outputs.dtype).eps * factor * largest_block
+        if whole:  # (every sample read at once)
+            break
     return True, precise_weights
 
 

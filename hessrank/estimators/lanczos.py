@@ -147,9 +147,7 @@ class LanczosEstimator(Estimator):
             ValueError: the products are not symmetric beyond rounding, or the model computes
                 in half precision."""
         self._antisymmetric(problem, operator, settings)
-        cause = lower_precision_cause(
-            problem.first() if isinstance(problem, StreamedProblem) else problem, 0.0,
-            half_only=True)
+        cause = lower_precision_cause(_one_batch(problem), 0.0, half_only=True)
         if cause:
             raise ValueError(f"{self.name}'s products transpose the model's Jacobian-vector "
                              f"products, which rounding to half precision does not keep: {cause}")
@@ -159,9 +157,8 @@ class LanczosEstimator(Estimator):
                        settings: Settings) -> float:
         """:func:`check_symmetric` of ``operator``'s products (a data set's diagnosed on its
         first batch): the estimate of their antisymmetric part's norm."""
-        return check_symmetric(
-            operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77),
-            problem.first() if isinstance(problem, StreamedProblem) else problem, self.source)
+        return check_symmetric(operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77),
+                               _one_batch(problem), self.source)
 
     def source_notes(self, problem: CurvatureProblem, operator: SymmetricOperator) -> list[str]:
         """What the source's operator found worth reporting: here the parameters the loss does
@@ -283,6 +280,11 @@ class LanczosEstimator(Estimator):
                                           if checks else [])])
 
     backend = "autograd"
+
+
+def _one_batch(problem: CurvatureProblem) -> CurvatureProblem:
+    """The problem a check's diagnosis runs on: a data set's first batch, else the problem."""
+    return problem.first() if isinstance(problem, StreamedProblem) else problem
 
 
 @register
