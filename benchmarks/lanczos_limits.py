@@ -26,6 +26,11 @@ Cases:
 - ``every eigenvalue C-fold``: a linear layer under MSE, whose Hessian is ``kron(I_C, A)``: a
   linear model (P = 44, each eigenvalue 4-fold) at the default budget and at 11 products over 60
   seeds, and an MLP's last layer (P = 27, 3-fold) at 12 products over 40; the trace interval.
+- ``a budget at the distinct eigenvalues``: a linear model under MSE (P = 21, each eigenvalue
+  3-fold: its default 7 products, its number of distinct eigenvalues) for ``lanczos`` and
+  ``ggn_lanczos``, and an MLP's last layer behind three dead units (P = 14: four distinct
+  eigenvalues 2-fold and a null space; its default 5 products), float64, over 20 seeds: the
+  trace interval.
 - ``counts within a rank bound``: a linear layer's GGN under MSE (n = 5, C = 4: five distinct
   eigenvalues, each 4-fold, rank bound 20, P = 36) at 6 products over 40 seeds: the trace
   interval, and the estimates whose weights away from zero exceed the bound.
@@ -231,6 +236,36 @@ def kronecker_blocks() -> str:
     return "; ".join(rows)
 
 
+def budget_at_distinct_eigenvalues() -> str:
+    rows = []
+    loss = nn.MSELoss()
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    generator = torch.Generator().manual_seed(1)
+    batch = (torch.randn(10, 6, generator=generator, dtype=torch.float64),
+             torch.randn(10, 3, generator=generator, dtype=torch.float64))
+    exact = hessrank.effective_rank(model, loss, batch, method="exact")
+    for method in ("lanczos", "ggn_lanczos"):
+        held = sum(low <= exact.trace <= high for low, high in (
+            hessrank.effective_rank(model, loss, batch, method=method, seed=seed).trace_interval
+            for seed in range(20)))
+        rows.append(f"linear, P = 21, {method}: trace interval held {exact.trace:.3f} in "
+                    f"{held} of 20 seeds")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        model[0].bias[:3] = -100.0  # three dead units
+    batch = (torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64))
+    block = ["2.weight", "2.bias"]
+    exact = hessrank.effective_rank(model, loss, batch, method="exact", params=block)
+    held = sum(low <= exact.trace <= high for low, high in (
+        hessrank.effective_rank(model, loss, batch, method="lanczos", params=block,
+                                seed=seed).trace_interval for seed in range(20)))
+    rows.append(f"last layer, P = 14: trace interval held {exact.trace:.3f} in {held} of 20 "
+                "seeds")
+    return "; ".join(rows)
+
+
 def rank_bounded_counts() -> str:
     torch.manual_seed(0)
     model = nn.Linear(8, 4)
@@ -254,6 +289,7 @@ CASES = {
     "a budget of P / 20": small_budget,
     "a pair one eigenvalue to float32": pair_below_float32,
     "every eigenvalue C-fold": kronecker_blocks,
+    "a budget at the distinct eigenvalues": budget_at_distinct_eigenvalues,
     "counts within a rank bound": rank_bounded_counts,
 }
 

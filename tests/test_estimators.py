@@ -215,10 +215,10 @@ def test_lanczos_matches_exact_and_covers_its_rank():
         assert exact.trace_interval is None and exact.numerical_interval is None
         assert abs(lanczos.rank - exact.rank) <= 0.2 * exact.rank
         assert abs(lanczos.trace - exact.trace) <= 0.2 * np.abs(exact.eigenvalues).sum()
-        assert lanczos.num_hvps == 40 + 2  # the run, and the symmetry check (check_symmetric)
+        assert lanczos.num_hvps == 40 + 3  # the run, and the products' check (check_products)
         assert "40 products" in lanczos.notes[0] and any(  # each part said (probe 97)
-            "2 products before the run checked the Hessian-vector products symmetric (42 in all)"
-            in note for note in lanczos.notes), lanczos.notes
+            "3 products before the run checked the Hessian-vector products symmetric and "
+            "linear (43 in all)" in note for note in lanczos.notes), lanczos.notes
         assert lanczos.density[1].sum() == pytest.approx(exact.num_params)
 
 

@@ -11,11 +11,12 @@ import math
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from hessrank.curvature.hessian import PRODUCTS_OF, HessianOperator, check_symmetric
+from hessrank.curvature.hessian import PRODUCTS_OF, HessianOperator, check_products
 from hessrank.curvature.operator import ParameterOperator
 from hessrank.estimators.base import (
     Cost,
@@ -48,6 +49,17 @@ BASIS_DTYPE = torch.float32
 #: Default products: a third of ``P`` (where the rank targets were met, ``benchmarks/``), at most
 #: this many.
 DEFAULT_MAX_STEPS = 640
+
+
+class Verified(NamedTuple):
+    """What :meth:`LanczosEstimator.verify` found before the run."""
+
+    #: products spent
+    products: int
+    #: the products' rounding, where measured (:attr:`Spectrum.rounding`)
+    rounding: float | None
+    #: their noise along the products (:func:`check_products`), for ``lanczos_spectrum(noise=)``
+    noise: float
 
 
 @dataclass(frozen=True)
@@ -122,43 +134,43 @@ class LanczosEstimator(Estimator):
     Options = LanczosOptions
     streams = True
     budget_advice = "use fewer lanczos_steps, or method='fisher'/'ggn'"
-    #: Products :meth:`verify` spends before the run.
-    verify_products = 2
+    #: Products :meth:`verify` spends before the run (two more where they are below the
+    #: normal range: :func:`check_products`).
+    verify_products = 3
 
     @abstractmethod
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         """The matrix-free operator of this estimator's curvature source on one batch."""
 
     def verify(self, problem: CurvatureProblem, operator: SymmetricOperator,
-               settings: Settings) -> tuple[int, float | None]:
-        """Check what the source's operator cannot guarantee by construction, before the run;
-        returns the products spent, :attr:`verify_products`, and the products' rounding where
-        the check measures it (:attr:`Spectrum.rounding`; not here).
+               settings: Settings) -> Verified:
+        """Check what the source's operator cannot guarantee by construction, before the run.
 
         The factor operators' products ``J^T s s^T J v`` are symmetric by form where ``J v``
         (a double backward) is the transpose of ``J^T u``, which a wrong double backward
-        breaks: two products verify it (:func:`check_symmetric`). A model rounding through
+        breaks: three products verify it, and the products linear to the run's rounding
+        (:func:`check_products`). A model rounding through
         half precision breaks it too (``fisher_lanczos`` had listed every eigenvalue twice,
         its trace 2x and its intervals missing it, where ``fisher`` refused; probe 166), by
         an asymmetry (3e-4 of the products) that the check's one draw let through in 2 of 20
         seeds: a forward watched operation by operation refuses it, naming the first.
 
         Raises:
-            ValueError: the products are not symmetric beyond rounding, or the model computes
-                in half precision."""
-        self._antisymmetric(problem, operator, settings)
+            ValueError: the products are not symmetric or not linear beyond rounding, or the
+                model computes in half precision."""
+        antisymmetric, spent, noise = check_products(
+            operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77), _one_batch(problem),
+            self.source, working_eps(operator, BASIS_DTYPE))
         cause = lower_precision_cause(_one_batch(problem), 0.0, half_only=True)
         if cause:
             raise ValueError(f"{self.name}'s products transpose the model's Jacobian-vector "
                              f"products, which rounding to half precision does not keep: {cause}")
-        return self.verify_products, None
+        return Verified(spent, self.measured_rounding(antisymmetric), noise)
 
-    def _antisymmetric(self, problem: CurvatureProblem, operator: SymmetricOperator,
-                       settings: Settings) -> float:
-        """:func:`check_symmetric` of ``operator``'s products (a data set's diagnosed on its
-        first batch): the estimate of their antisymmetric part's norm."""
-        return check_symmetric(operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77),
-                               _one_batch(problem), self.source)
+    def measured_rounding(self, antisymmetric: float) -> float | None:
+        """The products' rounding as :attr:`Spectrum.rounding` takes it, from the symmetry
+        check's estimate of their antisymmetric part's norm (``antisymmetric``); None here."""
+        return None
 
     def source_notes(self, problem: CurvatureProblem, operator: SymmetricOperator) -> list[str]:
         """What the source's operator found worth reporting: here the parameters the loss does
@@ -224,18 +236,18 @@ class LanczosEstimator(Estimator):
             probe = torch.ones(1, operator.dim, dtype=operator.dtype, device=operator.device)
             seconds_of(lambda: operator.matmat(probe), operator.device)  # one-off set-up
             product = seconds_of(lambda: operator.matmat(probe), operator.device)
-            # the random vectors: a run's start, and the symmetry check's
+            # the random vectors: a run's start, and the products' check's two
             draw = seconds_of(lambda: probe_vector(operator.dim, torch.Generator(),
                                                    operator.device), operator.device)
             seconds = (build + product * (steps + spot_check_steps(rows))
-                       + (product + draw) * self.verify_products + draw
+                       + product * self.verify_products + draw * 3
                        + basis_seconds(steps, rows, operator.dim, operator.device))
         return Cost(memory, seconds)
 
     def run(self, problem: CurvatureProblem, settings: Settings,
             options: LanczosOptions) -> Spectrum:
         operator = self._budgeted_operator(problem, settings)
-        checks, rounding = self.verify(problem, operator, settings)
+        checks, rounding, noise = self.verify(problem, operator, settings)
         steps = options.steps(operator.dim)
         # the prediction's bound, which a data set's operator knows only after a pass
         known = (self.rank_bound(problem, lambda: probe_outputs(problem.first(),
@@ -254,7 +266,7 @@ class LanczosEstimator(Estimator):
             result = lanczos_spectrum(operator, max_products=steps, threshold=settings.threshold,
                                       seed=settings.seed, advance=advance,
                                       basis_dtype=BASIS_DTYPE, rtol=settings.rtol,
-                                      rank_bound=known)
+                                      rank_bound=known, noise=noise)
         bound = (operator.rank_bound if isinstance(operator, ParameterOperator)
                  else operator.dim)
         # a budget far below the README's advice, its estimates no more than coarse (a tracker
@@ -275,7 +287,7 @@ class LanczosEstimator(Estimator):
                         eps=eps, notes=[*self.source_notes(problem, operator), *coarse,
                                         *result.notes,
                                         *([f"{checks} products before the run checked the "
-                                           f"{PRODUCTS_OF[self.source][0]} symmetric "
+                                           f"{PRODUCTS_OF[self.source][0]} symmetric and linear "
                                            f"({result.num_products + checks} in all)"]
                                           if checks else [])])
 
@@ -299,10 +311,10 @@ class Lanczos(LanczosEstimator):
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         return HessianOperator(problem)
 
-    def verify(self, problem: CurvatureProblem, operator: SymmetricOperator,
-               settings: Settings) -> tuple[int, float | None]:
-        """Two products verify the Hessian-vector products symmetric (:func:`check_symmetric`):
-        a wrong second derivative in the model would otherwise pass through the run unseen.
-        Their estimate of the antisymmetric part's norm, one draw, is below a sixteenth of it
-        about one time in twenty: sixteen times it bounds the products' rounding."""
-        return self.verify_products, 16 * self._antisymmetric(problem, operator, settings)
+    def measured_rounding(self, antisymmetric: float) -> float | None:
+        """Three products verify the Hessian-vector products symmetric and linear
+        (:func:`check_products`): a wrong second derivative in the model would otherwise pass
+        through the run unseen. Their estimate of the antisymmetric part's norm, one draw, is
+        below a sixteenth of it about one time in twenty: sixteen times it bounds the
+        products' rounding."""
+        return 16 * antisymmetric
