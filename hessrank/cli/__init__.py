@@ -571,6 +571,10 @@ def _compare(args: argparse.Namespace) -> int:
             raise CliError(f"{option} {path}: compare prints its tables on stdout, so its files "
                            f"need names; give {option} a file (hessrank rank --json - prints "
                            "JSON)")
+    if args.quiet and args.json is None and args.csv is None and args.plot is None:
+        # (it had run every measurement, then shown and written nothing; probe 177)
+        raise CliError("--quiet prints no tables, and no --json, --csv or --plot names a file: "
+                       "the results would go nowhere; drop --quiet, or name a file")
     if args.seed + args.seeds - 1 > MAX_SEED:
         raise CliError(f"--seed {args.seed} --seeds {args.seeds} runs seeds up to "
                        f"{args.seed + args.seeds - 1}, past {MAX_SEED}: lower --seed")

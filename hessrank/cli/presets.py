@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from hessrank.cli.errors import CliError
 
@@ -204,7 +205,7 @@ def _preset(
 
 
 def _import_factory(spec: str) -> Callable[[], object]:
-    module_name, _, attr = spec.partition(":")
+    module_name, _, attr = spec.rpartition(":")  # (a folder may hold one; probe 177)
     if not module_name or not attr:
         raise CliError(
             f"unknown model '{spec}'; use a preset ({', '.join(PRESETS)}) or package.module:factory"
@@ -246,7 +247,8 @@ def build_model(
     weights: Path | None = None,
 ) -> nn.Module:
     """A preset (``mlp``, ``cnn``, ``resnet``) or ``package.module:factory`` (called with no
-    arguments), initialised under ``seed`` without touching the global RNG, in eval mode."""
+    arguments, its lazy layers initialised by a forward of inputs of ``input_shape``),
+    initialised under ``seed`` without touching the global RNG, in eval mode."""
     if activation not in ACTIVATIONS:
         raise CliError(f"unknown activation '{activation}'; choose from {', '.join(ACTIVATIONS)}")
     factory = None if name in PRESETS else _import_factory(name)
@@ -275,6 +277,16 @@ def build_model(
             if not isinstance(built, nn.Module):
                 raise CliError(f"--model {name} returned {type(built).__name__}, not an nn.Module")
             model = built
+            if any(is_lazy(parameter) for parameter in model.parameters()):
+                # Lazy layers draw their values at the first forward: here, under the seed (at
+                # check_model's, from the global generator, each run measured another model and
+                # --seed changed nothing; probe 177).
+                try:
+                    with torch.no_grad():
+                        model(torch.zeros(2, *input_shape))
+                except Exception as err:
+                    raise CliError(f"model {name} fails on inputs of shape (N, {input_shape}): "
+                                   f"{err}") from err
     if weights is not None:
         try:
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
