@@ -157,6 +157,16 @@ def test_rerun_with_other_config_is_refused_naming_the_field(tmp_path: Path) -> 
     assert len(run_experiment(tiny_config(tasks=1), tmp_path, "")) == 1
 
 
+def test_weights_that_diverge_stop_the_run_in_one_line(tmp_path: Path) -> None:
+    """SGD at a learning rate of 1e9 sends the weights to NaN in the first task: the library's
+    refusal of them had ended the run in a 33-line traceback naming no run or task (probe
+    177)."""
+    with pytest.raises(SetupError, match=r"^run tiny, task 1: the weights diverged to NaN or "
+                                         r"Inf in training.*lower --lr \(1e\+09\)$"):
+        run_experiment(tiny_config(tasks=2, optimizer="sgd", lr=1e9), tmp_path, "")
+    assert experiment.finished_tasks(tmp_path) == 0
+
+
 def test_first_seed_shifts_the_presets_seeds() -> None:
     """``--first-seed 7`` without ``--seeds`` was ignored (the run recorded seeds [0, 1])."""
     (cfg,) = run.configs_from_args(run.parse_args(["--preset", "smoke", "--runs", "act_relu",

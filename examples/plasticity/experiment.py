@@ -709,6 +709,11 @@ def run_experiment(
         except SetupError as err:  # an --overlap-k inside a tie: the run stops at this task
             raise SetupError(f"run {cfg.name}, task {t + 1}: {err}") from None
         record.update(trainer.train_task(task, t))
+        if not all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters()):
+            # (the library's refusal of the NaN weights had ended the run in a traceback
+            # naming no run or task; probe 177)
+            raise SetupError(f"run {cfg.name}, task {t + 1}: the weights diverged to NaN or Inf "
+                             f"in training, so no curvature is defined: lower --lr ({cfg.lr:g})")
         record.update(trainer.measure(task, "end"))
         result = {"task": t, "seeds": cfg.seeds, "seconds": time.perf_counter() - began}
         result["metrics"] = record
