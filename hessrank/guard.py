@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import functools
 import importlib
@@ -16,7 +17,7 @@ import threading
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -388,22 +389,41 @@ def _handler_codes() -> set[types.CodeType]:
     return codes
 
 
+#: The exceptions the caller was handling as the outermost call began (ids; :func:`signalled`
+#: leaves them to the caller).
+_HANDLED_AT_ENTRY: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "handled_at_entry", default=frozenset())
+
+
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and its causes and contexts, each once."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def signalled(error: BaseException) -> BaseException | None:
     """The exception that a signal's Python handler raised (a job's timeout from a ``SIGALRM``
-    handler), where ``error`` is it or comes from it (its cause or context); None otherwise.
-    Such an exception passed through the handler's frame, which its traceback holds."""
+    handler), or a ``KeyboardInterrupt`` (Python's own Ctrl-C handler is C code: no frame of it
+    shows), where ``error`` is it or comes from it (its cause or context); None otherwise. Such
+    an exception passed through the handler's frame, which its traceback holds. A Ctrl-C that
+    torch's own code turned into a ``RuntimeError`` (an interrupt as ``torch.func.vmap`` leaves
+    a level: "INTERNAL ASSERT layerId == dynamic_layer.layerId()") had been taken for the
+    loss's failure in float64, and the call returned a result (probe 179); one the caller was
+    handling when the call began is the caller's."""
     codes: set[types.CodeType] | None = None
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    handled = _HANDLED_AT_ENTRY.get()
+    for current in _chain(error):
+        if isinstance(current, KeyboardInterrupt) and id(current) not in handled:
+            return current
         trace = current.__traceback__
         while trace is not None:
             codes = _handler_codes() if codes is None else codes
             if trace.tb_frame.f_code in codes:
                 return current
             trace = trace.tb_next
-        current = current.__cause__ or current.__context__
     return None
 
 
@@ -482,22 +502,36 @@ def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, 
     def call(*args: Params.args, **kwargs: Params.kwargs) -> Returned:
         _imported_whole()
         depth, numpy_errors = torch._C._len_torch_function_stack(), dict(np.geterr())
+        transforms = _transform_depth()
+        entered = _HANDLED_AT_ENTRY.set(frozenset(map(id, _chain(sys.exc_info()[1]))))
         try:
             return function(*args, **kwargs)
         except _Signalled as carried:
+            _exit_abandoned(carried)
             raise carried.original from carried.original.__cause__
+        except BaseException as failure:
+            _exit_abandoned(failure)
+            # a Ctrl-C that torch's code turned into its own error on its way out (probe 179)
+            interrupt = signalled(failure) if isinstance(failure, Exception) else None
+            if isinstance(interrupt, KeyboardInterrupt):
+                raise interrupt from None
+            raise
         finally:
-            _global_modes_put_back(depth, numpy_errors)
+            _HANDLED_AT_ENTRY.reset(entered)
+            _global_modes_put_back(depth, numpy_errors, transforms)
 
     return call
 
 
-def _global_modes_put_back(depth: int, numpy_errors: dict[str, Any]) -> None:
-    """Torch's function-mode stack down to ``depth`` where the modes above are hessrank's own, and
-    NumPy's error handling as ``numpy_errors``: a Ctrl-C that lands inside the ``__enter__`` of
-    a torch mode (after its push) or of ``np.errstate``'s ``__exit__`` skips the exit that undoes
-    it, and had left the mode on the stack for every later torch call of the training loop (a
-    call counter that grew by 40 entries a step) or NumPy's warnings off (probe 145)."""
+def _global_modes_put_back(depth: int, numpy_errors: dict[str, Any], transforms: int) -> None:
+    """Torch's function-mode stack down to ``depth`` where the modes above are hessrank's own,
+    NumPy's error handling as ``numpy_errors``, and ``torch.func``'s transforms down to
+    ``transforms`` (:func:`_transform_depth`): a Ctrl-C that lands inside the ``__enter__`` of a
+    torch mode (after its push), ``np.errstate``'s ``__exit__`` or as ``vmap`` leaves a level
+    skips the exit that undoes it, and had left the mode on the stack for every later torch call
+    of the training loop (a call counter that grew by 40 entries a step), NumPy's warnings off
+    (probe 145), or the process inside ``vmap`` for good, its next ``loss.backward()`` refused
+    (probe 179)."""
     while torch._C._len_torch_function_stack() > depth:
         top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
         if not type(top).__module__.startswith("hessrank."):
@@ -505,6 +539,41 @@ def _global_modes_put_back(depth: int, numpy_errors: dict[str, Any]) -> None:
         torch._C._pop_torch_function_stack()
     if np.geterr() != numpy_errors:
         np.seterr(**numpy_errors)
+    functorch = torch._C._functorch
+    leave = {functorch.TransformType.Vmap: functorch._vmap_decrement_nesting,
+             functorch.TransformType.Grad: functorch._grad_decrement_nesting,
+             functorch.TransformType.Jvp: functorch._jvp_decrement_nesting,
+             functorch.TransformType.Functionalize: functorch._func_decrement_nesting}
+    while _transform_depth() > transforms:
+        leave[functorch.peek_interpreter_stack().key()]()
+
+
+def _exit_abandoned(error: BaseException) -> None:
+    """Exit now the context managers of torch's own code that ``error`` left suspended on its
+    way out of the call (generator-based, and caught in an ``__enter__`` or ``__exit__`` frame of
+    its traceback): a Ctrl-C at the entry of the ``__exit__`` of ``handle_torch_function``'s
+    ``_pop_mode_temporarily`` left its generator to push hessrank's mode back onto torch's stack
+    when collected, after the call had put the stack back, for every later torch call of the
+    training loop (probe 179). Each is closed (its ``finally`` runs), errors ignored."""
+    root = torch.__path__[0]
+    for current in _chain(error):
+        trace = current.__traceback__
+        while trace is not None:
+            for value in list(trace.tb_frame.f_locals.values()):
+                generator = getattr(value, "gen", None)
+                if (isinstance(value, AbstractContextManager)
+                        and isinstance(generator, types.GeneratorType)
+                        and inspect.getgeneratorstate(generator) == inspect.GEN_SUSPENDED
+                        and generator.gi_code.co_filename.startswith(root)):
+                    with suppress(Exception):  # (its own failure to exit is torch's)
+                        generator.close()
+            trace = trace.tb_next
+
+
+def _transform_depth() -> int:
+    """How many ``torch.func`` transforms (vmap, grad, jvp) the running code is inside."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    return 0 if stack is None else len(stack)
 
 
 class ExitsHeldBack:

@@ -1179,6 +1179,40 @@ def test_an_interrupt_inside_a_mode_s_enter_leaves_no_mode(method: str) -> None:
     assert torch._C._len_torch_function_stack() == depth
 
 
+@pytest.mark.parametrize("method", ["exact", "lanczos", "ggn"])
+def test_an_interrupt_as_torch_leaves_a_mode_is_delivered_and_leaves_no_mode(
+        method: str) -> None:
+    """A Ctrl-C at the entry of the exit of ``handle_torch_function``'s
+    ``_pop_mode_temporarily`` (which pushes hessrank's mode back) had raised torch's "trying to
+    pop from empty mode stack" (exact, lanczos) or been taken for the loss failing in float64,
+    the call returning a result (ggn); the abandoned generator pushed the mode back when
+    collected, after the call, for every later torch call (probe 179)."""
+    depth = torch._C._len_torch_function_stack()
+    popping = torch.overrides._pop_mode_temporarily.__wrapped__.__code__
+    exit_code = contextlib._GeneratorContextManager.__exit__.__code__
+    _interrupted_at(method, lambda frame: frame.f_code is exit_code
+                    and getattr(frame.f_locals.get("self"), "gen", None) is not None
+                    and frame.f_locals["self"].gen.gi_code is popping)
+    gc.collect()
+    assert torch._C._len_torch_function_stack() == depth
+
+
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+def test_an_interrupt_as_vmap_leaves_a_level_is_delivered_and_leaves_no_level(
+        method: str) -> None:
+    """A Ctrl-C at the entry of vmap's ``_vmap_decrement_nesting`` had left the process inside
+    the transform for good (the caller's next ``loss.backward()`` refused) and raised torch's
+    own error in place of the interrupt (probe 179)."""
+    from torch._functorch import predispatch
+
+    code = predispatch._vmap_decrement_nesting.__code__
+    _interrupted_at(method, lambda frame: frame.f_code is code)
+    assert torch._C._functorch.maybe_current_level() is None
+    weight = torch.zeros(3, requires_grad=True)
+    (weight * 2).sum().backward()  # the caller's training step
+    assert torch.equal(weight.grad, torch.full((3,), 2.0))
+
+
 def test_an_interrupt_in_numpy_s_errstate_exit_leaves_its_errors_as_they_were() -> None:
     """A Ctrl-C at the entry of ``np.errstate``'s exit inside the rank definitions had left
     NumPy's warnings off (probe 145)."""
