@@ -158,19 +158,21 @@ class LanczosEstimator(Estimator):
         Raises:
             ValueError: the products are not symmetric or not linear beyond rounding, or the
                 model computes in half precision."""
-        antisymmetric, spent, noise = check_products(
-            operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77), _one_batch(problem),
-            self.source, working_eps(operator, BASIS_DTYPE))
+        _, spent, noise = self._checked(problem, operator, settings)
         cause = lower_precision_cause(_one_batch(problem), 0.0, half_only=True)
         if cause:
             raise ValueError(f"{self.name}'s products transpose the model's Jacobian-vector "
                              f"products, which rounding to half precision does not keep: {cause}")
-        return Verified(spent, self.measured_rounding(antisymmetric), noise)
+        return Verified(spent, None, noise)
 
-    def measured_rounding(self, antisymmetric: float) -> float | None:
-        """The products' rounding as :attr:`Spectrum.rounding` takes it, from the symmetry
-        check's estimate of their antisymmetric part's norm (``antisymmetric``); None here."""
-        return None
+    def _checked(self, problem: CurvatureProblem, operator: SymmetricOperator,
+                 settings: Settings) -> tuple[float, int, float]:
+        """:func:`check_products` of ``operator``'s products (a data set's diagnosed on its
+        first batch): the estimate of their antisymmetric part's norm, the products spent and
+        their noise."""
+        return check_products(operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77),
+                              _one_batch(problem), self.source,
+                              working_eps(operator, BASIS_DTYPE))
 
     def source_notes(self, problem: CurvatureProblem, operator: SymmetricOperator) -> list[str]:
         """What the source's operator found worth reporting: here the parameters the loss does
@@ -311,10 +313,12 @@ class Lanczos(LanczosEstimator):
     def operator(self, problem: CurvatureProblem, settings: Settings) -> SymmetricOperator:
         return HessianOperator(problem)
 
-    def measured_rounding(self, antisymmetric: float) -> float | None:
+    def verify(self, problem: CurvatureProblem, operator: SymmetricOperator,
+               settings: Settings) -> Verified:
         """Three products verify the Hessian-vector products symmetric and linear
         (:func:`check_products`): a wrong second derivative in the model would otherwise pass
         through the run unseen. Their estimate of the antisymmetric part's norm, one draw, is
         below a sixteenth of it about one time in twenty: sixteen times it bounds the
         products' rounding."""
-        return 16 * antisymmetric
+        antisymmetric, spent, noise = self._checked(problem, operator, settings)
+        return Verified(spent, 16 * antisymmetric, noise)
