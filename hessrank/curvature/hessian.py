@@ -428,7 +428,7 @@ def asymmetry_error(antisymmetric: float, symmetric: float,
                     "the products sum can exceed the allowance too: the model's float32 copy, "
                     "whose loss runs in float64, then passes")
     else:
-        rounding = ""
+        rounding = f"; {LONG_SUMS}"
     return ValueError(
         f"{observation}: autograd's second derivative of some operation in the model or the "
         "loss is wrong (a custom autograd.Function whose backward is not itself "
@@ -550,7 +550,15 @@ def nonlinearity_error(noise: float, scale: float, eps: float, problem: Curvatur
            "Part of the model or its loss computes at a lower precision where no forward "
            "watch sees it (inside a custom autograd.Function: cast its forward and backward "
            f"to {dtype_name(problem.dtype)} for the call), or draws random numbers at each "
-           "call (make it deterministic, or use mode='eval')"))
+           "call (make it deterministic, or use mode='eval')"
+           + (f"; or {LONG_SUMS}" if problem.dtype != torch.float64 else "")))
+
+
+#: The float32 products' own rounding beyond the checks' allowances (a CNN over 384 x 384
+#: positions: its symmetry and linearity checks failed; probe 180), in the checks' messages.
+LONG_SUMS = ("the rounding of very long float32 sums (feature maps of 10^5 positions and more), "
+             "which a float64 copy of the model (copy.deepcopy(model).double(), float64 inputs) "
+             "measures")
 
 
 def dense_hessian(
