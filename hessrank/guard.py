@@ -389,19 +389,27 @@ def _handler_codes() -> set[types.CodeType]:
     return codes
 
 
-#: The exceptions the caller was handling as the outermost call began (ids; :func:`signalled`
-#: leaves them to the caller).
-_HANDLED_AT_ENTRY: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
-    "handled_at_entry", default=frozenset())
+#: The exceptions the caller was handling as the innermost running call began (ids;
+#: :func:`signalled` leaves them to the caller); None outside the calls, where an exception's
+#: chain holds a ``KeyboardInterrupt`` only as the caller's (the calls send theirs out as such:
+#: a Tracker recording failures inside the caller's ``except KeyboardInterrupt:`` had raised
+#: them; probe 181).
+_HANDLED_AT_ENTRY: contextvars.ContextVar[frozenset[int] | None] = contextvars.ContextVar(
+    "handled_at_entry", default=None)
 
 
 def _chain(error: BaseException | None) -> Iterator[BaseException]:
-    """``error`` and its causes and contexts, each once."""
+    """``error`` and its causes and contexts, each once: both followed (an error raised from
+    itself, ``raise error from error``, had hidden the interrupt in its context; probe 181)."""
     seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__context__, current.__cause__]
 
 
 def signalled(error: BaseException) -> BaseException | None:
@@ -416,7 +424,8 @@ def signalled(error: BaseException) -> BaseException | None:
     codes: set[types.CodeType] | None = None
     handled = _HANDLED_AT_ENTRY.get()
     for current in _chain(error):
-        if isinstance(current, KeyboardInterrupt) and id(current) not in handled:
+        if (isinstance(current, KeyboardInterrupt) and handled is not None
+                and id(current) not in handled):
             return current
         trace = current.__traceback__
         while trace is not None:
@@ -556,7 +565,10 @@ def _exit_abandoned(error: BaseException) -> None:
     when collected, after the call had put the stack back, for every later torch call of the
     training loop (probe 179). Each is closed (its ``finally`` runs), errors ignored."""
     root = torch.__path__[0]
+    handled = _HANDLED_AT_ENTRY.get() or frozenset()
     for current in _chain(error):
+        if id(current) in handled:  # (the caller's, and its frames: its own context managers
+            continue                # had been closed, a fork_rng among them; probe 181)
         trace = current.__traceback__
         while trace is not None:
             for value in list(trace.tb_frame.f_locals.values()):

@@ -1213,6 +1213,65 @@ def test_an_interrupt_as_vmap_leaves_a_level_is_delivered_and_leaves_no_level(
     assert torch.equal(weight.grad, torch.full((3,), 2.0))
 
 
+def test_an_interrupt_behind_an_error_raised_from_itself_is_delivered() -> None:
+    """``raise error from error`` (the Hessian's products re-raise an error their diagnosis
+    returns unchanged) makes an error its own cause: the walk along causes stopped there, and
+    the interrupt in its context was lost to torch's error (probe 181)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    calls = []
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 3:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                error = RuntimeError("torch's own error on the way out")
+                raise error from error  # noqa: B904
+        return CE(outputs, targets)
+
+    with pytest.raises(KeyboardInterrupt):
+        hessrank.effective_rank(model, loss_fn, batch, method="fisher")
+
+
+def test_a_failed_call_in_the_caller_s_handler_leaves_the_caller_s_context_managers() -> None:
+    """A call that fails while the caller handles an exception: the caller's own suspended
+    context managers, in that exception's frames, had been closed as abandoned ones of torch's
+    (the caller's ``fork_rng`` reverted the global RNG; probe 181)."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    mismatched = (torch.randn(10, 4), torch.randint(0, 3, (9,)))
+    outer = torch.get_rng_state()
+    forked = torch.random.fork_rng()
+    with forked:
+        torch.manual_seed(5)
+        state = torch.get_rng_state()
+        try:
+            raise RuntimeError("the caller's own")
+        except RuntimeError:
+            with pytest.raises(ValueError, match="mismatched batch sizes"):
+                hessrank.effective_rank(model, CE, mismatched)
+        assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.get_rng_state(), outer)
+
+
+def test_a_tracker_in_the_caller_s_interrupt_handler_records_its_failures() -> None:
+    """A Tracker recording failures (``on_error="record"``) inside the caller's ``except
+    KeyboardInterrupt:``: the caller's interrupt, in each failure's context, had been taken
+    for the call's and the failure raised (probe 181)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    tracker = hessrank.Tracker(model, CE, methods=["fisher", "exact"], every=1, log=None,
+                               on_error="record", method_options={"exact": {"max_memory": 1000}})
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        measured = tracker.measure(batch)
+    assert [m.error is not None for m in measured] == [False, True]
+
+
 def test_an_interrupt_in_numpy_s_errstate_exit_leaves_its_errors_as_they_were() -> None:
     """A Ctrl-C at the entry of ``np.errstate``'s exit inside the rank definitions had left
     NumPy's warnings off (probe 145)."""
