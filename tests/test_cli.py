@@ -254,6 +254,23 @@ def test_a_factory_with_lazy_layers_is_initialised_under_the_seed(tmp_path: Path
     assert all(torch.equal(p, q) for p, q in zip(first, again, strict=True))
     assert not torch.equal(first[0], other[0])
     assert first[0].shape == (12, 64)
+    # the forward that initialises them runs in eval mode: a BatchNorm's statistics as built
+    # (in the factory's training mode it had moved them, and the model measured was another;
+    # probe 181)
+    (tmp_path / "lazynorm.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(12),\n"
+        "                               torch.nn.BatchNorm1d(12), torch.nn.Linear(12, 10))\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        norm = presets.build_model("lazynorm:make", input_shape=(1, 8, 8), seed=0)[2]
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert torch.equal(norm.running_mean, torch.zeros(12))
+    assert torch.equal(norm.running_var, torch.ones(12))
+    assert int(norm.num_batches_tracked) == 0
 
 
 def test_a_factory_file_in_a_folder_named_with_a_colon_is_found(tmp_path: Path) -> None:

@@ -167,6 +167,19 @@ def test_weights_that_diverge_stop_the_run_in_one_line(tmp_path: Path) -> None:
     assert experiment.finished_tasks(tmp_path) == 0
 
 
+def test_weights_too_large_to_measure_stop_the_run_in_one_line(tmp_path: Path) -> None:
+    """Adam at a learning rate of 1e8 sends the weights far out but finite: the library refuses
+    their curvature (below float32's range), which had ended the run in a traceback (probe
+    181)."""
+    cfg = tiny_config(tasks=2, optimizer="adam", lr=1e8, hess_methods=["exact"],
+                      activation="relu", reg="wasserstein", reg_strength=1e-3, width=8,
+                      num_samples=64, seeds=[0, 1], hess_samples=32, eval_samples=64)
+    with pytest.raises(SetupError, match=r"^run tiny, task 2: the curvature after training "
+                                         r"cannot be measured \(where the training diverged, "
+                                         r"lower --lr, 1e\+08\): the hessian matrix's"):
+        run_experiment(cfg, tmp_path, "")
+
+
 def test_first_seed_shifts_the_presets_seeds() -> None:
     """``--first-seed 7`` without ``--seeds`` was ignored (the run recorded seeds [0, 1])."""
     (cfg,) = run.configs_from_args(run.parse_args(["--preset", "smoke", "--runs", "act_relu",

@@ -714,7 +714,13 @@ def run_experiment(
             # naming no run or task; probe 177)
             raise SetupError(f"run {cfg.name}, task {t + 1}: the weights diverged to NaN or Inf "
                              f"in training, so no curvature is defined: lower --lr ({cfg.lr:g})")
-        record.update(trainer.measure(task, "end"))
+        try:
+            record.update(trainer.measure(task, "end"))
+        except ValueError as err:  # the library's refusal (weights Adam sent to 1e30, finite:
+            # their curvature below float32's range; a traceback before; probe 181)
+            raise SetupError(f"run {cfg.name}, task {t + 1}: the curvature after training "
+                             f"cannot be measured (where the training diverged, lower --lr, "
+                             f"{cfg.lr:g}): {err}") from None
         result = {"task": t, "seeds": cfg.seeds, "seconds": time.perf_counter() - began}
         result["metrics"] = record
         _atomic_write_text(run_dir / "tasks" / f"{t:04d}.json", json.dumps(result))

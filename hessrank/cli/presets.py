@@ -280,10 +280,11 @@ def build_model(
             if any(is_lazy(parameter) for parameter in model.parameters()):
                 # Lazy layers draw their values at the first forward: here, under the seed (at
                 # check_model's, from the global generator, each run measured another model and
-                # --seed changed nothing; probe 177).
+                # --seed changed nothing; probe 177), in eval mode, as the model is measured (in
+                # training mode it had moved a BatchNorm's running statistics; probe 181).
                 try:
                     with torch.no_grad():
-                        model(torch.zeros(2, *input_shape))
+                        model.eval()(torch.zeros(2, *input_shape))
                 except Exception as err:
                     raise CliError(f"model {name} fails on inputs of shape (N, {input_shape}): "
                                    f"{err}") from err
