@@ -982,7 +982,8 @@ NOISE_MARGIN = 4
 
 def rounding_slack(eps: float, scale: float) -> float:
     """What two runs' Ritz values of one eigenvalue can differ by from rounding alone: ``100
-    eps`` of the operator's largest ``|eigenvalue|`` (``eps`` of the basis dtype)."""
+    eps`` of the operator's largest ``|eigenvalue|`` (``eps`` the run's: of the basis dtype, or
+    above it where the products measured noisier, :data:`NOISE_MARGIN`)."""
     return SLACK_UNITS * eps * scale
 
 
