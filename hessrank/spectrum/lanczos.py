@@ -849,9 +849,11 @@ def _suggested_copies(quadrature: _Quadrature, room: int) -> int:
 
 def _nearly_invariant(run: LanczosRun, pairs: _RitzPairs, rounding: float) -> bool:
     """Whether ``run``, which spent its budget, ended with its Krylov space nearly invariant: its
-    last ``beta`` under twice the square root of the products' ``rounding`` of the largest
-    ``|eigenvalue|`` (where a semi-orthogonal basis's rounding leaves an invariant space's:
-    2.2e-5 to 6e-4 measured) and under a sixteenth of its smallest Ritz value away from zero.
+    last ``beta`` under four times the square root of the products' ``rounding`` of the
+    largest ``|eigenvalue|`` (where a semi-orthogonal basis's rounding leaves an invariant
+    space's: 2.2e-5 to 9.7e-4 measured; at twice it, 6 of 20 seeds of a 13-distinct
+    ``kron(I_3, A)`` missed, probe 183) and under a sixteenth of its smallest Ritz value away
+    from zero.
     A random probe's space is nearly invariant where the eigenvalues it lacks repeat those it
     found; an ordinary spectrum decaying to many small eigenvalues ends on a beta of their
     size, among Ritz values as small (the first test alone had fired on a trained MLP's
@@ -860,7 +862,7 @@ def _nearly_invariant(run: LanczosRun, pairs: _RitzPairs, rounding: float) -> bo
     scale = max(run.scale, LEAST_SCALE)
     magnitudes = np.abs(pairs.nodes)
     away = magnitudes[magnitudes > CONVERGED_RESIDUAL * scale]
-    return (run.final_beta <= 2 * math.sqrt(rounding) * scale and len(away) > 0
+    return (run.final_beta <= 4 * math.sqrt(rounding) * scale and len(away) > 0
             and run.final_beta <= float(away.min()) / 16)
 
 
