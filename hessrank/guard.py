@@ -17,7 +17,13 @@ import threading
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
+from contextlib import (
+    AbstractContextManager,
+    ExitStack,
+    _GeneratorContextManager,
+    contextmanager,
+    suppress,
+)
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -412,20 +418,24 @@ def _chain(error: BaseException | None) -> Iterator[BaseException]:
         pending += [current.__context__, current.__cause__]
 
 
-def signalled(error: BaseException) -> BaseException | None:
+def signalled(error: BaseException, handled: frozenset[int] | None = None
+              ) -> BaseException | None:
     """The exception that a signal's Python handler raised (a job's timeout from a ``SIGALRM``
-    handler), or a ``KeyboardInterrupt`` (Python's own Ctrl-C handler is C code: no frame of it
-    shows), where ``error`` is it or comes from it (its cause or context); None otherwise. Such
-    an exception passed through the handler's frame, which its traceback holds. A Ctrl-C that
-    torch's own code turned into a ``RuntimeError`` (an interrupt as ``torch.func.vmap`` leaves
-    a level: "INTERNAL ASSERT layerId == dynamic_layer.layerId()") had been taken for the
-    loss's failure in float64, and the call returned a result (probe 179); one the caller was
-    handling when the call began is the caller's."""
+    handler), or inside a call a ``KeyboardInterrupt`` (Python's own Ctrl-C handler is C code:
+    no frame of it shows), where ``error`` is it or comes from it (its cause or context); None
+    otherwise. Such an exception passed through the handler's frame, which its traceback holds.
+    A Ctrl-C that torch's own code turned into a ``RuntimeError`` (an interrupt as
+    ``torch.func.vmap`` leaves a level: "INTERNAL ASSERT layerId == dynamic_layer.layerId()")
+    had been taken for the loss's failure in float64, and the call returned a result (probe
+    179). Those the caller was handling when the call began (``handled``, ids; default the
+    running call's) are the caller's, whichever handler raised them: a call in the caller's
+    ``except`` of its own timeout had raised that timeout again (probe 182)."""
     codes: set[types.CodeType] | None = None
-    handled = _HANDLED_AT_ENTRY.get()
+    handled = _HANDLED_AT_ENTRY.get() if handled is None else handled
     for current in _chain(error):
-        if (isinstance(current, KeyboardInterrupt) and handled is not None
-                and id(current) not in handled):
+        if handled is not None and id(current) in handled:
+            continue
+        if isinstance(current, KeyboardInterrupt) and handled is not None:
             return current
         trace = current.__traceback__
         while trace is not None:
@@ -512,8 +522,9 @@ def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, 
         _imported_whole()
         depth, numpy_errors = torch._C._len_torch_function_stack(), dict(np.geterr())
         transforms = _transform_depth()
-        entered = _HANDLED_AT_ENTRY.set(frozenset(map(id, _chain(sys.exc_info()[1]))))
-        try:
+        entered = None
+        try:  # (set inside: a Ctrl-C just after it had left it set for good; probe 182)
+            entered = _HANDLED_AT_ENTRY.set(handled_now())
             return function(*args, **kwargs)
         except _Signalled as carried:
             _exit_abandoned(carried)
@@ -526,7 +537,8 @@ def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, 
                 raise interrupt from None
             raise
         finally:
-            _HANDLED_AT_ENTRY.reset(entered)
+            if entered is not None:
+                _HANDLED_AT_ENTRY.reset(entered)
             _global_modes_put_back(depth, numpy_errors, transforms)
 
     return call
@@ -557,29 +569,45 @@ def _global_modes_put_back(depth: int, numpy_errors: dict[str, Any], transforms:
         leave[functorch.peek_interpreter_stack().key()]()
 
 
+#: The frames in which a generator context manager is caught entering or exiting.
+_ENTER_EXIT = {_GeneratorContextManager.__enter__.__code__,
+               _GeneratorContextManager.__exit__.__code__}
+
+
 def _exit_abandoned(error: BaseException) -> None:
     """Exit now the context managers of torch's own code that ``error`` left suspended on its
-    way out of the call (generator-based, and caught in an ``__enter__`` or ``__exit__`` frame of
-    its traceback): a Ctrl-C at the entry of the ``__exit__`` of ``handle_torch_function``'s
+    way out of the call: generator-based, caught in their ``__enter__`` or ``__exit__`` (a frame
+    of its traceback; a Ctrl-C at the entry of the ``__exit__`` of ``handle_torch_function``'s
     ``_pop_mode_temporarily`` left its generator to push hessrank's mode back onto torch's stack
     when collected, after the call had put the stack back, for every later torch call of the
-    training loop (probe 179). Each is closed (its ``finally`` runs), errors ignored."""
+    training loop; probe 179). Each is closed (its ``finally`` runs), errors ignored. Only those
+    frames are read (every local of every frame had been: a config whose ``__getattr__`` raises
+    ``KeyError`` replaced the call's error, and a caller's ``fork_rng`` named in the loss was
+    closed; probe 182), not the caller's handled exceptions' (probe 181)."""
     root = torch.__path__[0]
     handled = _HANDLED_AT_ENTRY.get() or frozenset()
     for current in _chain(error):
-        if id(current) in handled:  # (the caller's, and its frames: its own context managers
-            continue                # had been closed, a fork_rng among them; probe 181)
+        if id(current) in handled:
+            continue
         trace = current.__traceback__
         while trace is not None:
-            for value in list(trace.tb_frame.f_locals.values()):
-                generator = getattr(value, "gen", None)
-                if (isinstance(value, AbstractContextManager)
-                        and isinstance(generator, types.GeneratorType)
+            frame, trace = trace.tb_frame, trace.tb_next
+            if frame.f_code not in _ENTER_EXIT:
+                continue
+            manager = frame.f_locals.get("self")
+            if type(manager) is _GeneratorContextManager:
+                generator = manager.gen
+                if (isinstance(generator, types.GeneratorType)
                         and inspect.getgeneratorstate(generator) == inspect.GEN_SUSPENDED
                         and generator.gi_code.co_filename.startswith(root)):
                     with suppress(Exception):  # (its own failure to exit is torch's)
                         generator.close()
-            trace = trace.tb_next
+
+
+def handled_now() -> frozenset[int]:
+    """The exceptions being handled where this is called, and their causes and contexts (ids,
+    for :func:`signalled`)."""
+    return frozenset(map(id, _chain(sys.exc_info()[1])))
 
 
 def _transform_depth() -> int:

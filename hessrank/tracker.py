@@ -36,7 +36,7 @@ from torch import Tensor, nn
 import hessrank
 from hessrank.api import checked_request, effective_rank
 from hessrank.estimators import ALL_METHODS
-from hessrank.guard import deferred_interrupts, signalled
+from hessrank.guard import deferred_interrupts, handled_now, signalled
 from hessrank.problem import check_batch, named_selection, selected_size, unwrap_model
 from hessrank.streaming import is_batch_stream
 
@@ -1311,6 +1311,7 @@ class Tracker:
         return {**self.options, **self._method_options.get(method, {})}
 
     def _measure_one(self, method: str, batch: tuple[Any, Any], step: int) -> Measurement:
+        handled = handled_now()  # the caller's, not the call's (probes 181, 182)
         try:
             result = hessrank.effective_rank(
                 self.model, self.loss_fn, batch, method=method, per_layer=self.per_layer,
@@ -1319,7 +1320,7 @@ class Tracker:
         except Exception as err:
             # a signal handler's exception (a job's timeout) is the caller's, not the method's
             # failure to record (probe 134: on_error="warn" had trained on past the timeout)
-            if self.on_error == "raise" or signalled(err) is not None:
+            if self.on_error == "raise" or signalled(err, handled) is not None:
                 raise
             measurement = Measurement(step, method, error=err)
             if self.on_error == "warn":

@@ -1272,6 +1272,98 @@ def test_a_tracker_in_the_caller_s_interrupt_handler_records_its_failures() -> N
     assert [m.error is not None for m in measured] == [False, True]
 
 
+class _AttrDict(dict):
+    """A config read by attribute, as many training codes hold one: a missing key raises
+    ``KeyError``, not ``AttributeError``."""
+
+    __getattr__ = dict.__getitem__
+
+
+class _ConfiguredModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = _AttrDict(features=4)
+        self.first, self.second = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        if x.shape[-1] != config.features:
+            raise ValueError(f"expected {config.features} features, got {x.shape[-1]}")
+        return self.second(torch.tanh(self.first(x)))
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_a_model_s_error_comes_out_as_it_was_raised(method: str) -> None:
+    """Every local of every frame of a failing call's traceback had been read for an abandoned
+    context manager: a model holding such a config replaced its own error with ``KeyError:
+    'gen'`` (probe 182)."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="^expected 4 features, got 5$"):
+        hessrank.effective_rank(_ConfiguredModel(), CE,
+                                (torch.randn(8, 5), torch.randint(0, 3, (8,))), method=method)
+
+
+class _WholeBatchOnly(nn.Module):
+    """A model that runs on its whole batch of 8 only: the GGN's checks, which run parts of
+    the batch, meet its error and take the whole batch's route."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 8:
+            raise RuntimeError("this model needs the whole batch")
+        return self.linear(x)
+
+
+def test_a_call_in_the_caller_s_handler_of_its_own_timeout_measures() -> None:
+    """A call made in the caller's ``except`` of a timeout its own ``SIGALRM`` handler raised:
+    an error the call handles carries that timeout in its context, and it had been raised out
+    of the call again (probe 182)."""
+    import signal
+
+    class Timeout(Exception):
+        pass
+
+    def on_alarm(*_: object) -> None:
+        raise Timeout("the job's time limit")
+
+    torch.manual_seed(0)
+    model = _WholeBatchOnly()
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    plain = hessrank.effective_rank(model, CE, batch, method="ggn")
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        try:
+            signal.raise_signal(signal.SIGALRM)
+        except Timeout:
+            handled = hessrank.effective_rank(model, CE, batch, method="ggn")
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert handled.rank == plain.rank
+
+
+def test_a_caller_s_context_manager_named_in_a_failing_loss_stays_open() -> None:
+    """A loss that names the caller's active ``fork_rng`` and fails: every local of the
+    traceback's frames had been taken for an abandoned context manager, and the caller's fork
+    closed inside its own ``with`` block (probe 182)."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    forked = torch.random.fork_rng()
+    with forked:
+        torch.manual_seed(5)
+        state = torch.get_rng_state()
+
+        def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            context = forked  # noqa: F841 - the caller's, named here
+            raise ValueError("a loss that fails")
+
+        with pytest.raises(ValueError, match="a loss that fails"):
+            hessrank.effective_rank(model, loss_fn, batch)
+        assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_an_interrupt_in_numpy_s_errstate_exit_leaves_its_errors_as_they_were() -> None:
     """A Ctrl-C at the entry of ``np.errstate``'s exit inside the rank definitions had left
     NumPy's warnings off (probe 145)."""
