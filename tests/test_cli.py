@@ -232,24 +232,28 @@ def test_rank_of_a_user_factory_equals_the_library(tmp_path: Path) -> None:
     np.testing.assert_allclose(payload["result"]["eigenvalues"], res.eigenvalues, rtol=1e-5)
 
 
+def _built_from_factory(tmp_path: Path, module: str, returned: str,
+                        seeds: tuple[int, ...] = (0,)) -> list[torch.nn.Module]:
+    """``presets.build_model`` at each of ``seeds`` of a factory ``module:make`` written in
+    ``tmp_path``, returning the expression ``returned``."""
+    (tmp_path / f"{module}.py").write_text(f"import torch\ndef make():\n    return {returned}\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return [presets.build_model(f"{module}:make", input_shape=(1, 8, 8), seed=seed)
+                for seed in seeds]
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
 def test_a_factory_with_lazy_layers_is_initialised_under_the_seed(tmp_path: Path) -> None:
     """A factory of ``nn.LazyLinear`` layers: their values are drawn at the first forward,
     which ran outside the seeded block (``check_model``), from the global generator: each run
     of ``hessrank rank --seed 0`` measured another model (srank 184, 168, 164; probe 177)."""
-    (tmp_path / "lazymodel.py").write_text(
-        "import torch\n"
-        "def make():\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(12),\n"
-        "                               torch.nn.ReLU(), torch.nn.LazyLinear(10))\n"
-    )
-    sys.path.insert(0, str(tmp_path))
-    try:
-        state = torch.get_rng_state()
-        models = [presets.build_model("lazymodel:make", input_shape=(1, 8, 8), seed=seed)
-                  for seed in (0, 0, 1)]
-        assert torch.equal(torch.get_rng_state(), state)
-    finally:
-        sys.path.remove(str(tmp_path))
+    state = torch.get_rng_state()
+    models = _built_from_factory(
+        tmp_path, "lazymodel", "torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(12), "
+        "torch.nn.ReLU(), torch.nn.LazyLinear(10))", seeds=(0, 0, 1))
+    assert torch.equal(torch.get_rng_state(), state)
     first, again, other = ([p.detach() for p in model.parameters()] for model in models)
     assert all(torch.equal(p, q) for p, q in zip(first, again, strict=True))
     assert not torch.equal(first[0], other[0])
@@ -257,17 +261,9 @@ def test_a_factory_with_lazy_layers_is_initialised_under_the_seed(tmp_path: Path
     # the forward that initialises them runs in eval mode: a BatchNorm's statistics as built
     # (in the factory's training mode it had moved them, and the model measured was another;
     # probe 181)
-    (tmp_path / "lazynorm.py").write_text(
-        "import torch\n"
-        "def make():\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(12),\n"
-        "                               torch.nn.BatchNorm1d(12), torch.nn.Linear(12, 10))\n"
-    )
-    sys.path.insert(0, str(tmp_path))
-    try:
-        norm = presets.build_model("lazynorm:make", input_shape=(1, 8, 8), seed=0)[2]
-    finally:
-        sys.path.remove(str(tmp_path))
+    norm = _built_from_factory(
+        tmp_path, "lazynorm", "torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(12), "
+        "torch.nn.BatchNorm1d(12), torch.nn.Linear(12, 10))")[0][2]
     assert torch.equal(norm.running_mean, torch.zeros(12))
     assert torch.equal(norm.running_var, torch.ones(12))
     assert int(norm.num_batches_tracked) == 0
