@@ -400,8 +400,8 @@ def _handler_codes() -> set[types.CodeType]:
 #: chain holds a ``KeyboardInterrupt`` only as the caller's (the calls send theirs out as such:
 #: a Tracker recording failures inside the caller's ``except KeyboardInterrupt:`` had raised
 #: them; probe 181).
-_HANDLED_AT_ENTRY: contextvars.ContextVar[frozenset[int] | None] = contextvars.ContextVar(
-    "handled_at_entry", default=None)
+_HANDLED_AT_ENTRY: contextvars.ContextVar[frozenset[tuple[int, int]] | None] = (
+    contextvars.ContextVar("handled_at_entry", default=None))
 
 
 def _chain(error: BaseException | None) -> Iterator[BaseException]:
@@ -418,7 +418,7 @@ def _chain(error: BaseException | None) -> Iterator[BaseException]:
         pending += [current.__context__, current.__cause__]
 
 
-def signalled(error: BaseException, handled: frozenset[int] | None = None
+def signalled(error: BaseException, handled: frozenset[tuple[int, int]] | None = None
               ) -> BaseException | None:
     """The exception that a signal's Python handler raised (a job's timeout from a ``SIGALRM``
     handler), or inside a call a ``KeyboardInterrupt`` (Python's own Ctrl-C handler is C code:
@@ -427,13 +427,13 @@ def signalled(error: BaseException, handled: frozenset[int] | None = None
     A Ctrl-C that torch's own code turned into a ``RuntimeError`` (an interrupt as
     ``torch.func.vmap`` leaves a level: "INTERNAL ASSERT layerId == dynamic_layer.layerId()")
     had been taken for the loss's failure in float64, and the call returned a result (probe
-    179). Those the caller was handling when the call began (``handled``, ids; default the
-    running call's) are the caller's, whichever handler raised them: a call in the caller's
-    ``except`` of its own timeout had raised that timeout again (probe 182)."""
+    179). Those the caller was handling when the call began (``handled``, :func:`handled_now`;
+    default the running call's) are the caller's, whichever handler raised them: a call in the
+    caller's ``except`` of its own timeout had raised that timeout again (probe 182)."""
     codes: set[types.CodeType] | None = None
     handled = _HANDLED_AT_ENTRY.get() if handled is None else handled
     for current in _chain(error):
-        if handled is not None and id(current) in handled:
+        if handled is not None and _raised(current) in handled:
             continue
         if isinstance(current, KeyboardInterrupt) and handled is not None:
             return current
@@ -520,7 +520,7 @@ def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, 
     @functools.wraps(function)
     def call(*args: Params.args, **kwargs: Params.kwargs) -> Returned:
         _imported_whole()
-        depth, numpy_errors = torch._C._len_torch_function_stack(), dict(np.geterr())
+        modes, numpy_errors = _function_modes(), dict(np.geterr())
         transforms = _transform_depth()
         entered = None
         try:  # (set inside: a Ctrl-C just after it had left it set for good; probe 182)
@@ -539,25 +539,42 @@ def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, 
         finally:
             if entered is not None:
                 _HANDLED_AT_ENTRY.reset(entered)
-            _global_modes_put_back(depth, numpy_errors, transforms)
+            _global_modes_put_back(modes, numpy_errors, transforms)
 
     return call
 
 
-def _global_modes_put_back(depth: int, numpy_errors: dict[str, Any], transforms: int) -> None:
-    """Torch's function-mode stack down to ``depth`` where the modes above are hessrank's own,
-    NumPy's error handling as ``numpy_errors``, and ``torch.func``'s transforms down to
-    ``transforms`` (:func:`_transform_depth`): a Ctrl-C that lands inside the ``__enter__`` of a
-    torch mode (after its push), ``np.errstate``'s ``__exit__`` or as ``vmap`` leaves a level
-    skips the exit that undoes it, and had left the mode on the stack for every later torch call
-    of the training loop (a call counter that grew by 40 entries a step), NumPy's warnings off
-    (probe 145), or the process inside ``vmap`` for good, its next ``loss.backward()`` refused
-    (probe 179)."""
-    while torch._C._len_torch_function_stack() > depth:
+def _function_modes() -> list[Any]:
+    """Torch's function-mode stack, bottom first."""
+    return [torch._C._get_function_stack_at(index)
+            for index in range(torch._C._len_torch_function_stack())]
+
+
+def _global_modes_put_back(modes: list[Any], numpy_errors: dict[str, Any],
+                           transforms: int) -> None:
+    """Torch's function-mode stack as ``modes`` (those the call found) where the modes above
+    are hessrank's own, NumPy's error handling as ``numpy_errors``, and ``torch.func``'s
+    transforms down to ``transforms`` (:func:`_transform_depth`): a Ctrl-C that lands inside the
+    ``__enter__`` of a torch mode (after its push), ``np.errstate``'s ``__exit__`` or as
+    ``vmap`` leaves a level skips the exit that undoes it, and had left the mode on the stack
+    for every later torch call of the training loop (a call counter that grew by 40 entries a
+    step), NumPy's warnings off (probe 145), or the process inside ``vmap`` for good, its next
+    ``loss.backward()`` refused (probe 179). One landing as torch puts a mode it set aside back
+    had lost hessrank's, whose exit then popped the caller's own (probe 184): the stack found
+    is restored by identity."""
+    while torch._C._len_torch_function_stack() > len(modes):
         top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
         if not type(top).__module__.startswith("hessrank."):
             break
         torch._C._pop_torch_function_stack()
+    now = _function_modes()
+    if len(now) < len(modes) or any(mode is not found for mode, found in zip(modes, now)):
+        above = [mode for mode in now[len(modes):]
+                 if not type(mode).__module__.startswith("hessrank.")]
+        while torch._C._len_torch_function_stack():
+            torch._C._pop_torch_function_stack()
+        for mode in [*modes, *above]:
+            torch._C._push_on_torch_function_stack(mode)
     if np.geterr() != numpy_errors:
         np.seterr(**numpy_errors)
     functorch = torch._C._functorch
@@ -587,7 +604,7 @@ def _exit_abandoned(error: BaseException) -> None:
     root = torch.__path__[0]
     handled = _HANDLED_AT_ENTRY.get() or frozenset()
     for current in _chain(error):
-        if id(current) in handled:
+        if _raised(current) in handled:
             continue
         trace = current.__traceback__
         while trace is not None:
@@ -604,10 +621,17 @@ def _exit_abandoned(error: BaseException) -> None:
                         generator.close()
 
 
-def handled_now() -> frozenset[int]:
-    """The exceptions being handled where this is called, and their causes and contexts (ids,
-    for :func:`signalled`)."""
-    return frozenset(map(id, _chain(sys.exc_info()[1])))
+def handled_now() -> frozenset[tuple[int, int]]:
+    """The exceptions being handled where this is called, and their causes and contexts, for
+    :func:`signalled`: each by itself and its traceback (one raised again has another: a
+    handler that raises one prebuilt timeout had its timeout inside a call, made in the
+    caller's ``except`` of the last, taken for the caller's; probe 184)."""
+    return frozenset(_raised(error) for error in _chain(sys.exc_info()[1]))
+
+
+def _raised(error: BaseException) -> tuple[int, int]:
+    """An exception as raised: itself and its traceback."""
+    return id(error), id(error.__traceback__)
 
 
 def _transform_depth() -> int:

@@ -1364,6 +1364,84 @@ def test_a_caller_s_context_manager_named_in_a_failing_loss_stays_open() -> None
         assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_a_prebuilt_timeout_raised_again_inside_a_call_in_its_handler_is_delivered() -> None:
+    """A ``SIGALRM`` handler that raises one prebuilt timeout, and a call made in the caller's
+    ``except`` of it: the alarm again inside the call raised that same object, taken for the
+    caller's handled one and then for the loss failing, and the call returned (probe 184)."""
+    import signal
+
+    class Timeout(Exception):
+        pass
+
+    prebuilt = Timeout("the job's time limit")
+
+    def on_alarm(*_: object) -> None:
+        raise prebuilt
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        for alarm_at in range(1, 8):
+            calls = []
+
+            def loss_fn(outputs: torch.Tensor, targets: torch.Tensor,
+                        alarm_at: int = alarm_at, calls: list = calls) -> torch.Tensor:
+                calls.append(1)
+                if len(calls) == alarm_at:
+                    signal.raise_signal(signal.SIGALRM)
+                return CE(outputs, targets)
+
+            try:
+                signal.raise_signal(signal.SIGALRM)
+            except Timeout:
+                with pytest.raises(Timeout):
+                    hessrank.effective_rank(model, loss_fn, batch, method="fisher")
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_an_interrupt_as_torch_puts_a_mode_back_leaves_the_caller_s_mode(method: str) -> None:
+    """A Ctrl-C at the entry of the push with which torch puts back a mode it set aside (the
+    end of ``_pop_mode_temporarily``) lost hessrank's mode, whose exit then popped the caller's
+    own: the caller's later operations ran without it and its ``with`` failed (probe 184)."""
+    import signal
+
+    class CallerMode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    push = torch.overrides._push_mode.__code__
+    popping = torch.overrides._pop_mode_temporarily.__wrapped__.__code__
+    fired: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if not fired and event == "call" and frame.f_code is push and (
+                frame.f_back.f_code is popping):
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)
+            return None
+        return None if fired else tracer
+
+    with CallerMode() as mode:
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                hessrank.effective_rank(model, CE, batch, method=method)
+        finally:
+            sys.settrace(None)
+        gc.collect()
+        assert fired
+        assert torch._C._len_torch_function_stack() == 1
+        assert torch._C._get_function_stack_at(0) is mode
+
+
 def test_an_interrupt_in_numpy_s_errstate_exit_leaves_its_errors_as_they_were() -> None:
     """A Ctrl-C at the entry of ``np.errstate``'s exit inside the rank definitions had left
     NumPy's warnings off (probe 145)."""
