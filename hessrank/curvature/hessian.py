@@ -554,9 +554,10 @@ def nonlinearity_error(noise: float, scale: float, eps: float, problem: Curvatur
            + (f"; or {LONG_SUMS}" if problem.dtype != torch.float64 else "")))
 
 
-#: The float32 products' own rounding beyond the checks' allowances (a CNN over 384 x 384
-#: positions: its symmetry and linearity checks failed; probe 180), in the checks' messages.
-LONG_SUMS = ("the rounding of very long float32 sums (feature maps of 10^5 positions and more), "
+#: The float32 products' own rounding beyond the checks' allowances (CNNs over 128 x 128 to
+#: 384 x 384 positions: their symmetry and linearity checks failed; probes 180, 183), in the
+#: checks' messages.
+LONG_SUMS = ("the rounding of very long float32 sums (feature maps of 10^4 positions and more), "
              "which a float64 copy of the model (copy.deepcopy(model).double(), float64 inputs) "
              "measures")
 
