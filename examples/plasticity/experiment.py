@@ -704,23 +704,23 @@ def run_experiment(
     for t in range(done, last):
         began = time.perf_counter()
         task = problem.task(cfg.seeds, t)
+        where = f"run {cfg.name}, task {t + 1}"
         try:
             record = trainer.measure(task, "start")
         except SetupError as err:  # an --overlap-k inside a tie: the run stops at this task
-            raise SetupError(f"run {cfg.name}, task {t + 1}: {err}") from None
+            raise SetupError(f"{where}: {err}") from None
         record.update(trainer.train_task(task, t))
         if not all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters()):
             # (the library's refusal of the NaN weights had ended the run in a traceback
             # naming no run or task; probe 177)
-            raise SetupError(f"run {cfg.name}, task {t + 1}: the weights diverged to NaN or Inf "
-                             f"in training, so no curvature is defined: lower --lr ({cfg.lr:g})")
+            raise SetupError(f"{where}: the weights diverged to NaN or Inf in training, so no "
+                             f"curvature is defined: lower --lr ({cfg.lr:g})")
         try:
             record.update(trainer.measure(task, "end"))
         except ValueError as err:  # the library's refusal (weights Adam sent to 1e30, finite:
             # their curvature below float32's range; a traceback before; probe 181)
-            raise SetupError(f"run {cfg.name}, task {t + 1}: the curvature after training "
-                             f"cannot be measured (where the training diverged, lower --lr, "
-                             f"{cfg.lr:g}): {err}") from None
+            raise SetupError(f"{where}: the curvature after training cannot be measured (where "
+                             f"the training diverged, lower --lr, {cfg.lr:g}): {err}") from None
         result = {"task": t, "seeds": cfg.seeds, "seconds": time.perf_counter() - began}
         result["metrics"] = record
         _atomic_write_text(run_dir / "tasks" / f"{t:04d}.json", json.dumps(result))

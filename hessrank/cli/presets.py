@@ -286,8 +286,7 @@ def build_model(
                     with torch.no_grad():
                         model.eval()(torch.zeros(2, *input_shape))
                 except Exception as err:
-                    raise CliError(f"model {name} fails on inputs of shape (N, {input_shape}): "
-                                   f"{err}") from err
+                    raise _fails_on_inputs(name, input_shape, err) from err
     if weights is not None:
         try:
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
@@ -317,14 +316,18 @@ def _saved_by_torch(path: str | Path) -> bool:
         return True  # unreadable: torch's own error says why
 
 
+def _fails_on_inputs(name: str, shape: tuple[int, ...], error: Exception) -> CliError:
+    """The error for a model that raised ``error`` on inputs of ``shape`` (a sample's)."""
+    return CliError(f"model {name} fails on inputs of shape (N, {shape}): {error}")
+
+
 def check_model(model: nn.Module, data: Dataset, name: str) -> None:
     """Fail with one line unless ``model`` maps the inputs to (N, num_classes) logits."""
     try:
         with torch.no_grad():
             out = model(data.inputs[:2])
     except Exception as err:
-        shape = tuple(data.inputs.shape[1:])
-        raise CliError(f"model {name} fails on inputs of shape (N, {shape}): {err}") from err
+        raise _fails_on_inputs(name, tuple(data.inputs.shape[1:]), err) from err
     if not isinstance(out, Tensor) or tuple(out.shape) != (2, data.num_classes):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         expected = f"(N, {data.num_classes})"

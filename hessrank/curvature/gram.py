@@ -497,9 +497,10 @@ def compute_gram(
             if group in groups or children:
                 claimed[group], covered[group] = (found, rule), children
     capture = _Capture({group: module for group, (module, _) in claimed.items()})
-    # the output sizes of the modules the general path may take, for their checks' tolerances
-    sizes_of = _OutputSizes({group: modules[group] for group in groups
-                             if group in modules and group not in claimed})
+    # every module's output size, for its gradient check's tolerance (the rules' and the
+    # general path's alike)
+    sizes_of = _OutputSizes({group: modules[group] for group in dict.fromkeys([*groups, *claimed])
+                             if group in modules})
     graph = GraphBytes(problem)
     try:
         with graph.counting():
@@ -584,17 +585,14 @@ def compute_gram(
     position = 0
     tolerance = agreement_tolerance(problem.dtype)
     tolerances: dict[str, float] = {}  # by group, where its layer's sums are long
-    for group in unclaimed:
-        if group in sizes_of.sizes:
-            tolerances[group] = _group_tolerance(tolerance, sizes_of.sizes[group],
-                                                 [named[name] for name in groups[group]])
+    for group in (*unclaimed, *claimed):
+        if group in sizes_of.sizes:  # (a rule's children are checked on its output's length)
+            for member in (group, *covered.get(group, {}).values()):
+                tolerances[member] = _group_tolerance(
+                    tolerance, sizes_of.sizes[group],
+                    [named[name] for name in groups.get(member, ())])
     for group, (module, rule) in claimed.items():
         value = capture.outputs.pop(group)
-        leaf = _leaves(value)[0]
-        for member in (group, *covered[group].values()):
-            tolerances[member] = _group_tolerance(
-                tolerance, (leaf.numel(), leaf.dtype),
-                [named[name] for name in groups.get(member, ())])
         width = len(_leaves(value))
         pieces, layer_grads[position:position + width] = (
             layer_grads[position:position + width], [None] * width)

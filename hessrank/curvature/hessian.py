@@ -488,8 +488,9 @@ def check_products(operator: SymmetricOperator, generator: torch.Generator,
         # below the normal range (a draw that small about never), so is the spectrum, which
         # the call refuses after the run (:func:`~hessrank.curvature.loss.subnormal_scale_error`)
         norm = max(_frobenius(product.to(torch.float64)) for product in products)
-        below = subnormal_scale_error(norm, problem.dtype, source, "norm")
-        if below is not None and 8 * norm < torch.finfo(operator.dtype).smallest_normal:
+        below = (subnormal_scale_error(norm, problem.dtype, source, "norm")
+                 if 8 * norm < torch.finfo(operator.dtype).smallest_normal else None)
+        if below is not None:
             raise below
         products = operator.matmat(probes / unit)
         spent += 2
