@@ -80,6 +80,7 @@ from hessrank.ranks import (
 )
 from hessrank.results import RankResult
 from hessrank.spectrum.dense import NotFiniteError, not_finite_error, symmetric_eigenpairs
+from hessrank.spectrum.lanczos import noise_eps
 from hessrank.streaming import (
     StreamedProblem,
     announced_samples,
@@ -818,15 +819,30 @@ def _result(
     finer = (f", or use a dense or Gram method (exact, ggn, fisher){copy}: the Lanczos "
              "methods' float32 basis resolves no further" if spectrum.ritz_values is not None
              else ", or analyse a float64 copy of the model" if copy else "")
-    if rtol is not None and rtol < resolution:
+    # Products noisier than the arithmetic's epsilon, as the run's slack counts them, resolve no
+    # further than their noise (a float32 model rounding through half precision in a custom
+    # Function, at 64 to 1,600 epsilons): what is counted below it is the noise's as much as
+    # the matrix's.
+    noisy = noise_eps(spectrum.noise) > resolution
+    if noisy:
+        resolution = spectrum.noise
+        limit, least = f"the products' measured noise ({resolution:.3g} of their size)", "it"
+        blur = "noise"
+        finer = ("; the model's arithmetic makes the noise (a lower precision inside a custom "
+                 "autograd.Function, or very long float32 sums: a float64 copy of the model has "
+                 "less of the latter)")
+    else:
+        limit, least = f"the computation's epsilon ({resolution:.3g})", "epsilon"
+        blur = "rounding"
+    if (rtol is not None or noisy) and tolerance < resolution:
         # (a fisher_lanczos at rtol = 1e-12 in float32 gave 15 in [15, 15], "the other 198
         # exactly zero", for a numerical rank of 16: its 16th eigenvalue, 1e-10 of the top, was
         # a sample whose gradient is within the batch's rounding, left out; probe 159)
         notes.append(
-            f"numerical rank at rtol = {rtol:.3g}, below the computation's epsilon "
-            f"({resolution:.3g}): eigenvalues under that fraction of the largest are within its "
-            "rounding, and what it counts (with its interval) below that is the rounding's as "
-            f"much as the matrix's; pass rtol >= epsilon{finer}")
+            f"numerical rank at rtol = {tolerance:.3g}, below {limit}: eigenvalues under that "
+            f"fraction of the largest are within its {blur}, and what it counts (with its "
+            f"interval) below that is the {blur}'s as much as the matrix's; pass rtol >= "
+            f"{least}{finer}")
     # (a quadrature's count is fractional, its srank whole: 17 against 16.6 had been noted as
     # 0.39 eigenvalues under epsilon; probe 164)
     rounding_counted = ranks["srank"] - math.ceil(
@@ -834,9 +850,8 @@ def _result(
     if rounding_counted > 0:  # (threshold=1.0 gave a float32 exact srank 43 for 32; probe 163)
         notes.append(
             f"srank at threshold {threshold:g} counts {rounding_counted:g} eigenvalue(s) under "
-            f"the computation's epsilon ({resolution:.3g}) of the largest, within its rounding: "
-            "the rounding's as much as the matrix's; a threshold further from 1 (the default "
-            f"0.99) leaves them out{finer}")
+            f"{limit} of the largest, within its {blur}: the {blur}'s as much as the "
+            f"matrix's; a threshold further from 1 (the default 0.99) leaves them out{finer}")
     shown = spectrum.eigenvalues
     if rtol is None and size * (spectrum.eps or eps) > MAX_DEFAULT_RTOL:
         notes.append(f"numerical rank at rtol = {MAX_DEFAULT_RTOL:g}: the default rule, matrix "

@@ -1833,6 +1833,43 @@ def test_half_precision_inside_a_custom_function_is_counted_once_or_refused():
     assert {"refused", "measured"} <= set(outcomes), outcomes
 
 
+@pytest.mark.parametrize("half", [True, False])
+def test_a_numerical_rank_below_the_products_noise_is_noted(half):
+    """Products noisier than rounding (the model above, on the seeds whose products are
+    measured, not refused) tell no eigenvalue below their noise from it: a numerical rank at
+    an rtol under it, the default's included, had been given without a word. The note names
+    the noise, which lies between the run's epsilon and the rtol it flags; an rtol above it,
+    and the same model without the half-precision Function at an rtol far below it, get
+    none."""
+    measured = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = _HalfTanhNet()
+        if not half:
+            model.forward = lambda x, model=model: model.second(torch.tanh(model.first(x)))
+        x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+        notes = {}
+        try:
+            for rtol in (None, 1e-5, 1e-3):
+                notes[rtol] = [note for note in hessrank.effective_rank(
+                    model, CE, (x, y), "fisher_lanczos", lanczos_steps=30, rtol=rtol).notes
+                    if "below the products' measured noise" in note]
+        except ValueError:
+            assert half  # (refused as above)
+            continue
+        measured += 1
+        assert not notes[1e-3]
+        if not half:
+            assert not notes[None] and not notes[1e-5]
+            continue
+        for rtol in (None, 1e-5):
+            (note,) = notes[rtol]
+            noise = float(re.search(r"measured noise \(([-+.e\d]+) of their size", note)[1])
+            flagged = float(re.search(r"at rtol = ([-+.e\d]+),", note)[1])
+            assert flagged < noise < 1e-3 and noise > 25 * torch.finfo().eps, note
+    assert measured >= 1
+
+
 @pytest.mark.parametrize("method", hessrank.METHODS)
 def test_a_loss_made_half_precision_by_its_targets_names_them(method):
     """``nn.BCEWithLogitsLoss`` returns half precision for half-precision 0/1 labels: the

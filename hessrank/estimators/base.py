@@ -151,6 +151,9 @@ class Spectrum:
         rounding: how far rounding may have moved its eigenvalues, where the products measured
             it (the norm of the antisymmetric part a Hessian's products left, with a margin);
             None where it was not measured.
+        noise: the products' noise relative to their size, where a check measured it (Lanczos,
+            :func:`~hessrank.curvature.hessian.check_products`): no estimate tells eigenvalues
+            below that fraction of the largest from it; 0 where it was not measured.
     """
 
     eigenvalues: np.ndarray
@@ -168,6 +171,7 @@ class Spectrum:
     notes: list[str] = field(default_factory=list)
     layers: dict[str, Spectrum] = field(default_factory=dict)
     rounding: float | None = None
+    noise: float = 0.0
 
     @property
     def trace(self) -> float:

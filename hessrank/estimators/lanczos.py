@@ -286,7 +286,7 @@ class LanczosEstimator(Estimator):
                         trace_interval=result.trace_interval,
                         numerical_interval=result.numerical_interval,
                         num_hvps=result.num_products + checks, rounding=rounding,
-                        eps=eps, notes=[*self.source_notes(problem, operator), *coarse,
+                        eps=eps, noise=noise, notes=[*self.source_notes(problem, operator), *coarse,
                                         *result.notes,
                                         *([f"{checks} products before the run checked the "
                                            f"{PRODUCTS_OF[self.source][0]} symmetric and linear "

@@ -982,6 +982,12 @@ SLACK_UNITS = 100
 NOISE_MARGIN = 4
 
 
+def noise_eps(noise: float) -> float:
+    """The epsilon products of measured ``noise`` (relative to their size) act at: the one
+    whose :func:`rounding_slack` is :data:`NOISE_MARGIN` times the noise."""
+    return NOISE_MARGIN * noise / SLACK_UNITS
+
+
 def rounding_slack(eps: float, scale: float) -> float:
     """What two runs' Ritz values of one eigenvalue can differ by from rounding alone: ``100
     eps`` of the operator's largest ``|eigenvalue|`` (``eps`` the run's: of the basis dtype, or
@@ -1344,7 +1350,7 @@ def lanczos_spectrum(
     # custom autograd.Function: fisher_lanczos had counted every eigenvalue once a run, its
     # trace 1.6-1.9x, at noise 20 times the slack; probe 175)
     rounding = working_eps(operator, basis_dtype)
-    eps = max(rounding, NOISE_MARGIN * noise / SLACK_UNITS)
+    eps = max(rounding, noise_eps(noise))
     notes: list[str] = []
     guesses: list[str] = []
     first = LanczosRun(operator, probe_vector(dim, generator, operator.device, basis_dtype),
