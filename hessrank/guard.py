@@ -1206,9 +1206,11 @@ def forward_hooks_note(model: nn.Module) -> list[str]:
     function the model computes, and a hook that records activations or statistics (dormant
     neurons, ReDo's resets) sees the call's passes too, some over one or two of the batch's
     samples (the probes of the checks; probe 149). None run unnoticed."""
-    def callers(hooks: dict[int, Any] | None) -> bool:  # (not torch's own: weight_norm's)
-        return any(not (getattr(hook, "__module__", None) or "").startswith("torch.")
-                   for hook in (hooks or {}).values())
+    def callers(hooks: dict[int, Any] | None) -> bool:
+        # (not torch's own, weight_norm's; nor the call's own, which an Embedding's max_norm
+        # registers before this note is made: it had been named as the caller's; probe 186)
+        return any(not (getattr(hook, "__module__", None) or "").startswith(
+            ("torch.", "hessrank.")) for hook in (hooks or {}).values())
 
     def named(name: str) -> str:  # as the caller names it: without torch.compile's wrapper
         return ".".join(part for part in name.split(".") if part != "_orig_mod")

@@ -748,6 +748,8 @@ def test_max_norm_embedding_is_analysed_at_the_rows_its_forward_uses_and_left_as
     assert model.emb.weight is weight and torch.equal(weight, values)
     assert weight._version == version and model.emb.max_norm == 0.7
     assert any("rescaled" in note for note in result.notes)
+    # (the rescaling's pre-hook is the call's own: it had been named as the caller's; probe 186)
+    assert not any("your forward hooks" in note for note in result.notes), result.notes
     if method in _REFERENCES:
         renormalised = copy.deepcopy(model)
         renormalised.emb.max_norm = None
