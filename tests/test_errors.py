@@ -2568,6 +2568,42 @@ def test_backpack_failures_name_the_backend_to_use_instead():
             "weight_g, weight_v (a parametrisation)" in result.notes[0]), result.notes
 
 
+class _WeightNormedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch deprecates the old weight_norm
+            self.lstm = nn.utils.weight_norm(nn.LSTM(3, 3, batch_first=True), "weight_hh_l0")
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_an_old_weight_norm_on_a_recurrent_weight_is_a_parametrisation_not_a_bug():
+    """``nn.utils.weight_norm`` on an LSTM's ``weight_hh_l0`` makes it a plain tensor computed
+    from ``weight_hh_l0_g`` and ``_v``: the recurrent rule had raised ``AttributeError`` reading
+    it as a parameter, noted as a bug to report (probe 186). It is the parametrisation a linear
+    layer's rule notes, and the general path's EF matches per-sample gradients taken one sample
+    at a time through the model's own backward."""
+    torch.manual_seed(0)
+    model = _WeightNormedLSTM().double()
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = hessrank.effective_rank(model, CE, (x, y), "fisher")
+    assert not any("bug" in note for note in result.notes), result.notes
+    assert any("the lstm rule's factors for 'lstm' are for bias_hh_l0, bias_ih_l0, "
+               "weight_ih_l0, the module's parameters are bias_hh_l0, bias_ih_l0, "
+               "weight_hh_l0_g, weight_hh_l0_v, weight_ih_l0 (a parametrisation)" in note
+               for note in result.notes), result.notes
+    params = [p for _, p in model.named_parameters()]
+    rows = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        CE(model(x[i:i + 1]), y[i:i + 1]), params)]) for i in range(5)])
+    reference = np.linalg.svd(rows.numpy(), compute_uv=False) ** 2 / 5
+    np.testing.assert_allclose(result.eigenvalues[:5], reference, rtol=1e-9)
+
+
 @pytest.mark.parametrize("method", hessrank.METHODS)
 @pytest.mark.parametrize("loss_fn", [nn.MSELoss(), lambda out, t: ((out - t) ** 2).mean()],
                          ids=["MSELoss", "a function"])
