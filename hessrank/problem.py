@@ -23,6 +23,8 @@ from typing import Any, NoReturn, cast
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import CheckpointFunction
@@ -56,6 +58,21 @@ def _drops_out(module: nn.Module) -> bool:
     if isinstance(module, nn.RNNBase):
         return module.dropout > 0 and module.num_layers > 1
     return isinstance(module, nn.MultiheadAttention) and module.dropout > 0
+
+
+def _power_iterated(module: nn.Module) -> list[str]:
+    """The tensors of ``module`` under a spectral norm that takes a power-iteration step in
+    training mode and uses its stored singular vectors in evaluation (the parametrisation's,
+    ``torch.nn.utils.parametrizations.spectral_norm``, and the older hook's); such a layer
+    left in training mode had been measured as evaluated with no word (probe 186)."""
+    tensors = [name for name, parametrisations in getattr(module, "parametrizations", {}).items()
+               if any(isinstance(p, _SpectralNorm)
+                      and p.training and p.n_power_iterations > 0 for p in parametrisations)]
+    return tensors + [hook.name for hook in module._forward_pre_hooks.values()
+                      if isinstance(hook, SpectralNorm)
+                      and module.training and hook.n_power_iterations > 0]
+
+
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 #: Normalisation layers that may hold running statistics (BatchNorm, InstanceNorm).
 _NORM_WITH_STATISTICS = nn.modules.batchnorm._NormBase
@@ -1412,12 +1429,18 @@ def _mode_notes(model: nn.Module, mode: str) -> list[str]:
     normalising = [name for name, m in modules if isinstance(m, _NORM_WITH_STATISTICS)
                    and m.training and m.track_running_stats]
     dropping = [name for name, m in modules if m.training and _drops_out(m)]
+    iterating = [repr(f"{name}.{tensor}" if name else tensor)
+                 for name, m in model.named_modules() for tensor in _power_iterated(m)]
     switched = []
     if normalising:
         switched.append(plural(normalising, "normalises", "normalise") + " with running "
                         "statistics, not the batch's (mode='train' for the batch's)")
     if dropping:
         switched.append(plural(dropping, "is", "are") + " off")
+    if iterating:
+        switched.append(f"the spectral norm of {listed_names(iterating)} divides by its stored "
+                        "singular vectors' estimate, with no power-iteration step "
+                        "(mode='train' for the step)")
     if switched:
         notes.append("mode='eval' (the default) measures the model as evaluated, though it is "
                      f"in training mode: {'; '.join(switched)}")

@@ -454,6 +454,37 @@ def test_the_evaluation_of_a_model_in_training_mode_is_noted(method):
                 in hessrank.effective_rank(model, CE, batch, method).notes)
 
 
+@pytest.mark.parametrize("kind", ["parametrizations", "hook"])
+def test_a_spectral_norm_in_training_mode_is_noted(kind):
+    """A spectral norm takes a power-iteration step in each training-mode forward and divides
+    by its stored estimate when evaluated: one left in training mode after an optimiser step
+    computes other outputs than evaluated (here by more than 0.1), and ``mode='eval'`` had
+    measured the evaluated one with no word (probe 186). The note names the tensor; the result
+    is the evaluated copy's, and a model in evaluation mode gets no note."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates the hook's spectral_norm
+        normed = (torch.nn.utils.parametrizations.spectral_norm if kind == "parametrizations"
+                  else torch.nn.utils.spectral_norm)(nn.Linear(5, 4).double())
+    model = nn.Sequential(normed, nn.Tanh(), nn.Linear(4, 3)).double()
+    weight = (model[0].parametrizations.weight.original if kind == "parametrizations"
+              else model[0].weight_orig)
+    with torch.no_grad():
+        weight.add_(0.5 * torch.randn(4, 5, dtype=torch.float64))
+    x, y = classification_batch(8, 5, 3)
+    trained, evaluated = copy.deepcopy(model).train(), copy.deepcopy(model).eval()
+    with torch.no_grad():
+        assert (trained(x) - evaluated(x)).abs().max() > 0.1  # the case: they differ
+    result = hessrank.effective_rank(model, CE, (x, y), "fisher")
+    assert ("mode='eval' (the default) measures the model as evaluated, though it is in "
+            "training mode: the spectral norm of '0.weight' divides by its stored singular "
+            "vectors' estimate, with no power-iteration step (mode='train' for the step)"
+            in result.notes), result.notes
+    reference = hessrank.effective_rank(evaluated, CE, (x, y), "fisher")
+    np.testing.assert_allclose(result.eigenvalues, reference.eigenvalues, rtol=1e-12)
+    assert not any("mode='eval'" in note for note in reference.notes), reference.notes
+
+
 class _TemperedLoss(nn.Module):
     """Cross-entropy of the outputs divided by a learnable temperature."""
 
