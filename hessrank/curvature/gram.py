@@ -43,9 +43,11 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import vjp, vmap
 from torch.nn.utils.rnn import PackedSequence
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from hessrank.curvature.differences import FIRST, check_custom_functions
+from hessrank.curvature.hessian import LONG_SUMS
 from hessrank.curvature.row_gram import row_gram
 from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
@@ -380,23 +382,64 @@ def _group_tolerance(tolerance: float, output: tuple[int, torch.dtype],
     return max(tolerance, ROUNDING_GROWTH * math.sqrt(terms) * eps)
 
 
+def _first_floating(output: Any) -> Tensor | None:
+    """The first floating tensor among ``output``'s leaves, or None."""
+    return next((leaf for leaf in tree_flatten(output)[0]
+                 if isinstance(leaf, Tensor) and leaf.is_floating_point()), None)
+
+
+def _recorded(sizes: dict[Any, tuple[int, torch.dtype]], key: Any, output: Any) -> None:
+    """Adds ``output``'s first floating tensor's entries to ``sizes[key]``."""
+    leaf = _first_floating(output)
+    if leaf is not None:
+        sizes[key] = (sizes.get(key, (0, leaf.dtype))[0] + leaf.numel(), leaf.dtype)
+
+
+class _OperationSizes(TorchFunctionMode):
+    """Records, for each of ``params`` (by id), the output entries of the operations that take
+    it (outermost: an operation's own inner calls are not seen) and their dtype: the length of
+    the sums of a parameter used outside its module's call (a convolution's weight passed to
+    ``F.conv2d`` in another module's forward, a tied weight), whose module's output records
+    none. Without it, such a layer's check had the fixed tolerance, and a float32 convolution
+    over 256 x 256 positions written that way was refused as mixing its samples (probe 185)."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.ids = {id(p) for p in params}
+        self.sizes: dict[int, tuple[int, torch.dtype]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        result = func(*args, **(kwargs or {}))
+        for leaf in tree_flatten((args, kwargs))[0]:
+            if isinstance(leaf, Tensor) and id(leaf) in self.ids:
+                _recorded(self.sizes, id(leaf), result)
+        return result
+
+
 class _OutputSizes:
     """Forward hooks recording each module's output entries over its calls and its dtype (the
-    first floating tensor of each output; no tensor is kept), for :func:`_group_tolerance`."""
+    first floating tensor of each output; no tensor is kept), and each parameter's operations'
+    (:class:`_OperationSizes`, inside :meth:`recording`), for :func:`_group_tolerance`."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], params: Sequence[Tensor]) -> None:
         self.sizes: dict[str, tuple[int, torch.dtype]] = {}
+        self.operations = _OperationSizes(params)
         self.handles = [module.register_forward_hook(self._hook(name))
                         for name, module in modules.items()]
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            leaf = next((leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, Tensor)
-                         and leaf.is_floating_point()), None)
-            if leaf is not None:
-                entries = self.sizes.get(name, (0, leaf.dtype))[0]
-                self.sizes[name] = (entries + leaf.numel(), leaf.dtype)
+            _recorded(self.sizes, name, output)
         return hook
+
+    def of(self, group: str, params: Sequence[Tensor]) -> tuple[int, torch.dtype] | None:
+        """The output size a group's tolerance reads: its module's, else the largest of its
+        parameters' operations' (None where neither was seen)."""
+        if group in self.sizes:
+            return self.sizes[group]
+        return max((self.operations.sizes[id(p)] for p in params
+                    if id(p) in self.operations.sizes), key=lambda size: size[0], default=None)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -500,10 +543,10 @@ def compute_gram(
     # every module's output size, for its gradient check's tolerance (the rules' and the
     # general path's alike)
     sizes_of = _OutputSizes({group: modules[group] for group in dict.fromkeys([*groups, *claimed])
-                             if group in modules})
+                             if group in modules}, problem.params)
     graph = GraphBytes(problem)
     try:
-        with graph.counting():
+        with graph.counting(), sizes_of.operations:
             outputs = problem.forward()
     finally:
         capture.remove()
@@ -586,11 +629,11 @@ def compute_gram(
     tolerance = agreement_tolerance(problem.dtype)
     tolerances: dict[str, float] = {}  # by group, where its layer's sums are long
     for group in (*unclaimed, *claimed):
-        if group in sizes_of.sizes:  # (a rule's children are checked on its output's length)
+        size = sizes_of.of(group, [named[name] for name in groups.get(group, ())])
+        if size is not None:  # (a rule's children are checked on its output's length)
             for member in (group, *covered.get(group, {}).values()):
                 tolerances[member] = _group_tolerance(
-                    tolerance, sizes_of.sizes[group],
-                    [named[name] for name in groups.get(member, ())])
+                    tolerance, size, [named[name] for name in groups.get(member, ())])
     for group, (module, rule) in claimed.items():
         value = capture.outputs.pop(group)
         width = len(_leaves(value))
@@ -881,10 +924,14 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
         error = _judged(group, _measured([([claimed], [true], torch.linalg.vector_norm(
             flat, dim=1).square(), weights)])[0], true.dtype, floor, allowed, notes)
         if failure is None and error > allowed:
+            # (a float32 convolution over 256 x 256 positions had been told of mixing and
+            # cancellation only; probe 185)
             near = (f"; or, this near the rounding allowance ({allowed:.1e}), the rounding of "
                     "its backward pass amplified by cancellation (gradients that nearly cancel, "
-                    "as before a GroupNorm over two channels), which leaves its factors "
-                    "unverified" if error <= ROUNDING_OR_MIXING * allowed else "")
+                    "as before a GroupNorm over two channels)"
+                    + (f", or {LONG_SUMS}" if true.dtype != torch.float64 else "")
+                    + ", which leaves its factors unverified"
+                    if error <= ROUNDING_OR_MIXING * allowed else "")
             failure = (f"per-sample gradients of {group!r} do not add up to the batch gradient "
                        f"(relative error {error:.1e})",
                        "the model mixes the samples of a batch (per-sample EF/GGN factors are "
