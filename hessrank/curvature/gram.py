@@ -43,7 +43,6 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import vjp, vmap
 from torch.nn.utils.rnn import PackedSequence
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from hessrank.curvature.differences import FIRST, check_custom_functions
@@ -57,12 +56,14 @@ from hessrank.host import host_floats
 from hessrank.problem import (
     CurvatureProblem,
     GraphBytes,
+    OutputSizes,
     UnrepeatableForward,
     agreement_tolerance,
     difference_text,
     lower_precision_cause,
     mixed_samples_difference,
     repeat_pass,
+    sums_tolerance,
     untested_mixing,
     unused_parameters,
     unused_parameters_note,
@@ -352,106 +353,12 @@ def _rounding_floor(true_grads: dict[str, Tensor]) -> float:
     return CHECK_FLOOR * math.sqrt(sum(norm**2 for norm in norms))
 
 
-#: A float32 batch gradient summed over ``L`` terms an entry (a convolution's weight: the
-#: samples times the output positions) differs from its per-sample gradients' sum by up to
-#: about ``12 sqrt(L)`` units of rounding against its size (oneDNN's convolutions, measured: 262
-#: eps at L = 32,768 and 1,949 at 524,288 on 2 threads, 6,000 at 262,144 on one; 2 in float64):
-#: a group's check allows ``ROUNDING_GROWTH sqrt(L)`` of them where that is above the agreement
-#: tolerance's 1024, and a note says where only that let it pass.
-ROUNDING_GROWTH = 32.0
-
-
-def _group_tolerance(tolerance: float, output: tuple[int, torch.dtype],
-                     params: Sequence[Tensor]) -> float:
-    """The gradient check's tolerance for a layer whose output (``[n, ...]``, all its calls)
-    has ``output`` entries of a dtype, and whose parameters are ``params``: ``tolerance``, or
-    :data:`ROUNDING_GROWTH` ``sqrt(L)`` units of rounding where that is larger, ``L`` the terms
-    the batch gradient sums an entry (the output's entries per output feature, the first
-    dimension of the largest parameter: a transposed convolution's is its input channels, and
-    its ``L`` the more generous by its stride squared and channel ratio).
-
-    The fixed tolerance had refused a convolution over 128 x 128 positions, n = 32, as mixing
-    its samples (relative error 2.3e-4 in float32, 2e-16 in float64; probe 108), and with it
-    every model with large feature maps in float32 (``fisher`` and ``ggn`` of an upsampling
-    CNN); and, for the layers no rule covers, a decoder's ``ConvTranspose2d`` over 96 x 96
-    positions (4 of 6 seeds at n = 32; probe 176)."""
-    entries, dtype = output
-    features = max((p.shape[0] for p in params if p.dim() > 0), default=1)
-    terms = entries // max(1, features)
-    eps = float(torch.finfo(dtype).eps)
-    return max(tolerance, ROUNDING_GROWTH * math.sqrt(terms) * eps)
-
-
-def _first_floating(output: Any) -> Tensor | None:
-    """The first floating tensor among ``output``'s leaves, or None."""
-    return next((leaf for leaf in tree_flatten(output)[0]
-                 if isinstance(leaf, Tensor) and leaf.is_floating_point()), None)
-
-
-def _recorded(sizes: dict[Any, tuple[int, torch.dtype]], key: Any, output: Any) -> None:
-    """Adds ``output``'s first floating tensor's entries to ``sizes[key]``."""
-    leaf = _first_floating(output)
-    if leaf is not None:
-        sizes[key] = (sizes.get(key, (0, leaf.dtype))[0] + leaf.numel(), leaf.dtype)
-
-
-class _OperationSizes(TorchFunctionMode):
-    """Records, for each of ``params`` (by id), the output entries of the operations that take
-    it (outermost: an operation's own inner calls are not seen) and their dtype: the length of
-    the sums of a parameter used outside its module's call (a convolution's weight passed to
-    ``F.conv2d`` in another module's forward, a tied weight), whose module's output records
-    none. Without it, such a layer's check had the fixed tolerance, and a float32 convolution
-    over 256 x 256 positions written that way was refused as mixing its samples (probe 185)."""
-
-    def __init__(self, params: Sequence[Tensor]) -> None:
-        super().__init__()
-        self.ids = {id(p) for p in params}
-        self.sizes: dict[int, tuple[int, torch.dtype]] = {}
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (),
-                           kwargs: Any = None) -> Any:
-        result = func(*args, **(kwargs or {}))
-        for leaf in tree_flatten((args, kwargs))[0]:
-            if isinstance(leaf, Tensor) and id(leaf) in self.ids:
-                _recorded(self.sizes, id(leaf), result)
-        return result
-
-
-class _OutputSizes:
-    """Forward hooks recording each module's output entries over its calls and its dtype (the
-    first floating tensor of each output; no tensor is kept), and each parameter's operations'
-    (:class:`_OperationSizes`, inside :meth:`recording`), for :func:`_group_tolerance`."""
-
-    def __init__(self, modules: dict[str, nn.Module], params: Sequence[Tensor]) -> None:
-        self.sizes: dict[str, tuple[int, torch.dtype]] = {}
-        self.operations = _OperationSizes(params)
-        self.handles = [module.register_forward_hook(self._hook(name))
-                        for name, module in modules.items()]
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            _recorded(self.sizes, name, output)
-        return hook
-
-    def of(self, group: str, params: Sequence[Tensor]) -> tuple[int, torch.dtype] | None:
-        """The output size a group's tolerance reads: its module's, else the largest of its
-        parameters' operations' (None where neither was seen)."""
-        if group in self.sizes:
-            return self.sizes[group]
-        return max((self.operations.sizes[id(p)] for p in params
-                    if id(p) in self.operations.sizes), key=lambda size: size[0], default=None)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 def _judged(group: str, measured: tuple[float, float], dtype: torch.dtype, floor: float,
             tolerance: float, notes: list[str]) -> float:
     """The check's relative error of a group of parameters of ``dtype``: its claims' distance
     from autograd's gradients against its scale (``measured``, :func:`_measured`), or the
     model's ``floor`` where that is larger, with a note in ``notes`` where only the floor, or
-    only a ``tolerance`` above the agreement tolerance (:func:`_group_tolerance`), let it
+    only a ``tolerance`` above the agreement tolerance (:func:`sums_tolerance`), let it
     pass."""
     difference, scale = measured
     tiny = torch.finfo(torch.float64).tiny
@@ -542,7 +449,7 @@ def compute_gram(
     capture = _Capture({group: module for group, (module, _) in claimed.items()})
     # every module's output size, for its gradient check's tolerance (the rules' and the
     # general path's alike)
-    sizes_of = _OutputSizes({group: modules[group] for group in dict.fromkeys([*groups, *claimed])
+    sizes_of = OutputSizes({group: modules[group] for group in dict.fromkeys([*groups, *claimed])
                              if group in modules}, problem.params)
     graph = GraphBytes(problem)
     try:
@@ -632,7 +539,7 @@ def compute_gram(
         size = sizes_of.of(group, [named[name] for name in groups.get(group, ())])
         if size is not None:  # (a rule's children are checked on its output's length)
             for member in (group, *covered.get(group, {}).values()):
-                tolerances[member] = _group_tolerance(
+                tolerances[member] = sums_tolerance(
                     tolerance, size, [named[name] for name in groups.get(member, ())])
     for group, (module, rule) in claimed.items():
         value = capture.outputs.pop(group)
@@ -810,7 +717,7 @@ def _general_gram(
 ) -> str:
     """Per-sample VJPs for the given groups, in bounded passes, checked against the model's
     ``floor`` at least (:func:`_rounding_floor`; notes go to ``notes``) to the agreement
-    tolerance, or a group's own in ``tolerances`` (:func:`_group_tolerance`); returns the path
+    tolerance, or a group's own in ``tolerances`` (:func:`sums_tolerance`); returns the path
     used.
 
     Raises:

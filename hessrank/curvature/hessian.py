@@ -40,6 +40,7 @@ from hessrank.problem import (
     UnrepeatableLoss,
     agreement_tolerance,
     dtype_name,
+    long_sums_allowance,
     lower_precision_cause,
     unused_parameters,
     without_second_derivative,
@@ -411,13 +412,18 @@ def asymmetry_error(antisymmetric: float, symmetric: float,
     if subnormal is not None:  # (whose rounding is no wrong derivative's)
         return subnormal
     products, matrix = PRODUCTS_OF[source]
-    observation = (f"the {products} are not symmetric (antisymmetric part "
-                   f"{asymmetry:.1e} of the symmetric one, rounding allows {tolerance:.1e})")
     # the loss, where the products ran it as given (a float64 model's: its cast not widened)
     # (below float64 the loss's casts below float32 are kept, and its float64 widening is no
     # cause the watch would see); the factors' products do not differentiate it
     cause = lower_precision_cause(problem, asymmetry, with_loss=source == "hessian" and (
         problem.dtype != torch.float64 or any(RUNS_AS_GIVEN in note for note in problem.notes)))
+    allowed = tolerance if cause else _long_sums_allowed(
+        problem, tolerance, asymmetry, f"the {products}' symmetry check",
+        "their antisymmetric part")
+    if asymmetry <= allowed:
+        return None
+    observation = (f"the {products} are not symmetric (antisymmetric part "
+                   f"{asymmetry:.1e} of the symmetric one, rounding allows {allowed:.1e})")
     if cause:
         return ValueError(f"{observation}: {cause}")
     unwidened = [note for note in problem.notes if note.startswith(_UNWIDENED)]
@@ -543,6 +549,11 @@ def nonlinearity_error(noise: float, scale: float, eps: float, problem: Curvatur
         return subnormal
     products, matrix = PRODUCTS_OF[source]
     cause = lower_precision_cause(problem, noise, with_loss=source == "hessian")
+    if not cause:
+        allowed = _long_sums_allowed(problem, allowed, noise, f"the {products}' linearity check",
+                                     "A(u + v) - A u - A v")
+        if noise <= allowed:
+            return None
     return ValueError(
         f"the {products} are not linear in the vector (A(u + v) - A u - A v moves them by "
         f"{noise:.1e} of their size, rounding allows {allowed:.1e}): they carry noise "
@@ -553,6 +564,21 @@ def nonlinearity_error(noise: float, scale: float, eps: float, problem: Curvatur
            f"to {dtype_name(problem.dtype)} for the call), or draws random numbers at each "
            "call (make it deterministic, or use mode='eval')"
            + (f"; or {LONG_SUMS}" if problem.dtype != torch.float64 else "")))
+
+
+def _long_sums_allowed(problem: CurvatureProblem, tolerance: float, measured: float,
+                       check: str, what: str) -> float:
+    """What a check of the products allows, ``tolerance`` or more where the model's layers sum
+    long (:func:`~hessrank.problem.long_sums_allowance`), with a note in the problem's where
+    only that lets ``measured`` (``what``, relative to the products) pass."""
+    allowed, terms = long_sums_allowance(problem, tolerance)
+    if tolerance < measured <= allowed:
+        note = (f"{check} passes only within the rounding of the model's long sums ({what} "
+                f"{measured:.1e} of their size; {tolerance:.1e} allowed for any model, "
+                f"{allowed:.1e} for sums of {terms:,} terms)")
+        if note not in problem.notes:
+            problem.notes.append(note)
+    return allowed
 
 
 #: The float32 products' own rounding beyond the checks' allowances (CNNs over 128 x 128 to
