@@ -31,8 +31,24 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from hessrank.host import host_floats
+
+
+class OwnMode(TorchFunctionMode):
+    """A torch function mode of hessrank's: its exit pops it only where it is on top of torch's
+    mode stack, as it was pushed. A Ctrl-C as a generator context manager that holds one is
+    entered or exited (``second_order``'s) leaves that generator suspended; the call puts the
+    stack back as it found it, and the generator's exit, when collected after the caller's
+    ``except``, had popped whatever was then on top: the caller's own ``TorchFunctionMode`` or
+    ``torch.device``, whose own exit then failed on an empty stack (probe 187)."""
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        depth = torch._C._len_torch_function_stack()
+        if depth and torch._C._get_function_stack_at(depth - 1) is self:
+            super().__exit__(exc_type, exc_value, traceback)
+
 
 _HOOK_DICTS = (
     "_forward_hooks",

@@ -25,13 +25,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 from torch.utils.checkpoint import CheckpointFunction
 
 from hessrank.guard import (
     GlobalGenerators,
     ModuleGenerators,
+    OwnMode,
     PassState,
     is_compile_wrapper,
     preserved_state,
@@ -1798,7 +1798,7 @@ def recorded_size(sizes: dict[Any, tuple[int, torch.dtype]], key: Any, output: A
         sizes[key] = (sizes.get(key, (0, leaf.dtype))[0] + leaf.numel(), leaf.dtype)
 
 
-class OperationSizes(TorchFunctionMode):
+class OperationSizes(OwnMode):
     """Records, for each of ``params`` (by id), the output entries of the operations that take
     it (outermost: an operation's own inner calls are not seen) and their dtype: the length of
     the sums of a parameter used outside its module's call (a convolution's weight passed to
@@ -1849,7 +1849,7 @@ class OutputSizes:
             handle.remove()
 
 
-class _LowerPrecision(TorchFunctionMode):
+class _LowerPrecision(OwnMode):
     """Records the operations whose floating results, which autograd differentiates, have
     fewer digits than ``dtype``'s: where each ran (``stack`` holds the names of the modules
     whose forward is running), its dtype and its result's ``grad_fn``, in ``found``.

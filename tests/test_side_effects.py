@@ -1444,6 +1444,67 @@ def test_an_interrupt_as_torch_puts_a_mode_back_leaves_the_caller_s_mode(method:
         assert torch._C._get_function_stack_at(0) is mode
 
 
+@pytest.mark.parametrize("where", ["enter", "exit"])
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_an_interrupt_as_hessrank_s_own_modes_are_entered_or_left_leaves_the_caller_s_mode(
+        method: str, where: str) -> None:
+    """A Ctrl-C as ``second_order`` (a generator context manager pushing two of hessrank's
+    modes) returned from its enter, or at the entry of its exit, left its generator suspended;
+    collected after the caller's ``except``, its exits popped the caller's own mode and then
+    failed on the empty stack, and the caller's ``with`` failed too (probe 187). hessrank's
+    modes pop only themselves."""
+    import signal
+
+    class CallerMode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    code = (contextlib._GeneratorContextManager.__enter__ if where == "enter"
+            else contextlib._GeneratorContextManager.__exit__).__code__
+    fired: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if fired or frame.f_code is not code:
+            return None
+        generator = getattr(frame.f_locals.get("self"), "gen", None)
+        if getattr(getattr(generator, "gi_code", None), "co_name", "") != "second_order":
+            return None
+        if where == "exit":
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)
+            return None
+
+        def at_return(frame: Any, event: str, arg: Any) -> Any:
+            if event == "return" and not fired:
+                fired.append(True)
+                signal.raise_signal(signal.SIGINT)
+            return at_return
+        return at_return
+
+    unraisable: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        with CallerMode() as mode:
+            sys.settrace(tracer)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    hessrank.effective_rank(model, CE, batch, method=method, lanczos_steps=10)
+            finally:
+                sys.settrace(None)
+            gc.collect()
+            assert fired
+            assert torch._C._len_torch_function_stack() == 1
+            assert torch._C._get_function_stack_at(0) is mode
+    finally:
+        sys.unraisablehook = hook
+    assert not unraisable, [str(u.exc_value) for u in unraisable]
+    assert torch._C._len_torch_function_stack() == 0
+
+
 def test_an_interrupt_in_numpy_s_errstate_exit_leaves_its_errors_as_they_were() -> None:
     """A Ctrl-C at the entry of ``np.errstate``'s exit inside the rank definitions had left
     NumPy's warnings off (probe 145)."""

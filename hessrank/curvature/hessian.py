@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import PackedSequence
-from torch.overrides import TorchFunctionMode
 
 from hessrank.curvature.differences import COTANGENT, FIRST, SECOND, check_custom_functions
 from hessrank.curvature.loss import (
@@ -30,7 +29,7 @@ from hessrank.curvature.loss import (
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
 from hessrank.curvature.saturation import SaturationSafe
 from hessrank.distributed import ShardedProblem, check_shards_uncoupled, local_of
-from hessrank.guard import raise_if_signalled
+from hessrank.guard import OwnMode, raise_if_signalled
 from hessrank.problem import (
     FOR_THE_LOSS_S,
     HESSIAN_NEEDS,
@@ -50,7 +49,7 @@ from hessrank.spectrum.lanczos import input_unit, probe_vector
 from hessrank.spectrum.operator import SymmetricOperator
 
 
-class TwiceDifferentiable(TorchFunctionMode):
+class TwiceDifferentiable(OwnMode):
     """Replaces operations whose second derivative torch gets wrong by their composite formula.
 
     ``torch._weight_norm`` (``nn.utils.parametrizations.weight_norm`` and the old

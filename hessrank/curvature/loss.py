@@ -43,11 +43,10 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.func import vmap
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from hessrank.curvature.saturation import saturation_safe
-from hessrank.guard import raise_if_signalled
+from hessrank.guard import OwnMode, raise_if_signalled
 from hessrank.problem import (
     LossFn,
     agreement_tolerance,
@@ -608,7 +607,7 @@ def float64_failure(error: Exception, where: str = "") -> str:
 _CONSTANT_ENTRIES = 64
 
 
-class _Promoting(TorchFunctionMode):
+class _Promoting(OwnMode):
     """Runs every torch function in float64 where it is given less: floating tensors of a
     lower precision among its arguments (a captured float32 class weight) widened, a float32
     dtype among them (``.to(torch.float32)``, ``log_softmax(..., dtype=torch.float32)``) made
@@ -696,7 +695,7 @@ def _promoted_call(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
                     and value.dtype == torch.float32 else value, result)
 
 
-class _Calls(TorchFunctionMode):
+class _Calls(OwnMode):
     """The torch functions a loss calls on ``outputs``, each with the :func:`_structure` of its
     arguments, where a tensor computed from the outputs (:attr:`derived`) is its shape alone and
     a small other one (a constant) its values too; and :attr:`lowered`, the first floating dtype

@@ -30,8 +30,8 @@ from typing import Any, TypeGuard, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
+from hessrank.guard import OwnMode
 from hessrank.problem import LossFn
 
 
@@ -189,7 +189,7 @@ def _constant(value: object, like: Tensor, shape_too: bool = False) -> bool:
             and value.device == like.device and (not shape_too or value.shape == like.shape))
 
 
-class SaturationSafe(TorchFunctionMode):
+class SaturationSafe(OwnMode):
     """Runs a loss's log-softmax and log-sigmoid through :class:`_LogSoftmax`,
     :class:`_LogSigmoid` and :class:`_BinaryCrossEntropyWithLogits` where their rounding would
     show: the same values, derivatives without the cancellation near saturation. Replaced:
