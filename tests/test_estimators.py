@@ -555,6 +555,9 @@ def test_monte_carlo_ggn_eigenvectors_belong_to_the_solved_matrix(kind):
     again = hessrank.effective_rank(model, CE, (x, y), method="ggn", mc_samples=2,
                                     eigenvectors=3)
     np.testing.assert_array_equal(again.eigenvalues, result.eigenvalues)
+    # the cap counts the draws, named as such (it had named them C'; probe 187)
+    cap = f"rank capped by n x M (mc_samples) = {len(y)} x 2 = {2 * len(y)} (Gram matrix size)"
+    assert any(note.startswith(cap) for note in result.notes), result.notes
 
 
 def test_eigenvectors_refused_where_not_available():

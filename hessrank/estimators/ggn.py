@@ -60,6 +60,11 @@ class GGN(GramEstimator):
         mc_samples = getattr(options, "mc_samples", None)
         return outputs_per_sample if mc_samples is None else mc_samples
 
+    def columns_name(self, options: GramOptions) -> str:
+        # (the draws, not the classes: "n x C' = 64 x 4" had named 4 draws C'; probe 187)
+        return ("M (mc_samples)" if getattr(options, "mc_samples", None) is not None
+                else self.columns_label)
+
     def solved_columns(self, problem: CurvatureProblem, outputs: Callable[[], Tensor],
                        options: GramOptions) -> int | None:
         if getattr(options, "mc_samples", None) is not None:

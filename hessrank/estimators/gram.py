@@ -76,6 +76,10 @@ class GramEstimator(Estimator):
     def columns(self, outputs_per_sample: int, options: GramOptions | None = None) -> int:
         """Upper bound on the factor columns ``K`` per sample."""
 
+    def columns_name(self, options: GramOptions) -> str:
+        """The factor columns per sample as the rank cap's note names them."""
+        return self.columns_label
+
     def solved_columns(self, problem: CurvatureProblem, outputs: Callable[[], Tensor],
                        options: GramOptions) -> int | None:
         """The factor columns per sample of the Gram the work will solve where the outputs of
@@ -191,7 +195,8 @@ class GramEstimator(Estimator):
         cap = min(size, problem.num_params)
         notes = list(result.notes)
         if cap < problem.num_params:
-            what = "n" if per_sample == 1 else f"n x {self.columns_label} = {n} x {per_sample}"
+            what = ("n" if per_sample == 1
+                    else f"n x {self.columns_name(options)} = {n} x {per_sample}")
             notes.append(f"rank capped by {what} = {cap} (Gram matrix size) below P = "
                          f"{problem.num_params}")
         named = dict(zip(problem.names, problem.params))
