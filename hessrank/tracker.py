@@ -373,6 +373,8 @@ class JsonLinesSink:
         if self._file is not None:
             self._file.close()
             self._file = None  # (closing after an interrupted move asks no closed file)
+        else:  # a crash-cut last line dropped first: its warning numbers the file as it was,
+            _end_last_line(self.path)  # not as rewritten (line 10 for 12; probe 187)
         side = self.path.with_name(f"{self.path.stem}.superseded{self.path.suffix}")
         kept: list[str] = []
         moved: list[str] = []

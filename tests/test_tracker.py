@@ -532,6 +532,20 @@ def test_appending_to_a_log_cut_by_a_crash_starts_a_line_of_its_own(tmp_path: Pa
     assert [r["step"] for r in _read(log)] == [0, 1]
 
 
+def test_a_cut_line_is_numbered_as_the_file_had_it_when_a_resume_moves_records(
+        tmp_path: Path) -> None:
+    """Resumed at step 1, the run moves the record of step 1 aside: the warning had numbered
+    the cut line in the rewritten log (line 2), not in the file the user has (3; probe 187)."""
+    log = tmp_path / "c.jsonl"
+    _cut_log(log)
+    batch = classification_batch(8, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(_net(), CE, every=1, log=log, append=True)
+    with pytest.warns(RuntimeWarning, match="dropped line 3, which a crash cut mid-write"):
+        tracker.step(batch, step=1)
+    tracker.close()
+    assert [r["step"] for r in _read(log)] == [0, 1]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
