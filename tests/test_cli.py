@@ -348,6 +348,9 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
         (["compare", "--model", "transformer"], "unknown model 'transformer'"),
         (["rank", "--model", "json:nosuchfactory"], "json has no callable 'nosuchfactory'"),
         (["rank", "--model", "torch.nn:Identity", "--samples", "4"], "expected logits"),
+        # a factory that takes arguments is told how to bind them (probe 187)
+        (["rank", "--model", "torch.nn:Bilinear"],
+         "; a --model factory is called with no arguments: bind them first"),
         (["rank", "--data", "mnist", "--data-dir", "{tmp}"], "no MNIST in"),
         (["rank", "--data-dir", "{tmp}"], "no MNIST in"),
         (["rank", "--data", "digits", "--data-dir", "{tmp}"],
@@ -395,6 +398,21 @@ def test_user_errors_in_process(argv, expected, tmp_path: Path, capsys) -> None:
     assert status == 2 and out == ""
     assert err.startswith("hessrank: error: ") and err.count("\n") == 1, err
     assert expected.replace("{tmp}", str(tmp_path)) in err, err
+
+
+def test_a_model_for_other_inputs_is_told_what_sets_them(tmp_path: Path, capsys) -> None:
+    """A factory for 28 x 28 inputs given the digits' 8 x 8 had been told torch's shape error
+    alone, the shape written (N, (1, 8, 8)) (probe 187)."""
+    (tmp_path / "wide.py").write_text(
+        "from torch import nn\n\ndef make():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n")
+    status = main(["rank", "--model", f"{tmp_path}/wide.py:make", "--data", "digits"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert ("fails on the data's inputs, of shape (N, 1, 8, 8): mat1 and mat2 shapes cannot be "
+            "multiplied") in err, err
+    assert err.rstrip().endswith("choose the data the model takes (--data, and --image-size for "
+                                 "MNIST's side), or a model for these inputs"), err
 
 
 def test_ctrl_c_keeps_what_was_measured(tmp_path: Path) -> None:

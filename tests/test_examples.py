@@ -686,6 +686,18 @@ def test_summarize_and_plot_refuse_to_compare_runs_of_other_configurations(
     assert summarize.main([str(results), "--metrics"]) == 0  # no comparison: every run
 
 
+@pytest.mark.parametrize("metrics", [False, True])
+def test_summarize_names_the_tasks_a_run_needs(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               metrics: bool) -> None:
+    """Runs too short to compare early and late tasks (the smoke preset's) had been refused
+    with no word of what to run, with --metrics too (probe 187)."""
+    results = fake_results(tmp_path / "res", {"act_relu": {"tasks": analysis.MIN_TASKS - 1}})
+    assert summarize.main([str(results), *(["--metrics"] if metrics else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"run.py --tasks {analysis.MIN_TASKS} or more"), err
+
+
 def test_runs_may_differ_in_what_their_comparison_varies(tmp_path: Path) -> None:
     """Activation across a setting; regularizer, tasks and seeds against the baseline (paired on
     the baseline's seeds of the regularized run); which curvature is measured everywhere."""

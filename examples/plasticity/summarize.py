@@ -451,8 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not runs:
+        # (the smoke preset's runs had been refused with no word of what to run; probe 187)
         print(f"error: no run under {args.results} has {MIN_TASKS} finished tasks"
-              + (f" (left out: {'; '.join(left_out)})" if left_out else ""), file=sys.stderr)
+              + (f" (left out: {'; '.join(left_out)})" if left_out else "")
+              + f": each compares its early tasks with its late ones; run.py --tasks "
+              f"{MIN_TASKS} or more", file=sys.stderr)
         return 2
     try:
         lines = metric_lines(runs) if args.metrics else reproduction_table(runs)

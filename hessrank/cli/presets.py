@@ -273,7 +273,11 @@ def build_model(
             try:
                 built = factory()
             except Exception as err:
-                raise CliError(f"--model {name}: the factory raised {err!r}") from err
+                # (a factory of one argument had been told its TypeError alone; probe 187)
+                hint = ("; a --model factory is called with no arguments: bind them first "
+                        "(functools.partial, or a function of none)"
+                        if isinstance(err, TypeError) else "")
+                raise CliError(f"--model {name}: the factory raised {err!r}{hint}") from err
             if not isinstance(built, nn.Module):
                 raise CliError(f"--model {name} returned {type(built).__name__}, not an nn.Module")
             model = built
@@ -317,8 +321,13 @@ def _saved_by_torch(path: str | Path) -> bool:
 
 
 def _fails_on_inputs(name: str, shape: tuple[int, ...], error: Exception) -> CliError:
-    """The error for a model that raised ``error`` on inputs of ``shape`` (a sample's)."""
-    return CliError(f"model {name} fails on inputs of shape (N, {shape}): {error}")
+    """The error for a model that raised ``error`` on inputs of ``shape`` (a sample's), with
+    what sets that shape (a model for 28 x 28 inputs had been told torch's shape error alone;
+    probe 187)."""
+    shown = ", ".join(str(size) for size in ("N", *shape))
+    return CliError(f"model {name} fails on the data's inputs, of shape ({shown}): {error}; "
+                    "choose the data the model takes (--data, and --image-size for MNIST's "
+                    "side), or a model for these inputs")
 
 
 def check_model(model: nn.Module, data: Dataset, name: str) -> None:
