@@ -2496,6 +2496,45 @@ def test_fisher_reads_weights_in_float64_through_a_float32_class_weight():
     np.testing.assert_allclose(result.eigenvalues, reference.eigenvalues, rtol=1e-4, atol=0)
 
 
+class _WideActivations(nn.Module):
+    """229 parameters, a [n, 16, 4096] intermediate: a graph far larger than the parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        wide = self.a(x)[:, :, None].expand(-1, -1, 4096)
+        return self.b(torch.tanh(wide * torch.linspace(0.5, 1.5, 4096)).mean(-1))
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_a_time_budget_times_no_product_a_memory_budget_refuses(monkeypatch, method):
+    """With ``max_seconds`` set, ``exact`` and ``lanczos`` timed their products (up to 256
+    columns at once, each holding the graph) before they checked the graph against
+    ``max_memory``: the call went over the memory budget (416 MiB for 300) on its way to the
+    memory refusal it reached without ``max_seconds`` within the budget (probe 188). The graph
+    is checked first: the refusal is the same, and nothing is timed past the build."""
+    from hessrank.estimators import exact as exact_module
+    from hessrank.estimators import lanczos as lanczos_module
+
+    timed = []
+    for module in (exact_module, lanczos_module):
+        original = module.seconds_of
+        monkeypatch.setattr(module, "seconds_of", lambda work, device, original=original: (
+            timed.append(work), original(work, device))[1])
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 8), torch.randint(0, 5, (128,))
+    refusals = []
+    for seconds in (None, 1e3):
+        with pytest.raises(hessrank.BudgetError) as refused:
+            hessrank.effective_rank(_WideActivations(), CE, (x, y), method,
+                                    max_memory=64 * 2**20, max_seconds=seconds)
+        refusals.append(refused.value.memory_bytes)
+    assert refusals[1] >= refusals[0] > 64 * 2**20  # the graph counted, as the run counts it
+    assert len(timed) <= (1 if method == "lanczos" else 0), timed  # (lanczos's build alone)
+
+
 @pytest.mark.parametrize("method", ["fisher", "ggn"])
 def test_max_seconds_holds_the_gram_methods_eigen_solves(method):
     """The Gram methods predicted their memory, not their time: ``max_seconds`` ran them as if

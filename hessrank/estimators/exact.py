@@ -93,6 +93,8 @@ class Exact(Estimator):
         operator = HessianOperator(batch)
         chunk = exact_chunk_size(operator.dim, element, operator.graph_bytes)
         graph = products_bytes(chunk, operator.graph_bytes)
+        if memory + graph > settings.max_memory:  # refused untimed: the timing's products
+            return Cost(memory + graph, None, graph)  # held it (416 MiB for 300; probe 188)
         # the products batch by batch, then one eigen-solve
         seconds = (batches * products_seconds(operator, chunk) + eigen_solve_seconds(
             operator.dim, operator.device, vectors=settings.eigenvectors > 0))
