@@ -389,6 +389,26 @@ def worker(rank: int, port: int, out: str) -> None:
                 WideOutputs(), nn.CrossEntropyLoss(), (wide_x[16 * rank:16 * rank + 16],
                                                        wide_y[16 * rank:16 * rank + 16]),
                 method=method, max_memory=36e6, process_group=group))
+    # Uneven shards of wide inputs: the processes' batch copies differ, and the refined check
+    # had judged each process's own figure, so at a budget between them one refused and the
+    # other went on to a GroupFailure (probe 188). Every process judges the largest.
+    wide = nn.Sequential(nn.Linear(4096, 4), nn.Tanh(), nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(2)
+    wide_in, wide_labels = torch.randn(80, 4096, generator=g), torch.randint(0, 3, (80,),
+                                                                            generator=g)
+    uneven = slice(0, 75) if rank == 0 else slice(75, 80)
+
+    def budgeted(budget: float) -> tuple[str, int | None]:
+        try:
+            hessrank.effective_rank(wide, nn.CrossEntropyLoss(),
+                                    (wide_in[uneven], wide_labels[uneven]), method="fisher",
+                                    max_memory=budget, process_group=group)
+        except Exception as error:  # noqa: BLE001 - the test compares the type and figure
+            return type(error).__name__, getattr(error, "memory_bytes", None)
+        return "none", None
+
+    first = budgeted(1.0)
+    results["uneven-refined-budget"] = (first, budgeted((first[1] or 0) + 1))
     results["detached-exact"] = outcome(lambda: hessrank.effective_rank(
         make_model("detached"), nn.CrossEntropyLoss(), (x, y), method="exact",
         process_group=group))
@@ -726,6 +746,16 @@ def test_errors_reach_every_process(spawned: list[dict[str, Any]], case: str, ki
         # error reached them at an exchange, after the failing process's own checks).
         assert got_kind in (kind, "RuntimeError", "GroupFailure"), (rank, got_kind)
     assert {spawned[rank][case][0] for rank in range(WORLD)} & {kind}
+
+
+def test_a_refined_budget_is_judged_alike_in_every_process(
+        spawned: list[dict[str, Any]]) -> None:
+    """A budget just above the first prediction: every process refuses at the refined check,
+    with the same figure, above that prediction (one had refused while the other raised
+    GroupFailure; probe 188)."""
+    (first, refined), other = (spawned[rank]["uneven-refined-budget"] for rank in range(2))
+    assert first[0] == "BudgetError" and (first, refined) == tuple(other)
+    assert refined[0] == "BudgetError" and refined[1] > first[1]
 
 
 def test_a_call_while_a_group_failure_is_handled_is_its_own() -> None:

@@ -281,11 +281,12 @@ class Estimator(ABC):
         the largest of their ``extra_bytes``, so all refuse or none does (a refusal in one would
         leave the others waiting). ``advice``: what to do instead, where the refined part is
         what a refusal is about (default :attr:`budget_advice`)."""
+        needed = settings.predicted_memory + int(extra_bytes)
         parallel = parallel_of(problem)
-        if parallel is not None:
-            extra_bytes = max(parallel.gather_objects(int(extra_bytes)))
-        self.check_budget(Cost(settings.predicted_memory + extra_bytes), problem, settings,
-                          advice=advice)
+        if parallel is not None:  # (the whole figure: the predictions count each process's
+            # own batch copy, and one process had refused while the other went on; probe 188)
+            needed = max(parallel.gather_objects(needed))
+        self.check_budget(Cost(needed), problem, settings, advice=advice)
 
     def check_budget(self, cost: Cost, problem: CurvatureProblem, settings: Settings,
                      caller: str | None = None, advice: str | None = None,
