@@ -398,10 +398,10 @@ def worker(rank: int, port: int, out: str) -> None:
                                                                             generator=g)
     uneven = slice(0, 75) if rank == 0 else slice(75, 80)
 
-    def budgeted(budget: float) -> tuple[str, int | None]:
+    def budgeted(budget: float, batch: tuple[torch.Tensor, torch.Tensor] = (
+            wide_in[uneven], wide_labels[uneven])) -> tuple[str, int | None]:
         try:
-            hessrank.effective_rank(wide, nn.CrossEntropyLoss(),
-                                    (wide_in[uneven], wide_labels[uneven]), method="fisher",
+            hessrank.effective_rank(wide, nn.CrossEntropyLoss(), batch, method="fisher",
                                     max_memory=budget, process_group=group)
         except Exception as error:  # noqa: BLE001 - the test compares the type and figure
             return type(error).__name__, getattr(error, "memory_bytes", None)
@@ -409,6 +409,17 @@ def worker(rank: int, port: int, out: str) -> None:
 
     first = budgeted(1.0)
     results["uneven-refined-budget"] = (first, budgeted((first[1] or 0) + 1))
+    # The rule layers' factors gathered from every process (probe 188: uncounted, fisher ran at
+    # 3.5-5.4 times max_memory): the refined figure at a budget just above the first.
+    # The budget raised to each refusal's figure until the call runs: the budget it ran at.
+    even = slice(40 * rank, 40 * rank + 40)
+    budget, kind = 1.0, "BudgetError"
+    for _ in range(8):
+        kind, figure = budgeted(budget, (wide_in[even], wide_labels[even]))
+        if kind != "BudgetError":
+            break
+        budget = (figure or 0) + 1
+    results["gathered-factors"] = (kind, budget)
     results["detached-exact"] = outcome(lambda: hessrank.effective_rank(
         make_model("detached"), nn.CrossEntropyLoss(), (x, y), method="exact",
         process_group=group))
@@ -756,6 +767,17 @@ def test_a_refined_budget_is_judged_alike_in_every_process(
     (first, refined), other = (spawned[rank]["uneven-refined-budget"] for rank in range(2))
     assert first[0] == "BudgetError" and (first, refined) == tuple(other)
     assert refined[0] == "BudgetError" and refined[1] > first[1]
+
+
+def test_the_gathered_factors_count_in_a_data_parallel_budget(
+        spawned: list[dict[str, Any]]) -> None:
+    """The first layer's activations, 40 samples of 4,096 features a process, are gathered:
+    the exchange's padded copy, the two parts received and their concatenation (of 80), 200
+    rows beside the 40 kept. Raised to each refusal's figure, the budget a call runs at holds
+    them."""
+    for rank in range(2):
+        kind, budget = spawned[rank]["gathered-factors"]
+        assert kind == "none" and budget >= (40 + 200) * 4096 * 4, (kind, budget)
 
 
 def test_a_call_while_a_group_failure_is_handled_is_its_own() -> None:

@@ -581,6 +581,10 @@ def compute_gram(
                     factors[target] = part
         del layer, parts
     del layer_grads, capture
+    if keep_factors and check_working_memory is not None:
+        # before the exchange, which gathers every process's factors layer by layer
+        check_working_memory(graph.total + cotangent_bytes
+                             + _sharded_factor_bytes(problem, factors))
 
     # The check: autograd's gradient of sum_{k,i} w_ki <f_i, s_ki> for every analysed parameter.
     combined = torch.einsum("kn,kn...->n...", weights.to(cotangents.dtype), cotangents)
@@ -882,6 +886,31 @@ def _global_rule_gram(problem: CurvatureProblem, layer: Factors | None, gram: Te
         return gram
     assert layer is not None, "a sharded problem keeps its rule layers' factors"
     return layer.gathered(lambda tensor, dim: parallel.gather_samples(tensor, dim=dim)).gram()
+
+
+def _sharded_factor_bytes(problem: CurvatureProblem, factors: Mapping[str, Factors]) -> int:
+    """What a sharded problem's rule layers hold as their Grams are formed from the global
+    batch (:func:`_global_rule_gram`): every layer's factors, this process's rows, kept until
+    then, and for the largest layer the exchange's padded copy, the parts received and their
+    concatenation (:meth:`~hessrank.distributed.DataParallel.gather_samples`). Uncounted, a
+    data-parallel ``fisher`` had run at 3.5 to 5.4 times ``max_memory`` (probe 188)."""
+    parallel = parallel_of(problem)
+    if parallel is None:
+        return 0
+    rows = max(parallel.sizes) * (len(parallel.sizes) + 1) + sum(parallel.sizes)
+    kept = largest = 0
+    for part in factors.values():
+        tensors: list[tuple[Tensor, int]] = []
+
+        def listed(tensor: Tensor, dim: int, tensors: list = tensors) -> Tensor:
+            tensors.append((tensor, dim))
+            return tensor
+
+        part.gathered(listed)  # (each tensor as itself: its sizes, read without an exchange)
+        kept += sum(tensor.numel() * tensor.element_size() for tensor, _ in tensors)
+        largest = max(largest, sum(tensor.numel() // max(1, tensor.shape[dim]) * rows
+                                   * tensor.element_size() for tensor, dim in tensors))
+    return kept + largest
 
 
 def _all_rows(problem: CurvatureProblem, flat: Tensor, k: int) -> Tensor:
