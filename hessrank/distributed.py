@@ -459,13 +459,12 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
         # (a model DDP-wrapped in one process only had hung the group; probe 98)
         "DistributedDataParallel with broadcast_buffers": ddp_buffers,
     }
-    args, kwargs = problem.sample_slice(0, 1)  # process 0's serves every process's model
+    args, kwargs = problem.sample_slice(0, 1)  # each process's first serves every model
     reports = parallel.gather_objects((described, problem.num_samples,
                                        None if ddp_buffers else _fingerprint(problem.model),
                                        ([x.cpu() for x in args],
-                                        {key: x.cpu() for key, x in kwargs.items()})
-                                       if parallel.rank == 0 else None))
-    first, _, _, first_sample = reports[0]
+                                        {key: x.cpu() for key, x in kwargs.items()})))
+    first = reports[0][0]
     for rank, (other, _, _, _) in enumerate(reports):
         differing = sorted(key for key in first if first[key] != other.get(key))
         if differing:
@@ -513,7 +512,7 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
     sharded = ShardedProblem(**problem.core_fields(),  # type: ignore[arg-type]
                              parallel=parallel, all_targets=all_targets)
     with evaluation_mode(problem.model, problem.mode):
-        _check_same_function(sharded, *first_sample)
+        _check_same_function(sharded, [report[3] for report in reports])
     return sharded
 
 
@@ -592,45 +591,55 @@ def _check_same_cotangents(problem: ShardedProblem, cotangents: Tensor) -> None:
                 "why); rerun where the float64 copy of the loss fits in every process")
 
 
-def _check_same_function(problem: ShardedProblem, shared_args: list[Tensor],
-                         shared_kwargs: dict[str, Tensor]) -> None:
-    """Raise in every process unless every process's model gives process 0's first sample (its
-    inputs ``shared_args``, ``shared_kwargs``) the same outputs, to rounding (a collective; one
-    forward pass of one sample, in the mode the caller sets). The fingerprint compares
-    parameters and buffers, not what the model computes from them: a plain attribute (a scale,
-    a flag), an activation or a layer chosen by a setting, or another forward made the result a
-    silent mix of several models' curvatures (probe 61).
+def _check_same_function(problem: ShardedProblem,
+                         samples: list[tuple[list[Tensor], dict[str, Tensor]]]) -> None:
+    """Raise in every process unless every process's model gives each process's first sample
+    (``samples``, in rank order: inputs and keyword inputs) the same outputs, to rounding (a
+    collective; one forward pass of one sample a process, in the mode the caller sets). The
+    fingerprint compares parameters and buffers, not what the model computes from them: a
+    plain attribute (a scale, a flag), an activation or a layer chosen by a setting, or another
+    forward made the result a silent mix of several models' curvatures (probe 61); one that
+    changes no output of process 0's first sample (a clamp above its values) had gone unseen
+    on it alone (probe 188).
 
     Raises:
-        ValueError: naming the first process whose outputs differ, by how much, and the likely
-            causes.
+        ValueError: naming the first process whose outputs differ, on which sample, by how
+            much, and the likely causes.
     """
     parallel = problem.parallel
-    sample = dataclasses.replace(
-        problem.local(), args=tuple(x.to(problem.device) for x in shared_args),
-        kwargs={key: x.to(problem.device) for key, x in shared_kwargs.items()},
-        targets=problem.targets[:1])
-    outputs: list[Tensor] | str
-    try:
-        with torch.no_grad():
-            outputs = [leaf.detach().cpu() for leaf in tree_flatten(sample.forward())[0]
-                       if isinstance(leaf, Tensor)]
-    except Exception as error:  # noqa: BLE001 - a model that cannot run one sample alone
-        raise_if_signalled(error)
-        outputs = f"{type(error).__name__}: {error}"
-    everyone = parallel.gather_objects(outputs)
-    failures = [rank for rank, leaves in enumerate(everyone) if isinstance(leaves, str)]
-    if len(failures) == len(everyone):  # the same model everywhere, as far as this can tell
-        problem.notes.append(
-            "the processes' models were compared by their parameters and buffers alone: they "
-            f"cannot run one sample alone ({everyone[0]})")
-        return
-    if failures:
-        working = next(rank for rank in range(len(everyone)) if rank not in failures)
-        raise ValueError(
-            f"the model of process {failures[0]} fails on process 0's first sample "
-            f"({everyone[failures[0]]}) where that of process {working} runs it: every process "
-            "must hold the same model")
+    for owner, (shared_args, shared_kwargs) in enumerate(samples):
+        sample = dataclasses.replace(
+            problem.local(), args=tuple(x.to(problem.device) for x in shared_args),
+            kwargs={key: x.to(problem.device) for key, x in shared_kwargs.items()},
+            targets=problem.targets[:1])
+        outputs: list[Tensor] | str
+        try:
+            with torch.no_grad():
+                outputs = [leaf.detach().cpu() for leaf in tree_flatten(sample.forward())[0]
+                           if isinstance(leaf, Tensor)]
+        except Exception as error:  # noqa: BLE001 - a model that cannot run one sample alone
+            raise_if_signalled(error)
+            outputs = f"{type(error).__name__}: {error}"
+        everyone = parallel.gather_objects(outputs)
+        failures = [rank for rank, leaves in enumerate(everyone) if isinstance(leaves, str)]
+        if len(failures) == len(everyone):  # the same model everywhere, as far as this tells
+            problem.notes.append(
+                "the processes' models were compared by their parameters and buffers alone: "
+                f"they cannot run one sample alone ({everyone[0]})")
+            return
+        if failures:
+            working = next(rank for rank in range(len(everyone)) if rank not in failures)
+            raise ValueError(
+                f"the model of process {failures[0]} fails on process {owner}'s first sample "
+                f"({everyone[failures[0]]}) where that of process {working} runs it: every "
+                "process must hold the same model")
+        _refuse_other_outputs(problem, cast(list[list[Tensor]], everyone), owner)
+
+
+def _refuse_other_outputs(problem: ShardedProblem, everyone: list[list[Tensor]],
+                          owner: int) -> None:
+    """Raise where a process's outputs ``everyone[rank]`` of process ``owner``'s first sample
+    differ from process 0's beyond rounding (:func:`_check_same_function`)."""
     first = everyone[0]
     scale = max((float(leaf.double().nan_to_num(0.0, 0.0, 0.0).abs().max())
                  for leaves in everyone for leaf in leaves if leaf.numel()), default=0.0)
@@ -646,9 +655,10 @@ def _check_same_function(problem: ShardedProblem, shared_args: list[Tensor],
                         "largest")
             raise ValueError(
                 f"the model computes another function in process {rank} than in process 0 (on "
-                f"process 0's first sample {measured}), though their parameters and buffers "
-                "agree: something held outside them differs (a plain attribute such as a scale "
-                "or a flag, an activation or a layer chosen by a setting, the forward's code"
+                f"process {owner}'s first sample {measured}), though their parameters and "
+                "buffers agree: something held outside them differs (a plain attribute such as "
+                "a scale or a flag, an activation or a layer chosen by a setting, the forward's "
+                "code"
                 + (f", the state of the model's own random generator ({', '.join(places)})"
                    if places else "")
                 + "), and the result would mix several models' curvatures; every process must "

@@ -178,6 +178,18 @@ class Scaled(nn.Module):
         return self.net(x) * self.scale
 
 
+class Capped(nn.Module):
+    """The test MLP with its hidden pre-activations clamped at a plain attribute ``cap``."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        self.net, self.cap = make_model(), cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.net[0](x).clamp(-self.cap, self.cap)
+        return self.net[2](torch.tanh(hidden))
+
+
 class PairsOnly(nn.Module):
     """The test MLP, refusing a batch of one sample (in every process, or in ``failing``)."""
 
@@ -353,6 +365,13 @@ def worker(rank: int, port: int, out: str) -> None:
     results["attribute"] = outcome(lambda: hessrank.effective_rank(
         Scaled(1.0 if rank == 0 else 3.0), nn.CrossEntropyLoss(), (x, y), method="fisher",
         process_group=group))
+    # A cap just above process 0's first sample's pre-activations in process 1: no output of
+    # that sample differs, and the result had mixed two models silently (probe 188).
+    with torch.no_grad():
+        reach = float(make_model()[0](shard(inputs, 0)[:1]).abs().max())
+    results["attribute-unseen"] = outcome(lambda: hessrank.effective_rank(
+        Capped(100.0 if rank == 0 else 1.001 * reach), nn.CrossEntropyLoss(), (x, y),
+        method="fisher", process_group=group))
     activated = make_model()
     if rank == 1:
         activated[1] = nn.Sigmoid()
@@ -715,6 +734,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("frozen", "ValueError", "parameter '0.weight' differs between processes 0 and 1"),
     ("attribute", "ValueError", "computes another function in process 1 than in process 0"),
     ("activation", "ValueError", "computes another function in process 1 than in process 0"),
+    ("attribute-unseen", "ValueError", "computes another function in process 1 than in process "
+                                       "0 (on process 1's first sample their outputs differ"),
     ("pairs-only-once", "ValueError", "the model of process 1 fails on process 0's first sample"),
     ("nan-loss", "ValueError", "the loss is nan"),
     ("dict-outputs", "TypeError", "the model returned dict; hessrank needs a tensor of outputs"),
