@@ -1729,40 +1729,56 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
 #: tolerance's 1024, and a note says where only that let it pass.
 ROUNDING_GROWTH = 32.0
 
+#: The Lanczos products' checks (symmetric, linear) measured a float32 model's sums of ``L``
+#: terms at up to about ``L / 100`` units of rounding (17 at L = 8,192; 1,260 to 4,870 at
+#: 524,288, a ReLU CNN over 256 x 256 images): they allow ``L / PRODUCTS_SHARE`` where that is
+#: above the agreement tolerance. (``ROUNDING_GROWTH sqrt(L)`` allowed 170 times the measured
+#: rounding at L = 8,192: a custom Function rounding through float16 passed; probe 189.)
+PRODUCTS_SHARE = 32
 
-def sum_terms(output: tuple[int, torch.dtype], params: Sequence[Tensor]) -> int:
+#: Operations whose parameter is contracted with the input (each entry of a weight meets every
+#: position of one output feature): the terms are the output's entries per output feature;
+#: any other operation's (broadcast, elementwise) are its output's entries per parameter entry.
+_CONTRACTIONS = frozenset({
+    "linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm",
+    "addmv", "mv", "einsum", "tensordot", "embedding", "embedding_bag", "lstm", "gru",
+    "rnn_tanh", "rnn_relu", "multi_head_attention_forward"})
+
+
+def sum_terms(entries: int, params: Sequence[Tensor]) -> int:
     """The terms a layer's batch gradient sums an entry, ``L``, for a layer whose output
-    (``[n, ...]``, all its calls) has ``output`` entries of a dtype and whose parameters are
-    ``params``: the output's entries per output feature, the first dimension of the largest
-    parameter (a transposed convolution's is its input channels, and its ``L`` the more
-    generous by its stride squared and channel ratio)."""
-    features = max((p.shape[0] for p in params if p.dim() > 0), default=1)
-    return output[0] // max(1, features)
+    (``[n, ...]``, all its calls) has ``entries`` entries and whose parameters are ``params``:
+    the output's entries per output feature, the first dimension of the largest parameter (a
+    transposed convolution's is its input channels, and its ``L`` the more generous by its
+    stride squared and channel ratio), or its entries where that dimension is 1 (a positional
+    embedding ``[1, T, D]`` broadcast over the samples sums ``n`` terms, not ``n T D``, which
+    had let a model mixing its samples pass; probe 189)."""
+    features = max((p.shape[0] if p.shape[0] > 1 else p.numel() for p in params
+                    if p.dim() > 0), default=1)
+    return entries // max(1, features)
 
 
-def sums_tolerance(tolerance: float, output: tuple[int, torch.dtype],
-                   params: Sequence[Tensor]) -> float:
-    """The tolerance of a check of a layer's sums (:func:`sum_terms`, of ``output``'s dtype)
-    computed in two orders: ``tolerance``, or :data:`ROUNDING_GROWTH` ``sqrt(L)`` units of
-    rounding where that is larger.
+def sums_tolerance(tolerance: float, terms: int, dtype: torch.dtype) -> float:
+    """The tolerance of a check of a layer's sums of ``terms`` terms computed in two orders,
+    the layer's parameters of ``dtype`` (not its outputs': under bfloat16 autocast those had
+    given 23, and a half-precision model passed; probe 189): ``tolerance``, or
+    :data:`ROUNDING_GROWTH` ``sqrt(L)`` units of rounding where that is larger.
 
     The fixed tolerance had refused a convolution over 128 x 128 positions, n = 32, as mixing
     its samples (relative error 2.3e-4 in float32, 2e-16 in float64; probe 108), and with it
     every model with large feature maps in float32 (``fisher`` and ``ggn`` of an upsampling
     CNN); and, for the layers no rule covers, a decoder's ``ConvTranspose2d`` over 96 x 96
     positions (4 of 6 seeds at n = 32; probe 176)."""
-    eps = float(torch.finfo(output[1]).eps)
-    return max(tolerance, ROUNDING_GROWTH * math.sqrt(sum_terms(output, params)) * eps)
+    return max(tolerance, ROUNDING_GROWTH * math.sqrt(terms) * float(torch.finfo(dtype).eps))
 
 
 def long_sums_allowance(problem: CurvatureProblem, tolerance: float) -> tuple[float, int]:
-    """The largest :func:`sums_tolerance` over the modules that hold analysed parameters, and
-    the terms of that module's sums (0 where none beats ``tolerance``), from one forward pass
-    without a graph (:class:`OutputSizes`): the allowance of a check whose two computations sum
-    every layer's terms in other orders (the Hessian-vector products' symmetry and linearity).
-    A float32 CNN over 96 x 96 positions had been refused as a wrong second derivative at an
-    antisymmetric part of 1.3e-4 against the 1.2e-4 any model is allowed (probe 185). A forward
-    that fails leaves ``tolerance``."""
+    """The Lanczos products' checks' allowance for the model's longest sums, ``L /``
+    :data:`PRODUCTS_SHARE` units of rounding where that beats ``tolerance``, and ``L`` (0
+    where it does not), from one forward pass without a graph (:class:`OutputSizes`). A float32
+    ReLU CNN over 256 x 256 positions had been refused as a wrong second derivative or noisy
+    products (probe 185). A forward that fails leaves ``tolerance``."""
     groups = problem.modules_with_params()
     modules = dict(problem.model.named_modules())
     named = dict(zip(problem.names, problem.params))
@@ -1776,13 +1792,10 @@ def long_sums_allowance(problem: CurvatureProblem, tolerance: float) -> tuple[fl
         return tolerance, 0
     finally:
         sizes.remove()
-    allowance, terms = tolerance, 0
-    for group, names in groups.items():
-        params = [named[name] for name in names]
-        size = sizes.of(group, params)
-        if size is not None and sums_tolerance(tolerance, size, params) > allowance:
-            allowance, terms = sums_tolerance(tolerance, size, params), sum_terms(size, params)
-    return allowance, terms
+    terms = max((sizes.terms(group, [named[name] for name in names]) or 0
+                 for group, names in groups.items()), default=0)
+    allowance = terms / PRODUCTS_SHARE * float(torch.finfo(problem.dtype).eps)
+    return (allowance, terms) if allowance > tolerance else (tolerance, 0)
 
 
 def first_floating(output: Any) -> Tensor | None:
@@ -1791,58 +1804,60 @@ def first_floating(output: Any) -> Tensor | None:
                  if isinstance(leaf, Tensor) and leaf.is_floating_point()), None)
 
 
-def recorded_size(sizes: dict[Any, tuple[int, torch.dtype]], key: Any, output: Any) -> None:
-    """Adds ``output``'s first floating tensor's entries to ``sizes[key]``."""
-    leaf = first_floating(output)
-    if leaf is not None:
-        sizes[key] = (sizes.get(key, (0, leaf.dtype))[0] + leaf.numel(), leaf.dtype)
-
-
 class OperationSizes(OwnMode):
-    """Records, for each of ``params`` (by id), the output entries of the operations that take
-    it (outermost: an operation's own inner calls are not seen) and their dtype: the length of
-    the sums of a parameter used outside its module's call (a convolution's weight passed to
-    ``F.conv2d`` in another module's forward, a tied weight), whose module's output records
-    none. Without it, such a layer's check had the fixed tolerance, and a float32 convolution
-    over 256 x 256 positions written that way was refused as mixing its samples (probe 185)."""
+    """Records, for each of ``params`` (by id), the terms its gradient sums an entry in the
+    operations that take it (outermost: an operation's own inner calls are not seen; the
+    output's entries per output feature for a contraction, per parameter entry for any other
+    operation), summed over them: the length of the sums of a parameter used outside its
+    module's call (a convolution's weight passed to ``F.conv2d`` in another module's forward, a
+    tied weight), whose module's output records none. Without it, such a layer's check had the
+    fixed tolerance, and a float32 convolution over 256 x 256 positions written that way was
+    refused as mixing its samples (probe 185)."""
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         super().__init__()
         self.ids = {id(p) for p in params}
-        self.sizes: dict[int, tuple[int, torch.dtype]] = {}
+        self.terms: dict[int, int] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         result = func(*args, **(kwargs or {}))
-        for leaf in tree_flatten((args, kwargs))[0]:
-            if isinstance(leaf, Tensor) and id(leaf) in self.ids:
-                recorded_size(self.sizes, id(leaf), result)
+        leaf = first_floating(result)
+        if leaf is not None:
+            contraction = getattr(func, "__name__", "") in _CONTRACTIONS
+            for param in tree_flatten((args, kwargs))[0]:
+                if isinstance(param, Tensor) and id(param) in self.ids:
+                    terms = (sum_terms(leaf.numel(), [param]) if contraction
+                             else leaf.numel() // max(1, param.numel()))
+                    self.terms[id(param)] = self.terms.get(id(param), 0) + terms
         return result
 
 
 class OutputSizes:
-    """Forward hooks recording each module's output entries over its calls and its dtype (the
-    first floating tensor of each output; no tensor is kept), and each parameter's operations'
-    (:attr:`operations`, a mode to enter around the forward), for :func:`sums_tolerance`."""
+    """Forward hooks recording each module's output entries over its calls (the first floating
+    tensor of each output; no tensor is kept), and each parameter's operations' terms
+    (:attr:`operations`, a mode to enter around the forward), for :meth:`terms`."""
 
     def __init__(self, modules: dict[str, nn.Module], params: Sequence[Tensor]) -> None:
-        self.sizes: dict[str, tuple[int, torch.dtype]] = {}
+        self.entries: dict[str, int] = {}
         self.operations = OperationSizes(params)
         self.handles = [module.register_forward_hook(self._hook(name))
                         for name, module in modules.items()]
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            recorded_size(self.sizes, name, output)
+            leaf = first_floating(output)
+            if leaf is not None:
+                self.entries[name] = self.entries.get(name, 0) + leaf.numel()
         return hook
 
-    def of(self, group: str, params: Sequence[Tensor]) -> tuple[int, torch.dtype] | None:
-        """The output size a group's tolerance reads: its module's, else the largest of its
-        parameters' operations' (None where neither was seen)."""
-        if group in self.sizes:
-            return self.sizes[group]
-        return max((self.operations.sizes[id(p)] for p in params
-                    if id(p) in self.operations.sizes), key=lambda size: size[0], default=None)
+    def terms(self, group: str, params: Sequence[Tensor]) -> int | None:
+        """The terms a group's gradients sum an entry (:func:`sum_terms`): by its module's
+        output, else the most of its parameters' operations' (None where neither was seen)."""
+        if group in self.entries:
+            return sum_terms(self.entries[group], params)
+        return max((self.operations.terms[id(p)] for p in params
+                    if id(p) in self.operations.terms), default=None)
 
     def remove(self) -> None:
         for handle in self.handles:

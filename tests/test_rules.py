@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -447,6 +448,96 @@ def test_long_float32_sums_pass_the_gradient_check(method: str, model_type: type
     reference = (reference_fisher if method == "fisher" else reference_ggn)(*twin)
     assert_spectra_close(result.eigenvalues, eigenvalues_by_magnitude(reference), count=8,
                          rtol=1e-5)
+
+
+class _AutocastConv(nn.Module):
+    """A convolution through ``F.conv2d`` on a module's weights (the module never called) under
+    bfloat16 autocast, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = torch.relu(nn.functional.conv2d(x, self.first.weight, self.first.bias,
+                                                     padding=1)).to(x.dtype)
+        return self.head(hidden.mean((2, 3)))
+
+
+class _MixingPositions(nn.Module):
+    """A positional embedding ``[1, T, D]`` added to the inputs, then a mean over the batch
+    (``h - 1e-3 h.mean(0)``): it mixes the samples a little."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 256, 64))
+        self.lin = nn.Linear(64, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = x + self.pos
+        hidden = hidden - 1e-3 * hidden.mean(0, keepdim=True)
+        return self.lin(torch.tanh(hidden)).mean(1)
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+@pytest.mark.parametrize("case", ["autocast", "positions"])
+def test_the_long_sums_allowance_is_the_parameters_sums(case: str, method: str):
+    """The long sums' allowance had read the bfloat16 outputs' epsilon under autocast (a
+    tolerance of 23: the half-precision model passed) and a positional embedding's sums as n T D
+    terms (its gradient sums n: a model mixing its samples passed; probe 189). Both are refused
+    again, the first naming bfloat16."""
+    torch.manual_seed(0)
+    if case == "autocast":
+        model = _AutocastConv()
+        batch = (torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,)))
+        match = r"computes in half precision \(first: torch.bfloat16 from conv2d"
+    else:
+        model = _MixingPositions()
+        batch = (torch.randn(8, 256, 64), torch.randint(0, 5, (8,)))
+        match = "mixes the samples"
+    with pytest.raises(ValueError, match=match):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method)
+
+
+class _HalfBackwardLinear(torch.autograd.Function):
+    """``x W^T + b``, its backward rounded through float16."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return x @ weight.T + bias
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x, weight = ctx.saved_tensors
+        return ((grad.half() @ weight.half()).to(grad.dtype),
+                (grad.half().T @ x.half()).to(grad.dtype), grad.sum(0))
+
+
+class _HalfHeadCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = torch.relu(self.second(torch.relu(self.first(x)))).mean((2, 3))
+        return _HalfBackwardLinear.apply(hidden, self.head.weight, self.head.bias)
+
+
+def test_the_products_allowance_is_their_measured_rounding():
+    """A CNN over 32 x 32 (n = 8: sums of 8,192 terms, which round the plain model's products
+    by 2e-6) whose head rounds its backward through float16: its products' antisymmetric part,
+    1.7e-4, had passed an allowance of 32 sqrt(L) epsilons (3.5e-4, 170 times the sums'
+    rounding) under a note blaming the model's long sums (probe 189). ``L / 32`` epsilons
+    leaves the agreement tolerance there: refused as a wrong second derivative."""
+    torch.manual_seed(0)
+    model = _HalfHeadCNN()
+    batch = (torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    with pytest.raises(ValueError, match="not (symmetric|linear)"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, "lanczos",
+                                lanczos_steps=10)
 
 
 def test_long_float32_sums_pass_the_products_checks():

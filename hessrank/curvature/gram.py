@@ -63,6 +63,7 @@ from hessrank.problem import (
     lower_precision_cause,
     mixed_samples_difference,
     repeat_pass,
+    sum_terms,
     sums_tolerance,
     untested_mixing,
     unused_parameters,
@@ -536,11 +537,13 @@ def compute_gram(
     tolerance = agreement_tolerance(problem.dtype)
     tolerances: dict[str, float] = {}  # by group, where its layer's sums are long
     for group in (*unclaimed, *claimed):
-        size = sizes_of.of(group, [named[name] for name in groups.get(group, ())])
-        if size is not None:  # (a rule's children are checked on its output's length)
+        terms = sizes_of.terms(group, [named[name] for name in groups.get(group, ())])
+        if terms is not None:  # (a rule's children are checked on its output's length)
             for member in (group, *covered.get(group, {}).values()):
-                tolerances[member] = sums_tolerance(
-                    tolerance, size, [named[name] for name in groups.get(member, ())])
+                member_params = [named[name] for name in groups.get(member, ())]
+                if member != group and group in sizes_of.entries:
+                    terms = sum_terms(sizes_of.entries[group], member_params)
+                tolerances[member] = sums_tolerance(tolerance, terms, problem.dtype)
     for group, (module, rule) in claimed.items():
         value = capture.outputs.pop(group)
         width = len(_leaves(value))

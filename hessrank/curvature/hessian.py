@@ -39,6 +39,7 @@ from hessrank.problem import (
     UnrepeatableLoss,
     agreement_tolerance,
     dtype_name,
+    listed_names,
     long_sums_allowance,
     lower_precision_cause,
     unused_parameters,
@@ -572,8 +573,11 @@ def _long_sums_allowed(problem: CurvatureProblem, tolerance: float, measured: fl
     only that lets ``measured`` (``what``, relative to the products) pass."""
     allowed, terms = long_sums_allowance(problem, tolerance)
     if tolerance < measured <= allowed:
-        note = (f"{check} passes only within the rounding of the model's long sums ({what} "
-                f"{measured:.1e} of their size; {tolerance:.1e} allowed for any model, "
+        # (a block's, per_layer's, named: the blocks share their notes; probe 189)
+        block = (f" on the block of {listed_names(problem.names, 3)}" if problem.whole_scale
+                 else "")
+        note = (f"{check}{block} passes only within the rounding of the model's long sums "
+                f"({what} {measured:.1e} of their size; {tolerance:.1e} allowed for any model, "
                 f"{allowed:.1e} for sums of {terms:,} terms)")
         if note not in problem.notes:
             problem.notes.append(note)
