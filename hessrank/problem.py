@@ -1751,11 +1751,8 @@ def sum_terms(entries: int, params: Sequence[Tensor]) -> int:
     (``[n, ...]``, all its calls) has ``entries`` entries and whose parameters are ``params``:
     the output's entries per output feature, the first dimension of the largest parameter (a
     transposed convolution's is its input channels, and its ``L`` the more generous by its
-    stride squared and channel ratio), or its entries where that dimension is 1 (a positional
-    embedding ``[1, T, D]`` broadcast over the samples sums ``n`` terms, not ``n T D``, which
-    had let a model mixing its samples pass; probe 189)."""
-    features = max((p.shape[0] if p.shape[0] > 1 else p.numel() for p in params
-                    if p.dim() > 0), default=1)
+    stride squared and channel ratio)."""
+    features = max((p.shape[0] for p in params if p.dim() > 0), default=1)
     return entries // max(1, features)
 
 
@@ -1808,7 +1805,9 @@ class OperationSizes(OwnMode):
     """Records, for each of ``params`` (by id), the terms its gradient sums an entry in the
     operations that take it (outermost: an operation's own inner calls are not seen; the
     output's entries per output feature for a contraction, per parameter entry for any other
-    operation), summed over them: the length of the sums of a parameter used outside its
+    operation: a positional embedding ``[1, T, D]`` added to the inputs sums ``n`` terms, not
+    the ``n T D`` that had let a model mixing its samples pass, probe 189), summed over them:
+    the length of the sums of a parameter used outside its
     module's call (a convolution's weight passed to ``F.conv2d`` in another module's forward, a
     tied weight), whose module's output records none. Without it, such a layer's check had the
     fixed tolerance, and a float32 convolution over 256 x 256 positions written that way was
