@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
+from torch.utils._device import DeviceContext
 
 from hessrank.host import host_floats
 
@@ -585,11 +586,15 @@ def _global_modes_put_back(modes: list[Any], numpy_errors: dict[str, Any],
         torch._C._pop_torch_function_stack()
     now = _function_modes()
     if len(now) < len(modes) or any(mode is not found for mode, found in zip(modes, now)):
-        above = [mode for mode in now[len(modes):]
-                 if not type(mode).__module__.startswith("hessrank.")]
+        # The others the call left, by identity (by position, a default device the forward set,
+        # which torch puts at the bottom, had pushed the caller's mode twice; probe 190): a
+        # device context below the modes found, as torch.set_default_device places it.
+        others = [mode for mode in now if not any(mode is found for found in modes)
+                  and not type(mode).__module__.startswith("hessrank.")]
+        devices = [mode for mode in others if isinstance(mode, DeviceContext)]
         while torch._C._len_torch_function_stack():
             torch._C._pop_torch_function_stack()
-        for mode in [*modes, *above]:
+        for mode in [*devices, *modes, *(mode for mode in others if mode not in devices)]:
             torch._C._push_on_torch_function_stack(mode)
     if np.geterr() != numpy_errors:
         np.seterr(**numpy_errors)

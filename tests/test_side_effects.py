@@ -1505,6 +1505,46 @@ def test_an_interrupt_as_hessrank_s_own_modes_are_entered_or_left_leaves_the_cal
     assert torch._C._len_torch_function_stack() == 0
 
 
+class _SetsDefaultDevice(nn.Module):
+    """An MLP whose forward sets torch's default device (torch puts its ``DeviceContext`` at the
+    bottom of the function-mode stack, under the caller's modes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.set_default_device("cpu")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("method", ["fisher", "exact"])
+def test_a_default_device_the_forward_sets_leaves_the_caller_s_mode_once(method: str) -> None:
+    """The stack as the forward leaves it without hessrank (its device context at the bottom,
+    the caller's mode above): put back by position, the caller's mode had been pushed twice and
+    the device context dropped, the mode intercepting every torch call after its ``with``
+    (probe 190)."""
+    from torch.utils._device import DeviceContext
+
+    class CallerMode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    try:
+        with CallerMode() as mode:
+            hessrank.effective_rank(_SetsDefaultDevice(), CE, batch, method)
+            stack = [torch._C._get_function_stack_at(i)
+                     for i in range(torch._C._len_torch_function_stack())]
+            assert len(stack) == 2 and isinstance(stack[0], DeviceContext) and stack[1] is mode
+        assert torch._C._len_torch_function_stack() == 1
+    finally:
+        torch.set_default_device(None)
+    assert torch._C._len_torch_function_stack() == 0
+
+
 def test_an_interrupt_in_numpy_s_errstate_exit_leaves_its_errors_as_they_were() -> None:
     """A Ctrl-C at the entry of ``np.errstate``'s exit inside the rank definitions had left
     NumPy's warnings off (probe 145)."""
