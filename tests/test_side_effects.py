@@ -1219,9 +1219,7 @@ def test_an_interrupt_behind_an_error_raised_from_itself_is_delivered() -> None:
     """``raise error from error`` (the Hessian's products re-raise an error their diagnosis
     returns unchanged) makes an error its own cause: the walk along causes stopped there, and
     the interrupt in its context was lost to torch's error (probe 181)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    model, batch = _tiny_problem()
     calls = []
 
     def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -1262,9 +1260,7 @@ def test_a_tracker_in_the_caller_s_interrupt_handler_records_its_failures() -> N
     """A Tracker recording failures (``on_error="record"``) inside the caller's ``except
     KeyboardInterrupt:``: the caller's interrupt, in each failure's context, had been taken
     for the call's and the failure raised (probe 181)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    model, batch = _tiny_problem()
     tracker = hessrank.Tracker(model, CE, methods=["fisher", "exact"], every=1, log=None,
                                on_error="record", method_options={"exact": {"max_memory": 1000}})
     try:
@@ -1380,9 +1376,7 @@ def test_a_prebuilt_timeout_raised_again_inside_a_call_in_its_handler_is_deliver
     def on_alarm(*_: object) -> None:
         raise prebuilt
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    model, batch = _tiny_problem()
     previous = signal.signal(signal.SIGALRM, on_alarm)
     try:
         for alarm_at in range(1, 8):
@@ -1404,6 +1398,21 @@ def test_a_prebuilt_timeout_raised_again_inside_a_call_in_its_handler_is_deliver
         signal.signal(signal.SIGALRM, previous)
 
 
+class _CallerMode(torch.overrides.TorchFunctionMode):
+    """A caller's own torch function mode, passing every call through."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def _tiny_problem() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A 4-6-3 tanh MLP and a batch of 8, seeded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    return model, (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+
+
 @pytest.mark.parametrize("method", ["exact", "fisher"])
 def test_an_interrupt_as_torch_puts_a_mode_back_leaves_the_caller_s_mode(method: str) -> None:
     """A Ctrl-C at the entry of the push with which torch puts back a mode it set aside (the
@@ -1411,14 +1420,7 @@ def test_an_interrupt_as_torch_puts_a_mode_back_leaves_the_caller_s_mode(method:
     own: the caller's later operations ran without it and its ``with`` failed (probe 184)."""
     import signal
 
-    class CallerMode(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func: Any, types: Any, args: Any = (),
-                               kwargs: Any = None) -> Any:
-            return func(*args, **(kwargs or {}))
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    model, batch = _tiny_problem()
     push = torch.overrides._push_mode.__code__
     popping = torch.overrides._pop_mode_temporarily.__wrapped__.__code__
     fired: list[bool] = []
@@ -1431,7 +1433,7 @@ def test_an_interrupt_as_torch_puts_a_mode_back_leaves_the_caller_s_mode(method:
             return None
         return None if fired else tracer
 
-    with CallerMode() as mode:
+    with _CallerMode() as mode:
         sys.settrace(tracer)
         try:
             with pytest.raises(KeyboardInterrupt):
@@ -1455,14 +1457,7 @@ def test_an_interrupt_as_hessrank_s_own_modes_are_entered_or_left_leaves_the_cal
     modes pop only themselves."""
     import signal
 
-    class CallerMode(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func: Any, types: Any, args: Any = (),
-                               kwargs: Any = None) -> Any:
-            return func(*args, **(kwargs or {}))
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    model, batch = _tiny_problem()
     code = (contextlib._GeneratorContextManager.__enter__ if where == "enter"
             else contextlib._GeneratorContextManager.__exit__).__code__
     fired: list[bool] = []
@@ -1488,7 +1483,7 @@ def test_an_interrupt_as_hessrank_s_own_modes_are_entered_or_left_leaves_the_cal
     unraisable: list[Any] = []
     hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:
-        with CallerMode() as mode:
+        with _CallerMode() as mode:
             sys.settrace(tracer)
             try:
                 with pytest.raises(KeyboardInterrupt):
@@ -1527,14 +1522,9 @@ def test_a_default_device_the_forward_sets_leaves_the_caller_s_mode_once(method:
     (probe 190)."""
     from torch.utils._device import DeviceContext
 
-    class CallerMode(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func: Any, types: Any, args: Any = (),
-                               kwargs: Any = None) -> Any:
-            return func(*args, **(kwargs or {}))
-
     batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
     try:
-        with CallerMode() as mode:
+        with _CallerMode() as mode:
             hessrank.effective_rank(_SetsDefaultDevice(), CE, batch, method)
             stack = [torch._C._get_function_stack_at(i)
                      for i in range(torch._C._len_torch_function_stack())]
