@@ -1156,13 +1156,19 @@ def _interrupted_at(method: str, lands: Any) -> None:
             return local
         return local
 
+    _traced_interrupt(tracer, model, batch, method)
+    assert fired
+
+
+def _traced_interrupt(tracer: Any, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                      method: str) -> None:
+    """A call under ``tracer`` (which raises the interrupt), that raises ``KeyboardInterrupt``."""
     sys.settrace(tracer)
     try:
         with pytest.raises(KeyboardInterrupt):
             hessrank.effective_rank(model, CE, batch, method=method, lanczos_steps=10)
     finally:
         sys.settrace(None)
-    assert fired
 
 
 def _inside_a_mode_s_enter(depth: int) -> Any:
@@ -1484,12 +1490,7 @@ def test_an_interrupt_as_hessrank_s_own_modes_are_entered_or_left_leaves_the_cal
     hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:
         with _CallerMode() as mode:
-            sys.settrace(tracer)
-            try:
-                with pytest.raises(KeyboardInterrupt):
-                    hessrank.effective_rank(model, CE, batch, method=method, lanczos_steps=10)
-            finally:
-                sys.settrace(None)
+            _traced_interrupt(tracer, model, batch, method)
             gc.collect()
             assert fired
             assert torch._C._len_torch_function_stack() == 1
