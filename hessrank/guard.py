@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
+from torch.utils import _device as device_module
 from torch.utils._device import DeviceContext
 
 from hessrank.host import host_floats
@@ -585,16 +586,25 @@ def _global_modes_put_back(modes: list[Any], numpy_errors: dict[str, Any],
             break
         torch._C._pop_torch_function_stack()
     now = _function_modes()
-    if len(now) < len(modes) or any(mode is not found for mode, found in zip(modes, now)):
-        # The others the call left, by identity (by position, a default device the forward set,
-        # which torch puts at the bottom, had pushed the caller's mode twice; probe 190): a
-        # device context below the modes found, as torch.set_default_device places it.
+    ours = [mode for mode in now if type(mode).__module__.startswith("hessrank.")
+            and not any(mode is found for found in modes)]
+    if ours or len(now) < len(modes) or any(mode is not found
+                                             for mode, found in zip(modes, now)):
+        # Rebuilt by identity: the modes found, and those the forward added above them (by
+        # position, a default device the forward set had pushed the caller's mode twice, probe
+        # 190; a mode it entered and left on hessrank's, probe 191), none of hessrank's. Torch
+        # keeps one device context, at the bottom: the one the forward left, else the one
+        # found where the default device is still its (the forward's set_default_device(None)
+        # had been undone; two of them had failed the caller's next set_default_device).
         others = [mode for mode in now if not any(mode is found for found in modes)
                   and not type(mode).__module__.startswith("hessrank.")]
-        devices = [mode for mode in others if isinstance(mode, DeviceContext)]
+        devices = [mode for mode in now if isinstance(mode, DeviceContext)] or [
+            mode for mode in modes if isinstance(mode, DeviceContext)
+            and mode.device == device_module.CURRENT_DEVICE]
         while torch._C._len_torch_function_stack():
             torch._C._pop_torch_function_stack()
-        for mode in [*devices, *modes, *(mode for mode in others if mode not in devices)]:
+        for mode in [*devices[:1], *(mode for mode in [*modes, *others]
+                                     if not isinstance(mode, DeviceContext))]:
             torch._C._push_on_torch_function_stack(mode)
     if np.geterr() != numpy_errors:
         np.seterr(**numpy_errors)

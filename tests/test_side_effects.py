@@ -9,7 +9,7 @@ import operator
 import subprocess
 import sys
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -1534,6 +1534,59 @@ def test_a_default_device_the_forward_sets_leaves_the_caller_s_mode_once(method:
     finally:
         torch.set_default_device(None)
     assert torch._C._len_torch_function_stack() == 0
+
+
+class _ForwardChangesModes(nn.Module):
+    """An MLP whose forward enters a torch function mode it never leaves (``"leaks"``, once a
+    process, as a lazily started profiler would: the class holds it, so that the call's copies
+    of the model do not start another), or sets the default device (``"cpu"``) or clears it
+    (``None``)."""
+
+    leaked: ClassVar[list[torch.overrides.TorchFunctionMode]] = []
+
+    def __init__(self, change: str | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net, self.change = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), change
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.change == "leaks":
+            if not self.leaked:
+                self.leaked.append(_CallerMode().__enter__())
+        else:
+            torch.set_default_device(self.change)
+        return self.net(x)
+
+
+def _function_stack() -> list[Any]:
+    return [torch._C._get_function_stack_at(i)
+            for i in range(torch._C._len_torch_function_stack())]
+
+
+@pytest.mark.parametrize("method", ["fisher", "lanczos"])
+@pytest.mark.parametrize("change", ["leaks", "cpu", None])
+def test_the_modes_a_forward_changes_are_left_as_a_plain_forward_leaves_them(
+        method: str, change: str | None) -> None:
+    """A mode the forward entered and never left had kept hessrank's modes under it, for every
+    later torch call; a default device the forward set over the caller's had left two device
+    contexts (the caller's next set_default_device failed torch's assertion), and one it cleared
+    had been put back (probe 191). The stack is as a plain forward of the same model leaves it."""
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    model = _ForwardChangesModes(change)
+    try:
+        stacks = []
+        for call in (lambda: model(batch[0]),
+                     lambda: hessrank.effective_rank(model, CE, batch, method, lanczos_steps=10)):
+            torch.set_default_device("cpu")  # the caller's default device
+            call()
+            stacks.append([type(mode).__name__ for mode in _function_stack()])
+            torch.set_default_device(None)  # (it fails on two device contexts)
+            while model.leaked:
+                model.leaked.pop().__exit__(None, None, None)
+            assert torch._C._len_torch_function_stack() == 0
+        assert stacks[1] == stacks[0], stacks
+    finally:
+        torch.set_default_device(None)
 
 
 def test_an_interrupt_in_numpy_s_errstate_exit_leaves_its_errors_as_they_were() -> None:

@@ -451,7 +451,7 @@ def compute_gram(
     # every module's output size, for its gradient check's tolerance (the rules' and the
     # general path's alike)
     sizes_of = OutputSizes({group: modules[group] for group in dict.fromkeys([*groups, *claimed])
-                             if group in modules}, problem.params)
+                            if group in modules}, problem.params)
     graph = GraphBytes(problem)
     try:
         with graph.counting(), sizes_of.operations:
