@@ -32,8 +32,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
-from torch.utils import _device as device_module
-from torch.utils._device import DeviceContext
 
 from hessrank.host import host_floats
 
@@ -539,7 +537,7 @@ def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, 
     def call(*args: Params.args, **kwargs: Params.kwargs) -> Returned:
         _imported_whole()
         modes, numpy_errors = _function_modes(), dict(np.geterr())
-        transforms = _transform_depth()
+        transforms, default_device = _transform_depth(), _default_device_context()
         entered = None
         try:  # (set inside: a Ctrl-C just after it had left it set for good; probe 182)
             entered = _HANDLED_AT_ENTRY.set(handled_now())
@@ -557,7 +555,7 @@ def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, 
         finally:
             if entered is not None:
                 _HANDLED_AT_ENTRY.reset(entered)
-            _global_modes_put_back(modes, numpy_errors, transforms)
+            _global_modes_put_back(modes, numpy_errors, transforms, default_device)
 
     return call
 
@@ -568,8 +566,14 @@ def _function_modes() -> list[Any]:
             for index in range(torch._C._len_torch_function_stack())]
 
 
+def _default_device_context() -> Any:
+    """The device context ``torch.set_default_device`` put at the bottom of torch's mode stack,
+    or None (``with torch.device(...)`` pushes its own on top, and leaves this one alone)."""
+    return getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
+
+
 def _global_modes_put_back(modes: list[Any], numpy_errors: dict[str, Any],
-                           transforms: int) -> None:
+                           transforms: int, default_device: Any) -> None:
     """Torch's function-mode stack as ``modes`` (those the call found) where the modes above
     are hessrank's own, NumPy's error handling as ``numpy_errors``, and ``torch.func``'s
     transforms down to ``transforms`` (:func:`_transform_depth`): a Ctrl-C that lands inside the
@@ -590,21 +594,22 @@ def _global_modes_put_back(modes: list[Any], numpy_errors: dict[str, Any],
             and not any(mode is found for found in modes)]
     if ours or len(now) < len(modes) or any(mode is not found
                                              for mode, found in zip(modes, now)):
-        # Rebuilt by identity: the modes found, and those the forward added above them (by
+        # Rebuilt by identity: the modes found, and those the forward added and left (by
         # position, a default device the forward set had pushed the caller's mode twice, probe
-        # 190; a mode it entered and left on hessrank's, probe 191), none of hessrank's. Torch
-        # keeps one device context, at the bottom: the one the forward left, else the one
-        # found where the default device is still its (the forward's set_default_device(None)
-        # had been undone; two of them had failed the caller's next set_default_device).
+        # 190; a mode it entered and never left kept hessrank's under it, probe 191), in their
+        # order, none of hessrank's. The default device's context, the one set_default_device
+        # keeps at the bottom, is torch's current one (the forward's set_default_device over
+        # the caller's had left two, and its set_default_device(None) had been undone, probe
+        # 191); a `with torch.device(...)` block's keeps its place (moved to the bottom, it had
+        # outlived the caller's block; probe 192).
+        current = _default_device_context()
         others = [mode for mode in now if not any(mode is found for found in modes)
                   and not type(mode).__module__.startswith("hessrank.")]
-        devices = [mode for mode in now if isinstance(mode, DeviceContext)] or [
-            mode for mode in modes if isinstance(mode, DeviceContext)
-            and mode.device == device_module.CURRENT_DEVICE]
         while torch._C._len_torch_function_stack():
             torch._C._pop_torch_function_stack()
-        for mode in [*devices[:1], *(mode for mode in [*modes, *others]
-                                     if not isinstance(mode, DeviceContext))]:
+        for mode in [*([current] if current is not None else []),
+                     *(mode for mode in [*modes, *others]
+                       if mode is not current and mode is not default_device)]:
             torch._C._push_on_torch_function_stack(mode)
     if np.geterr() != numpy_errors:
         np.seterr(**numpy_errors)

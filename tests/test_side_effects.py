@@ -1564,13 +1564,16 @@ def _function_stack() -> list[Any]:
 
 
 @pytest.mark.parametrize("method", ["fisher", "lanczos"])
-@pytest.mark.parametrize("change", ["leaks", "cpu", None])
+@pytest.mark.parametrize(("change", "block"), [("leaks", False), ("cpu", False), (None, False),
+                                               ("leaks", True)])
 def test_the_modes_a_forward_changes_are_left_as_a_plain_forward_leaves_them(
-        method: str, change: str | None) -> None:
+        method: str, change: str | None, block: bool) -> None:
     """A mode the forward entered and never left had kept hessrank's modes under it, for every
     later torch call; a default device the forward set over the caller's had left two device
     contexts (the caller's next set_default_device failed torch's assertion), and one it cleared
-    had been put back (probe 191). The stack is as a plain forward of the same model leaves it."""
+    had been put back (probe 191). A caller's ``with torch.device(...)`` block (whose context
+    torch puts on top) had been moved to the bottom and outlived the block (probe 192). The
+    stack is as a plain forward of the same model leaves it, by identity."""
     batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
     model = _ForwardChangesModes(change)
     try:
@@ -1578,11 +1581,17 @@ def test_the_modes_a_forward_changes_are_left_as_a_plain_forward_leaves_them(
         for call in (lambda: model(batch[0]),
                      lambda: hessrank.effective_rank(model, CE, batch, method, lanczos_steps=10)):
             torch.set_default_device("cpu")  # the caller's default device
-            call()
-            stacks.append([type(mode).__name__ for mode in _function_stack()])
+            with _CallerMode() as mode, torch.device("cpu") if block else contextlib.nullcontext():
+                # (the default device's context, which the forward may replace or clear, apart)
+                default = torch._GLOBAL_DEVICE_CONTEXT.device_context
+                found = [kept for kept in _function_stack() if kept is not default]
+                call()
+                stacks.append([type(mode).__name__ for mode in _function_stack()])
+                assert all(any(kept is mode for mode in _function_stack()) for kept in found)
+                while model.leaked:  # (on top)
+                    model.leaked.pop().__exit__(None, None, None)
+            assert not any(kept is mode for kept in _function_stack())
             torch.set_default_device(None)  # (it fails on two device contexts)
-            while model.leaked:
-                model.leaked.pop().__exit__(None, None, None)
             assert torch._C._len_torch_function_stack() == 0
         assert stacks[1] == stacks[0], stacks
     finally:
