@@ -574,42 +574,34 @@ def _default_device_context() -> Any:
 
 def _global_modes_put_back(modes: list[Any], numpy_errors: dict[str, Any],
                            transforms: int, default_device: Any) -> None:
-    """Torch's function-mode stack as ``modes`` (those the call found) where the modes above
-    are hessrank's own, NumPy's error handling as ``numpy_errors``, and ``torch.func``'s
-    transforms down to ``transforms`` (:func:`_transform_depth`): a Ctrl-C that lands inside the
-    ``__enter__`` of a torch mode (after its push), ``np.errstate``'s ``__exit__`` or as
-    ``vmap`` leaves a level skips the exit that undoes it, and had left the mode on the stack
-    for every later torch call of the training loop (a call counter that grew by 40 entries a
-    step), NumPy's warnings off (probe 145), or the process inside ``vmap`` for good, its next
-    ``loss.backward()`` refused (probe 179). One landing as torch puts a mode it set aside back
-    had lost hessrank's, whose exit then popped the caller's own (probe 184): the stack found
-    is restored by identity."""
-    while torch._C._len_torch_function_stack() > len(modes):
-        top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
-        if not type(top).__module__.startswith("hessrank."):
-            break
-        torch._C._pop_torch_function_stack()
-    now = _function_modes()
-    ours = [mode for mode in now if type(mode).__module__.startswith("hessrank.")
-            and not any(mode is found for found in modes)]
-    if ours or len(now) < len(modes) or any(mode is not found
-                                             for mode, found in zip(modes, now)):
-        # Rebuilt by identity: the modes found, and those the forward added and left (by
-        # position, a default device the forward set had pushed the caller's mode twice, probe
-        # 190; a mode it entered and never left kept hessrank's under it, probe 191), in their
-        # order, none of hessrank's. The default device's context, the one set_default_device
-        # keeps at the bottom, is torch's current one (the forward's set_default_device over
-        # the caller's had left two, and its set_default_device(None) had been undone, probe
-        # 191); a `with torch.device(...)` block's keeps its place (moved to the bottom, it had
-        # outlived the caller's block; probe 192).
-        current = _default_device_context()
-        others = [mode for mode in now if not any(mode is found for found in modes)
-                  and not type(mode).__module__.startswith("hessrank.")]
+    """Torch's function-mode stack as the call found it (``modes``, by identity) with what the
+    forward added and left but none of hessrank's modes, NumPy's error handling as
+    ``numpy_errors``, and ``torch.func``'s transforms down to ``transforms``
+    (:func:`_transform_depth`): a Ctrl-C that lands inside the ``__enter__`` of a torch mode
+    (after its push), ``np.errstate``'s ``__exit__`` or as ``vmap`` leaves a level skips the
+    exit that undoes it, and had left the mode on the stack for every later torch call of the
+    training loop (a call counter that grew by 40 entries a step), NumPy's warnings off (probe
+    145), or the process inside ``vmap`` for good, its next ``loss.backward()`` refused (probe
+    179). One landing as torch puts a mode it set aside back had lost hessrank's, whose exit
+    then popped the caller's own (probe 184): the stack found is restored by identity."""
+    # Rebuilt by identity where it differs: the modes found, and those the forward added and
+    # left (by position, a default device the forward set had pushed the caller's mode twice,
+    # probe 190; a mode it entered and never left kept hessrank's under it, probe 191), in
+    # their order, none of hessrank's. The default device's context, the one set_default_device
+    # keeps at the bottom, is torch's current one (the forward's set_default_device over the
+    # caller's had left two, and its set_default_device(None) had been undone, probe 191); a
+    # `with torch.device(...)` block's keeps its place (moved to the bottom, it had outlived the
+    # caller's block; probe 192).
+    now, current = _function_modes(), _default_device_context()
+    others = [mode for mode in now if not any(mode is found for found in modes)
+              and not isinstance(mode, OwnMode)]
+    wanted = [*([current] if current is not None else []),
+              *(mode for mode in [*modes, *others]
+                if mode is not current and mode is not default_device)]
+    if len(wanted) != len(now) or any(mode is not found for mode, found in zip(wanted, now)):
         while torch._C._len_torch_function_stack():
             torch._C._pop_torch_function_stack()
-        for mode in [*([current] if current is not None else []),
-                     *(mode for mode in [*modes, *others]
-                       if mode is not current and mode is not default_device)]:
+        for mode in wanted:
             torch._C._push_on_torch_function_stack(mode)
     if np.geterr() != numpy_errors:
         np.seterr(**numpy_errors)
