@@ -1777,10 +1777,8 @@ def long_sums_allowance(problem: CurvatureProblem, tolerance: float) -> tuple[fl
     ReLU CNN over 256 x 256 positions had been refused as a wrong second derivative or noisy
     products (probe 185). A forward that fails leaves ``tolerance``."""
     groups = problem.modules_with_params()
-    modules = dict(problem.model.named_modules())
     named = dict(zip(problem.names, problem.params))
-    sizes = OutputSizes({group: modules[group] for group in groups if group in modules},
-                        problem.params)
+    sizes = OutputSizes(problem, groups)
     try:
         with torch.no_grad(), sizes.operations:
             problem.forward()
@@ -1807,11 +1805,11 @@ class OperationSizes(OwnMode):
     output's entries per output feature for a contraction, per parameter entry for any other
     operation: a positional embedding ``[1, T, D]`` added to the inputs sums ``n`` terms, not
     the ``n T D`` that had let a model mixing its samples pass, probe 189), summed over them:
-    the length of the sums of a parameter used outside its
-    module's call (a convolution's weight passed to ``F.conv2d`` in another module's forward, a
-    tied weight), whose module's output records none. Without it, such a layer's check had the
-    fixed tolerance, and a float32 convolution over 256 x 256 positions written that way was
-    refused as mixing its samples (probe 185)."""
+    the length of the sums of a parameter used outside its module's call (a convolution's weight
+    passed to ``F.conv2d`` in another module's forward, a tied weight), whose module's output
+    records none. Without it, such a layer's check had the fixed tolerance, and a float32
+    convolution over 256 x 256 positions written that way was refused as mixing its samples
+    (probe 185)."""
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         super().__init__()
@@ -1821,14 +1819,15 @@ class OperationSizes(OwnMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         result = func(*args, **(kwargs or {}))
-        leaf = first_floating(result)
+        taken = [param for param in tree_flatten((args, kwargs))[0]
+                 if isinstance(param, Tensor) and id(param) in self.ids]
+        leaf = first_floating(result) if taken else None  # (most operations take none)
         if leaf is not None:
             contraction = getattr(func, "__name__", "") in _CONTRACTIONS
-            for param in tree_flatten((args, kwargs))[0]:
-                if isinstance(param, Tensor) and id(param) in self.ids:
-                    terms = (sum_terms(leaf.numel(), [param]) if contraction
-                             else leaf.numel() // max(1, param.numel()))
-                    self.terms[id(param)] = self.terms.get(id(param), 0) + terms
+            for param in taken:
+                terms = (sum_terms(leaf.numel(), [param]) if contraction
+                         else leaf.numel() // max(1, param.numel()))
+                self.terms[id(param)] = self.terms.get(id(param), 0) + terms
         return result
 
 
@@ -1837,11 +1836,14 @@ class OutputSizes:
     tensor of each output; no tensor is kept), and each parameter's operations' terms
     (:attr:`operations`, a mode to enter around the forward), for :meth:`terms`."""
 
-    def __init__(self, modules: dict[str, nn.Module], params: Sequence[Tensor]) -> None:
+    def __init__(self, problem: CurvatureProblem, groups: Iterable[str]) -> None:
+        """Hooks on the problem's modules named in ``groups`` (those it has), a mode for all
+        its analysed parameters."""
         self.entries: dict[str, int] = {}
-        self.operations = OperationSizes(params)
-        self.handles = [module.register_forward_hook(self._hook(name))
-                        for name, module in modules.items()]
+        self.operations = OperationSizes(problem.params)
+        modules = dict(problem.model.named_modules())
+        self.handles = [modules[name].register_forward_hook(self._hook(name))
+                        for name in dict.fromkeys(groups) if name in modules]
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:

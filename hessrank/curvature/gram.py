@@ -450,8 +450,7 @@ def compute_gram(
     capture = _Capture({group: module for group, (module, _) in claimed.items()})
     # every module's output size, for its gradient check's tolerance (the rules' and the
     # general path's alike)
-    sizes_of = OutputSizes({group: modules[group] for group in dict.fromkeys([*groups, *claimed])
-                            if group in modules}, problem.params)
+    sizes_of = OutputSizes(problem, [*groups, *claimed])
     graph = GraphBytes(problem)
     try:
         with graph.counting(), sizes_of.operations:
