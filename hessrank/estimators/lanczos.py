@@ -206,12 +206,10 @@ class LanczosEstimator(Estimator):
             operator = self.operator(batch, settings)
             if first:
                 first = False
-                graph = getattr(operator, "graph_bytes", 0)
                 self.check_refined(
-                    int((1 + getattr(operator, "product_graphs", 1.0)) * graph), problem,
-                    settings, advice=(f"use smaller batches (each holds its graph), "
-                                      f"{self.budget_advice}"
-                                      if isinstance(problem, StreamedProblem) else None))
+                    _held_by_products(operator), problem, settings,
+                    advice=(f"use smaller batches (each holds its graph), {self.budget_advice}"
+                            if isinstance(problem, StreamedProblem) else None))
             return operator
 
         return operator_over(problem, built)
@@ -237,8 +235,7 @@ class LanczosEstimator(Estimator):
             operator = built[0]
             # refused untimed where the graph a product holds is over the budget: the timed
             # products held it (224 MiB for a budget of 200; probe 188)
-            refined = int((1 + getattr(operator, "product_graphs", 1.0))
-                          * getattr(operator, "graph_bytes", 0))
+            refined = _held_by_products(operator)
             if memory + refined > settings.max_memory:
                 return Cost(memory + refined, None, refined)
             probe = torch.ones(1, operator.dim, dtype=operator.dtype, device=operator.device)
@@ -300,6 +297,13 @@ class LanczosEstimator(Estimator):
                                           if checks else [])])
 
     backend = "autograd"
+
+
+def _held_by_products(operator: SymmetricOperator) -> int:
+    """What an operator's graph and a product's backward passes through it hold (bytes; 0 for
+    an operator without a graph)."""
+    return int((1 + getattr(operator, "product_graphs", 1.0))
+               * getattr(operator, "graph_bytes", 0))
 
 
 def _one_batch(problem: CurvatureProblem) -> CurvatureProblem:
