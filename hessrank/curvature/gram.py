@@ -538,11 +538,11 @@ def compute_gram(
     for group in (*unclaimed, *claimed):
         terms = sizes_of.terms(group, [named[name] for name in groups.get(group, ())])
         if terms is not None:  # (a rule's children are checked on its output's length)
-            for member in (group, *covered.get(group, {}).values()):
-                member_params = [named[name] for name in groups.get(member, ())]
-                if member != group and group in sizes_of.entries:
-                    terms = sum_terms(sizes_of.entries[group], member_params)
-                tolerances[member] = sums_tolerance(tolerance, terms, problem.dtype)
+            tolerances[group] = sums_tolerance(tolerance, terms, problem.dtype)
+            for child in covered.get(group, {}).values():
+                tolerances[child] = sums_tolerance(tolerance, sum_terms(
+                    sizes_of.entries[group], [named[name] for name in groups.get(child, ())])
+                    if group in sizes_of.entries else terms, problem.dtype)
     for group, (module, rule) in claimed.items():
         value = capture.outputs.pop(group)
         width = len(_leaves(value))
