@@ -1608,6 +1608,10 @@ class UnrepeatableForward(ValueError):
     """Two forward passes of a call over one batch computed different outputs."""
 
 
+class BatchNotFirst(ValueError):
+    """The model's outputs for samples run alone have another number of rows than samples."""
+
+
 def repeat_pass(problem: CurvatureProblem) -> None:
     """One more forward pass over ``problem``'s batch, without a graph: where outputs computed
     another way differ from the batch's (samples run alone), a forward that does not repeat
@@ -2033,6 +2037,7 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
     Raises:
         UnrepeatableForward: where the halves differ because the forward does not repeat
             itself (:func:`repeat_pass`), not because the samples interact.
+        BatchNotFirst: where a part's outputs have another number of rows than it has samples.
     """
     count = int(problem.targets.shape[0])
     if (count < 2 or not isinstance(outputs, Tensor) or not outputs.is_floating_point()
@@ -2063,6 +2068,16 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
     if not all(isinstance(part, Tensor) and part.shape[1:] == outputs.shape[1:]
                for part in parts):
         return None
+    for (start, stop), part in zip(spans, parts):
+        if part.shape[0] != stop - start:  # (their difference had read "NaN or infinite
+            # entries" where every output is finite: a sequence-first LSTM given [T, n, d]
+            # with T = n; probe 196)
+            raise BatchNotFirst(
+                f"the model's output for {stop - start} samples run alone (the first "
+                f"{stop - start} rows of every input) has {part.shape[0]} rows, not "
+                f"{stop - start}: the batch dimension is not first in its inputs (a "
+                "sequence-first RNN or transformer given [T, n, d]); pass every input batch "
+                "first and transpose inside the model")
     alone = torch.cat(parts).to(outputs.dtype)
     whole = outputs.detach()
     finite = whole[torch.isfinite(whole)]
@@ -2103,7 +2118,10 @@ def _others_around(problem: CurvatureProblem, start: int, stop: int
 def untested_mixing(error: Exception, runs: str) -> str:
     """The start of a note where the samples' mixing could not be tested: the forward raised
     ``error`` on ``runs`` (``"half of the batch"``, ``"two samples alone"``)."""
-    reason = " ".join(str(error).split())[:120]
+    reason = " ".join(str(error).split())
+    if len(reason) > 120:  # (cut mid-sentence, "the batch dimension is not first" had read
+        # "the batch dimension is n"; probe 196)
+        reason = reason[:120].rsplit(" ", 1)[0] + " ..."
     return ("whether the model's output for a sample depends on the other samples of the batch "
             f"was not tested: it does not run on {runs} ({type(error).__name__}: {reason})")
 

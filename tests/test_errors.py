@@ -982,6 +982,43 @@ def test_mixing_is_still_named_when_the_model_also_computes_in_float32():
     assert "amplified by cancellation" not in str(error)
 
 
+class _SequenceFirstLSTM(nn.Module):
+    """A ``batch_first=False`` LSTM given ``[T, n, d]`` (its batch second), a head on the last
+    step: outputs ``[n, C]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][-1])
+
+
+def test_inputs_not_batch_first_are_named_not_nan_entries():
+    """Inputs ``[T, n, d]`` with ``T = n`` pass the batch-size checks; two of their rows run
+    alone give ``n`` output rows, and ``fisher``/``ggn`` refused the model for outputs differing
+    "in which of their entries are NaN or infinite", all of them finite (probe 196). The
+    refusal names the layout; ``fisher_lanczos``, whose factors are the outputs' rows, gives
+    the EF of those rows and says the check did not run, in a sentence not cut mid-phrase."""
+    torch.manual_seed(0)
+    model = _SequenceFirstLSTM().double()
+    x = torch.randn(6, 6, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    for method in ("fisher", "ggn"):
+        error = _check(model, lambda method=method: hessrank.effective_rank(
+            model, CE, (x, y), method=method), ValueError, "batch dimension is not first")
+        assert "NaN" not in str(error)
+    result = hessrank.effective_rank(model, CE, (x, y), method="fisher_lanczos")
+    note = next(note for note in result.notes if "was not tested" in note)
+    assert "has 6 rows, not 3 (its inputs are not batch first)" in note
+    params = list(model.parameters())
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        CE(model(x)[i:i + 1], y[i:i + 1]), params)]) for i in range(6)]
+    reference = sum(float(row @ row) for row in rows) / 6  # trace of the mean loss's EF
+    assert float(np.sum(result.eigenvalues)) == pytest.approx(reference, rel=1e-6)
+
+
 def test_a_refusal_near_the_rounding_allowance_names_rounding_too():
     """A layer before a GroupNorm over two channels has gradients that nearly cancel: its
     per-sample gradients missed the batch gradient by 7.7e-13 (float64) and 1.8e-4 (float32),

@@ -31,6 +31,7 @@ from hessrank.distributed import ShardedProblem, shard_cotangents
 from hessrank.guard import ModuleGenerators, raise_if_signalled
 from hessrank.problem import (
     _GRAPHLESS,
+    BatchNotFirst,
     CurvatureProblem,
     GraphBytes,
     UnrepeatableForward,
@@ -130,6 +131,11 @@ class FactorOperator(ParameterOperator):
                 in_place=bool(ModuleGenerators.read(self._problem.model).states))
         except UnrepeatableForward:
             raise
+        except BatchNotFirst as error:  # factors of the outputs' rows, whatever the layout
+            return (f"whether the model's output for a sample depends on the other samples of "
+                    f"the batch was not tested: {str(error).split(': the batch')[0]} (its "
+                    f"inputs are not batch first); {self._method}'s factors are those of the "
+                    "outputs' rows, the samples of the loss, as the batch computes them")
         except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only
             raise_if_signalled(error)
             return f"{untested_mixing(error, 'half of the batch')}; where it does, {meaning}"

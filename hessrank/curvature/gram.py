@@ -54,6 +54,7 @@ from hessrank.distributed import agreement, parallel_of, sample_range, shard_cot
 from hessrank.guard import ModuleGenerators, raise_if_signalled
 from hessrank.host import host_floats
 from hessrank.problem import (
+    BatchNotFirst,
     CurvatureProblem,
     GraphBytes,
     OutputSizes,
@@ -954,7 +955,7 @@ def refuse_mixed_rule_samples(problem: CurvatureProblem, outputs: object) -> str
     try:
         difference = mixed_samples_difference(
             problem, outputs, first=2, in_place=bool(ModuleGenerators.read(problem.model).states))
-    except (UnrepeatableForward, torch.OutOfMemoryError):
+    except (UnrepeatableForward, BatchNotFirst, torch.OutOfMemoryError):
         raise
     except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only
         raise_if_signalled(error)
