@@ -320,21 +320,29 @@ class CurvatureProblem:
                  for index, (name, _) in enumerate(self.model.named_modules())}
         return dict(sorted(layers.items(), key=lambda item: order[item[0]]))
 
-    def tied_layers_note(self) -> str | None:
-        """``per_layer``'s note on analysed parameters that several modules register (weight
-        tying, ``head.weight = embedding.weight``): each is in the block of the module that
-        registers it first (:meth:`modules_with_params`), and the blocks of the others lack it
-        (a head whose parameters are all tied has none), which nothing had said (probe 123);
-        None where no parameter is tied."""
+    def tied_parameters(self) -> list[tuple[str, str]]:
+        """``(alias, name)`` for each analysed parameter that a module registers under another
+        name than the first (``head.weight`` after ``head.weight = embedding.weight``:
+        ``("head.weight", "embedding.weight")``), in ``named_modules()`` order."""
         names = {id(p): name for name, p in zip(self.names, self.params)}
-        block = {name: layer for layer, members in self.layers().items() for name in members}
         ties = []
         for module_name, module in self.model.named_modules():
             for local, parameter in module.named_parameters(recurse=False):
                 full = f"{module_name}.{local}" if module_name else local
                 name = names.get(id(parameter))
                 if name is not None and name != full:
-                    ties.append(f"{full!r} is {name!r}, in block {block[name]!r}")
+                    ties.append((full, name))
+        return ties
+
+    def tied_layers_note(self) -> str | None:
+        """``per_layer``'s note on analysed parameters that several modules register (weight
+        tying, ``head.weight = embedding.weight``): each is in the block of the module that
+        registers it first (:meth:`modules_with_params`), and the blocks of the others lack it
+        (a head whose parameters are all tied has none), which nothing had said (probe 123);
+        None where no parameter is tied."""
+        block = {name: layer for layer, members in self.layers().items() for name in members}
+        ties = [f"{alias!r} is {name!r}, in block {block[name]!r}"
+                for alias, name in self.tied_parameters()]
         if not ties:
             return None
         return ("per_layer: a tied parameter is in the block of the first module that registers "

@@ -2769,8 +2769,23 @@ def test_backpack_s_wrong_factors_name_the_parameter(padding_mode):
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode),
                           nn.Flatten(), nn.Linear(48, 4))
     batch = (torch.randn(6, 2, 4, 4), torch.randint(0, 4, (6,)))
-    with pytest.raises(ValueError, match=r"disagree with autograd .*most in '0\.weight'"):
+    with pytest.raises(ValueError, match=r"disagree with autograd .*most in '0\.weight'") as info:
         hessrank.effective_rank(model, CE, batch, "fisher", backend="backpack")
+    assert "padding_mode" in str(info.value)  # (no tied parameter here)
+
+
+def test_backpack_s_wrong_factors_of_a_tied_weight_name_the_tie():
+    """A weight two Linear modules share: BackPACK's factors are wrong, and the refusal had put
+    it down to convolutions' padding modes (probe 196)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[2].weight = model[0].weight
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    error = _check(model, lambda: hessrank.effective_rank(model, CE, batch, "fisher",
+                                                          backend="backpack"),
+                   ValueError, "disagree with autograd")
+    assert "several modules use, whose parts BackPACK does not add up ('2.weight' is '0.weight')" in str(error)
+    assert "padding_mode" not in str(error)
 
 
 @pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])

@@ -183,9 +183,15 @@ def _verify(problem: CurvatureProblem, kind: str, factors: dict[str, Tensor],
         theirs = float((projection**2).sum())
         error, scale = abs(ours - theirs), max(ours, theirs)
     if error > tolerance * max(scale, torch.finfo(torch.float64).tiny):
+        # (a weight two modules share had been put down to convolutions' padding modes; probe
+        # 196)
+        ties = problem.tied_parameters()
+        cause = (f"likely a parameter several modules use, whose parts BackPACK does not add up "
+                 f"({', '.join(f'{alias!r} is {name!r}' for alias, name in ties)})" if ties
+                 else "a module BackPACK does not handle correctly (as convolutions with "
+                 "padding_mode other than 'zeros')")
         raise ValueError(
             f"BackPACK's {kind} factors disagree with autograd (relative error "
-            f"{error / scale:.1e}{worst}): a module BackPACK does not handle correctly (as "
-            "convolutions with padding_mode other than 'zeros'); use backend='auto'"
+            f"{error / scale:.1e}{worst}): {cause}; use backend='auto'"
         )
     return refuse_mixed_rule_samples(problem, outputs.detach())
