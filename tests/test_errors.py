@@ -2784,7 +2784,8 @@ def test_backpack_s_wrong_factors_of_a_tied_weight_name_the_tie():
     error = _check(model, lambda: hessrank.effective_rank(model, CE, batch, "fisher",
                                                           backend="backpack"),
                    ValueError, "disagree with autograd")
-    assert "several modules use, whose parts BackPACK does not add up ('2.weight' is '0.weight')" in str(error)
+    assert ("several modules use, whose parts BackPACK does not add up ('2.weight' is "
+            "'0.weight')") in str(error)
     assert "padding_mode" not in str(error)
 
 
