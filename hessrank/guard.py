@@ -25,7 +25,7 @@ from contextlib import (
     suppress,
 )
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 import torch
@@ -1327,6 +1327,14 @@ def compiled_modules_eager(model: nn.Module) -> Iterator[list[str]]:
     """
     compiled = []
     with ExitStack() as for_the_call:
+        # Every other compiled callable too (a compiled loss, a function compiled and called in
+        # forward), which dynamo would trace with the call's own function modes: a compiled
+        # loss's double backward had returned no curvature of the loss (exact's Hessian
+        # without J^T H_out J, silently), one traced under vmap had been marked skipped, and so
+        # run eagerly for good, with every compiled module sharing its code, and a helper was
+        # recompiled at each call (probe 193). Dynamo's stance is process-wide: other threads'
+        # compiled code runs eagerly while the call does.
+        for_the_call.enter_context(_dynamo_eager())
         for name, module in model.named_modules():
             if getattr(module, "_compiled_call_impl", None) is not None:
                 for_the_call.enter_context(
@@ -1339,6 +1347,17 @@ def compiled_modules_eager(model: nn.Module) -> Iterator[list[str]]:
                     compiled.append(name)
         yield [f"compiled modules ({', '.join(compiled)}) were run eagerly for the call (same "
                "parameters, same function)"] if compiled else []
+
+
+def _dynamo_eager() -> AbstractContextManager[object]:
+    """Dynamo's stance "force_eager" inside the block (compiled callables run their original
+    code, nothing is compiled, no frame is marked skipped); before torch 2.6, which has no
+    stances, ``torch._dynamo.config.disable``, which does the same."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is not None:
+        return cast(AbstractContextManager[object], set_stance("force_eager"))
+    dynamo = importlib.import_module("torch._dynamo")
+    return _attribute_for_the_call(dynamo.config, "disable", True)
 
 
 @contextmanager

@@ -2494,12 +2494,14 @@ def without_second_derivative(error: RuntimeError, needs: str, instead: str) -> 
         A ``ValueError`` naming the operation, what to use instead and how to replace the
         operation; ``error`` itself when it is about something else.
     """
-    if "does not currently support double backward" in str(error):  # torch.compile's code
+    if "does not currently support double backward" in str(error):  # aot_autograd's code
+        # (torch.compile'd modules and functions run eagerly for the call, guard.py
+        # compiled_modules_eager; what aot_autograd compiled without dynamo does not)
         return ValueError(
-            f"{needs}, and code compiled by torch.compile (aot_autograd) has no second "
-            f"derivative: {instead}, or call the function uncompiled inside the forward "
-            "(compiled modules, torch.compile(module) and module.compile(), are run eagerly "
-            "already; a function compiled with torch.compile is not)")
+            f"{needs}, and code compiled by aot_autograd (functorch.compile.aot_function or "
+            f"aot_module) has no second derivative: {instead}, or call the function "
+            "uncompiled (torch.compile'd modules and functions are run eagerly for the call "
+            "already)")
     found = re.search(r"derivative for (\S+) is not implemented", str(error))
     if found is None:
         return error
