@@ -1811,6 +1811,18 @@ def first_floating(output: Any) -> Tensor | None:
                  if isinstance(leaf, Tensor) and leaf.is_floating_point()), None)
 
 
+def all_entries(tensor: Tensor) -> int:
+    """A tensor's entries over every ``vmap`` level it is batched at (inside ``vmap`` a tensor's
+    ``numel`` is one example's: a per-token MLP under ``vmap`` over 65,536 tokens had its sums
+    counted 8 long, their float32 check kept the fixed tolerance, and ``fisher`` was refused as
+    mixing the samples; probe 194)."""
+    functorch: Any = getattr(torch._C, "_functorch", None)
+    if hasattr(functorch, "is_functorch_wrapped_tensor"):
+        while functorch.is_functorch_wrapped_tensor(tensor):
+            tensor = functorch.get_unwrapped(tensor)
+    return tensor.numel()
+
+
 class OperationSizes(OwnMode):
     """Records, for each of ``params`` (by id), the terms its gradient sums an entry in the
     operations that take it (outermost: an operation's own inner calls are not seen; the
@@ -1837,8 +1849,9 @@ class OperationSizes(OwnMode):
         if leaf is not None:
             contraction = getattr(func, "__name__", "") in _CONTRACTIONS
             for param in taken:
-                terms = (sum_terms(leaf.numel(), [param]) if contraction
-                         else leaf.numel() // max(1, param.numel()))
+                entries = all_entries(leaf)
+                terms = (sum_terms(entries, [param]) if contraction
+                         else entries // max(1, param.numel()))
                 self.terms[id(param)] = self.terms.get(id(param), 0) + terms
         return result
 
@@ -1861,16 +1874,20 @@ class OutputSizes:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             leaf = first_floating(output)
             if leaf is not None:
-                self.entries[name] = self.entries.get(name, 0) + leaf.numel()
+                self.entries[name] = self.entries.get(name, 0) + all_entries(leaf)
         return hook
 
     def terms(self, group: str, params: Sequence[Tensor]) -> int | None:
-        """The terms a group's gradients sum an entry (:func:`sum_terms`): by its module's
-        output, else the most of its parameters' operations' (None where neither was seen)."""
-        if group in self.entries:
-            return sum_terms(self.entries[group], params)
-        return max((self.operations.terms[id(p)] for p in params
-                    if id(p) in self.operations.terms), default=None)
+        """The terms a group's gradients sum an entry (:func:`sum_terms`): the more of its
+        module's output's and of its parameters' operations' (None where neither was seen). (A
+        module that pools inside its forward returns fewer entries than its operations sum: by
+        its output alone, a float32 ggn over 65,536 tokens was refused as mixing its samples;
+        probe 194.)"""
+        by_operations = max((self.operations.terms[id(p)] for p in params
+                             if id(p) in self.operations.terms), default=None)
+        if group not in self.entries:
+            return by_operations
+        return max(sum_terms(self.entries[group], params), by_operations or 0)
 
     def remove(self) -> None:
         for handle in self.handles:
