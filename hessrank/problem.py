@@ -651,7 +651,10 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
     if finite and isinstance(value, Tensor) and value.numel() == 1:
         _refuse_all_ignored(loss_fn, value, targets)
     check_loss(value, finite, targets)
-    if outputs.requires_grad and not value.requires_grad:
+    # (under no_grad the loss has no graph whatever it is: outputs that have one, a forward
+    # taking a gradient inside enable_grad, had ggn told its plain MSELoss was detached;
+    # probe 194)
+    if outputs.requires_grad and torch.is_grad_enabled() and not value.requires_grad:
         raise ValueError(
             "loss_fn returned a value without a graph to the outputs (detached, computed under "
             "torch.no_grad(), through .item() or NumPy, or a constant such as "
@@ -1706,7 +1709,9 @@ def finite_difference(first: Tensor, second: Tensor) -> float:
     """The largest ``|first - second|`` of two equally shaped tensors where they are finite; inf
     where their NaN or infinite entries differ (a model that is NaN on one sample, as one that
     standardises over its batch, is NaN there in every pass and every process)."""
-    first, second = first.double(), second.double()
+    # (detached: outputs a forward computed with a graph under no_grad, taking a gradient
+    # inside enable_grad, had torch warn of converting a tensor that requires grad; probe 194)
+    first, second = first.detach().double(), second.detach().double()
     for odd in (torch.isnan, torch.isposinf, torch.isneginf):
         if not torch.equal(odd(first), odd(second)):
             return math.inf

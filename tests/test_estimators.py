@@ -6,6 +6,7 @@ import copy
 import functools
 import re
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -1014,6 +1015,15 @@ class _EnergyGradient(nn.Module):
         return force[:, :3]
 
 
+class _EnergyGradientWithGrad(_EnergyGradient):
+    """The same, its gradient taken inside ``torch.enable_grad()`` (outputs with a graph under
+    ``torch.no_grad()`` too)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            return super().forward(x)
+
+
 def _flat(tensors: tuple[torch.Tensor | None, ...], params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1)
                       for p, t in zip(params, tensors, strict=True)])
@@ -1050,19 +1060,27 @@ def _energy_references(model: nn.Module, x: torch.Tensor, y: torch.Tensor
             "fisher": fisher.numpy()}
 
 
-@pytest.mark.parametrize("method", ["exact", "ggn", "fisher"])
+@pytest.mark.parametrize("model_type", [_EnergyGradient, _EnergyGradientWithGrad])
+@pytest.mark.parametrize("method", ["exact", "ggn", "fisher", "ggn_lanczos"])
 @pytest.mark.parametrize("as_data_set", [False, True], ids=["one batch", "a data set"])
-def test_a_forward_that_differentiates_is_analysed(method: str, as_data_set: bool):
+def test_a_forward_that_differentiates_is_analysed(method: str, as_data_set: bool,
+                                                   model_type: type[nn.Module]):
     """The checks' forward passes run without a graph (torch.no_grad()); a forward that takes
     a gradient itself then failed ('element 0 of tensors does not require grad'): `ggn` on one
-    batch, every method on a data set (probe 62). Such a pass now runs again with a graph."""
-    model = _EnergyGradient()
+    batch, every method on a data set (probe 62). Such a pass now runs again with a graph.
+    One that takes it inside ``torch.enable_grad()`` returns outputs with a graph there, and
+    ``ggn`` and ``ggn_lanczos`` had refused its loss as detached, and torch warned of a tensor
+    that requires grad converted to a number (probe 194)."""
+    model = model_type()
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(12, 4, generator=generator, dtype=torch.float64)
     y = torch.randint(0, 3, (12,), generator=generator)
     batch = list(zip(x.split(4), y.split(4))) if as_data_set else (x, y)
-    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method)
-    expected = eigenvalues_by_magnitude(_energy_references(model, x, y)[method])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method)
+    expected = eigenvalues_by_magnitude(
+        _energy_references(model, x, y)[method.removesuffix("_lanczos")])
     assert_spectra_close(result.eigenvalues, expected, count=6)
 
 
