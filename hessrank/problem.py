@@ -36,6 +36,7 @@ from hessrank.guard import (
     is_compile_wrapper,
     preserved_state,
     raise_if_signalled,
+    saved_tensor_hooks_off,
 )
 from hessrank.host import host_floats
 
@@ -368,6 +369,13 @@ class CurvatureProblem:
 
 #: What autograd says when a forward differentiates a tensor that has no graph.
 _GRAPHLESS = "does not require grad and does not have a grad_fn"
+#: What torch.func's transforms say under saved-tensor hooks.
+_REFUSES_SAVED_HOOKS = "don't yet support saved tensor hooks"
+#: The note of a forward run without the hooks that measure its graph.
+_UNCOUNTED_GRAPH = ("the forward takes torch.func transforms (grad, vjp, jacrev), which refuse "
+                    "saved-tensor hooks: its passes with a graph ran without hessrank's, which "
+                    "measure the graph, so the memory budget's refined checks did not count "
+                    "their graphs")
 
 
 def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor], mode: str,
@@ -393,16 +401,30 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
         try:
             outputs = model(*args, **kwargs)
         except RuntimeError as error:
-            if torch.is_grad_enabled() or _GRAPHLESS not in str(error):
+            if _REFUSES_SAVED_HOOKS in str(error):
+                # torch.func's transforms inside the forward (a force field's grad of its
+                # energy) refuse any saved-tensor hooks, the graph's measure among them (every
+                # method had failed with torch's message; probe 194): the pass again without
+                # them, from the same draws (autograd checks its saved tensors' versions
+                # itself then)
+                before.restore()
+                private.restore()
+                with saved_tensor_hooks_off():
+                    outputs = model(*args, **kwargs)
+                if notes is not None and _UNCOUNTED_GRAPH not in notes:
+                    notes.append(_UNCOUNTED_GRAPH)
+            elif torch.is_grad_enabled() or _GRAPHLESS not in str(error):
                 raise
-            # A forward that differentiates (a force field's -dE/dx, a gradient penalty) needs
-            # a graph where the caller's pass wants none (a check's, under torch.no_grad()):
-            # run again from the same draws with one, its outputs detached.
-            before.restore()
-            private.restore()
-            with torch.enable_grad():
-                outputs = tree_map(lambda leaf: leaf.detach() if isinstance(leaf, Tensor)
-                                   else leaf, model(*args, **kwargs))
+            else:
+                # A forward that differentiates (a force field's -dE/dx, a gradient penalty)
+                # needs a graph where the caller's pass wants none (a check's, under
+                # torch.no_grad()): run again from the same draws with one, its outputs
+                # detached.
+                before.restore()
+                private.restore()
+                with torch.enable_grad():
+                    outputs = tree_map(lambda leaf: leaf.detach() if isinstance(leaf, Tensor)
+                                       else leaf, model(*args, **kwargs))
     except RuntimeError as error:
         raise_if_signalled(error)
         labelled = labelled_inputs(args, kwargs)
@@ -1816,15 +1838,21 @@ def first_floating(output: Any) -> Tensor | None:
                  if isinstance(leaf, Tensor) and leaf.is_floating_point()), None)
 
 
+def transformed(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.func`` transform's wrapper (inside ``vmap``, ``grad``,
+    ``jacrev``), which must not escape its transform."""
+    functorch: Any = getattr(torch._C, "_functorch", None)
+    return bool(hasattr(functorch, "is_functorch_wrapped_tensor")
+                and functorch.is_functorch_wrapped_tensor(tensor))
+
+
 def all_entries(tensor: Tensor) -> int:
     """A tensor's entries over every ``vmap`` level it is batched at (inside ``vmap`` a tensor's
     ``numel`` is one example's: a per-token MLP under ``vmap`` over 65,536 tokens had its sums
     counted 8 long, their float32 check kept the fixed tolerance, and ``fisher`` was refused as
     mixing the samples; probe 194)."""
-    functorch: Any = getattr(torch._C, "_functorch", None)
-    if hasattr(functorch, "is_functorch_wrapped_tensor"):
-        while functorch.is_functorch_wrapped_tensor(tensor):
-            tensor = functorch.get_unwrapped(tensor)
+    while transformed(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
     return tensor.numel()
 
 

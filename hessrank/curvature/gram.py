@@ -66,6 +66,7 @@ from hessrank.problem import (
     repeat_pass,
     sum_terms,
     sums_tolerance,
+    transformed,
     untested_mixing,
     unused_parameters,
     unused_parameters_note,
@@ -150,6 +151,13 @@ class _Capture:
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             self.calls[name] += 1
+            if any(transformed(leaf) for leaf in tree_flatten((args, kwargs, output))[0]
+                   if isinstance(leaf, Tensor)):
+                # called inside a torch.func transform (a force field's grad of its energy):
+                # its tensors must not leave it, and the rule's factors had failed with torch's
+                # "tensor may have escaped" (probe 194); the general path takes the layer
+                self.calls[name] += 1
+                return
             self.arguments[name] = (args, kwargs)
             layer_input = args[0] if args else kwargs.get(_first_parameter(module))
             if isinstance(layer_input, PackedSequence):
