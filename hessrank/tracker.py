@@ -550,16 +550,28 @@ def _steps_by_method(records: Iterable[Mapping[str, Any]]) -> dict[str, list[int
 
 
 #: What a record says of the measurement's configuration, which a log's trajectory holds fixed.
-_CONFIGURATION = ("num_params", "threshold")
+_CONFIGURATION = ("num_params", "threshold", "rtol")
 
 
 def _refuse_other_configuration(path: Path, methods: Iterable[str],
-                                configuration: Callable[[str], Mapping[str, object]]) -> None:
+                                configuration: Callable[[str], Mapping[str, object]],
+                                before: int | None = None) -> bool:
     """Raise where the log at ``path`` (if any, and a log) holds measurements of one of
     ``methods`` of another configuration than ``configuration(method)`` gives (``num_params``,
-    ``threshold``; a value None is not known before the first measurement, a lazy module's
-    size), asked only where the log has a record of the method to compare with: its last one
-    that has them.
+    ``threshold``, ``rtol``; a value None is not known before the first measurement, a lazy
+    module's size, or not set, the default ``rtol``), asked only where the log has a record of
+    the method to compare with.
+
+    With ``before`` (the step a resumed run counts from), its last record before that step is
+    compared: the later ones are the abandoned trajectory's, which the resume moves aside. With
+    ``before`` None (no step known yet), a log that holds the configuration at some record is
+    not refused (a layer frozen after the checkpoint the run resumes from: its later records
+    differ, and an appending run had been refused; probe 195): that is asked again, of the
+    records before the resumed step, once it is known.
+
+    Returns:
+        Whether a record of another configuration was let pass, to be asked again with
+        ``before``.
 
     Raises:
         ValueError: naming the method, the fields, their values there and here, and the fix.
@@ -567,25 +579,34 @@ def _refuse_other_configuration(path: Path, methods: Iterable[str],
     try:
         records = _logged_records(path) if path.is_file() else []
     except (OSError, ValueError):  # the sink names what is wrong with the file
-        return
-    last = {record["method"]: record for record in records
-            if all(key in record for key in _CONFIGURATION)}
+        return False
+    configured = [record for record in records if all(key in record for key in _CONFIGURATION)
+                  and (before is None or record["step"] < before)]
+    pending = False
     for method in methods:
-        there = last.get(method)
-        if there is None:
-            continue
         expected = configuration(method)
-        differ = [key for key in _CONFIGURATION
-                  if expected[key] is not None and there[key] != expected[key]]
-        if differ:
-            shown = "; ".join(f"{key} {there[key]!r} there, {expected[key]!r} here"
-                              for key in differ)
-            raise ValueError(
-                f"log {str(path)!r} holds {method} measurements of another configuration "
-                f"({shown}; its last at step {there['step']}): appended, the two runs would "
-                "read as one trajectory, with a jump that is the configuration's. Give this "
-                "run another log=, or the same configuration as the logged one (params=, "
-                "threshold=)")
+
+        def differ(record: Mapping[str, Any], expected: Mapping[str, object] = expected
+                   ) -> list[str]:
+            return [key for key in _CONFIGURATION
+                    if expected[key] is not None and record[key] != expected[key]]
+
+        logged = [record for record in configured if record["method"] == method]
+        if not logged or not differ(logged[-1]):
+            continue
+        if before is None and any(not differ(record) for record in logged):
+            pending = True
+            continue
+        there = logged[-1]
+        shown = "; ".join(f"{key} {there[key]!r} there, {expected[key]!r} here"
+                          for key in differ(there))
+        raise ValueError(
+            f"log {str(path)!r} holds {method} measurements of another configuration "
+            f"({shown}; its last at step {there['step']}): appended, the two runs would "
+            "read as one trajectory, with a jump that is the configuration's. Give this "
+            "run another log=, or the same configuration as the logged one (params=, "
+            "threshold=, rtol=)")
+    return pending
 
 
 #: The open files that hold this process's log locks (a child forked from it closes its
@@ -1084,6 +1105,10 @@ class Tracker:
         self._warned_passed = False  # of scheduled steps that step() passed over
         #: the parameters' versions (their in-place updates) at the last step() with step=
         self._last_versions: tuple[int, list[Tensor]] | None = None
+        #: the methods due at the last counted step that have no record of it yet (its
+        #: measurement cut short: retried by a step() of it with no update since)
+        self._unfinished: list[str] = []
+        self._unfinished_versions: tuple[int, list[Tensor]] | None = None
         self._counted = 0  # step() calls so far (updates of the model, as far as we know)
         #: method -> the step of its last record and the step() calls before it
         self._recorded: dict[str, tuple[int, int]] = {}
@@ -1095,8 +1120,12 @@ class Tracker:
         self._last_cost: float | None = None
         self._last_end = 0.0  # when the last measurement ended (the clock's reading)
         self._closed = False
+        #: where the log's configuration is asked again, of the records before the resumed
+        #: step, once it is known (:func:`_refuse_other_configuration`)
+        self._configuration_pending = False
         if log is not None and append:  # before any sink is made (a writer left open)
-            _refuse_other_configuration(Path(log), self.methods, self._configuration)
+            self._configuration_pending = _refuse_other_configuration(
+                Path(log), self.methods, self._configuration)
         self.sinks: list[Sink] = list(sinks)
         if tensorboard is not None:
             self.sinks.append(TensorBoardSink(tensorboard))
@@ -1174,6 +1203,9 @@ class Tracker:
         if self._closed:
             raise ValueError("this tracker is closed")
         index = self._next_step if step is None else _step_number(step, "step")
+        if self._configuration_pending:
+            self._ask_configuration_again(
+                index if self._resume_from is None else min(index, self._resume_from))
         if self._resume_from is None:  # (a first step interrupted before it counted: the
             self._resume_from = index  # next one resumed there, past the records of this one)
         if self.eval_batch is None:
@@ -1181,6 +1213,16 @@ class Tracker:
                 raise TypeError("step() needs the batch, or create the Tracker with eval_batch=")
             _check_batch(batch, "batch")
         versions = None if step is None else _versions(self.model)
+        if self._unfinished and step in (None, self._last_step) and _same_versions(
+                _versions(self.model) if versions is None else versions,
+                self._unfinished_versions):
+            # the last counted step again, its measurement cut short (an error raised, a
+            # Ctrl-C) and no update since: the loop retries it. Its methods not recorded are
+            # measured at it (a retry had been taken for a micro-batch and measured nothing,
+            # or, without step=, counted as the next step, every later record one step off;
+            # probe 195)
+            return self.measure(None if self.eval_batch is not None else batch,
+                                step=self._last_step, methods=list(self._unfinished))
         if (step is not None and index == self._last_step
                 and _same_versions(versions, self._last_versions)):
             # another micro-batch of the step counted last (gradient accumulation): no update
@@ -1190,6 +1232,7 @@ class Tracker:
             # (a step= per epoch, given at every batch, had been dropped silently; probe 139)
             return []
         self._last_versions = versions
+        self._unfinished = []  # (a step counted: the last one's retry is past)
         if self._counted == 0 and step is None:
             # the log holds the measured steps only: one after its last is where training
             # resumed only if the run stopped right after that measurement (resumed from step
@@ -1232,6 +1275,8 @@ class Tracker:
             self._start = self._clock()
         if not self.due(index):
             return []
+        self._unfinished = list(self.methods)  # each leaves it once its record is written
+        self._unfinished_versions = _versions(self.model) if versions is None else versions
         return self.measure(None if self.eval_batch is not None else batch, step=index)
 
     def measure(
@@ -1277,6 +1322,8 @@ class Tracker:
                     f"measure() without step= before any step() on a resumed log records at "
                     f"step {index}, the log's last record's, redoing it", "tracker.measure("
                     "step=global_step)")
+        if self._configuration_pending:  # (the records up to the measured step)
+            self._ask_configuration_again(index + 1)
         if isinstance(batch, list):  # a DataLoader's batch, [inputs, targets]
             batch = tuple(batch)
         start = self._clock()
@@ -1301,11 +1348,22 @@ class Tracker:
                 f"{remedy}, or records will carry other steps than their models'",
                 RuntimeWarning, stacklevel=_user_stacklevel())
 
+    def _ask_configuration_again(self, before: int) -> None:
+        """The log's configuration asked again of its records before ``before``, the step the
+        run resumes from (:func:`_refuse_other_configuration`), once, before any
+        measurement."""
+        if self.log_path is not None:
+            _refuse_other_configuration(self.log_path, self.methods, self._configuration,
+                                        before=before)
+        self._configuration_pending = False
+
     def _configuration(self, method: str) -> dict[str, object]:
         """What ``method``'s records will say of the configuration (:data:`_CONFIGURATION`)."""
         options = self._options_for(method)
+        rtol = options.get("rtol")
         return {"num_params": selected_size(unwrap_model(self.model)[0], options.get("params")),
-                "threshold": float(options.get("threshold", _DEFAULT_THRESHOLD))}
+                "threshold": float(options.get("threshold", _DEFAULT_THRESHOLD)),
+                "rtol": None if rtol is None else float(rtol)}
 
     def _options_for(self, method: str) -> dict[str, Any]:
         """The keyword arguments of :func:`hessrank.effective_rank` for ``method``: the
@@ -1355,6 +1413,8 @@ class Tracker:
         # record the loop went on from out of the log (probe 153)
         with deferred_interrupts():
             self._recorded[method] = (step, self._counted)
+            if step == self._last_step and method in self._unfinished:
+                self._unfinished.remove(method)
             self.records.append(measurement.record)
             _every_sink(self.sinks, lambda sink: sink.write(measurement.record))
         return measurement

@@ -294,6 +294,103 @@ def test_appending_a_run_of_another_configuration_is_refused(tmp_path: Path, res
 
 
 
+def test_an_explicit_rtol_other_than_the_log_s_is_refused(tmp_path: Path) -> None:
+    """Appending with another rtol= had been accepted: the numerical rank dropped from 20 to 13
+    at the resume, and the plot joined the two runs into one line (probe 195)."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log = tmp_path / "r.jsonl"
+    with hessrank.Tracker(_net().eval(), CE, every=1, log=log, rtol=1e-6) as tracker:
+        tracker.step(batch)
+    before = log.read_text()
+    with pytest.raises(ValueError, match=r"rtol 1e-06 there, 0.001 here.*rtol="):
+        hessrank.Tracker(_net().eval(), CE, every=1, log=log, append=True, rtol=1e-3)
+    assert log.read_text() == before
+    with hessrank.Tracker(_net().eval(), CE, every=1, log=log, append=True,
+                          rtol=1e-6) as tracker:
+        tracker.step(batch)
+    assert [r["step"] for r in _read(log)] == [0, 1]
+
+
+@pytest.mark.parametrize("resumed_at", [4, 6])
+def test_a_run_resumed_before_its_configuration_changed_appends(tmp_path: Path,
+                                                                resumed_at: int) -> None:
+    """A run froze its first layer at step 5 and was killed at 7; resumed from the checkpoint
+    of step 3, before the freeze, into the same log, it had been refused for the records of
+    steps 5-7 ("num_params 155 there, 239 here"), exactly those the resume moves aside
+    (probe 195). The records before the step it resumes from are compared: resumed at 4 it
+    appends; resumed at 6, after the freeze, unfrozen, it is refused before any measurement,
+    the log as it was."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log = tmp_path / "f.jsonl"
+    model = _net().eval()
+    with hessrank.Tracker(model, CE, every=1, log=log) as tracker:
+        for step in range(8):
+            if step == 5:
+                model[0].requires_grad_(False)
+            tracker.step(batch, step=step)
+    before = log.read_text()
+    tracker = hessrank.Tracker(_net().eval(), CE, every=1, log=log, append=True)
+    with tracker:
+        if resumed_at == 6:
+            with pytest.raises(ValueError, match="num_params 155 there, 239 here.*step 5"):
+                tracker.step(batch, step=resumed_at)
+            assert log.read_text() == before and not tracker.records
+            return
+        with pytest.warns(RuntimeWarning, match="resumes fisher at step 4"):
+            tracker.step(batch, step=resumed_at)
+    # (fisher's records of steps 4-7 moved aside, the resumed step's own after the others)
+    assert [(r["step"], r["num_params"]) for r in _read(log)] == [(step, 239)
+                                                                   for step in range(5)]
+
+
+class _ArmingSink:
+    """A sink that, once fisher's record of step 2 is written, arms a forward hook raising
+    ``RuntimeError`` at the model's next forward (exact's measurement)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.armed = False
+        model.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("out of memory (simulated)")
+
+    def write(self, record: dict) -> None:
+        self.armed = record["method"] == "fisher" and record["step"] == 2
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("numbered", [True, False], ids=["step=", "counted"])
+def test_a_step_whose_measurement_failed_is_measured_when_retried(tmp_path: Path,
+                                                                  numbered: bool) -> None:
+    """A loop that catches a measurement's error and calls step() again for the same step: with
+    step= the retry had been taken for a micro-batch and step 2 never measured; without it, it
+    counted as step 3, every later record one step off (probe 195). A step() with no update
+    since measures the methods that have no record of the step, at it."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    log = tmp_path / "t.jsonl"
+    model = _net().eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    failures = []
+    with hessrank.Tracker(model, CE, ("fisher", "exact"), every=2, log=log,
+                          sinks=[_ArmingSink(model)]) as tracker:
+        for step in range(5):
+            optimizer.zero_grad()
+            CE(model(batch[0]), batch[1]).backward()
+            optimizer.step()
+            try:
+                tracker.step(batch, **({"step": step} if numbered else {}))
+            except RuntimeError:
+                failures.append(step)
+                tracker.step(batch, **({"step": step} if numbered else {}))  # the retry
+    assert failures == [2]
+    assert [(r["step"], r["method"]) for r in _read(log)] == [
+        (0, "fisher"), (0, "exact"), (2, "fisher"), (2, "exact"), (4, "fisher"), (4, "exact")]
+
+
 def _frozen_first_layer() -> nn.Sequential:
     model = _net()
     model[0].weight.requires_grad_(False)
