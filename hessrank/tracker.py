@@ -16,6 +16,7 @@ checkpoints of ``hessrank compare --checkpoints``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import math
@@ -735,7 +736,18 @@ class TensorBoardSink:
             raise ImportError(
                 "Tracker(tensorboard=...) needs the tensorboard package: pip install tensorboard"
             ) from err
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+        Path(log_dir).mkdir(parents=True, exist_ok=True)  # (refused now where it cannot be)
+        self._make_writer = functools.partial(SummaryWriter, log_dir=str(log_dir))
+        self._writer: Any = None  # made at the first record (resume() may purge before it)
+        self._purge_step: int | None = None
+
+    def resume(self, step: int) -> None:
+        """The run resumes at ``step`` (a tracker appending to its log): the folder's points
+        at that step and later, the trajectory the run abandoned, are hidden from TensorBoard
+        (``SummaryWriter(purge_step=step)``), as the JSON log moves them aside (its curves had
+        gone back from step 7 to 5; probe 195). Before the first record only."""
+        if self._writer is None:
+            self._purge_step = step
 
     def write(self, record: dict[str, Any]) -> None:
         """Every number of ``record`` as a scalar at ``record['step']``; a failure as text.
@@ -743,6 +755,8 @@ class TensorBoardSink:
         Args:
             record: a :attr:`Measurement.record`.
         """
+        if self._writer is None:
+            self._writer = self._make_writer(purge_step=self._purge_step)
         step = record["step"]
         if "error" in record:
             self._writer.add_text(f"hessrank/{record['method']}/error", record["error"], step)
@@ -752,7 +766,8 @@ class TensorBoardSink:
 
     def close(self) -> None:
         """Flush and close the event file."""
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _check_options(options: Mapping[str, Any], where: str, methods: Sequence[str]) -> None:
@@ -1123,6 +1138,7 @@ class Tracker:
         #: where the log's configuration is asked again, of the records before the resumed
         #: step, once it is known (:func:`_refuse_other_configuration`)
         self._configuration_pending = False
+        self._append = append
         if log is not None and append:  # before any sink is made (a writer left open)
             self._configuration_pending = _refuse_other_configuration(
                 Path(log), self.methods, self._configuration)
@@ -1244,6 +1260,8 @@ class Tracker:
         if self._counted == 0:  # where training resumed, for a log appended to
             resumed = min(index, self._resume_from)
             for sink in self.sinks:
+                if isinstance(sink, TensorBoardSink) and self._append:
+                    sink.resume(resumed)
                 if isinstance(sink, JsonLinesSink):
                     for method in sink.resume(resumed, self.methods):
                         # a measure() before the loop at this step or later has left the log
@@ -1409,14 +1427,31 @@ class Tracker:
             warnings.warn(f"hessrank.Tracker: {method} recorded at step {step} after step "
                           f"{previous} {what}; count steps with step() or give increasing step= "
                           "values", RuntimeWarning, stacklevel=_user_stacklevel())
-        # in the records and in every sink, or in none: a Ctrl-C between the two had left a
-        # record the loop went on from out of the log (probe 153)
+        # in the records and in hessrank's sinks, or in none: a Ctrl-C between the two had
+        # left a record the loop went on from out of the log (probe 153). The caller's own
+        # sinks are written after, with Ctrl-C and signals let through: held back, a network
+        # logger that stalled had held a Ctrl-C and a preemption handler for as long (probe
+        # 195)
+        def write(sink: Sink) -> None:
+            sink.write(measurement.record)
+
+        own = [sink for sink in self.sinks if isinstance(sink, (JsonLinesSink, TensorBoardSink))]
+        failed: Exception | None = None
         with deferred_interrupts():
             self._recorded[method] = (step, self._counted)
             if step == self._last_step and method in self._unfinished:
                 self._unfinished.remove(method)
             self.records.append(measurement.record)
-            _every_sink(self.sinks, lambda sink: sink.write(measurement.record))
+            try:
+                _every_sink(own, write)
+            except Exception as error:  # noqa: BLE001 - raised once every sink has had its turn
+                failed = error
+        try:
+            _every_sink([sink for sink in self.sinks if sink not in own], write)
+        except Exception as error:  # noqa: BLE001 - the first sink's error is raised
+            failed = failed or error
+        if failed is not None:
+            raise failed
         return measurement
 
     def _warn_of_other_sizes(self, method: str, result: RankResult, step: int) -> None:

@@ -765,6 +765,34 @@ def test_tensorboard_sink_holds_the_records(tmp_path: Path) -> None:
     assert "hessrank/ggn/layers/4/rank" in events.Tags()["scalars"]
 
 
+def test_tensorboard_hides_the_abandoned_trajectory_of_a_resumed_run(tmp_path: Path) -> None:
+    """A run resumed at step 2 of a log that went to 3: the JSON log moved steps 2-3 aside, and
+    TensorBoard had kept them beside the new ones, its curves going back (probe 195). The
+    resumed run's writer purges them."""
+    pytest.importorskip("tensorboard", reason="TensorBoard sink: pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    batch = classification_batch(8, 6, 3, dtype=torch.float32)
+    options = {"every": 1, "log": tmp_path / "c.jsonl", "tensorboard": tmp_path / "tb"}
+    with hessrank.Tracker(_net().eval(), CE, **options) as tracker:
+        for step in range(4):
+            tracker.step(batch, step=step)
+    resumed = _net().eval()
+    with torch.no_grad():
+        resumed[0].weight.mul_(2.0)  # (another trajectory from step 2)
+    with pytest.warns(RuntimeWarning, match="resumes fisher at step 2"), hessrank.Tracker(
+            resumed, CE, append=True, **options) as tracker:
+        for step in range(2, 4):
+            tracker.step(batch, step=step)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    logged = {r["step"]: r["top_eigenvalue"] for r in _read(tmp_path / "c.jsonl")}
+    points = [(e.step, e.value) for e in events.Scalars("hessrank/fisher/top_eigenvalue")]
+    assert [step for step, _ in points] == [0, 1, 2, 3]
+    assert [value for _, value in points] == pytest.approx([logged[s] for s in range(4)],
+                                                           rel=1e-6)
+
+
 def test_lightning_callback_measures_on_the_trainers_steps(tmp_path: Path) -> None:
     lightning = pytest.importorskip("lightning", reason="the optional extra hessrank[lightning]")
 
@@ -1268,11 +1296,13 @@ class _InterruptingSink:
 
     def __init__(self) -> None:
         self.records: list[dict] = []
+        self.finished: list[int] = []  # the writes that ran to their end
 
     def write(self, record: dict) -> None:
         self.records.append(record)
         if len(self.records) == 2:
             signal.raise_signal(signal.SIGINT)
+        self.finished.append(record["step"])
 
     def close(self) -> None:
         pass
@@ -1280,8 +1310,9 @@ class _InterruptingSink:
 
 def test_a_ctrl_c_as_a_record_is_written_keeps_it_in_every_sink(tmp_path: Path) -> None:
     """A Ctrl-C after a record joined ``tracker.records`` but before the log had it: the loop
-    went on, and the log lacked that step for good (probe 153). The record goes to every sink
-    first; the KeyboardInterrupt follows."""
+    went on, and the log lacked that step for good (probe 153). The record goes to the log
+    first; the caller's sink gets the Ctrl-C as it comes, not held back (a stalled network
+    logger had held it as long; probe 195)."""
     log = tmp_path / "curvature.jsonl"
     batch = classification_batch(4, 6, 3, dtype=torch.float32)
     interrupting = _InterruptingSink()
@@ -1294,6 +1325,7 @@ def test_a_ctrl_c_as_a_record_is_written_keeps_it_in_every_sink(tmp_path: Path) 
     tracker.close()
     assert [record["step"] for record in tracker.records] == [0, 1, 2]
     assert [record["step"] for record in _read(log)] == [0, 1, 2]
+    assert interrupting.finished == [0, 2]
 
 
 #: (a schedule the loop's steps 0, 2, 4, ... pass over, what it measures; one they meet, what
