@@ -22,6 +22,7 @@ from contextlib import (
     ExitStack,
     _GeneratorContextManager,
     contextmanager,
+    nullcontext,
     suppress,
 )
 from dataclasses import dataclass
@@ -1352,7 +1353,10 @@ def compiled_modules_eager(model: nn.Module) -> Iterator[list[str]]:
 def _dynamo_eager() -> AbstractContextManager[object]:
     """Dynamo's stance "force_eager" inside the block (compiled callables run their original
     code, nothing is compiled, no frame is marked skipped); before torch 2.6, which has no
-    stances, ``torch._dynamo.config.disable``, which does the same."""
+    stances, ``torch._dynamo.config.disable``, which does the same. Nothing where dynamo is not
+    loaded: nothing is compiled then, and loading it takes seconds (probe 78)."""
+    if "torch._dynamo" not in sys.modules:
+        return nullcontext()
     set_stance = getattr(torch.compiler, "set_stance", None)
     if set_stance is not None:
         return cast(AbstractContextManager[object], set_stance("force_eager"))
