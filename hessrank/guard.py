@@ -22,7 +22,6 @@ from contextlib import (
     ExitStack,
     _GeneratorContextManager,
     contextmanager,
-    nullcontext,
     suppress,
 )
 from dataclasses import dataclass
@@ -1335,7 +1334,7 @@ def compiled_modules_eager(model: nn.Module) -> Iterator[list[str]]:
         # run eagerly for good, with every compiled module sharing its code, and a helper was
         # recompiled at each call (probe 193). Dynamo's stance is process-wide: other threads'
         # compiled code runs eagerly while the call does.
-        for_the_call.enter_context(_dynamo_eager())
+        for_the_call.enter_context(_DynamoEager.block())
         for name, module in model.named_modules():
             if getattr(module, "_compiled_call_impl", None) is not None:
                 for_the_call.enter_context(
@@ -1350,18 +1349,44 @@ def compiled_modules_eager(model: nn.Module) -> Iterator[list[str]]:
                "parameters, same function)"] if compiled else []
 
 
-def _dynamo_eager() -> AbstractContextManager[object]:
-    """Dynamo's stance "force_eager" inside the block (compiled callables run their original
-    code, nothing is compiled, no frame is marked skipped); before torch 2.6, which has no
-    stances, ``torch._dynamo.config.disable``, which does the same. Nothing where dynamo is not
-    loaded: nothing is compiled then, and loading it takes seconds (probe 78)."""
-    if "torch._dynamo" not in sys.modules:
-        return nullcontext()
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is not None:
-        return cast(AbstractContextManager[object], set_stance("force_eager"))
-    dynamo = importlib.import_module("torch._dynamo")
-    return _attribute_for_the_call(dynamo.config, "disable", True)
+class _DynamoEager:
+    """Dynamo's stance "force_eager" while any call is inside (compiled callables run their
+    original code, nothing is compiled, no frame is marked skipped); before torch 2.6, which
+    has no stances, ``torch._dynamo.config.disable``, which does the same. Nothing where dynamo
+    is not loaded: nothing is compiled then, and loading it takes seconds (probe 78).
+
+    The stance is the process's: the first call in sets it and the last out puts the caller's
+    back, under a lock, so calls in several threads that overlap leave it as it was (each
+    restoring what it found had left the process eager for good, the first out restoring the
+    caller's and the last the eager one it had found; probe 197)."""
+
+    _lock = threading.Lock()
+    _inside = 0
+    _restore: AbstractContextManager[object] | None = None
+
+    @classmethod
+    @contextmanager
+    def block(cls) -> Iterator[None]:
+        if "torch._dynamo" not in sys.modules:
+            yield
+            return
+        with deferred_interrupts(), cls._lock:
+            if cls._inside == 0:
+                set_stance = getattr(torch.compiler, "set_stance", None)
+                cls._restore = (
+                    cast(AbstractContextManager[object], set_stance("force_eager"))
+                    if set_stance is not None else _attribute_for_the_call(
+                        importlib.import_module("torch._dynamo").config, "disable", True))
+                cls._restore.__enter__()
+            cls._inside += 1
+        try:
+            yield
+        finally:
+            with deferred_interrupts(), cls._lock:
+                cls._inside -= 1
+                if cls._inside == 0 and cls._restore is not None:
+                    restore, cls._restore = cls._restore, None
+                    restore.__exit__(None, None, None)
 
 
 @contextmanager

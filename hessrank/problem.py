@@ -669,14 +669,23 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
             that have one.
     """
     outputs = tensor_outputs(outputs)
+    graphed = torch.is_grad_enabled()
     value = _loss_with_advice(loss_fn, outputs, targets)
+    if torch.is_grad_enabled() != graphed:  # (read by its graph, a loss that turned gradients
+        # off had been refused for it only where the call's outputs had one; probe 197)
+        torch.set_grad_enabled(graphed)
+        raise ValueError(
+            f"loss_fn turned gradient computation {'off' if graphed else 'on'} and left it so "
+            "(torch.set_grad_enabled outside a with block): the loss's graph, and every "
+            "computation after it, depend on it. Switch it within a with block "
+            "(with torch.no_grad(): ...), or not at all in the loss")
     if finite and isinstance(value, Tensor) and value.numel() == 1:
         _refuse_all_ignored(loss_fn, value, targets)
     check_loss(value, finite, targets)
     # (under no_grad the loss has no graph whatever it is: outputs that have one, a forward
     # taking a gradient inside enable_grad, had ggn told its plain MSELoss was detached;
     # probe 194)
-    if outputs.requires_grad and torch.is_grad_enabled() and not value.requires_grad:
+    if outputs.requires_grad and graphed and not value.requires_grad:
         raise ValueError(
             "loss_fn returned a value without a graph to the outputs (detached, computed under "
             "torch.no_grad(), through .item() or NumPy, or a constant such as "

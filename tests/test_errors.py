@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -764,6 +765,65 @@ def test_compiled_functions_and_losses_run_eagerly_for_the_call():
     calls.clear()
     compiled_model(x)
     assert calls == [1]
+
+
+def test_calls_overlapping_in_two_threads_leave_dynamo_s_stance_as_it_was():
+    """Thread A's call enters, B's enters, A's leaves, B's leaves: each had restored the stance
+    it found, B the "force_eager" A had set, and every function compiled afterwards ran
+    eagerly for good (probe 197)."""
+    import torch._dynamo  # (loaded, as a caller's torch.compile loads it)
+
+    events = {name: threading.Event() for name in ("a inside", "b inside", "a done")}
+
+    def call(model: nn.Module, wait: str, signal_: str, done: str | None) -> None:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not events[signal_].is_set():
+                events[signal_].set()
+                assert events[wait].wait(60)
+
+        handle = model.register_forward_hook(hook)
+        try:
+            hessrank.effective_rank(model, CE, classification_batch(8, 4, 3), method="fisher")
+        finally:
+            handle.remove()
+            if done is not None:
+                events[done].set()
+
+    first, second = mlp((4, 5, 3)), mlp((4, 5, 3))
+    threads = [threading.Thread(target=call, args=(first, "b inside", "a inside", "a done")),
+               threading.Thread(target=call, args=(second, "a done", "b inside", None))]
+    threads[0].start()
+    assert events["a inside"].wait(60)
+    threads[1].start()
+    for thread in threads:
+        thread.join(120)
+    assert events["a done"].is_set()
+    compiled: list[int] = []
+
+    def backend(graph: torch.fx.GraphModule, example: object) -> Callable[..., object]:
+        compiled.append(1)
+        return graph.forward
+
+    torch.compile(lambda z: z.sin() * 2, backend=backend)(torch.randn(3))
+    assert compiled == [1]
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos", "ggn", "fisher"])
+def test_a_loss_that_leaves_gradients_off_is_named(method):
+    """A loss that calls ``torch.set_grad_enabled(False)`` and returns: read by its graph, it
+    had been named only where the call's outputs had one, and fisher and exact met torch's
+    "element 0 of tensors does not require grad" (probe 197)."""
+    def leaving_gradients_off(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        torch.set_grad_enabled(False)
+        return nn.functional.mse_loss(outputs, targets)
+
+    model = mlp((4, 5, 3))
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randn(8, 3, dtype=torch.float64)
+    _check(model, lambda: hessrank.effective_rank(model, leaving_gradients_off, (x, y),
+                                                  method=method),
+           ValueError, r"loss_fn turned gradient computation off and left it so")
+    assert torch.is_grad_enabled()
 
 
 def test_anomaly_detection_is_off_for_the_call():
