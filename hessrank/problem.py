@@ -152,6 +152,14 @@ class CurvatureProblem:
     #: once for the problems derived from this one (shared like ``passes``)
     inputs_checked: list[bool] = field(default_factory=lambda: [False], repr=False,
                                        compare=False)
+    #: whether the forward takes torch.func transforms, which refuse saved-tensor hooks: its
+    #: passes then run without them (:func:`run_model`), once known (shared like ``passes``)
+    refuses_saved_hooks: list[bool] = field(default_factory=lambda: [False], repr=False,
+                                            compare=False)
+    #: what to forget of a pass that restarts without the hooks (records of its first part, a
+    #: capture's), entered by those who record it, for its time (:meth:`restarts_forget`)
+    _forgotten_on_restart: list[Callable[[], None]] = field(default_factory=list, repr=False,
+                                                            compare=False)
     #: the first pass's outputs in brief (:class:`OutputsPrint`), which every later pass over
     #: this batch must reproduce
     _first_print: OutputsPrint | None = field(init=False, repr=False, default=None)
@@ -224,7 +232,12 @@ class CurvatureProblem:
                 self.model, tuple(requiring(x) for x in self.args),
                 {key: requiring(x) for key, x in self.kwargs.items()}, self.mode), self.params)
             self.before_pass()
-        outputs = run_model(self.model, self.args, self.kwargs, self.mode, self.notes)
+        if self.refuses_saved_hooks[0]:  # (no part run twice, its hooks' records doubled)
+            with saved_tensor_hooks_off():
+                outputs = run_model(self.model, self.args, self.kwargs, self.mode, self.notes)
+        else:
+            outputs = run_model(self.model, self.args, self.kwargs, self.mode, self.notes,
+                                on_restart=self._restarted)
         if isinstance(outputs, Tensor) and outputs.is_floating_point():
             brief = OutputsPrint.of(outputs)
             if self._first_print is None:
@@ -235,6 +248,24 @@ class CurvatureProblem:
             self._graph_read = True
             self.add_custom_functions(outputs)
         return outputs
+
+    def _restarted(self) -> None:
+        """A pass restarted without saved-tensor hooks (:func:`run_model`): later ones start
+        so, and what its first part recorded is forgotten."""
+        self.refuses_saved_hooks[0] = True
+        for forget in self._forgotten_on_restart:
+            forget()
+
+    @contextmanager
+    def restarts_forget(self, forget: Callable[[], None]) -> Iterator[None]:
+        """Inside the block, ``forget()`` where a pass restarts without saved-tensor hooks: the
+        records its first part left (a capture's layers called twice had lost their rules, its
+        sums' lengths doubled; probe 197)."""
+        self._forgotten_on_restart.append(forget)
+        try:
+            yield
+        finally:
+            self._forgotten_on_restart.remove(forget)
 
     def add_custom_functions(self, value: Tensor) -> dict[type[torch.autograd.Function],
                                                           list[bool]]:
@@ -379,7 +410,8 @@ _UNCOUNTED_GRAPH = ("the forward takes torch.func transforms (grad, vjp, jacrev)
 
 
 def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor], mode: str,
-              notes: list[str] | None = None) -> Tensor:
+              notes: list[str] | None = None,
+              on_restart: Callable[[], None] | None = None) -> Tensor:
     """``model(*args, **kwargs)``, refused if the forward pass drew from a global random
     generator: the loss is then a random function (dropout inside a layer, MC dropout, noise
     injection), every pass of the call would see other draws, and its curvature is undefined.
@@ -388,6 +420,9 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     each pass, so that every pass draws what the model's next forward would: the curvature is
     the loss's at that draw (a note in ``notes`` says so), and the generators are left as they
     were.
+
+    A forward that takes torch.func transforms, which refuse saved-tensor hooks (the graph's
+    measure, :class:`GraphBytes`), runs again without them, ``on_restart()`` called first.
 
     Raises:
         ValueError: the pass drew random numbers, with the likely causes and the fix; or it
@@ -409,6 +444,8 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
                 # itself then)
                 before.restore()
                 private.restore()
+                if on_restart is not None:
+                    on_restart()
                 with saved_tensor_hooks_off():
                     outputs = model(*args, **kwargs)
                 if notes is not None and _UNCOUNTED_GRAPH not in notes:
@@ -1930,6 +1967,11 @@ class OutputSizes:
         if group not in self.entries:
             return by_operations
         return max(sum_terms(self.entries[group], params), by_operations or 0)
+
+    def forget(self) -> None:
+        """Forget every size recorded so far (a pass restarted)."""
+        self.entries.clear()
+        self.operations.terms.clear()
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -1098,6 +1098,36 @@ def test_a_forward_that_differentiates_is_analysed(method: str, as_data_set: boo
     assert_spectra_close(result.eigenvalues, expected, count=6)
 
 
+class _ProjectedEnergyGradient(nn.Module):
+    """A projection, then the gradient of an energy of it by ``torch.func.grad``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.project = nn.Linear(4, 4).double()
+        self.energy = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(torch.func.grad(lambda h: self.energy(h).squeeze()))(
+            self.project(x))
+
+
+def test_layers_before_a_torch_func_transform_keep_their_rule():
+    """The pass that meets the transform restarts without saved-tensor hooks: the layers run
+    before it had been recorded twice, lost their rule for the general path (up to 10 times
+    the memory), and had their sums counted twice (probe 197). Later passes start without the
+    hooks; the EF matches per-sample gradients."""
+    model = _ProjectedEnergyGradient()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 4, generator=generator, dtype=torch.float64)
+    y = torch.randn(12, 4, generator=generator, dtype=torch.float64)
+    result = hessrank.effective_rank(model, nn.MSELoss(), (x, y), "fisher")
+    assert result.paths["project.weight"] == "linear"
+    assert result.paths["energy.0.weight"] == "torch.func"
+    reference = reference_fisher(model, nn.MSELoss(), x, y, 1 / 12)
+    assert_spectra_close(result.eigenvalues, eigenvalues_by_magnitude(reference), count=6)
+
+
 def test_results_compare_and_hash_by_identity():
     """The generated __eq__ compared the eigenvalue arrays: ``a == b`` and ``a in [b]`` raised
     (an ambiguous truth value), ``hash(a)`` a TypeError (probe 90)."""

@@ -175,6 +175,12 @@ class _Capture:
                 self.outputs[name] = values if isinstance(output, tuple) else values[0]
         return hook
 
+    def forget(self) -> None:
+        """Forget every call recorded so far (a pass restarted)."""
+        for records in (self.inputs, self.outputs, self.edges, self.arguments):
+            records.clear()
+        self.calls = dict.fromkeys(self.calls, 0)
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
@@ -462,7 +468,10 @@ def compute_gram(
     sizes_of = OutputSizes(problem, [*groups, *claimed])
     graph = GraphBytes(problem)
     try:
-        with graph.counting(), sizes_of.operations:
+        # (the graph measured up to where the forward restarted is kept: what it measures
+        # without the hooks, nothing, would count less)
+        with (problem.restarts_forget(capture.forget), problem.restarts_forget(sizes_of.forget),
+              graph.counting(), sizes_of.operations):
             outputs = problem.forward()
     finally:
         capture.remove()
