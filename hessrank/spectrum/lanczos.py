@@ -547,17 +547,21 @@ def _ritz_pairs(alpha: np.ndarray, beta: np.ndarray, last_beta: float,
 
     nodes, vectors = eigh_tridiagonal(alpha, beta) if len(alpha) > 1 else (alpha, np.ones((1, 1)))
     residuals = np.abs(last_beta * vectors[-1])
+    if scale is None:
+        scale = float(np.abs(nodes).max())
+    return _RitzPairs(nodes, vectors, residuals, _converged(nodes, residuals, scale))
+
+
+def _converged(nodes: np.ndarray, residuals: np.ndarray, scale: float) -> np.ndarray:
+    """Which of the ascending Ritz values ``nodes`` are eigenvalues: a small residual against
+    the operator's ``scale`` and against the distance to the next Ritz value (else the node may
+    stand for a cluster of eigenvalues within the residual)."""
     gaps = np.full(len(nodes), np.inf)
     if len(nodes) > 1:
         spacing = np.diff(nodes)
         gaps = np.minimum(np.concatenate([[np.inf], spacing]), np.concatenate([spacing, [np.inf]]))
-    if scale is None:
-        scale = float(np.abs(nodes).max())
-    # An eigenpair: small residual against the operator's scale and against the distance to the
-    # next Ritz value (else the node may stand for a cluster of eigenvalues within the residual).
-    converged = ((residuals <= CONVERGED_RESIDUAL * max(scale, LEAST_SCALE))
-                 & (residuals <= GAP_FRACTION * gaps))
-    return _RitzPairs(nodes, vectors, residuals, converged)
+    return ((residuals <= CONVERGED_RESIDUAL * max(scale, LEAST_SCALE))
+            & (residuals <= GAP_FRACTION * gaps))
 
 
 def _copies_once(pairs: _RitzPairs) -> np.ndarray:
@@ -958,7 +962,7 @@ def _bootstrap_weights(quadrature: _Quadrature, draws: int, rng: np.random.Gener
 
 
 def _near(values: np.ndarray, radii: np.ndarray, value: float | np.ndarray,
-          radius: float | np.ndarray, slack: float) -> np.ndarray:
+          radius: float | np.ndarray, slack: float | np.ndarray) -> np.ndarray:
     """Which of ``values`` (known to within ``radii``: Ritz residuals) may be the eigenvalue
     ``value`` (within ``radius``): distinct eigenvalues are further apart, since deflation asks
     for a gap of ``1 / GAP_FRACTION`` residuals. ``slack`` allows for the rounding of the bases
@@ -1546,14 +1550,15 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float,
     left the eigenvalue free as too heavy weighed it by its probe, only when heavy: a checked
     6-fold eigenvalue averaged 6.68).
 
-    Two deflated nodes are one eigenvalue when :func:`_near` says so.
+    Two deflated nodes are one eigenvalue when :func:`_near` says so, except the checked run's,
+    each an eigenvalue of its own count, which each other run's nodes take one to one
+    (:func:`_one_to_one`).
     """
     slack = rounding_slack(eps, max(float(np.abs(q.nodes).max(initial=0.0))
                                      for q in quadratures))
     found: list[tuple[float, float, float]] = []  # (value, residual, count) per eigenvalue
     exact = 0  # how many of them have the repeat check's counts
     for q in quadratures:
-        earlier = len(found)
         for value, radius, count in zip(q.nodes[q.fixed], q.residuals[q.fixed],
                                         q.weights[q.fixed]):
             known = np.array(found).reshape(-1, 3)
@@ -1562,13 +1567,12 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float,
             # zero deflated in one run counted the null space once in every run)
             if _null(value, radius, slack):
                 continue
-            if not match.size:
+            if not match.size or checked and q is quadratures[0]:
+                # (each deflated node of the checked run is an eigenvalue of its own count, even
+                # within the rounding slack of another: a rounding restart's copy beside the
+                # repeat check's count counts too, 5 counted for 6 else; and close distinct
+                # eigenvalues each keep theirs, which other runs' nodes take one to one below)
                 found.append((float(value), float(radius), float(count)))
-            elif match[0] >= earlier and checked and q is quadratures[0]:
-                # two deflated copies in the checked run: both count (a rounding restart's copy
-                # beside the repeat check's count: 5 counted for 6)
-                first = found[int(match[0])]
-                found[int(match[0])] = (first[0], first[1], first[2] + float(count))
         if checked and q is quadratures[0]:
             exact = len(found)
     runs = len(quadratures)
@@ -1595,17 +1599,26 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float,
         fixed = q.fixed.copy()
         counts = np.ones(len(q.nodes))
         missing = []
+        taker = _one_to_one(q, found[:exact], slack)
         for index, ((value, radius, count), free) in enumerate(
                 zip(found, np.logical_or.reduce([repeated, is_sampled, left_free]))):
             here = _near(q.nodes, q.residuals, value, radius, slack)
             if free:
                 fixed &= ~here
-            elif index < exact and here.any():
-                # The check's count is all its copies': its nodes in this run take it, the first
-                # all of it.
-                fixed |= here
-                counts[here] = 0.0
-                counts[np.flatnonzero(here)[0]] = count
+            elif index < exact and taker[index] >= 0:
+                # The check's count is all its copies': the run's node nearest to it takes it.
+                # Its other nodes within the rounding slack keep their own counts: the slack
+                # (100 eps of the largest) can exceed the spacing of distinct small eigenvalues,
+                # each found once by the checked run or sampled here (a GGN of rank 36 whose
+                # smallest eigenvalues sit 5e-6 of the largest apart lost 3 of them in a later
+                # run, each zeroed beside a neighbour: numerical rank [33, 34.5] for 36; probe
+                # 198).
+                fixed[taker[index]] = True
+                counts[taker[index]] = count
+            elif index < exact:
+                # Its nodes here are its neighbours' (the checked run's nearer eigenvalues): it
+                # is missing.
+                missing.append((value, radius, count))
             elif (fixed & here).any():
                 continue  # each deflated node one eigenvalue (close ones are distinct pairs)
             elif here.any():
@@ -1630,6 +1643,34 @@ def _completed(quadratures: list[_Quadrature], dim: int, eps: float,
                     for (value, _, _), share, is_repeated in zip(found, shares, repeated)
                     if is_repeated))
     return completed, note
+
+
+def _one_to_one(quadrature: _Quadrature, found: list[tuple[float, float, float]], slack: float
+                ) -> np.ndarray:
+    """For each of ``found`` (``(value, residual, count)``, the checked run's eigenvalues), the
+    index of the node of ``quadrature`` that is that eigenvalue (-1: none), each node one
+    eigenvalue's at most, nearest first. A node is it where :func:`_near` says so, with the
+    rounding ``slack`` only for a node converged away from zero (deflated, or left free as too
+    heavy): an unconverged node, or the null space's, stands for the eigenvalues within its
+    residual, and a neighbour the slack reaches is not one of them (a later run's null-space node
+    at 2.9e-6 of the largest took a checked 1.4e-5, below the numerical rank's cut; an
+    unconverged 3.1e-5 took a checked 2.4e-5, its own eigenvalue then lost; probe 198)."""
+    taker = np.full(len(found), -1)
+    nodes, residuals = quadrature.nodes, quadrature.residuals
+    scale = max(float(np.abs(nodes).max(initial=0.0)), LEAST_SCALE)
+    converged = quadrature.fixed | (_converged(nodes, residuals, scale)
+                                    & (np.abs(nodes) > CONVERGED_RESIDUAL * scale))
+    slacks = np.where(converged, slack, 0.0)
+    candidates = sorted(
+        (abs(float(nodes[node]) - value), index, int(node))
+        for index, (value, radius, _) in enumerate(found)
+        for node in np.flatnonzero(_near(nodes, residuals, value, radius, slacks)))
+    used: set[int] = set()
+    for _, index, node in candidates:
+        if taker[index] < 0 and node not in used:
+            taker[index] = node
+            used.add(node)
+    return taker
 
 
 def _merge_close(nodes: np.ndarray, weights: np.ndarray, eps: float
@@ -1725,7 +1766,8 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
         small, hidden, hidden_mass = _hidden(quadrature, bound)
         trace_hidden = hidden_mass / math.sqrt(HIDDEN_SHARE)  # (HIDDEN_SHARE: the trace's)
         capped = bound < round(float(quadrature.weights.sum()))  # (the weights sum to dim)
-        unseen = tolerance < (quadrature.floor if capped else quadrature.resolution)
+        unseen = tolerance < (quadrature.floor / math.sqrt(HIDDEN_SHARE) if capped
+                              else quadrature.resolution)
         # Where the run guessed which nodes repeat, every allocation of the guessed counts is
         # as likely: the intervals hold them all.
         least, most = np.full(3, np.inf), np.full(3, -np.inf)
