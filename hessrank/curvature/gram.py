@@ -155,8 +155,9 @@ class _Capture:
                    if isinstance(leaf, Tensor)):
                 # called inside a torch.func transform (a force field's grad of its energy):
                 # its tensors must not leave it, and the rule's factors had failed with torch's
-                # "tensor may have escaped" (probe 194); the general path takes the layer
-                self.calls[name] += 1
+                # "tensor may have escaped" (probe 194); the general path takes the layer, as
+                # one whose input is not a tensor
+                self.inputs[name] = None
                 return
             self.arguments[name] = (args, kwargs)
             layer_input = args[0] if args else kwargs.get(_first_parameter(module))
