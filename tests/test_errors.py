@@ -1198,7 +1198,7 @@ def test_exact_over_budget_predicts_and_suggests(setup):
 
 
 class _ConvActivations(nn.Module):
-    """Few parameters (1,219 with 16 channels), large activations: convolutions over images."""
+    """Few parameters (1,043 with 16 channels), large activations: convolutions over images."""
 
     def __init__(self, channels: int = 16) -> None:
         super().__init__()
@@ -1435,7 +1435,10 @@ def test_budget_counts_the_copies_of_a_data_set(case):
     the call's copy of it, and a Gram method the joined batches: the last prediction before the
     work (each refusal raises the budget past the one before) is within a small margin of the
     peak a fresh process measures. A pass over a loader had peaked at 1.7 times it, and joining
-    the batches, which held every batch beside the joined copy, at about twice (probe 148)."""
+    the batches, which held every batch beside the joined copy, at about twice (probe 148).
+    The resident set measured can hold one batch more, freed but not yet returned by the
+    allocator: a pass over a loader peaked at 1.13-1.154 times the prediction in 2 of 9
+    processes, 0.87 in the others (probe 199)."""
     model, data, method, options = _data_set_case(case)
     budget = 1
     for _ in range(5):
@@ -1446,8 +1449,9 @@ def test_budget_counts_the_copies_of_a_data_set(case):
             budget = error.memory_bytes + 1
     measured = _fresh_peak("_data_set_peak", case)
     if measured is not None:  # Linux: the resident-set high-water mark
-        assert 0.5 * measured <= budget <= 1.5 * measured and measured <= 1.15 * budget, (
-            budget, measured)
+        batch_bytes = 128 * 8192 * 4  # (a batch's inputs)
+        assert 0.5 * measured <= budget <= 1.5 * measured, (budget, measured)
+        assert measured <= 1.05 * budget + batch_bytes, (budget, measured)
 
 
 def test_large_model_refused_before_any_work():
