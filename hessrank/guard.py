@@ -1446,6 +1446,10 @@ def saved_tensor_hooks_off() -> Iterator[list[str]]:
             "every backward pass approximate; they are back in place"])
     finally:
         with deferred_interrupts():
+            # the call's own hooks that a Ctrl-C left on the stack first (landing before a
+            # block's exit popped them, they had stayed under the caller's; probe 200)
+            while hooks._top_saved_tensors_default_hooks(False) is not None:
+                hooks._pop_saved_tensors_default_hooks()
             for pack, unpack in reversed(taken):
                 hooks._push_saved_tensors_default_hooks(pack, unpack)
             if disabled is not None:

@@ -2517,20 +2517,21 @@ class GraphBytes:
                 f"{tensor._version - version} time(s) after it was saved")
         return tensor
 
-    @contextmanager
-    def counting(self) -> Iterator[None]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            yield
+    def counting(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """The block whose saved tensors are counted. (The hooks' own context manager, not a
+        generator's: a Ctrl-C landing at a generator's exit left it suspended, and its hooks
+        were popped when it was collected, after the call, the caller's in their place;
+        probe 200. Hooks a Ctrl-C leaves on the stack go at the call's exit,
+        :func:`~hessrank.guard.saved_tensor_hooks_off`.)"""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     @classmethod
-    @contextmanager
-    def uncounted(cls) -> Iterator[None]:
+    def uncounted(cls) -> torch.autograd.graph.saved_tensors_hooks:
         """Within :meth:`counting`, passes that are no part of the graph counted (a trial):
         their saved tensors kept as :meth:`counting` keeps them, not counted (kept as they are,
         the float64 widening's trial leaked its graph at every operator build: 1.1 MiB a call
         of a four-batch ``lanczos``, 8 GB over a long GPT run)."""
-        with torch.autograd.graph.saved_tensors_hooks(_detached, cls._unpack):
-            yield
+        return torch.autograd.graph.saved_tensors_hooks(_detached, cls._unpack)
 
     @property
     def total(self) -> int:

@@ -1629,3 +1629,36 @@ def test_an_interrupt_once_ctrl_c_s_handler_is_back_leaves_no_signal_blocked() -
         assert signal.getsignal(signal.SIGUSR1) is handler
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("method", ["fisher", "exact", "lanczos"])
+def test_a_ctrl_c_as_the_graph_s_hooks_leave_keeps_the_caller_s_hooks(method: str) -> None:
+    """A Ctrl-C landing as the block that measures the graph left (before its hooks were popped):
+    the block, a generator, stayed suspended, its hooks under the caller's, and popped the
+    caller's once collected (probe 200). The call's exit takes what the call left on the stack
+    before it puts the caller's hooks back."""
+    import signal
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    batch = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    exit_code = torch.autograd.graph.saved_tensors_hooks.__exit__.__code__
+
+    def tracer(frame: Any, event: str, arg: object) -> None:
+        if (event == "call" and frame.f_code is exit_code and getattr(
+                frame.f_locals["self"].pack_hook, "__qualname__", "") == "GraphBytes._pack"):
+            sys.settrace(None)
+            signal.raise_signal(signal.SIGINT)
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, pack):
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method=method)
+        finally:
+            sys.settrace(None)
+        gc.collect()
+        assert torch._C._autograd._top_saved_tensors_default_hooks(False) == (pack, pack)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
