@@ -1370,23 +1370,27 @@ class _DynamoEager:
         if "torch._dynamo" not in sys.modules:
             yield
             return
-        with deferred_interrupts(), cls._lock:
-            if cls._inside == 0:
-                set_stance = getattr(torch.compiler, "set_stance", None)
-                cls._restore = (
-                    cast(AbstractContextManager[object], set_stance("force_eager"))
-                    if set_stance is not None else _attribute_for_the_call(
-                        importlib.import_module("torch._dynamo").config, "disable", True))
-                cls._restore.__enter__()
-            cls._inside += 1
-        try:
+        entered = False
+        try:  # (around the entry: a signal held back there is delivered as it ends)
+            with deferred_interrupts(), cls._lock:
+                if cls._inside == 0:
+                    set_stance = getattr(torch.compiler, "set_stance", None)
+                    restore = (
+                        cast(AbstractContextManager[object], set_stance("force_eager"))
+                        if set_stance is not None else _attribute_for_the_call(
+                            importlib.import_module("torch._dynamo").config, "disable", True))
+                    restore.__enter__()
+                    cls._restore = restore
+                cls._inside += 1
+                entered = True
             yield
         finally:
-            with deferred_interrupts(), cls._lock:
-                cls._inside -= 1
-                if cls._inside == 0 and cls._restore is not None:
-                    restore, cls._restore = cls._restore, None
-                    restore.__exit__(None, None, None)
+            if entered:
+                with deferred_interrupts(), cls._lock:
+                    cls._inside -= 1
+                    if cls._inside == 0 and cls._restore is not None:
+                        restore, cls._restore = cls._restore, None
+                        restore.__exit__(None, None, None)
 
 
 @contextmanager
@@ -1513,10 +1517,14 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
         # The attention kernels' switches keep the caller's values; put back on exit, they
         # stay so where an interruption skipped the exit of a block that set them inside
         # the call (second_order's sdpa_kernel).
-        for kernel in ("flash", "mem_efficient", "math", "cudnn"):
-            read = getattr(torch.backends.cuda, f"{kernel}_sdp_enabled")
-            for_the_call.enter_context(_set_for_the_call(
-                read, getattr(torch.backends.cuda, f"enable_{kernel}_sdp"), read()))
+        # Every backend sdpa_kernel sets, read and written through torch._C as it does
+        # ("overrideable" has no torch.backends switch, and an interrupted restore had left
+        # it off; probe 200).
+        for kernel in ("flash", "mem_efficient", "math", "cudnn", "overrideable"):
+            read = getattr(torch._C, f"_get_{kernel}_sdp_enabled", None)
+            if read is not None:
+                for_the_call.enter_context(_set_for_the_call(
+                    read, getattr(torch._C, f"_set_sdp_use_{kernel}"), read()))
         for device in sorted(devices):
             try:
                 enabled = torch.is_autocast_enabled(device)

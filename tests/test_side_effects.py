@@ -1662,3 +1662,80 @@ def test_a_ctrl_c_as_the_graph_s_hooks_leave_keeps_the_caller_s_hooks(method: st
         gc.collect()
         assert torch._C._autograd._top_saved_tensors_default_hooks(False) == (pack, pack)
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def _ctrl_c_at_call(name: str, nth: int) -> Any:
+    """A tracer that sends a real SIGINT at the ``nth`` call of a function named ``name``."""
+    import signal
+
+    calls = [0]
+
+    def tracer(frame: Any, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_name == name:
+            calls[0] += 1
+            if calls[0] == nth:
+                sys.settrace(None)
+                signal.raise_signal(signal.SIGINT)
+
+    return tracer
+
+
+def _interrupted(call: Any, tracer: Any) -> None:
+    """``call()`` under ``tracer``, a KeyboardInterrupt it raises swallowed."""
+    sys.settrace(tracer)
+    try:
+        call()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+
+
+@pytest.mark.parametrize("after", range(1, 12))
+def test_a_ctrl_c_as_dynamo_s_stance_is_set_leaves_it_as_it_was(after: int) -> None:
+    """A Ctrl-C landing after the call set dynamo's stance to force_eager and before the exit
+    that restores it was registered left it for good: every compiled function of the caller
+    then ran eagerly (7 of 11 landing points; probe 200)."""
+    import torch._dynamo  # (loaded, as a caller's torch.compile loads it)
+    from torch._dynamo import eval_frame
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    batch = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    seen = {"armed": False, "calls": 0}
+
+    def tracer(frame: Any, event: str, arg: object) -> None:
+        if event != "call":
+            return
+        if frame.f_code.co_name == "_set_stance" and not seen["armed"]:
+            seen["armed"] = True  # the call's stance set
+        elif seen["armed"]:
+            seen["calls"] += 1
+            if seen["calls"] == after:
+                sys.settrace(None)
+                import signal
+                signal.raise_signal(signal.SIGINT)
+
+    before = repr(eval_frame._stance)
+    _interrupted(lambda: hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, "fisher"),
+                 tracer)
+    assert repr(eval_frame._stance) == before
+
+
+@pytest.mark.parametrize("method", ["exact", "ggn_lanczos"])
+def test_a_ctrl_c_as_attention_kernels_are_put_back_leaves_every_backend(method: str) -> None:
+    """A Ctrl-C as torch's sdpa_kernel() put the attention backends back after a product left
+    the "overrideable" backend off: the call's exit put back four of the five (probe 200)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.TransformerEncoderLayer(
+        8, 2, dim_feedforward=8, dropout=0.0, batch_first=True), nn.Flatten(), nn.Linear(24, 3))
+    batch = torch.randn(6, 3, 4), torch.randint(0, 3, (6,))
+    kernels = [name for name in ("flash", "mem_efficient", "math", "cudnn", "overrideable")
+               if hasattr(torch._C, f"_get_{name}_sdp_enabled")]
+
+    def backends() -> list[bool]:
+        return [getattr(torch._C, f"_get_{name}_sdp_enabled")() for name in kernels]
+
+    before = backends()
+    _interrupted(lambda: hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method),
+                 _ctrl_c_at_call("_sdpa_kernel", 2))  # (its restore)
+    assert backends() == before
