@@ -45,6 +45,7 @@ from hessrank.guard import (
     ExitsHeldBack,
     differentiable,
     evaluation_mode,
+    one_call_at_a_time,
     preserved_state,
     raise_if_signalled,
     surfacing_signals,
@@ -370,7 +371,8 @@ def effective_rank(
                 raise ValueError("eigenvectors= is not available with process_group yet: compute "
                                  "them in one process on the gathered batch")
         start = time.perf_counter()
-        with (ExitsHeldBack() as exits,
+        with (one_call_at_a_time(),
+              ExitsHeldBack() as exits,
               preserved_state(model) as check_parameters,
               differentiable(model) as guard_notes,
               loss_evaluations(loss_fn),
@@ -946,7 +948,8 @@ def predict_exact_cost(
     check_count("eigenvectors", eigenvectors)
     settings = Settings(max_memory=64 * 2**30, max_seconds=float("inf"),
                         eigenvectors=int(eigenvectors))
-    with (ExitsHeldBack() as exits, preserved_state(model), differentiable(model),
+    with (one_call_at_a_time(), ExitsHeldBack() as exits, preserved_state(model),
+          differentiable(model),
           loss_evaluations(loss_fn), exits.from_here()):
         problem = build_problem(model, loss_fn, batch, params, "eval")
         with evaluation_mode(problem.model, "eval"):
@@ -997,7 +1000,8 @@ def gradient_overlap(
     if k is not None:
         check_count("k", k, "a count of eigenvectors", " (or None for the srank)")
     settings = _settings(threshold, None, max_memory, None, 0, False, False, eigenvectors=1)
-    with (ExitsHeldBack() as exits, preserved_state(model), differentiable(model),
+    with (one_call_at_a_time(), ExitsHeldBack() as exits, preserved_state(model),
+          differentiable(model),
           loss_evaluations(loss_fn), exits.from_here()):
         problem = build_problem(model, loss_fn, batch, params, "eval")
         if k is not None and k > problem.num_params:

@@ -1333,8 +1333,9 @@ def compiled_modules_eager(model: nn.Module) -> Iterator[list[str]]:
         # without J^T H_out J, silently), one traced under vmap had been marked skipped, and so
         # run eagerly for good, with every compiled module sharing its code, and a helper was
         # recompiled at each call (probe 193). Dynamo's stance is process-wide: other threads'
-        # compiled code runs eagerly while the call does.
-        for_the_call.enter_context(_DynamoEager.block())
+        # compiled code runs eagerly while the call does (calls themselves run one at a time,
+        # one_call_at_a_time).
+        for_the_call.enter_context(_dynamo_eager())
         for name, module in model.named_modules():
             if getattr(module, "_compiled_call_impl", None) is not None:
                 for_the_call.enter_context(
@@ -1349,48 +1350,47 @@ def compiled_modules_eager(model: nn.Module) -> Iterator[list[str]]:
                "parameters, same function)"] if compiled else []
 
 
-class _DynamoEager:
-    """Dynamo's stance "force_eager" while any call is inside (compiled callables run their
-    original code, nothing is compiled, no frame is marked skipped); before torch 2.6, which
-    has no stances, ``torch._dynamo.config.disable``, which does the same. Nothing where dynamo
-    is not loaded: nothing is compiled then, and loading it takes seconds (probe 78).
+#: Held by the call in progress (:func:`one_call_at_a_time`).
+_CALL_LOCK = threading.RLock()
 
-    The stance is the process's: the first call in sets it and the last out puts the caller's
-    back, under a lock, so calls in several threads that overlap leave it as it was (each
-    restoring what it found had left the process eager for good, the first out restoring the
-    caller's and the last the eager one it had found; probe 197)."""
 
-    _lock = threading.Lock()
-    _inside = 0
-    _restore: AbstractContextManager[object] | None = None
+@contextmanager
+def one_call_at_a_time() -> Iterator[None]:
+    """Calls from several threads run one after the other (a thread's nested call, from a hook
+    inside its own call, runs at once). A call sets process-wide settings (the attention fast
+    path, cuDNN, float32 precision, dynamo's stance, the random generators) for its time and
+    restores the values it found: two calls that overlapped had each restored what it found,
+    the last one out the first one's, and left the attention fast path off for the process
+    (test_calls_overlapping_in_two_threads_...; probe 197)."""
+    with _CALL_LOCK:
+        yield
 
-    @classmethod
-    @contextmanager
-    def block(cls) -> Iterator[None]:
-        if "torch._dynamo" not in sys.modules:
-            yield
-            return
-        entered = False
-        try:  # (around the entry: a signal held back there is delivered as it ends)
-            with deferred_interrupts(), cls._lock:
-                if cls._inside == 0:
-                    set_stance = getattr(torch.compiler, "set_stance", None)
-                    restore = (
-                        cast(AbstractContextManager[object], set_stance("force_eager"))
-                        if set_stance is not None else _attribute_for_the_call(
-                            importlib.import_module("torch._dynamo").config, "disable", True))
-                    restore.__enter__()
-                    cls._restore = restore
-                cls._inside += 1
-                entered = True
-            yield
-        finally:
-            if entered:
-                with deferred_interrupts(), cls._lock:
-                    cls._inside -= 1
-                    if cls._inside == 0 and cls._restore is not None:
-                        restore, cls._restore = cls._restore, None
-                        restore.__exit__(None, None, None)
+
+@contextmanager
+def _dynamo_eager() -> Iterator[None]:
+    """Dynamo's stance "force_eager" inside the block (compiled callables run their original
+    code, nothing is compiled, no frame is marked skipped); before torch 2.6, which has no
+    stances, ``torch._dynamo.config.disable``, which does the same. Nothing where dynamo is not
+    loaded: nothing is compiled then, and loading it takes seconds (probe 78). Set inside the
+    ``try`` that restores it, signals held back (torch's ``set_stance`` sets it as it is made:
+    a Ctrl-C before its restore was registered had left the process eager; probe 200)."""
+    if "torch._dynamo" not in sys.modules:
+        yield
+        return
+    restore: AbstractContextManager[object] | None = None
+    try:
+        with deferred_interrupts():
+            set_stance = getattr(torch.compiler, "set_stance", None)
+            entered = (cast(AbstractContextManager[object], set_stance("force_eager"))
+                       if set_stance is not None else _attribute_for_the_call(
+                           importlib.import_module("torch._dynamo").config, "disable", True))
+            entered.__enter__()
+            restore = entered
+        yield
+    finally:
+        if restore is not None:
+            with deferred_interrupts():
+                restore.__exit__(None, None, None)
 
 
 @contextmanager

@@ -767,37 +767,41 @@ def test_compiled_functions_and_losses_run_eagerly_for_the_call():
     assert calls == [1]
 
 
-def test_calls_overlapping_in_two_threads_leave_dynamo_s_stance_as_it_was():
-    """Thread A's call enters, B's enters, A's leaves, B's leaves: each had restored the stance
-    it found, B the "force_eager" A had set, and every function compiled afterwards ran
-    eagerly for good (probe 197)."""
+def test_calls_from_two_threads_run_one_after_the_other():
+    """Thread A's call entered, B's entered, A's left, B's left: each restored the process-wide
+    settings it found, B the ones A had set, and every function compiled afterwards ran
+    eagerly, the attention fast path off (probe 197). B's call now waits for A's to end; both
+    leave every setting as it was."""
     import torch._dynamo  # (loaded, as a caller's torch.compile loads it)
 
-    events = {name: threading.Event() for name in ("a inside", "b inside", "a done")}
+    a_inside, b_started = threading.Event(), threading.Event()
+    order: list[str] = []
 
-    def call(model: nn.Module, wait: str, signal_: str, done: str | None) -> None:
+    def call(name: str, model: nn.Module) -> None:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if not events[signal_].is_set():
-                events[signal_].set()
-                assert events[wait].wait(60)
+            if name == "a" and not a_inside.is_set():
+                a_inside.set()
+                assert b_started.wait(60)  # B's call is made while A's runs
 
         handle = model.register_forward_hook(hook)
         try:
+            order.append(f"{name} in")
             hessrank.effective_rank(model, CE, classification_batch(8, 4, 3), method="fisher")
+            order.append(f"{name} out")
         finally:
             handle.remove()
-            if done is not None:
-                events[done].set()
 
-    first, second = mlp((4, 5, 3)), mlp((4, 5, 3))
-    threads = [threading.Thread(target=call, args=(first, "b inside", "a inside", "a done")),
-               threading.Thread(target=call, args=(second, "a done", "b inside", None))]
-    threads[0].start()
-    assert events["a inside"].wait(60)
-    threads[1].start()
-    for thread in threads:
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    first = threading.Thread(target=call, args=("a", mlp((4, 5, 3))))
+    second = threading.Thread(target=call, args=("b", mlp((4, 5, 3))))
+    first.start()
+    assert a_inside.wait(60)
+    second.start()
+    b_started.set()
+    for thread in (first, second):
         thread.join(120)
-    assert events["a done"].is_set()
+    assert order == ["a in", "b in", "a out", "b out"]
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath
     compiled: list[int] = []
 
     def backend(graph: torch.fx.GraphModule, example: object) -> Callable[..., object]:
