@@ -1688,7 +1688,15 @@ class UnrepeatableForward(ValueError):
 
 
 class BatchNotFirst(ValueError):
-    """The model's outputs for samples run alone have another number of rows than samples."""
+    """The model's outputs for ``samples`` samples run alone have ``rows`` rows."""
+
+    def __init__(self, samples: int, rows: int) -> None:
+        self.samples, self.rows = samples, rows
+        super().__init__(
+            f"the model's output for {samples} samples run alone (the first {samples} rows of "
+            f"every input) has {rows} rows, not {samples}: the batch dimension is not first in "
+            "its inputs (a sequence-first RNN or transformer given [T, n, d]); pass every input "
+            "batch first and transpose inside the model")
 
 
 def repeat_pass(problem: CurvatureProblem) -> None:
@@ -1884,12 +1892,15 @@ def first_floating(output: Any) -> Tensor | None:
                  if isinstance(leaf, Tensor) and leaf.is_floating_point()), None)
 
 
+#: torch's test of a ``torch.func`` transform's wrapper (None where torch has none)
+_WRAPPED: Callable[[Tensor], bool] | None = getattr(
+    getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def transformed(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a ``torch.func`` transform's wrapper (inside ``vmap``, ``grad``,
     ``jacrev``), which must not escape its transform."""
-    functorch: Any = getattr(torch._C, "_functorch", None)
-    return bool(hasattr(functorch, "is_functorch_wrapped_tensor")
-                and functorch.is_functorch_wrapped_tensor(tensor))
+    return _WRAPPED is not None and bool(_WRAPPED(tensor))
 
 
 def all_entries(tensor: Tensor) -> int:
@@ -1927,8 +1938,8 @@ class OperationSizes(OwnMode):
         leaf = first_floating(result) if taken else None  # (most operations take none)
         if leaf is not None:
             contraction = getattr(func, "__name__", "") in _CONTRACTIONS
+            entries = all_entries(leaf)
             for param in taken:
-                entries = all_entries(leaf)
                 terms = (sum_terms(entries, [param]) if contraction
                          else entries // max(1, param.numel()))
                 self.terms[id(param)] = self.terms.get(id(param), 0) + terms
@@ -2181,12 +2192,7 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
         if part.shape[0] != stop - start:  # (their difference had read "NaN or infinite
             # entries" where every output is finite: a sequence-first LSTM given [T, n, d]
             # with T = n; probe 196)
-            raise BatchNotFirst(
-                f"the model's output for {stop - start} samples run alone (the first "
-                f"{stop - start} rows of every input) has {part.shape[0]} rows, not "
-                f"{stop - start}: the batch dimension is not first in its inputs (a "
-                "sequence-first RNN or transformer given [T, n, d]); pass every input batch "
-                "first and transpose inside the model")
+            raise BatchNotFirst(stop - start, part.shape[0])
     alone = torch.cat(parts).to(outputs.dtype)
     whole = outputs.detach()
     finite = whole[torch.isfinite(whole)]

@@ -661,16 +661,22 @@ def _lock_against_other_processes(file: TextIO, path: Path) -> None:
 DEFAULT_LOG = Path("curvature.jsonl")
 
 
-def _every_sink(sinks: Sequence[Sink], act: Callable[[Sink], None]) -> None:
-    """``act`` on every sink, then the first error one raised: a sink that fails (a network
-    logger's ``ConnectionError``) had kept the record from the ones after it, the JSON log
-    among them (probe 124)."""
+def _sink_failure(sinks: Sequence[Sink], act: Callable[[Sink], None]) -> Exception | None:
+    """``act`` on every sink; the first error one raised, None if none: a sink that fails (a
+    network logger's ``ConnectionError``) had kept the record from the ones after it, the JSON
+    log among them (probe 124)."""
     failed: Exception | None = None
     for sink in sinks:
         try:
             act(sink)
         except Exception as error:  # noqa: BLE001 - raised once every sink has had its turn
             failed = failed or error
+    return failed
+
+
+def _every_sink(sinks: Sequence[Sink], act: Callable[[Sink], None]) -> None:
+    """``act`` on every sink, then the first error one raised (:func:`_sink_failure`)."""
+    failed = _sink_failure(sinks, act)
     if failed is not None:
         raise failed
 
@@ -1436,22 +1442,16 @@ class Tracker:
             sink.write(measurement.record)
 
         own = [sink for sink in self.sinks if isinstance(sink, (JsonLinesSink, TensorBoardSink))]
-        failed: Exception | None = None
         with deferred_interrupts():
             self._recorded[method] = (step, self._counted)
             if step == self._last_step and method in self._unfinished:
                 self._unfinished.remove(method)
             self.records.append(measurement.record)
-            try:
-                _every_sink(own, write)
-            except Exception as error:  # noqa: BLE001 - raised once every sink has had its turn
-                failed = error
-        try:
-            _every_sink([sink for sink in self.sinks if sink not in own], write)
-        except Exception as error:  # noqa: BLE001 - the first sink's error is raised
-            failed = failed or error
-        if failed is not None:
-            raise failed
+            failed = _sink_failure(own, write)
+        theirs = _sink_failure([sink for sink in self.sinks if sink not in own], write)
+        first = failed or theirs
+        if first is not None:
+            raise first
         return measurement
 
     def _warn_of_other_sizes(self, method: str, result: RankResult, step: int) -> None:

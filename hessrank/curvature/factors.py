@@ -133,9 +133,11 @@ class FactorOperator(ParameterOperator):
             raise
         except BatchNotFirst as error:  # factors of the outputs' rows, whatever the layout
             return (f"whether the model's output for a sample depends on the other samples of "
-                    f"the batch was not tested: {str(error).split(': the batch')[0]} (its "
-                    f"inputs are not batch first); {self._method}'s factors are those of the "
-                    "outputs' rows, the samples of the loss, as the batch computes them")
+                    f"the batch was not tested: the model's output for {error.samples} samples "
+                    f"run alone (the first {error.samples} rows of every input) has "
+                    f"{error.rows} rows, not {error.samples} (its inputs are not batch first); "
+                    f"{self._method}'s factors are those of the outputs' rows, the samples of "
+                    "the loss, as the batch computes them")
         except Exception as error:  # noqa: BLE001 - a model that runs on its whole batch only
             raise_if_signalled(error)
             return f"{untested_mixing(error, 'half of the batch')}; where it does, {meaning}"
