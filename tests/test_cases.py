@@ -1143,29 +1143,42 @@ def test_a_term_on_the_samples_the_softmax_ignores_is_not_left_out(method):
 
 
 @pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
-def test_a_loss_holding_per_sample_weights_is_checked_on_its_whole_batch(method):
-    """A loss holding a batch-sized tensor (per-sample weights) fails on the first 8 samples
-    alone: the float64 check of a saturated classifier's gradients had been skipped, noted as
-    float64's failure, and the EF came out 20 % off (probe 172). It is read on the whole batch
-    then, against the per-sample loop of the float64 copy with the saturation-safe loss."""
+def test_per_sample_weights_in_the_targets_normalised_by_their_sum(method):
+    """Per-sample weights passed in the targets and normalised inside the loss by their sum,
+    ``sum_i w_i l_i / sum_i w_i``, are class weights' convention: each sample's loss alone is
+    its own (the weight cancels), ``a_i = w_i / sum_j w_j``; against the per-sample loop of the
+    float64 copy with the saturation-safe loss, on a saturated classifier (its float64 check
+    runs). The same weights captured from outside loss_fn are refused: there one sample's loss
+    alone is ``mean(w)`` times its own (an EF ``mean(w)`` times this one, returned unrefused
+    before probe 202; probe 172's weights had a mean of 1)."""
     model = _confident(1.0, inputs=6, outputs=10).float()
     with torch.no_grad():
         model[2].bias[0] += 14.0
     x = torch.randn(16, 6, generator=_seeded(2))
     y = torch.zeros(16, dtype=torch.long)
-    weights = torch.linspace(0.5, 1.5, 16)
+    weights = torch.linspace(0.5, 3.5, 16)
+    options = {"seed": 0} if "lanczos" in method else {}
 
-    def loss_fn(outputs, targets):
+    def weighted(outputs, targets):
+        w = targets[:, 1].to(outputs.dtype)
+        ce = F.cross_entropy(outputs, targets[:, 0].long(), reduction="none")
+        return (w * ce).sum() / w.sum()
+
+    reference = eigenvalues_by_magnitude(reference_fisher_weighted(
+        copy.deepcopy(model).double(), saturation_safe_cross_entropy,
+        weights.double() / weights.double().sum(), x.double(), y))
+    result = hessrank.effective_rank(model, weighted, (x, torch.stack([y.float(), weights], 1)),
+                                     method=method, **options)
+    assert not any("not checked against float64" in note for note in result.notes)
+    assert_spectra_close(result.eigenvalues, reference, count=6, rtol=1e-5)
+
+    def captured(outputs, targets):
         return (weights.to(outputs.dtype) * F.cross_entropy(outputs, targets,
                                                             reduction="none")).mean()
 
-    reference = eigenvalues_by_magnitude(reference_fisher_weighted(
-        copy.deepcopy(model).double(), saturation_safe_cross_entropy, weights.double() / 16,
-        x.double(), y))
-    result = hessrank.effective_rank(model, loss_fn, (x, y), method=method,
-                                     **({"seed": 0} if "lanczos" in method else {}))
-    assert not any("not checked against float64" in note for note in result.notes)
-    assert_spectra_close(result.eigenvalues, reference, count=6, rtol=1e-5)
+    with pytest.raises(ValueError, match="weighs the samples by their place in the batch.*pass "
+                                         "per-sample weights in the targets"):
+        hessrank.effective_rank(model, captured, (x, y), method=method, **options)
 
 
 class _ShiftedLogit(nn.Module):

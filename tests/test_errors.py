@@ -295,7 +295,8 @@ def test_loss_without_per_sample_decomposition(setup):
         return CE(outputs - outputs.mean(dim=0), targets) + outputs.mean(dim=0).pow(2).sum()
 
     _check(model, lambda: hessrank.effective_rank(model, batch_coupled, (x, y)),
-           ValueError, "not a weighted sum of per-sample losses.*method='exact' or 'lanczos'")
+           ValueError, "not a weighted sum of per-sample losses.*use method='ggn'.*'exact' or "
+                       "'lanczos'")
     _check(model, lambda: hessrank.effective_rank(model, batch_coupled, (x, y), method="ggn"),
            ValueError, "couples the samples.*method='exact'")
 
@@ -350,6 +351,70 @@ def test_fisher_refuses_weights_that_depend_on_the_outputs(name, outputs, loss, 
            ValueError, r"weights depend on the model's outputs: sample \d+'s weight a_i .* with "
            r"the outputs' rows moved one sample on .*use method='ggn' .*'exact' or 'lanczos'")
     assert hessrank.effective_rank(model, loss, (x, y), method="exact").rank > 0
+
+
+_SAMPLE_WEIGHTS = torch.tensor([0.5, 3.0, 1.0, 0.0, 2.0, 4.0, 1.5, 2.5], dtype=torch.float64)
+
+# (name, loss): per-sample weights captured from outside loss_fn, tied to the samples' places in
+# the batch. On one sample alone each broadcasts (or, sliced to the batch, takes the first
+# weight), so the loss's per-sample losses are not the samples' own: fisher had returned an EF
+# mean(w) = 1.75 times one reading of the loss (probe 202).
+PLACED_WEIGHTS = [
+    ("weighted mean", lambda f, y: (_SAMPLE_WEIGHTS.to(f.dtype) * ((f - y) ** 2).sum(1)).mean()),
+    ("weighted sum", lambda f, y: (_SAMPLE_WEIGHTS.to(f.dtype) * ((f - y) ** 2).sum(1)).sum()),
+    ("BCE weight=[n, 1]", lambda f, y: nn.functional.binary_cross_entropy_with_logits(
+        f, (y > 0).to(f.dtype), weight=_SAMPLE_WEIGHTS.to(f.dtype)[:, None])),
+    ("sliced to the batch", lambda f, y: (
+        _SAMPLE_WEIGHTS[: f.shape[0]].to(f.dtype) * ((f - y) ** 2).sum(1)).mean()),
+]
+
+
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("name", "loss"), PLACED_WEIGHTS, ids=[case[0] for case in PLACED_WEIGHTS])
+def test_fisher_refuses_weights_tied_to_places_in_the_batch(name, loss, dtype, method):
+    """Read with the outputs and targets moved one sample on together, such weights stay with
+    the places; the refusal names the fix. exact takes them."""
+    model = mlp((5, 6, 3), dtype=dtype)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 5, generator=generator, dtype=torch.float64).to(dtype)
+    y = torch.randn(8, 3, generator=generator, dtype=torch.float64).to(dtype)
+    _check(model, lambda: hessrank.effective_rank(model, loss, (x, y), method=method),
+           ValueError, r"weighs the samples by their place in the batch: sample \d+'s weight a_i "
+           r".* with the batch's rows \(outputs and targets together\) moved one sample on.*pass "
+           r"per-sample weights in the targets.*or use method='ggn', 'exact' or 'lanczos'")
+    assert hessrank.effective_rank(model, loss, (x, y), method="exact").rank > 0
+
+
+_LABELS = torch.tensor([2, 0, 1, 3, 1, 0])
+
+# (name, loss, targets, the refusal): fisher's refusals of losses whose samples do not interact
+# had said they did (probe 202); ggn takes each.
+FISHER_REFUSAL_CAUSES = [
+    ("a sample's normaliser zero alone",
+     nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.0, 0.5], dtype=torch.float64),
+                         label_smoothing=0.2),
+     _LABELS, r"loss_fn applied to sample 0 alone has no finite gradient, while the batch "
+              r"loss's gradient for it is finite and not zero .*label smoothing.*method='ggn'"),
+    ("a mean plus a sum",
+     lambda f, y: (nn.functional.cross_entropy(f, y)
+                   + 0.1 * (f ** 2).sum()), _LABELS,
+     r"not a multiple of loss_fn applied to that sample alone .* the samples interact in the "
+     r"loss, or its terms are reduced differently \(a mean plus a sum\).*method='ggn'"),
+    ("the outputs squeezed", lambda f, y: nn.functional.cross_entropy(f.squeeze(), y), _LABELS,
+     r"cannot be evaluated on one sample .* though it can on two: a loss that squeezes its "
+     r"outputs \(out.squeeze\(\)\) drops one sample's batch dimension too"),
+]
+
+
+@pytest.mark.parametrize(("name", "loss", "targets", "refusal"), FISHER_REFUSAL_CAUSES,
+                         ids=[case[0] for case in FISHER_REFUSAL_CAUSES])
+def test_fisher_refusals_name_their_cause(name, loss, targets, refusal):
+    model = mlp((4, 6, 4))
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    _check(model, lambda: hessrank.effective_rank(model, loss, (x, targets), method="fisher"),
+           ValueError, refusal)
+    assert hessrank.effective_rank(model, loss, (x, targets), method="ggn").rank > 0
 
 
 def test_batchnorm_train_mode_for_fisher():

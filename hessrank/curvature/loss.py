@@ -131,12 +131,29 @@ def _sample_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
                       else (None,))
         except Exception as error:  # noqa: BLE001 - any failure on one sample
             raise_if_signalled(error)
+            hint = _one_sample_hint(loss_fn, outputs, targets)
             raise ValueError(
-                f"loss_fn cannot be evaluated on one sample ({error}): the empirical Fisher needs "
-                "per-sample losses; use method='ggn', 'exact' or 'lanczos'"
+                f"loss_fn cannot be evaluated on one sample ({error}){hint}: the empirical "
+                "Fisher needs per-sample losses; use method='ggn', 'exact' or 'lanczos'"
             ) from error
         rows.append(torch.zeros_like(f) if row is None else row)
     return torch.cat(rows)
+
+
+def _one_sample_hint(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> str:
+    """Where ``loss_fn`` runs on two samples and not on one: most likely it squeezes the batch
+    dimension away (``out.squeeze()``, a common idiom; probe 202), and the hint says so."""
+    if outputs.shape[0] < 2:
+        return ""
+    try:
+        with torch.no_grad():
+            loss_fn(outputs[:2].detach(), targets[:2])
+    except Exception as error:  # noqa: BLE001 - then it is not the one sample's shape
+        raise_if_signalled(error)
+        return ""
+    return (" though it can on two: a loss that squeezes its outputs (out.squeeze()) drops "
+            "one sample's batch dimension too; squeeze only the dimension meant "
+            "(out.squeeze(-1))")
 
 
 class _Reading(NamedTuple):
@@ -244,7 +261,9 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     with one output per sample (where the first is vacuous), a loss that uses a per-sample
     tensor captured from outside: the weights are read again with the outputs' rows moved one
     sample on (``f_{i+1}`` with ``y_i``: each row stays a valid output, so the loss's domain
-    is kept) and must agree within their uncertainty wherever both are read. Mean, sum, class
+    is kept) and must agree within their uncertainty wherever both are read; read with the
+    outputs and targets moved together, they must move with them (a per-sample weight tensor
+    captured from outside, which broadcasts against one sample's loss alone). Mean, sum, class
     weights and ``ignore_index`` set ``a_i`` from the targets and the batch only.
 
     Below float64 the weights and gradients are read again in float64 where the first
@@ -952,8 +971,12 @@ def _check_constant_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     cannot be evaluated on those samples alone (a tensor of the batch's size captured in it),
     and the whole batch is checked.
 
+    Then the weights are read with the outputs and targets moved one sample on together: they
+    must move with them (a weight tied to a sample's place in the batch does not).
+
     Raises:
-        ValueError: a weight depends on the outputs (naming the sample and the two readings).
+        ValueError: a weight depends on the outputs or on the sample's place in the batch
+            (naming the sample and the two readings).
     """
     if outputs.shape[0] < 2:
         return  # one sample: L = l_1, a_1 = 1 whatever the outputs
@@ -978,17 +1001,57 @@ def _check_constant_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     if bad.any():
         i = int(bad.nonzero()[0])
         raise _varying_weights_error(i, float(reading.weights[i]), float(read.weights[i]))
+    # Weights tied to a sample's place in the batch (a tensor of the batch's size captured from
+    # outside loss_fn, against which one sample's loss alone broadcasts) pass the reading above,
+    # the outputs being moved and the places not: read again with the outputs and targets
+    # moved together (each row a sample as given, its own gradients moved with it), the weights
+    # must move with them. (Weights [0.5, 3, 1, 0, 2, 4] in a mean had given an EF of mean(w)
+    # times one of the loss's readings, unrefused; probe 202.)
+    moved = _read_weights(loss_fn, outputs.roll(-1, dims=0), targets.roll(-1, dims=0),
+                          reading.sample_grads.roll(-1, dims=0), precision)
+    assert moved is not None  # the loss uses the outputs (the first reading)
+    if bool((moved.mismatch > 1).any()):
+        raise _interacting_samples_error(
+            moved.mismatch, " with the batch's rows (outputs and targets) moved one sample on")
+    expected, spread = reading.weights.roll(-1), reading.uncertainty.roll(-1)
+    bad = ~((expected - moved.weights).abs() <= spread + moved.uncertainty)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise _placed_weights_error((i + 1) % outputs.shape[0], float(expected[i]),
+                                    float(moved.weights[i]), i)
 
 
 def _interacting_samples_error(mismatch: Tensor, where: str) -> ValueError:
     """The refusal naming the first sample whose ``mismatch`` (``[n]``) is above 1."""
     i = int((mismatch > 1).nonzero()[0])
+    if math.isinf(float(mismatch[i])):  # (a weight read off a gradient that is not finite)
+        return ValueError(
+            f"loss_fn applied to sample {i} alone{where} has no finite gradient, while the batch "
+            "loss's gradient for it is finite and not zero (e.g. a normaliser that is zero on "
+            "that sample alone: a class weight of 0 with label smoothing), so its per-sample loss "
+            "is undefined and the empirical Fisher with it; use method='ggn' (if the loss is "
+            "convex in the outputs), 'exact' or 'lanczos'")
     return ValueError(
         f"loss_fn is not a weighted sum of per-sample losses: the batch loss's gradient for "
         f"sample {i}{where} is not a multiple of loss_fn applied to that sample alone (mismatch "
-        f"{float(mismatch[i]):.2e} times the batch gradient's rounding), so the samples interact "
-        "in the loss and the empirical Fisher is undefined (and the GGN's per-sample factors "
-        "with it); use method='exact' or 'lanczos'"
+        f"{float(mismatch[i]):.2e} times the batch gradient's rounding): the samples interact "
+        "in the loss, or its terms are reduced differently (a mean plus a sum), and the "
+        "empirical Fisher is undefined; use method='ggn' (it checks that the loss's second "
+        "derivatives do not couple the samples), 'exact' or 'lanczos'"
+    )
+
+
+def _placed_weights_error(i: int, before: float, after: float, place: int) -> ValueError:
+    return ValueError(
+        f"loss_fn weighs the samples by their place in the batch: sample {i}'s weight a_i (read "
+        f"off dL/df_i = a_i dl_i/df_i) is {before:.6g}, and {after:.6g} with the batch's rows "
+        f"(outputs and targets together) moved one sample on, the sample at place {place}, so "
+        "loss_fn on one sample alone is not that sample's loss (e.g. a per-sample weight tensor "
+        "captured from outside loss_fn, which broadcasts against one sample) and the empirical "
+        "Fisher is undefined; pass per-sample weights in the targets, either normalised by "
+        "their sum inside loss_fn ((w * l).sum() / w.sum(): a_i = w_i / sum w, class weights' "
+        "convention) or not ((w * l).mean(): each sample's loss is w_i l_i), or use "
+        "method='ggn', 'exact' or 'lanczos'"
     )
 
 
