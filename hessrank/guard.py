@@ -30,6 +30,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
@@ -172,6 +173,46 @@ def _plain_tensors(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
             and not value.is_inference()]
 
 
+def _storage_key(tensor: Tensor) -> tuple[torch.device, int] | None:
+    """The memory a strided tensor's values live in (None for other layouts, quantized, meta
+    and lazy tensors, empty storages and a tensor without one of its own): tensors with one
+    key are views of one memory."""
+    if (tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta"
+            or is_lazy(tensor)):
+        return None
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass's (no storage of its own)
+        return None
+    return (tensor.device, storage.data_ptr()) if storage.nbytes() else None
+
+
+def shared_clones(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Detached copies of ``tensors`` that share memory among themselves as the tensors do:
+    one copy for a tensor listed twice, and views of one memory (a buffer and a view of it
+    held as another buffer or attribute, ``self.mean = self.stats[0]``) views of one copy of
+    it, so that a write through one still reaches the others. (Cloned one by one, a forward
+    that wrote through the view and read the buffer computed another function: a top
+    eigenvalue 0.724 for 0.711, unnoted; probe 203.)"""
+    views: dict[tuple[torch.device, int], list[Tensor]] = {}
+    for tensor in tensors:
+        key = _storage_key(tensor) if type(tensor) is Tensor else None  # (subclasses: alone)
+        if key is not None and not any(tensor is seen for seen in views.get(key, [])):
+            views.setdefault(key, []).append(tensor)
+    memories = {key: group[0].untyped_storage().clone() for key, group in views.items()
+                if len(group) > 1}
+    copies: dict[int, Tensor] = {}
+    for tensor in tensors:
+        if id(tensor) in copies:
+            continue
+        key = _storage_key(tensor) if type(tensor) is Tensor else None
+        memory = None if key is None else memories.get(key)
+        copies[id(tensor)] = (tensor.detach().clone() if memory is None else torch.empty(
+            0, dtype=tensor.dtype, device=tensor.device).set_(
+                memory, tensor.storage_offset(), tensor.size(), tensor.stride()))
+    return [copies[id(tensor)] for tensor in tensors]
+
+
 def _contained_tensors(model: nn.Module) -> list[Tensor]:
     """Tensors one level inside the list, tuple or dict attributes (of at most
     :data:`HELD_ITEMS` items) of the submodules and of the hook objects registered on them,
@@ -222,6 +263,10 @@ class PassState:
         self._tensors: list[list[Any]] = []
         #: each module's registered buffer, parameter and submodule names at the first pass
         self._registered: list[tuple[nn.Module, set[str], set[str], set[str]]] = []
+        #: buffers registered as None at the first pass
+        self._empty: list[tuple[nn.Module, str]] = []
+        #: the states of the generators the model holds at the first pass
+        self._generators = ModuleGenerators(())
 
     def before_pass(self) -> None:
         """Record the state (first pass) or put it back (every later one)."""
@@ -233,38 +278,52 @@ class PassState:
             # a torch.inference_mode(False) block here, interrupted as it closed, had its guard
             # restore a stale grad mode when collected, after the call's restores; probe 79)
             self._tensors = [
-                [module, name, tensor, tensor._version, tensor.detach().clone(),
-                 module._buffers]
+                [module, name, tensor, tensor._version, None, module._buffers]
                 for module in self.model.modules()
                 for name, tensor in module._buffers.items() if tensor is not None]
-            self._tensors += [[module, name, tensor, tensor._version,
-                               tensor.detach().clone(), vars(module)]
+            self._tensors += [[module, name, tensor, tensor._version, None, vars(module)]
                               for module, name, tensor in _plain_tensors(self.model)]
+            for slot, value in zip(self._tensors, shared_clones([s[2] for s in self._tensors])):
+                slot[4] = value  # views of one memory stay views of one copy of it
+            # a buffer registered as None that a pass fills (state carried from the last
+            # batch): every later pass had seen the first one's (probe 203)
+            self._empty = [(module, name) for module in self.model.modules()
+                           for name, tensor in module._buffers.items() if tensor is None]
+            # a generator the model holds: every pass draws what the first did, a per-sample
+            # pass outside run_model too (fisher/ggn's general path had refused such a model as
+            # one whose passes differ; probe 203)
+            self._generators = ModuleGenerators.read(self.model)
             return
         for module, buffers, parameters, submodules in self._registered:
             for registry, names in ((module._buffers, buffers), (module._parameters, parameters),
                                     (module._modules, submodules)):
                 for name in [name for name in registry if name not in names]:
                     del registry[name]  # registered on first use in a later pass
+        for module, name in self._empty:
+            if name in module._buffers:
+                module._buffers[name] = None
+        self._generators.restore()
         rebind_attributes(self._attributes)
-        fresh: dict[int, Tensor] = {}  # a tensor shared by several modules gets one copy
         # (a write through .data moves no version counter: the values tell)
         in_place = [slot[5].get(slot[1]) is slot[2] and slot[2]._version == slot[3]
                     for slot in self._tensors]
         unchanged = iter(_same_values([(slot[2], slot[4]) for slot, same in zip(
             self._tensors, in_place) if same], sparse_compared=False))
-        for slot, same in zip(self._tensors, in_place):
-            module, name, tensor, _, value, registry = slot
-            if same and next(unchanged):
-                continue
-            if id(tensor) not in fresh:
-                fresh[id(tensor)] = value.clone()
-            registry[name] = slot[2] = fresh[id(tensor)]
-            slot[3] = slot[2]._version
+        stale = [not (same and next(unchanged)) for same in in_place]
+        # the views of a memory one of them changed are copied again together
+        memories = {_storage_key(slot[4]) for slot, old in zip(self._tensors, stale) if old}
+        memories.discard(None)
+        stale = [old or _storage_key(slot[4]) in memories
+                 for slot, old in zip(self._tensors, stale)]
+        renewed = [slot for slot, old in zip(self._tensors, stale) if old]
+        for slot, copied in zip(renewed, shared_clones([slot[4] for slot in renewed])):
+            module, name, _, _, _, registry = slot
+            registry[name] = slot[2] = copied
+            slot[3] = copied._version
             if registry is not module._buffers:  # an attribute: rebound to the copy from now on
                 for entry in self._attributes:
                     if entry.module is module:
-                        entry.objects[name] = slot[2]
+                        entry.objects[name] = copied
 
 
 #: Signals whose delivery :func:`deferred_interrupts` can hold back: all but those a process
@@ -868,7 +927,7 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
     ``train()``), the hook dictionaries, the parameter, buffer and submodule *registrations* (so
     a buffer that forward rebinds, ``self.steps = self.steps + 1``, a parameter that a functional
     call left swapped and a submodule created on first use come back as the caller's), buffers
-    and plain tensor attributes (the call runs on copies of the buffers; values written through
+    and plain tensor attributes (the call runs on copies of them; values written through
     another reference are copied back in place), the plain attributes (a counter, a carried
     hidden state or a cached tensor that forward rebinds come back as the caller's objects,
     what a list, dict, set or configuration object among them holds is put back, and
@@ -934,13 +993,20 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
                 # The call's forward passes see copies of the buffers: a training-mode
                 # BatchNorm's running statistics or a counter updated in place then leave the
                 # caller's tensors untouched, version counters included (a graph the caller
-                # still holds, which saved a buffer, must stay differentiable).
-                copies: dict[int, Tensor] = {}
-                for module in modules:
-                    for name, buffer in module._buffers.items():
-                        if buffer is not None:
-                            module._buffers[name] = copies.setdefault(
-                                id(buffer), buffer.detach().clone())
+                # still holds, which saved a buffer, must stay differentiable). Plain tensor
+                # attributes too (one updated in place had its version moved by the first pass
+                # and the restore, and the caller's graph that saved it refused its backward;
+                # probe 203), but views of a parameter's memory (a forward that writes through
+                # one writes the parameter, which is refused). Views of one memory stay views
+                # of one copy (:func:`shared_clones`).
+                weights = {_storage_key(p) for p in parameters} - {None}
+                slots = [(module._buffers, name, buffer) for module in modules
+                         for name, buffer in module._buffers.items() if buffer is not None]
+                slots += [(vars(module), key, tensor) for module, key, tensor
+                          in _plain_tensors(model) if _storage_key(tensor) not in weights]
+                for (registry, name, _), copied in zip(
+                        slots, shared_clones([tensor for *_, tensor in slots])):
+                    registry[name] = copied
         try:
             yield check
         except Exception as error:  # a write explains the failure (a mixing check, say) first

@@ -677,9 +677,11 @@ def call_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
             f"loss_fn returned {first:.9g}, then {later:.9g} on the same outputs and targets: "
             "its value depends on more than (outputs, targets), on state that each call "
             "updates (a running average or a step counter it reads, a schedule, a temperature) "
-            "or on a random generator hessrank cannot reach, and a call evaluates it several "
-            "times. Pass a loss with that state fixed for the call (for the curvature at the "
-            "current state: lambda f, y: F.cross_entropy(f / current_temperature, y), or a "
+            "or on draws from a random generator of its own (each evaluation draws anew; a "
+            "generator a loss module holds is set back after the call), and a call evaluates "
+            "it several times. Pass a loss with that state fixed for the call (for the "
+            "curvature at the current state: lambda f, y: F.cross_entropy(f / "
+            "current_temperature, y), or a "
             "loss module with its update switched off); a loss module's state is set back after "
             "the call")
     check.done = True

@@ -35,9 +35,13 @@ import hessrank
 
 KINDS = ["counter buffer", "counter through .data", "running average", "counter attribute",
          "cached tensor", "rebound buffer", "list", "dict", "tensor attribute", "configuration",
-         "slot", "lazy buffer", "lazy submodule"]
+         "slot", "lazy buffer", "lazy submodule", "None buffer", "view attribute",
+         "view buffer"]
 #: kinds whose state a training step's forward would create: no warm-up pass before the call
-LAZY = ("lazy buffer", "lazy submodule")
+LAZY = ("lazy buffer", "lazy submodule", "None buffer")
+#: kinds whose forward writes its state through a view of a buffer, then reads the buffer: the
+#: model's function reads the state one step on (its twin adds the step)
+VIEWS = ("view attribute", "view buffer")
 
 
 class Stateful(nn.Module):
@@ -66,6 +70,14 @@ class Stateful(nn.Module):
             self.config = types.SimpleNamespace(scale=1.0)
         elif kind == "slot":
             self.steps = 0
+        elif kind == "None buffer":  # filled by the first forward (probe 203)
+            self.register_buffer("previous", None)
+        elif kind in VIEWS:  # a view of a buffer, written through (probe 203)
+            self.register_buffer("stats", torch.zeros(2, 3, dtype=torch.float64))
+            if kind == "view buffer":
+                self.register_buffer("first", self.stats[0])
+            else:
+                self.first = self.stats[0]
         else:
             self.last: Tensor | None = None
 
@@ -120,6 +132,14 @@ class Stateful(nn.Module):
             out = out * (1.5 if "extra" in self._modules else 1.0)
             if self.update and "extra" not in self._modules:
                 self.extra = nn.Identity()
+        elif self.kind == "None buffer":
+            out = out * (1.5 if self.previous is not None else 1.0)
+            if self.update:
+                self.previous = torch.ones((), dtype=torch.float64)
+        elif self.kind in VIEWS:
+            if self.update:
+                self.first.add_(1)
+            out = out * (1 + 0.5 * (self.stats[0] + (0 if self.update else 1)))
         elif self.update:
             self.last = out.detach()
         return out
@@ -187,6 +207,10 @@ def _check_every_pass_sees_the_state_the_call_found(kind: str, method: str,
         model.scale = model.scale.to(device)
     attributes, buffers = _state(model), {k: v.clone() for k, v in model.named_buffers()}
     registered, held = (dict(model._buffers), dict(model._modules)), _held(model)
+    # a graph the caller holds saved the state: no version may move (a plain tensor attribute
+    # written in place had its version moved twice, and the caller's backward refused)
+    versions = [value._version for value in [*model.buffers(), *attributes.values()]
+                if isinstance(value, Tensor)]
     options = {} if backend is None else {"backend": backend}
     result = hessrank.effective_rank(model, nn.CrossEntropyLoss(),
                                      (inputs.to(device), targets.to(device)), method=method,
@@ -199,6 +223,8 @@ def _check_every_pass_sees_the_state_the_call_found(kind: str, method: str,
     assert model._buffers == registered[0] and model._modules == registered[1]
     assert _held(model) == held
     assert all(torch.equal(value, buffers[key]) for key, value in model.named_buffers())
+    assert versions == [value._version for value in [*model.buffers(), *attributes.values()]
+                        if isinstance(value, Tensor)]
     torch.save(model, io.BytesIO())  # no torch.func wrapper left in an attribute
 
 
@@ -384,6 +410,86 @@ def test_a_forward_drawing_from_its_own_generator_is_analysed_at_its_next_draw(m
     assert torch.equal(model.generator.get_state(), state)
     assert any("draws from the model's own random generator (generator)" in note
                for note in result.notes)
+
+
+class _NoisyWeight(nn.Module):
+    """A hidden layer whose weight is perturbed by a draw from a generator the module holds
+    (``noise``: a fixed draw instead): a sample alone sees the batch's perturbation."""
+
+    def __init__(self, noise: Tensor | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.hidden, self.head = nn.Linear(6, 8).double(), nn.Linear(8, 3).double()
+        self.generator = torch.Generator().manual_seed(5)
+        self.noise = noise
+
+    def forward(self, x: Tensor) -> Tensor:
+        noise = self.noise if self.noise is not None else torch.randn(
+            self.hidden.weight.shape, generator=self.generator, dtype=x.dtype)
+        weight = self.hidden.weight + 0.3 * noise
+        return self.head(torch.tanh(nn.functional.linear(x, weight, self.hidden.bias)))
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_own_generator_on_the_general_path(method):
+    """The general path's per-sample passes had each drawn on from where the last left the
+    generator, and such a model was refused as one whose passes differ, its message advising
+    the generator it held (probe 203). Weight noise is now each sample's at the caller's next
+    draw (against the float64 reference of a twin holding that draw); noise added to
+    activations, drawn per sample, differs from the batch's, and the refusal names the
+    generator."""
+    torch.manual_seed(10)
+    inputs, targets = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = _NoisyWeight()
+    state = model.generator.get_state()
+    draw = torch.randn(8, 6, generator=copy.deepcopy(model.generator), dtype=torch.float64)
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (inputs, targets),
+                                     method=method, backend="func")
+    reference = eigenvalues_by_magnitude(_reference(method, _NoisyWeight(draw), inputs, targets))
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-9)
+    assert torch.equal(model.generator.get_state(), state)
+    with pytest.raises(ValueError, match=r"draws from the generator the model holds "
+                                         r"\(generator\), whose draws for a sample alone"):
+        hessrank.effective_rank(_OwnNoise(), nn.CrossEntropyLoss(), (inputs, targets),
+                                method=method, backend="func")
+
+
+class _Counting(nn.Sequential):
+    """An MLP whose output grows with a call counter it keeps in a buffer."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+        self.double()
+        self.register_buffer("count", torch.tensor(3.0, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.count += 1
+        return super().forward(x) * (1 + 0.1 * self.count)
+
+
+def test_backpack_copies_the_state_the_call_found():
+    """BackPACK runs on a copy of the model, made after the call's first pass had moved the
+    counter: its factors were another function's, refused as BackPACK's error (probe 203).
+    BackPACK's GGN cannot backpropagate through the product after the last module: named,
+    where BackPACK's bare AssertionError had reached the caller."""
+    inputs, targets = _batch()
+    inputs = inputs[:, :5]
+    model = _Counting()
+    twin = _Counting()
+    twin.count += 1  # the function the call's first pass computes
+    twin.forward = lambda x: nn.Sequential.forward(twin, x) * (1 + 0.1 * twin.count)
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (inputs, targets),
+                                     method="fisher", backend="backpack")
+    assert_spectra_close(result.eigenvalues, eigenvalues_by_magnitude(
+        _reference("fisher", twin, inputs, targets)), rtol=1e-9)
+    assert float(model.count) == 3.0
+    with pytest.raises(ValueError, match=r"BackPACK could not compute the ggn factors .* \(an "
+                                         r"operation of the forward outside its modules.*use "
+                                         r"backend='auto'"):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), (inputs, targets), method="ggn",
+                                backend="backpack")
+    assert float(model.count) == 3.0
 
 
 def _generator(kind: str) -> Any:

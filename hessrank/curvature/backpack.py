@@ -91,6 +91,9 @@ def gram_backpack(
     extension = BatchGrad() if kind == "fisher" else SqrtGGNExact()
     _check_supported(problem, kind, extension)
     groups = problem.modules_with_params()
+    # the copy starts from the state the call's first pass found (a counter that pass moved had
+    # given BackPACK's factors another function, blamed on BackPACK; probe 203)
+    problem.before_pass()
     model = extend(copy.deepcopy(problem.model))
     loss_fn = extend(copy.deepcopy(problem.loss_fn)) if kind == "ggn" else problem.loss_fn
     copies = dict(model.named_parameters())
@@ -117,14 +120,19 @@ def gram_backpack(
             else:
                 factor = param.sqrt_ggn_exact  # [C, n, *shape], the reduction's scale included
                 factors[name] = factor.reshape(factor.shape[0], n, -1)
-    except (AttributeError, RuntimeError, NotImplementedError) as error:
+    except (AttributeError, RuntimeError, NotImplementedError, AssertionError) as error:
         # BackPACK's own failures: a parameter its extension does not fill (weight_norm's
-        # weight_g), a dtype its module extension does not handle (a float64 embedding)
+        # weight_g), a dtype its module extension does not handle (a float64 embedding), an
+        # operation outside the modules its GGN cannot backpropagate through (an assertion:
+        # it had reached the caller as BackPACK's bare AssertionError; probe 203)
         text = str(error)
         cause = (" (an in-place operation on a module's output, such as ReLU(inplace=True), "
                  "which BackPACK's hooks cannot take)" if "modified inplace" in text
                  else " (a module called more than once in the forward, which BackPACK does "
-                 "not support)" if "has no attribute 'output'" in text else "")
+                 "not support)" if "has no attribute 'output'" in text
+                 else " (an operation of the forward outside its modules, such as a product "
+                 "after the last one, which BackPACK's GGN cannot backpropagate through)"
+                 if "backpropagation quantity" in text else "")
         raise ValueError(
             f"BackPACK could not compute the {kind} factors of this model ({type(error).__name__}"
             f": {text}){cause}: use backend='auto' (hessrank's verified rules and torch.func), "

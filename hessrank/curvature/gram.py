@@ -843,7 +843,8 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
             sample_outputs.append(outs)
             for name, value in vjps.items():  # [n_chunk, K, *shape]
                 pieces[name].append(value.transpose(0, 1).reshape(k, stop - start, -1))
-    failure = _samples_differ(torch.cat(sample_outputs), outputs, tolerance)
+    failure = _samples_differ(torch.cat(sample_outputs), outputs, tolerance,
+                              ModuleGenerators.read(problem.model).places)
     flats: dict[str, Tensor] = {}
     for group, names in groups:
         # pop: the bin's pieces become its groups' factors without a second copy
@@ -985,9 +986,18 @@ def refuse_mixed_rule_samples(problem: CurvatureProblem, outputs: object) -> str
     return None
 
 
-def _mixing(relative: float) -> tuple[str, str]:
+def _mixing(relative: float, generators: Sequence[str] = ()) -> tuple[str, str]:
     """What differs, and its likely cause, where the outputs of samples run alone differ from
-    their rows of the batch output by ``relative``."""
+    their rows of the batch output by ``relative``; ``generators``: where the model holds
+    random generators (the draws of a sample alone are not its draws in the batch)."""
+    if generators:
+        return (f"a sample's output computed alone differs from its row of the batch output "
+                f"{difference_text(relative, 'its largest entry')}",
+                f"the forward draws from the generator the model holds ({', '.join(generators)})"
+                ", whose draws for a sample alone are not its draws in the batch (noise added "
+                "to activations), or the model mixes the samples of a batch, so per-sample "
+                "EF/GGN factors are undefined; use method='exact' or 'lanczos' (the Hessian of "
+                "the batch's loss at the model's next draw), or 'fisher_lanczos'/'ggn_lanczos'")
     return (f"a sample's output computed alone differs from its row of the batch output "
             f"{difference_text(relative, 'its largest entry')}",
             "the model mixes the samples of a batch (BatchNorm on batch statistics, attention "
@@ -997,16 +1007,17 @@ def _mixing(relative: float) -> tuple[str, str]:
             "(each sample's factor as the batch computes it)")
 
 
-def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float
-                    ) -> tuple[str, str, float] | None:
+def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float,
+                    generators: Sequence[str]) -> tuple[str, str, float] | None:
     """What is wrong where the outputs of the samples computed alone differ from the batch's:
-    ``(what differs, its likely cause, the relative difference)``."""
+    ``(what differs, its likely cause, the relative difference)`` (``generators``: as
+    :func:`_mixing`'s)."""
     difference = (sample_outputs.reshape(outputs.shape) - outputs).norm()
     scale = outputs.norm().clamp_min(torch.finfo(outputs.dtype).tiny)
     if difference <= tolerance * math.sqrt(outputs[0].numel()) * scale:
         return None
     relative = float(difference / scale)
-    return (*_mixing(relative), relative)
+    return (*_mixing(relative, generators), relative)
 
 
 def _backward_batched(outputs: Tensor, edges: list[GradientEdge], values: list[Tensor],
