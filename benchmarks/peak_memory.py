@@ -46,10 +46,15 @@ def call_peak(spec: dict[str, Any]) -> int:
 
 
 def predicted_bytes(spec: dict[str, Any], method: str, options: dict[str, Any]) -> int:
+    """The refined prediction of a ``run.py`` case (:func:`refined_prediction`)."""
+    return refined_prediction(run.build_model(spec), run.build_batch(spec), method, options)
+
+
+def refined_prediction(model: nn.Module, batch: object, method: str,
+                       options: dict[str, Any]) -> int:
     """The refined prediction: the call refused before the work at ``max_memory=1`` gives the
     prediction made then; at one byte above it, the refusal once its first pass has run, and so
     on while a later refinement refuses (the cotangents' size, once they are formed)."""
-    model, batch = run.build_model(spec), run.build_batch(spec)
     figure = 1
     for _ in range(4):
         try:

@@ -237,7 +237,7 @@ class HessianOperator(ParameterOperator):
     #: 6.5 (a transformer layer: a graph of 3 MiB, the rest fixed costs) times the graph beyond
     #: it (``lanczos``, 40 steps, 2026-12-01; the factor of 1 before had let calls run at up to
     #: 2.7 times their budget). The instance's :attr:`product_graphs` allows more for a
-    #: recurrent layer.
+    #: recurrent layer. ``benchmarks/working_memory.py`` measures both again.
     PRODUCT_GRAPHS = 4.0
     #: A recurrent layer's product holds more the longer its sequences: an LSTM's measured 3.7
     #: and 4.4 graphs at 50 and 48 steps, 6.0 at 100, 9.0 and 9.2 at 200 (hidden sizes 8-64;

@@ -1,0 +1,231 @@
+"""Peak memory against the budgets' prediction: the figures of README.md's "Budgets" list.
+
+    python benchmarks/working_memory.py                 # tests/test_errors.py's cases
+    python benchmarks/working_memory.py --recurrent     # a product's graphs and sequence length
+    python benchmarks/working_memory.py --first-call    # what a process's first call loads once
+
+Default: every case of ``tests/test_errors.py::test_budget_counts_what_the_model_holds`` (and
+a transformer layer's ``lanczos`` beside them), its peak measured as the
+suite measures it (``measure_memory=True`` in a fresh process warmed on tiny models,
+``tests/fresh.py``) and the refined prediction (the budget's refusal once the first pass has run,
+``peak_memory.py``). For ``lanczos`` also the gradient's graph (the bytes its tensors save,
+counted as the budget counts them) and how many graphs a product's double backward held beyond
+it: the allowance the prediction makes plus what the peak exceeded the prediction by, in graphs.
+
+``--recurrent``: the same for ``lanczos`` on recurrent layers over sequences of 48-200 steps,
+whose products hold more graphs the longer the sequences (the allowance ``2.5 + steps / 28``),
+and an LSTM over packed sequences of different lengths, which the budgets do not cover.
+
+``--first-call``: a tiny model's call twice in a new process that has run nothing before; the
+first call's peak less the second's is what the process loads once (code, lazily imported
+modules, the allocator's pools), which no prediction counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import hessrank
+from hessrank.curvature.hessian import HessianOperator
+from hessrank.problem import build_problem
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parents[1] / "tests"))
+
+import test_errors as cases  # noqa: E402  (tests/test_errors.py: the suite's own cases)
+from fresh import in_fresh_processes  # noqa: E402  (tests/fresh.py)
+from peak_memory import refined_prediction  # noqa: E402  (benchmarks/peak_memory.py)
+
+MiB = 2**20
+#: A Lanczos call's peak is one product's: a few steps reach it.
+STEPS = 8
+
+
+class Recurrent(nn.Module):
+    """A recurrent layer over ``[n, T, 4]`` sequences, a linear head on the last step's output
+    (or, over packed sequences, on each sequence's last hidden state)."""
+
+    def __init__(self, kind: str, hidden: int, layers: int = 1) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, kind)(4, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is None:
+            return self.head(self.rnn(x)[0][:, -1])
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        state = self.rnn(packed)[1]
+        return self.head((state[0] if isinstance(state, tuple) else state)[-1])
+
+
+#: (name, kind, hidden size, layers, steps; 0 steps: packed lengths 50-200)
+RECURRENT = [("LSTM h=8, 48 steps", "LSTM", 8, 1, 48),
+             ("LSTM h=64, 50 steps", "LSTM", 64, 1, 50),
+             ("LSTM h=32, 100 steps", "LSTM", 32, 1, 100),
+             ("LSTM h=8, 200 steps", "LSTM", 8, 1, 200),
+             ("LSTM h=64, 200 steps", "LSTM", 64, 1, 200),
+             ("GRU h=32, 200 steps", "GRU", 32, 1, 200),
+             ("RNN h=32, 200 steps", "RNN", 32, 1, 200),
+             ("3-layer LSTM h=16, 200 steps", "LSTM", 16, 3, 200),
+             ("LSTM h=32, packed 50-200", "LSTM", 32, 1, 0)]
+
+
+def recurrent_case(index: int) -> tuple[nn.Module, tuple[Any, torch.Tensor], str, dict[str, int]]:
+    """``RECURRENT[index]`` built, 32 sequences, as ``test_errors._working_memory_case``."""
+    _, kind, hidden, layers, steps = RECURRENT[index]
+    torch.manual_seed(0)
+    model = Recurrent(kind, hidden, layers)
+    labels = torch.randint(0, 3, (32,))
+    if steps:
+        return model, (torch.randn(32, steps, 4), labels), "lanczos", {"lanczos_steps": STEPS}
+    lengths = torch.randint(50, 201, (32,))
+    return (model, ((torch.randn(32, int(lengths.max()), 4), lengths), labels), "lanczos",
+            {"lanczos_steps": STEPS})
+
+
+def recurrent_peak(index: int) -> int | None:
+    """The peak of a ``RECURRENT`` case's call (run it in a fresh process)."""
+    model, batch, method, options = recurrent_case(index)
+    return hessrank.effective_rank(model, cases.CE, batch, method=method, measure_memory=True,
+                                   **options).peak_memory
+
+
+#: Cases beside the suite's: ``lanczos`` through a transformer layer.
+LANCZOS = [("attention over 128 tokens", lambda: (cases._LongAttention(),
+                                                  torch.randn(48, 128, 5),
+                                                  torch.randint(0, 3, (48,))))]
+
+
+def lanczos_case(index: int) -> tuple[nn.Module, tuple[Any, torch.Tensor], str, dict[str, int]]:
+    """``LANCZOS[index]`` built."""
+    torch.manual_seed(0)
+    model, x, y = LANCZOS[index][1]()
+    return model, (x, y), "lanczos", {"lanczos_steps": STEPS}
+
+
+def lanczos_peak(index: int) -> int | None:
+    """The peak of a ``LANCZOS`` case's call (run it in a fresh process)."""
+    model, batch, method, options = lanczos_case(index)
+    return hessrank.effective_rank(model, cases.CE, batch, method=method, measure_memory=True,
+                                   **options).peak_memory
+
+
+def graphs(model: nn.Module, batch: tuple[Any, torch.Tensor]) -> tuple[float, float]:
+    """The gradient's graph (bytes) as the ``lanczos`` budget counts it, and the graphs beyond
+    it its prediction allows a product."""
+    operator = HessianOperator(build_problem(model, cases.CE, batch, None, "eval"))
+    return float(operator.graph_bytes), operator.product_graphs
+
+
+def report(rows: list[tuple[str, Any, str, dict[str, Any], int | None]]) -> None:
+    """One line a case: peak, prediction, their ratio; for ``lanczos`` the graphs held."""
+    print(f"{'case':36} {'method':15} {'peak MiB':>9} {'predicted':>9} {'pred/peak':>9} "
+          f"{'graph MiB':>9} {'allowed':>7} {'held':>5}")
+    for name, make, method, options, peak in rows:
+        model, batch = make()
+        predicted = refined_prediction(model, batch, method, options)
+        line = f"{name:36} {method:15} "
+        line += (f"{peak / MiB:9.1f} {predicted / MiB:9.1f} {predicted / peak:9.2f}"
+                 if peak else f"{'-':>9} {predicted / MiB:9.1f} {'-':>9}")
+        if method == "lanczos" and peak:
+            graph, allowed = graphs(model, batch)
+            held = allowed + (peak - predicted) / graph
+            line += f" {graph / MiB:9.2f} {allowed:7.1f} {held:5.1f}"
+        print(line, flush=True)
+
+
+class Unruled(nn.Module):
+    """A layer no rule claims: the Gram methods' general path (``torch.func``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bilinear = nn.Bilinear(3, 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bilinear(x, x)
+
+
+#: (method, whether its model has a layer no rule claims)
+FIRST_CALLS = [*((method, False) for method in hessrank.ESTIMATORS),
+               ("fisher", True), ("ggn", True)]
+
+
+def first_call_child(case: int) -> None:
+    """Subprocess entry: a tiny model's call of ``FIRST_CALLS[case]`` twice; prints the two
+    peaks as JSON."""
+    method, unruled = FIRST_CALLS[case]
+    torch.manual_seed(0)
+    batch = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    model = Unruled() if unruled else nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    options = {"lanczos_steps": 4} if "lanczos" in method else {}
+    print(json.dumps([hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method,
+                                              measure_memory=True, **options).peak_memory
+                      for _ in range(2)]))
+
+
+def first_call() -> None:
+    """Each method's first call in a new process, against its second."""
+    print(f"{'method':29} {'first call MiB':>14} {'second MiB':>10} {'loaded once':>11}")
+    for case, (method, unruled) in enumerate(FIRST_CALLS):
+        done = subprocess.run([sys.executable, __file__, "--_first-call-child", str(case)],
+                              capture_output=True, text=True, check=True)
+        first, second = json.loads(done.stdout.strip().splitlines()[-1])
+        name = f"{method}{' (no rule: torch.func)' if unruled else ''}"
+        print(f"{name:29} {first / MiB:14.1f} {second / MiB:10.1f} "
+              f"{(first - second) / MiB:11.1f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recurrent", action="store_true",
+                        help="lanczos on recurrent layers over 48-200 steps")
+    parser.add_argument("--first-call", action="store_true",
+                        help="what a process's first call loads once")
+    parser.add_argument("--_first-call-child", dest="child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        first_call_child(args.child)
+        return
+    if args.first_call:
+        first_call()
+        return
+    # by reference, for the fresh processes (``__main__`` there is tests/fresh.py)
+    from working_memory import (
+        LANCZOS,
+        RECURRENT,
+        lanczos_case,
+        lanczos_peak,
+        recurrent_case,
+        recurrent_peak,
+    )
+
+    if args.recurrent:
+        made = [(name, recurrent_case, index) for index, (name, *_) in enumerate(RECURRENT)]
+        peaks = in_fresh_processes([(recurrent_peak, (index,)) for index in range(len(RECURRENT))])
+    else:
+        made = [*((name, cases._working_memory_case, index)
+                  for index, (name, *_) in enumerate(cases._WORKING_MEMORY_CASES)),
+                *((name, lanczos_case, index) for index, (name, _) in enumerate(LANCZOS))]
+        peaks = in_fresh_processes(
+            [*((cases._working_memory_peak, (index,))
+               for index in range(len(cases._WORKING_MEMORY_CASES))),
+             *((lanczos_peak, (index,)) for index in range(len(LANCZOS)))])
+    rows = []
+    for (name, build, index), peak in zip(made, peaks):
+        method, options = build(index)[2:]
+        rows.append((name, lambda build=build, index=index: build(index)[:2], method, options,
+                     peak))
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()
