@@ -393,6 +393,8 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
     ],
 )
 def test_user_errors_in_process(argv, expected, tmp_path: Path, capsys) -> None:
+    for name in ("w.pt", "nets.py"):  # read files there (a missing one is refused first)
+        (tmp_path / name).touch()
     status = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     out, err = capsys.readouterr()
     assert status == 2 and out == ""
@@ -522,7 +524,6 @@ def test_presets_are_seeded_and_small() -> None:
     f"(now {DATA_DIR or 'unset'})",
 )
 def test_mnist_from_data_dir() -> None:
-    pytest.importorskip("torchvision", reason="--data mnist needs torchvision")
     data = presets.load_data("mnist", samples=32, seed=0, data_dir=DATA_DIR)
     assert data.inputs.shape == (32, 1, 8, 8)
     assert data.name == "mnist"
@@ -692,7 +693,8 @@ def test_rank_refuses_a_tolerance_its_printed_definition_does_not_read(
     assert result["threshold"] == float(argv[argv.index("--threshold") + 1])
 
 
-def test_version_and_help_name_every_default(capsys) -> None:
+def test_version_and_help_name_every_default(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # (it sets --threads' default)
     status, out, _ = run_main(["--version"], capsys)
     assert status == 0 and out.strip() == f"hessrank {hessrank.__version__}"
     parser = cli_parser()
@@ -706,7 +708,8 @@ def test_version_and_help_name_every_default(capsys) -> None:
     threads = subparsers["rank"].parse_args([]).threads
     assert threads == default_threads() and 1 <= threads <= min(4, available_cores())
     # the help (and docs/cli.md, built from it) does not depend on the machine it runs on
-    assert "default: half the cores this process may use, 1 to 4" in " ".join(
+    assert ("default: $OMP_NUM_THREADS where set, else half the cores this process may use, "
+            "1 to 4") in " ".join(
         subparsers["rank"].format_help().split())
 
 
@@ -786,9 +789,9 @@ def test_ctrl_c_during_the_final_report_keeps_the_table(tmp_path: Path, capsys, 
 
     original = report.render
 
-    def interrupted_render(result, console) -> None:
+    def interrupted_render(result, console, *args) -> None:
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the tables are being printed
-        original(result, console)
+        original(result, console, *args)
 
     monkeypatch.setattr(report, "render", interrupted_render)
     argv = ["compare", *TINY, "--methods", "fisher", "--no-pyhessian"]
@@ -1500,14 +1503,15 @@ def test_a_figure_suffix_refusal_names_each_format_once(tmp_path: Path, capsys) 
 def test_pyhessian_s_check_of_exact_is_not_shown_without_exact(tmp_path: Path, capsys) -> None:
     """PyHessian's table sets its top eigenvalue and trace beside exact's: with --skip-exact it
     had been shown with every exact and difference cell empty ('—'); a line says why it is not,
-    and where its numbers are."""
+    and where its numbers are (the file written alone: before, "--json and --csv" with --json
+    alone; probe 204)."""
     argv = ["compare", *TINY, "--skip-exact", "--methods", "fisher", "--json",
             str(tmp_path / "r.json")]
     status, out, _ = run_main(argv, capsys)
     assert status == 0 and "\nfisher " in out
     assert "PyHessian (defaults)" not in out and "hessrank exact" not in out
     assert ("No exact reference (skipped): errors against exact are not computed, and "
-            "PyHessian's check of exact is not shown (its numbers are in --json and --csv).\n"
+            "PyHessian's check of exact is not shown (its numbers are in --json).\n"
             ) in out
     (point,) = json.loads((tmp_path / "r.json").read_text())["runs"][0]["checkpoints"]
     assert point["pyhessian"]["trace"] is not None
@@ -1573,3 +1577,191 @@ def test_ctrl_c_inside_the_first_method_shows_no_empty_table(capsys, monkeypatch
     assert status == 130, err
     assert "Stopped by Ctrl-C before the first measurement ended: nothing to show." in out
     assert "Estimators vs exact" not in out
+
+
+def test_a_model_file_imports_as_python_runs_it(tmp_path: Path, monkeypatch) -> None:
+    """``--model path/file.py:factory`` of a file that runs as a script: a ``@dataclass`` under
+    ``from __future__ import annotations`` had failed ("'NoneType' object has no attribute
+    '__dict__'"), and a module beside it had not been found unless the command ran in its
+    folder (probe 204). The folder is first on ``sys.path`` during the import and the factory's
+    call, and taken off after; a file that fails leaves no module behind."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "probe204_blocks.py").write_text(
+        "from torch import nn\n\ndef block(i, o):\n    return nn.Sequential(nn.Linear(i, o), "
+        "nn.Tanh())\n")
+    (project / "probe204_head.py").write_text("from torch import nn\nHEAD = nn.Linear\n")
+    (project / "nets.py").write_text(
+        "from __future__ import annotations\n\nfrom dataclasses import dataclass\n\n"
+        "from torch import nn\n\nfrom probe204_blocks import block\n\n\n"
+        "@dataclass\nclass Config:\n    hidden: int = 5\n\n\n"
+        "def make():\n    from probe204_head import HEAD  # imported when called\n\n"
+        "    return nn.Sequential(nn.Flatten(), block(64, Config().hidden), "
+        "HEAD(Config().hidden, 10))\n")
+    (project / "broken.py").write_text("raise ImportError('broken on purpose')\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    path, modules = list(sys.path), set(sys.modules)
+    try:
+        model = presets.build_model(f"{project}/nets.py:make", input_shape=(1, 8, 8))
+        assert presets.num_params(model) == 64 * 5 + 5 + 5 * 10 + 10
+        assert sys.path == path
+        with pytest.raises(CliError, match="cannot import .*broken.py: broken on purpose"):
+            presets.build_model(f"{project}/broken.py:make", input_shape=(1, 8, 8))
+        assert sys.path == path
+        assert not any(getattr(sys.modules.get(name), "__file__", None) == str(
+            project / "broken.py") for name in set(sys.modules) - modules)
+    finally:
+        for name in ("probe204_blocks", "probe204_head"):
+            sys.modules.pop(name, None)
+
+
+def _idx(data: np.ndarray) -> bytes:
+    """``data`` (unsigned bytes) as an idx file."""
+    return bytes((0, 0, 8, data.ndim)) + np.asarray(data.shape, ">u4").tobytes() + data.tobytes()
+
+
+def test_mnist_s_train_files_alone_or_gzipped_are_read(tmp_path: Path, capsys) -> None:
+    """A folder with MNIST's train files alone, or its gzipped files alone, passed the check of
+    a folder that holds MNIST (``has_mnist``) and was then refused by torchvision's reader as
+    "not valid idx files (a truncated download?)" (probe 204): the train files are read,
+    as they are or gzipped, as torchvision reads them; a missing one is named."""
+    import gzip
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 20, dtype=np.uint8)
+    files = {"train-images-idx3-ubyte": _idx(images), "train-labels-idx1-ubyte": _idx(labels)}
+    for layout in ("train alone", "gzipped alone"):
+        raw = tmp_path / layout / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for name, data in files.items():
+            if layout == "train alone":
+                (raw / name).write_bytes(data)
+            else:
+                (raw / f"{name}.gz").write_bytes(gzip.compress(data))
+        assert presets.has_mnist(tmp_path / layout)
+        data = presets.load_data("mnist", samples=8, seed=0, data_dir=tmp_path / layout,
+                                 image_size=28)
+        index = torch.randperm(20, generator=torch.Generator().manual_seed(0))[:8].numpy()
+        expected = torch.from_numpy(images[index].astype(np.float32) / 255.0).unsqueeze(1)
+        expected = (expected - expected.mean()) / expected.std()
+        torch.testing.assert_close(data.inputs, expected)
+        assert data.targets.tolist() == labels[index].tolist()
+        status, out, err = run_main(["rank", "--data-dir", str(tmp_path / layout), *TINY],
+                                    capsys)
+        assert status == 0 and out.strip().isdigit(), err
+    torchvision = pytest.importorskip("torchvision")
+    raw = tmp_path / "train alone" / "MNIST" / "raw"
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):  # what torchvision needs
+        (raw / name).write_bytes(files[name.replace("t10k", "train")])
+    theirs = torchvision.datasets.MNIST(str(tmp_path / "train alone"), train=True)
+    ours = presets._mnist(tmp_path / "train alone")
+    assert torch.equal(ours[0], theirs.data.float() / 255) and torch.equal(ours[1], theirs.targets)
+    (tmp_path / "gzipped alone" / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").unlink()
+    status, _, err = run_main(["rank", "--data-dir", str(tmp_path / "gzipped alone")], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "lacks train-labels-idx1-ubyte (or .gz)" in err, err
+
+
+@pytest.mark.parametrize(("argv", "patched"), [
+    (["--image-size", "100000"], "adaptive_avg_pool2d"),
+    (["--data", "synthetic", "--samples", "100000000"], "randn")])
+def test_data_too_large_to_allocate_is_one_line(argv: list[str], patched: str, capsys,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs that cannot be allocated (``--image-size 100000``: 5 TB) had ended in the
+    allocator's traceback and exit 1 (probe 204), as a preset's parameters had (probe 146);
+    the allocation is stood in for, not made."""
+    def refused(*_: object, **__: object) -> torch.Tensor:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "5120000000000 bytes")
+
+    monkeypatch.setattr(torch.nn.functional if patched == "adaptive_avg_pool2d" else torch,
+                        patched, refused)
+    status, out, err = run_main(["rank", *argv], capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("hessrank: error: --data ") and (
+        "does not fit in memory" in err), err
+    assert err.endswith("could not be allocated): choose a smaller --image-size or --samples\n")
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["compare", "--methods", "foo"], "unknown method 'foo'"),
+    (["compare", "--data", "mnist"], "--data mnist needs a data directory"),
+    (["compare", "--epochs", "3"], "--epochs shapes the training between checkpoints"),
+    (["compare", "--model", "{tmp}/nope.py:make"], "no file {tmp}/nope.py"),
+    (["compare", "--weights", "{tmp}/nope.pt"], "--weights {tmp}/nope.pt: No such file"),
+    (["rank", "--method", "exact,fisher"], "names 2 estimators: rank measures one"),
+    (["rank", "--data", "mnist", "--data-dir", "{tmp}"], "no MNIST in {tmp}"),
+    (["plot", "{tmp}/log.jsonl", "-o", "{tmp}/old.json", "--layers"],
+     "--layers: the log has no per-layer ranks")])
+def test_a_refused_command_does_not_say_it_will_replace_a_file(argv: list[str], expected: str,
+                                                               tmp_path: Path, capsys) -> None:
+    """A file there had been said to be replaced ("exists; it will be replaced") and the
+    command then refused (probe 204): every other check comes first."""
+    old = tmp_path / "old.json"
+    old.write_text("an earlier run\n")
+    (tmp_path / "log.jsonl").write_text('{"step": 0, "method": "fisher", "rank": 3}\n')
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] != "plot":
+        argv += ["--json", str(old)]
+    status, out, err = run_main(argv, capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert expected.replace("{tmp}", str(tmp_path)) in err, err
+    assert old.read_text() == "an earlier run\n"
+
+
+def test_threads_default_to_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--threads``' default (half the cores, 1 to 4) had overridden a user's
+    ``OMP_NUM_THREADS=1`` on a machine of 4 cores or more (probe 204); it is the default where
+    set, the first count of a nested list, a value that is no count ignored."""
+    import hessrank.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "available_cores", lambda: 16)
+    for value, threads in (("1", 1), ("6", 6), ("2,1", 2), ("", 4), ("abc", 4), ("0", 4)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert cli_parser().parse_args(["rank"]).threads == threads, value
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cli_parser().parse_args(["rank"]).threads == 4
+
+
+def test_a_stopped_seed_s_pyhessian_check_is_counted(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Ctrl-C in the last seed's PyHessian check: the CSV's mean and std rows of PyHessian were
+    one seed's, beside the methods' rows of two, with no count, and the table did not say
+    (probe 204). Mean/std rows carry the seeds they average (``n``), as the JSON's summary
+    does, and the table says "1 of 2 seeds"."""
+    original, calls = compare.pyhessian_check, []
+
+    def second_interrupted(*args, **kwargs) -> dict:
+        calls.append(None)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "pyhessian_check", second_interrupted)
+    status, out, err = run_main(["compare", *TINY, "--methods", "exact,fisher", "--seeds", "2",
+                                 "--json", str(tmp_path / "r.json"), "--csv",
+                                 str(tmp_path / "r.csv")], capsys)
+    assert status == 130, err
+    with (tmp_path / "r.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    counts = {(r["seed"], r["method"]): r["n"] for r in rows if r["seed"] in ("mean", "std")}
+    assert counts == {(which, method): "1" if method == "pyhessian" else "2"
+                      for which in ("mean", "std") for method in ("exact", "fisher", "pyhessian")}
+    assert {r["n"] for r in rows if r["seed"] in ("0", "1")} == {""}
+    summary = json.loads((tmp_path / "r.json").read_text())["summary"]["checkpoints"][0]
+    assert summary["pyhessian"]["trace"]["n"] == 1 and summary["seeds"] == 2
+    assert "1 of 2 seeds: the run stopped before PyHessian checked the others" in " ".join(
+        out.split())
+
+
+def test_the_skip_exact_note_names_only_files_written(tmp_path: Path, capsys) -> None:
+    """With --skip-exact, the note that PyHessian's check is not shown had said its numbers are
+    "in --json and --csv" where neither was written (probe 204)."""
+    argv = ["compare", *TINY, "--skip-exact", "--methods", "fisher"]
+    status, out, _ = run_main(argv, capsys)
+    assert status == 0
+    assert ("PyHessian's check of exact is not shown (--json or --csv keeps its numbers; "
+            "--no-pyhessian skips it).\n") in out
+    status, out, _ = run_main([*argv, "--csv", str(tmp_path / "r.csv")], capsys)
+    assert status == 0 and "(its numbers are in --csv).\n" in out

@@ -117,8 +117,13 @@ def available_cores() -> int:
 
 
 def default_threads() -> int:
-    """Half the available cores, at least 1 and at most 4: torch's own default (every core)
-    made dense eigen-solves several times slower on a machine shared with other jobs."""
+    """``$OMP_NUM_THREADS`` where it is set (its first level's count), as torch reads it (the
+    default below had overridden it; probe 204); else half the available cores, at least 1 and
+    at most 4: torch's own default (every core) made dense eigen-solves several times slower on
+    a machine shared with other jobs."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
     return max(1, min(4, available_cores() // 2))
 
 
@@ -214,9 +219,9 @@ def _add_problem_options(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=_positive,
         default=threads,
-        help="CPU threads for torch (default: half the cores this process may use, 1 to 4; "
-        "torch's own default, every core, ran exact several times slower on a machine shared "
-        "with other jobs)",
+        help="CPU threads for torch (default: $OMP_NUM_THREADS where set, else half the "
+        "cores this process may use, 1 to 4; torch's own default, every core, ran exact "
+        "several times slower on a machine shared with other jobs)",
     )
 
     est = parser.add_argument_group("estimators")
@@ -578,8 +583,6 @@ def _compare(args: argparse.Namespace) -> int:
     if args.seed + args.seeds - 1 > MAX_SEED:
         raise CliError(f"--seed {args.seed} --seeds {args.seeds} runs seeds up to "
                        f"{args.seed + args.seeds - 1}, past {MAX_SEED}: lower --seed")
-    report.check_outputs({"--json": args.json, "--csv": args.csv,  # before any work
-                          "--plot": args.plot}, args.quiet, reads=_read_files(args))
     methods = _methods(args.methods, args.skip_exact)
     training = {name: getattr(args, name) for name in _TRAINING
                 if getattr(args, name) is not None}
@@ -597,7 +600,11 @@ def _compare(args: argparse.Namespace) -> int:
         pyhessian=not args.no_pyhessian,
         **training,
     )
-    cfg.torch_device()
+    compare.check_problem(cfg)
+    # before any work, after every other check: a file is said to be replaced only where the
+    # command goes on (it had been said, and the command refused; probe 204)
+    report.check_outputs({"--json": args.json, "--csv": args.csv, "--plot": args.plot},
+                         args.quiet, reads=_read_files(args))
     result = compare.new_report(cfg)
 
     def save_progress(current: dict[str, Any]) -> None:
@@ -658,7 +665,10 @@ def _compare(args: argparse.Namespace) -> int:
             failed = error
         try:
             if not args.quiet:
-                report.render(result, _stdout_console())
+                saved = tuple(option for option, path in (("--json", args.json),
+                                                          ("--csv", args.csv))
+                              if path is not None and path in written)
+                report.render(result, _stdout_console(), saved)
             elif status:
                 print("hessrank: interrupted; kept what was measured", file=sys.stderr)
         finally:  # on stderr, also where the tables' reader left
@@ -688,8 +698,6 @@ def _read_files(args: argparse.Namespace) -> dict[str, Path | None]:
 def _rank(args: argparse.Namespace) -> int:
     from hessrank.cli import compare, report
 
-    report.check_outputs({"--json": args.json}, args.quiet,
-                         reads=_read_files(args))
     methods = _methods([args.method], False, "--method")
     if len(methods) != 1:
         raise CliError(f"--method {args.method!r} names {len(methods)} estimators: rank measures "
@@ -706,6 +714,9 @@ def _rank(args: argparse.Namespace) -> int:
                        f"--definition {args.definition} printed: drop "
                        f"{'it' if len(unread) == 1 else 'them'}, or pass --json for every rank")
     cfg = _config(args, methods, (args.seed,))
+    compare.check_problem(cfg)
+    # before any work, after every other check (probe 204)
+    report.check_outputs({"--json": args.json}, args.quiet, reads=_read_files(args))
     problem = compare.build_problem(cfg, args.seed)
     progress = _progress(args.quiet)
     tracker = compare.tracker(problem, cfg, args.seed, progress or False, on_error="record")
@@ -764,7 +775,7 @@ def _plot(args: argparse.Namespace) -> int:
     if output.resolve() in set(logs):
         raise CliError(f"the figure would replace the log {output}: name the figure with -o "
                        "(e.g. -o curvature.png)")
-    runs = read_runs(args.logs, args.rank)
+    runs = read_runs(args.logs, args.rank, args.layers)
     report.check_outputs({"-o": output})
     for what in plot(runs, args.logs, output, args.rank, args.layers):
         print(f"hessrank: left out {what}", file=sys.stderr)

@@ -90,6 +90,25 @@ class Problem:
     num_params: int
 
 
+def weights_path(cfg: Config) -> Path | None:
+    """``--weights``, a leading ``~`` expanded."""
+    return Path(cfg.weights).expanduser() if cfg.weights else None
+
+
+def check_problem(cfg: Config) -> None:
+    """What can be checked of the problem before any work, and before an output is said to be
+    replaced (a refusal had followed "exists; it will be replaced"; probe 204): the device, the
+    data's folder, the model's file, the weights' file.
+
+    Raises:
+        CliError: naming the problem and the fix.
+    """
+    cfg.torch_device()
+    presets.check_data(cfg.data, cfg.data_path())
+    presets.check_model_name(cfg.model)
+    presets.check_weights(weights_path(cfg))
+
+
 def build_problem(cfg: Config, seed: int) -> Problem:
     """The model and data set ``cfg`` names, both seeded by ``seed``."""
     device, dtype = cfg.torch_device(), presets.DTYPES[cfg.dtype]
@@ -112,7 +131,7 @@ def build_problem(cfg: Config, seed: int) -> Problem:
         seed=seed,
         dtype=dtype,
         device=device,
-        weights=Path(cfg.weights).expanduser() if cfg.weights else None,
+        weights=weights_path(cfg),
     )
     presets.check_model(model, data, cfg.model)
     return Problem(model, data, nn.CrossEntropyLoss(), presets.num_params(model))

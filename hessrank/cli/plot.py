@@ -190,6 +190,10 @@ def run_names(paths: list[Path]) -> list[str]:
     return names
 
 
+NO_LAYERS = ("--layers: the log has no per-layer ranks; record them with "
+             "Tracker(..., per_layer=True)")
+
+
 def layer_names(runs: list[Run]) -> list[str]:
     """Layers recorded in any run, in order of first appearance."""
     names: dict[str, None] = {}
@@ -273,8 +277,7 @@ def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Fi
     plt = pyplot("hessrank plot")
     names = layer_names(runs) if layers else []
     if layers and not names:
-        raise CliError("--layers: the log has no per-layer ranks; record them with "
-                       "Tracker(..., per_layer=True)")
+        raise CliError(NO_LAYERS)
     layer_rows = math.ceil(len(names) / LAYER_COLUMNS)
     columns = max(2, min(LAYER_COLUMNS, len(names)))
     fig = plt.figure(figsize=(4.2 * columns, 3.4 * (1 + layer_rows)))
@@ -315,12 +318,15 @@ def build_figure(runs: list[Run], key: str = "rank", layers: bool = False) -> Fi
     return fig
 
 
-def read_runs(paths: list[Path], key: str) -> list[Run]:
-    """The logs' runs, checked to hold something to plot under ``key`` (before a figure that
-    exists is said to be replaced: a compare report given as a log had been; probe 160).
+def read_runs(paths: list[Path], key: str, layers: bool = False) -> list[Run]:
+    """The logs' runs, checked to hold something to plot under ``key``, and per-layer ranks
+    where ``layers`` asks for them (before a figure that exists is said to be replaced: a
+    compare report given as a log had been, probe 160; a log without per-layer ranks, probe
+    204).
 
     Raises:
-        CliError: a log cannot be read or holds no record, nor a failure, to plot.
+        CliError: a log cannot be read or holds no record, nor a failure, to plot, or no
+            per-layer rank that ``layers`` asks for.
     """
     runs = [read_run(path, name) for path, name in zip(paths, run_names(paths), strict=True)]
     if not any(_is_number(r.get(key)) for run in runs for r in run.records) and not any(
@@ -328,6 +334,8 @@ def read_runs(paths: list[Path], key: str) -> list[Run]:
         raise CliError(f"no record of {', '.join(map(str, paths))} holds a {key!r} value: "
                        "nothing to plot (a Tracker writes one per measurement; --rank names the "
                        "rank to draw)")
+    if layers and not layer_names(runs):
+        raise CliError(NO_LAYERS)
     return runs
 
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import importlib.resources
 import importlib.util
 import os
+import struct
 import sys
 import zipfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,12 +62,18 @@ def default_data_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def _mnist_file(raw: Path, name: str) -> Path | None:
+    """The file of ``name`` in ``raw``: as it is, else gzipped; None if neither."""
+    return next((path for path in (raw / name, raw / f"{name}.gz") if path.is_file()), None)
+
+
 def has_mnist(data_dir: Path | None) -> bool:
-    """Whether ``data_dir`` holds MNIST in the torchvision layout (``MNIST/raw/``)."""
+    """Whether ``data_dir`` holds MNIST's train set in the torchvision layout (``MNIST/raw/``,
+    each file as it is or gzipped): what :func:`load_data` reads."""
     if data_dir is None:
         return False
     raw = data_dir / "MNIST" / "raw"
-    return all((raw / f).is_file() or (raw / f"{f}.gz").is_file() for f in MNIST_FILES)
+    return all(_mnist_file(raw, name) is not None for name in MNIST_FILES)
 
 
 def resolve_data_name(name: str, data_dir: Path | None) -> str:
@@ -89,33 +100,72 @@ def _digits() -> tuple[Tensor, Tensor]:
     return images, labels
 
 
-def _mnist(data_dir: Path | None) -> tuple[Tensor, Tensor]:
+def check_data(name: str, data_dir: Path | None) -> None:
+    """What can be checked of data set ``name`` before reading it: MNIST's folder and files.
+
+    Raises:
+        CliError: no data directory, or one without MNIST's train files (named).
+    """
+    if resolve_data_name(name, data_dir) != "mnist":
+        return
     if data_dir is None:
         raise CliError(
             f"--data mnist needs a data directory: pass --data-dir DIR or set ${DATA_DIR_ENV} "
             "(DIR/MNIST/raw/ in the torchvision layout)"
         )
-    if not has_mnist(data_dir):
+    raw = data_dir / "MNIST" / "raw"
+    missing = [name for name in MNIST_FILES if _mnist_file(raw, name) is None]
+    if missing:
         raise CliError(
-            f"no MNIST in {data_dir}: expected {data_dir / 'MNIST' / 'raw' / MNIST_FILES[0]} "
+            f"no MNIST in {data_dir}: {raw} lacks {' and '.join(missing)} (or .gz) "
             "(torchvision layout); point --data-dir at the folder that holds MNIST/, "
             "or use --data digits"
         )
+
+
+#: MNIST's train files, idx files of unsigned bytes, and their dimensions
+_IDX_DIMS = {"train-images-idx3-ubyte": 3, "train-labels-idx1-ubyte": 1}
+
+
+def _read_idx(path: Path, dims: int) -> np.ndarray:
+    """The unsigned bytes of the idx file ``path`` (gzipped where it ends in ``.gz``), of
+    ``dims`` dimensions, as torchvision reads them.
+
+    Raises:
+        ValueError: not such an idx file, or one cut short.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 + 4 * dims or data[:4] != bytes((0, 0, 8, dims)):
+        raise ValueError(f"{path.name} does not begin as an idx file of {dims}-d bytes")
+    shape = struct.unpack(f">{dims}I", data[4:4 + 4 * dims])
+    size = int(np.prod(shape))
+    if len(data) != 4 + 4 * dims + size:
+        raise ValueError(f"{path.name} holds {len(data) - 4 - 4 * dims} bytes for {size}")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def _mnist(data_dir: Path | None) -> tuple[Tensor, Tensor]:
+    """MNIST's train set, read from its idx files (as they are or gzipped): the files
+    :func:`has_mnist` checks, and only they (torchvision's reader had refused a folder without
+    the test set's files, or with the gzipped files alone; probe 204)."""
+    check_data("mnist", data_dir)
+    assert data_dir is not None
+    raw = data_dir / "MNIST" / "raw"
     try:
-        datasets = importlib.import_module("torchvision.datasets")
-    except ImportError as err:
-        raise CliError(
-            "--data mnist needs torchvision: pip install 'hessrank[examples]', or use --data digits"
-        ) from err
-    try:
-        mnist = datasets.MNIST(root=str(data_dir), train=True, download=False)
-    except (AssertionError, ValueError, RuntimeError, OSError) as err:
+        images, labels = (_read_idx(_mnist_file(raw, name) or raw / name, dims)
+                          for name, dims in _IDX_DIMS.items())
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images and {len(labels)} labels")
+    except (ValueError, OSError, EOFError, zlib.error) as err:  # (gzip's: OSError, EOFError)
         # (a truncated download had ended in torchvision's bare AssertionError; probe 146)
         raise CliError(
-            f"MNIST in {data_dir / 'MNIST' / 'raw'} could not be read ({type(err).__name__}"
-            f"{': ' + str(err) if str(err) else ''}): its files are not valid idx files (a "
-            "truncated download?); download them again, or use --data digits") from err
-    return mnist.data.to(torch.float32) / 255.0, mnist.targets.to(torch.int64)
+            f"MNIST in {raw} could not be read ({type(err).__name__}: {err}): its files are "
+            "not valid idx files (a truncated download?); download them again, or use --data "
+            "digits") from err
+    return (torch.from_numpy(images.astype(np.float32) / 255.0),
+            torch.from_numpy(labels.astype(np.int64)))
 
 
 def load_data(
@@ -135,6 +185,27 @@ def load_data(
     linear teacher.
     """
     name = resolve_data_name(name, data_dir)
+    try:
+        return _load_data(name, samples, seed, data_dir, image_size, dtype, device)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        # (--image-size 100000, --data synthetic --samples 100000000 had ended in the
+        # allocator's traceback; probe 204)
+        size = image_size or 8
+        raise CliError(f"--data {name} at --samples {samples} --image-size {size} does not fit "
+                       f"in memory (its {samples:,} images of {size} x {size} could not be "
+                       "allocated): choose a smaller --image-size or --samples") from err
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is torch's refusal to allocate (CUDA's error, or the CPU allocator's)."""
+    return isinstance(err, torch.OutOfMemoryError) or "allocate" in str(err)
+
+
+def _load_data(name: str, samples: int, seed: int, data_dir: Path | None, image_size: int | None,
+               dtype: torch.dtype, device: torch.device | str) -> Dataset:
+    """:func:`load_data` of the data set ``name`` (``auto`` resolved)."""
     if name == "digits":
         images, labels = _digits()
         source = "UCI ML Optical Recognition of Handwritten Digits (shipped, CC BY 4.0)"
@@ -204,33 +275,87 @@ def _preset(
     return nn.Sequential(nn.Conv2d(channels, w, 3, padding=1), act(), *blocks, *head)
 
 
-def _import_factory(spec: str) -> Callable[[], object]:
+def check_model_name(spec: str) -> None:
+    """What can be checked of ``--model spec`` before importing it: a preset, or
+    ``module:factory`` / ``path/file.py:factory`` with that file there.
+
+    Raises:
+        CliError: neither form, or no such file.
+    """
+    if spec in PRESETS:
+        return
     module_name, _, attr = spec.rpartition(":")  # (a folder may hold one; probe 177)
     if not module_name or not attr:
         raise CliError(
             f"unknown model '{spec}'; use a preset ({', '.join(PRESETS)}) or package.module:factory"
         )
+    if module_name.endswith(".py") and not Path(module_name).is_file():
+        raise CliError(f"--model {spec}: no file {module_name}")
+
+
+#: the module name under which each model file (resolved) is imported
+_MODEL_FILES: dict[Path, str] = {}
+
+
+@contextmanager
+def _first_on_path(folder: str) -> Iterator[None]:
+    """``folder`` first on ``sys.path`` in the block, as ``python file.py`` puts the script's
+    folder (its sibling modules are found, wherever the command runs); taken off after."""
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with suppress(ValueError):  # (the module may have taken it off itself)
+            sys.path.remove(folder)
+
+
+def _import_file(path: Path) -> tuple[Any, str]:
+    """The module of the file ``path`` and its folder: executed as ``python path`` runs it (its
+    folder first on ``sys.path``), registered in ``sys.modules`` under a name of its own, which
+    a ``@dataclass`` under ``from __future__ import annotations`` looks itself up by (it had
+    failed with "'NoneType' object has no attribute '__dict__'"; probe 204)."""
+    resolved = path.resolve()
+    name = _MODEL_FILES.setdefault(resolved, f"_hessrank_model_{len(_MODEL_FILES)}_{path.stem}")
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    folder = str(resolved.parent)
+    sys.modules[name] = module
+    try:
+        with _first_on_path(folder):
+            module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module, folder
+
+
+def _import_factory(spec: str) -> Callable[[], object]:
+    check_model_name(spec)
+    module_name, _, attr = spec.rpartition(":")
+    folder = None
     try:
         if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise CliError(f"--model {spec}: no file {path}")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            assert module_spec is not None and module_spec.loader is not None
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            module, folder = _import_file(Path(module_name))
         else:
             if "" not in sys.path and os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(module_name)
-    except CliError:
-        raise
     except Exception as err:
         raise CliError(f"--model {spec}: cannot import {module_name}: {err}") from err
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise CliError(f"--model {spec}: {module_name} has no callable '{attr}'")
-    return factory
+    if folder is None:
+        return factory
+
+    def from_its_folder() -> object:
+        """The factory, its file's folder on ``sys.path`` as at its import (an import in its
+        body finds the modules beside it)."""
+        with _first_on_path(folder):
+            return factory()
+
+    return from_its_folder
 
 
 def build_model(
@@ -262,8 +387,7 @@ def build_model(
             try:
                 model = _preset(name, input_shape, num_classes, ACTIVATIONS[activation], w, d)
             except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not isinstance(err, torch.OutOfMemoryError) and (
-                        "allocate" not in str(err)):
+                if not _out_of_memory(err):
                     raise
                 # (--width 100000 had ended in the allocator's traceback; probe 146)
                 raise CliError(f"--model {name} at --width {w} --depth {d} does not fit in "
@@ -309,6 +433,21 @@ def build_model(
             raise CliError(f"--weights {weights}: {err} (the file must hold a state_dict of the "
                            "--model given: the same parameter names and shapes)") from err
     return model.to(device=device, dtype=dtype).eval()
+
+
+def check_weights(path: Path | None) -> None:
+    """``--weights path`` can be opened (what :func:`build_model` reads of it is checked there).
+
+    Raises:
+        CliError: missing, a folder, unreadable.
+    """
+    if path is None:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise CliError(f"--weights {path}: {err.strerror or err}") from err
 
 
 def _saved_by_torch(path: str | Path) -> bool:

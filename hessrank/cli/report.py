@@ -90,6 +90,7 @@ CSV_COLUMNS = (
     "previous_task_train_error",
     "caveats",
     "error",
+    "n",  # a mean/std row's: the seeds it averages (last: the columns before kept their places)
 )
 
 
@@ -362,6 +363,10 @@ def pyhessian_table(
         how += f", s.e. {stat['trace_stderr']['mean']:.2g}"
     if probes and probes["n"] > 1:  # (2 and 36 probes had read as 19; probe 115)
         how += f" (means over {probes['n']} seeds)"
+    checked, seeds = seeds_averaged(stat), summ["checkpoints"][index]["seeds"]
+    if checked < seeds:  # (stopped in a seed's check, it had read as a mean of all; probe 204)
+        table.caption = (f"{checked} of {seeds} seeds: the run stopped before PyHessian "
+                         "checked the others")
     table.add_row(
         "top eigenvalue",
         cell(stat["exact_top_eigenvalue"], "top_eigenvalue"),
@@ -387,8 +392,10 @@ def pyhessian_table(
     return table, notes
 
 
-def trajectory_table(report: dict[str, Any], summ: dict[str, Any]) -> Table | None:
-    """srank and its error vs exact per checkpoint, and Spearman correlation with exact."""
+def trajectory_table(report: dict[str, Any], summ: dict[str, Any], saved: tuple[str, ...] = ()
+                     ) -> Table | None:
+    """srank and its error vs exact per checkpoint, and Spearman correlation with exact;
+    ``saved`` as :func:`render` takes it."""
     points = summ["checkpoints"]
     if report["config"]["checkpoints"] < 1 or not points:
         return None
@@ -409,7 +416,8 @@ def trajectory_table(report: dict[str, Any], summ: dict[str, Any]) -> Table | No
     errors = [cell(p["previous_task_train_error"], "previous_task_train_error") for p in points]
     if len(points) < len(summ["checkpoints"]):
         table.caption = (
-            f"{len(points)} of {len(summ['checkpoints'])} tasks shown; all in --json/--csv"
+            f"{len(points)} of {len(summ['checkpoints'])} tasks shown; "
+            + (f"all in {' and '.join(saved)}" if saved else "--json or --csv keeps them all")
         )
     table.add_row("train err (prev)", *[e.lstrip("+") for e in errors], "")
     return table
@@ -431,8 +439,9 @@ def anything_measured(report: dict[str, Any]) -> bool:
                for run in report["runs"] for point in run["checkpoints"])
 
 
-def render(report: dict[str, Any], console: Console) -> None:
-    """Print the tables of ``report`` (the last checkpoint in detail)."""
+def render(report: dict[str, Any], console: Console, saved: tuple[str, ...] = ()) -> None:
+    """Print the tables of ``report`` (the last checkpoint in detail); ``saved`` names the
+    options whose files hold every number (``--json``, ``--csv``), written."""
     summ = summary(report)
     console.print(title(report))
     measured = anything_measured(report)
@@ -455,17 +464,20 @@ def render(report: dict[str, Any], console: Console) -> None:
     check = pyhessian_table(summ, report, last)
     if "exact" not in report["config"]["methods"]:
         # PyHessian's table checks exact's numbers: without them it had been shown with every
-        # exact and diff cell empty
+        # exact and diff cell empty. Its numbers are said to be in the files written alone
+        # (with none, it had named --json and --csv all the same; probe 204).
+        where = (f"its numbers are in {' and '.join(saved)}" if saved else
+                 "--json or --csv keeps its numbers; --no-pyhessian skips it")
         console.print("No exact reference (skipped): errors against exact are not computed"
-                      + (", and PyHessian's check of exact is not shown (its numbers are in "
-                         "--json and --csv)." if check is not None else "."),
+                      + (f", and PyHessian's check of exact is not shown ({where})."
+                         if check is not None else "."),
                       markup=False, highlight=False)
     elif check is not None:
         console.print()
         console.print(check[0])
         for note in check[1]:
             console.print(note, markup=False, highlight=False)
-    trajectory = trajectory_table(report, summ)
+    trajectory = trajectory_table(report, summ, saved)
     if trajectory is not None:
         console.print()
         console.print(trajectory)
@@ -523,7 +535,8 @@ def dump_json(payload: dict[str, Any], path: Path) -> None:
 
 
 def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per seed, checkpoint and method (pyhessian included); mean/std rows for seeds."""
+    """One row per seed, checkpoint and method (pyhessian included); mean/std rows for seeds,
+    each with the number of seeds it averages (``n``)."""
     rows: list[dict[str, Any]] = []
     for run in report["runs"]:
         for point in run["checkpoints"]:
@@ -557,16 +570,26 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         for point in summ["checkpoints"]:
             for which in ("mean", "std"):
                 base = {"seed": which, "checkpoint": point["index"], "task": point["task"]}
+                # n: the seeds averaged, as the JSON's summary says (a run stopped in its last
+                # seed's PyHessian check had a mean row of one seed beside others of two; probe
+                # 204)
                 for method, stat in point["methods"].items():
-                    row = dict(base, method=method)
+                    row = dict(base, method=method, n=seeds_averaged(stat))
                     row.update({f: s[which] if s else None for f, s in stat.items()})
                     row["spearman_vs_exact"] = (summ["spearman"].get(method) or {}).get(which)
                     rows.append(row)
                 if point["pyhessian"]:
-                    row = dict(base, method="pyhessian")
+                    row = dict(base, method="pyhessian", n=seeds_averaged(point["pyhessian"]))
                     row.update({f: s[which] if s else None for f, s in point["pyhessian"].items()})
                     rows.append(row)
     return rows
+
+
+def seeds_averaged(stats: dict[str, dict[str, Any] | None]) -> int:
+    """How many seeds a row of :func:`summary`'s ``stats`` (field -> mean/std/n) averages: the
+    most of any field (a field a seed left empty, such as an error against a failed exact,
+    averages fewer)."""
+    return max((stat["n"] for stat in stats.values() if stat), default=0)
 
 
 def with_folder(path: Path) -> Path:
