@@ -306,8 +306,8 @@ def effective_rank(
             system (``malloc_trim``, whose page faults cost about 10 % of a fast ``fisher``
             call). On CPU the heap earlier work left moves the figure, either way (by tens of MiB
             after a few calls), and a process's first call counts what it loads once (code,
-            lazily imported modules: 20-65 MiB). The prediction every method checks against
-            ``max_memory`` is made either way.
+            lazily imported modules: 10-32 MiB, 124-126 with ``torch.func``). The prediction
+            every method checks against ``max_memory`` is made either way.
         process_group: a ``torch.distributed`` process group (``dist.group.WORLD``) for
             data-parallel analysis: every process of the group calls with the same model and
             options and its own shard of the batch (shards concatenated in rank order form the
@@ -439,9 +439,10 @@ def effective_rank(
                     group: _predicted(dataclasses.replace(settings, per_layer=False), estimator,
                                       problem, block_cost)
                     for group, block_cost in layer_costs.items()}
-                # (the batch's copy, made before, counts as the prediction counts it; probe 148)
+                # (the batch's and the state's copies, made before, count as the prediction
+                # counts them; probes 148, 205)
                 with PeakMemory(problem.device, enabled=measure_memory,
-                                held=problem.batch_copy_bytes) as memory:
+                                held=problem.copied_bytes(made=True)) as memory:
                     if isinstance(problem, StreamedProblem) and concatenate:
                         problem = problem.concatenated(estimator.name)
                     block_seconds: dict[str, float] = {}  # the blocks run on their own
@@ -706,12 +707,13 @@ def _predicted(settings: Settings, estimator: Estimator, problem: CurvatureProbl
 
 
 def _with_data_copies(estimator: Estimator, problem: CurvatureProblem, cost: Cost) -> Cost:
-    """``cost`` with the call's copies of the data: the batch's tensors it copied (a batch of
-    token embeddings twice a linear layer's working memory had been left out: peaks of 9 times
-    the prediction; probe 147); for a data set, what a pass over it holds beside its first
-    batch's copy (:meth:`StreamedProblem.pass_bytes`), and a copy of the data set where the
-    method joins its batches into one."""
-    copies = problem.batch_copy_bytes
+    """``cost`` with the call's copies of the data and of the model's state: the batch's
+    tensors it copied (a batch of token embeddings twice a linear layer's working memory had
+    been left out: peaks of 9 times the prediction; probe 147) and the state's copies (probe
+    205); for a data set, what a pass over it holds beside its first batch's copy
+    (:meth:`StreamedProblem.pass_bytes`), and a copy of the data set where the method joins
+    its batches into one."""
+    copies = problem.copied_bytes()
     if isinstance(problem, StreamedProblem):
         copies += problem.pass_bytes() + (0 if estimator.streams else problem.data_bytes)
     return dataclasses.replace(cost, memory_bytes=cost.memory_bytes + copies)

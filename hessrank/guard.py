@@ -187,30 +187,82 @@ def _storage_key(tensor: Tensor) -> tuple[torch.device, int] | None:
     return (tensor.device, storage.data_ptr()) if storage.nbytes() else None
 
 
+def _covered_bytes(tensor: Tensor) -> tuple[torch.device, int, int] | None:
+    """The bytes a plain strided tensor's entries span in memory, ``(device, start, end)``
+    (None for a subclass, an empty tensor and what :func:`_storage_key` leaves out)."""
+    key = _storage_key(tensor) if type(tensor) is Tensor else None  # (subclasses: alone)
+    if key is None or tensor.numel() == 0:
+        return None
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    first = key[1] + int(tensor.storage_offset()) * tensor.element_size()
+    return key[0], first, first + int(extent) * tensor.element_size()
+
+
 def shared_clones(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Detached copies of ``tensors`` that share memory among themselves as the tensors do:
-    one copy for a tensor listed twice, and views of one memory (a buffer and a view of it
-    held as another buffer or attribute, ``self.mean = self.stats[0]``) views of one copy of
-    it, so that a write through one still reaches the others. (Cloned one by one, a forward
-    that wrote through the view and read the buffer computed another function: a top
-    eigenvalue 0.724 for 0.711, unnoted; probe 203.)"""
-    views: dict[tuple[torch.device, int], list[Tensor]] = {}
-    for tensor in tensors:
-        key = _storage_key(tensor) if type(tensor) is Tensor else None  # (subclasses: alone)
-        if key is not None and not any(tensor is seen for seen in views.get(key, [])):
-            views.setdefault(key, []).append(tensor)
-    memories = {key: group[0].untyped_storage().clone() for key, group in views.items()
-                if len(group) > 1}
+    one copy for a tensor listed twice, and tensors whose entries span overlapping memory (a
+    buffer and a view of it held as another buffer or attribute, ``self.mean =
+    self.stats[0]``; two tensors over one NumPy array; an expanded tensor, overlapping
+    itself) views of one copy of the memory they span, conjugate and negative views as such,
+    so that a write through one still reaches the others. (Cloned one by one, a forward that
+    wrote through the view and read the buffer computed another function: a top eigenvalue
+    0.724 for 0.711, unnoted; probe 203. Grouped by their storages' addresses alone, two over
+    one array had the larger rebuilt on the smaller's copy, its tail uninitialised, and the
+    views' conjugate bits were lost: probe 205.) A tensor subclass is copied by itself."""
+    spans = sorted(((covered, tensor) for tensor in {id(t): t for t in tensors}.values()
+                    if (covered := _covered_bytes(tensor)) is not None),
+                   key=lambda item: (str(item[0][0]), item[0][1]))
+    groups: list[list[tuple[tuple[torch.device, int, int], Tensor]]] = []
+    for covered, tensor in spans:
+        if (groups and groups[-1][0][0][0] == covered[0]
+                and covered[1] < max(span[2] for span, _ in groups[-1])):
+            groups[-1].append((covered, tensor))
+        else:
+            groups.append([(covered, tensor)])
     copies: dict[int, Tensor] = {}
-    for tensor in tensors:
-        if id(tensor) in copies:
-            continue
-        key = _storage_key(tensor) if type(tensor) is Tensor else None
-        memory = None if key is None else memories.get(key)
-        copies[id(tensor)] = (tensor.detach().clone() if memory is None else torch.empty(
-            0, dtype=tensor.dtype, device=tensor.device).set_(
-                memory, tensor.storage_offset(), tensor.size(), tensor.stride()))
-    return [copies[id(tensor)] for tensor in tensors]
+    for group in groups:
+        (device, start, _), lone = group[0]
+        if len(group) == 1 and torch._debug_has_internal_overlap(lone) == 0:
+            continue  # alone in its memory: cloned below
+        end = max(span[2] for span, _ in group)
+        memory = torch.empty(end - start, dtype=torch.uint8, device=device)
+        for (_, first, beyond), tensor in group:
+            storage = tensor.untyped_storage()
+            raw = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+            memory[first - start:beyond - start].copy_(
+                raw[first - storage.data_ptr():beyond - storage.data_ptr()])
+        for (_, first, _), tensor in group:
+            offset, misaligned = divmod(first - start, tensor.element_size())
+            if misaligned:  # (another dtype's view at an odd address: copied alone)
+                continue
+            copied = torch.empty(0, dtype=tensor.dtype, device=device).set_(
+                memory.untyped_storage(), offset, tensor.size(), tensor.stride())
+            if tensor.is_conj():
+                copied = copied.conj()
+            if tensor.is_neg():
+                copied = torch._neg_view(copied)
+            copies[id(tensor)] = copied
+    return [copies[id(tensor)] if id(tensor) in copies else copies.setdefault(
+        id(tensor), tensor.detach().clone()) for tensor in tensors]
+
+
+#: Copies of a model's buffers and plain tensor attributes a call holds: the caller's values
+#: for the restore and the passes' copies (:func:`preserved_state`), and the state as the
+#: first pass found it (:class:`PassState`).
+STATE_COPIES = 3
+
+
+def state_bytes(model: nn.Module) -> tuple[int, int]:
+    """Bytes of one copy of ``model``'s buffers and plain tensor attributes, of which a call
+    holds :data:`STATE_COPIES`, and of the tensors inside its containers, of which it holds
+    one (a model holding a 200 MB tensor attribute had peaked 3 copies above a prediction
+    without them; probe 205)."""
+    def total(tensors: Iterable[Tensor]) -> int:
+        unique = {id(tensor): tensor for tensor in tensors if tensor.layout == torch.strided}
+        return sum(tensor.numel() * tensor.element_size() for tensor in unique.values())
+
+    return (total([*model.buffers(), *(tensor for _, _, tensor in _plain_tensors(model))]),
+            total(_contained_tensors(model)))
 
 
 def _contained_tensors(model: nn.Module) -> list[Tensor]:
@@ -267,6 +319,11 @@ class PassState:
         self._empty: list[tuple[nn.Module, str]] = []
         #: the states of the generators the model holds at the first pass
         self._generators = ModuleGenerators(())
+
+    @property
+    def recorded(self) -> bool:
+        """Whether the first pass has recorded the state (and copied it)."""
+        return self._attributes is not None
 
     def before_pass(self) -> None:
         """Record the state (first pass) or put it back (every later one)."""

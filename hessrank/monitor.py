@@ -195,7 +195,8 @@ class PeakMemory:
     LSTM's ``lanczos`` measured 118 MiB after a test suite's thousand calls, 205-220 MiB in fresh
     processes; ten other calls before it moved figures by up to 35 MiB). A fresh process gives
     the call's own figure (as ``benchmarks/`` and the tests use), with what its first call loads
-    once (code, lazily imported modules: 20-65 MiB on the CPU; ``benchmarks/`` warm up first).
+    once (code, lazily imported modules: 10-32 MiB on the CPU, 124-126 MiB with ``torch.func``,
+    ``benchmarks/working_memory.py --first-call``; ``benchmarks/`` warm up first).
     ``peak`` is None where neither measure is available, or when not ``enabled``. Measuring
     resets process-wide state (the peak statistic a training loop may read afterwards), which is
     why a library call measures only when asked (``effective_rank(..., measure_memory=True)``).

@@ -1142,6 +1142,38 @@ def test_a_term_on_the_samples_the_softmax_ignores_is_not_left_out(method):
     assert_spectra_close(result.eigenvalues, reference, count=5, rtol=1e-4)
 
 
+class _SequenceFirst(nn.Module):
+    """A token model whose outputs are sequence-first, ``[T, n, V]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding, self.head = nn.Embedding(6, 8), nn.Linear(8, 6)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.embedding(tokens))).transpose(0, 1)
+
+
+def _sequence_first_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(outputs.permute(1, 2, 0), targets)
+
+
+def test_ggn_lanczos_of_sequence_first_outputs():
+    """The float64 check of a float32 softmax indexed the outputs' rows and the targets' alike:
+    an IndexError past the targets' (T = 5 rows of outputs for n = 4 samples; probe 201). Now
+    read whole, against the float64 copy's ``J^T H J``."""
+    model = _SequenceFirst()
+    generator = _seeded(3)
+    tokens, targets = (torch.randint(0, 6, (4, 5), generator=generator),
+                       torch.randint(0, 6, (4, 5), generator=generator))
+    reference = eigenvalues_by_magnitude(reference_ggn_full(
+        copy.deepcopy(model).double(), _sequence_first_loss, tokens, targets))
+    result = hessrank.effective_rank(model, _sequence_first_loss, (tokens, targets),
+                                     method="ggn_lanczos", seed=0)
+    assert_spectra_close(result.eigenvalues, reference, count=5, rtol=1e-4)
+    assert result.trace == pytest.approx(float(np.abs(reference).sum()), rel=1e-4)
+
+
 @pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
 def test_per_sample_weights_in_the_targets_normalised_by_their_sum(method):
     """Per-sample weights passed in the targets and normalised inside the loss by their sum,

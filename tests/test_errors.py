@@ -366,6 +366,9 @@ PLACED_WEIGHTS = [
         f, (y > 0).to(f.dtype), weight=_SAMPLE_WEIGHTS.to(f.dtype)[:, None])),
     ("sliced to the batch", lambda f, y: (
         _SAMPLE_WEIGHTS[: f.shape[0]].to(f.dtype) * ((f - y) ** 2).sum(1)).mean()),
+    # every weight it reads equal, those it masks unread: mean(mask) times the EF (probe 205)
+    ("0/1 mask", lambda f, y: (
+        (_SAMPLE_WEIGHTS > 0.5).to(f.dtype) * ((f - y) ** 2).sum(1)).mean()),
 ]
 
 
@@ -480,6 +483,17 @@ def test_outputs_without_per_sample_rows_are_named(make, match, method):
     _check(model, lambda: hessrank.effective_rank(model, loss_fn, (x, y), method=method),
            ValueError, match)
     assert hessrank.effective_rank(model, loss_fn, (x, y), method="exact").rank > 0
+
+
+def test_fisher_lanczos_names_a_sequence_first_output():
+    """fisher_lanczos had blamed the loss for a sequence-first output ("cannot be evaluated on
+    one sample", advising ggn, which refuses it too; probe 201)."""
+    model = _SequenceFirstOutput().double()
+    x, y = torch.randn(8, 6, 5, dtype=torch.float64), torch.randint(0, 3, (8, 6))
+    _check(model, lambda: hessrank.effective_rank(model, _sequence_first_loss, (x, y),
+                                                  method="fisher_lanczos"),
+           ValueError, r"output has shape \(6, 8, 3\) for a batch of 8 samples.*samples along "
+                       r"the output's first dimension.*'ggn_lanczos'")
 
 
 def test_dropout_with_train_mode():
@@ -1432,6 +1446,67 @@ def _working_memory_peak(case: int) -> int | None:
                                    **options).peak_memory
 
 
+def _norm_check_peak() -> tuple[int | None, float, float]:
+    """The peak above its entry of the gradient check's distance between two float32
+    gradients of 64 MiB each (run it in a fresh process), the distance and its float64
+    value."""
+    from hessrank.curvature.gram import _squared_norm
+    from hessrank.monitor import _release_free_memory, _reset_high_water_mark, _status_bytes
+
+    generator = torch.Generator().manual_seed(0)
+    claimed = torch.randn(16, 2**20, generator=generator)
+    true = claimed + 1e-3 * torch.randn(16, 2**20, generator=generator)
+    exact = float(((claimed.double() - true.double()) ** 2).sum())
+    _release_free_memory()
+    before, reset = _status_bytes("VmRSS"), _reset_high_water_mark()
+    distance = float(_squared_norm(claimed, true))
+    peak = _status_bytes("VmHWM")
+    return (peak - before if reset and peak is not None and before is not None else None,
+            distance, exact)
+
+
+def test_the_gradient_check_holds_no_gradient_sized_temporary():
+    """The check's distance between a rule's claimed gradient and autograd's had formed their
+    difference whole and a float64 copy of autograd's: on a wide float32 model (P = 64M)
+    ``fisher`` peaked at 1.68 times its prediction (probe 204). Blocks' differences now go
+    into one buffer of 4 MiB."""
+    peak, distance, exact = _fresh_peak("_norm_check_peak")
+    assert distance == pytest.approx(exact, rel=1e-3)  # (float32 differences of ~1e-3)
+    if peak is not None:  # Linux: the resident-set high-water mark
+        assert peak < 16 * 2**20, peak
+
+
+class _HeldTable(nn.Module):
+    """A small MLP beside a 32 MiB tensor it holds (``where``: a buffer or an attribute)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.net = mlp((5, 6, 3))
+        table = torch.zeros(4 * 2**20, dtype=torch.float64)
+        if where == "buffer":
+            self.register_buffer("table", table)
+        else:
+            self.table = table
+
+    def forward(self, x):
+        return self.net(x) + self.table[:3]
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher", "lanczos"])
+@pytest.mark.parametrize("where", ["buffer", "attribute"])
+def test_budget_counts_the_copies_of_the_models_state(where, method):
+    """A call holds three copies of the model's buffers and tensor attributes (the caller's
+    values for the restore, the passes' copies, the state as the first pass found it), which
+    no prediction counted: a model holding 200 MB ran under a budget of 40 MB, peaking 600 MB
+    above it (probe 205)."""
+    model = _HeldTable(where)
+    x, y = classification_batch(8, 5, 3)
+    refusal = _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method,
+                                                            max_memory=64 * 2**20),
+                     hessrank.BudgetError, f"method='{method}' needs about")
+    assert refusal.memory_bytes >= 3 * 32 * 2**20
+
+
 #: A data set whose batches outweigh the model: (method, "list" or "loader").
 _DATA_SET_CASES = [("lanczos", "list"), ("lanczos", "loader"), ("fisher", "list"),
                    ("fisher", "loader")]
@@ -1469,7 +1544,7 @@ def _fresh_peaks() -> dict[tuple[object, ...], int | None]:
     4 s, would otherwise add up one after the other)."""
     calls = [*((_working_memory_peak, (case,)) for case in range(len(_WORKING_MEMORY_CASES))),
              *((_data_set_peak, (case,)) for case in range(len(_DATA_SET_CASES))),
-             (_ritz_peak, ()), (_long_recurrence_peak, ()),
+             (_ritz_peak, ()), (_long_recurrence_peak, ()), (_norm_check_peak, ()),
              *((_exact_peak, (count,)) for count in (0, 3))]
     return {(function.__name__, *args): peak
             for (function, args), peak in zip(calls, in_fresh_processes(calls))}

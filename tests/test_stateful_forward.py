@@ -412,6 +412,86 @@ def test_a_forward_drawing_from_its_own_generator_is_analysed_at_its_next_draw(m
                for note in result.notes)
 
 
+#: Tensors that share memory in ways a copy must keep: a conjugate or negative view of a buffer
+#: held as an attribute, two tensors over one NumPy array (storages of different sizes at one
+#: address), an expanded (stride 0) buffer or attribute written through one row and read
+#: through another.
+ALIASES = ["conjugate view", "negative view", "prefix of one array", "expanded buffer",
+           "expanded attribute"]
+_ARRAY = np.linspace(0.1, 1.0, 10)
+
+
+class _Aliased(nn.Module):
+    """A tanh MLP scaled by state held in one of the ways of ``ALIASES``; ``twin``: the same
+    function from plain tensors (the reference's)."""
+
+    def __init__(self, kind: str, twin: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.twin = kind, twin
+        self.hidden, self.head = nn.Linear(4, 6).double(), nn.Linear(6, 3).double()
+        if kind == "conjugate view":
+            unitary = torch.linalg.qr(torch.randn(6, 6, dtype=torch.complex128))[0]
+            self.register_buffer("unitary", unitary)
+            self.adjoint = unitary.mH  # a view with the conjugate bit
+            self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 6, dtype=torch.float64))
+        elif kind == "negative view":
+            self.register_buffer("shift", torch.linspace(-0.5, 0.5, 6, dtype=torch.float64))
+            self.negated = torch._neg_view(self.shift)
+        elif kind == "prefix of one array":
+            self.register_buffer("scale", torch.tensor(_ARRAY[:6]) if twin
+                                 else torch.from_numpy(_ARRAY[:6]))
+            self.whole = torch.tensor(_ARRAY) if twin else torch.from_numpy(_ARRAY)
+        else:
+            shift = torch.zeros(1, 6, dtype=torch.float64)
+            shift = shift if twin else shift.expand(3, 6)  # 3 rows over one memory
+            if kind == "expanded buffer":
+                self.register_buffer("rows", shift)
+            else:
+                self.rows = shift
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.hidden(x))
+        if self.kind == "conjugate view":
+            adjoint = self.unitary.mH if self.twin else self.adjoint
+            h = (adjoint @ (self.gain * (self.unitary @ h.to(adjoint.dtype).T).T).T).T.real
+        elif self.kind == "negative view":
+            h = h + (-self.shift if self.twin else self.negated)
+        elif self.kind == "prefix of one array":
+            h = h * (1 + self.scale) + self.whole[4:]
+        elif self.twin:
+            h = h * 1.25
+        else:  # written through row 0, read through the last (the same memory)
+            self.rows[0].add_(0.25)
+            h = h * (1 + self.rows[-1])
+        return self.head(h)
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+@pytest.mark.parametrize("kind", ALIASES)
+def test_tensors_sharing_memory_are_copied_as_they_share_it(kind, method):
+    """The call's copies of the state had lost a view's conjugate bit (top eigenvalue 0.969 for
+    1.067), rebuilt the larger of two tensors over one array on the smaller's copy (its tail
+    uninitialised) and made an expanded tensor contiguous, so that a write through one row no
+    longer reached the others (probe 205). Against the float64 reference of a twin holding
+    plain tensors, and the state left as it was."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 4, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, 3, (8,), generator=generator)
+    model, twin = _Aliased(kind), _Aliased(kind, twin=True)
+    before = {name: (value.clone(), value.is_conj(), value.is_neg(), value.stride())
+              for name, value in [*model.named_buffers(), *vars(model).items()]
+              if isinstance(value, Tensor)}
+    result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), method=method)
+    reference = eigenvalues_by_magnitude(_reference(method, twin, x, y))
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-6 if method == "exact" else 1e-9)
+    after = {name: value for name, value in [*model.named_buffers(), *vars(model).items()]
+             if isinstance(value, Tensor)}
+    assert all(torch.equal(after[name], value) and after[name].is_conj() == conj
+               and after[name].is_neg() == neg and after[name].stride() == stride
+               for name, (value, conj, neg, stride) in before.items())
+
+
 class _NoisyWeight(nn.Module):
     """A hidden layer whose weight is perturbed by a draw from a generator the module holds
     (``noise``: a fixed draw instead): a sample alone sees the batch's perturbation."""

@@ -94,12 +94,14 @@ def gram_backpack(
     # the copy starts from the state the call's first pass found (a counter that pass moved had
     # given BackPACK's factors another function, blamed on BackPACK; probe 203)
     problem.before_pass()
-    model = extend(copy.deepcopy(problem.model))
-    loss_fn = extend(copy.deepcopy(problem.loss_fn)) if kind == "ggn" else problem.loss_fn
-    copies = dict(model.named_parameters())
     n = problem.num_samples
     factors: dict[str, Tensor] = {}
     try:
+        # (a copy of a model holding a tensor computed from its parameters, the old
+        # weight_norm's weight as its first pass left it, cannot be made: BackPACK's failure)
+        model = extend(copy.deepcopy(problem.model))
+        loss_fn = extend(copy.deepcopy(problem.loss_fn)) if kind == "ggn" else problem.loss_fn
+        copies = dict(model.named_parameters())
         # the forward too: BackPACK's hooks fail there on an in-place activation (ReLU(inplace=
         # True), in every torchvision model tried), with a bare RuntimeError
         loss = loss_fn(run_model(model, problem.args, problem.kwargs, problem.mode),

@@ -63,6 +63,7 @@ from hessrank.problem import (
     difference_text,
     lower_precision_cause,
     mixed_samples_difference,
+    refuse_not_sample_first,
     repeat_pass,
     sum_terms,
     sums_tolerance,
@@ -320,6 +321,40 @@ def _leaves(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 Check = tuple[Sequence[Claim], list[Tensor], Tensor, Tensor]
 
 
+#: Entries of a gradient whose norm is taken at once (:func:`_squared_norm`).
+NORM_BLOCK = 2**20
+
+
+def _squared_norm(tensor: Tensor, minus: Tensor | None = None,
+                  dtype: torch.dtype | None = None) -> Tensor:
+    """``||tensor - minus||^2`` (``minus`` None: ``||tensor||^2``) as a float64 scalar, from
+    the norms of blocks of :data:`NORM_BLOCK` entries (of whole rows, where a tensor is not
+    contiguous) in ``dtype`` (None: the tensors' own), each block's difference written into
+    one buffer: no difference or float64 copy of a whole gradient (on a wide float32 model,
+    P = 64M, they had held two gradients' bytes beyond the check's prediction, and blocks'
+    differences allocated one after the other had grown the resident set by most of one;
+    probe 204)."""
+    if minus is not None and minus.shape != tensor.shape:
+        if minus.numel() != tensor.numel():  # (broadcast: whole)
+            tensor, minus = tensor - minus, None
+        else:
+            minus = minus.reshape(tensor.shape)
+    if tensor.is_contiguous() and (minus is None or minus.is_contiguous()):
+        tensor, minus = tensor.reshape(-1), None if minus is None else minus.reshape(-1)
+        rows = NORM_BLOCK
+    else:  # (a view: whole rows, each a view too)
+        rows = max(1, NORM_BLOCK // max(1, tensor[0].numel()))
+    blocks = tensor.split(rows)
+    if minus is None:
+        norms = [torch.linalg.vector_norm(block, dtype=dtype) for block in blocks]
+    else:
+        spare = torch.empty(max(block.numel() for block in blocks), device=tensor.device,
+                            dtype=torch.result_type(tensor, minus))
+        norms = [torch.linalg.vector_norm(torch.sub(block, other, out=spare[:block.numel()].view(
+            block.shape)), dtype=dtype) for block, other in zip(blocks, minus.split(rows))]
+    return (torch.stack(norms).double() ** 2).sum()
+
+
 def _measured(checks: Sequence[Check]) -> list[tuple[float, float]]:
     """Each check's ``(difference, scale)``: the claims' distance from autograd's gradients (a
     projected claim counts as :meth:`~hessrank.curvature.rules.factors.Projected.excess` says)
@@ -328,8 +363,7 @@ def _measured(checks: Sequence[Check]) -> list[tuple[float, float]]:
     squares: list[Tensor] = []
     for claimed, true, gram_diagonal, weights in checks:
         squares.append((weights.reshape(-1).double() ** 2 * gram_diagonal.double()).sum())
-        squares.extend(c.excess(t) if isinstance(c, Projected)
-                       else torch.linalg.vector_norm(c - t).double() ** 2
+        squares.extend(c.excess(t) if isinstance(c, Projected) else _squared_norm(c, t)
                        for c, t in zip(claimed, true))
     read = iter(host_floats(squares))
     measured = []
@@ -364,10 +398,16 @@ def _rounding_floor(true_grads: dict[str, Tensor]) -> float:
     ``eps``); a mixing the floor hides moves the full spectrum by under ``CHECK_FLOOR`` times
     the tolerance, and the group's own per-layer spectrum is then checked only to the floor
     (:func:`_judged` notes it)."""
-    # accumulated in float64 without a float64 copy (3 ms of a 60 ms MLP call before)
-    norms = host_floats([torch.linalg.vector_norm(g, dtype=torch.float64)
-                         for g in true_grads.values()])
-    return CHECK_FLOOR * math.sqrt(sum(norm**2 for norm in norms))
+    # Blocks' norms in the gradients' dtype (a float64 norm of the whole copies it first: 2P
+    # float32 entries at once), read again in float64 where float32's squares may have left
+    # its range: overflowed, or a norm below 1e-12 (each square under float32's smallest
+    # normal then dropped, at most sqrt(P) 1e-19 in all, is no longer negligible)
+    grads = list(true_grads.values())
+    squares = host_floats([_squared_norm(g) for g in grads])
+    squares = [square if g.dtype == torch.float64 or 1e-24 <= square < math.inf
+               else float(_squared_norm(g, dtype=torch.float64))
+               for g, square in zip(grads, squares)]
+    return CHECK_FLOOR * math.sqrt(sum(squares))
 
 
 def _judged(group: str, measured: tuple[float, float], dtype: torch.dtype, floor: float,
@@ -485,12 +525,7 @@ def compute_gram(
             # is not differentiable tensors
             claimed.pop(group)
     start, stop, total = sample_range(problem)
-    if isinstance(outputs, Tensor) and (outputs.dim() == 0 or outputs.shape[0] != stop - start):
-        raise ValueError(
-            f"the model's output has shape {tuple(outputs.shape)} for a batch of {stop - start} "
-            "samples: per-sample EF/GGN factors need the samples along the output's first "
-            "dimension ([n, ...]); return a sample-first output (a sequence-first model's "
-            "output.transpose(0, 1), with the loss to match) or use method='exact' or 'lanczos'")
+    refuse_not_sample_first(outputs, stop - start)
     sizes = {group: sum(named[name].numel() for name in groups.get(group, ()))
              for group in claimed}
     element = problem.params[0].element_size()

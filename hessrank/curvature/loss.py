@@ -56,6 +56,7 @@ from hessrank.problem import (
     listed_names,
     loss_modified_in_place_error,
     output_gradient,
+    refuse_not_sample_first,
     without_second_derivative,
 )
 
@@ -278,6 +279,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         ValueError: the loss is not a non-negatively weighted sum of per-sample losses with
             weights independent of the outputs.
     """
+    refuse_not_sample_first(outputs, targets.shape[0] if targets.dim() else 1)
     loss_fn, precision = float64_loss(loss_fn, outputs, targets, notes)
     if outputs.dtype == torch.float64:
         loss_fn = saturation_safe(loss_fn)
@@ -320,7 +322,9 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                 f"many outputs per sample), and loss_fn cannot be read in float64 instead: "
                 f"{error}; analyse a float64 copy of the model, or use method='ggn'") from error
         assert precise is not None  # the loss used the outputs in the first reading
-        read = precise
+        # (later readings carry float64's rounding too: at the first reading's, saturated
+        # samples the float64 reading read went unread, and their weights seemed to move)
+        read, precision = precise, None
     weights, mismatch = read.weights, read.mismatch
     if not bool(read.finite.all()):
         raise ValueError(
@@ -595,6 +599,11 @@ def _in_float64_on(compute: Callable[[LossFn, Tensor, Tensor], _Result], loss_fn
         ValueError: as :func:`_in_float64`, where the loss fails on the whole batch too.
     """
     whole = torch.arange(len(outputs), device=outputs.device)
+    if targets.shape[:1] != outputs.shape[:1]:
+        # outputs whose rows are not the targets' (sequence-first, [T, n, V], whose loss
+        # permutes them; the operator methods take them): read whole, rows had been taken from
+        # both alike, an IndexError past the targets' (probe 201)
+        return _in_float64(compute, loss_fn, outputs, targets), whole, True
     try:
         return _in_float64(compute, loss_fn, outputs[samples], targets[samples]), samples, False
     except ValueError as failure:
@@ -1015,6 +1024,13 @@ def _check_constant_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
             moved.mismatch, " with the batch's rows (outputs and targets) moved one sample on")
     expected, spread = reading.weights.roll(-1), reading.uncertainty.roll(-1)
     bad = ~((expected - moved.weights).abs() <= spread + moved.uncertainty)
+    # Moved with its targets, a sample's gradient in the batch is as large as before: one read
+    # clearly above zero on one side and unread on the other (within the batch's rounding)
+    # had its weight taken to a place that zeroes it (a captured 0/1 mask: the EF had come
+    # out mean(mask) times the reference, every read weight equal; probe 205)
+    unread, unread_moved = spread.isinf(), moved.uncertainty.isinf()
+    bad |= unread_moved & ~unread & (expected > 2 * spread)
+    bad |= unread & ~unread_moved & (moved.weights > 2 * moved.uncertainty)
     if bad.any():
         i = int(bad.nonzero()[0])
         raise _placed_weights_error((i + 1) % outputs.shape[0], float(expected[i]),
@@ -1046,8 +1062,9 @@ def _placed_weights_error(i: int, before: float, after: float, place: int) -> Va
         f"loss_fn weighs the samples by their place in the batch: sample {i}'s weight a_i (read "
         f"off dL/df_i = a_i dl_i/df_i) is {before:.6g}, and {after:.6g} with the batch's rows "
         f"(outputs and targets together) moved one sample on, the sample at place {place}, so "
-        "loss_fn on one sample alone is not that sample's loss (e.g. a per-sample weight tensor "
-        "captured from outside loss_fn, which broadcasts against one sample) and the empirical "
+        "what loss_fn gives on one sample alone cannot be told from the weights (a per-sample "
+        "weight or mask tensor captured from outside loss_fn broadcasts against one sample: a "
+        "weighted mean then gives mean(w) times the sample's own loss) and the empirical "
         "Fisher is undefined; pass per-sample weights in the targets, either normalised by "
         "their sum inside loss_fn ((w * l).sum() / w.sum(): a_i = w_i / sum w, class weights' "
         "convention) or not ((w * l).mean(): each sample's loss is w_i l_i), or use "
