@@ -312,10 +312,9 @@ class ShardedProblem(CurvatureProblem):
         :meth:`CurvatureProblem.loss` (same errors and arguments).
         """
         outputs = tensor_outputs(self.forward() if outputs is None else outputs)
-        everything = self.gather_outputs(outputs)
+        whole, everything = whole_batch(self, outputs)
         start, stop = self.parallel.start, self.parallel.stop
         combined = torch.cat([everything[:start], outputs, everything[stop:]])
-        whole = dataclasses.replace(self.local(), targets=self.all_targets)
         value = CurvatureProblem.loss(whole, combined, loss_fn)
         if self.parallel.rank == 0:
             return value
@@ -333,6 +332,20 @@ class ShardedProblem(CurvatureProblem):
 def parallel_of(problem: CurvatureProblem) -> DataParallel | None:
     """The problem's process group view, None for a single-process problem."""
     return problem.parallel if isinstance(problem, ShardedProblem) else None
+
+
+def whole_batch(problem: CurvatureProblem, outputs: Tensor
+                ) -> tuple[CurvatureProblem, Tensor]:
+    """The global batch as a single-process problem, and its outputs (detached): a sharded
+    problem's targets and outputs gathered (a collective: every process calls it together),
+    a single process's problem and outputs as they are. What the loss of the global batch is
+    evaluated on where each process evaluates it alike, without further exchanges (a loss
+    holding a tensor of the global batch's size, per-sample weights, had been run on a shard
+    and refused; probe 207)."""
+    if not isinstance(problem, ShardedProblem):
+        return problem, outputs.detach()
+    whole = dataclasses.replace(problem.local(), targets=problem.all_targets)
+    return whole, problem.gather_outputs(outputs)
 
 
 def local_of(problem: CurvatureProblem) -> CurvatureProblem:

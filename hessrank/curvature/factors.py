@@ -27,7 +27,7 @@ from hessrank.curvature.differences import (
 from hessrank.curvature.hessian import second_order
 from hessrank.curvature.loss import check_no_parameter_terms
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
-from hessrank.distributed import ShardedProblem, shard_cotangents
+from hessrank.distributed import ShardedProblem, shard_cotangents, whole_batch
 from hessrank.guard import ModuleGenerators, raise_if_signalled
 from hessrank.problem import (
     _GRAPHLESS,
@@ -93,8 +93,10 @@ class FactorOperator(ParameterOperator):
         # a model that returns no tensor is named by the loss's checked entry
         self.loss_value = float(problem.loss(
             outputs.detach() if isinstance(outputs, Tensor) else outputs).detach())
-        check_no_parameter_terms(problem.loss_fn, outputs, problem.targets, problem.params,
-                                 problem.names, method)
+        if isinstance(outputs, Tensor):  # (the global batch's loss; probe 207)
+            whole, everything = whole_batch(problem, outputs)
+            check_no_parameter_terms(whole.loss_fn, everything, whole.targets, problem.params,
+                                     problem.names, method)
         self.cotangents = shard_cotangents(problem, cotangents_of, outputs)
         # F's columns are J_i^T s_ki: at most as many independent ones as nonzero s_ki, summed
         # over the processes (whose K may differ by their own rounding). Without the bound a

@@ -28,7 +28,7 @@ from hessrank.curvature.loss import (
 )
 from hessrank.curvature.operator import ParameterOperator, stacked_rows
 from hessrank.curvature.saturation import SaturationSafe
-from hessrank.distributed import ShardedProblem, check_shards_uncoupled, local_of
+from hessrank.distributed import ShardedProblem, check_shards_uncoupled, whole_batch
 from hessrank.guard import OwnMode, raise_if_signalled
 from hessrank.problem import (
     FOR_THE_LOSS_S,
@@ -145,8 +145,11 @@ def _widened_loss(problem: CurvatureProblem) -> tuple[Tensor, float]:
                 raise
             why = float64_failure(error, "on a batch of the data set")
         else:
-            with torch.no_grad():  # (the loss as given, checked by the data set's first pass)
-                return widened, float(problem.loss_fn(outputs, problem.targets))
+            with torch.no_grad():  # (the loss as given, checked by the data set's first pass;
+                # the global batch's, a collective as the widened loss's: probe 207)
+                return widened, float(problem.loss(outputs.detach())
+                                      if isinstance(problem, ShardedProblem)
+                                      else problem.loss_fn(outputs, problem.targets))
     if outputs.dtype != torch.float64:
         add_float64_note(problem.notes, f"{_UNWIDENED} {dtype_name(outputs.dtype)}, not on "
                          "outputs widened to float64", str(why),
@@ -170,15 +173,16 @@ def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None
     inside (as :func:`~hessrank.curvature.loss.float64_loss`; a note says which way it went),
     and get ``(None, None)`` where it does not: the loss as given, nothing to say."""
     with GraphBytes.uncounted():
-        lowered = (lower_precision_in(problem.loss_fn, outputs.detach(), problem.targets)
+        # the global batch's loss, gathered once (a loss holding a tensor of its size failed on
+        # a shard; probe 207), its trials then without exchanges: a process whose twin failed
+        # had skipped the trial's exchange of outputs that the others made (probe 161)
+        whole, everything = whole_batch(problem, outputs)
+        lowered = (lower_precision_in(whole.loss_fn, everything, whole.targets)
                    if outputs.dtype == torch.float64 else None)
         if outputs.dtype == torch.float64 and lowered is None:
             return None, None
         kept = None if lowered is None else kept_cast(lowered)
-        # a shard's trials on its own samples, without exchanges: a process whose twin failed
-        # had skipped the trial's exchange of outputs that the others made (probe 161)
-        loss_fn, why = (None, kept) if kept is not None else _twin_trials(local_of(problem),
-                                                                          outputs)
+        loss_fn, why = (None, kept) if kept is not None else _twin_trials(whole, everything)
     if isinstance(problem, ShardedProblem):
         # one decision for every process: a shard whose trial failed had run the loss as given
         # while the others widened it, and the next exchange of outputs, float32 against

@@ -324,7 +324,7 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         assert precise is not None  # the loss used the outputs in the first reading
         # (later readings carry float64's rounding too: at the first reading's, saturated
         # samples the float64 reading read went unread, and their weights seemed to move)
-        read, precision = precise, None
+        read, precision = precise, torch.float64
     weights, mismatch = read.weights, read.mismatch
     if not bool(read.finite.all()):
         raise ValueError(
