@@ -392,7 +392,8 @@ def effective_rank(
                     "max_memory": max_memory, "max_seconds": max_seconds, "seed": seed,
                     "per_layer": per_layer, "options": sorted(options.items())},
                     ddp_buffers=isinstance(model, nn.parallel.DistributedDataParallel)
-                    and model.broadcast_buffers)
+                    and model.broadcast_buffers,
+                    ddp_ignored=frozenset(getattr(model, "parameters_to_ignore", ())))
             elif is_ddp_without_group(model):
                 problem.notes.append(
                     "the model is wrapped in DistributedDataParallel but process_group=None: this "

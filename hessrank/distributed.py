@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -185,12 +185,14 @@ class DataParallel:
         self._proceed()
 
     @_whole
-    def broadcast_buffers(self, model: nn.Module) -> int:
-        """Process 0's values into every floating or integer buffer of ``model``, in place (the
-        call's copies, :func:`hessrank.guard.preserved_state`); returns how many there are."""
+    def broadcast_buffers(self, model: nn.Module, ignored: Collection[str] = ()) -> int:
+        """Process 0's values into every floating or integer buffer of ``model`` but those
+        ``ignored`` names, in place (the call's copies, :func:`hessrank.guard.preserved_state`);
+        returns how many there are."""
         self._proceed()
         source = dist.get_global_rank(self.group, 0)
-        buffers = [buffer for buffer in model.buffers() if buffer is not None]
+        buffers = [buffer for name, buffer in model.named_buffers()
+                   if buffer is not None and name not in ignored]
         for buffer in buffers:
             moved = buffer.to(self.device)
             dist.broadcast(moved, src=source, group=self.group)
@@ -440,7 +442,8 @@ def _differing_state(mine: list[_Print], theirs: list[_Print]) -> str | None:
 
 
 def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
-                  signature: dict[str, object], ddp_buffers: bool = False) -> ShardedProblem:
+                  signature: dict[str, object], ddp_buffers: bool = False,
+                  ddp_ignored: Collection[str] = ()) -> ShardedProblem:
     """Check that every process analyses the same thing and build the sharded problem.
 
     One exchange of metadata (the call's signature, the shard size, a fingerprint of the
@@ -455,6 +458,9 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
             its buffers are process 0's for the call, as DDP's next forward would make them
             (after its last training step each process holds the running statistics its own
             shard updated), with a note.
+        ddp_ignored: the names of the buffers DDP leaves alone (its ``parameters_to_ignore``):
+            not broadcast, so that differing ones are refused as for a plain module (process
+            0's had been taken, the note saying DDP would; probe 207).
 
     Raises:
         ValueError: the processes disagree on the options, the parameters, the batch's shapes
@@ -490,7 +496,7 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
     prints = [report[2] for report in reports]
     if ddp_buffers:
         with torch.no_grad():
-            if parallel.broadcast_buffers(problem.model):
+            if parallel.broadcast_buffers(problem.model, ddp_ignored):
                 problem.notes.append(
                     "buffers (BatchNorm statistics) are process 0's in every process, as "
                     "DistributedDataParallel's next forward would make them (broadcast_buffers="

@@ -225,6 +225,9 @@ def shared_clones(tensors: Sequence[Tensor]) -> list[Tensor]:
         if len(group) == 1 and torch._debug_has_internal_overlap(lone) == 0:
             continue  # alone in its memory: cloned below
         end = max(span[2] for span, _ in group)
+        # aligned for every dtype's view, as the allocator aligns (a float64 view at byte 4 of
+        # a float32 buffer's group had been copied alone, its aliasing lost; probe 206)
+        start -= start % 16
         memory = torch.empty(end - start, dtype=torch.uint8, device=device)
         for (_, first, beyond), tensor in group:
             storage = tensor.untyped_storage()
@@ -287,6 +290,54 @@ def _contained_tensors(model: nn.Module) -> list[Tensor]:
                         and not item.requires_grad and not item.is_inference()):
                     found.setdefault(id(item), item)
     return list(found.values())
+
+
+def container_views(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Tensors inside a list, tuple or dict attribute of a submodule whose memory overlaps a
+    buffer's or a tensor attribute's, each with ``"'module.attribute' and 'module.buffer'"``.
+    A call runs on copies of buffers and tensor attributes, views of one memory as views of one
+    copy (:func:`shared_clones`), but such a tensor keeps the caller's memory: a forward that
+    wrote through one and read the other had computed another function (exact's top
+    eigenvalue 1.08 for 3.02), and its writes had moved the caller's buffer's version (probe
+    206). :func:`preserved_state` refuses a call whose passes write one."""
+    items = []
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key in _MODULE_BOOKKEEPING:
+                continue
+            values = (list(value.values()) if isinstance(value, dict)
+                      else list(value) if isinstance(value, list | tuple) else [])
+            if len(values) <= HELD_ITEMS:  # (as _contained_tensors)
+                items += [(f"{name + '.' if name else ''}{key}", item, covered) for item in values
+                          if isinstance(item, Tensor)
+                          and (covered := _covered_bytes(item)) is not None]
+    if not items:
+        return []
+    held: list[tuple[tuple[torch.device, int, int], str]] = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        held += [(covered, f"{prefix}{key}") for key, tensor in module._buffers.items()
+                 if tensor is not None and (covered := _covered_bytes(tensor)) is not None]
+        held += [(covered, f"{prefix}{key}") for owner, key, tensor in _plain_tensors(module)
+                 if owner is module and (covered := _covered_bytes(tensor)) is not None]
+    found = []
+    for where, item, covered in items:
+        shared = next((other for span, other in held if span[0] == covered[0]
+                       and span[1] < covered[2] and covered[1] < span[2]), None)
+        if shared is not None:
+            found.append((f"'{where}' and '{shared}'", item))
+    return found
+
+
+def written_container_views_error(found: list[str]) -> ValueError:
+    """The refusal of a forward that wrote through a container's view of a buffer
+    (:func:`container_views`)."""
+    return ValueError(
+        f"the forward writes a tensor inside a list, tuple or dict attribute that shares memory "
+        f"with a buffer or tensor attribute ({', '.join(found[:3])}): a call runs on copies of "
+        "buffers and tensor attributes, keeping their views of one memory as views of one copy, "
+        "but not a tensor inside a container, so the write would not reach the other; hold it "
+        "as an attribute or buffer of its own (self.mean = self.stats[0]) for the call")
 
 
 class PassState:
@@ -1032,9 +1083,17 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
                 return [name for name, p, version, changed in zip(
                     names, parameters, versions, moved) if p._version != version or changed]
 
+            views = [(where, item, item._version) for where, item in container_views(model)]
+
+            def written_views() -> list[str]:
+                """The container's views of buffers written since entry."""
+                return [where for where, item, version in views if item._version != version]
+
             def check(values: bool = False) -> None:
                 if found := written(values):
                     raise written_parameters_error(found)
+                if moved := written_views():
+                    raise written_container_views_error(moved)
 
             requires_grad = [p.requires_grad for p in parameters]
             grads = [p.grad for p in parameters]
@@ -1043,9 +1102,12 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
             # Clones made under the caller's inference_mode would be inference tensors, which
             # autograd cannot differentiate through: the copies are ordinary tensors.
             with torch.inference_mode(False):
-                buffers = [(b, b.detach().clone()) for b in model.buffers()]
-                buffers += [(t, t.detach().clone()) for _, _, t in _plain_tensors(model)]
-                buffers += [(t, t.detach().clone()) for t in _contained_tensors(model)]
+                # each tensor once (one held by several modules had been cloned for each:
+                # 8 references to a 64 MiB cache peaked at 704 MiB; probe 206)
+                held = {id(t): t for t in [*model.buffers(),
+                                           *(t for _, _, t in _plain_tensors(model)),
+                                           *_contained_tensors(model)]}
+                buffers = [(t, t.detach().clone()) for t in held.values()]
                 armed = True
                 # The call's forward passes see copies of the buffers: a training-mode
                 # BatchNorm's running statistics or a counter updated in place then leave the
@@ -1069,6 +1131,8 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
         except Exception as error:  # a write explains the failure (a mixing check, say) first
             if found := written(values=True):
                 raise written_parameters_error(found) from error
+            if moved := written_views():
+                raise written_container_views_error(moved) from error
             raise
         check(values=True)
     finally:

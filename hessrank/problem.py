@@ -130,6 +130,9 @@ class CurvatureProblem:
     #: bytes of one copy of the model's buffers and tensor attributes, and of the tensors in
     #: its containers (:func:`~hessrank.guard.state_bytes`)
     state_bytes: tuple[int, int] = (0, 0)
+    #: bytes of one copy of a loss module's buffers and tensor attributes, and of the tensors
+    #: in its containers
+    loss_state_bytes: int = 0
     #: each input (targets last) by its label, and its version counter when the problem was
     #: made (they are the call's own copies)
     _input_versions: list[tuple[str, Tensor, int]] = field(init=False, repr=False,
@@ -196,14 +199,16 @@ class CurvatureProblem:
         self.passes.before_pass()
 
     def copied_bytes(self, made: bool = False) -> int:
-        """Bytes of the call's copies of the batch and of the model's state, which every
-        prediction of its memory counts; with ``made``, of those made so far (the state's
-        copy as the first pass found it, :class:`~hessrank.guard.PassState`, is that pass's:
-        counted twice by a measure begun before it)."""
+        """Bytes of the call's copies of the batch, of the model's state and of a loss
+        module's, which every prediction of its memory counts; with ``made``, of those made so
+        far (the state's copy as the first pass found it, :class:`~hessrank.guard.PassState`,
+        is that pass's, and a loss's float64 twin is made by the work: counted twice by a
+        measure begun before them)."""
         state, contained = self.state_bytes
         recorded = self.passes is not None and self.passes.recorded
         copies = STATE_COPIES - 1 if made and not recorded else STATE_COPIES
-        return self.batch_copy_bytes + copies * state + contained
+        return (self.batch_copy_bytes + copies * state + contained
+                + (LOSS_GUARD_COPIES if made else LOSS_STATE_COPIES) * self.loss_state_bytes)
 
     @property
     def num_samples(self) -> int:
@@ -1310,6 +1315,8 @@ def build_problem(
     return CurvatureProblem(model=model, loss_fn=loss_fn, names=names, params=selected,
                             excluded=excluded, mode=mode, notes=notes,
                             state_bytes=state_bytes(model),
+                            loss_state_bytes=sum(state_bytes(loss_fn)) if isinstance(
+                                loss_fn, nn.Module) else 0,
                             **_batch_fields(args, kwargs, targets))
 
 
@@ -1331,6 +1338,14 @@ def _copied_bytes(given: Sequence[Tensor], usable: Sequence[Tensor]) -> int:
               if copy.numel() and copy.untyped_storage().data_ptr()
               != tensor.untyped_storage().data_ptr()}
     return sum(copy.numel() * copy.element_size() for copy in copies.values())
+
+
+#: Copies of a loss module's state a call holds: its guard's two (the values it puts back, the
+#: evaluations' copies), and a float64 twin's deep copy, widened (a float32 buffer twice its
+#: bytes): 64 MiB of buffers had peaked 320 MiB above a prediction without them (probe 206).
+LOSS_STATE_COPIES = 5
+#: Of those, made before the work: the guard's.
+LOSS_GUARD_COPIES = 2
 
 
 #: Names under which a dict of inputs may hold the targets (HuggingFace's ``labels``).

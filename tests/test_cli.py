@@ -1616,6 +1616,24 @@ def test_a_model_file_imports_as_python_runs_it(tmp_path: Path, monkeypatch) -> 
             sys.modules.pop(name, None)
 
 
+def test_model_files_in_two_folders_each_import_their_own_siblings(tmp_path: Path) -> None:
+    """Two folders, each a ``model.py`` beside its own ``helpers.py``: after the first folder's
+    model the second's had been built with the first's cached helpers, silently (probe 206)."""
+    for folder, width in (("a", 5), ("b", 9)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "probe206_helpers.py").write_text(f"WIDTH = {width}\n")
+        (tmp_path / folder / "model.py").write_text(
+            "from torch import nn\n\nfrom probe206_helpers import WIDTH\n\n\ndef make():\n"
+            "    return nn.Sequential(nn.Flatten(), nn.Linear(64, WIDTH))\n")
+    try:
+        for folder, width in (("a", 5), ("b", 9), ("a", 5)):
+            model = presets.build_model(f"{tmp_path / folder}/model.py:make",
+                                        input_shape=(1, 8, 8))
+            assert presets.num_params(model) == 64 * width + width, folder
+    finally:
+        sys.modules.pop("probe206_helpers", None)
+
+
 def _idx(data: np.ndarray) -> bytes:
     """``data`` (unsigned bytes) as an idx file."""
     return bytes((0, 0, 8, data.ndim)) + np.asarray(data.shape, ">u4").tobytes() + data.tobytes()
@@ -1718,7 +1736,8 @@ def test_threads_default_to_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> 
     import hessrank.cli as cli_module
 
     monkeypatch.setattr(cli_module, "available_cores", lambda: 16)
-    for value, threads in (("1", 1), ("6", 6), ("2,1", 2), ("", 4), ("abc", 4), ("0", 4)):
+    for value, threads in (("1", 1), ("6", 6), ("2,1", 2), ("", 4), ("abc", 4), ("0", 4),
+                            ("²", 4)):  # (a digit to str.isdigit, not to int(); probe 206)
         monkeypatch.setenv("OMP_NUM_THREADS", value)
         assert cli_parser().parse_args(["rank"]).threads == threads, value
     monkeypatch.delenv("OMP_NUM_THREADS")

@@ -355,6 +355,16 @@ def worker(rank: int, port: int, out: str) -> None:
     results["ddp-bn-state"] = copy.deepcopy(normed_ddp.module.state_dict())
     results["ddp-bn-unwrapped"] = outcome(lambda: hessrank.effective_rank(
         normed_ddp.module, nn.CrossEntropyLoss(), (x, y), method="exact", process_group=group))
+    # a buffer DDP ignores (never synchronised) that differs: refused as for a plain module;
+    # process 0's had been taken, the note saying DDP's next forward would (probe 207)
+    ignoring = make_model("batchnorm").eval()
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        ignoring, ["1.running_mean"])
+    with torch.no_grad():
+        ignoring[1].running_mean.fill_(float(rank))
+    results["ddp-bn-ignored"] = outcome(lambda: hessrank.effective_rank(
+        nn.parallel.DistributedDataParallel(ignoring), nn.CrossEntropyLoss(), (x, y),
+        method="exact", process_group=group))
     # DDP-wrapped in one process only: its buffers' broadcast, a collective of that process
     # alone, had hung the group (probe 98)
     results["ddp-one-process"] = outcome(lambda: hessrank.effective_rank(
@@ -753,6 +763,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
         torch.testing.assert_close(spawned[rank]["ddp-bn-after"], own[rank], rtol=0, atol=0)
         kind, message = spawned[rank]["ddp-bn-unwrapped"]
         assert "buffer '1.running_mean' differs" in message and "dist.broadcast" in message
+        kind, message = spawned[rank]["ddp-bn-ignored"]
+        assert kind == "ValueError" and "buffer '1.running_mean' differs" in message, message
 
 
 @pytest.mark.parametrize(("case", "kind", "fragment"), [

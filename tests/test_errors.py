@@ -1492,19 +1492,79 @@ class _HeldTable(nn.Module):
         return self.net(x) + self.table[:3]
 
 
+class _HeavyLoss(nn.Module):
+    """Cross-entropy beside a 32 MiB buffer the loss module holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.zeros(4 * 2**20, dtype=torch.float64))
+
+    def forward(self, outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets) + 0 * self.table[0]
+
+
 @pytest.mark.parametrize("method", ["exact", "fisher", "lanczos"])
-@pytest.mark.parametrize("where", ["buffer", "attribute"])
-def test_budget_counts_the_copies_of_the_models_state(where, method):
+@pytest.mark.parametrize(("where", "copies"), [("buffer", 3), ("attribute", 3), ("loss", 5)])
+def test_budget_counts_the_copies_of_the_models_state(where, copies, method):
     """A call holds three copies of the model's buffers and tensor attributes (the caller's
     values for the restore, the passes' copies, the state as the first pass found it), which
     no prediction counted: a model holding 200 MB ran under a budget of 40 MB, peaking 600 MB
-    above it (probe 205)."""
-    model = _HeldTable(where)
+    above it (probe 205); and five of a loss module's (its guard's two, a float64 twin's
+    widened copy: probe 206)."""
+    model = mlp((5, 6, 3)) if where == "loss" else _HeldTable(where)
+    loss_fn = _HeavyLoss() if where == "loss" else CE
     x, y = classification_batch(8, 5, 3)
-    refusal = _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method,
+    refusal = _check(model, lambda: hessrank.effective_rank(model, loss_fn, (x, y),
+                                                            method=method,
                                                             max_memory=64 * 2**20),
                      hessrank.BudgetError, f"method='{method}' needs about")
-    assert refusal.memory_bytes >= 3 * 32 * 2**20
+    assert refusal.memory_bytes >= copies * 32 * 2**20
+
+
+class _SharedCache(nn.Module):
+    """Four blocks each holding one 32 MiB tensor as an attribute (a shared rotary cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cache = torch.zeros(8 * 2**20)
+        self.blocks = nn.ModuleList(nn.Linear(5, 5) for _ in range(4))
+        for block in self.blocks:
+            block.cache = cache
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x)) + block.cache[:5]
+        return self.head(x)
+
+
+def _shared_cache_peak() -> tuple[int | None, int]:
+    """The whole call's peak above its entry and its prediction, for ``_SharedCache``'s
+    ``fisher`` (run it in a fresh process)."""
+    from hessrank.monitor import _release_free_memory, _reset_high_water_mark, _status_bytes
+
+    model, (x, y) = _SharedCache(), classification_batch(8, 5, 3)
+    model = model.float()
+    x = x.float()
+    try:
+        hessrank.effective_rank(model, CE, (x, y), method="fisher", max_memory=1)
+    except hessrank.BudgetError as refusal:
+        predicted = refusal.memory_bytes
+    _release_free_memory()
+    before, reset = _status_bytes("VmRSS"), _reset_high_water_mark()
+    hessrank.effective_rank(model, CE, (x, y), method="fisher")
+    peak = _status_bytes("VmHWM")
+    return (peak - before if reset and peak is not None and before is not None else None,
+            predicted)
+
+
+def test_a_tensor_several_modules_hold_is_copied_once():
+    """Each reference had been cloned for the restore: four to a 32 MiB cache peaked at about
+    four copies beyond the three the prediction counts (probe 206)."""
+    peak, predicted = _fresh_peak("_shared_cache_peak")
+    assert predicted >= 3 * 32 * 2**20
+    if peak is not None:  # Linux: the resident-set high-water mark
+        assert peak < 1.3 * predicted, (peak, predicted)
 
 
 #: A data set whose batches outweigh the model: (method, "list" or "loader").
@@ -1545,6 +1605,7 @@ def _fresh_peaks() -> dict[tuple[object, ...], int | None]:
     calls = [*((_working_memory_peak, (case,)) for case in range(len(_WORKING_MEMORY_CASES))),
              *((_data_set_peak, (case,)) for case in range(len(_DATA_SET_CASES))),
              (_ritz_peak, ()), (_long_recurrence_peak, ()), (_norm_check_peak, ()),
+             (_shared_cache_peak, ()),
              *((_exact_peak, (count,)) for count in (0, 3))]
     return {(function.__name__, *args): peak
             for (function, args), peak in zip(calls, in_fresh_processes(calls))}

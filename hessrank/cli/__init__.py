@@ -122,7 +122,7 @@ def default_threads() -> int:
     at most 4: torch's own default (every core) made dense eigen-solves several times slower on
     a machine shared with other jobs."""
     value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if value.isdigit() and int(value) >= 1:
+    if value.isascii() and value.isdigit() and int(value) >= 1:  # ('²' is a digit; probe 206)
         return int(value)
     return max(1, min(4, available_cores() // 2))
 

@@ -295,6 +295,23 @@ def check_model_name(spec: str) -> None:
 
 #: the module name under which each model file (resolved) is imported
 _MODEL_FILES: dict[Path, str] = {}
+#: modules that model files (their imports and factories) loaded from their folders, evicted
+#: from ``sys.modules`` before the next model file is imported: a sibling ``helpers.py`` of
+#: one folder had been reused for another folder's model, silently (probe 206)
+_SIBLINGS: set[str] = set()
+
+
+@contextmanager
+def _siblings_recorded(folder: str) -> Iterator[None]:
+    """Record in :data:`_SIBLINGS` the modules the block loads from ``folder``."""
+    before = set(sys.modules)
+    try:
+        yield
+    finally:
+        for loaded in set(sys.modules) - before:
+            origin = getattr(sys.modules.get(loaded), "__file__", None) or ""
+            if Path(origin).resolve().parent == Path(folder):
+                _SIBLINGS.add(loaded)
 
 
 @contextmanager
@@ -320,9 +337,12 @@ def _import_file(path: Path) -> tuple[Any, str]:
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
     folder = str(resolved.parent)
+    for loaded in _SIBLINGS:  # as a fresh ``python path`` would, its siblings imported anew
+        sys.modules.pop(loaded, None)
+    _SIBLINGS.clear()
     sys.modules[name] = module
     try:
-        with _first_on_path(folder):
+        with _first_on_path(folder), _siblings_recorded(folder):
             module_spec.loader.exec_module(module)
     except BaseException:
         sys.modules.pop(name, None)
@@ -352,7 +372,7 @@ def _import_factory(spec: str) -> Callable[[], object]:
     def from_its_folder() -> object:
         """The factory, its file's folder on ``sys.path`` as at its import (an import in its
         body finds the modules beside it)."""
-        with _first_on_path(folder):
+        with _first_on_path(folder), _siblings_recorded(folder):
             return factory()
 
     return from_its_folder
