@@ -5,7 +5,8 @@
     python benchmarks/working_memory.py --first-call    # what a process's first call loads once
 
 Default: every case of ``tests/test_errors.py::test_budget_counts_what_the_model_holds`` (and
-a transformer layer's ``lanczos`` beside them), its peak measured as the
+beside them a transformer layer's ``lanczos``, ``fisher`` on a wide first layer, P = 64M, and on
+a model holding a 200 MB tensor), its peak measured as the
 suite measures it (``measure_memory=True`` in a fresh process warmed on tiny models,
 ``tests/fresh.py``) and the refined prediction (the budget's refusal once the first pass has run,
 ``peak_memory.py``). For ``lanczos`` also the gradient's graph (the bytes its tensors save,
@@ -99,22 +100,41 @@ def recurrent_peak(index: int) -> int | None:
                                    **options).peak_memory
 
 
-#: Cases beside the suite's: ``lanczos`` through a transformer layer.
-LANCZOS = [("attention over 128 tokens", lambda: (cases._LongAttention(),
-                                                  torch.randn(48, 128, 5),
-                                                  torch.randint(0, 3, (48,))))]
+class HeldTable(nn.Module):
+    """A small MLP beside a 200 MB tensor it holds as an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 3))
+        self.table = torch.zeros(50_000_000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.table[:3]
 
 
-def lanczos_case(index: int) -> tuple[nn.Module, tuple[Any, torch.Tensor], str, dict[str, int]]:
-    """``LANCZOS[index]`` built."""
+#: Cases beside the suite's: (name, method, the model and its batch).
+EXTRA = [("attention over 128 tokens", "lanczos",
+          lambda: (cases._LongAttention(), torch.randn(48, 128, 5), torch.randint(0, 3, (48,)))),
+         # the gradient check's tensors on a wide layer (probe 204)
+         ("wide first layer, P = 64M", "fisher",
+          lambda: (nn.Sequential(nn.Linear(4_000_000, 16), nn.Tanh(), nn.Linear(16, 10)),
+                   torch.randn(16, 4_000_000), torch.randint(0, 10, (16,)))),
+         # the state's copies (probe 205)
+         ("200 MB tensor attribute", "fisher",
+          lambda: (HeldTable(), torch.randn(64, 20), torch.randint(0, 3, (64,))))]
+
+
+def extra_case(index: int) -> tuple[nn.Module, tuple[Any, torch.Tensor], str, dict[str, int]]:
+    """``EXTRA[index]`` built."""
     torch.manual_seed(0)
-    model, x, y = LANCZOS[index][1]()
-    return model, (x, y), "lanczos", {"lanczos_steps": STEPS}
+    _, method, make = EXTRA[index]
+    model, x, y = make()
+    return model, (x, y), method, {"lanczos_steps": STEPS} if method == "lanczos" else {}
 
 
-def lanczos_peak(index: int) -> int | None:
-    """The peak of a ``LANCZOS`` case's call (run it in a fresh process)."""
-    model, batch, method, options = lanczos_case(index)
+def extra_peak(index: int) -> int | None:
+    """The peak of an ``EXTRA`` case's call (run it in a fresh process)."""
+    model, batch, method, options = extra_case(index)
     return hessrank.effective_rank(model, cases.CE, batch, method=method, measure_memory=True,
                                    **options).peak_memory
 
@@ -200,10 +220,10 @@ def main() -> None:
         return
     # by reference, for the fresh processes (``__main__`` there is tests/fresh.py)
     from working_memory import (
-        LANCZOS,
+        EXTRA,
         RECURRENT,
-        lanczos_case,
-        lanczos_peak,
+        extra_case,
+        extra_peak,
         recurrent_case,
         recurrent_peak,
     )
@@ -214,11 +234,11 @@ def main() -> None:
     else:
         made = [*((name, cases._working_memory_case, index)
                   for index, (name, *_) in enumerate(cases._WORKING_MEMORY_CASES)),
-                *((name, lanczos_case, index) for index, (name, _) in enumerate(LANCZOS))]
+                *((name, extra_case, index) for index, (name, *_) in enumerate(EXTRA))]
         peaks = in_fresh_processes(
             [*((cases._working_memory_peak, (index,))
                for index in range(len(cases._WORKING_MEMORY_CASES))),
-             *((lanczos_peak, (index,)) for index in range(len(LANCZOS)))])
+             *((extra_peak, (index,)) for index in range(len(EXTRA)))])
     rows = []
     for (name, build, index), peak in zip(made, peaks):
         method, options = build(index)[2:]
