@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parents[1] / "tests"))
 
 import test_errors as cases  # noqa: E402  (tests/test_errors.py: the suite's own cases)
-from fresh import in_fresh_processes  # noqa: E402  (tests/fresh.py)
+from fresh import in_fresh_processes, unruled_model  # noqa: E402  (tests/fresh.py)
 from peak_memory import refined_prediction  # noqa: E402  (benchmarks/peak_memory.py)
 
 MiB = 2**20
@@ -163,17 +163,6 @@ def report(rows: list[tuple[str, Any, str, dict[str, Any], int | None]]) -> None
         print(line, flush=True)
 
 
-class Unruled(nn.Module):
-    """A layer no rule claims: the Gram methods' general path (``torch.func``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bilinear = nn.Bilinear(3, 3, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bilinear(x, x)
-
-
 #: (method, whether its model has a layer no rule claims)
 FIRST_CALLS = [*((method, False) for method in hessrank.ESTIMATORS),
                ("fisher", True), ("ggn", True)]
@@ -185,7 +174,8 @@ def first_call_child(case: int) -> None:
     method, unruled = FIRST_CALLS[case]
     torch.manual_seed(0)
     batch = torch.randn(6, 3), torch.randint(0, 3, (6,))
-    model = Unruled() if unruled else nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    model = (unruled_model() if unruled
+             else nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)))
     options = {"lanczos_steps": 4} if "lanczos" in method else {}
     print(json.dumps([hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method,
                                               measure_memory=True, **options).peak_memory

@@ -25,7 +25,7 @@ from contextlib import (
     suppress,
 )
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeGuard, TypeVar, cast
 
 import numpy as np
 import torch
@@ -163,14 +163,19 @@ def rebind_attributes(saved: list[_Attributes]) -> None:
                 object.__setattr__(entry.module, name, value)
 
 
+def _is_state(value: object) -> TypeGuard[Tensor]:
+    """Whether ``value`` is a tensor a forward may update as state: not a parameter, without a
+    gradient to carry, not an inference tensor."""
+    return (isinstance(value, Tensor) and not isinstance(value, nn.Parameter)
+            and not value.requires_grad and not value.is_inference())
+
+
 def _plain_tensors(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
     """Tensors held as plain attributes (not buffers) without a gradient to carry: state a
     forward may update in place, as it would a buffer's."""
     return [(module, key, value) for module in model.modules()
             for key, value in vars(module).items()
-            if key not in _MODULE_BOOKKEEPING and isinstance(value, Tensor)
-            and not isinstance(value, nn.Parameter) and not value.requires_grad
-            and not value.is_inference()]
+            if key not in _MODULE_BOOKKEEPING and _is_state(value)]
 
 
 def _storage_key(tensor: Tensor) -> tuple[torch.device, int] | None:
@@ -255,6 +260,12 @@ def shared_clones(tensors: Sequence[Tensor]) -> list[Tensor]:
 STATE_COPIES = 3
 
 
+def held_tensors(module: nn.Module) -> list[Tensor]:
+    """The buffers and plain tensor attributes of ``module`` and its submodules: state that
+    exists before a call (its copies are counted by :func:`state_bytes`, not as a graph's)."""
+    return [*module.buffers(), *(tensor for _, _, tensor in _plain_tensors(module))]
+
+
 def state_bytes(model: nn.Module) -> tuple[int, int]:
     """Bytes of one copy of ``model``'s buffers and plain tensor attributes, of which a call
     holds :data:`STATE_COPIES`, and of the tensors inside its containers, of which it holds
@@ -264,8 +275,7 @@ def state_bytes(model: nn.Module) -> tuple[int, int]:
         unique = {id(tensor): tensor for tensor in tensors if tensor.layout == torch.strided}
         return sum(tensor.numel() * tensor.element_size() for tensor in unique.values())
 
-    return (total([*model.buffers(), *(tensor for _, _, tensor in _plain_tensors(model))]),
-            total(_contained_tensors(model)))
+    return total(held_tensors(model)), total(_contained_tensors(model))
 
 
 def _contained_tensors(model: nn.Module) -> list[Tensor]:
@@ -286,58 +296,59 @@ def _contained_tensors(model: nn.Module) -> list[Tensor]:
             if len(items) > HELD_ITEMS:
                 continue
             for item in items:
-                if (isinstance(item, Tensor) and not isinstance(item, nn.Parameter)
-                        and not item.requires_grad and not item.is_inference()):
+                if _is_state(item):
                     found.setdefault(id(item), item)
     return list(found.values())
 
 
-def container_views(model: nn.Module) -> list[tuple[str, Tensor]]:
+def container_views(model: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
     """Tensors inside a list, tuple or dict attribute of a submodule whose memory overlaps a
-    buffer's or a tensor attribute's, each with ``"'module.attribute' and 'module.buffer'"``.
+    buffer's or a tensor attribute's, each with ``"'module.attribute' and 'module.buffer'"``
+    and that buffer or attribute.
     A call runs on copies of buffers and tensor attributes, views of one memory as views of one
     copy (:func:`shared_clones`), but such a tensor keeps the caller's memory: a forward that
     wrote through one and read the other had computed another function (exact's top
     eigenvalue 1.08 for 3.02), and its writes had moved the caller's buffer's version (probe
     206). :func:`preserved_state` refuses a call whose passes write one."""
+    names = {id(module): f"{name}." if name else "" for name, module in model.named_modules()}
     items = []
-    for name, module in model.named_modules():
+    for module in model.modules():
         for key, value in vars(module).items():
             if key in _MODULE_BOOKKEEPING:
                 continue
             values = (list(value.values()) if isinstance(value, dict)
                       else list(value) if isinstance(value, list | tuple) else [])
             if len(values) <= HELD_ITEMS:  # (as _contained_tensors)
-                items += [(f"{name + '.' if name else ''}{key}", item, covered) for item in values
-                          if isinstance(item, Tensor)
-                          and (covered := _covered_bytes(item)) is not None]
+                items += [(f"{names[id(module)]}{key}", item, covered) for item in values
+                          if _is_state(item) and (covered := _covered_bytes(item)) is not None]
     if not items:
         return []
-    held: list[tuple[tuple[torch.device, int, int], str]] = []
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        held += [(covered, f"{prefix}{key}") for key, tensor in module._buffers.items()
-                 if tensor is not None and (covered := _covered_bytes(tensor)) is not None]
-        held += [(covered, f"{prefix}{key}") for owner, key, tensor in _plain_tensors(module)
-                 if owner is module and (covered := _covered_bytes(tensor)) is not None]
+    held = [(covered, name, tensor) for name, tensor in model.named_buffers()
+            if (covered := _covered_bytes(tensor)) is not None]
+    held += [(covered, f"{names[id(module)]}{key}", tensor)
+             for module, key, tensor in _plain_tensors(model)
+             if (covered := _covered_bytes(tensor)) is not None]
     found = []
     for where, item, covered in items:
-        shared = next((other for span, other in held if span[0] == covered[0]
-                       and span[1] < covered[2] and covered[1] < span[2]), None)
+        shared = next(((other, tensor) for span, other, tensor in held
+                       if span[0] == covered[0] and span[1] < covered[2]
+                       and covered[1] < span[2]), None)
         if shared is not None:
-            found.append((f"'{where}' and '{shared}'", item))
+            found.append((f"'{where}' and '{shared[0]}'", item, shared[1]))
     return found
 
 
 def written_container_views_error(found: list[str]) -> ValueError:
-    """The refusal of a forward that wrote through a container's view of a buffer
-    (:func:`container_views`)."""
+    """The refusal of a forward that wrote memory a buffer or tensor attribute shares with a
+    tensor the call does not copy (:func:`container_views`; one nested deeper, or held by a
+    closure, shows as a write to the caller's buffer itself)."""
     return ValueError(
-        f"the forward writes a tensor inside a list, tuple or dict attribute that shares memory "
-        f"with a buffer or tensor attribute ({', '.join(found[:3])}): a call runs on copies of "
-        "buffers and tensor attributes, keeping their views of one memory as views of one copy, "
-        "but not a tensor inside a container, so the write would not reach the other; hold it "
-        "as an attribute or buffer of its own (self.mean = self.stats[0]) for the call")
+        f"the forward writes memory a buffer or tensor attribute shares with a tensor the call "
+        f"does not copy, inside a list, tuple or dict attribute (nested or not) or held "
+        f"elsewhere ({', '.join(dict.fromkeys(found[:3]))}): a call runs on copies of buffers "
+        "and tensor attributes, keeping their views of one memory as views of one copy, but "
+        "not such a tensor, so the write would not reach the other; hold it as an attribute or "
+        "buffer of its own (self.mean = self.stats[0]) for the call")
 
 
 class PassState:
@@ -1083,11 +1094,17 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
                 return [name for name, p, version, changed in zip(
                     names, parameters, versions, moved) if p._version != version or changed]
 
-            views = [(where, item, item._version) for where, item in container_views(model)]
+            # What a write would make another function of: a container's view of a buffer
+            # (written through, or the buffer's copy written while the view keeps the
+            # caller's memory: probes 206, 208), and the caller's buffers and tensor
+            # attributes themselves, which the call never writes (a view nested deeper, or
+            # held by a closure, writes them)
+            contained = container_views(model)
+            watched = [(where, item, item._version) for where, item, _ in contained]
 
             def written_views() -> list[str]:
-                """The container's views of buffers written since entry."""
-                return [where for where, item, version in views if item._version != version]
+                """What of ``watched`` was written since entry."""
+                return [where for where, item, version in watched if item._version != version]
 
             def check(values: bool = False) -> None:
                 if found := written(values):
@@ -1123,9 +1140,18 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
                          for name, buffer in module._buffers.items() if buffer is not None]
                 slots += [(vars(module), key, tensor) for module, key, tensor
                           in _plain_tensors(model) if _storage_key(tensor) not in weights]
-                for (registry, name, _), copied in zip(
-                        slots, shared_clones([tensor for *_, tensor in slots])):
+                copies = shared_clones([tensor for *_, tensor in slots])
+                for (registry, name, _), copied in zip(slots, copies):
                     registry[name] = copied
+                copy_of = {id(tensor): copied for (*_, tensor), copied in zip(slots, copies)}
+                watched += [(where, copy_of[id(shared)], copy_of[id(shared)]._version)
+                            for where, _, shared in contained if id(shared) in copy_of]
+                qualified = {id(module): f"{name}." if name else ""
+                             for name, module in model.named_modules()}
+                owners = {id(registry): module for module in modules
+                          for registry in (module._buffers, vars(module))}
+                watched += [(f"'{qualified[id(owners[id(registry)])]}{name}'", tensor,
+                             tensor._version) for registry, name, tensor in slots]
         try:
             yield check
         except Exception as error:  # a write explains the failure (a mixing check, say) first

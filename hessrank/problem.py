@@ -34,6 +34,7 @@ from hessrank.guard import (
     ModuleGenerators,
     OwnMode,
     PassState,
+    held_tensors,
     is_compile_wrapper,
     preserved_state,
     raise_if_signalled,
@@ -130,9 +131,9 @@ class CurvatureProblem:
     #: bytes of one copy of the model's buffers and tensor attributes, and of the tensors in
     #: its containers (:func:`~hessrank.guard.state_bytes`)
     state_bytes: tuple[int, int] = (0, 0)
-    #: bytes of one copy of a loss module's buffers and tensor attributes, and of the tensors
-    #: in its containers
-    loss_state_bytes: int = 0
+    #: bytes of the copies a call holds of a loss module's state: its guard's, made before the
+    #: work, and a float64 twin's (:func:`loss_copy_bytes`)
+    loss_state_bytes: tuple[int, int] = (0, 0)
     #: each input (targets last) by its label, and its version counter when the problem was
     #: made (they are the call's own copies)
     _input_versions: list[tuple[str, Tensor, int]] = field(init=False, repr=False,
@@ -208,7 +209,7 @@ class CurvatureProblem:
         recorded = self.passes is not None and self.passes.recorded
         copies = STATE_COPIES - 1 if made and not recorded else STATE_COPIES
         return (self.batch_copy_bytes + copies * state + contained
-                + (LOSS_GUARD_COPIES if made else LOSS_STATE_COPIES) * self.loss_state_bytes)
+                + self.loss_state_bytes[0] + (0 if made else self.loss_state_bytes[1]))
 
     @property
     def num_samples(self) -> int:
@@ -1315,8 +1316,7 @@ def build_problem(
     return CurvatureProblem(model=model, loss_fn=loss_fn, names=names, params=selected,
                             excluded=excluded, mode=mode, notes=notes,
                             state_bytes=state_bytes(model),
-                            loss_state_bytes=sum(state_bytes(loss_fn)) if isinstance(
-                                loss_fn, nn.Module) else 0,
+                            loss_state_bytes=loss_copy_bytes(loss_fn, dtype),
                             **_batch_fields(args, kwargs, targets))
 
 
@@ -1340,12 +1340,23 @@ def _copied_bytes(given: Sequence[Tensor], usable: Sequence[Tensor]) -> int:
     return sum(copy.numel() * copy.element_size() for copy in copies.values())
 
 
-#: Copies of a loss module's state a call holds: its guard's two (the values it puts back, the
-#: evaluations' copies), and a float64 twin's deep copy, widened (a float32 buffer twice its
-#: bytes): 64 MiB of buffers had peaked 320 MiB above a prediction without them (probe 206).
-LOSS_STATE_COPIES = 5
-#: Of those, made before the work: the guard's.
-LOSS_GUARD_COPIES = 2
+#: Copies of a loss module's state its guard holds (the values it puts back, the evaluations'
+#: copies), and those of its floating buffers below float64 a float64 twin holds (its deep
+#: copy, widened: twice their bytes): 64 MiB of a float32 model's loss buffers had peaked 320
+#: MiB above a prediction without them (probe 206); a float64 model's, or an integer buffer,
+#: are not widened (a prediction of all five had refused calls at twice their peak; probe 208).
+LOSS_GUARD_COPIES, LOSS_TWIN_COPIES = 2, 3
+
+
+def loss_copy_bytes(loss_fn: object, dtype: torch.dtype) -> tuple[int, int]:
+    """``(its guard's, a float64 twin's)`` bytes of the copies a call holds of ``loss_fn``'s
+    state, for a model of ``dtype`` (none for a loss that is not a module)."""
+    if not isinstance(loss_fn, nn.Module):
+        return 0, 0
+    widened = 0 if dtype == torch.float64 else sum(
+        buffer.numel() * buffer.element_size() for buffer in loss_fn.buffers()
+        if buffer.is_floating_point() and buffer.dtype != torch.float64)
+    return LOSS_GUARD_COPIES * sum(state_bytes(loss_fn)), LOSS_TWIN_COPIES * widened
 
 
 #: Names under which a dict of inputs may hold the targets (HuggingFace's ``labels``).
@@ -2539,8 +2550,12 @@ class GraphBytes:
     themselves are kept as they are."""
 
     def __init__(self, problem: CurvatureProblem) -> None:
-        owned = [*problem.params, *problem.model.buffers(), *problem.args,
-                 *problem.kwargs.values(), problem.targets]
+        # (a loss module's own too: a slice of its 100 MB buffer saved by the loss had its
+        # whole storage counted as graph, in every product's graphs; probe 208)
+        loss = problem.loss_fn if isinstance(problem.loss_fn, nn.Module) else None
+        owned = [*problem.params, *held_tensors(problem.model), *problem.args,
+                 *problem.kwargs.values(), problem.targets,
+                 *([] if loss is None else [*loss.parameters(), *held_tensors(loss)])]
         self._known = {_storage(tensor)[0] for tensor in owned if isinstance(tensor, Tensor)}
         self._found: dict[int, int] = {}
         self._largest_differentiable = 0

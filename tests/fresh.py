@@ -30,6 +30,22 @@ from pathlib import Path
 from typing import Any
 
 
+def unruled_model() -> Any:
+    """A model of one layer no rule claims (``nn.Bilinear``): the Gram methods' general path,
+    ``torch.func``. (This module imports torch only in the processes it starts.)"""
+    from torch import Tensor, nn
+
+    class Unruled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bilinear = nn.Bilinear(3, 3, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bilinear(x, x)
+
+    return Unruled()
+
+
 def _warm_up() -> None:
     """Every method once on tiny models: their lazy imports and first-use code pages, those of
     the Gram methods' general path (``torch.func``, a module no rule claims: a first call there
@@ -42,21 +58,12 @@ def _warm_up() -> None:
     torch.manual_seed(0)
     batch = torch.randn(6, 3), torch.randint(0, 3, (6,))
     ruled = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
-
-    class Unruled(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bilinear = nn.Bilinear(3, 3, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.bilinear(x, x)
-
     for method in hessrank.ESTIMATORS:
         options = {"lanczos_steps": 4} if "lanczos" in method else {}
         hessrank.effective_rank(ruled, nn.CrossEntropyLoss(), batch, method,
                                 measure_memory=True, **options)
     for method in ("fisher", "ggn"):
-        hessrank.effective_rank(Unruled(), nn.CrossEntropyLoss(), batch, method,
+        hessrank.effective_rank(unruled_model(), nn.CrossEntropyLoss(), batch, method,
                                 measure_memory=True)
 
 

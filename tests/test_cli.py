@@ -1617,21 +1617,25 @@ def test_a_model_file_imports_as_python_runs_it(tmp_path: Path, monkeypatch) -> 
 
 
 def test_model_files_in_two_folders_each_import_their_own_siblings(tmp_path: Path) -> None:
-    """Two folders, each a ``model.py`` beside its own ``helpers.py``: after the first folder's
-    model the second's had been built with the first's cached helpers, silently (probe 206)."""
+    """Two folders, each a ``model.py`` beside its own ``helpers.py`` and package: after the
+    first folder's model the second's had been built with the first's cached helpers,
+    silently (probe 206; the package, probe 208)."""
     for folder, width in (("a", 5), ("b", 9)):
-        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "probe208_package").mkdir(parents=True)
         (tmp_path / folder / "probe206_helpers.py").write_text(f"WIDTH = {width}\n")
+        (tmp_path / folder / "probe208_package" / "__init__.py").write_text(f"EXTRA = {width}\n")
         (tmp_path / folder / "model.py").write_text(
-            "from torch import nn\n\nfrom probe206_helpers import WIDTH\n\n\ndef make():\n"
-            "    return nn.Sequential(nn.Flatten(), nn.Linear(64, WIDTH))\n")
+            "from torch import nn\n\nfrom probe206_helpers import WIDTH\n"
+            "from probe208_package import EXTRA\n\n\ndef make():\n"
+            "    return nn.Sequential(nn.Flatten(), nn.Linear(64, WIDTH + EXTRA))\n")
     try:
-        for folder, width in (("a", 5), ("b", 9), ("a", 5)):
+        for folder, width in (("a", 10), ("b", 18), ("a", 10)):
             model = presets.build_model(f"{tmp_path / folder}/model.py:make",
                                         input_shape=(1, 8, 8))
             assert presets.num_params(model) == 64 * width + width, folder
     finally:
         sys.modules.pop("probe206_helpers", None)
+        sys.modules.pop("probe208_package", None)
 
 
 def _idx(data: np.ndarray) -> bytes:

@@ -1495,30 +1495,34 @@ class _HeldTable(nn.Module):
 class _HeavyLoss(nn.Module):
     """Cross-entropy beside a 32 MiB buffer the loss module holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
-        self.register_buffer("table", torch.zeros(4 * 2**20, dtype=torch.float64))
+        self.register_buffer("table", torch.zeros(32 * 2**20 // dtype.itemsize, dtype=dtype))
 
     def forward(self, outputs, targets):
         return nn.functional.cross_entropy(outputs, targets) + 0 * self.table[0]
 
 
 @pytest.mark.parametrize("method", ["exact", "fisher", "lanczos"])
-@pytest.mark.parametrize(("where", "copies"), [("buffer", 3), ("attribute", 3), ("loss", 5)])
+@pytest.mark.parametrize(("where", "copies"), [("buffer", 3), ("attribute", 3), ("loss", 2),
+                                               ("float32 loss", 5)])
 def test_budget_counts_the_copies_of_the_models_state(where, copies, method):
     """A call holds three copies of the model's buffers and tensor attributes (the caller's
     values for the restore, the passes' copies, the state as the first pass found it), which
     no prediction counted: a model holding 200 MB ran under a budget of 40 MB, peaking 600 MB
-    above it (probe 205); and five of a loss module's (its guard's two, a float64 twin's
-    widened copy: probe 206)."""
-    model = mlp((5, 6, 3)) if where == "loss" else _HeldTable(where)
-    loss_fn = _HeavyLoss() if where == "loss" else CE
+    above it (probe 205); two of a loss module's (its guard's), and of a float32 model's loss
+    buffers in float32 three more (a float64 twin's widened copy: probe 206; not of a float64
+    model's, which had been refused at twice its peak: probe 208)."""
+    dtype = torch.float32 if where == "float32 loss" else torch.float64
+    model = mlp((5, 6, 3), dtype=dtype) if "loss" in where else _HeldTable(where)
+    loss_fn = _HeavyLoss(dtype) if "loss" in where else CE
     x, y = classification_batch(8, 5, 3)
+    x = x.to(dtype)
     refusal = _check(model, lambda: hessrank.effective_rank(model, loss_fn, (x, y),
                                                             method=method,
                                                             max_memory=64 * 2**20),
                      hessrank.BudgetError, f"method='{method}' needs about")
-    assert refusal.memory_bytes >= copies * 32 * 2**20
+    assert copies * 32 * 2**20 <= refusal.memory_bytes < (copies + 1) * 32 * 2**20
 
 
 class _SharedCache(nn.Module):

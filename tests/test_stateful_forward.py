@@ -504,38 +504,55 @@ def test_tensors_sharing_memory_are_copied_as_they_share_it(kind, method):
                for name, (value, conj, neg, stride) in before.items())
 
 
-class _ContainerView(nn.Module):
-    """A buffer and a view of it inside a dict attribute; ``write``: the forward writes
-    through the view, else reads it only."""
+#: How a forward uses a buffer's view held in a container: writes through it, writes the
+#: buffer and reads the view (a list holding the buffer itself), writes through a view nested
+#: two levels deep, or reads it only.
+CONTAINER_USES = ["write the view", "write the buffer", "write a nested view", "read"]
 
-    def __init__(self, write: bool) -> None:
+
+class _ContainerView(nn.Module):
+    """A buffer and a view of it inside a container attribute, used as ``use`` says."""
+
+    def __init__(self, use: str) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.write = write
+        self.use = use
         self.hidden, self.head = nn.Linear(4, 6).double(), nn.Linear(6, 3).double()
         self.register_buffer("stats", torch.ones(2, 6, dtype=torch.float64))
         self.views = {"mean": self.stats[0]}
+        self.held = [self.stats]
+        self.nested = {"layer": {"mean": self.stats[0]}}
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.write:
+        if self.use == "write the view":
             self.views["mean"].mul_(2.0)
+        elif self.use == "write the buffer":
+            self.stats.mul_(2.0)
+            return self.head(torch.tanh(self.hidden(x)) * self.held[0][0])
+        elif self.use == "write a nested view":
+            self.nested["layer"]["mean"].mul_(2.0)
         return self.head(torch.tanh(self.hidden(x)) * (self.stats[0] + self.views["mean"]))
 
 
 @pytest.mark.parametrize("method", ["exact", "fisher"])
-def test_a_view_of_a_buffer_inside_a_container_is_refused_where_written(method):
-    """The call runs on copies of the buffers; a view inside a dict keeps the caller's memory,
-    and a forward that wrote through it and read the buffer had computed another function
-    (exact's top eigenvalue 1.08 for 3.02, unnoted; probe 206). Refused where written, with
-    the fix; read only, the view holds the buffer's values and the spectrum is the twin's."""
+@pytest.mark.parametrize("use", CONTAINER_USES)
+def test_a_view_of_a_buffer_inside_a_container_is_refused_where_written(use, method):
+    """The call runs on copies of the buffers; a view inside a dict or list keeps the caller's
+    memory, and a forward that wrote one and read the other had computed another function
+    (exact's top eigenvalue 1.08 for 3.02, unnoted; probes 206, 208). Refused where written,
+    with the fix, the caller's buffer left as it was; read only, the view holds the buffer's
+    values and the spectrum is the twin's."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(8, 4, dtype=torch.float64, generator=generator)
     y = torch.randint(0, 3, (8,), generator=generator)
-    with pytest.raises(ValueError, match=r"writes a tensor inside a list, tuple or dict "
-                                         r"attribute .*\('views' and 'stats'\).*self.mean = "):
-        hessrank.effective_rank(_ContainerView(write=True), nn.CrossEntropyLoss(), (x, y),
-                                method=method)
-    model = _ContainerView(write=False)
+    model = _ContainerView(use)
+    if use != "read":
+        with pytest.raises(ValueError, match=r"the forward writes memory a buffer or tensor "
+                                             r"attribute shares with a tensor the call does not "
+                                             r"copy.*self.mean = "):
+            hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), method=method)
+        assert torch.equal(model.stats, torch.ones(2, 6, dtype=torch.float64))
+        return
     twin = copy.deepcopy(model)
     twin.views = {"mean": twin.stats[0].clone()}
     result = hessrank.effective_rank(model, nn.CrossEntropyLoss(), (x, y), method=method)

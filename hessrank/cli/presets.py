@@ -303,14 +303,16 @@ _SIBLINGS: set[str] = set()
 
 @contextmanager
 def _siblings_recorded(folder: str) -> Iterator[None]:
-    """Record in :data:`_SIBLINGS` the modules the block loads from ``folder``."""
+    """Record in :data:`_SIBLINGS` the modules the block loads from ``folder``, packages in it
+    included (a sibling package's modules, one level down or more, had been reused; probe
+    208)."""
     before = set(sys.modules)
     try:
         yield
     finally:
         for loaded in set(sys.modules) - before:
-            origin = getattr(sys.modules.get(loaded), "__file__", None) or ""
-            if Path(origin).resolve().parent == Path(folder):
+            origin = getattr(sys.modules.get(loaded), "__file__", None)
+            if origin and Path(folder) in Path(origin).resolve().parents:
                 _SIBLINGS.add(loaded)
 
 
