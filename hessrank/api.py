@@ -61,6 +61,7 @@ from hessrank.problem import (
     check_loss_and_mode,
     check_model,
     check_number,
+    ddp_among_wrappers,
     dtype_name,
     infinite_inputs,
     loss_evaluations,
@@ -385,16 +386,16 @@ def effective_rank(
                     params, mode, _stream_reading(batch) if streaming else "")
             if streaming:
                 problem = streamed_problem(problem, batch)
+            ddp, ddp_ignored = ddp_among_wrappers(model)
             if parallel is not None:
                 problem = shard_problem(problem, parallel, {
                     "method": method, "mode": mode, "threshold": settings.threshold,
                     "rtol": settings.rtol,
                     "max_memory": max_memory, "max_seconds": max_seconds, "seed": seed,
                     "per_layer": per_layer, "options": sorted(options.items())},
-                    ddp_buffers=isinstance(model, nn.parallel.DistributedDataParallel)
-                    and model.broadcast_buffers,
-                    ddp_ignored=frozenset(getattr(model, "parameters_to_ignore", ())))
-            elif is_ddp_without_group(model):
+                    ddp_buffers=ddp is not None and ddp.broadcast_buffers,
+                    ddp_ignored=ddp_ignored)
+            elif ddp is not None and is_ddp_without_group(ddp):
                 problem.notes.append(
                     "the model is wrapped in DistributedDataParallel but process_group=None: this "
                     "is the curvature of this process's batch alone; pass "

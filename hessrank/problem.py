@@ -1077,6 +1077,28 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
             return model, notes
 
 
+def ddp_among_wrappers(model: nn.Module
+                       ) -> tuple[nn.parallel.DistributedDataParallel | None, frozenset[str]]:
+    """The ``DistributedDataParallel`` among the wrappers :func:`unwrap_model` removes, in any
+    order with ``torch.compile`` and ``nn.DataParallel``, and the names of what it leaves
+    alone (its ``parameters_to_ignore``) relative to the module analysed. (Only an outermost
+    DDP had been seen, and its names kept a compile wrapper's ``_orig_mod.`` prefix, so that
+    a buffer it ignores was broadcast all the same; probe 208.)"""
+    ddp, ignored = None, frozenset[str]()
+    while True:
+        if is_compile_wrapper(model):
+            model, prefix = cast(nn.Module, model._orig_mod), "_orig_mod."
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            if ddp is None:
+                ddp, ignored = model, frozenset(getattr(model, "parameters_to_ignore", ()))
+            model, prefix = model.module, ""
+        elif isinstance(model, nn.DataParallel):
+            model, prefix = model.module, "module."
+        else:
+            return ddp, ignored
+        ignored = frozenset(name.removeprefix(prefix) for name in ignored)
+
+
 def _refuse_wrapper_hooks(wrapper: nn.Module) -> None:
     """Raise where forward hooks or pre-hooks sit on a wrapper :func:`unwrap_model` looks
     through: ``wrapper(x)`` runs them, the wrapped module alone would not (a hook scaling the

@@ -373,6 +373,18 @@ def worker(rank: int, port: int, out: str) -> None:
     results["ddp-bn-ignored"] = outcome(lambda: hessrank.effective_rank(
         nn.parallel.DistributedDataParallel(ignoring), nn.CrossEntropyLoss(), (x, y),
         method="exact", process_group=group))
+    # DDP and torch.compile in either order (probe 208): DDP below a compile wrapper had not
+    # been seen (process 0's statistics refused as differing), and a compile wrapper below DDP
+    # prefixed the names it ignores with _orig_mod. (its ignored buffer broadcast all the same)
+    results["compiled-ddp-bn"] = summary(hessrank.effective_rank(
+        torch.compile(normed_ddp), nn.CrossEntropyLoss(), (x, y), method="exact",
+        process_group=group))
+    compiled = torch.compile(copy.deepcopy(ignoring))
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        compiled, ["_orig_mod.1.running_mean"])
+    results["ddp-compiled-ignored"] = outcome(lambda: hessrank.effective_rank(
+        nn.parallel.DistributedDataParallel(compiled), nn.CrossEntropyLoss(), (x, y),
+        method="exact", process_group=group))
     # DDP-wrapped in one process only: its buffers' broadcast, a collective of that process
     # alone, had hung the group (probe 98)
     results["ddp-one-process"] = outcome(lambda: hessrank.effective_rank(
@@ -769,8 +781,12 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
         torch.testing.assert_close(spawned[rank]["ddp-bn-after"], own[rank], rtol=0, atol=0)
         kind, message = spawned[rank]["ddp-bn-unwrapped"]
         assert "buffer '1.running_mean' differs" in message and "dist.broadcast" in message
-        kind, message = spawned[rank]["ddp-bn-ignored"]
-        assert kind == "ValueError" and "buffer '1.running_mean' differs" in message, message
+        for case in ("ddp-bn-ignored", "ddp-compiled-ignored"):
+            kind, message = spawned[rank][case]
+            assert kind == "ValueError" and "buffer '1.running_mean' differs" in message, message
+        np.testing.assert_allclose(spawned[rank]["compiled-ddp-bn"]["eigenvalues"],
+                                   reference.eigenvalues, rtol=1e-9,
+                                   atol=1e-9 * abs(reference.eigenvalues[0]))
 
 
 @pytest.mark.parametrize(("case", "kind", "fragment"), [
