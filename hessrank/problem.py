@@ -1363,10 +1363,11 @@ def _copied_bytes(given: Sequence[Tensor], usable: Sequence[Tensor]) -> int:
 
 
 #: Copies of a loss module's state its guard holds (the values it puts back, the evaluations'
-#: copies), and those of its floating buffers below float64 a float64 twin holds (its deep
-#: copy, widened: twice their bytes): 64 MiB of a float32 model's loss buffers had peaked 320
-#: MiB above a prediction without them (probe 206); a float64 model's, or an integer buffer,
-#: are not widened (a prediction of all five had refused calls at twice their peak; probe 208).
+#: copies), and those of its floating buffers and parameters below float64 a float64 twin
+#: holds (its deep copy, widened: twice their bytes): 64 MiB of a float32 model's loss
+#: buffers had peaked 320 MiB above a prediction without them (probe 206); a float64 model's,
+#: or an integer buffer, are not widened (a prediction of all five had refused calls at twice
+#: their peak; probe 208).
 LOSS_GUARD_COPIES, LOSS_TWIN_COPIES = 2, 3
 
 
@@ -1375,9 +1376,11 @@ def loss_copy_bytes(loss_fn: object, dtype: torch.dtype) -> tuple[int, int]:
     state, for a model of ``dtype`` (none for a loss that is not a module)."""
     if not isinstance(loss_fn, nn.Module):
         return 0, 0
+    # (its parameters too: a loss module holding the model had its float64 copy unpredicted)
     widened = 0 if dtype == torch.float64 else sum(
-        buffer.numel() * buffer.element_size() for buffer in loss_fn.buffers()
-        if buffer.is_floating_point() and buffer.dtype != torch.float64)
+        tensor.numel() * tensor.element_size()
+        for tensor in [*loss_fn.buffers(), *loss_fn.parameters()]
+        if tensor.is_floating_point() and tensor.dtype != torch.float64)
     return LOSS_GUARD_COPIES * sum(state_bytes(loss_fn)), LOSS_TWIN_COPIES * widened
 
 

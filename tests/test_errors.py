@@ -1495,9 +1495,13 @@ class _HeldTable(nn.Module):
 class _HeavyLoss(nn.Module):
     """Cross-entropy beside a 32 MiB buffer the loss module holds."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, parameter: bool = False) -> None:
         super().__init__()
-        self.register_buffer("table", torch.zeros(32 * 2**20 // dtype.itemsize, dtype=dtype))
+        table = torch.zeros(32 * 2**20 // dtype.itemsize, dtype=dtype)
+        if parameter:  # (a loss holding a model of its own, frozen)
+            self.table = nn.Parameter(table, requires_grad=False)
+        else:
+            self.register_buffer("table", table)
 
     def forward(self, outputs, targets):
         return nn.functional.cross_entropy(outputs, targets) + 0 * self.table[0]
@@ -1505,17 +1509,18 @@ class _HeavyLoss(nn.Module):
 
 @pytest.mark.parametrize("method", ["exact", "fisher", "lanczos"])
 @pytest.mark.parametrize(("where", "copies"), [("buffer", 3), ("attribute", 3), ("loss", 2),
-                                               ("float32 loss", 5)])
+                                               ("float32 loss", 5),
+                                               ("float32 loss parameter", 3)])
 def test_budget_counts_the_copies_of_the_models_state(where, copies, method):
     """A call holds three copies of the model's buffers and tensor attributes (the caller's
     values for the restore, the passes' copies, the state as the first pass found it), which
     no prediction counted: a model holding 200 MB ran under a budget of 40 MB, peaking 600 MB
     above it (probe 205); two of a loss module's (its guard's), and of a float32 model's loss
-    buffers in float32 three more (a float64 twin's widened copy: probe 206; not of a float64
-    model's, which had been refused at twice its peak: probe 208)."""
-    dtype = torch.float32 if where == "float32 loss" else torch.float64
+    buffers and parameters in float32 three more (a float64 twin's widened copy: probe 206;
+    not of a float64 model's, which had been refused at twice its peak: probe 208)."""
+    dtype = torch.float32 if where.startswith("float32") else torch.float64
     model = mlp((5, 6, 3), dtype=dtype) if "loss" in where else _HeldTable(where)
-    loss_fn = _HeavyLoss(dtype) if "loss" in where else CE
+    loss_fn = _HeavyLoss(dtype, "parameter" in where) if "loss" in where else CE
     x, y = classification_batch(8, 5, 3)
     x = x.to(dtype)
     refusal = _check(model, lambda: hessrank.effective_rank(model, loss_fn, (x, y),
