@@ -701,9 +701,8 @@ def call_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
             "generator a loss module holds is set back after the call), and a call evaluates "
             "it several times. Pass a loss with that state fixed for the call (for the "
             "curvature at the current state: lambda f, y: F.cross_entropy(f / "
-            "current_temperature, y), or a "
-            "loss module with its update switched off); a loss module's state is set back after "
-            "the call")
+            "current_temperature, y), or a loss module with its update switched off); a loss "
+            "module's state is set back after the call")
     check.done = True
     return value
 

@@ -1025,21 +1025,21 @@ def _mixing(relative: float, generators: Sequence[str] = ()) -> tuple[str, str]:
     """What differs, and its likely cause, where the outputs of samples run alone differ from
     their rows of the batch output by ``relative``; ``generators``: where the model holds
     random generators (the draws of a sample alone are not its draws in the batch)."""
+    observation = (f"a sample's output computed alone differs from its row of the batch output "
+                   f"{difference_text(relative, 'its largest entry')}")
     if generators:
-        return (f"a sample's output computed alone differs from its row of the batch output "
-                f"{difference_text(relative, 'its largest entry')}",
-                f"the forward draws from the generator the model holds ({', '.join(generators)})"
-                ", whose draws for a sample alone are not its draws in the batch (noise added "
-                "to activations), or the model mixes the samples of a batch, so per-sample "
-                "EF/GGN factors are undefined; use method='exact' or 'lanczos' (the Hessian of "
-                "the batch's loss at the model's next draw), or 'fisher_lanczos'/'ggn_lanczos'")
-    return (f"a sample's output computed alone differs from its row of the batch output "
-            f"{difference_text(relative, 'its largest entry')}",
-            "the model mixes the samples of a batch (BatchNorm on batch statistics, attention "
-            "over the batch dimension, e.g. a batch_first=False transformer given [n, T, d]), so "
-            "per-sample EF/GGN factors are undefined; fix the layout or use method='exact' or "
-            "'lanczos' (the Hessian of the batch's loss), or 'fisher_lanczos'/'ggn_lanczos' "
-            "(each sample's factor as the batch computes it)")
+        return observation, (
+            f"the forward draws from the generator the model holds ({', '.join(generators)}), "
+            "whose draws for a sample alone are not its draws in the batch (noise added to "
+            "activations), or the model mixes the samples of a batch, so per-sample EF/GGN "
+            "factors are undefined; use method='exact' or 'lanczos' (the Hessian of the "
+            "batch's loss at the model's next draw), or 'fisher_lanczos'/'ggn_lanczos'")
+    return observation, (
+        "the model mixes the samples of a batch (BatchNorm on batch statistics, attention over "
+        "the batch dimension, e.g. a batch_first=False transformer given [n, T, d]), so "
+        "per-sample EF/GGN factors are undefined; fix the layout or use method='exact' or "
+        "'lanczos' (the Hessian of the batch's loss), or 'fisher_lanczos'/'ggn_lanczos' (each "
+        "sample's factor as the batch computes it)")
 
 
 def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float,
