@@ -1121,9 +1121,7 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
             with torch.inference_mode(False):
                 # each tensor once (one held by several modules had been cloned for each:
                 # 8 references to a 64 MiB cache peaked at 704 MiB; probe 206)
-                held = {id(t): t for t in [*model.buffers(),
-                                           *(t for _, _, t in _plain_tensors(model)),
-                                           *_contained_tensors(model)]}
+                held = {id(t): t for t in [*held_tensors(model), *_contained_tensors(model)]}
                 buffers = [(t, t.detach().clone()) for t in held.values()]
                 armed = True
                 # The call's forward passes see copies of the buffers: a training-mode
@@ -1136,22 +1134,20 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
                 # one writes the parameter, which is refused). Views of one memory stay views
                 # of one copy (:func:`shared_clones`).
                 weights = {_storage_key(p) for p in parameters} - {None}
-                slots = [(module._buffers, name, buffer) for module in modules
+                slots = [(module, module._buffers, name, buffer) for module in modules
                          for name, buffer in module._buffers.items() if buffer is not None]
-                slots += [(vars(module), key, tensor) for module, key, tensor
+                slots += [(module, vars(module), key, tensor) for module, key, tensor
                           in _plain_tensors(model) if _storage_key(tensor) not in weights]
                 copies = shared_clones([tensor for *_, tensor in slots])
-                for (registry, name, _), copied in zip(slots, copies):
+                for (_, registry, name, _), copied in zip(slots, copies):
                     registry[name] = copied
                 copy_of = {id(tensor): copied for (*_, tensor), copied in zip(slots, copies)}
                 watched += [(where, copy_of[id(shared)], copy_of[id(shared)]._version)
                             for where, _, shared in contained if id(shared) in copy_of]
-                qualified = {id(module): f"{name}." if name else ""
-                             for name, module in model.named_modules()}
-                owners = {id(registry): module for module in modules
-                          for registry in (module._buffers, vars(module))}
-                watched += [(f"'{qualified[id(owners[id(registry)])]}{name}'", tensor,
-                             tensor._version) for registry, name, tensor in slots]
+                prefix = {id(module): f"{name}." if name else ""
+                          for name, module in model.named_modules()}
+                watched += [(f"'{prefix[id(module)]}{name}'", tensor, tensor._version)
+                            for module, _, name, tensor in slots]
         try:
             yield check
         except Exception as error:  # a write explains the failure (a mixing check, say) first

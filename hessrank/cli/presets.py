@@ -302,30 +302,22 @@ _SIBLINGS: set[str] = set()
 
 
 @contextmanager
-def _siblings_recorded(folder: str) -> Iterator[None]:
-    """Record in :data:`_SIBLINGS` the modules the block loads from ``folder``, packages in it
-    included (a sibling package's modules, one level down or more, had been reused; probe
-    208)."""
-    before = set(sys.modules)
-    try:
-        yield
-    finally:
-        for loaded in set(sys.modules) - before:
-            origin = getattr(sys.modules.get(loaded), "__file__", None)
-            if origin and Path(folder) in Path(origin).resolve().parents:
-                _SIBLINGS.add(loaded)
-
-
-@contextmanager
-def _first_on_path(folder: str) -> Iterator[None]:
+def _in_its_folder(folder: str) -> Iterator[None]:
     """``folder`` first on ``sys.path`` in the block, as ``python file.py`` puts the script's
-    folder (its sibling modules are found, wherever the command runs); taken off after."""
+    folder (its sibling modules are found, wherever the command runs), taken off after; the
+    modules the block loads from it, packages in it included, recorded in :data:`_SIBLINGS`
+    (a sibling package's modules, one level down or more, had been reused; probe 208)."""
+    before = set(sys.modules)
     sys.path.insert(0, folder)
     try:
         yield
     finally:
         with suppress(ValueError):  # (the module may have taken it off itself)
             sys.path.remove(folder)
+        for loaded in set(sys.modules) - before:
+            origin = getattr(sys.modules.get(loaded), "__file__", None)
+            if origin and Path(folder) in Path(origin).resolve().parents:
+                _SIBLINGS.add(loaded)
 
 
 def _import_file(path: Path) -> tuple[Any, str]:
@@ -344,7 +336,7 @@ def _import_file(path: Path) -> tuple[Any, str]:
     _SIBLINGS.clear()
     sys.modules[name] = module
     try:
-        with _first_on_path(folder), _siblings_recorded(folder):
+        with _in_its_folder(folder):
             module_spec.loader.exec_module(module)
     except BaseException:
         sys.modules.pop(name, None)
@@ -374,7 +366,7 @@ def _import_factory(spec: str) -> Callable[[], object]:
     def from_its_folder() -> object:
         """The factory, its file's folder on ``sys.path`` as at its import (an import in its
         body finds the modules beside it)."""
-        with _first_on_path(folder), _siblings_recorded(folder):
+        with _in_its_folder(folder):
             return factory()
 
     return from_its_folder

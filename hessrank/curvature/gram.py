@@ -334,11 +334,8 @@ def _squared_norm(tensor: Tensor, minus: Tensor | None = None,
     P = 64M, they had held two gradients' bytes beyond the check's prediction, and blocks'
     differences allocated one after the other had grown the resident set by most of one;
     probe 204)."""
-    if minus is not None and minus.shape != tensor.shape:
-        if minus.numel() != tensor.numel():  # (broadcast: whole)
-            tensor, minus = tensor - minus, None
-        else:
-            minus = minus.reshape(tensor.shape)
+    if minus is not None:  # (a claim flattened, or not: its entries are the gradient's)
+        minus = minus.reshape(tensor.shape)
     if tensor.is_contiguous() and (minus is None or minus.is_contiguous()):
         tensor, minus = tensor.reshape(-1), None if minus is None else minus.reshape(-1)
         rows = NORM_BLOCK
