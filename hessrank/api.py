@@ -504,7 +504,7 @@ def effective_rank(
         if tied is not None:
             problem.notes.append(tied)
         if parallel is not None:
-            problem.notes.append(parallel.describe())
+            problem.notes[:] = [*parallel.shared_notes(problem.notes), parallel.describe()]
         eps = float(torch.finfo(problem.dtype).eps)
         named = dict(zip(problem.names, problem.params))
         groups = problem.layers()

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -274,6 +274,19 @@ class DataParallel:
         self.exchanged_bytes += (2 * (self.world_size - 1) * buffer.numel()
                                  * buffer.element_size() // self.world_size)
         return buffer.to(tensor.device)
+
+    def shared_notes(self, notes: Sequence[str]) -> list[str]:
+        """Every process's ``notes``, the same list in each: in rank order, each once, those
+        that not every process has opening with the processes that have it (a caveat of one
+        shard's float64 check had reached only that process's result; probe 207)."""
+        held: dict[str, list[int]] = {}
+        for rank, listed in enumerate(self.gather_objects(list(notes))):
+            for note in listed:
+                if rank not in held.setdefault(note, []):
+                    held[note].append(rank)
+        return [note if len(ranks) == self.world_size else
+                f"in process{'es' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {note}"
+                for note, ranks in held.items()]
 
     def describe(self) -> str:
         """One line for ``RankResult.notes``."""

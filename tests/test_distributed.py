@@ -594,6 +594,18 @@ def worker(rank: int, port: int, out: str) -> None:
             model, nn.CrossEntropyLoss(), (x, y), method="fisher", process_group=group))
     finally:
         Fisher.cotangents = original_cotangents  # type: ignore[method-assign]
+    # The loss side's float64 check failing in one process only: its caveat had reached only
+    # that process's result (probe 207); every process now returns the same notes.
+    def narrow_only(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if rank == 1 and outputs.dtype == torch.float64:
+            raise RuntimeError("the float64 loss fails in process 1")
+        return nn.functional.cross_entropy(outputs, labels)
+
+    for method in ("fisher", "ggn"):
+        results[f"check-one-process-{method}"] = notes_or_error(
+            lambda method=method: hessrank.effective_rank(
+                copy.deepcopy(model).float(), narrow_only, (x.float(), y), method=method,
+                process_group=group))
     # A Ctrl-C in one process: the others had waited for the group's timeout (probe 164).
     def interrupted(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if rank == 1:
@@ -829,6 +841,10 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("widened-one-process", "none", "the global float64 loss fails in process 1."),
     ("cotangents-one-process", "ValueError", "processes 0 and 1 derived different output-side "
                                              "factors from the same gathered batch"),
+    ("check-one-process-fisher", "none", "in process 1: the samples' loss gradients are "
+                                         "float32's, not checked against float64"),
+    ("check-one-process-ggn", "none", "in process 1: the loss's curvature is a softmax "
+                                      "cross-entropy's in float32, not checked in float64"),
     ("loss-fisher", "ValueError", "every process of the group must pass the same loss_fn"),
     ("loss-exact", "ValueError", "every process of the group must pass the same loss_fn"),
 ])
@@ -842,6 +858,12 @@ def test_errors_reach_every_process(spawned: list[dict[str, Any]], case: str, ki
         assert got_kind in (kind, "RuntimeError", "GroupFailure"), (rank, got_kind)
     assert {spawned[rank][case][0] for rank in range(WORLD)} & {kind}
 
+
+@pytest.mark.parametrize("case", ["twin-one-process", "check-one-process-fisher",
+                                  "check-one-process-ggn"])
+def test_every_process_returns_the_same_notes(spawned: list[dict[str, Any]], case: str) -> None:
+    """Notes of one process's own finding reach every process's result, the same list."""
+    assert len({spawned[rank][case] for rank in range(WORLD)}) == 1
 
 def test_a_refined_budget_is_judged_alike_in_every_process(
         spawned: list[dict[str, Any]]) -> None:

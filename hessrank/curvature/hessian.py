@@ -190,7 +190,7 @@ def _widening(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | None
         reasons = problem.parallel.gather_objects(why if loss_fn is None else None)
         refused = next(((rank, reason) for rank, reason in enumerate(reasons)
                         if reason is not None), None)
-        if refused is not None and loss_fn is not None:
+        if refused is not None:  # (one note, the same in every process)
             loss_fn, why = None, f"{refused[1]} (in process {refused[0]})"
     if lowered is not None:
         add_lowered_loss_note(problem.notes, lowered, why)
