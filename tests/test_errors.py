@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 import torch
 from fresh import in_fresh_processes
-from reference import classification_batch, double_backward_hessian, mlp
+from reference import (
+    assert_spectra_close,
+    classification_batch,
+    double_backward_hessian,
+    eigenvalues_by_magnitude,
+    mlp,
+    reference_fisher,
+)
 from torch import nn
 
 import hessrank
@@ -3540,6 +3547,28 @@ def test_torchscript_modules_refused_before_anything(scripted):
            TypeError, f"{what} a TorchScript module.*pass the nn.Module it was made from")
     assert all(a is b for a, b in zip(tensors, [*model.parameters(), *loss_fn.buffers()]))
     assert torch.equal(next(loss_fn.buffers()), torch.tensor([1.0, 2.0, 0.5]))
+
+
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+def test_a_scripted_loss_function_after_second_derivatives(method):
+    """A ``torch.jit.script`` loss function: once ``exact`` has differentiated it twice,
+    TorchScript's optimised graph returns first derivatives that require grad, and ``fisher``
+    had crashed in its own check (``sub(): functions with out=... arguments``; probe 210). The
+    spectrum matches the empirical Fisher of per-sample gradients."""
+    torch.manual_seed(1)
+    model = mlp((4, 5, 2), dtype=torch.float32)
+
+    @torch.jit.script
+    def quartic(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return ((outputs - targets) ** 4).mean()
+
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    hessrank.effective_rank(model, quartic, (x, y), method="exact")
+    result = hessrank.effective_rank(model, quartic, (x, y), method=method)
+    reference = eigenvalues_by_magnitude(reference_fisher(
+        copy.deepcopy(model).double(), lambda f, t: ((f - t) ** 4).mean(), x.double(),
+        y.double(), 1 / 6))
+    assert_spectra_close(result.eigenvalues, reference, count=3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["ggn", "ggn_lanczos"])

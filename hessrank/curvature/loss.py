@@ -120,7 +120,7 @@ def _sample_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
         if not losses.requires_grad:
             return torch.zeros_like(outputs)
         (gradient,) = torch.autograd.grad(losses.sum(), leaf, allow_unused=True)
-        return torch.zeros_like(outputs) if gradient is None else gradient
+        return torch.zeros_like(outputs) if gradient is None else gradient.detach()
     rows = []
     for i in range(outputs.shape[0]):
         f = outputs[i : i + 1].detach().requires_grad_(True)
@@ -137,7 +137,7 @@ def _sample_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
                 f"loss_fn cannot be evaluated on one sample ({error}){hint}: the empirical "
                 "Fisher needs per-sample losses; use method='ggn', 'exact' or 'lanczos'"
             ) from error
-        rows.append(torch.zeros_like(f) if row is None else row)
+        rows.append(torch.zeros_like(f) if row is None else row.detach())
     return torch.cat(rows)
 
 
@@ -205,6 +205,7 @@ def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         raise named from error
     if batch_grad is None:
         return None
+    batch_grad = batch_grad.detach()
     n = outputs.shape[0]
     if sample_grads is None:
         sample_grads = _sample_gradients(loss_fn, outputs.detach(), targets)
