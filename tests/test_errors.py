@@ -427,6 +427,25 @@ def test_fisher_refusals_name_their_cause(name, loss, targets, refusal):
     assert hessrank.effective_rank(model, loss, (x, targets), method="ggn").rank > 0
 
 
+def test_a_contrastive_loss_is_named_as_coupling_the_samples():
+    """InfoNCE over the batch's own similarities runs on sample 0 alone, not on sample 1:
+    ``fisher``'s refusal had blamed a squeezed batch dimension and advised ``ggn``, which
+    refuses the loss as coupling the samples (probe 210)."""
+    model = mlp((4, 6, 3))
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def info_nce(outputs, targets):
+        return nn.functional.cross_entropy(outputs @ outputs.T, targets)
+
+    _check(model, lambda: hessrank.effective_rank(model, info_nce, (x, torch.arange(6)),
+                                                  method="fisher"),
+           ValueError, r"loss_fn ran on sample 0 alone but not on sample 1 .* per-sample values "
+                       r"depend on the batch .* use method='exact' or 'lanczos'$")
+    _check(model, lambda: hessrank.effective_rank(model, info_nce, (x, torch.arange(6)),
+                                                  method="ggn"),
+           ValueError, "the loss couples the samples")
+
+
 def test_batchnorm_train_mode_for_fisher():
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
     x, y = classification_batch(8, 5, 3)

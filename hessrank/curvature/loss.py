@@ -132,6 +132,12 @@ def _sample_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
                       else (None,))
         except Exception as error:  # noqa: BLE001 - any failure on one sample
             raise_if_signalled(error)
+            if i:  # (the earlier samples ran alone: not a dimension squeezed away)
+                raise ValueError(
+                    f"loss_fn ran on sample 0 alone but not on sample {i} ({error}): its "
+                    "per-sample values depend on the batch (a contrastive loss over the "
+                    "batch's own similarities couples the samples), and the empirical Fisher "
+                    "needs per-sample losses; use method='exact' or 'lanczos'") from error
             hint = _one_sample_hint(loss_fn, outputs, targets)
             raise ValueError(
                 f"loss_fn cannot be evaluated on one sample ({error}){hint}: the empirical "
