@@ -2267,8 +2267,11 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
     # inf where NaN or Inf entries differ: a half of one sample standardised over itself is NaN
     # (its std), which a plain max over the difference had passed as no difference (probe 98)
     difference = finite_difference(alone, whole)
-    if difference > agreement_tolerance(outputs.dtype) * max(scale,
-                                                             torch.finfo(outputs.dtype).tiny):
+    # the rounding of the coarser of the outputs' and the model's dtypes: a float32 model's
+    # float64 outputs (a float64 readout, a tensor made in a float64 default dtype) differed by
+    # float32's rounding and were refused as mixing the samples (probe 212)
+    computed = max(outputs.dtype, problem.dtype, key=lambda dtype: torch.finfo(dtype).eps)
+    if difference > agreement_tolerance(computed) * max(scale, torch.finfo(outputs.dtype).tiny):
         repeat_pass(problem)
         return difference / max(scale, 1e-300)
     return None

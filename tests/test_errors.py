@@ -23,6 +23,7 @@ from reference import (
     eigenvalues_by_magnitude,
     mlp,
     reference_fisher,
+    reference_ggn,
 )
 from torch import nn
 
@@ -1182,6 +1183,34 @@ def test_mixing_is_still_named_when_the_model_also_computes_in_float32():
                    ValueError, "mixes the samples")
     assert "lower precision" not in str(error)
     assert "amplified by cancellation" not in str(error)
+
+
+class _Float64Readout(nn.Module):
+    """A float32 network whose frozen readout computes in float64: float64 outputs carrying
+    float32's rounding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 5), nn.Tanh())
+        self.readout = nn.Linear(5, 3).double().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.body(x).double())
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_float64_outputs_of_a_float32_model_are_not_taken_for_mixing(method):
+    """The halves' outputs differ from the batch's by float32's rounding, which the mixing check
+    had judged at float64's and refused as a model that mixes its samples (probe 212). The
+    spectrum matches the float64 reference's to float32's rounding."""
+    torch.manual_seed(0)
+    model = _Float64Readout()
+    x, y = torch.randn(64, 32), torch.randint(0, 3, (64,))
+    result = hessrank.effective_rank(model, CE, (x, y), method=method)
+    wide = copy.deepcopy(model).double()
+    make = reference_fisher if method == "fisher" else reference_ggn
+    reference = eigenvalues_by_magnitude(make(wide, CE, x.double(), y, 1 / 64))
+    assert_spectra_close(result.eigenvalues, reference, count=8, rtol=1e-5)
 
 
 class _SequenceFirstLSTM(nn.Module):
