@@ -493,6 +493,18 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
                 f"({', '.join(integer)}): features must be floating point, cast them with "
                 ".float() (or .to() the model's dtype); token ids for an nn.Embedding stay "
                 "integer") from error
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        other = [(label, tensor.dtype) for label, tensor in labelled
+                 if tensor.is_floating_point() and tensor.dtype != dtype]
+        if dtype is not None and other and any(phrase in str(error) for phrase in (
+                "dtype", "scalar type", "Input type")):
+            label, found = other[0]
+            refit = ("" if found in (torch.float16, torch.bfloat16)
+                     else f" (or the model with .to({found}))")
+            raise ValueError(
+                f"{str(error).rstrip('. ')}. {label} is {found} but the model's parameters are "
+                f"{dtype}: cast the batch with .to({dtype}){refit}, or cast inside "
+                "forward") from error
         if type(error) is RuntimeError and any(  # torch's own, not its subclasses (OOM)
                 phrase in str(error) for phrase in ("shape", "size", "dimension", "channels")):
             # torch names the operation's operands, not the batch (probe 57)
@@ -1302,7 +1314,7 @@ def build_problem(
             "the model's parameters are on the meta device: they have shapes but no values, "
             "so there is no curvature to measure. Materialise the model first "
             "(model.to_empty(device='cpu'), then load its weights)")
-    _check_placement(labelled, dtype, device)
+    _check_placement(labelled, device)
     for name, finite in zip(names, each_all_finite([p.detach() for p in selected])):
         if not finite:
             raise ValueError(f"parameter {name!r} contains NaN or Inf: the curvature is undefined")
@@ -1444,16 +1456,16 @@ def _check_inputs_fit(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[s
             f"{reading}")
 
 
-def read_batch(batch: object, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-    """A batch checked as :func:`build_problem` checks one, for a model of ``dtype`` on
-    ``device``: the problem's fields it sets, as :func:`build_problem` sets them
+def read_batch(batch: object, device: torch.device) -> dict[str, Any]:
+    """A batch checked as :func:`build_problem` checks one, for a model on ``device``: the
+    problem's fields it sets, as :func:`build_problem` sets them
     (:func:`_batch_fields`).
 
     Raises:
         TypeError, ValueError: naming the tensor at fault and the fix.
     """
     args, kwargs, targets, labelled = _read_batch(batch)
-    _check_placement(labelled, dtype, device)
+    _check_placement(labelled, device)
     return _batch_fields(args, kwargs, targets)
 
 
@@ -1614,19 +1626,16 @@ def _embedding_notes(model: nn.Module, analysed: set[int]) -> list[str]:
             "held fixed, its entries count in P with zero curvature"]
 
 
-def _check_placement(labelled: list[tuple[str, Tensor]], dtype: torch.dtype,
-                     device: torch.device) -> None:
-    """Every batch tensor on the model's device, and floating inputs in its dtype."""
+def _check_placement(labelled: list[tuple[str, Tensor]], device: torch.device) -> None:
+    """Every batch tensor on the model's device. (Floating inputs in another dtype than the
+    parameters are the model's to cast, ``x.to(weight.dtype)``: a forward that fails on them
+    names them, :func:`run_model`; refused here, a float64 NumPy batch that the model casts
+    had been; probe 212.)"""
     for label, tensor in labelled:
         if tensor.device != device:
             raise ValueError(
                 f"{label} is on {tensor.device} but the model is on {device}: move the batch "
                 f"with .to({str(device)!r})"
-            )
-        if label != "targets" and tensor.is_floating_point() and tensor.dtype != dtype:
-            raise ValueError(
-                f"{label} is {tensor.dtype} but the model's parameters are {dtype}: cast the "
-                f"batch with .to({dtype}) (or the model with .to({tensor.dtype}))"
             )
 
 

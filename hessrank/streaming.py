@@ -481,7 +481,7 @@ class StreamedProblem(CurvatureProblem):
             index += 1
             _check_pair(index, item)
             try:
-                fields = read_batch(_to_device(item, self.device), self.dtype, self.device)
+                fields = read_batch(_to_device(item, self.device), self.device)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"batch {index} of the data: {error}") from error
             del item

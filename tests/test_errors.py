@@ -1744,6 +1744,41 @@ class _TupleOutput(nn.Module):
         return self.fc(x), x
 
 
+class _CastsItsInput(nn.Module):
+    """Casts its input to its parameters' dtype (a float64 NumPy batch for a float32 model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(self.net[0].weight.dtype))
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher", "ggn"])
+def test_inputs_the_model_casts_itself_are_taken(method):
+    """Floating inputs in another dtype than the parameters, cast by the model: refused before
+    the forward though ``model(x)`` and its backward run (probe 212). The spectrum is the one
+    of the inputs as the model casts them."""
+    torch.manual_seed(0)
+    model = _CastsItsInput()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    result = hessrank.effective_rank(model, CE, (x, y), method=method)
+    reference = hessrank.effective_rank(model, CE, (x.float(), y), method=method)
+    np.testing.assert_array_equal(result.eigenvalues, reference.eigenvalues)
+
+
+def test_half_precision_inputs_a_model_cannot_take_are_named():
+    """bfloat16 inputs to a float32 model that does not cast them: the forward's failure names
+    the inputs and the cast, without suggesting a bfloat16 model (refused as such)."""
+    model = nn.Sequential(nn.Linear(6, 3))
+    x, y = torch.randn(4, 6).bfloat16(), torch.randint(0, 3, (4,))
+    error = _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method="fisher"),
+                   ValueError, r"inputs\[0\] is torch.bfloat16 but the model's parameters are "
+                               r"torch.float32: cast the batch with .to\(torch.float32\), or")
+    assert "model with .to" not in str(error)
+
+
 def _cast(dtype):
     def make(model):
         return copy.deepcopy(model).to(dtype)
