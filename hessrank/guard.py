@@ -589,6 +589,18 @@ def _handler_codes() -> set[types.CodeType]:
     return codes
 
 
+#: The devices whose autocast the running call turned off (the caller had it on), for the
+#: message of a forward that runs only under it (:func:`autocast_turned_off`).
+_AUTOCAST_OFF: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "autocast_off", default=())
+
+
+def autocast_turned_off() -> tuple[str, ...]:
+    """The device types whose ``torch.autocast`` the running call turned off (the caller's was
+    on); empty outside the calls."""
+    return _AUTOCAST_OFF.get()
+
+
 #: The exceptions the caller was handling as the innermost running call began (ids;
 #: :func:`signalled` leaves them to the caller); None outside the calls, where an exception's
 #: chain holds a ``KeyboardInterrupt`` only as the caller's (the calls send theirs out as such:
@@ -1734,6 +1746,7 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
             if read is not None:
                 for_the_call.enter_context(_set_for_the_call(
                     read, getattr(torch._C, f"_set_sdp_use_{kernel}"), read()))
+        autocast_off = []
         for device in sorted(devices):
             try:
                 enabled = torch.is_autocast_enabled(device)
@@ -1741,6 +1754,8 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
                 continue
             if enabled:
                 for_the_call.enter_context(torch.autocast(device, enabled=False))
+                autocast_off.append(device)
+        for_the_call.callback(_AUTOCAST_OFF.reset, _AUTOCAST_OFF.set(tuple(autocast_off)))
         scaled = []
         for name, module in model.named_modules():
             # flags of how a table's gradient is stored or scaled, not of what it is: the

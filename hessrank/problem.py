@@ -34,6 +34,7 @@ from hessrank.guard import (
     ModuleGenerators,
     OwnMode,
     PassState,
+    autocast_turned_off,
     held_tensors,
     is_compile_wrapper,
     preserved_state,
@@ -493,12 +494,21 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
                 f"({', '.join(integer)}): features must be floating point, cast them with "
                 ".float() (or .to() the model's dtype); token ids for an nn.Embedding stay "
                 "integer") from error
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
         other = [(label, tensor.dtype) for label, tensor in labelled
-                 if tensor.is_floating_point() and tensor.dtype != dtype]
-        if dtype is not None and other and any(phrase in str(error) for phrase in (
-                "dtype", "scalar type", "Input type")):
-            label, found = other[0]
+                 if tensor.is_floating_point() and tensor.dtype not in dtypes]
+        of_dtypes = any(phrase in str(error) for phrase in ("dtype", "scalar type", "Input type"))
+        if of_dtypes and autocast_turned_off():
+            # a model that runs only under the caller's autocast (a half-precision layer fed
+            # float32): torch's message had not said the call turned it off (probe 212)
+            raise ValueError(
+                f"{str(error).rstrip('. ')}. The call turned off the caller's torch.autocast "
+                f"({', '.join(autocast_turned_off())}): the curvature is measured in the "
+                "parameters' own dtypes, and this forward runs only under autocast's casts. "
+                "Cast inside forward (x.to(layer.weight.dtype)), or analyse a float32 copy "
+                "(copy.deepcopy(model).float())") from error
+        if len(dtypes) == 1 and other and of_dtypes:
+            (dtype,), (label, found) = dtypes, other[0]
             refit = ("" if found in (torch.float16, torch.bfloat16)
                      else f" (or the model with .to({found}))")
             raise ValueError(

@@ -1779,6 +1779,31 @@ def test_half_precision_inputs_a_model_cannot_take_are_named():
     assert "model with .to" not in str(error)
 
 
+class _NeedsAutocast(nn.Module):
+    """A frozen bfloat16 layer fed float32: its forward runs only under ``torch.autocast``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(6, 8).to(torch.bfloat16).requires_grad_(False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.base(x)).float())
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_a_forward_that_needs_the_callers_autocast_is_named(method):
+    """The call turns the caller's autocast off; a forward that runs only under it had failed
+    with torch's bare dtype error (probe 212). The caller's autocast is on again after."""
+    model = _NeedsAutocast()
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method),
+               ValueError, r"The call turned off the caller's torch.autocast \(cpu\).*Cast "
+                           r"inside forward .*or analyse a float32 copy")
+        assert torch.is_autocast_enabled("cpu")
+
+
 def _cast(dtype):
     def make(model):
         return copy.deepcopy(model).to(dtype)
