@@ -1228,11 +1228,23 @@ def check_model(model: object) -> None:
             f"{', ...' if len(lazy) > 4 else ''}): run one forward pass on a batch first "
             "(model(inputs)), which gives them their shapes"
         )
-    frozen = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+    _refuse_inference_tensors(model, "the model")
+
+
+def _refuse_inference_tensors(module: nn.Module, what: str) -> None:
+    """Refuse ``module`` (``what`` names it) where its parameters or buffers are inference
+    tensors: the call cannot differentiate through them nor snapshot them (a loss module's
+    class weight made under ``inference_mode`` had failed with torch's bare "Inference tensors
+    do not track version counter"; probe 212).
+
+    Raises:
+        ValueError: naming the tensors and the fix.
+    """
+    frozen = [name for name, tensor in (*module.named_parameters(), *module.named_buffers())
               if tensor.is_inference()]
     if frozen:
         raise ValueError(
-            f"the model holds inference tensors ({', '.join(frozen[:3])}"
+            f"{what} holds inference tensors ({', '.join(frozen[:3])}"
             f"{', ...' if len(frozen) > 3 else ''}): it was built or loaded under "
             "torch.inference_mode(), and autograd cannot differentiate through such tensors. "
             "Build it outside inference_mode, or replace them by clones (outside it): for each "
@@ -1274,6 +1286,7 @@ def check_loss_and_mode(loss_fn: object, mode: object) -> None:
                         f"of it, {loss_fn.__name__}()")
     if isinstance(loss_fn, nn.Module):
         _check_not_scripted(loss_fn, "loss_fn")
+        _refuse_inference_tensors(loss_fn, "loss_fn")
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
 

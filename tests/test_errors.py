@@ -1063,6 +1063,19 @@ def test_inference_tensors_named_before_anything(method, parameters_cloned, matc
     assert hessrank.effective_rank(model, CE, (x, y), method=method).rank > 0
 
 
+def test_a_loss_holding_inference_tensors_is_named():
+    """A loss module whose class weight was made under ``torch.inference_mode()``: torch's
+    bare "Inference tensors do not track version counter" had come out of the state's snapshot
+    (probe 212); named as the model's are."""
+    with torch.inference_mode():
+        weight = torch.tensor([1.0, 2.0, 3.0])
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = classification_batch(6, 5, 3, dtype=torch.float32)
+    _check(model, lambda: hessrank.effective_rank(model, nn.CrossEntropyLoss(weight=weight),
+                                                  (x, y), method="fisher"),
+           ValueError, r"loss_fn holds inference tensors \(weight\).*inference_mode.*clone")
+
+
 class _TokenModel(nn.Module):
     def __init__(self, scaled: bool) -> None:
         super().__init__()
