@@ -191,13 +191,7 @@ class CurvatureProblem:
         assert self.passes is not None, "set in __post_init__"
         changed = [label for label, x, version in self._input_versions if x._version != version]
         if changed:
-            who = ("loss_fn (or the model's forward) modifies the targets" if changed[0] ==
-                   "targets" else f"the model's forward modifies its input {changed[0]}")
-            raise ValueError(
-                f"{who} in place (x.mul_(...), x.relu_(), x /= 255, nn.ReLU(inplace=True) on "
-                "the input), so every pass after the first would see other values, and a "
-                "training step changes your batch: make those operations out of place "
-                "(x = x * 2, torch.relu(x)); your tensors are unchanged")
+            raise batch_modified_error(changed[0])
         self.passes.before_pass()
 
     def copied_bytes(self, made: bool = False) -> int:
@@ -2582,6 +2576,18 @@ def output_gradient_and_product(loss_fn: LossFn, outputs: Tensor, targets: Tenso
     return gradient.detach(), product
 
 
+def batch_modified_error(label: str) -> ValueError:
+    """The error for a pass that modified the batch's tensor ``label`` (``targets``,
+    ``inputs[0]``) in place."""
+    who = ("loss_fn (or the model's forward) modifies the targets" if label == "targets"
+           else f"the model's forward modifies its input {label}")
+    return ValueError(
+        f"{who} in place (x.mul_(...), x.relu_(), x /= 255, nn.ReLU(inplace=True) on "
+        "the input), so every pass after the first would see other values, and a "
+        "training step changes your batch: make those operations out of place "
+        "(x = x * 2, torch.relu(x)); your tensors are unchanged")
+
+
 def _modified_in_place_error(culprit: str, tensor: str) -> ValueError:
     """The error for ``culprit`` modifying in place a tensor autograd saved (``tensor``
     describes it)."""
@@ -2616,19 +2622,24 @@ class GraphBytes:
                  *problem.kwargs.values(), problem.targets,
                  *([] if loss is None else [*loss.parameters(), *held_tensors(loss)])]
         self._known = {_storage(tensor)[0] for tensor in owned if isinstance(tensor, Tensor)}
+        #: the batch's tensors' storages, named: a loss that writes the targets in place had
+        #: been blamed on the model's forward (probe 210)
+        self._batch = {_storage(tensor)[0]: label for label, tensor in
+                       [*labelled_inputs(problem.args, problem.kwargs),
+                        ("targets", problem.targets)]}
         self._found: dict[int, int] = {}
         self._largest_differentiable = 0
 
-    def _pack(self, tensor: Tensor) -> tuple[Tensor, int]:
+    def _pack(self, tensor: Tensor) -> _Saved:
         pointer, size = _storage(tensor)
         if pointer not in self._known:
             self._found[pointer] = size
             if tensor.requires_grad:
                 self._largest_differentiable = max(self._largest_differentiable, size)
-        return _detached(tensor)
+        return _detached(tensor, self._batch.get(pointer))
 
     @staticmethod
-    def _unpack(packed: tuple[Tensor, int]) -> Tensor:
+    def _unpack(packed: _Saved) -> Tensor:
         """A saved tensor back, checked unchanged since it was saved (the detached tensor shares
         its version counter): where the forward or the loss modified it in place, autograd's
         own check raises, and under these hooks, which it does not check, every method had
@@ -2636,10 +2647,13 @@ class GraphBytes:
         (``h = sigmoid(z); h *= 2``: ``exact``'s trace 5.08 for 5.78; probe 111).
 
         Raises:
-            ValueError: the saved tensor was modified in place after it was saved.
+            ValueError: the saved tensor was modified in place after it was saved (a tensor of
+                the batch named as such).
         """
-        tensor, version = packed
+        tensor, version, label = packed
         if tensor._version != version:
+            if label is not None:
+                raise batch_modified_error(label)
             raise _modified_in_place_error(
                 "the model's forward (or the loss)",
                 f"a {list(tensor.shape)} {dtype_name(tensor.dtype)} tensor, modified "
@@ -2673,14 +2687,19 @@ class GraphBytes:
         return self._largest_differentiable
 
 
-def _detached(tensor: Tensor) -> tuple[Tensor, int]:
+#: A saved tensor as :class:`GraphBytes` keeps it: detached, its version, and the batch's
+#: label for it where it is a tensor of the batch (``targets``, ``inputs[0]``).
+_Saved = tuple[Tensor, int, str | None]
+
+
+def _detached(tensor: Tensor, label: str | None = None) -> _Saved:
     """A saved tensor as :class:`GraphBytes` keeps it: detached (autograd restores what it needs
     on unpacking: a saved output kept as it is holds its own grad_fn, a cycle through C++ that no
     garbage collection frees where the graph is never backpropagated or is retained; Lanczos over
     a data set grew by 6 KiB a sample a product, to 7 GB at 65,536 samples; probe 63), with its
     version, which autograd checks only of the tensors it packs itself
-    (:meth:`GraphBytes._unpack`)."""
-    return tensor.detach(), tensor._version
+    (:meth:`GraphBytes._unpack`); ``label``: the batch's name for it."""
+    return tensor.detach(), tensor._version, label
 
 
 def _storage(tensor: Tensor) -> tuple[int, int]:

@@ -217,6 +217,24 @@ def test_a_loss_that_changes_its_outputs_in_place_is_named_where_it_cannot_run(m
         hessrank.effective_rank(model, halving, batch, method=method)
 
 
+@pytest.mark.parametrize("method", ["exact", "lanczos", "ggn"])
+def test_a_loss_that_writes_its_targets_in_place_is_named(method):
+    """``labels.clamp_(...)`` inside the loss: a saved tensor of the targets' copy changed, which
+    ``exact`` and ``lanczos`` had blamed on the model's forward (probe 210). The caller's
+    targets are untouched."""
+    model = mlp((5, 6, 3))
+    x, y = classification_batch(12, 5, 3)
+    given = y.clone()
+
+    def clamping(outputs: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, labels.clamp_(0, 2))
+
+    with pytest.raises(ValueError, match=r"^loss_fn \(or the model's forward\) modifies the "
+                                         r"targets in place"):
+        hessrank.effective_rank(model, clamping, (x, y), method=method)
+    assert torch.equal(y, given)
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_a_loss_module_that_clamps_its_own_parameter(method):
     """A learned temperature kept in range in place, inside forward: the loss's own business,
