@@ -186,6 +186,13 @@ def test_compare_csv_and_plot(compared) -> None:
     rho = report["runs"][0]["spearman"]["fisher"]
     assert rows[3]["spearman_vs_exact"] == ("" if rho is None else str(rho))
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the mean and std rows carry the previous task's training error, as the table and the
+    # JSON's summary do (they had left it empty; probe 211)
+    summary = report["summary"]["checkpoints"][1]["previous_task_train_error"]
+    for which in ("mean", "std"):
+        carried = {r["previous_task_train_error"] for r in rows
+                   if r["seed"] == which and r["checkpoint"] == "1"}
+        assert carried == {str(summary[which])}
 
 
 def test_compare_default_point_uses_true_labels(tmp_path: Path, capsys) -> None:
@@ -968,6 +975,8 @@ def test_plot_tells_logs_of_one_name_and_thresholds_apart(tmp_path: Path) -> Non
     assert axes.get_ylabel() == "srank"
     assert len({lines[label].get_linestyle() for label in lines}) == 2
     assert run_names([tmp_path / "a.jsonl", tmp_path / "b.jsonl"]) == ["a", "b"]
+    # logs of one stem: their suffixes tell them apart (both had been "run"; probe 211)
+    assert run_names([tmp_path / "run.jsonl", tmp_path / "run.log"]) == ["run.jsonl", "run.log"]
 
 
 @pytest.mark.parametrize(("record", "problem"), [
@@ -1189,6 +1198,31 @@ def test_a_process_substitution_gets_the_file(option: str, capsys) -> None:
     assert written.startswith("seed,checkpoint" if option == "--csv" else "{"), written[:80]
 
 
+def test_compare_a_training_failure_keeps_what_was_measured(tmp_path: Path, capsys) -> None:
+    """A BatchNorm model whose epoch ends in a minibatch of one sample fails to train: the
+    command had ended in a traceback (exit 1), no tables, the CSV unwritten and the JSON left in
+    progress (probe 211). Now one line naming the task, the first checkpoint kept and written,
+    marked as stopped by the failure."""
+    model = tmp_path / "normed.py"
+    model.write_text("from torch import nn\n\n\ndef make():\n    return nn.Sequential("
+                     "nn.Flatten(), nn.Linear(64, 6), nn.BatchNorm1d(6), nn.ReLU(), "
+                     "nn.Linear(6, 10))\n")
+    json_path, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
+    status, out, err = run_main(["compare", "--model", f"{model}:make", "--samples", "8",
+                                 "--methods", "fisher", "--no-pyhessian", "--checkpoints", "3",
+                                 "--epochs", "1", "--batch-size", "7", "--json", str(json_path),
+                                 "--csv", str(csv_path)], capsys)
+    assert status == 2, err
+    assert "Traceback" not in err
+    assert ("training task 1 (seed 0, task 1/3) failed: ValueError: Expected more than 1 value "
+            "per channel when training") in err
+    document = json.loads(json_path.read_text())
+    assert document["interrupted"] and not document["in_progress"]
+    assert "training task 1" in document["stopped_by"]
+    assert len(document["runs"][0]["checkpoints"]) == 1
+    assert "fisher" in csv_path.read_text() and "fisher" in out
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_json_is_written_through_links_and_pipes(tmp_path: Path, capsys) -> None:
     """``--json`` on a symbolic link wrote a regular file in the link's place (its target kept
@@ -1258,9 +1292,13 @@ def test_an_interrupted_compare_does_not_claim_a_figure_it_did_not_draw(when, tm
         assert path.read_bytes() == f"an earlier {option}".encode()
 
 
-def test_compare_json_files_in_progress_say_so(tmp_path: Path, capsys, monkeypatch) -> None:
-    """The JSON rewritten after each measurement is marked in progress, the last one not (a
-    killed run's file had claimed to be complete; probe 115)."""
+@pytest.mark.parametrize("every", [(0.0, 0.0), (3600.0, 0.05)])
+def test_compare_json_files_in_progress_say_so(tmp_path: Path, capsys, monkeypatch,
+                                               every: tuple[float, float]) -> None:
+    """The JSON rewritten after a measurement is marked in progress, the last one not (a
+    killed run's file had claimed to be complete; probe 115); the first measurement's at once,
+    the others at most once in ``SAVE_EVERY`` (rewritten after each, the growing file had
+    taken 41 % of a long run; probe 211)."""
     written: list[bool] = []
     write_json = report.write_json
 
@@ -1269,13 +1307,16 @@ def test_compare_json_files_in_progress_say_so(tmp_path: Path, capsys, monkeypat
         write_json(payload, path)
 
     monkeypatch.setattr(report, "write_json", recording)
+    monkeypatch.setattr(hessrank.cli, "SAVE_EVERY", every)
     path = tmp_path / "r.json"
     status, _, err = run_main(["compare", *TINY, "--methods", "fisher", "--no-pyhessian",
                                "--checkpoints", "2", "--epochs", "1", "--quiet", "--json",
                                str(path)], capsys)
     assert status == 0, err
-    # after each checkpoint's fisher and the seed's summary, then the finished report
-    assert len(written) >= 3 and all(written[:-1]) and written[-1] is False
+    if every[0]:  # the first measurement's, then the finished report
+        assert written == [True, False]
+    else:  # after each checkpoint's fisher and the seed's summary, then the finished report
+        assert len(written) >= 3 and all(written[:-1]) and written[-1] is False
     assert json.loads(path.read_text())["in_progress"] is False
 
 

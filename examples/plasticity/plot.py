@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a file: make examples/ importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plasticity.analysis import (  # noqa: E402
+    MIN_TASKS,
     RunData,
     baseline,
     check_comparable,
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no figure fits the runs under {args.results}: the figures compare the "
               "preset runs by name (act_<activation>, exact_<activation>, permuted_<activation>, "
               "reg_<regularizer>_<strength>_<activation>); summarize.py --metrics reports any "
-              "run", file=sys.stderr)
+              f"run of {MIN_TASKS} tasks or more", file=sys.stderr)
         return 2
     for path in written:
         print(path)

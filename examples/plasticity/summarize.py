@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     if lines == TABLE_HEADER:
         print(f"error: no row of the table fits the runs under {args.results}: the targets "
               "compare the preset runs by name and need an act_<activation> or "
-              "exact_<activation> run (run.py --preset default); --metrics reports any run",
+              "exact_<activation> run (run.py --preset default); --metrics reports any run of "
+              f"{MIN_TASKS} tasks or more",
               file=sys.stderr)
         return 2
     for line in left_out:

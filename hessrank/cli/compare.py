@@ -491,15 +491,16 @@ def run_compare(
             if index + 1 < points:
                 task = phases.add(f"training task {index + 1} ({where})", steps_per_task)
                 assert targets is not None
-                train_error = train_task(
-                    problem,
-                    targets,
-                    optimizer,
-                    cfg,
-                    seed,
-                    index,
-                    functools.partial(phases.advance, task),
-                )
+                try:
+                    train_error = train_task(problem, targets, optimizer, cfg, seed, index,
+                                             functools.partial(phases.advance, task))
+                except (CliError, KeyboardInterrupt, MemoryError, torch.OutOfMemoryError):
+                    raise
+                except Exception as error:  # noqa: BLE001 - the model's own, named
+                    # (a BatchNorm on a last minibatch of one sample had ended the command in
+                    # a traceback, its measured checkpoints unwritten; probe 211)
+                    raise CliError(f"training task {index + 1} ({where}) failed: "
+                                   f"{type(error).__name__}: {error}") from error
                 phases.done(task)
         summarize(report)
         on_update(report)

@@ -181,13 +181,18 @@ def read_run(path: Path, name: str | None = None) -> Run:
 
 def run_names(paths: list[Path]) -> list[str]:
     """A name per log, for the legend: the file's stem, with as many of its folders as it takes
-    to tell logs of the same name apart (``relu/curvature``, ``tanh/curvature``)."""
-    names = [path.stem for path in paths]
-    for depth in range(1, max(len(path.parts) for path in paths)):
+    to tell logs of the same name apart (``relu/curvature``, ``tanh/curvature``); with their
+    suffixes where only those differ (``run.jsonl``, ``run.log``: both had been ``run``;
+    probe 211)."""
+    for named in (lambda path: path.with_suffix(""), lambda path: path):  # then with suffixes
+        names = [named(path).name for path in paths]
+        for depth in range(1, max(len(path.parts) for path in paths)):
+            if len(set(names)) == len(names):
+                return names
+            names = [str(Path(*named(path).parts[-depth - 1:])) for path in paths]
         if len(set(names)) == len(names):
-            break
-        names = [str(Path(*path.with_suffix("").parts[-depth - 1:])) for path in paths]
-    return names
+            return names
+    return names  # (the same file twice)
 
 
 NO_LAYERS = ("--layers: the log has no per-layer ranks; record them with "

@@ -569,7 +569,10 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         summ = summary(report)
         for point in summ["checkpoints"]:
             for which in ("mean", "std"):
-                base = {"seed": which, "checkpoint": point["index"], "task": point["task"]}
+                base = {"seed": which, "checkpoint": point["index"], "task": point["task"],
+                        # (as the table shows it; the rows had left it empty: probe 211)
+                        "previous_task_train_error": (point["previous_task_train_error"]
+                                                      or {}).get(which)}
                 # n: the seeds averaged, as the JSON's summary says (a run stopped in its last
                 # seed's PyHessian check had a mean row of one seed beside others of two; probe
                 # 204)
