@@ -1493,7 +1493,18 @@ _WORKING_MEMORY_CASES = [
     # column had been appended to a copy of every activation (peaks 15x the prediction; probe 147)
     ("wide tokens", lambda: (_WideTokens(), torch.randn(64, 512, 64),
                              torch.randint(0, 3, (64,))), "fisher"),
+    # an orthogonal weight (matrix_exp) differentiated for every sample by the general path:
+    # batched over them all, it had peaked at 16 times the prediction (probe 209)
+    ("orthogonal weight", lambda: (_orthogonal_net(192), torch.randn(96, 192),
+                                   torch.randint(0, 3, (96,))), "fisher"),
 ]
+
+
+def _orthogonal_net(width: int) -> nn.Module:
+    """A Linear layer whose weight is parametrized orthogonal (matrix_exp), then a head."""
+    layer = nn.Linear(width, width)
+    nn.utils.parametrizations.orthogonal(layer)
+    return nn.Sequential(layer, nn.Tanh(), nn.Linear(width, 3))
 
 
 def _working_memory_case(case: int):

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import vjp, vmap
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
@@ -75,6 +76,19 @@ from hessrank.problem import (
 
 #: Bytes of per-sample factors the general path may hold at once.
 GENERAL_CHUNK_BYTES = 512 * 2**20
+#: A parametrization (``torch.nn.utils.parametrize``) is computed again in the general path's
+#: VJPs and differentiated for each sample and cotangent column, which holds, beyond the
+#: sample's factor, about this multiple of its forward's saved tensors and output (measured:
+#: weight_norm and spectral_norm 1.02-1.10, orthogonal's householder map 1.01-1.04 and cayley
+#: map 0.61-0.64, at d = 64 and 256, K = 1 and 4; ``python benchmarks/parametrized_work.py``) ...
+PARAMETRIZATION_WORK = 1.25
+#: ... or this multiple where its graph holds one of these operations, whose backward works in
+#: temporaries it does not save (matrix_exp, orthogonal's default map: 16.02-16.07). Batched
+#: over every sample, orthogonal's had run at 14 times a fisher call's budget (probe 209).
+HEAVY_BACKWARDS = {"LinalgMatrixExpBackward0": 17.0}
+#: Bytes the general path's batched VJPs may hold for the parametrizations they compute again:
+#: the samples of a batched VJP are as many as fit (one at least).
+PARAMETRIZED_CHUNK_BYTES = 128 * 2**20
 
 #: Name of the general path in results, by how it ran.
 VMAP_PATH, LOOP_PATH = "torch.func", "per-sample loop"
@@ -219,6 +233,48 @@ def general_path_bytes(group_sizes: Sequence[int], rows: int, element: int) -> i
     per_bin = max(max(group_sizes),
                   min(sum(group_sizes), GENERAL_CHUNK_BYTES // max(1, rows * element)))
     return 3 * rows * element * per_bin
+
+
+def parametrization_work(module: nn.Module) -> int:
+    """Bytes one sample's VJP holds per cotangent column, beyond its factor, to differentiate
+    ``module`` where it is a parametrization's list (which computes the parametrized tensor
+    from its originals; the group of the originals): its forward's saved tensors and output,
+    times :data:`PARAMETRIZATION_WORK` or :data:`HEAVY_BACKWARDS`'s multiple; 0 for any other
+    module. Computes the tensor once (the next pass's state is put
+    back before it, :class:`~hessrank.guard.PassState`)."""
+    if not isinstance(module, parametrize.ParametrizationList):
+        return 0
+    saved: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        value = module()
+    multiple, nodes, seen = PARAMETRIZATION_WORK, [value.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        multiple = max(multiple, HEAVY_BACKWARDS.get(node.name(), 0.0))
+        nodes.extend(following for following, _ in node.next_functions)
+    return int(multiple * (sum(saved.values()) + value.numel() * value.element_size()))
+
+
+def parametrized_chunk(work: int, k: int) -> int:
+    """Samples per batched VJP whose parametrizations' ``work`` (bytes a sample and column,
+    :func:`parametrization_work`) over ``k`` columns fit :data:`PARAMETRIZED_CHUNK_BYTES`."""
+    return max(1, PARAMETRIZED_CHUNK_BYTES // max(1, k * work))
+
+
+def parametrized_bytes(work: int, k: int, n: int) -> int:
+    """What the general path's batched VJPs hold for parametrizations of ``work`` bytes a
+    sample and column, over ``k`` columns and ``n`` samples, in chunks of
+    :func:`parametrized_chunk`."""
+    return min(n, parametrized_chunk(work, k)) * k * work
 
 
 def working_bytes(graph: GraphBytes, claimed: Mapping[str, tuple[nn.Module, GramRule]],
@@ -534,16 +590,23 @@ def compute_gram(
         if untested is not None:
             notes.append(untested)
     counted = unruled_sizes(problem, use_rules)  # the general path's groups before the work
+    # what a sample's VJP holds to compute each parametrization again (probe 209)
+    modules = dict(problem.model.named_modules())
+    works = {group: parametrization_work(modules[group]) for group in unclaimed
+             if group in modules}
 
     def general_extra(general: Iterable[str], columns: int) -> int:
         """The general path's factors for the groups ``general`` with ``columns`` cotangent
         columns per sample, beyond those counted before the work (for the groups no rule
         covers): those the rules leave count too (a tied embedding's, its rule declined, had
-        peaked at 2.7x the prediction; probe 71)."""
+        peaked at 2.7x the prediction; probe 71); and what its batched VJPs hold for
+        parametrizations."""
         rows = columns * total
+        general = list(general)
         return max(0, general_path_bytes([sum(named[name].numel() for name in groups[group])
                                           for group in general], rows, element)
-                   - general_path_bytes(counted, rows, element))
+                   - general_path_bytes(counted, rows, element)) + parametrized_bytes(
+            sum(works.get(group, 0) for group in general), columns, stop - start)
 
     output_side = (output_side_bytes(outputs) if output_side_bytes is not None
                    and isinstance(outputs, Tensor) else 0)
@@ -687,7 +750,7 @@ def compute_gram(
         check_working_memory(general_extra(remaining, k))
     if remaining:
         general = _general_gram(problem, remaining, cotangents, outputs, weights, true_grads,
-                                floor, tolerances, accumulator, notes)
+                                floor, tolerances, accumulator, notes, works)
         for names in remaining.values():
             paths.update(dict.fromkeys(names, general))
     return GramResult(accumulator, paths, notes)
@@ -771,11 +834,13 @@ def _general_gram(
     tolerances: dict[str, float],
     accumulator: GramAccumulator,
     notes: list[str],
+    works: Mapping[str, int],
 ) -> str:
     """Per-sample VJPs for the given groups, in bounded passes, checked against the model's
     ``floor`` at least (:func:`_rounding_floor`; notes go to ``notes``) to the agreement
     tolerance, or a group's own in ``tolerances`` (:func:`sums_tolerance`); returns the path
-    used.
+    used. ``works``: what a sample's VJP holds per column for a group's parametrization
+    (:func:`parametrization_work`), which bounds a batched VJP's samples.
 
     Raises:
         ValueError: a sample's output computed alone differs from its row in the batch, or the
@@ -799,16 +864,17 @@ def _general_gram(
     tolerance = agreement_tolerance(problem.dtype)
     for groups in bins:
         subset = {name: named[name].detach() for _, names in groups for name in names}
+        chunk = parametrized_chunk(sum(works.get(group, 0) for group, _ in groups), k)
         flats, failure, path = _checked_bin(problem, groups, subset, path, sample_vjps,
                                             cotangents, outputs, weights, true_grads, floor,
-                                            tolerance, tolerances, notes)
+                                            tolerance, tolerances, notes, chunk)
         if failure is not None and path == VMAP_PATH:
             # torch.func's batching rules are not all right (vmap through PReLU after a
             # convolution returns gradients batched twice, torch 2.14.1): plain autograd decides.
             path = LOOP_PATH
             flats, failure, path = _checked_bin(problem, groups, subset, path, sample_vjps,
                                                 cotangents, outputs, weights, true_grads,
-                                                floor, tolerance, tolerances, notes)
+                                                floor, tolerance, tolerances, notes, chunk)
         with agreement(parallel_of(problem)):
             if failure is not None:
                 repeat_pass(problem)  # a forward that does not repeat itself explains it first
@@ -826,15 +892,16 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
                  sample_vjps: Callable[..., tuple[dict[str, Tensor], Tensor]],
                  cotangents: Tensor, outputs: Tensor, weights: Tensor,
                  true_grads: dict[str, Tensor], floor: float, tolerance: float,
-                 tolerances: dict[str, float], notes: list[str]
+                 tolerances: dict[str, float], notes: list[str], most: int
                  ) -> tuple[dict[str, Tensor], tuple[str, str, float] | None, str]:
     """One bin's per-sample factors ``{group: [K n, P_group]}`` on ``path`` (``torch.func``'s
-    vmap, in chunks, or, where vmap fails, plain autograd per sample), what fails their check
-    as ``(what differs, its likely cause, the relative difference)`` (None: they pass) and the
-    path taken."""
+    vmap, in chunks of at most ``most`` samples, or, where vmap fails, plain autograd per
+    sample), what fails their check as ``(what differs, its likely cause, the relative
+    difference)`` (None: they pass) and the path taken."""
     k, n = cotangents.shape[:2]
     numel = sum(t.numel() for t in subset.values())
-    chunk = max(1, GENERAL_CHUNK_BYTES // max(1, k * numel * problem.params[0].element_size()))
+    chunk = min(most, max(1, GENERAL_CHUNK_BYTES
+                          // max(1, k * numel * problem.params[0].element_size())))
     pieces: dict[str, list[Tensor]] = {name: [] for name in subset}
     sample_outputs: list[Tensor] = []
     named = dict(zip(problem.names, problem.params))
