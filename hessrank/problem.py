@@ -1311,8 +1311,13 @@ def build_problem(
                      "out (requires_grad=False); set requires_grad=True to analyse them")
     dtypes = {p.dtype for p in selected}
     if len(dtypes) > 1:
-        raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the "
-                         "model to one dtype (model.float() or model.double())")
+        by_dtype = {str(dtype): [name for name, p in zip(names, selected) if p.dtype == dtype]
+                    for dtype in dtypes}
+        raise ValueError(
+            "the analysed parameters have mixed dtypes ("
+            + "; ".join(f"{dtype}: {listed_names(found)}" for dtype, found in
+                        sorted(by_dtype.items())) + "): cast the model to one dtype "
+            "(model.float() or model.double()), or analyse one dtype's parameters (params=)")
     dtype = next(iter(dtypes))
     if dtype not in SUPPORTED_DTYPES:
         advice = ("half precision loses too many digits for second derivatives"

@@ -1792,6 +1792,17 @@ def test_inputs_the_model_casts_itself_are_taken(method):
     np.testing.assert_array_equal(result.eigenvalues, reference.eigenvalues)
 
 
+def test_parameters_of_two_dtypes_are_named_with_both_fixes():
+    """A float64 gain in a float32 model: refused, naming each dtype's parameters, the cast
+    and ``params=`` (it had named neither the parameters nor that way; probe 209)."""
+    model = nn.Sequential(nn.Linear(6, 3))
+    model.register_parameter("gain", nn.Parameter(torch.ones(3, dtype=torch.float64)))
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method="fisher"),
+           ValueError, r"mixed dtypes \(torch.float32: 0.weight, 0.bias; torch.float64: gain\): "
+                       r"cast the model to one dtype .*or analyse one dtype's parameters")
+
+
 def test_half_precision_inputs_a_model_cannot_take_are_named():
     """bfloat16 inputs to a float32 model that does not cast them: the forward's failure names
     the inputs and the cast, without suggesting a bfloat16 model (refused as such)."""
