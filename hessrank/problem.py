@@ -1733,7 +1733,12 @@ def named_selection(model: nn.Module, params: Iterable[Tensor | str] | None) -> 
         if isinstance(item, str):
             item = aliases.get(item, _unwrapped_name(item, by_name))
             if item not in by_name:
-                close = [n for n in by_name if item in n or n in item][:3]
+                # a parametrized tensor's originals (0.weight: 0.parametrizations.weight.original;
+                # probe 209), else names that contain it or that it contains
+                owner, _, local = item.rpartition(".")
+                originals = f"{owner}{'.' if owner else ''}parametrizations.{local}."
+                close = ([n for n in by_name if n.startswith(originals)]
+                         or [n for n in by_name if item in n or n in item])[:3]
                 raise ValueError(
                     f"unknown parameter name {item!r}; valid names come from "
                     "model.named_parameters()" + (f" (did you mean {close}?)" if close else "")

@@ -122,6 +122,11 @@ def test_unknown_parameter_name(setup):
     model, x, y = setup
     _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), params=["head.weight"]),
            ValueError, "unknown parameter name 'head.weight'")
+    # a parametrized weight: its originals suggested (none had been; probe 209)
+    nn.utils.parametrizations.orthogonal(model[0])
+    _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), params=["0.weight"]),
+           ValueError, r"unknown parameter name '0.weight'.*did you mean "
+                       r"\['0.parametrizations.weight.original'\]")
 
 
 def test_bad_batch_structure(setup):
