@@ -1179,8 +1179,9 @@ class ZeroCurvatureError(ValueError):
 def _linear_loss_error() -> ZeroCurvatureError:
     return ZeroCurvatureError(
         "the loss is linear in the model's outputs (e.g. nn.NLLLoss after a LogSoftmax inside "
-        "the model) or piecewise linear (nn.L1Loss, a hinge), or constant in them on this "
-        "batch (every target ignored), so its GGN is exactly zero: move the last nonlinearity "
+        "the model) or piecewise linear (nn.L1Loss, a hinge), or linear or constant in them "
+        "on this batch (every target ignored; nn.HuberLoss with every residual beyond delta), "
+        "so its GGN is exactly zero: move the last nonlinearity "
         "into the loss (nn.CrossEntropyLoss on logits), use a curved loss (nn.HuberLoss or "
         "nn.MSELoss for nn.L1Loss), or use method='fisher' (first derivatives only), 'exact' "
         "or 'lanczos'")
