@@ -2670,6 +2670,12 @@ class GraphBytes:
                 f"{tensor._version - version} time(s) after it was saved")
         return tensor
 
+    def leave_out(self, tensors: Iterable[Tensor]) -> None:
+        """Count no more the storages of ``tensors``, state the call made once and counts as
+        such (a float64 twin's copies of a loss module's tensors)."""
+        for tensor in tensors:
+            self._found.pop(_storage(tensor)[0], None)
+
     def counting(self) -> torch.autograd.graph.saved_tensors_hooks:
         """The block whose saved tensors are counted. (The hooks' own context manager, not a
         generator's: a Ctrl-C landing at a generator's exit left it suspended, and its hooks

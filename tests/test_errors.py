@@ -1651,6 +1651,51 @@ def _shared_cache_peak() -> tuple[int | None, int]:
             predicted)
 
 
+class _ProjectedLoss(nn.Module):
+    """Cross-entropy of the outputs times a ``[C, C]`` buffer, which the loss saves."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.register_buffer("projection", torch.eye(classes) + 0.01 * torch.randn(classes,
+                                                                                    classes))
+
+    def forward(self, outputs, targets):
+        return nn.functional.cross_entropy(outputs @ self.projection, targets)
+
+
+def _projected_loss_peak() -> tuple[int | None, int]:
+    """The peak above its entry of a float32 model's ``lanczos`` with a ``_ProjectedLoss`` of
+    2000 classes (16 MiB of buffer, 32 MiB in its float64 twin), and the refined prediction
+    (run it in a fresh process)."""
+    from hessrank.monitor import _release_free_memory, _reset_high_water_mark, _status_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 2000))
+    loss_fn, batch = _ProjectedLoss(2000), (torch.randn(64, 16), torch.randint(0, 2000, (64,)))
+    predicted = 1
+    for _ in range(2):  # the prediction before the work, then the refined one
+        try:
+            hessrank.effective_rank(model, loss_fn, batch, method="lanczos", lanczos_steps=8,
+                                    max_memory=predicted)
+        except hessrank.BudgetError as refusal:
+            predicted = refusal.memory_bytes + 1
+    _release_free_memory()
+    before, reset = _status_bytes("VmRSS"), _reset_high_water_mark()
+    hessrank.effective_rank(model, loss_fn, batch, method="lanczos", lanczos_steps=8)
+    peak = _status_bytes("VmHWM")
+    return (peak - before if reset and peak is not None and before is not None else None,
+            predicted)
+
+
+def test_a_loss_twins_buffer_is_state_not_graph():
+    """The float64 twin of a float32 model's loss module saves its widened buffer: counted as
+    the twin's copies and again as graph, five times over (the graph and the products' graphs),
+    ``lanczos`` had been predicted at 2.9 times its peak."""
+    peak, predicted = _fresh_peak("_projected_loss_peak")
+    if peak is not None:  # Linux: the resident-set high-water mark
+        assert 0.6 * peak <= predicted <= 1.6 * peak, (predicted, peak)
+
+
 def test_a_tensor_several_modules_hold_is_copied_once():
     """Each reference had been cloned for the restore: four to a 32 MiB cache peaked at about
     four copies beyond the three the prediction counts (probe 206)."""
@@ -1698,7 +1743,7 @@ def _fresh_peaks() -> dict[tuple[object, ...], int | None]:
     calls = [*((_working_memory_peak, (case,)) for case in range(len(_WORKING_MEMORY_CASES))),
              *((_data_set_peak, (case,)) for case in range(len(_DATA_SET_CASES))),
              (_ritz_peak, ()), (_long_recurrence_peak, ()), (_norm_check_peak, ()),
-             (_shared_cache_peak, ()),
+             (_shared_cache_peak, ()), (_projected_loss_peak, ()),
              *((_exact_peak, (count,)) for count in (0, 3))]
     return {(function.__name__, *args): peak
             for (function, args), peak in zip(calls, in_fresh_processes(calls))}

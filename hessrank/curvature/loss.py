@@ -41,7 +41,7 @@ from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -531,6 +531,30 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
             raise ValueError(f"{why}; with its calls widened, {promoted_why}")
         twin = _promoting(twin)
     return _widening_targets(twin) if targets.is_floating_point() else twin
+
+
+def loss_modules(loss_fn: LossFn) -> list[nn.Module]:
+    """The modules ``loss_fn`` is or closes over (a float64 twin inside :func:`_promoting`'s and
+    :func:`_widening_targets`'s wrappers), whose tensors exist before the loss runs."""
+    found: list[nn.Module] = []
+    pending: list[Any] = [loss_fn]
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, nn.Module):
+            found.append(item)
+            continue
+        for cell in getattr(item, "__closure__", None) or ():
+            try:
+                content = cell.cell_contents
+            except ValueError:  # (an empty cell)
+                continue
+            if callable(content):
+                pending.append(content)
+    return found
 
 
 def _promoting(loss_fn: LossFn) -> LossFn:
