@@ -282,6 +282,73 @@ def test_a_rule_that_raises_leaves_its_layers_to_the_general_path(monkeypatch):
     assert_spectra_close(result.eigenvalues, reference, rtol=1e-9)
 
 
+class _InPlaceAfterView(nn.Module):
+    """A rule layer whose output is a view (``nn.Linear`` over tokens, ``nn.MultiheadAttention``
+    batch first) written in place downstream: a residual through a frozen layer, or a scale."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.proj = nn.Linear(4, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x)
+        if self.kind == "residual":
+            h += torch.tanh(self.frozen(h))
+        elif self.kind == "attention":
+            a = self.attention(h, h, h, need_weights=False)[0]
+            a += h
+            h = a
+        else:
+            h.mul_(1.5)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("kind", ["residual", "scaled", "attention"])
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_a_rule_layers_view_output_written_in_place(kind: str, method: str):
+    """The rewritten view had been cut out of the graph: torch's engine failed an internal
+    assertion (the residual), or the layer's output gradient came back None and its rule failed
+    its check, leaving the layer to the general path with a note of a relative error (probe
+    214). Its base's gradient is taken instead: the rules compute every layer, and the numbers
+    are the reference's."""
+    torch.manual_seed(0)
+    model = _InPlaceAfterView(kind).double()
+    x = torch.randn(6, 5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss()
+    result = hessrank.effective_rank(model, loss, (x, y), method=method)
+    used = {"proj", "head", *(("attention",) if kind == "attention" else ())}
+    assert {name.split(".")[0] for name, path in result.paths.items()
+            if path != "torch.func"} == used, result.paths
+    make = reference_fisher if method == "fisher" else reference_ggn
+    names = [name for name, p in model.named_parameters()
+             if p.requires_grad and name.split(".")[0] in used]
+    reference = eigenvalues_by_magnitude(make(model, loss, x, y, 1 / 6, names=names))
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-9)
+
+
+def test_a_failed_capturing_backward_leaves_the_rules_layers_to_the_general_path(monkeypatch):
+    """An error in the capturing backward pass (torch's engine) sends every rule's layers to
+    the general path, with the error in a note."""
+    from hessrank.curvature import gram
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("INTERNAL ASSERT FAILED")
+
+    monkeypatch.setattr(gram, "_backward_batched", failing)
+    model, (x, y), loss = mlp(), classification_batch(6, 5, 3), nn.CrossEntropyLoss()
+    result = hessrank.effective_rank(model, loss, (x, y), method="fisher")
+    assert set(result.paths.values()) == {"torch.func"}
+    assert any("capturing backward pass failed (INTERNAL ASSERT FAILED)" in note
+               for note in result.notes), result.notes
+    reference = eigenvalues_by_magnitude(reference_fisher(model, loss, x, y, 1 / 6))
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-9)
+
+
 def test_a_rule_out_of_memory_is_raised(monkeypatch):
     """Running out of memory is not the rule's fault (the general path needs memory too)."""
     _broken_linear_rule(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))

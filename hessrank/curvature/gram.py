@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -143,10 +143,39 @@ class GramResult:
     columns: int | None = None
 
 
+class CapturedEdge(NamedTuple):
+    """Where the capturing backward pass takes a layer output's gradient (:func:`_output_edge`):
+    the output's own gradient edge, its version then, and for an output that is a view over
+    the whole of its base, the base's edge and the view's ``(shape, stride, offset)`` in the
+    base's gradient (None: none)."""
+
+    edge: GradientEdge
+    version: int
+    base: tuple[GradientEdge, tuple[int, ...], tuple[int, ...], int] | None
+
+
+def _output_edge(output: Tensor) -> CapturedEdge:
+    """The edges of a layer's output: its own, and its base's where the output is a view over
+    the whole of a contiguous base (``nn.Linear`` over tokens, ``nn.MultiheadAttention``'s
+    batch-first output). An in-place operation on such a view (its version moves) rewrites its
+    history, cutting the view's own node out of the graph (its gradient had come back None,
+    failing the rule's check, or torch's engine had failed an internal assertion; probe 214),
+    while the base's node stays in it: the base's gradient is then the output's, unless the
+    base is used elsewhere too (attention's weights, a view of the probabilities that weigh the
+    values), which the check refuses."""
+    base = output._base
+    if (base is None or not base.requires_grad or base.numel() != output.numel()
+            or not base.is_contiguous()):
+        return CapturedEdge(get_gradient_edge(output), output._version, None)
+    return CapturedEdge(get_gradient_edge(output), output._version, (
+        get_gradient_edge(base), tuple(output.shape), tuple(output.stride()),
+        int(output.storage_offset() - base.storage_offset())))
+
+
 class _Capture:
     """Forward hooks recording each claimed layer's input, its output's value and the output's
-    place in the autograd graph (a gradient edge, through which the capturing backward pass takes
-    the layer's output gradient).
+    place in the autograd graph (a gradient edge, :func:`_output_edge`, through which the
+    capturing backward pass takes the layer's output gradient).
 
     The edge stays the layer's own output even when a downstream operation modifies that tensor
     in place (``ReLU(inplace=True)``), so the forward pass runs unchanged, without copies. A layer
@@ -157,7 +186,7 @@ class _Capture:
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.inputs: dict[str, Tensor | PackedSequence | None] = {}
         self.outputs: dict[str, Tensor | tuple[Tensor, ...]] = {}
-        self.edges: dict[str, list[GradientEdge]] = {}
+        self.edges: dict[str, list[CapturedEdge]] = {}
         self.calls: dict[str, int] = dict.fromkeys(modules, 0)
         self.arguments: dict[str, Call] = {}
         self.handles = [module.register_forward_hook(self._hook(name), with_kwargs=True)
@@ -186,7 +215,7 @@ class _Capture:
             leaves = [leaf for leaf in tree_flatten(output)[0] if leaf is not None and not (
                 isinstance(leaf, Tensor) and not leaf.is_floating_point())]
             if leaves and all(isinstance(leaf, Tensor) and leaf.requires_grad for leaf in leaves):
-                self.edges[name] = [get_gradient_edge(leaf) for leaf in leaves]
+                self.edges[name] = [_output_edge(leaf) for leaf in leaves]
                 values = tuple(leaf.detach() for leaf in leaves)
                 self.outputs[name] = values if isinstance(output, tuple) else values[0]
         return hook
@@ -634,9 +663,22 @@ def compute_gram(
     weights = weights.to(device=problem.device, dtype=problem.dtype)
     # The probes of projected claims: their own stream (the weights' generator is left as it was).
     probes = torch.Generator().manual_seed(generator.initial_seed() ^ 0x5DEECE66D)
-    layer_grads: list[Tensor | None] = list(_backward_batched(
-        outputs, [edge for g in claimed for edge in capture.edges[g]],
-        [t for g in claimed for t in _leaves(capture.outputs[g])], cotangents))
+    # group -> why its rule's factors were not used (a failed check, an error in the rule)
+    failures: dict[str, str] = {}
+    try:
+        layer_grads: list[Tensor | None] = list(_backward_batched(
+            outputs, [edge for g in claimed for edge in capture.edges[g]],
+            [t for g in claimed for t in _leaves(capture.outputs[g])], cotangents))
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as raised:  # the general path, itself verified, takes the layers over
+        raise_if_signalled(raised)
+        # (torch's engine had failed an internal assertion where a captured output's history
+        # was rewritten in place; probe 214)
+        failures.update(dict.fromkeys(claimed, (
+            f"the rules' capturing backward pass failed ({str(raised).splitlines()[0]}): "
+            "computed by the general path")))
+        claimed, layer_grads = {}, []
     # Each layer's Gram block and claims are formed as soon as its factors are, and (in one
     # process) its captured tensors and factors are dropped then: the check's backward pass below
     # runs without them. Across processes the factors stay, to be gathered.
@@ -644,8 +686,6 @@ def compute_gram(
     factors: dict[str, Factors] = {}
     formed: dict[str, tuple[Tensor, dict[str, Claim]]] = {}
     rule_of: dict[str, GramRule] = {}
-    # group -> why its rule's factors were not used (a failed check, an error in the rule)
-    failures: dict[str, str] = {}
     position = 0
     tolerance = agreement_tolerance(problem.dtype)
     tolerances: dict[str, float] = {}  # by group, where its layer's sums are long
@@ -1119,26 +1159,34 @@ def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float,
     return (*_mixing(relative, generators), relative)
 
 
-def _backward_batched(outputs: Tensor, edges: list[GradientEdge], values: list[Tensor],
+def _backward_batched(outputs: Tensor, edges: list[CapturedEdge], values: list[Tensor],
                       cotangents: Tensor) -> list[Tensor]:
     """Gradients ``[K, *value.shape]`` of ``<outputs, cotangent_k>`` w.r.t. each captured tensor
     (its gradient edge and its value; zeros where the outputs do not depend on it)."""
     if not edges:
         return []
+    # a view written in place since (its version, shared by the detached value, moved): its
+    # base's edge (:func:`_output_edge`)
+    bases = [captured.base if captured.base is not None and value._version != captured.version
+             else None for captured, value in zip(edges, values)]
+    nodes = [captured.edge if base is None else base[0] for captured, base in zip(edges, bases)]
 
     def filled(grads: tuple[Tensor | None, ...], count: int) -> list[Tensor]:
-        return [torch.zeros(count, *v.shape, dtype=v.dtype, device=v.device) if g is None else g
-                for g, v in zip(grads, values)]
+        return [torch.zeros(count, *v.shape, dtype=v.dtype, device=v.device) if g is None
+                else g if base is None
+                else g.reshape(count, -1).as_strided(  # the view's layout in its base's gradient
+                    (count, *base[1]), (g[0].numel(), *base[2]), base[3])
+                for g, v, base in zip(grads, values, bases)]
 
     def one(cotangent: Tensor) -> list[Tensor]:
-        grads = torch.autograd.grad(outputs, edges, grad_outputs=cotangent, retain_graph=True,
+        grads = torch.autograd.grad(outputs, nodes, grad_outputs=cotangent, retain_graph=True,
                                     allow_unused=True)
         return filled(tuple(None if g is None else g.unsqueeze(0) for g in grads), 1)
 
     if cotangents.shape[0] == 1:
         return one(cotangents[0])
     try:
-        return filled(torch.autograd.grad(outputs, edges, grad_outputs=cotangents,
+        return filled(torch.autograd.grad(outputs, nodes, grad_outputs=cotangents,
                                           retain_graph=True, is_grads_batched=True,
                                           allow_unused=True), cotangents.shape[0])
     except RuntimeError as error:
