@@ -404,7 +404,7 @@ def effective_rank(
                 concatenate = not estimator.streams  # a data set runs on its batches joined
                 if isinstance(problem, StreamedProblem):
                     _refuse_before_the_pass(estimator, problem, settings, method_options)
-                    problem.survey()
+                    problem.survey(_unannounced_pass_watch(estimator, problem, settings, start))
                 outputs = functools.cache(lambda: probe_outputs(
                     per_batch(problem)[0], check_loss=not isinstance(problem, StreamedProblem)))
                 if not isinstance(problem, StreamedProblem):  # (the survey checks a data set)
@@ -650,6 +650,31 @@ def _refuse_before_the_pass(estimator: Estimator, problem: StreamedProblem,
     estimator.check_budget(cost, whole, settings, caller=(
         f"method={estimator.name!r} on the data set's {announced:,} samples (as many as its "
         "loader announces)"))
+
+
+def _unannounced_pass_watch(estimator: Estimator, problem: StreamedProblem, settings: Settings,
+                            start: float) -> Callable[[int], None] | None:
+    """Where a data set announces no length (an ``IterableDataset``, a generator) and the call
+    has a ``max_seconds``: a check after each batch of the first pass that raises once the call
+    has run past it (such a pass was refused only at its end, 90 times over a budget, and an
+    endless one never ended; probe 215). None otherwise: a length is judged before the pass
+    (:func:`_refuse_before_the_pass`)."""
+    max_seconds = settings.max_seconds
+    if max_seconds is None or announced_samples(problem.data) is not None:
+        return None
+
+    def watch(samples: int) -> None:
+        spent = time.perf_counter() - start
+        if spent > max_seconds:
+            raise BudgetError(
+                f"the first pass of method={estimator.name!r} over a data set that announces no "
+                f"length (an IterableDataset or a generator) has run {spent:.2f} s, over "
+                f"max_seconds = {max_seconds:g} s, after {samples:,} samples and not at their "
+                "end: analyse fewer samples (a loader over a part of them), give the data set "
+                "a length (__len__), or raise max_seconds",
+                0, spent, False)
+
+    return watch
 
 
 def _stream_reading(data: object) -> str:

@@ -127,7 +127,10 @@ def _to_device(item: object, device: torch.device) -> object:
     if isinstance(item, Mapping):
         return {key: _to_device(value, device) for key, value in item.items()}
     if isinstance(item, (tuple, list)):
-        return type(item)(_to_device(value, device) for value in item)
+        values = [_to_device(value, device) for value in item]
+        # a namedtuple (a data set's samples collated) takes its fields as arguments (probe 215)
+        rebuilt: Callable[..., object] = type(item)
+        return rebuilt(*values) if hasattr(item, "_fields") else rebuilt(values)
     return item
 
 
@@ -276,10 +279,16 @@ def _can_be_reference(batch: CurvatureProblem, outputs: Tensor) -> bool:
             and float(output_gradient(batch.loss_fn, outputs, batch.targets).abs().max()) > 0)
 
 
-def _curved(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor
-            ) -> bool:
+def _curved(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor,
+            beside: tuple[Tensor, Tensor] | None = None) -> bool:
     """Whether the loss's Hessian w.r.t. the outputs is nonzero (or not finite) along a random
-    direction: a batch whose loss gradient vanishes may still add curvature."""
+    direction: a batch whose loss gradient vanishes may still add curvature. ``beside``: the
+    outputs and targets of a batch to judge it next to, in the loss of the two (a batch whose
+    own loss is 0/0, its weights in the targets all zero, had been judged curved by its own NaN
+    product, and the data set refused; probe 215)."""
+    rows = outputs.shape[0]
+    if beside is not None:
+        outputs, targets = torch.cat([outputs, beside[0]]), torch.cat([targets, beside[1]])
     leaf = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
         value = call_loss(loss_fn, leaf, targets)
@@ -290,8 +299,9 @@ def _curved(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, target
         return False
     direction = torch.randn(leaf.shape, generator=torch.Generator().manual_seed(0),
                             dtype=leaf.dtype).to(leaf.device)
+    direction[rows:] = 0  # (the batch's own rows)
     (product,) = torch.autograd.grad(gradient, leaf, grad_outputs=direction, allow_unused=True)
-    return product is not None and not bool((product == 0).all())
+    return product is not None and not bool((product[:rows] == 0).all())
 
 
 def _joined(first: CurvatureProblem, second: CurvatureProblem) -> CurvatureProblem:
@@ -559,7 +569,9 @@ class StreamedProblem(CurvatureProblem):
         normaliser = self._normaliser(batch, outputs, f"batch {index}", float(loss))
         if normaliser != 0.0:
             check_loss(loss)
-        elif _curved(batch.loss_fn, outputs, batch.targets):
+        elif _curved(batch.loss_fn, outputs, batch.targets,
+                     None if math.isfinite(float(loss)) or self._reference is None
+                     else self._reference[:2]):
             raise ValueError(
                 f"batch {index} has no share of the data set's loss (read off the first batch's "
                 "coefficient next to it) and no loss gradient, yet a curved loss: the loss does "
@@ -609,8 +621,9 @@ class StreamedProblem(CurvatureProblem):
             )
         return beta / alpha
 
-    def survey(self) -> None:
-        """The first pass: count the samples, read off and verify the batches' weights.
+    def survey(self, watch: Callable[[int], None] | None = None) -> None:
+        """The first pass: count the samples, read off and verify the batches' weights;
+        ``watch(samples read)`` after each batch (a time budget's check, which may raise).
 
         One forward pass per batch without a graph, plus a few loss gradients w.r.t. outputs.
 
@@ -633,6 +646,7 @@ class StreamedProblem(CurvatureProblem):
                 for batch in self._batches():
                     _outputs(batch)
         reading = [0]  # the batch being read, for the errors (:func:`_naming_the_batch`)
+        stopped: ValueError | None = None  # the watch's
         with same_draw(self.data), _naming_the_batch(reading):
             for batch in _reading(self._batches(), reading):
                 index = reading[0]
@@ -672,6 +686,14 @@ class StreamedProblem(CurvatureProblem):
                 else:
                     weighed[index] = self._weighed(batch, outputs, index)
                 del batch, outputs  # (before the next is read; a waiting batch stays held)
+                if watch is not None:
+                    try:
+                        watch(self.total_samples)
+                    except ValueError as over:  # (raised as it is: no batch's error)
+                        stopped = over
+                        break
+        if stopped is not None:
+            raise stopped
         if waiting:  # no batch can: the first one's own error says why
             _, batch, outputs = waiting[0]
             with torch.no_grad():  # a parameter term would otherwise build a graph

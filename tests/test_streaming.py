@@ -3,6 +3,7 @@ all its samples at once (the concatenated batch), for every method and reduction
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import random
@@ -19,7 +20,7 @@ from reference import (
     reference_hessian,
 )
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 import hessrank
 
@@ -78,6 +79,18 @@ def test_data_set_equals_concatenated_batch(loss, method):
     ours, theirs = (result.eigenvalues if result.density is None else result.density[0]
                     for result in (streamed, whole))  # Lanczos: the quadrature's nodes
     assert_spectra_close(ours, theirs, min(len(ours), len(theirs), 12), rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_namedtuple_batches_are_read_as_tuples(method):
+    """A data set whose samples are namedtuples collates into namedtuple batches, which had
+    failed in every method with a bare TypeError (probe 215)."""
+    sample = collections.namedtuple("Sample", ["inputs", "targets"])
+    model, loss_fn, x, y = _data("mean")
+    batches = [sample(*batch) for batch in _batches(x, y)]
+    streamed = hessrank.effective_rank(model, loss_fn, batches, method)
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), method)
+    assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, rtol=1e-9)
 
 
 def test_exact_on_a_data_set_matches_finite_differences():
@@ -498,6 +511,35 @@ def test_a_batch_whose_targets_are_all_ignored_adds_nothing(method, masked, batc
     assert masked or any(f"batch {batch} adds nothing" in note for note in streamed.notes)
     assert streamed.trace == pytest.approx(whole.trace, rel=1e-9)
     assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, 12, rtol=1e-9)
+
+
+def _weighted_mean(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy weighted by the targets' second column, normalised by the weights' sum
+    (README's recipe for per-sample weights carried in the targets)."""
+    weights = targets[:, 1].to(outputs.dtype)
+    losses = nn.functional.cross_entropy(outputs, targets[:, 0].long(), reduction="none")
+    return (weights * losses).sum() / weights.sum()
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher", "ggn_lanczos"])
+def test_a_batch_whose_weights_are_all_zero_adds_nothing(method):
+    """Per-sample weights in the targets, a batch's all zero: its own loss is 0/0, whose NaN
+    curvature had been taken for a curved loss without a share of the data set's, and the data
+    set refused (probe 215). Judged next to another batch it has none: streamed == the
+    concatenated batch."""
+    model, _, x, y = _data("mean")
+    weights = torch.rand(len(y), generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64) + 0.5
+    weights[SIZES[0]:SIZES[0] + SIZES[1]] = 0.0
+    targets = torch.stack([y.double(), weights], 1)
+    streamed = hessrank.effective_rank(model, _weighted_mean, _batches(x, targets), method,
+                                       **({"lanczos_steps": 40} if "lanczos" in method else {}))
+    whole = hessrank.effective_rank(model, _weighted_mean, (x, targets), method,
+                                    **({"lanczos_steps": 40} if "lanczos" in method else {}))
+    assert any("batch 1 adds nothing" in note for note in streamed.notes), streamed.notes
+    ours, theirs = (result.eigenvalues if result.density is None else result.density[0]
+                    for result in (streamed, whole))
+    assert_spectra_close(ours, theirs, min(len(ours), len(theirs), 8), rtol=1e-8)
 
 
 @pytest.mark.parametrize(("margin", "split", "method", "dtype"), [
@@ -990,6 +1032,32 @@ def test_a_time_budget_the_announced_pass_exceeds_is_refused_before_it(method):
             r"\(at least reading each batch, its forward pass and its loss")):
         hessrank.effective_rank(model, nn.CrossEntropyLoss(), loader, method, max_seconds=60)
     assert dataset.read <= 3 * 64
+
+
+class _EndlessStream(IterableDataset):
+    """Samples without end and without a length (a stream), from a pool of 256; a test that
+    would read a million of them fails instead of hanging."""
+
+    def __init__(self) -> None:
+        self.pool = _EndlessDataset()
+
+    def __iter__(self):
+        for index in range(10**6):
+            yield self.pool[index]
+        raise AssertionError("read a million samples of an endless stream")
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_a_time_budget_is_kept_over_a_data_set_without_a_length(method):
+    """A loader that announces no length cannot be predicted before its first pass: that pass
+    was refused only at its end, 90 times over the budget, and an endless one never ended
+    (probe 215). The pass stops once the call runs past max_seconds."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    loader = DataLoader(_EndlessStream(), batch_size=8)
+    with pytest.raises(hessrank.BudgetError, match=(
+            f"the first pass of method='{method}' over a data set that announces no length "
+            r"\(an IterableDataset or a generator\) has run .* over max_seconds = 1.5 s")):
+        hessrank.effective_rank(model, nn.CrossEntropyLoss(), loader, method, max_seconds=1.5)
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
