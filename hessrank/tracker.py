@@ -534,12 +534,25 @@ def _logged_records(path: Path) -> list[dict[str, Any]]:
                      f"{shown!r}), which a tracker would replace or extend: name another file")
 
 
-def _listed_params(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with a ``params`` iterator (not a list) read into a list."""
+def _listed_params(options: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``options`` with a ``params`` iterator (not a list) read into a list, and parameters
+    given as tensors named as ``model`` (the module analysed) names them: a layer
+    re-initialised with new ``nn.Parameter`` objects (a plasticity study's reset) is the same
+    selection, which the tensors had refused as not the model's at every later measurement
+    (probe 216). A selection that does not name the model's parameters is left as it is, for
+    the check that refuses it."""
     chosen = options.get("params")
     if isinstance(chosen, Iterator):
-        return {**options, "params": list(chosen)}
-    return options
+        chosen = list(chosen)
+    if isinstance(chosen, list | tuple) and any(isinstance(item, Tensor) for item in chosen):
+        inner = unwrap_model(model)[0]
+        try:
+            wanted = named_selection(inner, chosen)
+        except (TypeError, ValueError):
+            pass
+        else:
+            chosen = [name for name, _ in inner.named_parameters() if wanted and name in wanted]
+    return options if chosen is options.get("params") else {**options, "params": chosen}
 
 
 def _steps_by_method(records: Iterable[Mapping[str, Any]]) -> dict[str, list[int]]:
@@ -1085,8 +1098,8 @@ class Tracker:
         _check_options(options, "Tracker options", self.methods)
         # a selection given as an iterator (model[0].parameters()) is read once, here: every
         # measurement had read it again, the second finding it empty
-        options = _listed_params(options)
-        self._method_options = {m: _listed_params(dict(o))
+        options = _listed_params(options, model)
+        self._method_options = {m: _listed_params(dict(o), model)
                                 for m, o in (method_options or {}).items()}
         for method, extra in self._method_options.items():
             if method not in self.methods:
@@ -1354,7 +1367,18 @@ class Tracker:
         if self._start is None:  # the wall time the overhead is a share of starts here
             self._start = start
         try:
-            return [self._measure_one(method, batch, index) for method in chosen]
+            # every method measured and recorded before a sink's failure is raised (one logger
+            # that failed had left the step's other methods unmeasured, without a word; probe
+            # 216)
+            measurements: list[Measurement] = []
+            failure: BaseException | None = None
+            for method in chosen:
+                measurement, failed = self._measure_one(method, batch, index)
+                measurements.append(measurement)
+                failure = failure or failed
+            if failure is not None:
+                raise failure
+            return measurements
         finally:
             self._last_end = self._clock()
             self._last_cost = self._last_end - start
@@ -1394,7 +1418,10 @@ class Tracker:
         tracker's options, then the method's own."""
         return {**self.options, **self._method_options.get(method, {})}
 
-    def _measure_one(self, method: str, batch: tuple[Any, Any], step: int) -> Measurement:
+    def _measure_one(self, method: str, batch: tuple[Any, Any], step: int
+                     ) -> tuple[Measurement, BaseException | None]:
+        """``method``'s measurement, recorded, and the first error of a sink that failed to
+        write it (None: none)."""
         handled = handled_now()  # the caller's, not the call's (probes 181, 182)
         try:
             result = hessrank.effective_rank(
@@ -1449,10 +1476,7 @@ class Tracker:
             self.records.append(measurement.record)
             failed = _sink_failure(own, write)
         theirs = _sink_failure([sink for sink in self.sinks if sink not in own], write)
-        first = failed or theirs
-        if first is not None:
-            raise first
-        return measurement
+        return measurement, failed or theirs
 
     def _warn_of_other_sizes(self, method: str, result: RankResult, step: int) -> None:
         """Warn where ``method`` measured another number of parameters than at its last record

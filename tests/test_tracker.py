@@ -1291,6 +1291,40 @@ def test_a_failing_sink_keeps_no_record_from_the_log(tmp_path: Path) -> None:
     assert [record["step"] for record in flaky.records[1:]] == [1]
 
 
+def test_a_failing_sink_leaves_no_method_of_the_step_unmeasured(tmp_path: Path) -> None:
+    """The sink's error had been raised after the step's first method, the others never
+    measured nor recorded (probe 216): every method is, then the error is raised."""
+    log = tmp_path / "curvature.jsonl"
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(_net().eval(), CE, methods=("exact", "fisher"), every=1, log=log,
+                               sinks=[_FlakySink()], on_error="warn")
+    with pytest.raises(ConnectionError, match="unreachable"):
+        tracker.step(batch)
+    tracker.close()
+    assert [(record["step"], record["method"]) for record in _read(log)] == [
+        (0, "exact"), (0, "fisher")]
+
+
+def test_parameters_given_as_tensors_follow_a_reset_layer(tmp_path: Path) -> None:
+    """``params=`` as the layer's tensors, the layer then re-initialised with new parameters (a
+    plasticity study's reset): every later measurement had been refused as given a tensor not
+    of the model (probe 216). Followed by name, as ``params=`` of names is."""
+    batch = classification_batch(8, 6, 3, dtype=torch.float32)
+    model = _net().eval()
+    head = len(model) - 1
+    tracker = hessrank.Tracker(model, CE, methods=("fisher",), every=1,
+                               log=tmp_path / "curvature.jsonl",
+                               params=list(model[head].parameters()))
+    tracker.step(batch)
+    model[head] = nn.Linear(model[head].in_features, model[head].out_features)
+    tracker.step(batch)
+    tracker.close()
+    expected = hessrank.effective_rank(model, CE, batch, method="fisher",
+                                       params=list(model[head].parameters()))
+    assert tracker.records[-1]["num_params"] == expected.num_params
+    assert tracker.records[-1]["rank"] == expected.rank
+
+
 class _InterruptingSink:
     """A sink whose first ``write`` gets a Ctrl-C (a real SIGINT) as it receives the record."""
 
