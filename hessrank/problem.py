@@ -65,6 +65,15 @@ def _drops_out(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) and module.dropout > 0
 
 
+def _reads_training(module: nn.Module) -> bool:
+    """Whether ``module`` is of a class outside torch whose ``forward`` reads an attribute
+    named ``training`` (``self.training``): it may compute otherwise in training mode."""
+    if type(module).__module__.split(".")[0] == "torch":
+        return False
+    code = getattr(getattr(type(module), "forward", None), "__code__", None)
+    return code is not None and "training" in code.co_names
+
+
 def _power_iterated(module: nn.Module) -> list[str]:
     """The tensors of ``module`` under a spectral norm that takes a power-iteration step in
     training mode and uses its stored singular vectors in evaluation (the parametrisation's,
@@ -1611,12 +1620,22 @@ def _mode_notes(model: nn.Module, mode: str) -> list[str]:
     dropping = [name for name, m in modules if m.training and _drops_out(m)]
     iterating = [repr(f"{name}.{tensor}" if name else tensor)
                  for name, m in model.named_modules() for tensor in _power_iterated(m)]
+    random_slopes = [name for name, m in modules if m.training and isinstance(m, nn.RReLU)]
+    # modules of the user's own classes whose forward reads self.training (a DropPath,
+    # F.dropout(x, p, self.training), a norm of its own): had gone unnamed (probe 216)
+    reading = [name for name, m in modules if m.training and _reads_training(m)]
     switched = []
     if normalising:
         switched.append(plural(normalising, "normalises", "normalise") + " with running "
                         "statistics, not the batch's (mode='train' for the batch's)")
     if dropping:
         switched.append(plural(dropping, "is", "are") + " off")
+    if random_slopes:
+        switched.append(plural(random_slopes, "uses its", "use their") + " mean slope, not "
+                        "random ones")
+    if reading:
+        switched.append(plural(reading, "reads", "read") + " self.training in forward, False "
+                        "for the call")
     if iterating:
         switched.append(f"the spectral norm of {listed_names(iterating)} divides by its stored "
                         "singular vectors' estimate, with no power-iteration step "

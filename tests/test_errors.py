@@ -740,6 +740,29 @@ def test_dropout_inside_a_layer_with_train_mode(make, layer, method):
                                    mode="train").rank > 0
 
 
+class _DropPath(nn.Module):
+    """A timm-style stochastic depth of the user's own class: reads ``self.training``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = torch.rand(x.shape[0], 1, dtype=x.dtype) > 0.5
+        return x * keep / 0.5
+
+
+def test_the_eval_note_names_random_slopes_and_modules_reading_training():
+    """``nn.RReLU`` and modules of the user's own classes that read ``self.training`` in
+    forward compute otherwise in training mode: evaluated for the call, and named (the note
+    had named neither; probe 216)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.RReLU(), _DropPath(), nn.Linear(6, 3)).double()
+    x, y = classification_batch(8, 5, 3)
+    notes = hessrank.effective_rank(model.train(), CE, (x, y), method="fisher").notes
+    assert any(note.endswith("though it is in training mode: RReLU '1' uses its mean slope, "
+                             "not random ones; _DropPath '2' reads self.training in forward, "
+                             "False for the call") for note in notes), notes
+
+
 def test_random_forward_refused_over_a_data_set():
     model = _RandomForward("noise").double()
     x, y = classification_batch(8, 5, 3)
