@@ -21,6 +21,35 @@ def stacked_rows(rows: Sequence[Tensor]) -> Tensor:
     return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(list(rows))
 
 
+def interchangeable_slices(params: Sequence[Tensor]) -> list[str]:
+    """Where the parameters hold equal values that a symmetry may interchange: two parameters
+    of one shape equal (a diagonal linear network's ``u = v``), or two nonzero slices along the
+    first dimension of one (duplicated units), as ``"index"`` or ``"index[row]"`` pairs; empty
+    where none. Compared by a fixed random projection of each slice (one pass), candidates
+    then exactly. The Hessian of such parameters has eigenvectors spread equally over the two,
+    which a ``+-1`` start vector is orthogonal to half the time (a diagonal linear network's
+    top eigenvalue had been reported as -6.70 for +7.06 in 18 of 40 seeds; probe 213)."""
+    keys: dict[tuple[object, ...], tuple[str, Tensor]] = {}
+    found: list[str] = []
+    generator = torch.Generator().manual_seed(0x5107)
+    for index, param in enumerate(params):
+        value = param.detach()
+        pieces = [(str(index), value, float(value.sum()))]
+        if value.dim() > 1:
+            rows = value.reshape(value.shape[0], -1)
+            projection = torch.randn(rows.shape[1], generator=generator, dtype=torch.float64)
+            pieces += [(f"{index}[{row}]", rows[row], key) for row, key in
+                       enumerate((rows @ projection.to(rows.device, rows.dtype)).tolist())]
+        for name, piece, key in pieces:
+            slot = (tuple(piece.shape), piece.dtype, key)
+            earlier = keys.get(slot)
+            if earlier is None:
+                keys[slot] = (name, piece)
+            elif bool(piece.any()) and torch.equal(earlier[1], piece):
+                found.append(f"{earlier[0]} and {name}")
+    return found
+
+
 class ParameterOperator:
     """A symmetric ``P x P`` operator on the analysed parameters, flattened in their order.
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from hessrank.curvature.hessian import PRODUCTS_OF, HessianOperator, check_products
-from hessrank.curvature.operator import ParameterOperator
+from hessrank.curvature.operator import ParameterOperator, interchangeable_slices
 from hessrank.estimators.base import (
     Cost,
     Estimator,
@@ -29,6 +29,7 @@ from hessrank.estimators.base import (
 )
 from hessrank.problem import (
     CurvatureProblem,
+    listed_names,
     lower_precision_cause,
     probe_outputs,
     unused_parameters_note,
@@ -265,13 +266,17 @@ class LanczosEstimator(Estimator):
         # 300 had counted to 316; probe 132)
         label = f"{self.name} ({steps} products" + (
             f" + {products - steps} to check them)" if products > steps else ")")
+        # parameters a symmetry may interchange: a +-1 start is orthogonal to eigenvectors
+        # spread equally over them half the time (probe 213)
+        interchangeable = interchangeable_slices(problem.params)
         with settings.reporter.task(label, products) as advance:
             # rtol None: the solver applies the rule the result's ranks apply, at the operator's
             # rank bound as the run found it (a data set's is known after a pass)
             result = lanczos_spectrum(operator, max_products=steps, threshold=settings.threshold,
                                       seed=settings.seed, advance=advance,
                                       basis_dtype=BASIS_DTYPE, rtol=settings.rtol,
-                                      rank_bound=known, noise=noise)
+                                      rank_bound=known, noise=noise,
+                                      gaussian_start=bool(interchangeable))
         bound = (operator.rank_bound if isinstance(operator, ParameterOperator)
                  else operator.dim)
         # a budget far below the README's advice, its estimates no more than coarse (a tracker
@@ -290,6 +295,12 @@ class LanczosEstimator(Estimator):
                         numerical_interval=result.numerical_interval,
                         num_hvps=result.num_products + checks, rounding=rounding,
                         eps=eps, noise=noise, notes=[*self.source_notes(problem, operator), *coarse,
+                                        *([f"parameters hold equal values a symmetry may "
+                                           f"interchange ({listed_names(interchangeable, 2)}, by "
+                                           "index among the analysed): the run started from a "
+                                           "Gaussian vector, since a +-1 start is orthogonal to "
+                                           "eigenvectors spread equally over them half the time"]
+                                          if interchangeable else []),
                                         *result.notes,
                                         *([f"{checks} products before the run checked the "
                                            f"{PRODUCTS_OF[self.source][0]} symmetric and linear "

@@ -188,16 +188,18 @@ GAUSSIAN_PROBE_DIM = 64
 
 
 def probe_vector(dim: int, generator: torch.Generator, device: torch.device,
-                 dtype: torch.dtype = torch.float64) -> Tensor:
+                 dtype: torch.dtype = torch.float64, gaussian: bool = False) -> Tensor:
     """A run's start ``[dim]``: Rademacher, or standard Gaussian up to
-    :data:`GAUSSIAN_PROBE_DIM`. On a small operator a ``+-1`` vector is an exact eigenvector
-    with a probability that only ``2^-dim`` bounds (``[[0, 1], [1, 0]]``: every draw, half of
-    them for each eigenvalue; ``a I + b 11^T`` on interchangeable parameters: any balanced
-    draw, 3 in 8 at dim 4); the run then turns
+    :data:`GAUSSIAN_PROBE_DIM` and with ``gaussian`` (an operator whose eigenvectors may be
+    spread equally over a few entries, which a ``+-1`` vector is orthogonal to half the time:
+    :func:`~hessrank.curvature.operator.interchangeable_slices`). On a small operator a ``+-1``
+    vector is an exact eigenvector with a probability that only ``2^-dim`` bounds (``[[0, 1],
+    [1, 0]]``: every draw, half of them for each eigenvalue; ``a I + b 11^T`` on
+    interchangeable parameters: any balanced draw, 3 in 8 at dim 4); the run then turns
     invariant after one step and reads its one eigenvalue as the whole spectrum: a trace of
     -2 in ``[-2, -2]`` for an exact 0, covered by 9 of 20 seeds at dims 2 and 4 (a probe; 20
     and 17 of 20 with Gaussian starts). From a Gaussian that happens with probability 0."""
-    if dim > GAUSSIAN_PROBE_DIM:
+    if dim > GAUSSIAN_PROBE_DIM and not gaussian:
         return rademacher(dim, generator, device, dtype)
     return torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype).to(device)
 
@@ -1289,6 +1291,7 @@ def lanczos_spectrum(
     max_basis_bytes: int = MAX_BASIS_BYTES,
     rank_bound: int | None = None,
     noise: float = 0.0,
+    gaussian_start: bool = False,
 ) -> LanczosSpectrum:
     """The spectrum of a symmetric operator as a deflated Lanczos quadrature, with an interval.
 
@@ -1319,6 +1322,7 @@ def lanczos_spectrum(
             (:func:`~hessrank.curvature.hessian.check_products`); two runs' values of one
             eigenvalue are taken as such within :data:`NOISE_MARGIN` times it of the largest
             ``|eigenvalue|``, where that exceeds the rounding's slack (:func:`rounding_slack`).
+        gaussian_start: start every run from a Gaussian vector (:func:`probe_vector`).
 
     Returns:
         A :class:`LanczosSpectrum`.
@@ -1357,8 +1361,8 @@ def lanczos_spectrum(
     eps = max(rounding, noise_eps(noise))
     notes: list[str] = []
     guesses: list[str] = []
-    first = LanczosRun(operator, probe_vector(dim, generator, operator.device, basis_dtype),
-                       storage, advance=advance)
+    first = LanczosRun(operator, probe_vector(dim, generator, operator.device, basis_dtype,
+                                              gaussian_start), storage, advance=advance)
     first.extend(steps)
     pairs = _ritz_pairs(first.alpha, first.beta, first.last_beta)
     seen = _copies_seen(pairs, eps)
@@ -1444,7 +1448,7 @@ def lanczos_spectrum(
     likewise: dict[int, int] = {}  # a guess's index: how many further runs made one like it
     while determined is None and max_products - spent >= max(need, 1):
         run = LanczosRun(operator, probe_vector(dim, generator, operator.device,
-                                                  basis_dtype),
+                                                  basis_dtype, gaussian_start),
                          storage[: min(steps, max_products - spent)], advance=advance)
         run.extend(len(run.storage))
         removals += run.removals
