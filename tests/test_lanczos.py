@@ -1502,3 +1502,14 @@ def test_parameters_a_symmetry_interchanges_start_the_run_from_a_gaussian():
         assert result.top_eigenvalue == pytest.approx(top, rel=1e-6), seed
         assert any(note.startswith("parameters hold equal values a symmetry may interchange "
                                    "(0 and 1, by index") for note in result.notes), result.notes
+
+
+def test_a_zero_operator_stops_at_its_first_product():
+    """A first product exactly zero shows the matrix is zero: the runs after it had found
+    nothing, one product each, until the budget was spent (a zero block, 177 products; probe
+    213)."""
+    operator = DenseOperator(torch.zeros(300, 300, dtype=torch.float64))
+    result = lanczos_spectrum(operator, max_products=100, seed=0)
+    assert result.num_products == 1
+    assert result.rank_interval == (0, 0) and result.trace_interval == (0.0, 0.0)
+    assert spectral_ranks(result.eigenvalues, 0.99, 1e-5, result.weights)["srank"] == 0

@@ -1446,7 +1446,12 @@ def lanczos_spectrum(
     invariant = [len(first.alpha)] if first.invariant else []
     need = max(invariant, default=steps)
     likewise: dict[int, int] = {}  # a guess's index: how many further runs made one like it
-    while determined is None and max_products - spent >= max(need, 1):
+    # a first product exactly zero: H q = 0 for a random q has q's components in every
+    # eigenvector, so the matrix is zero, and further runs find nothing (a zero block had spent
+    # its whole budget on 173 runs of one product each; probe 213)
+    zero = first.invariant and len(first.alpha) == 1 and first.alpha[0] == 0.0 \
+        and first.final_beta == 0.0
+    while not zero and determined is None and max_products - spent >= max(need, 1):
         run = LanczosRun(operator, probe_vector(dim, generator, operator.device,
                                                   basis_dtype, gaussian_start),
                          storage[: min(steps, max_products - spent)], advance=advance)
