@@ -140,14 +140,40 @@ _NOT_STATEFUL = (*CODE_TYPES, functools.partial)
 _WRAPPED_DEPTH = 4
 
 
+def _loaders(data: object) -> list[tuple[str, DataLoader[Any]]]:
+    """``(place, loader)``: ``data`` where it is a ``DataLoader``, else the loaders among its
+    attributes (a class that wraps one to move its batches to a device: its loader's sampler,
+    generator and workers had not been seen, the caller's epoch ended by the passes; probe
+    215)."""
+    if isinstance(data, DataLoader):
+        return [("", data)]
+    return [(f"{name}.", value) for name, value in getattr(data, "__dict__", {}).items()
+            if isinstance(value, DataLoader)]
+
+
 def _data_set_owners(data: object) -> list[tuple[str, object]]:
-    """``(place, object)``: a loader's data set, those it wraps (``.dataset``, as a ``Subset``
-    holds it, and ``.datasets``, a ``ConcatDataset``'s; :data:`_WRAPPED_DEPTH` levels) and its
-    collate function."""
-    if not isinstance(data, DataLoader):
-        return []
-    owners: list[tuple[str, object]] = [("collate_fn", data.collate_fn)]
-    level: list[tuple[str, object]] = [("dataset", data.dataset)]
+    """``(place, object)``: a loader's (:func:`_loaders`) samplers, data set, those it wraps
+    (``.dataset``, as a ``Subset`` holds it, and ``.datasets``, a ``ConcatDataset``'s;
+    :data:`_WRAPPED_DEPTH` levels) and collate function, and the object that wraps the loader
+    (an epoch it counts)."""
+    owners: list[tuple[str, object]] = []
+    for prefix, loader in _loaders(data):
+        if prefix:
+            owners.append(("", data))
+        batch_sampler = loader.batch_sampler
+        owners.extend((f"{prefix}{place}", owner) for place, owner in (
+            ("sampler", loader.sampler), ("batch_sampler", batch_sampler),
+            ("batch_sampler.sampler", getattr(batch_sampler, "sampler", None))))
+        owners.extend(_wrapped_data_sets(loader, prefix))
+    if not owners and not isinstance(data, list | tuple):
+        owners.append(("", data))  # a re-iterable of batches of the user's own (probe 215)
+    return owners
+
+
+def _wrapped_data_sets(loader: DataLoader[Any], prefix: str) -> list[tuple[str, object]]:
+    """A loader's collate function, data set and those it wraps (:func:`_data_set_owners`)."""
+    owners: list[tuple[str, object]] = [(f"{prefix}collate_fn", loader.collate_fn)]
+    level: list[tuple[str, object]] = [(f"{prefix}dataset", loader.dataset)]
     for _ in range(_WRAPPED_DEPTH):
         owners.extend(level)
         level = [(f"{place}.dataset", inner) for place, owner in level
@@ -171,14 +197,13 @@ def same_draw(data: object) -> Iterator[None]:
     sets end as they began.
     """
     generators = GlobalGenerators.read()
-    batch_sampler = getattr(data, "batch_sampler", None)
-    samplers = [("sampler", getattr(data, "sampler", None)), ("batch_sampler", batch_sampler),
-                ("batch_sampler.sampler", getattr(batch_sampler, "sampler", None))]
-    # the data set (and those it wraps) and the collate function: a data set's own generator
-    # (augmentation), a collate object's (MixUp) and an epoch an IterableDataset counts in
-    # __iter__ had been left advanced by the passes (probe 109)
-    owners = [*samplers, *_data_set_owners(data)]
-    own = held_generators([("", data), *owners])
+    # the samplers, the data set (and those it wraps) and the collate function: a data set's
+    # own generator (augmentation), a collate object's (MixUp) and an epoch an IterableDataset
+    # counts in __iter__ had been left advanced by the passes (probe 109)
+    owners = [owner for owner in _data_set_owners(data) if owner[1] is not None]
+    own = held_generators([("", data), *((place.rstrip("."), loader)
+                                          for place, loader in _loaders(data) if place),
+                           *owners])
     # their own attributes too (a sampler that counts its epochs in __iter__ had been left
     # counting the call's passes, and drew another order in each; probe 101)
     attributes = [(owner.__dict__, dict(owner.__dict__)) for owner in
@@ -209,15 +234,26 @@ def workers_as_found(data: Data) -> Iterator[Data]:
     changing between passes, a training loader given to a Tracker as its ``eval_batch`` among
     them (probe 137). The block gets a shallow copy of the loader whose workers do not persist:
     each pass starts its own, seeded as a first start is, and stops them at its end. (Its flag
-    set past ``DataLoader``'s guard against changing it after construction.)
+    set past ``DataLoader``'s guard against changing it after construction.) An object wrapping
+    such a loader (:func:`_loaders`) is given as a shallow copy holding the loader's copy.
     """
-    if not (isinstance(data, DataLoader) and data.persistent_workers):
+    persistent = [(place, loader) for place, loader in _loaders(data)
+                  if loader.persistent_workers]
+    if not persistent:
         yield data
         return
-    loader: DataLoader[Any] = copy.copy(data)  # the same data set, samplers, generator, settings
-    object.__setattr__(loader, "persistent_workers", False)
-    loader._iterator = None
-    yield cast(Data, loader)
+    copied: dict[str, DataLoader[Any]] = {}
+    for place, found in persistent:
+        loader: DataLoader[Any] = copy.copy(found)  # the same data set, samplers, generator
+        object.__setattr__(loader, "persistent_workers", False)
+        loader._iterator = None
+        copied[place.rstrip(".")] = loader
+    if "" in copied:
+        yield cast(Data, copied[""])
+        return
+    wrapper = copy.copy(data)  # a class wrapping the loader: its copy holds the loader's copy
+    vars(wrapper).update(copied)
+    yield wrapper
 
 
 def _fingerprint(problem: CurvatureProblem) -> Fingerprint:

@@ -328,6 +328,76 @@ def test_persistent_workers_the_caller_started_are_left_alone(when):
     assert all(torch.equal(a, b) for a, b in zip(found, expected))
 
 
+class _OnDevice:
+    """A class wrapping a loader to move its batches (the usual ``DeviceLoader``)."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for inputs, targets in self.loader:
+            yield inputs.to("cpu"), targets.to("cpu")
+
+
+def test_a_loader_inside_a_wrapper_is_one_draw_and_its_workers_left_alone():
+    """A class wrapping a loader had its loader unseen: the call's passes used the caller's
+    persistent workers and ended the caller's epoch (17 of 21 samples lost to the loop), and a
+    shuffle of its own generator was refused as changing data, the generator left advanced
+    (probe 215). Handled as the loader given directly is."""
+    model, loss_fn, x, y = _data("class weights")
+
+    def run(call: bool) -> list[torch.Tensor]:
+        torch.manual_seed(123)
+        loader = DataLoader(_Jittered(x, y), batch_size=5, shuffle=True, num_workers=1,
+                            persistent_workers=True)
+        wrapped = _OnDevice(loader)
+        batches = iter(wrapped)
+        seen = [next(batches)[0]]
+        if call:
+            assert hessrank.effective_rank(model, loss_fn, wrapped, "fisher").rank > 0
+        seen.extend(b[0] for b in batches)  # the rest of the caller's epoch
+        return seen
+
+    expected, found = run(call=False), run(call=True)
+    assert len(found) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(found, expected))
+    generator = torch.Generator().manual_seed(7)
+    wrapped = _OnDevice(DataLoader(TensorDataset(x, y), batch_size=5, shuffle=True,
+                                   generator=generator))
+    state = generator.get_state()
+    streamed = hessrank.effective_rank(model, loss_fn, wrapped, "exact")
+    assert torch.equal(generator.get_state(), state)
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), "exact")
+    assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, rtol=1e-9)
+
+
+class _EpochShuffled:
+    """Batches of its own, shuffled anew in each epoch it counts (a bucketing iterator)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.epoch = x, y, 0
+
+    def __iter__(self):
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(self.epoch))
+        self.epoch += 1
+        for start in range(0, len(self.y), 5):
+            yield self.x[order[start:start + 5]], self.y[order[start:start + 5]]
+
+
+def test_a_re_iterable_of_its_own_is_one_draw_and_its_epoch_left_as_found():
+    """A re-iterable (not a DataLoader) that counts its epochs had been refused as changing
+    data, its count left at 3 (probe 215): its attributes are put back after every pass."""
+    model, loss_fn, x, y = _data("class weights")
+    data = _EpochShuffled(x, y)
+    streamed = hessrank.effective_rank(model, loss_fn, data, "exact")
+    assert data.epoch == 0
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), "exact")
+    assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, rtol=1e-9)
+
+
 class _Drifting(Dataset):
     """A data set whose samples change every time they are read, so no two passes agree: its
     reads counted by an iterator (a source hessrank cannot reset; a count in an attribute is
@@ -935,14 +1005,19 @@ def test_fixed_data_whose_sum_overflows_is_not_refused():
 
 
 class _CountingBatches:
-    """A re-iterable list of batches that counts the batches it yields."""
+    """A re-iterable list of batches that records the batches it yields (in a list it holds:
+    a count in an attribute is set back after every pass, as its own state)."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.batches, self.yielded = batches, 0
+        self.batches, self.read = batches, []
+
+    @property
+    def yielded(self) -> int:
+        return len(self.read)
 
     def __iter__(self):
-        for batch in self.batches:
-            self.yielded += 1
+        for index, batch in enumerate(self.batches):
+            self.read.append(index)
             yield batch
 
 
