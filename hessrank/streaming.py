@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import functools
 import math
+import numbers
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -207,9 +208,15 @@ def same_draw(data: object) -> Iterator[None]:
     # their own attributes too (a sampler that counts its epochs in __iter__ had been left
     # counting the call's passes, and drew another order in each; probe 101)
     attributes = [(owner.__dict__, dict(owner.__dict__)) for owner in
-                  {id(owner): owner for _, owner in owners
-                   if hasattr(owner, "__dict__")
+                  {id(owner): owner for place, owner in owners
+                   if place and hasattr(owner, "__dict__")
                    and not isinstance(owner, _NOT_STATEFUL)}.values()]
+    # of the data object itself (a wrapper of a loader, a re-iterable of the user's own), only
+    # the numbers it held (an epoch it counts): its other attributes may be what a pass filled
+    # in, a cache read from a one-shot stream, which a restore had emptied (probe 217)
+    counts = [(vars(owner), {key: value for key, value in vars(owner).items()
+                             if isinstance(value, numbers.Real)})
+              for place, owner in owners if not place and hasattr(owner, "__dict__")]
     try:
         yield
     finally:
@@ -218,6 +225,8 @@ def same_draw(data: object) -> Iterator[None]:
             held.restore()
         for current, saved in attributes:
             current.clear()
+            current.update(saved)
+        for current, saved in counts:
             current.update(saved)
 
 

@@ -1373,7 +1373,14 @@ class Tracker:
             measurements: list[Measurement] = []
             failure: BaseException | None = None
             for method in chosen:
-                measurement, failed = self._measure_one(method, batch, index)
+                try:
+                    measurement, failed = self._measure_one(method, batch, index)
+                except BaseException as error:
+                    if failure is not None and hasattr(error, "add_note"):  # (said, not
+                        # dropped; probe 217)
+                        error.add_note(f"hessrank.Tracker: a sink had failed to write an "
+                                       f"earlier record of this step: {failure!r}")
+                    raise
                 measurements.append(measurement)
                 failure = failure or failed
             if failure is not None:

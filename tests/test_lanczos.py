@@ -1513,3 +1513,19 @@ def test_a_zero_operator_stops_at_its_first_product():
     assert result.num_products == 1
     assert result.rank_interval == (0, 0) and result.trace_interval == (0.0, 0.0)
     assert spectral_ranks(result.eigenvalues, 0.99, 1e-5, result.weights)["srank"] == 0
+
+
+def test_interchangeable_slices_are_found_exactly_wherever_they_lie():
+    """Equal parameters, and equal nonzero rows at any two positions (a float projection of
+    each row, rounded by its position, had missed rows 0 and R - 1 of 33 x 1000; probe 217);
+    zero rows and single entries are not slices."""
+    from hessrank.curvature.operator import interchangeable_slices
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, columns in ((17, 129), (33, 1000), (65, 4097)):
+        weight = torch.randn(rows, columns, generator=generator)
+        weight[-1] = weight[0]
+        assert interchangeable_slices([weight]) == [f"0[0] and 0[{rows - 1}]"]
+    gain = torch.randn(6, generator=generator)
+    assert interchangeable_slices([gain, torch.zeros(4, 3), gain.clone()]) == ["0 and 2"]
+    assert interchangeable_slices([torch.full((50, 1), 0.3), torch.randn(8, 8)]) == []

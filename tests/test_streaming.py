@@ -387,6 +387,30 @@ class _EpochShuffled:
             yield self.x[order[start:start + 5]], self.y[order[start:start + 5]]
 
 
+class _CachedStream:
+    """Batches read once from a one-shot stream into a cache, on first use."""
+
+    def __init__(self, batches) -> None:
+        self.stream, self.items = iter(batches), None
+
+    def __iter__(self):
+        if self.items is None:
+            self.items = list(self.stream)
+        return iter(self.items)
+
+
+def test_a_re_iterable_that_caches_its_batches_keeps_them():
+    """Its attributes put back after a pass had emptied the cache the pass filled, its stream
+    spent: the data set was refused as empty and the caller's data lost (probe 217). Only the
+    numbers it holds are put back."""
+    model, loss_fn, x, y = _data("class weights")
+    data = _CachedStream(_batches(x, y))
+    streamed = hessrank.effective_rank(model, loss_fn, data, "exact")
+    assert len(list(data)) == len(SIZES)
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), "exact")
+    assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, rtol=1e-9)
+
+
 def test_a_re_iterable_of_its_own_is_one_draw_and_its_epoch_left_as_found():
     """A re-iterable (not a DataLoader) that counts its epochs had been refused as changing
     data, its count left at 3 (probe 215): its attributes are put back after every pass."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import signal
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -1303,6 +1304,21 @@ def test_a_failing_sink_leaves_no_method_of_the_step_unmeasured(tmp_path: Path) 
     tracker.close()
     assert [(record["step"], record["method"]) for record in _read(log)] == [
         (0, "exact"), (0, "fisher")]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11's")
+def test_a_sink_failure_before_a_method_s_error_is_said(tmp_path: Path) -> None:
+    """A sink failed on the first method's record, then the second method raised: the sink's
+    failure had been dropped without a word (probe 217); a note on the raised error says it."""
+    batch = classification_batch(4, 6, 3, dtype=torch.float32)
+    tracker = hessrank.Tracker(_net().eval(), CE, methods=("fisher", "exact"), every=1,
+                               log=tmp_path / "curvature.jsonl", sinks=[_FlakySink()],
+                               method_options={"exact": {"max_memory": 1000}})
+    with pytest.raises(hessrank.BudgetError) as raised:
+        tracker.step(batch)
+    tracker.close()
+    assert any("a sink had failed to write an earlier record of this step: ConnectionError"
+               in note for note in raised.value.__notes__)
 
 
 def test_parameters_given_as_tensors_follow_a_reset_layer(tmp_path: Path) -> None:
