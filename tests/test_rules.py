@@ -273,11 +273,17 @@ def test_a_rule_that_raises_leaves_its_layers_to_the_general_path(monkeypatch):
     """A rule is a verified shortcut: an error in it sends its layers to the general path with
     the error in a note, and the numbers are the reference's."""
     _broken_linear_rule(monkeypatch, RuntimeError("shape '[4, 1, 1, 3]' is invalid"))
+    _every_layer_on_the_general_path_with(
+        "linear rule raised RuntimeError on '0' (shape '[4, 1, 1, 3]' is invalid)")
+
+
+def _every_layer_on_the_general_path_with(note: str) -> None:
+    """``fisher`` on an MLP: every layer computed by the general path, ``note`` among the
+    result's notes, and the numbers the reference's."""
     model, (x, y), loss = mlp(), classification_batch(6, 5, 3), nn.CrossEntropyLoss()
     result = hessrank.effective_rank(model, loss, (x, y), method="fisher")
     assert set(result.paths.values()) == {"torch.func"}
-    assert any("linear rule raised RuntimeError on '0' (shape '[4, 1, 1, 3]' is invalid)" in note
-               for note in result.notes), result.notes
+    assert any(note in found for found in result.notes), result.notes
     reference = eigenvalues_by_magnitude(reference_fisher(model, loss, x, y, 1 / 6))
     assert_spectra_close(result.eigenvalues, reference, rtol=1e-9)
 
@@ -340,13 +346,7 @@ def test_a_failed_capturing_backward_leaves_the_rules_layers_to_the_general_path
         raise RuntimeError("INTERNAL ASSERT FAILED")
 
     monkeypatch.setattr(gram, "_backward_batched", failing)
-    model, (x, y), loss = mlp(), classification_batch(6, 5, 3), nn.CrossEntropyLoss()
-    result = hessrank.effective_rank(model, loss, (x, y), method="fisher")
-    assert set(result.paths.values()) == {"torch.func"}
-    assert any("capturing backward pass failed (INTERNAL ASSERT FAILED)" in note
-               for note in result.notes), result.notes
-    reference = eigenvalues_by_magnitude(reference_fisher(model, loss, x, y, 1 / 6))
-    assert_spectra_close(result.eigenvalues, reference, rtol=1e-9)
+    _every_layer_on_the_general_path_with("capturing backward pass failed (INTERNAL ASSERT FAILED)")
 
 
 def test_a_rule_out_of_memory_is_raised(monkeypatch):
