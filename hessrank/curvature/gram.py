@@ -178,7 +178,8 @@ class _Capture:
     capturing backward pass takes the layer's output gradient).
 
     The edge stays the layer's own output even when a downstream operation modifies that tensor
-    in place (``ReLU(inplace=True)``), so the forward pass runs unchanged, without copies. A layer
+    in place (``ReLU(inplace=True)``), or its base's where the output is a view so modified, so
+    the forward pass runs unchanged, without copies. A layer
     whose output is not a tensor (or a tuple of them, an RNN's output and final states) that
     requires grad gets no entry in ``edges``.
     """
@@ -269,8 +270,8 @@ def parametrization_work(module: nn.Module) -> int:
     ``module`` where it is a parametrization's list (which computes the parametrized tensor
     from its originals; the group of the originals): its forward's saved tensors and output,
     times :data:`PARAMETRIZATION_WORK` or :data:`HEAVY_BACKWARDS`'s multiple; 0 for any other
-    module. Computes the tensor once (the next pass's state is put
-    back before it, :class:`~hessrank.guard.PassState`)."""
+    module. Computes the tensor once (the next pass's state is put back before it,
+    :class:`~hessrank.guard.PassState`)."""
     if not isinstance(module, parametrize.ParametrizationList):
         return 0
     saved: dict[int, int] = {}
@@ -780,7 +781,7 @@ def compute_gram(
             failures[group] = (f"the {rule.name} rule's factors for {group!r} failed the gradient "
                                f"check (relative error {error:.1e}): computed by the general path")
     passed = _agreed_rules(problem, passed, failures)
-    notes.extend(failures.values())
+    notes.extend(dict.fromkeys(failures.values()))  # (one failure may stand for many)
     for group, gram in passed.items():
         accumulator.add(group, _global_rule_gram(problem, factors.get(group), gram))
         paths.update(dict.fromkeys(groups[group], rule_of[group].name))
