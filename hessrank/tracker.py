@@ -1035,7 +1035,8 @@ class Tracker:
             an option value or ``eval_batch`` that :func:`hessrank.effective_rank` would
             refuse (checked by its own rules, before any work), ``method_options`` for a
             method not among ``methods`` or with an estimator option that method does not
-            take, or ``append`` to a log of another configuration.
+            take, ``append`` to a log of another configuration, or ``budget`` with a
+            ``process_group`` (its processes' clocks would schedule them apart).
         TypeError: an option :func:`hessrank.effective_rank` does not take, an ``eval_batch``
             that is not a pair, ``steps`` that is not a list, or a sink without ``write`` or
             ``close``.
@@ -1084,6 +1085,15 @@ class Tracker:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)
                                    or not 0.0 < budget < 1.0):
             raise ValueError(f"budget is a share of wall time in (0, 1), got {budget!r}")
+        if budget is not None and any(chosen.get("process_group") is not None for chosen in
+                                      (options, *(method_options or {}).values())):
+            # (each process's clock decided alone: one measured while another trained, and a
+            # DDP job aborted in gloo; probe 218)
+            raise ValueError(
+                "budget= schedules the measurements by this process's own clock, which the "
+                "processes of process_group do not share: they would measure at different "
+                "steps, and their collectives would not meet; pass every= or steps=, the same "
+                "in every process")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         if eval_batch is not None:

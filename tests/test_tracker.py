@@ -1321,6 +1321,20 @@ def test_a_sink_failure_before_a_method_s_error_is_said(tmp_path: Path) -> None:
                in note for note in raised.value.__notes__)
 
 
+@pytest.mark.parametrize("where", ["options", "method_options"])
+def test_a_budget_schedule_with_a_process_group_is_refused(tmp_path: Path, where: str) -> None:
+    """Each process's own clock decided when to measure: one measured while another trained,
+    their collectives did not meet, and a DDP job aborted in gloo (probe 218). Refused when
+    the tracker is built, naming the schedules every process shares."""
+    group = object()  # (refused before the group is looked at)
+    options = ({"process_group": group} if where == "options"
+               else {"method_options": {"fisher": {"process_group": group}}})
+    with pytest.raises(ValueError, match=r"budget= schedules the measurements by this "
+                                         r"process's own clock.*pass every= or steps="):
+        hessrank.Tracker(_net(), CE, methods=("fisher",), budget=0.1,
+                         log=tmp_path / "curvature.jsonl", **options)
+
+
 def test_parameters_given_as_tensors_follow_a_reset_layer(tmp_path: Path) -> None:
     """``params=`` as the layer's tensors, the layer then re-initialised with new parameters (a
     plasticity study's reset): every later measurement had been refused as given a tensor not
