@@ -301,6 +301,12 @@ def _contained_tensors(model: nn.Module) -> list[Tensor]:
     return list(found.values())
 
 
+def _module_prefixes(model: nn.Module) -> dict[int, str]:
+    """Each submodule's (by id) dotted name as the start of its attributes' (``"block.0."``;
+    ``""`` for the model)."""
+    return {id(module): f"{name}." if name else "" for name, module in model.named_modules()}
+
+
 def container_views(model: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
     """Tensors inside a list, tuple or dict attribute of a submodule whose memory overlaps a
     buffer's or a tensor attribute's, each with ``"'module.attribute' and 'module.buffer'"``
@@ -310,7 +316,7 @@ def container_views(model: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
     wrote through one and read the other had computed another function (exact's top
     eigenvalue 1.08 for 3.02), and its writes had moved the caller's buffer's version (probe
     206). :func:`preserved_state` refuses a call whose passes write one."""
-    names = {id(module): f"{name}." if name else "" for name, module in model.named_modules()}
+    names = _module_prefixes(model)
     items = []
     for module in model.modules():
         for key, value in vars(module).items():
@@ -1156,8 +1162,7 @@ def preserved_state(model: nn.Module, refuse_writes: bool = True
                 copy_of = {id(tensor): copied for (*_, tensor), copied in zip(slots, copies)}
                 watched += [(where, copy_of[id(shared)], copy_of[id(shared)]._version)
                             for where, _, shared in contained if id(shared) in copy_of]
-                prefix = {id(module): f"{name}." if name else ""
-                          for name, module in model.named_modules()}
+                prefix = _module_prefixes(model)
                 watched += [(f"'{prefix[id(module)]}{name}'", tensor, tensor._version)
                             for module, _, name, tensor in slots]
         try:

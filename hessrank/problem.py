@@ -501,12 +501,12 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
         other = [(label, tensor.dtype) for label, tensor in labelled
                  if tensor.is_floating_point() and tensor.dtype not in dtypes]
         of_dtypes = any(phrase in str(error) for phrase in ("dtype", "scalar type", "Input type"))
-        if of_dtypes and autocast_turned_off():
+        if of_dtypes and (turned_off := autocast_turned_off()):
             # a model that runs only under the caller's autocast (a half-precision layer fed
             # float32): torch's message had not said the call turned it off (probe 212)
             raise ValueError(
                 f"{str(error).rstrip('. ')}. The call turned off the caller's torch.autocast "
-                f"({', '.join(autocast_turned_off())}): the curvature is measured in the "
+                f"({', '.join(turned_off)}): the curvature is measured in the "
                 "parameters' own dtypes, and this forward runs only under autocast's casts. "
                 "Cast inside forward (x.to(layer.weight.dtype)), or analyse a float32 copy "
                 "(copy.deepcopy(model).float())") from error
@@ -563,6 +563,20 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
     return outputs
 
 
+def graph_nodes(roots: Iterable[Any]) -> Iterator[Any]:
+    """Every node of the autograd graph reached from ``roots`` (``grad_fn``s; None ones
+    skipped), each once."""
+    seen: set[int] = set()
+    pending = list(roots)
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        pending.extend(child for child, _ in node.next_functions)
+
+
 def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]
                         ) -> dict[type[torch.autograd.Function], list[bool]]:
     """The custom ``torch.autograd.Function`` classes in the graph of ``outputs``, by name
@@ -580,15 +594,9 @@ def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]
             differentiated as they are (probe 150).
     """
     found: dict[type[torch.autograd.Function], list[bool]] = {}
-    seen: set[object] = set()
     reached: set[int] = set()  # the leaves (parameters) the walk reaches
     checkpointed = False
-    stack = [outputs.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    for node in graph_nodes([outputs.grad_fn]):
         leaf = getattr(node, "variable", None)
         if leaf is not None:
             reached.add(id(leaf))
@@ -597,7 +605,6 @@ def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]
         if function is not None and not function.__module__.startswith(("torch.", "hessrank.")):
             found[function] = _either(found.get(function, []),
                                       [child is not None for child, _ in node.next_functions])
-        stack.extend(child for child, _ in node.next_functions)
     if checkpointed and any(id(param) not in reached for param in params):
         raise reentrant_checkpoint_error()
     return dict(sorted(found.items(), key=lambda item: item[0].__qualname__))
@@ -1070,6 +1077,22 @@ def check_count(name: str, value: object, what: str = "a count", hint: str = "")
         raise ValueError(f"{name} must be {what} >= 0{hint}, got {value!r}")
 
 
+def _wrapper_layers(model: nn.Module) -> Iterator[tuple[nn.Module, nn.Module, str]]:
+    """``(wrapper, the module it wraps, the prefix it puts before that module's parameter
+    names)`` for each wrapper :func:`unwrap_model` looks through, outermost first, in any order:
+    ``torch.compile``'s, ``DistributedDataParallel``'s and ``nn.DataParallel``'s."""
+    while True:
+        if is_compile_wrapper(model):
+            inner, prefix = cast(nn.Module, model._orig_mod), "_orig_mod."  # (dynamo is not
+            # imported to type it)
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            inner, prefix = model.module, "module."
+        else:
+            return
+        yield model, inner, prefix
+        model = inner
+
+
 def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The module whose parameters the analysis differentiates, and what was unwrapped.
 
@@ -1080,25 +1103,20 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
     function of the whole batch is the same, without the per-call replicas.
     """
     notes = []
-    while True:
-        if is_compile_wrapper(model) or isinstance(
-                model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            _refuse_wrapper_hooks(model)
-        if is_compile_wrapper(model):
-            model = cast(nn.Module, model._orig_mod)  # (dynamo is not imported to type it)
+    for wrapper, inner, _ in _wrapper_layers(model):
+        _refuse_wrapper_hooks(wrapper)
+        if is_compile_wrapper(wrapper):
             notes.append("torch.compile wrapper: the original module was analysed eagerly "
                          "(same parameters, same function)")
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
+        elif isinstance(wrapper, nn.parallel.DistributedDataParallel):
             notes.append("DistributedDataParallel wrapper: its .module was analysed")
-        elif isinstance(model, nn.DataParallel):
+        else:
             # Its forward replicates the module on every GPU and splits the batch: each replica
             # would run the capture hooks, and torch.func cannot follow the scatter.
-            model = model.module
             notes.append("nn.DataParallel wrapper: its .module was analysed on one device (the "
                          "curvature of the whole batch, as the wrapper computes it)")
-        else:
-            return model, notes
+        model = inner
+    return model, notes
 
 
 def ddp_among_wrappers(model: nn.Module
@@ -1109,18 +1127,13 @@ def ddp_among_wrappers(model: nn.Module
     DDP had been seen, and its names kept a compile wrapper's ``_orig_mod.`` prefix, so that
     a buffer it ignores was broadcast all the same; probe 208.)"""
     ddp, ignored = None, frozenset[str]()
-    while True:
-        if is_compile_wrapper(model):
-            model, prefix = cast(nn.Module, model._orig_mod), "_orig_mod."
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            if ddp is None:
-                ddp, ignored = model, frozenset(getattr(model, "parameters_to_ignore", ()))
-            model, prefix = model.module, ""
-        elif isinstance(model, nn.DataParallel):
-            model, prefix = model.module, "module."
+    for wrapper, _, prefix in _wrapper_layers(model):
+        if isinstance(wrapper, nn.parallel.DistributedDataParallel):
+            if ddp is None:  # (its names are its module's already)
+                ddp, ignored = wrapper, frozenset(getattr(wrapper, "parameters_to_ignore", ()))
         else:
-            return ddp, ignored
-        ignored = frozenset(name.removeprefix(prefix) for name in ignored)
+            ignored = frozenset(name.removeprefix(prefix) for name in ignored)
+    return ddp, ignored
 
 
 def _refuse_wrapper_hooks(wrapper: nn.Module) -> None:
@@ -2153,20 +2166,13 @@ class _LowerPrecision(OwnMode):
         analysed = {id(param) for param in params}
         parents: dict[int, list[Any]] = {}
         sinks = []
-        reached: set[int] = set()
-        pending = [leaf.grad_fn for leaf in tree_leaves(computed)
-                   if isinstance(leaf, Tensor) and leaf.grad_fn is not None]
-        while pending:
-            node = pending.pop()
-            if id(node) in reached:
-                continue
-            reached.add(id(node))
+        for node in graph_nodes(leaf.grad_fn for leaf in tree_leaves(computed)
+                                if isinstance(leaf, Tensor)):
             if id(getattr(node, "variable", None)) in analysed:  # an AccumulateGrad
                 sinks.append(node)
             for child, _ in node.next_functions:
                 if child is not None:
                     parents.setdefault(id(child), []).append(node)
-                    pending.append(child)
         leading: set[int] = set()  # the nodes from which an analysed parameter is reached
         while sinks:
             node = sinks.pop()
@@ -2647,15 +2653,14 @@ class GraphBytes:
         # (a loss module's own too: a slice of its 100 MB buffer saved by the loss had its
         # whole storage counted as graph, in every product's graphs; probe 208)
         loss = problem.loss_fn if isinstance(problem.loss_fn, nn.Module) else None
-        owned = [*problem.params, *held_tensors(problem.model), *problem.args,
-                 *problem.kwargs.values(), problem.targets,
-                 *([] if loss is None else [*loss.parameters(), *held_tensors(loss)])]
-        self._known = {_storage(tensor)[0] for tensor in owned if isinstance(tensor, Tensor)}
         #: the batch's tensors' storages, named: a loss that writes the targets in place had
         #: been blamed on the model's forward (probe 210)
         self._batch = {_storage(tensor)[0]: label for label, tensor in
                        [*labelled_inputs(problem.args, problem.kwargs),
                         ("targets", problem.targets)]}
+        owned = [*problem.params, *held_tensors(problem.model),
+                 *([] if loss is None else [*loss.parameters(), *held_tensors(loss)])]
+        self._known = {_storage(tensor)[0] for tensor in owned} | set(self._batch)
         self._found: dict[int, int] = {}
         self._largest_differentiable = 0
 

@@ -62,6 +62,7 @@ from hessrank.problem import (
     UnrepeatableForward,
     agreement_tolerance,
     difference_text,
+    graph_nodes,
     lower_precision_cause,
     mixed_samples_difference,
     refuse_not_sample_first,
@@ -283,14 +284,8 @@ def parametrization_work(module: nn.Module) -> int:
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         value = module()
-    multiple, nodes, seen = PARAMETRIZATION_WORK, [value.grad_fn], set()
-    while nodes:
-        node = nodes.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        multiple = max(multiple, HEAVY_BACKWARDS.get(node.name(), 0.0))
-        nodes.extend(following for following, _ in node.next_functions)
+    multiple = max([PARAMETRIZATION_WORK, *(HEAVY_BACKWARDS.get(node.name(), 0.0)
+                                             for node in graph_nodes([value.grad_fn]))])
     return int(multiple * (sum(saved.values()) + value.numel() * value.element_size()))
 
 
