@@ -82,6 +82,10 @@ GAP_FRACTION = 1e-2
 #: The chance, over all the converged Ritz values of a run, that a simple eigenvalue's probe
 #: weight is taken for a repeated eigenvalue's (:func:`single_weight_limit`).
 FALSE_REPEAT_RATE = 1e-4
+#: Beside copies among the Ritz values, converged ones whose probe weights average at least this
+#: (halfway from simple eigenvalues' 1 to a 2-fold spectrum's 2), and two deviations above their
+#: count, are taken as repeated (:func:`_deflated_quadrature`).
+REPEAT_MEAN_WEIGHT = 1.5
 #: A new Lanczos vector is orthogonalised against the basis when one of its overlaps exceeds this
 #: times ``sqrt(eps)`` (of the basis dtype); below ``sqrt(eps)`` the basis is semi-orthogonal.
 ORTHOGONALITY_FRACTION = 0.25
@@ -647,12 +651,14 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, copies:
     # tail at 1e-2 caught three 6-fold eigenvalues this bound passes, but on trained MLPs it
     # freed simple ones, heaviest first, whose sampled counts then ran high: trace intervals
     # missed in 6 of 16 seeds; probe 69.)
-    def too_heavy(mask: np.ndarray, deviations: float = 4.0, margin: float = 4.0) -> bool:
+    def too_heavy(mask: np.ndarray, deviations: float = 4.0, margin: float = 4.0,
+                  mean: float = 1.0) -> bool:
         """Whether the probe weights of ``mask`` exceed ``count`` by ``deviations`` standard
-        deviations of their sum (chi-square of ``count`` degrees) and ``margin``."""
+        deviations of their sum (chi-square of ``count`` degrees) and ``margin``, and average
+        more than ``mean``."""
         count = int(mask.sum())
-        return count > 0 and dim * gauss[mask].sum() > (count + deviations * math.sqrt(2 * count)
-                                                        + margin)
+        return count > 0 and dim * gauss[mask].sum() > max(
+            count + deviations * math.sqrt(2 * count) + margin, mean * count)
 
     # Every Ritz value converged, fewer than dim of them: the Krylov space is invariant.
     invariant = bool(converged.all()) and len(nodes) < dim
@@ -662,7 +668,8 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, copies:
         notes.append("the run went on from rounding after its Krylov space turned invariant, "
                      "where it can find copies of its eigenvalues: none is deflated, every "
                      "count is sampled")
-    elif not invariant and (too_heavy(fixed) or seen and too_heavy(fixed, 2.0, 0.0)):
+    elif not invariant and (too_heavy(fixed) or seen and too_heavy(fixed, 2.0, 0.0,
+                                                                    REPEAT_MEAN_WEIGHT)):
         # Probe weights beyond what simple eigenvalues carry: repeated eigenvalues, and where
         # some repeat, an operator's symmetry repeats the others too (a linear layer's block
         # under MSE is kron(I_C, A), every eigenvalue C-fold: freed one at a time, heaviest
@@ -671,8 +678,12 @@ def _deflated_quadrature(pairs: _RitzPairs, dim: int, final_beta: float, copies:
         # at 11 products; probe 90). None is deflated then. Beside copies among the Ritz values
         # (a repeated eigenvalue found twice, or a converged one found again by a long float32
         # run) two deviations suffice (a last-layer block, 12 products: trace 17 in [13, 18]
-        # for 5.8 on every seed); copies alone do not (ghosts), nor weights under four (a heavy
-        # draw of simple ones). An invariant run keeps its deflations but the heaviest (below):
+        # for 5.8 on every seed) where the weights also average REPEAT_MEAN_WEIGHT: a long
+        # float32 run finds copies every time, and among its 145 converged simple eigenvalues two
+        # deviations were a heavy draw in 1 to 4 % of seeds, every deflation undone (a trained
+        # MLP's trace 81 in [36, 134] for 27.7; probe 213). Copies alone do not suffice (ghosts),
+        # nor weights under four deviations (a heavy draw of simple ones). An invariant run
+        # keeps its deflations but the heaviest (below):
         # the repeat check counts their copies (freed, they were sampled, and a spectrum of
         # 2- to 6-fold eigenvalues at 200 products had trace intervals up to 49 % wide for 2 %).
         fixed[:] = False
