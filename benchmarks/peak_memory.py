@@ -21,6 +21,7 @@ For A/B comparisons of a change: run it in each source tree (``git worktree``), 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,17 +54,39 @@ def predicted_bytes(spec: dict[str, Any], method: str, options: dict[str, Any]) 
 def refined_prediction(model: nn.Module, batch: object, method: str,
                        options: dict[str, Any]) -> int:
     """The refined prediction: the call refused before the work at ``max_memory=1`` gives the
-    prediction made then; at one byte above it, the refusal once its first pass has run, and so
-    on while a later refinement refuses (the cotangents' size, once they are formed)."""
-    figure = 1
-    for _ in range(4):
+    prediction made then, an upper bound where reading the outputs would tighten it (a GGN's
+    Gram holds the columns of the positions its loss weighs, read where the budget admits the
+    loss side); where the call runs one byte below it, the least budget it runs at (to 1 %); else
+    at one byte above the figure,
+    the refusal once its first pass has run, and so on while a later refinement refuses (the
+    cotangents' size, once they are formed)."""
+    def refusal_at(budget: int) -> int | None:
         try:
             hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method=method,
-                                    max_memory=figure, **options)
-            return figure
+                                    max_memory=budget, **options)
         except hessrank.BudgetError as refusal:
-            figure = refusal.memory_bytes + 1
-    return figure - 1
+            return int(refusal.memory_bytes)
+        return None
+
+    bound = refusal_at(1)
+    if bound is None:
+        return 1
+    figure = refusal_at(bound - 1)
+    if figure is None:  # admitted below the bound: the least budget admitted, to 1 %
+        refused, admitted = 1, bound - 1
+        while admitted > 1.01 * refused:
+            middle = int(math.sqrt(refused * admitted))
+            if refusal_at(middle) is None:
+                admitted = middle
+            else:
+                refused = middle
+        return admitted
+    for _ in range(4):
+        later = refusal_at(figure + 1)
+        if later is None:
+            return figure
+        figure = later
+    return figure
 
 
 def main() -> None:

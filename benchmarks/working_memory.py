@@ -121,7 +121,19 @@ EXTRA = [("attention over 128 tokens", "lanczos",
                    torch.randn(16, 4_000_000), torch.randint(0, 10, (16,)))),
          # the state's copies (probe 205)
          ("200 MB tensor attribute", "fisher",
-          lambda: (HeldTable(), torch.randn(64, 20), torch.randint(0, 3, (64,))))]
+          lambda: (HeldTable(), torch.randn(64, 20), torch.randint(0, 3, (64,)))),
+         # a per-token GGN whose Gram holds only the weighed positions (probe 219)
+         ("per-token GGN, 28 of 32 positions padded", "ggn", lambda: padded_tokens(32, 32, 4))]
+
+
+def padded_tokens(samples: int, positions: int, weighed: int) -> tuple[nn.Module, torch.Tensor,
+                                                                        torch.Tensor]:
+    """``tests/test_errors.py``'s per-token model (V = 30) on ``samples`` sequences of
+    ``positions`` tokens whose targets past the first ``weighed`` are padding (-100, the
+    cross-entropy's ``ignore_index``)."""
+    targets = torch.randint(0, 30, (samples, positions))
+    targets[:, weighed:] = -100
+    return cases._TokenHead(), torch.randint(0, 30, (samples, positions)), targets
 
 
 def extra_case(index: int) -> tuple[nn.Module, tuple[Any, torch.Tensor], str, dict[str, int]]:

@@ -1637,6 +1637,40 @@ def test_budget_counts_the_copies_of_the_models_state(where, copies, method):
     assert copies * 32 * 2**20 <= refusal.memory_bytes < (copies + 1) * 32 * 2**20
 
 
+class _TokenHead(nn.Module):
+    """Per-token logits ``[n, V, T]`` of an embedding and a linear head (V = 30)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(30, 8)
+        self.head = nn.Linear(8, 30)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embedding(tokens))).transpose(1, 2)
+
+
+def test_a_per_token_ggn_predicts_the_gram_of_the_positions_its_loss_weighs():
+    """The GGN's Gram holds ``C - 1`` columns per sample at each position its loss weighs: padded
+    positions (``ignore_index``) drop out. Its prediction had counted every position: 28 of 32
+    padded, a GGN predicted at 6.11 GiB peaked at 337 MiB and was refused at the default budget
+    (probe 219). 4 of 16 positions weighed: a Gram of ``32 x 4 x 29`` rows where all 16 give
+    ``32 x 16 x 29``, beside the same loss side."""
+    torch.manual_seed(0)
+    model, tokens = _TokenHead(), torch.randint(0, 30, (32, 16))
+    figures = []
+    for weighed in (16, 4):
+        targets = torch.randint(0, 30, (32, 16))
+        targets[:, weighed:] = -100
+        refusal = _check(model, lambda targets=targets: hessrank.effective_rank(
+            model, CE, (tokens, targets), method="ggn", max_memory=128 * 2**20),
+            hessrank.BudgetError, "method='ggn' needs about")
+        figures.append(refusal.memory_bytes)
+    full, padded = figures
+    gram = 4 + 16  # bytes an entry: the Gram in float32, its float64 copy and the solver's
+    difference = gram * ((32 * 16 * 29) ** 2 - (32 * 4 * 29) ** 2)
+    assert difference <= full - padded <= 1.05 * difference  # (and the kept columns' copies)
+
+
 class _SharedCache(nn.Module):
     """Four blocks each holding one 32 MiB tensor as an attribute (a shared rotary cache)."""
 

@@ -1538,21 +1538,23 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
 
 
 def softmax_columns(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> int | None:
-    """The GGN factor columns per sample of a loss :func:`ggn_cotangents` factors as a softmax
-    cross-entropy (``C - 1`` at each position of the ``C`` classes), for predictions before
-    the work; None where the loss is not one, or where the check cannot tell (the work's own
-    checks then name the problem)."""
+    """At most the GGN factor columns per sample of a loss :func:`ggn_cotangents` factors as a
+    softmax cross-entropy (``C - 1`` at each position of the ``C`` classes that carries loss
+    weight in some sample: the factors drop the columns zero in every sample, such as padding's
+    under ``ignore_index``), for predictions before the work; None where the loss is not one,
+    or where the check cannot tell (the work's own checks then name the problem)."""
     try:
-        class_dim = _verified_softmax(float64_loss(loss_fn, outputs, targets, [])[0], outputs,
+        structure = _verified_softmax(float64_loss(loss_fn, outputs, targets, [])[0], outputs,
                                       targets, torch.Generator().manual_seed(0),
-                                      []).class_dim  # (the work's own call notes)
+                                      [])  # (the work's own call notes)
     except (RuntimeError, ValueError, TypeError) as error:
         raise_if_signalled(error)
         return None
-    if class_dim is None:
+    if structure.class_dim is None:
         return None
-    classes = outputs.shape[class_dim]
-    return outputs[0].numel() // classes * (classes - 1)
+    classes = outputs.shape[structure.class_dim]
+    weighted = int((structure.weights != 0).reshape(len(outputs), -1).any(0).sum())
+    return weighted * (classes - 1)
 
 
 def _symmetric(blocks: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ class Fisher(GramEstimator):
         return 1
 
     def output_side_bytes(self, num_samples: int, outputs_per_sample: int, element: int,
-                          options: GramOptions) -> int:
+                          options: GramOptions, solved: int | None = None) -> int:
         """The loss's and the samples' gradients w.r.t. the outputs (:func:`fisher_cotangents`),
         counted once the first forward pass gives the outputs' size (``fisher`` runs no forward
         pass to predict)."""

@@ -72,28 +72,36 @@ class GGN(GramEstimator):
         return softmax_columns(problem.loss_fn, outputs(), problem.targets)
 
     def output_side_bytes(self, num_samples: int, outputs_per_sample: int, element: int,
-                          options: GramOptions) -> int:
+                          options: GramOptions, solved: int | None = None) -> int:
         mc_samples = getattr(options, "mc_samples", None)
-        if mc_samples is None:
-            # Output-Hessian blocks: products, float64 blocks, their scaled copy and
-            # eigenvectors; where rounding may explain negative eigenvalues, the same again in
-            # the other precision beside them (loss.ggn_cotangents).
-            return num_samples * outputs_per_sample**2 * (2 * element + 56)
         # The check that the loss is a softmax cross-entropy, over the last and the second
         # dimension: its graph, float64 probabilities (the first pass's kept through the
         # second), three float64 probes, their stack and cast, the batched Hessian-vector
         # products and their comparison; the same again in float64 on a chunk of the samples
-        # at a time (loss.float64_chunk_samples), beside it; then the draws. Measured 151-176
-        # bytes an output entry in float32 on 32-64 samples, 316 on 8 (the float64 check
-        # then covers the whole batch), which 48 + M (8 + e) had put at 60: the call peaked
-        # at 2.35-2.95x its prediction (probe 78, helper 70; probe 82).
+        # at a time (loss.float64_chunk_samples), beside it. Measured 151-176 bytes an output
+        # entry in float32 on 32-64 samples, 316 on 8 (the float64 check then covers the whole
+        # batch), which 48 + M (8 + e) had put at 60: the call peaked at 2.35-2.95x its
+        # prediction (probe 78, helper 70; probe 82).
         def check(size: int) -> int:
             return 8 + 3 * size + max(56 + 15 * size, 121)
 
         head = min(num_samples, float64_chunk_samples(outputs_per_sample)) / num_samples
-        draws = 24 + mc_samples * (8 + element)
-        return int(num_samples * outputs_per_sample
-                   * max(check(element) + 24 + head * check(8), draws))
+        checked = check(element) + 24 + head * check(8)
+        if mc_samples is not None:  # then the draws
+            draws = 24 + mc_samples * (8 + element)
+            return int(num_samples * outputs_per_sample * max(checked, draws))
+        if solved is not None:
+            # A softmax cross-entropy's factors from its formula (loss._softmax_factors): every
+            # position's C - 1 columns over every output entry in float64, then the ``solved``
+            # columns kept, in float64 and in the outputs' dtype; the check before them. (The
+            # blocks below had counted 64 bytes where these take 8: a per-token GGN with 28 of
+            # 32 positions padded was predicted at 4.4 times its peak; probe 219.)
+            return int(num_samples * outputs_per_sample * max(
+                checked, 8 * outputs_per_sample + (16 + element) * solved))
+        # Output-Hessian blocks: products, float64 blocks, their scaled copy and eigenvectors;
+        # where rounding may explain negative eigenvalues, the same again in the other
+        # precision beside them (loss.ggn_cotangents).
+        return num_samples * outputs_per_sample**2 * (2 * element + 56)
 
     def cotangents(self, loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                    generator: torch.Generator, notes: list[str],

@@ -95,8 +95,9 @@ class GramEstimator(Estimator):
         the call's result should say of them is added to ``notes``."""
 
     def output_side_bytes(self, num_samples: int, outputs_per_sample: int, element: int,
-                          options: GramOptions) -> int:
-        """Peak bytes of computing the output-side factors (beyond the factors themselves)."""
+                          options: GramOptions, solved: int | None = None) -> int:
+        """Peak bytes of computing the output-side factors (beyond the factors themselves);
+        ``solved``: the factor columns per sample :meth:`solved_columns` read, where it did."""
         return 0
 
     def unpredicted_output_bytes(self, problem: CurvatureProblem, outputs: Tensor,
@@ -121,7 +122,6 @@ class GramEstimator(Estimator):
         per_sample = outputs()[0].numel() if self.needs_output_size else 1
         k = self.columns(per_sample, options)
         element = problem.params[0].element_size()
-        size = k * n
         groups = problem.modules_with_params()
         layer_count = len(problem.layers()) if settings.per_layer else 0
         unruled = unruled_sizes(problem, options.backend == "auto")
@@ -130,22 +130,40 @@ class GramEstimator(Estimator):
         # them), for eigenvectors the vectors and the solver's larger workspace (30 bytes an
         # entry at 5,120 rows, which one matrix had predicted at 1.9x short)
         solve = 8 * (1 + (SOLVE_MATRICES[True] if settings.eigenvectors else 1))
-        if settings.per_layer:  # every layer's Gram kept for its block through the solve
-            memory = size**2 * (element + solve + layer_count * element)
-        else:
-            # The Gram in the model dtype, its float64 copy and the eigen-solver's workspace;
-            # before them, each rule's Gram of its group and the total, all held until the
-            # Gram is complete (the claims are checked together; the general path adds its
-            # groups one at a time): 14 of them peaked at 1.8x the prediction of one on a
-            # two-layer transformer's per-token GGN (probe 78, helper 70; probe 82).
-            ruled = len(groups) - len(unruled)
-            memory = size**2 * max(element + solve, (ruled + 1) * element)
-        if self.needs_output_size:  # else once the first forward pass gives the outputs' size
-            memory += self.output_side_bytes(n, per_sample, element, options)
-        # the general path's factors for the groups no rule covers (those a rule declines
-        # once it sees the call are counted then, compute_gram)
-        memory += general_path_bytes(unruled, size, element)
-        memory += 2 * problem.num_params * element  # the check's gradient
+
+        def memory_at(size: int, solved: int | None = None) -> int:
+            """The prediction's bytes for a Gram of ``size`` rows, of ``solved`` columns a sample
+            where :meth:`solved_columns` read them."""
+            if settings.per_layer:  # every layer's Gram kept for its block through the solve
+                memory = size**2 * (element + solve + layer_count * element)
+            else:
+                # The Gram in the model dtype, its float64 copy and the eigen-solver's workspace;
+                # before them, each rule's Gram of its group and the total, all held until the
+                # Gram is complete (the claims are checked together; the general path adds its
+                # groups one at a time): 14 of them peaked at 1.8x the prediction of one on a
+                # two-layer transformer's per-token GGN (probe 78, helper 70; probe 82).
+                ruled = len(groups) - len(unruled)
+                memory = size**2 * max(element + solve, (ruled + 1) * element)
+            if self.needs_output_size:  # else once the first forward pass gives the outputs' size
+                memory += self.output_side_bytes(n, per_sample, element, options, solved)
+            # the general path's factors for the groups no rule covers (those a rule declines
+            # once it sees the call are counted then, compute_gram)
+            memory += general_path_bytes(unruled, size, element)
+            return int(memory) + 2 * problem.num_params * element  # the check's gradient
+
+        memory = memory_at(k * n)
+        # The columns the work will solve, where the outputs tell them below the bound: a
+        # softmax cross-entropy's n (C - 1) at the positions that carry loss weight. Its Gram
+        # too is that size where the outputs are the whole batch's (not one shard's, or one
+        # loader batch's, whose weighted positions may differ from the others'): a per-token
+        # GGN with 28 of 32 positions padded (ignore_index) was predicted at 6.11 GiB for a
+        # 337 MiB peak, and refused at the default budget (probe 219).
+        # (read where the output side that reading them implies fits the budget: the check
+        # that reads them costs less)
+        solved = (self.solved_columns(problem, outputs, options)
+                  if memory_at(0, 0) <= settings.max_memory else None)
+        if solved is not None and self.needs_output_size and len(outputs()) == n:
+            memory = memory_at(min(k, solved) * n, solved)
         if settings.max_seconds is None or memory > settings.max_memory:
             return Cost(int(memory))
         # The float64 eigen-solves of the Gram (and of each group's block), which grow as the
@@ -154,10 +172,10 @@ class GramEstimator(Estimator):
         # cross-entropy's n (C - 1), not the bound n C (binary ones were predicted 5 times
         # their time and refused at twice it; probe 93). The passes over the model and the
         # Gram's products are not predicted.
-        solved = n * (self.solved_columns(problem, outputs, options) or k)
-        solves = eigen_solve_seconds(solved, problem.device, vectors=settings.eigenvectors > 0)
+        size = n * (solved or k)
+        solves = eigen_solve_seconds(size, problem.device, vectors=settings.eigenvectors > 0)
         if settings.per_layer:
-            solves += layer_count * eigen_solve_seconds(solved, problem.device)
+            solves += layer_count * eigen_solve_seconds(size, problem.device)
         return Cost(int(memory), solves, unpredicted=UNPREDICTED_TIME)
 
     def run(self, problem: CurvatureProblem, settings: Settings,
