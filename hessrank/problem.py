@@ -271,7 +271,19 @@ class CurvatureProblem:
         if not self._graph_read and isinstance(outputs, Tensor) and outputs.grad_fn is not None:
             self._graph_read = True
             self.add_custom_functions(outputs)
+            self._embedding_uses(outputs)
         return outputs
+
+    def _embedding_uses(self, outputs: Tensor) -> None:
+        """The padding-row note (:func:`_embedding_notes`) without the embeddings whose weight
+        the graph of ``outputs`` uses otherwise too."""
+        analysed = {id(p) for p in self.params}
+        noted = _embedding_notes(self.model, analysed)
+        if noted and noted[0] in self.notes:
+            kept = _embedding_notes(self.model, analysed,
+                                    weights_used_otherwise(outputs, self.model))
+            index = self.notes.index(noted[0])
+            self.notes[index:index + 1] = kept
 
     def _restarted(self) -> None:
         """A pass restarted without saved-tensor hooks (:func:`run_model`): later ones start
@@ -1666,18 +1678,42 @@ def _mode_notes(model: nn.Module, mode: str) -> list[str]:
     return notes
 
 
-def _embedding_notes(model: nn.Module, analysed: set[int]) -> list[str]:
+#: The autograd nodes of an embedding's lookup, which mask its ``padding_idx`` row.
+_LOOKUPS = frozenset({"EmbeddingBackward0", "EmbeddingBagBackward0"})
+
+
+def _embedding_notes(model: nn.Module, analysed: set[int],
+                     used_otherwise: Collection[int] = ()) -> list[str]:
     """Embeddings whose ``padding_idx`` row gets no gradient: autograd masks it, as in training,
     so every method holds it fixed, its entries counted in P with zero curvature (not said
-    before; probe 144)."""
+    before; probe 144). Not where another module holds the weight too, or the graph shows
+    another use of it (``used_otherwise``, :func:`weights_used_otherwise`): a tied output head
+    gives that row gradient and curvature, which the note had denied (probe 219)."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            holders[id(param)] = holders.get(id(param), 0) + 1
     padded = [f"{type(module).__name__} {name!r} (padding_idx={module.padding_idx})"
               for name, module in model.named_modules()
               if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-              and id(module.weight) in analysed and module.padding_idx is not None]
+              and id(module.weight) in analysed and module.padding_idx is not None
+              and holders.get(id(module.weight)) == 1 and id(module.weight) not in used_otherwise]
     if not padded:
         return []
     return [f"the padding_idx row of {listed_names(padded)} gets no gradient, as in training: "
             "held fixed, its entries count in P with zero curvature"]
+
+
+def weights_used_otherwise(outputs: Tensor, model: nn.Module) -> set[int]:
+    """The ids of the padded embeddings' weights of ``model`` that the graph of ``outputs`` uses
+    otherwise than by a lookup (a tied head's ``h @ weight.T``)."""
+    padded = {id(module.weight) for module in model.modules()
+              if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+              and module.padding_idx is not None}
+    return {id(child.variable) for node in graph_nodes([outputs.grad_fn])
+            if type(node).__name__ not in _LOOKUPS
+            for child, _ in node.next_functions
+            if id(getattr(child, "variable", None)) in padded}
 
 
 def _check_placement(labelled: list[tuple[str, Tensor]], device: torch.device) -> None:

@@ -620,6 +620,38 @@ class _Regularised(nn.Module):
         return CE(outputs, targets) + sum((p**2).sum() for p in self.model.parameters())
 
 
+class _TiedPadded(nn.Module):
+    """Tokens through an embedding with a padding row, then logits against the same table, tied
+    as a module's weight (``head.weight = embedding.weight``) or in forward (``h @ W.T``)."""
+
+    def __init__(self, tie: str) -> None:
+        super().__init__()
+        self.embedding, self.mix = nn.Embedding(6, 4, padding_idx=0), nn.Linear(4, 4)
+        self.tie = tie
+        if tie == "module":
+            self.head = nn.Linear(4, 6, bias=False)
+            self.head.weight = self.embedding.weight
+
+    def forward(self, tokens):
+        hidden = torch.tanh(self.mix(self.embedding(tokens))).mean(1)
+        return self.head(hidden) if self.tie == "module" else hidden @ self.embedding.weight.T
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+@pytest.mark.parametrize("tie", ["module", "forward"])
+def test_a_tied_embedding_s_padding_row_is_not_said_to_be_fixed(method, tie):
+    """A tied output head gives the padding row gradient and curvature, which hessrank counts
+    (the reference's gradient of that row is nonzero): the note had said it was held fixed with
+    zero curvature (probe 219)."""
+    torch.manual_seed(0)
+    model = _TiedPadded(tie).double()
+    batch = (torch.tensor([[0, 1], [2, 3], [4, 5], [1, 0]]), torch.tensor([0, 1, 2, 0]))
+    gradient = torch.autograd.grad(CE(model(batch[0]), batch[1]), model.embedding.weight)[0]
+    assert gradient[0].abs().max() > 1e-3  # the padding row's
+    notes = hessrank.effective_rank(model, CE, batch, method).notes
+    assert not any("padding_idx" in note for note in notes), notes
+
+
 @pytest.mark.parametrize("method", ["exact", "fisher"])
 def test_an_embedding_s_masked_or_scaled_gradient_is_noted(method):
     """An embedding's padding_idx row gets no gradient (every method holds it fixed, its entries
