@@ -10,7 +10,8 @@ import math
 import numbers
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -68,6 +69,7 @@ from hessrank.problem import (
     lower_precision_cause,
     probe_for_target_dtype,
     probe_outputs,
+    raise_extended,
     reentrant_checkpoint_error,
     refuse_target_dtype_of,
 )
@@ -372,7 +374,8 @@ def effective_rank(
                 raise ValueError("eigenvectors= is not available with process_group yet: compute "
                                  "them in one process on the gathered batch")
         start = time.perf_counter()
-        with (one_call_at_a_time(),
+        with (_said_of_the_reading(_stream_reading(batch) if streaming else ""),
+              one_call_at_a_time(),
               ExitsHeldBack() as exits,
               preserved_state(model) as check_parameters,
               differentiable(model) as guard_notes,
@@ -687,6 +690,26 @@ def _stream_reading(data: object) -> str:
                 "such as sample weights, can take them stacked in one tensor or as a closure "
                 "over them)")
     return ""
+
+
+#: How the errors about a data set's first batch that :func:`_said_of_the_reading` extends open:
+#: its shape, and its loss failing on its targets.
+_FIRST_BATCH_ERRORS = ("batch 0 of the data", "loss_fn(outputs, targets) failed")
+
+
+@contextmanager
+def _said_of_the_reading(reading: str) -> Iterator[None]:
+    """Errors about the first batch of a data set extended by how the data was read
+    (``reading``, :func:`_stream_reading`): one batch whose targets are a pair, read as a data
+    set of two, had been told that its batch was a dict or that its loss failed on boolean
+    targets, with no word of the reading (probe 219)."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        if reading and message.startswith(_FIRST_BATCH_ERRORS) and reading not in message:
+            raise_extended(error, f"{message.rstrip('. ')}{reading}", reading.lstrip("; "))
+        raise
 
 
 def _layer_costs(estimator: Estimator, problem: CurvatureProblem,

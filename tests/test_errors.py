@@ -167,6 +167,37 @@ def test_a_batch_that_leaves_out_a_forward_input_is_refused_before_the_work(make
     assert hessrank.effective_rank(model, CE, ((x1, x2), y), method="fisher").rank >= 1
 
 
+class _OptionalMask(nn.Module):
+    """A linear layer whose second input, a mask, is optional (inputs by name or position)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.layer(x) if mask is None else self.layer(x) * mask
+
+
+def _masked_loss(outputs: torch.Tensor, targets: tuple) -> torch.Tensor:
+    labels, mask = targets
+    return (nn.functional.cross_entropy(outputs, labels, reduction="none") * mask).mean()
+
+
+@pytest.mark.parametrize("make_batch", [
+    lambda x, mask, y: ({"x": x, "mask": mask}, (y, mask)),  # the first batch a dict
+    lambda x, mask, y: ((x, mask), (y, mask)),  # the loss given the mask as its targets
+], ids=["dict inputs", "optional input"])
+def test_one_batch_whose_targets_are_a_pair_is_told_how_it_was_read(make_batch):
+    """One batch whose targets are a pair is read as a data set of two batches (the outer pair
+    holds no tensor); the errors had said the batch was a dict, or that the loss failed on the
+    mask, with no word of that reading (probe 219)."""
+    model = _OptionalMask()
+    x, mask, y = torch.randn(6, 3), torch.ones(6, 1), torch.randint(0, 2, (6,))
+    _check(model, lambda: hessrank.effective_rank(model, _masked_loss, make_batch(x, mask, y)),
+           (TypeError, ValueError), r"read the data as a data set of 2 batches.*one batch "
+                                    r"takes one targets tensor")
+
+
 def _with_mask(forward):
     @functools.wraps(forward)
     def wrapper(self, x):
