@@ -65,13 +65,21 @@ def _drops_out(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) and module.dropout > 0
 
 
+#: Methods that set the mode rather than read it.
+_MODE_SETTERS = frozenset({"__init__", "train", "eval", "__setstate__"})
+
+
 def _reads_training(module: nn.Module) -> bool:
-    """Whether ``module`` is of a class outside torch whose ``forward`` reads an attribute
-    named ``training`` (``self.training``): it may compute otherwise in training mode."""
-    if type(module).__module__.split(".")[0] == "torch":
-        return False
-    code = getattr(getattr(type(module), "forward", None), "__code__", None)
-    return code is not None and "training" in code.co_names
+    """Whether ``module`` is of a class outside torch one of whose methods defined in its own
+    package (``forward``, or a helper it calls: fastai's ``WeightDropout._setweights``, probe
+    220; not a framework's base class's) reads an attribute named ``training``
+    (``self.training``): it may compute otherwise in training mode."""
+    package = type(module).__module__.split(".")[0]
+    return package != "torch" and any(
+        "training" in method.__code__.co_names
+        for klass in type(module).__mro__ if klass.__module__.split(".")[0] == package
+        for name, method in vars(klass).items()
+        if name not in _MODE_SETTERS and hasattr(method, "__code__"))
 
 
 def _power_iterated(module: nn.Module) -> list[str]:
@@ -1646,7 +1654,7 @@ def _mode_notes(model: nn.Module, mode: str) -> list[str]:
     iterating = [repr(f"{name}.{tensor}" if name else tensor)
                  for name, m in model.named_modules() for tensor in _power_iterated(m)]
     random_slopes = [name for name, m in modules if m.training and isinstance(m, nn.RReLU)]
-    # modules of the user's own classes whose forward reads self.training (a DropPath,
+    # modules of the user's own classes whose methods read self.training (a DropPath,
     # F.dropout(x, p, self.training), a norm of its own): had gone unnamed (probe 216)
     reading = [name for name, m in modules if m.training and _reads_training(m)]
     switched = []
@@ -1659,8 +1667,8 @@ def _mode_notes(model: nn.Module, mode: str) -> list[str]:
         switched.append(plural(random_slopes, "uses its", "use their") + " mean slope, not "
                         "random ones")
     if reading:
-        switched.append(plural(reading, "reads", "read") + " self.training in forward, False "
-                        "for the call")
+        switched.append(plural(reading, "reads", "read") + " self.training, False for the "
+                        "call")
     if iterating:
         switched.append(f"the spectral norm of {listed_names(iterating)} divides by its stored "
                         "singular vectors' estimate, with no power-iteration step "

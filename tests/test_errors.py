@@ -533,7 +533,8 @@ def _sequence_first_loss(outputs, targets):
 @pytest.mark.parametrize(("make", "match"), [
     (lambda: (_BatchSizedMixer().double(), CE, classification_batch(8, 5, 3)),
      r"the model's forward failed on one sample alone \(RuntimeError: .*\).*needs the "
-           r"whole batch.*use method='exact' or 'lanczos'"),
+           r"whole batch.*batch dimension is not the first.*h0.*use "
+           r"method='fisher_lanczos'/'ggn_lanczos'.*or 'exact'/'lanczos'"),
     (lambda: (_SequenceFirstOutput().double(), _sequence_first_loss,
               (torch.randn(8, 6, 5, dtype=torch.float64), torch.randint(0, 3, (8, 6)))),
      r"output has shape \(6, 8, 3\) for a batch of 8 samples.*samples along the output's "
@@ -813,17 +814,34 @@ class _DropPath(nn.Module):
         return x * keep / 0.5
 
 
+class _WeightDropped(nn.Module):
+    """fastai's ``WeightDropout`` pattern: ``forward`` calls a helper that reads
+    ``self.training`` to drop entries of the weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+
+    def _setweights(self) -> torch.Tensor:
+        return nn.functional.dropout(self.inner.weight, 0.5, training=self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self._setweights(), self.inner.bias)
+
+
 def test_the_eval_note_names_random_slopes_and_modules_reading_training():
     """``nn.RReLU`` and modules of the user's own classes that read ``self.training`` in
-    forward compute otherwise in training mode: evaluated for the call, and named (the note
-    had named neither; probe 216)."""
+    forward, or in a helper forward calls, compute otherwise in training mode: evaluated for
+    the call, and named (the note had named neither; probe 216; nor the helper's; probe
+    220)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.RReLU(), _DropPath(), nn.Linear(6, 3)).double()
+    model = nn.Sequential(nn.Linear(5, 6), nn.RReLU(), _DropPath(), _WeightDropped(),
+                          nn.Linear(6, 3)).double()
     x, y = classification_batch(8, 5, 3)
     notes = hessrank.effective_rank(model.train(), CE, (x, y), method="fisher").notes
     assert any(note.endswith("though it is in training mode: RReLU '1' uses its mean slope, "
-                             "not random ones; _DropPath '2' reads self.training in forward, "
-                             "False for the call") for note in notes), notes
+                             "not random ones; _DropPath '2', _WeightDropped '3' read "
+                             "self.training, False for the call") for note in notes), notes
 
 
 def test_random_forward_refused_over_a_data_set():

@@ -96,7 +96,10 @@ VMAP_PATH, LOOP_PATH = "torch.func", "per-sample loop"
 #: Why a forward that fails on one sample alone has no per-sample factors.
 SAMPLE_ALONE = ("per-sample EF/GGN factors run the model on each sample by itself (a batch of "
                 "1), and a forward that needs the whole batch (it mixes the samples, or fixes the "
-                "batch size) has none; use method='exact' or 'lanczos'")
+                "batch size: a state it holds for n samples, an input whose batch dimension is "
+                "not the first, such as a recurrent layer's h0 [layers, n, hidden]) has none; "
+                "use method='fisher_lanczos'/'ggn_lanczos' (each sample's factor as the batch "
+                "computes it), or 'exact'/'lanczos' (the Hessian of the batch's loss)")
 
 
 @dataclass
