@@ -1677,14 +1677,16 @@ def _softmax_factors(probs: Tensor, weights: Tensor, class_dim: int, dtype: torc
     factors = (shift_free @ eigenvectors * eigenvalues.sqrt().unsqueeze(-2)).reshape(
         n, -1, classes, width)  # [n, R, entries, k]
     positions = factors.shape[1]
-    # column (r, k) holds factor k of position r at position r and zeros elsewhere
-    columns = torch.zeros(positions, width, n, positions, classes, dtype=torch.float64,
+    # column (r, k) holds factor k of position r at position r and zeros elsewhere; only the
+    # columns nonzero in some sample are formed, in (r, k) order (every column formed, then
+    # those kept copied, had held P^2 C (C - 1) float64 entries twice over: a per-token GGN
+    # with 63 of 64 positions padded peaked at twice its prediction; probe 221)
+    position, factor = (factors != 0).any(dim=2).any(dim=0).nonzero(as_tuple=True)
+    columns = torch.zeros(len(position), n, positions, classes, dtype=torch.float64,
                           device=probs.device)
-    index = torch.arange(positions, device=probs.device)
-    columns[index, :, :, index, :] = factors.permute(1, 3, 0, 2)
-    columns = columns.reshape(positions * width, n, positions, classes)
-    keep = columns.flatten(1).abs().amax(dim=1) > 0
-    columns = columns[keep].reshape(-1, n, *probs.shape[1:])
+    columns[torch.arange(len(position), device=probs.device), :, position, :] = (
+        factors[:, position, :, factor])
+    columns = columns.reshape(-1, n, *probs.shape[1:])
     return columns.movedim(-1, class_dim + 1).to(dtype).contiguous()
 
 

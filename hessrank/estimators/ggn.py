@@ -91,13 +91,15 @@ class GGN(GramEstimator):
             draws = 24 + mc_samples * (8 + element)
             return int(num_samples * outputs_per_sample * max(checked, draws))
         if solved is not None:
-            # A softmax cross-entropy's factors from its formula (loss._softmax_factors): every
-            # position's C - 1 columns over every output entry in float64, then the ``solved``
-            # columns kept, in float64 and in the outputs' dtype; the check before them. (The
-            # blocks below had counted 64 bytes where these take 8: a per-token GGN with 28 of
-            # 32 positions padded was predicted at 4.4 times its peak; probe 219.)
+            # A softmax cross-entropy's factors from its formula (loss._softmax_factors): each
+            # position's C x C block, its projection, eigenvectors and factors in float64 (40 C
+            # bytes an output entry, C - 1 at most ``solved``), then the ``solved`` columns
+            # over every output entry in float64 and twice in the outputs' dtype (its copy and
+            # its contiguous layout); the check before them. (The blocks below had counted
+            # 64 bytes an entry per output entry: a per-token GGN with 28 of 32 positions padded
+            # was predicted at 4.4 times its peak; probe 219.)
             return int(num_samples * outputs_per_sample * max(
-                checked, 8 * outputs_per_sample + (16 + element) * solved))
+                checked, 40 * (solved + 1) + (8 + 2 * element) * solved))
         # Output-Hessian blocks: products, float64 blocks, their scaled copy and eigenvectors;
         # where rounding may explain negative eigenvalues, the same again in the other
         # precision beside them (loss.ggn_cotangents).

@@ -21,7 +21,7 @@ from hessrank.curvature.gram import (
     unruled_sizes,
 )
 from hessrank.curvature.loss import check_no_parameter_terms
-from hessrank.distributed import gathered_output_side
+from hessrank.distributed import ShardedProblem, gathered_output_side
 from hessrank.estimators.base import (
     Cost,
     Estimator,
@@ -39,6 +39,7 @@ from hessrank.problem import (
 )
 from hessrank.spectrum.dense import SOLVE_MATRICES, symmetric_eigenpairs, symmetric_eigenvalues
 from hessrank.spectrum.lanczos import power_of_two_below
+from hessrank.streaming import StreamedProblem
 
 BACKENDS = ("auto", "func", "backpack")
 #: What a Gram method's time prediction leaves out (:attr:`Cost.unpredicted`).
@@ -154,15 +155,17 @@ class GramEstimator(Estimator):
         memory = memory_at(k * n)
         # The columns the work will solve, where the outputs tell them below the bound: a
         # softmax cross-entropy's n (C - 1) at the positions that carry loss weight. Its Gram
-        # too is that size where the outputs are the whole batch's (not one shard's, or one
-        # loader batch's, whose weighted positions may differ from the others'): a per-token
+        # too is that size where the outputs are the whole batch's (not one shard's, or a data
+        # set's first batch, whose weighted positions may differ from the others'; an endless
+        # stream's had let its pass run, refused after it; probe 221): a per-token
         # GGN with 28 of 32 positions padded (ignore_index) was predicted at 6.11 GiB for a
         # 337 MiB peak, and refused at the default budget (probe 219).
         # (read where the output side that reading them implies fits the budget: the check
         # that reads them costs less)
         solved = (self.solved_columns(problem, outputs, options)
                   if memory_at(0, 0) <= settings.max_memory else None)
-        if solved is not None and self.needs_output_size and len(outputs()) == n:
+        if solved is not None and self.needs_output_size and len(outputs()) == n \
+                and not isinstance(problem, (StreamedProblem, ShardedProblem)):
             memory = memory_at(min(k, solved) * n, solved)
         if settings.max_seconds is None or memory > settings.max_memory:
             return Cost(int(memory))
