@@ -93,11 +93,11 @@ class GGN(GramEstimator):
         if solved is not None:
             # A softmax cross-entropy's factors from its formula (loss._softmax_factors): each
             # position's C x C block, its projection, eigenvectors and factors in float64 (40 C
-            # bytes an output entry, C - 1 at most ``solved``), then the ``solved`` columns
+            # bytes an output entry; C is at most ``solved + 1``), then the ``solved`` columns
             # over every output entry in float64 and twice in the outputs' dtype (its copy and
-            # its contiguous layout); the check before them. (The blocks below had counted
-            # 64 bytes an entry per output entry: a per-token GGN with 28 of 32 positions padded
-            # was predicted at 4.4 times its peak; probe 219.)
+            # its contiguous layout); the check before them. (The blocks below, 64 bytes an
+            # output entry for each output entry of its sample, had predicted a per-token GGN
+            # with 28 of 32 positions padded at 4.4 times its peak; probe 219.)
             return int(num_samples * outputs_per_sample * max(
                 checked, 40 * (solved + 1) + (8 + 2 * element) * solved))
         # Output-Hessian blocks: products, float64 blocks, their scaled copy and eigenvectors;
