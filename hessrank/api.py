@@ -386,7 +386,7 @@ def effective_rank(
                 problem = build_problem(
                     model, loss_fn,
                     first_batch(batch, _device_of(model)) if streaming else batch,  # type: ignore[arg-type]
-                    params, mode, _stream_reading(batch) if streaming else "")
+                    params, mode)
             if streaming:
                 problem = streamed_problem(problem, batch)
             ddp, ddp_ignored = ddp_among_wrappers(model)
@@ -693,21 +693,22 @@ def _stream_reading(data: object) -> str:
 
 
 #: How the errors about a data set's first batch that :func:`_said_of_the_reading` extends open:
-#: its shape, and its loss failing on its targets.
-_FIRST_BATCH_ERRORS = ("batch 0 of the data", "loss_fn(outputs, targets) failed")
+#: its shape, its inputs not fitting the forward, and its loss failing on its targets.
+_FIRST_BATCH_ERRORS = ("batch 0 of the data", "the batch gives ",
+                       "loss_fn(outputs, targets) failed")
 
 
 @contextmanager
 def _said_of_the_reading(reading: str) -> Iterator[None]:
     """Errors about the first batch of a data set extended by how the data was read
     (``reading``, :func:`_stream_reading`): one batch whose targets are a pair, read as a data
-    set of two, had been told that its batch was a dict or that its loss failed on boolean
-    targets, with no word of the reading (probe 219)."""
+    set of two, had been told that its batch was a dict, that it left out a forward input, or
+    that its loss failed on boolean targets, with no word of the reading (probe 219)."""
     try:
         yield
     except (TypeError, ValueError) as error:
         message = str(error)
-        if reading and message.startswith(_FIRST_BATCH_ERRORS) and reading not in message:
+        if reading and message.startswith(_FIRST_BATCH_ERRORS):
             raise_extended(error, f"{message.rstrip('. ')}{reading}", reading.lstrip("; "))
         raise
 

@@ -616,18 +616,28 @@ _HANDLED_AT_ENTRY: contextvars.ContextVar[frozenset[tuple[int, int]] | None] = (
     contextvars.ContextVar("handled_at_entry", default=None))
 
 
-def _chain(error: BaseException | None) -> Iterator[BaseException]:
-    """``error`` and its causes and contexts, each once: both followed (an error raised from
-    itself, ``raise error from error``, had hidden the interrupt in its context; probe 181)."""
+_Node = TypeVar("_Node")
+
+
+def each_once(roots: Iterable[_Node | None],
+              following: Callable[[_Node], Iterable[_Node | None]]) -> Iterator[_Node]:
+    """Every node reached from ``roots`` through ``following`` (None ones skipped), each once by
+    identity, depth first: a walk over a graph that may hold cycles or shared nodes."""
     seen: set[int] = set()
-    pending = [error]
+    pending = list(roots)
     while pending:
         current = pending.pop()
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
         yield current
-        pending += [current.__context__, current.__cause__]
+        pending.extend(following(current))
+
+
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and its causes and contexts, each once: both followed (an error raised from
+    itself, ``raise error from error``, had hidden the interrupt in its context; probe 181)."""
+    return each_once([error], lambda current: [current.__context__, current.__cause__])
 
 
 def signalled(error: BaseException, handled: frozenset[tuple[int, int]] | None = None

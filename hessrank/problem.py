@@ -35,6 +35,7 @@ from hessrank.guard import (
     OwnMode,
     PassState,
     autocast_turned_off,
+    each_once,
     held_tensors,
     is_compile_wrapper,
     preserved_state,
@@ -586,15 +587,7 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
 def graph_nodes(roots: Iterable[Any]) -> Iterator[Any]:
     """Every node of the autograd graph reached from ``roots`` (``grad_fn``s; None ones
     skipped), each once."""
-    seen: set[int] = set()
-    pending = list(roots)
-    while pending:
-        node = pending.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        yield node
-        pending.extend(child for child, _ in node.next_functions)
+    return each_once(roots, lambda node: (child for child, _ in node.next_functions))
 
 
 def custom_functions_in(outputs: Tensor, params: Sequence[Tensor]
@@ -1333,12 +1326,8 @@ def build_problem(
     batch: Batch,
     params: Iterable[Tensor | str] | None,
     mode: str,
-    reading: str = "",
 ) -> CurvatureProblem:
     """Validate every argument (types, shapes, dtypes, finiteness, parameters); build the problem.
-
-    ``reading``: how the caller's object was read into ``batch``, said where the batch does not
-    fit the model (the first batch of a data set).
 
     Raises:
         TypeError, ValueError: naming the argument at fault and the fix.
@@ -1346,7 +1335,7 @@ def build_problem(
     check_call(model, loss_fn, mode)
     model, notes = unwrap_model(model)
     args, kwargs, targets, labelled = _read_batch(batch)
-    _check_inputs_fit(model, args, kwargs, reading)
+    _check_inputs_fit(model, args, kwargs)
     names, selected, excluded = _select_parameters(model, params)
     if params is not None and excluded:  # asked for by name or tensor, and left out
         notes.append(f"params= names frozen parameters ({listed_names(list(excluded))}): left "
@@ -1463,12 +1452,13 @@ def loss_copy_bytes(loss_fn: object, dtype: torch.dtype) -> tuple[int, int]:
 _LABEL_NAMES = frozenset({"labels", "label", "targets", "target", "y"})
 
 
-def _check_inputs_fit(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor],
-                      reading: str) -> None:
+def _check_inputs_fit(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor]
+                      ) -> None:
     """Raise a TypeError, before any forward pass, where the batch leaves out an input that
     ``model.forward`` requires by its own signature. The forward's own error named the missing
     argument but not how the batch had been read (a tuple of two pairs is a data set of two
-    batches, so ``((x1, x2), (y, w))`` gave ``forward`` ``x1`` alone).
+    batches, so ``((x1, x2), (y, w))`` gave ``forward`` ``x1`` alone; the call adds how it read
+    the data, :func:`hessrank.api._said_of_the_reading`).
 
     Nothing is said where something between the call and ``forward`` may supply inputs: a
     forward pre-hook (the module's or a global one), an overridden ``__call__``, or a decorated
@@ -1498,7 +1488,7 @@ def _check_inputs_fit(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[s
             "pass inputs by name as a dict, ({'x': x, 'mask': mask}, targets)")
         raise TypeError(
             f"the batch gives {type(model).__name__}.forward {given} and leaves out "
-            f"{', '.join(p.name for p in missing + by_name)}: {advice}{reading}")
+            f"{', '.join(p.name for p in missing + by_name)}: {advice}")
     # inputs forward does not take (torch's own error had named no fix; probe 133)
     named = [p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                        inspect.Parameter.KEYWORD_ONLY)]
@@ -1511,13 +1501,12 @@ def _check_inputs_fit(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[s
                   f"{labels[0]})" if labels else
                   f"it takes {', '.join(named) or 'no input by name'}: leave the others out")
         raise TypeError(f"the batch gives {type(model).__name__}.forward {given}, and it takes "
-                        f"no {', '.join(unknown)}: {advice}{reading}")
+                        f"no {', '.join(unknown)}: {advice}")
     if len(args) > len(positional):
         raise TypeError(
             f"the batch gives {type(model).__name__}.forward {given}, and it takes "
             f"{len(positional)} ({', '.join(p.name for p in positional)}): a batch is "
-            f"(inputs, targets), its inputs a tensor or a tuple of the forward's inputs"
-            f"{reading}")
+            f"(inputs, targets), its inputs a tensor or a tuple of the forward's inputs")
 
 
 def read_batch(batch: object, device: torch.device) -> dict[str, Any]:
