@@ -64,9 +64,9 @@ from hessrank.problem import (
     check_number,
     ddp_among_wrappers,
     dtype_name,
-    infinite_inputs,
     loss_evaluations,
     lower_precision_cause,
+    nonfinite_entry,
     probe_for_target_dtype,
     probe_outputs,
     raise_extended,
@@ -471,7 +471,7 @@ def effective_rank(
                     except NotFiniteError as error:
                         # (diagnosed on this process's shard alone: a diagnosis's collectives
                         # in one process had aborted the group in gloo; probe 161)
-                        cause = infinite_inputs(local_of(problem))
+                        cause = nonfinite_entry(local_of(problem).labelled_batch())
                         if cause is None and error.dtype == problem.dtype:
                             raise
                         # (the model's dtype overflowed, not the float64 matrix it filled: a

@@ -706,7 +706,9 @@ def check_same_loss(problem: ShardedProblem, value: Tensor) -> None:
     """
     values = problem.parallel.gather_objects(float(value))
     if not any(math.isfinite(other) for other in values):
-        check_loss(value)  # non-finite everywhere: one process's error, not a mismatch (probe 62)
+        # non-finite everywhere: one process's error, not a mismatch (probe 62), naming the
+        # NaN or infinite entry of this process's shard where it holds one
+        check_loss(value, batch=problem.local().labelled_batch())
     tolerance = agreement_tolerance(value.dtype) * max(abs(values[0]), 1e-30)
     for rank, other in enumerate(values):
         if not abs(other - values[0]) <= tolerance:

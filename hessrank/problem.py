@@ -326,6 +326,11 @@ class CurvatureProblem:
             self.notes.append(custom_functions_note(self.custom_functions))
         return found
 
+    def labelled_batch(self) -> list[tuple[str, Tensor]]:
+        """The inputs and the targets by the labels errors give them (``inputs[0]``,
+        ``targets``)."""
+        return [*labelled_inputs(self.args, self.kwargs), ("targets", self.targets)]
+
     def loss(self, outputs: object = None, loss_fn: LossFn | None = None) -> Tensor:
         """The scalar loss on ``outputs`` (default: a forward pass), checked; ``loss_fn``: the
         problem's own loss function in another form (a float64 copy), default itself.
@@ -337,7 +342,8 @@ class CurvatureProblem:
                 shapes and dtypes involved), or it is not a finite scalar.
         """
         outputs = self.forward() if outputs is None else outputs
-        value = evaluate_loss(loss_fn or self.loss_fn, outputs, self.targets)
+        value = evaluate_loss(loss_fn or self.loss_fn, outputs, self.targets,
+                              batch=self.labelled_batch())
         if not self._broadcast_read:
             self._broadcast_read = True
             hint = broadcast_hint(tensor_outputs(outputs), self.targets, loss_fn or self.loss_fn,
@@ -759,10 +765,11 @@ def _same_value(first: float, later: float, dtype: torch.dtype) -> bool:
     return abs(first - later) <= agreement_tolerance(dtype) * max(abs(first), abs(later))
 
 
-def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: bool = True
-                  ) -> Tensor:
+def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: bool = True,
+                  batch: Sequence[tuple[str, Tensor]] | None = None) -> Tensor:
     """``loss_fn(outputs, targets)``, checked to be a scalar (and finite, unless ``finite`` is
-    False), with errors that help.
+    False), with errors that help; ``batch``: the inputs and targets by label, whose first NaN
+    or infinite entry a non-finite loss's error names (default: the targets').
 
     Raises:
         TypeError: the model's outputs are not a tensor.
@@ -784,7 +791,7 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
             "(with torch.no_grad(): ...), or not at all in the loss")
     if finite and isinstance(value, Tensor) and value.numel() == 1:
         _refuse_all_ignored(loss_fn, value, targets)
-    check_loss(value, finite, targets)
+    check_loss(value, finite, targets, batch)
     # (under no_grad the loss has no graph whatever it is: outputs that have one, a forward
     # taking a gradient inside enable_grad, had ggn told its plain MSELoss was detached;
     # probe 194)
@@ -1019,9 +1026,12 @@ def half_precision_error(what: str, fix: str) -> ValueError:
                       f"carry errors of 1e-4 to 1e-2 of its largest eigenvalue. {fix}")
 
 
-def check_loss(value: object, finite: bool = True, targets: Tensor | None = None) -> None:
+def check_loss(value: object, finite: bool = True, targets: Tensor | None = None,
+               batch: Sequence[tuple[str, Tensor]] | None = None) -> None:
     """Raise if the loss is not a scalar tensor in single or double precision, or (``finite``)
-    not a finite one; ``targets``, where given, for the cause of a half-precision loss."""
+    not a finite one; ``targets``, where given, for the cause of a half-precision loss, and
+    with ``batch`` (the inputs and targets by label, default the targets) of a non-finite
+    one."""
     if not isinstance(value, Tensor):
         raise TypeError(
             f"loss_fn returned {type(value).__name__}, expected a scalar tensor: return "
@@ -1049,10 +1059,14 @@ def check_loss(value: object, finite: bool = True, targets: Tensor | None = None
             "F.cross_entropy(outputs.bfloat16(), targets), or torch.autocast inside it)",
             "Compute the loss in the outputs' dtype: remove the cast, or the autocast")
     if finite and not torch.isfinite(value.detach()).all():
+        cause = nonfinite_entry(batch if batch is not None
+                                else [] if targets is None else [("targets", targets)])
         raise ValueError(
-            f"the loss is {value.item()}: the curvature of a non-finite loss is undefined; check "
-            "the model's outputs, the targets, and the inputs for infinite entries (an "
-            "additive mask's -inf is fine where it only masks)."
+            f"the loss is {value.item()}: the curvature of a non-finite loss is undefined; "
+            + ("check the model's outputs, the targets and the inputs for NaN or infinite "
+               "entries" if cause is None else f"{cause}, likely the cause")
+            + " (a NaN or infinite entry the model or the loss replaces or masks is fine: "
+            "torch.where(x.isnan(), fill, x), an additive mask's -inf before a softmax)."
         )
 
 
@@ -1594,33 +1608,35 @@ def _read_batch(batch: object) -> tuple[tuple[Tensor, ...], dict[str, Tensor], T
                 f"mismatched batch sizes: {label} has shape {tuple(tensor.shape)} but targets has "
                 f"{n} samples; the batch dimension must come first in every tensor"
             )
-        if tensor.is_floating_point() and not all_finite(tensor):
-            # an input's -inf can be an additive attention mask's; NaN is never data, and an
-            # infinite target leaves the loss undefined
-            bad = "NaN or Inf" if tensor is targets else "NaN" if tensor.isnan().any() else None
-            if bad is not None:
-                raise ValueError(f"{label} contains {bad}: clean the batch before analysing it")
+        # (NaN and infinite entries pass: an input's -inf can be an additive attention mask's,
+        # a NaN a missing value the model replaces (torch.where(x.isnan(), fill, x)), a NaN
+        # target a missing label the loss masks; refused, a model built for them had been
+        # refused too (probe 220). Where they reach the loss or the derivatives, the error
+        # names the first: nonfinite_entry.)
         if tensor.is_complex():
             raise ValueError(f"{label} is complex ({tensor.dtype}): the curvature of a loss is "
                              "defined for real data; pass real tensors")
     return args, kwargs, targets, labelled
 
 
-def infinite_inputs(problem: CurvatureProblem) -> str | None:
-    """Where the problem's floating inputs hold an infinite entry, the first such input and
-    entry (``inputs[0] holds inf at [2, 1] (1 entry)``), else None: the likely cause of NaN
-    derivatives (a finite loss can follow an infinite input through ``tanh``, whose backward
-    multiplies 0 by it)."""
-    for label, tensor in labelled_inputs(problem.args, problem.kwargs):
-        if not tensor.is_floating_point():
+def nonfinite_entry(labelled: Iterable[tuple[str, Tensor]]) -> str | None:
+    """Where the floating tensors of ``labelled`` (``(label, tensor)`` pairs, the batch's
+    inputs and targets) hold a NaN or infinite entry, the first such tensor and entry
+    (``inputs[0] holds inf at [2, 1] (1 entry)``), else None: the likely cause of a non-finite
+    loss or of NaN derivatives (a finite loss can follow an infinite input through ``tanh``,
+    whose backward multiplies 0 by it, or a NaN one through an unselected branch of
+    ``torch.where``)."""
+    for label, tensor in labelled:
+        if not tensor.is_floating_point() or all_finite(tensor):
             continue
-        infinite = tensor.isinf()
-        count = int(infinite.sum())
-        if count:
-            index = [int(i) for i in infinite.nonzero()[0]]
-            return (f"{label} holds {float(tensor[tuple(index)])} at {index} ({count} "
-                    f"{'entry' if count == 1 else 'entries'})")
+        odd = ~torch.isfinite(tensor)
+        count = int(odd.sum())
+        index = [int(i) for i in odd.nonzero()[0]]
+        return (f"{label} holds {float(tensor[tuple(index)])} at {index} ({count} "
+                f"{'entry' if count == 1 else 'entries'})")
     return None
+
+
 
 
 def _mode_notes(model: nn.Module, mode: str) -> list[str]:

@@ -88,7 +88,8 @@ Data = TypeVar("Data")
 
 #: ``(samples, float64 sum of the targets, float64 sum of every input's finite entries, counts
 #: of its +inf and of its -inf entries)``: tells batches apart.
-Fingerprint = tuple[int, float, float, int, int]
+#: A batch's sample count, then :func:`_input_print` of its inputs (summed) and of its targets.
+Fingerprint = tuple[float, ...]
 
 
 def is_batch_stream(batch: object) -> bool:
@@ -267,29 +268,30 @@ def workers_as_found(data: Data) -> Iterator[Data]:
 
 def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
     with torch.no_grad():
-        finite, up, down = map(sum, zip(*(_input_print(x) for x in (*problem.args,
-                                                                     *problem.kwargs.values()))))
-        return problem.num_samples, _blockwise_sum(problem.targets), finite, up, down
+        inputs = map(sum, zip(*(_input_print(x) for x in (*problem.args,
+                                                          *problem.kwargs.values()))))
+        return (problem.num_samples, *inputs, *_input_print(problem.targets))
 
 
 #: Entries of an input :func:`_input_print` sums in float64 at a time.
 PRINT_BLOCK = 2**16
 
 
-def _input_print(tensor: Tensor) -> tuple[float, int, int]:
-    """The float64 sum of ``tensor``'s finite entries and the counts of its ``+inf`` and
-    ``-inf`` ones (one reduction where every entry is finite): an input's ``-inf`` (an additive
+def _input_print(tensor: Tensor) -> tuple[float, int, int, int]:
+    """The float64 sum of ``tensor``'s finite entries and the counts of its ``+inf``, ``-inf``
+    and NaN ones (one reduction where every entry is finite): an input's ``-inf`` (an additive
     mask's) made a plain sum ``-inf`` on every pass, and inputs that changed between passes
-    went unseen by fisher and ggn (probe 101). In blocks (:func:`_blocks`): a float64 copy of
-    the whole input, twice a float32 batch, had been every pass's peak over a data set (probe
-    148)."""
+    went unseen by fisher and ggn (probe 101); so would NaN inputs (missing values) or targets
+    (missing labels). In blocks (:func:`_blocks`): a float64 copy of the whole input, twice a
+    float32 batch, had been every pass's peak over a data set (probe 148)."""
     total = _blockwise_sum(tensor)
     if math.isfinite(total):
-        return total, 0, 0
+        return total, 0, 0, 0
     blocks = _blocks(tensor)
     return (float(sum(block.double().nan_to_num(0.0, 0.0, 0.0).sum() for block in blocks)),
             int(sum(block.isposinf().sum() for block in blocks)),
-            int(sum(block.isneginf().sum() for block in blocks)))
+            int(sum(block.isneginf().sum() for block in blocks)),
+            int(sum(block.isnan().sum() for block in blocks)))
 
 
 def _blocks(tensor: Tensor) -> list[Tensor]:
@@ -613,7 +615,7 @@ class StreamedProblem(CurvatureProblem):
             loss = evaluate_loss(batch.loss_fn, outputs, batch.targets, finite=False)
         normaliser = self._normaliser(batch, outputs, f"batch {index}", float(loss))
         if normaliser != 0.0:
-            check_loss(loss)
+            check_loss(loss, batch=batch.labelled_batch())
         elif _curved(batch.loss_fn, outputs, batch.targets,
                      None if math.isfinite(float(loss)) or self._reference is None
                      else self._reference[:2]):
@@ -726,7 +728,9 @@ class StreamedProblem(CurvatureProblem):
                     self._begin(batch, outputs)
                     weighed[index] = self._weighed(batch, outputs, index)
                     for earlier, earlier_batch, earlier_outputs in waiting:
+                        reading[0] = earlier  # (its errors had named the batch read last)
                         weighed[earlier] = self._weighed(earlier_batch, earlier_outputs, earlier)
+                    reading[0] = index
                     waiting.clear()
                 else:
                     weighed[index] = self._weighed(batch, outputs, index)

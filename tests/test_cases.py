@@ -552,6 +552,42 @@ class ResidualConvNet(nn.Module):
         return self.point(torch.tanh(self.down(h))).flatten(1)
 
 
+class Imputing(nn.Module):
+    """Missing inputs as NaN, replaced by a learned fill value and flagged (GRU-D style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fill = nn.Parameter(torch.linspace(-0.5, 0.5, 3))
+        self.net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+
+    def forward(self, x):
+        missing = x.isnan()
+        filled = torch.where(missing, self.fill.expand_as(x), x)
+        return self.net(torch.cat([filled, missing.to(x.dtype)], dim=1))
+
+
+def _with_missing(g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Inputs and regression targets with NaN entries (missing values), the last sample's
+    targets all missing."""
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    x[torch.rand(6, 3, generator=g) < 0.3] = float("nan")
+    y = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    y[torch.rand(6, 2, generator=g) < 0.3] = float("nan")
+    y[-1] = float("nan")
+    return x, y
+
+
+def masked_mse(outputs: Tensor, targets: Tensor) -> Tensor:
+    """The mean squared error over the targets that are not NaN."""
+    seen = ~targets.isnan()
+    return ((outputs - targets.nan_to_num()) ** 2 * seen).sum() / seen.sum()
+
+
+def _seen_weights(targets: Tensor) -> Tensor:
+    seen = (~targets.isnan()).sum(dim=1).double()
+    return seen / seen.sum()
+
+
 def _running_stats(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -770,6 +806,9 @@ CASES = [
         torch.randn(5, 3, generator=g, dtype=torch.float64))),
         loss=lambda f, y: ((f - y) ** 2).sum(dim=1).mean(),
         sample_loss=lambda f, y: ((f - y) ** 2).sum(dim=1).mean(), methods=("fisher", "ggn")),
+    Case("missing values as NaN, replaced in the model, masked in the loss",
+         _build(Imputing, _with_missing), loss=masked_mse, sample_loss=masked_mse,
+         sample_weights=_seen_weights, paths={"net.0.weight": "linear"}),
     Case("GPT-style: embeddings, causal attention, LayerNorm, per-token loss",
          _build(TinyGPT, lambda g: (_tokens(3, 3, 6, g), torch.randint(0, 3, (3, 3), generator=g))),
          loss=token_ce, sample_loss=token_ce,

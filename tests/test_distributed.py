@@ -822,7 +822,7 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
 
 
 @pytest.mark.parametrize(("case", "kind", "fragment"), [
-    ("nan", "ValueError", "contains NaN"),
+    ("nan", "ValueError", "the loss is nan"),
     ("params", "ValueError", "differs between processes 0 and 1"),
     ("swapped", "ValueError", "parameter '3.weight' differs between processes 0 and 1"),
     ("buffer", "ValueError", "buffer '1.running_mean' differs between processes 0 and 1"),
@@ -877,6 +877,13 @@ def test_errors_reach_every_process(spawned: list[dict[str, Any]], case: str, ki
         # error reached them at an exchange, after the failing process's own checks).
         assert got_kind in (kind, "RuntimeError", "GroupFailure"), (rank, got_kind)
     assert {spawned[rank][case][0] for rank in range(WORLD)} & {kind}
+
+
+def test_a_nan_input_is_named_where_it_is(spawned: list[dict[str, Any]]) -> None:
+    """The process whose input holds the NaN names the entry; the others cannot."""
+    kind, message = spawned[1]["nan"]
+    assert kind == "ValueError" and "inputs[0] holds nan at [0, 0] (1 entry)" in message, message
+    assert "holds nan" not in spawned[0]["nan"][1]
 
 
 @pytest.mark.parametrize("case", ["twin-one-process", "check-one-process-fisher",

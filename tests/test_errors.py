@@ -84,21 +84,23 @@ def test_empty_batch(setup):
 def test_nan_inputs_and_parameters(setup):
     model, x, y = setup
     bad = x.clone()
-    bad[0, 0] = float("nan")
+    bad[0, 0] = float("nan")  # allowed (a missing value a model may replace); this one does not
     _check(model, lambda: hessrank.effective_rank(model, CE, (bad, y)),
-           ValueError, r"inputs\[0\] contains NaN")
+           ValueError, r"the loss is nan.*inputs\[0\] holds nan at \[0, 0\] \(1 entry\), "
+           r"likely the cause")
     # an infinite input is allowed (an additive mask's -inf); here it makes the derivatives NaN
     bad[0, 0] = float("inf")
     _check(model, lambda: hessrank.effective_rank(model, CE, (bad, y)),
            ValueError, r"derivatives are NaN at these inputs \(inputs\[0\] holds inf at "
-           r"\[0, 0\] \(1 entry\), which makes them so unless it only masks.*nan_to_num")
+           r"\[0, 0\] \(1 entry\), which makes them so unless the model replaces it before "
+           r"it meets a parameter or it only masks.*nan_to_num")
     relu = mlp((5, 6, 3), activation=nn.ReLU)  # carries the Inf to the outputs: a NaN loss
     _check(relu, lambda: hessrank.effective_rank(relu, CE, (bad, y)),
-           ValueError, r"the loss is nan.*inputs for infinite entries")
+           ValueError, r"the loss is nan.*inputs\[0\] holds inf at \[0, 0\]")
     regression = torch.zeros(8, 3)
     regression[1, 2] = float("-inf")
     _check(model, lambda: hessrank.effective_rank(model, nn.MSELoss(), (x, regression)),
-           ValueError, r"targets contains NaN or Inf")
+           ValueError, r"the loss is inf.*targets holds -inf at \[1, 2\] \(1 entry\)")
     with torch.no_grad():
         model[0].weight[0, 0] = float("inf")
     _check(model, lambda: hessrank.effective_rank(model, CE, (x, y)),

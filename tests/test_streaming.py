@@ -481,6 +481,65 @@ def test_data_that_changes_beside_an_infinite_mask_is_refused(method):
         hessrank.effective_rank(_TakesMask(model), loss_fn, loader, method)
 
 
+class _Missing(Dataset):
+    """Regression data with missing (NaN) inputs and targets; on later passes ``what`` changes
+    (the targets by 1 %, or a zero input becoming missing), so no two passes agree."""
+
+    def __init__(self, what: str) -> None:
+        x, y = classification_batch(12, 4, 3)
+        self.x, self.y = x.clone(), nn.functional.one_hot(y, 3).double()
+        self.x[::3, 1] = float("nan")
+        self.x[1, 2] = 0.0
+        self.y[::4, 0] = float("nan")
+        self.what, self.reads = what, itertools.count(0)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int):
+        later = next(self.reads) >= len(self.y)
+        x, y = self.x[index].clone(), self.y[index].clone()
+        if later and self.what == "targets":
+            y *= 1.01
+        if later and self.what == "inputs" and index == 1:
+            x[2] = float("nan")
+        return x, y
+
+
+class _Imputing(nn.Module):
+    """An MLP on inputs whose NaN entries (missing values) it replaces by zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = mlp((4, 6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.where(x.isnan(), 0.0, x))
+
+
+def _masked_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    seen = ~targets.isnan()
+    return ((outputs - targets.nan_to_num()) ** 2 * seen).sum() / seen.sum()
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher", "ggn"])
+def test_a_data_set_with_missing_values(method):
+    """NaN inputs the model replaces and NaN targets the loss masks are taken (a data set as
+    its concatenated batch); data whose NaN entries or targets change between passes are
+    refused: a NaN made the sums that tell passes apart NaN on every pass."""
+    fixed = _Missing("none")
+    batch = (fixed.x, fixed.y)
+    streamed = hessrank.effective_rank(_Imputing(), _masked_mse,
+                                       DataLoader(fixed, batch_size=5), method)
+    whole = hessrank.effective_rank(_Imputing(), _masked_mse, batch, method)
+    np.testing.assert_allclose(streamed.eigenvalues, whole.eigenvalues, rtol=1e-9,
+                               atol=1e-12 * abs(whole.eigenvalues[0]))
+    for what in ("targets", "inputs"):
+        with pytest.raises(ValueError, match="data changed between passes"):
+            hessrank.effective_rank(_Imputing(), _masked_mse,
+                                    DataLoader(_Missing(what), batch_size=5), method)
+
+
 def _coupled(outputs, targets):
     """Cross-entropy minus the batch's mean logit squared: samples interact."""
     return nn.functional.cross_entropy(outputs, targets) + outputs.mean().pow(2)
@@ -502,6 +561,12 @@ BAD_DATA = [
     ("a second batch of another width", "mean",
      lambda x, y: [(x[:5], y[:5]), (torch.cat([x[5:], x[5:]], 1), y[5:])], "lanczos",
      RuntimeError, r"batch 1 of the data \(the batches before it passed\): mat1 and mat2"),
+    # (a first batch with a NaN loss, weighed once a later one had begun, had been named
+    # after that later one)
+    ("a first batch whose loss is NaN", "mean",
+     lambda x, y: [(x[:5] * torch.tensor([[float("nan")], *[[1.0]] * 4]), y[:5]),
+                   (x[5:], y[5:])], "fisher", ValueError,
+     r"^the loss is nan.*inputs\[0\] holds nan at \[0, 0\] \(4 entries\), likely the cause"),
     ("a second batch's class out of range", "mean",
      lambda x, y: [(x[:5], y[:5]), (x[5:], y[5:] + 3)], "exact", IndexError,
      r"batch 1 of the data \(the batches before it passed\): loss_fn\(outputs, targets\) "

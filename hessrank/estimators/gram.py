@@ -188,7 +188,10 @@ class GramEstimator(Estimator):
         units: list[float] = []  # the cotangents' unit, fixed by the first call
 
         def cotangents_of(outputs: Tensor, targets: Tensor) -> Tensor:
-            evaluate_loss(loss_fn, outputs, targets)  # the loss, checked, with helpful errors
+            # the loss, checked, with helpful errors (of the problem's own batch, which of its
+            # inputs or targets holds a NaN or infinite entry; else the targets')
+            evaluate_loss(loss_fn, outputs, targets, batch=problem.labelled_batch()
+                          if targets is problem.targets else None)
             check_no_parameter_terms(loss_fn, outputs, targets, problem.params, problem.names,
                                      self.name)
             # Sampled factors (mc_samples) from a stream of their own, restarted at every call:

@@ -77,18 +77,21 @@ class NotFiniteError(ValueError):
         self.dtype = dtype
 
 
-def not_finite_error(dtype: torch.dtype, infinite_input: str | None = None) -> NotFiniteError:
+def not_finite_error(dtype: torch.dtype, nonfinite_entry: str | None = None) -> NotFiniteError:
     """The curvature of a finite model and loss holds NaN or Inf, computed in ``dtype``: the
-    two causes, and what to do about each; ``infinite_input``, where the inputs hold an
-    infinite entry, names it (``inputs[0] holds inf at [2, 1] (1 entry)``), the first cause."""
+    two causes, and what to do about each; ``nonfinite_entry``, where the inputs or targets
+    hold a NaN or infinite entry, names it (``inputs[0] holds inf at [2, 1] (1 entry)``), the
+    first cause."""
     overflow = f"overflow {dtype_name(dtype)} (above {torch.finfo(dtype).max:.2g})"
     if dtype != torch.float64:
         overflow += (": analyse a float64 copy (copy.deepcopy(model).double(), with float64 "
                      "inputs), or check the model's scale")
-    where = ("an infinite input entry, other than an additive mask's -inf, makes them so"
-             if infinite_input is None else
-             f"{infinite_input}, which makes them so unless it only masks, as an additive -inf "
-             "before a softmax does: replace it (torch.nan_to_num) or keep it out of the graph")
+    where = ("a NaN or infinite entry of the inputs or targets makes them so, unless the model "
+             "replaces it before it meets a parameter or it only masks, as an additive -inf "
+             "before a softmax does" if nonfinite_entry is None else
+             f"{nonfinite_entry}, which makes them so unless the model replaces it before it "
+             "meets a parameter or it only masks, as an additive -inf before a softmax does: "
+             "replace it (torch.nan_to_num) or keep it out of the graph")
     return NotFiniteError(
         "the curvature matrix holds NaN or Inf, though the model and the loss are finite. "
         f"Either autograd's derivatives are NaN at these inputs ({where}; a branch torch.where "
