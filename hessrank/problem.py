@@ -2526,14 +2526,16 @@ def unused_parameters_note(problem: CurvatureProblem, unused: Collection[int],
             "cuts them off the graph), or leave them out with params=")
 
 
-def probe_outputs(problem: CurvatureProblem, check_loss: bool = True) -> Tensor:
-    """One forward pass without a graph, and (``check_loss``) the checked loss on it (see
-    :meth:`CurvatureProblem.loss`, :func:`check_target_dtype`): the model's outputs, for
-    predictions before the work. A data set's batch skips the check: the survey has checked
-    every batch's loss (one whose targets are all ignored has a NaN mean of its own, and adds
-    nothing)."""
-    with torch.no_grad():
+def probe_outputs(problem: CurvatureProblem, check_loss: bool = True,
+                  graph: bool = False) -> Tensor:
+    """One forward pass without a graph (``graph``: with one), and (``check_loss``) the checked
+    loss on it (see :meth:`CurvatureProblem.loss`, :func:`check_target_dtype`): the model's
+    outputs, for predictions before the work. A data set's batch skips the check: the survey
+    has checked every batch's loss (one whose targets are all ignored has a NaN mean of its
+    own, and adds nothing)."""
+    with torch.set_grad_enabled(graph):
         outputs = problem.forward()
+    with torch.no_grad():
         if check_loss:
             problem.loss(outputs)
     if check_loss:

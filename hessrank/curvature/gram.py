@@ -530,6 +530,7 @@ def compute_gram(
     output_side_bytes: Callable[[Tensor], int] | None = None,
     eigenvectors: int = 0,
     for_the_loss: Sequence[str] = (),
+    check_outputs: Callable[[Tensor], None] | None = None,
 ) -> GramResult:
     """The Gram of the factors: rules where they apply and pass their check, the general path
     elsewhere.
@@ -554,6 +555,9 @@ def compute_gram(
         eigenvectors: the eigenvectors the call forms afterwards, for the memory check.
         for_the_loss: the derivatives the cotangents take through the loss's own custom
             Functions (:func:`~hessrank.curvature.differences.loss_needs`), checked.
+        check_outputs: called with the capturing forward pass's outputs before any other pass
+            over the model, while the model holds what that pass stored on it (a check of the
+            loss, which may read it).
 
     Raises:
         ValueError: the general path's check fails (the samples interact in the model).
@@ -598,6 +602,8 @@ def compute_gram(
     finally:
         capture.remove()
         sizes_of.remove()
+    if check_outputs is not None and isinstance(outputs, Tensor):
+        check_outputs(outputs)
     check_custom_functions(problem, (FIRST,), for_the_loss, outputs)
     for group in list(claimed):
         if capture.calls[group] != 1 or capture.inputs.get(group) is None or (

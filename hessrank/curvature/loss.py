@@ -90,8 +90,10 @@ def check_no_parameter_terms(
     if direct:
         raise ValueError(
             f"loss_fn uses the parameters directly ({listed_names(direct)}), e.g. an L2 / "
-            f"L2-Init term: the {method} is defined for a loss of the model's outputs and has no "
-            "per-sample factors for such a term. Pass the data term alone as loss_fn (the "
+            "L2-Init term, or a term the forward stores on the model for the loss to add (a "
+            f"VAE's KL, an auxiliary load-balancing loss): the {method} is defined for a loss "
+            "of the model's outputs and has no per-sample factors for such a term. Pass the "
+            "data term alone as loss_fn (the "
             "regulariser's own Hessian is known in closed form, e.g. 2*lambda*I for "
             "lambda*||theta||^2), or use "
             "method='exact' or 'lanczos', which include it"
