@@ -2321,8 +2321,11 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
     without a graph), are from ``outputs``, the whole batch's, relative to their largest entry;
     None where the model's output for a sample depends on that sample alone (to rounding), and
     where the outputs cannot be compared row by row (a single sample, outputs not batch first
-    or shaped by the batch). With ``first``, only the batch's ``first`` samples are run alone
-    (the halves where the batch has no more): a forward of that size.
+    or shaped by the batch). With ``first``, only the batch's ``first`` samples and its last
+    ``first`` are run alone, each group a forward of that size (the halves where the batch has
+    no more than twice as many): a model that mixes samples in batch order (a mixture of
+    experts whose capacity drops the tokens past it, a running statistic over the batch) spares
+    the first ones, and had passed with them alone (probe 222).
 
     ``in_place``: each part is run in a batch of the whole's size, at its own rows, the other
     rows holding other samples of the batch, for a model that draws from its own generator:
@@ -2340,9 +2343,8 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
     if (count < 2 or not isinstance(outputs, Tensor) or not outputs.is_floating_point()
             or outputs.shape[0] != count):  # not batch first: the loss's own checks name it
         return None
-    spans = (((0, count // 2), (count // 2, count)) if first is None or count <= first
-             else ((0, first),))
-    outputs = outputs[: spans[-1][1]]
+    spans = (((0, count // 2), (count // 2, count)) if first is None or count <= 2 * first
+             else ((0, first), (count - first, count)))
     parts = []
     with torch.no_grad():
         for start, stop in spans:
@@ -2371,7 +2373,7 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
             # with T = n; probe 196)
             raise BatchNotFirst(stop - start, part.shape[0])
     alone = torch.cat(parts).to(outputs.dtype)
-    whole = outputs.detach()
+    whole = torch.cat([outputs[start:stop] for start, stop in spans]).detach()
     finite = whole[torch.isfinite(whole)]
     scale = float(finite.abs().max()) if finite.numel() else 0.0
     # inf where NaN or Inf entries differ: a half of one sample standardised over itself is NaN

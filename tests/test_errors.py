@@ -3766,6 +3766,24 @@ class _StandardisedInputs(nn.Module):
         return self.body((x - x.mean(0, keepdim=True)) / x.std(0, keepdim=True))
 
 
+class _ExpertCapacity(nn.Module):
+    """A mixture of two experts, each taking the samples routed to it up to its capacity (3),
+    in batch order (Switch Transformer): those past it are dropped (the residual alone). The
+    batch's first samples are never dropped; its last may be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(3, 2, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(3, 3) for _ in range(2))
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routed = nn.functional.one_hot(self.gate(x).argmax(-1), 2).to(x.dtype)
+        kept = routed * (routed.cumsum(0) <= 3)
+        return self.head(x + sum(kept[:, e:e + 1] * torch.tanh(expert(x))
+                                 for e, expert in enumerate(self.experts)))
+
+
 class _NoisyStandardisedInputs(_StandardisedInputs):
     """:class:`_StandardisedInputs` drawing noise from a generator it holds (scaled to zero:
     the same function, but every pass restarts its draws)."""
@@ -3792,7 +3810,8 @@ class _NoisyMaxScaled(_NoisyStandardisedInputs):
     ("fisher", "auto", _StandardisedInputs), ("ggn", "auto", _StandardisedInputs),
     ("fisher", "auto", _NoisyStandardisedInputs), ("ggn", "auto", _NoisyStandardisedInputs),
     ("fisher", "auto", _NoisyMaxScaled), ("ggn", "auto", _NoisyMaxScaled),
-    ("fisher", "backpack", _StandardisedInputs)])
+    ("fisher", "backpack", _StandardisedInputs),
+    ("fisher", "auto", _ExpertCapacity), ("ggn", "auto", _ExpertCapacity)])
 def test_samples_mixed_before_every_parameter_are_refused_where_rules_take_all(method, backend,
                                                                                make):
     """Every parameter in a linear rule, whose check passes on each sample's factors in the
@@ -3800,11 +3819,15 @@ def test_samples_mixed_before_every_parameter_are_refused_where_rules_take_all(m
     samples and fisher_lanczos notes it (probe 89). The first two samples run alone now show it,
     before any factor is formed. A model holding its own generator skipped that test, and
     BackPACK's factors never had it: fisher's top eigenvalue was 2.6 times the Fisher's, under
-    no note (probe 152); the former's samples run at their rows of a whole batch now."""
+    no note (probe 152); the former's samples run at their rows of a whole batch now. Experts
+    whose capacity drops samples in batch order spare the first two: the last two run alone
+    too (probe 222)."""
     torch.manual_seed(0)
     model = make().double()
     x, y = classification_batch(8, 3, 3)
     x[0, 0] = 10 * x.abs().max()  # (the batch's maximum in a sample that runs alone)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), torch.cat([model(x[i:i + 1]) for i in range(8)]))
     _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method,
                                                   backend=backend),
            ValueError, "computed alone differs.*fisher_lanczos")

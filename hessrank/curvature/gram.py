@@ -1102,7 +1102,8 @@ def refuse_mixed_rule_samples(problem: CurvatureProblem, outputs: object) -> str
     passes where the samples mix before the first parameterised layer (an input standardised
     with the batch's statistics: the factors are then each sample's in the batch, not those of
     the sample alone that the EF's ``l_i`` and the GGN's blocks need, and fisher returned them
-    without a word; probe 89). The batch's first two samples run alone, a forward of two
+    without a word; probe 89). The batch's first two samples run alone, a forward of two, and
+    its last two (a model that mixes samples in batch order spares the first; probe 222)
     (:func:`~hessrank.problem.mixed_samples_difference`); for a model that draws from its own
     generator, at their rows of a batch of the whole's size, other samples around them (each
     pass restarts its draws: a forward of two would draw other noise; skipped, such a model
@@ -1111,7 +1112,7 @@ def refuse_mixed_rule_samples(problem: CurvatureProblem, outputs: object) -> str
     factors, whose own check compares them with the batch's gradient as well (probe 152).
 
     Raises:
-        ValueError: the outputs of the two samples alone differ from their rows of the batch.
+        ValueError: the outputs of the samples alone differ from their rows of the batch.
     """
     if parallel_of(problem) is not None:
         return None
