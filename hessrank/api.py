@@ -11,7 +11,7 @@ import numbers
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -93,6 +93,7 @@ from hessrank.streaming import (
     first_batch,
     is_batch_stream,
     per_batch,
+    same_draw,
     streamed_problem,
     workers_as_found,
 )
@@ -381,6 +382,9 @@ def effective_rank(
               differentiable(model) as guard_notes,
               loss_evaluations(loss_fn),
               workers_as_found(batch) as batch,
+              # the caller's generators (global, the loader's) as they were, restored with
+              # signals held back: an inner restore a signal skipped is redone (probe 223)
+              same_draw(batch) if streaming else nullcontext(),
               exits.from_here()):
             with agreement(parallel):
                 problem = build_problem(

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import (
@@ -492,13 +493,19 @@ def _handlers_put_back(handlers: dict[int, Callable[[int, Any], Any]]) -> BaseEx
     for the caller to raise once everything is back."""
     raised: BaseException | None = None
     # Ctrl-C's last: it can raise from the moment it is back, and the others are back by then
-    for number, handler in sorted(handlers.items(), key=lambda item: item[0] == signal.SIGINT):
-        for _ in range(_PUT_BACK_TRIES):
-            try:
-                _SETSIGNAL(number, handler)
-                break
-            except BaseException as error:  # noqa: BLE001 - a pending signal's handler's
-                raised = raised or error
+    order = sorted(handlers.items(), key=lambda item: item[0] == signal.SIGINT)
+    done = tries = 0
+    while done < len(order) and tries < _PUT_BACK_TRIES:
+        # the loop's own steps inside the try: a handler put back runs at the next step (a
+        # backward jump), and one that raised there, outside it, had left Ctrl-C's recorder
+        # installed (3 in 251 blocks under timers; probe 223)
+        try:
+            while done < len(order):
+                _SETSIGNAL(*order[done])
+                done += 1
+        except BaseException as error:  # noqa: BLE001 - a pending signal's handler's
+            raised = raised or error
+            tries += 1
     return raised
 
 
@@ -737,7 +744,7 @@ def _imported_whole() -> None:
 def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, Returned]:
     """``function`` (a public entry point), raising a signal handler's exception that
     :func:`raise_if_signalled` sent out of its work as the handler raised it; torch's lazy
-    imports made first, whole (:func:`_imported_whole`)."""
+    imports made first, whole (:func:`_imported_whole`); NumPy's underflow ignored."""
 
     @functools.wraps(function)
     def call(*args: Params.args, **kwargs: Params.kwargs) -> Returned:
@@ -747,7 +754,11 @@ def surfacing_signals(function: Callable[Params, Returned]) -> Callable[Params, 
         entered = None
         try:  # (set inside: a Ctrl-C just after it had left it set for good; probe 182)
             entered = _HANDLED_AT_ENTRY.set(handled_now())
-            return function(*args, **kwargs)
+            # NumPy's underflow to zero, benign in every computation of the call, not raised
+            # where the caller asked for it (np.seterr(all="raise"), a debugging setting, had
+            # lanczos fail on 14 of 20 seeds of a small MLP; probe 223)
+            with np.errstate(under="ignore"):
+                return function(*args, **kwargs)
         except _Signalled as carried:
             _exit_abandoned(carried)
             raise carried.original from carried.original.__cause__
@@ -874,6 +885,20 @@ def _transform_depth() -> int:
     return 0 if stack is None else len(stack)
 
 
+#: The :class:`ExitsHeldBack` of the call in progress in this context, if any.
+_CALL_EXITS: contextvars.ContextVar[ExitsHeldBack | None] = contextvars.ContextVar(
+    "hessrank_call_exits", default=None)
+
+
+def also_at_call_exit(restore: Callable[[], None]) -> None:
+    """Have the call in progress run ``restore`` (idempotent: it puts a saved state back) again
+    as it exits, with signals held back (:class:`ExitsHeldBack`): a signal landing as the
+    block that runs it begins would skip it. Nothing outside a call."""
+    exits = _CALL_EXITS.get()
+    if exits is not None:
+        exits.also_at_exit(restore)
+
+
 class ExitsHeldBack:
     """Signals held back (:func:`deferred_interrupts`) from the end of a call's work until the
     call's guards have all exited: the outermost context manager of a call, whose
@@ -885,16 +910,39 @@ class ExitsHeldBack:
     copies of its buffers, torch's attention fast path left off (probe 79). Held from the end
     of the work, such a signal is delivered once every restore has run; one that lands before
     (at the entry of :meth:`from_here`'s exit) leaves the restores unprotected as before.
+
+    A restore inside the work, which a signal landing as it begins skips (before it holds
+    signals back itself), is registered with :func:`also_at_call_exit` and run again here, and
+    the warnings filters and ``showwarning`` are put back (a ``catch_warnings`` exit skipped
+    had left the call's filters in place, a recording's restore a Function class its recording
+    ``forward``; probe 223).
     """
 
     def __init__(self) -> None:
         self._held = ExitStack()
+        self._restores: list[Callable[[], None]] = []
+        self._warnings = (warnings.filters, warnings.showwarning)
+        self._token: contextvars.Token[ExitsHeldBack | None] | None = None
 
     def __enter__(self) -> ExitsHeldBack:
+        self._token = _CALL_EXITS.set(self)
         return self
 
     def __exit__(self, *exception: object) -> None:
+        with deferred_interrupts():
+            if self._token is not None:
+                _CALL_EXITS.reset(self._token)
+            for restore in reversed(self._restores):  # each idempotent: run already, or not
+                restore()
+            filters, show = self._warnings
+            if warnings.filters is not filters or warnings.showwarning is not show:
+                warnings.filters, warnings.showwarning = filters, show
+                warnings._filters_mutated()  # type: ignore[attr-defined]
         self._held.close()  # the held-back signals are delivered here
+
+    def also_at_exit(self, restore: Callable[[], None]) -> None:
+        """Run ``restore`` (idempotent) again when the call exits."""
+        self._restores.append(restore)
 
     @contextmanager
     def from_here(self) -> Iterator[None]:
@@ -1533,9 +1581,13 @@ def full_float32_precision() -> Iterator[None]:
     the kernels do.
     """
     with ExitStack() as settings:
-        for path in _PRECISION_KERNELS:
-            settings.enter_context(_attribute_for_the_call(
-                operator.attrgetter(path)(torch.backends), "fp32_precision", "ieee"))
+        # entered with signals held back: one landing between a setting's entry and its exit's
+        # registration on the stack had left the setting for the garbage collector to put back
+        # (4 in 1,500 interrupted calls; probe 223)
+        with deferred_interrupts():
+            for path in _PRECISION_KERNELS:
+                settings.enter_context(_attribute_for_the_call(
+                    operator.attrgetter(path)(torch.backends), "fp32_precision", "ieee"))
         yield
 
 
@@ -1571,17 +1623,18 @@ def compiled_modules_eager(model: nn.Module) -> Iterator[list[str]]:
         # recompiled at each call (probe 193). Dynamo's stance is process-wide: other threads'
         # compiled code runs eagerly while the call does (calls themselves run one at a time,
         # one_call_at_a_time).
-        for_the_call.enter_context(_dynamo_eager())
-        for name, module in model.named_modules():
-            if getattr(module, "_compiled_call_impl", None) is not None:
-                for_the_call.enter_context(
-                    _attribute_for_the_call(module, "_compiled_call_impl", None))
-                compiled.append(name or "the model")
-            elif is_compile_wrapper(module):
-                for_the_call.enter_context(_attribute_for_the_call(
-                    module, "forward", module._orig_mod.__call__))
-                if name:  # (a top-level wrapper has its note: hessrank.problem.unwrap_model)
-                    compiled.append(name)
+        with deferred_interrupts():  # (full_float32_precision's reason)
+            for_the_call.enter_context(_dynamo_eager())
+            for name, module in model.named_modules():
+                if getattr(module, "_compiled_call_impl", None) is not None:
+                    for_the_call.enter_context(
+                        _attribute_for_the_call(module, "_compiled_call_impl", None))
+                    compiled.append(name or "the model")
+                elif is_compile_wrapper(module):
+                    for_the_call.enter_context(_attribute_for_the_call(
+                        module, "forward", module._orig_mod.__call__))
+                    if name:  # (a top-level wrapper's note: hessrank.problem.unwrap_model)
+                        compiled.append(name)
         yield [f"compiled modules ({', '.join(compiled)}) were run eagerly for the call (same "
                "parameters, same function)"] if compiled else []
 
@@ -1756,33 +1809,34 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
         # Every backend sdpa_kernel sets, read and written through torch._C as it does
         # ("overrideable" has no torch.backends switch, and an interrupted restore had left
         # it off; probe 200).
-        for kernel in ("flash", "mem_efficient", "math", "cudnn", "overrideable"):
-            read = getattr(torch._C, f"_get_{kernel}_sdp_enabled", None)
-            if read is not None:
-                for_the_call.enter_context(_set_for_the_call(
-                    read, getattr(torch._C, f"_set_sdp_use_{kernel}"), read()))
-        autocast_off = []
-        for device in sorted(devices):
-            try:
-                enabled = torch.is_autocast_enabled(device)
-            except RuntimeError:  # a device type without autocast (meta): nothing to turn off
-                continue
-            if enabled:
-                for_the_call.enter_context(torch.autocast(device, enabled=False))
-                autocast_off.append(device)
-        for_the_call.callback(_AUTOCAST_OFF.reset, _AUTOCAST_OFF.set(tuple(autocast_off)))
-        scaled = []
-        for name, module in model.named_modules():
-            # flags of how a table's gradient is stored or scaled, not of what it is: the
-            # curvature is the loss's (scale_grad_by_freq divides each row's gradient by its
-            # token's count, which autograd's second derivatives would carry; probe 66), and a
-            # note says so for the scaling, which training follows (probe 144)
-            if isinstance(module, nn.Embedding | nn.EmbeddingBag):
-                if module.scale_grad_by_freq:
-                    scaled.append(f"{type(module).__name__} {name!r}")
-                for flag in ("sparse", "scale_grad_by_freq"):
-                    if getattr(module, flag):
-                        for_the_call.enter_context(_attribute_for_the_call(module, flag, False))
+        with deferred_interrupts():  # (full_float32_precision's reason)
+            for kernel in ("flash", "mem_efficient", "math", "cudnn", "overrideable"):
+                read = getattr(torch._C, f"_get_{kernel}_sdp_enabled", None)
+                if read is not None:
+                    for_the_call.enter_context(_set_for_the_call(
+                        read, getattr(torch._C, f"_set_sdp_use_{kernel}"), read()))
+            autocast_off = []
+            for device in sorted(devices):
+                try:
+                    enabled = torch.is_autocast_enabled(device)
+                except RuntimeError:  # a device type without autocast (meta): nothing to turn off
+                    continue
+                if enabled:
+                    for_the_call.enter_context(torch.autocast(device, enabled=False))
+                    autocast_off.append(device)
+            for_the_call.callback(_AUTOCAST_OFF.reset, _AUTOCAST_OFF.set(tuple(autocast_off)))
+            scaled = []
+            for name, module in model.named_modules():
+                # flags of how a table's gradient is stored or scaled, not of what it is: the
+                # curvature is the loss's (scale_grad_by_freq divides each row's gradient by its
+                # token's count, which autograd's second derivatives would carry; probe 66), and a
+                # note says so for the scaling, which training follows (probe 144)
+                if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+                    if module.scale_grad_by_freq:
+                        scaled.append(f"{type(module).__name__} {name!r}")
+                    for flag in ("sparse", "scale_grad_by_freq"):
+                        if getattr(module, flag):
+                            for_the_call.enter_context(_attribute_for_the_call(module, flag, False))
         if scaled:
             notes.append(f"scale_grad_by_freq=True on {', '.join(scaled)}: training divides "
                          "each row's gradient by its token's count in the batch; the curvature "

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from hessrank.guard import deferred_interrupts, raise_if_signalled
+from hessrank.guard import also_at_call_exit, deferred_interrupts, raise_if_signalled
 from hessrank.problem import CurvatureProblem, UnrepeatableLoss, call_loss, run_model
 
 #: The relative distance between a derivative and its finite differences beyond which it is
@@ -195,6 +195,17 @@ def recording(classes: Sequence[type]) -> Iterator[dict[type, list[Recorded]]]:
 
     with _RECORDING:  # (the classes read inside: another thread's wrapper is not theirs)
         own = {cls: cls.__dict__.get("forward") for cls in classes}
+
+        def put_back() -> None:
+            for cls, saved in own.items():
+                if saved is None:
+                    if "forward" in cls.__dict__:
+                        delattr(cls, "forward")
+                else:
+                    setattr(cls, "forward", saved)  # noqa: B010 - a method put back
+
+        # (a signal landing as the finally begins skips it: the call puts them back again)
+        also_at_call_exit(put_back)
         try:
             with deferred_interrupts():
                 for cls in classes:
@@ -202,12 +213,7 @@ def recording(classes: Sequence[type]) -> Iterator[dict[type, list[Recorded]]]:
             yield calls
         finally:
             with deferred_interrupts():
-                for cls, saved in own.items():
-                    if saved is None:
-                        if "forward" in cls.__dict__:
-                            delattr(cls, "forward")
-                    else:
-                        setattr(cls, "forward", saved)  # noqa: B010 - a method put back
+                put_back()
 
 
 def _copied(value: Any) -> Any:
