@@ -24,6 +24,7 @@ from reference import (
     saturation_safe_cross_entropy,
 )
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
 import hessrank
 from hessrank.curvature.gram import LOOP_PATH, VMAP_PATH
@@ -588,6 +589,16 @@ def _seen_weights(targets: Tensor) -> Tensor:
     return seen / seen.sum()
 
 
+def _pruned() -> nn.Module:
+    """A convolution and a Linear pruned by torch.nn.utils.prune (the parameter is weight_orig,
+    the weight a forward pre-hook's product with a mask buffer)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+    prune.l1_unstructured(model[0], "weight", amount=0.4)
+    prune.random_structured(model[3], "weight", amount=0.3, dim=1)
+    return model
+
+
 def _running_stats(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -809,6 +820,10 @@ CASES = [
     Case("missing values as NaN, replaced in the model, masked in the loss",
          _build(Imputing, _with_missing), loss=masked_mse, sample_loss=masked_mse,
          sample_weights=_seen_weights, paths={"net.0.weight": "linear"}),
+    Case("pruned convolution and Linear (torch.nn.utils.prune)", _build(_pruned, lambda g: (
+        torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (5,), generator=g))),
+        paths={"0.weight_orig": "torch.func", "3.weight_orig": "torch.func"}),
     Case("GPT-style: embeddings, causal attention, LayerNorm, per-token loss",
          _build(TinyGPT, lambda g: (_tokens(3, 3, 6, g), torch.randint(0, 3, (3, 3), generator=g))),
          loss=token_ce, sample_loss=token_ce,

@@ -3354,7 +3354,7 @@ def test_backpack_failures_name_the_backend_to_use_instead():
     assert result.rank > 0
     # the rule's note named a 'relative error inf' (probe 66): the parameters it lacks now
     assert ("the linear rule's factors for '0' are for bias, the module's parameters are bias, "
-            "weight_g, weight_v (a parametrisation)" in result.notes[0]), result.notes
+            "weight_g, weight_v (a parametrisation or pruning" in result.notes[0]), result.notes
 
 
 class _WeightNormedLSTM(nn.Module):
@@ -3384,7 +3384,7 @@ def test_an_old_weight_norm_on_a_recurrent_weight_is_a_parametrisation_not_a_bug
     assert not any("bug" in note for note in result.notes), result.notes
     assert any("the lstm rule's factors for 'lstm' are for bias_hh_l0, bias_ih_l0, "
                "weight_ih_l0, the module's parameters are bias_hh_l0, bias_ih_l0, "
-               "weight_hh_l0_g, weight_hh_l0_v, weight_ih_l0 (a parametrisation)" in note
+               "weight_hh_l0_g, weight_hh_l0_v, weight_ih_l0 (a parametrisation or pruning" in note
                for note in result.notes), result.notes
     params = [p for _, p in model.named_parameters()]
     rows = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
@@ -3419,6 +3419,30 @@ def test_outputs_and_targets_that_broadcast_are_named(method, loss_fn):
     squeezed = hessrank.effective_rank(
         model, lambda out, t: ((out.squeeze(-1) - t) ** 2).mean(), (x, y), method=method)
     assert not any("broadcast" in note for note in squeezed.notes), squeezed.notes
+
+
+class _FlattenedTokens(nn.Module):
+    """A Linear on the tokens flattened to ``[n T, d]``, averaged per sample after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, tokens, width = x.shape
+        hidden = torch.tanh(self.fc(x.reshape(n * tokens, width))).reshape(n, tokens, -1)
+        return self.head(hidden.mean(1))
+
+
+def test_backpack_on_tokens_flattened_into_the_batch_names_the_backend_to_use():
+    """BackPACK takes the rows of a module's input for samples: its per-sample gradients of a
+    Linear on tokens flattened to [n T, d] had n T rows, reshaped without a word, and the check
+    failed with a bare einsum RuntimeError (probe 222)."""
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 3, 6), torch.randint(0, 3, (8,)))
+    with pytest.raises(ValueError, match=r"quantities of 'fc.weight' have 24 rows for n = 8 "
+                       r"samples.*backend='auto'"):
+        hessrank.effective_rank(_FlattenedTokens(), CE, batch, "fisher", backend="backpack")
 
 
 @pytest.mark.parametrize("method", ["fisher", "ggn"])

@@ -114,6 +114,17 @@ def gram_backpack(
             loss.backward(inputs=[p for p in copies.values() if p.requires_grad])
         for name in problem.names:
             param = copies[name]
+            quantity = getattr(param, "grad_batch" if sample_weights is not None
+                               else "sqrt_ggn_exact", None)
+            rows = None if quantity is None else quantity.shape[
+                0 if sample_weights is not None else 1]
+            if rows is not None and rows != n:  # (reshaped, a bare einsum error in the check
+                # had followed: a Linear on tokens flattened to [n T, d]; probe 222)
+                raise ValueError(
+                    f"BackPACK's per-sample {kind} quantities of {name!r} have {rows} rows for "
+                    f"n = {n} samples: its module sees inputs whose first dimension is not the "
+                    "sample (tokens flattened to [n x T, d]), which BackPACK takes for samples; "
+                    "use backend='auto' (hessrank's verified rules and torch.func)")
             if sample_weights is not None:  # fisher
                 # grad_batch holds a_i g_i; the Fisher's factor is sqrt(a_i) g_i.
                 scale = torch.where(sample_weights > 0, sample_weights.clamp_min(

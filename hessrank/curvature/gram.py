@@ -777,10 +777,13 @@ def compute_gram(
         if error <= tolerances[group]:
             passed[group] = gram
         elif math.isinf(error):  # (a note said 'relative error inf' for weight_norm's weight_g)
-            failures[group] = (f"the {rule.name} rule's factors for {group!r} are for "
-                               f"{', '.join(sorted(claims))}, the module's parameters are "
-                               f"{', '.join(sorted(locals_))} (a parametrisation): computed by "
-                               "the general path")
+            # (none where every analysed one is computed from: "are for , ..." of a pruned
+            # layer's weight_orig; probe 222)
+            made = (f"factors for {group!r} are for {', '.join(sorted(claims))}" if claims
+                    else f"factors for {group!r} are for none of the analysed parameters")
+            failures[group] = (f"the {rule.name} rule's {made}, the module's parameters are "
+                               f"{', '.join(sorted(locals_))} (a parametrisation or pruning, "
+                               "of which its weight is computed): computed by the general path")
         else:
             failures[group] = (f"the {rule.name} rule's factors for {group!r} failed the gradient "
                                f"check (relative error {error:.1e}): computed by the general path")
