@@ -1881,8 +1881,10 @@ class _Squeezed(nn.Module):
 
 
 class _SigmoidOutputs(nn.Module):
-    """Three probabilities through a sigmoid inside the model; sample 0's first logit pushed to
-    ``shift`` (a confidently wrong output: huge loss curvature, tiny Jacobian)."""
+    """Three probabilities through a sigmoid inside the model; the first logit of a sample
+    marked by its first input above 5 pushed to ``shift`` (a confidently wrong output: huge
+    loss curvature, tiny Jacobian). (Marked by its place in the batch, row 0, the model mixed
+    its samples: run alone, the batch's last samples were pushed instead.)"""
 
     def __init__(self, shift: float) -> None:
         super().__init__()
@@ -1891,9 +1893,17 @@ class _SigmoidOutputs(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.body(x)
+        marked = (x[:, 0] > 5).to(x.dtype)
         offset = torch.zeros_like(logits)
-        offset[0, 0] = self.shift - logits[0, 0].detach()
+        offset[:, 0] = marked * (self.shift - logits[:, 0].detach())
         return torch.sigmoid(logits + offset)
+
+
+def _first_marked(g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Eight inputs, the first marked for :class:`_SigmoidOutputs`, and all-ones targets."""
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    x[0, 0] = 10.0
+    return x, torch.ones(8, 3, dtype=torch.float64)
 
 
 def _difference_loss(beta: float) -> Callable[[Tensor, Tensor], Tensor]:
@@ -1919,9 +1929,8 @@ GRADED = [
         torch.randn(6, 4, generator=g, dtype=torch.float64),
         torch.randn(6, generator=g, dtype=torch.float64))), nn.MSELoss(),
         id="outputs [n], MSELoss"),
-    *[pytest.param(_build(lambda shift=shift: _SigmoidOutputs(shift), lambda g: (
-        torch.randn(8, 4, generator=g, dtype=torch.float64),
-        torch.ones(8, 3, dtype=torch.float64))), nn.BCELoss(),
+    *[pytest.param(_build(lambda shift=shift: _SigmoidOutputs(shift), _first_marked),
+                   nn.BCELoss(),
         id=f"BCELoss after sigmoid, one output at logit {shift:g}") for shift in (-17, -36)],
     *[pytest.param(_wide_gaps(scale), _difference_loss(beta),
                    id=f"two scores, gaps x{scale:g}, beta {beta:g}")
