@@ -2321,9 +2321,10 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
     without a graph), are from ``outputs``, the whole batch's, relative to their largest entry;
     None where the model's output for a sample depends on that sample alone (to rounding), and
     where the outputs cannot be compared row by row (a single sample, outputs not batch first
-    or shaped by the batch). With ``first``, only the batch's ``first`` samples and its last
-    ``first`` are run alone, each group a forward of that size (the halves where the batch has
-    no more than twice as many): a model that mixes samples in batch order (a mixture of
+    or shaped by the batch; a part whose outputs are shaped otherwise is left out). With
+    ``first``, only the batch's ``first`` samples and its last ``first`` are run alone, each
+    group a forward of that size (overlapping where the batch has fewer than twice as many; the
+    halves where it has no more): a model that mixes samples in batch order (a mixture of
     experts whose capacity drops the tokens past it, a running statistic over the batch) spares
     the first ones, and had passed with them alone (probe 222).
 
@@ -2343,8 +2344,10 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
     if (count < 2 or not isinstance(outputs, Tensor) or not outputs.is_floating_point()
             or outputs.shape[0] != count):  # not batch first: the loss's own checks name it
         return None
-    spans = (((0, count // 2), (count // 2, count)) if first is None or count <= 2 * first
-             else ((0, first), (count - first, count)))
+    # (first and last may overlap: a batch of 3 split 1 + 2 had a model that cannot run one
+    # sample go unchecked; probe 226)
+    spans = ([(0, count // 2), (count // 2, count)] if first is None or count <= first
+             else [(0, first), (count - first, count)])
     parts = []
     with torch.no_grad():
         for start, stop in spans:
@@ -2362,11 +2365,14 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
             part = replace(problem, args=args, kwargs=kwargs, targets=targets).forward()
             parts.append(part[start:stop] if in_place and isinstance(part, Tensor) else part)
             del args, kwargs, part  # (one half's copy at a time)
-    # outputs shaped by the batch (sequences cut to the batch's longest): not comparable row
-    # by row
-    if not all(isinstance(part, Tensor) and part.shape[1:] == outputs.shape[1:]
-               for part in parts):
+    # outputs shaped by the batch (sequences cut to the batch's longest): a part whose are
+    # shaped otherwise is not comparable row by row, the others are (the shortest sequences,
+    # last in a sorted packed batch, had left the first ones unchecked too; probe 226)
+    compared = [(span, part) for span, part in zip(spans, parts)
+                if isinstance(part, Tensor) and part.shape[1:] == outputs.shape[1:]]
+    if not compared:
         return None
+    spans, parts = [span for span, _ in compared], [part for _, part in compared]
     for (start, stop), part in zip(spans, parts):
         if part.shape[0] != stop - start:  # (their difference had read "NaN or infinite
             # entries" where every output is finite: a sequence-first LSTM given [T, n, d]

@@ -3857,6 +3857,57 @@ def test_samples_mixed_before_every_parameter_are_refused_where_rules_take_all(m
            ValueError, "computed alone differs.*fisher_lanczos")
 
 
+class _PackedCentred(nn.Module):
+    """An LSTM over packed sequences (lengths descending) whose outputs are cut to the batch's
+    longest, on inputs centred with the batch's mean (samples mixed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(3, 5, batch_first=True), nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x + 3 * x.mean(0, keepdim=True), lengths,
+                                                   batch_first=True)
+        hidden, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True)
+        return self.head(hidden)
+
+
+def _packed_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(outputs.flatten(0, 1),
+                                       targets[:, :outputs.shape[1]].flatten(), reduction="sum")
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_samples_mixed_under_outputs_cut_to_the_longest_sequence_are_refused(method):
+    """The batch's last two samples, the shortest of a sorted packed batch, have outputs of
+    fewer steps run alone: that part is not comparable, and it had left the first two
+    unchecked too (fisher's top eigenvalue 15 % low, its third half, no note; probe 226)."""
+    torch.manual_seed(0)
+    lengths = torch.tensor([7, 6, 5, 4, 3, 2])
+    x, y = torch.randn(6, 7, 3, dtype=torch.float64), torch.randint(0, 4, (6, 7))
+    for row, length in enumerate(lengths):
+        x[row, length:], y[row, length:] = 0.0, -100
+    model = _PackedCentred().double()
+    _check(model, lambda: hessrank.effective_rank(model, _packed_loss, ((x, lengths), y),
+                                                  method=method),
+           ValueError, "computed alone differs")
+
+
+def test_a_batch_of_three_is_checked_on_two_samples_alone():
+    """A batch of 3 had been split 1 + 2, and a model that cannot run one sample alone (its
+    outputs squeezed) went unchecked, with a note (probe 226); its first two and last two
+    samples run alone now."""
+    class Squeezed(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).squeeze()  # [n] (a scalar for one sample)
+
+    torch.manual_seed(0)
+    model = Squeezed(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    result = hessrank.effective_rank(model, nn.MSELoss(), (x, y), method="fisher")
+    assert not any("was not tested" in note for note in result.notes), result.notes
+
+
 @pytest.mark.parametrize("method", ["fisher_lanczos", "ggn_lanczos"])
 def test_a_model_holding_a_generator_that_mixes_its_samples_is_noted(method):
     """The factor operators' note on a model whose samples interact was skipped for a model
