@@ -899,6 +899,27 @@ def also_at_call_exit(restore: Callable[[], None]) -> None:
         exits.also_at_exit(restore)
 
 
+@contextmanager
+def warnings_ignored(message: str) -> Iterator[None]:
+    """Warnings whose message matches ``message`` ignored inside the block
+    (``warnings.catch_warnings``), the filters put back on exit, and again as the call exits
+    where a signal skipped that (:func:`also_at_call_exit`): only while they are still the
+    block's own copy (put back whatever they were, filters another thread's ``catch_warnings``
+    had set were restored for good, every later warning silenced; probe 226)."""
+    saved = warnings.filters
+    with warnings.catch_warnings():
+        own = warnings.filters
+
+        def put_back() -> None:
+            if warnings.filters is own:
+                warnings.filters = saved
+                warnings._filters_mutated()  # type: ignore[attr-defined]
+
+        also_at_call_exit(put_back)
+        warnings.filterwarnings("ignore", message=message)
+        yield
+
+
 class ExitsHeldBack:
     """Signals held back (:func:`deferred_interrupts`) from the end of a call's work until the
     call's guards have all exited: the outermost context manager of a call, whose
@@ -912,16 +933,14 @@ class ExitsHeldBack:
     (at the entry of :meth:`from_here`'s exit) leaves the restores unprotected as before.
 
     A restore inside the work, which a signal landing as it begins skips (before it holds
-    signals back itself), is registered with :func:`also_at_call_exit` and run again here, and
-    the warnings filters and ``showwarning`` are put back (a ``catch_warnings`` exit skipped
-    had left the call's filters in place, a recording's restore a Function class its recording
-    ``forward``; probe 223).
+    signals back itself), is registered with :func:`also_at_call_exit` and run again here (a
+    ``catch_warnings`` exit skipped had left the call's filters in place, a recording's restore
+    a Function class its recording ``forward``; probe 223).
     """
 
     def __init__(self) -> None:
         self._held = ExitStack()
         self._restores: list[Callable[[], None]] = []
-        self._warnings = (warnings.filters, warnings.showwarning)
         self._token: contextvars.Token[ExitsHeldBack | None] | None = None
 
     def __enter__(self) -> ExitsHeldBack:
@@ -934,10 +953,6 @@ class ExitsHeldBack:
                 _CALL_EXITS.reset(self._token)
             for restore in reversed(self._restores):  # each idempotent: run already, or not
                 restore()
-            filters, show = self._warnings
-            if warnings.filters is not filters or warnings.showwarning is not show:
-                warnings.filters, warnings.showwarning = filters, show
-                warnings._filters_mutated()  # type: ignore[attr-defined]
         self._held.close()  # the held-back signals are delivered here
 
     def also_at_exit(self, restore: Callable[[], None]) -> None:

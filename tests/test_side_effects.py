@@ -1802,7 +1802,7 @@ _RESTORES_REDONE = [
      lambda before: _Squared.__dict__["forward"] is before),
     ("the warnings filters", "ggn", lambda: _net().eval(),
      lambda: classification_batch(8, 6, 3, dtype=torch.float32),
-     lambda: _raise_at_call("__exit__", "_loss_hessian_products", filename="warnings.py"),
+     lambda: _raise_at_call("__exit__", "warnings_ignored", filename="warnings.py"),
      lambda before: warnings.filters is before[0] and warnings.filters == before[1]),
     ("a loader's generator", "exact", lambda: _net().eval(), _shuffled_digits,
      lambda: _raise_at_call("setstate", "restore"),
@@ -1892,3 +1892,41 @@ def test_numpy_errors_raised_by_the_caller_leave_benign_underflow_alone(method) 
         ranks = hessrank.spectral_ranks(np.array([1.0, 0.5, 1e-300, 0.0]))
         assert np.geterr()["under"] == "raise"
     assert ranks["numerical"] == 2 and ranks["stable"] == 1.25
+
+
+def test_another_thread_s_warnings_filters_are_left_alone() -> None:
+    """A call made from a worker thread while the main thread was inside catch_warnings, which
+    it left before the call ended: the call's exit had put back the filters it found, that
+    block's copy, for good (every later warning silenced; probe 226). It puts back only its
+    own blocks' filters now."""
+    import threading
+
+    started, go = threading.Event(), threading.Event()
+
+    class Waits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not started.is_set():
+                started.set()
+                go.wait(10)
+            return self.linear(x)
+
+    model, outcome = Waits(), {}
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+    def work() -> None:
+        outcome["result"] = hessrank.effective_rank(model, CE, (x, y), method="ggn")
+
+    before = warnings.filters
+    worker = threading.Thread(target=work)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        worker.start()
+        assert started.wait(10)
+    go.set()
+    worker.join(60)
+    assert "result" in outcome
+    assert warnings.filters is before

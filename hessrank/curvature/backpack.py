@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from hessrank.curvature.differences import (
 )
 from hessrank.curvature.gram import GramAccumulator, GramResult, refuse_mixed_rule_samples
 from hessrank.curvature.row_gram import row_gram
+from hessrank.guard import warnings_ignored
 from hessrank.problem import CurvatureProblem, agreement_tolerance, run_model
 
 _GGN_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
@@ -106,9 +106,8 @@ def gram_backpack(
         # True), in every torchvision model tried), with a bare RuntimeError
         loss = loss_fn(run_model(model, problem.args, problem.kwargs, problem.mode),
                        problem.targets)
-        with backpack(extension), warnings.catch_warnings():
-            # The inputs need no gradient; torch warns that module hooks fire on outputs only.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        # The inputs need no gradient; torch warns that module hooks fire on outputs only.
+        with backpack(extension), warnings_ignored("Full backward hook is firing"):
             # into the copies only: a tensor the loss or the forward uses from outside the
             # model (a learnable temperature) got BackPACK's gradient in its .grad
             loss.backward(inputs=[p for p in copies.values() if p.requires_grad])

@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeGuard, TypeVar
 
@@ -46,7 +45,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from hessrank.curvature.saturation import saturation_safe
-from hessrank.guard import OwnMode, raise_if_signalled
+from hessrank.guard import OwnMode, raise_if_signalled, warnings_ignored
 from hessrank.problem import (
     LossFn,
     agreement_tolerance,
@@ -1125,8 +1124,7 @@ def _loss_hessian_products(first: Tensor, leaf: Tensor, vectors: Tensor) -> Tens
         ValueError: an operation of the loss has no second derivative in torch (named, with the
             method that needs none).
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")
+    with warnings_ignored(".*torch.jit.script.*deprecated"):
         try:
             (products,) = torch.autograd.grad(first, leaf, grad_outputs=vectors,
                                               is_grads_batched=True, allow_unused=True,
