@@ -1869,6 +1869,43 @@ def test_calls_inside_parametrize_cached(method):
     assert_spectra_close(inside.eigenvalues, outside.eigenvalues, rtol=1e-12)
 
 
+class _MaskedPolicy(nn.Module):
+    """Action logits scaled by a learned inverse temperature (no rule claims it: the general
+    path) plus an additive mask of the illegal actions among the inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return self.net(x) * self.scale + mask
+
+
+@pytest.mark.parametrize("backend", ["auto", "func"])
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_an_additive_minus_inf_in_the_outputs_is_not_taken_for_mixing(method, backend):
+    """The general path compared a sample's outputs alone with the batch's by the norm of their
+    difference, NaN where both hold the mask's -inf: a policy with illegal actions masked was
+    refused as mixing its samples (probe 225). The -inf mask gives the spectrum of a -1e4 one,
+    which the float64 references give."""
+    model = _MaskedPolicy().double()
+    x, _ = _mlp_batch(8, 4)
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    legal = torch.rand(8, 5, generator=_seeded(3)) < 0.6
+    legal[torch.arange(8), y] = True
+    spectra = []
+    for fill in (float("-inf"), -1e4):
+        inputs = (x, torch.where(legal, 0.0, fill).double())
+        spectra.append(hessrank.effective_rank(model, CE, (inputs, y), method=method,
+                                               backend=backend).eigenvalues)
+    reference = (reference_ggn_full(model, CE, inputs, y) if method == "ggn" else
+                 reference_fisher_weighted(model, CE, _mean_weights(y), inputs, y))
+    assert_spectra_close(spectra[1], eigenvalues_by_magnitude(reference), count=len(spectra[1]),
+                         rtol=1e-9)
+    assert_spectra_close(spectra[0], spectra[1], count=len(spectra[1]), rtol=1e-9)
+
+
 class _Squeezed(nn.Module):
     """One output per sample, returned as ``[n]`` (binary classification, regression)."""
 

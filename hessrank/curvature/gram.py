@@ -62,6 +62,7 @@ from hessrank.problem import (
     UnrepeatableForward,
     agreement_tolerance,
     difference_text,
+    finite_difference,
     graph_nodes,
     lower_precision_cause,
     mixed_samples_difference,
@@ -1160,7 +1161,16 @@ def _samples_differ(sample_outputs: Tensor, outputs: Tensor, tolerance: float,
     """What is wrong where the outputs of the samples computed alone differ from the batch's:
     ``(what differs, its likely cause, the relative difference)`` (``generators``: as
     :func:`_mixing`'s)."""
-    difference = (sample_outputs.reshape(outputs.shape) - outputs).norm()
+    alone = sample_outputs.reshape(outputs.shape)
+    finite = torch.isfinite(outputs)
+    if not bool(finite.all()):
+        # compared where finite, once their NaN and infinite entries agree: an additive mask's
+        # -inf in the outputs (illegal actions' logits) made the difference NaN, and a model
+        # that does not mix its samples was refused as mixing them (probe 225)
+        if math.isinf(finite_difference(alone, outputs)):
+            return (*_mixing(math.inf, generators), math.inf)
+        alone, outputs = torch.where(finite, alone, 0.0), torch.where(finite, outputs, 0.0)
+    difference = (alone - outputs).norm()
     scale = outputs.norm().clamp_min(torch.finfo(outputs.dtype).tiny)
     if difference <= tolerance * math.sqrt(outputs[0].numel()) * scale:
         return None
