@@ -791,6 +791,16 @@ def evaluate_loss(loss_fn: LossFn, outputs: object, targets: Tensor, finite: boo
             "(with torch.no_grad(): ...), or not at all in the loss")
     if finite and isinstance(value, Tensor) and value.numel() == 1:
         _refuse_all_ignored(loss_fn, value, targets)
+        if batch is not None and not all_finite(value.detach()) and all_finite(outputs):
+            # finite outputs: no input entry made the loss so (a model that replaces missing
+            # inputs had every underflowing loss blamed on their NaN; probe 225)
+            batch = [("targets", targets)]
+            if nonfinite_entry(batch) is None:
+                raise ValueError(
+                    f"the loss is {value.item()} at finite outputs and targets: loss_fn makes it "
+                    "so (a log of zero, a division by zero, an overflow: a hand-written "
+                    "-log(softmax(f)) underflows where F.cross_entropy does not); check loss_fn "
+                    "at these outputs")
     check_loss(value, finite, targets, batch)
     # (under no_grad the loss has no graph whatever it is: outputs that have one, a forward
     # taking a gradient inside enable_grad, had ggn told its plain MSELoss was detached;

@@ -81,6 +81,37 @@ def test_empty_batch(setup):
            ValueError, "batch is empty")
 
 
+class _Imputing(nn.Module):
+    """Replaces its NaN inputs by zeros, then an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp((5, 6, 3))
+
+    def forward(self, x):
+        return self.body(torch.where(x.isnan(), 0.0, x))
+
+
+def test_a_loss_non_finite_at_finite_outputs_is_not_blamed_on_replaced_inputs(setup):
+    """A model that replaces its missing (NaN) inputs had every non-finite loss blamed on them
+    ('inputs[0] holds nan ..., likely the cause'), here a hand-written cross-entropy whose
+    softmax underflows (probe 225): at finite outputs and targets, the loss is named."""
+    _, x, y = setup
+    missing = x.clone()
+    missing[0, 1] = float("nan")
+    model = _Imputing()
+    with torch.no_grad():
+        model.body[-1].weight.mul_(1e5)  # logits far apart: softmax underflows to 0
+
+    def by_hand(outputs, targets):
+        return -torch.log(torch.softmax(outputs, 1)[torch.arange(len(targets)), targets]).mean()
+
+    for method in ("fisher", "ggn", "exact"):
+        _check(model, lambda: hessrank.effective_rank(model, by_hand, (missing, y),
+                                                      method=method),
+               ValueError, r"the loss is inf at finite outputs and targets: loss_fn makes it so")
+
+
 def test_nan_inputs_and_parameters(setup):
     model, x, y = setup
     bad = x.clone()
