@@ -107,9 +107,27 @@ def test_a_loss_non_finite_at_finite_outputs_is_not_blamed_on_replaced_inputs(se
         return -torch.log(torch.softmax(outputs, 1)[torch.arange(len(targets)), targets]).mean()
 
     for method in ("fisher", "ggn", "exact"):
-        _check(model, lambda: hessrank.effective_rank(model, by_hand, (missing, y),
-                                                      method=method),
+        _check(model, lambda method=method: hessrank.effective_rank(model, by_hand, (missing, y),
+                                                                    method=method),
                ValueError, r"the loss is inf at finite outputs and targets: loss_fn makes it so")
+
+
+@pytest.mark.parametrize("method", ["fisher", "fisher_lanczos"])
+def test_a_missing_target_that_reaches_the_loss_s_gradient_is_named(method):
+    """A loss that masks its NaN targets by torch.where is finite, its gradient NaN where they
+    are: fisher said 'not finite for sample 2 (a log of zero, a division by zero)' without the
+    target (probe 225)."""
+    torch.manual_seed(0)
+    model = mlp((4, 5, 2))
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    y[2, 1] = float("nan")
+
+    def masked(outputs, targets):
+        return torch.where(targets.isnan(), 0.0, (outputs - targets) ** 2).mean()
+
+    _check(model, lambda: hessrank.effective_rank(model, masked, (x, y), method=method),
+           ValueError, r"not finite for sample 2 \(targets\[2\] holds nan at \[1\] \(1 entry\): "
+                       r"a loss that masks a missing target")
 
 
 def test_nan_inputs_and_parameters(setup):

@@ -54,6 +54,7 @@ from hessrank.problem import (
     evaluate_loss,
     listed_names,
     loss_modified_in_place_error,
+    nonfinite_entry,
     output_gradient,
     refuse_not_sample_first,
     without_second_derivative,
@@ -335,10 +336,17 @@ def fisher_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         read, precision = precise, torch.float64
     weights, mismatch = read.weights, read.mismatch
     if not bool(read.finite.all()):
+        sample = int((~read.finite).nonzero()[0])
+        # (a NaN target the loss masks by torch.where, whose gradient still meets it, had gone
+        # unnamed; probe 225)
+        entry = nonfinite_entry([(f"targets[{sample}]", targets[sample])])
         raise ValueError(
-            f"the loss's gradient w.r.t. the outputs is not finite for sample "
-            f"{int((~read.finite).nonzero()[0])}: the empirical Fisher of these outputs is "
-            "undefined; check loss_fn at them (a log of zero, a division by zero)")
+            f"the loss's gradient w.r.t. the outputs is not finite for sample {sample}"
+            + ("" if entry is None else
+               f" ({entry}: a loss that masks a missing target must keep it out of the gradient "
+               "too, (f - t.nan_to_num()) ** 2 * seen, not torch.where(seen, (f - t) ** 2, 0))")
+            + ": the empirical Fisher of these outputs is undefined; check loss_fn at them (a "
+            "log of zero, a division by zero)")
     if bool((mismatch > 1).any()):
         _refuse_half_precision_loss(loss_fn, outputs, targets, "its per-sample gradients",
                                     mismatch)
