@@ -475,7 +475,9 @@ def effective_rank(
                     except NotFiniteError as error:
                         # (diagnosed on this process's shard alone: a diagnosis's collectives
                         # in one process had aborted the group in gloo; probe 161)
-                        cause = nonfinite_entry(local_of(problem).labelled_batch())
+                        # (a data set's first batch's entries do not tell its others')
+                        cause = (None if isinstance(problem, StreamedProblem)
+                                 else nonfinite_entry(local_of(problem).labelled_batch()))
                         if cause is None and error.dtype == problem.dtype:
                             raise
                         # (the model's dtype overflowed, not the float64 matrix it filled: a

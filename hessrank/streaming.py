@@ -864,8 +864,12 @@ class StreamedProblem(CurvatureProblem):
             ValueError: a batch differs, or the number of batches does.
         """
         count = 0
-        with same_draw(self.data):
+        # (an error of a batch past the first named it: fisher_lanczos had said "not finite for
+        # sample 2" of the data set's second batch; probe 225)
+        reading = [0]
+        with same_draw(self.data), _naming_the_batch(reading):
             for batch in self._batches():
+                reading[0] = count
                 if (count >= len(self._normalisers)
                         or not _same(self._normalisers[count][0], _fingerprint(batch))):
                     raise _data_changed(f"batch {count} differs from the first pass's")

@@ -1376,3 +1376,20 @@ def test_a_float32_batch_saturated_to_zero_gradient_is_one_of_the_data_set(class
         for data in ((x, y), batches):
             with pytest.raises(ValueError, match="fall under torch.float32's range"):
                 hessrank.effective_rank(model, scaled, data, method)
+
+
+def test_an_error_of_a_later_batch_in_a_later_pass_names_the_batch():
+    """fisher_lanczos takes a data set's batches one at a time in its passes after the survey,
+    whose errors had named no batch: 'not finite for sample 2', of the second batch (probe
+    225)."""
+    model = mlp((4, 5, 2))
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    y[8, 1] = float("nan")
+
+    def masked(outputs, targets):
+        return torch.where(targets.isnan(), 0.0, (outputs - targets) ** 2).sum()
+
+    with pytest.raises(ValueError, match=r"^batch 1 of the data \(the batches before it passed\): "
+                       r"the loss's gradient .* not finite for sample 2 \(targets\[2\] holds nan"):
+        hessrank.effective_rank(model, masked, [(x[:6], y[:6]), (x[6:], y[6:])],
+                                method="fisher_lanczos")
