@@ -20,7 +20,15 @@ import hessrank
 PLASTICITY = Path(__file__).resolve().parents[1] / "examples" / "plasticity"
 sys.path.insert(0, str(PLASTICITY.parent))  # the harness is the package `plasticity`
 
-from plasticity import analysis, experiment, metrics, plot, run, summarize  # noqa: E402
+from plasticity import (  # noqa: E402
+    analysis,
+    experiment,
+    metrics,
+    plot,
+    problems,
+    run,
+    summarize,
+)
 from plasticity.experiment import Config, run_experiment  # noqa: E402
 from plasticity.model import BatchedMLP  # noqa: E402
 from plasticity.problems import (  # noqa: E402
@@ -574,6 +582,9 @@ def _refused_before_anything_is_written(
     (["--reg", "l2", "--reg-strength", "0.01", "--sp-noise", "0.5"],
      "--sp-noise 0.5 with --reg l2: only shrink_perturb perturbs the weights"),
     (["--downsample", "4"], "--downsample 4 with --problem synthetic, which has no images"),
+    # (probe 227: one singular value, whose entropy is 0 whatever the weights)
+    (["--reg", "feature_rank", "--reg-strength", "1", "--batch-size", "1"],
+     "--reg feature_rank with --batch-size 1 and --width 128: features of one row"),
 ])
 def test_a_setting_that_would_not_act_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], fragment: str
@@ -584,6 +595,23 @@ def test_a_setting_that_would_not_act_is_refused(
     without images."""
     _refused_before_anything_is_written(
         tmp_path, capsys, ["--problem", "synthetic", *options], fragment)
+
+
+def test_more_images_than_the_data_set_holds_are_refused() -> None:
+    """``--num-samples 100000`` of MNIST's 60,000 had been cut to 60,000 without a word, while
+    config.json and every title said 100,000 (and the subset seed did nothing; probe 227)."""
+    with pytest.raises(SetupError, match=r"--num-samples 101 is more than the data set's 100 "
+                                         r"training images: pass --num-samples 100 or fewer"):
+        problems._subset(100, 101, 0)
+    assert torch.equal(problems._subset(100, 100, 7), torch.arange(100))
+
+
+@NEEDS_MNIST
+def test_a_subset_without_the_last_class_keeps_the_data_set_s_classes() -> None:
+    """32 MNIST images without a 9 (subset seed 2) had made a 9-class problem: its models 9
+    outputs, its random labels 0-8 (probe 227)."""
+    problem = make_problem("random_label_mnist", str(mnist_dir()), 32, subset_seed=2)
+    assert int(problem.pool.labels.max()) < 9 and problem.pool.num_classes == 10
 
 
 @pytest.mark.parametrize(("options", "fragment"), [

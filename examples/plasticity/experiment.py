@@ -240,6 +240,12 @@ def check_config(cfg: Config) -> None:
                 "adds no penalty (every number would equal --reg none's): pass its lambda with "
                 "--reg-strength, above 0")
         raise SetupError(f"{where}--reg {cfg.reg} with --reg-strength 0 (the default) {what}")
+    # the feature-rank penalty of one singular value is 0 whatever the weights (probe 227)
+    if cfg.reg == "feature_rank" and min(cfg.batch_size, cfg.width) < 2:
+        raise SetupError(f"{where}--reg feature_rank with --batch-size {cfg.batch_size} and "
+                         f"--width {cfg.width}: features of one row or one column have one "
+                         "singular value, whose entropy is 0 whatever the weights, so it adds "
+                         "nothing; pass --batch-size and --width of 2 or more")
     # settings that only shrink_perturb or images read, recorded but never applied elsewhere
     # (every number equal to the default's while config.json said otherwise; probe 168)
     if cfg.reg != "shrink_perturb" and cfg.sp_noise != _default("sp_noise"):

@@ -170,21 +170,34 @@ class Problem:
 
 
 def _subset(n_total: int, n: int | None, subset_seed: int) -> torch.Tensor:
-    if n is None or n >= n_total:
+    """``n`` of the data set's ``n_total`` images drawn by ``subset_seed`` (all of them for
+    ``n`` None or ``n_total``).
+
+    Raises:
+        SetupError: ``n`` above ``n_total`` (cut down to it without a word, config.json and
+            every title had said the larger number, the subset seed had no effect; probe 227).
+    """
+    if n is not None and n > n_total:
+        raise SetupError(f"--num-samples {n} is more than the data set's {n_total} training "
+                         f"images: pass --num-samples {n_total} or fewer")
+    if n is None or n == n_total:
         return torch.arange(n_total)
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(subset_seed))[:n]
 
 
 def _pool_from_uint8(
-    images: torch.Tensor, labels: torch.Tensor, mean: float, std: float, downsample: int
+    images: torch.Tensor, labels: torch.Tensor, mean: float, std: float, downsample: int,
+    num_classes: int,
 ) -> Pool:
-    """Normalise uint8 images (N, H, W[, C]), average-pool by ``downsample``, flatten."""
+    """Normalise uint8 images (N, H, W[, C]), average-pool by ``downsample``, flatten;
+    ``num_classes``: the whole data set's (a subset may lack its last class: 32 MNIST images
+    without a 9 had made a 9-class problem; probe 227)."""
     x = images.float().div(255.0)
     x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
     if downsample > 1:
         x = torch.nn.functional.avg_pool2d(x, downsample)
     x = (x - mean) / std
-    return Pool(x.flatten(1).contiguous(), labels.long(), int(labels.max()) + 1)
+    return Pool(x.flatten(1).contiguous(), labels.long(), num_classes)
 
 
 MNIST_TRAIN_IMAGES = Path("MNIST") / "raw" / "train-images-idx3-ubyte"
@@ -218,7 +231,8 @@ def load_mnist(
              "t10k-labels-idx1-ubyte")
             + "; copy MNIST/raw there by hand and pass --data-dir") from None
     idx = _subset(len(ds.targets), n, subset_seed)
-    return _pool_from_uint8(ds.data[idx], ds.targets[idx], MNIST_MEAN, MNIST_STD, downsample)
+    return _pool_from_uint8(ds.data[idx], ds.targets[idx], MNIST_MEAN, MNIST_STD, downsample,
+                            int(ds.targets.max()) + 1)
 
 
 def load_cifar10(
@@ -236,7 +250,8 @@ def load_cifar10(
         ) from None
     images, labels = torch.from_numpy(ds.data), torch.tensor(ds.targets)
     idx = _subset(len(labels), n, subset_seed)
-    return _pool_from_uint8(images[idx], labels[idx], CIFAR_MEAN, CIFAR_STD, downsample)
+    return _pool_from_uint8(images[idx], labels[idx], CIFAR_MEAN, CIFAR_STD, downsample,
+                            int(labels.max()) + 1)
 
 
 def load_imagenet32(data_dir: str, n: int | None, subset_seed: int, downsample: int = 1) -> Pool:
@@ -261,7 +276,8 @@ def load_imagenet32(data_dir: str, n: int | None, subset_seed: int, downsample: 
     images = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32).permute(0, 2, 3, 1)
     targets = torch.from_numpy(np.concatenate(labels)).long() - 1
     idx = _subset(len(targets), n, subset_seed)
-    return _pool_from_uint8(images[idx], targets[idx], 0.48, 0.25, downsample)
+    return _pool_from_uint8(images[idx], targets[idx], 0.48, 0.25, downsample,
+                            int(targets.max()) + 1)
 
 
 def synthetic_pool(n: int, dim: int, num_classes: int, subset_seed: int) -> Pool:
