@@ -1514,6 +1514,31 @@ class StoresKL(nn.Module):
         return self.dec(torch.tanh(mu))
 
 
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_a_float32_loss_term_the_forward_stores_is_included(method):
+    """exact and lanczos include a term the forward stores on the model (what fisher and ggn
+    refuse, naming them): in float32 the check of the loss's parameter terms freed the forward's
+    graph the stored term shares, and both failed with torch's 'backward through the graph a
+    second time' (probe 228)."""
+    torch.manual_seed(0)
+    model = StoresKL()
+    x, y = _mlp_batch(5, 4)
+    x = x.float()
+
+    def with_kl(outputs, targets):
+        return CE(outputs, targets) + model.kl
+
+    result = hessrank.effective_rank(model, with_kl, (x, y), method=method)
+    double = copy.deepcopy(model).double()
+
+    def double_kl(outputs, targets):
+        return CE(outputs, targets) + double.kl
+
+    reference = eigenvalues_by_magnitude(
+        double_backprop_hessian(double, double_kl, x.double(), y))
+    assert abs(result.eigenvalues[0] - reference[0]) <= 1e-5 * abs(reference[0])
+
+
 @pytest.mark.parametrize("backend", ["auto", "func", "backpack"])
 @pytest.mark.parametrize("method", ["fisher", "ggn", "fisher_lanczos", "ggn_lanczos"])
 def test_a_loss_term_the_forward_stores_is_refused(method, backend):

@@ -73,7 +73,9 @@ def direct_parameter_names(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     value = evaluate_loss(loss_fn, leaf, targets, finite=False)
     if not value.requires_grad:
         return []
-    pieces = torch.autograd.grad(value, list(params), allow_unused=True)
+    # (retained: a term the forward stored on the model shares the caller's forward graph,
+    # which exact's float32 trials then differentiated freed; probe 228)
+    pieces = torch.autograd.grad(value, list(params), allow_unused=True, retain_graph=True)
     return [name for name, piece in zip(names, pieces) if piece is not None]
 
 
