@@ -1701,6 +1701,16 @@ def _mode_notes(model: nn.Module, mode: str) -> list[str]:
     return notes
 
 
+def parameter_holders(model: nn.Module) -> dict[int, int]:
+    """How many modules of ``model`` register each parameter (by id): more than one where a
+    weight is tied."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            holders[id(param)] = holders.get(id(param), 0) + 1
+    return holders
+
+
 #: The autograd nodes of an embedding's lookup, which mask its ``padding_idx`` row.
 _LOOKUPS = frozenset({"EmbeddingBackward0", "EmbeddingBagBackward0"})
 
@@ -1712,10 +1722,7 @@ def _embedding_notes(model: nn.Module, analysed: set[int],
     before; probe 144). Not where another module holds the weight too, or the graph shows
     another use of it (``used_otherwise``, :func:`weights_used_otherwise`): a tied output head
     gives that row gradient and curvature, which the note had denied (probe 219)."""
-    holders: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            holders[id(param)] = holders.get(id(param), 0) + 1
+    holders = parameter_holders(model)
     padded = [f"{type(module).__name__} {name!r} (padding_idx={module.padding_idx})"
               for name, module in model.named_modules()
               if isinstance(module, (nn.Embedding, nn.EmbeddingBag))

@@ -19,33 +19,14 @@ All of them are invariant to scaling the matrix.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
 
 import numpy as np
 
+from hessrank.guard import underflow_ignored
 from hessrank.problem import check_number
 
 RANK_NAMES = ("srank", "numerical", "entropy", "stable", "participation")
-
-
-Params = ParamSpec("Params")
-Returned = TypeVar("Returned")
-
-
-def _underflow_ignored(function: Callable[Params, Returned]) -> Callable[Params, Returned]:
-    """``function`` with NumPy's underflow to zero ignored, benign in every rank, whatever the
-    caller's ``np.seterr`` (``all="raise"``, a debugging setting, had ``spectral_ranks`` raise
-    on an eigenvalue of 1e-300 squared; probe 223)."""
-
-    @functools.wraps(function)
-    def call(*args: Params.args, **kwargs: Params.kwargs) -> Returned:
-        with np.errstate(under="ignore"):
-            return function(*args, **kwargs)
-
-    return call
 
 
 def _checked(eigenvalues: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +87,7 @@ def whole_count(count: float) -> float:
     return float(whole) if abs(count - whole) <= 1e-9 * max(abs(count), 1.0) else float(count)
 
 
-@_underflow_ignored
+@underflow_ignored
 def srank(
     eigenvalues: np.ndarray, threshold: float = 0.99, weights: np.ndarray | None = None
 ) -> float:
@@ -126,7 +107,7 @@ def srank(
                                None if weights is None else np.ravel(weights))[0])
 
 
-@_underflow_ignored
+@underflow_ignored
 def srank_per_row(
     eigenvalues: np.ndarray, thresholds: np.ndarray, weights: np.ndarray | None = None
 ) -> np.ndarray:
@@ -184,7 +165,7 @@ def srank_per_row(
     return result + 0.0  # (a count rounded up from below 1e-9 is 0, not -0)
 
 
-@_underflow_ignored
+@underflow_ignored
 def numerical_rank(
     eigenvalues: np.ndarray, rtol: float, weights: np.ndarray | None = None
 ) -> float:
@@ -207,7 +188,7 @@ def numerical_rank(
     return whole_count(float(w[s > rtol * s[0]].sum()))
 
 
-@_underflow_ignored
+@underflow_ignored
 def entropy_rank(eigenvalues: np.ndarray, weights: np.ndarray | None = None) -> float:
     """Roy & Vetterli effective rank: exp of the Shannon entropy of ``s / sum(s)``."""
     s, w = _singular_values(eigenvalues, weights)
@@ -219,7 +200,7 @@ def entropy_rank(eigenvalues: np.ndarray, weights: np.ndarray | None = None) -> 
     return float(np.exp(-(w[positive] * p[positive] * np.log(p[positive])).sum()))
 
 
-@_underflow_ignored
+@underflow_ignored
 def stable_rank(eigenvalues: np.ndarray, weights: np.ndarray | None = None) -> float:
     """Stable rank ``||A||_F^2 / ||A||_2^2 = sum(s^2) / s_1^2``."""
     s, w = _singular_values(eigenvalues, weights)
@@ -228,7 +209,7 @@ def stable_rank(eigenvalues: np.ndarray, weights: np.ndarray | None = None) -> f
     return float((w * s**2).sum() / s[0] ** 2)
 
 
-@_underflow_ignored
+@underflow_ignored
 def participation_ratio(eigenvalues: np.ndarray, weights: np.ndarray | None = None) -> float:
     """Participation ratio ``sum(s)^2 / sum(s^2)``."""
     s, w = _singular_values(eigenvalues, weights)
@@ -250,7 +231,7 @@ def default_rtol(size: int, dtype_eps: float) -> float:
     return float(min(max(size, 1) * dtype_eps, MAX_DEFAULT_RTOL))
 
 
-@_underflow_ignored
+@underflow_ignored
 def spectral_ranks(
     eigenvalues: np.ndarray,
     threshold: float = 0.99,

@@ -66,6 +66,7 @@ from hessrank.problem import (
     graph_nodes,
     lower_precision_cause,
     mixed_samples_difference,
+    parameter_holders,
     refuse_not_sample_first,
     repeat_pass,
     sum_terms,
@@ -565,10 +566,7 @@ def compute_gram(
     """
     groups = problem.modules_with_params()
     modules = dict(problem.model.named_modules())
-    owners: dict[int, int] = {}
-    for module in problem.model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
+    owners = parameter_holders(problem.model)
     named = dict(zip(problem.names, problem.params))
     claimed: dict[str, tuple[nn.Module, GramRule]] = {}
     # A claimed module's children whose factors its rule computes: group -> {child: group}.
