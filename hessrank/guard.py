@@ -71,7 +71,7 @@ _HOOK_DICTS = (
 #: hook dictionaries, the ``training`` flag), which :func:`preserved_state` restores on its own:
 #: every other entry is a plain attribute, state a forward pass may rebind or mutate.
 _MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
-_MISSING = object()
+MISSING = object()
 #: Code: objects whose attributes are not state.
 CODE_TYPES = (type, types.ModuleType, types.FunctionType, types.MethodType,
               types.BuiltinFunctionType)
@@ -94,16 +94,16 @@ class _Attributes:
     slots: dict[str, Any]
 
 
-def _contents(value: Any) -> Any:
-    """A shallow copy of what ``value`` holds, ``_MISSING`` where it is not a container."""
+def held_contents(value: Any) -> Any:
+    """A shallow copy of what ``value`` holds, ``MISSING`` where it is not a container."""
     if isinstance(value, list | dict | set):
         return copy.copy(value)
     if not isinstance(value, _NOT_CONTAINERS) and hasattr(value, "__dict__"):
         return dict(vars(value))
-    return _MISSING
+    return MISSING
 
 
-def _put_back(value: Any, contents: Any) -> None:
+def put_back_contents(value: Any, contents: Any) -> None:
     """Make ``value`` hold ``contents`` again (in place), where it changed."""
     if isinstance(value, list):
         if len(value) != len(contents) or any(a is not b for a, b in zip(value, contents)):
@@ -127,7 +127,7 @@ def plain_attributes(model: nn.Module) -> list[_Attributes]:
         objects = {key: value for key, value in vars(module).items()
                    if key not in _MODULE_BOOKKEEPING}
         contents = {key: copied for key, value in objects.items()
-                    if (copied := _contents(value)) is not _MISSING}
+                    if (copied := held_contents(value)) is not MISSING}
         slots = {name: getattr(module, name) for name in _slot_names(type(module))
                  if hasattr(module, name)}
         saved.append(_Attributes(module, objects, contents, slots))
@@ -155,12 +155,12 @@ def rebind_attributes(saved: list[_Attributes]) -> None:
                     if key not in entry.objects and key not in _MODULE_BOOKKEEPING]:
             del current[key]
         for key, value in entry.objects.items():
-            if current.get(key, _MISSING) is not value:
+            if current.get(key, MISSING) is not value:
                 current[key] = value
         for key, contents in entry.contents.items():
-            _put_back(entry.objects[key], contents)
+            put_back_contents(entry.objects[key], contents)
         for name, value in entry.slots.items():
-            if getattr(entry.module, name, _MISSING) is not value:
+            if getattr(entry.module, name, MISSING) is not value:
                 object.__setattr__(entry.module, name, value)
 
 
@@ -1065,7 +1065,8 @@ def _state_access(value: object) -> tuple[Callable[[], Any], Callable[[Any], Non
 HELD_ITEMS = 64
 
 
-def held_generators(owners: Iterable[tuple[str, object]]) -> list[HeldGenerator]:
+def held_generators(owners: Iterable[tuple[str, object]], depth: int = 0
+                    ) -> list[HeldGenerator]:
     """The random generators ``owners`` hold as attributes, directly or as an item of a list,
     tuple or dict attribute of at most :data:`HELD_ITEMS` items, each once (the first place it
     is found), with their states. A module's own registries are not searched.
@@ -1073,26 +1074,53 @@ def held_generators(owners: Iterable[tuple[str, object]]) -> list[HeldGenerator]
     Args:
         owners: ``(path, object)`` pairs (``model.named_modules()``); the path prefixes the
             attribute's name where it is not empty.
+        depth: how many levels further to search, through what plain objects (not modules,
+            tensors or code) hold as attributes, ``functools.partial`` objects as arguments
+            and containers as items: a data set's transform holding its generator, a
+            ``Compose`` of such, a collate function bound to one by ``partial`` (each had
+            been left advanced by a call's passes, the caller's next epoch changed; probe
+            232). An owner that is a ``partial`` is searched through its arguments.
     """
     found: dict[int, HeldGenerator] = {}
+    searched: dict[int, int] = {}  # the most levels below each object searched
 
-    def add(candidate: object, where: str, index: object = _MISSING) -> None:
-        if id(candidate) not in found and (access := _state_access(candidate)) is not None:
+    def search(value: object, where: str, levels: int) -> None:
+        if id(value) not in found and (access := _state_access(value)) is not None:
             read, write = access
-            place = where if index is _MISSING else f"{where}[{index!r}]"
-            found[id(candidate)] = HeldGenerator(place, candidate, read, write, read())
+            found[id(value)] = HeldGenerator(where, value, read, write, read())
+        if levels > searched.get(id(value), -1):
+            searched[id(value)] = levels
+            for place, item in _members(value, where, objects=levels > 0):
+                search(item, place, levels - 1)
 
     for prefix, owner in owners:
-        for key, value in getattr(owner, "__dict__", {}).items():
-            if key in _MODULE_BOOKKEEPING and isinstance(owner, nn.Module):
-                continue
-            where = f"{prefix}.{key}" if prefix else key
-            add(value, where)
-            if isinstance(value, (list, tuple, dict)) and len(value) <= HELD_ITEMS:
-                items = value.items() if isinstance(value, dict) else enumerate(value)
-                for index, item in items:
-                    add(item, where, index)
+        attributes = (_members(owner, prefix, objects=True)
+                      if isinstance(owner, functools.partial) else
+                      [(f"{prefix}.{key}" if prefix else key, value)
+                       for key, value in getattr(owner, "__dict__", {}).items()
+                       if not (key in _MODULE_BOOKKEEPING and isinstance(owner, nn.Module))])
+        for place, value in attributes:
+            search(value, place, depth)
     return list(found.values())
+
+
+def _members(value: object, where: str, objects: bool) -> list[tuple[str, object]]:
+    """``(place, item)`` for what ``value`` holds, for :func:`held_generators`: a list's,
+    tuple's or dict's items (at most :data:`HELD_ITEMS`); where ``objects``, also a
+    ``functools.partial``'s arguments and a plain object's attributes."""
+    if isinstance(value, list | tuple | dict):
+        if len(value) > HELD_ITEMS:
+            return []
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        return [(f"{where}[{index!r}]", item) for index, item in items]
+    if not objects:
+        return []
+    if isinstance(value, functools.partial):
+        return [*((f"{where}.args[{index}]", item) for index, item in enumerate(value.args)),
+                *((f"{where}.keywords[{key!r}]", item) for key, item in value.keywords.items())]
+    if isinstance(value, _NOT_CONTAINERS) or not hasattr(value, "__dict__"):
+        return []
+    return [(f"{where}.{key}", item) for key, item in vars(value).items()]
 
 
 #: A module's hook registries whose callables may be objects holding state of their own.

@@ -62,9 +62,12 @@ from hessrank.curvature.operator import ParameterOperator
 from hessrank.guard import (
     CODE_TYPES,
     HELD_ITEMS,
+    MISSING,
     GlobalGenerators,
     deferred_interrupts,
+    held_contents,
     held_generators,
+    put_back_contents,
     raise_if_signalled,
     rescales_lookups,
 )
@@ -87,8 +90,6 @@ from hessrank.problem import (
 
 Data = TypeVar("Data")
 
-#: ``(samples, float64 sum of the targets, float64 sum of every input's finite entries, counts
-#: of its +inf and of its -inf entries)``: tells batches apart.
 #: A batch's sample count, then :func:`_input_print` of its inputs (summed) and of its targets.
 Fingerprint = tuple[float, ...]
 
@@ -141,6 +142,13 @@ def _to_device(item: object, device: torch.device) -> object:
 _NOT_STATEFUL = (*CODE_TYPES, functools.partial)
 #: How deep :func:`_data_set_owners` follows data sets that wrap others.
 _WRAPPED_DEPTH = 4
+#: How deep below a data set's (sampler's, collate function's) attributes generators are
+#: searched (:func:`~hessrank.guard.held_generators`): a generator in a transform of a
+#: ``Compose``, ``dataset.transform.transforms[i].generator``.
+_HELD_DEPTH = 3
+#: The largest tensor or array a data set (sampler, collate function) holds that a pass's
+#: writes to are undone (:func:`_held_state`): state kept per sample, not the data.
+STATE_BYTES = 2**22
 
 
 def _loaders(data: object) -> list[tuple[str, DataLoader[Any]]]:
@@ -206,13 +214,17 @@ def same_draw(data: object) -> Iterator[None]:
     owners = [owner for owner in _data_set_owners(data) if owner[1] is not None]
     own = held_generators([("", data), *((place.rstrip("."), loader)
                                           for place, loader in _loaders(data) if place),
-                           *owners])
+                           *owners], depth=_HELD_DEPTH)
     # their own attributes too (a sampler that counts its epochs in __iter__ had been left
-    # counting the call's passes, and drew another order in each; probe 101)
+    # counting the call's passes, and drew another order in each; probe 101), and what those
+    # hold, written in place (a curriculum data set's visit counts, a list of the samples seen;
+    # probe 232)
     attributes = [(owner.__dict__, dict(owner.__dict__)) for owner in
                   {id(owner): owner for place, owner in owners
                    if place and hasattr(owner, "__dict__")
                    and not isinstance(owner, _NOT_STATEFUL)}.values()]
+    contents = [(value, held) for _, saved in attributes for value in saved.values()
+                if (held := _held_state(value)) is not None]
     # of the data object itself (a wrapper of a loader, a re-iterable of the user's own), only
     # the numbers it held (an epoch it counts): its other attributes may be what a pass filled
     # in, a cache read from a one-shot stream, which a restore had emptied (probe 217)
@@ -233,8 +245,37 @@ def same_draw(data: object) -> Iterator[None]:
             for current, saved in attributes:
                 current.clear()
                 current.update(saved)
+            for value, held in contents:
+                _put_back_state(value, held)
             for current, saved in counts:
                 current.update(saved)
+
+
+def _held_state(value: object) -> Any:
+    """A copy of what ``value``, a data set's (sampler's, collate function's) attribute, holds
+    that a pass may write in place: a tensor's or array's values (of at most
+    :data:`STATE_BYTES`), a list's, dict's or set's items, a plain object's attributes
+    (shallow, :func:`~hessrank.guard.held_contents`); None for anything else."""
+    if isinstance(value, Tensor):
+        return (value.detach().clone() if value.nbytes <= STATE_BYTES and not value.is_meta
+                and not value.is_inference() and value.layout == torch.strided else None)
+    if isinstance(value, np.ndarray):
+        return value.copy() if value.nbytes <= STATE_BYTES else None
+    held = held_contents(value)
+    return None if held is MISSING else held
+
+
+def _put_back_state(value: object, held: Any) -> None:
+    """Make ``value`` hold :func:`_held_state`'s copy again, where it changed."""
+    if isinstance(value, Tensor):
+        if not torch.equal(value, held):
+            with torch.no_grad():
+                value.copy_(held)
+    elif isinstance(value, np.ndarray):
+        if not np.array_equal(value, held, equal_nan=value.dtype.kind in "fc"):
+            value[...] = held
+    else:
+        put_back_contents(value, held)
 
 
 @contextmanager
@@ -283,18 +324,21 @@ def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
 PRINT_BLOCK = 2**16
 
 
-def _input_print(tensor: Tensor) -> tuple[float, int, int, int]:
-    """The float64 sum of ``tensor``'s finite entries and the counts of its ``+inf``, ``-inf``
-    and NaN ones (one reduction where every entry is finite): an input's ``-inf`` (an additive
-    mask's) made a plain sum ``-inf`` on every pass, and inputs that changed between passes
-    went unseen by fisher and ggn (probe 101); so would NaN inputs (missing values) or targets
-    (missing labels). In blocks (:func:`_blocks`): a float64 copy of the whole input, twice a
-    float32 batch, had been every pass's peak over a data set (probe 148)."""
-    total = _blockwise_sum(tensor)
-    if math.isfinite(total):
-        return total, 0, 0, 0
+def _input_print(tensor: Tensor) -> tuple[float, float, int, int, int]:
+    """Two float64 sums of ``tensor``'s finite entries, plain and weighted by each entry's
+    place (its index in row-major order), and the counts of its ``+inf``, ``-inf`` and NaN
+    entries. The plain sum alone had not seen data that move within a batch: a random flip of
+    an image, targets shuffled within a batch, a pass's data taken for the first's by every
+    method (probe 232). An input's ``-inf`` (an additive mask's) made a plain sum ``-inf`` on
+    every pass, and inputs that changed between passes went unseen by fisher and ggn (probe
+    101); so would NaN inputs (missing values) or targets (missing labels). In blocks
+    (:func:`_blocks`): a float64 copy of the whole input, twice a float32 batch, had been every
+    pass's peak over a data set (probe 148)."""
+    plain, weighted = _blockwise_sums(tensor, finite=False)
+    if math.isfinite(plain) and math.isfinite(weighted):
+        return plain, weighted, 0, 0, 0
     blocks = _blocks(tensor)
-    return (float(sum(block.double().nan_to_num(0.0, 0.0, 0.0).sum() for block in blocks)),
+    return (*_blockwise_sums(tensor, finite=True),
             int(sum(block.isposinf().sum() for block in blocks)),
             int(sum(block.isneginf().sum() for block in blocks)),
             int(sum(block.isnan().sum() for block in blocks)))
@@ -310,10 +354,24 @@ def _blocks(tensor: Tensor) -> list[Tensor]:
     return list(tensor.split(rows))
 
 
-def _blockwise_sum(tensor: Tensor) -> float:
-    """The float64 sum of ``tensor``, a block at a time (:func:`_blocks`): a float64 copy of
-    large targets had been every pass's peak (probe 150)."""
-    return float(sum(block.double().sum() for block in _blocks(tensor)))
+def _blockwise_sums(tensor: Tensor, finite: bool) -> tuple[float, float]:
+    """The float64 sums of :func:`_input_print` (of the finite entries only, the others taken
+    as zero, where ``finite``), a block at a time (:func:`_blocks`): a float64 copy of large
+    targets had been every pass's peak (probe 150)."""
+    sums = []
+    start = 0
+    for block in _blocks(tensor):
+        values = block.double().reshape(-1)  # (a copy of one block at most)
+        if finite:
+            values = values.nan_to_num(0.0, 0.0, 0.0)
+        places = torch.arange(start, start + values.numel(), dtype=torch.float64,
+                              device=values.device)
+        sums.append(torch.stack((values.sum(), values @ places)))
+        start += values.numel()
+    if not sums:
+        return 0.0, 0.0
+    plain, weighted = torch.stack(sums).sum(0).tolist()  # (one read from a GPU)
+    return plain, weighted
 
 
 def _same(first: Fingerprint, second: Fingerprint) -> bool:

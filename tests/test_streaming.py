@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import itertools
 import random
 import sys
@@ -232,8 +233,72 @@ class _EpochIterable(torch.utils.data.IterableDataset):
         return iter([(self.x[i], self.y[i]) for i in order])
 
 
+class _Jitter:
+    """A transform jittering by a generator it holds (torchvision's style of augmentation)."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * torch.randn(x.shape, generator=self.generator, dtype=x.dtype)
+
+
+class _Compose:
+    """Transforms applied in turn, held in a list (as ``torchvision.transforms.Compose``)."""
+
+    def __init__(self, transforms: list) -> None:
+        self.transforms = transforms
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for transform in self.transforms:
+            x = transform(x)
+        return x
+
+
+class _Transformed(Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform) -> None:
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.x[index]), self.y[index]
+
+
+def _mix_collate(items, generator: torch.Generator):
+    weight = torch.rand((), generator=generator, dtype=torch.float64)
+    return torch.stack([x for x, _ in items]) * (1 + 0.1 * weight), torch.stack(
+        [y for _, y in items])
+
+
+class _Visited(Dataset):
+    """A curriculum: each sample shifted by how often it was read, counted in place in a
+    tensor, an array and a list the data set holds."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.visits, self.array, self.seen = torch.zeros(len(x)), np.zeros(len(x)), []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int):
+        shift = 0.1 * (self.visits[index] + self.array[index] + self.seen.count(index))
+        self.visits[index] += 1
+        self.array[index] += 1
+        self.seen.append(index)
+        return self.x[index] + float(shift), self.y[index]
+
+
 _DATA_SET_STATE = {
     "data set's generator, jitter": lambda x, y: DataLoader(_OwnJitter(x, y, 0.1), batch_size=5),
+    "a transform's generator in a composition": lambda x, y: DataLoader(
+        _Transformed(x, y, _Compose([_Jitter()])), batch_size=5),
+    "a collate function's generator bound by partial": lambda x, y: DataLoader(
+        TensorDataset(x, y), batch_size=5, collate_fn=functools.partial(
+            _mix_collate, generator=torch.Generator().manual_seed(0))),
+    "counts the data set writes in place": lambda x, y: DataLoader(_Visited(x, y), batch_size=5),
     "a wrapped data set's generator": lambda x, y: DataLoader(
         torch.utils.data.Subset(_OwnJitter(x, y, 0.1), range(16)), batch_size=5),
     "collate object's generator": lambda x, y: DataLoader(
@@ -249,7 +314,9 @@ def test_a_data_set_s_own_state_is_one_draw_and_left_as_found(case, method):
     pass starts from the state the call found, so the passes agree (jitter had been refused as
     data that change between passes) and the caller's next epochs are those it would have had
     without the call (the passes had left the generator advanced, the epoch counted; probe
-    109)."""
+    109; a generator held deeper, by a data set's transform or bound to a collate function,
+    and a data set's counts written in place had been left as the passes left them, probe
+    232)."""
     model, loss_fn, x, y = _data("class weights")
     untouched, analysed = (_DATA_SET_STATE[case](x, y) for _ in range(2))
     hessrank.effective_rank(model, loss_fn, analysed, method, lanczos_steps=8)
@@ -448,6 +515,27 @@ def test_data_that_changes_between_passes_is_refused(method, drift):
     loader = DataLoader(_Drifting(x, y, drift), batch_size=6)
     with pytest.raises(ValueError, match="data changed between passes.*batch 0 differs"):
         hessrank.effective_rank(model, loss_fn, loader, method, lanczos_steps=10)
+
+
+class _Flipping(_Drifting):
+    """``_Drifting`` whose samples are flipped on every other pass: each batch's sums, and
+    the count of its samples, stay as they were."""
+
+    def __getitem__(self, index: int):
+        reads = next(self.reads)
+        flipped = (reads - 1) // len(self.y) % 2
+        return (self.x[index].flip(0) if flipped else self.x[index]), self.y[index]
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher", "ggn"])
+def test_data_that_move_within_a_batch_between_passes_are_refused(method):
+    """A pass's fingerprint weighs each entry by its place: sums alone had taken a random
+    flip for the first pass's data, and fisher and ggn had analysed a later pass's (probe
+    232)."""
+    model, loss_fn, x, y = _data("mean")
+    loader = DataLoader(_Flipping(x, y, 0.0), batch_size=6)
+    with pytest.raises(ValueError, match="data changed between passes.*batch 0 differs"):
+        hessrank.effective_rank(model, loss_fn, loader, method)
 
 
 class _MaskedDrifting(_Drifting):
