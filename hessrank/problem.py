@@ -725,6 +725,10 @@ def call_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
         UnrepeatableLoss: the loss drew random numbers from a global generator, or returned
             another value on the same outputs and targets.
     """
+    if isinstance(outputs, Tensor) and outputs.is_leaf and outputs.requires_grad:
+        # an alias: a hook on a loss module's inputs (torch's ModuleTracker, which
+        # FlopCounterMode installs) makes autograd.grad refuse a leaf, a raw error (probe 229)
+        outputs = outputs.view_as(outputs)
     check = _LOSS_CHECK.get()
     if check is None or check.done:
         return loss_fn(outputs, targets)

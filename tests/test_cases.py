@@ -124,6 +124,21 @@ class TiedAutoencoder(nn.Module):
         return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.dec_bias)
 
 
+class ViewOnceAutoencoder(nn.Module):
+    """``TiedAutoencoder`` with its decoder's weight a view made once, in ``__init__``: it
+    trains as that one does (the view's backward reaches ``enc.weight`` at every step), and
+    fisher and ggn had stopped at a raw torch error in their gradient check (probe 229)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(5, 3, dtype=torch.float64)
+        self.dec_bias = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+        self.dec_weight = self.enc.weight.t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(torch.tanh(self.enc(x)), self.dec_weight, self.dec_bias)
+
+
 class KeywordCall(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -699,6 +714,10 @@ CASES = [
         torch.randn(5, 5, generator=g, dtype=torch.float64))),
         loss=MSE, sample_loss=MSE, paths={"enc.weight": "torch.func"},
         note="linear rule's factors for 'enc' failed the gradient check"),
+    Case("tied autoencoder, the decoder's view made once", _build(ViewOnceAutoencoder, lambda g: (
+        torch.randn(5, 5, generator=g, dtype=torch.float64),
+        torch.randn(5, 5, generator=g, dtype=torch.float64))),
+        loss=MSE, sample_loss=MSE),
     Case("keyword-argument module calls", _build(KeywordCall, lambda g: _mlp_batch(5, 4)),
          paths={"fc.weight": "linear", "out.bias": "linear"}),
     Case("LSTM classifier", _build(LSTMClassifier, lambda g: (

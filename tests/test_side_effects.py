@@ -1420,6 +1420,22 @@ def _tiny_problem() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     return model, (torch.randn(8, 4), torch.randint(0, 3, (8,)))
 
 
+@pytest.mark.parametrize("method", ["fisher", "ggn", "fisher_lanczos", "ggn_lanczos"])
+def test_a_loss_module_under_flop_counting_gives_the_plain_call_s_spectrum(method: str) -> None:
+    """``FlopCounterMode`` (torch's ``ModuleTracker``) hooks a loss module's inputs, and
+    autograd.grad then refused the leaf these methods pass the loss: a raw torch error, or ggn
+    blaming the loss (probe 229)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, batch = _tiny_problem()
+    plain = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method=method)
+    with FlopCounterMode(display=False) as counter:
+        counted = hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method=method)
+    np.testing.assert_allclose(counted.eigenvalues, plain.eigenvalues, rtol=1e-6,
+                               atol=1e-6 * abs(plain.top_eigenvalue))
+    assert counted.rank == plain.rank and counter.get_total_flops() > 0
+
+
 @pytest.mark.parametrize("method", ["exact", "fisher"])
 def test_an_interrupt_as_torch_puts_a_mode_back_leaves_the_caller_s_mode(method: str) -> None:
     """A Ctrl-C at the entry of the push with which torch puts back a mode it set aside (the

@@ -442,12 +442,16 @@ def _measured(checks: Sequence[Check]) -> list[tuple[float, float]]:
     """Each check's ``(difference, scale)``: the claims' distance from autograd's gradients (a
     projected claim counts as :meth:`~hessrank.curvature.rules.factors.Projected.excess` says)
     and the typical size of ``sum_r w_r G_r``, ``sqrt(sum_r w_r^2 ||G_r||^2)``; every number
-    read in one go (:func:`~hessrank.host.host_floats`)."""
+    read in one go (:func:`~hessrank.host.host_floats`). Without a graph: a model reading a
+    parameter through a tensor made from it once (``self.w_t = layer.weight.t()`` in
+    ``__init__``, a tied decoder's) gives gradients with a history, which the differences'
+    ``out=`` refused, a raw torch error in place of the check's verdict (probe 229)."""
     squares: list[Tensor] = []
-    for claimed, true, gram_diagonal, weights in checks:
-        squares.append((weights.reshape(-1).double() ** 2 * gram_diagonal.double()).sum())
-        squares.extend(c.excess(t) if isinstance(c, Projected) else _squared_norm(c, t)
-                       for c, t in zip(claimed, true))
+    with torch.no_grad():
+        for claimed, true, gram_diagonal, weights in checks:
+            squares.append((weights.reshape(-1).double() ** 2 * gram_diagonal.double()).sum())
+            squares.extend(c.excess(t) if isinstance(c, Projected) else _squared_norm(c, t)
+                           for c, t in zip(claimed, true))
     read = iter(host_floats(squares))
     measured = []
     for claimed, *_ in checks:
