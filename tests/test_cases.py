@@ -139,6 +139,32 @@ class ViewOnceAutoencoder(nn.Module):
         return F.linear(torch.tanh(self.enc(x)), self.dec_weight, self.dec_bias)
 
 
+class EmptyPrefix(nn.Module):
+    """Learned prefix tokens, none of them configured: a Linear over zero positions, which had
+    stopped fisher and ggn at a raw error in its rule (probe 231)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefix = nn.Parameter(torch.randn(0, 4))
+        self.prefix_proj = nn.Linear(4, 4)
+        self.token_proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        prefix = self.prefix_proj(self.prefix.expand(x.shape[0], -1, -1))
+        return self.head(torch.tanh(torch.cat([prefix, self.token_proj(x)], dim=1)).sum(1))
+
+
+class OutputHooked(nn.Sequential):
+    """An MLP whose first layer's output a forward hook of the user's scales: the rule had
+    captured the hooked output as the layer's, failed its check and left the layer to the
+    general path (probe 231)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self[0].register_forward_hook(lambda module, args, output: output * 0.5)
+
+
 class KeywordCall(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -718,6 +744,12 @@ CASES = [
         torch.randn(5, 5, generator=g, dtype=torch.float64),
         torch.randn(5, 5, generator=g, dtype=torch.float64))),
         loss=MSE, sample_loss=MSE),
+    Case("a Linear over zero prefix positions", _build(EmptyPrefix, lambda g: (
+        torch.randn(4, 3, 4, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4,), generator=g))),
+        paths={"token_proj.weight": "linear", "prefix_proj.weight": "linear"}),
+    Case("a forward hook scaling a Linear's output", _build(OutputHooked, lambda g: _mlp_batch()),
+         paths={"0.weight": "linear", "2.weight": "linear"}),
     Case("keyword-argument module calls", _build(KeywordCall, lambda g: _mlp_batch(5, 4)),
          paths={"fc.weight": "linear", "out.bias": "linear"}),
     Case("LSTM classifier", _build(LSTMClassifier, lambda g: (

@@ -49,6 +49,9 @@ class RuleCase:
     #: an :data:`~hessrank.curvature.rules.factors.EXPLICIT_BLOCK_BYTES` small enough to form
     #: the explicit per-sample gradients in several blocks
     block_bytes: int | None = None
+    #: a convolution's :data:`~hessrank.curvature.rules.factors.CHUNK_BYTES` small enough to
+    #: form its per-sample gradients in several chunks of output channels
+    chunk_bytes: int | None = None
 
 
 def _x(*shape):
@@ -85,6 +88,10 @@ CASES = [
         _x(2, 4, 6, 5), rule="conv"),
     RuleCase("conv2d depthwise 'same'", lambda: nn.Conv2d(3, 3, 4, groups=3, padding="same"),
              _x(3, 3, 5, 5), rule="conv"),
+    RuleCase("conv2d grouped, chunks within a group", lambda: nn.Conv2d(4, 6, 3, groups=2),
+             _x(3, 4, 5, 5), (conv, "route_costs", CHEAP_SECOND), "conv", chunk_bytes=1728),
+    RuleCase("conv2d grouped, chunks of whole groups", lambda: nn.Conv2d(4, 8, 3, groups=4),
+             _x(3, 4, 5, 5), (conv, "route_costs", CHEAP_SECOND), "conv", chunk_bytes=1728),
     RuleCase("conv1d offsets, no bias", lambda: nn.Conv1d(2, 3, 3, stride=2, bias=False),
              _x(3, 2, 9), (conv, "route_costs", CHEAP_SECOND), "conv"),
     RuleCase("conv1d pairs, reflect", lambda: nn.Conv1d(2, 3, 3, padding=2,
@@ -190,6 +197,8 @@ def test_rule_matches_explicit_per_sample_gradients(case: RuleCase, num_cotangen
         monkeypatch.setattr(*case.force)
     if case.block_bytes is not None:
         monkeypatch.setattr(factors, "EXPLICIT_BLOCK_BYTES", case.block_bytes)
+    if case.chunk_bytes is not None:
+        monkeypatch.setattr(conv, "CHUNK_BYTES", case.chunk_bytes)
     rule = rule_for(layer)
     assert rule is not None and rule.name == case.rule
     analysed = frozenset(name for name, _ in layer.named_parameters())
@@ -262,17 +271,23 @@ def test_attention_rule_declines_cross_attention(call):
     assert _attention_factors(layer, *call(x, memory)) is None
 
 
-def _broken_linear_rule(monkeypatch: pytest.MonkeyPatch, raised: Exception) -> None:
+def _broken_linear_rule(monkeypatch: pytest.MonkeyPatch, raised: Exception,
+                        where: str = "factors") -> None:
     def broken(*args, **kwargs):
         raise raised
 
-    monkeypatch.setattr(linear.LinearRule, "tensor_factors", broken)
+    if where == "factors":
+        monkeypatch.setattr(linear.LinearRule, "tensor_factors", broken)
+    else:
+        monkeypatch.setattr(factors.LayerFactors, "gram_and_claims", broken)
 
 
-def test_a_rule_that_raises_leaves_its_layers_to_the_general_path(monkeypatch):
-    """A rule is a verified shortcut: an error in it sends its layers to the general path with
-    the error in a note, and the numbers are the reference's."""
-    _broken_linear_rule(monkeypatch, RuntimeError("shape '[4, 1, 1, 3]' is invalid"))
+@pytest.mark.parametrize("where", ["factors", "gram"])
+def test_a_rule_that_raises_leaves_its_layers_to_the_general_path(monkeypatch, where: str):
+    """A rule is a verified shortcut: an error in it, in its factors or in their Gram (which
+    had stopped the call: a Linear on zero positions; probe 231), sends its layers to the
+    general path with the error in a note, and the numbers are the reference's."""
+    _broken_linear_rule(monkeypatch, RuntimeError("shape '[4, 1, 1, 3]' is invalid"), where)
     _every_layer_on_the_general_path_with(
         "linear rule raised RuntimeError on '0' (shape '[4, 1, 1, 3]' is invalid)")
 

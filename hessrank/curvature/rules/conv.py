@@ -110,7 +110,7 @@ class ConvFactors(Factors):
     def gram(self) -> Tensor:
         """Every sample's weight gradient at once: the batch as one sample whose ``n g`` groups
         are the samples' groups, so the convolution's weight gradient is the ``n`` per-sample
-        gradients side by side; in output-channel chunks (one group) of at most
+        gradients side by side; in output-channel chunks (:meth:`_chunks`) of at most half
         :data:`CHUNK_BYTES`, each chunk's Gram added and freed. On the position-pair route
         where that is cheaper (:meth:`position_pairs`)."""
         pairs = self.position_pairs()
@@ -125,21 +125,39 @@ class ConvFactors(Factors):
             add_row_gram(gram, summed)
         if self.weight_shape is None:
             return gram
-        stacked = self.inputs.reshape(1, -1, *self.inputs.shape[2:])
         features = (self.inputs.shape[1] // self.groups) * self.kernel[0] * self.kernel[1]
         per_channel = rows * features * self.output_grads.element_size()
-        chunk = c_out if self.groups > 1 else max(1, CHUNK_BYTES // max(1, per_channel))
-        for start in range(0, c_out, chunk):
-            part = self.output_grads[:, :, start:start + chunk]
+        # (half the block each: a sample's gradient from torch's backward beside its place)
+        chunk = max(1, CHUNK_BYTES // 2 // max(1, per_channel))
+        for outputs, inputs, groups in self._chunks(chunk):
+            part = self.output_grads[:, :, outputs]
+            # (a view where the chunk reads every input channel)
+            stacked = self.inputs[:, inputs].reshape(1, -1, *self.inputs.shape[2:])
             # each column's gradients written in place: stacked from a list, the chunk had
             # been held twice (ResNet-18's ggn at n = 64 peaked at 1.4x its prediction)
             flat = torch.empty(rows, part.shape[2] * features, dtype=dtype, device=device)
             for i in range(k):
                 flat[i * n:(i + 1) * n] = self._weight_gradient(
-                    stacked, part[i].reshape(1, -1, *part.shape[-2:]),
-                    n * self.groups).reshape(n, -1)
+                    stacked, part[i].reshape(1, -1, *part.shape[-2:]), n * groups).reshape(n, -1)
             add_row_gram(gram, flat)
         return gram
+
+    def _chunks(self, channels: int) -> list[tuple[slice, slice, int]]:
+        """``(output channels, input channels, groups)`` of :meth:`gram`'s chunks of at most
+        ``channels`` output channels (at least one): whole groups where a group has at most
+        ``channels``, else part of one group's output channels, beside its input channels (a
+        grouped convolution's chunk had been every channel, all its per-sample gradients built
+        at once: 8x the predicted peak for ``groups=2`` at n = 1024; probe 231)."""
+        per_out = self.output_grads.shape[2] // self.groups
+        per_in = self.inputs.shape[1] // self.groups
+        if per_out <= channels:
+            span = channels // per_out
+            return [(slice(first * per_out, last * per_out), slice(first * per_in, last * per_in),
+                     last - first) for first in range(0, self.groups, span)
+                    for last in [min(first + span, self.groups)]]
+        return [(slice(group * per_out + start, group * per_out + min(start + channels, per_out)),
+                 slice(group * per_in, (group + 1) * per_in), 1)
+                for group in range(self.groups) for start in range(0, per_out, channels)]
 
 
 #: On an accelerator, the samples-as-groups route's multiply-adds count this many times:
@@ -205,11 +223,13 @@ class ConvRule(TensorRule):
 
     def working_bytes(self, module: nn.Module, layer_output: Tensor | tuple[Tensor, ...],
                       num_cotangents: int, num_samples: int, num_params: int) -> int:
-        """The default (per-sample gradients in blocks), or the input's patches at every output
-        position (``n C_in prod(kernel) positions``: what the position-pair route forms, and
-        what torch's convolution backward may unfold for the samples-as-groups gradient),
-        whichever is larger; and where :func:`route_costs` picks the position-pair route, its
-        blocks (:func:`pair_route_bytes`)."""
+        """On the samples-as-groups route, :meth:`ConvFactors.gram`'s block of per-sample
+        gradients (``K n`` rows, at most half :data:`CHUNK_BYTES`), one cotangent's from torch's
+        backward beside it (a sixth of a ``groups=16`` convolution's peak had not been
+        predicted; probe 231) and the input's patches at every output position (``n C_in
+        prod(kernel) positions``: what torch's backward may unfold); where :func:`route_costs`
+        picks the position-pair route, the patches (what it forms) or its blocks
+        (:func:`pair_route_bytes`), whichever is larger."""
         default = super().working_bytes(module, layer_output, num_cotangents, num_samples,
                                         num_params)
         if not isinstance(module, nn.Conv1d | nn.Conv2d) or not isinstance(layer_output, Tensor):
@@ -218,13 +238,18 @@ class ConvRule(TensorRule):
         kernel_size = math.prod(module.kernel_size)
         patches = (num_samples * module.in_channels * kernel_size * positions
                    * layer_output.element_size())
+        block = min(num_cotangents * num_samples * num_params * layer_output.element_size(),
+                    CHUNK_BYTES // 2)
+        by_groups = block + block // num_cotangents + patches
         rows = num_cotangents * num_samples
         patch_cost, groups_cost = route_costs(rows, positions, module.in_channels,
                                               module.out_channels, kernel_size, module.groups,
                                               layer_output.device.type)
         pair, explicit = kronecker_costs(rows, positions, module.in_channels * kernel_size,
                                          module.out_channels)
-        if patch_cost >= groups_cost or pair >= explicit:  # (ConvFactors.position_pairs)
+        if patch_cost >= groups_cost:  # (ConvFactors.position_pairs)
+            return by_groups
+        if pair >= explicit:
             return max(default, patches)
         return max(default, patches,
                    pair_route_bytes(rows, positions, layer_output.element_size()))

@@ -196,7 +196,7 @@ class LayerFactors(Factors):
         weighted = (self.output_grads[0] * scale[0] if k == 1
                     else (scale * self.output_grads).sum(dim=0))
         return (weighted.reshape(n * positions, d_out),
-                self.activations.reshape(n * positions, -1))
+                self.activations.reshape(n * positions, self.activations.shape[-1]))
 
     def gram(self) -> Tensor:
         """With one position, the weight and bias share one ``D D^T``: ``(D D^T) * (A A^T + 1)``.
