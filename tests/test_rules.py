@@ -49,9 +49,10 @@ class RuleCase:
     #: an :data:`~hessrank.curvature.rules.factors.EXPLICIT_BLOCK_BYTES` small enough to form
     #: the explicit per-sample gradients in several blocks
     block_bytes: int | None = None
-    #: a convolution's :data:`~hessrank.curvature.rules.factors.CHUNK_BYTES` small enough to
-    #: form its per-sample gradients in several chunks of output channels
-    chunk_bytes: int | None = None
+    #: (a rule's module, a :data:`~hessrank.curvature.rules.factors.CHUNK_BYTES` for it) small
+    #: enough to form its per-sample gradients in several chunks: a convolution's of output
+    #: channels, an embedding's of dimensions and distinct tokens
+    chunks: tuple[object, int] | None = None
 
 
 def _x(*shape):
@@ -89,9 +90,9 @@ CASES = [
     RuleCase("conv2d depthwise 'same'", lambda: nn.Conv2d(3, 3, 4, groups=3, padding="same"),
              _x(3, 3, 5, 5), rule="conv"),
     RuleCase("conv2d grouped, chunks within a group", lambda: nn.Conv2d(4, 6, 3, groups=2),
-             _x(3, 4, 5, 5), (conv, "route_costs", CHEAP_SECOND), "conv", chunk_bytes=1728),
+             _x(3, 4, 5, 5), (conv, "route_costs", CHEAP_SECOND), "conv", chunks=(conv, 1728)),
     RuleCase("conv2d grouped, chunks of whole groups", lambda: nn.Conv2d(4, 8, 3, groups=4),
-             _x(3, 4, 5, 5), (conv, "route_costs", CHEAP_SECOND), "conv", chunk_bytes=1728),
+             _x(3, 4, 5, 5), (conv, "route_costs", CHEAP_SECOND), "conv", chunks=(conv, 1728)),
     RuleCase("conv1d offsets, no bias", lambda: nn.Conv1d(2, 3, 3, stride=2, bias=False),
              _x(3, 2, 9), (conv, "route_costs", CHEAP_SECOND), "conv"),
     RuleCase("conv1d pairs, reflect", lambda: nn.Conv1d(2, 3, 3, padding=2,
@@ -114,6 +115,9 @@ CASES = [
              (embedding, "route_costs", CHEAP_FIRST), "embedding"),
     RuleCase("embedding distinct rows", lambda: nn.Embedding(5, 3), _tokens(4, 6),
              (embedding, "route_costs", CHEAP_SECOND), "embedding"),
+    RuleCase("embedding distinct rows, chunks of tokens", lambda: nn.Embedding(5, 3),
+             _tokens(4, 6), (embedding, "route_costs", CHEAP_SECOND), "embedding",
+             chunks=(embedding, 224)),
     RuleCase("embedding padding_idx, [n, T1, T2]", lambda: nn.Embedding(5, 3, padding_idx=1),
              _tokens(3, 2, 3), rule="embedding"),
     RuleCase("LayerNorm over the last two dims", lambda: _affine(nn.LayerNorm((3, 4))),
@@ -197,8 +201,8 @@ def test_rule_matches_explicit_per_sample_gradients(case: RuleCase, num_cotangen
         monkeypatch.setattr(*case.force)
     if case.block_bytes is not None:
         monkeypatch.setattr(factors, "EXPLICIT_BLOCK_BYTES", case.block_bytes)
-    if case.chunk_bytes is not None:
-        monkeypatch.setattr(conv, "CHUNK_BYTES", case.chunk_bytes)
+    if case.chunks is not None:
+        monkeypatch.setattr(case.chunks[0], "CHUNK_BYTES", case.chunks[1])
     rule = rule_for(layer)
     assert rule is not None and rule.name == case.rule
     analysed = frozenset(name for name, _ in layer.named_parameters())

@@ -140,6 +140,7 @@ class ConvFactors(Factors):
                 flat[i * n:(i + 1) * n] = self._weight_gradient(
                     stacked, part[i].reshape(1, -1, *part.shape[-2:]), n * groups).reshape(n, -1)
             add_row_gram(gram, flat)
+            del flat, stacked  # (before the next chunk's are formed)
         return gram
 
     def _chunks(self, channels: int) -> list[tuple[slice, slice, int]]:

@@ -97,29 +97,42 @@ class EmbeddingFactors(Factors):
 
     def _row_gram(self, distinct: Tensor, inverse: Tensor,
                   claim: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """The Gram from the compact gradients ``[K n, U, d]``, in chunks of ``d``; with
-        ``claim = (weights [K, n], out [V, d])`` also ``w^T Z`` into the distinct tokens' rows
-        of ``out``."""
+        """The Gram from the compact gradients ``[K n, U, d]``, in chunks of at most
+        :data:`CHUNK_BYTES`, of the embedding dimension and, where one of its columns over
+        every distinct token exceeds that, of the distinct tokens too (a bag of words over a
+        100k vocabulary at n = 2048 had formed 800 MB at once, twice the predicted peak; probe
+        231); with ``claim = (weights [K, n], out [V, d])`` also ``w^T Z`` into the distinct
+        tokens' rows of ``out``."""
         k, n, positions, dim = self.output_grads.shape
         count = distinct.numel()
-        # row (k, i, u) of the compact gradients: sample i's gradient at the u-th distinct token
+        inverse = inverse.reshape(-1)  # [n T]: each (sample, position)'s distinct token
         sample = torch.arange(n, device=inverse.device).repeat_interleave(positions)
-        target = (torch.arange(k, device=inverse.device)[:, None] * n + sample[None, :]) \
-            * count + inverse.reshape(-1)[None, :]
         gram = torch.zeros(k * n, k * n, dtype=self.output_grads.dtype,
                            device=self.output_grads.device)
-        width = max(1, CHUNK_BYTES // max(1, k * n * count * self.output_grads.element_size()))
+        columns = max(1, CHUNK_BYTES // max(1, k * n * self.output_grads.element_size()))
+        width = min(dim, columns)
+        span = max(1, columns // width)  # distinct tokens a chunk holds
         for start in range(0, dim, width):
-            part = self.output_grads[..., start:start + width]
-            compact = torch.zeros(k * n * count, part.shape[-1], dtype=part.dtype,
-                                  device=part.device)
-            compact.index_add_(0, target.reshape(-1), part.reshape(-1, part.shape[-1]))
-            compact = compact.view(k * n, -1)
-            add_row_gram(gram, compact)
-            if claim is not None:
-                weights, out = claim
-                out[distinct, start:start + width] = (
-                    weights.reshape(1, -1).to(compact.dtype) @ compact).view(count, -1)
+            part = self.output_grads[..., start:start + width].reshape(k, n * positions, -1)
+            for first in range(0, count, span):
+                block = min(span, count - first)
+                places = None if block == count else torch.nonzero(
+                    (inverse >= first) & (inverse < first + block)).squeeze(1)
+                # row (k, i, u) of the compact gradients: sample i's at the u-th token
+                target = ((torch.arange(k, device=inverse.device)[:, None] * n
+                           + (sample if places is None else sample[places])[None, :]) * block
+                          + (inverse if places is None else inverse[places])[None, :] - first)
+                values = part if places is None else part[:, places]
+                compact = torch.zeros(k * n * block, part.shape[-1], dtype=part.dtype,
+                                      device=part.device)
+                compact.index_add_(0, target.reshape(-1), values.reshape(-1, part.shape[-1]))
+                compact = compact.view(k * n, -1)
+                add_row_gram(gram, compact)
+                if claim is not None:
+                    weights, out = claim
+                    out[distinct[first:first + block], start:start + width] = (
+                        weights.reshape(1, -1).to(compact.dtype) @ compact).view(block, -1)
+                del compact, values, target  # (before the next chunk's are formed)
         return gram
 
 
@@ -158,3 +171,17 @@ class EmbeddingRule(TensorRule):
         if module.padding_idx is not None:  # no gradient reaches the padding row
             grads = grads * (tokens != module.padding_idx)[None, :, :, None]
         return EmbeddingFactors(tokens, grads, module.num_embeddings)
+
+    def working_bytes(self, module: nn.Module, layer_output: Tensor | tuple[Tensor, ...],
+                      num_cotangents: int, num_samples: int, num_params: int) -> int:
+        """The default (a chunk), and beside it one cotangent's output gradients gathered for
+        a chunk of the distinct tokens with their indices (``K n T`` rows of ``d`` entries and
+        two int64 each): the rows route's (the embedding rule had predicted the chunk alone;
+        probe 231)."""
+        default = super().working_bytes(module, layer_output, num_cotangents, num_samples,
+                                        num_params)
+        if not isinstance(layer_output, Tensor) or not layer_output.dim():
+            return default
+        entries = num_cotangents * layer_output.numel()
+        return default + entries * layer_output.element_size() + 16 * (
+            entries // layer_output.shape[-1])
