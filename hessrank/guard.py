@@ -1804,6 +1804,29 @@ def saved_tensor_hooks_off() -> Iterator[list[str]]:
                 hooks._saved_tensors_hooks_disable(disabled)
 
 
+def attention_fast_path(enabled: bool) -> AbstractContextManager[None]:
+    """Torch's attention fast path (``torch.backends.mha``) ``enabled`` inside the block, the
+    setting before back on exit."""
+    return _set_for_the_call(torch.backends.mha.get_fastpath_enabled,
+                             torch.backends.mha.set_fastpath_enabled, enabled)
+
+
+#: The caller's setting of torch's attention fast path, while :func:`differentiable` holds it
+#: off (:func:`~hessrank.problem.refuse_the_nested_fast_path` runs the forward the caller's way).
+CALLER_FAST_PATH: contextvars.ContextVar[bool] = contextvars.ContextVar("caller_fast_path",
+                                                                        default=False)
+
+
+@contextmanager
+def _caller_fast_path_kept() -> Iterator[None]:
+    """:data:`CALLER_FAST_PATH` at the caller's setting inside the block."""
+    token = CALLER_FAST_PATH.set(torch.backends.mha.get_fastpath_enabled())
+    try:
+        yield
+    finally:
+        CALLER_FAST_PATH.reset(token)
+
+
 @contextmanager
 def differentiable(model: nn.Module) -> Iterator[list[str]]:
     """Kernels that differentiate ``model`` exactly, whatever the caller had set.
@@ -1820,7 +1843,9 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
     - Torch's attention fast path off: in a forward without gradients (the predictions'
       probing pass) ``nn.MultiheadAttention`` and the transformer layers would run native
       inference kernels that compute differently, NaN where a query row has every key masked
-      (left padding under a causal mask) instead of the differentiable path's zeros.
+      (left padding under a causal mask) instead of the differentiable path's zeros. (A
+      forward the caller runs with gradients can take it too, where nothing in a module needs
+      a gradient: :func:`~hessrank.problem.refuse_the_nested_fast_path`.)
     - Embeddings with ``max_norm`` as pure lookups (:func:`renormalised_embeddings`).
     - Embeddings with ``sparse=True`` give dense gradients: sparsity is how a gradient is stored,
       not what it is, and second derivatives and per-sample factors need them dense.
@@ -1843,8 +1868,8 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
     with (
         torch.inference_mode(False),
         torch.enable_grad(),
-        _set_for_the_call(torch.backends.mha.get_fastpath_enabled,
-                          torch.backends.mha.set_fastpath_enabled, False),
+        _caller_fast_path_kept(),
+        attention_fast_path(False),
         full_float32_precision(),
         _attribute_for_the_call(torch.backends.cudnn, "enabled",
                                 torch.backends.cudnn.enabled and not recurrent),

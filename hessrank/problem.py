@@ -29,13 +29,16 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 from torch.utils.checkpoint import CheckpointFunction
 
 from hessrank.guard import (
+    CALLER_FAST_PATH,
     STATE_COPIES,
     GlobalGenerators,
     ModuleGenerators,
     OwnMode,
     PassState,
+    attention_fast_path,
     autocast_turned_off,
     each_once,
+    evaluation_mode,
     held_tensors,
     is_compile_wrapper,
     preserved_state,
@@ -460,6 +463,11 @@ _UNCOUNTED_GRAPH = ("the forward takes torch.func transforms (grad, vjp, jacrev)
                     "their graphs")
 
 
+#: Torch's error for a transformer layer given ``is_causal=True`` without a mask, on the
+#: standard path (the fast path ignores the hint).
+_CAUSAL_HINT = "Need attn_mask if specifying the is_causal hint"
+
+
 def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor], mode: str,
               notes: list[str] | None = None,
               on_restart: Callable[[], None] | None = None) -> Tensor:
@@ -545,6 +553,17 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
                 f"{str(error).rstrip('. ')}. {label} is {found} but the model's parameters are "
                 f"{dtype}: cast the batch with .to({dtype}){refit}, or cast inside "
                 "forward") from error
+        if _CAUSAL_HINT in str(error):
+            # torch's fast path, which the caller's forward may take and a call turns off,
+            # ignores the hint (probe 233)
+            raise ValueError(
+                f"{str(error).rstrip('. ')}. A transformer layer was given is_causal=True "
+                "without a mask: torch's attention fast path, which a forward in eval mode "
+                "without gradients (or of a frozen layer) takes, ignores the hint, so that "
+                "forward attends to every position; hessrank runs the standard path, which "
+                "needs the mask. Pass mask=nn.Transformer.generate_square_subsequent_mask(T) "
+                "beside is_causal=True (the causal model), or drop the hint (the model your "
+                "forward ran)") from error
         if type(error) is RuntimeError and any(  # torch's own, not its subclasses (OOM)
                 phrase in str(error) for phrase in ("shape", "size", "dimension", "channels")):
             # torch names the operation's operands, not the batch (probe 57)
@@ -1427,11 +1446,61 @@ def build_problem(
                 "in eval mode normalise with their running statistics, not the batch's; call "
                 "model.train() first for batch statistics"
             )
-    return CurvatureProblem(model=model, loss_fn=loss_fn, names=names, params=selected,
-                            excluded=excluded, mode=mode, notes=notes,
-                            state_bytes=state_bytes(model),
-                            loss_state_bytes=loss_copy_bytes(loss_fn, dtype),
-                            **_batch_fields(args, kwargs, targets))
+    problem = CurvatureProblem(model=model, loss_fn=loss_fn, names=names, params=selected,
+                               excluded=excluded, mode=mode, notes=notes,
+                               state_bytes=state_bytes(model),
+                               loss_state_bytes=loss_copy_bytes(loss_fn, dtype),
+                               **_batch_fields(args, kwargs, targets))
+    refuse_the_nested_fast_path(problem)
+    return problem
+
+
+#: How far, against the largest output, an output the loss reads may move between torch's
+#: nested-tensor fast path and the standard path before the two count as other functions
+#: (their kernels' rounding: 2.4e-7 of a float32 encoder's features, measured).
+FAST_PATH_AGREEMENT = 1e-3
+
+
+def refuse_the_nested_fast_path(problem: CurvatureProblem) -> None:
+    """Refuse a model whose forward, run as its caller runs it (gradients on, torch's attention
+    fast path as the caller set it), computes other outputs than the standard path a call
+    differentiates, where the loss reads them: an ``nn.TransformerEncoder`` in eval mode whose
+    parameters and input need no gradient (a frozen encoder under a linear probe) given a
+    ``src_key_padding_mask`` runs as nested tensors and returns zeros at the padded positions,
+    where the standard path computes values; pooled over every position, the probe's Hessian
+    had come out 80 % off, with no note (probe 233). Runs two forward passes, only for a model
+    holding such an encoder while the caller's fast path is on.
+
+    Raises:
+        ValueError: naming the encoders and the fixes.
+    """
+    encoders = [name or "(root)" for name, module in problem.model.named_modules()
+                if isinstance(module, nn.TransformerEncoder)
+                and getattr(module, "use_nested_tensor", False)]
+    if not encoders or not CALLER_FAST_PATH.get():
+        return
+    with evaluation_mode(problem.model, problem.mode), torch.enable_grad():
+        standard = run_model(problem.model, problem.args, problem.kwargs, problem.mode)
+        with attention_fast_path(True):
+            fast = run_model(problem.model, problem.args, problem.kwargs, problem.mode)
+    if (not isinstance(standard, Tensor) or not isinstance(fast, Tensor)
+            or fast.shape != standard.shape or not standard.is_floating_point()):
+        return  # (what the call's own checks refuse)
+    standard, fast = standard.detach(), fast.detach()
+    read = output_gradient(problem.loss_fn, standard, problem.targets) != 0
+    scale = float(standard.abs().max())
+    moved = float(((fast - standard).abs() * read).max()) if standard.numel() else 0.0
+    if moved > FAST_PATH_AGREEMENT * scale:
+        raise ValueError(
+            f"the model's forward, run as in training, takes torch's nested-tensor fast path "
+            f"through {listed_names(encoders)} (an nn.TransformerEncoder in eval mode whose "
+            "parameters and input need no gradient, given src_key_padding_mask), which "
+            "returns zeros at the padded positions, where the standard path that derivatives "
+            f"go through computes values; the loss reads outputs that move by {moved:.3g} "
+            f"(largest output {scale:.3g}) between the two, so their curvatures differ. Pool "
+            "over the unpadded positions only (a masked mean), so that both paths give the "
+            "same loss, or build the encoder with enable_nested_tensor=False (training then "
+            "runs the standard path too)")
 
 
 def _batch_fields(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], targets: Tensor

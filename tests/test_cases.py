@@ -2063,3 +2063,82 @@ def test_ggn_of_graded_output_curvature_matches_the_reference(build, loss):
     reference = eigenvalues_by_magnitude(reference_ggn_full(model, loss, x, y))
     assert_spectra_close(result.eigenvalues, reference, count=len(result.eigenvalues), rtol=1e-9)
     assert np.all(np.abs(reference[len(result.eigenvalues):]) <= 1e-9 * abs(reference[0]))
+
+
+class EncoderProbe(nn.Module):
+    """A linear probe on a ``TransformerEncoder`` over padded sequences, pooled over every
+    position or (``masked``) the unpadded ones only."""
+
+    def __init__(self, masked: bool) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(8, 3)
+        self.masked = masked
+
+    def forward(self, x: Tensor, padding: Tensor) -> Tensor:
+        features = self.encoder(x, src_key_padding_mask=padding)
+        if self.masked:
+            kept = (~padding).unsqueeze(-1).to(features.dtype)
+            return self.head((features * kept).sum(1) / kept.sum(1))
+        return self.head(features.mean(1))
+
+
+def _encoder_probe(masked: bool, frozen: bool) -> tuple[nn.Module, dict[str, Tensor], Tensor]:
+    torch.manual_seed(0)
+    model = EncoderProbe(masked).eval()
+    model.encoder.requires_grad_(not frozen)
+    g = _seeded(2)
+    x = torch.randn(6, 5, 8, generator=g)
+    padding = torch.arange(5)[None] >= torch.tensor([5, 2, 4, 3, 5, 1])[:, None]
+    return model, {"x": x, "padding": padding}, torch.randint(0, 3, (6,), generator=g)
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher", "ggn"])
+def test_a_frozen_encoder_s_nested_fast_path_is_refused_where_the_loss_reads_its_padding(
+        method: str) -> None:
+    """A frozen encoder in eval mode, given a padding mask, runs as nested tensors in the
+    caller's training forward (zeros at the padded positions), where a call's standard path
+    computes values there: pooled over every position, the probe's curvature had been that of
+    another function, 80 % off, with no note (probe 233)."""
+    model, inputs, targets = _encoder_probe(masked=False, frozen=True)
+    with pytest.raises(ValueError, match="nested-tensor fast path through encoder.*masked mean"):
+        hessrank.effective_rank(model, CE, (inputs, targets), method=method)
+
+
+@pytest.mark.parametrize(("masked", "frozen"), [(True, True), (False, False)],
+                         ids=["frozen, masked pooling", "trained, pooled over every position"])
+def test_an_encoder_whose_paths_agree_on_what_the_loss_reads_is_analysed(masked: bool,
+                                                                         frozen: bool) -> None:
+    """Pooled over the unpadded positions only, both paths give one loss; a trained encoder's
+    forward takes the standard path in training too: their Hessians are the reference's,
+    built by double backpropagation through the caller's own forward (fast path on)."""
+    model, inputs, targets = _encoder_probe(masked, frozen)
+    result = hessrank.effective_rank(model, CE, (inputs, targets), method="exact")
+    reference = eigenvalues_by_magnitude(double_backprop_hessian(model, CE, inputs, targets))
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-4)
+
+
+class CausalHint(nn.Module):
+    """A transformer layer given ``is_causal=True`` without a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x, is_causal=True).mean(1))
+
+
+def test_a_causal_hint_without_a_mask_says_the_fast_path_ignored_it() -> None:
+    """Frozen in eval mode, the layer runs in the caller's forward (torch's fast path ignores
+    the hint); a call's standard path needs the mask, and torch's bare error had not said why
+    the forward that ran for the caller failed in the call (probe 233)."""
+    torch.manual_seed(0)
+    model = CausalHint().eval()
+    model.layer.requires_grad_(False)
+    x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    model(x)  # (runs for the caller)
+    with pytest.raises(ValueError, match="fast path.*ignores the hint.*generate_square_subseq"):
+        hessrank.effective_rank(model, CE, (x, y), method="fisher")
