@@ -20,13 +20,25 @@ All of them are invariant to scaling the matrix.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+import torch
 
 from hessrank.guard import underflow_ignored
 from hessrank.problem import check_number
 
 RANK_NAMES = ("srank", "numerical", "entropy", "stable", "participation")
+
+
+def _as_array(values: Any) -> Any:
+    """A torch tensor's values as a NumPy array (in float64 or complex128, on the CPU, without
+    its graph: one that requires grad, a bfloat16 one or a GPU one had been refused by NumPy's
+    or torch's bare errors; probe 234); anything else as it is."""
+    if not isinstance(values, torch.Tensor):
+        return values
+    wide = torch.complex128 if values.is_complex() else torch.float64
+    return values.detach().to("cpu", wide).numpy()
 
 
 def _checked(eigenvalues: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +49,7 @@ def _checked(eigenvalues: np.ndarray, weights: np.ndarray | None) -> tuple[np.nd
         ValueError: a spectrum that is not one-dimensional or not finite, or weights of another
             length, negative or not finite.
     """
+    eigenvalues, weights = _as_array(eigenvalues), _as_array(weights)
     if np.iscomplexobj(eigenvalues):  # (NumPy's float cast drops the imaginary parts)
         raise ValueError("eigenvalues are complex: a symmetric matrix's are real; pass "
                          "np.linalg.eigvalsh(matrix), or the magnitudes np.abs(values)")
@@ -264,6 +277,7 @@ def spectral_ranks(
             negative or not finite.
     """
     check_rank_options(threshold, rtol)
+    eigenvalues, weights = _as_array(eigenvalues), _as_array(weights)
     if rtol is None:
         rtol = default_rtol(len(np.ravel(eigenvalues)), float(np.finfo(np.float64).eps))
     ranks = {

@@ -223,6 +223,26 @@ def test_rank_definitions_on_known_spectra():
     assert hessrank.spectral_ranks(np.array([])) == dict.fromkeys(ranks.RANK_NAMES, 0.0)
 
 
+@pytest.mark.parametrize("form", ["requiring grad", "bfloat16", "float32 weights"])
+def test_a_spectrum_given_as_a_tensor_has_the_ranks_of_its_values(form: str):
+    """Any tensor: one still in a graph (``eigvalsh`` of a matrix that requires grad), a
+    bfloat16 one, tensor weights (NumPy's and torch's bare errors had refused the first two;
+    probe 234)."""
+    spectrum = torch.tensor([4.0, -2.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    weights = None
+    if form == "requiring grad":
+        spectrum = spectrum.clone().requires_grad_(True) * 1
+    elif form == "bfloat16":
+        spectrum = spectrum.bfloat16()  # (these values are exact in bfloat16)
+    else:
+        weights = torch.tensor([1.0, 2.0, 1.0, 1.0, 3.0])
+    values = spectrum.detach().double().numpy()
+    expected = hessrank.spectral_ranks(values, weights=None if weights is None
+                                       else weights.double().numpy())
+    assert hessrank.spectral_ranks(spectrum, weights=weights) == expected
+    assert expected["numerical"] == (4.0 if weights is None else 5.0)
+
+
 def test_rank_definitions_are_scale_invariant_and_weights_mean_multiplicity():
     rng = np.random.default_rng(0)
     spectrum = rng.standard_normal(50) ** 3
