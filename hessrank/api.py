@@ -554,29 +554,37 @@ class TiedEigenvaluesError(ValueError):
         self.gaps = gaps
 
 
-def _check_gap(magnitudes: np.ndarray, k: int, rounding: float, chosen: str) -> None:
-    """Raise unless the top-``k`` eigenvectors are determined: the ``k``-th and ``(k+1)``-th
-    largest ``|eigenvalues|`` (``magnitudes``, sorted decreasingly) must differ by more than the
-    dense Hessian's ``rounding`` (the norm of the antisymmetric part its products left, which
-    bounds how far rounding moved its eigenvalues, to within the symmetric part's like share),
-    and by more than float64's own ``P eps`` of the largest. Within a tie (a zero or symmetric
-    initialisation repeats eigenvalues; null directions all share 0) any basis of the tied
-    eigenspace is as good as another, and the overlap takes any value between its extremes.
+def _check_gap(magnitudes: np.ndarray, k: int, rounding: float, chosen: str,
+               share: Callable[[int], float]) -> None:
+    """Raise unless the overlap with the top-``k`` eigenvectors is determined: the ``k``-th and
+    ``(k+1)``-th largest ``|eigenvalues|`` (``magnitudes``, sorted decreasingly) must differ by
+    more than the dense Hessian's ``rounding`` (the norm of the antisymmetric part its products
+    left, which bounds how far rounding moved its eigenvalues, to within the symmetric part's
+    like share), and by more than float64's own ``P eps`` of the largest; or the gradient must
+    have no share (``share(j)``: its overlap with the top ``j``), beyond ``P eps``, in the tied
+    eigenspace. Within a tie (a zero or symmetric initialisation repeats eigenvalues; null
+    directions all share 0) any basis of the tied eigenspace is as good as another, and the
+    overlap takes any value between its extremes: those at the tie's ends, which agree where
+    the gradient is orthogonal to it (three identical hidden units' 2-fold eigenvalue had been
+    refused for an overlap every basis gives; probe 234).
 
     Raises:
-        TiedEigenvaluesError: ``k`` splits a cluster of equal ``|eigenvalues|``; names the
-            nearest ``k`` at a gap on either side.
+        TiedEigenvaluesError: ``k`` splits a cluster of equal ``|eigenvalues|`` in which the
+            gradient has a share; names the nearest ``k`` at a gap on either side.
     """
     size = len(magnitudes)
     if not 0 < k < size:
         return
-    tolerance = max(rounding, size * float(np.finfo(np.float64).eps) * float(magnitudes[0]))
+    epsilon = size * float(np.finfo(np.float64).eps)
+    tolerance = max(rounding, epsilon * float(magnitudes[0]))
     gaps = magnitudes[:-1] - magnitudes[1:]  # gaps[i]: between the (i+1)-th and (i+2)-th
     if gaps[k - 1] > tolerance:
         return
     at_gaps = np.flatnonzero(gaps > tolerance) + 1  # the k with a gap after the k-th
     below, above = at_gaps[at_gaps < k], at_gaps[at_gaps > k]
     gaps = (int(below[-1]) if below.size else 0, int(above[0]) if above.size else size)
+    if share(gaps[1]) - share(gaps[0]) <= epsilon:
+        return
     raise TiedEigenvaluesError(
         f"{chosen} = {k} splits a cluster of equal |eigenvalues| (numbers {k} and {k + 1} by "
         f"magnitude are {magnitudes[k - 1]:.6g} and {magnitudes[k]:.6g}, equal to the Hessian's "
@@ -1092,10 +1100,15 @@ def gradient_overlap(
     if k is None:
         k = int(srank(eigenvalues, threshold))
     assert operator.rounding is not None, "dense_hessian measured it"
-    _check_gap(np.abs(eigenvalues), int(k), operator.rounding, chosen)
     gradient = operator.gradient.to(torch.float64)
     norm = float(gradient @ gradient)
-    if norm == 0.0:
-        return 0.0
-    projection = eigenvectors[:, :int(k)].T @ gradient
-    return float(np.clip(float(projection @ projection) / norm, 0.0, 1.0))
+
+    def share(count: int) -> float:
+        """The gradient's share in the top ``count`` eigenvectors' span."""
+        if norm == 0.0:
+            return 0.0
+        projection = eigenvectors[:, :count].T @ gradient
+        return float(np.clip(float(projection @ projection) / norm, 0.0, 1.0))
+
+    _check_gap(np.abs(eigenvalues), int(k), operator.rounding, chosen, share)
+    return share(int(k))

@@ -177,6 +177,29 @@ def test_gradient_overlap_refuses_k_inside_a_tie():
         hessrank.gradient_overlap(model, mse, batch, k=5)
 
 
+@pytest.mark.parametrize("within", [False, True], ids=["orthogonal to the tie", "within it"])
+def test_gradient_overlap_inside_a_tie_the_gradient_is_orthogonal_to(within: bool):
+    """Least squares on scaled, orthogonal columns: the Hessian is diag(16, 4, 4, 4). With the
+    gradient along the first column alone, every basis of the 3-fold eigenspace gives the
+    overlap 1 at k = 2 (it had been refused; probe 234); with a share in it, k = 2 is
+    refused, naming the gaps 1 and 4."""
+    model = nn.Linear(4, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    columns = torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    inputs = torch.cat([columns, -columns])
+    targets = torch.tensor([1.0, 0.5, -0.3, 0.2, 0.0, 0.5, -0.3, 0.2],
+                           dtype=torch.float64).unsqueeze(1)
+    if within:
+        targets[5] = 0.0  # the second column's residuals no longer cancel
+    batch, mse = (inputs, targets), nn.MSELoss(reduction="sum")
+    if within:
+        with pytest.raises(hessrank.TiedEigenvaluesError, match="pass k at a gap, 1 or 4"):
+            hessrank.gradient_overlap(model, mse, batch, k=2)
+    else:
+        for k in (1, 2, 3, 4):
+            assert hessrank.gradient_overlap(model, mse, batch, k=k) == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gradient_overlap_takes_close_but_distinct_eigenvalues(seed):
     """float32 tanh MLPs whose srank falls between eigenvalues 4e-6 to 1e-4 of the top apart:
