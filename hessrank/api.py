@@ -1059,7 +1059,8 @@ def gradient_overlap(
             only).
         hessrank.BudgetError: the dense Hessian would exceed ``max_memory``.
         hessrank.TiedEigenvaluesError: ``k`` (or the srank) splits a cluster of equal
-            ``|eigenvalues|``; its ``gaps`` are the nearest ``k`` to pass instead.
+            ``|eigenvalues|`` in whose eigenspace the gradient has a share (the overlap then
+            depends on the basis); its ``gaps`` are the nearest ``k`` to pass instead.
     """
     estimator = ESTIMATORS["exact"]
     check_call(model, loss_fn, "eval")
