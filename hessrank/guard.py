@@ -1597,7 +1597,7 @@ def forward_hooks_note(model: nn.Module) -> list[str]:
 
 
 @contextmanager
-def _set_for_the_call(read: Callable[[], Any], write: Callable[[Any], None],
+def _set_for_the_call(read: Callable[[], Any], write: Callable[[Any], object],
                       value: Any) -> Iterator[None]:
     """A global setting at ``value`` inside the block (``write``), the caller's (``read``
     before) back on exit; written inside the ``try``, so that a Ctrl-C that lands as it is
@@ -1817,6 +1817,12 @@ CALLER_FAST_PATH: contextvars.ContextVar[bool] = contextvars.ContextVar("caller_
                                                                         default=False)
 
 
+def _flushes_denormals() -> bool:
+    """Whether the CPU flushes subnormal numbers to zero (``torch.set_flush_denormal(True)``,
+    which has no getter): a subnormal float32 doubled comes out zero."""
+    return bool(float(torch.full((1,), 2.0**-140) * 2) == 0.0)
+
+
 @contextmanager
 def _caller_fast_path_kept() -> Iterator[None]:
     """:data:`CALLER_FAST_PATH` at the caller's setting inside the block."""
@@ -1846,6 +1852,10 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
       (left padding under a causal mask) instead of the differentiable path's zeros. (A
       forward the caller runs with gradients can take it too, where nothing in a module needs
       a gradient: :func:`~hessrank.problem.refuse_the_nested_fast_path`.)
+    - Subnormal numbers kept, where the caller had the CPU flush them
+      (``torch.set_flush_denormal(True)``, a speed switch): a curvature below float32's
+      normal range had come out zero, blamed on a saturated softmax, where the refusal that
+      names the power of two to scale the loss by belongs (probe 229).
     - Embeddings with ``max_norm`` as pure lookups (:func:`renormalised_embeddings`).
     - Embeddings with ``sparse=True`` give dense gradients: sparsity is how a gradient is stored,
       not what it is, and second derivatives and per-sample factors need them dense.
@@ -1870,6 +1880,7 @@ def differentiable(model: nn.Module) -> Iterator[list[str]]:
         torch.enable_grad(),
         _caller_fast_path_kept(),
         attention_fast_path(False),
+        _set_for_the_call(_flushes_denormals, torch.set_flush_denormal, False),
         full_float32_precision(),
         _attribute_for_the_call(torch.backends.cudnn, "enabled",
                                 torch.backends.cudnn.enabled and not recurrent),

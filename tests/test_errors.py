@@ -3573,6 +3573,31 @@ def test_an_empirical_fisher_beyond_float32s_range_is_refused_with_the_scale_to_
                                 (inputs, targets), method)
 
 
+@pytest.mark.parametrize("method", ["exact", "ggn", "fisher"])
+def test_a_curvature_below_float32s_normal_range_is_refused_where_the_cpu_flushes_them(method):
+    """``torch.set_flush_denormal(True)`` (a CPU speed switch): subnormal products flushed to
+    zero had given rank 0 (exact) or blamed a saturated softmax (fisher), where the refusal
+    that names the scale belongs; the call keeps subnormals, and the caller's switch returns
+    (probe 229)."""
+    from hessrank.guard import _flushes_denormals
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    inputs, targets = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormal numbers")
+    try:
+        assert _flushes_denormals()
+        with pytest.raises(ValueError, match="float32's (normal )?range"):
+            hessrank.effective_rank(
+                model, lambda f, y: 1e-39 * nn.functional.cross_entropy(f, y),
+                (inputs, targets), method)
+        assert _flushes_denormals()
+    finally:
+        torch.set_flush_denormal(False)
+    assert not _flushes_denormals()
+
+
 @pytest.mark.parametrize("method", ["exact", "fisher"])
 def test_integer_targets_for_a_loss_of_float_targets(method):
     """nn.BCEWithLogitsLoss with 0/1 labels as int64: the advice is the cast, not class
