@@ -997,6 +997,16 @@ def _refuse_all_ignored(loss_fn: LossFn, value: Tensor, targets: Tensor) -> None
             "so a mean over the targets that count divides by zero and the batch has no "
             "curvature; pass a batch with targets that count (in a data set, such a batch is "
             "weighed 0 and allowed)")
+    weight = getattr(loss_fn, "weight", None)  # a class-weighted mean's normaliser (probe 230)
+    counted = targets[targets != ignored] if isinstance(ignored, int) else targets.reshape(-1)
+    if (isinstance(weight, Tensor) and weight.dim() == 1 and counted.numel()
+            and bool((counted >= 0).all()) and bool((counted < weight.numel()).all())
+            and float(weight[counted].sum()) == 0.0):
+        raise ValueError(
+            f"the loss is {value.item()}: the class weights of every target sum to zero (the "
+            "targets' classes weigh 0), so the weighted mean divides by zero and the batch has "
+            "no curvature; pass a batch with targets of weighted classes (in a data set, such a "
+            "batch is weighed 0 and allowed)")
 
 
 def all_finite(tensor: Tensor) -> bool:

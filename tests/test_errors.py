@@ -3697,6 +3697,18 @@ def test_a_batch_whose_every_target_is_ignored(method, ignored, form):
            ValueError, rf"the loss is nan: every target is {ignored}, the loss's ignore_index")
 
 
+@pytest.mark.parametrize("method", ["exact", "ggn", "fisher"])
+def test_a_batch_whose_targets_weigh_nothing(method):
+    """Every target of a class weighted 0 (one ignored beside them): the weighted mean is
+    0 / 0, named as the class weights, not as a log of zero in the loss (probe 230)."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = classification_batch(6, 5, 3)[0]
+    loss = nn.CrossEntropyLoss(weight=torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+    targets = torch.tensor([0, 0, -100, 0, 0, 0])
+    _check(model, lambda: hessrank.effective_rank(model, loss, (x, targets), method=method),
+           ValueError, r"the loss is nan: the class weights of every target sum to zero")
+
+
 def _predicted_seconds(monkeypatch, model, batch, method, max_seconds=1e-9, so_far=0.0,
                        **options) -> float:
     """The time a call predicts, with every timing the prediction makes read as 1 ms and the
