@@ -1167,7 +1167,9 @@ def _mixing(relative: float, generators: Sequence[str] = ()) -> tuple[str, str]:
             "batch's loss at the model's next draw), or 'fisher_lanczos'/'ggn_lanczos'")
     return observation, (
         "the model mixes the samples of a batch (BatchNorm on batch statistics, attention over "
-        "the batch dimension, e.g. a batch_first=False transformer given [n, T, d]), so "
+        "the batch dimension, e.g. a batch_first=False transformer given [n, T, d]), or the "
+        "batch is not in the first dimension of the inputs and outputs (sequence-first "
+        "[T, n, ...] tensors, which a T equal to n lets through the shape checks), so "
         "per-sample EF/GGN factors are undefined; fix the layout or use method='exact' or "
         "'lanczos' (the Hessian of the batch's loss), or 'fisher_lanczos'/'ggn_lanczos' (each "
         "sample's factor as the batch computes it)")
