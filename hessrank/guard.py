@@ -71,7 +71,7 @@ _HOOK_DICTS = (
 #: hook dictionaries, the ``training`` flag), which :func:`preserved_state` restores on its own:
 #: every other entry is a plain attribute, state a forward pass may rebind or mutate.
 _MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
-MISSING = object()
+_MISSING = object()
 #: Code: objects whose attributes are not state.
 CODE_TYPES = (type, types.ModuleType, types.FunctionType, types.MethodType,
               types.BuiltinFunctionType)
@@ -94,16 +94,16 @@ class _Attributes:
     slots: dict[str, Any]
 
 
-def held_contents(value: Any) -> Any:
-    """A shallow copy of what ``value`` holds, ``MISSING`` where it is not a container."""
+def _contents(value: Any) -> Any:
+    """A shallow copy of what ``value`` holds, ``_MISSING`` where it is not a container."""
     if isinstance(value, list | dict | set):
         return copy.copy(value)
     if not isinstance(value, _NOT_CONTAINERS) and hasattr(value, "__dict__"):
         return dict(vars(value))
-    return MISSING
+    return _MISSING
 
 
-def put_back_contents(value: Any, contents: Any) -> None:
+def _put_back(value: Any, contents: Any) -> None:
     """Make ``value`` hold ``contents`` again (in place), where it changed."""
     if isinstance(value, list):
         if len(value) != len(contents) or any(a is not b for a, b in zip(value, contents)):
@@ -127,7 +127,7 @@ def plain_attributes(model: nn.Module) -> list[_Attributes]:
         objects = {key: value for key, value in vars(module).items()
                    if key not in _MODULE_BOOKKEEPING}
         contents = {key: copied for key, value in objects.items()
-                    if (copied := held_contents(value)) is not MISSING}
+                    if (copied := _contents(value)) is not _MISSING}
         slots = {name: getattr(module, name) for name in _slot_names(type(module))
                  if hasattr(module, name)}
         saved.append(_Attributes(module, objects, contents, slots))
@@ -155,12 +155,12 @@ def rebind_attributes(saved: list[_Attributes]) -> None:
                     if key not in entry.objects and key not in _MODULE_BOOKKEEPING]:
             del current[key]
         for key, value in entry.objects.items():
-            if current.get(key, MISSING) is not value:
+            if current.get(key, _MISSING) is not value:
                 current[key] = value
         for key, contents in entry.contents.items():
-            put_back_contents(entry.objects[key], contents)
+            _put_back(entry.objects[key], contents)
         for name, value in entry.slots.items():
-            if getattr(entry.module, name, MISSING) is not value:
+            if getattr(entry.module, name, _MISSING) is not value:
                 object.__setattr__(entry.module, name, value)
 
 
@@ -1097,7 +1097,7 @@ def held_generators(owners: Iterable[tuple[str, object]], depth: int = 0
         attributes = (_members(owner, prefix, objects=True)
                       if isinstance(owner, functools.partial) else
                       [(f"{prefix}.{key}" if prefix else key, value)
-                       for key, value in getattr(owner, "__dict__", {}).items()
+                       for key, value in _own_attributes(owner).items()
                        if not (key in _MODULE_BOOKKEEPING and isinstance(owner, nn.Module))])
         for place, value in attributes:
             search(value, place, depth)
@@ -1118,9 +1118,19 @@ def _members(value: object, where: str, objects: bool) -> list[tuple[str, object
     if isinstance(value, functools.partial):
         return [*((f"{where}.args[{index}]", item) for index, item in enumerate(value.args)),
                 *((f"{where}.keywords[{key!r}]", item) for key, item in value.keywords.items())]
-    if isinstance(value, _NOT_CONTAINERS) or not hasattr(value, "__dict__"):
+    if isinstance(value, _NOT_CONTAINERS):
         return []
-    return [(f"{where}.{key}", item) for key, item in vars(value).items()]
+    return [(f"{where}.{key}", item) for key, item in _own_attributes(value).items()]
+
+
+def _own_attributes(value: object) -> dict[str, Any]:
+    """``value.__dict__`` read past any ``__getattr__`` (a delegating proxy whose target is not
+    set recursed without end on ``hasattr``; probe 235), empty where it has none."""
+    try:
+        attributes = object.__getattribute__(value, "__dict__")
+    except Exception:  # noqa: BLE001 - no __dict__ of its own (slots, a C type)
+        return {}
+    return attributes if isinstance(attributes, dict) else {}
 
 
 #: A module's hook registries whose callables may be objects holding state of their own.

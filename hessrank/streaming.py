@@ -62,12 +62,9 @@ from hessrank.curvature.operator import ParameterOperator
 from hessrank.guard import (
     CODE_TYPES,
     HELD_ITEMS,
-    MISSING,
     GlobalGenerators,
     deferred_interrupts,
-    held_contents,
     held_generators,
-    put_back_contents,
     raise_if_signalled,
     rescales_lookups,
 )
@@ -146,9 +143,6 @@ _WRAPPED_DEPTH = 4
 #: searched (:func:`~hessrank.guard.held_generators`): a generator in a transform of a
 #: ``Compose``, ``dataset.transform.transforms[i].generator``.
 _HELD_DEPTH = 3
-#: The largest tensor or array a data set (sampler, collate function) holds that a pass's
-#: writes to are undone (:func:`_held_state`): state kept per sample, not the data.
-STATE_BYTES = 2**22
 
 
 def _loaders(data: object) -> list[tuple[str, DataLoader[Any]]]:
@@ -216,15 +210,14 @@ def same_draw(data: object) -> Iterator[None]:
                                           for place, loader in _loaders(data) if place),
                            *owners], depth=_HELD_DEPTH)
     # their own attributes too (a sampler that counts its epochs in __iter__ had been left
-    # counting the call's passes, and drew another order in each; probe 101), and what those
-    # hold, written in place (a curriculum data set's visit counts, a list of the samples seen;
-    # probe 232)
+    # counting the call's passes, and drew another order in each; probe 101). Not what those
+    # hold, written in place: put back after a pass, a cache filled from a one-shot source had
+    # been emptied, the data lost, and an index of a million paths copied every pass (probe
+    # 235)
     attributes = [(owner.__dict__, dict(owner.__dict__)) for owner in
                   {id(owner): owner for place, owner in owners
                    if place and hasattr(owner, "__dict__")
                    and not isinstance(owner, _NOT_STATEFUL)}.values()]
-    contents = [(value, held) for _, saved in attributes for value in saved.values()
-                if (held := _held_state(value)) is not None]
     # of the data object itself (a wrapper of a loader, a re-iterable of the user's own), only
     # the numbers it held (an epoch it counts): its other attributes may be what a pass filled
     # in, a cache read from a one-shot stream, which a restore had emptied (probe 217)
@@ -245,37 +238,8 @@ def same_draw(data: object) -> Iterator[None]:
             for current, saved in attributes:
                 current.clear()
                 current.update(saved)
-            for value, held in contents:
-                _put_back_state(value, held)
             for current, saved in counts:
                 current.update(saved)
-
-
-def _held_state(value: object) -> Any:
-    """A copy of what ``value``, a data set's (sampler's, collate function's) attribute, holds
-    that a pass may write in place: a tensor's or array's values (of at most
-    :data:`STATE_BYTES`), a list's, dict's or set's items, a plain object's attributes
-    (shallow, :func:`~hessrank.guard.held_contents`); None for anything else."""
-    if isinstance(value, Tensor):
-        return (value.detach().clone() if value.nbytes <= STATE_BYTES and not value.is_meta
-                and not value.is_inference() and value.layout == torch.strided else None)
-    if isinstance(value, np.ndarray):
-        return value.copy() if value.nbytes <= STATE_BYTES else None
-    held = held_contents(value)
-    return None if held is MISSING else held
-
-
-def _put_back_state(value: object, held: Any) -> None:
-    """Make ``value`` hold :func:`_held_state`'s copy again, where it changed."""
-    if isinstance(value, Tensor):
-        if not torch.equal(value, held):
-            with torch.no_grad():
-                value.copy_(held)
-    elif isinstance(value, np.ndarray):
-        if not np.array_equal(value, held, equal_nan=value.dtype.kind in "fc"):
-            value[...] = held
-    else:
-        put_back_contents(value, held)
 
 
 @contextmanager
@@ -314,26 +278,33 @@ def workers_as_found(data: Data) -> Iterator[Data]:
 
 
 def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
+    """The batch's sample count and :func:`_input_print` of each input and of the targets (each
+    input's own: summed over the inputs, two that traded contents between passes had agreed;
+    probe 235)."""
     with torch.no_grad():
-        inputs = map(sum, zip(*(_input_print(x) for x in (*problem.args,
-                                                          *problem.kwargs.values()))))
-        return (problem.num_samples, *inputs, *_input_print(problem.targets))
+        return (problem.num_samples, *(value for x in (*problem.args, *problem.kwargs.values(),
+                                                       problem.targets)
+                                       for value in _input_print(x)))
 
 
 #: Entries of an input :func:`_input_print` sums in float64 at a time.
 PRINT_BLOCK = 2**16
+#: The irrational steps of the weights :func:`_input_print` gives an entry's place in its
+#: block and the block's place in the tensor.
+_PLACE_STEPS = ((math.sqrt(5.0) - 1) / 2, math.sqrt(2.0) - 1)
 
 
 def _input_print(tensor: Tensor) -> tuple[float, float, int, int, int]:
     """Two float64 sums of ``tensor``'s finite entries, plain and weighted by each entry's
-    place (its index in row-major order), and the counts of its ``+inf``, ``-inf`` and NaN
-    entries. The plain sum alone had not seen data that move within a batch: a random flip of
-    an image, targets shuffled within a batch, a pass's data taken for the first's by every
-    method (probe 232). An input's ``-inf`` (an additive mask's) made a plain sum ``-inf`` on
-    every pass, and inputs that changed between passes went unseen by fisher and ggn (probe
-    101); so would NaN inputs (missing values) or targets (missing labels). In blocks
-    (:func:`_blocks`): a float64 copy of the whole input, twice a float32 batch, had been every
-    pass's peak over a data set (probe 148)."""
+    place (:func:`_place_weights`), and the counts of its ``+inf``, ``-inf`` and NaN entries.
+    The plain sum alone had not seen data that move within a batch: a random flip of an image,
+    targets shuffled within a batch, a pass's data taken for the first's by every method
+    (probe 232); weights linear in the place had not seen rows of equal sums trade places
+    (one-hot targets; probe 235). An input's ``-inf`` (an additive mask's) made a plain sum
+    ``-inf`` on every pass, and inputs that changed between passes went unseen by fisher and
+    ggn (probe 101); so would NaN inputs (missing values) or targets (missing labels). In
+    blocks (:func:`_blocks`): a float64 copy of the whole input, twice a float32 batch, had
+    been every pass's peak over a data set (probe 148)."""
     plain, weighted = _blockwise_sums(tensor, finite=False)
     if math.isfinite(plain) and math.isfinite(weighted):
         return plain, weighted, 0, 0, 0
@@ -345,33 +316,51 @@ def _input_print(tensor: Tensor) -> tuple[float, float, int, int, int]:
 
 
 def _blocks(tensor: Tensor) -> list[Tensor]:
-    """``tensor`` in blocks of samples (views) of at most :data:`PRINT_BLOCK` entries, or one
-    sample: a flattened view of a non-contiguous tensor (transposed, channels-last) had copied
-    the whole batch (probe 150)."""
+    """``tensor`` in views of at most :data:`PRINT_BLOCK` entries: blocks of whole samples
+    where one fits, else each sample's own in turn (its rows, and so on down; a flattened view
+    of a non-contiguous tensor, transposed or channels-last, had copied the whole batch; probe
+    150; a sample of a 320^3 volume had been one block, its float64 copy and weights 500 MB;
+    probe 235)."""
     if tensor.dim() == 0:
         return [tensor]
-    rows = max(1, PRINT_BLOCK // max(1, tensor[:1].numel()))
-    return list(tensor.split(rows))
+    if tensor.dim() == 1:
+        return list(tensor.split(PRINT_BLOCK))
+    per_row = tensor[:1].numel()
+    if per_row <= PRINT_BLOCK:
+        return list(tensor.split(max(1, PRINT_BLOCK // max(1, per_row))))
+    return [block for row in tensor for block in _blocks(row)]
+
+
+@functools.cache
+def _place_weights(device: torch.device) -> Tensor:
+    """``[PRINT_BLOCK, 2]`` float64: ones (the plain sum), and the weights of the places in a
+    block, ``1 + frac(p phi)``: not linear in the place ``p``, so that no exchange of entries
+    keeps the weighted sum."""
+    places = torch.arange(PRINT_BLOCK, dtype=torch.float64, device=device)
+    return torch.stack((torch.ones_like(places), 1 + torch.frac(places * _PLACE_STEPS[0])), 1)
 
 
 def _blockwise_sums(tensor: Tensor, finite: bool) -> tuple[float, float]:
     """The float64 sums of :func:`_input_print` (of the finite entries only, the others taken
-    as zero, where ``finite``), a block at a time (:func:`_blocks`): a float64 copy of large
-    targets had been every pass's peak (probe 150)."""
+    as zero, where ``finite``), a block at a time (:func:`_blocks`), each block's weighted sum
+    weighted again by its place among the blocks: a float64 copy of large targets had been
+    every pass's peak (probe 150)."""
     sums = []
-    start = 0
-    for block in _blocks(tensor):
-        values = block.double().reshape(-1)  # (a copy of one block at most)
+    shares = []
+    for index, block in enumerate(_blocks(tensor)):
+        # (one copy of one block at most, in the order of its places)
+        values = block.to(torch.float64, memory_format=torch.contiguous_format).reshape(-1)
         if finite:
             values = values.nan_to_num(0.0, 0.0, 0.0)
-        places = torch.arange(start, start + values.numel(), dtype=torch.float64,
-                              device=values.device)
-        sums.append(torch.stack((values.sum(), values @ places)))
-        start += values.numel()
+        sums.append(values @ _place_weights(values.device)[:values.numel()])
+        shares.append(1 + math.modf(index * _PLACE_STEPS[1])[0])
     if not sums:
         return 0.0, 0.0
-    plain, weighted = torch.stack(sums).sum(0).tolist()  # (one read from a GPU)
-    return plain, weighted
+    together = torch.stack(sums)  # [blocks, 2]
+    plain = together[:, 0].sum()
+    weighted = together[:, 1] @ torch.tensor(shares, dtype=torch.float64, device=together.device)
+    first, second = torch.stack((plain, weighted)).tolist()  # (one read from a GPU)
+    return first, second
 
 
 def _same(first: Fingerprint, second: Fingerprint) -> bool:

@@ -272,23 +272,52 @@ def _mix_collate(items, generator: torch.Generator):
         [y for _, y in items])
 
 
-class _Visited(Dataset):
-    """A curriculum: each sample shifted by how often it was read, counted in place in a
-    tensor, an array and a list the data set holds."""
+class _CachedFromOneShot(Dataset):
+    """Reads each sample once from a one-shot source (a stream), into a dict it keeps."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-        self.visits, self.array, self.seen = torch.zeros(len(x)), np.zeros(len(x)), []
+        self.source, self.size, self.cache = iter(list(zip(x, y))), len(x), {}
 
     def __len__(self) -> int:
-        return len(self.x)
+        return self.size
 
     def __getitem__(self, index: int):
-        shift = 0.1 * (self.visits[index] + self.array[index] + self.seen.count(index))
-        self.visits[index] += 1
-        self.array[index] += 1
-        self.seen.append(index)
-        return self.x[index] + float(shift), self.y[index]
+        if index not in self.cache:
+            self.cache[index] = next(self.source)
+        return self.cache[index]
+
+
+class _LazyHandle:
+    """A handle that forwards every attribute to the file it opens lazily (none yet)."""
+
+    __slots__ = ("target",)
+
+    def __getattr__(self, name: str):
+        return getattr(self.target, name)
+
+
+def test_a_data_set_holding_a_forwarding_handle_is_searched_without_its_getattr():
+    """The search for generators below a data set reads an object's own ``__dict__``: asked
+    through ``hasattr``, a forwarding handle without its target recursed without end (probe
+    235)."""
+    model, loss_fn, x, y = _data("class weights")
+    data = TensorDataset(x, y)
+    data.handle = _LazyHandle()
+    streamed = hessrank.effective_rank(model, loss_fn, DataLoader(data, batch_size=5), "exact")
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), "exact")
+    assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, rtol=1e-9)
+
+
+def test_a_data_set_s_cache_of_a_one_shot_source_is_kept():
+    """What a data set fills in place stays: put back after each pass, the cache of a
+    one-shot source had been emptied, the next pass refused and the caller's data lost
+    (probe 235)."""
+    model, loss_fn, x, y = _data("class weights")
+    data = _CachedFromOneShot(x, y)
+    streamed = hessrank.effective_rank(model, loss_fn, DataLoader(data, batch_size=5), "exact")
+    assert len(data.cache) == len(x)
+    whole = hessrank.effective_rank(model, loss_fn, (x, y), "exact")
+    assert_spectra_close(streamed.eigenvalues, whole.eigenvalues, rtol=1e-9)
 
 
 _DATA_SET_STATE = {
@@ -298,7 +327,6 @@ _DATA_SET_STATE = {
     "a collate function's generator bound by partial": lambda x, y: DataLoader(
         TensorDataset(x, y), batch_size=5, collate_fn=functools.partial(
             _mix_collate, generator=torch.Generator().manual_seed(0))),
-    "counts the data set writes in place": lambda x, y: DataLoader(_Visited(x, y), batch_size=5),
     "a wrapped data set's generator": lambda x, y: DataLoader(
         torch.utils.data.Subset(_OwnJitter(x, y, 0.1), range(16)), batch_size=5),
     "collate object's generator": lambda x, y: DataLoader(
@@ -315,8 +343,7 @@ def test_a_data_set_s_own_state_is_one_draw_and_left_as_found(case, method):
     data that change between passes) and the caller's next epochs are those it would have had
     without the call (the passes had left the generator advanced, the epoch counted; probe
     109; a generator held deeper, by a data set's transform or bound to a collate function,
-    and a data set's counts written in place had been left as the passes left them, probe
-    232)."""
+    had been left as the passes left it, probe 232)."""
     model, loss_fn, x, y = _data("class weights")
     untouched, analysed = (_DATA_SET_STATE[case](x, y) for _ in range(2))
     hessrank.effective_rank(model, loss_fn, analysed, method, lanczos_steps=8)
@@ -517,25 +544,51 @@ def test_data_that_changes_between_passes_is_refused(method, drift):
         hessrank.effective_rank(model, loss_fn, loader, method, lanczos_steps=10)
 
 
-class _Flipping(_Drifting):
-    """``_Drifting`` whose samples are flipped on every other pass: each batch's sums, and
-    the count of its samples, stay as they were."""
+class _Moving(_Drifting):
+    """``_Drifting`` whose data move on every other pass, each batch's sums and count kept:
+    its samples flipped (``"flip"``), the one-hot targets of its first two samples exchanged
+    (``"labels"``), or its two inputs exchanged (``"inputs"``)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, move: str) -> None:
+        super().__init__(x, y, 0.0)
+        self.move = move
 
     def __getitem__(self, index: int):
-        reads = next(self.reads)
-        flipped = (reads - 1) // len(self.y) % 2
-        return (self.x[index].flip(0) if flipped else self.x[index]), self.y[index]
+        moved = (next(self.reads) - 1) // len(self.y) % 2
+        x, y = self.x[index], self.y[index]
+        if self.move == "flip":
+            return (x.flip(0) if moved else x), y
+        if self.move == "labels":
+            return x, self.y[1 - index if moved and index < 2 else index]
+        return ((x.flip(0), x) if moved else (x, x.flip(0))), y
+
+
+class _TwoInputs(nn.Module):
+    """Takes ``(a, b)``, each in its own role."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.model(a - 0.5 * b)
 
 
 @pytest.mark.parametrize("method", ["exact", "fisher", "ggn"])
-def test_data_that_move_within_a_batch_between_passes_are_refused(method):
-    """A pass's fingerprint weighs each entry by its place: sums alone had taken a random
-    flip for the first pass's data, and fisher and ggn had analysed a later pass's (probe
-    232)."""
-    model, loss_fn, x, y = _data("mean")
-    loader = DataLoader(_Flipping(x, y, 0.0), batch_size=6)
+@pytest.mark.parametrize("move", ["flip", "labels", "inputs"])
+def test_data_that_move_within_a_batch_between_passes_are_refused(method, move):
+    """A pass's fingerprint weighs each entry by its place, not linearly in it, and keeps
+    each input's own: sums alone had taken a random flip for the first pass's data (probe
+    232), weights linear in the place one-hot labels exchanged between samples, and sums over
+    the inputs two inputs exchanged (probe 235); fisher and ggn had analysed a later pass's
+    data."""
+    model, loss_fn, x, y = _data("mse" if move == "labels" else "mean")
+    if move == "labels":
+        y[0], y[1] = nn.functional.one_hot(torch.tensor([0, 1]), 3).double()
+    loader = DataLoader(_Moving(x, y, move), batch_size=6)
     with pytest.raises(ValueError, match="data changed between passes.*batch 0 differs"):
-        hessrank.effective_rank(model, loss_fn, loader, method)
+        hessrank.effective_rank(_TwoInputs(model) if move == "inputs" else model, loss_fn,
+                                loader, method)
 
 
 class _MaskedDrifting(_Drifting):
@@ -1048,22 +1101,28 @@ def test_a_gram_method_names_batches_it_cannot_join(method):
     assert lanczos.rank > 0
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last",
+                                    "samples past a block"])
 def test_fingerprints_read_a_batch_in_views(layout):
     """A pass's fingerprint sums a batch a block of samples at a time, in views of it: a
     flattened view of a transposed or channels-last batch had copied it whole, and the
-    targets' float64 copy had been made whole (probe 150)."""
-    from hessrank.streaming import _blocks
+    targets' float64 copy had been made whole (probe 150); a sample larger than a block is
+    read in views of its own rows (a 320^3 volume had been one block; probe 235)."""
+    from hessrank.streaming import PRINT_BLOCK, _blocks
 
     batch = torch.randn(64, 3, 40, 40)
     if layout == "transposed":
         batch = torch.randn(40, 40, 3, 64).permute(3, 2, 1, 0)
     elif layout == "channels_last":
         batch = batch.contiguous(memory_format=torch.channels_last)
+    elif layout == "samples past a block":
+        batch = torch.randn(2, 3, 200, 300)
     blocks = _blocks(batch)
     assert all(block.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr()
                for block in blocks)
-    assert len(blocks) > 1 and torch.equal(torch.cat(blocks), batch)
+    assert all(block.numel() <= PRINT_BLOCK for block in blocks)
+    assert len(blocks) > 1 and torch.equal(torch.cat([block.reshape(-1) for block in blocks]),
+                                           batch.reshape(-1))
 
 
 @pytest.mark.parametrize("method", ["fisher", "ggn"])
