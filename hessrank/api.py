@@ -72,6 +72,7 @@ from hessrank.problem import (
     raise_extended,
     reentrant_checkpoint_error,
     refuse_target_dtype_of,
+    refuse_the_nested_fast_path,
 )
 from hessrank.ranks import (
     MAX_DEFAULT_RTOL,
@@ -431,6 +432,8 @@ def effective_rank(
                                                      _with_data_copies(estimator, problem, cost)))
                 check_parameters()  # the forward passes so far left the parameters alone
                 estimator.check_budget(cost, problem, settings, first=True)
+                if not isinstance(problem, StreamedProblem):  # (its survey checks its batches)
+                    refuse_the_nested_fast_path(problem)
                 if max_seconds is not None and cost.seconds is None:
                     problem.notes.append(
                         f"max_seconds is not enforced by {estimator.name}: it predicts its "
@@ -1083,6 +1086,7 @@ def gradient_overlap(
                 problem, lambda: probe_outputs(problem), settings, None))
             estimator.check_budget(cost, problem, settings, caller=caller, advice=advice,
                                    first=True)
+            refuse_the_nested_fast_path(problem)
             try:
                 operator = HessianOperator(problem)
             except RuntimeError as error:

@@ -1461,7 +1461,6 @@ def build_problem(
                                state_bytes=state_bytes(model),
                                loss_state_bytes=loss_copy_bytes(loss_fn, dtype),
                                **_batch_fields(args, kwargs, targets))
-    refuse_the_nested_fast_path(problem)
     return problem
 
 
@@ -1471,15 +1470,19 @@ def build_problem(
 FAST_PATH_AGREEMENT = 1e-3
 
 
-def refuse_the_nested_fast_path(problem: CurvatureProblem) -> None:
+def refuse_the_nested_fast_path(problem: CurvatureProblem, standard: Tensor | None = None
+                                ) -> None:
     """Refuse a model whose forward, run as its caller runs it (gradients on, torch's attention
     fast path as the caller set it), computes other outputs than the standard path a call
     differentiates, where the loss reads them: an ``nn.TransformerEncoder`` in eval mode whose
     parameters and input need no gradient (a frozen encoder under a linear probe) given a
     ``src_key_padding_mask`` runs as nested tensors and returns zeros at the padded positions,
     where the standard path computes values; pooled over every position, the probe's Hessian
-    had come out 80 % off, with no note (probe 233). Runs two forward passes, only for a model
-    holding such an encoder while the caller's fast path is on.
+    had come out 80 % off, with no note (probe 233). Only for a model holding such an encoder
+    while the caller's fast path is on: a forward without a graph (unless ``standard``, its
+    outputs, is given) and one with, no more than the work's own forward holds (run after the
+    budget's check: before it, a prompt-tuned encoder's two graphs had doubled the peak before
+    a refusal; probe 236), on every batch of a data set (its survey's).
 
     Raises:
         ValueError: naming the encoders and the fixes.
@@ -1489,9 +1492,11 @@ def refuse_the_nested_fast_path(problem: CurvatureProblem) -> None:
                 and getattr(module, "use_nested_tensor", False)]
     if not encoders or not CALLER_FAST_PATH.get():
         return
-    with evaluation_mode(problem.model, problem.mode), torch.enable_grad():
-        standard = run_model(problem.model, problem.args, problem.kwargs, problem.mode)
-        with attention_fast_path(True):
+    with evaluation_mode(problem.model, problem.mode):
+        if standard is None:
+            with torch.no_grad():
+                standard = run_model(problem.model, problem.args, problem.kwargs, problem.mode)
+        with torch.enable_grad(), attention_fast_path(True):
             fast = run_model(problem.model, problem.args, problem.kwargs, problem.mode)
     if (not isinstance(standard, Tensor) or not isinstance(fast, Tensor)
             or fast.shape != standard.shape or not standard.is_floating_point()):

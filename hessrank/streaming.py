@@ -82,12 +82,13 @@ from hessrank.problem import (
     read_batch,
     refuse_mixed_samples,
     refuse_split_batch_statistics,
+    refuse_the_nested_fast_path,
     unused_in_every,
 )
 
 Data = TypeVar("Data")
 
-#: A batch's sample count, then :func:`_input_print` of its inputs (summed) and of its targets.
+#: A batch's :func:`_fingerprint`.
 Fingerprint = tuple[float, ...]
 
 
@@ -751,6 +752,7 @@ class StreamedProblem(CurvatureProblem):
             for batch in _reading(self._batches(), reading):
                 index = reading[0]
                 outputs = _outputs(batch)
+                refuse_the_nested_fast_path(batch, outputs)
                 shapes: list[object] = [
                     *(x.shape[1:] for x in batch.args), batch.targets.shape[1:],
                     *((key, x.shape[1:]) for key, x in sorted(batch.kwargs.items()))]

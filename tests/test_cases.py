@@ -2095,15 +2095,21 @@ def _encoder_probe(masked: bool, frozen: bool) -> tuple[nn.Module, dict[str, Ten
 
 
 @pytest.mark.parametrize("method", ["exact", "fisher", "ggn"])
+@pytest.mark.parametrize("data", ["batch", "data set"])
 def test_a_frozen_encoder_s_nested_fast_path_is_refused_where_the_loss_reads_its_padding(
-        method: str) -> None:
+        method: str, data: str) -> None:
     """A frozen encoder in eval mode, given a padding mask, runs as nested tensors in the
     caller's training forward (zeros at the padded positions), where a call's standard path
     computes values there: pooled over every position, the probe's curvature had been that of
-    another function, 80 % off, with no note (probe 233)."""
+    another function, 80 % off, with no note (probe 233); in a data set, every batch is
+    checked (one without padding first had passed the check for all; probe 236)."""
     model, inputs, targets = _encoder_probe(masked=False, frozen=True)
+    batch: object = (inputs, targets)
+    if data == "data set":
+        unpadded = {"x": inputs["x"], "padding": torch.zeros_like(inputs["padding"])}
+        batch = [(unpadded, targets), (inputs, targets)]
     with pytest.raises(ValueError, match="nested-tensor fast path through encoder.*masked mean"):
-        hessrank.effective_rank(model, CE, (inputs, targets), method=method)
+        hessrank.effective_rank(model, CE, batch, method=method)
 
 
 @pytest.mark.parametrize(("masked", "frozen"), [(True, True), (False, False)],
