@@ -239,6 +239,11 @@ class ConvRule(TensorRule):
         kernel_size = math.prod(module.kernel_size)
         patches = (num_samples * module.in_channels * kernel_size * positions
                    * layer_output.element_size())
+        # torch's CPU weight gradient holds up to about twice the (padded) input beside it,
+        # more than the patches of a 1x1 or strided kernel count (a ResNet shortcut's 1x1
+        # stride-2 convolution had peaked at 2.2x its prediction; probe 236)
+        patches = max(patches, 2 * num_samples * module.in_channels * positions
+                      * math.prod(module.stride) * layer_output.element_size())
         block = min(num_cotangents * num_samples * num_params * layer_output.element_size(),
                     CHUNK_BYTES // 2)
         by_groups = block + block // num_cotangents + patches
