@@ -1118,9 +1118,26 @@ def _members(value: object, where: str, objects: bool) -> list[tuple[str, object
     if isinstance(value, functools.partial):
         return [*((f"{where}.args[{index}]", item) for index, item in enumerate(value.args)),
                 *((f"{where}.keywords[{key!r}]", item) for key, item in value.keywords.items())]
+    # a function's closure and a bound method's object (a lambda transform drawing from a
+    # generator it captured had been left advanced; probe 235)
+    if isinstance(value, types.MethodType):
+        return [(f"{where}.__self__", value.__self__)]
+    if isinstance(value, types.FunctionType):
+        return [(f"{where}.<{name}>", cell.cell_contents)
+                for name, cell in zip(value.__code__.co_freevars, value.__closure__ or ())
+                if _filled(cell)]
     if isinstance(value, _NOT_CONTAINERS):
         return []
     return [(f"{where}.{key}", item) for key, item in _own_attributes(value).items()]
+
+
+def _filled(cell: types.CellType) -> bool:
+    """Whether a closure's cell holds a value (one not yet assigned raises on reading)."""
+    try:
+        cell.cell_contents  # noqa: B018 - read for its error only
+    except ValueError:
+        return False
+    return True
 
 
 def _own_attributes(value: object) -> dict[str, Any]:

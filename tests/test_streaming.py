@@ -266,6 +266,11 @@ class _Transformed(Dataset):
         return self.transform(self.x[index]), self.y[index]
 
 
+def _jittering(generator: torch.Generator):
+    """A transform (a plain function) jittering by the generator its closure holds."""
+    return lambda x: x + 0.1 * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
 def _mix_collate(items, generator: torch.Generator):
     weight = torch.rand((), generator=generator, dtype=torch.float64)
     return torch.stack([x for x, _ in items]) * (1 + 0.1 * weight), torch.stack(
@@ -324,6 +329,8 @@ _DATA_SET_STATE = {
     "data set's generator, jitter": lambda x, y: DataLoader(_OwnJitter(x, y, 0.1), batch_size=5),
     "a transform's generator in a composition": lambda x, y: DataLoader(
         _Transformed(x, y, _Compose([_Jitter()])), batch_size=5),
+    "a generator a transform's closure holds": lambda x, y: DataLoader(
+        _Transformed(x, y, _jittering(torch.Generator().manual_seed(0))), batch_size=5),
     "a collate function's generator bound by partial": lambda x, y: DataLoader(
         TensorDataset(x, y), batch_size=5, collate_fn=functools.partial(
             _mix_collate, generator=torch.Generator().manual_seed(0))),
