@@ -558,16 +558,18 @@ class TiedEigenvaluesError(ValueError):
 
 
 def _check_gap(magnitudes: np.ndarray, k: int, rounding: float, chosen: str,
-               share: Callable[[int], float]) -> None:
+               share: Callable[[int], float], dtype: torch.dtype) -> None:
     """Raise unless the overlap with the top-``k`` eigenvectors is determined: the ``k``-th and
     ``(k+1)``-th largest ``|eigenvalues|`` (``magnitudes``, sorted decreasingly) must differ by
     more than the dense Hessian's ``rounding`` (the norm of the antisymmetric part its products
     left, which bounds how far rounding moved its eigenvalues, to within the symmetric part's
     like share), and by more than float64's own ``P eps`` of the largest; or the gradient must
-    have no share (``share(j)``: its overlap with the top ``j``), beyond ``P eps``, in the tied
-    eigenspace. Within a tie (a zero or symmetric initialisation repeats eigenvalues; null
-    directions all share 0) any basis of the tied eigenspace is as good as another, and the
-    overlap takes any value between its extremes: those at the tie's ends, which agree where
+    have no share (``share(j)``: its overlap with the top ``j``), beyond ``P`` times float64's
+    epsilon or the square of ``dtype``'s (the model's: a float32 gradient's rounding leaves
+    shares of 1e-15 in directions it is orthogonal to; probe 237), in the tied eigenspace.
+    Within a tie (a zero or symmetric initialisation repeats eigenvalues; null directions all
+    share 0) any basis of the tied eigenspace is as good as another, and the overlap takes any
+    value between its extremes: those at the tie's ends, which agree where
     the gradient is orthogonal to it (three identical hidden units' 2-fold eigenvalue had been
     refused for an overlap every basis gives; probe 234).
 
@@ -586,7 +588,8 @@ def _check_gap(magnitudes: np.ndarray, k: int, rounding: float, chosen: str,
     at_gaps = np.flatnonzero(gaps > tolerance) + 1  # the k with a gap after the k-th
     below, above = at_gaps[at_gaps < k], at_gaps[at_gaps > k]
     gaps = (int(below[-1]) if below.size else 0, int(above[0]) if above.size else size)
-    if share(gaps[1]) - share(gaps[0]) <= epsilon:
+    if share(gaps[1]) - share(gaps[0]) <= size * max(
+            float(np.finfo(np.float64).eps), float(torch.finfo(dtype).eps) ** 2):
         return
     raise TiedEigenvaluesError(
         f"{chosen} = {k} splits a cluster of equal |eigenvalues| (numbers {k} and {k + 1} by "
@@ -1115,5 +1118,5 @@ def gradient_overlap(
         projection = eigenvectors[:, :count].T @ gradient
         return float(np.clip(float(projection @ projection) / norm, 0.0, 1.0))
 
-    _check_gap(np.abs(eigenvalues), int(k), operator.rounding, chosen, share)
+    _check_gap(np.abs(eigenvalues), int(k), operator.rounding, chosen, share, problem.dtype)
     return share(int(k))

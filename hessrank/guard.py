@@ -1115,8 +1115,9 @@ def _members(value: object, where: str, objects: bool) -> list[tuple[str, object
         return [(f"{where}[{index!r}]", item) for index, item in items]
     if not objects:
         return []
-    if isinstance(value, functools.partial):
-        return [*((f"{where}.args[{index}]", item) for index, item in enumerate(value.args)),
+    if isinstance(value, functools.partial):  # (its function too: partial(obj.method); probe 237)
+        return [(f"{where}.func", value.func),
+                *((f"{where}.args[{index}]", item) for index, item in enumerate(value.args)),
                 *((f"{where}.keywords[{key!r}]", item) for key, item in value.keywords.items())]
     # a function's closure and a bound method's object (a lambda transform drawing from a
     # generator it captured had been left advanced; probe 235)

@@ -331,6 +331,8 @@ _DATA_SET_STATE = {
         _Transformed(x, y, _Compose([_Jitter()])), batch_size=5),
     "a generator a transform's closure holds": lambda x, y: DataLoader(
         _Transformed(x, y, _jittering(torch.Generator().manual_seed(0))), batch_size=5),
+    "a collate object's method bound by partial": lambda x, y: DataLoader(
+        TensorDataset(x, y), batch_size=5, collate_fn=functools.partial(_MixCollate().__call__)),
     "a collate function's generator bound by partial": lambda x, y: DataLoader(
         TensorDataset(x, y), batch_size=5, collate_fn=functools.partial(
             _mix_collate, generator=torch.Generator().manual_seed(0))),
