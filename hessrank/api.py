@@ -569,9 +569,9 @@ def _check_gap(magnitudes: np.ndarray, k: int, rounding: float, chosen: str,
     shares of 1e-15 in directions it is orthogonal to; probe 237), in the tied eigenspace.
     Within a tie (a zero or symmetric initialisation repeats eigenvalues; null directions all
     share 0) any basis of the tied eigenspace is as good as another, and the overlap takes any
-    value between its extremes: those at the tie's ends, which agree where
-    the gradient is orthogonal to it (three identical hidden units' 2-fold eigenvalue had been
-    refused for an overlap every basis gives; probe 234).
+    value between its extremes: those at the tie's ends, which agree where the gradient is
+    orthogonal to it (three identical hidden units' 2-fold eigenvalue had been refused for an
+    overlap every basis gives; probe 234).
 
     Raises:
         TiedEigenvaluesError: ``k`` splits a cluster of equal ``|eigenvalues|`` in which the
@@ -588,8 +588,7 @@ def _check_gap(magnitudes: np.ndarray, k: int, rounding: float, chosen: str,
     at_gaps = np.flatnonzero(gaps > tolerance) + 1  # the k with a gap after the k-th
     below, above = at_gaps[at_gaps < k], at_gaps[at_gaps > k]
     gaps = (int(below[-1]) if below.size else 0, int(above[0]) if above.size else size)
-    if share(gaps[1]) - share(gaps[0]) <= size * max(
-            float(np.finfo(np.float64).eps), float(torch.finfo(dtype).eps) ** 2):
+    if share(gaps[1]) - share(gaps[0]) <= max(epsilon, size * float(torch.finfo(dtype).eps) ** 2):
         return
     raise TiedEigenvaluesError(
         f"{chosen} = {k} splits a cluster of equal |eigenvalues| (numbers {k} and {k + 1} by "

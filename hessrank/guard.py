@@ -1075,11 +1075,12 @@ def held_generators(owners: Iterable[tuple[str, object]], depth: int = 0
         owners: ``(path, object)`` pairs (``model.named_modules()``); the path prefixes the
             attribute's name where it is not empty.
         depth: how many levels further to search, through what plain objects (not modules,
-            tensors or code) hold as attributes, ``functools.partial`` objects as arguments
-            and containers as items: a data set's transform holding its generator, a
-            ``Compose`` of such, a collate function bound to one by ``partial`` (each had
-            been left advanced by a call's passes, the caller's next epoch changed; probe
-            232). An owner that is a ``partial`` is searched through its arguments.
+            tensors or code) hold as attributes, containers as items, a ``functools.partial``
+            as its function and arguments, a function in its closure and a bound method as
+            its object: a data set's transform holding its generator, a ``Compose`` of such,
+            a collate function bound to one by ``partial`` (each had been left advanced by a
+            call's passes, the caller's next epoch changed; probes 232, 235, 237). An owner
+            that is a ``partial`` is searched through its function and arguments.
     """
     found: dict[int, HeldGenerator] = {}
     searched: dict[int, int] = {}  # the most levels below each object searched
@@ -1107,7 +1108,8 @@ def held_generators(owners: Iterable[tuple[str, object]], depth: int = 0
 def _members(value: object, where: str, objects: bool) -> list[tuple[str, object]]:
     """``(place, item)`` for what ``value`` holds, for :func:`held_generators`: a list's,
     tuple's or dict's items (at most :data:`HELD_ITEMS`); where ``objects``, also a
-    ``functools.partial``'s arguments and a plain object's attributes."""
+    ``functools.partial``'s function and arguments, a bound method's object, a function's
+    closure and a plain object's attributes."""
     if isinstance(value, list | tuple | dict):
         if len(value) > HELD_ITEMS:
             return []

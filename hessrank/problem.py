@@ -1456,12 +1456,11 @@ def build_problem(
                 "in eval mode normalise with their running statistics, not the batch's; call "
                 "model.train() first for batch statistics"
             )
-    problem = CurvatureProblem(model=model, loss_fn=loss_fn, names=names, params=selected,
-                               excluded=excluded, mode=mode, notes=notes,
-                               state_bytes=state_bytes(model),
-                               loss_state_bytes=loss_copy_bytes(loss_fn, dtype),
-                               **_batch_fields(args, kwargs, targets))
-    return problem
+    return CurvatureProblem(model=model, loss_fn=loss_fn, names=names, params=selected,
+                            excluded=excluded, mode=mode, notes=notes,
+                            state_bytes=state_bytes(model),
+                            loss_state_bytes=loss_copy_bytes(loss_fn, dtype),
+                            **_batch_fields(args, kwargs, targets))
 
 
 #: How far, against the largest output, an output the loss reads may move between torch's

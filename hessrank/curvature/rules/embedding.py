@@ -174,10 +174,10 @@ class EmbeddingRule(TensorRule):
 
     def working_bytes(self, module: nn.Module, layer_output: Tensor | tuple[Tensor, ...],
                       num_cotangents: int, num_samples: int, num_params: int) -> int:
-        """The default (a chunk), and beside it one cotangent's output gradients gathered for
-        a chunk of the distinct tokens with their indices (``K n T`` rows of ``d`` entries and
-        two int64 each): the rows route's (the embedding rule had predicted the chunk alone;
-        probe 231)."""
+        """The default (a chunk), and beside it the output gradients gathered for a chunk of
+        the distinct tokens, with their indices (at most ``K n T`` rows of ``d`` entries and two
+        int64 each): the rows route's (the embedding rule had predicted the chunk alone; probe
+        231)."""
         default = super().working_bytes(module, layer_output, num_cotangents, num_samples,
                                         num_params)
         if not isinstance(layer_output, Tensor) or not layer_output.dim():
