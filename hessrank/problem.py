@@ -2426,11 +2426,13 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
     None where the model's output for a sample depends on that sample alone (to rounding), and
     where the outputs cannot be compared row by row (a single sample, outputs not batch first
     or shaped by the batch; a part whose outputs are shaped otherwise is left out). With
-    ``first``, only the batch's ``first`` samples and its last ``first`` are run alone, each
-    group a forward of that size (overlapping where the batch has fewer than twice as many; the
-    halves where it has no more): a model that mixes samples in batch order (a mixture of
-    experts whose capacity drops the tokens past it, a running statistic over the batch) spares
-    the first ones, and had passed with them alone (probe 222).
+    ``first``, only the batch's ``first`` samples, its middle ``first`` and its last ``first``
+    are run alone, each group a forward of that size (overlapping where the batch has fewer
+    than three times as many; the halves where it has no more): a model that mixes samples in
+    batch order (a mixture of experts whose capacity drops the tokens past it, a running
+    statistic over the batch) spares the first ones, and had passed with them alone (probe
+    222); one whose capacity ranks the tokens over the batch (batch-prioritised routing) had
+    dropped the middle samples' only, and passed with the first and last (probe 238).
 
     ``in_place``: each part is run in a batch of the whole's size, at its own rows, the other
     rows holding other samples of the batch, for a model that draws from its own generator:
@@ -2450,8 +2452,10 @@ def mixed_samples_difference(problem: CurvatureProblem, outputs: object,
         return None
     # (first and last may overlap: a batch of 3 split 1 + 2 had a model that cannot run one
     # sample go unchecked; probe 226)
+    middle = max(0, count // 2 - (first or 0) // 2)
     spans = ([(0, count // 2), (count // 2, count)] if first is None or count <= first
-             else [(0, first), (count - first, count)])
+             else list(dict.fromkeys([(0, first), (middle, middle + first),
+                                      (count - first, count)])))
     parts = []
     with torch.no_grad():
         for start, stop in spans:

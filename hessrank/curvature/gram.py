@@ -1123,8 +1123,9 @@ def refuse_mixed_rule_samples(problem: CurvatureProblem, outputs: object) -> str
     passes where the samples mix before the first parameterised layer (an input standardised
     with the batch's statistics: the factors are then each sample's in the batch, not those of
     the sample alone that the EF's ``l_i`` and the GGN's blocks need, and fisher returned them
-    without a word; probe 89). The batch's first two samples run alone, a forward of two, and
-    its last two (a model that mixes samples in batch order spares the first; probe 222)
+    without a word; probe 89). The batch's first two samples run alone, a forward of two, its
+    middle two and its last two (a model that mixes samples in batch order spares the first;
+    probe 222; one that ranks tokens over the batch may spare both ends; probe 238)
     (:func:`~hessrank.problem.mixed_samples_difference`); for a model that draws from its own
     generator, at their rows of a batch of the whole's size, other samples around them (each
     pass restarts its draws: a forward of two would draw other noise; skipped, such a model
