@@ -290,6 +290,9 @@ def _fingerprint(problem: CurvatureProblem) -> Fingerprint:
 
 #: Entries of an input :func:`_input_print` sums in float64 at a time.
 PRINT_BLOCK = 2**16
+#: Bytes :func:`_input_print` holds: a block's float64 copy and the weights of its places
+#: (:func:`_place_weights`, kept).
+PRINT_BYTES = 3 * 8 * PRINT_BLOCK
 #: The irrational steps of the weights :func:`_input_print` gives an entry's place in its
 #: block and the block's place in the tensor.
 _PLACE_STEPS = ((math.sqrt(5.0) - 1) / 2, math.sqrt(2.0) - 1)
@@ -569,12 +572,13 @@ class StreamedProblem(CurvatureProblem):
         (a loader's, with those its workers have ready), the call's copy of it, and in the first
         pass a copy of half of it (the check that the samples do not interact runs each half
         alone). A list's or a tuple's batches are the caller's: the copies alone. (A pass over a
-        loader had peaked at 1.7 times a prediction that counted none of them; probe 148.)"""
+        loader had peaked at 1.7 times a prediction that counted none of them; probe 148.) And
+        the fingerprint's block and weights (:data:`PRINT_BYTES`)."""
         if isinstance(self.data, DataLoader):
             read = 1 + self.data.num_workers * (self.data.prefetch_factor or 0)
         else:  # (another iterable may make each batch it yields)
             read = 0 if isinstance(self.data, (list, tuple)) else 1
-        return (2 * read + 3) * (self.batch_bytes or batch_bytes(self)) // 2
+        return (2 * read + 3) * (self.batch_bytes or batch_bytes(self)) // 2 + PRINT_BYTES
 
     def first(self) -> CurvatureProblem:
         """The first batch alone (for predictions of a single batch's cost)."""
