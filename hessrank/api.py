@@ -433,7 +433,7 @@ def effective_rank(
                 check_parameters()  # the forward passes so far left the parameters alone
                 estimator.check_budget(cost, problem, settings, first=True)
                 if not isinstance(problem, StreamedProblem):  # (its survey checks its batches)
-                    refuse_the_nested_fast_path(problem)
+                    refuse_the_nested_fast_path(problem, outputs)
                 if max_seconds is not None and cost.seconds is None:
                     problem.notes.append(
                         f"max_seconds is not enforced by {estimator.name}: it predicts its "
@@ -1083,12 +1083,14 @@ def gradient_overlap(
         with evaluation_mode(problem.model, "eval"):
             caller = "gradient_overlap (a dense Hessian's eigenvectors)"
             advice = "k does not lower it (the whole dense Hessian is solved)"
-            probe_for_target_dtype(problem, lambda: probe_outputs(problem))
+            outputs = functools.cache(lambda: probe_outputs(problem))  # (one probing pass)
+            probe_for_target_dtype(problem, outputs)
             cost = _with_data_copies(estimator, problem, estimator.predict(
-                problem, lambda: probe_outputs(problem), settings, None))
+                problem, outputs, settings, None))
             estimator.check_budget(cost, problem, settings, caller=caller, advice=advice,
                                    first=True)
-            refuse_the_nested_fast_path(problem)
+            refuse_the_nested_fast_path(problem, outputs)
+            outputs.cache_clear()
             try:
                 operator = HessianOperator(problem)
             except RuntimeError as error:

@@ -1469,8 +1469,8 @@ def build_problem(
 FAST_PATH_AGREEMENT = 1e-3
 
 
-def refuse_the_nested_fast_path(problem: CurvatureProblem, standard: Tensor | None = None
-                                ) -> None:
+def refuse_the_nested_fast_path(problem: CurvatureProblem,
+                                standard: Callable[[], object] | None = None) -> None:
     """Refuse a model whose forward, run as its caller runs it (gradients on, torch's attention
     fast path as the caller set it), computes other outputs than the standard path a call
     differentiates, where the loss reads them: an ``nn.TransformerEncoder`` in eval mode whose
@@ -1478,10 +1478,11 @@ def refuse_the_nested_fast_path(problem: CurvatureProblem, standard: Tensor | No
     ``src_key_padding_mask`` runs as nested tensors and returns zeros at the padded positions,
     where the standard path computes values; pooled over every position, the probe's Hessian
     had come out 80 % off, with no note (probe 233). Only for a model holding such an encoder
-    while the caller's fast path is on: a forward without a graph (unless ``standard``, its
-    outputs, is given) and one with, no more than the work's own forward holds (run after the
-    budget's check: before it, a prompt-tuned encoder's two graphs had doubled the peak before
-    a refusal; probe 236), on every batch of a data set (its survey's).
+    while the caller's fast path is on: a forward without a graph (unless ``standard`` gives
+    its outputs: the call's own probing pass, or a data set's survey) and one with, no more
+    than the work's own forward holds (run after the budget's check: before it, a prompt-tuned
+    encoder's two graphs had doubled the peak before a refusal; probe 236), on every batch of
+    a data set (its survey's).
 
     Raises:
         ValueError: naming the encoders and the fixes.
@@ -1494,16 +1495,18 @@ def refuse_the_nested_fast_path(problem: CurvatureProblem, standard: Tensor | No
     with evaluation_mode(problem.model, problem.mode):
         if standard is None:
             with torch.no_grad():
-                standard = run_model(problem.model, problem.args, problem.kwargs, problem.mode)
+                outputs = run_model(problem.model, problem.args, problem.kwargs, problem.mode)
+        else:
+            outputs = standard()  # type: ignore[assignment]
         with torch.enable_grad(), attention_fast_path(True):
             fast = run_model(problem.model, problem.args, problem.kwargs, problem.mode)
-    if (not isinstance(standard, Tensor) or not isinstance(fast, Tensor)
-            or fast.shape != standard.shape or not standard.is_floating_point()):
+    if (not isinstance(outputs, Tensor) or not isinstance(fast, Tensor)
+            or fast.shape != outputs.shape or not outputs.is_floating_point()):
         return  # (what the call's own checks refuse)
-    standard, fast = standard.detach(), fast.detach()
-    read = output_gradient(problem.loss_fn, standard, problem.targets) != 0
-    scale = float(standard.abs().max())
-    moved = float(((fast - standard).abs() * read).max()) if standard.numel() else 0.0
+    outputs, fast = outputs.detach(), fast.detach()
+    read = output_gradient(problem.loss_fn, outputs, problem.targets) != 0
+    scale = float(outputs.abs().max())
+    moved = float(((fast - outputs).abs() * read).max()) if outputs.numel() else 0.0
     if moved > FAST_PATH_AGREEMENT * scale:
         raise ValueError(
             f"the model's forward, run as in training, takes torch's nested-tensor fast path "

@@ -756,7 +756,7 @@ class StreamedProblem(CurvatureProblem):
             for batch in _reading(self._batches(), reading):
                 index = reading[0]
                 outputs = _outputs(batch)
-                refuse_the_nested_fast_path(batch, outputs)
+                refuse_the_nested_fast_path(batch, lambda: outputs)  # noqa: B023 - read at once
                 shapes: list[object] = [
                     *(x.shape[1:] for x in batch.args), batch.targets.shape[1:],
                     *((key, x.shape[1:]) for key, x in sorted(batch.kwargs.items()))]
