@@ -1,17 +1,22 @@
-"""Run a measurement in a process of its own: ``in_fresh_process(function, *args)``.
+"""Run measurements in processes of their own: ``in_fresh_processes([(function, args), ...])``.
 
 On CPU, ``measure_memory=True`` reads the process's resident-set high-water mark, and in a full
 suite that process has run a thousand tests: a call's allocations reuse memory the C allocator
 kept from them (an LSTM's ``lanczos`` measured 118 MiB there, 205-220 MiB in fresh processes) or
-land in a heap they fragmented (``exact`` measured 88.7 MB there, 58-72 MB fresh). Here
-``function`` runs in a new Python process that has run every method once on a tiny model first,
-so that neither the suite's heap nor a first call's lazy imports are measured. (A child forked
-from one warm server was tried and measured more: fork leaves the code pages' page-table entries
-to be faulted in again, and the call's first touch of each counted in its resident set.)
+land in a heap they fragmented (``exact`` measured 88.7 MB there, 58-72 MB fresh). Here each
+``function`` runs in a process of its own that has run every method once on a tiny model first,
+so that neither the suite's heap nor a first call's lazy imports are measured.
 
-Each such process imports torch and warms up (about 4 s) before its measurement: the suite
-measures its cases :func:`in_fresh_processes`, two at a time (the resident sets are each
-process's own; the suite's own process waits meanwhile).
+One server process imports torch and runs that warm-up (about 4 s), then forks a child per
+measurement, one at a time. A forked child maps the server's code pages again as it touches them
+(the kernel copies no page-table entries of file mappings), and those first touches would count
+in its resident set (a child measuring straight away measured more than a fresh process): so
+each child runs the tiny warm-up once more (about 0.1 s) before it measures. The server warms up
+on one thread and the child restores the thread count: a child forked after OpenMP has started
+its threads hangs at its first parallel region. One child runs at a time: two at once, each on
+two threads, took 68 s for the suite's 29 measurements against 30 s one by one (OpenMP's waiting
+threads spin). (Each measurement in a process started anew, as before, cost about 4.5 s, 125 s
+in all; the peaks the two ways measure agree within their run-to-run spread, about 10 %.)
 
 ``function`` must be defined at the top level of a module importable from ``sys.path`` (it is
 pickled by reference); its result must pickle.
@@ -25,7 +30,6 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,50 +71,75 @@ def _warm_up() -> None:
                                 measure_memory=True)
 
 
+def _measure(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    """``(True, function(*args))``, or ``(False, its traceback)``."""
+    try:
+        return True, function(*args)
+    except BaseException:  # noqa: BLE001 - reported to the test, which raises it
+        return False, traceback.format_exc()
+
+
 def _serve() -> None:
-    """The child: the pickled ``(function, args)`` on stdin, ``(ok, result or traceback)``
-    back on stdout."""
-    function, args = pickle.load(sys.stdin.buffer)
+    """The server: the pickled calls on stdin, each call's ``(ok, result or traceback)`` back
+    on stdout, in order."""
+    import torch
+
+    calls = pickle.load(sys.stdin.buffer)
     replies = sys.stdout.buffer
     sys.stdout = sys.stderr  # what the measured code prints must not enter the reply
+    threads = torch.get_num_threads()
+    if not hasattr(os, "fork"):  # (no resident-set peaks to measure there either)
+        _warm_up()
+        pickle.dump([_measure(function, args) for function, args in calls], replies)
+        return
+    torch.set_num_threads(1)
     _warm_up()
-    try:
-        reply = True, function(*args)
-    except BaseException:  # noqa: BLE001 - reported to the test, which raises it
-        reply = False, traceback.format_exc()
-    pickle.dump(reply, replies)
+    results = []
+    for function, args in calls:
+        reading, writing = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(reading)
+            torch.set_num_threads(threads)
+            _warm_up()
+            with os.fdopen(writing, "wb") as reply:
+                pickle.dump(_measure(function, args), reply)
+            os._exit(0)
+        os.close(writing)
+        with os.fdopen(reading, "rb") as reply:
+            data = reply.read()
+        _, status = os.waitpid(child, 0)
+        results.append(pickle.loads(data) if data else
+                       (False, f"the forked child ended without a reply (status {status})"))
+    pickle.dump(results, replies)
     replies.flush()
 
 
-def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
-    """``function(*args)`` in a new Python process.
+def in_fresh_processes(calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
+                       ) -> list[Any]:
+    """``[function(*args) for function, args in calls]``, each in a process of its own forked
+    from one warmed-up server, one after the other.
 
     Returns:
-        Its result.
+        Their results, in order.
 
     Raises:
         AssertionError: holding the traceback of a call that raised, or the error output of a
-            process that ended without a reply.
+            server that ended without a reply.
     """
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())], input=pickle.dumps((function, args)),
+        [sys.executable, str(Path(__file__).resolve())], input=pickle.dumps(list(calls)),
         capture_output=True, check=False,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     if done.returncode != 0 or not done.stdout:
-        raise AssertionError(f"the fresh process ended without a reply (status "
+        raise AssertionError(f"the measuring server ended without a reply (status "
                              f"{done.returncode}):\n{done.stderr.decode(errors='replace')}")
-    ok, result = pickle.loads(done.stdout)
-    if not ok:
-        raise AssertionError(f"in the fresh process:\n{result}")
-    return result
-
-
-def in_fresh_processes(calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
-                       at_once: int = 2) -> list[Any]:
-    """``[function(*args) for function, args in calls]``, each in a new Python process
-    (:func:`in_fresh_process`), ``at_once`` of them running at a time."""
-    with ThreadPoolExecutor(max_workers=at_once) as pool:
-        return list(pool.map(lambda call: in_fresh_process(call[0], *call[1]), calls))
+    results = []
+    for ok, result in pickle.loads(done.stdout):
+        if not ok:
+            raise AssertionError(f"in the fresh process:\n{result}")
+        results.append(result)
+    return results
 
 
 if __name__ == "__main__":

@@ -1957,8 +1957,8 @@ def _fresh_peak(name: str, *args: object) -> int | None:
 @functools.cache
 def _fresh_peaks() -> dict[tuple[object, ...], int | None]:
     """Every peak this module's tests measure in fresh processes, by the measuring function's
-    name and arguments: measured together, two processes at a time (each one's start-up, about
-    4 s, would otherwise add up one after the other)."""
+    name and arguments: measured together, by processes forked from one server (each one's
+    start-up, about 4 s, would otherwise add up one after the other)."""
     calls = [*((_working_memory_peak, (case,)) for case in range(len(_WORKING_MEMORY_CASES))),
              *((_data_set_peak, (case,)) for case in range(len(_DATA_SET_CASES))),
              (_ritz_peak, ()), (_long_recurrence_peak, ()), (_norm_check_peak, ()),
