@@ -1164,6 +1164,26 @@ def test_ggn_of_a_shifted_or_scaled_softmax_matches_the_reference(loss, dtype):
                          rtol=1e-5 if dtype == torch.float32 else 1e-10)
 
 
+@pytest.mark.parametrize(("loss", "seed"), [(_tempered, 2), (_tempered, 6), (_tempered, 7),
+                                            (_logit_adjusted, 3)],
+                         ids=["temperature-2", "temperature-6", "temperature-7", "adjusted-3"])
+def test_float64_ggn_of_a_shifted_or_scaled_softmax_on_its_own_labels_is_not_refused(loss, seed):
+    """A float64 block's rounding was taken for 16 times the float32 blocks' distance scaled to
+    float64, a one-sample estimate that the rounding's negative eigenvalues exceed up to 30 times:
+    these batches (every sample at 1 - p >= 1e-6, labelled by the model) were refused as 'not
+    convex in the outputs' (probe 240); against the double-backprop reference."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    with torch.no_grad():
+        model[2].weight.mul_(10)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(seed)).double()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    reference = eigenvalues_by_magnitude(reference_ggn_full(model, loss, x, y))
+    result = hessrank.effective_rank(model, loss, (x, y), method="ggn")
+    assert_spectra_close(result.eigenvalues, reference, count=10, rtol=1e-10)
+
+
 def _z_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy plus PaLM's z-loss ``1e-4 logsumexp(f)^2``: convex, not a softmax's."""
     return F.cross_entropy(outputs, targets) + 1e-4 * torch.logsumexp(outputs, 1).pow(2).mean()

@@ -1419,6 +1419,11 @@ def _verified_softmax(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     return _Softmax(leaf, first, class_dim, probs, weights, mismatches)
 
 
+#: How far beyond its float32-measured rounding (scaled to float64) a float64 output-Hessian
+#: block's negative eigenvalue must reach to be called non-convex (:func:`ggn_cotangents`).
+ROUNDING_SPREAD = 1024
+
+
 def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
                    generator: torch.Generator, notes: list[str]) -> Tensor:
     """``[C', n, *out]``: square-root factors of the per-sample output-Hessian blocks of ``L``.
@@ -1515,20 +1520,26 @@ def ggn_cotangents(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
         # tell: the float64 ones are solved, and their rounding is the float32 ones' distance
         # to them times 16 eps(float64) / eps(float32), at most sqrt(eps(float64)) of the
         # largest (a float32 block rounded to nonsense says nothing of the float64 one's
-        # accuracy: a softmax at probabilities 1e-14 is 1e-3 off in float64).
+        # accuracy: a softmax at probabilities 1e-14 is 1e-3 off in float64). That estimate
+        # is one sample's: the negative eigenvalues a float64 block's rounding gives reach
+        # 490 times the float32 distance times eps(float64) / eps(float32) (a temperature's
+        # softmax over 10 classes; 16 times had refused 5 of 59 batches of a float64 MLP as
+        # not convex, probe 240), so a refusal takes ROUNDING_SPREAD times it; what the
+        # factors drop stays below 16 times it.
         if outputs.dtype == torch.float64:
             rough = _blocks_in_float32(loss_fn, outputs, targets, generator)
-        unresolved = True
+        unresolved, allowance = True, zero
         if rough is not None:
             largest = _largest(eigenvalues)
-            measured = (16 * torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+            measured = (torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
                         * torch.linalg.matrix_norm(_diagonally_scaled(rough)[1] - scaled)[:, None])
             cap = math.sqrt(torch.finfo(torch.float64).eps) * largest
-            zero = (eigenvalues.shape[-1] * torch.finfo(outputs.dtype).eps * largest
-                    + torch.minimum(measured, cap))
-            negative = (eigenvalues < -zero).any(dim=-1, keepdim=True)
-            unresolved = bool((negative & (measured > cap)).any())
-        if (eigenvalues < -zero).any():
+            floor = eigenvalues.shape[-1] * torch.finfo(outputs.dtype).eps * largest
+            zero = floor + torch.minimum(16 * measured, cap)
+            allowance = floor + torch.minimum(ROUNDING_SPREAD * measured, cap)
+            negative = (eigenvalues < -allowance).any(dim=-1, keepdim=True)
+            unresolved = bool((negative & (ROUNDING_SPREAD * measured > cap)).any())
+        if (eigenvalues < -allowance).any():
             raise ValueError(
                 "the loss Hessian w.r.t. the outputs has negative eigenvalues (the loss is not "
                 "convex in the outputs), so the GGN is indefinite and has no square-root factors "
