@@ -2124,3 +2124,29 @@ def test_an_estimator_or_rule_that_leaves_out_a_trait_is_refused_by_name():
                        r"its name"):
         register_rule(Nameless)
     assert len(RULES) == rules
+
+
+@pytest.mark.parametrize(("scale", "method"), [(10.0, "ggn"),
+                                               (1000.0, "fisher")])
+def test_a_loss_that_fills_an_uninitialised_tensor_keeps_its_float64_twin(scale, method):
+    """``nn.AdaptiveLogSoftmaxWithLoss`` gathers its targets into ``new_empty`` tensors with
+    ``index_copy_``: the loss's calls compared in both precisions had read the uninitialised
+    values as constants, which differ between evaluations, took the float64 twin for another
+    function and ran the loss in float32: ``ggn`` was refused as 'not convex', ``fisher`` near
+    saturation as unreadable in float32 (or 39 % off with a note naming another cause; probe
+    240). Against the float64 references of a float64 copy of model and loss."""
+    torch.manual_seed(11)
+    adaptive = nn.AdaptiveLogSoftmaxWithLoss(6, 5, cutoffs=[2], div_value=2.0)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6))
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        y = adaptive.predict(model(x))
+    twin, twin_adaptive = copy.deepcopy(model).double(), copy.deepcopy(adaptive).double()
+    reference = (reference_ggn if method == "ggn" else reference_fisher)(
+        twin, lambda f, t: twin_adaptive(f, t).loss, x.double(), y, 1 / 8)
+    result = hessrank.effective_rank(model, lambda f, t: adaptive(f, t).loss, (x, y), method)
+    assert_spectra_close(result.eigenvalues, eigenvalues_by_magnitude(reference), count=4,
+                         rtol=1e-4)
