@@ -911,6 +911,12 @@ def also_at_call_exit(restore: Callable[[], None]) -> None:
         exits.also_at_exit(restore)
 
 
+#: torch's warning that ``vmap`` runs an operator that has no batching rule one sample at a
+#: time: about torch's internals, raised inside the library's own transforms, nothing the
+#: caller called (``nn.MultiMarginLoss``'s, ``nn.Bilinear``'s; probe 240).
+VMAP_FALLBACK_WARNING = "There is a performance drop because we have not yet implemented"
+
+
 @contextmanager
 def warnings_ignored(message: str) -> Iterator[None]:
     """Warnings whose message matches ``message`` ignored inside the block

@@ -52,7 +52,12 @@ from hessrank.curvature.row_gram import row_gram
 from hessrank.curvature.rules import Call, Factors, GramRule, rule_for
 from hessrank.curvature.rules.factors import Claim, Projected
 from hessrank.distributed import agreement, parallel_of, sample_range, shard_cotangents
-from hessrank.guard import ModuleGenerators, raise_if_signalled
+from hessrank.guard import (
+    VMAP_FALLBACK_WARNING,
+    ModuleGenerators,
+    raise_if_signalled,
+    warnings_ignored,
+)
 from hessrank.host import host_floats
 from hessrank.problem import (
     BatchNotFirst,
@@ -981,8 +986,9 @@ def _checked_bin(problem: CurvatureProblem, groups: list[tuple[str, list[str]]],
             if path == VMAP_PATH:
                 problem.before_pass()
                 try:
-                    vjps, outs = vmap(sample_vjps, in_dims=(None, 1, 0, 0))(
-                        subset, cotangents[:, start:stop], args, kwargs)
+                    with warnings_ignored(VMAP_FALLBACK_WARNING):
+                        vjps, outs = vmap(sample_vjps, in_dims=(None, 1, 0, 0))(
+                            subset, cotangents[:, start:stop], args, kwargs)
                 except Exception as unbatched:  # noqa: BLE001 - vmap raises many types it cannot batch
                     raise_if_signalled(unbatched)
                     path = LOOP_PATH

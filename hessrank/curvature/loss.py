@@ -46,7 +46,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from hessrank.curvature.saturation import saturation_safe
-from hessrank.guard import OwnMode, raise_if_signalled, warnings_ignored
+from hessrank.guard import VMAP_FALLBACK_WARNING, OwnMode, raise_if_signalled, warnings_ignored
 from hessrank.problem import (
     LossFn,
     agreement_tolerance,
@@ -116,16 +116,17 @@ def _sample_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tens
         return loss_fn(f.unsqueeze(0), y.unsqueeze(0))
 
     leaf = outputs.detach().requires_grad_(True)
-    try:
-        losses = vmap(sample_loss)(leaf, targets)
-    except Exception as error:  # noqa: BLE001 - vmap raises many types on code it cannot batch
-        raise_if_signalled(error)
-        losses = None
-    if isinstance(losses, Tensor) and losses.shape == outputs.shape[:1]:
-        if not losses.requires_grad:
-            return torch.zeros_like(outputs)
-        (gradient,) = torch.autograd.grad(losses.sum(), leaf, allow_unused=True)
-        return torch.zeros_like(outputs) if gradient is None else gradient.detach()
+    with warnings_ignored(VMAP_FALLBACK_WARNING):
+        try:
+            losses = vmap(sample_loss)(leaf, targets)
+        except Exception as error:  # noqa: BLE001 - vmap raises many types on code it cannot batch
+            raise_if_signalled(error)
+            losses = None
+        if isinstance(losses, Tensor) and losses.shape == outputs.shape[:1]:
+            if not losses.requires_grad:
+                return torch.zeros_like(outputs)
+            (gradient,) = torch.autograd.grad(losses.sum(), leaf, allow_unused=True)
+            return torch.zeros_like(outputs) if gradient is None else gradient.detach()
     rows = []
     for i in range(outputs.shape[0]):
         f = outputs[i : i + 1].detach().requires_grad_(True)
