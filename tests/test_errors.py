@@ -393,8 +393,31 @@ def test_loss_without_per_sample_decomposition(setup):
     _check(model, lambda: hessrank.effective_rank(model, batch_coupled, (x, y)),
            ValueError, "not a weighted sum of per-sample losses.*use method='ggn'.*'exact' or "
                        "'lanczos'")
-    _check(model, lambda: hessrank.effective_rank(model, batch_coupled, (x, y), method="ggn"),
-           ValueError, "couples the samples.*method='exact'")
+    coupled = _check(model, lambda: hessrank.effective_rank(model, batch_coupled, (x, y),
+                                                            method="ggn"),
+                     ValueError, "couples the samples.*method='exact'")
+    assert "cannot resolve" not in str(coupled)
+
+
+def test_a_confident_float64_adaptive_softmax_is_not_said_to_couple_its_samples_alone():
+    """``nn.AdaptiveLogSoftmaxWithLoss`` at a loss of 1e-9: its blocks miss the check by float64's
+    rounding of its log-softmax (relative mismatch 3e-9), which no other precision can measure
+    for a loss module holding float64 parameters, and the error had said only that the loss
+    couples the samples, a per-sample loss (probe 240)."""
+    torch.manual_seed(11)
+    adaptive = nn.AdaptiveLogSoftmaxWithLoss(6, 5, cutoffs=[2], div_value=2.0).double()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6)).double()
+    with torch.no_grad():
+        model[2].weight.mul_(600)
+        model[2].bias.mul_(600)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y = adaptive.predict(model(x))
+    _check(model, lambda: hessrank.effective_rank(model, lambda f, t: adaptive(f, t).loss,
+                                                  (x, y), method="ggn"),
+           ValueError, "or float64 cannot resolve its curvature.*mismatch [0-9.]+e-(09|1[0-9]),"
+                       " small enough to be the rounding")
 
 
 _TEMPERATURE = torch.linspace(0.5, 1.5, 8, dtype=torch.float64)  # one per sample, captured

@@ -2150,3 +2150,24 @@ def test_a_loss_that_fills_an_uninitialised_tensor_keeps_its_float64_twin(scale,
     result = hessrank.effective_rank(model, lambda f, t: adaptive(f, t).loss, (x, y), method)
     assert_spectra_close(result.eigenvalues, eigenvalues_by_magnitude(reference), count=4,
                          rtol=1e-4)
+
+
+def test_a_float64_adaptive_softmax_s_rounded_null_eigenvalues_are_not_non_convexity():
+    """A float64 ``nn.AdaptiveLogSoftmaxWithLoss`` at a loss of 0.2: its blocks, through its
+    projections, round their null eigenvalues to 90 eps of the largest, and the loss, holding
+    float64 parameters, cannot be evaluated in float32 to measure that: ``ggn`` had been
+    refused as not convex (probe 240). Against the float64 reference."""
+    torch.manual_seed(11)
+    adaptive = nn.AdaptiveLogSoftmaxWithLoss(6, 5, cutoffs=[2], div_value=2.0).double()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6)).double()
+    with torch.no_grad():
+        model[2].weight.mul_(20)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y = adaptive.predict(model(x))
+    loss_fn = lambda f, t: adaptive(f, t).loss  # noqa: E731
+    reference = reference_ggn(model, loss_fn, x, y, 1 / 8)
+    result = hessrank.effective_rank(model, loss_fn, (x, y), "ggn")
+    assert_spectra_close(result.eigenvalues, eigenvalues_by_magnitude(reference), count=6,
+                         rtol=1e-9)
