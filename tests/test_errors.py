@@ -4192,3 +4192,28 @@ def test_a_loss_with_no_finite_curvature_is_named_for_the_ggn(method):
         model, lambda f, t: nn.functional.nll_loss(f.softmax(1).log(), t), (x, y), method),
         ValueError, r"second derivatives w.r.t. the outputs are not finite for sample \d+: the "
                     r"GGN of these outputs is undefined")
+
+
+def test_exact_sizes_its_batched_columns_to_the_budget():
+    """``exact`` had sized each batch of Hessian columns to a fixed 512 MiB work area whatever
+    ``max_memory`` said: a model of P = 457 was refused under 200 MiB, "needs about 521 MiB",
+    though one column at a time it ran in 70 (probe 239). The columns now fit what the budget
+    leaves; it refuses only where one column does not fit, naming that need; the spectrum is
+    the same."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 3)).double()
+    x, y = torch.randn(4000, 20, dtype=torch.float64), torch.randint(0, 3, (4000,))
+    with pytest.raises(hessrank.BudgetError) as before:
+        hessrank.effective_rank(model, CE, (x, y), "exact", max_memory=1)
+    one_column = _check(model, lambda: hessrank.effective_rank(
+        model, CE, (x, y), "exact", max_memory=before.value.memory_bytes + 1),
+        hessrank.BudgetError, "method='exact' needs about")
+    budgeted = hessrank.effective_rank(model, CE, (x, y), "exact",
+                                       max_memory=4 * one_column.memory_bytes)
+    unbudgeted = hessrank.effective_rank(model, CE, (x, y), "exact", measure_memory=True)
+    if unbudgeted.peak_memory is not None:  # (Linux: the resident-set high-water mark)
+        assert 4 * one_column.memory_bytes < unbudgeted.peak_memory
+    np.testing.assert_allclose(budgeted.eigenvalues, unbudgeted.eigenvalues, rtol=1e-12,
+                               atol=1e-15 * unbudgeted.eigenvalues[0])
+

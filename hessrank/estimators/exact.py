@@ -30,12 +30,17 @@ EXACT_CHUNK_BYTES = 64 * 2**20
 EXACT_WORK_BYTES = 512 * 2**20
 
 
-def exact_chunk_size(num_params: int, element_size: int, graph_bytes: int = 0) -> int:
+def exact_chunk_size(num_params: int, element_size: int, graph_bytes: int = 0,
+                     room: float | None = None) -> int:
     """Hessian columns per batched product: at most 256, their results within
-    :data:`EXACT_CHUNK_BYTES`, and their backward passes within :data:`EXACT_WORK_BYTES`, each
-    column's taking about twice the model's graph (``graph_bytes``, the Hessian operator's;
-    0 before it is built)."""
-    by_graph = EXACT_WORK_BYTES // max(1, 2 * graph_bytes)
+    :data:`EXACT_CHUNK_BYTES`, and their backward passes within :data:`EXACT_WORK_BYTES` and
+    ``room`` (what the budget leaves beside the prediction before the work and the graph),
+    each column's taking about twice the model's graph (``graph_bytes``, the Hessian
+    operator's; 0 before it is built); at least one. (A fixed work area had refused a model of
+    P = 457 under 200 MiB, "needs about 521 MiB", that one column at a time ran in 70; probe
+    239.)"""
+    work = EXACT_WORK_BYTES if room is None else min(EXACT_WORK_BYTES, room)
+    by_graph = int(work // max(1, 2 * graph_bytes))
     return int(max(1, min(num_params, 256, EXACT_CHUNK_BYTES // (num_params * element_size),
                           by_graph)))
 
@@ -91,7 +96,8 @@ class Exact(Estimator):
         # timing builds the operator, which shows what the model's graph holds
         batch, batches = per_batch(problem)
         operator = HessianOperator(batch)
-        chunk = exact_chunk_size(operator.dim, element, operator.graph_bytes)
+        chunk = exact_chunk_size(operator.dim, element, operator.graph_bytes,
+                                 settings.max_memory - memory - operator.graph_bytes)
         graph = products_bytes(chunk, operator.graph_bytes)
         if memory + graph > settings.max_memory:  # refused untimed: the timing's products
             return Cost(memory + graph, None, graph)  # held it (416 MiB for 300; probe 188)
@@ -112,7 +118,9 @@ class Exact(Estimator):
 
             def batch_hessian(batch: CurvatureProblem) -> tuple[Tensor, float]:
                 operator = HessianOperator(batch)
-                chunk = exact_chunk_size(dim, element, operator.graph_bytes)
+                chunk = exact_chunk_size(dim, element, operator.graph_bytes,
+                                         settings.max_memory - settings.predicted_memory
+                                         - operator.graph_bytes)
                 self.check_refined(products_bytes(chunk, operator.graph_bytes), problem,
                                    settings)
                 unused.append(operator.unused)
