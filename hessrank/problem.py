@@ -2962,6 +2962,15 @@ def without_second_derivative(error: RuntimeError, needs: str, instead: str) -> 
             f"aot_module) has no second derivative: {instead}, or call the function "
             "uncompiled (torch.compile'd modules and functions are run eagerly for the call "
             "already)")
+    if "must have a storage_offset divisible by 2" in str(error):
+        # torch.view_as_complex of a real parameter's slice (a Fourier neural operator's
+        # spectral weights): its double backward views a real gradient at an odd offset as
+        # complex, and torch's bare error had named neither (probe 239)
+        return ValueError(
+            f"{needs}, and torch {torch.__version__.split('+')[0]}'s double backward of "
+            f"torch.view_as_complex fails on a real tensor's slice ({error}): {instead}, or "
+            "build the complex tensor as torch.complex(w[..., 0], w[..., 1]), the same values, "
+            "which torch differentiates twice")
     found = re.search(r"derivative for (\S+) is not implemented", str(error))
     if found is None:
         return error

@@ -4217,3 +4217,28 @@ def test_exact_sizes_its_batched_columns_to_the_budget():
     np.testing.assert_allclose(budgeted.eigenvalues, unbudgeted.eigenvalues, rtol=1e-12,
                                atol=1e-15 * unbudgeted.eigenvalues[0])
 
+
+class _SpectralWeights(nn.Module):
+    """A Fourier neural operator's spectral layer with its complex weights viewed from a real
+    ``[..., 2]`` parameter by ``torch.view_as_complex``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lift, self.weights = nn.Conv1d(2, 3, 1), nn.Parameter(torch.randn(3, 3, 3, 2) / 9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.fft.rfft(self.lift(x))[..., :3]
+        mixed = torch.einsum("bix,iox->box", spectrum, torch.view_as_complex(self.weights))
+        return torch.fft.irfft(mixed, n=x.shape[-1]).mean(1)
+
+
+@pytest.mark.parametrize("method", ["exact", "ggn_lanczos"])
+def test_view_as_complex_s_double_backward_names_the_rewrite(method):
+    """torch's double backward of ``view_as_complex`` on a real parameter's slice fails with
+    'Tensor must have a storage_offset divisible by 2', which named neither the operation nor
+    a fix (probe 239)."""
+    torch.manual_seed(0)
+    model = _SpectralWeights().double()
+    x, y = torch.randn(4, 2, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    _check(model, lambda: hessrank.effective_rank(model, nn.MSELoss(), (x, y), method=method),
+           ValueError, r"view_as_complex .*torch\.complex\(w\[\.\.\., 0\], w\[\.\.\., 1\]\)")
