@@ -142,8 +142,9 @@ _NOT_STATEFUL = (*CODE_TYPES, functools.partial)
 _WRAPPED_DEPTH = 4
 #: How deep below a data set's (sampler's, collate function's) attributes generators are
 #: searched (:func:`~hessrank.guard.held_generators`): a generator in a transform of a
-#: ``Compose``, ``dataset.transform.transforms[i].generator``.
-_HELD_DEPTH = 3
+#: ``RandomApply`` in a ``Compose``, ``dataset.transform.transforms[i].transforms[j].generator``
+#: (three levels had missed it: every pass refused, the generator left advanced; probe 241).
+_HELD_DEPTH = 6
 
 
 def _loaders(data: object) -> list[tuple[str, DataLoader[Any]]]:
