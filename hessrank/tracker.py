@@ -830,11 +830,13 @@ def _check_options(options: Mapping[str, Any], where: str, methods: Sequence[str
 
 
 def _own_copy(value: Any) -> Any:
-    """``value`` with every tensor in it detached and copied: tuples and lists as such, any
-    mapping (HuggingFace's ``BatchEncoding``, a ``UserDict`` that torch's tree functions take
-    for a leaf; probe 139) as a dict, which the analysis reads alike; anything else as is."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+    """``value`` with every tensor in it detached and copied (``requires_grad`` as it was):
+    tuples and lists as such, any mapping (HuggingFace's ``BatchEncoding``, a ``UserDict``
+    that torch's tree functions take for a leaf; probe 139) as a dict, which the analysis
+    reads alike; anything else as is."""
+    if isinstance(value, torch.Tensor):  # (requires_grad kept: a batch measured by step(batch)
+        # and as eval_batch had been analysed as two, with and without it; probe 241)
+        return value.detach().clone().requires_grad_(value.requires_grad)
     if isinstance(value, Mapping):
         return {key: _own_copy(item) for key, item in value.items()}
     if isinstance(value, tuple | list):
@@ -855,8 +857,12 @@ def _versions(model: nn.Module) -> tuple[int, list[Tensor]]:
     accumulation's micro-batches and dropped without a word; probe 160). Both unchanged: no
     update happened. The entries are joined into one tensor a device and dtype, compared in
     one operation each (one copy and comparison a parameter had cost 22.6 ms a step on a
-    model of 2,000 parameter tensors, 8.5 ms joined; ``benchmarks/tracker_fingerprint.py``)."""
-    params = list(model.parameters())
+    model of 2,000 parameter tensors, 8.5 ms joined; ``benchmarks/tracker_fingerprint.py``).
+    A lazy module's parameters before its first forward have no values and are left out (their
+    reading had raised torch's error out of ``step()``, whatever ``on_error``; probe 241): they
+    come in, an update, as they are initialised."""
+    params = [param for param in model.parameters()
+              if not torch.nn.parameter.is_lazy(param)]
     joined: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for param in params:
         joined.setdefault((param.device, param.dtype), []).append(

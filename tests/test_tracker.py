@@ -1614,3 +1614,52 @@ def test_a_crashed_run_s_empty_default_log_is_taken_again(tmp_path: Path, monkey
     with _quiet_tracker() as first, _quiet_tracker() as second:
         assert first.log_path == tmp_path / "curvature.jsonl"
         assert second.log_path == tmp_path / "curvature-1.jsonl"
+
+
+def test_a_lazy_model_before_its_first_forward_is_recorded_not_raised() -> None:
+    """``step()`` on a model with lazy modules before its first forward: the update fingerprint
+    read their uninitialised parameters, and torch's error left the loop whatever
+    ``on_error`` said (probe 241). The library's refusal is recorded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(10), nn.Tanh(), nn.LazyLinear(3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    tracker = hessrank.Tracker(model, CE, "fisher", every=1, log=None, eval_batch=(x, y),
+                               on_error="record")
+    tracker.step(step=0)
+    assert "uninitialised lazy parameters" in tracker.records[-1]["error"]
+    model(x)
+    tracker.step(step=1)
+    assert "error" not in tracker.records[-1] and tracker.records[-1]["rank"] > 0
+
+
+class _ReentrantCheckpoint(nn.Module):
+    """A block under ``checkpoint(use_reentrant=True)``, whose parameters get gradients only
+    where the input requires one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block, self.head = nn.Sequential(nn.Linear(6, 12), nn.Tanh()), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self.block, x, use_reentrant=True))
+
+
+def test_an_eval_batch_is_measured_as_the_same_batch_passed_to_step() -> None:
+    """The tracker's own copy of ``eval_batch`` had dropped ``requires_grad``: a model under a
+    reentrant checkpoint, given inputs that require a gradient, was refused with the fix
+    named through ``step(batch)`` but measured through ``eval_batch`` with its checkpointed
+    block's curvature missing (probe 241)."""
+    x = torch.randn(8, 6).requires_grad_()
+    y = torch.randint(0, 3, (8,))
+    records = []
+    for batch_kind in ("step", "eval_batch"):
+        tracker = hessrank.Tracker(_ReentrantCheckpoint(), CE, "exact", every=1, log=None,
+                                   on_error="record",
+                                   eval_batch=(x, y) if batch_kind == "eval_batch" else None)
+        tracker.step((x, y) if batch_kind == "step" else None)
+        records.append(tracker.records[-1])
+    assert "use_reentrant" in records[0]["error"]
+    assert records[1].get("error") == records[0]["error"]
