@@ -539,12 +539,18 @@ def run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tens
         if of_dtypes and (turned_off := autocast_turned_off()):
             # a model that runs only under the caller's autocast (a half-precision layer fed
             # float32): torch's message had not said the call turned it off (probe 212)
+            # (inputs of another dtype than the parameters' are what to cast: a float32
+            # copy of a float32 model changes nothing; probe 241)
+            fix = (f"pass {other[0][0]} in the parameters' {dtype_name(next(iter(dtypes)))}"
+                   f" (it is {dtype_name(other[0][1])}), or cast inside forward"
+                   if other and len(dtypes) == 1
+                   else "cast inside forward (x.to(layer.weight.dtype)), or analyse a float32 "
+                        "copy (copy.deepcopy(model).float())")
             raise ValueError(
                 f"{str(error).rstrip('. ')}. The call turned off the caller's torch.autocast "
                 f"({', '.join(turned_off)}): the curvature is measured in the "
-                "parameters' own dtypes, and this forward runs only under autocast's casts. "
-                "Cast inside forward (x.to(layer.weight.dtype)), or analyse a float32 copy "
-                "(copy.deepcopy(model).float())") from error
+                f"parameters' own dtypes, and this forward runs only under autocast's casts: "
+                f"{fix}") from error
         if len(dtypes) == 1 and other and of_dtypes:
             (dtype,), (label, found) = dtypes, other[0]
             refit = ("" if found in (torch.float16, torch.bfloat16)

@@ -2126,9 +2126,20 @@ def test_a_forward_that_needs_the_callers_autocast_is_named(method):
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _check(model, lambda: hessrank.effective_rank(model, CE, (x, y), method=method),
-               ValueError, r"The call turned off the caller's torch.autocast \(cpu\).*Cast "
+               ValueError, r"The call turned off the caller's torch.autocast \(cpu\).*cast "
                            r"inside forward .*or analyse a float32 copy")
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_inputs_that_need_the_callers_autocast_are_named_to_cast():
+    """bfloat16 inputs to a float32 model under the caller's autocast: the advice had been a
+    float32 copy of the model, which changes nothing (probe 241); it names the inputs."""
+    model = nn.Sequential(nn.Linear(6, 3))
+    x, y = torch.randn(10, 6).bfloat16(), torch.randint(0, 3, (10,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        error = _check(model, lambda: hessrank.effective_rank(model, CE, (x, y)), ValueError,
+                       r"pass inputs\[0\] in the parameters' float32 \(it is bfloat16\)")
+    assert "deepcopy" not in str(error)
 
 
 def _cast(dtype):
