@@ -123,7 +123,22 @@ EXTRA = [("attention over 128 tokens", "lanczos",
          ("200 MB tensor attribute", "fisher",
           lambda: (HeldTable(), torch.randn(64, 20), torch.randint(0, 3, (64,)))),
          # a per-token GGN whose Gram holds only the weighed positions (probe 219)
-         ("per-token GGN, 28 of 32 positions padded", "ggn", lambda: padded_tokens(32, 32, 4))]
+         ("per-token GGN, 28 of 32 positions padded", "ggn", lambda: padded_tokens(32, 32, 4)),
+         # not covered (README.md): a float64 convolution's double backward unfolds its input
+         # several times over, attention's holds more than 4 graphs (probe 239)
+         *((f"{dtype} conv, 3 to 2 channels, 40x40", method,
+            lambda dtype=dtype: few_channels(getattr(torch, dtype)))
+           for dtype in ("float64", "float32") for method in ("lanczos", "exact")),
+         ("attention over 256 tokens", "lanczos",
+          lambda: (cases._LongAttention(), torch.randn(16, 256, 5), torch.randint(0, 3, (16,))))]
+
+
+def few_channels(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 3x3 convolution from 3 channels to 2 over 32 images of 40x40, pooled, a linear head:
+    its input's unfolded patches are 13.5 times its output."""
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(2, 3)).to(dtype)
+    return model, torch.randn(32, 3, 40, 40, dtype=dtype), torch.randint(0, 3, (32,))
 
 
 def padded_tokens(samples: int, positions: int, weighed: int) -> tuple[nn.Module, torch.Tensor,
