@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parents[1] / "tests"))
 
 import run  # noqa: E402  (benchmarks/run.py, next to this file)
-from fresh import in_fresh_process  # noqa: E402  (tests/fresh.py)
+from fresh import in_fresh_processes  # noqa: E402  (tests/fresh.py)
 
 
 def call_peak(spec: dict[str, Any]) -> int:
@@ -59,7 +59,13 @@ def refined_prediction(model: nn.Module, batch: object, method: str,
     loss side); where the call runs one byte below it, the least budget it runs at (to 1 %); else
     at one byte above the figure,
     the refusal once its first pass has run, and so on while a later refinement refuses (the
-    cotangents' size, once they are formed)."""
+    cotangents' size, once they are formed). For ``exact``, whose refusal names one column of
+    products at a time (the least it runs with), ``predict_exact_cost``: as many columns as fit
+    without a budget, as a call without one runs."""
+    if method == "exact":
+        return hessrank.predict_exact_cost(model, nn.CrossEntropyLoss(), batch,
+                                           eigenvectors=options.get("eigenvectors", 0))[0]
+
     def refusal_at(budget: int) -> int | None:
         try:
             hessrank.effective_rank(model, nn.CrossEntropyLoss(), batch, method=method,
@@ -114,7 +120,7 @@ def main() -> None:
             spec.update(model="cnn", variant="lenet" if arch == "lenet" else "mnist")
         if args.fresh:
             from peak_memory import call_peak  # by reference, for the fresh process
-            out = {"peak_bytes": in_fresh_process(call_peak, spec)}
+            out = {"peak_bytes": in_fresh_processes([(call_peak, (spec,))])[0]}
         else:
             out = run.memory_case(spec, 1200.0)
         if "error" in out:

@@ -170,3 +170,14 @@ def test_lanczos_limits_reads_the_intervals_the_notes_state() -> None:
     low, high = limits._interval(result.notes, "numerical rank")
     assert low <= result.ranks["numerical"] <= high
     assert limits.zero_init_ggn() == "srank 3 in [3, 3] for 3"
+
+
+@pytest.mark.parametrize("script", sorted(
+    path.name for path in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_imports(script: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each script's imports resolve as ``python benchmarks/<script>`` runs it (its folder
+    first on the path): what it takes from tests/ and from its neighbours (``peak_memory.py``
+    had imported a helper of ``tests/fresh.py`` that was gone, and no test ran it)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    monkeypatch.syspath_prepend(str(path.parent))
+    assert _load(f"hessrank_bench_{path.stem}", path).__doc__
