@@ -211,3 +211,22 @@ def classification_batch(n, d, classes, dtype=torch.float64, seed=1):
     x = torch.randn(n, d, generator=generator, dtype=dtype)
     y = torch.randint(0, classes, (n,), generator=generator)
     return x, y
+
+
+def adaptive_softmax_case(scale: float, dtype: torch.dtype = torch.float64, hidden: int = 6,
+                          seed: int = 3, scale_bias: bool = False):
+    """An MLP whose 6 output features, their last layer's weight (and with ``scale_bias`` its
+    bias) times ``scale``, feed ``nn.AdaptiveLogSoftmaxWithLoss`` (5 classes, a cutoff at 2), on
+    8 samples labelled by its own predictions: ``(model, adaptive, x, y)``."""
+    torch.manual_seed(11)
+    adaptive = nn.AdaptiveLogSoftmaxWithLoss(6, 5, cutoffs=[2], div_value=2.0).to(dtype)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 6)).to(dtype)
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+        if scale_bias:
+            model[2].bias.mul_(scale)
+    x = torch.randn(8, 4, dtype=dtype)
+    with torch.no_grad():
+        y = adaptive.predict(model(x))
+    return model, adaptive, x, y

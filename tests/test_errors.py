@@ -18,6 +18,7 @@ import pytest
 import torch
 from fresh import in_fresh_processes
 from reference import (
+    adaptive_softmax_case,
     assert_spectra_close,
     classification_batch,
     double_backward_hessian,
@@ -404,16 +405,7 @@ def test_a_confident_float64_adaptive_softmax_is_not_said_to_couple_its_samples_
     rounding of its log-softmax (relative mismatch 3e-9), which no other precision can measure
     for a loss module holding float64 parameters, and the error had said only that the loss
     couples the samples, a per-sample loss (probe 240)."""
-    torch.manual_seed(11)
-    adaptive = nn.AdaptiveLogSoftmaxWithLoss(6, 5, cutoffs=[2], div_value=2.0).double()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6)).double()
-    with torch.no_grad():
-        model[2].weight.mul_(600)
-        model[2].bias.mul_(600)
-    x = torch.randn(8, 4, dtype=torch.float64)
-    with torch.no_grad():
-        y = adaptive.predict(model(x))
+    model, adaptive, x, y = adaptive_softmax_case(600, hidden=8, seed=0, scale_bias=True)
     _check(model, lambda: hessrank.effective_rank(model, lambda f, t: adaptive(f, t).loss,
                                                   (x, y), method="ggn"),
            ValueError, "or float64 cannot resolve its curvature.*mismatch [0-9.]+e-(09|1[0-9]),"

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from reference import (
     ConvNet,
     ResidualNet,
+    adaptive_softmax_case,
     assert_spectra_close,
     classification_batch,
     double_backward_hessian,
@@ -2135,15 +2136,7 @@ def test_a_loss_that_fills_an_uninitialised_tensor_keeps_its_float64_twin(scale,
     function and ran the loss in float32: ``ggn`` was refused as 'not convex', ``fisher`` near
     saturation as unreadable in float32 (or 39 % off with a note naming another cause; probe
     240). Against the float64 references of a float64 copy of model and loss."""
-    torch.manual_seed(11)
-    adaptive = nn.AdaptiveLogSoftmaxWithLoss(6, 5, cutoffs=[2], div_value=2.0)
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6))
-    with torch.no_grad():
-        model[2].weight.mul_(scale)
-    x = torch.randn(8, 4)
-    with torch.no_grad():
-        y = adaptive.predict(model(x))
+    model, adaptive, x, y = adaptive_softmax_case(scale, torch.float32)
     twin, twin_adaptive = copy.deepcopy(model).double(), copy.deepcopy(adaptive).double()
     reference = (reference_ggn if method == "ggn" else reference_fisher)(
         twin, lambda f, t: twin_adaptive(f, t).loss, x.double(), y, 1 / 8)
@@ -2157,15 +2150,7 @@ def test_a_float64_adaptive_softmax_s_rounded_null_eigenvalues_are_not_non_conve
     projections, round their null eigenvalues to 90 eps of the largest, and the loss, holding
     float64 parameters, cannot be evaluated in float32 to measure that: ``ggn`` had been
     refused as not convex (probe 240). Against the float64 reference."""
-    torch.manual_seed(11)
-    adaptive = nn.AdaptiveLogSoftmaxWithLoss(6, 5, cutoffs=[2], div_value=2.0).double()
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6)).double()
-    with torch.no_grad():
-        model[2].weight.mul_(20)
-    x = torch.randn(8, 4, dtype=torch.float64)
-    with torch.no_grad():
-        y = adaptive.predict(model(x))
+    model, adaptive, x, y = adaptive_softmax_case(20)
     loss_fn = lambda f, t: adaptive(f, t).loss  # noqa: E731
     reference = reference_ggn(model, loss_fn, x, y, 1 / 8)
     result = hessrank.effective_rank(model, loss_fn, (x, y), "ggn")
