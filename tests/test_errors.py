@@ -2401,8 +2401,11 @@ def test_a_time_budget_leaves_the_memory_verdict_alone():
                                     max_seconds=max_seconds)
         verdicts.append(refused.value.memory_bytes)
     assert verdicts[0] == verdicts[1] > 2 * hessian  # the model's graph and products, once
-    result = hessrank.effective_rank(model, CE, (x, y), method="exact",
-                                     max_memory=verdicts[0] + 1, max_seconds=1e4)
+    # (at the verdict, one column of products at a time; at the prediction without a budget,
+    # as many as fit: counted once either way)
+    result = hessrank.effective_rank(
+        model, CE, (x, y), method="exact", max_seconds=1e4,
+        max_memory=hessrank.predict_exact_cost(model, CE, (x, y))[0] + x.nbytes + y.nbytes)
     assert result.rank > 0
 
 
