@@ -1098,8 +1098,7 @@ def gradient_overlap(
                 raise
             chunk = exact_chunk_size(operator.dim, problem.params[0].element_size(),
                                      operator.graph_bytes,
-                                     settings.max_memory - cost.memory_bytes
-                                     - operator.graph_bytes)
+                                     settings.max_memory - cost.memory_bytes)
             # the model's graph and the batched products, once the first pass has shown them
             estimator.check_budget(
                 dataclasses.replace(cost, memory_bytes=cost.memory_bytes

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
+from fresh import unruled_model
 from reference import (
     classification_batch,
     eigenvalues_by_magnitude,
@@ -1951,27 +1952,16 @@ def test_another_thread_s_warnings_filters_are_left_alone() -> None:
     assert warnings.filters is before
 
 
-class _Bilinear(nn.Module):
-    """A bilinear layer no rule claims (``torch.func``'s per-sample path: torch batches its
-    ``_trilinear`` one sample at a time, and warns)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bilinear = nn.Bilinear(4, 4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bilinear(x, x)
-
-
 @pytest.mark.parametrize(("model", "loss_fn"), [
-    (lambda: nn.Linear(4, 3), nn.MultiMarginLoss()), (_Bilinear, CE)],
+    (lambda: nn.Linear(3, 3), nn.MultiMarginLoss()), (unruled_model, CE)],
     ids=["MultiMarginLoss", "Bilinear"])
 def test_torch_s_batching_fallback_warnings_stay_inside_the_call(model, loss_fn) -> None:
     """``fisher`` showed torch's 'There is a performance drop because we have not yet
     implemented the batching rule' twice for ``nn.MultiMarginLoss`` and a layer no rule
-    claims: torch's internals, raised in the library's own ``vmap`` (probe 240)."""
+    claims (an ``nn.Bilinear``, whose ``_trilinear`` torch batches one sample at a time):
+    torch's internals, raised in the library's own ``vmap`` (probe 240)."""
     torch.manual_seed(0)
-    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         hessrank.effective_rank(model(), loss_fn, (x, y), method="fisher")

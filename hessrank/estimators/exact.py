@@ -31,15 +31,16 @@ EXACT_WORK_BYTES = 512 * 2**20
 
 
 def exact_chunk_size(num_params: int, element_size: int, graph_bytes: int = 0,
-                     room: float | None = None) -> int:
+                     spare: float | None = None) -> int:
     """Hessian columns per batched product: at most 256, their results within
     :data:`EXACT_CHUNK_BYTES`, and their backward passes within :data:`EXACT_WORK_BYTES` and
-    ``room`` (what the budget leaves beside the prediction before the work and the graph),
+    what ``spare`` (the budget less the prediction before the work) leaves beside the graph,
     each column's taking about twice the model's graph (``graph_bytes``, the Hessian
     operator's; 0 before it is built); at least one. (A fixed work area had refused a model of
     P = 457 under 200 MiB, "needs about 521 MiB", that one column at a time ran in 70; probe
     239.)"""
-    work = EXACT_WORK_BYTES if room is None else min(EXACT_WORK_BYTES, room)
+    work = (EXACT_WORK_BYTES if spare is None
+            else min(EXACT_WORK_BYTES, spare - graph_bytes))
     by_graph = int(work // max(1, 2 * graph_bytes))
     return int(max(1, min(num_params, 256, EXACT_CHUNK_BYTES // (num_params * element_size),
                           by_graph)))
@@ -97,7 +98,7 @@ class Exact(Estimator):
         batch, batches = per_batch(problem)
         operator = HessianOperator(batch)
         chunk = exact_chunk_size(operator.dim, element, operator.graph_bytes,
-                                 settings.max_memory - memory - operator.graph_bytes)
+                                 settings.max_memory - memory)
         graph = products_bytes(chunk, operator.graph_bytes)
         if memory + graph > settings.max_memory:  # refused untimed: the timing's products
             return Cost(memory + graph, None, graph)  # held it (416 MiB for 300; probe 188)
@@ -119,8 +120,7 @@ class Exact(Estimator):
             def batch_hessian(batch: CurvatureProblem) -> tuple[Tensor, float]:
                 operator = HessianOperator(batch)
                 chunk = exact_chunk_size(dim, element, operator.graph_bytes,
-                                         settings.max_memory - settings.predicted_memory
-                                         - operator.graph_bytes)
+                                         settings.max_memory - settings.predicted_memory)
                 self.check_refined(products_bytes(chunk, operator.graph_bytes), problem,
                                    settings)
                 unused.append(operator.unused)
