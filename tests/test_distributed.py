@@ -91,6 +91,9 @@ CASES = [
     ("ggn-gru", "rnn", "ggn", "weighted", {}, {}),
     # the attention rule (its own and its out-projection's factors)
     ("fisher-attention", "attention", "fisher", "mean", {}, {"per_layer": True}),
+    # the embedding rule's tokens and output gradients (it had taken the general path in every
+    # process: 30-100 times slower than one process on a 20,000-token table; probe 242)
+    ("ggn-embedding", "tokens", "ggn", "mean", {}, {"per_layer": True}),
     # a convolution whose cheaper route is position pairs for 5 rows and samples as groups for
     # 7 or 12: each process built its own route's factors, which could not be gathered (an
     # error that blamed the model's shapes); the route is now picked for the gathered batch
@@ -154,6 +157,19 @@ class AttentionHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.view(-1, 2, 2)
         return self.head(self.attn(tokens, tokens, tokens, need_weights=False)[0].flatten(1))
+
+
+class TokenHead(nn.Module):
+    """Each 4-feature row as 4 tokens of 7 (padding token 0), embedded in 3 features, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 3, padding_idx=0)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = (x.abs() * 3).long().clamp(max=6)
+        return self.head(torch.tanh(self.embedding(tokens)).flatten(1))
 
 
 class GRUHead(nn.Module):
@@ -261,6 +277,8 @@ def make_model(kind: str = "mlp") -> nn.Module:
         return GRUHead().double()
     if kind == "attention":
         return AttentionHead().double()
+    if kind == "tokens":
+        return TokenHead().double()
     if kind == "cnn":
         return nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2, padding=1), nn.ReLU(),
                              nn.Flatten(), nn.LayerNorm(18), nn.Linear(18, 3)).double()
@@ -738,10 +756,12 @@ def test_equals_one_process_on_the_whole_batch(spawned: list[dict[str, Any]], na
 
 
 def test_cnn_cases_gather_every_kind_of_rule_factors(spawned: list[dict[str, Any]]) -> None:
-    """Kronecker (linear), convolution and explicit per-sample (norm) factors all gathered."""
+    """Kronecker (linear), convolution, explicit per-sample (norm), recurrent, attention and
+    embedding factors all gathered."""
     assert set(spawned[0]["fisher-cnn"]["paths"].values()) == {"conv", "linear", "norm"}
     assert set(spawned[0]["fisher-gru"]["paths"].values()) == {"gru", "linear"}  # summed
     assert set(spawned[0]["fisher-attention"]["paths"].values()) == {"attention", "linear"}
+    assert set(spawned[0]["ggn-embedding"]["paths"].values()) == {"embedding", "linear"}
 
 
 def test_a_rule_declined_in_one_process_is_declined_in_all(

@@ -35,11 +35,13 @@ class EmbeddingFactors(Factors):
     """Per-sample factors of an embedding.
 
     Attributes:
-        tokens: ``[n, T]`` indices (positions of a ``padding_idx`` already dropped: their output
-            gradients are zero).
+        tokens: ``[n, T]`` indices (at positions of a ``padding_idx`` the output gradients are
+            zero).
         output_grads: ``[K, n, T, d]``.
         num_embeddings: rows of the weight ``V``.
     """
+
+    sample_dims = {"tokens": 0, "output_grads": 1}
 
     tokens: Tensor
     output_grads: Tensor
