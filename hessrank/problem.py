@@ -13,6 +13,7 @@ import inspect
 import math
 import numbers
 import re
+import sys
 import types
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
@@ -1313,6 +1314,7 @@ def check_model(model: object) -> None:
             "forward calls it and whose parameters are nn.Parameters"
         )
     _check_not_scripted(model, "the model")
+    _refuse_sharded_parameters(model)
     lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
     if lazy:
         raise ValueError(
@@ -1321,6 +1323,38 @@ def check_model(model: object) -> None:
             "(model(inputs)), which gives them their shapes"
         )
     _refuse_inference_tensors(model, "the model")
+
+
+def _refuse_sharded_parameters(model: nn.Module) -> None:
+    """Refuse a model whose parameters are shards: wrapped in ``FullyShardedDataParallel`` (its
+    flat parameters) or ``fully_shard`` / tensor parallelism (``DTensor`` parameters). Each
+    process holds a piece of every weight, where the Hessian needs them whole (FSDP2's had
+    failed in the call's snapshot with torch's bare "Cannot flatten unevenly sharded tensor",
+    FSDP1's had been blamed on parameters differing between the processes; probe 242). Read
+    only where torch's modules for them are loaded: a model cannot hold them otherwise.
+
+    Raises:
+        ValueError: naming the wrapper and the fix, a full copy in a plain module.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    wrapper = next((module for module in model.modules()
+                    if fsdp is not None and isinstance(module, fsdp.FullyShardedDataParallel)),
+                   None)
+    sharded = [] if dtensor is None else [name for name, parameter in model.named_parameters()
+                                          if isinstance(parameter, dtensor.DTensor)]
+    if wrapper is None and not sharded:
+        return
+    kind = ("wrapped in FullyShardedDataParallel" if wrapper is not None else
+            f"sharded across processes (DTensor parameters: {', '.join(sharded[:3])}"
+            f"{', ...' if len(sharded) > 3 else ''}; fully_shard or tensor parallelism)")
+    raise ValueError(
+        f"the model is {kind}: each process holds a piece of its weights, and the curvature "
+        "needs them whole. Give hessrank a full copy in a plain module: state = "
+        "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+        "options=StateDictOptions(full_state_dict=True)); plain = YourModel(); "
+        "plain.load_state_dict(state); then effective_rank(plain, ..., "
+        "process_group=torch.distributed.group.WORLD) with each process's shard of the batch")
 
 
 def _refuse_inference_tensors(module: nn.Module, what: str) -> None:

@@ -418,6 +418,17 @@ def worker(rank: int, port: int, out: str) -> None:
         normed_ddp if rank == 1 else normed_ddp.module, nn.CrossEntropyLoss(), (x, y),
         method="exact", process_group=group))
 
+    # FSDP, either API: each process holds shards of the weights (FSDP2's had failed in the
+    # call's snapshot with torch's bare error, FSDP1's been blamed on differing parameters;
+    # probe 242)
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    for case, wrap in (("fsdp2", fully_shard), ("fsdp1", lambda model: FullyShardedDataParallel(
+            model, device_id=torch.device("cpu")))):
+        results[case] = outcome(lambda wrap=wrap: hessrank.effective_rank(
+            wrap(make_model()), nn.CrossEntropyLoss(), (x, y), method="fisher",
+            process_group=group))
+
     # Errors reach every process: bad input in process 1 only.
     bad = x.clone()
     if rank == 1:
@@ -860,6 +871,8 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("ddp-one-process", "ValueError", "differently (DistributedDataParallel with "
                                       "broadcast_buffers: [False] against [True])"),
     ("coupled", "ValueError", "couples samples of different processes"),
+    ("fsdp2", "ValueError", "the model is sharded across processes (DTensor parameters: 0.weight"),
+    ("fsdp1", "ValueError", "the model is wrapped in FullyShardedDataParallel: each process"),
     ("detached-exact", "ValueError", "DetachedTanh fails a check of its second derivative"),
     ("once-differentiable", "ValueError", "multi_margin_loss_backward: the operation is the "
                                           "loss's, which 'ggn' differentiates twice too"),
