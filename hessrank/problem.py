@@ -2632,6 +2632,15 @@ def refuse_split_batch_statistics(problem: CurvatureProblem, part: str) -> None:
         ValueError: naming the BatchNorm modules and the fix.
     """
     active = has_active_batchnorm(problem.model) if problem.mode == "train" else []
+    synced = [name for name, module in problem.model.named_modules()
+              if name in active and isinstance(module, nn.SyncBatchNorm)]
+    if synced:  # (its statistics are the global batch's: the reason is another; probe 242)
+        raise ValueError(
+            f"mode='train' with SyncBatchNorm on batch statistics ({', '.join(synced)}): its "
+            "forward exchanges the statistics with the other processes at every pass, and the "
+            f"call's passes over parts of a {part} cannot take part in those exchanges; use "
+            "mode='eval' (running statistics)"
+        )
     if active:
         raise ValueError(
             f"mode='train' with BatchNorm on batch statistics ({', '.join(active)}): each {part} "

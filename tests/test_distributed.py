@@ -429,6 +429,12 @@ def worker(rank: int, port: int, out: str) -> None:
             wrap(make_model()), nn.CrossEntropyLoss(), (x, y), method="fisher",
             process_group=group))
 
+    # SyncBatchNorm normalises with the global batch's statistics: refused for another reason
+    # than BatchNorm's own shard statistics (probe 242)
+    results["syncbn"] = outcome(lambda: hessrank.effective_rank(
+        nn.SyncBatchNorm.convert_sync_batchnorm(make_model("batchnorm")), nn.CrossEntropyLoss(),
+        (x, y), method="exact", mode="train", process_group=group))
+
     # Errors reach every process: bad input in process 1 only.
     bad = x.clone()
     if rank == 1:
@@ -873,6 +879,7 @@ def test_ddp_batchnorm_statistics_are_process_0s_for_the_call(
     ("coupled", "ValueError", "couples samples of different processes"),
     ("fsdp2", "ValueError", "the model is sharded across processes (DTensor parameters: 0.weight"),
     ("fsdp1", "ValueError", "the model is wrapped in FullyShardedDataParallel: each process"),
+    ("syncbn", "ValueError", "SyncBatchNorm on batch statistics (1): its forward exchanges"),
     ("detached-exact", "ValueError", "DetachedTanh fails a check of its second derivative"),
     ("once-differentiable", "ValueError", "multi_margin_loss_backward: the operation is the "
                                           "loss's, which 'ggn' differentiates twice too"),
