@@ -113,6 +113,12 @@ class DataParallel:
                 "torch.distributed.init_process_group(...) in every process first (torchrun sets "
                 "the environment), or pass process_group=None for one process"
             )
+        if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+            # (what new_group hands the processes outside it; its type had been named, an int,
+            # and the membership never; probe 242)
+            raise ValueError("this process is not a member of process_group (new_group gives "
+                             "the processes outside a group a placeholder): call "
+                             "effective_rank with process_group only in the group's members")
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. "
                             f"dist.group.WORLD), got {type(group).__name__}")
@@ -127,6 +133,16 @@ class DataParallel:
             else torch.device("cpu")
         self.sizes: tuple[int, ...] = ()
         self.exchanged_bytes = 0
+
+    def global_ranks(self, *ranks: int) -> str:
+        """``" (global ranks 1 and 2)"``: the global ranks of processes ``ranks`` of the group,
+        for a message that numbers them by their group rank; empty where the group is the
+        whole world (a subgroup's messages had named group ranks as if global; probe 242)."""
+        members = dist.get_process_group_ranks(self.group)
+        if members == list(range(dist.get_world_size())):
+            return ""
+        said = [str(members[rank]) for rank in ranks]
+        return f" (global ranks {', '.join(said[:-1])} and {said[-1]})"
 
     @property
     def start(self) -> int:
@@ -520,12 +536,14 @@ def shard_problem(problem: CurvatureProblem, parallel: DataParallel,
         differing_state = _differing_state(first_print, other_print)
         if differing_state is not None:
             raise ValueError(
-                f"{differing_state} differs between processes 0 and {rank}: every process must "
-                "hold the same model, its frozen parameters and buffers included. "
-                "DistributedDataParallel keeps parameters equal, but after a training step each "
-                "process's BatchNorm statistics are its own shard's: pass the DDP-wrapped model "
-                "(with broadcast_buffers=True its buffers are taken from process 0), or "
-                "broadcast them first (for b in model.buffers(): dist.broadcast(b, src=0))"
+                f"{differing_state} differs between processes 0 and {rank}"
+                f"{parallel.global_ranks(0, rank)}: "
+                "every process must hold the same model, its frozen parameters and buffers "
+                "included. DistributedDataParallel keeps parameters equal, but after a training "
+                "step each process's BatchNorm statistics are its own shard's: pass the "
+                "DDP-wrapped model (with broadcast_buffers=True its buffers are taken from "
+                "process 0), or broadcast them first (for b in model.buffers(): "
+                "dist.broadcast(b, group_src=0, group=process_group))"
             )
     refuse_split_batch_statistics(problem, "process's shard")
     parallel.sizes = tuple(int(size) for _, size, _, _ in reports)

@@ -429,6 +429,13 @@ def worker(rank: int, port: int, out: str) -> None:
             wrap(make_model()), nn.CrossEntropyLoss(), (x, y), method="fisher",
             process_group=group))
 
+    # a process outside the group it passes: new_group hands it a placeholder, whose type had
+    # been named (an int), not the membership (probe 242)
+    outside = dist.new_group([1])
+    if rank == 0:
+        results["non-member"] = outcome(lambda: hessrank.effective_rank(
+            model, nn.CrossEntropyLoss(), (x, y), process_group=outside))
+
     # SyncBatchNorm normalises with the global batch's statistics: refused for another reason
     # than BatchNorm's own shard statistics (probe 242)
     results["syncbn"] = outcome(lambda: hessrank.effective_rank(
@@ -917,6 +924,11 @@ def test_errors_reach_every_process(spawned: list[dict[str, Any]], case: str, ki
         # error reached them at an exchange, after the failing process's own checks).
         assert got_kind in (kind, "RuntimeError", "GroupFailure"), (rank, got_kind)
     assert {spawned[rank][case][0] for rank in range(WORLD)} & {kind}
+
+
+def test_a_process_outside_the_group_is_told_so(spawned: list[dict[str, Any]]) -> None:
+    kind, message = spawned[0]["non-member"]
+    assert kind == "ValueError" and "not a member of process_group" in message, message
 
 
 def test_a_nan_input_is_named_where_it_is(spawned: list[dict[str, Any]]) -> None:
