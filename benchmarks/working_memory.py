@@ -3,6 +3,7 @@
     python benchmarks/working_memory.py                 # tests/test_errors.py's cases
     python benchmarks/working_memory.py --recurrent     # a product's graphs and sequence length
     python benchmarks/working_memory.py --first-call    # what a process's first call loads once
+    python benchmarks/working_memory.py --softmax       # a product through softmax nodes
 
 Default: every case of ``tests/test_errors.py::test_budget_counts_what_the_model_holds`` (and
 beside them a transformer layer's ``lanczos``, ``fisher`` on a wide first layer, P = 64M, and on
@@ -16,6 +17,13 @@ it: the allowance the prediction makes plus what the peak exceeded the predictio
 ``--recurrent``: the same for ``lanczos`` on recurrent layers over sequences of 48-200 steps,
 whose products hold more graphs the longer the sequences (the allowance ``2.5 + steps / 28``),
 and an LSTM over packed sequences of different lengths, which the budgets do not cover.
+
+``--softmax``: the same for ``lanczos`` on attention over 32-512 tokens (an encoder layer,
+causal or not, and attention written out) and on token models over 500 and 2,000 classes,
+whose products form temporaries the size of what their softmax nodes saved: beside the graphs,
+how many times those bytes a product held (the allowance
+:data:`~hessrank.curvature.operator.SOFTMAX_TEMPORARIES`, plus what the peak exceeded the
+prediction by).
 
 ``--first-call``: a tiny model's call twice in a new process that has run nothing before; the
 first call's peak less the second's is what the process loads once (code, lazily imported
@@ -36,6 +44,7 @@ from torch import nn
 
 import hessrank
 from hessrank.curvature.hessian import HessianOperator
+from hessrank.curvature.operator import SOFTMAX_TEMPORARIES
 from hessrank.problem import build_problem
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -166,27 +175,107 @@ def extra_peak(index: int) -> int | None:
                                    **options).peak_memory
 
 
-def graphs(model: nn.Module, batch: tuple[Any, torch.Tensor]) -> tuple[float, float]:
-    """The gradient's graph (bytes) as the ``lanczos`` budget counts it, and the graphs beyond
-    it its prediction allows a product."""
+class CausalAttention(nn.Module):
+    """``tests/test_errors.py``'s encoder layer under a causal mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = cases._LongAttention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        hidden = self.inner.layer(self.inner.embed(x), src_mask=mask, is_causal=True)
+        return self.inner.head(hidden.mean(dim=1))
+
+
+class TokenModel(nn.Module):
+    """Per-token logits over ``classes`` (``[n, classes, T]``) from an embedding, a tanh layer
+    and a linear head: its loss's log-softmax saves ``[n, T, classes]``."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.embedding, self.hidden = nn.Embedding(classes, 16), nn.Linear(16, 16)
+        self.out = nn.Linear(16, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(self.embedding(tokens)))).transpose(1, 2)
+
+
+def _tokens(classes: int, samples: int, steps: int) -> tuple[nn.Module, torch.Tensor,
+                                                               torch.Tensor]:
+    return (TokenModel(classes), torch.randint(0, classes, (samples, steps)),
+            torch.randint(0, classes, (samples, steps)))
+
+
+def _sequences(model: nn.Module, samples: int, steps: int) -> tuple[nn.Module, torch.Tensor,
+                                                                     torch.Tensor]:
+    return model, torch.randn(samples, steps, 5), torch.randint(0, 3, (samples,))
+
+
+#: Products through softmax nodes: (name, method, the model and its batch).
+SOFTMAX = [*((f"encoder layer, T = {steps}, n = {samples}", "lanczos",
+              lambda steps=steps, samples=samples: _sequences(cases._LongAttention(), samples,
+                                                              steps))
+             for steps, samples in ((32, 192), (64, 96), (128, 48), (256, 16), (512, 4))),
+           ("causal encoder layer, T = 128, n = 48", "lanczos",
+            lambda: _sequences(CausalAttention(), 48, 128)),
+           ("written out, 1 head, T = 128, n = 48", "lanczos",
+            lambda: _sequences(cases._WrittenAttention(16, 1), 48, 128)),
+           ("written out, 4 heads, T = 96, n = 32", "lanczos",
+            lambda: _sequences(cases._WrittenAttention(32, 4), 32, 96)),
+           ("token model, C = 500, T = 64, n = 32", "lanczos", lambda: _tokens(500, 32, 64)),
+           ("token model, C = 2000, T = 32, n = 16", "lanczos", lambda: _tokens(2000, 16, 32)),
+           *(("encoder layer, T = 128, n = 48", method,
+              lambda: _sequences(cases._LongAttention(), 48, 128))
+             for method in ("ggn_lanczos", "fisher_lanczos")),
+           # exact's batched columns (P = 963, 291)
+           ("written out, 1 head, T = 128, n = 16", "exact",
+            lambda: _sequences(cases._WrittenAttention(16, 1), 16, 128)),
+           ("written out, 2 heads, T = 256, n = 8", "exact",
+            lambda: _sequences(cases._WrittenAttention(8, 2), 8, 256))]
+
+
+def softmax_case(index: int) -> tuple[nn.Module, tuple[Any, torch.Tensor], str, dict[str, int]]:
+    """``SOFTMAX[index]`` built."""
+    torch.manual_seed(0)
+    _, method, make = SOFTMAX[index]
+    model, x, y = make()
+    return model, (x, y), method, {"lanczos_steps": STEPS} if "lanczos" in method else {}
+
+
+def softmax_peak(index: int) -> int | None:
+    """The peak of a ``SOFTMAX`` case's call (run it in a fresh process)."""
+    model, batch, method, options = softmax_case(index)
+    return hessrank.effective_rank(model, cases.CE, batch, method=method, measure_memory=True,
+                                   **options).peak_memory
+
+
+def graphs(model: nn.Module, batch: tuple[Any, torch.Tensor]) -> tuple[int, int, float]:
+    """The gradient's graph and the part of it softmax nodes saved (bytes) as the ``lanczos``
+    budget counts them, and the graphs beyond it its prediction allows a product."""
     operator = HessianOperator(build_problem(model, cases.CE, batch, None, "eval"))
-    return float(operator.graph_bytes), operator.product_graphs
+    return (operator.graph_bytes, operator.softmax_bytes,
+            operator.held_by_products() / operator.graph_bytes - 1)
 
 
 def report(rows: list[tuple[str, Any, str, dict[str, Any], int | None]]) -> None:
-    """One line a case: peak, prediction, their ratio; for ``lanczos`` the graphs held."""
-    print(f"{'case':36} {'method':15} {'peak MiB':>9} {'predicted':>9} {'pred/peak':>9} "
-          f"{'graph MiB':>9} {'allowed':>7} {'held':>5}")
+    """One line a case: peak, prediction, their ratio; for ``lanczos`` the graphs held, and
+    through softmax nodes the multiple of what they saved held beside the other graphs."""
+    print(f"{'case':40} {'method':15} {'peak MiB':>9} {'predicted':>9} {'pred/peak':>9} "
+          f"{'graph MiB':>9} {'allowed':>7} {'held':>5} {'softmax MiB':>11} {'held':>5}")
     for name, make, method, options, peak in rows:
         model, batch = make()
         predicted = refined_prediction(model, batch, method, options)
-        line = f"{name:36} {method:15} "
+        line = f"{name:40} {method:15} "
         line += (f"{peak / MiB:9.1f} {predicted / MiB:9.1f} {predicted / peak:9.2f}"
                  if peak else f"{'-':>9} {predicted / MiB:9.1f} {'-':>9}")
         if method == "lanczos" and peak:
-            graph, allowed = graphs(model, batch)
+            graph, softmax, allowed = graphs(model, batch)
             held = allowed + (peak - predicted) / graph
             line += f" {graph / MiB:9.2f} {allowed:7.1f} {held:5.1f}"
+            if softmax > graph / 20:  # (a small classifier's loss: its share is noise)
+                line += (f" {softmax / MiB:11.2f} "
+                         f"{SOFTMAX_TEMPORARIES + (peak - predicted) / softmax:5.1f}")
         print(line, flush=True)
 
 
@@ -225,6 +314,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recurrent", action="store_true",
                         help="lanczos on recurrent layers over 48-200 steps")
+    parser.add_argument("--softmax", action="store_true",
+                        help="lanczos through softmax nodes (attention, token models)")
     parser.add_argument("--first-call", action="store_true",
                         help="what a process's first call loads once")
     parser.add_argument("--_first-call-child", dest="child", type=int, help=argparse.SUPPRESS)
@@ -239,15 +330,21 @@ def main() -> None:
     from working_memory import (
         EXTRA,
         RECURRENT,
+        SOFTMAX,
         extra_case,
         extra_peak,
         recurrent_case,
         recurrent_peak,
+        softmax_case,
+        softmax_peak,
     )
 
     if args.recurrent:
         made = [(name, recurrent_case, index) for index, (name, *_) in enumerate(RECURRENT)]
         peaks = in_fresh_processes([(recurrent_peak, (index,)) for index in range(len(RECURRENT))])
+    elif args.softmax:
+        made = [(name, softmax_case, index) for index, (name, *_) in enumerate(SOFTMAX)]
+        peaks = in_fresh_processes([(softmax_peak, (index,)) for index in range(len(SOFTMAX))])
     else:
         made = [*((name, cases._working_memory_case, index)
                   for index, (name, *_) in enumerate(cases._WORKING_MEMORY_CASES)),

@@ -40,7 +40,7 @@ from hessrank.estimators import (
     option_fields,
 )
 from hessrank.estimators.base import DEFAULT_MAX_MEMORY, seconds_of
-from hessrank.estimators.exact import exact_chunk_size, products_bytes
+from hessrank.estimators.exact import batched_columns
 from hessrank.estimators.gram import BACKENDS
 from hessrank.guard import (
     ExitsHeldBack,
@@ -1096,13 +1096,10 @@ def gradient_overlap(
             except RuntimeError as error:
                 refuse_target_dtype_of(problem, error)
                 raise
-            chunk = exact_chunk_size(operator.dim, problem.params[0].element_size(),
-                                     operator.graph_bytes,
-                                     settings.max_memory - cost.memory_bytes)
+            chunk, held = batched_columns(operator, settings.max_memory - cost.memory_bytes)
             # the model's graph and the batched products, once the first pass has shown them
             estimator.check_budget(
-                dataclasses.replace(cost, memory_bytes=cost.memory_bytes
-                                    + products_bytes(chunk, operator.graph_bytes)),
+                dataclasses.replace(cost, memory_bytes=cost.memory_bytes + held),
                 problem, settings, caller=caller, advice=advice)
             hessian = dense_hessian(operator, chunk)
     eigenvalues, eigenvectors = symmetric_eigenpairs(hessian)

@@ -1614,6 +1614,25 @@ class _LongAttention(nn.Module):
         return self.head(self.layer(self.embed(x)).mean(dim=1))
 
 
+class _WrittenAttention(nn.Module):
+    """Attention written out (``softmax(q k^T / sqrt(d)) v``, ``heads`` heads of ``d``
+    features) over ``[n, T, 5]`` inputs, pooled, a linear head."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(5, d), nn.Linear(d, 3)
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.embed(x))
+        n, steps, d = hidden.shape
+        query, key, value = (project(hidden).reshape(n, steps, self.heads, -1).transpose(1, 2)
+                             for project in (self.query, self.key, self.value))
+        weights = torch.softmax(query @ key.transpose(-1, -2) / (d // self.heads) ** 0.5, -1)
+        return self.head((weights @ value).transpose(1, 2).reshape(n, steps, d).mean(1))
+
+
 class _TiedTokens(nn.Module):
     """A next-token model whose output head is its embedding table."""
 
@@ -1646,6 +1665,12 @@ _WORKING_MEMORY_CASES = [
     # 1, a call ran at 2.7 times its budget)
     ("conv activations", lambda: (_ConvActivations(), torch.randn(96, 3, 32, 32),
                                   torch.randint(0, 3, (96,))), "lanczos"),
+    # a product's double backward through a softmax forms temporaries of what its nodes saved
+    # (attention's [n, heads, T, T] weights): at 4 graphs, peaks 1.4x and 1.5x the prediction
+    *((name, lambda layer=layer: (layer(), torch.randn(48, 128, 5),
+                                  torch.randint(0, 3, (48,))), "lanczos")
+      for name, layer in (("attention over 128 tokens", _LongAttention),
+                          ("written-out attention", lambda: _WrittenAttention(16, 1)))),
     # the attention rule's score-sized tensors (peaks 5.6x the prediction without them), and
     # the general path's factors of a tied embedding whose rule declines (2.7x; probe 71)
     *(("attention over 128 tokens", lambda: (_LongAttention(), torch.randn(48, 128, 5),
@@ -2016,7 +2041,10 @@ def test_budget_counts_what_the_model_holds(case):
                  else refined.memory_bytes)
     assert predicted > 1.5 * before.value.memory_bytes
     if measured is not None:  # Linux: the resident-set high-water mark
-        assert 0.6 * measured <= predicted <= 3 * measured, (predicted, measured)
+        # a Lanczos product's allowance is measured for what it runs through (graphs, recurrent
+        # steps, softmax nodes), the rest within a small factor
+        floor = 0.85 if method == "lanczos" else 0.6
+        assert floor * measured <= predicted <= 3 * measured, (predicted, measured)
 
 
 @pytest.mark.parametrize("case", range(len(_DATA_SET_CASES)),

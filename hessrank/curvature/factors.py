@@ -88,8 +88,7 @@ class FactorOperator(ParameterOperator):
                 # the graph (the forward's and J^T u's: the forward's alone was a third of
                 # it, and refusals came at a third of the peak; probe 74), what a product
                 # through it holds, and the output side, before the latter is formed
-                check_working_memory(int((1 + self.product_graphs) * graph.total)
-                                     + output_side_bytes(outputs))
+                check_working_memory(self.held_by_products() + output_side_bytes(outputs))
         # a model that returns no tensor is named by the loss's checked entry
         self.loss_value = float(problem.loss(
             outputs.detach() if isinstance(outputs, Tensor) else outputs).detach())

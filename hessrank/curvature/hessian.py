@@ -279,6 +279,7 @@ class HessianOperator(ParameterOperator):
         # agreed: the columns of a batched product are sized from it, and every process must
         # push the same number through each product's all-reduce
         self.graph_bytes = self._largest(graph.total)
+        self.softmax_bytes = self._largest(graph.saved_by_softmax(grads))
         self.unused = unused_parameters(grads)
         self._grads = grads
         # Gradient pieces that still depend on the parameters; the others have zero Hessian rows.

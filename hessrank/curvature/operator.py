@@ -75,6 +75,15 @@ def interchangeable_slices(params: Sequence[Tensor]) -> list[str]:
     return found
 
 
+#: What a Hessian-vector product's double backward through a softmax holds beyond the graphs
+#: allowed otherwise, in multiples of what its nodes saved
+#: (:attr:`ParameterOperator.softmax_bytes`): attention's held up to 5.8 times it over 32-512
+#: tokens, where calls had run at up to 1.5 times the prediction (probe 239), a token model's
+#: log-softmax over 500 and 2,000 classes 0.9-2.7 times (two runs of ``python
+#: benchmarks/working_memory.py --softmax``).
+SOFTMAX_TEMPORARIES = 7.0
+
+
 class ParameterOperator:
     """A symmetric ``P x P`` operator on the analysed parameters, flattened in their order.
 
@@ -87,6 +96,10 @@ class ParameterOperator:
         parallel: the data-parallel group of a sharded problem, else None.
         graph_bytes: bytes of the autograd graph the operator keeps for its products (the
             tensors it saves, :class:`~hessrank.problem.GraphBytes`); 0 where not measured.
+        softmax_bytes: the part of ``graph_bytes`` its softmax nodes saved, where a product
+            differentiates them twice (:meth:`~hessrank.problem.GraphBytes.saved_by_softmax`;
+            else 0: a factor operator's products through attention peaked at 0.35 times a
+            prediction that counted them).
         rank_bound: the largest rank the operator can have (``P``, or a factorisation's width).
         unused: the indices of the parameters no gradient of the loss reaches (on a data set:
             on any of its batches), whose rows and columns are zero; empty where every one is
@@ -106,8 +119,16 @@ class ParameterOperator:
         self.num_products = 0
         self.parallel = parallel_of(problem)
         self.graph_bytes = 0
+        self.softmax_bytes = 0
         self.rank_bound = self.dim
         self.unused: frozenset[int] = frozenset()
+
+    def held_by_products(self) -> int:
+        """What the graph and one product's backward passes through it hold (bytes): the graph,
+        :attr:`product_graphs` times it, and :data:`SOFTMAX_TEMPORARIES` times what its softmax
+        nodes saved."""
+        return int((1 + self.product_graphs) * self.graph_bytes
+                   + SOFTMAX_TEMPORARIES * self.softmax_bytes)
 
     def _total(self, local: int) -> int:
         """The sum of the processes' ``local`` values (``local`` itself without a group)."""

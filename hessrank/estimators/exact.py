@@ -30,26 +30,46 @@ EXACT_CHUNK_BYTES = 64 * 2**20
 EXACT_WORK_BYTES = 512 * 2**20
 
 
+#: What one column of a batched product's backward pass holds, in multiples of the model's
+#: graph and of the part of it softmax nodes saved: about twice the graph (256 columns at once
+#: took 8.4 GB on a CNN predicted at 69 MB), and through attention 2.8 graphs (probe 239): with
+#: twice what its softmax nodes saved beside the two, attention written out over 128 and 256
+#: tokens peaked at 0.92-0.95 times the prediction (``python benchmarks/working_memory.py
+#: --softmax``).
+COLUMN_GRAPHS, COLUMN_SOFTMAX = 2.0, 2.0
+
+
 def exact_chunk_size(num_params: int, element_size: int, graph_bytes: int = 0,
-                     spare: float | None = None) -> int:
+                     column_bytes: int = 0, spare: float | None = None) -> int:
     """Hessian columns per batched product: at most 256, their results within
     :data:`EXACT_CHUNK_BYTES`, and their backward passes within :data:`EXACT_WORK_BYTES` and
-    what ``spare`` (the budget less the prediction before the work) leaves beside the graph,
-    each column's taking about twice the model's graph (``graph_bytes``, the Hessian
-    operator's; 0 before it is built); at least one. (A fixed work area had refused a model of
-    P = 457 under 200 MiB, "needs about 521 MiB", that one column at a time ran in 70; probe
-    239.)"""
+    what ``spare`` (the budget less the prediction before the work) leaves beside the model's
+    graph (``graph_bytes``), each column's holding ``column_bytes`` (0 before the Hessian
+    operator is built); at least one. (A fixed work area had refused a model of P = 457 under
+    200 MiB, "needs about 521 MiB", that one column at a time ran in 70; probe 239.)"""
     work = (EXACT_WORK_BYTES if spare is None
             else min(EXACT_WORK_BYTES, spare - graph_bytes))
-    by_graph = int(work // max(1, 2 * graph_bytes))
+    by_work = int(work // max(1, column_bytes))
     return int(max(1, min(num_params, 256, EXACT_CHUNK_BYTES // (num_params * element_size),
-                          by_graph)))
+                          by_work)))
 
 
-def products_bytes(chunk: int, graph_bytes: int) -> int:
-    """What the Hessian operator holds beyond the Hessian: its graph (``graph_bytes``), and about
-    twice that for each of the ``chunk`` columns of a batched product's backward pass."""
-    return (1 + 2 * chunk) * graph_bytes
+def batched_columns(operator: HessianOperator, spare: float | None = None) -> tuple[int, int]:
+    """Hessian columns per batched product (:func:`exact_chunk_size`) and what the operator
+    holds beyond the Hessian while it computes them (bytes): its graph and each column's
+    backward pass (:data:`COLUMN_GRAPHS`, :data:`COLUMN_SOFTMAX`).
+
+    Args:
+        operator: the Hessian operator, built.
+        spare: the budget less the prediction before the work (None: no budget).
+
+    Returns:
+        ``(columns, bytes)``.
+    """
+    column = int(COLUMN_GRAPHS * operator.graph_bytes + COLUMN_SOFTMAX * operator.softmax_bytes)
+    chunk = exact_chunk_size(operator.dim, operator.dtype.itemsize, operator.graph_bytes, column,
+                             spare)
+    return chunk, operator.graph_bytes + chunk * column
 
 
 def exact_memory_bytes(num_params: int, element_size: int, eigenvectors: bool = False) -> int:
@@ -97,9 +117,7 @@ class Exact(Estimator):
         # timing builds the operator, which shows what the model's graph holds
         batch, batches = per_batch(problem)
         operator = HessianOperator(batch)
-        chunk = exact_chunk_size(operator.dim, element, operator.graph_bytes,
-                                 settings.max_memory - memory)
-        graph = products_bytes(chunk, operator.graph_bytes)
+        chunk, graph = batched_columns(operator, settings.max_memory - memory)
         if memory + graph > settings.max_memory:  # refused untimed: the timing's products
             return Cost(memory + graph, None, graph)  # held it (416 MiB for 300; probe 188)
         # the products batch by batch, then one eigen-solve
@@ -109,7 +127,6 @@ class Exact(Estimator):
 
     def run(self, problem: CurvatureProblem, settings: Settings, options: Any) -> Spectrum:
         dim = problem.num_params
-        element = problem.params[0].element_size()
         batches = per_batch(problem)[1]
         unused: list[frozenset[int]] = []  # the parameters no gradient reaches, batch by batch
         measured: list[float] = []  # the products' rounding: their antisymmetric part's norm
@@ -119,10 +136,9 @@ class Exact(Estimator):
 
             def batch_hessian(batch: CurvatureProblem) -> tuple[Tensor, float]:
                 operator = HessianOperator(batch)
-                chunk = exact_chunk_size(dim, element, operator.graph_bytes,
-                                         settings.max_memory - settings.predicted_memory)
-                self.check_refined(products_bytes(chunk, operator.graph_bytes), problem,
-                                   settings)
+                chunk, held = batched_columns(operator,
+                                              settings.max_memory - settings.predicted_memory)
+                self.check_refined(held, problem, settings)
                 unused.append(operator.unused)
                 hessian = dense_hessian(operator, chunk, advance, symmetrise=not streamed)
                 if operator.rounding is not None:  # (a data set's batch: its sum is measured)

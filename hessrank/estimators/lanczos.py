@@ -313,8 +313,7 @@ class LanczosEstimator(Estimator):
 def _held_by_products(operator: SymmetricOperator) -> int:
     """What an operator's graph and a product's backward passes through it hold (bytes; 0 for
     an operator without a graph)."""
-    return int((1 + getattr(operator, "product_graphs", 1.0))
-               * getattr(operator, "graph_bytes", 0))
+    return operator.held_by_products() if isinstance(operator, ParameterOperator) else 0
 
 
 def _one_batch(problem: CurvatureProblem) -> CurvatureProblem:
