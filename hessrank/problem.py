@@ -2935,31 +2935,6 @@ class GraphBytes:
         of a four-batch ``lanczos``, 8 GB over a long GPT run)."""
         return torch.autograd.graph.saved_tensors_hooks(_detached, cls._unpack)
 
-    def saved_by_softmax(self, roots: Iterable[Tensor | None]) -> int:
-        """Bytes of the counted storages that the softmax nodes (softmax, log-softmax and, in a
-        differentiated backward, their backward's node) of the graph behind ``roots`` saved: a
-        product's double backward through a softmax forms several temporaries of their size
-        (attention's ``[n, heads, T, T]`` weights), more than the graphs a product is allowed
-        otherwise (:data:`~hessrank.curvature.operator.SOFTMAX_TEMPORARIES`)."""
-        seen: set[torch.autograd.graph.Node] = set()
-        stack: list[torch.autograd.graph.Node | None] = [
-            root.grad_fn for root in roots if root is not None]
-        held: dict[int, int] = {}
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if "Softmax" in node.name():
-                for attribute in dir(node):
-                    value = (getattr(node, attribute) if attribute.startswith("_saved_")
-                             else None)
-                    pointer = _storage(value)[0] if isinstance(value, Tensor) else 0
-                    if pointer in self._found:
-                        held[pointer] = self._found[pointer]
-            stack.extend(following for following, _ in node.next_functions)
-        return sum(held.values())
-
     @property
     def total(self) -> int:
         return sum(self._found.values())

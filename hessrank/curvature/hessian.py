@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -223,6 +223,32 @@ def _twin_trials(problem: CurvatureProblem, outputs: Tensor) -> tuple[LossFn | N
     return loss_fn, None
 
 
+def softmax_saved_bytes(roots: Sequence[Tensor | None]) -> int:
+    """About what the softmax nodes (softmax, log-softmax and, in a differentiated backward,
+    their backward's node) of the graph behind ``roots`` saved: one tensor of each node's output
+    size (bytes), read from the nodes' metadata. A Hessian-vector product's double backward
+    through a softmax forms several temporaries of their size (attention's ``[n, heads, T, T]``
+    weights), more than the graphs a product is allowed otherwise
+    (:data:`~hessrank.curvature.operator.SOFTMAX_TEMPORARIES`). The saved tensors themselves
+    are not read: reading one inside a checkpointed block recomputes its forward, outside the
+    call's attention kernel, and the checkpoint refused it. 0 where torch's nodes keep no
+    metadata."""
+    seen: set[torch.autograd.graph.Node] = set()
+    stack: list[torch.autograd.graph.Node | None] = [
+        root.grad_fn for root in roots if root is not None]
+    held = 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "Softmax" in node.name():
+            for output in getattr(node, "_input_metadata", ()):
+                held += math.prod(output.shape) * output.dtype.itemsize
+        stack.extend(following for following, _ in node.next_functions)
+    return held
+
+
 class HessianOperator(ParameterOperator):
     """``V -> V H`` for the Hessian of the loss w.r.t. the analysed parameters (flattened, ``P``).
 
@@ -279,7 +305,7 @@ class HessianOperator(ParameterOperator):
         # agreed: the columns of a batched product are sized from it, and every process must
         # push the same number through each product's all-reduce
         self.graph_bytes = self._largest(graph.total)
-        self.softmax_bytes = self._largest(graph.saved_by_softmax(grads))
+        self.softmax_bytes = self._largest(softmax_saved_bytes(grads))
         self.unused = unused_parameters(grads)
         self._grads = grads
         # Gradient pieces that still depend on the parameters; the others have zero Hessian rows.

@@ -97,7 +97,7 @@ class ParameterOperator:
         graph_bytes: bytes of the autograd graph the operator keeps for its products (the
             tensors it saves, :class:`~hessrank.problem.GraphBytes`); 0 where not measured.
         softmax_bytes: the part of ``graph_bytes`` its softmax nodes saved, where a product
-            differentiates them twice (:meth:`~hessrank.problem.GraphBytes.saved_by_softmax`;
+            differentiates them twice (:func:`~hessrank.curvature.hessian.softmax_saved_bytes`;
             else 0: a factor operator's products through attention peaked at 0.35 times a
             prediction that counted them).
         rank_bound: the largest rank the operator can have (``P``, or a factorisation's width).
