@@ -523,6 +523,45 @@ def test_eigenvalues_an_invariant_run_cannot_see_stay_in_the_intervals() -> None
     assert misses.max() <= 1  # 95 % intervals
 
 
+def _known_hessian(eigenvalues: np.ndarray, dtype: torch.dtype = torch.float64):
+    """A linear model without bias on inputs ``sqrt(eigenvalues / 2) Q`` (``Q`` a random
+    orthogonal matrix) under sum-reduced MSE: its Hessian (and its GGN) is exactly
+    ``Q^T diag(eigenvalues) Q``. Returns ``(model, loss, batch)``."""
+    dim = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64))
+    inputs = torch.from_numpy(np.sqrt(np.asarray(eigenvalues) / 2))[:, None] * q
+    torch.manual_seed(0)
+    model = nn.Linear(dim, 1, bias=False).to(dtype)
+    return (model, nn.MSELoss(reduction="sum"),
+            (inputs.to(dtype), torch.zeros(dim, 1, dtype=dtype)))
+
+
+@pytest.mark.parametrize("method", ["lanczos", "ggn_lanczos"])
+def test_eigenvalues_under_an_invariant_run_s_floor_above_the_cut_stay_in_the_interval(method):
+    """P = 80 eigenvalues logspace(0, -10) (a GGN's rank bound no lower): the run turns
+    invariant after about 42 steps, eigenvalues up to its floor (2.5e-5 of the largest) hiding
+    under the products' rounding, above the numerical rank's cut (80 float32 epsilons, 9.5e-6).
+    The interval had allowed them only where the cut lay under the last beta (4.1e-6): [37, 38]
+    for 40 (probe 244). Where the cut clears the floor, it stays as narrow as it was."""
+    eigenvalues = np.logspace(0, -10, 80)
+    model, loss, batch = _known_hessian(eigenvalues)
+    for seed in range(3):
+        result = hessrank.effective_rank(model, loss, batch, method=method, seed=seed,
+                                         lanczos_steps=80)
+        assert any("hide under the products' rounding" in note for note in result.notes)
+        truth = spectral_ranks(eigenvalues, rtol=result.rtol)["numerical"]
+        assert result.numerical_interval is not None
+        low, high = result.numerical_interval
+        assert low <= truth <= high, (seed, low, high, truth)
+    result = hessrank.effective_rank(model, loss, batch, method=method, lanczos_steps=80,
+                                     rtol=1e-4)
+    truth = spectral_ranks(eigenvalues, rtol=1e-4)["numerical"]
+    assert result.numerical_interval is not None
+    low, high = result.numerical_interval
+    assert low <= truth <= high and high - low <= 1
+
+
 @pytest.mark.parametrize("scale", [2.0**-80, 2.0**-40, 2.0**40, 2.0**80])
 def test_ranks_and_intervals_are_scale_free(scale: float) -> None:
     """The same operator times ``scale`` (exact in float32, 1e-24 to 1e24): the spectrum

@@ -1051,6 +1051,27 @@ def _hidden(quadrature: _Quadrature, bound: int) -> tuple[np.ndarray, float, flo
     return small, count, quadrature.floor * math.sqrt(count)
 
 
+def _hidden_above(quadrature: _Quadrature, hidden: float, cut: float, capped: bool) -> float:
+    """How many of the ``hidden`` eigenvalues an invariant run may lack (:func:`_hidden`) can
+    reach the numerical rank's ``cut``, as the intervals allow.
+
+    Under a rank bound (``capped``): all of them where the cut lies within what a probe holding
+    :data:`HIDDEN_SHARE` of their directions leaves unseen, none above. Without one, the bound
+    of :func:`_invariance_floor` counts them: ``k`` eigenvalues of magnitude ``cut`` or more
+    among the ``d`` lacking, each with its even share of the probe, leave the null space's Ritz
+    vector a residual of at least ``cut sqrt(k / d)``, which the last ``beta`` bounds, so ``k``
+    is at most ``(floor / cut)^2`` (``floor`` = ``beta sqrt(d)``): all ``d`` where the cut
+    lies under that ``beta``, none where it clears the floor. (Only the cut under the last
+    ``beta`` had widened the interval: P = 80 eigenvalues logspace(0, -10) turned invariant
+    after 42 steps, their floor 2.5e-5 of the largest over a cut at 9.5e-6 and a last beta at
+    4.1e-6, and the numerical rank came out in [37, 38] for 40; probe 244.)"""
+    if capped:
+        return hidden if cut < quadrature.floor / math.sqrt(HIDDEN_SHARE) else 0.0
+    if cut <= 0.0:
+        return hidden
+    return min(hidden, float(math.floor((quadrature.floor / cut) ** 2)))
+
+
 @dataclass
 class _Checked:
     """What :func:`_repeat_check` found: the run's quadrature with the counts of its deflated
@@ -1749,7 +1770,8 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
     Each run's free weights are redrawn (:func:`_bootstrap_weights`); each draw's counts are
     widened to what its quadrature proves (:func:`_count_bounds`) at the srank's cut and at the
     numerical rank's ``rtol * max |lambda|``, and by the eigenvalues an invariant run may have
-    missed (:func:`_hidden`, at most the rank ``bound`` allows); runs are averaged draw by draw.
+    missed (:func:`_hidden`, at most the rank ``bound`` allows; above the numerical rank's cut,
+    :func:`_hidden_above`); runs are averaged draw by draw.
     """
     rng, trace_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     bounds = np.zeros((4, BOOTSTRAP_DRAWS))  # srank low, high; numerical low, high
@@ -1787,15 +1809,15 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
             error = 4 * eps * float(magnitude.max()) + np.where(quadrature.fixed,
                                                                 quadrature.residuals, 0.0)
         # What an invariant run lacks under its floor moves the trace and the mass by up to
-        # the floor each, and any of it may lie above a numerical cut below that floor where a
-        # rank bound caps how many (a GGN's, an EF's), else below the run's last beta: without
-        # a cap the floor's worst case says nothing (a trained MLP's Hessian, whose cut is 20
-        # times its last beta, had its numerical rank in [384, 1907] for 384; probe 69).
+        # the floor each, and some of it may lie above a numerical cut below that floor: as
+        # much as a rank bound leaves room for (a GGN's, an EF's), else as many as the run's
+        # last beta lets hide there (:func:`_hidden_above`; all of them, where no bound caps
+        # them, had put a trained MLP's Hessian, whose cut is 20 times its last beta, at
+        # [384, 1907] for 384; probe 69).
         small, hidden, hidden_mass = _hidden(quadrature, bound)
         trace_hidden = hidden_mass / math.sqrt(HIDDEN_SHARE)  # (HIDDEN_SHARE: the trace's)
         capped = bound < round(float(quadrature.weights.sum()))  # (the weights sum to dim)
-        unseen = tolerance < (quadrature.floor / math.sqrt(HIDDEN_SHARE) if capped
-                              else quadrature.resolution)
+        unseen = _hidden_above(quadrature, hidden, tolerance, capped)
         # Where the run guessed which nodes repeat, every allocation of the guessed counts is
         # as likely: the intervals hold them all.
         least, most = np.full(3, np.inf), np.full(3, -np.inf)
@@ -1832,7 +1854,10 @@ def _intervals(quadratures: list[_Quadrature], threshold: float, rtol: float, se
         lower, upper = _count_bounds(quadrature, draws, np.nextafter(tolerance, np.inf),
                                      rounding_slack(eps, float(magnitude.max())))
         if unseen:
-            upper = np.maximum(upper, draws[:, above & ~small].sum(axis=1) + hidden)
+            # (the small nodes above the cut, Ritz values of their own, count beside the
+            # lacking eigenvalues that may join them, up to all that the small nodes hold)
+            upper = np.maximum(upper, draws[:, above & ~small].sum(axis=1) + np.minimum(
+                draws[:, above & small].sum(axis=1) + unseen, hidden))
         bounds[2] += np.minimum.reduce([counts, lower, np.full(len(draws), least[1]),
                                         floored_counts])
         bounds[3] += np.maximum.reduce([counts, upper, np.full(len(draws), most[1]),
