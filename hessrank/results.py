@@ -45,7 +45,8 @@ class RankResult:
         rank_interval: the Lanczos methods (``lanczos``, ``ggn_lanczos``, ``fisher_lanczos``)
             only: 95 % interval for the rank (probe spread plus quadrature resolution).
         trace_interval, numerical_interval: the Lanczos methods only: 95 % intervals for
-            ``trace`` and for the numerical rank at ``rtol`` (the same construction).
+            ``trace`` and for the numerical rank at ``rtol`` (the same construction; the
+            numerical rank's in whole numbers, rounded outward as its note states).
         num_hvps: matrix-vector products spent (``exact``, ``lanczos``: Hessian-vector
             products; ``ggn_lanczos``, ``fisher_lanczos``: products with the GGN or the EF),
             those that checked them included.

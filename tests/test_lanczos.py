@@ -905,6 +905,19 @@ def test_the_numerical_interval_is_at_the_rank_s_tolerance() -> None:
     assert low <= exact.ranks["numerical"] <= high
 
 
+def test_the_numerical_interval_is_the_whole_numbers_its_note_states() -> None:
+    """30 eigenvalues 1, 30 of 0.1 and 60 zeros, every one found: the quadrature's counts are
+    fractional, and the result's interval (60.24, 64.94) missed the exact 60 where its note,
+    rounding outward, held it in [60, 65] (probe 244). The result holds the note's interval."""
+    eigenvalues = np.array([1.0] * 30 + [0.1] * 30 + [0.0] * 60)
+    result = lanczos_spectrum(rotated(eigenvalues, seed=5), max_products=120, seed=10)
+    low, high = result.numerical_interval
+    assert low == math.floor(low) and high == math.ceil(high)
+    assert low <= 60 <= high
+    assert (f"numerical rank in [{low:.0f}, {high:.0f}] (95 %) at rtol = "
+            f"{default_rtol(120, FLOAT32_EPS):.3g}") in result.notes
+
+
 def test_a_zero_hessian_has_zero_intervals_and_counts_stay_within_the_rank_bound():
     """A loss linear in a linear model's outputs has a zero Hessian: every product is exactly
     zero, which for a random start means every eigenvalue is, so every interval is [0, 0] (the
