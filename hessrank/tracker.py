@@ -849,7 +849,61 @@ def _own_copy(value: Any) -> Any:
 FINGERPRINT_ENTRIES = 16
 
 
-def _versions(model: nn.Module) -> tuple[int, list[Tensor]]:
+@dataclass(frozen=True)
+class _Rescaled:
+    """A weight that its module's forward rescales in place (``nn.Embedding`` or
+    ``nn.EmbeddingBag`` with ``max_norm``), as :func:`_versions` read it: its version counter
+    and a copy of its values."""
+
+    version: int
+    values: Tensor
+    max_norm: float
+    norm_type: float
+
+    def rescaled_since(self, later: _Rescaled) -> bool:
+        """Whether ``later`` holds this reading's values, but for rows that lookups rescaled
+        since (``torch.embedding_renorm_``, once per forward: each changed row equals the
+        kernel's rescaling of its earlier values, applied up to once per version the counter
+        rose, as a row a later forward reaches again shrinks again by its rounding). Exact:
+        an update, in place, through ``.data`` or by a fused kernel (neither raises the
+        counter), changes a row otherwise."""
+        before, after = self.values, later.values
+        if (before.shape != after.shape or before.dtype != after.dtype
+                or before.device != after.device):
+            return False
+        changed = ~torch.isclose(before, after, rtol=0, atol=0, equal_nan=True)
+        rows = changed.reshape(len(changed), -1).any(dim=1).nonzero().squeeze(1)
+        if not len(rows):
+            return True
+        old, new = before[rows], after[rows]
+        matched = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+        every = torch.arange(len(rows), device=rows.device)
+        for _ in range(later.version - self.version):
+            rescaled = old.clone()
+            torch.embedding_renorm_(rescaled, every, self.max_norm, self.norm_type)
+            matched |= (rescaled == new).reshape(len(rows), -1).all(dim=1)
+            if bool(matched.all()) or torch.equal(rescaled, old):
+                break
+            old = rescaled
+        return bool(matched.all())
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """What :func:`_versions` reads of the parameters.
+
+    Attributes:
+        version: the sum of the version counters of the parameters but ``rescaled``'s.
+        entries: their fingerprint entries, joined into one tensor a device and dtype.
+        rescaled: the weights a forward rescales in place, whole.
+    """
+
+    version: int
+    entries: list[Tensor]
+    rescaled: tuple[_Rescaled, ...]
+
+
+def _versions(model: nn.Module) -> _Reading:
     """The sum of the parameters' version counters, which every in-place update of a tensor
     raises, and up to :data:`FINGERPRINT_ENTRIES` evenly spaced entries of each parameter:
     fused optimizer kernels (``Adam(fused=True)``) and writes to ``param.data`` update the
@@ -860,26 +914,42 @@ def _versions(model: nn.Module) -> tuple[int, list[Tensor]]:
     model of 2,000 parameter tensors, 8.5 ms joined; ``benchmarks/tracker_fingerprint.py``).
     A lazy module's parameters before its first forward have no values and are left out (their
     reading had raised torch's error out of ``step()``, whatever ``on_error``; probe 241): they
-    come in, an update, as they are initialised."""
+    come in, an update, as they are initialised.
+
+    The weight of an embedding with ``max_norm`` is read whole instead (:class:`_Rescaled`):
+    every forward rescales the rows it looks up in place, raising the counter whether a value
+    moves or not, so each micro-batch had been taken for an update, measured and recorded
+    again, and warned of as two models at one step (probe 243). Its copy is the one cost of a
+    reading that grows with the model, paid by such models alone."""
+    rescaled: dict[int, _Rescaled] = {}  # (a table tied to two modules: read once)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None:
+            rescaled[id(module.weight)] = _Rescaled(
+                module.weight._version, module.weight.detach().clone(), module.max_norm,
+                module.norm_type)
     params = [param for param in model.parameters()
-              if not torch.nn.parameter.is_lazy(param)]
+              if not torch.nn.parameter.is_lazy(param) and id(param) not in rescaled]
     joined: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for param in params:
         joined.setdefault((param.device, param.dtype), []).append(
             param.detach().reshape(-1)[::max(1, param.numel() // FINGERPRINT_ENTRIES)])
-    return (sum(param._version for param in params),
-            [torch.cat(entries) for entries in joined.values()])
+    return _Reading(sum(param._version for param in params),
+                    [torch.cat(entries) for entries in joined.values()],
+                    tuple(rescaled.values()))
 
 
-def _same_versions(first: tuple[int, list[Tensor]] | None,
-                   second: tuple[int, list[Tensor]] | None) -> bool:
-    """Whether two :func:`_versions` readings show no update between them (NaN entries equal)."""
-    if first is None or second is None:
-        return first is second
-    return first[0] == second[0] and len(first[1]) == len(second[1]) and all(
-        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-        and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
-        for a, b in zip(first[1], second[1]))
+def _same_versions(earlier: _Reading | None, later: _Reading | None) -> bool:
+    """Whether two :func:`_versions` readings, in the order they were read, show no update
+    between them (NaN entries equal; a weight a forward rescales, no change but its lookups'
+    rescaling)."""
+    if earlier is None or later is None:
+        return earlier is later
+    return (earlier.version == later.version and len(earlier.entries) == len(later.entries)
+            and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                    and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+                    for a, b in zip(earlier.entries, later.entries))
+            and len(earlier.rescaled) == len(later.rescaled)
+            and all(a.rescaled_since(b) for a, b in zip(earlier.rescaled, later.rescaled)))
 
 
 def _check_values(loss_fn: Callable[..., Any], method: str, per_layer: bool,
@@ -1154,11 +1224,11 @@ class Tracker:
         self._resume_from: int | None = None
         self._warned_passed = False  # of scheduled steps that step() passed over
         #: the parameters' versions (their in-place updates) at the last step() with step=
-        self._last_versions: tuple[int, list[Tensor]] | None = None
+        self._last_versions: _Reading | None = None
         #: the methods due at the last counted step that have no record of it yet (its
         #: measurement cut short: retried by a step() of it with no update since)
         self._unfinished: list[str] = []
-        self._unfinished_versions: tuple[int, list[Tensor]] | None = None
+        self._unfinished_versions: _Reading | None = None
         self._counted = 0  # step() calls so far (updates of the model, as far as we know)
         #: method -> the step of its last record and the step() calls before it
         self._recorded: dict[str, tuple[int, int]] = {}
@@ -1265,8 +1335,8 @@ class Tracker:
             _check_batch(batch, "batch")
         versions = None if step is None else _versions(self.model)
         if self._unfinished and step in (None, self._last_step) and _same_versions(
-                _versions(self.model) if versions is None else versions,
-                self._unfinished_versions):
+                self._unfinished_versions,
+                _versions(self.model) if versions is None else versions):
             # the last counted step again, its measurement cut short (an error raised, a
             # Ctrl-C) and no update since: the loop retries it. Its methods not recorded are
             # measured at it (a retry had been taken for a micro-batch and measured nothing,
@@ -1275,7 +1345,7 @@ class Tracker:
             return self.measure(None if self.eval_batch is not None else batch,
                                 step=self._last_step, methods=list(self._unfinished))
         if (step is not None and index == self._last_step
-                and _same_versions(versions, self._last_versions)):
+                and _same_versions(self._last_versions, versions)):
             # another micro-batch of the step counted last (gradient accumulation): no update
             # since, so neither a step to count nor a model to measure again (each had been
             # measured once per micro-batch, warned of as two models at one step; probe 137).

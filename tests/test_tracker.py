@@ -1489,23 +1489,40 @@ def _quiet_tracker(**kwargs) -> hessrank.Tracker:
     return hessrank.Tracker(_net().eval(), CE, ("fisher",), **kwargs)
 
 
-def _fused_adam_step(model: nn.Module) -> None:
+def _fused_adam_step(weight: nn.Parameter) -> None:
     """One step of ``Adam(fused=True)``, whose kernel leaves the version counters as they are."""
-    for param in model.parameters():
-        param.grad = torch.ones_like(param)
-    torch.optim.Adam(model.parameters(), lr=0.1, fused=True).step()
-    model.zero_grad(set_to_none=True)
+    weight.grad = torch.ones_like(weight)
+    torch.optim.Adam([weight], lr=0.1, fused=True).step()
+    weight.grad = None
 
 
-def _data_write(model: nn.Module) -> None:
+def _data_write(weight: nn.Parameter) -> None:
     """``param.data -= ...``: an update through ``.data``, which no version counter sees."""
-    for param in model.parameters():
-        param.data -= 0.1
+    weight.data -= 0.1
 
 
-#: ways to update a parameter between two step() calls with one step=: each is another model
-_UPDATES = {"in place (mul_)": lambda model: model[0].weight.detach().mul_(2.0),
+#: ways to update a weight between two step() calls with one step=: each is another model
+_UPDATES = {"in place (mul_)": lambda weight: weight.detach().mul_(2.0),
             "Adam(fused=True)": _fused_adam_step, "param.data": _data_write}
+
+
+def _accumulated_steps(tracker: hessrank.Tracker, batches: list[tuple], steps: int,
+                       update: str) -> None:
+    """``steps`` steps of gradient accumulation over ``batches`` (a due step measured once, at
+    its first micro-batch, and no warning), then another micro-batch of the last step after an
+    ``update`` of the first layer's weight: another model at that step, measured and warned of
+    (a step= per epoch given at every batch had been dropped silently; probe 139)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for step in range(steps):
+            for micro, (x, y) in enumerate(batches):
+                CE(tracker.model(x), y).backward()
+                taken = tracker.step((x, y), step=step)
+                assert (taken != []) == (tracker.due(step) and micro == 0), (step, micro)
+    with torch.no_grad():
+        _UPDATES[update](tracker.model[0].weight)
+    with pytest.warns(RuntimeWarning, match="two models at one step"):
+        assert tracker.step(batches[0], step=steps - 1) != []
 
 
 @pytest.mark.parametrize("update", list(_UPDATES))
@@ -1515,21 +1532,29 @@ def test_the_micro_batches_of_one_step_are_measured_once(tmp_path: Path, update:
     one step (probe 137). An update since makes it another model, however it was made: a fused
     optimizer and ``.data`` raise no version counter, and were dropped silently (probe 160)."""
     x, y = classification_batch(32, 6, 3, dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        with _quiet_tracker(every=2, log=tmp_path / "c.jsonl") as tracker:
-            for step in range(4):
-                for micro in range(3):
-                    taken = tracker.step((x[micro::3], y[micro::3]), step=step)
-                    assert (taken != []) == (step % 2 == 0 and micro == 0)
-            # a parameter updated since: another model at that step, measured and warned of
-            # (a step= per epoch given at every batch had been dropped silently; probe 139)
-            assert tracker.step((x[::3], y[::3]), step=4) != []
-            with torch.no_grad():
-                _UPDATES[update](tracker.model)
-            with pytest.warns(RuntimeWarning, match="two models at one step"):
-                assert tracker.step((x[::3], y[::3]), step=4) != []
+    with _quiet_tracker(every=2, log=tmp_path / "c.jsonl") as tracker:
+        _accumulated_steps(tracker, [(x[micro::3], y[micro::3]) for micro in range(3)], 5,
+                           update)
     assert [r["step"] for r in _read(tmp_path / "c.jsonl")] == [0, 2, 4, 4]
+
+
+@pytest.mark.parametrize("update", list(_UPDATES))
+def test_an_embedding_s_rescaling_in_its_forward_is_no_update(update: str) -> None:
+    """``nn.Embedding(max_norm=...)`` rescales the rows each forward looks up, in place, raising
+    its version counter: every micro-batch had been taken for an update, measured, recorded
+    again and warned of as two models at one step (probe 243). Rows its lookups rescaled are
+    no update, their values moved: every row starts above max_norm, and the second and third
+    micro-batches look up rows the first does not, the third shrinking some again by their
+    rounding. An update of the table is one still."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 6, max_norm=0.8), nn.Flatten(), nn.Linear(30, 3))
+    assert bool((model[0].weight.norm(dim=1) > 0.8).all())
+    rows = torch.arange(20).remainder(10).view(4, 5)
+    y = torch.randint(0, 3, (4,))
+    with hessrank.Tracker(model, CE, "fisher", every=1, log=None) as tracker:
+        _accumulated_steps(tracker, [(rows, y), (rows + 10, y), (rows + 10, y.flip(0))], 2,
+                           update)
+    assert [r["step"] for r in tracker.records] == [0, 1, 1]
 
 
 def test_a_resumed_log_counted_without_step_numbers_is_warned_of(tmp_path: Path) -> None:
