@@ -1232,8 +1232,8 @@ class Tracker:
         self._counted = 0  # step() calls so far (updates of the model, as far as we know)
         #: method -> the step of its last record and the step() calls before it
         self._recorded: dict[str, tuple[int, int]] = {}
-        #: method -> (num_params, num_samples) of its last result
-        self._sizes: dict[str, tuple[int, int]] = {}
+        #: method -> (num_params, num_samples, rtol) of its last result
+        self._sizes: dict[str, tuple[int, int, float]] = {}
         self._warned_samples = False
         self._start: float | None = None
         self._spent = 0.0
@@ -1575,8 +1575,11 @@ class Tracker:
         """Warn where ``method`` measured another number of parameters than at its last record
         (a layer frozen or unfrozen) or, once, another number of samples (a step's batch of
         another size): a plot had joined them into one line, whose jump was the
-        configuration's, not the curvature's (probe 137)."""
-        sizes = (result.num_params, result.num_samples)
+        configuration's, not the curvature's (probe 137); or, on as many of both, counted its
+        numerical rank at another ``rtol`` (a model cast to float64 mid-run: the default, the
+        matrix's size times the dtype's epsilon, fell from 5.4e-5 to 1e-13, and the rank
+        jumped from 343 to 385 without a word; probe 243)."""
+        sizes = (result.num_params, result.num_samples, float(result.rtol))
         last = self._sizes.get(method)
         self._sizes[method] = sizes
         if last is None or last == sizes:
@@ -1587,14 +1590,24 @@ class Tracker:
                 f"{last[0]:,} at its last record (a layer frozen or unfrozen, another params=): "
                 "its ranks jump with them, not with the curvature (hessrank plot breaks the "
                 "line there)", RuntimeWarning, stacklevel=_user_stacklevel())
-        elif not self._warned_samples:
-            self._warned_samples = True
+        elif last[1] != sizes[1]:
+            if not self._warned_samples:
+                self._warned_samples = True
+                warnings.warn(
+                    f"hessrank.Tracker: {method} measured {sizes[1]} samples at step {step}, "
+                    f"{last[1]} at its last record: ranks bounded by the samples (fisher's by "
+                    "n) and every estimate move with the batch, not with the curvature alone "
+                    "(hessrank plot draws those points hollow); eval_batch= measures the same "
+                    "samples every time (said once)", RuntimeWarning,
+                    stacklevel=_user_stacklevel())
+        else:
             warnings.warn(
-                f"hessrank.Tracker: {method} measured {sizes[1]} samples at step {step}, "
-                f"{last[1]} at its last record: ranks bounded by the samples (fisher's by n) "
-                "and every estimate move with the batch, not with the curvature alone "
-                "(hessrank plot draws those points hollow); eval_batch= measures the same samples "
-                "every time (said once)", RuntimeWarning, stacklevel=_user_stacklevel())
+                f"hessrank.Tracker: {method} counted its numerical rank at rtol {sizes[2]:.3g} "
+                f"at step {step}, {last[2]:.3g} at its last record, on as many parameters and "
+                "samples (the default rtol is the matrix's size times its dtype's epsilon: a "
+                "model cast to another dtype moves it): its numerical rank jumps with it, not "
+                "with the curvature (hessrank plot breaks that line there); rtol= counts at "
+                "one tolerance throughout", RuntimeWarning, stacklevel=_user_stacklevel())
 
     def close(self) -> None:
         """Close every sink (idempotent); the tracker measures no more."""

@@ -1473,6 +1473,31 @@ def test_plot_breaks_lines_at_another_configuration_and_marks_failures(tmp_path:
     assert top_axes.get_yscale() == "symlog"
 
 
+def test_plot_breaks_the_numerical_rank_where_its_tolerance_changes(tmp_path: Path) -> None:
+    """A model cast to float64 mid-run: its default rtol fell from 5.4e-5 to 1e-13 and the
+    numerical rank jumped from 343 to 385 on one line (probe 243). That line breaks there, a
+    layer's at its own rtol; the srank's does not, nor does the numerical rank's at a batch of
+    another size (whose rtol moves with n, drawn hollow)."""
+    from hessrank.cli.plot import build_figure, read_run
+
+    def record(step: int, rtol: float, samples: int = 40) -> dict:
+        return {"step": step, "method": "exact", "rank": 253, "numerical": 343 + step,
+                "rtol": rtol, "top_eigenvalue": 0.5, "num_params": 452,
+                "num_samples": samples, "layers": {"0": {"numerical": step, "rtol": rtol}}}
+
+    log = tmp_path / "c.jsonl"
+    lines = [record(0, 5.4e-5), record(1, 5.4e-5), record(2, 1e-13), record(3, 1e-13),
+             record(4, 5e-14, samples=20), record(5, 1e-13)]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for key, layers, gaps in (("numerical", False, [1.5]), ("numerical", True, [1.5]),
+                              ("rank", False, [])):
+        axes = build_figure([read_run(log)], key, layers).axes
+        line = (axes[2] if layers else axes[0]).get_lines()[0]
+        steps, values = list(line.get_xdata()), list(line.get_ydata())
+        assert [s for s, v in zip(steps, values) if np.isnan(v)] == gaps, (key, layers)
+        assert [s for s, v in zip(steps, values) if not np.isnan(v)] == list(range(6))
+
+
 def test_unreadable_mnist_files_are_one_line(tmp_path: Path, capsys) -> None:
     """MNIST files that exist but are not idx files (a truncated download) had ended in
     torchvision's bare ``AssertionError`` and a traceback (probe 146)."""

@@ -1610,8 +1610,9 @@ def test_records_carry_the_result_s_notes(tmp_path: Path) -> None:
 
 def test_a_measurement_of_other_sizes_is_warned_of(tmp_path: Path) -> None:
     """A layer frozen between two measurements, or a step's batch of another size, had joined
-    one line of the plot without a word: its jump was the configuration's (probe 137). The
-    parameters' change is said each time, the samples' once."""
+    one line of the plot without a word: its jump was the configuration's (probe 137), and so
+    had a numerical rank counted at another rtol (probe 243). The parameters' and the rtol's
+    change is said each time, the samples' once."""
     model = _net().eval()
     x, y = classification_batch(16, 6, 3, dtype=torch.float32)
     with hessrank.Tracker(model, CE, ("fisher",), every=1, log=None) as tracker:
@@ -1628,6 +1629,13 @@ def test_a_measurement_of_other_sizes_is_warned_of(tmp_path: Path) -> None:
         with pytest.warns(RuntimeWarning, match=rf"fisher measured {left} parameters at step 3, "
                           rf"{total} at its last record \(a layer frozen or unfrozen"):
             tracker.step((x, y))
+        # a model cast to float64: the default rtol, n times the dtype's epsilon, falls and
+        # the numerical rank with it, silently (probe 243); said each time
+        model.double()
+        with pytest.warns(RuntimeWarning, match=r"fisher counted its numerical rank at rtol "
+                          r"3.55e-15 at step 4, 1.91e-06 at its last record, on as many "
+                          r"parameters and samples .*a model cast to another dtype"):
+            tracker.step((x.double(), y))
 
 
 def test_a_crashed_run_s_empty_default_log_is_taken_again(tmp_path: Path, monkeypatch) -> None:

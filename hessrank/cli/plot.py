@@ -48,25 +48,35 @@ class Run:
         def value(record: dict[str, Any]) -> float | None:
             found = _source(record, layer).get(key)
             return None if found is None else float(found)
-        return self.points(method, value, math.nan)
+        return self.points(method, value, math.nan, _tolerance(key, layer))
 
-    def points(self, method: str, read: Callable[[dict[str, Any]], Any],
-               gap: Any) -> tuple[list, list]:
+    def points(self, method: str, read: Callable[[dict[str, Any]], Any], gap: Any,
+               tolerance: Callable[[dict[str, Any]], Any] | None = None) -> tuple[list, list]:
         """Steps and ``read(record)`` of ``method``'s records, in step order; records it reads
         None from are left out, and ``gap`` (a NaN, where matplotlib breaks a line or a band)
         goes midway between two records of another number of parameters (a layer frozen) or
         with a failure of the method between them: joined, their jump had read as the
-        curvature's (probe 137)."""
-        points = [(record["step"], read(record), record.get("num_params"))
+        curvature's (probe 137); and, given the ``tolerance`` the values are counted at (the
+        numerical rank's ``rtol``), between two records on one number of samples counted at
+        another (a model cast to float64 mid-run: the default rtol, the matrix's size times
+        the dtype's epsilon, fell from 5.4e-5 to 1e-13 and the rank jumped from 343 to 385;
+        probe 243). Another number of samples moves the default rtol too: those records are
+        drawn hollow (:meth:`other_samples`)."""
+        def regime(record: dict[str, Any]) -> tuple[Any, Any, Any]:
+            return (record.get("num_params"), record.get("num_samples"),
+                    None if tolerance is None else tolerance(record))
+
+        points = [(record["step"], read(record), regime(record))
                   for record in self.records if record["method"] == method]
         points = sorted((p for p in points if p[1] is not None), key=lambda p: p[0])
         failed = [r["step"] for r in self.failures if r["method"] == method]
         steps: list[float] = []
         values: list[Any] = []
-        for index, (step, value, size) in enumerate(points):
+        for index, (step, value, (size, samples, counted_at)) in enumerate(points):
             if index:
-                before, _, was = points[index - 1]
-                if size != was or any(before < f < step for f in failed):
+                before, _, (was, had, counted_before) = points[index - 1]
+                if (size != was or (samples == had and counted_at != counted_before)
+                        or any(before < f < step for f in failed)):
                     steps.append((before + step) / 2)
                     values.append(gap)
             steps.append(step)
@@ -96,6 +106,14 @@ class Run:
 def _source(record: dict[str, Any], layer: str | None) -> dict[str, Any]:
     """The record's numbers, or those of its ``layer`` (empty where it has none)."""
     return record if layer is None else record.get("layers", {}).get(layer, {})
+
+
+def _tolerance(key: str, layer: str | None) -> Callable[[dict[str, Any]], Any] | None:
+    """The reader of the tolerance that rank ``key`` (a layer's, if given) is counted at, the
+    numerical rank's ``rtol``; None for a rank that reads none."""
+    if key != "numerical":
+        return None
+    return lambda record: _source(record, layer).get("rtol")
 
 
 def _is_number(value: object) -> bool:
@@ -256,7 +274,8 @@ def _draw(axes: Axes, runs: list[Run], key: str, layer: str | None = None) -> No
                 # (probe 85); broken where the line is
                 def interval(record: dict[str, Any]) -> Any:
                     return _source(record, layer).get(INTERVALS[key])
-                band_steps, bands = run.points(method, interval, [math.nan, math.nan])
+                band_steps, bands = run.points(method, interval, [math.nan, math.nan],
+                                               _tolerance(key, layer))
                 if band_steps:
                     axes.fill_between(band_steps, [b[0] for b in bands], [b[1] for b in bands],
                                       color=style["color"], alpha=0.15, label=f"{label} interval")
