@@ -750,7 +750,7 @@ def test_tables_are_printed_when_writing_a_file_fails(tmp_path: Path, capsys,
     status, out, err = run_main(argv, capsys)
     assert status == 2 and out == ""
     assert err == expected
-    monkeypatch.setattr(report, "check_outputs", lambda outputs, quiet=False, reads=None: None)
+    monkeypatch.setattr(report, "check_outputs", lambda outputs, quiet=False, reads=None: [])
     status, out, err = run_main(argv, capsys)
     assert status == 2
     assert "\nEstimators " in out and "\nfisher " in out
@@ -1106,7 +1106,7 @@ def test_a_reader_that_leaves_the_pipe_gets_no_traceback():
 
 def test_quiet_says_nothing_of_files_it_replaces(tmp_path: Path, capsys) -> None:
     """``--quiet`` printed 'exists; it will be replaced' (probe 58); without it, the line is
-    there before any work."""
+    there, before the file is written."""
     out = tmp_path / "r.json"
     out.write_text("{}")
     argv = ["rank", *TINY, "--method", "fisher", "--json", str(out)]
@@ -1782,20 +1782,56 @@ def test_data_too_large_to_allocate_is_one_line(argv: list[str], patched: str, c
     (["rank", "--method", "exact,fisher"], "names 2 estimators: rank measures one"),
     (["rank", "--data", "mnist", "--data-dir", "{tmp}"], "no MNIST in {tmp}"),
     (["plot", "{tmp}/log.jsonl", "-o", "{tmp}/old.json", "--layers"],
-     "--layers: the log has no per-layer ranks")])
+     "--layers: the log has no per-layer ranks"),
+    # refused once the work began (probe 243): a budget, the model's outputs, an option's value
+    (["rank", *TINY, "--max-memory", "1e-9"], "over --max-memory 1e-09 GiB"),
+    (["compare", *TINY, "--max-seconds", "1e-9"], "over --max-seconds 1e-09"),
+    (["compare", "--model", "{tmp}/five.py:five"], "returns (2, 5), expected logits of shape"),
+    (["compare", *TINY, "--methods", "lanczos", "--lanczos-steps", "1"],
+     "gives a quadrature of one node")])
 def test_a_refused_command_does_not_say_it_will_replace_a_file(argv: list[str], expected: str,
                                                                tmp_path: Path, capsys) -> None:
     """A file there had been said to be replaced ("exists; it will be replaced") and the
-    command then refused (probe 204): every other check comes first."""
+    command then refused (probe 204): every other check comes first, and a refusal of the work
+    itself comes before the line too (probe 243)."""
     old = tmp_path / "old.json"
     old.write_text("an earlier run\n")
     (tmp_path / "log.jsonl").write_text('{"step": 0, "method": "fisher", "rank": 3}\n')
+    (tmp_path / "five.py").write_text(
+        "from torch import nn\n\n\ndef five():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     if argv[0] != "plot":
         argv += ["--json", str(old)]
     status, out, err = run_main(argv, capsys)
     assert status == 2 and out == "" and err.count("\n") == 1, err
     assert expected.replace("{tmp}", str(tmp_path)) in err, err
+    assert old.read_text() == "an earlier run\n"
+
+
+def test_a_refusal_within_the_first_checkpoint_leaves_the_json(tmp_path: Path, capsys,
+                                                               monkeypatch) -> None:
+    """exact measured, then fisher refused by its budget: the JSON had been rewritten with
+    exact's record, marked in progress, and the command refused with nothing kept (probe
+    243). Until a checkpoint is measured whole, a refusal writes nothing and nothing is said to
+    be replaced. (Stood in for: a budget one method of the first checkpoint exceeds.)"""
+    import functools
+
+    original = hessrank.effective_rank
+
+    @functools.wraps(original)
+    def fisher_over_budget(model, loss_fn, batch, method="fisher", **kwargs):
+        if method == "fisher":
+            raise hessrank.BudgetError("fisher needs 1 TiB", 2**40, None)
+        return original(model, loss_fn, batch, method=method, **kwargs)
+
+    monkeypatch.setattr(hessrank, "effective_rank", fisher_over_budget)
+    old = tmp_path / "old.json"
+    old.write_text("an earlier run\n")
+    status, out, err = run_main(["compare", *TINY, "--methods", "exact,fisher", "--no-pyhessian",
+                                 "--json", str(old)], capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("hessrank: error: fisher on mlp") and "over --max-memory" in err
     assert old.read_text() == "an earlier run\n"
 
 

@@ -558,6 +558,21 @@ def _wrote(paths: list[Path | None], quiet: bool) -> None:
                 print(f"hessrank: wrote {path.resolve()}", file=sys.stderr)
 
 
+def _say_replaced(replaced: list[str]) -> None:
+    """Print the lines of :func:`report.check_outputs` on the files to be replaced, once: the
+    list is emptied."""
+    while replaced:
+        print(replaced.pop(0), file=sys.stderr)
+
+
+def _checkpoint_measured(result: dict[str, Any], methods: tuple[str, ...]) -> bool:
+    """Whether every method has measured a checkpoint of ``result``: from then on ``compare``
+    keeps, writes and shows what it measured, whatever stops it; a refusal before (a budget
+    the first checkpoint's prediction exceeds) writes nothing."""
+    return any(set(methods) <= set(point["methods"])
+               for run in result["runs"] for point in run["checkpoints"])
+
+
 def _all_failed(result: dict[str, Any]) -> str | None:
     """The first error when every measurement of ``result`` failed, else None."""
     records = [
@@ -605,13 +620,14 @@ def _compare(args: argparse.Namespace) -> int:
         **training,
     )
     compare.check_problem(cfg)
-    # before any work, after every other check: a file is said to be replaced only where the
-    # command goes on (it had been said, and the command refused; probe 204)
-    report.check_outputs({"--json": args.json, "--csv": args.csv, "--plot": args.plot},
-                         args.quiet, reads=_read_files(args))
+    # before any work, after every other check; a file is said to be replaced once the
+    # command goes on: a checkpoint measured, or before what was measured is written (it had
+    # been said, and the command refused: a budget, the model, an option; probes 204, 243)
+    replaced = report.check_outputs({"--json": args.json, "--csv": args.csv,
+                                     "--plot": args.plot}, args.quiet, reads=_read_files(args))
     result = compare.new_report(cfg)
 
-    started, last_saved = time.perf_counter(), -math.inf  # (the first measurement's at once)
+    started, last_saved = time.perf_counter(), -math.inf  # (the first checkpoint's at once)
 
     def save_progress(current: dict[str, Any]) -> None:
         """The JSON after a measurement, marked in progress (a killed run's file had claimed
@@ -619,8 +635,13 @@ def _compare(args: argparse.Namespace) -> int:
         had been handed the first checkpoint's, and the run hung on the next; probe 115). At
         most once in :data:`SAVE_EVERY` seconds or that fraction of the run so far, whichever
         is longer: rewritten after every measurement, the growing file had taken 41 % of a
-        30-checkpoint run (probe 211). The run's end writes it whole either way."""
+        30-checkpoint run (probe 211). The run's end writes it whole either way. Not before a
+        checkpoint is measured, where a refusal writes nothing (the first measurement's had
+        replaced an earlier run's file, and the command then refused; probe 243)."""
         nonlocal last_saved
+        if not _checkpoint_measured(current, cfg.methods):
+            return
+        _say_replaced(replaced)
         now = time.perf_counter()
         if now - last_saved < max(SAVE_EVERY[0], SAVE_EVERY[1] * (now - started)):
             return
@@ -643,8 +664,7 @@ def _compare(args: argparse.Namespace) -> int:
             status = 130
         except CliError as error:
             received.hold()
-            if not any(set(cfg.methods) <= set(point["methods"])
-                       for run in result["runs"] for point in run["checkpoints"]):
+            if not _checkpoint_measured(result, cfg.methods):
                 raise  # before a checkpoint was measured: nothing to keep, no file touched
             # a method refused later (a budget its timings of a later seed exceed): what was
             # measured is kept, shown and written, marked as stopped (the JSON had been left
@@ -661,6 +681,7 @@ def _compare(args: argparse.Namespace) -> int:
         measured = report.anything_measured(result)
         try:
             if measured:
+                _say_replaced(replaced)  # (a Ctrl-C within the first checkpoint: not yet said)
                 if args.json:
                     report.write_json(result, args.json)
                     written.append(args.json)
@@ -729,8 +750,8 @@ def _rank(args: argparse.Namespace) -> int:
                        f"{'it' if len(unread) == 1 else 'them'}, or pass --json for every rank")
     cfg = _config(args, methods, (args.seed,))
     compare.check_problem(cfg)
-    # before any work, after every other check (probe 204)
-    report.check_outputs({"--json": args.json}, args.quiet, reads=_read_files(args))
+    # before any work, after every other check; said once the file is written (probes 204, 243)
+    replaced = report.check_outputs({"--json": args.json}, args.quiet, reads=_read_files(args))
     problem = compare.build_problem(cfg, args.seed)
     progress = _progress(args.quiet)
     tracker = compare.tracker(problem, cfg, args.seed, progress or False, on_error="record")
@@ -761,6 +782,7 @@ def _rank(args: argparse.Namespace) -> int:
         if str(args.json) == "-":
             print(json.dumps(payload))
             return 0
+        _say_replaced(replaced)
         report.dump_json(payload, args.json)
         if _is_stdout(args.json):  # as with '-': stdout holds the JSON alone (probe 69)
             return 0
@@ -790,7 +812,7 @@ def _plot(args: argparse.Namespace) -> int:
         raise CliError(f"the figure would replace the log {output}: name the figure with -o "
                        "(e.g. -o curvature.png)")
     runs = read_runs(args.logs, args.rank, args.layers)
-    report.check_outputs({"-o": output})
+    _say_replaced(report.check_outputs({"-o": output}))
     for what in plot(runs, args.logs, output, args.rank, args.layers):
         print(f"hessrank: left out {what}", file=sys.stderr)
     _wrote([output], quiet=False)

@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import stat
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -635,17 +634,23 @@ PLOT_OPTIONS = ("--plot", "-o")
 
 
 def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
-                  reads: dict[str, Path | None] | None = None) -> None:
+                  reads: dict[str, Path | None] | None = None) -> list[str]:
     """Before any work: the output files (option -> path; None or ``-``: none) are distinct, none
     is a file the command reads (``reads``, option -> path), each can be written (tried, the
     folders it needs made and the file opened, and what that made removed: a refused command
     leaves none; a folder stays only where a file is written), and a figure's
-    extension is one matplotlib writes; a file that holds something already is named on stderr
-    (unless ``quiet``), as it will be replaced.
+    extension is one matplotlib writes.
+
+    Returns:
+        The line that names each file that holds something already, as it will be replaced
+        (none where ``quiet``), for the command to print on stderr once its work goes ahead:
+        said here, it had been followed by refusals of the work (a budget, the model, an
+        estimator option) that left the file as it was (probes 204, 243).
 
     Raises:
         CliError: naming the option, the problem and the fix.
     """
+    replaced: list[str] = []
     read = {path.resolve(): option for option, path in (reads or {}).items() if path is not None}
     seen: dict[Path, str] = {}
     for option, path in outputs.items():
@@ -716,7 +721,8 @@ def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
                 with contextlib.suppress(OSError):  # (another process's file in it meanwhile)
                     folder.rmdir()
         if existed and not quiet and target.stat().st_size > 0:
-            print(f"hessrank: {option} {path} exists; it will be replaced", file=sys.stderr)
+            replaced.append(f"hessrank: {option} {path} exists; it will be replaced")
+    return replaced
 
 
 def pyplot(what: str) -> Any:
