@@ -629,7 +629,7 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
         # the library's bound (>= 2), before any method runs (before, lanczos failed after the
         # others had run)
         (["compare", *TINY, "--lanczos-steps", "1"],
-         "lanczos_steps=1 gives a quadrature of one node"),
+         "lanczos: --lanczos-steps 1 gives a quadrature of one node"),
         (["rank", *TINY, "--method", "lanczos", "--lanczos-steps", "1"], "use at least 2"),
         # (probe 56: a traceback after both methods had run; '--methods' named for --method)
         (["rank", "--method", "lanczos,fisher"], "names 2 estimators: rank measures one"),
@@ -676,6 +676,23 @@ def test_bad_options_are_one_line_before_any_work(argv, expected, tmp_path: Path
     assert err.startswith("hessrank: error: ") and err.count("\n") == 1 and expected in err, err
     assert not (tmp_path / "r.json").exists()  # nothing was measured
     assert not (tmp_path / "out").exists()
+
+
+def test_the_library_s_advice_names_the_flags(tmp_path: Path, capsys) -> None:
+    """The library's advice in its own spelling, "use backend='auto'", had reached the command
+    line, whose flag is ``--backend auto`` (probe 243): in an error, and in compare's records
+    of a method that failed."""
+    cnn = [*TINY, "--model", "cnn", "--backend", "backpack"]
+    status, out, err = run_main(["rank", *cnn, "--method", "ggn"], capsys)
+    assert status == 1 and out == ""
+    assert err == ("hessrank: error: ggn failed on --model cnn: ValueError: BackPACK's GGN does "
+                   "not support AdaptiveAvgPool2d: use --backend auto\n"), err
+    written = tmp_path / "r.json"
+    status, _, err = run_main(["compare", *cnn, "--methods", "ggn,fisher", "--no-pyhessian",
+                               "--quiet", "--json", str(written)], capsys)
+    assert status == 0, err
+    (point,) = json.loads(written.read_text())["runs"][0]["checkpoints"]
+    assert point["methods"]["ggn"]["error"].endswith("use --backend auto")
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
@@ -1347,10 +1364,11 @@ def test_compare_json_into_a_pipe_is_one_document(tmp_path: Path) -> None:
 
 def test_a_refused_flag_gets_no_python_api_hint(capsys) -> None:
     """The tracker's refusal of a shared option that other methods take ends with a hint about
-    ``method_options``, which the CLI has no flag for (probe 91)."""
+    ``method_options``, which the CLI has no flag for (probe 91); the option is named by its
+    flag (probe 243)."""
     status, _, err = run_main(["compare", *TINY, "--lanczos-steps", "1"], capsys)
     assert status == 2
-    assert "lanczos_steps=1" in err and "method_options" not in err
+    assert "--lanczos-steps 1" in err and "method_options" not in err
 
 
 def test_a_refusal_after_measured_seeds_keeps_and_shows_them(tmp_path: Path, capsys,

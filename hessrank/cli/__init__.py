@@ -763,7 +763,7 @@ def _rank(args: argparse.Namespace) -> int:
     compare.check_budget(measurement, problem, cfg, command="rank")
     res = measurement.result
     if res is None:
-        error = measurement.record["error"]
+        error = compare.failed_record(measurement)["error"]
         raise CliError(f"{args.method} failed on --model {cfg.model}: {error}", code=1)
     value = res.rank if args.definition == "srank" else res.ranks[args.definition]
     if args.json:

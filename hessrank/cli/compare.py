@@ -17,7 +17,7 @@ from torch import nn
 
 import hessrank
 from hessrank.cli import presets
-from hessrank.cli.errors import CliError
+from hessrank.cli.errors import CliError, in_flags
 from hessrank.cli.pyhessian_check import pyhessian_check
 from hessrank.cli.report import human_bytes, human_seconds
 from hessrank.estimators.base import DEFAULT_MAX_MEMORY
@@ -200,7 +200,8 @@ def tracker(
         )
     except (TypeError, ValueError) as err:  # a value a method refuses: before any work
         # (method_options is the Python API's; a flag goes to every method that reads it)
-        raise CliError(str(err).removesuffix(hessrank.tracker.METHOD_OPTIONS_HINT)) from err
+        raise CliError(in_flags(str(err).removesuffix(hessrank.tracker.METHOD_OPTIONS_HINT))
+                       ) from err
 
 
 def memory_budget_gib(cfg: Config) -> float:
@@ -288,8 +289,9 @@ def reference(point: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def failed_record(measurement: hessrank.tracker.Measurement) -> dict[str, Any]:
-    """The record of an estimator that raised: the message, no numbers."""
-    return {"method": measurement.method, "error": measurement.record["error"]}
+    """The record of an estimator that raised: the message in the command line's words
+    (:func:`in_flags`), no numbers."""
+    return {"method": measurement.method, "error": in_flags(measurement.record["error"])}
 
 
 def spearman(exact: list[float], other: list[float]) -> float | None:
