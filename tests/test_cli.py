@@ -387,6 +387,7 @@ def test_unknown_method_is_one_line(tmp_path: Path) -> None:
         (["compare", *TINY, "--plot", "{tmp}/figure"],
          "writes figures by their name's ending, which this one lacks; end the name in .png"),
         (["compare", *TINY, "--csv", "{tmp}"], "it is a folder: name a file in it"),
+        (["compare", *TINY, "--plot", "{tmp}"], "--plot {tmp}: it is a folder: name a file in it"),
         # an output that is a file the command reads (probe 85: the weights were replaced)
         (["compare", *TINY, "--weights", "{tmp}/w.pt", "--json", "{tmp}/w.pt"],
          "--json {tmp}/w.pt is the --weights file the command reads"),
@@ -935,6 +936,13 @@ def test_plot_errors_and_failed_measurements(tmp_path: Path, capsys) -> None:
     tracker_log(log, per_layer=False)
     status, _, err = run_main(["plot", str(log), "--layers"], capsys)
     assert status == 2 and "--layers: the log has no per-layer ranks" in err
+    # a folder, its name with an ending or without (-o /tmp had been told that its name "lacks
+    # an ending"; probe 243)
+    for folder in (tmp_path, tmp_path / "figures.png"):
+        folder.mkdir(exist_ok=True)
+        status, _, err = run_main(["plot", str(log), "-o", str(folder)], capsys)
+        assert status == 2 and err == (f"hessrank: error: cannot write -o {folder}: it is a "
+                                       "folder: name a file in it\n"), err
     failure = {"step": 6, "method": "exact", "error": "BudgetError: too big"}
     log.write_text(log.read_text() + json.dumps(failure) + "\n")
     status, _, err = run_main(["plot", str(log), "-o", str(tmp_path / "p.png")], capsys)

@@ -673,6 +673,9 @@ def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
                                f"{outputs[inner]}: one path cannot be a file and the other's "
                                "folder; give each its own file")
         seen[resolved] = option
+        # before a figure's ending (-o /tmp had been told that its name lacks one; probe 243)
+        if path.is_dir():
+            raise CliError(f"cannot write {option} {path}: it is a folder: name a file in it")
         if option in PLOT_OPTIONS:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -691,8 +694,6 @@ def check_outputs(outputs: dict[str, Path | None], quiet: bool = False,
                 others = sorted(set(formats) - {"png", "pdf", "svg"})  # (listed twice before)
                 raise CliError(f"{option} {path}: matplotlib writes {what}; end the name in "
                                f".png, .pdf or .svg (or {', '.join('.' + f for f in others)})")
-        if path.is_dir():
-            raise CliError(f"cannot write {option} {path}: it is a folder: name a file in it")
         if not_a_regular_file(path):  # a pipe: opened once, to write (a test open ends it)
             if not os.access(path, os.W_OK):
                 raise cannot_write(option, path, PermissionError(13, "Permission denied"))
