@@ -1573,12 +1573,13 @@ class Tracker:
 
     def _warn_of_other_sizes(self, method: str, result: RankResult, step: int) -> None:
         """Warn where ``method`` measured another number of parameters than at its last record
-        (a layer frozen or unfrozen) or, once, another number of samples (a step's batch of
-        another size): a plot had joined them into one line, whose jump was the
-        configuration's, not the curvature's (probe 137); or, on as many of both, counted its
-        numerical rank at another ``rtol`` (a model cast to float64 mid-run: the default, the
-        matrix's size times the dtype's epsilon, fell from 5.4e-5 to 1e-13, and the rank
-        jumped from 343 to 385 without a word; probe 243)."""
+        (a layer frozen or unfrozen, added or removed: a model that grew had been told of
+        "another params=", which a tracker keeps; probe 243) or, once, another number of
+        samples (a step's batch of another size): a plot had joined them into one line, whose
+        jump was the configuration's, not the curvature's (probe 137); or, on as many of both,
+        counted its numerical rank at another ``rtol`` (a model cast to float64 mid-run: the
+        default, the matrix's size times the dtype's epsilon, fell from 5.4e-5 to 1e-13, and
+        the rank jumped from 343 to 385 without a word; probe 243)."""
         sizes = (result.num_params, result.num_samples, float(result.rtol))
         last = self._sizes.get(method)
         self._sizes[method] = sizes
@@ -1587,9 +1588,10 @@ class Tracker:
         if last[0] != sizes[0]:
             warnings.warn(
                 f"hessrank.Tracker: {method} measured {sizes[0]:,} parameters at step {step}, "
-                f"{last[0]:,} at its last record (a layer frozen or unfrozen, another params=): "
-                "its ranks jump with them, not with the curvature (hessrank plot breaks the "
-                "line there)", RuntimeWarning, stacklevel=_user_stacklevel())
+                f"{last[0]:,} at its last record (a layer frozen or unfrozen, added or removed, "
+                "or reset to another size): its ranks jump with them, not with the curvature "
+                "(hessrank plot breaks the line there)", RuntimeWarning,
+                stacklevel=_user_stacklevel())
         elif last[1] != sizes[1]:
             if not self._warned_samples:
                 self._warned_samples = True

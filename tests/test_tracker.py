@@ -1629,11 +1629,18 @@ def test_a_measurement_of_other_sizes_is_warned_of(tmp_path: Path) -> None:
         with pytest.warns(RuntimeWarning, match=rf"fisher measured {left} parameters at step 3, "
                           rf"{total} at its last record \(a layer frozen or unfrozen"):
             tracker.step((x, y))
+        # a model that grows (it had been told of "another params=", which a tracker keeps;
+        # probe 243)
+        model.append(nn.Linear(3, 3))
+        with pytest.warns(RuntimeWarning, match=rf"fisher measured {left + 12} parameters at "
+                          rf"step 4, {left} at its last record \(a layer frozen or unfrozen, "
+                          r"added or removed, or reset to another size\): its ranks jump"):
+            tracker.step((x, y))
         # a model cast to float64: the default rtol, n times the dtype's epsilon, falls and
         # the numerical rank with it, silently (probe 243); said each time
         model.double()
         with pytest.warns(RuntimeWarning, match=r"fisher counted its numerical rank at rtol "
-                          r"3.55e-15 at step 4, 1.91e-06 at its last record, on as many "
+                          r"3.55e-15 at step 5, 1.91e-06 at its last record, on as many "
                           r"parameters and samples .*a model cast to another dtype"):
             tracker.step((x.double(), y))
 
