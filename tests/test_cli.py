@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -694,6 +695,21 @@ def test_the_library_s_advice_names_the_flags(tmp_path: Path, capsys) -> None:
     assert status == 0, err
     (point,) = json.loads(written.read_text())["runs"][0]["checkpoints"]
     assert point["methods"]["ggn"]["error"].endswith("use --backend auto")
+
+
+def test_backpack_s_warning_of_a_residual_block_is_not_printed(capsys) -> None:
+    """BackPACK warned on stderr that it has no extension for the resnet preset's residual
+    block "although the module has parameters": its children's, which it handles (probe 243).
+    The rank is ``--backend auto``'s."""
+    printed = {}
+    for backend in ("backpack", "auto"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            status, out, err = run_main(["rank", *TINY, "--model", "resnet", "--method", "fisher",
+                                         "--backend", backend], capsys)
+        assert status == 0 and err == "" and not caught, [str(w.message) for w in caught]
+        printed[backend] = out
+    assert printed["backpack"] == printed["auto"]
 
 
 @pytest.mark.parametrize(("argv", "expected"), [

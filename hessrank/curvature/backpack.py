@@ -107,7 +107,11 @@ def gram_backpack(
         loss = loss_fn(run_model(model, problem.args, problem.kwargs, problem.mode),
                        problem.targets)
         # The inputs need no gradient; torch warns that module hooks fire on outputs only.
-        with backpack(extension), warnings_ignored("Full backward hook is firing"):
+        # BackPACK warns of a container whose parameters are its children's (a residual
+        # block): every module holding a measured parameter is checked supported above, and
+        # the factors are verified (the CLI's resnet had printed the warning; probe 243).
+        with backpack(extension), warnings_ignored(
+                "Full backward hook is firing|Extension saving to .* does not have an extension"):
             # into the copies only: a tensor the loss or the forward uses from outside the
             # model (a learnable temperature) got BackPACK's gradient in its .grad
             loss.backward(inputs=[p for p in copies.values() if p.requires_grad])
