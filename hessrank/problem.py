@@ -1338,9 +1338,9 @@ def _refuse_sharded_parameters(model: nn.Module) -> None:
     """
     fsdp = sys.modules.get("torch.distributed.fsdp")
     dtensor = sys.modules.get("torch.distributed.tensor")
-    wrapper = next((module for module in model.modules()
-                    if fsdp is not None and isinstance(module, fsdp.FullyShardedDataParallel)),
-                   None)
+    wrapper = None if fsdp is None else next(
+        (module for module in model.modules()
+         if isinstance(module, fsdp.FullyShardedDataParallel)), None)
     sharded = [] if dtensor is None else [name for name, parameter in model.named_parameters()
                                           if isinstance(parameter, dtensor.DTensor)]
     if wrapper is None and not sharded:
