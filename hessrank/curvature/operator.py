@@ -79,7 +79,7 @@ def interchangeable_slices(params: Sequence[Tensor]) -> list[str]:
 #: allowed otherwise, in multiples of what its nodes saved
 #: (:attr:`ParameterOperator.softmax_bytes`): attention's held up to 5.8 times it over 32-512
 #: tokens, where calls had run at up to 1.5 times the prediction (probe 239), a token model's
-#: log-softmax over 500 and 2,000 classes 0.9-2.7 times (two runs of ``python
+#: log-softmax over 500 and 2,000 classes 0.9-3.0 times (three runs of ``python
 #: benchmarks/working_memory.py --softmax``).
 SOFTMAX_TEMPORARIES = 7.0
 
@@ -96,7 +96,7 @@ class ParameterOperator:
         parallel: the data-parallel group of a sharded problem, else None.
         graph_bytes: bytes of the autograd graph the operator keeps for its products (the
             tensors it saves, :class:`~hessrank.problem.GraphBytes`); 0 where not measured.
-        softmax_bytes: the part of ``graph_bytes`` its softmax nodes saved, where a product
+        softmax_bytes: about what the graph's softmax nodes saved, where a product
             differentiates them twice (:func:`~hessrank.curvature.hessian.softmax_saved_bytes`;
             else 0: a factor operator's products through attention peaked at 0.35 times a
             prediction that counted them).

@@ -31,12 +31,10 @@ EXACT_WORK_BYTES = 512 * 2**20
 
 
 #: What one column of a batched product's backward pass holds, in multiples of the model's
-#: graph and of the part of it softmax nodes saved: about twice the graph (256 columns at once
-#: took 8.4 GB on a CNN predicted at 69 MB), and through attention 2.8 graphs (probe 239): with
-#: twice what its softmax nodes saved beside the two, attention written out over 128 and 256
-#: tokens peaked at 0.92-0.95 times the prediction (``python benchmarks/working_memory.py
-#: --softmax``).
-COLUMN_GRAPHS, COLUMN_SOFTMAX = 2.0, 2.0
+#: graph: about twice it (256 columns at once took 8.4 GB on a CNN predicted at 69 MB). Through
+#: attention a column holds more (``README.md``, "Not covered"): twice what the graph's softmax
+#: nodes saved beside it had covered attention, but over-counted a small classifier's loss.
+COLUMN_GRAPHS = 2.0
 
 
 def exact_chunk_size(num_params: int, element_size: int, graph_bytes: int = 0,
@@ -57,7 +55,7 @@ def exact_chunk_size(num_params: int, element_size: int, graph_bytes: int = 0,
 def batched_columns(operator: HessianOperator, spare: float | None = None) -> tuple[int, int]:
     """Hessian columns per batched product (:func:`exact_chunk_size`) and what the operator
     holds beyond the Hessian while it computes them (bytes): its graph and each column's
-    backward pass (:data:`COLUMN_GRAPHS`, :data:`COLUMN_SOFTMAX`).
+    backward pass (:data:`COLUMN_GRAPHS`).
 
     Args:
         operator: the Hessian operator, built.
@@ -66,7 +64,7 @@ def batched_columns(operator: HessianOperator, spare: float | None = None) -> tu
     Returns:
         ``(columns, bytes)``.
     """
-    column = int(COLUMN_GRAPHS * operator.graph_bytes + COLUMN_SOFTMAX * operator.softmax_bytes)
+    column = int(COLUMN_GRAPHS * operator.graph_bytes)
     chunk = exact_chunk_size(operator.dim, operator.dtype.itemsize, operator.graph_bytes, column,
                              spare)
     return chunk, operator.graph_bytes + chunk * column
