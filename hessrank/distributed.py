@@ -113,20 +113,21 @@ class DataParallel:
                 "torch.distributed.init_process_group(...) in every process first (torchrun sets "
                 "the environment), or pass process_group=None for one process"
             )
+        not_member = ValueError(
+            "this process is not a member of process_group (new_group gives the processes "
+            "outside a group a placeholder): call effective_rank with process_group only in the "
+            "group's members")
         if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
             # (what new_group hands the processes outside it; its type had been named, an int,
             # and the membership never; probe 242)
-            raise ValueError("this process is not a member of process_group (new_group gives "
-                             "the processes outside a group a placeholder): call "
-                             "effective_rank with process_group only in the group's members")
+            raise not_member
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. "
                             f"dist.group.WORLD), got {type(group).__name__}")
         self.group = group
         self.rank = dist.get_rank(group)
         if self.rank < 0:
-            raise ValueError("this process is not a member of process_group: call "
-                             "effective_rank with a group that contains it")
+            raise not_member
         self.world_size = dist.get_world_size(group)
         self.backend = str(dist.get_backend(group))
         self.device = device if device.type == "cuda" and "nccl" in self.backend \
