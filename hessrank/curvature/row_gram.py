@@ -4,8 +4,14 @@
 rows in two, the product is three block products (``X_1 X_1^T``, ``X_2 X_2^T`` and ``X_2
 X_1^T``, whose transpose is copied into the upper block), recursively: the multiply-adds
 approach ``m^2 k / 2`` for ``m`` rows of ``k`` columns. Smaller GEMMs run at a lower rate, so a
-block is split only where that pays (:func:`_splits`). Every entry is a dot product of two
-rows, as in ``X @ X.T``, to the same rounding (the GEMMs sum in another order).
+block is split only where that pays (:func:`_splits`).
+
+Every entry is a dot product of two rows, summed :data:`SUMMED_COLUMNS` columns at a time into
+the Gram: a BLAS may sum a whole row in one accumulator (MKL's kernel for few rows on an
+AVX-512 machine, 12 rows of 256,000 columns), and a float32 accumulator that has taken a large
+entry drops the small ones after it. A sample's gradient over 8,000 classes lost the 7,999 small
+classes' share beside its target's, 7e-5 of the Gram's largest entry, where a float32 Gram
+summed in blocks is off by 1e-7 to 1e-6 (``tests/test_rules.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,11 @@ MIN_SPLIT_COLUMNS = 512
 #: LSTM's and GPT's ``fisher`` calls, which form such blocks, measured 3.61 against 3.59 and
 #: 2.94 against 2.92 forward+backwards with and without (``benchmarks/README.md``, run L).
 SMALLEST_HALVES = ((2048, 128), (MIN_SPLIT_COLUMNS, 256))
+#: Columns a GEMM of the Gram sums before its sums are added to the Gram's (see the module
+#: docstring): 4096 float32 entries beside a large one lose at most about ``4096 eps / 2``
+#: (2.4e-4) of it where a BLAS sums them one after the other, and the 8,000-class gradients'
+#: Gram came out 9e-7 off (6e-7 and 7e-7 at 2048 and 1024 columns).
+SUMMED_COLUMNS = 4096
 
 
 def _splits(rows: int, columns: int) -> bool:
@@ -44,18 +55,27 @@ def add_row_gram(gram: Tensor, rows: Tensor) -> Tensor:
     """
     count, columns = rows.shape
     if not _splits(count, columns):
-        return gram.addmm_(rows, rows.T)
+        return _add_product(gram, rows, rows)
     middle = count // 2
     add_row_gram(gram[:middle, :middle], rows[:middle])
     add_row_gram(gram[middle:, middle:], rows[middle:])
-    lower = gram[middle:, :middle].addmm_(rows[middle:], rows[:middle].T)
+    lower = _add_product(gram[middle:, :middle], rows[middle:], rows[:middle])
     gram[:middle, middle:] = lower.T
     return gram
 
 
+def _add_product(out: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """Add ``left @ right.T`` (``[a, k]``, ``[b, k]``) to ``out`` (``[a, b]``) in place,
+    :data:`SUMMED_COLUMNS` columns at a time."""
+    for start in range(0, left.shape[1], SUMMED_COLUMNS):
+        stop = start + SUMMED_COLUMNS
+        out.addmm_(left[:, start:stop], right[:, start:stop].T)
+    return out
+
+
 def row_gram(rows: Tensor) -> Tensor:
     """``rows @ rows.T`` (``[m, k]`` -> ``[m, m]``), a triangle of blocks at a time."""
-    count = rows.shape[0]
-    if not _splits(count, rows.shape[1]):
+    count, columns = rows.shape
+    if not _splits(count, columns) and columns <= SUMMED_COLUMNS:
         return rows @ rows.T
     return add_row_gram(rows.new_zeros(count, count), rows)
