@@ -541,7 +541,8 @@ def float64_twin(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> LossFn:
     if why is not None:
         promoted_why = _twin_failure(twin, outputs, widened_targets, given, promote=True)
         if promoted_why is not None:
-            raise ValueError(f"{why}; with its calls widened, {promoted_why}")
+            raise ValueError(why if promoted_why == why
+                             else f"{why}; with its calls widened, {promoted_why}")
         twin = _promoting(twin)
     return _widening_targets(twin) if targets.is_floating_point() else twin
 
