@@ -305,6 +305,7 @@ class HessianOperator(ParameterOperator):
         # agreed: the columns of a batched product are sized from it, and every process must
         # push the same number through each product's all-reduce
         self.graph_bytes = self._largest(graph.total)
+        self.softmax_bytes = self._largest(softmax_saved_bytes(grads))
         self.unused = unused_parameters(grads)
         self._grads = grads
         # Gradient pieces that still depend on the parameters; the others have zero Hessian rows.
@@ -315,14 +316,6 @@ class HessianOperator(ParameterOperator):
         #: (:func:`dense_hessian`), a measure of their rounding; None before one is built
         self.rounding: float | None = None
         check_custom_functions(problem, (FIRST, SECOND, COTANGENT), loss=loss)
-
-    @functools.cached_property
-    def softmax_bytes(self) -> int:
-        """What the gradient graph's softmax nodes saved (:func:`softmax_saved_bytes`), the
-        largest over the processes. A walk of the whole graph: worked out on first use, as an
-        operator over a data set is built for each batch of every product and only the first
-        batch's is checked against the budget (0.6 ms a build on ResNet-18 otherwise)."""
-        return self._largest(softmax_saved_bytes(self._grads))
 
     @functools.cached_property
     def gradient(self) -> Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -97,6 +96,10 @@ class ParameterOperator:
         parallel: the data-parallel group of a sharded problem, else None.
         graph_bytes: bytes of the autograd graph the operator keeps for its products (the
             tensors it saves, :class:`~hessrank.problem.GraphBytes`); 0 where not measured.
+        softmax_bytes: about what the graph's softmax nodes saved, where a product
+            differentiates them twice (:func:`~hessrank.curvature.hessian.softmax_saved_bytes`;
+            else 0: a factor operator's products through attention peaked at 0.35 times a
+            prediction that counted them).
         rank_bound: the largest rank the operator can have (``P``, or a factorisation's width).
         unused: the indices of the parameters no gradient of the loss reaches (on a data set:
             on any of its batches), whose rows and columns are zero; empty where every one is
@@ -116,17 +119,9 @@ class ParameterOperator:
         self.num_products = 0
         self.parallel = parallel_of(problem)
         self.graph_bytes = 0
+        self.softmax_bytes = 0
         self.rank_bound = self.dim
         self.unused: frozenset[int] = frozenset()
-
-    @functools.cached_property
-    def softmax_bytes(self) -> int:
-        """About what the graph's softmax nodes saved, where a product differentiates them
-        twice (:func:`~hessrank.curvature.hessian.softmax_saved_bytes`); 0 here: a factor
-        operator's products through attention peaked at 0.35 times a prediction that counted
-        them. Worked out on first use, a budget check, which every process of a group makes at
-        the same point (its sizes are agreed in one exchange)."""
-        return 0
 
     def held_by_products(self) -> int:
         """What the graph and one product's backward passes through it hold (bytes): the graph,
