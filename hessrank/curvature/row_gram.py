@@ -33,7 +33,7 @@ SMALLEST_HALVES = ((2048, 128), (MIN_SPLIT_COLUMNS, 256))
 #: Columns a GEMM of the Gram sums before its sums are added to the Gram's (see the module
 #: docstring): 4096 float32 entries beside a large one lose at most about ``4096 eps / 2``
 #: (2.4e-4) of it where a BLAS sums them one after the other, and the 8,000-class gradients'
-#: Gram came out 9e-7 off (6e-7 and 7e-7 at 2048 and 1024 columns).
+#: Gram came out 9e-7 off (5e-7 and 7e-7 at 2048 and 1024 columns).
 SUMMED_COLUMNS = 4096
 
 
