@@ -6,12 +6,15 @@ X_1^T``, whose transpose is copied into the upper block), recursively: the multi
 approach ``m^2 k / 2`` for ``m`` rows of ``k`` columns. Smaller GEMMs run at a lower rate, so a
 block is split only where that pays (:func:`_splits`).
 
-Every entry is a dot product of two rows, summed :data:`SUMMED_COLUMNS` columns at a time into
-the Gram: a BLAS may sum a whole row in one accumulator (MKL's kernel for few rows on an
-AVX-512 machine, 12 rows of 256,000 columns), and a float32 accumulator that has taken a large
-entry drops the small ones after it. A sample's gradient over 8,000 classes lost the 7,999 small
-classes' share beside its target's, 7e-5 of the Gram's largest entry, where a float32 Gram
-summed in blocks is off by 1e-7 to 1e-6 (``tests/test_rules.py``).
+Every entry is a dot product of two rows. A BLAS may sum a whole row in one accumulator for a
+product of few rows (MKL's kernel for products under 16 x 16 on an AVX-512 machine, one
+vector's too), and a float32 accumulator that has taken a large entry drops the small ones after
+it: a sample's gradient over 8,000 classes lost the 7,999 small classes' share beside its
+target's, 7e-5 of a 12-sample Gram's largest entry (``tests/test_rules.py``). A Gram of fewer
+than :data:`FEW_ROWS` rows is summed :data:`SUMMED_COLUMNS` columns at a time into the Gram, off
+by 1e-7 to 1e-6 then; products of more rows are left to the BLAS's blocked sums (MKL's: 3e-6 of
+the largest entry at 16 to 300 rows of 147,456 to 256,000 columns, where summing 4,096 columns
+at a time cost 3-10 % of their time and gained nothing).
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ MIN_SPLIT_COLUMNS = 512
 #: LSTM's and GPT's ``fisher`` calls, which form such blocks, measured 3.61 against 3.59 and
 #: 2.94 against 2.92 forward+backwards with and without (``benchmarks/README.md``, run L).
 SMALLEST_HALVES = ((2048, 128), (MIN_SPLIT_COLUMNS, 256))
-#: Columns a GEMM of the Gram sums before its sums are added to the Gram's (see the module
-#: docstring): 4096 float32 entries beside a large one lose at most about ``4096 eps / 2``
-#: (2.4e-4) of it where a BLAS sums them one after the other, and the 8,000-class gradients'
-#: Gram came out 9e-7 off (5e-7 and 7e-7 at 2048 and 1024 columns).
+#: Columns a GEMM of a Gram of few rows sums before its sums are added to the Gram's (see the
+#: module docstring): 4096 float32 entries beside a large one lose at most about
+#: ``4096 eps / 2`` (2.4e-4) of it where a BLAS sums them one after the other, and the
+#: 8,000-class gradients' Gram came out 9e-7 off (5e-7 and 7e-7 at 2048 and 1024 columns).
 SUMMED_COLUMNS = 4096
+#: Grams of fewer rows are summed :data:`SUMMED_COLUMNS` columns at a time: four times the
+#: size under which MKL sums whole rows, for BLAS libraries whose small kernels reach further.
+FEW_ROWS = 64
 
 
 def _splits(rows: int, columns: int) -> bool:
@@ -66,7 +72,10 @@ def add_row_gram(gram: Tensor, rows: Tensor) -> Tensor:
 
 def _add_product(out: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """Add ``left @ right.T`` (``[a, k]``, ``[b, k]``) to ``out`` (``[a, b]``) in place,
-    :data:`SUMMED_COLUMNS` columns at a time."""
+    :data:`SUMMED_COLUMNS` columns at a time where either has fewer than :data:`FEW_ROWS`
+    rows."""
+    if min(left.shape[0], right.shape[0]) >= FEW_ROWS:
+        return out.addmm_(left, right.T)
     for start in range(0, left.shape[1], SUMMED_COLUMNS):
         stop = start + SUMMED_COLUMNS
         out.addmm_(left[:, start:stop], right[:, start:stop].T)
@@ -76,6 +85,6 @@ def _add_product(out: Tensor, left: Tensor, right: Tensor) -> Tensor:
 def row_gram(rows: Tensor) -> Tensor:
     """``rows @ rows.T`` (``[m, k]`` -> ``[m, m]``), a triangle of blocks at a time."""
     count, columns = rows.shape
-    if not _splits(count, columns) and columns <= SUMMED_COLUMNS:
+    if not _splits(count, columns) and (columns <= SUMMED_COLUMNS or count >= FEW_ROWS):
         return rows @ rows.T
     return add_row_gram(rows.new_zeros(count, count), rows)
