@@ -756,6 +756,31 @@ def test_a_parameter_one_batch_of_a_data_set_uses_is_not_named(method):
     assert any(f"(right.weight, right.bias) {_UNREACHED}" in note for note in alone)
 
 
+def test_fisher_reads_a_per_token_loss_s_weights_to_float32_rounding():
+    """A per-token cross-entropy over 8,000 classes and 32 tokens in float32: the per-sample
+    weights (1/n) are read against the samples' gradient norms, which a float32 norm over a
+    whole row took 1e-5 to 9e-4 low (small squares dropped beside each token's target; MKL on an
+    AVX-512 machine), so every weight, and the EF's eigenvalues, came out 1.1e-4 high with no
+    note (probe 245). Against the float64 per-sample gradients' EF, within 1e-5 of the top."""
+    vocabulary, tokens, n = 8000, 32, 8
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(vocabulary, 32), nn.Linear(32, vocabulary)
+    model = nn.Sequential(embed, nn.Tanh(), head)
+
+    def per_token(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.transpose(1, 2), targets)
+
+    words = torch.randint(0, vocabulary, (n, tokens))
+    targets = torch.randint(0, vocabulary, (n, tokens))
+    result = hessrank.effective_rank(model, per_token, (words, targets), "fisher",
+                                     params=[head.bias])
+    wide = copy.deepcopy(model).double()
+    rows = torch.stack([torch.autograd.grad(per_token(wide(words[i:i + 1]), targets[i:i + 1]),
+                                            wide[2].bias)[0] for i in range(n)])
+    reference = torch.linalg.eigvalsh(rows @ rows.T / n).flip(0).numpy()
+    assert_spectra_close(result.eigenvalues, reference, rtol=1e-5)
+
+
 def test_fisher_keeps_confident_samples_of_a_large_vocabulary():
     """With 8000 classes the float32 batch gradient's rounding bound (sqrt(C) entries) exceeds
     the gradient of a sample predicted at p = 0.995, whose weight then cannot be read in

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from hessrank.curvature.row_gram import row_norms
 from hessrank.curvature.saturation import saturation_safe
 from hessrank.guard import VMAP_FALLBACK_WARNING, OwnMode, raise_if_signalled, warnings_ignored
 from hessrank.problem import (
@@ -235,16 +236,16 @@ def _read_weights(loss_fn: LossFn, outputs: Tensor, targets: Tensor,
     unit = binade(largest)
     flat_batch /= unit
     rounding = max(tolerance * largest / unit, tiny)  # R
-    batch_norm = flat_batch.norm(dim=1)
+    batch_norm = row_norms(flat_batch)
     sample_unit = binade(float(flat_sample.abs().amax()) if flat_sample.numel() else 0.0)
     scaled_sample = flat_sample / sample_unit
     # (the samples' norms in their unit: squared as they are, a float64 loss scaled by 1e-160
     # or 1e160 left float64's range, and was refused as one whose samples interact; probe 170)
-    scaled_norm = scaled_sample.norm(dim=1).double().clamp_min(torch.finfo(torch.float64).tiny)
+    scaled_norm = row_norms(scaled_sample).clamp_min(torch.finfo(torch.float64).tiny)
     read = batch_norm > rounding  # none where the batch's gradient is zero
     weights = ((flat_batch * scaled_sample).sum(dim=1).double() / (scaled_norm * scaled_norm)
                / sample_unit)
-    residual = (flat_batch - weights.to(flat_batch.dtype)[:, None] * flat_sample).norm(dim=1)
+    residual = row_norms(flat_batch - weights.to(flat_batch.dtype)[:, None] * flat_sample)
     # a sample alone may have no defined loss (all its targets ignored): only read ones count
     mismatch = torch.where(read, torch.where(torch.isfinite(weights), residual.double(),
                                              math.inf), 0.0)
