@@ -1,10 +1,7 @@
 """The Lanczos estimators' known limitations, measured on the structured models that show them.
 
 Each case is a small model with exactly repeated (or near-repeated) eigenvalues, compared with
-its dense reference (``exact``, ``ggn``) through the public API. The models are float64 and
-stand for the float32 Lanczos basis of every float32 model and of a float64 model too large for
-a float64 one: the cases run in it (``FLOAT64_BASIS_BYTES`` set to 0), but one, which compares
-the two. The README's "Known
+its dense reference (``exact``, ``ggn``) through the public API. The README's "Known
 limitations" quotes this script's output::
 
     OMP_NUM_THREADS=1 python benchmarks/lanczos_limits.py
@@ -36,9 +33,6 @@ Cases:
   eigenvalues 2-fold and a null space; its default 5 products), float64, over 20 seeds, and a
   linear model whose inputs' scales spread 10x (P = 24, 3-fold, eigenvalues over 200x; its
   default 8 products): the trace interval.
-- ``a float64 model's float64 basis``: linear models under MSE (each eigenvalue 3-fold, P = 21
-  to 63, one with inputs' scales spread 10x) at their default budgets over 20 seeds, in the
-  float32 basis and in the float64 one a small float64 model gets: the trace interval.
 - ``counts within a rank bound``: a linear layer's GGN under MSE (n = 5, C = 4: five distinct
   eigenvalues, each 4-fold, rank bound 20, P = 36) at 6 products over 40 seeds: the trace
   interval, and the estimates whose weights away from zero exceed the bound.
@@ -57,9 +51,7 @@ Cases:
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator
 from importlib.resources import files
 
 import numpy as np
@@ -67,7 +59,6 @@ import torch
 from torch import nn
 
 import hessrank
-from hessrank.estimators import lanczos
 
 
 def _interval(notes: list[str], quantity: str) -> tuple[float, float]:
@@ -263,30 +254,14 @@ def kronecker_blocks() -> str:
     return "; ".join(rows)
 
 
-def _linear_layer(inputs: int, n: int) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """``nn.Linear(inputs, 3)`` in float64 and ``n`` samples for MSE: its Hessian is
-    ``kron(I_3, A)``, every eigenvalue 3-fold, ``inputs + 1`` distinct."""
-    torch.manual_seed(0)
-    model = nn.Linear(inputs, 3).double()
-    generator = torch.Generator().manual_seed(1)
-    return model, (torch.randn(n, inputs, generator=generator, dtype=torch.float64),
-                   torch.randn(n, 3, generator=generator, dtype=torch.float64))
-
-
-def _spread_linear_layer() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """A linear layer as :func:`_linear_layer`, P = 24, whose inputs' scales spread 10x: its
-    eigenvalues span 200x."""
-    torch.manual_seed(0)
-    model = nn.Linear(7, 3).double()
-    scales = torch.logspace(0, -1, 7, dtype=torch.float64)
-    return model, (torch.randn(20, 7, dtype=torch.float64) * scales,
-                   torch.randn(20, 3, dtype=torch.float64))
-
-
 def budget_at_distinct_eigenvalues() -> str:
     rows = []
     loss = nn.MSELoss()
-    model, batch = _linear_layer(6, 10)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    generator = torch.Generator().manual_seed(1)
+    batch = (torch.randn(10, 6, generator=generator, dtype=torch.float64),
+             torch.randn(10, 3, generator=generator, dtype=torch.float64))
     exact = hessrank.effective_rank(model, loss, batch, method="exact")
     for method in ("lanczos", "ggn_lanczos"):
         held = sum(low <= exact.trace <= high for low, high in (
@@ -308,35 +283,17 @@ def budget_at_distinct_eigenvalues() -> str:
                 "seeds")
     # Inputs whose scales spread 10x: eigenvalues over 200x, which the float32 basis does not
     # resolve to an invariant space (the last beta 2e-4 to 1.3e-2 of the largest; probe 185)
-    model, batch = _spread_linear_layer()
+    torch.manual_seed(0)
+    model = nn.Linear(7, 3).double()
+    scales = torch.logspace(0, -1, 7, dtype=torch.float64)
+    batch = (torch.randn(20, 7, dtype=torch.float64) * scales,
+             torch.randn(20, 3, dtype=torch.float64))
     exact = hessrank.effective_rank(model, loss, batch, method="exact")
     held = sum(low <= exact.trace <= high for low, high in (
         hessrank.effective_rank(model, loss, batch, method="lanczos", seed=seed).trace_interval
         for seed in range(20)))
     rows.append(f"linear, P = 24, inputs' scales spread 10x: trace interval held "
                 f"{exact.trace:.3f} in {held} of 20 seeds")
-    return "; ".join(rows)
-
-
-def float64_basis() -> str:
-    """Linear layers under MSE (every eigenvalue 3-fold) in float64, at their default budgets
-    (their numbers of distinct eigenvalues), in the float32 basis the other cases use and in the
-    float64 one a small float64 model gets."""
-    rows = []
-    loss = nn.MSELoss()
-    for name, (model, batch) in (("P = 21", _linear_layer(6, 10)),
-                                 ("P = 24, scales spread 10x", _spread_linear_layer()),
-                                 ("P = 39", _linear_layer(12, 40)),
-                                 ("P = 63", _linear_layer(20, 60))):
-        exact = hessrank.effective_rank(model, loss, batch, method="exact")
-        held = []
-        for cap in (0, lanczos.FLOAT64_BASIS_BYTES):
-            with _float64_basis_bytes(cap):
-                held.append(sum(low <= exact.trace <= high for low, high in (
-                    hessrank.effective_rank(model, loss, batch, method="lanczos",
-                                            seed=seed).trace_interval for seed in range(20))))
-        rows.append(f"{name}: trace interval held {exact.trace:.3f} in {held[0]} of 20 seeds "
-                    f"(float32 basis), {held[1]} (float64)")
     return "; ".join(rows)
 
 
@@ -410,30 +367,15 @@ CASES = {
     "every eigenvalue C-fold": kronecker_blocks,
     "a budget at the distinct eigenvalues": budget_at_distinct_eigenvalues,
     "counts within a rank bound": rank_bounded_counts,
-    "a float64 model's float64 basis": float64_basis,
     "simple eigenvalues, copies in every run": simple_eigenvalues_with_copies,
     "lumps at float32's resolution": lumps_at_float32_resolution,
 }
 
 
-@contextlib.contextmanager
-def _float64_basis_bytes(cap: int) -> Iterator[None]:
-    """The most a float64 model's float64 Lanczos basis may take, ``cap`` (0: the float32 basis
-    of every float32 model and of a larger float64 one), for the ``with`` block."""
-    kept = lanczos.FLOAT64_BASIS_BYTES
-    lanczos.FLOAT64_BASIS_BYTES = cap
-    try:
-        yield
-    finally:
-        lanczos.FLOAT64_BASIS_BYTES = kept
-
-
 def main() -> None:
     print("| case | measured |\n|---|---|")
     for name, case in CASES.items():
-        # the limitations of the float32 basis, which the float64 models here stand for
-        with _float64_basis_bytes(0 if case is not float64_basis else lanczos.FLOAT64_BASIS_BYTES):
-            print(f"| {name} | {case()} |", flush=True)
+        print(f"| {name} | {case()} |", flush=True)
 
 
 if __name__ == "__main__":

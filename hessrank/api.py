@@ -271,9 +271,7 @@ def effective_rank(
             mass reaches this share of the total (0.99, Kumar et al.).
         rtol: numerical-rank tolerance in [0, 1), relative to the largest ``|eigenvalue|``;
             default: the ``numpy.linalg.matrix_rank`` rule, matrix size times the epsilon of the
-            model's dtype (of float32 at least for the Lanczos methods in a float32 basis:
-            every float32 model's, and a float64 model's beyond a float64 basis of 256 MiB or a
-            quarter of ``max_memory``),
+            model's dtype (of float32 at least for the Lanczos methods, whose basis is float32),
             at most 0.1 (:data:`hessrank.ranks.MAX_DEFAULT_RTOL`; a note says when).
         params: a list of parameters (or their names) to analyse; default all trainable ones.
             Frozen parameters among those asked for (every parameter, by default) are left
@@ -892,10 +890,8 @@ def _result(
     resolution = spectrum.eps or eps
     copy = "" if problem.dtype == torch.float64 else " on a float64 copy of the model"
     # (none finer than a float64 model's dense or Gram solve)
-    float32_basis = (spectrum.ritz_values is not None
-                     and resolution > torch.finfo(torch.float64).eps)
     finer = (f", or use a dense or Gram method (exact, ggn, fisher){copy}: the Lanczos "
-             "methods' float32 basis resolves no further" if float32_basis
+             "methods' float32 basis resolves no further" if spectrum.ritz_values is not None
              else ", or analyse a float64 copy of the model" if copy else "")
     # Products noisier than the arithmetic's epsilon, as the run's slack counts them, resolve no
     # further than their noise (a float32 model rounding through half precision in a custom

@@ -3850,8 +3850,7 @@ def test_lanczos_time_counts_the_call_s_fixed_costs(monkeypatch, method, checks)
     rows = min(steps, krylov_rows(bound))
     # (the check's products and its two random vectors, the run's start vector)
     expected = (1e-3 * (1 + steps + spot_check_steps(rows) + checks + 2 + 1)
-                + lanczos.basis_seconds(steps, rows, dim, torch.device("cpu"),
-                                        torch.float64))  # (a small float64 model's basis)
+                + lanczos.basis_seconds(steps, rows, dim, torch.device("cpu")))
     assert seconds == pytest.approx(expected, rel=1e-9)
     assert later == pytest.approx(7.0 + expected, rel=1e-9)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -337,19 +336,15 @@ def _last_layer_behind_dead_units() -> tuple[nn.Module, tuple[Tensor, Tensor], l
     # with MKL on an AVX-512 machine, 16 of 20 under four times it
     (functools.partial(_linear_least_squares, 12, 40), "lanczos", 18)],
     ids=["linear-lanczos", "linear-ggn_lanczos", "dead-units-block", "linear-P39"])
-def test_a_budget_that_ends_at_the_distinct_eigenvalues_keeps_honest_intervals(
-        monkeypatch, case, method, least):
+def test_a_budget_that_ends_at_the_distinct_eigenvalues_keeps_honest_intervals(case, method,
+                                                                                least):
     """Repeated eigenvalues and a default budget equal to their number of distinct values: the
     Krylov space is invariant as the products run out, its last beta at the float32 basis's
     rounding (2e-5 to 3e-3 of the largest) with one Ritz value short of converging, so no test
     said so; the deflated eigenvalues counted once and the trace interval had no width
     (12.30 in [12.30, 12.30] for 17.82): it held the trace in 0 of 20 seeds on the linear
     model, 2 of 20 on the block (probe 178). Its copies are allowed now, as an invariant
-    run's. (The float64 models in the float32 basis of every float32 model and larger float64
-    ones.)"""
-    from hessrank.estimators import lanczos
-
-    monkeypatch.setattr(lanczos, "FLOAT64_BASIS_BYTES", 0)
+    run's."""
     model, batch, params, trace = case()
     held = 0
     for seed in range(20):
@@ -357,20 +352,6 @@ def test_a_budget_that_ends_at_the_distinct_eigenvalues_keeps_honest_intervals(
                                          params=params)
         held += result.trace_interval[0] <= trace <= result.trace_interval[1]
     assert held >= least, (held, trace)
-
-
-@pytest.mark.parametrize(("inputs", "n"), [(20, 60), (12, 40)])
-def test_a_small_float64_model_gets_a_float64_basis(inputs, n):
-    """A float64 linear layer under MSE (``kron(I_3, A)``, 21 distinct eigenvalues at P = 63)
-    at its default budget, their number: in a float32 basis its Krylov space never turned
-    invariant (last beta 0.44 of the largest eigenvalue), converged 3-fold eigenvalues counted
-    once, and the trace interval held the trace in 15 of 20 seeds (19 at P = 39). A float64
-    model's basis is float64 where it fits: 20 of 20."""
-    model, batch, params, trace = _linear_least_squares(inputs, n)
-    held = sum(low <= trace <= high for low, high in (
-        hessrank.effective_rank(model, nn.MSELoss(), batch, method="lanczos", seed=seed,
-                                params=params).trace_interval for seed in range(20)))
-    assert held == 20, held
 
 
 def test_a_decaying_spectrum_at_a_small_last_beta_keeps_narrow_intervals():
@@ -558,16 +539,12 @@ def _known_hessian(eigenvalues: np.ndarray, dtype: torch.dtype = torch.float64):
 
 
 @pytest.mark.parametrize("method", ["lanczos", "ggn_lanczos"])
-def test_eigenvalues_under_an_invariant_run_s_floor_above_the_cut_stay_in_the_interval(
-        monkeypatch, method):
+def test_eigenvalues_under_an_invariant_run_s_floor_above_the_cut_stay_in_the_interval(method):
     """P = 80 eigenvalues logspace(0, -10) (a GGN's rank bound no lower): the run turns
     invariant after about 42 steps, eigenvalues up to its floor (2.5e-5 of the largest) hiding
     under the products' rounding, above the numerical rank's cut (80 float32 epsilons, 9.5e-6).
     The interval had allowed them only where the cut lay under the last beta (4.1e-6): [37, 38]
     for 40 (probe 244). Where the cut clears the floor, it stays as narrow as it was."""
-    from hessrank.estimators import lanczos
-
-    monkeypatch.setattr(lanczos, "FLOAT64_BASIS_BYTES", 0)  # the float32 basis of a larger one
     eigenvalues = np.logspace(0, -10, 80)
     model, loss, batch = _known_hessian(eigenvalues)
     for seed in range(3):
@@ -1389,12 +1366,9 @@ def test_basis_time_is_timed_on_a_block_of_the_basis_size(monkeypatch, dim):
     from hessrank.estimators import lanczos
 
     monkeypatch.setattr(lanczos, "seconds_of", lambda call, device: 1e-3)
-    for (steps, rows), dtype in itertools.product(((640, 640), (640, 37), (90, 90)),
-                                                  (torch.float32, torch.float64)):
-        cap = lanczos.BASIS_TRIAL_BYTES // dtype.itemsize  # entries, in whole rows
-        whole = max(1, min(rows, cap // dim))
-        timed = whole * min(dim, cap // whole)
-        per_entry = lanczos.basis_seconds(steps, rows, dim, torch.device("cpu"), dtype) / (
+    for steps, rows in ((640, 640), (640, 37), (90, 90)):
+        timed = min(rows * dim, lanczos.BASIS_TRIAL_BYTES // 4)  # float32 entries
+        per_entry = lanczos.basis_seconds(steps, rows, dim, torch.device("cpu")) / (
             steps * (rows + lanczos.STEP_VECTOR_PASSES) * dim)
         assert per_entry == pytest.approx(1e-3 / timed, rel=0.05)
 
@@ -1462,10 +1436,9 @@ def test_a_float64_operator_beyond_float32_s_range_keeps_its_spectrum(scale: flo
 
 
 #: (method, model dtype, rtol, noted): an rtol below the computation's epsilon (the model's, or
-#: the Lanczos methods' basis's) is noted, one at or above it is not.
+#: the Lanczos methods' float32 basis's) is noted, one at or above it is not.
 _RTOL_CASES = [
-    ("fisher_lanczos", torch.float32, 1e-12, True), ("fisher_lanczos", torch.float64, 1e-17, True),
-    ("fisher_lanczos", torch.float64, 1e-10, False),
+    ("fisher_lanczos", torch.float32, 1e-12, True), ("fisher_lanczos", torch.float64, 1e-10, True),
     ("fisher", torch.float32, 1e-12, True), ("fisher", torch.float64, 1e-12, False),
     ("fisher_lanczos", torch.float32, 1e-6, False), ("exact", torch.float64, 1e-12, False),
     ("fisher", torch.float64, 1e-17, True),
@@ -1478,9 +1451,8 @@ def test_an_rtol_below_the_computation_s_epsilon_is_noted(method, dtype, rtol, n
     the EF: ``fisher_lanczos`` at ``rtol=1e-12`` gave a numerical rank of 15 in [15, 15], "the
     other 198 exactly zero", for the 16 of the float64 reference, whose 16th eigenvalue is
     1e-10 of the top; a float64 model's, with its float32 basis, 16 in [16, 16] for 15 at
-    ``rtol=1e-10`` (probe 159; its basis is float64 now, and counts 15). Such counts are the
-    rounding's as much as the matrix's: the reference's count at ``rtol`` differs from the
-    call's here, and a note says why."""
+    ``rtol=1e-10`` (probe 159). Such counts are the rounding's as much as the matrix's: the
+    reference's count at ``rtol`` differs from the call's here, and a note says why."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(),
                           nn.Linear(10, 3)).to(dtype)
@@ -1496,16 +1468,13 @@ def test_an_rtol_below_the_computation_s_epsilon_is_noted(method, dtype, rtol, n
     assert bool(note) == noted, result.notes
     if noted and dtype == torch.float64 and "lanczos" not in method:  # (nothing finer to use)
         assert "float64 copy" not in note[0], note
-    wide = copy.deepcopy(model).double()
-    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(
-        nn.MSELoss()(wide(x[i:i + 1].double()), targets[i:i + 1].double()),
-        list(wide.parameters()))]) for i in range(len(x))]
-    values = np.linalg.svd(torch.stack(rows).numpy(), compute_uv=False) ** 2 / len(x)
-    counted = int((values > rtol * values[0]).sum())  # the float64 per-sample gradients' EF
-    if noted and dtype == torch.float32:  # counts another
-        assert counted != result.ranks["numerical"]
-    if not noted and dtype == torch.float64 and method != "exact":
-        assert counted == result.ranks["numerical"]
+    if noted and dtype == torch.float32:  # the float64 per-sample gradients' EF counts another
+        wide = copy.deepcopy(model).double()
+        rows = [torch.cat([g.flatten() for g in torch.autograd.grad(
+            nn.MSELoss()(wide(x[i:i + 1].double()), targets[i:i + 1].double()),
+            list(wide.parameters()))]) for i in range(len(x))]
+        values = np.linalg.svd(torch.stack(rows).numpy(), compute_uv=False) ** 2 / len(x)
+        assert int((values > rtol * values[0]).sum()) != result.ranks["numerical"]
 
 
 #: (method, model dtype, threshold, noted): an srank that counts eigenvalues within the
@@ -1541,14 +1510,10 @@ def test_an_srank_that_counts_rounding_is_noted(method, dtype, threshold, noted)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_quadrature_s_fractional_count_is_no_srank_under_epsilon(monkeypatch, dtype):
+def test_a_quadrature_s_fractional_count_is_no_srank_under_epsilon(dtype):
     """A quadrature's counts are fractional, its srank whole: 17 against a count of 16.6 above
     epsilon had been noted as 0.39 eigenvalues under it, at the default threshold, where the
-    dense Hessian has none there (probe 164). (The float64 model's in a float32 basis, as a
-    larger model's: its float64 basis counts 37 whole.)"""
-    from hessrank.estimators import lanczos
-
-    monkeypatch.setattr(lanczos, "FLOAT64_BASIS_BYTES", 0)
+    dense Hessian has none there (probe 164)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).to(dtype)
     torch.randn(3, 4), torch.randn(3, 1)  # (the probe's draws)

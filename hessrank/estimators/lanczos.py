@@ -45,24 +45,8 @@ from hessrank.spectrum.lanczos import (
 from hessrank.spectrum.operator import SymmetricOperator
 from hessrank.streaming import StreamedProblem, operator_over
 
-#: The most a float64 Lanczos basis may take (:func:`basis_dtype`).
-FLOAT64_BASIS_BYTES = 2**28
-
-
-def basis_dtype(dtype: torch.dtype, steps: int, dim: int, max_memory: float) -> torch.dtype:
-    """The dtype of the stored Lanczos basis of ``steps`` products on ``dim`` parameters of an
-    operator in ``dtype``: float32 (half the memory: float32 products are no more precise), and
-    float64 for a float64 operator where that basis takes at most :data:`FLOAT64_BASIS_BYTES`
-    and a quarter of ``max_memory``. A float32 basis's rounding kept a float64 linear layer's
-    Krylov space (``kron(I_3, A)``, 21 distinct eigenvalues, 21 products) from turning
-    invariant (last beta 0.44 of the largest eigenvalue where float64's was 1e-9): converged
-    3-fold eigenvalues counted once, the trace interval held the trace in 15 of 20 seeds, 20
-    with the float64 basis (``tests/test_lanczos.py``)."""
-    wide = 8 * (steps + 1) * dim
-    return (torch.float64 if dtype == torch.float64
-            and wide <= min(FLOAT64_BASIS_BYTES, max_memory / 4) else torch.float32)
-
-
+#: dtype of the stored Lanczos basis.
+BASIS_DTYPE = torch.float32
 #: Default products: a third of ``P`` (where the rank targets were met, ``benchmarks/``), at most
 #: this many.
 DEFAULT_MAX_STEPS = 640
@@ -120,25 +104,24 @@ BASIS_TRIAL_BYTES = 256 * 2**20
 STEP_VECTOR_PASSES = 20
 
 
-def basis_seconds(steps: int, rows: int, dim: int, device: torch.device,
-                  dtype: torch.dtype) -> float:
+def basis_seconds(steps: int, rows: int, dim: int, device: torch.device) -> float:
     """Predicted seconds of the vector work of ``steps`` products in runs of at most ``rows``
     steps: the reorthogonalisation, where step ``j`` reads the ``j`` basis vectors once to
     measure the overlaps, and in about half the steps (measured: 107 of 227, 89 of 200) twice
     more to remove them and measure again, about ``rows`` vector reads a step, and
     :data:`STEP_VECTOR_PASSES` more of the step's own; each read timed on a block of the
     basis's size up to :data:`BASIS_TRIAL_BYTES` (a memory-bound pass, scaled by the vectors'
-    length), in the basis's ``dtype``.
+    length).
     It had been left out: a run predicted at 12.6 s took 48.7 s, 36 of them here. (The timed
     block's 8 rows had then stood for ``rows``, and its 32 MiB were read from a cache: a run of
     658 products on 640 rows of P = 159,010 was predicted at 0.75 s and took 10.4 s, 8.6 of
     them here; ``benchmarks/exact_time.py --lanczos``.)"""
-    element = dtype.itemsize
+    element = torch.empty((), dtype=BASIS_DTYPE).element_size()
     entries = min(rows * dim, BASIS_TRIAL_BYTES // element)
     trial_rows = max(1, min(rows, entries // dim))
     columns = min(dim, max(1, entries // trial_rows))
     # written, not zeros: untouched zero pages would all read the same physical page
-    block = torch.ones(trial_rows, columns, dtype=dtype, device=device)
+    block = torch.ones(trial_rows, columns, dtype=BASIS_DTYPE, device=device)
     vector = block[0].clone()
     seconds_of(lambda: block @ vector, device)  # a first pass pays the kernel's set-up
     per_vector = seconds_of(lambda: block @ vector, device) / trial_rows * dim / columns
@@ -190,7 +173,7 @@ class LanczosEstimator(Estimator):
         their noise."""
         return check_products(operator, torch.Generator().manual_seed(settings.seed ^ 0x5E77),
                               _one_batch(problem), self.source,
-                              working_eps(operator, torch.float32))
+                              working_eps(operator, BASIS_DTYPE))
 
     def source_notes(self, problem: CurvatureProblem, operator: SymmetricOperator) -> list[str]:
         """What the source's operator found worth reporting: here the parameters the loss does
@@ -236,10 +219,9 @@ class LanczosEstimator(Estimator):
                 options: LanczosOptions) -> Cost:
         steps = options.steps(problem.num_params)
         rows = min(steps, krylov_rows(self.rank_bound(problem, outputs)))  # the basis
-        basis = basis_dtype(problem.dtype, steps, problem.num_params, settings.max_memory)
-        # The basis, a few work vectors in float64, and the Ritz vectors' workspace.
-        memory = (basis.itemsize * (rows + 1) * problem.num_params + 8 * 6 * problem.num_params
-                  + ritz_workspace_bytes(rows + 1, problem.num_params, basis.itemsize))
+        # The float32 basis, a few work vectors in float64, and the Ritz vectors' workspace.
+        memory = (4 * (rows + 1) * problem.num_params + 8 * 6 * problem.num_params
+                  + ritz_workspace_bytes(rows + 1, problem.num_params, 4))
         seconds = None
         if settings.max_seconds is not None and memory <= settings.max_memory:
             # The run builds its operator again (a data set's builds its batches' at each
@@ -265,7 +247,7 @@ class LanczosEstimator(Estimator):
                                                    operator.device), operator.device)
             seconds = (build + product * (steps + spot_check_steps(rows))
                        + product * self.verify_products + draw * 3
-                       + basis_seconds(steps, rows, operator.dim, operator.device, basis))
+                       + basis_seconds(steps, rows, operator.dim, operator.device))
         return Cost(memory, seconds)
 
     def run(self, problem: CurvatureProblem, settings: Settings,
@@ -277,8 +259,8 @@ class LanczosEstimator(Estimator):
         known = (self.rank_bound(problem, lambda: probe_outputs(problem.first(),
                                                                 check_loss=False))
                  if isinstance(problem, StreamedProblem) else None)
-        basis = basis_dtype(operator.dtype, steps, operator.dim, settings.max_memory)
-        eps = working_eps(operator, basis)
+        # The basis is float32: products are no more precise than that.
+        eps = working_eps(operator, BASIS_DTYPE)
         products = steps + spot_check_steps(steps)  # the most the solver can spend
         # (labelled with the bar's own total, the spot check's products too: a bar labelled
         # 300 had counted to 316; probe 132)
@@ -292,7 +274,7 @@ class LanczosEstimator(Estimator):
             # rank bound as the run found it (a data set's is known after a pass)
             result = lanczos_spectrum(operator, max_products=steps, threshold=settings.threshold,
                                       seed=settings.seed, advance=advance,
-                                      basis_dtype=basis, rtol=settings.rtol,
+                                      basis_dtype=BASIS_DTYPE, rtol=settings.rtol,
                                       rank_bound=known, noise=noise,
                                       gaussian_start=bool(interchangeable))
         bound = (operator.rank_bound if isinstance(operator, ParameterOperator)
