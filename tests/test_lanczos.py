@@ -354,6 +354,32 @@ def test_a_budget_that_ends_at_the_distinct_eigenvalues_keeps_honest_intervals(c
     assert held >= least, (held, trace)
 
 
+class _NoisyLowRank(DenseOperator):
+    """:func:`rotated`'s operator of rank 4 (its ``rank_bound``) whose products carry noise of
+    ``noise`` times their norm."""
+
+    def __init__(self, noise: float, seed: int) -> None:
+        eigenvalues = np.concatenate([[0.03126, 0.03125, 0.03125, 0.03112], np.zeros(396)])
+        super().__init__(rotated(eigenvalues).matrix)
+        self.rank_bound, self.noise = 4, noise
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        products = super().matmat(vectors)
+        return products + self.noise * products.norm(dim=1, keepdim=True) * torch.randn(
+            products.shape, generator=self.generator) / products.shape[1] ** 0.5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_runs_that_count_more_than_the_rank_bound_refuse(seed):
+    """Noisy products of a rank-4 operator whose top eigenvalues are 3e-4 of each other apart:
+    each run finds them again at other values, counted as new ones, past the rank bound (a
+    float32 ``fisher_lanczos`` of a per-token head's bias counted 82 eigenvalues for 4, its
+    trace 19 times the EF's; probe 245). Refused, rather than a spectrum of that many."""
+    with pytest.raises(ValueError, match="converged eigenvalues for an operator of rank at most"):
+        lanczos_spectrum(_NoisyLowRank(1e-3, seed), max_products=134, seed=seed, noise=1e-3)
+
+
 def test_a_decaying_spectrum_at_a_small_last_beta_keeps_narrow_intervals():
     """A trained tanh MLP's Hessian (P = 224) at its default 75 products ends on a last beta of
     1.5e-4 of the largest eigenvalue, among Ritz values as small: a decaying spectrum, not a

@@ -1521,6 +1521,17 @@ def lanczos_spectrum(
     quadratures, repeats = _completed(quadratures, dim, eps, sampled, checked and not sampled)
     if repeats is not None:
         guesses.append(repeats)
+    counted_fixed = round(float(quadratures[0].weights[quadratures[0].fixed].sum()))
+    if counted_fixed > bound:
+        # (a float32 fisher_lanczos of a per-token head's bias, rank at most 4, counted 82
+        # eigenvalues, its trace 19 times the EF's in an interval of no width; probe 245)
+        raise ValueError(
+            f"the Lanczos runs counted {counted_fixed} converged eigenvalues for an operator of "
+            f"rank at most {bound}: its products' noise (measured at {noise:.2g} of their size) "
+            "moved its largest eigenvalues from run to run by more than that, and each run's "
+            "were counted as new ones, so its spectrum and trace would be wrong. Use the Gram "
+            "method of the same curvature (fisher or ggn), whose matrix is that small, or a "
+            "float64 copy of the model")
     quadratures = [dataclasses.replace(q, weights=weights) for q, weights in zip(
         quadratures, _within_bound(quadratures, [q.weights for q in quadratures], bound))]
     runs = len(quadratures)
