@@ -5,6 +5,8 @@ Nothing here imports hessrank: the references are the ground truth the library i
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -204,6 +206,30 @@ class ConvNet(nn.Module):
         h = torch.tanh(self.conv2(h))  # [n, 2, 2, 2]
         h = torch.tanh(self.conv1d(h.flatten(2)))  # [n, 2, 3]
         return self.head(h.mean(dim=-1))
+
+
+def per_token_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over every token of logits ``[n, C, T]`` and targets ``[n, T]``."""
+    return nn.functional.cross_entropy(outputs.transpose(1, 2), targets)
+
+
+def token_head(vocabulary: int, tokens: int, n: int, seed: int = 0
+               ) -> tuple[nn.Sequential, Tensor, Tensor]:
+    """A float32 embedding (width 32), tanh and linear head over ``vocabulary`` classes (logits
+    ``[n, vocabulary, tokens]``), and ``n`` random sequences of ``tokens`` tokens and targets."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(vocabulary, 32), nn.Tanh(), nn.Linear(32, vocabulary))
+    words = torch.randint(0, vocabulary, (n, tokens))
+    return model, words, torch.randint(0, vocabulary, (n, tokens))
+
+
+def head_bias_gradients(model: nn.Sequential, words: Tensor, targets: Tensor) -> Tensor:
+    """``[n, vocabulary]``: each sample's :func:`per_token_cross_entropy` gradient w.r.t. the
+    head's bias (:func:`token_head`), of a float64 copy of the model, one sample at a time."""
+    wide = copy.deepcopy(model).double()
+    return torch.stack([torch.autograd.grad(
+        per_token_cross_entropy(wide(words[i:i + 1]), targets[i:i + 1]), wide[2].bias)[0]
+        for i in range(len(words))])
 
 
 def classification_batch(n, d, classes, dtype=torch.float64, seed=1):

@@ -20,11 +20,14 @@ from reference import (
     classification_batch,
     double_backward_hessian,
     eigenvalues_by_magnitude,
+    head_bias_gradients,
     mlp,
+    per_token_cross_entropy,
     reference_fisher,
     reference_ggn,
     reference_hessian,
     saturation_safe_cross_entropy,
+    token_head,
 )
 from torch import nn
 
@@ -762,22 +765,11 @@ def test_fisher_reads_a_per_token_loss_s_weights_to_float32_rounding():
     whole row took 1e-5 to 9e-4 low (small squares dropped beside each token's target; MKL on an
     AVX-512 machine), so every weight, and the EF's eigenvalues, came out 1.1e-4 high with no
     note (probe 245). Against the float64 per-sample gradients' EF, within 1e-5 of the top."""
-    vocabulary, tokens, n = 8000, 32, 8
-    torch.manual_seed(0)
-    embed, head = nn.Embedding(vocabulary, 32), nn.Linear(32, vocabulary)
-    model = nn.Sequential(embed, nn.Tanh(), head)
-
-    def per_token(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs.transpose(1, 2), targets)
-
-    words = torch.randint(0, vocabulary, (n, tokens))
-    targets = torch.randint(0, vocabulary, (n, tokens))
-    result = hessrank.effective_rank(model, per_token, (words, targets), "fisher",
-                                     params=[head.bias])
-    wide = copy.deepcopy(model).double()
-    rows = torch.stack([torch.autograd.grad(per_token(wide(words[i:i + 1]), targets[i:i + 1]),
-                                            wide[2].bias)[0] for i in range(n)])
-    reference = torch.linalg.eigvalsh(rows @ rows.T / n).flip(0).numpy()
+    model, words, targets = token_head(8000, 32, 8)
+    result = hessrank.effective_rank(model, per_token_cross_entropy, (words, targets), "fisher",
+                                     params=[model[2].bias])
+    rows = head_bias_gradients(model, words, targets)
+    reference = torch.linalg.eigvalsh(rows @ rows.T / len(rows)).flip(0).numpy()
     assert_spectra_close(result.eigenvalues, reference, rtol=1e-5)
 
 

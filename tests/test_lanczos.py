@@ -11,7 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from reference import double_backward_hessian
+from reference import (
+    double_backward_hessian,
+    head_bias_gradients,
+    per_token_cross_entropy,
+    token_head,
+)
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -362,23 +367,12 @@ def test_runs_that_count_far_past_the_rank_bound_refuse(seed):
     2.39 in [2.389, 2.39] for 0.125 (seed 1 with MKL on an AVX-512 machine; probe 245). Counts
     past the bound holding more than 1 % of sum |lambda| refuse the call; a result stands only
     where its trace interval holds the float64 EF's trace."""
-    vocabulary, tokens, n = 8000, 8, 4
-    torch.manual_seed(seed)
-    embed, head = nn.Embedding(vocabulary, 32), nn.Linear(32, vocabulary)
-    model = nn.Sequential(embed, nn.Tanh(), head)
-
-    def per_token(outputs: Tensor, targets: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(outputs.transpose(1, 2), targets)
-
-    words = torch.randint(0, vocabulary, (n, tokens))
-    targets = torch.randint(0, vocabulary, (n, tokens))
-    wide = copy.deepcopy(model).double()
-    rows = torch.stack([torch.autograd.grad(per_token(wide(words[i:i + 1]), targets[i:i + 1]),
-                                            wide[2].bias)[0] for i in range(n)])
-    trace = float((rows * rows).sum() / n)
+    model, words, targets = token_head(8000, 8, 4, seed)
+    rows = head_bias_gradients(model, words, targets)
+    trace = float((rows * rows).sum() / len(rows))
     try:
-        result = hessrank.effective_rank(model, per_token, (words, targets), "fisher_lanczos",
-                                         params=[head.bias], seed=seed)
+        result = hessrank.effective_rank(model, per_token_cross_entropy, (words, targets),
+                                         "fisher_lanczos", params=[model[2].bias], seed=seed)
     except ValueError as refused:
         assert "converged eigenvalues for an operator of rank at most 4" in str(refused)
     else:

@@ -71,11 +71,16 @@ def add_row_gram(gram: Tensor, rows: Tensor) -> Tensor:
     return gram
 
 
+def _in_blocks(rows: int, columns: int) -> bool:
+    """Whether a product of ``rows`` rows (the fewer of its two sides) and ``columns`` columns
+    is summed :data:`SUMMED_COLUMNS` columns at a time (see the module docstring)."""
+    return rows < FEW_ROWS and columns > SUMMED_COLUMNS
+
+
 def _add_product(out: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    """Add ``left @ right.T`` (``[a, k]``, ``[b, k]``) to ``out`` (``[a, b]``) in place,
-    :data:`SUMMED_COLUMNS` columns at a time where either has fewer than :data:`FEW_ROWS`
-    rows."""
-    if min(left.shape[0], right.shape[0]) >= FEW_ROWS:
+    """Add ``left @ right.T`` (``[a, k]``, ``[b, k]``) to ``out`` (``[a, b]``) in place, in
+    blocks of columns where :func:`_in_blocks`."""
+    if not _in_blocks(min(left.shape[0], right.shape[0]), left.shape[1]):
         return out.addmm_(left, right.T)
     for start in range(0, left.shape[1], SUMMED_COLUMNS):
         stop = start + SUMMED_COLUMNS
@@ -86,7 +91,7 @@ def _add_product(out: Tensor, left: Tensor, right: Tensor) -> Tensor:
 def row_gram(rows: Tensor) -> Tensor:
     """``rows @ rows.T`` (``[m, k]`` -> ``[m, m]``), a triangle of blocks at a time."""
     count, columns = rows.shape
-    if not _splits(count, columns) and (columns <= SUMMED_COLUMNS or count >= FEW_ROWS):
+    if not _splits(count, columns) and not _in_blocks(count, columns):
         return rows @ rows.T
     return add_row_gram(rows.new_zeros(count, count), rows)
 
